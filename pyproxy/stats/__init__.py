@@ -1,0 +1,364 @@
+"""Envoy-style statistics: counters, gauges and histograms with dotted names.
+
+Stats are created at config time (``store.counter(name)``) and the data path only touches the
+returned object (``c.value += 1`` or ``c.inc()``), so nothing on the hot path looks a name up.
+
+Rendering follows Envoy's admin formats: ``/stats`` text (``name: value``), JSON, and Prometheus
+with Envoy's default tag extraction (``cluster.<name>.x`` -> ``envoy_cluster_x{cluster_name=...}``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+
+# Envoy's default histogram buckets (milliseconds or whatever unit the stat uses).
+DEFAULT_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                   300000, 600000, 1800000, 3600000)
+QUANTILES = (0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1)
+
+
+class Counter:
+    __slots__ = ("name", "value")
+    kind = "counter"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+    @property
+    def used(self) -> bool:
+        return self.value != 0
+
+
+class Gauge:
+    """A gauge. ``import_mode`` is Envoy's: ``accumulate`` gauges sum across workers, ``never`` do not."""
+
+    __slots__ = ("name", "value", "used", "accumulate")
+    kind = "gauge"
+
+    def __init__(self, name: str, accumulate: bool = True):
+        self.name = name
+        self.value = 0
+        self.used = False
+        self.accumulate = accumulate
+
+    def set(self, v: int) -> None:
+        self.value = v
+        self.used = True
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+        self.used = True
+
+    def dec(self, n: int = 1) -> None:
+        self.value -= n
+        self.used = True
+
+
+class Histogram:
+    """Fixed-bucket histogram; quantiles are interpolated inside buckets as Envoy's summary does."""
+
+    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max")
+    kind = "histogram"
+
+    def __init__(self, name: str, unit: str = "ms"):
+        self.name = name
+        self.unit = unit
+        self.counts = [0] * (len(DEFAULT_BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+        self.samples_min = math.inf
+        self.samples_max = 0.0
+
+    def record(self, v: float) -> None:
+        self.counts[bisect.bisect_left(DEFAULT_BUCKETS, v)] += 1
+        self.total += v
+        self.count += 1
+        if v < self.samples_min:
+            self.samples_min = v
+        if v > self.samples_max:
+            self.samples_max = v
+
+    @property
+    def used(self) -> bool:
+        return self.count != 0
+
+    def quantile(self, q: float) -> float:
+        if not self.count:
+            return math.nan
+        if q <= 0:
+            return self.samples_min
+        if q >= 1:
+            return self.samples_max
+        rank = q * self.count
+        seen = 0
+        lower = 0.0
+        for i, c in enumerate(self.counts):
+            upper = DEFAULT_BUCKETS[i] if i < len(DEFAULT_BUCKETS) else self.samples_max
+            if c and seen + c >= rank:
+                frac = (rank - seen) / c
+                lo = max(lower, self.samples_min)
+                hi = min(upper, self.samples_max)
+                return lo + (hi - lo) * frac
+            seen += c
+            lower = upper
+        return self.samples_max
+
+    def merge_from(self, other: "Histogram") -> None:
+        for i, c in enumerate(other.counts):
+            self.counts[i] += c
+        self.total += other.total
+        self.count += other.count
+        self.samples_min = min(self.samples_min, other.samples_min)
+        self.samples_max = max(self.samples_max, other.samples_max)
+
+
+# Envoy's default tag extractors (source/common/config/well_known_names.cc), in order. Each regex's
+# first group is removed from the name and its second group is the tag value.
+DEFAULT_TAG_SPECS = [
+    ("cluster_name", r"^cluster\.((.+?)\.)"),
+    ("listener_address", r"^listener\.(((?:[_.\[\]:\w]*|[_\[\]a-fA-F\d:]*))\.)"),
+    ("http_conn_manager_prefix", r"^http\.((.*?)\.)"),
+    ("response_code", r"_rq(_(\d{3}))$"),
+    ("response_code_class", r"_rq(_(\dxx))$"),
+    ("tcp_prefix", r"^tcp\.((.*?)\.)\w+?$"),
+    ("virtual_host", r"^vhost\.((.*?)\.)"),
+    ("virtual_cluster", r"^vhost\.[\w\.\-]+\.vcluster\.((.*?)\.)"),
+    ("route", r"^vhost\.[\w\.\-]+\.route\.((.*?)\.)"),
+    ("grpc_bridge_service", r"^cluster\.[^\.]+\.grpc\.([^\.]+)\."),
+    ("worker_id", r"^listener_manager\.worker_((\d+)\.)"),
+    ("rds_route_config", r"^http\.[^\.]+\.rds\.((.*?)\.)"),
+]
+
+
+class TagExtractor:
+    __slots__ = ("name", "regex")
+
+    def __init__(self, name: str, regex: str):
+        self.name = name
+        self.regex = re.compile(_re2_to_python(regex))
+
+    def extract(self, name: str):
+        m = self.regex.search(name)
+        if not m or m.lastindex is None or m.lastindex < 1:
+            return None
+        value = m.group(2) if m.lastindex >= 2 else m.group(1)
+        start, end = m.span(1)
+        return value, name[:start] + name[end:]
+
+
+def _re2_to_python(regex: str) -> str:
+    # RE2 POSIX classes that Istio's bootstrap uses; Python's re lacks them.
+    return regex.replace("[:digit:]", r"\d").replace("[:alpha:]", "a-zA-Z").replace("[:alnum:]", r"a-zA-Z\d")
+
+
+class Store:
+    """All stats of one process. Names are unique across kinds, as in Envoy."""
+
+    def __init__(self, tag_specs=None, use_default_tags: bool = True):
+        self.counters: dict[str, Counter] = {}
+        self.gauges: dict[str, Gauge] = {}
+        self.histograms: dict[str, Histogram] = {}
+        self.text_readouts: dict[str, str] = {}
+        specs = list(tag_specs or [])
+        if use_default_tags:
+            specs += DEFAULT_TAG_SPECS
+        self.extractors = []
+        for n, r in specs:
+            try:
+                self.extractors.append(TagExtractor(n, r))
+            except re.error:
+                pass  # a regex Python cannot compile only loses that tag
+        self._tag_cache: dict[str, tuple[str, tuple]] = {}
+
+    # -- creation (config time) ---------------------------------------------------------------
+    def counter(self, name: str) -> Counter:
+        c = self.counters.get(name)
+        if c is None:
+            c = self.counters[name] = Counter(name)
+        return c
+
+    def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        g = self.gauges.get(name)
+        if g is None:
+            g = self.gauges[name] = Gauge(name, accumulate)
+        return g
+
+    def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = Histogram(name, unit)
+        return h
+
+    def text_readout(self, name: str, value: str) -> None:
+        self.text_readouts[name] = value
+
+    def scope(self, prefix: str) -> "Scope":
+        return Scope(self, prefix)
+
+    def remove_prefix(self, prefix: str) -> None:
+        """Drop every stat under ``prefix`` (a removed cluster or listener)."""
+        for d in (self.counters, self.gauges, self.histograms, self.text_readouts):
+            for k in [k for k in d if k.startswith(prefix)]:
+                del d[k]
+
+    # -- rendering (admin) ----------------------------------------------------------------------
+    def tags_of(self, name: str) -> tuple[str, tuple]:
+        hit = self._tag_cache.get(name)
+        if hit is not None:
+            return hit
+        tags = []
+        rest = name
+        for ex in self.extractors:
+            r = ex.extract(rest)
+            if r is not None:
+                value, rest = r
+                tags.append((ex.name, value))
+        hit = (rest, tuple(tags))
+        if len(self._tag_cache) < 100000:
+            self._tag_cache[name] = hit
+        return hit
+
+    def iter_text(self, usedonly: bool = False, regex: re.Pattern | None = None, kind: str | None = None):
+        """Yield ``(name, rendered value)`` sorted by name as Envoy's /stats does."""
+        items = []
+        if kind in (None, "TextReadouts"):
+            for n, v in self.text_readouts.items():
+                items.append((n, '"%s"' % v))
+        if kind in (None, "Counters"):
+            for n, c in self.counters.items():
+                if (not usedonly or c.value) :
+                    items.append((n, str(c.value)))
+        if kind in (None, "Gauges"):
+            for n, g in self.gauges.items():
+                if not usedonly or g.used:
+                    items.append((n, str(g.value)))
+        if regex is not None:
+            items = [i for i in items if regex.search(i[0])]
+        items.sort()
+        hist = []
+        if kind in (None, "Histograms"):
+            for n, h in sorted(self.histograms.items()):
+                if usedonly and not h.used:
+                    continue
+                if regex is not None and not regex.search(n):
+                    continue
+                hist.append((n, self._render_hist(h)))
+        return items + hist
+
+    @staticmethod
+    def _render_hist(h: Histogram) -> str:
+        if not h.count:
+            return "No recorded values"
+        qs = " ".join("P%g(%s,%s)" % (q * 100, _fmt(h.quantile(q)), _fmt(h.quantile(q))) for q in QUANTILES)
+        return qs
+
+    def to_json(self, usedonly=False, regex=None) -> dict:
+        stats = []
+        for n, c in sorted(self.counters.items()):
+            if (not usedonly or c.value) and (regex is None or regex.search(n)):
+                stats.append({"name": n, "value": c.value})
+        for n, g in sorted(self.gauges.items()):
+            if (not usedonly or g.used) and (regex is None or regex.search(n)):
+                stats.append({"name": n, "value": g.value})
+        for n, v in sorted(self.text_readouts.items()):
+            if regex is None or regex.search(n):
+                stats.append({"name": n, "value": v})
+        hists = []
+        for n, h in sorted(self.histograms.items()):
+            if (usedonly and not h.used) or (regex is not None and not regex.search(n)):
+                continue
+            hists.append({"name": n, "values": [
+                {"quantile": q, "value": None if not h.count else h.quantile(q)} for q in QUANTILES]})
+        if hists:
+            stats.append({"histograms": {"supported_quantiles": [q * 100 for q in QUANTILES],
+                                         "computed_quantiles": [
+                                             {"name": h["name"], "values": [
+                                                 {"interval": v["value"], "cumulative": v["value"]}
+                                                 for v in h["values"]]} for h in hists]}})
+        return {"stats": stats}
+
+    def prometheus(self, usedonly: bool = False, regex=None) -> str:
+        """Prometheus text exposition with Envoy's names (``envoy_`` + tag-extracted name)."""
+        out = []
+        families: dict[str, list] = {}
+        kinds = {}
+        for src, kind in ((self.counters, "counter"), (self.gauges, "gauge")):
+            for n, s in src.items():
+                if usedonly and not s.used:
+                    continue
+                if regex is not None and not regex.search(n):
+                    continue
+                base, tags = self.tags_of(n)
+                pname = prom_name(base)
+                families.setdefault(pname, []).append((tags, s.value))
+                kinds[pname] = kind
+        for pname in sorted(families):
+            out.append("# TYPE %s %s" % (pname, kinds[pname]))
+            for tags, v in sorted(families[pname]):
+                out.append("%s%s %s" % (pname, _labels(tags), v))
+        hfam: dict[str, list] = {}
+        for n, h in self.histograms.items():
+            if usedonly and not h.used:
+                continue
+            if regex is not None and not regex.search(n):
+                continue
+            base, tags = self.tags_of(n)
+            hfam.setdefault(prom_name(base), []).append((tags, h))
+        for pname in sorted(hfam):
+            out.append("# TYPE %s histogram" % pname)
+            for tags, h in sorted(hfam[pname], key=lambda x: x[0]):
+                cum = 0
+                for i, b in enumerate(DEFAULT_BUCKETS):
+                    cum += h.counts[i]
+                    out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", _fmt(b)),)), cum))
+                out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", "+Inf"),)), h.count))
+                out.append("%s_sum%s %s" % (pname, _labels(tags), _fmt(h.total)))
+                out.append("%s_count%s %d" % (pname, _labels(tags), h.count))
+        return "\n".join(out) + "\n"
+
+
+class Scope:
+    """A name prefix over a store: ``scope.counter("x")`` is ``store.counter(prefix + "x")``."""
+
+    __slots__ = ("store", "prefix")
+
+    def __init__(self, store: Store, prefix: str):
+        self.store = store
+        self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+
+    def counter(self, name: str) -> Counter:
+        return self.store.counter(self.prefix + name)
+
+    def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        return self.store.gauge(self.prefix + name, accumulate)
+
+    def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        return self.store.histogram(self.prefix + name, unit)
+
+    def scope(self, prefix: str) -> "Scope":
+        return Scope(self.store, self.prefix + prefix)
+
+
+_PROM_BAD = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def prom_name(name: str) -> str:
+    return "envoy_" + _PROM_BAD.sub("_", name)
+
+
+def _labels(tags) -> str:
+    if not tags:
+        return ""
+    return "{" + ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in tags) + "}"
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return "%g" % v
