@@ -1,0 +1,278 @@
+"""A compiled upstream cluster: hosts, load balancer, pools, circuit breakers and stats.
+
+Built from an ``envoy.config.cluster.v3.Cluster`` proto. The host set changes (DNS, EDS) by building
+a new ``PrioritySet`` and load balancer and swapping them in; ``Host`` objects whose address did not
+change are kept, so their pools and counters survive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from envoy.config.cluster.v3 import cluster_pb2
+
+from ..config import ConfigError, duration_s, u32
+from ..config.registry import REGISTRY
+from ..transport import build_transport_socket
+from .endpoints import build_priority_set, diff_hosts
+from .host import Host, PrioritySet
+from .lb import create_lb
+from .pool import Http1Pool
+
+log = logging.getLogger("pyproxy.upstream")
+
+_DT = cluster_pb2.Cluster.DiscoveryType
+STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST = (
+    _DT.STATIC, _DT.STRICT_DNS, _DT.LOGICAL_DNS, _DT.EDS, _DT.ORIGINAL_DST)
+TYPE_NAMES = {v: k for k, v in _DT.items()}
+
+HTTP1, HTTP2, USE_DOWNSTREAM = "http1", "http2", "downstream"
+
+
+class ProtocolOptions:
+    """What ``HttpProtocolOptions`` (or the legacy cluster fields) say about upstream HTTP."""
+
+    __slots__ = ("protocol", "idle_timeout", "max_requests_per_connection", "http2_options",
+                 "max_stream_duration")
+
+    def __init__(self):
+        self.protocol = HTTP1
+        self.idle_timeout = 3600.0
+        self.max_requests_per_connection = 0
+        self.http2_options = None
+        self.max_stream_duration = None
+
+
+def _protocol_options(proto) -> ProtocolOptions:
+    po = ProtocolOptions()
+    if proto.HasField("http2_protocol_options"):
+        po.protocol = HTTP2
+        po.http2_options = proto.http2_protocol_options
+    if proto.protocol_selection == cluster_pb2.Cluster.USE_DOWNSTREAM_PROTOCOL:
+        po.protocol = USE_DOWNSTREAM
+    if proto.HasField("common_http_protocol_options"):
+        c = proto.common_http_protocol_options
+        po.idle_timeout = duration_s(c, "idle_timeout", po.idle_timeout)
+        po.max_requests_per_connection = u32(c, "max_requests_per_connection", 0)
+    mr = u32(proto, "max_requests_per_connection", None)
+    if mr is not None:
+        po.max_requests_per_connection = mr
+    for key, anyv in proto.typed_extension_protocol_options.items():
+        factory, cfg = REGISTRY.resolve("upstream_protocol_options", key, anyv,
+                                        what="typed_extension_protocol_options")
+        if factory is not None:
+            try:
+                factory(cfg, po)
+            except ConfigError as e:
+                raise e.within(field="typed_extension_protocol_options[%s]" % key)
+    return po
+
+
+class Cluster:
+    def __init__(self, proto: cluster_pb2.Cluster, manager, *, added_via_api: bool = False,
+                 version_info: str = ""):
+        self.proto = proto
+        self.name = proto.name
+        self.manager = manager
+        self.loop = manager.loop
+        self.added_via_api = added_via_api
+        self.version_info = version_info
+        self.last_updated = time.time()
+        if not self.name:
+            raise ConfigError("cluster name must not be empty", field="name")
+        if proto.HasField("cluster_type"):
+            raise ConfigError("custom cluster type '%s' is not supported" % proto.cluster_type.name,
+                              field="cluster_type")
+        self.type = proto.type
+        if self.type not in (STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST):
+            raise ConfigError("unsupported cluster type %s" % self.type, field="type")
+        self.stat_name = proto.alt_stat_name or self.name
+        self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
+        self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
+        po = _protocol_options(proto)
+        self.protocol = po.protocol
+        self.protocol_options = po
+        self.idle_timeout = po.idle_timeout
+        self.max_requests_per_connection = po.max_requests_per_connection
+        self.transport_socket = build_transport_socket(
+            proto.transport_socket if proto.HasField("transport_socket") else None, "transport_socket")
+        for i, m in enumerate(proto.transport_socket_matches):
+            try:
+                build_transport_socket(m.transport_socket, "transport_socket_matches")
+            except ConfigError as e:
+                raise e.within(field="transport_socket_matches[%d]" % i)
+        self.source_address = None
+        if proto.HasField("upstream_bind_config"):
+            self.source_address = proto.upstream_bind_config.source_address.address or None
+        # circuit breakers (DEFAULT priority)
+        self.max_connections = self.max_pending_requests = self.max_requests = 1024
+        self.max_retries = 3
+        for t in proto.circuit_breakers.thresholds:
+            if t.priority == 0:
+                self.max_connections = u32(t, "max_connections", 1024)
+                self.max_pending_requests = u32(t, "max_pending_requests", 1024)
+                self.max_requests = u32(t, "max_requests", 1024)
+                self.max_retries = u32(t, "max_retries", 3)
+        self.cx_total_active = 0
+        self.pending_total = 0
+        self.rq_active_total = 0
+        self.retries_active = 0
+        self._init_stats()
+        self.pools: dict = {}
+        self.original_dst = self.type == ORIGINAL_DST
+        self.original_dst_use_header = False
+        if self.original_dst and proto.HasField("original_dst_lb_config"):
+            self.original_dst_use_header = proto.original_dst_lb_config.use_http_header
+        self._dns = None
+        self.initialized = self.type in (STATIC, ORIGINAL_DST)
+        self.priority_set = PrioritySet([[]])
+        self.lb = None
+        if self.type == STATIC or (self.type in (STRICT_DNS, LOGICAL_DNS)):
+            if proto.HasField("load_assignment"):
+                try:
+                    ps = build_priority_set(proto.load_assignment,
+                                            resolve_hostnames=self.type != STATIC)
+                except ConfigError as e:
+                    raise e.within(field="load_assignment")
+            else:
+                ps = PrioritySet([[]])
+            if self.type == STATIC:
+                self._set_priority_set(ps)
+            else:
+                self._dns_template = proto.load_assignment
+        elif self.type == EDS:
+            cfg = proto.eds_cluster_config
+            self.eds_service_name = cfg.service_name or self.name
+        if self.lb is None:
+            # validate the policy now even without hosts
+            try:
+                self.lb = create_lb(proto, self.priority_set)
+            except ConfigError as e:
+                raise e.within(field="lb_policy")
+        self.on_initialized = []
+
+    def _init_stats(self):
+        s = self.manager.stats.scope("cluster.%s." % self.stat_name)
+        self.scope = s
+        self.st_cx_total = s.counter("upstream_cx_total")
+        self.st_cx_active = s.gauge("upstream_cx_active")
+        self.st_cx_connect_fail = s.counter("upstream_cx_connect_fail")
+        self.st_cx_connect_timeout = s.counter("upstream_cx_connect_timeout")
+        self.st_cx_destroy = s.counter("upstream_cx_destroy")
+        self.st_cx_overflow = s.counter("upstream_cx_overflow")
+        self.st_cx_none_healthy = s.counter("upstream_cx_none_healthy")
+        self.st_cx_rx_bytes = s.counter("upstream_cx_rx_bytes_total")
+        self.st_cx_tx_bytes = s.counter("upstream_cx_tx_bytes_total")
+        self.st_rq_total = s.counter("upstream_rq_total")
+        self.st_rq_active = s.gauge("upstream_rq_active")
+        self.st_rq_pending_total = s.counter("upstream_rq_pending_total")
+        self.st_rq_pending_active = s.gauge("upstream_rq_pending_active")
+        self.st_pending_overflow = s.counter("upstream_rq_pending_overflow")
+        self.st_rq_completed = s.counter("upstream_rq_completed")
+        self.st_rq_timeout = s.counter("upstream_rq_timeout")
+        self.st_rq_per_try_timeout = s.counter("upstream_rq_per_try_timeout")
+        self.st_rq_retry = s.counter("upstream_rq_retry")
+        self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
+        self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
+        self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
+        self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
+        self.st_rq_time = s.histogram("upstream_rq_time")
+        self.st_membership_total = s.gauge("membership_total", accumulate=False)
+        self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
+        self.st_membership_change = s.counter("membership_change")
+        self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
+        self.st_rq_code: dict = {}
+
+    def count_response(self, status: int) -> None:
+        c = self.st_rq_code.get(status)
+        if c is None:
+            c = self.st_rq_code[status] = self.scope.counter("upstream_rq_%d" % status)
+        c.value += 1
+        k = self.st_rq_class.get(status // 100)
+        if k is not None:
+            k.value += 1
+        self.st_rq_completed.value += 1
+
+    # -- hosts ---------------------------------------------------------------------------------
+    def _set_priority_set(self, ps: PrioritySet) -> None:
+        old = self.priority_set
+        if old.all_hosts:
+            ps = diff_hosts(old, ps)
+        self.priority_set = ps
+        self.lb = create_lb(self.proto, ps)
+        keys = {h.key for h in ps.all_hosts}
+        for k in [k for k in self.pools if k not in keys]:
+            self.pools.pop(k).drain()
+        self.st_membership_total.set(len(ps.all_hosts))
+        self.st_membership_healthy.set(sum(1 for h in ps.all_hosts if h.healthy))
+        self.st_membership_change.inc()
+        self._mark_initialized()
+
+    def _mark_initialized(self):
+        if not self.initialized:
+            self.initialized = True
+            cbs, self.on_initialized = self.on_initialized, []
+            for cb in cbs:
+                cb(self)
+
+    def update_load_assignment(self, cla) -> None:
+        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes)."""
+        ps = build_priority_set(cla)
+        self._set_priority_set(ps)
+
+    def initial_fetch_timed_out(self) -> None:
+        self._mark_initialized()
+
+    def start(self) -> None:
+        """Begin background work (DNS resolution)."""
+        if self.type in (STRICT_DNS, LOGICAL_DNS):
+            from .dns import DnsRefresher
+            self._dns = DnsRefresher(self.proto, self.loop, self._on_dns_hosts)
+            self._dns.start()
+
+    def _on_dns_hosts(self, ps: PrioritySet) -> None:
+        self._set_priority_set(ps)
+
+    def choose_host(self, ctx) -> Host | None:
+        return self.lb.choose(ctx)
+
+    def original_dst_host(self, address: str, port: int) -> Host:
+        key = ("[%s]:%d" % (address, port)) if ":" in address else ("%s:%d" % (address, port))
+        pool = self.pools.get(key)
+        if pool is not None:
+            return pool.host
+        return Host(address, port)
+
+    def http_pool(self, host: Host):
+        p = self.pools.get(host.key)
+        if p is None:
+            p = self.pools[host.key] = Http1Pool(self, host, self.loop)
+        return p
+
+    def close(self) -> None:
+        if self._dns is not None:
+            self._dns.stop()
+            self._dns = None
+        for p in self.pools.values():
+            p.drain()
+        self.pools.clear()
+
+    # -- admin ---------------------------------------------------------------------------------
+    def status(self) -> dict:
+        hosts = []
+        for h in self.priority_set.all_hosts:
+            hosts.append({
+                "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
+                "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
+                "sub_zone": h.locality[2], "health_flags": "healthy" if h.healthy else "/failed_eds_health",
+                "hostname": h.hostname,
+                "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
+            })
+        return {
+            "name": self.name, "observability_name": self.stat_name,
+            "added_via_api": self.added_via_api, "hosts": hosts,
+            "circuit_breakers": {"max_connections": self.max_connections,
+                                 "max_pending_requests": self.max_pending_requests,
+                                 "max_requests": self.max_requests, "max_retries": self.max_retries},
+        }

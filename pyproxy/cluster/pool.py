@@ -1,0 +1,353 @@
+"""Upstream connections and per-host connection pools.
+
+A pool hands a ready request encoder to its caller through callbacks, never a task per request:
+``pool.new_stream(callbacks)`` either binds an idle connection at once or queues the request until a
+connection is up. ``callbacks`` implements ``on_pool_ready(encoder, host)`` and
+``on_pool_failure(reason, flag, host)`` and, once bound, the response decoder interface
+(``on_upstream_headers/data/trailers/reset`` and ``on_upstream_watermark``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+
+from ..http.http1 import Http1ClientCodec
+
+log = logging.getLogger("pyproxy.pool")
+
+CONNECT_FAILURE = "connection failure"
+CONNECT_TIMEOUT = "connection timeout"
+OVERFLOW = "overflow"
+LOCAL_RESET = "local reset"
+REMOTE_RESET = "remote reset"
+
+
+async def open_socket(loop, host, connect_timeout: float, source_address: str | None = None):
+    """A connected non-blocking socket to ``host`` (TCP or unix pipe), bounded by the timeout."""
+    if host.pipe:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        addr = host.pipe
+    else:
+        sock = socket.socket(host.family, socket.SOCK_STREAM)
+        addr = (host.address, host.port)
+    try:
+        sock.setblocking(False)
+        if not host.pipe:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if source_address:
+                if source_address.startswith("127."):
+                    # binding to 127.0.0.6 (Istio's inbound passthrough source) needs transparent
+                    # semantics only for non-local addresses; loopback aliases bind directly.
+                    pass
+                sock.bind((source_address, 0))
+        await asyncio.wait_for(loop.sock_connect(sock, addr), connect_timeout or None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
+
+    __slots__ = ("pool", "host", "transport", "codec", "idle_handle", "requests", "closed",
+                 "write_paused", "read_paused", "stream_cb", "local_address")
+
+    def __init__(self, pool, host):
+        self.pool = pool
+        self.host = host
+        self.transport = None
+        self.codec = Http1ClientCodec(self)
+        self.idle_handle = None
+        self.requests = 0
+        self.closed = False
+        self.write_paused = False
+        self.read_paused = False
+        self.stream_cb = None  # the request bound to this connection (router's upstream request)
+        self.local_address = ""
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        lim = self.pool.cluster.buffer_limit
+        transport.set_write_buffer_limits(high=lim, low=lim // 2)
+        try:
+            la = transport.get_extra_info("sockname")
+            if isinstance(la, tuple):
+                self.local_address = "%s:%d" % (la[0], la[1])
+        except Exception:
+            pass
+
+    def data_received(self, data):
+        self.codec.feed(data)
+
+    def eof_received(self):
+        if self.codec.tunnel:
+            cb = self.stream_cb
+            if cb is not None:
+                cb.on_upstream_data(b"", True)
+            return True
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        self.pool.on_connection_closed(self)
+        self.stream_cb = None
+        self.codec.on_close(REMOTE_RESET if exc is None else "connection termination")
+
+    def pause_writing(self):
+        self.write_paused = True
+        cb = self.stream_cb
+        if cb is not None:
+            cb.on_upstream_watermark(True)
+
+    def resume_writing(self):
+        self.write_paused = False
+        cb = self.stream_cb
+        if cb is not None:
+            cb.on_upstream_watermark(False)
+
+    # -- used by the codec ----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def on_response_complete(self, keep_alive: bool) -> None:
+        self.stream_cb = None
+        if self.read_paused:
+            self.read_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
+        self.pool.release(self, keep_alive and not self.codec.chunked_request)
+
+    def on_protocol_error(self, reason: str) -> None:
+        log.debug("upstream %s: %s", self.host.key, reason)
+        self.close()
+
+    # -- used by the router: the request encoder -------------------------------------------------------
+    def encode_headers(self, headers, end_stream: bool) -> None:
+        self.codec.encode_headers(headers, end_stream)
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        self.codec.encode_data(data, end_stream)
+
+    def encode_trailers(self, trailers) -> None:
+        self.codec.encode_trailers(trailers)
+
+    def read_disable(self, disable: bool) -> None:
+        if self.closed or disable == self.read_paused:
+            return
+        self.read_paused = disable
+        if disable:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def reset(self) -> None:
+        """Abandon the in-flight request: the connection can't be reused."""
+        if self.stream_cb is not None:
+            self.stream_cb = None
+            self.pool.active -= 1
+            self.host.rq_active -= 1
+        self.codec.decoder = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+
+
+class _Pending:
+    __slots__ = ("cb", "cancelled")
+
+    def __init__(self, cb):
+        self.cb = cb
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Http1Pool:
+    """Connections to one host. Idle connections are reused most-recently-used first."""
+
+    __slots__ = ("cluster", "host", "loop", "idle", "pending", "connecting", "active", "draining")
+
+    def __init__(self, cluster, host, loop):
+        self.cluster = cluster
+        self.host = host
+        self.loop = loop
+        self.idle: list = []
+        self.pending = collections.deque()
+        self.connecting = 0
+        self.active = 0  # connections with a request bound
+        self.draining = False
+
+    def new_stream(self, cb):
+        """Bind ``cb`` to a connection now, or queue it. Returns a cancellable handle or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            self._bind(conn, cb)
+            return None
+        c = self.cluster
+        if c.pending_total >= c.max_pending_requests:
+            c.st_pending_overflow.value += 1
+            cb.on_pool_failure(OVERFLOW, "UO", self.host)
+            return None
+        p = _Pending(cb)
+        self.pending.append(p)
+        c.pending_total += 1
+        c.st_rq_pending_total.value += 1
+        c.st_rq_pending_active.inc()
+        if self.connecting < len(self.pending):
+            if c.cx_total_active >= c.max_connections:
+                c.st_cx_overflow.value += 1
+                if self.active + len(self.idle) + self.connecting == 0:
+                    # nothing will ever free up for this request
+                    self._fail_pending(p, OVERFLOW, "UO")
+                    return None
+            else:
+                self._connect()
+        return p
+
+    def _fail_pending(self, p, reason, flag):
+        try:
+            self.pending.remove(p)
+        except ValueError:
+            return
+        self._pending_done()
+        if not p.cancelled:
+            p.cb.on_pool_failure(reason, flag, self.host)
+
+    def _pending_done(self):
+        c = self.cluster
+        c.pending_total -= 1
+        c.st_rq_pending_active.dec()
+
+    def _bind(self, conn, cb):
+        conn.requests += 1
+        conn.stream_cb = cb
+        conn.codec.start(cb)
+        self.active += 1
+        c = self.cluster
+        c.st_rq_total.value += 1
+        h = self.host
+        h.rq_active += 1
+        cb.on_pool_ready(conn, h)
+
+    def _connect(self):
+        c = self.cluster
+        self.connecting += 1
+        c.cx_total_active += 1
+        c.st_cx_total.value += 1
+        c.st_cx_active.inc()
+        self.host.cx_active += 1
+        self.loop.create_task(self._do_connect())
+
+    async def _do_connect(self):
+        c = self.cluster
+        conn = UpstreamConnection(self, self.host)
+        try:
+            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
+            await self.loop.create_connection(lambda: conn, sock=sock)
+        except asyncio.TimeoutError:
+            self._connect_failed(CONNECT_TIMEOUT, timeout=True)
+            return
+        except (OSError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                self.connecting -= 1
+                self._cx_gone()
+                raise
+            self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
+            return
+        self.connecting -= 1
+        self._on_idle_or_pending(conn)
+
+    def _cx_gone(self):
+        c = self.cluster
+        c.cx_total_active -= 1
+        c.st_cx_active.dec()
+        self.host.cx_active -= 1
+
+    def _connect_failed(self, reason, timeout: bool):
+        c = self.cluster
+        self.connecting -= 1
+        self._cx_gone()
+        c.st_cx_connect_fail.value += 1
+        if timeout:
+            c.st_cx_connect_timeout.value += 1
+        # Envoy fails one pending request per failed connection attempt
+        while self.pending:
+            p = self.pending.popleft()
+            self._pending_done()
+            if not p.cancelled:
+                p.cb.on_pool_failure(reason, "UF", self.host)
+                break
+        if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:
+            self._connect()
+
+    def _on_idle_or_pending(self, conn):
+        """A connection is free: give it to the oldest pending request, or park it idle."""
+        while self.pending:
+            p = self.pending.popleft()
+            self._pending_done()
+            if p.cancelled:
+                continue
+            self._bind(conn, p.cb)
+            return
+        if self.draining:
+            conn.close()
+            return
+        self.idle.append(conn)
+        it = self.cluster.idle_timeout
+        if it:
+            conn.idle_handle = self.loop.call_later(it, conn.close)
+
+    def release(self, conn, reusable: bool) -> None:
+        self.active -= 1
+        self.host.rq_active -= 1
+        c = self.cluster
+        mr = c.max_requests_per_connection
+        if not reusable or conn.closed or (mr and conn.requests >= mr):
+            conn.close()
+            return
+        self._on_idle_or_pending(conn)
+
+    def on_connection_closed(self, conn) -> None:
+        if conn.stream_cb is not None:
+            self.active -= 1
+            self.host.rq_active -= 1
+        self._cx_gone()
+        c = self.cluster
+        c.st_cx_destroy.value += 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:
+            self._connect()
+
+    def drain(self) -> None:
+        """Close idle connections; busy ones close when their request completes."""
+        self.draining = True
+        for conn in self.idle:
+            conn.close()
+        self.idle = []

@@ -1,0 +1,62 @@
+"""Load an Envoy v3 Bootstrap from a file and/or ``--config-yaml``, as Envoy does."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from google.protobuf import json_format
+
+from .errors import ConfigError
+from .registry import ensure_types_for_json
+
+
+def _parse_text(text: str, origin: str):
+    text_s = text.lstrip()
+    if text_s.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # YAML is a superset; let the YAML parser report the error
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("unable to parse %s as JSON or YAML: %s" % (origin, str(e).replace("\n", " ")))
+
+
+def to_message(data, msg, *, allow_unknown: bool, what: str):
+    """Parse a JSON-like dict into ``msg``; errors name the offending field path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("%s must be a mapping, got %s" % (what, type(data).__name__))
+    ensure_types_for_json(data)
+    try:
+        json_format.ParseDict(data, msg, ignore_unknown_fields=allow_unknown)
+    except json_format.ParseError as e:
+        raise ConfigError("invalid %s: %s" % (what, e)) from None
+    return msg
+
+
+def load_bootstrap(path: str | None, config_yaml: str | None, *, allow_unknown: bool = False):
+    """Bootstrap from ``path`` with ``config_yaml`` merged over it (proto merge semantics)."""
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+
+    if not path and not config_yaml:
+        raise ConfigError("at least one of --config-path or --config-yaml is required")
+    bs = bootstrap_pb2.Bootstrap()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError("unable to read file: %s: %s" % (path, e.strerror)) from None
+        data = _parse_text(text, path)
+        to_message(data, bs, allow_unknown=allow_unknown, what="bootstrap %s" % os.path.basename(path))
+    if config_yaml:
+        over = bootstrap_pb2.Bootstrap()
+        to_message(_parse_text(config_yaml, "--config-yaml"), over, allow_unknown=allow_unknown,
+                   what="--config-yaml")
+        bs.MergeFrom(over)
+    return bs

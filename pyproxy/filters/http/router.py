@@ -1,0 +1,607 @@
+"""``envoy.filters.http.router``: the terminal HTTP filter that sends requests upstream.
+
+Per request: route action -> cluster -> host (load balancer) -> connection pool -> upstream
+request. Retries (``retry_policy``), per-try and global timeouts, circuit breakers and Envoy's
+local replies for upstream failures (503 UF/UH/UO/NC/URX, 504 UT) live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+
+from ...http.filter import CONTINUE, STOP
+from ...http.headers import Headers
+
+log = logging.getLogger("pyproxy.router")
+
+ROUTE, DIRECT_RESPONSE, REDIRECT = 0, 1, 2
+_RETRY_BUFFER_LIMIT = 1024 * 1024
+
+
+class RouterConfig:
+    is_router = True
+
+    def __init__(self, cfg, ctx):
+        self.cm = ctx.cluster_manager
+        self.loop = ctx.loop
+        self.suppress_envoy_headers = cfg.suppress_envoy_headers if cfg is not None else False
+        self.respect_expected_rq_timeout = cfg.respect_expected_rq_timeout if cfg is not None else False
+
+    def create(self, stream):
+        return Router(self, stream)
+
+
+def factory(cfg, ctx):
+    return RouterConfig(cfg, ctx)
+
+
+class LbContext:
+    __slots__ = ("hash_key", "attempted", "host_selection_max_attempts", "previous_hosts")
+
+    def __init__(self, hash_key=None):
+        self.hash_key = hash_key
+        self.attempted = None
+        self.previous_hosts = False
+        self.host_selection_max_attempts = 1
+
+    def should_select_another(self, host) -> bool:
+        return self.previous_hosts and self.attempted is not None and host in self.attempted
+
+
+class Router:
+    __slots__ = ("cfg", "s", "route", "cluster", "upstream", "headers", "body", "body_len",
+                 "trailers", "retries_left", "retry", "timer", "attempts", "lb_ctx",
+                 "request_complete", "buffering", "done", "start", "choice", "retry_timer",
+                 "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried")
+
+    def __init__(self, cfg, stream):
+        self.cfg = cfg
+        self.s = stream
+        stream.router = self
+        self.upstream = None
+        self.timer = None
+        self.retry_timer = None
+        self.done = False
+        self.attempts = 0
+        self.body = None
+        self.body_len = 0
+        self.trailers = None
+        self.request_complete = False
+        self.response_started = False
+        self.hosts_tried = None
+
+    # -- HTTP filter API --------------------------------------------------------------------------
+    def decode_headers(self, headers: Headers, end_stream: bool):
+        s = self.s
+        route = self.route = s.route
+        si = s.stream_info
+        if route is None:
+            s.hc.stats.no_route.value += 1
+            s.send_local_reply(404, "", "route_not_found", flag="NR")
+            return STOP
+        kind = route.kind
+        if kind != ROUTE:
+            if kind == DIRECT_RESPONSE:
+                s.hc.stats.rq_direct_response.value += 1
+                body = route.direct_body(headers, si) if callable(getattr(route, "direct_body", None)) else b""
+                self._direct_reply(route.direct_status, body, headers)
+            else:
+                s.hc.stats.rq_redirect.value += 1
+                loc = route.redirect_location(headers)
+                s.send_local_reply(route.redirect_status, "", "via_route", headers={"location": loc})
+            return STOP
+        name, choice = route.select_cluster(headers, random.getrandbits(32))
+        self.choice = choice
+        si.upstream_cluster = name
+        cluster = self.cluster = self.cfg.cm.get(name)
+        if cluster is None:
+            s.hc.stats.no_cluster.value += 1
+            s.send_local_reply(503, "", "cluster_not_found", flag="NC")
+            return STOP
+        # upgrade (websocket) requests need an enabled upgrade on the HCM
+        up = headers.get("upgrade")
+        if up is not None and not s.hc.is_h2:
+            if not s.cfg.upgrades.get(up.lower(), False):
+                s.hc.stats.rq_ws_on_non_ws_route.value += 1
+                s.send_local_reply(403, "", "upgrade_failed")
+                return STOP
+        if cluster.rq_active_total >= cluster.max_requests:
+            cluster.st_pending_overflow.value += 1
+            s.send_local_reply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                               "upstream_reset_before_response_started{overflow}", flag="UO")
+            return STOP
+        route.rewrite_request(headers)
+        route.finalize_request_headers(headers, si, choice)
+        timeout = route.timeout
+        self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
+        gmax = route.grpc_timeout_header_max
+        if gmax is not None and self.grpc:
+            gt = _parse_grpc_timeout(headers.get("grpc-timeout"))
+            if gt is not None:
+                timeout = gt if not gmax else min(gt, gmax)
+        self.timeout = timeout
+        if not self.cfg.suppress_envoy_headers:
+            if timeout:
+                headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
+        self.headers = headers
+        retry = self.retry = route.retry
+        self.retries_left = retry.num_retries if retry is not None else 0
+        if retry is not None and retry.num_retries:
+            self.buffering = True
+        else:
+            self.buffering = False
+        self.lb_ctx = LbContext(route.hash_key(headers, s.hc.conn.info.src_ip) if route.hash_policies else None)
+        if retry is not None and retry.previous_hosts:
+            self.lb_ctx.previous_hosts = True
+            self.lb_ctx.attempted = []
+            self.lb_ctx.host_selection_max_attempts = retry.host_selection_max_attempts
+        self.start = time.monotonic()
+        cluster.rq_active_total += 1
+        cluster.st_rq_active.inc()
+        self.upstream_rq_counted = True
+        self.request_complete = end_stream
+        if end_stream:
+            self._start_global_timer()
+        self._attempt()
+        return STOP
+
+    def decode_data(self, data: bytes, end_stream: bool):
+        if self.done:
+            return STOP
+        if self.buffering:
+            if self.body is None:
+                self.body = []
+            self.body.append(data)
+            self.body_len += len(data)
+            if self.body_len > _RETRY_BUFFER_LIMIT:
+                # too big to replay: no more retries for this request
+                self.buffering = False
+                self.retries_left = 0
+                self.body = None
+        if end_stream:
+            self.request_complete = True
+            self._start_global_timer()
+        up = self.upstream
+        if up is not None:
+            up.send_data(data, end_stream)
+        return STOP
+
+    def decode_trailers(self, trailers):
+        if self.done:
+            return STOP
+        self.trailers = trailers
+        self.request_complete = True
+        self._start_global_timer()
+        up = self.upstream
+        if up is not None:
+            up.send_trailers(trailers)
+        return STOP
+
+    def encode_headers(self, headers, end_stream):
+        return CONTINUE
+
+    def encode_data(self, data, end_stream):
+        return CONTINUE
+
+    def encode_trailers(self, trailers):
+        return CONTINUE
+
+    def on_destroy(self):
+        self._cleanup()
+
+    # -- attempts ---------------------------------------------------------------------------------
+    def _attempt(self):
+        s = self.s
+        c = self.cluster
+        si = s.stream_info
+        self.attempts += 1
+        si.attempt_count = self.attempts
+        if c.original_dst:
+            host = self._original_dst_host()
+        else:
+            host = c.choose_host(self.lb_ctx)
+        if host is None:
+            c.st_cx_none_healthy.value += 1
+            self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
+            return
+        si.upstream_host = host.key
+        if self.lb_ctx.attempted is not None:
+            self.lb_ctx.attempted.append(host)
+        if self.route.auto_host_rewrite and host.hostname:
+            self.headers.set(":authority", host.hostname)
+        if self.attempts > 1 and self.route.retry is not None and getattr(self.route, "include_attempt_count", False):
+            self.headers.set("x-envoy-attempt-count", str(self.attempts))
+        up = self.upstream = UpstreamRequest(self, host)
+        pool = c.http_pool(host)
+        up.pending = pool.new_stream(up)
+
+    def _original_dst_host(self):
+        c = self.cluster
+        if c.original_dst_use_header:
+            v = self.headers.get("x-envoy-original-dst-host")
+            if v:
+                ip, _, port = v.rpartition(":")
+                try:
+                    return c.original_dst_host(ip.strip("[]"), int(port))
+                except ValueError:
+                    return None
+        info = self.s.hc.conn.info
+        if not info.dst_ip:
+            return None
+        return c.original_dst_host(info.dst_ip, info.dst_port)
+
+    def _start_global_timer(self):
+        if self.timer is None and self.timeout and not self.done:
+            self.timer = self.cfg.loop.call_later(self.timeout, self._on_global_timeout)
+
+    def _on_global_timeout(self):
+        self.timer = None
+        if self.done:
+            return
+        c = self.cluster
+        c.st_rq_timeout.value += 1
+        self.s.hc.stats.rq_timeout.value += 0
+        up = self.upstream
+        if up is not None:
+            up.abandon()
+            self.upstream = None
+        if self.response_started:
+            self.s.reset_stream("upstream_response_timeout")
+            self._done()
+            return
+        self._fail(504, "upstream request timeout", "upstream_response_timeout", "UT")
+
+    # -- upstream request callbacks (via UpstreamRequest) ------------------------------------------------
+    def on_pool_ready(self, up, encoder):
+        headers = self.headers
+        body = self.body
+        end = self.request_complete and not body and self.trailers is None
+        if self.attempts > 1 or body or self.trailers is not None:
+            # a retry replays what was buffered; the first attempt streams
+            encoder.encode_headers(headers, end)
+            if body:
+                data = b"".join(body)
+                encoder.encode_data(data, self.request_complete and self.trailers is None)
+            if self.trailers is not None:
+                encoder.encode_trailers(self.trailers)
+        else:
+            encoder.encode_headers(headers, end)
+        pt = self.retry.per_try_timeout if self.retry is not None else 0
+        if pt:
+            up.per_try_timer = self.cfg.loop.call_later(pt, up.on_per_try_timeout)
+
+    def on_pool_failure(self, up, reason, flag, host):
+        if self.done:
+            return
+        self.upstream = None
+        si = self.s.stream_info
+        si.upstream_transport_failure_reason = reason
+        if flag == "UO":
+            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                       "upstream_reset_before_response_started{overflow}", "UO")
+            return
+        if self._maybe_retry_reset("connect-failure"):
+            return
+        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: "
+                        "connection failure, transport failure reason: %s" % reason,
+                   "upstream_reset_before_response_started{connection_failure}", "UF")
+
+    def on_upstream_headers(self, up, headers: Headers, end_stream: bool):
+        if self.done:
+            return
+        status = int(headers._h[0][1])
+        c = self.cluster
+        retry = self.retry
+        if retry is not None and self.retries_left > 0 and not self.response_started:
+            if retry.should_retry_status(status, headers) or (
+                    self.grpc and _grpc_retry(retry, headers)):
+                c.count_response(status)
+                up.abandon()
+                self.upstream = None
+                self._schedule_retry()
+                return
+        self.response_started = True
+        c.count_response(status)
+        if self.attempts > 1:
+            c.st_rq_retry_success.value += 1
+        if not self.cfg.suppress_envoy_headers:
+            headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
+        self.route.finalize_response_headers(headers, self.s.stream_info, self.choice)
+        if end_stream:
+            self._complete()
+        self.s.encode_headers(headers, end_stream)
+
+    def on_upstream_data(self, up, data: bytes, end_stream: bool):
+        if self.done:
+            return
+        if end_stream:
+            self._complete()
+        self.s.encode_data(data, end_stream)
+
+    def on_upstream_trailers(self, up, trailers):
+        if self.done:
+            return
+        self._complete()
+        self.s.encode_trailers(trailers)
+
+    def on_upstream_reset(self, up, reason: str):
+        if self.done:
+            return
+        self.upstream = None
+        c = self.cluster
+        c.st_rq_rx_reset.value += 1
+        if not self.response_started:
+            if self._maybe_retry_reset("reset"):
+                return
+            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
+                       "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"), "UR" if "overflow" not in reason else "UO")
+            return
+        self.s.stream_info.response_flags.add("UR")
+        self._done()
+        self.s.reset_stream("upstream_reset_after_response_started{%s}" % reason.replace(" ", "_"))
+
+    def on_per_try_timeout(self, up):
+        if self.done or up is not self.upstream:
+            return
+        c = self.cluster
+        c.st_rq_per_try_timeout.value += 1
+        up.abandon()
+        self.upstream = None
+        if not self.response_started and self.retries_left > 0:
+            self._schedule_retry()
+            return
+        self._fail(504, "upstream request timeout", "upstream_per_try_timeout", "UT")
+
+    def _maybe_retry_reset(self, what: str) -> bool:
+        r = self.retry
+        if r is None or self.retries_left <= 0 or self.response_started:
+            return False
+        on = r.retry_on
+        if what in on or "5xx" in on or "gateway-error" in on or \
+                (what == "reset" and "reset" in on) or (what == "connect-failure" and "reset" in on):
+            self._schedule_retry()
+            return True
+        return False
+
+    def _schedule_retry(self):
+        c = self.cluster
+        if c.retries_active >= c.max_retries:
+            c.st_rq_retry_overflow.value += 1
+            self.retries_left = 0
+            self._fail(503, "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow",
+                       "upstream_reset_before_response_started{overflow}", "URX")
+            return
+        self.retries_left -= 1
+        c.st_rq_retry.value += 1
+        c.retries_active += 1
+        r = self.retry
+        base = r.backoff_base
+        mx = r.backoff_max
+        n = self.attempts
+        delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
+        self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
+
+    def _do_retry(self):
+        self.retry_timer = None
+        self.cluster.retries_active -= 1
+        if self.done:
+            return
+        self._attempt()
+
+    # -- endings ------------------------------------------------------------------------------------
+    def _direct_reply(self, status, body, headers):
+        s = self.s
+        b = body or b""
+        h = Headers([(":status", str(status))])
+        if b:
+            h.add("content-length", str(len(b)))
+            h.add("content-type", "text/plain")
+        self.route.finalize_response_headers(h, s.stream_info, None)
+        h.add("date", _date_now())
+        s.stream_info.response_code_details = "direct_response"
+        if b and headers.get(":method") != "HEAD":
+            s.encode_headers(h, False)
+            s.encode_data(b, True)
+        else:
+            s.encode_headers(h, True)
+
+    def _fail(self, status, body, details, flag):
+        """A local reply for an upstream failure; the retry state says if it was exhausted."""
+        if self.done:
+            return
+        if self.attempts > 1 and flag in ("UF", "UR", "UT"):
+            self.s.stream_info.response_flags.add("URX")
+        if self.cluster is not None and status >= 500 and flag != "UT":
+            pass
+        self._done()
+        self.s.send_local_reply(status, body, details, flag=flag)
+
+    def _complete(self):
+        c = self.cluster
+        c.st_rq_time.record((time.monotonic() - self.start) * 1000.0)
+        self._done()
+
+    def _done(self):
+        if self.done:
+            return
+        self.done = True
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+            self.cluster.retries_active -= 1
+        up = self.upstream
+        if up is not None and not self.done:
+            up.abandon()
+            self.upstream = None
+        if getattr(self, "upstream_rq_counted", False):
+            self.upstream_rq_counted = False
+            c = self.cluster
+            c.rq_active_total -= 1
+            c.st_rq_active.dec()
+
+    def on_local_reply(self):
+        """The stream answered locally (e.g. timeout): stop talking upstream."""
+        up = self.upstream
+        if up is not None and not self.response_started:
+            up.abandon()
+            self.upstream = None
+        self._done()
+
+    def on_downstream_reset(self):
+        up = self.upstream
+        if up is not None:
+            up.abandon()
+            self.upstream = None
+            self.cluster.st_rq_tx_reset.value += 1
+        self._done()
+
+    # -- flow control -------------------------------------------------------------------------------
+    def on_upstream_watermark(self, above: bool):
+        """The upstream connection's write buffer is full/drained: stop/resume reading downstream."""
+        self.s.read_disable(above)
+
+
+class UpstreamRequest:
+    """One attempt: pool callbacks plus the response decoder for the bound connection."""
+
+    __slots__ = ("router", "host", "encoder", "pending", "abandoned", "per_try_timer", "read_off")
+
+    def __init__(self, router: Router, host):
+        self.router = router
+        self.host = host
+        self.encoder = None
+        self.pending = None
+        self.abandoned = False
+        self.per_try_timer = None
+        self.read_off = False
+
+    # pool callbacks
+    def on_pool_ready(self, encoder, host):
+        if self.abandoned:
+            encoder.reset()
+            return
+        self.encoder = encoder
+        self.pending = None
+        r = self.router
+        if r.s.hc.conn.write_paused:
+            self.read_off = True
+            encoder.read_disable(True)
+        r.s.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
+        r.on_pool_ready(self, encoder)
+        r.s.hc.conn.add_watermark_callbacks(self)
+
+    def on_pool_failure(self, reason, flag, host):
+        self.pending = None
+        if not self.abandoned:
+            self.router.on_pool_failure(self, reason, flag, host)
+
+    # response decoder
+    def on_upstream_headers(self, headers, end_stream):
+        if end_stream:
+            self._release_timers()
+        self.router.on_upstream_headers(self, headers, end_stream)
+
+    def on_upstream_data(self, data, end_stream):
+        if end_stream:
+            self._release_timers()
+        self.router.on_upstream_data(self, data, end_stream)
+
+    def on_upstream_trailers(self, trailers):
+        self._release_timers()
+        self.router.on_upstream_trailers(self, trailers)
+
+    def on_upstream_reset(self, reason):
+        self._release_timers()
+        if not self.abandoned:
+            self.router.on_upstream_reset(self, reason)
+
+    def on_upstream_watermark(self, above: bool):
+        if not self.abandoned:
+            self.router.on_upstream_watermark(above)
+
+    def on_per_try_timeout(self):
+        self.per_try_timer = None
+        self.router.on_per_try_timeout(self)
+
+    # request body streaming
+    def send_data(self, data, end_stream):
+        enc = self.encoder
+        if enc is not None:
+            enc.encode_data(data, end_stream)
+
+    def send_trailers(self, trailers):
+        enc = self.encoder
+        if enc is not None:
+            enc.encode_trailers(trailers)
+
+    # downstream watermarks (response direction)
+    def on_above_write_buffer_high_watermark(self):
+        enc = self.encoder
+        if enc is not None and not self.abandoned:
+            self.read_off = True
+            enc.read_disable(True)
+
+    def on_below_write_buffer_low_watermark(self):
+        enc = self.encoder
+        if enc is not None and self.read_off:
+            self.read_off = False
+            enc.read_disable(False)
+
+    def _release_timers(self):
+        if self.per_try_timer is not None:
+            self.per_try_timer.cancel()
+            self.per_try_timer = None
+        r = self.router
+        r.s.hc.conn.remove_watermark_callbacks(self)
+
+    def abandon(self):
+        """Stop this attempt: cancel a queued request or reset the bound connection."""
+        if self.abandoned:
+            return
+        self.abandoned = True
+        self._release_timers()
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        enc = self.encoder
+        if enc is not None:
+            self.encoder = None
+            enc.reset()
+
+
+def _parse_grpc_timeout(v):
+    if not v:
+        return None
+    try:
+        n = int(v[:-1])
+    except ValueError:
+        return None
+    unit = v[-1]
+    mult = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(unit)
+    if mult is None:
+        return None
+    return n * mult
+
+
+def _grpc_retry(retry, headers) -> bool:
+    gs = headers.get("grpc-status")
+    if gs is None:
+        return False
+    try:
+        return retry.should_retry_grpc(int(gs))
+    except ValueError:
+        return False
+
+
+def _date_now():
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())

@@ -1,0 +1,151 @@
+"""``envoy.filters.network.http_connection_manager``: config compiled once per listener update.
+
+The runtime (codecs, streams, filter chain iteration) is in ``pyproxy.http.conn_manager``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+from ...config import ConfigError, duration_s, u32
+from ...config.registry import REGISTRY
+
+log = logging.getLogger("pyproxy.config")
+
+HCM = hcm_pb2.HttpConnectionManager
+AUTO, HTTP1, HTTP2 = HCM.CodecType.AUTO, HCM.CodecType.HTTP1, HCM.CodecType.HTTP2
+
+
+class StaticRoutes:
+    """An inline ``route_config``: compiled once, never changes."""
+
+    __slots__ = ("table", "name")
+
+    def __init__(self, table):
+        self.table = table
+        self.name = table.name
+
+
+class HttpFilterEntry:
+    __slots__ = ("name", "factory", "is_router")
+
+    def __init__(self, name, factory, is_router):
+        self.name = name
+        self.factory = factory
+        self.is_router = is_router
+
+
+class HcmConfig:
+    def __init__(self, cfg, ctx):
+        from ...http.conn_manager import HcmStats
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.cluster_manager = ctx.cluster_manager
+        self.proto = cfg
+        if not cfg.stat_prefix:
+            raise ConfigError("stat_prefix must not be empty", field="stat_prefix")
+        self.stat_prefix = cfg.stat_prefix
+        self.codec_type = cfg.codec_type
+        if self.codec_type not in (AUTO, HTTP1, HTTP2):
+            raise ConfigError("codec_type HTTP3 is not supported", field="codec_type")
+        which = cfg.WhichOneof("route_specifier")
+        if which == "route_config":
+            from ...routing import compile_route_config
+            try:
+                self.routes = StaticRoutes(compile_route_config(cfg.route_config))
+            except ConfigError as e:
+                raise e.within(field="route_config")
+        elif which == "rds":
+            self.routes = ctx.route_provider(cfg.rds, cfg.stat_prefix)
+        else:
+            raise ConfigError("%s is not supported" % (which or "a route specifier"),
+                              field="route_specifier")
+        self.use_remote_address = cfg.use_remote_address.value if cfg.HasField("use_remote_address") else False
+        self.xff_num_trusted_hops = cfg.xff_num_trusted_hops
+        self.skip_xff_append = cfg.skip_xff_append
+        self.via = cfg.via
+        self.server_name = cfg.server_name or "envoy"
+        self.server_transform = cfg.server_header_transformation  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
+        self.generate_request_id = cfg.generate_request_id.value if cfg.HasField("generate_request_id") else True
+        self.preserve_external_request_id = cfg.preserve_external_request_id
+        self.always_set_request_id_in_response = cfg.always_set_request_id_in_response
+        self.stream_idle_timeout = duration_s(cfg, "stream_idle_timeout", 300.0)
+        self.request_timeout = duration_s(cfg, "request_timeout", 0.0)
+        self.request_headers_timeout = duration_s(cfg, "request_headers_timeout", 0.0)
+        self.drain_timeout = duration_s(cfg, "drain_timeout", 5.0)
+        self.max_request_headers_kb = u32(cfg, "max_request_headers_kb", 60) or 60
+        if self.max_request_headers_kb > 8192:
+            raise ConfigError("max_request_headers_kb must be <= 8192", field="max_request_headers_kb")
+        cho = cfg.common_http_protocol_options
+        self.idle_timeout = duration_s(cho, "idle_timeout", 3600.0) if cfg.HasField("common_http_protocol_options") else 3600.0
+        self.max_headers_count = u32(cho, "max_headers_count", 100) or 100
+        self.max_stream_duration = duration_s(cho, "max_stream_duration", None)
+        self.headers_with_underscores_action = cho.headers_with_underscores_action  # 0 ALLOW, 1 REJECT, 2 DROP
+        self.normalize_path = cfg.normalize_path.value if cfg.HasField("normalize_path") else False
+        self.merge_slashes = cfg.merge_slashes
+        self.path_with_escaped_slashes_action = cfg.path_with_escaped_slashes_action
+        self.strip_any_host_port = cfg.strip_any_host_port
+        self.strip_matching_host_port = cfg.strip_matching_host_port
+        hpo = cfg.http_protocol_options
+        self.accept_http_10 = hpo.accept_http_10
+        self.default_host_for_http_10 = hpo.default_host_for_http_10
+        self.http2_options = cfg.http2_protocol_options if cfg.HasField("http2_protocol_options") else None
+        self.upgrades = {}
+        for i, u in enumerate(cfg.upgrade_configs):
+            if u.filters:
+                raise ConfigError("upgrade filter chains are not supported", field="upgrade_configs[%d].filters" % i)
+            self.upgrades[u.upgrade_type.lower()] = u.enabled.value if u.HasField("enabled") else True
+        self.access_logs = []
+        if cfg.access_log:
+            from ...access_log import build_access_logs
+            try:
+                self.access_logs = build_access_logs(cfg.access_log)
+            except ConfigError as e:
+                raise e.within(field="access_log")
+        if cfg.HasField("tracing"):
+            log.info("http_connection_manager '%s': tracing is not implemented; ignored", self.stat_prefix)
+        self.filters = []
+        self.skipped_filters = []
+        n = len(cfg.http_filters)
+        if n == 0:
+            raise ConfigError("http_filters must not be empty (the router filter is required)", field="http_filters")
+        for i, f in enumerate(cfg.http_filters):
+            tc = f.typed_config if f.HasField("typed_config") else None
+            try:
+                if f.HasField("config_discovery"):
+                    if f.is_optional:
+                        self.skipped_filters.append((f.name, "extension config discovery (ECDS) not supported"))
+                        continue
+                    raise ConfigError("extension config discovery (ECDS) is not supported")
+                factory, fcfg = REGISTRY.resolve("http_filter", f.name, tc, is_optional=f.is_optional,
+                                                 what="HTTP filter")
+                if factory is None:
+                    self.skipped_filters.append((f.name, fcfg))
+                    continue
+                built = factory(fcfg, ctx)
+            except ConfigError as e:
+                raise e.within(field="http_filters[%d](%s)" % (i, f.name))
+            is_router = getattr(built, "is_router", False)
+            if is_router and i != n - 1:
+                raise ConfigError("the router filter must be the last HTTP filter", field="http_filters[%d]" % i)
+            if i == n - 1 and not is_router and not getattr(built, "is_terminal", False):
+                raise ConfigError("the last HTTP filter must be a terminal filter (envoy.filters.http.router)",
+                                  field="http_filters[%d](%s)" % (i, f.name))
+            self.filters.append(HttpFilterEntry(f.name, built, is_router))
+        self.filters = tuple(self.filters)
+        self.decoder_factories = tuple(e.factory for e in self.filters)
+        self.stats = HcmStats(ctx.stats, self.stat_prefix)
+        if self.routes is not None and hasattr(self.routes, "register_stats"):
+            self.routes.register_stats(ctx.stats, self.stat_prefix)
+
+    def create(self, conn):
+        from ...http.conn_manager import HttpConnection
+        return HttpConnection(self, conn)
+
+
+def factory(cfg, ctx, terminal=True):
+    if not terminal:
+        raise ConfigError("http_connection_manager must be the last network filter")
+    return HcmConfig(cfg, ctx)

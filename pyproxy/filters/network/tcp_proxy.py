@@ -1,0 +1,357 @@
+"""``envoy.filters.network.tcp_proxy``: a byte-exact pipe to an upstream cluster.
+
+Half-close is forwarded both ways (the connection ends when both directions have ended), and each
+direction is flow-controlled: when one side's write buffer passes its high watermark, reading from
+the other side pauses until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+
+from ...cluster.pool import open_socket
+from ...config import ConfigError, duration_s, u32
+from ...listeners.connection import CONTINUE, STOP
+
+log = logging.getLogger("pyproxy.filter")
+
+
+class TcpProxyConfig:
+    def __init__(self, cfg, ctx):
+        self.ctx = ctx
+        self.cm = ctx.cluster_manager
+        self.loop = ctx.loop
+        if not cfg.stat_prefix:
+            raise ConfigError("stat_prefix must not be empty", field="stat_prefix")
+        which = cfg.WhichOneof("cluster_specifier")
+        if which == "cluster":
+            self.clusters = ((cfg.cluster, 1),)
+        elif which == "weighted_clusters":
+            self.clusters = tuple((c.name, c.weight) for c in cfg.weighted_clusters.clusters)
+            if not self.clusters or sum(w for _, w in self.clusters) == 0:
+                raise ConfigError("weighted_clusters must have a positive total weight", field="weighted_clusters")
+        else:
+            raise ConfigError("tcp_proxy needs cluster or weighted_clusters", field="cluster_specifier")
+        self.total_weight = sum(w for _, w in self.clusters)
+        self.idle_timeout = duration_s(cfg, "idle_timeout", 3600.0)
+        self.max_connect_attempts = u32(cfg, "max_connect_attempts", 1) or 1
+        s = ctx.stats.scope("tcp.%s." % cfg.stat_prefix)
+        self.st_cx_total = s.counter("downstream_cx_total")
+        self.st_cx_no_route = s.counter("downstream_cx_no_route")
+        self.st_rx = s.counter("downstream_cx_rx_bytes_total")
+        self.st_tx = s.counter("downstream_cx_tx_bytes_total")
+        self.st_idle_timeout = s.counter("idle_timeout")
+        self.st_flush = s.counter("upstream_flush_total")
+        self.st_paused = s.counter("downstream_flow_control_paused_reading_total")
+        self.st_resumed = s.counter("downstream_flow_control_resumed_reading_total")
+        self.access_logs = []
+        if cfg.access_log:
+            from ...access_log import build_access_logs
+            self.access_logs = build_access_logs(cfg.access_log)
+
+    def pick_cluster(self) -> str:
+        if len(self.clusters) == 1:
+            return self.clusters[0][0]
+        r = random.randrange(self.total_weight)
+        for name, w in self.clusters:
+            if r < w:
+                return name
+            r -= w
+        return self.clusters[-1][0]
+
+    def create(self, conn):
+        return TcpProxy(self, conn)
+
+
+def factory(cfg, ctx, terminal=True):
+    if not terminal:
+        raise ConfigError("tcp_proxy must be the last network filter")
+    return TcpProxyConfig(cfg, ctx)
+
+
+class _Upstream(asyncio.Protocol):
+    __slots__ = ("proxy", "transport", "closed")
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.transport = None
+        self.closed = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        lim = self.proxy.conn.listener.buffer_limit
+        transport.set_write_buffer_limits(high=lim, low=lim // 2)
+
+    def data_received(self, data):
+        self.proxy.on_upstream_data(data)
+
+    def eof_received(self):
+        self.proxy.on_upstream_eof()
+        return True
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.proxy.on_upstream_closed()
+
+    def pause_writing(self):
+        self.proxy.conn.read_disable(True)
+
+    def resume_writing(self):
+        self.proxy.conn.read_disable(False)
+
+
+class TcpProxy:
+    __slots__ = ("cfg", "conn", "up", "buf", "buf_len", "down_eof", "up_eof", "cluster", "host",
+                 "idle_handle", "last_activity", "closed", "attempts", "task", "connected")
+
+    def __init__(self, cfg: TcpProxyConfig, conn):
+        self.cfg = cfg
+        self.conn = conn
+        self.up = None
+        self.buf = []
+        self.buf_len = 0
+        self.down_eof = False
+        self.up_eof = False
+        self.cluster = None
+        self.host = None
+        self.idle_handle = None
+        self.closed = False
+        self.attempts = 0
+        self.task = None
+        self.connected = False
+
+    # -- network filter API -----------------------------------------------------------------------
+    def on_new_connection(self):
+        cfg = self.cfg
+        cfg.st_cx_total.value += 1
+        conn = self.conn
+        conn.add_watermark_callbacks(self)
+        name = cfg.pick_cluster()
+        cluster = cfg.cm.get(name)
+        si = conn.stream_info
+        si.upstream_cluster = name
+        if cluster is None:
+            cfg.st_cx_no_route.value += 1
+            si.response_flags.add("NR")
+            self._finish(flush=False)
+            return STOP
+        self.cluster = cluster
+        self._connect()
+        if cfg.idle_timeout:
+            self.idle_handle = cfg.loop.call_later(cfg.idle_timeout, self._idle_check)
+        self.last_activity = cfg.loop.time()
+        return STOP
+
+    def _choose_host(self):
+        c = self.cluster
+        if c.original_dst:
+            info = self.conn.info
+            return c.original_dst_host(info.dst_ip, info.dst_port)
+        return c.choose_host(_TcpLbContext())
+
+    def _connect(self):
+        c = self.cluster
+        host = self._choose_host()
+        si = self.conn.stream_info
+        if host is None:
+            c.st_cx_none_healthy.value += 1
+            si.response_flags.add("UH")
+            self._finish(flush=False)
+            return
+        if c.cx_total_active >= c.max_connections:
+            c.st_cx_overflow.value += 1
+            si.response_flags.add("UO")
+            self._finish(flush=False)
+            return
+        self.host = host
+        si.upstream_host = host.key
+        self.attempts += 1
+        c.cx_total_active += 1
+        c.st_cx_total.value += 1
+        c.st_cx_active.inc()
+        host.cx_active += 1
+        self.task = self.cfg.loop.create_task(self._do_connect(host))
+
+    async def _do_connect(self, host):
+        c = self.cluster
+        loop = self.cfg.loop
+        up = _Upstream(self)
+        source = c.source_address
+        try:
+            sock = await open_socket(loop, host, c.connect_timeout, source)
+            await loop.create_connection(lambda: up, sock=sock)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.task = None
+            c.cx_total_active -= 1
+            c.st_cx_active.dec()
+            host.cx_active -= 1
+            c.st_cx_connect_fail.value += 1
+            if isinstance(e, asyncio.TimeoutError):
+                c.st_cx_connect_timeout.value += 1
+            if self.closed:
+                return
+            if self.attempts < self.cfg.max_connect_attempts:
+                self._connect()
+                return
+            si = self.conn.stream_info
+            si.response_flags.add("UF")
+            si.upstream_transport_failure_reason = str(e) or "connection timeout"
+            self._finish(flush=False)
+            return
+        self.task = None
+        if self.closed:
+            up.transport.abort()
+            return
+        self.up = up
+        self.connected = True
+        try:
+            la = up.transport.get_extra_info("sockname")
+            self.conn.stream_info.upstream_local_address = "%s:%d" % la[:2]
+        except Exception:
+            pass
+        if self.buf:
+            data = b"".join(self.buf)
+            self.buf = []
+            self.buf_len = 0
+            up.transport.write(data)
+            c.st_cx_tx_bytes.value += len(data)
+            if self.conn.read_disable_count:
+                self.conn.read_disable(False)
+        if self.down_eof:
+            self._upstream_write_eof()
+
+    def on_data(self, data, end_stream):
+        if data:
+            self.cfg.st_rx.value += len(data)
+            self.conn.stream_info.bytes_received += len(data)
+            self.last_activity = self.cfg.loop.time()
+            up = self.up
+            if up is not None and not up.closed:
+                up.transport.write(data)
+                self.cluster.st_cx_tx_bytes.value += len(data)
+            else:
+                self.buf.append(data)
+                self.buf_len += len(data)
+                if self.buf_len > self.conn.listener.buffer_limit and self.conn.read_disable_count == 0:
+                    self.conn.read_disable(True)
+        if end_stream:
+            self.down_eof = True
+            if self.up is not None:
+                self._upstream_write_eof()
+        return STOP
+
+    def _upstream_write_eof(self):
+        up = self.up
+        if up is not None and not up.closed:
+            try:
+                up.transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+        if self.up_eof:
+            self._finish(flush=True)
+
+    def on_close(self, exc):
+        self.closed = True
+        self._cleanup()
+        up = self.up
+        if up is not None and not up.closed:
+            if exc is None:
+                up.transport.close()  # flush what the client sent before it left
+            else:
+                up.transport.abort()
+        self._log()
+
+    # -- upstream events ----------------------------------------------------------------------------
+    def on_upstream_data(self, data):
+        n = len(data)
+        self.cfg.st_tx.value += n
+        self.cluster.st_cx_rx_bytes.value += n
+        self.conn.stream_info.bytes_sent += n
+        self.last_activity = self.cfg.loop.time()
+        self.conn.write(data)
+
+    def on_upstream_eof(self):
+        self.up_eof = True
+        self.conn.write_eof()
+        if self.down_eof:
+            self._finish(flush=True)
+
+    def on_upstream_closed(self):
+        c = self.cluster
+        c.cx_total_active -= 1
+        c.st_cx_active.dec()
+        c.st_cx_destroy.value += 1
+        if self.host is not None:
+            self.host.cx_active -= 1
+        if not self.closed:
+            self._finish(flush=True)
+
+    # -- watermarks from the downstream connection --------------------------------------------------
+    def on_above_write_buffer_high_watermark(self):
+        up = self.up
+        if up is not None and not up.closed:
+            self.cfg.st_paused.value += 1
+            up.transport.pause_reading()
+
+    def on_below_write_buffer_low_watermark(self):
+        up = self.up
+        if up is not None and not up.closed:
+            self.cfg.st_resumed.value += 1
+            up.transport.resume_reading()
+
+    # -- timers / teardown --------------------------------------------------------------------------
+    def _idle_check(self):
+        self.idle_handle = None
+        if self.closed:
+            return
+        loop = self.cfg.loop
+        idle_for = loop.time() - self.last_activity
+        if idle_for >= self.cfg.idle_timeout:
+            self.cfg.st_idle_timeout.value += 1
+            self._finish(flush=True)
+        else:
+            self.idle_handle = loop.call_later(self.cfg.idle_timeout - idle_for, self._idle_check)
+
+    def start_drain(self):
+        pass  # TCP connections are not interrupted by a drain; they close when the drain ends
+
+    def _cleanup(self):
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+    def _finish(self, flush: bool):
+        if self.closed:
+            return
+        self._cleanup()
+        up = self.up
+        if up is not None and not up.closed:
+            if flush:
+                up.transport.close()
+            else:
+                up.transport.abort()
+        self.conn.close(flush=flush)
+
+    def _log(self):
+        if self.cfg.access_logs:
+            si = self.conn.stream_info
+            import time as _t
+            si.end_monotonic = _t.monotonic()
+            for al in self.cfg.access_logs:
+                al.log(si, None, None, None)
+
+
+class _TcpLbContext:
+    __slots__ = ()
+    hash_key = None
+    host_selection_max_attempts = 1
+
+    def should_select_another(self, host):
+        return False

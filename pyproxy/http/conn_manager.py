@@ -1,0 +1,836 @@
+"""HTTP connection manager runtime: one ``HttpConnection`` per downstream connection, one
+``ActiveStream`` per request, whatever the codec.
+
+Codec -> stream: ``decode_headers/data/trailers``, ``on_reset``.
+Stream -> codec: ``encode_headers/data/trailers`` (after the encoder filters).
+Filters iterate first-to-last on decode and last-to-first on encode; a ``STOP`` holds the event
+until the filter calls ``continue_decoding()`` / ``continue_encoding()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from .filter import CONTINUE, STOP
+from .headers import Headers
+from .http1 import Http1ServerCodec, REASONS
+from ..stream_info import StreamInfo
+
+log = logging.getLogger("pyproxy.http")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class HcmStats:
+    __slots__ = (
+        "cx_total", "cx_active", "cx_http1_total", "cx_http1_active", "cx_http2_total",
+        "cx_http2_active", "cx_destroy", "cx_protocol_error", "cx_idle_timeout", "cx_drain_close",
+        "rq_total", "rq_active", "rq_http1_total", "rq_http2_total", "rq_class", "rq_completed",
+        "rq_time", "rq_rx_reset", "rq_tx_reset", "rq_timeout", "rq_idle_timeout", "no_route",
+        "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
+        "rq_header_timeout", "rq_overload_close", "rq_max_duration_reached", "no_cluster",
+        "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete",
+    )
+
+    def __init__(self, store, prefix):
+        s = store.scope("http.%s." % prefix)
+        self.cx_total = s.counter("downstream_cx_total")
+        self.cx_active = s.gauge("downstream_cx_active")
+        self.cx_http1_total = s.counter("downstream_cx_http1_total")
+        self.cx_http1_active = s.gauge("downstream_cx_http1_active")
+        self.cx_http2_total = s.counter("downstream_cx_http2_total")
+        self.cx_http2_active = s.gauge("downstream_cx_http2_active")
+        self.cx_destroy = s.counter("downstream_cx_destroy")
+        self.cx_protocol_error = s.counter("downstream_cx_protocol_error")
+        self.cx_idle_timeout = s.counter("downstream_cx_idle_timeout")
+        self.cx_drain_close = s.counter("downstream_cx_drain_close")
+        self.cx_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
+        self.cx_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
+        self.rq_total = s.counter("downstream_rq_total")
+        self.rq_active = s.gauge("downstream_rq_active")
+        self.rq_http1_total = s.counter("downstream_rq_http1_total")
+        self.rq_http2_total = s.counter("downstream_rq_http2_total")
+        self.rq_class = [None] + [s.counter("downstream_rq_%dxx" % c) for c in range(1, 6)]
+        self.rq_completed = s.counter("downstream_rq_completed")
+        self.rq_time = s.histogram("downstream_rq_time")
+        self.rq_rx_reset = s.counter("downstream_rq_rx_reset")
+        self.rq_tx_reset = s.counter("downstream_rq_tx_reset")
+        self.rq_timeout = s.counter("downstream_rq_timeout")
+        self.rq_idle_timeout = s.counter("downstream_rq_idle_timeout")
+        self.rq_header_timeout = s.counter("downstream_rq_header_timeout")
+        self.rq_too_large = s.counter("downstream_rq_too_large")
+        self.rq_ws_on_non_ws_route = s.counter("downstream_rq_ws_on_non_ws_route")
+        self.rq_overload_close = s.counter("downstream_rq_overload_close")
+        self.rq_max_duration_reached = s.counter("downstream_rq_max_duration_reached")
+        self.rq_response_before_rq_complete = s.counter("downstream_rq_response_before_rq_complete")
+        self.no_route = s.counter("no_route")
+        self.no_cluster = s.counter("no_cluster")
+        self.rq_direct_response = s.counter("rq_direct_response")
+        self.rq_redirect = s.counter("rq_redirect")
+
+
+def _date() -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+
+
+class HttpConnection:
+    """The HCM as a network filter on one downstream connection."""
+
+    __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
+                 "draining", "closed", "is_h2", "protocol")
+
+    def __init__(self, cfg, conn):
+        self.cfg = cfg
+        self.conn = conn
+        self.codec = None
+        self.stats = cfg.stats
+        self.streams = 0
+        self.idle_handle = None
+        self.draining = False
+        self.closed = False
+        self.is_h2 = False
+        self.protocol = "HTTP/1.1"
+
+    # -- network filter API -------------------------------------------------------------------------
+    def on_new_connection(self):
+        st = self.stats
+        st.cx_total.value += 1
+        st.cx_active.inc()
+        ct = self.cfg.codec_type
+        alpn = self.conn.info.application_protocols
+        if ct == 2 or (ct == 0 and alpn and alpn[0] == "h2" and self.conn.ssl is not None):
+            self._make_h2()
+        elif ct == 1:
+            self._make_h1()
+        # AUTO: decided on the first bytes
+        cfg = self.cfg
+        if cfg.idle_timeout:
+            self.last_activity = cfg.loop.time()
+            self.idle_handle = cfg.loop.call_later(cfg.idle_timeout, self._idle_check)
+        return CONTINUE
+
+    def _make_h1(self):
+        st = self.stats
+        st.cx_http1_total.value += 1
+        st.cx_http1_active.inc()
+        self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
+                                      max_headers=self.cfg.max_headers_count)
+
+    def _make_h2(self):
+        from .http2 import Http2ServerCodec
+        st = self.stats
+        st.cx_http2_total.value += 1
+        st.cx_http2_active.inc()
+        self.is_h2 = True
+        self.protocol = "HTTP/2"
+        self.codec = Http2ServerCodec(self.conn, self, self.cfg)
+
+    def on_data(self, data, end_stream):
+        codec = self.codec
+        if codec is None:
+            if not data and end_stream:
+                self.conn.close(flush=True)
+                return STOP
+            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                # not enough bytes to tell yet
+                self._pending_detect(data)
+                return STOP
+            if data.startswith(H2_PREFACE):
+                self._make_h2()
+            else:
+                self._make_h1()
+            codec = self.codec
+        if data:
+            codec.feed(data)
+        if end_stream and not self.closed:
+            codec.on_eof()
+        return STOP
+
+    def _pending_detect(self, data):
+        # rare: the preface arrived split; keep the prefix and decide on the next bytes
+        self.codec = _Detect(self, data)
+
+    def on_close(self, exc):
+        self.closed = True
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        st = self.stats
+        st.cx_active.dec()
+        st.cx_destroy.value += 1
+        if self.is_h2:
+            st.cx_http2_active.dec()
+        elif isinstance(self.codec, Http1ServerCodec):
+            st.cx_http1_active.dec()
+        if self.codec is not None:
+            self.codec.on_close()
+
+    def start_drain(self):
+        """The listener is draining: close when idle, ask clients to go away otherwise."""
+        if self.draining:
+            return
+        self.draining = True
+        self.stats.cx_drain_close.value += 1
+        codec = self.codec
+        if codec is None or (self.streams == 0 and not self.is_h2):
+            self.conn.close(flush=True)
+            return
+        codec.drain_close = True
+        if self.is_h2:
+            codec.go_away()
+
+    # -- codec callbacks ------------------------------------------------------------------------------
+    def new_stream(self, encoder, version):
+        self.streams += 1
+        self.last_activity = self.cfg.loop.time()
+        return ActiveStream(self, encoder, version)
+
+    def stream_done(self):
+        self.streams -= 1
+        self.last_activity = self.cfg.loop.time()
+        if self.draining and self.streams == 0 and not self.is_h2:
+            self.conn.close(flush=True)
+
+    def on_codec_error(self, codec, status: int, details: str):
+        """Malformed request bytes: Envoy's local reply (if nothing was sent yet), then close."""
+        st = self.stats
+        st.cx_protocol_error.value += 1
+        if status == 431:
+            st.rq_too_large.value += 1
+        s = codec.stream
+        if s is not None and not s.response_started:
+            s.send_local_reply(status, REASONS.get(status, "Bad Request"), details, close=True)
+        elif s is None and not codec.closed:
+            body = REASONS.get(status, "Bad Request").encode()
+            head = ("HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\ndate: %s\r\n"
+                    "server: %s\r\nconnection: close\r\n\r\n" % (
+                        status, REASONS.get(status, "Bad Request"), len(body), _date(), self.cfg.server_name))
+            self.conn.write(head.encode() + body)
+            st.rq_class[status // 100].value += 1
+        codec.closed = True
+        self.conn.close(flush=True)
+
+    def _idle_check(self):
+        self.idle_handle = None
+        if self.closed:
+            return
+        cfg = self.cfg
+        now = cfg.loop.time()
+        if self.streams == 0 and now - self.last_activity >= cfg.idle_timeout:
+            self.stats.cx_idle_timeout.value += 1
+            if self.is_h2:
+                self.codec.go_away()
+            self.conn.close(flush=True)
+            return
+        self.idle_handle = cfg.loop.call_later(max(0.05, cfg.idle_timeout - (now - self.last_activity)),
+                                               self._idle_check)
+
+
+class _Detect:
+    """Holds the first bytes of an AUTO connection until HTTP/1 vs HTTP/2 can be told apart."""
+
+    __slots__ = ("hc", "buf", "stream", "closed")
+
+    def __init__(self, hc, buf):
+        self.hc = hc
+        self.buf = buf
+        self.stream = None
+        self.closed = False
+
+    def feed(self, data):
+        buf = self.buf + data
+        hc = self.hc
+        if len(buf) < len(H2_PREFACE) and H2_PREFACE.startswith(buf):
+            self.buf = buf
+            return
+        if buf.startswith(H2_PREFACE):
+            hc._make_h2()
+        else:
+            hc._make_h1()
+        hc.codec.feed(buf)
+
+    def on_eof(self):
+        self.hc.conn.close(flush=True)
+
+    def on_close(self):
+        self.closed = True
+
+
+class ActiveStream:
+    """One request/response exchange through the HTTP filter chain."""
+
+    __slots__ = (
+        "hc", "cfg", "encoder", "stream_info", "request_headers", "response_headers",
+        "response_trailers", "route", "route_table", "filters", "decoder_stopped_at",
+        "decoder_buffer", "encoder_stopped_at", "encoder_buffer", "response_started", "done",
+        "remote_complete", "local_complete", "version", "start", "router", "filter_state",
+        "upstream_watermark_disabled", "last_activity", "idle_handle", "request_timer",
+        "max_duration_timer", "cached_cluster",
+    )
+
+    def __init__(self, hc: HttpConnection, encoder, version):
+        self.hc = hc
+        cfg = self.cfg = hc.cfg
+        self.encoder = encoder
+        conn = hc.conn
+        si = self.stream_info = StreamInfo.__new__(StreamInfo)
+        _init_si(si, conn, version)
+        self.version = version
+        self.request_headers = None
+        self.response_headers = None
+        self.response_trailers = None
+        self.route = None
+        self.route_table = None
+        self.filters = None
+        self.decoder_stopped_at = -1
+        self.decoder_buffer = None
+        self.encoder_stopped_at = -1
+        self.encoder_buffer = None
+        self.response_started = False
+        self.done = False
+        self.remote_complete = False
+        self.local_complete = False
+        self.router = None
+        self.filter_state = None
+        self.upstream_watermark_disabled = False
+        self.idle_handle = None
+        self.request_timer = None
+        self.max_duration_timer = None
+        st = hc.stats
+        st.rq_total.value += 1
+        st.rq_active.inc()
+        if hc.is_h2:
+            st.rq_http2_total.value += 1
+        else:
+            st.rq_http1_total.value += 1
+        loop = cfg.loop
+        if cfg.stream_idle_timeout:
+            self.last_activity = loop.time()
+            self.idle_handle = loop.call_later(cfg.stream_idle_timeout, self._idle_check)
+        if cfg.request_timeout:
+            self.request_timer = loop.call_later(cfg.request_timeout, self._request_timeout)
+        if cfg.max_stream_duration:
+            self.max_duration_timer = loop.call_later(cfg.max_stream_duration, self._max_duration)
+
+    # -- properties filters use ---------------------------------------------------------------------
+    @property
+    def connection(self):
+        return self.hc.conn
+
+    @property
+    def cluster_manager(self):
+        return self.cfg.cluster_manager
+
+    # -- decode path (codec -> filters) ---------------------------------------------------------------
+    def decode_headers(self, headers: Headers, end_stream: bool) -> None:
+        self.request_headers = headers
+        self.remote_complete = end_stream
+        cfg = self.cfg
+        err = self._prepare_request(headers)
+        if err is not None:
+            return
+        # route lookup (filters may clear it and cause a new lookup)
+        self.refresh_route()
+        self.filters = [f.create(self) for f in cfg.decoder_factories]
+        if self.request_timer is not None and end_stream:
+            self.request_timer.cancel()
+            self.request_timer = None
+        self._run_decode_headers(0, headers, end_stream)
+
+    def _prepare_request(self, headers: Headers):
+        cfg = self.cfg
+        si = self.stream_info
+        h = headers._h
+        # headers with underscores
+        if cfg.headers_with_underscores_action:
+            bad = [k for k, _ in h if "_" in k and k[0] != ":"]
+            if bad:
+                if cfg.headers_with_underscores_action == 1:
+                    self.send_local_reply(400, "", "unexpected_underscore", close=True)
+                    return True
+                headers._h = [kv for kv in h if kv[0] not in bad]
+                h = headers._h
+        path = headers.get(":path")
+        if path is not None and path[:1] == "/":
+            if cfg.normalize_path or cfg.merge_slashes:
+                np = _normalize_path(path, cfg.normalize_path, cfg.merge_slashes)
+                if np is None:
+                    self.send_local_reply(400, "", "path_normalization_failed")
+                    return True
+                if np != path:
+                    headers.set(":path", np)
+        if cfg.strip_any_host_port:
+            a = headers.get(":authority", "")
+            if a and not a.endswith("]") and ":" in a:
+                headers.set(":authority", a.rsplit(":", 1)[0])
+        # x-forwarded-for / x-forwarded-proto
+        remote = self.hc.conn.info.src_ip
+        if cfg.use_remote_address:
+            if not cfg.skip_xff_append and remote:
+                xff = headers.get("x-forwarded-for")
+                headers.set("x-forwarded-for", remote if not xff else xff + "," + remote)
+            headers.set("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http")
+        else:
+            if "x-forwarded-proto" not in headers:
+                headers.set("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http")
+        if cfg.via:
+            via = headers.get("via")
+            headers.set("via", cfg.via if not via else via + ", " + cfg.via)
+        # request id
+        rid = headers.get("x-request-id")
+        if cfg.generate_request_id and (rid is None or (cfg.use_remote_address and not cfg.preserve_external_request_id)):
+            rid = str(uuid.uuid4())
+            headers.set("x-request-id", rid)
+        si.request_id = rid or ""
+        return None
+
+    def refresh_route(self):
+        table = self.cfg.routes.table
+        self.route_table = table
+        if table is None:
+            self.route = None
+        else:
+            self.route = table.find(self.request_headers, self.stream_info, _rand32())
+        r = self.route
+        self.stream_info.route_name = r.name if r is not None else ""
+
+    def clear_route_cache(self):
+        self.refresh_route()
+
+    def _run_decode_headers(self, start: int, headers, end_stream) -> None:
+        filters = self.filters
+        n = len(filters)
+        i = start
+        while i < n:
+            if filters[i].decode_headers(headers, end_stream) == STOP:
+                self.decoder_stopped_at = i
+                return
+            if self.done or self.response_started and self.local_complete:
+                return
+            i += 1
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.done:
+            return
+        if end_stream:
+            self.remote_complete = True
+            if self.request_timer is not None:
+                self.request_timer.cancel()
+                self.request_timer = None
+        if self.idle_handle is not None:
+            self.last_activity = self.cfg.loop.time()
+        si = self.stream_info
+        si.bytes_received += len(data)
+        if self.decoder_stopped_at >= 0:
+            buf = self.decoder_buffer
+            if buf is None:
+                buf = self.decoder_buffer = []
+            buf.append(("d", data, end_stream))
+            return
+        filters = self.filters
+        if filters is None:
+            return
+        if len(filters) == 1:
+            filters[0].decode_data(data, end_stream)
+            return
+        for i, f in enumerate(filters):
+            if f.decode_data(data, end_stream) == STOP:
+                # this filter is buffering the body itself; later filters see it when it continues
+                return
+
+    def decode_trailers(self, trailers: Headers) -> None:
+        if self.done:
+            return
+        self.remote_complete = True
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        if self.decoder_stopped_at >= 0:
+            buf = self.decoder_buffer
+            if buf is None:
+                buf = self.decoder_buffer = []
+            buf.append(("t", trailers))
+            return
+        for f in self.filters or ():
+            if f.decode_trailers(trailers) == STOP:
+                return
+
+    def continue_decoding(self) -> None:
+        """A filter that returned STOP lets the request go on."""
+        i = self.decoder_stopped_at
+        if i < 0 or self.done:
+            return
+        self.decoder_stopped_at = -1
+        headers = self.request_headers
+        buffered = self.decoder_buffer
+        self.decoder_buffer = None
+        end_now = self.remote_complete and not buffered
+        self._run_decode_headers(i + 1, headers, end_now)
+        if buffered and self.decoder_stopped_at < 0:
+            for ev in buffered:
+                if self.done:
+                    return
+                if ev[0] == "d":
+                    for f in self.filters:
+                        if f.decode_data(ev[1], ev[2]) == STOP:
+                            break
+                else:
+                    for f in self.filters:
+                        if f.decode_trailers(ev[1]) == STOP:
+                            break
+
+    def on_reset(self, reason: str) -> None:
+        """The downstream went away (or reset the stream)."""
+        if self.done:
+            return
+        self.hc.stats.rq_rx_reset.value += 1
+        si = self.stream_info
+        si.response_flags.add("DC")
+        if not si.response_code_details:
+            si.response_code_details = reason
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        self._finish(reset=True)
+
+    # -- encode path (router/filters -> codec) --------------------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
+        if self.done:
+            return
+        filters = self.filters
+        if filters and len(filters) > 1:
+            start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
+            for i in range(start, -1, -1):
+                f = filters[i]
+                if f.encode_headers(headers, end_stream) == STOP:
+                    self.encoder_stopped_at = i
+                    self.response_headers = headers
+                    return
+        self._send_headers(headers, end_stream)
+
+    def _send_headers(self, headers: Headers, end_stream: bool):
+        cfg = self.cfg
+        self.response_started = True
+        self.response_headers = headers
+        st = cfg.server_transform
+        if st == 0:
+            headers.set("server", cfg.server_name)
+        elif st == 1 and "server" not in headers:
+            headers.set("server", cfg.server_name)
+        if cfg.via:
+            via = headers.get("via")
+            headers.set("via", cfg.via if not via else via + ", " + cfg.via)
+        if cfg.always_set_request_id_in_response and self.stream_info.request_id:
+            headers.set("x-request-id", self.stream_info.request_id)
+        status = headers.get(":status")
+        try:
+            self.stream_info.response_code = int(status)
+        except (TypeError, ValueError):
+            self.stream_info.response_code = 0
+        if self.hc.draining and not self.hc.is_h2:
+            self.encoder.drain_close = True
+        if end_stream:
+            self.local_complete = True
+        self.encoder.encode_headers(headers, end_stream)
+        if end_stream:
+            self._finish()
+
+    def encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
+        if self.done:
+            return
+        if self.encoder_stopped_at >= 0:
+            buf = self.encoder_buffer
+            if buf is None:
+                buf = self.encoder_buffer = []
+            buf.append(("d", data, end_stream))
+            return
+        filters = self.filters
+        if filters and len(filters) > 1:
+            start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
+            for i in range(start, -1, -1):
+                if filters[i].encode_data(data, end_stream) == STOP:
+                    return
+        self.stream_info.bytes_sent += len(data)
+        if self.idle_handle is not None:
+            self.last_activity = self.cfg.loop.time()
+        if end_stream:
+            self.local_complete = True
+        self.encoder.encode_data(data, end_stream)
+        if end_stream:
+            self._finish()
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.done:
+            return
+        if self.encoder_stopped_at >= 0:
+            buf = self.encoder_buffer
+            if buf is None:
+                buf = self.encoder_buffer = []
+            buf.append(("t", trailers))
+            return
+        filters = self.filters
+        if filters and len(filters) > 1:
+            for i in range(len(filters) - 2, -1, -1):
+                if filters[i].encode_trailers(trailers) == STOP:
+                    return
+        self.response_trailers = trailers
+        self.local_complete = True
+        self.encoder.encode_trailers(trailers)
+        self._finish()
+
+    def continue_encoding(self) -> None:
+        i = self.encoder_stopped_at
+        if i < 0 or self.done:
+            return
+        self.encoder_stopped_at = -1
+        headers = self.response_headers
+        buffered = self.encoder_buffer
+        self.encoder_buffer = None
+        end_now = not buffered and self.local_complete
+        filters = self.filters
+        for j in range(i - 1, -1, -1):
+            if filters[j].encode_headers(headers, end_now) == STOP:
+                self.encoder_stopped_at = j
+                self.encoder_buffer = buffered
+                return
+        self._send_headers(headers, end_now and not buffered)
+        for ev in buffered or ():
+            if ev[0] == "d":
+                self.encode_data(ev[1], ev[2], from_filter=i)
+            else:
+                self.encode_trailers(ev[1])
+
+    def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag: str = "",
+                         headers: dict | None = None, close: bool = False, grpc_status: int | None = None) -> None:
+        """Answer from the proxy itself, shaped like Envoy's local replies."""
+        if self.done:
+            return
+        si = self.stream_info
+        si.response_code_details = details
+        if flag:
+            si.response_flags.add(flag)
+        if self.response_started:
+            # too late for a reply: reset the stream
+            self.reset_stream(details)
+            return
+        b = body.encode() if isinstance(body, str) else body
+        req = self.request_headers
+        is_grpc = req is not None and (req.get("content-type") or "").startswith("application/grpc")
+        if is_grpc:
+            h = Headers([(":status", "200"), ("content-type", "application/grpc"),
+                         ("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status))),
+                         ("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))])
+            b = b""
+        else:
+            h = Headers([(":status", str(status))])
+            if b:
+                h.add("content-length", str(len(b)))
+                h.add("content-type", "text/plain")
+        if headers:
+            for k, v in headers.items():
+                h.set(k, v)
+        h.add("date", _date())
+        if close and not self.hc.is_h2:
+            self.encoder.response_close = True
+        r = self.router
+        if r is not None:
+            r.on_local_reply()
+        is_head = req is not None and req.get(":method") == "HEAD"
+        if b and not is_head:
+            self.encode_headers(h, False)
+            self.encode_data(b, True)
+        else:
+            self.encode_headers(h, True)
+
+    def reset_stream(self, reason: str) -> None:
+        if self.done:
+            return
+        self.hc.stats.rq_tx_reset.value += 1
+        self.stream_info.response_code_details = self.stream_info.response_code_details or reason
+        enc = self.encoder
+        self._finish(reset=True)
+        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=False)
+
+    # -- flow control ----------------------------------------------------------------------------------
+    def read_disable(self, disable: bool) -> None:
+        """Stop/start reading the request from downstream (upstream write buffer is full)."""
+        enc = self.encoder
+        rd = getattr(enc, "stream_read_disable", None)
+        if rd is not None:
+            rd(self, disable)
+        else:
+            self.hc.conn.read_disable(disable)
+
+    # -- timers --------------------------------------------------------------------------------------
+    def _idle_check(self):
+        self.idle_handle = None
+        if self.done:
+            return
+        loop = self.cfg.loop
+        idle = loop.time() - self.last_activity
+        t = self.cfg.stream_idle_timeout
+        if idle >= t:
+            self.hc.stats.rq_idle_timeout.value += 1
+            self.stream_info.response_flags.add("SI")
+            r = self.router
+            if r is not None:
+                r.on_downstream_reset()
+            if self.response_started:
+                self.reset_stream("stream_idle_timeout")
+            else:
+                self.send_local_reply(408 if not self.remote_complete else 504, "stream timeout",
+                                      "stream_idle_timeout", close=True)
+            return
+        self.idle_handle = loop.call_later(t - idle, self._idle_check)
+
+    def _request_timeout(self):
+        self.request_timer = None
+        if self.done or self.remote_complete:
+            return
+        self.hc.stats.rq_timeout.value += 1
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        self.send_local_reply(408, "request timeout", "request_overall_timeout", close=True)
+
+    def _max_duration(self):
+        self.max_duration_timer = None
+        if self.done:
+            return
+        self.hc.stats.rq_max_duration_reached.value += 1
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        if self.response_started:
+            self.reset_stream("max_duration_timeout")
+        else:
+            self.send_local_reply(408, "downstream duration timeout", "max_duration_timeout", close=True)
+
+    # -- completion ------------------------------------------------------------------------------------
+    def _finish(self, reset: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        for t in (self.idle_handle, self.request_timer, self.max_duration_timer):
+            if t is not None:
+                t.cancel()
+        self.idle_handle = self.request_timer = self.max_duration_timer = None
+        hc = self.hc
+        st = hc.stats
+        st.rq_active.dec()
+        si = self.stream_info
+        now = time.monotonic()
+        si.end_monotonic = now
+        if not reset:
+            code = si.response_code
+            c = st.rq_class[code // 100] if 0 < code < 600 else None
+            if c is not None:
+                c.value += 1
+            st.rq_completed.value += 1
+            st.rq_time.record((now - si.start_monotonic) * 1000.0)
+            if not self.remote_complete:
+                st.rq_response_before_rq_complete.value += 1
+        filters = self.filters
+        if filters:
+            for f in filters:
+                f.on_destroy()
+        logs = self.cfg.access_logs
+        if logs:
+            for al in logs:
+                al.log(si, self.request_headers, self.response_headers, self.response_trailers)
+        hc.stream_done()
+
+
+def _init_si(si, conn, version):
+    """Fast StreamInfo init for a request (copies connection facts)."""
+    csi = conn.stream_info
+    si.start_time = time.time()
+    si.start_monotonic = time.monotonic()
+    si.end_monotonic = None
+    si.protocol = version
+    si.downstream_remote_address = csi.downstream_remote_address
+    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+    si.downstream_local_address = csi.downstream_local_address
+    si.requested_server_name = csi.requested_server_name
+    si.upstream_host = ""
+    si.upstream_cluster = ""
+    si.upstream_local_address = ""
+    si.upstream_transport_failure_reason = ""
+    si.response_code = 0
+    si.response_code_details = ""
+    si.response_flags = set()
+    si.bytes_received = 0
+    si.bytes_sent = 0
+    si.route_name = ""
+    si.request_id = ""
+    si.first_upstream_rx_byte = None
+    si.last_upstream_rx_byte = None
+    si.first_upstream_tx_byte = None
+    si.last_downstream_tx_byte = None
+    si.connection_id = csi.connection_id
+    si.connection_termination_details = ""
+    si.dynamic_metadata = {}
+    si.filter_state = conn.filter_state
+    si.attempt_count = 0
+    si.virtual_cluster_name = ""
+    si.downstream_tls_version = csi.downstream_tls_version
+    si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+    si.downstream_local_uri_san = csi.downstream_local_uri_san
+
+
+_urand = __import__("random").getrandbits
+
+
+def _rand32() -> int:
+    return _urand(32)
+
+
+def _grpc_status(http_status: int) -> int:
+    # Envoy's HTTP -> gRPC status mapping for local replies
+    return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)
+
+
+def _normalize_path(path: str, normalize: bool, merge: bool):
+    """RFC 3986 dot-segment removal and slash merging on the path part; None if invalid."""
+    p, sep, q = path.partition("?")
+    if merge:
+        while "//" in p:
+            p = p.replace("//", "/")
+    if normalize:
+        if "%" in p:
+            # decode unreserved percent-encodings only (Envoy's normalisation), keep the rest
+            out = []
+            i = 0
+            while i < len(p):
+                c = p[i]
+                if c == "%" and i + 2 < len(p) + 0 and i + 2 <= len(p) - 1:
+                    try:
+                        v = int(p[i + 1:i + 3], 16)
+                    except ValueError:
+                        return None
+                    ch = chr(v)
+                    if ch.isalnum() or ch in "-._~":
+                        out.append(ch)
+                    else:
+                        out.append(p[i:i + 3].upper())
+                    i += 3
+                    continue
+                out.append(c)
+                i += 1
+            p = "".join(out)
+        segs = []
+        for s in p.split("/")[1:]:
+            if s == ".":
+                continue
+            if s == "..":
+                if segs:
+                    segs.pop()
+                continue
+            segs.append(s)
+        trailing = p.endswith("/") or p.endswith("/.") or p.endswith("/..")
+        p = "/" + "/".join(segs)
+        if trailing and not p.endswith("/"):
+            p += "/"
+    return p + sep + q

@@ -1,0 +1,624 @@
+"""HTTP/1.1 codec on httptools (llhttp): server side (downstream) and client side (upstream).
+
+Both sides turn bytes into the same stream events the HTTP/2 codec produces:
+``decode_headers(headers, end_stream)``, ``decode_data(data, end_stream)``, ``decode_trailers``;
+and encode events back into bytes. Header names are lower-cased; ``Host`` becomes ``:authority``.
+
+Strictness follows Envoy: anything ambiguous (CL+TE, repeated or invalid Content-Length, invalid
+chunking, obs-fold, bare LF, NUL/CR in values, oversized headers, invalid methods) is a protocol error
+answered with 400/431 and a closed connection, never forwarded.
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from .headers import Headers
+
+HTTP11 = "HTTP/1.1"
+HTTP10 = "HTTP/1.0"
+
+# Hop-by-hop headers removed when forwarding (Envoy strips these on HTTP/1).
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
+))
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_METHODS = frozenset((
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
+    "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "REPORT", "MKACTIVITY",
+    "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "MKCALENDAR",
+    "LINK", "UNLINK", "ACL", "BIND", "REBIND", "UNBIND", "VERSION-CONTROL", "CHECKIN",
+    "UNCHECKOUT", "MKWORKSPACE", "UPDATE", "LABEL", "BASELINE-CONTROL", "ORDERPATCH",
+    "MKREDIRECTREF", "UPDATEREDIRECTREF",
+))
+
+REASONS = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted",
+    203: "Non-Authoritative Information", 204: "No Content", 205: "Reset Content",
+    206: "Partial Content", 300: "Multiple Choices", 301: "Moved Permanently", 302: "Found",
+    303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout", 409: "Conflict",
+    410: "Gone", 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 421: "Misdirected Request", 422: "Unprocessable Entity",
+    425: "Too Early", 426: "Upgrade Required", 428: "Precondition Required",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+_STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
+
+
+def status_line(code: int) -> bytes:
+    s = _STATUS_LINES.get(code)
+    if s is None:
+        s = ("HTTP/1.1 %d %s\r\n" % (code, REASONS.get(code, "Unknown"))).encode()
+    return s
+
+
+class ProtocolError(Exception):
+    """A request or response that must not be forwarded. ``status`` is what the client gets."""
+
+    def __init__(self, status: int, details: str):
+        super().__init__(details)
+        self.status = status
+        self.details = details
+
+
+def _check_value(v: bytes) -> None:
+    if b"\x00" in v or b"\r" in v or b"\n" in v:
+        raise ProtocolError(400, "http1.invalid_characters")
+
+
+def _new_request_parser(proto):
+    p = httptools.HttpRequestParser(proto)
+    return p
+
+
+def _new_response_parser(proto):
+    return httptools.HttpResponseParser(proto)
+
+
+def encode_headers_block(headers: Headers, skip=HOP_BY_HOP) -> list:
+    """Regular (non-pseudo) headers as ``name: value\\r\\n`` byte strings, hop-by-hop removed."""
+    out = []
+    for k, v in headers._h:
+        if k[0] == ":" or k in skip:
+            continue
+        out.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
+    return out
+
+
+class Http1ServerCodec:
+    """Downstream HTTP/1.1: parses requests, hands them to ``conn_manager`` as streams.
+
+    Requests are served one at a time in order (pipelined requests wait, with reading paused).
+    """
+
+    __slots__ = (
+        "conn", "manager", "parser", "url", "hdrs", "header_bytes", "max_header_bytes",
+        "max_headers", "stream", "request_complete", "pending", "cur_events", "chunked",
+        "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
+        "response_chunked", "response_head_done", "response_close", "method", "tunnel",
+        "expect_continue", "headers_done", "drain_close",
+    )
+
+    def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100):
+        self.conn = conn  # the downstream Connection (write, close, read_disable)
+        self.manager = manager  # HttpConnectionManager runtime (new_stream)
+        self.parser = _new_request_parser(self)
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.stream = None  # the ActiveStream being served
+        self.pending = None  # list of event lists for pipelined requests waiting their turn
+        self.cur_events = None  # when buffering a pipelined request: its events
+        self.closed = False
+        self.tunnel = False
+        self.drain_close = False
+        self._reset_request()
+
+    def _reset_request(self):
+        self.url = b""
+        self.hdrs = []
+        self.header_bytes = 0
+        self.chunked = False
+        self.content_length = None
+        self.te_seen = False
+        self.upgrade = False
+        self.request_complete = False
+        self.headers_done = False
+        self.expect_continue = False
+
+    # -- bytes in ---------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self.tunnel:
+            self.stream.decode_data(data, False)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as u:
+            off = u.args[0]
+            rest = data[off:]
+            self.tunnel = True
+            if rest and self.stream is not None:
+                self.stream.decode_data(rest, False)
+        except ProtocolError as e:
+            self.protocol_error(e.status, e.details)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, ProtocolError):
+                self.protocol_error(cause.status, cause.details)
+            else:
+                raise (cause or e)
+        except httptools.HttpParserInvalidMethodError:
+            self.protocol_error(400, "http1.codec_error")
+        except httptools.HttpParserError as e:
+            details = "http1.codec_error"
+            msg = str(e)
+            if "Content-Length" in msg or "Transfer-Encoding" in msg:
+                details = "http1.content_length_and_chunked_not_allowed" if "Transfer" in msg else "http1.content_length_not_allowed"
+            self.protocol_error(400, details)
+
+    def protocol_error(self, status: int, details: str) -> None:
+        """Bad request bytes: answer (if nothing was answered yet) and close."""
+        if self.closed:
+            return
+        self.manager.on_codec_error(self, status, details)
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self):
+        self._reset_request()
+
+    def on_url(self, url: bytes):
+        self.header_bytes += len(url)
+        if self.header_bytes > self.max_header_bytes:
+            raise ProtocolError(431, "http1.headers_too_large")
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes):
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > self.max_header_bytes:
+            raise ProtocolError(431, "http1.headers_too_large")
+        if len(self.hdrs) >= self.max_headers:
+            raise ProtocolError(431, "http1.too_many_headers")
+        _check_value(value)
+        n = name.lower()
+        if n == b"content-length":
+            v = value.strip()
+            if not v.isdigit() or len(v) > 18:
+                raise ProtocolError(400, "http1.invalid_content_length")
+            if self.content_length is not None:
+                raise ProtocolError(400, "http1.multiple_content_length")
+            self.content_length = int(v)
+        elif n == b"transfer-encoding":
+            if self.te_seen:
+                raise ProtocolError(400, "http1.invalid_transfer_encoding")
+            self.te_seen = True
+            if value.strip().lower() != b"chunked":
+                raise ProtocolError(501, "http1.invalid_transfer_encoding")
+            self.chunked = True
+        elif n == b"expect":
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+                return
+        self.hdrs.append((n.decode("latin-1"), value.strip().decode("latin-1")))
+
+    def on_headers_complete(self):
+        p = self.parser
+        if self.chunked and self.content_length is not None:
+            raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
+        method = p.get_method().decode("latin-1")
+        if method not in _METHODS:
+            raise ProtocolError(400, "http1.codec_error")
+        version = p.get_http_version()
+        self.version = HTTP10 if version == "1.0" else HTTP11
+        self.keep_alive = p.should_keep_alive()
+        self.upgrade = p.should_upgrade()
+        h = [(":method", method)]
+        authority = None
+        rest = []
+        for kv in self.hdrs:
+            if kv[0] == "host":
+                if authority is not None:
+                    raise ProtocolError(400, "http1.codec_error")
+                authority = kv[1]
+            else:
+                rest.append(kv)
+        url = self.url.decode("latin-1")
+        if method == "CONNECT":
+            h.append((":authority", url))
+        else:
+            if url[:1] != "/" and url != "*":
+                # absolute-form: take the path and authority out of it
+                scheme, sep, remainder = url.partition("://")
+                if not sep:
+                    raise ProtocolError(400, "http1.codec_error")
+                host, slash, path = remainder.partition("/")
+                authority = authority or host
+                url = "/" + path
+            h.append((":scheme", "http"))
+            h.append((":path", url))
+            if authority is None:
+                if self.version == HTTP11:
+                    raise ProtocolError(400, "missing_host_header")
+                authority = ""
+            h.append((":authority", authority))
+        h.extend(rest)
+        headers = Headers(h)
+        self.headers_done = True
+        has_body = self.chunked or (self.content_length or 0) > 0 or (self.upgrade and method != "CONNECT") or method == "CONNECT"
+        if self.stream is not None or self.pending is not None:
+            # pipelined: wait for the current response to finish
+            ev = [("h", headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)]
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(ev)
+            self.cur_events = ev
+            self.conn.read_disable(True)
+            return
+        self._start_stream(headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)
+
+    def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
+        self.response_head_done = False
+        self.response_chunked = False
+        self.response_close = not keep_alive
+        self.method = headers._h[0][1]
+        s = self.stream = self.manager.new_stream(self, version)
+        if expect_continue:
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.decode_headers(headers, end_stream)
+
+    def on_body(self, body: bytes):
+        if self.cur_events is not None:
+            self.cur_events.append(("d", body))
+            return
+        s = self.stream
+        if s is not None:
+            s.decode_data(body, False)
+
+    def on_message_complete(self):
+        self.request_complete = True
+        if self.cur_events is not None:
+            self.cur_events.append(("e",))
+            self.cur_events = None
+            return
+        s = self.stream
+        if s is not None and (self.chunked or (self.content_length or 0) > 0):
+            s.decode_data(b"", True)
+
+    # -- response encoding (called by the stream) ----------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        status = int(headers._h[0][1]) if headers._h and headers._h[0][0] == ":status" else int(headers.get(":status", "200"))
+        if status == 100:
+            return  # Envoy answers Expect itself; upstream 100s are not forwarded
+        parts = [status_line(status)]
+        cl = None
+        upgrade = False
+        for k, v in headers._h:
+            if k[0] == ":":
+                continue
+            if k == "content-length":
+                cl = v
+            elif k in HOP_BY_HOP:
+                if k == "upgrade" and status == 101:
+                    upgrade = True
+                    parts.append(("upgrade: %s\r\n" % v).encode("latin-1"))
+                    continue
+                if k == "connection" and status == 101:
+                    parts.append(b"connection: upgrade\r\n")
+                continue
+            parts.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
+        if status == 101 or upgrade:
+            self.tunnel = True
+        elif self.method == "CONNECT" and 200 <= status < 300:
+            self.tunnel = True
+        elif cl is not None:
+            parts.append(("content-length: %s\r\n" % cl).encode())
+        elif end_stream:
+            if status not in (204, 304) and status >= 200 and self.method != "HEAD":
+                parts.append(b"content-length: 0\r\n")
+        elif self.method != "HEAD" and status not in (204, 304):
+            if self.version == HTTP11:
+                self.response_chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.response_close = True
+        if self.drain_close or (self.response_close and not self.tunnel):
+            self.response_close = True
+            parts.append(b"connection: close\r\n")
+        elif self.version == HTTP10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.response_head_done = True
+        self.conn.write(b"".join(parts))
+        if end_stream:
+            self._response_complete()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.response_chunked:
+            if data:
+                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if end_stream:
+                self.conn.write(b"0\r\n\r\n")
+        elif data:
+            self.conn.write(data)
+        if end_stream:
+            self._response_complete()
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.response_chunked:
+            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            self.response_chunked = False
+        self._response_complete()
+
+    def _response_complete(self) -> None:
+        if self.tunnel:
+            self.conn.close(flush=True)
+            return
+        self.stream = None
+        if self.response_close or not self.request_complete:
+            # request not fully read: the connection cannot be reused safely
+            self.conn.close(flush=True)
+            return
+        if self.pending:
+            self._replay_pending()
+
+    def _replay_pending(self) -> None:
+        while self.pending and self.stream is None:
+            ev = self.pending.pop(0)
+            _, headers, end_stream, version, keep_alive, upgrade, expect = ev[0]
+            self._start_stream(headers, end_stream, version, keep_alive, upgrade, expect)
+            s = self.stream
+            for e in ev[1:]:
+                if s is not self.stream or self.closed:
+                    break
+                if e[0] == "d":
+                    s.decode_data(e[1], False)
+                elif e[0] == "e" and not end_stream:
+                    s.decode_data(b"", True)
+        if not self.pending:
+            self.pending = None
+            if not self.closed:
+                self.conn.read_disable(False)
+
+    # -- connection events ------------------------------------------------------------------------
+    def on_close(self) -> None:
+        self.closed = True
+        s = self.stream
+        if s is not None:
+            self.stream = None
+            s.on_reset("downstream_remote_disconnect")
+
+    def on_eof(self) -> None:
+        """The client half-closed. A tunnel forwards the half-close; otherwise close when idle."""
+        if self.tunnel and self.stream is not None:
+            self.stream.decode_data(b"", True)
+            return
+        if self.stream is None:
+            self.conn.close(flush=True)
+        else:
+            self.request_complete = self.request_complete or not self.headers_done
+            self.response_close = True
+
+
+class Http1ClientCodec:
+    """Upstream HTTP/1.1 on one connection: one request at a time.
+
+    ``decoder`` is the router's upstream request (``on_upstream_headers/data/trailers/reset``).
+    """
+
+    __slots__ = (
+        "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
+        "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
+        "pending_upgrade", "response_header_bytes",
+    )
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.parser = _new_response_parser(self)
+        self.decoder = None
+        self.tunnel = False
+        self.complete = True
+
+    def start(self, decoder) -> None:
+        self.decoder = decoder
+        self.hdrs = []
+        self.trailers = None
+        self.status = 0
+        self.head_request = False
+        self.chunked_request = False
+        self.keep_alive = True
+        self.resp_headers_sent = False
+        self.complete = False
+        self.pending_upgrade = False
+        self.response_header_bytes = 0
+
+    # -- request encoding ---------------------------------------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        method = path = authority = None
+        parts = []
+        cl = None
+        upgrade = None
+        for k, v in headers._h:
+            if k[0] == ":":
+                if k == ":method":
+                    method = v
+                elif k == ":path":
+                    path = v
+                elif k == ":authority":
+                    authority = v
+                continue
+            if k == "content-length":
+                cl = v
+                continue
+            if k in HOP_BY_HOP:
+                if k == "upgrade":
+                    upgrade = v
+                elif k == "te" and v.lower() == "trailers":
+                    parts.append(b"te: trailers\r\n")
+                continue
+            parts.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
+        self.head_request = method == "HEAD"
+        if method == "CONNECT":
+            start = ("CONNECT %s HTTP/1.1\r\nhost: %s\r\n" % (authority, authority)).encode("latin-1")
+            self.pending_upgrade = True
+        else:
+            start = ("%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, authority or "")).encode("latin-1")
+        if upgrade is not None:
+            parts.append(("upgrade: %s\r\nconnection: upgrade\r\n" % upgrade).encode("latin-1"))
+            self.pending_upgrade = True
+        if cl is not None:
+            parts.append(("content-length: %s\r\n" % cl).encode())
+        elif not end_stream and upgrade is None and method != "CONNECT":
+            self.chunked_request = True
+            parts.append(b"transfer-encoding: chunked\r\n")
+        elif end_stream and method in ("POST", "PUT", "PATCH"):
+            parts.append(b"content-length: 0\r\n")
+        parts.append(b"\r\n")
+        self.conn.write(start + b"".join(parts))
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.chunked_request:
+            if data:
+                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if end_stream:
+                self.conn.write(b"0\r\n\r\n")
+                self.chunked_request = False
+        else:
+            if data:
+                self.conn.write(data)
+            if end_stream and self.tunnel:
+                self.conn.write_eof()
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.chunked_request:
+            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            self.chunked_request = False
+
+    # -- response parsing ---------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self.tunnel:
+            d = self.decoder
+            if d is not None:
+                d.on_upstream_data(data, False)
+            return
+        if self.decoder is None:
+            # bytes with no request outstanding: the connection is unusable
+            self.conn.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as u:
+            rest = data[u.args[0]:]
+            self.tunnel = True
+            if rest and self.decoder is not None:
+                self.decoder.on_upstream_data(rest, False)
+        except (httptools.HttpParserError, ProtocolError) as e:
+            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
+            if isinstance(cause, ProtocolError) or not isinstance(e, httptools.HttpParserCallbackError):
+                self.conn.on_protocol_error("upstream protocol error: %s" % e)
+            else:
+                raise cause
+        if self.head_request and self.resp_headers_sent and not self.complete:
+            # llhttp cannot be told a response answers HEAD; finish here and start afresh
+            self.parser = _new_response_parser(self)
+            self.on_message_complete()
+
+    def on_message_begin(self):
+        self.hdrs = []
+        self.trailers = None
+
+    def on_status(self, status: bytes):
+        pass
+
+    def on_header(self, name: bytes, value: bytes):
+        self.response_header_bytes += len(name) + len(value)
+        if self.response_header_bytes > 80 * 1024:
+            raise ProtocolError(502, "upstream headers too large")
+        if self.resp_headers_sent:
+            # trailers of a chunked response
+            if self.trailers is None:
+                self.trailers = []
+            self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))
+            return
+        self.hdrs.append((name.lower().decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self):
+        p = self.parser
+        status = p.get_status_code()
+        if status < 200 and status != 101:
+            self.hdrs = []
+            return  # 1xx interim responses are consumed here
+        self.status = status
+        self.keep_alive = p.should_keep_alive()
+        h = [(":status", str(status))]
+        h.extend(self.hdrs)
+        headers = Headers(h)
+        end = False
+        if self.head_request or status in (204, 304):
+            end = True
+        elif status != 101:
+            cl = headers.get("content-length")
+            if cl == "0":
+                end = True
+        self.resp_headers_sent = True
+        if end:
+            self.complete = True
+        d = self.decoder
+        if d is not None:
+            d.on_upstream_headers(headers, end)
+        if end and status != 101:
+            self._finish()
+
+    def on_body(self, body: bytes):
+        d = self.decoder
+        if d is not None:
+            d.on_upstream_data(body, False)
+
+    def on_message_complete(self):
+        if self.complete and not self.resp_headers_sent:
+            return
+        if self.status and self.status < 200 and self.status != 101:
+            return
+        if not self.resp_headers_sent:
+            return  # an interim (1xx) response
+        was_complete = self.complete
+        self.complete = True
+        d = self.decoder
+        if d is not None and not was_complete:
+            if self.trailers:
+                d.on_upstream_trailers(Headers(self.trailers))
+            else:
+                d.on_upstream_data(b"", True)
+            self._finish()
+
+    def _finish(self):
+        self.decoder = None
+        self.conn.on_response_complete(self.keep_alive)
+
+    def on_close(self, reason: str) -> None:
+        d = self.decoder
+        self.decoder = None
+        if d is None:
+            return
+        if self.tunnel:
+            d.on_upstream_data(b"", True)
+            return
+        if self.resp_headers_sent and not self.complete:
+            # close-delimited body: EOF ends it (unless a length was promised)
+            try:
+                self.parser.feed_data(b"")
+            except Exception:
+                pass
+            if self.status and not self.hdrs_have_length():
+                d.on_upstream_data(b"", True)
+                return
+        d.on_upstream_reset(reason)
+
+    def hdrs_have_length(self) -> bool:
+        for k, v in self.hdrs:
+            if k == "content-length" or (k == "transfer-encoding"):
+                return True
+        return False

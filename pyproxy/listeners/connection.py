@@ -1,0 +1,289 @@
+"""A downstream connection: listener filters, filter-chain selection, network filters.
+
+accept -> (original destination hand-off) -> listener filters (may peek at the first bytes)
+-> filter-chain match -> network filters (read filters first to last) -> the terminal filter
+(tcp_proxy or http_connection_manager) which writes back through ``write()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import struct
+
+from ..stream_info import StreamInfo
+from .chain_match import ConnInfo, select_chain
+
+log = logging.getLogger("pyproxy.connection")
+
+_ids = itertools.count(1)
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+
+CONTINUE, STOP = 0, 1
+
+
+def original_dst(sock) -> tuple[str, int] | None:
+    """The pre-NAT destination of a connection redirected by iptables, or None."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            port = struct.unpack_from("!H", raw, 2)[0]
+            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            if ip.startswith("::ffff:"):
+                ip = ip[7:]
+            return ip, port
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return socket.inet_ntoa(raw[4:8]), port
+    except OSError:
+        return None
+
+
+class DownstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "manager", "listener", "active", "transport", "chain", "filters", "on_data_cb", "closed",
+        "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
+        "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
+        "filter_state", "ssl",
+    )
+
+    def __init__(self, manager, active_listener):
+        self.manager = manager
+        self.active = active_listener  # ActiveListener (stats, connections set)
+        self.listener = active_listener.config
+        self.transport = None
+        self.chain = None
+        self.filters = ()
+        self.on_data_cb = None
+        self.closed = False
+        self.read_disable_count = 0
+        self.watermark_cbs = []
+        self.close_cbs = []
+        self.inspect_buf = None
+        self.inspectors = None
+        self.inspect_timer = None
+        self.id = next(_ids)
+        self.write_paused = False
+        self.half_closed_local = False
+        self.sock = None
+        self.filter_state = {}
+        self.ssl = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        lim = self.listener.buffer_limit
+        transport.set_write_buffer_limits(high=lim, low=lim // 2)
+        sock = self.sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        info = self.info = ConnInfo()
+        if isinstance(peer, tuple):
+            info.src_ip, info.src_port = peer[0], peer[1]
+            info.direct_src_ip = peer[0]
+        if isinstance(local, tuple):
+            info.dst_ip, info.dst_port = local[0], local[1]
+        si = self.stream_info = StreamInfo(_fmt_addr(info.src_ip, info.src_port),
+                                           _fmt_addr(info.dst_ip, info.dst_port), connection_id=self.id)
+        si.protocol = ""
+        self.active.on_connection(self)
+        if self.listener.use_original_dst and sock is not None:
+            od = original_dst(sock)
+            if od is not None:
+                info.dst_ip, info.dst_port = od
+                si.downstream_local_address = _fmt_addr(*od)
+                target = self.manager.find_original_dst_listener(od[0], od[1])
+                if target is not None and target is not self.active:
+                    # hand off: the connection now belongs to the listener for its destination
+                    self.active.on_connection_gone(self)
+                    self.active = target
+                    self.listener = target.config
+                    target.on_connection(self, handed_off=True)
+        self._run_listener_filters()
+
+    def _run_listener_filters(self):
+        lfs = self.listener.listener_filters
+        inspectors = []
+        for lf in lfs:
+            r = lf.factory.on_accept(self)
+            if r is STOP:
+                inspectors.append(lf.factory)
+        if inspectors:
+            self.inspectors = inspectors
+            self.inspect_buf = b""
+            t = self.listener.filters_timeout
+            if t:
+                self.inspect_timer = asyncio.get_running_loop().call_later(t, self._inspect_timeout)
+            return
+        self._select_chain()
+
+    def _inspect_timeout(self):
+        self.inspect_timer = None
+        if self.closed:
+            return
+        if self.listener.continue_on_filters_timeout:
+            buf, self.inspect_buf, self.inspectors = self.inspect_buf, None, None
+            self._select_chain()
+            if buf and not self.closed:
+                self.on_data_cb(buf, False)
+        else:
+            self.active.st_listener_filter_timeout.value += 1 if hasattr(self.active, "st_listener_filter_timeout") else 0
+            self.close(flush=False)
+
+    def _inspect(self, data: bytes, eof: bool):
+        self.inspect_buf += data
+        buf = self.inspect_buf
+        remaining = []
+        for f in self.inspectors:
+            if f.on_data(self, buf, eof) is STOP:
+                remaining.append(f)
+        if remaining and not eof and len(buf) < 64 * 1024:
+            self.inspectors = remaining
+            return
+        if self.inspect_timer is not None:
+            self.inspect_timer.cancel()
+            self.inspect_timer = None
+        self.inspectors = None
+        self.inspect_buf = None
+        self._select_chain()
+        if not self.closed:
+            if buf:
+                self.on_data_cb(buf, False)
+            if eof and not self.closed:
+                self.on_data_cb(b"", True)
+
+    def _select_chain(self):
+        lst = self.listener
+        if lst.chain_matcher is not None:
+            chain = lst.chain_matcher(self.info)
+        else:
+            chain = select_chain(lst.chains, self.info) if lst.chains else None
+        if chain is None:
+            chain = lst.default_chain
+        if chain is None:
+            self.active.st_no_filter_chain.value += 1
+            self.close(flush=False)
+            return
+        self.chain = chain
+        self.stream_info.requested_server_name = self.info.server_name
+        filters = self.filters = [f.create(self) for f in chain.filter_factories]
+        for f in filters:
+            if f.on_new_connection() is STOP:
+                break
+        if self.closed:
+            return
+        if len(filters) == 1:
+            self.on_data_cb = filters[0].on_data
+        else:
+            self.on_data_cb = self._iterate_filters
+
+    def _iterate_filters(self, data, end_stream):
+        for f in self.filters:
+            if f.on_data(data, end_stream) is STOP:
+                return
+
+    def data_received(self, data):
+        self.active.st_rx_bytes.value += len(data)
+        if self.inspectors is not None:
+            self._inspect(data, False)
+            return
+        cb = self.on_data_cb
+        if cb is not None:
+            cb(data, False)
+
+    def eof_received(self):
+        if self.inspectors is not None:
+            self._inspect(b"", True)
+        elif self.on_data_cb is not None:
+            self.on_data_cb(b"", True)
+        return not self.closed
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.inspect_timer is not None:
+            self.inspect_timer.cancel()
+            self.inspect_timer = None
+        self.active.on_connection_gone(self)
+        for f in self.filters:
+            try:
+                f.on_close(exc)
+            except Exception:  # one filter's bug must not leak the others
+                log.exception("filter on_close failed")
+        cbs, self.close_cbs = self.close_cbs, []
+        for cb in cbs:
+            cb()
+
+    def pause_writing(self):
+        self.write_paused = True
+        for cb in self.watermark_cbs:
+            cb.on_above_write_buffer_high_watermark()
+
+    def resume_writing(self):
+        self.write_paused = False
+        for cb in self.watermark_cbs:
+            cb.on_below_write_buffer_low_watermark()
+
+    # -- API for filters ----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.active.st_tx_bytes.value += len(data)
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if not self.closed and not self.half_closed_local:
+            self.half_closed_local = True
+            try:
+                self.transport.write_eof()
+            except (OSError, RuntimeError):
+                self.close(flush=False)
+
+    def close(self, flush: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        t = self.transport
+        if t is None:
+            return
+        if flush:
+            t.close()
+        else:
+            t.abort()
+
+    def read_disable(self, disable: bool) -> None:
+        """Reference-counted: reading resumes when every disabler has enabled again."""
+        if disable:
+            self.read_disable_count += 1
+            if self.read_disable_count == 1 and not self.closed:
+                self.transport.pause_reading()
+        else:
+            if self.read_disable_count == 0:
+                return
+            self.read_disable_count -= 1
+            if self.read_disable_count == 0 and not self.closed:
+                self.transport.resume_reading()
+
+    def add_watermark_callbacks(self, cb) -> None:
+        self.watermark_cbs.append(cb)
+
+    def remove_watermark_callbacks(self, cb) -> None:
+        try:
+            self.watermark_cbs.remove(cb)
+        except ValueError:
+            pass
+
+    @property
+    def remote_address(self) -> str:
+        return self.stream_info.downstream_remote_address
+
+    @property
+    def local_address(self) -> str:
+        return self.stream_info.downstream_local_address
+
+
+def _fmt_addr(ip: str, port: int) -> str:
+    if ":" in ip:
+        return "[%s]:%d" % (ip, port)
+    return "%s:%d" % (ip, port)

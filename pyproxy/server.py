@@ -1,0 +1,379 @@
+"""The server: wires bootstrap, cluster and listener managers, admin, xDS, signals and drain.
+
+This is the top of the import graph (the process layer); nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+
+from . import __version__
+from .cluster.manager import ClusterManager
+from .config import ConfigError
+from .listeners.manager import ListenerManager
+from .stats import Store
+
+log = logging.getLogger("pyproxy.main")
+
+LIVE, DRAINING, PRE_INITIALIZING, INITIALIZING = 0, 1, 2, 3
+STATE_NAMES = {LIVE: "LIVE", DRAINING: "DRAINING", PRE_INITIALIZING: "PRE_INITIALIZING",
+               INITIALIZING: "INITIALIZING"}
+
+
+class FactoryContext:
+    """What extension factories get at config time."""
+
+    __slots__ = ("server", "loop", "stats", "cluster_manager", "listener", "route_provider")
+
+    def __init__(self, server):
+        self.server = server
+        self.loop = server.loop
+        self.stats = server.stats
+        self.cluster_manager = server.cluster_manager
+        self.listener = None
+        self.route_provider = server.route_provider
+
+
+class Options:
+    """Command-line options, as Envoy names them (for /server_info)."""
+
+    def __init__(self, **kw):
+        self.config_path = ""
+        self.config_yaml = ""
+        self.mode = "serve"
+        self.concurrency = 1
+        self.log_level = "info"
+        self.component_log_level = ""
+        self.log_format = None
+        self.log_path = None
+        self.drain_time_s = 600
+        self.drain_strategy = "gradual"
+        self.parent_shutdown_time_s = 900
+        self.local_address_ip_version = "v4"
+        self.file_flush_interval_msec = 10000
+        self.disable_hot_restart = False
+        self.allow_unknown_static_fields = False
+        self.reject_unknown_dynamic_fields = False
+        self.base_id = 0
+        self.service_cluster = ""
+        self.service_node = ""
+        self.service_zone = ""
+        self.skip_deprecated_logs = False
+        self.admin_address_path = ""
+        self.__dict__.update(kw)
+
+
+class Server:
+    def __init__(self, bootstrap, options: Options, loop=None):
+        self.bootstrap = bootstrap
+        self.options = options
+        self.loop = loop or asyncio.get_event_loop()
+        sc = bootstrap.stats_config
+        tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
+        use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
+        self.stats = Store(tags, use_default_tags=use_default)
+        self.cluster_manager = ClusterManager(self.loop, self.stats)
+        self.route_providers = {}
+        self.listener_manager = ListenerManager(
+            self.loop, self.stats, lambda: FactoryContext(self), drain_time=options.drain_time_s)
+        self.state = INITIALIZING
+        self.start_time = time.time()
+        self.admin = None
+        self.xds = None
+        self.healthcheck_failed = False
+        self.exit_future = None
+        self.node = bootstrap.node
+        if options.service_cluster:
+            self.node.cluster = options.service_cluster
+        if options.service_node:
+            self.node.id = options.service_node
+        s = self.stats
+        self.st_state = s.gauge("server.state", accumulate=False)
+        self.st_live = s.gauge("server.live", accumulate=False)
+        self.st_uptime = s.gauge("server.uptime", accumulate=False)
+        self.st_concurrency = s.gauge("server.concurrency", accumulate=False)
+        self.st_mem = s.gauge("server.memory_allocated", accumulate=False)
+        self.st_heap = s.gauge("server.memory_heap_size", accumulate=False)
+        self.st_total_connections = s.gauge("server.total_connections", accumulate=False)
+        self.st_version = s.gauge("server.version", accumulate=False)
+        self.st_days_cert = s.gauge("server.days_until_first_cert_expiring", accumulate=False)
+        self.st_hot_restart_epoch = s.gauge("server.hot_restart_epoch", accumulate=False)
+        self.st_init_time = s.histogram("server.initialization_time_ms")
+        self.st_state.set(INITIALIZING)
+        self.st_live.set(0)
+        self.st_concurrency.set(1)
+        self.st_days_cert.set(2147483647)
+        self.st_hot_restart_epoch.set(0)
+        self._stats_timer = None
+        self.access_flush_interval = max(0.05, options.file_flush_interval_msec / 1000.0)
+
+    # -- routes (RDS providers are owned by the xDS layer; inline routes need nothing here) ----------
+    def route_provider(self, rds, stat_prefix):
+        from .xds_glue import route_provider
+        return route_provider(self, rds, stat_prefix)
+
+    # -- static config ------------------------------------------------------------------------------
+    def compile_static(self):
+        """Compile every static cluster and listener (no sockets); raises ConfigError on the first bad one."""
+        sr = self.bootstrap.static_resources
+        clusters = []
+        names = set()
+        for i, c in enumerate(sr.clusters):
+            if c.name in names:
+                raise ConfigError("cluster manager: duplicate cluster '%s' found" % c.name)
+            names.add(c.name)
+            clusters.append(self.cluster_manager.build(c, added_via_api=False))
+        for c in clusters:
+            self.cluster_manager.add_or_update(c)
+        listeners = []
+        names = set()
+        for i, l in enumerate(sr.listeners):
+            if l.name in names:
+                raise ConfigError("error adding listener: '%s' has duplicate name" % l.name)
+            names.add(l.name)
+            listeners.append(self.listener_manager.build(l, added_via_api=False))
+        for l in listeners:
+            self.listener_manager.check_bindable(l)
+        self._validate_bootstrap_extensions()
+        return listeners
+
+    def _validate_bootstrap_extensions(self):
+        from .config.registry import REGISTRY
+        bs = self.bootstrap
+        for i, e in enumerate(bs.bootstrap_extensions):
+            f, cfg = REGISTRY.resolve("bootstrap", e.name, e.typed_config, is_optional=False,
+                                      what="bootstrap extension")
+            if f is None:
+                log.info("bootstrap extension '%s': %s", e.name, cfg)
+        for i, m in enumerate(bs.overload_manager.resource_monitors):
+            f, cfg = REGISTRY.resolve("resource_monitor", m.name, m.typed_config, what="resource monitor")
+            if f is None:
+                log.info("resource monitor '%s': %s", m.name, cfg)
+
+    async def start(self):
+        from . import extensions  # noqa: F401 (registers built-in extensions)
+        t0 = time.monotonic()
+        listeners = self.compile_static()
+        for l in listeners:
+            await self.listener_manager.add_or_update(l)
+        await self._start_admin()
+        dr = self.bootstrap.dynamic_resources
+        if dr.HasField("ads_config") or dr.HasField("cds_config") or dr.HasField("lds_config"):
+            from .xds_glue import start_xds
+            self.xds = await start_xds(self)
+        self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
+        from .access_log import start_flusher
+        start_flusher(self.loop, self.access_flush_interval)
+        self._wait_initialized(t0)
+
+    def _wait_initialized(self, t0):
+        def check():
+            if self.state != INITIALIZING:
+                return
+            if self.xds is not None and not self.xds.initial_done():
+                self.loop.call_later(0.05, check)
+                return
+            if self.cluster_manager.warming:
+                self.loop.call_later(0.05, check)
+                return
+            self.st_init_time.record((time.monotonic() - t0) * 1000)
+            self._go_live()
+        check()
+
+    def _go_live(self):
+        self.state = LIVE
+        self.st_state.set(LIVE)
+        self.st_live.set(1)
+        self.listener_manager.start_workers()
+        log.info("all clusters initialized. initializing init manager; starting workers")
+
+    async def _start_admin(self):
+        a = self.bootstrap.admin
+        if not a.HasField("address"):
+            return
+        from .admin.server import start_admin
+        from .admin_context import ServerAdminContext
+        sa = a.address.socket_address
+        pipe = a.address.pipe.path if a.address.HasField("pipe") else None
+        access_logs = None
+        if a.access_log:
+            from .access_log import build_access_logs
+            access_logs = build_access_logs(a.access_log)
+        try:
+            self.admin = await start_admin(ServerAdminContext(self), sa.address or "127.0.0.1",
+                                           sa.port_value, uds_path=pipe, access_logs=access_logs)
+        except OSError as e:
+            raise ConfigError("cannot bind admin address %s:%d: %s" % (sa.address, sa.port_value, e.strerror or e))
+        path = self.options.admin_address_path
+        if path:
+            with open(path, "w") as f:
+                f.write("%s:%d\n" % (sa.address or "127.0.0.1", self.admin.port))
+        log.info("admin address: %s:%d", sa.address, self.admin.port)
+
+    def _refresh_server_stats(self):
+        self.st_uptime.set(int(time.time() - self.start_time))
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.st_mem.set(rss)
+        self.st_heap.set(rss)
+        self.st_total_connections.set(self.listener_manager.active_connections())
+        self._stats_timer = self.loop.call_later(1.0, self._refresh_server_stats)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def install_signal_handlers(self):
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, self.shutdown_gracefully)
+        loop.add_signal_handler(signal.SIGINT, self.shutdown_gracefully)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)
+
+    def reopen_logs(self):
+        from .access_log import reopen_all
+        reopen_all()
+
+    def shutdown_gracefully(self):
+        """SIGTERM: stop accepting, let in-flight requests finish (bounded by the drain time), exit 0."""
+        if self.state == DRAINING:
+            self.quit()
+            return
+        log.warning("caught SIGTERM; draining listeners for up to %ss", self.options.drain_time_s)
+        self.state = DRAINING
+        self.st_state.set(DRAINING)
+        lm = self.listener_manager
+        lm.drain_listeners(inbound_only=False, graceful=False)
+        if lm.active_connections() == 0:
+            self.quit()
+            return
+        lm.drain_callbacks.append(self.quit)
+        self.loop.call_later(self.options.drain_time_s, self.quit)
+
+    def drain_listeners(self, inbound_only: bool, graceful: bool, skip_exit: bool = True):
+        if not inbound_only:
+            self.state = DRAINING
+            self.st_state.set(DRAINING)
+        self.listener_manager.drain_listeners(inbound_only=inbound_only, graceful=graceful)
+
+    def quit(self):
+        if self.exit_future is not None and not self.exit_future.done():
+            self.exit_future.set_result(0)
+
+    async def run_until_exit(self) -> int:
+        self.exit_future = self.loop.create_future()
+        rc = await self.exit_future
+        await self.close()
+        return rc
+
+    async def close(self):
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+        self.listener_manager.close_all()
+        if self.xds is not None:
+            await self.xds.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        from .access_log import flush_all
+        flush_all()
+        self.cluster_manager.close()
+
+    # -- admin views ----------------------------------------------------------------------------------
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+    def server_info(self) -> dict:
+        from google.protobuf import json_format
+        o = self.options
+        up = int(time.time() - self.start_time)
+        return {
+            "version": "%s/%s/Clean/RELEASE/pyproxy" % (_VERSION_HASH, __version__),
+            "state": self.state_name(),
+            "hot_restart_version": "disabled",
+            "command_line_options": {
+                "base_id": str(o.base_id), "concurrency": o.concurrency,
+                "config_path": o.config_path, "config_yaml": o.config_yaml,
+                "allow_unknown_static_fields": o.allow_unknown_static_fields,
+                "reject_unknown_dynamic_fields": o.reject_unknown_dynamic_fields,
+                "log_level": o.log_level, "component_log_level": o.component_log_level,
+                "log_format": o.log_format or "", "log_path": o.log_path or "",
+                "service_cluster": o.service_cluster, "service_node": o.service_node,
+                "service_zone": o.service_zone, "mode": "Serve" if o.mode == "serve" else "Validate",
+                "disable_hot_restart": o.disable_hot_restart,
+                "drain_time": "%ds" % o.drain_time_s, "parent_shutdown_time": "%ds" % o.parent_shutdown_time_s,
+                "drain_strategy": "Immediate" if o.drain_strategy == "immediate" else "Gradual",
+                "file_flush_interval": "%.3fs" % (o.file_flush_interval_msec / 1000.0),
+                "local_address_ip_version": o.local_address_ip_version,
+            },
+            "node": json_format.MessageToDict(self.node, preserving_proto_field_name=True),
+            "uptime_current_epoch": "%ds" % up,
+            "uptime_all_epochs": "%ds" % up,
+        }
+
+    def config_dump(self, resource: str | None = None, include_eds: bool = False) -> dict:
+        from google.protobuf import json_format
+        bs = json_format.MessageToDict(self.bootstrap, preserving_proto_field_name=True)
+        configs = [{"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+                    "bootstrap": bs, "last_updated": _ts(self.start_time)},
+                   self.cluster_manager.config_dump(),
+                   self.listener_manager.config_dump()]
+        from .xds_glue import routes_config_dump, secrets_config_dump, endpoints_config_dump
+        configs.append(routes_config_dump(self))
+        if include_eds:
+            configs.append(endpoints_config_dump(self))
+        configs.append(secrets_config_dump(self))
+        if resource:
+            out = []
+            for c in configs:
+                v = c.get(resource)
+                if isinstance(v, list):
+                    for item in v:
+                        item = dict(item)
+                        out.append(item)
+            return {"configs": out}
+        return {"configs": configs}
+
+
+_VERSION_HASH = "0000000000000000000000000000000000000000"
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".000Z"
+
+
+def install_uvloop():
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency, but stay runnable
+        log.warning("uvloop not available; using the default asyncio loop")
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(bootstrap, options: Options) -> int:
+    loop = install_uvloop()
+    asyncio.set_event_loop(loop)
+    server = Server(bootstrap, options, loop)
+    try:
+        loop.run_until_complete(server.start())
+    except ConfigError as e:
+        log.critical("error initializing configuration '%s': %s", options.config_path, e)
+        try:
+            loop.run_until_complete(server.close())
+        except Exception:
+            pass
+        return 1
+    server.install_signal_handlers()
+    try:
+        rc = loop.run_until_complete(server.run_until_exit())
+    finally:
+        loop.close()
+    log.info("exiting")
+    sys.stdout.flush()
+    return rc
