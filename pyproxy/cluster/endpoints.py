@@ -121,12 +121,9 @@ def build_priority_set(cla, *, resolve_hostnames: bool = False, resolved: dict |
             priorities.append([])
             localities.append({})
         loc = (lle.locality.region, lle.locality.zone, lle.locality.sub_zone)
-        lweight = 0
-        if lle.HasField("load_balancing_weight"):
-            lweight = lle.load_balancing_weight.value
-            if lweight < 1:
-                raise ConfigError("value must be greater than or equal to 1",
-                                  lf + ".load_balancing_weight")
+        # Envoy's proto validation rejects an explicit 0; config dumps (Istio's testdata) carry
+        # it for "unset", so 0 is read as unset (never chosen under locality weighting).
+        lweight = lle.load_balancing_weight.value if lle.HasField("load_balancing_weight") else 0
         # The same locality may appear more than once; Envoy keeps the last weight.
         localities[prio][loc] = lweight
         if sum(localities[prio].values()) > _U32_MAX:
