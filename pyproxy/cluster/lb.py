@@ -815,6 +815,13 @@ def create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
     ``*_lb_config``, and ``common_lb_config``. Raises ``ConfigError`` for unsupported policies and
     invalid combinations (ORIGINAL_DST needs CLUSTER_PROVIDED and vice versa).
     """
+    try:
+        return _create_lb(cluster, priority_set)
+    except ConfigError as e:
+        raise e.within(resource="cluster '%s'" % cluster.name)
+
+
+def _create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
     ctype = cluster.type if cluster.WhichOneof("cluster_discovery_type") != "cluster_type" else None
     locality_weighted = None
     fail_on_panic = None
@@ -860,9 +867,6 @@ def create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
             fail_on_panic = clc.zone_aware_lb_config.fail_traffic_on_panic
         if _has(clc, "zone_aware_lb_config"):
             _warn_once("zone-aware routing")
-    try:
-        return LoadBalancer(policy, priority_set, panic_threshold=panic,
-                            locality_weighted=bool(locality_weighted),
-                            fail_traffic_on_panic=bool(fail_on_panic))
-    except ConfigError as e:
-        raise e.within(resource="cluster '%s'" % cluster.name)
+    return LoadBalancer(policy, priority_set, panic_threshold=panic,
+                        locality_weighted=bool(locality_weighted),
+                        fail_traffic_on_panic=bool(fail_on_panic))
