@@ -193,7 +193,9 @@ class RoundRobin(Policy):
 
     def picker(self, hosts, weights=None):
         nxt = weighted_cycle(hosts, [h.weight for h in hosts])
-        return lambda ctx: nxt()
+        pick = lambda ctx: nxt()  # noqa: E731
+        pick.direct = nxt  # zero-argument form, called straight from choose()
+        return pick
 
 
 class Random(Policy):
@@ -624,15 +626,26 @@ class LoadBalancer:
             def pick(ctx, _t=table, _r=_random):
                 return _t[int(_r() * 100)](ctx)
         self._pick = pick
+        direct = getattr(pick, "direct", None)
 
-        def choose(ctx=None):
-            h = pick(ctx)
-            if ctx is None or h is None:
-                return h
-            n = ctx.host_selection_max_attempts
-            if n <= 1 or not ctx.should_select_another(h):
-                return h
-            return _retry(ctx, n, h)
+        if direct is not None:
+            def choose(ctx=None):
+                h = direct()
+                if ctx is None:
+                    return h
+                n = ctx.host_selection_max_attempts
+                if n <= 1 or not ctx.should_select_another(h):
+                    return h
+                return _retry(ctx, n, h)
+        else:
+            def choose(ctx=None):
+                h = pick(ctx)
+                if ctx is None or h is None:
+                    return h
+                n = ctx.host_selection_max_attempts
+                if n <= 1 or not ctx.should_select_another(h):
+                    return h
+                return _retry(ctx, n, h)
 
         def _retry(ctx, n, h):
             orig = ctx.hash_key
