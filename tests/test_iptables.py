@@ -3,6 +3,7 @@ namespaces, clean-up, bad input, and real traffic capture (SO_ORIGINAL_DST, TPRO
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -601,3 +602,32 @@ def test_tproxy_inbound_capture(netns_env):
     assert connect(peer, pod_ip, 15021) == ["15021", f"{pod_ip}:15021", f"{pod_ip}:15021"]
     # Outbound still uses REDIRECT to 15001.
     assert connect(pod, peer_ip, 7070, uid=1000)[:2] == ["15001", f"{peer_ip}:7070"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The namespace helper itself
+# ---------------------------------------------------------------------------------------------
+
+def test_netns_helper_cleans_up_everything():
+    require_netns()
+    from tests.netns import NetnsEnv
+    with NetnsEnv() as env:
+        a = env.netns("a")
+        a_ip, host_ip = env.veth(a)  # namespace <-> host
+        host_if = env.last_veth[1]
+        assert a_ip.startswith("198.1") and host_ip.startswith("198.1")
+        assert ",UP," in a.run(["ip", "link", "show", "lo"]).stdout
+        # A background process as uid 1000 in the namespace, reachable from the host over the veth.
+        code = ("import os, socket, sys; s = socket.create_server((sys.argv[1], 7000)); "
+                "print(os.getuid(), flush=True); c, _ = s.accept(); c.sendall(b'hi'); c.close()")
+        proc = env.spawn(a, [sys.executable, "-c", code, a_ip], uid=1000)
+        assert wait_for_line(proc) == "1000"
+        with socket.create_connection((a_ip, 7000), timeout=5) as c:
+            c.settimeout(5)
+            assert c.recv(10) == b"hi"
+        sleeper = env.spawn(a, ["sleep", "60"])
+        names = [ns.name for ns in env.namespaces]
+    assert proc.poll() is not None and sleeper.poll() is not None
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(n in listed for n in names)
+    assert subprocess.run(["ip", "link", "show", host_if], capture_output=True).returncode != 0
