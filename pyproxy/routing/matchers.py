@@ -1,7 +1,8 @@
 """Compiled ``StringMatcher``, ``HeaderMatcher`` and ``QueryParameterMatcher``.
 
 Each compiles once into a small object whose ``match`` is a handful of string operations. The
-semantics follow Envoy: several values of one header are joined with ``,`` before matching; a
+semantics follow Envoy 1.40 (checked against the binary): a header sent several times matches when any one of its
+values matches (``invert_match`` then negates that); a
 missing header only satisfies ``present_match: false`` (or an inverted matcher asking for presence)
 unless ``treat_missing_header_as_empty``; a query parameter matches on its first value.
 """
@@ -67,7 +68,7 @@ def compile_string_matcher(m, field: str = "string_match") -> StringMatcher:
 
 
 def headers_value(headers, name: str):
-    """All values of ``name`` joined with ',' (Envoy's rule), or None when absent."""
+    """All values of ``name`` joined with ',', or None when absent."""
     vals = None
     for k, v in headers.items():
         if k == name:
@@ -87,30 +88,36 @@ class HeaderMatcher:
                  "sm", "regex")
 
     def match(self, headers) -> bool:
-        value = headers_value(headers, self.name)
-        if value is None:
+        name = self.name
+        found = False
+        for k, v in headers.items():
+            if k == name:
+                found = True
+                if self._match_value(v):
+                    return not self.invert
+        if not found:
             if not self.missing_as_empty:
                 if self.invert:
                     return self.kind == _PRESENT and self.present
                 return self.kind == _PRESENT and not self.present
-            value = ""
+            return self._match_value("") != self.invert
+        return self.invert
+
+    def _match_value(self, value: str) -> bool:
         kind = self.kind
         if kind == _STRING:
-            r = self.sm.match(value)
-        elif kind == _VALUE:
-            r = not self.value or value == self.value
-        elif kind == _PRESENT:
-            r = self.present
-        elif kind == _REGEX:
-            r = self.regex.fullmatch(value) is not None
-        else:
-            try:
-                iv = int(value.strip())
-            except ValueError:
-                r = False
-            else:
-                r = self.start <= iv < self.end
-        return r != self.invert
+            return self.sm.match(value)
+        if kind == _VALUE:
+            return not self.value or value == self.value
+        if kind == _PRESENT:
+            return self.present
+        if kind == _REGEX:
+            return self.regex.fullmatch(value) is not None
+        try:
+            iv = int(value.strip())
+        except ValueError:
+            return False
+        return self.start <= iv < self.end
 
     def __repr__(self):
         return "HeaderMatcher(%s)" % self.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config.errors import ConfigError
 from ..config.util import duration_s, u32
 from .hashing import xxh64_str
-from .matchers import compile_header_matcher, headers_value, parse_query
+from .matchers import compile_header_matcher, parse_query
 from .regex import compile_re2, re2_substitution
 
 _M64 = 0xFFFFFFFFFFFFFFFF
