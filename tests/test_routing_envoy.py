@@ -376,3 +376,113 @@ def test_rejections_agree_with_envoy():
         assert not ok, "envoy accepted %s" % rc["name"]
         with pytest.raises(ConfigError):
             compile_route_config(_route_config_proto(rc))
+
+
+def _redir(match, name, **kw):
+    return {"match": match, "name": name, "redirect": kw}
+
+
+REDIRECT_RC = {"name": "redir", "virtual_hosts": [{
+    "name": "d", "domains": ["*"],
+    "response_headers_to_add": [
+        {"header": {"key": "x-a", "value": "vhost"}},
+        {"header": {"key": "x-o", "value": "vhost"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        {"header": {"key": "x-abs", "value": "vhost"}, "append_action": "ADD_IF_ABSENT"},
+        {"header": {"key": "x-ow", "value": "vhost"}, "append_action": "OVERWRITE_IF_EXISTS"},
+    ],
+    "routes": [
+        _redir({"prefix": "/r1"}, "r1", https_redirect=True),
+        _redir({"prefix": "/r2"}, "r2", host_redirect="new.example", port_redirect=8443),
+        _redir({"prefix": "/r3"}, "r3", path_redirect="/newpath"),
+        _redir({"prefix": "/r4"}, "r4", path_redirect="/np?a=1", strip_query=True),
+        _redir({"prefix": "/r5/old"}, "r5", prefix_rewrite="/new"),
+        _redir({"prefix": "/r6"}, "r6", regex_rewrite={"pattern": {"regex": "^/r6/(\\w+)/x$"},
+                                                        "substitution": "/\\1/y"},
+               response_code="PERMANENT_REDIRECT"),
+        _redir({"prefix": "/r7"}, "r7", scheme_redirect="https", strip_query=True,
+               response_code="SEE_OTHER"),
+        _redir({"prefix": "/r8"}, "r8", port_redirect=9000, response_code="TEMPORARY_REDIRECT"),
+        _redir({"path": "/r9"}, "r9", prefix_rewrite="/whole", response_code="FOUND"),
+        {"match": {"prefix": "/hdr"}, "name": "hdr",
+         "direct_response": {"status": 200, "body": {"inline_string": "hdr"}},
+         "response_headers_to_add": [
+             {"header": {"key": "x-a", "value": "route"}},
+             {"header": {"key": "x-o", "value": "route"}},
+             {"header": {"key": "x-abs", "value": "route"}, "append_action": "ADD_IF_ABSENT"},
+             {"header": {"key": "x-ow", "value": "route"}},
+             {"header": {"key": "x-empty", "value": ""}},
+             {"header": {"key": "x-keep", "value": ""}, "keep_empty_value": True},
+             {"header": {"key": "x-old", "value": "old"}, "append": False},
+             {"header": {"key": "x-fmt", "value": "%REQ(x-in)%|%PROTOCOL%|%%"}},
+             {"header": {"key": "x-fmt-missing", "value": "%REQ(x-nope)%"}},
+         ],
+         "response_headers_to_remove": ["x-rc"]},
+    ]}],
+    "response_headers_to_add": [
+        {"header": {"key": "x-a", "value": "rc"}},
+        {"header": {"key": "x-o", "value": "rc"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        {"header": {"key": "x-rc", "value": "rc"}},
+    ],
+}
+
+REDIRECT_CASES = [
+    ("h", "/r1", {}), ("h:80", "/r1?x=1", {}), ("h:8080", "/r1", {}),
+    ("h:443", "/r1", {"x-forwarded-proto": "https"}), ("[::1]:80", "/r1", {}),
+    ("h", "/r2/a?b", {}), ("h:81", "/r2", {}),
+    ("h", "/r3?keep=1", {}), ("h", "/r3", {}),
+    ("h", "/r4?drop=1", {}),
+    ("h", "/r5/old/rest?q=1", {}), ("h", "/r5/oldx", {}),
+    ("h", "/r6/abc/x?z", {}), ("h", "/r6/abc/y", {}),
+    ("h:80", "/r7?q=1", {}), ("h", "/r7", {"x-forwarded-proto": "https"}),
+    ("h:1234", "/r8/p", {}), ("h", "/r8", {}),
+    ("h", "/r9?a=b", {}),
+]
+
+
+def test_redirects_and_response_headers_match_envoy():
+    from pyproxy.routing import REDIRECT
+    from pyproxy.stream_info import StreamInfo
+    table = compile_route_config(_route_config_proto(REDIRECT_RC))
+    with tempfile.TemporaryDirectory() as tmp:
+        e = Envoy(_envoy_bootstrap(REDIRECT_RC), tmp)
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", e.port, timeout=5)
+            bad = []
+            for host, path, hdrs in REDIRECT_CASES:
+                conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+                conn.putheader("Host", host)
+                for k, v in hdrs.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+                r = conn.getresponse()
+                r.read()
+                want = (r.status, r.getheader("location"))
+                h = Headers([(":method", "GET"), (":scheme", "http"), (":authority", host),
+                             (":path", path)] + list(hdrs.items()))
+                h.set_default("x-forwarded-proto", "http")  # what the HCM adds
+                entry = table.find(h)
+                assert entry is not None and entry.kind == REDIRECT
+                got = (entry.redirect_status, entry.redirect_location(h))
+                if want != got:
+                    bad.append((host, path, hdrs, want, got))
+            assert not bad, "\n".join("%s %s %s: envoy=%s pyproxy=%s" % b for b in bad)
+
+            # response header mutations on a direct response: route, then vhost, then config
+            conn.putrequest("GET", "/hdr", skip_host=True, skip_accept_encoding=True)
+            conn.putheader("Host", "h")
+            conn.putheader("x-in", "IN")
+            conn.endheaders()
+            r = conn.getresponse()
+            r.read()
+            want = [(k.lower(), v) for k, v in r.getheaders() if k.lower().startswith("x-")]
+            conn.close()
+        finally:
+            e.stop()
+    req = Headers([(":method", "GET"), (":authority", "h"), (":path", "/hdr"), ("x-in", "IN")])
+    entry = table.find(req)
+    resp = Headers([(":status", "200"), ("x-old", "upstream")])
+    si = StreamInfo()
+    entry.finalize_response_headers(resp, si, None, request_headers=req)
+    got = [(k, v) for k, v in resp.items() if k.startswith("x-")]
+    # x-old from "upstream" is overwritten (append: false) and moves to the end, as in Envoy
+    assert want == got

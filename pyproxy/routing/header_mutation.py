@@ -60,7 +60,9 @@ class HeaderMutation:
                 (overwrite if overwrite is not None else (overwrite := [])).append((name, value))
         if overwrite:
             for name, value in overwrite:
-                headers.set(name, value)
+                # Envoy's set = remove + append: the header moves to the end
+                headers.remove(name)
+                headers.add(name, value)
         if append:
             for name, value in append:
                 headers.add(name, value)
