@@ -1,0 +1,108 @@
+"""``*_headers_to_add`` / ``*_headers_to_remove`` compiled once, applied per request.
+
+Envoy's rules (HeaderParser):
+- removals first, then additions;
+- each value is a ``%COMMAND%`` format (missing values are empty); an empty result is skipped unless
+  ``keep_empty_value``;
+- ``append_action``: APPEND_IF_EXISTS_OR_ADD (default) adds another value; ADD_IF_ABSENT adds only if
+  the header was absent before this set of mutations; OVERWRITE_IF_EXISTS_OR_ADD replaces;
+  OVERWRITE_IF_EXISTS replaces only an existing header. The deprecated ``append`` bool maps to
+  APPEND_IF_EXISTS_OR_ADD (true) / OVERWRITE_IF_EXISTS_OR_ADD (false);
+- all overwrites are applied before all appends;
+- ``:``-prefixed pseudo-headers and ``host`` may not be added or removed.
+"""
+
+from __future__ import annotations
+
+from ..config.errors import ConfigError
+from ..formatter import compile_format
+
+APPEND_IF_EXISTS_OR_ADD = 0
+ADD_IF_ABSENT = 1
+OVERWRITE_IF_EXISTS_OR_ADD = 2
+OVERWRITE_IF_EXISTS = 3
+
+
+def _modifiable(name: str) -> bool:
+    return bool(name) and name[0] != ":" and name != "host"
+
+
+class HeaderMutation:
+    """One compiled (to_add, to_remove) set. ``apply(headers, stream_info, req, resp, trailers)``."""
+
+    __slots__ = ("remove", "add", "empty")
+
+    def __init__(self, to_add=(), to_remove=()):
+        self.remove = tuple(to_remove)
+        # (name, formatter | None, literal value, action, keep_empty)
+        self.add = tuple(to_add)
+        self.empty = not self.remove and not self.add
+
+    def apply(self, headers, si=None, rq=None, rs=None, rt=None) -> None:
+        for name in self.remove:
+            headers.remove(name)
+        if not self.add:
+            return
+        overwrite = None
+        append = None
+        for name, fmt, lit, action, keep_empty in self.add:
+            value = lit if fmt is None else fmt.format(si, rq, rs, rt)
+            if not value and not keep_empty:
+                continue
+            if action == APPEND_IF_EXISTS_OR_ADD:
+                (append if append is not None else (append := [])).append((name, value))
+            elif action == ADD_IF_ABSENT:
+                if name not in headers:
+                    (append if append is not None else (append := [])).append((name, value))
+            elif action == OVERWRITE_IF_EXISTS and name not in headers:
+                continue
+            else:
+                (overwrite if overwrite is not None else (overwrite := [])).append((name, value))
+        if overwrite:
+            for name, value in overwrite:
+                # Envoy's set = remove + append: the header moves to the end
+                headers.remove(name)
+                headers.add(name, value)
+        if append:
+            for name, value in append:
+                headers.add(name, value)
+
+
+def compile_header_mutation(to_add, to_remove, field_prefix: str) -> HeaderMutation:
+    """``to_add``: repeated HeaderValueOption; ``to_remove``: repeated string."""
+    adds = []
+    for i, opt in enumerate(to_add):
+        f = "%s_headers_to_add[%d]" % (field_prefix, i)
+        h = opt.header
+        name = h.key.lower()
+        if not name:
+            raise ConfigError("header key is required", f + ".header.key")
+        if not _modifiable(name):
+            raise ConfigError(":-prefixed or host headers may not be modified", f + ".header.key")
+        raw = h.value if h.value or not h.raw_value else h.raw_value.decode("utf-8", "replace")
+        if opt.HasField("append"):
+            if opt.append_action != APPEND_IF_EXISTS_OR_ADD:
+                raise ConfigError("Both append and append_action are set and it's not allowed", f)
+            action = APPEND_IF_EXISTS_OR_ADD if opt.append.value else OVERWRITE_IF_EXISTS_OR_ADD
+        else:
+            action = opt.append_action
+        try:
+            fmt = compile_format(raw, omit_empty_values=True)
+        except ConfigError as e:
+            raise e.within(field=f + ".header.value")
+        if fmt.is_literal:
+            lit, fmt = fmt.format(None), None
+        else:
+            lit = ""
+        adds.append((name, fmt, lit, action, opt.keep_empty_value))
+    removes = []
+    for i, name in enumerate(to_remove):
+        n = name.lower()
+        if not _modifiable(n):
+            raise ConfigError(":-prefixed or host headers may not be removed",
+                              "%s_headers_to_remove[%d]" % (field_prefix, i))
+        removes.append(n)
+    return HeaderMutation(adds, removes)
+
+
+EMPTY = HeaderMutation()

@@ -1,0 +1,663 @@
+"""One compiled route: its match and its action (forward, direct response or redirect)."""
+
+from __future__ import annotations
+
+from ..config.errors import ConfigError
+from ..config.util import duration_s, u32
+from .header_mutation import compile_header_mutation
+from .matchers import (compile_header_matcher, compile_query_matcher, parse_query)
+from .policies import combine_hashes, compile_hash_policy, compile_retry_policy
+from .regex import compile_re2, re2_substitution
+
+ROUTE = 0
+DIRECT_RESPONSE = 1
+REDIRECT = 2
+
+DEFAULT_TIMEOUT = 15.0
+
+# path match kinds
+P_PREFIX, P_PATH, P_REGEX, P_SEP_PREFIX, P_CONNECT = range(5)
+
+_DENOMINATORS = (100, 10000, 1000000)
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+def check_fields(msg, allowed: frozenset, what: str) -> None:
+    """``ConfigError`` naming the first set field of ``msg`` not in ``allowed``."""
+    for fd, _ in msg.ListFields():
+        if fd.name not in allowed:
+            raise ConfigError("%s.%s is not supported" % (what, fd.name), fd.name)
+
+
+_ROUTE_FIELDS = frozenset({
+    "name", "match", "route", "redirect", "direct_response", "metadata", "decorator",
+    "typed_per_filter_config", "request_headers_to_add", "request_headers_to_remove",
+    "response_headers_to_add", "response_headers_to_remove", "tracing",
+    "per_request_buffer_limit_bytes", "stat_prefix", "request_body_buffer_limit",
+})
+_MATCH_FIELDS = frozenset({
+    "prefix", "path", "safe_regex", "connect_matcher", "path_separated_prefix", "case_sensitive",
+    "runtime_fraction", "headers", "query_parameters", "grpc",
+})
+_ACTION_FIELDS = frozenset({
+    "cluster", "cluster_header", "weighted_clusters", "cluster_not_found_response_code",
+    "metadata_match", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
+    "auto_host_rewrite", "host_rewrite_header", "host_rewrite_path_regex",
+    "append_x_forwarded_host", "timeout", "idle_timeout", "flush_timeout", "early_data_policy",
+    "retry_policy", "request_mirror_policies", "priority", "rate_limits", "include_vh_rate_limits",
+    "hash_policy", "cors", "max_grpc_timeout", "grpc_timeout_offset", "upgrade_configs",
+    "internal_redirect_policy", "internal_redirect_action", "max_internal_redirects",
+    "hedge_policy", "max_stream_duration",
+})
+_CW_FIELDS = frozenset({
+    "name", "cluster_header", "weight", "metadata_match", "request_headers_to_add",
+    "request_headers_to_remove", "response_headers_to_add", "response_headers_to_remove",
+    "typed_per_filter_config", "host_rewrite_literal",
+})
+
+
+def _strip_query(path: str) -> str:
+    q = path.find("?")
+    if q >= 0:
+        path = path[:q]
+    h = path.find("#")
+    if h >= 0:
+        path = path[:h]
+    return path
+
+
+def _is_grpc(headers) -> bool:
+    ct = headers.get("content-type")
+    if not ct or not ct.startswith("application/grpc"):
+        return False
+    return len(ct) == 16 or ct[16] in "+;"
+
+
+def _metadata_dict(md) -> dict:
+    from google.protobuf import json_format
+    return json_format.MessageToDict(md)
+
+
+class ClusterChoice:
+    """One entry of ``weighted_clusters`` with its own header mutations and filter configs."""
+
+    __slots__ = ("name", "cluster_header", "weight", "request_mutation", "response_mutation",
+                 "typed_per_filter_config", "host_rewrite_literal", "metadata_match")
+
+    def __repr__(self):
+        return "ClusterChoice(%s, %d)" % (self.name or self.cluster_header, self.weight)
+
+
+class MirrorPolicy:
+    __slots__ = ("cluster", "cluster_header", "numerator", "denominator", "host_rewrite_literal")
+
+    def sampled(self, random_value: int) -> bool:
+        return random_value % self.denominator < self.numerator
+
+
+class RouteEntry:
+    """A compiled route. Immutable after ``compile_route``; read by the router per request."""
+
+    __slots__ = (
+        # identity
+        "name", "vhost_name", "vhost", "kind", "stat_prefix",
+        # match
+        "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
+        # forward
+        "cluster", "cluster_header", "weighted", "total_weight", "weight_header", "weight_by_hash",
+        "cluster_not_found_response_code", "metadata_match", "timeout", "idle_timeout",
+        "retry", "hash_policies", "max_stream_duration", "grpc_timeout_header_max",
+        "grpc_timeout_header_offset", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
+        "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
+        "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
+        "include_request_attempt_count", "include_attempt_count_in_response",
+        "per_request_buffer_limit_bytes", "typed_per_filter_config", "metadata",
+        # header mutations (ordered, non-empty only)
+        "_req_mutations", "_resp_mutations",
+        # direct response / redirect
+        "direct_status", "_direct_body", "redirect_status", "_redirect",
+    )
+
+    # -- matching (hot path) -------------------------------------------------------------------
+    def matches(self, headers, path, path_nq, lpath_nq, is_connect, random_value, qcache) -> bool:
+        k = self.p_kind
+        if k == P_CONNECT:
+            if not is_connect:
+                return False
+        elif is_connect or path is None:
+            return False
+        elif k == P_PREFIX:
+            if not (lpath_nq if self.p_ci else path_nq).startswith(self.p_value):
+                return False
+        elif k == P_PATH:
+            if (lpath_nq if self.p_ci else path_nq) != self.p_value:
+                return False
+        elif k == P_REGEX:
+            if self.p_value.fullmatch(path_nq) is None:
+                return False
+        else:
+            p = lpath_nq if self.p_ci else path_nq
+            v = self.p_value
+            if not (p == v or (p.startswith(v) and p[len(v)] == "/")):
+                return False
+        if self.runtime is not None:
+            if random_value % self.runtime[1] >= self.runtime[0]:
+                return False
+        if self.grpc_only and not _is_grpc(headers):
+            return False
+        if self.header_matchers:
+            for m in self.header_matchers:
+                if not m.match(headers):
+                    return False
+        if self.query_matchers:
+            q = qcache[0]
+            if q is None:
+                q = qcache[0] = parse_query(path or "")
+            for m in self.query_matchers:
+                if not m.match(q):
+                    return False
+        return True
+
+    # -- cluster selection ---------------------------------------------------------------------
+    def select_cluster(self, headers, random_value: int = 0, source_ip=None, stream_info=None):
+        """``(cluster name, ClusterChoice | None)``; the name is "" when ``cluster_header`` is
+        missing from the request."""
+        if self.cluster:
+            return self.cluster, None
+        if self.cluster_header:
+            return headers.get(self.cluster_header) or "", None
+        if not self.weighted:
+            return "", None
+        value = random_value
+        if self.weight_header:
+            hv = headers.get(self.weight_header)
+            if hv is not None:
+                try:
+                    value = int(hv)
+                except ValueError:
+                    pass
+        elif self.weight_by_hash:
+            h = self.hash_key(headers, source_ip, stream_info)
+            if h is not None:
+                value = h
+        selected = value % self.total_weight
+        end = 0
+        for cw in self.weighted:
+            end += cw.weight
+            if selected < end:
+                if cw.name:
+                    return cw.name, cw
+                return headers.get(cw.cluster_header) or "", cw
+        cw = self.weighted[-1]
+        return (cw.name or headers.get(cw.cluster_header) or ""), cw
+
+    def hash_key(self, headers, source_ip=None, stream_info=None):
+        """The request's hash for ring-hash/maglev, or None (no policy produced one)."""
+        if not self.hash_policies:
+            return None
+        return combine_hashes(self.hash_policies, headers, source_ip, stream_info)
+
+    # -- request / response rewriting ----------------------------------------------------------
+    def rewrite_request(self, headers, choice=None, insert_original_path: bool = True) -> None:
+        """Host and path rewrites. Call after ``finalize_request_headers`` (Envoy's order). Sets
+        ``x-envoy-original-path`` when the path is rewritten (as Envoy's router does unless
+        ``suppress_envoy_headers``)."""
+        host = None
+        if choice is not None and choice.host_rewrite_literal:
+            host = choice.host_rewrite_literal
+        elif self.host_rewrite_literal:
+            host = self.host_rewrite_literal
+        elif self.host_rewrite_header:
+            host = headers.get(self.host_rewrite_header) or None
+        elif self.host_rewrite_path_regex is not None:
+            rx, sub = self.host_rewrite_path_regex
+            host = rx.sub(sub, _strip_query(headers.get(":path", "")))
+        if host:
+            if self.append_x_forwarded_host:
+                orig = headers.get(":authority")
+                if orig and orig != host:
+                    headers.add("x-forwarded-host", orig)
+            headers.set(":authority", host)
+        if self.prefix_rewrite is None and self.regex_rewrite is None:
+            return
+        path = headers.get(":path")
+        if path is None:
+            return
+        new = self._rewritten_path(path, self.prefix_rewrite, self.regex_rewrite)
+        if new is not None and new != path:
+            if insert_original_path:
+                headers.set("x-envoy-original-path", path)
+            headers.set(":path", new)
+
+    def _rewritten_path(self, path, prefix_rewrite, regex_rewrite):
+        cut = len(path)
+        for ch in "?#":
+            i = path.find(ch)
+            if 0 <= i < cut:
+                cut = i
+        nq, rest = path[:cut], path[cut:]
+        if prefix_rewrite is not None:
+            k = self.p_kind
+            if k in (P_PREFIX, P_SEP_PREFIX):
+                return prefix_rewrite + nq[len(self.p_value):] + rest
+            if k in (P_PATH, P_REGEX):
+                return prefix_rewrite + rest
+            return None
+        rx, sub = regex_rewrite
+        return rx.sub(sub, nq) + rest
+
+    def finalize_request_headers(self, headers, stream_info=None, choice=None) -> None:
+        """``request_headers_to_add/remove``: weighted cluster, then route, virtual host and route
+        configuration (reversed with ``most_specific_header_mutations_wins``)."""
+        if choice is not None and not choice.request_mutation.empty:
+            choice.request_mutation.apply(headers, stream_info, headers)
+        for m in self._req_mutations:
+            m.apply(headers, stream_info, headers)
+
+    def finalize_response_headers(self, headers, stream_info=None, choice=None,
+                                  request_headers=None) -> None:
+        if choice is not None and not choice.response_mutation.empty:
+            choice.response_mutation.apply(headers, stream_info, request_headers, headers)
+        for m in self._resp_mutations:
+            m.apply(headers, stream_info, request_headers, headers)
+
+    # -- direct response / redirect ------------------------------------------------------------
+    def direct_body(self, stream_info=None, request_headers=None) -> bytes:
+        return self._direct_body
+
+    def redirect_location(self, headers) -> str:
+        (https, scheme, host, port, path_redirect, path_has_query, prefix_rewrite, regex_rewrite,
+         strip_query) = self._redirect
+        xfp = headers.get("x-forwarded-proto") or headers.get(":scheme") or "http"
+        if scheme:
+            new_scheme = scheme
+        elif https:
+            new_scheme = "https"
+        else:
+            new_scheme = xfp
+        new_port = ":%d" % port if port else ""
+        if host:
+            new_host = host
+        else:
+            new_host = headers.get(":authority") or ""
+            if new_host:
+                if new_host[0] == "[":
+                    end = new_host.rfind("]:")
+                    end = end + 1 if end >= 0 else -1
+                else:
+                    end = new_host.rfind(":")
+                if end >= 0:
+                    req_port = new_host[end:]
+                    remove = bool(new_port)
+                    if new_scheme != xfp:
+                        remove = remove or (xfp == "https" and req_port == ":443")
+                        remove = remove or (xfp == "http" and req_port == ":80")
+                    if remove:
+                        new_host = new_host[:end]
+        cur = headers.get(":path") or "/"
+        if path_redirect is not None:
+            if path_has_query:
+                return "%s://%s%s%s" % (new_scheme, new_host, new_port, path_redirect)
+            q = cur.find("?")
+            new_path = path_redirect + (cur[q:] if q >= 0 else "")
+        elif prefix_rewrite is not None or regex_rewrite is not None:
+            new_path = self._rewritten_path(cur, prefix_rewrite, regex_rewrite) or cur
+        else:
+            new_path = cur
+        if strip_query:
+            q = new_path.find("?")
+            if q >= 0:
+                new_path = new_path[:q]
+        return "%s://%s%s%s" % (new_scheme, new_host, new_port, new_path)
+
+    def per_filter_config(self, filter_name: str, choice=None):
+        """The raw ``Any`` for ``filter_name`` (weighted cluster > route > vhost > route config)."""
+        if choice is not None and filter_name in choice.typed_per_filter_config:
+            return choice.typed_per_filter_config[filter_name]
+        return self.typed_per_filter_config.get(filter_name)
+
+    def __repr__(self):
+        return "RouteEntry(%r, vhost=%r)" % (self.name, self.vhost_name)
+
+
+# --------------------------------------------------------------------------------------------
+# compilation
+
+def _compile_match(e: RouteEntry, m, field: str) -> None:
+    check_fields(m, _MATCH_FIELDS, "route.match")
+    e.p_ci = m.case_sensitive.value is False if m.HasField("case_sensitive") else False
+    which = m.WhichOneof("path_specifier")
+    if which == "prefix":
+        e.p_kind = P_PREFIX
+        e.p_value = m.prefix.lower() if e.p_ci else m.prefix
+    elif which == "path":
+        e.p_kind = P_PATH
+        e.p_value = m.path.lower() if e.p_ci else m.path
+    elif which == "safe_regex":
+        e.p_kind = P_REGEX
+        e.p_ci = False
+        e.p_value = compile_re2(m.safe_regex.regex, field + ".safe_regex.regex")
+    elif which == "path_separated_prefix":
+        v = m.path_separated_prefix
+        if not v.startswith("/") or v.endswith("/") or "?" in v or "#" in v:
+            raise ConfigError("path_separated_prefix must start with '/', not end with '/' and "
+                              "contain no '?' or '#'", field + ".path_separated_prefix")
+        e.p_kind = P_SEP_PREFIX
+        e.p_value = v.lower() if e.p_ci else v
+    elif which == "connect_matcher":
+        e.p_kind = P_CONNECT
+        e.p_value = None
+    elif which is None:
+        raise ConfigError("a path specifier is required", field)
+    else:
+        raise ConfigError("route match '%s' is not supported" % which, field + "." + which)
+    e.header_matchers = tuple(compile_header_matcher(h, "%s.headers[%d]" % (field, i))
+                              for i, h in enumerate(m.headers))
+    e.query_matchers = tuple(compile_query_matcher(q, "%s.query_parameters[%d]" % (field, i))
+                             for i, q in enumerate(m.query_parameters))
+    e.runtime = None
+    if m.HasField("runtime_fraction"):
+        dv = m.runtime_fraction.default_value
+        e.runtime = (dv.numerator, _DENOMINATORS[dv.denominator])
+    e.grpc_only = m.HasField("grpc")
+
+
+def _compile_weighted(e: RouteEntry, wc, field: str, max_body, parent_tpfc) -> None:
+    choices = []
+    total = 0
+    for i, c in enumerate(wc.clusters):
+        f = "%s.clusters[%d]" % (field, i)
+        check_fields(c, _CW_FIELDS, "weighted_clusters.clusters")
+        cw = ClusterChoice()
+        cw.name = c.name
+        cw.cluster_header = c.cluster_header.lower()
+        if not cw.name and not cw.cluster_header:
+            raise ConfigError("name or cluster_header is required", f)
+        cw.weight = u32(c, "weight", 0)
+        total += cw.weight
+        cw.request_mutation = compile_header_mutation(
+            c.request_headers_to_add, c.request_headers_to_remove, f + ".request")
+        cw.response_mutation = compile_header_mutation(
+            c.response_headers_to_add, c.response_headers_to_remove, f + ".response")
+        cw.typed_per_filter_config = dict(c.typed_per_filter_config)
+        cw.host_rewrite_literal = c.host_rewrite_literal
+        cw.metadata_match = _metadata_dict(c.metadata_match) if c.HasField("metadata_match") else None
+        choices.append(cw)
+    if not choices:
+        raise ConfigError("at least one cluster is required", field + ".clusters")
+    if wc.HasField("total_weight"):
+        if wc.total_weight.value != total:
+            raise ConfigError("Sum of weights in the weighted_cluster must be equal to "
+                              "total_weight (%d != %d)" % (total, wc.total_weight.value),
+                              field + ".total_weight")
+    if total == 0:
+        raise ConfigError("Sum of weights in the weighted_cluster must be greater than 0", field)
+    if wc.runtime_key_prefix:
+        pass  # runtime overrides are not supported; configured weights apply
+    e.weighted = tuple(choices)
+    e.total_weight = total
+    e.weight_header = wc.header_name.lower()
+    e.weight_by_hash = wc.HasField("use_hash_policy") and wc.use_hash_policy.value
+
+
+def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None:
+    check_fields(a, _ACTION_FIELDS, "route.route")
+    e.kind = ROUTE
+    which = a.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        e.cluster = a.cluster
+    elif which == "cluster_header":
+        e.cluster_header = a.cluster_header.lower()
+        if not e.cluster_header:
+            raise ConfigError("cluster_header must not be empty", field + ".cluster_header")
+    elif which == "weighted_clusters":
+        _compile_weighted(e, a.weighted_clusters, field + ".weighted_clusters", 0, parent_tpfc)
+    elif which is None:
+        raise ConfigError("a cluster specifier is required", field)
+    else:
+        raise ConfigError("cluster specifier '%s' is not supported" % which, field + "." + which)
+    e.cluster_not_found_response_code = 404 if a.cluster_not_found_response_code == 1 else 503
+    e.metadata_match = _metadata_dict(a.metadata_match) if a.HasField("metadata_match") else None
+    # rewrites
+    if a.prefix_rewrite and a.HasField("regex_rewrite"):
+        raise ConfigError("Specify only one of prefix_rewrite, regex_rewrite or "
+                          "path_rewrite_policy", field)
+    if a.prefix_rewrite:
+        if e.p_kind == P_CONNECT:
+            raise ConfigError("prefix_rewrite cannot be used with connect_matcher",
+                              field + ".prefix_rewrite")
+        e.prefix_rewrite = a.prefix_rewrite
+    if a.HasField("regex_rewrite"):
+        rr = a.regex_rewrite
+        e.regex_rewrite = (compile_re2(rr.pattern.regex, field + ".regex_rewrite.pattern.regex"),
+                           re2_substitution(rr.substitution))
+    hw = a.WhichOneof("host_rewrite_specifier")
+    if hw == "host_rewrite_literal":
+        e.host_rewrite_literal = a.host_rewrite_literal
+    elif hw == "auto_host_rewrite":
+        e.auto_host_rewrite = a.auto_host_rewrite.value
+    elif hw == "host_rewrite_header":
+        e.host_rewrite_header = a.host_rewrite_header.lower()
+    elif hw == "host_rewrite_path_regex":
+        hr = a.host_rewrite_path_regex
+        e.host_rewrite_path_regex = (
+            compile_re2(hr.pattern.regex, field + ".host_rewrite_path_regex.pattern.regex"),
+            re2_substitution(hr.substitution))
+    elif hw is not None:
+        raise ConfigError("host rewrite '%s' is not supported" % hw, field + "." + hw)
+    e.append_x_forwarded_host = a.append_x_forwarded_host
+    # timeouts
+    e.timeout = duration_s(a, "timeout", DEFAULT_TIMEOUT)
+    e.idle_timeout = duration_s(a, "idle_timeout", None)
+    e.max_stream_duration = None
+    e.grpc_timeout_header_max = duration_s(a, "max_grpc_timeout", None)
+    e.grpc_timeout_header_offset = duration_s(a, "grpc_timeout_offset", None)
+    if a.HasField("max_stream_duration"):
+        msd = a.max_stream_duration
+        e.max_stream_duration = duration_s(msd, "max_stream_duration", None)
+        if msd.HasField("grpc_timeout_header_max"):
+            e.grpc_timeout_header_max = duration_s(msd, "grpc_timeout_header_max", None)
+        if msd.HasField("grpc_timeout_header_offset"):
+            e.grpc_timeout_header_offset = duration_s(msd, "grpc_timeout_header_offset", None)
+    # policies
+    if a.HasField("retry_policy"):
+        e.retry = compile_retry_policy(a.retry_policy, field + ".retry_policy")
+    else:
+        e.retry = vh_retry
+    e.hash_policies = tuple(compile_hash_policy(h, "%s.hash_policy[%d]" % (field, i))
+                            for i, h in enumerate(a.hash_policy))
+    e.upgrade_configs = {}
+    for i, u in enumerate(a.upgrade_configs):
+        enabled = u.enabled.value if u.HasField("enabled") else True
+        e.upgrade_configs[u.upgrade_type.lower()] = (enabled, u.HasField("connect_config"))
+    if len(a.request_mirror_policies):
+        e.mirror_policies = tuple(
+            _compile_mirror(p, "%s.request_mirror_policies[%d]" % (field, i))
+            for i, p in enumerate(a.request_mirror_policies))
+    e.priority = a.priority
+
+
+def _compile_mirror(p, field: str) -> MirrorPolicy:
+    m = MirrorPolicy()
+    m.cluster = p.cluster
+    m.cluster_header = p.cluster_header.lower()
+    if not m.cluster and not m.cluster_header:
+        raise ConfigError("cluster or cluster_header is required", field)
+    m.numerator, m.denominator = 1, 1
+    if p.HasField("runtime_fraction"):
+        dv = p.runtime_fraction.default_value
+        m.numerator, m.denominator = dv.numerator, _DENOMINATORS[dv.denominator]
+    m.host_rewrite_literal = p.host_rewrite_literal
+    return m
+
+
+def _compile_redirect(e: RouteEntry, r, field: str) -> None:
+    e.kind = REDIRECT
+    e.redirect_status = _REDIRECT_CODES[r.response_code]
+    scheme = r.scheme_redirect.lower() if r.WhichOneof("scheme_rewrite_specifier") == \
+        "scheme_redirect" else ""
+    https = r.https_redirect
+    path_redirect = None
+    path_has_query = False
+    prefix_rewrite = None
+    regex_rewrite = None
+    pw = r.WhichOneof("path_rewrite_specifier")
+    if pw == "path_redirect":
+        path_redirect = r.path_redirect
+        path_has_query = "?" in path_redirect
+    elif pw == "prefix_rewrite":
+        if e.p_kind == P_CONNECT:
+            raise ConfigError("prefix_rewrite cannot be used with connect_matcher",
+                              field + ".prefix_rewrite")
+        prefix_rewrite = r.prefix_rewrite
+    elif pw == "regex_rewrite":
+        rr = r.regex_rewrite
+        regex_rewrite = (compile_re2(rr.pattern.regex, field + ".regex_rewrite.pattern.regex"),
+                         re2_substitution(rr.substitution))
+    e._redirect = (https, scheme, r.host_redirect, r.port_redirect, path_redirect,
+                   path_has_query, prefix_rewrite, regex_rewrite, r.strip_query)
+
+
+def _data_source_bytes(ds, field: str, max_size: int) -> bytes:
+    which = ds.WhichOneof("specifier")
+    if which == "inline_string":
+        b = ds.inline_string.encode()
+    elif which == "inline_bytes":
+        b = ds.inline_bytes
+    elif which == "filename":
+        try:
+            with open(ds.filename, "rb") as f:
+                b = f.read(max_size + 1)
+        except OSError as err:
+            raise ConfigError("cannot read '%s': %s" % (ds.filename, err.strerror), field) from None
+    elif which == "environment_variable":
+        import os
+        v = os.environ.get(ds.environment_variable)
+        if v is None:
+            raise ConfigError("environment variable '%s' is not set" % ds.environment_variable,
+                              field)
+        b = v.encode()
+    else:
+        b = b""
+    if len(b) > max_size:
+        raise ConfigError("response body size is %d bytes; maximum is %d" % (len(b), max_size),
+                          field)
+    return b
+
+
+def compile_route(r, vh, index: int, ctx) -> RouteEntry:
+    """``ctx``: the route-config compile context (see table.py)."""
+    field = "routes[%d]" % index
+    check_fields(r, _ROUTE_FIELDS, "route")
+    e = RouteEntry()
+    e.name = r.name
+    e.vhost_name = vh.name
+    e.vhost = vh
+    e.stat_prefix = r.stat_prefix
+    # defaults for every slot
+    e.cluster = ""
+    e.cluster_header = ""
+    e.weighted = ()
+    e.total_weight = 0
+    e.weight_header = ""
+    e.weight_by_hash = False
+    e.cluster_not_found_response_code = 503
+    e.metadata_match = None
+    e.timeout = DEFAULT_TIMEOUT
+    e.idle_timeout = None
+    e.retry = None
+    e.hash_policies = ()
+    e.max_stream_duration = None
+    e.grpc_timeout_header_max = None
+    e.grpc_timeout_header_offset = None
+    e.prefix_rewrite = None
+    e.regex_rewrite = None
+    e.host_rewrite_literal = ""
+    e.host_rewrite_header = ""
+    e.host_rewrite_path_regex = None
+    e.auto_host_rewrite = False
+    e.append_x_forwarded_host = False
+    e.upgrade_configs = {}
+    e.mirror_policies = vh.mirror_policies
+    e.priority = 0
+    e.direct_status = 0
+    e._direct_body = b""
+    e.redirect_status = 0
+    e._redirect = None
+    e.include_request_attempt_count = vh.include_request_attempt_count
+    e.include_attempt_count_in_response = vh.include_attempt_count_in_response
+    e.per_request_buffer_limit_bytes = u32(r, "per_request_buffer_limit_bytes",
+                                           vh.per_request_buffer_limit_bytes)
+    e.metadata = _metadata_dict(r.metadata) if r.HasField("metadata") else None
+    try:
+        if not r.HasField("match"):
+            raise ConfigError("match is required", "match")
+        _compile_match(e, r.match, "match")
+        action = r.WhichOneof("action")
+        if action == "route":
+            _compile_action(e, r.route, vh.retry, "route", None)
+        elif action == "redirect":
+            _compile_redirect(e, r.redirect, "redirect")
+        elif action == "direct_response":
+            d = r.direct_response
+            e.kind = DIRECT_RESPONSE
+            if not 200 <= d.status < 600:
+                raise ConfigError("status must be in [200, 600)", "direct_response.status")
+            if d.HasField("body_format"):
+                raise ConfigError("body_format is not supported", "direct_response.body_format")
+            e.direct_status = d.status
+            if d.HasField("body"):
+                e._direct_body = _data_source_bytes(d.body, "direct_response.body",
+                                                    ctx.max_direct_body)
+        elif action is None:
+            raise ConfigError("an action (route, redirect or direct_response) is required",
+                              "action")
+        else:
+            raise ConfigError("route action '%s' is not supported" % action, action)
+        rq = compile_header_mutation(r.request_headers_to_add, r.request_headers_to_remove,
+                                     "request")
+        rs = compile_header_mutation(r.response_headers_to_add, r.response_headers_to_remove,
+                                     "response")
+    except ConfigError as err:
+        raise err.within(field=field)
+    levels_req = [rq, vh.request_mutation, ctx.request_mutation]
+    levels_resp = [rs, vh.response_mutation, ctx.response_mutation]
+    if ctx.most_specific_wins:
+        levels_req.reverse()
+        levels_resp.reverse()
+    e._req_mutations = tuple(m for m in levels_req if not m.empty)
+    e._resp_mutations = tuple(m for m in levels_resp if not m.empty)
+    tpfc = dict(ctx.typed_per_filter_config)
+    tpfc.update(vh.typed_per_filter_config)
+    tpfc.update(r.typed_per_filter_config)
+    e.typed_per_filter_config = tpfc
+    return e
+
+
+def tls_redirect_entry(vh, ctx) -> RouteEntry:
+    """The synthetic redirect Envoy answers with when a vhost's ``require_tls`` is not met."""
+    e = RouteEntry.__new__(RouteEntry)
+    for s in RouteEntry.__slots__:
+        setattr(e, s, None)
+    e.name = ""
+    e.vhost_name = vh.name
+    e.vhost = vh
+    e.kind = REDIRECT
+    e.redirect_status = 301
+    e.p_kind = P_PREFIX
+    e.p_value = ""
+    e._redirect = (True, "", "", 0, None, False, None, None, False)
+    e._req_mutations = ()
+    e._resp_mutations = ()
+    e.typed_per_filter_config = {}
+    e.hash_policies = ()
+    e.timeout = DEFAULT_TIMEOUT
+    e.weighted = ()
+    e.cluster = ""
+    e.cluster_header = ""
+    e.auto_host_rewrite = False
+    e.direct_status = 0
+    e._direct_body = b""
+    e.mirror_policies = ()
+    e.upgrade_configs = {}
+    return e

@@ -1,0 +1,237 @@
+"""``RouteConfiguration`` → ``RouteTable``: virtual-host index plus compiled routes.
+
+Virtual host selection follows Envoy (``RouteMatcher::findVirtualHost``): the ``:authority`` value
+(or ``vhost_header``) is lower-cased and, only with ``ignore_port_in_host_matching``, stripped of its
+port; then
+
+1. exact domain (dict lookup);
+2. suffix wildcards ``*.example.com`` / ``*-bar.com``, longest first; the ``*`` must stand for at
+   least one character;
+3. prefix wildcards ``foo.*``, longest first, same rule;
+4. the ``*`` virtual host.
+
+Wildcards are kept in one dict per suffix/prefix length, so a lookup costs one dict probe per
+distinct length, never a scan over virtual hosts. A Host with a port therefore matches only domains
+written with that port (``foo.com:8080``) or wildcards (Istio lists both spellings).
+"""
+
+from __future__ import annotations
+
+from ..config.errors import ConfigError
+from ..config.util import u32
+from .header_mutation import compile_header_mutation
+from .policies import compile_retry_policy
+from .route import (_compile_mirror, check_fields, compile_route,
+                    tls_redirect_entry)
+
+_RC_FIELDS = frozenset({
+    "name", "virtual_hosts", "internal_only_headers", "response_headers_to_add",
+    "response_headers_to_remove", "request_headers_to_add", "request_headers_to_remove",
+    "most_specific_header_mutations_wins", "validate_clusters", "max_direct_response_body_size_bytes",
+    "request_mirror_policies", "ignore_port_in_host_matching", "vhost_header",
+    "ignore_path_parameters_in_path_matching", "typed_per_filter_config", "metadata",
+})
+_VH_FIELDS = frozenset({
+    "name", "domains", "routes", "require_tls", "virtual_clusters", "rate_limits",
+    "request_headers_to_add", "request_headers_to_remove", "response_headers_to_add",
+    "response_headers_to_remove", "cors", "typed_per_filter_config", "include_request_attempt_count",
+    "include_attempt_count_in_response", "retry_policy", "hedge_policy",
+    "include_is_timeout_retry_header", "per_request_buffer_limit_bytes", "request_body_buffer_limit",
+    "request_mirror_policies", "metadata",
+})
+
+TLS_NONE, TLS_EXTERNAL_ONLY, TLS_ALL = 0, 1, 2
+
+
+class VirtualHost:
+    __slots__ = ("name", "domains", "routes", "require_tls", "request_mutation",
+                 "response_mutation", "typed_per_filter_config", "retry", "mirror_policies",
+                 "include_request_attempt_count", "include_attempt_count_in_response",
+                 "per_request_buffer_limit_bytes", "tls_redirect", "strip_params")
+
+    def route(self, headers, random_value: int = 0):
+        if self.require_tls:
+            xfp = headers.get("x-forwarded-proto")
+            if xfp != "https" and (self.require_tls == TLS_ALL
+                                   or headers.get("x-envoy-internal") != "true"):
+                return self.tls_redirect
+        path = headers.get(":path")
+        is_connect = headers.get(":method") == "CONNECT" and ":protocol" not in headers
+        if path is not None:
+            cut = len(path)
+            q = path.find("?")
+            if 0 <= q:
+                cut = q
+            h = path.find("#", 0, cut)
+            if 0 <= h:
+                cut = h
+            nq = path[:cut]
+            if self.strip_params:
+                sc = nq.find(";")
+                if sc >= 0:
+                    nq = _strip_path_params(nq)
+            lnq = nq.lower()
+        else:
+            nq = lnq = ""
+        qcache = [None]
+        for r in self.routes:
+            if r.matches(headers, path, nq, lnq, is_connect, random_value, qcache):
+                return r
+        return None
+
+    def __repr__(self):
+        return "VirtualHost(%r)" % self.name
+
+
+def _strip_path_params(p: str) -> str:
+    return "/".join(seg.partition(";")[0] for seg in p.split("/"))
+
+
+class _Ctx:
+    __slots__ = ("request_mutation", "response_mutation", "most_specific_wins",
+                 "typed_per_filter_config", "max_direct_body", "mirror_policies")
+
+
+def strip_host_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.rfind("]:")
+        return host[:end + 1] if end >= 0 and host[end + 2:].isdigit() else host
+    i = host.rfind(":")
+    if i >= 0 and host.count(":") == 1 and host[i + 1:].isdigit():
+        return host[:i]
+    return host
+
+
+class RouteTable:
+    """Immutable compiled route configuration. ``find()`` is safe to call from any thread."""
+
+    __slots__ = ("name", "virtual_hosts", "internal_only_headers", "validate_clusters",
+                 "_exact", "_suffix", "_prefix", "_default", "_only_default", "_host_header",
+                 "_ignore_port")
+
+    def find(self, headers, stream_info=None, random_value: int = 0):
+        """The route for a request, or None (Envoy's 404 ``route_not_found``)."""
+        if self._only_default:
+            vh = self._default
+        else:
+            vh = self.find_virtual_host(headers.get(self._host_header) or "")
+            if vh is None:
+                return None
+        return vh.route(headers, random_value)
+
+    def find_virtual_host(self, host: str):
+        if self._ignore_port:
+            host = strip_host_port(host)
+        host = host.lower()
+        vh = self._exact.get(host)
+        if vh is not None:
+            return vh
+        n = len(host)
+        for length, table in self._suffix:
+            if length < n:
+                vh = table.get(host[n - length:])
+                if vh is not None:
+                    return vh
+        for length, table in self._prefix:
+            if length < n:
+                vh = table.get(host[:length])
+                if vh is not None:
+                    return vh
+        return self._default
+
+    def all_routes(self):
+        for vh in self.virtual_hosts:
+            yield from vh.routes
+
+    def __repr__(self):
+        return "RouteTable(%r, %d virtual hosts)" % (self.name, len(self.virtual_hosts))
+
+
+def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
+    check_fields(v, _VH_FIELDS, "virtual_host")
+    if v.HasField("retry_policy_typed_config"):
+        raise ConfigError("retry_policy_typed_config is not supported", "retry_policy_typed_config")
+    vh = VirtualHost()
+    vh.name = v.name
+    if not vh.name:
+        raise ConfigError("name is required", "name")
+    vh.domains = tuple(v.domains)
+    if not vh.domains:
+        raise ConfigError("at least one domain is required", "domains")
+    vh.require_tls = v.require_tls
+    vh.request_mutation = compile_header_mutation(v.request_headers_to_add,
+                                                  v.request_headers_to_remove, "request")
+    vh.response_mutation = compile_header_mutation(v.response_headers_to_add,
+                                                   v.response_headers_to_remove, "response")
+    vh.typed_per_filter_config = dict(v.typed_per_filter_config)
+    vh.retry = compile_retry_policy(v.retry_policy) if v.HasField("retry_policy") else None
+    vh.mirror_policies = tuple(_compile_mirror(p, "request_mirror_policies[%d]" % i)
+                               for i, p in enumerate(v.request_mirror_policies)) \
+        or ctx.mirror_policies
+    vh.include_request_attempt_count = v.include_request_attempt_count
+    vh.include_attempt_count_in_response = v.include_attempt_count_in_response
+    vh.per_request_buffer_limit_bytes = u32(v, "per_request_buffer_limit_bytes", None)
+    vh.strip_params = strip_params
+    vh.routes = tuple(compile_route(r, vh, i, ctx) for i, r in enumerate(v.routes))
+    vh.tls_redirect = tls_redirect_entry(vh, ctx) if vh.require_tls else None
+    return vh
+
+
+def compile_route_config(rc) -> RouteTable:
+    """Compile a ``route.v3.RouteConfiguration``; raises ``ConfigError`` naming the bad field."""
+    res = "route configuration '%s'" % rc.name
+    try:
+        check_fields(rc, _RC_FIELDS, "route_configuration")
+        ctx = _Ctx()
+        ctx.request_mutation = compile_header_mutation(rc.request_headers_to_add,
+                                                       rc.request_headers_to_remove, "request")
+        ctx.response_mutation = compile_header_mutation(rc.response_headers_to_add,
+                                                        rc.response_headers_to_remove, "response")
+        ctx.most_specific_wins = rc.most_specific_header_mutations_wins
+        ctx.typed_per_filter_config = dict(rc.typed_per_filter_config)
+        ctx.max_direct_body = u32(rc, "max_direct_response_body_size_bytes", 4096)
+        t = RouteTable()
+        t.name = rc.name
+        t.internal_only_headers = tuple(h.lower() for h in rc.internal_only_headers)
+        t.validate_clusters = rc.validate_clusters.value if rc.HasField("validate_clusters") \
+            else None
+        t._host_header = rc.vhost_header.lower() or ":authority"
+        t._ignore_port = rc.ignore_port_in_host_matching
+        ctx.mirror_policies = tuple(_compile_mirror(p, "request_mirror_policies[%d]" % i)
+                                    for i, p in enumerate(rc.request_mirror_policies))
+        exact: dict = {}
+        suffix: dict = {}
+        prefix: dict = {}
+        default = None
+        vhosts = []
+        seen: set = set()
+        for i, v in enumerate(rc.virtual_hosts):
+            try:
+                vh = _compile_vhost(v, ctx, rc.ignore_path_parameters_in_path_matching)
+            except ConfigError as e:
+                raise e.within(field="virtual_hosts[%d]" % i)
+            vhosts.append(vh)
+            for d in vh.domains:
+                dl = d.lower()
+                if dl in seen:
+                    raise ConfigError(
+                        "Only unique values for domains are permitted. Duplicate entry of domain "
+                        "%s in route %s" % (dl, rc.name), "virtual_hosts[%d].domains" % i)
+                seen.add(dl)
+                if dl == "*":
+                    default = vh
+                elif dl.startswith("*"):
+                    suffix.setdefault(len(dl) - 1, {})[dl[1:]] = vh
+                elif dl.endswith("*"):
+                    prefix.setdefault(len(dl) - 1, {})[dl[:-1]] = vh
+                else:
+                    exact[dl] = vh
+        t.virtual_hosts = tuple(vhosts)
+        t._exact = exact
+        t._suffix = tuple(sorted(suffix.items(), key=lambda kv: -kv[0]))
+        t._prefix = tuple(sorted(prefix.items(), key=lambda kv: -kv[0]))
+        t._default = default
+        t._only_default = default is not None and not exact and not suffix and not prefix
+        return t
+    except ConfigError as e:
+        raise e.within(resource=res)
