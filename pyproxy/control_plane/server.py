@@ -271,6 +271,9 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                         await self._on_delta(context, st, item)
                 except ConfigError as e:
                     log.warning("control plane: stream %d: bad request: %s", st.id, e)
+        except asyncio.CancelledError:
+            # gRPC cancels handlers when the server stops or the peer goes away: a normal end.
+            pass
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
