@@ -98,10 +98,12 @@ class Bench:
             self.proxy_cpu, self.load_cpu = procs.pinning()
         if self.load_cpu is not None:
             os.sched_setaffinity(0, {self.load_cpu})  # the harness itself stays off the proxy core
+            self.pin_short = f"proxy on CPU {self.proxy_cpu}, load on CPU {self.load_cpu}"
             self.pin_note = (f"proxy under test pinned to CPU {self.proxy_cpu}; wrk/h2load, the "
                              f"backend, gRPC peers, ADS server and this harness to CPU "
                              f"{self.load_cpu} (taskset), the same for every target")
         else:
+            self.pin_short = "not pinned"
             self.pin_note = "no CPU pinning (fewer than 2 CPUs, taskset missing, or --no-pin)"
         self.backend = None
 
@@ -522,7 +524,7 @@ def main(argv=None):
     results = {"meta": {
         "timestamp": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
         "host": platform.node(), "python": platform.python_version(),
-        "cpus": sorted(os.sched_getaffinity(0)), "pinning": bench.pin_note,
+        "cpus": sorted(os.sched_getaffinity(0)), "pinning": bench.pin_note, "pin_short": bench.pin_short,
         "loadavg_start": os.getloadavg(),
         "versions": {"envoy": _version(["envoy", "--version"]), "nginx": _version(["nginx", "-v"]),
                      "wrk": _version(["wrk", "-v"]), "h2load": _version(["h2load", "--version"])},

@@ -127,6 +127,12 @@ def print_xds(mode):
         print("   pyproxy vs envoy: " + ", ".join(f"{k}={v}" for k, v in r.items()))
 
 
+def _label(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def ensure_matplotlib():
     try:
         return importlib.import_module("matplotlib")
@@ -186,13 +192,13 @@ def plot(results, path):
             xs = range(len(names))
             ax.bar(xs, [v or 0 for v in vals], color=[colors.get(n, "#555") for n in names])
             for x, v in zip(xs, vals):
-                ax.text(x, v or 0, "n/a" if v is None else f"{v:.3g}", ha="center",
+                ax.text(x, v or 0, _label(v), ha="center",
                         va="bottom", fontsize=8)
             ax.set_xticks(list(xs))
             ax.set_xticklabels(names)
             ax.set_title(f"{title}: {label}", fontsize=9)
     fig.suptitle(f"pyproxy benchmark {results['meta']['timestamp']} "
-                 f"({results['meta']['pinning']})", fontsize=9)
+                 f"({results['meta'].get('pin_short', '')})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
