@@ -12,6 +12,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -513,8 +514,13 @@ def check_tools(a):
     return missing
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # so the finally blocks stop what we started
     missing = check_tools(a)
     if missing:
         print(f"error: missing tools on PATH: {', '.join(missing)}", file=sys.stderr)
