@@ -1,0 +1,205 @@
+"""Summaries, ratio tables, JSON and the PNG plot."""
+import importlib
+import statistics
+import subprocess
+import sys
+
+ORDER = ("direct", "pyproxy", "envoy", "nginx")
+
+
+def median(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(target):
+    """Fill target['median'] from target['runs'] (throughput modes)."""
+    runs = target.get("runs") or []
+    if not runs:
+        return
+    med = {k: median([r.get(k) for r in runs])
+           for k in ("rps", "p50_ms", "p99_ms", "cpu_s", "requests", "duration_s")}
+    per_k = [r["cpu_s"] * 1000.0 / r["requests"] for r in runs
+             if r.get("cpu_s") is not None and r.get("requests")]
+    med["cpu_s_per_1k_req"] = median(per_k)
+    # CPU-seconds per 1000 requests == vCPU per 1000 requests/second; both names are kept.
+    med["vcpu_per_1k_rps"] = med["cpu_s_per_1k_req"]
+    util = [r["cpu_s"] / r["duration_s"] for r in runs
+            if r.get("cpu_s") is not None and r.get("duration_s")]
+    med["cpu_cores_used"] = median(util)
+    target["median"] = med
+    bad = [i for i, r in enumerate(runs) if r.get("errors") or r.get("non2xx")]
+    if bad:
+        target.setdefault("warnings", []).append(
+            f"runs {bad} had socket errors or non-2xx responses: the figures are not valid")
+
+
+def add_ratios(mode):
+    targets = mode["targets"]
+
+    def m(name, key):
+        t = targets.get(name)
+        if not t or t.get("status") != "ok" or "median" not in t:
+            return None
+        return t["median"].get(key)
+
+    for name, t in targets.items():
+        if t.get("status") != "ok" or "median" not in t:
+            continue
+        r = {}
+        for ref in ("envoy", "direct"):
+            for key in ("rps", "p99_ms", "cpu_s_per_1k_req"):
+                a, b = m(name, key), m(ref, key)
+                if a is not None and b:
+                    r[f"{key}_vs_{ref}"] = round(a / b, 3)
+        a, b = m(name, "p99_ms"), m("direct", "p99_ms")
+        if a is not None and b is not None:
+            r["added_p99_ms_vs_direct"] = round(a - b, 3)
+        t["ratios"] = r
+
+
+def _fmt(v, spec):
+    if v is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return "-".rjust(int(width) if width else 1)
+    return format(v, spec)
+
+
+def print_throughput(title, mode, paced=False):
+    print(f"\n== {title} ==")
+    for line in mode.get("notes", []):
+        print(f"   {line}")
+    if paced:
+        hdr = (f"{'target':<9}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p99 ms':>9}"
+               f"{'vCPU/1k rps':>13}{'x envoy':>9}{'RSS MB':>9}")
+    else:
+        hdr = (f"{'target':<9}{'rps':>10}{'x envoy':>9}{'x direct':>9}{'p50 ms':>9}"
+               f"{'p99 ms':>9}{'CPU ms/1k req':>15}{'x envoy':>9}{'RSS MB':>9}")
+    print(hdr)
+    for name in ORDER:
+        t = mode["targets"].get(name)
+        if t is None:
+            continue
+        if t.get("status") != "ok" or "median" not in t:
+            print(f"{name:<9}{t.get('status', '?')}: {t.get('reason', '')[:200]}")
+            continue
+        md, r = t["median"], t.get("ratios", {})
+        cpu = md.get("cpu_s_per_1k_req")
+        rss = t.get("rss_mb")
+        if paced:
+            print(f"{name:<9}{_fmt(md['rps'], '9.0f')}{_fmt(md['p50_ms'], '9.2f')}"
+                  f"{_fmt(md['p99_ms'], '9.2f')}{_fmt(r.get('added_p99_ms_vs_direct'), '+9.2f')}"
+                  f"{_fmt(cpu, '13.3f')}{_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '9.2f')}"
+                  f"{_fmt(rss, '9.1f')}")
+        else:
+            print(f"{name:<9}{_fmt(md['rps'], '10.0f')}{_fmt(r.get('rps_vs_envoy'), '9.2f')}"
+                  f"{_fmt(r.get('rps_vs_direct'), '9.2f')}{_fmt(md['p50_ms'], '9.2f')}"
+                  f"{_fmt(md['p99_ms'], '9.2f')}"
+                  f"{_fmt(None if cpu is None else cpu * 1000, '15.1f')}"
+                  f"{_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '9.2f')}{_fmt(rss, '9.1f')}")
+        for w in t.get("warnings", []):
+            print(f"{'':<9}WARNING: {w}")
+
+
+def print_xds(mode):
+    print("\n== xDS apply (SotW ADS, time from stream start to ACK) ==")
+    for line in mode.get("notes", []):
+        print(f"   {line}")
+    print(f"{'target':<9}{'CDS ack s':>11}{'EDS ack s':>11}{'RDS ack s':>11}{'all s':>9}"
+          f"{'start->all s':>14}{'RSS MB':>9}")
+    for name in ("pyproxy", "envoy"):
+        t = mode["targets"].get(name)
+        if t is None:
+            continue
+        if t.get("status") != "ok":
+            print(f"{name:<9}{t.get('status')}: {t.get('reason', '')[:200]}")
+            continue
+        ty = t["types"]
+        print(f"{name:<9}{_fmt(ty.get('cds', {}).get('ack_s'), '11.3f')}"
+              f"{_fmt(ty.get('eds', {}).get('ack_s'), '11.3f')}"
+              f"{_fmt(ty.get('rds', {}).get('ack_s'), '11.3f')}"
+              f"{_fmt(t.get('all_acked_s'), '9.3f')}{_fmt(t.get('process_start_to_all_s'), '14.3f')}"
+              f"{_fmt(t.get('rss_mb'), '9.1f')}")
+        for w in t.get("warnings", []):
+            print(f"{'':<9}WARNING: {w}")
+    r = mode.get("ratios")
+    if r:
+        print("   pyproxy vs envoy: " + ", ".join(f"{k}={v}" for k, v in r.items()))
+
+
+def _label(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def ensure_matplotlib():
+    try:
+        return importlib.import_module("matplotlib")
+    except ImportError:
+        pass
+    print("matplotlib missing: pip install matplotlib ...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+                       timeout=600, check=True)
+    except (subprocess.SubprocessError, OSError) as e:
+        print(f"could not install matplotlib ({e}); no plot")
+        return None
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module("matplotlib")
+    except ImportError:
+        return None
+
+
+def plot(results, path):
+    mpl = ensure_matplotlib()
+    if mpl is None:
+        return None
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for key, title in (("h1", "HTTP/1.1 closed loop"), ("h2", "HTTP/2 (h2load)"),
+                       ("grpc", "gRPC unary")):
+        if key in results["modes"]:
+            panels.append((key, title, [("rps", "requests/s"), ("p99_ms", "p99 latency (ms)")]))
+    if "h1paced" in results["modes"]:
+        panels.append(("h1paced", "HTTP/1.1 paced ~1000 rps",
+                       [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
+    if "xds" in results["modes"]:
+        panels.append(("xds", "xDS apply", [("all_acked_s", "s to ACK all types"),
+                                            ("rss_mb", "RSS after apply (MB)")]))
+    if not panels:
+        return None
+    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639"}
+    fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
+    for row, (key, title, metrics) in enumerate(panels):
+        mode = results["modes"][key]
+        for col, (metric, label) in enumerate(metrics):
+            ax = axes[row][col]
+            names, vals = [], []
+            for name in ORDER:
+                t = mode["targets"].get(name)
+                if not t:
+                    continue
+                if key == "xds":
+                    v = t.get(metric) if t.get("status") == "ok" else None
+                else:
+                    v = (t.get("median") or {}).get(metric) if t.get("status") == "ok" else None
+                names.append(name)
+                vals.append(v)
+            xs = range(len(names))
+            ax.bar(xs, [v or 0 for v in vals], color=[colors.get(n, "#555") for n in names])
+            for x, v in zip(xs, vals):
+                ax.text(x, v or 0, _label(v), ha="center",
+                        va="bottom", fontsize=8)
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(names)
+            ax.set_title(f"{title}: {label}", fontsize=9)
+    fig.suptitle(f"pyproxy benchmark {results['meta']['timestamp']} "
+                 f"({results['meta'].get('pin_short', '')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""pyproxy benchmark harness: pyproxy vs Envoy vs nginx vs direct, one command.
+
+    python3 benchmarks/run.py [--quick] [--only h1,h1paced,h2,grpc,xds] [--targets ...]
+
+See benchmarks/README.md for what each figure means.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import http.client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench import configs, loadgen, procs, report  # noqa: E402
+
+MODES = ("h1", "h1paced", "h2", "grpc", "xds")
+TARGETS = ("direct", "pyproxy", "envoy", "nginx")
+PROXIES = ("pyproxy", "envoy", "nginx")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="short runs: 3 s per run, 1 repetition, 1 s warm-up")
+    ap.add_argument("--only", default=",".join(MODES),
+                    help=f"comma-separated modes out of {','.join(MODES)} (default: all)")
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help=f"comma-separated targets out of {','.join(TARGETS)} (default: all)")
+    ap.add_argument("--duration", type=int, help="seconds per measured run (default 10, quick 3)")
+    ap.add_argument("--repeat", type=int, help="repetitions per target (default 3, quick 1)")
+    ap.add_argument("--warmup", type=int, help="warm-up seconds per target (default 2, quick 1)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
+    ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    ap.add_argument("--paced-connections", type=int, default=10)
+    ap.add_argument("--paced-delay-ms", type=int, default=10)
+    ap.add_argument("--h2-clients", type=int, default=10, help="h2load -c (default 10)")
+    ap.add_argument("--h2-streams", type=int, default=10, help="h2load -m (default 10)")
+    ap.add_argument("--grpc-concurrency", type=int, default=16)
+    ap.add_argument("--xds-count", type=int, default=2000,
+                    help="clusters / assignments / virtual hosts pushed in the xds mode")
+    ap.add_argument("--xds-timeout", type=float, default=120.0)
+    ap.add_argument("--pyproxy-root", default=os.path.dirname(HERE),
+                    help="checkout to run `python3 -m pyproxy` from (default: this repo)")
+    ap.add_argument("--pyproxy-cmd", default=f"{sys.executable} -m pyproxy",
+                    help="command prefix for pyproxy (the bootstrap flags are appended)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"),
+                    help="directory for <timestamp>.json and .png")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep generated configs and logs")
+    a = ap.parse_args(argv)
+    a.duration = a.duration or (3 if a.quick else 10)
+    a.repeat = a.repeat or (1 if a.quick else 3)
+    if a.warmup is None:
+        a.warmup = 1 if a.quick else 2
+    a.modes = [m.strip() for m in a.only.split(",") if m.strip()]
+    a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    for m in a.modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r} (known: {', '.join(MODES)})")
+    for t in a.targets:
+        if t not in TARGETS:
+            ap.error(f"unknown target {t!r} (known: {', '.join(TARGETS)})")
+    if a.duration < 1 or a.repeat < 1 or a.warmup < 0:
+        ap.error("--duration and --repeat must be >= 1, --warmup >= 0")
+    return a
+
+
+def _version(cmd):
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return ((cp.stdout or "") + (cp.stderr or "")).strip().splitlines()[0][:200]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.tmp = tempfile.mkdtemp(prefix="pyproxy-bench-")
+        os.chmod(self.tmp, 0o755)  # nginx workers run as nobody
+        self.procs = []
+        self.base_id = 1000 + (os.getpid() % 5000) * 10
+        if args.no_pin:
+            self.proxy_cpu, self.load_cpu = None, None
+        else:
+            self.proxy_cpu, self.load_cpu = procs.pinning()
+        if self.load_cpu is not None:
+            os.sched_setaffinity(0, {self.load_cpu})  # the harness itself stays off the proxy core
+            self.pin_short = f"proxy on CPU {self.proxy_cpu}, load on CPU {self.load_cpu}"
+            self.pin_note = (f"proxy under test pinned to CPU {self.proxy_cpu}; wrk/h2load, the "
+                             f"backend, gRPC peers, ADS server and this harness to CPU "
+                             f"{self.load_cpu} (taskset), the same for every target")
+        else:
+            self.pin_short = "not pinned"
+            self.pin_note = "no CPU pinning (fewer than 2 CPUs, taskset missing, or --no-pin)"
+        self.backend = None
+
+    # -- process helpers -------------------------------------------------------------------
+    def start(self, name, cmd, cpu, cwd=None):
+        p = procs.Proc(name, cmd, self.tmp, cpu=cpu, cwd=cwd)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p):
+        if p is None:
+            return
+        p.stop()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self):
+        for p in list(reversed(self.procs)):
+            try:
+                self.stop(p)
+            except Exception as e:  # keep stopping the others
+                print(f"warning: stopping {p.name} (pid {p.pid}): {e}", file=sys.stderr)
+
+    def cleanup(self):
+        self.stop_all()
+        if self.a.keep_tmp:
+            print(f"kept {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def start_backend(self):
+        if self.backend:
+            return self.backend
+        h1, h2 = procs.free_port(), procs.free_port()
+        conf = configs.nginx_backend_conf(self.tmp, h1, h2)
+        p = self.start("backend", ["nginx", "-c", conf, "-p", self.tmp], self.load_cpu)
+        procs.wait_tcp(h1, p)
+        procs.wait_tcp(h2, p)
+        self.backend = {"proc": p, "h1": h1, "h2": h2}
+        return self.backend
+
+    def start_proxy(self, kind, tag, upstream_port, upstream_h2, late_prefix=None,
+                    nginx_mode="h1"):
+        """Start one proxy; returns (proc, port). Raises StartError."""
+        port = procs.free_port()
+        if kind == "nginx":
+            conf = configs.nginx_proxy_conf(self.tmp, port, upstream_port, nginx_mode,
+                                            late_prefix)
+            p = self.start(f"nginx-{tag}", ["nginx", "-c", conf, "-p", self.tmp],
+                           self.proxy_cpu)
+            procs.wait_tcp(port, p, timeout=10)
+            return p, port
+        boot = configs.envoy_bootstrap(port, upstream_port, upstream_h2, late_prefix)
+        path = configs.write_yaml(os.path.join(self.tmp, f"bootstrap-{tag}-{kind}.yaml"), boot)
+        if kind == "envoy":
+            self.base_id += 1
+            cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(self.base_id),
+                   "--disable-hot-restart", "-l", "error"]
+            p = self.start(f"envoy-{tag}", cmd, self.proxy_cpu)
+            procs.wait_tcp(port, p, timeout=20)
+            return p, port
+        cmd = shlex.split(self.a.pyproxy_cmd) + ["-c", path, "--concurrency", "1",
+                                                 "--disable-hot-restart", "-l", "error"]
+        p = self.start(f"pyproxy-{tag}", cmd, self.proxy_cpu, cwd=self.a.pyproxy_root)
+        procs.wait_tcp(port, p, timeout=20)
+        return p, port
+
+
+# -- HTTP/1.1 -----------------------------------------------------------------------------
+
+def check_h1(port, direct):
+    """One GET of the benchmark path; returns an error string or None."""
+    headers = {configs.ROUTE_HEADER: configs.ROUTE_VALUE} if direct else {}
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            c.request("GET", configs.BENCH_PATH, headers=headers)
+            r = c.getresponse()
+            body = r.read()
+        finally:
+            c.close()
+    except (OSError, http.client.HTTPException) as e:
+        return f"request failed: {e!r}"
+    if r.status != 200 or len(body) != configs.BODY_SIZE:
+        return f"expected 200 with {configs.BODY_SIZE} bytes, got {r.status} with {len(body)} bytes"
+    return None
+
+
+def setup_targets(bench, mode_key, start_fn, check_fn, result):
+    """Start the proxies for one mode and check them; fills result['targets']."""
+    live = {}
+    for name in bench.a.targets:
+        t = result["targets"].setdefault(name, {})
+        if name == "direct":
+            t["status"], live[name] = "ok", None
+            continue
+        try:
+            proc, port = start_fn(name)
+        except procs.StartError as e:
+            t["status"], t["reason"] = "failed to start", str(e)[:1500]
+            print(f"  {name}: failed to start: {str(e)[:300]}", flush=True)
+            continue
+        err = check_fn(name, port)
+        if err:
+            t["status"], t["reason"] = "failed check", err[:1500]
+            print(f"  {name}: skipped, {err[:300]}", flush=True)
+            bench.stop(proc)
+            continue
+        t["status"] = "ok"
+        t["pid"] = proc.pid
+        live[name] = (proc, port)
+    return live
+
+
+def measure_loop(bench, live, result, run_one, label):
+    """Warm up each target, then repeat R times alternating targets (rotated order)."""
+    names = [n for n in bench.a.targets if n in live]
+    if bench.a.warmup:
+        for n in names:
+            try:
+                run_one(n, bench.a.warmup, warm=True)
+            except loadgen.LoadError as e:
+                print(f"  {label} {n}: warm-up failed: {e}", flush=True)
+    for rep in range(bench.a.repeat):
+        order = names[rep % len(names):] + names[:rep % len(names)] if names else []
+        for n in order:
+            t = result["targets"][n]
+            if t.get("status") != "ok":
+                continue
+            proc = live[n][0] if live[n] else None
+            if proc is not None and not proc.alive():
+                t["status"], t["reason"] = "died", f"exited during the run: {proc.tail(600)}"
+                print(f"  {label} {n}: died: {proc.tail(300)}", flush=True)
+                continue
+            cpu0 = proc.cpu_seconds() if proc else None
+            try:
+                r = run_one(n, bench.a.duration)
+            except loadgen.LoadError as e:
+                t.setdefault("errors", []).append(str(e)[:500])
+                print(f"  {label} {n}: run failed: {str(e)[:300]}", flush=True)
+                continue
+            r["cpu_s"] = (proc.cpu_seconds() - cpu0) if proc else None
+            t.setdefault("runs", []).append(r)
+            cpu_txt = f", proxy CPU {r['cpu_s']:.2f}s" if r["cpu_s"] is not None else ""
+            print(f"  {label} rep {rep + 1}/{bench.a.repeat} {n:<8} {r['rps']:9.0f} rps  "
+                  f"p50 {r['p50_ms'] or 0:.2f} ms  p99 {r['p99_ms'] or 0:.2f} ms{cpu_txt}"
+                  + (f"  ERRORS {r.get('errors')} non-2xx {r.get('non2xx')}"
+                     if r.get("errors") or r.get("non2xx") else ""), flush=True)
+    for n in names:
+        t = result["targets"][n]
+        if live[n] and live[n][0].alive():
+            t["rss_mb"] = round(live[n][0].rss_bytes() / 2**20, 1)
+        if t.get("status") == "ok" and not t.get("runs"):
+            t["status"], t["reason"] = "error", "; ".join(t.get("errors", ["no runs"]))
+        report.summarize(t)
+
+
+def run_h1(bench, results):
+    a = bench.a
+    be = bench.start_backend()
+    want_paced = "h1paced" in a.modes
+    want_h1 = "h1" in a.modes
+    h1 = {"targets": {}, "notes": [
+        f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, {a.repeat} run(s) "
+        f"per target alternating, {a.warmup}s warm-up; path {configs.BENCH_PATH} matches route "
+        f"{configs.LATE_ROUTE} of {configs.ROUTE_COUNT}; backend nginx returns "
+        f"{configs.BODY_SIZE} B", bench.pin_note]}
+    paced = {"targets": {}, "notes": [
+        f"wrk -t1 -c{a.paced_connections} with a Lua delay() of {a.paced_delay_ms} ms per "
+        f"connection (~{a.paced_connections * 1000 // max(1, a.paced_delay_ms)} rps offered), "
+        f"-d{a.duration}s, {a.repeat} run(s)", bench.pin_note]}
+
+    def start_fn(name):
+        return bench.start_proxy(name, "h1", be["h1"], upstream_h2=False)
+
+    def check_fn(name, port):
+        return check_h1(port, direct=False)
+
+    # the h1 and paced modes share one set of proxies
+    live = setup_targets(bench, "h1", start_fn, check_fn, h1)
+    err = check_h1(be["h1"], direct=True)
+    if err:
+        raise RuntimeError(f"backend check failed: {err}")
+    for n, t in h1["targets"].items():
+        paced["targets"][n] = {k: v for k, v in t.items() if k in ("status", "reason", "pid")}
+    urls = {n: f"http://127.0.0.1:{(be['h1'] if n == 'direct' else live[n][1])}"
+               f"{configs.BENCH_PATH}" for n in live}
+    direct_hdr = (f"{configs.ROUTE_HEADER}: {configs.ROUTE_VALUE}",)
+    try:
+        if want_h1:
+            def run_one(n, duration, warm=False):
+                return loadgen.wrk(urls[n], duration, a.threads, a.connections, bench.load_cpu,
+                                   headers=direct_hdr if n == "direct" else ())
+            measure_loop(bench, live, h1, run_one, "h1")
+            report.add_ratios(h1)
+            results["modes"]["h1"] = h1
+        if want_paced:
+            script = loadgen.write_paced_script(bench.tmp, a.paced_delay_ms)
+
+            def run_paced(n, duration, warm=False):
+                return loadgen.wrk(urls[n], duration, 1, a.paced_connections, bench.load_cpu,
+                                   headers=direct_hdr if n == "direct" else (), script=script)
+            measure_loop(bench, live, paced, run_paced, "paced")
+            report.add_ratios(paced)
+            results["modes"]["h1paced"] = paced
+    finally:
+        for n, v in live.items():
+            if v:
+                bench.stop(v[0])
+
+
+# -- HTTP/2 -------------------------------------------------------------------------------
+
+def run_h2(bench, results):
+    a = bench.a
+    be = bench.start_backend()
+    res = {"targets": {}, "notes": [
+        f"h2load -t1 -c{a.h2_clients} -m{a.h2_streams} -D {a.duration}, h2c prior knowledge "
+        f"downstream, HTTP/2 (h2c) upstream to the nginx backend; nginx-as-proxy uses grpc_pass "
+        f"for its HTTP/2 upstream; p50/p99 from h2load --log-file", bench.pin_note]}
+
+    def start_fn(name):
+        return bench.start_proxy(name, "h2", be["h2"], upstream_h2=True, nginx_mode="h2")
+
+    def check_fn(name, port):
+        err = loadgen.h2load_check(f"http://127.0.0.1:{port}{configs.BENCH_PATH}",
+                                   bench.load_cpu)
+        if err and name == "pyproxy":
+            return f"pyproxy cannot serve this HTTP/2 path yet: {err}"
+        return err
+
+    live = setup_targets(bench, "h2", start_fn, check_fn, res)
+    direct_hdr = (f"{configs.ROUTE_HEADER}: {configs.ROUTE_VALUE}",)
+    urls = {n: f"http://127.0.0.1:{(be['h2'] if n == 'direct' else live[n][1])}"
+               f"{configs.BENCH_PATH}" for n in live}
+    try:
+        def run_one(n, duration, warm=False):
+            return loadgen.h2load(urls[n], duration, a.h2_clients, a.h2_streams, bench.load_cpu,
+                                  bench.tmp, n, headers=direct_hdr if n == "direct" else ())
+        measure_loop(bench, live, res, run_one, "h2")
+        report.add_ratios(res)
+        results["modes"]["h2"] = res
+    finally:
+        for n, v in live.items():
+            if v:
+                bench.stop(v[0])
+
+
+# -- gRPC ---------------------------------------------------------------------------------
+
+GRPC_SCRIPT = os.path.join(HERE, "bench", "grpc_bench.py")
+
+
+def grpc_client(bench, port, duration, header=""):
+    cmd = [sys.executable, GRPC_SCRIPT, "client", "--target", f"127.0.0.1:{port}",
+           "--duration", str(duration), "--concurrency", str(bench.a.grpc_concurrency)]
+    if header:
+        cmd += ["--header", header]
+    try:
+        cp = procs.run_bounded(cmd, timeout=duration + 30, cpu=bench.load_cpu)
+    except subprocess.TimeoutExpired as e:
+        raise loadgen.LoadError("gRPC client timed out") from e
+    try:
+        out = json.loads(cp.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise loadgen.LoadError(f"gRPC client failed ({cp.returncode}): "
+                                f"{(cp.stderr or cp.stdout).strip()[-400:]}") from e
+    if "error" in out:
+        raise loadgen.LoadError(out["error"])
+    out["non2xx"] = 0
+    return out
+
+
+def run_grpc(bench, results):
+    a = bench.a
+    gport = procs.free_port()
+    server = bench.start("grpc-server", [sys.executable, GRPC_SCRIPT, "server", "--port",
+                                         str(gport), "--expect-header", configs.ROUTE_VALUE],
+                         bench.load_cpu)
+    res = {"targets": {}, "notes": [
+        f"grpcio (python) unary client, {a.grpc_concurrency} concurrent calls on one channel, "
+        f"grpc.aio server; route {configs.LATE_ROUTE} matches {configs.GRPC_SERVICE_PREFIX} and "
+        f"adds the header the server requires; nginx uses grpc_pass. The python client/server "
+        f"on one core are likely the ceiling: compare ratios, not absolute QPS", bench.pin_note]}
+    live = {}
+    try:
+        procs.wait_tcp(gport, server)
+
+        def start_fn(name):
+            return bench.start_proxy(name, "grpc", gport, upstream_h2=True,
+                                     late_prefix=configs.GRPC_SERVICE_PREFIX, nginx_mode="grpc")
+
+        def check_fn(name, port):
+            try:
+                r = grpc_client(bench, port, 1)
+            except loadgen.LoadError as e:
+                r = {"ok": 0, "errors": 1, "error_kinds": str(e)}
+            if r.get("ok", 0) > 0 and not r.get("errors"):
+                return None
+            msg = f"gRPC check: ok={r.get('ok')} errors={r.get('errors')} {r.get('error_kinds')}"
+            return (f"pyproxy cannot proxy gRPC yet: {msg}" if name == "pyproxy" else msg)[:600]
+
+        live = setup_targets(bench, "grpc", start_fn, check_fn, res)
+        ports = {n: (gport if n == "direct" else live[n][1]) for n in live}
+
+        def run_one(n, duration, warm=False):
+            return grpc_client(bench, ports[n], duration,
+                               header=configs.ROUTE_VALUE if n == "direct" else "")
+        measure_loop(bench, live, res, run_one, "grpc")
+        report.add_ratios(res)
+        results["modes"]["grpc"] = res
+    finally:
+        for n, v in live.items():
+            if v:
+                bench.stop(v[0])
+        bench.stop(server)
+
+
+# -- xDS ----------------------------------------------------------------------------------
+
+def run_xds(bench, results):
+    from bench import ads  # grpc + xds-protos only when needed
+    a = bench.a
+    t0 = time.monotonic()
+    resources = ads.build_resources(a.xds_count, endpoint_port=procs.free_port())
+    build_s = time.monotonic() - t0
+    res = {"targets": {}, "notes": [
+        f"SotW ADS server (benchmarks/bench/ads.py, grpcio) pushes {a.xds_count} EDS clusters, "
+        f"{a.xds_count} ClusterLoadAssignments and one RouteConfiguration with {a.xds_count} "
+        f"virtual hosts (RDS of a static listener); times from the stream's first request to "
+        f"the ACK the server receives; RSS of the proxy 1 s after all three ACKs",
+        f"resources built in {build_s:.2f}s", bench.pin_note]}
+    for name in [n for n in ("envoy", "pyproxy") if n in a.targets]:
+        t = res["targets"].setdefault(name, {})
+        servicer = ads.BenchADS(resources)
+        port = procs.free_port()
+        server = ads.start_server(servicer, port)
+        proc = None
+        try:
+            boot = ads.bootstrap(port, procs.free_port(), node_id=f"bench-xds-{name}")
+            path = configs.write_yaml(os.path.join(bench.tmp, f"xds-{name}.yaml"), boot)
+            if name == "envoy":
+                bench.base_id += 1
+                cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id",
+                       str(bench.base_id), "--disable-hot-restart", "-l", "error"]
+                proc = bench.start("envoy-xds", cmd, bench.proxy_cpu)
+            else:
+                cmd = shlex.split(a.pyproxy_cmd) + ["-c", path, "--concurrency", "1",
+                                                    "--disable-hot-restart", "-l", "error"]
+                proc = bench.start("pyproxy-xds", cmd, bench.proxy_cpu, cwd=a.pyproxy_root)
+            deadline = time.monotonic() + a.xds_timeout
+            rec = None
+            while time.monotonic() < deadline:
+                if not proc.alive():
+                    break
+                rec = rec or servicer.wait_stream(0.2)
+                if rec is not None and rec.done.wait(0.2):
+                    break
+            if not proc.alive():
+                t["status"] = "failed to start" if rec is None else "died"
+                t["reason"] = f"exited with {proc.popen.returncode}: {proc.tail(800)}"
+                print(f"  xds {name}: {t['status']}: {proc.tail(300)}", flush=True)
+                continue
+            if rec is None:
+                t["status"], t["reason"] = "error", f"no ADS stream within {a.xds_timeout:.0f}s"
+                print(f"  xds {name}: no ADS stream", flush=True)
+                continue
+            ref = rec.opened
+            t["types"] = {ads.SHORT.get(k, k): v.as_dict(ref) for k, v in rec.types.items()}
+            t["process_start_to_stream_s"] = round(ref - proc.started_at, 4)
+            if not rec.done.is_set():
+                t["status"] = "error"
+                t["reason"] = (f"not all of CDS/EDS/RDS ACKed within {a.xds_timeout:.0f}s: "
+                               + json.dumps(t["types"])[:800])
+                print(f"  xds {name}: {t['reason'][:300]}", flush=True)
+                continue
+            acks = [rec.types[k].acked_full for k in servicer.expect]
+            t["all_acked_s"] = round(max(acks) - ref, 4)
+            t["process_start_to_all_s"] = round(max(acks) - proc.started_at, 4)
+            time.sleep(1.0)
+            t["rss_mb"] = round(proc.rss_bytes() / 2**20, 1)
+            t["status"] = "ok"
+            nacks = sum(len(v.nacks) for v in rec.types.values())
+            if nacks:
+                t.setdefault("warnings", []).append(f"{nacks} NACK(s) before the ACKs")
+            print(f"  xds {name}: all ACKed {t['all_acked_s']:.3f}s after stream start, "
+                  f"RSS {t['rss_mb']} MB", flush=True)
+        finally:
+            bench.stop(proc)
+            server.stop(grace=0)
+    e, p = res["targets"].get("envoy", {}), res["targets"].get("pyproxy", {})
+    if e.get("status") == "ok" and p.get("status") == "ok":
+        res["ratios"] = {"all_acked_s_vs_envoy": round(p["all_acked_s"] / e["all_acked_s"], 3),
+                         "rss_mb_vs_envoy": round(p["rss_mb"] / e["rss_mb"], 3)}
+    results["modes"]["xds"] = res
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def check_tools(a):
+    need = {"h1": ["wrk", "nginx"], "h1paced": ["wrk", "nginx"], "h2": ["h2load", "nginx"],
+            "grpc": [], "xds": []}
+    if "envoy" in a.targets:
+        for m in a.modes:
+            need[m] = need[m] + ["envoy"]
+    missing = sorted({tool for m in a.modes for tool in need[m] if not shutil.which(tool)})
+    return missing
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # so the finally blocks stop what we started
+    missing = check_tools(a)
+    if missing:
+        print(f"error: missing tools on PATH: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    bench = Bench(a)
+    results = {"meta": {
+        "timestamp": stamp, "argv": sys.argv[1:] if argv is None else list(argv),
+        "host": platform.node(), "python": platform.python_version(),
+        "cpus": sorted(os.sched_getaffinity(0)), "pinning": bench.pin_note, "pin_short": bench.pin_short,
+        "loadavg_start": os.getloadavg(),
+        "versions": {"envoy": _version(["envoy", "--version"]), "nginx": _version(["nginx", "-v"]),
+                     "wrk": _version(["wrk", "-v"]), "h2load": _version(["h2load", "--version"])},
+        "pyproxy_root": a.pyproxy_root,
+        "pyproxy_commit": _version(["git", "-C", a.pyproxy_root, "rev-parse", "HEAD"]),
+        "duration_s": a.duration, "repeat": a.repeat, "warmup_s": a.warmup,
+    }, "modes": {}}
+    print(f"pyproxy benchmark {stamp}: modes {','.join(a.modes)}; targets "
+          f"{','.join(a.targets)}\n  {bench.pin_note}\n  machine is shared: loadavg "
+          f"{results['meta']['loadavg_start']}", flush=True)
+    runners = [("h1", run_h1), ("h2", run_h2), ("grpc", run_grpc), ("xds", run_xds)]
+    failed = False
+    try:
+        for key, fn in runners:
+            if key not in a.modes and not (key == "h1" and "h1paced" in a.modes):
+                continue
+            print(f"\n-- {key}{'+paced' if key == 'h1' and 'h1paced' in a.modes else ''}",
+                  flush=True)
+            try:
+                fn(bench, results)
+            except (RuntimeError, procs.StartError, loadgen.LoadError, OSError) as e:
+                failed = True
+                results["modes"].setdefault(key, {"targets": {}})["error"] = str(e)[:1500]
+                print(f"  {key}: ERROR {str(e)[:500]}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        failed = True
+    finally:
+        bench.cleanup()
+    results["meta"]["loadavg_end"] = os.getloadavg()
+
+    for key, title in (("h1", "HTTP/1.1 closed loop"), ("h1paced", "HTTP/1.1 paced"),
+                       ("h2", "HTTP/2 h2load"), ("grpc", "gRPC unary")):
+        if key in results["modes"] and "targets" in results["modes"][key]:
+            report.print_throughput(title, results["modes"][key], paced=(key == "h1paced"))
+    if "xds" in results["modes"]:
+        report.print_xds(results["modes"]["xds"])
+
+    os.makedirs(a.out, exist_ok=True)
+    jpath = os.path.join(a.out, f"{stamp}.json")
+    with open(jpath, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"\nresults: {jpath}")
+    if not a.no_plot:
+        png = report.plot(results, os.path.join(a.out, f"{stamp}.png"))
+        if png:
+            print(f"plot:    {png}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
