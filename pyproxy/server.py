@@ -160,8 +160,17 @@ class Server:
         from . import extensions  # noqa: F401 (registers built-in extensions)
         t0 = time.monotonic()
         listeners = self.compile_static()
-        for l in listeners:
-            await self.listener_manager.add_or_update(l)
+        socks = []
+        try:
+            for l in listeners:
+                socks.append(self.listener_manager.bind_socket(l) if self.listener_manager.needs_new_socket(l) else None)
+        except ConfigError:
+            for s in socks:
+                if s is not None:
+                    s.close()
+            raise
+        for l, s in zip(listeners, socks):
+            self.listener_manager.install(l, s)
         await self._start_admin()
         dr = self.bootstrap.dynamic_resources
         if dr.HasField("ads_config") or dr.HasField("cds_config") or dr.HasField("lds_config"):

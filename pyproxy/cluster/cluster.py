@@ -196,14 +196,16 @@ class Cluster:
 
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet) -> None:
-        old = self.priority_set
-        if old.all_hosts:
-            ps = diff_hosts(old, ps)
+        upd = diff_hosts(self.priority_set if self.priority_set.all_hosts else None, ps)
+        ps = upd.priority_set
         self.priority_set = ps
         self.lb = create_lb(self.proto, ps)
         keys = {h.key for h in ps.all_hosts}
-        for k in [k for k in self.pools if k not in keys]:
-            self.pools.pop(k).drain()
+        for h in upd.removed:
+            if h.key not in keys:
+                p = self.pools.pop(h.key, None)
+                if p is not None:
+                    p.drain()
         self.st_membership_total.set(len(ps.all_hosts))
         self.st_membership_healthy.set(sum(1 for h in ps.all_hosts if h.healthy))
         self.st_membership_change.inc()
@@ -228,7 +230,7 @@ class Cluster:
         """Begin background work (DNS resolution)."""
         if self.type in (STRICT_DNS, LOGICAL_DNS):
             from .dns import DnsRefresher
-            self._dns = DnsRefresher(self.proto, self.loop, self._on_dns_hosts)
+            self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
             self._dns.start()
 
     def _on_dns_hosts(self, ps: PrioritySet) -> None:

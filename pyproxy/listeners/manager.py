@@ -98,21 +98,27 @@ class ListenerManager:
                 raise ConfigError("error adding listener '%s': listener '%s' has duplicate address '%s'"
                                   % (cfg.name, name, cfg.address_str()))
 
-    async def add_or_update(self, cfg: CompiledListener) -> bool:
+    def install(self, cfg: CompiledListener, sock=None) -> bool:
+        """Install a compiled listener (``sock``: pre-bound by ``bind_socket``, when new).
+
+        Synchronous: accepting starts on the next loop iteration (the socket already listens).
+        """
         cur = self.active.get(cfg.name)
         if cur is not None and cur.config.proto == cfg.proto:
+            if sock is not None:
+                sock.close()
             return False
         new = ActiveListener(self, cfg)
-        if cur is not None and cur.config.family == cfg.family and cur.config.host == cfg.host and \
-                cur.config.port == cfg.port and cur.config.bind_to_port == cfg.bind_to_port and cur.sock is not None:
-            # same address: keep the socket, new connections get the new config
-            new.sock, new.server = cur.sock, None
+        if self._same_socket(cur, cfg):
             self._swap_server(cur, new)
             self.st_modified.inc()
             self._drain_old(cur, keep_socket=True)
         else:
             if cfg.bind_to_port and cfg.family == "ip":
-                await self._bind(new)
+                if sock is None:
+                    sock = self.bind_socket(cfg)
+                new.sock = sock
+                self.loop.create_task(self._serve(new))
             if cur is not None:
                 self.st_modified.inc()
                 self._drain_old(cur, keep_socket=False)
@@ -124,8 +130,24 @@ class ListenerManager:
         self.st_total_active.set(len(self.active))
         return True
 
-    async def _bind(self, al: ActiveListener) -> None:
-        cfg = al.config
+    def needs_new_socket(self, cfg: CompiledListener) -> bool:
+        return cfg.bind_to_port and cfg.family == "ip" and not self._same_socket(self.active.get(cfg.name), cfg)
+
+    @staticmethod
+    def _same_socket(cur, cfg) -> bool:
+        return cur is not None and cur.sock is not None and cur.config.family == cfg.family and \
+            cur.config.host == cfg.host and (cur.config.port == cfg.port or cfg.port == 0) and \
+            cur.config.bind_to_port == cfg.bind_to_port
+
+    async def _serve(self, al: ActiveListener) -> None:
+        if al.sock is None or al.sock.fileno() < 0:
+            return
+        al.server = await self.loop.create_server(al.protocol_factory, sock=al.sock, backlog=1024)
+        if al.draining or self.active.get(al.config.name) is not al:
+            al.server.close()
+
+    def bind_socket(self, cfg: CompiledListener):
+        """A listening socket for ``cfg`` (raises ConfigError when the address can't be bound)."""
         fam = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_STREAM)
         try:
@@ -148,22 +170,23 @@ class ListenerManager:
             self.st_create_failure.inc()
             raise ConfigError("cannot bind '%s': %s" % (cfg.address_str(), e.strerror or e),
                               resource="listener '%s'" % cfg.name) from None
-        al.sock = sock
-        al.server = await self.loop.create_server(al.protocol_factory, sock=sock, backlog=1024)
         if cfg.port == 0:
             cfg.port = sock.getsockname()[1]
+        return sock
 
     def _swap_server(self, old: ActiveListener, new: ActiveListener) -> None:
         # asyncio servers bind the protocol factory at creation; re-point it at the new listener
+        new.sock = old.sock
         srv = old.server
         new.server = srv
-        srv._protocol_factory = new.protocol_factory
+        if srv is not None:
+            srv._protocol_factory = new.protocol_factory
         old.server = None
+        old.sock = None
 
     def _drain_old(self, al: ActiveListener, keep_socket: bool) -> None:
-        if not keep_socket and al.server is not None:
-            al.server.close()
-            al.server = None
+        if not keep_socket:
+            self._stop_accepting(al)
         al.draining = True
         self.draining_listeners.append(al)
         self.st_total_draining.set(len(self.draining_listeners))
@@ -184,7 +207,7 @@ class ListenerManager:
             self.draining_listeners.remove(al)
         self.st_total_draining.set(len(self.draining_listeners))
 
-    async def remove(self, name: str) -> bool:
+    def remove(self, name: str) -> bool:
         al = self.active.pop(name, None)
         if al is None:
             return False
@@ -234,6 +257,9 @@ class ListenerManager:
         if al.server is not None:
             al.server.close()
             al.server = None
+        elif al.sock is not None:
+            al.sock.close()
+        al.sock = None
 
     def active_connections(self) -> int:
         n = sum(len(al.connections) for al in self.active.values())

@@ -13,6 +13,7 @@ import time
 
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
+from ...cluster.lb import LbContext
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 
@@ -37,19 +38,6 @@ class RouterConfig:
 
 def factory(cfg, ctx):
     return RouterConfig(cfg, ctx)
-
-
-class LbContext:
-    __slots__ = ("hash_key", "attempted", "host_selection_max_attempts", "previous_hosts")
-
-    def __init__(self, hash_key=None):
-        self.hash_key = hash_key
-        self.attempted = None
-        self.previous_hosts = False
-        self.host_selection_max_attempts = 1
-
-    def should_select_another(self, host) -> bool:
-        return self.previous_hosts and self.attempted is not None and host in self.attempted
 
 
 class Router:
@@ -136,8 +124,7 @@ class Router:
             self.buffering = False
         self.lb_ctx = LbContext(route.hash_key(headers, s.hc.conn.info.src_ip) if route.hash_policies else None)
         if retry is not None and retry.previous_hosts:
-            self.lb_ctx.previous_hosts = True
-            self.lb_ctx.attempted = []
+            self.lb_ctx.previous_hosts = []
             self.lb_ctx.host_selection_max_attempts = retry.host_selection_max_attempts
         self.start = time.monotonic()
         cluster.rq_active_total += 1
@@ -209,8 +196,8 @@ class Router:
             self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
             return
         si.upstream_host = host.key
-        if self.lb_ctx.attempted is not None:
-            self.lb_ctx.attempted.append(host)
+        if self.lb_ctx.previous_hosts is not None:
+            self.lb_ctx.previous_hosts.append(host)
         if self.route.auto_host_rewrite and host.hostname:
             self.headers.set(":authority", host.hostname)
         if self.attempts > 1 and self.route.retry is not None and getattr(self.route, "include_attempt_count", False):

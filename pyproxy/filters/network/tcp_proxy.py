@@ -13,6 +13,7 @@ import random
 
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 
+from ...cluster.lb import LbContext
 from ...cluster.pool import open_socket
 from ...config import ConfigError, duration_s, u32
 from ...listeners.connection import CONTINUE, STOP
@@ -151,7 +152,7 @@ class TcpProxy:
         if c.original_dst:
             info = self.conn.info
             return c.original_dst_host(info.dst_ip, info.dst_port)
-        return c.choose_host(_TcpLbContext())
+        return c.choose_host(_TCP_LB_CTX)
 
     def _connect(self):
         c = self.cluster
@@ -348,10 +349,4 @@ class TcpProxy:
                 al.log(si, None, None, None)
 
 
-class _TcpLbContext:
-    __slots__ = ()
-    hash_key = None
-    host_selection_max_attempts = 1
-
-    def should_select_another(self, host):
-        return False
+_TCP_LB_CTX = LbContext()
