@@ -193,7 +193,7 @@ def reopen() -> None:
 # ---------------------------------------------------------------------------------------------
 # spdlog pattern formatter
 
-_TOKEN = re.compile(r"%([-=]?)(\d*)(!?)(.)", re.S)
+_TOKEN = re.compile(r"%(?:([-=]?)(\d+)(!?))?(.)", re.S)
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _DAYS_FULL = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")

@@ -124,7 +124,8 @@ DEFAULT_EXTRACTORS = (
     ("tok", "envoy.ext_authz_prefix", "http.*.ext_authz.$.**"),
     ("tok", "envoy.http_conn_manager_prefix", "http.$.**"),
     ("re", "envoy.worker_id",
-     r"^(?:listener\.(?:<ADDRESS>|<TAG_VALUE>)\.|server\.|listener_manager\.)worker_((\d+)\.)", "", ""),
+     r"^(?:listener\.(?:<ADDRESS>|<TAG_VALUE>)\.|server\.|listener_manager\.|"
+     r"thread_local_cluster_manager\.)worker_((\d+)\.)", "", ""),
     ("re", "envoy.listener_address", r"^listener\.((<ADDRESS>|<TAG_VALUE>)\.)", "", "admin"),
     ("tok", "envoy.virtual_host", "vhost.$.**"),
     ("tok", "envoy.mongo_prefix", "mongo.$.**"),
@@ -358,7 +359,8 @@ class Query:
         if t not in STAT_TYPES:
             raise StatsParamError("invalid &type= param")
         self.type = t
-        b = params.get("histogram_buckets", "summary") or "summary"
+        default = "cumulative" if prometheus else "summary"
+        b = params.get("histogram_buckets", default) or default
         allowed = ("cumulative", "summary") if prometheus else ("cumulative", "disjoint", "summary")
         if b not in allowed:
             raise StatsParamError("usage: /stats?histogram_buckets=(%s)" % "|".join(allowed))
@@ -495,30 +497,34 @@ def render_prometheus(store, q: Query) -> str:
     out: list = []
 
     def group(items):
+        """{prometheus name: [(stat name, tags, stat)]}, ordered as Envoy orders families: by
+        tag-extracted name ("cluster.x" before "cluster_manager.y")."""
         fams: dict[str, list] = {}
+        keys: dict[str, str] = {}
         for n, s in items:
             base, tags = prod.produce(n)
             pn = prometheus_name(base)
             if pn is not None:
                 fams.setdefault(pn, []).append((n, tags, s))
-        return fams
+                keys.setdefault(pn, base)
+        return {pn: fams[pn] for pn in sorted(fams, key=lambda k: keys[k])}
 
     counters = [(n, s) for n, s in cg if s.kind == "counter"]
     gauges = [(n, s) for n, s in cg if s.kind == "gauge"]
     for kind, items in (("counter", counters), ("gauge", gauges)):
         fams = group(items)
-        for pn in sorted(fams):
+        for pn in fams:
             out.append("# TYPE %s %s" % (pn, kind))
             for n, tags, s in fams[pn]:
                 out.append("%s%s %d" % (pn, _labels(tags), s.value))
     if q.text_readouts:
         fams = group(tr)
-        for pn in sorted(fams):
+        for pn in fams:
             out.append("# TYPE %s gauge" % pn)
             for n, tags, v in fams[pn]:
                 out.append("%s%s 0" % (pn, _labels(tags, (("text_value", _escape_label(v)),))))
     fams = group(hs)
-    for pn in sorted(fams):
+    for pn in fams:
         if q.buckets == "summary":
             out.append("# TYPE %s summary" % pn)
             for n, tags, h in fams[pn]:

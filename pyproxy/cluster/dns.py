@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import random
 import socket
 import struct

@@ -623,8 +623,8 @@ class LoadBalancer:
         elif callable(table):
             pick = table
         else:
-            def pick(ctx, _t=table, _r=_random):
-                return _t[int(_r() * 100)](ctx)
+            def pick(ctx, _t=table, _n=len(table), _r=_random):
+                return _t[int(_r() * _n)](ctx)
         self._pick = pick
         direct = getattr(pick, "direct", None)
 
