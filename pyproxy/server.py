@@ -177,8 +177,8 @@ class Server:
             from .xds_glue import start_xds
             self.xds = await start_xds(self)
         self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
-        from .access_log import start_flusher
-        start_flusher(self.loop, self.access_flush_interval)
+        from .access_log.file import set_flush_interval
+        set_flush_interval(self.access_flush_interval)
         self._wait_initialized(t0)
 
     def _wait_initialized(self, t0):
@@ -246,7 +246,7 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)
 
     def reopen_logs(self):
-        from .access_log import reopen_all
+        from .access_log.file import reopen_all
         reopen_all()
 
     def shutdown_gracefully(self):
@@ -289,7 +289,7 @@ class Server:
             await self.xds.stop()
         if self.admin is not None:
             await self.admin.close()
-        from .access_log import flush_all
+        from .access_log.file import flush_all
         flush_all()
         self.cluster_manager.close()
 

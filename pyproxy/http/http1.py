@@ -258,6 +258,7 @@ class Http1ServerCodec:
             self.cur_events = ev
             self.conn.read_disable(True)
             return
+        self.request_complete = not has_body
         self._start_stream(headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)
 
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
@@ -301,6 +302,7 @@ class Http1ServerCodec:
                 continue
             if k == "content-length":
                 cl = v
+                continue
             elif k in HOP_BY_HOP:
                 if k == "upgrade" and status == 101:
                     upgrade = True
@@ -369,6 +371,10 @@ class Http1ServerCodec:
         while self.pending and self.stream is None:
             ev = self.pending.pop(0)
             _, headers, end_stream, version, keep_alive, upgrade, expect = ev[0]
+            complete = end_stream or any(e[0] == "e" for e in ev[1:])
+            if self.cur_events is ev:
+                self.cur_events = None  # the rest of this request's body goes straight to its stream
+            self.request_complete = complete
             self._start_stream(headers, end_stream, version, keep_alive, upgrade, expect)
             s = self.stream
             for e in ev[1:]:
