@@ -2,7 +2,6 @@
 
 import calendar
 import json
-import os
 import time
 
 import pytest
