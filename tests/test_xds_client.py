@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import \
     http_connection_manager_pb2 as hcm_pb2
@@ -489,7 +489,6 @@ def test_targets(tmp_path, monkeypatch):
     assert target_from_api_config_source(acs, {"xds-grpc": c}).endswith("etc/istio/proxy/XDS")
     with pytest.raises(ConfigError):
         XdsClient(target="x:1", node=node(), api_type="REST", handler=RecordingHandler())
-    assert address_pb2  # (imported for Address types above)
 
 
 def test_istio_bootstrap_target():
@@ -595,3 +594,14 @@ def test_decode_any():
         decode_any(any_pb2.Any(type_url="type.googleapis.com/no.Such"), "type.googleapis.com/no.Such")
     with pytest.raises(ConfigError, match="cannot decode"):
         decode_any(any_pb2.Any(type_url=CLUSTER, value=b"\x0a\x05ab"), CLUSTER)
+
+
+def test_backoff_is_jittered_and_bounded():
+    c = XdsClient(target="127.0.0.1:1", node=node(), api_type="GRPC", handler=RecordingHandler(),
+                  initial_backoff=0.5, max_backoff=4.0)
+    for attempt, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0), (100, 4.0)]:
+        vals = {c._backoff(attempt) for _ in range(50)}
+        assert all(cap / 2 <= v <= cap for v in vals) and len(vals) > 1
+    with pytest.raises(ValueError):
+        XdsClient(target="x:1", node=node(), api_type="GRPC", handler=RecordingHandler(),
+                  initial_backoff=2, max_backoff=1)
