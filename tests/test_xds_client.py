@@ -265,6 +265,8 @@ class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 item = await q.get()
                 if item == "close":
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+                if item == "end":
+                    return          # stream ends with status OK: the client sees EOF
                 await context.write(item)
         finally:
             rt.cancel()
@@ -417,6 +419,19 @@ def test_misbehaving_server(api):
             # still healthy on the new stream
             ads.send(cds(api, "v11", "m1", ["b", "e", "f"] if api == "GRPC" else ["f"]))
             await wait_until(lambda: h.names(CLUSTER) == {"b", "e", "f"}, what="push on stream 2")
+
+            # 10. a response without a nonce is still answered (with an empty nonce)
+            n = len(ads.reqs(CLUSTER))
+            ads.send(cds(api, "v12", "", ["b", "e", "f", "g"] if api == "GRPC" else ["g"]))
+            await wait_until(lambda: len(ads.reqs(CLUSTER)) == n + 1, what="ACK without nonce")
+            r = ads.reqs(CLUSTER)[-1]
+            assert r.response_nonce == "" and not is_nack(r) and "g" in h.names(CLUSTER)
+
+            # 11. the server ends the stream cleanly (status OK): the client reconnects too
+            ads.send("end")
+            await wait_until(lambda: ads.streams == 3 and ads.reqs(CLUSTER, stream=3),
+                             what="third stream")
+            assert "closed by the server" in c.last_stream_error
         finally:
             await c.stop()
             await srv.stop(None)
