@@ -2,7 +2,9 @@
 
 One logger per Envoy component, named ``pyproxy.<component>`` (``pyproxy.upstream``,
 ``pyproxy.connection``...), each with its own level, all writing through one handler whose
-formatter understands the spdlog pattern flags Envoy's ``--log-format`` uses.
+formatter understands the spdlog pattern flags Envoy's ``--log-format`` uses. A module may also
+log through ``logging.getLogger("pyproxy.<component>.<module>")`` (it follows the component's
+level) or any other ``pyproxy.*`` name (it follows ``-l``); ``%n`` prints the component.
 
 Levels are Envoy's: ``trace < debug < info < warning < error < critical < off``. Every component
 logger carries an explicit level, so ``logger.isEnabledFor(DEBUG)`` is one cached lookup and a
@@ -101,12 +103,16 @@ def get_logger(component: str) -> logging.Logger:
 
 
 def _init_levels(levelno: int) -> None:
+    # The root "pyproxy" logger carries the base level too, so module loggers outside the
+    # component set ("pyproxy.xds_client.ads") follow -l; "pyproxy.<component>.<x>" loggers
+    # follow their component. Levels only filter at the originating logger, so the root's
+    # level never hides what a component lets through.
+    _root.setLevel(levelno)
     for c in COMPONENTS:
         logging.getLogger(ROOT_NAME + "." + c).setLevel(levelno)
 
 
 _init_levels(logging.INFO)
-_root.setLevel(TRACE)  # components filter; the root lets everything they pass through
 
 
 def parse_component_levels(spec: str) -> list[tuple[str, int]]:
@@ -203,7 +209,9 @@ _MONTHS_FULL = ("January", "February", "March", "April", "May", "June", "July", 
 
 def _component(record) -> str:
     n = record.name
-    return n[len(ROOT_NAME) + 1:] if n.startswith(ROOT_NAME + ".") else n
+    if n.startswith(ROOT_NAME + "."):
+        return n[len(ROOT_NAME) + 1:].split(".", 1)[0]
+    return n
 
 
 def _source_path(record) -> str:

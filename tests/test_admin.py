@@ -828,3 +828,10 @@ def test_prometheus_names_and_labels_match_envoy(envoy_admin):
     for fam, (kind, series) in envoy.items():
         assert ours[fam] == (kind, series), fam  # same type, labels, label order, series order
     assert list(ours) == list(envoy)  # family order
+
+
+def test_expect_100_continue_with_body(admin):
+    code, body = curl("-X", "POST", "-H", "Expect: 100-continue", "--data-binary", "x" * 5000,
+                      "http://127.0.0.1:%d/healthcheck/fail" % admin.port)
+    assert (code, body) == (200, "OK\n")
+    assert admin.test_ctx.hc_failed is True

@@ -173,3 +173,12 @@ def test_disabled_logging_is_cheap():
         lg.debug("x %s", 1)
     per_call = (time.perf_counter() - t0) / n
     assert per_call < 5e-6, per_call  # a cached level check, no formatting
+
+
+def test_module_loggers_follow_component_or_base_level():
+    buf = io.StringIO()
+    plog.setup_logging("warning", "upstream:debug", "%n|%l|%v", None, stream=buf)
+    logging.getLogger("pyproxy.upstream.dns").debug("resolved")   # follows 'upstream'
+    logging.getLogger("pyproxy.xds_client.ads").info("dropped")   # follows -l warning
+    logging.getLogger("pyproxy.xds_client.ads").warning("kept")
+    assert buf.getvalue() == "upstream|debug|resolved\nxds_client|warning|kept\n"

@@ -1,6 +1,5 @@
 """Unit tests of the compiled route table (actions, policies, errors)."""
 
-import re
 
 import pytest
 import yaml
@@ -326,3 +325,52 @@ def test_istio_route_configs_compile():
     if n == 0:
         pytest.skip("istio testdata not present")
     assert n > 10
+
+
+def test_runtime_fraction_uses_random_value():
+    t = one_route("""  - match: {prefix: /, runtime_fraction: {default_value: {numerator: 25, denominator: TEN_THOUSAND}}}
+    route: {cluster: sampled}
+  - match: {prefix: /}
+    route: {cluster: rest}
+""")
+    got = [t.find(req(), None, v).cluster for v in (0, 24, 25, 9999, 10024, 10025)]
+    assert got == ["sampled", "sampled", "rest", "rest", "sampled", "rest"]
+
+
+def test_mirror_policies_and_weight_header():
+    t = one_route("""  - match: {prefix: /}
+    route:
+      weighted_clusters:
+        header_name: x-weight
+        clusters: [{name: a, weight: 50}, {name: b, weight: 50}]
+      request_mirror_policies:
+      - cluster: shadow
+        runtime_fraction: {default_value: {numerator: 10}}
+""")
+    e = t.find(req())
+    assert e.select_cluster(req(x_weight="10"), 99)[0] == "a"
+    assert e.select_cluster(req(x_weight="60"), 0)[0] == "b"
+    (m,) = e.mirror_policies
+    assert m.cluster == "shadow" and m.sampled(9) and not m.sampled(10)
+
+
+def test_header_mutation_actions():
+    t = one_route("""  - match: {prefix: /}
+    route: {cluster: c}
+    request_headers_to_add:
+    - {header: {key: x-if-absent, value: new}, append_action: ADD_IF_ABSENT}
+    - {header: {key: x-absent-too, value: new}, append_action: ADD_IF_ABSENT}
+    - {header: {key: x-ow, value: new}, append_action: OVERWRITE_IF_EXISTS}
+    - {header: {key: x-ow-missing, value: new}, append_action: OVERWRITE_IF_EXISTS}
+    - {header: {key: x-empty, value: '%REQ(x-nothing)%'}}
+    - {header: {key: x-keep, value: '%REQ(x-nothing)%'}, keep_empty_value: true}
+    - {header: {key: x-raw, raw_value: cmF3}}
+""")
+    h = req(x_if_absent="old", x_ow="old")
+    t.find(h).finalize_request_headers(h, StreamInfo(), None)
+    assert h.get_all("x-if-absent") == ["old"] and h.get_all("x-absent-too") == ["new"]
+    assert h.get_all("x-ow") == ["new"] and "x-ow-missing" not in h
+    assert "x-empty" not in h and h.get("x-keep") == "" and h.get("x-raw") == "raw"
+    with pytest.raises(ConfigError, match="Both append and append_action"):
+        one_route("  - match: {prefix: /}\n    route: {cluster: c}\n    request_headers_to_add: "
+                  "[{header: {key: x, value: y}, append: true, append_action: ADD_IF_ABSENT}]\n")

@@ -136,6 +136,10 @@ class _AdminConnection(asyncio.Protocol):
 
     def on_headers_complete(self):
         self.in_headers = False
+        for k, v in self.headers:
+            if k == "expect" and v.lower() == "100-continue" and self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                break
 
     def on_body(self, body: bytes):
         self.body_bytes += len(body)

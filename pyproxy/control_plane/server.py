@@ -40,7 +40,7 @@ class _Sub:
 
 
 class _Stream:
-    __slots__ = ("id", "api", "node_id", "queue", "subs", "peer", "opened")
+    __slots__ = ("id", "api", "node_id", "queue", "subs", "peer", "opened", "change_pending")
 
     def __init__(self, sid: int, api: str, peer: str):
         self.id = sid
@@ -50,6 +50,7 @@ class _Stream:
         self.subs: dict[str, _Sub] = {}
         self.peer = peer
         self.opened = time.time()
+        self.change_pending = False   # a _CHANGED marker is queued (coalesces bursts of reloads)
 
 
 class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -168,7 +169,9 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         log.info("control plane: version %d: %s", self.version,
                  ", ".join("%d %s" % (len(v), t.rpartition(".")[2]) for t, v in sorted(snap.items())))
         for st in self.streams.values():
-            st.queue.put_nowait(_CHANGED)
+            if not st.change_pending:
+                st.change_pending = True
+                st.queue.put_nowait(_CHANGED)
         self._write_status()
         return True
 
@@ -261,8 +264,12 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if item is None:
                     break
                 if item is _CHANGED:
+                    st.change_pending = False
                     for t in sorted(st.subs, key=R.order_key):
                         await self._push(context, st, t, first=False)
+                    continue
+                if not item.type_url:
+                    log.warning("control plane: stream %d: request without type_url ignored", st.id)
                     continue
                 try:
                     if api == "sotw":

@@ -139,6 +139,9 @@ class XdsClient:
         self._in_response = False
         self._dirty: list[_TypeState] = []
         self._stopping = False
+        # While the handler runs: the version of each resource in the response being applied
+        # (delta: per resource; SotW: every name -> version_info), for config_dump.
+        self.response_versions: dict[str, str] = {}
         self._gauge = stats.gauge("control_plane.connected_state", accumulate=False) if stats else None
         if self._gauge is not None:
             self._gauge.set(0)
@@ -443,6 +446,7 @@ class XdsClient:
                     continue
                 added[name] = msg
             removed = (ts.known - added.keys()) if full_state else set()
+            self.response_versions = dict.fromkeys(added, resp.version_info)
             self._call_handler(t, resp.version_info, added, removed, True)
         except Exception as e:  # NACK; the stream and the config in force stay
             if not isinstance(e, ConfigError):
@@ -491,6 +495,7 @@ class XdsClient:
             if unchanged:
                 log.debug("xDS: %s resources unchanged; ACK without applying", t)
             else:
+                self.response_versions = versions
                 self._call_handler(t, resp.system_version_info, added, removed, False)
         except Exception as e:
             if not isinstance(e, ConfigError):
