@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         return 1
     from .config import ConfigError
     from .config.bootstrap import load_bootstrap
-    from . import extensions  # noqa: F401
+    from . import extensions, access_log  # noqa: F401
     from .server import Options
     opts = Options(**{k: v for k, v in vars(args).items() if k != "version"})
     try:

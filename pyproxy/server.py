@@ -157,7 +157,7 @@ class Server:
                 log.info("resource monitor '%s': %s", m.name, cfg)
 
     async def start(self):
-        from . import extensions  # noqa: F401 (registers built-in extensions)
+        from . import extensions, access_log  # noqa: F401 (registers built-in extensions)
         t0 = time.monotonic()
         listeners = self.compile_static()
         socks = []

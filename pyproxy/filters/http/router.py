@@ -75,7 +75,7 @@ class Router:
         if kind != ROUTE:
             if kind == DIRECT_RESPONSE:
                 s.hc.stats.rq_direct_response.value += 1
-                body = route.direct_body(headers, si) if callable(getattr(route, "direct_body", None)) else b""
+                body = route.direct_body(si, headers)
                 self._direct_reply(route.direct_status, body, headers)
             else:
                 s.hc.stats.rq_redirect.value += 1
@@ -102,8 +102,8 @@ class Router:
             s.send_local_reply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
                                "upstream_reset_before_response_started{overflow}", flag="UO")
             return STOP
-        route.rewrite_request(headers)
         route.finalize_request_headers(headers, si, choice)
+        route.rewrite_request(headers, choice)
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         gmax = route.grpc_timeout_header_max
@@ -200,7 +200,7 @@ class Router:
             self.lb_ctx.previous_hosts.append(host)
         if self.route.auto_host_rewrite and host.hostname:
             self.headers.set(":authority", host.hostname)
-        if self.attempts > 1 and self.route.retry is not None and getattr(self.route, "include_attempt_count", False):
+        if self.attempts > 1 and self.route.retry is not None and self.route.include_request_attempt_count:
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
         pool = c.http_pool(host)
@@ -297,7 +297,7 @@ class Router:
             c.st_rq_retry_success.value += 1
         if not self.cfg.suppress_envoy_headers:
             headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
-        self.route.finalize_response_headers(headers, self.s.stream_info, self.choice)
+        self.route.finalize_response_headers(headers, self.s.stream_info, self.choice, self.headers)
         if end_stream:
             self._complete()
         self.s.encode_headers(headers, end_stream)
@@ -387,7 +387,7 @@ class Router:
         if b:
             h.add("content-length", str(len(b)))
             h.add("content-type", "text/plain")
-        self.route.finalize_response_headers(h, s.stream_info, None)
+        self.route.finalize_response_headers(h, s.stream_info, None, headers)
         h.add("date", _date_now())
         s.stream_info.response_code_details = "direct_response"
         if b and headers.get(":method") != "HEAD":
