@@ -1,14 +1,41 @@
 """The table of built-in extensions: proto type -> implementing module.
 
 One module per extension, imported only when a configuration names its type. Istio's own filters
-that pyproxy does not implement yet are registered as *ignored* with the reason it is safe to run
-without them; they never cause a rejection.
+that pyproxy does not implement yet are registered as *known and ignored* with the reason it is safe
+to run without them: they never cause a rejection, the reason is logged once per type, and
+``pyproxy validate`` prints it next to every resource that uses them.
 """
 
-from .config.registry import REGISTRY
+import logging
+
+from .config.registry import REGISTRY, Ignored
+
+log = logging.getLogger("pyproxy.config")
 
 _R = REGISTRY.register
-_I = REGISTRY.ignore
+
+
+class LoggedIgnored(Ignored):
+    """An ``Ignored`` whose reason is logged (once per process) the first time a config uses it."""
+
+    __slots__ = ("_text", "_logged", "_type")
+
+    def __init__(self, type_name: str, text: str):  # noqa: super().__init__ would set the slot
+        self._type = type_name
+        self._text = text
+        self._logged = False
+
+    @property
+    def reason(self) -> str:
+        if not self._logged:
+            self._logged = True
+            log.info("extension %s is known and skipped: %s", self._type, self._text)
+        return self._text
+
+
+def _I(category, type_name, reason, names=()):
+    REGISTRY.register(category, type_name, LoggedIgnored(type_name, reason), names)
+
 
 # -- network filters ---------------------------------------------------------------------------
 _R("network_filter", "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
@@ -16,18 +43,85 @@ _R("network_filter", "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
 _R("network_filter", "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
    "pyproxy.filters.network.http_connection_manager:factory",
    names=("envoy.filters.network.http_connection_manager", "envoy.http_connection_manager"))
+_R("network_filter", "envoy.extensions.filters.network.rbac.v3.RBAC",
+   "pyproxy.filters.network.rbac:factory", names=("envoy.filters.network.rbac",))
+_R("network_filter", "envoy.extensions.filters.network.set_filter_state.v3.Config",
+   "pyproxy.filters.network.set_filter_state:factory", names=("envoy.filters.network.set_filter_state",))
+_R("network_filter", "envoy.extensions.filters.network.wasm.v3.Wasm",
+   "pyproxy.filters.network.wasm:factory", names=("envoy.filters.network.wasm",))
+
+# Istio's network filters (types no installed proto defines; they arrive as TypedStruct or a marked
+# Struct, which ``type_name_of`` sees through).
+_I("network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
+   "istio.metadata_exchange: peer metadata is exchanged only inside mTLS (ALPN istio-peer-exchange), "
+   "which is not implemented yet; without it peer labels are missing from telemetry, traffic is unchanged")
+_I("network_filter", "stats.PluginConfig",
+   "istio.stats: Istio's istio_* telemetry is not emitted yet; Envoy's own stats are unaffected")
+_I("network_filter", "io.istio.network.authn.Config",
+   "istio_authn: publishes the mTLS peer identity for RBAC; without TLS there is no peer identity, "
+   "and RBAC treats the connection as unauthenticated (as Envoy does for plaintext)")
 
 # -- HTTP filters --------------------------------------------------------------------------------
 _R("http_filter", "envoy.extensions.filters.http.router.v3.Router", "pyproxy.filters.http.router:factory",
    names=("envoy.filters.http.router", "envoy.router"))
+_R("http_filter", "envoy.extensions.filters.http.fault.v3.HTTPFault", "pyproxy.filters.http.fault:factory",
+   names=("envoy.filters.http.fault", "envoy.fault"))
+_R("http_filter", "envoy.extensions.filters.http.cors.v3.Cors", "pyproxy.filters.http.cors:factory",
+   names=("envoy.filters.http.cors", "envoy.cors"))
+_R("http_filter", "envoy.extensions.filters.http.rbac.v3.RBAC", "pyproxy.filters.http.rbac:factory",
+   names=("envoy.filters.http.rbac",))
+_R("http_filter", "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", "pyproxy.filters.http.ext_authz:factory",
+   names=("envoy.filters.http.ext_authz", "envoy.ext_authz"))
+_R("http_filter", "envoy.extensions.filters.http.compressor.v3.Compressor",
+   "pyproxy.filters.http.compressor:factory", names=("envoy.filters.http.compressor",))
+_R("http_filter", "envoy.extensions.filters.http.wasm.v3.Wasm", "pyproxy.filters.http.wasm:factory",
+   names=("envoy.filters.http.wasm",))
+_R("http_filter", "envoy.extensions.filters.http.set_filter_state.v3.Config",
+   "pyproxy.filters.http.set_filter_state:factory", names=("envoy.filters.http.set_filter_state",))
+_R("http_filter", "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+   "pyproxy.filters.http.grpc_stats:factory", names=("envoy.filters.http.grpc_stats",))
+
+_I("http_filter", "stats.PluginConfig",
+   "istio.stats: Istio's istio_* telemetry is not emitted yet; Envoy's own stats are unaffected")
+_I("http_filter", "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+   "istio.alpn: overrides the ALPN offered on upstream mTLS connections; with no upstream TLS yet "
+   "there is no ALPN to override")
+_I("http_filter", "io.istio.http.peer_metadata.Config",
+   "peer_metadata: discovers peer workload metadata for telemetry; istio_* telemetry is not emitted yet")
+_I("http_filter", "io.istio.http.connect_authority.Config",
+   "connect_authority: passes the CONNECT authority to HBONE internal listeners, which are not "
+   "supported (no traffic reaches them)")
+_I("http_filter", "io.istio.http.connect_baggage.Config",
+   "connect_baggage: propagates workload baggage over HBONE CONNECT, which is not supported")
 
 # -- listener filters ----------------------------------------------------------------------------
 _R("listener_filter", "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
    "pyproxy.filters.listener.original_dst:factory", names=("envoy.filters.listener.original_dst",))
+_R("listener_filter", "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+   "pyproxy.filters.listener.tls_inspector:factory", names=("envoy.filters.listener.tls_inspector",))
+_R("listener_filter", "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+   "pyproxy.filters.listener.http_inspector:factory", names=("envoy.filters.listener.http_inspector",))
+_I("listener_filter", "istio.set_internal_dst_address.v1.Config",
+   "set_dst_address: restores the destination address on HBONE internal listeners, which are not "
+   "supported (no traffic reaches them)")
 
 # -- transport sockets -----------------------------------------------------------------------------
 _R("transport_socket", "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
    "pyproxy.transport:raw_buffer_factory", names=("envoy.transport_sockets.raw_buffer", "raw_buffer"))
+_R("transport_socket", "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+   "pyproxy.tls.context:downstream_factory")
+_R("transport_socket", "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+   "pyproxy.tls.context:upstream_factory", names=("envoy.transport_sockets.tls", "tls"))
+_R("transport_socket", "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+   "pyproxy.tls.internal_upstream:factory", names=("envoy.transport_sockets.internal_upstream",))
+
+# -- compression libraries (used by the compressor HTTP filter) -------------------------------------
+_R("compressor", "envoy.extensions.compression.gzip.compressor.v3.Gzip",
+   "pyproxy.filters.http.compressor:gzip_library", names=("envoy.compression.gzip.compressor",))
+_R("compressor", "envoy.extensions.compression.brotli.compressor.v3.Brotli",
+   "pyproxy.filters.http.compressor:brotli_library", names=("envoy.compression.brotli.compressor",))
+_R("compressor", "envoy.extensions.compression.zstd.compressor.v3.Zstd",
+   "pyproxy.filters.http.compressor:zstd_library", names=("envoy.compression.zstd.compressor",))
 
 # -- upstream protocol options ---------------------------------------------------------------------
 _R("upstream_protocol_options", "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

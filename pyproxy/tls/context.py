@@ -1,0 +1,371 @@
+"""Compile ``DownstreamTlsContext`` / ``UpstreamTlsContext`` and validate SDS ``Secret`` resources.
+
+Checks follow Envoy's rejections where they are cheap to make at config time: protocol version range,
+cipher suite and curve names, ALPN entries, certificate/key PEM (inline or files), SDS secret
+references (a name and a config source), subject-alt-name matchers, and "a server context needs a
+certificate". The compiled factory carries what a TLS implementation will need (ALPN, SNI, secret
+names, SAN matchers); using it on a connection raises ``TlsNotImplemented`` for now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import ssl
+
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2  # noqa: F401
+
+from ..config import ConfigError
+
+log = logging.getLogger("pyproxy.config")
+
+_TLS = common_pb2.TlsParameters.TlsProtocol
+VERSION_NAMES = {v: k for k, v in _TLS.items()}
+KNOWN_CURVES = frozenset(("X25519", "P-256", "P-384", "P-521", "X25519Kyber768Draft00",
+                          "X25519MLKEM768", "P256", "P384", "P521", "prime256v1", "secp384r1",
+                          "secp521r1"))
+_SAN = common_pb2.SubjectAltNameMatcher.SanType
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+REDACTED = b"[redacted]"
+
+
+class TlsNotImplemented(ConnectionError):
+    """A TLS transport socket was asked to carry a connection; TLS is not implemented yet."""
+
+
+# counters of connections refused because their transport socket is TLS ("downstream"/"upstream")
+UNSUPPORTED_COUNTS = {"downstream": 0, "upstream": 0}
+
+
+class SanMatcher:
+    __slots__ = ("san_type", "matcher")
+
+    def __init__(self, san_type: str, matcher):
+        self.san_type = san_type  # "" (any type, legacy match_subject_alt_names), "URI", "DNS", ...
+        self.matcher = matcher
+
+
+class ValidationConfig:
+    """What a peer certificate is checked against (merged ``combined_validation_context``)."""
+
+    __slots__ = ("trusted_ca_pem", "ca_sds_name", "san_matchers", "spki", "hashes", "allow_expired",
+                 "system_roots")
+
+    def __init__(self):
+        self.trusted_ca_pem = None
+        self.ca_sds_name = ""
+        self.san_matchers = ()
+        self.spki = ()
+        self.hashes = ()
+        self.allow_expired = False
+        self.system_roots = False
+
+
+class TlsSocketFactory:
+    """A compiled TLS transport socket. ``wrap`` refuses (TLS on the wire is the next issue)."""
+
+    name = "tls"
+    is_tls = True
+
+    def __init__(self, side: str):
+        self.side = side  # "downstream" | "upstream"
+        self.alpn: tuple = ()
+        self.min_version = "TLS_AUTO"
+        self.max_version = "TLS_AUTO"
+        self.cipher_suites: tuple = ()
+        self.ecdh_curves: tuple = ()
+        self.certificates: list = []      # (cert_chain_pem, key_pem) from inline/file config
+        self.certificate_sds_names: tuple = ()
+        self.validation: ValidationConfig | None = None
+        self.require_client_certificate = False
+        self.sni = ""
+        self.notes: list = []             # parts accepted but without effect yet
+        self.unsupported = 0
+
+    @property
+    def sds_secret_names(self) -> tuple:
+        names = list(self.certificate_sds_names)
+        if self.validation is not None and self.validation.ca_sds_name:
+            names.append(self.validation.ca_sds_name)
+        return tuple(names)
+
+    @property
+    def unsupported_reason(self) -> str:
+        return ("%s TLS transport socket is configured but TLS is not implemented yet; "
+                "the connection is closed rather than sent in plaintext" % self.side)
+
+    def wrap(self, transport):
+        self.unsupported += 1
+        UNSUPPORTED_COUNTS[self.side] += 1
+        if self.unsupported == 1 or self.unsupported % 1000 == 0:
+            log.warning("%s (%d so far)", self.unsupported_reason, self.unsupported)
+        raise TlsNotImplemented(self.unsupported_reason)
+
+    def __repr__(self):
+        return "TlsSocketFactory(%s, alpn=%s, sds=%s)" % (self.side, self.alpn, self.sds_secret_names)
+
+
+# -- factories registered under "transport_socket" ----------------------------------------------
+
+def downstream_factory(cfg, ctx=None) -> TlsSocketFactory:
+    f = TlsSocketFactory("downstream")
+    try:
+        _common(f, cfg.common_tls_context, "common_tls_context", server=True)
+    except ConfigError as e:
+        raise e.within(field="DownstreamTlsContext")
+    f.require_client_certificate = cfg.require_client_certificate.value \
+        if cfg.HasField("require_client_certificate") else False
+    if f.require_client_certificate and f.validation is None:
+        raise ConfigError("require_client_certificate needs a validation context (trusted CA)",
+                          field="DownstreamTlsContext.require_client_certificate")
+    if cfg.HasField("session_ticket_keys") or cfg.HasField("session_ticket_keys_sds_secret_config"):
+        f.notes.append("session ticket keys not used yet")
+    if cfg.ocsp_staple_policy:
+        f.notes.append("OCSP stapling policy not used yet")
+    return f
+
+
+def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
+    f = TlsSocketFactory("upstream")
+    try:
+        _common(f, cfg.common_tls_context, "common_tls_context", server=False)
+    except ConfigError as e:
+        raise e.within(field="UpstreamTlsContext")
+    if len(cfg.sni.encode()) > 255:
+        raise ConfigError("sni is longer than 255 bytes", field="UpstreamTlsContext.sni")
+    f.sni = cfg.sni
+    if cfg.allow_renegotiation:
+        f.notes.append("allow_renegotiation not supported")
+    return f
+
+
+# -- CommonTlsContext ------------------------------------------------------------------------------
+
+def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
+    if c.HasField("tls_params"):
+        _params(f, c.tls_params, field + ".tls_params")
+    for i, p in enumerate(c.alpn_protocols):
+        if not p or len(p.encode()) > 255:
+            raise ConfigError("ALPN protocol must be 1..255 bytes", field="%s.alpn_protocols[%d]" % (field, i))
+    f.alpn = tuple(c.alpn_protocols)
+    for i, tc in enumerate(c.tls_certificates):
+        fld = "%s.tls_certificates[%d]" % (field, i)
+        f.certificates.append(_certificate(tc, fld, f.notes))
+    names = []
+    for i, s in enumerate(c.tls_certificate_sds_secret_configs):
+        names.append(_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)))
+    f.certificate_sds_names = tuple(names)
+    for unsupported in ("tls_certificate_provider_instance", "tls_certificate_certificate_provider",
+                        "tls_certificate_certificate_provider_instance", "custom_tls_certificate_selector",
+                        "custom_handshaker", "validation_context_certificate_provider",
+                        "validation_context_certificate_provider_instance"):
+        if c.HasField(unsupported):
+            raise ConfigError("%s is not supported" % unsupported, field="%s.%s" % (field, unsupported))
+    if c.HasField("key_log"):
+        f.notes.append("key_log not supported")
+    which = c.WhichOneof("validation_context_type")
+    if which == "validation_context":
+        f.validation = _validation(c.validation_context, field + ".validation_context")
+    elif which == "validation_context_sds_secret_config":
+        v = f.validation = ValidationConfig()
+        v.ca_sds_name = _sds_ref(c.validation_context_sds_secret_config,
+                                 field + ".validation_context_sds_secret_config")
+    elif which == "combined_validation_context":
+        cvc = c.combined_validation_context
+        fld = field + ".combined_validation_context"
+        if not cvc.HasField("validation_context_sds_secret_config"):
+            raise ConfigError("validation_context_sds_secret_config is required",
+                              field=fld + ".validation_context_sds_secret_config")
+        v = f.validation = _validation(cvc.default_validation_context, fld + ".default_validation_context",
+                                       ca_from_sds=True)
+        v.ca_sds_name = _sds_ref(cvc.validation_context_sds_secret_config,
+                                 fld + ".validation_context_sds_secret_config")
+    elif which is not None:
+        raise ConfigError("%s is not supported" % which, field="%s.%s" % (field, which))
+    if server and not f.certificates and not f.certificate_sds_names:
+        raise ConfigError("no TLS certificates found for server context", field=field)
+
+
+def _params(f: TlsSocketFactory, p, field: str) -> None:
+    lo, hi = p.tls_minimum_protocol_version, p.tls_maximum_protocol_version
+    if lo and hi and lo > hi:
+        raise ConfigError("minimum protocol version %s is greater than maximum %s"
+                          % (VERSION_NAMES[lo], VERSION_NAMES[hi]), field=field)
+    f.min_version, f.max_version = VERSION_NAMES.get(lo, "TLS_AUTO"), VERSION_NAMES.get(hi, "TLS_AUTO")
+    suites = []
+    for i, cs in enumerate(p.cipher_suites):
+        for name in cs.strip("[]").split("|"):
+            if not _cipher_known(name.strip()):
+                raise ConfigError("unknown cipher suite '%s'" % name, field="%s.cipher_suites[%d]" % (field, i))
+            suites.append(name.strip())
+    f.cipher_suites = tuple(suites)
+    for i, cv in enumerate(p.ecdh_curves):
+        if cv not in KNOWN_CURVES:
+            raise ConfigError("unknown ECDH curve '%s'" % cv, field="%s.ecdh_curves[%d]" % (field, i))
+    f.ecdh_curves = tuple(p.ecdh_curves)
+    if p.signature_algorithms:
+        f.notes.append("signature_algorithms not applied yet")
+
+
+_cipher_cache: dict = {}
+# TLS 1.3 suites are not configurable by name in Envoy/BoringSSL either; accept the standard names
+_TLS13 = frozenset(("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"))
+
+
+def _cipher_known(name: str) -> bool:
+    if name in _TLS13:
+        return True
+    r = _cipher_cache.get(name)
+    if r is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.set_ciphers(name)
+            r = bool(name) and not any(ch in name for ch in ":,! ")
+        except ssl.SSLError:
+            r = False
+        _cipher_cache[name] = r
+    return r
+
+
+def _data_source(ds, field: str, what: str) -> bytes | None:
+    """Bytes of a ``DataSource`` (inline or a readable file); None when unset."""
+    which = ds.WhichOneof("specifier")
+    if which is None:
+        return None
+    if which == "filename":
+        try:
+            with open(ds.filename, "rb") as fh:
+                return fh.read()
+        except OSError as e:
+            raise ConfigError("cannot read %s '%s': %s" % (what, ds.filename, e.strerror or e),
+                              field=field + ".filename") from None
+    if which == "inline_bytes":
+        return ds.inline_bytes
+    if which == "inline_string":
+        return ds.inline_string.encode()
+    if which == "environment_variable":
+        v = os.environ.get(ds.environment_variable)
+        if v is None:
+            raise ConfigError("environment variable '%s' is not set" % ds.environment_variable,
+                              field=field + ".environment_variable")
+        return v.encode()
+    raise ConfigError("data source '%s' is not supported" % which, field=field)
+
+
+def parse_cert_chain(pem: bytes, field: str) -> list:
+    from OpenSSL import crypto
+    blocks = _PEM_CERT.findall(pem)
+    if not blocks:
+        raise ConfigError("no PEM certificate found", field=field)
+    out = []
+    for b in blocks:
+        try:
+            out.append(crypto.load_certificate(crypto.FILETYPE_PEM, b))
+        except crypto.Error as e:
+            raise ConfigError("invalid PEM certificate: %s" % (e.args[0] if e.args else e), field=field) from None
+    return out
+
+
+def _certificate(tc, field: str, notes: list):
+    from OpenSSL import SSL, crypto
+    for unsupported in ("pkcs12", "private_key_provider", "watched_directory"):
+        if tc.HasField(unsupported):
+            raise ConfigError("%s is not supported" % unsupported, field="%s.%s" % (field, unsupported))
+    chain = _data_source(tc.certificate_chain, field + ".certificate_chain", "certificate chain")
+    key = _data_source(tc.private_key, field + ".private_key", "private key")
+    if chain is None:
+        raise ConfigError("certificate_chain is required", field=field + ".certificate_chain")
+    certs = parse_cert_chain(chain, field + ".certificate_chain")
+    if key is None:
+        raise ConfigError("private_key is required", field=field + ".private_key")
+    if key.strip() == REDACTED:
+        notes.append("private key redacted (from a config dump); not checked")
+        return chain, None
+    try:
+        pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, key,
+                                      tc.password.inline_string.encode() if tc.HasField("password") else None)
+    except crypto.Error as e:
+        raise ConfigError("invalid PEM private key: %s" % (e.args[0] if e.args else e),
+                          field=field + ".private_key") from None
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    try:
+        ctx.use_certificate(certs[0])
+        ctx.use_privatekey(pkey)
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise ConfigError("private key does not match the certificate", field=field + ".private_key") from None
+    return chain, key
+
+
+def _sds_ref(s, field: str) -> str:
+    if not s.name:
+        raise ConfigError("SDS secret name must not be empty", field=field + ".name")
+    if s.HasField("sds_config"):
+        kind = s.sds_config.WhichOneof("config_source_specifier")
+        if kind is None:
+            raise ConfigError("sds_config needs a config source (ads, api_config_source or path)",
+                              field=field + ".sds_config")
+        if kind == "api_config_source":
+            acs = s.sds_config.api_config_source
+            if not acs.grpc_services and not acs.cluster_names:
+                raise ConfigError("api_config_source needs grpc_services", field=field + ".sds_config.api_config_source")
+    return s.name
+
+
+def _validation(vc, field: str, *, ca_from_sds: bool = False) -> ValidationConfig:
+    from ..routing import compile_string_matcher
+    v = ValidationConfig()
+    ca = _data_source(vc.trusted_ca, field + ".trusted_ca", "trusted CA") if vc.HasField("trusted_ca") else None
+    if ca is not None:
+        parse_cert_chain(ca, field + ".trusted_ca")
+        v.trusted_ca_pem = ca
+    v.system_roots = vc.HasField("system_root_certs")
+    sans = []
+    for i, m in enumerate(vc.match_subject_alt_names):
+        sans.append(SanMatcher("", compile_string_matcher(m, "%s.match_subject_alt_names[%d]" % (field, i))))
+    for i, m in enumerate(vc.match_typed_subject_alt_names):
+        fld = "%s.match_typed_subject_alt_names[%d]" % (field, i)
+        if m.san_type == _SAN.SAN_TYPE_UNSPECIFIED:
+            raise ConfigError("san_type must be specified", field=fld + ".san_type")
+        sans.append(SanMatcher(_SAN.Name(m.san_type), compile_string_matcher(m.matcher, fld + ".matcher")))
+    v.san_matchers = tuple(sans)
+    for i, h in enumerate(vc.verify_certificate_hash):
+        hx = h.replace(":", "")
+        if len(hx) != 64 or not all(c in "0123456789abcdefABCDEF" for c in hx):
+            raise ConfigError("invalid SHA-256 certificate hash", field="%s.verify_certificate_hash[%d]" % (field, i))
+    v.hashes = tuple(h.replace(":", "").lower() for h in vc.verify_certificate_hash)
+    v.spki = tuple(vc.verify_certificate_spki)
+    v.allow_expired = vc.allow_expired_certificate
+    if vc.HasField("crl"):
+        _data_source(vc.crl, field + ".crl", "CRL")
+    if vc.HasField("custom_validator_config"):
+        raise ConfigError("custom_validator_config is not supported", field=field + ".custom_validator_config")
+    if (sans or v.spki or v.hashes) and ca is None and not ca_from_sds and not v.system_roots:
+        raise ConfigError("SAN-based verification of peer certificates without a trusted CA is insecure "
+                          "and not allowed", field=field)
+    return v
+
+
+# -- SDS Secret resources -----------------------------------------------------------------------------
+
+def validate_secret(sec) -> list:
+    """Check an ``envoy.extensions.transport_sockets.tls.v3.Secret``; returns notes (ConfigError if bad)."""
+    notes: list = []
+    if not sec.name:
+        raise ConfigError("secret name must not be empty", field="name")
+    which = sec.WhichOneof("type")
+    if which == "tls_certificate":
+        _certificate(sec.tls_certificate, "tls_certificate", notes)
+    elif which == "validation_context":
+        _validation(sec.validation_context, "validation_context", ca_from_sds=True)
+    elif which == "session_ticket_keys":
+        for i, k in enumerate(sec.session_ticket_keys.keys):
+            d = _data_source(k, "session_ticket_keys.keys[%d]" % i, "session ticket key")
+            if d is not None and len(d) != 80:
+                raise ConfigError("session ticket key must be 80 bytes", field="session_ticket_keys.keys[%d]" % i)
+    elif which == "generic_secret":
+        pass
+    else:
+        notes.append("secret has no content yet (warming)")
+    return notes
