@@ -5,8 +5,9 @@ stats and dynamic metadata only. The engine (permissions, principals, ALLOW/DENY
 ``pyproxy.filters.rbac_engine``. A route's ``typed_per_filter_config["envoy.filters.http.rbac"]``
 (``RBACPerRoute``) replaces the filter's config; an empty one disables the filter for that route.
 
-Stats under ``http.<prefix>.rbac.``: ``<rules_stat_prefix>allowed|denied`` and
-``<shadow_rules_stat_prefix>shadow_allowed|shadow_denied``. Dynamic metadata under
+Stats under ``http.<prefix>.rbac.``: ``[<rules_stat_prefix>.]allowed|denied`` and
+``[<shadow_rules_stat_prefix>.]shadow_allowed|shadow_denied`` (the prefix is its own name element, as
+Envoy 1.40 emits it; Prometheus renders both ``.`` and ``_`` as ``_``). Dynamic metadata under
 ``envoy.filters.http.rbac``: ``<shadow prefix>shadow_effective_policy_id`` and
 ``<shadow prefix>shadow_engine_result`` (what Istio's ext_authz ``filter_enabled_metadata`` reads),
 and the same for the enforced rules with the ``enforced_`` names.
@@ -70,9 +71,11 @@ class RbacFactory:
         if d is None:
             base = "http.%s.rbac." % prefix
             s = self.store
-            d = self._stats[key] = (s.counter(base + c.prefix + "allowed"), s.counter(base + c.prefix + "denied"),
-                                    s.counter(base + c.shadow_prefix + "shadow_allowed"),
-                                    s.counter(base + c.shadow_prefix + "shadow_denied"))
+            # Envoy 1.40 joins a stat prefix as its own element: rbac.<prefix>.shadow_allowed
+            p = base + c.prefix + "." if c.prefix else base
+            sp = base + c.shadow_prefix + "." if c.shadow_prefix else base
+            d = self._stats[key] = (s.counter(p + "allowed"), s.counter(p + "denied"),
+                                    s.counter(sp + "shadow_allowed"), s.counter(sp + "shadow_denied"))
         return d
 
     def create(self, stream):

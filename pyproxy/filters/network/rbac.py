@@ -3,7 +3,7 @@
 Evaluated once on the first bytes (``ONE_TIME_ON_FIRST_BYTE``, the default) or on every read
 (``CONTINUOUS``). A denied connection is closed (after ``delay_deny`` when set). HTTP-only rules
 (``header``, ``url_path``) never match on a connection, as in Envoy. Stats: ``<stat_prefix>rbac.allowed|
-denied`` and ``<stat_prefix>rbac.<shadow_rules_stat_prefix>shadow_allowed|shadow_denied``.
+denied`` and ``<stat_prefix>rbac.[<shadow_rules_stat_prefix>.]shadow_allowed|shadow_denied``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class RbacNetworkFactory:
         self.loop = ctx.loop
         s = ctx.stats
         base = cfg.stat_prefix + "rbac."
-        sp = base + cfg.shadow_rules_stat_prefix
+        sp = base + cfg.shadow_rules_stat_prefix + "." if cfg.shadow_rules_stat_prefix else base
         self.st_allowed = s.counter(base + "allowed")
         self.st_denied = s.counter(base + "denied")
         self.st_shadow_allowed = s.counter(sp + "shadow_allowed")
