@@ -75,7 +75,7 @@ def _hcm(routes, filters):
             "@type": TP + "envoy.extensions.filters.http.router.v3.Router"}}]}}
 
 
-def bootstrap(bport, hport, tport):
+def bootstrap(bport, hport, tport, aport, closed_port):
     fault_t = TP + "envoy.extensions.filters.http.fault.v3.HTTPFault"
     vhost = {
         "name": "all", "domains": ["*"],
@@ -131,28 +131,54 @@ def bootstrap(bport, hport, tport):
     tcp = {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": TP + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "tcp", "cluster": "backend"}}
+    # Istio's CUSTOM authorization: a shadow RBAC policy selects requests, ext_authz checks them
+    authz_filters = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": TP + "envoy.extensions.filters.http.rbac.v3.RBAC",
+            "shadow_rules": {"action": "DENY", "policies": {"istio-ext-authz-check": {
+                "permissions": [{"url_path": {"path": {"prefix": "/check"}}}], "principals": any_p}}},
+            "shadow_rules_stat_prefix": "istio_ext_authz_"}},
+        {"name": "envoy.filters.http.ext_authz", "typed_config": {
+            "@type": TP + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "1s"},
+            "transport_api_version": "V3",
+            "filter_enabled_metadata": {"filter": "envoy.filters.http.rbac",
+                                        "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+                                        "value": {"string_match": {"prefix": "istio-ext-authz"}}}}}]
+    authz_vhost = {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"},
+                                                                "route": {"cluster": "backend"}}]}
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "clusters": [{"name": "backend", "type": "STATIC", "connect_timeout": "1s",
                           "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
                               {"endpoint": {"address": {"socket_address": {
-                                  "address": "127.0.0.1", "port_value": bport}}}}]}]}}],
+                                  "address": "127.0.0.1", "port_value": bport}}}}]}]}},
+                         {"name": "authz", "type": "STATIC", "connect_timeout": "0.5s",
+                          "typed_extension_protocol_options": {
+                              "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                  "@type": TP + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                                  "explicit_http_config": {"http2_protocol_options": {}}}},
+                          "load_assignment": {"cluster_name": "authz", "endpoints": [{"lb_endpoints": [
+                              {"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": closed_port}}}}]}]}}],
             "listeners": [
                 {"name": "http", "address": {"socket_address": {"address": "0.0.0.0", "port_value": hport}},
                  "filter_chains": [{"filters": [_hcm(vhost, filters)]}]},
                 {"name": "tcp", "address": {"socket_address": {"address": "0.0.0.0", "port_value": tport}},
                  "filter_chains": [{"filters": [tcp_rbac, tcp]}]},
+                {"name": "authz", "address": {"socket_address": {"address": "0.0.0.0", "port_value": aport}},
+                 "filter_chains": [{"filters": [_hcm(authz_vhost, authz_filters)]}]},
             ]}}
 
 
 class Proxy:
     def __init__(self, kind, tmp, bport):
         self.kind = kind
-        self.hport, self.tport = _free_port(), _free_port()
+        self.hport, self.tport, self.aport = _free_port(), _free_port(), _free_port()
         cfg = os.path.join(tmp, "%s.yaml" % kind)
         with open(cfg, "w") as f:
-            yaml.safe_dump(bootstrap(bport, self.hport, self.tport), f)
+            yaml.safe_dump(bootstrap(bport, self.hport, self.tport, self.aport, _free_port()), f)
         self.admin_path = os.path.join(tmp, "%s.admin" % kind)
         if kind == "envoy":
             cmd = ["envoy", "--base-id", str(random.randint(1000, 60000)), "--disable-hot-restart"]
@@ -175,8 +201,8 @@ class Proxy:
                     raise RuntimeError("%s did not start" % kind)
                 time.sleep(0.05)
 
-    def request(self, method, path, headers=None, source="127.0.0.1"):
-        c = http.client.HTTPConnection("127.0.0.1", self.hport, timeout=5, source_address=(source, 0))
+    def request(self, method, path, headers=None, source="127.0.0.1", port=None):
+        c = http.client.HTTPConnection("127.0.0.1", port or self.hport, timeout=5, source_address=(source, 0))
         try:
             c.request(method, path, headers=headers or {})
             r = c.getresponse()
@@ -325,3 +351,12 @@ def test_rbac_network(proxy):
     assert _tcp_exchange(proxy.tport, "127.0.0.3") == b""
     st = proxy.stats()
     assert int(st["tcp.rbac.denied"]) >= 1 and int(st["tcp.rbac.allowed"]) >= 1
+
+
+def test_ext_authz_fail_closed(proxy):
+    """The authorization service is unreachable: requests the policy selects are denied (403), others
+    pass — what Envoy does, and what pyproxy does for every selected request until it calls services."""
+    st, _, _ = proxy.request("GET", "/check/x", port=proxy.aport)
+    assert st == 403
+    st, _, body = proxy.request("GET", "/other", port=proxy.aport)
+    assert st == 200 and json.loads(body)["path"] == "/other"

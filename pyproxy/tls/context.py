@@ -254,21 +254,26 @@ def _data_source(ds, field: str, what: str) -> bytes | None:
 
 
 def parse_cert_chain(pem: bytes, field: str) -> list:
-    from OpenSSL import crypto
+    from cryptography import x509
     blocks = _PEM_CERT.findall(pem)
     if not blocks:
         raise ConfigError("no PEM certificate found", field=field)
     out = []
     for b in blocks:
         try:
-            out.append(crypto.load_certificate(crypto.FILETYPE_PEM, b))
-        except crypto.Error as e:
-            raise ConfigError("invalid PEM certificate: %s" % (e.args[0] if e.args else e), field=field) from None
+            out.append(x509.load_pem_x509_certificate(b))
+        except ValueError as e:
+            raise ConfigError("invalid PEM certificate: %s" % e, field=field) from None
     return out
 
 
+def _public_bytes(k) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def _certificate(tc, field: str, notes: list):
-    from OpenSSL import SSL, crypto
+    from cryptography.hazmat.primitives import serialization
     for unsupported in ("pkcs12", "private_key_provider", "watched_directory"):
         if tc.HasField(unsupported):
             raise ConfigError("%s is not supported" % unsupported, field="%s.%s" % (field, unsupported))
@@ -282,19 +287,15 @@ def _certificate(tc, field: str, notes: list):
     if key.strip() == REDACTED:
         notes.append("private key redacted (from a config dump); not checked")
         return chain, None
+    password = None
+    if tc.HasField("password"):
+        password = _data_source(tc.password, field + ".password", "password")
     try:
-        pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, key,
-                                      tc.password.inline_string.encode() if tc.HasField("password") else None)
-    except crypto.Error as e:
-        raise ConfigError("invalid PEM private key: %s" % (e.args[0] if e.args else e),
-                          field=field + ".private_key") from None
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    try:
-        ctx.use_certificate(certs[0])
-        ctx.use_privatekey(pkey)
-        ctx.check_privatekey()
-    except SSL.Error:
-        raise ConfigError("private key does not match the certificate", field=field + ".private_key") from None
+        pkey = serialization.load_pem_private_key(key, password)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("invalid PEM private key: %s" % e, field=field + ".private_key") from None
+    if _public_bytes(pkey.public_key()) != _public_bytes(certs[0].public_key()):
+        raise ConfigError("private key does not match the certificate", field=field + ".private_key")
     return chain, key
 
 
