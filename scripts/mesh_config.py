@@ -201,6 +201,73 @@ def resources(services: dict, app_ports: list[int]) -> list[dict]:
     return out
 
 
+def bootstrap(node_id: str, xds_path: str, *, admin_port: int = 15000, prometheus_port: int = 15090,
+              status_port: int = 15021, agent_port: int = 15020, cluster: str = "istio-proxy",
+              instance_ips: str = "", sds_path: str = "./var/run/secrets/workload-spiffe-uds/socket") -> dict:
+    """A sidecar bootstrap in the shape pilot-agent renders (envoy-rev.json): node metadata, admin on
+    127.0.0.1, delta ADS over the agent's unix socket, static clusters prometheus_stats / agent /
+    sds-grpc / xds-grpc, static listeners 15090 (/stats/prometheus -> admin) and 15021
+    (/healthz/ready -> agent)."""
+    def static(name, addr, timeout="0.250s", **kw):
+        c = {"name": name, "alt_stat_name": name + ";", "type": "STATIC", "connect_timeout": timeout,
+             "lb_policy": "ROUND_ROBIN",
+             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr}}]}]}}
+        c.update(kw)
+        return c
+
+    def sock(port):
+        return {"socket_address": {"protocol": "TCP", "address": "127.0.0.1", "port_value": port}}
+
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+
+    def static_listener(port, prefix, cluster, stat):
+        return {"name": "0.0.0.0_%d" % port,
+                "address": {"socket_address": {"protocol": "TCP", "address": "0.0.0.0", "port_value": port}},
+                "ignore_global_conn_limit": True, "bypass_overload_manager": True,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                    "@type": HCM, "codec_type": "AUTO", "stat_prefix": stat,
+                    "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"], "routes": [
+                        {"match": {"prefix": prefix}, "route": {"cluster": cluster}}]}]},
+                    "http_filters": [_router()]}}]}]}
+
+    return {
+        "node": {"id": node_id, "cluster": cluster, "locality": {},
+                 "metadata": {"ENVOY_PROMETHEUS_PORT": prometheus_port, "ENVOY_STATUS_PORT": status_port,
+                              "INSTANCE_IPS": instance_ips, "ISTIO_VERSION": "1.24.3",
+                              "PROXY_CONFIG": {"binaryPath": "/usr/local/bin/envoy", "proxyAdminPort": admin_port,
+                                               "statusPort": agent_port, "drainDuration": "45s"}}},
+        "stats_config": {"use_all_default_tags": False},
+        "admin": {"access_log": [{"name": "envoy.access_loggers.file",
+                                  "typed_config": {"@type": FILE_LOG, "path": "/dev/null"}}],
+                  "address": sock(admin_port)},
+        "dynamic_resources": {
+            "lds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
+            "ads_config": {"api_type": "DELTA_GRPC", "set_node_on_first_message_only": True,
+                           "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}},
+        "static_resources": {
+            "clusters": [
+                static("prometheus_stats", sock(admin_port)),
+                static("agent", sock(agent_port)),
+                static("sds-grpc", {"pipe": {"path": sds_path}}, "1s", typed_extension_protocol_options=h2),
+                static("xds-grpc", {"pipe": {"path": xds_path}}, "1s", typed_extension_protocol_options=h2,
+                       max_requests_per_connection=1,
+                       circuit_breakers={"thresholds": [
+                           {"priority": "DEFAULT", "max_connections": 100000, "max_pending_requests": 100000,
+                            "max_requests": 100000},
+                           {"priority": "HIGH", "max_connections": 100000, "max_pending_requests": 100000,
+                            "max_requests": 100000}]},
+                       upstream_connection_options={"tcp_keepalive": {"keepalive_time": 300}}),
+            ],
+            "listeners": [static_listener(prometheus_port, "/stats/prometheus", "prometheus_stats", "stats"),
+                          static_listener(status_port, "/healthz/ready", "agent", "agent")],
+        },
+    }
+
+
 def demo(kind: str) -> list[dict]:
     """The demo meshes: ``compose`` (docker-compose.yml's addresses) and ``netns``."""
     if kind == "compose":
