@@ -10,7 +10,7 @@ cluster with source 127.0.0.6), ``BlackHoleCluster``, ``PassthroughCluster``,
 ``InboundPassthroughClusterIpv4``, ``inbound|<port>||`` and EDS ``outbound|<port>|<subset>|<host>``
 clusters with their ClusterLoadAssignments, and a route per port (the canary: weighted clusters).
 
-    python3 scripts/mesh_config.py OUT_DIR [--demo compose|netns]   # writes mesh.json
+    python3 scripts/mesh_config.py docker/    # regenerates docker-compose.yml's config files
 
 Standard library only; the output is JSON the project's control plane reads
 (``python3 -m pyproxy control-plane --config-dir OUT_DIR``).
@@ -283,6 +283,26 @@ def demo(kind: str) -> list[dict]:
     raise SystemExit("unknown demo %r" % kind)
 
 
+COMPOSE_PODS = (("svc-a", "198.18.10.11"), ("svc-b-v1", "198.18.10.12"), ("svc-b-v2", "198.18.10.13"))
+
+
+def write_compose(out_dir: str) -> list[str]:
+    """docker-compose.yml's files: ``mesh/mesh.json`` (the control plane's config dir) and one
+    bootstrap per sidecar, ``sidecar-<pod>.json`` (xDS on the shared ``/etc/istio/proxy/XDS``)."""
+    written = [os.path.join(out_dir, "mesh", "mesh.json")]
+    write(written[0], demo("compose"))
+    for pod, ip in COMPOSE_PODS:
+        path = os.path.join(out_dir, "sidecar-%s.json" % pod)
+        bs = bootstrap("sidecar~%s~%s.default~default.svc.cluster.local" % (ip, pod), "./etc/istio/proxy/XDS",
+                       instance_ips=ip)
+        with open(path + ".tmp", "w") as f:
+            json.dump(bs, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
+        written.append(path)
+    return written
+
+
 def write(path: str, res: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -294,10 +314,10 @@ def write(path: str, res: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out_dir")
-    p.add_argument("--demo", default="compose", choices=["compose"])
+    p.add_argument("out_dir", help="where to write (docker/ for docker-compose.yml)")
     a = p.parse_args(argv)
-    write(os.path.join(a.out_dir, "mesh.json"), demo(a.demo))
+    for path in write_compose(a.out_dir):
+        print(path)
     return 0
 
 
