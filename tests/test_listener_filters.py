@@ -28,6 +28,8 @@ TESTDATA = "/work/shared/testdata/istio"
 if not os.path.isdir(TESTDATA):
     TESTDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "testdata", "istio")
 
+needs_istio_testdata = pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="Istio testdata not available")
+
 TLS = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 HTTPI = "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"
 TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -303,6 +305,7 @@ def _chains(name):
     return [_Chain(i, fc) for i, fc in enumerate(l["filter_chains"])]
 
 
+@needs_istio_testdata
 @pytest.mark.parametrize("dst_port,tp,alpn,want_index", [
     # destination port first: 15006 is the blackhole whatever the protocol
     (15006, "raw_buffer", ("http/1.1",), 0),
@@ -331,6 +334,7 @@ def test_virtual_inbound_precedence(dst_port, tp, alpn, want_index):
     assert c is not None and c.index == want_index, (c and c.name, c and c.index)
 
 
+@needs_istio_testdata
 def test_virtual_inbound_tls_to_port_80_without_istio_alpn_matches_nothing():
     # Envoy does not fall back to the port-less chains once the destination port matched
     chains = _chains("virtualInbound")
@@ -338,6 +342,7 @@ def test_virtual_inbound_tls_to_port_80_without_istio_alpn_matches_nothing():
     assert select_chain(chains, info) is None
 
 
+@needs_istio_testdata
 def test_virtual_outbound_15001_goes_to_blackhole_chain():
     l = _istio_listener("virtualOutbound")
     chains = _chains("virtualOutbound")

@@ -158,6 +158,7 @@ def _kill(p):
             pass
 
 
+@pytest.mark.skipif(not os.path.isdir(TESTDATA), reason="Istio testdata not available")
 def test_agent_starts_pyproxy_as_envoy_and_reads_readiness(pod_dir):
     admin, prom, status, outbound, inbound = free_ports(5)
     agent = FakeAgent()
