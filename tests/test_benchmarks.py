@@ -101,15 +101,30 @@ def test_harness_h1_direct_and_nginx(tmp_path):
         assert res["meta"]["pinning"].startswith("proxy under test pinned to CPU")
 
 
+def _control_plane_importable():
+    from bench import ads
+    return ads.control_plane_available(ROOT)
+
+
 @pytest.mark.skipif(not shutil.which("envoy"), reason="envoy missing")
-def test_harness_xds_envoy(tmp_path):
+@pytest.mark.parametrize("server,api", [("builtin", "sotw"), ("control-plane", "sotw"),
+                                        ("control-plane", "delta")])
+def test_harness_xds_envoy(tmp_path, server, api):
+    if server == "control-plane" and not _control_plane_importable():
+        pytest.skip("pyproxy.control_plane not in this checkout")
     cp, res = _run(["--only", "xds", "--targets", "envoy", "--xds-count", "50",
-                    "--xds-timeout", "20"], tmp_path, timeout=60)
+                    "--xds-timeout", "20", "--xds-server", server, "--xds-api", api],
+                   tmp_path, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
-    t = res["modes"]["xds"]["targets"]["envoy"]
+    mode = res["modes"]["xds" if api == "sotw" else "xds_delta"]
+    t = mode["targets"]["envoy"]
     assert t["status"] == "ok", t
+    assert ("ControlPlane" in t["server"]) == (server == "control-plane")
     for ty in ("cds", "eds", "rds"):
         assert t["types"][ty]["nacks"] == []
-        assert 0 <= t["types"][ty]["ack_s"] <= t["all_acked_s"]
+        assert 0 <= t["types"][ty]["first_request_s"] <= t["types"][ty]["ack_s"]
+        assert t["types"][ty]["ack_s"] <= t["all_acked_s"]
+    assert t["types"]["cds"]["names_requested"] == 0  # wildcard
     assert t["types"]["eds"]["names_requested"] == 50
+    assert t["types"]["rds"]["names_requested"] == 1
     assert 10 < t["rss_mb"] < 2000

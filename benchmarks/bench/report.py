@@ -102,7 +102,8 @@ def print_throughput(title, mode, paced=False):
 
 
 def print_xds(mode):
-    print("\n== xDS apply (SotW ADS, time from stream start to ACK) ==")
+    api = {"sotw": "SotW", "delta": "delta"}.get(mode.get("api", "sotw"), mode.get("api"))
+    print(f"\n== xDS apply ({api} ADS, time from stream start to ACK) ==")
     for line in mode.get("notes", []):
         print(f"   {line}")
     print(f"{'target':<9}{'CDS ack s':>11}{'EDS ack s':>11}{'RDS ack s':>11}{'all s':>9}"
@@ -167,9 +168,11 @@ def plot(results, path):
     if "h1paced" in results["modes"]:
         panels.append(("h1paced", "HTTP/1.1 paced ~1000 rps",
                        [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
-    if "xds" in results["modes"]:
-        panels.append(("xds", "xDS apply", [("all_acked_s", "s to ACK all types"),
-                                            ("rss_mb", "RSS after apply (MB)")]))
+    for key in ("xds", "xds_delta"):
+        if key in results["modes"]:
+            panels.append((key, f"xDS apply ({results['modes'][key].get('api', 'sotw')})",
+                           [("all_acked_s", "s to ACK all types"),
+                            ("rss_mb", "RSS after apply (MB)")]))
     if not panels:
         return None
     colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639"}
@@ -183,7 +186,7 @@ def plot(results, path):
                 t = mode["targets"].get(name)
                 if not t:
                     continue
-                if key == "xds":
+                if key.startswith("xds"):
                     v = t.get(metric) if t.get("status") == "ok" else None
                 else:
                     v = (t.get("median") or {}).get(metric) if t.get("status") == "ok" else None
