@@ -25,7 +25,8 @@ sys.path.insert(0, HERE)
 from bench import configs, loadgen, procs, report  # noqa: E402
 
 MODES = ("h1", "h1paced", "h2", "grpc", "xds")
-TARGETS = ("direct", "pyproxy", "envoy", "nginx")
+TARGETS = ("direct", "pyproxy", "envoy", "nginx", "bare")
+DEFAULT_TARGETS = ("direct", "pyproxy", "envoy", "nginx")
 PROXIES = ("pyproxy", "envoy", "nginx")
 
 
@@ -36,8 +37,10 @@ def parse_args(argv):
                     help="short runs: 3 s per run, 1 repetition, 1 s warm-up")
     ap.add_argument("--only", default=",".join(MODES),
                     help=f"comma-separated modes out of {','.join(MODES)} (default: all)")
-    ap.add_argument("--targets", default=",".join(TARGETS),
-                    help=f"comma-separated targets out of {','.join(TARGETS)} (default: all)")
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help=f"comma-separated targets out of {','.join(TARGETS)} (default: "
+                         f"{','.join(DEFAULT_TARGETS)}; `bare` is a minimal Python forwarder, "
+                         f"HTTP/1.1 only, as a ceiling reference)")
     ap.add_argument("--duration", type=int, help="seconds per measured run (default 10, quick 3)")
     ap.add_argument("--repeat", type=int, help="repetitions per target (default 3, quick 1)")
     ap.add_argument("--warmup", type=int, help="warm-up seconds per target (default 2, quick 1)")
@@ -94,6 +97,10 @@ def _version(cmd):
         return ((cp.stdout or "") + (cp.stderr or "")).strip().splitlines()[0][:200]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+class SkipTarget(Exception):
+    pass
 
 
 class Bench:
@@ -159,7 +166,15 @@ class Bench:
     def start_proxy(self, kind, tag, upstream_port, upstream_h2, late_prefix=None,
                     nginx_mode="h1"):
         """Start one proxy; returns (proc, port). Raises StartError."""
+        if kind == "bare" and (upstream_h2 or late_prefix):
+            raise SkipTarget("the bare forwarder speaks HTTP/1.1 only")
         port = procs.free_port()
+        if kind == "bare":
+            cmd = [sys.executable, os.path.join(HERE, "bench", "bare_forwarder.py"),
+                   "--listen", str(port), "--upstream", str(upstream_port)]
+            p = self.start(f"bare-{tag}", cmd, self.proxy_cpu)
+            procs.wait_tcp(port, p, timeout=10)
+            return p, port
         if kind == "nginx":
             conf = configs.nginx_proxy_conf(self.tmp, port, upstream_port, nginx_mode,
                                             late_prefix)
@@ -213,6 +228,10 @@ def setup_targets(bench, mode_key, start_fn, check_fn, result):
             continue
         try:
             proc, port = start_fn(name)
+        except SkipTarget as e:
+            t["status"], t["reason"] = "skipped", str(e)
+            print(f"  {name}: skipped, {e}", flush=True)
+            continue
         except procs.StartError as e:
             t["status"], t["reason"] = "failed to start", str(e)[:1500]
             print(f"  {name}: failed to start: {str(e)[:300]}", flush=True)

@@ -4,7 +4,7 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ("direct", "pyproxy", "envoy", "nginx")
+ORDER = ("direct", "pyproxy", "envoy", "nginx", "bare")
 
 
 def median(vals):
@@ -175,7 +175,7 @@ def plot(results, path):
                             ("rss_mb", "RSS after apply (MB)")]))
     if not panels:
         return None
-    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639"}
+    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639", "bare": "#E8A33D"}
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for row, (key, title, metrics) in enumerate(panels):
         mode = results["modes"][key]
