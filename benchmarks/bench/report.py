@@ -202,7 +202,7 @@ def plot(results, path):
             ax.set_title(f"{title}: {label}", fontsize=9)
     fig.suptitle(f"pyproxy benchmark {results['meta']['timestamp']} "
                  f"({results['meta'].get('pin_short', '')})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(panels))))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
