@@ -25,7 +25,8 @@ sys.path.insert(0, HERE)
 from bench import configs, loadgen, procs, report  # noqa: E402
 
 MODES = ("h1", "h1paced", "h2", "grpc", "xds")
-TARGETS = ("direct", "pyproxy", "envoy", "nginx")
+TARGETS = ("direct", "pyproxy", "envoy", "nginx", "bare")
+DEFAULT_TARGETS = ("direct", "pyproxy", "envoy", "nginx")
 PROXIES = ("pyproxy", "envoy", "nginx")
 
 
@@ -36,8 +37,10 @@ def parse_args(argv):
                     help="short runs: 3 s per run, 1 repetition, 1 s warm-up")
     ap.add_argument("--only", default=",".join(MODES),
                     help=f"comma-separated modes out of {','.join(MODES)} (default: all)")
-    ap.add_argument("--targets", default=",".join(TARGETS),
-                    help=f"comma-separated targets out of {','.join(TARGETS)} (default: all)")
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help=f"comma-separated targets out of {','.join(TARGETS)} (default: "
+                         f"{','.join(DEFAULT_TARGETS)}; `bare` is a minimal Python forwarder, "
+                         f"HTTP/1.1 only, as a ceiling reference)")
     ap.add_argument("--duration", type=int, help="seconds per measured run (default 10, quick 3)")
     ap.add_argument("--repeat", type=int, help="repetitions per target (default 3, quick 1)")
     ap.add_argument("--warmup", type=int, help="warm-up seconds per target (default 2, quick 1)")
@@ -51,6 +54,12 @@ def parse_args(argv):
     ap.add_argument("--xds-count", type=int, default=2000,
                     help="clusters / assignments / virtual hosts pushed in the xds mode")
     ap.add_argument("--xds-timeout", type=float, default=120.0)
+    ap.add_argument("--xds-api", default="sotw,delta",
+                    help="ADS flavours for the xds mode: sotw, delta (default both; delta needs "
+                         "pyproxy.control_plane)")
+    ap.add_argument("--xds-server", choices=("auto", "control-plane", "builtin"), default="auto",
+                    help="ADS server: pyproxy.control_plane when importable (auto), or the "
+                         "builtin SotW server in benchmarks/bench/ads.py")
     ap.add_argument("--pyproxy-root", default=os.path.dirname(HERE),
                     help="checkout to run `python3 -m pyproxy` from (default: this repo)")
     ap.add_argument("--pyproxy-cmd", default=f"{sys.executable} -m pyproxy",
@@ -67,6 +76,10 @@ def parse_args(argv):
         a.warmup = 1 if a.quick else 2
     a.modes = [m.strip() for m in a.only.split(",") if m.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    a.xds_apis = [x.strip() for x in a.xds_api.split(",") if x.strip()]
+    for x in a.xds_apis:
+        if x not in ("sotw", "delta"):
+            ap.error(f"unknown --xds-api {x!r} (sotw, delta)")
     for m in a.modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r} (known: {', '.join(MODES)})")
@@ -84,6 +97,10 @@ def _version(cmd):
         return ((cp.stdout or "") + (cp.stderr or "")).strip().splitlines()[0][:200]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+class SkipTarget(Exception):
+    pass
 
 
 class Bench:
@@ -149,7 +166,15 @@ class Bench:
     def start_proxy(self, kind, tag, upstream_port, upstream_h2, late_prefix=None,
                     nginx_mode="h1"):
         """Start one proxy; returns (proc, port). Raises StartError."""
+        if kind == "bare" and (upstream_h2 or late_prefix):
+            raise SkipTarget("the bare forwarder speaks HTTP/1.1 only")
         port = procs.free_port()
+        if kind == "bare":
+            cmd = [sys.executable, os.path.join(HERE, "bench", "bare_forwarder.py"),
+                   "--listen", str(port), "--upstream", str(upstream_port)]
+            p = self.start(f"bare-{tag}", cmd, self.proxy_cpu)
+            procs.wait_tcp(port, p, timeout=10)
+            return p, port
         if kind == "nginx":
             conf = configs.nginx_proxy_conf(self.tmp, port, upstream_port, nginx_mode,
                                             late_prefix)
@@ -203,6 +228,10 @@ def setup_targets(bench, mode_key, start_fn, check_fn, result):
             continue
         try:
             proc, port = start_fn(name)
+        except SkipTarget as e:
+            t["status"], t["reason"] = "skipped", str(e)
+            print(f"  {name}: skipped, {e}", flush=True)
+            continue
         except procs.StartError as e:
             t["status"], t["reason"] = "failed to start", str(e)[:1500]
             print(f"  {name}: failed to start: {str(e)[:300]}", flush=True)
@@ -425,81 +454,117 @@ def run_grpc(bench, results):
 
 # -- xDS ----------------------------------------------------------------------------------
 
+def _xds_server(bench, resources):
+    from bench import ads
+    choice = bench.a.xds_server
+    if choice in ("auto", "control-plane") and ads.control_plane_available(bench.a.pyproxy_root):
+        d = os.path.join(bench.tmp, "cp-empty")
+        os.makedirs(d, exist_ok=True)
+        return ads.ControlPlaneXds(resources, d)
+    if choice == "control-plane":
+        raise RuntimeError(f"pyproxy.control_plane not importable from {bench.a.pyproxy_root}")
+    return ads.BuiltinXds(resources)
+
+
+def xds_one(bench, name, api, resources, t):
+    """Push the resources to one proxy over one ADS flavour; fills the target dict `t`."""
+    from bench import ads
+    a = bench.a
+    srv = _xds_server(bench, resources)
+    t["server"] = srv.name
+    if api not in srv.apis:
+        t["status"] = "skipped"
+        t["reason"] = f"{api} ADS needs pyproxy.control_plane (the builtin server is SotW only)"
+        print(f"  xds {api} {name}: {t['reason']}", flush=True)
+        srv.stop()
+        return
+    proc = None
+    try:
+        port = srv.start(procs.free_port())
+        node = f"bench-xds-{name}-{api}"
+        boot = ads.bootstrap_api(ads.bootstrap(port, procs.free_port(), node_id=node), api)
+        path = configs.write_yaml(os.path.join(bench.tmp, f"xds-{api}-{name}.yaml"), boot)
+        if name == "envoy":
+            bench.base_id += 1
+            cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(bench.base_id),
+                   "--disable-hot-restart", "-l", "error"]
+            proc = bench.start(f"envoy-xds-{api}", cmd, bench.proxy_cpu)
+        else:
+            cmd = shlex.split(a.pyproxy_cmd) + ["-c", path, "--concurrency", "1",
+                                                "--disable-hot-restart", "-l", "error"]
+            proc = bench.start(f"pyproxy-xds-{api}", cmd, bench.proxy_cpu, cwd=a.pyproxy_root)
+        started = time.time() - (time.monotonic() - proc.started_at)
+        need = (ads.CDS, ads.EDS, ads.RDS)
+        deadline = time.monotonic() + a.xds_timeout
+        prog = None
+        while time.monotonic() < deadline and proc.alive():
+            prog = srv.poll(node)
+            if prog and all(prog["types"].get(k, {}).get("ack") for k in need):
+                break
+            time.sleep(0.05)
+        if prog:
+            ref = prog["opened"]
+            t["types"] = {ads.SHORT.get(k, k): {
+                "first_request_s": round(v["first_request"] - ref, 4),
+                "ack_s": None if v["ack"] is None else round(v["ack"] - ref, 4),
+                "nacks": v["nacks"][:5], "names_requested": v["names"],
+                "responses": v["responses"]} for k, v in prog["types"].items()}
+            t["process_start_to_stream_s"] = round(ref - started, 4)
+        if not proc.alive():
+            t["status"] = "failed to start" if prog is None else "died"
+            t["reason"] = f"exited with {proc.popen.returncode}: {proc.tail(800)}"
+            print(f"  xds {api} {name}: {t['status']}: {proc.tail(300)}", flush=True)
+            return
+        if prog is None:
+            t["status"], t["reason"] = "error", f"no ADS stream within {a.xds_timeout:.0f}s"
+            print(f"  xds {api} {name}: no ADS stream", flush=True)
+            return
+        if not all(prog["types"].get(k, {}).get("ack") for k in need):
+            t["status"] = "error"
+            t["reason"] = (f"not all of CDS/EDS/RDS ACKed within {a.xds_timeout:.0f}s: "
+                           + json.dumps(t["types"])[:800])
+            print(f"  xds {api} {name}: {t['reason'][:300]}", flush=True)
+            return
+        last = max(prog["types"][k]["ack"] for k in need)
+        t["all_acked_s"] = round(last - ref, 4)
+        t["process_start_to_all_s"] = round(last - started, 4)
+        time.sleep(1.0)
+        t["rss_mb"] = round(proc.rss_bytes() / 2**20, 1)
+        t["status"] = "ok"
+        nacks = sum(len(v["nacks"]) for v in prog["types"].values())
+        if nacks:
+            t.setdefault("warnings", []).append(f"{nacks} NACK(s) before the ACKs")
+        print(f"  xds {api} {name}: all ACKed {t['all_acked_s']:.3f}s after stream start, "
+              f"RSS {t['rss_mb']} MB", flush=True)
+    finally:
+        bench.stop(proc)
+        srv.stop()
+
+
 def run_xds(bench, results):
     from bench import ads  # grpc + xds-protos only when needed
     a = bench.a
     t0 = time.monotonic()
     resources = ads.build_resources(a.xds_count, endpoint_port=procs.free_port())
     build_s = time.monotonic() - t0
-    res = {"targets": {}, "notes": [
-        f"SotW ADS server (benchmarks/bench/ads.py, grpcio) pushes {a.xds_count} EDS clusters, "
-        f"{a.xds_count} ClusterLoadAssignments and one RouteConfiguration with {a.xds_count} "
-        f"virtual hosts (RDS of a static listener); times from the stream's first request to "
-        f"the ACK the server receives; RSS of the proxy 1 s after all three ACKs",
-        f"resources built in {build_s:.2f}s", bench.pin_note]}
-    for name in [n for n in ("envoy", "pyproxy") if n in a.targets]:
-        t = res["targets"].setdefault(name, {})
-        servicer = ads.BenchADS(resources)
-        port = procs.free_port()
-        server = ads.start_server(servicer, port)
-        proc = None
-        try:
-            boot = ads.bootstrap(port, procs.free_port(), node_id=f"bench-xds-{name}")
-            path = configs.write_yaml(os.path.join(bench.tmp, f"xds-{name}.yaml"), boot)
-            if name == "envoy":
-                bench.base_id += 1
-                cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id",
-                       str(bench.base_id), "--disable-hot-restart", "-l", "error"]
-                proc = bench.start("envoy-xds", cmd, bench.proxy_cpu)
-            else:
-                cmd = shlex.split(a.pyproxy_cmd) + ["-c", path, "--concurrency", "1",
-                                                    "--disable-hot-restart", "-l", "error"]
-                proc = bench.start("pyproxy-xds", cmd, bench.proxy_cpu, cwd=a.pyproxy_root)
-            deadline = time.monotonic() + a.xds_timeout
-            rec = None
-            while time.monotonic() < deadline:
-                if not proc.alive():
-                    break
-                rec = rec or servicer.wait_stream(0.2)
-                if rec is not None and rec.done.wait(0.2):
-                    break
-            if not proc.alive():
-                t["status"] = "failed to start" if rec is None else "died"
-                t["reason"] = f"exited with {proc.popen.returncode}: {proc.tail(800)}"
-                print(f"  xds {name}: {t['status']}: {proc.tail(300)}", flush=True)
-                continue
-            if rec is None:
-                t["status"], t["reason"] = "error", f"no ADS stream within {a.xds_timeout:.0f}s"
-                print(f"  xds {name}: no ADS stream", flush=True)
-                continue
-            ref = rec.opened
-            t["types"] = {ads.SHORT.get(k, k): v.as_dict(ref) for k, v in rec.types.items()}
-            t["process_start_to_stream_s"] = round(ref - proc.started_at, 4)
-            if not rec.done.is_set():
-                t["status"] = "error"
-                t["reason"] = (f"not all of CDS/EDS/RDS ACKed within {a.xds_timeout:.0f}s: "
-                               + json.dumps(t["types"])[:800])
-                print(f"  xds {name}: {t['reason'][:300]}", flush=True)
-                continue
-            acks = [rec.types[k].acked_full for k in servicer.expect]
-            t["all_acked_s"] = round(max(acks) - ref, 4)
-            t["process_start_to_all_s"] = round(max(acks) - proc.started_at, 4)
-            time.sleep(1.0)
-            t["rss_mb"] = round(proc.rss_bytes() / 2**20, 1)
-            t["status"] = "ok"
-            nacks = sum(len(v.nacks) for v in rec.types.values())
-            if nacks:
-                t.setdefault("warnings", []).append(f"{nacks} NACK(s) before the ACKs")
-            print(f"  xds {name}: all ACKed {t['all_acked_s']:.3f}s after stream start, "
-                  f"RSS {t['rss_mb']} MB", flush=True)
-        finally:
-            bench.stop(proc)
-            server.stop(grace=0)
-    e, p = res["targets"].get("envoy", {}), res["targets"].get("pyproxy", {})
-    if e.get("status") == "ok" and p.get("status") == "ok":
-        res["ratios"] = {"all_acked_s_vs_envoy": round(p["all_acked_s"] / e["all_acked_s"], 3),
-                         "rss_mb_vs_envoy": round(p["rss_mb"] / e["rss_mb"], 3)}
-    results["modes"]["xds"] = res
+    for api in a.xds_apis:
+        res = {"targets": {}, "api": api, "notes": [
+            f"{api} ADS: {a.xds_count} EDS clusters, {a.xds_count} ClusterLoadAssignments and "
+            f"one RouteConfiguration with {a.xds_count} virtual hosts (RDS of a static "
+            f"listener); times from the stream's first request to the ACK the server receives; "
+            f"RSS of the proxy 1 s after all three ACKs", f"resources built in {build_s:.2f}s",
+            bench.pin_note]}
+        key = "xds" if api == "sotw" else f"xds_{api}"
+        for name in [n for n in ("envoy", "pyproxy") if n in a.targets]:
+            xds_one(bench, name, api, resources, res["targets"].setdefault(name, {}))
+        servers = {t.get("server") for t in res["targets"].values() if t.get("server")}
+        res["notes"].insert(1, "server: " + ", ".join(sorted(servers)))
+        e, p = res["targets"].get("envoy", {}), res["targets"].get("pyproxy", {})
+        if e.get("status") == "ok" and p.get("status") == "ok":
+            res["ratios"] = {
+                "all_acked_s_vs_envoy": round(p["all_acked_s"] / e["all_acked_s"], 3),
+                "rss_mb_vs_envoy": round(p["rss_mb"] / e["rss_mb"], 3)}
+        results["modes"][key] = res
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -566,8 +631,9 @@ def main(argv=None):
                        ("h2", "HTTP/2 h2load"), ("grpc", "gRPC unary")):
         if key in results["modes"] and "targets" in results["modes"][key]:
             report.print_throughput(title, results["modes"][key], paced=(key == "h1paced"))
-    if "xds" in results["modes"]:
-        report.print_xds(results["modes"]["xds"])
+    for key in ("xds", "xds_delta"):
+        if key in results["modes"] and "targets" in results["modes"][key]:
+            report.print_xds(results["modes"][key])
 
     os.makedirs(a.out, exist_ok=True)
     jpath = os.path.join(a.out, f"{stamp}.json")

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark harness (benchmarks/run.py) in a tiny mode.
 
-Runs the real harness: nginx backend, nginx as proxy and the direct path for 1 s each, a pyproxy
+Runs the real harness: nginx backend, nginx as proxy, the bare Python forwarder and the direct
+path for 1 s each, a pyproxy
 command that cannot start (the harness must report it and carry on), and, when Envoy is present,
 a 50-resource xDS push. Checks the JSON holds sane numbers.
 """
@@ -76,14 +77,14 @@ def _run(args, tmp_path, timeout):
                     reason="wrk or nginx missing")
 def test_harness_h1_direct_and_nginx(tmp_path):
     bogus = f"{sys.executable} -c 'import sys; sys.exit(3)'"
-    cp, res = _run(["--only", "h1", "--targets", "direct,nginx,pyproxy", "--duration", "1",
+    cp, res = _run(["--only", "h1", "--targets", "direct,nginx,bare,pyproxy", "--duration", "1",
                     "--repeat", "1", "--warmup", "0", "--connections", "10",
                     "--pyproxy-cmd", bogus], tmp_path, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     h1 = res["modes"]["h1"]["targets"]
     assert h1["pyproxy"]["status"] == "failed to start"
     assert "exited with code 3" in h1["pyproxy"]["reason"]
-    for name in ("direct", "nginx"):
+    for name in ("direct", "nginx", "bare"):
         t = h1[name]
         assert t["status"] == "ok", t
         run = t["runs"][0]
@@ -92,24 +93,40 @@ def test_harness_h1_direct_and_nginx(tmp_path):
         assert med["rps"] > 100
         assert 0 < med["p50_ms"] <= med["p99_ms"] < 1000
     assert h1["direct"]["median"]["cpu_s_per_1k_req"] is None
-    ng = h1["nginx"]
-    assert 0 < ng["median"]["cpu_s_per_1k_req"] < 10  # CPU-seconds per 1000 requests
-    assert 1 < ng["rss_mb"] < 1000
-    assert 0 < ng["ratios"]["rps_vs_direct"] < 10
+    for name in ("nginx", "bare"):
+        t = h1[name]
+        assert 0 < t["median"]["cpu_s_per_1k_req"] < 10  # CPU-seconds per 1000 requests
+        assert 1 < t["rss_mb"] < 1000
+        assert 0 < t["ratios"]["rps_vs_direct"] < 10
     assert "failed to start" in cp.stdout
     if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
         assert res["meta"]["pinning"].startswith("proxy under test pinned to CPU")
 
 
+def _control_plane_importable():
+    from bench import ads
+    return ads.control_plane_available(ROOT)
+
+
 @pytest.mark.skipif(not shutil.which("envoy"), reason="envoy missing")
-def test_harness_xds_envoy(tmp_path):
+@pytest.mark.parametrize("server,api", [("builtin", "sotw"), ("control-plane", "sotw"),
+                                        ("control-plane", "delta")])
+def test_harness_xds_envoy(tmp_path, server, api):
+    if server == "control-plane" and not _control_plane_importable():
+        pytest.skip("pyproxy.control_plane not in this checkout")
     cp, res = _run(["--only", "xds", "--targets", "envoy", "--xds-count", "50",
-                    "--xds-timeout", "20"], tmp_path, timeout=60)
+                    "--xds-timeout", "20", "--xds-server", server, "--xds-api", api],
+                   tmp_path, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
-    t = res["modes"]["xds"]["targets"]["envoy"]
+    mode = res["modes"]["xds" if api == "sotw" else "xds_delta"]
+    t = mode["targets"]["envoy"]
     assert t["status"] == "ok", t
+    assert ("ControlPlane" in t["server"]) == (server == "control-plane")
     for ty in ("cds", "eds", "rds"):
         assert t["types"][ty]["nacks"] == []
-        assert 0 <= t["types"][ty]["ack_s"] <= t["all_acked_s"]
+        assert 0 <= t["types"][ty]["first_request_s"] <= t["types"][ty]["ack_s"]
+        assert t["types"][ty]["ack_s"] <= t["all_acked_s"]
+    assert t["types"]["cds"]["names_requested"] == 0  # wildcard
     assert t["types"]["eds"]["names_requested"] == 50
+    assert t["types"]["rds"]["names_requested"] == 1
     assert 10 < t["rss_mb"] < 2000

@@ -1,4 +1,9 @@
-"""xDS apply benchmark: a minimal state-of-the-world ADS server that times ACKs.
+"""xDS apply benchmark: ADS servers that time ACKs.
+
+Two servers behind one interface (`start() -> port`, `poll(node_id) -> progress`, `stop()`):
+- `ControlPlaneXds`: the project's `pyproxy.control_plane.ControlPlane` (SotW and delta), used
+  when the pyproxy checkout has it;
+- `BuiltinXds`: a minimal state-of-the-world server defined here (grpcio + xds-protos stubs).
 
 Resources: N EDS clusters (c0000..), N ClusterLoadAssignments, one RouteConfiguration
 `bench_vhosts` with N virtual hosts (one per cluster). The proxy's bootstrap has a static listener
@@ -7,6 +12,9 @@ whose HttpConnectionManager takes its routes over RDS from ADS, and `cds_config:
 The server records, per stream and per type URL: the first request, when the full set was sent,
 and when the proxy ACKed it (a request carrying our nonce and version, no error_detail) or NACKed.
 """
+import asyncio
+import hashlib
+import sys
 import threading
 import time
 from concurrent import futures
@@ -112,7 +120,7 @@ class BenchADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         sent = {}  # type_url -> (nonce, frozenset(names), full)
         nonce = 0
         for req in request_iterator:
-            now = time.monotonic()
+            now = time.time()
             if rec.opened is None:
                 rec.opened = now
                 rec.node_id = req.node.id
@@ -147,7 +155,7 @@ class BenchADS(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             tt.responses += 1
             yield resp
             if full and tt.sent_full is None:
-                tt.sent_full = time.monotonic()
+                tt.sent_full = time.time()
 
     def _check_done(self, rec):
         if all(rec.types.get(t) and rec.types[t].acked_full for t in self.expect):
@@ -216,3 +224,164 @@ def bootstrap(ads_port, listen_port, node_id="bench-xds"):
             }],
         },
     }
+
+
+# -- uniform interface over the two servers ------------------------------------------------
+#
+# poll(node_id) returns None (no stream yet) or
+#   {"opened": wall time of the first request,
+#    "types": {type_url: {"first_request": t, "ack": t | None, "nacks": [str],
+#                         "names": number of names subscribed (0 = wildcard),
+#                         "responses": int | None}}}
+# where "ack" is the time of the ACK of the response that held the whole requested set.
+
+
+class BuiltinXds:
+    name = "builtin SotW ADS server (benchmarks/bench/ads.py)"
+    apis = ("sotw",)
+
+    def __init__(self, resources):
+        self.servicer = BenchADS(resources)
+        self.server = None
+
+    def start(self, port):
+        self.server = start_server(self.servicer, port)
+        return port
+
+    def poll(self, node_id):
+        with self.servicer.lock:
+            recs = [r for r in self.servicer.streams if r.node_id == node_id]
+        if not recs or recs[-1].opened is None:
+            return None
+        rec = recs[-1]
+        types = {}
+        for t, tt in list(rec.types.items()):
+            types[t] = {"first_request": tt.first_request, "ack": tt.acked_full,
+                        "nacks": list(tt.nacks), "names": tt.requested,
+                        "responses": tt.responses}
+        return {"opened": rec.opened, "types": types}
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop(grace=0).wait(5)
+            self.server = None
+
+
+def control_plane_available(root):
+    """True when `pyproxy.control_plane.ControlPlane` can be imported from the checkout."""
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from pyproxy.control_plane.server import ControlPlane  # noqa: F401
+        from pyproxy.control_plane.loader import Resource  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class ControlPlaneXds:
+    """pyproxy's own control plane, run on an asyncio loop in a background thread."""
+    name = "pyproxy.control_plane.ControlPlane"
+    apis = ("sotw", "delta")
+
+    def __init__(self, resources, config_dir):
+        from pyproxy.control_plane.loader import Resource
+        from pyproxy.control_plane.server import ControlPlane
+        self.cp = ControlPlane(config_dir, port=0, poll_interval=5.0)
+        self.items = []
+        for t, table in resources.items():
+            for n, a in table.items():
+                digest = hashlib.sha256(a.value).hexdigest()[:16]
+                self.items.append(Resource(t, n, a, digest, "<bench>"))
+        # names each type's subscription must reach before its ACK counts (0 = wildcard)
+        self.expect_names = {CDS: 0, EDS: len(resources.get(EDS, {})), RDS: 1}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-cp",
+                                       daemon=True)
+        self.thread.start()
+
+    def _call(self, coro, timeout=20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, port=None):
+        async def go():
+            await self.cp.start()
+            self.cp.set_resources(self.items)
+            return self.cp.port
+        return self._call(go())
+
+    def poll(self, node_id):
+        async def snap():
+            return self._snapshot(node_id)
+        return self._call(snap(), timeout=10)
+
+    def _snapshot(self, node_id):
+        """Runs on the control plane's loop. An ACK counts for a type when its nonce is newer
+        than the one echoed by the request that completed the subscription, i.e. it ACKs a
+        response sent after the proxy asked for everything it will ask for."""
+        cp = self.cp
+        reqs = [r for r in cp.requests if r.get("node") == node_id]
+        if not reqs:
+            return None
+        sid = reqs[-1]["stream"]
+        reqs = [r for r in reqs if r["stream"] == sid]
+        types = {}
+        for r in reqs:
+            t = r["type_url"]
+            d = types.get(t)
+            if d is None:
+                d = types[t] = {"first_request": r["time"], "ack": None, "nacks": [],
+                                "names": 0, "responses": None, "_names": set(),
+                                "_wild": None, "_full_nonce": None}
+            if "resource_names" in r:  # SotW: the request states the whole subscription
+                d["_names"] = set(r["resource_names"]) - {"*"}
+                if d["_wild"] is None or "*" in r["resource_names"]:
+                    d["_wild"] = not r["resource_names"] or "*" in r["resource_names"]
+            else:  # delta: subscribe / unsubscribe deltas
+                if d["_wild"] is None:
+                    d["_wild"] = not r.get("subscribe")
+                d["_names"] |= set(r.get("subscribe") or ()) - {"*"}
+                d["_names"] -= set(r.get("unsubscribe") or ())
+            want = self.expect_names.get(t)
+            complete = d["_wild"] if want == 0 else (want is not None
+                                                      and len(d["_names"]) >= want)
+            if complete and d["_full_nonce"] is None:
+                d["_full_nonce"] = _nonce_int(r.get("nonce"))
+            d["names"] = 0 if d["_wild"] else len(d["_names"])
+        for a in cp.acks:
+            d = types.get(a.get("type_url"))
+            if (a.get("stream") == sid and d is not None and d["ack"] is None
+                    and d["_full_nonce"] is not None
+                    and _nonce_int(a.get("nonce")) > d["_full_nonce"]):
+                d["ack"] = a["time"]
+        for a in cp.nacks:
+            d = types.get(a.get("type_url"))
+            if a.get("stream") == sid and d is not None:
+                d["nacks"].append(str(a.get("error"))[:300])
+        for d in types.values():
+            for k in ("_names", "_wild", "_full_nonce"):
+                d.pop(k)
+        return {"opened": reqs[0]["time"], "types": types}
+
+    def stop(self):
+        try:
+            self._call(self.cp.stop(), timeout=15)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+def _nonce_int(n):
+    try:
+        return int(n or 0)
+    except ValueError:
+        return 0
+
+
+def bootstrap_api(doc, api):
+    """Switch a bootstrap from `bootstrap()` to delta ADS when api == "delta"."""
+    if api == "delta":
+        doc["dynamic_resources"]["ads_config"]["api_type"] = "DELTA_GRPC"
+    return doc

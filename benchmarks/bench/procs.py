@@ -159,10 +159,14 @@ class Proc:
                 pass
 
     def stop(self, grace=5.0):
-        """SIGTERM the root, wait up to `grace`, then SIGKILL every PID of the tree still alive."""
+        """SIGTERM the root, wait up to `grace`, then SIGKILL what is left of the tree.
+
+        Descendants are remembered as (pid, start time) before the SIGTERM and only killed if
+        /proc still shows the same process, so a recycled PID is never hit.
+        """
         try:
-            pids = tree_pids(self.pid) if self.alive() else []
-            if self.alive():
+            if self.popen.poll() is None:
+                kids = [(pid, _start_time(pid)) for pid in tree_pids(self.pid)[1:]]
                 try:
                     os.kill(self.pid, signal.SIGTERM)
                 except ProcessLookupError:
@@ -170,18 +174,26 @@ class Proc:
                 try:
                     self.popen.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    pass
-            for pid in pids + [self.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+                    self.popen.kill()  # Popen only signals its own, un-reaped child
+                    try:
+                        self.popen.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                for pid, st in kids:
+                    if st is not None and _start_time(pid) == st:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except (ProcessLookupError, PermissionError):
+                            pass
         finally:
             self._close_files()
+
+
+def _start_time(pid):
+    try:
+        return int(_stat_fields(pid)[19])  # field 22: starttime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def wait_tcp(port, proc=None, timeout=15.0):

@@ -4,7 +4,7 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ("direct", "pyproxy", "envoy", "nginx")
+ORDER = ("direct", "pyproxy", "envoy", "nginx", "bare")
 
 
 def median(vals):
@@ -102,7 +102,8 @@ def print_throughput(title, mode, paced=False):
 
 
 def print_xds(mode):
-    print("\n== xDS apply (SotW ADS, time from stream start to ACK) ==")
+    api = {"sotw": "SotW", "delta": "delta"}.get(mode.get("api", "sotw"), mode.get("api"))
+    print(f"\n== xDS apply ({api} ADS, time from stream start to ACK) ==")
     for line in mode.get("notes", []):
         print(f"   {line}")
     print(f"{'target':<9}{'CDS ack s':>11}{'EDS ack s':>11}{'RDS ack s':>11}{'all s':>9}"
@@ -167,12 +168,14 @@ def plot(results, path):
     if "h1paced" in results["modes"]:
         panels.append(("h1paced", "HTTP/1.1 paced ~1000 rps",
                        [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
-    if "xds" in results["modes"]:
-        panels.append(("xds", "xDS apply", [("all_acked_s", "s to ACK all types"),
-                                            ("rss_mb", "RSS after apply (MB)")]))
+    for key in ("xds", "xds_delta"):
+        if key in results["modes"]:
+            panels.append((key, f"xDS apply ({results['modes'][key].get('api', 'sotw')})",
+                           [("all_acked_s", "s to ACK all types"),
+                            ("rss_mb", "RSS after apply (MB)")]))
     if not panels:
         return None
-    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639"}
+    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639", "bare": "#E8A33D"}
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for row, (key, title, metrics) in enumerate(panels):
         mode = results["modes"][key]
@@ -183,7 +186,7 @@ def plot(results, path):
                 t = mode["targets"].get(name)
                 if not t:
                     continue
-                if key == "xds":
+                if key.startswith("xds"):
                     v = t.get(metric) if t.get("status") == "ok" else None
                 else:
                     v = (t.get("median") or {}).get(metric) if t.get("status") == "ok" else None
@@ -199,7 +202,7 @@ def plot(results, path):
             ax.set_title(f"{title}: {label}", fontsize=9)
     fig.suptitle(f"pyproxy benchmark {results['meta']['timestamp']} "
                  f"({results['meta'].get('pin_short', '')})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(panels))))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

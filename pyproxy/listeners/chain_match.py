@@ -100,8 +100,13 @@ def select_chain(chains, info: ConnInfo):
     if not cand:
         return None
     # 5. application protocols
-    aps = info.application_protocols
-    exact = [c for c in cand if c.match.application_protocols and any(a in c.match.application_protocols for a in aps)]
+    # the connection's protocols in its own (client preference) order: the first one some chain
+    # names wins; chains that name none are the fallback
+    exact = None
+    for a in info.application_protocols:
+        exact = [c for c in cand if a in c.match.application_protocols]
+        if exact:
+            break
     cand = exact or [c for c in cand if not c.match.application_protocols]
     if not cand:
         return None

@@ -23,18 +23,28 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 
 CONTINUE, STOP = 0, 1
+MAX_INSPECT_BYTES = 64 * 1024  # listener filters see at most this much before the chain is chosen
 
 
 def original_dst(sock) -> tuple[str, int] | None:
-    """The pre-NAT destination of a connection redirected by iptables, or None."""
+    """The pre-NAT destination of a connection redirected by iptables (conntrack), or None.
+
+    IPv4 sockets: ``SO_ORIGINAL_DST``. IPv6 sockets: ``IP6T_SO_ORIGINAL_DST``; an IPv4 peer on a
+    dual-stack socket (local address ``::ffff:a.b.c.d``) is tracked as IPv4, so the IPv4 option
+    answers for it. Addresses come back as plain strings (v4-mapped ones unmapped).
+    """
     try:
         if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
-            port = struct.unpack_from("!H", raw, 2)[0]
-            ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-            if ip.startswith("::ffff:"):
-                ip = ip[7:]
-            return ip, port
+            try:
+                raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            except OSError:
+                raw = None
+            if raw is not None and len(raw) >= 24:
+                port = struct.unpack_from("!H", raw, 2)[0]
+                ip = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+                if ip.startswith("::ffff:") and "." in ip:
+                    ip = ip[7:]
+                return ip, port
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
         port = struct.unpack_from("!H", raw, 2)[0]
         return socket.inet_ntoa(raw[4:8]), port
@@ -47,7 +57,7 @@ class DownstreamConnection(asyncio.Protocol):
         "manager", "listener", "active", "transport", "chain", "filters", "on_data_cb", "closed",
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
-        "filter_state", "ssl",
+        "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof",
     )
 
     def __init__(self, manager, active_listener):
@@ -71,6 +81,9 @@ class DownstreamConnection(asyncio.Protocol):
         self.sock = None
         self.filter_state = {}
         self.ssl = None
+        self.dst_restored = False
+        self.handed_off = False
+        self.pending_eof = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport):
@@ -90,70 +103,104 @@ class DownstreamConnection(asyncio.Protocol):
                                            _fmt_addr(info.dst_ip, info.dst_port), connection_id=self.id)
         si.protocol = ""
         self.active.on_connection(self)
-        if self.listener.use_original_dst and sock is not None:
-            od = original_dst(sock)
-            if od is not None:
-                info.dst_ip, info.dst_port = od
-                si.downstream_local_address = _fmt_addr(*od)
-                target = self.manager.find_original_dst_listener(od[0], od[1])
-                if target is not None and target is not self.active:
-                    # hand off: the connection now belongs to the listener for its destination
-                    self.active.on_connection_gone(self)
-                    self.active = target
-                    self.listener = target.config
-                    target.on_connection(self, handed_off=True)
+        if self.listener.use_original_dst:
+            # Envoy puts an implicit original_dst filter first on use_original_dst listeners
+            self.restore_original_dst()
         self._run_listener_filters()
 
+    def restore_original_dst(self) -> bool:
+        """Make the local address the pre-NAT destination (original_dst filter); True if restored."""
+        if self.dst_restored:
+            return True
+        sock = self.sock
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        od = original_dst(sock)
+        if od is None:
+            return False
+        info = self.info
+        info.dst_ip, info.dst_port = od
+        self.stream_info.downstream_local_address = _fmt_addr(*od)
+        self.dst_restored = True
+        return True
+
     def _run_listener_filters(self):
-        lfs = self.listener.listener_filters
         inspectors = []
-        for lf in lfs:
+        info = self.info
+        for lf in self.listener.listener_filters:
+            if lf.disabled is not None and lf.disabled(info):
+                continue
             r = lf.factory.on_accept(self)
-            if r is STOP:
+            if self.closed:
+                return
+            if r == STOP:
                 inspectors.append(lf.factory)
         if inspectors:
             self.inspectors = inspectors
-            self.inspect_buf = b""
+            if self.inspect_buf is None:
+                self.inspect_buf = b""
             t = self.listener.filters_timeout
             if t:
                 self.inspect_timer = asyncio.get_running_loop().call_later(t, self._inspect_timeout)
+            if self.inspect_buf or self.pending_eof:
+                # bytes already read (handed off from another listener): inspect them now
+                self._inspect(b"", self.pending_eof)
             return
+        self._filters_done()
+
+    def _filters_done(self):
+        """Listener filters finished: hand off to the original destination's listener, or match."""
+        if self.listener.use_original_dst and self.dst_restored and not self.handed_off:
+            info = self.info
+            target = self.manager.find_original_dst_listener(info.dst_ip, info.dst_port)
+            if target is not None and target is not self.active and not target.draining:
+                # the connection now belongs to the listener for its destination, which runs
+                # its own listener filters (and does not hand off again)
+                self.handed_off = True
+                self.active.on_connection_gone(self)
+                self.active = target
+                self.listener = target.config
+                lim = self.listener.buffer_limit
+                self.transport.set_write_buffer_limits(high=lim, low=lim // 2)
+                target.on_connection(self, handed_off=True)
+                self._run_listener_filters()
+                return
+        buf, self.inspect_buf = self.inspect_buf, None
         self._select_chain()
+        if buf and not self.closed:
+            self.on_data_cb(buf, False)
+        if self.pending_eof and not self.closed:
+            self.on_data_cb(b"", True)
 
     def _inspect_timeout(self):
         self.inspect_timer = None
-        if self.closed:
+        if self.closed or self.inspectors is None:
             return
+        self.active.st_listener_filter_timeout.value += 1
         if self.listener.continue_on_filters_timeout:
-            buf, self.inspect_buf, self.inspectors = self.inspect_buf, None, None
-            self._select_chain()
-            if buf and not self.closed:
-                self.on_data_cb(buf, False)
+            self.inspectors = None
+            self._filters_done()
         else:
-            self.active.st_listener_filter_timeout.value += 1 if hasattr(self.active, "st_listener_filter_timeout") else 0
             self.close(flush=False)
 
     def _inspect(self, data: bytes, eof: bool):
-        self.inspect_buf += data
-        buf = self.inspect_buf
+        buf = self.inspect_buf = self.inspect_buf + data if data else self.inspect_buf
         remaining = []
         for f in self.inspectors:
-            if f.on_data(self, buf, eof) is STOP:
+            if f.on_data(self, buf, eof) == STOP:
                 remaining.append(f)
-        if remaining and not eof and len(buf) < 64 * 1024:
+            if self.closed:
+                return
+        if remaining and not eof and len(buf) < MAX_INSPECT_BYTES:
             self.inspectors = remaining
             return
         if self.inspect_timer is not None:
             self.inspect_timer.cancel()
             self.inspect_timer = None
         self.inspectors = None
-        self.inspect_buf = None
-        self._select_chain()
-        if not self.closed:
-            if buf:
-                self.on_data_cb(buf, False)
-            if eof and not self.closed:
-                self.on_data_cb(b"", True)
+        if eof:
+            self.pending_eof = True
+        self._filters_done()
 
     def _select_chain(self):
         lst = self.listener

@@ -19,6 +19,20 @@ from ..transport import build_transport_socket
 
 log = logging.getLogger("pyproxy.config")
 
+# The sidecar's listener filters. pyproxy/extensions.py is the table of record; these entries are
+# added only if it does not list them (yet), so both places always point at the same modules.
+_LISTENER_FILTERS = (
+    ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
+     "pyproxy.filters.listener.original_dst:factory", ("envoy.filters.listener.original_dst",)),
+    ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+     "pyproxy.filters.listener.tls_inspector:factory", ("envoy.filters.listener.tls_inspector",)),
+    ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+     "pyproxy.filters.listener.http_inspector:factory", ("envoy.filters.listener.http_inspector",)),
+)
+for _t, _f, _n in _LISTENER_FILTERS:
+    if REGISTRY.type_for_name("listener_filter", _n[0]) is None:
+        REGISTRY.register("listener_filter", _t, _f, names=_n)
+
 _ST = listener_components_pb2.FilterChainMatch.ConnectionSourceType
 SOURCE_ANY, SOURCE_LOCAL, SOURCE_EXTERNAL = _ST.ANY, _ST.SAME_IP_OR_LOOPBACK, _ST.EXTERNAL
 
@@ -89,11 +103,38 @@ class FilterChain:
 
 
 class ListenerFilter:
-    __slots__ = ("name", "factory")
+    __slots__ = ("name", "factory", "disabled")
 
-    def __init__(self, name, factory):
+    def __init__(self, name, factory, disabled=None):
         self.name = name
         self.factory = factory
+        self.disabled = disabled  # None, or (ConnInfo) -> bool: skip this filter for the connection
+
+
+def compile_predicate(p, field="filter_disabled"):
+    """A ``ListenerFilterChainMatchPredicate`` as a function of the connection's ConnInfo."""
+    which = p.WhichOneof("rule")
+    if which == "any_match":
+        if not p.any_match:
+            raise ConfigError("any_match must be true", field=field)
+        return lambda info: True
+    if which == "destination_port_range":
+        lo, hi = p.destination_port_range.start, p.destination_port_range.end
+        if hi <= lo:
+            raise ConfigError("destination_port_range: end must be greater than start", field=field)
+        return lambda info: lo <= info.dst_port < hi
+    if which == "not_match":
+        inner = compile_predicate(p.not_match, field + ".not_match")
+        return lambda info: not inner(info)
+    if which in ("or_match", "and_match"):
+        rules = getattr(p, which).rules
+        if len(rules) < 2:
+            raise ConfigError("%s needs at least 2 rules" % which, field=field)
+        fs = tuple(compile_predicate(r, "%s.%s.rules[%d]" % (field, which, i)) for i, r in enumerate(rules))
+        if which == "or_match":
+            return lambda info: any(f(info) for f in fs)
+        return lambda info: all(f(info) for f in fs)
+    raise ConfigError("empty listener filter match predicate", field=field)
 
 
 class CompiledListener:
@@ -150,10 +191,13 @@ class CompiledListener:
             if factory is None:
                 self.skipped.append((lf.name, cfg))
                 continue
-            self.listener_filters.append(ListenerFilter(lf.name, factory(cfg, ctx)))
-        if any(lf.name == "envoy.filters.listener.original_dst" or getattr(lf.factory, "is_original_dst", False)
-               for lf in self.listener_filters):
-            self.use_original_dst = True
+            disabled = None
+            if lf.HasField("filter_disabled"):
+                disabled = compile_predicate(lf.filter_disabled, "listener_filters[%d].filter_disabled" % i)
+            self.listener_filters.append(ListenerFilter(lf.name, factory(cfg, ctx), disabled))
+        # use_original_dst hands connections to the listener of their original destination (Envoy
+        # adds an implicit original_dst filter first). An explicit original_dst listener filter only
+        # restores the destination for chain matching (virtualInbound): no hand-off.
         self.chains = []
         seen = {}
         for i, fc in enumerate(proto.filter_chains):

@@ -14,7 +14,7 @@ import time
 
 from ..config import ConfigError
 from .connection import DownstreamConnection
-from .listener import CompiledListener
+from .listener import CompiledListener, _listener_stat_name
 
 log = logging.getLogger("pyproxy.config")
 
@@ -108,6 +108,8 @@ class ListenerManager:
             if sock is not None:
                 sock.close()
             return False
+        if sock is None and cfg.bind_to_port and cfg.family == "ip" and not self._same_socket(cur, cfg):
+            sock = self.bind_socket(cfg)  # before the stats scope: port 0 becomes the bound port
         new = ActiveListener(self, cfg)
         if self._same_socket(cur, cfg):
             self._swap_server(cur, new)
@@ -172,6 +174,8 @@ class ListenerManager:
                               resource="listener '%s'" % cfg.name) from None
         if cfg.port == 0:
             cfg.port = sock.getsockname()[1]
+            if not cfg.proto.stat_prefix:
+                cfg.stat_prefix = _listener_stat_name(cfg)  # stats name the bound port, as Envoy's
         return sock
 
     def _swap_server(self, old: ActiveListener, new: ActiveListener) -> None:

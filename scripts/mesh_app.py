@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Demo workloads for the local meshes (docker-compose.yml and scripts/netns_mesh.py).
+
+    mesh_app.py http PORT NAME     HTTP/1.1 server: every request gets JSON
+                                   {"pod": NAME, "peer": client IP, "path": ..., "host": ...};
+                                   /slow?ms=N waits N ms first; /call?url=U fetches U and returns
+                                   its status and body (how one service calls another)
+    mesh_app.py echo PORT          TCP server echoing every byte back (for passthrough checks)
+
+Prints "ready" on stdout once listening. Standard library only.
+"""
+
+import json
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def http(port: int, name: str) -> None:
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            u = urllib.parse.urlsplit(self.path)
+            q = urllib.parse.parse_qs(u.query)
+            if u.path == "/slow":
+                time.sleep(min(float(q.get("ms", ["100"])[0]), 30000) / 1000.0)
+            out = {"pod": name, "peer": self.client_address[0], "path": self.path,
+                   "host": self.headers.get("host")}
+            if u.path == "/call":
+                try:
+                    with urllib.request.urlopen(q["url"][0], timeout=5) as r:
+                        out["upstream"] = {"status": r.status, "body": json.loads(r.read())}
+                except Exception as e:  # report, don't crash the demo
+                    out["upstream"] = {"error": str(e)}
+            body = json.dumps(out).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    ThreadingHTTPServer.daemon_threads = True
+    srv = ThreadingHTTPServer(("0.0.0.0", port), H)
+    print("ready", flush=True)
+    srv.serve_forever()
+
+
+def echo(port: int) -> None:
+    class E(socketserver.BaseRequestHandler):
+        def handle(self):
+            s = self.request
+            try:
+                while True:
+                    d = s.recv(65536)
+                    if not d:
+                        break
+                    s.sendall(d)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    class S(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    srv = S(("0.0.0.0", port), E)
+    print("ready", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "http":
+        http(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "app")
+    elif len(sys.argv) == 3 and sys.argv[1] == "echo":
+        echo(int(sys.argv[2]))
+    else:
+        sys.stderr.write(__doc__)
+        sys.exit(2)
+    threading.Event().wait()
