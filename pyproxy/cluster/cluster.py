@@ -97,11 +97,17 @@ class Cluster:
         self.max_requests_per_connection = po.max_requests_per_connection
         self.transport_socket = build_transport_socket(
             proto.transport_socket if proto.HasField("transport_socket") else None, "transport_socket")
+        # (criteria dict, factory): an endpoint whose ``envoy.transport_socket_match`` metadata
+        # contains the criteria uses that transport socket (Istio: tlsMode=istio -> mTLS)
+        self.transport_socket_matches = []
         for i, m in enumerate(proto.transport_socket_matches):
             try:
-                build_transport_socket(m.transport_socket, "transport_socket_matches")
+                f = build_transport_socket(m.transport_socket, "transport_socket_matches")
             except ConfigError as e:
                 raise e.within(field="transport_socket_matches[%d]" % i)
+            from google.protobuf import json_format
+            crit = json_format.MessageToDict(m.match) if m.HasField("match") else {}
+            self.transport_socket_matches.append((crit, f))
         self.source_address = None
         if proto.HasField("upstream_bind_config"):
             self.source_address = proto.upstream_bind_config.source_address.address or None
@@ -245,6 +251,15 @@ class Cluster:
         if pool is not None:
             return pool.host
         return Host(address, port)
+
+    def transport_for(self, host: Host):
+        """The transport socket factory for a host (``transport_socket_matches`` first)."""
+        if self.transport_socket_matches:
+            md = host.metadata.get("envoy.transport_socket_match") or {}
+            for crit, f in self.transport_socket_matches:
+                if all(md.get(k) == v for k, v in crit.items()):
+                    return f
+        return self.transport_socket
 
     def http_pool(self, host: Host):
         p = self.pools.get(host.key)

@@ -38,10 +38,6 @@ async def open_socket(loop, host, connect_timeout: float, source_address: str | 
         if not host.pipe:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source_address:
-                if source_address.startswith("127."):
-                    # binding to 127.0.0.6 (Istio's inbound passthrough source) needs transparent
-                    # semantics only for non-local addresses; loopback aliases bind directly.
-                    pass
                 sock.bind((source_address, 0))
         await asyncio.wait_for(loop.sock_connect(sock, addr), connect_timeout or None)
         return sock
@@ -265,6 +261,13 @@ class Http1Pool:
     async def _do_connect(self):
         c = self.cluster
         conn = UpstreamConnection(self, self.host)
+        ts = c.transport_for(self.host)
+        if ts.is_tls:
+            try:
+                ts.wrap(None)
+            except ConnectionError as e:
+                self._connect_failed(str(e), timeout=False)
+                return
         try:
             sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
             await self.loop.create_connection(lambda: conn, sock=sock)

@@ -67,7 +67,10 @@ class Registry:
         f = self._by_type.get((category, type_name))
         if isinstance(f, str):
             mod, _, attr = f.partition(":")
-            f = getattr(importlib.import_module(mod), attr)
+            try:
+                f = getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError("extension '%s' cannot be loaded: %s" % (type_name, e)) from None
             self._by_type[(category, type_name)] = f
         return f
 

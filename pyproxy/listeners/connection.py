@@ -214,6 +214,14 @@ class DownstreamConnection(asyncio.Protocol):
             self.active.st_no_filter_chain.value += 1
             self.close(flush=False)
             return
+        ts = chain.transport_socket
+        if ts.is_tls:
+            try:
+                ts.wrap(self.transport)
+            except ConnectionError as e:
+                self.stream_info.connection_termination_details = str(e)
+                self.close(flush=False)
+                return
         self.chain = chain
         self.stream_info.requested_server_name = self.info.server_name
         filters = self.filters = [f.create(self) for f in chain.filter_factories]

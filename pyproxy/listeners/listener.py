@@ -94,9 +94,14 @@ class FilterChain:
                 self.skipped.append((f.name, cfg))
                 continue
             try:
-                factories.append(factory(cfg, ctx, terminal=(i == n - 1)))
+                built = factory(cfg, ctx, terminal=(i == n - 1))
             except ConfigError as e:
                 raise e.within(field="filters[%d](%s)" % (i, f.name))
+            skip = getattr(built, "skip_reason", None)
+            if skip:
+                self.skipped.append((f.name, skip))
+                continue
+            factories.append(built)
         if not factories:
             raise ConfigError("filter chain '%s' has no usable network filter" % self.name, field="filters")
         self.filter_factories = tuple(factories)
@@ -146,7 +151,11 @@ class CompiledListener:
         self.version_info = version_info
         self.last_updated = time.time()
         if not self.name:
-            raise ConfigError("listener name must not be empty", field="name")
+            if added_via_api:
+                raise ConfigError("listener name must not be empty", field="name")
+            # Envoy names unnamed static listeners itself
+            import uuid
+            self.name = str(uuid.uuid4())
         addr = proto.address
         if addr.HasField("pipe"):
             self.family = "unix"
@@ -166,10 +175,13 @@ class CompiledListener:
         elif addr.HasField("envoy_internal_address"):
             self.family = "internal"
             self.host, self.port = addr.envoy_internal_address.server_listener_name, 0
+        elif proto.HasField("internal_listener"):
+            # Envoy internal listeners (HBONE) are reachable only from inside the proxy; pyproxy
+            # compiles them but does not route to them yet
+            self.family = "internal"
+            self.host, self.port = self.name, 0
         else:
             raise ConfigError("listener has no address", field="address")
-        if proto.udp_listener_config.ByteSize() or proto.HasField("quic_options") if hasattr(proto, "quic_options") else False:
-            pass
         self.bind_to_port = proto.bind_to_port.value if proto.HasField("bind_to_port") else True
         self.use_original_dst = proto.use_original_dst.value if proto.HasField("use_original_dst") else False
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
@@ -206,7 +218,7 @@ class CompiledListener:
             except ConfigError as e:
                 raise e.within(field="filter_chains[%d]%s" % (i, "(%s)" % fc.name if fc.name else ""))
             k = chain.match.key()
-            if k in seen:
+            if k in seen and not proto.HasField("filter_chain_matcher"):
                 raise ConfigError("multiple filter chains with the same matching rules are defined",
                                   field="filter_chains[%d]" % i)
             seen[k] = chain

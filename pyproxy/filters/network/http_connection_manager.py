@@ -126,7 +126,15 @@ class HcmConfig:
                     continue
                 built = factory(fcfg, ctx)
             except ConfigError as e:
+                if f.is_optional:
+                    log.warning("optional HTTP filter '%s' skipped: %s", f.name, e)
+                    self.skipped_filters.append((f.name, str(e)))
+                    continue
                 raise e.within(field="http_filters[%d](%s)" % (i, f.name))
+            skip = getattr(built, "skip_reason", None)
+            if skip:
+                self.skipped_filters.append((f.name, skip))
+                continue
             is_router = getattr(built, "is_router", False)
             if is_router and i != n - 1:
                 raise ConfigError("the router filter must be the last HTTP filter", field="http_filters[%d]" % i)
