@@ -11,72 +11,10 @@ import time
 
 import pytest
 
-from test_xds_e2e_helpers import (
-    CLUSTER, ENDPOINT, LISTENER, ROUTE, Backend, InProcessCP, LoopThread, Proxy, bootstrap, cla,
+from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
+    env, xds_bootstrap, make_cp, body, CLUSTER, ENDPOINT, LISTENER, ROUTE, Backend, InProcessCP, LoopThread, Proxy, bootstrap, cla,
     dump_section, dynamic_names, eds_cluster, free_port, get, http_listener, rds_route,
     route_config, short_tmpdir, try_get, wait_for)
-
-
-@pytest.fixture
-def env():
-    """Backends, a loop thread for the control plane, a short tmp dir; everything torn down."""
-    made = {"backends": [], "proxies": [], "cps": []}
-    lt = LoopThread()
-    tmp = short_tmpdir()
-
-    class Env:
-        loop = lt
-        dir = tmp
-
-        def backend(self, name):
-            b = Backend(name)
-            made["backends"].append(b)
-            return b
-
-        def cp(self, **kw):
-            os.makedirs(os.path.join(tmp, "cfg"), exist_ok=True)
-            c = InProcessCP(lt, os.path.join(tmp, "cfg"), **kw)
-            made["cps"].append(c)
-            return c
-
-        def proxy(self, boot, **kw):
-            p = Proxy(boot, tmp, **kw)
-            made["proxies"].append(p)
-            return p
-    try:
-        yield Env()
-    finally:
-        for p in made["proxies"]:
-            p.kill()
-        for c in made["cps"]:
-            try:
-                c.stop()
-            except Exception:
-                pass
-        for b in made["backends"]:
-            b.close()
-        lt.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def xds_bootstrap(env, cp, api, transport):
-    if transport == "uds":
-        # relative pipe path resolved against pyproxy's cwd, as Istio's ./etc/istio/proxy/XDS
-        return bootstrap(api, pipe="./etc/istio/proxy/XDS")
-    return bootstrap(api, port=cp.port)
-
-
-def make_cp(env, transport):
-    if transport == "uds":
-        os.makedirs(os.path.join(env.dir, "etc", "istio", "proxy"), exist_ok=True)
-        return env.cp(uds=os.path.join(env.dir, "etc", "istio", "proxy", "XDS"), tcp=False)
-    return env.cp()
-
-
-def body(port, path="/"):
-    st, b, _ = get(port, path)
-    assert st == 200, (st, b)
-    return b.split()[0]
 
 
 @pytest.mark.parametrize("api,transport", [("GRPC", "tcp"), ("DELTA_GRPC", "uds"),
@@ -194,3 +132,64 @@ def test_push_traffic_update_nack_remove(env, api, transport):
     assert (st.get("listener_manager.listener_modified", 0), st.get("cluster_manager.cluster_modified", 0)) \
         == modified0
     assert px.alive()
+
+
+@pytest.mark.parametrize("api", ["GRPC", "DELTA_GRPC"])
+def test_warming_and_initial_fetch_timeout(env, api):
+    """Clusters warm until their endpoints arrive, listeners until their routes arrive; /ready and
+    server.state follow; a connection made to a warming listener is served once it is active.
+    With a non-zero initial_fetch_timeout, warming ends without the resource."""
+    a = env.backend("A")
+    p1, p2 = free_port(), free_port()
+    cp = env.cp()
+    c1, l1 = eds_cluster("c1", timeout="0s"), http_listener("l1", p1, rds="r1", rds_timeout="0s")
+    cp.set([c1, l1])
+    px = env.proxy(bootstrap(api, port=cp.port))
+    cp.wait_acked(CLUSTER, LISTENER)
+    time.sleep(0.3)
+    assert px.ready() == "INITIALIZING"
+    st = px.stats()
+    assert st["server.state"] == 3 and st["cluster_manager.warming_clusters"] == 1
+    assert st["listener_manager.total_listeners_warming"] == 1
+    names = dynamic_names(px.config_dump())
+    assert "c1" in names["warming_clusters"] and not names["clusters"]
+    assert "l1" in names["warming_listeners"] and not names["listeners"]
+
+    # a client connecting now waits (the socket is bound) and is served when the listener is active
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=try_get(p1, "/early", timeout=8)), daemon=True)
+    t.start()
+    cp.set([c1, cla("c1", a.port), l1])
+    cp.wait_acked(ENDPOINT)
+    wait_for(lambda: "c1" in dynamic_names(px.config_dump())["clusters"], 5, "c1 active")
+    assert px.ready() == "INITIALIZING" and t.is_alive()      # l1 still waits for r1
+    cp.set([c1, cla("c1", a.port), l1, rds_route("r1", ("/", "c1"))])
+    wait_for(lambda: px.ready() == "LIVE", 5, "LIVE")
+    t.join(8)
+    assert result["r"][0] == 200 and result["r"][1] == "A /early"
+    st = px.stats()
+    assert st["server.state"] == 0 and st["listener_manager.total_listeners_warming"] == 0
+    assert st["cluster_manager.warming_clusters"] == 0
+    names = dynamic_names(px.config_dump())
+    assert "l1" in names["listeners"] and not names["warming_listeners"]
+
+    # initial_fetch_timeout: c2's endpoints and r2 never come; both warm for 0.5 s, then go active
+    c2 = eds_cluster("c2", timeout="0.5s")
+    l2 = http_listener("l2", p2, rds="r2", rds_timeout="0.5s")
+    cp.set([c1, cla("c1", a.port), l1, rds_route("r1", ("/", "c1")), c2, l2])
+    cp.wait_acked(CLUSTER, LISTENER)
+    names = dynamic_names(px.config_dump())
+    assert "c2" in names["warming_clusters"] and "l2" in names["warming_listeners"]
+    assert px.ready() == "LIVE"    # warming after initialization does not affect readiness
+    wait_for(lambda: not any(dynamic_names(px.config_dump())[k] for k in ("warming_clusters",
+                                                                        "warming_listeners")),
+             5, "c2 and l2 warmed by timeout")
+    st = px.stats()
+    assert st["cluster.c2.init_fetch_timeout"] == 1 and st["http.l2.rds.r2.init_fetch_timeout"] == 1
+    assert st["cluster.c2.membership_total"] == 0 if "cluster.c2.membership_total" in st else True
+    code, _, _ = get(p2, "/")
+    assert code == 404                 # no route configuration yet
+    # the route arriving later takes effect at once
+    cp.set([c1, cla("c1", a.port), l1, rds_route("r1", ("/", "c1")), c2, l2, rds_route("r2", ("/", "c1"))])
+    wait_for(lambda: try_get(p2)[0] == 200, 5, "r2 applied after timeout")
+    assert body(p1) == "A"

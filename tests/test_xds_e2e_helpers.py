@@ -19,6 +19,7 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 from pyproxy.control_plane import ControlPlane
@@ -455,3 +456,67 @@ def dynamic_names(dump: dict) -> dict:
                    for e in rs.get("dynamic_route_configs", []) if "route_config" in e},
     }
     return out
+
+
+# ------------------------------------------------------------------ fixture
+
+@pytest.fixture
+def env():
+    """Backends, a loop thread for the control plane, a short tmp dir; everything torn down."""
+    made = {"backends": [], "proxies": [], "cps": []}
+    lt = LoopThread()
+    tmp = short_tmpdir()
+
+    class Env:
+        loop = lt
+        dir = tmp
+
+        def backend(self, name):
+            b = Backend(name)
+            made["backends"].append(b)
+            return b
+
+        def cp(self, **kw):
+            os.makedirs(os.path.join(tmp, "cfg"), exist_ok=True)
+            c = InProcessCP(lt, os.path.join(tmp, "cfg"), **kw)
+            made["cps"].append(c)
+            return c
+
+        def proxy(self, boot, **kw):
+            p = Proxy(boot, tmp, **kw)
+            made["proxies"].append(p)
+            return p
+    try:
+        yield Env()
+    finally:
+        for p in made["proxies"]:
+            p.kill()
+        for c in made["cps"]:
+            try:
+                c.stop()
+            except Exception:
+                pass
+        for b in made["backends"]:
+            b.close()
+        lt.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def xds_bootstrap(env, cp, api, transport):
+    if transport == "uds":
+        # relative pipe path resolved against pyproxy's cwd, as Istio's ./etc/istio/proxy/XDS
+        return bootstrap(api, pipe="./etc/istio/proxy/XDS")
+    return bootstrap(api, port=cp.port)
+
+
+def make_cp(env, transport):
+    if transport == "uds":
+        os.makedirs(os.path.join(env.dir, "etc", "istio", "proxy"), exist_ok=True)
+        return env.cp(uds=os.path.join(env.dir, "etc", "istio", "proxy", "XDS"), tcp=False)
+    return env.cp()
+
+
+def body(port, path="/"):
+    st, b, _ = get(port, path)
+    assert st == 200, (st, b)
+    return b.split()[0]
