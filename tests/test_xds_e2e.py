@@ -193,3 +193,71 @@ def test_warming_and_initial_fetch_timeout(env, api):
     cp.set([c1, cla("c1", a.port), l1, rds_route("r1", ("/", "c1")), c2, l2, rds_route("r2", ("/", "c1"))])
     wait_for(lambda: try_get(p2)[0] == 200, 5, "r2 applied after timeout")
     assert body(p1) == "A"
+
+
+@pytest.mark.parametrize("api,transport", [("GRPC", "tcp"), ("DELTA_GRPC", "uds")])
+def test_control_plane_killed_and_restarted(env, api, transport):
+    """The control plane process is killed: pyproxy keeps serving on its last config, reconnects
+    when it is back (same address), re-subscribes, and takes the config changed meanwhile."""
+    from xds_util import ControlPlaneProcess, write_json
+    a, b = env.backend("A"), env.backend("B")
+    p1 = free_port()
+    cfg = os.path.join(env.dir, "cfg")
+    os.makedirs(cfg)
+    status = os.path.join(env.dir, "cp-status.json")
+    write_json(os.path.join(cfg, "all.json"), [eds_cluster("c1"), cla("c1", a.port),
+                                               http_listener("l1", p1, rds="r1"), rds_route("r1", ("/", "c1"))])
+    if transport == "uds":
+        os.makedirs(os.path.join(env.dir, "etc", "istio", "proxy"))
+        kw = {"port": None, "uds": os.path.join(env.dir, "etc", "istio", "proxy", "XDS")}
+        boot = bootstrap(api, pipe="./etc/istio/proxy/XDS")
+    else:
+        kw = {"port": free_port()}
+        boot = bootstrap(api, port=kw["port"])
+    cpp = ControlPlaneProcess(cfg, status, poll_interval=0.05, **kw).start()
+    try:
+        px = env.proxy(boot)
+        wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+        assert body(p1) == "A"
+        assert px.stats("control_plane")["control_plane.connected_state"] == 1
+        pid = cpp.proc.pid
+        cpp.kill()                                   # SIGKILL by PID
+        assert pid and cpp.proc is None
+        wait_for(lambda: px.stats("control_plane")["control_plane.connected_state"] == 0, 5,
+                 "disconnected state")
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:              # traffic goes on while it is away
+            assert body(p1) == "A"
+        assert px.ready() == "LIVE"
+        st_before = px.stats()
+        # the config changes while the control plane is down; it comes back on the same address
+        write_json(os.path.join(cfg, "all.json"), [
+            eds_cluster("c1"), cla("c1", a.port), eds_cluster("c2"), cla("c2", b.port),
+            http_listener("l1", p1, rds="r1"), rds_route("r1", ("/", "c2"))])
+        cpp.start()
+        wait_for(lambda: body(p1) == "B", 8, "traffic to follow the restarted control plane")
+        assert px.stats("control_plane")["control_plane.connected_state"] == 1
+        st = cpp.status()
+        streams = st["streams"]
+        assert len(streams) == 1 and streams[0]["api"] == ("sotw" if api == "GRPC" else "delta")
+        types = streams[0]["types"]
+        assert types[CLUSTER]["wildcard"] and types[LISTENER]["wildcard"]
+        assert set(types[ENDPOINT]["names"]) == {"c1", "c2"} and types[ROUTE]["names"] == ["r1"]
+        first = {}
+        for r in st["requests"]:
+            first.setdefault(r["type_url"], r)
+        assert first[CLUSTER]["has_node"] and not any(r["has_node"] for r in st["requests"][1:])
+        if api == "DELTA_GRPC":
+            # delta: the new stream tells the server what pyproxy holds
+            assert set(first[CLUSTER]["initial_resource_versions"]) == {"c1"}
+            assert set(first[LISTENER]["initial_resource_versions"]) == {"l1"}
+        else:
+            assert first[CLUSTER]["version"] != ""      # SotW: the last accepted version
+        # the unchanged listener and cluster were not touched
+        st_after = px.stats()
+        for k in ("listener_manager.listener_modified", "cluster_manager.cluster_modified",
+                  "listener_manager.listener_added"):
+            assert st_after.get(k, 0) == st_before.get(k, 0), k
+        assert not cpp.status()["nacks"]
+    finally:
+        cpp.kill()
