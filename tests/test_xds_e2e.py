@@ -289,7 +289,9 @@ def test_changed_listener_drains_old_connections(env):
     wait_for(lambda: any(path == "/slow/1.0" for _, path in a.peers), 5, "slow request upstream")
 
     cp.set(res + [l1_new, l2])
-    cp.wait_acked(LISTENER)
+    v = str(cp.cp.version)
+    wait_for(lambda: cp.acked_version(LISTENER) == v or cp.nacks(LISTENER), 8, "LDS ACK or NACK")
+    assert not cp.nacks(LISTENER), cp.nacks(LISTENER)[-1]["error"]
     assert body(p1) == "B"                                   # new connections: new config
     dump = px.config_dump()
     ls = {e["name"]: e for e in dump_section(dump, "ListenersConfigDump")["dynamic_listeners"]
