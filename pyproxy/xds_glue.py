@@ -15,6 +15,7 @@ import time
 from google.protobuf import json_format
 
 from .config import ConfigError, duration_s
+from .config.registry import message_class
 from .xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsClient
 from .xds_client.target import target_from_grpc_service
 
@@ -40,8 +41,57 @@ def _now_ts() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
 
 
+def _load_wrapper_types():
+    # json_format resolves an Any through the default descriptor pool: the wrappers Istio uses for
+    # configs (TypedStruct) must be imported or every /config_dump holding one fails.
+    for mod in ("xds.type.v3.typed_struct_pb2", "udpa.type.v1.typed_struct_pb2"):
+        try:
+            __import__(mod)
+        except ImportError:  # pragma: no cover - part of xds-protos
+            pass
+
+
+_load_wrapper_types()
+
+
+def _import_any_types(msg, depth=0) -> None:
+    """Import the proto module of every Any inside ``msg`` that some module defines."""
+    if depth > 32:
+        return
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            vd = fd.message_type.fields_by_name["value"]
+            items = list(value.values()) if vd.message_type is not None else []
+        else:
+            items = list(value) if _is_repeated(fd) else [value]
+        for v in items:
+            if v.DESCRIPTOR.full_name == "google.protobuf.Any":
+                cls = message_class(v.type_url.rpartition("/")[2])
+                if cls is not None:
+                    inner = cls()
+                    if v.Unpack(inner):
+                        _import_any_types(inner, depth + 1)
+            else:
+                _import_any_types(v, depth + 1)
+
+
+def _is_repeated(fd) -> bool:
+    r = getattr(fd, "is_repeated", None)
+    return r if r is not None else fd.label == fd.LABEL_REPEATED
+
+
 def _as_json(msg, type_name: str) -> dict:
-    body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    """A resource as config_dump JSON; never raises (an Any of an unknown type becomes a note)."""
+    try:
+        body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    except (TypeError, KeyError, ValueError):
+        try:
+            _import_any_types(msg)
+            body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        except Exception as e:  # noqa: BLE001 - a dump must not fail the update
+            body = {"name": getattr(msg, "name", ""), "_unprintable": str(e)}
     body["@type"] = "type.googleapis.com/" + type_name
     return body
 
