@@ -326,6 +326,13 @@ class XdsGlue:
         self.received.add(type_url)
         self.type_version[type_url] = version_info
 
+    def _resource_version(self, type_url, name, version) -> str:
+        """The version config_dump shows for one resource: delta's per-resource version (as Envoy
+        shows it), else the response's version_info."""
+        c = self.client_for_type.get(type_url)
+        rv = getattr(c, "response_versions", None) if c is not None and c.delta else None
+        return (rv or {}).get(name) or version
+
     def _fail(self, type_url, type_name, failures: list, added: dict, label: str):
         """Record Envoy's error_state for each failed resource; raise one ConfigError naming all."""
         ts = _now_ts()
@@ -350,7 +357,8 @@ class XdsGlue:
             try:
                 if name in static:
                     raise ConfigError("cluster '%s' is static and cannot be updated by CDS" % name)
-                built.append(self.cm.build(proto, added_via_api=True, version_info=version))
+                built.append(self.cm.build(proto, added_via_api=True,
+                                           version_info=self._resource_version(CLUSTER, name, version)))
             except ConfigError as e:
                 failures.append((name, e))
         if failures:
@@ -429,7 +437,8 @@ class XdsGlue:
         built, failures = [], []
         for name, proto in added.items():
             try:
-                built.append(lm.build(proto, added_via_api=True, version_info=version))
+                built.append(lm.build(proto, added_via_api=True,
+                                      version_info=self._resource_version(LISTENER, name, version)))
             except ConfigError as e:
                 failures.append((name, e))
         socks, taken = [], []
@@ -544,7 +553,7 @@ class XdsGlue:
                 p = self.routes[name] = RouteProvider(name, self)
             p.table = table
             p.proto = added[name]
-            p.version_info = version
+            p.version_info = self._resource_version(ROUTE, name, version)
             p.last_updated = now
             p.count("success", version)
             p.set_ready()

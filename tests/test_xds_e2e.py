@@ -4,6 +4,7 @@ traffic through the pushed listeners to real backends (SotW and delta, TCP and u
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import threading
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    env, xds_bootstrap, make_cp, body, CLUSTER, ENDPOINT, LISTENER, ROUTE, Backend, InProcessCP, LoopThread, Proxy, bootstrap, cla,
+    env, xds_bootstrap, make_cp, body, ENVOY, CLUSTER, ENDPOINT, LISTENER, ROUTE, Backend, InProcessCP, LoopThread, Proxy, bootstrap, cla,
     dump_section, dynamic_names, eds_cluster, free_port, get, http_listener, rds_route,
     route_config, short_tmpdir, try_get, wait_for)
 
@@ -312,3 +313,49 @@ def test_changed_listener_drains_old_connections(env):
     assert st["listener_manager.listener_modified"] == 1 and st["listener_manager.listener_added"] == 2
     wait_for(lambda: px.stats("listener_manager")["listener_manager.total_listeners_draining"] == 0,
              5, "drain to finish")
+
+
+@pytest.mark.skipif(ENVOY is None, reason="envoy binary not on PATH")
+@pytest.mark.parametrize("api", ["GRPC", "DELTA_GRPC"])
+def test_config_dump_after_nack_matches_envoy(env, api):
+    """pyproxy and the real Envoy as clients of the same control plane: after a listener NACK both
+    keep the last good listener active and show Envoy's error_state next to it; the per-type and
+    per-resource version_info agree."""
+    cp = env.cp()
+    good = [eds_cluster("c1"), cla("c1", 9), http_listener("l1", 0, rds="r1"), rds_route("r1", ("/", "c1"))]
+    cp.set(good)
+    boot = bootstrap(api, port=cp.port)
+    px = env.proxy(boot)
+    ev = env.proxy(boot, cwd=os.path.join(env.dir, "envoy"), binary=ENVOY)
+    both = (px, ev)
+    for p in both:
+        wait_for(lambda: p.ready() == "LIVE", 10, "LIVE")
+    bad_l1 = http_listener("l1", 0, rds="r1")
+    bad_l1["filter_chains"][0]["filters"].insert(0, {
+        "name": "bogus", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters."
+                                                   "network.bogus.v3.Bogus"}})
+    cp.set(good[:2] + [bad_l1, good[3]])
+    wait_for(lambda: len({n["stream"] for n in cp.nacks(LISTENER)}) == 2, 8, "NACKs from both")
+    dumps = [p.config_dump() for p in both]
+    views = []
+    for d in dumps:
+        ls = dump_section(d, "ListenersConfigDump")
+        l1 = [e for e in ls["dynamic_listeners"] if e.get("name") == "l1"][0]
+        es = l1["error_state"]
+        views.append({
+            "lds_version": ls.get("version_info"),
+            "cds_version": dump_section(d, "ClustersConfigDump").get("version_info"),
+            "l1_active_version": l1["active_state"]["version_info"],
+            "l1_active_has_bogus": "bogus" in json.dumps(l1["active_state"]["listener"]),
+            "error_keys": sorted(es),
+            "failed_name": es["failed_configuration"].get("name"),
+            "failed_type": es["failed_configuration"].get("@type"),
+            "failed_has_bogus": "bogus" in json.dumps(es["failed_configuration"]),
+            "names": {k: sorted(v.items()) for k, v in dynamic_names(d).items()},
+        })
+    assert views[0] == views[1], views
+    assert views[0]["error_keys"] == ["details", "failed_configuration", "last_update_attempt"]
+    assert not views[0]["l1_active_has_bogus"] and views[0]["failed_has_bogus"]
+    for p in both:
+        st = p.stats("lds")
+        assert st["listener_manager.lds.update_rejected"] == 1

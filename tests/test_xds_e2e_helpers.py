@@ -482,8 +482,10 @@ def env():
             made["cps"].append(c)
             return c
 
-        def proxy(self, boot, **kw):
-            p = Proxy(boot, tmp, **kw)
+        def proxy(self, boot, cwd=None, **kw):
+            if cwd:
+                os.makedirs(cwd, exist_ok=True)
+            p = Proxy(boot, cwd or tmp, **kw)
             made["proxies"].append(p)
             return p
     try:
