@@ -6,16 +6,15 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import threading
 import time
 
 import pytest
 
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    env, xds_bootstrap, make_cp, body, ENVOY, CLUSTER, ENDPOINT, LISTENER, ROUTE, Backend, InProcessCP, LoopThread, Proxy, bootstrap, cla,
+    env, xds_bootstrap, make_cp, body, ENVOY, CLUSTER, ENDPOINT, LISTENER, ROUTE, bootstrap, cla,
     dump_section, dynamic_names, eds_cluster, free_port, get, http_listener, rds_route,
-    route_config, short_tmpdir, try_get, wait_for)
+    route_config, try_get, wait_for)
 
 
 @pytest.mark.parametrize("api,transport", [("GRPC", "tcp"), ("DELTA_GRPC", "uds"),
@@ -285,7 +284,7 @@ def test_changed_listener_drains_old_connections(env):
     keep2 = http.client.HTTPConnection("127.0.0.1", p2, timeout=5)
     assert get(p2, conn=keep2)[1] == "A /"
     slow = {}
-    t = threading.Thread(target=lambda: slow.update(r=get(p1, "/slow/1.0")), daemon=True)
+    t = threading.Thread(target=lambda: slow.update(r=try_get(p1, "/slow/1.0")), daemon=True)
     t.start()
     wait_for(lambda: any(path == "/slow/1.0" for _, path in a.peers), 5, "slow request upstream")
 

@@ -12,8 +12,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from pyproxy.control_plane import parse_resource
 
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    env, CLUSTER, LISTENER, ROUTE, LoopThread, Proxy, ScriptedAds, body, bootstrap, dynamic_names,
-    free_port, http_listener, route_config, short_tmpdir, try_get, wait_for)
+    env, CLUSTER, LISTENER, ScriptedAds, body, bootstrap, dynamic_names, free_port, http_listener,
+    route_config, try_get, wait_for)
 
 
 def static_cluster(name, port):

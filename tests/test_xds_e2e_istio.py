@@ -10,15 +10,13 @@ import shutil
 
 import pytest
 from google.protobuf import json_format
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from pyproxy.control_plane import load_dir, parse_resource
 
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    env, CLUSTER, ENDPOINT, LISTENER, ROUTE, ScriptedAds, bootstrap, dump_section, dynamic_names,
+    env, CLUSTER, ENDPOINT, LISTENER, ROUTE, ScriptedAds, bootstrap, dynamic_names,
     free_port, wait_for)
 
 TESTDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
