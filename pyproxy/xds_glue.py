@@ -14,23 +14,99 @@ import time
 
 from google.protobuf import json_format
 
-from .config import ConfigError
+from .config import ConfigError, duration_s
+from .config.registry import message_class
 from .xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsClient
 from .xds_client.target import target_from_grpc_service
 
 log = logging.getLogger("pyproxy.config")
+
+EDS_TYPE = 3  # envoy.config.cluster.v3.Cluster.EDS
 
 
 def _version_hash(v: str) -> int:
     return int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") >> 1
 
 
+DEFAULT_INITIAL_FETCH_TIMEOUT = 15.0   # Envoy's default when a config source does not say
+
+
+def _fetch_timeout(config_source) -> float:
+    """``initial_fetch_timeout`` of a ConfigSource in seconds (0 = wait forever)."""
+    return duration_s(config_source, "initial_fetch_timeout", DEFAULT_INITIAL_FETCH_TIMEOUT) or 0.0
+
+
+def _now_ts() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+def _load_wrapper_types():
+    # json_format resolves an Any through the default descriptor pool: the wrappers Istio uses for
+    # configs (TypedStruct) must be imported or every /config_dump holding one fails.
+    for mod in ("xds.type.v3.typed_struct_pb2", "udpa.type.v1.typed_struct_pb2"):
+        try:
+            __import__(mod)
+        except ImportError:  # pragma: no cover - part of xds-protos
+            pass
+
+
+_load_wrapper_types()
+
+
+def _import_any_types(msg, depth=0) -> None:
+    """Import the proto module of every Any inside ``msg`` that some module defines."""
+    if depth > 32:
+        return
+    for fd, value in msg.ListFields():
+        if fd.message_type is None:
+            continue
+        if fd.message_type.GetOptions().map_entry:
+            vd = fd.message_type.fields_by_name["value"]
+            items = list(value.values()) if vd.message_type is not None else []
+        else:
+            items = list(value) if _is_repeated(fd) else [value]
+        for v in items:
+            if v.DESCRIPTOR.full_name == "google.protobuf.Any":
+                cls = message_class(v.type_url.rpartition("/")[2])
+                if cls is not None:
+                    inner = cls()
+                    if v.Unpack(inner):
+                        _import_any_types(inner, depth + 1)
+            else:
+                _import_any_types(v, depth + 1)
+
+
+def _is_repeated(fd) -> bool:
+    r = getattr(fd, "is_repeated", None)
+    return r if r is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _as_json(msg, type_name: str) -> dict:
+    """A resource as config_dump JSON; never raises (an Any of an unknown type becomes a note)."""
+    try:
+        body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    except (TypeError, KeyError, ValueError):
+        try:
+            _import_any_types(msg)
+            body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        except Exception as e:  # noqa: BLE001 - a dump must not fail the update
+            body = {"name": getattr(msg, "name", ""), "_unprintable": str(e)}
+    body["@type"] = "type.googleapis.com/" + type_name
+    return body
+
+
 class RouteProvider:
-    """The current RouteTable for one RDS name; HCMs read ``provider.table`` per request."""
+    """The current RouteTable for one RDS name; HCMs read ``provider.table`` per request.
 
-    __slots__ = ("name", "table", "proto", "version_info", "last_updated", "stat_scopes", "glue")
+    ``ready`` is the provider's init target: set when its first response arrived (accepted, removed or
+    rejected, as Envoy does) or its ``initial_fetch_timeout`` elapsed; listeners using it warm until then.
+    """
 
-    def __init__(self, name, glue):
+    __slots__ = ("name", "table", "proto", "version_info", "last_updated", "stat_scopes", "glue",
+                 "ready", "init_timeout", "timer", "error_state")
+
+    def __init__(self, name, glue, init_timeout=DEFAULT_INITIAL_FETCH_TIMEOUT):
         self.name = name
         self.table = None
         self.proto = None
@@ -38,6 +114,10 @@ class RouteProvider:
         self.last_updated = 0.0
         self.stat_scopes = {}
         self.glue = glue
+        self.ready = False
+        self.init_timeout = init_timeout
+        self.timer = None
+        self.error_state = None
 
     def register_stats(self, store, stat_prefix):
         if stat_prefix not in self.stat_scopes:
@@ -45,22 +125,67 @@ class RouteProvider:
             self.stat_scopes[stat_prefix] = (s.counter("update_attempt"), s.counter("update_success"),
                                              s.counter("update_rejected"), s.counter("update_empty"),
                                              s.gauge("version", accumulate=False),
-                                             s.counter("config_reload"))
+                                             s.counter("config_reload"), s.counter("init_fetch_timeout"))
 
     def count(self, what: str, version: str = ""):
-        idx = {"attempt": 0, "success": 1, "rejected": 2, "empty": 3}[what]
+        idx = {"attempt": 0, "success": 1, "rejected": 2, "empty": 3, "timeout": 6}[what]
         for st in self.stat_scopes.values():
             st[idx].inc()
             if what == "success":
                 st[4].set(_version_hash(version))
                 st[5].inc()
 
+    def start_timer(self, loop, on_timeout):
+        if self.ready or self.timer is not None or self.init_timeout <= 0:
+            return
+        self.timer = loop.call_later(self.init_timeout, on_timeout, self)
+
+    def set_ready(self):
+        self.ready = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class WarmingListener:
+    """A compiled listener waiting for its routes; ``sock`` is its pre-bound socket (or None when it
+    will take over the active listener's socket)."""
+
+    __slots__ = ("cfg", "sock", "providers", "since")
+
+    def __init__(self, cfg, sock, providers):
+        self.cfg = cfg
+        self.sock = sock
+        self.providers = providers
+        self.since = time.time()
+
+
+def _listener_providers(cfg) -> list:
+    out = []
+    for chain in cfg.chains + ([cfg.default_chain] if cfg.default_chain else []):
+        for f in chain.filter_factories:
+            r = getattr(f, "routes", None)
+            if isinstance(r, RouteProvider) and r not in out:
+                out.append(r)
+    return out
+
+
+class _Rejected(Exception):
+    pass
+
 
 class XdsGlue:
-    """Handler for the ADS client(s)."""
+    """Handler for the ADS client(s).
+
+    Warming, as Envoy's init managers do it: an EDS cluster stays in ``cm.warming`` until its endpoints
+    arrive or its ``eds_config.initial_fetch_timeout`` elapses; a listener stays in
+    ``warming_listeners`` (its socket bound, not accepting) until every RDS route it uses is ready.
+    ``initial_done()`` is true once CDS and LDS answered (or timed out) and nothing warms.
+    """
 
     def __init__(self, server):
         self.server = server
+        self.loop = server.loop
         self.cm = server.cluster_manager
         self.lm = server.listener_manager
         self.stats = server.stats
@@ -71,7 +196,11 @@ class XdsGlue:
         self.secret_versions: dict = {}
         self.received: set = set()
         self.wanted_types: set = set()
-        self.errors: dict = {}  # (type, name) -> error details for config_dump
+        self.type_version: dict = {}       # type URL -> last accepted version_info
+        self.errors: dict = {}             # (type URL, name) -> Envoy's UpdateFailureState as JSON
+        self.warming_listeners: dict[str, WarmingListener] = {}
+        self.connected = False
+        self._type_timers = []
         s = self.stats
         self.st = {}
         for t, prefix in ((CLUSTER, "cluster_manager.cds."), (LISTENER, "listener_manager.lds.")):
@@ -80,8 +209,25 @@ class XdsGlue:
                           sc.counter("update_rejected"), sc.counter("update_empty"),
                           sc.gauge("version", accumulate=False), sc.counter("update_failure"),
                           sc.counter("init_fetch_timeout"))
-            sc.gauge("version_text", accumulate=False)
+        self.st_listeners_warming = s.gauge("listener_manager.total_listeners_warming", accumulate=False)
         self.cm.eds_watchers.append(self._update_eds_subscription)
+        self._hook_config_dumps()
+
+    def _hook_config_dumps(self):
+        # The server assembles /config_dump from the managers' dumps; the dynamic parts they do not
+        # know about (warming listeners, error states, the per-type version_info) are added here.
+        cm_dump, lm_dump = self.cm.config_dump, self.lm.config_dump
+        if getattr(cm_dump, "_xds_wrapped", False):
+            return
+
+        def clusters():
+            return self.decorate_clusters_dump(cm_dump())
+
+        def listeners():
+            return self.decorate_listeners_dump(lm_dump())
+        clusters._xds_wrapped = listeners._xds_wrapped = True
+        self.cm.config_dump = clusters
+        self.lm.config_dump = listeners
 
     # -- wiring -------------------------------------------------------------------------------------
     def route_provider(self, rds, stat_prefix) -> RouteProvider:
@@ -90,7 +236,7 @@ class XdsGlue:
             raise ConfigError("rds.route_config_name must not be empty", field="rds")
         p = self.routes.get(name)
         if p is None:
-            p = self.routes[name] = RouteProvider(name, self)
+            p = self.routes[name] = RouteProvider(name, self, _fetch_timeout(rds.config_source))
         p.register_stats(self.stats, stat_prefix)
         return p
 
@@ -98,22 +244,20 @@ class XdsGlue:
         for t in self.wanted_types:
             if t not in self.received:
                 return False
-        if self.cm.warming:
+        if self.cm.warming or self.warming_listeners:
             return False
         for name in self._rds_names():
             p = self.routes.get(name)
-            if p is not None and p.table is None:
+            if p is not None and not p.ready:
                 return False
         return True
 
     def _rds_names(self) -> set:
         names = set()
         for al in self.lm.active.values():
-            for chain in al.config.chains + ([al.config.default_chain] if al.config.default_chain else []):
-                for f in chain.filter_factories:
-                    r = getattr(f, "routes", None)
-                    if isinstance(r, RouteProvider):
-                        names.add(r.name)
+            names.update(p.name for p in _listener_providers(al.config))
+        for w in self.warming_listeners.values():
+            names.update(p.name for p in w.providers)
         return names
 
     def _update_eds_subscription(self):
@@ -122,15 +266,44 @@ class XdsGlue:
             c.subscribe(ENDPOINT, self.cm.eds_names())
 
     def _update_rds_subscription(self):
+        names = self._rds_names()
         c = self.client_for_type.get(ROUTE)
         if c is not None:
-            names = self._rds_names()
             c.subscribe(ROUTE, names)
-            for n in [n for n, p in self.routes.items() if n not in names and p.table is None]:
-                del self.routes[n]
+        for n in [n for n, p in self.routes.items() if n not in names and p.table is None]:
+            p = self.routes.pop(n)
+            p.set_ready()
+        for n in names:
+            p = self.routes.get(n)
+            if p is not None:
+                p.start_timer(self.loop, self._rds_timed_out)
+
+    # -- initial fetch timeouts -------------------------------------------------------------------
+    def _type_timed_out(self, t):
+        if t not in self.received:
+            log.warning("xDS: initial fetch of %s timed out; continuing without it", t.rpartition(".")[2])
+            self.received.add(t)
+            st = self.st.get(t)
+            if st:
+                st[6].inc()
+
+    def _rds_timed_out(self, p: RouteProvider):
+        p.timer = None
+        if not p.ready:
+            log.warning("xDS: initial fetch of route configuration '%s' timed out", p.name)
+            p.count("timeout")
+            p.set_ready()
+            self._check_warming_listeners()
+
+    def _eds_timed_out(self, c):
+        if self.cm.warming.get(c.name) is c:
+            log.warning("xDS: initial fetch of endpoints for cluster '%s' timed out", c.name)
+            c.scope.counter("init_fetch_timeout").inc()
+            c.initial_fetch_timed_out()
 
     # -- XdsHandler ---------------------------------------------------------------------------------
     def on_connection_state(self, connected: bool) -> None:
+        self.connected = connected
         log.info("xDS stream %s", "connected" if connected else "disconnected")
 
     def on_resources(self, type_url, version_info, added, removed, sotw):
@@ -151,32 +324,63 @@ class XdsGlue:
         else:
             raise ConfigError("resource type '%s' is not supported" % type_url)
         self.received.add(type_url)
+        self.type_version[type_url] = version_info
 
-    def _stat_attempt(self, t):
-        st = self.st.get(t)
-        if st:
-            st[0].inc()
+    def _resource_version(self, type_url, name, version) -> str:
+        """The version config_dump shows for one resource: delta's per-resource version (as Envoy
+        shows it), else the response's version_info."""
+        c = self.client_for_type.get(type_url)
+        rv = getattr(c, "response_versions", None) if c is not None and c.delta else None
+        return (rv or {}).get(name) or version
+
+    def _fail(self, type_url, type_name, failures: list, added: dict, label: str):
+        """Record Envoy's error_state for each failed resource; raise one ConfigError naming all."""
+        ts = _now_ts()
+        for name, err in failures:
+            self.errors[(type_url, name)] = {
+                "failed_configuration": _as_json(added[name], type_name) if name in added else {},
+                "last_update_attempt": ts, "details": str(err)}
+        if len(failures) == 1:
+            raise failures[0][1]
+        raise ConfigError("; ".join(str(e) for _, e in failures))
+
+    def _clear_errors(self, type_url, names):
+        for n in names:
+            self.errors.pop((type_url, n), None)
 
     def _apply_clusters(self, version, added, removed):
         st = self.st[CLUSTER]
         st[0].inc()
-        try:
-            built = []
-            for name, proto in added.items():
-                built.append(self.cm.build(proto, added_via_api=True, version_info=version))
-        except ConfigError as e:
-            st[2].inc()
-            raise
         static = {c.name for c in self.cm.active.values() if not c.added_via_api}
+        built, failures = [], []
+        for name, proto in added.items():
+            try:
+                if name in static:
+                    raise ConfigError("cluster '%s' is static and cannot be updated by CDS" % name)
+                built.append(self.cm.build(proto, added_via_api=True,
+                                           version_info=self._resource_version(CLUSTER, name, version)))
+            except ConfigError as e:
+                failures.append((name, e))
+        if failures:
+            st[2].inc()
+            self.received.add(CLUSTER)     # a rejected first response still ends CDS's initial fetch
+            self._fail(CLUSTER, "envoy.config.cluster.v3.Cluster", failures, added, "cluster")
+        gone = [n for n in removed if n not in static]
         for c in built:
-            if c.name in static:
-                st[2].inc()
-                raise ConfigError("cluster '%s' is static and cannot be updated by CDS" % c.name)
-        for c in built:
-            self.cm.add_or_update(c)
-        for name in removed:
-            if name not in static:
-                self.cm.remove(name)
+            if self.cm.add_or_update(c):
+                w = self.cm.warming.get(c.name)
+                if w is c and c.type == EDS_TYPE:
+                    t = _fetch_timeout(c.proto.eds_cluster_config.eds_config)
+                    if t > 0:
+                        self.loop.call_later(t, self._eds_timed_out, c)
+        for name in gone:
+            self.cm.remove(name)
+        # endpoints held for clusters that are gone would be stale if the cluster came back
+        still = self.cm.eds_names()
+        for name in gone:
+            if name not in still:
+                self.cm.pending_cla.pop(name, None)
+        self._clear_errors(CLUSTER, list(added) + gone)
         if not added and not removed:
             st[3].inc()
         st[1].inc()
@@ -184,55 +388,144 @@ class XdsGlue:
         self._update_eds_subscription()
 
     def _apply_endpoints(self, version, added, removed):
+        failures = []
         for name, cla in added.items():
             try:
                 self.cm.validate_load_assignment(cla)
             except ConfigError as e:
-                raise e.within(resource="ClusterLoadAssignment '%s'" % name)
+                failures.append((name, e.within(resource="ClusterLoadAssignment '%s'" % name)))
+        if failures:
+            # Envoy lets a warming cluster go on (without endpoints) when its EDS update is rejected
+            for name, _ in failures:
+                for c in list(self.cm.warming.values()):
+                    if c.type == EDS_TYPE and c.eds_service_name == name:
+                        c.initial_fetch_timed_out()
+            self._fail(ENDPOINT, "envoy.config.endpoint.v3.ClusterLoadAssignment", failures, added, "cla")
         for name, cla in added.items():
             if not cla.cluster_name:
                 cla.cluster_name = name
             self.cm.on_load_assignment(cla)
+        for name in removed:
+            if name in added:
+                continue
+            # the assignment is gone: its clusters have no endpoints now
+            from envoy.config.endpoint.v3 import endpoint_pb2
+            self.cm.on_load_assignment(endpoint_pb2.ClusterLoadAssignment(cluster_name=name))
+            self.cm.pending_cla.pop(name, None)
+        self._clear_errors(ENDPOINT, list(added) + list(removed))
+
+    def _take_socket(self, cfg, taken):
+        """The listening socket for ``cfg``: None when the active listener's socket is kept, the
+        socket of a warming listener of the same name at the same address, or a new bound one."""
+        lm = self.lm
+        if not lm.needs_new_socket(cfg):
+            return None
+        w = self.warming_listeners.get(cfg.name)
+        if w is not None and w.sock is not None and w.cfg.family == cfg.family and \
+                w.cfg.host == cfg.host and (w.cfg.port == cfg.port or cfg.port == 0) and \
+                w.cfg.bind_to_port == cfg.bind_to_port:
+            s, w.sock = w.sock, None
+            cfg.port = w.cfg.port
+            taken.append((w, s))
+            return s
+        return lm.bind_socket(cfg)
 
     def _apply_listeners(self, version, added, removed):
         st = self.st[LISTENER]
         st[0].inc()
         lm = self.lm
-        built = []
-        socks = []
-        try:
-            for name, proto in added.items():
-                cfg = lm.build(proto, added_via_api=True, version_info=version)
-                built.append(cfg)
+        built, failures = [], []
+        for name, proto in added.items():
+            try:
+                built.append(lm.build(proto, added_via_api=True,
+                                      version_info=self._resource_version(LISTENER, name, version)))
+            except ConfigError as e:
+                failures.append((name, e))
+        socks, taken = [], []
+        if not failures:
             for cfg in built:
-                lm.check_bindable(cfg)
+                try:
+                    lm.check_bindable(cfg)
+                except ConfigError as e:
+                    failures.append((cfg.name, e))
+        if not failures:
             for cfg in built:
                 cur = lm.active.get(cfg.name)
-                if cur is not None and cur.config.proto == cfg.proto:
-                    socks.append(None)
+                w = self.warming_listeners.get(cfg.name)
+                if (cur is not None and cur.config.proto == cfg.proto and w is None) or \
+                        (w is not None and w.cfg.proto == cfg.proto):
+                    socks.append(None)      # unchanged: left alone
                     continue
-                socks.append(lm.bind_socket(cfg) if lm.needs_new_socket(cfg) else None)
-        except ConfigError:
+                try:
+                    socks.append(self._take_socket(cfg, taken))
+                except ConfigError as e:
+                    failures.append((cfg.name, e))
+                    break
+        if failures:
             for s in socks:
-                if s is not None:
+                if s is not None and not any(s is t for _, t in taken):
                     s.close()
+            for w, s in taken:
+                w.sock = s
             st[2].inc()
-            raise
+            self.received.add(LISTENER)
+            self._update_rds_subscription()   # forget providers only the rejected listeners made
+            self._fail(LISTENER, "envoy.config.listener.v3.Listener", failures, added, "listener")
+        # -- apply (nothing below raises ConfigError)
         for cfg, s in zip(built, socks):
-            lm.install(cfg, s)
+            cur = lm.active.get(cfg.name)
+            w = self.warming_listeners.get(cfg.name)
+            if cur is not None and cur.config.proto == cfg.proto:
+                if w is not None:          # an update back to what is active: stop warming the other
+                    self._drop_warming(cfg.name)
+                continue
+            if w is not None and w.cfg.proto == cfg.proto:
+                continue
+            if w is not None:
+                self._drop_warming(cfg.name)
+            providers = _listener_providers(cfg)
+            if all(p.ready for p in providers):
+                lm.install(cfg, s)
+            else:
+                self.warming_listeners[cfg.name] = WarmingListener(cfg, s, providers)
+                log.info("listener '%s' warming (waiting for routes %s)", cfg.name,
+                         ", ".join(p.name for p in providers if not p.ready))
         for name in removed:
+            if name in self.warming_listeners:
+                self._drop_warming(name)
             al = lm.active.get(name)
             if al is not None and al.config.added_via_api:
                 lm.remove(name)
+        self._clear_errors(LISTENER, list(added) + list(removed))
+        self.st_listeners_warming.set(len(self.warming_listeners))
+        if not added and not removed:
+            st[3].inc()
         st[1].inc()
         st[4].set(_version_hash(version))
         if self.server.state == 0:
             lm.start_workers()
         self._update_rds_subscription()
 
+    def _drop_warming(self, name):
+        w = self.warming_listeners.pop(name, None)
+        if w is not None and w.sock is not None:
+            w.sock.close()
+        self.st_listeners_warming.set(len(self.warming_listeners))
+
+    def _check_warming_listeners(self):
+        done = [n for n, w in self.warming_listeners.items() if all(p.ready for p in w.providers)]
+        for n in done:
+            w = self.warming_listeners.pop(n)
+            log.info("listener '%s' warmed; now active", n)
+            self.lm.install(w.cfg, w.sock)
+        if done:
+            self.st_listeners_warming.set(len(self.warming_listeners))
+            if self.server.state == 0:
+                self.lm.start_workers()
+
     def _apply_routes(self, version, added, removed):
         from .routing import compile_route_config
-        compiled = {}
+        compiled, failures = {}, []
         for name, proto in added.items():
             p = self.routes.get(name)
             if p is not None:
@@ -240,9 +533,19 @@ class XdsGlue:
             try:
                 compiled[name] = compile_route_config(proto)
             except ConfigError as e:
+                failures.append((name, e if name in e.resource else
+                                 e.within(resource="RouteConfiguration '%s'" % name)))
+        if failures:
+            for name in added:
+                p = self.routes.get(name)
                 if p is not None:
-                    p.count("rejected")
-                raise e.within(resource="RouteConfiguration '%s'" % name)
+                    if name in dict(failures):
+                        p.count("rejected")
+                    p.set_ready()   # as Envoy: a rejected first response ends the initial fetch
+            try:
+                self._fail(ROUTE, "envoy.config.route.v3.RouteConfiguration", failures, added, "route")
+            finally:
+                self._check_warming_listeners()
         now = time.time()
         for name, table in compiled.items():
             p = self.routes.get(name)
@@ -250,18 +553,75 @@ class XdsGlue:
                 p = self.routes[name] = RouteProvider(name, self)
             p.table = table
             p.proto = added[name]
-            p.version_info = version
+            p.version_info = self._resource_version(ROUTE, name, version)
             p.last_updated = now
             p.count("success", version)
+            p.set_ready()
         for name in removed:
             p = self.routes.get(name)
             if p is not None:
                 p.table = None
+                p.proto = None
+                p.set_ready()
+        self._clear_errors(ROUTE, list(added) + list(removed))
+        self._check_warming_listeners()
+
+    # -- /config_dump ---------------------------------------------------------------------------------
+    def decorate_clusters_dump(self, out: dict) -> dict:
+        v = self.type_version.get(CLUSTER)
+        if v is not None:
+            out["version_info"] = v
+        for key in ("dynamic_active_clusters", "dynamic_warming_clusters"):
+            for e in out.get(key, ()):
+                err = self.errors.get((CLUSTER, e.get("cluster", {}).get("name")))
+                if err is not None:
+                    e["error_state"] = err
+        return _ordered(out, ("@type", "version_info", "static_clusters", "dynamic_active_clusters",
+                              "dynamic_warming_clusters"))
+
+    def decorate_listeners_dump(self, out: dict) -> dict:
+        v = self.type_version.get(LISTENER)
+        if v is not None:
+            out["version_info"] = v
+        dyn = out.setdefault("dynamic_listeners", [])
+        by_name = {e.get("name"): e for e in dyn}
+        for name, w in self.warming_listeners.items():
+            e = by_name.get(name)
+            if e is None:
+                e = by_name[name] = {"name": name}
+                dyn.append(e)
+            e["warming_state"] = {"version_info": w.cfg.version_info,
+                                  "listener": _as_json(w.cfg.proto, "envoy.config.listener.v3.Listener"),
+                                  "last_updated": _ts(w.since)}
+        for (t, name), err in self.errors.items():
+            if t != LISTENER:
+                continue
+            e = by_name.get(name)
+            if e is None:
+                e = by_name[name] = {"name": name}
+                dyn.append(e)
+            e["error_state"] = err
+        if not dyn:
+            del out["dynamic_listeners"]
+        return _ordered(out, ("@type", "version_info", "static_listeners", "dynamic_listeners"))
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def stop(self):
+        for h in self._type_timers:
+            h.cancel()
+        for p in self.routes.values():
+            if p.timer is not None:
+                p.timer.cancel()
+        for name in list(self.warming_listeners):
+            self._drop_warming(name)
         for c in self.clients:
             await c.stop()
+
+
+def _ordered(d: dict, keys) -> dict:
+    out = {k: d[k] for k in keys if k in d}
+    out.update((k, v) for k, v in d.items() if k not in out)
+    return out
 
 
 def route_provider(server, rds, stat_prefix):
@@ -319,7 +679,8 @@ async def start_xds(server) -> XdsGlue:
             raise ConfigError("ads_config needs grpc_services", field="dynamic_resources.ads_config")
         target = target_from_grpc_service(a.grpc_services[0], clusters)
         ads = XdsClient(target=target, node=node, api_type=api, handler=glue, stats=server.stats,
-                        set_node_on_first_message_only=a.set_node_on_first_message_only)
+                        set_node_on_first_message_only=a.set_node_on_first_message_only,
+                        **_backoff(a.grpc_services[0]))
         glue.clients.append(ads)
     for t, src_name in ((CLUSTER, "cds_config"), (LISTENER, "lds_config")):
         if not dr.HasField(src_name):
@@ -339,7 +700,9 @@ async def start_xds(server) -> XdsGlue:
                                   field="dynamic_resources.%s" % src_name)
             target = target_from_grpc_service(acs.grpc_services[0], clusters)
             client = XdsClient(target=target, node=node, api_type=api_name, handler=glue,
-                               stats=server.stats)
+                               stats=server.stats if ads is None else None,
+                               set_node_on_first_message_only=acs.set_node_on_first_message_only,
+                               **_backoff(acs.grpc_services[0]))
             glue.clients.append(client)
         else:
             raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
@@ -347,14 +710,37 @@ async def start_xds(server) -> XdsGlue:
         glue.client_for_type[t] = client
         client.subscribe(t, None)
         glue.wanted_types.add(t)
+        timeout = _fetch_timeout(src)
+        if timeout > 0:
+            glue._type_timers.append(server.loop.call_later(timeout, glue._type_timed_out, t))
     # EDS, RDS and SDS ride on the ADS stream (or the CDS/LDS source when there is no ADS)
     glue.client_for_type.setdefault(ENDPOINT, ads or glue.client_for_type.get(CLUSTER))
     glue.client_for_type.setdefault(ROUTE, ads or glue.client_for_type.get(LISTENER))
     glue.client_for_type.setdefault(SECRET, ads)
     glue.client_for_type = {k: v for k, v in glue.client_for_type.items() if v is not None}
+    glue._update_rds_subscription()   # static listeners' RDS routes (and their fetch timers)
     for c in glue.clients:
         c.start()
     return glue
+
+
+def _backoff(grpc_service) -> dict:
+    """Reconnect pacing from ``envoy_grpc.retry_policy.retry_back_off`` (Envoy: 0.5 s base, max 10x
+    the base when only the base is given, 30 s by default)."""
+    if grpc_service.WhichOneof("target_specifier") != "envoy_grpc":
+        return {}
+    rp = grpc_service.envoy_grpc.retry_policy
+    if not grpc_service.envoy_grpc.HasField("retry_policy") or not rp.HasField("retry_back_off"):
+        return {}
+    bo = rp.retry_back_off
+    base = duration_s(bo, "base_interval", 0.5) or 0.5
+    cap = duration_s(bo, "max_interval", None)
+    if cap is None:
+        cap = base * 10
+    if cap < base:
+        raise ConfigError("retry_back_off.max_interval must be >= base_interval",
+                          field="envoy_grpc.retry_policy.retry_back_off")
+    return {"initial_backoff": base, "max_backoff": cap}
 
 
 # -- /config_dump sections -------------------------------------------------------------------------
@@ -384,7 +770,11 @@ def routes_config_dump(server) -> dict:
                 continue
             body = json_format.MessageToDict(p.proto, preserving_proto_field_name=True)
             body["@type"] = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-            dyn.append({"version_info": p.version_info, "route_config": body, "last_updated": _ts(p.last_updated)})
+            e = {"version_info": p.version_info, "route_config": body, "last_updated": _ts(p.last_updated)}
+            err = glue.errors.get((ROUTE, p.name))
+            if err is not None:
+                e["error_state"] = err
+            dyn.append(e)
         if dyn:
             out["dynamic_route_configs"] = dyn
     return out

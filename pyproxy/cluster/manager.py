@@ -40,7 +40,8 @@ class ClusterManager:
         try:
             return Cluster(proto, self, added_via_api=added_via_api, version_info=version_info)
         except ConfigError as e:
-            raise e.within(resource="cluster '%s'" % proto.name)
+            tag = "cluster '%s'" % proto.name
+            raise e if e.resource.startswith(tag) else e.within(resource=tag)
 
     def add_or_update(self, cluster: Cluster) -> bool:
         """Install a compiled cluster; returns False when it is identical to the current one."""
