@@ -263,9 +263,6 @@ def test_control_plane_killed_and_restarted(env, api, transport):
         cpp.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="listeners/manager.py _swap_server sets Server._protocol_factory, "
-                   "which uvloop's Server lacks: an in-place listener update fails with AttributeError "
-                   "(NACKed as internal error); fix: re-pointable acceptor (see report)")
 def test_changed_listener_drains_old_connections(env):
     """LDS changes l1: in-flight requests on old connections finish (with connection: close), idle
     ones are closed, new connections take the new config; the unchanged l2 keeps its connections."""

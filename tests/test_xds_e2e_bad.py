@@ -139,9 +139,6 @@ def test_bad_input_never_breaks_the_data_path(env, api):
     ads.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="xds_client/client.py: grpc.aio returns None for an undecodable "
-                   "message; the client fails the stream with an AttributeError traceback instead of a "
-                   "clear warning (behaviour is otherwise right: reconnect + re-subscribe)")
 def test_malformed_response_is_reported_clearly(env):
     ads = ScriptedAds(env.loop)
     px = env.proxy(bootstrap("GRPC", port=ads.port))

@@ -744,42 +744,27 @@ class ActiveStream:
 
 
 def _init_si(si, conn, version):
-    """Fast StreamInfo init for a request (copies connection facts)."""
+    """StreamInfo for a request: connection facts copied, the rest defaults at class level."""
     csi = conn.stream_info
-    si.start_time = time.time()
-    si.start_monotonic = time.monotonic()
-    si.end_monotonic = None
+    si.start_time = _time()
+    si.start_monotonic = _monotonic()
     si.protocol = version
     si.downstream_remote_address = csi.downstream_remote_address
     si.downstream_direct_remote_address = csi.downstream_direct_remote_address
     si.downstream_local_address = csi.downstream_local_address
     si.requested_server_name = csi.requested_server_name
-    si.upstream_host = ""
-    si.upstream_cluster = ""
-    si.upstream_local_address = ""
-    si.upstream_transport_failure_reason = ""
-    si.response_code = 0
-    si.response_code_details = ""
     si.response_flags = set()
-    si.bytes_received = 0
-    si.bytes_sent = 0
-    si.route_name = ""
-    si.request_id = ""
-    si.first_upstream_rx_byte = None
-    si.last_upstream_rx_byte = None
-    si.first_upstream_tx_byte = None
-    si.last_downstream_tx_byte = None
     si.connection_id = csi.connection_id
-    si.connection_termination_details = ""
-    si.dynamic_metadata = {}
     si.filter_state = conn.filter_state
-    si.attempt_count = 0
-    si.virtual_cluster_name = ""
-    si.downstream_tls_version = csi.downstream_tls_version
-    si.downstream_peer_uri_san = csi.downstream_peer_uri_san
-    si.downstream_local_uri_san = csi.downstream_local_uri_san
+    si.dynamic_metadata = {}
+    if csi.downstream_tls_version:
+        si.downstream_tls_version = csi.downstream_tls_version
+        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+        si.downstream_local_uri_san = csi.downstream_local_uri_san
 
 
+_time = time.time
+_monotonic = time.monotonic
 _urand = __import__("random").getrandbits
 
 

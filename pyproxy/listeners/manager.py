@@ -21,6 +21,18 @@ log = logging.getLogger("pyproxy.config")
 IP_TRANSPARENT = 19
 
 
+class _Acceptor:
+    """The protocol factory a listening socket's server holds; an update re-points ``listener``."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener):
+        self.listener = listener
+
+    def __call__(self):
+        return DownstreamConnection(self.listener.manager, self.listener)
+
+
 class ActiveListener:
     """A compiled listener plus its socket, server and live connections."""
 
@@ -31,6 +43,7 @@ class ActiveListener:
         self.server = None
         self.connections: set = set()
         self.draining = False
+        self.acceptor = None
         s = manager.stats.scope("listener.%s." % config.stat_prefix)
         self.st_cx_total = s.counter("downstream_cx_total")
         self.st_cx_active = s.gauge("downstream_cx_active")
@@ -144,9 +157,14 @@ class ListenerManager:
     async def _serve(self, al: ActiveListener) -> None:
         if al.sock is None or al.sock.fileno() < 0:
             return
-        al.server = await self.loop.create_server(al.protocol_factory, sock=al.sock, backlog=1024)
-        if al.draining or self.active.get(al.config.name) is not al:
-            al.server.close()
+        acc = al.acceptor
+        if acc is None:
+            acc = al.acceptor = _Acceptor(al)
+        server = await self.loop.create_server(acc, sock=al.sock, backlog=1024)
+        owner = acc.listener  # an update may have re-pointed the acceptor meanwhile
+        owner.server = server
+        if owner.draining or self.active.get(owner.config.name) is not owner:
+            server.close()
 
     def bind_socket(self, cfg: CompiledListener):
         """A listening socket for ``cfg`` (raises ConfigError when the address can't be bound)."""
@@ -179,12 +197,15 @@ class ListenerManager:
         return sock
 
     def _swap_server(self, old: ActiveListener, new: ActiveListener) -> None:
-        # asyncio servers bind the protocol factory at creation; re-point it at the new listener
+        # the server keeps its acceptor; re-point the acceptor at the new listener
         new.sock = old.sock
-        srv = old.server
-        new.server = srv
-        if srv is not None:
-            srv._protocol_factory = new.protocol_factory
+        new.server = old.server
+        acc = old.acceptor
+        if acc is None:
+            acc = _Acceptor(new)
+        acc.listener = new
+        new.acceptor = acc
+        old.acceptor = None
         old.server = None
         old.sock = None
 

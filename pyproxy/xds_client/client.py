@@ -107,6 +107,10 @@ class _TypeState:
         }
 
 
+class _Malformed(Exception):
+    """The server sent bytes that are not a discovery response."""
+
+
 class XdsClient:
     """ADS client. ``subscribe`` declares interest; ``start`` runs the stream on the current loop."""
 
@@ -215,6 +219,10 @@ class XdsClient:
                 log.warning("xDS stream to %s closed by the server", self.target)
             except asyncio.CancelledError:
                 raise
+            except _Malformed as e:
+                got_response = self._got_response
+                self.last_stream_error = str(e)
+                log.warning("xDS stream to %s: %s; reconnecting", self.target, e)
             except grpc.aio.AioRpcError as e:
                 got_response = self._got_response
                 self.last_stream_error = "%s: %s" % (e.code().name, e.details())
@@ -269,6 +277,8 @@ class XdsClient:
                     if write_failed:
                         raise write_failed[0]
                     return self._got_response
+                if resp is None:
+                    raise _Malformed("malformed discovery response (undecodable message)")
                 self._got_response = True
                 self._set_connected(True)
                 self._on_response(resp)
