@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from .filter import CONTINUE, STOP
 from .headers import Headers
@@ -79,7 +78,7 @@ class HttpConnection:
     """The HCM as a network filter on one downstream connection."""
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
-                 "draining", "closed", "is_h2", "protocol")
+                 "draining", "closed", "is_h2", "protocol", "live", "tick")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -92,6 +91,11 @@ class HttpConnection:
         self.closed = False
         self.is_h2 = False
         self.protocol = "HTTP/1.1"
+        self.live = set()  # active streams (for the idle tick and watermarks)
+        self.last_activity = 0.0
+        it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
+        # one timer per connection checks both timeouts; per-request timers would cost every request
+        self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
 
     # -- network filter API -------------------------------------------------------------------------
     def on_new_connection(self):
@@ -106,9 +110,10 @@ class HttpConnection:
             self._make_h1()
         # AUTO: decided on the first bytes
         cfg = self.cfg
-        if cfg.idle_timeout:
-            self.last_activity = cfg.loop.time()
-            self.idle_handle = cfg.loop.call_later(cfg.idle_timeout, self._idle_check)
+        self.last_activity = cfg.loop.time()
+        self.conn.add_watermark_callbacks(self)
+        if self.tick:
+            self.idle_handle = cfg.loop.call_later(self.tick, self._on_tick)
         return CONTINUE
 
     def _make_h1(self):
@@ -185,10 +190,13 @@ class HttpConnection:
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        return ActiveStream(self, encoder, version)
+        s = ActiveStream(self, encoder, version)
+        self.live.add(s)
+        return s
 
-    def stream_done(self):
+    def stream_done(self, stream):
         self.streams -= 1
+        self.live.discard(stream)
         self.last_activity = self.cfg.loop.time()
         if self.draining and self.streams == 0 and not self.is_h2:
             self.conn.close(flush=True)
@@ -212,20 +220,37 @@ class HttpConnection:
         codec.closed = True
         self.conn.close(flush=True)
 
-    def _idle_check(self):
+    def _on_tick(self):
         self.idle_handle = None
         if self.closed:
             return
         cfg = self.cfg
         now = cfg.loop.time()
-        if self.streams == 0 and now - self.last_activity >= cfg.idle_timeout:
+        sit = cfg.stream_idle_timeout
+        if sit and self.live:
+            for s in list(self.live):
+                if now - s.last_activity >= sit:
+                    s.on_idle_timeout()
+        if cfg.idle_timeout and self.streams == 0 and now - self.last_activity >= cfg.idle_timeout:
             self.stats.cx_idle_timeout.value += 1
             if self.is_h2:
                 self.codec.go_away()
             self.conn.close(flush=True)
             return
-        self.idle_handle = cfg.loop.call_later(max(0.05, cfg.idle_timeout - (now - self.last_activity)),
-                                               self._idle_check)
+        self.idle_handle = cfg.loop.call_later(self.tick, self._on_tick)
+
+    # -- downstream write watermarks: stop/resume reading the upstream responses ---------------
+    def on_above_write_buffer_high_watermark(self):
+        for s in self.live:
+            r = s.router
+            if r is not None:
+                r.on_downstream_watermark(True)
+
+    def on_below_write_buffer_low_watermark(self):
+        for s in self.live:
+            r = s.router
+            if r is not None:
+                r.on_downstream_watermark(False)
 
 
 class _Detect:
@@ -259,16 +284,30 @@ class _Detect:
 
 
 class ActiveStream:
-    """One request/response exchange through the HTTP filter chain."""
+    """One request/response exchange through the HTTP filter chain.
 
-    __slots__ = (
-        "hc", "cfg", "encoder", "stream_info", "request_headers", "response_headers",
-        "response_trailers", "route", "route_table", "filters", "decoder_stopped_at",
-        "decoder_buffer", "encoder_stopped_at", "encoder_buffer", "response_started", "done",
-        "remote_complete", "local_complete", "version", "start", "router", "filter_state",
-        "upstream_watermark_disabled", "last_activity", "idle_handle", "request_timer",
-        "max_duration_timer", "cached_cluster",
-    )
+    Attributes default at class level: a request sets only what differs (cheap to create).
+    """
+
+    request_headers = None
+    response_headers = None
+    response_trailers = None
+    route = None
+    route_table = None
+    filters = None
+    decoder_stopped_at = -1
+    decoder_buffer = None
+    encoder_stopped_at = -1
+    encoder_buffer = None
+    response_started = False
+    done = False
+    remote_complete = False
+    local_complete = False
+    router = None
+    filter_state = None
+    request_timer = None
+    max_duration_timer = None
+    last_activity = 0.0
 
     def __init__(self, hc: HttpConnection, encoder, version):
         self.hc = hc
@@ -278,26 +317,6 @@ class ActiveStream:
         si = self.stream_info = StreamInfo.__new__(StreamInfo)
         _init_si(si, conn, version)
         self.version = version
-        self.request_headers = None
-        self.response_headers = None
-        self.response_trailers = None
-        self.route = None
-        self.route_table = None
-        self.filters = None
-        self.decoder_stopped_at = -1
-        self.decoder_buffer = None
-        self.encoder_stopped_at = -1
-        self.encoder_buffer = None
-        self.response_started = False
-        self.done = False
-        self.remote_complete = False
-        self.local_complete = False
-        self.router = None
-        self.filter_state = None
-        self.upstream_watermark_disabled = False
-        self.idle_handle = None
-        self.request_timer = None
-        self.max_duration_timer = None
         st = hc.stats
         st.rq_total.value += 1
         st.rq_active.inc()
@@ -306,9 +325,7 @@ class ActiveStream:
         else:
             st.rq_http1_total.value += 1
         loop = cfg.loop
-        if cfg.stream_idle_timeout:
-            self.last_activity = loop.time()
-            self.idle_handle = loop.call_later(cfg.stream_idle_timeout, self._idle_check)
+        self.last_activity = hc.last_activity  # the stream idle timeout is checked by the connection's tick
         if cfg.request_timeout:
             self.request_timer = loop.call_later(cfg.request_timeout, self._request_timeout)
         if cfg.max_stream_duration:
@@ -372,17 +389,20 @@ class ActiveStream:
                 xff = headers.get("x-forwarded-for")
                 headers.set("x-forwarded-for", remote if not xff else xff + "," + remote)
             headers.set("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http")
-        else:
-            if "x-forwarded-proto" not in headers:
-                headers.set("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http")
+        elif "x-forwarded-proto" not in headers:
+            h.append(("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http"))
         if cfg.via:
             via = headers.get("via")
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         # request id
         rid = headers.get("x-request-id")
-        if cfg.generate_request_id and (rid is None or (cfg.use_remote_address and not cfg.preserve_external_request_id)):
-            rid = str(uuid.uuid4())
-            headers.set("x-request-id", rid)
+        if cfg.generate_request_id:
+            if rid is None:
+                rid = _uuid4()
+                headers._h.append(("x-request-id", rid))
+            elif cfg.use_remote_address and not cfg.preserve_external_request_id:
+                rid = _uuid4()
+                headers.set("x-request-id", rid)
         si.request_id = rid or ""
         return None
 
@@ -419,26 +439,27 @@ class ActiveStream:
             if self.request_timer is not None:
                 self.request_timer.cancel()
                 self.request_timer = None
-        if self.idle_handle is not None:
-            self.last_activity = self.cfg.loop.time()
-        si = self.stream_info
-        si.bytes_received += len(data)
-        if self.decoder_stopped_at >= 0:
+        self.last_activity = self.cfg.loop.time()
+        self.stream_info.bytes_received += len(data)
+        filters = self.filters
+        if filters is None:
+            return
+        # Envoy: a filter that stopped the headers still receives the body; filters after it get
+        # it when it continues
+        stopped = self.decoder_stopped_at
+        n = len(filters)
+        limit = stopped + 1 if stopped >= 0 else n
+        if limit == 1:
+            filters[0].decode_data(data, end_stream)
+        else:
+            for i in range(limit):
+                if filters[i].decode_data(data, end_stream) == STOP:
+                    return  # that filter holds the data and passes it on when it continues
+        if limit < n:
             buf = self.decoder_buffer
             if buf is None:
                 buf = self.decoder_buffer = []
             buf.append(("d", data, end_stream))
-            return
-        filters = self.filters
-        if filters is None:
-            return
-        if len(filters) == 1:
-            filters[0].decode_data(data, end_stream)
-            return
-        for i, f in enumerate(filters):
-            if f.decode_data(data, end_stream) == STOP:
-                # this filter is buffering the body itself; later filters see it when it continues
-                return
 
     def decode_trailers(self, trailers: Headers) -> None:
         if self.done:
@@ -447,39 +468,44 @@ class ActiveStream:
         if self.request_timer is not None:
             self.request_timer.cancel()
             self.request_timer = None
-        if self.decoder_stopped_at >= 0:
+        filters = self.filters
+        if filters is None:
+            return
+        stopped = self.decoder_stopped_at
+        n = len(filters)
+        limit = stopped + 1 if stopped >= 0 else n
+        for i in range(limit):
+            if filters[i].decode_trailers(trailers) == STOP:
+                return
+        if limit < n:
             buf = self.decoder_buffer
             if buf is None:
                 buf = self.decoder_buffer = []
             buf.append(("t", trailers))
-            return
-        for f in self.filters or ():
-            if f.decode_trailers(trailers) == STOP:
-                return
 
     def continue_decoding(self) -> None:
-        """A filter that returned STOP lets the request go on."""
+        """A filter that returned STOP lets the request go on to the filters after it."""
         i = self.decoder_stopped_at
         if i < 0 or self.done:
             return
         self.decoder_stopped_at = -1
-        headers = self.request_headers
         buffered = self.decoder_buffer
         self.decoder_buffer = None
         end_now = self.remote_complete and not buffered
-        self._run_decode_headers(i + 1, headers, end_now)
-        if buffered and self.decoder_stopped_at < 0:
-            for ev in buffered:
-                if self.done:
-                    return
-                if ev[0] == "d":
-                    for f in self.filters:
-                        if f.decode_data(ev[1], ev[2]) == STOP:
-                            break
-                else:
-                    for f in self.filters:
-                        if f.decode_trailers(ev[1]) == STOP:
-                            break
+        self._run_decode_headers(i + 1, self.request_headers, end_now)
+        if not buffered:
+            return
+        filters = self.filters
+        for ev in buffered:
+            if self.done:
+                return
+            # deliver to the filters after the one that continued (up to a new stop)
+            stop = self.decoder_stopped_at
+            last = stop + 1 if stop >= 0 else len(filters)
+            for f in filters[i + 1:last]:
+                r = f.decode_data(ev[1], ev[2]) if ev[0] == "d" else f.decode_trailers(ev[1])
+                if r == STOP:
+                    break
 
     def on_reset(self, reason: str) -> None:
         """The downstream went away (or reset the stream)."""
@@ -553,8 +579,7 @@ class ActiveStream:
                 if filters[i].encode_data(data, end_stream) == STOP:
                     return
         self.stream_info.bytes_sent += len(data)
-        if self.idle_handle is not None:
-            self.last_activity = self.cfg.loop.time()
+        self.last_activity = self.cfg.loop.time()
         if end_stream:
             self.local_complete = True
         self.encoder.encode_data(data, end_stream)
@@ -664,26 +689,20 @@ class ActiveStream:
             self.hc.conn.read_disable(disable)
 
     # -- timers --------------------------------------------------------------------------------------
-    def _idle_check(self):
-        self.idle_handle = None
+    def on_idle_timeout(self):
+        """No activity for stream_idle_timeout (called by the connection's tick)."""
         if self.done:
             return
-        loop = self.cfg.loop
-        idle = loop.time() - self.last_activity
-        t = self.cfg.stream_idle_timeout
-        if idle >= t:
-            self.hc.stats.rq_idle_timeout.value += 1
-            self.stream_info.response_flags.add("SI")
-            r = self.router
-            if r is not None:
-                r.on_downstream_reset()
-            if self.response_started:
-                self.reset_stream("stream_idle_timeout")
-            else:
-                self.send_local_reply(408 if not self.remote_complete else 504, "stream timeout",
-                                      "stream_idle_timeout", close=True)
-            return
-        self.idle_handle = loop.call_later(t - idle, self._idle_check)
+        self.hc.stats.rq_idle_timeout.value += 1
+        self.stream_info.response_flags.add("SI")
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        if self.response_started:
+            self.reset_stream("stream_idle_timeout")
+        else:
+            self.send_local_reply(408 if not self.remote_complete else 504, "stream timeout",
+                                  "stream_idle_timeout", close=True)
 
     def _request_timeout(self):
         self.request_timer = None
@@ -713,10 +732,12 @@ class ActiveStream:
         if self.done:
             return
         self.done = True
-        for t in (self.idle_handle, self.request_timer, self.max_duration_timer):
-            if t is not None:
-                t.cancel()
-        self.idle_handle = self.request_timer = self.max_duration_timer = None
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        if self.max_duration_timer is not None:
+            self.max_duration_timer.cancel()
+            self.max_duration_timer = None
         hc = self.hc
         st = hc.stats
         st.rq_active.dec()
@@ -740,7 +761,7 @@ class ActiveStream:
         if logs:
             for al in logs:
                 al.log(si, self.request_headers, self.response_headers, self.response_trailers)
-        hc.stream_done()
+        hc.stream_done(self)
 
 
 def _init_si(si, conn, version):
@@ -761,6 +782,12 @@ def _init_si(si, conn, version):
         si.downstream_tls_version = csi.downstream_tls_version
         si.downstream_peer_uri_san = csi.downstream_peer_uri_san
         si.downstream_local_uri_san = csi.downstream_local_uri_san
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID string, without the uuid module's object overhead."""
+    h = "%032x" % _urand(128)
+    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], "89ab"[int(h[16], 16) & 3], h[17:20], h[20:32])
 
 
 _time = time.time

@@ -40,11 +40,15 @@ def factory(cfg, ctx):
     return RouterConfig(cfg, ctx)
 
 
+_NO_CTX = LbContext()
+
+
 class Router:
     __slots__ = ("cfg", "s", "route", "cluster", "upstream", "headers", "body", "body_len",
                  "trailers", "retries_left", "retry", "timer", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
-                 "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried")
+                 "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
+                 "read_held")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
@@ -61,6 +65,7 @@ class Router:
         self.request_complete = False
         self.response_started = False
         self.hosts_tried = None
+        self.read_held = False
 
     # -- HTTP filter API --------------------------------------------------------------------------
     def decode_headers(self, headers: Headers, end_stream: bool):
@@ -122,10 +127,13 @@ class Router:
             self.buffering = True
         else:
             self.buffering = False
-        self.lb_ctx = LbContext(route.hash_key(headers, s.hc.conn.info.src_ip) if route.hash_policies else None)
-        if retry is not None and retry.previous_hosts:
-            self.lb_ctx.previous_hosts = []
-            self.lb_ctx.host_selection_max_attempts = retry.host_selection_max_attempts
+        if route.hash_policies or (retry is not None and retry.previous_hosts):
+            ctx = self.lb_ctx = LbContext(route.hash_key(headers, s.hc.conn.info.src_ip) if route.hash_policies else None)
+            if retry is not None and retry.previous_hosts:
+                ctx.previous_hosts = []
+                ctx.host_selection_max_attempts = retry.host_selection_max_attempts
+        else:
+            self.lb_ctx = _NO_CTX
         self.start = time.monotonic()
         cluster.rq_active_total += 1
         cluster.st_rq_active.inc()
@@ -139,21 +147,28 @@ class Router:
     def decode_data(self, data: bytes, end_stream: bool):
         if self.done:
             return STOP
-        if self.buffering:
+        up = self.upstream
+        bound = up is not None and up.encoder is not None
+        if self.buffering or not bound:
+            # kept for a retry, or held until the upstream connection is ready (on_pool_ready)
             if self.body is None:
                 self.body = []
             self.body.append(data)
             self.body_len += len(data)
-            if self.body_len > _RETRY_BUFFER_LIMIT:
+            if not bound and self.body_len > self.s.hc.conn.listener.buffer_limit and not self.read_held:
+                self.read_held = True
+                self.s.read_disable(True)  # no upstream yet: stop reading the body
+            if self.buffering and self.body_len > _RETRY_BUFFER_LIMIT:
                 # too big to replay: no more retries for this request
                 self.buffering = False
                 self.retries_left = 0
-                self.body = None
+                if bound:
+                    self.body = None
+                    self.body_len = 0
         if end_stream:
             self.request_complete = True
             self._start_global_timer()
-        up = self.upstream
-        if up is not None:
+        if bound:
             up.send_data(data, end_stream)
         return STOP
 
@@ -255,6 +270,12 @@ class Router:
                 encoder.encode_data(data, self.request_complete and self.trailers is None)
             if self.trailers is not None:
                 encoder.encode_trailers(self.trailers)
+            if not self.buffering:
+                self.body = None  # sent; only a retry buffer is kept
+                self.body_len = 0
+            if self.read_held:
+                self.read_held = False
+                self.s.read_disable(False)
         else:
             encoder.encode_headers(headers, end)
         pt = self.retry.per_try_timeout if self.retry is not None else 0
@@ -273,9 +294,9 @@ class Router:
             return
         if self._maybe_retry_reset("connect-failure"):
             return
-        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: "
-                        "connection failure, transport failure reason: %s" % reason,
-                   "upstream_reset_before_response_started{connection_failure}", "UF")
+        why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
+        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
+                   "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
 
     def on_upstream_headers(self, up, headers: Headers, end_stream: bool):
         if self.done:
@@ -453,6 +474,15 @@ class Router:
         self._done()
 
     # -- flow control -------------------------------------------------------------------------------
+    def on_downstream_watermark(self, above: bool):
+        """The downstream write buffer is full/drained: stop/resume reading the upstream response."""
+        up = self.upstream
+        if up is not None:
+            if above:
+                up.on_above_write_buffer_high_watermark()
+            else:
+                up.on_below_write_buffer_low_watermark()
+
     def on_upstream_watermark(self, above: bool):
         """The upstream connection's write buffer is full/drained: stop/resume reading downstream."""
         self.s.read_disable(above)
@@ -485,7 +515,6 @@ class UpstreamRequest:
             encoder.read_disable(True)
         r.s.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
         r.on_pool_ready(self, encoder)
-        r.s.hc.conn.add_watermark_callbacks(self)
 
     def on_pool_failure(self, reason, flag, host):
         self.pending = None
@@ -548,8 +577,6 @@ class UpstreamRequest:
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
-        r = self.router
-        r.s.hc.conn.remove_watermark_callbacks(self)
 
     def abandon(self):
         """Stop this attempt: cancel a queued request or reset the bound connection."""
