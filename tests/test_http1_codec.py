@@ -307,3 +307,28 @@ def test_client_codec_parses_response_and_reports_completion():
     c.encode_headers(Headers([(":method", "GET"), (":path", "/"), (":authority", "h")]), True)
     c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert up.errors
+
+
+def test_malformed_pipelined_request_is_answered_after_the_good_ones():
+    ev, codec, conn = feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert not errors(ev), "the error must wait for the requests before it"
+    _respond(codec)
+    assert not errors(ev)
+    assert [e[1][":path"] for e in ev if e[0] == "H"] == ["/1", "/2"]
+    _respond(codec)
+    assert errors(ev) == [("E", 400, "http1.codec_error")] or errors(ev)[0][1] == 400
+    assert [e[1][":path"] for e in ev if e[0] == "H"] == ["/1", "/2"]
+    # nothing fed afterwards is parsed
+    codec.feed(b"GET /4 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len([e for e in ev if e[0] == "H"]) == 2
+
+
+def test_unterminated_header_line_is_bounded():
+    ev, codec, conn = feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: ", *([b"a" * 4096] * 30), max_header_bytes=8192)
+    assert errors(ev) and errors(ev)[0][1] == 431
+    # a large body in the same read as its head is not mistaken for a large head
+    ev, codec, conn = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000,
+                           max_header_bytes=8192)
+    assert not errors(ev)

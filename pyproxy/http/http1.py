@@ -122,6 +122,7 @@ class Http1ServerCodec:
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
+        "parse_error", "msg_started", "head_bytes",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -146,9 +147,12 @@ class Http1ServerCodec:
         self.accept_http_10 = accept_http_10
         self.default_host_10 = default_host_for_http_10
         self.request_complete = False
+        self.parse_error = False
+        self.msg_started = False
         self._reset_request()
 
     def _reset_request(self):
+        self.head_bytes = 0
         self.url = b""
         self.hdrs = []
         self.header_bytes = 0
@@ -164,6 +168,11 @@ class Http1ServerCodec:
         if self.tunnel:
             self.stream.decode_data(data, False)
             return
+        if self.parse_error:
+            return  # a pipelined request was malformed: nothing after it is read
+        # bytes of a request head still in progress (httptools buffers a header line until it ends,
+        # so a line that never ends is bounded here, not in on_header)
+        counts = not self.msg_started or not self.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -185,15 +194,38 @@ class Http1ServerCodec:
         except httptools.HttpParserError as e:
             status, details = _parser_error(str(e))
             self.protocol_error(status, details)
+            return
+        if counts and self.msg_started and not self.headers_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_header_bytes + 1024 + 4 * self.max_headers:
+                self.protocol_error(431, "http1.headers_too_large")
 
     def protocol_error(self, status: int, details: str) -> None:
-        """Bad request bytes: answer (if nothing was answered yet) and close."""
-        if self.closed:
+        """Bad request bytes: answer (if nothing was answered yet) and close.
+
+        If the bad bytes belong to a pipelined request (the active stream's request was complete),
+        the requests before it are answered first; the error is queued behind them."""
+        if self.closed or self.parse_error:
+            return
+        self.parse_error = True
+        if self.pending is not None or (self.stream is not None and self.request_complete):
+            if self.pending is None:
+                self.pending = []
+                self.conn.read_disable(True)
+            if self.cur_events is not None:
+                # the malformed request itself never completed: it is never started
+                try:
+                    self.pending.remove(self.cur_events)
+                except ValueError:
+                    pass
+                self.cur_events = None
+            self.pending.append([("x", status, details)])
             return
         self.manager.on_codec_error(self, status, details)
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self):
+        self.msg_started = True
         self._reset_request()
 
     def on_url(self, url: bytes):
@@ -314,6 +346,7 @@ class Http1ServerCodec:
             s.decode_data(body, False)
 
     def on_message_complete(self):
+        self.msg_started = False
         if self.cur_events is not None:
             # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))
@@ -405,6 +438,11 @@ class Http1ServerCodec:
     def _replay_pending(self) -> None:
         while self.pending and self.stream is None:
             ev = self.pending.pop(0)
+            if ev[0][0] == "x":
+                # a malformed pipelined request: its turn has come, answer it and close
+                self.pending = None
+                self.manager.on_codec_error(self, ev[0][1], ev[0][2])
+                return
             _, headers, end_stream, version, keep_alive, upgrade, expect = ev[0]
             complete = end_stream or any(e[0] == "e" for e in ev[1:])
             if self.cur_events is ev:
