@@ -491,7 +491,7 @@ class Http1ClientCodec:
     __slots__ = (
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
-        "pending_upgrade", "response_header_bytes",
+        "pending_upgrade", "response_header_bytes", "parser_dirty",
     )
 
     def __init__(self, conn):
@@ -500,6 +500,7 @@ class Http1ClientCodec:
         self.decoder = None
         self.tunnel = False
         self.complete = True
+        self.parser_dirty = False
 
     def start(self, decoder) -> None:
         self.decoder = decoder
@@ -600,10 +601,11 @@ class Http1ClientCodec:
                 self.conn.on_protocol_error("upstream protocol error: %s" % e)
             else:
                 raise cause
-        if self.head_request and self.resp_headers_sent and not self.complete:
-            # llhttp cannot be told a response answers HEAD; finish here and start afresh
+        if self.parser_dirty:
+            # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
+            # the response ended at its headers, so the next one starts on a fresh parser
+            self.parser_dirty = False
             self.parser = _new_response_parser(self)
-            self.on_message_complete()
 
     def on_message_begin(self):
         self.hdrs = []
@@ -636,7 +638,10 @@ class Http1ClientCodec:
         h.extend(self.hdrs)
         headers = Headers(h)
         end = False
-        if self.head_request or status in (204, 304):
+        if self.head_request:
+            end = True
+            self.parser_dirty = True
+        elif status in (204, 304):
             end = True
         elif status != 101:
             cl = headers.get("content-length")
@@ -652,6 +657,8 @@ class Http1ClientCodec:
             self._finish()
 
     def on_body(self, body: bytes):
+        if self.parser_dirty:
+            return  # bytes after a HEAD response's headers are not a body
         d = self.decoder
         if d is not None:
             d.on_upstream_data(body, False)
@@ -659,8 +666,8 @@ class Http1ClientCodec:
     def on_message_complete(self):
         if self.complete and not self.resp_headers_sent:
             return
-        if self.status and self.status < 200 and self.status != 101:
-            return
+        if self.status and self.status < 200:
+            return  # 101: the connection is a tunnel now (its end is the upstream's EOF)
         if not self.resp_headers_sent:
             return  # an interim (1xx) response
         was_complete = self.complete
