@@ -104,6 +104,15 @@ def bootstrap(listeners, clusters, admin: bool = True) -> dict:
     return bs
 
 
+def with_fresh_ports(bs: dict) -> dict:
+    """A copy of ``bs`` whose listeners bind new free ports (to run two proxies side by side)."""
+    import copy
+    bs = copy.deepcopy(bs)
+    for l in bs.get("static_resources", {}).get("listeners", []):
+        l["address"]["socket_address"]["port_value"] = free_port()
+    return bs
+
+
 def one_route_bootstrap(backend_ports, *, route_extra=None, hcm_extra=None, cluster_extra=None,
                         vh_extra=None):
     """The common case: one HTTP listener, one route "/" -> cluster "b". Returns (bootstrap, port)."""
