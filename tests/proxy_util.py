@@ -177,7 +177,8 @@ class _Proc:
                     st, _, _ = request(self.admin_port, "GET", "/ready", timeout=1)
                 except OSError:
                     st = 0
-                if st == 200 and all(_can_connect(p) for p in self.ports):
+                # LIVE means the listeners are bound (no probe connection: it would be counted)
+                if st == 200:
                     return
             time.sleep(0.03)
         raise RuntimeError("%s not ready in %ss:\n%s" % (self.kind, timeout, self.log()[-3000:]))
