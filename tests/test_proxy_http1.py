@@ -355,3 +355,16 @@ def test_slow_client_memory_bounded(px):
         assert got > n
     finally:
         s.close()
+
+
+def test_wrk_smoke(px):
+    """A short wrk run: no socket errors, no non-2xx, the proxy still answers after."""
+    import shutil
+    if not shutil.which("wrk"):
+        pytest.skip("wrk not installed")
+    p = subprocess.run(["wrk", "-t1", "-c20", "-d1s", "http://127.0.0.1:%d/wrk" % px.port],
+                       capture_output=True, text=True, timeout=20)
+    out = p.stdout
+    assert "Requests/sec" in out, out
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    assert request(px.port, "GET", "/after-wrk")[0] == 200
