@@ -35,7 +35,11 @@ def to_message(data, msg, *, allow_unknown: bool, what: str):
     try:
         json_format.ParseDict(data, msg, ignore_unknown_fields=allow_unknown)
     except json_format.ParseError as e:
-        raise ConfigError("invalid %s: %s" % (what, e)) from None
+        # protobuf appends a list of the available fields on a second line: keep one clear line
+        msg = " ".join(str(e).split("\n")[0].split())
+        hint = "" if allow_unknown or "has no field named" not in msg else \
+            " (use --allow-unknown-static-fields to ignore unknown fields)"
+        raise ConfigError("invalid %s: %s%s" % (what, msg, hint)) from None
     return msg
 
 

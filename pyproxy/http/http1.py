@@ -72,8 +72,27 @@ def _check_value(v: bytes) -> None:
         raise ProtocolError(400, "http1.invalid_characters")
 
 
+def _parser_error(msg: str):
+    """llhttp's error message -> (status, details) as Envoy answers the same input."""
+    if "Transfer-Encoding" in msg:
+        if "Content-Length" in msg:
+            return 400, "http1.content_length_and_chunked_not_allowed"
+        # an unsupported or repeated transfer-coding: Envoy says 501
+        return 501, "http1.invalid_transfer_encoding"
+    if "Content-Length" in msg:
+        return 400, "http1.content_length_not_allowed"
+    return 400, "http1.codec_error"
+
+
 def _new_request_parser(proto):
     p = httptools.HttpRequestParser(proto)
+    # llhttp's strict mode, spelled out so a library default change cannot loosen it. The version is
+    # parsed leniently only so that any version can be answered (426) by ``on_headers_complete``.
+    p.set_dangerous_leniencies(
+        lenient_headers=False, lenient_chunked_length=False, lenient_keep_alive=False,
+        lenient_transfer_encoding=False, lenient_version=True, lenient_data_after_close=False,
+        lenient_optional_lf_after_cr=False, lenient_optional_cr_before_lf=False,
+        lenient_optional_crlf_after_chunk=False, lenient_spaces_after_chunk_size=False)
     return p
 
 
@@ -102,10 +121,12 @@ class Http1ServerCodec:
         "max_headers", "stream", "request_complete", "pending", "cur_events", "chunked",
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
-        "expect_continue", "headers_done", "drain_close",
+        "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
+        "parse_error", "msg_started", "head_bytes",
     )
 
-    def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100):
+    def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
+                 accept_http_10: bool | None = None, default_host_for_http_10: str | None = None):
         self.conn = conn  # the downstream Connection (write, close, read_disable)
         self.manager = manager  # HttpConnectionManager runtime (new_stream)
         self.parser = _new_request_parser(self)
@@ -117,9 +138,21 @@ class Http1ServerCodec:
         self.closed = False
         self.tunnel = False
         self.drain_close = False
+        # HTTP/1.0 is refused (426) unless the HCM's http_protocol_options.accept_http_10 says so
+        cfg = getattr(manager, "cfg", None)
+        if accept_http_10 is None:
+            accept_http_10 = bool(getattr(cfg, "accept_http_10", False))
+        if default_host_for_http_10 is None:
+            default_host_for_http_10 = getattr(cfg, "default_host_for_http_10", "") or ""
+        self.accept_http_10 = accept_http_10
+        self.default_host_10 = default_host_for_http_10
+        self.request_complete = False
+        self.parse_error = False
+        self.msg_started = False
         self._reset_request()
 
     def _reset_request(self):
+        self.head_bytes = 0
         self.url = b""
         self.hdrs = []
         self.header_bytes = 0
@@ -127,7 +160,6 @@ class Http1ServerCodec:
         self.content_length = None
         self.te_seen = False
         self.upgrade = False
-        self.request_complete = False
         self.headers_done = False
         self.expect_continue = False
 
@@ -136,6 +168,11 @@ class Http1ServerCodec:
         if self.tunnel:
             self.stream.decode_data(data, False)
             return
+        if self.parse_error:
+            return  # a pipelined request was malformed: nothing after it is read
+        # bytes of a request head still in progress (httptools buffers a header line until it ends,
+        # so a line that never ends is bounded here, not in on_header)
+        counts = not self.msg_started or not self.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -155,20 +192,40 @@ class Http1ServerCodec:
         except httptools.HttpParserInvalidMethodError:
             self.protocol_error(400, "http1.codec_error")
         except httptools.HttpParserError as e:
-            details = "http1.codec_error"
-            msg = str(e)
-            if "Content-Length" in msg or "Transfer-Encoding" in msg:
-                details = "http1.content_length_and_chunked_not_allowed" if "Transfer" in msg else "http1.content_length_not_allowed"
-            self.protocol_error(400, details)
+            status, details = _parser_error(str(e))
+            self.protocol_error(status, details)
+            return
+        if counts and self.msg_started and not self.headers_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.max_header_bytes + 1024 + 4 * self.max_headers:
+                self.protocol_error(431, "http1.headers_too_large")
 
     def protocol_error(self, status: int, details: str) -> None:
-        """Bad request bytes: answer (if nothing was answered yet) and close."""
-        if self.closed:
+        """Bad request bytes: answer (if nothing was answered yet) and close.
+
+        If the bad bytes belong to a pipelined request (the active stream's request was complete),
+        the requests before it are answered first; the error is queued behind them."""
+        if self.closed or self.parse_error:
+            return
+        self.parse_error = True
+        if self.pending is not None or (self.stream is not None and self.request_complete):
+            if self.pending is None:
+                self.pending = []
+                self.conn.read_disable(True)
+            if self.cur_events is not None:
+                # the malformed request itself never completed: it is never started
+                try:
+                    self.pending.remove(self.cur_events)
+                except ValueError:
+                    pass
+                self.cur_events = None
+            self.pending.append([("x", status, details)])
             return
         self.manager.on_codec_error(self, status, details)
 
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self):
+        self.msg_started = True
         self._reset_request()
 
     def on_url(self, url: bytes):
@@ -194,7 +251,7 @@ class Http1ServerCodec:
             self.content_length = int(v)
         elif n == b"transfer-encoding":
             if self.te_seen:
-                raise ProtocolError(400, "http1.invalid_transfer_encoding")
+                raise ProtocolError(501, "http1.invalid_transfer_encoding")
             self.te_seen = True
             if value.strip().lower() != b"chunked":
                 raise ProtocolError(501, "http1.invalid_transfer_encoding")
@@ -213,7 +270,15 @@ class Http1ServerCodec:
         if method not in _METHODS:
             raise ProtocolError(400, "http1.codec_error")
         version = p.get_http_version()
-        self.version = HTTP10 if version == "1.0" else HTTP11
+        if version == "1.1":
+            self.version = HTTP11
+        elif version == "1.0" and self.accept_http_10:
+            self.version = HTTP10
+            if self.te_seen:
+                raise ProtocolError(400, "http1.invalid_transfer_encoding")
+        else:
+            # HTTP/0.9, HTTP/1.0 when not accepted, HTTP/2.0 or 1.7 as text: Envoy's answer
+            raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
         self.keep_alive = p.should_keep_alive()
         self.upgrade = p.should_upgrade()
         h = [(":method", method)]
@@ -241,9 +306,9 @@ class Http1ServerCodec:
             h.append((":scheme", "http"))
             h.append((":path", url))
             if authority is None:
-                if self.version == HTTP11:
+                if self.version == HTTP11 or not self.default_host_10:
                     raise ProtocolError(400, "missing_host_header")
-                authority = ""
+                authority = self.default_host_10
             h.append((":authority", authority))
         h.extend(rest)
         headers = Headers(h)
@@ -253,10 +318,11 @@ class Http1ServerCodec:
             # pipelined: wait for the current response to finish
             ev = [("h", headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)]
             if self.pending is None:
+                # one read-disable for the whole queue (released by _replay_pending when it empties)
                 self.pending = []
+                self.conn.read_disable(True)
             self.pending.append(ev)
             self.cur_events = ev
-            self.conn.read_disable(True)
             return
         self.request_complete = not has_body
         self._start_stream(headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)
@@ -280,11 +346,13 @@ class Http1ServerCodec:
             s.decode_data(body, False)
 
     def on_message_complete(self):
-        self.request_complete = True
+        self.msg_started = False
         if self.cur_events is not None:
+            # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))
             self.cur_events = None
             return
+        self.request_complete = True
         s = self.stream
         if s is not None and (self.chunked or (self.content_length or 0) > 0):
             s.decode_data(b"", True)
@@ -370,6 +438,11 @@ class Http1ServerCodec:
     def _replay_pending(self) -> None:
         while self.pending and self.stream is None:
             ev = self.pending.pop(0)
+            if ev[0][0] == "x":
+                # a malformed pipelined request: its turn has come, answer it and close
+                self.pending = None
+                self.manager.on_codec_error(self, ev[0][1], ev[0][2])
+                return
             _, headers, end_stream, version, keep_alive, upgrade, expect = ev[0]
             complete = end_stream or any(e[0] == "e" for e in ev[1:])
             if self.cur_events is ev:
@@ -418,7 +491,7 @@ class Http1ClientCodec:
     __slots__ = (
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
-        "pending_upgrade", "response_header_bytes",
+        "pending_upgrade", "response_header_bytes", "parser_dirty",
     )
 
     def __init__(self, conn):
@@ -427,6 +500,7 @@ class Http1ClientCodec:
         self.decoder = None
         self.tunnel = False
         self.complete = True
+        self.parser_dirty = False
 
     def start(self, decoder) -> None:
         self.decoder = decoder
@@ -527,10 +601,11 @@ class Http1ClientCodec:
                 self.conn.on_protocol_error("upstream protocol error: %s" % e)
             else:
                 raise cause
-        if self.head_request and self.resp_headers_sent and not self.complete:
-            # llhttp cannot be told a response answers HEAD; finish here and start afresh
+        if self.parser_dirty:
+            # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
+            # the response ended at its headers, so the next one starts on a fresh parser
+            self.parser_dirty = False
             self.parser = _new_response_parser(self)
-            self.on_message_complete()
 
     def on_message_begin(self):
         self.hdrs = []
@@ -563,7 +638,10 @@ class Http1ClientCodec:
         h.extend(self.hdrs)
         headers = Headers(h)
         end = False
-        if self.head_request or status in (204, 304):
+        if self.head_request:
+            end = True
+            self.parser_dirty = True
+        elif status in (204, 304):
             end = True
         elif status != 101:
             cl = headers.get("content-length")
@@ -579,6 +657,8 @@ class Http1ClientCodec:
             self._finish()
 
     def on_body(self, body: bytes):
+        if self.parser_dirty:
+            return  # bytes after a HEAD response's headers are not a body
         d = self.decoder
         if d is not None:
             d.on_upstream_data(body, False)
@@ -586,8 +666,8 @@ class Http1ClientCodec:
     def on_message_complete(self):
         if self.complete and not self.resp_headers_sent:
             return
-        if self.status and self.status < 200 and self.status != 101:
-            return
+        if self.status and self.status < 200:
+            return  # 101: the connection is a tunnel now (its end is the upstream's EOF)
         if not self.resp_headers_sent:
             return  # an interim (1xx) response
         was_complete = self.complete

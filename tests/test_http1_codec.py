@@ -1,0 +1,334 @@
+"""The HTTP/1.1 codec fed bytes directly (no sockets): stream events, strictness, pipelining state."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyproxy.http.headers import Headers
+from pyproxy.http.http1 import Http1ClientCodec, Http1ServerCodec
+
+
+class Conn:
+    def __init__(self):
+        self.out = []
+        self.closed = False
+        self.read_disabled = 0
+
+    def write(self, d):
+        self.out.append(d)
+
+    def close(self, flush=True):
+        self.closed = True
+
+    def read_disable(self, disable):
+        self.read_disabled += 1 if disable else -1
+
+    def written(self):
+        return b"".join(self.out)
+
+
+class Stream:
+    def __init__(self, ev):
+        self.ev = ev
+        self.response_started = False
+
+    def decode_headers(self, h, end):
+        self.ev.append(("H", dict(h._h), end))
+
+    def decode_data(self, d, end):
+        self.ev.append(("D", d, end))
+
+    def decode_trailers(self, t):
+        self.ev.append(("T", t._h))
+
+    def on_reset(self, reason):
+        self.ev.append(("R", reason))
+
+
+class Cfg:
+    accept_http_10 = False
+    default_host_for_http_10 = ""
+
+
+class Manager:
+    def __init__(self, cfg=None):
+        self.ev = []
+        self.cfg = cfg or Cfg()
+        self.streams = []
+
+    def new_stream(self, enc, version):
+        self.ev.append(("S", version))
+        s = Stream(self.ev)
+        self.streams.append(s)
+        return s
+
+    def on_codec_error(self, codec, status, details):
+        self.ev.append(("E", status, details))
+        codec.closed = True
+
+
+def feed(*chunks, cfg=None, **kw):
+    conn, m = Conn(), Manager(cfg)
+    codec = Http1ServerCodec(conn, m, **kw)
+    for c in chunks:
+        codec.feed(c)
+    return m.ev, codec, conn
+
+
+def errors(ev):
+    return [e for e in ev if e[0] == "E"]
+
+
+def test_simple_get_is_complete_at_headers():
+    ev, _, _ = feed(b"GET /a?b=1 HTTP/1.1\r\nHost: x:8\r\nX-A: 1\r\n\r\n")
+    assert ev[0] == ("S", "HTTP/1.1")
+    assert ev[1][0] == "H" and ev[1][2] is True
+    h = ev[1][1]
+    assert h[":method"] == "GET" and h[":path"] == "/a?b=1" and h[":authority"] == "x:8" and h["x-a"] == "1"
+    assert len(ev) == 2
+
+
+def test_content_length_body_split_anywhere():
+    req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789"
+    for cut in range(1, len(req)):
+        ev, _, _ = feed(req[:cut], req[cut:])
+        body = b"".join(e[1] for e in ev if e[0] == "D")
+        assert body == b"0123456789", cut
+        assert ev[-1] == ("D", b"", True) or ev[-1][2] is True
+        assert not errors(ev)
+
+
+def test_chunked_body_with_extensions_and_trailers_decoded():
+    ev, _, _ = feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n")
+    assert not errors(ev)
+    assert b"".join(e[1] for e in ev if e[0] == "D") == b"abcde"
+    assert ev[-1][2] is True
+
+
+@pytest.mark.parametrize("name,data,status", [
+    ("cl+te", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("te+cl", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", 400),
+    ("dup cl", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\na", 400),
+    ("cl list", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1, 1\r\n\r\na", 400),
+    ("cl sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\na", 400),
+    ("cl huge", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\na", 400),
+    ("te gzip", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ("te dup", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+    ("te chunked,chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 501),
+    ("bad chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    ("chunk without crlf", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX", 400),
+    ("chunk size overflow", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+    ("bare lf", b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    ("bare lf in headers", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\n\r\n", 400),
+    ("bare cr", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n", 400),
+    ("nul in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n", 400),
+    ("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n", 400),
+    ("invalid method", b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("unknown method", b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("no host", b"GET / HTTP/1.1\r\n\r\n", 400),
+    ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("http/1.0 not accepted", b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", 426),
+    ("http/0.9", b"GET /\r\n\r\n", 426),
+    ("http/2.0 as text", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 426),
+    ("http/1.7", b"GET / HTTP/1.7\r\nHost: a\r\n\r\n", 426),
+    ("too many headers", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(101)) + b"\r\n", 431),
+    ("headers too large", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: " + b"a" * 61 * 1024 + b"\r\n\r\n", 431),
+    ("url too large", b"GET /" + b"a" * 61 * 1024 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 431),
+])
+def test_bad_input_is_a_codec_error_and_never_a_stream(name, data, status):
+    # fed whole and byte by byte: the answer does not depend on how the bytes arrive
+    for chunks in ([data], [data[i:i + 1] for i in range(len(data))] if len(data) < 400 else [data]):
+        ev, _, _ = feed(*chunks)
+        errs = errors(ev)
+        assert errs and errs[0][1] == status, (name, ev)
+        # a stream may have started for a body error, but it never completed a request
+        assert not any(e[0] == "D" and e[2] for e in ev), ev
+
+
+def test_smuggled_request_after_cl_te_is_not_parsed():
+    ev, _, _ = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert errors(ev)
+    assert not any(e[0] == "H" and e[1].get(":path") == "/smuggled" for e in ev)
+
+
+def test_max_headers_limits_are_constructor_arguments():
+    data = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(5)) + b"\r\n"
+    assert errors(feed(data, max_headers=5)[0])[0][1] == 431
+    assert not errors(feed(data, max_headers=6)[0])
+    assert errors(feed(data, max_header_bytes=20)[0])[0][1] == 431
+
+
+def test_http10_accepted_when_configured_with_default_host():
+    cfg = Cfg()
+    cfg.accept_http_10 = True
+    cfg.default_host_for_http_10 = "default.example"
+    ev, codec, _ = feed(b"GET / HTTP/1.0\r\n\r\n", cfg=cfg)
+    assert ev[0] == ("S", "HTTP/1.0")
+    assert ev[1][1][":authority"] == "default.example"
+    cfg.default_host_for_http_10 = ""
+    assert errors(feed(b"GET / HTTP/1.0\r\n\r\n", cfg=cfg)[0])[0][1] == 400
+    # chunked framing is an HTTP/1.1 thing
+    assert errors(feed(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", cfg=cfg)[0])
+
+
+def test_absolute_form_takes_path_and_authority():
+    ev, _, _ = feed(b"GET http://other.example:81/p?q HTTP/1.1\r\nHost: ignored\r\n\r\n")
+    h = ev[1][1]
+    assert h[":path"] == "/p?q"
+    assert h[":authority"] == "ignored"  # Host wins when present (Envoy forwards the Host header)
+
+
+def _respond(codec, status="200", body=b"ok"):
+    h = Headers([(":status", status), ("content-length", str(len(body)))])
+    codec.encode_headers(h, not body)
+    if body:
+        codec.encode_data(body, True)
+
+
+def test_pipelined_requests_are_served_in_order_with_reading_paused():
+    reqs = b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(3))
+    ev, codec, conn = feed(reqs)
+    # only the first stream started; the others wait
+    assert [e for e in ev if e[0] == "S"] == [("S", "HTTP/1.1")]
+    assert conn.read_disabled == 1
+    for i in range(3):
+        heads = [e for e in ev if e[0] == "H"]
+        assert heads[-1][1][":path"] == "/%d" % i
+        _respond(codec, body=b"r%d" % i)
+    assert conn.read_disabled == 0
+    assert not conn.closed
+    out = conn.written()
+    assert out.index(b"r0") < out.index(b"r1") < out.index(b"r2")
+
+
+def test_pipelined_request_whose_body_arrives_later_keeps_the_connection():
+    ev, codec, conn = feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nab")
+    _respond(codec)
+    assert not conn.closed, "the first response must not close a connection with a pipelined request"
+    codec.feed(b"cd")
+    body = b"".join(e[1] for e in ev if e[0] == "D")
+    assert body == b"abcd"
+    assert ev[-1][2] is True
+    _respond(codec)
+    assert not conn.closed
+
+
+def test_response_before_request_body_read_closes():
+    ev, codec, conn = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nab")
+    _respond(codec, "404", b"")
+    assert conn.closed
+
+
+def test_response_framing():
+    # no length and not ended: chunked to HTTP/1.1 clients
+    ev, codec, conn = feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    codec.encode_headers(Headers([(":status", "200"), ("transfer-encoding", "chunked"),
+                                  ("connection", "keep-alive")]), False)
+    codec.encode_data(b"hello", False)
+    codec.encode_data(b"", True)
+    out = conn.written()
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert out.count(b"transfer-encoding: chunked") == 1 and b"keep-alive" not in out
+    assert out.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    # HEAD: no body, no invented length
+    ev, codec, conn = feed(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    codec.encode_headers(Headers([(":status", "200"), ("content-length", "1234")]), True)
+    out = conn.written()
+    assert b"content-length: 1234\r\n" in out and out.endswith(b"\r\n\r\n")
+    # 204 gets no content-length
+    ev, codec, conn = feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    codec.encode_headers(Headers([(":status", "204")]), True)
+    assert b"content-length" not in conn.written()
+
+
+def test_expect_100_continue_answered_by_codec_and_not_forwarded():
+    ev, codec, conn = feed(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert conn.written() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert "expect" not in ev[1][1]
+    codec.feed(b"ab")
+    assert b"".join(e[1] for e in ev if e[0] == "D") == b"ab"
+
+
+def test_client_codec_parses_response_and_reports_completion():
+    class UpConn:
+        def __init__(self):
+            self.out = []
+            self.done = []
+            self.errors = []
+
+        def write(self, d):
+            self.out.append(d)
+
+        def on_response_complete(self, keep_alive):
+            self.done.append(keep_alive)
+
+        def on_protocol_error(self, reason):
+            self.errors.append(reason)
+
+        def close(self):
+            pass
+
+    class Dec:
+        def __init__(self):
+            self.ev = []
+
+        def on_upstream_headers(self, h, end):
+            self.ev.append(("H", h.get(":status"), end))
+
+        def on_upstream_data(self, d, end):
+            self.ev.append(("D", d, end))
+
+        def on_upstream_trailers(self, t):
+            self.ev.append(("T", t._h))
+
+        def on_upstream_reset(self, r):
+            self.ev.append(("R", r))
+
+    up = UpConn()
+    c = Http1ClientCodec(up)
+    d = Dec()
+    c.start(d)
+    c.encode_headers(Headers([(":method", "POST"), (":path", "/x"), (":authority", "h"),
+                              (":scheme", "http"), ("connection", "close")]), False)
+    c.encode_data(b"abc", True)
+    sent = b"".join(up.out)
+    assert sent.startswith(b"POST /x HTTP/1.1\r\nhost: h\r\n") and b"connection: close" not in sent
+    assert sent.endswith(b"3\r\nabc\r\n0\r\n\r\n")
+    c.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert d.ev[0] == ("H", "200", False)
+    assert b"".join(e[1] for e in d.ev if e[0] == "D") == b"hi"
+    assert up.done == [True]
+    # an upstream response with both framings is a protocol error, never a body
+    c.start(Dec())
+    c.encode_headers(Headers([(":method", "GET"), (":path", "/"), (":authority", "h")]), True)
+    c.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert up.errors
+
+
+def test_malformed_pipelined_request_is_answered_after_the_good_ones():
+    ev, codec, conn = feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
+                           b"POST /3 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert not errors(ev), "the error must wait for the requests before it"
+    _respond(codec)
+    assert not errors(ev)
+    assert [e[1][":path"] for e in ev if e[0] == "H"] == ["/1", "/2"]
+    _respond(codec)
+    assert errors(ev) == [("E", 400, "http1.codec_error")] or errors(ev)[0][1] == 400
+    assert [e[1][":path"] for e in ev if e[0] == "H"] == ["/1", "/2"]
+    # nothing fed afterwards is parsed
+    codec.feed(b"GET /4 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert len([e for e in ev if e[0] == "H"]) == 2
+
+
+def test_unterminated_header_line_is_bounded():
+    ev, codec, conn = feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: ", *([b"a" * 4096] * 30), max_header_bytes=8192)
+    assert errors(ev) and errors(ev)[0][1] == 431
+    # a large body in the same read as its head is not mistaken for a large head
+    ev, codec, conn = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000,
+                           max_header_bytes=8192)
+    assert not errors(ev)
