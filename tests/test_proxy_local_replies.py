@@ -177,7 +177,6 @@ def test_connect_failure_503_uf(env):
     assert env[0].stat("cluster.dead.upstream_cx_connect_fail") >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="router: connect-failure body text differs from Envoy's (see report)")
 def test_connect_failure_body_text_matches_envoy(env):
     if env[1] is None:
         pytest.skip("envoy not on PATH")
