@@ -379,6 +379,12 @@ def run(bootstrap, options: Options) -> int:
             pass
         return 1
     server.install_signal_handlers()
+    # config objects live for the whole run: keep them out of the collector's way, and collect
+    # young objects less often (request objects are freed by reference counting)
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 50)
     try:
         rc = loop.run_until_complete(server.run_until_exit())
     finally:

@@ -766,6 +766,9 @@ class ActiveStream:
             for al in logs:
                 al.log(si, self.request_headers, self.response_headers, self.response_trailers)
         hc.stream_done(self)
+        # break the stream <-> filter references now, so memory returns without a GC pass
+        self.filters = None
+        self.router = None
 
 
 def _init_si(si, conn, version):

@@ -438,6 +438,7 @@ class Router:
             return
         self.done = True
         self._cleanup()
+        self.upstream = None  # no Router <-> UpstreamRequest cycle left for the GC
 
     def _cleanup(self):
         if self.timer is not None:
