@@ -318,6 +318,11 @@ def main(argv=None) -> int:
     except ExampleError as e:
         print("error: %s" % e, file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `pyproxy example | head`: stdout went away; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except (_Stopped, KeyboardInterrupt):
         print("\nstopping: pyproxy and the backends", file=sys.stderr)
         return 0
@@ -369,9 +374,10 @@ def _run(args, children: Children, tmpdir: str, readers: list) -> int:
     readers += [access, logs]
     access.start()
     logs.start()
-    print("pyproxy example: reviews v1 on %s:%d, reviews v2 on %s:%d, pyproxy (pid %d) on %s:%d, admin on %s:%d"
-          % (HOST, backend_ports["v1"], HOST, backend_ports["v2"], px.pid, HOST, args.port, HOST,
-             args.admin_port), flush=True)
+    print("pyproxy example: %s; pyproxy (pid %d) on %s:%d, admin on %s:%d" % (
+        ", ".join("%s (pid %d) on %s:%d" % (name, p.pid, HOST, backend_ports[name.rpartition(" ")[2]])
+                  for name, p in children.procs if name.startswith("reviews")),
+        px.pid, HOST, args.port, HOST, args.admin_port), flush=True)
     wait_ready(args.admin_port, children)
 
     rc = 0
