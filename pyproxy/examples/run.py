@@ -275,8 +275,9 @@ Try it yourself:
   curl -s %(a)s/clusters
   curl -s %(a)s/config_dump              # the running config, as Envoy prints it
   curl -s %(a)s/help                     # all admin endpoints
-The config: pyproxy/examples/canary.yaml (this run's copy, with its ports: %(c)s)""" % {
-        "b": base, "a": admin, "c": config_path})
+The config: %(o)s
+  (this run's copy, with its ports: %(c)s)""" % {
+        "b": base, "a": admin, "c": config_path, "o": resources.files("pyproxy.examples").joinpath("canary.yaml")})
 
 
 # -- main ---------------------------------------------------------------------------------------------
