@@ -95,9 +95,6 @@ def test_default_overprovisioning_and_empty():
      "endpoints[0].lb_endpoints[1].load_balancing_weight", "greater than or equal to 1"),
     ({"endpoints": [{"lb_endpoints": [{"endpoint": {}}]}]},
      "endpoints[0].lb_endpoints[0].endpoint.address", "no address"),
-    ({"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"envoy_internal_address": {
-        "server_listener_name": "connect_originate"}}}}]}]},
-     "endpoints[0].lb_endpoints[0].endpoint.address", "envoy_internal_address"),
     ({"endpoints": [{"lb_endpoints": [{"endpoint_name": "foo"}]}]},
      "endpoints[0].lb_endpoints[0].endpoint_name", "not supported"),
     ({"policy": {"overprovisioning_factor": 0}}, "policy.overprovisioning_factor", "greater than 0"),
@@ -160,3 +157,18 @@ def test_diff_hosts_from_nothing_and_duplicates():
     assert not up2.changed
     assert up2.priority_set.all_hosts[0] is first.all_hosts[0]
     assert up2.priority_set.all_hosts[1] is first.all_hosts[1]
+
+
+def test_internal_address_endpoint_is_kept_but_unconnectable():
+    """Waypoint configs point endpoints at internal listeners: accepted, never a real address."""
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from google.protobuf import json_format
+    from pyproxy.cluster.endpoints import build_priority_set
+    cla = json_format.ParseDict({"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {
+        "address": {"envoy_internal_address": {"server_listener_name": "connect_originate",
+                                               "endpoint_id": "10.0.0.1:80"}}}}]}]},
+        endpoint_pb2.ClusterLoadAssignment())
+    ps = build_priority_set(cla)
+    (h,) = ps.all_hosts
+    assert h.pipe == "envoy_internal:connect_originate/10.0.0.1:80"
+    assert not h.address and h.port == 0

@@ -208,13 +208,17 @@ class HttpConnection:
         if status == 431:
             st.rq_too_large.value += 1
         s = codec.stream
+        # Envoy answers a missing Host with an empty 400, other codec errors with the reason phrase
+        text = "" if details == "missing_host_header" else REASONS.get(status, "Bad Request")
         if s is not None and not s.response_started:
-            s.send_local_reply(status, REASONS.get(status, "Bad Request"), details, close=True)
+            s.send_local_reply(status, text, details, close=True)
         elif s is None and not codec.closed:
-            body = REASONS.get(status, "Bad Request").encode()
-            head = ("HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\ndate: %s\r\n"
+            body = text.encode()
+            ctype = "content-type: text/plain\r\n" if body else ""
+            head = ("HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%sdate: %s\r\n"
                     "server: %s\r\nconnection: close\r\n\r\n" % (
-                        status, REASONS.get(status, "Bad Request"), len(body), _date(), self.cfg.server_name))
+                        status, REASONS.get(status, "Bad Request"), len(body), ctype, _date(),
+                        self.cfg.server_name))
             self.conn.write(head.encode() + body)
             st.rq_class[status // 100].value += 1
         codec.closed = True

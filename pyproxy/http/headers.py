@@ -17,9 +17,9 @@ class Headers:
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, name: str, default=None):
-        for k, v in self._h:
-            if k == name:
-                return v
+        for kv in self._h:
+            if kv[0] == name:
+                return kv[1]
         return default
 
     def get_all(self, name: str) -> list:
@@ -50,20 +50,22 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (keeps the first position)."""
         h = self._h
-        for i, (k, _) in enumerate(h):
-            if k == name:
-                h[i] = (name, value)
-                if i + 1 < len(h):
-                    self._h = h[: i + 1] + [kv for kv in h[i + 1:] if kv[0] != name]
-                return
-        if name[0] == ":":
-            # pseudo-headers stay ahead of regular ones
-            j = 0
-            while j < len(h) and h[j][0][0] == ":":
-                j += 1
-            h.insert(j, (name, value))
-        else:
-            h.append((name, value))
+        names = [kv[0] for kv in h]
+        try:
+            i = names.index(name)
+        except ValueError:
+            if name[0] == ":":
+                # pseudo-headers stay ahead of regular ones
+                j = 0
+                while j < len(h) and h[j][0][0] == ":":
+                    j += 1
+                h.insert(j, (name, value))
+            else:
+                h.append((name, value))
+            return
+        h[i] = (name, value)
+        if name in names[i + 1:]:
+            self._h = h[: i + 1] + [kv for kv in h[i + 1:] if kv[0] != name]
 
     def set_default(self, name: str, value: str) -> None:
         if name not in self:

@@ -26,6 +26,16 @@ CONTINUE, STOP = 0, 1
 MAX_INSPECT_BYTES = 64 * 1024  # listener filters see at most this much before the chain is chosen
 
 
+_corked: list = []  # connections with queued writes, flushed once per loop iteration
+
+
+def _flush_corked() -> None:
+    conns = _corked[:]
+    _corked.clear()
+    for c in conns:
+        c.flush()
+
+
 def original_dst(sock) -> tuple[str, int] | None:
     """The pre-NAT destination of a connection redirected by iptables (conntrack), or None.
 
@@ -57,11 +67,12 @@ class DownstreamConnection(asyncio.Protocol):
         "manager", "listener", "active", "transport", "chain", "filters", "on_data_cb", "closed",
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
-        "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof",
+        "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf",
     )
 
     def __init__(self, manager, active_listener):
         self.manager = manager
+        self.wbuf = None
         self.active = active_listener  # ActiveListener (stats, connections set)
         self.listener = active_listener.config
         self.transport = None
@@ -283,11 +294,28 @@ class DownstreamConnection(asyncio.Protocol):
 
     # -- API for filters ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.active.st_tx_bytes.value += len(data)
-            self.transport.write(data)
+        """Queue bytes; everything written in one loop iteration goes out in one send."""
+        if self.closed:
+            return
+        self.active.st_tx_bytes.value += len(data)
+        buf = self.wbuf
+        if buf is None:
+            self.wbuf = [data]
+            if not _corked:
+                self.manager.loop.call_soon(_flush_corked)
+            _corked.append(self)
+        else:
+            buf.append(data)
+
+    def flush(self) -> None:
+        buf = self.wbuf
+        if buf is not None:
+            self.wbuf = None
+            if not self.closed:
+                self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
 
     def write_eof(self) -> None:
+        self.flush()
         if not self.closed and not self.half_closed_local:
             self.half_closed_local = True
             try:
@@ -298,6 +326,8 @@ class DownstreamConnection(asyncio.Protocol):
     def close(self, flush: bool = True) -> None:
         if self.closed:
             return
+        if flush:
+            self.flush()
         self.closed = True
         t = self.transport
         if t is None:
