@@ -21,6 +21,7 @@ from .lb import create_lb
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
+cfglog = logging.getLogger("pyproxy.config")
 
 _DT = cluster_pb2.Cluster.DiscoveryType
 STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST = (
@@ -88,6 +89,11 @@ class Cluster:
         if self.type not in (STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST):
             raise ConfigError("unsupported cluster type %s" % self.type, field="type")
         self.stat_name = proto.alt_stat_name or self.name
+        for field, what in (("health_checks", "active health checks"),
+                            ("outlier_detection", "outlier detection")):
+            present = len(proto.health_checks) if field == "health_checks" else proto.HasField(field)
+            if present:
+                cfglog.info("cluster '%s': %s not implemented yet; %s ignored", self.name, what, field)
         self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
         po = _protocol_options(proto)
