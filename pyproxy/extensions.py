@@ -20,6 +20,7 @@ _R("network_filter", "envoy.extensions.filters.network.http_connection_manager.v
 # -- HTTP filters --------------------------------------------------------------------------------
 _R("http_filter", "envoy.extensions.filters.http.router.v3.Router", "pyproxy.filters.http.router:factory",
    names=("envoy.filters.http.router", "envoy.router"))
+_R("http_filter", "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", "pyproxy.filters.http.grpc_stats:factory", names=("envoy.filters.http.grpc_stats",))
 
 # -- listener filters ----------------------------------------------------------------------------
 _R("listener_filter", "envoy.extensions.filters.listener.original_dst.v3.OriginalDst",
