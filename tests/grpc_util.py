@@ -248,3 +248,114 @@ def channel(port: int, max_msg: int = 64 * 1024 * 1024):
                                  options=[("grpc.max_receive_message_length", max_msg),
                                           ("grpc.max_send_message_length", max_msg),
                                           ("grpc.enable_retries", 0)])
+
+
+# -- a raw HTTP/2 client (h2 library over a blocking socket) ------------------------------------
+
+
+class H2Raw:
+    """Just enough of an HTTP/2 client to look at frames: events until a condition, bounded."""
+
+    def __init__(self, port: int, window: int | None = None, rcvbuf: int | None = None):
+        import h2.config
+        import h2.connection
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(5)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        if window:
+            from h2.settings import SettingCodes
+            self.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.flush()
+        self.events = []
+        self.closed = False
+
+    def flush(self):
+        d = self.h2.data_to_send()
+        if d:
+            self.sock.sendall(d)
+
+    def request(self, path, method="GET", headers=(), body=None, end=True):
+        sid = self.h2.get_next_available_stream_id()
+        h = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "test")] + list(headers)
+        self.h2.send_headers(sid, h, end_stream=end and body is None)
+        if body is not None:
+            self.h2.send_data(sid, body, end_stream=end)
+        self.flush()
+        return sid
+
+    def read_events(self, until, timeout=5.0, ack=True):
+        """Read until ``until(events)`` is true (or the peer closes); returns all events so far."""
+        import h2.events
+        import h2.exceptions
+        end = time.monotonic() + timeout
+        while not until(self.events) and not self.closed:
+            if time.monotonic() > end:
+                raise TimeoutError("no matching events; got %r" % self.events[-5:])
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                self.closed = True
+                break
+            if not data:
+                self.closed = True
+                break
+            try:
+                evs = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                self.closed = True
+                break
+            for e in evs:
+                if ack and isinstance(e, h2.events.DataReceived) and e.flow_controlled_length:
+                    self.h2.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            self.events.extend(evs)
+            try:
+                self.flush()
+            except OSError:
+                self.closed = True
+        return self.events
+
+    def response(self, sid, timeout=5.0):
+        """(headers, body, trailers, reset_code) of stream ``sid``."""
+        import h2.events as E
+
+        def done(evs):
+            return any((isinstance(e, (E.StreamEnded, E.StreamReset)) and e.stream_id == sid)
+                       or isinstance(e, E.ConnectionTerminated) for e in evs)
+        evs = self.read_events(done, timeout)
+        headers, body, trailers, reset = None, b"", None, None
+        for e in evs:
+            if getattr(e, "stream_id", None) != sid:
+                continue
+            if isinstance(e, E.ResponseReceived):
+                headers = dict(e.headers)
+            elif isinstance(e, E.DataReceived):
+                body += e.data
+            elif isinstance(e, E.TrailersReceived):
+                trailers = dict(e.headers)
+            elif isinstance(e, E.StreamReset):
+                reset = e.error_code
+        return headers, body, trailers, reset
+
+    def goaway(self):
+        import h2.events as E
+        for e in self.events:
+            if isinstance(e, E.ConnectionTerminated):
+                return e
+        return None
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def grpc_frame(msg: bytes) -> bytes:
+    return b"\x00" + len(msg).to_bytes(4, "big") + msg
