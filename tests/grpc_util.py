@@ -359,3 +359,89 @@ class H2Raw:
 
 def grpc_frame(msg: bytes) -> bytes:
     return b"\x00" + len(msg).to_bytes(4, "big") + msg
+
+
+class RawH2:
+    """Raw frames in and out (hyperframe/hpack), no client state machine: for attack tests."""
+
+    PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+    def __init__(self, port: int, rcvbuf: int | None = None):
+        from hpack import Decoder, Encoder
+        from hyperframe.frame import SettingsFrame
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        self.enc = Encoder()
+        self.dec = Decoder()
+        self.buf = b""
+        self.frames = []
+        self.closed = False
+        self.sock.sendall(self.PREFACE + SettingsFrame(0).serialize())
+
+    def headers_block(self, path="/index.html", extra=()):
+        return self.enc.encode([(":method", "GET"), (":path", path), (":scheme", "http"),
+                                (":authority", "t")] + list(extra))
+
+    def headers(self, sid, path="/index.html", end_stream=True, end_headers=True, extra=()):
+        from hyperframe.frame import HeadersFrame
+        f = HeadersFrame(sid)
+        f.data = self.headers_block(path, extra)
+        f.flags = set()
+        if end_headers:
+            f.flags.add("END_HEADERS")
+        if end_stream:
+            f.flags.add("END_STREAM")
+        return f.serialize()
+
+    def send(self, data: bytes) -> bool:
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def read(self, until, timeout=3.0):
+        """Parse frames until ``until(frames)`` or close/timeout; returns the frames."""
+        from hyperframe.frame import Frame
+        end = time.monotonic() + timeout
+        while not self.closed and not until(self.frames):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 16)
+            except socket.timeout:
+                break
+            except OSError:
+                self.closed = True
+                break
+            if not data:
+                self.closed = True
+                break
+            self.buf += data
+            while len(self.buf) >= 9:
+                f, length = Frame.parse_frame_header(memoryview(self.buf[:9]))
+                if len(self.buf) < 9 + length:
+                    break
+                f.parse_body(memoryview(self.buf[9:9 + length]))
+                self.buf = self.buf[9 + length:]
+                self.frames.append(f)
+        return self.frames
+
+    def goaway(self):
+        for f in self.frames:
+            if f.type == 0x7:
+                return f
+        return None
+
+    def resets(self):
+        return [(f.stream_id, f.error_code) for f in self.frames if f.type == 0x3]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -75,7 +75,7 @@ class H2Options:
 
     __slots__ = ("max_concurrent_streams", "stream_window", "connection_window", "keepalive_interval",
                  "keepalive_timeout", "max_outbound_control_frames", "max_priority_per_stream",
-                 "max_empty_frames", "max_header_list_size", "max_headers", "stats")
+                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter")
 
     def __init__(self, proto=None, max_header_list_size: int = 60 * 1024, max_headers: int = 100):
         self.max_concurrent_streams = DEFAULT_MAX_CONCURRENT_STREAMS
@@ -89,6 +89,7 @@ class H2Options:
         self.max_header_list_size = max_header_list_size
         self.max_headers = max_headers
         self.stats = None
+        self.premature_counter = None
         if proto is None:
             return
         mcs = u32(proto, "max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)
@@ -123,13 +124,12 @@ class H2Stats:
 
     __slots__ = ("rx_reset", "tx_reset", "header_overflow", "goaway_sent", "outbound_control_flood",
                  "inbound_priority_frames_flood", "inbound_empty_frames_flood", "rx_messaging_error",
-                 "keepalive_timeout", "streams_refused", "too_many_premature_resets", "trailers")
+                 "keepalive_timeout", "streams_refused", "trailers")
 
     def __init__(self, store):
         s = store.scope("http2.")
         for name in self.__slots__:
-            setattr(self, name, s.counter(name if name != "too_many_premature_resets"
-                                          else "downstream_rq_too_many_premature_resets"))
+            setattr(self, name, s.counter(name))
 
 
 def server_options(cfg) -> H2Options:
@@ -140,7 +140,10 @@ def server_options(cfg) -> H2Options:
                       cfg.max_headers_count)
         ctx = getattr(cfg, "ctx", None)
         store = getattr(ctx, "stats", None)
-        o.stats = H2Stats(store) if store is not None else None
+        if store is not None:
+            o.stats = H2Stats(store)
+            o.premature_counter = store.scope("http.%s." % cfg.stat_prefix).counter(
+                "downstream_rq_too_many_premature_resets")
         try:
             cfg.h2_compiled_options = o
         except AttributeError:
@@ -506,6 +509,8 @@ class Http2ServerCodec:
         streams = self.streams
         opts = self.opts
         for e in events:
+            if self.closed:
+                return
             t = e.__class__
             if t is _DataReceived:
                 self._on_data(e)
@@ -586,7 +591,7 @@ class Http2ServerCodec:
             if st is not None:
                 st.header_overflow.value += 1
             self.hc.stats.rq_too_large.value += 1
-            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
             return
         authority = None
         host = None
@@ -674,22 +679,17 @@ class Http2ServerCodec:
 
     def _check_premature(self) -> None:
         if self.total_streams >= PREMATURE_RESET_STREAMS and self.premature * 2 >= self.total_streams:
-            if self.stats is not None:
-                self.stats.too_many_premature_resets.value += 1
+            if self.opts.premature_counter is not None:
+                self.opts.premature_counter.value += 1
             log.debug("h2: closing connection with %d/%d premature resets", self.premature, self.total_streams)
             self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _check_control_flood(self) -> None:
-        # acks we owe but the client does not read: Envoy's max_outbound_control_frames
-        self._flush()
-        t = getattr(self.conn, "transport", None)
-        if t is None or t.get_write_buffer_size() == 0:
-            self.ctrl_out = 0
-            return
-        if self.ctrl_out > self.opts.max_outbound_control_frames:
-            if self.stats is not None:
-                self.stats.outbound_control_flood.value += 1
-            self._fatal(ErrorCodes.ENHANCE_YOUR_CALM, abort=True)
+        # Envoy's max_outbound_control_frames: more acks (PING/SETTINGS) queued than allowed since
+        # the output last drained to the socket -> the client floods or does not read.
+        if self.stats is not None:
+            self.stats.outbound_control_flood.value += 1
+        self._fatal(ErrorCodes.ENHANCE_YOUR_CALM, abort=True)
 
     # -- bytes out --------------------------------------------------------------------------------
     def want_flush(self) -> None:
