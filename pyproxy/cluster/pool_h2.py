@@ -248,7 +248,7 @@ class H2UpstreamStream(h2c.OutStream):
 class H2UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
-                 "local_address", "goaway", "draining", "max_streams", "loop")
+                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -271,10 +271,12 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.goaway = False
         self.draining = False
         self.max_streams = opts.max_concurrent_streams
+        self.ready = False  # the peer's SETTINGS (its stream limit) arrived
+        self.ready_timer = None
 
     # -- capacity -----------------------------------------------------------------------------------
     def capacity(self) -> int:
-        if self.closed or self.goaway or self.draining:
+        if self.closed or self.goaway or self.draining or not self.ready:
             return 0
         peer = self.h2.remote_settings.max_concurrent_streams
         n = min(peer, self.max_streams) - self.bound
@@ -295,6 +297,14 @@ class H2UpstreamConnection(asyncio.Protocol):
         except Exception:
             pass
         transport.write(self.h2.data_to_send())
+        # streams wait for the peer's SETTINGS (a strict server treats streams beyond its limit as a
+        # connection error); a peer that never sends them fails like a connect timeout
+        self.ready_timer = self.loop.call_later(self.pool.cluster.connect_timeout or 5.0, self._not_ready)
+
+    def _not_ready(self):
+        self.ready_timer = None
+        if not self.ready and not self.closed:
+            self.close(None, timed_out=True)
 
     def data_received(self, data):
         if self.closed:
@@ -395,7 +405,13 @@ class H2UpstreamConnection(asyncio.Protocol):
                 ch = e.changed_settings
                 if SettingCodes.INITIAL_WINDOW_SIZE in ch and self.blocked:
                     h2c.flush_blocked(self)
-                if SettingCodes.MAX_CONCURRENT_STREAMS in ch:
+                if not self.ready:
+                    self.ready = True
+                    if self.ready_timer is not None:
+                        self.ready_timer.cancel()
+                        self.ready_timer = None
+                    self.pool.on_ready(self)
+                elif SettingCodes.MAX_CONCURRENT_STREAMS in ch:
                     self.pool.on_capacity(self)
             elif t is _ConnectionTerminated:
                 self._on_goaway(e)
@@ -475,9 +491,14 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.bound -= 1
         self.pool.stream_released(self)
 
-    def close(self, reason, lost: bool = False) -> None:
+    def close(self, reason, lost: bool = False, timed_out: bool = False) -> None:
         first = not self.closed
         self.closed = True
+        if self.ready_timer is not None:
+            self.ready_timer.cancel()
+            self.ready_timer = None
+        if timed_out:
+            self.pool.settings_timeout = True
         if self.flush_handle is not None:
             self.flush_handle.cancel()
             self.flush_handle = None
@@ -519,7 +540,7 @@ class _Pending:
 class Http2Pool:
     """Multiplexed HTTP/2 connections to one host."""
 
-    __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining")
+    __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining", "settings_timeout")
 
     def __init__(self, cluster, host, loop):
         self.cluster = cluster
@@ -527,8 +548,9 @@ class Http2Pool:
         self.loop = loop
         self.conns: list = []  # connected and not closed
         self.pending = collections.deque()
-        self.connecting = 0
+        self.connecting = 0  # connections without the peer's SETTINGS yet
         self.draining = False
+        self.settings_timeout = False
 
     def new_stream(self, cb):
         for conn in self.conns:
@@ -662,11 +684,18 @@ class Http2Pool:
                 raise
             self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
             return
+        if self.draining:
+            conn.close(None)  # connection_lost accounts for it
+
+    def on_ready(self, conn) -> None:
+        """The peer's SETTINGS arrived: the connection takes streams."""
         self.connecting -= 1
         if self.draining:
             conn.close(None)
-            self._cx_gone()
+            conn.ready = False
+            self.connecting += 1  # undone by on_connection_closed
             return
+        c = self.cluster
         self.conns.append(conn)
         self._dispatch()
         if self.pending and self.connecting == 0 and c.cx_total_active < c.max_connections:
@@ -748,6 +777,14 @@ class Http2Pool:
             pass
 
     def on_connection_closed(self, conn) -> None:
+        if not conn.ready:
+            # closed (or timed out) before its SETTINGS: a failed connection attempt
+            timeout = self.settings_timeout
+            self.settings_timeout = False
+            self.cluster.st_cx_destroy.value += 1
+            self._connect_failed(CONNECT_TIMEOUT if timeout else "%s (closed before SETTINGS)" % CONNECT_FAILURE,
+                                 timeout=timeout)
+            return
         self._remove(conn)
         self._cx_gone()
         self.cluster.st_cx_destroy.value += 1
