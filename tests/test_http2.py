@@ -624,6 +624,19 @@ def test_too_many_headers_resets_stream(env):
         c.close()
 
 
+def test_malformed_request_headers_reset_stream(env):
+    c = RawH2(env["port"])
+    try:
+        c.send(c.headers(1, extra=[("Upper-Case", "v")]) + c.headers(3, extra=[("connection", "close")]))
+        c.read(lambda fs: len([f for f in fs if f.type == 3]) >= 2, 3)
+        assert sorted(c.resets()) == [(1, ErrorCodes.PROTOCOL_ERROR), (3, ErrorCodes.PROTOCOL_ERROR)]
+        c.send(c.headers(5))
+        c.read(lambda fs: any(f.type == 1 and f.stream_id == 5 for f in fs), 3)
+        assert any(f.type == 1 and f.stream_id == 5 for f in c.frames)
+    finally:
+        c.close()
+
+
 def test_streams_beyond_max_concurrent_are_refused(env, tmp_path):
     lp, ap = free_port(), free_port()
     bs = bootstrap(ap, [hcm_listener("m", lp, [{"match": {"prefix": "/"}, "route": {"cluster": "mini"}}],

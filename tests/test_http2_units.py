@@ -75,8 +75,53 @@ def test_to_h2_strips_connection_specific_headers():
                  ("keep-alive", "5"), ("te", "gzip"), ("transfer-encoding", "chunked"), ("upgrade", "x"),
                  ("x-ok", "caf\u00e9"), ("host", "a")])
     out = http2.to_h2(h)
-    assert out == [(":method", "GET"), (":path", "/"), (":authority", "a"), ("x-ok", "caf\u00e9".encode("latin-1"))]
-    assert http2.to_h2(Headers([("te", "trailers")])) == [("te", "trailers")]
+    assert out == [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a"), (b"x-ok", b"caf\xe9")]
+    assert http2.to_h2(Headers([("te", "trailers")])) == [(b"te", b"trailers")]
+
+
+def _req(*extra, pseudo=((b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a"))):
+    return list(pseudo) + list(extra)
+
+
+def test_inbound_headers_validation():
+    ok = http2.inbound_headers(_req((b"cookie", b"a=1"), (b"x", b"caf\xe9"), (b"cookie", b"b=2")), http2.REQUEST)
+    assert ok == [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "a"),
+                  ("cookie", "a=1; b=2"), ("x", "caf\u00e9")]
+    bad = [
+        _req((b"X-Upper", b"v")), _req((b"x", b"a\r\nb")), _req((b"x", b" lead")), _req((b"connection", b"close")),
+        _req((b"te", b"gzip")), _req((b":path", b"/again")), _req((b"x", b"v")) + [(b":method", b"GET")],
+        _req(pseudo=((b":method", b"GET"), (b":path", b"/"))), _req(pseudo=((b":method", b"GET"), (b":scheme", b"http"),
+                                                                         (b":path", b""))),
+        _req(pseudo=((b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":status", b"200"))),
+        _req((b"bad name", b"v")),
+    ]
+    for b in bad:
+        with pytest.raises(http2.BadHeaders):
+            http2.inbound_headers(b, http2.REQUEST)
+    assert http2.inbound_headers([(b":method", b"CONNECT"), (b":authority", b"h:443")], http2.REQUEST)
+    with pytest.raises(http2.BadHeaders):
+        http2.inbound_headers([(b":status", b"200"), (b":path", b"/")], http2.RESPONSE)
+    with pytest.raises(http2.BadHeaders):
+        http2.inbound_headers([(b":status", b"200")], http2.TRAILERS)
+    assert http2.inbound_headers([(b"grpc-status", b"0")], http2.TRAILERS) == [("grpc-status", "0")]
+
+
+def test_fast_hpack_round_trip():
+    import hpack
+    enc = http2.FastEncoder()
+    dec = hpack.Decoder()
+    h = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-long", b"v" * 300), (b"server", b"envoy")]
+    assert dec.decode(enc.encode(h), raw=True) == h
+    enc.header_table_size = 0  # the peer shrank its table: a size update leads the next block
+    block = enc.encode(h)
+    assert block[:1] == b"\x20" and dec.decode(block, raw=True) == h
+    cd = http2.CachingDecoder(65536)
+    he = hpack.Encoder()
+    blocks = [he.encode([(":method", "GET"), (":path", "/x"), ("x-a", "b")]) for _ in range(3)]
+    assert blocks[1] == blocks[2]  # fully indexed repeats: served from the cache
+    outs = [cd.decode(b, raw=True) for b in blocks]
+    assert outs[0] == outs[1] == outs[2] == [(b":method", b"GET"), (b":path", b"/x"), (b"x-a", b"b")]
+    assert len(cd._cache) == 1
 
 
 def test_server_settings_advertised_and_enforced_by_us():

@@ -360,20 +360,30 @@ class H2UpstreamConnection(asyncio.Protocol):
                     continue
                 s.response_started = True
                 s.replay = None
+                try:
+                    headers = Headers(h2c.inbound_headers(e.headers, h2c.RESPONSE))
+                except h2c.BadHeaders as err:
+                    self._bad_response(s, err)
+                    continue
                 end = e.stream_ended is not None
                 if end:
                     s.remote_ended = True
                     s._release_watermark()
                     s._finish()
-                s.cb.on_upstream_headers(Headers(e.headers), end)
+                s.cb.on_upstream_headers(headers, end)
             elif t is _TrailersReceived:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
+                try:
+                    trailers = Headers(h2c.inbound_headers(e.headers, h2c.TRAILERS))
+                except h2c.BadHeaders as err:
+                    self._bad_response(s, err)
+                    continue
                 s.remote_ended = True
                 s._release_watermark()
                 s._finish()
-                s.cb.on_upstream_trailers(Headers([kv for kv in e.headers if kv[0][0] != ":"]))
+                s.cb.on_upstream_trailers(trailers)
             elif t is _StreamEnded:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
@@ -415,6 +425,17 @@ class H2UpstreamConnection(asyncio.Protocol):
                     self.pool.on_capacity(self)
             elif t is _ConnectionTerminated:
                 self._on_goaway(e)
+
+    def _bad_response(self, s, err):
+        log.debug("upstream %s: malformed response headers: %s", self.host.key, err)
+        try:
+            self.h2.reset_stream(s.sid, ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        s.cancelled = True
+        s._release_watermark()
+        s._finish()
+        s.cb.on_upstream_reset("protocol error")
 
     def _on_goaway(self, e):
         self.goaway = True

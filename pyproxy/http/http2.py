@@ -23,11 +23,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.stream
+import hpack
+from hpack import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
@@ -151,20 +156,143 @@ def server_options(cfg) -> H2Options:
     return o
 
 
+# -- HPACK, the costly part of h2: a stateless encoder and a decoder with a block cache ---------------
+
+_STATIC = HeaderTable.STATIC_TABLE
+_STATIC_FULL = {}
+_STATIC_NAME = {}
+for _i, (_n, _v) in enumerate(_STATIC, 1):
+    _STATIC_FULL.setdefault((_n, _v), _i)
+    _STATIC_NAME.setdefault(_n, _i)
+
+
+def _hp_int(n: int, prefix_bits: int, first: int) -> bytes:
+    mx = (1 << prefix_bits) - 1
+    if n < mx:
+        return bytes((first | n,))
+    out = bytearray((first | mx,))
+    n -= mx
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _hp_str(b: bytes) -> bytes:
+    return _hp_int(len(b), 7, 0) + b
+
+
+class FastEncoder:
+    """HPACK without the dynamic table: static-table hits are indexed, everything else is a
+    literal without indexing (no Huffman). Valid for any decoder, much cheaper to produce than
+    ``hpack.Encoder``'s output; each distinct field's encoding is memoized (bounded)."""
+
+    __slots__ = ("memo", "pending_size_update", "_size")
+
+    MEMO_MAX = 4096
+
+    def __init__(self):
+        self.memo = {}
+        self.pending_size_update = None
+        self._size = 4096
+
+    @property
+    def header_table_size(self) -> int:
+        return self._size
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # we never insert into the dynamic table; a peer shrinking it still gets the update it
+        # expects at the start of the next block
+        self._size = value
+        self.pending_size_update = min(value, 4096)
+
+    def encode(self, headers, huffman: bool = True) -> bytes:
+        memo = self.memo
+        out = []
+        if self.pending_size_update is not None:
+            out.append(_hp_int(self.pending_size_update, 5, 0x20))
+            self.pending_size_update = None
+        for kv in headers:
+            b = memo.get(kv)
+            if b is None:
+                b = self._encode_one(kv)
+                if len(memo) >= self.MEMO_MAX:
+                    memo.clear()
+                memo[kv] = b
+            out.append(b)
+        return b"".join(out)
+
+    @staticmethod
+    def _encode_one(kv) -> bytes:
+        n, v = kv[0], kv[1]
+        if n.__class__ is str:
+            n = n.encode("latin-1")
+        if v.__class__ is str:
+            v = v.encode("utf-8")
+        i = _STATIC_FULL.get((n, v))
+        if i is not None:
+            return bytes((0x80 | i,))
+        sensitive = isinstance(kv, NeverIndexedHeaderTuple)
+        i = _STATIC_NAME.get(n)
+        first = 0x10 if sensitive else 0x00
+        if i is not None:
+            return _hp_int(i, 4, first) + _hp_str(v)
+        return bytes((first,)) + _hp_str(n) + _hp_str(v)
+
+
+class CachingDecoder(hpack.Decoder):
+    """``hpack.Decoder`` that remembers header blocks which did not change the dynamic table:
+    a peer repeating a request/response shape sends the same fully indexed block each time."""
+
+    CACHE_MAX = 512
+
+    def __init__(self, max_header_list_size: int):
+        super().__init__(max_header_list_size=max_header_list_size)
+        self._cache = {}
+        self._version = 0
+        table = self.header_table
+        add = table.add
+
+        def counting_add(name, value, _add=add):
+            self._version += 1
+            _add(name, value)
+        table.add = counting_add
+
+    def decode(self, data, raw: bool = False):
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        hit = self._cache.get(data)
+        if hit is not None and hit[0] == self._version:
+            return list(hit[1])
+        version = self._version
+        size = self.header_table_size
+        out = super().decode(data, raw)
+        if self._version == version and self.header_table_size == size:
+            cache = self._cache
+            if len(cache) >= self.CACHE_MAX:
+                cache.clear()
+            cache[data] = (version, tuple(out))
+        return out
+
+
 def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
     """An ``H2Connection`` with our settings and the preface queued; our own stream limit is
-    enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one."""
-    config = h2.config.H2Configuration(client_side=client_side, header_encoding="latin-1",
+    enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one. Header validation
+    and decoding are ours (``inbound_headers``), cached per distinct field."""
+    config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                        validate_outbound_headers=False, normalize_outbound_headers=False,
-                                       validate_inbound_headers=True)
+                                       validate_inbound_headers=False, normalize_inbound_headers=False)
     c = h2.connection.H2Connection(config)
+    c.encoder = FastEncoder()
+    c.decoder = CachingDecoder(opts.max_header_list_size)
     values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
               SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
               SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
     if client_side:
         values[SettingCodes.ENABLE_PUSH] = 0
     c.local_settings = Settings(client=client_side, initial_values=values)
-    c.decoder.max_header_list_size = opts.max_header_list_size
     c.initiate_connection()
     if not client_side:
         values[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_WINDOW
@@ -174,27 +302,148 @@ def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
     return c
 
 
+def _utf8_encode_headers(headers):
+    # h2.stream's own version does isinstance() per field; ours are (bytes, bytes) already
+    return [kv if kv[0].__class__ is bytes and kv[1].__class__ is bytes else
+            (kv[0].encode("utf-8") if kv[0].__class__ is str else kv[0],
+             kv[1].encode("utf-8") if kv[1].__class__ is str else kv[1]) for kv in headers]
+
+
+h2.stream.utf8_encode_headers = _utf8_encode_headers
+
+# -- header translation --------------------------------------------------------------------------
+
+_OUT_MEMO: dict = {}
+_IN_MEMO: dict = {}
+_MEMO_MAX = 8192
+REQUEST, RESPONSE, TRAILERS = 0, 1, 2
+_REQUEST_PSEUDO = frozenset((":method", ":scheme", ":authority", ":path", ":protocol"))
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+
+
+class BadHeaders(Exception):
+    """A malformed header block (RFC 9113 8.2/8.3): the stream is reset with PROTOCOL_ERROR."""
+
+
+def _out(kv):
+    k, v = kv
+    r = (k.encode("latin-1"), v.encode("latin-1"))
+    if len(_OUT_MEMO) >= _MEMO_MAX:
+        _OUT_MEMO.clear()
+    _OUT_MEMO[kv] = r
+    return r
+
+
 def to_h2(headers: Headers) -> list:
-    """``Headers`` -> ``h2`` header tuples: connection-specific fields dropped, ``te`` only as
-    ``trailers``, non-ASCII values kept byte-for-byte."""
+    """``Headers`` -> ``h2`` (bytes) header tuples: connection-specific fields dropped, ``te``
+    only as ``trailers``, values kept byte-for-byte."""
+    memo = _OUT_MEMO
     out = []
     for kv in headers._h:
-        k = kv[0]
-        if k in CONNECTION_HEADERS:
-            continue
-        if k == "te":
-            if kv[1].lower() != "trailers":
+        b = memo.get(kv)
+        if b is None:
+            k = kv[0]
+            if k in CONNECTION_HEADERS or (k == "te" and kv[1].lower() != "trailers"):
                 continue
-        v = kv[1]
-        if not v.isascii():
-            out.append((k, v.encode("latin-1")))
-        else:
-            out.append(kv)
+            b = _out(kv)
+        out.append(b)
     return out
 
 
 def trailers_to_h2(trailers: Headers) -> list:
-    return [kv for kv in trailers._h if kv[0][0] != ":" and kv[0] not in CONNECTION_HEADERS]
+    return [_OUT_MEMO.get(kv) or _out(kv) for kv in trailers._h
+            if kv[0][0] != ":" and kv[0] not in CONNECTION_HEADERS]
+
+
+def _in(kv):
+    """One received field, validated and decoded (memoized)."""
+    n, v = kv
+    try:
+        name = n.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadHeaders("invalid header name") from None
+    if not name:
+        raise BadHeaders("empty header name")
+    if name[0] == ":":
+        if not _TOKEN_RE.match(name[1:]):
+            raise BadHeaders("invalid pseudo-header %r" % name)
+    elif not _TOKEN_RE.match(name):
+        raise BadHeaders("invalid header name %r" % name)
+    if b"\x00" in v or b"\r" in v or b"\n" in v:
+        raise BadHeaders("invalid header value for %s" % name)
+    if v[:1] in (b" ", b"\t") or v[-1:] in (b" ", b"\t"):
+        raise BadHeaders("surrounding whitespace in %s" % name)
+    if name in CONNECTION_HEADERS and name != "host":
+        raise BadHeaders("connection-specific header %s" % name)
+    value = v.decode("latin-1")
+    if name == "te" and value != "trailers":
+        raise BadHeaders("te other than trailers")
+    r = (name, value)
+    if len(_IN_MEMO) >= _MEMO_MAX:
+        _IN_MEMO.clear()
+    _IN_MEMO[kv] = r
+    return r
+
+
+def inbound_headers(raw, kind: int) -> list:
+    """A received header block as ``Headers`` pairs, checked as h2's validation would (names
+    lower-case tokens, no CR/LF/NUL, pseudo-headers first, once, and the required ones present;
+    no connection-specific fields); cookies joined (RFC 9113 8.2.3). Raises ``BadHeaders``."""
+    memo = _IN_MEMO
+    out = []
+    regular = False
+    pseudo = None
+    cookies = None
+    for kv in raw:
+        r = memo.get(kv)
+        if r is None:
+            r = _in(kv)
+        name = r[0]
+        if name[0] == ":":
+            if regular:
+                raise BadHeaders("pseudo-header after regular header")
+            if pseudo is None:
+                pseudo = set()
+            if name in pseudo:
+                raise BadHeaders("duplicate %s" % name)
+            pseudo.add(name)
+        else:
+            regular = True
+            if name == "cookie" and kind == REQUEST:
+                if cookies is None:
+                    cookies = [len(out), r[1]]
+                    out.append(r)
+                else:
+                    cookies.append(r[1])
+                continue
+        out.append(r)
+    if cookies is not None and len(cookies) > 2:
+        out[cookies[0]] = ("cookie", "; ".join(cookies[1:]))
+    if kind == REQUEST:
+        if pseudo is None or not pseudo <= _REQUEST_PSEUDO or ":method" not in pseudo:
+            raise BadHeaders("missing or unknown request pseudo-headers")
+        method = path = None
+        for k, v in out:
+            if k == ":method":
+                method = v
+            elif k == ":path":
+                path = v
+            elif k[0] != ":":
+                break
+        if method == "CONNECT" and ":protocol" not in pseudo:
+            if ":authority" not in pseudo or ":path" in pseudo or ":scheme" in pseudo:
+                raise BadHeaders("malformed CONNECT")
+        elif ":scheme" not in pseudo or not path:
+            raise BadHeaders("missing :scheme or :path")
+    elif kind == RESPONSE:
+        if pseudo != _STATUS_ONLY:
+            raise BadHeaders("response needs exactly :status")
+    elif pseudo is not None:
+        raise BadHeaders("pseudo-header in trailers")
+    return out
+
+
+_STATUS_ONLY = {":status"}
 
 
 class OutStream:
@@ -529,9 +778,18 @@ class Http2ServerCodec:
                 self.empty_frames = 0
                 s = streams.get(e.stream_id)
                 if s is not None:
+                    try:
+                        trailers = Headers(inbound_headers(e.headers, TRAILERS))
+                    except BadHeaders:
+                        if self.stats is not None:
+                            self.stats.rx_messaging_error.value += 1
+                        s.reset_stream("protocol_error")
+                        if s.stream is not None:
+                            s.stream.on_reset("http2.invalid_trailers")
+                        continue
                     s.remote_ended = True
                     if s.stream is not None:
-                        s.stream.decode_trailers(Headers([kv for kv in e.headers]))
+                        s.stream.decode_trailers(trailers)
                     if s.local_ended:
                         s._gone()
             elif t is _StreamReset:
@@ -593,11 +851,19 @@ class Http2ServerCodec:
             self.hc.stats.rq_too_large.value += 1
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
             return
+        try:
+            fields = inbound_headers(raw, REQUEST)
+        except BadHeaders as err:
+            log.debug("h2 stream %d: %s", sid, err)
+            if st is not None:
+                st.rx_messaging_error.value += 1
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
         authority = None
         host = None
         expect = False
         h = []
-        for kv in raw:
+        for kv in fields:
             k = kv[0]
             if k == ":authority":
                 authority = kv[1]
