@@ -277,6 +277,30 @@ class CachingDecoder(hpack.Decoder):
         return out
 
 
+class _H2Connection(h2.connection.H2Connection):
+    """``H2Connection`` whose stream counts are not recomputed on every new stream.
+
+    ``h2`` walks every stream it knows (and forgets closed ones) each time a stream opens, to
+    enforce SETTINGS_MAX_CONCURRENT_STREAMS. We enforce both limits ourselves (REFUSED_STREAM
+    downstream, pool capacity upstream), so the walk only runs every 64th stream, to prune."""
+
+    _prune = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._prune += 1
+        if self._prune & 63 == 0:
+            self._open_streams(self.config.client_side)
+        return 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._prune += 1
+        if self._prune & 63 == 0:
+            self._open_streams(not self.config.client_side)
+        return 0
+
+
 def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
     """An ``H2Connection`` with our settings and the preface queued; our own stream limit is
     enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one. Header validation
@@ -284,7 +308,7 @@ def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
     config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                        validate_outbound_headers=False, normalize_outbound_headers=False,
                                        validate_inbound_headers=False, normalize_inbound_headers=False)
-    c = h2.connection.H2Connection(config)
+    c = _H2Connection(config)
     c.encoder = FastEncoder()
     c.decoder = CachingDecoder(opts.max_header_list_size)
     values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
