@@ -267,10 +267,19 @@ class Cluster:
                     return f
         return self.transport_socket
 
-    def http_pool(self, host: Host):
+    def http_pool(self, host: Host, downstream_h2: bool = False):
         p = self.pools.get(host.key)
         if p is None:
-            p = self.pools[host.key] = Http1Pool(self, host, self.loop)
+            proto = self.protocol
+            if proto == HTTP1:
+                p = Http1Pool(self, host, self.loop)
+            else:
+                from .pool_h2 import DownstreamProtocolPools, Http2Pool
+                cls = Http2Pool if proto == HTTP2 else DownstreamProtocolPools
+                p = cls(self, host, self.loop)
+            self.pools[host.key] = p
+        if self.protocol == USE_DOWNSTREAM:
+            return p.h2 if downstream_h2 else p.h1
         return p
 
     def close(self) -> None:

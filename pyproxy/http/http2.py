@@ -1,0 +1,1126 @@
+"""HTTP/2 codec on the sans-IO ``h2`` library: downstream (server) side, plus pieces shared with the
+upstream HTTP/2 pool (``cluster/pool_h2.py``).
+
+Bytes in -> ``h2`` events -> the same stream events the HTTP/1 codec produces
+(``hc.new_stream(encoder, "HTTP/2")``, ``decode_headers/data/trailers``, ``on_reset``); the HCM
+answers through the per-stream encoder (``encode_headers/data/trailers``, ``reset_stream``).
+
+Flow control (both sides):
+- received DATA is acknowledged (window credit returned) only while the stream is not
+  read-disabled, i.e. while whoever takes the bytes (the upstream connection) is below its high
+  watermark; credit held back is returned when reading is enabled again;
+- outbound DATA goes to the peer only as far as its flow-control window allows and while the
+  transport is not above its high watermark; the rest waits in a bounded per-stream buffer whose
+  high watermark read-disables the producer (the upstream request) until it drains to half.
+
+Hardening (Envoy's defaults): premature ("rapid") resets, CONTINUATION/HPACK bombs (``h2``'s
+limits plus ``max_request_headers_kb``), outbound control-frame floods (PING/SETTINGS acks
+that the client does not read), PRIORITY floods, empty-frame floods, streams beyond
+``max_concurrent_streams`` (REFUSED_STREAM), protocol errors -> GOAWAY with ``h2``'s error code.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.stream
+import hpack
+from hpack import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes, Settings
+
+from ..config import ConfigError, duration_s, u32
+from .headers import Headers
+
+log = logging.getLogger("pyproxy.http2")
+
+# Envoy 1.40's defaults (what it advertises with an empty http2_protocol_options)
+DEFAULT_MAX_CONCURRENT_STREAMS = 1024
+DEFAULT_STREAM_WINDOW = 16 * 1024 * 1024
+DEFAULT_CONNECTION_WINDOW = 24 * 1024 * 1024
+DEFAULT_MAX_OUTBOUND_CONTROL_FRAMES = 1000
+DEFAULT_MAX_PRIORITY_PER_STREAM = 100
+DEFAULT_MAX_EMPTY_FRAMES = 1
+# CVE-2023-44487: a connection whose streams are mostly reset by the client within this many
+# seconds of their start is closed once it has opened PREMATURE_RESET_STREAMS streams.
+PREMATURE_RESET_SECONDS = 1.0
+PREMATURE_RESET_STREAMS = 500
+SPEC_WINDOW = 65535
+MAX_WINDOW = 2 ** 31 - 1
+
+# connection-specific header fields never sent on HTTP/2 (RFC 9113 8.2.2)
+CONNECTION_HEADERS = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                                "upgrade", "host"))
+
+_RequestReceived = h2.events.RequestReceived
+_ResponseReceived = h2.events.ResponseReceived
+_DataReceived = h2.events.DataReceived
+_TrailersReceived = h2.events.TrailersReceived
+_StreamEnded = h2.events.StreamEnded
+_StreamReset = h2.events.StreamReset
+_WindowUpdated = h2.events.WindowUpdated
+_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
+_PingReceived = h2.events.PingReceived
+_PingAckReceived = h2.events.PingAckReceived
+_ConnectionTerminated = h2.events.ConnectionTerminated
+_PriorityUpdated = h2.events.PriorityUpdated
+_SettingsAcknowledged = h2.events.SettingsAcknowledged
+_InformationalResponseReceived = h2.events.InformationalResponseReceived
+
+
+class H2Options:
+    """``config.core.v3.Http2ProtocolOptions`` compiled once (validated like Envoy does)."""
+
+    __slots__ = ("max_concurrent_streams", "stream_window", "connection_window", "keepalive_interval",
+                 "keepalive_timeout", "max_outbound_control_frames", "max_priority_per_stream",
+                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter")
+
+    def __init__(self, proto=None, max_header_list_size: int = 60 * 1024, max_headers: int = 100):
+        self.max_concurrent_streams = DEFAULT_MAX_CONCURRENT_STREAMS
+        self.stream_window = DEFAULT_STREAM_WINDOW
+        self.connection_window = DEFAULT_CONNECTION_WINDOW
+        self.keepalive_interval = 0.0
+        self.keepalive_timeout = 0.0
+        self.max_outbound_control_frames = DEFAULT_MAX_OUTBOUND_CONTROL_FRAMES
+        self.max_priority_per_stream = DEFAULT_MAX_PRIORITY_PER_STREAM
+        self.max_empty_frames = DEFAULT_MAX_EMPTY_FRAMES
+        self.max_header_list_size = max_header_list_size
+        self.max_headers = max_headers
+        self.stats = None
+        self.premature_counter = None
+        if proto is None:
+            return
+        mcs = u32(proto, "max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)
+        if not 1 <= mcs <= MAX_WINDOW:
+            raise ConfigError("max_concurrent_streams must be in [1, 2147483647]", field="max_concurrent_streams")
+        self.max_concurrent_streams = mcs
+        for attr, field, default in (("stream_window", "initial_stream_window_size", DEFAULT_STREAM_WINDOW),
+                                     ("connection_window", "initial_connection_window_size",
+                                      DEFAULT_CONNECTION_WINDOW)):
+            v = u32(proto, field, default)
+            if not SPEC_WINDOW <= v <= MAX_WINDOW:
+                raise ConfigError("%s must be in [65535, 2147483647]" % field, field=field)
+            setattr(self, attr, v)
+        self.max_outbound_control_frames = u32(proto, "max_outbound_control_frames",
+                                               DEFAULT_MAX_OUTBOUND_CONTROL_FRAMES) or 1
+        self.max_priority_per_stream = u32(proto, "max_inbound_priority_frames_per_stream",
+                                           DEFAULT_MAX_PRIORITY_PER_STREAM)
+        self.max_empty_frames = u32(proto, "max_consecutive_inbound_frames_with_empty_payload",
+                                    DEFAULT_MAX_EMPTY_FRAMES)
+        if proto.HasField("connection_keepalive"):
+            ka = proto.connection_keepalive
+            self.keepalive_interval = duration_s(ka, "interval", 0.0)
+            self.keepalive_timeout = duration_s(ka, "timeout", 0.0)
+            if self.keepalive_interval and not self.keepalive_timeout:
+                raise ConfigError("connection_keepalive.timeout is required", field="connection_keepalive.timeout")
+        if proto.allow_connect:
+            log.debug("http2_protocol_options.allow_connect: CONNECT over HTTP/2 is not supported; ignored")
+
+
+class H2Stats:
+    """Envoy's ``http2.*`` codec counters (shared scope, as Envoy's are per codec type)."""
+
+    __slots__ = ("rx_reset", "tx_reset", "header_overflow", "goaway_sent", "outbound_control_flood",
+                 "inbound_priority_frames_flood", "inbound_empty_frames_flood", "rx_messaging_error",
+                 "keepalive_timeout", "streams_refused", "trailers")
+
+    def __init__(self, store):
+        s = store.scope("http2.")
+        for name in self.__slots__:
+            setattr(self, name, s.counter(name))
+
+
+def server_options(cfg) -> H2Options:
+    """The compiled options for an HCM config (built on first use, then kept on the config)."""
+    o = getattr(cfg, "h2_compiled_options", None)
+    if o is None:
+        o = H2Options(getattr(cfg, "http2_options", None), cfg.max_request_headers_kb * 1024,
+                      cfg.max_headers_count)
+        ctx = getattr(cfg, "ctx", None)
+        store = getattr(ctx, "stats", None)
+        if store is not None:
+            o.stats = H2Stats(store)
+            o.premature_counter = store.scope("http.%s." % cfg.stat_prefix).counter(
+                "downstream_rq_too_many_premature_resets")
+        try:
+            cfg.h2_compiled_options = o
+        except AttributeError:
+            pass
+    return o
+
+
+# -- HPACK, the costly part of h2: a stateless encoder and a decoder with a block cache ---------------
+
+_STATIC = HeaderTable.STATIC_TABLE
+_STATIC_FULL = {}
+_STATIC_NAME = {}
+for _i, (_n, _v) in enumerate(_STATIC, 1):
+    _STATIC_FULL.setdefault((_n, _v), _i)
+    _STATIC_NAME.setdefault(_n, _i)
+
+
+def _hp_int(n: int, prefix_bits: int, first: int) -> bytes:
+    mx = (1 << prefix_bits) - 1
+    if n < mx:
+        return bytes((first | n,))
+    out = bytearray((first | mx,))
+    n -= mx
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _hp_str(b: bytes) -> bytes:
+    return _hp_int(len(b), 7, 0) + b
+
+
+class FastEncoder:
+    """HPACK without the dynamic table: static-table hits are indexed, everything else is a
+    literal without indexing (no Huffman). Valid for any decoder, much cheaper to produce than
+    ``hpack.Encoder``'s output; each distinct field's encoding is memoized (bounded)."""
+
+    __slots__ = ("memo", "pending_size_update", "_size")
+
+    MEMO_MAX = 4096
+
+    def __init__(self):
+        self.memo = {}
+        self.pending_size_update = None
+        self._size = 4096
+
+    @property
+    def header_table_size(self) -> int:
+        return self._size
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # we never insert into the dynamic table; a peer shrinking it still gets the update it
+        # expects at the start of the next block
+        self._size = value
+        self.pending_size_update = min(value, 4096)
+
+    def encode(self, headers, huffman: bool = True) -> bytes:
+        memo = self.memo
+        out = []
+        if self.pending_size_update is not None:
+            out.append(_hp_int(self.pending_size_update, 5, 0x20))
+            self.pending_size_update = None
+        for kv in headers:
+            b = memo.get(kv)
+            if b is None:
+                b = self._encode_one(kv)
+                if len(memo) >= self.MEMO_MAX:
+                    memo.clear()
+                memo[kv] = b
+            out.append(b)
+        return b"".join(out)
+
+    @staticmethod
+    def _encode_one(kv) -> bytes:
+        n, v = kv[0], kv[1]
+        if n.__class__ is str:
+            n = n.encode("latin-1")
+        if v.__class__ is str:
+            v = v.encode("utf-8")
+        i = _STATIC_FULL.get((n, v))
+        if i is not None:
+            return bytes((0x80 | i,))
+        sensitive = isinstance(kv, NeverIndexedHeaderTuple)
+        i = _STATIC_NAME.get(n)
+        first = 0x10 if sensitive else 0x00
+        if i is not None:
+            return _hp_int(i, 4, first) + _hp_str(v)
+        return bytes((first,)) + _hp_str(n) + _hp_str(v)
+
+
+class CachingDecoder(hpack.Decoder):
+    """``hpack.Decoder`` that remembers header blocks which did not change the dynamic table:
+    a peer repeating a request/response shape sends the same fully indexed block each time."""
+
+    CACHE_MAX = 512
+
+    def __init__(self, max_header_list_size: int):
+        super().__init__(max_header_list_size=max_header_list_size)
+        self._cache = {}
+        self._version = 0
+        table = self.header_table
+        add = table.add
+
+        def counting_add(name, value, _add=add):
+            self._version += 1
+            _add(name, value)
+        table.add = counting_add
+
+    def decode(self, data, raw: bool = False):
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        hit = self._cache.get(data)
+        if hit is not None and hit[0] == self._version:
+            return list(hit[1])
+        version = self._version
+        size = self.header_table_size
+        out = super().decode(data, raw)
+        if self._version == version and self.header_table_size == size:
+            cache = self._cache
+            if len(cache) >= self.CACHE_MAX:
+                cache.clear()
+            cache[data] = (version, tuple(out))
+        return out
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """``H2Connection`` whose stream counts are not recomputed on every new stream.
+
+    ``h2`` walks every stream it knows (and forgets closed ones) each time a stream opens, to
+    enforce SETTINGS_MAX_CONCURRENT_STREAMS. We enforce both limits ourselves (REFUSED_STREAM
+    downstream, pool capacity upstream), so the walk only runs every 64th stream, to prune."""
+
+    _prune = 0
+
+    @property
+    def open_outbound_streams(self) -> int:
+        self._prune += 1
+        if self._prune & 63 == 0:
+            self._open_streams(self.config.client_side)
+        return 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._prune += 1
+        if self._prune & 63 == 0:
+            self._open_streams(not self.config.client_side)
+        return 0
+
+
+def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
+    """An ``H2Connection`` with our settings and the preface queued; our own stream limit is
+    enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one. Header validation
+    and decoding are ours (``inbound_headers``), cached per distinct field."""
+    config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                       validate_outbound_headers=False, normalize_outbound_headers=False,
+                                       validate_inbound_headers=False, normalize_inbound_headers=False)
+    c = _H2Connection(config)
+    c.encoder = FastEncoder()
+    c.decoder = CachingDecoder(opts.max_header_list_size)
+    values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
+              SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
+              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
+    if client_side:
+        values[SettingCodes.ENABLE_PUSH] = 0
+    c.local_settings = Settings(client=client_side, initial_values=values)
+    c.initiate_connection()
+    if not client_side:
+        values[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_WINDOW
+        c.local_settings = Settings(client=client_side, initial_values=values)
+    if opts.connection_window > SPEC_WINDOW:
+        c.increment_flow_control_window(opts.connection_window - SPEC_WINDOW)
+    return c
+
+
+def _utf8_encode_headers(headers):
+    # h2.stream's own version does isinstance() per field; ours are (bytes, bytes) already
+    return [kv if kv[0].__class__ is bytes and kv[1].__class__ is bytes else
+            (kv[0].encode("utf-8") if kv[0].__class__ is str else kv[0],
+             kv[1].encode("utf-8") if kv[1].__class__ is str else kv[1]) for kv in headers]
+
+
+h2.stream.utf8_encode_headers = _utf8_encode_headers
+
+# -- header translation --------------------------------------------------------------------------
+
+_OUT_MEMO: dict = {}
+_IN_MEMO: dict = {}
+_MEMO_MAX = 8192
+REQUEST, RESPONSE, TRAILERS = 0, 1, 2
+_REQUEST_PSEUDO = frozenset((":method", ":scheme", ":authority", ":path", ":protocol"))
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+
+
+class BadHeaders(Exception):
+    """A malformed header block (RFC 9113 8.2/8.3): the stream is reset with PROTOCOL_ERROR."""
+
+
+def _out(kv):
+    k, v = kv
+    r = (k.encode("latin-1"), v.encode("latin-1"))
+    if len(_OUT_MEMO) >= _MEMO_MAX:
+        _OUT_MEMO.clear()
+    _OUT_MEMO[kv] = r
+    return r
+
+
+def to_h2(headers: Headers) -> list:
+    """``Headers`` -> ``h2`` (bytes) header tuples: connection-specific fields dropped, ``te``
+    only as ``trailers``, values kept byte-for-byte."""
+    memo = _OUT_MEMO
+    out = []
+    for kv in headers._h:
+        b = memo.get(kv)
+        if b is None:
+            k = kv[0]
+            if k in CONNECTION_HEADERS or (k == "te" and kv[1].lower() != "trailers"):
+                continue
+            b = _out(kv)
+        out.append(b)
+    return out
+
+
+def trailers_to_h2(trailers: Headers) -> list:
+    return [_OUT_MEMO.get(kv) or _out(kv) for kv in trailers._h
+            if kv[0][0] != ":" and kv[0] not in CONNECTION_HEADERS]
+
+
+def _in(kv):
+    """One received field, validated and decoded (memoized)."""
+    n, v = kv
+    try:
+        name = n.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadHeaders("invalid header name") from None
+    if not name:
+        raise BadHeaders("empty header name")
+    if name[0] == ":":
+        if not _TOKEN_RE.match(name[1:]):
+            raise BadHeaders("invalid pseudo-header %r" % name)
+    elif not _TOKEN_RE.match(name):
+        raise BadHeaders("invalid header name %r" % name)
+    if b"\x00" in v or b"\r" in v or b"\n" in v:
+        raise BadHeaders("invalid header value for %s" % name)
+    if v[:1] in (b" ", b"\t") or v[-1:] in (b" ", b"\t"):
+        raise BadHeaders("surrounding whitespace in %s" % name)
+    if name in CONNECTION_HEADERS and name != "host":
+        raise BadHeaders("connection-specific header %s" % name)
+    value = v.decode("latin-1")
+    if name == "te" and value != "trailers":
+        raise BadHeaders("te other than trailers")
+    r = (name, value)
+    if len(_IN_MEMO) >= _MEMO_MAX:
+        _IN_MEMO.clear()
+    _IN_MEMO[kv] = r
+    return r
+
+
+def inbound_headers(raw, kind: int) -> list:
+    """A received header block as ``Headers`` pairs, checked as h2's validation would (names
+    lower-case tokens, no CR/LF/NUL, pseudo-headers first, once, and the required ones present;
+    no connection-specific fields); cookies joined (RFC 9113 8.2.3). Raises ``BadHeaders``."""
+    memo = _IN_MEMO
+    out = []
+    regular = False
+    pseudo = None
+    cookies = None
+    for kv in raw:
+        r = memo.get(kv)
+        if r is None:
+            r = _in(kv)
+        name = r[0]
+        if name[0] == ":":
+            if regular:
+                raise BadHeaders("pseudo-header after regular header")
+            if pseudo is None:
+                pseudo = set()
+            if name in pseudo:
+                raise BadHeaders("duplicate %s" % name)
+            pseudo.add(name)
+        else:
+            regular = True
+            if name == "cookie" and kind == REQUEST:
+                if cookies is None:
+                    cookies = [len(out), r[1]]
+                    out.append(r)
+                else:
+                    cookies.append(r[1])
+                continue
+        out.append(r)
+    if cookies is not None and len(cookies) > 2:
+        out[cookies[0]] = ("cookie", "; ".join(cookies[1:]))
+    if kind == REQUEST:
+        if pseudo is None or not pseudo <= _REQUEST_PSEUDO or ":method" not in pseudo:
+            raise BadHeaders("missing or unknown request pseudo-headers")
+        method = path = None
+        for k, v in out:
+            if k == ":method":
+                method = v
+            elif k == ":path":
+                path = v
+            elif k[0] != ":":
+                break
+        if method == "CONNECT" and ":protocol" not in pseudo:
+            if ":authority" not in pseudo or ":path" in pseudo or ":scheme" in pseudo:
+                raise BadHeaders("malformed CONNECT")
+        elif ":scheme" not in pseudo or not path:
+            raise BadHeaders("missing :scheme or :path")
+    elif kind == RESPONSE:
+        if pseudo != _STATUS_ONLY:
+            raise BadHeaders("response needs exactly :status")
+    elif pseudo is not None:
+        raise BadHeaders("pseudo-header in trailers")
+    return out
+
+
+_STATUS_ONLY = {":status"}
+
+
+class OutStream:
+    """Outbound DATA of one stream: what the peer's window (or our transport) cannot take yet.
+
+    Subclasses provide ``conn`` (with ``h2``, ``write_paused``, ``blocked``), ``sid`` and
+    ``_ended()``/``_watermark(above)``.
+    """
+
+    __slots__ = ()
+
+    def _send_data(self, data, end: bool) -> None:
+        conn = self.conn
+        h = conn.h2
+        n = len(data)
+        if not self.pending and not conn.write_paused and n <= conn.max_frame:
+            if n <= h.local_flow_control_window(self.sid):
+                h.send_data(self.sid, data, end_stream=end)
+                if end:
+                    self._ended()
+                return
+        if n:
+            self.pending.append(data)
+            self.pending_bytes += n
+        if end:
+            self.pending_end = True
+        self.flush_pending()
+        if not self.above and self.pending_bytes > conn.stream_high:
+            self.above = True
+            self._watermark(True)
+
+    def _send_trailers(self, trailers: Headers) -> None:
+        if self.pending:
+            self.pending_trailers = trailers
+            self.flush_pending()
+            return
+        self.conn.h2.send_headers(self.sid, trailers_to_h2(trailers), end_stream=True)
+        self._ended()
+
+    def flush_pending(self) -> None:
+        """Send what the window allows; finish the stream once the buffer is empty."""
+        conn = self.conn
+        h = conn.h2
+        sid = self.sid
+        pending = self.pending
+        try:
+            while pending and not conn.write_paused:
+                w = h.local_flow_control_window(sid)
+                if w <= 0:
+                    break
+                if w > conn.max_frame:
+                    w = conn.max_frame
+                chunk = pending[0]
+                if len(chunk) <= w:
+                    pending.popleft()
+                    h.send_data(sid, chunk)
+                    self.pending_bytes -= len(chunk)
+                else:
+                    h.send_data(sid, chunk[:w])
+                    pending[0] = chunk[w:]
+                    self.pending_bytes -= w
+        except h2.exceptions.StreamClosedError:
+            pending.clear()
+            self.pending_bytes = 0
+            conn.blocked.discard(self)
+            return
+        if pending:
+            conn.blocked.add(self)
+        else:
+            conn.blocked.discard(self)
+            if self.pending_trailers is not None:
+                t, self.pending_trailers = self.pending_trailers, None
+                h.send_headers(sid, trailers_to_h2(t), end_stream=True)
+                self._ended()
+            elif self.pending_end:
+                self.pending_end = False
+                h.end_stream(sid)
+                self._ended()
+        if self.above and self.pending_bytes <= conn.stream_high // 2:
+            self.above = False
+            self._watermark(False)
+        conn.want_flush()
+
+
+def flush_blocked(conn) -> None:
+    for s in list(conn.blocked):
+        if conn.write_paused:
+            return
+        s.flush_pending()
+
+
+# -- downstream ---------------------------------------------------------------------------------
+
+
+class H2ServerStream(OutStream):
+    """One request stream: the encoder ``ActiveStream`` writes its response through."""
+
+    __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
+                 "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
+                 "start", "drain_close", "response_close")
+
+    def __init__(self, conn, sid, now):
+        self.conn = conn
+        self.sid = sid
+        self.stream = None
+        self.remote_ended = False
+        self.local_ended = False
+        self.closed = False
+        self.pending = collections.deque()
+        self.pending_bytes = 0
+        self.pending_end = False
+        self.pending_trailers = None
+        self.above = False
+        self.read_off = 0
+        self.unacked = 0
+        self.start = now
+        self.drain_close = False
+        self.response_close = False
+
+    # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        if self.closed or self.local_ended:
+            return
+        h = headers._h
+        if h and h[0][0] == ":status" and h[0][1][:1] == "1":
+            if h[0][1] != "101":
+                return  # 1xx are answered by the proxy itself (100-continue)
+        conn = self.conn
+        try:
+            conn.h2.send_headers(self.sid, to_h2(headers), end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            self._gone()
+            return
+        except h2.exceptions.ProtocolError as e:
+            log.debug("h2 stream %d: cannot send headers: %s", self.sid, e)
+            self.reset_stream("protocol_error")
+            return
+        if end_stream:
+            self._ended()
+        conn.want_flush()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.closed or self.local_ended:
+            return
+        try:
+            self._send_data(data, end_stream)
+        except h2.exceptions.ProtocolError:
+            self._gone()
+            return
+        self.conn.want_flush()
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.closed or self.local_ended:
+            return
+        try:
+            self._send_trailers(trailers)
+        except h2.exceptions.ProtocolError:
+            self._gone()
+            return
+        self.conn.want_flush()
+
+    def reset_stream(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        st = conn.stats
+        if st is not None:
+            st.tx_reset.value += 1
+        try:
+            conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR if "refused" not in reason
+                                 else ErrorCodes.REFUSED_STREAM)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._gone()
+        conn.want_flush()
+
+    def stream_read_disable(self, _stream, disable: bool) -> None:
+        if disable:
+            self.read_off += 1
+            return
+        if self.read_off:
+            self.read_off -= 1
+            if not self.read_off and self.unacked and not self.closed:
+                n, self.unacked = self.unacked, 0
+                conn = self.conn
+                try:
+                    conn.h2.acknowledge_received_data(n, self.sid)
+                except h2.exceptions.ProtocolError:
+                    pass
+                conn.want_flush()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _ended(self) -> None:
+        self.local_ended = True
+        self.pending.clear()
+        if self.remote_ended:
+            self._gone()
+        else:
+            # the response is complete: the rest of the request is not needed (RFC 9113 8.1)
+            try:
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._gone()
+
+    def _gone(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        conn = self.conn
+        conn.blocked.discard(self)
+        conn.streams.pop(self.sid, None)
+        if self.unacked:
+            # give the connection window back; the stream's own window no longer matters
+            n, self.unacked = self.unacked, 0
+            try:
+                conn.h2.acknowledge_received_data(n, self.sid)
+            except (h2.exceptions.ProtocolError, ValueError):
+                pass
+        if conn.goaway_sent and not conn.streams:
+            conn.want_close()
+
+    def _watermark(self, above: bool) -> None:
+        s = self.stream
+        r = s.router if s is not None else None
+        up = r.upstream if r is not None else None
+        if up is None:
+            return
+        if above:
+            up.on_above_write_buffer_high_watermark()
+        else:
+            up.on_below_write_buffer_low_watermark()
+
+
+class Http2ServerCodec:
+    """Downstream HTTP/2 (h2c prior knowledge or ALPN h2) for one connection."""
+
+    __slots__ = ("conn", "hc", "cfg", "opts", "h2", "streams", "closed", "drain_close", "goaway_sent",
+                 "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
+                 "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
+                 "ka_handle", "ka_timeout_handle", "close_pending", "stream")
+
+    def __init__(self, conn, hc, cfg):
+        self.conn = conn
+        self.hc = hc
+        self.cfg = cfg
+        opts = self.opts = server_options(cfg)
+        self.stats = opts.stats
+        self.loop = cfg.loop
+        self.streams: dict = {}
+        self.blocked: set = set()
+        self.closed = False
+        self.drain_close = False
+        self.goaway_sent = False
+        self.close_pending = False
+        self.in_feed = False
+        self.flush_handle = None
+        self.write_paused = bool(getattr(conn, "write_paused", False))
+        self.total_streams = 0
+        self.premature = 0
+        self.ctrl_out = 0
+        self.priority_frames = 0
+        self.empty_frames = 0
+        self.stream = None  # HCM's on_codec_error looks at it (HTTP/1 only)
+        lim = getattr(getattr(conn, "listener", None), "buffer_limit", 0) or 1024 * 1024
+        self.stream_high = lim
+        self.h2 = new_h2(False, opts)
+        self.max_frame = self.h2.max_outbound_frame_size
+        self.ka_handle = self.ka_timeout_handle = None
+        if opts.keepalive_interval:
+            self.ka_handle = self.loop.call_later(opts.keepalive_interval, self._keepalive)
+        conn.add_watermark_callbacks(self)
+        conn.write(self.h2.data_to_send())
+
+    # -- bytes in ---------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self._protocol_error(e)
+            return
+        except Exception:  # a bug in h2 or here must not take down the loop
+            log.exception("h2 receive failed")
+            self._fatal(ErrorCodes.INTERNAL_ERROR)
+            return
+        self.in_feed = True
+        try:
+            self._handle(events)
+        except h2.exceptions.ProtocolError as e:
+            self._protocol_error(e)
+            return
+        except Exception:
+            log.exception("h2 event handling failed")
+            self._fatal(ErrorCodes.INTERNAL_ERROR)
+            return
+        finally:
+            self.in_feed = False
+        self._flush()
+
+    def _handle(self, events) -> None:
+        resets = None
+        if len(events) > 1:
+            for e in events:
+                if e.__class__ is _StreamReset:
+                    if resets is None:
+                        resets = set()
+                    resets.add(e.stream_id)
+        streams = self.streams
+        opts = self.opts
+        for e in events:
+            if self.closed:
+                return
+            t = e.__class__
+            if t is _DataReceived:
+                self._on_data(e)
+            elif t is _RequestReceived:
+                self.empty_frames = 0
+                self._on_request(e, resets)
+            elif t is _StreamEnded:
+                s = streams.get(e.stream_id)
+                if s is not None and not s.remote_ended:
+                    s.remote_ended = True
+                    if s.stream is not None:
+                        s.stream.decode_data(b"", True)
+                    if s.local_ended:
+                        s._gone()
+            elif t is _TrailersReceived:
+                self.empty_frames = 0
+                s = streams.get(e.stream_id)
+                if s is not None:
+                    try:
+                        trailers = Headers(inbound_headers(e.headers, TRAILERS))
+                    except BadHeaders:
+                        if self.stats is not None:
+                            self.stats.rx_messaging_error.value += 1
+                        s.reset_stream("protocol_error")
+                        if s.stream is not None:
+                            s.stream.on_reset("http2.invalid_trailers")
+                        continue
+                    s.remote_ended = True
+                    if s.stream is not None:
+                        s.stream.decode_trailers(trailers)
+                    if s.local_ended:
+                        s._gone()
+            elif t is _StreamReset:
+                self._on_reset(e)
+                if self.closed:
+                    return
+            elif t is _WindowUpdated:
+                if self.blocked:
+                    if e.stream_id == 0:
+                        flush_blocked(self)
+                    else:
+                        s = streams.get(e.stream_id)
+                        if s is not None and s.pending:
+                            s.flush_pending()
+            elif t is _PingReceived:
+                self.ctrl_out += 1
+            elif t is _PingAckReceived:
+                if self.ka_timeout_handle is not None:
+                    self.ka_timeout_handle.cancel()
+                    self.ka_timeout_handle = None
+            elif t is _RemoteSettingsChanged:
+                self.ctrl_out += 1
+                self.max_frame = self.h2.max_outbound_frame_size
+                if SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings and self.blocked:
+                    flush_blocked(self)
+            elif t is _PriorityUpdated:
+                self.priority_frames += 1
+                if self.priority_frames > opts.max_priority_per_stream * (1 + self.total_streams):
+                    if self.stats is not None:
+                        self.stats.inbound_priority_frames_flood.value += 1
+                    self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
+                    return
+            elif t is _ConnectionTerminated:
+                # the client is going away: finish what is in flight, then close
+                self.goaway_sent = True
+                if not streams:
+                    self.want_close()
+        if self.ctrl_out > opts.max_outbound_control_frames:
+            self._check_control_flood()
+
+    def _on_request(self, e, resets) -> None:
+        sid = e.stream_id
+        self.total_streams += 1
+        if resets is not None and sid in resets:
+            # opened and reset in the same read: never start it (rapid reset)
+            self.premature += 1
+            self._check_premature()
+            return
+        st = self.stats
+        if self.goaway_sent or len(self.streams) >= self.opts.max_concurrent_streams:
+            if st is not None:
+                st.streams_refused.value += 1
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        raw = e.headers
+        if len(raw) > self.opts.max_headers + 4:
+            if st is not None:
+                st.header_overflow.value += 1
+            self.hc.stats.rq_too_large.value += 1
+            self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
+            return
+        try:
+            fields = inbound_headers(raw, REQUEST)
+        except BadHeaders as err:
+            log.debug("h2 stream %d: %s", sid, err)
+            if st is not None:
+                st.rx_messaging_error.value += 1
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        authority = None
+        host = None
+        expect = False
+        h = []
+        for kv in fields:
+            k = kv[0]
+            if k == ":authority":
+                authority = kv[1]
+            elif k == "host":
+                host = kv[1]
+                continue
+            elif k == "expect":
+                if kv[1].lower() == "100-continue":
+                    expect = True
+                    continue
+            h.append(kv)
+        if authority is None and host is not None:
+            i = 0
+            while i < len(h) and h[i][0][0] == ":":
+                i += 1
+            h.insert(i, (":authority", host))
+        s = H2ServerStream(self, sid, self.loop.time())
+        end = e.stream_ended is not None
+        s.remote_ended = end
+        self.streams[sid] = s
+        as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
+        if expect and not end:
+            self.h2.send_headers(sid, [(":status", "100")])
+        as_.decode_headers(Headers(h), end)
+
+    def _on_data(self, e) -> None:
+        sid = e.stream_id
+        n = e.flow_controlled_length
+        s = self.streams.get(sid)
+        data = e.data
+        end = e.stream_ended is not None
+        if not data and not end:
+            self.empty_frames += 1
+            if self.empty_frames > self.opts.max_empty_frames:
+                if self.stats is not None:
+                    self.stats.inbound_empty_frames_flood.value += 1
+                self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
+                return
+        else:
+            self.empty_frames = 0
+        if s is None or s.closed:
+            if n:
+                try:
+                    self.h2.acknowledge_received_data(n, sid)
+                except h2.exceptions.ProtocolError:
+                    pass
+            return
+        if end:
+            s.remote_ended = True
+        stream = s.stream
+        stream.decode_data(data, end)
+        if n:
+            if s.read_off:
+                s.unacked += n
+            elif not s.closed:
+                self.h2.acknowledge_received_data(n, sid)
+            else:
+                try:
+                    self.h2.acknowledge_received_data(n, sid)
+                except h2.exceptions.ProtocolError:
+                    pass
+        if end and s.local_ended:
+            s._gone()
+
+    def _on_reset(self, e) -> None:
+        st = self.stats
+        if st is not None:
+            st.rx_reset.value += 1
+        s = self.streams.get(e.stream_id)
+        if s is None:
+            return
+        if not s.local_ended and self.loop.time() - s.start < PREMATURE_RESET_SECONDS:
+            self.premature += 1
+        s._gone()
+        stream = s.stream
+        if stream is not None:
+            stream.on_reset("http2.remote_reset")
+        self._check_premature()
+
+    def _check_premature(self) -> None:
+        if self.total_streams >= PREMATURE_RESET_STREAMS and self.premature * 2 >= self.total_streams:
+            if self.opts.premature_counter is not None:
+                self.opts.premature_counter.value += 1
+            log.debug("h2: closing connection with %d/%d premature resets", self.premature, self.total_streams)
+            self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _check_control_flood(self) -> None:
+        # Envoy's max_outbound_control_frames: more acks (PING/SETTINGS) queued than allowed since
+        # the output last drained to the socket -> the client floods or does not read.
+        if self.stats is not None:
+            self.stats.outbound_control_flood.value += 1
+        self._fatal(ErrorCodes.ENHANCE_YOUR_CALM, abort=True)
+
+    # -- bytes out --------------------------------------------------------------------------------
+    def want_flush(self) -> None:
+        if self.in_feed or self.flush_handle is not None or self.closed:
+            return
+        self.flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_handle = None
+        if self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.conn.write(data)
+            if self.ctrl_out:
+                t = getattr(self.conn, "transport", None)
+                if t is not None and t.get_write_buffer_size() == 0:
+                    self.ctrl_out = 0
+        if self.close_pending and not self.streams:
+            self.closed = True
+            self.conn.close(flush=True)
+
+    def want_close(self) -> None:
+        self.close_pending = True
+        self.want_flush()
+
+    # -- watermarks of the downstream transport ------------------------------------------------------
+    def on_above_write_buffer_high_watermark(self) -> None:
+        self.write_paused = True
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        self.write_paused = False
+        if self.blocked and not self.closed:
+            flush_blocked(self)
+            self._flush()
+
+    # -- connection events (from the HCM) ------------------------------------------------------------
+    def on_eof(self) -> None:
+        """The client half-closed: nothing more can arrive; streams in flight are reset."""
+        self._reset_all("downstream_remote_disconnect")
+        self._flush()
+        self.closed = True
+        self.conn.close(flush=True)
+
+    def on_close(self) -> None:
+        self.closed = True
+        self._cancel_timers()
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        self._reset_all("downstream_remote_disconnect")
+        try:
+            self.conn.remove_watermark_callbacks(self)
+        except Exception:
+            pass
+
+    def go_away(self) -> None:
+        """Graceful: no new streams; close once the streams in flight are done."""
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        if self.stats is not None:
+            self.stats.goaway_sent.value += 1
+        self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+        if not self.streams:
+            self.close_pending = True
+        self._flush() if not self.in_feed else None
+
+    # -- failures ---------------------------------------------------------------------------------
+    def _protocol_error(self, e) -> None:
+        st = self.stats
+        if st is not None:
+            st.rx_messaging_error.value += 1
+            if isinstance(e, h2.exceptions.DenialOfServiceError):
+                st.header_overflow.value += 1
+        self.hc.stats.cx_protocol_error.value += 1
+        log.debug("h2 protocol error: %s", e)
+        # h2 queued a GOAWAY carrying the error code
+        self._reset_all("http2.protocol_error")
+        self._close_now(abort=False)
+
+    def _fatal(self, code, abort: bool = False) -> None:
+        if self.closed:
+            return
+        if self.stats is not None:
+            self.stats.goaway_sent.value += 1
+        try:
+            self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._reset_all("http2.connection_error")
+        self._close_now(abort=abort)
+
+    def _close_now(self, abort: bool) -> None:
+        if self.closed:
+            return
+        if not abort:
+            data = self.h2.data_to_send()
+            if data:
+                self.conn.write(data)
+        self.closed = True
+        self._cancel_timers()
+        self.conn.close(flush=not abort)
+
+    def _reset_all(self, reason: str) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        self.blocked.clear()
+        for s in streams:
+            s.closed = True
+            s.pending.clear()
+            stream = s.stream
+            if stream is not None and not stream.done:
+                try:
+                    stream.on_reset(reason)
+                except Exception:
+                    log.exception("stream reset failed")
+
+    def _cancel_timers(self) -> None:
+        for h in (self.ka_handle, self.ka_timeout_handle):
+            if h is not None:
+                h.cancel()
+        self.ka_handle = self.ka_timeout_handle = None
+
+    # -- keepalive --------------------------------------------------------------------------------
+    def _keepalive(self) -> None:
+        self.ka_handle = None
+        if self.closed:
+            return
+        opts = self.opts
+        self.h2.ping(b"pyproxy!")
+        self._flush()
+        if self.ka_timeout_handle is None:
+            self.ka_timeout_handle = self.loop.call_later(opts.keepalive_timeout, self._keepalive_timeout)
+        self.ka_handle = self.loop.call_later(opts.keepalive_interval, self._keepalive)
+
+    def _keepalive_timeout(self) -> None:
+        self.ka_timeout_handle = None
+        if self.closed:
+            return
+        if self.stats is not None:
+            self.stats.keepalive_timeout.value += 1
+        self._reset_all("http2.keepalive_timeout")
+        self._close_now(abort=True)
