@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from .config.dump import to_dict
 from . import __version__
 from .cluster.manager import ClusterManager
 from .config import ConfigError
@@ -320,14 +321,14 @@ class Server:
                 "file_flush_interval": "%.3fs" % (o.file_flush_interval_msec / 1000.0),
                 "local_address_ip_version": o.local_address_ip_version,
             },
-            "node": json_format.MessageToDict(self.node, preserving_proto_field_name=True),
+            "node": to_dict(self.node),
             "uptime_current_epoch": "%ds" % up,
             "uptime_all_epochs": "%ds" % up,
         }
 
     def config_dump(self, resource: str | None = None, include_eds: bool = False) -> dict:
         from google.protobuf import json_format
-        bs = json_format.MessageToDict(self.bootstrap, preserving_proto_field_name=True)
+        bs = to_dict(self.bootstrap)
         configs = [{"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
                     "bootstrap": bs, "last_updated": _ts(self.start_time)},
                    self.cluster_manager.config_dump(),

@@ -14,6 +14,7 @@ import time
 
 from google.protobuf import json_format
 
+from .config.dump import to_dict
 from .config import ConfigError, duration_s
 from .config.registry import message_class
 from .xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsClient
@@ -85,11 +86,11 @@ def _is_repeated(fd) -> bool:
 def _as_json(msg, type_name: str) -> dict:
     """A resource as config_dump JSON; never raises (an Any of an unknown type becomes a note)."""
     try:
-        body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        body = to_dict(msg)
     except (TypeError, KeyError, ValueError):
         try:
             _import_any_types(msg)
-            body = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+            body = to_dict(msg)
         except Exception as e:  # noqa: BLE001 - a dump must not fail the update
             body = {"name": getattr(msg, "name", ""), "_unprintable": str(e)}
     body["@type"] = "type.googleapis.com/" + type_name
@@ -757,7 +758,7 @@ def routes_config_dump(server) -> dict:
             for f in chain.filter_factories:
                 pr = getattr(f, "proto", None)
                 if pr is not None and hasattr(pr, "route_config") and pr.HasField("route_config"):
-                    body = json_format.MessageToDict(pr.route_config, preserving_proto_field_name=True)
+                    body = to_dict(pr.route_config)
                     body["@type"] = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
                     static.append({"route_config": body, "last_updated": _ts(al.config.last_updated)})
     if static:
@@ -768,7 +769,7 @@ def routes_config_dump(server) -> dict:
         for p in glue.routes.values():
             if p.proto is None:
                 continue
-            body = json_format.MessageToDict(p.proto, preserving_proto_field_name=True)
+            body = to_dict(p.proto)
             body["@type"] = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
             e = {"version_info": p.version_info, "route_config": body, "last_updated": _ts(p.last_updated)}
             err = glue.errors.get((ROUTE, p.name))
@@ -787,11 +788,11 @@ def endpoints_config_dump(server) -> dict:
         if c.type == 3:  # EDS
             cla = server.cluster_manager.pending_cla.get(c.eds_service_name)
             if cla is not None:
-                body = json_format.MessageToDict(cla, preserving_proto_field_name=True)
+                body = to_dict(cla)
                 body["@type"] = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
                 dyn.append({"endpoint_config": body})
         elif c.proto.HasField("load_assignment"):
-            body = json_format.MessageToDict(c.proto.load_assignment, preserving_proto_field_name=True)
+            body = to_dict(c.proto.load_assignment)
             body["@type"] = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
             static.append({"endpoint_config": body})
     if static:
@@ -808,7 +809,7 @@ def secrets_config_dump(server) -> dict:
         items = []
         for name, sec in glue.secrets.items():
             v, t = glue.secret_versions.get(name, ("", 0))
-            body = json_format.MessageToDict(sec, preserving_proto_field_name=True)
+            body = to_dict(sec)
             body["@type"] = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
             _redact(body)
             items.append({"name": name, "version_info": v, "last_updated": _ts(t), "secret": body})

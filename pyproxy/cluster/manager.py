@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..config.dump import to_dict
 from ..config import ConfigError
 from .cluster import EDS, Cluster
 
@@ -148,14 +149,14 @@ class ClusterManager:
         def ts(c):
             return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(c.last_updated)) + ".000Z"
         for c in self.active.values():
-            body = json_format.MessageToDict(c.proto, preserving_proto_field_name=True)
+            body = to_dict(c.proto)
             body["@type"] = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
             if c.added_via_api:
                 dynamic_active.append({"version_info": c.version_info, "cluster": body, "last_updated": ts(c)})
             else:
                 static.append({"cluster": body, "last_updated": ts(c)})
         for c in self.warming.values():
-            body = json_format.MessageToDict(c.proto, preserving_proto_field_name=True)
+            body = to_dict(c.proto)
             body["@type"] = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
             dynamic_warming.append({"version_info": c.version_info, "cluster": body, "last_updated": ts(c)})
         out = {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"}

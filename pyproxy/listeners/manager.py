@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 
+from ..config.dump import to_dict
 from ..config import ConfigError
 from .connection import DownstreamConnection
 from .listener import CompiledListener, _listener_stat_name
@@ -316,7 +317,7 @@ class ListenerManager:
         static, dynamic = [], []
         for al in self.active.values():
             c = al.config
-            body = json_format.MessageToDict(c.proto, preserving_proto_field_name=True)
+            body = to_dict(c.proto)
             body["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
             ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(c.last_updated)) + ".000Z"
             if c.added_via_api:
@@ -327,7 +328,7 @@ class ListenerManager:
         for al in self.draining_listeners:
             c = al.config
             if c.added_via_api:
-                body = json_format.MessageToDict(c.proto, preserving_proto_field_name=True)
+                body = to_dict(c.proto)
                 body["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
                 dynamic.append({"name": c.name, "draining_state": {"version_info": c.version_info, "listener": body}})
         out = {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump"}
