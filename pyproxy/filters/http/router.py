@@ -218,7 +218,7 @@ class Router:
         if self.attempts > 1 and self.route.retry is not None and self.route.include_request_attempt_count:
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
-        pool = c.http_pool(host)
+        pool = c.http_pool(host, s.hc.is_h2)
         up.pending = pool.new_stream(up)
 
     def _original_dst_host(self):

@@ -145,6 +145,13 @@ class HcmConfig:
         self.filters = tuple(self.filters)
         self.decoder_factories = tuple(e.factory for e in self.filters)
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
+        if self.http2_options is not None and self.codec_type != HTTP1:
+            # validate explicit HTTP/2 options now (the h2 codec is imported only when configured)
+            from ...http.http2 import server_options
+            try:
+                server_options(self)
+            except ConfigError as e:
+                raise e.within(field="http2_protocol_options")
         if self.routes is not None and hasattr(self.routes, "register_stats"):
             self.routes.register_stats(ctx.stats, self.stat_prefix)
 
