@@ -14,6 +14,7 @@ import collections
 import logging
 import socket
 
+from .. import writebatch
 from ..http.http1 import Http1ClientCodec
 
 log = logging.getLogger("pyproxy.pool")
@@ -78,7 +79,11 @@ class UpstreamConnection(asyncio.Protocol):
             pass
 
     def data_received(self, data):
-        self.codec.feed(data)
+        writebatch.enter()
+        try:
+            self.codec.feed(data)
+        finally:
+            writebatch.leave()
 
     def eof_received(self):
         if self.codec.tunnel:

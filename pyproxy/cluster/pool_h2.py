@@ -25,6 +25,7 @@ from h2.settings import SettingCodes
 
 from ..http import http2 as h2c
 from ..http.headers import Headers
+from .. import writebatch
 from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, open_socket
 
 log = logging.getLogger("pyproxy.pool")
@@ -317,12 +318,15 @@ class H2UpstreamConnection(asyncio.Protocol):
             self._flush()
             self.close(TERMINATED)
             return
+        writebatch.enter()
         try:
             self._handle(events)
         except Exception:
             log.exception("upstream h2 event handling failed")
             self.close(TERMINATED)
             return
+        finally:
+            writebatch.leave()
         self._flush()
 
     def _handle(self, events):

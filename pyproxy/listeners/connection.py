@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 
+from .. import writebatch
 from ..stream_info import StreamInfo
 from .chain_match import ConnInfo, select_chain
 
@@ -24,16 +25,6 @@ IP6T_SO_ORIGINAL_DST = 80
 
 CONTINUE, STOP = 0, 1
 MAX_INSPECT_BYTES = 64 * 1024  # listener filters see at most this much before the chain is chosen
-
-
-_corked: list = []  # connections with queued writes, flushed once per loop iteration
-
-
-def _flush_corked() -> None:
-    conns = _corked[:]
-    _corked.clear()
-    for c in conns:
-        c.flush()
 
 
 def original_dst(sock) -> tuple[str, int] | None:
@@ -253,12 +244,16 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data):
         self.active.st_rx_bytes.value += len(data)
-        if self.inspectors is not None:
-            self._inspect(data, False)
-            return
-        cb = self.on_data_cb
-        if cb is not None:
-            cb(data, False)
+        writebatch.enter()
+        try:
+            if self.inspectors is not None:
+                self._inspect(data, False)
+                return
+            cb = self.on_data_cb
+            if cb is not None:
+                cb(data, False)
+        finally:
+            writebatch.leave()
 
     def eof_received(self):
         if self.inspectors is not None:
@@ -301,9 +296,7 @@ class DownstreamConnection(asyncio.Protocol):
         buf = self.wbuf
         if buf is None:
             self.wbuf = [data]
-            if not _corked:
-                self.manager.loop.call_soon(_flush_corked)
-            _corked.append(self)
+            writebatch.queue(self, self.manager.loop)
         else:
             buf.append(data)
 

@@ -13,6 +13,7 @@ import random
 
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 
+from ... import writebatch
 from ...cluster.lb import LbContext
 from ...cluster.pool import open_socket
 from ...config import ConfigError, duration_s, u32
@@ -88,7 +89,11 @@ class _Upstream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=lim, low=lim // 2)
 
     def data_received(self, data):
-        self.proxy.on_upstream_data(data)
+        writebatch.enter()
+        try:
+            self.proxy.on_upstream_data(data)
+        finally:
+            writebatch.leave()
 
     def eof_received(self):
         self.proxy.on_upstream_eof()
