@@ -491,10 +491,11 @@ class Http1ClientCodec:
     __slots__ = (
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
-        "pending_upgrade", "response_header_bytes", "parser_dirty",
+        "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body",
     )
 
     def __init__(self, conn):
+        self.pending_body = None  # the last body chunk, held to go out with end_stream if the message ends
         self.conn = conn
         self.parser = _new_response_parser(self)
         self.decoder = None
@@ -601,6 +602,12 @@ class Http1ClientCodec:
                 self.conn.on_protocol_error("upstream protocol error: %s" % e)
             else:
                 raise cause
+        finally:
+            pb = self.pending_body
+            if pb is not None:
+                # the message goes on in later reads: pass this read's body on now
+                self.pending_body = None
+                pb[0].on_upstream_data(pb[1], False)
         if self.parser_dirty:
             # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
             # the response ended at its headers, so the next one starts on a fresh parser
@@ -661,7 +668,11 @@ class Http1ClientCodec:
             return  # bytes after a HEAD response's headers are not a body
         d = self.decoder
         if d is not None:
-            d.on_upstream_data(body, False)
+            pb = self.pending_body
+            if pb is not None:
+                d.on_upstream_data(pb[1], False)
+            # held until we know whether the message ends in this read (one pass, not two)
+            self.pending_body = (d, body)
 
     def on_message_complete(self):
         if self.complete and not self.resp_headers_sent:
@@ -673,11 +684,15 @@ class Http1ClientCodec:
         was_complete = self.complete
         self.complete = True
         d = self.decoder
+        pb = self.pending_body
+        self.pending_body = None
         if d is not None and not was_complete:
             if self.trailers:
+                if pb is not None:
+                    d.on_upstream_data(pb[1], False)
                 d.on_upstream_trailers(Headers(self.trailers))
             else:
-                d.on_upstream_data(b"", True)
+                d.on_upstream_data(pb[1] if pb is not None else b"", True)
             self._finish()
 
     def _finish(self):
@@ -687,6 +702,7 @@ class Http1ClientCodec:
     def on_close(self, reason: str) -> None:
         d = self.decoder
         self.decoder = None
+        self.pending_body = None
         if d is None:
             return
         if self.tunnel:
