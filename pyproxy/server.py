@@ -299,7 +299,6 @@ class Server:
         return STATE_NAMES[self.state]
 
     def server_info(self) -> dict:
-        from google.protobuf import json_format
         o = self.options
         up = int(time.time() - self.start_time)
         return {
@@ -327,7 +326,6 @@ class Server:
         }
 
     def config_dump(self, resource: str | None = None, include_eds: bool = False) -> dict:
-        from google.protobuf import json_format
         bs = to_dict(self.bootstrap)
         configs = [{"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
                     "bootstrap": bs, "last_updated": _ts(self.start_time)},

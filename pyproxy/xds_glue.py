@@ -12,7 +12,6 @@ import hashlib
 import logging
 import time
 
-from google.protobuf import json_format
 
 from .config.dump import to_dict
 from .config import ConfigError, duration_s

@@ -181,7 +181,59 @@ class _Pending:
         self.cancelled = True
 
 
-class Http1Pool:
+class PoolBase:
+    """What every pool shares: opening connections (bounded by the connect timeout, refusing TLS
+    transport sockets until TLS exists) and the cluster/host connection accounting.
+
+    Subclasses provide ``_new_connection()``, ``_connected(conn)`` and ``_connect_failed(reason,
+    timeout)``.
+    """
+
+    __slots__ = ()
+
+    def _connect(self):
+        c = self.cluster
+        self.connecting += 1
+        c.cx_total_active += 1
+        c.st_cx_total.value += 1
+        c.st_cx_active.inc()
+        self.host.cx_active += 1
+        self.loop.create_task(self._do_connect())
+
+    async def _do_connect(self):
+        c = self.cluster
+        conn = self._new_connection()
+        ts = c.transport_for(self.host)
+        if ts.is_tls:
+            try:
+                ts.wrap(None)
+            except ConnectionError as e:
+                self._connect_failed(str(e), timeout=False)
+                return
+        try:
+            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
+            await self.loop.create_connection(lambda: conn, sock=sock)
+        except asyncio.TimeoutError:
+            self._connect_failed(CONNECT_TIMEOUT, timeout=True)
+            return
+        except (OSError, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                self.connecting -= 1
+                self._cx_gone()
+                raise
+            self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
+            return
+        self._connected(conn)
+
+    def _cx_gone(self):
+        c = self.cluster
+        c.cx_total_active -= 1
+        c.st_cx_active.dec()
+        self.host.cx_active -= 1
+
+
+
+class Http1Pool(PoolBase):
     """Connections to one host. Idle connections are reused most-recently-used first."""
 
     __slots__ = ("cluster", "host", "loop", "idle", "pending", "connecting", "active", "draining")
@@ -254,46 +306,12 @@ class Http1Pool:
         h.rq_active += 1
         cb.on_pool_ready(conn, h)
 
-    def _connect(self):
-        c = self.cluster
-        self.connecting += 1
-        c.cx_total_active += 1
-        c.st_cx_total.value += 1
-        c.st_cx_active.inc()
-        self.host.cx_active += 1
-        self.loop.create_task(self._do_connect())
+    def _new_connection(self):
+        return UpstreamConnection(self, self.host)
 
-    async def _do_connect(self):
-        c = self.cluster
-        conn = UpstreamConnection(self, self.host)
-        ts = c.transport_for(self.host)
-        if ts.is_tls:
-            try:
-                ts.wrap(None)
-            except ConnectionError as e:
-                self._connect_failed(str(e), timeout=False)
-                return
-        try:
-            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
-            await self.loop.create_connection(lambda: conn, sock=sock)
-        except asyncio.TimeoutError:
-            self._connect_failed(CONNECT_TIMEOUT, timeout=True)
-            return
-        except (OSError, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError):
-                self.connecting -= 1
-                self._cx_gone()
-                raise
-            self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
-            return
+    def _connected(self, conn) -> None:
         self.connecting -= 1
         self._on_idle_or_pending(conn)
-
-    def _cx_gone(self):
-        c = self.cluster
-        c.cx_total_active -= 1
-        c.st_cx_active.dec()
-        self.host.cx_active -= 1
 
     def _connect_failed(self, reason, timeout: bool):
         c = self.cluster

@@ -26,7 +26,7 @@ from h2.settings import SettingCodes
 from ..http import http2 as h2c
 from ..http.headers import Headers
 from .. import writebatch
-from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, open_socket
+from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase
 
 log = logging.getLogger("pyproxy.pool")
 
@@ -562,7 +562,7 @@ class _Pending:
         self.cancelled = True
 
 
-class Http2Pool:
+class Http2Pool(PoolBase):
     """Multiplexed HTTP/2 connections to one host."""
 
     __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining", "settings_timeout")
@@ -684,38 +684,11 @@ class Http2Pool:
             if not pending:
                 return
 
-    def _connect(self):
-        c = self.cluster
-        self.connecting += 1
-        c.cx_total_active += 1
-        c.st_cx_total.value += 1
-        c.st_cx_active.inc()
-        self.host.cx_active += 1
-        self.loop.create_task(self._do_connect())
+    def _new_connection(self):
+        return H2UpstreamConnection(self, self.host)
 
-    async def _do_connect(self):
-        c = self.cluster
-        conn = H2UpstreamConnection(self, self.host)
-        ts = c.transport_for(self.host)
-        if ts.is_tls:
-            try:
-                ts.wrap(None)
-            except ConnectionError as e:
-                self._connect_failed(str(e), timeout=False)
-                return
-        try:
-            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
-            await self.loop.create_connection(lambda: conn, sock=sock)
-        except asyncio.TimeoutError:
-            self._connect_failed(CONNECT_TIMEOUT, timeout=True)
-            return
-        except (OSError, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError):
-                self.connecting -= 1
-                self._cx_gone()
-                raise
-            self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
-            return
+    def _connected(self, conn) -> None:
+        # the connection counts as connecting until the peer's SETTINGS arrive (on_ready)
         if self.draining:
             conn.close(None)  # connection_lost accounts for it
 
@@ -734,12 +707,6 @@ class Http2Pool:
             self._connect()
         if not conn.bound:
             self._idle(conn)
-
-    def _cx_gone(self):
-        c = self.cluster
-        c.cx_total_active -= 1
-        c.st_cx_active.dec()
-        self.host.cx_active -= 1
 
     def _connect_failed(self, reason, timeout: bool):
         c = self.cluster

@@ -92,7 +92,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.transport = transport
         lim = self.listener.buffer_limit
         transport.set_write_buffer_limits(high=lim, low=lim // 2)
-        sock = self.sock = transport.get_extra_info("socket")
+        self.sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         info = self.info = ConnInfo()
