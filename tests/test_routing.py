@@ -374,3 +374,38 @@ def test_header_mutation_actions():
     with pytest.raises(ConfigError, match="Both append and append_action"):
         one_route("  - match: {prefix: /}\n    route: {cluster: c}\n    request_headers_to_add: "
                   "[{header: {key: x, value: y}, append: true, append_action: ADD_IF_ABSENT}]\n")
+
+
+def test_first_match_wins_across_prefix_lookup_and_full_matchers():
+    """Plain prefixes are looked up by dict; routes with more conditions must keep their order."""
+    from google.protobuf import json_format
+    from envoy.config.route.v3 import route_pb2
+    from pyproxy.http.headers import Headers
+    from pyproxy.routing import compile_route_config
+
+    def rc(routes):
+        return compile_route_config(json_format.ParseDict(
+            {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": routes}]},
+            route_pb2.RouteConfiguration()))
+
+    def r(name, prefix, header=None):
+        m = {"prefix": prefix}
+        if header:
+            m["headers"] = [{"name": header, "present_match": True}]
+        return {"name": name, "match": m, "route": {"cluster": name}}
+
+    t = rc([r("a", "/x/"), r("hdr", "/", "x-h"), r("b", "/x/y"), r("root", "/")])
+
+    def pick(path, **hdr):
+        h = Headers([(":method", "GET"), (":path", path), (":authority", "h")] + list(hdr.items()))
+        e = t.find(h)
+        return e.name if e else None
+
+    assert pick("/x/y") == "a"                 # earliest plain prefix
+    assert pick("/x/y", **{"x-h": "1"}) == "a"  # the header route comes after it
+    assert pick("/z", **{"x-h": "1"}) == "hdr"  # the header route comes before "root"
+    assert pick("/z") == "root"
+    assert pick("/x/y?q=1") == "a"              # the query string is not part of the path
+    t2 = rc([r("hdr", "/", "x-h"), r("a", "/x/")])
+    assert t2.find(Headers([(":method", "GET"), (":path", "/x/1"), (":authority", "h"),
+                                              ("x-h", "1")])).name == "hdr"

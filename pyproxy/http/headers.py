@@ -50,10 +50,10 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (keeps the first position)."""
         h = self._h
-        names = [kv[0] for kv in h]
-        try:
-            i = names.index(name)
-        except ValueError:
+        for kv in h:
+            if kv[0] == name:
+                break
+        else:
             if name[0] == ":":
                 # pseudo-headers stay ahead of regular ones
                 j = 0
@@ -63,9 +63,13 @@ class Headers:
             else:
                 h.append((name, value))
             return
+        i = h.index(kv)
         h[i] = (name, value)
-        if name in names[i + 1:]:
-            self._h = h[: i + 1] + [kv for kv in h[i + 1:] if kv[0] != name]
+        rest = h[i + 1:]
+        for kv in rest:
+            if kv[0] == name:
+                self._h = h[: i + 1] + [x for x in rest if x[0] != name]
+                return
 
     def set_default(self, name: str, value: str) -> None:
         if name not in self:

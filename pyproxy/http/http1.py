@@ -67,11 +67,6 @@ class ProtocolError(Exception):
         self.details = details
 
 
-def _check_value(v: bytes) -> None:
-    if b"\x00" in v or b"\r" in v or b"\n" in v:
-        raise ProtocolError(400, "http1.invalid_characters")
-
-
 def _parser_error(msg: str):
     """llhttp's error message -> (status, details) as Envoy answers the same input."""
     if "Transfer-Encoding" in msg:
@@ -240,7 +235,8 @@ class Http1ServerCodec:
             raise ProtocolError(431, "http1.headers_too_large")
         if len(self.hdrs) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
-        _check_value(value)
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            raise ProtocolError(400, "http1.invalid_characters")
         n = name.lower()
         if n == b"content-length":
             v = value.strip()
@@ -362,7 +358,8 @@ class Http1ServerCodec:
         status = int(headers._h[0][1]) if headers._h and headers._h[0][0] == ":status" else int(headers.get(":status", "200"))
         if status == 100:
             return  # Envoy answers Expect itself; upstream 100s are not forwarded
-        parts = [status_line(status)]
+        parts = []
+        add = parts.append
         cl = None
         upgrade = False
         for k, v in headers._h:
@@ -374,35 +371,35 @@ class Http1ServerCodec:
             elif k in HOP_BY_HOP:
                 if k == "upgrade" and status == 101:
                     upgrade = True
-                    parts.append(("upgrade: %s\r\n" % v).encode("latin-1"))
+                    add("upgrade: " + v + "\r\n")
                     continue
                 if k == "connection" and status == 101:
-                    parts.append(b"connection: upgrade\r\n")
+                    add("connection: upgrade\r\n")
                 continue
-            parts.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
+            add(k + ": " + v + "\r\n")
         if status == 101 or upgrade:
             self.tunnel = True
         elif self.method == "CONNECT" and 200 <= status < 300:
             self.tunnel = True
         elif cl is not None:
-            parts.append(("content-length: %s\r\n" % cl).encode())
+            add("content-length: " + cl + "\r\n")
         elif end_stream:
             if status not in (204, 304) and status >= 200 and self.method != "HEAD":
-                parts.append(b"content-length: 0\r\n")
+                add("content-length: 0\r\n")
         elif self.method != "HEAD" and status not in (204, 304):
             if self.version == HTTP11:
                 self.response_chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
+                add("transfer-encoding: chunked\r\n")
             else:
                 self.response_close = True
         if self.drain_close or (self.response_close and not self.tunnel):
             self.response_close = True
-            parts.append(b"connection: close\r\n")
+            add("connection: close\r\n")
         elif self.version == HTTP10:
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            add("connection: keep-alive\r\n")
+        add("\r\n")
         self.response_head_done = True
-        self.conn.write(b"".join(parts))
+        self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
         if end_stream:
             self._response_complete()
 
@@ -520,6 +517,7 @@ class Http1ClientCodec:
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
         method = path = authority = None
         parts = []
+        add = parts.append
         cl = None
         upgrade = None
         for k, v in headers._h:
@@ -538,27 +536,27 @@ class Http1ClientCodec:
                 if k == "upgrade":
                     upgrade = v
                 elif k == "te" and v.lower() == "trailers":
-                    parts.append(b"te: trailers\r\n")
+                    add("te: trailers\r\n")
                 continue
-            parts.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
+            add(k + ": " + v + "\r\n")
         self.head_request = method == "HEAD"
         if method == "CONNECT":
-            start = ("CONNECT %s HTTP/1.1\r\nhost: %s\r\n" % (authority, authority)).encode("latin-1")
+            start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
             self.pending_upgrade = True
         else:
-            start = ("%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, path, authority or "")).encode("latin-1")
+            start = method + " " + path + " HTTP/1.1\r\nhost: " + (authority or "") + "\r\n"
         if upgrade is not None:
-            parts.append(("upgrade: %s\r\nconnection: upgrade\r\n" % upgrade).encode("latin-1"))
+            add("upgrade: " + upgrade + "\r\nconnection: upgrade\r\n")
             self.pending_upgrade = True
         if cl is not None:
-            parts.append(("content-length: %s\r\n" % cl).encode())
+            add("content-length: " + cl + "\r\n")
         elif not end_stream and upgrade is None and method != "CONNECT":
             self.chunked_request = True
-            parts.append(b"transfer-encoding: chunked\r\n")
+            add("transfer-encoding: chunked\r\n")
         elif end_stream and method in ("POST", "PUT", "PATCH"):
-            parts.append(b"content-length: 0\r\n")
-        parts.append(b"\r\n")
-        self.conn.write(start + b"".join(parts))
+            add("content-length: 0\r\n")
+        add("\r\n")
+        self.conn.write((start + "".join(parts)).encode("latin-1"))
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.chunked_request:

@@ -21,7 +21,7 @@ from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
 from .policies import compile_retry_policy
-from .route import (_compile_mirror, check_fields, compile_route,
+from .route import (P_PREFIX, _compile_mirror, check_fields, compile_route,
                     tls_redirect_entry)
 
 _RC_FIELDS = frozenset({
@@ -47,7 +47,8 @@ class VirtualHost:
     __slots__ = ("name", "domains", "routes", "require_tls", "request_mutation",
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies",
                  "include_request_attempt_count", "include_attempt_count_in_response",
-                 "per_request_buffer_limit_bytes", "tls_redirect", "strip_params")
+                 "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
+                 "plens", "complex", "any_ci")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -70,14 +71,28 @@ class VirtualHost:
                 sc = nq.find(";")
                 if sc >= 0:
                     nq = _strip_path_params(nq)
-            lnq = nq.lower()
+            lnq = nq.lower() if self.any_ci else nq
         else:
             nq = lnq = ""
-        qcache = [None]
-        for r in self.routes:
-            if r.matches(headers, path, nq, lnq, is_connect, random_value, qcache):
-                return r
-        return None
+        routes = self.routes
+        best = len(routes)
+        pmap = self.pmap
+        if pmap and path is not None and not is_connect:
+            n = len(nq)
+            for ln in self.plens:
+                if ln > n:
+                    break
+                i = pmap.get(nq[:ln])
+                if i is not None and i < best:
+                    best = i
+        if self.complex:
+            qcache = [None]
+            for i, r in self.complex:
+                if i >= best:
+                    break
+                if r.matches(headers, path, nq, lnq, is_connect, random_value, qcache):
+                    return r
+        return routes[best] if best < len(routes) else None
 
     def __repr__(self):
         return "VirtualHost(%r)" % self.name
@@ -173,6 +188,21 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     vh.per_request_buffer_limit_bytes = u32(v, "per_request_buffer_limit_bytes", None)
     vh.strip_params = strip_params
     vh.routes = tuple(compile_route(r, vh, i, ctx) for i, r in enumerate(v.routes))
+    # Routes that check only a case-sensitive path prefix are found with a few dict lookups (one
+    # per distinct prefix length) instead of a scan; the others are tried in order before the best
+    # prefix hit, so the first matching route still wins.
+    pmap = {}
+    complex_ = []
+    for i, r in enumerate(vh.routes):
+        if (r.p_kind == P_PREFIX and not r.p_ci and r.runtime is None and not r.grpc_only
+                and not r.header_matchers and not r.query_matchers):
+            pmap.setdefault(r.p_value, i)
+        else:
+            complex_.append((i, r))
+    vh.pmap = pmap
+    vh.plens = tuple(sorted({len(p) for p in pmap}))
+    vh.complex = tuple(complex_)
+    vh.any_ci = any(r.p_ci for r in vh.routes)
     vh.tls_redirect = tls_redirect_entry(vh, ctx) if vh.require_tls else None
     return vh
 

@@ -1,0 +1,164 @@
+"""Python cost of one proxied HTTP/1.1 request, without sockets (for profiling the hot path).
+
+Drives a real listener/HCM/router/pool stack compiled from a bootstrap with in-memory transports:
+request bytes in downstream, request bytes out upstream, response bytes in upstream, response bytes
+out downstream. Prints microseconds per request; ``--profile`` prints the top cProfile entries.
+
+    python3 benchmarks/micro_h1.py [-n 20000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BOOTSTRAP = """
+static_resources:
+  listeners:
+  - name: l1
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: b
+              domains: ["*"]
+              routes:
+%s
+              - match: {prefix: "/r18/"}
+                route: {cluster: backend}
+                request_headers_to_add: [{header: {key: x-bench-route, value: r18}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 9}}}
+""" % "\n".join("              - match: {prefix: \"/r%d/\"}\n                route: {cluster: backend}" % i
+                for i in range(1, 18))
+
+REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+BODY = b"x" * 1024
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 21 Nov 2026 21:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 1024\r\nConnection: keep-alive\r\n\r\n" + BODY)
+
+
+class FakeTransport:
+    def __init__(self, peer, local):
+        self.out = []
+        self.extra = {"peername": peer, "sockname": local, "socket": None}
+
+    def write(self, data):
+        self.out.append(data)
+
+    def get_extra_info(self, k, default=None):
+        return self.extra.get(k, default)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    import uvloop
+    from pyproxy import extensions, access_log  # noqa: F401
+    from pyproxy.cluster.pool import UpstreamConnection
+    from pyproxy.config.bootstrap import load_bootstrap
+    from pyproxy.listeners.manager import ActiveListener
+    from pyproxy.listeners.connection import DownstreamConnection
+    from pyproxy.server import Options, Server
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    bs = load_bootstrap(None, BOOTSTRAP)
+    server = Server(bs, Options(), loop)
+    (cfg,) = server.compile_static()
+    lm = server.listener_manager
+    al = ActiveListener(lm, cfg)
+    cluster = server.cluster_manager.get("backend")
+    host = cluster.priority_set.all_hosts[0]
+    pool = cluster.http_pool(host)
+    up = UpstreamConnection(pool, host)
+    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
+    up.connection_made(ut)
+    cluster.cx_total_active += 1
+    pool._on_idle_or_pending(up)
+    down = DownstreamConnection(lm, al)
+    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
+    down.connection_made(dt)
+
+    def one():
+        down.data_received(REQUEST)
+        up.data_received(RESPONSE)
+
+    for _ in range(200):
+        one()
+    assert dt.out and dt.out[-1].endswith(BODY), dt.out[-1:]
+    assert b"x-bench-route: r18" in ut.out[-1], ut.out[-1]
+    dt.out.clear()
+    ut.out.clear()
+    import gc
+    gc.collect()
+    gc.freeze()
+    if a.profile:
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(a.n):
+            one()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        return 0
+    best = None
+    for _ in range(5):
+        t = time.perf_counter()
+        for i in range(a.n):
+            one()
+            if i % 1000 == 0:
+                dt.out.clear()
+                ut.out.clear()
+                loop.run_until_complete(asyncio.sleep(0))
+        el = (time.perf_counter() - t) / a.n * 1e6
+        best = el if best is None else min(best, el)
+    print("python cost per proxied request: %.1f us (best of 5 x %d)" % (best, a.n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
