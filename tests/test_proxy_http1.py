@@ -367,3 +367,28 @@ def test_wrk_smoke(px):
     assert "Requests/sec" in out, out
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     assert request(px.port, "GET", "/after-wrk")[0] == 200
+
+
+def test_idle_upstream_connections_are_closed_after_the_cluster_idle_timeout():
+    """HttpProtocolOptions idle_timeout: parked upstream connections close; busy ones are reused."""
+    be = HttpBackend()
+    try:
+        opts = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "0.6s"},
+            "explicit_http_config": {"http_protocol_options": {}}}}
+        bs, port = one_route_bootstrap([be.port], cluster_extra={"typed_extension_protocol_options": opts})
+        with Pyproxy(bs) as px:
+            for _ in range(3):  # keep-alive reuse within the idle window
+                assert request(port, "GET", "/")[0] == 200
+            st = px.stats()
+            assert st["cluster.b.upstream_cx_total"] == 1
+            deadline = time.time() + 5
+            while time.time() < deadline and px.stats()["cluster.b.upstream_cx_active"] != 0:
+                time.sleep(0.1)
+            st = px.stats()
+            assert st["cluster.b.upstream_cx_active"] == 0 and st["cluster.b.upstream_cx_destroy"] == 1
+            assert request(port, "GET", "/")[0] == 200  # a fresh connection after the idle close
+            assert px.stats()["cluster.b.upstream_cx_total"] == 2
+    finally:
+        be.close()

@@ -50,7 +50,7 @@ async def open_socket(loop, host, connect_timeout: float, source_address: str | 
 class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
 
-    __slots__ = ("pool", "host", "transport", "codec", "idle_handle", "requests", "closed",
+    __slots__ = ("pool", "host", "transport", "codec", "idle_since", "requests", "closed",
                  "write_paused", "read_paused", "stream_cb", "local_address")
 
     def __init__(self, pool, host):
@@ -58,7 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.host = host
         self.transport = None
         self.codec = Http1ClientCodec(self)
-        self.idle_handle = None
+        self.idle_since = 0.0
         self.requests = 0
         self.closed = False
         self.write_paused = False
@@ -95,9 +95,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
         self.pool.on_connection_closed(self)
         self.stream_cb = None
         self.codec.on_close(REMOTE_RESET if exc is None else "connection termination")
@@ -236,7 +233,8 @@ class PoolBase:
 class Http1Pool(PoolBase):
     """Connections to one host. Idle connections are reused most-recently-used first."""
 
-    __slots__ = ("cluster", "host", "loop", "idle", "pending", "connecting", "active", "draining")
+    __slots__ = ("cluster", "host", "loop", "idle", "pending", "connecting", "active", "draining",
+                 "sweep")
 
     def __init__(self, cluster, host, loop):
         self.cluster = cluster
@@ -247,6 +245,7 @@ class Http1Pool(PoolBase):
         self.connecting = 0
         self.active = 0  # connections with a request bound
         self.draining = False
+        self.sweep = None
 
     def new_stream(self, cb):
         """Bind ``cb`` to a connection now, or queue it. Returns a cancellable handle or None."""
@@ -255,9 +254,6 @@ class Http1Pool(PoolBase):
             conn = idle.pop()
             if conn.closed:
                 continue
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
             self._bind(conn, cb)
             return None
         c = self.cluster
@@ -345,7 +341,28 @@ class Http1Pool(PoolBase):
         self.idle.append(conn)
         it = self.cluster.idle_timeout
         if it:
-            conn.idle_handle = self.loop.call_later(it, conn.close)
+            # one sweep timer per pool instead of a timer per parked connection
+            conn.idle_since = self.loop.time()
+            if self.sweep is None:
+                self.sweep = self.loop.call_later(it, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Close connections idle for the cluster's idle timeout; re-arm for the next one due."""
+        self.sweep = None
+        it = self.cluster.idle_timeout
+        now = self.loop.time()
+        keep = []
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if now - conn.idle_since >= it:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle = keep
+        if keep:
+            due = min(c.idle_since for c in keep) + it - now
+            self.sweep = self.loop.call_later(max(due, 0.001), self._sweep_idle)
 
     def release(self, conn, reusable: bool) -> None:
         self.active -= 1
@@ -377,3 +394,6 @@ class Http1Pool(PoolBase):
         for conn in self.idle:
             conn.close()
         self.idle = []
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
