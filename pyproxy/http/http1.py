@@ -235,8 +235,6 @@ class Http1ServerCodec:
             raise ProtocolError(431, "http1.headers_too_large")
         if len(self.hdrs) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
-            raise ProtocolError(400, "http1.invalid_characters")
         n = name.lower()
         if n == b"content-length":
             v = value.strip()
