@@ -692,18 +692,11 @@ async def start_xds(server) -> XdsGlue:
                 raise ConfigError("%s uses ADS but ads_config is missing" % src_name, field="dynamic_resources")
             client = ads
         elif kind == "api_config_source":
-            acs = src.api_config_source
-            from envoy.config.core.v3 import config_source_pb2
-            api_name = config_source_pb2.ApiConfigSource.ApiType.Name(acs.api_type)
-            if api_name not in ("GRPC", "DELTA_GRPC") or not acs.grpc_services:
-                raise ConfigError("%s: only gRPC api_config_source is supported" % src_name,
-                                  field="dynamic_resources.%s" % src_name)
-            target = target_from_grpc_service(acs.grpc_services[0], clusters)
-            client = XdsClient(target=target, node=node, api_type=api_name, handler=glue,
-                               stats=server.stats if ads is None else None,
-                               set_node_on_first_message_only=acs.set_node_on_first_message_only,
-                               **_backoff(acs.grpc_services[0]))
-            glue.clients.append(client)
+            # Per-type discovery services (StreamClusters, StreamListeners...) are not implemented;
+            # say so rather than speak ADS to a server that may only serve the per-type service.
+            raise ConfigError("api_config_source (per-type discovery service) is not supported; "
+                              "use ads_config with '%s: {ads: {}}'" % src_name,
+                              field="dynamic_resources.%s" % src_name)
         else:
             raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
                               field="dynamic_resources.%s" % src_name)

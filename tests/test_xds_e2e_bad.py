@@ -167,3 +167,26 @@ def test_cds_lds_initial_fetch_timeout(env, timeout, live):
         time.sleep(1.0)
         assert px.ready() == "INITIALIZING" and px.stats("server.state")["server.state"] == 3
     ads.stop()
+
+
+def test_per_type_config_source_is_rejected_clearly(tmp_path):
+    """Only ADS is spoken: a per-type api_config_source is refused at start with a precise error."""
+    import subprocess
+    import sys
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {"cds_config": {"resource_api_version": "V3", "api_config_source": {
+            "api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}}},
+        "static_resources": {"clusters": [{
+            "name": "xds", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}}}]}]}}]},
+    }
+    path = tmp_path / "bs.json"
+    path.write_text(__import__("json").dumps(boot))
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pyproxy", "-c", str(path), "-l", "error"], cwd=root,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "dynamic_resources.cds_config" in r.stderr and "api_config_source" in r.stderr, r.stderr
