@@ -47,6 +47,17 @@ async def open_socket(loop, host, connect_timeout: float, source_address: str | 
         raise
 
 
+def attach_transport(conn, transport) -> None:
+    """Common set-up of an upstream connection's transport: watermarks from the cluster's buffer
+    limit, and the local address (for access logs)."""
+    conn.transport = transport
+    lim = conn.pool.cluster.buffer_limit
+    transport.set_write_buffer_limits(high=lim, low=lim // 2)
+    la = transport.get_extra_info("sockname")
+    if isinstance(la, tuple):
+        conn.local_address = "%s:%d" % (la[0], la[1])
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
 
@@ -68,15 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport):
-        self.transport = transport
-        lim = self.pool.cluster.buffer_limit
-        transport.set_write_buffer_limits(high=lim, low=lim // 2)
-        try:
-            la = transport.get_extra_info("sockname")
-            if isinstance(la, tuple):
-                self.local_address = "%s:%d" % (la[0], la[1])
-        except Exception:
-            pass
+        attach_transport(self, transport)
 
     def data_received(self, data):
         writebatch.enter()

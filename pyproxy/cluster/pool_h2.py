@@ -26,7 +26,7 @@ from h2.settings import SettingCodes
 from ..http import http2 as h2c
 from ..http.headers import Headers
 from .. import writebatch
-from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase
+from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase, attach_transport
 
 log = logging.getLogger("pyproxy.pool")
 
@@ -288,15 +288,7 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport):
-        self.transport = transport
-        lim = self.pool.cluster.buffer_limit
-        transport.set_write_buffer_limits(high=lim, low=lim // 2)
-        try:
-            la = transport.get_extra_info("sockname")
-            if isinstance(la, tuple):
-                self.local_address = "%s:%d" % (la[0], la[1])
-        except Exception:
-            pass
+        attach_transport(self, transport)
         transport.write(self.h2.data_to_send())
         # streams wait for the peer's SETTINGS (a strict server treats streams beyond its limit as a
         # connection error); a peer that never sends them fails like a connect timeout
