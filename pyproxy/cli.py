@@ -65,7 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "--enable-core-dump")
     p.add_argument("--stats-tag", action="append", default=[])
     p.add_argument("--version", action="store_true")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (it registers extensions); also PYPROXY_PLUGINS=a,b")
     return p
+
+
+def load_plugins(names) -> str | None:
+    """Import plugin modules (HTTP/network filters written as plain Python classes register
+    themselves with ``REGISTRY.register``). Returns an error line, or None."""
+    import importlib
+    for name in names:
+        name = name.strip()
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a plugin's import error is the user's to see, in one line
+            return "cannot load plugin '%s': %s: %s" % (name, type(e).__name__, e)
+    return None
 
 
 def version_line() -> str:
@@ -75,6 +92,10 @@ def version_line() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    err = load_plugins(os.environ.get("PYPROXY_PLUGINS", "").split(","))
+    if err:
+        sys.stderr.write("error: %s\n" % err)
+        return 1
     if argv and argv[0] == "validate":
         from .validate import main as vmain
         return vmain(argv[1:])
@@ -88,6 +109,10 @@ def main(argv=None) -> int:
     if args.version:
         print(version_line())
         return 0
+    err = load_plugins(args.plugin)
+    if err:
+        sys.stderr.write("error: %s\n" % err)
+        return 1
     from .log import setup_logging
     try:
         setup_logging(args.log_level, args.component_log_level, args.log_format, args.log_path)

@@ -130,7 +130,7 @@ class _Proc:
 
     kind = "?"
 
-    def __init__(self, bs: dict, extra_args=(), wait_ready: bool = True):
+    def __init__(self, bs: dict, extra_args=(), wait_ready: bool = True, env=None):
         self.bs = bs
         self.tmp = tempfile.mkdtemp(prefix="px-%s-" % self.kind)
         self.config_path = os.path.join(self.tmp, "bootstrap.json")
@@ -144,7 +144,7 @@ class _Proc:
         self.port = self.ports[0] if self.ports else None
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.command(list(extra_args)), stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+                                     stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.pid = self.proc.pid
         if wait_ready:
             try:
