@@ -89,3 +89,53 @@ def test_broken_plugin_is_one_clear_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: cannot load plugin 'no_such_plugin_mod': ModuleNotFoundError: No module named 'no_such_plugin_mod'"]
+
+
+BROKEN = textwrap.dedent('''
+    from pyproxy.config.registry import REGISTRY
+    from pyproxy.http.filter import CONTINUE, HttpFilter
+
+
+    class Broken(HttpFilter):
+        __slots__ = ()
+
+        def decode_headers(self, headers, end_stream):
+            if headers.get(":path") == "/boom-in":
+                raise RuntimeError("bug on the way in")
+            return CONTINUE
+
+        def encode_headers(self, headers, end_stream):
+            if self.callbacks.request_headers.get(":path") == "/boom-out":
+                raise KeyError("bug on the way out")
+            return CONTINUE
+
+
+    class Factory:
+        def __init__(self, config, ctx):
+            pass
+
+        def create(self, callbacks):
+            return Broken(callbacks)
+
+
+    REGISTRY.register("http_filter", "test.Broken", Factory)
+''')
+
+
+def test_a_filter_that_raises_gets_a_500_and_the_proxy_keeps_serving(tmp_path):
+    (tmp_path / "broken_plugin.py").write_text(BROKEN)
+    filters = [{"name": "test.broken", "typed_config": {
+        "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+        "type_url": "type.googleapis.com/test.Broken", "value": {}}}, FILTERS[1]]
+    be = HttpBackend()
+    try:
+        bs, port = one_route_bootstrap([be.port], hcm_extra={"http_filters": filters})
+        env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + ROOT, PYPROXY_PLUGINS="broken_plugin")
+        with Pyproxy(bs, env=env) as px:
+            assert request(port, "GET", "/boom-in")[0] == 500
+            assert request(port, "GET", "/boom-out")[0] == 500
+            assert request(port, "GET", "/fine")[0] == 200
+            assert "bug on the way in" in px.log()
+        assert [r.path for r in be.requests] == ["/boom-out", "/fine"]
+    finally:
+        be.close()

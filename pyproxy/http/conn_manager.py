@@ -312,6 +312,7 @@ class ActiveStream:
     request_timer = None
     max_duration_timer = None
     last_activity = 0.0
+    failing = False
 
     def __init__(self, hc: HttpConnection, encoder, version):
         self.hc = hc
@@ -346,6 +347,12 @@ class ActiveStream:
 
     # -- decode path (codec -> filters) ---------------------------------------------------------------
     def decode_headers(self, headers: Headers, end_stream: bool) -> None:
+        try:
+            self._decode_headers(headers, end_stream)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _decode_headers(self, headers: Headers, end_stream: bool) -> None:
         self.request_headers = headers
         self.remote_complete = end_stream
         cfg = self.cfg
@@ -436,6 +443,12 @@ class ActiveStream:
             i += 1
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
+        try:
+            self._decode_data(data, end_stream)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _decode_data(self, data: bytes, end_stream: bool) -> None:
         if self.done:
             return
         if end_stream:
@@ -466,6 +479,12 @@ class ActiveStream:
             buf.append(("d", data, end_stream))
 
     def decode_trailers(self, trailers: Headers) -> None:
+        try:
+            self._decode_trailers(trailers)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _decode_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
         self.remote_complete = True
@@ -488,6 +507,12 @@ class ActiveStream:
             buf.append(("t", trailers))
 
     def continue_decoding(self) -> None:
+        try:
+            self._continue_decoding()
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _continue_decoding(self) -> None:
         """A filter that returned STOP lets the request go on to the filters after it."""
         i = self.decoder_stopped_at
         if i < 0 or self.done:
@@ -527,10 +552,16 @@ class ActiveStream:
 
     # -- encode path (router/filters -> codec) --------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
+        try:
+            self._encode_headers(headers, end_stream, from_filter)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
         if self.done:
             return
         filters = self.filters
-        if filters and len(filters) > 1:
+        if filters and len(filters) > 1 and not self.failing:
             start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
             for i in range(start, -1, -1):
                 f = filters[i]
@@ -568,16 +599,22 @@ class ActiveStream:
             self._finish()
 
     def encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
+        try:
+            self._encode_data(data, end_stream, from_filter)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
         if self.done:
             return
-        if self.encoder_stopped_at >= 0:
+        if self.encoder_stopped_at >= 0 and not self.failing:
             buf = self.encoder_buffer
             if buf is None:
                 buf = self.encoder_buffer = []
             buf.append(("d", data, end_stream))
             return
         filters = self.filters
-        if filters and len(filters) > 1:
+        if filters and len(filters) > 1 and not self.failing:
             start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
             for i in range(start, -1, -1):
                 if filters[i].encode_data(data, end_stream) == STOP:
@@ -591,6 +628,12 @@ class ActiveStream:
             self._finish()
 
     def encode_trailers(self, trailers: Headers) -> None:
+        try:
+            self._encode_trailers(trailers)
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _encode_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
         if self.encoder_stopped_at >= 0:
@@ -610,6 +653,12 @@ class ActiveStream:
         self._finish()
 
     def continue_encoding(self) -> None:
+        try:
+            self._continue_encoding()
+        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
+            self._filter_failed(e)
+
+    def _continue_encoding(self) -> None:
         i = self.encoder_stopped_at
         if i < 0 or self.done:
             return
@@ -630,6 +679,26 @@ class ActiveStream:
                 self.encode_data(ev[1], ev[2], from_filter=i)
             else:
                 self.encode_trailers(ev[1])
+
+    def _filter_failed(self, exc) -> None:
+        if self.done:
+            return
+        log.error("HTTP filter chain failed on %s: %s", self.request_headers.get(":path", "?")
+                  if self.request_headers is not None else "?", exc, exc_info=exc)
+        if self.failing:
+            self.hc.conn.close(flush=False)  # failed again while answering: give up on the connection
+            return
+        self.failing = True  # from here the reply bypasses the filters
+        r = self.router
+        if r is not None:
+            try:
+                r.on_downstream_reset()
+            except Exception:
+                pass
+        if self.response_started:
+            self.reset_stream("filter_error")
+        else:
+            self.send_local_reply(500, "internal error in an HTTP filter", "filter_chain_error")
 
     def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag: str = "",
                          headers: dict | None = None, close: bool = False, grpc_status: int | None = None) -> None:
