@@ -6,7 +6,12 @@ from __future__ import annotations
 class ServerAdminContext:
     def __init__(self, server):
         self.server = server
-        self.stats = server.stats
+
+    @property
+    def stats(self):
+        """The process's stats, summed with the workers' under --concurrency > 1."""
+        w = self.server.workers
+        return self.server.stats if w is None else w.merged_store(self.server.stats)
 
     def state(self) -> str:
         return self.server.state_name()
@@ -34,5 +39,5 @@ class ServerAdminContext:
         self.server.healthcheck_failed = failed
 
     def reset_counters(self) -> None:
-        for c in self.stats.counters.values():
+        for c in self.server.stats.counters.values():
             c.value = 0

@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     if args.concurrency < 0:
         sys.stderr.write("error: --concurrency must be >= 0\n")
         return 1
+    if args.concurrency == 0:
+        args.concurrency = os.cpu_count() or 1  # Envoy/Istio: 0 means one worker per core
     from .config import ConfigError
     from .config.bootstrap import load_bootstrap
     from . import extensions, access_log  # noqa: F401
@@ -137,8 +139,6 @@ def main(argv=None) -> int:
     if args.mode == "validate":
         return _validate_mode(bootstrap, opts)
     log.info("initializing pyproxy %s (Envoy v3 API), pid %d", __version__, os.getpid())
-    if args.concurrency > 1:
-        log.warning("--concurrency %d: this build runs one worker event loop", args.concurrency)
     from .server import run
     return run(bootstrap, opts)
 

@@ -71,8 +71,14 @@ class Options:
 
 
 class Server:
-    def __init__(self, bootstrap, options: Options, loop=None):
+    def __init__(self, bootstrap, options: Options, loop=None, *, worker_index: int = 0,
+                 worker_links=None):
         self.bootstrap = bootstrap
+        self.worker_index = worker_index  # 0: the main process (admin, xDS); >0: a worker
+        self.worker_links = worker_links or []
+        self.workers = None  # WorkerSet in the main process when --concurrency > 1
+        self.worker_link = None  # WorkerLink in a worker
+        self.exiting = False
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         sc = bootstrap.stats_config
@@ -82,7 +88,8 @@ class Server:
         self.cluster_manager = ClusterManager(self.loop, self.stats)
         self.route_providers = {}
         self.listener_manager = ListenerManager(
-            self.loop, self.stats, lambda: FactoryContext(self), drain_time=options.drain_time_s)
+            self.loop, self.stats, lambda: FactoryContext(self), drain_time=options.drain_time_s,
+            reuse_port=(options.concurrency or 1) > 1)
         self.state = INITIALIZING
         self.start_time = time.time()
         self.admin = None
@@ -108,7 +115,7 @@ class Server:
         self.st_init_time = s.histogram("server.initialization_time_ms")
         self.st_state.set(INITIALIZING)
         self.st_live.set(0)
-        self.st_concurrency.set(1)
+        self.st_concurrency.set(max(1, options.concurrency or 1))
         self.st_days_cert.set(2147483647)
         self.st_hot_restart_epoch.set(0)
         self._stats_timer = None
@@ -172,9 +179,25 @@ class Server:
             raise
         for l, s in zip(listeners, socks):
             self.listener_manager.install(l, s)
-        await self._start_admin()
         dr = self.bootstrap.dynamic_resources
-        if dr.HasField("ads_config") or dr.HasField("cds_config") or dr.HasField("lds_config"):
+        dynamic = dr.HasField("ads_config") or dr.HasField("cds_config") or dr.HasField("lds_config")
+        if self.worker_index:
+            # a worker: no admin, no xDS stream; resources come from the main process
+            from .workers import WorkerLink
+            if dynamic:
+                from .xds_glue import XdsGlue
+                self.xds = getattr(self, "_pending_glue", None) or XdsGlue(self)
+            self.worker_link = WorkerLink(self, self.worker_links[0], self.worker_index)
+            await self.worker_link.start()
+            self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
+            self._go_live()
+            return
+        await self._start_admin()
+        if self.worker_links:
+            from .workers import WorkerSet
+            self.workers = WorkerSet(self, self.worker_links)
+            await self.workers.start()
+        if dynamic:
             from .xds_glue import start_xds
             self.xds = await start_xds(self)
         self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
@@ -259,6 +282,8 @@ class Server:
         self.state = DRAINING
         self.st_state.set(DRAINING)
         lm = self.listener_manager
+        if self.workers is not None:
+            self.workers.drain(False, False)
         lm.drain_listeners(inbound_only=False, graceful=False)
         if lm.active_connections() == 0:
             self.quit()
@@ -270,6 +295,8 @@ class Server:
         if not inbound_only:
             self.state = DRAINING
             self.st_state.set(DRAINING)
+        if self.workers is not None:
+            self.workers.drain(inbound_only, graceful)
         self.listener_manager.drain_listeners(inbound_only=inbound_only, graceful=graceful)
 
     def quit(self):
@@ -283,9 +310,14 @@ class Server:
         return rc
 
     async def close(self):
+        self.exiting = True
         if self._stats_timer is not None:
             self._stats_timer.cancel()
+        if self.worker_link is not None:
+            self.worker_link.stop()
         self.listener_manager.close_all()
+        if self.workers is not None:
+            await self.workers.stop(max(1.0, float(self.options.drain_time_s)))
         if self.xds is not None:
             await self.xds.stop()
         if self.admin is not None:
@@ -365,9 +397,15 @@ def install_uvloop():
 
 
 def run(bootstrap, options: Options) -> int:
+    index, links = 0, []
+    if (options.concurrency or 1) > 1:
+        # fork before any loop, thread or gRPC channel exists
+        from .workers import fork_workers
+        # main process: links = [(pid, socket)] to its workers; a worker: [socket] to the main one
+        index, links = fork_workers(options.concurrency)
     loop = install_uvloop()
     asyncio.set_event_loop(loop)
-    server = Server(bootstrap, options, loop)
+    server = Server(bootstrap, options, loop, worker_index=index, worker_links=links)
     try:
         loop.run_until_complete(server.start())
     except ConfigError as e:

@@ -325,6 +325,9 @@ class XdsGlue:
             raise ConfigError("resource type '%s' is not supported" % type_url)
         self.received.add(type_url)
         self.type_version[type_url] = version_info
+        workers = self.server.workers
+        if workers is not None:
+            workers.forward(type_url, version_info, added, removed)
 
     def _resource_version(self, type_url, name, version) -> str:
         """The version config_dump shows for one resource: delta's per-resource version (as Envoy
