@@ -231,6 +231,14 @@ class PoolBase:
         c.st_cx_active.dec()
         self.host.cx_active -= 1
 
+    def _count_connect_failure(self, timeout: bool) -> None:
+        c = self.cluster
+        self.connecting -= 1
+        self._cx_gone()
+        c.st_cx_connect_fail.value += 1
+        if timeout:
+            c.st_cx_connect_timeout.value += 1
+
 
 
 class Http1Pool(PoolBase):
@@ -314,11 +322,7 @@ class Http1Pool(PoolBase):
 
     def _connect_failed(self, reason, timeout: bool):
         c = self.cluster
-        self.connecting -= 1
-        self._cx_gone()
-        c.st_cx_connect_fail.value += 1
-        if timeout:
-            c.st_cx_connect_timeout.value += 1
+        self._count_connect_failure(timeout)
         # Envoy fails one pending request per failed connection attempt
         while self.pending:
             p = self.pending.popleft()

@@ -701,12 +701,7 @@ class Http2Pool(PoolBase):
             self._idle(conn)
 
     def _connect_failed(self, reason, timeout: bool):
-        c = self.cluster
-        self.connecting -= 1
-        self._cx_gone()
-        c.st_cx_connect_fail.value += 1
-        if timeout:
-            c.st_cx_connect_timeout.value += 1
+        self._count_connect_failure(timeout)
         if self.connecting or any(cn.capacity() > 0 for cn in self.conns):
             return
         # nothing else will serve the queue: fail every waiting request
