@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -24,6 +25,9 @@ import sys
 log = logging.getLogger("pyproxy.main")
 
 _LEN = struct.Struct("!I")
+# Stats the main process owns (config updates, server state): a worker applying the same updates
+# must not count them again. Data-path stats (listener.*, http.*, cluster.*, tcp.*) are summed.
+_MAIN_ONLY = re.compile(r"(server|cluster_manager|listener_manager|control_plane)\.|http\.[^.]+\.rds\.")
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -259,11 +263,13 @@ class WorkerLink:
     def _report(self):
         self.timer = None
         st = self.server.stats
+        own = _MAIN_ONLY.match
         snap = {
-            "c": {k: c.value for k, c in st.counters.items() if c.value},
-            "g": {k: (g.value, g.accumulate) for k, g in st.gauges.items() if g.used and g.accumulate},
+            "c": {k: c.value for k, c in st.counters.items() if c.value and not own(k)},
+            "g": {k: (g.value, g.accumulate) for k, g in st.gauges.items()
+                  if g.used and g.accumulate and not own(k)},
             "h": {k: (h.counts, h.total, h.count, h.samples_min, h.samples_max)
-                  for k, h in st.histograms.items() if h.count},
+                  for k, h in st.histograms.items() if h.count and not own(k)},
         }
         if self.channel is not None:
             self.channel.send(("stats", snap))

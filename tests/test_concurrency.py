@@ -66,3 +66,21 @@ def test_xds_updates_reach_every_worker(env):
     wait_for(lambda: body(p1) == "B", 5, "route change")
     time.sleep(0.3)
     assert [body(p1) for _ in range(40)] == ["B"] * 40
+
+
+def test_config_update_stats_are_not_counted_per_worker(env):
+    """cds/lds/rds update counters belong to the main process, as Envoy's main thread's."""
+    a = env.backend("A")
+    p1 = free_port()
+    cp = make_cp(env, "tcp")
+    cp.set([eds_cluster("c1"), cla("c1", a.port), http_listener("l1", p1, rds="r1"),
+            rds_route("r1", ("/", "c1"))])
+    px = env.proxy(xds_bootstrap(env, cp, "GRPC", "tcp"), extra=("--concurrency", "2"))
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    wait_for(lambda: all(body(p1) == "A" for _ in range(10)), 5, "traffic")
+    time.sleep(1.5)  # a worker stats report
+    st = px.stats()
+    assert st["cluster_manager.cds.update_success"] == 1
+    assert st["listener_manager.lds.update_success"] == 1
+    assert st["http.l1.rds.r1.update_success"] == 1
+    assert st["cluster_manager.active_clusters"] == 2  # c1 and xds-grpc, not summed
