@@ -69,13 +69,7 @@ class H2UpstreamStream(h2c.OutStream):
         self.conn = None
         self.sid = 0
         self.cb = cb
-        self.pending = collections.deque()
-        self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        self.above = False
-        self.read_off = 0
-        self.unacked = 0
+        self._init_out()
         self.replay = []
         self.replay_bytes = 0
         self.response_started = False

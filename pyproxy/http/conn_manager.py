@@ -287,6 +287,20 @@ class _Detect:
         self.closed = True
 
 
+def _guarded(method):
+    """A stream event entry point: a filter's exception answers 500 (or resets the stream once the
+    response started) instead of escaping into the connection and killing it."""
+    def entry(self, *args, **kwargs):
+        try:
+            method(self, *args, **kwargs)
+        except Exception as e:
+            self._filter_failed(e)
+    entry.__name__ = method.__name__
+    entry.__qualname__ = method.__qualname__
+    entry.__doc__ = method.__doc__
+    return entry
+
+
 class ActiveStream:
     """One request/response exchange through the HTTP filter chain.
 
@@ -346,13 +360,8 @@ class ActiveStream:
         return self.cfg.cluster_manager
 
     # -- decode path (codec -> filters) ---------------------------------------------------------------
+    @_guarded
     def decode_headers(self, headers: Headers, end_stream: bool) -> None:
-        try:
-            self._decode_headers(headers, end_stream)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _decode_headers(self, headers: Headers, end_stream: bool) -> None:
         self.request_headers = headers
         self.remote_complete = end_stream
         cfg = self.cfg
@@ -442,13 +451,8 @@ class ActiveStream:
                 return
             i += 1
 
+    @_guarded
     def decode_data(self, data: bytes, end_stream: bool) -> None:
-        try:
-            self._decode_data(data, end_stream)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _decode_data(self, data: bytes, end_stream: bool) -> None:
         if self.done:
             return
         if end_stream:
@@ -478,13 +482,8 @@ class ActiveStream:
                 buf = self.decoder_buffer = []
             buf.append(("d", data, end_stream))
 
+    @_guarded
     def decode_trailers(self, trailers: Headers) -> None:
-        try:
-            self._decode_trailers(trailers)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _decode_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
         self.remote_complete = True
@@ -506,13 +505,8 @@ class ActiveStream:
                 buf = self.decoder_buffer = []
             buf.append(("t", trailers))
 
+    @_guarded
     def continue_decoding(self) -> None:
-        try:
-            self._continue_decoding()
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _continue_decoding(self) -> None:
         """A filter that returned STOP lets the request go on to the filters after it."""
         i = self.decoder_stopped_at
         if i < 0 or self.done:
@@ -551,13 +545,8 @@ class ActiveStream:
         self._finish(reset=True)
 
     # -- encode path (router/filters -> codec) --------------------------------------------------------
+    @_guarded
     def encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
-        try:
-            self._encode_headers(headers, end_stream, from_filter)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
         if self.done:
             return
         filters = self.filters
@@ -598,13 +587,8 @@ class ActiveStream:
         if end_stream:
             self._finish()
 
+    @_guarded
     def encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
-        try:
-            self._encode_data(data, end_stream, from_filter)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
         if self.done:
             return
         if self.encoder_stopped_at >= 0 and not self.failing:
@@ -627,13 +611,8 @@ class ActiveStream:
         if end_stream:
             self._finish()
 
+    @_guarded
     def encode_trailers(self, trailers: Headers) -> None:
-        try:
-            self._encode_trailers(trailers)
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _encode_trailers(self, trailers: Headers) -> None:
         if self.done:
             return
         if self.encoder_stopped_at >= 0:
@@ -652,13 +631,8 @@ class ActiveStream:
         self.encoder.encode_trailers(trailers)
         self._finish()
 
+    @_guarded
     def continue_encoding(self) -> None:
-        try:
-            self._continue_encoding()
-        except Exception as e:  # a filter's bug answers 500 (or resets), never kills the connection
-            self._filter_failed(e)
-
-    def _continue_encoding(self) -> None:
         i = self.encoder_stopped_at
         if i < 0 or self.done:
             return

@@ -479,6 +479,16 @@ class OutStream:
 
     __slots__ = ()
 
+    def _init_out(self) -> None:
+        """Empty outbound buffer and flow-control state (at creation, and when re-bound)."""
+        self.pending = collections.deque()
+        self.pending_bytes = 0
+        self.pending_end = False
+        self.pending_trailers = None
+        self.above = False
+        self.read_off = 0
+        self.unacked = 0
+
     def _send_data(self, data, end: bool) -> None:
         conn = self.conn
         h = conn.h2
@@ -576,13 +586,7 @@ class H2ServerStream(OutStream):
         self.remote_ended = False
         self.local_ended = False
         self.closed = False
-        self.pending = collections.deque()
-        self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        self.above = False
-        self.read_off = 0
-        self.unacked = 0
+        self._init_out()
         self.start = now
         self.drain_close = False
         self.response_close = False
