@@ -190,7 +190,7 @@ class HttpConnection:
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        s = ActiveStream(self, encoder, version)
+        s = (FastStream if self.cfg.fast_router else ActiveStream)(self, encoder, version)
         self.live.add(s)
         return s
 
@@ -898,3 +898,6 @@ def _normalize_path(path: str, normalize: bool, merge: bool):
         if trailing and not p.endswith("/"):
             p += "/"
     return p + sep + q
+
+
+from .fast_stream import FastStream  # noqa: E402  (it subclasses ActiveStream)

@@ -6,6 +6,7 @@ The runtime (codecs, streams, filter chain iteration) is in ``pyproxy.http.conn_
 from __future__ import annotations
 
 import logging
+import os
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
@@ -144,6 +145,12 @@ class HcmConfig:
             self.filters.append(HttpFilterEntry(f.name, built, is_router))
         self.filters = tuple(self.filters)
         self.decoder_factories = tuple(e.factory for e in self.filters)
+        # router-only chains take the fast lane (pyproxy/http/fast_stream.py)
+        # (PYPROXY_FAST_LANE=0 turns it off: the test suite runs the router tests both ways)
+        self.fast_router = len(self.filters) == 1 and self.filters[0].is_router and \
+            type(self.filters[0].factory).__name__ == "RouterConfig" and \
+            os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
+        self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
         if self.http2_options is not None and self.codec_type != HTTP1:
             # validate explicit HTTP/2 options now (the h2 codec is imported only when configured)

@@ -1,0 +1,272 @@
+"""The router-only fast lane: one object is the stream, the router and the upstream request.
+
+When an HTTP connection manager's only HTTP filter is the router (the common data-plane case), a
+request without a body to a plain cluster route needs none of the filter-chain machinery: no
+filter list, no separate ``Router`` and ``UpstreamRequest`` objects, no event hops between them.
+``FastStream`` is an ``ActiveStream`` (local replies, stats, access logs, timeouts and completion
+are the generic code) that does the router's work itself for such requests and hands everything
+else to the generic router before any side effect:
+
+- requests with a body (the router buffers/streams it), upgrades and CONNECT;
+- routes with retries, hash policies, host rewrites from the host, gRPC timeouts, or that are not
+  a cluster action (direct responses and redirects);
+- unknown clusters, ORIGINAL_DST clusters and a full ``max_requests`` circuit breaker (the router
+  answers those).
+
+What a fast request does is what the router does for it: the same headers added
+(``x-envoy-expected-rq-timeout-ms``, ``x-envoy-upstream-service-time``), the same route header
+mutations, stats, response flags and local replies (503 UH/UF/UO/UR, 504 UT). The test suite runs
+its router tests through both lanes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..cluster.lb import LbContext
+from .conn_manager import ActiveStream, _guarded
+
+_NO_CTX = LbContext()
+_monotonic = time.monotonic
+_rand = random.getrandbits
+
+_OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+
+
+def route_is_fast(route) -> bool:
+    """Whether a route's action can run in the fast lane (cached on the route)."""
+    f = route.fast
+    if f is None:
+        f = route.fast = (route.kind == 0 and route.retry is None and not route.hash_policies
+                          and not route.auto_host_rewrite and route.grpc_timeout_header_max is None
+                          and not route.cluster_header
+                          and not (route.weighted and (route.weight_by_hash or route.weight_header)))
+    return f
+
+
+class FastStream(ActiveStream):
+    """An ``ActiveStream`` for a router-only filter chain (see the module docstring)."""
+
+    # fast-lane state (class-level defaults, like ActiveStream's)
+    cluster = None
+    choice = None
+    host = None
+    encoder_up = None     # the bound upstream connection (request encoder)
+    pending = None        # a queued pool request
+    timer = None          # the route timeout
+    start = 0.0
+    counted = False       # counted in the cluster's active requests
+    up_done = False       # the upstream exchange is over (completed, failed or abandoned)
+    read_off = False      # upstream reading paused for the downstream watermark
+
+    @_guarded
+    def decode_headers(self, headers, end_stream: bool) -> None:
+        self.request_headers = headers
+        self.remote_complete = end_stream
+        if self._prepare_request(headers) is not None:
+            return
+        self.refresh_route()
+        route = self.route
+        if self.request_timer is not None and end_stream:
+            self.request_timer.cancel()
+            self.request_timer = None
+        cfg = self.cfg
+        if route is None or not end_stream or not route_is_fast(route) or (
+                self.hc.is_h2 and ":protocol" in headers) or (
+                not self.hc.is_h2 and "upgrade" in headers) or headers._h[0][1] == "CONNECT":
+            return self._generic(headers, end_stream)
+        if route.cluster:
+            name, choice = route.cluster, None
+        else:
+            name, choice = route.select_cluster(headers, _rand(32))
+        cluster = cfg.cluster_manager.get(name)
+        if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+            return self._generic(headers, end_stream)
+        # from here on this is the router's work for this request
+        self.router = self  # the generic code's hooks (resets, local replies, watermarks)
+        si = self.stream_info
+        si.upstream_cluster = name
+        self.cluster = cluster
+        self.choice = choice
+        route.finalize_request_headers(headers, si, choice)
+        route.rewrite_request(headers, choice)
+        timeout = route.timeout
+        if timeout and not cfg.router_suppress_envoy_headers:
+            headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
+        self.start = _monotonic()
+        cluster.rq_active_total += 1
+        cluster.st_rq_active.inc()
+        self.counted = True
+        if timeout:
+            self.timer = cfg.loop.call_later(timeout, self._on_timeout)
+        si.attempt_count = 1
+        host = self.host = cluster.choose_host(_NO_CTX)
+        if host is None:
+            cluster.st_cx_none_healthy.value += 1
+            self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
+            return
+        si.upstream_host = host.key
+        self.pending = cluster.http_pool(host, self.hc.is_h2).new_stream(self)
+
+    def _generic(self, headers, end_stream):
+        """Not for the fast lane: the configured filter chain (the router) takes the request."""
+        self.filters = [f.create(self) for f in self.cfg.decoder_factories]
+        self._run_decode_headers(0, headers, end_stream)
+
+    # -- pool callbacks --------------------------------------------------------------------------
+    def on_pool_ready(self, encoder, host):
+        self.pending = None
+        if self.up_done:
+            encoder.reset()
+            return
+        self.encoder_up = encoder
+        if self.hc.conn.write_paused:
+            self.read_off = True
+            encoder.read_disable(True)
+        self.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
+        encoder.encode_headers(self.request_headers, True)
+
+    def on_pool_failure(self, reason, flag, host):
+        self.pending = None
+        if self.up_done:
+            return
+        self.stream_info.upstream_transport_failure_reason = reason
+        if flag == "UO":
+            self._fail(503, _OVERFLOW_BODY, "upstream_reset_before_response_started{overflow}", "UO")
+            return
+        why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
+        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
+                   "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
+
+    # -- the upstream response ---------------------------------------------------------------------
+    def on_upstream_headers(self, headers, end_stream: bool):
+        if self.up_done:
+            return
+        status = int(headers._h[0][1])
+        c = self.cluster
+        c.count_response(status)
+        if not self.cfg.router_suppress_envoy_headers:
+            headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))
+        self.route.finalize_response_headers(headers, self.stream_info, self.choice, self.request_headers)
+        if end_stream:
+            self._complete()
+        self.encode_headers(headers, end_stream)
+
+    def on_upstream_data(self, data, end_stream: bool):
+        if self.up_done:
+            return
+        if end_stream:
+            self._complete()
+        self.encode_data(data, end_stream)
+
+    def on_upstream_trailers(self, trailers):
+        if self.up_done:
+            return
+        self._complete()
+        self.encode_trailers(trailers)
+
+    def on_upstream_reset(self, reason: str):
+        if self.up_done:
+            return
+        self.encoder_up = None
+        self.cluster.st_rq_rx_reset.value += 1
+        if not self.response_started:
+            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
+                       "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"),
+                       "UR" if "overflow" not in reason else "UO")
+            return
+        self.stream_info.response_flags.add("UR")
+        self._up_finished()
+        self.reset_stream("upstream_reset_after_response_started{%s}" % reason.replace(" ", "_"))
+
+    def on_upstream_watermark(self, above: bool):
+        if not self.up_done:
+            self.read_disable(above)
+
+    # -- the router hooks the generic stream calls ----------------------------------------------------
+    def on_downstream_watermark(self, above: bool):
+        enc = self.encoder_up
+        if enc is None or self.up_done:
+            return
+        if above:
+            self.read_off = True
+            enc.read_disable(True)
+        elif self.read_off:
+            self.read_off = False
+            enc.read_disable(False)
+
+    # the HTTP/2 codec's per-stream watermarks reach the router's ``upstream`` request
+    @property
+    def upstream(self):
+        return self if self.encoder_up is not None and not self.up_done else None
+
+    def on_above_write_buffer_high_watermark(self):
+        self.on_downstream_watermark(True)
+
+    def on_below_write_buffer_low_watermark(self):
+        self.on_downstream_watermark(False)
+
+    def on_downstream_reset(self):
+        if self.encoder_up is not None and not self.up_done:
+            self.cluster.st_rq_tx_reset.value += 1
+        self._abandon()
+
+    def on_local_reply(self):
+        if not self.response_started:
+            self._abandon()
+        else:
+            self._up_finished()
+
+    # -- endings ------------------------------------------------------------------------------------
+    def _on_timeout(self):
+        self.timer = None
+        if self.up_done:
+            return
+        self.cluster.st_rq_timeout.value += 1
+        self._abandon()
+        if self.response_started:
+            self.reset_stream("upstream_response_timeout")
+            return
+        self.send_local_reply(504, "upstream request timeout", "upstream_response_timeout", flag="UT")
+
+    def _fail(self, status, body, details, flag):
+        self._up_finished()
+        self.send_local_reply(status, body, details, flag=flag)
+
+    def _complete(self):
+        self.cluster.st_rq_time.record((_monotonic() - self.start) * 1000.0)
+        self._up_finished()
+
+    def _abandon(self):
+        """Stop talking upstream: cancel a queued pool request or reset the bound connection."""
+        if self.up_done:
+            return
+        p = self.pending
+        if p is not None:
+            self.pending = None
+            p.cancel()
+        enc = self.encoder_up
+        self._up_finished()
+        if enc is not None:
+            enc.reset()
+
+    def _up_finished(self):
+        if self.up_done:
+            return
+        self.up_done = True
+        self.encoder_up = None
+        t = self.timer
+        if t is not None:
+            self.timer = None
+            t.cancel()
+        if self.counted:
+            self.counted = False
+            c = self.cluster
+            c.rq_active_total -= 1
+            c.st_rq_active.dec()
+
+    def _finish(self, reset: bool = False) -> None:
+        if self.router is self and not self.up_done:
+            self._abandon()  # the downstream is gone (or the stream failed) mid-exchange
+        ActiveStream._finish(self, reset)
