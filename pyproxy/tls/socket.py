@@ -28,6 +28,7 @@ import ssl
 log = logging.getLogger("pyproxy.tls")
 
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
+TIMEOUT = "timeout"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 RECORD = 16384  # an SSL_read returns at most one record's plaintext
 
@@ -85,6 +86,18 @@ def _error_text(e) -> str:
     lib = getattr(e, "library", None) or "SSL routines"
     reason = getattr(e, "reason", None) or str(e)
     return "TLS_error:|%s:%s:TLS_error_end" % (lib, reason)
+
+
+def _count_failure(st, kind: str, timeout_stat: str) -> None:
+    """As Envoy: a failed verification counts ``ssl.fail_verify_*`` only; any other failure
+    ``ssl.connection_error``; a handshake timeout its own listener counter."""
+    if kind == TIMEOUT:
+        if timeout_stat:
+            st.counter(timeout_stat).inc()
+    elif kind:
+        st.inc("ssl." + kind)
+    else:
+        st.connection_error.inc()
 
 
 def _failure_kind(e) -> str:
@@ -190,7 +203,7 @@ class _TlsLayer:
     def _timeout(self) -> None:
         self.timer = None
         if self.state == HANDSHAKE:
-            self._failed("", "TLS_error:|handshake timeout:TLS_error_end", abort=True)
+            self._failed(TIMEOUT, "TLS_error:|handshake timeout:TLS_error_end", abort=True)
 
     def _send_queued(self) -> None:
         wq, self.wq = self.wq, []
@@ -344,12 +357,13 @@ def _rdn(name) -> str:
 class ServerTls(_TlsLayer):
     """TLS server over a DownstreamConnection: ``conn.transport`` becomes this layer."""
 
-    __slots__ = ("conn", "sink")
+    __slots__ = ("conn", "sink", "rx")
 
     def __init__(self, tls, conn, chain=None):
         self._init(tls, listener_stats(conn))
         self.conn = conn
         self.sink = None
+        self.rx = False
         self.raw = conn.transport
         self.obj = tls.ctx.wrap_bio(self.inc, self.out, server_side=True)
         conn.transport = self
@@ -374,6 +388,13 @@ class ServerTls(_TlsLayer):
             self.inc.write(data)
         if self.state != OPEN:
             if self.state == CLOSED:
+                return
+            if data:
+                self.rx = True
+            elif not self.rx:
+                if end_stream:  # closed before sending anything: not a TLS error (as Envoy)
+                    self._closed()
+                    self.conn.close(flush=True)
                 return
             r = self._handshake()
             if not r:
@@ -416,10 +437,7 @@ class ServerTls(_TlsLayer):
             self._send_queued()
 
     def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
-        st = self.stats
-        st.connection_error.inc()
-        if kind:
-            st.inc("ssl." + kind)
+        _count_failure(self.stats, kind, "downstream_cx_transport_socket_connect_timeout")
         self._closed()
         conn = self.conn
         conn.stream_info.connection_termination_details = reason
@@ -427,7 +445,7 @@ class ServerTls(_TlsLayer):
         conn.close(flush=not abort)
 
     def _lost(self) -> None:
-        if self.state == HANDSHAKE:
+        if self.state == HANDSHAKE and self.rx:
             self.stats.connection_error.inc()
         self._closed()
 
@@ -519,11 +537,8 @@ class ClientTls(_TlsLayer, asyncio.Protocol):
             self._send_queued()
 
     def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
-        st = self.stats
-        if st is not None:
-            st.connection_error.inc()
-            if kind:
-                st.inc("ssl." + kind)
+        if self.stats is not None and kind != TIMEOUT:
+            _count_failure(self.stats, kind, "")
         self._closed()
         if not self.waiter.done():
             if abort:
