@@ -24,6 +24,9 @@ FILE_AL = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAcces
 AL_FORMAT = ("%PROTOCOL% tls=%DOWNSTREAM_TLS_VERSION% sni=%REQUESTED_SERVER_NAME% "
              "local=%DOWNSTREAM_LOCAL_URI_SAN% peer=%DOWNSTREAM_PEER_URI_SAN%\n")
 SPIFFE_NS = "spiffe://cluster.local/ns/default/"
+TCP_FORMAT = ("%DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% sni=%REQUESTED_SERVER_NAME% "
+              "peer=%DOWNSTREAM_PEER_SUBJECT%,%DOWNSTREAM_PEER_URI_SAN%,%DOWNSTREAM_PEER_ISSUER% "
+              "local=%DOWNSTREAM_LOCAL_DNS_SAN% bytes=%BYTES_RECEIVED%\n")
 
 
 class EchoServer:
@@ -62,9 +65,9 @@ class EchoServer:
         self.sock.close()
 
 
-def _access_log(path):
+def _access_log(path, fmt=AL_FORMAT):
     return [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": FILE_AL, "path": path, "log_format": {"text_format_source": {"inline_string": AL_FORMAT}}}}]
+        "@type": FILE_AL, "path": path, "log_format": {"text_format_source": {"inline_string": fmt}}}}]
 
 
 def _bootstrap(pki, srv, tmp, be_port, echo_port):
@@ -75,8 +78,9 @@ def _bootstrap(pki, srv, tmp, be_port, echo_port):
     l_mtls = http_listener(p_mtls, rc, name="mtls", access_log=_access_log(os.path.join(tmp, "mtls.log")))
     l_mtls["filter_chains"][0]["transport_socket"] = downstream_tls(
         srv, ca=pki, require=True, sans=[uri_san("prefix", SPIFFE_NS)])
-    l_tcp = tcp_listener(p_tcp, "echo", name="tcp")
-    l_tcp["filter_chains"][0]["transport_socket"] = downstream_tls(srv, alpn=())
+    tcp_al = _access_log(os.path.join(tmp, "tcp.log"), TCP_FORMAT)
+    l_tcp = tcp_listener(p_tcp, "echo", name="tcp", access_log=tcp_al)
+    l_tcp["filter_chains"][0]["transport_socket"] = downstream_tls(srv, alpn=(), ca=pki)  # cert optional
     l_tcp["filter_chains"][0]["transport_socket_connect_timeout"] = "0.5s"
     bs = bootstrap([l_tls, l_mtls, l_tcp], [cluster("b", [be_port]), cluster("echo", [echo_port])])
     return bs, {"tls": p_tls, "mtls": p_mtls, "tcp": p_tcp}
@@ -280,6 +284,9 @@ def test_handshake_timeout(env):
 def test_tcp_proxy_over_tls_chain(env):
     port = env["ports"]["tcp"]
     ctx = ssl.create_default_context(cafile=env["pki"].ca_path)
+    ctx.load_cert_chain(env["good"].cert_path, env["good"].key_path)
+    path = os.path.join(env["tmp"], "tcp.log")
+    n = len(_wait_log(path, 0, 0.1))
     payload = os.urandom(300 * 1024)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         with ctx.wrap_socket(s, server_hostname="localhost") as t:
@@ -295,6 +302,9 @@ def test_tcp_proxy_over_tls_chain(env):
             # close_notify from us: the proxy half-closes upstream, the echo closes, we see EOF
             t.unwrap()
     assert _stat(env["px"], "cluster.echo.upstream_cx_total") >= 1
+    lines = _wait_log(path, n + 1)
+    assert lines[-1] == ("TLSv1.3 TLS_AES_256_GCM_SHA384 sni=localhost peer=CN=client-good,%ssa/client,"
+                         "CN=pyproxy test CA local=localhost bytes=%d" % (SPIFFE_NS, len(payload))), lines
 
 
 # -- Envoy on the same bootstrap ------------------------------------------------------------------------

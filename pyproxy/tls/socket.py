@@ -193,7 +193,7 @@ class _TlsLayer:
                 self.peer_uri_san, self.peer_dns_san = uri, dns
                 self.peer_subject = _rdn(cert.get("subject", ()))
                 self.peer_issuer = _rdn(cert.get("issuer", ()))
-                self.peer_serial = cert.get("serialNumber", "")
+                self.peer_serial = cert.get("serialNumber", "").lower()
                 self.peer_principal = uri or dns or self.peer_subject
             elif st is not None:
                 st.no_certificate.inc()
