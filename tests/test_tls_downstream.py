@@ -16,7 +16,7 @@ import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener,
                         route, route_config, tcp_listener, with_fresh_ports)
-from tls_certs import Pki, downstream_tls, uri_san
+from tls_certs import Pki, cert_entry, downstream_tls, uri_san
 
 CURL = shutil.which("curl")
 H2LOAD = shutil.which("h2load")
@@ -136,6 +136,12 @@ def _wait_log(path, n, timeout=5.0):
 
 
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl not installed")
+
+
+def _server_loads_static_secrets() -> bool:
+    import inspect
+    import pyproxy.server
+    return "load_static" in inspect.getsource(pyproxy.server)
 
 
 @pytest.mark.parametrize("version,proto", [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2")])
@@ -348,3 +354,28 @@ def test_no_client_cert_and_plaintext_same_as_envoy(env):
     assert results["envoy"] == results["pyproxy"], results
     assert results["pyproxy"] == ("TLSV13_ALERT_CERTIFICATE_REQUIRED",
                                   {"fail_verify_no_cert": 1, "connection_error": 1}), results
+
+
+def test_static_secret_by_name(tmp_path):
+    """tls_certificate_sds_secret_configs naming a static_resources.secrets entry (no sds_config):
+    Envoy serves it; so does pyproxy once the server loads static secrets into tls.secrets.STORE."""
+    pki = Pki(tmp_path / "pki")
+    srv = pki.issue("server", dns=["localhost"])
+    be = HttpBackend()
+    port = free_port()
+    l = http_listener(port, route_config([route("/", "b")]))
+    l["filter_chains"][0]["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": "srv"}]}}}
+    bs = bootstrap([l], [cluster("b", [be.port])])
+    bs["static_resources"]["secrets"] = [{"name": "srv", "tls_certificate": cert_entry(srv)}]
+    kinds = ([Envoy] if ENVOY else []) + ([Pyproxy] if _server_loads_static_secrets() else [])
+    if not kinds:
+        pytest.skip("no envoy, and the server does not load static secrets yet")
+    try:
+        for kind in kinds:
+            with kind(bs):
+                p = curl("--cacert", pki.ca_path, _url(port))
+                assert p.returncode == 0 and p.stdout.startswith("b GET /x"), (kind.kind, p.stderr)
+    finally:
+        be.close()
