@@ -261,3 +261,17 @@ def test_client_layer_handshake_and_close_notify(pki):
     th.join(5)
     assert seen["alpn"] == "x-test" and seen["req"] == b"ping" and seen["eof"] == b""
     assert events == [("made", "x-test"), ("data", b"pong"), ("eof",), ("lost",)], events
+
+
+def test_sni_and_sans_do_not_split_the_ssl_context(pki):
+    """Istio gives every outbound cluster its own SNI and SANs: one SSLContext serves them all."""
+    def u(sni, san):
+        return upstream_factory(uctx({"sni": sni, "common_tls_context": {"validation_context": {
+            "trusted_ca": {"inline_string": pki.ca_pem.decode()},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": san}}]}}}))
+    a, b = u("outbound_.80_._.a", "spiffe://td/sa/a"), u("outbound_.80_._.b", "spiffe://td/sa/b")
+    assert a.compiled_tls is not b.compiled_tls and a.compiled_tls.ctx is b.compiled_tls.ctx
+    assert (a.compiled_tls.sni, b.compiled_tls.sni) == ("outbound_.80_._.a", "outbound_.80_._.b")
+    c = upstream_factory(uctx({"sni": "x", "common_tls_context": {"alpn_protocols": ["istio"], "validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()}}}}))
+    assert c.compiled_tls.ctx is not a.compiled_tls.ctx

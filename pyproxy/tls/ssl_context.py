@@ -9,8 +9,9 @@ connection as Envoy's failed verification does.
 
 Certificates and keys given inline are handed to OpenSSL through anonymous memory files
 (``memfd_create``) where the system has them, else through files in a private 0700 temp directory,
-removed right after loading (and the directory at exit). Contexts are cached by the serialized TLS
-proto plus the secrets it resolved, so identical chains/clusters share one context.
+removed right after loading (and the directory at exit). Compiled contexts are cached by the
+serialized TLS proto plus the secrets it resolved; the ``SSLContext`` inside by what actually
+configures it, so clusters differing only in SNI or SAN matchers share one.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ _CURVE_NAMES = {"P-256": "prime256v1", "P256": "prime256v1", "P-384": "secp384r1
 _SAN_TYPES = {"DNS": ("DNS",), "URI": ("URI",), "EMAIL": ("email",), "IP_ADDRESS": ("IP Address",),
               "OTHER_NAME": ("othername",), "": ("DNS", "URI", "email", "IP Address")}
 
-# distinct contexts, shared by every factory compiled from the same proto + secrets
+# compiled TLS per distinct proto + resolved secrets, and SSLContexts per distinct context
+# properties; entries go when no factory holds them any more
 _CACHE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_CTX_CACHE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 class CompiledTls:
@@ -121,10 +124,34 @@ def compiled_for(key: bytes, build) -> CompiledTls:
 
 
 def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None) -> CompiledTls:
-    """An ``SSLContext`` for factory ``f`` (its side, versions, ciphers, ALPN, validation) with the
-    given (chain PEM, key PEM, password) certificates and trust anchors. ConfigError if OpenSSL
+    """A ``CompiledTls`` for factory ``f`` with the given (chain PEM, key PEM, password)
+    certificates and trust anchors. Its ``SSLContext`` is shared with every other factory that
+    differs only in what is not a context property (SNI, SAN matchers, pins): Istio gives each
+    outbound cluster its own SNI and SANs, and they all share one context. ConfigError if OpenSSL
     refuses a part."""
     server = f.side == "downstream"
+    v = f.validation
+    verifies = v is not None and bool(ca_pem or v.system_roots)
+    key = (f.side, f.alpn, f.min_version, f.max_version, f.cipher_suites, f.ecdh_curves,
+           f.require_client_certificate, tuple(certificates), ca_pem if verifies else None,
+           crl_pem if verifies else None, bool(v and v.only_leaf_crl), bool(v and v.system_roots))
+    ctx = _CTX_CACHE.get(key)
+    if ctx is None:
+        ctx = _CTX_CACHE[key] = _ssl_context(f, certificates, ca_pem, crl_pem, server, verifies)
+    c = CompiledTls(ctx, server)
+    if certificates:
+        c.local_uri_san, c.local_dns_san = _local_sans(certificates[0][0])
+    if verifies:
+        c.verifies = True
+        c.san_matchers = v.san_matchers
+        c.hashes = v.hashes
+        c.spki = v.spki
+    if not server:
+        c.sni = f.sni or None
+    return c
+
+
+def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -147,15 +174,12 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None) -> Compi
         ctx.set_alpn_protocols(list(f.alpn))
     if server:
         ctx.sni_callback = _remember_sni
-    c = CompiledTls(ctx, server)
     for i, (chain, key, password) in enumerate(certificates):
         try:
             with _pem_file(chain) as cp, _pem_file(key) as kp:
                 ctx.load_cert_chain(cp, kp, password=password)
         except (ssl.SSLError, OSError) as e:
             raise ConfigError("certificate not usable: %s" % e, field="tls_certificates[%d]" % i) from None
-        if i == 0:
-            c.local_uri_san, c.local_dns_san = _local_sans(chain)
     v = f.validation
     if ca_pem:
         try:
@@ -169,20 +193,14 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None) -> Compi
             raise ConfigError("trusted CA not usable: %s" % e, field="validation_context.trusted_ca") from None
     if v is not None and v.system_roots:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if not server else ssl.Purpose.CLIENT_AUTH)
-    if v is not None and (ca_pem or v.system_roots):
-        c.verifies = True
+    if verifies:
         if server:
             ctx.verify_mode = ssl.CERT_REQUIRED if f.require_client_certificate else ssl.CERT_OPTIONAL
         else:
             ctx.verify_mode = ssl.CERT_REQUIRED
-        c.san_matchers = v.san_matchers
-        c.hashes = v.hashes
-        c.spki = v.spki
     elif server and f.require_client_certificate:
         raise ConfigError("require_client_certificate needs a trusted CA", field="validation_context")
-    if not server:
-        c.sni = f.sni or None
-    return c
+    return ctx
 
 
 def _remember_sni(obj, server_name, ctx):
