@@ -379,3 +379,38 @@ def test_static_secret_by_name(tmp_path):
                 assert p.returncode == 0 and p.stdout.startswith("b GET /x"), (kind.kind, p.stderr)
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_large_bodies_both_ways_over_tls(tmp_path, version):
+    """8 MiB down and 3 MiB up through a TLS listener: watermarks and TLS records keep bytes intact."""
+    import hashlib
+    pki = Pki(tmp_path / "pki")
+    srv = pki.issue("server", dns=["localhost"])
+    big = os.urandom(8 * 1024 * 1024)
+    up = os.urandom(3 * 1024 * 1024)
+    (tmp_path / "up.bin").write_bytes(up)
+
+    def handler(req, sock):
+        if req.method == "POST":
+            body = hashlib.sha256(req.body).hexdigest().encode()
+        else:
+            body = big
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+
+    be = HttpBackend(handler)
+    port = free_port()
+    l = http_listener(port, route_config([route("/", "b")]))
+    l["per_connection_buffer_limit_bytes"] = 65536
+    l["filter_chains"][0]["transport_socket"] = downstream_tls(srv)
+    try:
+        with Pyproxy(bootstrap([l], [cluster("b", [be.port], per_connection_buffer_limit_bytes=65536)])):
+            out = tmp_path / "down.bin"
+            p = curl(version, "--cacert", pki.ca_path, "-o", str(out), _url(port, "/big"), timeout=30)
+            assert p.returncode == 0, p.stderr
+            assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(big).digest()
+            p = curl(version, "--cacert", pki.ca_path, "--data-binary", "@" + str(tmp_path / "up.bin"),
+                     _url(port, "/up"), timeout=30)
+            assert p.returncode == 0 and p.stdout == hashlib.sha256(up).hexdigest(), (p.stdout, p.stderr)
+    finally:
+        be.close()

@@ -99,6 +99,9 @@ def env(tmp_path_factory):
     os.makedirs(docroot)
     with open(os.path.join(docroot, "index.html"), "wb") as f:
         f.write(b"hello over h2 and tls\n")
+    big = os.urandom(4 * 1024 * 1024)
+    with open(os.path.join(docroot, "big"), "wb") as f:
+        f.write(big)
     ng = None
     ng_port = free_port()
     if NGHTTPD:
@@ -139,7 +142,7 @@ def env(tmp_path_factory):
     try:
         if ng is not None:
             _wait_port(ng_port)
-        yield {"px": px, "port": port, "tls_be": tls_be}
+        yield {"px": px, "port": port, "tls_be": tls_be, "big": big}
     finally:
         px.stop()
         tls_be.close()
@@ -205,6 +208,8 @@ def test_http2_over_tls(env):
     for _ in range(3):
         status, _, body = get(env, "/h2/index.html")
         assert status == 200 and body == b"hello over h2 and tls\n", (status, body)
+    status, _, body = get(env, "/h2/big")
+    assert status == 200 and body == env["big"]
     st = env["px"].stats()
     assert st["cluster.h2.ssl.handshake"] == 1, st
     assert st["cluster.h2.upstream_cx_total"] == 1, st
