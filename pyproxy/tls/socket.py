@@ -463,8 +463,8 @@ class ClientTls(_TlsLayer, asyncio.Protocol):
         self.waiter = waiter
         self.made = False
         self.keep_open = False
-        if timeout and timeout > 0:
-            self.timer = loop.call_later(timeout, self._timeout)
+        self.timer = loop.call_later(timeout if timeout and timeout > 0 else DEFAULT_HANDSHAKE_TIMEOUT,
+                                     self._timeout)
 
     def connection_made(self, raw):
         self.raw = raw
