@@ -126,6 +126,10 @@ def env(tmp_path_factory):
     add("badca", [tls_be.port], upstream_tls(sni="backend.local", ca=other))
     add("dnssan", [tls_be.port], upstream_tls(ca=pki, sans=[{"san_type": "DNS", "matcher": {"suffix": ".local"}}]))
     add("plain", [plain_be.port], upstream_tls(sni="backend.local"))
+    silent = socket.socket()  # accepts TCP (backlog) but never speaks TLS
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    add("stuck", [silent.getsockname()[1]], upstream_tls(sni="backend.local"), connect_timeout="0.3s")
     add("h2", [ng_port], upstream_tls(sni="backend.local", alpn=["h2"], ca=pki,
                                       sans=[uri_san("exact", BACKEND_URI)]),
         rewrite="/", typed_extension_protocol_options=H2_OPTS)
@@ -147,6 +151,7 @@ def env(tmp_path_factory):
         px.stop()
         tls_be.close()
         plain_be.close()
+        silent.close()
         if ng is not None:
             ng.kill()
             ng.wait(5)
@@ -220,3 +225,14 @@ def test_transport_socket_matches(env):
     assert status == 200 and body.startswith(b"sni=backend.local "), body
     assert env["px"].stats()["cluster.matched.ssl.handshake"] == 1
 
+
+
+def test_handshake_timeout_is_connect_timeout(env):
+    px = env["px"]
+    t0 = time.monotonic()
+    status, _, _ = get(env, "/stuck/")
+    took = time.monotonic() - t0
+    assert status == 503 and 0.25 < took < 3, (status, took)
+    st = px.stats()
+    assert st["cluster.stuck.upstream_cx_connect_timeout"] == 1 and st["cluster.stuck.upstream_cx_connect_fail"] == 1
+    assert st.get("cluster.stuck.ssl.connection_error", 0) == 0
