@@ -120,7 +120,8 @@ def _stat(px, name):
     return px.stats().get(name, 0)
 
 
-def _wait_log(path, n, timeout=5.0):
+def _wait_line(path, pred, timeout=10.0):
+    """The first access-log line ``pred`` accepts (the log is flushed every 50 ms), or all lines."""
     deadline = time.monotonic() + timeout
     lines = []
     while time.monotonic() < deadline:
@@ -129,8 +130,9 @@ def _wait_log(path, n, timeout=5.0):
                 lines = f.read().splitlines()
         except OSError:
             lines = []
-        if len(lines) >= n:
-            return lines
+        for line in lines:
+            if pred(line):
+                return line
         time.sleep(0.05)
     return lines
 
@@ -159,13 +161,12 @@ def test_curl_https_alpn(env, version, proto):
 def test_access_log_tls_operators(env):
     port = env["ports"]["tls"]
     path = os.path.join(env["tmp"], "tls.log")
-    n = len(_wait_log(path, 0, 0.1))
     p = curl("--http2", "--cacert", env["pki"].ca_path, "--resolve", "api.example.com:%d:127.0.0.1" % port,
              _url(port, host="api.example.com"))
     assert p.returncode == 0, p.stderr
-    lines = _wait_log(path, n + 1)
-    assert lines[n:][-1] == ("HTTP/2 tls=TLSv1.3 sni=api.example.com "
-                             "local=spiffe://cluster.local/ns/default/sa/server peer=-"), lines
+    line = _wait_line(path, lambda ln: "sni=api.example.com" in ln)
+    assert line == ("HTTP/2 tls=TLSv1.3 sni=api.example.com "
+                    "local=spiffe://cluster.local/ns/default/sa/server peer=-"), line
 
 
 def test_tls_versions_and_ciphers_from_tls_params(tmp_path):
@@ -207,11 +208,11 @@ def test_mtls_client_cert_and_san_accepted(env):
     port = env["ports"]["mtls"]
     good = env["good"]
     path = os.path.join(env["tmp"], "mtls.log")
-    n = len(_wait_log(path, 0, 0.1))
     p = curl("--http1.1", "--cacert", env["pki"].ca_path, "--cert", good.cert_path, "--key", good.key_path, _url(port))
     assert p.returncode == 0, p.stderr
-    lines = _wait_log(path, n + 1)
-    assert lines[-1].endswith("peer=%ssa/client" % SPIFFE_NS), lines
+    line = _wait_line(path, lambda ln: ln.startswith("HTTP/1.1"))
+    assert line == ("HTTP/1.1 tls=TLSv1.3 sni=localhost local=spiffe://cluster.local/ns/default/sa/server "
+                    "peer=%ssa/client" % SPIFFE_NS), line
 
 
 @pytest.mark.parametrize("who,stat", [
@@ -292,7 +293,6 @@ def test_tcp_proxy_over_tls_chain(env):
     ctx = ssl.create_default_context(cafile=env["pki"].ca_path)
     ctx.load_cert_chain(env["good"].cert_path, env["good"].key_path)
     path = os.path.join(env["tmp"], "tcp.log")
-    n = len(_wait_log(path, 0, 0.1))
     payload = os.urandom(300 * 1024)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         with ctx.wrap_socket(s, server_hostname="localhost") as t:
@@ -308,9 +308,9 @@ def test_tcp_proxy_over_tls_chain(env):
             # close_notify from us: the proxy half-closes upstream, the echo closes, we see EOF
             t.unwrap()
     assert _stat(env["px"], "cluster.echo.upstream_cx_total") >= 1
-    lines = _wait_log(path, n + 1)
-    assert lines[-1] == ("TLSv1.3 TLS_AES_256_GCM_SHA384 sni=localhost peer=CN=client-good,%ssa/client,"
-                         "CN=pyproxy test CA local=localhost bytes=%d" % (SPIFFE_NS, len(payload))), lines
+    line = _wait_line(path, lambda ln: ln.startswith("TLSv1.3"))
+    assert line == ("TLSv1.3 TLS_AES_256_GCM_SHA384 sni=localhost peer=CN=client-good,%ssa/client,"
+                         "CN=pyproxy test CA local=localhost bytes=%d" % (SPIFFE_NS, len(payload))), line
 
 
 # -- Envoy on the same bootstrap ------------------------------------------------------------------------
