@@ -62,6 +62,12 @@ def _s(v):
     return v if v else None
 
 
+def _tls(si, attr):
+    """A fact of the downstream TLS handshake (``si.downstream_ssl``: pyproxy.tls.socket.ServerTls)."""
+    t = getattr(si, "downstream_ssl", None)
+    return _s(getattr(t, attr, None)) if t is not None else None
+
+
 def _addr(v):
     if not v:
         return None
@@ -321,6 +327,15 @@ _SIMPLE = {
     "DOWNSTREAM_TLS_VERSION": lambda si: _s(si.downstream_tls_version),
     "DOWNSTREAM_PEER_URI_SAN": lambda si: _s(si.downstream_peer_uri_san),
     "DOWNSTREAM_LOCAL_URI_SAN": lambda si: _s(si.downstream_local_uri_san),
+    "DOWNSTREAM_TLS_CIPHER": lambda si: _tls(si, "cipher_name"),
+    "DOWNSTREAM_PEER_SUBJECT": lambda si: _tls(si, "peer_subject"),
+    "DOWNSTREAM_PEER_ISSUER": lambda si: _tls(si, "peer_issuer"),
+    "DOWNSTREAM_PEER_DNS_SAN": lambda si: _tls(si, "peer_dns_san"),
+    "DOWNSTREAM_PEER_SERIAL": lambda si: _tls(si, "peer_serial"),
+    "DOWNSTREAM_LOCAL_DNS_SAN": lambda si: _s(getattr(getattr(getattr(si, "downstream_ssl", None), "tls", None),
+                                                      "local_dns_san", None)),
+    "DOWNSTREAM_TRANSPORT_FAILURE_REASON": lambda si: _s(si.connection_termination_details)
+        if si.connection_termination_details.startswith("TLS_error") else None,
     "HOSTNAME": lambda si: _HOSTNAME,
     "UNIQUE_ID": lambda si: str(uuid.uuid4()),
 }

@@ -1,8 +1,14 @@
 """Transport sockets: the layer under every connection.
 
-Today only ``raw_buffer`` exists (plaintext: the asyncio transport is used as is). TLS transport
-sockets (downstream and upstream, SDS-fed) plug in here: a factory returns an object that wraps a
-connection's transport, so listeners and pools never know whether bytes are encrypted.
+A factory is compiled once per filter chain or cluster from its ``transport_socket``:
+
+- ``raw_buffer`` (plaintext): ``is_tls`` is False and the asyncio transport is used as is — no
+  wrapper, no extra call per chunk.
+- TLS (``pyproxy.tls``, imported only when configured): downstream, ``wrap_downstream(conn, chain)``
+  puts a TLS server layer between the connection and its transport once the filter chain is chosen;
+  upstream, ``await connect(loop, sock, protocol, timeout, scope)`` completes the TLS handshake
+  before ``protocol.connection_made`` runs. Either way the layer presents the asyncio transport
+  interface, so listeners, filters, codecs and pools never know whether bytes are encrypted.
 """
 
 from __future__ import annotations
@@ -36,3 +42,13 @@ def build_transport_socket(ts_proto, what: str):
     if factory is None:
         return RAW_BUFFER
     return factory(cfg)
+
+
+async def connect_upstream(loop, factory, sock, protocol, cluster) -> None:
+    """Start ``protocol`` on the connected ``sock`` through the cluster's transport socket factory
+    (plaintext: at once; TLS: after the handshake, bounded by the cluster's connect timeout).
+    Raises OSError (a failed handshake included) or asyncio.TimeoutError."""
+    if factory.is_tls:
+        await factory.connect(loop, sock, protocol, cluster.connect_timeout, cluster.scope)
+    else:
+        await loop.create_connection(lambda: protocol, sock=sock)

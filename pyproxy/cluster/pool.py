@@ -182,8 +182,8 @@ class _Pending:
 
 
 class PoolBase:
-    """What every pool shares: opening connections (bounded by the connect timeout, refusing TLS
-    transport sockets until TLS exists) and the cluster/host connection accounting.
+    """What every pool shares: opening connections (bounded by the connect timeout; over TLS when
+    the host's transport socket says so) and the cluster/host connection accounting.
 
     Subclasses provide ``_new_connection()``, ``_connected(conn)`` and ``_connect_failed(reason,
     timeout)``.
@@ -204,15 +204,12 @@ class PoolBase:
         c = self.cluster
         conn = self._new_connection()
         ts = c.transport_for(self.host)
-        if ts.is_tls:
-            try:
-                ts.wrap(None)
-            except ConnectionError as e:
-                self._connect_failed(str(e), timeout=False)
-                return
         try:
             sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
-            await self.loop.create_connection(lambda: conn, sock=sock)
+            if ts.is_tls:  # connected = handshake done; a failed handshake is a connect failure
+                await ts.connect(self.loop, sock, conn, c.connect_timeout, c.scope)
+            else:
+                await self.loop.create_connection(lambda: conn, sock=sock)
         except asyncio.TimeoutError:
             self._connect_failed(CONNECT_TIMEOUT, timeout=True)
             return

@@ -216,10 +216,11 @@ class DownstreamConnection(asyncio.Protocol):
             self.active.st_no_filter_chain.value += 1
             self.close(flush=False)
             return
-        ts = chain.transport_socket
-        if ts.is_tls:
+        tls = None
+        if chain.transport_socket.is_tls:
+            # TLS over this connection: the layer becomes self.transport (pyproxy.tls.socket)
             try:
-                ts.wrap(self.transport)
+                tls = chain.transport_socket.wrap_downstream(self, chain)
             except ConnectionError as e:
                 self.stream_info.connection_termination_details = str(e)
                 self.close(flush=False)
@@ -236,6 +237,8 @@ class DownstreamConnection(asyncio.Protocol):
             self.on_data_cb = filters[0].on_data
         else:
             self.on_data_cb = self._iterate_filters
+        if tls is not None:
+            tls.start()  # ciphertext in, decrypted bytes on to the filters
 
     def _iterate_filters(self, data, end_stream):
         for f in self.filters:

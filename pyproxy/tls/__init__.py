@@ -1,15 +1,19 @@
 """TLS transport sockets (``envoy.transport_sockets.tls``) and their secrets.
 
-Today this package *compiles and validates* TLS configuration — ``DownstreamTlsContext``,
-``UpstreamTlsContext``, SDS secret references, validation contexts, ALPN, TLS parameters, and SDS
-``Secret`` resources — so Istio's listeners and clusters are accepted. Using a TLS transport socket
-on a live connection is not implemented yet (mTLS is the next issue): ``wrap()`` counts the
-attempt, logs why, and raises ``TlsNotImplemented`` so the caller closes the connection instead of
-sending plaintext where TLS was configured.
+- ``context``: compiles ``DownstreamTlsContext`` / ``UpstreamTlsContext`` into a ``TlsSocketFactory``
+  and validates SDS ``Secret`` resources.
+- ``ssl_context``: one ``ssl.SSLContext`` per distinct configuration (cached), plus the peer checks
+  stdlib cannot make during the handshake (SAN matchers, certificate pins).
+- ``socket``: TLS as a layer over an existing plaintext connection (``ssl.SSLObject`` over memory
+  BIOs) presenting the asyncio transport interface upward; server side for listeners (the
+  ClientHello the listener filters already read is fed to it), client side for cluster pools.
+- ``secrets``: the named-secret store (static bootstrap secrets and SDS).
+
+Nothing here is imported unless a configuration uses TLS.
 """
 
-from .context import (TlsNotImplemented, TlsSocketFactory, downstream_factory, upstream_factory,
-                      validate_secret)
+from .context import (TlsNotImplemented, TlsNotReady, TlsSocketFactory, downstream_factory,
+                      upstream_factory, validate_secret)
 
-__all__ = ["TlsNotImplemented", "TlsSocketFactory", "downstream_factory", "upstream_factory",
-           "validate_secret"]
+__all__ = ["TlsNotImplemented", "TlsNotReady", "TlsSocketFactory", "downstream_factory",
+           "upstream_factory", "validate_secret"]

@@ -3,8 +3,8 @@
 Checks follow Envoy's rejections where they are cheap to make at config time: protocol version range,
 cipher suite and curve names, ALPN entries, certificate/key PEM (inline or files), SDS secret
 references (a name and a config source), subject-alt-name matchers, and "a server context needs a
-certificate". The compiled factory carries what a TLS implementation will need (ALPN, SNI, secret
-names, SAN matchers); using it on a connection raises ``TlsNotImplemented`` for now.
+certificate". The compiled factory (``TlsSocketFactory``) owns the ``ssl.SSLContext`` built from it
+(``ssl_context``) and puts TLS on connections (``socket``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE----
 REDACTED = b"[redacted]"
 
 
-class TlsNotImplemented(ConnectionError):
-    """A TLS transport socket was asked to carry a connection; TLS is not implemented yet."""
+class TlsNotReady(ConnectionError):
+    """A TLS transport socket cannot carry a connection yet: its SDS secrets have not arrived, or
+    its key is not usable. The connection is refused, never sent in plaintext."""
 
 
-# counters of connections refused because their transport socket is TLS ("downstream"/"upstream")
-UNSUPPORTED_COUNTS = {"downstream": 0, "upstream": 0}
+TlsNotImplemented = TlsNotReady  # the name this error had before TLS was implemented
 
 
 class SanMatcher:
@@ -49,21 +49,29 @@ class SanMatcher:
 class ValidationConfig:
     """What a peer certificate is checked against (merged ``combined_validation_context``)."""
 
-    __slots__ = ("trusted_ca_pem", "ca_sds_name", "san_matchers", "spki", "hashes", "allow_expired",
-                 "system_roots")
+    __slots__ = ("trusted_ca_pem", "ca_sds_name", "ca_sds_dynamic", "san_matchers", "spki", "hashes",
+                 "allow_expired", "system_roots", "crl_pem", "only_leaf_crl")
 
     def __init__(self):
         self.trusted_ca_pem = None
         self.ca_sds_name = ""
+        self.ca_sds_dynamic = True
         self.san_matchers = ()
         self.spki = ()
         self.hashes = ()
         self.allow_expired = False
         self.system_roots = False
+        self.crl_pem = None
+        self.only_leaf_crl = False
 
 
 class TlsSocketFactory:
-    """A compiled TLS transport socket. ``wrap`` refuses (TLS on the wire is the next issue)."""
+    """A compiled TLS transport socket (one per filter chain or cluster ``transport_socket``).
+
+    Its ``ssl.SSLContext`` is built once: at config time when every certificate is inline or a
+    file, else when the SDS secrets it names are in ``secrets.STORE`` (re-checked only after the
+    store changed). ``wrap_downstream`` / ``connect`` put TLS on a connection (``tls.socket``).
+    """
 
     name = "tls"
     is_tls = True
@@ -75,13 +83,22 @@ class TlsSocketFactory:
         self.max_version = "TLS_AUTO"
         self.cipher_suites: tuple = ()
         self.ecdh_curves: tuple = ()
-        self.certificates: list = []      # (cert_chain_pem, key_pem) from inline/file config
+        self.certificates: list = []      # (cert_chain_pem, key_pem, password) from inline/file config
         self.certificate_sds_names: tuple = ()
+        self.certificate_sds_refs: tuple = ()  # (name, is_dynamic)
         self.validation: ValidationConfig | None = None
         self.require_client_certificate = False
         self.sni = ""
-        self.notes: list = []             # parts accepted but without effect yet
-        self.unsupported = 0
+        self.notes: list = []             # parts accepted but without effect
+        self.proto_key = b""
+        self.refused = 0                  # connections refused: context not ready
+        self.compiled_tls = None          # ssl_context.CompiledTls
+        self.generation = -1              # secrets.STORE.generation the context was resolved at
+        self.not_ready_reason = ""
+
+    @property
+    def unsupported(self) -> int:  # older name of ``refused``
+        return self.refused
 
     @property
     def sds_secret_names(self) -> tuple:
@@ -91,19 +108,127 @@ class TlsSocketFactory:
         return tuple(names)
 
     @property
-    def unsupported_reason(self) -> str:
-        return ("%s TLS transport socket is configured but TLS is not implemented yet; "
-                "the connection is closed rather than sent in plaintext" % self.side)
+    def uses_sds(self) -> bool:
+        return bool(self.certificate_sds_refs) or (self.validation is not None and bool(self.validation.ca_sds_name))
+
+    # -- the SSLContext ----------------------------------------------------------------------------
+    def compiled(self):
+        """The current ``CompiledTls``; raises ``TlsNotReady`` if it can't be built."""
+        c = self.compiled_tls
+        if c is not None and (not self.uses_sds or self.generation == _store().generation):
+            return c
+        return self._resolve()
+
+    def _resolve(self):
+        from . import ssl_context
+        if not self.uses_sds:
+            if self.compiled_tls is None:
+                raise TlsNotReady(self.not_ready_reason or "TLS context not usable")
+            return self.compiled_tls
+        store = _store()
+        gen = store.generation
+        certs = list(self.certificates)
+        parts = [self.proto_key]
+        missing = []
+        for name, dyn in self.certificate_sds_refs:
+            s = store.get(name, dyn)
+            if s is None or s.WhichOneof("type") != "tls_certificate":
+                missing.append(name)
+                continue
+            parts.append(s.SerializeToString(deterministic=True))
+            certs.append(_certificate(s.tls_certificate, "secret '%s'" % name, []))
+        v = self.validation
+        ca, crl = (v.trusted_ca_pem, v.crl_pem) if v is not None else (None, None)
+        if v is not None and v.ca_sds_name:
+            s = store.get(v.ca_sds_name, v.ca_sds_dynamic)
+            if s is None or s.WhichOneof("type") != "validation_context":
+                missing.append(v.ca_sds_name)
+            else:
+                parts.append(s.SerializeToString(deterministic=True))
+                sv = s.validation_context
+                ca = _data_source(sv.trusted_ca, "trusted_ca", "trusted CA") if sv.HasField("trusted_ca") else ca
+                if sv.HasField("crl"):
+                    crl = _data_source(sv.crl, "crl", "CRL")
+        if missing:
+            self.compiled_tls = None
+            self.generation = gen
+            self.not_ready_reason = "TLS secrets not ready: %s" % ", ".join(missing)
+            raise TlsNotReady(self.not_ready_reason)
+        if any(k is None for _, k, _ in certs):
+            self.generation = gen
+            self.not_ready_reason = "TLS private key unavailable (redacted)"
+            raise TlsNotReady(self.not_ready_reason)
+        try:
+            c = ssl_context.compiled_for(b"\0".join(parts),
+                                         lambda: ssl_context.build(self, certs, ca, crl))
+        except ConfigError as e:
+            self.compiled_tls = None
+            self.generation = gen
+            self.not_ready_reason = "TLS context from SDS secrets not usable: %s" % e
+            log.warning("%s", self.not_ready_reason)
+            raise TlsNotReady(self.not_ready_reason) from None
+        self.compiled_tls = c
+        self.generation = gen
+        return c
+
+    def _compile_static(self) -> None:
+        """Config time: build the context now if nothing comes from SDS."""
+        from . import ssl_context
+        if self.uses_sds:
+            return
+        if any(k is None for _, k, _ in self.certificates):
+            self.not_ready_reason = "TLS private key unavailable (redacted)"
+            return
+        v = self.validation
+        ca, crl = (v.trusted_ca_pem, v.crl_pem) if v is not None else (None, None)
+        self.compiled_tls = ssl_context.compiled_for(
+            self.proto_key, lambda: ssl_context.build(self, self.certificates, ca, crl))
+
+    # -- on connections ----------------------------------------------------------------------------
+    def _refuse(self, e: TlsNotReady) -> None:
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("%s TLS connection refused: %s (%d so far)", self.side, e, self.refused)
 
     def wrap(self, transport):
-        self.unsupported += 1
-        UNSUPPORTED_COUNTS[self.side] += 1
-        if self.unsupported == 1 or self.unsupported % 1000 == 0:
-            log.warning("%s (%d so far)", self.unsupported_reason, self.unsupported)
-        raise TlsNotImplemented(self.unsupported_reason)
+        """Downstream: see ``wrap_downstream``. Kept for callers that only check readiness."""
+        try:
+            return self.compiled()
+        except TlsNotReady as e:
+            self._refuse(e)
+            raise
+
+    def wrap_downstream(self, conn, chain=None):
+        """Put a TLS server over ``conn`` (a DownstreamConnection whose chain was just chosen)."""
+        from .socket import ServerTls
+        try:
+            c = self.compiled()
+        except TlsNotReady as e:
+            self._refuse(e)
+            raise
+        return ServerTls(c, conn, chain)
+
+    async def connect(self, loop, sock, protocol, timeout: float, scope):
+        """Upstream: TLS client over connected ``sock``; ``protocol`` sees connection_made after
+        the handshake. Raises OSError (ssl.SSLError, TlsNotReady) or asyncio.TimeoutError."""
+        from .socket import connect_client
+        try:
+            c = self.compiled()
+        except TlsNotReady as e:
+            self._refuse(e)
+            if scope is not None:
+                scope.counter("client_ssl_socket_factory.upstream_context_secrets_not_ready").inc()
+            sock.close()
+            raise
+        await connect_client(loop, c, sock, protocol, timeout, scope)
 
     def __repr__(self):
         return "TlsSocketFactory(%s, alpn=%s, sds=%s)" % (self.side, self.alpn, self.sds_secret_names)
+
+
+def _store():
+    from .secrets import STORE
+    return STORE
 
 
 # -- factories registered under "transport_socket" ----------------------------------------------
@@ -120,9 +245,14 @@ def downstream_factory(cfg, ctx=None) -> TlsSocketFactory:
         raise ConfigError("require_client_certificate needs a validation context (trusted CA)",
                           field="DownstreamTlsContext.require_client_certificate")
     if cfg.HasField("session_ticket_keys") or cfg.HasField("session_ticket_keys_sds_secret_config"):
-        f.notes.append("session ticket keys not used yet")
+        f.notes.append("session ticket keys not used (OpenSSL's own per-process ticket key is)")
     if cfg.ocsp_staple_policy:
-        f.notes.append("OCSP stapling policy not used yet")
+        f.notes.append("OCSP stapling policy not used")
+    f.proto_key = b"D" + cfg.SerializeToString(deterministic=True)
+    try:
+        f._compile_static()
+    except ConfigError as e:
+        raise e.within(field="DownstreamTlsContext.common_tls_context")
     return f
 
 
@@ -136,7 +266,12 @@ def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
         raise ConfigError("sni is longer than 255 bytes", field="UpstreamTlsContext.sni")
     f.sni = cfg.sni
     if cfg.allow_renegotiation:
-        f.notes.append("allow_renegotiation not supported")
+        f.notes.append("allow_renegotiation ignored (renegotiation is not supported)")
+    f.proto_key = b"U" + cfg.SerializeToString(deterministic=True)
+    try:
+        f._compile_static()
+    except ConfigError as e:
+        raise e.within(field="UpstreamTlsContext.common_tls_context")
     return f
 
 
@@ -152,10 +287,11 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
     for i, tc in enumerate(c.tls_certificates):
         fld = "%s.tls_certificates[%d]" % (field, i)
         f.certificates.append(_certificate(tc, fld, f.notes))
-    names = []
+    refs = []
     for i, s in enumerate(c.tls_certificate_sds_secret_configs):
-        names.append(_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)))
-    f.certificate_sds_names = tuple(names)
+        refs.append((_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)), s.HasField("sds_config")))
+    f.certificate_sds_refs = tuple(refs)
+    f.certificate_sds_names = tuple(n for n, _ in refs)
     for unsupported in ("tls_certificate_provider_instance", "tls_certificate_certificate_provider",
                         "tls_certificate_certificate_provider_instance", "custom_tls_certificate_selector",
                         "custom_handshaker", "validation_context_certificate_provider",
@@ -171,6 +307,7 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
         v = f.validation = ValidationConfig()
         v.ca_sds_name = _sds_ref(c.validation_context_sds_secret_config,
                                  field + ".validation_context_sds_secret_config")
+        v.ca_sds_dynamic = c.validation_context_sds_secret_config.HasField("sds_config")
     elif which == "combined_validation_context":
         cvc = c.combined_validation_context
         fld = field + ".combined_validation_context"
@@ -181,8 +318,11 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
                                        ca_from_sds=True)
         v.ca_sds_name = _sds_ref(cvc.validation_context_sds_secret_config,
                                  fld + ".validation_context_sds_secret_config")
+        v.ca_sds_dynamic = cvc.validation_context_sds_secret_config.HasField("sds_config")
     elif which is not None:
         raise ConfigError("%s is not supported" % which, field="%s.%s" % (field, which))
+    if f.validation is not None and f.validation.allow_expired:
+        f.notes.append("allow_expired_certificate not applied (expired peer certificates still fail)")
     if server and not f.certificates and not f.certificate_sds_names:
         raise ConfigError("no TLS certificates found for server context", field=field)
 
@@ -286,7 +426,7 @@ def _certificate(tc, field: str, notes: list):
         raise ConfigError("private_key is required", field=field + ".private_key")
     if key.strip() == REDACTED:
         notes.append("private key redacted (from a config dump); not checked")
-        return chain, None
+        return chain, None, None
     password = None
     if tc.HasField("password"):
         password = _data_source(tc.password, field + ".password", "password")
@@ -296,7 +436,7 @@ def _certificate(tc, field: str, notes: list):
         raise ConfigError("invalid PEM private key: %s" % e, field=field + ".private_key") from None
     if _public_bytes(pkey.public_key()) != _public_bytes(certs[0].public_key()):
         raise ConfigError("private key does not match the certificate", field=field + ".private_key")
-    return chain, key
+    return chain, key, password
 
 
 def _sds_ref(s, field: str) -> str:
@@ -339,7 +479,9 @@ def _validation(vc, field: str, *, ca_from_sds: bool = False) -> ValidationConfi
     v.spki = tuple(vc.verify_certificate_spki)
     v.allow_expired = vc.allow_expired_certificate
     if vc.HasField("crl"):
-        _data_source(vc.crl, field + ".crl", "CRL")
+        v.crl_pem = _data_source(vc.crl, field + ".crl", "CRL")
+        v.only_leaf_crl = vc.only_verify_leaf_cert_crl
+
     if vc.HasField("custom_validator_config"):
         raise ConfigError("custom_validator_config is not supported", field=field + ".custom_validator_config")
     if (sans or v.spki or v.hashes) and ca is None and not ca_from_sds and not v.system_roots:

@@ -2,7 +2,7 @@
 
 Istio uses it for HBONE (connect_originate / waypoint tunnels). Internal listeners are not
 supported, so the config is validated (the wrapped transport socket included) and any attempt to
-use it on a connection is refused with a logged reason, like the TLS sockets.
+use it on a connection is refused with a logged reason (a connect failure), never sent in plaintext.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ log = logging.getLogger("pyproxy.config")
 
 class InternalUpstreamFactory:
     name = "internal_upstream"
-    is_tls = False
+    is_tls = True  # not plaintext: pools must ask it (and it refuses)
     alpn: tuple = ()
 
     def __init__(self, inner, passthrough: tuple):
@@ -36,6 +36,13 @@ class InternalUpstreamFactory:
         if self.unsupported == 1:
             log.warning(self.unsupported_reason)
         raise TlsNotImplemented(self.unsupported_reason)
+
+    def wrap_downstream(self, conn, chain=None):
+        return self.wrap(None)
+
+    async def connect(self, loop, sock, protocol, timeout, scope):
+        sock.close()
+        self.wrap(None)
 
 
 def factory(cfg, ctx=None) -> InternalUpstreamFactory:

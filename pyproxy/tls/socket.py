@@ -1,0 +1,570 @@
+"""TLS on a live connection: ``ssl.SSLObject`` over a pair of ``ssl.MemoryBIO``.
+
+The layer sits between the plaintext asyncio transport and whoever used it, and presents the same
+transport interface upward (write/writelines/write_eof/close/abort, pause/resume_reading,
+is_closing, write-buffer size and limits, get_extra_info with 'ssl_object', 'peercert', 'cipher',
+'sslcontext'), so network filters, codecs and pools never know they run over TLS.
+
+- ``ServerTls`` (listeners): the listener filters have already read the ClientHello, so TLS starts
+  on a connection that exists: the layer replaces ``conn.transport``, takes over ``conn.on_data_cb``
+  (ciphertext in) and passes decrypted bytes to the chain's filters. Writes made before the
+  handshake ends are held and sent encrypted after it. ``write_eof`` sends close_notify, then FIN.
+  A failed handshake (bad ClientHello, wrong CA, missing client certificate, SAN mismatch) sends
+  OpenSSL's alert where there is one and closes; it is counted under ``listener.<name>.ssl.*``.
+  The handshake is bounded by the chain's ``transport_socket_connect_timeout``, else by
+  ``DEFAULT_HANDSHAKE_TIMEOUT`` (Envoy has no default; a peer that never finishes would hold the
+  connection until an idle timeout, which tcp_proxy chains may not have).
+- ``ClientTls`` (cluster pools): an asyncio protocol on the raw socket that completes the handshake
+  first, then calls the pool connection's ``connection_made`` with itself as the transport; a
+  failure or timeout is a connect failure (counted under ``cluster.<name>.ssl.*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+log = logging.getLogger("pyproxy.tls")
+
+HANDSHAKE, OPEN, CLOSED = 0, 1, 2
+TIMEOUT = "timeout"
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+RECORD = 16384  # an SSL_read returns at most one record's plaintext
+
+_WantRead = ssl.SSLWantReadError
+_ZeroReturn = ssl.SSLZeroReturnError
+_SSLError = ssl.SSLError
+_VerifyError = ssl.SSLCertVerificationError
+
+
+class TlsHandshakeError(ConnectionError):
+    """An upstream TLS handshake failed (its text is Envoy-style: ``TLS_error:|...:TLS_error_end``)."""
+
+
+class SslStats:
+    """Envoy's ``<listener or cluster>.ssl.*`` counters; rare ones are looked up when counted."""
+
+    __slots__ = ("counter", "handshake", "connection_error", "no_certificate")
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.handshake = counter("ssl.handshake")
+        self.connection_error = counter("ssl.connection_error")
+        self.no_certificate = counter("ssl.no_certificate")
+
+    def inc(self, name: str) -> None:
+        self.counter(name).inc()
+
+
+_stats: dict = {}
+
+
+def listener_stats(conn) -> SslStats:
+    store = conn.manager.stats
+    prefix = "listener.%s." % conn.listener.stat_prefix
+    key = (id(store), prefix)
+    s = _stats.get(key)
+    if s is None:
+        s = _stats[key] = SslStats(lambda n: store.counter(prefix + n))
+    return s
+
+
+def cluster_stats(scope) -> SslStats | None:
+    if scope is None:
+        return None
+    key = (id(scope.store), scope.prefix)
+    s = _stats.get(key)
+    if s is None:
+        s = _stats[key] = SslStats(scope.counter)
+    return s
+
+
+def _error_text(e) -> str:
+    if isinstance(e, _VerifyError):
+        return "TLS_error:|%s:CERTIFICATE_VERIFY_FAILED:TLS_error_end" % (e.verify_message or "verify failed")
+    lib = getattr(e, "library", None) or "SSL routines"
+    reason = getattr(e, "reason", None) or str(e)
+    return "TLS_error:|%s:%s:TLS_error_end" % (lib, reason)
+
+
+def _count_failure(st, kind: str, timeout_stat: str) -> None:
+    """As Envoy: a failed verification counts ``ssl.fail_verify_*`` only; any other failure
+    ``ssl.connection_error``; a handshake timeout its own listener counter."""
+    if kind == TIMEOUT:
+        if timeout_stat:
+            st.counter(timeout_stat).inc()
+    elif kind:
+        st.inc("ssl." + kind)
+    else:
+        st.connection_error.inc()
+
+
+def _failure_kind(e) -> str:
+    if isinstance(e, _VerifyError):
+        return "fail_verify_error"
+    if getattr(e, "reason", None) == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "fail_verify_no_cert"
+    return ""
+
+
+class _TlsLayer:
+    """What the server and client sides share: the SSLObject, its BIOs, the transport interface."""
+
+    __slots__ = ("raw", "obj", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
+                 "peer_eof", "alpn", "version", "cipher_name", "peer_uri_san", "peer_dns_san",
+                 "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni")
+
+    def _init(self, tls, stats):
+        self.tls = tls
+        self.stats = stats
+        self.raw = None
+        self.obj = None
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.state = HANDSHAKE
+        self.wq = []
+        self.timer = None
+        self.close_sent = False
+        self.peer_eof = False
+        self.alpn = ""
+        self.version = ""
+        self.cipher_name = ""
+        self.peer_uri_san = ""
+        self.peer_dns_san = ""
+        self.peer_principal = ""
+        self.peer_subject = ""
+        self.peer_issuer = ""
+        self.peer_serial = ""
+        self.sni = ""
+
+    # -- handshake ----------------------------------------------------------------------------------
+    def _flush_out(self) -> None:
+        out = self.out
+        if out.pending:
+            self.raw.write(out.read())
+
+    def _handshake(self):
+        """True once complete, False while it needs more bytes, None after a failure (closed)."""
+        try:
+            self.obj.do_handshake()
+        except _WantRead:
+            self._flush_out()
+            return False
+        except (_SSLError, OSError, ValueError) as e:
+            self._flush_out()  # OpenSSL's alert, if it wrote one
+            self._failed(_failure_kind(e), _error_text(e))
+            return None
+        self._flush_out()
+        kind = self.tls.check_peer(self.obj)
+        if kind:
+            self._failed(kind, "TLS_error:|peer certificate: %s:TLS_error_end" % kind)
+            return None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = OPEN
+        self._record()
+        return True
+
+    def _record(self) -> None:
+        """Facts of the finished handshake (for access logs, RBAC, stats)."""
+        obj = self.obj
+        self.version = obj.version() or ""
+        self.alpn = obj.selected_alpn_protocol() or ""
+        c = obj.cipher()
+        self.cipher_name = c[0] if c else ""
+        st = self.stats
+        if st is not None:
+            st.handshake.inc()
+            if self.version:
+                st.inc("ssl.versions." + self.version)
+            if self.cipher_name:
+                st.inc("ssl.ciphers." + self.cipher_name)
+        if self.tls.verifies:
+            cert = obj.getpeercert()
+            if cert:
+                uri = dns = ""
+                for kind, value in cert.get("subjectAltName", ()):
+                    if kind == "URI" and not uri:
+                        uri = value
+                    elif kind == "DNS" and not dns:
+                        dns = value
+                self.peer_uri_san, self.peer_dns_san = uri, dns
+                self.peer_subject = _rdn(cert.get("subject", ()))
+                self.peer_issuer = _rdn(cert.get("issuer", ()))
+                self.peer_serial = cert.get("serialNumber", "").lower()
+                self.peer_principal = uri or dns or self.peer_subject
+            elif st is not None:
+                st.no_certificate.inc()
+        elif st is not None and self.tls.server:
+            st.no_certificate.inc()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if self.state == HANDSHAKE:
+            self._failed(TIMEOUT, "TLS_error:|handshake timeout:TLS_error_end", abort=True)
+
+    def _send_queued(self) -> None:
+        wq, self.wq = self.wq, []
+        for d in wq:
+            if d is None:
+                self.write_eof()
+            else:
+                self.write(d)
+
+    # -- records in ---------------------------------------------------------------------------------
+    def _read(self):
+        """Decrypt everything buffered: (plaintext, peer sent close_notify). Raises SSLError on a
+        fatal record error."""
+        obj = self.obj
+        inc = self.inc
+        first = None
+        more = None
+        eof = False
+        try:
+            while True:
+                d = obj.read(RECORD)
+                if not d:
+                    eof = True
+                    break
+                if first is None:
+                    first = d
+                elif more is None:
+                    more = [first, d]
+                else:
+                    more.append(d)
+                if not inc.pending and not obj.pending():
+                    break
+        except _WantRead:
+            pass
+        except _ZeroReturn:
+            eof = True
+        if self.out.pending:  # post-handshake messages (tickets, key updates)
+            self.raw.write(self.out.read())
+        if more is not None:
+            return b"".join(more), eof
+        return first or b"", eof
+
+    # -- transport interface ------------------------------------------------------------------------
+    def write(self, data) -> None:
+        if self.state == OPEN:
+            if not data or self.close_sent:
+                return
+            try:
+                self.obj.write(data)
+            except _SSLError as e:
+                log.debug("TLS write failed: %s", e)
+                self.abort()
+                return
+            self.raw.write(self.out.read())
+        elif self.state == HANDSHAKE:
+            if data:
+                self.wq.append(bytes(data))
+
+    def writelines(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
+    def write_eof(self) -> None:
+        """TLS close_notify, then the TCP half-close; reading goes on until the peer closes."""
+        if self.state == HANDSHAKE:
+            self.wq.append(None)
+            return
+        if self.state != OPEN or self.close_sent:
+            return
+        self._close_notify()
+        self.raw.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def _close_notify(self) -> None:
+        self.close_sent = True
+        try:
+            self.obj.unwrap()
+        except (_SSLError, ValueError, OSError):
+            pass  # want-read: ours is sent, the peer's comes (or not) later
+        self._flush_out()
+
+    def close(self) -> None:
+        if self.state == OPEN and not self.close_sent:
+            self._close_notify()
+        self._closed()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self._closed()
+        self.raw.abort()
+
+    def _closed(self) -> None:
+        self.state = CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def is_closing(self) -> bool:
+        return self.state == CLOSED or self.raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.raw.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size() + self.out.pending
+
+    def get_write_buffer_limits(self):
+        return self.raw.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.raw.set_write_buffer_limits(high=high, low=low)
+
+    def get_extra_info(self, name, default=None):
+        obj = self.obj
+        if name == "ssl_object":
+            return obj
+        if name == "sslcontext":
+            return self.tls.ctx
+        if obj is not None and self.state != HANDSHAKE:
+            if name == "peercert":
+                return obj.getpeercert()
+            if name == "cipher":
+                return obj.cipher()
+            if name == "compression":
+                return obj.compression()
+            if name == "alpn_protocol":
+                return self.alpn or None
+        return self.raw.get_extra_info(name, default)
+
+
+def _rdn(name) -> str:
+    """An RFC 2253-ish string of a stdlib certificate name (most specific first, as Envoy prints)."""
+    parts = []
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
+    for rdn in reversed(name):
+        for k, v in rdn:
+            parts.append("%s=%s" % (short.get(k, k), v))
+    return ",".join(parts)
+
+
+# -- server side (listeners) --------------------------------------------------------------------------
+
+class ServerTls(_TlsLayer):
+    """TLS server over a DownstreamConnection: ``conn.transport`` becomes this layer."""
+
+    __slots__ = ("conn", "sink", "rx")
+
+    def __init__(self, tls, conn, chain=None):
+        self._init(tls, listener_stats(conn))
+        self.conn = conn
+        self.sink = None
+        self.rx = False
+        self.raw = conn.transport
+        self.obj = tls.ctx.wrap_bio(self.inc, self.out, server_side=True)
+        conn.transport = self
+        timeout = DEFAULT_HANDSHAKE_TIMEOUT
+        if chain is not None:
+            p = getattr(chain, "proto", None)
+            if p is not None and p.HasField("transport_socket_connect_timeout"):
+                d = p.transport_socket_connect_timeout
+                timeout = d.seconds + d.nanos / 1e9
+        if timeout > 0:
+            self.timer = conn.manager.loop.call_later(timeout, self._timeout)
+        conn.close_cbs.append(self._lost)
+
+    def start(self) -> None:
+        """The chain's filters exist: ciphertext now comes here, plaintext goes to them."""
+        conn = self.conn
+        self.sink = conn.on_data_cb
+        conn.on_data_cb = self.feed
+
+    def feed(self, data, end_stream) -> None:
+        if data:
+            self.inc.write(data)
+        if self.state != OPEN:
+            if self.state == CLOSED:
+                return
+            if data:
+                self.rx = True
+            elif not self.rx:
+                if end_stream:  # closed before sending anything: not a TLS error (as Envoy)
+                    self._closed()
+                    self.conn.close(flush=True)
+                return
+            r = self._handshake()
+            if not r:
+                if r is False and end_stream:
+                    self._failed("", "TLS_error:|connection closed during handshake:TLS_error_end")
+                return
+            self._opened()
+            if self.state != OPEN:
+                return
+            if not (self.inc.pending or self.obj.pending() or end_stream):
+                return
+        try:
+            plain, eof = self._read()
+        except (_SSLError, OSError) as e:
+            self.stats.connection_error.inc()
+            self.conn.stream_info.connection_termination_details = _error_text(e)
+            self.conn.close(flush=False)
+            return
+        conn = self.conn
+        if plain:
+            self.sink(plain, False)
+        if (eof or end_stream) and not self.peer_eof and not conn.closed:
+            self.peer_eof = True
+            self.sink(b"", True)
+
+    def _opened(self) -> None:
+        conn = self.conn
+        conn.ssl = self
+        si = conn.stream_info
+        si.downstream_tls_version = self.version
+        si.downstream_peer_uri_san = self.peer_uri_san
+        si.downstream_local_uri_san = self.tls.local_uri_san
+        si.downstream_ssl = self
+        sni = getattr(self.obj, "pyproxy_sni", None)
+        if sni:
+            self.sni = sni
+            if not si.requested_server_name:
+                si.requested_server_name = sni
+        if self.wq:
+            self._send_queued()
+
+    def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
+        _count_failure(self.stats, kind, "downstream_cx_transport_socket_connect_timeout")
+        self._closed()
+        conn = self.conn
+        conn.stream_info.connection_termination_details = reason
+        log.debug("downstream TLS handshake failed (%s): %s", conn.remote_address, reason)
+        conn.close(flush=not abort)
+
+    def _lost(self) -> None:
+        if self.state == HANDSHAKE and self.rx:
+            self.stats.connection_error.inc()
+        self._closed()
+
+
+# -- client side (cluster pools) ----------------------------------------------------------------------
+
+class ClientTls(_TlsLayer, asyncio.Protocol):
+    """The asyncio protocol of an upstream socket; the pool's connection protocol sits above it."""
+
+    __slots__ = ("app", "waiter", "made", "keep_open")
+
+    def __init__(self, tls, app, waiter, stats, timeout: float, loop):
+        self._init(tls, stats)
+        self.app = app
+        self.waiter = waiter
+        self.made = False
+        self.keep_open = False
+        self.timer = loop.call_later(timeout if timeout and timeout > 0 else DEFAULT_HANDSHAKE_TIMEOUT,
+                                     self._timeout)
+
+    def connection_made(self, raw):
+        self.raw = raw
+        self.obj = self.tls.ctx.wrap_bio(self.inc, self.out, server_side=False,
+                                         server_hostname=self.tls.sni)
+        self._handshake()
+
+    def data_received(self, data):
+        self.inc.write(data)
+        if self.state != OPEN:
+            if self.state == CLOSED:
+                return
+            if not self._handshake():
+                return
+            self._opened()
+            if self.state != OPEN or not (self.inc.pending or self.obj.pending()):
+                return
+        try:
+            plain, eof = self._read()
+        except (_SSLError, OSError) as e:
+            log.debug("upstream TLS read failed: %s", e)
+            if self.stats is not None:
+                self.stats.connection_error.inc()
+            self.abort()
+            return
+        if plain:
+            self.app.data_received(plain)
+        if eof and not self.peer_eof and self.state == OPEN:
+            self.peer_eof = True
+            self.keep_open = bool(self.app.eof_received())
+            if not self.keep_open:
+                self.close()
+
+    def eof_received(self):
+        if self.state == HANDSHAKE:
+            self._failed("", "TLS_error:|connection closed during handshake:TLS_error_end")
+            return False
+        if not self.made:
+            return False
+        if not self.peer_eof:
+            self.peer_eof = True
+            self.keep_open = bool(self.app.eof_received())
+        return self.keep_open
+
+    def connection_lost(self, exc):
+        was = self.state
+        self._closed()
+        if self.made:
+            self.app.connection_lost(exc)
+        elif not self.waiter.done():
+            if was == HANDSHAKE and self.stats is not None:
+                self.stats.connection_error.inc()
+            self.waiter.set_exception(TlsHandshakeError(
+                "TLS_error:|connection closed during handshake:TLS_error_end"))
+
+    def pause_writing(self):
+        if self.made:
+            self.app.pause_writing()
+
+    def resume_writing(self):
+        if self.made:
+            self.app.resume_writing()
+
+    def _opened(self) -> None:
+        self.made = True
+        self.app.connection_made(self)
+        if not self.waiter.done():
+            self.waiter.set_result(None)
+        if self.wq:
+            self._send_queued()
+
+    def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
+        if self.stats is not None and kind != TIMEOUT:
+            _count_failure(self.stats, kind, "")
+        self._closed()
+        if not self.waiter.done():
+            if abort:
+                self.waiter.set_exception(asyncio.TimeoutError())
+            else:
+                self.waiter.set_exception(TlsHandshakeError(reason))
+        if abort:
+            self.raw.abort()
+        else:
+            self.raw.close()
+
+
+async def connect_client(loop, tls, sock, app, timeout: float, scope) -> None:
+    """TLS over the connected ``sock``; returns once ``app.connection_made`` has run (handshake done).
+    Raises ``TlsHandshakeError`` (an OSError) or ``asyncio.TimeoutError``; the socket is closed then."""
+    waiter = loop.create_future()
+    proto = ClientTls(tls, app, waiter, cluster_stats(scope), timeout, loop)
+    try:
+        await loop.create_connection(lambda: proto, sock=sock)
+    except BaseException:
+        proto._closed()
+        sock.close()
+        raise
+    try:
+        await waiter
+    except BaseException:
+        if proto.state != CLOSED or not proto.raw.is_closing():
+            proto.abort()
+        raise

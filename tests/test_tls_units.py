@@ -1,0 +1,277 @@
+"""TLS config compilation without a proxy process: contexts built once and shared, SDS/static
+secrets resolved through the store (refused until present, rebuilt on change), SAN matching rules,
+config-time errors, lazy imports, and the TLS layer over a real socket pair."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import subprocess
+import sys
+
+import pytest
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from google.protobuf import json_format
+
+from pyproxy.config import ConfigError
+from pyproxy.tls import TlsNotReady, downstream_factory, upstream_factory
+from pyproxy.tls.secrets import SecretStore, STORE
+from tls_certs import Pki, cert_entry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    p = Pki(tmp_path_factory.mktemp("pki"))
+    p.server = p.issue("server", dns=["localhost", "*.svc.local"], uri=["spiffe://cluster.local/ns/a/sa/s"])
+    p.client = p.issue("client", uri=["spiffe://cluster.local/ns/a/sa/c"])
+    return p
+
+
+@pytest.fixture
+def store():
+    STORE.clear()
+    yield STORE
+    STORE.clear()
+
+
+def dctx(d) -> tls_pb2.DownstreamTlsContext:
+    return json_format.ParseDict(d, tls_pb2.DownstreamTlsContext())
+
+
+def uctx(d) -> tls_pb2.UpstreamTlsContext:
+    return json_format.ParseDict(d, tls_pb2.UpstreamTlsContext())
+
+
+def secret(d) -> secret_pb2.Secret:
+    return json_format.ParseDict(d, secret_pb2.Secret())
+
+
+def test_context_built_at_config_time_and_shared(pki):
+    cfg = {"common_tls_context": {"alpn_protocols": ["h2"], "tls_certificates": [cert_entry(pki.server)]}}
+    a, b = downstream_factory(dctx(cfg)), downstream_factory(dctx(cfg))
+    assert a.compiled_tls is not None and a.compiled_tls is b.compiled_tls  # one SSLContext
+    assert isinstance(a.compiled_tls.ctx, ssl.SSLContext)
+    assert a.compiled_tls.local_uri_san == "spiffe://cluster.local/ns/a/sa/s"
+    cfg["common_tls_context"]["alpn_protocols"] = ["http/1.1"]
+    assert downstream_factory(dctx(cfg)).compiled_tls is not a.compiled_tls
+
+
+def test_versions_and_verify_modes(pki):
+    ca = {"trusted_ca": {"inline_string": pki.ca_pem.decode()}}
+    f = downstream_factory(dctx({"common_tls_context": {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3"},
+        "tls_certificates": [cert_entry(pki.server, inline=False)], "validation_context": ca}}))
+    c = f.compiled_tls.ctx
+    assert c.minimum_version == ssl.TLSVersion.TLSv1_3 and c.maximum_version == ssl.TLSVersion.TLSv1_3
+    assert c.verify_mode == ssl.CERT_OPTIONAL  # a CA without require_client_certificate
+    f = downstream_factory(dctx({"require_client_certificate": True, "common_tls_context": {
+        "tls_certificates": [cert_entry(pki.server)], "validation_context": ca}}))
+    assert f.compiled_tls.ctx.verify_mode == ssl.CERT_REQUIRED
+    u = upstream_factory(uctx({"sni": "x", "common_tls_context": {}}))
+    assert u.compiled_tls.ctx.verify_mode == ssl.CERT_NONE and u.compiled_tls.sni == "x"
+    u = upstream_factory(uctx({"common_tls_context": {"validation_context": ca}}))
+    assert u.compiled_tls.ctx.verify_mode == ssl.CERT_REQUIRED and u.compiled_tls.sni is None
+
+
+def test_sds_secrets_resolved_refused_until_present_and_rebuilt(pki, store):
+    f = downstream_factory(dctx({"common_tls_context": {
+        "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {"ads": {}}}],
+        "combined_validation_context": {
+            "default_validation_context": {"match_subject_alt_names": [{"prefix": "spiffe://cluster.local/"}]},
+            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}}},
+        "require_client_certificate": True}))
+    assert f.compiled_tls is None
+    with pytest.raises(TlsNotReady, match="default, ROOTCA"):
+        f.compiled()
+    store.apply_sds({"default": secret({"name": "default", "tls_certificate": cert_entry(pki.server)})})
+    with pytest.raises(TlsNotReady, match="ROOTCA"):
+        f.compiled()
+    store.apply_sds({"ROOTCA": secret({"name": "ROOTCA", "validation_context": {
+        "trusted_ca": {"inline_bytes": __import__("base64").b64encode(pki.ca_pem).decode()}}})})
+    c1 = f.compiled()
+    assert c1.ctx.verify_mode == ssl.CERT_REQUIRED and len(c1.san_matchers) == 1
+    assert f.compiled() is c1  # nothing changed: no rebuild
+    other = pki.issue("server2", dns=["localhost"])
+    store.apply_sds({"default": secret({"name": "default", "tls_certificate": cert_entry(other)})})
+    c2 = f.compiled()
+    assert c2 is not c1 and c2.local_uri_san == ""
+    store.apply_sds(removed=["default"])
+    with pytest.raises(TlsNotReady):
+        f.compiled()
+
+
+def test_static_secret_reference(pki):
+    s = SecretStore()
+    s.load_static([secret({"name": "srv", "tls_certificate": cert_entry(pki.server)})])
+    assert s.get("srv", dynamic=False).name == "srv" and s.get("srv", dynamic=True).name == "srv"
+    with pytest.raises(ConfigError, match="does not match"):
+        s.load_static([secret({"name": "bad", "tls_certificate": {
+            "certificate_chain": {"inline_string": pki.server.cert_pem.decode()},
+            "private_key": {"inline_string": pki.client.key_pem.decode()}}})])
+
+
+def test_config_errors(pki):
+    with pytest.raises(ConfigError, match="no TLS certificates found"):
+        downstream_factory(dctx({"common_tls_context": {}}))
+    with pytest.raises(ConfigError, match="cannot read certificate chain"):
+        downstream_factory(dctx({"common_tls_context": {"tls_certificates": [{
+            "certificate_chain": {"filename": "/nonexistent.pem"}, "private_key": {"inline_string": "x"}}]}}))
+    with pytest.raises(ConfigError, match="SAN-based verification"):
+        upstream_factory(uctx({"common_tls_context": {"validation_context": {
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": "x"}}]}}}))
+
+
+class _Peer:
+    """Stands in for an SSLObject's peer-certificate accessors (check_peer reads only these)."""
+
+    def __init__(self, sans, der=b"x"):
+        self.sans = sans
+        self.der = der
+
+    def getpeercert(self, binary=False):
+        return self.der if binary else {"subjectAltName": self.sans}
+
+
+@pytest.mark.parametrize("matchers,sans,ok", [
+    ([{"san_type": "URI", "matcher": {"exact": "spiffe://td/ns/a/sa/b"}}], [("URI", "spiffe://td/ns/a/sa/b")], True),
+    ([{"san_type": "URI", "matcher": {"prefix": "spiffe://td/ns/a/"}}], [("URI", "spiffe://td/ns/b/sa/x")], False),
+    ([{"san_type": "URI", "matcher": {"suffix": "/sa/b"}}], [("DNS", "x/sa/b")], False),  # type matters
+    ([{"san_type": "DNS", "matcher": {"safe_regex": {"regex": "[a-z]+\\.svc"}}}], [("DNS", "api.svc")], True),
+    ([{"san_type": "DNS", "matcher": {"exact": "a.svc.local"}}], [("DNS", "*.svc.local")], True),
+    ([{"san_type": "DNS", "matcher": {"exact": "a.b.svc.local"}}], [("DNS", "*.svc.local")], False),
+    ([{"san_type": "DNS", "matcher": {"exact": "x"}}, {"san_type": "URI", "matcher": {"exact": "u"}}],
+     [("URI", "u")], True),  # any matcher
+])
+def test_san_matching(pki, matchers, sans, ok):
+    u = upstream_factory(uctx({"common_tls_context": {"validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()}, "match_typed_subject_alt_names": matchers}}}))
+    assert u.compiled_tls.check_peer(_Peer(sans)) == ("" if ok else "fail_verify_san")
+
+
+def test_legacy_matcher_any_type(pki):
+    u = upstream_factory(uctx({"common_tls_context": {"validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()}, "match_subject_alt_names": [{"exact": "10.0.0.1"}]}}}))
+    assert u.compiled_tls.check_peer(_Peer([("IP Address", "10.0.0.1")])) == ""
+    assert u.compiled_tls.check_peer(_Peer([("DNS", "10.0.0.2")])) == "fail_verify_san"
+
+
+def test_certificate_hash_pin(pki):
+    import hashlib
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    der = x509.load_pem_x509_certificate(pki.server.cert_pem).public_bytes(serialization.Encoding.DER)
+    h = hashlib.sha256(der).hexdigest()
+    u = upstream_factory(uctx({"common_tls_context": {"validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()}, "verify_certificate_hash": [h.upper()]}}}))
+    assert u.compiled_tls.check_peer(_Peer([], der)) == ""
+    assert u.compiled_tls.check_peer(_Peer([], der + b"x")) == "fail_verify_cert_hash"
+
+
+def test_plaintext_config_imports_nothing_tls(tmp_path):
+    """A bootstrap without TLS compiles without importing pyproxy.tls or cryptography."""
+    prog = ("import sys\n"
+            "from pyproxy.validate import read_items, validate_items\n"
+            "items = validate_items(read_items(sys.argv[1]))\n"
+            "print([i.verdict for i in items])\n"
+            "print('TLS' if any(m.startswith(('pyproxy.tls', 'cryptography', 'OpenSSL')) for m in sys.modules)"
+            " else 'NOTLS')\n")
+    import json
+    cfg = tmp_path / "plain.json"
+    cfg.write_text(json.dumps({"static_resources": {"listeners": [{
+        "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "t", "cluster": "c"}}]}]}],
+        "clusters": [{"name": "c", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+            "cluster_name": "c", "endpoints": []}}]}}))
+    p = subprocess.run([sys.executable, "-c", prog, str(cfg)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = p.stdout.strip().splitlines()
+    assert out and "accepted" in out[0] and "rejected" not in out[0], p.stdout + p.stderr
+    assert out[-1] == "NOTLS", p.stdout + p.stderr
+
+
+# -- the layer over a real socket pair -----------------------------------------------------------------
+
+def test_client_layer_handshake_and_close_notify(pki):
+    """ClientTls against a stdlib TLS server over a socketpair: handshake before connection_made,
+    data both ways, close_notify on write_eof, peer's close_notify seen as EOF."""
+    from pyproxy.tls.socket import connect_client
+
+    u = upstream_factory(uctx({"sni": "localhost", "common_tls_context": {"alpn_protocols": ["x-test"],
+                               "validation_context": {"trusted_ca": {"inline_string": pki.ca_pem.decode()}}}}))
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(pki.server.cert_path, pki.server.key_path)
+    sctx.set_alpn_protocols(["x-test"])
+    a, b = socket.socketpair()
+    seen = {}
+
+    def server():
+        b.settimeout(5)
+        t = sctx.wrap_socket(b, server_side=True)
+        seen["alpn"] = t.selected_alpn_protocol()
+        seen["req"] = t.recv(100)
+        t.sendall(b"pong")
+        try:
+            seen["eof"] = t.recv(100)  # our close_notify
+        except ssl.SSLError as e:
+            seen["eof"] = e
+        t.unwrap()
+        b.close()
+
+    import threading
+    th = threading.Thread(target=server, daemon=True)
+    th.start()
+
+    class App(asyncio.Protocol):
+        def __init__(self):
+            self.events = []
+            self.done = None
+
+        def connection_made(self, t):
+            self.t = t
+            self.events.append(("made", t.get_extra_info("ssl_object").selected_alpn_protocol()))
+
+        def data_received(self, d):
+            self.events.append(("data", d))
+            self.t.write_eof()
+
+        def eof_received(self):
+            self.events.append(("eof",))
+            return False
+
+        def connection_lost(self, exc):
+            self.events.append(("lost",))
+            self.done.set_result(None)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        app = App()
+        app.done = loop.create_future()
+        a.setblocking(False)
+        await connect_client(loop, u.compiled(), a, app, 5.0, None)
+        app.t.write(b"ping")
+        await asyncio.wait_for(app.done, 5)
+        return app.events
+
+    events = asyncio.run(main())
+    th.join(5)
+    assert seen["alpn"] == "x-test" and seen["req"] == b"ping" and seen["eof"] == b""
+    assert events == [("made", "x-test"), ("data", b"pong"), ("eof",), ("lost",)], events
+
+
+def test_sni_and_sans_do_not_split_the_ssl_context(pki):
+    """Istio gives every outbound cluster its own SNI and SANs: one SSLContext serves them all."""
+    def u(sni, san):
+        return upstream_factory(uctx({"sni": sni, "common_tls_context": {"validation_context": {
+            "trusted_ca": {"inline_string": pki.ca_pem.decode()},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": san}}]}}}))
+    a, b = u("outbound_.80_._.a", "spiffe://td/sa/a"), u("outbound_.80_._.b", "spiffe://td/sa/b")
+    assert a.compiled_tls is not b.compiled_tls and a.compiled_tls.ctx is b.compiled_tls.ctx
+    assert (a.compiled_tls.sni, b.compiled_tls.sni) == ("outbound_.80_._.a", "outbound_.80_._.b")
+    c = upstream_factory(uctx({"sni": "x", "common_tls_context": {"alpn_protocols": ["istio"], "validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()}}}}))
+    assert c.compiled_tls.ctx is not a.compiled_tls.ctx
