@@ -130,6 +130,9 @@ class Server:
     def compile_static(self):
         """Compile every static cluster and listener (no sockets); raises ConfigError on the first bad one."""
         sr = self.bootstrap.static_resources
+        if sr.secrets:
+            from .tls.secrets import STORE
+            STORE.load_static(sr.secrets)
         clusters = []
         names = set()
         for i, c in enumerate(sr.clusters):

@@ -48,6 +48,7 @@ class StreamInfo:
     attempt_count = 0
     virtual_cluster_name = ""
     downstream_tls_version = ""
+    downstream_ssl = None  # the TLS layer (pyproxy/tls/socket.py ServerTls) of a TLS connection
     downstream_peer_uri_san = ""
     downstream_local_uri_san = ""
     health_check = False

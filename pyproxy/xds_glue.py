@@ -316,6 +316,8 @@ class XdsGlue:
         elif type_url == ROUTE:
             self._apply_routes(version_info, added, removed)
         elif type_url == SECRET:
+            from .tls.secrets import STORE
+            STORE.apply_sds(added, removed)  # validates: a ConfigError NACKs the response
             for name, sec in added.items():
                 self.secrets[name] = sec
                 self.secret_versions[name] = (version_info, time.time())

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from proxy_util import HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, request, route, route_config
+from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, raw, request, route,
+                        route_config, tcp_listener)
 from tls_certs import Pki, upstream_tls, uri_san
 
 NGHTTPD = shutil.which("nghttpd")
@@ -141,12 +142,13 @@ def env(tmp_path_factory):
                                       "transport_socket": good}]
     routes.append(route("/matched/", "matched"))
     clusters.append(m)
-    bs = bootstrap([http_listener(port, route_config(routes))], clusters)
+    tcp_port = free_port()  # tcp_proxy to the TLS cluster "good": plaintext in, TLS out
+    bs = bootstrap([http_listener(port, route_config(routes)), tcp_listener(tcp_port, "good")], clusters)
     px = Pyproxy(bs)
     try:
         if ng is not None:
             _wait_port(ng_port)
-        yield {"px": px, "port": port, "tls_be": tls_be, "big": big}
+        yield {"px": px, "port": port, "tls_be": tls_be, "big": big, "tcp_port": tcp_port}
     finally:
         px.stop()
         tls_be.close()
@@ -236,3 +238,13 @@ def test_handshake_timeout_is_connect_timeout(env):
     st = px.stats()
     assert st["cluster.stuck.upstream_cx_connect_timeout"] == 1 and st["cluster.stuck.upstream_cx_connect_fail"] == 1
     assert st.get("cluster.stuck.ssl.connection_error", 0) == 0
+
+
+def test_tcp_proxy_to_tls_cluster(env):
+    """tcp_proxy connects through the cluster's transport socket: the backend sees TLS with SNI and
+    the client certificate, the client speaks plaintext."""
+    before = env["px"].stats().get("cluster.good.ssl.handshake", 0)
+    data = raw(env["tcp_port"], b"GET /tcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=5)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert b"sni=backend.local client=spiffe://cluster.local/ns/default/sa/proxy" in data, data
+    assert env["px"].stats().get("cluster.good.ssl.handshake", 0) == before + 1

@@ -103,8 +103,7 @@ class HttpConnection:
         st.cx_total.value += 1
         st.cx_active.inc()
         ct = self.cfg.codec_type
-        alpn = self.conn.info.application_protocols
-        if ct == 2 or (ct == 0 and alpn and alpn[0] == "h2" and self.conn.ssl is not None):
+        if ct == 2:
             self._make_h2()
         elif ct == 1:
             self._make_h1()
@@ -137,6 +136,15 @@ class HttpConnection:
         if codec is None:
             if not data and end_stream:
                 self.conn.close(flush=True)
+                return STOP
+            tls = self.conn.ssl
+            if tls is not None and tls.alpn:
+                # AUTO over TLS: the negotiated ALPN decides
+                self._make_h2() if tls.alpn == "h2" else self._make_h1()
+                codec = self.codec
+                codec.feed(data)
+                if end_stream and not self.closed:
+                    codec.on_eof()
                 return STOP
             if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
                 # not enough bytes to tell yet
@@ -828,6 +836,7 @@ def _init_si(si, conn, version):
     si.connection_id = csi.connection_id
     si.filter_state = conn.filter_state
     si.dynamic_metadata = {}
+    si.downstream_ssl = csi.downstream_ssl
     if csi.downstream_tls_version:
         si.downstream_tls_version = csi.downstream_tls_version
         si.downstream_peer_uri_san = csi.downstream_peer_uri_san

@@ -18,6 +18,7 @@ from ...cluster.lb import LbContext
 from ...cluster.pool import open_socket
 from ...config import ConfigError, duration_s, u32
 from ...listeners.connection import CONTINUE, STOP
+from ...transport import connect_upstream
 
 log = logging.getLogger("pyproxy.filter")
 
@@ -189,7 +190,7 @@ class TcpProxy:
         source = c.source_address
         try:
             sock = await open_socket(loop, host, c.connect_timeout, source)
-            await loop.create_connection(lambda: up, sock=sock)
+            await connect_upstream(loop, c.transport_for(host), sock, up, c)
         except (OSError, asyncio.TimeoutError) as e:
             self.task = None
             c.cx_total_active -= 1
