@@ -35,14 +35,9 @@ REFUSED = "remote refused stream reset"
 REMOTE_RESET = "remote reset"
 TERMINATED = "connection termination"
 
-_ResponseReceived = h2c._ResponseReceived
-_DataReceived = h2c._DataReceived
-_TrailersReceived = h2c._TrailersReceived
-_StreamEnded = h2c._StreamEnded
-_StreamReset = h2c._StreamReset
-_WindowUpdated = h2c._WindowUpdated
-_RemoteSettingsChanged = h2c._RemoteSettingsChanged
-_ConnectionTerminated = h2c._ConnectionTerminated
+EVENT_KIND = h2c.EVENT_KIND
+EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET = h2c.EV_RESPONSE, h2c.EV_DATA, h2c.EV_TRAILERS, h2c.EV_ENDED, h2c.EV_RESET
+EV_WINDOW, EV_SETTINGS, EV_GOAWAY = h2c.EV_WINDOW, h2c.EV_SETTINGS, h2c.EV_GOAWAY
 
 
 def cluster_options(cluster) -> h2c.H2Options:
@@ -318,9 +313,10 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _handle(self, events):
         streams = self.streams
         h = self.h2
+        kinds = EVENT_KIND
         for e in events:
-            t = e.__class__
-            if t is _DataReceived:
+            t = kinds.get(e.__class__, -1)
+            if t == EV_DATA:
                 s = streams.get(e.stream_id)
                 n = e.flow_controlled_length
                 if s is None:
@@ -344,7 +340,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                             h.acknowledge_received_data(n, e.stream_id)
                         except h2.exceptions.ProtocolError:
                             pass
-            elif t is _ResponseReceived:
+            elif t == EV_RESPONSE:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -361,7 +357,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_headers(headers, end)
-            elif t is _TrailersReceived:
+            elif t == EV_TRAILERS:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -374,14 +370,14 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s._release_watermark()
                 s._finish()
                 s.cb.on_upstream_trailers(trailers)
-            elif t is _StreamEnded:
+            elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
                     s.remote_ended = True
                     s._release_watermark()
                     s._finish()
                     s.cb.on_upstream_data(b"", True)
-            elif t is _StreamReset:
+            elif t == EV_RESET:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -392,7 +388,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s._release_watermark()
                 s._finish()
                 s.cb.on_upstream_reset(REFUSED if e.error_code == ErrorCodes.REFUSED_STREAM else REMOTE_RESET)
-            elif t is _WindowUpdated:
+            elif t == EV_WINDOW:
                 if self.blocked:
                     if e.stream_id == 0:
                         h2c.flush_blocked(self)
@@ -400,7 +396,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                         s = streams.get(e.stream_id)
                         if s is not None and s.pending:
                             s.flush_pending()
-            elif t is _RemoteSettingsChanged:
+            elif t == EV_SETTINGS:
                 self.max_frame = h.max_outbound_frame_size
                 ch = e.changed_settings
                 if SettingCodes.INITIAL_WINDOW_SIZE in ch and self.blocked:
@@ -413,7 +409,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     self.pool.on_ready(self)
                 elif SettingCodes.MAX_CONCURRENT_STREAMS in ch:
                     self.pool.on_capacity(self)
-            elif t is _ConnectionTerminated:
+            elif t == EV_GOAWAY:
                 self._on_goaway(e)
 
     def _bad_response(self, s, err):

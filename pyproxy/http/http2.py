@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 
 import h2.config
@@ -37,6 +38,8 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
 from ..config import ConfigError, duration_s, u32
+from . import h2engine_events
+from .h2engine import H2Engine
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
@@ -59,20 +62,18 @@ MAX_WINDOW = 2 ** 31 - 1
 CONNECTION_HEADERS = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding",
                                 "upgrade", "host"))
 
-_RequestReceived = h2.events.RequestReceived
-_ResponseReceived = h2.events.ResponseReceived
-_DataReceived = h2.events.DataReceived
-_TrailersReceived = h2.events.TrailersReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
-_PingReceived = h2.events.PingReceived
-_PingAckReceived = h2.events.PingAckReceived
-_ConnectionTerminated = h2.events.ConnectionTerminated
-_PriorityUpdated = h2.events.PriorityUpdated
-_SettingsAcknowledged = h2.events.SettingsAcknowledged
-_InformationalResponseReceived = h2.events.InformationalResponseReceived
+# Events of either engine (``h2.events`` or ``h2engine_events``) mapped to one small int each
+(EV_REQUEST, EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET, EV_WINDOW, EV_SETTINGS, EV_PING, EV_PING_ACK,
+ EV_GOAWAY, EV_PRIORITY, EV_SETTINGS_ACK, EV_INFO) = range(14)
+EVENT_KIND = {}
+for _mod in (h2.events, h2engine_events):
+    for _name, _k in (("RequestReceived", EV_REQUEST), ("ResponseReceived", EV_RESPONSE), ("DataReceived", EV_DATA),
+                      ("TrailersReceived", EV_TRAILERS), ("StreamEnded", EV_ENDED), ("StreamReset", EV_RESET),
+                      ("WindowUpdated", EV_WINDOW), ("RemoteSettingsChanged", EV_SETTINGS),
+                      ("PingReceived", EV_PING), ("PingAckReceived", EV_PING_ACK),
+                      ("ConnectionTerminated", EV_GOAWAY), ("PriorityUpdated", EV_PRIORITY),
+                      ("SettingsAcknowledged", EV_SETTINGS_ACK), ("InformationalResponseReceived", EV_INFO)):
+        EVENT_KIND[getattr(_mod, _name)] = _k
 
 
 class H2Options:
@@ -301,19 +302,43 @@ class _H2Connection(h2.connection.H2Connection):
         return 0
 
 
-def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
-    """An ``H2Connection`` with our settings and the preface queued; our own stream limit is
-    enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one. Header validation
-    and decoding are ours (``inbound_headers``), cached per distinct field."""
+# Which protocol engine carries HTTP/2: "lean" (``h2engine``, the default) or "h2" (the ``h2``
+# library, kept as the reference). Read per connection, so tests can switch it.
+ENGINES = ("lean", "h2")
+
+
+def engine_name() -> str:
+    e = os.environ.get("PYPROXY_H2_ENGINE", "lean")
+    return e if e in ENGINES else "lean"
+
+
+def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
+    """A protocol engine with our settings and the preface queued; our own stream limit is
+    enforced by the caller (REFUSED_STREAM). Header validation and decoding are ours
+    (``inbound_headers``), cached per distinct field."""
+    values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
+              SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
+              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
+    if (engine or engine_name()) == "h2":
+        return _new_h2_library(client_side, opts, values)
+    c = H2Engine(client_side, values)
+    c.encoder = FastEncoder()
+    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.initiate_connection()
+    if opts.connection_window > SPEC_WINDOW:
+        c.increment_flow_control_window(opts.connection_window - SPEC_WINDOW)
+    return c
+
+
+def _new_h2_library(client_side: bool, opts: H2Options, values: dict) -> h2.connection.H2Connection:
+    """The ``h2`` library's ``H2Connection``, given a looser stream limit than announced (we
+    answer REFUSED_STREAM per stream ourselves)."""
     config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                        validate_outbound_headers=False, normalize_outbound_headers=False,
                                        validate_inbound_headers=False, normalize_inbound_headers=False)
     c = _H2Connection(config)
     c.encoder = FastEncoder()
     c.decoder = CachingDecoder(opts.max_header_list_size)
-    values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
-              SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
-              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
     if client_side:
         values[SettingCodes.ENABLE_PUSH] = 0
     c.local_settings = Settings(client=client_side, initial_values=values)
@@ -779,22 +804,23 @@ class Http2ServerCodec:
         resets = None
         if len(events) > 1:
             for e in events:
-                if e.__class__ is _StreamReset:
+                if EVENT_KIND.get(e.__class__) == EV_RESET:
                     if resets is None:
                         resets = set()
                     resets.add(e.stream_id)
         streams = self.streams
         opts = self.opts
+        kinds = EVENT_KIND
         for e in events:
             if self.closed:
                 return
-            t = e.__class__
-            if t is _DataReceived:
+            t = kinds.get(e.__class__, -1)
+            if t == EV_DATA:
                 self._on_data(e)
-            elif t is _RequestReceived:
+            elif t == EV_REQUEST:
                 self.empty_frames = 0
                 self._on_request(e, resets)
-            elif t is _StreamEnded:
+            elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
                     s.remote_ended = True
@@ -802,7 +828,7 @@ class Http2ServerCodec:
                         s.stream.decode_data(b"", True)
                     if s.local_ended:
                         s._gone()
-            elif t is _TrailersReceived:
+            elif t == EV_TRAILERS:
                 self.empty_frames = 0
                 s = streams.get(e.stream_id)
                 if s is not None:
@@ -820,11 +846,11 @@ class Http2ServerCodec:
                         s.stream.decode_trailers(trailers)
                     if s.local_ended:
                         s._gone()
-            elif t is _StreamReset:
+            elif t == EV_RESET:
                 self._on_reset(e)
                 if self.closed:
                     return
-            elif t is _WindowUpdated:
+            elif t == EV_WINDOW:
                 if self.blocked:
                     if e.stream_id == 0:
                         flush_blocked(self)
@@ -832,25 +858,25 @@ class Http2ServerCodec:
                         s = streams.get(e.stream_id)
                         if s is not None and s.pending:
                             s.flush_pending()
-            elif t is _PingReceived:
+            elif t == EV_PING:
                 self.ctrl_out += 1
-            elif t is _PingAckReceived:
+            elif t == EV_PING_ACK:
                 if self.ka_timeout_handle is not None:
                     self.ka_timeout_handle.cancel()
                     self.ka_timeout_handle = None
-            elif t is _RemoteSettingsChanged:
+            elif t == EV_SETTINGS:
                 self.ctrl_out += 1
                 self.max_frame = self.h2.max_outbound_frame_size
                 if SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings and self.blocked:
                     flush_blocked(self)
-            elif t is _PriorityUpdated:
+            elif t == EV_PRIORITY:
                 self.priority_frames += 1
                 if self.priority_frames > opts.max_priority_per_stream * (1 + self.total_streams):
                     if self.stats is not None:
                         self.stats.inbound_priority_frames_flood.value += 1
                     self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
                     return
-            elif t is _ConnectionTerminated:
+            elif t == EV_GOAWAY:
                 # the client is going away: finish what is in flight, then close
                 self.goaway_sent = True
                 if not streams:
