@@ -156,7 +156,7 @@ class H2Engine:
                  "highest_inbound_stream_id", "highest_outbound_stream_id", "out", "inbuf", "need_preface",
                  "seen_settings", "out_window", "in_window", "in_max", "unacked", "cont", "pending_settings",
                  "max_in_frame", "goaway_sent", "goaway_received", "dead", "n_out", "n_in", "max_block",
-                 "peer_odd", "initial")
+                 "peer_odd", "initial", "closed_floor")
 
     def __init__(self, client_side: bool, settings=None, max_block: int = 0):
         self.client_side = client_side
@@ -169,6 +169,7 @@ class H2Engine:
         self.decoder = hpack.Decoder(max_header_list_size=self.local_settings.max_header_list_size or 2 ** 32)
         self.streams: dict = {}
         self.closed: dict = {}  # sid -> ENDED / RESET_LOCAL / RESET_REMOTE (the last CLOSED_MEMORY)
+        self.closed_floor = 0  # highest stream id forgotten from ``closed``
         self.highest_inbound_stream_id = 0
         self.highest_outbound_stream_id = 0
         self.peer_odd = 0 if client_side else 1  # parity of the stream ids the peer opens
@@ -468,6 +469,8 @@ class H2Engine:
         if len(closed) > CLOSED_MEMORY:
             for k in list(closed)[:CLOSED_MEMORY // 2]:
                 del closed[k]
+                if k > self.closed_floor:
+                    self.closed_floor = k
 
     # -- bytes in -----------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> list:
@@ -575,7 +578,12 @@ class H2Engine:
         if s is None:
             if self._idle(sid):
                 raise ProtocolError("%s on idle stream %d" % (what, sid))
-            how = self.closed.get(sid, RESET_LOCAL)
+            how = self.closed.get(sid)
+            if how is None:
+                if sid > self.closed_floor:
+                    # skipped over by a higher stream id: closed without ever being opened
+                    raise ProtocolError("%s on stream %d, which was never opened" % (what, sid))
+                return True  # closed long ago: we no longer know how, let it pass
             if how == RESET_LOCAL:
                 return True
         e = StreamClosedError(sid)
