@@ -94,7 +94,7 @@ class H2UpstreamStream(h2c.OutStream):
         h = c.h2
         sid = self.sid = h.get_next_available_stream_id()
         c.streams[sid] = self
-        h.send_headers(sid, h2c.to_h2(headers), end_stream=end_stream)
+        h.send_headers(sid, headers._h if c.lean else h2c.to_h2(headers), end_stream=end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True
@@ -238,7 +238,7 @@ class H2UpstreamStream(h2c.OutStream):
 class H2UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
-                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer")
+                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -247,6 +247,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.transport = None
         opts = cluster_options(pool.cluster)
         self.h2 = h2c.new_h2(True, opts)
+        self.lean = self.h2.__class__ is h2c.H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
         self.streams: dict = {}  # sid -> stream with headers sent
         self.bound = 0  # streams holding a slot (with or without headers sent)
@@ -472,7 +473,15 @@ class H2UpstreamConnection(asyncio.Protocol):
     # -- output -------------------------------------------------------------------------------------
     def want_flush(self) -> None:
         if self.flush_handle is None and not self.closed:
-            self.flush_handle = self.loop.call_soon(self._flush)
+            # sent when the read being dispatched (e.g. a downstream request) is done, or on the
+            # next loop iteration outside a read
+            self.flush_handle = True
+            writebatch.queue(self, self.loop)
+
+    def flush(self) -> None:
+        """``writebatch``'s callback."""
+        if self.flush_handle is not None:
+            self._flush()
 
     def _flush(self) -> None:
         self.flush_handle = None
@@ -506,9 +515,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.ready_timer = None
         if timed_out:
             self.pool.settings_timeout = True
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
-            self.flush_handle = None
+        self.flush_handle = None
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None

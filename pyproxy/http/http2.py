@@ -37,6 +37,7 @@ from hpack.table import HeaderTable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
+from .. import writebatch
 from ..config import ConfigError, duration_s, u32
 from . import h2engine_events
 from .h2engine import H2Engine
@@ -227,11 +228,19 @@ class FastEncoder:
 
     @staticmethod
     def _encode_one(kv) -> bytes:
+        """One field; ``Headers``' own (str, str) pairs are taken as ``to_h2`` would send them
+        (connection-specific fields dropped, values byte for byte), so the lean engine is
+        handed ``Headers._h`` directly."""
         n, v = kv[0], kv[1]
         if n.__class__ is str:
+            if n in CONNECTION_HEADERS or (n == "te" and v.lower() != "trailers"):
+                return b""
             n = n.encode("latin-1")
         if v.__class__ is str:
-            v = v.encode("utf-8")
+            try:
+                v = v.encode("latin-1")
+            except UnicodeEncodeError:
+                v = v.encode("utf-8")
         i = _STATIC_FULL.get((n, v))
         if i is not None:
             return bytes((0x80 | i,))
@@ -626,7 +635,7 @@ class H2ServerStream(OutStream):
                 return  # 1xx are answered by the proxy itself (100-continue)
         conn = self.conn
         try:
-            conn.h2.send_headers(self.sid, to_h2(headers), end_stream=end_stream)
+            conn.h2.send_headers(self.sid, headers._h if conn.lean else to_h2(headers), end_stream=end_stream)
         except h2.exceptions.StreamClosedError:
             self._gone()
             return
@@ -739,7 +748,7 @@ class Http2ServerCodec:
     __slots__ = ("conn", "hc", "cfg", "opts", "h2", "streams", "closed", "drain_close", "goaway_sent",
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
-                 "ka_handle", "ka_timeout_handle", "close_pending", "stream")
+                 "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean")
 
     def __init__(self, conn, hc, cfg):
         self.conn = conn
@@ -766,6 +775,7 @@ class Http2ServerCodec:
         lim = getattr(getattr(conn, "listener", None), "buffer_limit", 0) or 1024 * 1024
         self.stream_high = lim
         self.h2 = new_h2(False, opts)
+        self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
         if opts.keepalive_interval:
@@ -1015,7 +1025,20 @@ class Http2ServerCodec:
     def want_flush(self) -> None:
         if self.in_feed or self.flush_handle is not None or self.closed:
             return
-        self.flush_handle = self.loop.call_soon(self._flush)
+        # flushed when the read being dispatched (e.g. an upstream response) is done, or on the
+        # next loop iteration outside a read
+        self.flush_handle = True
+        writebatch.queue(self, self.loop)
+
+    def flush(self) -> None:
+        """``writebatch``'s callback: our frames go out with the connection's other writes."""
+        if self.flush_handle is None:
+            return
+        writebatch.enter()
+        try:
+            self._flush()
+        finally:
+            writebatch.leave()
 
     def _flush(self) -> None:
         self.flush_handle = None
@@ -1057,9 +1080,7 @@ class Http2ServerCodec:
     def on_close(self) -> None:
         self.closed = True
         self._cancel_timers()
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
-            self.flush_handle = None
+        self.flush_handle = None
         self._reset_all("downstream_remote_disconnect")
         try:
             self.conn.remove_watermark_callbacks(self)
