@@ -2,6 +2,7 @@
 trailers (incl. trailers-only), large messages, grpc-timeout, retries on gRPC status, and the
 grpc_stats filter's counters (same names as Envoy's, see test_grpc_stats_match_envoy)."""
 
+import os
 import shutil
 import threading
 import time
@@ -39,8 +40,23 @@ def _start(tmp, envoy=False):
     return srv, px, lp
 
 
+@pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
+def engine(request):
+    """Every test runs on both HTTP/2 engines (pyproxy's h2engine and the h2 library): the
+    proxies started meanwhile inherit PYPROXY_H2_ENGINE."""
+    old = os.environ.get("PYPROXY_H2_ENGINE")
+    os.environ["PYPROXY_H2_ENGINE"] = request.param
+    try:
+        yield request.param
+    finally:
+        if old is None:
+            os.environ.pop("PYPROXY_H2_ENGINE", None)
+        else:
+            os.environ["PYPROXY_H2_ENGINE"] = old
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, engine):
     srv, px, lp = _start(tmp_path_factory.mktemp("grpc"))
     ch = channel(lp)
     try:

@@ -199,8 +199,23 @@ class MiniH2:
 # -- fixture -----------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
+def engine(request):
+    """Every test runs on both HTTP/2 engines (pyproxy's h2engine and the h2 library): the
+    proxies started meanwhile inherit PYPROXY_H2_ENGINE."""
+    old = os.environ.get("PYPROXY_H2_ENGINE")
+    os.environ["PYPROXY_H2_ENGINE"] = request.param
+    try:
+        yield request.param
+    finally:
+        if old is None:
+            os.environ.pop("PYPROXY_H2_ENGINE", None)
+        else:
+            os.environ["PYPROXY_H2_ENGINE"] = old
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, engine):
     tmp = tmp_path_factory.mktemp("h2")
     docroot = tmp / "docroot"
     docroot.mkdir()

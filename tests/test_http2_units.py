@@ -124,14 +124,21 @@ def test_fast_hpack_round_trip():
     assert len(cd._cache) == 1
 
 
-def test_server_settings_advertised_and_enforced_by_us():
+@pytest.mark.parametrize("engine", http2.ENGINES)
+def test_server_settings_advertised_and_enforced_by_us(engine):
     o = http2.H2Options(json_format.ParseDict({"max_concurrent_streams": 3}, protocol_pb2.Http2ProtocolOptions()))
-    c = http2.new_h2(False, o)
+    c = http2.new_h2(False, o, engine=engine)
     data = c.data_to_send()
     # SETTINGS_MAX_CONCURRENT_STREAMS (0x3) = 3 is on the wire...
     assert b"\x00\x03\x00\x00\x00\x03" in data
-    # ...while h2 itself is given a looser limit so we can answer REFUSED_STREAM per stream
-    assert c.local_settings.max_concurrent_streams == 2 ** 31 - 1
+    # ...while the engine lets more streams through, so we can answer REFUSED_STREAM per stream
+    import hpack
+    block = hpack.Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a")])
+    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(9)[:3] + b"\x04" + bytes(5)  # preface, empty SETTINGS
+    for i in range(5):
+        wire += len(block).to_bytes(3, "big") + b"\x01\x05" + (1 + 2 * i).to_bytes(4, "big") + block
+    events = c.receive_data(wire)
+    assert sorted(e.stream_id for e in events if type(e).__name__ == "RequestReceived") == [1, 3, 5, 7, 9]
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 64])

@@ -35,14 +35,9 @@ REFUSED = "remote refused stream reset"
 REMOTE_RESET = "remote reset"
 TERMINATED = "connection termination"
 
-_ResponseReceived = h2c._ResponseReceived
-_DataReceived = h2c._DataReceived
-_TrailersReceived = h2c._TrailersReceived
-_StreamEnded = h2c._StreamEnded
-_StreamReset = h2c._StreamReset
-_WindowUpdated = h2c._WindowUpdated
-_RemoteSettingsChanged = h2c._RemoteSettingsChanged
-_ConnectionTerminated = h2c._ConnectionTerminated
+EVENT_KIND = h2c.EVENT_KIND
+EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET = h2c.EV_RESPONSE, h2c.EV_DATA, h2c.EV_TRAILERS, h2c.EV_ENDED, h2c.EV_RESET
+EV_WINDOW, EV_SETTINGS, EV_GOAWAY = h2c.EV_WINDOW, h2c.EV_SETTINGS, h2c.EV_GOAWAY
 
 
 def cluster_options(cluster) -> h2c.H2Options:
@@ -99,7 +94,7 @@ class H2UpstreamStream(h2c.OutStream):
         h = c.h2
         sid = self.sid = h.get_next_available_stream_id()
         c.streams[sid] = self
-        h.send_headers(sid, h2c.to_h2(headers), end_stream=end_stream)
+        h.send_headers(sid, headers._h if c.lean else h2c.to_h2(headers), end_stream=end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True
@@ -243,7 +238,7 @@ class H2UpstreamStream(h2c.OutStream):
 class H2UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
-                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer")
+                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -252,6 +247,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.transport = None
         opts = cluster_options(pool.cluster)
         self.h2 = h2c.new_h2(True, opts)
+        self.lean = self.h2.__class__ is h2c.H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
         self.streams: dict = {}  # sid -> stream with headers sent
         self.bound = 0  # streams holding a slot (with or without headers sent)
@@ -318,9 +314,10 @@ class H2UpstreamConnection(asyncio.Protocol):
     def _handle(self, events):
         streams = self.streams
         h = self.h2
+        kinds = EVENT_KIND
         for e in events:
-            t = e.__class__
-            if t is _DataReceived:
+            t = kinds.get(e.__class__, -1)
+            if t == EV_DATA:
                 s = streams.get(e.stream_id)
                 n = e.flow_controlled_length
                 if s is None:
@@ -344,7 +341,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                             h.acknowledge_received_data(n, e.stream_id)
                         except h2.exceptions.ProtocolError:
                             pass
-            elif t is _ResponseReceived:
+            elif t == EV_RESPONSE:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -361,7 +358,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_headers(headers, end)
-            elif t is _TrailersReceived:
+            elif t == EV_TRAILERS:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -374,14 +371,14 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s._release_watermark()
                 s._finish()
                 s.cb.on_upstream_trailers(trailers)
-            elif t is _StreamEnded:
+            elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
                     s.remote_ended = True
                     s._release_watermark()
                     s._finish()
                     s.cb.on_upstream_data(b"", True)
-            elif t is _StreamReset:
+            elif t == EV_RESET:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
@@ -392,7 +389,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s._release_watermark()
                 s._finish()
                 s.cb.on_upstream_reset(REFUSED if e.error_code == ErrorCodes.REFUSED_STREAM else REMOTE_RESET)
-            elif t is _WindowUpdated:
+            elif t == EV_WINDOW:
                 if self.blocked:
                     if e.stream_id == 0:
                         h2c.flush_blocked(self)
@@ -400,7 +397,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                         s = streams.get(e.stream_id)
                         if s is not None and s.pending:
                             s.flush_pending()
-            elif t is _RemoteSettingsChanged:
+            elif t == EV_SETTINGS:
                 self.max_frame = h.max_outbound_frame_size
                 ch = e.changed_settings
                 if SettingCodes.INITIAL_WINDOW_SIZE in ch and self.blocked:
@@ -413,7 +410,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     self.pool.on_ready(self)
                 elif SettingCodes.MAX_CONCURRENT_STREAMS in ch:
                     self.pool.on_capacity(self)
-            elif t is _ConnectionTerminated:
+            elif t == EV_GOAWAY:
                 self._on_goaway(e)
 
     def _bad_response(self, s, err):
@@ -476,7 +473,15 @@ class H2UpstreamConnection(asyncio.Protocol):
     # -- output -------------------------------------------------------------------------------------
     def want_flush(self) -> None:
         if self.flush_handle is None and not self.closed:
-            self.flush_handle = self.loop.call_soon(self._flush)
+            # sent when the read being dispatched (e.g. a downstream request) is done, or on the
+            # next loop iteration outside a read
+            self.flush_handle = True
+            writebatch.queue(self, self.loop)
+
+    def flush(self) -> None:
+        """``writebatch``'s callback."""
+        if self.flush_handle is not None:
+            self._flush()
 
     def _flush(self) -> None:
         self.flush_handle = None
@@ -510,9 +515,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.ready_timer = None
         if timed_out:
             self.pool.settings_timeout = True
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
-            self.flush_handle = None
+        self.flush_handle = None
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None

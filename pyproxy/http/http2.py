@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 
 import h2.config
@@ -36,7 +37,10 @@ from hpack.table import HeaderTable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
+from .. import writebatch
 from ..config import ConfigError, duration_s, u32
+from . import h2engine_events
+from .h2engine import H2Engine
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
@@ -59,20 +63,18 @@ MAX_WINDOW = 2 ** 31 - 1
 CONNECTION_HEADERS = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding",
                                 "upgrade", "host"))
 
-_RequestReceived = h2.events.RequestReceived
-_ResponseReceived = h2.events.ResponseReceived
-_DataReceived = h2.events.DataReceived
-_TrailersReceived = h2.events.TrailersReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
-_PingReceived = h2.events.PingReceived
-_PingAckReceived = h2.events.PingAckReceived
-_ConnectionTerminated = h2.events.ConnectionTerminated
-_PriorityUpdated = h2.events.PriorityUpdated
-_SettingsAcknowledged = h2.events.SettingsAcknowledged
-_InformationalResponseReceived = h2.events.InformationalResponseReceived
+# Events of either engine (``h2.events`` or ``h2engine_events``) mapped to one small int each
+(EV_REQUEST, EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET, EV_WINDOW, EV_SETTINGS, EV_PING, EV_PING_ACK,
+ EV_GOAWAY, EV_PRIORITY, EV_SETTINGS_ACK, EV_INFO) = range(14)
+EVENT_KIND = {}
+for _mod in (h2.events, h2engine_events):
+    for _name, _k in (("RequestReceived", EV_REQUEST), ("ResponseReceived", EV_RESPONSE), ("DataReceived", EV_DATA),
+                      ("TrailersReceived", EV_TRAILERS), ("StreamEnded", EV_ENDED), ("StreamReset", EV_RESET),
+                      ("WindowUpdated", EV_WINDOW), ("RemoteSettingsChanged", EV_SETTINGS),
+                      ("PingReceived", EV_PING), ("PingAckReceived", EV_PING_ACK),
+                      ("ConnectionTerminated", EV_GOAWAY), ("PriorityUpdated", EV_PRIORITY),
+                      ("SettingsAcknowledged", EV_SETTINGS_ACK), ("InformationalResponseReceived", EV_INFO)):
+        EVENT_KIND[getattr(_mod, _name)] = _k
 
 
 class H2Options:
@@ -226,11 +228,19 @@ class FastEncoder:
 
     @staticmethod
     def _encode_one(kv) -> bytes:
+        """One field; ``Headers``' own (str, str) pairs are taken as ``to_h2`` would send them
+        (connection-specific fields dropped, values byte for byte), so the lean engine is
+        handed ``Headers._h`` directly."""
         n, v = kv[0], kv[1]
         if n.__class__ is str:
+            if n in CONNECTION_HEADERS or (n == "te" and v.lower() != "trailers"):
+                return b""
             n = n.encode("latin-1")
         if v.__class__ is str:
-            v = v.encode("utf-8")
+            try:
+                v = v.encode("latin-1")
+            except UnicodeEncodeError:
+                v = v.encode("utf-8")
         i = _STATIC_FULL.get((n, v))
         if i is not None:
             return bytes((0x80 | i,))
@@ -301,19 +311,43 @@ class _H2Connection(h2.connection.H2Connection):
         return 0
 
 
-def new_h2(client_side: bool, opts: H2Options) -> h2.connection.H2Connection:
-    """An ``H2Connection`` with our settings and the preface queued; our own stream limit is
-    enforced by the caller (REFUSED_STREAM) so ``h2`` is given a looser one. Header validation
-    and decoding are ours (``inbound_headers``), cached per distinct field."""
+# Which protocol engine carries HTTP/2: "lean" (``h2engine``, the default) or "h2" (the ``h2``
+# library, kept as the reference). Read per connection, so tests can switch it.
+ENGINES = ("lean", "h2")
+
+
+def engine_name() -> str:
+    e = os.environ.get("PYPROXY_H2_ENGINE", "lean")
+    return e if e in ENGINES else "lean"
+
+
+def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
+    """A protocol engine with our settings and the preface queued; our own stream limit is
+    enforced by the caller (REFUSED_STREAM). Header validation and decoding are ours
+    (``inbound_headers``), cached per distinct field."""
+    values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
+              SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
+              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
+    if (engine or engine_name()) == "h2":
+        return _new_h2_library(client_side, opts, values)
+    c = H2Engine(client_side, values)
+    c.encoder = FastEncoder()
+    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.initiate_connection()
+    if opts.connection_window > SPEC_WINDOW:
+        c.increment_flow_control_window(opts.connection_window - SPEC_WINDOW)
+    return c
+
+
+def _new_h2_library(client_side: bool, opts: H2Options, values: dict) -> h2.connection.H2Connection:
+    """The ``h2`` library's ``H2Connection``, given a looser stream limit than announced (we
+    answer REFUSED_STREAM per stream ourselves)."""
     config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                        validate_outbound_headers=False, normalize_outbound_headers=False,
                                        validate_inbound_headers=False, normalize_inbound_headers=False)
     c = _H2Connection(config)
     c.encoder = FastEncoder()
     c.decoder = CachingDecoder(opts.max_header_list_size)
-    values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
-              SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
-              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
     if client_side:
         values[SettingCodes.ENABLE_PUSH] = 0
     c.local_settings = Settings(client=client_side, initial_values=values)
@@ -601,7 +635,7 @@ class H2ServerStream(OutStream):
                 return  # 1xx are answered by the proxy itself (100-continue)
         conn = self.conn
         try:
-            conn.h2.send_headers(self.sid, to_h2(headers), end_stream=end_stream)
+            conn.h2.send_headers(self.sid, headers._h if conn.lean else to_h2(headers), end_stream=end_stream)
         except h2.exceptions.StreamClosedError:
             self._gone()
             return
@@ -714,7 +748,7 @@ class Http2ServerCodec:
     __slots__ = ("conn", "hc", "cfg", "opts", "h2", "streams", "closed", "drain_close", "goaway_sent",
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
-                 "ka_handle", "ka_timeout_handle", "close_pending", "stream")
+                 "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean")
 
     def __init__(self, conn, hc, cfg):
         self.conn = conn
@@ -741,6 +775,7 @@ class Http2ServerCodec:
         lim = getattr(getattr(conn, "listener", None), "buffer_limit", 0) or 1024 * 1024
         self.stream_high = lim
         self.h2 = new_h2(False, opts)
+        self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
         if opts.keepalive_interval:
@@ -779,22 +814,23 @@ class Http2ServerCodec:
         resets = None
         if len(events) > 1:
             for e in events:
-                if e.__class__ is _StreamReset:
+                if EVENT_KIND.get(e.__class__) == EV_RESET:
                     if resets is None:
                         resets = set()
                     resets.add(e.stream_id)
         streams = self.streams
         opts = self.opts
+        kinds = EVENT_KIND
         for e in events:
             if self.closed:
                 return
-            t = e.__class__
-            if t is _DataReceived:
+            t = kinds.get(e.__class__, -1)
+            if t == EV_DATA:
                 self._on_data(e)
-            elif t is _RequestReceived:
+            elif t == EV_REQUEST:
                 self.empty_frames = 0
                 self._on_request(e, resets)
-            elif t is _StreamEnded:
+            elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
                     s.remote_ended = True
@@ -802,7 +838,7 @@ class Http2ServerCodec:
                         s.stream.decode_data(b"", True)
                     if s.local_ended:
                         s._gone()
-            elif t is _TrailersReceived:
+            elif t == EV_TRAILERS:
                 self.empty_frames = 0
                 s = streams.get(e.stream_id)
                 if s is not None:
@@ -820,11 +856,11 @@ class Http2ServerCodec:
                         s.stream.decode_trailers(trailers)
                     if s.local_ended:
                         s._gone()
-            elif t is _StreamReset:
+            elif t == EV_RESET:
                 self._on_reset(e)
                 if self.closed:
                     return
-            elif t is _WindowUpdated:
+            elif t == EV_WINDOW:
                 if self.blocked:
                     if e.stream_id == 0:
                         flush_blocked(self)
@@ -832,25 +868,25 @@ class Http2ServerCodec:
                         s = streams.get(e.stream_id)
                         if s is not None and s.pending:
                             s.flush_pending()
-            elif t is _PingReceived:
+            elif t == EV_PING:
                 self.ctrl_out += 1
-            elif t is _PingAckReceived:
+            elif t == EV_PING_ACK:
                 if self.ka_timeout_handle is not None:
                     self.ka_timeout_handle.cancel()
                     self.ka_timeout_handle = None
-            elif t is _RemoteSettingsChanged:
+            elif t == EV_SETTINGS:
                 self.ctrl_out += 1
                 self.max_frame = self.h2.max_outbound_frame_size
                 if SettingCodes.INITIAL_WINDOW_SIZE in e.changed_settings and self.blocked:
                     flush_blocked(self)
-            elif t is _PriorityUpdated:
+            elif t == EV_PRIORITY:
                 self.priority_frames += 1
                 if self.priority_frames > opts.max_priority_per_stream * (1 + self.total_streams):
                     if self.stats is not None:
                         self.stats.inbound_priority_frames_flood.value += 1
                     self._fatal(ErrorCodes.ENHANCE_YOUR_CALM)
                     return
-            elif t is _ConnectionTerminated:
+            elif t == EV_GOAWAY:
                 # the client is going away: finish what is in flight, then close
                 self.goaway_sent = True
                 if not streams:
@@ -989,7 +1025,20 @@ class Http2ServerCodec:
     def want_flush(self) -> None:
         if self.in_feed or self.flush_handle is not None or self.closed:
             return
-        self.flush_handle = self.loop.call_soon(self._flush)
+        # flushed when the read being dispatched (e.g. an upstream response) is done, or on the
+        # next loop iteration outside a read
+        self.flush_handle = True
+        writebatch.queue(self, self.loop)
+
+    def flush(self) -> None:
+        """``writebatch``'s callback: our frames go out with the connection's other writes."""
+        if self.flush_handle is None:
+            return
+        writebatch.enter()
+        try:
+            self._flush()
+        finally:
+            writebatch.leave()
 
     def _flush(self) -> None:
         self.flush_handle = None
@@ -1031,9 +1080,7 @@ class Http2ServerCodec:
     def on_close(self) -> None:
         self.closed = True
         self._cancel_timers()
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
-            self.flush_handle = None
+        self.flush_handle = None
         self._reset_all("downstream_remote_disconnect")
         try:
             self.conn.remove_watermark_callbacks(self)

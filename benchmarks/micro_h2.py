@@ -1,0 +1,187 @@
+"""Python cost of one proxied HTTP/2 request, without sockets (for profiling the h2 hot path).
+
+The same routed stack as ``micro_h1.py`` (20 routes, the 18th matches and adds a header), with an
+HTTP/2 cluster: an h2c client's frames go in downstream (as h2load sends them: a batch of
+HEADERS frames per read, fully indexed HPACK after the first), the request frames come out
+upstream, the backend's response frames (HEADERS + 1 KB DATA, as nginx sends them) go in
+upstream, and the response frames come out downstream (the codecs flush through ``writebatch``
+at the end of each read). Prints microseconds per request; ``--profile`` prints the top cProfile
+entries. Under h2load -c10 -m10 a read carries only a few requests: compare ``--batch 1``.
+
+    python3 benchmarks/micro_h2.py [-n 20000] [--batch 10] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from micro_h1 import BOOTSTRAP as H1_BOOTSTRAP, FakeTransport as _FakeTransport  # noqa: E402
+
+
+class FakeTransport(_FakeTransport):
+    def get_write_buffer_size(self):
+        return 0
+
+BOOTSTRAP = H1_BOOTSTRAP.replace(
+    "    connect_timeout: 1s\n",
+    "    connect_timeout: 1s\n"
+    "    typed_extension_protocol_options:\n"
+    "      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
+    "        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n"
+    "        explicit_http_config: {http2_protocol_options: {}}\n")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+BODY = b"x" * 1024
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return struct.pack(">BHBBL", n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
+
+
+def settings(*pairs) -> bytes:
+    return frame(4, 0, 0, b"".join(struct.pack(">HL", k, v) for k, v in pairs))
+
+
+def window_update(sid: int, n: int) -> bytes:
+    return frame(8, 0, sid, struct.pack(">L", n))
+
+
+class Peer:
+    """HPACK state of one simulated peer (``hpack.Encoder``, as a real peer keeps)."""
+
+    def __init__(self):
+        import hpack
+        self.enc = hpack.Encoder()
+        self.last = None
+
+    def block(self, headers) -> bytes:
+        # once the fields are in the dynamic table the block repeats byte for byte: reuse it so
+        # the simulated peer's own cost stays out of the figures
+        last = self.last
+        if last is not None and last[0] is headers:
+            return last[1]
+        b = self.enc.encode(headers)
+        if b == self.enc.encode(headers):
+            self.last = (headers, b)
+        return b
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=10, help="requests per downstream read")
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    import uvloop
+    from pyproxy import extensions, access_log  # noqa: F401
+    from pyproxy.config.bootstrap import load_bootstrap
+    from pyproxy.listeners.manager import ActiveListener
+    from pyproxy.listeners.connection import DownstreamConnection
+    from pyproxy.server import Options, Server
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    bs = load_bootstrap(None, BOOTSTRAP)
+    server = Server(bs, Options(), loop)
+    (cfg,) = server.compile_static()
+    lm = server.listener_manager
+    al = ActiveListener(lm, cfg)
+    cluster = server.cluster_manager.get("backend")
+    host = cluster.priority_set.all_hosts[0]
+    pool = cluster.http_pool(host)
+
+    # upstream connection, as the pool's connect would make it, with nginx's SETTINGS
+    pool.connecting += 1
+    cluster.cx_total_active += 1
+    up = pool._new_connection()
+    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
+    up.connection_made(ut)
+    up.data_received(settings((3, 128), (4, 65536), (5, 16777215)) + window_update(0, 2 ** 31 - 1 - 65535)
+                     + frame(4, 1, 0))
+    assert up.ready
+
+    # downstream connection with h2load's preface (windows 2^30-1)
+    down = DownstreamConnection(lm, al)
+    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
+    down.connection_made(dt)
+    down.data_received(PREFACE + settings((3, 100), (4, 2 ** 30 - 1)) + window_update(0, 2 ** 30 - 1 - 65535))
+    down.data_received(frame(4, 1, 0))
+    loop.run_until_complete(asyncio.sleep(0))
+
+    client = Peer()
+    backend = Peer()
+    req = [(b":method", b"GET"), (b":path", b"/r18/bench"), (b":scheme", b"http"),
+           (b":authority", b"127.0.0.1:8080"), (b"user-agent", b"h2load nghttp2/1.52.0")]
+    resp = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sat, 21 Nov 2026 21:00:00 GMT"),
+            (b"content-type", b"text/plain"), (b"content-length", b"1024")]
+    state = {"dsid": 1, "usid": 1, "sent": 0}
+
+    def batch(k: int):
+        d = state["dsid"]
+        out = []
+        for i in range(k):
+            out.append(frame(1, 0x5, d + 2 * i, client.block(req)))
+        state["dsid"] = d + 2 * k
+        down.data_received(b"".join(out))  # the upstream codec's requests leave at its end (writebatch)
+        u = state["usid"]
+        out = []
+        for i in range(k):
+            out.append(frame(1, 0x4, u + 2 * i, backend.block(resp)))
+            out.append(frame(0, 0x1, u + 2 * i, BODY))
+        state["usid"] = u + 2 * k
+        state["sent"] += k
+        if state["sent"] >= 30000:
+            # the client returns connection-window credit as h2load does
+            out.append(window_update(0, state["sent"] * 1024))
+            state["sent"] = 0
+        up.data_received(b"".join(out))
+        if state["sent"] == 0:
+            down.data_received(window_update(0, 30000 * 1024))
+
+    for _ in range(20):
+        batch(a.batch)
+    loop.run_until_complete(asyncio.sleep(0))
+    got = b"".join(dt.out)
+    assert got.endswith(BODY) and got.count(BODY) == 20 * a.batch, (len(got), got[-200:])
+    assert b"x-bench-route" in b"".join(ut.out)
+    dt.out.clear()
+    ut.out.clear()
+    import gc
+    gc.collect()
+    gc.freeze()
+    nb = max(1, a.n // a.batch)
+    if a.profile:
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(nb):
+            batch(a.batch)
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(35)
+        return 0
+    best = None
+    for _ in range(5):
+        t = time.perf_counter()
+        for i in range(nb):
+            batch(a.batch)
+            if i % 100 == 0:
+                dt.out.clear()
+                ut.out.clear()
+                loop.run_until_complete(asyncio.sleep(0))  # whatever was left to call_soon
+        el = (time.perf_counter() - t) / (nb * a.batch) * 1e6
+        best = el if best is None else min(best, el)
+    loop.run_until_complete(asyncio.sleep(0))
+    print("python cost per proxied HTTP/2 request: %.1f us (best of 5 x %d, %d per read)" % (best, nb * a.batch, a.batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Events of the lean HTTP/2 engine (``h2engine``): slotted twins of ``h2.events``.
+
+Same class names and attributes as ``h2``'s, so code written against ``h2`` reads them
+unchanged; they are built with positional arguments (cheaper than ``h2``'s keyword-only
+dataclass-like events). Codecs that accept both engines map either class to the same handler.
+"""
+
+from __future__ import annotations
+
+
+class _Event:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<%s %s>" % (self.__class__.__name__,
+                            ", ".join("%s:%r" % (k, getattr(self, k)) for k in self.__slots__))
+
+
+class RequestReceived(_Event):
+    __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id = stream_id
+        self.headers = headers
+        self.stream_ended = None
+        self.priority_updated = None
+
+
+class ResponseReceived(_Event):
+    __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id = stream_id
+        self.headers = headers
+        self.stream_ended = None
+        self.priority_updated = None
+
+
+class TrailersReceived(_Event):
+    __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id = stream_id
+        self.headers = headers
+        self.stream_ended = None
+        self.priority_updated = None
+
+
+class InformationalResponseReceived(_Event):
+    __slots__ = ("stream_id", "headers", "priority_updated")
+
+    def __init__(self, stream_id, headers):
+        self.stream_id = stream_id
+        self.headers = headers
+        self.priority_updated = None
+
+
+class DataReceived(_Event):
+    __slots__ = ("stream_id", "data", "flow_controlled_length", "stream_ended")
+
+    def __init__(self, stream_id, data, flow_controlled_length):
+        self.stream_id = stream_id
+        self.data = data
+        self.flow_controlled_length = flow_controlled_length
+        self.stream_ended = None
+
+
+class StreamEnded(_Event):
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id):
+        self.stream_id = stream_id
+
+
+class StreamReset(_Event):
+    __slots__ = ("stream_id", "error_code", "remote_reset")
+
+    def __init__(self, stream_id, error_code, remote_reset=True):
+        self.stream_id = stream_id
+        self.error_code = error_code
+        self.remote_reset = remote_reset
+
+
+class WindowUpdated(_Event):
+    __slots__ = ("stream_id", "delta")
+
+    def __init__(self, stream_id, delta):
+        self.stream_id = stream_id
+        self.delta = delta
+
+
+class RemoteSettingsChanged(_Event):
+    __slots__ = ("changed_settings",)
+
+    def __init__(self, changed_settings):
+        self.changed_settings = changed_settings
+
+
+class SettingsAcknowledged(_Event):
+    __slots__ = ("changed_settings",)
+
+    def __init__(self, changed_settings):
+        self.changed_settings = changed_settings
+
+
+class PingReceived(_Event):
+    __slots__ = ("ping_data",)
+
+    def __init__(self, ping_data):
+        self.ping_data = ping_data
+
+
+class PingAckReceived(_Event):
+    __slots__ = ("ping_data",)
+
+    def __init__(self, ping_data):
+        self.ping_data = ping_data
+
+
+class ConnectionTerminated(_Event):
+    __slots__ = ("error_code", "last_stream_id", "additional_data")
+
+    def __init__(self, error_code, last_stream_id, additional_data):
+        self.error_code = error_code
+        self.last_stream_id = last_stream_id
+        self.additional_data = additional_data
+
+
+class PriorityUpdated(_Event):
+    __slots__ = ("stream_id", "weight", "depends_on", "exclusive")
+
+    def __init__(self, stream_id, weight, depends_on, exclusive):
+        self.stream_id = stream_id
+        self.weight = weight
+        self.depends_on = depends_on
+        self.exclusive = exclusive
