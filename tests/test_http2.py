@@ -417,7 +417,9 @@ def test_downstream_reset_propagates_upstream(env):
         end = time.monotonic() + 5
         while time.monotonic() < end:
             st = px.stats()
-            if st.get("cluster.ng.upstream_rq_active") == 0 and st.get("http.main.downstream_rq_active") == 0:
+            # (the HCM stream may be complete before the reset arrives: wait for the reset too)
+            if st.get("cluster.ng.upstream_rq_active") == 0 and st.get("http.main.downstream_rq_active") == 0 \
+                    and st.get("http2.rx_reset", 0) > before:
                 break
             time.sleep(0.05)
         st = px.stats()
