@@ -267,7 +267,8 @@ def test_request_and_response_header_manipulation(env):
         if p.kind == "pyproxy":
             assert seen["x-forwarded-for"] == "10.9.9.9,127.0.0.1"
         assert seen["x-forwarded-proto"] == "http"
-        assert uuid.UUID(seen["x-request-id"]).version == 4
+        u = uuid.UUID(seen["x-request-id"])
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == seen["x-request-id"]
         assert seen["via"] == "1.1 test-proxy"
         assert h["server"] == "pyproxy-test"
         assert h["via"] == "1.1 test-proxy"

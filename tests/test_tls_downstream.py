@@ -414,3 +414,44 @@ def test_large_bodies_both_ways_over_tls(tmp_path, version):
             assert p.returncode == 0 and p.stdout == hashlib.sha256(up).hexdigest(), (p.stdout, p.stderr)
     finally:
         be.close()
+
+
+# -- RBAC on the TLS peer identity -----------------------------------------------------------------------
+
+def test_rbac_authenticated_principal(env, tmp_path):
+    """HTTP and network RBAC see the client certificate's SPIFFE identity (``authenticated``)."""
+    pki, good, bad = env["pki"], env["good"], env["bad_san"]
+    srv = pki.issue("server-rbac", dns=["localhost"])
+    rbac_t = "type.googleapis.com/envoy.extensions.filters.%s.rbac.v3.RBAC"
+    policy = {"action": "ALLOW", "policies": {"client-only": {
+        "permissions": [{"any": True}],
+        "principals": [{"authenticated": {"principal_name": {"exact": SPIFFE_NS + "sa/client"}}}]}}}
+    p_http, p_tcp = free_port(), free_port()
+    l_http = http_listener(p_http, route_config([route("/", "b")]), name="rbac-http", http_filters=[
+        {"name": "envoy.filters.http.rbac", "typed_config": {"@type": rbac_t % "http", "rules": policy}},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}])
+    l_http["filter_chains"][0]["transport_socket"] = downstream_tls(srv, ca=pki)  # client cert optional
+    l_tcp = http_listener(p_tcp, route_config([route("/", "b")]), name="rbac-net")
+    l_tcp["filter_chains"][0]["filters"].insert(0, {"name": "envoy.filters.network.rbac", "typed_config": {
+        "@type": rbac_t % "network", "stat_prefix": "net.", "rules": policy}})
+    l_tcp["filter_chains"][0]["transport_socket"] = downstream_tls(srv, ca=pki)
+    px = Pyproxy(bootstrap([l_http, l_tcp], [cluster("b", [env["be"].port])]))
+    try:
+        for port in (p_http, p_tcp):
+            ca = ["--http1.1", "--cacert", pki.ca_path]
+            ok = curl(*ca, "-o", "/dev/null", "-w", "%{http_code}", "--cert", good.cert_path, "--key",
+                      good.key_path, _url(port))
+            assert ok.stdout == "200", (port, ok.stdout, ok.stderr)
+            other = curl(*ca, "-o", "/dev/null", "-w", "%{http_code}", "--cert", bad.cert_path, "--key",
+                         bad.key_path, _url(port))
+            anon = curl(*ca, "-o", "/dev/null", "-w", "%{http_code}", _url(port))
+            if port == p_http:
+                assert other.stdout == "403" and anon.stdout == "403", (other.stdout, anon.stdout)
+            else:  # network RBAC closes the connection: no HTTP response at all
+                assert other.stdout == "000" and anon.stdout == "000", (other.stdout, anon.stdout)
+        st = px.stats()
+        assert st.get("http.ingress.rbac.allowed") == 1 and st.get("http.ingress.rbac.denied") == 2, st
+        assert st.get("net.rbac.allowed") == 1 and st.get("net.rbac.denied") == 2
+    finally:
+        px.stop()

@@ -216,7 +216,7 @@ def _principal(p, field, http):
         a = p.authenticated
         sm = compile_string_matcher(a.principal_name, field + ".authenticated.principal_name") \
             if a.HasField("principal_name") else None
-        # no TLS yet: peer_principal is always None, so this never matches (as on plaintext)
+        # plaintext (or no client certificate): peer_principal is None and this never matches
         return lambda s: s.peer_principal is not None and (sm is None or sm.match(s.peer_principal))
     if which in ("source_ip", "direct_remote_ip"):
         return _ip_in("direct_remote_ip", _cidr(getattr(p, which), "%s.%s" % (field, which)))
@@ -303,3 +303,10 @@ def compile_value_matcher(vm, field):
               for i, x in enumerate(vm.or_match.value_matchers)]
         return lambda v: any(m(v) for m in ms)
     raise ConfigError("value matcher '%s' is not supported" % which, field=field)
+
+
+def peer_principal(conn):
+    """The authenticated peer of a TLS connection (URI SAN, else DNS SAN, else subject, as Envoy's
+    ``authenticated`` principal), or None on plaintext or without a client certificate."""
+    tls = conn.ssl
+    return (tls.peer_principal or None) if tls is not None else None

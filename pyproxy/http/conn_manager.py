@@ -845,10 +845,12 @@ def _init_si(si, conn, version):
 
 def _uuid4() -> str:
     """A random (version 4) UUID string, without the uuid module's object overhead."""
-    r = _urand(122)
-    # 48 bits, version 4, 12 bits, variant 10xx, 14+48 bits
-    return "%08x-%04x-4%03x-%04x-%012x" % (r >> 90, (r >> 74) & 0xFFFF, (r >> 62) & 0xFFF,
-                                           0x8000 | ((r >> 48) & 0x3FFF), r & 0xFFFFFFFFFFFF)
+    h = "%032x" % _urand(128)
+    # version nibble 4, variant nibble 10xx (8, 9, a or b): 122 random bits
+    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], _VARIANT[_urand(2)], h[17:20], h[20:])
+
+
+_VARIANT = "89ab"
 
 
 _time = time.time

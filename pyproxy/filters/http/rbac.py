@@ -21,7 +21,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401 (regist
 
 from ...config import ConfigError
 from ...http.filter import CONTINUE, STOP, HttpFilter
-from ..rbac_engine import Subject, compile_rbac, parse_ip
+from ..rbac_engine import Subject, compile_rbac, parse_ip, peer_principal
 from .util import HcmStats, PerRoute
 
 log = logging.getLogger("pyproxy.filter")
@@ -101,7 +101,7 @@ def http_subject(stream, headers) -> Subject:
     remote = parse_ip(si.downstream_remote_address) or direct
     return Subject(headers=headers, path=path, dst_ip=parse_ip(info.dst_ip), dst_port=info.dst_port,
                    direct_remote_ip=direct, remote_ip=remote, sni=info.server_name,
-                   dynamic_metadata=si.dynamic_metadata, filter_state=fs)
+                   dynamic_metadata=si.dynamic_metadata, filter_state=fs, peer_principal=peer_principal(conn))
 
 
 class RbacFilter(HttpFilter):

@@ -13,7 +13,7 @@ import logging
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
 
 from ...config import ConfigError, duration_s
-from ..rbac_engine import Subject, compile_rbac, parse_ip
+from ..rbac_engine import Subject, compile_rbac, parse_ip, peer_principal
 
 log = logging.getLogger("pyproxy.filter")
 
@@ -52,7 +52,8 @@ def conn_subject(conn) -> Subject:
     direct = parse_ip(info.direct_src_ip)
     return Subject(dst_ip=parse_ip(info.dst_ip), dst_port=info.dst_port, direct_remote_ip=direct,
                    remote_ip=parse_ip(info.src_ip) or direct, sni=info.server_name,
-                   dynamic_metadata=conn.stream_info.dynamic_metadata, filter_state=conn.filter_state)
+                   dynamic_metadata=conn.stream_info.dynamic_metadata, filter_state=conn.filter_state,
+                   peer_principal=peer_principal(conn))
 
 
 class RbacNetworkFilter:
