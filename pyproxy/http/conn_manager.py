@@ -397,9 +397,9 @@ class ActiveStream:
                     return True
                 headers._h = [kv for kv in h if kv[0] not in bad]
                 h = headers._h
-        path = headers.get(":path")
-        if path is not None and path[:1] == "/":
-            if cfg.normalize_path or cfg.merge_slashes:
+        if cfg.normalize_path or cfg.merge_slashes:
+            path = headers.get(":path")
+            if path is not None and path[:1] == "/":
                 np = _normalize_path(path, cfg.normalize_path, cfg.merge_slashes)
                 if np is None:
                     self.send_local_reply(400, "", "path_normalization_failed")
@@ -411,19 +411,29 @@ class ActiveStream:
             if a and not a.endswith("]") and ":" in a:
                 headers.set(":authority", a.rsplit(":", 1)[0])
         # x-forwarded-for / x-forwarded-proto
-        remote = self.hc.conn.info.src_ip
+        conn = self.hc.conn
+        rid = None
         if cfg.use_remote_address:
+            remote = conn.info.src_ip
             if not cfg.skip_xff_append and remote:
                 xff = headers.get("x-forwarded-for")
                 headers.set("x-forwarded-for", remote if not xff else xff + "," + remote)
-            headers.set("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http")
-        elif "x-forwarded-proto" not in headers:
-            h.append(("x-forwarded-proto", "https" if self.hc.conn.ssl is not None else "http"))
+            headers.set("x-forwarded-proto", "https" if conn.ssl is not None else "http")
+            rid = headers.get("x-request-id")
+        else:
+            # one pass for the two headers every request needs to know about
+            xfp = False
+            for k, v in h:
+                if k == "x-forwarded-proto":
+                    xfp = True
+                elif k == "x-request-id" and rid is None:
+                    rid = v
+            if not xfp:
+                h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
         if cfg.via:
             via = headers.get("via")
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         # request id
-        rid = headers.get("x-request-id")
         if cfg.generate_request_id:
             if rid is None:
                 rid = _uuid4()

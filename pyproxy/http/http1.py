@@ -48,6 +48,8 @@ REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+# response headers the server codec writes itself (framing) or drops (hop-by-hop)
+_RESPONSE_SPECIAL = HOP_BY_HOP | {"content-length"}
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
 
 
@@ -353,31 +355,24 @@ class Http1ServerCodec:
 
     # -- response encoding (called by the stream) ----------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
-        status = int(headers._h[0][1]) if headers._h and headers._h[0][0] == ":status" else int(headers.get(":status", "200"))
+        h = headers._h
+        status = int(h[0][1]) if h and h[0][0] == ":status" else int(headers.get(":status", "200"))
         if status == 100:
             return  # Envoy answers Expect itself; upstream 100s are not forwarded
-        parts = []
+        if status == 101:
+            self._encode_upgrade_head(h)
+            if end_stream:
+                self._response_complete()
+            return
+        # the common case in one pass: every regular header but the framing and hop-by-hop ones
+        parts = [f"{k}: {v}\r\n" for k, v in h if k[0] != ":" and k not in _RESPONSE_SPECIAL]
         add = parts.append
         cl = None
-        upgrade = False
-        for k, v in headers._h:
-            if k[0] == ":":
-                continue
+        for k, v in h:
             if k == "content-length":
                 cl = v
-                continue
-            elif k in HOP_BY_HOP:
-                if k == "upgrade" and status == 101:
-                    upgrade = True
-                    add("upgrade: " + v + "\r\n")
-                    continue
-                if k == "connection" and status == 101:
-                    add("connection: upgrade\r\n")
-                continue
-            add(k + ": " + v + "\r\n")
-        if status == 101 or upgrade:
-            self.tunnel = True
-        elif self.method == "CONNECT" and 200 <= status < 300:
+                break
+        if self.method == "CONNECT" and 200 <= status < 300:
             self.tunnel = True
         elif cl is not None:
             add("content-length: " + cl + "\r\n")
@@ -400,6 +395,28 @@ class Http1ServerCodec:
         self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
         if end_stream:
             self._response_complete()
+
+    def _encode_upgrade_head(self, h) -> None:
+        """A 101 Switching Protocols: upgrade/connection kept, the connection becomes a tunnel."""
+        parts = []
+        add = parts.append
+        for k, v in h:
+            if k[0] == ":" or k == "content-length":
+                continue
+            if k in HOP_BY_HOP:
+                if k == "upgrade":
+                    add("upgrade: " + v + "\r\n")
+                elif k == "connection":
+                    add("connection: upgrade\r\n")
+                continue
+            add(k + ": " + v + "\r\n")
+        self.tunnel = True
+        if self.drain_close:
+            self.response_close = True
+            add("connection: close\r\n")
+        add("\r\n")
+        self.response_head_done = True
+        self.conn.write(status_line(101) + "".join(parts).encode("latin-1"))
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.response_chunked:
@@ -536,7 +553,7 @@ class Http1ClientCodec:
                 elif k == "te" and v.lower() == "trailers":
                     add("te: trailers\r\n")
                 continue
-            add(k + ": " + v + "\r\n")
+            add(f"{k}: {v}\r\n")
         self.head_request = method == "HEAD"
         if method == "CONNECT":
             start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
