@@ -265,9 +265,12 @@ class CachingDecoder(hpack.Decoder):
         table = self.header_table
         add = table.add
 
-        def counting_add(name, value, _add=add):
-            self._version += 1
+        def counting_add(name, value, _add=add, _table=table):
             _add(name, value)
+            # with a zero-size table (nginx announces one) the entry is evicted at once: the table
+            # is still empty, so blocks stay cacheable
+            if _table.dynamic_entries:
+                self._version += 1
         table.add = counting_add
 
     def decode(self, data, raw: bool = False):
@@ -327,7 +330,11 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
     (``inbound_headers``), cached per distinct field."""
     values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
               SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
-              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
+              SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size,
+              # said explicitly (the default): nginx then shrinks its encoder's table to zero and
+              # its response blocks repeat byte for byte (CachingDecoder hits) instead of
+              # inserting every field into our table
+              SettingCodes.HEADER_TABLE_SIZE: 4096}
     if (engine or engine_name()) == "h2":
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)

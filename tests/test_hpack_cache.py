@@ -1,0 +1,60 @@
+"""The HTTP/2 codecs' HPACK decoder cache (pyproxy/http/http2.py CachingDecoder): a block is served
+from the cache only while the decoder's dynamic table is what it was when the block was decoded.
+The blocks below are nginx 1.22 responses as captured on the wire (nginx shrinks its table to zero
+when the client states SETTINGS_HEADER_TABLE_SIZE, and then sends every field as a literal with
+incremental indexing)."""
+
+from __future__ import annotations
+
+import hpack
+
+from pyproxy.http.http2 import CachingDecoder, new_h2, H2Options
+
+NGINX_FIRST = bytes.fromhex("20887689aa6355e580ae212e1f6196dc34fd2820a9a4fdd41004e28266e08371b6d4c5a37f"
+                            "5f87497ca58ae819aa5c0431303234")
+NGINX_NEXT = NGINX_FIRST[1:]  # the same fields, without the table size update
+FIELDS = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sat, 21 Nov 2026 23:21:55 GMT"),
+          (b"content-type", b"text/plain"), (b"content-length", b"1024")]
+
+
+def test_zero_size_table_blocks_are_cached():
+    d = CachingDecoder(65536)
+    assert d.decode(NGINX_FIRST, raw=True) == FIELDS
+    assert d.header_table_size == 0
+    for _ in range(3):
+        assert d.decode(NGINX_NEXT, raw=True) == FIELDS
+    assert NGINX_NEXT in d._cache and d._version == 0
+
+
+def test_blocks_that_fill_the_table_are_not_cached():
+    d = CachingDecoder(65536)
+    for _ in range(3):
+        assert d.decode(NGINX_NEXT, raw=True) == FIELDS  # 4096-byte table: fields are inserted
+    assert d._version > 0 and NGINX_NEXT not in d._cache
+
+
+def test_cached_block_never_outlives_a_table_change():
+    """An indexed reference to the dynamic table decodes to whatever the table holds now."""
+    enc = hpack.Encoder()
+    d = CachingDecoder(65536)
+    first = enc.encode([(b"x-a", b"1")])            # inserted at index 62
+    assert d.decode(first, raw=True) == [(b"x-a", b"1")]
+    ref = b"\xbe"                                   # indexed field 62
+    assert d.decode(ref, raw=True) == [(b"x-a", b"1")]
+    assert d.decode(ref, raw=True) == [(b"x-a", b"1")]  # cached
+    d.decode(enc.encode([(b"x-b", b"2")]), raw=True)   # x-b is now 62, x-a 63
+    assert d.decode(ref, raw=True) == [(b"x-b", b"2")]
+
+
+def test_upstream_settings_state_the_header_table_size():
+    """What makes nginx shrink its table: SETTINGS_HEADER_TABLE_SIZE in our first SETTINGS."""
+    from h2.settings import SettingCodes
+    for engine in ("lean", "h2"):
+        c = new_h2(True, H2Options(), engine=engine)
+        data = c.data_to_send()
+        i = data.index(b"\x04\x00\x00\x00\x00\x00", 24)  # the SETTINGS frame after the preface
+        n = int.from_bytes(data[i - 3:i], "big")
+        payload = data[i + 6:i + 6 + n]
+        settings = {int.from_bytes(payload[j:j + 2], "big"): int.from_bytes(payload[j + 2:j + 6], "big")
+                    for j in range(0, n, 6)}
+        assert settings.get(SettingCodes.HEADER_TABLE_SIZE) == 4096, (engine, settings)
