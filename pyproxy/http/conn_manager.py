@@ -297,12 +297,41 @@ class _Detect:
 
 def _guarded(method):
     """A stream event entry point: a filter's exception answers 500 (or resets the stream once the
-    response started) instead of escaping into the connection and killing it."""
-    def entry(self, *args, **kwargs):
-        try:
-            method(self, *args, **kwargs)
-        except Exception as e:
-            self._filter_failed(e)
+    response started) instead of escaping into the connection and killing it.
+
+    The wrapper has the method's own arity (no ``*args`` packing on every event)."""
+    code = method.__code__
+    n = code.co_argcount - 1
+    if n == 0:
+        def entry(self):
+            try:
+                method(self)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 1:
+        def entry(self, a):
+            try:
+                method(self, a)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 2:
+        def entry(self, a, b):
+            try:
+                method(self, a, b)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 3 and code.co_varnames[3] == "from_filter":
+        def entry(self, a, b, from_filter=-1):
+            try:
+                method(self, a, b, from_filter)
+            except Exception as e:
+                self._filter_failed(e)
+    else:
+        def entry(self, *args, **kwargs):
+            try:
+                method(self, *args, **kwargs)
+            except Exception as e:
+                self._filter_failed(e)
     entry.__name__ = method.__name__
     entry.__qualname__ = method.__qualname__
     entry.__doc__ = method.__doc__
