@@ -776,6 +776,8 @@ class ActiveStream:
     def read_disable(self, disable: bool) -> None:
         """Stop/start reading the request from downstream (upstream write buffer is full)."""
         enc = self.encoder
+        if enc is None:
+            return  # the stream is over
         rd = getattr(enc, "stream_read_disable", None)
         if rd is not None:
             rd(self, disable)
@@ -856,9 +858,11 @@ class ActiveStream:
             for al in logs:
                 al.log(si, self.request_headers, self.response_headers, self.response_trailers)
         hc.stream_done(self)
-        # break the stream <-> filter references now, so memory returns without a GC pass
+        # break the stream <-> filter and stream <-> codec-stream references now (an HTTP/2
+        # stream points back at us), so memory returns by reference counting, without a GC pass
         self.filters = None
         self.router = None
+        self.encoder = None
 
 
 def _init_si(si, conn, version):

@@ -522,25 +522,32 @@ class UpstreamRequest:
         if not self.abandoned:
             self.router.on_pool_failure(self, reason, flag, host)
 
-    # response decoder
+    # response decoder (at the response's end the link to the encoder is dropped: an HTTP/2
+    # upstream stream points back at us, and the pair must not wait for a GC pass)
     def on_upstream_headers(self, headers, end_stream):
         if end_stream:
             self._release_timers()
         self.router.on_upstream_headers(self, headers, end_stream)
+        if end_stream:
+            self.encoder = None
 
     def on_upstream_data(self, data, end_stream):
         if end_stream:
             self._release_timers()
         self.router.on_upstream_data(self, data, end_stream)
+        if end_stream:
+            self.encoder = None
 
     def on_upstream_trailers(self, trailers):
         self._release_timers()
         self.router.on_upstream_trailers(self, trailers)
+        self.encoder = None
 
     def on_upstream_reset(self, reason):
         self._release_timers()
         if not self.abandoned:
             self.router.on_upstream_reset(self, reason)
+        self.encoder = None
 
     def on_upstream_watermark(self, above: bool):
         if not self.abandoned:
