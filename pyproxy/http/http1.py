@@ -627,12 +627,8 @@ class Http1ClientCodec:
             self.parser_dirty = False
             self.parser = _new_response_parser(self)
 
-    def on_message_begin(self):
-        self.hdrs = []
-        self.trailers = None
-
-    def on_status(self, status: bytes):
-        pass
+    # (no on_message_begin / on_status: ``start()`` resets the per-response state, a 1xx response
+    # clears its headers itself, and every callback httptools finds costs a call per response)
 
     def on_header(self, name: bytes, value: bytes):
         self.response_header_bytes += len(name) + len(value)
