@@ -82,7 +82,8 @@ class H2Options:
 
     __slots__ = ("max_concurrent_streams", "stream_window", "connection_window", "keepalive_interval",
                  "keepalive_timeout", "max_outbound_control_frames", "max_priority_per_stream",
-                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter")
+                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter",
+                 "allow_connect")
 
     def __init__(self, proto=None, max_header_list_size: int = 60 * 1024, max_headers: int = 100):
         self.max_concurrent_streams = DEFAULT_MAX_CONCURRENT_STREAMS
@@ -97,6 +98,7 @@ class H2Options:
         self.max_headers = max_headers
         self.stats = None
         self.premature_counter = None
+        self.allow_connect = False  # RFC 8441 extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)
         if proto is None:
             return
         mcs = u32(proto, "max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)
@@ -122,8 +124,7 @@ class H2Options:
             self.keepalive_timeout = duration_s(ka, "timeout", 0.0)
             if self.keepalive_interval and not self.keepalive_timeout:
                 raise ConfigError("connection_keepalive.timeout is required", field="connection_keepalive.timeout")
-        if proto.allow_connect:
-            log.debug("http2_protocol_options.allow_connect: CONNECT over HTTP/2 is not supported; ignored")
+        self.allow_connect = bool(proto.allow_connect)
 
 
 class H2Stats:
@@ -328,6 +329,8 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
     values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
               SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
               SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size}
+    if opts.allow_connect and not client_side:
+        values[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
     if (engine or engine_name()) == "h2":
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)
@@ -504,6 +507,13 @@ def inbound_headers(raw, kind: int) -> list:
 _STATUS_ONLY = {":status"}
 
 
+def fields_method(fields) -> str | None:
+    for k, v in fields:
+        if k == ":method":
+            return v
+    return None
+
+
 class OutStream:
     """Outbound DATA of one stream: what the peer's window (or our transport) cannot take yet.
 
@@ -611,7 +621,7 @@ class H2ServerStream(OutStream):
 
     __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close")
+                 "start", "drain_close", "response_close", "tunnel")
 
     def __init__(self, conn, sid, now):
         self.conn = conn
@@ -624,6 +634,7 @@ class H2ServerStream(OutStream):
         self.start = now
         self.drain_close = False
         self.response_close = False
+        self.tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -633,9 +644,16 @@ class H2ServerStream(OutStream):
         if h and h[0][0] == ":status" and h[0][1][:1] == "1":
             if h[0][1] != "101":
                 return  # 1xx are answered by the proxy itself (100-continue)
+            if self.tunnel:
+                # the upgrade succeeded upstream: RFC 8441's answer is a 200 (upgrade and
+                # connection fields are dropped by the encoders)
+                headers._h = h = [(":status", "200")] + h[1:]
+                self.tunnel = 2
+        elif self.tunnel and not end_stream and h and h[0][1][:1] == "2":
+            self.tunnel = 2
         conn = self.conn
         try:
-            conn.h2.send_headers(self.sid, headers._h if conn.lean else to_h2(headers), end_stream=end_stream)
+            conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream=end_stream)
         except h2.exceptions.StreamClosedError:
             self._gone()
             return
@@ -674,9 +692,10 @@ class H2ServerStream(OutStream):
         st = conn.stats
         if st is not None:
             st.tx_reset.value += 1
+        code = ErrorCodes.REFUSED_STREAM if "refused" in reason else (
+            ErrorCodes.CONNECT_ERROR if self.tunnel else ErrorCodes.NO_ERROR)  # RFC 9113 8.5
         try:
-            conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR if "refused" not in reason
-                                 else ErrorCodes.REFUSED_STREAM)
+            conn.h2.reset_stream(self.sid, code)
         except h2.exceptions.ProtocolError:
             pass
         self._gone()
@@ -703,6 +722,8 @@ class H2ServerStream(OutStream):
         self.pending.clear()
         if self.remote_ended:
             self._gone()
+        elif self.tunnel == 2:
+            pass  # half-closed: the client's END_STREAM (or reset) finishes the stream
         else:
             # the response is complete: the rest of the request is not needed (RFC 9113 8.1)
             try:
@@ -926,11 +947,15 @@ class Http2ServerCodec:
         authority = None
         host = None
         expect = False
+        protocol = None
         h = []
         for kv in fields:
             k = kv[0]
             if k == ":authority":
                 authority = kv[1]
+            elif k == ":protocol":
+                protocol = kv[1]
+                continue
             elif k == "host":
                 host = kv[1]
                 continue
@@ -944,7 +969,22 @@ class Http2ServerCodec:
             while i < len(h) and h[i][0][0] == ":":
                 i += 1
             h.insert(i, (":authority", host))
+        m = h[0]
+        tunnel = protocol is not None or (m[1] == "CONNECT" if m[0] == ":method" else fields_method(h) == "CONNECT")
+        if protocol is not None:
+            if not self.opts.allow_connect:
+                # :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL: Envoy drops the connection
+                log.debug("h2 stream %d: extended CONNECT without allow_connect", sid)
+                if st is not None:
+                    st.rx_messaging_error.value += 1
+                self._fatal(ErrorCodes.PROTOCOL_ERROR)
+                return
+            # RFC 8441 -> the HTTP/1.1 upgrade form the rest of the proxy knows (as Envoy's codec
+            # does): GET + upgrade: <protocol>; the 101 that answers it goes out as a 200
+            h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
+            h.append(("upgrade", protocol))
         s = H2ServerStream(self, sid, self.loop.time())
+        s.tunnel = 1 if tunnel else 0
         end = e.stream_ended is not None
         s.remote_ended = end
         self.streams[sid] = s
