@@ -33,6 +33,8 @@ import h2.exceptions
 import h2.stream
 import hpack
 from hpack import NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKDecodingError, InvalidTableIndexError, InvalidTableSizeError, OversizedHeaderListError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
@@ -159,7 +161,7 @@ def server_options(cfg) -> H2Options:
     return o
 
 
-# -- HPACK, the costly part of h2: a stateless encoder and a decoder with a block cache ---------------
+# -- HPACK, the costly part of h2: a stateless encoder and a memoizing decoder ---------------
 
 _STATIC = HeaderTable.STATIC_TABLE
 _STATIC_FULL = {}
@@ -253,39 +255,195 @@ class FastEncoder:
         return bytes((first,)) + _hp_str(n) + _hp_str(v)
 
 
-class CachingDecoder(hpack.Decoder):
-    """``hpack.Decoder`` that remembers header blocks which did not change the dynamic table:
-    a peer repeating a request/response shape sends the same fully indexed block each time."""
+class FastDecoder:
+    """HPACK decoder (RFC 7541) for both engines (``decode(block, raw=True)`` like ``hpack``'s).
 
-    CACHE_MAX = 512
+    A header block's bytes are parsed once into operations (indexed field, literal with or
+    without indexing, table size update) kept in a bounded memo: parsing does not depend on the
+    dynamic table, so a peer repeating a block (fully indexed requests, or nginx's responses that
+    insert the same fields each time) costs one table lookup per field, however its dynamic table
+    moves. Huffman strings are decoded once (memoized). Errors are ``hpack``'s exceptions:
+    ``HPACKDecodingError``/``InvalidTableIndexError``/``InvalidTableSizeError`` (COMPRESSION_ERROR)
+    and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
+
+    __slots__ = ("dyn", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
+                 "version")
+
+    MEMO_MAX = 1024
 
     def __init__(self, max_header_list_size: int):
-        super().__init__(max_header_list_size=max_header_list_size)
-        self._cache = {}
-        self._version = 0
-        table = self.header_table
-        add = table.add
+        self.dyn = collections.deque()  # newest first: (name, value)
+        self.dyn_size = 0
+        self.max_table = 4096  # the size the peer's encoder uses (its last size update)
+        self.max_allowed_table_size = 4096  # our SETTINGS_HEADER_TABLE_SIZE
+        self.max_header_list_size = max_header_list_size
+        self.memo = {}  # block -> [ops, changes the table?, table version of result, result]
+        self.version = 0  # bumped whenever the dynamic table changes
 
-        def counting_add(name, value, _add=add):
-            self._version += 1
-            _add(name, value)
-        table.add = counting_add
+    @property
+    def header_table_size(self) -> int:
+        return self.max_table
 
-    def decode(self, data, raw: bool = False):
+    def decode(self, data, raw: bool = True) -> list:
         if data.__class__ is not bytes:
             data = bytes(data)
-        hit = self._cache.get(data)
-        if hit is not None and hit[0] == self._version:
-            return list(hit[1])
-        version = self._version
-        size = self.header_table_size
-        out = super().decode(data, raw)
-        if self._version == version and self.header_table_size == size:
-            cache = self._cache
-            if len(cache) >= self.CACHE_MAX:
-                cache.clear()
-            cache[data] = (version, tuple(out))
+        m = self.memo.get(data)
+        if m is None:
+            ops = _hpack_parse(data)
+            memo = self.memo
+            if len(memo) >= self.MEMO_MAX:
+                memo.clear()
+            m = memo[data] = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None]
+        elif m[2] == self.version:
+            return list(m[3])  # same block, same table: same fields (already size-checked)
+        else:
+            ops = m[0]
+        dyn = self.dyn
+        static = _STATIC
+        out = []
+        total = 0
+        for op in ops:
+            k = op[0]
+            if k == 0:
+                i = op[1]
+                if i <= 61:
+                    kv = static[i - 1]
+                else:
+                    try:
+                        kv = dyn[i - 62]
+                    except IndexError:
+                        raise InvalidTableIndexError("invalid table index %d" % i) from None
+            elif k == 1:
+                i = op[1]
+                if i == 0:
+                    name = op[2]
+                elif i <= 61:
+                    name = static[i - 1][0]
+                else:
+                    try:
+                        name = dyn[i - 62][0]
+                    except IndexError:
+                        raise InvalidTableIndexError("invalid table index %d" % i) from None
+                kv = (name, op[3])
+                if op[4]:
+                    self._add(kv)
+            else:
+                size = op[1]
+                if size > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
+                self.max_table = size
+                self.version += 1
+                self._evict()
+                continue
+            total += len(kv[0]) + len(kv[1]) + 32
+            out.append(kv)
+        if total > self.max_header_list_size:
+            raise OversizedHeaderListError("header list of %d bytes over %d" % (total, self.max_header_list_size))
+        if not m[1]:
+            m[2] = self.version
+            m[3] = tuple(out)
         return out
+
+    def _add(self, kv) -> None:
+        n = len(kv[0]) + len(kv[1]) + 32
+        self.version += 1
+        if n > self.max_table:
+            self.dyn.clear()  # RFC 7541 4.4: an entry larger than the table empties it
+            self.dyn_size = 0
+            return
+        self.dyn.appendleft(kv)
+        self.dyn_size += n
+        if self.dyn_size > self.max_table:
+            self._evict()
+
+    def _evict(self) -> None:
+        dyn = self.dyn
+        mx = self.max_table
+        while self.dyn_size > mx and dyn:
+            kv = dyn.pop()
+            self.dyn_size -= len(kv[0]) + len(kv[1]) + 32
+
+
+_HUFFMAN_MEMO: dict = {}
+
+
+def _hp_read_int(data: bytes, pos: int, bits: int):
+    mask = (1 << bits) - 1
+    v = data[pos] & mask
+    pos += 1
+    if v < mask:
+        return v, pos
+    shift = 0
+    n = len(data)
+    while True:
+        if pos >= n:
+            raise HPACKDecodingError("truncated integer")
+        b = data[pos]
+        pos += 1
+        v += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+        if shift > 28:
+            raise HPACKDecodingError("integer too large")
+
+
+def _hp_read_str(data: bytes, pos: int):
+    if pos >= len(data):
+        raise HPACKDecodingError("truncated string")
+    huff = data[pos] & 0x80
+    n, pos = _hp_read_int(data, pos, 7)
+    e = pos + n
+    if e > len(data):
+        raise HPACKDecodingError("truncated string")
+    raw = data[pos:e]
+    if huff:
+        s = _HUFFMAN_MEMO.get(raw)
+        if s is None:
+            s = decode_huffman(raw)
+            if len(_HUFFMAN_MEMO) >= 4096:
+                _HUFFMAN_MEMO.clear()
+            _HUFFMAN_MEMO[raw] = s
+        return s, e
+    return raw, e
+
+
+def _hpack_parse(data: bytes) -> tuple:
+    """A header block -> operations: (0, index) | (1, name index or 0, name, value, indexing) |
+    (2, table size)."""
+    ops = []
+    pos = 0
+    n = len(data)
+    fields = False
+    while pos < n:
+        b = data[pos]
+        if b & 0x80:
+            i, pos = _hp_read_int(data, pos, 7)
+            if i == 0:
+                raise HPACKDecodingError("index 0")
+            ops.append((0, i))
+            fields = True
+            continue
+        if b & 0x40:
+            i, pos = _hp_read_int(data, pos, 6)
+            indexing = True
+        elif b & 0x20:
+            if fields:
+                raise HPACKDecodingError("table size update after a header field")
+            size, pos = _hp_read_int(data, pos, 5)
+            ops.append((2, size))
+            continue
+        else:
+            i, pos = _hp_read_int(data, pos, 4)
+            indexing = False
+        if i == 0:
+            name, pos = _hp_read_str(data, pos)
+        else:
+            name = None
+        value, pos = _hp_read_str(data, pos)
+        ops.append((1, i, name, value, indexing))
+        fields = True
+    return tuple(ops)
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -335,7 +493,7 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)
     c.encoder = FastEncoder()
-    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.decoder = FastDecoder(opts.max_header_list_size)
     c.initiate_connection()
     if opts.connection_window > SPEC_WINDOW:
         c.increment_flow_control_window(opts.connection_window - SPEC_WINDOW)
@@ -350,7 +508,7 @@ def _new_h2_library(client_side: bool, opts: H2Options, values: dict) -> h2.conn
                                        validate_inbound_headers=False, normalize_inbound_headers=False)
     c = _H2Connection(config)
     c.encoder = FastEncoder()
-    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.decoder = FastDecoder(opts.max_header_list_size)
     if client_side:
         values[SettingCodes.ENABLE_PUSH] = 0
     c.local_settings = Settings(client=client_side, initial_values=values)
