@@ -372,7 +372,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s.response_started = True
                 s.replay = None
                 try:
-                    headers = Headers(h2c.inbound_headers(e.headers, h2c.RESPONSE))
+                    headers = Headers(h2c.response_fields(e.headers))
                 except h2c.BadHeaders as err:
                     self._bad_response(s, err)
                     continue

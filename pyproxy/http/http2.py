@@ -262,7 +262,8 @@ class FastDecoder:
     without indexing, table size update) kept in a bounded memo: parsing does not depend on the
     dynamic table, so a peer repeating a block (fully indexed requests, or nginx's responses that
     insert the same fields each time) costs one table lookup per field, however its dynamic table
-    moves. Huffman strings are decoded once (memoized). Errors are ``hpack``'s exceptions:
+    moves. Huffman strings are decoded once (memoized). The fields come back as a tuple (a
+    repeated block as the same tuple), which the codecs' own memos key on. Errors are ``hpack``'s exceptions:
     ``HPACKDecodingError``/``InvalidTableIndexError``/``InvalidTableSizeError`` (COMPRESSION_ERROR)
     and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
 
@@ -284,18 +285,20 @@ class FastDecoder:
     def header_table_size(self) -> int:
         return self.max_table
 
-    def decode(self, data, raw: bool = True) -> list:
+    def decode(self, data, raw: bool = True) -> tuple:
         if data.__class__ is not bytes:
             data = bytes(data)
         m = self.memo.get(data)
         if m is None:
             ops = _hpack_parse(data)
-            memo = self.memo
-            if len(memo) >= self.MEMO_MAX:
-                memo.clear()
-            m = memo[data] = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None]
+            m = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None]
+            if len(data) <= 1024:  # bounded memo: a few MB per connection at most
+                memo = self.memo
+                if len(memo) >= self.MEMO_MAX:
+                    memo.clear()
+                memo[data] = m
         elif m[2] == self.version:
-            return list(m[3])  # same block, same table: same fields (already size-checked)
+            return m[3]  # same block, same table: same fields (already size-checked)
         else:
             ops = m[0]
         dyn = self.dyn
@@ -339,9 +342,10 @@ class FastDecoder:
             out.append(kv)
         if total > self.max_header_list_size:
             raise OversizedHeaderListError("header list of %d bytes over %d" % (total, self.max_header_list_size))
+        out = tuple(out)
         if not m[1]:
             m[2] = self.version
-            m[3] = tuple(out)
+            m[3] = out
         return out
 
     def _add(self, kv) -> None:
@@ -401,9 +405,10 @@ def _hp_read_str(data: bytes, pos: int):
         s = _HUFFMAN_MEMO.get(raw)
         if s is None:
             s = decode_huffman(raw)
-            if len(_HUFFMAN_MEMO) >= 4096:
-                _HUFFMAN_MEMO.clear()
-            _HUFFMAN_MEMO[raw] = s
+            if n <= 256:
+                if len(_HUFFMAN_MEMO) >= 4096:
+                    _HUFFMAN_MEMO.clear()
+                _HUFFMAN_MEMO[raw] = s
         return s, e
     return raw, e
 
@@ -663,6 +668,76 @@ def inbound_headers(raw, kind: int) -> list:
 
 
 _STATUS_ONLY = {":status"}
+_REQ_MEMO: dict = {}
+
+
+def request_fields(raw) -> tuple:
+    """A received request header block -> (fields tuple for ``Headers``, expect 100-continue?,
+    :protocol or None, CONNECT?): validated (``inbound_headers``), ``host`` folded into
+    ``:authority``, ``expect: 100-continue`` and ``:protocol`` taken out. Memoized per distinct
+    block (the decoder hands repeated blocks over as equal tuples). Raises ``BadHeaders``."""
+    key = raw if raw.__class__ is tuple else tuple(raw)
+    r = _REQ_MEMO.get(key)
+    if r is not None:
+        return r
+    authority = None
+    host = None
+    expect = False
+    protocol = None
+    h = []
+    for kv in inbound_headers(key, REQUEST):
+        k = kv[0]
+        if k == ":authority":
+            authority = kv[1]
+        elif k == ":protocol":
+            protocol = kv[1]
+            continue
+        elif k == "host":
+            host = kv[1]
+            continue
+        elif k == "expect":
+            if kv[1].lower() == "100-continue":
+                expect = True
+                continue
+        h.append(kv)
+    if authority is None and host is not None:
+        i = 0
+        while i < len(h) and h[i][0][0] == ":":
+            i += 1
+        h.insert(i, (":authority", host))
+    r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT")
+    if _memoizable(key):
+        if len(_REQ_MEMO) >= _BLOCK_MEMO_MAX:
+            _REQ_MEMO.clear()
+        _REQ_MEMO[key] = r
+    return r
+
+
+_BLOCK_MEMO_MAX = 1024
+
+
+def _memoizable(fields) -> bool:
+    """Small blocks only: the block memos stay a few MB at most."""
+    n = 0
+    for kv in fields:
+        n += len(kv[0]) + len(kv[1])
+    return n <= 4096
+
+
+_RESP_MEMO: dict = {}
+
+
+def response_fields(raw) -> list:
+    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (a fresh list each time)."""
+    key = raw if raw.__class__ is tuple else tuple(raw)
+    r = _RESP_MEMO.get(key)
+    if r is None:
+        r = tuple(inbound_headers(key, RESPONSE))
+        if _memoizable(key):
+            if len(_RESP_MEMO) >= _BLOCK_MEMO_MAX:
+                _RESP_MEMO.clear()
+            _RESP_MEMO[key] = r
+    return list(r)
 
 
 def fields_method(fields) -> str | None:
@@ -1095,40 +1170,13 @@ class Http2ServerCodec:
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
             return
         try:
-            fields = inbound_headers(raw, REQUEST)
+            h, expect, protocol, tunnel = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
             if st is not None:
                 st.rx_messaging_error.value += 1
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        authority = None
-        host = None
-        expect = False
-        protocol = None
-        h = []
-        for kv in fields:
-            k = kv[0]
-            if k == ":authority":
-                authority = kv[1]
-            elif k == ":protocol":
-                protocol = kv[1]
-                continue
-            elif k == "host":
-                host = kv[1]
-                continue
-            elif k == "expect":
-                if kv[1].lower() == "100-continue":
-                    expect = True
-                    continue
-            h.append(kv)
-        if authority is None and host is not None:
-            i = 0
-            while i < len(h) and h[i][0][0] == ":":
-                i += 1
-            h.insert(i, (":authority", host))
-        m = h[0]
-        tunnel = protocol is not None or (m[1] == "CONNECT" if m[0] == ":method" else fields_method(h) == "CONNECT")
         if protocol is not None:
             if not self.opts.allow_connect:
                 # :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL: Envoy drops the connection
@@ -1141,6 +1189,8 @@ class Http2ServerCodec:
             # does): GET + upgrade: <protocol>; the 101 that answers it goes out as a 200
             h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
             h.append(("upgrade", protocol))
+        else:
+            h = list(h)
         s = H2ServerStream(self, sid, self.loop.time())
         s.tunnel = 1 if tunnel else 0
         end = e.stream_ended is not None
