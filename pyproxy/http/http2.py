@@ -188,6 +188,13 @@ def _hp_str(b: bytes) -> bytes:
     return _hp_int(len(b), 7, 0) + b
 
 
+# fields whose value is new with every request (request and trace ids)
+_UNIQUE_FIELDS = frozenset(n2 for n in ("x-request-id", "x-client-trace-id", "traceparent", "tracestate",
+                                        "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-ot-span-context",
+                                        "x-datadog-trace-id", "x-datadog-parent-id", "x-amzn-trace-id")
+                           for n2 in (n, n.encode()))
+
+
 class FastEncoder:
     """HPACK without the dynamic table: static-table hits are indexed, everything else is a
     literal without indexing (no Huffman). Valid for any decoder, much cheaper to produce than
@@ -223,9 +230,10 @@ class FastEncoder:
             b = memo.get(kv)
             if b is None:
                 b = self._encode_one(kv)
-                if len(memo) >= self.MEMO_MAX:
-                    memo.clear()
-                memo[kv] = b
+                if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+                    if len(memo) >= self.MEMO_MAX:
+                        memo.clear()
+                    memo[kv] = b
             out.append(b)
         return b"".join(out)
 
@@ -497,6 +505,7 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
     if (engine or engine_name()) == "h2":
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)
+    c.split_ends = False  # our handlers read ``stream_ended`` on the DATA/HEADERS events
     c.encoder = FastEncoder()
     c.decoder = FastDecoder(opts.max_header_list_size)
     c.initiate_connection()
@@ -747,6 +756,18 @@ def fields_method(fields) -> str | None:
     return None
 
 
+class _NoPending(tuple):
+    """The shared empty outbound buffer of streams that never had to wait (most of them)."""
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        pass
+
+
+_NO_PENDING = _NoPending()
+
+
 class OutStream:
     """Outbound DATA of one stream: what the peer's window (or our transport) cannot take yet.
 
@@ -758,7 +779,7 @@ class OutStream:
 
     def _init_out(self) -> None:
         """Empty outbound buffer and flow-control state (at creation, and when re-bound)."""
-        self.pending = collections.deque()
+        self.pending = _NO_PENDING  # a deque once something has to wait
         self.pending_bytes = 0
         self.pending_end = False
         self.pending_trailers = None
@@ -777,7 +798,10 @@ class OutStream:
                     self._ended()
                 return
         if n:
-            self.pending.append(data)
+            p = self.pending
+            if p is _NO_PENDING:
+                p = self.pending = collections.deque()
+            p.append(data)
             self.pending_bytes += n
         if end:
             self.pending_end = True
