@@ -1090,7 +1090,7 @@ class Http2ServerCodec:
 
     def _handle(self, events) -> None:
         resets = None
-        if len(events) > 1:
+        if len(events) > 1 and (not self.lean or self.h2.rst_seen):
             for e in events:
                 if EVENT_KIND.get(e.__class__) == EV_RESET:
                     if resets is None:
