@@ -319,3 +319,30 @@ def test_refused_like_envoy(ups, tmp_path, case):
         assert egot[0] == got[0]
         if got[0] is not None:
             assert egot == got
+
+
+def test_http1_connect_to_http2_upstream(ups, tmp_path, engine):
+    with Px(ups, tmp_path, [CONNECT_ROUTE_H2], hcm_extra=UP_CONNECT) as px:
+        s = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+        try:
+            s.sendall(b"CONNECT backend:443 HTTP/1.1\r\nHost: backend:443\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                d = s.recv(4096)
+                assert d, head
+                head += d
+            assert head.startswith(b"HTTP/1.1 200"), head
+            got = head.split(b"\r\n\r\n", 1)[1]
+            s.sendall(b"tunnel over h2")
+            s.shutdown(socket.SHUT_WR)  # -> END_STREAM upstream -> its "bye" + END_STREAM -> EOF here
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                d = s.recv(65536)
+                if not d:
+                    break
+                got += d
+            assert got == b"tunnel over h2bye"
+            req = ups[1].requests[-1]
+            assert req[":method"] == "CONNECT" and req[":authority"] == "backend:443" and ":path" not in req
+        finally:
+            s.close()
