@@ -101,9 +101,9 @@ class Router:
         if up is not None or headers.get(":method") == "CONNECT":
             if not _upgrade_allowed(s.cfg.upgrades, route, up.lower() if up is not None else "connect"):
                 s.hc.stats.rq_ws_on_non_ws_route.value += 1
+                s.send_local_reply(403, "", "upgrade_failed")
                 if s.hc.is_h2:
                     s.encoder.conn.go_away()  # Envoy closes the HTTP/2 connection too
-                s.send_local_reply(403, "", "upgrade_failed")
                 return STOP
         if cluster.rq_active_total >= cluster.max_requests:
             cluster.st_pending_overflow.value += 1
