@@ -57,7 +57,7 @@ class H2UpstreamStream(h2c.OutStream):
 
     __slots__ = ("pool", "conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
                  "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
-                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent")
+                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade")
 
     def __init__(self, pool, cb):
         self.pool = pool
@@ -73,6 +73,7 @@ class H2UpstreamStream(h2c.OutStream):
         self.closed = False
         self.cancelled = False
         self.headers_sent = False
+        self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
 
     @property
     def local_address(self) -> str:
@@ -94,11 +95,32 @@ class H2UpstreamStream(h2c.OutStream):
         h = c.h2
         sid = self.sid = h.get_next_available_stream_id()
         c.streams[sid] = self
-        h.send_headers(sid, headers._h if c.lean else h2c.to_h2(headers), end_stream=end_stream)
+        fields = headers._h
+        if c.extended_connect and "upgrade" in headers:
+            fields = self._extended_connect(fields)
+        h.send_headers(sid, fields if c.lean else h2c.to_h2(Headers(fields)), end_stream=end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True
         c.want_flush()
+
+    def _extended_connect(self, fields) -> list:
+        """An HTTP/1.1 upgrade (websocket) as RFC 8441 extended CONNECT, as Envoy sends it to an
+        upstream that announced SETTINGS_ENABLE_CONNECT_PROTOCOL; its 200 comes back as a 101."""
+        out = []
+        for kv in fields:
+            k = kv[0]
+            if k == ":method":
+                out.append((":method", "CONNECT"))
+            elif k == "upgrade":
+                self.upgrade = kv[1]
+            elif k != "connection":
+                out.append(kv)
+        i = 0
+        while i < len(out) and out[i][0][0] == ":":
+            i += 1
+        out.insert(i, (":protocol", self.upgrade))
+        return out
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.closed:
@@ -238,7 +260,8 @@ class H2UpstreamStream(h2c.OutStream):
 class H2UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
-                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean")
+                 "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
+                 "extended_connect")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -263,6 +286,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.draining = False
         self.max_streams = opts.max_concurrent_streams
         self.ready = False  # the peer's SETTINGS (its stream limit) arrived
+        self.extended_connect = False  # the peer announced SETTINGS_ENABLE_CONNECT_PROTOCOL
         self.ready_timer = None
 
     # -- capacity -----------------------------------------------------------------------------------
@@ -348,11 +372,16 @@ class H2UpstreamConnection(asyncio.Protocol):
                 s.response_started = True
                 s.replay = None
                 try:
-                    headers = Headers(h2c.inbound_headers(e.headers, h2c.RESPONSE))
+                    headers = Headers(h2c.response_fields(e.headers))
                 except h2c.BadHeaders as err:
                     self._bad_response(s, err)
                     continue
                 end = e.stream_ended is not None
+                if s.upgrade is not None and not end and headers._h[0][1][:1] == "2":
+                    # the extended CONNECT was accepted: the HTTP/1.1 side expects a 101
+                    headers._h[0] = (":status", "101")
+                    headers._h.append(("upgrade", s.upgrade))
+                    headers._h.append(("connection", "upgrade"))
                 if end:
                     s.remote_ended = True
                     s._release_watermark()
@@ -400,6 +429,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             elif t == EV_SETTINGS:
                 self.max_frame = h.max_outbound_frame_size
                 ch = e.changed_settings
+                if SettingCodes.ENABLE_CONNECT_PROTOCOL in ch:
+                    self.extended_connect = bool(ch[SettingCodes.ENABLE_CONNECT_PROTOCOL].new_value)
                 if SettingCodes.INITIAL_WINDOW_SIZE in ch and self.blocked:
                     h2c.flush_blocked(self)
                 if not self.ready:

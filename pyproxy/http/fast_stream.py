@@ -72,9 +72,9 @@ class FastStream(ActiveStream):
             self.request_timer.cancel()
             self.request_timer = None
         cfg = self.cfg
-        if route is None or not end_stream or not route_is_fast(route) or (
-                self.hc.is_h2 and ":protocol" in headers) or (
-                not self.hc.is_h2 and "upgrade" in headers) or headers._h[0][1] == "CONNECT":
+        # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
+        if route is None or not end_stream or not route_is_fast(route) or \
+                "upgrade" in headers or headers._h[0][1] == "CONNECT":
             return self._generic(headers, end_stream)
         if route.cluster:
             name, choice = route.cluster, None

@@ -100,6 +100,9 @@ def _conn_error(code, msg: str) -> ProtocolError:
     return e
 
 
+_END = StreamEnded(0)  # ``stream_ended`` mark when ends are not split (see ``H2Engine.split_ends``)
+
+
 class Settings:
     """One side's settings, by attribute (``max_concurrent_streams``...) or by ``SettingCodes``."""
 
@@ -156,7 +159,8 @@ class H2Engine:
                  "highest_inbound_stream_id", "highest_outbound_stream_id", "out", "inbuf", "need_preface",
                  "seen_settings", "out_window", "in_window", "in_max", "unacked", "cont", "pending_settings",
                  "max_in_frame", "goaway_sent", "goaway_received", "dead", "n_out", "n_in", "max_block",
-                 "peer_odd", "initial", "closed_floor")
+                 "peer_odd", "initial", "closed_floor", "split_ends",
+                 "rst_seen")
 
     def __init__(self, client_side: bool, settings=None, max_block: int = 0):
         self.client_side = client_side
@@ -189,6 +193,10 @@ class H2Engine:
         self.dead = False
         self.n_out = 0
         self.n_in = 0
+        # False: the end of a stream is only marked on the DATA/HEADERS event (``stream_ended``),
+        # without the separate StreamEnded event ``h2`` also emits (pyproxy's codecs need only the mark)
+        self.split_ends = True
+        self.rst_seen = False  # the last receive_data() call carried a RST_STREAM
         self.max_block = max_block or max(64 * 1024, 2 * (self.local_settings.max_header_list_size or 0))
 
     # -- h2-compatible read-only views ------------------------------------------------------------
@@ -477,6 +485,7 @@ class H2Engine:
         """Parse what arrived; return the events. A connection error queues GOAWAY and raises."""
         if self.dead:
             return []
+        self.rst_seen = False
         if self.inbuf:
             data = self.inbuf + data
             self.inbuf = b""
@@ -615,8 +624,9 @@ class H2Engine:
         ev = DataReceived(sid, body, n)
         events.append(ev)
         if flags & F_END_STREAM:
-            se = ev.stream_ended = StreamEnded(sid)
-            events.append(se)
+            if self.split_ends:
+                events.append(StreamEnded(sid))
+            ev.stream_ended = _END
             s.ropen = False
             if not s.lopen:
                 self._close(s, ENDED)
@@ -685,8 +695,9 @@ class H2Engine:
                 ev = RequestReceived(sid, headers)
                 events.append(ev)
                 if end:
-                    se = ev.stream_ended = StreamEnded(sid)
-                    events.append(se)
+                    if self.split_ends:
+                        events.append(StreamEnded(sid))
+                    ev.stream_ended = _END
                     s.ropen = False
                 return
             if self._closed_frame(sid, "HEADERS"):
@@ -713,8 +724,9 @@ class H2Engine:
             ev = TrailersReceived(sid, headers)
         events.append(ev)
         if end:
-            se = ev.stream_ended = StreamEnded(sid)
-            events.append(se)
+            if self.split_ends:
+                events.append(StreamEnded(sid))
+            ev.stream_ended = _END
             s.ropen = False
             if not s.lopen:
                 self._close(s, ENDED)
@@ -758,6 +770,7 @@ class H2Engine:
                 raise ProtocolError("RST_STREAM on idle stream %d" % sid)
             return
         self._close(s, RESET_REMOTE)
+        self.rst_seen = True
         events.append(StreamReset(sid, _code(_unpack_u32(data, p)[0]), True))
 
     def _priority(self, data: bytes, p: int, n: int, sid: int, events: list) -> None:

@@ -583,8 +583,8 @@ class Http1ClientCodec:
         else:
             if data:
                 self.conn.write(data)
-            if end_stream and self.tunnel:
-                self.conn.write_eof()
+            if end_stream and (self.tunnel or self.pending_upgrade):
+                self.conn.write_eof()  # a tunnel's half-close
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.chunked_request:
@@ -666,6 +666,8 @@ class Http1ClientCodec:
         self.resp_headers_sent = True
         if end:
             self.complete = True
+        elif self.pending_upgrade and 200 <= status < 300 and not self.hdrs_have_length():
+            self.tunnel = True  # CONNECT answered: raw bytes both ways from here
         d = self.decoder
         if d is not None:
             d.on_upstream_headers(headers, end)
@@ -715,7 +717,10 @@ class Http1ClientCodec:
         if d is None:
             return
         if self.tunnel:
-            d.on_upstream_data(b"", True)
+            if reason == "connection termination":
+                d.on_upstream_reset(reason)  # aborted (RST), not a half-close
+            else:
+                d.on_upstream_data(b"", True)
             return
         if self.resp_headers_sent and not self.complete:
             # close-delimited body: EOF ends it (unless a length was promised)

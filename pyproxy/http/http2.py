@@ -33,6 +33,8 @@ import h2.exceptions
 import h2.stream
 import hpack
 from hpack import NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKDecodingError, InvalidTableIndexError, InvalidTableSizeError, OversizedHeaderListError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
@@ -82,7 +84,8 @@ class H2Options:
 
     __slots__ = ("max_concurrent_streams", "stream_window", "connection_window", "keepalive_interval",
                  "keepalive_timeout", "max_outbound_control_frames", "max_priority_per_stream",
-                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter")
+                 "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter",
+                 "allow_connect")
 
     def __init__(self, proto=None, max_header_list_size: int = 60 * 1024, max_headers: int = 100):
         self.max_concurrent_streams = DEFAULT_MAX_CONCURRENT_STREAMS
@@ -97,6 +100,7 @@ class H2Options:
         self.max_headers = max_headers
         self.stats = None
         self.premature_counter = None
+        self.allow_connect = False  # RFC 8441 extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)
         if proto is None:
             return
         mcs = u32(proto, "max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS)
@@ -122,8 +126,7 @@ class H2Options:
             self.keepalive_timeout = duration_s(ka, "timeout", 0.0)
             if self.keepalive_interval and not self.keepalive_timeout:
                 raise ConfigError("connection_keepalive.timeout is required", field="connection_keepalive.timeout")
-        if proto.allow_connect:
-            log.debug("http2_protocol_options.allow_connect: CONNECT over HTTP/2 is not supported; ignored")
+        self.allow_connect = bool(proto.allow_connect)
 
 
 class H2Stats:
@@ -158,7 +161,7 @@ def server_options(cfg) -> H2Options:
     return o
 
 
-# -- HPACK, the costly part of h2: a stateless encoder and a decoder with a block cache ---------------
+# -- HPACK, the costly part of h2: a stateless encoder and a memoizing decoder ---------------
 
 _STATIC = HeaderTable.STATIC_TABLE
 _STATIC_FULL = {}
@@ -183,6 +186,13 @@ def _hp_int(n: int, prefix_bits: int, first: int) -> bytes:
 
 def _hp_str(b: bytes) -> bytes:
     return _hp_int(len(b), 7, 0) + b
+
+
+# fields whose value is new with every request (request and trace ids)
+_UNIQUE_FIELDS = frozenset(n2 for n in ("x-request-id", "x-client-trace-id", "traceparent", "tracestate",
+                                        "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-ot-span-context",
+                                        "x-datadog-trace-id", "x-datadog-parent-id", "x-amzn-trace-id")
+                           for n2 in (n, n.encode()))
 
 
 class FastEncoder:
@@ -220,9 +230,10 @@ class FastEncoder:
             b = memo.get(kv)
             if b is None:
                 b = self._encode_one(kv)
-                if len(memo) >= self.MEMO_MAX:
-                    memo.clear()
-                memo[kv] = b
+                if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+                    if len(memo) >= self.MEMO_MAX:
+                        memo.clear()
+                    memo[kv] = b
             out.append(b)
         return b"".join(out)
 
@@ -252,42 +263,229 @@ class FastEncoder:
         return bytes((first,)) + _hp_str(n) + _hp_str(v)
 
 
-class CachingDecoder(hpack.Decoder):
-    """``hpack.Decoder`` that remembers header blocks which did not change the dynamic table:
-    a peer repeating a request/response shape sends the same fully indexed block each time."""
+class FastDecoder:
+    """HPACK decoder (RFC 7541) for both engines (``decode(block, raw=True)`` like ``hpack``'s).
 
-    CACHE_MAX = 512
+    A header block's bytes are parsed once into operations (indexed field, literal with or
+    without indexing, table size update) kept in a bounded memo: parsing does not depend on the
+    dynamic table, so a peer repeating a block (fully indexed requests, or nginx's responses that
+    insert the same fields each time) costs one table lookup per field, however its dynamic table
+    moves. Huffman strings are decoded once (memoized). The fields come back as a tuple (a
+    repeated block as the same tuple), which the codecs' own memos key on. Errors are ``hpack``'s exceptions:
+    ``HPACKDecodingError``/``InvalidTableIndexError``/``InvalidTableSizeError`` (COMPRESSION_ERROR)
+    and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
+
+    __slots__ = ("dyn", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
+                 "version")
+
+    MEMO_MAX = 1024
 
     def __init__(self, max_header_list_size: int):
-        super().__init__(max_header_list_size=max_header_list_size)
-        self._cache = {}
-        self._version = 0
-        table = self.header_table
-        add = table.add
+        self.dyn = collections.deque()  # newest first: (name, value)
+        self.dyn_size = 0
+        self.max_table = 4096  # the size the peer's encoder uses (its last size update)
+        self.max_allowed_table_size = 4096  # our SETTINGS_HEADER_TABLE_SIZE
+        self.max_header_list_size = max_header_list_size
+        self.memo = {}  # block -> [ops, changes the table?, table version of result, result]
+        self.version = 0  # bumped whenever the dynamic table changes
 
-        def counting_add(name, value, _add=add, _table=table):
-            _add(name, value)
-            # with a zero-size table (nginx announces one) the entry is evicted at once: the table
-            # is still empty, so blocks stay cacheable
-            if _table.dynamic_entries:
-                self._version += 1
-        table.add = counting_add
+    @property
+    def header_table_size(self) -> int:
+        return self.max_table
 
-    def decode(self, data, raw: bool = False):
+    def decode(self, data, raw: bool = True) -> tuple:
         if data.__class__ is not bytes:
             data = bytes(data)
-        hit = self._cache.get(data)
-        if hit is not None and hit[0] == self._version:
-            return list(hit[1])
-        version = self._version
-        size = self.header_table_size
-        out = super().decode(data, raw)
-        if self._version == version and self.header_table_size == size:
-            cache = self._cache
-            if len(cache) >= self.CACHE_MAX:
-                cache.clear()
-            cache[data] = (version, tuple(out))
+        m = self.memo.get(data)
+        if m is None:
+            ops = _hpack_parse(data)
+            # [ops, changes the table?, table version of result, result, independent of the table?,
+            #  list size]: a block that references no dynamic-table entry (nginx's responses: static
+            # names, literal values, each inserted) has the same fields whatever the table holds
+            m = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None,
+                 all(op[0] == 2 or op[1] <= 61 for op in ops), 0]
+            if len(data) <= 1024:  # bounded memo: a few MB per connection at most
+                memo = self.memo
+                if len(memo) >= self.MEMO_MAX:
+                    memo.clear()
+                memo[data] = m
+        elif m[2] == self.version:
+            return m[3]  # same block, same table: same fields (already size-checked)
+        elif m[4] and m[3] is not None:
+            # same fields; only the table effects (inserts, size updates) are applied again
+            self._replay(m[0])
+            if m[5] > self.max_header_list_size:
+                raise OversizedHeaderListError("header list of %d bytes over %d" % (m[5], self.max_header_list_size))
+            return m[3]
+        else:
+            ops = m[0]
+        dyn = self.dyn
+        static = _STATIC
+        out = []
+        total = 0
+        for op in ops:
+            k = op[0]
+            if k == 0:
+                i = op[1]
+                if i <= 61:
+                    kv = static[i - 1]
+                else:
+                    try:
+                        kv = dyn[i - 62]
+                    except IndexError:
+                        raise InvalidTableIndexError("invalid table index %d" % i) from None
+            elif k == 1:
+                i = op[1]
+                if i == 0:
+                    name = op[2]
+                elif i <= 61:
+                    name = static[i - 1][0]
+                else:
+                    try:
+                        name = dyn[i - 62][0]
+                    except IndexError:
+                        raise InvalidTableIndexError("invalid table index %d" % i) from None
+                kv = (name, op[3])
+                if op[4]:
+                    self._add(kv)
+            else:
+                size = op[1]
+                if size > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
+                self.max_table = size
+                self.version += 1
+                self._evict()
+                continue
+            total += len(kv[0]) + len(kv[1]) + 32
+            out.append(kv)
+        if total > self.max_header_list_size:
+            raise OversizedHeaderListError("header list of %d bytes over %d" % (total, self.max_header_list_size))
+        out = tuple(out)
+        if not m[1]:
+            m[2] = self.version
+            m[3] = out
+        elif m[4]:
+            m[3] = out
+            m[5] = total
         return out
+
+    def _replay(self, ops) -> None:
+        """A table-independent block's effects on the dynamic table (its fields are known)."""
+        for op in ops:
+            k = op[0]
+            if k == 1:
+                if op[4]:
+                    i = op[1]
+                    self._add((op[2] if i == 0 else _STATIC[i - 1][0], op[3]))
+            elif k == 2:
+                size = op[1]
+                if size > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
+                self.max_table = size
+                self.version += 1
+                self._evict()
+
+    def _add(self, kv) -> None:
+        n = len(kv[0]) + len(kv[1]) + 32
+        self.version += 1
+        if n > self.max_table:
+            self.dyn.clear()  # RFC 7541 4.4: an entry larger than the table empties it
+            self.dyn_size = 0
+            return
+        self.dyn.appendleft(kv)
+        self.dyn_size += n
+        if self.dyn_size > self.max_table:
+            self._evict()
+
+    def _evict(self) -> None:
+        dyn = self.dyn
+        mx = self.max_table
+        while self.dyn_size > mx and dyn:
+            kv = dyn.pop()
+            self.dyn_size -= len(kv[0]) + len(kv[1]) + 32
+
+
+_HUFFMAN_MEMO: dict = {}
+
+
+def _hp_read_int(data: bytes, pos: int, bits: int):
+    mask = (1 << bits) - 1
+    v = data[pos] & mask
+    pos += 1
+    if v < mask:
+        return v, pos
+    shift = 0
+    n = len(data)
+    while True:
+        if pos >= n:
+            raise HPACKDecodingError("truncated integer")
+        b = data[pos]
+        pos += 1
+        v += (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+        if shift > 28:
+            raise HPACKDecodingError("integer too large")
+
+
+def _hp_read_str(data: bytes, pos: int):
+    if pos >= len(data):
+        raise HPACKDecodingError("truncated string")
+    huff = data[pos] & 0x80
+    n, pos = _hp_read_int(data, pos, 7)
+    e = pos + n
+    if e > len(data):
+        raise HPACKDecodingError("truncated string")
+    raw = data[pos:e]
+    if huff:
+        s = _HUFFMAN_MEMO.get(raw)
+        if s is None:
+            s = decode_huffman(raw)
+            if n <= 256:
+                if len(_HUFFMAN_MEMO) >= 4096:
+                    _HUFFMAN_MEMO.clear()
+                _HUFFMAN_MEMO[raw] = s
+        return s, e
+    return raw, e
+
+
+def _hpack_parse(data: bytes) -> tuple:
+    """A header block -> operations: (0, index) | (1, name index or 0, name, value, indexing) |
+    (2, table size)."""
+    ops = []
+    pos = 0
+    n = len(data)
+    fields = False
+    while pos < n:
+        b = data[pos]
+        if b & 0x80:
+            i, pos = _hp_read_int(data, pos, 7)
+            if i == 0:
+                raise HPACKDecodingError("index 0")
+            ops.append((0, i))
+            fields = True
+            continue
+        if b & 0x40:
+            i, pos = _hp_read_int(data, pos, 6)
+            indexing = True
+        elif b & 0x20:
+            if fields:
+                raise HPACKDecodingError("table size update after a header field")
+            size, pos = _hp_read_int(data, pos, 5)
+            ops.append((2, size))
+            continue
+        else:
+            i, pos = _hp_read_int(data, pos, 4)
+            indexing = False
+        if i == 0:
+            name, pos = _hp_read_str(data, pos)
+        else:
+            name = None
+        value, pos = _hp_read_str(data, pos)
+        ops.append((1, i, name, value, indexing))
+        fields = True
+    return tuple(ops)
 
 
 class _H2Connection(h2.connection.H2Connection):
@@ -331,15 +529,17 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
     values = {SettingCodes.MAX_CONCURRENT_STREAMS: opts.max_concurrent_streams,
               SettingCodes.INITIAL_WINDOW_SIZE: opts.stream_window,
               SettingCodes.MAX_HEADER_LIST_SIZE: opts.max_header_list_size,
-              # said explicitly (the default): nginx then shrinks its encoder's table to zero and
-              # its response blocks repeat byte for byte (CachingDecoder hits) instead of
-              # inserting every field into our table
+              # said explicitly (the default): nginx then shrinks its encoder's table to zero
+              # instead of inserting every response field into ours
               SettingCodes.HEADER_TABLE_SIZE: 4096}
+    if opts.allow_connect and not client_side:
+        values[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
     if (engine or engine_name()) == "h2":
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)
+    c.split_ends = False  # our handlers read ``stream_ended`` on the DATA/HEADERS events
     c.encoder = FastEncoder()
-    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.decoder = FastDecoder(opts.max_header_list_size)
     c.initiate_connection()
     if opts.connection_window > SPEC_WINDOW:
         c.increment_flow_control_window(opts.connection_window - SPEC_WINDOW)
@@ -354,7 +554,7 @@ def _new_h2_library(client_side: bool, opts: H2Options, values: dict) -> h2.conn
                                        validate_inbound_headers=False, normalize_inbound_headers=False)
     c = _H2Connection(config)
     c.encoder = FastEncoder()
-    c.decoder = CachingDecoder(opts.max_header_list_size)
+    c.decoder = FastDecoder(opts.max_header_list_size)
     if client_side:
         values[SettingCodes.ENABLE_PUSH] = 0
     c.local_settings = Settings(client=client_side, initial_values=values)
@@ -509,6 +709,95 @@ def inbound_headers(raw, kind: int) -> list:
 
 
 _STATUS_ONLY = {":status"}
+_REQ_MEMO: dict = {}
+
+
+def request_fields(raw) -> tuple:
+    """A received request header block -> (fields tuple for ``Headers``, expect 100-continue?,
+    :protocol or None, CONNECT?): validated (``inbound_headers``), ``host`` folded into
+    ``:authority``, ``expect: 100-continue`` and ``:protocol`` taken out. Memoized per distinct
+    block (the decoder hands repeated blocks over as equal tuples). Raises ``BadHeaders``."""
+    key = raw if raw.__class__ is tuple else tuple(raw)
+    r = _REQ_MEMO.get(key)
+    if r is not None:
+        return r
+    authority = None
+    host = None
+    expect = False
+    protocol = None
+    h = []
+    for kv in inbound_headers(key, REQUEST):
+        k = kv[0]
+        if k == ":authority":
+            authority = kv[1]
+        elif k == ":protocol":
+            protocol = kv[1]
+            continue
+        elif k == "host":
+            host = kv[1]
+            continue
+        elif k == "expect":
+            if kv[1].lower() == "100-continue":
+                expect = True
+                continue
+        h.append(kv)
+    if authority is None and host is not None:
+        i = 0
+        while i < len(h) and h[i][0][0] == ":":
+            i += 1
+        h.insert(i, (":authority", host))
+    r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT")
+    if _memoizable(key):
+        if len(_REQ_MEMO) >= _BLOCK_MEMO_MAX:
+            _REQ_MEMO.clear()
+        _REQ_MEMO[key] = r
+    return r
+
+
+_BLOCK_MEMO_MAX = 1024
+
+
+def _memoizable(fields) -> bool:
+    """Small blocks only: the block memos stay a few MB at most."""
+    n = 0
+    for kv in fields:
+        n += len(kv[0]) + len(kv[1])
+    return n <= 4096
+
+
+_RESP_MEMO: dict = {}
+
+
+def response_fields(raw) -> list:
+    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (a fresh list each time)."""
+    key = raw if raw.__class__ is tuple else tuple(raw)
+    r = _RESP_MEMO.get(key)
+    if r is None:
+        r = tuple(inbound_headers(key, RESPONSE))
+        if _memoizable(key):
+            if len(_RESP_MEMO) >= _BLOCK_MEMO_MAX:
+                _RESP_MEMO.clear()
+            _RESP_MEMO[key] = r
+    return list(r)
+
+
+def fields_method(fields) -> str | None:
+    for k, v in fields:
+        if k == ":method":
+            return v
+    return None
+
+
+class _NoPending(tuple):
+    """The shared empty outbound buffer of streams that never had to wait (most of them)."""
+
+    __slots__ = ()
+
+    def clear(self) -> None:
+        pass
+
+
+_NO_PENDING = _NoPending()
 
 
 class OutStream:
@@ -522,7 +811,7 @@ class OutStream:
 
     def _init_out(self) -> None:
         """Empty outbound buffer and flow-control state (at creation, and when re-bound)."""
-        self.pending = collections.deque()
+        self.pending = _NO_PENDING  # a deque once something has to wait
         self.pending_bytes = 0
         self.pending_end = False
         self.pending_trailers = None
@@ -541,7 +830,10 @@ class OutStream:
                     self._ended()
                 return
         if n:
-            self.pending.append(data)
+            p = self.pending
+            if p is _NO_PENDING:
+                p = self.pending = collections.deque()
+            p.append(data)
             self.pending_bytes += n
         if end:
             self.pending_end = True
@@ -618,7 +910,7 @@ class H2ServerStream(OutStream):
 
     __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close")
+                 "start", "drain_close", "response_close", "tunnel")
 
     def __init__(self, conn, sid, now):
         self.conn = conn
@@ -631,6 +923,7 @@ class H2ServerStream(OutStream):
         self.start = now
         self.drain_close = False
         self.response_close = False
+        self.tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -640,9 +933,16 @@ class H2ServerStream(OutStream):
         if h and h[0][0] == ":status" and h[0][1][:1] == "1":
             if h[0][1] != "101":
                 return  # 1xx are answered by the proxy itself (100-continue)
+            if self.tunnel:
+                # the upgrade succeeded upstream: RFC 8441's answer is a 200 (upgrade and
+                # connection fields are dropped by the encoders)
+                headers._h = h = [(":status", "200")] + h[1:]
+                self.tunnel = 2
+        elif self.tunnel and not end_stream and h and h[0][1][:1] == "2":
+            self.tunnel = 2
         conn = self.conn
         try:
-            conn.h2.send_headers(self.sid, headers._h if conn.lean else to_h2(headers), end_stream=end_stream)
+            conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream=end_stream)
         except h2.exceptions.StreamClosedError:
             self._gone()
             return
@@ -681,9 +981,10 @@ class H2ServerStream(OutStream):
         st = conn.stats
         if st is not None:
             st.tx_reset.value += 1
+        code = ErrorCodes.REFUSED_STREAM if "refused" in reason else (
+            ErrorCodes.CONNECT_ERROR if self.tunnel else ErrorCodes.NO_ERROR)  # RFC 9113 8.5
         try:
-            conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR if "refused" not in reason
-                                 else ErrorCodes.REFUSED_STREAM)
+            conn.h2.reset_stream(self.sid, code)
         except h2.exceptions.ProtocolError:
             pass
         self._gone()
@@ -710,6 +1011,8 @@ class H2ServerStream(OutStream):
         self.pending.clear()
         if self.remote_ended:
             self._gone()
+        elif self.tunnel == 2:
+            pass  # half-closed: the client's END_STREAM (or reset) finishes the stream
         else:
             # the response is complete: the rest of the request is not needed (RFC 9113 8.1)
             try:
@@ -819,7 +1122,7 @@ class Http2ServerCodec:
 
     def _handle(self, events) -> None:
         resets = None
-        if len(events) > 1:
+        if len(events) > 1 and (not self.lean or self.h2.rst_seen):
             for e in events:
                 if EVENT_KIND.get(e.__class__) == EV_RESET:
                     if resets is None:
@@ -923,35 +1226,29 @@ class Http2ServerCodec:
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
             return
         try:
-            fields = inbound_headers(raw, REQUEST)
+            h, expect, protocol, tunnel = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
             if st is not None:
                 st.rx_messaging_error.value += 1
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        authority = None
-        host = None
-        expect = False
-        h = []
-        for kv in fields:
-            k = kv[0]
-            if k == ":authority":
-                authority = kv[1]
-            elif k == "host":
-                host = kv[1]
-                continue
-            elif k == "expect":
-                if kv[1].lower() == "100-continue":
-                    expect = True
-                    continue
-            h.append(kv)
-        if authority is None and host is not None:
-            i = 0
-            while i < len(h) and h[i][0][0] == ":":
-                i += 1
-            h.insert(i, (":authority", host))
+        if protocol is not None:
+            if not self.opts.allow_connect:
+                # :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL: Envoy drops the connection
+                log.debug("h2 stream %d: extended CONNECT without allow_connect", sid)
+                if st is not None:
+                    st.rx_messaging_error.value += 1
+                self._fatal(ErrorCodes.PROTOCOL_ERROR)
+                return
+            # RFC 8441 -> the HTTP/1.1 upgrade form the rest of the proxy knows (as Envoy's codec
+            # does): GET + upgrade: <protocol>; the 101 that answers it goes out as a 200
+            h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
+            h.append(("upgrade", protocol))
+        else:
+            h = list(h)
         s = H2ServerStream(self, sid, self.loop.time())
+        s.tunnel = 1 if tunnel else 0
         end = e.stream_ended is not None
         s.remote_ended = end
         self.streams[sid] = s
