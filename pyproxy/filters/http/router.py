@@ -103,7 +103,7 @@ class Router:
                 s.hc.stats.rq_ws_on_non_ws_route.value += 1
                 s.send_local_reply(403, "", "upgrade_failed")
                 if s.hc.is_h2:
-                    s.encoder.conn.go_away()  # Envoy closes the HTTP/2 connection too
+                    s.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
                 return STOP
         if cluster.rq_active_total >= cluster.max_requests:
             cluster.st_pending_overflow.value += 1
