@@ -28,7 +28,7 @@ STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST = (
     _DT.STATIC, _DT.STRICT_DNS, _DT.LOGICAL_DNS, _DT.EDS, _DT.ORIGINAL_DST)
 TYPE_NAMES = {v: k for k, v in _DT.items()}
 
-HTTP1, HTTP2, USE_DOWNSTREAM = "http1", "http2", "downstream"
+HTTP1, HTTP2, USE_DOWNSTREAM, AUTO = "http1", "http2", "downstream", "auto"
 
 
 class ProtocolOptions:
@@ -114,6 +114,8 @@ class Cluster:
             from google.protobuf import json_format
             crit = json_format.MessageToDict(m.match) if m.HasField("match") else {}
             self.transport_socket_matches.append((crit, f))
+        if self.protocol == AUTO:
+            self._auto_alpn(proto)
         self.source_address = None
         if proto.HasField("upstream_bind_config"):
             self.source_address = proto.upstream_bind_config.source_address.address or None
@@ -168,6 +170,8 @@ class Cluster:
         s = self.manager.stats.scope("cluster.%s." % self.stat_name)
         self.scope = s
         self.st_cx_total = s.counter("upstream_cx_total")
+        self.st_cx_http1_total = s.counter("upstream_cx_http1_total")
+        self.st_cx_http2_total = s.counter("upstream_cx_http2_total")
         self.st_cx_active = s.gauge("upstream_cx_active")
         self.st_cx_connect_fail = s.counter("upstream_cx_connect_fail")
         self.st_cx_connect_timeout = s.counter("upstream_cx_connect_timeout")
@@ -267,12 +271,29 @@ class Cluster:
                     return f
         return self.transport_socket
 
+    def _auto_alpn(self, proto) -> None:
+        """``auto_config``: with no TLS anywhere it is plain HTTP/1.1; TLS transport sockets that
+        name no ALPN protocols offer ``h2, http/1.1`` (as Envoy sets them for auto clusters)."""
+        factories = [self.transport_socket] + [f for _, f in self.transport_socket_matches]
+        if not any(f.is_tls for f in factories):
+            self.protocol = HTTP1
+            return
+        if self.transport_socket.is_tls and not getattr(self.transport_socket, "alpn", ()):
+            self.transport_socket = _with_auto_alpn(proto.transport_socket, "transport_socket")
+        for i, (crit, f) in enumerate(self.transport_socket_matches):
+            if f.is_tls and not getattr(f, "alpn", ()):
+                self.transport_socket_matches[i] = (crit, _with_auto_alpn(
+                    proto.transport_socket_matches[i].transport_socket, "transport_socket_matches"))
+
     def http_pool(self, host: Host, downstream_h2: bool = False):
         p = self.pools.get(host.key)
         if p is None:
             proto = self.protocol
             if proto == HTTP1:
                 p = Http1Pool(self, host, self.loop)
+            elif proto == AUTO:
+                from .pool_auto import AutoProtocolPools
+                p = AutoProtocolPools(self, host, self.loop)
             else:
                 from .pool_h2 import DownstreamProtocolPools, Http2Pool
                 cls = Http2Pool if proto == HTTP2 else DownstreamProtocolPools
@@ -308,3 +329,16 @@ class Cluster:
                                  "max_pending_requests": self.max_pending_requests,
                                  "max_requests": self.max_requests, "max_retries": self.max_retries},
         }
+
+
+def _with_auto_alpn(ts_proto, what: str):
+    """The TLS transport socket of an ``auto_config`` cluster, offering ``h2`` and ``http/1.1``."""
+    from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+    ctx = tls_pb2.UpstreamTlsContext()
+    if not ts_proto.typed_config.Unpack(ctx):
+        return build_transport_socket(ts_proto, what)  # (a wrapped config: left as it is)
+    ctx.common_tls_context.alpn_protocols[:] = ["h2", "http/1.1"]
+    ts = type(ts_proto)()
+    ts.CopyFrom(ts_proto)
+    ts.typed_config.Pack(ctx)
+    return build_transport_socket(ts, what)

@@ -190,12 +190,14 @@ class PoolBase:
     """
 
     __slots__ = ()
+    is_http2 = False
 
     def _connect(self):
         c = self.cluster
         self.connecting += 1
         c.cx_total_active += 1
         c.st_cx_total.value += 1
+        (c.st_cx_http2_total if self.is_http2 else c.st_cx_http1_total).value += 1
         c.st_cx_active.inc()
         self.host.cx_active += 1
         self.loop.create_task(self._do_connect())

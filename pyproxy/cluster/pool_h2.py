@@ -585,6 +585,8 @@ class _Pending:
 class Http2Pool(PoolBase):
     """Multiplexed HTTP/2 connections to one host."""
 
+    is_http2 = True
+
     __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining", "settings_timeout")
 
     def __init__(self, cluster, host, loop):

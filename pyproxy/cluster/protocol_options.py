@@ -10,7 +10,7 @@ from ..config import ConfigError, duration_s, u32
 
 def factory(cfg, po) -> None:
     """Apply ``cfg`` onto the cluster's ``ProtocolOptions`` ``po``."""
-    from .cluster import HTTP1, HTTP2, USE_DOWNSTREAM
+    from .cluster import AUTO, HTTP1, HTTP2, USE_DOWNSTREAM
     which = cfg.WhichOneof("upstream_protocol_options")
     if which == "explicit_http_config":
         e = cfg.explicit_http_config
@@ -26,8 +26,8 @@ def factory(cfg, po) -> None:
         if cfg.use_downstream_protocol_config.HasField("http2_protocol_options"):
             po.http2_options = cfg.use_downstream_protocol_config.http2_protocol_options
     elif which == "auto_config":
-        # ALPN-negotiated; without TLS Envoy uses HTTP/1.1 (h2 needs ALPN)
-        po.protocol = HTTP1
+        # ALPN-negotiated (cluster/pool_auto.py); without TLS, HTTP/1.1 as in Envoy
+        po.protocol = AUTO
         if cfg.auto_config.HasField("http2_protocol_options"):
             po.http2_options = cfg.auto_config.http2_protocol_options
     if cfg.HasField("common_http_protocol_options"):
