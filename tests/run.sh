@@ -21,7 +21,7 @@ if [ "$rc" = 0 ] && [ "$#" = 0 ]; then
   # the proxying suites run again through the generic filter-chain router
   echo "second pass: the generic router lane (PYPROXY_FAST_LANE=0)"
   PYPROXY_FAST_LANE=0 python3 -m pytest -q tests/test_proxy_http1.py tests/test_proxy_local_replies.py \
-    tests/test_routing_envoy.py tests/test_http2.py tests/test_grpc.py
+    tests/test_routing_envoy.py tests/test_http2.py tests/test_grpc.py tests/test_deadlines.py
   rc=$?
 fi
 exit $rc

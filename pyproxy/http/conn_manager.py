@@ -78,7 +78,7 @@ class HttpConnection:
     """The HCM as a network filter on one downstream connection."""
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
-                 "draining", "closed", "is_h2", "protocol", "live", "tick")
+                 "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -92,6 +92,8 @@ class HttpConnection:
         self.is_h2 = False
         self.protocol = "HTTP/1.1"
         self.live = set()  # active streams (for the idle tick and watermarks)
+        self.dl_handle = None  # one timer for the streams' deadlines (see arm_deadline)
+        self.dl_at = 0.0
         self.last_activity = 0.0
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
@@ -170,6 +172,9 @@ class HttpConnection:
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self.dl_handle is not None:
+            self.dl_handle.cancel()
+            self.dl_handle = None
         st = self.stats
         st.cx_active.dec()
         st.cx_destroy.value += 1
@@ -193,6 +198,38 @@ class HttpConnection:
         codec.drain_close = True
         if self.is_h2:
             codec.go_away()
+
+    # -- stream deadlines --------------------------------------------------------------------------------
+    def arm_deadline(self, at: float) -> None:
+        """A stream's deadline (``stream.deadline``, loop time). One timer serves every stream of
+        the connection: it is armed for the earliest deadline and, when it fires, times out the
+        streams that are due and re-arms for the next. Requests that finish in time only clear
+        their ``deadline``; a timer per request would cost every request a timer set and cancel."""
+        h = self.dl_handle
+        if h is not None:
+            if self.dl_at <= at:
+                return
+            h.cancel()
+        self.dl_at = at
+        self.dl_handle = self.cfg.loop.call_at(at, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.dl_handle = None
+        if self.closed:
+            return
+        now = self.cfg.loop.time()
+        nxt = None
+        for s in list(self.live):
+            d = s.deadline
+            if d is None:
+                continue
+            if d <= now:
+                s.deadline = None
+                s.on_deadline()
+            elif nxt is None or d < nxt:
+                nxt = d
+        if nxt is not None and not self.closed:
+            self.arm_deadline(nxt)
 
     # -- codec callbacks ------------------------------------------------------------------------------
     def new_stream(self, encoder, version):
@@ -364,14 +401,33 @@ class ActiveStream:
     max_duration_timer = None
     last_activity = 0.0
     failing = False
+    deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
 
     def __init__(self, hc: HttpConnection, encoder, version):
         self.hc = hc
         cfg = self.cfg = hc.cfg
         self.encoder = encoder
         conn = hc.conn
-        si = self.stream_info = StreamInfo.__new__(StreamInfo)
-        _init_si(si, conn, version)
+        # StreamInfo: the connection's facts copied, the rest defaults at class level
+        si = self.stream_info = _new_si(_StreamInfo)
+        csi = conn.stream_info
+        si.start_time = _time()
+        si.start_monotonic = _monotonic()
+        si.protocol = version
+        si.downstream_remote_address = csi.downstream_remote_address
+        si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+        si.downstream_local_address = csi.downstream_local_address
+        si.requested_server_name = csi.requested_server_name
+        si.response_flags = set()
+        si.connection_id = csi.connection_id
+        si.filter_state = conn.filter_state
+        si.dynamic_metadata = {}
+        tls = csi.downstream_ssl
+        if tls is not None:
+            si.downstream_ssl = tls
+            si.downstream_tls_version = csi.downstream_tls_version
+            si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+            si.downstream_local_uri_san = csi.downstream_local_uri_san
         self.version = version
         st = hc.stats
         st.rq_total.value += 1
@@ -621,7 +677,8 @@ class ActiveStream:
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         if cfg.always_set_request_id_in_response and self.stream_info.request_id:
             headers.set("x-request-id", self.stream_info.request_id)
-        status = headers.get(":status")
+        first = headers._h[0] if headers._h else None
+        status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
         try:
             self.stream_info.response_code = int(status)
         except (TypeError, ValueError):
@@ -865,25 +922,8 @@ class ActiveStream:
         self.encoder = None
 
 
-def _init_si(si, conn, version):
-    """StreamInfo for a request: connection facts copied, the rest defaults at class level."""
-    csi = conn.stream_info
-    si.start_time = _time()
-    si.start_monotonic = _monotonic()
-    si.protocol = version
-    si.downstream_remote_address = csi.downstream_remote_address
-    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
-    si.downstream_local_address = csi.downstream_local_address
-    si.requested_server_name = csi.requested_server_name
-    si.response_flags = set()
-    si.connection_id = csi.connection_id
-    si.filter_state = conn.filter_state
-    si.dynamic_metadata = {}
-    si.downstream_ssl = csi.downstream_ssl
-    if csi.downstream_tls_version:
-        si.downstream_tls_version = csi.downstream_tls_version
-        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
-        si.downstream_local_uri_san = csi.downstream_local_uri_san
+_StreamInfo = StreamInfo
+_new_si = StreamInfo.__new__
 
 
 def _uuid4() -> str:

@@ -54,7 +54,6 @@ class FastStream(ActiveStream):
     host = None
     encoder_up = None     # the bound upstream connection (request encoder)
     pending = None        # a queued pool request
-    timer = None          # the route timeout
     start = 0.0
     counted = False       # counted in the cluster's active requests
     up_done = False       # the upstream exchange is over (completed, failed or abandoned)
@@ -66,12 +65,14 @@ class FastStream(ActiveStream):
         self.remote_complete = end_stream
         if self._prepare_request(headers) is not None:
             return
-        self.refresh_route()
-        route = self.route
+        # (refresh_route, inlined)
+        cfg = self.cfg
+        table = self.route_table = cfg.routes.table
+        route = self.route = table.find(headers, self.stream_info, _rand(32)) if table is not None else None
+        self.stream_info.route_name = route.name if route is not None else ""
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()
             self.request_timer = None
-        cfg = self.cfg
         # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
         if route is None or not end_stream or not route_is_fast(route) or \
                 "upgrade" in headers or headers._h[0][1] == "CONNECT":
@@ -99,7 +100,9 @@ class FastStream(ActiveStream):
         cluster.st_rq_active.inc()
         self.counted = True
         if timeout:
-            self.timer = cfg.loop.call_later(timeout, self._on_timeout)
+            # the route timeout: a deadline on the connection's shared timer
+            at = self.deadline = cfg.loop.time() + timeout
+            self.hc.arm_deadline(at)
         si.attempt_count = 1
         host = self.host = cluster.choose_host(_NO_CTX)
         if host is None:
@@ -219,8 +222,8 @@ class FastStream(ActiveStream):
             self._up_finished()
 
     # -- endings ------------------------------------------------------------------------------------
-    def _on_timeout(self):
-        self.timer = None
+    def on_deadline(self):
+        """The route timeout passed (called by the connection's deadline timer)."""
         if self.up_done:
             return
         self.cluster.st_rq_timeout.value += 1
@@ -256,10 +259,7 @@ class FastStream(ActiveStream):
             return
         self.up_done = True
         self.encoder_up = None
-        t = self.timer
-        if t is not None:
-            self.timer = None
-            t.cancel()
+        self.deadline = None
         if self.counted:
             self.counted = False
             c = self.cluster
