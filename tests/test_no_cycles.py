@@ -9,7 +9,6 @@ import collections
 import gc
 import importlib
 import os
-import sys
 
 import pytest
 

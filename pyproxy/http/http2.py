@@ -31,7 +31,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.stream
-import hpack
 from hpack import NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKDecodingError, InvalidTableIndexError, InvalidTableSizeError, OversizedHeaderListError
 from hpack.huffman_table import decode_huffman
