@@ -842,6 +842,12 @@ class ActiveStream:
             self.hc.conn.read_disable(disable)
 
     # -- timers --------------------------------------------------------------------------------------
+    def on_deadline(self):
+        """The stream's deadline passed (HttpConnection.arm_deadline): the router's route timeout."""
+        r = self.router
+        if r is not None:
+            r.on_deadline()
+
     def on_idle_timeout(self):
         """No activity for stream_idle_timeout (called by the connection's tick)."""
         if self.done:

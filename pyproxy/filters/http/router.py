@@ -45,7 +45,7 @@ _NO_CTX = LbContext()
 
 class Router:
     __slots__ = ("cfg", "s", "route", "cluster", "upstream", "headers", "body", "body_len",
-                 "trailers", "retries_left", "retry", "timer", "attempts", "lb_ctx",
+                 "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
                  "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
                  "read_held")
@@ -55,7 +55,7 @@ class Router:
         self.s = stream
         stream.router = self
         self.upstream = None
-        self.timer = None
+        self.timing = False  # the route timeout runs (a deadline on the stream)
         self.retry_timer = None
         self.done = False
         self.attempts = 0
@@ -240,11 +240,15 @@ class Router:
         return c.original_dst_host(info.dst_ip, info.dst_port)
 
     def _start_global_timer(self):
-        if self.timer is None and self.timeout and not self.done:
-            self.timer = self.cfg.loop.call_later(self.timeout, self._on_global_timeout)
+        """The route timeout: a deadline on the connection's shared timer
+        (``HttpConnection.arm_deadline``), which calls ``on_deadline`` through the stream."""
+        if not self.timing and self.timeout and not self.done:
+            self.timing = True
+            s = self.s
+            at = s.deadline = self.cfg.loop.time() + self.timeout
+            s.hc.arm_deadline(at)
 
-    def _on_global_timeout(self):
-        self.timer = None
+    def on_deadline(self):
         if self.done:
             return
         c = self.cluster
@@ -444,9 +448,8 @@ class Router:
         self.upstream = None  # no Router <-> UpstreamRequest cycle left for the GC
 
     def _cleanup(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timing:
+            self.s.deadline = None
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
