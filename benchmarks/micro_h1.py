@@ -91,28 +91,32 @@ class FakeTransport:
         pass
 
 
+def build_stack(bootstrap: str):
+    """The compiled stack of a one-listener, one-cluster bootstrap, on a fresh uvloop loop:
+    ``(loop, listener manager, active listener, cluster, its host, the host's pool)``."""
+    import uvloop
+    from pyproxy import extensions, access_log  # noqa: F401
+    from pyproxy.config.bootstrap import load_bootstrap
+    from pyproxy.listeners.manager import ActiveListener
+    from pyproxy.server import Options, Server
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(load_bootstrap(None, bootstrap), Options(), loop)
+    (cfg,) = server.compile_static()
+    lm = server.listener_manager
+    cluster = server.cluster_manager.get("backend")
+    host = cluster.priority_set.all_hosts[0]
+    return loop, lm, ActiveListener(lm, cfg), cluster, host, cluster.http_pool(host)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args(argv)
-    import uvloop
-    from pyproxy import extensions, access_log  # noqa: F401
     from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.config.bootstrap import load_bootstrap
-    from pyproxy.listeners.manager import ActiveListener
     from pyproxy.listeners.connection import DownstreamConnection
-    from pyproxy.server import Options, Server
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    bs = load_bootstrap(None, BOOTSTRAP)
-    server = Server(bs, Options(), loop)
-    (cfg,) = server.compile_static()
-    lm = server.listener_manager
-    al = ActiveListener(lm, cfg)
-    cluster = server.cluster_manager.get("backend")
-    host = cluster.priority_set.all_hosts[0]
-    pool = cluster.http_pool(host)
+    loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
     up = UpstreamConnection(pool, host)
     ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
     up.connection_made(ut)

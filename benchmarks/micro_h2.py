@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from micro_h1 import BOOTSTRAP as H1_BOOTSTRAP, FakeTransport as _FakeTransport  # noqa: E402
+from micro_h1 import BOOTSTRAP as H1_BOOTSTRAP, FakeTransport as _FakeTransport, build_stack  # noqa: E402
 
 
 class FakeTransport(_FakeTransport):
@@ -80,22 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=10, help="requests per downstream read")
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args(argv)
-    import uvloop
-    from pyproxy import extensions, access_log  # noqa: F401
-    from pyproxy.config.bootstrap import load_bootstrap
-    from pyproxy.listeners.manager import ActiveListener
     from pyproxy.listeners.connection import DownstreamConnection
-    from pyproxy.server import Options, Server
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    bs = load_bootstrap(None, BOOTSTRAP)
-    server = Server(bs, Options(), loop)
-    (cfg,) = server.compile_static()
-    lm = server.listener_manager
-    al = ActiveListener(lm, cfg)
-    cluster = server.cluster_manager.get("backend")
-    host = cluster.priority_set.all_hosts[0]
-    pool = cluster.http_pool(host)
+    loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
 
     # upstream connection, as the pool's connect would make it, with nginx's SETTINGS
     pool.connecting += 1

@@ -13,10 +13,13 @@ class _Event:
 
     def __repr__(self) -> str:
         return "<%s %s>" % (self.__class__.__name__,
-                            ", ".join("%s:%r" % (k, getattr(self, k)) for k in self.__slots__))
+                            ", ".join("%s:%r" % (k, getattr(self, k))
+                                      for c in reversed(type(self).__mro__) for k in c.__dict__.get("__slots__", ())))
 
 
-class RequestReceived(_Event):
+class _HeaderBlockEvent(_Event):
+    """A header block on a stream (codecs dispatch on the concrete class, as with ``h2``'s)."""
+
     __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
 
     def __init__(self, stream_id, headers):
@@ -26,24 +29,16 @@ class RequestReceived(_Event):
         self.priority_updated = None
 
 
-class ResponseReceived(_Event):
-    __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
-
-    def __init__(self, stream_id, headers):
-        self.stream_id = stream_id
-        self.headers = headers
-        self.stream_ended = None
-        self.priority_updated = None
+class RequestReceived(_HeaderBlockEvent):
+    __slots__ = ()
 
 
-class TrailersReceived(_Event):
-    __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
+class ResponseReceived(_HeaderBlockEvent):
+    __slots__ = ()
 
-    def __init__(self, stream_id, headers):
-        self.stream_id = stream_id
-        self.headers = headers
-        self.stream_ended = None
-        self.priority_updated = None
+
+class TrailersReceived(_HeaderBlockEvent):
+    __slots__ = ()
 
 
 class InformationalResponseReceived(_Event):
