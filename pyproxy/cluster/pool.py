@@ -82,11 +82,14 @@ class UpstreamConnection(asyncio.Protocol):
         attach_transport(self, transport)
 
     def data_received(self, data):
-        writebatch.enter()
+        wb = writebatch
+        wb.depth += 1  # (writebatch.enter/leave, inlined)
         try:
             self.codec.feed(data)
         finally:
-            writebatch.leave()
+            wb.depth -= 1
+            if wb.pending and not wb.depth:
+                wb.flush()
 
     def eof_received(self):
         if self.codec.tunnel:

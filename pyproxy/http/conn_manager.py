@@ -78,7 +78,8 @@ class HttpConnection:
     """The HCM as a network filter on one downstream connection."""
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
-                 "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at")
+                 "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at",
+                 "rebound")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -95,6 +96,7 @@ class HttpConnection:
         self.dl_handle = None  # one timer for the streams' deadlines (see arm_deadline)
         self.dl_at = 0.0
         self.last_activity = 0.0
+        self.rebound = False
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
         self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
@@ -121,8 +123,9 @@ class HttpConnection:
         st = self.stats
         st.cx_http1_total.value += 1
         st.cx_http1_active.inc()
-        self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
-                                      max_headers=self.cfg.max_headers_count)
+        codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
+                                              max_headers=self.cfg.max_headers_count)
+        codec.express = self.cfg.express  # the express lane's entry, or None
 
     def _make_h2(self):
         from .http2 import Http2ServerCodec
@@ -161,6 +164,12 @@ class HttpConnection:
             codec.feed(data)
         if end_stream and not self.closed:
             codec.on_eof()
+        if not self.rebound:
+            # an HTTP/1.1 codec that is the connection's only reader takes the bytes directly
+            self.rebound = True
+            conn = self.conn
+            if not self.is_h2 and codec is self.codec and conn.on_data_cb == self.on_data:
+                conn.on_data_cb = codec.on_data
         return STOP
 
     def _pending_detect(self, data):
@@ -933,13 +942,14 @@ _new_si = StreamInfo.__new__
 
 
 def _uuid4() -> str:
-    """A random (version 4) UUID string, without the uuid module's object overhead."""
-    h = "%032x" % _urand(128)
-    # version nibble 4, variant nibble 10xx (8, 9, a or b): 122 random bits
-    return "%s-%s-4%s-%s%s-%s" % (h[:8], h[8:12], h[13:16], _VARIANT[_urand(2)], h[17:20], h[20:])
+    """A random (version 4) UUID string, without the uuid module's object overhead: 128 random
+    bits with the version nibble set to 4 and the variant bits to 10 (122 random bits)."""
+    h = (_urand(128) & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-_VARIANT = "89ab"
+_UUID_KEEP = 0xffffffffffff0fff3fffffffffffffff
+_UUID_SET = 0x00000000000040008000000000000000
 
 
 _time = time.time

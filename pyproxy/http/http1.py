@@ -48,8 +48,14 @@ REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+# request headers the server codec looks at as they arrive (framing; and two the express lane's
+# request preparation needs to know about)
+_PREP = frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"))
+_WATCHED = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
+                      b"proxy-connection", b"te", b"upgrade")) | _PREP
 # response headers the server codec writes itself (framing) or drops (hop-by-hop)
 _RESPONSE_SPECIAL = HOP_BY_HOP | {"content-length"}
+_MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
 
 
@@ -119,7 +125,8 @@ class Http1ServerCodec:
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
-        "parse_error", "msg_started", "head_bytes",
+        "parse_error", "msg_started", "head_bytes", "express", "prep_seen",
+        "hop_seen",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -146,6 +153,7 @@ class Http1ServerCodec:
         self.request_complete = False
         self.parse_error = False
         self.msg_started = False
+        self.express = None  # http/express.py start(), when the connection manager allows it
         self._reset_request()
 
     def _reset_request(self):
@@ -159,6 +167,8 @@ class Http1ServerCodec:
         self.upgrade = False
         self.headers_done = False
         self.expect_continue = False
+        self.prep_seen = False
+        self.hop_seen = False
 
     # -- bytes in ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -220,10 +230,29 @@ class Http1ServerCodec:
             return
         self.manager.on_codec_error(self, status, details)
 
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        """The connection's bytes, when the connection manager hands them over directly."""
+        if data:
+            self.feed(data)
+        if end_stream and not self.closed:
+            self.on_eof()
+
     # -- httptools callbacks ----------------------------------------------------------------------
     def on_message_begin(self):
+        # (_reset_request, inlined: this runs for every request)
         self.msg_started = True
-        self._reset_request()
+        self.head_bytes = 0
+        self.url = b""
+        self.hdrs = []
+        self.header_bytes = 0
+        self.chunked = False
+        self.content_length = None
+        self.te_seen = False
+        self.upgrade = False
+        self.headers_done = False
+        self.expect_continue = False
+        self.prep_seen = False
+        self.hop_seen = False
 
     def on_url(self, url: bytes):
         self.header_bytes += len(url)
@@ -232,12 +261,19 @@ class Http1ServerCodec:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes):
-        self.header_bytes += len(name) + len(value)
-        if self.header_bytes > self.max_header_bytes:
+        hb = self.header_bytes = self.header_bytes + len(name) + len(value)
+        hdrs = self.hdrs
+        if hb > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
-        if len(self.hdrs) >= self.max_headers:
+        if len(hdrs) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
         n = name.lower()
+        if n in _WATCHED and self._watched(n, value):
+            return
+        hdrs.append((n.decode("latin-1"), value.strip().decode("latin-1")))
+
+    def _watched(self, n: bytes, value: bytes) -> bool:
+        """Framing headers are checked here; True when the header is consumed (not forwarded)."""
         if n == b"content-length":
             v = value.strip()
             if not v.isdigit() or len(v) > 18:
@@ -255,8 +291,14 @@ class Http1ServerCodec:
         elif n == b"expect":
             if value.strip().lower() == b"100-continue":
                 self.expect_continue = True
-                return
-        self.hdrs.append((n.decode("latin-1"), value.strip().decode("latin-1")))
+                return True
+        if n in _PREP:
+            # headers the express lane's request preparation adds or replaces
+            self.prep_seen = True
+        else:
+            # framing or hop-by-hop: the express lane leaves encoding to Http1ClientCodec
+            self.hop_seen = True
+        return False
 
     def on_headers_complete(self):
         p = self.parser
@@ -321,6 +363,14 @@ class Http1ServerCodec:
             self.cur_events = ev
             return
         self.request_complete = not has_body
+        x = self.express
+        if x is not None and not has_body and not self.expect_continue and self.version is HTTP11:
+            self.response_head_done = False
+            self.response_chunked = False
+            self.response_close = not self.keep_alive
+            self.method = method
+            if x(self.manager, self, headers):
+                return
         self._start_stream(headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)
 
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
@@ -503,7 +553,7 @@ class Http1ClientCodec:
     __slots__ = (
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
-        "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body",
+        "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
     )
 
     def __init__(self, conn):
@@ -517,6 +567,8 @@ class Http1ClientCodec:
 
     def start(self, decoder) -> None:
         self.decoder = decoder
+        # the express lane (http/express.py) takes the response head as raw (name, value) bytes
+        self.raw = getattr(decoder, "raw_head", False)
         self.hdrs = []
         self.trailers = None
         self.status = 0
@@ -621,6 +673,12 @@ class Http1ClientCodec:
                 # the message goes on in later reads: pass this read's body on now
                 self.pending_body = None
                 pb[0].on_upstream_data(pb[1], False)
+        if not self.resp_headers_sent and self.decoder is not None:
+            # this read ended inside a response head (httptools holds it): bound what it holds
+            self.response_header_bytes += len(data)
+            if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
+                self.conn.on_protocol_error("upstream protocol error: upstream headers too large")
+                return
         if self.parser_dirty:
             # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
             # the response ended at its headers, so the next one starts on a fresh parser
@@ -631,16 +689,21 @@ class Http1ClientCodec:
     # clears its headers itself, and every callback httptools finds costs a call per response)
 
     def on_header(self, name: bytes, value: bytes):
-        self.response_header_bytes += len(name) + len(value)
-        if self.response_header_bytes > 80 * 1024:
-            raise ProtocolError(502, "upstream headers too large")
+        # (the head's size is bounded in feed(): it counts the reads that end inside a head)
         if self.resp_headers_sent:
-            # trailers of a chunked response
-            if self.trailers is None:
-                self.trailers = []
-            self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))
+            self._trailer(name, value)
             return
-        self.hdrs.append((name.lower().decode("latin-1"), value.decode("latin-1")))
+        # kept as bytes: names are lower-cased (and decoded, for a Headers) once the head is complete
+        self.hdrs.append((name, value))
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer of a chunked response."""
+        self.response_header_bytes += len(name) + len(value)
+        if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
+            raise ProtocolError(502, "upstream headers too large")
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self):
         p = self.parser
@@ -650,9 +713,7 @@ class Http1ClientCodec:
             return  # 1xx interim responses are consumed here
         self.status = status
         self.keep_alive = p.should_keep_alive()
-        h = [(":status", str(status))]
-        h.extend(self.hdrs)
-        headers = Headers(h)
+        hdrs = self.hdrs
         end = False
         if self.head_request:
             end = True
@@ -660,9 +721,10 @@ class Http1ClientCodec:
         elif status in (204, 304):
             end = True
         elif status != 101:
-            cl = headers.get("content-length")
-            if cl == "0":
-                end = True
+            for n, v in hdrs:
+                if len(n) == 14 and n.lower() == b"content-length":
+                    end = v == b"0"
+                    break
         self.resp_headers_sent = True
         if end:
             self.complete = True
@@ -670,7 +732,12 @@ class Http1ClientCodec:
             self.tunnel = True  # CONNECT answered: raw bytes both ways from here
         d = self.decoder
         if d is not None:
-            d.on_upstream_headers(headers, end)
+            if self.raw:
+                d.on_upstream_head(status, hdrs, end)
+            else:
+                h = [(":status", str(status))]
+                h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
+                d.on_upstream_headers(Headers(h), end)
         if end and status != 101:
             self._finish()
 
@@ -735,6 +802,7 @@ class Http1ClientCodec:
 
     def hdrs_have_length(self) -> bool:
         for k, v in self.hdrs:
-            if k == "content-length" or (k == "transfer-encoding"):
+            k = k.lower()
+            if k == b"content-length" or k == b"transfer-encoding":
                 return True
         return False

@@ -247,7 +247,8 @@ class DownstreamConnection(asyncio.Protocol):
 
     def data_received(self, data):
         self.active.st_rx_bytes.value += len(data)
-        writebatch.enter()
+        wb = writebatch
+        wb.depth += 1  # (writebatch.enter/leave, inlined)
         try:
             if self.inspectors is not None:
                 self._inspect(data, False)
@@ -256,7 +257,9 @@ class DownstreamConnection(asyncio.Protocol):
             if cb is not None:
                 cb(data, False)
         finally:
-            writebatch.leave()
+            wb.depth -= 1
+            if wb.pending and not wb.depth:
+                wb.flush()
 
     def eof_received(self):
         if self.inspectors is not None:

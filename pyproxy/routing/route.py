@@ -100,7 +100,7 @@ class RouteEntry:
 
     __slots__ = (
         # identity
-        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast",
+        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast", "express",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward
@@ -551,6 +551,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     check_fields(r, _ROUTE_FIELDS, "route")
     e = RouteEntry()
     e.fast = None  # the router's fast lane decides on first use (http/fast_stream.py)
+    e.express = None  # and the HTTP/1.1 express lane (http/express.py)
     e.name = r.name
     e.vhost_name = vh.name
     e.vhost = vh

@@ -56,8 +56,11 @@ class VirtualHost:
             if xfp != "https" and (self.require_tls == TLS_ALL
                                    or headers.get("x-envoy-internal") != "true"):
                 return self.tls_redirect
-        path = headers.get(":path")
-        is_connect = headers.get(":method") == "CONNECT" and ":protocol" not in headers
+        return self.match(headers, headers.get(":path"),
+                          headers.get(":method") == "CONNECT" and ":protocol" not in headers, random_value)
+
+    def match(self, headers, path, is_connect: bool, random_value: int = 0):
+        """The first route matching (``require_tls`` already checked by ``route()``)."""
         if path is not None:
             cut = len(path)
             q = path.find("?")
@@ -133,6 +136,20 @@ class RouteTable:
             if vh is None:
                 return None
         return vh.route(headers, random_value)
+
+    def find_for_path(self, headers, authority: str, path: str, random_value: int = 0):
+        """``find()`` for a request that is not a CONNECT and whose ``:authority`` and ``:path``
+        the caller already has (the HTTP/1.1 express lane)."""
+        if self._only_default:
+            vh = self._default
+        else:
+            vh = self.find_virtual_host(authority if self._host_header == ":authority"
+                                        else headers.get(self._host_header) or "")
+            if vh is None:
+                return None
+        if vh.require_tls:
+            return vh.route(headers, random_value)
+        return vh.match(headers, path, False, random_value)
 
     def find_virtual_host(self, host: str):
         if self._ignore_port:

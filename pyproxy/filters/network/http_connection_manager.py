@@ -68,6 +68,7 @@ class HcmConfig:
         self.skip_xff_append = cfg.skip_xff_append
         self.via = cfg.via
         self.server_name = cfg.server_name or "envoy"
+        self.server_line = ("server: %s\r\n" % self.server_name).encode("latin-1")
         self.server_transform = cfg.server_header_transformation  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
         self.generate_request_id = cfg.generate_request_id.value if cfg.HasField("generate_request_id") else True
         self.preserve_external_request_id = cfg.preserve_external_request_id
@@ -151,6 +152,9 @@ class HcmConfig:
             type(self.filters[0].factory).__name__ == "RouterConfig" and \
             os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
+        # HTTP/1.1 requests of such a chain may take the express lane (pyproxy/http/express.py)
+        from ...http import express
+        self.express = express.start if express.hcm_is_express(self) else None
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
         if self.http2_options is not None and self.codec_type != HTTP1:
             # validate explicit HTTP/2 options now (the h2 codec is imported only when configured)

@@ -1,0 +1,383 @@
+"""The HTTP/1.1 express lane: the router-only fast lane with the per-request layers fused.
+
+``FastStream`` (fast_stream.py) already makes one object the stream, the router and the upstream
+request. On an HTTP/1.1 connection whose connection manager needs nothing per request beyond that
+(see ``hcm_is_express``), the express lane also fuses what is around it:
+
+- the server codec hands the parsed request straight to ``start()``: the connection manager's
+  request preparation (``x-forwarded-proto``, ``x-request-id``), the route lookup and the router's
+  work run in one function, without the ``_guarded`` entry points;
+- the upstream HTTP/1.1 codec hands the response head over as raw ``(name, value)`` bytes, and
+  ``ExpressStream.on_upstream_head`` writes the downstream response head from them directly (no
+  ``Headers`` object, no encoder chain);
+- the ``StreamInfo`` is only made when something reads it (a local reply, a reset, a timeout).
+
+Anything the lane does not do falls back before any side effect: ``start()`` returns False and the
+codec starts an ordinary stream (whose request preparation is idempotent over what ``start()`` has
+already added). Everything after the route is chosen that is not the plain path (pool failures,
+timeouts, resets, watermarks, unusual responses) is ``FastStream``'s own code, inherited.
+
+The bytes a client sees are the same as from the generic lanes; the test suite runs its HTTP/1.1
+proxying tests through all three (``PYPROXY_FAST_LANE=0`` turns both fast lanes off,
+``PYPROXY_EXPRESS=0`` this one).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from ..cluster.lb import LbContext
+from ..cluster.pool import UpstreamConnection
+from ..stream_info import StreamInfo
+from .conn_manager import _uuid4  # (first: conn_manager completes the fast_stream import cycle)
+from .fast_stream import FastStream, route_is_fast
+from .headers import Headers
+from .http1 import HOP_BY_HOP, status_line
+
+_NO_CTX = LbContext()
+# request headers an express route may not add (the lane appends the last one itself)
+_NOT_ADDED = HOP_BY_HOP | {"content-length", "x-envoy-expected-rq-timeout-ms"}
+_NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
+_monotonic = time.monotonic
+_time = time.time
+_rand = random.getrandbits
+_new_si = StreamInfo.__new__
+_new_stream = object.__new__
+
+ENABLED = os.environ.get("PYPROXY_EXPRESS", "1") != "0"
+
+# response header names the head writer handles itself: framing, hop-by-hop and ``server``
+_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server"}
+
+
+def hcm_is_express(cfg) -> bool:
+    """Whether an HTTP connection manager's requests may take the express lane: a router-only
+    chain and none of the per-request features the lane leaves to the generic stream."""
+    return bool(
+        ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.use_remote_address
+        and not cfg.via and not cfg.always_set_request_id_in_response
+        and not cfg.headers_with_underscores_action and not cfg.strip_any_host_port
+        and not cfg.strip_matching_host_port and not cfg.path_with_escaped_slashes_action
+        and not cfg.request_timeout and not cfg.max_stream_duration)
+
+
+def route_is_express(route):
+    """For a fast-lane route whose header mutations need no ``StreamInfo`` (literal request
+    values that are not hop-by-hop, no response mutations): the value of its
+    ``x-envoy-expected-rq-timeout-ms`` header ("" for none). False otherwise. Cached on the route."""
+    x = route.express
+    if x is None:
+        adds = [a for m in route._req_mutations for a in m.add]
+        rms = [r for m in route._req_mutations for r in m.remove]
+        for cw in route.weighted or ():
+            if not cw.response_mutation.empty:
+                adds = None
+                break
+            adds += cw.request_mutation.add
+            rms += cw.request_mutation.remove
+        ok = route_is_fast(route) and not route._resp_mutations and adds is not None and \
+            all(a[1] is None and a[0] not in _NOT_ADDED for a in adds) and \
+            not any(r in HOP_BY_HOP or r == "content-length" for r in rms)
+        x = route.express = (str(int(route.timeout * 1000)) if route.timeout else "") if ok else False
+    return x
+
+
+def start(hc, codec, headers) -> bool:
+    """Serve a complete, bodiless HTTP/1.1 request in the express lane, or return False (having
+    changed nothing the generic stream would not do the same way) to leave it to the generic path.
+
+    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
+    cfg = hc.cfg
+    h = headers._h
+    if len(h) < 4:
+        return False
+    path = h[2][1]
+    if (cfg.normalize_path or cfg.merge_slashes) and ("/." in path or "//" in path or "%" in path):
+        return False  # a path normalization might change (or refuse): the generic stream does it
+    # the connection manager's request preparation (ActiveStream._prepare_request, for an HCM
+    # without use_remote_address): the two headers it adds when the request lacks them
+    scheme = "https" if hc.conn.ssl is not None else "http"
+    if not codec.prep_seen:
+        h.append(("x-forwarded-proto", scheme))
+        rid = _uuid4() if cfg.generate_request_id else None
+        if rid is not None:
+            h.append(("x-request-id", rid))
+    else:
+        rid = None
+        xfp = False
+        for k, v in h:
+            if k == "x-forwarded-proto":
+                xfp = True
+            elif k == "x-request-id" and rid is None:
+                rid = v
+        if not xfp:
+            h.append(("x-forwarded-proto", scheme))
+        if rid is None and cfg.generate_request_id:
+            rid = _uuid4()
+            h.append(("x-request-id", rid))
+    table = cfg.routes.table
+    if table is None:
+        return False
+    route = table.find_for_path(headers, h[3][1], path, _rand(32))
+    if route is None:
+        return False
+    rq_timeout = route.express
+    if rq_timeout is None:
+        rq_timeout = route_is_express(route)
+    if rq_timeout is False:
+        return False
+    if route.cluster:
+        name, choice = route.cluster, None
+    else:
+        name, choice = route.select_cluster(headers, _rand(32))
+    cluster = cfg.cluster_manager.get(name)
+    if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+        return False
+
+    # from here on the request is the express lane's
+    s = _new_stream(ExpressStream)
+    s.hc = hc
+    s.cfg = cfg
+    s.encoder = codec
+    codec.stream = s
+    s.t0 = s.start = _monotonic()
+    s.t_wall = _time()
+    s.rid = rid
+    s.request_headers = headers
+    s.route = route
+    s.router = s
+    s.cluster = cluster
+    s.cname = name
+    s.choice = choice
+    s.plain = not codec.hop_seen
+    # HttpConnection.new_stream and ActiveStream.__init__'s counting
+    loop_now = cfg.loop.time()
+    hc.streams += 1
+    hc.last_activity = s.last_activity = loop_now
+    hc.live.add(s)
+    st = hc.stats
+    st.rq_total.value += 1
+    st.rq_active.inc()
+    st.rq_http1_total.value += 1
+    # the router's work (FastStream.decode_headers)
+    if route._req_mutations or choice is not None:
+        route.finalize_request_headers(headers, None, choice)
+    if route.prefix_rewrite is not None or route.regex_rewrite is not None or route.host_rewrite_literal \
+            or choice is not None or route.host_rewrite_header or route.host_rewrite_path_regex is not None:
+        route.rewrite_request(headers, choice)
+    if rq_timeout and not cfg.router_suppress_envoy_headers:
+        if codec.prep_seen:
+            headers.set("x-envoy-expected-rq-timeout-ms", rq_timeout)
+        else:
+            headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
+    cluster.rq_active_total += 1
+    cluster.st_rq_active.inc()
+    s.counted = True
+    timeout = route.timeout
+    if timeout:
+        at = s.deadline = loop_now + timeout
+        hc.arm_deadline(at)
+    host = s.host = cluster.choose_host(_NO_CTX)
+    if host is None:
+        cluster.st_cx_none_healthy.value += 1
+        s._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
+        return True
+    s.pending = cluster.http_pool(host, False).new_stream(s)
+    return True
+
+
+class ExpressStream(FastStream):
+    """A ``FastStream`` made by ``start()``; see the module docstring."""
+
+    raw_head = True   # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
+    version = "HTTP/1.1"
+    _si = None
+    t0 = 0.0
+    t_wall = 0.0
+    rid = None
+    cname = ""
+
+    status = 0            # set when on_upstream_head wrote the response head itself
+    up_local = ""
+    plain = False          # the request has no framing or hop-by-hop headers
+    remote_complete = True
+
+    # -- the StreamInfo, made on first use ------------------------------------------------------
+    @property
+    def stream_info(self):
+        si = self._si
+        if si is None:
+            si = self._si = self._make_stream_info()
+        return si
+
+    @stream_info.setter
+    def stream_info(self, si):
+        self._si = si
+
+    def _make_stream_info(self):
+        """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
+        si = _new_si(StreamInfo)
+        csi = self.hc.conn.stream_info
+        si.start_time = self.t_wall
+        si.start_monotonic = self.t0
+        si.protocol = self.version
+        si.downstream_remote_address = csi.downstream_remote_address
+        si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+        si.downstream_local_address = csi.downstream_local_address
+        si.requested_server_name = csi.requested_server_name
+        si.response_flags = set()
+        si.connection_id = csi.connection_id
+        si.filter_state = self.hc.conn.filter_state
+        si.dynamic_metadata = {}
+        tls = csi.downstream_ssl
+        if tls is not None:
+            si.downstream_ssl = tls
+            si.downstream_tls_version = csi.downstream_tls_version
+            si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+            si.downstream_local_uri_san = csi.downstream_local_uri_san
+        si.request_id = self.rid or ""
+        r = self.route
+        si.route_name = r.name if r is not None else ""
+        si.upstream_cluster = self.cname
+        si.attempt_count = 1
+        if self.host is not None:
+            si.upstream_host = self.host.key
+        si.upstream_local_address = self.up_local
+        si.response_code = self.status
+        return si
+
+    # -- the upstream exchange ----------------------------------------------------------------------
+    def on_pool_ready(self, encoder, host):
+        self.pending = None
+        if self.up_done:
+            encoder.reset()
+            return
+        self.encoder_up = encoder
+        if self.hc.conn.write_paused:
+            self.read_off = True
+            encoder.read_disable(True)
+        if type(encoder) is not UpstreamConnection or not self.plain:
+            self.up_local = getattr(encoder, "local_address", "")
+            encoder.encode_headers(self.request_headers, True)
+            return
+        # an HTTP/1.1 upstream and a request with no framing or hop-by-hop headers: its head is
+        # the pseudo-headers and the regular headers as they are (Http1ClientCodec.encode_headers'
+        # result for such a request, without its per-header checks)
+        self.up_local = encoder.local_address
+        up = encoder.codec
+        h = self.request_headers._h
+        method = h[0][1]
+        if method in _NEEDS_LENGTH:
+            encoder.encode_headers(self.request_headers, True)
+            return
+        up.head_request = method == "HEAD"
+        encoder.write((method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                       "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1"))
+
+    def on_upstream_head(self, status: int, raw: list, end_stream: bool) -> None:
+        """The upstream response head (from ``Http1ClientCodec``): written downstream at once."""
+        if self.up_done:
+            return
+        if status < 200:
+            # (a 101 to a request that asked for no upgrade): the generic encoder decides
+            h = [(":status", str(status))]
+            h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+            self.on_upstream_headers(Headers(h), end_stream)
+            return
+        self.cluster.count_response(status)
+        self.status = status
+        cfg = self.cfg
+        codec = self.encoder
+        parts = [status_line(status)]
+        add = parts.append
+        cl = None
+        server = False
+        transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
+        for n, v in raw:
+            n = n.lower()
+            if n in _SPECIAL:
+                if n == b"content-length":
+                    if cl is None:
+                        cl = v
+                elif n == b"server":
+                    if transform:
+                        add(b"server: " + v + b"\r\n")
+                    elif not server:
+                        add(cfg.server_line)
+                    server = True
+                continue
+            add(n + b": " + v + b"\r\n")
+        if not cfg.router_suppress_envoy_headers:
+            add(b"x-envoy-upstream-service-time: %d\r\n" % int((_monotonic() - self.start) * 1000))
+        if not server and transform != 2:
+            add(cfg.server_line)
+        # framing, as Http1ServerCodec.encode_headers
+        method = codec.method
+        if cl is not None:
+            add(b"content-length: " + cl + b"\r\n")
+        elif end_stream:
+            if status not in (204, 304) and method != "HEAD":
+                add(b"content-length: 0\r\n")
+        elif method != "HEAD" and status not in (204, 304):
+            codec.response_chunked = True
+            add(b"transfer-encoding: chunked\r\n")
+        if self.hc.draining:
+            codec.drain_close = True
+        if codec.drain_close or codec.response_close:
+            codec.response_close = True
+            add(b"connection: close\r\n")
+        add(b"\r\n")
+        codec.response_head_done = True
+        self.response_started = True
+        codec.conn.write(b"".join(parts))
+        if end_stream:
+            self._express_done()
+
+    def on_upstream_data(self, data, end_stream: bool):
+        if not self.status:
+            # the head went the generic way (an HTTP/2 upstream, an interim status): so does the body
+            FastStream.on_upstream_data(self, data, end_stream)
+            return
+        if self.up_done:
+            return
+        codec = self.encoder
+        if codec.response_chunked:
+            if data:
+                codec.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if end_stream:
+                codec.conn.write(b"0\r\n\r\n")
+        elif data:
+            codec.conn.write(data)
+        if end_stream:
+            self._express_done()
+        else:
+            self.last_activity = self.cfg.loop.time()
+
+    def _express_done(self) -> None:
+        """The response is complete: the fast lane's ``_complete`` and the stream's ``_finish``."""
+        now = _monotonic()
+        c = self.cluster
+        c.st_rq_time.record((now - self.start) * 1000.0)
+        self.up_done = True
+        self.encoder_up = None
+        self.deadline = None
+        if self.counted:
+            self.counted = False
+            c.rq_active_total -= 1
+            c.st_rq_active.dec()
+        self.local_complete = True
+        codec = self.encoder
+        codec._response_complete()
+        self.done = True
+        hc = self.hc
+        st = hc.stats
+        st.rq_active.dec()
+        st.rq_class[self.status // 100].value += 1
+        st.rq_completed.value += 1
+        st.rq_time.record((now - self.t0) * 1000.0)
+        hc.stream_done(self)
+        self.router = None
+        self.encoder = None
+
