@@ -267,7 +267,15 @@ class Http1Pool(PoolBase):
             conn = idle.pop()
             if conn.closed:
                 continue
-            self._bind(conn, cb)
+            # (_bind, inlined for the common case)
+            conn.requests += 1
+            conn.stream_cb = cb
+            conn.codec.start(cb)
+            self.active += 1
+            self.cluster.st_rq_total.value += 1
+            h = self.host
+            h.rq_active += 1
+            cb.on_pool_ready(conn, h)
             return None
         c = self.cluster
         if c.pending_total >= c.max_pending_requests:

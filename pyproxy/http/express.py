@@ -366,18 +366,23 @@ class ExpressStream(FastStream):
         if self.counted:
             self.counted = False
             c.rq_active_total -= 1
-            c.st_rq_active.dec()
+            c.st_rq_active.value -= 1  # (gauges that start() raised: no need to mark them used)
         self.local_complete = True
         codec = self.encoder
         codec._response_complete()
         self.done = True
         hc = self.hc
         st = hc.stats
-        st.rq_active.dec()
+        st.rq_active.value -= 1
         st.rq_class[self.status // 100].value += 1
         st.rq_completed.value += 1
         st.rq_time.record((now - self.t0) * 1000.0)
-        hc.stream_done(self)
+        # (HttpConnection.stream_done, inlined)
+        hc.streams -= 1
+        hc.live.discard(self)
+        hc.last_activity = self.cfg.loop.time()
+        if hc.draining and hc.streams == 0:
+            hc.conn.close(flush=True)
         self.router = None
         self.encoder = None
 

@@ -52,9 +52,10 @@ REASONS = {
 # request preparation needs to know about)
 _PREP = frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"))
 _WATCHED = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
-                      b"proxy-connection", b"te", b"upgrade")) | _PREP
+                      b"proxy-connection", b"te", b"upgrade", b"host")) | _PREP
 # response headers the server codec writes itself (framing) or drops (hop-by-hop)
 _RESPONSE_SPECIAL = HOP_BY_HOP | {"content-length"}
+_new_headers = Headers.__new__
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
 
@@ -126,7 +127,7 @@ class Http1ServerCodec:
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "express", "prep_seen",
-        "hop_seen",
+        "hop_seen", "authority",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -169,6 +170,7 @@ class Http1ServerCodec:
         self.expect_continue = False
         self.prep_seen = False
         self.hop_seen = False
+        self.authority = None
 
     # -- bytes in ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -238,23 +240,11 @@ class Http1ServerCodec:
             self.on_eof()
 
     # -- httptools callbacks ----------------------------------------------------------------------
-    def on_message_begin(self):
-        # (_reset_request, inlined: this runs for every request)
-        self.msg_started = True
-        self.head_bytes = 0
-        self.url = b""
-        self.hdrs = []
-        self.header_bytes = 0
-        self.chunked = False
-        self.content_length = None
-        self.te_seen = False
-        self.upgrade = False
-        self.headers_done = False
-        self.expect_continue = False
-        self.prep_seen = False
-        self.hop_seen = False
+    # (no on_message_begin: the per-request state is reset when a request completes, and a request
+    # has begun once its URL arrives; every callback httptools finds costs a call per request)
 
     def on_url(self, url: bytes):
+        self.msg_started = True
         self.header_bytes += len(url)
         if self.header_bytes > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
@@ -265,7 +255,7 @@ class Http1ServerCodec:
         hdrs = self.hdrs
         if hb > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
-        if len(hdrs) >= self.max_headers:
+        if len(hdrs) + (self.authority is not None) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
         n = name.lower()
         if n in _WATCHED and self._watched(n, value):
@@ -292,6 +282,12 @@ class Http1ServerCodec:
             if value.strip().lower() == b"100-continue":
                 self.expect_continue = True
                 return True
+        elif n == b"host":
+            # becomes :authority (the codec's headers never carry a host header)
+            if self.authority is not None:
+                raise ProtocolError(400, "http1.codec_error")
+            self.authority = value.strip().decode("latin-1")
+            return True
         if n in _PREP:
             # headers the express lane's request preparation adds or replaces
             self.prep_seen = True
@@ -319,20 +315,16 @@ class Http1ServerCodec:
             raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
         self.keep_alive = p.should_keep_alive()
         self.upgrade = p.should_upgrade()
-        h = [(":method", method)]
-        authority = None
-        rest = []
-        for kv in self.hdrs:
-            if kv[0] == "host":
-                if authority is not None:
-                    raise ProtocolError(400, "http1.codec_error")
-                authority = kv[1]
-            else:
-                rest.append(kv)
+        authority = self.authority  # (Host is taken out of the headers by _watched)
+        rest = self.hdrs
         url = self.url.decode("latin-1")
-        if method == "CONNECT":
-            h.append((":authority", url))
+        if url[:1] == "/" and authority is not None and method != "CONNECT":
+            # the common case: origin-form with a Host
+            h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
+        elif method == "CONNECT":
+            h = [(":method", method), (":authority", url)]
         else:
+            h = [(":method", method)]
             if url[:1] != "/" and url != "*":
                 # absolute-form: take the path and authority out of it
                 scheme, sep, remainder = url.partition("://")
@@ -348,8 +340,9 @@ class Http1ServerCodec:
                     raise ProtocolError(400, "missing_host_header")
                 authority = self.default_host_10
             h.append((":authority", authority))
-        h.extend(rest)
-        headers = Headers(h)
+        h += rest
+        headers = _new_headers(Headers)
+        headers._h = h  # (h is this request's own list: no copy)
         self.headers_done = True
         has_body = self.chunked or (self.content_length or 0) > 0 or (self.upgrade and method != "CONNECT") or method == "CONNECT"
         if self.stream is not None or self.pending is not None:
@@ -392,7 +385,9 @@ class Http1ServerCodec:
             s.decode_data(body, False)
 
     def on_message_complete(self):
+        had_body = self.chunked or (self.content_length or 0) > 0
         self.msg_started = False
+        self._reset_request()  # ready for the next request's callbacks
         if self.cur_events is not None:
             # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))
@@ -400,7 +395,7 @@ class Http1ServerCodec:
             return
         self.request_complete = True
         s = self.stream
-        if s is not None and (self.chunked or (self.content_length or 0) > 0):
+        if s is not None and had_body:
             s.decode_data(b"", True)
 
     # -- response encoding (called by the stream) ----------------------------------------------
