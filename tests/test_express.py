@@ -41,11 +41,18 @@ RESPONSES = {
     "/status": simple_response(503, b"busy", [("Retry-After", "1")], reason="Service Unavailable"),
     "/rewrite/x": simple_response(200, b"rw"),
     "/weighted": simple_response(201, b"w"),
+    "/trailers": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"),
 }
 
 
 def _handler(req, sock):
     path = req.path.split("?")[0]
+    if path == "/cut":
+        # the upstream dies in the middle of the body: the client sees the head, then a reset
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        time.sleep(0.05)
+        return "close"
     out = RESPONSES.get(path) or RESPONSES.get("/" + path.split("/")[1] + "/x") or simple_response(200, b"default")
     if req.method == "HEAD":
         head, _, _ = out.partition(b"\r\n\r\n")
@@ -71,6 +78,8 @@ REQUESTS = [
     ("GET", "/rewrite/x?q=1", []),
     ("GET", "/weighted", []),
     ("GET", "/fmt", []),
+    ("GET", "/trailers", []),
+    ("GET", "/cut", []),
     ("GET", "/plain", [("Connection", "close")]),
     ("GET", "/close", []),
 ]
