@@ -4,7 +4,7 @@ Drives a real listener/HCM/router/pool stack compiled from a bootstrap with in-m
 request bytes in downstream, request bytes out upstream, response bytes in upstream, response bytes
 out downstream. Prints microseconds per request; ``--profile`` prints the top cProfile entries.
 
-    python3 benchmarks/micro_h1.py [-n 20000] [--profile]
+    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]]
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP",
+                    help="count the Python opcodes and calls one request executes (deterministic, "
+                         "unlike timings on a shared machine) and list the TOP functions")
     a = ap.parse_args(argv)
     from pyproxy.cluster.pool import UpstreamConnection
     from pyproxy.listeners.connection import DownstreamConnection
@@ -139,6 +142,28 @@ def main(argv=None) -> int:
     import gc
     gc.collect()
     gc.freeze()
+    if a.opcodes is not None:
+        import collections
+        ops = collections.Counter()
+        calls = collections.Counter()
+
+        def tracer(frame, event, arg):
+            if event == "call":
+                frame.f_trace_opcodes = True
+                calls[frame.f_code.co_qualname] += 1
+            elif event == "opcode":
+                ops[frame.f_code.co_qualname] += 1
+            return tracer
+        n = 20
+        sys.settrace(tracer)
+        for _ in range(n):
+            one()
+        sys.settrace(None)
+        print("python opcodes per proxied request: %d, python calls: %d" % (
+            sum(ops.values()) // n, sum(calls.values()) // n))
+        for name, k in ops.most_common(a.opcodes):
+            print("%7d %4d  %s" % (k // n, calls[name] // n, name))
+        return 0
     if a.profile:
         import cProfile
         import pstats
