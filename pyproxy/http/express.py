@@ -81,6 +81,9 @@ def route_is_express(route):
             all(a[1] is None and a[0] not in _NOT_ADDED for a in adds) and \
             not any(r in HOP_BY_HOP or r == "content-length" for r in rms)
         x = route.express = (str(int(route.timeout * 1000)) if route.timeout else "") if ok else False
+        route.fast_rewrites = bool(
+            route.prefix_rewrite is not None or route.regex_rewrite is not None or route.host_rewrite_literal
+            or route.host_rewrite_header or route.host_rewrite_path_regex is not None)
     return x
 
 
@@ -143,7 +146,6 @@ def start(hc, codec, headers) -> bool:
     s.encoder = codec
     codec.stream = s
     s.t0 = s.start = _monotonic()
-    s.t_wall = _time()
     s.rid = rid
     s.request_headers = headers
     s.route = route
@@ -164,8 +166,7 @@ def start(hc, codec, headers) -> bool:
     # the router's work (FastStream.decode_headers)
     if route._req_mutations or choice is not None:
         route.finalize_request_headers(headers, None, choice)
-    if route.prefix_rewrite is not None or route.regex_rewrite is not None or route.host_rewrite_literal \
-            or choice is not None or route.host_rewrite_header or route.host_rewrite_path_regex is not None:
+    if choice is not None or route.fast_rewrites:
         route.rewrite_request(headers, choice)
     if rq_timeout and not cfg.router_suppress_envoy_headers:
         if codec.prep_seen:
@@ -195,7 +196,6 @@ class ExpressStream(FastStream):
     version = "HTTP/1.1"
     _si = None
     t0 = 0.0
-    t_wall = 0.0
     rid = None
     cname = ""
 
@@ -220,7 +220,7 @@ class ExpressStream(FastStream):
         """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
         si = _new_si(StreamInfo)
         csi = self.hc.conn.stream_info
-        si.start_time = self.t_wall
+        si.start_time = _time() - (_monotonic() - self.t0)  # (the wall clock, read only when needed)
         si.start_monotonic = self.t0
         si.protocol = self.version
         si.downstream_remote_address = csi.downstream_remote_address
@@ -369,7 +369,10 @@ class ExpressStream(FastStream):
             c.st_rq_active.value -= 1  # (gauges that start() raised: no need to mark them used)
         self.local_complete = True
         codec = self.encoder
-        codec._response_complete()
+        if codec.response_close or codec.pending or codec.tunnel or not codec.request_complete:
+            codec._response_complete()
+        else:
+            codec.stream = None  # (Http1ServerCodec._response_complete's common case)
         self.done = True
         hc = self.hc
         st = hc.stats

@@ -258,8 +258,12 @@ class Http1ServerCodec:
         if len(hdrs) + (self.authority is not None) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
         n = name.lower()
-        if n in _WATCHED and self._watched(n, value):
-            return
+        if n in _WATCHED:
+            if n == b"host" and self.authority is None:
+                self.authority = value.strip().decode("latin-1")  # (becomes :authority)
+                return
+            if self._watched(n, value):
+                return
         hdrs.append((n.decode("latin-1"), value.strip().decode("latin-1")))
 
     def _watched(self, n: bytes, value: bytes) -> bool:
@@ -766,7 +770,8 @@ class Http1ClientCodec:
                 d.on_upstream_trailers(Headers(self.trailers))
             else:
                 d.on_upstream_data(pb[1] if pb is not None else b"", True)
-            self._finish()
+            self.decoder = None  # (_finish, inlined)
+            self.conn.on_response_complete(self.keep_alive)
 
     def _finish(self):
         self.decoder = None

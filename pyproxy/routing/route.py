@@ -100,7 +100,7 @@ class RouteEntry:
 
     __slots__ = (
         # identity
-        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast", "express",
+        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast", "express", "fast_rewrites",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward
