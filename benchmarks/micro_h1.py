@@ -49,8 +49,14 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 9}}}
-""" % "\n".join("              - match: {prefix: \"/r%d/\"}\n                route: {cluster: backend}" % i
-                for i in range(1, 18))
+""" % "\n".join(
+    # the benchmark's routes before its late one (bench/configs.py): exact paths, prefixes with a
+    # header condition, plain prefixes
+    ("              - match: {path: \"/api/v1/items/%d\"}" % i if i <= 5 else
+     "              - match: {prefix: \"/r%02d/\", headers: [{name: x-tenant, string_match: {exact: t%d}}]}"
+     % (i, i) if i <= 10 else
+     "              - match: {prefix: \"/r%02d/\"}" % i) + "\n                route: {cluster: backend}"
+    for i in range(1, 18))
 
 REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
 BODY = b"x" * 1024

@@ -409,3 +409,45 @@ def test_first_match_wins_across_prefix_lookup_and_full_matchers():
     t2 = rc([r("hdr", "/", "x-h"), r("a", "/x/")])
     assert t2.find(Headers([(":method", "GET"), (":path", "/x/1"), (":authority", "h"),
                                               ("x-h", "1")])).name == "hdr"
+
+
+def test_indexed_lookup_equals_a_linear_scan():
+    """The route index (prefix and exact-path maps, routes gated by their path) finds the same
+    route as trying every route in order, over random tables and requests."""
+    import random
+    rnd = random.Random(7)
+    segs = ["a", "b", "ab", "api", "v1", "x"]
+
+    def rpath():
+        return "/" + "/".join(rnd.choice(segs) for _ in range(rnd.randint(0, 3)))
+
+    for _ in range(150):
+        routes = []
+        for i in range(rnd.randint(1, 14)):
+            kind = rnd.choice(["prefix", "prefix", "path", "safe_regex", "path_separated_prefix"])
+            if kind == "safe_regex":
+                m = {"safe_regex": {"regex": rnd.choice(["/a.*", "/ab?/.*", ".*x", "/api/v1"])}}
+            elif kind == "path_separated_prefix":
+                m = {"path_separated_prefix": rnd.choice(["/a", "/api", "/ab"])}
+            else:
+                m = {kind: rnd.choice([rpath(), rpath() + "/", "/"])}
+            if rnd.random() < 0.2:
+                m["case_sensitive"] = False
+            if rnd.random() < 0.35:
+                m["headers"] = [{"name": "x-t", "string_match": {"exact": rnd.choice(["1", "2"])}}]
+            if rnd.random() < 0.15:
+                m["query_parameters"] = [{"name": "q", "present_match": True}]
+            routes.append({"match": m, "route": {"cluster": "c%d" % i}})
+        t = table({"name": "t", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]})
+        vh = t.virtual_hosts[0]
+        for _ in range(40):
+            p = rpath() + rnd.choice(["", "?q=1", "?z", "/"])
+            if rnd.random() < 0.2:
+                p = p.upper()
+            extra = {"x_t": rnd.choice(["1", "2"])} if rnd.random() < 0.6 else {}
+            h = req(p, **extra)
+            got = t.find(h)
+            path_nq = p.split("?")[0]
+            want = next((r for r in vh.routes if r.matches(h, p, path_nq, path_nq.lower(), False, 0, [None])),
+                        None)
+            assert got is want, (routes, p, extra, got and got.name, want and want.name)

@@ -21,7 +21,7 @@ from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
 from .policies import compile_retry_policy
-from .route import (P_PREFIX, _compile_mirror, check_fields, compile_route,
+from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, compile_route,
                     tls_redirect_entry)
 
 _RC_FIELDS = frozenset({
@@ -48,7 +48,7 @@ class VirtualHost:
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
-                 "plens", "complex", "any_ci")
+                 "plens", "complex", "any_ci", "emap", "gpre", "gpath", "glens", "gated")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -79,18 +79,34 @@ class VirtualHost:
             nq = lnq = ""
         routes = self.routes
         best = len(routes)
-        pmap = self.pmap
-        if pmap and path is not None and not is_connect:
+        cands = self.complex
+        if path is not None and not is_connect:
             n = len(nq)
-            for ln in self.plens:
-                if ln > n:
-                    break
-                i = pmap.get(nq[:ln])
-                if i is not None and i < best:
-                    best = i
-        if self.complex:
+            pmap = self.pmap
+            if pmap:
+                for ln in self.plens:
+                    if ln > n:
+                        break
+                    i = pmap.get(nq[:ln])
+                    if i is not None and i < best:
+                        best = i
+            i = self.emap.get(nq)
+            if i is not None and i < best:
+                best = i
+            if self.gated:
+                # routes with more to check than their path are only tried when the path fits
+                more = self.gpath.get(nq)
+                for ln in self.glens:
+                    if ln > n:
+                        break
+                    lst = self.gpre.get(nq[:ln])
+                    if lst is not None:
+                        more = lst if more is None else more + lst
+                if more is not None:
+                    cands = sorted(cands + more) if cands else (more if len(more) == 1 else sorted(more))
+        if cands:
             qcache = [None]
-            for i, r in self.complex:
+            for i, r in cands:
                 if i >= best:
                     break
                 if r.matches(headers, path, nq, lnq, is_connect, random_value, qcache):
@@ -208,16 +224,35 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     # Routes that check only a case-sensitive path prefix are found with a few dict lookups (one
     # per distinct prefix length) instead of a scan; the others are tried in order before the best
     # prefix hit, so the first matching route still wins.
+    # Exact-path routes likewise (one dict lookup). Routes with a case-sensitive prefix or path and
+    # further conditions (headers, query, runtime, gRPC) are kept under their path too, and tried
+    # only when the request's path fits it.
     pmap = {}
+    emap = {}
+    gpre = {}
+    gpath = {}
     complex_ = []
     for i, r in enumerate(vh.routes):
-        if (r.p_kind == P_PREFIX and not r.p_ci and r.runtime is None and not r.grpc_only
-                and not r.header_matchers and not r.query_matchers):
-            pmap.setdefault(r.p_value, i)
+        plain = r.runtime is None and not r.grpc_only and not r.header_matchers and not r.query_matchers
+        if r.p_kind == P_PREFIX and not r.p_ci:
+            if plain:
+                pmap.setdefault(r.p_value, i)
+            else:
+                gpre[r.p_value] = gpre.get(r.p_value, ()) + ((i, r),)
+        elif r.p_kind == P_PATH and not r.p_ci:
+            if plain:
+                emap.setdefault(r.p_value, i)
+            else:
+                gpath[r.p_value] = gpath.get(r.p_value, ()) + ((i, r),)
         else:
             complex_.append((i, r))
     vh.pmap = pmap
     vh.plens = tuple(sorted({len(p) for p in pmap}))
+    vh.emap = emap
+    vh.gpre = gpre
+    vh.gpath = gpath
+    vh.glens = tuple(sorted({len(p) for p in gpre}))
+    vh.gated = bool(gpre or gpath)
     vh.complex = tuple(complex_)
     vh.any_ci = any(r.p_ci for r in vh.routes)
     vh.tls_redirect = tls_redirect_entry(vh, ctx) if vh.require_tls else None
