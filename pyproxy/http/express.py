@@ -34,7 +34,7 @@ from ..stream_info import StreamInfo
 from .conn_manager import _uuid4  # (first: conn_manager completes the fast_stream import cycle)
 from .fast_stream import FastStream, route_is_fast
 from .headers import Headers
-from .http1 import HOP_BY_HOP, status_line
+from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
 
 _NO_CTX = LbContext()
 # request headers an express route may not add (the lane appends the last one itself)
@@ -161,7 +161,9 @@ def start(hc, codec, headers) -> bool:
     hc.live.add(s)
     st = hc.stats
     st.rq_total.value += 1
-    st.rq_active.inc()
+    g = st.rq_active
+    g.value += 1
+    g.used = True
     st.rq_http1_total.value += 1
     # the router's work (FastStream.decode_headers)
     if route._req_mutations or choice is not None:
@@ -174,7 +176,9 @@ def start(hc, codec, headers) -> bool:
         else:
             headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
     cluster.rq_active_total += 1
-    cluster.st_rq_active.inc()
+    g = cluster.st_rq_active
+    g.value += 1
+    g.used = True
     s.counted = True
     timeout = route.timeout
     if timeout:
@@ -290,7 +294,7 @@ class ExpressStream(FastStream):
         self.status = status
         cfg = self.cfg
         codec = self.encoder
-        parts = [status_line(status)]
+        parts = [_STATUS_LINES.get(status) or status_line(status)]
         add = parts.append
         cl = None
         server = False

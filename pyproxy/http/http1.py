@@ -719,7 +719,9 @@ class Http1ClientCodec:
             self.parser_dirty = True
         elif status in (204, 304):
             end = True
-        elif status != 101:
+        elif status != 101 and not self.raw:
+            # (the express lane writes a content-length: 0 head as it is and ends the response
+            # when llhttp completes it, a moment later in this same read)
             for n, v in hdrs:
                 if len(n) == 14 and n.lower() == b"content-length":
                     end = v == b"0"
