@@ -416,27 +416,7 @@ class ActiveStream:
         self.hc = hc
         cfg = self.cfg = hc.cfg
         self.encoder = encoder
-        conn = hc.conn
-        # StreamInfo: the connection's facts copied, the rest defaults at class level
-        si = self.stream_info = _new_si(_StreamInfo)
-        csi = conn.stream_info
-        si.start_time = _time()
-        si.start_monotonic = _monotonic()
-        si.protocol = version
-        si.downstream_remote_address = csi.downstream_remote_address
-        si.downstream_direct_remote_address = csi.downstream_direct_remote_address
-        si.downstream_local_address = csi.downstream_local_address
-        si.requested_server_name = csi.requested_server_name
-        si.response_flags = set()
-        si.connection_id = csi.connection_id
-        si.filter_state = conn.filter_state
-        si.dynamic_metadata = {}
-        tls = csi.downstream_ssl
-        if tls is not None:
-            si.downstream_ssl = tls
-            si.downstream_tls_version = csi.downstream_tls_version
-            si.downstream_peer_uri_san = csi.downstream_peer_uri_san
-            si.downstream_local_uri_san = csi.downstream_local_uri_san
+        self.stream_info = new_stream_info(hc.conn, version, _time(), _monotonic())
         self.version = version
         st = hc.stats
         st.rq_total.value += 1
@@ -516,12 +496,7 @@ class ActiveStream:
             rid = headers.get("x-request-id")
         else:
             # one pass for the two headers every request needs to know about
-            xfp = False
-            for k, v in h:
-                if k == "x-forwarded-proto":
-                    xfp = True
-                elif k == "x-request-id" and rid is None:
-                    rid = v
+            xfp, rid = prep_headers_seen(h)
             if not xfp:
                 h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
         if cfg.via:
@@ -939,6 +914,42 @@ class ActiveStream:
 
 _StreamInfo = StreamInfo
 _new_si = StreamInfo.__new__
+
+
+def new_stream_info(conn, version: str, start_time: float, start_monotonic: float):
+    """A stream's StreamInfo: the connection's facts copied, the rest defaults at class level."""
+    si = _new_si(_StreamInfo)
+    csi = conn.stream_info
+    si.start_time = start_time
+    si.start_monotonic = start_monotonic
+    si.protocol = version
+    si.downstream_remote_address = csi.downstream_remote_address
+    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+    si.downstream_local_address = csi.downstream_local_address
+    si.requested_server_name = csi.requested_server_name
+    si.response_flags = set()
+    si.connection_id = csi.connection_id
+    si.filter_state = conn.filter_state
+    si.dynamic_metadata = {}
+    tls = csi.downstream_ssl
+    if tls is not None:
+        si.downstream_ssl = tls
+        si.downstream_tls_version = csi.downstream_tls_version
+        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+        si.downstream_local_uri_san = csi.downstream_local_uri_san
+    return si
+
+
+def prep_headers_seen(h):
+    """``(has x-forwarded-proto, first x-request-id or None)`` of a request's header list."""
+    rid = None
+    xfp = False
+    for k, v in h:
+        if k == "x-forwarded-proto":
+            xfp = True
+        elif k == "x-request-id" and rid is None:
+            rid = v
+    return xfp, rid
 
 
 def _uuid4() -> str:

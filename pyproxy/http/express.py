@@ -30,9 +30,9 @@ import time
 
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
-from ..stream_info import StreamInfo
-from .conn_manager import _uuid4  # (first: conn_manager completes the fast_stream import cycle)
-from .fast_stream import FastStream, route_is_fast
+# (conn_manager first: it completes the fast_stream import cycle)
+from .conn_manager import _uuid4, new_stream_info, prep_headers_seen
+from .fast_stream import FastStream, pick_cluster, route_is_fast
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
 
@@ -43,7 +43,6 @@ _NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets cont
 _monotonic = time.monotonic
 _time = time.time
 _rand = random.getrandbits
-_new_si = StreamInfo.__new__
 _new_stream = object.__new__
 
 ENABLED = os.environ.get("PYPROXY_EXPRESS", "1") != "0"
@@ -108,13 +107,7 @@ def start(hc, codec, headers) -> bool:
         if rid is not None:
             h.append(("x-request-id", rid))
     else:
-        rid = None
-        xfp = False
-        for k, v in h:
-            if k == "x-forwarded-proto":
-                xfp = True
-            elif k == "x-request-id" and rid is None:
-                rid = v
+        xfp, rid = prep_headers_seen(h)
         if not xfp:
             h.append(("x-forwarded-proto", scheme))
         if rid is None and cfg.generate_request_id:
@@ -131,13 +124,10 @@ def start(hc, codec, headers) -> bool:
         rq_timeout = route_is_express(route)
     if rq_timeout is False:
         return False
-    if route.cluster:
-        name, choice = route.cluster, None
-    else:
-        name, choice = route.select_cluster(headers, _rand(32))
-    cluster = cfg.cluster_manager.get(name)
-    if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+    picked = pick_cluster(route, headers, cfg.cluster_manager)
+    if picked is None:
         return False
+    name, choice, cluster = picked
 
     # from here on the request is the express lane's
     s = _new_stream(ExpressStream)
@@ -222,25 +212,7 @@ class ExpressStream(FastStream):
 
     def _make_stream_info(self):
         """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
-        si = _new_si(StreamInfo)
-        csi = self.hc.conn.stream_info
-        si.start_time = _time() - (_monotonic() - self.t0)  # (the wall clock, read only when needed)
-        si.start_monotonic = self.t0
-        si.protocol = self.version
-        si.downstream_remote_address = csi.downstream_remote_address
-        si.downstream_direct_remote_address = csi.downstream_direct_remote_address
-        si.downstream_local_address = csi.downstream_local_address
-        si.requested_server_name = csi.requested_server_name
-        si.response_flags = set()
-        si.connection_id = csi.connection_id
-        si.filter_state = self.hc.conn.filter_state
-        si.dynamic_metadata = {}
-        tls = csi.downstream_ssl
-        if tls is not None:
-            si.downstream_ssl = tls
-            si.downstream_tls_version = csi.downstream_tls_version
-            si.downstream_peer_uri_san = csi.downstream_peer_uri_san
-            si.downstream_local_uri_san = csi.downstream_local_uri_san
+        si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
         si.request_id = self.rid or ""
         r = self.route
         si.route_name = r.name if r is not None else ""
@@ -253,15 +225,8 @@ class ExpressStream(FastStream):
         return si
 
     # -- the upstream exchange ----------------------------------------------------------------------
-    def on_pool_ready(self, encoder, host):
-        self.pending = None
-        if self.up_done:
-            encoder.reset()
-            return
-        self.encoder_up = encoder
-        if self.hc.conn.write_paused:
-            self.read_off = True
-            encoder.read_disable(True)
+    def _send_request(self, encoder):
+        """(called by FastStream.on_pool_ready)"""
         if type(encoder) is not UpstreamConnection or not self.plain:
             self.up_local = getattr(encoder, "local_address", "")
             encoder.encode_headers(self.request_headers, True)
@@ -346,14 +311,7 @@ class ExpressStream(FastStream):
             return
         if self.up_done:
             return
-        codec = self.encoder
-        if codec.response_chunked:
-            if data:
-                codec.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-            if end_stream:
-                codec.conn.write(b"0\r\n\r\n")
-        elif data:
-            codec.conn.write(data)
+        self.encoder.write_body(data, end_stream)
         if end_stream:
             self._express_done()
         else:

@@ -45,6 +45,19 @@ def route_is_fast(route) -> bool:
     return f
 
 
+def pick_cluster(route, headers, cluster_manager):
+    """``(name, weighted choice or None, cluster)`` for a fast-lane request, or None when the
+    router must answer (an unknown or ORIGINAL_DST cluster, a full ``max_requests``)."""
+    if route.cluster:
+        name, choice = route.cluster, None
+    else:
+        name, choice = route.select_cluster(headers, _rand(32))
+    cluster = cluster_manager.get(name)
+    if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+        return None
+    return name, choice, cluster
+
+
 class FastStream(ActiveStream):
     """An ``ActiveStream`` for a router-only filter chain (see the module docstring)."""
 
@@ -77,13 +90,10 @@ class FastStream(ActiveStream):
         if route is None or not end_stream or not route_is_fast(route) or \
                 "upgrade" in headers or headers._h[0][1] == "CONNECT":
             return self._generic(headers, end_stream)
-        if route.cluster:
-            name, choice = route.cluster, None
-        else:
-            name, choice = route.select_cluster(headers, _rand(32))
-        cluster = cfg.cluster_manager.get(name)
-        if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+        picked = pick_cluster(route, headers, cfg.cluster_manager)
+        if picked is None:
             return self._generic(headers, end_stream)
+        name, choice, cluster = picked
         # from here on this is the router's work for this request
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         si = self.stream_info
@@ -127,6 +137,9 @@ class FastStream(ActiveStream):
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
+        self._send_request(encoder)
+
+    def _send_request(self, encoder):
         self.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
         encoder.encode_headers(self.request_headers, True)
 

@@ -468,6 +468,12 @@ class Http1ServerCodec:
         self.conn.write(status_line(101) + "".join(parts).encode("latin-1"))
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
+        self.write_body(data, end_stream)
+        if end_stream:
+            self._response_complete()
+
+    def write_body(self, data: bytes, end_stream: bool) -> None:
+        """Response body bytes, framed (chunked or as they are); the last chunk on end_stream."""
         if self.response_chunked:
             if data:
                 self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -475,8 +481,6 @@ class Http1ServerCodec:
                 self.conn.write(b"0\r\n\r\n")
         elif data:
             self.conn.write(data)
-        if end_stream:
-            self._response_complete()
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.response_chunked:
