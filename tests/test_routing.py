@@ -451,3 +451,27 @@ def test_indexed_lookup_equals_a_linear_scan():
             want = next((r for r in vh.routes if r.matches(h, p, path_nq, path_nq.lower(), False, 0, [None])),
                         None)
             assert got is want, (routes, p, extra, got and got.name, want and want.name)
+
+
+def test_literal_header_mutation_shortcut_equals_the_general_rules():
+    """HeaderMutation's shortcut for literal appends/overwrites gives the general rules' result."""
+    import random
+    from pyproxy.routing.header_mutation import (APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD,
+                                                 HeaderMutation)
+    rnd = random.Random(3)
+    names = ["x-a", "x-b", "x-c"]
+    shortcut = 0
+    for _ in range(400):
+        action = rnd.choice([APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD])
+        picked = rnd.sample(names, rnd.randint(1, 3))
+        adds = [(n, None, rnd.choice(["1", "2", ""]), action, rnd.random() < 0.3) for n in picked]
+        m = HeaderMutation(adds)
+        general = HeaderMutation(adds)
+        general.literal = None
+        shortcut += m.literal is not None
+        h0 = [(":path", "/"), ("host", "h")] + [(rnd.choice(names + ["y"]), str(i)) for i in range(rnd.randint(0, 5))]
+        a, b = Headers(h0), Headers(h0)
+        m.apply(a)
+        general.apply(b)
+        assert a._h == b._h, (adds, h0, a._h, b._h)
+    assert shortcut > 100

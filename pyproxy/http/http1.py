@@ -127,7 +127,7 @@ class Http1ServerCodec:
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "express", "prep_seen",
-        "hop_seen", "authority",
+        "hop_seen", "authority", "watched",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -155,6 +155,8 @@ class Http1ServerCodec:
         self.parse_error = False
         self.msg_started = False
         self.express = None  # http/express.py start(), when the connection manager allows it
+        self.upgrade = False
+        self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
     def _reset_request(self):
@@ -162,15 +164,17 @@ class Http1ServerCodec:
         self.url = b""
         self.hdrs = []
         self.header_bytes = 0
-        self.chunked = False
-        self.content_length = None
-        self.te_seen = False
-        self.upgrade = False
         self.headers_done = False
-        self.expect_continue = False
-        self.prep_seen = False
-        self.hop_seen = False
         self.authority = None
+        if self.watched:
+            # what _watched() records (most requests have none of those headers)
+            self.watched = False
+            self.chunked = False
+            self.content_length = None
+            self.te_seen = False
+            self.expect_continue = False
+            self.prep_seen = False
+            self.hop_seen = False
 
     # -- bytes in ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -268,6 +272,7 @@ class Http1ServerCodec:
 
     def _watched(self, n: bytes, value: bytes) -> bool:
         """Framing headers are checked here; True when the header is consumed (not forwarded)."""
+        self.watched = True
         if n == b"content-length":
             v = value.strip()
             if not v.isdigit() or len(v) > 18:

@@ -30,15 +30,38 @@ def _modifiable(name: str) -> bool:
 class HeaderMutation:
     """One compiled (to_add, to_remove) set. ``apply(headers, stream_info, req, resp, trailers)``."""
 
-    __slots__ = ("remove", "add", "empty")
+    __slots__ = ("remove", "add", "empty", "literal", "overwrite")
 
     def __init__(self, to_add=(), to_remove=()):
         self.remove = tuple(to_remove)
         # (name, formatter | None, literal value, action, keep_empty)
         self.add = tuple(to_add)
         self.empty = not self.remove and not self.add
+        # the common case, applied without the general bookkeeping: only additions, literal
+        # non-empty values, distinct names, all appends or all overwrites
+        self.literal = None
+        self.overwrite = False
+        actions = {a[3] for a in self.add}
+        if (self.add and not self.remove and all(a[1] is None and (a[2] or a[4]) for a in self.add)
+                and len({a[0] for a in self.add}) == len(self.add)
+                and actions in ({APPEND_IF_EXISTS_OR_ADD}, {OVERWRITE_IF_EXISTS_OR_ADD})):
+            self.literal = tuple((a[0], a[2]) for a in self.add)
+            self.overwrite = actions == {OVERWRITE_IF_EXISTS_OR_ADD}
 
     def apply(self, headers, si=None, rq=None, rs=None, rt=None) -> None:
+        lit = self.literal
+        if lit is not None:
+            if not self.overwrite:
+                headers._h.extend(lit)
+                return
+            for name, value in lit:
+                for kv in headers._h:
+                    if kv[0] == name:
+                        # Envoy's set = remove + append: the header moves to the end
+                        headers.remove(name)
+                        break
+                headers._h.append((name, value))
+            return
         for name in self.remove:
             headers.remove(name)
         if not self.add:
