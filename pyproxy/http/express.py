@@ -103,20 +103,18 @@ def start(hc, codec, headers) -> bool:
     scheme = "https" if hc.conn.ssl is not None else "http"
     if not codec.prep_seen:
         h.append(("x-forwarded-proto", scheme))
-        rid = _uuid4() if cfg.generate_request_id else None
-        if rid is not None:
-            h.append(("x-request-id", rid))
+        if cfg.generate_request_id:
+            h.append(("x-request-id", _uuid4()))
     else:
         xfp, rid = prep_headers_seen(h)
         if not xfp:
             h.append(("x-forwarded-proto", scheme))
         if rid is None and cfg.generate_request_id:
-            rid = _uuid4()
-            h.append(("x-request-id", rid))
+            h.append(("x-request-id", _uuid4()))
     table = cfg.routes.table
     if table is None:
         return False
-    route = table.find_for_path(headers, h[3][1], path, _rand(32))
+    route = table.find_for_path(headers, h[3][1], path, _rand(32) if table.needs_random else 0)
     if route is None:
         return False
     rq_timeout = route.express
@@ -136,12 +134,10 @@ def start(hc, codec, headers) -> bool:
     s.encoder = codec
     codec.stream = s
     s.t0 = s.start = _monotonic()
-    s.rid = rid
     s.request_headers = headers
     s.route = route
     s.router = s
     s.cluster = cluster
-    s.cname = name
     s.choice = choice
     s.plain = not codec.hop_seen
     # HttpConnection.new_stream and ActiveStream.__init__'s counting
@@ -173,7 +169,8 @@ def start(hc, codec, headers) -> bool:
     timeout = route.timeout
     if timeout:
         at = s.deadline = loop_now + timeout
-        hc.arm_deadline(at)
+        if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
+            hc.arm_deadline(at)
     host = s.host = cluster.choose_host(_NO_CTX)
     if host is None:
         cluster.st_cx_none_healthy.value += 1
@@ -190,8 +187,6 @@ class ExpressStream(FastStream):
     version = "HTTP/1.1"
     _si = None
     t0 = 0.0
-    rid = None
-    cname = ""
 
     status = 0            # set when on_upstream_head wrote the response head itself
     up_local = ""
@@ -213,10 +208,10 @@ class ExpressStream(FastStream):
     def _make_stream_info(self):
         """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
         si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
-        si.request_id = self.rid or ""
+        si.request_id = self.request_headers.get("x-request-id") or ""
         r = self.route
         si.route_name = r.name if r is not None else ""
-        si.upstream_cluster = self.cname
+        si.upstream_cluster = self.cluster.name
         si.attempt_count = 1
         if self.host is not None:
             si.upstream_host = self.host.key

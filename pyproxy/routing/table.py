@@ -48,7 +48,7 @@ class VirtualHost:
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
-                 "plens", "complex", "any_ci", "emap", "gpre", "gpath", "glens", "gated")
+                 "plens", "complex", "any_ci", "emap", "nroutes")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -62,48 +62,41 @@ class VirtualHost:
     def match(self, headers, path, is_connect: bool, random_value: int = 0):
         """The first route matching (``require_tls`` already checked by ``route()``)."""
         if path is not None:
-            cut = len(path)
             q = path.find("?")
-            if 0 <= q:
-                cut = q
-            h = path.find("#", 0, cut)
-            if 0 <= h:
-                cut = h
-            nq = path[:cut]
-            if self.strip_params:
-                sc = nq.find(";")
-                if sc >= 0:
-                    nq = _strip_path_params(nq)
+            nq = path if q < 0 else path[:q]
+            if "#" in nq:
+                nq = nq[:nq.find("#")]
+            if self.strip_params and ";" in nq:
+                nq = _strip_path_params(nq)
             lnq = nq.lower() if self.any_ci else nq
         else:
             nq = lnq = ""
-        routes = self.routes
-        best = len(routes)
+        best = self.nroutes
         cands = self.complex
         if path is not None and not is_connect:
+            # (plain route index or None, gated routes or None) per exact path and per prefix
+            more = None
+            e = self.emap.get(nq)
+            if e is not None:
+                if e[0] is not None:
+                    best = e[0]
+                more = e[1]
             n = len(nq)
             pmap = self.pmap
-            if pmap:
-                for ln in self.plens:
-                    if ln > n:
-                        break
-                    i = pmap.get(nq[:ln])
+            for ln in self.plens:
+                if ln > n:
+                    break
+                e = pmap.get(nq[:ln])
+                if e is not None:
+                    i = e[0]
                     if i is not None and i < best:
                         best = i
-            i = self.emap.get(nq)
-            if i is not None and i < best:
-                best = i
-            if self.gated:
-                # routes with more to check than their path are only tried when the path fits
-                more = self.gpath.get(nq)
-                for ln in self.glens:
-                    if ln > n:
-                        break
-                    lst = self.gpre.get(nq[:ln])
-                    if lst is not None:
-                        more = lst if more is None else more + lst
-                if more is not None:
-                    cands = sorted(cands + more) if cands else (more if len(more) == 1 else sorted(more))
+                    g = e[1]
+                    if g is not None:
+                        # routes with more to check than their path: tried only when the path fits
+                        more = g if more is None else more + g
+            if more is not None:
+                cands = sorted(cands + more) if cands else (more if len(more) == 1 else sorted(more))
         if cands:
             qcache = [None]
             for i, r in cands:
@@ -111,7 +104,7 @@ class VirtualHost:
                     break
                 if r.matches(headers, path, nq, lnq, is_connect, random_value, qcache):
                     return r
-        return routes[best] if best < len(routes) else None
+        return self.routes[best] if best < self.nroutes else None
 
     def __repr__(self):
         return "VirtualHost(%r)" % self.name
@@ -139,7 +132,7 @@ def strip_host_port(host: str) -> str:
 class RouteTable:
     """Immutable compiled route configuration. ``find()`` is safe to call from any thread."""
 
-    __slots__ = ("name", "virtual_hosts", "internal_only_headers", "validate_clusters",
+    __slots__ = ("name", "virtual_hosts", "internal_only_headers", "validate_clusters", "needs_random",
                  "_exact", "_suffix", "_prefix", "_default", "_only_default", "_host_header",
                  "_ignore_port")
 
@@ -227,32 +220,26 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     # Exact-path routes likewise (one dict lookup). Routes with a case-sensitive prefix or path and
     # further conditions (headers, query, runtime, gRPC) are kept under their path too, and tried
     # only when the request's path fits it.
-    pmap = {}
-    emap = {}
-    gpre = {}
-    gpath = {}
+    pmap = {}  # prefix -> (first plain route's index or None, gated routes or None)
+    emap = {}  # exact path -> the same
     complex_ = []
     for i, r in enumerate(vh.routes):
         plain = r.runtime is None and not r.grpc_only and not r.header_matchers and not r.query_matchers
-        if r.p_kind == P_PREFIX and not r.p_ci:
+        if r.p_kind in (P_PREFIX, P_PATH) and not r.p_ci:
+            m = pmap if r.p_kind == P_PREFIX else emap
+            first, gated = m.get(r.p_value, (None, None))
             if plain:
-                pmap.setdefault(r.p_value, i)
+                if first is None:
+                    first = i
             else:
-                gpre[r.p_value] = gpre.get(r.p_value, ()) + ((i, r),)
-        elif r.p_kind == P_PATH and not r.p_ci:
-            if plain:
-                emap.setdefault(r.p_value, i)
-            else:
-                gpath[r.p_value] = gpath.get(r.p_value, ()) + ((i, r),)
+                gated = (gated or ()) + ((i, r),)
+            m[r.p_value] = (first, gated)
         else:
             complex_.append((i, r))
     vh.pmap = pmap
     vh.plens = tuple(sorted({len(p) for p in pmap}))
     vh.emap = emap
-    vh.gpre = gpre
-    vh.gpath = gpath
-    vh.glens = tuple(sorted({len(p) for p in gpre}))
-    vh.gated = bool(gpre or gpath)
+    vh.nroutes = len(vh.routes)
     vh.complex = tuple(complex_)
     vh.any_ci = any(r.p_ci for r in vh.routes)
     vh.tls_redirect = tls_redirect_entry(vh, ctx) if vh.require_tls else None
@@ -314,6 +301,8 @@ def compile_route_config(rc) -> RouteTable:
         t._prefix = tuple(sorted(prefix.items(), key=lambda kv: -kv[0]))
         t._default = default
         t._only_default = default is not None and not exact and not suffix and not prefix
+        # whether any route draws a random value (runtime_fraction): callers may skip drawing one
+        t.needs_random = any(r.runtime is not None for vh in vhosts for r in vh.routes)
         return t
     except ConfigError as e:
         raise e.within(resource=res)
