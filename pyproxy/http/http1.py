@@ -33,6 +33,8 @@ _METHODS = frozenset((
     "MKREDIRECTREF", "UPDATEREDIRECTREF",
 ))
 
+_METHOD_NAMES = {m.encode(): m for m in _METHODS}  # llhttp's method bytes -> the name we accept
+
 REASONS = {
     100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted",
     203: "Non-Authoritative Information", 204: "No Content", 205: "Reset Content",
@@ -309,8 +311,8 @@ class Http1ServerCodec:
         p = self.parser
         if self.chunked and self.content_length is not None:
             raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
-        method = p.get_method().decode("latin-1")
-        if method not in _METHODS:
+        method = _METHOD_NAMES.get(p.get_method())
+        if method is None:
             raise ProtocolError(400, "http1.codec_error")
         version = p.get_http_version()
         if version == "1.1":
