@@ -276,3 +276,31 @@ def test_the_express_lane_is_taken():
         assert isinstance(s, FastStream) and type(s) is not ExpressStream
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("upstream_date", [False, True])
+def test_response_head_names_match_envoy(upstream_date):
+    """What Envoy adds to an upstream response head (x-envoy-upstream-service-time, a date when the
+    upstream sent none, server), in Envoy's order, in every lane."""
+    from proxy_util import ENVOY, Envoy, one_route_bootstrap
+    if not ENVOY:
+        pytest.skip("envoy not installed")
+    extra = [("Date", "Sun, 06 Nov 1994 08:49:37 GMT")] if upstream_date else []
+    be = HttpBackend(lambda req, sock: simple_response(200, b"hi", extra + [("X-Up", "1")]))
+    try:
+        names = {}
+        for name, env in list(LANES.items()) + [("envoy", None)]:
+            bs, port = one_route_bootstrap([be.port])
+            px = Envoy(bs) if env is None else Pyproxy(bs, env=dict(os.environ, **env))
+            try:
+                out, _ = _one(port, "GET", "/", [])
+            finally:
+                px.stop()
+            head = out.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+            names[name] = [line.split(b":")[0].lower() for line in head]
+            if upstream_date:
+                assert b"date: Sun, 06 Nov 1994 08:49:37 GMT" in out, (name, out)  # kept as it was
+        assert names["express"] == names["envoy"], names
+        assert names["fast"] == names["envoy"] and names["generic"] == names["envoy"], names
+    finally:
+        be.close()

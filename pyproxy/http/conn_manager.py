@@ -71,7 +71,16 @@ class HcmStats:
 
 
 def _date() -> str:
-    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+    """The HTTP date now (cached for the second, as Envoy's date provider caches it)."""
+    now = int(_time())
+    c = _DATE_CACHE
+    if c[0] != now:
+        c[0] = now
+        c[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+    return c[1]
+
+
+_DATE_CACHE = [0, ""]
 
 
 class HttpConnection:
@@ -651,6 +660,8 @@ class ActiveStream:
         cfg = self.cfg
         self.response_started = True
         self.response_headers = headers
+        if "date" not in headers:
+            headers.add("date", _date())  # Envoy keeps the upstream's date, adds one if absent
         st = cfg.server_transform
         if st == 0:
             headers.set("server", cfg.server_name)

@@ -31,7 +31,7 @@ import time
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 # (conn_manager first: it completes the fast_stream import cycle)
-from .conn_manager import _uuid4, new_stream_info, prep_headers_seen
+from .conn_manager import _date, _uuid4, new_stream_info, prep_headers_seen
 from .fast_stream import FastStream, pick_cluster, route_is_fast
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
@@ -48,7 +48,7 @@ _new_stream = object.__new__
 ENABLED = os.environ.get("PYPROXY_EXPRESS", "1") != "0"
 
 # response header names the head writer handles itself: framing, hop-by-hop and ``server``
-_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server"}
+_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date"}
 
 
 def hcm_is_express(cfg) -> bool:
@@ -258,6 +258,7 @@ class ExpressStream(FastStream):
         add = parts.append
         cl = None
         server = False
+        date = False
         transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
         for n, v in raw:
             n = n.lower()
@@ -265,6 +266,10 @@ class ExpressStream(FastStream):
                 if n == b"content-length":
                     if cl is None:
                         cl = v
+                        add(b"content-length: " + v + b"\r\n")  # (in place, as Envoy writes it)
+                elif n == b"date":
+                    date = True
+                    add(b"date: " + v + b"\r\n")
                 elif n == b"server":
                     if transform:
                         add(b"server: " + v + b"\r\n")
@@ -275,12 +280,14 @@ class ExpressStream(FastStream):
             add(n + b": " + v + b"\r\n")
         if not cfg.router_suppress_envoy_headers:
             add(b"x-envoy-upstream-service-time: %d\r\n" % int((_monotonic() - self.start) * 1000))
+        if not date:
+            add(b"date: " + _date().encode() + b"\r\n")  # (ActiveStream._send_headers' rule)
         if not server and transform != 2:
             add(cfg.server_line)
         # framing, as Http1ServerCodec.encode_headers
         method = codec.method
         if cl is not None:
-            add(b"content-length: " + cl + b"\r\n")
+            pass
         elif end_stream:
             if status not in (204, 304) and method != "HEAD":
                 add(b"content-length: 0\r\n")

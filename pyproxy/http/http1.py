@@ -55,8 +55,6 @@ REASONS = {
 _PREP = frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"))
 _WATCHED = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
                       b"proxy-connection", b"te", b"upgrade", b"host")) | _PREP
-# response headers the server codec writes itself (framing) or drops (hop-by-hop)
-_RESPONSE_SPECIAL = HOP_BY_HOP | {"content-length"}
 _new_headers = Headers.__new__
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
@@ -421,7 +419,8 @@ class Http1ServerCodec:
                 self._response_complete()
             return
         # the common case in one pass: every regular header but the framing and hop-by-hop ones
-        parts = [f"{k}: {v}\r\n" for k, v in h if k[0] != ":" and k not in _RESPONSE_SPECIAL]
+        # (content-length stays where it is, as Envoy writes it; the framing it adds goes last)
+        parts = [f"{k}: {v}\r\n" for k, v in h if k[0] != ":" and k not in HOP_BY_HOP]
         add = parts.append
         cl = None
         for k, v in h:
@@ -430,8 +429,11 @@ class Http1ServerCodec:
                 break
         if self.method == "CONNECT" and 200 <= status < 300:
             self.tunnel = True
+            if cl is not None:
+                parts = [p for p in parts if not p.startswith("content-length:")]
+                add = parts.append
         elif cl is not None:
-            add("content-length: " + cl + "\r\n")
+            pass
         elif end_stream:
             if status not in (204, 304) and status >= 200 and self.method != "HEAD":
                 add("content-length: 0\r\n")
