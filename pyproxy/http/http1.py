@@ -566,6 +566,7 @@ class Http1ClientCodec:
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
         "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
+        "feed_len",
     )
 
     def __init__(self, conn):
@@ -576,6 +577,7 @@ class Http1ClientCodec:
         self.tunnel = False
         self.complete = True
         self.parser_dirty = False
+        self.feed_len = 0
 
     def start(self, decoder) -> None:
         self.decoder = decoder
@@ -666,6 +668,7 @@ class Http1ClientCodec:
             # bytes with no request outstanding: the connection is unusable
             self.conn.close()
             return
+        self.feed_len = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -726,6 +729,10 @@ class Http1ClientCodec:
         self.status = status
         self.keep_alive = p.should_keep_alive()
         hdrs = self.hdrs
+        if self.response_header_bytes + self.feed_len > _MAX_UPSTREAM_HEAD and \
+                sum(len(n) + len(v) for n, v in hdrs) > _MAX_UPSTREAM_HEAD:
+            # (a head that arrived within reads too small to be over the bound is not summed)
+            raise ProtocolError(502, "upstream headers too large")
         end = False
         if self.head_request:
             end = True
