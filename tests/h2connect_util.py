@@ -24,6 +24,8 @@ import h2.exceptions
 import h2.settings
 from h2.settings import SettingCodes
 
+from proxy_util import read_head
+
 
 class _Server:
     def __init__(self):
@@ -78,13 +80,10 @@ class Http1TunnelServer(_Server):
         super().__init__()
 
     def serve(self, c):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            d = c.recv(4096)
-            if not d:
-                return
-            head += d
-        head, rest = head.split(b"\r\n\r\n", 1)
+        r = read_head(c)
+        if r is None:
+            return
+        head, rest = r
         self.heads.append(head.decode("latin-1"))
         first = head.split(b"\r\n")[0]
         if self.status:

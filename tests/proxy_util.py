@@ -657,6 +657,19 @@ def exchange(port: int, data: bytes, n: int = 1, timeout: float = 3.0, methods=N
         s.close()
 
 
+def read_head(s: socket.socket):
+    """Read until the end of an HTTP head: ``(head without the blank line, the bytes after it)``,
+    or None if the peer closed first (the socket's timeout bounds each read)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = s.recv(4096)
+        if not d:
+            return None
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def closed_by_peer(s: socket.socket, timeout: float = 3.0) -> bool:
     """True if the peer closes ``s`` (EOF or reset) within the timeout (data is drained)."""
     s.settimeout(timeout)

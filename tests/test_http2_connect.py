@@ -16,6 +16,7 @@ from h2.settings import SettingCodes
 
 from grpc_util import Proxy, bootstrap, cluster, free_port, hcm_listener
 from h2connect_util import H2ConnectClient, H2TunnelServer, Http1TunnelServer
+from proxy_util import read_head
 
 CONNECT_ROUTE = {"match": {"connect_matcher": {}}, "route": {"cluster": "h1"}}
 CONNECT_ROUTE_H2 = {"match": {"connect_matcher": {}}, "route": {"cluster": "h2"}}
@@ -144,13 +145,7 @@ def _h1_websocket(port):
     try:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Version: 13\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            d = s.recv(4096)
-            if not d:
-                break
-            head += d
-        head, rest = head.split(b"\r\n\r\n", 1) if b"\r\n\r\n" in head else (head, b"")
+        head, rest = read_head(s) or (b"", b"")
         if not head.startswith(b"HTTP/1.1 101"):
             return head, b""
         s.sendall(b"over h2 upstream")
@@ -326,13 +321,10 @@ def test_http1_connect_to_http2_upstream(ups, tmp_path, engine):
         s = socket.create_connection(("127.0.0.1", px.port), timeout=5)
         try:
             s.sendall(b"CONNECT backend:443 HTTP/1.1\r\nHost: backend:443\r\n\r\n")
-            head = b""
-            while b"\r\n\r\n" not in head:
-                d = s.recv(4096)
-                assert d, head
-                head += d
+            r = read_head(s)
+            assert r is not None, "closed before a response head"
+            head, got = r
             assert head.startswith(b"HTTP/1.1 200"), head
-            got = head.split(b"\r\n\r\n", 1)[1]
             s.sendall(b"tunnel over h2")
             s.shutdown(socket.SHUT_WR)  # -> END_STREAM upstream -> its "bye" + END_STREAM -> EOF here
             end = time.monotonic() + 5

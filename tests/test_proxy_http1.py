@@ -14,7 +14,7 @@ import time
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, exchange, one_route_bootstrap, parse_responses,
-                        proxies, request, simple_response)
+                        proxies, read_head, request, simple_response)
 
 BIG = random.Random(7).randbytes(12 * 1024 * 1024)
 
@@ -227,17 +227,11 @@ def _websocket(port):
     try:
         s.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        head = b""
-        while b"\r\n\r\n" not in head:
-            d = s.recv(4096)
-            if not d:
-                break
-            head += d
+        head, rest = read_head(s) or (b"", b"")
         status = int(head.split(b" ")[1]) if head else 0
         echoed = b""
         if status == 101:
             payload = random.Random(1).randbytes(300000)
-            rest = head.split(b"\r\n\r\n", 1)[1]
             s.sendall(payload)
             echoed = rest
             deadline = time.monotonic() + 5
@@ -390,5 +384,36 @@ def test_idle_upstream_connections_are_closed_after_the_cluster_idle_timeout():
             assert st["cluster.b.upstream_cx_active"] == 0 and st["cluster.b.upstream_cx_destroy"] == 1
             assert request(port, "GET", "/")[0] == 200  # a fresh connection after the idle close
             assert px.stats()["cluster.b.upstream_cx_total"] == 2
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "many-writes"])
+def test_oversized_upstream_response_head_is_refused(split):
+    """An upstream response head over 80 KiB is an upstream protocol error (503, never forwarded),
+    whether it arrives in one read or spread over many."""
+    big = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 1000) for i in range(100))
+
+    def handler(req, sock):
+        if req.path == "/ok":
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        head = b"HTTP/1.1 200 OK\r\n" + big + b"content-length: 2\r\n\r\nhi"
+        if split:
+            for i in range(0, len(head), 1000):
+                sock.sendall(head[i:i + 1000])
+                time.sleep(0.001)
+            return None
+        sock.sendall(head)
+        return None
+
+    be = HttpBackend(handler)
+    try:
+        bs, port = one_route_bootstrap([be.port])
+        with Pyproxy(bs):
+            rs, closed, raw = exchange(port, b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n", timeout=5)
+            assert rs and rs[0].status == 503, raw[:300]
+            assert b"x-h1:" not in raw
+            rs, _, raw = exchange(port, b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert rs[0].status == 200 and rs[0].body == b"ok", raw
     finally:
         be.close()
