@@ -348,12 +348,7 @@ class FastDecoder:
                 if op[4]:
                     self._add(kv)
             else:
-                size = op[1]
-                if size > self.max_allowed_table_size:
-                    raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
-                self.max_table = size
-                self.version += 1
-                self._evict()
+                self._resize(op[1])
                 continue
             total += len(kv[0]) + len(kv[1]) + 32
             out.append(kv)
@@ -377,12 +372,15 @@ class FastDecoder:
                     i = op[1]
                     self._add((op[2] if i == 0 else _STATIC[i - 1][0], op[3]))
             elif k == 2:
-                size = op[1]
-                if size > self.max_allowed_table_size:
-                    raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
-                self.max_table = size
-                self.version += 1
-                self._evict()
+                self._resize(op[1])
+
+    def _resize(self, size: int) -> None:
+        """A dynamic table size update (bounded by what we announced)."""
+        if size > self.max_allowed_table_size:
+            raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
+        self.max_table = size
+        self.version += 1
+        self._evict()
 
     def _add(self, kv) -> None:
         n = len(kv[0]) + len(kv[1]) + 32
