@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=""
-  for pair in wrk:wrk h2load:nghttp2-client nghttpd:nghttp2-server nginx:nginx-light iptables:iptables ip:iproute2 curl:curl docker-compose:docker-compose; do
+  for pair in wrk:wrk h2load:nghttp2-client nghttpd:nghttp2-server nginx:nginx-light iptables:iptables ip:iproute2 curl:curl dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap; do
     command -v "${pair%%:*}" >/dev/null || need="$need ${pair#*:}"
   done
   if [ -n "$need" ]; then
