@@ -320,7 +320,7 @@ class Cluster:
             hosts.append({
                 "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
                 "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
-                "sub_zone": h.locality[2], "health_flags": "healthy" if h.healthy else "/failed_eds_health",
+                "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
             })
