@@ -18,6 +18,7 @@ from . import __version__
 from .cluster.manager import ClusterManager
 from .config import ConfigError
 from .listeners.manager import ListenerManager
+from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 
 log = logging.getLogger("pyproxy.main")
@@ -81,6 +82,7 @@ class Server:
         self.exiting = False
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
+        _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
         sc = bootstrap.stats_config
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True

@@ -198,6 +198,8 @@ class Cluster:
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
+        self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
+        self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
         self.st_rq_time = s.histogram("upstream_rq_time")
@@ -334,7 +336,7 @@ class Cluster:
             hosts.append({
                 "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
                 "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
-                "sub_zone": h.locality[2], "health_flags": "healthy" if h.healthy else "/failed_eds_health",
+                "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
             })
