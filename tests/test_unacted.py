@@ -49,7 +49,7 @@ def test_table_rows_are_found_and_logged_once(caplog):
 
 def _bs_with_unacted():
     rc = route_config([{"match": {"prefix": "/"}, "route": {
-        "cluster": "c", "request_mirror_policies": [{"cluster": "c"}], "hedge_policy": {"hedge_on_per_try_timeout": True},
+        "cluster": "c", "internal_redirect_policy": {}, "hedge_policy": {"hedge_on_per_try_timeout": True},
         "metadata_match": {"filter_metadata": {"envoy.lb": {"version": "v1"}}}}}])
     bs = bootstrap([http_listener(free_port(), rc)],
                    [_cluster(outlier_detection={"consecutive_5xx": 3},
@@ -58,7 +58,7 @@ def _bs_with_unacted():
     return bs
 
 
-EXPECTED = ["outlier_detection", "retry_budget", "request_mirror_policies", "hedge_policy", "metadata_match",
+EXPECTED = ["outlier_detection", "retry_budget", "internal_redirect_policy", "hedge_policy", "metadata_match",
             "stats_matcher"]
 
 
