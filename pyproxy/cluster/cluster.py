@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 from envoy.config.cluster.v3 import cluster_pb2
 
@@ -165,6 +166,12 @@ class Cluster:
             except ConfigError as e:
                 raise e.within(field="lb_policy")
         self.on_initialized = []
+        # SDS secrets of its TLS sockets are init targets too (Envoy: the cluster warms on them)
+        self.secret_providers = tuple({id(p): p for f in [self.transport_socket] + [
+            f for _, f in self.transport_socket_matches] for p in getattr(f, "secret_providers", ())}.values())
+        if self.initialized and self.secret_providers:
+            self.initialized = False
+            self._mark_initialized()
 
     def _init_stats(self):
         s = self.manager.stats.scope("cluster.%s." % self.stat_name)
@@ -191,6 +198,8 @@ class Cluster:
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
+        self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
+        self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
         self.st_rq_time = s.histogram("upstream_rq_time")
@@ -229,6 +238,15 @@ class Cluster:
 
     def _mark_initialized(self):
         if not self.initialized:
+            sp = getattr(self, "secret_providers", ())
+            waiting = [p for p in sp if not p.ready] if sp else ()
+            if waiting:
+                if not getattr(self, "_secret_wait", False):
+                    self._secret_wait = True
+                    ref = weakref.ref(self)
+                    for p in waiting:
+                        p.waiters.append(lambda: (ref() is not None and ref()._mark_initialized()))
+                return
             self.initialized = True
             cbs, self.on_initialized = self.on_initialized, []
             for cb in cbs:
@@ -320,7 +338,7 @@ class Cluster:
             hosts.append({
                 "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
                 "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
-                "sub_zone": h.locality[2], "health_flags": "healthy" if h.healthy else "/failed_eds_health",
+                "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
             })
