@@ -192,6 +192,8 @@ class Cluster:
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
+        self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
+        self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
         self.st_rq_time = s.histogram("upstream_rq_time")
