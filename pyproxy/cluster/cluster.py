@@ -14,6 +14,7 @@ import weakref
 from envoy.config.cluster.v3 import cluster_pb2
 
 from ..config import ConfigError, duration_s, u32
+from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
@@ -91,9 +92,7 @@ class Cluster:
         if self.type not in (STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST):
             raise ConfigError("unsupported cluster type %s" % self.type, field="type")
         self.stat_name = proto.alt_stat_name or self.name
-        if len(proto.health_checks):
-            cfglog.info("cluster '%s': active health checks not implemented yet; health_checks "
-                        "ignored", self.name)
+        unacted.warn("cluster", proto, self.name)  # fields accepted but not acted on: one table
         self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
         po = _protocol_options(proto)
