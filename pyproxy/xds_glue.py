@@ -170,6 +170,16 @@ def _listener_providers(cfg) -> list:
     return out
 
 
+def _listener_init_targets(cfg) -> list:
+    """What a listener warms on: its RDS routes and the SDS secrets its TLS chains name."""
+    out = _listener_providers(cfg)
+    for chain in cfg.chains + ([cfg.default_chain] if cfg.default_chain else []):
+        for p in getattr(chain.transport_socket, "secret_providers", ()):
+            if p not in out:
+                out.append(p)
+    return out
+
+
 class _Rejected(Exception):
     pass
 
@@ -212,6 +222,7 @@ class XdsGlue:
         self.st_listeners_warming = s.gauge("listener_manager.total_listeners_warming", accumulate=False)
         self.cm.eds_watchers.append(self._update_eds_subscription)
         self._hook_config_dumps()
+        self._secret_hook = False
 
     def _hook_config_dumps(self):
         # The server assembles /config_dump from the managers' dumps; the dynamic parts they do not
@@ -257,7 +268,7 @@ class XdsGlue:
         for al in self.lm.active.values():
             names.update(p.name for p in _listener_providers(al.config))
         for w in self.warming_listeners.values():
-            names.update(p.name for p in w.providers)
+            names.update(p.name for p in w.providers if isinstance(p, RouteProvider))
         return names
 
     def _update_eds_subscription(self):
@@ -317,7 +328,8 @@ class XdsGlue:
             self._apply_routes(version_info, added, removed)
         elif type_url == SECRET:
             from .tls.secrets import STORE
-            STORE.apply_sds(added, removed)  # validates: a ConfigError NACKs the response
+            # validates, rebuilds the TLS contexts using them: a ConfigError NACKs the response
+            STORE.apply_sds(added, removed, version_info)
             for name, sec in added.items():
                 self.secrets[name] = sec
                 self.secret_versions[name] = (version_info, time.time())
@@ -488,12 +500,16 @@ class XdsGlue:
                 continue
             if w is not None:
                 self._drop_warming(cfg.name)
-            providers = _listener_providers(cfg)
+            providers = _listener_init_targets(cfg)
             if all(p.ready for p in providers):
                 lm.install(cfg, s)
             else:
                 self.warming_listeners[cfg.name] = WarmingListener(cfg, s, providers)
-                log.info("listener '%s' warming (waiting for routes %s)", cfg.name,
+                if not self._secret_hook and any(not isinstance(p, RouteProvider) for p in providers):
+                    from .tls.secrets import STORE
+                    STORE.ready_hooks.append(self._check_warming_listeners)  # SDS secrets end warming
+                    self._secret_hook = True
+                log.info("listener '%s' warming (waiting for %s)", cfg.name,
                          ", ".join(p.name for p in providers if not p.ready))
         for name in removed:
             if name in self.warming_listeners:
@@ -612,6 +628,10 @@ class XdsGlue:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def stop(self):
+        if self._secret_hook:
+            from .tls.secrets import STORE
+            if self._check_warming_listeners in STORE.ready_hooks:
+                STORE.ready_hooks.remove(self._check_warming_listeners)
         for h in self._type_timers:
             h.cancel()
         for p in self.routes.values():
@@ -797,31 +817,3 @@ def endpoints_config_dump(server) -> dict:
     if dyn:
         out["dynamic_endpoint_configs"] = dyn
     return out
-
-
-def secrets_config_dump(server) -> dict:
-    out = {"@type": "type.googleapis.com/envoy.admin.v3.SecretsConfigDump"}
-    glue = server.xds
-    if glue is not None and glue.secrets:
-        items = []
-        for name, sec in glue.secrets.items():
-            v, t = glue.secret_versions.get(name, ("", 0))
-            body = to_dict(sec)
-            body["@type"] = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-            _redact(body)
-            items.append({"name": name, "version_info": v, "last_updated": _ts(t), "secret": body})
-        out["dynamic_active_secrets"] = items
-    return out
-
-
-def _redact(d):
-    # Envoy prints "[redacted]" for private keys
-    if isinstance(d, dict):
-        for k, v in list(d.items()):
-            if k == "private_key" and isinstance(v, dict):
-                d[k] = {"inline_string": "[redacted]"}
-            else:
-                _redact(v)
-    elif isinstance(d, list):
-        for x in d:
-            _redact(x)

@@ -495,6 +495,7 @@ def _labels(tags, extra=()) -> str:
 
 def render_prometheus(store, q: Query) -> str:
     prod = producer_for(store)
+    tagged = getattr(store, "tagged", None) or {}
     tr, cg, hs = _select(store, q)
     out: list = []
 
@@ -504,7 +505,8 @@ def render_prometheus(store, q: Query) -> str:
         fams: dict[str, list] = {}
         keys: dict[str, str] = {}
         for n, s in items:
-            base, tags = prod.produce(n)
+            hit = tagged.get(n)
+            base, tags = hit if hit is not None else prod.produce(n)
             pn = prometheus_name(base)
             if pn is not None:
                 fams.setdefault(pn, []).append((n, tags, s))

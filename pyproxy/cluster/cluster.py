@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 from envoy.config.cluster.v3 import cluster_pb2
 
@@ -165,6 +166,12 @@ class Cluster:
             except ConfigError as e:
                 raise e.within(field="lb_policy")
         self.on_initialized = []
+        # SDS secrets of its TLS sockets are init targets too (Envoy: the cluster warms on them)
+        self.secret_providers = tuple({id(p): p for f in [self.transport_socket] + [
+            f for _, f in self.transport_socket_matches] for p in getattr(f, "secret_providers", ())}.values())
+        if self.initialized and self.secret_providers:
+            self.initialized = False
+            self._mark_initialized()
 
     def _init_stats(self):
         s = self.manager.stats.scope("cluster.%s." % self.stat_name)
@@ -231,6 +238,15 @@ class Cluster:
 
     def _mark_initialized(self):
         if not self.initialized:
+            sp = getattr(self, "secret_providers", ())
+            waiting = [p for p in sp if not p.ready] if sp else ()
+            if waiting:
+                if not getattr(self, "_secret_wait", False):
+                    self._secret_wait = True
+                    ref = weakref.ref(self)
+                    for p in waiting:
+                        p.waiters.append(lambda: (ref() is not None and ref()._mark_initialized()))
+                return
             self.initialized = True
             cbs, self.on_initialized = self.on_initialized, []
             for cb in cbs:

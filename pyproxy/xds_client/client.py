@@ -116,7 +116,12 @@ class XdsClient:
 
     def __init__(self, *, target: str, node, api_type: str, handler: XdsHandler, stats=None,
                  set_node_on_first_message_only: bool = False, initial_backoff: float = 0.5,
-                 max_backoff: float = 30.0, channel_options: list | None = None):
+                 max_backoff: float = 30.0, channel_options: list | None = None,
+                 open_stream=None, reject_unrequested: bool = False):
+        """``open_stream(channel)`` opens the bidirectional call of a per-type (non-aggregated)
+        discovery service, e.g. SDS's ``StreamSecrets``; by default the ADS call is used.
+        ``reject_unrequested``: a SotW response naming a resource that was not subscribed is NACKed
+        (SDS, as Envoy's ``SdsApi``) instead of skipped."""
         if api_type not in ("GRPC", "DELTA_GRPC"):
             raise ConfigError("unsupported api_type '%s' (GRPC or DELTA_GRPC)" % api_type,
                               field="ads_config.api_type")
@@ -133,6 +138,8 @@ class XdsClient:
         opts = dict(DEFAULT_CHANNEL_OPTIONS)
         opts.update(dict(channel_options or ()))
         self.channel_options = list(opts.items())
+        self.open_stream = open_stream
+        self.reject_unrequested = reject_unrequested
         self.connected = False
         self.streams = 0             # streams opened so far
         self.last_stream_error = ""
@@ -250,8 +257,11 @@ class XdsClient:
         writer = None
         call = None
         try:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.DeltaAggregatedResources() if self.delta else stub.StreamAggregatedResources()
+            if self.open_stream is not None:
+                call = self.open_stream(channel)
+            else:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                call = stub.DeltaAggregatedResources() if self.delta else stub.StreamAggregatedResources()
             self.streams += 1
             self._queue = asyncio.Queue()
             self._first_message = True
@@ -452,6 +462,9 @@ class XdsClient:
                 if name in added:
                     raise ConfigError("duplicate resource name '%s' in response" % name)
                 if not full_state and name not in ts.names:
+                    if self.reject_unrequested:
+                        raise ConfigError("unexpected resource '%s' (subscribed: %s)"
+                                          % (name, ", ".join(sorted(ts.names))))
                     log.debug("xDS: ignoring unrequested %s '%s'", t, name)
                     continue
                 added[name] = msg
