@@ -249,9 +249,11 @@ class Cluster:
             for cb in cbs:
                 cb(self)
 
-    def update_load_assignment(self, cla) -> None:
-        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes)."""
-        ps = build_priority_set(cla)
+    def update_load_assignment(self, cla, ps: PrioritySet | None = None) -> None:
+        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes);
+        ``ps``: its priority set, when the caller built it already."""
+        if ps is None:
+            ps = build_priority_set(cla)
         self._set_priority_set(ps)
 
     def initial_fetch_timed_out(self) -> None:
