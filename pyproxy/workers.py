@@ -251,6 +251,10 @@ class WorkerLink:
                 protos[name] = p
             glue = self.server.xds
             try:
+                if glue is None and type_url.endswith(".tls.v3.Secret"):  # SDS without ADS
+                    from .tls.secrets import STORE
+                    STORE.apply_sds(protos, set(removed), version)
+                    return
                 glue.on_resources(type_url, version, protos, set(removed), False)
             except Exception as e:  # the main process accepted it: this is a bug, keep serving
                 log.error("worker %d: applying %s failed: %s", self.index, type_url, e)
