@@ -114,7 +114,8 @@ def _shape(text_lines, json_lines):
             isinstance(jd["response_code"], int) else jd["response_code"] == d["code"]
         for k in ("start", "dur", "rid", "dla", "dra", "ula", "uh", "ust"):
             d.pop(k)
-        for k in ("start_time", "duration", "request_id", "downstream_local_address", "downstream_remote_address",
+        assert isinstance(jd.pop("duration"), int)
+        for k in ("start_time", "request_id", "downstream_local_address", "downstream_remote_address",
                   "upstream_local_address", "upstream_host", "upstream_service_time"):
             jd[k] = bool(jd.get(k))
         # the router's texts (not the formatter's): the connect error's wording and the local
