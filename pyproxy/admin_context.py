@@ -38,6 +38,13 @@ class ServerAdminContext:
     def set_healthcheck_failed(self, failed: bool) -> None:
         self.server.healthcheck_failed = failed
 
+    def certs(self) -> dict:
+        import sys
+        if "pyproxy.tls.context" not in sys.modules:
+            return {"certificates": []}
+        from .tls.certs import certs_json
+        return certs_json()
+
     def reset_counters(self) -> None:
         for c in self.server.stats.counters.values():
             c.value = 0

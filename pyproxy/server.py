@@ -16,8 +16,10 @@ import time
 from .config.dump import to_dict
 from . import __version__
 from .cluster.manager import ClusterManager
-from .config import ConfigError
+from .config import ConfigError, unacted
+from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
+from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 
 log = logging.getLogger("pyproxy.main")
@@ -81,6 +83,8 @@ class Server:
         self.exiting = False
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
+        _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
+        unacted.warn("bootstrap", bootstrap)
         sc = bootstrap.stats_config
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
@@ -94,6 +98,7 @@ class Server:
         self.start_time = time.time()
         self.admin = None
         self.xds = None
+        self.sds = None
         self.healthcheck_failed = False
         self.exit_future = None
         self.node = bootstrap.node
@@ -152,6 +157,7 @@ class Server:
         for l in listeners:
             self.listener_manager.check_bindable(l)
         self._validate_bootstrap_extensions()
+        check_dynamic_resources(self.bootstrap)  # the same check as pyproxy validate
         return listeners
 
     def _validate_bootstrap_extensions(self):
@@ -203,16 +209,33 @@ class Server:
         if dynamic:
             from .xds_glue import start_xds
             self.xds = await start_xds(self)
+        self._start_sds(dynamic)
         self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
         from .access_log.file import set_flush_interval
         set_flush_interval(self.access_flush_interval)
         self._wait_initialized(t0)
+
+    def _start_sds(self, dynamic: bool) -> None:
+        """The SDS client, when something may name a secret (grpc is loaded already then)."""
+        if "pyproxy.tls.secrets" not in sys.modules and not dynamic:
+            return
+        from .tls.secrets import STORE
+        if dynamic or STORE.providers:
+            from .sds import SdsManager
+            self.sds = SdsManager(self)
+
+    def _secrets_pending(self) -> bool:
+        mod = sys.modules.get("pyproxy.tls.secrets")
+        return mod is not None and bool(mod.STORE.pending())
 
     def _wait_initialized(self, t0):
         def check():
             if self.state != INITIALIZING:
                 return
             if self.xds is not None and not self.xds.initial_done():
+                self.loop.call_later(0.05, check)
+                return
+            if self._secrets_pending():  # static listeners/clusters naming SDS secrets
                 self.loop.call_later(0.05, check)
                 return
             if self.cluster_manager.warming:
@@ -262,6 +285,11 @@ class Server:
         self.st_mem.set(rss)
         self.st_heap.set(rss)
         self.st_total_connections.set(self.listener_manager.active_connections())
+        self._stats_ticks = getattr(self, "_stats_ticks", 0) + 1
+        if self._stats_ticks % 60 == 1 and "pyproxy.tls.context" in sys.modules:
+            from .tls.certs import days_until_first_cert_expiring
+            days = days_until_first_cert_expiring()
+            self.st_days_cert.set(days if days is not None else 2147483647)
         self._stats_timer = self.loop.call_later(1.0, self._refresh_server_stats)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -321,6 +349,8 @@ class Server:
         self.listener_manager.close_all()
         if self.workers is not None:
             await self.workers.stop(max(1.0, float(self.options.drain_time_s)))
+        if self.sds is not None:
+            await self.sds.close()
         if self.xds is not None:
             await self.xds.stop()
         if self.admin is not None:
@@ -366,7 +396,8 @@ class Server:
                     "bootstrap": bs, "last_updated": _ts(self.start_time)},
                    self.cluster_manager.config_dump(),
                    self.listener_manager.config_dump()]
-        from .xds_glue import routes_config_dump, secrets_config_dump, endpoints_config_dump
+        from .xds_glue import routes_config_dump, endpoints_config_dump
+        from .tls.certs import secrets_config_dump
         configs.append(routes_config_dump(self))
         if include_eds:
             configs.append(endpoints_config_dump(self))

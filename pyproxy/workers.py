@@ -149,7 +149,9 @@ class WorkerSet:
         m.counters = {k: _copy_counter(c) for k, c in store.counters.items()}
         m.gauges = {k: _copy_gauge(g) for k, g in store.gauges.items()}
         m.histograms = {k: _copy_hist(h) for k, h in store.histograms.items()}
+        m.tagged = dict(store.tagged)
         for snap in self.stats.values():
+            m.tagged.update(snap.get("t") or {})
             for name, v in snap["c"].items():
                 m.counter(name).value += v
             for name, (v, acc) in snap["g"].items():
@@ -249,6 +251,10 @@ class WorkerLink:
                 protos[name] = p
             glue = self.server.xds
             try:
+                if glue is None and type_url.endswith(".tls.v3.Secret"):  # SDS without ADS
+                    from .tls.secrets import STORE
+                    STORE.apply_sds(protos, set(removed), version)
+                    return
                 glue.on_resources(type_url, version, protos, set(removed), False)
             except Exception as e:  # the main process accepted it: this is a bug, keep serving
                 log.error("worker %d: applying %s failed: %s", self.index, type_url, e)
@@ -271,6 +277,9 @@ class WorkerLink:
             "h": {k: (h.counts, h.total, h.count, h.samples_min, h.samples_max)
                   for k, h in st.histograms.items() if h.count and not own(k)},
         }
+        tagged = st.tagged
+        if tagged:  # names with explicit tags (istio_*): the main process renders them as labels
+            snap["t"] = {k: tagged[k] for kind in ("c", "g", "h") for k in snap[kind] if k in tagged}
         if self.channel is not None:
             self.channel.send(("stats", snap))
         self.timer = self.server.loop.call_later(1.0, self._report)

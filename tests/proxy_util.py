@@ -130,7 +130,7 @@ class _Proc:
 
     kind = "?"
 
-    def __init__(self, bs: dict, extra_args=(), wait_ready: bool = True, env=None):
+    def __init__(self, bs: dict, extra_args=(), wait_ready: bool = True, env=None, cwd=None):
         self.bs = bs
         self.tmp = tempfile.mkdtemp(prefix="px-%s-" % self.kind)
         self.config_path = os.path.join(self.tmp, "bootstrap.json")
@@ -143,8 +143,11 @@ class _Proc:
                       for l in bs.get("static_resources", {}).get("listeners", [])]
         self.port = self.ports[0] if self.ports else None
         self._log = open(self.log_path, "w")
+        if cwd is not None:  # e.g. Istio's relative unix socket paths: the package from ROOT still
+            env = dict(os.environ if env is None else env)
+            env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(self.command(list(extra_args)), stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                                     stderr=subprocess.STDOUT, cwd=cwd or ROOT, env=env)
         self.pid = self.proc.pid
         if wait_ready:
             try:

@@ -435,14 +435,16 @@ def test_config_dump(admin):
          "cluster": {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
                      "name": "outbound|9080||ratings"}}]}
 
-    doc = json.loads(req(admin, "GET", "/config_dump?resource=dynamic_active_clusters&name_regex=ratings")[2])
+    doc = json.loads(req(admin, "GET", "/config_dump?resource=dynamic_active_clusters&name_regex=.*ratings")[2])
     assert [c["cluster"]["name"] for c in doc["configs"]] == ["outbound|9080||ratings"]
 
     doc = json.loads(req(admin, "GET", "/config_dump?mask=static_clusters")[2])
     assert doc["configs"] == [{"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
                                "static_clusters": json.loads(body)["configs"][1]["static_clusters"]}]
 
-    doc = json.loads(req(admin, "GET", "/config_dump?name_regex=^virtual")[2])
+    doc = json.loads(req(admin, "GET", "/config_dump?name_regex=ratings")[2])  # FullMatch, as Envoy
+    assert all("dynamic_active_clusters" not in c for c in doc["configs"])
+    doc = json.loads(req(admin, "GET", "/config_dump?name_regex=virtual.*")[2])
     lds = doc["configs"][2]
     assert [d["name"] for d in lds["dynamic_listeners"]] == ["virtualInbound"]
     assert "dynamic_active_clusters" not in doc["configs"][1]

@@ -6,7 +6,7 @@ from google.protobuf import json_format
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pyproxy.cluster.endpoints import build_priority_set, diff_hosts
-from pyproxy.cluster.host import DEGRADED, HEALTHY, UNHEALTHY
+from pyproxy.cluster.host import DEGRADED, FAILED_OUTLIER_CHECK, HEALTHY, UNHEALTHY
 from pyproxy.config.errors import ConfigError
 
 ISTIO = "/work/shared/testdata/istio/"
@@ -125,7 +125,7 @@ def test_diff_hosts_keeps_identity():
     h1, h2, h3 = old.all_hosts
     h1.rq_active = 7
     h2.cx_active = 3
-    h2.outlier_ejected = True
+    h2.set_flag(FAILED_OUTLIER_CHECK)
     # Same update again: nothing changed, same objects.
     up = diff_hosts(old, build_priority_set(a))
     assert not up.changed and up.added == [] and up.removed == []
@@ -139,7 +139,12 @@ def test_diff_hosts_keeps_identity():
     up = diff_hosts(old, build_priority_set(b))
     assert up.changed
     p0, p1 = up.priority_set.priorities
-    assert p0[0] is h2 and h2.weight == 4 and h2.health == DEGRADED
+    # an ejected host stays out of rotation whatever EDS says (Envoy's coarse health)
+    assert p0[0] is h2 and h2.weight == 4 and h2.health == UNHEALTHY
+    assert h2.flag_names() == ["failed_outlier_check", "degraded_eds_health"]
+    h2.clear_flag(FAILED_OUTLIER_CHECK)
+    assert h2.health == DEGRADED
+    h2.set_flag(FAILED_OUTLIER_CHECK)
     assert h2.metadata == {"istio": {"workload": "w"}}
     assert h2.cx_active == 3 and h2.outlier_ejected  # state survives
     assert p1[0] is h1 and h1.priority == 1 and h1.rq_active == 7

@@ -16,8 +16,29 @@ from envoy.service.discovery.v3 import discovery_pb2
 from pyproxy.control_plane import load_dir, parse_resource
 
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    env, CLUSTER, ENDPOINT, LISTENER, ROUTE, ScriptedAds, bootstrap, dynamic_names,
+    env, CLUSTER, ENDPOINT, LISTENER, ROUTE, ScriptedAds, bootstrap as _bootstrap, dynamic_names,
     free_port, wait_for)
+from sds_util import AgentSds, cert_secret, root_secret, sds_grpc_cluster
+from tls_certs import Pki
+
+
+def bootstrap(*a, **kw):
+    """The helpers' bootstrap plus Istio's ``sds-grpc`` cluster (the dumps' mTLS contexts name
+    ``default`` and ``ROOTCA`` from it and warm until they arrive)."""
+    bs = _bootstrap(*a, **kw)
+    bs["static_resources"]["clusters"].append(sds_grpc_cluster())
+    return bs
+
+
+@pytest.fixture(autouse=True)
+def agent_sds(env):
+    """pilot-agent's SDS server in the proxy's working directory."""
+    pki = Pki(os.path.join(env.dir, "pki"))
+    wl = pki.issue("workload", uri=["spiffe://cluster.local/ns/default/sa/productpage"])
+    a = AgentSds(env.dir, {"default": cert_secret("default", wl), "ROOTCA": root_secret("ROOTCA", pki.ca_pem)})
+    a.start()
+    yield a
+    a.stop()
 
 TESTDATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "shared", "testdata", "istio")

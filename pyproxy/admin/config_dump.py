@@ -10,15 +10,16 @@ field names as keys, as Envoy prints it). This module applies Envoy's rules on t
   mask is a 400; without it, it applies to each config dump, those it does not fit are left out,
   and a 400 when it fits none. A path may not go through a repeated field; it goes through an
   ``Any`` (``cluster.name``) by the ``@type`` it holds.
-- ``name_regex=<re>``: keep only resources whose name matches (search semantics); the bootstrap
+- ``name_regex=<re>``: keep only resources whose whole name matches (RE2 ``FullMatch``, with
+  RE2's program-size check, as Envoy); the bootstrap
   is never filtered.
 """
 
 from __future__ import annotations
 
-import re
-
 from google.protobuf import descriptor_pool
+
+from pyproxy.routing.regex import RegexError, check_re2
 
 try:  # make the admin dump types known to the descriptor pool
     from envoy.admin.v3 import config_dump_pb2 as _cd  # noqa: F401
@@ -125,14 +126,14 @@ def _resource_name(elem: dict) -> str | None:
     return None
 
 
-def _filter_names(cfg: dict, regex: re.Pattern) -> dict:
+def _filter_names(cfg: dict, regex) -> dict:
     if cfg.get("@type", "").endswith("BootstrapConfigDump"):
         return cfg
     out = {}
     for k, v in cfg.items():
         if isinstance(v, list):
             kept = [e for e in v if not isinstance(e, dict) or
-                    (lambda n: n is not None and regex.search(n) is not None)(_resource_name(e))]
+                    (lambda n: n is not None and regex.fullmatch(n) is not None)(_resource_name(e))]
             if kept:
                 out[k] = kept
         else:
@@ -146,10 +147,10 @@ def apply_query(dump: dict, resource: str | None, mask: str | None, name_regex: 
     regex = None
     if name_regex:
         try:
-            regex = re.compile(name_regex)
-        except re.error as e:
+            regex = check_re2(name_regex)  # RE2 with the program-size check, as Envoy
+        except RegexError as e:
             raise DumpError(400, "INVALID_ARGUMENT: Error while parsing name_regex from %s: %s"
-                            % (name_regex, e)) from None
+                            % (name_regex, e.reason)) from None
         configs = [_filter_names(c, regex) for c in configs]
     paths = parse_mask(mask) if mask else None
 

@@ -24,6 +24,7 @@ import math
 import re
 
 from pyproxy import stats as _stats
+from pyproxy.routing.regex import RegexError, compile_admin_regex
 
 QUANTILES = (0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1)
 _QUANTILE_LABELS = ("0", "25", "50", "75", "90", "95", "99", "99.5", "99.9", "100")
@@ -56,12 +57,13 @@ def re2_to_python(regex: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def compile_filter(regex: str) -> re.Pattern:
-    """Compile an Envoy ``filter=`` regex (search semantics); ``StatsParamError`` if invalid."""
+def compile_filter(regex: str):
+    """Compile an Envoy ``filter=`` regex with RE2 (search semantics, linear time: the filter
+    comes from the network, e.g. through Istio's 15090 listener); ``StatsParamError`` if invalid."""
     try:
-        return re.compile(re2_to_python(regex))
-    except re.error as e:
-        raise StatsParamError("Invalid re2 regex: %s" % e) from None
+        return compile_admin_regex(regex)
+    except RegexError as e:
+        raise StatsParamError("Invalid re2 regex: %s" % e.reason) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +495,7 @@ def _labels(tags, extra=()) -> str:
 
 def render_prometheus(store, q: Query) -> str:
     prod = producer_for(store)
+    tagged = getattr(store, "tagged", None) or {}
     tr, cg, hs = _select(store, q)
     out: list = []
 
@@ -502,7 +505,8 @@ def render_prometheus(store, q: Query) -> str:
         fams: dict[str, list] = {}
         keys: dict[str, str] = {}
         for n, s in items:
-            base, tags = prod.produce(n)
+            hit = tagged.get(n)
+            base, tags = hit if hit is not None else prod.produce(n)
             pn = prometheus_name(base)
             if pn is not None:
                 fams.setdefault(pn, []).append((n, tags, s))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 
 from envoy.config.cluster.v3 import cluster_pb2
 
 from ..config import ConfigError, duration_s, u32
+from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
@@ -89,11 +91,7 @@ class Cluster:
         if self.type not in (STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST):
             raise ConfigError("unsupported cluster type %s" % self.type, field="type")
         self.stat_name = proto.alt_stat_name or self.name
-        for field, what in (("health_checks", "active health checks"),
-                            ("outlier_detection", "outlier detection")):
-            present = len(proto.health_checks) if field == "health_checks" else proto.HasField(field)
-            if present:
-                cfglog.info("cluster '%s': %s not implemented yet; %s ignored", self.name, what, field)
+        unacted.warn("cluster", proto, self.name)  # fields accepted but not acted on: one table
         self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
         po = _protocol_options(proto)
@@ -165,6 +163,12 @@ class Cluster:
             except ConfigError as e:
                 raise e.within(field="lb_policy")
         self.on_initialized = []
+        # SDS secrets of its TLS sockets are init targets too (Envoy: the cluster warms on them)
+        self.secret_providers = tuple({id(p): p for f in [self.transport_socket] + [
+            f for _, f in self.transport_socket_matches] for p in getattr(f, "secret_providers", ())}.values())
+        if self.initialized and self.secret_providers:
+            self.initialized = False
+            self._mark_initialized()
 
     def _init_stats(self):
         s = self.manager.stats.scope("cluster.%s." % self.stat_name)
@@ -191,6 +195,8 @@ class Cluster:
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
+        self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
+        self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
         self.st_rq_time = s.histogram("upstream_rq_time")
@@ -229,14 +235,25 @@ class Cluster:
 
     def _mark_initialized(self):
         if not self.initialized:
+            sp = getattr(self, "secret_providers", ())
+            waiting = [p for p in sp if not p.ready] if sp else ()
+            if waiting:
+                if not getattr(self, "_secret_wait", False):
+                    self._secret_wait = True
+                    ref = weakref.ref(self)
+                    for p in waiting:
+                        p.waiters.append(lambda: (ref() is not None and ref()._mark_initialized()))
+                return
             self.initialized = True
             cbs, self.on_initialized = self.on_initialized, []
             for cb in cbs:
                 cb(self)
 
-    def update_load_assignment(self, cla) -> None:
-        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes)."""
-        ps = build_priority_set(cla)
+    def update_load_assignment(self, cla, ps: PrioritySet | None = None) -> None:
+        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes);
+        ``ps``: its priority set, when the caller built it already."""
+        if ps is None:
+            ps = build_priority_set(cla)
         self._set_priority_set(ps)
 
     def initial_fetch_timed_out(self) -> None:
@@ -318,7 +335,7 @@ class Cluster:
             hosts.append({
                 "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
                 "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
-                "sub_zone": h.locality[2], "health_flags": "healthy" if h.healthy else "/failed_eds_health",
+                "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
             })

@@ -8,8 +8,9 @@ EDS clusters and turns every ``LbEndpoint`` into a ``Host``:
 * ``locality`` → ``Host.locality`` = ``(region, zone, sub_zone)``; the locality's
   ``load_balancing_weight`` → ``PrioritySet.localities[p][locality]`` (0 when unset).
 * ``LbEndpoint.load_balancing_weight`` → ``Host.weight`` (default 1; 0 is rejected, as Envoy does).
-* ``health_status``: UNKNOWN and HEALTHY → HEALTHY; DEGRADED → DEGRADED; UNHEALTHY, DRAINING and
-  TIMEOUT → UNHEALTHY.
+* ``health_status`` → ``Host.eds_status`` and Envoy's flags: UNHEALTHY and TIMEOUT →
+  ``failed_eds_health``, DRAINING → ``eds_status_draining`` (both out of rotation), DEGRADED →
+  ``degraded_eds_health``; UNKNOWN and HEALTHY → healthy.
 * ``socket_address`` (IPv4 / IPv6 literal + ``port_value``) or ``pipe.path``; ``Endpoint.hostname``.
 * ``metadata.filter_metadata`` → ``Host.metadata`` as plain dicts, e.g.
   ``host.metadata["envoy.transport_socket_match"]["tlsMode"] == "istio"``.
@@ -31,10 +32,8 @@ from typing import NamedTuple
 from google.protobuf import json_format
 
 from ..config.errors import ConfigError
-from .host import DEGRADED, HEALTHY, UNHEALTHY, Host, PrioritySet
+from .host import Host, PrioritySet
 
-# envoy.config.core.v3.HealthStatus
-_HEALTH = {0: HEALTHY, 1: HEALTHY, 2: UNHEALTHY, 3: UNHEALTHY, 4: UNHEALTHY, 5: DEGRADED}
 _U32_MAX = 0xFFFFFFFF
 DEFAULT_OVERPROVISIONING = 140
 
@@ -153,7 +152,6 @@ def build_priority_set(cla, *, resolve_hostnames: bool = False, resolved: dict |
                                   ef + ".endpoint_name")
             ep = lbe.endpoint
             address, port, pipe = endpoint_address(ep, ef + ".endpoint", allow_names=allow_names)
-            health = _HEALTH.get(lbe.health_status, UNHEALTHY)
             meta = _metadata_dict(lbe.metadata if lbe.HasField("metadata") else None)
             hostname = ep.hostname
             addrs = [address]
@@ -164,8 +162,8 @@ def build_priority_set(cla, *, resolve_hostnames: bool = False, resolved: dict |
                     addrs = addrs[:1]
             for a in addrs:
                 hosts.append(Host(a, port, weight=weight, priority=prio, locality=loc,
-                                  metadata=meta, health=health, hostname=hostname, pipe=pipe,
-                                  lb_endpoint=lbe))
+                                  metadata=meta, hostname=hostname, pipe=pipe,
+                                  lb_endpoint=lbe, eds_status=lbe.health_status))
     return PrioritySet(priorities, localities, overprov)
 
 
@@ -180,7 +178,7 @@ class HostsUpdate(NamedTuple):
 
 
 def _same_attrs(a: Host, b: Host) -> bool:
-    return (a.weight == b.weight and a.health == b.health and a.priority == b.priority
+    return (a.weight == b.weight and a.eds_status == b.eds_status and a.priority == b.priority
             and a.locality == b.locality and a.metadata == b.metadata
             and a.hostname == b.hostname)
 
@@ -230,7 +228,7 @@ def diff_hosts(old: PrioritySet | None, new: PrioritySet) -> HostsUpdate:
                 if not _same_attrs(oh, nh):
                     changed = True
                     oh.weight = nh.weight
-                    oh.health = nh.health
+                    oh.set_eds_status(nh.eds_status)
                     oh.priority = nh.priority
                     oh.locality = nh.locality
                     oh.metadata = nh.metadata

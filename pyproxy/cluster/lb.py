@@ -32,11 +32,16 @@ Built at config / update time, a ``LoadBalancer`` precomputes everything the per
    lookup ``table[hash % size]``.
    The per-host hash key is ``metadata["envoy.lb"]["hash_key"]`` if present, else the hostname
    with ``use_hostname_for_hashing``, else ``ip:port``.
-   **Hash function**: 64-bit BLAKE2b (``hashlib.blake2b(digest_size=8)``, little-endian int) for
-   ring entries and Maglev permutations — stable across processes and machines, implemented in C.
-   It is *not* xxHash (not available here), so ring positions differ from Envoy's; ``XX_HASH`` and
-   ``MURMUR_HASH_2`` configs are accepted and use it. The router should hash request keys with
-   ``hash_bytes`` so the whole path is consistent. When ``ctx.hash_key`` is None a random point is used.
+   **Hash function**: XXH64 with seed 0 (the ``xxhash`` package), as Envoy's ``HashUtil::xxHash64``:
+   ring entries hash ``"<key>_<i>"``; Maglev sorts the hosts by key and takes the offset from
+   ``xxh64(key) % size`` and the skip from ``xxh64(key, seed=1) % (size - 1) + 1``, then fills the
+   table with Envoy's weighted iteration. Host weights are normalized as Envoy's thread-aware
+   balancer does (``weight / sum``; with locality weighting ``weight * lw / sum(lw) / sum(w)``,
+   localities in lexicographic order, raw locality weights). So the same request key lands on the
+   same host as under Envoy. A retry that must select another host moves one ring entry further
+   per attempt (ring) or xors the hash with ``2**64 - attempt`` (Maglev), as Envoy does; the
+   priority is picked with ``hash % 100``. ``MURMUR_HASH_2`` rings are rejected (not implemented).
+   When ``ctx.hash_key`` is None a random point is used.
    CLUSTER_PROVIDED (ORIGINAL_DST) — ``cluster_provided`` is True and ``choose`` returns None: the
    cluster picks the host itself.
 
@@ -53,13 +58,14 @@ loads), zone-aware routing (needs the local cluster), update_merge_window.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import logging
 import math
 import random as _random_mod
 from bisect import bisect_left
+
+from xxhash import xxh64_intdigest
 
 from ..config.errors import ConfigError
 from ..config.registry import REGISTRY, unpack_any, type_name_of
@@ -80,9 +86,9 @@ DEFAULT_MAGLEV_TABLE = 65537
 MAX_MAGLEV_TABLE = 5000011
 
 
-def hash_bytes(data: bytes) -> int:
-    """The 64-bit hash used by RING_HASH and MAGLEV (BLAKE2b-64, little endian)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+def hash_bytes(data: bytes, seed: int = 0) -> int:
+    """The 64-bit hash used by RING_HASH and MAGLEV: XXH64 (Envoy's ``HashUtil::xxHash64``)."""
+    return xxh64_intdigest(data, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,12 +101,15 @@ class LbContext:
     ``host_selection_max_attempts``: from the route's retry policy (default 1).
     ``previous_hosts``: hosts already tried (retry predicate ``previous_hosts``), or None.
     ``predicate``: optional extra ``callable(host) -> bool`` rejecting a host.
+    ``attempt``: set by the balancer while it re-picks (hash policies move off the first host).
     """
 
-    __slots__ = ("hash_key", "host_selection_max_attempts", "previous_hosts", "predicate")
+    __slots__ = ("hash_key", "host_selection_max_attempts", "previous_hosts", "predicate",
+                 "attempt")
 
     def __init__(self, hash_key: int | None = None, host_selection_max_attempts: int = 1,
                  previous_hosts=None, predicate=None):
+        self.attempt = 0
         self.hash_key = hash_key
         self.host_selection_max_attempts = host_selection_max_attempts
         self.previous_hosts = previous_hosts
@@ -298,9 +307,12 @@ def _host_hash_key(h: Host, use_hostname: bool) -> str:
 
 
 def _normalized(hosts, weights):
-    ws = [float(h.weight) for h in hosts] if weights is None else [float(w) for w in weights]
-    total = sum(ws)
-    return [w / total for w in ws]
+    """Envoy's normalized host weights: ``weight / sum(weights)``; ``weights`` given = already
+    normalized (locality weighting), used as they are."""
+    if weights is not None:
+        return [float(w) for w in weights]
+    total = sum(h.weight for h in hosts)
+    return [h.weight * 1.0 / total for h in hosts]
 
 
 class RingHash(Policy):
@@ -329,12 +341,13 @@ class RingHash(Policy):
         entries = []
         current = 0.0
         target = 0.0
+        xx = xxh64_intdigest
         for h, w in zip(hosts, norm):
             prefix = (_host_hash_key(h, self.use_hostname) + "_").encode()
             target += scale * w
             i = 0
             while current < target:
-                entries.append((hash_bytes(prefix + str(i).encode()), h))
+                entries.append((xx(prefix + str(i).encode()), h))
                 i += 1
                 current += 1
         entries.sort(key=lambda e: e[0])
@@ -345,11 +358,18 @@ class RingHash(Policy):
         size = len(ring)
 
         def pick(ctx):
-            h = ctx.hash_key if ctx is not None else None
-            if h is None:
-                h = _getrandbits(64)
-            i = bisect_left(keys, h)
-            return ring[i] if i < size else ring[0]
+            # the first entry whose hash is >= the request's (ketama's search), wrapping around
+            if ctx is None:
+                i = bisect_left(keys, _getrandbits(64))
+                return ring[i] if i < size else ring[0]
+            h = ctx.hash_key
+            i = bisect_left(keys, _getrandbits(64) if h is None else h)
+            if i >= size:
+                i = 0
+            a = ctx.attempt
+            if a:
+                i = (i + a) % size
+            return ring[i]
         pick.ring_size = size
         return pick
 
@@ -385,19 +405,24 @@ class Maglev(Policy):
         m = self.table_size
         norm = _normalized(hosts, weights)
         max_w = max(norm)
+        # Envoy sorts the hosts by hash key first (a stable table whatever the config order)
+        order = sorted(range(len(hosts)), key=lambda i: _host_hash_key(hosts[i], self.use_hostname))
+        hosts = [hosts[i] for i in order]
+        norm = [norm[i] for i in order]
         n = len(hosts)
         offsets = []
         skips = []
+        xx = xxh64_intdigest
         for h in hosts:
             k = _host_hash_key(h, self.use_hostname).encode()
-            offsets.append(hash_bytes(k) % m)
-            skips.append(hash_bytes(k + b"\x01") % (m - 1) + 1)
+            offsets.append(xx(k) % m)
+            skips.append(xx(k, 1) % (m - 1) + 1)
         nexts = [0] * n
         targets = [0.0] * n
         table = [None] * m
         filled = 0
         equal = all(w == max_w for w in norm)
-        iteration = 0
+        iteration = 1
         while True:
             for j in range(n):
                 if not equal:
@@ -423,9 +448,14 @@ class Maglev(Policy):
         m = len(table)
 
         def pick(ctx):
-            h = ctx.hash_key if ctx is not None else None
+            if ctx is None:
+                return table[_getrandbits(64) % m]
+            h = ctx.hash_key
             if h is None:
                 h = _getrandbits(64)
+            a = ctx.attempt
+            if a:
+                h ^= (1 << 64) - a
             return table[h % m]
         return pick
 
@@ -539,14 +569,16 @@ class LoadBalancer:
         self.healthy_load, self.degraded_load, self.panic = hload, dload, panic
 
         old_cache, self._cache = self._cache, {}
+        # healthy load of every priority first, then degraded load (Envoy's choosePriority order:
+        # a hash policy picks slot ``hash % 100``)
         slots = []
-        for p in range(np_):
-            for load, lists, kind in ((hload[p], healthy_lists, HEALTHY),
-                                      (dload[p], degraded_lists, DEGRADED)):
-                if load <= 0:
+        for load, lists, kind in ((hload, healthy_lists, HEALTHY),
+                                  (dload, degraded_lists, DEGRADED)):
+            for p in range(np_):
+                if load[p] <= 0:
                     continue
                 f = self._source_picker(p, kind, lists[p], old_cache)
-                slots.extend([f] * load)
+                slots.extend([f] * load[p])
         if not slots:
             table = None
         elif all(s is slots[0] for s in slots):
@@ -573,9 +605,12 @@ class LoadBalancer:
 
     def _source_picker(self, p: int, kind: int, eligible: list, old_cache):
         ps = self.priority_set
+        if self.panic[p] and self.fail_traffic_on_panic:
+            return _no_host
+        if self.policy.hash_based:
+            return self._hash_source(p, ps.priorities[p] if self.panic[p] else eligible,
+                                     old_cache)
         if self.panic[p]:
-            if self.fail_traffic_on_panic:
-                return _no_host
             return self._flat(ps.priorities[p], old_cache)
         if not self.locality_weighted or self.policy.cluster_provided:
             return self._flat(eligible, old_cache)
@@ -596,16 +631,6 @@ class LoadBalancer:
                 effs.append(eff)
         if not locs:
             return self._flat(eligible, old_cache)
-        if self.policy.hash_based:
-            # One ring / table: host weight share inside its locality times the locality's.
-            hosts, ws = [], []
-            for loc, eff in zip(locs, effs):
-                hs = by_loc[loc]
-                tw = sum(h.weight for h in hs)
-                for h in hs:
-                    hosts.append(h)
-                    ws.append(eff * h.weight / tw)
-            return self._flat(hosts, old_cache, ws)
         subs = [self._flat(by_loc[loc], old_cache) for loc in locs]
         if len(subs) == 1:
             return subs[0]
@@ -615,6 +640,35 @@ class LoadBalancer:
             return choose_loc()(ctx)
         return by_locality
 
+    def _hash_source(self, p: int, hosts: list, old_cache):
+        """One ring / Maglev table over ``hosts`` (the healthy ones, or all in panic), weighted as
+        Envoy's thread-aware balancer normalizes them: with locality weighting, each locality's
+        raw weight share (localities in lexicographic order, weight-0 ones left out) times the
+        host's share of its locality."""
+        if not self.locality_weighted:
+            return self._flat(hosts, old_cache)
+        ps = self.priority_set
+        lweights = ps.localities[p] if p < len(ps.localities) else {}
+        present = sorted({h.locality for h in ps.priorities[p]})
+        lsum = sum(lweights.get(loc, 0) for loc in present)
+        if lsum == 0:
+            return _no_host
+        by_loc: dict = {}
+        for h in hosts:
+            by_loc.setdefault(h.locality, []).append(h)
+        out, ws = [], []
+        for loc in present:
+            lw = lweights.get(loc, 0)
+            hs = by_loc.get(loc)
+            if not lw or not hs:
+                continue
+            nlw = lw / lsum
+            hsum = sum(h.weight for h in hs)
+            for h in hs:
+                out.append(h)
+                ws.append(h.weight * nlw / hsum)
+        return self._flat(out, old_cache, ws)
+
     def _install(self, table) -> None:
         hash_based = self.policy.hash_based
         if table is None:
@@ -622,6 +676,10 @@ class LoadBalancer:
                 return None
         elif callable(table):
             pick = table
+        elif hash_based:
+            def pick(ctx, _t=table, _n=len(table)):
+                h = ctx.hash_key if ctx is not None else None
+                return _t[(_getrandbits(64) if h is None else h) % _n](ctx)
         else:
             def pick(ctx, _t=table, _n=len(table), _r=_random):
                 return _t[int(_r() * _n)](ctx)
@@ -649,10 +707,11 @@ class LoadBalancer:
 
         def _retry(ctx, n, h):
             orig = ctx.hash_key
+            if hash_based and orig is None:
+                ctx.hash_key = _getrandbits(64)  # one random point for every attempt
             try:
                 for attempt in range(1, n):
-                    if hash_based and orig is not None:
-                        ctx.hash_key = (orig + attempt * 0x9E3779B97F4A7C15) & _MASK64
+                    ctx.attempt = attempt
                     h2 = pick(ctx)
                     if h2 is None:
                         return h
@@ -661,6 +720,7 @@ class LoadBalancer:
                         return h
                 return h
             finally:
+                ctx.attempt = 0
                 ctx.hash_key = orig
         self.choose = choose
 
@@ -692,6 +752,9 @@ def _ring_from_legacy(cluster) -> RingHash:
     use_host = cluster.common_lb_config.consistent_hashing_lb_config.use_hostname_for_hashing
     if cluster.common_lb_config.consistent_hashing_lb_config.HasField("hash_balance_factor"):
         _warn_once("hash_balance_factor")
+    if cfg.hash_function == 1:
+        raise ConfigError("ring hash function MURMUR_HASH_2 is not supported (use XX_HASH)",
+                          "ring_hash_lb_config.hash_function")
     try:
         return RingHash(cfg.minimum_ring_size.value if _has(cfg, "minimum_ring_size") else DEFAULT_MIN_RING,
                         cfg.maximum_ring_size.value if _has(cfg, "maximum_ring_size") else DEFAULT_MAX_RING,
@@ -765,6 +828,9 @@ def policy_ring_hash(msg):
                                             _has(msg.consistent_hashing_lb_config,
                                                  "hash_balance_factor")):
         _warn_once("hash_balance_factor")
+    if msg.hash_function == 2:
+        raise ConfigError("ring hash function MURMUR_HASH_2 is not supported (use XX_HASH)",
+                          "hash_function")
     rh = RingHash(msg.minimum_ring_size.value if _has(msg, "minimum_ring_size") else DEFAULT_MIN_RING,
                   msg.maximum_ring_size.value if _has(msg, "maximum_ring_size") else DEFAULT_MAX_RING,
                   use_host)

@@ -20,6 +20,7 @@ from google.protobuf import json_format, symbol_database
 from google.protobuf import any_pb2, struct_pb2
 
 from .errors import ConfigError
+from .istio_protos import CLASSES as _ISTIO_CLASSES
 
 log = logging.getLogger("pyproxy.config")
 
@@ -184,6 +185,9 @@ def message_class(full_name: str):
         return _sym.GetSymbol(full_name)
     except KeyError:
         pass
+    cls = _ISTIO_CLASSES.get(full_name)
+    if cls is not None:
+        return cls
     parts = full_name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         pkg = ".".join(parts[:cut])

@@ -38,6 +38,15 @@ class SkippedWasm:
         return self._noop
 
 
+def is_metadata_exchange(cfg) -> bool:
+    """Istio's null-VM ``envoy.wasm.metadata_exchange`` (compiled as the HTTP peer_metadata filter)."""
+    vm = cfg.config.vm_config
+    if vm.runtime != NULL_VM or not vm.code.HasField("local"):
+        return False
+    loc = vm.code.local
+    return loc.WhichOneof("specifier") == "inline_string" and loc.inline_string == "envoy.wasm.metadata_exchange"
+
+
 def skip_reason(cfg, what: str) -> str:
     """Why the Wasm config ``cfg`` can be skipped; ConfigError when it cannot."""
     pc = cfg.config

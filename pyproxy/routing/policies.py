@@ -141,6 +141,19 @@ def compile_retry_policy(rp, field: str = "retry_policy") -> RetryPolicy:
     return p
 
 
+def compile_hedge_policy(hp, field: str = "hedge_policy") -> bool:
+    """``route.v3.HedgePolicy`` -> whether to hedge on a per-try timeout. Envoy implements only
+    ``hedge_on_per_try_timeout``; its router never reads ``initial_requests`` or
+    ``additional_request_chance``, so pyproxy rejects them rather than accept them silently."""
+    if hp.HasField("initial_requests") and hp.initial_requests.value != 1:
+        raise ConfigError("initial_requests other than 1 is not supported (Envoy does not "
+                          "implement it either)", field + ".initial_requests")
+    if hp.HasField("additional_request_chance") and hp.additional_request_chance.numerator:
+        raise ConfigError("additional_request_chance is not supported (Envoy does not implement "
+                          "it either)", field + ".additional_request_chance")
+    return hp.hedge_on_per_try_timeout
+
+
 # --------------------------------------------------------------------------------------------
 # hash policies
 

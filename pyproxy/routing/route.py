@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..config.errors import ConfigError
 from ..config.util import duration_s, u32
 from .header_mutation import compile_header_mutation
-from .matchers import (compile_header_matcher, compile_query_matcher, parse_query)
-from .policies import combine_hashes, compile_hash_policy, compile_retry_policy
+from .matchers import (compile_header_matcher, compile_query_matcher, compile_string_matcher,
+                       parse_query)
+from .policies import combine_hashes, compile_hash_policy, compile_hedge_policy, compile_retry_policy
 from .regex import compile_re2, re2_substitution
 
 ROUTE = 0
@@ -89,10 +90,45 @@ class ClusterChoice:
 
 
 class MirrorPolicy:
-    __slots__ = ("cluster", "cluster_header", "numerator", "denominator", "host_rewrite_literal")
+    """One ``request_mirror_policies`` entry, compiled. ``shadow_headers`` makes the mirror's
+    request head from the routed request's (Envoy's shadow writer: ``-shadow`` appended to the host
+    before its port, unless ``disable_shadow_host_suffix_append`` or ``host_rewrite_literal``, which
+    replaces the host; then ``request_headers_mutations`` in order; ``x-envoy-internal`` set).
+    ``trace_sampled`` only steers a tracing span, and pyproxy has no tracer: nothing to do."""
+
+    __slots__ = ("cluster", "cluster_header", "numerator", "denominator", "host_rewrite_literal",
+                 "suffix", "mutations")
 
     def sampled(self, random_value: int) -> bool:
         return random_value % self.denominator < self.numerator
+
+    def cluster_name(self, headers) -> str:
+        """The mirror's cluster ("" when ``cluster_header`` is missing or empty)."""
+        if self.cluster:
+            return self.cluster
+        return headers.get(self.cluster_header) or ""
+
+    def shadow_headers(self, headers, stream_info=None):
+        h = headers.copy()
+        if self.host_rewrite_literal:
+            h.set(":authority", self.host_rewrite_literal)
+        elif self.suffix:
+            host = h.get(":authority")
+            if host:
+                h.set(":authority", shadow_host(host))
+        for op in self.mutations:
+            op(h, stream_info)
+        h.set("x-envoy-internal", "true")
+        return h
+
+
+def shadow_host(host: str) -> str:
+    """``svc:8080`` -> ``svc-shadow:8080``, ``svc`` -> ``svc-shadow`` (Envoy: the suffix goes before
+    the port, which is after the last ':' unless that is inside an IPv6 literal)."""
+    i = host.rfind(":")
+    if i < 0 or host.rfind("]") > i:
+        return host + "-shadow"
+    return host[:i] + "-shadow" + host[i:]
 
 
 class RouteEntry:
@@ -106,7 +142,7 @@ class RouteEntry:
         # forward
         "cluster", "cluster_header", "weighted", "total_weight", "weight_header", "weight_by_hash",
         "cluster_not_found_response_code", "metadata_match", "timeout", "idle_timeout",
-        "retry", "hash_policies", "max_stream_duration", "grpc_timeout_header_max",
+        "retry", "hedge_on_per_try_timeout", "hash_policies", "max_stream_duration", "grpc_timeout_header_max",
         "grpc_timeout_header_offset", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
         "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
@@ -465,6 +501,8 @@ def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None
         e.retry = compile_retry_policy(a.retry_policy, field + ".retry_policy")
     else:
         e.retry = vh_retry
+    if a.HasField("hedge_policy"):
+        e.hedge_on_per_try_timeout = compile_hedge_policy(a.hedge_policy, field + ".hedge_policy")
     e.hash_policies = tuple(compile_hash_policy(h, "%s.hash_policy[%d]" % (field, i))
                             for i, h in enumerate(a.hash_policy))
     e.upgrade_configs = {}
@@ -484,12 +522,42 @@ def _compile_mirror(p, field: str) -> MirrorPolicy:
     m.cluster_header = p.cluster_header.lower()
     if not m.cluster and not m.cluster_header:
         raise ConfigError("cluster or cluster_header is required", field)
+    if m.cluster and m.cluster_header:
+        raise ConfigError("only one of cluster or cluster_header can be specified", field)
     m.numerator, m.denominator = 1, 1
     if p.HasField("runtime_fraction"):
         dv = p.runtime_fraction.default_value
         m.numerator, m.denominator = dv.numerator, _DENOMINATORS[dv.denominator]
     m.host_rewrite_literal = p.host_rewrite_literal
+    m.suffix = not p.disable_shadow_host_suffix_append
+    m.mutations = tuple(_compile_mirror_mutation(mu, "%s.request_headers_mutations[%d]" % (field, i))
+                        for i, mu in enumerate(p.request_headers_mutations))
     return m
+
+
+def _compile_mirror_mutation(mu, field: str):
+    """One ``mutation_rules.v3.HeaderMutation`` as ``op(headers, stream_info)``."""
+    which = mu.WhichOneof("action")
+    if which == "remove":
+        name = mu.remove.lower()
+        if not name or name[0] == ":" or name == "host":
+            raise ConfigError(":-prefixed, host or empty headers may not be removed",
+                              field + ".remove")
+        return lambda h, si: h.remove(name)
+    if which == "append":
+        try:
+            hm = compile_header_mutation([mu.append], (), "append")
+        except ConfigError as e:
+            raise e.within(field=field)
+        return lambda h, si: hm.apply(h, si, h)
+    if which == "remove_on_match":
+        km = mu.remove_on_match.key_matcher
+        sm = compile_string_matcher(km, field + ".remove_on_match.key_matcher")
+
+        def remove_matching(h, si):
+            h._h = [kv for kv in h._h if kv[0][0] == ":" or kv[0] == "host" or not sm.match(kv[0])]
+        return remove_matching
+    raise ConfigError("a header mutation action is required", field)
 
 
 def _compile_redirect(e: RouteEntry, r, field: str) -> None:
@@ -569,6 +637,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     e.timeout = DEFAULT_TIMEOUT
     e.idle_timeout = None
     e.retry = None
+    e.hedge_on_per_try_timeout = vh.hedge
     e.hash_policies = ()
     e.max_stream_duration = None
     e.grpc_timeout_header_max = None
@@ -634,6 +703,10 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     tpfc.update(vh.typed_per_filter_config)
     tpfc.update(r.typed_per_filter_config)
     e.typed_per_filter_config = tpfc
+    if e.kind == ROUTE and (e.mirror_policies or e.hedge_on_per_try_timeout):
+        # mirroring and hedging live in the generic router: such a route never takes the
+        # fast or express lane (decided here, when the route compiles)
+        e.fast = e.express = False
     return e
 
 
@@ -662,5 +735,6 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e.direct_status = 0
     e._direct_body = b""
     e.mirror_policies = ()
+    e.hedge_on_per_try_timeout = False
     e.upgrade_configs = {}
     return e

@@ -17,10 +17,11 @@ written with that port (``foo.com:8080``) or wildcards (Istio lists both spellin
 
 from __future__ import annotations
 
+from ..config import unacted
 from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
-from .policies import compile_retry_policy
+from .policies import compile_hedge_policy, compile_retry_policy
 from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, compile_route,
                     tls_redirect_entry)
 
@@ -45,7 +46,7 @@ TLS_NONE, TLS_EXTERNAL_ONLY, TLS_ALL = 0, 1, 2
 
 class VirtualHost:
     __slots__ = ("name", "domains", "routes", "require_tls", "request_mutation",
-                 "response_mutation", "typed_per_filter_config", "retry", "mirror_policies",
+                 "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
                  "plens", "complex", "any_ci", "emap", "nroutes")
@@ -206,6 +207,7 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
                                                    v.response_headers_to_remove, "response")
     vh.typed_per_filter_config = dict(v.typed_per_filter_config)
     vh.retry = compile_retry_policy(v.retry_policy) if v.HasField("retry_policy") else None
+    vh.hedge = compile_hedge_policy(v.hedge_policy) if v.HasField("hedge_policy") else False
     vh.mirror_policies = tuple(_compile_mirror(p, "request_mirror_policies[%d]" % i)
                                for i, p in enumerate(v.request_mirror_policies)) \
         or ctx.mirror_policies
@@ -251,6 +253,7 @@ def compile_route_config(rc) -> RouteTable:
     res = "route configuration '%s'" % rc.name
     try:
         check_fields(rc, _RC_FIELDS, "route_configuration")
+        unacted.warn("route_configuration", rc, rc.name)
         ctx = _Ctx()
         ctx.request_mutation = compile_header_mutation(rc.request_headers_to_add,
                                                        rc.request_headers_to_remove, "request")

@@ -175,6 +175,10 @@ class Store:
             except re.error:
                 pass  # a regex Python cannot compile only loses that tag
         self._tag_cache: dict[str, tuple[str, tuple]] = {}
+        # stats created with explicit tags (Istio's istio_* metrics): flat name -> (name, tags).
+        # The flat name is Envoy's (``name.tag1.value1.tag2.value2``); Prometheus shows the tags
+        # as labels in their given order, never through the regex extractors.
+        self.tagged: dict[str, tuple[str, tuple]] = {}
 
     # -- creation (config time) ---------------------------------------------------------------
     def counter(self, name: str) -> Counter:
@@ -195,6 +199,30 @@ class Store:
             h = self.histograms[name] = Histogram(name, unit)
         return h
 
+    def tagged_counter(self, name: str, tags: tuple) -> Counter:
+        flat = tagged_name(name, tags)
+        c = self.counters.get(flat)
+        if c is None:
+            c = self.counters[flat] = Counter(flat)
+            self.tagged[flat] = (name, tags)
+        return c
+
+    def tagged_gauge(self, name: str, tags: tuple, accumulate: bool = True) -> Gauge:
+        flat = tagged_name(name, tags)
+        g = self.gauges.get(flat)
+        if g is None:
+            g = self.gauges[flat] = Gauge(flat, accumulate)
+            self.tagged[flat] = (name, tags)
+        return g
+
+    def tagged_histogram(self, name: str, tags: tuple, unit: str = "ms") -> Histogram:
+        flat = tagged_name(name, tags)
+        h = self.histograms.get(flat)
+        if h is None:
+            h = self.histograms[flat] = Histogram(flat, unit)
+            self.tagged[flat] = (name, tags)
+        return h
+
     def text_readout(self, name: str, value: str) -> None:
         self.text_readouts[name] = value
 
@@ -203,7 +231,7 @@ class Store:
 
     def remove_prefix(self, prefix: str) -> None:
         """Drop every stat under ``prefix`` (a removed cluster or listener)."""
-        for d in (self.counters, self.gauges, self.histograms, self.text_readouts):
+        for d in (self.counters, self.gauges, self.histograms, self.text_readouts, self.tagged):
             for k in [k for k in d if k.startswith(prefix)]:
                 del d[k]
 
@@ -343,6 +371,11 @@ class Scope:
 
     def scope(self, prefix: str) -> "Scope":
         return Scope(self.store, self.prefix + prefix)
+
+
+def tagged_name(name: str, tags: tuple) -> str:
+    """Envoy's flat name of a tagged stat: the name, then each tag's name and value, dot-joined."""
+    return name + "".join("." + k + "." + v for k, v in tags)
 
 
 _PROM_BAD = re.compile(r"[^a-zA-Z0-9_]")

@@ -13,10 +13,11 @@ import logging
 import os
 import re
 import ssl
+import weakref
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2  # noqa: F401
 
-from ..config import ConfigError
+from ..config import ConfigError, unacted
 
 log = logging.getLogger("pyproxy.config")
 
@@ -95,6 +96,8 @@ class TlsSocketFactory:
         self.compiled_tls = None          # ssl_context.CompiledTls
         self.generation = -1              # secrets.STORE.generation the context was resolved at
         self.not_ready_reason = ""
+        self.sds_sources: list = []       # (name, ConfigSource) of the SDS references
+        self.secret_providers: tuple = ()
 
     @property
     def unsupported(self) -> int:  # older name of ``refused``
@@ -119,7 +122,9 @@ class TlsSocketFactory:
             return c
         return self._resolve()
 
-    def _resolve(self):
+    def _resolve(self, strict: bool = False):
+        """Build the context from the secrets in the store now. ``strict`` (an SDS update being
+        applied): a context OpenSSL refuses raises ConfigError, so the update can be refused."""
         from . import ssl_context
         if not self.uses_sds:
             if self.compiled_tls is None:
@@ -146,6 +151,13 @@ class TlsSocketFactory:
             else:
                 parts.append(s.SerializeToString(deterministic=True))
                 sv = s.validation_context
+                refused = unacted.warn("sds_validation_context", sv, v.ca_sds_name)
+                if refused:  # a security control not applied must not fail open
+                    self.compiled_tls = None
+                    self.generation = gen
+                    self.not_ready_reason = "TLS context from SDS secret '%s' refused: %s" % (
+                        v.ca_sds_name, "; ".join(refused))
+                    raise TlsNotReady(self.not_ready_reason)
                 ca = _data_source(sv.trusted_ca, "trusted_ca", "trusted CA") if sv.HasField("trusted_ca") else ca
                 if sv.HasField("crl"):
                     crl = _data_source(sv.crl, "crl", "CRL")
@@ -162,6 +174,8 @@ class TlsSocketFactory:
             c = ssl_context.compiled_for(b"\0".join(parts),
                                          lambda: ssl_context.build(self, certs, ca, crl))
         except ConfigError as e:
+            if strict:
+                raise
             self.compiled_tls = None
             self.generation = gen
             self.not_ready_reason = "TLS context from SDS secrets not usable: %s" % e
@@ -170,6 +184,28 @@ class TlsSocketFactory:
         self.compiled_tls = c
         self.generation = gen
         return c
+
+    def rebuild(self) -> None:
+        """An SDS update changed a secret this socket uses: build its context now, off the
+        connection path. ConfigError if OpenSSL refuses it (the caller undoes the update);
+        TlsNotReady if another secret it needs is still missing."""
+        self._resolve(strict=True)
+
+    def depends_on(self, names) -> bool:
+        if any(n in names for n, _ in self.certificate_sds_refs):
+            return True
+        v = self.validation
+        return v is not None and v.ca_sds_name in names
+
+    def _watch_secrets(self) -> None:
+        """Register this socket's SDS references (each one a shared ``SecretProvider``)."""
+        store = _store()
+        self.secret_providers = tuple(store.watch(name, src, self) for name, src in self.sds_sources)
+
+    @property
+    def secrets_ready(self) -> bool:
+        """The init target: every SDS secret this socket names has arrived (or gave up waiting)."""
+        return all(p.ready for p in self.secret_providers)
 
     def _compile_static(self) -> None:
         """Config time: build the context now if nothing comes from SDS."""
@@ -231,6 +267,14 @@ def _store():
     return STORE
 
 
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def live_factories() -> list:
+    """The TLS socket factories some listener or cluster (or validation run) still holds."""
+    return list(_LIVE)
+
+
 # -- factories registered under "transport_socket" ----------------------------------------------
 
 def downstream_factory(cfg, ctx=None) -> TlsSocketFactory:
@@ -253,6 +297,8 @@ def downstream_factory(cfg, ctx=None) -> TlsSocketFactory:
         f._compile_static()
     except ConfigError as e:
         raise e.within(field="DownstreamTlsContext.common_tls_context")
+    f._watch_secrets()
+    _LIVE.add(f)
     return f
 
 
@@ -272,6 +318,8 @@ def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
         f._compile_static()
     except ConfigError as e:
         raise e.within(field="UpstreamTlsContext.common_tls_context")
+    f._watch_secrets()
+    _LIVE.add(f)
     return f
 
 
@@ -290,6 +338,8 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
     refs = []
     for i, s in enumerate(c.tls_certificate_sds_secret_configs):
         refs.append((_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)), s.HasField("sds_config")))
+        if s.HasField("sds_config"):
+            f.sds_sources.append((s.name, s.sds_config))
     f.certificate_sds_refs = tuple(refs)
     f.certificate_sds_names = tuple(n for n, _ in refs)
     for unsupported in ("tls_certificate_provider_instance", "tls_certificate_certificate_provider",
@@ -308,6 +358,8 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
         v.ca_sds_name = _sds_ref(c.validation_context_sds_secret_config,
                                  field + ".validation_context_sds_secret_config")
         v.ca_sds_dynamic = c.validation_context_sds_secret_config.HasField("sds_config")
+        if v.ca_sds_dynamic:
+            f.sds_sources.append((v.ca_sds_name, c.validation_context_sds_secret_config.sds_config))
     elif which == "combined_validation_context":
         cvc = c.combined_validation_context
         fld = field + ".combined_validation_context"
@@ -319,6 +371,8 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
         v.ca_sds_name = _sds_ref(cvc.validation_context_sds_secret_config,
                                  fld + ".validation_context_sds_secret_config")
         v.ca_sds_dynamic = cvc.validation_context_sds_secret_config.HasField("sds_config")
+        if v.ca_sds_dynamic:
+            f.sds_sources.append((v.ca_sds_name, cvc.validation_context_sds_secret_config.sds_config))
     elif which is not None:
         raise ConfigError("%s is not supported" % which, field="%s.%s" % (field, which))
     if f.validation is not None and f.validation.allow_expired:
@@ -449,8 +503,21 @@ def _sds_ref(s, field: str) -> str:
                               field=field + ".sds_config")
         if kind == "api_config_source":
             acs = s.sds_config.api_config_source
-            if not acs.grpc_services and not acs.cluster_names:
-                raise ConfigError("api_config_source needs grpc_services", field=field + ".sds_config.api_config_source")
+            fld = field + ".sds_config.api_config_source"
+            if not acs.grpc_services:
+                raise ConfigError("api_config_source needs grpc_services", field=fld)
+            if acs.api_type != acs.GRPC:
+                raise ConfigError("SDS api_type %s is not supported (GRPC: state-of-the-world "
+                                  "StreamSecrets)" % acs.ApiType.Name(acs.api_type), field=fld + ".api_type")
+            if acs.grpc_services[0].WhichOneof("target_specifier") != "envoy_grpc":
+                g = acs.grpc_services[0].google_grpc
+                if g.HasField("channel_credentials") and g.channel_credentials.WhichOneof(
+                        "credential_specifier") not in (None, "local_credentials"):
+                    raise ConfigError("TLS/credentials to the SDS server are not supported",
+                                      field=fld + ".grpc_services[0].google_grpc.channel_credentials")
+        elif kind != "ads":
+            raise ConfigError("SDS config source '%s' is not supported (ads or a GRPC api_config_source)"
+                              % kind, field=field + ".sds_config")
     return s.name
 
 
@@ -502,6 +569,7 @@ def validate_secret(sec) -> list:
         _certificate(sec.tls_certificate, "tls_certificate", notes)
     elif which == "validation_context":
         _validation(sec.validation_context, "validation_context", ca_from_sds=True)
+        notes.extend(unacted.notes("sds_validation_context", sec.validation_context))
     elif which == "session_ticket_keys":
         for i, k in enumerate(sec.session_ticket_keys.keys):
             d = _data_source(k, "session_ticket_keys.keys[%d]" % i, "session ticket key")

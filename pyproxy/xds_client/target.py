@@ -23,7 +23,12 @@ log = logging.getLogger("pyproxy.xds")
 def _unix_target(path: str) -> str:
     if path.startswith("@"):
         return "unix-abstract:" + path[1:]
-    return "unix:" + os.path.abspath(path)
+    full = os.path.abspath(path)
+    if len(full.encode()) > 107 and not os.path.isabs(path):
+        # sun_path holds 107 bytes: keep a relative path relative (pyproxy never changes its
+        # working directory), as Envoy hands it to connect()
+        return "unix:" + os.path.normpath(path)
+    return "unix:" + full
 
 
 def target_from_address(addr) -> str:

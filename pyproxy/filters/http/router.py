@@ -16,6 +16,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from ...cluster.lb import LbContext
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from .shadow import local_address, start_shadows
 
 log = logging.getLogger("pyproxy.router")
 
@@ -31,6 +32,7 @@ class RouterConfig:
         self.loop = ctx.loop
         self.suppress_envoy_headers = cfg.suppress_envoy_headers if cfg is not None else False
         self.respect_expected_rq_timeout = cfg.respect_expected_rq_timeout if cfg is not None else False
+        self.local_address = local_address()  # appended to mirrors' x-forwarded-for
 
     def create(self, stream):
         return Router(self, stream)
@@ -48,7 +50,7 @@ class Router:
                  "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
                  "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
-                 "read_held")
+                 "read_held", "shadows")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
@@ -66,6 +68,7 @@ class Router:
         self.response_started = False
         self.hosts_tried = None
         self.read_held = False
+        self.shadows = ()
 
     # -- HTTP filter API --------------------------------------------------------------------------
     def decode_headers(self, headers: Headers, end_stream: bool):
@@ -145,9 +148,20 @@ class Router:
         if end_stream:
             self._start_global_timer()
         self._attempt()
+        if route.mirror_policies and si.upstream_host:
+            # mirrors start once the main request has a host (Envoy: no shadow when there is no
+            # healthy upstream); those still waiting for the body are kept to stream it
+            self.shadows = start_shadows(self, route, headers, end_stream)
+            if self.done:
+                self._cleanup()  # (the main request already failed)
         return STOP
 
     def decode_data(self, data: bytes, end_stream: bool):
+        if self.shadows:
+            for sh in self.shadows:
+                sh.send_data(data, end_stream)
+            if end_stream:
+                self.shadows = ()
         if self.done:
             return STOP
         up = self.upstream
@@ -176,6 +190,10 @@ class Router:
         return STOP
 
     def decode_trailers(self, trailers):
+        if self.shadows:
+            for sh in self.shadows:
+                sh.send_trailers(trailers)
+            self.shadows = ()
         if self.done:
             return STOP
         self.trailers = trailers
@@ -448,6 +466,11 @@ class Router:
         self.upstream = None  # no Router <-> UpstreamRequest cycle left for the GC
 
     def _cleanup(self):
+        if self.shadows:
+            # the request will not be read further: unfinished mirrors stop (complete ones go on)
+            for sh in self.shadows:
+                sh.downstream_gone()
+            self.shadows = ()
         if self.timing:
             self.s.deadline = None
         if self.retry_timer is not None:

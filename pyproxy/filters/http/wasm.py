@@ -5,7 +5,8 @@ from __future__ import annotations
 from envoy.extensions.filters.http.wasm.v3 import wasm_pb2  # noqa: F401
 
 from ...http.filter import HttpFilter
-from ..wasm_common import SkippedWasm, skip_reason
+from ..wasm_common import SkippedWasm, is_metadata_exchange, skip_reason
+from .peer_metadata import legacy_wasm_factory
 
 
 class _Noop(HttpFilter):
@@ -18,4 +19,6 @@ _NOOP = _Noop(None)
 
 
 def factory(cfg, ctx):
+    if is_metadata_exchange(cfg):
+        return legacy_wasm_factory(ctx)
     return SkippedWasm(skip_reason(cfg, "Wasm"), _NOOP)
