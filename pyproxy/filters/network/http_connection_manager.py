@@ -187,13 +187,18 @@ def _unknown_cluster(table, cm):
     """The first cluster a route table names that the cluster manager does not have, or None."""
     if cm is None:
         return None
+    validated = getattr(cm, "validated", None)  # (pyproxy validate: the clusters of the file)
+    if validated is not None and not validated:
+        return None
     for vh in table.virtual_hosts:
         for r in vh.routes:
             names = [r.cluster] if getattr(r, "cluster", "") else []
             names += [c.name for c in (getattr(r, "weighted", None) or ()) if c.name]
             names += [m.cluster for m in (getattr(r, "mirror_policies", None) or ()) if m.cluster]
+            warming = getattr(cm, "warming", None) or {}
             for n in names:
-                if cm.get(n) is None:
+                # (Envoy counts warming clusters too)
+                if cm.get(n) is None and n not in warming and n not in (validated or ()):
                     return n
     return None
 
