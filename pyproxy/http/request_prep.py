@@ -288,17 +288,11 @@ def _detection(ext, field):
 
 def _subject(cert) -> str:
     """The certificate subject as OpenSSL prints it with XN_FLAG_RFC2253."""
+    from cryptography.x509.oid import NameOID  # (only connections with client certificates get here)
     try:
-        return cert.subject.rfc4514_string({_EMAIL_OID: "emailAddress"})
+        return cert.subject.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
     except Exception:
         return ""
-
-
-try:
-    from cryptography.x509.oid import NameOID as _NameOID
-    _EMAIL_OID = _NameOID.EMAIL_ADDRESS
-except Exception:  # pragma: no cover
-    _EMAIL_OID = None
 
 
 def _url_pem(der: bytes) -> str:
