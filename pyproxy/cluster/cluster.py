@@ -20,6 +20,8 @@ from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
 from .host import Host, PrioritySet
 from .lb import create_lb
+from .health_check import HealthChecker
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -131,13 +133,21 @@ class Cluster:
         self.rq_active_total = 0
         self.retries_active = 0
         self._init_stats()
+        self.outlier = Detector(self, proto.outlier_detection) \
+            if proto.HasField("outlier_detection") else None
+        self.hc = HealthChecker(self, proto.health_checks) if len(proto.health_checks) else None
+        self.merge_window = duration_s(proto.common_lb_config, "update_merge_window", 1.0) \
+            if proto.HasField("common_lb_config") else 1.0
+        self._last_lb_update = float("-inf")
+        self._merge_timer = None
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
         self.original_dst_use_header = False
         if self.original_dst and proto.HasField("original_dst_lb_config"):
             self.original_dst_use_header = proto.original_dst_lb_config.use_http_header
         self._dns = None
-        self.initialized = self.type in (STATIC, ORIGINAL_DST)
+        # (a health-checked cluster initializes once every host has had its first check)
+        self.initialized = self.type == ORIGINAL_DST or (self.type == STATIC and self.hc is None)
         self.priority_set = PrioritySet([[]])
         self.lb = None
         if self.type == STATIC or (self.type in (STRICT_DNS, LOGICAL_DNS)):
@@ -206,7 +216,12 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
-    def count_response(self, status: int) -> None:
+    def count_response(self, status: int, host=None) -> None:
+        """An upstream response head (``host``: where it came from, for outlier detection)."""
+        if host is not None:
+            m = host.outlier
+            if m is not None:
+                m.put_http(status)
         c = self.st_rq_code.get(status)
         if c is None:
             c = self.st_rq_code[status] = self.scope.counter("upstream_rq_%d" % status)
@@ -216,12 +231,68 @@ class Cluster:
             k.value += 1
         self.st_rq_completed.value += 1
 
+    # -- results of requests (outlier detection) -------------------------------------------------
+    @staticmethod
+    def report_timeout(host) -> None:
+        """A per-try or route timeout of a request sent to ``host`` (router)."""
+        m = host.outlier if host is not None else None
+        if m is not None:
+            m.put_result(TIMEOUT, 504)
+
+    @staticmethod
+    def report_connect_failure(host) -> None:
+        """A request's connection attempt failed, or its connection was lost (pools)."""
+        m = host.outlier
+        if m is not None:
+            m.put_result(CONNECT_FAILED)
+
+    @staticmethod
+    def report_connect_success(host) -> None:
+        m = host.outlier
+        if m is not None:
+            m.put_result(CONNECT_SUCCESS)
+
+    def hosts_health_changed(self) -> None:
+        """A host's health flags changed (outlier ejection, active health check): the balancer
+        is rebuilt from the same hosts. As Envoy's cluster manager does with such updates, one
+        that comes within ``common_lb_config.update_merge_window`` (default 1 s, 0 = never merge)
+        of the last applied update waits for the window (changes meanwhile merge into it)."""
+        if not self.initialized:  # (Envoy: no host-set updates while the cluster initializes)
+            self.lb.update()
+            return
+        w = self.merge_window
+        if w and self.loop.time() - self._last_lb_update < w:
+            if self._merge_timer is None:
+                self._merge_timer = self.loop.call_later(w, self._apply_health)
+            return
+        self._apply_health()
+
+    def _apply_health(self) -> None:
+        if self._merge_timer is not None:
+            self._merge_timer.cancel()
+            self._merge_timer = None
+        self._last_lb_update = self.loop.time()
+        self.lb.update()
+        self.st_membership_healthy.set(sum(1 for h in self.priority_set.all_hosts if h.healthy))
+
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet) -> None:
         upd = diff_hosts(self.priority_set if self.priority_set.all_hosts else None, ps)
         ps = upd.priority_set
         self.priority_set = ps
+        od = self.outlier
+        if od is not None:
+            od.add_hosts(upd.added)
+            od.remove_hosts(upd.removed)
+        if self.hc is not None:
+            self.hc.add_hosts(upd.added)
+            self.hc.remove_hosts(upd.removed)
         self.lb = create_lb(self.proto, ps)
+        if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
+            self._merge_timer.cancel()
+            self._merge_timer = None
+        if self.initialized:
+            self._last_lb_update = self.loop.time()
         keys = {h.key for h in ps.all_hosts}
         for h in upd.removed:
             if h.key not in keys:
@@ -234,6 +305,10 @@ class Cluster:
         self._mark_initialized()
 
     def _mark_initialized(self):
+        hc = self.hc
+        if hc is not None and not hc.initial_round_done():
+            hc.on_initial_round = self._mark_initialized  # (when every host had its first check)
+            return
         if not self.initialized:
             sp = getattr(self, "secret_providers", ())
             waiting = [p for p in sp if not p.ready] if sp else ()
@@ -260,7 +335,11 @@ class Cluster:
         self._mark_initialized()
 
     def start(self) -> None:
-        """Begin background work (DNS resolution)."""
+        """Begin background work (DNS resolution, outlier detection's interval timer)."""
+        if self.outlier is not None:
+            self.outlier.start()
+        if self.hc is not None:
+            self.hc.start()
         if self.type in (STRICT_DNS, LOGICAL_DNS):
             from .dns import DnsRefresher
             self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
@@ -321,6 +400,13 @@ class Cluster:
         return p
 
     def close(self) -> None:
+        if self._merge_timer is not None:
+            self._merge_timer.cancel()
+            self._merge_timer = None
+        if self.outlier is not None:
+            self.outlier.close()
+        if self.hc is not None:
+            self.hc.close()
         if self._dns is not None:
             self._dns.stop()
             self._dns = None
@@ -338,14 +424,21 @@ class Cluster:
                 "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
+                "success_rate": h.outlier.ext.rate if h.outlier is not None else -1,
+                "local_origin_success_rate": h.outlier.local.rate if h.outlier is not None else -1,
             })
-        return {
+        out = {
             "name": self.name, "observability_name": self.stat_name,
             "added_via_api": self.added_via_api, "hosts": hosts,
             "circuit_breakers": {"max_connections": self.max_connections,
                                  "max_pending_requests": self.max_pending_requests,
                                  "max_requests": self.max_requests, "max_retries": self.max_retries},
         }
+        if self.outlier is not None:
+            out["outlier_detection"] = self.outlier.status()
+        if self.type == EDS and self.proto.eds_cluster_config.service_name:
+            out["eds_service_name"] = self.eds_service_name
+        return out
 
 
 def _with_auto_alpn(ts_proto, what: str):
