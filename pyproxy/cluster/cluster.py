@@ -231,6 +231,7 @@ class Cluster:
         self.st_membership_total = s.gauge("membership_total", accumulate=False)
         self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
         self.st_membership_change = s.counter("membership_change")
+        self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
@@ -305,7 +306,7 @@ class Cluster:
         if self.hc is not None:
             self.hc.add_hosts(upd.added)
             self.hc.remove_hosts(upd.removed)
-        self.lb = create_lb(self.proto, ps)
+        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic)
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
