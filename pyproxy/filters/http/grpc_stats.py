@@ -75,6 +75,8 @@ class GrpcStatsConfig:
         key = (cluster.name, method_key)
         c = self.counters.get(key)
         if c is None or c.scope is not cluster.scope:
+            if len(self.counters) >= 4096:  # removed clusters' entries go too
+                self.counters.clear()
             c = self.counters[key] = _Counters(cluster.scope, "grpc." + method_key)
             if self.enable_upstream_stats:
                 c.rq_time = cluster.scope.histogram("grpc." + method_key + "upstream_rq_time")
