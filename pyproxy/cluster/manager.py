@@ -32,6 +32,7 @@ class ClusterManager:
         self.st_removed = stats.counter("cluster_manager.cluster_removed")
         self.initialized_callbacks = []
         self._owned_stats: dict = {}  # cluster stat name -> names of the stats made under it
+        self.node = None  # the bootstrap node (upstream filters read the local workload from it)
 
     def cluster_scope(self, stat_name: str):
         """The stats scope of cluster ``stat_name``: what is made through it (by the cluster, its
