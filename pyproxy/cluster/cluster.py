@@ -160,6 +160,10 @@ class Cluster:
         self._started = False
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
+        # ORIGINAL_DST hosts (and their pools) not used for a cleanup_interval are dropped
+        self.cleanup_interval = duration_s(proto, "cleanup_interval", 5.0) or 5.0
+        self._odst_used: set = set()
+        self._odst_timer = None
         self.original_dst_use_header = False
         if self.original_dst and proto.HasField("original_dst_lb_config"):
             self.original_dst_use_header = proto.original_dst_lb_config.use_http_header
@@ -199,7 +203,7 @@ class Cluster:
             self._mark_initialized()
 
     def _init_stats(self):
-        s = self.manager.stats.scope("cluster.%s." % self.stat_name)
+        s = self.manager.cluster_scope(self.stat_name)
         self.scope = s
         self.st_cx_total = s.counter("upstream_cx_total")
         self.st_cx_http1_total = s.counter("upstream_cx_http1_total")
@@ -364,6 +368,16 @@ class Cluster:
             from .dns import DnsRefresher
             self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
             self._dns.start()
+        if self.original_dst and self._odst_timer is None:
+            self._odst_timer = self.loop.call_later(self.cleanup_interval, self._odst_cleanup)
+
+    def _odst_cleanup(self) -> None:
+        """Envoy's ORIGINAL_DST cleanup: a host no request used since the last pass goes, and its
+        pool drains (idle connections close now, busy ones when their request ends)."""
+        used, self._odst_used = self._odst_used, set()
+        for key in [k for k in self.pools if k not in used]:
+            self.pools.pop(key).drain()
+        self._odst_timer = self.loop.call_later(self.cleanup_interval, self._odst_cleanup)
 
     def _on_dns_hosts(self, ps: PrioritySet) -> None:
         self._set_priority_set(ps)
@@ -373,6 +387,7 @@ class Cluster:
 
     def original_dst_host(self, address: str, port: int) -> Host:
         key = ("[%s]:%d" % (address, port)) if ":" in address else ("%s:%d" % (address, port))
+        self._odst_used.add(key)
         pool = self.pools.get(key)
         if pool is not None:
             return pool.host
@@ -420,6 +435,9 @@ class Cluster:
         return p
 
     def close(self) -> None:
+        if self._odst_timer is not None:
+            self._odst_timer.cancel()
+            self._odst_timer = None
         if self._merge_timer is not None:
             self._merge_timer.cancel()
             self._merge_timer = None
