@@ -97,7 +97,7 @@ class Router:
         cluster = self.cluster = self.cfg.cm.get(name)
         if cluster is None:
             s.hc.stats.no_cluster.value += 1
-            s.send_local_reply(503, "", "cluster_not_found", flag="NC")
+            s.send_local_reply(route.cluster_not_found_response_code, "", "cluster_not_found", flag="NC")
             return STOP
         # upgrades (websocket; HTTP/2 extended CONNECT arrives in this form) and CONNECT need the
         # type in the HCM's upgrade_configs, enabled there or by the route's own upgrade_configs
