@@ -213,6 +213,26 @@ class TlsSocketFactory:
         self.compiled_tls = ssl_context.compiled_for(
             self.proto_key, lambda: ssl_context.build(self, self.certificates, ca, crl))
 
+    def with_alpn(self, alpn: tuple) -> "TlsSocketFactory":
+        """This socket offering ``alpn`` instead of its ``alpn_protocols`` (istio.alpn); made once
+        per list and kept, its context rebuilt with the secrets like this one's."""
+        variants = self.__dict__.setdefault("_alpn_variants", {})
+        v = variants.get(alpn)
+        if v is None:
+            import copy
+            v = copy.copy(self)
+            v.__dict__.pop("_alpn_variants", None)
+            v.alpn = tuple(alpn)
+            v.proto_key = self.proto_key + b"\0alpn=" + b",".join(a.encode() for a in alpn)
+            v.compiled_tls = None
+            v.generation = -1
+            v.refused = 0
+            v.secret_providers = ()
+            v._compile_static()
+            v._watch_secrets()
+            variants[alpn] = v
+        return v
+
     # -- on connections ----------------------------------------------------------------------------
     def _refuse(self, e: TlsNotReady) -> None:
         self.refused += 1
