@@ -148,7 +148,9 @@ def _validate_mode(bootstrap, opts) -> int:
     import asyncio
     from .config import ConfigError
     from .server import Server
+    from .config import unacted
     loop = asyncio.new_event_loop()
+    unacted.reset()
     try:
         server = Server(bootstrap, opts, loop)
         server.compile_static()
@@ -158,6 +160,8 @@ def _validate_mode(bootstrap, opts) -> int:
     finally:
         loop.close()
     print("configuration '%s' OK" % (opts.config_path or "--config-yaml"))
+    for line in unacted.warned():  # fields accepted but not acted on (also logged at WARNING)
+        print("  not acted on: %s" % line)
     return 0
 
 

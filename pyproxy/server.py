@@ -16,7 +16,8 @@ import time
 from .config.dump import to_dict
 from . import __version__
 from .cluster.manager import ClusterManager
-from .config import ConfigError
+from .config import ConfigError, unacted
+from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
@@ -83,6 +84,7 @@ class Server:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
+        unacted.warn("bootstrap", bootstrap)
         sc = bootstrap.stats_config
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
@@ -155,6 +157,7 @@ class Server:
         for l in listeners:
             self.listener_manager.check_bindable(l)
         self._validate_bootstrap_extensions()
+        check_dynamic_resources(self.bootstrap)  # the same check as pyproxy validate
         return listeners
 
     def _validate_bootstrap_extensions(self):

@@ -32,7 +32,7 @@ import sys
 
 from google.protobuf import json_format
 
-from .config import ConfigError
+from .config import ConfigError, unacted
 from .config.registry import REGISTRY, ensure_types_for_json
 
 ACCEPTED, IGNORED, REJECTED = "accepted", "accepted with ignored parts", "rejected"
@@ -338,24 +338,13 @@ class Validation:
         """The bootstrap's own parts; its static clusters/listeners are separate items."""
         s = self.server
         s._validate_bootstrap_extensions()
+        from .config.bootstrap import check_dynamic_resources
+        check_dynamic_resources(bs)  # the check startup makes
         dr = bs.dynamic_resources
         if dr.HasField("ads_config"):
-            from envoy.config.core.v3 import config_source_pb2
             from .xds_client.target import target_from_grpc_service
-            a = dr.ads_config
-            api = config_source_pb2.ApiConfigSource.ApiType.Name(a.api_type)
-            if api not in ("GRPC", "DELTA_GRPC", "AGGREGATED_GRPC", "AGGREGATED_DELTA_GRPC"):
-                raise ConfigError("ads_config.api_type %s is not supported" % api,
-                                  field="dynamic_resources.ads_config")
-            if not a.grpc_services:
-                raise ConfigError("ads_config needs grpc_services", field="dynamic_resources.ads_config")
-            target_from_grpc_service(a.grpc_services[0], {c.name: c for c in bs.static_resources.clusters})
-        for src in ("cds_config", "lds_config"):
-            if dr.HasField(src):
-                kind = getattr(dr, src).WhichOneof("config_source_specifier")
-                if kind not in ("ads", "api_config_source"):
-                    raise ConfigError("config source '%s' is not supported" % kind,
-                                      field="dynamic_resources.%s" % src)
+            target_from_grpc_service(dr.ads_config.grpc_services[0],
+                                     {c.name: c for c in bs.static_resources.clusters})
         if bs.HasField("tracing"):
             coll.add("tracing: not implemented; ignored")
         for i, sink in enumerate(bs.stats_sinks):
@@ -413,12 +402,24 @@ def validate_items(items: list) -> list:
     return todo
 
 
+# resource type -> kind in config/unacted.py's table (fields accepted but not acted on)
+_UNACTED_KIND = {
+    "envoy.config.cluster.v3.Cluster": "cluster",
+    "envoy.config.route.v3.RouteConfiguration": "route_configuration",
+    "envoy.config.bootstrap.v3.Bootstrap": "bootstrap",
+}
+
+
 def _validate_one(v: Validation, it: Item) -> None:
     coll = _Collector()
     label = "%s '%s'" % (it.kind, it.name)
+    unacted.reset()  # every resource gets its own warnings
     try:
         with _collecting(coll):
             msg = _to_proto(it, coll)
+            if it.type in _UNACTED_KIND:
+                for n in unacted.notes(_UNACTED_KIND[it.type], msg):
+                    coll.add(n)
             if it.type == "envoy.config.bootstrap.v3.Bootstrap":
                 v.compile(it, v.server.bootstrap, coll)
             else:

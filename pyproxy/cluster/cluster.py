@@ -14,6 +14,7 @@ import weakref
 from envoy.config.cluster.v3 import cluster_pb2
 
 from ..config import ConfigError, duration_s, u32
+from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
@@ -90,11 +91,7 @@ class Cluster:
         if self.type not in (STATIC, STRICT_DNS, LOGICAL_DNS, EDS, ORIGINAL_DST):
             raise ConfigError("unsupported cluster type %s" % self.type, field="type")
         self.stat_name = proto.alt_stat_name or self.name
-        for field, what in (("health_checks", "active health checks"),
-                            ("outlier_detection", "outlier detection")):
-            present = len(proto.health_checks) if field == "health_checks" else proto.HasField(field)
-            if present:
-                cfglog.info("cluster '%s': %s not implemented yet; %s ignored", self.name, what, field)
+        unacted.warn("cluster", proto, self.name)  # fields accepted but not acted on: one table
         self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
         po = _protocol_options(proto)

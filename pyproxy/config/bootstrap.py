@@ -64,3 +64,35 @@ def load_bootstrap(path: str | None, config_yaml: str | None, *, allow_unknown: 
                    what="--config-yaml")
         bs.MergeFrom(over)
     return bs
+
+
+_ADS_API_TYPES = ("GRPC", "DELTA_GRPC", "AGGREGATED_GRPC", "AGGREGATED_DELTA_GRPC")
+
+
+def check_dynamic_resources(bs) -> None:
+    """What startup accepts in ``dynamic_resources``: one check shared by startup, ``--mode
+    validate`` and ``pyproxy validate``, so that they agree. ``ConfigError`` naming the field."""
+    from envoy.config.core.v3 import config_source_pb2
+    dr = bs.dynamic_resources
+    if dr.HasField("ads_config"):
+        a = dr.ads_config
+        api = config_source_pb2.ApiConfigSource.ApiType.Name(a.api_type)
+        if api not in _ADS_API_TYPES:
+            raise ConfigError("ads_config.api_type %s is not supported" % api, field="dynamic_resources.ads_config")
+        if not a.grpc_services:
+            raise ConfigError("ads_config needs grpc_services", field="dynamic_resources.ads_config")
+    for src_name in ("cds_config", "lds_config"):
+        if not dr.HasField(src_name):
+            continue
+        kind = getattr(dr, src_name).WhichOneof("config_source_specifier")
+        if kind == "ads":
+            if not dr.HasField("ads_config"):
+                raise ConfigError("%s uses ADS but ads_config is missing" % src_name, field="dynamic_resources")
+        elif kind == "api_config_source":
+            # per-type discovery services (StreamClusters, StreamListeners...) are not implemented
+            raise ConfigError("api_config_source (per-type discovery service) is not supported; "
+                              "use ads_config with '%s: {ads: {}}'" % src_name,
+                              field="dynamic_resources.%s" % src_name)
+        else:
+            raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
+                              field="dynamic_resources.%s" % src_name)

@@ -17,6 +17,7 @@ written with that port (``foo.com:8080``) or wildcards (Istio lists both spellin
 
 from __future__ import annotations
 
+from ..config import unacted
 from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
@@ -252,6 +253,7 @@ def compile_route_config(rc) -> RouteTable:
     res = "route configuration '%s'" % rc.name
     try:
         check_fields(rc, _RC_FIELDS, "route_configuration")
+        unacted.warn("route_configuration", rc, rc.name)
         ctx = _Ctx()
         ctx.request_mutation = compile_header_mutation(rc.request_headers_to_add,
                                                        rc.request_headers_to_remove, "request")

@@ -16,7 +16,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from ... import writebatch
 from ...cluster.lb import LbContext
 from ...cluster.pool import open_socket
-from ...config import ConfigError, duration_s, u32
+from ...config import ConfigError, duration_s, u32, unacted
 from ...listeners.connection import CONTINUE, STOP
 from ...transport import connect_upstream
 
@@ -30,6 +30,7 @@ class TcpProxyConfig:
         self.loop = ctx.loop
         if not cfg.stat_prefix:
             raise ConfigError("stat_prefix must not be empty", field="stat_prefix")
+        unacted.warn("tcp_proxy", cfg, cfg.stat_prefix)
         which = cfg.WhichOneof("cluster_specifier")
         if which == "cluster":
             self.clusters = ((cfg.cluster, 1),)

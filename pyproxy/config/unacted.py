@@ -1,0 +1,132 @@
+"""The one table of config fields pyproxy accepts but does not act on yet.
+
+"Accepted" must mean "acted on": a field in this table is accepted (Istio sends it, and refusing the
+whole resource would break the mesh), but pyproxy does not implement it yet, so it is named by
+``pyproxy validate`` and ``--mode validate`` and logged once at WARNING level (pilot-agent runs the
+proxy at ``-l warning``) for each resource that sets it.
+
+When a feature lands, delete its row here (and its test in tests/test_unacted.py): nothing else
+refers to the rows. Each row is (resource kind, field path, what is not done). A path walks message
+fields with dots; ``[]`` after a repeated field means "in any of its elements"; the field counts as
+set when it is a message or oneof member that is present, a non-empty repeated field, or a scalar
+other than its default.
+
+The compile paths call ``warn(kind, msg, name)``; ``notes(kind, msg)`` returns the texts without
+logging (for validate). Kinds: ``cluster`` (Cluster), ``route_configuration`` (RouteConfiguration),
+``tcp_proxy`` (its typed_config), ``bootstrap`` (Bootstrap), ``sds_validation_context``
+(CertificateValidationContext delivered in an SDS Secret).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("pyproxy.config")
+
+NOT_ACTED_ON: tuple = (
+    ("cluster", "outlier_detection", "outlier detection is not implemented yet: no host is ejected"),
+    ("cluster", "health_checks[]", "active health checks are not implemented yet: hosts are not probed"),
+    ("cluster", "circuit_breakers.thresholds[].retry_budget",
+     "retry budgets are not implemented yet: max_retries limits retries"),
+    ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
+    ("route_configuration", "virtual_hosts[].routes[].route.hedge_policy",
+     "hedging is not implemented yet: one request at a time"),
+    ("route_configuration", "virtual_hosts[].hedge_policy", "hedging is not implemented yet: one request at a time"),
+    ("route_configuration", "virtual_hosts[].routes[].route.metadata_match",
+     "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
+    ("route_configuration", "virtual_hosts[].routes[].route.weighted_clusters.clusters[].metadata_match",
+     "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
+    ("route_configuration", "virtual_hosts[].routes[].route.internal_redirect_policy",
+     "internal redirects are not implemented yet: the redirect goes to the client"),
+    ("tcp_proxy", "tunneling_config", "tunneling_config is not implemented yet: bytes go upstream unwrapped"),
+    ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
+    ("bootstrap", "stats_config.stats_matcher",
+     "stats_matcher is not implemented yet: every stat is created and exported"),
+    ("sds_validation_context", "match_typed_subject_alt_names[]",
+     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
+    ("sds_validation_context", "match_subject_alt_names[]",
+     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
+    ("sds_validation_context", "verify_certificate_hash[]",
+     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
+    ("sds_validation_context", "verify_certificate_spki[]",
+     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
+)
+
+_BY_KIND: dict = {}
+for _kind, _path, _why in NOT_ACTED_ON:
+    _BY_KIND.setdefault(_kind, []).append((_path, tuple(_path.split(".")), _why))
+
+_warned: dict = {}  # (kind, name, text) -> the line logged; bounded
+_WARNED_MAX = 10000
+
+
+def _repeated(fd) -> bool:
+    r = getattr(fd, "is_repeated", None)
+    return r if r is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _is_set(msg, name: str, repeated: bool) -> list:
+    """The values of field ``name`` to walk on ([] when unset)."""
+    fd = msg.DESCRIPTOR.fields_by_name.get(name)
+    if fd is None:
+        return []
+    v = getattr(msg, name)
+    if _repeated(fd):
+        return list(v) if repeated else ([v] if len(v) else [])
+    if fd.message_type is not None or fd.containing_oneof is not None:
+        return [v] if msg.HasField(name) else []
+    return [v] if v != fd.default_value else []
+
+
+def _present(msg, parts: tuple) -> bool:
+    cur = [msg]
+    for i, p in enumerate(parts):
+        repeated = p.endswith("[]")
+        name = p[:-2] if repeated else p
+        last = i == len(parts) - 1
+        nxt = []
+        for m in cur:
+            vals = _is_set(m, name, repeated and not last)
+            if last and vals:
+                return True
+            nxt.extend(vals)
+        if not nxt:
+            return False
+        cur = nxt
+    return False
+
+
+def notes(kind: str, msg) -> list:
+    """The 'path: reason' texts of the table's rows that ``msg`` (a ``kind`` resource) sets."""
+    out = []
+    for path, parts, why in _BY_KIND.get(kind, ()):
+        if _present(msg, parts):
+            text = "%s: %s" % (path.replace("[]", ""), why)
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def reset() -> None:
+    """Forget what was logged (``pyproxy validate`` reports every resource it checks)."""
+    _warned.clear()
+
+
+def warn(kind: str, msg, name: str = "") -> list:
+    """``notes`` and, the first time for this resource and field, a WARNING log line naming them."""
+    found = notes(kind, msg)
+    for text in found:
+        key = (kind, name, text)
+        if key in _warned:
+            continue
+        if len(_warned) >= _WARNED_MAX:
+            _warned.clear()
+        line = "%s%s: %s; ignored" % (kind, " '%s'" % name if name else "", text)
+        _warned[key] = line
+        log.warning("%s", line)
+    return found
+
+
+def warned() -> list:
+    """Every line ``warn`` logged since the last ``reset`` (``--mode validate`` prints them)."""
+    return list(_warned.values())

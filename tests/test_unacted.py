@@ -1,0 +1,141 @@
+"""Fields accepted but not acted on (pyproxy/config/unacted.py): named by ``pyproxy validate`` and
+``--mode validate``, logged once at WARNING; validate and startup agree on dynamic_resources."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from envoy.config.cluster.v3 import cluster_pb2
+from google.protobuf import json_format
+
+from pyproxy.config import unacted
+from proxy_util import bootstrap, cluster, free_port, http_listener, route_config, run_pyproxy
+
+
+def _cluster(**extra):
+    return cluster("c", [1], **extra)
+
+
+def test_table_rows_are_found_and_logged_once(caplog):
+    unacted.reset()
+    c = json_format.ParseDict(_cluster(outlier_detection={"consecutive_5xx": 3},
+                                       health_checks=[{"timeout": "1s", "interval": "1s",
+                                                       "http_health_check": {"path": "/h"}}]),
+                              cluster_pb2.Cluster())
+    with caplog.at_level(logging.WARNING, logger="pyproxy"):
+        n1 = unacted.warn("cluster", c, "c")
+        n2 = unacted.warn("cluster", c, "c")
+    assert n1 == n2 and len(n1) == 2
+    assert any(n.startswith("outlier_detection: outlier detection is not implemented") for n in n1)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("cluster 'c'" in r.getMessage() for r in warnings)
+    assert unacted.notes("cluster", json_format.ParseDict(_cluster(), cluster_pb2.Cluster())) == []
+    # every row names a field that exists in its message type
+    from envoy.config.bootstrap.v3 import bootstrap_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import common_pb2
+    types = {"cluster": cluster_pb2.Cluster, "route_configuration": route_pb2.RouteConfiguration,
+             "tcp_proxy": tcp_proxy_pb2.TcpProxy, "bootstrap": bootstrap_pb2.Bootstrap,
+             "sds_validation_context": common_pb2.CertificateValidationContext}
+    for kind, path, _ in unacted.NOT_ACTED_ON:
+        d = types[kind].DESCRIPTOR
+        for p in path.split("."):
+            fd = d.fields_by_name[p.rstrip("[]")]
+            assert unacted._repeated(fd) == p.endswith("[]"), (kind, path)
+            d = fd.message_type
+
+
+def _bs_with_unacted():
+    rc = route_config([{"match": {"prefix": "/"}, "route": {
+        "cluster": "c", "internal_redirect_policy": {}, "hedge_policy": {"hedge_on_per_try_timeout": True},
+        "metadata_match": {"filter_metadata": {"envoy.lb": {"version": "v1"}}}}}])
+    bs = bootstrap([http_listener(free_port(), rc)],
+                   [_cluster(outlier_detection={"consecutive_5xx": 3},
+                             circuit_breakers={"thresholds": [{"retry_budget": {"budget_percent": {"value": 20}}}]})])
+    bs["stats_config"] = {"stats_matcher": {"reject_all": True}}
+    return bs
+
+
+EXPECTED = ["outlier_detection", "retry_budget", "internal_redirect_policy", "hedge_policy", "metadata_match",
+            "stats_matcher"]
+
+
+def test_validate_and_mode_validate_name_them(tmp_path):
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(_bs_with_unacted()))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0, r.stdout
+    for field in EXPECTED:
+        assert field in r.stdout, (field, r.stdout)
+    assert "accepted with ignored parts" in r.stdout
+    # --mode validate, even at -l error
+    r = run_pyproxy(["--mode", "validate", "-c", str(p), "-l", "error"])
+    assert r.returncode == 0, r.stderr
+    for field in EXPECTED:
+        assert "not acted on: " in r.stdout and field in r.stdout, (field, r.stdout)
+
+
+def test_started_proxy_logs_them_once_at_warning(tmp_path):
+    from proxy_util import Pyproxy
+    with Pyproxy(_bs_with_unacted()) as px:  # runs at -l warning, as pilot-agent starts it
+        log = px.log()
+    for field in EXPECTED:
+        lines = [l for l in log.splitlines() if field + ":" in l and "ignored" in l]
+        assert len(lines) == 1, (field, log)
+        assert "warning" in lines[0].lower()
+
+
+def test_validate_and_startup_agree_on_api_config_source(tmp_path):
+    bs = bootstrap([], [cluster("xds", [free_port()], typed_extension_protocol_options={
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}})])
+    bs["dynamic_resources"] = {"cds_config": {"api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}}}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 1 and "api_config_source (per-type discovery service) is not supported" in r.stdout
+    r = run_pyproxy(["--mode", "validate", "-c", str(p)])
+    assert r.returncode == 1 and "api_config_source (per-type discovery service) is not supported" in r.stderr
+    r = run_pyproxy(["-c", str(p), "-l", "error"], timeout=20)
+    assert r.returncode != 0 and "api_config_source (per-type discovery service) is not supported" in r.stderr
+
+
+def test_sds_validation_context_with_san_matchers_fails_closed(tmp_path):
+    """SAN matchers and pins inside an SDS-delivered validation context are not applied yet: the
+    TLS context is refused (never an unchecked peer), validate names them, and it is logged."""
+    import base64
+    import pytest
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+    from pyproxy.tls import TlsNotReady, downstream_factory
+    from pyproxy.tls.secrets import STORE
+    from tls_certs import Pki, cert_entry
+    pki = Pki(tmp_path)
+    srv = pki.issue("server", dns=["localhost"])
+    ca = {"trusted_ca": {"inline_bytes": base64.b64encode(pki.ca_pem).decode()}}
+    STORE.clear()
+    try:
+        f = downstream_factory(json_format.ParseDict({"common_tls_context": {
+            "tls_certificates": [cert_entry(srv)],
+            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}},
+            "require_client_certificate": True}, tls_pb2.DownstreamTlsContext()))
+        STORE.apply_sds({"ROOTCA": json_format.ParseDict({"name": "ROOTCA", "validation_context": dict(
+            ca, match_typed_subject_alt_names=[{"san_type": "URI", "matcher": {"exact": "spiffe://x"}}])},
+            secret_pb2.Secret())})
+        with pytest.raises(TlsNotReady, match="match_typed_subject_alt_names: SAN matchers in an SDS"):
+            f.compiled()
+        STORE.apply_sds({"ROOTCA": json_format.ParseDict({"name": "ROOTCA", "validation_context": ca},
+                                                         secret_pb2.Secret())})
+        assert f.compiled() is not None  # the CA alone is applied
+    finally:
+        STORE.clear()
+    p = tmp_path / "secret.json"
+    p.write_text(json.dumps({"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                             "name": "ROOTCA", "validation_context": dict(
+                                 ca, verify_certificate_spki=["NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A="])}))
+    r = run_pyproxy(["validate", str(p)])
+    assert "verify_certificate_spki: certificate pins in an SDS-delivered validation context" in r.stdout, r.stdout
