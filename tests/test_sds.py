@@ -432,8 +432,10 @@ def test_bad_secret_nacked_last_good_kept(root, pki, case):
             nacks = agent.wait(lambda: agent.snapshot()[2], 10, "a NACK")
             msg = nacks[0][1].error_detail.message
             assert expect in msg, msg
-            assert nacks[0][1].version_info == agent.snapshot()[1][0][1].version_info or \
-                nacks[0][1].version_info  # the last accepted version, not the rejected one
+            sent = [x for x in agent.sent if x[1] == "default"]
+            # the NACK names the rejected response's nonce and carries the last accepted version
+            assert nacks[0][1].response_nonce == sent[-1][3]
+            assert nacks[0][1].version_info == sent[0][2] != sent[-1][2]
             time.sleep(0.3)
             assert len(agent.snapshot()[2]) == 1   # not resent
             # still serving, with the last good certificate, both ways
