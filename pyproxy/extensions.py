@@ -47,6 +47,8 @@ _R("network_filter", "envoy.extensions.filters.network.rbac.v3.RBAC",
    "pyproxy.filters.network.rbac:factory", names=("envoy.filters.network.rbac",))
 _R("network_filter", "envoy.extensions.filters.network.set_filter_state.v3.Config",
    "pyproxy.filters.network.set_filter_state:factory", names=("envoy.filters.network.set_filter_state",))
+_R("network_filter", "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+   "pyproxy.filters.network.local_ratelimit:factory", names=("envoy.filters.network.local_ratelimit",))
 _R("network_filter", "envoy.extensions.filters.network.wasm.v3.Wasm",
    "pyproxy.filters.network.wasm:factory", names=("envoy.filters.network.wasm",))
 
@@ -76,6 +78,8 @@ _R("http_filter", "envoy.extensions.filters.http.wasm.v3.Wasm", "pyproxy.filters
    names=("envoy.filters.http.wasm",))
 _R("http_filter", "envoy.extensions.filters.http.set_filter_state.v3.Config",
    "pyproxy.filters.http.set_filter_state:factory", names=("envoy.filters.http.set_filter_state",))
+_R("http_filter", "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+   "pyproxy.filters.http.local_ratelimit:factory", names=("envoy.filters.http.local_ratelimit",))
 _R("http_filter", "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
    "pyproxy.filters.http.grpc_stats:factory", names=("envoy.filters.http.grpc_stats",))
 

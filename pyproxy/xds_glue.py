@@ -16,7 +16,7 @@ import time
 from .config.dump import to_dict
 from .config import ConfigError, duration_s
 from .config.registry import message_class
-from .xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsClient
+from .xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, PartiallyApplied, XdsClient
 from .xds_client.target import target_from_grpc_service
 
 log = logging.getLogger("pyproxy.config")
@@ -170,6 +170,16 @@ def _listener_providers(cfg) -> list:
     return out
 
 
+def _why(err, name: str) -> str:
+    """A resource's rejection without the leading ``<kind> '<name>'`` (the NACK names it already)."""
+    text = str(err)
+    tag = "'%s': " % name
+    i = text.find(tag)
+    if 0 <= i < 48 and ":" not in text[:i]:
+        return text[i + len(tag):]
+    return text
+
+
 def _listener_init_targets(cfg) -> list:
     """What a listener warms on: its RDS routes and the SDS secrets its TLS chains name."""
     out = _listener_providers(cfg)
@@ -178,10 +188,6 @@ def _listener_init_targets(cfg) -> list:
             if p not in out:
                 out.append(p)
     return out
-
-
-class _Rejected(Exception):
-    pass
 
 
 class XdsGlue:
@@ -211,6 +217,7 @@ class XdsGlue:
         self.warming_listeners: dict[str, WarmingListener] = {}
         self.connected = False
         self._type_timers = []
+        self._batch = False        # a CDS response is being applied: subscribe to EDS names once, after
         s = self.stats
         self.st = {}
         for t, prefix in ((CLUSTER, "cluster_manager.cds."), (LISTENER, "listener_manager.lds.")):
@@ -272,6 +279,8 @@ class XdsGlue:
         return names
 
     def _update_eds_subscription(self):
+        if self._batch:
+            return
         c = self.client_for_type.get(ENDPOINT)
         if c is not None:
             c.subscribe(ENDPOINT, self.cm.eds_names())
@@ -318,27 +327,36 @@ class XdsGlue:
         log.info("xDS stream %s", "connected" if connected else "disconnected")
 
     def on_resources(self, type_url, version_info, added, removed, sotw):
-        if type_url == CLUSTER:
-            self._apply_clusters(version_info, added, removed)
-        elif type_url == ENDPOINT:
-            self._apply_endpoints(version_info, added, removed)
-        elif type_url == LISTENER:
-            self._apply_listeners(version_info, added, removed)
-        elif type_url == ROUTE:
-            self._apply_routes(version_info, added, removed)
-        elif type_url == SECRET:
-            from .tls.secrets import STORE
-            # validates, rebuilds the TLS contexts using them: a ConfigError NACKs the response
-            STORE.apply_sds(added, removed, version_info)
-            for name, sec in added.items():
-                self.secrets[name] = sec
-                self.secret_versions[name] = (version_info, time.time())
-            for name in removed:
-                self.secrets.pop(name, None)
-        else:
-            raise ConfigError("resource type '%s' is not supported" % type_url)
+        try:
+            if type_url == CLUSTER:
+                self._apply_clusters(version_info, added, removed)
+            elif type_url == ENDPOINT:
+                self._apply_endpoints(version_info, added, removed)
+            elif type_url == LISTENER:
+                self._apply_listeners(version_info, added, removed)
+            elif type_url == ROUTE:
+                self._apply_routes(version_info, added, removed)
+            elif type_url == SECRET:
+                from .tls.secrets import STORE
+                # validates, rebuilds the TLS contexts using them: a ConfigError NACKs the response
+                STORE.apply_sds(added, removed, version_info)
+                for name, sec in added.items():
+                    self.secrets[name] = sec
+                    self.secret_versions[name] = (version_info, time.time())
+                for name in removed:
+                    self.secrets.pop(name, None)
+            else:
+                raise ConfigError("resource type '%s' is not supported" % type_url)
+        except PartiallyApplied as e:
+            # the good resources are in force: the workers take exactly those
+            self.received.add(type_url)
+            self._forward(type_url, version_info, {n: added[n] for n in e.applied if n in added}, removed)
+            raise
         self.received.add(type_url)
         self.type_version[type_url] = version_info
+        self._forward(type_url, version_info, added, removed)
+
+    def _forward(self, type_url, version_info, added, removed):
         workers = self.server.workers
         if workers is not None:
             workers.forward(type_url, version_info, added, removed)
@@ -350,86 +368,130 @@ class XdsGlue:
         rv = getattr(c, "response_versions", None) if c is not None and c.delta else None
         return (rv or {}).get(name) or version
 
-    def _fail(self, type_url, type_name, failures: list, added: dict, label: str):
-        """Record Envoy's error_state for each failed resource; raise one ConfigError naming all."""
+    def _record_failures(self, type_url, type_name, failures: list, added: dict) -> None:
+        """Envoy's error_state (config_dump) for each rejected resource."""
         ts = _now_ts()
         for name, err in failures:
             self.errors[(type_url, name)] = {
                 "failed_configuration": _as_json(added[name], type_name) if name in added else {},
                 "last_update_attempt": ts, "details": str(err)}
-        if len(failures) == 1:
-            raise failures[0][1]
-        raise ConfigError("; ".join(str(e) for _, e in failures))
 
     def _clear_errors(self, type_url, names):
+        errors = self.errors
+        if not errors:
+            return
         for n in names:
-            self.errors.pop((type_url, n), None)
+            errors.pop((type_url, n), None)
+
+    def _partial(self, header: str, failures: list, applied, sep: str = ", ", end: str = ""):
+        """The NACK of a response whose good resources were applied: ``<header> <name>: <why>``
+        for every rejected resource, joined as Envoy joins them."""
+        text = header + " " + sep.join("%s: %s" % (name, _why(err, name)) for name, err in failures) + end
+        return PartiallyApplied(text, applied)
 
     def _apply_clusters(self, version, added, removed):
+        """CDS, as Envoy's: every good cluster is added or updated and the missing ones removed; a
+        bad one keeps the cluster of that name in force (or is not added), and the NACK names each."""
         st = self.st[CLUSTER]
         st[0].inc()
-        static = {c.name for c in self.cm.active.values() if not c.added_via_api}
-        built, failures = [], []
-        for name, proto in added.items():
-            try:
-                if name in static:
-                    raise ConfigError("cluster '%s' is static and cannot be updated by CDS" % name)
-                built.append(self.cm.build(proto, added_via_api=True,
-                                           version_info=self._resource_version(CLUSTER, name, version)))
-            except ConfigError as e:
-                failures.append((name, e))
+        cm = self.cm
+        static = {c.name for c in cm.active.values() if not c.added_via_api}
+        applied, failures = [], []
+        self._batch = True            # one EDS subscription update for the whole response
+        try:
+            for name, proto in added.items():
+                try:
+                    if name in static:
+                        raise ConfigError("cluster '%s' is static and cannot be updated by CDS" % name)
+                    c = cm.build(proto, added_via_api=True,
+                                 version_info=self._resource_version(CLUSTER, name, version))
+                except ConfigError as e:
+                    failures.append((name, e))
+                    continue
+                applied.append(name)
+                if cm.add_or_update(c):
+                    if c.type == EDS_TYPE and cm.warming.get(c.name) is c:
+                        t = _fetch_timeout(c.proto.eds_cluster_config.eds_config)
+                        if t > 0:
+                            self.loop.call_later(t, self._eds_timed_out, c)
+            gone = [n for n in removed if n not in static]
+            for name in gone:
+                cm.remove(name)
+        finally:
+            self._batch = False
+        # endpoints held for clusters that are gone would be stale if the cluster came back
+        if gone:
+            still = cm.eds_names()
+            for name in gone:
+                if name not in still:
+                    cm.pending_cla.pop(name, None)
+        self._clear_errors(CLUSTER, applied + gone)
+        self._update_eds_subscription()
         if failures:
             st[2].inc()
             self.received.add(CLUSTER)     # a rejected first response still ends CDS's initial fetch
-            self._fail(CLUSTER, "envoy.config.cluster.v3.Cluster", failures, added, "cluster")
-        gone = [n for n in removed if n not in static]
-        for c in built:
-            if self.cm.add_or_update(c):
-                w = self.cm.warming.get(c.name)
-                if w is c and c.type == EDS_TYPE:
-                    t = _fetch_timeout(c.proto.eds_cluster_config.eds_config)
-                    if t > 0:
-                        self.loop.call_later(t, self._eds_timed_out, c)
-        for name in gone:
-            self.cm.remove(name)
-        # endpoints held for clusters that are gone would be stale if the cluster came back
-        still = self.cm.eds_names()
-        for name in gone:
-            if name not in still:
-                self.cm.pending_cla.pop(name, None)
-        self._clear_errors(CLUSTER, list(added) + gone)
+            self._record_failures(CLUSTER, "envoy.config.cluster.v3.Cluster", failures, added)
+            raise self._partial("Error adding/updating cluster(s)", failures, applied)
         if not added and not removed:
             st[3].inc()
         st[1].inc()
         st[4].set(_version_hash(version))
-        self._update_eds_subscription()
+
+    def _eds_stats(self, c):
+        s = c.scope
+        return s.counter("update_attempt"), s.counter("update_success"), s.counter("update_rejected")
 
     def _apply_endpoints(self, version, added, removed):
-        failures = []
+        """EDS: each good assignment is applied to the clusters using it; the bad ones leave those
+        clusters' hosts as they are and are named in the NACK (Envoy applies the watches it reaches
+        before the bad one; pyproxy applies every good one). Linear in the response: clusters are
+        looked up through one index built per response, each priority set is built once."""
+        from .cluster.endpoints import build_priority_set
+        cm = self.cm
+        failures, built = [], {}
         for name, cla in added.items():
             try:
-                self.cm.validate_load_assignment(cla)
+                built[name] = build_priority_set(cla)
             except ConfigError as e:
                 failures.append((name, e.within(resource="ClusterLoadAssignment '%s'" % name)))
-        if failures:
-            # Envoy lets a warming cluster go on (without endpoints) when its EDS update is rejected
-            for name, _ in failures:
-                for c in list(self.cm.warming.values()):
-                    if c.type == EDS_TYPE and c.eds_service_name == name:
-                        c.initial_fetch_timed_out()
-            self._fail(ENDPOINT, "envoy.config.endpoint.v3.ClusterLoadAssignment", failures, added, "cla")
-        for name, cla in added.items():
+        by_service = {}
+        for c in list(cm.active.values()) + list(cm.warming.values()):
+            if c.type == EDS_TYPE:
+                by_service.setdefault(c.eds_service_name, []).append(c)
+        for name, ps in built.items():
+            cla = added[name]
             if not cla.cluster_name:
                 cla.cluster_name = name
-            self.cm.on_load_assignment(cla)
-        for name in removed:
-            if name in added:
-                continue
-            # the assignment is gone: its clusters have no endpoints now
+            cm.pending_cla[name] = cla
+            for i, c in enumerate(by_service.get(name, ())):
+                st = self._eds_stats(c)
+                st[0].inc()
+                c.update_load_assignment(cla, ps if i == 0 else None)
+                st[1].inc()
+        if removed:
             from envoy.config.endpoint.v3 import endpoint_pb2
-            self.cm.on_load_assignment(endpoint_pb2.ClusterLoadAssignment(cluster_name=name))
-            self.cm.pending_cla.pop(name, None)
-        self._clear_errors(ENDPOINT, list(added) + list(removed))
+            for name in removed:
+                if name in added:
+                    continue
+                # the assignment is gone: its clusters have no endpoints now
+                empty = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+                for c in by_service.get(name, ()):
+                    c.update_load_assignment(empty)
+                cm.pending_cla.pop(name, None)
+        self._clear_errors(ENDPOINT, list(built) + list(removed))
+        if failures:
+            # Envoy lets a warming cluster go on (without endpoints) when its EDS update is rejected,
+            # and counts the rejection on every EDS cluster (each is a watch of the rejected response)
+            for name, _ in failures:
+                for c in by_service.get(name, ()):
+                    self._eds_stats(c)[0].inc()
+                    if cm.warming.get(c.name) is c:
+                        c.initial_fetch_timed_out()
+            for cs in by_service.values():
+                for c in cs:
+                    self._eds_stats(c)[2].inc()
+            self._record_failures(ENDPOINT, "envoy.config.endpoint.v3.ClusterLoadAssignment", failures, added)
+            raise self._partial("Error adding/updating cluster load assignment(s)", failures, built)
 
     def _take_socket(self, cfg, taken):
         """The listening socket for ``cfg``: None when the active listener's socket is kept, the
@@ -448,48 +510,30 @@ class XdsGlue:
         return lm.bind_socket(cfg)
 
     def _apply_listeners(self, version, added, removed):
+        """LDS, as Envoy's: every good listener is added or updated, the missing ones removed; a
+        bad one (does not compile, or its address cannot be had) keeps the listener of that name in
+        force (or is not added), and the NACK names each."""
         st = self.st[LISTENER]
         st[0].inc()
         lm = self.lm
-        built, failures = [], []
+        ready, failures = [], []
         for name, proto in added.items():
             try:
-                built.append(lm.build(proto, added_via_api=True,
-                                      version_info=self._resource_version(LISTENER, name, version)))
-            except ConfigError as e:
-                failures.append((name, e))
-        socks, taken = [], []
-        if not failures:
-            for cfg in built:
-                try:
-                    lm.check_bindable(cfg)
-                except ConfigError as e:
-                    failures.append((cfg.name, e))
-        if not failures:
-            for cfg in built:
-                cur = lm.active.get(cfg.name)
-                w = self.warming_listeners.get(cfg.name)
+                cfg = lm.build(proto, added_via_api=True,
+                               version_info=self._resource_version(LISTENER, name, version))
+                lm.check_bindable(cfg)
+                cur = lm.active.get(name)
+                w = self.warming_listeners.get(name)
                 if (cur is not None and cur.config.proto == cfg.proto and w is None) or \
                         (w is not None and w.cfg.proto == cfg.proto):
-                    socks.append(None)      # unchanged: left alone
-                    continue
-                try:
-                    socks.append(self._take_socket(cfg, taken))
-                except ConfigError as e:
-                    failures.append((cfg.name, e))
-                    break
-        if failures:
-            for s in socks:
-                if s is not None and not any(s is t for _, t in taken):
-                    s.close()
-            for w, s in taken:
-                w.sock = s
-            st[2].inc()
-            self.received.add(LISTENER)
-            self._update_rds_subscription()   # forget providers only the rejected listeners made
-            self._fail(LISTENER, "envoy.config.listener.v3.Listener", failures, added, "listener")
-        # -- apply (nothing below raises ConfigError)
-        for cfg, s in zip(built, socks):
+                    sock = None            # unchanged: left alone
+                else:
+                    sock = self._take_socket(cfg, [])
+            except ConfigError as e:
+                failures.append((name, e))
+                continue
+            ready.append((cfg, sock))
+        for cfg, s in ready:
             cur = lm.active.get(cfg.name)
             w = self.warming_listeners.get(cfg.name)
             if cur is not None and cur.config.proto == cfg.proto:
@@ -517,15 +561,23 @@ class XdsGlue:
             al = lm.active.get(name)
             if al is not None and al.config.added_via_api:
                 lm.remove(name)
-        self._clear_errors(LISTENER, list(added) + list(removed))
+        applied = [cfg.name for cfg, _ in ready]
+        # as Envoy's listener manager: the error states are those of the latest LDS update alone
+        for key in [k for k in self.errors if k[0] == LISTENER]:
+            del self.errors[key]
         self.st_listeners_warming.set(len(self.warming_listeners))
+        if self.server.state == 0:
+            lm.start_workers()
+        self._update_rds_subscription()   # also forgets providers only the rejected listeners made
+        if failures:
+            st[2].inc()
+            self.received.add(LISTENER)
+            self._record_failures(LISTENER, "envoy.config.listener.v3.Listener", failures, added)
+            raise self._partial("Error adding/updating listener(s)", failures, applied, sep="\n", end="\n")
         if not added and not removed:
             st[3].inc()
         st[1].inc()
         st[4].set(_version_hash(version))
-        if self.server.state == 0:
-            lm.start_workers()
-        self._update_rds_subscription()
 
     def _drop_warming(self, name):
         w = self.warming_listeners.pop(name, None)
@@ -545,6 +597,9 @@ class XdsGlue:
                 self.lm.start_workers()
 
     def _apply_routes(self, version, added, removed):
+        """RDS: each good route configuration is applied; a bad one keeps the one in force. As in
+        Envoy, where every RDS subscription is a watch of the rejected response, every route
+        provider counts the rejection."""
         from .routing import compile_route_config
         compiled, failures = {}, []
         for name, proto in added.items():
@@ -556,17 +611,6 @@ class XdsGlue:
             except ConfigError as e:
                 failures.append((name, e if name in e.resource else
                                  e.within(resource="RouteConfiguration '%s'" % name)))
-        if failures:
-            for name in added:
-                p = self.routes.get(name)
-                if p is not None:
-                    if name in dict(failures):
-                        p.count("rejected")
-                    p.set_ready()   # as Envoy: a rejected first response ends the initial fetch
-            try:
-                self._fail(ROUTE, "envoy.config.route.v3.RouteConfiguration", failures, added, "route")
-            finally:
-                self._check_warming_listeners()
         now = time.time()
         for name, table in compiled.items():
             p = self.routes.get(name)
@@ -584,8 +628,18 @@ class XdsGlue:
                 p.table = None
                 p.proto = None
                 p.set_ready()
-        self._clear_errors(ROUTE, list(added) + list(removed))
+        self._clear_errors(ROUTE, list(compiled) + list(removed))
+        if failures:
+            for p in self.routes.values():
+                p.count("rejected")
+            for name, _ in failures:
+                p = self.routes.get(name)
+                if p is not None:
+                    p.set_ready()   # as Envoy: a rejected first response ends the initial fetch
+            self._record_failures(ROUTE, "envoy.config.route.v3.RouteConfiguration", failures, added)
         self._check_warming_listeners()
+        if failures:
+            raise self._partial("Error adding/updating route configuration(s)", failures, compiled)
 
     # -- /config_dump ---------------------------------------------------------------------------------
     def decorate_clusters_dump(self, out: dict) -> dict:

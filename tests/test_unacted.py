@@ -19,15 +19,14 @@ def _cluster(**extra):
 
 def test_table_rows_are_found_and_logged_once(caplog):
     unacted.reset()
-    c = json_format.ParseDict(_cluster(outlier_detection={"consecutive_5xx": 3},
-                                       health_checks=[{"timeout": "1s", "interval": "1s",
-                                                       "http_health_check": {"path": "/h"}}]),
+    c = json_format.ParseDict(_cluster(lb_subset_config={"fallback_policy": "ANY_ENDPOINT"},
+                                       circuit_breakers={"thresholds": [{"retry_budget": {}}]}),
                               cluster_pb2.Cluster())
     with caplog.at_level(logging.WARNING, logger="pyproxy"):
         n1 = unacted.warn("cluster", c, "c")
         n2 = unacted.warn("cluster", c, "c")
     assert n1 == n2 and len(n1) == 2
-    assert any(n.startswith("outlier_detection: outlier detection is not implemented") for n in n1)
+    assert any(n.startswith("lb_subset_config: subset load balancing is not implemented") for n in n1)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("cluster 'c'" in r.getMessage() for r in warnings)
     assert unacted.notes("cluster", json_format.ParseDict(_cluster(), cluster_pb2.Cluster())) == []
@@ -58,7 +57,7 @@ def _bs_with_unacted():
     return bs
 
 
-EXPECTED = ["outlier_detection", "retry_budget", "internal_redirect_policy", "hedge_policy", "metadata_match",
+EXPECTED = ["retry_budget", "internal_redirect_policy", "hedge_policy", "metadata_match",
             "stats_matcher"]
 
 
@@ -70,6 +69,7 @@ def test_validate_and_mode_validate_name_them(tmp_path):
     for field in EXPECTED:
         assert field in r.stdout, (field, r.stdout)
     assert "accepted with ignored parts" in r.stdout
+    assert "outlier_detection" not in r.stdout  # implemented: accepted and acted on
     # --mode validate, even at -l error
     r = run_pyproxy(["--mode", "validate", "-c", str(p), "-l", "error"])
     assert r.returncode == 0, r.stderr

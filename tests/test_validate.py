@@ -295,8 +295,13 @@ def test_waypoint_filter_chain_matcher():
     assert match(ConnInfo(dst_ip=pod, dst_port=80, application_protocols=("http/1.1",))) == "direct-http"
     assert match(ConnInfo(dst_ip=pod, dst_port=80)) == "direct-tcp"
     assert match(ConnInfo(dst_ip="10.0.0.1", dst_port=8000)) is None
-    with pytest.raises(ConfigError, match="filter chain 'direct-tcp', which does not exist"):
-        compile_chain_matcher(proto, {n: n for n in names if n != "direct-tcp"})
+    # an action naming a chain the listener lacks is accepted, as Envoy accepts it: a connection it
+    # selects gets no chain (NO_CHAIN: closed), not the default chain; the other actions still work
+    from pyproxy.listeners.matcher import NO_CHAIN
+    match = compile_chain_matcher(proto, {n: n for n in names if n != "direct-tcp"})
+    assert match(ConnInfo(dst_ip=pod, dst_port=80)) is NO_CHAIN
+    assert match(ConnInfo(dst_ip=pod, dst_port=80, application_protocols=("h2c",))) == "direct-http"
+    assert match(ConnInfo(dst_ip="10.0.0.1", dst_port=8000)) is None
 
 
 def test_matcher_list_predicates():

@@ -98,13 +98,23 @@ def test_bad_input_never_breaks_the_data_path(env, api):
     check_nacked(resp(CLUSTER, "2", raw=[junk]), "decode")
     # 3. a resource whose type is not the response's
     check_nacked(resp(CLUSTER, "3", [l1]), "mismatch")
-    # 4. one invalid resource with a valid one: nothing of the update is applied
+    # 4. one invalid resource with valid ones: as Envoy, the good ones are applied, the bad one is not
+    # (and named in the NACK); the version stays the last fully accepted one
     bad = dict(static_cluster("c3", b.port), lb_policy="CLUSTER_PROVIDED")
-    check_nacked(resp(CLUSTER, "4", [c1, c2, bad]), "'c3'", "lb_policy")
-    assert set(dynamic_names(px.config_dump())["clusters"]) == {"c1"}
+    ans = check_nacked(resp(CLUSTER, "4", [c1, c2, bad]), "cluster(s) c3: ", "lb_policy")
+    assert "c2" not in ans.error_detail.message.replace("c3", "")
+    assert set(dynamic_names(px.config_dump())["clusters"]) == {"c1", "c2"}
     s = stats()
     assert s[2] == s0[2] + 1 and s[3] == s0[3]   # rejected once (1-3 never reach the config)
-    # 5. the same version again: ACKed, nothing re-applied
+    assert s[1] == s0[1]                         # and not counted a success
+    # 5. the last good version again: applied (c2, which it lacks, goes: the response holds the full
+    # state; delta says so), ACKed; once more: ACKed, nothing re-applied
+    again = resp(CLUSTER, "1", [c1], removed=["c2"])
+    ads.send(again)
+    wait_for(lambda: answers(ads, CLUSTER, again.nonce), 5, "ACK of the same version")
+    assert not is_nack(answers(ads, CLUSTER, again.nonce)[-1])
+    assert set(dynamic_names(px.config_dump())["clusters"]) == {"c1"}
+    s = stats()
     again = resp(CLUSTER, "1", [c1])
     ads.send(again)
     wait_for(lambda: answers(ads, CLUSTER, again.nonce), 5, "ACK of the same version")

@@ -20,6 +20,7 @@ from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
 from .host import Host, PrioritySet
 from .lb import create_lb
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -131,6 +132,8 @@ class Cluster:
         self.rq_active_total = 0
         self.retries_active = 0
         self._init_stats()
+        self.outlier = Detector(self, proto.outlier_detection) \
+            if proto.HasField("outlier_detection") else None
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
         self.original_dst_use_header = False
@@ -206,7 +209,12 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
-    def count_response(self, status: int) -> None:
+    def count_response(self, status: int, host=None) -> None:
+        """An upstream response head (``host``: where it came from, for outlier detection)."""
+        if host is not None:
+            m = host.outlier
+            if m is not None:
+                m.put_http(status)
         c = self.st_rq_code.get(status)
         if c is None:
             c = self.st_rq_code[status] = self.scope.counter("upstream_rq_%d" % status)
@@ -216,11 +224,42 @@ class Cluster:
             k.value += 1
         self.st_rq_completed.value += 1
 
+    # -- results of requests (outlier detection) -------------------------------------------------
+    @staticmethod
+    def report_timeout(host) -> None:
+        """A per-try or route timeout of a request sent to ``host`` (router)."""
+        m = host.outlier if host is not None else None
+        if m is not None:
+            m.put_result(TIMEOUT, 504)
+
+    @staticmethod
+    def report_connect_failure(host) -> None:
+        """A request's connection attempt failed, or its connection was lost (pools)."""
+        m = host.outlier
+        if m is not None:
+            m.put_result(CONNECT_FAILED)
+
+    @staticmethod
+    def report_connect_success(host) -> None:
+        m = host.outlier
+        if m is not None:
+            m.put_result(CONNECT_SUCCESS)
+
+    def hosts_health_changed(self) -> None:
+        """A host's health flags changed (outlier ejection, active health check): the balancer
+        is rebuilt from the same hosts."""
+        self.lb.update()
+        self.st_membership_healthy.set(sum(1 for h in self.priority_set.all_hosts if h.healthy))
+
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet) -> None:
         upd = diff_hosts(self.priority_set if self.priority_set.all_hosts else None, ps)
         ps = upd.priority_set
         self.priority_set = ps
+        od = self.outlier
+        if od is not None:
+            od.add_hosts(upd.added)
+            od.remove_hosts(upd.removed)
         self.lb = create_lb(self.proto, ps)
         keys = {h.key for h in ps.all_hosts}
         for h in upd.removed:
@@ -249,16 +288,20 @@ class Cluster:
             for cb in cbs:
                 cb(self)
 
-    def update_load_assignment(self, cla) -> None:
-        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes)."""
-        ps = build_priority_set(cla)
+    def update_load_assignment(self, cla, ps: PrioritySet | None = None) -> None:
+        """EDS: a new ClusterLoadAssignment for this cluster (validated before anything changes);
+        ``ps``: its priority set, when the caller built it already."""
+        if ps is None:
+            ps = build_priority_set(cla)
         self._set_priority_set(ps)
 
     def initial_fetch_timed_out(self) -> None:
         self._mark_initialized()
 
     def start(self) -> None:
-        """Begin background work (DNS resolution)."""
+        """Begin background work (DNS resolution, outlier detection's interval timer)."""
+        if self.outlier is not None:
+            self.outlier.start()
         if self.type in (STRICT_DNS, LOGICAL_DNS):
             from .dns import DnsRefresher
             self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
@@ -341,6 +384,8 @@ class Cluster:
     def close(self) -> None:
         for p in self.__dict__.get("alpn_pools", {}).values():
             p.drain()
+        if self.outlier is not None:
+            self.outlier.close()
         if self._dns is not None:
             self._dns.stop()
             self._dns = None
@@ -358,14 +403,21 @@ class Cluster:
                 "sub_zone": h.locality[2], "health_flags": h.flag_names(),
                 "hostname": h.hostname,
                 "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
+                "success_rate": h.outlier.ext.rate if h.outlier is not None else -1,
+                "local_origin_success_rate": h.outlier.local.rate if h.outlier is not None else -1,
             })
-        return {
+        out = {
             "name": self.name, "observability_name": self.stat_name,
             "added_via_api": self.added_via_api, "hosts": hosts,
             "circuit_breakers": {"max_connections": self.max_connections,
                                  "max_pending_requests": self.max_pending_requests,
                                  "max_requests": self.max_requests, "max_retries": self.max_retries},
         }
+        if self.outlier is not None:
+            out["outlier_detection"] = self.outlier.status()
+        if self.type == EDS and self.proto.eds_cluster_config.service_name:
+            out["eds_service_name"] = self.eds_service_name
+        return out
 
 
 def _with_auto_alpn(ts_proto, what: str):

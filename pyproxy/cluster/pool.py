@@ -276,6 +276,8 @@ class Http1Pool(PoolBase):
             self.cluster.st_rq_total.value += 1
             h = self.host
             h.rq_active += 1
+            if h.outlier is not None:
+                self.cluster.report_connect_success(h)
             cb.on_pool_ready(conn, h)
             return None
         c = self.cluster
@@ -322,6 +324,8 @@ class Http1Pool(PoolBase):
         c.st_rq_total.value += 1
         h = self.host
         h.rq_active += 1
+        if h.outlier is not None:
+            c.report_connect_success(h)
         cb.on_pool_ready(conn, h)
 
     def _new_connection(self):
@@ -339,6 +343,7 @@ class Http1Pool(PoolBase):
             p = self.pending.popleft()
             self._pending_done()
             if not p.cancelled:
+                c.report_connect_failure(self.host)
                 p.cb.on_pool_failure(reason, "UF", self.host)
                 break
         if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:
@@ -396,6 +401,8 @@ class Http1Pool(PoolBase):
         if conn.stream_cb is not None:
             self.active -= 1
             self.host.rq_active -= 1
+            if not conn.codec.resp_headers_sent:  # (a close-delimited body ends this way)
+                self.cluster.report_connect_failure(self.host)  # a request's connection was lost
         self._cx_gone()
         c = self.cluster
         c.st_cx_destroy.value += 1

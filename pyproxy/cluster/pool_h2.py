@@ -417,6 +417,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                     continue
                 s._release_watermark()
                 s._finish()
+                self.pool.cluster.report_connect_failure(self.host)  # (Envoy: any reset)
                 s.cb.on_upstream_reset(REFUSED if e.error_code == ErrorCodes.REFUSED_STREAM else REMOTE_RESET)
             elif t == EV_WINDOW:
                 if self.blocked:
@@ -565,6 +566,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                 continue
             s.closed = True
             s.replay = None
+            self.pool.cluster.report_connect_failure(self.host)
             s.cb.on_upstream_reset(reason or TERMINATED)
         if lost:
             self.pool.on_connection_closed(self)
@@ -648,6 +650,8 @@ class Http2Pool(PoolBase):
             self._fail(p, reason, flag)
 
     def _fail(self, p, reason, flag):
+        if flag == "UF":
+            self.cluster.report_connect_failure(self.host)
         s = p.stream
         if s is not None:
             if not s.closed:
@@ -662,6 +666,8 @@ class Http2Pool(PoolBase):
         c.st_rq_total.value += 1
         h = self.host
         h.rq_active += 1
+        if h.outlier is not None:
+            c.report_connect_success(h)
         s.cb.on_pool_ready(s, h)
 
     def requeue(self, s) -> None:

@@ -24,7 +24,6 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
-    ("cluster", "outlier_detection", "outlier detection is not implemented yet: no host is ejected"),
     ("cluster", "health_checks[]", "active health checks are not implemented yet: hosts are not probed"),
     ("cluster", "circuit_breakers.thresholds[].retry_budget",
      "retry budgets are not implemented yet: max_retries limits retries"),

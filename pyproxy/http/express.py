@@ -250,7 +250,7 @@ class ExpressStream(FastStream):
             h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
             self.on_upstream_headers(Headers(h), end_stream)
             return
-        self.cluster.count_response(status)
+        self.cluster.count_response(status, self.host)
         self.status = status
         cfg = self.cfg
         codec = self.encoder

@@ -161,7 +161,7 @@ class FastStream(ActiveStream):
             return
         status = int(headers._h[0][1])
         c = self.cluster
-        c.count_response(status)
+        c.count_response(status, self.host)
         if not self.cfg.router_suppress_envoy_headers:
             headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))
         self.route.finalize_response_headers(headers, self.stream_info, self.choice, self.request_headers)
@@ -240,6 +240,8 @@ class FastStream(ActiveStream):
         if self.up_done:
             return
         self.cluster.st_rq_timeout.value += 1
+        if self.encoder_up is not None:
+            self.cluster.report_timeout(self.host)
         self._abandon()
         if self.response_started:
             self.reset_stream("upstream_response_timeout")

@@ -16,6 +16,7 @@ import struct
 from .. import writebatch
 from ..stream_info import StreamInfo
 from .chain_match import ConnInfo, select_chain
+from .matcher import NO_CHAIN
 
 log = logging.getLogger("pyproxy.connection")
 
@@ -212,6 +213,8 @@ class DownstreamConnection(asyncio.Protocol):
             chain = select_chain(lst.chains, self.info) if lst.chains else None
         if chain is None:
             chain = lst.default_chain
+        elif chain is NO_CHAIN:     # the matcher's action names a chain the listener lacks
+            chain = None
         if chain is None:
             self.active.st_no_filter_chain.value += 1
             self.close(flush=False)

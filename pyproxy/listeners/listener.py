@@ -226,7 +226,7 @@ class CompiledListener:
         if proto.HasField("filter_chain_matcher"):
             from .matcher import compile_chain_matcher
             self.chain_matcher = compile_chain_matcher(proto.filter_chain_matcher,
-                                                       {c.name: c for c in self.chains})
+                                                       {c.name: c for c in self.chains}, self.name)
         else:
             self.chain_matcher = None
         self.default_chain = None

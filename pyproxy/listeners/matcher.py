@@ -10,14 +10,33 @@ matchers or an IPMatcher, ``and``/``or``/``not``), ``on_no_match`` at every leve
 direct source IP, source type, server name, transport protocol, application protocol (Envoy renders
 the ALPN list as ``'h2','http/1.1'``). Actions name a chain with ``google.protobuf.StringValue``.
 A matcher that finds nothing returns None and the listener's ``default_filter_chain`` applies.
+An action naming a chain the listener does not have is accepted, as Envoy accepts it (Istio renders
+such listeners): a connection it selects gets no chain at all (``NO_CHAIN``: closed and counted as
+``no_filter_chain_match``, the default chain does not apply); a warning says so once at load.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
+import logging
+
 from ..config import ConfigError
 from ..config.registry import type_name_of, unpack_any
+
+log = logging.getLogger("pyproxy.config")
+
+
+class _NoChain:
+    """What a matcher returns when its action names a filter chain the listener does not have."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "NO_CHAIN"
+
+
+NO_CHAIN = _NoChain()
 
 _NI = "envoy.extensions.matching.common_inputs.network.v3."
 
@@ -44,10 +63,16 @@ INPUTS = {
 }
 
 
-def compile_chain_matcher(matcher_proto, chains_by_name: dict):
-    """``callable(ConnInfo) -> FilterChain | None`` for a listener's ``filter_chain_matcher``."""
+def compile_chain_matcher(matcher_proto, chains_by_name: dict, listener: str = ""):
+    """``callable(ConnInfo) -> FilterChain | NO_CHAIN | None`` for a listener's
+    ``filter_chain_matcher`` (None: no match, the default chain applies)."""
     try:
-        return _Compiler(chains_by_name).matcher(matcher_proto, "filter_chain_matcher")
+        comp = _Compiler(chains_by_name)
+        m = comp.matcher(matcher_proto, "filter_chain_matcher")
+        for name, field in comp.missing:
+            log.warning("listener '%s': %s: matcher action names filter chain '%s', which does not exist; "
+                        "connections it selects are closed (as Envoy does)", listener, field, name)
+        return m
     except ConfigError as e:
         if not e.field.startswith("filter_chain_matcher"):
             e.within(field="filter_chain_matcher")
@@ -57,6 +82,7 @@ def compile_chain_matcher(matcher_proto, chains_by_name: dict):
 class _Compiler:
     def __init__(self, chains):
         self.chains = chains
+        self.missing = []   # (chain name, field) of actions naming no chain of the listener
 
     # -- Matcher ------------------------------------------------------------------------------
     def matcher(self, m, field):
@@ -100,7 +126,8 @@ class _Compiler:
         name = unpack_any(a.typed_config).value
         chain = self.chains.get(name)
         if chain is None:
-            raise ConfigError("matcher action names filter chain '%s', which does not exist" % name, field=field)
+            self.missing.append((name, field))
+            return NO_CHAIN
         return chain
 
     def input(self, inp, field):

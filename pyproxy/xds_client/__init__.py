@@ -1,6 +1,6 @@
 """xDS client: ADS over gRPC, state-of-the-world and delta (see ``client``)."""
 
-from .client import XdsClient, XdsHandler  # noqa: F401
+from .client import PartiallyApplied, XdsClient, XdsHandler  # noqa: F401
 from .resources import (  # noqa: F401
     CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SCOPED_ROUTE, SECRET, VIRTUAL_HOST,
     decode_any, resource_name,

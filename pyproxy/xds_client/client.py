@@ -11,9 +11,13 @@ One bidirectional stream carries every resource type. State is kept per type URL
   subscribe/unsubscribe differences; ``removed_resources`` are removals; a new stream sends
   ``initial_resource_versions`` for the resources held so the server can skip them.
 
-The handler applies each response atomically and is called exactly once per response, in arrival
-order, on the event loop. Anything it raises NACKs that response (``ConfigError``'s text goes into
-``error_detail``) and the stream goes on. Responses the client cannot decode (unknown type URL,
+The handler is called exactly once per response, in arrival order, on the event loop. Anything it
+raises NACKs that response (``ConfigError``'s text goes into ``error_detail``) and the stream goes
+on. As Envoy does, a handler may apply the good resources of a response and reject the bad ones: it
+then raises ``PartiallyApplied`` naming what it applied. The response is NACKed (SotW keeps the
+previous ``version_info``), but what was applied is remembered: SotW's full-state types take the
+response's names as the set held (so a later response's removals are computed against it), delta
+records the per-resource versions of the applied resources. Responses the client cannot decode (unknown type URL,
 garbage bytes, type mismatch) are NACKed without calling the handler.
 
 When the stream fails or the server goes away the client reconnects with jittered exponential
@@ -58,6 +62,15 @@ DEFAULT_CHANNEL_OPTIONS = [
 ]
 
 
+class PartiallyApplied(ConfigError):
+    """Raised by a handler that applied part of a response: ``applied`` names the added resources it
+    installed (the removals were all done); the message names every rejected resource."""
+
+    def __init__(self, reason: str, applied=()):
+        super().__init__(reason)
+        self.applied = frozenset(applied)
+
+
 class XdsHandler(Protocol):
     def on_resources(self, type_url: str, version_info: str, added: dict[str, Message],
                      removed: set[str], sotw: bool) -> None: ...
@@ -70,7 +83,7 @@ class _TypeState:
 
     __slots__ = ("type_url", "wildcard", "names", "version", "nonce", "known", "resource_versions",
                  "digest", "last_updated", "last_error", "sent", "sent_wildcard", "sent_names",
-                 "responses", "acks", "nacks")
+                 "responses", "acks", "nacks", "partial")
 
     def __init__(self, type_url: str):
         self.type_url = type_url
@@ -81,6 +94,7 @@ class _TypeState:
         self.known: set[str] = set()  # SotW: names in the last accepted full-state response
         self.resource_versions: dict[str, str] = {}  # delta: name -> version held
         self.digest = b""            # SotW: digest of the last accepted response's resources
+        self.partial = False         # the last response handled was applied in part (delta)
         self.last_updated = 0.0
         self.last_error: dict | None = None
         # per stream
@@ -477,6 +491,14 @@ class XdsClient:
             removed = (ts.known - added.keys()) if full_state else set()
             self.response_versions = dict.fromkeys(added, resp.version_info)
             self._call_handler(t, resp.version_info, added, removed, True)
+        except PartiallyApplied as e:
+            # the good resources are in force, the removals done: the response's names are what is
+            # held now; the version and digest stay (Envoy NACKs with the previous version_info)
+            if full_state:
+                ts.known = set(added)
+            ts.digest = b""     # what is in force is no longer the last accepted response
+            self._reject(ts, t, resp.nonce, resp.version_info, e)
+            return
         except Exception as e:  # NACK; the stream and the config in force stay
             if not isinstance(e, ConfigError):
                 log.exception("xDS handler failed on %s", t)
@@ -519,13 +541,25 @@ class XdsClient:
             overlap = removed & added.keys()
             if overlap:
                 raise ConfigError("resource '%s' both updated and removed" % sorted(overlap)[0])
-            unchanged = (added and not removed and all(
+            # (after a partly applied response the next one is always applied: the handler's state,
+            # its error states among it, follows the latest response of the type, as Envoy's does)
+            unchanged = (added and not removed and not ts.partial and all(
                 v and ts.resource_versions.get(n) == v for n, v in versions.items()))
             if unchanged:
                 log.debug("xDS: %s resources unchanged; ACK without applying", t)
             else:
                 self.response_versions = versions
                 self._call_handler(t, resp.system_version_info, added, removed, False)
+        except PartiallyApplied as e:
+            rv = ts.resource_versions
+            for n in removed:
+                rv.pop(n, None)
+            for n in e.applied:
+                if n in versions:
+                    rv[n] = versions[n]
+            ts.partial = True
+            self._reject(ts, t, resp.nonce, resp.system_version_info, e)
+            return
         except Exception as e:
             if not isinstance(e, ConfigError):
                 log.exception("xDS handler failed on %s", t)
@@ -535,6 +569,7 @@ class XdsClient:
         for n in removed:
             rv.pop(n, None)
         rv.update(versions)
+        ts.partial = False
         ts.version = resp.system_version_info
         ts.last_updated = time.time()
         ts.last_error = None

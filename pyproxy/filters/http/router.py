@@ -276,6 +276,7 @@ class Router:
         self.s.hc.stats.rq_timeout.value += 0
         up = self.upstream
         if up is not None:
+            c.report_timeout(up.host)
             up.abandon()
             self.upstream = None
         if self.response_started:
@@ -334,13 +335,13 @@ class Router:
         if retry is not None and self.retries_left > 0 and not self.response_started:
             if retry.should_retry_status(status, headers) or (
                     self.grpc and _grpc_retry(retry, headers)):
-                c.count_response(status)
+                c.count_response(status, up.host)
                 up.abandon()
                 self.upstream = None
                 self._schedule_retry()
                 return
         self.response_started = True
-        c.count_response(status)
+        c.count_response(status, up.host)
         if self.attempts > 1:
             c.st_rq_retry_success.value += 1
         if not self.cfg.suppress_envoy_headers:
@@ -384,6 +385,7 @@ class Router:
             return
         c = self.cluster
         c.st_rq_per_try_timeout.value += 1
+        c.report_timeout(up.host)
         up.abandon()
         self.upstream = None
         if not self.response_started and self.retries_left > 0:

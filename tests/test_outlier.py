@@ -1,0 +1,200 @@
+"""Outlier detection compared with Envoy: the same cluster, backends and request sequence under
+both proxies; which host is ejected, when it comes back, the outlier_detection.* stats and the
+/clusters health flags."""
+
+from __future__ import annotations
+
+import http.client
+import time
+
+import pytest
+
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, http_listener,
+                        request, route, route_config, simple_response, with_fresh_ports)
+
+
+def _backend(name, status=200, every=None):
+    """A backend answering ``status`` (or, with ``every``, ``status`` on every Nth request)."""
+    n = [0]
+
+    def handler(req, sock):
+        n[0] += 1
+        st = status if every is None or n[0] % every == 0 else 200
+        return simple_response(st, name.encode(), [("x-backend", name)])
+    return HttpBackend(handler, name=name)
+
+
+def _bs(backends, od, lb_policy="ROUND_ROBIN", route_extra=None, **cluster_extra):
+    eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                        "port_value": b.port}}}} for b in backends]
+    c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s", "lb_policy": lb_policy,
+         "outlier_detection": od,
+         "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
+    c.update(cluster_extra)
+    return bootstrap([http_listener(free_port(), route_config([route("/", "c", **(route_extra or {}))]))],
+                     [c])
+
+
+def _send(port, n, pause=0.0):
+    """n sequential requests on one connection: list of (status, backend)."""
+    out = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for _ in range(n):
+            conn.request("GET", "/", headers={"Host": "x"})
+            r = conn.getresponse()
+            r.read()
+            out.append((r.status, r.getheader("x-backend")))
+            if pause:
+                time.sleep(pause)
+    finally:
+        conn.close()
+    return out
+
+
+def _od_stats(px) -> dict:
+    return {k.rpartition(".")[2]: v for k, v in px.stats().items()
+            if k.startswith("cluster.c.outlier_detection.")}
+
+
+def _flags(px) -> dict:
+    _, _, body = request(px.admin_port, "GET", "/clusters")
+    out = {}
+    for line in body.decode().splitlines():
+        p = line.split("::")
+        if len(p) == 4 and p[0] == "c" and p[2] == "health_flags":
+            out[p[1]] = p[3]
+    return out
+
+
+def _wait_flag(px, key, want, timeout):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if _flags(px).get(key) == want:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError("%s did not become %s in %ss: %s" % (key, want, timeout, _flags(px)))
+
+
+def _run_consecutive_5xx(cls, bs, bad_key):
+    out = {}
+    with cls(bs) as px:
+        res = _send(px.port, 40)
+        out["bad_hits_1"] = sum(1 for st, b in res if b == "bad")
+        out["errors_1"] = sum(1 for st, b in res if st != 200)
+        time.sleep(0.1)
+        out["flags_ejected"] = _flags(px)[bad_key]
+        out["stats_1"] = _od_stats(px)
+        out["back_after"] = _wait_flag(px, bad_key, "healthy", 5)
+        res = _send(px.port, 40)
+        out["bad_hits_2"] = sum(1 for st, b in res if b == "bad")
+        time.sleep(0.1)
+        out["stats_2"] = _od_stats(px)
+        # the second ejection lasts twice the base ejection time
+        out["back_after_2"] = _wait_flag(px, bad_key, "healthy", 8)
+    return out
+
+
+def test_consecutive_5xx_ejection_as_envoy():
+    bes = [_backend("be%d" % i) for i in range(3)] + [_backend("bad", 503)]
+    try:
+        od = {"consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "1s",
+              "max_ejection_percent": 100}
+        bs = _bs(bes, od)
+        bad_key = "127.0.0.1:%d" % bes[3].port
+        mine = _run_consecutive_5xx(Pyproxy, bs, bad_key)
+        assert mine["bad_hits_1"] == 3 and mine["errors_1"] == 3
+        assert mine["flags_ejected"] == "/failed_outlier_check"
+        st = mine["stats_1"]
+        assert st["ejections_active"] == 1 and st["ejections_enforced_consecutive_5xx"] == 1
+        assert st["ejections_detected_consecutive_5xx"] == 1 and st["ejections_total"] == 1
+        # 503 is also a gateway error: detected at the same count, not enforced by default
+        assert st["ejections_detected_consecutive_gateway_failure"] == 0
+        assert 0.9 <= mine["back_after"] <= 1.8
+        assert mine["bad_hits_2"] == 3
+        assert 1.4 <= mine["back_after_2"] <= 2.8
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_consecutive_5xx(Envoy, with_fresh_ports(bs), bad_key)
+        # (not bad_hits_2: Envoy 1.40 goes on sending to a host ejected again after its first
+        # return, with every policy, though /clusters and the stats say it is ejected; pyproxy
+        # leaves it out, as the outlier detection documentation says)
+        for k in ("bad_hits_1", "errors_1", "flags_ejected", "stats_1", "stats_2"):
+            assert mine[k] == theirs[k], (k, mine[k], theirs[k])
+        assert abs(mine["back_after"] - theirs["back_after"]) < 0.8
+        assert abs(mine["back_after_2"] - theirs["back_after_2"]) < 0.8
+    finally:
+        for b in bes:
+            b.close()
+
+
+def _run_gateway(cls, bs):
+    with cls(bs) as px:
+        _send(px.port, 30)
+        time.sleep(0.1)
+        st = _od_stats(px)
+        # (how often the overflowing host was detected depends on where round robin started)
+        assert st["ejections_overflow"] == (st["ejections_detected_consecutive_gateway_failure"] - 1
+                                            + st["ejections_detected_consecutive_5xx"])
+        assert st["ejections_overflow"] >= 1
+        for k in ("ejections_detected_consecutive_gateway_failure", "ejections_overflow",
+                  "ejections_detected_consecutive_5xx", "ejections_consecutive_5xx",
+                  "ejections_total"):
+            st.pop(k)
+        return {"stats": st, "flags": sorted(_flags(px).values())}
+
+
+def test_gateway_failures_and_max_ejection_percent_as_envoy():
+    """502s: consecutive_gateway_failure enforced (enforcing 100), consecutive_5xx off (enforcing
+    0); a second bad host overflows max_ejection_percent (1 of 4 = 25 %)."""
+    bes = [_backend("be%d" % i) for i in range(2)] + [_backend("bad", 502), _backend("bad", 502)]
+    try:
+        od = {"consecutive_gateway_failure": 2, "enforcing_consecutive_gateway_failure": 100,
+              "consecutive_5xx": 2, "enforcing_consecutive_5xx": 0, "interval": "30s",
+              "base_ejection_time": "30s", "max_ejection_percent": 30}
+        bs = _bs(bes, od)
+        mine = _run_gateway(Pyproxy, bs)
+        st = mine["stats"]
+        assert st["ejections_enforced_consecutive_gateway_failure"] == 1
+        assert st["ejections_active"] == 1
+        assert mine["flags"].count("/failed_outlier_check") == 1
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_gateway(Envoy, with_fresh_ports(bs))
+        assert mine == theirs
+    finally:
+        for b in bes:
+            b.close()
+
+
+def _run_failure_percentage(cls, bs):
+    with cls(bs) as px:
+        _send(px.port, 60)
+        time.sleep(1.3)  # one interval tick closes the bucket, the next evaluates it
+        _send(px.port, 5)
+        time.sleep(1.2)
+        return {"stats": _od_stats(px), "flags": _flags(px)}
+
+
+def test_failure_percentage_and_success_rate_as_envoy():
+    """Five hosts, one failing every other request: failure percentage (threshold 40) ejects it
+    at an interval tick; success-rate detection computes the same average and threshold."""
+    bes = [_backend("be%d" % i) for i in range(4)] + [_backend("bad", 500, every=2)]
+    try:
+        od = {"consecutive_5xx": 1000, "interval": "1s", "base_ejection_time": "30s",
+              "max_ejection_percent": 100, "failure_percentage_threshold": 40,
+              "failure_percentage_request_volume": 5, "failure_percentage_minimum_hosts": 5,
+              "enforcing_failure_percentage": 100, "success_rate_minimum_hosts": 5,
+              "success_rate_request_volume": 5, "enforcing_success_rate": 0}
+        bs = _bs(bes, od)
+        mine = _run_failure_percentage(Pyproxy, bs)
+        bad_key = "127.0.0.1:%d" % bes[4].port
+        assert mine["flags"][bad_key] == "/failed_outlier_check"
+        assert mine["stats"]["ejections_enforced_failure_percentage"] == 1
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_failure_percentage(Envoy, with_fresh_ports(bs))
+        assert mine == theirs
+    finally:
+        for b in bes:
+            b.close()
