@@ -341,6 +341,7 @@ class Router:
                 self._schedule_retry()
                 return
         self.response_started = True
+        self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host)
         if self.attempts > 1:
             c.st_rq_retry_success.value += 1
