@@ -140,6 +140,7 @@ class Cluster:
             if proto.HasField("common_lb_config") else 1.0
         self._last_lb_update = float("-inf")
         self._merge_timer = None
+        self._started = False
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
         self.original_dst_use_header = False
@@ -291,7 +292,7 @@ class Cluster:
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
-        if self.initialized:
+        if self.initialized and self._started:  # (the initial hosts are no update)
             self._last_lb_update = self.loop.time()
         keys = {h.key for h in ps.all_hosts}
         for h in upd.removed:
@@ -336,6 +337,7 @@ class Cluster:
 
     def start(self) -> None:
         """Begin background work (DNS resolution, outlier detection's interval timer)."""
+        self._started = True
         if self.outlier is not None:
             self.outlier.start()
         if self.hc is not None:
