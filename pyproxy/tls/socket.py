@@ -433,6 +433,10 @@ class ServerTls(_TlsLayer):
             self.sni = sni
             if not si.requested_server_name:
                 si.requested_server_name = sni
+        cb = conn.on_tls_open
+        if cb is not None:  # (istio.metadata_exchange: the negotiated ALPN is known now)
+            conn.on_tls_open = None
+            cb()
         if self.wq:
             self._send_queued()
 
