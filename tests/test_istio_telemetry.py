@@ -72,7 +72,7 @@ def _static(name, port, h2=False, **extra):
     return c
 
 
-def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None):
+def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None, tls=None):
     hcm = {"@type": HCM, "stat_prefix": stat, "codec_type": "AUTO",
            "route_config": {"name": stat, "virtual_hosts": vhosts},
            "http_filters": filters + [ROUTER]}
@@ -80,10 +80,12 @@ def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None):
         hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": log_path,
             "log_format": {"text_format_source": {"inline_string": PEER_LOG}}}}]
+    chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+    if tls is not None:
+        chain["transport_socket"] = tls
     return {"name": name, "traffic_direction": direction,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": hcm}]}]}
+            "filter_chains": [chain]}
 
 
 PEER_LOG = ("%REQ(:PATH)% %FILTER_STATE(downstream_peer_obj:FIELD:workload)% "
@@ -171,6 +173,7 @@ class Mesh:
         self.greeter = _echo_server(greeting=b"HELLO from the server\n")
         gb = self.greeter.getsockname()[1]
         self.b_greet, self.a_greet = free_port(), free_port()
+        self.b_https, self.a_https = free_port(), free_port()
         hb, eb = self.http.server_address[1], self.echo.getsockname()[1]
         self.b_http, self.b_grpc, self.b_tcp = free_port(), free_port(), free_port()
         self.a_http, self.a_grpc, self.a_tcp = free_port(), free_port(), free_port()
@@ -194,6 +197,10 @@ class Mesh:
                      _tcp_listener("in_tcp", self.b_tcp, "INBOUND", "inbound|7070||", STATS_IN),
                      _tcp_listener("in_mtls", self.b_mtls, "INBOUND", "inbound|7070||", STATS_IN, mx=True,
                                    tls=downstream_tls(cert_b, alpn=("istio-peer-exchange", "h2", "http/1.1"),
+                                                      ca=pki, require=True)),
+                     _hcm_listener("in_https", self.b_https, "INBOUND", [MX_IN, STATS_IN],
+                                   catch_all("inbound|8080||"), "inbound_0.0.0.0_8443",
+                                   tls=downstream_tls(cert_b, alpn=("istio-http/1.1", "istio", "http/1.1"),
                                                       ca=pki, require=True)),
                      _tcp_listener("in_greet", self.b_greet, "INBOUND", "inbound|7072||", STATS_IN, mx=True,
                                    tls=downstream_tls(cert_b, alpn=("istio-peer-exchange", "h2", "http/1.1"),
@@ -222,6 +229,10 @@ class Mesh:
                                    "outbound_0.0.0.0_9090"),
                      _tcp_listener("out_tcp", self.a_tcp, "OUTBOUND", "outbound|7070||" + SVC_B, STATS_OUT),
                      _tcp_listener("out_mtls", self.a_mtls, "OUTBOUND", "outbound|7071||" + SVC_B, STATS_OUT),
+                     _hcm_listener("out_https", self.a_https, "OUTBOUND", [MX_OUT, STATS_OUT], [
+                         {"name": "svc-b:8443", "domains": ["*"], "routes": [
+                             {"name": "default", "match": {"prefix": "/"},
+                              "route": {"cluster": "outbound|8443||" + SVC_B}}]}], "outbound_0.0.0.0_8443"),
                      _tcp_listener("out_greet", self.a_greet, "OUTBOUND", "outbound|7072||" + SVC_B, STATS_OUT),
                      prom],
                  "clusters": [_static("prometheus_stats", a_admin),
@@ -233,6 +244,9 @@ class Mesh:
                              filters=[MX_CLUSTER],
                              transport_socket=upstream_tls(alpn=("istio-peer-exchange", "istio"), ca=pki,
                                                            cert=cert_a)),
+                     _static("outbound|8443||" + SVC_B, self.b_https, metadata=istio_meta(SVC_B, "svc-b"),
+                             filters=[MX_CLUSTER],
+                             transport_socket=upstream_tls(alpn=("istio-http/1.1",), ca=pki, cert=cert_a)),
                      _static("outbound|7072||" + SVC_B, self.b_greet, metadata=istio_meta(SVC_B, "svc-b"),
                              filters=[MX_CLUSTER],
                              transport_socket=upstream_tls(alpn=("istio-peer-exchange", "istio"), ca=pki,
@@ -629,3 +643,59 @@ def test_tcp_exchange_bad_magic_passes_bytes_untouched(mesh):
     finally:
         s.close()
     assert mesh.b.stat("metadata_exchange.initial_header_not_found") > before
+
+
+def test_http_over_mtls_principals(mesh):
+    """HTTP between the sidecars over mTLS (ALPN istio-http/1.1: the TCP exchange stays out of the
+    way, the headers carry the metadata): SPIFFE principals on both sides, mutual_tls on the server."""
+    st, _, body = get(mesh.a_https, "/secure", host="svc-b")
+    assert st == 200 and body == b"hello from b"
+    labels, v = find(mesh.b, "istio_requests_total", source_principal=SA_A)
+    assert [k for k, _ in labels] == HTTP_ORDER and v == 1
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="destination", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service="svc-b",
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="http", response_code="200", grpc_response_status="",
+                                response_flags="-", connection_security_policy="mutual_tls")
+    labels, v = find(mesh.a, "istio_requests_total", destination_principal=SA_B)
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="source", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service=SVC_B,
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="http", response_code="200", grpc_response_status="",
+                                response_flags="-", connection_security_policy="unknown")
+
+
+def test_istio_series_summed_across_workers(tmp_path):
+    """--concurrency 2: each worker process records its own istio_* series; the admin's
+    Prometheus output sums them under the same labels (tags travel with the worker reports)."""
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    port = free_port()
+    bs = {"node": node("svc-a", "svc-a", "v1", "10.0.0.1"),
+          "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+          "static_resources": {
+              "listeners": [_hcm_listener("out", port, "OUTBOUND", [MX_OUT, STATS_OUT], [
+                  {"name": "vh", "domains": ["*"], "routes": [
+                      {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": OUT_CLUSTER}}]}], "out")],
+              "clusters": [_static(OUT_CLUSTER, http.server_address[1], metadata=istio_meta(SVC_B, "svc-b"))]}}
+    p = Pyproxy(bs, extra_args=["--concurrency", "2"])
+    try:
+        n = 40
+        for i in range(n):
+            st, _, _ = get(port, "/w%d" % i)
+            assert st == 200
+        deadline = time.monotonic() + 10
+        total = 0
+        while time.monotonic() < deadline:
+            rows = series(p, "istio_requests_total")
+            total = sum(v for _, v in rows)
+            if total == n:
+                break
+            time.sleep(0.2)
+        assert total == n
+        assert len(rows) == 1 and dict(rows[0][0])["destination_service"] == SVC_B
+        assert [k for k, _ in rows[0][0]] == HTTP_ORDER
+    finally:
+        p.stop()
+        http.shutdown()
+        http.server_close()
