@@ -139,3 +139,26 @@ def test_reporter_from_direction_and_gateway():
     ctx.listener = None
     assert IstioStatsHttpConfig(_cfg({}), ctx).reporter == "source"
     assert IstioStatsHttpConfig(_cfg({"reporter": "SERVER_GATEWAY"}), ctx).reporter == "waypoint"
+
+
+def test_histogram_bucket_settings_from_the_bootstrap():
+    """Istio's statsHistogramBuckets annotation becomes stats_config.histogram_bucket_settings
+    (prefix istiocustom): the istio_* histograms use those buckets, the others Envoy's."""
+    from envoy.config.metrics.v3 import stats_pb2
+    from pyproxy.server import histogram_bucket_settings
+    sc = json_format.ParseDict({"histogram_bucket_settings": [
+        {"match": {"prefix": "istiocustom"}, "buckets": [100, 1, 10, 10]}]}, stats_pb2.StatsConfig())
+    ctx = _Ctx()
+    ctx.stats.bucket_settings = histogram_bucket_settings(sc)
+    f = IstioStatsHttpConfig(_cfg({}), ctx)
+    _run(f, [(":method", "GET"), (":path", "/"), (":authority", "h")])
+    ctx.stats.histogram("http.x.downstream_rq_time").record(3)
+    text = _prom(ctx.stats)
+    les = [l.split('le="')[1].split('"')[0] for l in text.splitlines()
+           if l.startswith("istio_request_duration_milliseconds_bucket{")]
+    assert les == ["1", "10", "100", "+Inf"]
+    assert text.count('envoy_http_downstream_rq_time_bucket{') == 20
+    bad = json_format.ParseDict({"histogram_bucket_settings": [{"match": {"prefix": "x"}, "buckets": [0]}]},
+                                stats_pb2.StatsConfig())
+    with pytest.raises(ConfigError):
+        histogram_bucket_settings(bad)
