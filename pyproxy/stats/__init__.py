@@ -65,20 +65,21 @@ class Gauge:
 class Histogram:
     """Fixed-bucket histogram; quantiles are interpolated inside buckets as Envoy's summary does."""
 
-    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max")
+    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max", "buckets")
     kind = "histogram"
 
-    def __init__(self, name: str, unit: str = "ms"):
+    def __init__(self, name: str, unit: str = "ms", buckets: tuple = DEFAULT_BUCKETS):
         self.name = name
         self.unit = unit
-        self.counts = [0] * (len(DEFAULT_BUCKETS) + 1)
+        self.buckets = buckets  # upper bounds (the bootstrap's histogram_bucket_settings, else Envoy's)
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
         self.count = 0
         self.samples_min = math.inf
         self.samples_max = 0.0
 
     def record(self, v: float) -> None:
-        self.counts[bisect.bisect_left(DEFAULT_BUCKETS, v)] += 1
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
         self.total += v
         self.count += 1
         if v < self.samples_min:
@@ -100,8 +101,9 @@ class Histogram:
         rank = q * self.count
         seen = 0
         lower = 0.0
+        b = self.buckets
         for i, c in enumerate(self.counts):
-            upper = DEFAULT_BUCKETS[i] if i < len(DEFAULT_BUCKETS) else self.samples_max
+            upper = b[i] if i < len(b) else self.samples_max
             if c and seen + c >= rank:
                 frac = (rank - seen) / c
                 lo = max(lower, self.samples_min)
@@ -196,6 +198,8 @@ class Store:
         # The flat name is Envoy's (``name.tag1.value1.tag2.value2``); Prometheus shows the tags
         # as labels in their given order, never through the regex extractors.
         self.tagged: dict[str, tuple[str, tuple]] = {}
+        # bootstrap stats_config.histogram_bucket_settings: [(match(name) -> bool, buckets)], first wins
+        self.bucket_settings: list = []
 
     # -- creation (config time) ---------------------------------------------------------------
     def counter(self, name: str) -> Counter:
@@ -213,8 +217,14 @@ class Store:
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram(name, unit)
+            h = self.histograms[name] = Histogram(name, unit, self.buckets_for(name))
         return h
+
+    def buckets_for(self, name: str) -> tuple:
+        for match, buckets in self.bucket_settings:
+            if match(name):
+                return buckets
+        return DEFAULT_BUCKETS
 
     def tagged_counter(self, name: str, tags: tuple) -> Counter:
         flat = tagged_name(name, tags)
@@ -236,7 +246,7 @@ class Store:
         flat = tagged_name(name, tags)
         h = self.histograms.get(flat)
         if h is None:
-            h = self.histograms[flat] = Histogram(flat, unit)
+            h = self.histograms[flat] = Histogram(flat, unit, self.buckets_for(flat))
             self.tagged[flat] = (name, tags)
         return h
 
@@ -373,7 +383,7 @@ class Store:
             out.append("# TYPE %s histogram" % pname)
             for tags, h in sorted(hfam[pname], key=lambda x: x[0]):
                 cum = 0
-                for i, b in enumerate(DEFAULT_BUCKETS):
+                for i, b in enumerate(h.buckets):
                     cum += h.counts[i]
                     out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", _fmt(b)),)), cum))
                 out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", "+Inf"),)), h.count))
