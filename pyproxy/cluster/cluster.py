@@ -22,7 +22,7 @@ from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL,
                    PrioritySet)
 from .lb import create_lb
 from .health_check import HealthChecker
-from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, grpc_to_http
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -240,11 +240,17 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
-    def count_response(self, status: int, host=None) -> None:
-        """An upstream response head (``host``: where it came from, for outlier detection)."""
+    def count_response(self, status: int, host=None, headers=None) -> None:
+        """An upstream response head (``host``: where it came from, for outlier detection;
+        ``headers``: its headers, so that a gRPC trailers-only answer counts as its
+        ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
         if host is not None:
             m = host.outlier
             if m is not None:
+                if headers is not None and status == 200:
+                    gs = headers.get("grpc-status")
+                    if gs is not None:
+                        status = grpc_to_http(gs)
                 m.put_http(status)
         c = self.st_rq_code.get(status)
         if c is None:
@@ -455,7 +461,9 @@ class Cluster:
                 self.transport_socket_matches[i] = (crit, _with_auto_alpn(
                     proto.transport_socket_matches[i].transport_socket, "transport_socket_matches"))
 
-    def http_pool(self, host: Host, downstream_h2: bool = False):
+    def http_pool(self, host: Host, downstream_h2: bool = False, alpn=None):
+        if alpn:  # istio.alpn: TLS connections offering this list, in pools of their own
+            return self._alpn_pool(host, downstream_h2, alpn)
         p = self.pools.get(host.key)
         if p is None:
             proto = self.protocol
@@ -471,6 +479,24 @@ class Cluster:
             self.pools[host.key] = p
         if self.protocol == USE_DOWNSTREAM:
             return p.h2 if downstream_h2 else p.h1
+        return p
+
+    def _alpn_pool(self, host: Host, downstream_h2: bool, alpn: tuple):
+        ts = self.transport_for(host)
+        if not ts.is_tls or self.protocol not in (HTTP1, HTTP2, USE_DOWNSTREAM):
+            return self.http_pool(host, downstream_h2)
+        pools = self.__dict__.setdefault("alpn_pools", {})
+        key = (host.key, alpn)
+        p = pools.get(key)
+        if p is None:
+            h2 = self.protocol == HTTP2 or (self.protocol == USE_DOWNSTREAM and downstream_h2)
+            if h2:
+                from .pool_h2 import Http2Pool
+                p = Http2Pool(self, host, self.loop)
+            else:
+                p = Http1Pool(self, host, self.loop)
+            p.transport = ts.with_alpn(alpn)
+            pools[key] = p
         return p
 
     def close(self) -> None:
@@ -490,6 +516,8 @@ class Cluster:
         for p in self.pools.values():
             p.drain()
         self.pools.clear()
+        for p in self.__dict__.pop("alpn_pools", {}).values():  # (istio.alpn's pools)
+            p.drain()
 
     # -- admin ---------------------------------------------------------------------------------
     def status(self) -> dict:
