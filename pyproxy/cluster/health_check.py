@@ -46,7 +46,8 @@ import h2.events
 import httptools
 
 from ..config import ConfigError, duration_s
-from .host import ACTIVE_HC_TIMEOUT, DEGRADED_ACTIVE_HC, FAILED_ACTIVE_HC, PENDING_ACTIVE_HC
+from .host import (ACTIVE_HC_TIMEOUT, DEGRADED_ACTIVE_HC, FAILED_ACTIVE_HC, PENDING_ACTIVE_HC,
+                   PENDING_DYNAMIC_REMOVAL)
 
 log = logging.getLogger("pyproxy.hc")
 
@@ -671,6 +672,9 @@ class HealthChecker:
         h = session.host
         if changed:
             self._gauges()
+            if not passed and h.flags & PENDING_DYNAMIC_REMOVAL:
+                self.cluster.health_check_failed(h)  # (EDS removed it: it goes now)
+                return
             self.cluster.hosts_health_changed()
         if passed:
             od = self.cluster.outlier

@@ -40,14 +40,6 @@ NOT_ACTED_ON: tuple = (
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
     ("bootstrap", "stats_config.stats_matcher",
      "stats_matcher is not implemented yet: every stat is created and exported"),
-    ("sds_validation_context", "match_typed_subject_alt_names[]",
-     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "match_subject_alt_names[]",
-     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "verify_certificate_hash[]",
-     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "verify_certificate_spki[]",
-     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
 )
 
 _BY_KIND: dict = {}

@@ -23,6 +23,7 @@ log = logging.getLogger("pyproxy.router")
 
 ROUTE, DIRECT_RESPONSE, REDIRECT = 0, 1, 2
 _RETRY_BUFFER_LIMIT = 1024 * 1024
+ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
 class RouterConfig:
@@ -240,7 +241,8 @@ class Router:
         if self.attempts > 1 and self.route.retry is not None and self.route.include_request_attempt_count:
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
-        pool = c.http_pool(host, s.hc.is_h2)
+        fs = si.filter_state
+        pool = c.http_pool(host, s.hc.is_h2, fs.get(ALPN_KEY) if fs else None)  # istio.alpn
         up.pending = pool.new_stream(up)
 
     def _original_dst_host(self):
