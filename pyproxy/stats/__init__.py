@@ -229,19 +229,19 @@ class Store:
     def scope(self, prefix: str) -> "Scope":
         return Scope(self, prefix)
 
-    def owned_scope(self, prefix: str, owned: set) -> "Scope":
-        """A scope that records in ``owned`` every stat made through it (and its child scopes), so
-        that ``release(owned)`` frees exactly those when their owner goes (a removed cluster)."""
-        return Scope(self, prefix, owned)
+    def new_owner(self) -> "StatsOwner":
+        """An owner of stats (a cluster, a listener): what is made through its scopes is counted as
+        referenced by it, and ``owner.release()`` frees the stats no other owner references."""
+        return StatsOwner(self)
 
-    def release(self, owned: set) -> None:
-        """Drop the stats named in ``owned`` (from ``owned_scope``)."""
-        for name in owned:
-            self.counters.pop(name, None)
-            self.gauges.pop(name, None)
-            self.histograms.pop(name, None)
-            self._tag_cache.pop(name, None)
-        owned.clear()
+    def owned_scope(self, prefix: str, owner: "StatsOwner") -> "Scope":
+        return Scope(self, prefix, owner)
+
+    def _drop(self, name: str) -> None:
+        self.counters.pop(name, None)
+        self.gauges.pop(name, None)
+        self.histograms.pop(name, None)
+        self._tag_cache.pop(name, None)
 
     def remove_prefix(self, prefix: str) -> None:
         """Drop every stat under ``prefix`` (a removed cluster or listener)."""
@@ -365,15 +365,71 @@ class Store:
         return "\n".join(out) + "\n"
 
 
+class StatsOwner:
+    """The stats one cluster or listener made (names, reference-counted across owners in the
+    store): when it goes, ``release`` drops those no live owner still references, as Envoy frees a
+    removed cluster's or listener's scope."""
+
+    __slots__ = ("store", "names")
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.names: set = set()
+
+    def add(self, name: str) -> None:
+        if name not in self.names:
+            self.names.add(name)
+            refs = self.store.__dict__.setdefault("_stat_refs", {})
+            refs[name] = refs.get(name, 0) + 1
+
+    def release(self) -> None:
+        refs = self.store.__dict__.get("_stat_refs", {})
+        for name in self.names:
+            n = refs.get(name, 1) - 1
+            if n > 0:
+                refs[name] = n
+            else:
+                refs.pop(name, None)
+                self.store._drop(name)
+        self.names.clear()
+
+
+class OwnedStats:
+    """A store as one owner sees it (``FactoryContext.stats`` while a listener is built): stats
+    made through it are recorded for that owner; everything else is the store's."""
+
+    def __init__(self, store: "Store", owner: StatsOwner):
+        self._store = store
+        self._owner = owner
+
+    def scope(self, prefix: str) -> "Scope":
+        return Scope(self._store, prefix, self._owner)
+
+    def counter(self, name: str) -> Counter:
+        self._owner.add(name)
+        return self._store.counter(name)
+
+    def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        self._owner.add(name)
+        return self._store.gauge(name, accumulate)
+
+    def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        self._owner.add(name)
+        return self._store.histogram(name, unit)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
 class Scope:
     """A name prefix over a store: ``scope.counter("x")`` is ``store.counter(prefix + "x")``."""
 
     __slots__ = ("store", "prefix", "owned")
 
-    def __init__(self, store: Store, prefix: str, owned: set | None = None):
+    def __init__(self, store: Store, prefix: str, owned: StatsOwner | None = None):
         self.store = store
         self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
-        self.owned = owned  # names made through this scope, when its owner frees them (Store.release)
+        self.owned = owned  # the StatsOwner that frees what is made through this scope
 
     def counter(self, name: str) -> Counter:
         if self.owned is not None:
