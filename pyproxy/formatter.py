@@ -112,8 +112,7 @@ def _duration(si):
 def _flags_long(si):
     if not si.response_flags:
         return "-"
-    from .stream_info import RESPONSE_FLAGS
-    return ",".join(RESPONSE_FLAGS_LONG.get(f, f) for f in RESPONSE_FLAGS if f in si.response_flags)
+    return ",".join(RESPONSE_FLAGS_LONG.get(f, f) for f in si.response_flags)
 
 
 def _grpc_status(rs, rt):
@@ -262,8 +261,24 @@ def _filter_state_cmd(arg: str):
     key, _, mode = arg.partition(":")
     if not key:
         raise ConfigError("FILTER_STATE requires a key", "format")
+    if mode.startswith("FIELD:") or mode == "FIELD":
+        # %FILTER_STATE(downstream_peer_obj:FIELD:workload)%: one field of an object that has
+        # fields (Istio's peer metadata objects)
+        field = mode[6:]
+        if not field:
+            raise ConfigError("FILTER_STATE FIELD requires a field name", "format")
+
+        def fld(si, rq, rs, rt):
+            fs = getattr(si, "filter_state", None)
+            v = fs.get(key) if fs else None
+            get = getattr(v, "field", None)
+            if get is None:
+                return None
+            r = get(field)
+            return r if r else None
+        return fld
     if mode and mode not in ("PLAIN", "TYPED"):
-        raise ConfigError("FILTER_STATE serialization must be PLAIN or TYPED", "format")
+        raise ConfigError("FILTER_STATE serialization must be PLAIN, TYPED or FIELD:<name>", "format")
 
     def f(si, rq, rs, rt):
         fs = getattr(si, "filter_state", None)
@@ -307,7 +322,8 @@ _SIMPLE = {
     "UPSTREAM_LOCAL_ADDRESS": lambda si: _s(si.upstream_local_address),
     "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(si.upstream_local_address),
     "UPSTREAM_LOCAL_PORT": lambda si: _port(si.upstream_local_address),
-    "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda si: _s(si.upstream_transport_failure_reason),
+    # Envoy writes the reason with its spaces as underscores
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda si: _s(si.upstream_transport_failure_reason.replace(" ", "_")),
     "UPSTREAM_REQUEST_ATTEMPT_COUNT": lambda si: si.attempt_count or 0,
     "DOWNSTREAM_REMOTE_ADDRESS": lambda si: _s(si.downstream_remote_address),
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(si.downstream_remote_address),

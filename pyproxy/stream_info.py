@@ -15,6 +15,24 @@ RESPONSE_FLAGS = (
 )
 
 
+class ResponseFlags(list):
+    """The response flags in the order they were set, each once: Envoy prints them in that order
+    (``URX,UF``: the retry state gives up, then the failure is recorded). A ``set``-like ``add``."""
+
+    __slots__ = ()
+
+    def add(self, flag: str) -> None:
+        if flag not in self:
+            self.append(flag)
+
+    def discard(self, flag: str) -> None:
+        if flag in self:
+            self.remove(flag)
+
+    def isdisjoint(self, other) -> bool:
+        return not any(f in other for f in self)
+
+
 class StreamInfo:
     """Attributes default at class level, so a request only sets what it knows (cheap to create)."""
 
@@ -63,7 +81,7 @@ class StreamInfo:
         self.downstream_direct_remote_address = downstream_remote_address
         self.downstream_local_address = downstream_local_address
         self.connection_id = connection_id
-        self.response_flags: set = set()
+        self.response_flags = ResponseFlags()
         self.dynamic_metadata: dict = {}
         self.filter_state: dict = {}
 
@@ -74,4 +92,4 @@ class StreamInfo:
     def flags_string(self) -> str:
         if not self.response_flags:
             return "-"
-        return ",".join(f for f in RESPONSE_FLAGS if f in self.response_flags)
+        return ",".join(self.response_flags)

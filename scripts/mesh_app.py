@@ -11,6 +11,7 @@ Prints "ready" on stdout once listening. Standard library only.
 """
 
 import json
+import signal
 import socket
 import socketserver
 import sys
@@ -78,6 +79,8 @@ def echo(port: int) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (docker stop, docker-compose stop): exit 0 at once, as PID 1 in a container too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if len(sys.argv) >= 3 and sys.argv[1] == "http":
         http(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "app")
     elif len(sys.argv) == 3 and sys.argv[1] == "echo":

@@ -17,7 +17,7 @@ problem() {  # a missing prerequisite: fatal under CI, a warning otherwise
 
 # tool:package; the first list is required, the second optional (its suite skips without it)
 required="wrk:wrk h2load:nghttp2-client nghttp:nghttp2-client nghttpd:nghttp2-server nginx:nginx-light iptables:iptables ip:iproute2 curl:curl"
-optional="docker-compose:docker-compose"
+optional="dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap"
 
 if [ "${RUN_SH_NO_INSTALL:-0}" != 1 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -9,7 +9,7 @@ import pytest
 from pyproxy.config.errors import ConfigError
 from pyproxy.formatter import DEFAULT_FORMAT, compile_format, compile_json_format
 from pyproxy.http.headers import Headers
-from pyproxy.stream_info import StreamInfo
+from pyproxy.stream_info import ResponseFlags, StreamInfo
 
 
 def si_fixture():
@@ -19,7 +19,9 @@ def si_fixture():
     si.end_monotonic = si.start_monotonic + 0.250
     si.first_upstream_rx_byte = si.start_monotonic + 0.100
     si.response_code = 503
-    si.response_flags = {"UF", "URX"}
+    si.response_flags = ResponseFlags()
+    si.response_flags.add("URX")  # as the router sets them: the retry state gives up, then the failure
+    si.response_flags.add("UF")
     si.response_code_details = "upstream_reset_before_response_started{connection_failure}"
     si.bytes_received = 11
     si.bytes_sent = 22
@@ -53,8 +55,8 @@ def fmt(s, **kw):
     ("%REQ_WITHOUT_QUERY(:PATH)%", "/a/b"),
     ("%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% %TRAILER(grpc-status)%", "7 14"),
     ("%REQ(x-missing)%", "-"),
-    ("%PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS%", "HTTP/2 503 UF,URX"),
-    ("%RESPONSE_FLAGS_LONG%", "UpstreamConnectionFailure,UpstreamRetryLimitExceeded"),
+    ("%PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS%", "HTTP/2 503 URX,UF"),
+    ("%RESPONSE_FLAGS_LONG%", "UpstreamRetryLimitExceeded,UpstreamConnectionFailure"),
     ("%RESPONSE_CODE_DETAILS%", "upstream_reset_before_response_started{connection_failure}"),
     ("%BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESPONSE_DURATION% %RESPONSE_TX_DURATION%",
      "11 22 250 100 150"),
@@ -101,7 +103,7 @@ def test_omit_empty_values():
 def test_default_format():
     assert DEFAULT_FORMAT.startswith('[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%')
     line = fmt(DEFAULT_FORMAT)
-    assert line == ('[2024-03-05T06:07:08.123Z] "POST /a/b?c=d HTTP/2" 503 UF,URX 11 22 250 7 '
+    assert line == ('[2024-03-05T06:07:08.123Z] "POST /a/b?c=d HTTP/2" 503 URX,UF 11 22 250 7 '
                     '"1.1.1.1" "ua/1" "-" "svc" "10.1.1.1:9080"\n')
 
 

@@ -11,6 +11,10 @@ with Istio-shaped bootstraps (node metadata as pilot-agent renders it).
 from __future__ import annotations
 
 import base64
+import json
+import os
+import shutil
+import tempfile
 import http.client
 import re
 import socket
@@ -67,13 +71,23 @@ def _static(name, port, h2=False, **extra):
     return c
 
 
-def _hcm_listener(name, port, direction, filters, vhosts, stat):
+def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None):
+    hcm = {"@type": HCM, "stat_prefix": stat, "codec_type": "AUTO",
+           "route_config": {"name": stat, "virtual_hosts": vhosts},
+           "http_filters": filters + [ROUTER]}
+    if log_path:
+        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": log_path,
+            "log_format": {"text_format_source": {"inline_string": PEER_LOG}}}}]
     return {"name": name, "traffic_direction": direction,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": HCM, "stat_prefix": stat, "codec_type": "AUTO",
-                "route_config": {"name": stat, "virtual_hosts": vhosts},
-                "http_filters": filters + [ROUTER]}}]}]}
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
+
+PEER_LOG = ("%REQ(:PATH)% %FILTER_STATE(downstream_peer_obj:FIELD:workload)% "
+            "%FILTER_STATE(downstream_peer_obj:FIELD:namespace)% %FILTER_STATE(downstream_peer_obj:FIELD:type)% "
+            "%FILTER_STATE(upstream_peer_obj:FIELD:workload)% %FILTER_STATE(downstream_peer)%\n")
 
 
 def _tcp_listener(name, port, direction, cluster, stats_filter):
@@ -141,6 +155,8 @@ class Mesh:
         self.b_http, self.b_grpc, self.b_tcp = free_port(), free_port(), free_port()
         self.a_http, self.a_grpc, self.a_tcp = free_port(), free_port(), free_port()
         closed = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="px-mx-")
+        self.b_log = os.path.join(self.tmp, "b.log")
         catch_all = lambda cluster: [{"name": "inbound|http", "domains": ["*"], "routes": [  # noqa: E731
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]
         b = {"node": node("svc-b-v1", "svc-b", "v1", "10.0.0.2"),
@@ -148,7 +164,7 @@ class Mesh:
              "static_resources": {
                  "listeners": [
                      _hcm_listener("in_http", self.b_http, "INBOUND", [MX_IN, STATS_IN], catch_all("inbound|8080||"),
-                                   "inbound_0.0.0.0_8080"),
+                                   "inbound_0.0.0.0_8080", log_path=self.b_log),
                      _hcm_listener("in_grpc", self.b_grpc, "INBOUND", [MX_IN, STATS_IN], catch_all("inbound|9090||"),
                                    "inbound_0.0.0.0_9090"),
                      _tcp_listener("in_tcp", self.b_tcp, "INBOUND", "inbound|7070||", STATS_IN)],
@@ -159,20 +175,29 @@ class Mesh:
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": OUT_CLUSTER}}]}]
         vh_grpc = [{"name": SVC_B + ":9090", "domains": ["*"], "routes": [
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": OUT_GRPC}}]}]
+        self.a_prom, a_admin = free_port(), free_port()
+        prom = {"name": "0.0.0.0_15090", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                         "port_value": self.a_prom}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                    "@type": HCM, "stat_prefix": "stats", "codec_type": "AUTO",
+                    "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"], "routes": [
+                        {"match": {"prefix": "/stats/prometheus"}, "route": {"cluster": "prometheus_stats"}}]}]},
+                    "http_filters": [ROUTER]}}]}]}
         a = {"node": node("svc-a", "svc-a", "v1", "10.0.0.1"),
-             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": a_admin}}},
              "static_resources": {
                  "listeners": [
                      _hcm_listener("out_http", self.a_http, "OUTBOUND", [MX_OUT, STATS_OUT], vh, "outbound_0.0.0.0_8080"),
                      _hcm_listener("out_grpc", self.a_grpc, "OUTBOUND", [MX_OUT, STATS_OUT], vh_grpc,
                                    "outbound_0.0.0.0_9090"),
-                     _tcp_listener("out_tcp", self.a_tcp, "OUTBOUND", "outbound|7070||" + SVC_B, STATS_OUT)],
-                 "clusters": [
+                     _tcp_listener("out_tcp", self.a_tcp, "OUTBOUND", "outbound|7070||" + SVC_B, STATS_OUT),
+                     prom],
+                 "clusters": [_static("prometheus_stats", a_admin),
                      _static(OUT_CLUSTER, self.b_http, metadata=istio_meta(SVC_B, "svc-b")),
                      _static("outbound|8081||" + SVC_B, closed, metadata=istio_meta(SVC_B, "svc-b")),
                      _static(OUT_GRPC, self.b_grpc, h2=True, metadata=istio_meta(SVC_B, "svc-b")),
                      _static("outbound|7070||" + SVC_B, self.b_tcp, metadata=istio_meta(SVC_B, "svc-b"))]}}
-        self.b = Pyproxy(b)
+        self.b = Pyproxy(b, extra_args=["--file-flush-interval-msec", "100"])
         try:
             self.a = Pyproxy(a)
         except BaseException:
@@ -187,6 +212,7 @@ class Mesh:
         self.http.server_close()
         self.grpc_server.stop(0)
         self.echo.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +417,70 @@ def test_malformed_peer_header_is_counted_and_ignored(mesh):
     d = dict(labels)
     assert d["source_workload_namespace"] == "other" and d["source_app"] == "curl"
     assert d["source_canonical_service"] == "unknown"
+
+
+PROM_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+               "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def _samples_text(text):
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name.removesuffix("_total"), tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _samples_om(text):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue
+            out[(s.name.removesuffix("_total"), tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_prometheus_text_and_openmetrics_agree_and_15090_serves_them(mesh):
+    get(mesh.a_http, "/again")
+    st, h, text = admin(mesh.a, "/stats/prometheus", {"accept": "text/plain"})
+    assert st == 200 and h["content-type"].startswith("text/plain")
+    st, h, om = admin(mesh.a, "/stats/prometheus", {"accept": PROM_ACCEPT})
+    assert st == 200 and h["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert om.endswith("# EOF\n")
+    assert "# TYPE istio_requests counter" in om and "# TYPE istio_request_duration_milliseconds histogram" in om
+    a, b = _samples_text(text), _samples_om(om)
+    # every text sample is in the OpenMetrics exposition with the same labels and value (counters
+    # without _total keep their names there as 'unknown' families; the 0.0.4 parser adds _total to
+    # every counter sample, hence the comparison without it); values may move between the scrapes
+    # except the istio_* ones, which nothing touches in between
+    ia = {k: v for k, v in a.items() if k[0].startswith("istio_")}
+    ib = {k: v for k, v in b.items() if k[0].startswith("istio_")}
+    assert ia and ia == ib
+    assert set(a) == set(b)
+    # through the 15090 listener (-> cluster prometheus_stats -> admin), as Prometheus scrapes a pod
+    st, h, body = get(mesh.a_prom, "/stats/prometheus", host="pod", headers={"accept": PROM_ACCEPT})
+    assert st == 200 and body.decode().endswith("# EOF\n")
+    st, h, body = get(mesh.a_prom, "/stats/prometheus?filter=istio_requests", host="pod")
+    lines = [l for l in body.decode().splitlines() if l and not l.startswith("#")]
+    assert lines and all(l.startswith("istio_requests_total{") for l in lines)
+
+
+def test_peer_in_filter_state_for_access_logs(mesh):
+    get(mesh.a_http, "/logged")
+    deadline = time.monotonic() + 10
+    line = None
+    while time.monotonic() < deadline and line is None:
+        if os.path.exists(mesh.b_log):
+            for l in open(mesh.b_log).read().splitlines():
+                if l.startswith("/logged "):
+                    line = l
+        time.sleep(0.1)
+    assert line is not None
+    path, wl, ns, typ, up, peer = line.split(" ", 5)
+    assert (wl, ns, typ, up) == ("svc-a", "default", "deployment", "-")
+    assert json.loads(peer) == {"app": "svc-a", "cluster": "Kubernetes", "name": "svc-a-abc", "namespace": "default",
+                                "revision": "v1", "service": "svc-a", "type": "deployment", "version": "v1",
+                                "workload": "svc-a"}

@@ -1,8 +1,9 @@
 """docker-compose.yml, its generated config (docker/) and the Dockerfile / envoy launcher.
 
-No container engine runs here: the compose file is checked with `docker-compose config`, its
-config files are compiled by pyproxy itself, and the launcher is run against this checkout.
-scripts/netns_mesh.py brings the same topology up for real (tests/test_sidecar_e2e.py).
+Without a container engine: the compose file is checked with `docker-compose config`, its config
+files are compiled by pyproxy itself, and the launcher is run against this checkout.
+tests/test_compose_mesh.py builds the images and runs the mesh in docker; scripts/netns_mesh.py
+brings the same topology up with network namespaces (tests/test_sidecar_e2e.py).
 """
 
 import asyncio
@@ -50,7 +51,8 @@ def test_compose_topology(compose):
         assert init["entrypoint"] == ["/usr/local/bin/pyproxy-istio-iptables"]
         # sidecar: uid 1337, started like pilot-agent starts envoy, after the init container
         assert proxy["user"] == "1337:1337"
-        assert proxy["entrypoint"] == ["/usr/local/bin/envoy"]
+        # pod-agent (pilot-agent's stand-in) starts the launcher with pilot-agent's command line
+        assert proxy["entrypoint"] == ["/usr/local/bin/pod-agent", "--", "/usr/local/bin/envoy"]
         assert proxy["command"][:2] == ["-c", "/etc/pyproxy/sidecar-%s.json" % pod]
         flags = proxy["command"][2:]
         assert flags == AGENT_FLAGS[:AGENT_FLAGS.index("--component-log-level")]

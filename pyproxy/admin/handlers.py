@@ -144,9 +144,12 @@ def _h_stats(admin, p):
     return _text(body)
 
 
-def _h_prometheus(admin, p):
+def _h_prometheus(admin, p, accept: str = ""):
     try:
-        return _text(_sr.render_prometheus(admin.ctx.stats, _sr.Query(p, prometheus=True)))
+        q = _sr.Query(p, prometheus=True)
+        if _sr.wants_openmetrics(accept):  # the scraper asked for OpenMetrics (prometheus_client's)
+            return Response(200, _sr.OPENMETRICS_TYPE, _sr.render_openmetrics(admin.ctx.stats, q))
+        return _text(_sr.render_prometheus(admin.ctx.stats, q))
     except _sr.StatsParamError as e:
         return _text(str(e), 400)
 
@@ -533,12 +536,15 @@ ENDPOINTS: dict = {
 }
 
 
-def dispatch(admin, method: str, path: str, query: str) -> Response:
-    """Route one request. Mutating endpoints need POST (405 otherwise, as Envoy answers)."""
+def dispatch(admin, method: str, path: str, query: str, accept: str = "") -> Response:
+    """Route one request. Mutating endpoints need POST (405 otherwise, as Envoy answers).
+    ``accept``: the request's Accept header (content negotiation on /stats/prometheus)."""
     ep = ENDPOINTS.get(path)
     if ep is None:
         return not_found()
     _hlp, post, _params, fn = ep
     if post and method != "POST":
         return _text("Method %s not allowed, POST required." % method, 405)
+    if fn is _h_prometheus:
+        return fn(admin, parse_query(query), accept)
     return fn(admin, parse_query(query))

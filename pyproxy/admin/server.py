@@ -158,7 +158,8 @@ class _AdminConnection(asyncio.Protocol):
         query = (u.query or b"").decode("latin-1")
         keep_alive = self.parser.should_keep_alive()
         try:
-            resp = _h.dispatch(self.server, "GET" if method == "HEAD" else method, path, query)
+            accept = next((v for k, v in self.headers if k == "accept"), "")
+            resp = _h.dispatch(self.server, "GET" if method == "HEAD" else method, path, query, accept)
         except Exception as e:  # a broken context must not take the admin down
             log.error("admin handler for %s failed: %r", path, e)
             resp = _h.Response(500, _h.TEXT, "internal error: %s\n" % e)

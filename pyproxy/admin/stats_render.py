@@ -23,6 +23,11 @@ import json
 import math
 import re
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                    SummaryMetricFamily)
+from prometheus_client.openmetrics.exposition import generate_latest
+
 from pyproxy import stats as _stats
 from pyproxy.routing.regex import RegexError, compile_admin_regex
 
@@ -493,11 +498,9 @@ def _labels(tags, extra=()) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def render_prometheus(store, q: Query) -> str:
+def _grouper(store):
     prod = producer_for(store)
     tagged = getattr(store, "tagged", None) or {}
-    tr, cg, hs = _select(store, q)
-    out: list = []
 
     def group(items):
         """{prometheus name: [(stat name, tags, stat)]}, ordered as Envoy orders families: by
@@ -512,7 +515,15 @@ def render_prometheus(store, q: Query) -> str:
                 fams.setdefault(pn, []).append((n, tags, s))
                 keys.setdefault(pn, base)
         return {pn: fams[pn] for pn in sorted(fams, key=lambda k: keys[k])}
+    return group
 
+
+def render_prometheus(store, q: Query) -> str:
+    """Prometheus text format 0.0.4, laid out as Envoy lays it out (see the module doc); the
+    ``istio_*`` stats (tagged, namespace ``istiocustom``) carry their tags as labels."""
+    group = _grouper(store)
+    tr, cg, hs = _select(store, q)
+    out: list = []
     counters = [(n, s) for n, s in cg if s.kind == "counter"]
     gauges = [(n, s) for n, s in cg if s.kind == "gauge"]
     for kind, items in (("counter", counters), ("gauge", gauges)):
@@ -546,3 +557,110 @@ def render_prometheus(store, q: Query) -> str:
             out.append("%s_sum%s %s" % (pn, _labels(tags), fmt_g32(h.total)))
             out.append("%s_count%s %d" % (pn, _labels(tags), h.count))
     return "".join(line + "\n" for line in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenMetrics, through prometheus_client's exposition
+
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """True when the scraper's Accept header prefers OpenMetrics (as Prometheus asks by default:
+    ``application/openmetrics-text;version=1.0.0,...;q=0.x,text/plain;version=0.0.4;q=0.x``)."""
+    if not accept:
+        return False
+    best_om = best_text = -1.0
+    for part in accept.split(","):
+        fields = [f.strip() for f in part.split(";")]
+        mt = fields[0].lower()
+        qv = 1.0
+        for f in fields[1:]:
+            k, _, v = f.partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    qv = float(v)
+                except ValueError:
+                    qv = 0.0
+        if mt == "application/openmetrics-text":
+            best_om = max(best_om, qv)
+        elif mt in ("text/plain", "*/*", "text/*"):
+            best_text = max(best_text, qv)
+    return best_om > 0 and best_om >= best_text
+
+
+class StoreCollector:
+    """The store as prometheus_client metric families (same names, labels and values as the text
+    format). Counters whose name ends in ``_total`` are OpenMetrics counters; Envoy's other counters
+    (``envoy_cluster_upstream_rq_2xx``...) keep their names as ``unknown``-typed families, since an
+    OpenMetrics counter would rename their samples to ``..._total``."""
+
+    def __init__(self, store, q: Query):
+        self.store = store
+        self.q = q
+
+    def collect(self):
+        group = _grouper(self.store)
+        q = self.q
+        tr, cg, hs = _select(self.store, q)
+        counters = [(n, s) for n, s in cg if s.kind == "counter"]
+        gauges = [(n, s) for n, s in cg if s.kind == "gauge"]
+
+        def names(tags):
+            return [sanitize(k) for k, _ in tags], [str(v) for _, v in tags]
+        cfams, gfams, hfams = group(counters), group(gauges), group(hs)
+        taken = set(cfams) | set(gfams) | set(hfams)
+        for pn, rows in cfams.items():
+            # an OpenMetrics counter family is named without _total: only when that name is free
+            if pn.endswith("_total") and pn[:-6] not in taken:
+                fam = None
+                for n, tags, c in rows:
+                    keys, vals = names(tags)
+                    if fam is None:
+                        fam = CounterMetricFamily(pn, "", labels=keys)
+                    fam.add_metric(vals, c.value)
+                yield fam
+            else:
+                m = Metric(pn, "", "unknown")
+                for n, tags, c in rows:
+                    keys, vals = names(tags)
+                    m.add_sample(pn, dict(zip(keys, vals)), c.value)
+                yield m
+        for pn, rows in gfams.items():
+            fam = None
+            for n, tags, g in rows:
+                keys, vals = names(tags)
+                if fam is None:
+                    fam = GaugeMetricFamily(pn, "", labels=keys)
+                fam.add_metric(vals, g.value)
+            yield fam
+        if q.text_readouts:
+            for pn, rows in group(tr).items():
+                fam = None
+                for n, tags, v in rows:
+                    keys, vals = names(tags)
+                    if fam is None:
+                        fam = GaugeMetricFamily(pn, "", labels=keys + ["text_value"])
+                    fam.add_metric(vals + [str(v)], 0)
+                yield fam
+        for pn, rows in hfams.items():
+            fam = None
+            for n, tags, h in rows:
+                keys, vals = names(tags)
+                if q.buckets == "summary":
+                    if fam is None:
+                        fam = SummaryMetricFamily(pn, "", labels=keys)
+                    fam.add_metric(vals, h.count, h.total)
+                    continue
+                if fam is None:
+                    fam = HistogramMetricFamily(pn, "", labels=keys)
+                buckets = [(fmt_g32(b), c) for b, c in zip(_stats.DEFAULT_BUCKETS, _bucket_counts(h, True))]
+                buckets.append(("+Inf", h.count))
+                fam.add_metric(vals, buckets, h.total)
+            yield fam
+
+
+def render_openmetrics(store, q: Query) -> bytes:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StoreCollector(store, q))
+    return generate_latest(reg)

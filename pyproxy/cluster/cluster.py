@@ -20,6 +20,7 @@ from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
 from .host import Host, PrioritySet
 from .lb import create_lb
+from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
 from .pool import Http1Pool
 
@@ -143,13 +144,19 @@ class Cluster:
         self._init_stats()
         self.outlier = Detector(self, proto.outlier_detection) \
             if proto.HasField("outlier_detection") else None
+        self.hc = HealthChecker(self, proto.health_checks) if len(proto.health_checks) else None
+        self.merge_window = duration_s(proto.common_lb_config, "update_merge_window", 1.0) \
+            if proto.HasField("common_lb_config") else 1.0
+        self._last_lb_update = float("-inf")
+        self._merge_timer = None
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
         self.original_dst_use_header = False
         if self.original_dst and proto.HasField("original_dst_lb_config"):
             self.original_dst_use_header = proto.original_dst_lb_config.use_http_header
         self._dns = None
-        self.initialized = self.type in (STATIC, ORIGINAL_DST)
+        # (a health-checked cluster initializes once every host has had its first check)
+        self.initialized = self.type == ORIGINAL_DST or (self.type == STATIC and self.hc is None)
         self.priority_set = PrioritySet([[]])
         self.lb = None
         if self.type == STATIC or (self.type in (STRICT_DNS, LOGICAL_DNS)):
@@ -257,7 +264,24 @@ class Cluster:
 
     def hosts_health_changed(self) -> None:
         """A host's health flags changed (outlier ejection, active health check): the balancer
-        is rebuilt from the same hosts."""
+        is rebuilt from the same hosts. As Envoy's cluster manager does with such updates, one
+        that comes within ``common_lb_config.update_merge_window`` (default 1 s, 0 = never merge)
+        of the last applied update waits for the window (changes meanwhile merge into it)."""
+        if not self.initialized:  # (Envoy: no host-set updates while the cluster initializes)
+            self.lb.update()
+            return
+        w = self.merge_window
+        if w and self.loop.time() - self._last_lb_update < w:
+            if self._merge_timer is None:
+                self._merge_timer = self.loop.call_later(w, self._apply_health)
+            return
+        self._apply_health()
+
+    def _apply_health(self) -> None:
+        if self._merge_timer is not None:
+            self._merge_timer.cancel()
+            self._merge_timer = None
+        self._last_lb_update = self.loop.time()
         self.lb.update()
         self.st_membership_healthy.set(sum(1 for h in self.priority_set.all_hosts if h.healthy))
 
@@ -270,7 +294,15 @@ class Cluster:
         if od is not None:
             od.add_hosts(upd.added)
             od.remove_hosts(upd.removed)
+        if self.hc is not None:
+            self.hc.add_hosts(upd.added)
+            self.hc.remove_hosts(upd.removed)
         self.lb = create_lb(self.proto, ps)
+        if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
+            self._merge_timer.cancel()
+            self._merge_timer = None
+        if self.initialized:
+            self._last_lb_update = self.loop.time()
         keys = {h.key for h in ps.all_hosts}
         for h in upd.removed:
             if h.key not in keys:
@@ -283,6 +315,10 @@ class Cluster:
         self._mark_initialized()
 
     def _mark_initialized(self):
+        hc = self.hc
+        if hc is not None and not hc.initial_round_done():
+            hc.on_initial_round = self._mark_initialized  # (when every host had its first check)
+            return
         if not self.initialized:
             sp = getattr(self, "secret_providers", ())
             waiting = [p for p in sp if not p.ready] if sp else ()
@@ -312,6 +348,8 @@ class Cluster:
         """Begin background work (DNS resolution, outlier detection's interval timer)."""
         if self.outlier is not None:
             self.outlier.start()
+        if self.hc is not None:
+            self.hc.start()
         if self.type in (STRICT_DNS, LOGICAL_DNS):
             from .dns import DnsRefresher
             self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
@@ -372,8 +410,13 @@ class Cluster:
         return p
 
     def close(self) -> None:
+        if self._merge_timer is not None:
+            self._merge_timer.cancel()
+            self._merge_timer = None
         if self.outlier is not None:
             self.outlier.close()
+        if self.hc is not None:
+            self.hc.close()
         if self._dns is not None:
             self._dns.stop()
             self._dns = None

@@ -53,7 +53,8 @@ Per request: ``lb.choose(ctx) -> Host | None`` (``ctx`` may be None). With
 is re-picked (hash policies perturb the hash per attempt); the last pick is returned.
 
 Not implemented (accepted, ignored, logged once): slow_start_config, hash_balance_factor (bounded
-loads), zone-aware routing (needs the local cluster), update_merge_window.
+loads), zone-aware routing (needs the local cluster). (``update_merge_window`` is the cluster's:
+see ``Cluster.hosts_health_changed``.)
 """
 
 from __future__ import annotations

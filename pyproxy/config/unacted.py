@@ -24,7 +24,6 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
-    ("cluster", "health_checks[]", "active health checks are not implemented yet: hosts are not probed"),
     ("cluster", "circuit_breakers.thresholds[].retry_budget",
      "retry budgets are not implemented yet: max_retries limits retries"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),

@@ -15,7 +15,7 @@ import time
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
-from ..stream_info import StreamInfo
+from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
 
@@ -938,7 +938,7 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
     si.downstream_direct_remote_address = csi.downstream_direct_remote_address
     si.downstream_local_address = csi.downstream_local_address
     si.requested_server_name = csi.requested_server_name
-    si.response_flags = set()
+    si.response_flags = _ResponseFlags()
     si.connection_id = csi.connection_id
     si.filter_state = conn.filter_state
     si.dynamic_metadata = {}

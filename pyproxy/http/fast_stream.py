@@ -162,6 +162,7 @@ class FastStream(ActiveStream):
         status = int(headers._h[0][1])
         c = self.cluster
         c.count_response(status, self.host)
+        self.stream_info.response_code_details = "via_upstream"
         if not self.cfg.router_suppress_envoy_headers:
             headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))
         self.route.finalize_response_headers(headers, self.stream_info, self.choice, self.request_headers)

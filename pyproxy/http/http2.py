@@ -194,17 +194,47 @@ _UNIQUE_FIELDS = frozenset(n2 for n in ("x-request-id", "x-client-trace-id", "tr
                            for n2 in (n, n.encode()))
 
 
+class ByteMemo:
+    """A memo dict bounded in bytes, not entries: every entry is charged an estimate of what it
+    holds (its key and value bytes plus object overhead); an entry over ``item_limit`` is not kept,
+    and the dict is emptied when the total would pass ``limit``. Lookups use ``.d`` directly."""
+
+    __slots__ = ("d", "used", "limit", "item_limit")
+
+    def __init__(self, limit: int, item_limit: int):
+        self.d: dict = {}
+        self.used = 0
+        self.limit = limit
+        self.item_limit = item_limit
+
+    def put(self, key, value, cost: int) -> None:
+        if cost > self.item_limit:
+            return
+        used = self.used + cost
+        if used > self.limit:
+            self.d.clear()
+            used = cost
+        self.d[key] = value
+        self.used = used
+
+
+# Process-wide memos (they hold only what traffic sent, so each is bounded in bytes): encoded
+# fields (no dynamic table, so the same for every connection), Huffman strings, field
+# translations and whole request/response blocks.
+_ENC = ByteMemo(2 << 20, 2048)
+_HUFF = ByteMemo(1 << 20, 1024)
+_FIELD_OVERHEAD = 250  # two tuples, two str/bytes objects and a dict slot, roughly
+
+
 class FastEncoder:
     """HPACK without the dynamic table: static-table hits are indexed, everything else is a
     literal without indexing (no Huffman). Valid for any decoder, much cheaper to produce than
-    ``hpack.Encoder``'s output; each distinct field's encoding is memoized (bounded)."""
+    ``hpack.Encoder``'s output; each distinct field's encoding is memoized (process-wide, bounded in bytes)."""
 
     __slots__ = ("memo", "pending_size_update", "_size")
 
-    MEMO_MAX = 4096
-
     def __init__(self):
-        self.memo = {}
+        self.memo = _ENC.d
         self.pending_size_update = None
         self._size = 4096
 
@@ -230,9 +260,7 @@ class FastEncoder:
             if b is None:
                 b = self._encode_one(kv)
                 if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
-                    if len(memo) >= self.MEMO_MAX:
-                        memo.clear()
-                    memo[kv] = b
+                    _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
             out.append(b)
         return b"".join(out)
 
@@ -275,9 +303,9 @@ class FastDecoder:
     and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
 
     __slots__ = ("dyn", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
-                 "version")
+                 "version", "memo_used", "memo_limit")
 
-    MEMO_MAX = 1024
+    OP_COST = 128  # bytes one parsed operation and its decoded field hold in the memo, roughly
 
     def __init__(self, max_header_list_size: int):
         self.dyn = collections.deque()  # newest first: (name, value)
@@ -287,6 +315,10 @@ class FastDecoder:
         self.max_header_list_size = max_header_list_size
         self.memo = {}  # block -> [ops, changes the table?, table version of result, result]
         self.version = 0  # bumped whenever the dynamic table changes
+        # the memo is bounded in bytes by the header-list limit (16 KiB..256 KiB per connection),
+        # and a block whose ops would take more than a quarter of it is not kept
+        self.memo_limit = min(max(max_header_list_size, 16384), 262144)
+        self.memo_used = 0
 
     @property
     def header_table_size(self) -> int:
@@ -303,11 +335,14 @@ class FastDecoder:
             # names, literal values, each inserted) has the same fields whatever the table holds
             m = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None,
                  all(op[0] == 2 or op[1] <= 61 for op in ops), 0]
-            if len(data) <= 1024:  # bounded memo: a few MB per connection at most
-                memo = self.memo
-                if len(memo) >= self.MEMO_MAX:
-                    memo.clear()
-                memo[data] = m
+            cost = len(data) + self.OP_COST * len(ops) + 200
+            if cost <= self.memo_limit >> 2:
+                used = self.memo_used + cost
+                if used > self.memo_limit:
+                    self.memo.clear()
+                    used = cost
+                self.memo[data] = m
+                self.memo_used = used
         elif m[2] == self.version:
             return m[3]  # same block, same table: same fields (already size-checked)
         elif m[4] and m[3] is not None:
@@ -402,7 +437,7 @@ class FastDecoder:
             self.dyn_size -= len(kv[0]) + len(kv[1]) + 32
 
 
-_HUFFMAN_MEMO: dict = {}
+_HUFFMAN_MEMO = _HUFF.d
 
 
 def _hp_read_int(data: bytes, pos: int, bits: int):
@@ -439,10 +474,7 @@ def _hp_read_str(data: bytes, pos: int):
         s = _HUFFMAN_MEMO.get(raw)
         if s is None:
             s = decode_huffman(raw)
-            if n <= 256:
-                if len(_HUFFMAN_MEMO) >= 4096:
-                    _HUFFMAN_MEMO.clear()
-                _HUFFMAN_MEMO[raw] = s
+            _HUFF.put(raw, s, len(raw) + len(s) + 120)
         return s, e
     return raw, e
 
@@ -575,9 +607,10 @@ h2.stream.utf8_encode_headers = _utf8_encode_headers
 
 # -- header translation --------------------------------------------------------------------------
 
-_OUT_MEMO: dict = {}
-_IN_MEMO: dict = {}
-_MEMO_MAX = 8192
+_OUT = ByteMemo(4 << 20, 8192)
+_IN = ByteMemo(4 << 20, 8192)
+_OUT_MEMO = _OUT.d
+_IN_MEMO = _IN.d
 REQUEST, RESPONSE, TRAILERS = 0, 1, 2
 _REQUEST_PSEUDO = frozenset((":method", ":scheme", ":authority", ":path", ":protocol"))
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
@@ -590,9 +623,7 @@ class BadHeaders(Exception):
 def _out(kv):
     k, v = kv
     r = (k.encode("latin-1"), v.encode("latin-1"))
-    if len(_OUT_MEMO) >= _MEMO_MAX:
-        _OUT_MEMO.clear()
-    _OUT_MEMO[kv] = r
+    _OUT.put(kv, r, 2 * (len(k) + len(v)) + _FIELD_OVERHEAD)
     return r
 
 
@@ -641,9 +672,7 @@ def _in(kv):
     if name == "te" and value != "trailers":
         raise BadHeaders("te other than trailers")
     r = (name, value)
-    if len(_IN_MEMO) >= _MEMO_MAX:
-        _IN_MEMO.clear()
-    _IN_MEMO[kv] = r
+    _IN.put(kv, r, 2 * (len(n) + len(v)) + _FIELD_OVERHEAD)
     return r
 
 
@@ -706,7 +735,10 @@ def inbound_headers(raw, kind: int) -> list:
 
 
 _STATUS_ONLY = {":status"}
-_REQ_MEMO: dict = {}
+_REQ = ByteMemo(4 << 20, 16384)
+_RESP = ByteMemo(4 << 20, 16384)
+_REQ_MEMO = _REQ.d
+_RESP_MEMO = _RESP.d
 
 
 def request_fields(raw) -> tuple:
@@ -744,25 +776,16 @@ def request_fields(raw) -> tuple:
             i += 1
         h.insert(i, (":authority", host))
     r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT")
-    if _memoizable(key):
-        if len(_REQ_MEMO) >= _BLOCK_MEMO_MAX:
-            _REQ_MEMO.clear()
-        _REQ_MEMO[key] = r
+    _REQ.put(key, r, _block_cost(key))
     return r
 
 
-_BLOCK_MEMO_MAX = 1024
-
-
-def _memoizable(fields) -> bool:
-    """Small blocks only: the block memos stay a few MB at most."""
-    n = 0
+def _block_cost(fields) -> int:
+    """What a memoized block holds: its fields (key and translated result) and the tuples."""
+    n = 300
     for kv in fields:
-        n += len(kv[0]) + len(kv[1])
-    return n <= 4096
-
-
-_RESP_MEMO: dict = {}
+        n += 2 * (len(kv[0]) + len(kv[1])) + 180
+    return n
 
 
 def response_fields(raw) -> list:
@@ -771,10 +794,7 @@ def response_fields(raw) -> list:
     r = _RESP_MEMO.get(key)
     if r is None:
         r = tuple(inbound_headers(key, RESPONSE))
-        if _memoizable(key):
-            if len(_RESP_MEMO) >= _BLOCK_MEMO_MAX:
-                _RESP_MEMO.clear()
-            _RESP_MEMO[key] = r
+        _RESP.put(key, r, _block_cost(key))
     return list(r)
 
 

@@ -402,6 +402,7 @@ class Router:
                 return
         self._choose(up)
         self.response_started = True
+        self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host)
         if not self.cfg.suppress_envoy_headers:
             headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
