@@ -24,12 +24,7 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
-    ("cluster", "circuit_breakers.thresholds[].retry_budget",
-     "retry budgets are not implemented yet: max_retries limits retries"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
-    ("route_configuration", "virtual_hosts[].routes[].route.hedge_policy",
-     "hedging is not implemented yet: one request at a time"),
-    ("route_configuration", "virtual_hosts[].hedge_policy", "hedging is not implemented yet: one request at a time"),
     ("route_configuration", "virtual_hosts[].routes[].route.metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.weighted_clusters.clusters[].metadata_match",
