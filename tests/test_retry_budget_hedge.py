@@ -3,6 +3,7 @@
 timeouts, compared with Envoy request for request and stat for stat."""
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -42,12 +43,15 @@ class SlotBackend(HttpBackend):
             now = time.monotonic()
             if self.t0 is None:
                 self.t0 = now
-        k = int((now - self.t0) / self.SLOT) + 1
-        time.sleep(max(0.0, self.t0 + k * self.SLOT - 0.4 - time.monotonic()))
+        # answers go out at t0 + 0.6, 1.6, 2.6...: the first boundary at least 0.2 s away
+        m = max(0, math.ceil((now + 0.2 - self.t0 - 0.6) / self.SLOT))
+        if req.path.startswith("/ok"):
+            m = max(m, 2)  # the long ones: active until the third slot
+        time.sleep(max(0.0, self.t0 + 0.6 + m * self.SLOT - time.monotonic()))
         return simple_response(200 if req.path.startswith("/ok") else 503, b"x")
 
 
-def _budget_run(proxy_cls, budget, n, num_retries=2):
+def _budget_run(proxy_cls, budget, n, n_ok=0, num_retries=2):
     with SlotBackend() as be:
         port = free_port()
         rt = route("/", "b", retry_policy={
@@ -63,13 +67,14 @@ def _budget_run(proxy_cls, budget, n, num_retries=2):
 
             def one(i):
                 try:
-                    st, _, body = request(px.port, "GET", "/x%d" % i, timeout=15)
+                    st, _, body = request(px.port, "GET", "/%s" % i, timeout=15)
                 except OSError as e:
                     st, body = "error", str(e).encode()
                 with lock:
                     res.append((st, body))
 
-            ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            ts = [threading.Thread(target=one, args=("ok%d" % i,)) for i in range(n_ok)]
+            ts += [threading.Thread(target=one, args=(i,)) for i in range(n)]
             for t in ts:
                 t.start()
             for t in ts:
@@ -77,20 +82,23 @@ def _budget_run(proxy_cls, budget, n, num_retries=2):
             return sorted(res), _stats(px), len(be.requests)
 
 
-@pytest.mark.parametrize("budget,n", [
-    ({"budget_percent": {"value": 0.0}, "min_retry_concurrency": 1}, 4),
-    ({"budget_percent": {"value": 50.0}, "min_retry_concurrency": 1}, 8),
-    ({}, 5),  # the defaults: 20 %, at least 3
-    (None, 3),  # no budget: max_retries 1
-])
-def test_retry_budget_overflow_matches_envoy(budget, n):
-    """Concurrent requests whose upstream answers 503: how many are retried, how many overflow the
-    budget (their 503 goes to the client as it is) and how many run out of retries."""
-    results = [_budget_run(cls, budget, n) for cls in proxies()]
+@pytest.mark.parametrize("budget,n,n_ok", [
+    ({"budget_percent": {"value": 0.0}, "min_retry_concurrency": 1}, 4, 0),
+    ({}, 5, 0),  # the defaults: 20 %, at least 3
+    # 15 % of the 8 to 12 active requests is 1 (min_retry_concurrency 0 does not raise it)
+    ({"budget_percent": {"value": 15.0}, "min_retry_concurrency": 0}, 4, 8),
+    (None, 3, 0),  # no budget: max_retries 1
+], ids=["percent0_min1", "defaults", "percent15_min0", "max_retries"])
+def test_retry_budget_overflow_matches_envoy(budget, n, n_ok):
+    """Concurrent requests whose upstream answers 503 (all in the same instants, so that both
+    proxies see the same concurrency): how many are retried, how many overflow the budget (their
+    503 goes to the client as it is) and how many run out of retries."""
+    results = [_budget_run(cls, budget, n, n_ok) for cls in proxies()]
     py, ev = results
     assert py == ev
     assert py[1]["upstream_rq_retry_overflow"] > 0
-    assert all(st == 503 and body == b"x" for st, body in py[0])
+    assert sum(1 for st, body in py[0] if st == 503 and body == b"x") == n
+    assert sum(1 for st, body in py[0] if st == 200) == n_ok
 
 
 PLANS = {  # path -> (delay s, status, body) for the first, second... request with that path
