@@ -54,9 +54,11 @@ _R("network_filter", "envoy.extensions.filters.network.wasm.v3.Wasm",
 
 # Istio's network filters (types no installed proto defines; they arrive as TypedStruct or a marked
 # Struct, which ``type_name_of`` sees through).
-_I("network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
-   "istio.metadata_exchange: peer metadata is exchanged only inside mTLS (ALPN istio-peer-exchange), "
-   "which is not implemented yet; without it peer labels are missing from telemetry, traffic is unchanged")
+_R("network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
+   "pyproxy.filters.network.metadata_exchange:factory")
+# a cluster's ``filters`` (upstream network filters): only Istio's metadata exchange
+_R("upstream_network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
+   "pyproxy.filters.network.metadata_exchange:upstream_factory")
 _R("network_filter", "stats.PluginConfig", "pyproxy.filters.network.istio_stats:factory")
 _I("network_filter", "io.istio.network.authn.Config",
    "istio_authn: publishes the mTLS peer identity for RBAC; without TLS there is no peer identity, "

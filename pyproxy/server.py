@@ -106,6 +106,7 @@ class Server:
             self.node.cluster = options.service_cluster
         if options.service_node:
             self.node.id = options.service_node
+        self.cluster_manager.node = self.node
         s = self.stats
         self.st_state = s.gauge("server.state", accumulate=False)
         self.st_live = s.gauge("server.live", accumulate=False)

@@ -69,6 +69,8 @@ class StreamInfo:
     downstream_ssl = None  # the TLS layer (pyproxy/tls/socket.py ServerTls) of a TLS connection
     downstream_peer_uri_san = ""
     downstream_local_uri_san = ""
+    upstream_peer_uri_san = ""   # first URI SAN of the upstream's certificate (tcp_proxy over TLS)
+    upstream_local_uri_san = ""  # first URI SAN of our certificate on that connection
     health_check = False
     traceable = False
 

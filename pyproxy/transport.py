@@ -52,3 +52,15 @@ async def connect_upstream(loop, factory, sock, protocol, cluster) -> None:
         await factory.connect(loop, sock, protocol, cluster.connect_timeout, cluster.scope)
     else:
         await loop.create_connection(lambda: protocol, sock=sock)
+
+
+def upstream_tls_sans(encoder):
+    """``(peer URI SAN, local URI SAN)`` of the TLS upstream connection under a request encoder
+    (an HTTP/1.1 connection or an HTTP/2 stream), or None over plaintext (istio.stats principals)."""
+    t = getattr(encoder, "transport", None)
+    if t is None:
+        t = getattr(getattr(encoder, "conn", None), "transport", None)
+    tls = getattr(t, "tls", None)
+    if tls is None:
+        return None
+    return getattr(t, "peer_uri_san", "") or "", getattr(tls, "local_uri_san", "") or ""

@@ -284,6 +284,9 @@ class Validation:
         bs = bootstrap if bootstrap is not None else bootstrap_pb2.Bootstrap()
         self.server = Server(bs, Options(mode="validate"), self.loop)
         self.glue = self.server._pending_glue = XdsGlue(self.server)
+        # clusters seen in the file so far: route configs' validate_clusters checks read it (a file
+        # without clusters, such as a listener dump, leaves the check to the proxy that loads it)
+        self.server.cluster_manager.validated = set()
         self.listeners: dict = {}  # (host, port) -> name, for duplicate addresses
 
     def close(self):
@@ -309,7 +312,10 @@ class Validation:
                                       % (cl.name, cl.address_str(), other))
                 self.listeners[(cl.host, cl.port)] = cl.name
         elif t == "envoy.config.cluster.v3.Cluster":
-            s.cluster_manager.build(msg, added_via_api=not item.static).close()
+            c = s.cluster_manager.build(msg, added_via_api=not item.static)
+            c.close()
+            # (a static route_config's validate_clusters check sees the clusters validated so far)
+            s.cluster_manager.validated.add(c.name)
         elif t == "envoy.config.route.v3.RouteConfiguration":
             from .routing import compile_route_config
             try:

@@ -125,10 +125,11 @@ class RouteProvider:
             self.stat_scopes[stat_prefix] = (s.counter("update_attempt"), s.counter("update_success"),
                                              s.counter("update_rejected"), s.counter("update_empty"),
                                              s.gauge("version", accumulate=False),
-                                             s.counter("config_reload"), s.counter("init_fetch_timeout"))
+                                             s.counter("config_reload"), s.counter("init_fetch_timeout"),
+                                             s.counter("update_failure"))
 
     def count(self, what: str, version: str = ""):
-        idx = {"attempt": 0, "success": 1, "rejected": 2, "empty": 3, "timeout": 6}[what]
+        idx = {"attempt": 0, "success": 1, "rejected": 2, "empty": 3, "timeout": 6, "failure": 7}[what]
         for st in self.stat_scopes.values():
             st[idx].inc()
             if what == "success":
@@ -325,6 +326,23 @@ class XdsGlue:
     def on_connection_state(self, connected: bool) -> None:
         self.connected = connected
         log.info("xDS stream %s", "connected" if connected else "disconnected")
+
+    def on_stream_failure(self) -> None:
+        """The ADS stream ended or could not be opened: as Envoy, every subscription counts an
+        update attempt that failed (``update_failure``): CDS, LDS, each RDS route and EDS cluster."""
+        for t in self.wanted_types:
+            st = self.st.get(t)
+            if st is not None:
+                st[0].inc()
+                st[5].inc()
+        for p in self.routes.values():
+            p.count("attempt")
+            p.count("failure")
+        for c in list(self.cm.active.values()) + list(self.cm.warming.values()):
+            if c.type == EDS_TYPE:
+                sc = c.scope
+                sc.counter("update_attempt").inc()
+                sc.counter("update_failure").inc()
 
     def on_resources(self, type_url, version_info, added, removed, sotw):
         try:

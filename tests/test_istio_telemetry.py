@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2
 
 from tests import grpc_util
 from tests.proxy_util import Pyproxy, free_port
+from tests.tls_certs import Pki, downstream_tls, upstream_tls
 
 T = "type.googleapis.com/"
 HCM = T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -71,7 +72,7 @@ def _static(name, port, h2=False, **extra):
     return c
 
 
-def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None):
+def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None, tls=None):
     hcm = {"@type": HCM, "stat_prefix": stat, "codec_type": "AUTO",
            "route_config": {"name": stat, "virtual_hosts": vhosts},
            "http_filters": filters + [ROUTER]}
@@ -79,10 +80,12 @@ def _hcm_listener(name, port, direction, filters, vhosts, stat, log_path=None):
         hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": T + "envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": log_path,
             "log_format": {"text_format_source": {"inline_string": PEER_LOG}}}}]
+    chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+    if tls is not None:
+        chain["transport_socket"] = tls
     return {"name": name, "traffic_direction": direction,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": hcm}]}]}
+            "filter_chains": [chain]}
 
 
 PEER_LOG = ("%REQ(:PATH)% %FILTER_STATE(downstream_peer_obj:FIELD:workload)% "
@@ -90,12 +93,26 @@ PEER_LOG = ("%REQ(:PATH)% %FILTER_STATE(downstream_peer_obj:FIELD:workload)% "
             "%FILTER_STATE(upstream_peer_obj:FIELD:workload)% %FILTER_STATE(downstream_peer)%\n")
 
 
-def _tcp_listener(name, port, direction, cluster, stats_filter):
+def _tcp_listener(name, port, direction, cluster, stats_filter, mx=False, tls=None):
+    chain = {"filters": ([MX_TCP] if mx else []) + [stats_filter, {"name": "envoy.filters.network.tcp_proxy",
+                                                                    "typed_config": {
+        "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": cluster, "cluster": cluster}}]}
+    if tls is not None:
+        chain["transport_socket"] = tls
     return {"name": name, "traffic_direction": direction,
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [stats_filter, {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-                "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                "stat_prefix": cluster, "cluster": cluster}}]}]}
+            "filter_chains": [chain]}
+
+
+# as istiod renders it: a TypedStruct on listeners, a directly typed config in clusters' filters
+MX_TCP = {"name": "istio.metadata_exchange", "typed_config": {
+    "@type": T + "udpa.type.v1.TypedStruct", "type_url": T + "envoy.tcp.metadataexchange.config.MetadataExchange",
+    "value": {"protocol": "istio-peer-exchange"}}}
+MX_CLUSTER = {"name": "istio.metadata_exchange", "typed_config": {
+    "@type": T + "envoy.tcp.metadataexchange.config.MetadataExchange", "protocol": "istio-peer-exchange"}}
+SA_A = "spiffe://cluster.local/ns/default/sa/svc-a"
+SA_B = "spiffe://cluster.local/ns/default/sa/svc-b"
 
 
 def istio_meta(host, name, ns="default"):
@@ -118,7 +135,7 @@ class Backend(BaseHTTPRequestHandler):
         pass
 
 
-def _echo_server():
+def _echo_server(greeting=b""):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
@@ -132,6 +149,8 @@ def _echo_server():
 
             def one(c=c):
                 with c:
+                    if greeting:
+                        c.sendall(greeting)
                     while True:
                         try:
                             d = c.recv(65536)
@@ -151,12 +170,20 @@ class Mesh:
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.grpc_server, self.grpc_port = grpc_util.start_grpc_server()
         self.echo = _echo_server()
+        self.greeter = _echo_server(greeting=b"HELLO from the server\n")
+        gb = self.greeter.getsockname()[1]
+        self.b_greet, self.a_greet = free_port(), free_port()
+        self.b_https, self.a_https = free_port(), free_port()
         hb, eb = self.http.server_address[1], self.echo.getsockname()[1]
         self.b_http, self.b_grpc, self.b_tcp = free_port(), free_port(), free_port()
         self.a_http, self.a_grpc, self.a_tcp = free_port(), free_port(), free_port()
         closed = free_port()
         self.tmp = tempfile.mkdtemp(prefix="px-mx-")
         self.b_log = os.path.join(self.tmp, "b.log")
+        pki = Pki(self.tmp)
+        cert_a = pki.issue("svc-a", uri=[SA_A])
+        cert_b = pki.issue("svc-b", uri=[SA_B])
+        self.b_mtls, self.a_mtls = free_port(), free_port()
         catch_all = lambda cluster: [{"name": "inbound|http", "domains": ["*"], "routes": [  # noqa: E731
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]
         b = {"node": node("svc-b-v1", "svc-b", "v1", "10.0.0.2"),
@@ -167,9 +194,19 @@ class Mesh:
                                    "inbound_0.0.0.0_8080", log_path=self.b_log),
                      _hcm_listener("in_grpc", self.b_grpc, "INBOUND", [MX_IN, STATS_IN], catch_all("inbound|9090||"),
                                    "inbound_0.0.0.0_9090"),
-                     _tcp_listener("in_tcp", self.b_tcp, "INBOUND", "inbound|7070||", STATS_IN)],
+                     _tcp_listener("in_tcp", self.b_tcp, "INBOUND", "inbound|7070||", STATS_IN),
+                     _tcp_listener("in_mtls", self.b_mtls, "INBOUND", "inbound|7070||", STATS_IN, mx=True,
+                                   tls=downstream_tls(cert_b, alpn=("istio-peer-exchange", "h2", "http/1.1"),
+                                                      ca=pki, require=True)),
+                     _hcm_listener("in_https", self.b_https, "INBOUND", [MX_IN, STATS_IN],
+                                   catch_all("inbound|8080||"), "inbound_0.0.0.0_8443",
+                                   tls=downstream_tls(cert_b, alpn=("istio-http/1.1", "istio", "http/1.1"),
+                                                      ca=pki, require=True)),
+                     _tcp_listener("in_greet", self.b_greet, "INBOUND", "inbound|7072||", STATS_IN, mx=True,
+                                   tls=downstream_tls(cert_b, alpn=("istio-peer-exchange", "h2", "http/1.1"),
+                                                      ca=pki, require=True))],
                  "clusters": [_static("inbound|8080||", hb), _static("inbound|9090||", self.grpc_port, h2=True),
-                              _static("inbound|7070||", eb)]}}
+                              _static("inbound|7070||", eb), _static("inbound|7072||", gb)]}}
         vh = [{"name": SVC_B + ":8080", "domains": [SVC_B, "svc-b", "svc-b:8080"], "routes": [
             {"name": "uf", "match": {"prefix": "/uf"}, "route": {"cluster": "outbound|8081||" + SVC_B}},
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": OUT_CLUSTER}}]}]
@@ -191,12 +228,29 @@ class Mesh:
                      _hcm_listener("out_grpc", self.a_grpc, "OUTBOUND", [MX_OUT, STATS_OUT], vh_grpc,
                                    "outbound_0.0.0.0_9090"),
                      _tcp_listener("out_tcp", self.a_tcp, "OUTBOUND", "outbound|7070||" + SVC_B, STATS_OUT),
+                     _tcp_listener("out_mtls", self.a_mtls, "OUTBOUND", "outbound|7071||" + SVC_B, STATS_OUT),
+                     _hcm_listener("out_https", self.a_https, "OUTBOUND", [MX_OUT, STATS_OUT], [
+                         {"name": "svc-b:8443", "domains": ["*"], "routes": [
+                             {"name": "default", "match": {"prefix": "/"},
+                              "route": {"cluster": "outbound|8443||" + SVC_B}}]}], "outbound_0.0.0.0_8443"),
+                     _tcp_listener("out_greet", self.a_greet, "OUTBOUND", "outbound|7072||" + SVC_B, STATS_OUT),
                      prom],
                  "clusters": [_static("prometheus_stats", a_admin),
                      _static(OUT_CLUSTER, self.b_http, metadata=istio_meta(SVC_B, "svc-b")),
                      _static("outbound|8081||" + SVC_B, closed, metadata=istio_meta(SVC_B, "svc-b")),
                      _static(OUT_GRPC, self.b_grpc, h2=True, metadata=istio_meta(SVC_B, "svc-b")),
-                     _static("outbound|7070||" + SVC_B, self.b_tcp, metadata=istio_meta(SVC_B, "svc-b"))]}}
+                     _static("outbound|7070||" + SVC_B, self.b_tcp, metadata=istio_meta(SVC_B, "svc-b")),
+                     _static("outbound|7071||" + SVC_B, self.b_mtls, metadata=istio_meta(SVC_B, "svc-b"),
+                             filters=[MX_CLUSTER],
+                             transport_socket=upstream_tls(alpn=("istio-peer-exchange", "istio"), ca=pki,
+                                                           cert=cert_a)),
+                     _static("outbound|8443||" + SVC_B, self.b_https, metadata=istio_meta(SVC_B, "svc-b"),
+                             filters=[MX_CLUSTER],
+                             transport_socket=upstream_tls(alpn=("istio-http/1.1",), ca=pki, cert=cert_a)),
+                     _static("outbound|7072||" + SVC_B, self.b_greet, metadata=istio_meta(SVC_B, "svc-b"),
+                             filters=[MX_CLUSTER],
+                             transport_socket=upstream_tls(alpn=("istio-peer-exchange", "istio"), ca=pki,
+                                                           cert=cert_a))]}}
         self.b = Pyproxy(b, extra_args=["--file-flush-interval-msec", "100"])
         try:
             self.a = Pyproxy(a)
@@ -212,6 +266,7 @@ class Mesh:
         self.http.server_close()
         self.grpc_server.stop(0)
         self.echo.close()
+        self.greeter.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -484,3 +539,163 @@ def test_peer_in_filter_state_for_access_logs(mesh):
     assert json.loads(peer) == {"app": "svc-a", "cluster": "Kubernetes", "name": "svc-a-abc", "namespace": "default",
                                 "revision": "v1", "service": "svc-a", "type": "deployment", "version": "v1",
                                 "workload": "svc-a"}
+
+
+def _echo_through(port, data, server_first=False):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            d = s.recv(65536)
+            assert d, got
+            got += d
+        return got
+    finally:
+        s.close()
+
+
+def _wait_series(p, name, timeout=10, **want):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [(l, v) for l, v in series(p, name) if all(dict(l).get(k) == w for k, w in want.items())]
+        if hits:
+            return hits
+        time.sleep(0.1)
+    return []
+
+
+def test_tcp_metadata_exchange_over_mtls(mesh):
+    """ALPN istio-peer-exchange negotiated: both sides write their frame before any byte, strip
+    the peer's, and the TCP metrics carry the peer's labels and the SPIFFE principals."""
+    before = {k: mesh.b.stat("metadata_exchange." + k) for k in ("alpn_protocol_found", "metadata_added")}
+    payload = bytes(range(256)) * 40
+    assert _echo_through(mesh.a_mtls, payload) == payload  # byte-exact: the frames never reach the apps
+    assert _wait_series(mesh.b, "istio_tcp_connections_closed_total", source_workload="svc-a")
+    assert _wait_series(mesh.a, "istio_tcp_connections_closed_total", destination_workload="svc-b-v1")
+    assert mesh.b.stat("metadata_exchange.alpn_protocol_found") - before["alpn_protocol_found"] == 1
+    assert mesh.b.stat("metadata_exchange.metadata_added") - before["metadata_added"] == 1
+    labels, v = find(mesh.b, "istio_tcp_connections_opened_total", source_workload="svc-a")
+    assert [k for k, _ in labels] == TCP_ORDER and v == 1
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="destination", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service="svc-b",
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="tcp", response_flags="-", connection_security_policy="mutual_tls")
+    labels, v = find(mesh.a, "istio_tcp_connections_opened_total", destination_workload="svc-b-v1")
+    assert [k for k, _ in labels] == TCP_ORDER and v == 1
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="source", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service=SVC_B,
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="tcp", response_flags="-", connection_security_policy="unknown")
+    for p, want in ((mesh.a, {"destination_workload": "svc-b-v1"}), (mesh.b, {"source_workload": "svc-a"})):
+        assert find(p, "istio_tcp_sent_bytes_total", **want)[1] == len(payload)
+        assert find(p, "istio_tcp_received_bytes_total", **want)[1] == len(payload)
+
+
+def test_tcp_exchange_server_speaks_first(mesh):
+    """A server-first protocol (a greeting) and a client that sends nothing: B's first write to A
+    is preceded by B's frame (the write hook), A's upstream side answers with its frame on its
+    first read; the greeting reaches the client alone, and both sides learn the peer."""
+    s = socket.create_connection(("127.0.0.1", mesh.a_greet), timeout=10)
+    try:
+        got = b""
+        deadline = time.monotonic() + 10
+        while not got.endswith(b"\n") and time.monotonic() < deadline:
+            got += s.recv(65536)
+        assert got == b"HELLO from the server\n"
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+    finally:
+        s.close()
+    assert _wait_series(mesh.b, "istio_tcp_connections_closed_total", source_workload="svc-a",
+                        destination_service_name="svc-b")
+    d = dict(_wait_series(mesh.a, "istio_tcp_connections_opened_total", destination_workload="svc-b-v1",
+                          destination_service=SVC_B)[0][0])
+    assert d["destination_principal"] == SA_B
+
+
+def test_tcp_exchange_bad_magic_passes_bytes_untouched(mesh):
+    """A peer without the filter (no frame, bad magic): peer_not_found, its bytes go on untouched
+    (after our own frame, which the server wrote first)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["istio-peer-exchange"])
+    pki_dir = mesh.tmp
+    ctx.load_cert_chain(os.path.join(pki_dir, "svc-a.pem"), os.path.join(pki_dir, "svc-a-key.pem"))
+    before = mesh.b.stat("metadata_exchange.initial_header_not_found")
+    raw = socket.create_connection(("127.0.0.1", mesh.b_mtls), timeout=10)
+    s = ctx.wrap_socket(raw)
+    try:
+        assert s.selected_alpn_protocol() == "istio-peer-exchange"
+        s.sendall(b"NOT A FRAME, just bytes")
+        got = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            got += s.recv(65536)
+            if got.endswith(b"just bytes"):
+                break
+        # the server's frame first (magic), then our bytes echoed untouched
+        assert got[:4] == bytes.fromhex("3D230467")
+        n = int.from_bytes(got[4:8], "big")
+        assert got[8 + n:] == b"NOT A FRAME, just bytes"
+    finally:
+        s.close()
+    assert mesh.b.stat("metadata_exchange.initial_header_not_found") > before
+
+
+def test_http_over_mtls_principals(mesh):
+    """HTTP between the sidecars over mTLS (ALPN istio-http/1.1: the TCP exchange stays out of the
+    way, the headers carry the metadata): SPIFFE principals on both sides, mutual_tls on the server."""
+    st, _, body = get(mesh.a_https, "/secure", host="svc-b")
+    assert st == 200 and body == b"hello from b"
+    labels, v = find(mesh.b, "istio_requests_total", source_principal=SA_A)
+    assert [k for k, _ in labels] == HTTP_ORDER and v == 1
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="destination", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service="svc-b",
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="http", response_code="200", grpc_response_status="",
+                                response_flags="-", connection_security_policy="mutual_tls")
+    labels, v = find(mesh.a, "istio_requests_total", destination_principal=SA_B)
+    assert dict(labels) == dict(SOURCE_SIDE, **DEST_SIDE, reporter="source", source_principal=SA_A,
+                                destination_principal=SA_B, destination_service=SVC_B,
+                                destination_service_name="svc-b", destination_service_namespace="default",
+                                request_protocol="http", response_code="200", grpc_response_status="",
+                                response_flags="-", connection_security_policy="unknown")
+
+
+def test_istio_series_summed_across_workers(tmp_path):
+    """--concurrency 2: each worker process records its own istio_* series; the admin's
+    Prometheus output sums them under the same labels (tags travel with the worker reports)."""
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    port = free_port()
+    bs = {"node": node("svc-a", "svc-a", "v1", "10.0.0.1"),
+          "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+          "static_resources": {
+              "listeners": [_hcm_listener("out", port, "OUTBOUND", [MX_OUT, STATS_OUT], [
+                  {"name": "vh", "domains": ["*"], "routes": [
+                      {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": OUT_CLUSTER}}]}], "out")],
+              "clusters": [_static(OUT_CLUSTER, http.server_address[1], metadata=istio_meta(SVC_B, "svc-b"))]}}
+    p = Pyproxy(bs, extra_args=["--concurrency", "2"])
+    try:
+        n = 40
+        for i in range(n):
+            st, _, _ = get(port, "/w%d" % i)
+            assert st == 200
+        deadline = time.monotonic() + 10
+        total = 0
+        while time.monotonic() < deadline:
+            rows = series(p, "istio_requests_total")
+            total = sum(v for _, v in rows)
+            if total == n:
+                break
+            time.sleep(0.2)
+        assert total == n
+        assert len(rows) == 1 and dict(rows[0][0])["destination_service"] == SVC_B
+        assert [k for k, _ in rows[0][0]] == HTTP_ORDER
+    finally:
+        p.stop()
+        http.shutdown()
+        http.server_close()

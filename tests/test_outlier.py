@@ -111,15 +111,14 @@ def test_consecutive_5xx_ejection_as_envoy():
         # 503 is also a gateway error: detected at the same count, not enforced by default
         assert st["ejections_detected_consecutive_gateway_failure"] == 0
         assert 0.9 <= mine["back_after"] <= 1.8
-        assert mine["bad_hits_2"] == 3
+        # ejected again at its 3rd 5xx, but that change comes within update_merge_window (1 s) of
+        # the host's return: the balancer leaves it out only when the window ends (as Envoy)
+        assert mine["bad_hits_2"] == 10 and mine["stats_2"]["ejections_enforced_total"] == 2
         assert 1.4 <= mine["back_after_2"] <= 2.8
         if not ENVOY:
             pytest.skip("envoy binary not available")
         theirs = _run_consecutive_5xx(Envoy, with_fresh_ports(bs), bad_key)
-        # (not bad_hits_2: Envoy 1.40 goes on sending to a host ejected again after its first
-        # return, with every policy, though /clusters and the stats say it is ejected; pyproxy
-        # leaves it out, as the outlier detection documentation says)
-        for k in ("bad_hits_1", "errors_1", "flags_ejected", "stats_1", "stats_2"):
+        for k in ("bad_hits_1", "errors_1", "flags_ejected", "stats_1", "bad_hits_2", "stats_2"):
             assert mine[k] == theirs[k], (k, mine[k], theirs[k])
         assert abs(mine["back_after"] - theirs["back_after"]) < 0.8
         assert abs(mine["back_after_2"] - theirs["back_after_2"]) < 0.8

@@ -255,17 +255,20 @@ def _seen(p, path="/hdrs/x", headers=None):
 
 
 def test_request_and_response_header_manipulation(env):
+    xffs = set()
     for p in both(env):
         seen, h = _seen(p, headers={"x-secret": "s", "x-forwarded-for": "10.9.9.9"})
         assert re.fullmatch(r"127\.0\.0\.1:\d+", seen["x-remote"]), seen["x-remote"]
         assert seen["x-proto"] == "HTTP/1.1"
         assert "x-secret" not in seen
         assert h["x-resp"] == "a"
-        # use_remote_address: the peer is appended to x-forwarded-for, the request id regenerated
-        # (Envoy 1.40 appends 192.0.2.2 for a loopback peer here; pyproxy appends the peer itself)
+        # use_remote_address: the peer is appended to x-forwarded-for, the request id regenerated;
+        # a loopback peer is replaced by the host's first non-loopback address, as Envoy does
         assert seen["x-forwarded-for"].startswith("10.9.9.9,")
+        xffs.add(seen["x-forwarded-for"])
         if p.kind == "pyproxy":
-            assert seen["x-forwarded-for"] == "10.9.9.9,127.0.0.1"
+            from pyproxy.http.request_prep import local_ip
+            assert seen["x-forwarded-for"] == "10.9.9.9," + local_ip("v4")
         assert seen["x-forwarded-proto"] == "http"
         u = uuid.UUID(seen["x-request-id"])
         assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == seen["x-request-id"]
@@ -274,6 +277,7 @@ def test_request_and_response_header_manipulation(env):
         assert h["via"] == "1.1 test-proxy"
         assert "x-envoy-upstream-service-time" in h
         assert seen["x-envoy-expected-rq-timeout-ms"] == "15000"
+    assert len(xffs) == 1, xffs
 
 
 def test_external_request_id_replaced_at_the_edge(env):

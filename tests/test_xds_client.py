@@ -615,8 +615,10 @@ def test_backoff_is_jittered_and_bounded():
     c = XdsClient(target="127.0.0.1:1", node=node(), api_type="GRPC", handler=RecordingHandler(),
                   initial_backoff=0.5, max_backoff=4.0)
     for attempt, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0), (100, 4.0)]:
-        vals = {c._backoff(attempt) for _ in range(50)}
-        assert all(cap / 2 <= v <= cap for v in vals) and len(vals) > 1
+        vals = [c._backoff(attempt) for _ in range(400)]
+        # Envoy's full jitter: uniform below the bound (so the spread covers the whole range)
+        assert all(0 <= v <= cap for v in vals) and len(set(vals)) > 1
+        assert min(vals) < cap * 0.2 and max(vals) > cap * 0.8
     with pytest.raises(ValueError):
         XdsClient(target="x:1", node=node(), api_type="GRPC", handler=RecordingHandler(),
                   initial_backoff=2, max_backoff=1)

@@ -74,6 +74,22 @@ def _protocol_options(proto) -> ProtocolOptions:
     return po
 
 
+def _upstream_filters(proto, manager) -> tuple:
+    """``filters``: upstream network filters, run by tcp_proxy on its upstream connections. Only
+    Istio's metadata exchange exists (registry category ``upstream_network_filter``)."""
+    out = []
+    for i, f in enumerate(proto.filters):
+        tc = f.typed_config if f.HasField("typed_config") else None
+        try:
+            factory, cfg = REGISTRY.resolve("upstream_network_filter", f.name, tc,
+                                            what="upstream network filter")
+            if factory is not None:
+                out.append(factory(cfg, manager))
+        except ConfigError as e:
+            raise e.within(field="filters[%d](%s)" % (i, f.name))
+    return tuple(out)
+
+
 class Cluster:
     def __init__(self, proto: cluster_pb2.Cluster, manager, *, added_via_api: bool = False,
                  version_info: str = ""):
@@ -94,6 +110,7 @@ class Cluster:
             raise ConfigError("unsupported cluster type %s" % self.type, field="type")
         self.stat_name = proto.alt_stat_name or self.name
         unacted.warn("cluster", proto, self.name)  # fields accepted but not acted on: one table
+        self.upstream_filters = _upstream_filters(proto, manager)
         self.connect_timeout = duration_s(proto, "connect_timeout", 5.0)
         self.buffer_limit = u32(proto, "per_connection_buffer_limit_bytes", 1024 * 1024) or 1024 * 1024
         po = _protocol_options(proto)
@@ -149,6 +166,7 @@ class Cluster:
             if proto.HasField("common_lb_config") else 1.0
         self._last_lb_update = float("-inf")
         self._merge_timer = None
+        self._started = False
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
         self.original_dst_use_header = False
@@ -301,7 +319,7 @@ class Cluster:
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
-        if self.initialized:
+        if self.initialized and self._started:  # (the initial hosts are no update)
             self._last_lb_update = self.loop.time()
         keys = {h.key for h in ps.all_hosts}
         for h in upd.removed:
@@ -346,6 +364,7 @@ class Cluster:
 
     def start(self) -> None:
         """Begin background work (DNS resolution, outlier detection's interval timer)."""
+        self._started = True
         if self.outlier is not None:
             self.outlier.start()
         if self.hc is not None:

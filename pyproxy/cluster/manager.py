@@ -31,6 +31,7 @@ class ClusterManager:
         self.st_modified = stats.counter("cluster_manager.cluster_modified")
         self.st_removed = stats.counter("cluster_manager.cluster_removed")
         self.initialized_callbacks = []
+        self.node = None  # the bootstrap node (upstream filters read the local workload from it)
 
     def get(self, name: str) -> Cluster | None:
         return self.active.get(name)

@@ -33,7 +33,7 @@ UNKNOWN_TYPE_KEY = "__pyproxy_type_url"
 CATEGORIES = (
     "listener_filter", "network_filter", "http_filter", "cluster", "transport_socket",
     "lb_policy", "access_logger", "upstream_protocol_options", "resource_monitor", "bootstrap",
-    "tracer", "stat_sink", "header_validator", "compressor", "matcher",
+    "tracer", "stat_sink", "header_validator", "compressor", "matcher", "upstream_network_filter",
 )
 
 

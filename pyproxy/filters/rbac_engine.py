@@ -24,10 +24,11 @@ class Subject:
     """What the engine reads about one request or connection (filled by the filter)."""
 
     __slots__ = ("headers", "path", "dst_ip", "dst_port", "direct_remote_ip", "remote_ip", "sni",
-                 "dynamic_metadata", "filter_state", "peer_principal")
+                 "dynamic_metadata", "filter_state", "peer_principal", "source_ip")
 
     def __init__(self, headers=None, path=None, dst_ip=None, dst_port=0, direct_remote_ip=None,
-                 remote_ip=None, sni="", dynamic_metadata=None, filter_state=None, peer_principal=None):
+                 remote_ip=None, sni="", dynamic_metadata=None, filter_state=None, peer_principal=None,
+                 source_ip=None):
         self.headers = headers
         self.path = path
         self.dst_ip = dst_ip
@@ -38,6 +39,8 @@ class Subject:
         self.dynamic_metadata = dynamic_metadata if dynamic_metadata is not None else {}
         self.filter_state = filter_state if filter_state is not None else {}
         self.peer_principal = peer_principal
+        # the connection's remote address (Envoy: proxy protocol honoured, x-forwarded-for not)
+        self.source_ip = source_ip if source_ip is not None else direct_remote_ip
 
 
 def parse_ip(s: str):
@@ -218,9 +221,14 @@ def _principal(p, field, http):
             if a.HasField("principal_name") else None
         # plaintext (or no client certificate): peer_principal is None and this never matches
         return lambda s: s.peer_principal is not None and (sm is None or sm.match(s.peer_principal))
-    if which in ("source_ip", "direct_remote_ip"):
-        return _ip_in("direct_remote_ip", _cidr(getattr(p, which), "%s.%s" % (field, which)))
+    if which == "direct_remote_ip":
+        # the physical peer, whatever x-forwarded-for says
+        return _ip_in("direct_remote_ip", _cidr(p.direct_remote_ip, field + ".direct_remote_ip"))
+    if which == "source_ip":
+        return _ip_in("source_ip", _cidr(p.source_ip, field + ".source_ip"))
     if which == "remote_ip":
+        # the downstream address as the connection manager derived it (x-forwarded-for,
+        # original_ip_detection_extensions: pyproxy/http/request_prep.py)
         return _ip_in("remote_ip", _cidr(p.remote_ip, field + ".remote_ip"))
     if which == "header":
         return _header(p.header, field + ".header", http)

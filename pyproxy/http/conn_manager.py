@@ -15,6 +15,7 @@ import time
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
+from .request_prep import prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
@@ -254,6 +255,11 @@ class HttpConnection:
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
         s = (FastStream if self.cfg.fast_router else ActiveStream)(self, encoder, version)
+        if not self.is_h2:
+            p = encoder.prepped
+            if p is not None:
+                encoder.prepped = None
+                s.prepped = p
         self.live.add(s)
         return s
 
@@ -264,15 +270,17 @@ class HttpConnection:
         if self.draining and self.streams == 0 and not self.is_h2:
             self.conn.close(flush=True)
 
-    def on_codec_error(self, codec, status: int, details: str):
+    def on_codec_error(self, codec, status: int, details: str, text: str | None = None):
         """Malformed request bytes: Envoy's local reply (if nothing was sent yet), then close."""
         st = self.stats
-        st.cx_protocol_error.value += 1
+        if text is None:
+            st.cx_protocol_error.value += 1
         if status == 431:
             st.rq_too_large.value += 1
         s = codec.stream
         # Envoy answers a missing Host with an empty 400, other codec errors with the reason phrase
-        text = "" if details == "missing_host_header" else REASONS.get(status, "Bad Request")
+        if text is None:
+            text = "" if details == "missing_host_header" else REASONS.get(status, "Bad Request")
         if s is not None and not s.response_started:
             s.send_local_reply(status, text, details, close=True)
         elif s is None and not codec.closed:
@@ -286,6 +294,11 @@ class HttpConnection:
             st.rq_class[status // 100].value += 1
         codec.closed = True
         self.conn.close(flush=True)
+
+    def on_request_headers_timeout(self, codec):
+        """request_headers_timeout passed before a request's headers were complete (HTTP/1.1)."""
+        self.stats.rq_header_timeout.value += 1
+        self.on_codec_error(codec, 408, "request_header_timeout", "request header timeout")
 
     def _on_tick(self):
         self.idle_handle = None
@@ -420,6 +433,8 @@ class ActiveStream:
     last_activity = 0.0
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
+    prepped = None  # the request preparation's result when a lane ran it before the stream existed
+    upgrade_type = None  # a genuine upgrade's type (request_prep), else None
 
     def __init__(self, hc: HttpConnection, encoder, version):
         self.hc = hc
@@ -461,6 +476,8 @@ class ActiveStream:
             return
         # route lookup (filters may clear it and cause a new lookup)
         self.refresh_route()
+        if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
+            return
         self.filters = [f.create(self) for f in cfg.decoder_factories]
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()
@@ -468,59 +485,48 @@ class ActiveStream:
         self._run_decode_headers(0, headers, end_stream)
 
     def _prepare_request(self, headers: Headers):
-        cfg = self.cfg
+        """The connection manager's request preparation (request_prep.py), once per request: a
+        lane that already ran it (the express lane falling back) hands its result over in
+        ``prepped``. Returns True when a local reply was sent instead."""
+        r = self.prepped
+        if r is None:
+            r = prepare(self.cfg.prep, self.hc.conn, headers, self.cfg.routes.table)
+        if type(r) is str:
+            self.stream_info.request_id = r
+            return None
         si = self.stream_info
-        h = headers._h
-        # headers with underscores
-        if cfg.headers_with_underscores_action:
-            bad = [k for k, _ in h if "_" in k and k[0] != ":"]
-            if bad:
-                if cfg.headers_with_underscores_action == 1:
-                    self.send_local_reply(400, "", "unexpected_underscore", close=True)
-                    return True
-                headers._h = [kv for kv in h if kv[0] not in bad]
-                h = headers._h
-        if cfg.normalize_path or cfg.merge_slashes:
-            path = headers.get(":path")
-            if path is not None and path[:1] == "/":
-                np = _normalize_path(path, cfg.normalize_path, cfg.merge_slashes)
-                if np is None:
-                    self.send_local_reply(400, "", "path_normalization_failed")
-                    return True
-                if np != path:
-                    headers.set(":path", np)
-        if cfg.strip_any_host_port:
-            a = headers.get(":authority", "")
-            if a and not a.endswith("]") and ":" in a:
-                headers.set(":authority", a.rsplit(":", 1)[0])
-        # x-forwarded-for / x-forwarded-proto
-        conn = self.hc.conn
-        rid = None
-        if cfg.use_remote_address:
-            remote = conn.info.src_ip
-            if not cfg.skip_xff_append and remote:
-                xff = headers.get("x-forwarded-for")
-                headers.set("x-forwarded-for", remote if not xff else xff + "," + remote)
-            headers.set("x-forwarded-proto", "https" if conn.ssl is not None else "http")
-            rid = headers.get("x-request-id")
-        else:
-            # one pass for the two headers every request needs to know about
-            xfp, rid = prep_headers_seen(h)
-            if not xfp:
-                h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
-        if cfg.via:
-            via = headers.get("via")
-            headers.set("via", cfg.via if not via else via + ", " + cfg.via)
-        # request id
-        if cfg.generate_request_id:
-            if rid is None:
-                rid = _uuid4()
-                headers._h.append(("x-request-id", rid))
-            elif cfg.use_remote_address and not cfg.preserve_external_request_id:
-                rid = _uuid4()
-                headers.set("x-request-id", rid)
-        si.request_id = rid or ""
+        si.request_id = r.rid
+        if r.remote is not None:
+            si.downstream_remote_address = r.remote
+        self.upgrade_type = r.upgrade
+        rep = r.reply
+        if rep is not None:
+            status, details, location = rep
+            self.send_local_reply(status, "", details, headers={"location": location} if location else None,
+                                  close=status == 400 and details == "unexpected_underscore")
+            return True
         return None
+
+    def upgrade_refused(self) -> bool:
+        """Envoy's check when it builds the filter chain: an upgrade (or CONNECT) needs its type in
+        the HCM's upgrade_configs (a route's own upgrade_configs may turn it on or off); otherwise
+        403 before any HTTP filter runs."""
+        route = self.route
+        if route is None or route.kind != 0:
+            return False  # no route or not a cluster route: the router answers (404, redirect...)
+        kind = self.upgrade_type or "connect"
+        enabled = self.cfg.upgrades.get(kind)
+        if enabled is not None:
+            rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None
+            if rc is not None:
+                enabled = rc[0]
+        if enabled:
+            return False
+        self.hc.stats.rq_ws_on_non_ws_route.value += 1
+        self.send_local_reply(403, "", "upgrade_failed")
+        if self.hc.is_h2:
+            self.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
+        return True
 
     def refresh_route(self):
         table = self.cfg.routes.table
@@ -951,18 +957,6 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
     return si
 
 
-def prep_headers_seen(h):
-    """``(has x-forwarded-proto, first x-request-id or None)`` of a request's header list."""
-    rid = None
-    xfp = False
-    for k, v in h:
-        if k == "x-forwarded-proto":
-            xfp = True
-        elif k == "x-request-id" and rid is None:
-            rid = v
-    return xfp, rid
-
-
 def _uuid4() -> str:
     """A random (version 4) UUID string, without the uuid module's object overhead: 128 random
     bits with the version nibble set to 4 and the variant bits to 10 (122 random bits)."""
@@ -986,50 +980,6 @@ def _rand32() -> int:
 def _grpc_status(http_status: int) -> int:
     # Envoy's HTTP -> gRPC status mapping for local replies
     return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)
-
-
-def _normalize_path(path: str, normalize: bool, merge: bool):
-    """RFC 3986 dot-segment removal and slash merging on the path part; None if invalid."""
-    p, sep, q = path.partition("?")
-    if merge:
-        while "//" in p:
-            p = p.replace("//", "/")
-    if normalize:
-        if "%" in p:
-            # decode unreserved percent-encodings only (Envoy's normalisation), keep the rest
-            out = []
-            i = 0
-            while i < len(p):
-                c = p[i]
-                if c == "%" and i + 2 < len(p) + 0 and i + 2 <= len(p) - 1:
-                    try:
-                        v = int(p[i + 1:i + 3], 16)
-                    except ValueError:
-                        return None
-                    ch = chr(v)
-                    if ch.isalnum() or ch in "-._~":
-                        out.append(ch)
-                    else:
-                        out.append(p[i:i + 3].upper())
-                    i += 3
-                    continue
-                out.append(c)
-                i += 1
-            p = "".join(out)
-        segs = []
-        for s in p.split("/")[1:]:
-            if s == ".":
-                continue
-            if s == "..":
-                if segs:
-                    segs.pop()
-                continue
-            segs.append(s)
-        trailing = p.endswith("/") or p.endswith("/.") or p.endswith("/..")
-        p = "/" + "/".join(segs)
-        if trailing and not p.endswith("/"):
-            p += "/"
-    return p + sep + q
 
 
 from .fast_stream import FastStream  # noqa: E402  (it subclasses ActiveStream)

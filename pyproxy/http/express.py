@@ -31,10 +31,11 @@ import time
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 # (conn_manager first: it completes the fast_stream import cycle)
-from .conn_manager import _date, _uuid4, new_stream_info, prep_headers_seen
+from .conn_manager import _date, new_stream_info
 from .fast_stream import FastStream, pick_cluster, route_is_fast
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
+from .request_prep import Prepared, prepare
 
 _NO_CTX = LbContext()
 # request headers an express route may not add (the lane appends the last one itself)
@@ -54,12 +55,10 @@ _SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"ser
 def hcm_is_express(cfg) -> bool:
     """Whether an HTTP connection manager's requests may take the express lane: a router-only
     chain and none of the per-request features the lane leaves to the generic stream."""
+    # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(
-        ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.use_remote_address
-        and not cfg.via and not cfg.always_set_request_id_in_response
-        and not cfg.headers_with_underscores_action and not cfg.strip_any_host_port
-        and not cfg.strip_matching_host_port and not cfg.path_with_escaped_slashes_action
-        and not cfg.request_timeout and not cfg.max_stream_duration)
+        ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.always_set_request_id_in_response
+        and not cfg.strip_matching_host_port and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
 def route_is_express(route):
@@ -95,36 +94,29 @@ def start(hc, codec, headers) -> bool:
     h = headers._h
     if len(h) < 4:
         return False
-    path = h[2][1]
-    if (cfg.normalize_path or cfg.merge_slashes) and ("/." in path or "//" in path or "%" in path):
-        return False  # a path normalization might change (or refuse): the generic stream does it
-    # the connection manager's request preparation (ActiveStream._prepare_request, for an HCM
-    # without use_remote_address): the two headers it adds when the request lacks them
-    scheme = "https" if hc.conn.ssl is not None else "http"
-    if not codec.prep_seen:
-        h.append(("x-forwarded-proto", scheme))
-        if cfg.generate_request_id:
-            h.append(("x-request-id", _uuid4()))
-    else:
-        xfp, rid = prep_headers_seen(h)
-        if not xfp:
-            h.append(("x-forwarded-proto", scheme))
-        if rid is None and cfg.generate_request_id:
-            h.append(("x-request-id", _uuid4()))
+    # the connection manager's request preparation (request_prep.py), the one every lane runs;
+    # when the request then leaves this lane, its result goes with it (it is never run twice)
     table = cfg.routes.table
+    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.prep_seen or codec.hop_seen))
+    remote = None
+    if type(r) is not str:
+        if r.reply is not None:
+            codec.prepped = r
+            return False
+        remote = r.remote
     if table is None:
-        return False
-    route = table.find_for_path(headers, h[3][1], path, _rand(32) if table.needs_random else 0)
+        return _fall_back(codec, r)
+    route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
     if route is None:
-        return False
+        return _fall_back(codec, r)
     rq_timeout = route.express
     if rq_timeout is None:
         rq_timeout = route_is_express(route)
     if rq_timeout is False:
-        return False
+        return _fall_back(codec, r)
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return False
+        return _fall_back(codec, r)
     name, choice, cluster = picked
 
     # from here on the request is the express lane's
@@ -140,6 +132,8 @@ def start(hc, codec, headers) -> bool:
     s.cluster = cluster
     s.choice = choice
     s.plain = not codec.hop_seen
+    if remote is not None:
+        s.remote = remote
     # HttpConnection.new_stream and ActiveStream.__init__'s counting
     loop_now = cfg.loop.time()
     hc.streams += 1
@@ -180,6 +174,12 @@ def start(hc, codec, headers) -> bool:
     return True
 
 
+def _fall_back(codec, r) -> bool:
+    """Leave the request to the generic stream, with the request preparation's result."""
+    codec.prepped = Prepared(rid=r) if type(r) is str else r
+    return False
+
+
 class ExpressStream(FastStream):
     """A ``FastStream`` made by ``start()``; see the module docstring."""
 
@@ -189,6 +189,7 @@ class ExpressStream(FastStream):
     t0 = 0.0
 
     status = 0            # set when on_upstream_head wrote the response head itself
+    remote = None         # the downstream address derived from the headers (request_prep)
     up_local = ""
     plain = False          # the request has no framing or hop-by-hop headers
     remote_complete = True
@@ -209,6 +210,8 @@ class ExpressStream(FastStream):
         """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
         si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
         si.request_id = self.request_headers.get("x-request-id") or ""
+        if self.remote is not None:
+            si.downstream_remote_address = self.remote
         r = self.route
         si.route_name = r.name if r is not None else ""
         si.upstream_cluster = self.cluster.name

@@ -88,7 +88,9 @@ class FastStream(ActiveStream):
             self.request_timer = None
         # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
         if route is None or not end_stream or not route_is_fast(route) or \
-                "upgrade" in headers or headers._h[0][1] == "CONNECT":
+                self.upgrade_type is not None or headers._h[0][1] == "CONNECT":
+            if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
+                return
             return self._generic(headers, end_stream)
         picked = pick_cluster(route, headers, cfg.cluster_manager)
         if picked is None:

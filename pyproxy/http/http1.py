@@ -14,6 +14,7 @@ from __future__ import annotations
 import httptools
 
 from .headers import Headers
+from .request_prep import WATCH_BYTES
 
 HTTP11 = "HTTP/1.1"
 HTTP10 = "HTTP/1.0"
@@ -52,7 +53,9 @@ REASONS = {
 }
 # request headers the server codec looks at as they arrive (framing; and two the express lane's
 # request preparation needs to know about)
-_PREP = frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"))
+# (request_prep.WATCH_BYTES: every header the connection manager's request preparation acts on)
+_PREP = (frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms")) | WATCH_BYTES) - \
+    frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"))
 _WATCHED = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
                       b"proxy-connection", b"te", b"upgrade", b"host")) | _PREP
 _new_headers = Headers.__new__
@@ -127,7 +130,7 @@ class Http1ServerCodec:
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "express", "prep_seen",
-        "hop_seen", "authority", "watched",
+        "hop_seen", "authority", "watched", "prepped", "h2c", "h2c_left", "rht", "rht_handle",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -155,6 +158,12 @@ class Http1ServerCodec:
         self.parse_error = False
         self.msg_started = False
         self.express = None  # http/express.py start(), when the connection manager allows it
+        self.prepped = None  # the request preparation's result when the express lane fell back
+        self.h2c = False  # the request asked for an h2c upgrade: served as HTTP/1.1 instead
+        self.h2c_left = 0  # bytes of such a request's body still to come (see _h2c_body)
+        # request_headers_timeout (0: none): a timer from a request's first byte to its last header
+        self.rht = float(getattr(cfg, "request_headers_timeout", 0.0) or 0.0)
+        self.rht_handle = None
         self.upgrade = False
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
@@ -181,6 +190,10 @@ class Http1ServerCodec:
         if self.tunnel:
             self.stream.decode_data(data, False)
             return
+        if self.h2c_left:
+            data = self._h2c_body(data)
+            if not data:
+                return
         if self.parse_error:
             return  # a pipelined request was malformed: nothing after it is read
         # bytes of a request head still in progress (httptools buffers a header line until it ends,
@@ -191,6 +204,14 @@ class Http1ServerCodec:
         except httptools.HttpParserUpgrade as u:
             off = u.args[0]
             rest = data[off:]
+            if self.h2c:
+                # (Envoy's codec strips an h2c upgrade: the connection stays HTTP/1.1; llhttp
+                # hands the request's body over as upgraded bytes: _h2c_body delivers it)
+                self.h2c = False
+                self.parser = _new_request_parser(self)
+                if rest:
+                    self.feed(rest)
+                return
             self.tunnel = True
             if rest and self.stream is not None:
                 self.stream.decode_data(rest, False)
@@ -248,6 +269,8 @@ class Http1ServerCodec:
     # has begun once its URL arrives; every callback httptools finds costs a call per request)
 
     def on_url(self, url: bytes):
+        if self.rht and not self.msg_started and self.rht_handle is None:
+            self.rht_handle = self.manager.cfg.loop.call_later(self.rht, self._headers_timeout)
         self.msg_started = True
         self.header_bytes += len(url)
         if self.header_bytes > self.max_header_bytes:
@@ -305,7 +328,15 @@ class Http1ServerCodec:
             self.hop_seen = True
         return False
 
+    def _headers_timeout(self):
+        self.rht_handle = None
+        if not self.closed and self.msg_started and not self.headers_done:
+            self.manager.on_request_headers_timeout(self)
+
     def on_headers_complete(self):
+        if self.rht_handle is not None:
+            self.rht_handle.cancel()
+            self.rht_handle = None
         p = self.parser
         if self.chunked and self.content_length is not None:
             raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
@@ -324,9 +355,20 @@ class Http1ServerCodec:
             raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
         self.keep_alive = p.should_keep_alive()
         self.upgrade = p.should_upgrade()
+        if self.upgrade and method != "CONNECT":
+            for k, v in self.hdrs:
+                if k == "upgrade":
+                    if v.lower() == "h2c":
+                        # not supported (as in Envoy): the request preparation strips the upgrade
+                        # headers and the request is served as an ordinary HTTP/1.1 request
+                        self.upgrade = False
+                        self.h2c = True
+                    break
         authority = self.authority  # (Host is taken out of the headers by _watched)
         rest = self.hdrs
         url = self.url.decode("latin-1")
+        if "#" in url:
+            self.prep_seen = True  # (a fragment: the request preparation refuses it, as Envoy does)
         if url[:1] == "/" and authority is not None and method != "CONNECT":
             # the common case: origin-form with a Host
             h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
@@ -393,7 +435,26 @@ class Http1ServerCodec:
         if s is not None:
             s.decode_data(body, False)
 
+    def _h2c_body(self, data: bytes) -> bytes:
+        """The body of an h2c upgrade request (``tunnel`` holds the bytes still due): delivered
+        as body, then the request completes; returns what follows it."""
+        n = self.h2c_left
+        body, rest = data[:n], data[n:]
+        n -= len(body)
+        self.h2c_left = n
+        if body:
+            self.on_body(body)
+        if not n:
+            self.on_message_complete()
+        return rest
+
     def on_message_complete(self):
+        if self.h2c and self.headers_done and not self.h2c_left:
+            if self.chunked:
+                raise ProtocolError(400, "http1.codec_error")  # (an h2c upgrade with a chunked body)
+            if self.content_length:
+                self.h2c_left = self.content_length  # the body comes as "upgraded" bytes: see feed
+                return
         had_body = self.chunked or (self.content_length or 0) > 0
         self.msg_started = False
         self._reset_request()  # ready for the next request's callbacks
@@ -539,6 +600,9 @@ class Http1ServerCodec:
     # -- connection events ------------------------------------------------------------------------
     def on_close(self) -> None:
         self.closed = True
+        if self.rht_handle is not None:
+            self.rht_handle.cancel()
+            self.rht_handle = None
         s = self.stream
         if s is not None:
             self.stream = None

@@ -1262,6 +1262,7 @@ class Http2ServerCodec:
             # does): GET + upgrade: <protocol>; the 101 that answers it goes out as a 200
             h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
             h.append(("upgrade", protocol))
+            h.append(("connection", "upgrade"))  # (Envoy's transformUpgradeRequestFromH2toH1)
         else:
             h = list(h)
         s = H2ServerStream(self, sid, self.loop.time())

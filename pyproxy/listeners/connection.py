@@ -59,7 +59,7 @@ class DownstreamConnection(asyncio.Protocol):
         "manager", "listener", "active", "transport", "chain", "filters", "on_data_cb", "closed",
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
-        "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf",
+        "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf", "write_hook", "on_tls_open",
     )
 
     def __init__(self, manager, active_listener):
@@ -87,6 +87,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.dst_restored = False
         self.handed_off = False
         self.pending_eof = False
+        # istio.metadata_exchange: ``write_hook(data)`` sees the first write (True: it took the
+        # bytes); ``on_tls_open()`` runs once the TLS handshake is done
+        self.write_hook = None
+        self.on_tls_open = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport):
@@ -301,6 +305,11 @@ class DownstreamConnection(asyncio.Protocol):
         """Queue bytes; everything written in one loop iteration goes out in one send."""
         if self.closed:
             return
+        hook = self.write_hook
+        if hook is not None:
+            self.write_hook = None
+            if hook(data):
+                return
         self.active.st_tx_bytes.value += len(data)
         buf = self.wbuf
         if buf is None:

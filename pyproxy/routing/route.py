@@ -452,7 +452,8 @@ def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None
         raise ConfigError("a cluster specifier is required", field)
     else:
         raise ConfigError("cluster specifier '%s' is not supported" % which, field + "." + which)
-    e.cluster_not_found_response_code = 404 if a.cluster_not_found_response_code == 1 else 503
+    # SERVICE_UNAVAILABLE (0), NOT_FOUND (1), INTERNAL_SERVER_ERROR (2)
+    e.cluster_not_found_response_code = {1: 404, 2: 500}.get(a.cluster_not_found_response_code, 503)
     e.metadata_match = _metadata_dict(a.metadata_match) if a.HasField("metadata_match") else None
     # rewrites
     if a.prefix_rewrite and a.HasField("regex_rewrite"):

@@ -264,7 +264,7 @@ def compile_route_config(rc) -> RouteTable:
         ctx.max_direct_body = u32(rc, "max_direct_response_body_size_bytes", 4096)
         t = RouteTable()
         t.name = rc.name
-        t.internal_only_headers = tuple(h.lower() for h in rc.internal_only_headers)
+        t.internal_only_headers = frozenset(h.lower() for h in rc.internal_only_headers)
         t.validate_clusters = rc.validate_clusters.value if rc.HasField("validate_clusters") \
             else None
         t._host_header = rc.vhost_header.lower() or ":authority"

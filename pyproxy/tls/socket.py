@@ -113,7 +113,7 @@ class _TlsLayer:
 
     __slots__ = ("raw", "obj", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
                  "peer_eof", "alpn", "version", "cipher_name", "peer_uri_san", "peer_dns_san",
-                 "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni")
+                 "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni", "cert_facts")
 
     def _init(self, tls, stats):
         self.tls = tls
@@ -137,6 +137,7 @@ class _TlsLayer:
         self.peer_issuer = ""
         self.peer_serial = ""
         self.sni = ""
+        self.cert_facts = None
 
     # -- handshake ----------------------------------------------------------------------------------
     def _flush_out(self) -> None:
@@ -199,6 +200,24 @@ class _TlsLayer:
                 st.no_certificate.inc()
         elif st is not None and self.tls.server:
             st.no_certificate.inc()
+
+    def client_cert(self):
+        """The peer's verified certificate, for x-forwarded-client-cert: a ``PeerCert`` (DER of
+        the leaf and of the chain it sent, leaf first), or None when the peer presented none or
+        this side does not verify peers. Computed on first use, once per connection."""
+        f = self.cert_facts
+        if f is None:
+            f = False
+            if self.tls.verifies and self.state == OPEN:
+                der = self.obj.getpeercert(True)
+                if der:
+                    try:
+                        chain = tuple(c.public_bytes(2) for c in self.obj._sslobj.get_unverified_chain() or ())
+                    except (AttributeError, ValueError):
+                        chain = ()
+                    f = PeerCert(der, chain or (der,))
+            self.cert_facts = f
+        return f or None
 
     def _timeout(self) -> None:
         self.timer = None
@@ -341,6 +360,17 @@ class _TlsLayer:
         return self.raw.get_extra_info(name, default)
 
 
+class PeerCert:
+    """A peer certificate's bytes (and a per-connection cache of XFCC values built from them)."""
+
+    __slots__ = ("der", "chain", "xfcc")
+
+    def __init__(self, der: bytes, chain: tuple):
+        self.der = der
+        self.chain = chain
+        self.xfcc = {}
+
+
 def _rdn(name) -> str:
     """An RFC 2253-ish string of a stdlib certificate name (most specific first, as Envoy prints)."""
     parts = []
@@ -433,6 +463,10 @@ class ServerTls(_TlsLayer):
             self.sni = sni
             if not si.requested_server_name:
                 si.requested_server_name = sni
+        cb = conn.on_tls_open
+        if cb is not None:  # (istio.metadata_exchange: the negotiated ALPN is known now)
+            conn.on_tls_open = None
+            cb()
         if self.wq:
             self._send_queued()
 

@@ -57,8 +57,15 @@ DEFAULT_CHANNEL_OPTIONS = [
     # Istio pushes can be large (thousands of clusters); gRPC's 4 MiB default is too small.
     ("grpc.max_receive_message_length", 1 << 30),
     ("grpc.max_send_message_length", 1 << 30),
-    # Reconnection pacing is ours (jittered backoff); don't let a channel linger.
+    # Reconnection pacing is ours (the bootstrap's retry_back_off, as Envoy paces it): each stream
+    # gets a fresh channel with a subchannel of its own. gRPC's global subchannel pool would hand
+    # the new channel the old subchannel, still in gRPC's own connect backoff (1 s growing to 120 s),
+    # and a reconnect would wait for that instead of ours.
     ("grpc.enable_retries", 0),
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -76,6 +83,9 @@ class XdsHandler(Protocol):
                      removed: set[str], sotw: bool) -> None: ...
 
     def on_connection_state(self, connected: bool) -> None: ...
+
+    # optional: ``on_stream_failure()``, called each time a stream ends or fails to open (Envoy
+    # counts an update_failure on every subscription then)
 
 
 class _TypeState:
@@ -227,8 +237,10 @@ class XdsClient:
     # ------------------------------------------------------------------ connection loop
 
     def _backoff(self, attempt: int) -> float:
+        """Envoy's JitteredExponentialBackOffStrategy: a uniform pick below base * 2^attempt, that
+        bound capped at the maximum (full jitter)."""
         cap = min(self.max_backoff, self.initial_backoff * (2 ** min(attempt, 30)))
-        return random.uniform(cap / 2, cap)
+        return random.uniform(0.0, cap)
 
     async def _run(self) -> None:
         attempt = 0
@@ -257,6 +269,12 @@ class XdsClient:
                 self._set_connected(False)
             if self._stopping:
                 break
+            notify = getattr(self.handler, "on_stream_failure", None)
+            if notify is not None:
+                try:
+                    notify()
+                except Exception:
+                    log.exception("xDS handler on_stream_failure failed")
             if got_response:
                 attempt = 0
             delay = self._backoff(attempt)

@@ -101,7 +101,8 @@ def http_subject(stream, headers) -> Subject:
     remote = parse_ip(si.downstream_remote_address) or direct
     return Subject(headers=headers, path=path, dst_ip=parse_ip(info.dst_ip), dst_port=info.dst_port,
                    direct_remote_ip=direct, remote_ip=remote, sni=info.server_name,
-                   dynamic_metadata=si.dynamic_metadata, filter_state=fs, peer_principal=peer_principal(conn))
+                   dynamic_metadata=si.dynamic_metadata, filter_state=fs, peer_principal=peer_principal(conn),
+                   source_ip=parse_ip(info.src_ip))
 
 
 class RbacFilter(HttpFilter):

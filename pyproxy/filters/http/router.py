@@ -27,6 +27,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from ...cluster.lb import LbContext
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from ...transport import upstream_tls_sans
 from .shadow import local_address, start_shadows
 
 log = logging.getLogger("pyproxy.router")
@@ -121,7 +122,7 @@ class Router:
         cluster = self.cluster = self.cfg.cm.get(name)
         if cluster is None:
             s.hc.stats.no_cluster.value += 1
-            s.send_local_reply(503, "", "cluster_not_found", flag="NC")
+            s.send_local_reply(route.cluster_not_found_response_code, "", "cluster_not_found", flag="NC")
             return STOP
         # upgrades (websocket; HTTP/2 extended CONNECT arrives in this form) and CONNECT need the
         # type in the HCM's upgrade_configs, enabled there or by the route's own upgrade_configs
@@ -693,7 +694,11 @@ class UpstreamRequest:
         if r.s.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
-        r.s.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
+        si = r.s.stream_info
+        si.upstream_local_address = getattr(encoder, "local_address", "")
+        sans = upstream_tls_sans(encoder)
+        if sans is not None:
+            si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
         r.on_pool_ready(self, encoder)
 
     def on_pool_failure(self, reason, flag, host):

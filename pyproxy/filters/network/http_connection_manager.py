@@ -58,6 +58,12 @@ class HcmConfig:
                 self.routes = StaticRoutes(compile_route_config(cfg.route_config))
             except ConfigError as e:
                 raise e.within(field="route_config")
+            # validate_clusters (true by default for a static route_config): every cluster the
+            # table names must exist now, as Envoy refuses the config otherwise
+            if self.routes.table.validate_clusters is not False:
+                missing = _unknown_cluster(self.routes.table, ctx.cluster_manager)
+                if missing is not None:
+                    raise ConfigError("route: unknown cluster '%s'" % missing, field="route_config")
         elif which == "rds":
             self.routes = ctx.route_provider(cfg.rds, cfg.stat_prefix)
         else:
@@ -156,6 +162,12 @@ class HcmConfig:
         from ...http import express
         self.express = express.start if express.hcm_is_express(self) else None
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
+        # the request preparation every lane runs (XFF, XFCC, paths, internal headers...)
+        from ...http.request_prep import PrepPlan
+        try:
+            self.prep = PrepPlan(cfg, self)
+        except ConfigError as e:
+            raise e
         if self.http2_options is not None and self.codec_type != HTTP1:
             # validate explicit HTTP/2 options now (the h2 codec is imported only when configured)
             from ...http.http2 import server_options
@@ -169,6 +181,26 @@ class HcmConfig:
     def create(self, conn):
         from ...http.conn_manager import HttpConnection
         return HttpConnection(self, conn)
+
+
+def _unknown_cluster(table, cm):
+    """The first cluster a route table names that the cluster manager does not have, or None."""
+    if cm is None:
+        return None
+    validated = getattr(cm, "validated", None)  # (pyproxy validate: the clusters of the file)
+    if validated is not None and not validated:
+        return None
+    for vh in table.virtual_hosts:
+        for r in vh.routes:
+            names = [r.cluster] if getattr(r, "cluster", "") else []
+            names += [c.name for c in (getattr(r, "weighted", None) or ()) if c.name]
+            names += [m.cluster for m in (getattr(r, "mirror_policies", None) or ()) if m.cluster]
+            warming = getattr(cm, "warming", None) or {}
+            for n in names:
+                # (Envoy counts warming clusters too)
+                if cm.get(n) is None and n not in warming and n not in (validated or ()):
+                    return n
+    return None
 
 
 def factory(cfg, ctx, terminal=True):

@@ -78,12 +78,13 @@ def factory(cfg, ctx, terminal=True):
 
 
 class _Upstream(asyncio.Protocol):
-    __slots__ = ("proxy", "transport", "closed")
+    __slots__ = ("proxy", "transport", "closed", "rx_hook")
 
     def __init__(self, proxy):
         self.proxy = proxy
         self.transport = None
         self.closed = False
+        self.rx_hook = None  # a cluster's upstream filter reading the head of the bytes (metadata exchange)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -93,11 +94,21 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data):
         writebatch.enter()
         try:
+            hook = self.rx_hook
+            if hook is not None:
+                data = hook.feed(data)
+                if not data:
+                    return
             self.proxy.on_upstream_data(data)
         finally:
             writebatch.leave()
 
     def eof_received(self):
+        hook = self.rx_hook
+        if hook is not None:
+            rest = hook.eof()
+            if rest:
+                self.proxy.on_upstream_data(rest)
         self.proxy.on_upstream_eof()
         return True
 
@@ -216,6 +227,13 @@ class TcpProxy:
             return
         self.up = up
         self.connected = True
+        tls = getattr(up.transport, "tls", None)
+        if tls is not None:  # upstream TLS: who we talk to, as whom (istio.stats principals)
+            si = self.conn.stream_info
+            si.upstream_peer_uri_san = getattr(up.transport, "peer_uri_san", "") or ""
+            si.upstream_local_uri_san = getattr(tls, "local_uri_san", "") or ""
+        for uf in c.upstream_filters:  # the cluster's upstream network filters (Istio: metadata exchange)
+            uf.attach(self.conn, up)
         try:
             la = up.transport.get_extra_info("sockname")
             self.conn.stream_info.upstream_local_address = "%s:%d" % la[:2]

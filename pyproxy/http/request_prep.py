@@ -1,0 +1,673 @@
+"""The connection manager's request preparation, shared by every lane.
+
+One ``PrepPlan`` is compiled per ``http_connection_manager`` when its config loads; ``prepare()``
+runs it once per request, before routing and before any HTTP filter (the generic stream, the fast
+lane and the HTTP/1.1 express lane all call it, and it is never run twice on a request). It is
+Envoy's ``ConnectionManagerUtility`` in Envoy's order:
+
+1. headers with underscores (``headers_with_underscores_action``);
+2. the path (``path_norm``): a fragment refused (400), escaped slashes, ``normalize_path``,
+   ``merge_slashes``; a refused path is a 400, ``UNESCAPE_AND_REDIRECT`` a 307 (400 for gRPC);
+3. ``strip_any_host_port``;
+4. ``mutateRequestHeaders``: hop-by-hop headers (``connection``/``upgrade`` are kept only for an
+   upgrade, which needs both), the downstream address (``use_remote_address``,
+   ``xff_num_trusted_hops``, ``skip_xff_append``, ``original_ip_detection_extensions``),
+   ``x-forwarded-proto``, whether the request is internal (``internal_address_config``; Envoy 1.40
+   trusts no address without one), ``x-envoy-internal`` (set only by the proxy), the
+   ``x-envoy-*`` control headers and the route table's ``internal_only_headers`` (removed from
+   requests that are not internal), ``via``, ``x-envoy-external-address``, ``x-request-id``;
+5. ``x-forwarded-client-cert`` (``forward_client_cert_details``, ``set_current_client_cert_details``):
+   removed on every connection without a verified client certificate unless ALWAYS_FORWARD_ONLY.
+
+``prepare()`` returns the request id (a str) in the common case, or a ``Prepared`` carrying a
+derived downstream address and/or a local reply. What a request costs is decided here at config
+load: a request carrying none of the headers the plan watches takes a path that appends
+``x-forwarded-proto``/``x-request-id`` (and what the plan always adds) without a scan.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import socket
+import struct
+from operator import itemgetter
+from urllib.parse import quote
+
+from ..config import ConfigError
+from . import path_norm
+
+log = logging.getLogger("pyproxy.http")
+
+SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY = 0, 1, 2, 3, 4
+CERT, CHAIN, SUBJECT, URI, DNS = "cert", "chain", "subject", "uri", "dns"
+
+# removed from every request that is not internal (Envoy's cleanInternalHeaders)
+ENVOY_CONTROL = frozenset((
+    "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names", "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on", "x-envoy-max-retries", "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace", "x-envoy-ip-tags", "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+))
+# the ones Envoy's router consumes (and removes) even on internal requests: pyproxy's router does
+# not act on them, so an internal request loses them too and the upstream sees what Envoy's sees
+ROUTER_CONSUMED = frozenset((
+    "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries", "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names", "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-hedge-on-per-try-timeout", "x-envoy-upstream-alt-stat-name", "x-envoy-expected-rq-timeout-ms",
+))
+# ... and from edge requests
+EDGE_ONLY = frozenset(("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
+                       "x-envoy-downstream-service-node"))
+# always removed (hop-by-hop; connection/upgrade unless this is an upgrade)
+ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding"))
+XFCC = "x-forwarded-client-cert"
+XFF = "x-forwarded-for"
+# the headers whose presence sends a request down the scanning path
+_WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
+    XFCC, XFF, "x-forwarded-proto", "x-request-id", "connection", "upgrade", "http2-settings"))
+
+_first = itemgetter(0)
+# (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
+WATCH_BYTES = frozenset(n.encode() for n in _WATCH)
+
+
+class Prepared:
+    """What ``prepare()`` found besides the request id: the downstream address derived from the
+    headers ("ip:port", None for the connection's) and/or a local reply ``(status, details,
+    location)``."""
+
+    __slots__ = ("rid", "remote", "reply", "upgrade")
+
+    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None):
+        self.rid = rid
+        self.remote = remote
+        self.reply = reply
+        self.upgrade = upgrade  # the upgrade type of a genuine upgrade request (lower case)
+
+
+PREPARED_NOTHING = Prepared()
+
+
+# -- address helpers ----------------------------------------------------------------------------
+
+def parse_ip(s: str):
+    """Envoy's ``parseInternetAddress``: a bare IPv4/IPv6 literal (inet_pton rules), else None."""
+    if not s:
+        return None
+    fam = socket.AF_INET6 if ":" in s else socket.AF_INET
+    try:
+        b = socket.inet_pton(fam, s)
+    except (OSError, ValueError):
+        return None
+    return socket.inet_ntop(fam, b)
+
+
+def fmt_addr(ip: str, port: int) -> str:
+    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
+
+
+def last_xff(xff: str, skip: int):
+    """Envoy's ``getLastAddressFromXFF``: ``(ip or None, single address)`` after ignoring the
+    last ``skip`` entries."""
+    s = xff
+    for _ in range(skip):
+        c = s.rfind(",")
+        if c < 0:
+            return None, False
+        s = s[:c]
+    c = s.rfind(",")
+    if c >= 0 and c + 1 < len(s):
+        s = s[c + 1:]
+    ip = parse_ip(s.strip(" \t"))
+    return ip, (ip is not None and c < 0)
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_internal(ip: str) -> bool:
+    """Envoy's ``Network::Utility::isInternalAddress``: RFC 1918, 127.0.0.1, fd00::/8, ::1."""
+    a = ipaddress.ip_address(ip)
+    if a.version == 4:
+        b = a.packed
+        return b[0] == 10 or (b[0] == 192 and b[1] == 168) or (b[0] == 172 and 16 <= b[1] <= 31) \
+            or ip == "127.0.0.1"
+    return a.packed[0] == 0xfd or a == ipaddress.IPv6Address("::1")
+
+
+_LOCAL = {}
+
+
+def local_ip(version: str = "v4") -> str:
+    """Envoy's local address (``Network::Utility::getLocalAddress``): the first non-loopback
+    interface address of the IP version, else the loopback address. Appended to XFF in place of
+    a loopback peer."""
+    ip = _LOCAL.get(version)
+    if ip is not None:
+        return ip
+    ip = "127.0.0.1" if version == "v4" else "::1"
+    if version == "v4":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for _, name in socket.if_nameindex():
+                try:
+                    r = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue
+                cand = socket.inet_ntoa(r[20:24])
+                if not cand.startswith("127."):
+                    ip = cand
+                    break
+        finally:
+            s.close()
+    else:
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    hexaddr = line.split()[0]
+                    cand = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr))
+                    if cand != "::1":
+                        ip = cand
+                        break
+        except OSError:
+            pass
+    _LOCAL[version] = ip
+    return ip
+
+
+# -- original IP detection extensions -------------------------------------------------------------
+
+class XffDetection:
+    """``envoy.extensions.http.original_ip_detection.xff.v3.XffConfig``."""
+
+    __slots__ = ("hops", "trusted")
+
+    def __init__(self, hops: int, trusted=()):
+        self.hops = hops
+        self.trusted = tuple(trusted)
+
+    def detect(self, xff, headers, direct_ip):
+        """``(ip or None, allow trusted address checks, reject reply or None)``."""
+        if xff is None:
+            return None, False, None
+        if self.trusted:
+            if not _in_any(direct_ip, self.trusted):
+                return None, False, None
+            # the last address that is not a trusted proxy
+            parts = [x.strip(" \t") for x in xff.split(",")]
+            for i in range(len(parts) - 1, -1, -1):
+                ip = parse_ip(parts[i])
+                if ip is None:
+                    return None, False, None
+                if not _in_any(ip, self.trusted):
+                    return ip, True, None
+            return None, False, None
+        ip, single = last_xff(xff, self.hops)
+        return ip, single, None
+
+
+class CustomHeaderDetection:
+    """``envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig``."""
+
+    __slots__ = ("name", "trusted", "reject")
+
+    def __init__(self, name: str, trusted: bool, reject):
+        self.name = name
+        self.trusted = trusted
+        self.reject = reject
+
+    def detect(self, xff, headers, direct_ip):
+        v = headers.get(self.name)
+        ip = parse_ip(v) if v is not None else None
+        if ip is not None:
+            return ip, self.trusted, None
+        return None, False, self.reject
+
+
+def _in_any(ip: str, nets) -> bool:
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(a.version == n.version and a in n for n in nets)
+
+
+def _cidr(r, field):
+    try:
+        addr = ipaddress.ip_address(r.address_prefix)
+        plen = r.prefix_len.value if r.HasField("prefix_len") else addr.max_prefixlen
+        return ipaddress.ip_network("%s/%d" % (addr, plen), strict=False)
+    except ValueError as e:
+        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
+
+
+_XFF_TYPE = "envoy.extensions.http.original_ip_detection.xff.v3.XffConfig"
+_CUSTOM_TYPE = "envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig"
+
+
+def _detection(ext, field):
+    from envoy.extensions.http.original_ip_detection.custom_header.v3 import custom_header_pb2
+    from envoy.extensions.http.original_ip_detection.xff.v3 import xff_pb2
+    tc = ext.typed_config
+    tname = tc.type_url.rsplit("/", 1)[-1]
+    if tname == _XFF_TYPE:
+        m = xff_pb2.XffConfig()
+        tc.Unpack(m)
+        if m.HasField("xff_trusted_cidrs") and m.xff_num_trusted_hops:
+            raise ConfigError("Cannot set both xff_num_trusted_hops and xff_trusted_cidrs", field=field)
+        nets = [_cidr(c, "%s.xff_trusted_cidrs.cidrs[%d]" % (field, i))
+                for i, c in enumerate(m.xff_trusted_cidrs.cidrs)]
+        return XffDetection(m.xff_num_trusted_hops, nets)
+    if tname == _CUSTOM_TYPE:
+        m = custom_header_pb2.CustomHeaderConfig()
+        tc.Unpack(m)
+        name = m.header_name.lower()
+        if not name:
+            raise ConfigError("header_name must not be empty", field=field + ".header_name")
+        reject = None
+        if m.HasField("reject_with_status"):
+            code = m.reject_with_status.code
+            # Envoy: a code outside 400-511 becomes 403
+            code = code if 400 <= code <= 511 else 403
+            reject = (code, "rejecting because detected address is untrusted", None)
+        return CustomHeaderDetection(name, m.allow_extension_to_set_address_as_trusted, reject)
+    raise ConfigError("original IP detection extension '%s' (%s) is not supported" % (ext.name, tname),
+                      field=field)
+
+
+# -- XFCC ---------------------------------------------------------------------------------------
+
+def _subject(cert) -> str:
+    """The certificate subject as OpenSSL prints it with XN_FLAG_RFC2253."""
+    from cryptography.x509.oid import NameOID  # (only connections with client certificates get here)
+    try:
+        return cert.subject.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
+    except Exception:
+        return ""
+
+
+def _url_pem(der: bytes) -> str:
+    pem = ssl_der_to_pem(der)
+    return quote(pem, safe="-._~")
+
+
+def ssl_der_to_pem(der: bytes) -> str:
+    import base64
+    b = base64.b64encode(der).decode()
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(b[i:i + 64] for i in range(0, len(b), 64)) + \
+        "\n-----END CERTIFICATE-----\n"
+
+
+def xfcc_value(tls, details: tuple) -> str | None:
+    """This connection's XFCC element for ``details`` (cached on the connection's TLS layer), or
+    None when the peer presented no verified certificate."""
+    facts = tls.client_cert()
+    if facts is None:
+        return None
+    cache = facts.xfcc
+    v = cache.get(details)
+    if v is not None:
+        return v
+    from cryptography import x509
+    der = facts.der
+    cert = x509.load_der_x509_certificate(der)
+    parts = []
+    if tls.tls.local_uri_san:
+        parts.append("By=" + tls.tls.local_uri_san)
+    parts.append("Hash=" + hashlib.sha256(der).hexdigest())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        uris, dns = [], []
+    for d in details:
+        if d == CERT:
+            parts.append('Cert="%s"' % _url_pem(der))
+        elif d == CHAIN:
+            parts.append('Chain="%s"' % "".join(_url_pem(c) for c in facts.chain))
+        elif d == SUBJECT:
+            parts.append('Subject="%s"' % _subject(cert))
+        elif d == URI:
+            if uris:
+                parts.extend("URI=" + u for u in uris)
+            else:
+                parts.append("URI=")
+        elif d == DNS:
+            parts.extend("DNS=" + x for x in dns)
+    v = cache[details] = ";".join(parts)
+    return v
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+class PrepPlan:
+    """Per-HCM request preparation, decided when the config loads."""
+
+    __slots__ = ("underscores", "esc_action", "normalize", "merge", "strip_any_port",
+                 "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
+                 "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
+                 "constant", "pre")
+
+    def __init__(self, cfg, hcm):
+        self.underscores = hcm.headers_with_underscores_action
+        esc = cfg.path_with_escaped_slashes_action
+        # IMPLEMENTATION_SPECIFIC_DEFAULT is KEEP_UNCHANGED in Envoy (without a runtime override)
+        self.esc_action = path_norm.KEEP_UNCHANGED if esc == 0 else esc
+        self.normalize = hcm.normalize_path
+        self.merge = cfg.merge_slashes
+        self.strip_any_port = cfg.strip_any_host_port
+        self.use_remote = hcm.use_remote_address
+        self.hops = cfg.xff_num_trusted_hops
+        self.skip_xff_append = cfg.skip_xff_append
+        dets = []
+        if cfg.original_ip_detection_extensions:
+            if self.use_remote:
+                raise ConfigError("Original IP detection extensions and use_remote_address may not be mixed",
+                                  field="original_ip_detection_extensions")
+            if self.hops:
+                raise ConfigError("Original IP detection extensions and xff_num_trusted_hops may not be mixed",
+                                  field="original_ip_detection_extensions")
+            for i, ext in enumerate(cfg.original_ip_detection_extensions):
+                dets.append(_detection(ext, "original_ip_detection_extensions[%d]" % i))
+        else:
+            dets.append(XffDetection(self.hops))
+        self.detectors = tuple(dets)
+        extra_watch = {d.name for d in dets if isinstance(d, CustomHeaderDetection)}
+        # internal_address_config: without it no address is internal (Envoy 1.36+)
+        self.internal = None
+        self.internal_unix = False
+        if cfg.HasField("internal_address_config"):
+            iac = cfg.internal_address_config
+            self.internal_unix = iac.unix_sockets
+            nets = tuple(_cidr(c, "internal_address_config.cidr_ranges[%d]" % i)
+                         for i, c in enumerate(iac.cidr_ranges))
+            self.internal = nets or "default"
+        self.local_ip = local_ip(getattr(hcm.ctx, "local_address_ip_version", "v4") or "v4") \
+            if self.use_remote and not self.skip_xff_append else "127.0.0.1"
+        self.via = cfg.via
+        self.gen_rid = hcm.generate_request_id
+        self.preserve_rid = cfg.preserve_external_request_id
+        self.fcc = cfg.forward_client_cert_details
+        if self.fcc not in (SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY):
+            raise ConfigError("unknown forward_client_cert_details %d" % self.fcc,
+                              field="forward_client_cert_details")
+        d = cfg.set_current_client_cert_details
+        det = []
+        # Envoy's order: Cert, Chain, Subject, URI, DNS
+        if d.cert:
+            det.append(CERT)
+        if d.chain:
+            det.append(CHAIN)
+        if d.HasField("subject") and d.subject.value:
+            det.append(SUBJECT)
+        if d.uri:
+            det.append(URI)
+        if d.dns:
+            det.append(DNS)
+        self.cert_details = tuple(det)
+        self.watch = _WATCH | extra_watch
+        # True when a request carrying none of the watched headers only needs x-forwarded-proto
+        # and x-request-id appended (the express lane's common case)
+        self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET)
+                             or any(isinstance(x, CustomHeaderDetection) for x in dets))
+        self.pre = bool(self.underscores or self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize
+                        or self.merge or self.strip_any_port)
+
+    def is_internal(self, ip: str) -> bool:
+        nets = self.internal
+        if nets is None:
+            return False
+        if nets == "default":
+            return _default_internal(ip)
+        return _in_any(ip, nets)
+
+
+# -- per request --------------------------------------------------------------------------------
+
+def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
+    """Prepare one request's headers (see the module docstring). Returns the request id, or a
+    ``Prepared`` when there is a derived downstream address or a local reply to send.
+
+    ``quiet``: the caller knows the request carries none of the headers in ``WATCH_BYTES`` and no
+    fragment in its path (the HTTP/1.1 codec notes both as it parses)."""
+    h = headers._h
+    if plan.pre:
+        r = _pre(plan, headers, h)
+        if r is not None:
+            return r
+    elif not quiet:
+        # a fragment is refused (Envoy 1.40: http_reject_path_with_fragment)
+        kv = h[2] if len(h) > 2 else h[0]
+        if kv[0] != ":path":
+            kv = _find(h, ":path")
+        if kv is not None and "#" in kv[1]:
+            return Prepared(reply=(400, "path_normalization_failed", None))
+    ioh = table.internal_only_headers if table is not None else ()
+    if (quiet or plan.watch.isdisjoint(map(_first, h))) and (not ioh or ioh.isdisjoint(map(_first, h))):
+        if plan.constant:
+            # nothing to remove, no address in the headers, nothing to add but these two
+            h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
+            if plan.gen_rid:
+                rid = _uuid4()
+                h.append(("x-request-id", rid))
+                return rid
+            return ""
+        return _mutate(plan, conn, headers, h, False, ioh)
+    return _mutate(plan, conn, headers, h, True, ioh)
+
+
+def _find(h, name):
+    for kv in h:
+        if kv[0] == name:
+            return kv
+    return None
+
+
+def _pre(plan, headers, h):
+    """Steps 1-3: underscores, the path, the host's port."""
+    if plan.underscores:
+        bad = [k for k, _ in h if "_" in k and k[0] != ":"]
+        if bad:
+            if plan.underscores == 1:
+                return Prepared(reply=(400, "unexpected_underscore", None))
+            h[:] = [kv for kv in h if kv[0] not in bad]
+    kv = _find(h, ":path")
+    path = kv[1] if kv is not None else None
+    if path is not None and path[:1] == "/":
+        if "#" in path:
+            return Prepared(reply=(400, "path_normalization_failed", None))
+        np = path
+        if plan.esc_action != path_norm.KEEP_UNCHANGED or plan.normalize or plan.merge:
+            action, np2 = path_norm.normalize(np, plan.esc_action, plan.normalize, plan.merge)
+            if action == path_norm.REJECT:
+                return Prepared(reply=(400, "path_normalization_failed", None))
+            np = np2
+            if action == path_norm.REDIRECT:
+                if (headers.get("content-type") or "").startswith("application/grpc"):
+                    return Prepared(reply=(400, "path_normalization_failed", None))
+                headers.set(":path", np)
+                return Prepared(reply=(307, "path_normalization_failed", np))
+        if np != path:
+            headers.set(":path", np)
+    if plan.strip_any_port:
+        a = headers.get(":authority", "")
+        if a and not a.endswith("]") and ":" in a:
+            headers.set(":authority", a.rsplit(":", 1)[0])
+    return None
+
+
+def _mutate(plan, conn, headers, h, scan, ioh):
+    scheme = "https" if conn.ssl is not None else "http"
+    xff = None
+    xfp = False
+    rid = None
+    upgrade = None
+    connection = None
+    xfcc = None
+    drop = None
+    multi = False  # a repeated x-forwarded-for / x-forwarded-client-cert (Envoy joins them into one)
+    if scan:
+        watch = plan.watch
+        for k, v in h:
+            if k in watch:
+                if k == XFF:
+                    if xff is None:
+                        xff = v
+                    else:
+                        xff = xff + "," + v
+                        multi = True
+                elif k == "x-forwarded-proto":
+                    xfp = True
+                elif k == "x-request-id":
+                    if rid is None:
+                        rid = v
+                elif k == XFCC:
+                    if xfcc is None:
+                        xfcc = v
+                    else:
+                        xfcc = xfcc + "," + v
+                        multi = True
+                elif k == "upgrade":
+                    if upgrade is None:
+                        upgrade = v
+                elif k == "connection":
+                    connection = v if connection is None else connection + "," + v
+        drop = set(ALWAYS_DROP)
+        if upgrade is not None:
+            # an upgrade needs both headers (Envoy's Utility::isUpgrade); a lone one is stripped
+            if connection is None or "upgrade" not in [t.strip().lower() for t in connection.split(",")]:
+                upgrade = None
+            elif upgrade.strip().lower() == "h2c":
+                # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
+                drop.add("http2-settings")
+                upgrade = None
+        if upgrade is None:
+            drop.add("connection")
+            drop.add("upgrade")
+        if multi:
+            if xff is not None:
+                _set(h, XFF, xff)
+            if xfcc is not None:
+                _set(h, XFCC, xfcc)
+    conn_info = conn.info
+    direct_ip = conn_info.src_ip
+    remote_ip = None
+    allow_trusted = False
+    if plan.use_remote:
+        allow_trusted = xff is None
+        if plan.hops and xff is not None:
+            remote_ip, _ = last_xff(xff, plan.hops - 1)
+        from_headers = remote_ip is not None
+        if remote_ip is None:
+            remote_ip = direct_ip
+        if not plan.skip_xff_append and direct_ip:
+            add = plan.local_ip if is_loopback(direct_ip) else direct_ip
+            xff = add if xff is None else xff + "," + add
+            _set(h, XFF, xff)
+        if plan.hops == 0 or not xfp:
+            _set(h, "x-forwarded-proto", scheme)
+            xfp = True
+    else:
+        from_headers = False
+        for det in plan.detectors:
+            ip, trusted, reject = det.detect(xff, headers, direct_ip)
+            if reject is not None:
+                return Prepared(reply=reject)
+            if ip is not None:
+                remote_ip, allow_trusted, from_headers = ip, trusted, True
+                break
+    if not xfp:
+        h.append(("x-forwarded-proto", scheme))
+    internal = allow_trusted and remote_ip is not None and plan.is_internal(remote_ip)
+    if remote_ip is None:
+        remote_ip = direct_ip
+    edge = not internal and plan.use_remote
+    if internal:
+        if drop is None:
+            drop = set()
+        else:
+            drop |= ROUTER_CONSUMED
+        drop.discard("x-envoy-internal")
+        _remove(h, drop)
+        drop = None
+        _set(h, "x-envoy-internal", "true")
+    elif scan:
+        drop |= ENVOY_CONTROL
+        if edge:
+            drop |= EDGE_ONLY
+        if ioh:
+            drop |= ioh
+    if drop:
+        _remove(h, drop)
+    if plan.via:
+        via = headers.get("via")
+        headers.set("via", plan.via if not via else via + ", " + plan.via)
+    if edge and remote_ip:
+        _set(h, "x-envoy-external-address", remote_ip)
+    if plan.gen_rid:
+        if rid is None:
+            rid = _uuid4()
+            h.append(("x-request-id", rid))
+        elif edge and not plan.preserve_rid:
+            rid = _uuid4()
+            _set(h, "x-request-id", rid)
+    # 5. XFCC
+    fcc = plan.fcc
+    if fcc != ALWAYS_FORWARD_ONLY:
+        tls = conn.ssl
+        if fcc == SANITIZE or tls is None:
+            cert = None
+        elif fcc == FORWARD_ONLY:
+            cert = "" if tls.client_cert() is not None else None
+        else:
+            cert = xfcc_value(tls, plan.cert_details)
+        if cert is None:
+            if xfcc is not None:
+                _remove(h, (XFCC,))
+        elif fcc == APPEND_FORWARD:
+            _set(h, XFCC, cert if xfcc is None else xfcc + "," + cert)
+        elif fcc == SANITIZE_SET:
+            _set(h, XFCC, cert)
+    remote = fmt_addr(remote_ip, 0) if from_headers else None
+    if remote is None and upgrade is None:
+        return rid or ""
+    return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None)
+
+
+def _set(h, name, value):
+    """Replace every ``name`` with one entry (at the first one's place, else appended)."""
+    for i, kv in enumerate(h):
+        if kv[0] == name:
+            h[i] = (name, value)
+            j = i + 1
+            while j < len(h):
+                if h[j][0] == name:
+                    del h[j]
+                else:
+                    j += 1
+            return
+    h.append((name, value))
+
+
+def _remove(h, names):
+    h[:] = [kv for kv in h if kv[0] not in names]
+
+
+def _uuid4() -> str:
+    h = (_urand(128) & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_UUID_KEEP = 0xffffffffffff0fff3fffffffffffffff
+_UUID_SET = 0x00000000000040008000000000000000
+_urand = __import__("random").getrandbits

@@ -1,0 +1,57 @@
+"""An endpoint removed by EDS: requests in flight to it complete, its idle pooled connections are
+closed, and no new request goes to it."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
+    ENDPOINT, LISTENER, bootstrap, cla, eds_cluster, env, free_port, get, http_listener,
+    route_config, try_get, wait_for)
+
+
+def _established(port: int) -> int:
+    """TCP connections established to 127.0.0.1:port (the proxy's upstream connections)."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", "( dport = :%d )" % port],
+                         capture_output=True, text=True, timeout=5).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+def test_removed_endpoint_drains(env):
+    a, b = env.backend("A"), env.backend("B")
+    p1 = free_port()
+    cp = env.cp()
+    lst = http_listener("l1", p1, route_config=route_config("r", ("/", "c1")))
+    cp.set([eds_cluster("c1"), cla("c1", a.port, b.port), lst])
+    px = env.proxy(bootstrap("DELTA_GRPC", port=cp.port))
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    # warm both pools, then two slow requests in flight: round robin puts one on each host
+    for _ in range(6):
+        assert get(p1)[0] == 200
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(try_get(p1, "/slow/1.5")), daemon=True)
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sum(1 for _, p in a.peers if p == "/slow/1.5") == 1 and
+             sum(1 for _, p in b.peers if p == "/slow/1.5") == 1, 5, "a slow request on each host")
+    assert _established(a.port) >= 1
+    a_before = len(a.peers)
+
+    cp.set([eds_cluster("c1"), cla("c1", b.port), lst])
+    v = str(cp.cp.version)
+    wait_for(lambda: cp.acked_version(ENDPOINT) == v, 8, "EDS ACK")
+    # no new request to A; the idle connections to A are closed at once, the busy one stays
+    for _ in range(10):
+        st, body, _ = get(p1)
+        assert st == 200 and body.startswith("B"), body
+    assert len(a.peers) == a_before
+    assert _established(a.port) == 1  # the one carrying the slow request
+    for t in threads:
+        t.join(5)
+    assert sorted(r[0] for r in results) == [200, 200], results
+    assert sorted(r[1] for r in results) == ["A /slow/1.5", "B /slow/1.5"]
+    # ... and it is closed once its request completed
+    wait_for(lambda: _established(a.port) == 0, 3, "the connection to A closed")
+    assert _established(b.port) >= 1  # B's pool is untouched

