@@ -197,3 +197,112 @@ def test_failure_percentage_and_success_rate_as_envoy():
     finally:
         for b in bes:
             b.close()
+
+
+def _prio_bs(groups, od):
+    """One route per cluster: /p -> priorities, /x -> panic; ``groups``: {cluster: [(prio, be)]}."""
+    clusters = []
+    for name, hosts in groups.items():
+        by = {}
+        for prio, b in hosts:
+            by.setdefault(prio, []).append(
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                             "port_value": b.port}}}})
+        clusters.append({"name": name, "type": "STATIC", "connect_timeout": "0.5s",
+                         "outlier_detection": od, "load_assignment": {
+                             "cluster_name": name,
+                             "endpoints": [{"priority": p, "lb_endpoints": e} for p, e in by.items()]}})
+    routes = [route("/" + name, name) for name in groups]
+    return bootstrap([http_listener(free_port(), route_config(routes))], clusters)
+
+
+def _send_path(port, path, n):
+    out = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for _ in range(n):
+            conn.request("GET", path, headers={"Host": "x"})
+            r = conn.getresponse()
+            r.read()
+            out.append(r.getheader("x-backend"))
+    finally:
+        conn.close()
+    return out
+
+
+def _run_interplay(cls, bs):
+    with cls(bs) as px:
+        out = {"p_before": set(_send_path(px.port, "/p", 2))}
+        _send_path(px.port, "/p", 20)  # the bad host is ejected at its 2nd 5xx
+        out["p_after"] = set(_send_path(px.port, "/p", 60))
+        _send_path(px.port, "/x", 30)  # both bad hosts: ejected (the 2nd after the merge window)
+        time.sleep(1.3)
+        out["x_panic"] = set(_send_path(px.port, "/x", 60))
+        st = px.stats()
+        out["panic_counted"] = st.get("cluster.x.lb_healthy_panic", 0) > 0
+        out["ejections"] = (st.get("cluster.p.outlier_detection.ejections_active"),
+                            st.get("cluster.x.outlier_detection.ejections_active"))
+    return out
+
+
+def test_ejection_fails_over_to_next_priority_and_panics_as_envoy():
+    """Priority 0 with one of its two hosts ejected keeps 70 % of the load (overprovisioning 1.4),
+    priority 1 takes the rest; a priority with 2 of 3 hosts ejected is in panic (33 % < 50 %) and
+    balances over all its hosts, ejected ones included (lb_healthy_panic)."""
+    bad, bad2 = _backend("bad", 503), _backend("bad2", 503)
+    g0, g1, g2 = _backend("g0"), _backend("g1"), _backend("g2")
+    bes = [bad, bad2, g0, g1, g2]
+    try:
+        od = {"consecutive_5xx": 2, "interval": "30s", "base_ejection_time": "30s",
+              "max_ejection_percent": 100}
+        bs = _prio_bs({"p": [(0, bad), (0, g0), (1, g1)], "x": [(0, bad), (0, bad2), (0, g2)]}, od)
+        mine = _run_interplay(Pyproxy, bs)
+        assert mine["p_before"] == {"bad", "g0"}
+        assert mine["p_after"] == {"g0", "g1"}
+        assert mine["x_panic"] == {"bad", "bad2", "g2"} and mine["panic_counted"]
+        assert mine["ejections"] == (1, 2)
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_interplay(Envoy, with_fresh_ports(bs))
+        assert mine == theirs
+    finally:
+        for b in bes:
+            b.close()
+
+
+def _run_local_origin(cls, bs, dead_key):
+    with cls(bs) as px:
+        res = _send(px.port, 24)
+        time.sleep(0.1)
+        st = _od_stats(px)
+        return {"errors": sum(1 for s, _ in res if s != 200), "flags": _flags(px)[dead_key],
+                "stats": {k: v for k, v in st.items() if v}}
+
+
+def test_split_local_origin_errors_as_envoy():
+    """split_external_local_origin_errors: connection failures to a dead host count as local-origin
+    failures (consecutive_local_origin_failure), not as 5xx."""
+    bes = [_backend("be0"), _backend("be1")]
+    dead_port = free_port()  # nothing listens there
+    try:
+        eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                            "port_value": p}}}}
+               for p in (bes[0].port, bes[1].port, dead_port)]
+        od = {"split_external_local_origin_errors": True, "consecutive_local_origin_failure": 3,
+              "consecutive_5xx": 2, "interval": "30s", "base_ejection_time": "30s",
+              "max_ejection_percent": 100}
+        c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s", "outlier_detection": od,
+             "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
+        bs = bootstrap([http_listener(free_port(), route_config([route("/", "c")]))], [c])
+        dead_key = "127.0.0.1:%d" % dead_port
+        mine = _run_local_origin(Pyproxy, bs, dead_key)
+        assert mine["errors"] == 3 and mine["flags"] == "/failed_outlier_check"
+        assert mine["stats"].get("ejections_enforced_consecutive_local_origin_failure") == 1
+        assert not mine["stats"].get("ejections_detected_consecutive_5xx")
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_local_origin(Envoy, with_fresh_ports(bs), dead_key)
+        assert mine == theirs
+    finally:
+        for b in bes:
+            b.close()

@@ -169,6 +169,10 @@ class Cluster:
         self._started = False
         self.pools: dict = {}
         self.original_dst = self.type == ORIGINAL_DST
+        # ORIGINAL_DST hosts (and their pools) not used for a cleanup_interval are dropped
+        self.cleanup_interval = duration_s(proto, "cleanup_interval", 5.0) or 5.0
+        self._odst_used: set = set()
+        self._odst_timer = None
         self.original_dst_use_header = False
         if self.original_dst and proto.HasField("original_dst_lb_config"):
             self.original_dst_use_header = proto.original_dst_lb_config.use_http_header
@@ -208,7 +212,7 @@ class Cluster:
             self._mark_initialized()
 
     def _init_stats(self):
-        s = self.manager.stats.scope("cluster.%s." % self.stat_name)
+        s = self.manager.cluster_scope(self.stat_name)
         self.scope = s
         self.st_cx_total = s.counter("upstream_cx_total")
         self.st_cx_http1_total = s.counter("upstream_cx_http1_total")
@@ -241,6 +245,7 @@ class Cluster:
         self.st_membership_total = s.gauge("membership_total", accumulate=False)
         self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
         self.st_membership_change = s.counter("membership_change")
+        self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
@@ -315,7 +320,7 @@ class Cluster:
         if self.hc is not None:
             self.hc.add_hosts(upd.added)
             self.hc.remove_hosts(upd.removed)
-        self.lb = create_lb(self.proto, ps)
+        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic)
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
@@ -373,6 +378,16 @@ class Cluster:
             from .dns import DnsRefresher
             self._dns = DnsRefresher(self.proto, self._on_dns_hosts)
             self._dns.start()
+        if self.original_dst and self._odst_timer is None:
+            self._odst_timer = self.loop.call_later(self.cleanup_interval, self._odst_cleanup)
+
+    def _odst_cleanup(self) -> None:
+        """Envoy's ORIGINAL_DST cleanup: a host no request used since the last pass goes, and its
+        pool drains (idle connections close now, busy ones when their request ends)."""
+        used, self._odst_used = self._odst_used, set()
+        for key in [k for k in self.pools if k not in used]:
+            self.pools.pop(key).drain()
+        self._odst_timer = self.loop.call_later(self.cleanup_interval, self._odst_cleanup)
 
     def _on_dns_hosts(self, ps: PrioritySet) -> None:
         self._set_priority_set(ps)
@@ -382,6 +397,7 @@ class Cluster:
 
     def original_dst_host(self, address: str, port: int) -> Host:
         key = ("[%s]:%d" % (address, port)) if ":" in address else ("%s:%d" % (address, port))
+        self._odst_used.add(key)
         pool = self.pools.get(key)
         if pool is not None:
             return pool.host
@@ -429,6 +445,9 @@ class Cluster:
         return p
 
     def close(self) -> None:
+        if self._odst_timer is not None:
+            self._odst_timer.cancel()
+            self._odst_timer = None
         if self._merge_timer is not None:
             self._merge_timer.cancel()
             self._merge_timer = None

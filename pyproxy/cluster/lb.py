@@ -494,7 +494,7 @@ class LoadBalancer:
 
     def __init__(self, policy: Policy, priority_set: PrioritySet, *,
                  panic_threshold: float = DEFAULT_PANIC_THRESHOLD, locality_weighted: bool = False,
-                 fail_traffic_on_panic: bool = False):
+                 fail_traffic_on_panic: bool = False, panic_counter=None):
         if not 0.0 <= panic_threshold <= 100.0:
             raise ConfigError("healthy_panic_threshold must be within [0, 100]",
                               "common_lb_config.healthy_panic_threshold")
@@ -503,6 +503,7 @@ class LoadBalancer:
         self.panic_threshold = panic_threshold
         self.locality_weighted = locality_weighted
         self.fail_traffic_on_panic = fail_traffic_on_panic
+        self.panic_counter = panic_counter  # counts host picks in panic (``lb_healthy_panic``)
         self.priority_set = priority_set
         self.healthy_load: list[int] = []
         self.degraded_load: list[int] = []
@@ -606,13 +607,23 @@ class LoadBalancer:
 
     def _source_picker(self, p: int, kind: int, eligible: list, old_cache):
         ps = self.priority_set
-        if self.panic[p] and self.fail_traffic_on_panic:
-            return _no_host
-        if self.policy.hash_based:
-            return self._hash_source(p, ps.priorities[p] if self.panic[p] else eligible,
-                                     old_cache)
         if self.panic[p]:
-            return self._flat(ps.priorities[p], old_cache)
+            if self.fail_traffic_on_panic:
+                return _no_host
+            if self.policy.hash_based:
+                f = self._hash_source(p, ps.priorities[p], old_cache)
+            else:
+                f = self._flat(ps.priorities[p], old_cache)
+            c = self.panic_counter
+            if c is None:
+                return f
+
+            def in_panic(ctx, _f=f, _c=c):
+                _c.value += 1
+                return _f(ctx)
+            return in_panic
+        if self.policy.hash_based:
+            return self._hash_source(p, eligible, old_cache)
         if not self.locality_weighted or self.policy.cluster_provided:
             return self._flat(eligible, old_cache)
         # Locality weighted: effective weight = weight * min(1, OF/100 * eligible/total).
@@ -888,20 +899,21 @@ def _from_load_balancing_policy(cluster):
                       "load_balancing_policy")
 
 
-def create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
+def create_lb(cluster, priority_set: PrioritySet, panic_counter=None) -> LoadBalancer:
     """The load balancer for ``cluster`` (an ``envoy.config.cluster.v3.Cluster``).
 
     Reads ``load_balancing_policy`` (first supported entry wins) or else ``lb_policy`` with its
     ``*_lb_config``, and ``common_lb_config``. Raises ``ConfigError`` for unsupported policies and
-    invalid combinations (ORIGINAL_DST needs CLUSTER_PROVIDED and vice versa).
+    invalid combinations (ORIGINAL_DST needs CLUSTER_PROVIDED and vice versa). ``panic_counter``:
+    a counter moved by every host pick in panic (the cluster's ``lb_healthy_panic``).
     """
     try:
-        return _create_lb(cluster, priority_set)
+        return _create_lb(cluster, priority_set, panic_counter)
     except ConfigError as e:
         raise e.within(resource="cluster '%s'" % cluster.name)
 
 
-def _create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
+def _create_lb(cluster, priority_set: PrioritySet, panic_counter=None) -> LoadBalancer:
     ctype = cluster.type if cluster.WhichOneof("cluster_discovery_type") != "cluster_type" else None
     locality_weighted = None
     fail_on_panic = None
@@ -949,4 +961,4 @@ def _create_lb(cluster, priority_set: PrioritySet) -> LoadBalancer:
             _warn_once("zone-aware routing")
     return LoadBalancer(policy, priority_set, panic_threshold=panic,
                         locality_weighted=bool(locality_weighted),
-                        fail_traffic_on_panic=bool(fail_on_panic))
+                        fail_traffic_on_panic=bool(fail_on_panic), panic_counter=panic_counter)

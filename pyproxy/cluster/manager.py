@@ -31,7 +31,24 @@ class ClusterManager:
         self.st_modified = stats.counter("cluster_manager.cluster_modified")
         self.st_removed = stats.counter("cluster_manager.cluster_removed")
         self.initialized_callbacks = []
+        self._owned_stats: dict = {}  # cluster stat name -> names of the stats made under it
         self.node = None  # the bootstrap node (upstream filters read the local workload from it)
+
+    def cluster_scope(self, stat_name: str):
+        """The stats scope of cluster ``stat_name``: what is made through it (by the cluster, its
+        pools, filters charging it) is recorded, across updates, and freed when it is removed."""
+        owned = self._owned_stats.get(stat_name)
+        if owned is None:
+            owned = self._owned_stats[stat_name] = set()
+        return self.stats.owned_scope("cluster.%s." % stat_name, owned)
+
+    def _release_stats(self, cluster: Cluster) -> None:
+        sn = cluster.stat_name
+        if any(c.stat_name == sn for c in list(self.active.values()) + list(self.warming.values())):
+            return  # another cluster reports under the same alt_stat_name
+        owned = self._owned_stats.pop(sn, None)
+        if owned:
+            self.stats.release(owned)
 
     def get(self, name: str) -> Cluster | None:
         return self.active.get(name)
@@ -96,6 +113,7 @@ class ClusterManager:
                 x.close()
         if c is None and w is None:
             return False
+        self._release_stats(c or w)  # its stats leave /stats, as in Envoy
         self.st_removed.inc()
         self._update_gauges()
         self._notify_eds()

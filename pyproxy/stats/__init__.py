@@ -229,6 +229,20 @@ class Store:
     def scope(self, prefix: str) -> "Scope":
         return Scope(self, prefix)
 
+    def owned_scope(self, prefix: str, owned: set) -> "Scope":
+        """A scope that records in ``owned`` every stat made through it (and its child scopes), so
+        that ``release(owned)`` frees exactly those when their owner goes (a removed cluster)."""
+        return Scope(self, prefix, owned)
+
+    def release(self, owned: set) -> None:
+        """Drop the stats named in ``owned`` (from ``owned_scope``)."""
+        for name in owned:
+            self.counters.pop(name, None)
+            self.gauges.pop(name, None)
+            self.histograms.pop(name, None)
+            self._tag_cache.pop(name, None)
+        owned.clear()
+
     def remove_prefix(self, prefix: str) -> None:
         """Drop every stat under ``prefix`` (a removed cluster or listener)."""
         for d in (self.counters, self.gauges, self.histograms, self.text_readouts, self.tagged):
@@ -354,23 +368,30 @@ class Store:
 class Scope:
     """A name prefix over a store: ``scope.counter("x")`` is ``store.counter(prefix + "x")``."""
 
-    __slots__ = ("store", "prefix")
+    __slots__ = ("store", "prefix", "owned")
 
-    def __init__(self, store: Store, prefix: str):
+    def __init__(self, store: Store, prefix: str, owned: set | None = None):
         self.store = store
         self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        self.owned = owned  # names made through this scope, when its owner frees them (Store.release)
 
     def counter(self, name: str) -> Counter:
+        if self.owned is not None:
+            self.owned.add(self.prefix + name)
         return self.store.counter(self.prefix + name)
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        if self.owned is not None:
+            self.owned.add(self.prefix + name)
         return self.store.gauge(self.prefix + name, accumulate)
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        if self.owned is not None:
+            self.owned.add(self.prefix + name)
         return self.store.histogram(self.prefix + name, unit)
 
     def scope(self, prefix: str) -> "Scope":
-        return Scope(self.store, self.prefix + prefix)
+        return Scope(self.store, self.prefix + prefix, self.owned)
 
 
 def tagged_name(name: str, tags: tuple) -> str:

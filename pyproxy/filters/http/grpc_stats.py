@@ -12,6 +12,10 @@ cluster's scope:
 
 The status comes from ``grpc-status`` in the trailers (or in the headers of a trailers-only
 response); a call that ends without one counts as neither success nor failure, as in Envoy.
+
+Per-status counters exist only for the 17 codes gRPC defines (``"0"`` .. ``"16"``): Envoy makes a
+counter for whatever string an upstream sends, which lets an upstream grow the stats without bound;
+here any other value counts in ``total`` and ``failure`` only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
 from ...http.filter import CONTINUE
 
 FILTER_STATE_KEY = "envoy.filters.http.grpc_stats"
+KNOWN_STATUSES = frozenset(str(i) for i in range(17))  # OK .. UNAUTHENTICATED
 
 
 class _Counters:
@@ -35,8 +40,7 @@ class _Counters:
         self.success = scope.counter(prefix + "success")
         self.failure = scope.counter(prefix + "failure")
         self.total = scope.counter(prefix + "total")
-        self.req_msgs = scope.counter(prefix + "request_message_count")
-        self.resp_msgs = scope.counter(prefix + "response_message_count")
+        self.req_msgs = self.resp_msgs = None  # made when a message is first counted, as Envoy
         self.by_status = {}
         self.rq_time = None
 
@@ -71,6 +75,8 @@ class GrpcStatsConfig:
         key = (cluster.name, method_key)
         c = self.counters.get(key)
         if c is None or c.scope is not cluster.scope:
+            if len(self.counters) >= 4096:  # removed clusters' entries go too
+                self.counters.clear()
             c = self.counters[key] = _Counters(cluster.scope, "grpc." + method_key)
             if self.enable_upstream_stats:
                 c.rq_time = cluster.scope.histogram("grpc." + method_key + "upstream_rq_time")
@@ -196,8 +202,12 @@ class GrpcStatsFilter:
         c = self.cfg.counters_for(cluster, self.method_key)
         if self.req is not None:
             if self.req.count:
+                if c.req_msgs is None:
+                    c.req_msgs = c.scope.counter(c.prefix + "request_message_count")
                 c.req_msgs.value += self.req.count
             if self.resp.count:
+                if c.resp_msgs is None:
+                    c.resp_msgs = c.scope.counter(c.prefix + "response_message_count")
                 c.resp_msgs.value += self.resp.count
         if c.rq_time is not None:
             c.rq_time.record((time.monotonic() - self.start) * 1000.0)
@@ -208,4 +218,5 @@ class GrpcStatsFilter:
             c.success.value += 1
         else:
             c.failure.value += 1
-        c.status(status).value += 1
+        if status in KNOWN_STATUSES:
+            c.status(status).value += 1

@@ -13,7 +13,8 @@ from the trailers, else the headers, else the HTTP status mapped as Envoy maps i
 from __future__ import annotations
 
 from ...http.filter import CONTINUE, HttpFilter
-from ..istio_stats_core import StatsConfig, fs_upstream_peer, peer_from
+from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
+from ..istio_stats_core import StatsConfig, fs_upstream_peer
 
 # Envoy's Grpc::Utility::httpToGrpcStatus
 _HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
@@ -59,10 +60,14 @@ class IstioStatsFilter(HttpFilter):
         self.rx_head = 0
 
     def decode_headers(self, headers, end_stream):
-        h = headers._h
-        ct = headers.get("content-type")
-        self.grpc = ct is not None and ct.startswith("application/grpc")
-        self.rx_head = _head_bytes(h)
+        n = 2
+        grpc = False
+        for k, v in headers._h:  # one pass: the header block's size and the content type
+            n += len(k) + len(v) + 4
+            if k == "content-type" and v.startswith("application/grpc"):
+                grpc = True
+        self.rx_head = n
+        self.grpc = grpc
         return CONTINUE
 
     def on_destroy(self):
@@ -76,9 +81,14 @@ class IstioStatsFilter(HttpFilter):
         code = si.response_code or 0
         grpc = self.grpc
         gs = grpc_status(rs, rt, code) if grpc else ""
-        flags = si.flags_string()
-        peer = peer_from(fs, f.server_side)
-        peer_san, local_san, mtls = f.principals(s.connection, si, fs)
+        rf = si.response_flags
+        flags = ",".join(rf) if rf else "-"
+        if f.server_side:
+            peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
+            peer_san, local_san, mtls = f.principals(s.connection, si, fs)
+        else:
+            peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
+            peer_san, local_san, mtls = si.upstream_peer_uri_san, si.upstream_local_uri_san, None
         host = "" if f.disable_host_fallback or rq is None else (rq.get(":authority") or "")
         ep = None
         if peer is None and not f.server_side and si.upstream_host:

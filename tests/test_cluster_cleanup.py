@@ -1,0 +1,70 @@
+"""What removed clusters and unused ORIGINAL_DST hosts held is freed: a cluster removed over xDS
+leaves /stats (as in Envoy; a cluster whose name merely starts with the same text keeps its stats),
+and an ORIGINAL_DST host no request used for ``cleanup_interval`` is dropped with its pool (its idle
+upstream connection closes), while a host in use keeps its connection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proxy_util import HttpBackend, Pyproxy, bootstrap, free_port, http_listener, request, route_config
+from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
+    CLUSTER, ENVOY, cla, eds_cluster, env, get, http_listener as xds_http_listener, make_cp, route_config as
+    xds_route_config, wait_for, xds_bootstrap)
+
+
+@pytest.mark.parametrize("binary", [None] + ([ENVOY] if ENVOY else []), ids=["pyproxy", "envoy"][:1 + bool(ENVOY)])
+def test_removed_cluster_stats_vanish(env, binary):
+    a = env.backend("A")
+    p1 = free_port()
+    cp = make_cp(env, "tcp")
+    lis = xds_http_listener("l1", p1, route_config=xds_route_config("r", ("/x", "c1.x"), ("/", "c1")))
+    cp.set([eds_cluster("c1"), cla("c1", a.port), eds_cluster("c1.x"), cla("c1.x", a.port), lis])
+    px = env.proxy(xds_bootstrap(env, cp, "GRPC", "tcp"), binary=binary)
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    assert get(p1, "/")[0] == 200 and get(p1, "/x")[0] == 200
+    st = px.stats()
+    assert st["cluster.c1.upstream_rq_total"] == 1 and st["cluster.c1.x.upstream_rq_total"] == 1
+    lis2 = xds_http_listener("l1", p1, route_config=xds_route_config("r", ("/", "c1.x")))
+    cp.set([eds_cluster("c1.x"), cla("c1.x", a.port), lis2])
+    wait_for(lambda: px.stats().get("cluster_manager.cluster_removed") == 1, 10, "c1 removed")
+    wait_for(lambda: not any(k.startswith("cluster.c1.") and not k.startswith("cluster.c1.x.")
+                             for k in px.stats()), 5, "c1's stats gone")
+    st = px.stats()
+    assert st["cluster.c1.x.upstream_rq_total"] == 1
+    # added again: its stats start from nothing
+    cp.set([eds_cluster("c1"), cla("c1", a.port), eds_cluster("c1.x"), cla("c1.x", a.port), lis])
+    wait_for(lambda: "cluster.c1.upstream_rq_total" in px.stats(), 10, "c1 back")
+    assert px.stats()["cluster.c1.upstream_rq_total"] == 0
+
+
+def test_original_dst_hosts_are_reaped_after_cleanup_interval():
+    a, b = HttpBackend(name="A"), HttpBackend(name="B")
+    try:
+        port = free_port()
+        rc = route_config([{"match": {"prefix": "/"}, "route": {"cluster": "odst"}}])
+        odst = {"name": "odst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                "connect_timeout": "1s", "cleanup_interval": "0.5s",
+                "original_dst_lb_config": {"use_http_header": True}}
+        with Pyproxy(bootstrap([http_listener(port, rc)], [odst])):
+            def hit(be):
+                st, _, body = request(port, "GET", "/", headers={
+                    "x-envoy-original-dst-host": "127.0.0.1:%d" % be.port})
+                assert st == 200 and body.startswith(be.name.encode())
+            hit(a)
+            hit(b)
+            wait_for(lambda: len(a.socks) == 1 and len(b.socks) == 1, 3, "one upstream connection each")
+            # B stays in use; A is not used again
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                hit(b)
+                time.sleep(0.1)
+            assert len(a.socks) == 0, "A's host was not reaped: its idle connection is still open"
+            assert len(b.socks) == 1 and b.connections == 1  # in use: kept, the same connection
+            hit(a)  # reaped hosts come back on demand
+            assert a.connections == 2
+    finally:
+        a.close()
+        b.close()
