@@ -60,9 +60,8 @@ _R("network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
 _R("upstream_network_filter", "envoy.tcp.metadataexchange.config.MetadataExchange",
    "pyproxy.filters.network.metadata_exchange:upstream_factory")
 _R("network_filter", "stats.PluginConfig", "pyproxy.filters.network.istio_stats:factory")
-_I("network_filter", "io.istio.network.authn.Config",
-   "istio_authn: publishes the mTLS peer identity for RBAC; without TLS there is no peer identity, "
-   "and RBAC treats the connection as unauthenticated (as Envoy does for plaintext)")
+_R("network_filter", "io.istio.network.authn.Config", "pyproxy.filters.network.istio_authn:factory",
+   names=("istio_authn",))
 
 # -- HTTP filters --------------------------------------------------------------------------------
 _R("http_filter", "envoy.extensions.filters.http.router.v3.Router", "pyproxy.filters.http.router:factory",
@@ -87,9 +86,8 @@ _R("http_filter", "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
    "pyproxy.filters.http.grpc_stats:factory", names=("envoy.filters.http.grpc_stats",))
 
 _R("http_filter", "stats.PluginConfig", "pyproxy.filters.http.istio_stats:factory")
-_I("http_filter", "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
-   "istio.alpn: overrides the ALPN offered on upstream mTLS connections; with no upstream TLS yet "
-   "there is no ALPN to override")
+_R("http_filter", "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+   "pyproxy.filters.http.istio_alpn:factory", names=("istio.alpn",))
 _R("http_filter", "io.istio.http.peer_metadata.Config", "pyproxy.filters.http.peer_metadata:factory")
 _I("http_filter", "io.istio.http.connect_authority.Config",
    "connect_authority: passes the CONNECT authority to HBONE internal listeners, which are not "

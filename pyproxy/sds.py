@@ -62,25 +62,31 @@ class _Subscription:
         self.manager = manager
         self.provider = provider
         self.client: XdsClient | None = None
+        self.counted = False
 
     def on_resources(self, type_url, version_info, added, removed, sotw):
         p = self.provider
         m = self.manager
         st = m.stats_for(p.name)
         st.attempt.inc()
-        try:
-            if type_url != SECRET:
-                raise ConfigError("unexpected type URL '%s' on an SDS stream" % type_url)
-            if p.name not in added:
-                raise ConfigError("Missing SDS resources for %s in onConfigUpdate()" % p.name)
-            if len(added) != 1:
-                raise ConfigError("Unexpected SDS secrets length: %d" % len(added))
-            STORE.apply_sds(added, (), version_info)
-        except ConfigError as e:
-            m.rejected(p, e)
-            raise
+        self.counted = True
+        if type_url != SECRET:
+            raise ConfigError("unexpected type URL '%s' on an SDS stream" % type_url)
+        if p.name not in added:
+            raise ConfigError("Missing SDS resources for %s in onConfigUpdate()" % p.name)
+        if len(added) != 1:
+            raise ConfigError("Unexpected SDS secrets length: %d" % len(added))
+        STORE.apply_sds(added, (), version_info)   # ConfigError: NACKed, the last good stays
+        self.counted = False
         st.success.inc()
         m.applied(added, version_info)
+
+    def on_rejected(self, type_url, version_info, message) -> None:
+        """The client NACKed a response (here or before the handler: an unexpected name...)."""
+        if not self.counted:
+            self.manager.stats_for(self.provider.name).attempt.inc()
+        self.counted = False
+        self.manager.rejected(self.provider, message)
 
     def on_connection_state(self, connected: bool) -> None:
         self.manager.connection_state(self.provider, connected)
@@ -188,9 +194,9 @@ class SdsManager:
         STORE.mark_ready(p)
 
     # -- from the subscriptions ------------------------------------------------------------------
-    def rejected(self, p, e) -> None:
+    def rejected(self, p, message) -> None:
         self.stats_for(p.name).rejected.inc()
-        p.error = str(e)
+        p.error = str(message)
         if not p.ready:   # as Envoy: a rejected first response ends the initial fetch
             STORE.mark_ready(p)
 

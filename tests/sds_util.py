@@ -138,6 +138,7 @@ class AgentSds:
         self.acks: list = []
         self.nacks: list = []
         self.rejected_streams = 0
+        self.sent: list = []           # (stream id, name, version_info, nonce) of every response
         self.streams: dict = {}
         self.stream_names: dict = {}   # stream id -> names it asked for first
         self.counter = 0
@@ -213,6 +214,7 @@ class AgentSds:
             for s in secs:
                 resp.resources.add().Pack(s)
             st.nonce = resp.nonce
+            self.sent.append((st.id, name, ver, resp.nonce))
             return resp
 
     def set(self, name: str, secret, push: bool = True) -> None:

@@ -68,3 +68,34 @@ def test_original_dst_hosts_are_reaped_after_cleanup_interval():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("binary", [None] + ([ENVOY] if ENVOY else []), ids=["pyproxy", "envoy"][:1 + bool(ENVOY)])
+def test_removed_listener_stats_vanish_after_drain(env, binary):
+    a = env.backend("A")
+    p1, p2 = free_port(), free_port()
+    cp = make_cp(env, "tcp")
+    l1 = xds_http_listener("l1", p1, route_config=xds_route_config("r1", ("/", "c1")))
+    l2 = xds_http_listener("l2", p2, route_config=xds_route_config("r2", ("/", "c1")))
+    cp.set([eds_cluster("c1"), cla("c1", a.port), l1, l2])
+    px = env.proxy(xds_bootstrap(env, cp, "GRPC", "tcp"), binary=binary, drain_time=1)
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    assert get(p1, "/")[0] == 200 and get(p2, "/")[0] == 200
+    n1, n2 = "listener.127.0.0.1_%d." % p1, "listener.127.0.0.1_%d." % p2
+    st = px.stats()
+    assert st[n1 + "downstream_cx_total"] == 1 and st[n2 + "downstream_cx_total"] == 1
+    cp.set([eds_cluster("c1"), cla("c1", a.port), l2])
+    wait_for(lambda: px.stats().get("listener_manager.listener_removed") == 1, 10, "l1 removed")
+    wait_for(lambda: not any(k.startswith(n1) for k in px.stats()), 8, "l1's stats gone after the drain")
+    st = px.stats()
+    assert st[n2 + "downstream_cx_total"] == 1
+    # its HTTP connection manager's stats go too; l2's stay
+    assert not any(k.startswith("http.l1.") for k in st) and st["http.l2.downstream_rq_2xx"] == 1
+    # a modified listener keeps its stats once the old version has drained
+    l2b = xds_http_listener("l2", p2, route_config=xds_route_config("r2b", ("/", "c1")))
+    cp.set([eds_cluster("c1"), cla("c1", a.port), l2b])
+    wait_for(lambda: px.stats().get("listener_manager.listener_modified") == 1, 10, "l2 modified")
+    time.sleep(2.0)  # past the drain time
+    assert get(p2, "/")[0] == 200
+    st = px.stats()
+    assert st["http.l2.downstream_rq_2xx"] == 2 and st[n2 + "downstream_cx_total"] == 2

@@ -160,7 +160,7 @@ def _seen(backend_req):
     return {"path": backend_req.path, "headers": hs, "rid": backend_req.header("x-request-id") is not None}
 
 
-def run_case(bs, backend, requests, *, tls_ctx=None, h2=False):
+def run_case(bs, backend, requests, *, tls_ctx=None, h2_tls=None):
     """``requests``: list of raw request bytes (or ("curl", args) for HTTP/2 via curl). Returns
     {kind: [(status, seen, ...)...], kind + ".rbac": (allowed, denied)}."""
     results = {}
@@ -172,7 +172,7 @@ def run_case(bs, backend, requests, *, tls_ctx=None, h2=False):
                 with backend.lock:
                     backend.requests.clear()
                 if isinstance(r, tuple) and r[0] == "curl":
-                    st = _curl(p.port, *r[1:])
+                    st = _curl(p.port, *r[1:], tls=h2_tls)
                     resp = [(st, {}, b"")] if st else []
                 else:
                     resp = send(p.port, r, tls_ctx=tls_ctx)
@@ -187,13 +187,22 @@ def run_case(bs, backend, requests, *, tls_ctx=None, h2=False):
     return results
 
 
-def _curl(port, path, *headers):
-    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--http2-prior-knowledge", "--path-as-is",
-            "--max-time", "4"]
+def _curl(port, path, *headers, tls=None):
+    """One HTTP/2 request with curl (h2c prior knowledge, or h2 over TLS with ``tls`` =
+    (ca path, client cert or None))."""
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--path-as-is", "--max-time", "4"]
+    if tls is None:
+        args.append("--http2-prior-knowledge")
+        url = "http://127.0.0.1:%d%s" % (port, path)
+    else:
+        ca, cert = tls
+        args += ["--http2", "--cacert", ca, "--resolve", "localhost:%d:127.0.0.1" % port]
+        if cert is not None:
+            args += ["--cert", cert.cert_path, "--key", cert.key_path]
+        url = "https://localhost:%d%s" % (port, path)
     for h in headers:
         args += ["-H", h]
-    out = subprocess.run(args + ["http://127.0.0.1:%d%s" % (port, path)], capture_output=True, text=True,
-                         timeout=10)
+    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=10)
     return int(out.stdout or 0) or None
 
 
@@ -255,13 +264,19 @@ XFF_CONFIGS = {
 }
 
 
+# with the RBAC filter the requests take pyproxy's generic stream; router-only, its fast lane and
+# (HTTP/1.1, bodiless) its express lane: the same request preparation must run on each
+LANES = ["rbac", "router-only"]
+
+
+@pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("name", sorted(XFF_CONFIGS))
-def test_downstream_address_and_internal_headers(backend, name):
+def test_downstream_address_and_internal_headers(backend, name, lane):
     bs = make_bootstrap(backend.port, hcm_extra=XFF_CONFIGS[name],
-                        rc_extra={"internal_only_headers": ["x-secret-internal"]})
+                        rc_extra={"internal_only_headers": ["x-secret-internal"]}, rbac=lane == "rbac")
     res = run_case(bs, backend, XFF_REQUESTS)
     assert_same(res, XFF_REQUESTS)
-    if name == "default":
+    if name == "default" and lane == "rbac":
         # the client's x-forwarded-for decides remote_ip, never direct_remote_ip: RBAC denies
         assert res["pyproxy"][1][0] == 403 and res["pyproxy"][0][0] == 200
 
@@ -297,13 +312,14 @@ PATH_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("name", sorted(PATH_CONFIGS))
-def test_paths_against_rbac(backend, name):
+def test_paths_against_rbac(backend, name, lane):
     reqs = [req(p) for p in PATHS]
-    bs = make_bootstrap(backend.port, hcm_extra=PATH_CONFIGS[name])
+    bs = make_bootstrap(backend.port, hcm_extra=PATH_CONFIGS[name], rbac=lane == "rbac")
     res = run_case(bs, backend, reqs)
     assert_same(res, reqs)
-    if name == "decode-and-merge":
+    if name == "decode-and-merge" and lane == "rbac":
         got = dict(zip(PATHS, res["pyproxy"]))
         assert got["/x%2F..%2Fadmin"][0] == 403  # the router's path is RBAC's path
         assert got["/x/%2e%2e/admin"][0] == 403
@@ -324,10 +340,11 @@ UPGRADE_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("ws", [False, True])
-def test_upgrades(backend, ws):
+def test_upgrades(backend, ws, lane):
     extra = {"upgrade_configs": [{"upgrade_type": "websocket"}]} if ws else {}
-    bs = make_bootstrap(backend.port, hcm_extra=extra)
+    bs = make_bootstrap(backend.port, hcm_extra=extra, rbac=lane == "rbac")
     res = run_case(bs, backend, UPGRADE_REQUESTS)
     assert_same(res, UPGRADE_REQUESTS)
     assert res["pyproxy"][3][0] == 200  # h2c: served as HTTP/1.1, not refused
@@ -353,6 +370,12 @@ def pki(tmp_path_factory):
     srv = p.issue("server", dns=["localhost"], uri=["spiffe://cluster.local/ns/default/sa/server"])
     cli = p.issue("client", dns=["client.example", "alt.example"], uri=["spiffe://cluster.local/ns/a/sa/client"])
     return p, srv, cli
+
+
+@pytest.fixture(scope="module")
+def odd_client(pki, tmp_path_factory):
+    """A client certificate with a subject that needs escaping, two URI SANs and no DNS SAN."""
+    return pki[0].issue('odd, "client"+x=y;z', uri=["spiffe://cluster.local/ns/a/sa/one", "urn:two"])
 
 
 def _client_ctx(p, cert=None):
@@ -395,6 +418,17 @@ def test_xfcc_modes(backend, pki, mode, client_cert):
         assert "Hash=" in forged and "URI=spiffe://cluster.local/ns/a/sa/client" in forged
 
 
+@pytest.mark.parametrize("mode", ["APPEND_FORWARD", "SANITIZE_SET"])
+def test_xfcc_encoding_of_an_odd_certificate(backend, pki, odd_client, mode):
+    p, srv, _ = pki
+    extra = {"forward_client_cert_details": mode, "set_current_client_cert_details": XFCC_DETAILS}
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=downstream_tls(srv, alpn=("http/1.1",), ca=p))
+    res = run_case(bs, backend, XFCC_REQUESTS, tls_ctx=_client_ctx(p, odd_client))
+    assert_same(res, XFCC_REQUESTS)
+    x = res["pyproxy"][0][1]["headers"]["x-forwarded-client-cert"]
+    assert "URI=spiffe://cluster.local/ns/a/sa/one;URI=urn:two" in x and 'Subject="CN=odd\\, \\"client' in x, x
+
+
 def test_xfcc_istio_inbound_shape(backend, pki):
     """Istio's inbound HCM: APPEND_FORWARD with subject, uri and dns; a plaintext chain strips."""
     p, srv, cli = pki
@@ -408,6 +442,22 @@ def test_xfcc_istio_inbound_shape(backend, pki):
     res = run_case(bs, backend, XFCC_REQUESTS)
     assert_same(res, XFCC_REQUESTS)
     assert all(r[1]["headers"].get("x-forwarded-client-cert") is None for r in res["pyproxy"])
+
+
+@pytest.mark.parametrize("mode", ["SANITIZE", "APPEND_FORWARD", "SANITIZE_SET", "FORWARD_ONLY"])
+@pytest.mark.parametrize("client_cert", [True, False])
+def test_xfcc_over_http2(backend, pki, mode, client_cert):
+    p, srv, cli = pki
+    extra = {"forward_client_cert_details": mode}
+    if mode in ("APPEND_FORWARD", "SANITIZE_SET"):
+        extra["set_current_client_cert_details"] = XFCC_DETAILS
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=downstream_tls(srv, alpn=("h2", "http/1.1"), ca=p))
+    reqs = [("curl", "/"), ("curl", "/", "x-forwarded-client-cert: By=spiffe://evil;Hash=00")]
+    res = run_case(bs, backend, reqs, h2_tls=(p.ca_path, cli if client_cert else None))
+    assert_same(res, reqs)
+    assert res["pyproxy"][0][0] == 200
+    if client_cert and mode != "SANITIZE" and mode != "FORWARD_ONLY":
+        assert "Hash=" in res["pyproxy"][1][1]["headers"]["x-forwarded-client-cert"]
 
 
 # -- HCM details ---------------------------------------------------------------------------------------------
@@ -459,3 +509,32 @@ def test_request_headers_timeout(backend):
             got[cls.kind] = (r[0], r[2])
             assert p.stat("http.hostile.downstream_rq_header_timeout") == 1
     assert got["pyproxy"] == got["envoy"], got
+
+
+# -- the access log reads the same downstream address ----------------------------------------------------
+
+def test_access_log_downstream_address(backend, tmp_path):
+    fmt = ("%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% "
+           "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT% %RESPONSE_CODE%\n")
+    reqs = [req("/"), req("/", [("X-Forwarded-For", "203.0.113.5")]),
+            req("/", [("X-Forwarded-For", "198.51.100.7, 10.1.1.1")]), req("/", [("X-Forwarded-For", "junk")])]
+    lines = {}
+    for cfg in ({}, {"xff_num_trusted_hops": 1}, {"use_remote_address": True, "xff_num_trusted_hops": 1}):
+        for cls in (Pyproxy, Envoy):
+            path = tmp_path / ("%s-%d.log" % (cls.kind, len(cfg)))
+            al = [{"name": "envoy.access_loggers.file", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path), "log_format": {"text_format_source": {"inline_string": fmt}}}}]
+            bs = make_bootstrap(backend.port, hcm_extra=dict(cfg, access_log=al))
+            with cls(bs, extra_args=["--file-flush-interval-msec", "100"]) as p:
+                for r in reqs:
+                    send(p.port, r)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if path.exists() and path.read_text().count("\n") >= len(reqs):
+                        break
+                    time.sleep(0.1)
+            import re
+            lines[cls.kind] = [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:P", x) for x in path.read_text().splitlines()]
+        assert lines["pyproxy"] == lines["envoy"], (cfg, lines)
+        assert len(lines["pyproxy"]) == len(reqs)

@@ -103,39 +103,3 @@ def test_validate_and_startup_agree_on_api_config_source(tmp_path):
     assert r.returncode == 1 and "api_config_source (per-type discovery service) is not supported" in r.stderr
     r = run_pyproxy(["-c", str(p), "-l", "error"], timeout=20)
     assert r.returncode != 0 and "api_config_source (per-type discovery service) is not supported" in r.stderr
-
-
-def test_sds_validation_context_with_san_matchers_fails_closed(tmp_path):
-    """SAN matchers and pins inside an SDS-delivered validation context are not applied yet: the
-    TLS context is refused (never an unchecked peer), validate names them, and it is logged."""
-    import base64
-    import pytest
-    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
-    from pyproxy.tls import TlsNotReady, downstream_factory
-    from pyproxy.tls.secrets import STORE
-    from tls_certs import Pki, cert_entry
-    pki = Pki(tmp_path)
-    srv = pki.issue("server", dns=["localhost"])
-    ca = {"trusted_ca": {"inline_bytes": base64.b64encode(pki.ca_pem).decode()}}
-    STORE.clear()
-    try:
-        f = downstream_factory(json_format.ParseDict({"common_tls_context": {
-            "tls_certificates": [cert_entry(srv)],
-            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}},
-            "require_client_certificate": True}, tls_pb2.DownstreamTlsContext()))
-        STORE.apply_sds({"ROOTCA": json_format.ParseDict({"name": "ROOTCA", "validation_context": dict(
-            ca, match_typed_subject_alt_names=[{"san_type": "URI", "matcher": {"exact": "spiffe://x"}}])},
-            secret_pb2.Secret())})
-        with pytest.raises(TlsNotReady, match="match_typed_subject_alt_names: SAN matchers in an SDS"):
-            f.compiled()
-        STORE.apply_sds({"ROOTCA": json_format.ParseDict({"name": "ROOTCA", "validation_context": ca},
-                                                         secret_pb2.Secret())})
-        assert f.compiled() is not None  # the CA alone is applied
-    finally:
-        STORE.clear()
-    p = tmp_path / "secret.json"
-    p.write_text(json.dumps({"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
-                             "name": "ROOTCA", "validation_context": dict(
-                                 ca, verify_certificate_spki=["NvqYIYSbgK2vCJpQhObf77vv+bQWtc5ek5RIOwPiC9A="])}))
-    r = run_pyproxy(["validate", str(p)])
-    assert "verify_certificate_spki: certificate pins in an SDS-delivered validation context" in r.stdout, r.stdout

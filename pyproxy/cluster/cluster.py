@@ -18,10 +18,11 @@ from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
-from .host import Host, PrioritySet
+from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host,
+                   PrioritySet)
 from .lb import create_lb
 from .health_check import HealthChecker
-from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, grpc_to_http
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -249,11 +250,17 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
-    def count_response(self, status: int, host=None) -> None:
-        """An upstream response head (``host``: where it came from, for outlier detection)."""
+    def count_response(self, status: int, host=None, headers=None) -> None:
+        """An upstream response head (``host``: where it came from, for outlier detection;
+        ``headers``: its headers, so that a gRPC trailers-only answer counts as its
+        ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
         if host is not None:
             m = host.outlier
             if m is not None:
+                if headers is not None and status == 200:
+                    gs = headers.get("grpc-status")
+                    if gs is not None:
+                        status = grpc_to_http(gs)
                 m.put_http(status)
         c = self.st_rq_code.get(status)
         if c is None:
@@ -309,25 +316,28 @@ class Cluster:
         self.st_membership_healthy.set(sum(1 for h in self.priority_set.all_hosts if h.healthy))
 
     # -- hosts ---------------------------------------------------------------------------------
-    def _set_priority_set(self, ps: PrioritySet) -> None:
+    def _set_priority_set(self, ps: PrioritySet, from_eds: bool = True) -> None:
         upd = diff_hosts(self.priority_set if self.priority_set.all_hosts else None, ps)
         ps = upd.priority_set
+        removed = upd.removed
+        if self.hc is not None and self.type == EDS and from_eds:
+            ps, removed = self._keep_pending_removal(ps, removed)
         self.priority_set = ps
         od = self.outlier
         if od is not None:
             od.add_hosts(upd.added)
-            od.remove_hosts(upd.removed)
+            od.remove_hosts(removed)
         if self.hc is not None:
             self.hc.add_hosts(upd.added)
-            self.hc.remove_hosts(upd.removed)
-        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic)
+            self.hc.remove_hosts(removed)
+        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic, self.scope)
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
         if self.initialized and self._started:  # (the initial hosts are no update)
             self._last_lb_update = self.loop.time()
         keys = {h.key for h in ps.all_hosts}
-        for h in upd.removed:
+        for h in removed:
             if h.key not in keys:
                 p = self.pools.pop(h.key, None)
                 if p is not None:
@@ -336,6 +346,41 @@ class Cluster:
         self.st_membership_healthy.set(sum(1 for h in ps.all_hosts if h.healthy))
         self.st_membership_change.inc()
         self._mark_initialized()
+
+    def _keep_pending_removal(self, ps: PrioritySet, removed: list):
+        """Envoy's rule for health-checked EDS clusters: a host EDS no longer lists stays, flagged
+        ``pending_dynamic_removal``, while it passes its health checks (unless the cluster sets
+        ``ignore_health_on_host_removal``); it goes when a check fails
+        (``health_check_failed_pending_removal``). A host EDS lists again loses the flag."""
+        for h in ps.all_hosts:
+            if h.flags & PENDING_DYNAMIC_REMOVAL:
+                h.clear_flag(PENDING_DYNAMIC_REMOVAL)
+        if self.proto.ignore_health_on_host_removal or not removed:
+            return ps, removed
+        keep = [h for h in removed if not h.flags & (FAILED_ACTIVE_HC | FAILED_EDS_HEALTH)]
+        if not keep:
+            return ps, removed
+        prios = [list(p) for p in ps.priorities]
+        locs = [dict(d) for d in ps.localities]
+        for h in keep:
+            h.set_flag(PENDING_DYNAMIC_REMOVAL)
+            while len(prios) <= h.priority:
+                prios.append([])
+                locs.append({})
+            prios[h.priority].append(h)
+            locs[h.priority].setdefault(h.locality, 0)
+        kept = set(keep)
+        return (PrioritySet(prios, locs, ps.overprovisioning_factor),
+                [h for h in removed if h not in kept])
+
+    def health_check_failed(self, host) -> None:
+        """Active health checking marked ``host`` unhealthy: a host pending removal goes now."""
+        if not host.flags & PENDING_DYNAMIC_REMOVAL:
+            return
+        ps = self.priority_set
+        prios = [[h for h in p if h is not host] for p in ps.priorities]
+        self._set_priority_set(PrioritySet(prios, [dict(d) for d in ps.localities],
+                                           ps.overprovisioning_factor), from_eds=False)
 
     def _mark_initialized(self):
         hc = self.hc
@@ -426,7 +471,9 @@ class Cluster:
                 self.transport_socket_matches[i] = (crit, _with_auto_alpn(
                     proto.transport_socket_matches[i].transport_socket, "transport_socket_matches"))
 
-    def http_pool(self, host: Host, downstream_h2: bool = False):
+    def http_pool(self, host: Host, downstream_h2: bool = False, alpn=None):
+        if alpn:  # istio.alpn: TLS connections offering this list, in pools of their own
+            return self._alpn_pool(host, downstream_h2, alpn)
         p = self.pools.get(host.key)
         if p is None:
             proto = self.protocol
@@ -442,6 +489,24 @@ class Cluster:
             self.pools[host.key] = p
         if self.protocol == USE_DOWNSTREAM:
             return p.h2 if downstream_h2 else p.h1
+        return p
+
+    def _alpn_pool(self, host: Host, downstream_h2: bool, alpn: tuple):
+        ts = self.transport_for(host)
+        if not ts.is_tls or self.protocol not in (HTTP1, HTTP2, USE_DOWNSTREAM):
+            return self.http_pool(host, downstream_h2)
+        pools = self.__dict__.setdefault("alpn_pools", {})
+        key = (host.key, alpn)
+        p = pools.get(key)
+        if p is None:
+            h2 = self.protocol == HTTP2 or (self.protocol == USE_DOWNSTREAM and downstream_h2)
+            if h2:
+                from .pool_h2 import Http2Pool
+                p = Http2Pool(self, host, self.loop)
+            else:
+                p = Http1Pool(self, host, self.loop)
+            p.transport = ts.with_alpn(alpn)
+            pools[key] = p
         return p
 
     def close(self) -> None:
@@ -461,6 +526,8 @@ class Cluster:
         for p in self.pools.values():
             p.drain()
         self.pools.clear()
+        for p in self.__dict__.pop("alpn_pools", {}).values():  # (istio.alpn's pools)
+            p.drain()
 
     # -- admin ---------------------------------------------------------------------------------
     def status(self) -> dict:

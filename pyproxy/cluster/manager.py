@@ -31,24 +31,24 @@ class ClusterManager:
         self.st_modified = stats.counter("cluster_manager.cluster_modified")
         self.st_removed = stats.counter("cluster_manager.cluster_removed")
         self.initialized_callbacks = []
-        self._owned_stats: dict = {}  # cluster stat name -> names of the stats made under it
+        self._owned_stats: dict = {}  # cluster stat name -> StatsOwner (kept across updates)
         self.node = None  # the bootstrap node (upstream filters read the local workload from it)
 
     def cluster_scope(self, stat_name: str):
         """The stats scope of cluster ``stat_name``: what is made through it (by the cluster, its
         pools, filters charging it) is recorded, across updates, and freed when it is removed."""
-        owned = self._owned_stats.get(stat_name)
-        if owned is None:
-            owned = self._owned_stats[stat_name] = set()
-        return self.stats.owned_scope("cluster.%s." % stat_name, owned)
+        owner = self._owned_stats.get(stat_name)
+        if owner is None:
+            owner = self._owned_stats[stat_name] = self.stats.new_owner()
+        return self.stats.owned_scope("cluster.%s." % stat_name, owner)
 
     def _release_stats(self, cluster: Cluster) -> None:
         sn = cluster.stat_name
         if any(c.stat_name == sn for c in list(self.active.values()) + list(self.warming.values())):
             return  # another cluster reports under the same alt_stat_name
-        owned = self._owned_stats.pop(sn, None)
-        if owned:
-            self.stats.release(owned)
+        owner = self._owned_stats.pop(sn, None)
+        if owner is not None:
+            owner.release()
 
     def get(self, name: str) -> Cluster | None:
         return self.active.get(name)

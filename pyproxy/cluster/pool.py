@@ -208,7 +208,7 @@ class PoolBase:
     async def _do_connect(self):
         c = self.cluster
         conn = self._new_connection()
-        ts = c.transport_for(self.host)
+        ts = self.transport or c.transport_for(self.host)  # (istio.alpn pools carry their own)
         try:
             sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
             if ts.is_tls:  # connected = handshake done; a failed handshake is a connect failure
@@ -247,12 +247,13 @@ class Http1Pool(PoolBase):
     """Connections to one host. Idle connections are reused most-recently-used first."""
 
     __slots__ = ("cluster", "host", "loop", "idle", "pending", "connecting", "active", "draining",
-                 "sweep")
+                 "sweep", "transport")
 
     def __init__(self, cluster, host, loop):
         self.cluster = cluster
         self.host = host
         self.loop = loop
+        self.transport = None
         self.idle: list = []
         self.pending = collections.deque()
         self.connecting = 0

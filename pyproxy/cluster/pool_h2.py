@@ -589,12 +589,14 @@ class Http2Pool(PoolBase):
 
     is_http2 = True
 
-    __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining", "settings_timeout")
+    __slots__ = ("cluster", "host", "loop", "conns", "pending", "connecting", "draining", "settings_timeout",
+                 "transport")
 
     def __init__(self, cluster, host, loop):
         self.cluster = cluster
         self.host = host
         self.loop = loop
+        self.transport = None
         self.conns: list = []  # connected and not closed
         self.pending = collections.deque()
         self.connecting = 0  # connections without the peer's SETTINGS yet

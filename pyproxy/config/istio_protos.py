@@ -108,14 +108,41 @@ def _tcp_mx_file():
     return fd
 
 
+def _alpn_file():
+    # istio/proxy source/extensions/filters/http/alpn/config.proto
+    p = ".istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig."
+    fd = descriptor_pb2.FileDescriptorProto(name="pyproxy/istio/http/alpn/config.proto",
+                                            package="istio.envoy.config.filter.http.alpn.v2alpha1",
+                                            syntax="proto3")
+    c = fd.message_type.add(name="FilterConfig")
+    e = c.enum_type.add(name="Protocol")
+    for i, n in enumerate(("HTTP10", "HTTP11", "HTTP2")):
+        e.value.add(name=n, number=i)
+    ao = c.nested_type.add(name="AlpnOverride")
+    _field(ao, "upstream_protocol", 1, _ENUM, type_name=p + "Protocol")
+    _field(ao, "alpn_override", 2, _STR, _REP)
+    _field(c, "alpn_override", 1, _MSG, _REP, p + "AlpnOverride")
+    return fd
+
+
+def _authn_file():
+    # the legacy istio_authn network filter (istio/proxy c0655e150^): {"shared": bool}
+    fd = descriptor_pb2.FileDescriptorProto(name="pyproxy/istio/network/authn/config.proto",
+                                            package="io.istio.network.authn", syntax="proto3")
+    c = fd.message_type.add(name="Config")
+    _field(c, "shared", 1, _BOOL)
+    return fd
+
+
 TYPES = ("stats.PluginConfig", "io.istio.http.peer_metadata.Config",
-         "envoy.tcp.metadataexchange.config.MetadataExchange")
+         "envoy.tcp.metadataexchange.config.MetadataExchange",
+         "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig", "io.istio.network.authn.Config")
 CLASSES: dict = {}
 
 
 def _register() -> None:
     pool = descriptor_pool.Default()
-    for build in (_stats_file, _peer_metadata_file, _tcp_mx_file):
+    for build in (_stats_file, _peer_metadata_file, _tcp_mx_file, _alpn_file, _authn_file):
         fd = build()
         try:
             pool.FindFileByName(fd.name)

@@ -24,6 +24,10 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
+    ("cluster", "health_checks[].event_log_path", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].event_logger[]", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].always_log_health_check_failures",
+     "health check event logging is not implemented"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
@@ -35,14 +39,6 @@ NOT_ACTED_ON: tuple = (
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
     ("bootstrap", "stats_config.stats_matcher",
      "stats_matcher is not implemented yet: every stat is created and exported"),
-    ("sds_validation_context", "match_typed_subject_alt_names[]",
-     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "match_subject_alt_names[]",
-     "SAN matchers in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "verify_certificate_hash[]",
-     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
-    ("sds_validation_context", "verify_certificate_spki[]",
-     "certificate pins in an SDS-delivered validation context are not applied yet: the context is refused"),
 )
 
 _BY_KIND: dict = {}

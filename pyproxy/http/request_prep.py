@@ -588,7 +588,11 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 break
     if not xfp:
         h.append(("x-forwarded-proto", scheme))
-    internal = allow_trusted and remote_ip is not None and plan.is_internal(remote_ip)
+    if remote_ip:
+        internal = allow_trusted and plan.is_internal(remote_ip)
+    else:
+        # a unix-socket peer (use_remote_address): internal when internal_address_config says so
+        internal = allow_trusted and plan.use_remote and plan.internal_unix
     if remote_ip is None:
         remote_ip = direct_ip
     edge = not internal and plan.use_remote

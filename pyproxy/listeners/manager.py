@@ -14,6 +14,7 @@ import time
 
 from ..config.dump import to_dict
 from ..config import ConfigError
+from ..stats import OwnedStats
 from .connection import DownstreamConnection
 from .listener import CompiledListener, _listener_stat_name
 
@@ -45,13 +46,15 @@ class ActiveListener:
         self.connections: set = set()
         self.draining = False
         self.acceptor = None
-        s = manager.stats.scope("listener.%s." % config.stat_prefix)
+        owner = getattr(config, "stats_owner", None) or manager.stats.new_owner()
+        config.stats_owner = owner
+        s = manager.stats.owned_scope("listener.%s." % config.stat_prefix, owner)
         self.st_cx_total = s.counter("downstream_cx_total")
         self.st_cx_active = s.gauge("downstream_cx_active")
         self.st_cx_destroy = s.counter("downstream_cx_destroy")
         self.st_no_filter_chain = s.counter("no_filter_chain_match")
-        self.st_rx_bytes = manager.stats.counter("listener.%s.downstream_cx_rx_bytes_total" % config.stat_prefix)
-        self.st_tx_bytes = manager.stats.counter("listener.%s.downstream_cx_tx_bytes_total" % config.stat_prefix)
+        self.st_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
+        self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
 
@@ -93,11 +96,17 @@ class ListenerManager:
         self.workers_started = False
         self.drain_callbacks = []
 
+
     # -- compile / install ----------------------------------------------------------------------
     def build(self, proto, *, added_via_api: bool, version_info: str = "") -> CompiledListener:
         ctx = self.ctx_factory()
+        owner = self.stats.new_owner()
+        if getattr(ctx, "stats", None) is self.stats:
+            ctx.stats = OwnedStats(self.stats, owner)  # the stats its filters make are the listener's
         try:
-            return CompiledListener(proto, ctx, added_via_api=added_via_api, version_info=version_info)
+            cl = CompiledListener(proto, ctx, added_via_api=added_via_api, version_info=version_info)
+            cl.stats_owner = owner
+            return cl
         except ConfigError as e:
             raise e.within(resource="listener '%s'" % proto.name)
 
@@ -232,6 +241,9 @@ class ListenerManager:
         if al in self.draining_listeners:
             self.draining_listeners.remove(al)
         self.st_total_draining.set(len(self.draining_listeners))
+        owner = getattr(al.config, "stats_owner", None)
+        if owner is not None:  # its stats go, but those another listener also made (as Envoy)
+            owner.release()
 
     def remove(self, name: str) -> bool:
         al = self.active.pop(name, None)

@@ -13,6 +13,8 @@ import bisect
 import math
 import re
 
+import re2
+
 # Envoy's default histogram buckets (milliseconds or whatever unit the stat uses).
 DEFAULT_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                    300000, 600000, 1800000, 3600000)
@@ -63,20 +65,21 @@ class Gauge:
 class Histogram:
     """Fixed-bucket histogram; quantiles are interpolated inside buckets as Envoy's summary does."""
 
-    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max")
+    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max", "buckets")
     kind = "histogram"
 
-    def __init__(self, name: str, unit: str = "ms"):
+    def __init__(self, name: str, unit: str = "ms", buckets: tuple = DEFAULT_BUCKETS):
         self.name = name
         self.unit = unit
-        self.counts = [0] * (len(DEFAULT_BUCKETS) + 1)
+        self.buckets = buckets  # upper bounds (the bootstrap's histogram_bucket_settings, else Envoy's)
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
         self.count = 0
         self.samples_min = math.inf
         self.samples_max = 0.0
 
     def record(self, v: float) -> None:
-        self.counts[bisect.bisect_left(DEFAULT_BUCKETS, v)] += 1
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
         self.total += v
         self.count += 1
         if v < self.samples_min:
@@ -98,8 +101,9 @@ class Histogram:
         rank = q * self.count
         seen = 0
         lower = 0.0
+        b = self.buckets
         for i, c in enumerate(self.counts):
-            upper = DEFAULT_BUCKETS[i] if i < len(DEFAULT_BUCKETS) else self.samples_max
+            upper = b[i] if i < len(b) else self.samples_max
             if c and seen + c >= rank:
                 frac = (rank - seen) / c
                 lo = max(lower, self.samples_min)
@@ -136,12 +140,27 @@ DEFAULT_TAG_SPECS = [
 ]
 
 
+_TAG_RE2_OPTS = re2.Options()
+_TAG_RE2_OPTS.log_errors = False
+
+
+def compile_tag_regex(regex: str):
+    """A tag extractor's regex from config (``stats_config.stats_tags``): RE2 whenever RE2 takes
+    it. Envoy runs these on std::regex, and Istio's bootstrap has one with a look-ahead that RE2
+    refuses: only such a pattern is compiled with Python's ``re``, and it only ever sees stat names
+    (made from config), never request data. ``re.error`` when neither engine takes it."""
+    try:
+        return re2.compile(regex, _TAG_RE2_OPTS)
+    except re2.error:
+        return re.compile(_re2_to_python(regex))
+
+
 class TagExtractor:
     __slots__ = ("name", "regex")
 
     def __init__(self, name: str, regex: str):
         self.name = name
-        self.regex = re.compile(_re2_to_python(regex))
+        self.regex = compile_tag_regex(regex)
 
     def extract(self, name: str):
         m = self.regex.search(name)
@@ -172,13 +191,15 @@ class Store:
         for n, r in specs:
             try:
                 self.extractors.append(TagExtractor(n, r))
-            except re.error:
-                pass  # a regex Python cannot compile only loses that tag
+            except (re.error, ValueError):
+                pass  # a regex neither engine compiles only loses that tag
         self._tag_cache: dict[str, tuple[str, tuple]] = {}
         # stats created with explicit tags (Istio's istio_* metrics): flat name -> (name, tags).
         # The flat name is Envoy's (``name.tag1.value1.tag2.value2``); Prometheus shows the tags
         # as labels in their given order, never through the regex extractors.
         self.tagged: dict[str, tuple[str, tuple]] = {}
+        # bootstrap stats_config.histogram_bucket_settings: [(match(name) -> bool, buckets)], first wins
+        self.bucket_settings: list = []
 
     # -- creation (config time) ---------------------------------------------------------------
     def counter(self, name: str) -> Counter:
@@ -196,8 +217,14 @@ class Store:
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram(name, unit)
+            h = self.histograms[name] = Histogram(name, unit, self.buckets_for(name))
         return h
+
+    def buckets_for(self, name: str) -> tuple:
+        for match, buckets in self.bucket_settings:
+            if match(name):
+                return buckets
+        return DEFAULT_BUCKETS
 
     def tagged_counter(self, name: str, tags: tuple) -> Counter:
         flat = tagged_name(name, tags)
@@ -219,7 +246,7 @@ class Store:
         flat = tagged_name(name, tags)
         h = self.histograms.get(flat)
         if h is None:
-            h = self.histograms[flat] = Histogram(flat, unit)
+            h = self.histograms[flat] = Histogram(flat, unit, self.buckets_for(flat))
             self.tagged[flat] = (name, tags)
         return h
 
@@ -229,19 +256,19 @@ class Store:
     def scope(self, prefix: str) -> "Scope":
         return Scope(self, prefix)
 
-    def owned_scope(self, prefix: str, owned: set) -> "Scope":
-        """A scope that records in ``owned`` every stat made through it (and its child scopes), so
-        that ``release(owned)`` frees exactly those when their owner goes (a removed cluster)."""
-        return Scope(self, prefix, owned)
+    def new_owner(self) -> "StatsOwner":
+        """An owner of stats (a cluster, a listener): what is made through its scopes is counted as
+        referenced by it, and ``owner.release()`` frees the stats no other owner references."""
+        return StatsOwner(self)
 
-    def release(self, owned: set) -> None:
-        """Drop the stats named in ``owned`` (from ``owned_scope``)."""
-        for name in owned:
-            self.counters.pop(name, None)
-            self.gauges.pop(name, None)
-            self.histograms.pop(name, None)
-            self._tag_cache.pop(name, None)
-        owned.clear()
+    def owned_scope(self, prefix: str, owner: "StatsOwner") -> "Scope":
+        return Scope(self, prefix, owner)
+
+    def _drop(self, name: str) -> None:
+        self.counters.pop(name, None)
+        self.gauges.pop(name, None)
+        self.histograms.pop(name, None)
+        self._tag_cache.pop(name, None)
 
     def remove_prefix(self, prefix: str) -> None:
         """Drop every stat under ``prefix`` (a removed cluster or listener)."""
@@ -356,7 +383,7 @@ class Store:
             out.append("# TYPE %s histogram" % pname)
             for tags, h in sorted(hfam[pname], key=lambda x: x[0]):
                 cum = 0
-                for i, b in enumerate(DEFAULT_BUCKETS):
+                for i, b in enumerate(h.buckets):
                     cum += h.counts[i]
                     out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", _fmt(b)),)), cum))
                 out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", "+Inf"),)), h.count))
@@ -365,15 +392,71 @@ class Store:
         return "\n".join(out) + "\n"
 
 
+class StatsOwner:
+    """The stats one cluster or listener made (names, reference-counted across owners in the
+    store): when it goes, ``release`` drops those no live owner still references, as Envoy frees a
+    removed cluster's or listener's scope."""
+
+    __slots__ = ("store", "names")
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.names: set = set()
+
+    def add(self, name: str) -> None:
+        if name not in self.names:
+            self.names.add(name)
+            refs = self.store.__dict__.setdefault("_stat_refs", {})
+            refs[name] = refs.get(name, 0) + 1
+
+    def release(self) -> None:
+        refs = self.store.__dict__.get("_stat_refs", {})
+        for name in self.names:
+            n = refs.get(name, 1) - 1
+            if n > 0:
+                refs[name] = n
+            else:
+                refs.pop(name, None)
+                self.store._drop(name)
+        self.names.clear()
+
+
+class OwnedStats:
+    """A store as one owner sees it (``FactoryContext.stats`` while a listener is built): stats
+    made through it are recorded for that owner; everything else is the store's."""
+
+    def __init__(self, store: "Store", owner: StatsOwner):
+        self._store = store
+        self._owner = owner
+
+    def scope(self, prefix: str) -> "Scope":
+        return Scope(self._store, prefix, self._owner)
+
+    def counter(self, name: str) -> Counter:
+        self._owner.add(name)
+        return self._store.counter(name)
+
+    def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        self._owner.add(name)
+        return self._store.gauge(name, accumulate)
+
+    def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        self._owner.add(name)
+        return self._store.histogram(name, unit)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
 class Scope:
     """A name prefix over a store: ``scope.counter("x")`` is ``store.counter(prefix + "x")``."""
 
     __slots__ = ("store", "prefix", "owned")
 
-    def __init__(self, store: Store, prefix: str, owned: set | None = None):
+    def __init__(self, store: Store, prefix: str, owned: StatsOwner | None = None):
         self.store = store
         self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
-        self.owned = owned  # names made through this scope, when its owner frees them (Store.release)
+        self.owned = owned  # the StatsOwner that frees what is made through this scope
 
     def counter(self, name: str) -> Counter:
         if self.owned is not None:

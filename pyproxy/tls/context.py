@@ -17,7 +17,7 @@ import weakref
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2  # noqa: F401
 
-from ..config import ConfigError, unacted
+from ..config import ConfigError
 
 log = logging.getLogger("pyproxy.config")
 
@@ -151,13 +151,17 @@ class TlsSocketFactory:
             else:
                 parts.append(s.SerializeToString(deterministic=True))
                 sv = s.validation_context
-                refused = unacted.warn("sds_validation_context", sv, v.ca_sds_name)
-                if refused:  # a security control not applied must not fail open
-                    self.compiled_tls = None
-                    self.generation = gen
-                    self.not_ready_reason = "TLS context from SDS secret '%s' refused: %s" % (
-                        v.ca_sds_name, "; ".join(refused))
-                    raise TlsNotReady(self.not_ready_reason)
+                if sv.match_subject_alt_names or sv.match_typed_subject_alt_names or \
+                        sv.verify_certificate_hash or sv.verify_certificate_spki:
+                    # as Envoy's combined context: the default context MergeFrom the SDS one
+                    extra = _validation(sv, "secret '%s'.validation_context" % v.ca_sds_name, ca_from_sds=True)
+                    merged = ValidationConfig()
+                    for k in ValidationConfig.__slots__:
+                        setattr(merged, k, getattr(v, k))
+                    merged.san_matchers = tuple(v.san_matchers) + tuple(extra.san_matchers)
+                    merged.hashes = tuple(v.hashes) + tuple(extra.hashes)
+                    merged.spki = tuple(v.spki) + tuple(extra.spki)
+                    v = merged
                 ca = _data_source(sv.trusted_ca, "trusted_ca", "trusted CA") if sv.HasField("trusted_ca") else ca
                 if sv.HasField("crl"):
                     crl = _data_source(sv.crl, "crl", "CRL")
@@ -172,7 +176,7 @@ class TlsSocketFactory:
             raise TlsNotReady(self.not_ready_reason)
         try:
             c = ssl_context.compiled_for(b"\0".join(parts),
-                                         lambda: ssl_context.build(self, certs, ca, crl))
+                                         lambda: ssl_context.build(self, certs, ca, crl, v))
         except ConfigError as e:
             if strict:
                 raise
@@ -219,6 +223,26 @@ class TlsSocketFactory:
         ca, crl = (v.trusted_ca_pem, v.crl_pem) if v is not None else (None, None)
         self.compiled_tls = ssl_context.compiled_for(
             self.proto_key, lambda: ssl_context.build(self, self.certificates, ca, crl))
+
+    def with_alpn(self, alpn: tuple) -> "TlsSocketFactory":
+        """This socket offering ``alpn`` instead of its ``alpn_protocols`` (istio.alpn); made once
+        per list and kept, its context rebuilt with the secrets like this one's."""
+        variants = self.__dict__.setdefault("_alpn_variants", {})
+        v = variants.get(alpn)
+        if v is None:
+            import copy
+            v = copy.copy(self)
+            v.__dict__.pop("_alpn_variants", None)
+            v.alpn = tuple(alpn)
+            v.proto_key = self.proto_key + b"\0alpn=" + b",".join(a.encode() for a in alpn)
+            v.compiled_tls = None
+            v.generation = -1
+            v.refused = 0
+            v.secret_providers = ()
+            v._compile_static()
+            v._watch_secrets()
+            variants[alpn] = v
+        return v
 
     # -- on connections ----------------------------------------------------------------------------
     def _refuse(self, e: TlsNotReady) -> None:
@@ -569,7 +593,6 @@ def validate_secret(sec) -> list:
         _certificate(sec.tls_certificate, "tls_certificate", notes)
     elif which == "validation_context":
         _validation(sec.validation_context, "validation_context", ca_from_sds=True)
-        notes.extend(unacted.notes("sds_validation_context", sec.validation_context))
     elif which == "session_ticket_keys":
         for i, k in enumerate(sec.session_ticket_keys.keys):
             d = _data_source(k, "session_ticket_keys.keys[%d]" % i, "session ticket key")

@@ -123,21 +123,21 @@ def compiled_for(key: bytes, build) -> CompiledTls:
     return c
 
 
-def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None) -> CompiledTls:
+def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None, validation=None) -> CompiledTls:
     """A ``CompiledTls`` for factory ``f`` with the given (chain PEM, key PEM, password)
     certificates and trust anchors. Its ``SSLContext`` is shared with every other factory that
     differs only in what is not a context property (SNI, SAN matchers, pins): Istio gives each
     outbound cluster its own SNI and SANs, and they all share one context. ConfigError if OpenSSL
     refuses a part."""
     server = f.side == "downstream"
-    v = f.validation
+    v = validation if validation is not None else f.validation  # (merged with an SDS context's)
     verifies = v is not None and bool(ca_pem or v.system_roots)
     key = (f.side, f.alpn, f.min_version, f.max_version, f.cipher_suites, f.ecdh_curves,
            f.require_client_certificate, tuple(certificates), ca_pem if verifies else None,
            crl_pem if verifies else None, bool(v and v.only_leaf_crl), bool(v and v.system_roots))
     ctx = _CTX_CACHE.get(key)
     if ctx is None:
-        ctx = _CTX_CACHE[key] = _ssl_context(f, certificates, ca_pem, crl_pem, server, verifies)
+        ctx = _CTX_CACHE[key] = _ssl_context(f, certificates, ca_pem, crl_pem, server, verifies, v)
     c = CompiledTls(ctx, server)
     if certificates:
         c.local_uri_san, c.local_dns_san = _local_sans(certificates[0][0])
@@ -151,7 +151,7 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None) -> Compi
     return c
 
 
-def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool) -> ssl.SSLContext:
+def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool, v=None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -180,7 +180,8 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool)
                 ctx.load_cert_chain(cp, kp, password=password)
         except (ssl.SSLError, OSError) as e:
             raise ConfigError("certificate not usable: %s" % e, field="tls_certificates[%d]" % i) from None
-    v = f.validation
+    if v is None:
+        v = f.validation
     if ca_pem:
         try:
             if crl_pem:

@@ -324,6 +324,10 @@ class XdsClient:
                 self._got_response = True
                 self._set_connected(True)
                 self._on_response(resp)
+                # let the writer send what this response made us ask for (the EDS names after a
+                # CDS push) before the next response, already read, is applied: the server
+                # prepares it meanwhile
+                await asyncio.sleep(0)
         finally:
             self._queue = None
             if writer is not None:
@@ -455,6 +459,12 @@ class XdsClient:
         else:
             msg, code = "internal error applying %s: %r" % (type_url, err), INTERNAL
         log.warning("xDS: rejecting %s version %r (nonce %r): %s", type_url, version, nonce, msg)
+        on_rejected = getattr(self.handler, "on_rejected", None)
+        if on_rejected is not None and ts is not None:
+            try:
+                on_rejected(type_url, version, msg)
+            except Exception:  # noqa: BLE001 - never let a hook break the stream
+                log.exception("xDS handler on_rejected failed")
         if ts is not None:
             ts.last_error = {"version_info": version, "nonce": nonce, "message": msg, "code": code,
                              "time": time.time()}

@@ -25,6 +25,7 @@ import time
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
+from ...cluster.outlier import grpc_to_http
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from ...transport import upstream_tls_sans
@@ -46,6 +47,7 @@ def retry_allowed(c) -> bool:
     pct, floor = b
     active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
     return c.retries_active < max(int(pct / 100.0 * active), floor)
+ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
 class RouterConfig:
@@ -276,7 +278,8 @@ class Router:
         if self.attempts > 1 and self.route.retry is not None and self.route.include_request_attempt_count:
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
-        pool = c.http_pool(host, s.hc.is_h2)
+        fs = si.filter_state
+        pool = c.http_pool(host, s.hc.is_h2, fs.get(ALPN_KEY) if fs else None)  # istio.alpn
         up.pending = pool.new_stream(up)
 
     def _original_dst_host(self):
@@ -391,20 +394,20 @@ class Router:
             else:
                 st = self._retry_outcome(would)
                 if st == R_YES:
-                    _charge_retried(c, status, up.host)
+                    _charge_retried(c, status, up.host, headers if self.grpc else None)
                     self._drop(up)
                     return
                 could_not_retry = st != R_NO
             if could_not_retry and self._others_pending(up):
                 # another attempt may still give a better answer: wait for it (Envoy charges
                 # no code for this response; outlier detection still sees it)
-                _outlier_put(up.host, status)
+                _outlier_put(up.host, status, headers if self.grpc else None)
                 self._drop(up)
                 return
         self._choose(up)
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
-        c.count_response(status, up.host)
+        c.count_response(status, up.host, headers if self.grpc else None)
         if not self.cfg.suppress_envoy_headers:
             headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
         self.route.finalize_response_headers(headers, self.s.stream_info, self.choice, self.headers)
@@ -785,16 +788,22 @@ class UpstreamRequest:
             enc.reset()
 
 
-def _outlier_put(host, status: int) -> None:
+def _outlier_put(host, status: int, headers=None) -> None:
+    """Outlier detection sees every response (a gRPC answer as its grpc-status mapped to HTTP,
+    as ``Cluster.count_response`` does)."""
     m = host.outlier if host is not None else None
     if m is not None:
+        if headers is not None and status == 200:
+            gs = headers.get("grpc-status")
+            if gs is not None:
+                status = grpc_to_http(gs)
         m.put_http(status)
 
 
-def _charge_retried(c, status: int, host) -> None:
+def _charge_retried(c, status: int, host, headers=None) -> None:
     """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
     the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
-    _outlier_put(host, status)
+    _outlier_put(host, status, headers)
     sc = c.scope
     sc.counter("retry.upstream_rq_%d" % status).value += 1
     sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
