@@ -151,10 +151,8 @@ def start(hc, codec, headers) -> bool:
     if choice is not None or route.fast_rewrites:
         route.rewrite_request(headers, choice)
     if rq_timeout and not cfg.router_suppress_envoy_headers:
-        if codec.prep_seen:
-            headers.set("x-envoy-expected-rq-timeout-ms", rq_timeout)
-        else:
-            headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
+        # (the request preparation removed any the client sent, internal or not: append)
+        headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
     cluster.rq_active_total += 1
     g = cluster.st_rq_active
     g.value += 1

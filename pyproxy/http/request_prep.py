@@ -356,7 +356,7 @@ class PrepPlan:
     __slots__ = ("underscores", "esc_action", "normalize", "merge", "strip_any_port",
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
-                 "constant", "pre")
+                 "constant", "pre", "xff_only")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -382,6 +382,8 @@ class PrepPlan:
         else:
             dets.append(XffDetection(self.hops))
         self.detectors = tuple(dets)
+        d0 = dets[0]
+        self.xff_only = d0.hops if len(dets) == 1 and isinstance(d0, XffDetection) and not d0.trusted else None
         extra_watch = {d.name for d in dets if isinstance(d, CustomHeaderDetection)}
         # internal_address_config: without it no address is internal (Envoy 1.36+)
         self.internal = None
@@ -515,6 +517,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     connection = None
     xfcc = None
     drop = None
+    dropping = False  # the request has a header that may have to go
     multi = False  # a repeated x-forwarded-for / x-forwarded-client-cert (Envoy joins them into one)
     if scan:
         watch = plan.watch
@@ -540,20 +543,18 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 elif k == "upgrade":
                     if upgrade is None:
                         upgrade = v
+                    dropping = True
                 elif k == "connection":
                     connection = v if connection is None else connection + "," + v
-        drop = set(ALWAYS_DROP)
-        if upgrade is not None:
-            # an upgrade needs both headers (Envoy's Utility::isUpgrade); a lone one is stripped
-            if connection is None or "upgrade" not in [t.strip().lower() for t in connection.split(",")]:
-                upgrade = None
-            elif upgrade.strip().lower() == "h2c":
-                # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
-                drop.add("http2-settings")
-                upgrade = None
-        if upgrade is None:
-            drop.add("connection")
-            drop.add("upgrade")
+                    dropping = True
+                else:
+                    dropping = True  # (a header that is removed, at least from most requests)
+        if ioh and not dropping and not ioh.isdisjoint(map(_first, h)):
+            dropping = True
+        if dropping:
+            drop = _drop_set(upgrade, connection)
+            if drop is not ALWAYS_DROP:
+                upgrade = None  # (not an upgrade, or an h2c one: served as plain HTTP/1.1)
         if multi:
             if xff is not None:
                 _set(h, XFF, xff)
@@ -577,6 +578,12 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         if plan.hops == 0 or not xfp:
             _set(h, "x-forwarded-proto", scheme)
             xfp = True
+    elif plan.xff_only is not None:
+        # (the default detection, XFF with xff_num_trusted_hops, without the call chain)
+        from_headers = False
+        if xff is not None:
+            remote_ip, allow_trusted = last_xff(xff, plan.xff_only)
+            from_headers = remote_ip is not None
     else:
         from_headers = False
         for det in plan.detectors:
@@ -597,21 +604,15 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         remote_ip = direct_ip
     edge = not internal and plan.use_remote
     if internal:
-        if drop is None:
-            drop = set()
-        else:
-            drop |= ROUTER_CONSUMED
-        drop.discard("x-envoy-internal")
-        _remove(h, drop)
-        drop = None
+        if drop is not None:
+            _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
-    elif scan:
-        drop |= ENVOY_CONTROL
+    elif drop is not None:
+        drop = drop | ENVOY_CONTROL
         if edge:
             drop |= EDGE_ONLY
         if ioh:
             drop |= ioh
-    if drop:
         _remove(h, drop)
     if plan.via:
         via = headers.get("via")
@@ -646,6 +647,25 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     if remote is None and upgrade is None:
         return rid or ""
     return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None)
+
+
+_DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}
+_DROP_H2C = _DROP_NO_UPGRADE | {"http2-settings"}
+_INTERNAL_KEEP = frozenset(("x-envoy-internal",))
+
+
+def _drop_set(upgrade, connection):
+    """The hop-by-hop headers to remove: ALWAYS_DROP for a genuine upgrade (it keeps connection
+    and upgrade), else those two as well; an h2c upgrade also loses HTTP2-Settings."""
+    if upgrade is None:
+        return _DROP_NO_UPGRADE
+    # an upgrade needs both headers (Envoy's Utility::isUpgrade); a lone one is stripped
+    if connection is None or "upgrade" not in [t.strip().lower() for t in connection.split(",")]:
+        return _DROP_NO_UPGRADE
+    if upgrade.strip().lower() == "h2c":
+        # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
+        return _DROP_H2C
+    return ALWAYS_DROP
 
 
 def _set(h, name, value):
