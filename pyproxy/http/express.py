@@ -58,7 +58,7 @@ def hcm_is_express(cfg) -> bool:
     # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(
         ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.always_set_request_id_in_response
-        and not cfg.strip_matching_host_port and not cfg.request_timeout and not cfg.max_stream_duration)
+        and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
 def route_is_express(route):
