@@ -19,6 +19,7 @@ from .cluster.manager import ClusterManager
 from .config import ConfigError, unacted
 from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
+from .routing.matchers import compile_string_matcher
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 
@@ -27,6 +28,21 @@ log = logging.getLogger("pyproxy.main")
 LIVE, DRAINING, PRE_INITIALIZING, INITIALIZING = 0, 1, 2, 3
 STATE_NAMES = {LIVE: "LIVE", DRAINING: "DRAINING", PRE_INITIALIZING: "PRE_INITIALIZING",
                INITIALIZING: "INITIALIZING"}
+
+
+def histogram_bucket_settings(sc) -> list:
+    """``stats_config.histogram_bucket_settings`` (Istio: the ``sidecar.istio.io/statsHistogramBuckets``
+    annotation, e.g. prefix ``istiocustom``): ``[(match(name), sorted buckets)]``, first match wins."""
+    out = []
+    for i, s in enumerate(sc.histogram_bucket_settings):
+        field = "stats_config.histogram_bucket_settings[%d]" % i
+        if not s.HasField("match"):
+            raise ConfigError("match is required", field=field + ".match")
+        m = compile_string_matcher(s.match, field + ".match")
+        if not len(s.buckets) or any(b <= 0 for b in s.buckets):
+            raise ConfigError("buckets must be non-empty and each greater than 0", field=field + ".buckets")
+        out.append((m.match, tuple(sorted(set(float(b) for b in s.buckets)))))
+    return out
 
 
 class FactoryContext:
@@ -89,6 +105,7 @@ class Server:
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
         self.stats = Store(tags, use_default_tags=use_default)
+        self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
         self.route_providers = {}
         self.listener_manager = ListenerManager(

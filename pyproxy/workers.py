@@ -160,10 +160,10 @@ class WorkerSet:
                     g.value += v
                     g.used = True
             for name, (counts, total, count, lo, hi) in snap["h"].items():
-                h = m.histograms.get(name)
-                if h is None:
-                    h = m.histograms[name] = Histogram(name)
-                other = Histogram(name)
+                h = m.histogram(name)
+                if len(h.counts) != len(counts):
+                    continue  # (the same bootstrap gives the same buckets; never mix two layouts)
+                other = Histogram(name, buckets=h.buckets)
                 other.counts, other.total, other.count = list(counts), total, count
                 other.samples_min, other.samples_max = lo, hi
                 h.merge_from(other)
@@ -215,7 +215,7 @@ def _copy_gauge(g):
 
 def _copy_hist(h):
     from .stats import Histogram
-    n = Histogram(h.name, h.unit)
+    n = Histogram(h.name, h.unit, h.buckets)
     n.merge_from(h)
     return n
 

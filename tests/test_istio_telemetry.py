@@ -699,3 +699,25 @@ def test_istio_series_summed_across_workers(tmp_path):
         p.stop()
         http.shutdown()
         http.server_close()
+
+
+def test_istio_chain_leaves_no_cyclic_garbage(monkeypatch, capsys):
+    """The Istio chain (peer_metadata, fault, cors, istio.stats) frees every per-request object by
+    reference counting, as tests/test_no_cycles.py checks for the plain chain."""
+    import collections
+    import gc
+    import importlib
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    mod = importlib.import_module("micro_istio")
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
+    try:
+        assert mod.main(["-n", "300"]) == 0
+        gc.collect()
+        kinds = collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
+    assert sum(kinds.values()) < 50, kinds.most_common(10)

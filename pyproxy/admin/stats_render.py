@@ -170,7 +170,7 @@ class _RegexExtractor:
 
     def __init__(self, name, regex, substr="", negative="", prefix=None):
         self.name = name
-        self.regex = regex if isinstance(regex, re.Pattern) else re.compile(regex)
+        self.regex = re.compile(regex) if isinstance(regex, str) else regex
         self.prefix = regex_prefix(self.regex.pattern) if prefix is None else prefix
         self.substr = substr
         self.negative = negative
@@ -242,10 +242,10 @@ def build_extractors(specs, use_defaults=True):
     """``specs``: user ``(tag_name, regex)`` pairs (Istio's ``stats_tags``), then Envoy's defaults."""
     out = []
     for name, regex in specs:
-        if isinstance(regex, re.Pattern):
+        if not isinstance(regex, str):
             out.append(_RegexExtractor(name, regex))
-        else:
-            out.append(_RegexExtractor(name, re.compile(re2_to_python(regex))))
+        else:  # from config: RE2 unless it needs std::regex syntax (see compile_tag_regex)
+            out.append(_RegexExtractor(name, _stats.compile_tag_regex(regex)))
     if use_defaults:
         for d in DEFAULT_EXTRACTORS:
             if d[0] == "re":
@@ -417,7 +417,7 @@ def _quantiles(h) -> list:
 def _bucket_counts(h, cumulative: bool) -> list:
     out = []
     total = 0
-    for i, _ in enumerate(_stats.DEFAULT_BUCKETS):
+    for i, _ in enumerate(h.buckets):
         c = h.counts[i]
         total += c
         out.append(total if cumulative else c)
@@ -442,7 +442,7 @@ def render_text(store, q: Query) -> str:
         else:
             counts = _bucket_counts(h, q.buckets == "cumulative")
             lines.append("%s: %s" % (n, " ".join(
-                "B%s(0,%d)" % (fmt_num(float(b)), c) for b, c in zip(_stats.DEFAULT_BUCKETS, counts))))
+                "B%s(0,%d)" % (fmt_num(float(b)), c) for b, c in zip(h.buckets, counts))))
     return "".join(line + "\n" for line in lines)
 
 
@@ -464,7 +464,7 @@ def render_json(store, q: Query) -> str:
                 counts = _bucket_counts(h, q.buckets == "cumulative")
                 details.append({"name": n, "buckets": [
                     {"upper_bound": _json_num(float(b)), "interval": 0, "cumulative": c}
-                    for b, c in zip(_stats.DEFAULT_BUCKETS, counts)]})
+                    for b, c in zip(h.buckets, counts)]})
             stats.append({"histograms": details})
     return json.dumps({"stats": stats}, separators=(",", ":"), ensure_ascii=False)
 
@@ -551,7 +551,7 @@ def render_prometheus(store, q: Query) -> str:
             continue
         out.append("# TYPE %s histogram" % pn)
         for n, tags, h in fams[pn]:
-            for b, c in zip(_stats.DEFAULT_BUCKETS, _bucket_counts(h, True)):
+            for b, c in zip(h.buckets, _bucket_counts(h, True)):
                 out.append("%s_bucket%s %d" % (pn, _labels(tags, (("le", fmt_g32(b)),)), c))
             out.append("%s_bucket%s %d" % (pn, _labels(tags, (("le", "+Inf"),)), h.count))
             out.append("%s_sum%s %s" % (pn, _labels(tags), fmt_g32(h.total)))
@@ -654,7 +654,7 @@ class StoreCollector:
                     continue
                 if fam is None:
                     fam = HistogramMetricFamily(pn, "", labels=keys)
-                buckets = [(fmt_g32(b), c) for b, c in zip(_stats.DEFAULT_BUCKETS, _bucket_counts(h, True))]
+                buckets = [(fmt_g32(b), c) for b, c in zip(h.buckets, _bucket_counts(h, True))]
                 buckets.append(("+Inf", h.count))
                 fam.add_metric(vals, buckets, h.total)
             yield fam

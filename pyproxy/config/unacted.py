@@ -25,6 +25,10 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
+    ("cluster", "health_checks[].event_log_path", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].event_logger[]", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].always_log_health_check_failures",
+     "health check event logging is not implemented"),
     ("cluster", "circuit_breakers.thresholds[].retry_budget",
      "retry budgets are not implemented yet: max_retries limits retries"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),

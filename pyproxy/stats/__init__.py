@@ -13,6 +13,8 @@ import bisect
 import math
 import re
 
+import re2
+
 # Envoy's default histogram buckets (milliseconds or whatever unit the stat uses).
 DEFAULT_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                    300000, 600000, 1800000, 3600000)
@@ -63,20 +65,21 @@ class Gauge:
 class Histogram:
     """Fixed-bucket histogram; quantiles are interpolated inside buckets as Envoy's summary does."""
 
-    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max")
+    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max", "buckets")
     kind = "histogram"
 
-    def __init__(self, name: str, unit: str = "ms"):
+    def __init__(self, name: str, unit: str = "ms", buckets: tuple = DEFAULT_BUCKETS):
         self.name = name
         self.unit = unit
-        self.counts = [0] * (len(DEFAULT_BUCKETS) + 1)
+        self.buckets = buckets  # upper bounds (the bootstrap's histogram_bucket_settings, else Envoy's)
+        self.counts = [0] * (len(buckets) + 1)
         self.total = 0.0
         self.count = 0
         self.samples_min = math.inf
         self.samples_max = 0.0
 
     def record(self, v: float) -> None:
-        self.counts[bisect.bisect_left(DEFAULT_BUCKETS, v)] += 1
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
         self.total += v
         self.count += 1
         if v < self.samples_min:
@@ -98,8 +101,9 @@ class Histogram:
         rank = q * self.count
         seen = 0
         lower = 0.0
+        b = self.buckets
         for i, c in enumerate(self.counts):
-            upper = DEFAULT_BUCKETS[i] if i < len(DEFAULT_BUCKETS) else self.samples_max
+            upper = b[i] if i < len(b) else self.samples_max
             if c and seen + c >= rank:
                 frac = (rank - seen) / c
                 lo = max(lower, self.samples_min)
@@ -136,12 +140,27 @@ DEFAULT_TAG_SPECS = [
 ]
 
 
+_TAG_RE2_OPTS = re2.Options()
+_TAG_RE2_OPTS.log_errors = False
+
+
+def compile_tag_regex(regex: str):
+    """A tag extractor's regex from config (``stats_config.stats_tags``): RE2 whenever RE2 takes
+    it. Envoy runs these on std::regex, and Istio's bootstrap has one with a look-ahead that RE2
+    refuses: only such a pattern is compiled with Python's ``re``, and it only ever sees stat names
+    (made from config), never request data. ``re.error`` when neither engine takes it."""
+    try:
+        return re2.compile(regex, _TAG_RE2_OPTS)
+    except re2.error:
+        return re.compile(_re2_to_python(regex))
+
+
 class TagExtractor:
     __slots__ = ("name", "regex")
 
     def __init__(self, name: str, regex: str):
         self.name = name
-        self.regex = re.compile(_re2_to_python(regex))
+        self.regex = compile_tag_regex(regex)
 
     def extract(self, name: str):
         m = self.regex.search(name)
@@ -172,13 +191,15 @@ class Store:
         for n, r in specs:
             try:
                 self.extractors.append(TagExtractor(n, r))
-            except re.error:
-                pass  # a regex Python cannot compile only loses that tag
+            except (re.error, ValueError):
+                pass  # a regex neither engine compiles only loses that tag
         self._tag_cache: dict[str, tuple[str, tuple]] = {}
         # stats created with explicit tags (Istio's istio_* metrics): flat name -> (name, tags).
         # The flat name is Envoy's (``name.tag1.value1.tag2.value2``); Prometheus shows the tags
         # as labels in their given order, never through the regex extractors.
         self.tagged: dict[str, tuple[str, tuple]] = {}
+        # bootstrap stats_config.histogram_bucket_settings: [(match(name) -> bool, buckets)], first wins
+        self.bucket_settings: list = []
 
     # -- creation (config time) ---------------------------------------------------------------
     def counter(self, name: str) -> Counter:
@@ -196,8 +217,14 @@ class Store:
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram(name, unit)
+            h = self.histograms[name] = Histogram(name, unit, self.buckets_for(name))
         return h
+
+    def buckets_for(self, name: str) -> tuple:
+        for match, buckets in self.bucket_settings:
+            if match(name):
+                return buckets
+        return DEFAULT_BUCKETS
 
     def tagged_counter(self, name: str, tags: tuple) -> Counter:
         flat = tagged_name(name, tags)
@@ -219,7 +246,7 @@ class Store:
         flat = tagged_name(name, tags)
         h = self.histograms.get(flat)
         if h is None:
-            h = self.histograms[flat] = Histogram(flat, unit)
+            h = self.histograms[flat] = Histogram(flat, unit, self.buckets_for(flat))
             self.tagged[flat] = (name, tags)
         return h
 
@@ -356,7 +383,7 @@ class Store:
             out.append("# TYPE %s histogram" % pname)
             for tags, h in sorted(hfam[pname], key=lambda x: x[0]):
                 cum = 0
-                for i, b in enumerate(DEFAULT_BUCKETS):
+                for i, b in enumerate(h.buckets):
                     cum += h.counts[i]
                     out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", _fmt(b)),)), cum))
                 out.append("%s_bucket%s %d" % (pname, _labels(tags + (("le", "+Inf"),)), h.count))
