@@ -320,7 +320,7 @@ class Cluster:
         if self.hc is not None:
             self.hc.add_hosts(upd.added)
             self.hc.remove_hosts(removed)
-        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic)
+        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic, self.scope)
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None
