@@ -198,3 +198,16 @@ def test_stats_tag_regexes_from_config_run_on_re2():
     t = time.monotonic()
     st2 = Store([("t", "((a+)+$)")], use_default_tags=False)
     assert st2.extractors[0].extract("a" * 50000 + "!") is None and time.monotonic() - t < 0.5
+
+
+def test_pem_parsing_is_linear():
+    """A secret (from SDS, i.e. the network) full of BEGIN lines without an END is refused at once."""
+    from pyproxy.tls.context import _pem_blocks, parse_cert_chain
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="no PEM certificate"):
+        parse_cert_chain(b"-----BEGIN CERTIFICATE-----x" * 40000, "trusted_ca")
+    assert time.monotonic() - t < 0.5
+    two = b"junk-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----B-----END CERTIFICATE-----"
+    assert _pem_blocks(two) == [b"-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----",
+                                b"-----BEGIN CERTIFICATE-----B-----END CERTIFICATE-----"]
+    assert _pem_blocks(b"-----BEGIN CERTIFICATE----------END CERTIFICATE-----") == []  # as the regex: one char at least

@@ -52,9 +52,9 @@ def _pem(ds) -> bytes:
 
 def _x509_list(pem: bytes):
     from OpenSSL import crypto
-    from .context import _PEM_CERT
+    from .context import _pem_blocks
     out = []
-    for block in _PEM_CERT.findall(pem or b""):
+    for block in _pem_blocks(pem or b""):
         try:
             out.append(crypto.load_certificate(crypto.FILETYPE_PEM, block))
         except crypto.Error:
