@@ -51,8 +51,10 @@ def parse_args(argv):
     ap.add_argument("--h2-clients", type=int, default=10, help="h2load -c (default 10)")
     ap.add_argument("--h2-streams", type=int, default=10, help="h2load -m (default 10)")
     ap.add_argument("--grpc-concurrency", type=int, default=16)
-    ap.add_argument("--xds-count", type=int, default=2000,
-                    help="clusters / assignments / virtual hosts pushed in the xds mode")
+    ap.add_argument("--xds-count", default="2000",
+                    help="clusters / assignments / virtual hosts pushed in the xds mode; a "
+                         "comma-separated list (e.g. 2000,5000,10000) runs each size, to show "
+                         "the growth")
     ap.add_argument("--xds-timeout", type=float, default=120.0)
     ap.add_argument("--xds-api", default="sotw,delta",
                     help="ADS flavours for the xds mode: sotw, delta (default both; delta needs "
@@ -77,6 +79,12 @@ def parse_args(argv):
     a.modes = [m.strip() for m in a.only.split(",") if m.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     a.xds_apis = [x.strip() for x in a.xds_api.split(",") if x.strip()]
+    try:
+        a.xds_counts = [int(x) for x in str(a.xds_count).split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--xds-count takes integers: {a.xds_count!r}")
+    if not a.xds_counts or min(a.xds_counts) < 1:
+        ap.error("--xds-count needs at least one size >= 1")
     for x in a.xds_apis:
         if x not in ("sotw", "delta"):
             ap.error(f"unknown --xds-api {x!r} (sotw, delta)")
@@ -542,29 +550,49 @@ def xds_one(bench, name, api, resources, t):
 
 
 def run_xds(bench, results):
+    """Each size of --xds-count, each ADS flavour; JSON keys ``xds``/``xds_delta`` for a single
+    size, ``xds@N``/``xds_delta@N`` when several are run."""
     from bench import ads  # grpc + xds-protos only when needed
     a = bench.a
-    t0 = time.monotonic()
-    resources = ads.build_resources(a.xds_count, endpoint_port=procs.free_port())
-    build_s = time.monotonic() - t0
-    for api in a.xds_apis:
-        res = {"targets": {}, "api": api, "notes": [
-            f"{api} ADS: {a.xds_count} EDS clusters, {a.xds_count} ClusterLoadAssignments and "
-            f"one RouteConfiguration with {a.xds_count} virtual hosts (RDS of a static "
-            f"listener); times from the stream's first request to the ACK the server receives; "
-            f"RSS of the proxy 1 s after all three ACKs", f"resources built in {build_s:.2f}s",
-            bench.pin_note]}
-        key = "xds" if api == "sotw" else f"xds_{api}"
-        for name in [n for n in ("envoy", "pyproxy") if n in a.targets]:
-            xds_one(bench, name, api, resources, res["targets"].setdefault(name, {}))
-        servers = {t.get("server") for t in res["targets"].values() if t.get("server")}
-        res["notes"].insert(1, "server: " + ", ".join(sorted(servers)))
-        e, p = res["targets"].get("envoy", {}), res["targets"].get("pyproxy", {})
-        if e.get("status") == "ok" and p.get("status") == "ok":
-            res["ratios"] = {
-                "all_acked_s_vs_envoy": round(p["all_acked_s"] / e["all_acked_s"], 3),
-                "rss_mb_vs_envoy": round(p["rss_mb"] / e["rss_mb"], 3)}
-        results["modes"][key] = res
+    for n in a.xds_counts:
+        t0 = time.monotonic()
+        resources = ads.build_resources(n, endpoint_port=procs.free_port())
+        build_s = time.monotonic() - t0
+        for api in a.xds_apis:
+            res = {"targets": {}, "api": api, "count": n, "notes": [
+                f"{api} ADS: {n} EDS clusters, {n} ClusterLoadAssignments and "
+                f"one RouteConfiguration with {n} virtual hosts (RDS of a static "
+                f"listener); times from the stream's first request to the ACK the server receives; "
+                f"RSS of the proxy 1 s after all three ACKs", f"resources built in {build_s:.2f}s",
+                bench.pin_note]}
+            key = "xds" if api == "sotw" else f"xds_{api}"
+            if len(a.xds_counts) > 1:
+                key += f"@{n}"
+            for name in [x for x in ("envoy", "pyproxy") if x in a.targets]:
+                # --repeat runs; the one with the median all-ACKed time is reported, with every
+                # run's time next to it (the machine is shared: one run says little)
+                runs = []
+                for _ in range(a.repeat):
+                    t = {}
+                    xds_one(bench, name, api, resources, t)
+                    runs.append(t)
+                    if t.get("status") != "ok":
+                        break
+                ok = sorted((t for t in runs if t.get("status") == "ok"), key=lambda t: t["all_acked_s"])
+                best = ok[len(ok) // 2] if len(ok) == len(runs) else runs[-1]
+                if len(runs) > 1:
+                    best["runs_all_acked_s"] = [t.get("all_acked_s") for t in runs]
+                    best["runs_rss_mb"] = [t.get("rss_mb") for t in runs]
+                res["targets"][name] = best
+            servers = {t.get("server") for t in res["targets"].values() if t.get("server")}
+            res["notes"].insert(1, "server: " + ", ".join(sorted(servers)))
+            e, p = res["targets"].get("envoy", {}), res["targets"].get("pyproxy", {})
+            if e.get("status") == "ok" and p.get("status") == "ok":
+                res["ratios"] = {
+                    "all_acked_s_vs_envoy": round(p["all_acked_s"] / e["all_acked_s"], 3),
+                    "rss_mb_vs_envoy": round(p["rss_mb"] / e["rss_mb"], 3)}
+            results["modes"][key] = res
+        del resources
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -631,9 +659,12 @@ def main(argv=None):
                        ("h2", "HTTP/2 h2load"), ("grpc", "gRPC unary")):
         if key in results["modes"] and "targets" in results["modes"][key]:
             report.print_throughput(title, results["modes"][key], paced=(key == "h1paced"))
-    for key in ("xds", "xds_delta"):
-        if key in results["modes"] and "targets" in results["modes"][key]:
-            report.print_xds(results["modes"][key])
+    for key, mode in results["modes"].items():
+        if key.startswith("xds") and "targets" in mode:
+            report.print_xds(mode)
+    xds_sizes = [m for k, m in results["modes"].items() if k.startswith("xds") and "count" in m]
+    if len({m["count"] for m in xds_sizes}) > 1:
+        report.print_xds_growth(xds_sizes)
 
     os.makedirs(a.out, exist_ok=True)
     jpath = os.path.join(a.out, f"{stamp}.json")

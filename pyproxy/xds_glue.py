@@ -227,6 +227,11 @@ class XdsGlue:
                           sc.counter("update_rejected"), sc.counter("update_empty"),
                           sc.gauge("version", accumulate=False), sc.counter("update_failure"),
                           sc.counter("init_fetch_timeout"))
+        self.st_duration = {t: (s.histogram(prefix + "update_duration"),
+                                s.gauge(prefix + "update_time", accumulate=False))
+                            for t, prefix in ((CLUSTER, "cluster_manager.cds."),
+                                              (LISTENER, "listener_manager.lds."))}
+        self.apply_seconds: dict = {}      # type URL -> seconds the latest response took to apply
         self.st_listeners_warming = s.gauge("listener_manager.total_listeners_warming", accumulate=False)
         self.cm.eds_watchers.append(self._update_eds_subscription)
         self._hook_config_dumps()
@@ -345,6 +350,22 @@ class XdsGlue:
                 sc.counter("update_failure").inc()
 
     def on_resources(self, type_url, version_info, added, removed, sotw):
+        t0 = time.perf_counter()
+        try:
+            self._on_resources(type_url, version_info, added, removed, sotw)
+        finally:
+            # Envoy's update_duration (ms) and update_time (ms since the epoch) of CDS and LDS
+            dt = time.perf_counter() - t0
+            self.apply_seconds[type_url] = dt
+            h = self.st_duration.get(type_url)
+            if h is not None:
+                h[0].record(dt * 1000.0)
+                h[1].set(int(time.time() * 1000))
+            (log.info if dt >= 0.5 else log.debug)(
+                "xDS: %s: %d resource(s) applied, %d removed in %.3f s",
+                type_url.rpartition(".")[2], len(added), len(removed), dt)
+
+    def _on_resources(self, type_url, version_info, added, removed, sotw):
         try:
             if type_url == CLUSTER:
                 self._apply_clusters(version_info, added, removed)

@@ -6,6 +6,9 @@
                                    /slow?ms=N waits N ms first; /call?url=U fetches U and returns
                                    its status and body (how one service calls another)
     mesh_app.py echo PORT          TCP server echoing every byte back (for passthrough checks)
+    mesh_app.py fast PORT NAME     HTTP/1.1 keep-alive server on one asyncio loop: every request
+                                   gets {"pod": NAME, "peer": client IP} (benchmarks/mesh.py's
+                                   backend: no thread switches in the measured latency)
 
 Prints "ready" on stdout once listening. Standard library only.
 """
@@ -25,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 def http(port: int, name: str) -> None:
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True   # the head and the body are two writes: no 40 ms delayed-ACK stall
 
         def do_GET(self):
             u = urllib.parse.urlsplit(self.path)
@@ -55,6 +59,39 @@ def http(port: int, name: str) -> None:
     srv.serve_forever()
 
 
+def fast(port: int, name: str) -> None:
+    import asyncio
+
+    class P(asyncio.Protocol):
+        def connection_made(self, t):
+            self.t, self.buf = t, b""
+            body = json.dumps({"pod": name, "peer": t.get_extra_info("peername")[0]}).encode()
+            self.resp = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                         % len(body)) + body
+
+        def data_received(self, data):
+            self.buf += data
+            if len(self.buf) > 65536:
+                self.t.close()
+                return
+            while True:
+                i = self.buf.find(b"\r\n\r\n")
+                if i < 0:
+                    return
+                head, self.buf = self.buf[:i], self.buf[i + 4:]
+                if b"\ncontent-length:" in head.lower() or b"\ntransfer-encoding:" in head.lower():
+                    self.t.close()      # GET only: no request bodies
+                    return
+                self.t.write(self.resp)
+
+    async def main():
+        srv = await asyncio.get_running_loop().create_server(P, "0.0.0.0", port)
+        print("ready", flush=True)
+        await srv.serve_forever()
+
+    asyncio.run(main())
+
+
 def echo(port: int) -> None:
     class E(socketserver.BaseRequestHandler):
         def handle(self):
@@ -83,6 +120,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if len(sys.argv) >= 3 and sys.argv[1] == "http":
         http(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "app")
+    elif len(sys.argv) >= 3 and sys.argv[1] == "fast":
+        fast(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "app")
     elif len(sys.argv) == 3 and sys.argv[1] == "echo":
         echo(int(sys.argv[2]))
     else:

@@ -19,18 +19,17 @@ import select
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
 
 import pytest
 
 from scripts import mesh_config
+from scripts.local_dockerd import LocalDockerd, docker_answers
 from tests.test_sidecar_agent import AGENT_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-BIP = "198.19.254.1/24"                       # docker0 of a dockerd this test starts
 BASE_IMAGE = "pyproxy/debian-python:compose-test"
 MESH_IMAGE = "pyproxy/mesh:compose-test"
 PROJECT = "pyproxymeshtest"
@@ -52,62 +51,6 @@ def _run(argv, env, timeout, check=True, **kw):
     if check and p.returncode != 0:
         raise AssertionError("%s: exit %d\n%s\n%s" % (" ".join(argv), p.returncode, p.stdout[-4000:], p.stderr[-4000:]))
     return p
-
-
-class Dockerd:
-    """A dockerd of our own: data root, exec root, socket, pidfile, bridge address; no iptables."""
-
-    def __init__(self, exe):
-        self.data = tempfile.mkdtemp(prefix="pyproxy-dockerd-", dir="/var/tmp")   # overlay2 needs a real fs
-        self.run = tempfile.mkdtemp(prefix="pxd", dir="/run")                    # short: unix socket paths
-        self.sock = os.path.join(self.run, "docker.sock")
-        self.log_path = os.path.join(self.data, "dockerd.log")
-        self.had_docker0 = os.path.exists("/sys/class/net/docker0")
-        argv = [exe, "--data-root", os.path.join(self.data, "root"), "--exec-root", os.path.join(self.run, "exec"),
-                "--pidfile", os.path.join(self.run, "dockerd.pid"), "-H", "unix://" + self.sock, "--bip", BIP,
-                "--iptables=false", "--log-level", "warn"]
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def host(self):
-        return "unix://" + self.sock
-
-    def wait(self, docker, timeout=60.0):
-        env = dict(os.environ, DOCKER_HOST=self.host)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            p = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], env=env,
-                               capture_output=True, text=True, timeout=20)
-            if p.returncode == 0:
-                return
-            time.sleep(0.5)
-        raise AssertionError("dockerd did not come up:\n" + self.tail())
-
-    def tail(self):
-        with open(self.log_path) as f:
-            return f.read()[-3000:]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(45)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        # anything dockerd left mounted under its data root, then the directories
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1] for line in f]
-        for m in sorted((m for m in mounts if m.startswith(self.data) or m.startswith(self.run)), reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True, timeout=20)
-        if not self.had_docker0 and os.path.exists("/sys/class/net/docker0"):
-            subprocess.run(["ip", "link", "del", "docker0"], capture_output=True, timeout=20)
-        shutil.rmtree(self.data, ignore_errors=True)
-        shutil.rmtree(self.run, ignore_errors=True)
 
 
 class Mesh:
@@ -162,16 +105,12 @@ def mesh():
     env = dict(os.environ, PYPROXY_BASE_IMAGE=BASE_IMAGE, PYPROXY_MESH_IMAGE=MESH_IMAGE, DOCKER=docker)
     env.pop("MESH_PROXY", None)
     own = None
-    probe = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], env=env, capture_output=True,
-                           text=True, timeout=30)
-    if probe.returncode != 0:
-        own = Dockerd(dockerd_exe)
+    if not docker_answers(env, docker):
+        own = LocalDockerd.start(docker, exe=dockerd_exe)
         env["DOCKER_HOST"] = own.host
     m = Mesh(env, docker, compose)
     existing = set()
     try:
-        if own is not None:
-            own.wait(docker)
         for image in (BASE_IMAGE, MESH_IMAGE):
             if subprocess.run([docker, "image", "inspect", image], env=env, capture_output=True,
                               timeout=30).returncode == 0:

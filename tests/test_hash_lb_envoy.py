@@ -110,6 +110,11 @@ def test_host_choice_matches_envoy():
             with cls(b) as px:
                 got[cls.kind] = {prefix: _choices(px.port, prefix, keys, kind)
                                  for prefix, kind, _ in CASES}
+                got[cls.kind]["stats"] = {k: v for k, v in px.stats().items()
+                                          if ".ring_hash_lb." in k or ".maglev_lb." in k}
+        # the ring / table gauges agree too (ring size, hashes / entries per host)
+        assert got["pyproxy"]["stats"] == got["envoy"]["stats"]
+        assert got["envoy"]["stats"]["cluster.c0.ring_hash_lb.size"] == 1029
         for prefix, kind, _ in CASES:
             mine, envoys = got["pyproxy"][prefix], got["envoy"][prefix]
             diff = [k for k in keys if mine[k] != envoys[k]]

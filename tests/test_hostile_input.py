@@ -39,7 +39,7 @@ CUSTOM_EXT = "type.googleapis.com/envoy.extensions.http.original_ip_detection.cu
 SEEN = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-internal", "x-forwarded-client-cert",
         "x-envoy-external-address", "upgrade", "connection", "http2-settings", "x-envoy-retry-on",
         "x-envoy-max-retries", "x-secret-internal", "via", "keep-alive", "x-envoy-decorator-operation",
-        "x-real-client")
+        "x-real-client", "host", "x-forwarded-port")
 
 
 def rbac_filter():
@@ -458,6 +458,48 @@ def test_xfcc_over_http2(backend, pki, mode, client_cert):
     assert res["pyproxy"][0][0] == 200
     if client_cert and mode != "SANITIZE" and mode != "FORWARD_ONLY":
         assert "Hash=" in res["pyproxy"][1][1]["headers"]["x-forwarded-client-cert"]
+
+
+HOST_CONFIGS = {
+    "any-port": {"strip_any_host_port": True},
+    "matching-port": {"strip_matching_host_port": True},
+    "dot-and-matching": {"strip_trailing_host_dot": True, "strip_matching_host_port": True},
+    "dot": {"strip_trailing_host_dot": True},
+    "xf-port": {"append_x_forwarded_port": True},
+    "xf-port-remote-hops": {"append_x_forwarded_port": True, "use_remote_address": True, "xff_num_trusted_hops": 1},
+}
+
+
+@pytest.mark.parametrize("lane", LANES)
+@pytest.mark.parametrize("name", sorted(HOST_CONFIGS))
+def test_host_normalisation_and_forwarded_port(backend, name, lane):
+    bs = make_bootstrap(backend.port, hcm_extra=HOST_CONFIGS[name], rbac=lane == "rbac")
+    port = bs["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    hosts = ["example.com", "example.com:80", "example.com.", "example.com.:%d" % port, "example.com:%d" % port,
+             "[::1]:%d" % port, "[::1]", "example.com:99999999999", "example.com:abc", "example.com:"]
+    reqs = [req("/", host=x) for x in hosts] + [req("/", [("X-Forwarded-Port", "1234")])]
+    res = run_case(bs, backend, reqs)
+    assert_same(res, reqs)
+
+
+def test_unsupported_security_fields_are_refused(tmp_path):
+    for extra in ({"forward_client_cert_matcher": {}}, {"path_normalization_options": {}},
+                  {"strip_any_host_port": True, "strip_matching_host_port": True}):
+        bs = make_bootstrap(1, hcm_extra=extra, rbac=False)
+        path = tmp_path / "bs.json"
+        path.write_text(json.dumps(bs))
+        r = run_pyproxy(["--mode", "validate", "-c", str(path)])
+        assert r.returncode != 0 and next(iter(extra)) in (r.stdout + r.stderr), (extra, r.stderr)
+
+
+def test_unacted_hcm_fields_are_named(tmp_path):
+    bs = make_bootstrap(1, hcm_extra={"local_reply_config": {}, "proxy_100_continue": True}, rbac=False)
+    path = tmp_path / "bs.json"
+    path.write_text(json.dumps(bs))
+    r = run_pyproxy(["--mode", "validate", "-c", str(path)])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "local_reply_config" in out and "proxy_100_continue" in out, out
 
 
 # -- HCM details ---------------------------------------------------------------------------------------------

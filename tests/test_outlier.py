@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import time
 
+import grpc
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, http_listener,
@@ -306,3 +307,119 @@ def test_split_local_origin_errors_as_envoy():
     finally:
         for b in bes:
             b.close()
+
+
+def _run_tcp(cls, bs, dead_key, port):
+    import socket as so
+    with cls(bs) as px:
+        out = []
+        for _ in range(12):
+            s = so.create_connection(("127.0.0.1", port), timeout=3)
+            try:
+                s.sendall(b"ping")
+                try:
+                    d = s.recv(10)
+                except OSError:
+                    d = b""
+                out.append(d == b"ping")
+            finally:
+                s.close()
+            time.sleep(0.02)
+        time.sleep(0.1)
+        return {"failed": out.count(False), "flags": _flags(px)[dead_key],
+                "enforced": _od_stats(px).get("ejections_enforced_consecutive_5xx")}
+
+
+def test_tcp_proxy_connect_failures_eject_as_envoy():
+    """tcp_proxy reports connect failures (503 for outlier detection) and successes: a dead host
+    of a TCP cluster is ejected after consecutive_5xx failures."""
+    from proxy_util import TcpBackend, tcp_listener
+    be = TcpBackend()
+    dead = free_port()
+    try:
+        eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                            "port_value": p}}}}
+               for p in (be.port, dead)]
+        c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s",
+             "outlier_detection": {"consecutive_5xx": 2, "interval": "30s",
+                                   "base_ejection_time": "30s", "max_ejection_percent": 100},
+             "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
+        port = free_port()
+        bs = bootstrap([tcp_listener(port, "c")], [c])
+        key = "127.0.0.1:%d" % dead
+        mine = _run_tcp(Pyproxy, bs, key, port)
+        assert mine == {"failed": 2, "flags": "/failed_outlier_check", "enforced": 1}
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        bs2 = with_fresh_ports(bs)
+        theirs = _run_tcp(Envoy, bs2,
+                          key, bs2["static_resources"]["listeners"][0]["address"]
+                          ["socket_address"]["port_value"])
+        assert mine == theirs
+    finally:
+        be.close()
+
+
+def _run_grpc(cls, bs, bad_key):
+    from grpc_util import channel
+    with cls(bs) as px:
+        ch = channel(px.port)
+        call = ch.unary_unary("/test.Echo/Unary")
+        codes = []
+        for _ in range(12):
+            try:
+                call(b"hi", timeout=3)
+                codes.append(0)
+            except grpc.RpcError as e:
+                codes.append(e.code().value[0])
+        ch.close()
+        time.sleep(0.1)
+        return {"codes": sorted(codes), "flags": _flags(px)[bad_key],
+                "enforced": _od_stats(px).get("ejections_enforced_consecutive_5xx")}
+
+
+def test_grpc_unavailable_counts_as_503_as_envoy():
+    """A gRPC UNAVAILABLE answered trailers-only (HTTP 200, grpc-status 14) counts as a 503 for
+    outlier detection, as Envoy's router maps it."""
+    from concurrent import futures
+
+    class Echo(grpc.GenericRpcHandler):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def service(self, details):
+            def unary(req, ctx):
+                if self.bad:
+                    ctx.abort(grpc.StatusCode.UNAVAILABLE, "down")
+                return req
+            return grpc.unary_unary_rpc_method_handler(unary)
+    servers, ports = [], []
+    for bad in (False, True):
+        srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        srv.add_generic_rpc_handlers((Echo(bad),))
+        ports.append(srv.add_insecure_port("127.0.0.1:0"))
+        srv.start()
+        servers.append(srv)
+    try:
+        eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                            "port_value": p}}}} for p in ports]
+        c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s",
+             "outlier_detection": {"consecutive_5xx": 3, "interval": "30s",
+                                   "base_ejection_time": "30s", "max_ejection_percent": 100},
+             "typed_extension_protocol_options": {
+                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                              "HttpProtocolOptions",
+                     "explicit_http_config": {"http2_protocol_options": {}}}},
+             "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
+        bs = bootstrap([http_listener(free_port(), route_config([route("/", "c")]))], [c])
+        bad_key = "127.0.0.1:%d" % ports[1]
+        mine = _run_grpc(Pyproxy, bs, bad_key)
+        assert mine == {"codes": [0] * 9 + [14] * 3, "flags": "/failed_outlier_check",
+                        "enforced": 1}
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        assert _run_grpc(Envoy, with_fresh_ports(bs), bad_key) == mine
+    finally:
+        for s in servers:
+            s.stop(0)

@@ -175,3 +175,39 @@ def test_route_regex_over_program_size_is_rejected_at_startup(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_pyproxy(["validate", str(p)])
     assert r.returncode == 0, r.stdout
+
+
+def test_stats_tag_regexes_from_config_run_on_re2():
+    """Istio's stats_tags: every one on RE2 but the look-ahead RE2 refuses (Envoy runs these on
+    std::regex), which only ever sees stat names."""
+    import json
+    import os
+    import re
+    from pyproxy.stats import Store
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                        "testdata", "istio", "sidecar-bootstrap-envoy-rev.json")
+    if not os.path.exists(path):
+        path = "/work/shared/testdata/istio/sidecar-bootstrap-envoy-rev.json"
+    b = json.load(open(path))
+    tags = [(t["tag_name"], t["regex"]) for t in b["stats_config"]["stats_tags"]]
+    st = Store(tags, use_default_tags=False)
+    engines = {e.name: type(e.regex).__module__ for e in st.extractors}
+    assert len(engines) == len(tags)
+    assert [n for n, m in engines.items() if m != "re2"] == ["http_conn_manager_listener_prefix"]
+    assert "(?=" in dict(tags)["http_conn_manager_listener_prefix"]
+    t = time.monotonic()
+    st2 = Store([("t", "((a+)+$)")], use_default_tags=False)
+    assert st2.extractors[0].extract("a" * 50000 + "!") is None and time.monotonic() - t < 0.5
+
+
+def test_pem_parsing_is_linear():
+    """A secret (from SDS, i.e. the network) full of BEGIN lines without an END is refused at once."""
+    from pyproxy.tls.context import _pem_blocks, parse_cert_chain
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="no PEM certificate"):
+        parse_cert_chain(b"-----BEGIN CERTIFICATE-----x" * 40000, "trusted_ca")
+    assert time.monotonic() - t < 0.5
+    two = b"junk-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----B-----END CERTIFICATE-----"
+    assert _pem_blocks(two) == [b"-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----",
+                                b"-----BEGIN CERTIFICATE-----B-----END CERTIFICATE-----"]
+    assert _pem_blocks(b"-----BEGIN CERTIFICATE----------END CERTIFICATE-----") == []  # as the regex: one char at least

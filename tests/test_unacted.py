@@ -38,6 +38,8 @@ def test_table_rows_are_found_and_logged_once(caplog):
     types = {"cluster": cluster_pb2.Cluster, "route_configuration": route_pb2.RouteConfiguration,
              "tcp_proxy": tcp_proxy_pb2.TcpProxy, "bootstrap": bootstrap_pb2.Bootstrap,
              "sds_validation_context": common_pb2.CertificateValidationContext}
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    types["http_connection_manager"] = http_connection_manager_pb2.HttpConnectionManager
     for kind, path, _ in unacted.NOT_ACTED_ON:
         d = types[kind].DESCRIPTOR
         for p in path.split("."):

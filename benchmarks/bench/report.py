@@ -101,9 +101,24 @@ def print_throughput(title, mode, paced=False):
             print(f"{'':<9}WARNING: {w}")
 
 
+def print_xds_growth(modes):
+    """One line per (flavour, size): all-ACKed seconds and RSS of each proxy, and the ratios."""
+    print("\n== xDS apply growth (N clusters + N assignments + N virtual hosts) ==")
+    print(f"{'api':<7}{'N':>7}{'pyproxy s':>11}{'envoy s':>9}{'ratio':>7}"
+          f"{'pyproxy MB':>12}{'envoy MB':>10}{'ratio':>7}")
+    for m in sorted(modes, key=lambda m: (m.get("api", ""), m["count"])):
+        p, e = m["targets"].get("pyproxy", {}), m["targets"].get("envoy", {})
+        r = m.get("ratios", {})
+        print(f"{m.get('api', ''):<7}{m['count']:>7}{_fmt(p.get('all_acked_s'), '11.2f')}"
+              f"{_fmt(e.get('all_acked_s'), '9.2f')}{_fmt(r.get('all_acked_s_vs_envoy'), '7.2f')}"
+              f"{_fmt(p.get('rss_mb'), '12.1f')}{_fmt(e.get('rss_mb'), '10.1f')}"
+              f"{_fmt(r.get('rss_mb_vs_envoy'), '7.2f')}")
+
+
 def print_xds(mode):
     api = {"sotw": "SotW", "delta": "delta"}.get(mode.get("api", "sotw"), mode.get("api"))
-    print(f"\n== xDS apply ({api} ADS, time from stream start to ACK) ==")
+    n = f", N = {mode['count']}" if "count" in mode else ""
+    print(f"\n== xDS apply ({api} ADS{n}, time from stream start to ACK) ==")
     for line in mode.get("notes", []):
         print(f"   {line}")
     print(f"{'target':<9}{'CDS ack s':>11}{'EDS ack s':>11}{'RDS ack s':>11}{'all s':>9}"
@@ -168,9 +183,10 @@ def plot(results, path):
     if "h1paced" in results["modes"]:
         panels.append(("h1paced", "HTTP/1.1 paced ~1000 rps",
                        [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
-    for key in ("xds", "xds_delta"):
-        if key in results["modes"]:
-            panels.append((key, f"xDS apply ({results['modes'][key].get('api', 'sotw')})",
+    for key in [k for k in results["modes"] if k.startswith("xds")]:
+        if "targets" in results["modes"][key]:
+            panels.append((key, f"xDS apply ({results['modes'][key].get('api', 'sotw')}"
+                                f"{', N=%s' % results['modes'][key]['count'] if '@' in key else ''})",
                            [("all_acked_s", "s to ACK all types"),
                             ("rss_mb", "RSS after apply (MB)")]))
     if not panels:

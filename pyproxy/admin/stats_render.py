@@ -170,7 +170,7 @@ class _RegexExtractor:
 
     def __init__(self, name, regex, substr="", negative="", prefix=None):
         self.name = name
-        self.regex = regex if isinstance(regex, re.Pattern) else re.compile(regex)
+        self.regex = re.compile(regex) if isinstance(regex, str) else regex
         self.prefix = regex_prefix(self.regex.pattern) if prefix is None else prefix
         self.substr = substr
         self.negative = negative
@@ -242,10 +242,10 @@ def build_extractors(specs, use_defaults=True):
     """``specs``: user ``(tag_name, regex)`` pairs (Istio's ``stats_tags``), then Envoy's defaults."""
     out = []
     for name, regex in specs:
-        if isinstance(regex, re.Pattern):
+        if not isinstance(regex, str):
             out.append(_RegexExtractor(name, regex))
-        else:
-            out.append(_RegexExtractor(name, re.compile(re2_to_python(regex))))
+        else:  # from config: RE2 unless it needs std::regex syntax (see compile_tag_regex)
+            out.append(_RegexExtractor(name, _stats.compile_tag_regex(regex)))
     if use_defaults:
         for d in DEFAULT_EXTRACTORS:
             if d[0] == "re":

@@ -22,7 +22,7 @@ from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL,
                    PrioritySet)
 from .lb import create_lb
 from .health_check import HealthChecker
-from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, grpc_to_http
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -240,11 +240,17 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_code: dict = {}
 
-    def count_response(self, status: int, host=None) -> None:
-        """An upstream response head (``host``: where it came from, for outlier detection)."""
+    def count_response(self, status: int, host=None, headers=None) -> None:
+        """An upstream response head (``host``: where it came from, for outlier detection;
+        ``headers``: its headers, so that a gRPC trailers-only answer counts as its
+        ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
         if host is not None:
             m = host.outlier
             if m is not None:
+                if headers is not None and status == 200:
+                    gs = headers.get("grpc-status")
+                    if gs is not None:
+                        status = grpc_to_http(gs)
                 m.put_http(status)
         c = self.st_rq_code.get(status)
         if c is None:
@@ -314,7 +320,7 @@ class Cluster:
         if self.hc is not None:
             self.hc.add_hosts(upd.added)
             self.hc.remove_hosts(removed)
-        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic)
+        self.lb = create_lb(self.proto, ps, self.st_lb_healthy_panic, self.scope)
         if self._merge_timer is not None:  # (the new balancer has every flag as it is now)
             self._merge_timer.cancel()
             self._merge_timer = None

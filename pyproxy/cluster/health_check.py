@@ -30,7 +30,8 @@ Semantics (Envoy's ``HealthCheckerImplBase`` / ``ActiveHealthCheckSession``):
 
 Not implemented (refused with a message): custom_health_check, tls_options, alt_port,
 transport_socket_match_criteria, HTTP receive/send payload matching, HTTP/2 HTTP checks,
-proxy_protocol_config. Event logging fields are accepted and ignored (``event_log_path``...).
+service_name_matcher, proxy_protocol_config. Event logging (``event_log_path``, ``event_logger``,
+``always_log_health_check_*``) is accepted and not done: named in config/unacted.py.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class HealthCheckConfig:
                                   "http_health_check.receive")
             if not h.path:
                 raise ConfigError("path is required", "http_health_check.path")
+            if h.HasField("service_name_matcher"):
+                raise ConfigError("service_name_matcher is not supported (the check would pass "
+                                  "hosts it should fail)", "http_health_check.service_name_matcher")
             self.path = h.path
             self.host = h.host or cluster_name
             self.method = {0: "GET", 1: "GET", 2: "HEAD", 3: "POST", 4: "PUT", 5: "DELETE",

@@ -343,6 +343,7 @@ class RingHash(Policy):
         current = 0.0
         target = 0.0
         xx = xxh64_intdigest
+        counts = []
         for h, w in zip(hosts, norm):
             prefix = (_host_hash_key(h, self.use_hostname) + "_").encode()
             target += scale * w
@@ -351,7 +352,9 @@ class RingHash(Policy):
                 entries.append((xx(prefix + str(i).encode()), h))
                 i += 1
                 current += 1
+            counts.append(i)
         entries.sort(key=lambda e: e[0])
+        self.last_stats = (math.ceil(scale), min(counts), max(counts))
         return [e[0] for e in entries], [e[1] for e in entries]
 
     def picker(self, hosts, weights=None):
@@ -372,6 +375,7 @@ class RingHash(Policy):
                 i = (i + a) % size
             return ring[i]
         pick.ring_size = size
+        pick.lb_stats = self.last_stats  # (size, min hashes per host, max hashes per host)
         return pick
 
 
@@ -419,6 +423,7 @@ class Maglev(Policy):
             offsets.append(xx(k) % m)
             skips.append(xx(k, 1) % (m - 1) + 1)
         nexts = [0] * n
+        counts = [0] * n
         targets = [0.0] * n
         table = [None] * m
         filled = 0
@@ -439,8 +444,10 @@ class Maglev(Policy):
                     c = (off + sk * nx) % m
                 table[c] = hosts[j]
                 nexts[j] = nx + 1
+                counts[j] += 1
                 filled += 1
                 if filled == m:
+                    self.last_stats = (min(counts), max(counts))
                     return table
             iteration += 1
 
@@ -458,6 +465,7 @@ class Maglev(Policy):
             if a:
                 h ^= (1 << 64) - a
             return table[h % m]
+        pick.lb_stats = self.last_stats  # (min entries per host, max entries per host)
         return pick
 
 
@@ -494,7 +502,7 @@ class LoadBalancer:
 
     def __init__(self, policy: Policy, priority_set: PrioritySet, *,
                  panic_threshold: float = DEFAULT_PANIC_THRESHOLD, locality_weighted: bool = False,
-                 fail_traffic_on_panic: bool = False, panic_counter=None):
+                 fail_traffic_on_panic: bool = False, panic_counter=None, scope=None):
         if not 0.0 <= panic_threshold <= 100.0:
             raise ConfigError("healthy_panic_threshold must be within [0, 100]",
                               "common_lb_config.healthy_panic_threshold")
@@ -504,6 +512,14 @@ class LoadBalancer:
         self.locality_weighted = locality_weighted
         self.fail_traffic_on_panic = fail_traffic_on_panic
         self.panic_counter = panic_counter  # counts host picks in panic (``lb_healthy_panic``)
+        # Envoy's ring_hash_lb.* / maglev_lb.* gauges, set when a ring / table is built
+        self.hash_gauges = None
+        if scope is not None and policy.name == "RING_HASH":
+            self.hash_gauges = tuple(scope.gauge("ring_hash_lb." + n) for n in (
+                "size", "min_hashes_per_host", "max_hashes_per_host"))
+        elif scope is not None and policy.name == "MAGLEV":
+            self.hash_gauges = tuple(scope.gauge("maglev_lb." + n) for n in (
+                "min_entries_per_host", "max_entries_per_host"))
         self.priority_set = priority_set
         self.healthy_load: list[int] = []
         self.degraded_load: list[int] = []
@@ -603,7 +619,15 @@ class LoadBalancer:
             return _no_host
         key = ("flat", tuple(id(h) for h in hosts),
                tuple(h.weight for h in hosts) if weights is None else tuple(weights))
-        return self._cached(key, lambda: self.policy.picker(list(hosts), weights), old_cache)
+        return self._cached(key, lambda: self._make(list(hosts), weights), old_cache)
+
+    def _make(self, hosts, weights):
+        f = self.policy.picker(hosts, weights)
+        g = self.hash_gauges
+        if g is not None:
+            for gauge, v in zip(g, f.lb_stats):
+                gauge.set(v)
+        return f
 
     def _source_picker(self, p: int, kind: int, eligible: list, old_cache):
         ps = self.priority_set
@@ -899,21 +923,23 @@ def _from_load_balancing_policy(cluster):
                       "load_balancing_policy")
 
 
-def create_lb(cluster, priority_set: PrioritySet, panic_counter=None) -> LoadBalancer:
+def create_lb(cluster, priority_set: PrioritySet, panic_counter=None, scope=None) -> LoadBalancer:
     """The load balancer for ``cluster`` (an ``envoy.config.cluster.v3.Cluster``).
 
     Reads ``load_balancing_policy`` (first supported entry wins) or else ``lb_policy`` with its
     ``*_lb_config``, and ``common_lb_config``. Raises ``ConfigError`` for unsupported policies and
     invalid combinations (ORIGINAL_DST needs CLUSTER_PROVIDED and vice versa). ``panic_counter``:
-    a counter moved by every host pick in panic (the cluster's ``lb_healthy_panic``).
+    a counter moved by every host pick in panic (the cluster's ``lb_healthy_panic``); ``scope``:
+    the cluster's stats scope, for the ``ring_hash_lb.*`` / ``maglev_lb.*`` gauges.
     """
     try:
-        return _create_lb(cluster, priority_set, panic_counter)
+        return _create_lb(cluster, priority_set, panic_counter, scope)
     except ConfigError as e:
         raise e.within(resource="cluster '%s'" % cluster.name)
 
 
-def _create_lb(cluster, priority_set: PrioritySet, panic_counter=None) -> LoadBalancer:
+def _create_lb(cluster, priority_set: PrioritySet, panic_counter=None,
+               scope=None) -> LoadBalancer:
     ctype = cluster.type if cluster.WhichOneof("cluster_discovery_type") != "cluster_type" else None
     locality_weighted = None
     fail_on_panic = None
@@ -961,4 +987,5 @@ def _create_lb(cluster, priority_set: PrioritySet, panic_counter=None) -> LoadBa
             _warn_once("zone-aware routing")
     return LoadBalancer(policy, priority_set, panic_threshold=panic,
                         locality_weighted=bool(locality_weighted),
-                        fail_traffic_on_panic=bool(fail_on_panic), panic_counter=panic_counter)
+                        fail_traffic_on_panic=bool(fail_on_panic), panic_counter=panic_counter,
+                        scope=scope)

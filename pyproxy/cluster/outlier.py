@@ -87,6 +87,18 @@ def _pct(msg, field, default):
     return v
 
 
+# Envoy's Grpc::Utility::grpcToHttpStatus
+_GRPC_HTTP = {0: 200, 1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400,
+              10: 409, 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+
+
+def grpc_to_http(grpc_status: str) -> int:
+    try:
+        return _GRPC_HTTP.get(int(grpc_status), 500)
+    except ValueError:
+        return 500
+
+
 class OutlierConfig:
     """The compiled ``OutlierDetection`` (Envoy's defaults for unset fields)."""
 

@@ -13,7 +13,8 @@ other than its default.
 
 The compile paths call ``warn(kind, msg, name)``; ``notes(kind, msg)`` returns the texts without
 logging (for validate). Kinds: ``cluster`` (Cluster), ``route_configuration`` (RouteConfiguration),
-``tcp_proxy`` (its typed_config), ``bootstrap`` (Bootstrap), ``sds_validation_context``
+``tcp_proxy`` (its typed_config), ``http_connection_manager`` (its typed_config), ``bootstrap`` (Bootstrap),
+``sds_validation_context``
 (CertificateValidationContext delivered in an SDS Secret).
 """
 
@@ -24,6 +25,10 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
+    ("cluster", "health_checks[].event_log_path", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].event_logger[]", "health check event logging is not implemented"),
+    ("cluster", "health_checks[].always_log_health_check_failures",
+     "health check event logging is not implemented"),
     ("cluster", "circuit_breakers.thresholds[].retry_budget",
      "retry budgets are not implemented yet: max_retries limits retries"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
@@ -40,6 +45,33 @@ NOT_ACTED_ON: tuple = (
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
     ("bootstrap", "stats_config.stats_matcher",
      "stats_matcher is not implemented yet: every stat is created and exported"),
+    ("http_connection_manager", "add_user_agent",
+     "add_user_agent is not implemented yet: no x-envoy-downstream-service-cluster/-node, user-agent unchanged"),
+    ("http_connection_manager", "scheme_header_transformation",
+     "scheme_header_transformation is not implemented yet: :scheme is not rewritten"),
+    ("http_connection_manager", "local_reply_config",
+     "local_reply_config is not implemented yet: local replies are neither mapped nor reformatted"),
+    ("http_connection_manager", "early_header_mutation_extensions[]",
+     "early header mutations are not implemented yet: not applied"),
+    ("http_connection_manager", "proxy_100_continue",
+     "proxy_100_continue is not implemented yet: the proxy answers Expect: 100-continue itself"),
+    ("http_connection_manager", "stream_error_on_invalid_http_message",
+     "stream_error_on_invalid_http_message is not implemented yet: an invalid message closes the connection"),
+    ("http_connection_manager", "stream_flush_timeout", "stream_flush_timeout is not implemented yet"),
+    ("http_connection_manager", "delayed_close_timeout", "delayed_close_timeout is not implemented yet"),
+    ("http_connection_manager", "access_log_flush_interval",
+     "periodic access logging is not implemented yet: one entry at the end of each stream"),
+    ("http_connection_manager", "flush_access_log_on_new_request",
+     "flush_access_log_on_new_request is not implemented yet: one entry at the end of each stream"),
+    ("http_connection_manager", "access_log_options",
+     "access_log_options are not implemented yet: one entry at the end of each stream"),
+    ("http_connection_manager", "proxy_status_config", "proxy_status_config is not implemented yet: no Proxy-Status"),
+    ("http_connection_manager", "append_local_overload",
+     "append_local_overload is not implemented yet: no x-envoy-local-overloaded"),
+    ("http_connection_manager", "represent_ipv4_remote_address_as_ipv4_mapped_ipv6",
+     "represent_ipv4_remote_address_as_ipv4_mapped_ipv6 is not implemented yet: IPv4 addresses stay IPv4"),
+    ("http_connection_manager", "http1_safe_max_connection_duration",
+     "http1_safe_max_connection_duration is not implemented yet"),
 )
 
 _BY_KIND: dict = {}

@@ -58,7 +58,7 @@ def hcm_is_express(cfg) -> bool:
     # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(
         ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.always_set_request_id_in_response
-        and not cfg.strip_matching_host_port and not cfg.request_timeout and not cfg.max_stream_duration)
+        and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
 def route_is_express(route):
@@ -151,10 +151,8 @@ def start(hc, codec, headers) -> bool:
     if choice is not None or route.fast_rewrites:
         route.rewrite_request(headers, choice)
     if rq_timeout and not cfg.router_suppress_envoy_headers:
-        if codec.prep_seen:
-            headers.set("x-envoy-expected-rq-timeout-ms", rq_timeout)
-        else:
-            headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
+        # (the request preparation removed any the client sent, internal or not: append)
+        headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
     cluster.rq_active_total += 1
     g = cluster.st_rq_active
     g.value += 1

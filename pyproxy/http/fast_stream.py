@@ -163,7 +163,7 @@ class FastStream(ActiveStream):
             return
         status = int(headers._h[0][1])
         c = self.cluster
-        c.count_response(status, self.host)
+        c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
         self.stream_info.response_code_details = "via_upstream"
         if not self.cfg.router_suppress_envoy_headers:
             headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))

@@ -8,7 +8,7 @@ Envoy's ``ConnectionManagerUtility`` in Envoy's order:
 1. headers with underscores (``headers_with_underscores_action``);
 2. the path (``path_norm``): a fragment refused (400), escaped slashes, ``normalize_path``,
    ``merge_slashes``; a refused path is a 400, ``UNESCAPE_AND_REDIRECT`` a 307 (400 for gRPC);
-3. ``strip_any_host_port``;
+3. the host: ``strip_trailing_host_dot``, ``strip_any_host_port``/``strip_matching_host_port``;
 4. ``mutateRequestHeaders``: hop-by-hop headers (``connection``/``upgrade`` are kept only for an
    upgrade, which needs both), the downstream address (``use_remote_address``,
    ``xff_num_trusted_hops``, ``skip_xff_append``, ``original_ip_detection_extensions``),
@@ -358,7 +358,7 @@ class PrepPlan:
     __slots__ = ("underscores", "esc_action", "normalize", "merge", "strip_any_port",
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
-                 "constant", "pre", "trace")
+                 "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -368,6 +368,22 @@ class PrepPlan:
         self.normalize = hcm.normalize_path
         self.merge = cfg.merge_slashes
         self.strip_any_port = cfg.strip_any_host_port
+        self.strip_matching_port = cfg.strip_matching_host_port
+        if self.strip_any_port and self.strip_matching_port:
+            raise ConfigError("Only one of `strip_matching_host_port` or `strip_any_host_port` can be set.",
+                              field="strip_matching_host_port")
+        self.strip_host_dot = cfg.strip_trailing_host_dot
+        self.xf_port = cfg.append_x_forwarded_port
+        # security-relevant fields pyproxy does not implement: refused, never silently ignored
+        if cfg.HasField("forward_client_cert_matcher"):
+            raise ConfigError("forward_client_cert_matcher is not supported (use forward_client_cert_details)",
+                              field="forward_client_cert_matcher")
+        if cfg.HasField("path_normalization_options"):
+            raise ConfigError("path_normalization_options (forwarding/filter path transformations) is not supported",
+                              field="path_normalization_options")
+        if cfg.HasField("typed_header_validation_config"):
+            raise ConfigError("typed_header_validation_config (UHV) is not supported",
+                              field="typed_header_validation_config")
         self.use_remote = hcm.use_remote_address
         self.hops = cfg.xff_num_trusted_hops
         self.skip_xff_append = cfg.skip_xff_append
@@ -384,6 +400,8 @@ class PrepPlan:
         else:
             dets.append(XffDetection(self.hops))
         self.detectors = tuple(dets)
+        d0 = dets[0]
+        self.xff_only = d0.hops if len(dets) == 1 and isinstance(d0, XffDetection) and not d0.trusted else None
         extra_watch = {d.name for d in dets if isinstance(d, CustomHeaderDetection)}
         # internal_address_config: without it no address is internal (Envoy 1.36+)
         self.internal = None
@@ -422,10 +440,10 @@ class PrepPlan:
         self.watch = _WATCH | extra_watch
         # True when a request carrying none of the watched headers only needs x-forwarded-proto
         # and x-request-id appended (the express lane's common case)
-        self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET)
+        self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET) or self.xf_port
                              or any(isinstance(x, CustomHeaderDetection) for x in dets))
         self.pre = bool(self.underscores or self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize
-                        or self.merge or self.strip_any_port)
+                        or self.merge or self.strip_any_port or self.strip_matching_port or self.strip_host_dot)
 
     def is_internal(self, ip: str) -> bool:
         nets = self.internal
@@ -446,7 +464,7 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     fragment in its path (the HTTP/1.1 codec notes both as it parses)."""
     h = headers._h
     if plan.pre:
-        r = _pre(plan, headers, h)
+        r = _pre(plan, conn, headers, h)
         if r is not None:
             return r
     elif not quiet:
@@ -479,8 +497,8 @@ def _find(h, name):
     return None
 
 
-def _pre(plan, headers, h):
-    """Steps 1-3: underscores, the path, the host's port."""
+def _pre(plan, conn, headers, h):
+    """Steps 1-3: underscores, the path, the host (trailing dot, port)."""
     if plan.underscores:
         bad = [k for k, _ in h if "_" in k and k[0] != ":"]
         if bad:
@@ -505,11 +523,45 @@ def _pre(plan, headers, h):
                 return Prepared(reply=(307, "path_normalization_failed", np))
         if np != path:
             headers.set(":path", np)
-    if plan.strip_any_port:
-        a = headers.get(":authority", "")
-        if a and not a.endswith("]") and ":" in a:
-            headers.set(":authority", a.rsplit(":", 1)[0])
+    if plan.strip_host_dot or plan.strip_any_port or plan.strip_matching_port:
+        a = headers.get(":authority")
+        if a:
+            b = _normalize_host(a, plan.strip_host_dot, plan.strip_any_port,
+                                conn.info.dst_port if plan.strip_matching_port else None)
+            if b != a:
+                headers.set(":authority", b)
     return None
+
+
+def _port_start(host: str) -> int:
+    """Envoy's HeaderUtility::getPortStart: the ':' before a port, or -1 (IPv6 literals need [])."""
+    i = host.rfind(":")
+    if i < 0:
+        return -1
+    j = host.rfind("]")
+    if j < 0 or j < i:
+        return i
+    return -1
+
+
+def _normalize_host(a: str, strip_dot: bool, strip_any: bool, match_port):
+    """Envoy's maybeNormalizeHost: the trailing dot of the host, then the port (any, or the
+    listener's port only)."""
+    if strip_dot:
+        i = _port_start(a)
+        if i < 0:
+            if a.endswith("."):
+                a = a[:-1]
+        elif i > 0 and a[i - 1] == ".":
+            a = a[:i - 1] + a[i:]
+    if strip_any or match_port is not None:
+        i = _port_start(a)
+        if i >= 0:
+            port = a[i + 1:]
+            if port.isdigit() and len(port) < 11 and int(port) < 2 ** 32 and \
+                    (match_port is None or int(port) == match_port):
+                a = a[:i]
+    return a
 
 
 def _mutate(plan, conn, headers, h, scan, ioh):
@@ -521,6 +573,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     connection = None
     xfcc = None
     drop = None
+    dropping = False  # the request has a header that may have to go
     multi = False  # a repeated x-forwarded-for / x-forwarded-client-cert (Envoy joins them into one)
     if scan:
         watch = plan.watch
@@ -546,20 +599,18 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 elif k == "upgrade":
                     if upgrade is None:
                         upgrade = v
+                    dropping = True
                 elif k == "connection":
                     connection = v if connection is None else connection + "," + v
-        drop = set(ALWAYS_DROP)
-        if upgrade is not None:
-            # an upgrade needs both headers (Envoy's Utility::isUpgrade); a lone one is stripped
-            if connection is None or "upgrade" not in [t.strip().lower() for t in connection.split(",")]:
-                upgrade = None
-            elif upgrade.strip().lower() == "h2c":
-                # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
-                drop.add("http2-settings")
-                upgrade = None
-        if upgrade is None:
-            drop.add("connection")
-            drop.add("upgrade")
+                    dropping = True
+                else:
+                    dropping = True  # (a header that is removed, at least from most requests)
+        if ioh and not dropping and not ioh.isdisjoint(map(_first, h)):
+            dropping = True
+        if dropping:
+            drop = _drop_set(upgrade, connection)
+            if drop is not ALWAYS_DROP:
+                upgrade = None  # (not an upgrade, or an h2c one: served as plain HTTP/1.1)
         if multi:
             if xff is not None:
                 _set(h, XFF, xff)
@@ -583,6 +634,14 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         if plan.hops == 0 or not xfp:
             _set(h, "x-forwarded-proto", scheme)
             xfp = True
+        if plan.xf_port and (plan.hops == 0 or headers.get("x-forwarded-port") is None):
+            _set(h, "x-forwarded-port", str(conn_info.dst_port))
+    elif plan.xff_only is not None:
+        # (the default detection, XFF with xff_num_trusted_hops, without the call chain)
+        from_headers = False
+        if xff is not None:
+            remote_ip, allow_trusted = last_xff(xff, plan.xff_only)
+            from_headers = remote_ip is not None
     else:
         from_headers = False
         for det in plan.detectors:
@@ -594,6 +653,8 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 break
     if not xfp:
         h.append(("x-forwarded-proto", scheme))
+    if plan.xf_port and headers.get("x-forwarded-port") is None:
+        h.append(("x-forwarded-port", str(conn_info.dst_port)))
     if remote_ip:
         internal = allow_trusted and plan.is_internal(remote_ip)
     else:
@@ -603,21 +664,15 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         remote_ip = direct_ip
     edge = not internal and plan.use_remote
     if internal:
-        if drop is None:
-            drop = set()
-        else:
-            drop |= ROUTER_CONSUMED
-        drop.discard("x-envoy-internal")
-        _remove(h, drop)
-        drop = None
+        if drop is not None:
+            _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
-    elif scan:
-        drop |= ENVOY_CONTROL
+    elif drop is not None:
+        drop = drop | ENVOY_CONTROL
         if edge:
             drop |= EDGE_ONLY
         if ioh:
             drop |= ioh
-    if drop:
         _remove(h, drop)
     if plan.via:
         via = headers.get("via")
@@ -654,6 +709,25 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     if remote is None and upgrade is None:
         return rid or ""
     return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None)
+
+
+_DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}
+_DROP_H2C = _DROP_NO_UPGRADE | {"http2-settings"}
+_INTERNAL_KEEP = frozenset(("x-envoy-internal",))
+
+
+def _drop_set(upgrade, connection):
+    """The hop-by-hop headers to remove: ALWAYS_DROP for a genuine upgrade (it keeps connection
+    and upgrade), else those two as well; an h2c upgrade also loses HTTP2-Settings."""
+    if upgrade is None:
+        return _DROP_NO_UPGRADE
+    # an upgrade needs both headers (Envoy's Utility::isUpgrade); a lone one is stripped
+    if connection is None or "upgrade" not in [t.strip().lower() for t in connection.split(",")]:
+        return _DROP_NO_UPGRADE
+    if upgrade.strip().lower() == "h2c":
+        # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
+        return _DROP_H2C
+    return ALWAYS_DROP
 
 
 def _set(h, name, value):

@@ -13,6 +13,8 @@ import bisect
 import math
 import re
 
+import re2
+
 # Envoy's default histogram buckets (milliseconds or whatever unit the stat uses).
 DEFAULT_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                    300000, 600000, 1800000, 3600000)
@@ -138,12 +140,27 @@ DEFAULT_TAG_SPECS = [
 ]
 
 
+_TAG_RE2_OPTS = re2.Options()
+_TAG_RE2_OPTS.log_errors = False
+
+
+def compile_tag_regex(regex: str):
+    """A tag extractor's regex from config (``stats_config.stats_tags``): RE2 whenever RE2 takes
+    it. Envoy runs these on std::regex, and Istio's bootstrap has one with a look-ahead that RE2
+    refuses: only such a pattern is compiled with Python's ``re``, and it only ever sees stat names
+    (made from config), never request data. ``re.error`` when neither engine takes it."""
+    try:
+        return re2.compile(regex, _TAG_RE2_OPTS)
+    except re2.error:
+        return re.compile(_re2_to_python(regex))
+
+
 class TagExtractor:
     __slots__ = ("name", "regex")
 
     def __init__(self, name: str, regex: str):
         self.name = name
-        self.regex = re.compile(_re2_to_python(regex))
+        self.regex = compile_tag_regex(regex)
 
     def extract(self, name: str):
         m = self.regex.search(name)
@@ -174,8 +191,8 @@ class Store:
         for n, r in specs:
             try:
                 self.extractors.append(TagExtractor(n, r))
-            except re.error:
-                pass  # a regex Python cannot compile only loses that tag
+            except (re.error, ValueError):
+                pass  # a regex neither engine compiles only loses that tag
         self._tag_cache: dict[str, tuple[str, tuple]] = {}
         # stats created with explicit tags (Istio's istio_* metrics): flat name -> (name, tags).
         # The flat name is Envoy's (``name.tag1.value1.tag2.value2``); Prometheus shows the tags

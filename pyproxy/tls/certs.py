@@ -52,9 +52,9 @@ def _pem(ds) -> bytes:
 
 def _x509_list(pem: bytes):
     from OpenSSL import crypto
-    from .context import _PEM_CERT
+    from .context import _pem_blocks
     out = []
-    for block in _PEM_CERT.findall(pem or b""):
+    for block in _pem_blocks(pem or b""):
         try:
             out.append(crypto.load_certificate(crypto.FILETYPE_PEM, block))
         except crypto.Error:
@@ -73,16 +73,21 @@ def _iso(t: float) -> str:
 
 
 def _cert_details(x, path: str) -> dict:
+    from cryptography import x509
     sans = []
-    for i in range(x.get_extension_count()):
-        ext = x.get_extension(i)
-        if ext.get_short_name() != b"subjectAltName":
-            continue
-        for part in str(ext).split(", "):
-            kind, _, value = part.partition(":")
-            key = {"URI": "uri", "DNS": "dns", "IP Address": "ip_address", "email": "email"}.get(kind)
-            if key:
-                sans.append({key: value})
+    try:
+        ext = x.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        ext = ()
+    for gn in ext:
+        if isinstance(gn, x509.UniformResourceIdentifier):
+            sans.append({"uri": gn.value})
+        elif isinstance(gn, x509.DNSName):
+            sans.append({"dns": gn.value})
+        elif isinstance(gn, x509.IPAddress):
+            sans.append({"ip_address": str(gn.value)})
+        elif isinstance(gn, x509.RFC822Name):
+            sans.append({"email": gn.value})
     not_after = _asn1_time(x.get_notAfter())
     not_before = _asn1_time(x.get_notBefore())
     days = int((not_after - time.time()) // 86400)

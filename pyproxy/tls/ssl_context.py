@@ -219,8 +219,8 @@ def _local_sans(chain_pem: bytes) -> tuple[str, str]:
     """First URI and DNS subject-alt-names of the leaf certificate (for access logs)."""
     try:
         from cryptography import x509
-        from .context import _PEM_CERT
-        cert = x509.load_pem_x509_certificate(_PEM_CERT.findall(chain_pem)[0])
+        from .context import _pem_blocks
+        cert = x509.load_pem_x509_certificate(_pem_blocks(chain_pem)[0])
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ext.get_values_for_type(x509.UniformResourceIdentifier)
         dns = ext.get_values_for_type(x509.DNSName)

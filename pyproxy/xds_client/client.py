@@ -324,6 +324,10 @@ class XdsClient:
                 self._got_response = True
                 self._set_connected(True)
                 self._on_response(resp)
+                # let the writer send what this response made us ask for (the EDS names after a
+                # CDS push) before the next response, already read, is applied: the server
+                # prepares it meanwhile
+                await asyncio.sleep(0)
         finally:
             self._queue = None
             if writer is not None:

@@ -336,14 +336,14 @@ class Router:
         if retry is not None and self.retries_left > 0 and not self.response_started:
             if retry.should_retry_status(status, headers) or (
                     self.grpc and _grpc_retry(retry, headers)):
-                c.count_response(status, up.host)
+                c.count_response(status, up.host, headers if self.grpc else None)
                 up.abandon()
                 self.upstream = None
                 self._schedule_retry()
                 return
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
-        c.count_response(status, up.host)
+        c.count_response(status, up.host, headers if self.grpc else None)
         if self.attempts > 1:
             c.st_rq_retry_success.value += 1
         if not self.cfg.suppress_envoy_headers:

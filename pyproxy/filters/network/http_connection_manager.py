@@ -48,6 +48,8 @@ class HcmConfig:
         if not cfg.stat_prefix:
             raise ConfigError("stat_prefix must not be empty", field="stat_prefix")
         self.stat_prefix = cfg.stat_prefix
+        from ...config import unacted
+        unacted.warn("http_connection_manager", cfg, cfg.stat_prefix)  # fields accepted, not acted on
         self.codec_type = cfg.codec_type
         if self.codec_type not in (AUTO, HTTP1, HTTP2):
             raise ConfigError("codec_type HTTP3 is not supported", field="codec_type")

@@ -15,6 +15,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 
 from ... import writebatch
 from ...cluster.lb import LbContext
+from ...cluster.outlier import CONNECT_SUCCESS_FINAL
 from ...cluster.pool import open_socket
 from ...config import ConfigError, duration_s, u32, unacted
 from ...listeners.connection import CONTINUE, STOP
@@ -211,6 +212,7 @@ class TcpProxy:
             c.st_cx_connect_fail.value += 1
             if isinstance(e, asyncio.TimeoutError):
                 c.st_cx_connect_timeout.value += 1
+            c.report_connect_failure(host)  # (outlier detection, as Envoy's tcp_proxy)
             if self.closed:
                 return
             if self.attempts < self.cfg.max_connect_attempts:
@@ -222,6 +224,8 @@ class TcpProxy:
             self._finish(flush=False)
             return
         self.task = None
+        if host.outlier is not None:
+            host.outlier.put_result(CONNECT_SUCCESS_FINAL)
         if self.closed:
             up.transport.abort()
             return
