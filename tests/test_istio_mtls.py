@@ -302,9 +302,9 @@ def test_strict_http_chain_by_offered_alpn_rbac_principal_and_log(mesh):
     assert body.startswith(b"HTTP/1.1 200") and b"app GET /hello" in body, body
     assert alpn == "http/1.1"     # the server's own list order: h2, http/1.1
     req = m.app.requests[-1]
-    xfcc = req.header("x-forwarded-client-cert")
-    if xfcc is not None:          # XFCC on inbound mTLS (APPEND_FORWARD) once the HCM implements it
-        assert "URI=" + CLIENT_ID in xfcc and "By=" + SERVER_ID in xfcc, xfcc
+    xfcc = req.header("x-forwarded-client-cert")   # XFCC on inbound mTLS (APPEND_FORWARD)
+    assert xfcc is not None and xfcc.startswith("By=%s;Hash=" % SERVER_ID), xfcc
+    assert ';Subject="CN=client";URI=%s' % CLIENT_ID in xfcc, xfcc
     # RBAC `authenticated`: another mesh identity is denied
     body, _, _ = _exchange(m.strict, _ctx(m.pki, m.other, ["istio-http/1.1"]), GET)
     assert body.startswith(b"HTTP/1.1 403"), body
@@ -418,8 +418,10 @@ def test_strict_bad_input_refused_and_counted(mesh, case, stat, tmp_path):
 def test_permissive_chains(mesh):
     m = mesh
     # plaintext HTTP: http_inspector picks the plaintext HTTP chain
-    st, _, body = request(m.permissive, "GET", "/plain", timeout=5)
+    st, _, body = request(m.permissive, "GET", "/plain", timeout=5,
+                          headers={"x-forwarded-client-cert": "By=spiffe://forged;URI=spiffe://forged"})
     assert st == 200 and body.startswith(b"app GET /plain")
+    assert m.app.requests[-1].header("x-forwarded-client-cert") is None   # not mTLS: stripped
     assert _stat(m, "http.p_plain_http.downstream_rq_total") == 1
     # mTLS with an istio HTTP ALPN: the mTLS HTTP chain
     body, _, _ = _exchange(m.permissive, _ctx(m.pki, m.client, ["istio-http/1.1", "istio", "http/1.1"]), GET)
