@@ -131,5 +131,6 @@ _R("upstream_protocol_options", "envoy.extensions.upstreams.http.v3.HttpProtocol
 # -- bootstrap-level things that have no effect on a single-process Python proxy ------------------
 _I("bootstrap", "envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
    "internal listeners are not supported; ignored (Istio registers it unconditionally)")
-_I("resource_monitor", "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-   "global downstream connection limit not enforced")
+_R("resource_monitor", "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+   "pyproxy.listeners.overload:downstream_connections",
+   names=("envoy.resource_monitors.global_downstream_max_connections",))

@@ -190,6 +190,10 @@ class Server:
             f, cfg = REGISTRY.resolve("resource_monitor", m.name, m.typed_config, what="resource monitor")
             if f is None:
                 log.info("resource monitor '%s': %s", m.name, cfg)
+            else:
+                f(cfg, self)      # e.g. the global downstream connection limit
+        from .listeners.overload import configure_runtime
+        configure_runtime(self)
 
     async def start(self):
         from . import extensions, access_log  # noqa: F401 (registers built-in extensions)

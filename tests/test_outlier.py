@@ -423,3 +423,50 @@ def test_grpc_unavailable_counts_as_503_as_envoy():
     finally:
         for s in servers:
             s.stop(0)
+
+
+def _run_locality(cls, bs):
+    with cls(bs) as px:
+        _send_path(px.port, "/l", 12)  # "bad" is ejected at its 2nd 5xx
+        got = _send_path(px.port, "/l", 400)
+        st = _od_stats_of(px, "l")
+    n = len(got)
+    return {"z1_share": round(sum(1 for b in got if b in ("g0",)) / n, 2),
+            "served": set(got), "ejected": st}
+
+
+def _od_stats_of(px, cluster):
+    return px.stats().get("cluster.%s.outlier_detection.ejections_active" % cluster)
+
+
+def test_ejection_shrinks_its_locality_weight_as_envoy():
+    """Locality-weighted balancing: zone z1 (weight 1) loses one of its two hosts to ejection, so
+    its effective weight becomes 1 * min(1, 1.4 * 1/2) = 0.7 against z2's 1: z1 gets 0.7/1.7 =
+    41 % of the requests, on its remaining host."""
+    bad, g0, g1, g2 = _backend("bad", 503), _backend("g0"), _backend("g1"), _backend("g2")
+    bes = [bad, g0, g1, g2]
+    try:
+        def ep(b):
+            return {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                "port_value": b.port}}}}
+        c = {"name": "l", "type": "STATIC", "connect_timeout": "0.5s",
+             "common_lb_config": {"locality_weighted_lb_config": {}},
+             "outlier_detection": {"consecutive_5xx": 2, "interval": "30s",
+                                   "base_ejection_time": "30s", "max_ejection_percent": 100},
+             "load_assignment": {"cluster_name": "l", "endpoints": [
+                 {"locality": {"zone": "z1"}, "load_balancing_weight": 1,
+                  "lb_endpoints": [ep(bad), ep(g0)]},
+                 {"locality": {"zone": "z2"}, "load_balancing_weight": 1,
+                  "lb_endpoints": [ep(g1), ep(g2)]}]}}
+        bs = bootstrap([http_listener(free_port(), route_config([route("/l", "l")]))], [c])
+        mine = _run_locality(Pyproxy, bs)
+        assert mine["served"] == {"g0", "g1", "g2"} and mine["ejected"] == 1
+        assert abs(mine["z1_share"] - 0.41) <= 0.05, mine
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_locality(Envoy, with_fresh_ports(bs))
+        assert theirs["served"] == mine["served"] and theirs["ejected"] == 1
+        assert abs(mine["z1_share"] - theirs["z1_share"]) <= 0.05, (mine, theirs)
+    finally:
+        for b in bes:
+            b.close()

@@ -60,6 +60,7 @@ class DownstreamConnection(asyncio.Protocol):
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
         "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf", "write_hook", "on_tls_open",
+        "global_slot",
     )
 
     def __init__(self, manager, active_listener):
@@ -86,6 +87,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.ssl = None
         self.dst_restored = False
         self.handed_off = False
+        self.global_slot = False     # counted towards the global connection limit
         self.pending_eof = False
         # istio.metadata_exchange: ``write_hook(data)`` sees the first write (True: it took the
         # bytes); ``on_tls_open()`` runs once the TLS handshake is done
@@ -109,6 +111,10 @@ class DownstreamConnection(asyncio.Protocol):
         si = self.stream_info = StreamInfo(_fmt_addr(info.src_ip, info.src_port),
                                            _fmt_addr(info.dst_ip, info.dst_port), connection_id=self.id)
         si.protocol = ""
+        if not self.active.admit(self):   # over a connection limit (listeners/overload.py): reset
+            self.closed = True
+            transport.abort()
+            return
         self.active.on_connection(self)
         if self.listener.use_original_dst:
             # Envoy puts an implicit original_dst filter first on use_original_dst listeners

@@ -17,6 +17,7 @@ from ..config import ConfigError
 from ..stats import OwnedStats
 from .connection import DownstreamConnection
 from .listener import CompiledListener, _listener_stat_name
+from .overload import listener_limit
 
 log = logging.getLogger("pyproxy.config")
 
@@ -57,6 +58,28 @@ class ActiveListener:
         self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
+        # overload limits (listeners/overload.py): this listener's own, and whether the global
+        # one applies to it
+        self.st_cx_overflow = s.counter("downstream_cx_overflow")
+        self.st_global_cx_overflow = s.counter("downstream_global_cx_overflow")
+        self.global_limited = not config.proto.ignore_global_conn_limit
+        self.cx_limit = listener_limit(manager.runtime_bootstrap, config.name) \
+            if manager.runtime_bootstrap is not None else None
+
+    def admit(self, conn) -> bool:
+        """A connection just accepted: False (and counted) when a connection limit is reached."""
+        m = self.manager
+        if self.global_limited and m.global_limit is not None:
+            if m.global_active >= m.global_limit:
+                self.st_global_cx_overflow.value += 1
+                return False
+        if self.cx_limit is not None and len(self.connections) >= self.cx_limit:
+            self.st_cx_overflow.value += 1
+            return False
+        if self.global_limited:
+            m.global_active += 1
+            conn.global_slot = True
+        return True
 
     def on_connection(self, conn, handed_off: bool = False) -> None:
         self.connections.add(conn)
@@ -64,6 +87,9 @@ class ActiveListener:
         self.st_cx_active.inc()
 
     def on_connection_gone(self, conn) -> None:
+        if conn.closed and conn.global_slot:   # (not on a hand-off to another listener)
+            conn.global_slot = False
+            self.manager.global_active -= 1
         if conn in self.connections:
             self.connections.discard(conn)
             self.st_cx_active.dec()
@@ -95,6 +121,11 @@ class ListenerManager:
         self.st_workers_started = stats.gauge("listener_manager.workers_started", accumulate=False)
         self.workers_started = False
         self.drain_callbacks = []
+        # overload (listeners/overload.py): the global downstream connection limit, the number of
+        # accepted sockets counted towards it, the bootstrap whose runtime keys set listener limits
+        self.global_limit: int | None = None
+        self.global_active = 0
+        self.runtime_bootstrap = None
 
 
     # -- compile / install ----------------------------------------------------------------------
