@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 
 from bench import configs, loadgen, procs, report  # noqa: E402
 
-MODES = ("h1", "h1paced", "h2", "grpc", "xds")
+MODES = ("h1", "h1paced", "h2", "grpc", "xds", "mtls")
 TARGETS = ("direct", "pyproxy", "envoy", "nginx", "bare")
 DEFAULT_TARGETS = ("direct", "pyproxy", "envoy", "nginx")
 PROXIES = ("pyproxy", "envoy", "nginx")
@@ -597,9 +597,18 @@ def run_xds(bench, results):
 
 # -- main ---------------------------------------------------------------------------------
 
+def run_mtls(bench, results):
+    """Istio mTLS inbound chain: keep-alive rps and new handshakes/s (benchmarks/mtls.py)."""
+    import mtls
+    a = bench.a
+    ns = argparse.Namespace(duration=a.duration, repeat=a.repeat, connections=a.connections,
+                            handshake_procs=4, no_envoy="envoy" not in a.targets)
+    results["modes"]["mtls"] = mtls.run(ns)
+
+
 def check_tools(a):
     need = {"h1": ["wrk", "nginx"], "h1paced": ["wrk", "nginx"], "h2": ["h2load", "nginx"],
-            "grpc": [], "xds": []}
+            "grpc": [], "xds": [], "mtls": ["wrk", "nginx", "openssl", "envoy"]}
     if "envoy" in a.targets:
         for m in a.modes:
             need[m] = need[m] + ["envoy"]
@@ -634,7 +643,7 @@ def main(argv=None):
     print(f"pyproxy benchmark {stamp}: modes {','.join(a.modes)}; targets "
           f"{','.join(a.targets)}\n  {bench.pin_note}\n  machine is shared: loadavg "
           f"{results['meta']['loadavg_start']}", flush=True)
-    runners = [("h1", run_h1), ("h2", run_h2), ("grpc", run_grpc), ("xds", run_xds)]
+    runners = [("h1", run_h1), ("h2", run_h2), ("grpc", run_grpc), ("xds", run_xds), ("mtls", run_mtls)]
     failed = False
     try:
         for key, fn in runners:

@@ -27,8 +27,8 @@ RUN if [ -n "$PIP_NO_INDEX" ]; then src=pyproxy; else src=/src; fi \
  && rm -rf /wheels /src \
  && envoy_bin=$(/usr/local/bin/python3 -c 'import envoy._bin as b, os; print(os.path.join(os.path.dirname(b.__file__), "envoy"))') \
  && ln -sf "$envoy_bin" /usr/local/bin/envoy-cpp \
- && mkdir -p /etc/istio/proxy /var/run/secrets/workload-spiffe-uds /var/run/secrets/workload-spiffe-credentials \
- && chown -R 1337:1337 /etc/istio/proxy /var/run/secrets/workload-spiffe-uds /var/run/secrets/workload-spiffe-credentials
+ && mkdir -p /etc/istio/proxy /etc/istio/ca /var/run/secrets/workload-spiffe-uds /var/run/secrets/workload-spiffe-credentials \
+ && chown -R 1337:1337 /etc/istio/proxy /etc/istio/ca /var/run/secrets/workload-spiffe-uds /var/run/secrets/workload-spiffe-credentials
 COPY docker/envoy /usr/local/bin/envoy
 COPY docker/pod-agent /usr/local/bin/pod-agent
 COPY init/istio-iptables /usr/local/bin/pyproxy-istio-iptables

@@ -16,6 +16,7 @@ import time
 from .config.dump import to_dict
 from . import __version__
 from .cluster.manager import ClusterManager
+from .cluster.outlier import EventLog
 from .config import ConfigError, unacted
 from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
@@ -107,6 +108,9 @@ class Server:
         self.stats = Store(tags, use_default_tags=use_default)
         self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
+        if bootstrap.cluster_manager.outlier_detection.event_log_path:
+            self.cluster_manager.outlier_event_log = EventLog(
+                bootstrap.cluster_manager.outlier_detection.event_log_path)
         self.route_providers = {}
         self.listener_manager = ListenerManager(
             self.loop, self.stats, lambda: FactoryContext(self), drain_time=options.drain_time_s,
@@ -209,7 +213,8 @@ class Server:
                     s.close()
             raise
         for l, s in zip(listeners, socks):
-            self.listener_manager.install(l, s)
+            if not self._warm_static_listener(l, s):
+                self.listener_manager.install(l, s)
         dr = self.bootstrap.dynamic_resources
         dynamic = dr.HasField("ads_config") or dr.HasField("cds_config") or dr.HasField("lds_config")
         if self.worker_index:
@@ -236,6 +241,27 @@ class Server:
         from .access_log.file import set_flush_interval
         set_flush_interval(self.access_flush_interval)
         self._wait_initialized(t0)
+
+    def _warm_static_listener(self, cfg, sock) -> bool:
+        """A static listener whose TLS chains name SDS secrets not here yet waits for them, its
+        socket bound but not accepting (Envoy: the listener's init targets). True if it waits."""
+        if "pyproxy.tls.secrets" not in sys.modules:
+            return False
+        pending = [p for c in cfg.chains + ([cfg.default_chain] if cfg.default_chain else [])
+                   for p in getattr(c.transport_socket, "secret_providers", ()) if not p.ready]
+        if not pending:
+            return False
+        from .tls.secrets import STORE
+        log.info("listener '%s' warming (waiting for %s)", cfg.name, ", ".join(sorted({p.name for p in pending})))
+
+        def check():
+            if self.exiting or any(not p.ready for p in pending):
+                return
+            STORE.ready_hooks.remove(check)
+            log.info("listener '%s' warmed; now active", cfg.name)
+            self.listener_manager.install(cfg, sock)
+        STORE.ready_hooks.append(check)
+        return True
 
     def _start_sds(self, dynamic: bool) -> None:
         """The SDS client, when something may name a secret (grpc is loaded already then)."""

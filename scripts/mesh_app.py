@@ -2,7 +2,8 @@
 """Demo workloads for the local meshes (docker-compose.yml and scripts/netns_mesh.py).
 
     mesh_app.py http PORT NAME     HTTP/1.1 server: every request gets JSON
-                                   {"pod": NAME, "peer": client IP, "path": ..., "host": ...};
+                                   {"pod": NAME, "peer": client IP, "path": ..., "host": ...}
+                                   (and "xfcc": the x-forwarded-client-cert header, if any);
                                    /slow?ms=N waits N ms first; /call?url=U fetches U and returns
                                    its status and body (how one service calls another)
     mesh_app.py echo PORT          TCP server echoing every byte back (for passthrough checks)
@@ -37,6 +38,8 @@ def http(port: int, name: str) -> None:
                 time.sleep(min(float(q.get("ms", ["100"])[0]), 30000) / 1000.0)
             out = {"pod": name, "peer": self.client_address[0], "path": self.path,
                    "host": self.headers.get("host")}
+            if self.headers.get("x-forwarded-client-cert"):      # the caller's identity (mTLS mesh)
+                out["xfcc"] = self.headers.get("x-forwarded-client-cert")
             if u.path == "/call":
                 try:
                     with urllib.request.urlopen(q["url"][0], timeout=5) as r:

@@ -46,7 +46,7 @@ def _router():
     return {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
 
 
-def _hcm(stat, *, rds=None, route_config=None, direction="outbound"):
+def _hcm(stat, *, rds=None, route_config=None, direction="outbound", mtls=False):
     c = {"@type": HCM, "stat_prefix": stat, "codec_type": "AUTO", "use_remote_address": direction == "inbound",
          "normalize_path": True, "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
          "request_id_extension": None, "stream_idle_timeout": "0s", "http_filters": [_router()],
@@ -54,6 +54,8 @@ def _hcm(stat, *, rds=None, route_config=None, direction="outbound"):
          "forward_client_cert_details": "APPEND_FORWARD" if direction == "inbound" else None,
          "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {"@type": FILE_LOG, "path": "/dev/stdout"}}]}
     c = {k: v for k, v in c.items() if v is not None}
+    if mtls and direction == "inbound":   # the app sees the caller's identity (Istio's inbound HCM)
+        c["set_current_client_cert_details"] = {"subject": True, "dns": True, "uri": True}
     if rds:
         c["rds"] = {"config_source": {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"},
                     "route_config_name": rds}
@@ -83,21 +85,78 @@ def _eds_cluster(name):
                                                  "max_requests": MAX, "max_retries": MAX}]}}
 
 
-def _cla(name, endpoints):
+def _cla(name, endpoints, mtls=False):
+    def metadata(workload):
+        md = {"istio": {"workload": workload}}
+        if mtls:   # istiod labels endpoints whose pod has a sidecar: auto-mTLS picks ISTIO_MUTUAL for them
+            md["envoy.transport_socket_match"] = {"tlsMode": "istio"}
+        return {"filter_metadata": md}
     return {"@type": T + "envoy.config.endpoint.v3.ClusterLoadAssignment", "cluster_name": name,
             "endpoints": [{"locality": {}, "lb_endpoints": [
                 {"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}},
-                 "metadata": {"filter_metadata": {"istio": {"workload": wl}}},
-                 "load_balancing_weight": 1}
+                 "metadata": metadata(wl), "load_balancing_weight": 1}
                 for ip, port, wl in endpoints]}]}
 
 
-def resources(services: dict, app_ports: list[int]) -> list[dict]:
+TRUST_DOMAIN = "cluster.local"
+TLS = T + "envoy.extensions.transport_sockets.tls.v3."
+INBOUND_ALPN = ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"]
+INBOUND_CIPHERS = ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                   "ECDHE-RSA-AES128-GCM-SHA256", "AES256-GCM-SHA384", "AES128-GCM-SHA256"]
+
+
+def spiffe(sa: str, ns: str = "default") -> str:
+    return "spiffe://%s/ns/%s/sa/%s" % (TRUST_DOMAIN, ns, sa)
+
+
+def _sds(name):
+    """An SdsSecretConfig as istiod renders it: the agent's ``sds-grpc`` cluster."""
+    return {"name": name, "sds_config": {
+        "api_config_source": {"api_type": "GRPC", "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}],
+                              "set_node_on_first_message_only": True, "transport_api_version": "V3"},
+        "initial_fetch_timeout": "0s", "resource_api_version": "V3"}}
+
+
+def _upstream_tls(sans, sni):
+    """ISTIO_MUTUAL: the workload certificate and root from SDS, the server's SPIFFE identity checked."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS + "UpstreamTlsContext", "sni": sni,
+        "common_tls_context": {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
+            "alpn_protocols": ["istio-peer-exchange", "istio"],
+            "tls_certificate_sds_secret_configs": [_sds("default")],
+            "combined_validation_context": {
+                "default_validation_context": {"match_subject_alt_names": [{"exact": x} for x in sans]},
+                "validation_context_sds_secret_config": _sds("ROOTCA")}}}}
+
+
+def _downstream_tls():
+    """Inbound STRICT: a client certificate from the mesh's root, any identity of the trust domain."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS + "DownstreamTlsContext", "require_client_certificate": True,
+        "common_tls_context": {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3",
+                           "cipher_suites": INBOUND_CIPHERS},
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificate_sds_secret_configs": [_sds("default")],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"prefix": "spiffe://%s/" % TRUST_DOMAIN}}]},
+                "validation_context_sds_secret_config": _sds("ROOTCA")}}}}
+
+
+def resources(services: dict, app_ports: list[int], mtls: bool = False) -> list[dict]:
     """Istio-shaped resources.
 
     ``services``: ``{host: {"port": N, "vip": "10.x" | None, "subsets": {subset: [(ip, port, workload)]},
     "weights": {subset: w} | None}}``; a subset named ``""`` is the plain service cluster.
     ``app_ports``: the ports the workloads listen on (virtualInbound chains + ``inbound|port||``).
+    ``mtls``: the mesh runs mTLS STRICT as istiod renders it with PeerAuthentication STRICT and
+    auto-mTLS: outbound clusters pick ISTIO_MUTUAL for endpoints labelled ``tlsMode: istio``
+    (``transport_socket_matches``; the server's identity ``spiffe://cluster.local/ns/default/sa/<sa>``
+    from the service's ``"sa"``), and every virtualInbound chain takes only TLS with a client
+    certificate of the mesh (plaintext matches no chain and is closed). Certificates come over SDS
+    from the agent's ``sds-grpc`` (``default`` and ``ROOTCA``).
     """
     out = []
     bh = {"@type": T + "envoy.config.cluster.v3.Cluster", "name": "BlackHoleCluster", "type": "STATIC",
@@ -113,8 +172,17 @@ def resources(services: dict, app_ports: list[int]) -> list[dict]:
         by_port.setdefault(port, []).append((host, fqdn, svc))
         for subset, eps in sorted(svc["subsets"].items()):
             name = "outbound|%d|%s|%s" % (port, subset, fqdn)
-            out.append(_eds_cluster(name))
-            out.append(_cla(name, eps))
+            c = _eds_cluster(name)
+            if mtls:
+                c["transport_socket_matches"] = [
+                    {"name": "tlsMode-istio", "match": {"tlsMode": "istio"},
+                     "transport_socket": _upstream_tls([spiffe(svc.get("sa", host))],
+                                                       "outbound_.%d_.%s_.%s" % (port, subset, fqdn))},
+                    {"name": "tlsMode-disabled", "match": {}, "transport_socket": {
+                        "name": "envoy.transport_sockets.raw_buffer",
+                        "typed_config": {"@type": T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}}]
+            out.append(c)
+            out.append(_cla(name, eps, mtls))
     # outbound: one bind_to_port:false listener per service port, a route per port
     for port, svcs in sorted(by_port.items()):
         vhosts = []
@@ -167,24 +235,33 @@ def resources(services: dict, app_ports: list[int]) -> list[dict]:
     inbound_route = lambda cluster: {"name": "inbound|http", "validate_clusters": False, "virtual_hosts": [  # noqa: E731
         {"name": "inbound|http", "domains": ["*"], "routes": [
             {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]}]}
+    # STRICT: TLS with the mesh's client certificate on every chain (the HTTP ones: Istio's ALPNs)
+    transport = "tls" if mtls else "raw_buffer"
+    http_alpn = ["istio-http/1.0", "istio-http/1.1", "istio-h2"] if mtls else ["http/1.1", "h2c"]
+
+    def secured(chain):
+        if mtls:
+            chain["transport_socket"] = _downstream_tls()
+        return chain
+
     chains = [
         {"name": "virtualInbound-blackhole", "filter_chain_match": {"destination_port": 15006},
          "filters": [_tcp("BlackHoleCluster", "BlackHoleCluster")]},
-        {"name": "virtualInbound-catchall-http",
-         "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}],
-                                "transport_protocol": "raw_buffer", "application_protocols": ["http/1.1", "h2c"]},
-         "filters": [_hcm("inbound_0.0.0.0_15006", route_config=inbound_route("InboundPassthroughClusterIpv4"),
-                          direction="inbound")]},
-        {"name": "virtualInbound",
-         "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}],
-                                "transport_protocol": "raw_buffer"},
-         "filters": [_tcp("InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv4")]},
+        secured({"name": "virtualInbound-catchall-http",
+                 "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}],
+                                        "transport_protocol": transport, "application_protocols": http_alpn},
+                 "filters": [_hcm("inbound_0.0.0.0_15006", route_config=inbound_route("InboundPassthroughClusterIpv4"),
+                                  direction="inbound", mtls=mtls)]}),
+        secured({"name": "virtualInbound",
+                 "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}],
+                                        "transport_protocol": transport},
+                 "filters": [_tcp("InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv4")]}),
     ]
     for p in sorted(set(app_ports)):
-        chains.append({"name": "0.0.0.0_%d" % p,
-                       "filter_chain_match": {"destination_port": p, "transport_protocol": "raw_buffer"},
-                       "filters": [_hcm("inbound_0.0.0.0_%d" % p, route_config=inbound_route("inbound|%d||" % p),
-                                        direction="inbound")]})
+        chains.append(secured({"name": "0.0.0.0_%d" % p,
+                               "filter_chain_match": {"destination_port": p, "transport_protocol": transport},
+                               "filters": [_hcm("inbound_0.0.0.0_%d" % p, route_config=inbound_route("inbound|%d||" % p),
+                                                direction="inbound", mtls=mtls)]}))
     out.append({
         "@type": T + "envoy.config.listener.v3.Listener", "name": "virtualInbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
@@ -273,13 +350,13 @@ def demo(kind: str) -> list[dict]:
     if kind == "compose":
         a, b1, b2 = "198.18.10.11", "198.18.10.12", "198.18.10.13"
         services = {
-            "svc-a": {"port": 8080, "subsets": {"": [(a, 8080, "svc-a")]}},
+            "svc-a": {"port": 8080, "sa": "svc-a", "subsets": {"": [(a, 8080, "svc-a")]}},
             # the seeds' canary: 90% to v1, 10% to v2
-            "svc-b": {"port": 8080, "subsets": {"": [(b1, 8080, "svc-b-v1"), (b2, 8080, "svc-b-v2")],
+            "svc-b": {"port": 8080, "sa": "svc-b", "subsets": {"": [(b1, 8080, "svc-b-v1"), (b2, 8080, "svc-b-v2")],
                                                 "v1": [(b1, 8080, "svc-b-v1")], "v2": [(b2, 8080, "svc-b-v2")]},
                       "weights": {"v1": 90, "v2": 10}},
         }
-        return resources(services, [8080])
+        return resources(services, [8080], mtls=True)   # PeerAuthentication STRICT, auto-mTLS
     raise SystemExit("unknown demo %r" % kind)
 
 

@@ -148,7 +148,7 @@ def mesh():
 SPLIT = r"""
 import http.client, json, sys
 n = int(sys.argv[1])
-pods, peers, bad, c = {}, {}, [], None
+pods, peers, xfcc, bad, c = {}, {}, {}, [], None
 for i in range(n):
     try:
         if c is None:
@@ -162,20 +162,23 @@ for i in range(n):
         d = json.loads(body)
         pods[d["pod"]] = pods.get(d["pod"], 0) + 1
         peers[d["peer"]] = peers.get(d["peer"], 0) + 1
+        x = d.get("xfcc", "")
+        xfcc[x] = xfcc.get(x, 0) + 1
         if i % 10 == 9:            # new connections too, not only keep-alive
             c.close()
             c = None
     except Exception as e:
         bad.append([i, repr(e)])
         c = None
-print(json.dumps({"pods": pods, "peers": peers, "bad": bad}))
+print(json.dumps({"pods": pods, "peers": peers, "xfcc": xfcc, "bad": bad}))
 """
 
 
 def test_split_and_capture(mesh):
     """500 requests from svc-a's app to svc-b: all succeed, about 90/10 between v1 and v2, the
-    sidecars count them (svc-a's outbound clusters, svc-b's inbound cluster) and svc-b's app sees
-    the inbound sidecar's 127.0.0.6 as the peer."""
+    sidecars count them (svc-a's outbound clusters, svc-b's inbound cluster), svc-b's app sees
+    the inbound sidecar's 127.0.0.6 as the peer and svc-a's SPIFFE identity in
+    x-forwarded-client-cert (the hop between the sidecars is mTLS)."""
     stat_re = r"^(cluster\.outbound\|8080\|v[12]\|svc-b\.default\.svc\.cluster\.local\.upstream_rq_total" \
               r"|http\.outbound_0\.0\.0\.0_8080\.downstream_rq_total|cluster\.inbound\|8080\|\|\.upstream_rq_total)$"
     before = {pod: mesh.stats(pod, stat_re) for pod in PODS}
@@ -188,6 +191,11 @@ def test_split_and_capture(mesh):
     # binomial(500, 0.1): mean 50, sd 6.7; 4.5 sd either side (a false alarm about once in 10^5 runs)
     assert 20 <= v2 <= 80, pods
     assert out["peers"] == {"127.0.0.6": 500}, out["peers"]
+    # mTLS STRICT: svc-b's sidecar verified svc-a's certificate (SDS from pod-agent) and says so
+    assert sum(out["xfcc"].values()) == 500 and len(out["xfcc"]) == 1, out["xfcc"]
+    xfcc = next(iter(out["xfcc"]))
+    assert xfcc.startswith("By=spiffe://cluster.local/ns/default/sa/svc-b;Hash=") and \
+        xfcc.endswith(";URI=spiffe://cluster.local/ns/default/sa/svc-a"), xfcc
 
     def delta(pod, name):
         return after[pod].get(name, 0) - before[pod].get(name, 0)
@@ -198,6 +206,31 @@ def test_split_and_capture(mesh):
     assert delta("svc-a", "cluster.%s.upstream_rq_total" % V2) == v2
     assert delta("svc-b-v1", "cluster.inbound|8080||.upstream_rq_total") == pods.get("svc-b-v1", 0)
     assert delta("svc-b-v2", "cluster.inbound|8080||.upstream_rq_total") == v2
+
+
+def test_strict_mtls_refuses_plaintext(mesh):
+    """PeerAuthentication STRICT: plaintext to a pod's application port (captured to 15006) matches
+    no inbound chain and is closed without an answer; so is TLS without a mesh client certificate."""
+    import http.client
+    import socket
+    import ssl
+    for pod in ("svc-b-v1", "svc-a"):
+        c = http.client.HTTPConnection(PODS[pod], 8080, timeout=5)
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            c.request("GET", "/plaintext")
+            c.getresponse()
+        c.close()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["istio-http/1.1"])
+    with socket.create_connection((PODS["svc-b-v1"], 8080), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionResetError, OSError)):
+            with ctx.wrap_socket(raw) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nhost: svc-b\r\n\r\n")
+                if not s.recv(100):
+                    raise ConnectionResetError("closed without an answer")
+    # the sidecars still serve their own ports (15021 is not captured)
+    assert all(_ready(ip) for ip in PODS.values())
 
 
 def test_documented_commands(mesh):

@@ -396,10 +396,11 @@ XFCC_REQUESTS = [
 XFCC_DETAILS = {"subject": True, "uri": True, "dns": True, "cert": True, "chain": True}
 
 
+@pytest.mark.parametrize("lane", LANES)
 @pytest.mark.parametrize("mode", ["SANITIZE", "FORWARD_ONLY", "APPEND_FORWARD", "SANITIZE_SET",
                                   "ALWAYS_FORWARD_ONLY", "default"])
 @pytest.mark.parametrize("client_cert", [True, False])
-def test_xfcc_modes(backend, pki, mode, client_cert):
+def test_xfcc_modes(backend, pki, mode, client_cert, lane):
     p, srv, cli = pki
     extra = {}
     if mode != "default":
@@ -407,7 +408,7 @@ def test_xfcc_modes(backend, pki, mode, client_cert):
         if mode in ("APPEND_FORWARD", "SANITIZE_SET"):
             extra["set_current_client_cert_details"] = XFCC_DETAILS
     tls = downstream_tls(srv, alpn=("http/1.1",), ca=p, require=False)
-    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=tls)
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=tls, rbac=lane == "rbac")
     ctx = _client_ctx(p, cli if client_cert else None)
     res = run_case(bs, backend, XFCC_REQUESTS, tls_ctx=ctx)
     assert_same(res, XFCC_REQUESTS)

@@ -5,6 +5,7 @@ both proxies; which host is ejected, when it comes back, the outlier_detection.*
 from __future__ import annotations
 
 import http.client
+import json
 import time
 
 import grpc
@@ -423,3 +424,100 @@ def test_grpc_unavailable_counts_as_503_as_envoy():
     finally:
         for s in servers:
             s.stop(0)
+
+
+def _run_locality(cls, bs):
+    with cls(bs) as px:
+        _send_path(px.port, "/l", 12)  # "bad" is ejected at its 2nd 5xx
+        got = _send_path(px.port, "/l", 400)
+        st = _od_stats_of(px, "l")
+    n = len(got)
+    return {"z1_share": round(sum(1 for b in got if b in ("g0",)) / n, 2),
+            "served": set(got), "ejected": st}
+
+
+def _od_stats_of(px, cluster):
+    return px.stats().get("cluster.%s.outlier_detection.ejections_active" % cluster)
+
+
+def test_ejection_shrinks_its_locality_weight_as_envoy():
+    """Locality-weighted balancing: zone z1 (weight 1) loses one of its two hosts to ejection, so
+    its effective weight becomes 1 * min(1, 1.4 * 1/2) = 0.7 against z2's 1: z1 gets 0.7/1.7 =
+    41 % of the requests, on its remaining host."""
+    bad, g0, g1, g2 = _backend("bad", 503), _backend("g0"), _backend("g1"), _backend("g2")
+    bes = [bad, g0, g1, g2]
+    try:
+        def ep(b):
+            return {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                                "port_value": b.port}}}}
+        c = {"name": "l", "type": "STATIC", "connect_timeout": "0.5s",
+             "common_lb_config": {"locality_weighted_lb_config": {}},
+             "outlier_detection": {"consecutive_5xx": 2, "interval": "30s",
+                                   "base_ejection_time": "30s", "max_ejection_percent": 100},
+             "load_assignment": {"cluster_name": "l", "endpoints": [
+                 {"locality": {"zone": "z1"}, "load_balancing_weight": 1,
+                  "lb_endpoints": [ep(bad), ep(g0)]},
+                 {"locality": {"zone": "z2"}, "load_balancing_weight": 1,
+                  "lb_endpoints": [ep(g1), ep(g2)]}]}}
+        bs = bootstrap([http_listener(free_port(), route_config([route("/l", "l")]))], [c])
+        mine = _run_locality(Pyproxy, bs)
+        assert mine["served"] == {"g0", "g1", "g2"} and mine["ejected"] == 1
+        assert abs(mine["z1_share"] - 0.41) <= 0.05, mine
+        if not ENVOY:
+            pytest.skip("envoy binary not available")
+        theirs = _run_locality(Envoy, with_fresh_ports(bs))
+        assert theirs["served"] == mine["served"] and theirs["ejected"] == 1
+        assert abs(mine["z1_share"] - theirs["z1_share"]) <= 0.05, (mine, theirs)
+    finally:
+        for b in bes:
+            b.close()
+
+
+def _run_events(cls, bs, path):
+    extra = ["--file-flush-interval-msec", "100"] if cls is Envoy else []
+    with cls(bs, extra_args=extra) as px:
+        _send(px.port, 16)
+        time.sleep(1.6)  # the ejected host returns (base ejection 1 s, interval 0.5 s)
+        deadline = time.monotonic() + 3
+        lines = []
+        while time.monotonic() < deadline:
+            try:
+                with open(path) as f:
+                    lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
+            except OSError:
+                lines = []
+            if len(lines) >= 2:
+                break
+            time.sleep(0.1)
+    for ev in lines:
+        assert ev.pop("timestamp").endswith("Z")
+    return lines
+
+
+def test_outlier_event_log_as_envoy(tmp_path):
+    """cluster_manager.outlier_detection.event_log_path (Istio sets /dev/stdout): one JSON event
+    per ejection and return, as Envoy writes them."""
+    bes = [_backend("be0"), _backend("bad", 503)]
+    try:
+        od = {"consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "1s",
+              "max_ejection_percent": 100}
+        bs = _bs(bes, od)
+        out = {}
+        for cls in (Pyproxy, Envoy) if ENVOY else (Pyproxy,):
+            path = str(tmp_path / ("%s-events.log" % cls.kind))
+            b = dict(with_fresh_ports(bs), cluster_manager={
+                "outlier_detection": {"event_log_path": path}})
+            out[cls.kind] = _run_events(cls, b, path)
+        bad = "127.0.0.1:%d" % bes[1].port
+        assert out["pyproxy"] == [
+            {"type": "CONSECUTIVE_5XX", "cluster_name": "c", "upstream_url": bad,
+             "action": "EJECT", "num_ejections": 1, "enforced": True,
+             "eject_consecutive_event": {}},
+            {"type": "CONSECUTIVE_5XX", "cluster_name": "c", "upstream_url": bad,
+             "action": "UNEJECT", "num_ejections": 1, "enforced": False,
+             "secs_since_last_action": "1"}], out["pyproxy"]
+        if ENVOY:
+            assert out["pyproxy"] == out["envoy"]
+    finally:
+        for b in bes:
+            b.close()

@@ -650,3 +650,36 @@ def test_validate_istio_dumps_nothing_ignored_for_sds():
                 raise AssertionError("SDS/TLS part ignored: " + line)
     assert "secret 'ROOTCA': accepted" in r.stdout
     assert "secret 'default': accepted" in r.stdout   # (its key is redacted in the dump: not checked)
+
+
+def test_static_listener_warms_until_secrets_then_serves(root, pki):
+    """Static listeners and clusters naming SDS secrets (0s fetch timeout) with the agent not up
+    yet: not ready, the TLS port accepts nothing, the cluster warms; once the agent is up, LIVE."""
+    srv = pki.issue("server", uri=[SERVER_ID])
+    cli = pki.issue("client", uri=[CLIENT_ID])
+    be = HttpBackend(name="be")
+    in_port, out_port = free_port(), free_port()
+    agent = AgentSds(root, {"default": cert_secret("default", srv), "ROOTCA": root_secret("ROOTCA", pki.ca_pem)})
+    px = _start(_sidecar_bs(be.port, in_port, out_port), root, wait_ready=False)
+    try:
+        _admin_port(px)
+        time.sleep(1.0)
+        st = _ads_stats(px)
+        assert _ready(px) == 503 and st["server.state"] == 3
+        assert st.get("listener_manager.workers_started", 0) == 0
+        assert st["cluster_manager.warming_clusters"] == 1      # the mTLS cluster
+        with socket.create_connection(("127.0.0.1", in_port), timeout=2) as s:
+            s.settimeout(0.5)
+            with pytest.raises((socket.timeout, ssl.SSLError, OSError)):
+                _client_ctx(pki, cli).wrap_socket(s)
+        agent.start()
+        end = time.monotonic() + 15
+        while time.monotonic() < end and _ready(px) != 200:
+            time.sleep(0.05)
+        assert _ready(px) == 200, px.log()[-2000:]
+        assert _tls_get(in_port, _client_ctx(pki, cli)).startswith(b"HTTP/1.1 200")
+        assert request(out_port, "GET", "/z", timeout=5)[0] == 200
+    finally:
+        px.stop()
+        agent.stop()
+        be.close()

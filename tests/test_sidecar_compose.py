@@ -52,7 +52,10 @@ def test_compose_topology(compose):
         # sidecar: uid 1337, started like pilot-agent starts envoy, after the init container
         assert proxy["user"] == "1337:1337"
         # pod-agent (pilot-agent's stand-in) starts the launcher with pilot-agent's command line
-        assert proxy["entrypoint"] == ["/usr/local/bin/pod-agent", "--", "/usr/local/bin/envoy"]
+        # and serves SDS (--sds) for this pod's service account
+        assert proxy["entrypoint"] == ["/usr/local/bin/pod-agent", "--sds", "--", "/usr/local/bin/envoy"]
+        assert proxy["environment"]["SERVICE_ACCOUNT"] == ("svc-a" if pod == "svc-a" else "svc-b")
+        assert any(v.endswith(":/etc/istio/ca:rw") or v.startswith("mesh-ca:") for v in proxy["volumes"])
         assert proxy["command"][:2] == ["-c", "/etc/pyproxy/sidecar-%s.json" % pod]
         flags = proxy["command"][2:]
         assert flags == AGENT_FLAGS[:AGENT_FLAGS.index("--component-log-level")]
@@ -106,6 +109,35 @@ def test_compose_config_compiles_in_pyproxy():
         loop.close()
     assert {"virtualOutbound", "virtualInbound", "0.0.0.0_8080"} <= kinds["Listener"]
     assert {"BlackHoleCluster", "PassthroughCluster", "InboundPassthroughClusterIpv4", "inbound|8080||"} <= kinds["Cluster"]
+
+
+def test_compose_mesh_is_mtls_strict():
+    """docker/mesh/mesh.json: every inbound chain (but the 15006 blackhole) takes only TLS with a
+    client certificate from SDS; the outbound clusters speak ISTIO_MUTUAL to endpoints labelled
+    tlsMode: istio (all of them), checking the server's SPIFFE identity."""
+    with open(os.path.join(REPO, "docker", "mesh", "mesh.json")) as f:
+        res = json.load(f)["resources"]
+    vin = [r for r in res if r.get("name") == "virtualInbound"][0]
+    for chain in vin["filter_chains"]:
+        if chain["name"] == "virtualInbound-blackhole":
+            continue
+        assert chain["filter_chain_match"]["transport_protocol"] == "tls", chain["name"]
+        tls = chain["transport_socket"]["typed_config"]
+        assert tls["require_client_certificate"] is True
+        ctx = tls["common_tls_context"]
+        assert [c["name"] for c in ctx["tls_certificate_sds_secret_configs"]] == ["default"]
+        assert ctx["combined_validation_context"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    clusters = {r["name"]: r for r in res if r["@type"].endswith("Cluster")}
+    for name, want in (("outbound|8080|v1|svc-b.default.svc.cluster.local", "svc-b"),
+                       ("outbound|8080||svc-a.default.svc.cluster.local", "svc-a")):
+        m = clusters[name]["transport_socket_matches"][0]
+        assert m["match"] == {"tlsMode": "istio"}
+        ctx = m["transport_socket"]["typed_config"]["common_tls_context"]
+        sans = ctx["combined_validation_context"]["default_validation_context"]["match_subject_alt_names"]
+        assert sans == [{"exact": "spiffe://cluster.local/ns/default/sa/" + want}]
+    for cla in (r for r in res if r["@type"].endswith("ClusterLoadAssignment")):
+        for ep in cla["endpoints"][0]["lb_endpoints"]:
+            assert ep["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tlsMode": "istio"}
 
 
 def _json(m):

@@ -111,7 +111,32 @@ def istio_snapshot(tmpdir, files):
     for name in wanted - set(snap.setdefault(ROUTE, {})):
         snap[ROUTE][name] = parse_resource({"@type": "RouteConfiguration", "name": name,
                                             "virtual_hosts": []}, "<test>").any
+    # clusters named by a listener's inline route_config that no dump defines (a static route
+    # config's validate_clusters, true by default, refuses a listener naming an unknown cluster)
+    for name in _inline_route_clusters(snap.get(LISTENER, {}).values()) - set(snap[CLUSTER]):
+        snap[CLUSTER][name] = parse_resource({
+            "@type": "Cluster", "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name}}, "<test>").any
     return snap, ports
+
+
+def _inline_route_clusters(listeners) -> set:
+    out = set()
+
+    def walk(o, in_rc=False):
+        if isinstance(o, dict):
+            if in_rc and isinstance(o.get("route"), dict) and isinstance(o["route"].get("cluster"), str):
+                out.add(o["route"]["cluster"])
+            for k, v in o.items():
+                walk(v, in_rc or k == "routeConfig")
+        elif isinstance(o, list):
+            for v in o:
+                walk(v, in_rc)
+    for a in listeners:
+        lst = listener_pb2.Listener()
+        a.Unpack(lst)
+        walk(json.loads(json_format.MessageToJson(lst)))
+    return out
 
 
 @pytest.mark.parametrize("api,files", [("DELTA_GRPC", SIDECAR), ("GRPC", WAYPOINT)],

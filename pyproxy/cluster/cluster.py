@@ -140,16 +140,25 @@ class Cluster:
         # circuit breakers (DEFAULT priority)
         self.max_connections = self.max_pending_requests = self.max_requests = 1024
         self.max_retries = 3
+        self.retry_budget = None  # (budget_percent, min_retry_concurrency): replaces max_retries
         for t in proto.circuit_breakers.thresholds:
             if t.priority == 0:
                 self.max_connections = u32(t, "max_connections", 1024)
                 self.max_pending_requests = u32(t, "max_pending_requests", 1024)
                 self.max_requests = u32(t, "max_requests", 1024)
                 self.max_retries = u32(t, "max_retries", 3)
+                if t.HasField("retry_budget"):
+                    rb = t.retry_budget
+                    pct = rb.budget_percent.value if rb.HasField("budget_percent") else 20.0
+                    if not 0.0 <= pct <= 100.0:
+                        raise ConfigError("budget_percent must be in [0, 100]",
+                                          field="circuit_breakers.thresholds.retry_budget.budget_percent")
+                    self.retry_budget = (pct, u32(rb, "min_retry_concurrency", 3))
         self.cx_total_active = 0
         self.pending_total = 0
         self.rq_active_total = 0
         self.retries_active = 0
+        self.retries_in_backoff = 0  # (not active requests, for the retry budget)
         self._init_stats()
         self.outlier = Detector(self, proto.outlier_detection) \
             if proto.HasField("outlier_detection") else None
@@ -229,6 +238,7 @@ class Cluster:
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
         self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
+        self.st_rq_retry_backoff_exponential = s.counter("upstream_rq_retry_backoff_exponential")
         self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")

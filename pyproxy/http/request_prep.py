@@ -37,6 +37,7 @@ from operator import itemgetter
 from urllib.parse import quote
 
 from ..config import ConfigError
+from ..tracing.request_id import compile_trace_sampler
 from . import path_norm
 
 log = logging.getLogger("pyproxy.http")
@@ -69,7 +70,8 @@ XFCC = "x-forwarded-client-cert"
 XFF = "x-forwarded-for"
 # the headers whose presence sends a request down the scanning path
 _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
-    XFCC, XFF, "x-forwarded-proto", "x-request-id", "connection", "upgrade", "http2-settings"))
+    XFCC, XFF, "x-forwarded-proto", "x-request-id", "connection", "upgrade", "http2-settings",
+    "x-client-trace-id"))
 
 _first = itemgetter(0)
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
@@ -356,7 +358,7 @@ class PrepPlan:
     __slots__ = ("underscores", "esc_action", "normalize", "merge", "strip_any_port",
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
-                 "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port")
+                 "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -414,6 +416,8 @@ class PrepPlan:
             if self.use_remote and not self.skip_xff_append else "127.0.0.1"
         self.via = cfg.via
         self.gen_rid = hcm.generate_request_id
+        # the trace decision packed into x-request-id (pyproxy/tracing/request_id.py), or None
+        self.trace = compile_trace_sampler(cfg)
         self.preserve_rid = cfg.preserve_external_request_id
         self.fcc = cfg.forward_client_cert_details
         if self.fcc not in (SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY):
@@ -477,6 +481,8 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
             h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
             if plan.gen_rid:
                 rid = _uuid4()
+                if plan.trace is not None:
+                    rid = plan.trace.fresh(rid)
                 h.append(("x-request-id", rid))
                 return rid
             return ""
@@ -680,6 +686,8 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         elif edge and not plan.preserve_rid:
             rid = _uuid4()
             _set(h, "x-request-id", rid)
+    if plan.trace is not None and rid:
+        rid = plan.trace.apply(h, rid)
     # 5. XFCC
     fcc = plan.fcc
     if fcc != ALWAYS_FORWARD_ONLY:

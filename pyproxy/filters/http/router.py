@@ -2,7 +2,18 @@
 
 Per request: route action -> cluster -> host (load balancer) -> connection pool -> upstream
 request. Retries (``retry_policy``), per-try and global timeouts, circuit breakers and Envoy's
-local replies for upstream failures (503 UF/UH/UO/NC/URX, 504 UT) live here.
+local replies for upstream failures (503 UF/UH/UO/NC/URX, 504 UT) live here, and mirrors
+(``request_mirror_policies``, in ``shadow.py``).
+
+Retries follow Envoy's retry state: an outcome (response headers, reset, connect failure, per-try
+timeout) that the policy would retry takes one of the retries left (none left:
+``upstream_rq_retry_limit_exceeded``, flag URX), then one unit of the cluster's retry resource
+(``retry_budget``: at most ``budget_percent`` of the active and pending requests, never fewer than
+``min_retry_concurrency``; else ``max_retries``; none free: ``upstream_rq_retry_overflow``, flag
+UO). A retriable response that is not retried goes to the client as it is. The unit is held from
+the retry's backoff until that retry's own outcome. ``hedge_policy.hedge_on_per_try_timeout``: a
+per-try timeout starts a retry without cancelling the late attempt; the first usable response
+wins and the others are reset.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import time
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
+from ...cluster.outlier import grpc_to_http
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from ...transport import upstream_tls_sans
@@ -23,6 +35,18 @@ log = logging.getLogger("pyproxy.router")
 
 ROUTE, DIRECT_RESPONSE, REDIRECT = 0, 1, 2
 _RETRY_BUFFER_LIMIT = 1024 * 1024
+# a retry decision (Envoy's RetryStatus)
+R_NO, R_YES, R_OVERFLOW, R_LIMIT = 0, 1, 2, 3
+
+
+def retry_allowed(c) -> bool:
+    """Whether cluster ``c`` has a retry to give (Envoy's ``retries().canCreate()``)."""
+    b = c.retry_budget
+    if b is None:
+        return c.retries_active < c.max_retries
+    pct, floor = b
+    active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
+    return c.retries_active < max(int(pct / 100.0 * active), floor)
 ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
@@ -52,7 +76,7 @@ class Router:
                  "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
                  "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
-                 "read_held", "shadows")
+                 "read_held", "shadows", "others", "retry_held", "hedge")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
@@ -71,6 +95,8 @@ class Router:
         self.hosts_tried = None
         self.read_held = False
         self.shadows = ()
+        self.others = None  # hedging: earlier attempts still running (a list) besides ``upstream``
+        self.retry_held = False  # one unit of the cluster's retries, until the retry's outcome
 
     # -- HTTP filter API --------------------------------------------------------------------------
     def decode_headers(self, headers: Headers, end_stream: bool):
@@ -131,6 +157,7 @@ class Router:
         self.headers = headers
         retry = self.retry = route.retry
         self.retries_left = retry.num_retries if retry is not None else 0
+        self.hedge = route.hedge_on_per_try_timeout and retry is not None
         if retry is not None and retry.num_retries:
             self.buffering = True
         else:
@@ -178,17 +205,25 @@ class Router:
                 self.read_held = True
                 self.s.read_disable(True)  # no upstream yet: stop reading the body
             if self.buffering and self.body_len > _RETRY_BUFFER_LIMIT:
-                # too big to replay: no more retries for this request
+                # too big to replay: no more retries for this request (Envoy's count)
                 self.buffering = False
                 self.retries_left = 0
+                self.cluster.st_retry_or_shadow_abandoned.value += 1
                 if bound:
                     self.body = None
                     self.body_len = 0
+                elif up is None and self.retry_timer is not None:
+                    # waiting to retry, and the retry could not replay the body
+                    self._fail(507, "exceeded request buffer limit while retrying upstream",
+                               "request_payload_exceeded_retry_buffer_limit", "")
+                    return STOP
         if end_stream:
             self.request_complete = True
             self._start_global_timer()
         if bound:
             up.send_data(data, end_stream)
+            if end_stream:
+                self._start_per_try(up)
         return STOP
 
     def decode_trailers(self, trailers):
@@ -204,6 +239,8 @@ class Router:
         up = self.upstream
         if up is not None:
             up.send_trailers(trailers)
+            if up.encoder is not None:
+                self._start_per_try(up)
         return STOP
 
     def encode_headers(self, headers, end_stream):
@@ -280,6 +317,10 @@ class Router:
             c.report_timeout(up.host)
             up.abandon()
             self.upstream = None
+        if self.others:
+            for o in self.others:
+                c.report_timeout(o.host)
+            self._abandon_others(None)
         if self.response_started:
             self.s.reset_stream("upstream_response_timeout")
             self._done()
@@ -307,22 +348,31 @@ class Router:
                 self.s.read_disable(False)
         else:
             encoder.encode_headers(headers, end)
+        if self.request_complete:
+            self._start_per_try(up)
+
+    def _start_per_try(self, up):
+        """Envoy starts an attempt's per-try timeout once it is bound and the whole request has
+        been received."""
         pt = self.retry.per_try_timeout if self.retry is not None else 0
-        if pt:
+        if pt and up.per_try_timer is None and not up.abandoned:
             up.per_try_timer = self.cfg.loop.call_later(pt, up.on_per_try_timeout)
 
     def on_pool_failure(self, up, reason, flag, host):
-        if self.done:
+        if self.done or not self._forget(up):
             return
-        self.upstream = None
         si = self.s.stream_info
         si.upstream_transport_failure_reason = reason
         if flag == "UO":
+            if self._others_pending():
+                return
             self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
                        "upstream_reset_before_response_started{overflow}", "UO")
             return
-        if self._maybe_retry_reset("connect-failure"):
+        if self._maybe_retry_reset("connect-failure", up):
             return
+        if self._others_pending():
+            return  # an earlier (hedged) attempt may still answer
         why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
         self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
                    "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
@@ -330,22 +380,34 @@ class Router:
     def on_upstream_headers(self, up, headers: Headers, end_stream: bool):
         if self.done:
             return
+        if up is not self.upstream and not (self.others and up in self.others):
+            return  # an attempt already dropped
         status = int(headers._h[0][1])
         c = self.cluster
         retry = self.retry
-        if retry is not None and self.retries_left > 0 and not self.response_started:
-            if retry.should_retry_status(status, headers) or (
-                    self.grpc and _grpc_retry(retry, headers)):
-                c.count_response(status, up.host, headers if self.grpc else None)
-                up.abandon()
-                self.upstream = None
-                self._schedule_retry()
+        if retry is not None and not self.response_started:
+            would = retry.should_retry_status(status, headers) or (
+                self.grpc and _grpc_retry(retry, headers))
+            if up.retried:
+                # a hedged attempt that already has its retry: Envoy would not retry it again
+                could_not_retry = would
+            else:
+                st = self._retry_outcome(would)
+                if st == R_YES:
+                    _charge_retried(c, status, up.host, headers if self.grpc else None)
+                    self._drop(up)
+                    return
+                could_not_retry = st != R_NO
+            if could_not_retry and self._others_pending(up):
+                # another attempt may still give a better answer: wait for it (Envoy charges
+                # no code for this response; outlier detection still sees it)
+                _outlier_put(up.host, status, headers if self.grpc else None)
+                self._drop(up)
                 return
+        self._choose(up)
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
-        if self.attempts > 1:
-            c.st_rq_retry_success.value += 1
         if not self.cfg.suppress_envoy_headers:
             headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
         self.route.finalize_response_headers(headers, self.s.stream_info, self.choice, self.headers)
@@ -354,26 +416,27 @@ class Router:
         self.s.encode_headers(headers, end_stream)
 
     def on_upstream_data(self, up, data: bytes, end_stream: bool):
-        if self.done:
+        if self.done or up is not self.upstream:
             return
         if end_stream:
             self._complete()
         self.s.encode_data(data, end_stream)
 
     def on_upstream_trailers(self, up, trailers):
-        if self.done:
+        if self.done or up is not self.upstream:
             return
         self._complete()
         self.s.encode_trailers(trailers)
 
     def on_upstream_reset(self, up, reason: str):
-        if self.done:
+        if self.done or not self._forget(up):
             return
-        self.upstream = None
         c = self.cluster
         c.st_rq_rx_reset.value += 1
         if not self.response_started:
-            if self._maybe_retry_reset("reset"):
+            if self._maybe_retry_reset("reset", up):
+                return
+            if self._others_pending():
                 return
             self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
                        "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"), "UR" if "overflow" not in reason else "UO")
@@ -386,50 +449,129 @@ class Router:
         if self.done or up is not self.upstream:
             return
         c = self.cluster
-        c.st_rq_per_try_timeout.value += 1
         c.report_timeout(up.host)
+        if self.hedge:
+            # Envoy's soft per-try timeout: this attempt keeps going, and another one starts if
+            # a retry is left (always retriable, whatever retry_on says)
+            if not self.response_started and self._should_retry() == R_YES:
+                up.retried = True
+                if self.others is None:
+                    self.others = []
+                self.others.append(up)
+                self.upstream = None
+            return
+        c.st_rq_per_try_timeout.value += 1
         up.abandon()
         self.upstream = None
-        if not self.response_started and self.retries_left > 0:
-            self._schedule_retry()
+        if not self.response_started and self._maybe_retry_reset("reset", up):
+            return
+        if self._others_pending():
             return
         self._fail(504, "upstream request timeout", "upstream_per_try_timeout", "UT")
 
-    def _maybe_retry_reset(self, what: str) -> bool:
+    # -- retry state (Envoy's RetryStateImpl) ---------------------------------------------------------
+    def _maybe_retry_reset(self, what: str, up) -> bool:
+        """A reset, connect failure or per-try timeout of ``up``: retried when the policy says so
+        (Envoy: connect failures by connect-failure, all of them by 5xx, gateway-error or reset)."""
         r = self.retry
-        if r is None or self.retries_left <= 0 or self.response_started:
+        if r is None or self.response_started or up.retried:
             return False
         on = r.retry_on
-        if what in on or "5xx" in on or "gateway-error" in on or \
-                (what == "reset" and "reset" in on) or (what == "connect-failure" and "reset" in on):
-            self._schedule_retry()
-            return True
-        return False
+        would = what in on or "5xx" in on or "gateway-error" in on or "reset" in on
+        return self._retry_outcome(would) == R_YES
 
-    def _schedule_retry(self):
+    def _retry_outcome(self, would_retry: bool) -> int:
+        """An attempt's outcome under the retry policy: release the previous retry's unit (a
+        retry whose outcome needs no retry counts as a success), then maybe retry again."""
+        if not would_retry:
+            if self.retry_held:
+                self.cluster.st_rq_retry_success.value += 1
+            self._release_retry()
+            return R_NO
+        return self._should_retry()
+
+    def _should_retry(self) -> int:
         c = self.cluster
-        if c.retries_active >= c.max_retries:
-            c.st_rq_retry_overflow.value += 1
-            self.retries_left = 0
-            self._fail(503, "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow",
-                       "upstream_reset_before_response_started{overflow}", "URX")
-            return
+        self._release_retry()
+        si = self.s.stream_info
+        if self.retries_left <= 0:
+            c.st_rq_retry_limit_exceeded.value += 1
+            si.response_flags.add("URX")
+            return R_LIMIT
         self.retries_left -= 1
-        c.st_rq_retry.value += 1
+        if not retry_allowed(c):
+            c.st_rq_retry_overflow.value += 1
+            si.response_flags.add("UO")
+            return R_OVERFLOW
         c.retries_active += 1
+        self.retry_held = True
+        c.st_rq_retry.value += 1
+        c.st_rq_retry_backoff_exponential.value += 1
         r = self.retry
         base = r.backoff_base
         mx = r.backoff_max
         n = self.attempts
         delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
+        c.retries_in_backoff += 1
         self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
+        return R_YES
+
+    def _release_retry(self):
+        if self.retry_held:
+            self.retry_held = False
+            self.cluster.retries_active -= 1
 
     def _do_retry(self):
         self.retry_timer = None
-        self.cluster.retries_active -= 1
+        self.cluster.retries_in_backoff -= 1
         if self.done:
             return
         self._attempt()
+
+    # -- attempts in flight (more than one only while hedging) ------------------------------------------
+    def _forget(self, up) -> bool:
+        """``up`` ended by itself (reset, failed): drop our reference. False if it was not ours."""
+        if up is self.upstream:
+            self.upstream = None
+            return True
+        o = self.others
+        if o and up in o:
+            o.remove(up)
+            return True
+        return False
+
+    def _drop(self, up):
+        """Stop attempt ``up`` (its response will not be used)."""
+        self._forget(up)
+        up.abandon()
+
+    def _others_pending(self, besides=None) -> bool:
+        """Whether an attempt other than ``besides`` is still running, or a retry is coming."""
+        if self.retry_timer is not None:
+            return True
+        if self.upstream is not None and self.upstream is not besides:
+            return True
+        return bool(self.others) and any(o is not besides for o in self.others)
+
+    def _choose(self, up):
+        """``up``'s response goes downstream: every other attempt stops, no retry follows."""
+        self._abandon_others(up)
+        cur = self.upstream
+        if cur is not None and cur is not up:
+            cur.abandon()
+        self.upstream = up
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+            self.cluster.retries_in_backoff -= 1
+
+    def _abandon_others(self, keep):
+        o = self.others
+        if o:
+            self.others = None
+            for x in o:
+                if x is not keep:
+                    x.abandon()
 
     # -- endings ------------------------------------------------------------------------------------
     def _direct_reply(self, status, body, headers):
@@ -482,7 +624,11 @@ class Router:
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
-            self.cluster.retries_active -= 1
+            self.cluster.retries_in_backoff -= 1
+        if self.retry_held:
+            self._release_retry()
+        if self.others:
+            self._abandon_others(None)
         up = self.upstream
         if up is not None and not self.done:
             up.abandon()
@@ -527,7 +673,8 @@ class Router:
 class UpstreamRequest:
     """One attempt: pool callbacks plus the response decoder for the bound connection."""
 
-    __slots__ = ("router", "host", "encoder", "pending", "abandoned", "per_try_timer", "read_off")
+    __slots__ = ("router", "host", "encoder", "pending", "abandoned", "per_try_timer", "read_off",
+                 "retried")
 
     def __init__(self, router: Router, host):
         self.router = router
@@ -537,6 +684,7 @@ class UpstreamRequest:
         self.abandoned = False
         self.per_try_timer = None
         self.read_off = False
+        self.retried = False  # hedging: a retry was started for this attempt, it keeps running
 
     # pool callbacks
     def on_pool_ready(self, encoder, host):
@@ -638,6 +786,28 @@ class UpstreamRequest:
         if enc is not None:
             self.encoder = None
             enc.reset()
+
+
+def _outlier_put(host, status: int, headers=None) -> None:
+    """Outlier detection sees every response (a gRPC answer as its grpc-status mapped to HTTP,
+    as ``Cluster.count_response`` does)."""
+    m = host.outlier if host is not None else None
+    if m is not None:
+        if headers is not None and status == 200:
+            gs = headers.get("grpc-status")
+            if gs is not None:
+                status = grpc_to_http(gs)
+        m.put_http(status)
+
+
+def _charge_retried(c, status: int, host, headers=None) -> None:
+    """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
+    the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
+    _outlier_put(host, status, headers)
+    sc = c.scope
+    sc.counter("retry.upstream_rq_%d" % status).value += 1
+    sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
+    sc.counter("retry.upstream_rq_completed").value += 1
 
 
 def _upgrade_allowed(hcm_upgrades: dict, route, kind: str) -> bool:

@@ -114,8 +114,12 @@ class HcmConfig:
                 self.access_logs = build_access_logs(cfg.access_log)
             except ConfigError as e:
                 raise e.within(field="access_log")
-        if cfg.HasField("tracing"):
-            log.info("http_connection_manager '%s': tracing is not implemented; ignored", self.stat_prefix)
+        if cfg.HasField("tracing") and cfg.tracing.HasField("provider"):
+            # (a provider-less block, as Istio sends by default, is acted on: the x-request-id trace
+            # decision in request_prep, pyproxy/tracing/request_id.py; without a tracer, no spans)
+            log.info("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
+                     "produced (the x-request-id sampling decision is made)", self.stat_prefix,
+                     cfg.tracing.provider.name)
         self.filters = []
         self.skipped_filters = []
         n = len(cfg.http_filters)

