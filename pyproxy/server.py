@@ -16,6 +16,7 @@ import time
 from .config.dump import to_dict
 from . import __version__
 from .cluster.manager import ClusterManager
+from .cluster.outlier import EventLog
 from .config import ConfigError, unacted
 from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
@@ -107,6 +108,9 @@ class Server:
         self.stats = Store(tags, use_default_tags=use_default)
         self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
+        if bootstrap.cluster_manager.outlier_detection.event_log_path:
+            self.cluster_manager.outlier_event_log = EventLog(
+                bootstrap.cluster_manager.outlier_detection.event_log_path)
         self.route_providers = {}
         self.listener_manager = ListenerManager(
             self.loop, self.stats, lambda: FactoryContext(self), drain_time=options.drain_time_s,

@@ -5,6 +5,7 @@ both proxies; which host is ejected, when it comes back, the outlier_detection.*
 from __future__ import annotations
 
 import http.client
+import json
 import time
 
 import grpc
@@ -467,6 +468,56 @@ def test_ejection_shrinks_its_locality_weight_as_envoy():
         theirs = _run_locality(Envoy, with_fresh_ports(bs))
         assert theirs["served"] == mine["served"] and theirs["ejected"] == 1
         assert abs(mine["z1_share"] - theirs["z1_share"]) <= 0.05, (mine, theirs)
+    finally:
+        for b in bes:
+            b.close()
+
+
+def _run_events(cls, bs, path):
+    extra = ["--file-flush-interval-msec", "100"] if cls is Envoy else []
+    with cls(bs, extra_args=extra) as px:
+        _send(px.port, 16)
+        time.sleep(1.6)  # the ejected host returns (base ejection 1 s, interval 0.5 s)
+        deadline = time.monotonic() + 3
+        lines = []
+        while time.monotonic() < deadline:
+            try:
+                with open(path) as f:
+                    lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
+            except OSError:
+                lines = []
+            if len(lines) >= 2:
+                break
+            time.sleep(0.1)
+    for ev in lines:
+        assert ev.pop("timestamp").endswith("Z")
+    return lines
+
+
+def test_outlier_event_log_as_envoy(tmp_path):
+    """cluster_manager.outlier_detection.event_log_path (Istio sets /dev/stdout): one JSON event
+    per ejection and return, as Envoy writes them."""
+    bes = [_backend("be0"), _backend("bad", 503)]
+    try:
+        od = {"consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "1s",
+              "max_ejection_percent": 100}
+        bs = _bs(bes, od)
+        out = {}
+        for cls in (Pyproxy, Envoy) if ENVOY else (Pyproxy,):
+            path = str(tmp_path / ("%s-events.log" % cls.kind))
+            b = dict(with_fresh_ports(bs), cluster_manager={
+                "outlier_detection": {"event_log_path": path}})
+            out[cls.kind] = _run_events(cls, b, path)
+        bad = "127.0.0.1:%d" % bes[1].port
+        assert out["pyproxy"] == [
+            {"type": "CONSECUTIVE_5XX", "cluster_name": "c", "upstream_url": bad,
+             "action": "EJECT", "num_ejections": 1, "enforced": True,
+             "eject_consecutive_event": {}},
+            {"type": "CONSECUTIVE_5XX", "cluster_name": "c", "upstream_url": bad,
+             "action": "UNEJECT", "num_ejections": 1, "enforced": False,
+             "secs_since_last_action": "1"}], out["pyproxy"]
+        if ENVOY:
+            assert out["pyproxy"] == out["envoy"]
     finally:
         for b in bes:
             b.close()

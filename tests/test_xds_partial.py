@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 
 import pytest
 
@@ -85,37 +86,54 @@ def _partial_scenario(env, api, kind):
         # pyproxy names every bad resource of EDS and RDS too (Envoy's message is the first one's alone)
         assert nacks[ENDPOINT].startswith("Error adding/updating cluster load assignment(s) c2: ")
         assert nacks[ROUTE].startswith("Error adding/updating route configuration(s) r1: ")
-    names = dynamic_names(px.config_dump())
-    st = px.stats()
-    # (Envoy 1.40 may list an error_state in an entry of its own, without "name": merged here)
-    ls = {}
-    for e in dump_section(px.config_dump(), "ListenersConfigDump")["dynamic_listeners"]:
-        ls.setdefault(e.get("name") or e["error_state"]["failed_configuration"]["name"], {}).update(e)
-    view = {
-        "cds_nack_names": _nack_names(nacks[CLUSTER]),
-        "lds_nack_names": _nack_names(nacks[LISTENER]),
-        "clusters": sorted(names["clusters"]),
-        "listeners": sorted(names["listeners"]),
-        "routes": sorted(names["routes"]),
-        # SotW: the good resources of the rejected response carry its version, the rest the old one
-        "versions": (None if api != "GRPC" else
-                     (names["clusters"]["c5"] == v2, names["clusters"]["c1"] == v1,
-                      names["listeners"]["l5"] == v2, names["listeners"]["l1"] == v1,
-                      names["routes"]["r2"] == v2, names["routes"]["r1"] == v1)),
-        "cds": tuple(st["cluster_manager.cds." + k] - b0["cluster_manager.cds." + k]
-                     for k in ("update_rejected", "update_success")),
-        "lds": tuple(st["listener_manager.lds." + k] - b0["listener_manager.lds." + k]
-                     for k in ("update_rejected", "update_success")),
-        "versions_kept": (st["cluster_manager.cds.version"] == b0["cluster_manager.cds.version"],
-                          st["listener_manager.lds.version"] == b0["listener_manager.lds.version"],
-                          st["http.l1.rds.r1.version"] == b0["http.l1.rds.r1.version"]),
-        "rds_rejected": (st["http.l1.rds.r1.update_rejected"] - b0["http.l1.rds.r1.update_rejected"] >= 1,
-                         st["http.l2.rds.r2.update_rejected"] - b0["http.l2.rds.r2.update_rejected"] >= 1),
-        "eds_rejected_c2": st["cluster.c2.update_rejected"] - b0.get("cluster.c2.update_rejected", 0) >= 1,
-        "error_state": sorted(n for n, e in ls.items() if "error_state" in e),
-        "l1_kept": "bogus" not in str(ls["l1"]["active_state"]),
-        "c2_hosts": st["cluster.c2.membership_total"],
-    }
+
+    def current_view():
+        names = dynamic_names(px.config_dump())
+        st = px.stats()
+        # (Envoy 1.40 may list an error_state in an entry of its own, without "name": merged here)
+        ls = {}
+        for e in dump_section(px.config_dump(), "ListenersConfigDump")["dynamic_listeners"]:
+            ls.setdefault(e.get("name") or e["error_state"]["failed_configuration"]["name"], {}).update(e)
+        view = {
+            "cds_nack_names": _nack_names(nacks[CLUSTER]),
+            "lds_nack_names": _nack_names(nacks[LISTENER]),
+            "clusters": sorted(names["clusters"]),
+            "listeners": sorted(names["listeners"]),
+            "routes": sorted(names["routes"]),
+            # SotW: the good resources of the rejected response carry its version, the rest the old one
+            "versions": (None if api != "GRPC" else
+                         (names["clusters"]["c5"] == v2, names["clusters"]["c1"] == v1,
+                          names["listeners"]["l5"] == v2, names["listeners"]["l1"] == v1,
+                          names["routes"]["r2"] == v2, names["routes"]["r1"] == v1)),
+            "cds": tuple(st["cluster_manager.cds." + k] - b0["cluster_manager.cds." + k]
+                         for k in ("update_rejected", "update_success")),
+            "lds": tuple(st["listener_manager.lds." + k] - b0["listener_manager.lds." + k]
+                         for k in ("update_rejected", "update_success")),
+            "versions_kept": (st["cluster_manager.cds.version"] == b0["cluster_manager.cds.version"],
+                              st["listener_manager.lds.version"] == b0["listener_manager.lds.version"],
+                              st["http.l1.rds.r1.version"] == b0["http.l1.rds.r1.version"]),
+            "rds_rejected": (st["http.l1.rds.r1.update_rejected"] - b0["http.l1.rds.r1.update_rejected"] >= 1,
+                             st["http.l2.rds.r2.update_rejected"] - b0["http.l2.rds.r2.update_rejected"] >= 1),
+            "eds_rejected_c2": st["cluster.c2.update_rejected"] - b0.get("cluster.c2.update_rejected", 0) >= 1,
+            "error_state": sorted(n for n, e in ls.items() if "error_state" in e),
+            "l1_kept": "bogus" not in str(ls["l1"]["active_state"]),
+            "c2_hosts": st["cluster.c2.membership_total"],
+        }
+        return view
+
+    # the proxy answers several responses of the push (EDS twice: the new cluster c5 widens the
+    # subscription); take the view once it has settled
+    view, prev = None, None
+    for _ in range(40):
+        try:
+            view = current_view()
+        except (KeyError, AssertionError):
+            view = None
+        if view is not None and view == prev:
+            break
+        prev = view
+        time.sleep(0.25)
+    assert view is not None
     # traffic: the good parts are in force, the bad parts changed nothing (Envoy applies the RDS and
     # EDS watches it reaches before the bad resource, in an order of its own: pyproxy only)
     traffic = (get(p5)[1], get(p2)[1], get(p1)[1] in ("A /", "B /"))

@@ -31,6 +31,8 @@ class ClusterManager:
         self.st_modified = stats.counter("cluster_manager.cluster_modified")
         self.st_removed = stats.counter("cluster_manager.cluster_removed")
         self.initialized_callbacks = []
+        # the bootstrap's cluster_manager.outlier_detection.event_log_path (outlier.EventLog)
+        self.outlier_event_log = None
         self._owned_stats: dict = {}  # cluster stat name -> StatsOwner (kept across updates)
         self.node = None  # the bootstrap node (upstream filters read the local workload from it)
 

@@ -35,9 +35,14 @@ host, so the healthy panic threshold and priority failover apply to it as in Env
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
+import time
+
+from envoy.data.cluster.v3 import outlier_detection_event_pb2 as _ev
+from google.protobuf import json_format
 
 from ..config import ConfigError, duration_s
 from .host import FAILED_ACTIVE_HC, FAILED_OUTLIER_CHECK
@@ -60,6 +65,33 @@ FAILURE_PERCENTAGE_LOCAL_ORIGIN = "local_origin_failure_percentage"
 _TYPES = (CONSECUTIVE_5XX, CONSECUTIVE_GATEWAY_FAILURE, CONSECUTIVE_LOCAL_ORIGIN_FAILURE,
           SUCCESS_RATE, SUCCESS_RATE_LOCAL_ORIGIN, FAILURE_PERCENTAGE,
           FAILURE_PERCENTAGE_LOCAL_ORIGIN)
+_EVENT_TYPE = {CONSECUTIVE_5XX: "CONSECUTIVE_5XX",
+               CONSECUTIVE_GATEWAY_FAILURE: "CONSECUTIVE_GATEWAY_FAILURE",
+               CONSECUTIVE_LOCAL_ORIGIN_FAILURE: "CONSECUTIVE_LOCAL_ORIGIN_FAILURE",
+               SUCCESS_RATE: "SUCCESS_RATE", SUCCESS_RATE_LOCAL_ORIGIN: "SUCCESS_RATE_LOCAL_ORIGIN",
+               FAILURE_PERCENTAGE: "FAILURE_PERCENTAGE",
+               FAILURE_PERCENTAGE_LOCAL_ORIGIN: "FAILURE_PERCENTAGE_LOCAL_ORIGIN"}
+
+
+class EventLog:
+    """The bootstrap's ``cluster_manager.outlier_detection.event_log_path`` (Istio: /dev/stdout):
+    one JSON ``OutlierDetectionEvent`` per line, as Envoy writes them."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = None
+
+    def write(self, event) -> None:
+        line = json.dumps(json_format.MessageToDict(
+            event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+            separators=(",", ":"))
+        try:
+            if self.f is None:
+                self.f = open(self.path, "a", buffering=1)
+            self.f.write(line + "\n")
+        except OSError as e:
+            log.warning("outlier detection event log %s: %s", self.path, e)
+
 
 _COUNTERS = (
     "ejections_consecutive_5xx", "ejections_detected_consecutive_5xx",
@@ -248,6 +280,8 @@ class Detector:
         self.timer = None
         self.closed = False
         self._rng = random.Random()
+        self.event_log = getattr(cluster.manager, "outlier_event_log", None) \
+            if getattr(cluster, "manager", None) is not None else None
 
     # -- hosts ---------------------------------------------------------------------------------
     def add_hosts(self, hosts) -> None:
@@ -396,6 +430,8 @@ class Detector:
         if not (pct >= 100 or (pct > 0 and self._rng.random() * 100 < pct)):
             log.debug("outlier detection: %s of cluster %s detected (%s), not enforced",
                       host.key, self.cluster.name, kind)
+            if self.event_log is not None:
+                self._log_event(host, m, kind, eject=True, enforced=False)
             return False
         self._set_active(self.active + 1)
         self.st["ejections_enforced_total"].value += 1
@@ -409,13 +445,46 @@ class Detector:
             m.backoff += 1
         log.info("outlier detection: ejected %s of cluster %s (%s, ejection #%d)", host.key,
                  self.cluster.name, kind, m.num_ejections)
+        if self.event_log is not None:
+            self._log_event(host, m, kind, eject=True, enforced=True)
         return True
+
+    def _log_event(self, host, m: HostMonitor, kind, eject: bool, enforced: bool = False) -> None:
+        ev = _ev.OutlierDetectionEvent()
+        now = self.loop.time()
+        since = m.last_unejection if eject else m.last_ejection
+        if since is not None:
+            ev.secs_since_last_action.value = int(now - since)
+        ev.cluster_name = self.cluster.name
+        ev.upstream_url = host.key
+        ev.num_ejections = m.num_ejections
+        ev.timestamp.FromNanoseconds(time.time_ns())
+        if eject:
+            ev.type = _ev.OutlierEjectionType.Value(_EVENT_TYPE[kind])
+            ev.action = _ev.EJECT
+            ev.enforced = enforced
+            local = kind in (SUCCESS_RATE_LOCAL_ORIGIN, FAILURE_PERCENTAGE_LOCAL_ORIGIN)
+            mon = m.local if local else m.ext
+            if kind in (SUCCESS_RATE, SUCCESS_RATE_LOCAL_ORIGIN):
+                e = ev.eject_success_rate_event
+                e.cluster_average_success_rate = self.sr_average[local]
+                e.cluster_success_rate_ejection_threshold = self.sr_threshold[local]
+                e.host_success_rate = mon.rate
+            elif kind in (FAILURE_PERCENTAGE, FAILURE_PERCENTAGE_LOCAL_ORIGIN):
+                ev.eject_failure_percentage_event.host_success_rate = mon.rate
+            else:
+                ev.eject_consecutive_event.SetInParent()
+        else:
+            ev.action = _ev.UNEJECT
+        self.event_log.write(ev)
 
     def _uneject(self, host, m: HostMonitor, now: float, notify: bool = True) -> None:
         self._set_active(self.active - 1)
         host.clear_flag(FAILED_OUTLIER_CHECK)
         m.c5xx = m.cgw = m.clo = 0
         m.last_unejection = now
+        if self.event_log is not None:
+            self._log_event(host, m, None, eject=False)
         log.info("outlier detection: %s of cluster %s back in rotation", host.key,
                  self.cluster.name)
         if notify:

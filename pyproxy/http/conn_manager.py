@@ -10,6 +10,7 @@ until the filter calls ``continue_decoding()`` / ``continue_encoding()``.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 from .filter import CONTINUE, STOP
@@ -19,6 +20,29 @@ from .request_prep import prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
+
+# draining: how long an idle HTTP/1 connection is left open for a request already on its way
+DRAIN_IDLE_GRACE_S = 0.5
+
+
+def _bytes_waiting(sock) -> bool:
+    """Whether the kernel holds unread bytes for ``sock`` (a request the loop has not read yet)."""
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        # the transport's socket object may not offer recv (uvloop): peek through the fd
+        s = socket.socket(fileno=fd)
+    except (OSError, ValueError):
+        return False
+    try:
+        return bool(s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:        # BlockingIOError: nothing waiting
+        return False
+    finally:
+        s.detach()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -211,12 +235,23 @@ class HttpConnection:
         self.draining = True
         self.stats.cx_drain_close.value += 1
         codec = self.codec
-        if codec is None or (self.streams == 0 and not self.is_h2):
-            self.conn.close(flush=True)
-            return
-        codec.drain_close = True
+        if codec is not None:
+            codec.drain_close = True
         if self.is_h2:
             codec.go_away()
+        elif self.streams == 0:
+            # an idle HTTP/1 connection: a keep-alive client may be sending its next request
+            # right now; closing at once would lose it. It is closed once it has stayed idle a
+            # moment with nothing unread; a request that comes meanwhile gets connection: close.
+            self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
+
+    def _drain_idle(self):
+        if self.closed:
+            return
+        if self.streams == 0 and not _bytes_waiting(self.conn.sock):
+            self.conn.close(flush=True)
+        else:
+            self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
 
     # -- stream deadlines --------------------------------------------------------------------------------
     def arm_deadline(self, at: float) -> None:
