@@ -174,14 +174,66 @@ def _validate(filter_cfg, routes=None):
 
 @pytest.mark.parametrize("cfg,words", [
     (lrl("d", 1, descriptors=[{"entries": [{"key": "k", "value": "v"}],
-                                "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]),
-     "descriptors are not supported"),
+                                "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}],
+         rate_limits=[{"actions": [{"dynamic_metadata": {"descriptor_key": "k", "metadata_key": {
+             "key": "a", "path": [{"key": "b"}]}}}]}]),
+     "rate_limits[0].actions[0]: rate limit action 'dynamic_metadata' is not supported"),
+    (lrl("d", 1, descriptors=[{"entries": [{"key": "k", "value": "v"}],
+                                "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}] * 2),
+     "duplicate descriptor"),
     (lrl("f", 1, fill="0.01s"), "must be >= 50ms"),
     (lrl("", 1), "stat_prefix"),
 ])
 def test_rejected_configs(cfg, words):
     rc, out = _validate(cfg)
     assert rc == 1 and words in out, out
+
+
+def _desc(entries, max_tokens):
+    return {"entries": [{"key": k, "value": v} for k, v in entries],
+            "token_bucket": {"max_tokens": max_tokens, "tokens_per_fill": 1, "fill_interval": "60s"}}
+
+
+DESCRIPTORS = [_desc([("client", "a")], 1), _desc([("client", "")], 2),
+               _desc([("generic_key", "slow"), ("path", "")], 1)]
+DESC_REQS = [("/r", {"x-client": "a"}), ("/r", {"x-client": "a"}),
+             ("/r", {"x-client": "b"}), ("/r", {"x-client": "b"}), ("/r", {"x-client": "b"}),
+             ("/r", {"x-client": "c"}), ("/r", {}), ("/r", {}), ("/r", {}),
+             ("/s", {"x-path": "/one"}), ("/s", {"x-path": "/one"}), ("/s", {"x-path": "/two"}),
+             ("/s", {})]
+
+
+def test_descriptors_from_route_rate_limits_match_envoy():
+    """Route rate_limits make the descriptors: an exact one, a wildcard (a bucket per value) and
+    the filter's bucket for requests that match none (and for all, by default)."""
+    r = route("/r", "b", rate_limits=[{"actions": [{"request_headers": {
+        "header_name": "x-client", "descriptor_key": "client"}}]}])
+    s2 = route("/s", "b", rate_limits=[{"actions": [
+        {"generic_key": {"descriptor_value": "slow"}},
+        {"request_headers": {"header_name": "x-path", "descriptor_key": "path"}}]}])
+    cfg = lrl("desc_rl", 8, descriptors=DESCRIPTORS, enable_x_ratelimit_headers="DRAFT_VERSION_03")
+    out, stats, seen = _both(cfg, [r, s2, route("/", "b")], DESC_REQS)
+    # the filter's bucket of 8 is taken by every allowed request too (and is empty at the end)
+    assert [o[0] for o in out] == [200, 429, 200, 200, 429, 200, 200, 200, 200,
+                                   200, 429, 429, 429]
+    assert stats["desc_rl.http_local_rate_limit.rate_limited"] == 5
+
+
+def test_descriptors_from_the_filters_rate_limits_match_envoy():
+    """The filter's own rate_limits (header_value_match, remote_address) and
+    always_consume_default_token_bucket off."""
+    cfg = lrl("embedded_rl", 1, always_consume_default_token_bucket=False,
+              descriptors=[_desc([("header_match", "admin")], 2), _desc([("remote_address", "")], 3)],
+              rate_limits=[
+                  {"actions": [{"header_value_match": {"descriptor_value": "admin", "headers": [
+                      {"name": "x-role", "string_match": {"exact": "admin"}}]}}]},
+                  {"actions": [{"remote_address": {}}]}])
+    reqs = [("/", {"x-role": "admin"})] * 3 + [("/", {})] * 3
+    out, stats, seen = _both(cfg, [route("/", "b")], reqs)
+    # admin requests take from both buckets (the admin one first) until admin's 2 are gone; the
+    # plain ones then have the remote address bucket's last token; the filter's own bucket of 1
+    # is never taken (always_consume_default_token_bucket false)
+    assert [o[0] for o in out] == [200, 200, 429, 200, 429, 429]
 
 
 def test_route_config_without_bucket_is_not_applied():
@@ -242,3 +294,29 @@ def test_network_local_ratelimit_share_key_and_disabled(proxy_cls):
         with proxy_cls(_tcp_bs(be.port, enabled=False)) as px:
             assert all(_tcp_try(px.port) for _ in range(4))
             assert px.stat("local_rate_limit.tcp_rl.rate_limited") == 0
+
+
+def test_descriptors_from_the_virtual_host_match_envoy():
+    """vh_rate_limits OVERRIDE (the default): the virtual host's rate_limits count for a route
+    without its own, not for one with its own; a route's include_vh_rate_limits adds them."""
+    r_own = route("/own", "b", rate_limits=[{"actions": [{"generic_key": {"descriptor_value": "own"}}]}])
+    r_inc = route("/inc", "b", include_vh_rate_limits=True,
+                  rate_limits=[{"actions": [{"generic_key": {"descriptor_value": "own"}}]}])
+    routes = [r_own, r_inc, route("/", "b")]
+    cfg = lrl("vh_rl", 100, always_consume_default_token_bucket=False,
+              descriptors=[_desc([("generic_key", "vh")], 2), _desc([("generic_key", "own")], 3)])
+    port = free_port()
+    filters = [{"name": "envoy.filters.http.local_ratelimit", "typed_config": cfg},
+               {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}]
+    rc = route_config(routes, rate_limits=[{"actions": [{"generic_key": {"descriptor_value": "vh"}}]}])
+    reqs = ["/x", "/x", "/x", "/own", "/own", "/inc", "/own"]
+    results = []
+    for cls in proxies():
+        with HttpBackend() as be:
+            bs = bootstrap([http_listener(port, rc, http_filters=filters)], [cluster("b", [be.port])])
+            with cls(bs) as px:
+                results.append([_get(px.port, p, {})[0] for p in reqs])
+    assert all(r == results[0] for r in results)
+    # /x: the vhost's 2; /own: its own 3 (twice); /inc takes own's third, then finds vh empty:
+    # 429 (the token it took from own is gone); so the last /own finds own empty
+    assert results[0] == [200, 200, 429, 200, 200, 429, 429]

@@ -241,3 +241,28 @@ def test_mirror_and_hedge_routes_leave_the_fast_lanes_at_load():
     routes = list(t.all_routes())
     assert [(r.fast, r.express) for r in routes] == [(False, False), (False, False), (None, None),
                                                      (False, False)]
+
+
+def test_mirror_to_an_http2_cluster():
+    """The mirror cluster speaks HTTP/2 (here: a second listener of the same proxy, h2c, in front
+    of the mirror backend): bodies and the -shadow host arrive, the main answer is untouched."""
+    with HttpBackend(name="main") as main, HttpBackend(name="shadow") as sh:
+        port, port2 = free_port(), free_port()
+        rt = route("/", "b", request_mirror_policies=[{"cluster": "s"}])
+        h2 = {"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}}
+        bs = bootstrap([http_listener(port, route_config([rt])),
+                        http_listener(port2, route_config([route("/", "sb")]), name="h2in")],
+                       [cluster("b", [main.port]), cluster("s", [port2], **h2),
+                        cluster("sb", [sh.port])])
+        with Pyproxy(bs) as px:
+            for i in range(3):
+                st, _, b = request(px.port, "POST", "/m%d" % i, body=b"q" * (100000 * i), host="svc")
+                assert st == 200 and b == b"main POST /m%d %d" % (i, 100000 * i)
+            assert _wait(lambda: len(sh.requests) == 3)
+            got = sorted((r.path, r.header("host"), len(r.body)) for r in sh.requests)
+            assert got == [("/m0", "svc-shadow", 0), ("/m1", "svc-shadow", 100000),
+                           ("/m2", "svc-shadow", 200000)]
+            assert px.stat("cluster.s.upstream_cx_http2_total") == 1

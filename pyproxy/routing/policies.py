@@ -155,6 +155,118 @@ def compile_hedge_policy(hp, field: str = "hedge_policy") -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# rate limit actions (route.v3.RateLimit): request -> descriptor entries, for local_ratelimit
+
+_SKIP = object()  # an action that adds nothing but lets the descriptor go on
+RL_ACTIONS = ("destination_cluster", "request_headers", "query_parameters", "remote_address",
+              "generic_key", "header_value_match")
+
+
+class RateLimitPolicy:
+    """One ``RateLimit``: its actions make one descriptor (a tuple of (key, value)), or none."""
+
+    __slots__ = ("stage", "disable_key", "actions", "unsupported")
+
+    def descriptor(self, headers, cluster_name: str, remote_ip: str):
+        if self.unsupported:
+            return None
+        out = []
+        for a in self.actions:
+            e = a(headers, cluster_name, remote_ip)
+            if e is None:
+                return None
+            if e is not _SKIP:
+                out.append(e)
+        return tuple(out) if out else None
+
+
+def _rl_action(a, field: str):
+    which = a.WhichOneof("action_specifier")
+    if which == "destination_cluster":
+        return lambda h, c, ip: ("destination_cluster", c) if c else None
+    if which == "generic_key":
+        g = a.generic_key
+        if not g.descriptor_value:
+            raise ConfigError("descriptor_value must not be empty", field + ".generic_key.descriptor_value")
+        entry = (g.descriptor_key or "generic_key", g.descriptor_value)
+        return lambda h, c, ip: entry
+    if which == "request_headers":
+        rh = a.request_headers
+        name = rh.header_name.lower()
+        key = rh.descriptor_key
+        if not name or not key:
+            raise ConfigError("header_name and descriptor_key are required", field + ".request_headers")
+        skip = rh.skip_if_absent
+
+        def request_headers(h, c, ip):
+            v = h.get(name)
+            if not v:
+                return _SKIP if skip else None
+            return (key, v)
+        return request_headers
+    if which == "query_parameters":
+        qp = a.query_parameters
+        name, key, skip = qp.query_parameter_name, qp.descriptor_key, qp.skip_if_absent
+        if not name or not key:
+            raise ConfigError("query_parameter_name and descriptor_key are required",
+                              field + ".query_parameters")
+
+        def query_parameters(h, c, ip):
+            v = parse_query(h.get(":path", "")).get(name)
+            if not v:
+                return _SKIP if skip else None
+            return (key, v)
+        return query_parameters
+    if which == "remote_address":
+        return lambda h, c, ip: ("remote_address", _ip_only(ip)) if ip else None
+    if which == "header_value_match":
+        hv = a.header_value_match
+        if not hv.descriptor_value:
+            raise ConfigError("descriptor_value must not be empty",
+                              field + ".header_value_match.descriptor_value")
+        matchers = tuple(compile_header_matcher(m, "%s.header_value_match.headers[%d]" % (field, i))
+                         for i, m in enumerate(hv.headers))
+        expect = hv.expect_match.value if hv.HasField("expect_match") else True
+        entry = (hv.descriptor_key or "header_match", hv.descriptor_value)
+
+        def header_value_match(h, c, ip):
+            ok = all(m.match(h) for m in matchers)
+            return entry if ok == expect else None
+        return header_value_match
+    return which or "an empty action"
+
+
+def compile_rate_limit(rl, field: str, strict: bool) -> RateLimitPolicy:
+    """``strict``: an action pyproxy cannot evaluate is a ConfigError (the local_ratelimit filter's
+    own ``rate_limits``); otherwise (a route's, which a global rate limit service may be meant to
+    read) the policy is kept and never produces a descriptor, and ``unsupported`` names why."""
+    p = RateLimitPolicy()
+    p.stage = rl.stage.value if rl.HasField("stage") else 0
+    p.disable_key = rl.disable_key
+    p.unsupported = ""
+    acts = []
+    for i, a in enumerate(rl.actions):
+        f = "%s.actions[%d]" % (field, i)
+        fn = _rl_action(a, f)
+        if isinstance(fn, str):
+            why = "rate limit action '%s' is not supported (supported: %s)" % (fn, ", ".join(RL_ACTIONS))
+            if strict:
+                raise ConfigError(why, f)
+            p.unsupported = why
+            continue
+        acts.append(fn)
+    if not len(rl.actions):
+        raise ConfigError("at least one action is required", field + ".actions")
+    for name in ("limit", "hits_addend"):
+        if rl.HasField(name) and strict:
+            raise ConfigError("%s is not supported for local rate limits" % name, field + "." + name)
+    if rl.apply_on_stream_done and strict:
+        raise ConfigError("apply_on_stream_done is not supported", field + ".apply_on_stream_done")
+    p.actions = tuple(acts)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
 # hash policies
 
 class HashPolicy:

@@ -7,7 +7,8 @@ from ..config.util import duration_s, u32
 from .header_mutation import compile_header_mutation
 from .matchers import (compile_header_matcher, compile_query_matcher, compile_string_matcher,
                        parse_query)
-from .policies import combine_hashes, compile_hash_policy, compile_hedge_policy, compile_retry_policy
+from .policies import (combine_hashes, compile_hash_policy, compile_hedge_policy, compile_rate_limit,
+                       compile_retry_policy)
 from .regex import compile_re2, re2_substitution
 
 ROUTE = 0
@@ -142,7 +143,8 @@ class RouteEntry:
         # forward
         "cluster", "cluster_header", "weighted", "total_weight", "weight_header", "weight_by_hash",
         "cluster_not_found_response_code", "metadata_match", "timeout", "idle_timeout",
-        "retry", "hedge_on_per_try_timeout", "hash_policies", "max_stream_duration", "grpc_timeout_header_max",
+        "retry", "hedge_on_per_try_timeout", "hash_policies", "max_stream_duration",
+        "rate_limits", "include_vh_rate_limits", "grpc_timeout_header_max",
         "grpc_timeout_header_offset", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
         "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
@@ -501,6 +503,10 @@ def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None
         e.retry = compile_retry_policy(a.retry_policy, field + ".retry_policy")
     else:
         e.retry = vh_retry
+    e.rate_limits = tuple(compile_rate_limit(r, "%s.rate_limits[%d]" % (field, i), strict=False)
+                          for i, r in enumerate(a.rate_limits))
+    e.include_vh_rate_limits = a.include_vh_rate_limits.value if a.HasField("include_vh_rate_limits") \
+        else False
     if a.HasField("hedge_policy"):
         e.hedge_on_per_try_timeout = compile_hedge_policy(a.hedge_policy, field + ".hedge_policy")
     e.hash_policies = tuple(compile_hash_policy(h, "%s.hash_policy[%d]" % (field, i))
@@ -638,6 +644,8 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     e.idle_timeout = None
     e.retry = None
     e.hedge_on_per_try_timeout = vh.hedge
+    e.rate_limits = ()
+    e.include_vh_rate_limits = False
     e.hash_policies = ()
     e.max_stream_duration = None
     e.grpc_timeout_header_max = None
@@ -736,5 +744,7 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e._direct_body = b""
     e.mirror_policies = ()
     e.hedge_on_per_try_timeout = False
+    e.rate_limits = ()
+    e.include_vh_rate_limits = False
     e.upgrade_configs = {}
     return e

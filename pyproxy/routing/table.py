@@ -21,7 +21,7 @@ from ..config import unacted
 from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
-from .policies import compile_hedge_policy, compile_retry_policy
+from .policies import compile_hedge_policy, compile_rate_limit, compile_retry_policy
 from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, compile_route,
                     tls_redirect_entry)
 
@@ -46,7 +46,7 @@ TLS_NONE, TLS_EXTERNAL_ONLY, TLS_ALL = 0, 1, 2
 
 class VirtualHost:
     __slots__ = ("name", "domains", "routes", "require_tls", "request_mutation",
-                 "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge",
+                 "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge", "rate_limits",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
                  "plens", "complex", "any_ci", "emap", "nroutes")
@@ -208,6 +208,8 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     vh.typed_per_filter_config = dict(v.typed_per_filter_config)
     vh.retry = compile_retry_policy(v.retry_policy) if v.HasField("retry_policy") else None
     vh.hedge = compile_hedge_policy(v.hedge_policy) if v.HasField("hedge_policy") else False
+    vh.rate_limits = tuple(compile_rate_limit(r, "rate_limits[%d]" % i, strict=False)
+                           for i, r in enumerate(v.rate_limits))
     vh.mirror_policies = tuple(_compile_mirror(p, "request_mirror_policies[%d]" % i)
                                for i, p in enumerate(v.request_mirror_policies)) \
         or ctx.mirror_policies

@@ -17,14 +17,24 @@ As Envoy does it:
 - ``local_rate_limit_per_downstream_connection``: one bucket per downstream connection;
 - stats ``<stat_prefix>.http_local_rate_limit.enabled|ok|rate_limited|enforced|shadow_mode``.
 
-The bucket refills continuously (``filters/token_bucket.py``). ``descriptors``, ``rate_limits``,
-``local_cluster_rate_limit`` and ``vh_rate_limits`` other than the default are rejected: pyproxy
-does not build rate limit descriptors. The runtime keys of the fractions are not read (pyproxy's
-runtime is static): their ``default_value`` applies.
+- ``descriptors``: the request's descriptors come from the filter's own ``rate_limits`` or else
+  the route's (``stage`` as configured; the virtual host's by ``vh_rate_limits`` or the route's
+  ``include_vh_rate_limits``); each descriptor that equals a configured one takes a token from its
+  bucket, tightest bucket first; a configured value left empty is a wildcard with one bucket per
+  distinct value (the ``max_dynamic_descriptors`` most recent, default 20); the filter's bucket is
+  used when none matched, or also (``always_consume_default_token_bucket``, default true).
+  Actions: ``destination_cluster``, ``request_headers``, ``query_parameters``,
+  ``remote_address``, ``generic_key``, ``header_value_match``; any other is rejected in the
+  filter's ``rate_limits``, and a route's policy with one makes no descriptor (logged once).
+
+The bucket refills continuously (``filters/token_bucket.py``). ``local_cluster_rate_limit`` and
+per-connection buckets together with descriptors are rejected. The runtime keys of the fractions
+are not read (pyproxy's runtime is static): their ``default_value`` applies.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 
@@ -32,6 +42,7 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 
 from ...config import ConfigError
 from ...routing import compile_header_mutation
+from ...routing.policies import compile_rate_limit
 from ...http.filter import CONTINUE, STOP, HttpFilter
 from ..token_bucket import compile_token_bucket
 from .util import _unwrap_config
@@ -43,6 +54,8 @@ _TYPE = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 _DENOMS = {0: 100, 1: 10000, 2: 1000000}
 _DRAFT_VERSION_03 = 1
 _PER_CONN_KEY = "envoy.filters.http.local_ratelimit.per_connection"
+VH_OVERRIDE, VH_INCLUDE, VH_IGNORE = 0, 1, 2
+_warned_routes: set = set()
 
 
 def _fraction(msg, field: str):
@@ -68,20 +81,13 @@ class LocalRateLimitConfig:
 
     __slots__ = ("bucket", "per_connection", "enabled", "enforced", "status", "grpc_status",
                  "response_mutation", "request_mutation", "x_headers", "st_enabled", "st_ok",
-                 "st_rate_limited", "st_enforced", "tb_proto")
+                 "st_rate_limited", "st_enforced", "tb_proto", "exact", "wildcards", "rate_limits",
+                 "stage", "vh_rate_limits", "always_default", "max_dynamic", "has_descriptors")
 
     def __init__(self, cfg, stats, per_route: bool, field: str = "LocalRateLimit"):
-        for name in ("descriptors", "rate_limits"):
-            if len(getattr(cfg, name)):
-                raise ConfigError("%s are not supported: pyproxy does not build rate limit "
-                                  "descriptors; use a token_bucket per route instead" % name,
-                                  field="%s.%s" % (field, name))
         if cfg.HasField("local_cluster_rate_limit"):
             raise ConfigError("local_cluster_rate_limit is not supported",
                               field=field + ".local_cluster_rate_limit")
-        if cfg.vh_rate_limits:
-            raise ConfigError("vh_rate_limits only matters with descriptors, which are not "
-                              "supported", field=field + ".vh_rate_limits")
         if not cfg.stat_prefix:
             raise ConfigError("stat_prefix must not be empty", field=field + ".stat_prefix")
         if per_route and not cfg.HasField("token_bucket"):
@@ -93,6 +99,7 @@ class LocalRateLimitConfig:
             self.bucket = compile_token_bucket(cfg.token_bucket, field + ".token_bucket")
             self.tb_proto = cfg.token_bucket
         self.per_connection = cfg.local_rate_limit_per_downstream_connection
+        self._compile_descriptors(cfg, field)
         self.enabled = _fraction(cfg, "filter_enabled")
         self.enforced = _fraction(cfg, "filter_enforced")
         code = cfg.status.code if cfg.HasField("status") else 0
@@ -109,6 +116,110 @@ class LocalRateLimitConfig:
         self.st_rate_limited = stats.counter(p + "rate_limited")
         self.st_enforced = stats.counter(p + "enforced")
         stats.counter(p + "shadow_mode")  # (descriptors' shadow mode: always 0 here, as in Envoy without them)
+
+    def _compile_descriptors(self, cfg, field):
+        self.exact = {}
+        self.wildcards = []  # [(entries with "" as any value, token bucket proto, LRU of buckets)]
+        self.has_descriptors = bool(len(cfg.descriptors))
+        if self.has_descriptors and self.per_connection:
+            raise ConfigError("descriptors with local_rate_limit_per_downstream_connection are not "
+                              "supported", field=field + ".local_rate_limit_per_downstream_connection")
+        for i, d in enumerate(cfg.descriptors):
+            f = "%s.descriptors[%d]" % (field, i)
+            entries = tuple((e.key, e.value) for e in d.entries)
+            if not entries or any(not k for k, _ in entries):
+                raise ConfigError("a descriptor needs entries with keys", field=f + ".entries")
+            if not d.HasField("token_bucket"):
+                raise ConfigError("token_bucket is required", field=f + ".token_bucket")
+            b = compile_token_bucket(d.token_bucket, f + ".token_bucket")
+            if any(v == "" for _, v in entries):
+                if any(w[0] == entries for w in self.wildcards):
+                    raise ConfigError("duplicate descriptor in the local rate descriptor", field=f)
+                self.wildcards.append((entries, d.token_bucket, collections.OrderedDict()))
+            else:
+                if entries in self.exact:
+                    raise ConfigError("duplicate descriptor in the local rate descriptor", field=f)
+                self.exact[entries] = b
+        self.rate_limits = tuple(compile_rate_limit(r, "%s.rate_limits[%d]" % (field, i), strict=True)
+                                 for i, r in enumerate(cfg.rate_limits))
+        self.stage = cfg.stage
+        self.vh_rate_limits = cfg.vh_rate_limits
+        self.always_default = cfg.always_consume_default_token_bucket.value \
+            if cfg.HasField("always_consume_default_token_bucket") else True
+        self.max_dynamic = cfg.max_dynamic_descriptors.value \
+            if cfg.HasField("max_dynamic_descriptors") else 20
+
+    def request_descriptors(self, stream, headers) -> list:
+        """The descriptors the request makes (Envoy's populateDescriptors)."""
+        route = stream.route
+        cluster = getattr(route, "cluster", "") or ""
+        si = stream.stream_info
+        ip = si.downstream_remote_address or stream.hc.conn.info.src_ip
+        out = []
+        if self.rate_limits:
+            policies = self.rate_limits
+        else:
+            if route is None or getattr(route, "rate_limits", None) is None:
+                return out
+            policies = [p for p in route.rate_limits if p.stage == self.stage and not p.disable_key]
+            vh = route.vhost
+            vh_rl = getattr(vh, "rate_limits", ()) or ()
+            if route.include_vh_rate_limits or self.vh_rate_limits == VH_INCLUDE:
+                policies += [p for p in vh_rl if p.stage == self.stage and not p.disable_key]
+            elif self.vh_rate_limits == VH_OVERRIDE and not route.rate_limits:
+                policies += [p for p in vh_rl if p.stage == self.stage and not p.disable_key]
+        for p in policies:
+            if p.unsupported:
+                key = (id(p), p.unsupported)
+                if key not in _warned_routes and len(_warned_routes) < 10000:
+                    _warned_routes.add(key)
+                    log.warning("local_ratelimit: route '%s': %s; that rate limit makes no descriptor",
+                                getattr(route, "name", ""), p.unsupported)
+                continue
+            d = p.descriptor(headers, cluster, ip)
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _dynamic(self, d):
+        for pattern, tb, lru in self.wildcards:
+            if len(pattern) != len(d):
+                continue
+            for (pk, pv), (k, v) in zip(pattern, d):
+                if pk != k or (pv and pv != v):
+                    break
+            else:
+                b = lru.get(d)
+                if b is None:
+                    b = lru[d] = compile_token_bucket(tb, "token_bucket")
+                    if len(lru) > self.max_dynamic:
+                        lru.popitem(last=False)
+                else:
+                    lru.move_to_end(d)
+                return b
+        return None
+
+    def allowed(self, default_bucket, descriptors):
+        """(allowed, the bucket that decided or None): Envoy's LocalRateLimiterImpl."""
+        matched = []
+        for d in descriptors:
+            b = self.exact.get(d)
+            if b is None and self.wildcards:
+                b = self._dynamic(d)
+            if b is not None:
+                matched.append(b)
+        if len(matched) > 1:
+            matched.sort(key=lambda b: b.rate)
+        for b in matched:
+            if not b.consume():
+                return False, b
+        if not matched or self.always_default:
+            if default_bucket is None:
+                return True, (matched[0] if matched else None)
+            if not default_bucket.consume():
+                return False, default_bucket
+            return True, (matched[0] if matched else default_bucket)
+        return True, matched[0]
 
     def bucket_for(self, stream):
         if not self.per_connection or self.tb_proto is None:
@@ -177,8 +288,13 @@ class LocalRateLimitFilter(HttpFilter):
         if not _hit(c.enabled):
             return CONTINUE
         c.st_enabled.value += 1
-        b = self.bucket = c.bucket_for(cb)
-        if b is None or b.consume():
+        b = c.bucket_for(cb)
+        if c.has_descriptors:
+            ok, b = c.allowed(b, c.request_descriptors(cb, headers))
+        else:
+            ok = b is None or b.consume()
+        self.bucket = b
+        if ok:
             c.st_ok.value += 1
             return CONTINUE
         c.st_rate_limited.value += 1
