@@ -336,6 +336,10 @@ UPGRADE_REQUESTS = [
     req("/", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "H2C"),
               ("HTTP2-Settings", "AAMAAABkAAQAAP__")], method="POST") [:-2] + b"Content-Length: 3\r\n\r\nabc",
     req("/", [("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAAP__")]),
+    req("/", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+              ("Transfer-Encoding", "chunked")], method="POST")[:-2] + b"\r\n3;ext=1\r\nabc\r\n0\r\n\r\n",
+    req("/", [("Connection", "Upgrade"), ("Upgrade", "h2c"),
+              ("Transfer-Encoding", "chunked")], method="POST")[:-2] + b"\r\nzz\r\nabc\r\n0\r\n\r\n",
     req("/", [("Keep-Alive", "timeout=5"), ("Proxy-Connection", "keep-alive")]),
 ]
 
@@ -350,15 +354,28 @@ def test_upgrades(backend, ws, lane):
     assert res["pyproxy"][3][0] == 200  # h2c: served as HTTP/1.1, not refused
 
 
-def test_h2c_upgrade_keeps_the_connection_http11(backend):
-    """After an h2c upgrade request the next request on the connection is plain HTTP/1.1."""
-    two = req("/first", [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
-                         ("HTTP2-Settings", "AAMAAABkAAQAAP__")]) + req("/second")
+@pytest.mark.parametrize("body", ["none", "length", "chunked"])
+def test_h2c_upgrade_keeps_the_connection_http11(backend, body):
+    """After an h2c upgrade request (with or without a body) the next request on the connection
+    is plain HTTP/1.1, and the upstream got the body."""
+    hs = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAAP__")]
+    first = req("/first", hs)
+    if body == "length":
+        first = req("/first", hs + [("Content-Length", "5")], method="POST") + b"hello"
+    elif body == "chunked":
+        first = req("/first", hs + [("Transfer-Encoding", "chunked")], method="POST") + b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n"
     bs = make_bootstrap(backend.port)
+    seen = {}
     for cls in (Pyproxy, Envoy):
         with cls(copy.deepcopy(bs)) as p:
-            got = send(p.port, two, n=2)
+            with backend.lock:
+                backend.requests.clear()
+            got = send(p.port, first + req("/second"), n=2)
             assert [r[0] for r in got] == [200, 200], (cls.kind, got)
+            time.sleep(0.05)
+            with backend.lock:
+                seen[cls.kind] = [(r.method, r.path, r.body) for r in backend.requests]
+    assert seen["pyproxy"] == seen["envoy"], seen
 
 
 # -- x-forwarded-client-cert ------------------------------------------------------------------------------

@@ -91,6 +91,68 @@ def _parser_error(msg: str):
     return 400, "http1.codec_error"
 
 
+class _ChunkedBody:
+    """A chunked request body read outside llhttp (an h2c upgrade request's, which llhttp treats as
+    upgraded bytes): as strict as the parser (hex size, optional extension, CRLF everywhere),
+    with bounded size lines and trailers."""
+
+    __slots__ = ("state", "line", "left", "trailer_bytes")
+
+    MAX_LINE = 4096
+    MAX_TRAILERS = 64 * 1024
+
+    def __init__(self):
+        self.state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self.line = b""
+        self.left = 0
+        self.trailer_bytes = 0
+
+    def feed(self, data: bytes):
+        """``(body parts, done, the bytes after the body)``; ValueError on a malformed body."""
+        parts = []
+        i = 0
+        n = len(data)
+        while i < n:
+            st = self.state
+            if st == 1:
+                take = data[i:i + self.left]
+                parts.append(take)
+                self.left -= len(take)
+                i += len(take)
+                if not self.left:
+                    self.state = 2
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self.line += data[i:]
+                if len(self.line) > self.MAX_LINE:
+                    raise ValueError("line too long")
+                break
+            line = self.line + data[i:j + 1]
+            self.line = b""
+            i = j + 1
+            if not line.endswith(b"\r\n") or len(line) > self.MAX_LINE:
+                raise ValueError("bad line ending")
+            line = line[:-2]
+            if st == 2:
+                if line:
+                    raise ValueError("data after chunk")
+                self.state = 0
+            elif st == 0:
+                size = line.split(b";", 1)[0]
+                if not size or len(size) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size):
+                    raise ValueError("bad chunk size")
+                self.left = int(size, 16)
+                self.state = 1 if self.left else 3
+            else:
+                self.trailer_bytes += len(line) + 2
+                if self.trailer_bytes > self.MAX_TRAILERS:
+                    raise ValueError("trailers too large")
+                if not line:
+                    return [p for p in parts if p], True, data[i:]
+        return [p for p in parts if p], False, b""
+
+
 def _new_request_parser(proto):
     p = httptools.HttpRequestParser(proto)
     # llhttp's strict mode, spelled out so a library default change cannot loosen it. The version is
@@ -436,24 +498,39 @@ class Http1ServerCodec:
             s.decode_data(body, False)
 
     def _h2c_body(self, data: bytes) -> bytes:
-        """The body of an h2c upgrade request (``tunnel`` holds the bytes still due): delivered
-        as body, then the request completes; returns what follows it."""
-        n = self.h2c_left
-        body, rest = data[:n], data[n:]
-        n -= len(body)
-        self.h2c_left = n
-        if body:
-            self.on_body(body)
-        if not n:
+        """The body of an h2c upgrade request (llhttp hands it over as "upgraded" bytes):
+        ``h2c_left`` is the byte count still due, or a ``_ChunkedBody`` decoder. Delivered as
+        body, then the request completes; returns what follows it."""
+        left = self.h2c_left
+        if type(left) is int:
+            body, rest = data[:left], data[left:]
+            left -= len(body)
+            self.h2c_left = left
+            if body:
+                self.on_body(body)
+            done = not left
+        else:
+            try:
+                parts, done, rest = left.feed(data)
+            except ValueError:
+                self.h2c_left = 0
+                self.protocol_error(400, "http1.invalid_chunk_size")
+                return b""
+            for b in parts:
+                self.on_body(b)
+            if done:
+                self.h2c_left = 0
+        if done:
             self.on_message_complete()
         return rest
 
     def on_message_complete(self):
         if self.h2c and self.headers_done and not self.h2c_left:
             if self.chunked:
-                raise ProtocolError(400, "http1.codec_error")  # (an h2c upgrade with a chunked body)
+                self.h2c_left = _ChunkedBody()  # the body comes as "upgraded" bytes: see feed
+                return
             if self.content_length:
-                self.h2c_left = self.content_length  # the body comes as "upgraded" bytes: see feed
+                self.h2c_left = self.content_length
                 return
         had_body = self.chunked or (self.content_length or 0) > 0
         self.msg_started = False

@@ -12,6 +12,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from ...config import ConfigError, duration_s, u32
 from ...config.registry import REGISTRY
+from ...tracing.zipkin import tracer_for_hcm
 
 log = logging.getLogger("pyproxy.config")
 
@@ -114,7 +115,9 @@ class HcmConfig:
                 self.access_logs = build_access_logs(cfg.access_log)
             except ConfigError as e:
                 raise e.within(field="access_log")
-        if cfg.HasField("tracing") and cfg.tracing.HasField("provider"):
+        # a Zipkin provider: B3 propagation and spans (pyproxy/tracing/zipkin.py), a filter in front
+        self.tracer = tracer_for_hcm(cfg, ctx, self.stat_prefix)
+        if cfg.HasField("tracing") and cfg.tracing.HasField("provider") and self.tracer is None:
             # (a provider-less block, as Istio sends by default, is acted on: the x-request-id trace
             # decision in request_prep, pyproxy/tracing/request_id.py; without a tracer, no spans)
             log.info("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
@@ -156,6 +159,8 @@ class HcmConfig:
                 raise ConfigError("the last HTTP filter must be a terminal filter (envoy.filters.http.router)",
                                   field="http_filters[%d](%s)" % (i, f.name))
             self.filters.append(HttpFilterEntry(f.name, built, is_router))
+        if self.tracer is not None:
+            self.filters.insert(0, HttpFilterEntry("envoy.tracers.zipkin", self.tracer, False))
         self.filters = tuple(self.filters)
         self.decoder_factories = tuple(e.factory for e in self.filters)
         # router-only chains take the fast lane (pyproxy/http/fast_stream.py)

@@ -1,0 +1,301 @@
+"""``envoy.tracers.zipkin`` (``config.trace.v3.ZipkinConfig``), the tracer Istio configures for
+Zipkin-compatible backends: B3 propagation and spans in Zipkin's JSON v2 (``HTTP_JSON``) posted
+to ``collector_endpoint`` on ``collector_cluster``.
+
+An HCM whose ``tracing.provider`` is Zipkin gets a tracing filter in front of its HTTP filters
+(so its streams take the generic path). Per stream:
+
+- the context comes from the request's B3 headers (``x-b3-traceid``, ``x-b3-spanid``,
+  ``x-b3-sampled``, or the single ``b3`` header); a request without one starts a trace (64-bit
+  ids, or a 128-bit trace id with ``trace_id_128bit``);
+- sampled when the incoming context says so, else as decided in ``x-request-id`` (character 14,
+  ``pyproxy/tracing/request_id.py``); an unsampled stream still propagates ``x-b3-sampled: 0``;
+- the request goes upstream with ``x-b3-traceid``, ``x-b3-spanid`` (this proxy's span),
+  ``x-b3-parentspanid`` (the incoming span, if any) and ``x-b3-sampled``;
+- at the end of a sampled stream one span is queued: ``kind`` CLIENT on an OUTBOUND listener,
+  SERVER otherwise, name ``<authority><path>`` (or the route's decorator), Envoy's HTTP tags
+  (``http.method``, ``http.url``, ``http.protocol``, ``http.status_code``, ``upstream_cluster``,
+  ``response_flags``, ``user_agent``, ``guid:x-request-id``, ``node_id``, ``component``,
+  ``error`` for 5xx) and the HCM's custom tags (literal, environment, request header).
+
+Export is off the hot path: spans wait in a bounded queue (1000; a full queue drops and counts
+``tracing.zipkin.spans_dropped``) and are posted in batches every second by one task, to a host of
+the collector cluster, plain HTTP/1.1. A failed post drops its batch, counts
+``tracing.zipkin.reports_failed`` and is logged once; a request is never slowed or failed by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections import deque
+
+from envoy.config.trace.v3 import zipkin_pb2
+
+from ..config import ConfigError
+from ..http.filter import HttpFilter
+
+log = logging.getLogger("pyproxy.tracing")
+
+HTTP_JSON = zipkin_pb2.ZipkinConfig.CollectorEndpointVersion.HTTP_JSON
+
+MAX_QUEUE = 1000
+FLUSH_S = 1.0
+MAX_BATCH = 200
+
+
+def _hex(bits: int) -> str:
+    return "%0*x" % (bits // 4, random.getrandbits(bits) or 1)
+
+
+class ZipkinTracer:
+    """Config-time state of one HCM's Zipkin provider, and its span reporter."""
+
+    def __init__(self, cfg, ctx, hcm_proto, stat_prefix: str):
+        if cfg.collector_endpoint_version != HTTP_JSON:
+            raise ConfigError("only collector_endpoint_version HTTP_JSON is supported",
+                              field="collector_endpoint_version")
+        if not cfg.collector_cluster:
+            raise ConfigError("collector_cluster is required", field="collector_cluster")
+        self.cluster = cfg.collector_cluster
+        self.endpoint = cfg.collector_endpoint or "/api/v2/spans"
+        self.host_header = cfg.collector_hostname or cfg.collector_cluster
+        self.bits = 128 if cfg.trace_id_128bit else 64
+        self.loop = ctx.loop
+        self.cm = ctx.cluster_manager
+        server = getattr(ctx, "server", None)
+        node = getattr(server, "node", None)
+        self.service = (node.cluster if node is not None and node.cluster else "") or "unknown"
+        self.node_id = node.id if node is not None else ""
+        listener = getattr(ctx, "listener", None)
+        # Envoy: an OUTBOUND listener's HCM traces egress (CLIENT spans), any other ingress (SERVER)
+        lp = getattr(listener, "proto", None)
+        self.kind = "CLIENT" if lp is not None and lp.traffic_direction == 2 else "SERVER"
+        self.custom = custom_tags(hcm_proto)
+        st = ctx.stats
+        self.st_dropped = st.counter("tracing.zipkin.spans_dropped")
+        self.st_sent = st.counter("tracing.zipkin.spans_sent")
+        self.st_reports = st.counter("tracing.zipkin.reports_sent")
+        self.st_failed = st.counter("tracing.zipkin.reports_failed")
+        self.queue: deque = deque()
+        self.timer = None
+        self.task = None
+        self.logged = False
+
+    # -- per stream -----------------------------------------------------------------------------
+    def create(self, stream):
+        return ZipkinFilter(stream, self)
+
+    def report(self, span: dict) -> None:
+        q = self.queue
+        if len(q) >= MAX_QUEUE:
+            self.st_dropped.value += 1
+            return
+        q.append(span)
+        if self.timer is None and self.task is None:
+            self.timer = self.loop.call_later(FLUSH_S, self._flush)
+
+    # -- export (off the hot path) -----------------------------------------------------------------
+    def _flush(self) -> None:
+        self.timer = None
+        if not self.queue or self.task is not None:
+            return
+        batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
+        self.task = self.loop.create_task(self._post(batch))
+
+    async def _post(self, batch) -> None:
+        try:
+            ok = False
+            c = self.cm.get(self.cluster) if self.cm is not None else None
+            host = c.choose_host(None) if c is not None else None
+            if host is not None:
+                body = json.dumps(batch, separators=(",", ":")).encode()
+                head = ("POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                        "content-length: %d\r\nconnection: close\r\n\r\n" % (
+                            self.endpoint, self.host_header, len(body))).encode()
+                try:
+                    r, w = await asyncio.wait_for(asyncio.open_connection(host.address, host.port), 5)
+                    try:
+                        w.write(head + body)
+                        line = await asyncio.wait_for(r.readline(), 5)
+                        parts = line.split()
+                        ok = len(parts) >= 2 and parts[1][:1] == b"2"
+                    finally:
+                        w.close()
+                except (OSError, asyncio.TimeoutError, ValueError):
+                    ok = False
+            if ok:
+                self.st_reports.value += 1
+                self.st_sent.value += len(batch)
+            else:
+                self.st_failed.value += 1
+                self.st_dropped.value += len(batch)
+                if not self.logged:
+                    self.logged = True
+                    log.warning("zipkin: spans could not be posted to cluster '%s' (%s); dropped and counted "
+                                "in tracing.zipkin.spans_dropped (logged once)", self.cluster,
+                                "no host" if host is None else "%s:%s" % (host.address, host.port))
+        finally:
+            self.task = None
+            if self.queue and self.timer is None:
+                self.timer = self.loop.call_later(FLUSH_S, self._flush)
+
+
+class ZipkinFilter(HttpFilter):
+    """First HTTP filter of a traced HCM: B3 context in, B3 headers out, a span at the end."""
+
+    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start")
+
+    def __init__(self, callbacks, tracer):
+        self.callbacks = callbacks
+        self.t = tracer
+        self.trace_id = None
+        self.sampled = False
+
+    def decode_headers(self, headers, end_stream):
+        t = self.t
+        tid = sid = sampled = None
+        b3 = None
+        for k, v in headers._h:
+            if k == "x-b3-traceid":
+                tid = v
+            elif k == "x-b3-spanid":
+                sid = v
+            elif k == "x-b3-sampled":
+                sampled = v
+            elif k == "b3":
+                b3 = v
+        if tid is None and b3:
+            parts = b3.split("-")
+            if len(parts) >= 2:
+                tid, sid = parts[0], parts[1]
+                if len(parts) >= 3:
+                    sampled = parts[2]
+            elif parts and parts[0] in ("0", "1", "d"):
+                sampled = parts[0]
+        if tid is not None and not _is_hex_id(tid, (16, 32)):
+            tid = sid = None
+        if sid is not None and not _is_hex_id(sid, (16,)):
+            sid = None
+        if sampled is not None:
+            self.sampled = sampled in ("1", "d", "true")
+        else:
+            rid = headers.get("x-request-id") or ""
+            self.sampled = len(rid) == 36 and rid[14] in "9ab"
+        self.trace_id = tid.lower() if tid is not None else _hex(t.bits)
+        self.parent = sid.lower() if (tid is not None and sid is not None) else None
+        self.span_id = _hex(64)
+        self.start = time.time()
+        h = [kv for kv in headers._h if kv[0] not in _B3]
+        h.append(("x-b3-traceid", self.trace_id))
+        h.append(("x-b3-spanid", self.span_id))
+        if self.parent is not None:
+            h.append(("x-b3-parentspanid", self.parent))
+        h.append(("x-b3-sampled", "1" if self.sampled else "0"))
+        headers._h = h
+        return 0
+
+    def on_destroy(self):
+        if not self.sampled or self.trace_id is None:
+            return
+        t = self.t
+        s = self.callbacks
+        tags, name, start_us, dur_us, _ = span_facts(t, s, self.start)
+        span = {"traceId": self.trace_id, "id": self.span_id, "name": name, "kind": t.kind,
+                "timestamp": start_us, "duration": dur_us,
+                "localEndpoint": {"serviceName": t.service}, "tags": tags}
+        if self.parent is not None:
+            span["parentId"] = self.parent
+        t.report(span)
+
+
+def span_facts(t, s, start: float):
+    """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
+    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
+    si = s.stream_info
+    rq = s.request_headers
+    get = rq.get if rq is not None else (lambda k, d=None: d)
+    authority = get(":authority") or ""
+    path = get(":path") or ""
+    code = si.response_code or 0
+    rf = si.response_flags
+    tags = {
+        "component": "proxy", "node_id": t.node_id, "guid:x-request-id": si.request_id or "",
+        "http.method": get(":method") or "", "http.protocol": si.protocol or "",
+        "http.url": "%s://%s%s" % (get("x-forwarded-proto") or "http", authority, path),
+        "http.status_code": str(code), "upstream_cluster": si.upstream_cluster or "-",
+        "upstream_cluster.name": si.upstream_cluster or "-",
+        "response_flags": ",".join(rf) if rf else "-", "user_agent": get("user-agent") or "-",
+        "request_size": str(si.bytes_received), "response_size": str(si.bytes_sent),
+        "downstream_cluster": "-",
+    }
+    error = code >= 500 or code == 0
+    if error:
+        tags["error"] = "true"
+    for tag, kind, v in t.custom:
+        if kind == "lit":
+            tags[tag] = v
+        elif kind == "hdr":
+            hv = get(v[0])
+            if hv is not None or v[1]:
+                tags[tag] = hv if hv is not None else v[1]
+    route = s.route
+    name = getattr(route, "decorator_operation", None) or (authority + path.partition("?")[0])
+    end = si.end_monotonic
+    dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
+    return tags, name[:256], int(start * 1e6), max(dur, 1), error
+
+
+def custom_tags(hcm_proto) -> list:
+    out = []
+    for t in hcm_proto.tracing.custom_tags:
+        which = t.WhichOneof("type")
+        if which == "literal":
+            out.append((t.tag, "lit", t.literal.value))
+        elif which == "environment":
+            out.append((t.tag, "lit", os.environ.get(t.environment.name, t.environment.default_value)))
+        elif which == "request_header":
+            out.append((t.tag, "hdr", (t.request_header.name.lower(), t.request_header.default_value)))
+        else:  # metadata tags (Istio's dry-run RBAC ones): not evaluated
+            out.append((t.tag, "none", None))
+    return out
+
+
+_B3 = frozenset(("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"))
+
+
+def _is_hex_id(v: str, lengths) -> bool:
+    if len(v) not in lengths:
+        return False
+    try:
+        int(v, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def tracer_for_hcm(cfg, ctx, stat_prefix: str):
+    """The HCM's tracing filter factory (Zipkin, OpenTelemetry), or None: no provider, or one not
+    implemented (the HCM logs it as such)."""
+    if not cfg.HasField("tracing") or not cfg.tracing.HasField("provider"):
+        return None
+    p = cfg.tracing.provider
+    t = p.typed_config.type_url.rpartition("/")[2] if p.HasField("typed_config") else ""
+    if t == "envoy.config.trace.v3.ZipkinConfig":
+        z = zipkin_pb2.ZipkinConfig()
+        p.typed_config.Unpack(z)
+        try:
+            return ZipkinTracer(z, ctx, cfg, stat_prefix)
+        except ConfigError as e:
+            raise e.within(field="tracing.provider")
+    if t == "envoy.config.trace.v3.OpenTelemetryConfig":
+        from . import opentelemetry  # (imports grpc and the OTLP protos only when configured)
+        try:
+            return opentelemetry.tracer(p.typed_config, ctx, cfg)
+        except ConfigError as e:
+            raise e.within(field="tracing.provider")
+    return None
