@@ -168,7 +168,7 @@ class RecordingAccessLog:
     def __init__(self):
         self.entries = []
 
-    def log(self, request_headers, response_headers, stream_info):
+    def log(self, stream_info, request_headers=None, response_headers=None, response_trailers=None):
         self.entries.append((request_headers.get(":method"), request_headers.get(":path"),
                              stream_info.response_code))
 
@@ -685,6 +685,26 @@ def test_access_log(admin):
     req(admin, "GET", "/ready")
     req(admin, "POST", "/healthcheck/ok")
     assert admin.test_alog.entries == [("GET", "/ready", 200), ("POST", "/healthcheck/ok", 200)]
+
+
+def test_access_log_with_a_real_file_logger(loop_thread, tmp_path):
+    """The bootstrap's admin.access_log as built from its proto (Istio's: a file logger) writes a
+    line per admin request (the admin server calls loggers as the listeners do)."""
+    from envoy.config.accesslog.v3 import accesslog_pb2
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+    from pyproxy.access_log import build_access_logs
+    from pyproxy.access_log.file import flush_all
+    path = tmp_path / "admin.log"
+    al = accesslog_pb2.AccessLog(name="envoy.access_loggers.file")
+    al.typed_config.Pack(file_pb2.FileAccessLog(path=str(path)))
+    srv = loop_thread.run(start_admin(FakeAdminContext(), "127.0.0.1", 0, access_logs=build_access_logs([al])))
+    try:
+        req(srv, "GET", "/ready")
+    finally:
+        loop_thread.run(srv.close())
+    flush_all()
+    text = path.read_text()
+    assert '"GET /ready HTTP/1.1" 200' in text, text
 
 
 def test_broken_context_gives_500_not_a_crash(loop_thread):

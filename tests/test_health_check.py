@@ -293,3 +293,30 @@ def test_health_check_config_errors(tmp_path):
         p.write_text(json.dumps(_bs([free_port()], hc)))
         r = run_pyproxy(["validate", str(p)])
         assert r.returncode == 1 and why in r.stdout, r.stdout
+
+
+def test_http_health_check_over_the_clusters_tls(tmp_path):
+    """A TLS cluster is health-checked over TLS (its transport socket): healthy; a host whose
+    certificate fails the SAN check is unhealthy (a network failure, as a failed handshake)."""
+    import os
+    from test_tls_upstream import BACKEND_URI, TlsHttpBackend
+    from tls_certs import Pki, upstream_tls, uri_san
+    pki = Pki(os.path.join(str(tmp_path), "pki"))
+    good = TlsHttpBackend(pki.issue("backend", dns=["backend.local"], uri=[BACKEND_URI]))
+    bad = TlsHttpBackend(pki.issue("other", dns=["backend.local"],
+                                   uri=["spiffe://cluster.local/ns/x/sa/other"]))
+    try:
+        hc = dict(HTTP_HC, unhealthy_threshold=1)
+        bs = _bs([good.port, bad.port], hc, transport_socket=upstream_tls(
+            sni="backend.local", ca=pki, sans=[uri_san("exact", BACKEND_URI)]))
+        with Pyproxy(bs) as px:
+            f = _flags(px)
+            assert f["127.0.0.1:%d" % good.port] == "healthy"
+            assert f["127.0.0.1:%d" % bad.port] == "/failed_active_hc"
+            assert good.handshakes >= 1
+            assert px.stat("cluster.c.health_check.network_failure") >= 1
+            st, _, body = request(px.port, "GET", "/x")
+            assert st == 200 and b"path=/x" in body
+    finally:
+        good.close()
+        bad.close()

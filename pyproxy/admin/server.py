@@ -234,7 +234,7 @@ class _AdminConnection(asyncio.Protocol):
         rsp = Headers([(":status", str(resp.status)), ("content-type", resp.content_type)])
         for lg in loggers:
             try:
-                lg.log(req, rsp, si)
+                lg.log(si, req, rsp)
             except Exception as e:
                 log.error("admin access log failed: %r", e)
 

@@ -23,6 +23,8 @@ Semantics (Envoy's ``HealthCheckerImplBase`` / ``ActiveHealthCheckSession``):
   refused). TCP: connect, write ``send``, then every ``receive`` payload must be found in order;
   no ``receive`` = a successful connect is enough. gRPC: ``grpc.health.v1.Health/Check`` over
   HTTP/2 (h2c) for ``service_name``, ``authority`` (default: the cluster's name).
+* Checks use the cluster's transport socket for the host (TLS when its traffic uses TLS, with the
+  same SNI, certificates and SAN checks).
 * Stats ``cluster.<name>.health_check.{attempt,success,failure,network_failure,passive_failure,
   verify_cluster}`` and the gauges ``healthy`` and ``degraded``.
 * A check passing on a host ejected by outlier detection brings it back
@@ -353,14 +355,23 @@ class _Session:
             try:
                 sock.setblocking(False)
                 await self.loop.sock_connect(sock, addr)
-                await self.loop.create_connection(lambda: conn, sock=sock)
             except BaseException:
                 sock.close()
                 raise
+            # the cluster's transport socket for this host (TLS as its traffic uses it)
+            ts = self.checker.cluster.transport_for(h)
+            if ts.is_tls:
+                await ts.connect(self.loop, sock, conn, self.cfg.timeout, self.checker.cluster.scope)
+            else:
+                try:
+                    await self.loop.create_connection(lambda: conn, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except asyncio.CancelledError:
             self.connecting = False
             raise
-        except OSError:
+        except (OSError, asyncio.TimeoutError):
             self.connecting = False
             if self.in_check and not self.stopped:
                 self._result(_NETWORK_FAIL)
