@@ -192,6 +192,12 @@ class SdsManager:
                     "refuse connections until it arrives", p.name, p.fetch_timeout)
         self.stats_for(p.name).timeout.inc()
         STORE.mark_ready(p)
+        self._tell_workers(p)
+
+    def _tell_workers(self, p) -> None:
+        workers = self.server.workers
+        if workers is not None:
+            workers.secret_ready(p.name)
 
     # -- from the subscriptions ------------------------------------------------------------------
     def rejected(self, p, message) -> None:
@@ -199,6 +205,7 @@ class SdsManager:
         p.error = str(message)
         if not p.ready:   # as Envoy: a rejected first response ends the initial fetch
             STORE.mark_ready(p)
+            self._tell_workers(p)
 
     def applied(self, added: dict, version_info: str) -> None:
         workers = self.server.workers

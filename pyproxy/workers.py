@@ -139,6 +139,11 @@ class WorkerSet:
         for ch in self.channels:
             ch.send(("drain", inbound_only, graceful))
 
+    def secret_ready(self, name: str) -> None:
+        """An SDS secret's initial fetch ended without it (timeout, rejected): workers stop waiting."""
+        for ch in self.channels:
+            ch.send(("secret_ready", name))
+
     def merged_store(self, store):
         """The main process's stats plus the workers' last snapshots."""
         if not self.stats:
@@ -260,6 +265,11 @@ class WorkerLink:
                 log.error("worker %d: applying %s failed: %s", self.index, type_url, e)
         elif kind == "drain":
             self.server.listener_manager.drain_listeners(inbound_only=msg[1], graceful=msg[2])
+        elif kind == "secret_ready":
+            from .tls.secrets import STORE
+            for p in list(STORE.providers.values()):
+                if p.name == msg[1]:
+                    STORE.mark_ready(p)
 
     def _on_lost(self):
         if not self.server.exiting:

@@ -683,3 +683,41 @@ def test_static_listener_warms_until_secrets_then_serves(root, pki):
         px.stop()
         agent.stop()
         be.close()
+
+
+def test_initial_fetch_timeout_proceeds_in_every_worker(root, pki):
+    """A secret the agent never sends, named with initial_fetch_timeout 1s, under --concurrency 2:
+    after the timeout every process goes on (LIVE, listener accepting), and the TLS chain that
+    lacks its certificate refuses connections (closed, never served in plaintext)."""
+    from sds_util import sds_ref
+    srv = pki.issue("server", uri=[SERVER_ID])
+    be = HttpBackend(name="be")
+    port = free_port()
+    ts = istio_downstream_tls()
+    ts["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"] = [sds_ref("missing", timeout="1s")]
+    ts["typed_config"]["common_tls_context"]["combined_validation_context"][
+        "validation_context_sds_secret_config"] = sds_ref("ROOTCA", timeout="1s")
+    lst = {"name": "in", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+           "filter_chains": [{"transport_socket": ts, "filters": [{
+               "name": "envoy.filters.network.http_connection_manager",
+               "typed_config": hcm(route_config([route("/", "b")]), stat_prefix="in")}]}]}
+    bs = bootstrap([lst], [cluster("b", [be.port]), sds_grpc_cluster()])
+    bs["node"] = {"id": "sidecar~127.0.0.1~x.default~default.svc.cluster.local", "cluster": "x.default"}
+    with AgentSds(root, {"default": cert_secret("default", srv), "ROOTCA": root_secret("ROOTCA", pki.ca_pem)}):
+        px = _ConcurrencyPyproxy(bs, cwd=str(root), wait_ready=False)
+        try:
+            t0 = time.monotonic()
+            px.wait_ready(15)
+            assert time.monotonic() - t0 >= 0.8
+            assert px.stat("sds.missing.init_fetch_timeout") == 1
+            for _ in range(10):   # every worker accepts and closes (no hang, no plaintext)
+                with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+                    s.settimeout(3)
+                    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    try:
+                        assert s.recv(100) == b""
+                    except ConnectionResetError:
+                        pass
+        finally:
+            px.stop()
+    be.close()
