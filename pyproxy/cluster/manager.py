@@ -34,6 +34,7 @@ class ClusterManager:
         # the bootstrap's cluster_manager.outlier_detection.event_log_path (outlier.EventLog)
         self.outlier_event_log = None
         self._owned_stats: dict = {}  # cluster stat name -> StatsOwner (kept across updates)
+        self._alt_stat_names = False  # whether any cluster was built with an alt_stat_name
         self.node = None  # the bootstrap node (upstream filters read the local workload from it)
 
     def cluster_scope(self, stat_name: str):
@@ -46,8 +47,11 @@ class ClusterManager:
 
     def _release_stats(self, cluster: Cluster) -> None:
         sn = cluster.stat_name
-        if any(c.stat_name == sn for c in list(self.active.values()) + list(self.warming.values())):
-            return  # another cluster reports under the same alt_stat_name
+        if sn in self.active or sn in self.warming:
+            return  # a cluster of that name reports there
+        if self._alt_stat_names and any(c.stat_name == sn for c in
+                                        list(self.active.values()) + list(self.warming.values())):
+            return  # another cluster reports under the same alt_stat_name (scanned only if any has one)
         owner = self._owned_stats.pop(sn, None)
         if owner is not None:
             owner.release()
@@ -58,6 +62,8 @@ class ClusterManager:
     # -- updates ---------------------------------------------------------------------------------
     def build(self, proto, *, added_via_api: bool, version_info: str = "") -> Cluster:
         """Compile a cluster without installing it (raises ConfigError)."""
+        if proto.alt_stat_name:
+            self._alt_stat_names = True
         try:
             return Cluster(proto, self, added_via_api=added_via_api, version_info=version_info)
         except ConfigError as e:

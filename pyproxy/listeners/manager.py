@@ -47,7 +47,7 @@ class ActiveListener:
         self.connections: set = set()
         self.draining = False
         self.acceptor = None
-        owner = getattr(config, "stats_owner", None) or manager.stats.new_owner()
+        owner = getattr(config, "stats_owner", None) or manager.stats.new_owner(shared=True)
         config.stats_owner = owner
         s = manager.stats.owned_scope("listener.%s." % config.stat_prefix, owner)
         self.st_cx_total = s.counter("downstream_cx_total")
@@ -131,7 +131,7 @@ class ListenerManager:
     # -- compile / install ----------------------------------------------------------------------
     def build(self, proto, *, added_via_api: bool, version_info: str = "") -> CompiledListener:
         ctx = self.ctx_factory()
-        owner = self.stats.new_owner()
+        owner = self.stats.new_owner(shared=True)
         if getattr(ctx, "stats", None) is self.stats:
             ctx.stats = OwnedStats(self.stats, owner)  # the stats its filters make are the listener's
         try:

@@ -256,10 +256,12 @@ class Store:
     def scope(self, prefix: str) -> "Scope":
         return Scope(self, prefix)
 
-    def new_owner(self) -> "StatsOwner":
-        """An owner of stats (a cluster, a listener): what is made through its scopes is counted as
-        referenced by it, and ``owner.release()`` frees the stats no other owner references."""
-        return StatsOwner(self)
+    def new_owner(self, shared: bool = False) -> "StatsOwner":
+        """An owner of stats (a cluster, a listener): what is made through its scopes is recorded,
+        and ``owner.release()`` frees it. ``shared``: other owners may make the same names (the
+        listeners that share an HCM stat prefix), so names are reference-counted; an exclusive
+        owner (a cluster's ``cluster.<name>.``) only keeps the set of its names."""
+        return StatsOwner(self, shared)
 
     def owned_scope(self, prefix: str, owner: "StatsOwner") -> "Scope":
         return Scope(self, prefix, owner)
@@ -397,27 +399,32 @@ class StatsOwner:
     store): when it goes, ``release`` drops those no live owner still references, as Envoy frees a
     removed cluster's or listener's scope."""
 
-    __slots__ = ("store", "names")
+    __slots__ = ("store", "names", "shared")
 
-    def __init__(self, store: "Store"):
+    def __init__(self, store: "Store", shared: bool = False):
         self.store = store
-        self.names: set = set()
+        self.names: list = []  # a list: a few hundred bytes per cluster where a set took 2 KB
+        self.shared = shared
 
     def add(self, name: str) -> None:
         if name not in self.names:
-            self.names.add(name)
-            refs = self.store.__dict__.setdefault("_stat_refs", {})
-            refs[name] = refs.get(name, 0) + 1
+            self.names.append(name)
+            if self.shared:
+                refs = self.store.__dict__.setdefault("_stat_refs", {})
+                refs[name] = refs.get(name, 0) + 1
 
     def release(self) -> None:
         refs = self.store.__dict__.get("_stat_refs", {})
         for name in self.names:
-            n = refs.get(name, 1) - 1
-            if n > 0:
-                refs[name] = n
-            else:
+            if self.shared:
+                n = refs.get(name, 1) - 1
+                if n > 0:
+                    refs[name] = n
+                    continue
                 refs.pop(name, None)
-                self.store._drop(name)
+            elif name in refs:
+                continue  # a shared owner (a listener) made it too
+            self.store._drop(name)
         self.names.clear()
 
 
@@ -433,16 +440,19 @@ class OwnedStats:
         return Scope(self._store, prefix, self._owner)
 
     def counter(self, name: str) -> Counter:
-        self._owner.add(name)
-        return self._store.counter(name)
+        c = self._store.counter(name)
+        self._owner.add(c.name)
+        return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
-        self._owner.add(name)
-        return self._store.gauge(name, accumulate)
+        g = self._store.gauge(name, accumulate)
+        self._owner.add(g.name)
+        return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
-        self._owner.add(name)
-        return self._store.histogram(name, unit)
+        h = self._store.histogram(name, unit)
+        self._owner.add(h.name)
+        return h
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -459,19 +469,23 @@ class Scope:
         self.owned = owned  # the StatsOwner that frees what is made through this scope
 
     def counter(self, name: str) -> Counter:
+        full = self.prefix + name
+        c = self.store.counter(full)
         if self.owned is not None:
-            self.owned.add(self.prefix + name)
-        return self.store.counter(self.prefix + name)
+            self.owned.add(c.name)  # the store's own string, not a second copy
+        return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
+        g = self.store.gauge(self.prefix + name, accumulate)
         if self.owned is not None:
-            self.owned.add(self.prefix + name)
-        return self.store.gauge(self.prefix + name, accumulate)
+            self.owned.add(g.name)
+        return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
+        h = self.store.histogram(self.prefix + name, unit)
         if self.owned is not None:
-            self.owned.add(self.prefix + name)
-        return self.store.histogram(self.prefix + name, unit)
+            self.owned.add(h.name)
+        return h
 
     def scope(self, prefix: str) -> "Scope":
         return Scope(self.store, self.prefix + prefix, self.owned)
