@@ -82,6 +82,8 @@ _R("http_filter", "envoy.extensions.filters.http.set_filter_state.v3.Config",
    "pyproxy.filters.http.set_filter_state:factory", names=("envoy.filters.http.set_filter_state",))
 _R("http_filter", "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
    "pyproxy.filters.http.local_ratelimit:factory", names=("envoy.filters.http.local_ratelimit",))
+_R("route_filter_config", "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+   "pyproxy.filters.http.local_ratelimit:check_per_route")
 _R("http_filter", "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
    "pyproxy.filters.http.grpc_stats:factory", names=("envoy.filters.http.grpc_stats",))
 

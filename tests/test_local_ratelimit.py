@@ -236,15 +236,19 @@ def test_descriptors_from_the_filters_rate_limits_match_envoy():
     assert [o[0] for o in out] == [200, 200, 429, 200, 429, 429]
 
 
-def test_route_config_without_bucket_is_not_applied():
-    """Envoy rejects a per-route config without token_bucket; pyproxy, which compiles per-route
-    filter configs on the first request, logs it and keeps the filter's own config."""
+@pytest.mark.parametrize("proxy_cls", proxies(), **IDS)
+def test_route_config_without_bucket_is_rejected_at_load(proxy_cls):
+    """A per-route config without token_bucket rejects the route configuration when it loads
+    (Envoy: "local rate limit token bucket must be set for per filter configs")."""
     r = route("/", "b")
     r["typed_per_filter_config"] = {"envoy.filters.http.local_ratelimit": lrl("nobucket")}
-    with HttpBackend() as be:
-        with Pyproxy(_bs(lrl("top", 1), [r], be.port)) as px:
-            assert [request(px.port, "GET", "/")[0] for _ in range(2)] == [200, 429]
-            assert "token bucket must be set for per filter configs" in px.log()
+    bs = _bs(lrl("top", 1), [r], 1)
+    with pytest.raises(RuntimeError) as ei:
+        with proxy_cls(bs):
+            pass
+    assert "token bucket must be set for per filter configs" in str(ei.value)
+    rc, out = _validate(lrl("top", 1), [r])
+    assert rc == 1 and "typed_per_filter_config[envoy.filters.http.local_ratelimit]" in out, out
 
 
 # ------------------------------------------------------------------------------------ network

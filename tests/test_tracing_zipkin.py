@@ -143,3 +143,74 @@ def test_unreachable_collector_never_fails_requests(servers):
         assert p.stat("tracing.zipkin.reports_failed") >= 1
         assert p.stat("tracing.zipkin.spans_dropped") >= 1
         assert "could not be posted" in p.log()
+
+
+# -- OpenTelemetry (OTLP over gRPC) -----------------------------------------------------------------
+
+_SCOPE = "instrumentation_library_spans"
+try:
+    from opentelemetry.proto.trace.v1 import trace_pb2 as _tp
+    if "scope_spans" in _tp.ResourceSpans.DESCRIPTOR.fields_by_name:
+        _SCOPE = "scope_spans"
+except ImportError:  # pragma: no cover
+    pass
+
+def _otel_bootstrap(port, backend, collector):
+    bs = _bootstrap(port, backend, collector, direction="INBOUND")
+    hcm = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["tracing"]["provider"] = {"name": "envoy.tracers.opentelemetry", "typed_config": {
+        "@type": T + "envoy.config.trace.v3.OpenTelemetryConfig",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "otel"}, "timeout": "2s"}, "service_name": "svc-b.default"}}
+    bs["static_resources"]["clusters"].append(dict(_static("otel", collector), typed_extension_protocol_options={
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}))
+    return bs
+
+
+def test_opentelemetry_traceparent_and_otlp_export(servers):
+    import grpc
+    from concurrent import futures
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+    got = []
+
+    def export(req, ctx):
+        got.append(req)
+        return ts.ExportTraceServiceResponse()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(
+            export, request_deserializer=ts.ExportTraceServiceRequest.FromString,
+            response_serializer=ts.ExportTraceServiceResponse.SerializeToString)}),))
+    cport = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    backend, _ = servers
+    port = free_port()
+    try:
+        with Pyproxy(_otel_bootstrap(port, backend, cport)) as p:
+            tid, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+            up = _upstream_headers(port, {"traceparent": "00-%s-%s-01" % (tid, parent), "tracestate": "k=v"})
+            ver, t2, sid, flags = up["traceparent"].split("-")
+            assert (ver, t2, flags) == ("00", tid, "01") and sid != parent and up["tracestate"] == "k=v"
+            fresh = _upstream_headers(port)["traceparent"].split("-")  # no context: a new, sampled trace
+            assert len(fresh[1]) == 32 and fresh[3] == "01"
+            unsampled = _upstream_headers(port, {"traceparent": "00-%s-%s-00" % ("1" * 32, "2" * 16)})
+            assert unsampled["traceparent"].endswith("-00")
+            deadline = time.monotonic() + 10
+            spans = []
+            while time.monotonic() < deadline and len(spans) < 2:
+                spans = [s for r in got for rs in r.resource_spans for ss in getattr(rs, _SCOPE) for s in ss.spans]
+                time.sleep(0.1)
+            by_trace = {s.trace_id.hex(): s for s in spans}
+            assert set(by_trace) == {tid, fresh[1]}, p.log()[-3000:]  # the unsampled one is not exported
+            s = by_trace[tid]
+            assert s.span_id.hex() == sid and s.parent_span_id.hex() == parent
+            assert s.kind == 2  # SERVER: an INBOUND listener
+            attrs = {a.key: a.value.string_value for a in s.attributes}
+            assert attrs["http.status_code"] == "200" and attrs["istio.canonical_service"] == "svc-a"
+            res = {a.key: a.value.string_value for a in got[0].resource_spans[0].resource.attributes}
+            assert res["service.name"] == "svc-b.default"
+            assert p.stat("tracing.opentelemetry.spans_sent") == 2
+    finally:
+        srv.stop(0)

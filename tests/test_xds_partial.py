@@ -52,6 +52,10 @@ def _partial_scenario(env, api, kind):
     cp.wait_acked(CLUSTER, ENDPOINT, LISTENER, ROUTE)
     assert get(p1)[1] == "A /" and get(p2)[1] == "A /"
     b0 = px.stats()
+    # Envoy's counting from the start: the subscription's start is an attempt, then one response
+    initial = {k: v for k, v in b0.items()
+               if k.endswith((".update_attempt", ".update_success", ".update_rejected"))
+               and k.split(".")[1] in ("cds", "lds", "c1", "c2", "l1", "l2")}
 
     bad_c = [dict(eds_cluster(n), lb_policy="CLUSTER_PROVIDED") for n in ("c3", "c4")]
     bad_cla = cla("c2", b.port)
@@ -151,6 +155,7 @@ def _partial_scenario(env, api, kind):
     wait_for(lambda: get(p1)[1] == "B /", 5, "fixed r1")
     names = dynamic_names(px.config_dump())
     ls = dump_section(px.config_dump(), "ListenersConfigDump")["dynamic_listeners"]
+    view["initial"] = initial
     view["fixed"] = (sorted(names["clusters"]), sorted(names["listeners"]),
                      [e.get("name") for e in ls if "error_state" in e],
                      None if api != "GRPC" else (names["routes"]["r1"] == v3, names["clusters"]["c5"] == v2))
@@ -166,6 +171,9 @@ def test_partial_apply_matches_envoy(env, api):
     assert pv["cds_nack_names"] == ["c3", "c4"] and pv["lds_nack_names"] == ["l1", "l3", "l4"]
     assert pv["clusters"] == ["c1", "c2", "c5"] and pv["listeners"] == ["l1", "l2", "l5"]
     assert pv["cds"] == (1, 0) and pv["lds"] == (1, 0) and all(pv["versions_kept"])
+    assert pv["initial"]["cluster_manager.cds.update_attempt"] == 2
+    assert pv["initial"]["http.l1.rds.r1.update_attempt"] == 2
+    assert pv["initial"]["cluster.c1.update_attempt"] == 2
     assert pv["rds_rejected"] == (True, True) and pv["eds_rejected_c2"]
     assert pv["error_state"] == ["l1", "l3", "l4"] and pv["l1_kept"] and pv["c2_hosts"] == 1
     if api == "GRPC":
@@ -247,3 +255,32 @@ def test_matcher_naming_a_missing_chain_is_accepted_like_envoy(env, api):
         cp.stop()
     for kind, r in results.items():
         assert r == (True, b"", True, 1), (kind, r)
+
+
+def test_partial_apply_reaches_every_worker(env):
+    """--concurrency 2: the good resources of a partly rejected response are applied in every
+    process (the main one forwards exactly what it applied)."""
+    from test_xds_e2e_helpers import body
+    a, b = env.backend("A"), env.backend("B")
+    p1, p2 = free_port(), free_port()
+    cp = env.cp()
+    base = [eds_cluster("c1"), cla("c1", a.port), http_listener("l1", p1, rds="r1"),
+            rds_route("r1", ("/", "c1"))]
+    cp.set(base)
+    px = env.proxy(bootstrap("DELTA_GRPC", port=cp.port), extra=("--concurrency", "2"))
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    cp.wait_acked(CLUSTER, ENDPOINT, LISTENER, ROUTE)
+    bad_l = http_listener("l3", 0, rds="r1")
+    bad_l["filter_chains"][0]["filters"].insert(0, BOGUS)
+    bad_c = dict(eds_cluster("c3"), lb_policy="CLUSTER_PROVIDED")
+    bad_r = rds_route("r9", ("/", "c2"))
+    bad_r["virtual_hosts"][0]["routes"][0]["match"] = {"safe_regex": {"regex": "(["}}
+    cp.set(base[:3] + [eds_cluster("c2"), cla("c2", b.port), bad_c, bad_l,
+                       http_listener("l2", p2, rds="r1"), rds_route("r1", ("/", "c2")), bad_r])
+    wait_for(lambda: {n["type_url"] for n in cp.nacks()} >= {CLUSTER, LISTENER}, 10, "NACKs")
+    wait_for(lambda: try_get(p2)[0] == 200 and body(p1) == "B", 8, "the good part applied")
+    time.sleep(0.3)
+    # both processes: every request, on either listener, sees the new route to the new cluster
+    seen = [body(p1) for _ in range(30)] + [body(p2) for _ in range(30)]
+    assert seen == ["B"] * 60, seen
+    assert len({pt for pt, _ in b.peers}) >= 2, "only one process took the partial update"

@@ -34,6 +34,7 @@ CATEGORIES = (
     "listener_filter", "network_filter", "http_filter", "cluster", "transport_socket",
     "lb_policy", "access_logger", "upstream_protocol_options", "resource_monitor", "bootstrap",
     "tracer", "stat_sink", "header_validator", "compressor", "matcher", "upstream_network_filter",
+    "route_filter_config",  # a check of an HTTP filter's typed_per_filter_config, run as routes load
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config.errors import ConfigError
+from ..config.registry import REGISTRY, type_name_of, unpack_any
 from ..config.util import duration_s, u32
 from .header_mutation import compile_header_mutation
 from .matchers import (compile_header_matcher, compile_query_matcher, compile_string_matcher,
@@ -361,6 +362,28 @@ class RouteEntry:
 # --------------------------------------------------------------------------------------------
 # compilation
 
+def check_filter_configs(tpfc, field: str = "typed_per_filter_config") -> None:
+    """Per-route HTTP filter configs whose filter registered a check (``route_filter_config``)
+    are checked as the routes load, so that a bad one rejects the route configuration (as
+    Envoy does) instead of surfacing at the first request."""
+    for name, a in tpfc.items():
+        tname = type_name_of(a)
+        inner = a
+        if tname == "envoy.config.route.v3.FilterConfig":
+            from envoy.config.route.v3 import route_components_pb2
+            fc = route_components_pb2.FilterConfig()
+            a.Unpack(fc)
+            inner = fc.config
+            tname = type_name_of(inner)
+        check = REGISTRY.lookup("route_filter_config", tname)
+        if check is None:
+            continue
+        try:
+            check(unpack_any(inner))
+        except ConfigError as e:
+            raise e.within(field="%s[%s]" % (field, name))
+
+
 def _compile_match(e: RouteEntry, m, field: str) -> None:
     check_fields(m, _MATCH_FIELDS, "route.match")
     e.p_ci = m.case_sensitive.value is False if m.HasField("case_sensitive") else False
@@ -418,6 +441,7 @@ def _compile_weighted(e: RouteEntry, wc, field: str, max_body, parent_tpfc) -> N
         cw.response_mutation = compile_header_mutation(
             c.response_headers_to_add, c.response_headers_to_remove, f + ".response")
         cw.typed_per_filter_config = dict(c.typed_per_filter_config)
+        check_filter_configs(cw.typed_per_filter_config, f + ".typed_per_filter_config")
         cw.host_rewrite_literal = c.host_rewrite_literal
         cw.metadata_match = _metadata_dict(c.metadata_match) if c.HasField("metadata_match") else None
         choices.append(cw)
@@ -694,6 +718,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
                               "action")
         else:
             raise ConfigError("route action '%s' is not supported" % action, action)
+        check_filter_configs(r.typed_per_filter_config)
         rq = compile_header_mutation(r.request_headers_to_add, r.request_headers_to_remove,
                                      "request")
         rs = compile_header_mutation(r.response_headers_to_add, r.response_headers_to_remove,

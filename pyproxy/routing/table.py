@@ -22,7 +22,8 @@ from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
 from .policies import compile_hedge_policy, compile_rate_limit, compile_retry_policy
-from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, compile_route,
+from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, check_filter_configs,
+                    compile_route,
                     tls_redirect_entry)
 
 _RC_FIELDS = frozenset({
@@ -206,6 +207,7 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     vh.response_mutation = compile_header_mutation(v.response_headers_to_add,
                                                    v.response_headers_to_remove, "response")
     vh.typed_per_filter_config = dict(v.typed_per_filter_config)
+    check_filter_configs(vh.typed_per_filter_config)
     vh.retry = compile_retry_policy(v.retry_policy) if v.HasField("retry_policy") else None
     vh.hedge = compile_hedge_policy(v.hedge_policy) if v.HasField("hedge_policy") else False
     vh.rate_limits = tuple(compile_rate_limit(r, "rate_limits[%d]" % i, strict=False)
@@ -263,6 +265,7 @@ def compile_route_config(rc) -> RouteTable:
                                                         rc.response_headers_to_remove, "response")
         ctx.most_specific_wins = rc.most_specific_header_mutations_wins
         ctx.typed_per_filter_config = dict(rc.typed_per_filter_config)
+        check_filter_configs(ctx.typed_per_filter_config)
         ctx.max_direct_body = u32(rc, "max_direct_response_body_size_bytes", 4096)
         t = RouteTable()
         t.name = rc.name

@@ -75,17 +75,7 @@ class ZipkinTracer:
         # Envoy: an OUTBOUND listener's HCM traces egress (CLIENT spans), any other ingress (SERVER)
         lp = getattr(listener, "proto", None)
         self.kind = "CLIENT" if lp is not None and lp.traffic_direction == 2 else "SERVER"
-        self.custom = []
-        for i, t in enumerate(hcm_proto.tracing.custom_tags):
-            which = t.WhichOneof("type")
-            if which == "literal":
-                self.custom.append((t.tag, "lit", t.literal.value))
-            elif which == "environment":
-                self.custom.append((t.tag, "lit", os.environ.get(t.environment.name, t.environment.default_value)))
-            elif which == "request_header":
-                self.custom.append((t.tag, "hdr", (t.request_header.name.lower(), t.request_header.default_value)))
-            else:  # metadata tags (Istio's dry-run RBAC ones): not evaluated
-                self.custom.append((t.tag, "none", None))
+        self.custom = custom_tags(hcm_proto)
         st = ctx.stats
         self.st_dropped = st.counter("tracing.zipkin.spans_dropped")
         self.st_sent = st.counter("tracing.zipkin.spans_sent")
@@ -214,42 +204,65 @@ class ZipkinFilter(HttpFilter):
             return
         t = self.t
         s = self.callbacks
-        si = s.stream_info
-        rq = s.request_headers
-        get = rq.get if rq is not None else (lambda k, d=None: d)
-        authority = get(":authority") or ""
-        path = get(":path") or ""
-        code = si.response_code or 0
-        rf = si.response_flags
-        tags = {
-            "component": "proxy", "node_id": t.node_id, "guid:x-request-id": si.request_id or "",
-            "http.method": get(":method") or "", "http.protocol": si.protocol or "",
-            "http.url": "%s://%s%s" % (get("x-forwarded-proto") or "http", authority, path),
-            "http.status_code": str(code), "upstream_cluster": si.upstream_cluster or "-",
-            "upstream_cluster.name": si.upstream_cluster or "-",
-            "response_flags": ",".join(rf) if rf else "-", "user_agent": get("user-agent") or "-",
-            "request_size": str(si.bytes_received), "response_size": str(si.bytes_sent),
-            "downstream_cluster": "-",
-        }
-        if code >= 500 or code == 0:
-            tags["error"] = "true"
-        for tag, kind, v in t.custom:
-            if kind == "lit":
-                tags[tag] = v
-            elif kind == "hdr":
-                hv = get(v[0])
-                if hv is not None or v[1]:
-                    tags[tag] = hv if hv is not None else v[1]
-        route = s.route
-        name = getattr(route, "decorator_operation", None) or (authority + path.partition("?")[0])
-        end = si.end_monotonic
-        dur = int(((end - si.start_monotonic) if end is not None else (time.time() - self.start)) * 1e6)
-        span = {"traceId": self.trace_id, "id": self.span_id, "name": name[:256], "kind": t.kind,
-                "timestamp": int(self.start * 1e6), "duration": max(dur, 1),
+        tags, name, start_us, dur_us, _ = span_facts(t, s, self.start)
+        span = {"traceId": self.trace_id, "id": self.span_id, "name": name, "kind": t.kind,
+                "timestamp": start_us, "duration": dur_us,
                 "localEndpoint": {"serviceName": t.service}, "tags": tags}
         if self.parent is not None:
             span["parentId"] = self.parent
         t.report(span)
+
+
+def span_facts(t, s, start: float):
+    """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
+    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
+    si = s.stream_info
+    rq = s.request_headers
+    get = rq.get if rq is not None else (lambda k, d=None: d)
+    authority = get(":authority") or ""
+    path = get(":path") or ""
+    code = si.response_code or 0
+    rf = si.response_flags
+    tags = {
+        "component": "proxy", "node_id": t.node_id, "guid:x-request-id": si.request_id or "",
+        "http.method": get(":method") or "", "http.protocol": si.protocol or "",
+        "http.url": "%s://%s%s" % (get("x-forwarded-proto") or "http", authority, path),
+        "http.status_code": str(code), "upstream_cluster": si.upstream_cluster or "-",
+        "upstream_cluster.name": si.upstream_cluster or "-",
+        "response_flags": ",".join(rf) if rf else "-", "user_agent": get("user-agent") or "-",
+        "request_size": str(si.bytes_received), "response_size": str(si.bytes_sent),
+        "downstream_cluster": "-",
+    }
+    error = code >= 500 or code == 0
+    if error:
+        tags["error"] = "true"
+    for tag, kind, v in t.custom:
+        if kind == "lit":
+            tags[tag] = v
+        elif kind == "hdr":
+            hv = get(v[0])
+            if hv is not None or v[1]:
+                tags[tag] = hv if hv is not None else v[1]
+    route = s.route
+    name = getattr(route, "decorator_operation", None) or (authority + path.partition("?")[0])
+    end = si.end_monotonic
+    dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
+    return tags, name[:256], int(start * 1e6), max(dur, 1), error
+
+
+def custom_tags(hcm_proto) -> list:
+    out = []
+    for t in hcm_proto.tracing.custom_tags:
+        which = t.WhichOneof("type")
+        if which == "literal":
+            out.append((t.tag, "lit", t.literal.value))
+        elif which == "environment":
+            out.append((t.tag, "lit", os.environ.get(t.environment.name, t.environment.default_value)))
+        elif which == "request_header":
+            out.append((t.tag, "hdr", (t.request_header.name.lower(), t.request_header.default_value)))
+        else:  # metadata tags (Istio's dry-run RBAC ones): not evaluated
+            out.append((t.tag, "none", None))
+    return out
 
 
 _B3 = frozenset(("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"))
@@ -266,7 +279,8 @@ def _is_hex_id(v: str, lengths) -> bool:
 
 
 def tracer_for_hcm(cfg, ctx, stat_prefix: str):
-    """The HCM's tracing filter factory, or None (no provider). Unsupported providers: ConfigError."""
+    """The HCM's tracing filter factory (Zipkin, OpenTelemetry), or None: no provider, or one not
+    implemented (the HCM logs it as such)."""
     if not cfg.HasField("tracing") or not cfg.tracing.HasField("provider"):
         return None
     p = cfg.tracing.provider
@@ -276,6 +290,12 @@ def tracer_for_hcm(cfg, ctx, stat_prefix: str):
         p.typed_config.Unpack(z)
         try:
             return ZipkinTracer(z, ctx, cfg, stat_prefix)
+        except ConfigError as e:
+            raise e.within(field="tracing.provider")
+    if t == "envoy.config.trace.v3.OpenTelemetryConfig":
+        from . import opentelemetry  # (imports grpc and the OTLP protos only when configured)
+        try:
+            return opentelemetry.tracer(p.typed_config, ctx, cfg)
         except ConfigError as e:
             raise e.within(field="tracing.provider")
     return None

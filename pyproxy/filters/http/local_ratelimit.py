@@ -6,7 +6,9 @@ As Envoy does it:
 
 - a route's ``typed_per_filter_config`` entry (a ``LocalRateLimit``, which must have a
   ``token_bucket``) replaces the filter's config for that route, with its own bucket and stats; a
-  virtual host's entry is one bucket for all its routes;
+  virtual host's entry is one bucket for all its routes. Such entries are checked when the routes
+  load (``check_per_route``: a bad one rejects the route configuration, as in Envoy); the bucket
+  itself is made when the first request uses it (the filter, not the route table, owns it);
 - ``filter_enabled`` decides (as a fraction of requests) whether the filter looks at a request at
   all, ``filter_enforced`` whether an over-limit request is refused; unset means 0 %;
 - refused: ``status`` (429 unless a code >= 400 is set), body ``local_rate_limited``, response
@@ -321,6 +323,24 @@ class LocalRateLimitFilter(HttpFilter):
             headers.add("x-ratelimit-remaining", str(b.remaining()))
             headers.add("x-ratelimit-reset", str(b.reset_seconds()))
         return CONTINUE
+
+
+class _NoStats:
+    """Counters for a config that is only checked (never used)."""
+
+    class _C:
+        value = 0
+
+    def counter(self, name):
+        return self._C()
+
+
+def check_per_route(msg) -> None:
+    """A route's ``typed_per_filter_config`` entry, checked as the routes load (a bad one rejects
+    the route configuration, as in Envoy)."""
+    if msg.DESCRIPTOR.full_name != _TYPE:
+        raise ConfigError("per-route config must be %s, got %s" % (_TYPE, msg.DESCRIPTOR.full_name))
+    LocalRateLimitConfig(msg, _NoStats(), per_route=True, field="LocalRateLimit")
 
 
 def factory(cfg, ctx):
