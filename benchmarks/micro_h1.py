@@ -59,6 +59,10 @@ static_resources:
     for i in range(1, 18))
 
 REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+# --mesh: what a request arriving through another sidecar carries (the request preparation scans it)
+MESH_REQUEST = (b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
+                b"X-Request-Id: 0b9b2c8e-6b1e-4c8e-9a51-3f3f7d0c1a2b\r\nX-Forwarded-Proto: http\r\n"
+                b"X-Forwarded-For: 10.1.2.3\r\n\r\n")
 BODY = b"x" * 1024
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 21 Nov 2026 21:00:00 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 1024\r\nConnection: keep-alive\r\n\r\n" + BODY)
@@ -122,7 +126,10 @@ def main(argv=None) -> int:
     ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP",
                     help="count the Python opcodes and calls one request executes (deterministic, "
                          "unlike timings on a shared machine) and list the TOP functions")
+    ap.add_argument("--mesh", action="store_true",
+                    help="a request with x-request-id, x-forwarded-proto and x-forwarded-for")
     a = ap.parse_args(argv)
+    request = MESH_REQUEST if a.mesh else REQUEST
     from pyproxy.cluster.pool import UpstreamConnection
     from pyproxy.listeners.connection import DownstreamConnection
     loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
     down.connection_made(dt)
 
     def one():
-        down.data_received(REQUEST)
+        down.data_received(request)
         up.data_received(RESPONSE)
 
     for _ in range(200):

@@ -87,6 +87,9 @@ def _run_consecutive_5xx(cls, bs, bad_key):
         time.sleep(0.1)
         out["flags_ejected"] = _flags(px)[bad_key]
         out["stats_1"] = _od_stats(px)
+        _, _, body = request(px.admin_port, "GET", "/clusters")
+        out["clusters_lines"] = [ln for ln in body.decode().splitlines() if ln.startswith("c::") and (
+            "::outlier::" in ln or "success_rate::" in ln or "health_flags::" in ln)]
         out["back_after"] = _wait_flag(px, bad_key, "healthy", 5)
         res = _send(px.port, 40)
         out["bad_hits_2"] = sum(1 for st, b in res if b == "bad")
@@ -120,7 +123,8 @@ def test_consecutive_5xx_ejection_as_envoy():
         if not ENVOY:
             pytest.skip("envoy binary not available")
         theirs = _run_consecutive_5xx(Envoy, with_fresh_ports(bs), bad_key)
-        for k in ("bad_hits_1", "errors_1", "flags_ejected", "stats_1", "bad_hits_2", "stats_2"):
+        for k in ("bad_hits_1", "errors_1", "flags_ejected", "stats_1", "clusters_lines",
+                  "bad_hits_2", "stats_2"):
             assert mine[k] == theirs[k], (k, mine[k], theirs[k])
         assert abs(mine["back_after"] - theirs["back_after"]) < 0.8
         assert abs(mine["back_after_2"] - theirs["back_after_2"]) < 0.8

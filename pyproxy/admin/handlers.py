@@ -225,13 +225,10 @@ def _h_clusters(admin, p):
         lines.append("%s::observability_name::%s" % (n, c.get("observability_name") or n))
         if c.get("outlier_detection"):
             od = c["outlier_detection"]
-            lines.append("%s::outlier::success_rate_average::%s" % (n, od.get("success_rate_average", -1)))
-            lines.append("%s::outlier::success_rate_ejection_threshold::%s"
-                         % (n, od.get("success_rate_ejection_threshold", -1)))
-            lines.append("%s::outlier::local_origin_success_rate_average::%s"
-                         % (n, od.get("local_origin_success_rate_average", -1)))
-            lines.append("%s::outlier::local_origin_success_rate_ejection_threshold::%s"
-                         % (n, od.get("local_origin_success_rate_ejection_threshold", -1)))
+            for k in ("success_rate_average", "success_rate_ejection_threshold",
+                      "local_origin_success_rate_average",
+                      "local_origin_success_rate_ejection_threshold"):
+                lines.append("%s::outlier::%s::%s" % (n, k, _sr.fmt_num(od.get(k, -1))))
         for prio in ("default", "high"):
             th = _thresholds(c, prio)
             for k in _CB_KEYS:
