@@ -22,7 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from scripts import mesh_config
+from tests.sds_util import AgentSds, cert_secret, root_secret, spiffe
 from tests.test_listener_filters import TESTDATA
+from tests.tls_certs import Pki
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_FLAGS = ["--drain-time-s", "45", "--drain-strategy", "immediate", "--local-address-ip-version", "v4",
@@ -162,6 +164,11 @@ def _kill(p):
 def test_agent_starts_pyproxy_as_envoy_and_reads_readiness(pod_dir):
     admin, prom, status, outbound, inbound = free_ports(5)
     agent = FakeAgent()
+    # the agent's SDS server on the bootstrap's relative socket: the demo mesh runs mTLS STRICT, so
+    # its listeners and clusters warm until `default` and `ROOTCA` arrive
+    pki = Pki(pod_dir / "pki")
+    sds = AgentSds(pod_dir, {"default": cert_secret("default", pki.issue("svc-a", uri=[spiffe("default", "svc-a")])),
+                             "ROOTCA": root_secret("ROOTCA", pki.ca_pem)}).start()
     with open(os.path.join(TESTDATA, "sidecar-bootstrap-envoy-rev.json")) as f:
         bs = json.load(f)
     extra = rewrite_bootstrap(bs, admin, prom, status, agent.port)
@@ -243,6 +250,9 @@ def test_agent_starts_pyproxy_as_envoy_and_reads_readiness(pod_dir):
         _kill(proxy)
         _kill(cp)
         agent.close()
+        sds.stop()
         if proxy is not None and proxy.returncode not in (0, None):
             print(proxy.stderr.read()[-3000:])
     assert extra in ([], ["removed 3 compressor filters from 0.0.0.0_15090"])
+    # one SDS stream per secret name, as pilot-agent serves them
+    assert {tuple(r.resource_names) for _, r in sds.requests if r.resource_names} == {("default",), ("ROOTCA",)}
