@@ -459,3 +459,15 @@ def test_outbound_auto_mtls_istio_alpn_http_and_tcp(mesh):
     assert data.startswith(b"HTTP/1.1 200") and b"app GET /via-tcp" in data
     assert _stat(m, "tcp.p_mtls_tcp.downstream_cx_total") == t0 + 1
     assert _stat(m, "cluster.inbound-permissive.ssl.handshake") >= 2
+
+
+def test_rbac_authenticated_tries_every_san(mesh):
+    """RBAC `authenticated` tries every URI SAN, then every DNS SAN, then the subject (Envoy's
+    order): a certificate whose second URI SAN is the allowed principal is allowed."""
+    m = mesh
+    two = m.pki.issue("two-uris", uri=[spiffe("other", "first"), CLIENT_ID])
+    body, _, _ = _exchange(m.strict, _ctx(m.pki, two, ["istio-http/1.1"]), GET)
+    assert body.startswith(b"HTTP/1.1 200"), body
+    one = m.pki.issue("first-only", uri=[spiffe("other", "first")], dns=["client.default.svc"])
+    body, _, _ = _exchange(m.strict, _ctx(m.pki, one, ["istio-http/1.1"]), GET)
+    assert body.startswith(b"HTTP/1.1 403"), body

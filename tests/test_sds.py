@@ -721,3 +721,33 @@ def test_initial_fetch_timeout_proceeds_in_every_worker(root, pki):
         finally:
             px.stop()
     be.close()
+
+
+def test_agent_sds_rejects_a_stream_without_node_and_serves_sotw_only(root, pki):
+    """The test server is as strict as pilot-agent: a stream whose first message has no node is
+    ended with INVALID_ARGUMENT "missing node information"; DeltaSecrets is UNIMPLEMENTED."""
+    import grpc
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.service.secret.v3 import sds_pb2_grpc
+    from sds_util import SECRET_TYPE
+    srv = pki.issue("server", uri=[SERVER_ID])
+    with AgentSds(root, {"default": cert_secret("default", srv)}) as agent:
+        ch = grpc.insecure_channel("unix:" + agent.path)
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(ch)
+        call = stub.StreamSecrets(iter([discovery_pb2.DiscoveryRequest(type_url=SECRET_TYPE,
+                                                                      resource_names=["default"])]), timeout=5)
+        with pytest.raises(grpc.RpcError) as ei:
+            list(call)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "missing node information" in ei.value.details()
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.DeltaSecrets(iter([discovery_pb2.DeltaDiscoveryRequest(type_url=SECRET_TYPE)]), timeout=5))
+        assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        req = discovery_pb2.DiscoveryRequest(type_url=SECRET_TYPE, resource_names=["default"])
+        req.node.id = "sidecar~1.2.3.4~x.default~default.svc.cluster.local"
+        it = stub.StreamSecrets(iter([req]), timeout=5)
+        resp = next(it)
+        assert resp.version_info and resp.nonce and len(resp.resources) == 1
+        it.cancel()
+        ch.close()
+        assert agent.rejected_streams == 1

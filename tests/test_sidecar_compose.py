@@ -58,7 +58,7 @@ def test_compose_topology(compose):
         assert any(v.endswith(":/etc/istio/ca:rw") or v.startswith("mesh-ca:") for v in proxy["volumes"])
         assert proxy["command"][:2] == ["-c", "/etc/pyproxy/sidecar-%s.json" % pod]
         flags = proxy["command"][2:]
-        assert flags == AGENT_FLAGS[:AGENT_FLAGS.index("--component-log-level")]
+        assert flags == AGENT_FLAGS          # pilot-agent's whole command line for envoy
         assert proxy["depends_on"][pod + "-init"]["condition"] == "service_completed_successfully"
         assert any(v.endswith(":/etc/istio/proxy:rw") or v.startswith("xds:") for v in proxy["volumes"])
         assert os.path.exists(os.path.join(REPO, "docker", "sidecar-%s.json" % pod))

@@ -220,7 +220,8 @@ def _principal(p, field, http):
         sm = compile_string_matcher(a.principal_name, field + ".authenticated.principal_name") \
             if a.HasField("principal_name") else None
         # plaintext (or no client certificate): peer_principal is None and this never matches
-        return lambda s: s.peer_principal is not None and (sm is None or sm.match(s.peer_principal))
+        # (Envoy's order: every URI SAN, every DNS SAN, then the subject; any one may match)
+        return lambda s: s.peer_principal is not None and (sm is None or any(sm.match(p) for p in s.peer_principal))
     if which == "direct_remote_ip":
         # the physical peer, whatever x-forwarded-for says
         return _ip_in("direct_remote_ip", _cidr(p.direct_remote_ip, field + ".direct_remote_ip"))
@@ -314,7 +315,7 @@ def compile_value_matcher(vm, field):
 
 
 def peer_principal(conn):
-    """The authenticated peer of a TLS connection (URI SAN, else DNS SAN, else subject, as Envoy's
-    ``authenticated`` principal), or None on plaintext or without a client certificate."""
+    """The authenticated peer of a TLS connection, as the names RBAC's ``authenticated`` principal
+    tries (URI SANs, DNS SANs, subject), or None on plaintext or without a client certificate."""
     tls = conn.ssl
-    return (tls.peer_principal or None) if tls is not None else None
+    return (getattr(tls, "peer_principals", None) or None) if tls is not None else None

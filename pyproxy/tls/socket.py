@@ -113,7 +113,8 @@ class _TlsLayer:
 
     __slots__ = ("raw", "obj", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
                  "peer_eof", "alpn", "version", "cipher_name", "peer_uri_san", "peer_dns_san",
-                 "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni", "cert_facts")
+                 "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni", "cert_facts",
+                 "peer_principals")
 
     def _init(self, tls, stats):
         self.tls = tls
@@ -133,6 +134,7 @@ class _TlsLayer:
         self.peer_uri_san = ""
         self.peer_dns_san = ""
         self.peer_principal = ""
+        self.peer_principals = ()
         self.peer_subject = ""
         self.peer_issuer = ""
         self.peer_serial = ""
@@ -185,17 +187,22 @@ class _TlsLayer:
         if self.tls.verifies:
             cert = obj.getpeercert()
             if cert:
-                uri = dns = ""
+                uris, dnss = [], []
                 for kind, value in cert.get("subjectAltName", ()):
-                    if kind == "URI" and not uri:
-                        uri = value
-                    elif kind == "DNS" and not dns:
-                        dns = value
+                    if kind == "URI":
+                        uris.append(value)
+                    elif kind == "DNS":
+                        dnss.append(value)
+                uri = uris[0] if uris else ""
+                dns = dnss[0] if dnss else ""
                 self.peer_uri_san, self.peer_dns_san = uri, dns
                 self.peer_subject = _rdn(cert.get("subject", ()))
                 self.peer_issuer = _rdn(cert.get("issuer", ()))
                 self.peer_serial = cert.get("serialNumber", "").lower()
                 self.peer_principal = uri or dns or self.peer_subject
+                # what RBAC's `authenticated` tries, in Envoy's order: every URI SAN, every DNS
+                # SAN, then the subject
+                self.peer_principals = tuple(uris + dnss + ([self.peer_subject] if self.peer_subject else []))
             elif st is not None:
                 st.no_certificate.inc()
         elif st is not None and self.tls.server:
