@@ -66,6 +66,7 @@ def route_table():
             {"match": {"prefix": "/wfault"}, "route": {"weighted_clusters": {"clusters": [
                 {"name": "b", "weight": 1,
                  "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT}}]}}},
+            {"match": {"prefix": "/slow"}, "route": {"cluster": "b", "timeout": "0.3s"}},
             {"match": {"prefix": "/"}, "route": {"cluster": "b", "timeout": "0s"},
              "decorator": {"operation": "b.default.svc.cluster.local:80/*"}},
         ]},
@@ -74,6 +75,8 @@ def route_table():
 
 def _handler(req, sock):
     path = req.path.split("?")[0]
+    if path == "/slow":
+        time.sleep(0.8)  # past the route's 0.3 s timeout: 504 UT from every lane
     if path.startswith("/pkg.Svc/"):
         # a trailers-only gRPC answer (grpc-status in the response head) ...
         if path.endswith("Fail"):
@@ -130,6 +133,9 @@ REQUESTS = [
     ("POST", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc"), ("TE", "trailers")], GRPC_BODY),
     ("POST", "/pkg.Svc/Fail", "svc.local", [("Content-Type", "application/grpc+proto")], GRPC_BODY),
     ("GET", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc")], b""),
+    # the route timeout, with and without a request body (a body leaves the fast lanes)
+    ("GET", "/slow", "svc.local", [], b""),
+    ("POST", "/slow", "svc.local", [("Content-Type", "text/plain")], b"body"),
     # what the HCM settings do before any filter
     ("GET", "/a/../b/./c", "svc.local", [], b""),
     ("GET", "/ws", "svc.local", [("Connection", "upgrade"), ("Upgrade", "websocket")], b""),
@@ -218,6 +224,8 @@ def test_same_bytes_and_stats_as_the_generic_chain(lanes, method, path, host, he
         assert a[2] == b[2], "upstream bytes (%s):\n%r\n%r" % (lane, a[2], b[2])
         assert a[3] == b[3], "stats deltas (%s):\n%r\n%r" % (lane, a[3], b[3])
     # the cases the plan must leave live really are live (a broken plan fails here, not only above)
+    if path == "/slow":
+        assert a[0].startswith(b"HTTP/1.1 504 ") and a[3].get("cluster.b.upstream_rq_timeout") == 1, a
     if path == "/fault":
         assert a[0].startswith(b"HTTP/1.1 418 "), a[0]
         assert a[3].get("http.outbound_0.0.0.0_80.fault.aborts_injected") == 1, a[3]

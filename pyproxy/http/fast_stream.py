@@ -259,6 +259,9 @@ class FastStream(ActiveStream):
     # -- endings ------------------------------------------------------------------------------------
     def on_deadline(self):
         """The route timeout passed (called by the connection's deadline timer)."""
+        if self.router is not self:
+            # the generic router has the request (_generic): its own timeouts (route, gRPC)
+            return ActiveStream.on_deadline(self)
         if self.up_done:
             return
         self.cluster.st_rq_timeout.value += 1
