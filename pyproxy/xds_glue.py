@@ -122,6 +122,7 @@ class RouteProvider:
     def register_stats(self, store, stat_prefix):
         if stat_prefix not in self.stat_scopes:
             s = store.scope("http.%s.rds.%s." % (stat_prefix, self.name))
+            s.counter("update_attempt").inc()    # the subscription's start, as Envoy counts it
             self.stat_scopes[stat_prefix] = (s.counter("update_attempt"), s.counter("update_success"),
                                              s.counter("update_rejected"), s.counter("update_empty"),
                                              s.gauge("version", accumulate=False),
@@ -449,6 +450,8 @@ class XdsGlue:
                     continue
                 applied.append(name)
                 if cm.add_or_update(c):
+                    if c.type == EDS_TYPE:     # its EDS subscription starts: an attempt (Envoy)
+                        c.scope.counter("update_attempt").inc()
                     if c.type == EDS_TYPE and cm.warming.get(c.name) is c:
                         t = _fetch_timeout(c.proto.eds_cluster_config.eds_config)
                         if t > 0:
@@ -820,6 +823,7 @@ async def start_xds(server) -> XdsGlue:
                               field="dynamic_resources.%s" % src_name)
         glue.client_for_type[t] = client
         client.subscribe(t, None)
+        glue.st[t][0].inc()        # as Envoy: a subscription's start counts as an update attempt
         glue.wanted_types.add(t)
         timeout = _fetch_timeout(src)
         if timeout > 0:

@@ -52,6 +52,10 @@ def _partial_scenario(env, api, kind):
     cp.wait_acked(CLUSTER, ENDPOINT, LISTENER, ROUTE)
     assert get(p1)[1] == "A /" and get(p2)[1] == "A /"
     b0 = px.stats()
+    # Envoy's counting from the start: the subscription's start is an attempt, then one response
+    initial = {k: v for k, v in b0.items()
+               if k.endswith((".update_attempt", ".update_success", ".update_rejected"))
+               and k.split(".")[1] in ("cds", "lds", "c1", "c2", "l1", "l2")}
 
     bad_c = [dict(eds_cluster(n), lb_policy="CLUSTER_PROVIDED") for n in ("c3", "c4")]
     bad_cla = cla("c2", b.port)
@@ -151,6 +155,7 @@ def _partial_scenario(env, api, kind):
     wait_for(lambda: get(p1)[1] == "B /", 5, "fixed r1")
     names = dynamic_names(px.config_dump())
     ls = dump_section(px.config_dump(), "ListenersConfigDump")["dynamic_listeners"]
+    view["initial"] = initial
     view["fixed"] = (sorted(names["clusters"]), sorted(names["listeners"]),
                      [e.get("name") for e in ls if "error_state" in e],
                      None if api != "GRPC" else (names["routes"]["r1"] == v3, names["clusters"]["c5"] == v2))
@@ -166,6 +171,9 @@ def test_partial_apply_matches_envoy(env, api):
     assert pv["cds_nack_names"] == ["c3", "c4"] and pv["lds_nack_names"] == ["l1", "l3", "l4"]
     assert pv["clusters"] == ["c1", "c2", "c5"] and pv["listeners"] == ["l1", "l2", "l5"]
     assert pv["cds"] == (1, 0) and pv["lds"] == (1, 0) and all(pv["versions_kept"])
+    assert pv["initial"]["cluster_manager.cds.update_attempt"] == 2
+    assert pv["initial"]["http.l1.rds.r1.update_attempt"] == 2
+    assert pv["initial"]["cluster.c1.update_attempt"] == 2
     assert pv["rds_rejected"] == (True, True) and pv["eds_rejected_c2"]
     assert pv["error_state"] == ["l1", "l3", "l4"] and pv["l1_kept"] and pv["c2_hosts"] == 1
     if api == "GRPC":
