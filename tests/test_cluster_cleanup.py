@@ -46,7 +46,7 @@ def test_original_dst_hosts_are_reaped_after_cleanup_interval():
         port = free_port()
         rc = route_config([{"match": {"prefix": "/"}, "route": {"cluster": "odst"}}])
         odst = {"name": "odst", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                "connect_timeout": "1s", "cleanup_interval": "0.5s",
+                "connect_timeout": "1s", "cleanup_interval": "1s",
                 "original_dst_lb_config": {"use_http_header": True}}
         with Pyproxy(bootstrap([http_listener(port, rc)], [odst])):
             def hit(be):
@@ -57,7 +57,7 @@ def test_original_dst_hosts_are_reaped_after_cleanup_interval():
             hit(b)
             wait_for(lambda: len(a.socks) == 1 and len(b.socks) == 1, 3, "one upstream connection each")
             # B stays in use; A is not used again
-            end = time.monotonic() + 2.0
+            end = time.monotonic() + 3.0  # past two cleanup passes
             while time.monotonic() < end:
                 hit(b)
                 time.sleep(0.1)

@@ -208,6 +208,16 @@ def test_split_and_capture(mesh):
     assert delta("svc-b-v2", "cluster.inbound|8080||.upstream_rq_total") == v2
 
 
+def test_local_images_is_idempotent(mesh):
+    """The first run printed what it built; a second one keeps both images and builds nothing."""
+    assert "docker import %s" % BASE_IMAGE in mesh.build_output or "%s exists" % BASE_IMAGE in mesh.build_output
+    assert "built %s" % MESH_IMAGE in mesh.build_output or "%s exists" % MESH_IMAGE in mesh.build_output
+    p = _run(["bash", os.path.join(REPO, "docker", "local-images.sh")], mesh.env, 300)
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == "local-images: %s exists" % BASE_IMAGE, p.stdout
+    assert re.fullmatch(r"local-images: %s exists \(sources [0-9a-f]{16}\)" % re.escape(MESH_IMAGE), lines[1]), p.stdout
+
+
 def test_strict_mtls_refuses_plaintext(mesh):
     """PeerAuthentication STRICT: plaintext to a pod's application port (captured to 15006) matches
     no inbound chain and is closed without an answer; so is TLS without a mesh client certificate."""

@@ -31,6 +31,8 @@ class Switchable:
                 if self.hc_status == "hang":
                     time.sleep(1.5)
                     return None
+                if self.hc_status == "degraded":
+                    return simple_response(200, b"hc", [("x-envoy-degraded", "")])
                 return simple_response(self.hc_status, b"hc")
             return simple_response(200, name.encode(), [("x-backend", name)])
         self.be = HttpBackend(handler, name=name)
@@ -100,6 +102,12 @@ def _http_scenario(cls, bs, bes):
         out["served_soon"] = _served(px, 10)
         time.sleep(1.1)
         out["served_again"] = _served(px)
+        bes[2].hc_status = "degraded"  # a passing check that says x-envoy-degraded
+        out["t_degraded"] = _wait(px, keys[2], "/degraded_active_hc")
+        time.sleep(1.1)
+        # 2 healthy of 3 take 93 % of the load (overprovisioning 1.4); the degraded host the rest
+        got = [request(px.port, "GET", "/")[1].get("x-backend") for _ in range(150)]
+        out["degraded_share"] = got.count("be2") / len(got)
         st = px.stats()
         out["stats"] = {k: st.get("cluster.c.health_check." + k, 0) > 0
                         for k in ("attempt", "success", "failure")}
@@ -117,6 +125,7 @@ def test_http_health_check_as_envoy():
         assert mine["served_without"] == {"be0", "be2"}
         assert mine["served_soon"] == {"be0", "be2"}
         assert mine["served_again"] == {"be0", "be1", "be2"}
+        assert mine["degraded_share"] < 0.2
         assert mine["t_down"] < 1.0 and 0.2 < mine["t_up"] < 1.5
         assert mine["stats"] == {"attempt": True, "success": True, "failure": True}
         assert mine["healthy_gauge"] == 3
@@ -127,6 +136,7 @@ def test_http_health_check_as_envoy():
                   "healthy_gauge"):
             assert mine[k] == theirs[k], (k, mine[k], theirs[k])
         assert abs(mine["t_up"] - theirs["t_up"]) < 0.6
+        assert theirs["degraded_share"] < 0.2
     finally:
         for b in bes:
             b.close()

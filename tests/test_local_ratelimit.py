@@ -324,3 +324,26 @@ def test_descriptors_from_the_virtual_host_match_envoy():
     # /x: the vhost's 2; /own: its own 3 (twice); /inc takes own's third, then finds vh empty:
     # 429 (the token it took from own is gone); so the last /own finds own empty
     assert results[0] == [200, 200, 429, 200, 200, 429, 429]
+
+
+def test_istio_envoyfilter_shape():
+    """The shape Istio's EnvoyFilter docs use: the filter as a udpa TypedStruct, the limits on the
+    route's typed_per_filter_config as a TypedStruct too."""
+    ts = "type.googleapis.com/udpa.type.v1.TypedStruct"
+    filt = {"@type": ts, "type_url": LRL, "value": {"stat_prefix": "http_local_rate_limiter"}}
+    per_route = {"@type": ts, "type_url": LRL, "value": {
+        "stat_prefix": "http_local_rate_limiter",
+        "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "60s"},
+        "filter_enabled": {"runtime_key": "local_rate_limit_enabled",
+                           "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "filter_enforced": {"runtime_key": "local_rate_limit_enforced",
+                            "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                     "header": {"key": "x-local-rate-limit", "value": "true"}}]}}
+    r = route("/", "b")
+    r["typed_per_filter_config"] = {"envoy.filters.http.local_ratelimit": per_route}
+    reqs = [("/", {})] * 3
+    out, stats, seen = _both(filt, [r], reqs)
+    assert [o[0] for o in out] == [200, 200, 429]
+    assert ("x-local-rate-limit", "true") in out[2][1]
+    assert stats["http_local_rate_limiter.http_local_rate_limit.enforced"] == 1

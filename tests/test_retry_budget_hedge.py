@@ -170,3 +170,29 @@ def test_hedge_fields_envoy_does_not_implement_are_rejected(hp, words):
     assert rc == 1 and words in out and "Envoy does not implement" in out, out
     rc, out = _validate_route({"hedge_policy": {"hedge_on_per_try_timeout": True, "initial_requests": 1}})
     assert rc == 0, out
+
+
+@pytest.mark.parametrize("proxy_cls", proxies(), ids=lambda c: c.kind)
+def test_retry_gives_up_past_the_buffer_limit_as_envoy(proxy_cls):
+    """A request body larger than the route's per_request_buffer_limit_bytes cannot be replayed:
+    no retry, the 503 goes out and retry_or_shadow_abandoned counts it; a smaller one is
+    retried."""
+    seen = []
+
+    def h(req, sock):
+        seen.append(len(req.body))
+        return simple_response(503 if len(seen) % 2 == 1 else 200, b"r%d" % len(seen))
+
+    with HttpBackend(handler=h) as be:
+        port = free_port()
+        rc = route_config([route("/", "b", retry_policy={"retry_on": "5xx", "num_retries": 1})])
+        rc["virtual_hosts"][0]["routes"][0]["per_request_buffer_limit_bytes"] = 4096
+        bs = bootstrap([http_listener(port, rc)], [cluster("b", [be.port])])
+        with proxy_cls(bs) as px:
+            st_small = request(px.port, "POST", "/s", body=b"s" * 1000)[0]
+            st_big = request(px.port, "POST", "/b", body=b"b" * 20000)[0]
+            st = _stats(px)
+            abandoned = px.stat("cluster.b.retry_or_shadow_abandoned")
+    assert (st_small, st_big) == (200, 503)
+    assert abandoned == 1 and st["upstream_rq_retry"] == 1
+    assert seen == [1000, 1000, 20000]

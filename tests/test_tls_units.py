@@ -301,3 +301,46 @@ def test_sds_validation_context_san_matchers_merged(pki, store):
         store.apply_sds({"ROOTCA": secret({"name": "ROOTCA", "validation_context": dict(
             ca, match_typed_subject_alt_names=[{"san_type": "URI", "matcher": {"safe_regex": {"regex": "("}}}])})})
     assert u.compiled() is c
+
+
+def test_istio_alpn_pools_keyed_by_list_and_dropped_with_their_host(pki, tmp_path):
+    """istio.alpn: the cluster hands out a pool per (host, ALPN list) whose TLS offers that list
+    instead of the cluster's own; a plaintext host keeps its ordinary pool; an EDS update that
+    removes the host drains its ALPN pools too."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    import pyproxy.extensions  # noqa: F401 (the built-in transport sockets)
+    from pyproxy.cluster.cluster import Cluster
+    from pyproxy.cluster.host import Host
+    from pyproxy.cluster.manager import ClusterManager
+    from pyproxy.stats import Store
+    proto = json_format.ParseDict({"name": "c", "type": "EDS", "connect_timeout": "1s",
+                                   "eds_cluster_config": {"eds_config": {"ads": {}}},
+                                   "transport_socket": {"name": "tls", "typed_config": {
+                                       "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                                       "common_tls_context": {"alpn_protocols": ["istio-peer-exchange", "istio"],
+                                                              "validation_context": {"trusted_ca": {
+                                                                  "inline_string": pki.ca_pem.decode()}}}}}},
+                                  cluster_pb2.Cluster())
+    loop = asyncio.new_event_loop()
+    try:
+        c = Cluster(proto, ClusterManager(loop, Store()))
+        cla = json_format.ParseDict({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+            for p in (1, 2)]}]}, endpoint_pb2.ClusterLoadAssignment())
+        c.update_load_assignment(cla)
+        h1, h2 = c.priority_set.all_hosts[:2]
+        alpn = ("istio-http/1.1", "istio", "http/1.1")
+        p = c.http_pool(h1, False, alpn)
+        assert p is c.http_pool(h1, False, alpn) and p is not c.http_pool(h1, False)
+        assert p.transport.alpn == alpn and c.transport_for(h1).alpn == ("istio-peer-exchange", "istio")
+        assert p.transport.compiled().ctx is not c.transport_for(h1).compiled().ctx
+        c.http_pool(h2, False, alpn)
+        cla2 = json_format.ParseDict({"cluster_name": "c", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 2}}}}]}]},
+            endpoint_pb2.ClusterLoadAssignment())
+        c.update_load_assignment(cla2)
+        assert [k[0] for k in c.alpn_pools] == [h2.key]
+        c.close()
+    finally:
+        loop.close()

@@ -342,6 +342,10 @@ class Cluster:
                 p = self.pools.pop(h.key, None)
                 if p is not None:
                     p.drain()
+        ap = self.__dict__.get("alpn_pools")
+        if ap and removed:  # (istio.alpn's pools of removed hosts go too)
+            for k in [k for k in ap if k[0] not in keys]:
+                ap.pop(k).drain()
         self.st_membership_total.set(len(ps.all_hosts))
         self.st_membership_healthy.set(sum(1 for h in ps.all_hosts if h.healthy))
         self.st_membership_change.inc()

@@ -19,7 +19,8 @@ Semantics (Envoy's ``HealthCheckerImplBase`` / ``ActiveHealthCheckSession``):
   (unhealthy), ``healthy_edge_interval`` / ``unhealthy_edge_interval`` while a transition is pending;
   plus ``interval_jitter_percent`` % and ``interval_jitter`` of random jitter.
 * HTTP: ``GET`` (or ``method``) ``path`` with ``:authority`` = ``host`` or the cluster's name,
-  ``user-agent: Envoy/HC``, ``request_headers_to_add``; HTTP/1.1 (``codec_client_type`` HTTP2 is
+  ``user-agent: Envoy/HC``, ``request_headers_to_add``; an answer carrying ``x-envoy-degraded``
+  marks the host ``degraded_active_hc``; HTTP/1.1 (``codec_client_type`` HTTP2 is
   refused). TCP: connect, write ``send``, then every ``receive`` payload must be found in order;
   no ``receive`` = a successful connect is enough. gRPC: ``grpc.health.v1.Health/Check`` over
   HTTP/2 (h2c) for ``service_name``, ``authority`` (default: the cluster's name).
@@ -216,6 +217,11 @@ class _HttpParse:
         self.done = False
         self.body = 0
         self.keep_alive = True
+        self.degraded = False
+
+    def on_header(self, name, value):
+        if len(name) == 16 and name.lower() == b"x-envoy-degraded":
+            self.degraded = True
 
     def on_body(self, b):
         self.body += len(b)
@@ -449,7 +455,7 @@ class _Session:
                 status = self.parser.get_status_code()
                 p.keep_alive = self.parser.should_keep_alive()
                 if any(a <= status < b for a, b in cfg.expected):
-                    self._result(_OK)
+                    self._result(_OK, degraded=p.degraded)
                 elif any(a <= status < b for a, b in cfg.retriable):
                     self._result(_RETRIABLE_FAIL)  # (counted toward the threshold)
                 else:
@@ -540,7 +546,7 @@ class _Session:
             self._result(_TIMEOUT)
 
     # -- the result ----------------------------------------------------------------------------------
-    def _result(self, r: int) -> None:
+    def _result(self, r: int, degraded: bool = False) -> None:
         if not self.in_check or self.stopped:
             return
         self.in_check = False
@@ -552,12 +558,12 @@ class _Session:
                 cfg.kind == HTTP and self.http is not None and not self.http.keep_alive):
             self._close_conn()
         if r == _OK:
-            healthy, pending = self._on_success()
+            healthy, pending = self._on_success(degraded)
         else:
             healthy, pending = self._on_failure(r)
         self.timer = self.loop.call_later(self._next(healthy, pending), self._on_interval)
 
-    def _on_success(self):
+    def _on_success(self, degraded: bool = False):
         h = self.host
         ck = self.checker
         changed = pending = False
@@ -573,8 +579,11 @@ class _Session:
         if h.has_flag(PENDING_ACTIVE_HC):
             h.clear_flag(PENDING_ACTIVE_HC)
             changed = True
-        if h.has_flag(DEGRADED_ACTIVE_HC):
-            h.clear_flag(DEGRADED_ACTIVE_HC)
+        if degraded != h.has_flag(DEGRADED_ACTIVE_HC):  # (x-envoy-degraded in the answer)
+            if degraded:
+                h.set_flag(DEGRADED_ACTIVE_HC)
+            else:
+                h.clear_flag(DEGRADED_ACTIVE_HC)
             changed = True
         ck.st["success"].value += 1
         first = self.first_check

@@ -159,9 +159,13 @@ class Router:
         self.retries_left = retry.num_retries if retry is not None else 0
         self.hedge = route.hedge_on_per_try_timeout and retry is not None
         if retry is not None and retry.num_retries:
-            self.buffering = True
+            # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
+            # the route's per_request_buffer_limit_bytes when smaller
+            lim = s.hc.conn.listener.buffer_limit or _RETRY_BUFFER_LIMIT
+            rl = route.per_request_buffer_limit_bytes
+            self.buffering = max(1, rl) if rl is not None and rl < lim else lim
         else:
-            self.buffering = False
+            self.buffering = 0
         if route.hash_policies or (retry is not None and retry.previous_hosts):
             ctx = self.lb_ctx = LbContext(route.hash_key(headers, s.hc.conn.info.src_ip) if route.hash_policies else None)
             if retry is not None and retry.previous_hosts:
@@ -204,9 +208,9 @@ class Router:
             if not bound and self.body_len > self.s.hc.conn.listener.buffer_limit and not self.read_held:
                 self.read_held = True
                 self.s.read_disable(True)  # no upstream yet: stop reading the body
-            if self.buffering and self.body_len > _RETRY_BUFFER_LIMIT:
+            if self.buffering and self.body_len > self.buffering:
                 # too big to replay: no more retries for this request (Envoy's count)
-                self.buffering = False
+                self.buffering = 0
                 self.retries_left = 0
                 self.cluster.st_retry_or_shadow_abandoned.value += 1
                 if bound:
