@@ -108,6 +108,7 @@ class SdsManager:
         self.closed = False
         STORE.hooks.append(self._on_provider)
         STORE.ready_hooks.append(self._refresh_expiry)
+        STORE.rejected_hooks.append(self._first_rejected)
         for p in list(STORE.providers.values()):
             if p.refs > 0:
                 self._on_provider(p, True)
@@ -194,6 +195,12 @@ class SdsManager:
         STORE.mark_ready(p)
         self._tell_workers(p)
 
+    def _first_rejected(self, names) -> None:
+        workers = self.server.workers
+        if workers is not None:
+            for n in names:
+                workers.secret_ready(n)
+
     def _tell_workers(self, p) -> None:
         workers = self.server.workers
         if workers is not None:
@@ -234,11 +241,10 @@ class SdsManager:
         self.closed = True
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
-        try:
-            STORE.hooks.remove(self._on_provider)
-            STORE.ready_hooks.remove(self._refresh_expiry)
-        except ValueError:
-            pass
+        for hooks, h in ((STORE.hooks, self._on_provider), (STORE.ready_hooks, self._refresh_expiry),
+                         (STORE.rejected_hooks, self._first_rejected)):
+            if h in hooks:
+                hooks.remove(h)
         for p in STORE.providers.values():
             if p.timer is not None:
                 p.timer.cancel()

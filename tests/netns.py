@@ -32,6 +32,8 @@ import uuid
 import pytest
 
 TEST_NET = ipaddress.ip_network("198.18.0.0/15")
+# held by the compose mesh (docker-compose.yml) and the test dockerd's bridge (scripts/local_dockerd.py)
+RESERVED = (ipaddress.ip_network("198.18.10.0/24"), ipaddress.ip_network("198.19.254.0/24"))
 CMD_TIMEOUT = 20
 
 _probe_result = None
@@ -108,7 +110,13 @@ class NetnsEnv:
         self.host_links = []
         self.procs = []
         # 2**15 /30 subnets in 198.18.0.0/15; pick a block of 64 by PID, then walk it.
-        self._subnets = (ipaddress.ip_network((int(TEST_NET.network_address) + 4 * ((os.getpid() % 512) * 64 + i), 30))
+        # A block that touches RESERVED is swapped for the block half the range away.
+        def block(b):
+            return ipaddress.ip_network((int(TEST_NET.network_address) + 4 * 64 * b, 24))
+        b = os.getpid() % 512
+        if any(block(b).overlaps(r) for r in RESERVED):
+            b = (b + 256) % 512
+        self._subnets = (ipaddress.ip_network((int(TEST_NET.network_address) + 4 * (b * 64 + i), 30))
                          for i in range(64))
         self._closed = False
 

@@ -44,6 +44,9 @@ MX_OUT = {"name": "istio.metadata_exchange", "typed_config": {
     "@type": T + "io.istio.http.peer_metadata.Config",
     "upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
     "upstream_propagation": [{"istio_headers": {}}]}}
+GRPC_STATS = {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+    "@type": T + "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", "emit_filter_state": True,
+    "stats_for_all_methods": True}}
 SVC_B = "svc-b.default.svc.cluster.local"
 OUT_CLUSTER = "outbound|8080||" + SVC_B
 OUT_GRPC = "outbound|9090||" + SVC_B
@@ -225,7 +228,7 @@ class Mesh:
              "static_resources": {
                  "listeners": [
                      _hcm_listener("out_http", self.a_http, "OUTBOUND", [MX_OUT, STATS_OUT], vh, "outbound_0.0.0.0_8080"),
-                     _hcm_listener("out_grpc", self.a_grpc, "OUTBOUND", [MX_OUT, STATS_OUT], vh_grpc,
+                     _hcm_listener("out_grpc", self.a_grpc, "OUTBOUND", [MX_OUT, GRPC_STATS, STATS_OUT], vh_grpc,
                                    "outbound_0.0.0.0_9090"),
                      _tcp_listener("out_tcp", self.a_tcp, "OUTBOUND", "outbound|7070||" + SVC_B, STATS_OUT),
                      _tcp_listener("out_mtls", self.a_mtls, "OUTBOUND", "outbound|7071||" + SVC_B, STATS_OUT),
@@ -414,6 +417,13 @@ def test_grpc_ok_and_error_status(mesh):
         assert d["source_workload"] == "svc-a" and d["destination_workload"] == "svc-b-v1"
         labels, v = find(p, "istio_requests_total", request_protocol="grpc", grpc_response_status="5")
         assert v == 1 and dict(labels)["response_code"] == "200"
+    # the client's chain has grpc_stats (emit_filter_state): one message each way per call
+    for st, want in (("0", 1), ("5", 0)):
+        for name in ("istio_request_messages_total", "istio_response_messages_total"):
+            labels, v = find(mesh.a, name, grpc_response_status=st)
+            assert [k for k, _ in labels] == HTTP_ORDER
+            assert v == (1 if name == "istio_request_messages_total" else want), (name, st, v)
+    assert not series(mesh.b, "istio_request_messages_total")  # no grpc_stats on B's chain
 
 
 def test_tcp_metrics_without_exchange(mesh):

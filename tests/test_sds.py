@@ -751,3 +751,37 @@ def test_agent_sds_rejects_a_stream_without_node_and_serves_sotw_only(root, pki)
         it.cancel()
         ch.close()
         assert agent.rejected_streams == 1
+
+
+def test_ads_secret_rejected_first_response_ends_warming(root, pki, control_plane):
+    """A `kubernetes://` secret istiod sends broken (key of another certificate): NACKed, and as in
+    Envoy the rejected first response ends the cluster's wait (LIVE well before the 15 s initial
+    fetch timeout); the cluster's TLS stays unusable, so requests fail (503), never plaintext."""
+    from sds_util import ads_bootstrap
+    import base64 as b64
+    cred, other = pki.issue("cred", uri=[spiffe("default", "cred")]), pki.issue("other", uri=[SERVER_ID])
+    be = HttpBackend(name="be")
+    out = free_port()
+    ads_ref = {"sds_config": {"ads": {}, "resource_api_version": "V3"}}
+    bad = {"@type": "Secret", "name": "kubernetes://cred", "tls_certificate": {
+        "certificate_chain": {"inline_bytes": b64.b64encode(cred.cert_pem).decode()},
+        "private_key": {"inline_bytes": b64.b64encode(other.key_pem).decode()}}}
+    ext = {"@type": "Cluster", "name": "ext", "type": "STATIC", "connect_timeout": "1s",
+           "load_assignment": {"cluster_name": "ext", "endpoints": [{"lb_endpoints": [{"endpoint": {
+               "address": {"socket_address": {"address": "127.0.0.1", "port_value": be.port}}}}]}]},
+           "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+               "common_tls_context": {"tls_certificate_sds_secret_configs": [dict(ads_ref, name="kubernetes://cred")]}}}}
+    cpp = control_plane([bad, ext, _hcm_listener_res("out", out, "ext")])
+    with AgentSds(root, {}):
+        px = _start(ads_bootstrap(cpp.port), root, wait_ready=False)
+        try:
+            t0 = time.monotonic()
+            px.wait_ready(10)
+            assert time.monotonic() - t0 < 8
+            st, _, _ = request(out, "GET", "/x", timeout=5)
+            assert st == 503 and not be.requests
+            assert "does not match the certificate" in px.log()
+        finally:
+            px.stop()
+    be.close()

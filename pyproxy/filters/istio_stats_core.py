@@ -238,6 +238,10 @@ class StatsConfig:
         self.labels = HTTP_LABELS if kind == "http" else TCP_LABELS
         metrics = HTTP_METRICS if kind == "http" else TCP_METRICS
         self.shapes = tuple(MetricShape(m, self.labels, rules.get(m)) for m in metrics)
+        # gRPC streams also count messages (from the grpc_stats filter's filter state)
+        self.msg_shapes = tuple(MetricShape(m, self.labels, rules.get(m))
+                                for m in ("request_messages_total", "response_messages_total")) \
+            if kind == "http" else ()
         self.dynamic = tuple(e for s in self.shapes for e in s.dynamic)
         st = self.store
         self.truncated = st.counter("istio_stats.label_truncated")
@@ -248,11 +252,12 @@ class StatsConfig:
                         (("component", "proxy"), ("tag", self.local.istio_version or "unknown"))).set(1)
 
     # -- series --------------------------------------------------------------------------------------
-    def series(self, values: list, rq, rs, si) -> tuple:
+    def series(self, values: list, rq, rs, si, shapes=None) -> tuple:
         """The metric objects for one label resolution (None for dropped metrics / overflow)."""
         st = self.store
         out = []
-        for i, shape in enumerate(self.shapes):
+        counters_only = shapes is not None
+        for i, shape in enumerate(self.shapes if shapes is None else shapes):
             if shape.drop:
                 out.append(None)
                 continue
@@ -273,7 +278,7 @@ class StatsConfig:
                 out.append(flat_exists)
                 continue
             before = len(st.tagged)
-            if self.kind == "http":
+            if self.kind == "http" and not counters_only:
                 m = st.tagged_counter(shape.name, tags) if i == 0 else \
                     st.tagged_histogram(shape.name, tags, "ms" if i == 1 else "B")
             else:

@@ -97,7 +97,8 @@ class SecretProvider:
 
 
 class SecretStore:
-    __slots__ = ("static", "dynamic", "generation", "providers", "hooks", "ready_hooks", "meta")
+    __slots__ = ("static", "dynamic", "generation", "providers", "hooks", "ready_hooks", "meta",
+                 "rejected_hooks")
 
     def __init__(self):
         self.static: dict = {}
@@ -107,6 +108,7 @@ class SecretStore:
         self.hooks: list = []            # the SDS client: hook(provider, wanted: bool)
         self.ready_hooks: list = []      # called after any provider became ready
         self.meta: dict = {}             # name -> (version_info, last_updated) of dynamic secrets
+        self.rejected_hooks: list = []   # the SDS client: hook(names) when first responses failed
 
     # -- references from TLS contexts ------------------------------------------------------------
     def watch(self, name: str, config_source, factory) -> SecretProvider:
@@ -192,6 +194,7 @@ class SecretStore:
             try:
                 validate_secret(s)
             except ConfigError as e:
+                self._first_rejected(added)
                 raise e.within(resource="secret '%s'" % name)
         changed = []
         before = {}
@@ -217,6 +220,7 @@ class SecretStore:
                 else:
                     self.dynamic[name] = s
             self.generation += 1
+            self._first_rejected(added)
             raise
         now = time.time()
         for name in changed:
@@ -250,6 +254,18 @@ class SecretStore:
                     raise ConfigError("secret '%s' not usable by a TLS context: %s"
                                       % ("', '".join(sorted(wanted)), e))
 
+    def _first_rejected(self, added) -> None:
+        """As Envoy: a rejected first response ends the initial fetch of the secrets it named
+        (their TLS contexts stay unusable; listeners and clusters stop waiting)."""
+        became = [p for p in self.providers.values() if p.name in added and not p.ready]
+        for p in became:
+            p.error = p.error or "first response rejected"
+            p.set_ready()
+        if became:
+            for h in list(self.rejected_hooks):
+                h(sorted({p.name for p in became}))
+            self._ready_changed()
+
     def _mark_received(self, added, version_info) -> None:
         became = False
         for p in self.providers.values():
@@ -280,6 +296,7 @@ class SecretStore:
         self.providers = {}
         self.hooks = []
         self.ready_hooks = []
+        self.rejected_hooks = []
         self.generation += 1
 
 

@@ -7,13 +7,17 @@ Values: the duration is the stream's lifetime in whole milliseconds; request and
 are the downstream wire bytes, headers included (HTTP/1.1 header block size as decoded and as
 encoded: an estimate of the wire form, exact for HTTP/1.1 without obs-folds). gRPC streams
 (``content-type: application/grpc*``) get ``request_protocol="grpc"`` and the numeric gRPC status
-from the trailers, else the headers, else the HTTP status mapped as Envoy maps it.
+from the trailers, else the headers, else the HTTP status mapped as Envoy maps it. With
+``envoy.filters.http.grpc_stats`` (``emit_filter_state``) before it, a gRPC stream also adds its
+message counts to ``istio_request_messages_total`` / ``istio_response_messages_total`` (once, at
+the end of the stream; Envoy also reports long streams' deltas every ``tcp_reporting_duration``).
 """
 
 from __future__ import annotations
 
 from ...http.filter import CONTINUE, HttpFilter
 from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
+from .grpc_stats import FILTER_STATE_KEY as GRPC_STATS_KEY
 from ..istio_stats_core import StatsConfig, fs_upstream_peer
 
 # Envoy's Grpc::Utility::httpToGrpcStatus
@@ -102,9 +106,21 @@ class IstioStatsFilter(HttpFilter):
         if series is None:
             series = f.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
                                                          gs, flags, ep, rq, rs, si))
-        c, dur, rqb, rsb = series
+        c, dur, rqb, rsb = series[:4]
         if c is not None:
             c.value += 1
+        if grpc:  # message counts from envoy.filters.http.grpc_stats (emit_filter_state), at the end
+            counts = (getattr(s, "filter_state", None) or {}).get(GRPC_STATS_KEY)
+            if counts:
+                msgs = series[5]
+                if msgs is None:  # first counts for this label set: the two counters, then cached
+                    msgs = f.series(list(series[4]), rq, rs, si, f.msg_shapes)
+                    series = f.cache[key] = series[:5] + (msgs,)
+                qm, pm = msgs
+                if qm is not None:
+                    qm.value += counts.get("request_message_count", 0)
+                if pm is not None:
+                    pm.value += counts.get("response_message_count", 0)
         end = si.end_monotonic
         if dur is not None and end is not None:
             dur.record(int((end - si.start_monotonic) * 1000))
@@ -128,7 +144,9 @@ class IstioStatsFilter(HttpFilter):
         vals.append(gs)
         vals.append(flags)
         vals.append("unknown" if mtls is None else ("mutual_tls" if mtls else "none"))
-        return f.series(vals, rq, rs, si)
+        series = f.series(vals, rq, rs, si)
+        # gRPC: the labels kept for the message counters, made when grpc_stats first reports counts
+        return series + (tuple(vals), None) if grpc else series
 
 
 def factory(cfg, ctx):
