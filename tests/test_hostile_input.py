@@ -447,6 +447,19 @@ def test_xfcc_encoding_of_an_odd_certificate(backend, pki, odd_client, mode):
     assert "URI=spiffe://cluster.local/ns/a/sa/one;URI=urn:two" in x and 'Subject="CN=odd\\, \\"client' in x, x
 
 
+@pytest.mark.parametrize("mode", ["APPEND_FORWARD", "SANITIZE_SET"])
+def test_xfcc_by_names_every_uri_san_of_our_certificate(backend, pki, mode):
+    """Envoy writes one By= per URI SAN of the local (server) certificate, in order."""
+    p, _, cli = pki
+    srv2 = p.issue("server2", dns=["localhost"], uri=["spiffe://cluster.local/ns/default/sa/one", "urn:by:two"])
+    extra = {"forward_client_cert_details": mode, "set_current_client_cert_details": {"uri": True}}
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=downstream_tls(srv2, alpn=("http/1.1",), ca=p))
+    res = run_case(bs, backend, XFCC_REQUESTS[:2], tls_ctx=_client_ctx(p, cli))
+    assert_same(res, XFCC_REQUESTS[:2])
+    x = res["pyproxy"][0][1]["headers"]["x-forwarded-client-cert"]
+    assert x.startswith("By=spiffe://cluster.local/ns/default/sa/one;By=urn:by:two;Hash="), x
+
+
 def test_xfcc_istio_inbound_shape(backend, pki):
     """Istio's inbound HCM: APPEND_FORWARD with subject, uri and dns; a plaintext chain strips."""
     p, srv, cli = pki
