@@ -4,7 +4,7 @@ Drives a real listener/HCM/router/pool stack compiled from a bootstrap with in-m
 request bytes in downstream, request bytes out upstream, response bytes in upstream, response bytes
 out downstream. Prints microseconds per request; ``--profile`` prints the top cProfile entries.
 
-    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]]
+    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]] [--mesh] [--istio]
 """
 
 from __future__ import annotations
@@ -57,6 +57,31 @@ static_resources:
      % (i, i) if i <= 10 else
      "              - match: {prefix: \"/r%02d/\"}" % i) + "\n                route: {cluster: backend}"
     for i in range(1, 18))
+
+
+
+def istio_outbound_bootstrap() -> str:
+    """``--istio``: BOOTSTRAP with the HTTP chain and HCM settings istiod renders for a sidecar's
+    outbound listener (../shared/testdata/istio/sidecar-listeners-configdump.json), less the Istio
+    extensions: grpc_stats (emit_filter_state), an empty fault, cors without a policy, router; uuid
+    request ids, normalize_path, websocket upgrades, no stream idle timeout."""
+    import json
+    import yaml
+    doc = yaml.safe_load(BOOTSTRAP)
+    t = "type.googleapis.com/envoy.extensions.filters.http."
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [
+        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+            "@type": t + "grpc_stats.v3.FilterConfig", "emit_filter_state": True, "stats_for_all_methods": False}},
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": t + "fault.v3.HTTPFault"}},
+        {"name": "envoy.filters.http.cors", "typed_config": {"@type": t + "cors.v3.Cors"}},
+    ] + hcm["http_filters"]
+    hcm.update({"normalize_path": True, "upgrade_configs": [{"upgrade_type": "websocket"}],
+                "stream_idle_timeout": "0s", "request_id_extension": {"typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                    "use_request_id_for_trace_sampling": True}}})
+    return json.dumps(doc)
+
 
 REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
 # --mesh: what a request arriving through another sidecar carries (the request preparation scans it)
@@ -128,11 +153,13 @@ def main(argv=None) -> int:
                          "unlike timings on a shared machine) and list the TOP functions")
     ap.add_argument("--mesh", action="store_true",
                     help="a request with x-request-id, x-forwarded-proto and x-forwarded-for")
+    ap.add_argument("--istio", action="store_true",
+                    help="Istio's outbound sidecar HTTP chain (grpc_stats, fault, cors, router) and HCM settings")
     a = ap.parse_args(argv)
     request = MESH_REQUEST if a.mesh else REQUEST
     from pyproxy.cluster.pool import UpstreamConnection
     from pyproxy.listeners.connection import DownstreamConnection
-    loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
+    loop, lm, al, cluster, host, pool = build_stack(istio_outbound_bootstrap() if a.istio else BOOTSTRAP)
     up = UpstreamConnection(pool, host)
     ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
     up.connection_made(ut)

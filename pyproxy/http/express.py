@@ -32,7 +32,7 @@ from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 # (conn_manager first: it completes the fast_stream import cycle)
 from .conn_manager import _date, new_stream_info
-from .fast_stream import FastStream, pick_cluster, route_is_fast
+from .fast_stream import FastStream, chain_is_inert, pick_cluster, route_is_fast
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
 from .request_prep import Prepared, prepare
@@ -54,7 +54,8 @@ _SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"ser
 
 def hcm_is_express(cfg) -> bool:
     """Whether an HTTP connection manager's requests may take the express lane: a router-only
-    chain and none of the per-request features the lane leaves to the generic stream."""
+    chain (or one whose other filters the chain plan may show inert per request, ``start()``
+    checks) and none of the per-request features the lane leaves to the generic stream."""
     # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(
         ENABLED and cfg.fast_router and not cfg.access_logs and not cfg.always_set_request_id_in_response
@@ -114,6 +115,8 @@ def start(hc, codec, headers) -> bool:
         rq_timeout = route_is_express(route)
     if rq_timeout is False:
         return _fall_back(codec, r)
+    if cfg.chain_checks and not chain_is_inert(cfg, route, headers):
+        return _fall_back(codec, r)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
         return _fall_back(codec, r)

@@ -1,6 +1,7 @@
 """The router-only fast lane: one object is the stream, the router and the upstream request.
 
-When an HTTP connection manager's only HTTP filter is the router (the common data-plane case), a
+When an HTTP connection manager's only HTTP filter is the router (the common data-plane case), or
+every other filter has nothing to do for the request (the HCM's chain plan, ``chain_is_inert``), a
 request without a body to a plain cluster route needs none of the filter-chain machinery: no
 filter list, no separate ``Router`` and ``UpstreamRequest`` objects, no event hops between them.
 ``FastStream`` is an ``ActiveStream`` (local replies, stats, access logs, timeouts and completion
@@ -43,6 +44,22 @@ def route_is_fast(route) -> bool:
                           and not route.cluster_header
                           and not (route.weighted and (route.weight_by_hash or route.weight_header)))
     return f
+
+
+def chain_is_inert(cfg, route, headers) -> bool:
+    """The HCM's chain plan (filters/network/http_connection_manager.py ChainPlan), per request:
+    whether every filter in front of the router has nothing to do for this route and request, so
+    that the request may take a fast lane. A filter that is inert unless a route configures it is
+    live on a route whose ``filter_names`` (compiled with the route) include its name; ``grpc_stats``
+    is live on a gRPC request only."""
+    keys = cfg.live_on_route
+    if keys and not keys.isdisjoint(route.filter_names):
+        return False
+    if cfg.live_on_grpc:
+        ct = headers.get("content-type")
+        if ct is not None and ct.startswith("application/grpc"):
+            return False
+    return True
 
 
 def pick_cluster(route, headers, cluster_manager):
@@ -91,6 +108,8 @@ class FastStream(ActiveStream):
                 self.upgrade_type is not None or headers._h[0][1] == "CONNECT":
             if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
                 return
+            return self._generic(headers, end_stream)
+        if cfg.chain_checks and not chain_is_inert(cfg, route, headers):
             return self._generic(headers, end_stream)
         picked = pick_cluster(route, headers, cfg.cluster_manager)
         if picked is None:
@@ -240,6 +259,9 @@ class FastStream(ActiveStream):
     # -- endings ------------------------------------------------------------------------------------
     def on_deadline(self):
         """The route timeout passed (called by the connection's deadline timer)."""
+        if self.router is not self:
+            # the generic router has the request (_generic): its own timeouts (route, gRPC)
+            return ActiveStream.on_deadline(self)
         if self.up_done:
             return
         self.cluster.st_rq_timeout.value += 1

@@ -150,7 +150,7 @@ class RouteEntry:
         "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
         "include_request_attempt_count", "include_attempt_count_in_response",
-        "per_request_buffer_limit_bytes", "typed_per_filter_config", "metadata",
+        "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
         # header mutations (ordered, non-empty only)
         "_req_mutations", "_resp_mutations",
         # direct response / redirect
@@ -736,6 +736,13 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     tpfc.update(vh.typed_per_filter_config)
     tpfc.update(r.typed_per_filter_config)
     e.typed_per_filter_config = tpfc
+    # every filter name with a per-route config on this route (its own, its vhost's, its table's,
+    # its weighted clusters'): the HCM's chain plan reads it to know whether a filter that is
+    # inert by its own config has something to do on this route (filters/network/http_connection_manager.py)
+    names = set(tpfc)
+    for cw in e.weighted or ():
+        names.update(cw.typed_per_filter_config)
+    e.filter_names = frozenset(names)
     if e.kind == ROUTE and (e.mirror_policies or e.hedge_on_per_try_timeout):
         # mirroring and hedging live in the generic router: such a route never takes the
         # fast or express lane (decided here, when the route compiles)
@@ -759,6 +766,7 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e._req_mutations = ()
     e._resp_mutations = ()
     e.typed_per_filter_config = {}
+    e.filter_names = frozenset()
     e.hash_policies = ()
     e.timeout = DEFAULT_TIMEOUT
     e.weighted = ()

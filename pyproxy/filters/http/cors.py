@@ -63,6 +63,8 @@ def _compile_per_route(msg):
 class CorsFactory:
     def __init__(self, cfg, ctx):
         self.per_route = PerRoute(("envoy.filters.http.cors", "envoy.cors"), _compile_per_route)
+        # the HCM's chain plan: without a policy on the route (or its vhost or table), nothing to do
+        self.inert_unless_route_config = self.per_route.filter_names
         self.stats = HcmStats(ctx.stats, "cors.", ("origin_valid", "origin_invalid"))
 
     def create(self, stream):

@@ -112,6 +112,8 @@ class FaultFactory:
         self.policy = FaultPolicy(cfg)
         self.notes = list(self.policy.notes)
         self.per_route = PerRoute(("envoy.filters.http.fault", "envoy.fault"), _compile_per_route)
+        # the HCM's chain plan: an empty filter-level fault does nothing unless a route configures one
+        self.inert_unless_route_config = self.per_route.filter_names if self.policy.empty else None
         self.stats = HcmStats(ctx.stats, "fault.", ("delays_injected", "aborts_injected", "faults_overflow"))
         self.gauges = {}
         self.store = ctx.stats

@@ -52,6 +52,8 @@ class _Counters:
 
 
 class GrpcStatsConfig:
+    inert_unless_grpc = True  # the HCM's chain plan: a non-gRPC request is not this filter's
+
     def __init__(self, cfg, ctx):
         self.cm = ctx.cluster_manager
         self.emit_filter_state = cfg.emit_filter_state

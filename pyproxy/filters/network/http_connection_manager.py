@@ -39,6 +39,42 @@ class HttpFilterEntry:
         self.is_router = is_router
 
 
+class ChainPlan:
+    """Which HTTP filters have anything to do, decided when the HCM's config loads.
+
+    A filter factory may declare itself inert for a config:
+    - ``inert_unless_route_config``: the per-route config names (``typed_per_filter_config`` keys)
+      that would give it work; with none of them on the matched route (its own, its virtual host's,
+      its route table's, its weighted clusters', all compiled into ``RouteEntry.filter_names``), it
+      does nothing (an empty ``fault``, ``cors`` without a policy);
+    - ``inert_unless_grpc``: it acts on gRPC requests only (``grpc_stats``).
+    When the router (``RouterConfig``) is last and every other filter is inert in one of these
+    ways, ``plannable`` is true: a request whose route and content type leave them all inert takes
+    the router-only fast lanes (``http/fast_stream.py chain_is_inert``); any other request runs the
+    whole configured chain filter by filter. Immutable; RDS tables need no re-planning, since the
+    per-route part is read from the route the request matched."""
+
+    __slots__ = ("plannable", "live_on_route", "live_on_grpc")
+
+    def __init__(self, filters):
+        route_keys = set()
+        grpc = False
+        ok = bool(filters) and filters[-1].is_router and \
+            type(filters[-1].factory).__name__ == "RouterConfig"
+        for e in filters[:-1]:
+            f = e.factory
+            names = getattr(f, "inert_unless_route_config", None)
+            if names is not None:
+                route_keys.update(names)
+            elif getattr(f, "inert_unless_grpc", False):
+                grpc = True
+            else:
+                ok = False
+        self.plannable = ok
+        self.live_on_route = frozenset(route_keys)
+        self.live_on_grpc = grpc
+
+
 class HcmConfig:
     def __init__(self, cfg, ctx):
         from ...http.conn_manager import HcmStats
@@ -163,11 +199,14 @@ class HcmConfig:
             self.filters.insert(0, HttpFilterEntry("envoy.tracers.zipkin", self.tracer, False))
         self.filters = tuple(self.filters)
         self.decoder_factories = tuple(e.factory for e in self.filters)
-        # router-only chains take the fast lane (pyproxy/http/fast_stream.py)
+        # router-only chains take the fast lane (pyproxy/http/fast_stream.py), and so do chains
+        # whose other filters the chain plan shows inert for a request (see ChainPlan)
         # (PYPROXY_FAST_LANE=0 turns it off: the test suite runs the router tests both ways)
-        self.fast_router = len(self.filters) == 1 and self.filters[0].is_router and \
-            type(self.filters[0].factory).__name__ == "RouterConfig" and \
-            os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
+        plan = self.plan = ChainPlan(self.filters)
+        self.live_on_route = plan.live_on_route
+        self.live_on_grpc = plan.live_on_grpc
+        self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
+        self.fast_router = plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
         # HTTP/1.1 requests of such a chain may take the express lane (pyproxy/http/express.py)
         from ...http import express

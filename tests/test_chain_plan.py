@@ -1,0 +1,315 @@
+"""The HCM's chain plan (ChainPlan in pyproxy/filters/network/http_connection_manager.py) against
+the plain filter-by-filter chain.
+
+Istio's outbound sidecar chain (grpc_stats with ``emit_filter_state``, an empty ``fault``, ``cors``
+without a filter-level policy, router, with istiod's HCM settings) runs in two pyproxy processes on
+the same bootstrap: the default, where a request whose route and content type leave grpc_stats,
+fault and cors inert takes the router-only fast lanes (express for a bodiless HTTP/1.1 request),
+``PYPROXY_EXPRESS=0`` (the fast lane only), and ``PYPROXY_FAST_LANE=0``, where every request runs
+the chain filter by filter. The same raw requests go to both and are compared byte
+for byte (after masking request ids, dates and service times): what the client receives, what
+the upstream receives, and the stats deltas (``http.<prefix>.*``, ``cluster.b.*`` including
+grpc_stats' ``cluster.b.grpc.*``, ``http.<prefix>.fault.*`` and ``http.<prefix>.cors.*``).
+
+The route table makes filters live on some routes: a CORS policy on one route and on one
+virtual host, a fault (abort) configured per route, a weighted cluster carrying a fault config;
+gRPC requests make grpc_stats live.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import time
+
+import pytest
+
+from proxy_util import HttpBackend, Pyproxy, bootstrap, cluster, http_listener, parse_responses, simple_response
+from test_express import _MASK, _upstream_head
+
+T = "type.googleapis.com/"
+HF = T + "envoy.extensions.filters.http."
+LANES = {"planned": {}, "fast": {"PYPROXY_EXPRESS": "0"}, "generic": {"PYPROXY_FAST_LANE": "0"}}
+
+CORS_POLICY = {"@type": HF + "cors.v3.CorsPolicy",
+               "allow_origin_string_match": [{"exact": "https://a.example"}],
+               "allow_methods": "GET,POST", "allow_headers": "x-h", "max_age": "60",
+               "expose_headers": "x-up", "allow_credentials": True}
+FAULT_ABORT = {"@type": HF + "fault.v3.HTTPFault",
+               "abort": {"http_status": 418, "percentage": {"numerator": 100}}}
+
+
+def istio_chain():
+    """The outbound chain istiod renders (sidecar-listeners-configdump.json), less istio.*."""
+    return [
+        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+            "@type": HF + "grpc_stats.v3.FilterConfig", "emit_filter_state": True,
+            "stats_for_all_methods": False}},
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": HF + "fault.v3.HTTPFault"}},
+        {"name": "envoy.filters.http.cors", "typed_config": {"@type": HF + "cors.v3.Cors"}},
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": HF + "router.v3.Router"}},
+    ]
+
+
+def route_table():
+    return {"name": "rc", "virtual_hosts": [
+        {"name": "corsvh", "domains": ["cors.local"],
+         "typed_per_filter_config": {"envoy.filters.http.cors": CORS_POLICY},
+         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "b", "timeout": "0s"}}]},
+        {"name": "svc", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/cors"}, "route": {"cluster": "b", "timeout": "0s"},
+             "typed_per_filter_config": {"envoy.filters.http.cors": CORS_POLICY}},
+            {"match": {"prefix": "/fault"}, "route": {"cluster": "b", "timeout": "0s"},
+             "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT}},
+            {"match": {"prefix": "/wfault"}, "route": {"weighted_clusters": {"clusters": [
+                {"name": "b", "weight": 1,
+                 "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT}}]}}},
+            {"match": {"prefix": "/slow"}, "route": {"cluster": "b", "timeout": "0.3s"}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "b", "timeout": "0s"},
+             "decorator": {"operation": "b.default.svc.cluster.local:80/*"}},
+        ]},
+    ]}
+
+
+def _handler(req, sock):
+    path = req.path.split("?")[0]
+    if path == "/slow":
+        time.sleep(0.8)  # past the route's 0.3 s timeout: 504 UT from every lane
+    if path.startswith("/pkg.Svc/"):
+        # a trailers-only gRPC answer (grpc-status in the response head) ...
+        if path.endswith("Fail"):
+            return simple_response(200, b"", [("Content-Type", "application/grpc"), ("Grpc-Status", "14")])
+        # ... and one with a message and the status in the trailers
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"7\r\n\x00\x00\x00\x00\x02hi\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+    return simple_response(200, b"ok", [("X-Up", "1"), ("Content-Type", "text/plain")])
+
+
+@pytest.fixture(scope="module")
+def lanes():
+    be = HttpBackend(_handler)
+    procs = {}
+    try:
+        for name, env in LANES.items():
+            lst = http_listener(0, route_table(), stat_prefix="outbound_0.0.0.0_80",
+                                http_filters=istio_chain(), normalize_path=True,
+                                upgrade_configs=[{"upgrade_type": "websocket"}], stream_idle_timeout="0s",
+                                request_id_extension={"typed_config": {
+                                    "@type": T + "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                                    "use_request_id_for_trace_sampling": True}})
+            from proxy_util import free_port
+            lst["address"]["socket_address"]["port_value"] = free_port()
+            bs = bootstrap([lst], [cluster("b", [be.port])])
+            procs[name] = Pyproxy(bs, env=dict(os.environ, **env))
+        yield procs, be
+    finally:
+        for px in procs.values():
+            px.stop()
+        be.close()
+
+
+GRPC_BODY = b"\x00\x00\x00\x00\x03abc"
+
+# (method, path, host, headers, body)
+REQUESTS = [
+    ("GET", "/plain", "svc.local", [], b""),
+    ("GET", "/plain", "svc.local", [("Origin", "https://a.example")], b""),
+    ("OPTIONS", "/plain", "svc.local", [("Origin", "https://a.example"), ("Access-Control-Request-Method", "GET")], b""),
+    ("POST", "/plain", "svc.local", [("Content-Type", "text/plain")], b"body"),
+    # a CORS policy on the route: preflight answered, simple request decorated, bad origin counted
+    ("OPTIONS", "/cors", "svc.local", [("Origin", "https://a.example"), ("Access-Control-Request-Method", "POST")], b""),
+    ("GET", "/cors", "svc.local", [("Origin", "https://a.example")], b""),
+    ("GET", "/cors", "svc.local", [("Origin", "https://evil.example")], b""),
+    ("GET", "/cors", "svc.local", [], b""),
+    # ... and on a virtual host
+    ("OPTIONS", "/x", "cors.local", [("Origin", "https://a.example"), ("Access-Control-Request-Method", "GET")], b""),
+    ("GET", "/x", "cors.local", [("Origin", "https://a.example")], b""),
+    # a fault configured per route, and on a weighted cluster (filters do not read the latter)
+    ("GET", "/fault", "svc.local", [], b""),
+    ("GET", "/wfault", "svc.local", [], b""),
+    # gRPC: grpc_stats counts the call (a bodiless one too, which the fast lanes could take)
+    ("POST", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc"), ("TE", "trailers")], GRPC_BODY),
+    ("POST", "/pkg.Svc/Fail", "svc.local", [("Content-Type", "application/grpc+proto")], GRPC_BODY),
+    ("GET", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc")], b""),
+    # the route timeout, with and without a request body (a body leaves the fast lanes)
+    ("GET", "/slow", "svc.local", [], b""),
+    ("POST", "/slow", "svc.local", [("Content-Type", "text/plain")], b"body"),
+    # what the HCM settings do before any filter
+    ("GET", "/a/../b/./c", "svc.local", [], b""),
+    ("GET", "/ws", "svc.local", [("Connection", "upgrade"), ("Upgrade", "websocket")], b""),
+    ("GET", "/plain", "svc.local", [("X-Request-Id", "client-id"), ("X-Envoy-Fault-Abort-Request", "500")], b""),
+]
+
+
+_UUID = re.compile(rb"(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _mask(b: bytes) -> bytes:
+    b = _UUID.sub(b"<uuid>", b)
+    for rx, sub in _MASK:
+        b = rx.sub(sub, b)
+    return b
+
+
+def _send(port, method, path, host, headers, body):
+    hs = list(headers)
+    if body or method == "POST":
+        hs.append(("Content-Length", str(len(body))))
+    req = ("%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
+        method, path, host, "".join("%s: %s\r\n" % kv for kv in hs))).encode() + body
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(req)
+        buf = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                rs = parse_responses(buf, [method])
+                if rs and rs[0].status >= 200:
+                    s.settimeout(0.2)
+                    try:
+                        more = s.recv(65536)
+                        closed = not more
+                        buf += more
+                    except socket.timeout:
+                        closed = False
+                    return buf, closed
+            except (ValueError, IndexError):
+                pass
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            d = s.recv(65536)
+            if not d:
+                return buf, True
+            buf += d
+        raise AssertionError("no complete response to %s %s: %r" % (method, path, buf))
+    finally:
+        s.close()
+
+
+def _stats(px) -> dict:
+    return {k: v for k, v in px.stats().items()
+            if k.startswith("http.outbound_0.0.0.0_80.") or k.startswith("cluster.b.")}
+
+
+@pytest.mark.parametrize("method,path,host,headers,body", REQUESTS,
+                         ids=["%s %s %d" % (m, p, i) for i, (m, p, _h, _x, _b) in enumerate(REQUESTS)])
+def test_same_bytes_and_stats_as_the_generic_chain(lanes, method, path, host, headers, body):
+    procs, be = lanes
+    seen = {}
+    for name, px in procs.items():
+        before_stats = _stats(px)
+        with be.lock:
+            before = len(be.raw)
+        out, closed = _send(px.port, method, path, host, headers, body)
+        up = _upstream_head(be, before) if not out.startswith((b"HTTP/1.1 418", b"HTTP/1.1 403")) \
+            and not (method == "OPTIONS" and b"access-control-allow-origin" in out.lower()) else b""
+        deadline = time.monotonic() + 2
+        while True:  # (the stats of a finished stream are in once the access to it is over)
+            after = _stats(px)
+            delta = {k: v - before_stats.get(k, 0) for k, v in after.items() if v != before_stats.get(k, 0)}
+            if delta.get("http.outbound_0.0.0.0_80.downstream_rq_active", 0) == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        # gauges and times that differ by nature
+        delta = {k: v for k, v in delta.items() if "_active" not in k and not k.endswith("_ms")
+                 and "upstream_cx" not in k}
+        seen[name] = (_mask(out), closed, _mask(up), delta)
+    a = seen["planned"]
+    for lane in ("fast", "generic"):
+        b = seen[lane]
+        assert a[0] == b[0], "client bytes (%s):\n%r\n%r" % (lane, a[0], b[0])
+        assert a[1] == b[1], "connection close (%s): %r %r" % (lane, a[1], b[1])
+        assert a[2] == b[2], "upstream bytes (%s):\n%r\n%r" % (lane, a[2], b[2])
+        assert a[3] == b[3], "stats deltas (%s):\n%r\n%r" % (lane, a[3], b[3])
+    # the cases the plan must leave live really are live (a broken plan fails here, not only above)
+    if path == "/slow":
+        assert a[0].startswith(b"HTTP/1.1 504 ") and a[3].get("cluster.b.upstream_rq_timeout") == 1, a
+    if path == "/fault":
+        assert a[0].startswith(b"HTTP/1.1 418 "), a[0]
+        assert a[3].get("http.outbound_0.0.0.0_80.fault.aborts_injected") == 1, a[3]
+    if path == "/cors" and method == "OPTIONS" or host == "cors.local" and method == "OPTIONS":
+        assert a[0].startswith(b"HTTP/1.1 200 ") and b"access-control-allow-origin: https://a.example" in a[0]
+    if path == "/cors" and headers and "evil" in headers[0][1]:
+        assert a[3].get("http.outbound_0.0.0.0_80.cors.origin_invalid") == 1, a[3]
+    if path == "/pkg.Svc/Call" and method == "POST":
+        assert a[3].get("cluster.b.grpc.success") == 1 and a[3].get("cluster.b.grpc.0") == 1, a[3]
+        assert a[3].get("cluster.b.grpc.request_message_count") == 1, a[3]
+    if path == "/pkg.Svc/Fail":
+        assert a[3].get("cluster.b.grpc.failure") == 1 and a[3].get("cluster.b.grpc.14") == 1, a[3]
+    if path == "/plain" and host == "svc.local" and method == "OPTIONS":
+        assert b"access-control" not in a[0].lower()  # no policy on that route: forwarded untouched
+
+
+def _stack(bs=None):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import micro_h1
+    from pyproxy.cluster.pool import UpstreamConnection
+    from pyproxy.listeners.connection import DownstreamConnection
+    loop, lm, al, cl, host, pool = micro_h1.build_stack(bs or micro_h1.istio_outbound_bootstrap())
+    up = UpstreamConnection(pool, host)
+    ut = micro_h1.FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
+    up.connection_made(ut)
+    cl.cx_total_active += 1
+    pool._on_idle_or_pending(up)
+    down = DownstreamConnection(lm, al)
+    dt = micro_h1.FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
+    down.connection_made(dt)
+    return micro_h1, loop, down, up, dt, ut
+
+
+def test_the_istio_chain_takes_the_express_lane():
+    """In process (micro_h1 --istio): with grpc_stats, an empty fault and a policy-less cors in front
+    of the router, a plain GET is an ExpressStream, a body request a FastStream, a gRPC request the
+    generic chain with all four filters."""
+    if os.environ.get("PYPROXY_FAST_LANE", "1") == "0" or os.environ.get("PYPROXY_EXPRESS", "1") == "0":
+        pytest.skip("a fast lane is switched off")
+    from pyproxy.http.conn_manager import ActiveStream
+    from pyproxy.http.express import ExpressStream
+    from pyproxy.http.fast_stream import FastStream
+    micro_h1, loop, down, up, dt, ut = _stack()
+    try:
+        hc = down.filters[0]
+        plan = hc.cfg.plan
+        assert plan.plannable and plan.live_on_grpc
+        assert plan.live_on_route == {"envoy.filters.http.fault", "envoy.fault", "envoy.filters.http.cors", "envoy.cors"}
+        down.data_received(micro_h1.REQUEST)
+        assert type(hc.codec.stream) is ExpressStream
+        up.data_received(micro_h1.RESPONSE)
+        assert b"".join(dt.out).endswith(micro_h1.BODY)
+        down.data_received(b"POST /r18/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
+        s = hc.codec.stream
+        assert type(s) is FastStream and len(s.filters) == 4  # (a body: the generic router, whole chain)
+        up.data_received(micro_h1.RESPONSE)
+        down.data_received(b"GET /r18/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc\r\n\r\n")
+        s = hc.codec.stream
+        assert isinstance(s, ActiveStream) and type(s) is not ExpressStream and s.filters and len(s.filters) == 4
+        assert s.filters[0].active  # grpc_stats saw it
+    finally:
+        loop.close()
+
+
+def test_a_live_filter_level_fault_keeps_the_generic_chain():
+    """A fault configured on the filter itself (not per route) is live for every request: the plan
+    is not plannable and every request runs the chain filter by filter."""
+    import json
+
+    import yaml
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import micro_h1
+    from pyproxy.http.conn_manager import ActiveStream
+    from pyproxy.http.fast_stream import FastStream
+    doc = yaml.safe_load(micro_h1.istio_outbound_bootstrap())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"][1]["typed_config"] = {"@type": HF + "fault.v3.HTTPFault",
+                                              "delay": {"fixed_delay": "0.001s", "percentage": {"numerator": 0}}}
+    _, loop, down, up, dt, ut = _stack(json.dumps(doc))
+    try:
+        hc = down.filters[0]
+        assert not hc.cfg.plan.plannable and not hc.cfg.fast_router and hc.cfg.express is None
+        down.data_received(micro_h1.REQUEST)
+        s = hc.codec.stream
+        assert type(s) is ActiveStream and not isinstance(s, FastStream) and len(s.filters) == 4
+    finally:
+        loop.close()
