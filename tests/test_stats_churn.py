@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -64,15 +65,20 @@ def test_removed_tls_listener_ssl_stats_vanish(env, binary, pki):
     cp.set(base + [l1, l2])
     px = env.proxy(xds_bootstrap(env, cp, "GRPC", "tcp"), binary=binary, drain_time=1)
     wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    n1, n2 = "listener.127.0.0.1_%d.ssl." % p1, "listener.127.0.0.1_%d.ssl." % p2
+    st = px.stats()
+    assert st.get(n1 + "handshake") == 0 and st.get(n2 + "handshake") == 0  # made with the listener
     ctx = ssl.create_default_context(cafile=p.ca_path)
-    for port in (p1, p2):
+
+    def hit(port):
         c = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=5)
         c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
                                  server_hostname="localhost")
         c.request("GET", "/", headers={"host": "example.com"})
         assert c.getresponse().status == 200
         c.close()
-    n1, n2 = "listener.127.0.0.1_%d.ssl." % p1, "listener.127.0.0.1_%d.ssl." % p2
+    hit(p1)
+    hit(p2)
     wait_for(lambda: px.stats().get(n1 + "handshake") == 1 and px.stats().get(n2 + "handshake") == 1, 5,
              "handshakes counted")
     assert any(k.startswith(n1 + "ciphers.") for k in px.stats())
@@ -81,6 +87,15 @@ def test_removed_tls_listener_ssl_stats_vanish(env, binary, pki):
     wait_for(lambda: not any(k.startswith(n1) for k in px.stats()), 8, "l1's ssl stats gone after the drain")
     st = px.stats()
     assert st[n2 + "handshake"] == 1 and any(k.startswith(n2 + "ciphers.") for k in st)
+    # a modified listener keeps them once its old version has drained
+    l2b = http_listener("l2", p2, route_config=route_config("rc2b", ("/", "c1")))
+    l2b["filter_chains"][0]["transport_socket"] = l2["filter_chains"][0]["transport_socket"]
+    cp.set(base + [l2b])
+    wait_for(lambda: px.stats().get("listener_manager.listener_modified") == 1, 10, "l2 modified")
+    time.sleep(2.0)  # past the drain time
+    assert px.stats()[n2 + "handshake"] == 1
+    hit(p2)
+    assert px.stats()[n2 + "handshake"] == 2
 
 
 T = "type.googleapis.com/"

@@ -58,12 +58,16 @@ class SslStats:
 
 
 def listener_stats(conn) -> SslStats:
+    return listener_ssl_stats(conn.listener, conn.manager.stats)
+
+
+def listener_ssl_stats(cl, store) -> SslStats:
     """The listener's ``listener.<prefix>.ssl.*``, owned by the listener (freed with its other
-    stats when it is removed, unless another listener made them too), cached on its config."""
-    cl = conn.listener
+    stats when it is removed, unless another listener made them too), cached on its config. Made
+    when the listener becomes active (as Envoy's TLS context makes them), so that a new version of
+    a listener holds them before the old one drains."""
     s = getattr(cl, "ssl_stats", None)
     if s is None:
-        store = conn.manager.stats
         prefix = "listener.%s." % cl.stat_prefix
         owner = getattr(cl, "stats_owner", None)
         if owner is not None:
