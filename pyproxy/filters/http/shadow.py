@@ -22,10 +22,13 @@ mirror cluster's own host, connection pool and circuit breakers. It is fire and 
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 
 from ...cluster.lb import LbContext
+
+log = logging.getLogger("pyproxy.router")
 
 _NO_CTX = LbContext()
 
@@ -54,12 +57,13 @@ _LOCAL = None
 class ShadowRequest:
     """One mirrored request; the pool's stream callbacks and the response sink in one object."""
 
-    __slots__ = ("cluster", "headers", "pending", "encoder", "buf", "buf_len", "trailers",
+    __slots__ = ("cluster", "host", "headers", "pending", "encoder", "buf", "buf_len", "trailers",
                  "complete", "done", "timer", "limit", "above", "main_cluster", "counted",
                  "stream", "holding")
 
     def __init__(self, cluster, headers, limit: int, main_cluster, stream):
         self.cluster = cluster
+        self.host = None
         self.headers = headers
         self.pending = None
         self.encoder = None
@@ -84,7 +88,7 @@ class ShadowRequest:
             c.st_pending_overflow.value += 1
             self.done = True
             return
-        host = c.choose_host(_NO_CTX)
+        host = self.host = c.choose_host(_NO_CTX)
         if host is None:
             c.st_cx_none_healthy.value += 1
             self.done = True
@@ -175,7 +179,7 @@ class ShadowRequest:
         if self.done:
             return
         try:
-            self.cluster.count_response(int(headers._h[0][1]))
+            self.cluster.count_response(int(headers._h[0][1]), self.host)  # (outlier detection too)
         except (ValueError, IndexError):
             pass
         if end_stream:
@@ -268,14 +272,21 @@ def start_shadows(router, route, headers, end_stream: bool):
         if not name:
             continue
         c = cm.get(name)
-        if c is None:
-            continue  # Envoy: the mirror cluster is gone (CDS removal): no shadow
+        if c is None or c.original_dst:
+            # Envoy: the mirror cluster is gone (CDS removal): no shadow. (An ORIGINAL_DST
+            # cluster has no host to pick for a copy: not mirrored either.)
+            continue
         sh = p.shadow_headers(headers, s.stream_info)
         xff = sh.get("x-forwarded-for")
         la = router.cfg.local_address
         sh.set("x-forwarded-for", la if not xff else xff + "," + la)
         req = ShadowRequest(c, sh, limit, router.cluster, s)
-        req.start(end_stream, router.timeout, router.cfg.loop, s.hc.is_h2)
+        try:
+            req.start(end_stream, router.timeout, router.cfg.loop, s.hc.is_h2)
+        except Exception:  # a mirror must never fail the main request
+            log.exception("mirror to cluster '%s' failed to start", name)
+            req.abandon()
+            continue
         if not req.done and not end_stream:
             out.append(req)
     return tuple(out)
