@@ -68,6 +68,9 @@ def parse_args(argv):
                     help="command prefix for pyproxy (the bootstrap flags are appended)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="directory for <timestamp>.json and .png")
+    ap.add_argument("--chain", choices=("router", "istio"), default="router",
+                    help="HTTP filters of the proxies' HCM: router only (default) or Istio's outbound "
+                         "sidecar chain (grpc_stats, fault, cors, router; bench/configs.py)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     ap.add_argument("--keep-tmp", action="store_true", help="keep generated configs and logs")
@@ -190,7 +193,8 @@ class Bench:
                            self.proxy_cpu)
             procs.wait_tcp(port, p, timeout=10)
             return p, port
-        boot = configs.envoy_bootstrap(port, upstream_port, upstream_h2, late_prefix)
+        boot = configs.envoy_bootstrap(port, upstream_port, upstream_h2, late_prefix,
+                                       getattr(self.a, "chain", "router"))
         path = configs.write_yaml(os.path.join(self.tmp, f"bootstrap-{tag}-{kind}.yaml"), boot)
         if kind == "envoy":
             self.base_id += 1
@@ -308,7 +312,9 @@ def run_h1(bench, results):
         f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, {a.repeat} run(s) "
         f"per target alternating, {a.warmup}s warm-up; path {configs.BENCH_PATH} matches route "
         f"{configs.LATE_ROUTE} of {configs.ROUTE_COUNT}; backend nginx returns "
-        f"{configs.BODY_SIZE} B", bench.pin_note]}
+        f"{configs.BODY_SIZE} B", bench.pin_note,
+        "HTTP filters: " + ("Istio's outbound chain (grpc_stats, fault, cors, router)"
+                            if getattr(a, "chain", "router") == "istio" else "router only")]}
     paced = {"targets": {}, "notes": [
         f"wrk -t1 -c{a.paced_connections} with a Lua delay() of {a.paced_delay_ms} ms per "
         f"connection (~{a.paced_connections * 1000 // max(1, a.paced_delay_ms)} rps offered), "

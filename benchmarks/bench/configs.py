@@ -58,8 +58,30 @@ def routes(late_prefix=None):
     return out
 
 
-def envoy_bootstrap(listen_port, upstream_port, upstream_h2=False, late_prefix=None):
-    """The routed bootstrap as a dict (dump with `write_yaml`)."""
+HF = "type.googleapis.com/envoy.extensions.filters.http."
+
+
+def istio_outbound_chain():
+    """``--chain istio``: the HTTP filters istiod renders for a sidecar's outbound listener
+    (../shared/testdata/istio/sidecar-listeners-configdump.json) that both proxies have, in order,
+    with istiod's typed configs, then the router; and istiod's HCM settings."""
+    filters = [
+        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+            "@type": HF + "grpc_stats.v3.FilterConfig", "emit_filter_state": True,
+            "stats_for_all_methods": False}},
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": HF + "fault.v3.HTTPFault"}},
+        {"name": "envoy.filters.http.cors", "typed_config": {"@type": HF + "cors.v3.Cors"}},
+    ]
+    settings = {"normalize_path": True, "upgrade_configs": [{"upgrade_type": "websocket"}],
+                "stream_idle_timeout": "0s", "request_id_extension": {"typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+                    "use_request_id_for_trace_sampling": True}}}
+    return filters, settings
+
+
+def envoy_bootstrap(listen_port, upstream_port, upstream_h2=False, late_prefix=None, chain="router"):
+    """The routed bootstrap as a dict (dump with `write_yaml`); ``chain="istio"`` puts Istio's
+    outbound HTTP chain in front of the router (``istio_outbound_chain``)."""
     cluster = {
         "name": "backend",
         "type": "STATIC",
@@ -85,6 +107,10 @@ def envoy_bootstrap(listen_port, upstream_port, upstream_h2=False, late_prefix=N
         "http_filters": [{"name": "envoy.filters.http.router",
                           "typed_config": {"@type": ROUTER_TYPE}}],
     }
+    if chain == "istio":
+        filters, settings = istio_outbound_chain()
+        hcm["http_filters"] = filters + hcm["http_filters"]
+        hcm.update(settings)
     return {
         "node": {"id": "bench-node", "cluster": "bench"},
         "static_resources": {

@@ -219,9 +219,13 @@ def _principal(p, field, http):
         a = p.authenticated
         sm = compile_string_matcher(a.principal_name, field + ".authenticated.principal_name") \
             if a.HasField("principal_name") else None
-        # plaintext (or no client certificate): peer_principal is None and this never matches
-        # (Envoy's order: every URI SAN, every DNS SAN, then the subject; any one may match)
-        return lambda s: s.peer_principal is not None and (sm is None or any(sm.match(p) for p in s.peer_principal))
+        # plaintext: peer_principal is None and this never matches. Any TLS connection, with or
+        # without a client certificate, matches an absent principal_name (Envoy's
+        # AuthenticatedMatcher); otherwise every URI SAN, every DNS SAN, then the subject (an empty
+        # string without a certificate) is tried, any one may match
+        if sm is None:
+            return lambda s: s.peer_principal is not None
+        return lambda s: s.peer_principal is not None and any(sm.match(p) for p in s.peer_principal)
     if which == "direct_remote_ip":
         # the physical peer, whatever x-forwarded-for says
         return _ip_in("direct_remote_ip", _cidr(p.direct_remote_ip, field + ".direct_remote_ip"))
@@ -315,7 +319,12 @@ def compile_value_matcher(vm, field):
 
 
 def peer_principal(conn):
-    """The authenticated peer of a TLS connection, as the names RBAC's ``authenticated`` principal
-    tries (URI SANs, DNS SANs, subject), or None on plaintext or without a client certificate."""
+    """The names RBAC's ``authenticated`` principal tries on a TLS connection (URI SANs, DNS SANs,
+    subject; the empty subject alone without a client certificate), or None on plaintext."""
     tls = conn.ssl
-    return (getattr(tls, "peer_principals", None) or None) if tls is not None else None
+    if tls is None:
+        return None
+    return getattr(tls, "peer_principals", None) or _NO_CERT
+
+
+_NO_CERT = ("",)

@@ -202,7 +202,7 @@ class _TlsLayer:
                 self.peer_principal = uri or dns or self.peer_subject
                 # what RBAC's `authenticated` tries, in Envoy's order: every URI SAN, every DNS
                 # SAN, then the subject
-                self.peer_principals = tuple(uris + dnss + ([self.peer_subject] if self.peer_subject else []))
+                self.peer_principals = tuple(uris + dnss + [self.peer_subject])
             elif st is not None:
                 st.no_certificate.inc()
         elif st is not None and self.tls.server:
