@@ -313,3 +313,92 @@ def test_a_live_filter_level_fault_keeps_the_generic_chain():
         assert type(s) is ActiveStream and not isinstance(s, FastStream) and len(s.filters) == 4
     finally:
         loop.close()
+
+
+H2_REQUESTS = [r for r in REQUESTS if not any(k.lower() in ("connection", "upgrade") for k, _ in r[3])]
+_H2_MASKED = {"date": "<date>", "x-envoy-upstream-service-time": "<n>"}
+
+
+def _h2_one(port, method, path, host, headers, body):
+    """One request on a fresh h2c connection: the response's (ordered headers, body, trailers, reset)."""
+    import h2.events as E
+
+    from grpc_util import H2Raw
+    c = H2Raw(port)
+    try:
+        sid = c.h2.get_next_available_stream_id()
+        h = [(":method", method), (":path", path), (":scheme", "http"), (":authority", host)]
+        h += [(k.lower(), v) for k, v in headers]
+        c.h2.send_headers(sid, h, end_stream=not body)
+        if body:
+            c.h2.send_data(sid, body, end_stream=True)
+        c.flush()
+        _, data, trailers, reset = c.response(sid)
+        head = [next(list(e.headers) for e in c.events if isinstance(e, E.ResponseReceived) and e.stream_id == sid)
+                if any(isinstance(e, E.ResponseReceived) and e.stream_id == sid for e in c.events) else None][0]
+        head = [(k, _H2_MASKED.get(k, v)) for k, v in head] if head is not None else None
+        return head, data, trailers, reset
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("method,path,host,headers,body", H2_REQUESTS,
+                         ids=["h2 %s %s %d" % (m, p, i) for i, (m, p, _h, _x, _b) in enumerate(H2_REQUESTS)])
+def test_http2_same_response_and_stats_as_the_generic_chain(lanes, method, path, host, headers, body):
+    """The same over h2c (the fast lane, FastStream, takes HTTP/2 requests the plan shows inert)."""
+    procs, be = lanes
+    seen = {}
+    for name in ("planned", "generic"):
+        px = procs[name]
+        before_stats = _stats(px)
+        with be.lock:
+            before = len(be.raw)
+        out = _h2_one(px.port, method, path, host, headers, body)
+        up = _upstream_head(be, before) if out[0] and dict(out[0]).get(":status") not in ("418",) \
+            and not (method == "OPTIONS" and any(k == "access-control-allow-origin" for k, _ in out[0])) else b""
+        deadline = time.monotonic() + 2
+        while True:
+            after = _stats(px)
+            delta = {k: v - before_stats.get(k, 0) for k, v in after.items() if v != before_stats.get(k, 0)}
+            if delta.get("http.outbound_0.0.0.0_80.downstream_rq_active", 0) == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        delta = {k: v for k, v in delta.items() if "_active" not in k and not k.endswith("_ms")
+                 and "upstream_cx" not in k and "downstream_cx" not in k}
+        seen[name] = (out, _mask(up), delta)
+    a, b = seen["planned"], seen["generic"]
+    assert a[0] == b[0], "client view:\n%r\n%r" % (a[0], b[0])
+    assert a[1] == b[1], "upstream bytes:\n%r\n%r" % (a[1], b[1])
+    assert a[2] == b[2], "stats deltas:\n%r\n%r" % (a[2], b[2])
+    assert a[0][0] is not None and a[2].get("http.outbound_0.0.0.0_80.downstream_rq_http2_total") == 1, a
+    if path == "/pkg.Svc/Call" and method == "POST":
+        assert a[2].get("cluster.b.grpc.success") == 1, a[2]
+    if path == "/fault":
+        assert dict(a[0][0])[":status"] == "418", a[0]
+
+
+def test_route_filter_names_compile_with_the_route():
+    """What the plan reads per request is compiled with each route (so an RDS table, compiled when
+    it arrives, needs no re-planning): the names of the per-filter configs of the route, its
+    virtual host, its route configuration and its weighted clusters."""
+    from envoy.config.route.v3 import route_pb2
+    from google.protobuf import json_format
+
+    from pyproxy.filters.http import cors, fault  # noqa: F401 (register the config types)
+    from pyproxy.routing import compile_route_config
+    rc = {"name": "rc", "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT},
+          "virtual_hosts": [
+              {"name": "a", "domains": ["a"], "typed_per_filter_config": {"envoy.filters.http.cors": CORS_POLICY},
+               "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "b"}}]},
+              {"name": "b", "domains": ["*"], "routes": [
+                  {"match": {"prefix": "/w"}, "route": {"weighted_clusters": {"clusters": [
+                      {"name": "b", "weight": 1, "typed_per_filter_config": {"envoy.cors": CORS_POLICY}}]}}},
+                  {"match": {"prefix": "/"}, "route": {"cluster": "b"}}]}]}
+    table = compile_route_config(json_format.ParseDict(rc, route_pb2.RouteConfiguration()))
+    (ra,), (rw, rb) = [vh.routes for vh in table.virtual_hosts]
+    assert ra.filter_names == {"envoy.filters.http.fault", "envoy.filters.http.cors"}
+    assert rw.filter_names == {"envoy.filters.http.fault", "envoy.cors"}
+    assert rb.filter_names == {"envoy.filters.http.fault"}
+    rc.pop("typed_per_filter_config")
+    table = compile_route_config(json_format.ParseDict(rc, route_pb2.RouteConfiguration()))
+    assert table.virtual_hosts[1].routes[1].filter_names == frozenset()
