@@ -58,6 +58,9 @@ def _metadata_bootstrap(port, backend, collector):
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
     route["metadata"] = {"filter_metadata": {"acme": {
         "team": "payments", "owner": {"name": "ann"}, "canary": True, "weight": 5}}}
+    # the route's own tracing block: its tags after the HCM's (same name: the route's wins)
+    route["tracing"] = {"custom_tags": [{"tag": "lit", "literal": {"value": "route-L"}},
+                                        {"tag": "rt.hdr", "request_header": {"name": "x-tenant"}}]}
     clusters = bs["static_resources"]["clusters"]
     b = clusters[0]
     b["metadata"] = {"filter_metadata": {"acme": {"tier": "gold"}}}
@@ -78,7 +81,7 @@ def test_custom_tags_all_kinds(servers, monkeypatch):  # noqa: F811
         assert spans, Collector.spans
         tags = spans[0]["tags"]
     want = {
-        "lit": "L", "env": "from-env", "env.missing": "env-dflt", "hdr": "t9",
+        "lit": "route-L", "rt.hdr": "t9", "env": "from-env", "env.missing": "env-dflt", "hdr": "t9",
         "istio.authorization.dry_run.allow_policy.name": "ns[default]-policy[dry]-rule[0]",
         "istio.authorization.dry_run.allow_policy.result": "allowed",
         "req.missing": "req-default",
@@ -93,7 +96,7 @@ def test_custom_tags_all_kinds(servers, monkeypatch):  # noqa: F811
 
 def test_custom_tag_bad_config_rejected(servers):  # noqa: F811
     from pyproxy.config import ConfigError
-    from pyproxy.tracing.zipkin import compile_custom_tags
+    from pyproxy.tracing.custom_tags import compile_custom_tags
     from envoy.type.tracing.v3 import custom_tag_pb2
     t = custom_tag_pb2.CustomTag(tag="x")
     t.metadata.kind.request.SetInParent()
