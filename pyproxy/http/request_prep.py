@@ -327,8 +327,8 @@ def xfcc_value(tls, details: tuple) -> str | None:
     der = facts.der
     cert = x509.load_der_x509_certificate(der)
     parts = []
-    if tls.tls.local_uri_san:
-        parts.append("By=" + tls.tls.local_uri_san)
+    # one By= per URI SAN of our certificate, as Envoy
+    parts.extend("By=" + u for u in getattr(tls.tls, "local_uri_sans", ()))
     parts.append("Hash=" + hashlib.sha256(der).hexdigest())
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

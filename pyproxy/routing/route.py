@@ -153,7 +153,7 @@ class RouteEntry:
         "include_request_attempt_count", "include_attempt_count_in_response",
         "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
         # tracing: the route's tracing block (tracing/request_id.py RouteTrace), or None
-        "trace",
+        "trace", "decorator_operation", "decorator_propagate",
         # header mutations (ordered, non-empty only)
         "_req_mutations", "_resp_mutations",
         # direct response / redirect
@@ -698,6 +698,12 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     e.metadata = _metadata_dict(r.metadata) if r.HasField("metadata") else None
     try:
         e.trace = None
+        # the decorator: the span's name (and x-envoy-decorator-operation upstream), tracing only
+        e.decorator_operation = r.decorator.operation if r.HasField("decorator") else ""
+        e.decorator_propagate = not r.HasField("decorator") or not r.decorator.HasField("propagate") \
+            or r.decorator.propagate.value
+        if r.HasField("decorator") and not e.decorator_operation:
+            raise ConfigError("decorator.operation must not be empty", "decorator.operation")
         if r.HasField("tracing"):
             try:
                 e.trace = compile_route_trace(r.tracing)
