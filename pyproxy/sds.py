@@ -76,10 +76,11 @@ class _Subscription:
             raise ConfigError("Missing SDS resources for %s in onConfigUpdate()" % p.name)
         if len(added) != 1:
             raise ConfigError("Unexpected SDS secrets length: %d" % len(added))
-        STORE.apply_sds(added, (), version_info)   # ConfigError: NACKed, the last good stays
+        # ConfigError: NACKed, the last good stays
+        STORE.apply_sds(added, (), version_info, source=p.source_key)
         self.counted = False
         st.success.inc()
-        m.applied(added, version_info)
+        m.applied(added, version_info, p.source_key)
 
     def on_rejected(self, type_url, version_info, message) -> None:
         """The client NACKed a response (here or before the handler: an unexpected name...)."""
@@ -195,16 +196,16 @@ class SdsManager:
         STORE.mark_ready(p)
         self._tell_workers(p)
 
-    def _first_rejected(self, names) -> None:
+    def _first_rejected(self, providers) -> None:
         workers = self.server.workers
         if workers is not None:
-            for n in names:
-                workers.secret_ready(n)
+            for p in providers:
+                workers.secret_ready(p.name, p.source_key)
 
     def _tell_workers(self, p) -> None:
         workers = self.server.workers
         if workers is not None:
-            workers.secret_ready(p.name)
+            workers.secret_ready(p.name, p.source_key)
 
     # -- from the subscriptions ------------------------------------------------------------------
     def rejected(self, p, message) -> None:
@@ -214,10 +215,10 @@ class SdsManager:
             STORE.mark_ready(p)
             self._tell_workers(p)
 
-    def applied(self, added: dict, version_info: str) -> None:
+    def applied(self, added: dict, version_info: str, source: str) -> None:
         workers = self.server.workers
         if workers is not None:
-            workers.forward(SECRET, version_info, added, set())
+            workers.forward_secrets(source, version_info, added)
         self._refresh_expiry()
 
     def connection_state(self, p, connected: bool) -> None:

@@ -253,11 +253,13 @@ class Server:
             return False
         from .tls.secrets import STORE
         log.info("listener '%s' warming (waiting for %s)", cfg.name, ", ".join(sorted({p.name for p in pending})))
+        self.listener_manager.warming_static[cfg.name] = cfg
 
         def check():
             if self.exiting or any(not p.ready for p in pending):
                 return
             STORE.ready_hooks.remove(check)
+            self.listener_manager.warming_static.pop(cfg.name, None)
             log.info("listener '%s' warmed; now active", cfg.name)
             self.listener_manager.install(cfg, sock)
         STORE.ready_hooks.append(check)

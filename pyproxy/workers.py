@@ -135,14 +135,21 @@ class WorkerSet:
         for ch in self.channels:
             ch.send(payload)
 
+    def forward_secrets(self, source: str, version, added: dict) -> None:
+        """Secrets the main process accepted from the SDS config source ``source`` (its key)."""
+        payload = ("secrets", source, version,
+                   {n: m.SerializeToString() for n, m in added.items()})
+        for ch in self.channels:
+            ch.send(payload)
+
     def drain(self, inbound_only: bool, graceful: bool) -> None:
         for ch in self.channels:
             ch.send(("drain", inbound_only, graceful))
 
-    def secret_ready(self, name: str) -> None:
+    def secret_ready(self, name: str, source: str = "ads") -> None:
         """An SDS secret's initial fetch ended without it (timeout, rejected): workers stop waiting."""
         for ch in self.channels:
-            ch.send(("secret_ready", name))
+            ch.send(("secret_ready", name, source))
 
     def merged_store(self, store):
         """The main process's stats plus the workers' last snapshots."""
@@ -263,12 +270,23 @@ class WorkerLink:
                 glue.on_resources(type_url, version, protos, set(removed), False)
             except Exception as e:  # the main process accepted it: this is a bug, keep serving
                 log.error("worker %d: applying %s failed: %s", self.index, type_url, e)
+        elif kind == "secrets":
+            _, source, version, added = msg
+            from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
+            from .tls.secrets import STORE
+            protos = {}
+            for name, data in added.items():
+                protos[name] = Secret.FromString(data)
+            try:
+                STORE.apply_sds(protos, (), version, source=source)
+            except Exception as e:  # the main process accepted it: this is a bug, keep serving
+                log.error("worker %d: applying SDS secrets failed: %s", self.index, e)
         elif kind == "drain":
             self.server.listener_manager.drain_listeners(inbound_only=msg[1], graceful=msg[2])
         elif kind == "secret_ready":
             from .tls.secrets import STORE
             for p in list(STORE.providers.values()):
-                if p.name == msg[1]:
+                if p.name == msg[1] and p.source_key == msg[2]:
                     STORE.mark_ready(p)
 
     def _on_lost(self):

@@ -67,6 +67,13 @@ def route_table():
                 {"name": "b", "weight": 1,
                  "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT}}]}}},
             {"match": {"prefix": "/slow"}, "route": {"cluster": "b", "timeout": "0.3s"}},
+            # istiod's default retry policy: the route leaves the fast lanes by itself (the express
+            # lane hands the route it found over to the stream)
+            {"match": {"prefix": "/retry"}, "route": {"cluster": "b", "timeout": "0s", "retry_policy": {
+                "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+                "num_retries": 2, "host_selection_retry_max_attempts": "5", "retriable_status_codes": [503],
+                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                    "@type": T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}},
             {"match": {"prefix": "/"}, "route": {"cluster": "b", "timeout": "0s"},
              "decorator": {"operation": "b.default.svc.cluster.local:80/*"}},
         ]},
@@ -75,6 +82,8 @@ def route_table():
 
 def _handler(req, sock):
     path = req.path.split("?")[0]
+    if path == "/retry/503":
+        return simple_response(503, b"busy", [("X-Up", "1")], reason="Service Unavailable")
     if path == "/slow":
         time.sleep(0.8)  # past the route's 0.3 s timeout: 504 UT from every lane
     if path.startswith("/pkg.Svc/"):
@@ -136,6 +145,8 @@ REQUESTS = [
     # the route timeout, with and without a request body (a body leaves the fast lanes)
     ("GET", "/slow", "svc.local", [], b""),
     ("POST", "/slow", "svc.local", [("Content-Type", "text/plain")], b"body"),
+    ("GET", "/retry", "svc.local", [], b""),
+    ("GET", "/retry/503", "svc.local", [("Origin", "https://a.example")], b""),
     # what the HCM settings do before any filter
     ("GET", "/a/../b/./c", "svc.local", [], b""),
     ("GET", "/ws", "svc.local", [("Connection", "upgrade"), ("Upgrade", "websocket")], b""),

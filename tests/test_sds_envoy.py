@@ -125,3 +125,54 @@ def test_mtls_interop(pods, client_kind, server_kind):
     finally:
         server.stop()
         be.close()
+
+
+def _listener_dump(proc):
+    import json
+    _, _, body = request(proc.admin_port, "GET", "/config_dump", timeout=5)
+    for c in json.loads(body)["configs"]:
+        if c["@type"].endswith("ListenersConfigDump"):
+            return c
+    return {}
+
+
+@pytest.mark.parametrize("kind", [Pyproxy, Envoy], ids=["pyproxy", "envoy"])
+def test_static_listener_waiting_for_sds_is_listed_as_static(kind):
+    """A static listener whose TLS context waits for SDS is, as in Envoy (server init adds it to
+    the active list), a static listener in /config_dump and in /listeners while it waits, and
+    stays one entry once the secrets arrived."""
+    root = tempfile.mkdtemp(prefix="pod", dir="/tmp")
+    be = HttpBackend(name="app")
+    port = free_port()
+    proc = kind(_server_bs(port, be.port), cwd=root, wait_ready=False)
+    agent = None
+    try:
+        for _ in range(100):   # the admin port, then the listener parsed (bounded)
+            try:
+                proc.wait_ready(timeout=0.1)
+            except Exception:  # noqa: BLE001 - not ready yet is expected
+                pass
+            if proc.admin_port is not None and _listener_dump(proc).get("static_listeners"):
+                break
+        assert proc.admin_port is not None, proc.log()[-2000:]
+        st, _, _ = request(proc.admin_port, "GET", "/ready", timeout=5)
+        assert st == 503
+        d = _listener_dump(proc)
+        assert [e["listener"]["name"] for e in d.get("static_listeners", [])] == ["inbound"], d
+        assert "dynamic_listeners" not in d, d
+        _, _, body = request(proc.admin_port, "GET", "/listeners", timeout=5)
+        assert body.decode().split() == ["inbound::127.0.0.1:%d" % port]
+        pki = Pki(root + "/pki")
+        agent = AgentSds(root, {"default": cert_secret("default", pki.issue("server", uri=[SERVER_ID])),
+                                "ROOTCA": root_secret("ROOTCA", pki.ca_pem)})
+        agent.start()
+        proc.wait_ready(timeout=15)
+        d = _listener_dump(proc)
+        assert [e["listener"]["name"] for e in d.get("static_listeners", [])] == ["inbound"], d
+        assert "dynamic_listeners" not in d, d
+    finally:
+        proc.stop()
+        if agent is not None:
+            agent.stop()
+        be.close()
+        shutil.rmtree(root, ignore_errors=True)

@@ -107,7 +107,7 @@ def test_sds_secrets_resolved_refused_until_present_and_rebuilt(pki, store):
 def test_static_secret_reference(pki):
     s = SecretStore()
     s.load_static([secret({"name": "srv", "tls_certificate": cert_entry(pki.server)})])
-    assert s.get("srv", dynamic=False).name == "srv" and s.get("srv", dynamic=True).name == "srv"
+    assert s.get("srv", "").name == "srv" and s.get("srv", "ads").name == "srv"
     with pytest.raises(ConfigError, match="does not match"):
         s.load_static([secret({"name": "bad", "tls_certificate": {
             "certificate_chain": {"inline_string": pki.server.cert_pem.decode()},
@@ -344,3 +344,32 @@ def test_istio_alpn_pools_keyed_by_list_and_dropped_with_their_host(pki, tmp_pat
         c.close()
     finally:
         loop.close()
+
+
+def test_sds_secrets_kept_apart_per_config_source(pki, store):
+    """``default`` from the agent's sds-grpc and ``default`` over ADS are two secrets (Envoy keys
+    its SDS providers by config source and name): each context gets its own, updates to one leave
+    the other alone, and removing one does not remove the other."""
+    grpc_src = {"api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
+                                      "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]}}
+
+    def factory(src):
+        return downstream_factory(dctx({"common_tls_context": {
+            "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": src}]}}))
+    fg, fa = factory(grpc_src), factory({"ads": {}})
+    assert {p.key for p in fg.secret_providers} == {("grpc:sds-grpc", "default")}
+    agent_cert = pki.issue("agent", uri=["spiffe://cluster.local/ns/default/sa/agent"])
+    istiod_cert = pki.issue("istiod", uri=["spiffe://cluster.local/ns/default/sa/istiod"])
+    store.apply_sds({"default": secret({"name": "default", "tls_certificate": cert_entry(agent_cert)})},
+                    source="grpc:sds-grpc")
+    assert fg.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/agent"
+    with pytest.raises(TlsNotReady):
+        fa.compiled()   # nothing arrived over ADS yet
+    assert [p.ready for p in fg.secret_providers] == [True] and [p.ready for p in fa.secret_providers] == [False]
+    store.apply_sds({"default": secret({"name": "default", "tls_certificate": cert_entry(istiod_cert)})})
+    assert fa.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/istiod"
+    assert fg.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/agent"
+    store.apply_sds(removed=["default"])    # removed over ADS only
+    with pytest.raises(TlsNotReady):
+        fa.compiled()
+    assert fg.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/agent"

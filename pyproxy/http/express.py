@@ -114,12 +114,12 @@ def start(hc, codec, headers) -> bool:
     if rq_timeout is None:
         rq_timeout = route_is_express(route)
     if rq_timeout is False:
-        return _fall_back(codec, r)
+        return _fall_back(codec, r, table, route)
     if cfg.chain_checks and not chain_is_inert(cfg, route, headers):
-        return _fall_back(codec, r)  # a filter before the router has work: the generic chain
+        return _fall_back(codec, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return _fall_back(codec, r)
+        return _fall_back(codec, r, table, route)
     name, choice, cluster = picked
 
     # from here on the request is the express lane's
@@ -175,9 +175,14 @@ def start(hc, codec, headers) -> bool:
     return True
 
 
-def _fall_back(codec, r) -> bool:
-    """Leave the request to the generic stream, with the request preparation's result."""
-    codec.prepped = Prepared(rid=r) if type(r) is str else r
+def _fall_back(codec, r, table=None, route=None) -> bool:
+    """Leave the request to the generic stream, with the request preparation's result (and the
+    route, when one was found: the stream does not look it up again)."""
+    if route is not None:
+        codec.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
+            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
+    else:
+        codec.prepped = Prepared(rid=r) if type(r) is str else r
     return False
 
 

@@ -98,7 +98,11 @@ class FastStream(ActiveStream):
         # (refresh_route, inlined)
         cfg = self.cfg
         table = self.route_table = cfg.routes.table
-        route = self.route = table.find(headers, self.stream_info, _rand(32)) if table is not None else None
+        p = self.prepped
+        if p is not None and p.route is not None and p.table is table:
+            route = self.route = p.route  # (the express lane found it before leaving the request here)
+        else:
+            route = self.route = table.find(headers, self.stream_info, _rand(32)) if table is not None else None
         self.stream_info.route_name = route.name if route is not None else ""
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()

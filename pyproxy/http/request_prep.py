@@ -83,13 +83,17 @@ class Prepared:
     headers ("ip:port", None for the connection's) and/or a local reply ``(status, details,
     location)``."""
 
-    __slots__ = ("rid", "remote", "reply", "upgrade")
+    __slots__ = ("rid", "remote", "reply", "upgrade", "table", "route")
 
-    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None):
+    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None, table=None, route=None):
         self.rid = rid
         self.remote = remote
         self.reply = reply
         self.upgrade = upgrade  # the upgrade type of a genuine upgrade request (lower case)
+        # the route the express lane found in ``table`` before it left the request to a stream
+        # (which then does not look it up again)
+        self.table = table
+        self.route = route
 
 
 PREPARED_NOTHING = Prepared()
@@ -323,8 +327,8 @@ def xfcc_value(tls, details: tuple) -> str | None:
     der = facts.der
     cert = x509.load_der_x509_certificate(der)
     parts = []
-    if tls.tls.local_uri_san:
-        parts.append("By=" + tls.tls.local_uri_san)
+    # one By= per URI SAN of our certificate, as Envoy
+    parts.extend("By=" + u for u in getattr(tls.tls, "local_uri_sans", ()))
     parts.append("Hash=" + hashlib.sha256(der).hexdigest())
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

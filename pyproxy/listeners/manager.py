@@ -58,6 +58,9 @@ class ActiveListener:
         self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
+        if any(getattr(c.transport_socket, "is_tls", False) for c in config.chains + [config.default_chain] if c):
+            from ..tls.socket import listener_ssl_stats
+            listener_ssl_stats(config, manager.stats)  # listener.<prefix>.ssl.*, as Envoy makes them
         # overload limits (listeners/overload.py): this listener's own, and whether the global
         # one applies to it
         self.st_cx_overflow = s.counter("downstream_cx_overflow")
@@ -110,6 +113,10 @@ class ListenerManager:
         self.reuse_port = reuse_port
         self.active: dict[str, ActiveListener] = {}
         self.draining_listeners: list = []
+        # static listeners bound but waiting for their SDS secrets (server._warm_static_listener):
+        # Envoy adds them to its active list during server init, so /listeners and /config_dump
+        # show them as static listeners already
+        self.warming_static: dict = {}
         self.by_address: dict = {}  # (ip, port) -> ActiveListener for bind_to_port:false lookup
         self.st_added = stats.counter("listener_manager.listener_added")
         self.st_modified = stats.counter("listener_manager.listener_modified")
@@ -349,8 +356,7 @@ class ListenerManager:
     # -- admin ----------------------------------------------------------------------------------
     def status(self) -> list:
         out = []
-        for al in self.active.values():
-            c = al.config
+        for c in [al.config for al in self.active.values()] + list(self.warming_static.values()):
             out.append({"name": c.name, "local_address": c.address_str(),
                         "family": c.family, "host": c.host, "port": c.port})
         return out
@@ -358,8 +364,7 @@ class ListenerManager:
     def config_dump(self) -> dict:
         from google.protobuf import json_format
         static, dynamic = [], []
-        for al in self.active.values():
-            c = al.config
+        for c in [al.config for al in self.active.values()] + list(self.warming_static.values()):
             body = to_dict(c.proto)
             body["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
             ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(c.last_updated)) + ".000Z"

@@ -162,13 +162,13 @@ def secrets_config_dump(server) -> dict:
     static = [{"name": n, "last_updated": _ts(server.start_time), "secret": _secret_json(s)}
               for n, s in STORE.static.items()]
     active, warming = [], []
-    for name, s in STORE.dynamic.items():
-        v, t = STORE.meta.get(name, ("", 0))
-        active.append({"name": name, "version_info": v, "last_updated": _ts(t), "secret": _secret_json(s)})
+    for key, s in STORE.dynamic.items():
+        v, t = STORE.meta.get(key, ("", 0))
+        active.append({"name": key[1], "version_info": v, "last_updated": _ts(t), "secret": _secret_json(s)})
     seen = set(STORE.dynamic)
     for p in STORE.providers.values():
-        if p.refs > 0 and p.name not in seen:
-            seen.add(p.name)
+        if p.refs > 0 and p.key not in seen:
+            seen.add(p.key)
             warming.append({"name": p.name, "version_info": "uninitialized",
                             "last_updated": _ts(time.time()),
                             "secret": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets"

@@ -56,7 +56,7 @@ class ValidationConfig:
     def __init__(self):
         self.trusted_ca_pem = None
         self.ca_sds_name = ""
-        self.ca_sds_dynamic = True
+        self.ca_sds_dynamic = ""        # the SDS source key ("" static)
         self.san_matchers = ()
         self.spki = ()
         self.hashes = ()
@@ -195,11 +195,12 @@ class TlsSocketFactory:
         TlsNotReady if another secret it needs is still missing."""
         self._resolve(strict=True)
 
-    def depends_on(self, names) -> bool:
-        if any(n in names for n, _ in self.certificate_sds_refs):
+    def depends_on(self, keys) -> bool:
+        """Whether this socket uses one of the SDS secrets ``keys`` ((source key, name) pairs)."""
+        if any((src, n) in keys for n, src in self.certificate_sds_refs):
             return True
         v = self.validation
-        return v is not None and v.ca_sds_name in names
+        return v is not None and (v.ca_sds_dynamic, v.ca_sds_name) in keys
 
     def _watch_secrets(self) -> None:
         """Register this socket's SDS references (each one a shared ``SecretProvider``)."""
@@ -347,6 +348,14 @@ def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
     return f
 
 
+def _store_source(ref) -> str:
+    """The secret store namespace of an SDS reference: its config source's key, "" if static."""
+    if not ref.HasField("sds_config"):
+        return ""
+    from .secrets import source_key
+    return source_key(ref.sds_config)
+
+
 # -- CommonTlsContext ------------------------------------------------------------------------------
 
 def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
@@ -361,7 +370,10 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
         f.certificates.append(_certificate(tc, fld, f.notes))
     refs = []
     for i, s in enumerate(c.tls_certificate_sds_secret_configs):
-        refs.append((_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)), s.HasField("sds_config")))
+        # (name, source key): SDS secrets are kept per (config source, name), as Envoy keys its
+        # SDS providers; "" for a static secret (no sds_config)
+        refs.append((_sds_ref(s, "%s.tls_certificate_sds_secret_configs[%d]" % (field, i)),
+                     _store_source(s)))
         if s.HasField("sds_config"):
             f.sds_sources.append((s.name, s.sds_config))
     f.certificate_sds_refs = tuple(refs)
@@ -381,7 +393,7 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
         v = f.validation = ValidationConfig()
         v.ca_sds_name = _sds_ref(c.validation_context_sds_secret_config,
                                  field + ".validation_context_sds_secret_config")
-        v.ca_sds_dynamic = c.validation_context_sds_secret_config.HasField("sds_config")
+        v.ca_sds_dynamic = _store_source(c.validation_context_sds_secret_config)
         if v.ca_sds_dynamic:
             f.sds_sources.append((v.ca_sds_name, c.validation_context_sds_secret_config.sds_config))
     elif which == "combined_validation_context":
@@ -394,7 +406,7 @@ def _common(f: TlsSocketFactory, c, field: str, *, server: bool) -> None:
                                        ca_from_sds=True)
         v.ca_sds_name = _sds_ref(cvc.validation_context_sds_secret_config,
                                  fld + ".validation_context_sds_secret_config")
-        v.ca_sds_dynamic = cvc.validation_context_sds_secret_config.HasField("sds_config")
+        v.ca_sds_dynamic = _store_source(cvc.validation_context_sds_secret_config)
         if v.ca_sds_dynamic:
             f.sds_sources.append((v.ca_sds_name, cvc.validation_context_sds_secret_config.sds_config))
     elif which is not None:

@@ -1,9 +1,10 @@
 """Named TLS secrets: ``static_resources.secrets`` and SDS-delivered ``Secret`` resources.
 
 A TLS context refers to certificates and trust anchors by name (``tls_certificate_sds_secret_configs``,
-``validation_context_sds_secret_config``). The store holds the current ``Secret`` proto per name, in
-two namespaces like Envoy: static secrets (bootstrap, referenced without ``sds_config``) and dynamic
-ones (SDS, referenced with ``sds_config``); a lookup falls back to the other namespace.
+``validation_context_sds_secret_config``). The store holds the current ``Secret`` protos like Envoy:
+static secrets by name (bootstrap, referenced without ``sds_config``) and dynamic ones by (config
+source key, name) (SDS, referenced with ``sds_config``): ``default`` from the agent's ``sds-grpc``
+and ``default`` over ADS are two secrets. A lookup falls back to the static secret of that name.
 
 Every SDS reference (name plus ``sds_config``) is a ``SecretProvider``, shared per (config source,
 name) as Envoy shares its ``SdsApi`` providers. A provider is *ready* — the init target of the
@@ -19,7 +20,7 @@ the context they started with; new handshakes take the new one.
 
     from pyproxy.tls.secrets import STORE
     STORE.load_static(bootstrap.static_resources.secrets)        # at bootstrap
-    STORE.apply_sds(added={name: Secret}, removed=[name])         # on each SDS update
+    STORE.apply_sds(added={name: Secret}, removed=[name], source="ads")   # on each SDS update
 """
 
 from __future__ import annotations
@@ -101,14 +102,14 @@ class SecretStore:
                  "rejected_hooks")
 
     def __init__(self):
-        self.static: dict = {}
-        self.dynamic: dict = {}
+        self.static: dict = {}           # name -> Secret
+        self.dynamic: dict = {}          # (source key, name) -> Secret
         self.generation = 0
         self.providers: dict = {}        # (source key, name) -> SecretProvider
         self.hooks: list = []            # the SDS client: hook(provider, wanted: bool)
         self.ready_hooks: list = []      # called after any provider became ready
-        self.meta: dict = {}             # name -> (version_info, last_updated) of dynamic secrets
-        self.rejected_hooks: list = []   # the SDS client: hook(names) when first responses failed
+        self.meta: dict = {}             # (source key, name) -> (version_info, last_updated)
+        self.rejected_hooks: list = []   # the SDS client: hook(providers) when first responses failed
 
     # -- references from TLS contexts ------------------------------------------------------------
     def watch(self, name: str, config_source, factory) -> SecretProvider:
@@ -118,7 +119,7 @@ class SecretStore:
         p = self.providers.get(key)
         if p is None:
             p = SecretProvider(name, config_source, skey)
-            if name in self.dynamic:
+            if key in self.dynamic:
                 p.ready = p.received = True   # e.g. a worker got it forwarded already
             try:
                 for h in self.hooks:
@@ -182,8 +183,10 @@ class SecretStore:
         self.static = new
         self.generation += 1
 
-    def apply_sds(self, added: dict | None = None, removed=(), version_info: str = "") -> None:
-        """An SDS update: ``added`` maps names to ``Secret`` protos; ``removed`` lists names.
+    def apply_sds(self, added: dict | None = None, removed=(), version_info: str = "",
+                  source: str = "ads") -> None:
+        """An SDS update from the config source ``source`` (its ``source_key``): ``added`` maps
+        names to ``Secret`` protos; ``removed`` lists names.
 
         Validated first; then the TLS contexts using a changed secret are rebuilt, and if one of
         them fails the update is undone (ConfigError: the response is NACKed, the last good
@@ -194,47 +197,51 @@ class SecretStore:
             try:
                 validate_secret(s)
             except ConfigError as e:
-                self._first_rejected(added)
+                self._first_rejected(added, source)
                 raise e.within(resource="secret '%s'" % name)
         changed = []
         before = {}
+        dynamic = self.dynamic
         for name, s in added.items():
-            if self.dynamic.get(name) != s:
-                before[name] = self.dynamic.get(name)
-                self.dynamic[name] = s
-                changed.append(name)
+            key = (source, name)
+            if dynamic.get(key) != s:
+                before[key] = dynamic.get(key)
+                dynamic[key] = s
+                changed.append(key)
         for name in removed:
-            if name in self.dynamic and name not in added:
-                before[name] = self.dynamic.pop(name)
-                changed.append(name)
+            key = (source, name)
+            if key in dynamic and name not in added:
+                before[key] = dynamic.pop(key)
+                changed.append(key)
         if not changed:
-            self._mark_received(added, version_info)
+            self._mark_received(added, version_info, source)
             return
         self.generation += 1
         try:
             self._rebuild(changed)
         except ConfigError:
-            for name, s in before.items():
+            for key, s in before.items():
                 if s is None:
-                    self.dynamic.pop(name, None)
+                    dynamic.pop(key, None)
                 else:
-                    self.dynamic[name] = s
+                    dynamic[key] = s
             self.generation += 1
-            self._first_rejected(added)
+            self._first_rejected(added, source)
             raise
         now = time.time()
-        for name in changed:
-            if name in self.dynamic:
-                self.meta[name] = (version_info, now)
+        for key in changed:
+            if key in dynamic:
+                self.meta[key] = (version_info, now)
             else:
-                self.meta.pop(name, None)
-        self._mark_received(added, version_info)
+                self.meta.pop(key, None)
+        self._mark_received(added, version_info, source)
 
-    def _rebuild(self, names) -> None:
-        """Rebuild the contexts of the sockets that use ``names``; the others only note that the
-        store moved on (their context is unchanged), so no handshake pays for the update."""
+    def _rebuild(self, keys) -> None:
+        """Rebuild the contexts of the sockets that use ``keys`` ((source key, name) pairs); the
+        others only note that the store moved on (their context is unchanged), so no handshake
+        pays for the update."""
         from .context import TlsNotReady
-        wanted = set(names)
+        wanted = set(keys)
         seen = set()
         gen = self.generation
         for p in list(self.providers.values()):
@@ -252,24 +259,25 @@ class SecretStore:
                     pass  # another secret it needs is still missing: it stays not ready
                 except ConfigError as e:
                     raise ConfigError("secret '%s' not usable by a TLS context: %s"
-                                      % ("', '".join(sorted(wanted)), e))
+                                      % ("', '".join(sorted(n for _, n in wanted)), e))
 
-    def _first_rejected(self, added) -> None:
+    def _first_rejected(self, added, source) -> None:
         """As Envoy: a rejected first response ends the initial fetch of the secrets it named
         (their TLS contexts stay unusable; listeners and clusters stop waiting)."""
-        became = [p for p in self.providers.values() if p.name in added and not p.ready]
+        became = [p for p in self.providers.values()
+                  if p.source_key == source and p.name in added and not p.ready]
         for p in became:
             p.error = p.error or "first response rejected"
             p.set_ready()
         if became:
             for h in list(self.rejected_hooks):
-                h(sorted({p.name for p in became}))
+                h(became)
             self._ready_changed()
 
-    def _mark_received(self, added, version_info) -> None:
+    def _mark_received(self, added, version_info, source) -> None:
         became = False
         for p in self.providers.values():
-            if p.name in added:
+            if p.source_key == source and p.name in added:
                 p.received = True
                 p.version_info = version_info
                 p.last_updated = time.time()
@@ -280,11 +288,19 @@ class SecretStore:
         if became:
             self._ready_changed()
 
-    def get(self, name: str, dynamic: bool):
-        """The ``Secret`` named ``name``: SDS first for SDS references, static first otherwise."""
-        first, second = (self.dynamic, self.static) if dynamic else (self.static, self.dynamic)
-        s = first.get(name)
-        return s if s is not None else second.get(name)
+    def get(self, name: str, source: str):
+        """The ``Secret`` named ``name``: for an SDS reference (``source``: its config source's
+        key) the one from that source, else the static one; for a static reference ("") the
+        static one, else one SDS delivered under that name."""
+        if source:
+            s = self.dynamic.get((source, name))
+            return s if s is not None else self.static.get(name)
+        s = self.static.get(name)
+        if s is None:
+            for (_, n), d in self.dynamic.items():
+                if n == name:
+                    return d
+        return s
 
     def clear(self) -> None:
         self.static = {}
