@@ -1170,9 +1170,11 @@ class Http2ServerCodec:
             return  # the block finished (or the connection ended) in time
         if not self.h2.open_unfinished_inbound():
             return
-        hc = self.hc
-        hc.stats.rq_header_timeout.value += 1
-        hc.stats.rq_class[4].value += 1
+        st = self.hc.stats
+        # what Envoy counts for that stream (it exists there from its first HEADERS frame)
+        for c in (st.rq_total, st.rq_http2_total, st.rq_header_timeout, st.rq_class[4], st.rq_completed,
+                  st.rq_response_before_rq_complete, st.rq_rx_reset):
+            c.value += 1
         body = b"request header timeout"
         h = self.h2
         try:
