@@ -104,7 +104,7 @@ class RouteProvider:
     """
 
     __slots__ = ("name", "table", "proto", "version_info", "last_updated", "stat_scopes", "glue",
-                 "ready", "init_timeout", "timer", "error_state")
+                 "ready", "init_timeout", "timer", "error_state", "stats_owner")
 
     def __init__(self, name, glue, init_timeout=DEFAULT_INITIAL_FETCH_TIMEOUT):
         self.name = name
@@ -113,6 +113,7 @@ class RouteProvider:
         self.version_info = ""
         self.last_updated = 0.0
         self.stat_scopes = {}
+        self.stats_owner = None  # owns http.<prefix>.rds.<name>.*: freed once no listener uses the name
         self.glue = glue
         self.ready = False
         self.init_timeout = init_timeout
@@ -121,13 +122,23 @@ class RouteProvider:
 
     def register_stats(self, store, stat_prefix):
         if stat_prefix not in self.stat_scopes:
-            s = store.scope("http.%s.rds.%s." % (stat_prefix, self.name))
+            if self.stats_owner is None:
+                self.stats_owner = store.new_owner(shared=True)
+            s = store.owned_scope("http.%s.rds.%s." % (stat_prefix, self.name), self.stats_owner)
             s.counter("update_attempt").inc()    # the subscription's start, as Envoy counts it
             self.stat_scopes[stat_prefix] = (s.counter("update_attempt"), s.counter("update_success"),
                                              s.counter("update_rejected"), s.counter("update_empty"),
                                              s.gauge("version", accumulate=False),
                                              s.counter("config_reload"), s.counter("init_fetch_timeout"),
                                              s.counter("update_failure"))
+
+    def release_stats(self):
+        """No listener uses this route configuration any more: its stats go (as Envoy's RDS
+        subscription and its scope go with the last HCM that held them)."""
+        self.stat_scopes.clear()
+        if self.stats_owner is not None:
+            self.stats_owner.release()
+            self.stats_owner = None
 
     def count(self, what: str, version: str = ""):
         idx = {"attempt": 0, "success": 1, "rejected": 2, "empty": 3, "timeout": 6, "failure": 7}[what]
@@ -297,9 +308,12 @@ class XdsGlue:
         c = self.client_for_type.get(ROUTE)
         if c is not None:
             c.subscribe(ROUTE, names)
-        for n in [n for n, p in self.routes.items() if n not in names and p.table is None]:
-            p = self.routes.pop(n)
-            p.set_ready()
+        for n, p in list(self.routes.items()):
+            if n not in names:
+                p.release_stats()
+                if p.table is None:
+                    del self.routes[n]
+                    p.set_ready()
         for n in names:
             p = self.routes.get(n)
             if p is not None:

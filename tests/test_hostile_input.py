@@ -447,6 +447,19 @@ def test_xfcc_encoding_of_an_odd_certificate(backend, pki, odd_client, mode):
     assert "URI=spiffe://cluster.local/ns/a/sa/one;URI=urn:two" in x and 'Subject="CN=odd\\, \\"client' in x, x
 
 
+@pytest.mark.parametrize("mode", ["APPEND_FORWARD", "SANITIZE_SET"])
+def test_xfcc_by_names_every_uri_san_of_our_certificate(backend, pki, mode):
+    """Envoy writes one By= per URI SAN of the local (server) certificate, in order."""
+    p, _, cli = pki
+    srv2 = p.issue("server2", dns=["localhost"], uri=["spiffe://cluster.local/ns/default/sa/one", "urn:by:two"])
+    extra = {"forward_client_cert_details": mode, "set_current_client_cert_details": {"uri": True}}
+    bs = make_bootstrap(backend.port, hcm_extra=extra, tls=downstream_tls(srv2, alpn=("http/1.1",), ca=p))
+    res = run_case(bs, backend, XFCC_REQUESTS[:2], tls_ctx=_client_ctx(p, cli))
+    assert_same(res, XFCC_REQUESTS[:2])
+    x = res["pyproxy"][0][1]["headers"]["x-forwarded-client-cert"]
+    assert x.startswith("By=spiffe://cluster.local/ns/default/sa/one;By=urn:by:two;Hash="), x
+
+
 def test_xfcc_istio_inbound_shape(backend, pki):
     """Istio's inbound HCM: APPEND_FORWARD with subject, uri and dns; a plaintext chain strips."""
     p, srv, cli = pki
@@ -598,3 +611,79 @@ def test_access_log_downstream_address(backend, tmp_path):
             lines[cls.kind] = [re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:P", x) for x in path.read_text().splitlines()]
         assert lines["pyproxy"] == lines["envoy"], (cfg, lines)
         assert len(lines["pyproxy"]) == len(reqs)
+
+
+# -- request_headers_timeout on HTTP/2: a header block left unfinished ------------------------------------
+
+def _h2_frame(t, flags, sid, payload):
+    return len(payload).to_bytes(3, "big") + bytes([t, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _h2_frames(buf):
+    """(type, flags, stream, payload) of each whole frame; HEADERS blocks decoded (one decoder,
+    so the dynamic table follows the peer's), volatile fields (date) dropped."""
+    import hpack
+    dec = hpack.Decoder()
+    out = []
+    while len(buf) >= 9:
+        n = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + n:
+            break
+        t, fl, sid, p = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + n]
+        buf = buf[9 + n:]
+        if t == 1:
+            p = [kv for kv in dec.decode(p) if kv[0] != "date"]
+        out.append((t, fl, sid, p))
+    return out
+
+
+@pytest.mark.parametrize("case", ["unfinished-block", "nothing-after-preface", "complete-headers-no-body"])
+def test_request_headers_timeout_http2(backend, case):
+    """Envoy times out a stream whose HEADERS came without END_HEADERS and no CONTINUATION
+    followed: 408 "request header timeout", then RST_STREAM NO_ERROR, the connection stays.
+    After the preface alone, or once the request headers are whole, nothing happens."""
+    import hpack
+    bs = make_bootstrap(backend.port, hcm_extra={"request_headers_timeout": "0.5s", "codec_type": "AUTO"},
+                        rbac=False)
+    stats = ("downstream_rq_header_timeout", "downstream_rq_4xx")
+    got = {}
+    for cls in (Pyproxy, Envoy):
+        with cls(copy.deepcopy(bs)) as p:
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            try:
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b""))
+                block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/"),
+                                                (":authority", "a")])
+                if case == "unfinished-block":
+                    s.sendall(_h2_frame(1, 0, 1, block))  # no END_HEADERS, no CONTINUATION
+                elif case == "complete-headers-no-body":
+                    s.sendall(_h2_frame(1, 4, 1, block))  # END_HEADERS, the body never comes
+                t0 = time.monotonic()
+                buf, first_rst = b"", None
+                s.settimeout(0.1)
+                while time.monotonic() - t0 < 1.8:
+                    try:
+                        d = s.recv(65536)
+                    except socket.timeout:
+                        continue
+                    if not d:
+                        buf += b"<EOF>"
+                        break
+                    buf += d
+                    if first_rst is None and any(f[0] == 3 for f in _h2_frames(buf)):
+                        first_rst = time.monotonic() - t0
+            finally:
+                s.close()
+            frames = [f for f in _h2_frames(buf.replace(b"<EOF>", b"")) if f[0] not in (4, 8)]  # not SETTINGS/WINDOW_UPDATE;
+            # the bool compared: whether the connection was closed (Envoy keeps it)
+            got[cls.kind] = (frames, buf.endswith(b"<EOF>"), [p.stat("http.hostile." + n) for n in stats])
+            if case == "unfinished-block":
+                assert first_rst is not None and 0.3 < first_rst < 1.5, (cls.kind, first_rst, frames)
+    assert got["pyproxy"] == got["envoy"], got
+    if case == "unfinished-block":
+        frames = got["pyproxy"][0]
+        assert frames[0][3][0] == (":status", "408") and frames[1][3] == b"request header timeout", frames
+        assert frames[2] == (3, 0, 1, b"\x00\x00\x00\x00"), frames
+        assert got["pyproxy"][2] == [1, 1]
+    else:
+        assert got["pyproxy"][0] == [] and got["pyproxy"][2] == [0, 0]

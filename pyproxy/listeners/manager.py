@@ -58,6 +58,9 @@ class ActiveListener:
         self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
+        if any(getattr(c.transport_socket, "is_tls", False) for c in config.chains + [config.default_chain] if c):
+            from ..tls.socket import listener_ssl_stats
+            listener_ssl_stats(config, manager.stats)  # listener.<prefix>.ssl.*, as Envoy makes them
         # overload limits (listeners/overload.py): this listener's own, and whether the global
         # one applies to it
         self.st_cx_overflow = s.counter("downstream_cx_overflow")

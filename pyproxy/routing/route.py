@@ -11,6 +11,7 @@ from .matchers import (compile_header_matcher, compile_query_matcher, compile_st
 from .policies import (combine_hashes, compile_hash_policy, compile_hedge_policy, compile_rate_limit,
                        compile_retry_policy)
 from .regex import compile_re2, re2_substitution
+from ..tracing.request_id import compile_route_trace
 
 ROUTE = 0
 DIRECT_RESPONSE = 1
@@ -151,6 +152,8 @@ class RouteEntry:
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
         "include_request_attempt_count", "include_attempt_count_in_response",
         "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
+        # tracing: the route's tracing block (tracing/request_id.py RouteTrace), or None
+        "trace", "decorator_operation", "decorator_propagate",
         # header mutations (ordered, non-empty only)
         "_req_mutations", "_resp_mutations",
         # direct response / redirect
@@ -694,6 +697,18 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
                                            vh.per_request_buffer_limit_bytes)
     e.metadata = _metadata_dict(r.metadata) if r.HasField("metadata") else None
     try:
+        e.trace = None
+        # the decorator: the span's name (and x-envoy-decorator-operation upstream), tracing only
+        e.decorator_operation = r.decorator.operation if r.HasField("decorator") else ""
+        e.decorator_propagate = not r.HasField("decorator") or not r.decorator.HasField("propagate") \
+            or r.decorator.propagate.value
+        if r.HasField("decorator") and not e.decorator_operation:
+            raise ConfigError("decorator.operation must not be empty", "decorator.operation")
+        if r.HasField("tracing"):
+            try:
+                e.trace = compile_route_trace(r.tracing)
+            except ConfigError as err:
+                raise err.within(field="tracing")
         if not r.HasField("match"):
             raise ConfigError("match is required", "match")
         _compile_match(e, r.match, "match")

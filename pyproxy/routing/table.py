@@ -135,7 +135,7 @@ class RouteTable:
     """Immutable compiled route configuration. ``find()`` is safe to call from any thread."""
 
     __slots__ = ("name", "virtual_hosts", "internal_only_headers", "validate_clusters", "needs_random",
-                 "_exact", "_suffix", "_prefix", "_default", "_only_default", "_host_header",
+                 "trace_routes",                 "_exact", "_suffix", "_prefix", "_default", "_only_default", "_host_header",
                  "_ignore_port")
 
     def find(self, headers, stream_info=None, random_value: int = 0):
@@ -311,6 +311,9 @@ def compile_route_config(rc) -> RouteTable:
         t._only_default = default is not None and not exact and not suffix and not prefix
         # whether any route draws a random value (runtime_fraction): callers may skip drawing one
         t.needs_random = any(r.runtime is not None for vh in vhosts for r in vh.routes)
+        # a route with its own tracing rates: the x-request-id trace decision looks the route up
+        # (pyproxy/tracing/request_id.py)
+        t.trace_routes = any(r.trace is not None for vh in vhosts for r in vh.routes)
         return t
     except ConfigError as e:
         raise e.within(resource=res)

@@ -271,6 +271,7 @@ class Store:
         self.gauges.pop(name, None)
         self.histograms.pop(name, None)
         self._tag_cache.pop(name, None)
+        self.tagged.pop(name, None)
 
     def remove_prefix(self, prefix: str) -> None:
         """Drop every stat under ``prefix`` (a removed cluster or listener)."""
@@ -403,15 +404,19 @@ class StatsOwner:
 
     def __init__(self, store: "Store", shared: bool = False):
         self.store = store
-        self.names: list = []  # a list: a few hundred bytes per cluster where a set took 2 KB
+        # clusters: a list, a few hundred bytes each where a set took 2 KB; listeners (few, and
+        # their istio_* series are added as traffic names them): a set
+        self.names = set() if shared else []
         self.shared = shared
 
     def add(self, name: str) -> None:
         if name not in self.names:
-            self.names.append(name)
             if self.shared:
+                self.names.add(name)
                 refs = self.store.__dict__.setdefault("_stat_refs", {})
                 refs[name] = refs.get(name, 0) + 1
+            else:
+                self.names.append(name)
 
     def release(self) -> None:
         refs = self.store.__dict__.get("_stat_refs", {})
@@ -451,6 +456,22 @@ class OwnedStats:
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self._store.histogram(name, unit)
+        self._owner.add(h.name)
+        return h
+
+    # tagged series (istio_*): the listener whose filters name them owns them too
+    def tagged_counter(self, name: str, tags: tuple) -> Counter:
+        c = self._store.tagged_counter(name, tags)
+        self._owner.add(c.name)
+        return c
+
+    def tagged_gauge(self, name: str, tags: tuple, accumulate: bool = True) -> Gauge:
+        g = self._store.tagged_gauge(name, tags, accumulate)
+        self._owner.add(g.name)
+        return g
+
+    def tagged_histogram(self, name: str, tags: tuple, unit: str = "ms") -> Histogram:
+        h = self._store.tagged_histogram(name, tags, unit)
         self._owner.add(h.name)
         return h
 

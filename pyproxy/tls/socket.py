@@ -57,27 +57,36 @@ class SslStats:
         self.counter(name).inc()
 
 
-_stats: dict = {}
-
-
 def listener_stats(conn) -> SslStats:
-    store = conn.manager.stats
-    prefix = "listener.%s." % conn.listener.stat_prefix
-    key = (id(store), prefix)
-    s = _stats.get(key)
+    return listener_ssl_stats(conn.listener, conn.manager.stats)
+
+
+def listener_ssl_stats(cl, store) -> SslStats:
+    """The listener's ``listener.<prefix>.ssl.*``, owned by the listener (freed with its other
+    stats when it is removed, unless another listener made them too), cached on its config. Made
+    when the listener becomes active (as Envoy's TLS context makes them), so that a new version of
+    a listener holds them before the old one drains."""
+    s = getattr(cl, "ssl_stats", None)
     if s is None:
-        s = _stats[key] = SslStats(lambda n: store.counter(prefix + n))
+        prefix = "listener.%s." % cl.stat_prefix
+        owner = getattr(cl, "stats_owner", None)
+        if owner is not None:
+            s = SslStats(store.owned_scope(prefix, owner).counter)
+        else:
+            s = SslStats(lambda n: store.counter(prefix + n))
+        try:
+            cl.ssl_stats = s
+        except AttributeError:
+            pass
     return s
 
 
 def cluster_stats(scope) -> SslStats | None:
+    """The cluster's ``cluster.<name>.ssl.*`` through its owned scope (nothing cached here: a
+    removed cluster's stats go with it, and one re-added under the same name counts afresh)."""
     if scope is None:
         return None
-    key = (id(scope.store), scope.prefix)
-    s = _stats.get(key)
-    if s is None:
-        s = _stats[key] = SslStats(scope.counter)
-    return s
+    return SslStats(scope.counter)
 
 
 def _error_text(e) -> str:

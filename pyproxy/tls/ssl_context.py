@@ -57,7 +57,7 @@ class CompiledTls:
     """An ``ssl.SSLContext`` and the checks made after its handshakes."""
 
     __slots__ = ("ctx", "server", "san_matchers", "hashes", "spki", "local_uri_san", "local_dns_san",
-                 "sni", "verifies", "__weakref__")
+                 "local_uri_sans", "sni", "verifies", "__weakref__")
 
     def __init__(self, ctx, server: bool):
         self.ctx = ctx
@@ -67,6 +67,7 @@ class CompiledTls:
         self.spki = ()
         self.local_uri_san = ""
         self.local_dns_san = ""
+        self.local_uri_sans = ()  # every URI SAN of our certificate (XFCC names each as By=)
         self.sni = None
         self.verifies = False
 
@@ -141,7 +142,8 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None, validati
         ctx = _CTX_CACHE[key] = _ssl_context(f, certificates, ca_pem, crl_pem, server, verifies, v)
     c = CompiledTls(ctx, server)
     if certificates:
-        c.local_uri_san, c.local_dns_san = _local_sans(certificates[0][0])
+        c.local_uri_sans, c.local_dns_san = _local_sans(certificates[0][0])
+        c.local_uri_san = c.local_uri_sans[0] if c.local_uri_sans else ""
     if verifies:
         c.verifies = True
         c.san_matchers = v.san_matchers
@@ -216,8 +218,9 @@ def _remember_sni(obj, server_name, ctx):
     return None
 
 
-def _local_sans(chain_pem: bytes) -> tuple[str, str]:
-    """First URI and DNS subject-alt-names of the leaf certificate (for access logs)."""
+def _local_sans(chain_pem: bytes) -> tuple[tuple, str]:
+    """Every URI subject-alt-name (XFCC's By=) and the first DNS one (access logs) of the leaf
+    certificate."""
     try:
         from cryptography import x509
         from .context import _pem_blocks
@@ -225,9 +228,9 @@ def _local_sans(chain_pem: bytes) -> tuple[str, str]:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ext.get_values_for_type(x509.UniformResourceIdentifier)
         dns = ext.get_values_for_type(x509.DNSName)
-        return (uris[0] if uris else ""), (dns[0] if dns else "")
+        return tuple(uris), (dns[0] if dns else "")
     except Exception:
-        return "", ""
+        return (), ""
 
 
 # -- PEM handed to OpenSSL by path ----------------------------------------------------------------

@@ -28,7 +28,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
-from .zipkin import _hex, custom_tags, span_facts
+from .zipkin import _hex, custom_tags, decorate, span_facts
 
 log = logging.getLogger("pyproxy.tracing")
 
@@ -160,13 +160,14 @@ def _parse_traceparent(v: str):
 
 
 class OtelFilter(HttpFilter):
-    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start")
+    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
 
     def __init__(self, callbacks, tracer):
         self.callbacks = callbacks
         self.t = tracer
         self.trace_id = None
         self.sampled = False
+        self.op = None
 
     def decode_headers(self, headers, end_stream):
         tp = headers.get("traceparent")
@@ -181,13 +182,14 @@ class OtelFilter(HttpFilter):
         self.span_id = _hex(64)
         self.start = time.time()
         headers.set("traceparent", "00-%s-%s-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00"))
+        self.op = decorate(self.t, self.callbacks.route, headers)
         return 0
 
     def on_destroy(self):
         if not self.sampled or self.trace_id is None:
             return
         t = self.t
-        tags, name, start_us, dur_us, error = span_facts(t, self.callbacks, self.start)
+        tags, name, start_us, dur_us, error = span_facts(t, self.callbacks, self.start, self.op)
         sp = trace_pb2.Span(trace_id=bytes.fromhex(self.trace_id), span_id=bytes.fromhex(self.span_id),
                             name=name, kind=t.kind, start_time_unix_nano=start_us * 1000,
                             end_time_unix_nano=(start_us + dur_us) * 1000)

@@ -11,7 +11,8 @@ after the request id is set (``request_prep``):
 - otherwise: ``x-client-trace-id`` and a ``client_sampling`` draw -> ``b``; else
   ``x-envoy-force-trace`` (only an internal request still has it) -> ``a``; else
   ``random_sampling`` (a percentage, out of 10000) over the sampling value -> ``9``;
-- a traced request outside ``overall_sampling`` goes back to not traced (``4``).
+- a traced request outside ``overall_sampling`` goes back to not traced (``4``);
+- a route with a ``tracing`` block replaces the three rates with its own (each 100% when unset).
 
 Checked against Envoy 1.40 (tests/test_tracing_request_id.py).
 """
@@ -21,27 +22,49 @@ from __future__ import annotations
 import random
 
 from ..config import ConfigError
+from ..http.headers import Headers
+
+_new = object.__new__
 
 _SAMPLED, _FORCED, _CLIENT, _NOT = "9", "a", "b", "4"
 _TRACED = frozenset((_SAMPLED, _FORCED, _CLIENT))
 
 
 class TraceSampler:
-    __slots__ = ("client", "random", "overall")
+    """Each rate is a ``(numerator, denominator)`` pair, Envoy's ``featureEnabled`` over a value:
+    ``value % denominator < numerator``. ``routes``: the HCM's route provider; when its current
+    table has a route with a ``tracing`` block (``RouteTable.trace_routes``), the request's route is
+    looked up here and its rates replace the HCM's (Envoy's ``mutateTracingRequestHeader``)."""
 
-    def __init__(self, client: int, random_: int, overall: int):
-        self.client = client     # out of 100 (a random draw, as Envoy's runtime featureEnabled)
-        self.random = random_    # out of 10000, over the request id's value
-        self.overall = overall   # out of 100, over the request id's value
+    __slots__ = ("client", "random", "overall", "routes")
 
-    def fresh(self, rid: str) -> str:
+    def __init__(self, client, random_, overall, routes=None):
+        self.client = client     # a random draw (Envoy's runtime featureEnabled)
+        self.random = random_    # over the request id's value (first 8 hex digits mod 10000)
+        self.overall = overall   # over the request id's value
+        self.routes = routes
+
+    def _for_route(self, h):
+        """The sampler for this request: its route's, when it has one, else this HCM's."""
+        table = self.routes.table if self.routes is not None else None
+        if table is None or not table.trace_routes:
+            return self
+        hd = _new(Headers)
+        hd._h = h
+        route = table.find(hd, None, 0)
+        rt = route.trace if route is not None else None
+        return rt.sampler if rt is not None else self
+
+    def fresh(self, rid: str, h=None) -> str:
         """A request id the proxy just generated, on a request with neither x-client-trace-id nor
         x-envoy-force-trace: only random and overall sampling apply."""
+        s = self._for_route(h) if h is not None and self.routes is not None else self
         try:
             result = int(rid[:8], 16) % 10000
         except ValueError:
             return rid
-        if result < self.random and result % 100 < self.overall:
+        r, o = s.random, s.overall
+        if result % r[1] < r[0] and result % o[1] < o[0]:
             return rid[:14] + _SAMPLED + rid[15:]
         return rid
 
@@ -53,6 +76,7 @@ class TraceSampler:
             result = int(rid[:8], 16) % 10000
         except ValueError:
             return rid
+        s = self._for_route(h) if self.routes is not None else self
         full = len(rid) == 36
         reason = rid[14] if full and rid[14] in _TRACED else None
         if reason is None:
@@ -62,13 +86,15 @@ class TraceSampler:
                     client = True
                 elif k == "x-envoy-force-trace":
                     force = True
-            if client and random.getrandbits(32) % 100 < self.client:
+            c, r = s.client, s.random
+            if client and random.getrandbits(32) % c[1] < c[0]:
                 reason = _CLIENT
             elif force:
                 reason = _FORCED
-            elif result < self.random:
+            elif result % r[1] < r[0]:
                 reason = _SAMPLED
-        if reason is not None and not result % 100 < self.overall:
+        o = s.overall
+        if reason is not None and not result % o[1] < o[0]:
             reason = _NOT
         if reason is None or not full or rid[14] == reason:
             return rid
@@ -80,12 +106,50 @@ class TraceSampler:
         return new
 
 
+class RouteTrace:
+    """A route's ``tracing`` block (``config.route.v3.Tracing``), compiled with the route: its
+    sampling rates (each defaults to 100%; together they replace the HCM's for requests on the
+    route) and its custom tags (set on the span after the HCM's)."""
+
+    __slots__ = ("sampler", "tags")
+
+    def __init__(self, sampler, tags):
+        self.sampler = sampler
+        self.tags = tags
+
+
+_DENOMINATORS = (100, 10000, 1000000)  # type.v3.FractionalPercent.DenominatorType
+
+
+def _fraction(t, field: str):
+    if not t.HasField(field):
+        return (100, 100)
+    f = getattr(t, field)
+    if f.denominator >= len(_DENOMINATORS):
+        raise ConfigError("unknown denominator %d" % f.denominator, field=field + ".denominator")
+    return (f.numerator, _DENOMINATORS[f.denominator])
+
+
+def compile_route_trace(t) -> RouteTrace:
+    """``config.route.v3.Tracing`` -> ``RouteTrace``; ``ConfigError`` for what is not acted on."""
+    from .custom_tags import compile_custom_tags
+    if t.operation:
+        raise ConfigError("tracing.operation (a span name format) is not supported", field="operation")
+    if t.upstream_operation:
+        raise ConfigError("tracing.upstream_operation is not supported (no upstream spans)",
+                          field="upstream_operation")
+    sampler = TraceSampler(_fraction(t, "client_sampling"), _fraction(t, "random_sampling"),
+                           _fraction(t, "overall_sampling"))
+    return RouteTrace(sampler, tuple(compile_custom_tags(t.custom_tags, "custom_tags")))
+
+
 def _pct_100(tracing, field) -> int:
     return int(getattr(tracing, field).value) if tracing.HasField(field) else 100
 
 
-def compile_trace_sampler(hcm) -> TraceSampler | None:
-    """The HCM's sampler, or None when nothing is written into x-request-id."""
+def compile_trace_sampler(hcm, routes=None) -> TraceSampler | None:
+    """The HCM's sampler, or None when nothing is written into x-request-id. ``routes``: the
+    HCM's route provider (its ``table`` is read per request for route-level overrides)."""
     if not hcm.HasField("tracing"):
         return None
     if hcm.HasField("request_id_extension"):
@@ -103,4 +167,5 @@ def compile_trace_sampler(hcm) -> TraceSampler | None:
             return None
     t = hcm.tracing
     rnd = int(round(t.random_sampling.value * 100)) if t.HasField("random_sampling") else 10000
-    return TraceSampler(_pct_100(t, "client_sampling"), rnd, _pct_100(t, "overall_sampling"))
+    return TraceSampler((_pct_100(t, "client_sampling"), 100), (rnd, 10000),
+                        (_pct_100(t, "overall_sampling"), 100), routes)

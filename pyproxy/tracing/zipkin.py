@@ -13,10 +13,15 @@ An HCM whose ``tracing.provider`` is Zipkin gets a tracing filter in front of it
 - the request goes upstream with ``x-b3-traceid``, ``x-b3-spanid`` (this proxy's span),
   ``x-b3-parentspanid`` (the incoming span, if any) and ``x-b3-sampled``;
 - at the end of a sampled stream one span is queued: ``kind`` CLIENT on an OUTBOUND listener,
-  SERVER otherwise, name ``<authority><path>`` (or the route's decorator), Envoy's HTTP tags
+  SERVER otherwise, named as Envoy names it (the route's decorator operation, on ingress the
+  caller's ``x-envoy-decorator-operation``, else the host; on egress a decorator with
+  ``propagate`` goes upstream in ``x-envoy-decorator-operation``), Envoy's HTTP tags
   (``http.method``, ``http.url``, ``http.protocol``, ``http.status_code``, ``upstream_cluster``,
   ``response_flags``, ``user_agent``, ``guid:x-request-id``, ``node_id``, ``component``,
-  ``error`` for 5xx) and the HCM's custom tags (literal, environment, request header).
+  ``downstream_cluster``, ``peer.address``, ``request_size``, ``response_size``, ``error`` for
+  5xx), Envoy's ``localEndpoint`` (service, local IPv4, port 0) and closing annotation (``cr``
+  or ``ss``); a new trace's root span id is the trace id's low 64 bits, as Envoy's and the HCM's custom tags (literal, environment, request header, and
+  metadata of kind request (dynamic metadata), route, cluster or host), then the route's.
 
 Export is off the hot path: spans wait in a bounded queue (1000; a full queue drops and counts
 ``tracing.zipkin.spans_dropped``) and are posted in batches every second by one task, to a host of
@@ -29,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -38,6 +42,7 @@ from envoy.config.trace.v3 import zipkin_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
+from .custom_tags import apply_tags as _apply_tags, custom_tags
 
 log = logging.getLogger("pyproxy.tracing")
 
@@ -76,6 +81,10 @@ class ZipkinTracer:
         lp = getattr(listener, "proto", None)
         self.kind = "CLIENT" if lp is not None and lp.traffic_direction == 2 else "SERVER"
         self.custom = custom_tags(hcm_proto)
+        # Envoy's localEndpoint: the service, the local address (first non-loopback interface), port 0
+        from ..http.request_prep import local_ip
+        ip = local_ip("v4")
+        self.local = {"serviceName": self.service, "ipv4": ip, "port": 0}
         st = ctx.stats
         self.st_dropped = st.counter("tracing.zipkin.spans_dropped")
         self.st_sent = st.counter("tracing.zipkin.spans_sent")
@@ -148,13 +157,14 @@ class ZipkinTracer:
 class ZipkinFilter(HttpFilter):
     """First HTTP filter of a traced HCM: B3 context in, B3 headers out, a span at the end."""
 
-    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start")
+    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
 
     def __init__(self, callbacks, tracer):
         self.callbacks = callbacks
         self.t = tracer
         self.trace_id = None
         self.sampled = False
+        self.op = None
 
     def decode_headers(self, headers, end_stream):
         t = self.t
@@ -186,9 +196,14 @@ class ZipkinFilter(HttpFilter):
         else:
             rid = headers.get("x-request-id") or ""
             self.sampled = len(rid) == 36 and rid[14] in "9ab"
-        self.trace_id = tid.lower() if tid is not None else _hex(t.bits)
-        self.parent = sid.lower() if (tid is not None and sid is not None) else None
-        self.span_id = _hex(64)
+        if tid is not None:
+            self.trace_id = tid.lower()
+            self.parent = sid.lower() if sid is not None else None
+            self.span_id = _hex(64)
+        else:  # a new trace: the root span's id is the trace id's low 64 bits (as Envoy)
+            self.span_id = _hex(64)
+            self.trace_id = (_hex(64) + self.span_id) if t.bits == 128 else self.span_id
+            self.parent = None
         self.start = time.time()
         h = [kv for kv in headers._h if kv[0] not in _B3]
         h.append(("x-b3-traceid", self.trace_id))
@@ -197,6 +212,7 @@ class ZipkinFilter(HttpFilter):
             h.append(("x-b3-parentspanid", self.parent))
         h.append(("x-b3-sampled", "1" if self.sampled else "0"))
         headers._h = h
+        self.op = decorate(t, self.callbacks.route, headers)
         return 0
 
     def on_destroy(self):
@@ -204,16 +220,18 @@ class ZipkinFilter(HttpFilter):
             return
         t = self.t
         s = self.callbacks
-        tags, name, start_us, dur_us, _ = span_facts(t, s, self.start)
+        tags, name, start_us, dur_us, _ = span_facts(t, s, self.start, self.op)
+        # (Envoy's JSON v2: the closing annotation, cr for a client span, ss for a server span)
         span = {"traceId": self.trace_id, "id": self.span_id, "name": name, "kind": t.kind,
-                "timestamp": start_us, "duration": dur_us,
-                "localEndpoint": {"serviceName": t.service}, "tags": tags}
+                "timestamp": start_us, "duration": dur_us, "localEndpoint": t.local,
+                "annotations": [{"timestamp": start_us + dur_us, "value": "cr" if t.kind == "CLIENT" else "ss"}],
+                "tags": tags}
         if self.parent is not None:
             span["parentId"] = self.parent
         t.report(span)
 
 
-def span_facts(t, s, start: float):
+def span_facts(t, s, start: float, op=None):
     """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
     decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
     si = s.stream_info
@@ -231,41 +249,43 @@ def span_facts(t, s, start: float):
         "upstream_cluster.name": si.upstream_cluster or "-",
         "response_flags": ",".join(rf) if rf else "-", "user_agent": get("user-agent") or "-",
         "request_size": str(si.bytes_received), "response_size": str(si.bytes_sent),
-        "downstream_cluster": "-",
+        "downstream_cluster": get("x-envoy-downstream-service-cluster") or "-",
     }
+    ra = si.downstream_remote_address
+    if ra:
+        tags["peer.address"] = ra[1:ra.index("]")] if ra[0] == "[" else ra.rpartition(":")[0] or ra
     error = code >= 500 or code == 0
     if error:
         tags["error"] = "true"
-    for tag, kind, v in t.custom:
-        if kind == "lit":
-            tags[tag] = v
-        elif kind == "hdr":
-            hv = get(v[0])
-            if hv is not None or v[1]:
-                tags[tag] = hv if hv is not None else v[1]
     route = s.route
-    name = getattr(route, "decorator_operation", None) or (authority + path.partition("?")[0])
+    _apply_tags(tags, t.custom, get, si, route, t.cm)
+    rt = getattr(route, "trace", None)
+    if rt is not None and rt.tags:
+        _apply_tags(tags, rt.tags, get, si, route, t.cm)
+    # Envoy's span name: the route's decorator (or, on ingress, the caller's
+    # x-envoy-decorator-operation), else the request's host
+    name = op or getattr(route, "decorator_operation", None) or authority
     end = si.end_monotonic
     dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
     return tags, name[:256], int(start * 1e6), max(dur, 1), error
 
 
-def custom_tags(hcm_proto) -> list:
-    out = []
-    for t in hcm_proto.tracing.custom_tags:
-        which = t.WhichOneof("type")
-        if which == "literal":
-            out.append((t.tag, "lit", t.literal.value))
-        elif which == "environment":
-            out.append((t.tag, "lit", os.environ.get(t.environment.name, t.environment.default_value)))
-        elif which == "request_header":
-            out.append((t.tag, "hdr", (t.request_header.name.lower(), t.request_header.default_value)))
-        else:  # metadata tags (Istio's dry-run RBAC ones): not evaluated
-            out.append((t.tag, "none", None))
-    return out
-
-
 _B3 = frozenset(("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"))
+
+
+def decorate(t, route, headers):
+    """Envoy's decorator handling when a stream is traced: on egress (CLIENT spans) a route's
+    decorator with ``propagate`` goes upstream in ``x-envoy-decorator-operation``; on ingress that
+    header is removed and, when not empty, returned: it names the span."""
+    if t.kind == "CLIENT" or t.kind == 3:  # (3: OTLP's SPAN_KIND_CLIENT)
+        op = getattr(route, "decorator_operation", None)
+        if op and route.decorator_propagate:
+            headers.set("x-envoy-decorator-operation", op)
+        return None
+    op = headers.get("x-envoy-decorator-operation")
+    if op is not None:
+        headers.remove("x-envoy-decorator-operation")
+    return op or None
 
 
 def _is_hex_id(v: str, lengths) -> bool:
