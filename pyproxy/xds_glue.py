@@ -310,10 +310,12 @@ class XdsGlue:
             c.subscribe(ROUTE, names)
         for n, p in list(self.routes.items()):
             if n not in names:
+                # no listener uses it: the provider, its table and its stats go (a draining
+                # listener keeps the table it holds); the client forgets the name's version, so a
+                # listener naming it again fetches it anew, as Envoy's new RDS subscription does
                 p.release_stats()
-                if p.table is None:
-                    del self.routes[n]
-                    p.set_ready()
+                del self.routes[n]
+                p.set_ready()
         for n in names:
             p = self.routes.get(n)
             if p is not None:

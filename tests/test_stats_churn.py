@@ -14,7 +14,7 @@ import pytest
 
 from tls_certs import Pki, downstream_tls
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
-    ENVOY, cla, eds_cluster, env, free_port, get, http_listener, make_cp, rds_route, route_config, wait_for,
+    ENVOY, cla, dynamic_names, eds_cluster, env, free_port, get, http_listener, make_cp, rds_route, route_config, wait_for,
     xds_bootstrap)
 
 BINARIES = pytest.mark.parametrize("binary", [None] + ([ENVOY] if ENVOY else []),
@@ -37,6 +37,8 @@ def test_unused_rds_route_config_stats_vanish(env, binary):
     cp.set(base + [l2])
     wait_for(lambda: px.stats().get("listener_manager.listener_removed") == 1, 10, "l1 removed")
     wait_for(lambda: not any(k.startswith("http.l1.rds.") for k in px.stats()), 8, "r1's stats gone")
+    # and the route configuration itself (Envoy's subscription goes with the last listener using it)
+    wait_for(lambda: set(dynamic_names(px.config_dump())["routes"]) == {"r2"}, 8, "r1 gone from /config_dump")
     st = px.stats()
     assert st["http.l2.rds.r2.update_success"] >= 1 and get(p2, "/")[0] == 200
     # the listener back: its route configuration's stats start again
