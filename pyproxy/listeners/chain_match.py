@@ -39,7 +39,13 @@ def _ip(s):
         return None
 
 
-def _longest_prefix(chains, attr, ip):
+def _longest_prefix(chains, attr, ip_str):
+    """The chains whose ``attr`` ranges hold the address ``ip_str`` most specifically, else those
+    without ranges. The address is parsed only when some chain has ranges (not per connection
+    on the common listener whose chains name none)."""
+    if not any(getattr(c.match, attr) for c in chains):
+        return chains
+    ip = _ip(ip_str)
     best_len = -1
     best = []
     empty = []
@@ -72,7 +78,7 @@ def select_chain(chains, info: ConnInfo):
     if not cand:
         return None
     # 2. destination IP
-    cand = _longest_prefix(cand, "prefix_ranges", _ip(info.dst_ip))
+    cand = _longest_prefix(cand, "prefix_ranges", info.dst_ip)
     if not cand:
         return None
     # 3. server names
@@ -111,19 +117,20 @@ def select_chain(chains, info: ConnInfo):
     if not cand:
         return None
     # 6. direct source IP
-    cand = _longest_prefix(cand, "direct_source_prefix_ranges", _ip(info.direct_src_ip))
+    cand = _longest_prefix(cand, "direct_source_prefix_ranges", info.direct_src_ip)
     if not cand:
         return None
     # 7. source type
-    src = _ip(info.src_ip)
-    local = src is not None and (src.is_loopback or info.src_ip == info.dst_ip)
-    want = SOURCE_LOCAL if local else SOURCE_EXTERNAL
-    exact = [c for c in cand if c.match.source_type == want]
-    cand = exact or [c for c in cand if c.match.source_type == SOURCE_ANY]
-    if not cand:
-        return None
+    if any(c.match.source_type != SOURCE_ANY for c in cand):
+        src = _ip(info.src_ip)
+        local = src is not None and (src.is_loopback or info.src_ip == info.dst_ip)
+        want = SOURCE_LOCAL if local else SOURCE_EXTERNAL
+        exact = [c for c in cand if c.match.source_type == want]
+        cand = exact or [c for c in cand if c.match.source_type == SOURCE_ANY]
+        if not cand:
+            return None
     # 8. source IP
-    cand = _longest_prefix(cand, "source_prefix_ranges", src)
+    cand = _longest_prefix(cand, "source_prefix_ranges", info.src_ip)
     if not cand:
         return None
     # 9. source port

@@ -168,7 +168,10 @@ class _TlsLayer:
             self._failed(_failure_kind(e), _error_text(e))
             return None
         self._flush_out()
-        kind = self.tls.check_peer(self.obj)
+        tls = self.tls
+        # the peer certificate decoded once, for the SAN check and the connection's facts
+        cert = self.obj.getpeercert() if tls.verifies else None
+        kind = tls.check_peer(self.obj, cert)
         if kind:
             self._failed(kind, "TLS_error:|peer certificate: %s:TLS_error_end" % kind)
             return None
@@ -176,10 +179,10 @@ class _TlsLayer:
             self.timer.cancel()
             self.timer = None
         self.state = OPEN
-        self._record()
+        self._record(cert)
         return True
 
-    def _record(self) -> None:
+    def _record(self, cert) -> None:
         """Facts of the finished handshake (for access logs, RBAC, stats)."""
         obj = self.obj
         self.version = obj.version() or ""
@@ -194,7 +197,6 @@ class _TlsLayer:
             if self.cipher_name:
                 st.inc("ssl.ciphers." + self.cipher_name)
         if self.tls.verifies:
-            cert = obj.getpeercert()
             if cert:
                 uris, dnss = [], []
                 for kind, value in cert.get("subjectAltName", ()):
@@ -376,6 +378,10 @@ class _TlsLayer:
         return self.raw.get_extra_info(name, default)
 
 
+_RDN_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+              "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
+
+
 class PeerCert:
     """A peer certificate's bytes (and a per-connection cache of XFCC values built from them)."""
 
@@ -390,8 +396,7 @@ class PeerCert:
 def _rdn(name) -> str:
     """An RFC 2253-ish string of a stdlib certificate name (most specific first, as Envoy prints)."""
     parts = []
-    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-             "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
+    short = _RDN_SHORT
     for rdn in reversed(name):
         for k, v in rdn:
             parts.append("%s=%s" % (short.get(k, k), v))

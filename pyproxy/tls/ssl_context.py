@@ -71,9 +71,10 @@ class CompiledTls:
         self.sni = None
         self.verifies = False
 
-    def check_peer(self, obj) -> str:
+    def check_peer(self, obj, cert=None) -> str:
         """'' if the peer certificate passes the post-handshake checks, else the failure kind
-        (``fail_verify_san`` / ``fail_verify_cert_hash``)."""
+        (``fail_verify_san`` / ``fail_verify_cert_hash``). ``cert``: ``obj.getpeercert()`` if
+        the caller has it already (decoded once per handshake)."""
         if not (self.san_matchers or self.hashes or self.spki):
             return ""
         der = obj.getpeercert(True)
@@ -83,7 +84,7 @@ class CompiledTls:
             if not self._pinned(der):
                 return "fail_verify_cert_hash"
         if self.san_matchers:
-            sans = (obj.getpeercert() or {}).get("subjectAltName", ())
+            sans = ((cert if cert is not None else obj.getpeercert()) or {}).get("subjectAltName", ())
             for sm in self.san_matchers:
                 kinds = _SAN_TYPES.get(sm.san_type, ())
                 m = sm.matcher
