@@ -99,3 +99,38 @@ def test_removed_listener_stats_vanish_after_drain(env, binary):
     assert get(p2, "/")[0] == 200
     st = px.stats()
     assert st["http.l2.downstream_rq_2xx"] == 2 and st[n2 + "downstream_cx_total"] == 2
+
+
+def test_removed_cluster_closes_its_pool_and_stops_its_health_checks(env):
+    """A cluster removed over xDS takes its idle upstream connections and its health-check timer
+    with it: the backend sees its connections close and no more checks arrive."""
+    a = HttpBackend(name="A")
+    try:
+        _removed_cluster_pool_and_checks(env, a)
+    finally:
+        a.close()
+
+
+def _removed_cluster_pool_and_checks(env, a):
+    p1 = free_port()
+    cp = make_cp(env, "tcp")
+    c1 = dict(eds_cluster("c1"), health_checks=[{
+        "timeout": "1s", "interval": "0.2s", "no_traffic_interval": "0.2s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+        "http_health_check": {"path": "/healthz"}}])
+    lis = xds_http_listener("l1", p1, route_config=xds_route_config("r", ("/", "c1")))
+    cp.set([c1, cla("c1", a.port), lis])
+    px = env.proxy(xds_bootstrap(env, cp, "GRPC", "tcp"))
+    wait_for(lambda: px.ready() == "LIVE", 10, "LIVE")
+    assert get(p1, "/")[0] == 200
+
+    def checks():
+        return sum(1 for r in list(a.requests) if r.path == "/healthz")
+    wait_for(lambda: checks() >= 2, 5, "health checks arriving")
+    assert len(a.socks) >= 1  # the request's pooled connection (and the checker's) stay open
+    cp.set([eds_cluster("c2"), cla("c2", a.port),
+            xds_http_listener("l1", p1, route_config=xds_route_config("r", ("/", "c2")))])
+    wait_for(lambda: px.stats().get("cluster_manager.cluster_removed") == 1, 10, "c1 removed")
+    wait_for(lambda: len(a.socks) == 0, 5, "c1's upstream connections closed")
+    n = checks()
+    time.sleep(1.0)  # five intervals
+    assert checks() == n, "health checks of a removed cluster still run"

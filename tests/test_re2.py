@@ -211,3 +211,25 @@ def test_pem_parsing_is_linear():
     assert _pem_blocks(two) == [b"-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----",
                                 b"-----BEGIN CERTIFICATE-----B-----END CERTIFICATE-----"]
     assert _pem_blocks(b"-----BEGIN CERTIFICATE----------END CERTIFICATE-----") == []  # as the regex: one char at least
+
+
+@pytest.mark.parametrize("kind", proxies(), ids=lambda k: k.kind)
+def test_pathological_regexes_in_rbac_answer_fast(kind):
+    """RBAC policies whose header and url_path matchers carry backtracking-prone patterns decide in
+    linear time: a DENY on ``x-h`` matching ``(a+)+$`` and on a path matching ``/(x*x*)*z``."""
+    port = free_port()
+    rbac = {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC", "rules": {
+        "action": "DENY", "policies": {"p": {"principals": [{"any": True}], "permissions": [
+            {"header": {"name": "x-h", "string_match": {"safe_regex": {"regex": "(a+)+$"}}}},
+            {"url_path": {"path": {"safe_regex": {"regex": "/(x*x*)*z"}}}}]}}}}
+    rc = route_config([{"match": {"prefix": "/"}, "direct_response": {"status": 200}}])
+    filters = [{"name": "envoy.filters.http.rbac", "typed_config": rbac},
+               {"name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    with kind(bootstrap([http_listener(port, rc, http_filters=filters)], [])):
+        t = time.monotonic()
+        assert request(port, "GET", "/", headers={"x-h": "a" * 20000 + "!"}, timeout=5)[0] == 200
+        assert request(port, "GET", "/", headers={"x-h": "a" * 20000}, timeout=5)[0] == 403
+        assert request(port, "GET", "/" + "x" * 20000, timeout=5)[0] == 200
+        assert request(port, "GET", "/" + "x" * 100 + "z", timeout=5)[0] == 403
+        assert time.monotonic() - t < 4.0
