@@ -16,7 +16,7 @@ import time
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
-from .request_prep import prepare
+from .request_prep import decorate, prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
@@ -468,6 +468,7 @@ class ActiveStream:
     last_activity = 0.0
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
+    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (request_prep.decorate)
     prepped = None  # the request preparation's result when a lane ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
 
@@ -511,6 +512,9 @@ class ActiveStream:
             return
         # route lookup (filters may clear it and cause a new lookup)
         self.refresh_route()
+        d = cfg.prep.decorate
+        if d:
+            self.caller_op = decorate(d, self.route, headers)
         if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
             return
         self.filters = [f.create(self) for f in cfg.decoder_factories]

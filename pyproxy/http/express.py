@@ -35,7 +35,7 @@ from .conn_manager import _date, new_stream_info
 from .fast_stream import FastStream, chain_is_inert, pick_cluster, route_is_fast
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
-from .request_prep import Prepared, prepare
+from .request_prep import Prepared, decorate, prepare
 
 _NO_CTX = LbContext()
 # request headers an express route may not add (the lane appends the last one itself)
@@ -148,6 +148,9 @@ def start(hc, codec, headers) -> bool:
     g.value += 1
     g.used = True
     st.rq_http1_total.value += 1
+    d = cfg.prep.decorate
+    if d:
+        decorate(d, route, headers)  # (no tracer on this lane: the caller's operation names no span)
     # the router's work (FastStream.decode_headers)
     if route._req_mutations or choice is not None:
         route.finalize_request_headers(headers, None, choice)

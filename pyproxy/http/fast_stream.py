@@ -27,6 +27,7 @@ import time
 
 from ..cluster.lb import LbContext
 from .conn_manager import ActiveStream, _guarded
+from .request_prep import decorate
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
@@ -104,6 +105,9 @@ class FastStream(ActiveStream):
         else:
             route = self.route = table.find(headers, self.stream_info, _rand(32)) if table is not None else None
         self.stream_info.route_name = route.name if route is not None else ""
+        d = cfg.prep.decorate
+        if d:
+            self.caller_op = decorate(d, route, headers)
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()
             self.request_timer = None

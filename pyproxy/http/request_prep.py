@@ -362,7 +362,8 @@ class PrepPlan:
     __slots__ = ("underscores", "esc_action", "normalize", "merge", "strip_any_port",
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
-                 "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace")
+                 "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace",
+                 "decorate")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -422,6 +423,13 @@ class PrepPlan:
         self.gen_rid = hcm.generate_request_id
         # the trace decision packed into x-request-id (pyproxy/tracing/request_id.py), or None
         self.trace = compile_trace_sampler(cfg, getattr(hcm, "routes", None))
+        # Envoy's decorator step (``decorate`` below) runs for every request of an HCM with a tracing
+        # block, with or without a tracer provider, sampled or not: egress on an OUTBOUND listener,
+        # ingress on any other
+        self.decorate = 0
+        if cfg.HasField("tracing"):
+            lp = getattr(getattr(getattr(hcm, "ctx", None), "listener", None), "proto", None)
+            self.decorate = DECORATE_EGRESS if lp is not None and lp.traffic_direction == 2 else DECORATE_INGRESS
         self.preserve_rid = cfg.preserve_external_request_id
         self.fcc = cfg.forward_client_cert_details
         if self.fcc not in (SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY):
@@ -459,6 +467,30 @@ class PrepPlan:
 
 
 # -- per request --------------------------------------------------------------------------------
+
+DECORATE_EGRESS = 1
+DECORATE_INGRESS = 2
+_DECORATOR = "x-envoy-decorator-operation"
+
+
+def decorate(mode: int, route, headers):
+    """Envoy's decorator handling of the request headers, once per request after the route is
+    chosen (every lane calls it when ``PrepPlan.decorate`` is set): on egress the route's decorator
+    operation, unless ``propagate`` is false, replaces any ``x-envoy-decorator-operation``
+    (otherwise the caller's passes through); on ingress the caller's header is removed and, when
+    not empty, returned (a tracer names its span with it)."""
+    if mode == DECORATE_EGRESS:
+        if route is not None and route.decorator_propagate:
+            op = route.decorator_operation
+            if op:
+                headers.set(_DECORATOR, op)
+        return None
+    op = headers.get(_DECORATOR)
+    if op is None:
+        return None
+    headers.remove(_DECORATOR)
+    return op or None
+
 
 def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     """Prepare one request's headers (see the module docstring). Returns the request id, or a

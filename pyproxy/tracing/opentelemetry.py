@@ -182,7 +182,7 @@ class OtelFilter(HttpFilter):
         self.span_id = _hex(64)
         self.start = time.time()
         headers.set("traceparent", "00-%s-%s-%s" % (self.trace_id, self.span_id, "01" if self.sampled else "00"))
-        self.op = decorate(self.t, self.callbacks.route, headers)
+        self.op = decorate(self.t, self.callbacks, headers)
         return 0
 
     def on_destroy(self):

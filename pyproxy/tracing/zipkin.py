@@ -212,7 +212,7 @@ class ZipkinFilter(HttpFilter):
             h.append(("x-b3-parentspanid", self.parent))
         h.append(("x-b3-sampled", "1" if self.sampled else "0"))
         headers._h = h
-        self.op = decorate(t, self.callbacks.route, headers)
+        self.op = decorate(t, self.callbacks, headers)
         return 0
 
     def on_destroy(self):
@@ -273,19 +273,14 @@ def span_facts(t, s, start: float, op=None):
 _B3 = frozenset(("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3"))
 
 
-def decorate(t, route, headers):
-    """Envoy's decorator handling when a stream is traced: on egress (CLIENT spans) a route's
-    decorator with ``propagate`` goes upstream in ``x-envoy-decorator-operation``; on ingress that
-    header is removed and, when not empty, returned: it names the span."""
+def decorate(t, stream, headers):
+    """The operation that names a server span: the caller's ``x-envoy-decorator-operation``,
+    which the connection manager's decorator step (http/request_prep.py ``decorate``, run for
+    every request of an HCM with a tracing block) removed and kept on the stream; on egress that
+    step already sent the route's decorator upstream."""
     if t.kind == "CLIENT" or t.kind == 3:  # (3: OTLP's SPAN_KIND_CLIENT)
-        op = getattr(route, "decorator_operation", None)
-        if op and route.decorator_propagate:
-            headers.set("x-envoy-decorator-operation", op)
         return None
-    op = headers.get("x-envoy-decorator-operation")
-    if op is not None:
-        headers.remove("x-envoy-decorator-operation")
-    return op or None
+    return getattr(stream, "caller_op", None)
 
 
 def _is_hex_id(v: str, lengths) -> bool:
