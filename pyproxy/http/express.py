@@ -150,7 +150,8 @@ def start(hc, codec, headers) -> bool:
     st.rq_http1_total.value += 1
     d = cfg.prep.decorate
     if d:
-        decorate(d, route, headers)  # (no tracer on this lane: the caller's operation names no span)
+        # (no tracer on this lane: the caller's operation names no span)
+        decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
     # the router's work (FastStream.decode_headers)
     if route._req_mutations or choice is not None:
         route.finalize_request_headers(headers, None, choice)

@@ -473,17 +473,23 @@ DECORATE_INGRESS = 2
 _DECORATOR = "x-envoy-decorator-operation"
 
 
-def decorate(mode: int, route, headers):
+def decorate(mode: int, route, headers, absent: bool = False):
     """Envoy's decorator handling of the request headers, once per request after the route is
     chosen (every lane calls it when ``PrepPlan.decorate`` is set): on egress the route's decorator
     operation, unless ``propagate`` is false, replaces any ``x-envoy-decorator-operation``
     (otherwise the caller's passes through); on ingress the caller's header is removed and, when
-    not empty, returned (a tracer names its span with it)."""
+    not empty, returned (a tracer names its span with it). ``absent``: the caller knows the
+    request has no ``x-envoy-decorator-operation`` (the HTTP/1.1 codec's ``WATCH_BYTES`` note)."""
     if mode == DECORATE_EGRESS:
         if route is not None and route.decorator_propagate:
             op = route.decorator_operation
             if op:
-                headers.set(_DECORATOR, op)
+                if absent:
+                    headers._h.append((_DECORATOR, op))
+                else:
+                    headers.set(_DECORATOR, op)
+        return None
+    if absent:
         return None
     op = headers.get(_DECORATOR)
     if op is None:
