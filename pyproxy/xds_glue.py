@@ -13,6 +13,7 @@ import logging
 import time
 
 
+from .config.bootstrap import check_config_source
 from .config.dump import to_dict
 from .config import ConfigError, duration_s
 from .config.registry import message_class
@@ -823,20 +824,8 @@ async def start_xds(server) -> XdsGlue:
         if not dr.HasField(src_name):
             continue
         src = getattr(dr, src_name)
-        kind = src.WhichOneof("config_source_specifier")
-        if kind == "ads":
-            if ads is None:
-                raise ConfigError("%s uses ADS but ads_config is missing" % src_name, field="dynamic_resources")
-            client = ads
-        elif kind == "api_config_source":
-            # Per-type discovery services (StreamClusters, StreamListeners...) are not implemented;
-            # say so rather than speak ADS to a server that may only serve the per-type service.
-            raise ConfigError("api_config_source (per-type discovery service) is not supported; "
-                              "use ads_config with '%s: {ads: {}}'" % src_name,
-                              field="dynamic_resources.%s" % src_name)
-        else:
-            raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
-                              field="dynamic_resources.%s" % src_name)
+        check_config_source(dr, src_name)     # only ADS; ads is set whenever ads_config is present
+        client = ads
         glue.client_for_type[t] = client
         client.subscribe(t, None)
         glue.st[t][0].inc()        # as Envoy: a subscription's start counts as an update attempt

@@ -608,18 +608,22 @@ class StoreCollector:
 
         def names(tags):
             return [sanitize(k) for k, _ in tags], [str(v) for _, v in tags]
+
+        def value_family(cls, pn, rows):
+            # one family per name, labelled by its first row's tag names, one sample per row
+            fam = None
+            for n, tags, s in rows:
+                keys, vals = names(tags)
+                if fam is None:
+                    fam = cls(pn, "", labels=keys)
+                fam.add_metric(vals, s.value)
+            return fam
         cfams, gfams, hfams = group(counters), group(gauges), group(hs)
         taken = set(cfams) | set(gfams) | set(hfams)
         for pn, rows in cfams.items():
             # an OpenMetrics counter family is named without _total: only when that name is free
             if pn.endswith("_total") and pn[:-6] not in taken:
-                fam = None
-                for n, tags, c in rows:
-                    keys, vals = names(tags)
-                    if fam is None:
-                        fam = CounterMetricFamily(pn, "", labels=keys)
-                    fam.add_metric(vals, c.value)
-                yield fam
+                yield value_family(CounterMetricFamily, pn, rows)
             else:
                 m = Metric(pn, "", "unknown")
                 for n, tags, c in rows:
@@ -627,13 +631,7 @@ class StoreCollector:
                     m.add_sample(pn, dict(zip(keys, vals)), c.value)
                 yield m
         for pn, rows in gfams.items():
-            fam = None
-            for n, tags, g in rows:
-                keys, vals = names(tags)
-                if fam is None:
-                    fam = GaugeMetricFamily(pn, "", labels=keys)
-                fam.add_metric(vals, g.value)
-            yield fam
+            yield value_family(GaugeMetricFamily, pn, rows)
         if q.text_readouts:
             for pn, rows in group(tr).items():
                 fam = None

@@ -22,7 +22,7 @@ from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL,
                    PrioritySet)
 from .lb import create_lb
 from .health_check import HealthChecker
-from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, grpc_to_http
+from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
 from .pool import Http1Pool
 
 log = logging.getLogger("pyproxy.upstream")
@@ -254,14 +254,7 @@ class Cluster:
         """An upstream response head (``host``: where it came from, for outlier detection;
         ``headers``: its headers, so that a gRPC trailers-only answer counts as its
         ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
-        if host is not None:
-            m = host.outlier
-            if m is not None:
-                if headers is not None and status == 200:
-                    gs = headers.get("grpc-status")
-                    if gs is not None:
-                        status = grpc_to_http(gs)
-                m.put_http(status)
+        put_response(host, status, headers)
         c = self.st_rq_code.get(status)
         if c is None:
             c = self.st_rq_code[status] = self.scope.counter("upstream_rq_%d" % status)

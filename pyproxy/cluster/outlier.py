@@ -131,6 +131,19 @@ def grpc_to_http(grpc_status: str) -> int:
         return 500
 
 
+def put_response(host, status: int, headers=None) -> None:
+    """Outlier detection sees every upstream response of ``host`` (``headers``: its headers,
+    so that a gRPC trailers-only answer counts as its ``grpc-status`` mapped to HTTP, as
+    Envoy's router reports it)."""
+    m = host.outlier if host is not None else None
+    if m is not None:
+        if headers is not None and status == 200:
+            gs = headers.get("grpc-status")
+            if gs is not None:
+                status = grpc_to_http(gs)
+        m.put_http(status)
+
+
 class OutlierConfig:
     """The compiled ``OutlierDetection`` (Envoy's defaults for unset fields)."""
 

@@ -82,17 +82,23 @@ def check_dynamic_resources(bs) -> None:
         if not a.grpc_services:
             raise ConfigError("ads_config needs grpc_services", field="dynamic_resources.ads_config")
     for src_name in ("cds_config", "lds_config"):
-        if not dr.HasField(src_name):
-            continue
-        kind = getattr(dr, src_name).WhichOneof("config_source_specifier")
-        if kind == "ads":
-            if not dr.HasField("ads_config"):
-                raise ConfigError("%s uses ADS but ads_config is missing" % src_name, field="dynamic_resources")
-        elif kind == "api_config_source":
-            # per-type discovery services (StreamClusters, StreamListeners...) are not implemented
-            raise ConfigError("api_config_source (per-type discovery service) is not supported; "
-                              "use ads_config with '%s: {ads: {}}'" % src_name,
-                              field="dynamic_resources.%s" % src_name)
-        else:
-            raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
-                              field="dynamic_resources.%s" % src_name)
+        if dr.HasField(src_name):
+            check_config_source(dr, src_name)
+
+
+def check_config_source(dr, src_name: str) -> None:
+    """``dynamic_resources.<src_name>`` (cds_config / lds_config) must say ``ads: {}`` with an
+    ``ads_config`` present; anything else is a ``ConfigError`` naming the field."""
+    kind = getattr(dr, src_name).WhichOneof("config_source_specifier")
+    if kind == "ads":
+        if not dr.HasField("ads_config"):
+            raise ConfigError("%s uses ADS but ads_config is missing" % src_name, field="dynamic_resources")
+    elif kind == "api_config_source":
+        # Per-type discovery services (StreamClusters, StreamListeners...) are not implemented;
+        # say so rather than speak ADS to a server that may only serve the per-type service.
+        raise ConfigError("api_config_source (per-type discovery service) is not supported; "
+                          "use ads_config with '%s: {ads: {}}'" % src_name,
+                          field="dynamic_resources.%s" % src_name)
+    else:
+        raise ConfigError("%s: config source '%s' is not supported" % (src_name, kind),
+                          field="dynamic_resources.%s" % src_name)

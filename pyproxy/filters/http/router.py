@@ -25,7 +25,7 @@ import time
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
-from ...cluster.outlier import grpc_to_http
+from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from ...transport import upstream_tls_sans
@@ -405,7 +405,7 @@ class Router:
             if could_not_retry and self._others_pending(up):
                 # another attempt may still give a better answer: wait for it (Envoy charges
                 # no code for this response; outlier detection still sees it)
-                _outlier_put(up.host, status, headers if self.grpc else None)
+                put_response(up.host, status, headers if self.grpc else None)
                 self._drop(up)
                 return
         self._choose(up)
@@ -792,22 +792,10 @@ class UpstreamRequest:
             enc.reset()
 
 
-def _outlier_put(host, status: int, headers=None) -> None:
-    """Outlier detection sees every response (a gRPC answer as its grpc-status mapped to HTTP,
-    as ``Cluster.count_response`` does)."""
-    m = host.outlier if host is not None else None
-    if m is not None:
-        if headers is not None and status == 200:
-            gs = headers.get("grpc-status")
-            if gs is not None:
-                status = grpc_to_http(gs)
-        m.put_http(status)
-
-
 def _charge_retried(c, status: int, host, headers=None) -> None:
     """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
     the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
-    _outlier_put(host, status, headers)
+    put_response(host, status, headers)
     sc = c.scope
     sc.counter("retry.upstream_rq_%d" % status).value += 1
     sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
