@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 
 import grpc
 from envoy.config.trace.v3 import opentelemetry_pb2
@@ -28,13 +27,11 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
+from .export import BatchExporter
 from .zipkin import _hex, custom_tags, decorate, span_facts
 
 log = logging.getLogger("pyproxy.tracing")
 
-MAX_QUEUE = 1000
-FLUSH_S = 1.0
-MAX_BATCH = 200
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # ResourceSpans field 2: ``scope_spans`` in current OTLP, ``instrumentation_library_spans`` in the
 # older copy xds-protos ships (the same field number and layout on the wire)
@@ -42,7 +39,9 @@ _SCOPE_SPANS = "scope_spans" if "scope_spans" in trace_pb2.ResourceSpans.DESCRIP
     else "instrumentation_library_spans"
 
 
-class OtelTracer:
+class OtelTracer(BatchExporter):
+    verb = "exported"
+
     def __init__(self, cfg, ctx, hcm_proto):
         if cfg.HasField("http_service"):
             raise ConfigError("OTLP over HTTP (http_service) is not supported; use grpc_service", field="http_service")
@@ -51,7 +50,7 @@ class OtelTracer:
         if cfg.HasField("sampler") or len(cfg.resource_detectors):
             raise ConfigError("OpenTelemetry samplers and resource detectors are not supported",
                               field="sampler" if cfg.HasField("sampler") else "resource_detectors")
-        self.cluster = cfg.grpc_service.envoy_grpc.cluster_name
+        self._init_export(ctx, "opentelemetry", cfg.grpc_service.envoy_grpc.cluster_name)
         self.authority = cfg.grpc_service.envoy_grpc.authority or self.cluster
         self.timeout = (cfg.grpc_service.timeout.seconds + cfg.grpc_service.timeout.nanos / 1e9) or 5.0
         server = getattr(ctx, "server", None)
@@ -62,81 +61,33 @@ class OtelTracer:
         self.kind = trace_pb2.Span.SPAN_KIND_CLIENT if lp is not None and lp.traffic_direction == 2 \
             else trace_pb2.Span.SPAN_KIND_SERVER
         self.custom = custom_tags(hcm_proto)
-        self.loop = ctx.loop
-        self.cm = ctx.cluster_manager
-        st = ctx.stats
-        self.st_dropped = st.counter("tracing.opentelemetry.spans_dropped")
-        self.st_sent = st.counter("tracing.opentelemetry.spans_sent")
-        self.st_reports = st.counter("tracing.opentelemetry.reports_sent")
-        self.st_failed = st.counter("tracing.opentelemetry.reports_failed")
-        self.queue: deque = deque()
-        self.timer = None
-        self.task = None
-        self.logged = False
         self.channel = None
         self.channel_target = None
 
     def create(self, stream):
         return OtelFilter(stream, self)
 
-    def report(self, span) -> None:
-        if len(self.queue) >= MAX_QUEUE:
-            self.st_dropped.value += 1
-            return
-        self.queue.append(span)
-        if self.timer is None and self.task is None:
-            self.timer = self.loop.call_later(FLUSH_S, self._flush)
-
-    def _flush(self) -> None:
-        self.timer = None
-        if not self.queue or self.task is not None:
-            return
-        batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
-        self.task = self.loop.create_task(self._export(batch))
-
-    async def _export(self, batch) -> None:
-        target = None
+    async def _send(self, batch, host) -> bool:
+        target = "%s:%d" % (host.address, host.port)
+        if self.channel_target != target:
+            if self.channel is not None:
+                await self.channel.close()
+            self.channel = grpc.aio.insecure_channel(target, options=[("grpc.default_authority", self.authority)])
+            self.channel_target = target
+        req = trace_service_pb2.ExportTraceServiceRequest()
+        rs = req.resource_spans.add()
+        a = rs.resource.attributes.add()
+        a.key = "service.name"
+        a.value.string_value = self.service
+        getattr(rs, _SCOPE_SPANS).add().spans.extend(batch)
+        call = self.channel.unary_unary(
+            EXPORT, request_serializer=trace_service_pb2.ExportTraceServiceRequest.SerializeToString,
+            response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString)
         try:
-            c = self.cm.get(self.cluster) if self.cm is not None else None
-            host = c.choose_host(None) if c is not None else None
-            ok = False
-            if host is not None:
-                target = "%s:%d" % (host.address, host.port)
-                if self.channel_target != target:
-                    if self.channel is not None:
-                        await self.channel.close()
-                    self.channel = grpc.aio.insecure_channel(
-                        target, options=[("grpc.default_authority", self.authority)])
-                    self.channel_target = target
-                req = trace_service_pb2.ExportTraceServiceRequest()
-                rs = req.resource_spans.add()
-                a = rs.resource.attributes.add()
-                a.key = "service.name"
-                a.value.string_value = self.service
-                getattr(rs, _SCOPE_SPANS).add().spans.extend(batch)
-                call = self.channel.unary_unary(
-                    EXPORT, request_serializer=trace_service_pb2.ExportTraceServiceRequest.SerializeToString,
-                    response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString)
-                try:
-                    await call(req, timeout=self.timeout)
-                    ok = True
-                except (grpc.RpcError, asyncio.TimeoutError, OSError):
-                    ok = False
-            if ok:
-                self.st_reports.value += 1
-                self.st_sent.value += len(batch)
-            else:
-                self.st_failed.value += 1
-                self.st_dropped.value += len(batch)
-                if not self.logged:
-                    self.logged = True
-                    log.warning("opentelemetry: spans could not be exported to cluster '%s' (%s); dropped and "
-                                "counted in tracing.opentelemetry.spans_dropped (logged once)", self.cluster,
-                                target or "no host")
-        finally:
-            self.task = None
-            if self.queue and self.timer is None:
-                self.timer = self.loop.call_later(FLUSH_S, self._flush)
+            await call(req, timeout=self.timeout)
+            return True
+        except (grpc.RpcError, asyncio.TimeoutError, OSError):
+            return False
 
 
 def _parse_traceparent(v: str):

@@ -36,29 +36,27 @@ import json
 import logging
 import random
 import time
-from collections import deque
 
 from envoy.config.trace.v3 import zipkin_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
 from .custom_tags import apply_tags as _apply_tags, custom_tags
+from .export import BatchExporter
 
 log = logging.getLogger("pyproxy.tracing")
 
 HTTP_JSON = zipkin_pb2.ZipkinConfig.CollectorEndpointVersion.HTTP_JSON
-
-MAX_QUEUE = 1000
-FLUSH_S = 1.0
-MAX_BATCH = 200
 
 
 def _hex(bits: int) -> str:
     return "%0*x" % (bits // 4, random.getrandbits(bits) or 1)
 
 
-class ZipkinTracer:
+class ZipkinTracer(BatchExporter):
     """Config-time state of one HCM's Zipkin provider, and its span reporter."""
+    verb = "posted"
+
 
     def __init__(self, cfg, ctx, hcm_proto, stat_prefix: str):
         if cfg.collector_endpoint_version != HTTP_JSON:
@@ -66,12 +64,10 @@ class ZipkinTracer:
                               field="collector_endpoint_version")
         if not cfg.collector_cluster:
             raise ConfigError("collector_cluster is required", field="collector_cluster")
-        self.cluster = cfg.collector_cluster
+        self._init_export(ctx, "zipkin", cfg.collector_cluster)
         self.endpoint = cfg.collector_endpoint or "/api/v2/spans"
         self.host_header = cfg.collector_hostname or cfg.collector_cluster
         self.bits = 128 if cfg.trace_id_128bit else 64
-        self.loop = ctx.loop
-        self.cm = ctx.cluster_manager
         server = getattr(ctx, "server", None)
         node = getattr(server, "node", None)
         self.service = (node.cluster if node is not None and node.cluster else "") or "unknown"
@@ -85,73 +81,28 @@ class ZipkinTracer:
         from ..http.request_prep import local_ip
         ip = local_ip("v4")
         self.local = {"serviceName": self.service, "ipv4": ip, "port": 0}
-        st = ctx.stats
-        self.st_dropped = st.counter("tracing.zipkin.spans_dropped")
-        self.st_sent = st.counter("tracing.zipkin.spans_sent")
-        self.st_reports = st.counter("tracing.zipkin.reports_sent")
-        self.st_failed = st.counter("tracing.zipkin.reports_failed")
-        self.queue: deque = deque()
-        self.timer = None
-        self.task = None
-        self.logged = False
 
     # -- per stream -----------------------------------------------------------------------------
     def create(self, stream):
         return ZipkinFilter(stream, self)
 
-    def report(self, span: dict) -> None:
-        q = self.queue
-        if len(q) >= MAX_QUEUE:
-            self.st_dropped.value += 1
-            return
-        q.append(span)
-        if self.timer is None and self.task is None:
-            self.timer = self.loop.call_later(FLUSH_S, self._flush)
-
-    # -- export (off the hot path) -----------------------------------------------------------------
-    def _flush(self) -> None:
-        self.timer = None
-        if not self.queue or self.task is not None:
-            return
-        batch = [self.queue.popleft() for _ in range(min(MAX_BATCH, len(self.queue)))]
-        self.task = self.loop.create_task(self._post(batch))
-
-    async def _post(self, batch) -> None:
+    # -- export (off the hot path; the queue and batching are BatchExporter's) -------------------
+    async def _send(self, batch, host) -> bool:
+        body = json.dumps(batch, separators=(",", ":")).encode()
+        head = ("POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                "content-length: %d\r\nconnection: close\r\n\r\n" % (
+                    self.endpoint, self.host_header, len(body))).encode()
         try:
-            ok = False
-            c = self.cm.get(self.cluster) if self.cm is not None else None
-            host = c.choose_host(None) if c is not None else None
-            if host is not None:
-                body = json.dumps(batch, separators=(",", ":")).encode()
-                head = ("POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                        "content-length: %d\r\nconnection: close\r\n\r\n" % (
-                            self.endpoint, self.host_header, len(body))).encode()
-                try:
-                    r, w = await asyncio.wait_for(asyncio.open_connection(host.address, host.port), 5)
-                    try:
-                        w.write(head + body)
-                        line = await asyncio.wait_for(r.readline(), 5)
-                        parts = line.split()
-                        ok = len(parts) >= 2 and parts[1][:1] == b"2"
-                    finally:
-                        w.close()
-                except (OSError, asyncio.TimeoutError, ValueError):
-                    ok = False
-            if ok:
-                self.st_reports.value += 1
-                self.st_sent.value += len(batch)
-            else:
-                self.st_failed.value += 1
-                self.st_dropped.value += len(batch)
-                if not self.logged:
-                    self.logged = True
-                    log.warning("zipkin: spans could not be posted to cluster '%s' (%s); dropped and counted "
-                                "in tracing.zipkin.spans_dropped (logged once)", self.cluster,
-                                "no host" if host is None else "%s:%s" % (host.address, host.port))
-        finally:
-            self.task = None
-            if self.queue and self.timer is None:
-                self.timer = self.loop.call_later(FLUSH_S, self._flush)
+            r, w = await asyncio.wait_for(asyncio.open_connection(host.address, host.port), 5)
+            try:
+                w.write(head + body)
+                line = await asyncio.wait_for(r.readline(), 5)
+                parts = line.split()
+                return len(parts) >= 2 and parts[1][:1] == b"2"
+            finally:
+                w.close()
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return False
 
 
 class ZipkinFilter(HttpFilter):
