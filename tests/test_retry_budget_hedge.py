@@ -105,7 +105,10 @@ def test_retry_budget_overflow_matches_envoy(budget, n, n_ok):
 PLANS = {  # path -> (delay s, status, body) for the first, second... request with that path
     "/a": [(1.2, 200, b"slow"), (0.0, 200, b"fast")],   # the hedge wins
     "/b": [(1.2, 200, b"slow"), (0.0, 503, b"bad")],    # the hedge fails: wait for the first
-    "/c": [(0.8, 200, b"first"), (2.5, 200, b"second")],  # the first still wins
+    # the first still wins, half-way between the hedge's start (0.4 s) and its own per-try
+    # timeout (0.8 s): an answer near 0.8 s would race that timeout, which counts a
+    # retry_limit_exceeded or not depending on the machine's load, in Envoy as in pyproxy
+    "/c": [(0.6, 200, b"first"), (2.5, 200, b"second")],
     "/d": [(1.2, 503, b"bad1"), (0.0, 503, b"bad2")],   # both fail: the last answer goes out
 }
 
