@@ -206,7 +206,10 @@ class HcmConfig:
         self.live_on_route = plan.live_on_route
         self.live_on_grpc = plan.live_on_grpc
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
-        self.fast_router = plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
+        # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
+        # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
+        self.fast_router = (plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
+                            and os.environ.get("PYPROXY_REFERENCE", "0") != "1")
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
         # HTTP/1.1 requests of such a chain may take the express lane (pyproxy/http/express.py)
         from ...http import express
