@@ -521,12 +521,13 @@ class ModePair:
             last = None if busy else c
             time.sleep(0.03)
 
-    def run(self, client, listener: int = 0, concurrent: bool = False) -> dict:
+    def run(self, client, listener: int = 0, concurrent: bool = False, unread: bool = False) -> dict:
         """``client(port)`` in each mode (both at once, each on its own proxy and upstreams):
         {mode: (client view, h1 upstream bytes, h2 upstream log, counter deltas)}. A client
         returns (view, bytes received): the listener's ``downstream_cx_tx_bytes_total`` delta is
         compared less those bytes (masked values such as x-envoy-upstream-service-time vary in
-        length)."""
+        length). ``unread``: the proxy closes the connection while the client still writes, so
+        how much of it the proxy read (``downstream_cx_rx_bytes_total``) is not compared."""
         seen, errors = {}, []
 
         def one(mode):
@@ -540,7 +541,9 @@ class ModePair:
                 after = side["counters"] = self._settled_counters(mode)
                 delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
                 for k in list(delta):
-                    if k.endswith("downstream_cx_tx_bytes_total"):
+                    if unread and k.endswith("downstream_cx_rx_bytes_total"):
+                        del delta[k]
+                    elif k.endswith("downstream_cx_tx_bytes_total"):
                         delta[k] -= nbytes
                         if not delta[k]:
                             del delta[k]

@@ -170,6 +170,8 @@ def pair():
 
 
 CHAINS = {"istio": 0, "router": 1}
+# cases where the proxy gives up on a connection while the client is still writing to it
+UNREAD = {"header-oversize"}
 
 # ------------------------------------------------------------------------------- HTTP/1.1 cases
 
@@ -287,7 +289,8 @@ def test_http1(pair, chain, case):
     steps, n, methods = (spec + (1, ("GET",)))[:3] if isinstance(spec, tuple) else (spec, 1, ("GET",))
     if case.startswith("pipelined"):
         methods = ("GET", "GET")
-    seen = pair.run(lambda port: h1_script(port, steps, methods=methods, n=n), listener=CHAINS[chain])
+    seen = pair.run(lambda port: h1_script(port, steps, methods=methods, n=n), listener=CHAINS[chain],
+                    unread=case in UNREAD)
     assert_same(seen)
     view, _, _, delta = seen["compiled"]
     assert view[0], "no response at all to %s" % case
@@ -406,7 +409,9 @@ H2C = {
 }
 
 # A request whose DATA disagrees with its content-length is malformed (RFC 9113 8.1.1): Envoy's
-# codec resets the stream (PROTOCOL_ERROR) and nothing reaches the upstream. Both modes forward
+# codec resets the stream (PROTOCOL_ERROR) and no body byte past the declared length reaches the
+# upstream (checked with Envoy 1.40 on a router-only bootstrap: RST_STREAM 1 to the client for both cases;
+# nothing upstream for 3 of 10 bytes, the head alone for 6 of 2). Both modes forward
 # it over HTTP/1.1 with the client's content-length and the bytes received instead: 3 bytes under
 # "content-length: 10" hang the exchange (no answer to the client until it gives up), 6 bytes
 # under "content-length: 2" put 4 bytes the upstream parses as the start of another request (a
@@ -430,7 +435,8 @@ def _h2_params():
 @pytest.mark.parametrize("chain,case", _h2_params())
 def test_http2(pair, chain, case):
     steps = H2C[case]
-    seen = pair.run(lambda port: h2_script(port, steps), listener=CHAINS[chain], concurrent=case == "two-streams")
+    seen = pair.run(lambda port: h2_script(port, steps), listener=CHAINS[chain], concurrent=case == "two-streams",
+                    unread=case in UNREAD)
     assert_same(seen)
     (view, end), _, _, delta = seen["compiled"]
     assert view or end != "open", "nothing at all for %s" % case
@@ -450,8 +456,9 @@ def test_http2(pair, chain, case):
     if case == "request-trailers":
         assert status() == "200" and any(v[0] == "data" and v[2] == b"abc" for v in view), view
     if case.startswith("content-length-"):
-        # a malformed request: reset (or a local 400), never forwarded
-        _, up1, up2, _ = seen["compiled"]
-        assert not up1 and not up2 and any(v[0] == "rst" or v[0] == "headers" for v in view), (view, up1)
+        # a malformed request: the stream reset (or a local 4xx), no body past the declared length upstream
+        up1 = seen["compiled"][1]
+        assert any(v[0] == "rst" for v in view) or status() in ("400", "413"), view
+        assert b"abc" not in up1, up1
     if case == "uppercase-name":
         assert status() is None, view  # a malformed request (RFC 9113 8.2.1): reset, never forwarded
