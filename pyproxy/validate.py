@@ -351,8 +351,11 @@ class Validation:
             from .xds_client.target import target_from_grpc_service
             target_from_grpc_service(dr.ads_config.grpc_services[0],
                                      {c.name: c for c in bs.static_resources.clusters})
-        if bs.HasField("tracing"):
-            coll.add("tracing: not implemented; ignored")
+        if bs.HasField("tracing") and bs.tracing.HasField("http"):
+            t = bs.tracing.http.typed_config.type_url.rpartition("/")[2]
+            if t not in ("envoy.config.trace.v3.ZipkinConfig", "envoy.config.trace.v3.OpenTelemetryConfig"):
+                coll.add("tracing.http: provider '%s' is not implemented; HCMs that trace with it produce "
+                         "no spans" % bs.tracing.http.name)
         for i, sink in enumerate(bs.stats_sinks):
             coll.add("stats_sinks[%d] %s: not implemented; ignored" % (i, sink.name))
         if bs.HasField("admin") and bs.admin.HasField("address"):
