@@ -23,6 +23,7 @@ from .listeners.manager import ListenerManager
 from .routing.matchers import compile_string_matcher
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
+from .stats.matcher import compile_stats_matcher
 
 log = logging.getLogger("pyproxy.main")
 
@@ -105,7 +106,8 @@ class Server:
         sc = bootstrap.stats_config
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
-        self.stats = Store(tags, use_default_tags=use_default)
+        # stats_matcher first: no stat exists before it (a bad pattern is a ConfigError here)
+        self.stats = Store(tags, use_default_tags=use_default, matcher=compile_stats_matcher(sc))
         self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
         if bootstrap.cluster_manager.outlier_detection.event_log_path:

@@ -400,7 +400,12 @@ def validate_items(items: list) -> list:
         seen.add(key)
         todo.append(it)
     todo.sort(key=lambda it: _ORDER[it.type])
-    v = Validation(bs_msg)
+    try:
+        v = Validation(bs_msg)
+    except ConfigError as e:  # the bootstrap's own config the server compiles (stats_config...)
+        for it in boot[:1]:
+            it.verdict, it.why = REJECTED, str(e)
+        v = Validation(None)
     try:
         for it in todo:
             if it.verdict is not None:
