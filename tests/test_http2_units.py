@@ -124,6 +124,30 @@ def test_fast_hpack_round_trip():
     assert len(cd.memo) == 2
 
 
+def test_fast_encoder_new_values_of_known_names():
+    """A field the memo has not seen (a request id) reuses its name's encoding; what goes out is
+    what hpack decodes, connection-specific fields and ``te`` other than trailers stay out, and
+    never-indexed fields keep their representation."""
+    import uuid
+    import hpack
+    from hpack import NeverIndexedHeaderTuple
+    enc = h2_hpack.FastEncoder()
+    dec = hpack.Decoder()
+    for i in range(3):
+        rid = str(uuid.UUID(int=i + 1))
+        h = [(":status", "200"), ("x-request-id", rid), ("te", "trailers"), ("x-v", "w" * (150 + i)),
+             ("connection", "close"), ("content-type", "caf\xe9"), ("x-big", "b" * i)]
+        assert dec.decode(enc.encode(h), raw=True) == [
+            (b":status", b"200"), (b"x-request-id", rid.encode()), (b"te", b"trailers"),
+            (b"x-v", b"w" * (150 + i)), (b"content-type", b"caf\xe9"), (b"x-big", b"b" * i)]
+        assert dec.decode(enc.encode([("te", "gzip"), ("x-request-id", rid)]), raw=True) == [
+            (b"x-request-id", rid.encode())]
+    secret = NeverIndexedHeaderTuple(b"x-request-id", b"s")
+    block = enc.encode([secret])
+    assert block[:1] == b"\x10"  # literal never indexed, literal name
+    assert dec.decode(block, raw=True) == [(b"x-request-id", b"s")]
+
+
 def test_fast_decoder_matches_hpack_on_a_moving_dynamic_table():
     """nginx-like responses that insert a changing field each time, Huffman on and off, table
     size updates and evictions: FastDecoder decodes exactly what hpack's own decoder does."""

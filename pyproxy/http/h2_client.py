@@ -74,9 +74,10 @@ class H2ClientStream(OutStream):
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
         if self.closed:
             return
-        self._log(("h", headers, end_stream), 0)
-        c = self.conn
-        if c is None:
+        r = self.replay
+        if r is not None:
+            r.append(("h", headers, end_stream))  # (``_log`` of a bodiless event)
+        if self.conn is None:
             return  # waiting for a connection to replay on
         self._send_headers(headers, end_stream)
 
@@ -88,7 +89,7 @@ class H2ClientStream(OutStream):
         fields = headers._h
         if c.extended_connect and "upgrade" in headers:
             fields = self._extended_connect(fields)
-        h.send_headers(sid, fields if c.lean else to_h2(Headers(fields)), end_stream=end_stream)
+        h.send_headers(sid, fields if c.lean else to_h2(Headers(fields)), end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True

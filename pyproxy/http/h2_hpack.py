@@ -108,44 +108,63 @@ class FastEncoder:
         self.pending_size_update = min(value, 4096)
 
     def encode(self, headers, huffman: bool = True) -> bytes:
-        memo = self.memo
-        out = []
+        if headers.__class__ is not list and headers.__class__ is not tuple:
+            headers = list(headers)
+        parts = list(map(self.memo.get, headers))  # every field seen before: no Python loop at all
+        if None in parts:
+            self._fill(headers, parts)
         if self.pending_size_update is not None:
-            out.append(_hp_int(self.pending_size_update, 5, 0x20))
+            parts.insert(0, _hp_int(self.pending_size_update, 5, 0x20))
             self.pending_size_update = None
-        for kv in headers:
-            b = memo.get(kv)
-            if b is None:
-                b = self._encode_one(kv)
-                if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
-                    _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
-            out.append(b)
-        return b"".join(out)
+        return b"".join(parts)
 
     @staticmethod
-    def _encode_one(kv) -> bytes:
-        """One field; ``Headers``' own (str, str) pairs are taken as ``to_h2`` would send them
-        (connection-specific fields dropped, values byte for byte), so the lean engine is
-        handed ``Headers._h`` directly."""
-        n, v = kv[0], kv[1]
-        if n.__class__ is str:
-            if n in CONNECTION_HEADERS or (n == "te" and v.lower() != "trailers"):
-                return b""
-            n = n.encode("latin-1")
-        if v.__class__ is str:
-            try:
-                v = v.encode("latin-1")
-            except UnicodeEncodeError:
-                v = v.encode("utf-8")
-        i = _STATIC_FULL.get((n, v))
-        if i is not None:
-            return bytes((0x80 | i,))
-        sensitive = isinstance(kv, NeverIndexedHeaderTuple)
-        i = _STATIC_NAME.get(n)
-        first = 0x10 if sensitive else 0x00
-        if i is not None:
-            return _hp_int(i, 4, first) + _hp_str(v)
-        return bytes((first,)) + _hp_str(n) + _hp_str(v)
+    def _fill(headers, parts: list) -> None:
+        """Encode the fields the memo did not have (and keep them, unless they are ids)."""
+        i = -1
+        for _ in range(parts.count(None)):
+            i = parts.index(None, i + 1)
+            kv = headers[i]
+            b = parts[i] = _encode_one(kv)
+            if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+                _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
+
+
+# literal field names (no static-table entry, not connection-specific, not ``te``) -> their
+# encoding, so a new value of a known name (a request id) costs one lookup
+_NAMES = ByteMemo(256 << 10, 1024)
+
+
+def _encode_one(kv) -> bytes:
+    """One field; ``Headers``' own (str, str) pairs are taken as ``to_h2`` would send them
+    (connection-specific fields dropped, values byte for byte), so the lean engine is
+    handed ``Headers._h`` directly."""
+    n, v = kv[0], kv[1]
+    if v.__class__ is str:
+        try:
+            v = v.encode("latin-1")
+        except UnicodeEncodeError:
+            v = v.encode("utf-8")
+    pre = _NAMES.d.get(n)
+    if pre is not None and not isinstance(kv, NeverIndexedHeaderTuple):
+        ln = len(v)
+        return pre + (bytes((ln,)) if ln < 127 else _hp_int(ln, 7, 0)) + v
+    if n.__class__ is str:
+        if n in CONNECTION_HEADERS or (n == "te" and v.lower() != b"trailers"):
+            return b""
+        n = n.encode("latin-1")
+    i = _STATIC_FULL.get((n, v))
+    if i is not None:
+        return bytes((0x80 | i,))
+    sensitive = isinstance(kv, NeverIndexedHeaderTuple)
+    i = _STATIC_NAME.get(n)
+    first = 0x10 if sensitive else 0x00
+    if i is not None:
+        return _hp_int(i, 4, first) + _hp_str(v)
+    pre = bytes((first,)) + _hp_str(n)
+    if not sensitive and n != b"te":
+        _NAMES.put(kv[0], pre, 2 * len(pre) + 120)
+    return pre + _hp_str(v)
 
 
 class FastDecoder:

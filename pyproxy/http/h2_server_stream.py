@@ -23,18 +23,18 @@ class H2ServerStream(OutStream):
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
                  "start", "drain_close", "response_close", "tunnel")
 
-    def __init__(self, conn, sid, now):
+    def __init__(self, conn, sid, now, remote_ended: bool = False, tunnel: int = 0):
         self.conn = conn
         self.sid = sid
         self.stream = None
-        self.remote_ended = False
+        self.remote_ended = remote_ended
         self.local_ended = False
         self.closed = False
         self._init_out()
         self.start = now
         self.drain_close = False
         self.response_close = False
-        self.tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+        self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -53,7 +53,7 @@ class H2ServerStream(OutStream):
             self.tunnel = 2
         conn = self.conn
         try:
-            conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream=end_stream)
+            conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream)
         except h2.exceptions.StreamClosedError:
             self._gone()
             return

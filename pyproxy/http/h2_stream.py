@@ -46,10 +46,15 @@ class OutStream:
 
     def _send_data(self, data, end: bool) -> None:
         conn = self.conn
-        h = conn.h2
         n = len(data)
-        if not self.pending and not conn.write_paused and n <= conn.max_frame:
-            if n <= h.local_flow_control_window(self.sid):
+        if not self.pending and not conn.write_paused:
+            h = conn.h2
+            if conn.lean:
+                if h.try_send_data(self.sid, data, end):
+                    if end:
+                        self._ended()
+                    return
+            elif n <= conn.max_frame and n <= h.local_flow_control_window(self.sid):
                 h.send_data(self.sid, data, end_stream=end)
                 if end:
                     self._ended()

@@ -237,24 +237,39 @@ class H2Engine(FrameReceiver):
         return s
 
     def send_data(self, stream_id: int, data, end_stream: bool = False, pad_length=None) -> None:
+        if not self.try_send_data(stream_id, data, end_stream):
+            n = len(data)
+            if n > self.remote_settings.max_frame_size:
+                raise FrameTooLargeError("cannot send %d bytes in one frame (max %d)"
+                                         % (n, self.remote_settings.max_frame_size))
+            s = self.streams[stream_id]
+            raise FlowControlError("cannot send %d bytes, flow control window is %d"
+                                   % (n, min(s.out_window, self.out_window)))
+
+    def try_send_data(self, stream_id: int, data, end_stream: bool) -> bool:
+        """``send_data`` when one frame within the flow-control windows can carry ``data`` now;
+        otherwise False and nothing sent (the caller buffers it). Not in ``h2``'s API."""
         s = self.streams.get(stream_id)
         if s is None or not s.lopen:
             raise StreamClosedError(stream_id)
         n = len(data)
-        if n > self.remote_settings.max_frame_size:
-            raise FrameTooLargeError("cannot send %d bytes in one frame (max %d)"
-                                     % (n, self.remote_settings.max_frame_size))
-        if n > s.out_window or n > self.out_window:
-            raise FlowControlError("cannot send %d bytes, flow control window is %d"
-                                   % (n, min(s.out_window, self.out_window)))
+        if n > s.out_window or n > self.out_window or n > self.remote_settings.max_frame_size:
+            return False
         s.out_window -= n
         self.out_window -= n
         out = self.out
-        out.append(_pack_hdr(n << 8, F_END_STREAM if end_stream else 0, stream_id))
-        if n:
-            out.append(data)
         if end_stream:
-            self._local_end(s)
+            out.append(_pack_hdr(n << 8, F_END_STREAM, stream_id))
+            if n:
+                out.append(data)
+            s.lopen = False
+            if not s.ropen:
+                self._close(s, ENDED)
+        else:
+            out.append(_pack_hdr(n << 8, 0, stream_id))
+            if n:
+                out.append(data)
+        return True
 
     def end_stream(self, stream_id: int) -> None:
         s = self.streams.get(stream_id)

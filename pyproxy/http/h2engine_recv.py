@@ -71,14 +71,22 @@ class FrameReceiver:
             if self.cont is not None:
                 self._continuation(data, p, n, t, flags, sid, events)
                 continue
-            if not self.seen_settings:
+            if t == DATA:
+                if not self.seen_settings:
+                    raise ProtocolError("the first frame must be SETTINGS")
+                self._data(data, p, n, flags, sid, events)
+            elif t == HEADERS:
+                if not self.seen_settings:
+                    raise ProtocolError("the first frame must be SETTINGS")
+                if flags & F_END_HEADERS and not flags & (F_PADDED | F_PRIORITY) and sid:
+                    self._header_block(sid, flags, data[p:pos], False, events)  # (the common case)
+                else:
+                    self._headers(data, p, n, flags, sid, events)
+            elif not self.seen_settings:
                 if t != SETTINGS or flags & F_ACK:
                     raise ProtocolError("the first frame must be SETTINGS")
                 self.seen_settings = True
-            if t == DATA:
-                self._data(data, p, n, flags, sid, events)
-            elif t == HEADERS:
-                self._headers(data, p, n, flags, sid, events)
+                self._settings(data, p, n, flags, sid, events)
             elif t == WINDOW_UPDATE:
                 self._window_update(data, p, n, sid, events)
             elif t == RST_STREAM:
@@ -227,17 +235,18 @@ class FrameReceiver:
             self.cont = None
             self._header_block(sid, c[1], b"".join(c[2]), c[5], events)
 
-    def _decode(self, block: bytes) -> list:
-        try:
-            return self.decoder.decode(block, raw=True)
-        except OversizedHeaderListError as e:
-            raise DenialOfServiceError("oversized header list: %s" % e) from None
-        except _HPACK_ERRORS as e:
-            raise _conn_error(ErrorCodes.COMPRESSION_ERROR, "HPACK decoding failed: %s" % e) from None
+    @staticmethod
+    def _decode_error(e) -> ProtocolError:
+        if isinstance(e, OversizedHeaderListError):
+            return DenialOfServiceError("oversized header list: %s" % e)
+        return _conn_error(ErrorCodes.COMPRESSION_ERROR, "HPACK decoding failed: %s" % e)
 
     def _header_block(self, sid: int, flags: int, block: bytes, self_dep: bool, events: list) -> None:
         # decoded whatever becomes of the stream: the HPACK table must stay in step with the peer's
-        headers = self._decode(block)
+        try:
+            headers = self.decoder.decode(block, True)
+        except _HPACK_ERRORS as e:
+            raise self._decode_error(e) from None
         end = flags & F_END_STREAM
         s = self.streams.get(sid)
         if s is None:

@@ -294,13 +294,8 @@ class Http2ServerCodec:
             h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
             h.append(("upgrade", protocol))
             h.append(("connection", "upgrade"))  # (Envoy's transformUpgradeRequestFromH2toH1)
-        else:
-            h = list(h)
-        s = H2ServerStream(self, sid, self.loop.time())
-        s.tunnel = 1 if tunnel else 0
         end = e.stream_ended is not None
-        s.remote_ended = end
-        self.streams[sid] = s
+        s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
         as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
         if expect and not end:
             self.h2.send_headers(sid, [(":status", "100")])
