@@ -169,7 +169,7 @@ class SecretStore:
     # -- contents ----------------------------------------------------------------------------------
     def load_static(self, secrets) -> None:
         """Replace the static secrets (an iterable of ``Secret`` protos); ConfigError if one is bad."""
-        from .context import validate_secret
+        from .parse import validate_secret
         new = {}
         for i, s in enumerate(secrets):
             try:
@@ -191,7 +191,7 @@ class SecretStore:
         Validated first; then the TLS contexts using a changed secret are rebuilt, and if one of
         them fails the update is undone (ConfigError: the response is NACKed, the last good
         secrets stay)."""
-        from .context import validate_secret
+        from .parse import validate_secret
         added = added or {}
         for name, s in added.items():
             try:

@@ -223,7 +223,7 @@ def _local_sans(chain_pem: bytes) -> tuple[tuple, str]:
     certificate."""
     try:
         from cryptography import x509
-        from .context import _pem_blocks
+        from .parse import pem_blocks as _pem_blocks
         cert = x509.load_pem_x509_certificate(_pem_blocks(chain_pem)[0])
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ext.get_values_for_type(x509.UniformResourceIdentifier)
