@@ -12,9 +12,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from ...config import ConfigError, duration_s, u32
 from ...config.registry import REGISTRY
-from ...tracing.zipkin import tracer_for_hcm
+from ...tracing.zipkin import tracer_for_hcm, tracing_provider
 
 log = logging.getLogger("pyproxy.config")
+_warned: set = set()  # warning texts already logged
 
 HCM = hcm_pb2.HttpConnectionManager
 AUTO, HTTP1, HTTP2 = HCM.CodecType.AUTO, HCM.CodecType.HTTP1, HCM.CodecType.HTTP2
@@ -153,12 +154,17 @@ class HcmConfig:
                 raise e.within(field="access_log")
         # a Zipkin provider: B3 propagation and spans (pyproxy/tracing/zipkin.py), a filter in front
         self.tracer = tracer_for_hcm(cfg, ctx, self.stat_prefix)
-        if cfg.HasField("tracing") and cfg.tracing.HasField("provider") and self.tracer is None:
+        provider = tracing_provider(cfg, ctx)
+        if provider is not None and self.tracer is None:
             # (a provider-less block, as Istio sends by default, is acted on: the x-request-id trace
             # decision in request_prep, pyproxy/tracing/request_id.py; without a tracer, no spans)
-            log.info("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
-                     "produced (the x-request-id sampling decision is made)", self.stat_prefix,
-                     cfg.tracing.provider.name)
+            msg = ("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
+                   "produced (the x-request-id sampling decision is made)" % (self.stat_prefix, provider.name))
+            if msg not in _warned and len(_warned) < 1000:  # once per HCM and provider (pushes repeat)
+                _warned.add(msg)
+                log.warning("%s", msg)
+            else:
+                log.info("%s", msg)  # (still seen by `pyproxy validate`)
         self.filters = []
         self.skipped_filters = []
         n = len(cfg.http_filters)
