@@ -19,6 +19,7 @@ from ..config import ConfigError
 from .parse import (REDACTED, SanMatcher, ValidationConfig, cipher_known, data_source, parse_cert_chain,  # noqa: F401
                     pem_blocks, validate_secret)
 from .parse import certificate as _certificate, sds_ref as _sds_ref, validation as _validation
+from .secrets import TlsNotReady
 
 # the names these had when they lived here
 _data_source, _pem_blocks, _cipher_known = data_source, pem_blocks, cipher_known
@@ -30,11 +31,6 @@ VERSION_NAMES = {v: k for k, v in _TLS.items()}
 KNOWN_CURVES = frozenset(("X25519", "P-256", "P-384", "P-521", "X25519Kyber768Draft00",
                           "X25519MLKEM768", "P256", "P384", "P521", "prime256v1", "secp384r1",
                           "secp521r1"))
-
-
-class TlsNotReady(ConnectionError):
-    """A TLS transport socket cannot carry a connection yet: its SDS secrets have not arrived, or
-    its key is not usable. The connection is refused, never sent in plaintext."""
 
 
 TlsNotImplemented = TlsNotReady  # the name this error had before TLS was implemented

@@ -31,6 +31,12 @@ import weakref
 
 from ..config import ConfigError
 
+
+class TlsNotReady(ConnectionError):
+    """A TLS transport socket cannot carry a connection yet: its SDS secrets have not arrived, or
+    its key is not usable. The connection is refused, never sent in plaintext."""
+
+
 log = logging.getLogger("pyproxy.config")
 
 
@@ -240,7 +246,6 @@ class SecretStore:
         """Rebuild the contexts of the sockets that use ``keys`` ((source key, name) pairs); the
         others only note that the store moved on (their context is unchanged), so no handshake
         pays for the update."""
-        from .context import TlsNotReady
         wanted = set(keys)
         seen = set()
         gen = self.generation
