@@ -182,9 +182,10 @@ class ZipkinFilter(HttpFilter):
         t.report(span)
 
 
-def span_facts(t, s, start: float, op=None):
+def span_facts(t, s, start: float, op=None, unnamed=None):
     """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
-    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
+    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags).
+    ``unnamed(authority)`` names a span that no decorator names (Zipkin's driver: the host)."""
     si = s.stream_info
     rq = s.request_headers
     get = rq.get if rq is not None else (lambda k, d=None: d)
@@ -215,7 +216,7 @@ def span_facts(t, s, start: float, op=None):
         _apply_tags(tags, rt.tags, get, si, route, t.cm)
     # Envoy's span name: the route's decorator (or, on ingress, the caller's
     # x-envoy-decorator-operation), else the request's host
-    name = op or getattr(route, "decorator_operation", None) or authority
+    name = op or getattr(route, "decorator_operation", None) or (unnamed(authority) if unnamed else authority)
     end = si.end_monotonic
     dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
     return tags, name[:256], int(start * 1e6), max(dur, 1), error
