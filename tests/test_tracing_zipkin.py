@@ -171,22 +171,7 @@ def _otel_bootstrap(port, backend, collector):
 
 
 def test_opentelemetry_traceparent_and_otlp_export(servers):
-    import grpc
-    from concurrent import futures
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
-    got = []
-
-    def export(req, ctx):
-        got.append(req)
-        return ts.ExportTraceServiceResponse()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "opentelemetry.proto.collector.trace.v1.TraceService",
-        {"Export": grpc.unary_unary_rpc_method_handler(
-            export, request_deserializer=ts.ExportTraceServiceRequest.FromString,
-            response_serializer=ts.ExportTraceServiceResponse.SerializeToString)}),))
-    cport = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
+    srv, cport, got = _otlp_collector()
     backend, _ = servers
     port = free_port()
     try:

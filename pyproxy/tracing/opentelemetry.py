@@ -27,9 +27,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from .. import __version__ as _SDK_VERSION
 from ..config import ConfigError
-from ..http.filter import HttpFilter
 from .export import BatchExporter
-from .zipkin import _hex, custom_tags, decorate, span_facts
+from .zipkin import SpanFilter, _hex, custom_tags, decorate, span_facts
 
 log = logging.getLogger("pyproxy.tracing")
 
@@ -124,15 +123,10 @@ def _parse_traceparent(v: str):
     return tid, pid, bool(flags & 1)
 
 
-class OtelFilter(HttpFilter):
-    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
+class OtelFilter(SpanFilter):
+    """W3C traceparent in and out, an OTLP span at the end."""
 
-    def __init__(self, callbacks, tracer):
-        self.callbacks = callbacks
-        self.t = tracer
-        self.trace_id = None
-        self.sampled = False
-        self.op = None
+    __slots__ = ()
 
     def decode_headers(self, headers, end_stream):
         tp = headers.get("traceparent")

@@ -105,8 +105,9 @@ class ZipkinTracer(BatchExporter):
             return False
 
 
-class ZipkinFilter(HttpFilter):
-    """First HTTP filter of a traced HCM: B3 context in, B3 headers out, a span at the end."""
+class SpanFilter(HttpFilter):
+    """A tracer's HTTP filter, first of a traced HCM: the trace context in, the propagated
+    headers out, a span when the stream ends (the Zipkin and OpenTelemetry tracers)."""
 
     __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
 
@@ -116,6 +117,12 @@ class ZipkinFilter(HttpFilter):
         self.trace_id = None
         self.sampled = False
         self.op = None
+
+
+class ZipkinFilter(SpanFilter):
+    """B3 context in, B3 headers out, a Zipkin span at the end."""
+
+    __slots__ = ()
 
     def decode_headers(self, headers, end_stream):
         t = self.t
