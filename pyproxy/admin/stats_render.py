@@ -238,6 +238,74 @@ class _TokenExtractor:
         removes.append((start, end))
 
 
+class _FixedExtractor:
+    """``TagSpecifier.fixed_value``: the tag on every stat, nothing removed from the name."""
+
+    __slots__ = ("name", "value", "prefix")
+
+    def __init__(self, name, value):
+        self.name = name
+        self.value = value
+        self.prefix = ""
+
+    def extract(self, name, tags, removes):
+        tags.append((self.name, self.value))
+
+
+DEFAULT_TAG_NAMES = frozenset(d[1] for d in DEFAULT_EXTRACTORS)
+
+
+def _default_extractors(only=None):
+    out = []
+    for d in DEFAULT_EXTRACTORS:
+        if only is not None and d[1] != only:
+            continue
+        if d[0] == "re":
+            out.append(_RegexExtractor(d[1], re.compile(_expand(d[2])), d[3], d[4]))
+        else:
+            out.append(_TokenExtractor(d[1], d[2]))
+    return out
+
+
+def compile_tag_specifiers(stats_config, field: str = "stats_config.stats_tags") -> list:
+    """The bootstrap's ``stats_tags`` in config order, as Envoy's tag producer takes them:
+    ``("regex", name, compiled)``, ``("fixed", name, value)`` (the tag on every stat) or
+    ``("default", name)`` (no regex: Envoy's default extractors of that name). ``ConfigError`` on
+    a regex neither engine compiles or a name without regex that is no default's, as Envoy refuses
+    them."""
+    from pyproxy.config.errors import ConfigError
+    out = []
+    for i, t in enumerate(stats_config.stats_tags):
+        f = "%s[%d]" % (field, i)
+        if t.WhichOneof("tag_value") == "fixed_value":
+            out.append(("fixed", t.tag_name, t.fixed_value))
+        elif t.regex:
+            try:
+                out.append(("regex", t.tag_name, _stats.compile_tag_regex(t.regex)))
+            except (re.error, ValueError) as e:
+                raise ConfigError("invalid regex '%s': %s" % (t.regex, e), field=f + ".regex") from None
+        elif t.tag_name in DEFAULT_TAG_NAMES:
+            out.append(("default", t.tag_name))
+        else:
+            raise ConfigError("No regex specified for tag specifier and no default regex for name: '%s'"
+                              % t.tag_name, field=f)
+    return out
+
+
+def build_from_specifiers(specifiers, use_defaults=True) -> list:
+    """Envoy's order: the default extractors (``use_all_default_tags``, default true), then each
+    tag specifier in config order."""
+    out = _default_extractors() if use_defaults else []
+    for sp in specifiers:
+        if sp[0] == "regex":
+            out.append(_RegexExtractor(sp[1], sp[2]))
+        elif sp[0] == "fixed":
+            out.append(_FixedExtractor(sp[1], sp[2]))
+        else:
+            out.extend(_default_extractors(sp[1]))
+    return out
+
+
 def build_extractors(specs, use_defaults=True):
     """``specs``: user ``(tag_name, regex)`` pairs (Istio's ``stats_tags``), then Envoy's defaults."""
     out = []
@@ -264,6 +332,9 @@ class TagProducer:
         for e in extractors:
             if e.prefix:
                 self.by_prefix.setdefault(e.prefix, []).append(e)
+        # tag names more than one extractor produces: as Envoy, only the first that matches counts
+        seen: set = set()
+        self.dups = {e.name for e in extractors if e.name in seen or seen.add(e.name)}
         self._cache: dict[str, tuple] = {}
 
     def produce(self, name: str) -> tuple[str, tuple]:
@@ -272,11 +343,17 @@ class TagProducer:
             return hit
         tags: list = []
         removes: list = []
-        for e in self.no_prefix:
-            e.extract(name, tags, removes)
+        dups = self.dups
         first = name.split(".", 1)[0]
-        for e in self.by_prefix.get(first, ()):
+        for e in self.no_prefix + self.by_prefix.get(first, []) if dups else ():
+            if e.name in dups and any(t[0] == e.name for t in tags):
+                continue
             e.extract(name, tags, removes)
+        if not dups:
+            for e in self.no_prefix:
+                e.extract(name, tags, removes)
+            for e in self.by_prefix.get(first, ()):
+                e.extract(name, tags, removes)
         if removes:
             keep = [True] * len(name)
             for s, t in removes:
@@ -299,11 +376,16 @@ def producer_for(store) -> TagProducer:
     """A TagProducer equivalent to the store's extractors, with the store's default entries
     replaced by Envoy's real defaults (see module doc)."""
     exs = getattr(store, "extractors", [])
+    specifiers = getattr(store, "tag_specifiers", None)
     key = id(store)
     cached = _producers.get(key)
-    sig = (id(exs), len(exs))
+    sig = (id(exs), len(exs), id(specifiers))
     if cached is not None and cached[0] == sig and cached[1] is store:
         return cached[2]
+    if specifiers is not None:  # the bootstrap's stats_config (server.py)
+        p = TagProducer(build_from_specifiers(specifiers, store.use_default_tags))
+        _producers[key] = (sig, store, p)
+        return p
     user = []
     use_defaults = False
     for e in exs:
