@@ -217,13 +217,10 @@ class _Collector(logging.Handler):
 @contextlib.contextmanager
 def _collecting(coll: _Collector):
     """Route registry resolutions and pyproxy.config log records into ``coll`` while compiling."""
-    real = REGISTRY.resolve
-
-    def resolve(category, name, typed_config, *, is_optional=False, what="filter"):
-        factory, cfg = real(category, name, typed_config, is_optional=is_optional, what=what)
+    def hook(category, name, factory, cfg):
         if factory is None:
             coll.add(cfg, name or category)
-            return factory, cfg
+            return factory
 
         def built(*a, **kw):
             obj = factory(*a, **kw)
@@ -233,20 +230,19 @@ def _collecting(coll: _Collector):
             if skip:
                 coll.add(skip, name or category)
             return obj
-        return built, cfg
+        return built
 
-    REGISTRY.resolve = resolve
     lg = logging.getLogger("pyproxy")
     old_level = lg.level
     lg.addHandler(coll)
     if lg.getEffectiveLevel() > logging.INFO:
         lg.setLevel(logging.INFO)
     try:
-        yield coll
+        with REGISTRY.resolve_hook(hook):
+            yield coll
     finally:
         lg.removeHandler(coll)
         lg.setLevel(old_level)
-        del REGISTRY.resolve  # back to the class method
 
 
 # -- compiling ---------------------------------------------------------------------------------------
@@ -273,17 +269,16 @@ def _to_proto(item: Item, coll: _Collector):
 
 
 class Validation:
-    """A server-like context for one file: real managers, no sockets, an RDS glue for route names."""
+    """A server-like context for one file: real managers, no sockets, an xDS manager for RDS route names."""
 
     def __init__(self, bootstrap=None):
         from envoy.config.bootstrap.v3 import bootstrap_pb2
         from . import access_log, extensions  # noqa: F401 (registers built-in extensions)
         from .server import Options, Server
-        from .xds_glue import XdsGlue
         self.loop = asyncio.new_event_loop()
         bs = bootstrap if bootstrap is not None else bootstrap_pb2.Bootstrap()
         self.server = Server(bs, Options(mode="validate"), self.loop)
-        self.glue = self.server._pending_glue = XdsGlue(self.server)
+        self.server.xds_manager()  # RDS route names compile against its providers
         # clusters seen in the file so far: route configs' validate_clusters checks read it (a file
         # without clusters, such as a listener dump, leaves the check to the proxy that loads it)
         self.server.cluster_manager.validated = set()
