@@ -24,6 +24,7 @@ from .routing.matchers import compile_string_matcher
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 from .stats.matcher import compile_stats_matcher
+from .stats.tags import compile_tag_specifiers
 
 log = logging.getLogger("pyproxy.main")
 
@@ -104,7 +105,6 @@ class Server:
         _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
         unacted.warn("bootstrap", bootstrap)
         sc = bootstrap.stats_config
-        from .admin.stats_render import compile_tag_specifiers
         specifiers = compile_tag_specifiers(sc)  # stats_tags: regex, fixed_value or a default's name
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex and t.WhichOneof("tag_value") != "fixed_value"]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True

@@ -114,7 +114,6 @@ SIZE_ALLOWLIST = {
     "pyproxy/cluster/pool_h2.py": 844,         # h2-path: the upstream HTTP/2 codec moves out
     "pyproxy/filters/http/router.py": 840,     # one-path
     "pyproxy/http/request_prep.py": 801,       # one-path
-    "pyproxy/admin/stats_render.py": 664,      # stats-matcher
     "pyproxy/tls/context.py": 633,             # mtls-perf
     "pyproxy/tls/socket.py": 625,              # mtls-perf
     "pyproxy/routing/route.py": 798,           # layout
