@@ -105,8 +105,9 @@ class ZipkinTracer(BatchExporter):
             return False
 
 
-class ZipkinFilter(HttpFilter):
-    """First HTTP filter of a traced HCM: B3 context in, B3 headers out, a span at the end."""
+class SpanFilter(HttpFilter):
+    """A tracer's HTTP filter, first of a traced HCM: the trace context in, the propagated
+    headers out, a span when the stream ends (the Zipkin and OpenTelemetry tracers)."""
 
     __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
 
@@ -116,6 +117,12 @@ class ZipkinFilter(HttpFilter):
         self.trace_id = None
         self.sampled = False
         self.op = None
+
+
+class ZipkinFilter(SpanFilter):
+    """B3 context in, B3 headers out, a Zipkin span at the end."""
+
+    __slots__ = ()
 
     def decode_headers(self, headers, end_stream):
         t = self.t
@@ -182,9 +189,10 @@ class ZipkinFilter(HttpFilter):
         t.report(span)
 
 
-def span_facts(t, s, start: float, op=None):
+def span_facts(t, s, start: float, op=None, unnamed=None):
     """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
-    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
+    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags).
+    ``unnamed(authority)`` names a span that no decorator names (Zipkin's driver: the host)."""
     si = s.stream_info
     rq = s.request_headers
     get = rq.get if rq is not None else (lambda k, d=None: d)
@@ -215,7 +223,7 @@ def span_facts(t, s, start: float, op=None):
         _apply_tags(tags, rt.tags, get, si, route, t.cm)
     # Envoy's span name: the route's decorator (or, on ingress, the caller's
     # x-envoy-decorator-operation), else the request's host
-    name = op or getattr(route, "decorator_operation", None) or authority
+    name = op or getattr(route, "decorator_operation", None) or (unnamed(authority) if unnamed else authority)
     end = si.end_monotonic
     dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
     return tags, name[:256], int(start * 1e6), max(dur, 1), error
