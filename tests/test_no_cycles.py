@@ -108,7 +108,6 @@ SIZE_ALLOWLIST = {
     "pyproxy/http/http1.py": 971,              # one-path: the codec loses request preparation
     "pyproxy/filters/http/router.py": 840,     # one-path
     "pyproxy/http/request_prep.py": 801,       # one-path
-    "pyproxy/admin/stats_render.py": 664,      # stats-matcher
 }
 
 
