@@ -574,7 +574,7 @@ def _sds_ref(s, field: str) -> str:
 
 
 def _validation(vc, field: str, *, ca_from_sds: bool = False) -> ValidationConfig:
-    from ..routing import compile_string_matcher
+    from ..routing.matchers import compile_string_matcher
     v = ValidationConfig()
     ca = _data_source(vc.trusted_ca, field + ".trusted_ca", "trusted CA") if vc.HasField("trusted_ca") else None
     if ca is not None:
