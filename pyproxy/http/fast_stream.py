@@ -43,7 +43,7 @@ def route_is_fast(route) -> bool:
     if f is None:
         f = route.fast = (route.kind == 0 and route.retry is None and not route.hash_policies
                           and not route.auto_host_rewrite and route.grpc_timeout_header_max is None
-                          and not route.cluster_header
+                          and not route.cluster_header and not route.include_request_attempt_count
                           and not (route.weighted and (route.weight_by_hash or route.weight_header)))
     return f
 
