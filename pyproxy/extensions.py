@@ -126,6 +126,14 @@ _R("compressor", "envoy.extensions.compression.brotli.compressor.v3.Brotli",
 _R("compressor", "envoy.extensions.compression.zstd.compressor.v3.Zstd",
    "pyproxy.filters.http.compressor:zstd_library", names=("envoy.compression.zstd.compressor",))
 
+# -- load-balancing policies (a cluster's load_balancing_policy; its legacy lb_policy enum maps onto
+# these same entries) ------------------------------------------------------------------------------
+_LBP = "envoy.extensions.load_balancing_policies."
+for _mod, _msg in (("round_robin", "RoundRobin"), ("least_request", "LeastRequest"), ("random", "Random"),
+                   ("ring_hash", "RingHash"), ("maglev", "Maglev"), ("cluster_provided", "ClusterProvided")):
+    _R("lb_policy", "%s%s.v3.%s" % (_LBP, _mod, _msg), "pyproxy.cluster.lb.%s:factory" % _mod,
+       names=("envoy.load_balancing_policies." + _mod,))
+
 # -- upstream protocol options ---------------------------------------------------------------------
 _R("upstream_protocol_options", "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
    "pyproxy.cluster.protocol_options:factory")

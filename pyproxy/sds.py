@@ -147,15 +147,15 @@ class SdsManager:
         client.start()
 
     def _client_for(self, p) -> XdsClient:
-        from .xds_glue import _backoff, _node_for_xds
+        from .xds.sources import backoff, node_for_xds
         acs = p.source.api_config_source
         g = acs.grpc_services[0]
         target = target_from_grpc_service(g, self.clusters)
         if self._node is None:
-            self._node = _node_for_xds(self.server)
+            self._node = node_for_xds(self.server)
         return XdsClient(target=target, node=self._node, api_type="GRPC", handler=None,
                          set_node_on_first_message_only=acs.set_node_on_first_message_only,
-                         open_stream=_open_stream_secrets, reject_unrequested=True, **_backoff(g))
+                         open_stream=_open_stream_secrets, reject_unrequested=True, **backoff(g))
 
     def _update_ads(self) -> None:
         names = {p.name for p in STORE.providers.values() if p.source_key == "ads" and p.refs > 0}

@@ -23,6 +23,7 @@ from .listeners.manager import ListenerManager
 from .routing.matchers import compile_string_matcher
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
+from .stats.matcher import compile_stats_matcher
 
 log = logging.getLogger("pyproxy.main")
 
@@ -105,7 +106,8 @@ class Server:
         sc = bootstrap.stats_config
         tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
-        self.stats = Store(tags, use_default_tags=use_default)
+        # stats_matcher first: no stat exists before it (a bad pattern is a ConfigError here)
+        self.stats = Store(tags, use_default_tags=use_default, matcher=compile_stats_matcher(sc))
         self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
         if bootstrap.cluster_manager.outlier_detection.event_log_path:
@@ -150,8 +152,19 @@ class Server:
 
     # -- routes (RDS providers are owned by the xDS layer; inline routes need nothing here) ----------
     def route_provider(self, rds, stat_prefix):
-        from .xds_glue import route_provider
-        return route_provider(self, rds, stat_prefix)
+        from .xds import has_dynamic_resources
+        if self.xds is None and not has_dynamic_resources(self.bootstrap):
+            raise ConfigError("RDS (rds.route_config_name '%s') needs dynamic_resources (ADS) in the "
+                              "bootstrap" % rds.route_config_name, field="rds")
+        return self.xds_manager().route_provider(rds, stat_prefix)
+
+    def xds_manager(self):
+        """The xDS manager, made on first use (a static listener's RDS routes need it before xDS
+        starts)."""
+        if self.xds is None:
+            from .xds import XdsManager
+            self.xds = XdsManager(self)
+        return self.xds
 
     # -- static config ------------------------------------------------------------------------------
     def compile_static(self):
@@ -221,8 +234,7 @@ class Server:
             # a worker: no admin, no xDS stream; resources come from the main process
             from .workers import WorkerLink
             if dynamic:
-                from .xds_glue import XdsGlue
-                self.xds = getattr(self, "_pending_glue", None) or XdsGlue(self)
+                self.xds_manager()
             self.worker_link = WorkerLink(self, self.worker_links[0], self.worker_index)
             await self.worker_link.start()
             self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
@@ -234,8 +246,8 @@ class Server:
             self.workers = WorkerSet(self, self.worker_links)
             await self.workers.start()
         if dynamic:
-            from .xds_glue import start_xds
-            self.xds = await start_xds(self)
+            from .xds import start_xds
+            await start_xds(self)
         self._start_sds(dynamic)
         self._stats_timer = self.loop.call_later(0, self._refresh_server_stats)
         from .access_log.file import set_flush_interval
@@ -444,13 +456,13 @@ class Server:
         bs = to_dict(self.bootstrap)
         configs = [{"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
                     "bootstrap": bs, "last_updated": _ts(self.start_time)},
-                   self.cluster_manager.config_dump(),
-                   self.listener_manager.config_dump()]
-        from .xds_glue import routes_config_dump, endpoints_config_dump
+]
         from .tls.certs import secrets_config_dump
-        configs.append(routes_config_dump(self))
-        if include_eds:
-            configs.append(endpoints_config_dump(self))
+        if self.xds is not None:
+            configs += self.xds.config_dumps(include_eds)
+        else:
+            from .xds import static_config_dumps
+            configs += static_config_dumps(self, include_eds)
         configs.append(secrets_config_dump(self))
         if resource:
             out = []

@@ -217,13 +217,10 @@ class _Collector(logging.Handler):
 @contextlib.contextmanager
 def _collecting(coll: _Collector):
     """Route registry resolutions and pyproxy.config log records into ``coll`` while compiling."""
-    real = REGISTRY.resolve
-
-    def resolve(category, name, typed_config, *, is_optional=False, what="filter"):
-        factory, cfg = real(category, name, typed_config, is_optional=is_optional, what=what)
+    def hook(category, name, factory, cfg):
         if factory is None:
             coll.add(cfg, name or category)
-            return factory, cfg
+            return factory
 
         def built(*a, **kw):
             obj = factory(*a, **kw)
@@ -233,20 +230,19 @@ def _collecting(coll: _Collector):
             if skip:
                 coll.add(skip, name or category)
             return obj
-        return built, cfg
+        return built
 
-    REGISTRY.resolve = resolve
     lg = logging.getLogger("pyproxy")
     old_level = lg.level
     lg.addHandler(coll)
     if lg.getEffectiveLevel() > logging.INFO:
         lg.setLevel(logging.INFO)
     try:
-        yield coll
+        with REGISTRY.resolve_hook(hook):
+            yield coll
     finally:
         lg.removeHandler(coll)
         lg.setLevel(old_level)
-        del REGISTRY.resolve  # back to the class method
 
 
 # -- compiling ---------------------------------------------------------------------------------------
@@ -273,17 +269,16 @@ def _to_proto(item: Item, coll: _Collector):
 
 
 class Validation:
-    """A server-like context for one file: real managers, no sockets, an RDS glue for route names."""
+    """A server-like context for one file: real managers, no sockets, an xDS manager for RDS route names."""
 
     def __init__(self, bootstrap=None):
         from envoy.config.bootstrap.v3 import bootstrap_pb2
         from . import access_log, extensions  # noqa: F401 (registers built-in extensions)
         from .server import Options, Server
-        from .xds_glue import XdsGlue
         self.loop = asyncio.new_event_loop()
         bs = bootstrap if bootstrap is not None else bootstrap_pb2.Bootstrap()
         self.server = Server(bs, Options(mode="validate"), self.loop)
-        self.glue = self.server._pending_glue = XdsGlue(self.server)
+        self.server.xds_manager()  # RDS route names compile against its providers
         # clusters seen in the file so far: route configs' validate_clusters checks read it (a file
         # without clusters, such as a listener dump, leaves the check to the proxy that loads it)
         self.server.cluster_manager.validated = set()
@@ -351,8 +346,11 @@ class Validation:
             from .xds_client.target import target_from_grpc_service
             target_from_grpc_service(dr.ads_config.grpc_services[0],
                                      {c.name: c for c in bs.static_resources.clusters})
-        if bs.HasField("tracing"):
-            coll.add("tracing: not implemented; ignored")
+        if bs.HasField("tracing") and bs.tracing.HasField("http"):
+            t = bs.tracing.http.typed_config.type_url.rpartition("/")[2]
+            if t not in ("envoy.config.trace.v3.ZipkinConfig", "envoy.config.trace.v3.OpenTelemetryConfig"):
+                coll.add("tracing.http: provider '%s' is not implemented; HCMs that trace with it produce "
+                         "no spans" % bs.tracing.http.name)
         for i, sink in enumerate(bs.stats_sinks):
             coll.add("stats_sinks[%d] %s: not implemented; ignored" % (i, sink.name))
         if bs.HasField("admin") and bs.admin.HasField("address"):
@@ -397,7 +395,12 @@ def validate_items(items: list) -> list:
         seen.add(key)
         todo.append(it)
     todo.sort(key=lambda it: _ORDER[it.type])
-    v = Validation(bs_msg)
+    try:
+        v = Validation(bs_msg)
+    except ConfigError as e:  # the bootstrap's own config the server compiles (stats_config...)
+        for it in boot[:1]:
+            it.verdict, it.why = REJECTED, str(e)
+        v = Validation(None)
     try:
         for it in todo:
             if it.verdict is not None:

@@ -4,7 +4,7 @@ The main process forks N-1 workers before any event loop or gRPC channel exists.
 binds the listeners with SO_REUSEPORT, so the kernel spreads connections across them. The main
 process runs admin and the xDS client as usual; each update it has validated and applied is
 forwarded to the workers over a socketpair, and they apply the same resources through the same
-config path (``XdsGlue.on_resources``). Workers report their stats every second; the admin API
+config path (``XdsManager.on_resources``). Workers report their stats every second; the admin API
 renders the sum (counters, accumulating gauges, histograms) as Envoy does across its workers.
 
 Messages are length-prefixed pickles of plain tuples (protos travel serialized).

@@ -28,15 +28,13 @@ from concurrent import futures
 import grpc
 import yaml
 
+try:
+    from proxy_util import free_port  # noqa: F401 (re-exported to the suites)
+except ImportError:  # imported as tests.<module>
+    from tests.proxy_util import free_port  # noqa: F401
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_port(port: int, timeout: float = 10.0, proc=None) -> None:

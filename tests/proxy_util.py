@@ -35,13 +35,33 @@ ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Route
 TCP_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 
 
+_FREE_LO, _FREE_HI = 20000, 32767  # below Linux's ephemeral range (32768-60999)
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    """A TCP port the kernel just handed out for port 0 (then released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A TCP port free right now, for a process the test starts next.
+
+    Not the kernel's port 0: that comes from the ephemeral range, which every outgoing connection
+    on the machine (load generators, proxies' upstream connections, other test runs) also draws
+    from, so a port released here could be taken by someone's connect() before the process under
+    test binds it. Ports below that range are never handed out implicitly; a port is drawn at
+    random there, not twice in one test run, and checked bindable on all addresses."""
+    import random
+    for _ in range(200):
+        p = random.randrange(_FREE_LO, _FREE_HI)
+        if p in _handed_out:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("0.0.0.0", p))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _handed_out.add(p)
+        return p
+    raise RuntimeError("no free TCP port found in %d-%d" % (_FREE_LO, _FREE_HI))
 
 
 # ---------------------------------------------------------------------------------- bootstraps

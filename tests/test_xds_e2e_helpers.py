@@ -22,6 +22,10 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
+try:
+    from proxy_util import free_port  # noqa: F401 (re-exported to the suites)
+except ImportError:  # imported as tests.<module>
+    from tests.proxy_util import free_port  # noqa: F401
 from pyproxy.control_plane import ControlPlane
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,14 +50,6 @@ def wait_for(cond, timeout=8.0, what="condition", interval=0.02):
                 return last
         time.sleep(interval)
     raise AssertionError("timed out waiting for %s (last: %r)" % (what, last))
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def short_tmpdir() -> str:

@@ -84,7 +84,7 @@ def test_reconnect_follows_retry_back_off(env):
 
 def test_default_backoff_is_envoys():
     """Without retry_back_off the pacing is Envoy's default: full jitter below 0.5 s doubling to 30 s."""
-    from pyproxy.xds_glue import _backoff
+    from pyproxy.xds.sources import backoff as _backoff
     from envoy.config.core.v3 import grpc_service_pb2
     gs = grpc_service_pb2.GrpcService()
     gs.envoy_grpc.cluster_name = "xds-grpc"

@@ -11,6 +11,7 @@ wrappers) into the concrete message, importing the proto module on demand.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -53,6 +54,9 @@ class Registry:
         self._by_type: dict[tuple[str, str], object] = {}
         # (category, extension name) -> type full name (for configs that give only a name)
         self._by_name: dict[tuple[str, str], str] = {}
+        # f(category, name, factory, config) -> factory, applied to every ``resolve`` result
+        # (``pyproxy validate`` collects what each built extension reports)
+        self._resolve_hooks: list = []
 
     def register(self, category: str, type_name: str, factory, names=()) -> None:
         if category not in CATEGORIES:
@@ -82,8 +86,24 @@ class Registry:
     def known_types(self, category: str) -> list[str]:
         return sorted(t for (c, t) in self._by_type if c == category)
 
+    @contextlib.contextmanager
+    def resolve_hook(self, hook):
+        """While the block runs, every ``resolve`` result ``(factory, config)`` becomes
+        ``(hook(category, name, factory, config), config)``."""
+        self._resolve_hooks.append(hook)
+        try:
+            yield
+        finally:
+            self._resolve_hooks.remove(hook)
+
     def resolve(self, category: str, name: str, typed_config, *, is_optional: bool = False,
                 what: str = "filter"):
+        factory, cfg = self._resolve(category, name, typed_config, is_optional, what)
+        for hook in self._resolve_hooks:
+            factory = hook(category, name, factory, cfg)
+        return factory, cfg
+
+    def _resolve(self, category, name, typed_config, is_optional, what):
         """Find the extension for a ``{name, typed_config}`` entry.
 
         Returns ``(factory, config_message)``; ``(None, reason)`` when the extension is skipped

@@ -38,8 +38,6 @@ NOT_ACTED_ON: tuple = (
      "internal redirects are not implemented yet: the redirect goes to the client"),
     ("tcp_proxy", "tunneling_config", "tunneling_config is not implemented yet: bytes go upstream unwrapped"),
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
-    ("bootstrap", "stats_config.stats_matcher",
-     "stats_matcher is not implemented yet: every stat is created and exported"),
     ("http_connection_manager", "add_user_agent",
      "add_user_agent is not implemented yet: no x-envoy-downstream-service-cluster/-node, user-agent unchanged"),
     ("http_connection_manager", "scheme_header_transformation",

@@ -124,6 +124,8 @@ def start(hc, codec, headers) -> bool:
     if d:
         # (no tracer on this lane: the caller's operation names no span)
         decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
+    for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
+        hook(s, headers, cluster)
     # the router's work (FastStream.decode_headers)
     if rq_timeout and not cfg.router_suppress_envoy_headers:
         # (the request preparation removed any the client sent, internal or not: append)
@@ -149,7 +151,7 @@ def start(hc, codec, headers) -> bool:
         cluster.st_cx_none_healthy.value += 1
         s._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
         return True
-    s.pending = cluster.http_pool(host, False).new_stream(s)
+    s.pending = cluster.http_pool(host, False, s.alpn).new_stream(s)
     return True
 
 
@@ -177,6 +179,8 @@ class ExpressStream(FastStream):
     up_local = ""
     plain = False          # the request has no framing or hop-by-hop headers
     remote_complete = True
+    tx_head = 0            # bytes of the response head written here (istio.stats)
+    tx_body = 0            # response body bytes written here
 
     # -- the StreamInfo, made on first use ------------------------------------------------------
     @property
@@ -248,11 +252,18 @@ class ExpressStream(FastStream):
         cl = None
         server = False
         date = False
+        taken = None
+        take = cfg.response_take_raw  # (telemetry hooks' names: ChainPlan)
+        special = _SPECIAL | take if take else _SPECIAL
         transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
         for n, v in raw:
             n = n.lower()
-            if n in _SPECIAL:
-                if n == b"content-length":
+            if n in special:
+                if n in take:
+                    if taken is None:
+                        taken = []
+                    taken.append((n.decode("latin-1"), v.decode("latin-1")))
+                elif n == b"content-length":
                     if cl is None:
                         cl = v
                         add(b"content-length: " + v + b"\r\n")  # (in place, as Envoy writes it)
@@ -269,6 +280,10 @@ class ExpressStream(FastStream):
             add(n + b": " + v + b"\r\n")
         if not cfg.router_suppress_envoy_headers:
             add(b"x-envoy-upstream-service-time: %d\r\n" % int((_monotonic() - self.start) * 1000))
+        for hook in cfg.response_hooks:  # telemetry filters' response work (ChainPlan)
+            extra = hook.on_response_raw(self, taken)
+            if extra:
+                add(extra)
         if not date:
             add(b"date: " + _date().encode() + b"\r\n")  # (ActiveStream._send_headers' rule)
         if not server and transform != 2:
@@ -291,7 +306,9 @@ class ExpressStream(FastStream):
         add(b"\r\n")
         codec.response_head_done = True
         self.response_started = True
-        codec.conn.write(b"".join(parts))
+        head = b"".join(parts)
+        self.tx_head = len(head)
+        codec.conn.write(head)
         if end_stream:
             self._express_done()
 
@@ -302,6 +319,7 @@ class ExpressStream(FastStream):
             return
         if self.up_done:
             return
+        self.tx_body += len(data)
         self.encoder.write_body(data, end_stream)
         if end_stream:
             self._express_done()
@@ -341,4 +359,11 @@ class ExpressStream(FastStream):
             hc.conn.close(flush=True)
         self.router = None
         self.encoder = None
+        obs = self.cfg.observers
+        if obs:  # telemetry filters' completion work (ChainPlan)
+            si = self.stream_info
+            si.end_monotonic = now
+            si.response_code = self.status
+            for o in obs:
+                o(self)
 

@@ -33,6 +33,7 @@ import random
 import time
 
 from ..cluster.lb import LbContext
+from ..transport import upstream_tls_sans
 from .conn_manager import ActiveStream, _guarded
 from .request_prep import decorate
 
@@ -88,6 +89,7 @@ class FastStream(ActiveStream):
     up_done = False       # the upstream exchange is over (completed, failed or abandoned)
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
+    alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
 
     @_guarded
     def decode_headers(self, headers, end_stream: bool) -> None:
@@ -124,6 +126,8 @@ class FastStream(ActiveStream):
         name, choice, cluster = picked
         # from here on this is the router's work for this request
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
+        for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
+            hook(self, headers, cluster)
         si = self.stream_info
         si.upstream_cluster = name
         self.cluster = cluster
@@ -151,7 +155,7 @@ class FastStream(ActiveStream):
             self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
             return
         si.upstream_host = host.key
-        self.pending = cluster.http_pool(host, self.hc.is_h2).new_stream(self)
+        self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
 
     def _generic(self, headers, end_stream):
         """Not for the fast lane: the configured filter chain (the router) takes the request."""
@@ -168,6 +172,10 @@ class FastStream(ActiveStream):
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
+        sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
+        if sans is not None:
+            si = self.stream_info
+            si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
         self._send_request(encoder)
 
     def _send_request(self, encoder):
@@ -224,6 +232,8 @@ class FastStream(ActiveStream):
         if not self.cfg.router_suppress_envoy_headers:
             headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))
         self.route.finalize_response_headers(headers, self.stream_info, self.choice, self.request_headers)
+        for hook in self.cfg.response_hooks:  # telemetry filters' response work (ChainPlan)
+            hook.on_response(self, headers)
         if end_stream:
             self._complete()
         self.encode_headers(headers, end_stream)
@@ -361,7 +371,18 @@ class FastStream(ActiveStream):
             c.rq_active_total -= 1
             c.st_rq_active.dec()
 
+    def _send_headers(self, headers, end_stream: bool):
+        if self.handed is not None:
+            # the router filter has the request (_to_router): the telemetry hooks see its answer
+            for hook in self.cfg.response_hooks:
+                hook.on_response(self, headers)
+        ActiveStream._send_headers(self, headers, end_stream)
+
     def _finish(self, reset: bool = False) -> None:
-        if self.router is self and not self.up_done:
+        mine = (self.router is self or self.handed is not None) and not self.done
+        if mine and not self.up_done:
             self._abandon()  # the downstream is gone (or the stream failed) mid-exchange
         ActiveStream._finish(self, reset)
+        if mine:
+            for obs in self.cfg.observers:  # telemetry filters' completion work (ChainPlan)
+                obs(self)

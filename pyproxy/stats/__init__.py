@@ -177,9 +177,13 @@ def _re2_to_python(regex: str) -> str:
 
 
 class Store:
-    """All stats of one process. Names are unique across kinds, as in Envoy."""
+    """All stats of one process. Names are unique across kinds, as in Envoy.
 
-    def __init__(self, tag_specs=None, use_default_tags: bool = True):
+    ``matcher`` (the bootstrap's ``stats_config.stats_matcher``, see ``stats/matcher.py``): a stat
+    whose name it rejects is made detached (it counts for its holder) and never enters the store,
+    so no rendering shows it and it is freed with its holder. Decided at creation only."""
+
+    def __init__(self, tag_specs=None, use_default_tags: bool = True, matcher=None):
         self.counters: dict[str, Counter] = {}
         self.gauges: dict[str, Gauge] = {}
         self.histograms: dict[str, Histogram] = {}
@@ -200,25 +204,53 @@ class Store:
         self.tagged: dict[str, tuple[str, tuple]] = {}
         # bootstrap stats_config.histogram_bucket_settings: [(match(name) -> bool, buckets)], first wins
         self.bucket_settings: list = []
+        self.rejects = None  # name -> bool (stats_config.stats_matcher), None: every stat is created
+        if matcher is not None:
+            self.set_matcher(matcher)
+
+    def set_matcher(self, matcher) -> None:
+        """Apply a ``StatsMatcher`` (or None): as Envoy's store does when its matcher is set, the
+        stats made before that it rejects are removed from the store (their holders keep them)."""
+        self.rejects = matcher.rejects if matcher is not None else None
+        if self.rejects is None:
+            return
+        rejects = self.rejects
+        for d in (self.counters, self.gauges, self.histograms, self.text_readouts):
+            for k in [k for k in d if rejects(k)]:
+                self._drop(k)
+                self.text_readouts.pop(k, None)
 
     # -- creation (config time) ---------------------------------------------------------------
     def counter(self, name: str) -> Counter:
         c = self.counters.get(name)
         if c is None:
-            c = self.counters[name] = Counter(name)
+            c = Counter(name)
+            if self.rejects is None or not self.rejects(name):
+                self.counters[name] = c
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
         g = self.gauges.get(name)
         if g is None:
-            g = self.gauges[name] = Gauge(name, accumulate)
+            g = Gauge(name, accumulate)
+            if self.rejects is None or not self.rejects(name):
+                self.gauges[name] = g
         return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram(name, unit, self.buckets_for(name))
+            h = Histogram(name, unit, self.buckets_for(name))
+            if self.rejects is None or not self.rejects(name):
+                self.histograms[name] = h
         return h
+
+    def holds(self, stat) -> bool:
+        """True when ``stat`` is the store's (False: made detached, its name rejected)."""
+        if self.rejects is None:
+            return True
+        d = self.counters if stat.kind == "counter" else self.gauges if stat.kind == "gauge" else self.histograms
+        return d.get(stat.name) is stat
 
     def buckets_for(self, name: str) -> tuple:
         for match, buckets in self.bucket_settings:
@@ -230,28 +262,35 @@ class Store:
         flat = tagged_name(name, tags)
         c = self.counters.get(flat)
         if c is None:
-            c = self.counters[flat] = Counter(flat)
-            self.tagged[flat] = (name, tags)
+            c = Counter(flat)
+            if self.rejects is None or not self.rejects(flat):
+                self.counters[flat] = c
+                self.tagged[flat] = (name, tags)
         return c
 
     def tagged_gauge(self, name: str, tags: tuple, accumulate: bool = True) -> Gauge:
         flat = tagged_name(name, tags)
         g = self.gauges.get(flat)
         if g is None:
-            g = self.gauges[flat] = Gauge(flat, accumulate)
-            self.tagged[flat] = (name, tags)
+            g = Gauge(flat, accumulate)
+            if self.rejects is None or not self.rejects(flat):
+                self.gauges[flat] = g
+                self.tagged[flat] = (name, tags)
         return g
 
     def tagged_histogram(self, name: str, tags: tuple, unit: str = "ms") -> Histogram:
         flat = tagged_name(name, tags)
         h = self.histograms.get(flat)
         if h is None:
-            h = self.histograms[flat] = Histogram(flat, unit, self.buckets_for(flat))
-            self.tagged[flat] = (name, tags)
+            h = Histogram(flat, unit, self.buckets_for(flat))
+            if self.rejects is None or not self.rejects(flat):
+                self.histograms[flat] = h
+                self.tagged[flat] = (name, tags)
         return h
 
     def text_readout(self, name: str, value: str) -> None:
-        self.text_readouts[name] = value
+        if name in self.text_readouts or self.rejects is None or not self.rejects(name):
+            self.text_readouts[name] = value
 
     def scope(self, prefix: str) -> "Scope":
         return Scope(self, prefix)
@@ -418,6 +457,11 @@ class StatsOwner:
             else:
                 self.names.append(name)
 
+    def own(self, stat) -> None:
+        """Record ``stat`` if the store holds it (a stat the matcher rejected is nobody's to free)."""
+        if self.store.rejects is None or self.store.holds(stat):
+            self.add(stat.name)
+
     def release(self) -> None:
         refs = self.store.__dict__.get("_stat_refs", {})
         for name in self.names:
@@ -446,33 +490,33 @@ class OwnedStats:
 
     def counter(self, name: str) -> Counter:
         c = self._store.counter(name)
-        self._owner.add(c.name)
+        self._owner.own(c)
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
         g = self._store.gauge(name, accumulate)
-        self._owner.add(g.name)
+        self._owner.own(g)
         return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self._store.histogram(name, unit)
-        self._owner.add(h.name)
+        self._owner.own(h)
         return h
 
     # tagged series (istio_*): the listener whose filters name them owns them too
     def tagged_counter(self, name: str, tags: tuple) -> Counter:
         c = self._store.tagged_counter(name, tags)
-        self._owner.add(c.name)
+        self._owner.own(c)
         return c
 
     def tagged_gauge(self, name: str, tags: tuple, accumulate: bool = True) -> Gauge:
         g = self._store.tagged_gauge(name, tags, accumulate)
-        self._owner.add(g.name)
+        self._owner.own(g)
         return g
 
     def tagged_histogram(self, name: str, tags: tuple, unit: str = "ms") -> Histogram:
         h = self._store.tagged_histogram(name, tags, unit)
-        self._owner.add(h.name)
+        self._owner.own(h)
         return h
 
     def __getattr__(self, name):
@@ -493,19 +537,19 @@ class Scope:
         full = self.prefix + name
         c = self.store.counter(full)
         if self.owned is not None:
-            self.owned.add(c.name)  # the store's own string, not a second copy
+            self.owned.own(c)  # the store's own string, not a second copy
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
         g = self.store.gauge(self.prefix + name, accumulate)
         if self.owned is not None:
-            self.owned.add(g.name)
+            self.owned.own(g)
         return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.store.histogram(self.prefix + name, unit)
         if self.owned is not None:
-            self.owned.add(h.name)
+            self.owned.own(h)
         return h
 
     def scope(self, prefix: str) -> "Scope":

@@ -244,12 +244,29 @@ def _is_hex_id(v: str, lengths) -> bool:
     return True
 
 
+def tracing_provider(cfg, ctx):
+    """The ``config.trace.v3.Tracing.Http`` an HCM traces with, or None (no ``tracing`` block, or
+    neither a provider of its own nor the bootstrap's ``tracing.http``)."""
+    if not cfg.HasField("tracing"):
+        return None
+    if cfg.tracing.HasField("provider"):
+        return cfg.tracing.provider
+    server = getattr(ctx, "server", None)
+    bs = getattr(server, "bootstrap", None)
+    if bs is not None and bs.HasField("tracing") and bs.tracing.HasField("http"):
+        return bs.tracing.http
+    return None
+
+
 def tracer_for_hcm(cfg, ctx, stat_prefix: str):
     """The HCM's tracing filter factory (Zipkin, OpenTelemetry), or None: no provider, or one not
-    implemented (the HCM logs it as such)."""
-    if not cfg.HasField("tracing") or not cfg.tracing.HasField("provider"):
+    implemented (the HCM logs it as such).
+
+    The provider is the HCM's ``tracing.provider``; an HCM with a ``tracing`` block and no
+    provider uses the bootstrap's (deprecated) ``tracing.http``, as Envoy does."""
+    p = tracing_provider(cfg, ctx)
+    if p is None:
         return None
-    p = cfg.tracing.provider
     t = p.typed_config.type_url.rpartition("/")[2] if p.HasField("typed_config") else ""
     if t == "envoy.config.trace.v3.ZipkinConfig":
         z = zipkin_pb2.ZipkinConfig()

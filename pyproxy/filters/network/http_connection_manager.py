@@ -12,9 +12,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from ...config import ConfigError, duration_s, u32
 from ...config.registry import REGISTRY
-from ...tracing.zipkin import tracer_for_hcm
+from ...tracing.zipkin import tracer_for_hcm, tracing_provider
 
 log = logging.getLogger("pyproxy.config")
+_warned: set = set()  # warning texts already logged
 
 HCM = hcm_pb2.HttpConnectionManager
 AUTO, HTTP1, HTTP2 = HCM.CodecType.AUTO, HCM.CodecType.HTTP1, HCM.CodecType.HTTP2
@@ -52,13 +53,34 @@ class ChainPlan:
     ways, ``plannable`` is true: a request whose route and content type leave them all inert takes
     the router-only fast lanes (``http/fast_stream.py chain_is_inert``); any other request runs the
     whole configured chain filter by filter. Immutable; RDS tables need no re-planning, since the
-    per-route part is read from the route the request matched."""
+    per-route part is read from the route the request matched.
 
-    __slots__ = ("plannable", "live_on_route", "live_on_grpc")
+    A filter factory may also carry ``compiled_hooks`` (telemetry: ``peer_metadata``,
+    ``istio.alpn``, ``istio.stats``): the same work as its filter, done by the compiled lanes at
+    fixed points instead of through a filter object, so it never makes a request take the generic
+    path. The hooks object has (each None or empty when unused):
+    - ``on_request(stream, headers, cluster)``: once the route's cluster is chosen, before the
+      route's request header mutations (it may edit ``headers``, write filter state, set
+      ``stream.alpn``, the upstream ALPN list the lane passes to ``Cluster.http_pool``);
+    - ``on_response(stream, headers)``: the response ``Headers``, after the route's response
+      mutations, before the connection manager sends them;
+    - ``response_take`` and ``on_response_raw(stream, taken)``: for a lane that writes the
+      response head from the upstream's raw lines (express): the header names it holds back and
+      hands over as ``(name, value)`` str pairs (``taken`` is None when there were none), called
+      after ``x-envoy-upstream-service-time``; returns header lines to add (bytes) or None;
+    - ``on_complete(stream)``: once, when a stream the lane served ends (after the filters'
+      ``on_destroy`` and the access logs), with ``stream_info.end_monotonic`` set.
+    The plan gathers them in chain order (``request_hooks``, ``response_hooks``, ``observers``,
+    ``response_take``). On the generic path (a request the lanes do not take, or
+    ``PYPROXY_REFERENCE=1``) the filters run as filters and the hooks are not called."""
+
+    __slots__ = ("plannable", "live_on_route", "live_on_grpc", "request_hooks", "response_hooks", "observers",
+                 "response_take")
 
     def __init__(self, filters):
         route_keys = set()
         grpc = False
+        hooks = []
         ok = bool(filters) and filters[-1].is_router and \
             type(filters[-1].factory).__name__ == "RouterConfig"
         for e in filters[:-1]:
@@ -68,11 +90,17 @@ class ChainPlan:
                 route_keys.update(names)
             elif getattr(f, "inert_unless_grpc", False):
                 grpc = True
+            elif getattr(f, "compiled_hooks", None) is not None:
+                hooks.append(f.compiled_hooks)
             else:
                 ok = False
         self.plannable = ok
         self.live_on_route = frozenset(route_keys)
         self.live_on_grpc = grpc
+        self.request_hooks = tuple(h.on_request for h in hooks if h.on_request is not None)
+        self.response_hooks = tuple(h for h in hooks if h.on_response is not None)
+        self.observers = tuple(h.on_complete for h in hooks if h.on_complete is not None)
+        self.response_take = frozenset().union(*[h.response_take for h in hooks])
 
 
 class HcmConfig:
@@ -153,12 +181,17 @@ class HcmConfig:
                 raise e.within(field="access_log")
         # a Zipkin provider: B3 propagation and spans (pyproxy/tracing/zipkin.py), a filter in front
         self.tracer = tracer_for_hcm(cfg, ctx, self.stat_prefix)
-        if cfg.HasField("tracing") and cfg.tracing.HasField("provider") and self.tracer is None:
+        provider = tracing_provider(cfg, ctx)
+        if provider is not None and self.tracer is None:
             # (a provider-less block, as Istio sends by default, is acted on: the x-request-id trace
             # decision in request_prep, pyproxy/tracing/request_id.py; without a tracer, no spans)
-            log.info("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
-                     "produced (the x-request-id sampling decision is made)", self.stat_prefix,
-                     cfg.tracing.provider.name)
+            msg = ("http_connection_manager '%s': tracing provider '%s' is not implemented: no spans are "
+                   "produced (the x-request-id sampling decision is made)" % (self.stat_prefix, provider.name))
+            if msg not in _warned and len(_warned) < 1000:  # once per HCM and provider (pushes repeat)
+                _warned.add(msg)
+                log.warning("%s", msg)
+            else:
+                log.info("%s", msg)  # (still seen by `pyproxy validate`)
         self.filters = []
         self.skipped_filters = []
         n = len(cfg.http_filters)
@@ -205,6 +238,11 @@ class HcmConfig:
         plan = self.plan = ChainPlan(self.filters)
         self.live_on_route = plan.live_on_route
         self.live_on_grpc = plan.live_on_grpc
+        # telemetry filters' hooks on the compiled lanes (see ChainPlan)
+        self.request_hooks = plan.request_hooks
+        self.response_hooks = plan.response_hooks
+        self.observers = plan.observers
+        self.response_take_raw = frozenset(n.encode() for n in plan.response_take)
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
         # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
