@@ -12,7 +12,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from ...config import ConfigError, duration_s, u32
 from ...config.registry import REGISTRY
-from ...tracing.zipkin import tracer_for_hcm, tracing_provider
+from ...tracing.provider import tracer_for_hcm, tracing_provider
 
 log = logging.getLogger("pyproxy.config")
 _warned: set = set()  # warning texts already logged
