@@ -940,8 +940,7 @@ class Http1ClientCodec:
         self.decoder = None
         self.conn.on_response_complete(self.keep_alive)
 
-    def on_close(self, reason: str, aborted: bool = True) -> None:
-        """The connection closed (``aborted``: by a reset, not a half-close)."""
+    def on_close(self, reason: str, aborted: bool = True) -> None:  # (aborted: a reset, not a FIN)
         d = self.decoder
         self.decoder = None
         self.pending_body = None
