@@ -318,7 +318,7 @@ class Router:
             self.lb_ctx.previous_hosts.append(host)
         if self.route.auto_host_rewrite and host.hostname:
             self.headers.set(":authority", host.hostname)
-        if self.attempts > 1 and self.route.include_request_attempt_count:
+        if self.attempts > 1 and self.route.include_request_attempt_count:  # (the first: decode_headers)
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
         fs = si.filter_state
