@@ -111,7 +111,6 @@ SIZE_ALLOWLIST = {
     "pyproxy/cluster/pool_h2.py": 844,         # h2-path: the upstream HTTP/2 codec moves out
     "pyproxy/filters/http/router.py": 840,     # one-path
     "pyproxy/http/request_prep.py": 801,       # one-path
-    "pyproxy/admin/stats_render.py": 664,      # stats-matcher
     "pyproxy/routing/route.py": 798,           # layout
     "pyproxy/cluster/health_check.py": 709,    # layout
 }

@@ -203,6 +203,7 @@ _LISTENER_PORT = re.compile(r"^listener\.127\.0\.0\.1_\d+\.")
 
 
 _LABEL_PORT = re.compile(r'"127\.0\.0\.1_\d+"')
+_NAME_PORT = re.compile(r"_127_0_0_1_\d+_")
 
 
 def _norm(name: str) -> str:
@@ -239,7 +240,24 @@ def _traffic(px, http_port, tcp_port):
     assert b"200" in got
 
 
-def _run(kind, bs, backend):
+def _series_per_stat(px) -> dict:
+    """{normalised counter or gauge name: its /stats/prometheus lines (``?filter=^name$``)}."""
+    from urllib.parse import quote
+    _, _, body = request(px.admin_port, "GET", "/stats?type=Counters", timeout=5)
+    names = [line.partition(": ")[0] for line in body.decode().splitlines() if ": " in line]
+    _, _, body = request(px.admin_port, "GET", "/stats?type=Gauges", timeout=5)
+    names += [line.partition(": ")[0] for line in body.decode().splitlines() if ": " in line]
+    out = {}
+    for n in names:
+        _, _, body = request(px.admin_port, "GET", "/stats/prometheus?filter=" + quote("^%s$" % re.escape(n)),
+                             timeout=5)
+        lines = [line.rpartition(" ")[0] for line in body.decode().splitlines() if line and not line.startswith("#")]
+        out[_norm(n)] = tuple(sorted(_NAME_PORT.sub("_127_0_0_1_PORT_", _LABEL_PORT.sub('"127.0.0.1_PORT"', x))
+                                     for x in lines))
+    return out
+
+
+def _run(kind, bs, backend, per_stat=False):
     bs = copy.deepcopy(bs)
     http_port, tcp_port = free_port(), free_port()
     ls = bs["static_resources"]["listeners"]
@@ -258,6 +276,8 @@ def _run(kind, bs, backend):
                 break
             last = cur
             time.sleep(0.2)
+        if per_stat:
+            return _series_per_stat(px)
         return last
 
 
@@ -333,3 +353,53 @@ def test_same_stats_as_envoy(unmatched, variant):
         assert len(fboth) > 40, sorted(fboth)
         assert sorted(py_fams & fboth) == sorted(env_fams & fboth), (
             sorted((py_fams - env_fams) & fboth), sorted((env_fams - py_fams) & fboth))
+
+
+# ------------------------------------------------------------- stats_tags (the rest of stats_config)
+
+@pytest.mark.parametrize("tags,msg", [
+    ([{"tag_name": "x", "regex": "(a"}], "stats_config.stats_tags[0].regex: invalid regex '(a'"),
+    ([{"tag_name": "nope"}], "No regex specified for tag specifier and no default regex for name: 'nope'"),
+])
+def test_bad_tag_specifiers_are_refused(tmp_path, tags, msg):
+    bs = bootstrap([], [])
+    bs["stats_config"] = {"stats_tags": tags}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 1 and msg in r.stdout, r.stdout
+
+
+TAG_CONFIGS = {
+    # fixed_value on every stat; a user regex after Envoy's defaults (label order as Envoy's)
+    "fixed_and_regex": {"stats_tags": [{"tag_name": "mesh", "fixed_value": "m1"},
+                                       {"tag_name": "my_cluster", "regex": r"^cluster\.((.+?)\.)"}]},
+    # no defaults but the ones named without a regex
+    "defaults_by_name": {"use_all_default_tags": False, "stats_tags": [
+        {"tag_name": "envoy.cluster_name"}, {"tag_name": "envoy.response_code"},
+        {"tag_name": "zone", "fixed_value": "z1"}, {"tag_name": "envoy.http_conn_manager_prefix"}]},
+    # Istio's whole stats_config: its tag regexes (one needs std::regex) and its inclusion list
+    "istio": None,
+}
+
+
+@pytest.mark.parametrize("variant", list(TAG_CONFIGS))
+def test_prometheus_series_as_envoy_with_stats_tags(unmatched, variant):
+    """Prometheus series (name and labels, in order) of the stats both implement, on the same
+    stats_config and traffic."""
+    sc = TAG_CONFIGS[variant]
+    if sc is None:
+        if not os.path.exists(ISTIO_BOOTSTRAP):
+            pytest.skip("Istio testdata not available")
+        with open(ISTIO_BOOTSTRAP) as f:
+            sc = json.load(f)["stats_config"]
+    with HttpBackend() as be:
+        bs = _bootstrap(be.port, sc)
+        py = _run(Pyproxy, bs, be, per_stat=True)
+        env = _run(Envoy, bs, be, per_stat=True)
+    both = set(py) & set(env)
+    assert len(both) > (15 if variant == "istio" else 80), sorted(both)
+    if variant != "istio":
+        assert all(any('mesh="m1"' in x or 'zone="z1"' in x for x in py[n]) for n in both)
+    bad = {n: (py[n], env[n]) for n in sorted(both) if py[n] != env[n]}
+    assert not bad, list(bad.items())[:10]

@@ -179,7 +179,7 @@ class ExpressStream(FastStream):
     up_local = ""
     plain = False          # the request has no framing or hop-by-hop headers
     remote_complete = True
-    tx_head = 0            # bytes of the response head written here (istio.stats)
+    tx_head = 0            # bytes of the response header lines written here (istio.stats)
     tx_body = 0            # response body bytes written here
 
     # -- the StreamInfo, made on first use ------------------------------------------------------
@@ -307,7 +307,7 @@ class ExpressStream(FastStream):
         codec.response_head_done = True
         self.response_started = True
         head = b"".join(parts)
-        self.tx_head = len(head)
+        self.tx_head = len(head) - len(parts[0])  # (the header lines, not the status line)
         codec.conn.write(head)
         if end_stream:
             self._express_done()

@@ -188,6 +188,10 @@ class Store:
         self.gauges: dict[str, Gauge] = {}
         self.histograms: dict[str, Histogram] = {}
         self.text_readouts: dict[str, str] = {}
+        self.use_default_tags = use_default_tags
+        # the bootstrap's stats_tags in config order (stats/tags.compile_tag_specifiers),
+        # which the admin's tag producer follows; None: derived from ``tag_specs``
+        self.tag_specifiers = None
         specs = list(tag_specs or [])
         if use_default_tags:
             specs += DEFAULT_TAG_SPECS
