@@ -95,7 +95,9 @@ class RouteEntry:
 
     __slots__ = (
         # identity
-        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast", "express", "fast_rewrites",
+        "name", "vhost_name", "vhost", "kind", "stat_prefix",
+        # the route's plan (routing/plan.py, decided when the route compiles)
+        "fast", "express", "fast_rewrites", "retry_codes", "retry_grpc",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward

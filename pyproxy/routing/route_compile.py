@@ -8,6 +8,7 @@ from ..config.errors import ConfigError
 from ..config.registry import REGISTRY, type_name_of, unpack_any
 from ..config.util import duration_s, u32
 from .header_mutation import compile_header_mutation
+from .plan import plan_route
 from .matchers import compile_header_matcher, compile_query_matcher, compile_string_matcher
 from .policies import (compile_hash_policy, compile_hedge_policy, compile_rate_limit,
                        compile_retry_policy)
@@ -349,8 +350,6 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     field = "routes[%d]" % index
     check_fields(r, _ROUTE_FIELDS, "route")
     e = RouteEntry()
-    e.fast = None  # the router's fast lane decides on first use (http/fast_stream.py)
-    e.express = None  # and the HTTP/1.1 express lane (http/express.py)
     e.name = r.name
     e.vhost_name = vh.name
     e.vhost = vh
@@ -455,10 +454,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     for cw in e.weighted or ():
         names.update(cw.typed_per_filter_config)
     e.filter_names = frozenset(names)
-    if e.kind == ROUTE and (e.mirror_policies or e.hedge_on_per_try_timeout):
-        # mirroring and hedging live in the generic router: such a route never takes the
-        # fast or express lane (decided here, when the route compiles)
-        e.fast = e.express = False
+    plan_route(e)  # what the compiled stream path does on this route (routing/plan.py)
     return e
 
 
@@ -492,4 +488,6 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e.rate_limits = ()
     e.include_vh_rate_limits = False
     e.upgrade_configs = {}
+    e.retry = None
+    plan_route(e)
     return e
