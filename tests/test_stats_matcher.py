@@ -103,6 +103,8 @@ def test_rejected_stats_are_detached_and_still_work():
     g.dec()
     h.record(5)
     assert (c.value, g.value, h.count) == (3, 1, 1)  # the holder reads real values
+    from pyproxy.stats import DETACHED
+    assert c.name is g.name is h.name is DETACHED  # one shared name: no per-stat copy is kept
     assert set(st.counters) == {"server.x"} and not st.gauges and not st.histograms
     assert st.counter("server.x") is kept
     assert st.holds(kept) and not st.holds(c) and not st.holds(g) and not st.holds(h)
