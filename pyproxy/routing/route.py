@@ -6,6 +6,7 @@ from ..config.errors import ConfigError
 from ..config.registry import REGISTRY, type_name_of, unpack_any
 from ..config.util import duration_s, u32
 from .header_mutation import compile_header_mutation
+from .plan import plan_route
 from .matchers import (compile_header_matcher, compile_query_matcher, compile_string_matcher,
                        parse_query)
 from .policies import (combine_hashes, compile_hash_policy, compile_hedge_policy, compile_rate_limit,
@@ -139,7 +140,9 @@ class RouteEntry:
 
     __slots__ = (
         # identity
-        "name", "vhost_name", "vhost", "kind", "stat_prefix", "fast", "express", "fast_rewrites",
+        "name", "vhost_name", "vhost", "kind", "stat_prefix",
+        # the route's plan (routing/plan.py, decided when the route compiles)
+        "fast", "express", "fast_rewrites", "retry_codes", "retry_grpc",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward
@@ -652,8 +655,6 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     field = "routes[%d]" % index
     check_fields(r, _ROUTE_FIELDS, "route")
     e = RouteEntry()
-    e.fast = None  # the router's fast lane decides on first use (http/fast_stream.py)
-    e.express = None  # and the HTTP/1.1 express lane (http/express.py)
     e.name = r.name
     e.vhost_name = vh.name
     e.vhost = vh
@@ -758,10 +759,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     for cw in e.weighted or ():
         names.update(cw.typed_per_filter_config)
     e.filter_names = frozenset(names)
-    if e.kind == ROUTE and (e.mirror_policies or e.hedge_on_per_try_timeout):
-        # mirroring and hedging live in the generic router: such a route never takes the
-        # fast or express lane (decided here, when the route compiles)
-        e.fast = e.express = False
+    plan_route(e)  # what the compiled stream path does on this route (routing/plan.py)
     return e
 
 
@@ -795,4 +793,6 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e.rate_limits = ()
     e.include_vh_rate_limits = False
     e.upgrade_configs = {}
+    e.retry = None
+    plan_route(e)
     return e
