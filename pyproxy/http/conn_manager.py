@@ -16,7 +16,7 @@ import time
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
-from .request_prep import decorate, prepare
+from .request_prep import decorate, decorate_response, prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
@@ -717,6 +717,9 @@ class ActiveStream:
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         if cfg.always_set_request_id_in_response and self.stream_info.request_id:
             headers.set("x-request-id", self.stream_info.request_id)
+        d = cfg.prep.decorate
+        if d:
+            decorate_response(d, self.route, self.caller_op, headers)
         first = headers._h[0] if headers._h else None
         status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
         try:

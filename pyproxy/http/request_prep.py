@@ -498,6 +498,28 @@ def decorate(mode: int, route, headers, absent: bool = False):
     return op or None
 
 
+def response_operation(mode: int, route, caller_op):
+    """On ingress, the operation the response carries in ``x-envoy-decorator-operation`` (Envoy's
+    encodeHeaders: the route's decorator operation, so that the caller can name its client span,
+    unless ``propagate`` is false or the caller named the operation itself); None otherwise."""
+    if mode == DECORATE_INGRESS and caller_op is None and route is not None and route.decorator_propagate:
+        return route.decorator_operation or None
+    return None
+
+
+def decorate_response(mode: int, route, caller_op, headers) -> None:
+    """Envoy's decorator handling of the response headers, when ``PrepPlan.decorate`` is set: on
+    egress an upstream's ``x-envoy-decorator-operation`` is consumed (it would name the client
+    span; it does not go on to the caller); on ingress ``response_operation`` is set."""
+    if mode == DECORATE_EGRESS:
+        if _DECORATOR in headers:
+            headers.remove(_DECORATOR)
+        return
+    op = response_operation(mode, route, caller_op)
+    if op is not None:
+        headers.set(_DECORATOR, op)
+
+
 def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     """Prepare one request's headers (see the module docstring). Returns the request id, or a
     ``Prepared`` when there is a derived downstream address or a local reply to send.
