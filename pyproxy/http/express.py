@@ -35,7 +35,8 @@ from .conn_manager import _date, new_stream_info
 from .fast_stream import FastStream, chain_is_inert, pick_cluster
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
-from .request_prep import DECORATE_EGRESS, Prepared, decorate, prepare, response_operation
+from .decorator import DECORATE_EGRESS, decorate, response_operation
+from .request_prep import Prepared, prepare
 
 _NO_CTX = LbContext()
 _DECORATOR = b"x-envoy-decorator-operation"
