@@ -469,7 +469,7 @@ class ActiveStream:
     last_activity = 0.0
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
-    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (request_prep.decorate)
+    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when a lane ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
 

@@ -258,7 +258,7 @@ class ExpressStream(FastStream):
         take = cfg.response_take_raw  # (telemetry hooks' names: ChainPlan)
         special = _SPECIAL | take if take else _SPECIAL
         transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
-        # the decorator (request_prep.decorate_response): False on egress (an upstream's header is
+        # the decorator (http/decorator.py decorate_response): False on egress (an upstream's header is
         # consumed), the route's operation on ingress, None: the upstream's passes through
         dec = None
         d = cfg.prep.decorate
