@@ -199,7 +199,7 @@ def test_plaintext_config_imports_nothing_tls(tmp_path):
 def test_client_layer_handshake_and_close_notify(pki):
     """ClientTls against a stdlib TLS server over a socketpair: handshake before connection_made,
     data both ways, close_notify on write_eof, peer's close_notify seen as EOF."""
-    from pyproxy.tls.socket import connect_client
+    from pyproxy.tls.client import connect_client
 
     u = upstream_factory(uctx({"sni": "localhost", "common_tls_context": {"alpn_protocols": ["x-test"],
                                "validation_context": {"trusted_ca": {"inline_string": pki.ca_pem.decode()}}}}))

@@ -289,7 +289,7 @@ class HttpConnection:
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        s = (FastStream if self.cfg.fast_router else ActiveStream)(self, encoder, version)
+        s = self.cfg.stream_class(self, encoder, version)  # (ActiveStream or FastStream)
         if not self.is_h2:
             p = encoder.prepped
             if p is not None:
@@ -1020,5 +1020,3 @@ def _grpc_status(http_status: int) -> int:
     # Envoy's HTTP -> gRPC status mapping for local replies
     return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)
 
-
-from .fast_stream import FastStream  # noqa: E402  (it subclasses ActiveStream)

@@ -163,6 +163,11 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool,
     ctx.options |= ssl.OP_NO_COMPRESSION
     if server:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+        # One TLS 1.3 session ticket per handshake, not OpenSSL's two: each costs 15-20% of a
+        # server handshake's CPU, and one is what a client resumes with (Envoy's upstream keeps one
+        # session per context; TLS 1.3 tickets are single-use). Envoy 1.40 sends two, but only
+        # once the connection carries data, which OpenSSL cannot defer to. TLS 1.2: one ticket.
+        ctx.num_tickets = 1
     suites = [s for s in f.cipher_suites if s not in _TLS13_SUITES]
     try:
         ctx.set_ciphers(":".join(suites) if suites else DEFAULT_CIPHERS)
@@ -223,7 +228,7 @@ def _local_sans(chain_pem: bytes) -> tuple[tuple, str]:
     certificate."""
     try:
         from cryptography import x509
-        from .context import _pem_blocks
+        from .parse import pem_blocks as _pem_blocks
         cert = x509.load_pem_x509_certificate(_pem_blocks(chain_pem)[0])
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ext.get_values_for_type(x509.UniformResourceIdentifier)
