@@ -35,9 +35,11 @@ from .conn_manager import _date, new_stream_info
 from .fast_stream import FastStream, chain_is_inert, pick_cluster
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
-from .request_prep import Prepared, decorate, prepare
+from .decorator import DECORATE_EGRESS, decorate, response_operation
+from .request_prep import Prepared, prepare
 
 _NO_CTX = LbContext()
+_DECORATOR = b"x-envoy-decorator-operation"
 _NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 _monotonic = time.monotonic
 _time = time.time
@@ -47,7 +49,7 @@ _new_stream = object.__new__
 ENABLED = os.environ.get("PYPROXY_EXPRESS", "1") != "0"
 
 # response header names the head writer handles itself: framing, hop-by-hop and ``server``
-_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date"}
+_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date", _DECORATOR}
 
 
 def hcm_is_express(cfg) -> bool:
@@ -123,7 +125,7 @@ def start(hc, codec, headers) -> bool:
     d = cfg.prep.decorate
     if d:
         # (no tracer on this lane: the caller's operation names no span)
-        decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
+        s.caller_op = decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
     for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
         hook(s, headers, cluster)
     # the router's work (FastStream.decode_headers)
@@ -256,6 +258,17 @@ class ExpressStream(FastStream):
         take = cfg.response_take_raw  # (telemetry hooks' names: ChainPlan)
         special = _SPECIAL | take if take else _SPECIAL
         transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
+        # the decorator (http/decorator.py decorate_response): False on egress (an upstream's header is
+        # consumed), the route's operation on ingress, None: the upstream's passes through
+        dec = None
+        d = cfg.prep.decorate
+        if d:
+            if d == DECORATE_EGRESS:
+                dec = False
+            else:
+                dec = response_operation(d, self.route, self.caller_op)
+                if dec is not None:
+                    dec = b"x-envoy-decorator-operation: " + dec.encode("latin-1") + b"\r\n"
         for n, v in raw:
             n = n.lower()
             if n in special:
@@ -276,6 +289,12 @@ class ExpressStream(FastStream):
                     elif not server:
                         add(cfg.server_line)
                     server = True
+                elif n == _DECORATOR:
+                    if dec is None:
+                        add(n + b": " + v + b"\r\n")
+                    elif dec:
+                        add(dec)  # (in place of the upstream's, once)
+                        dec = False
                 continue
             add(n + b": " + v + b"\r\n")
         if not cfg.router_suppress_envoy_headers:
@@ -288,6 +307,8 @@ class ExpressStream(FastStream):
             add(b"date: " + _date().encode() + b"\r\n")  # (ActiveStream._send_headers' rule)
         if not server and transform != 2:
             add(cfg.server_line)
+        if dec:
+            add(dec)
         # framing, as Http1ServerCodec.encode_headers
         method = codec.method
         if cl is not None:
