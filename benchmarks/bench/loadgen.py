@@ -146,10 +146,13 @@ def h2load(url, duration, clients, streams, cpu, tmp, tag, headers=(), warmup=0.
             pass
 
 
-def h2load_check(url, cpu, n=20):
+def h2load_check(url, cpu, n=20, headers=()):
     """A few h2c requests; returns an error string or None when all got 2xx."""
+    cmd = ["h2load", "-n", str(n), "-c1", "-m1"]
+    for h in headers:
+        cmd += ["-H", h]
     try:
-        cp = procs.run_bounded(["h2load", "-n", str(n), "-c1", "-m1", url], timeout=15, cpu=cpu)
+        cp = procs.run_bounded(cmd + [url], timeout=15, cpu=cpu)
     except subprocess.TimeoutExpired:
         return "h2load check timed out"
     m = re.search(r"status codes: (\d+) 2xx", cp.stdout)

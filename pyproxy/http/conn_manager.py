@@ -16,7 +16,8 @@ import time
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
-from .request_prep import decorate, prepare
+from .decorator import decorate, decorate_response
+from .request_prep import prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
@@ -289,7 +290,7 @@ class HttpConnection:
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        s = (FastStream if self.cfg.fast_router else ActiveStream)(self, encoder, version)
+        s = self.cfg.stream_class(self, encoder, version)  # (ActiveStream or FastStream)
         if not self.is_h2:
             p = encoder.prepped
             if p is not None:
@@ -468,7 +469,7 @@ class ActiveStream:
     last_activity = 0.0
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
-    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (request_prep.decorate)
+    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when a lane ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
 
@@ -717,6 +718,9 @@ class ActiveStream:
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         if cfg.always_set_request_id_in_response and self.stream_info.request_id:
             headers.set("x-request-id", self.stream_info.request_id)
+        d = cfg.prep.decorate
+        if d:
+            decorate_response(d, self.route, self.caller_op, headers)
         first = headers._h[0] if headers._h else None
         status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
         try:
@@ -996,17 +1000,6 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
     return si
 
 
-def _uuid4() -> str:
-    """A random (version 4) UUID string, without the uuid module's object overhead: 128 random
-    bits with the version nibble set to 4 and the variant bits to 10 (122 random bits)."""
-    h = (_urand(128) & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_UUID_KEEP = 0xffffffffffff0fff3fffffffffffffff
-_UUID_SET = 0x00000000000040008000000000000000
-
-
 _time = time.time
 _monotonic = time.monotonic
 _urand = __import__("random").getrandbits
@@ -1020,5 +1013,3 @@ def _grpc_status(http_status: int) -> int:
     # Envoy's HTTP -> gRPC status mapping for local replies
     return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)
 
-
-from .fast_stream import FastStream  # noqa: E402  (it subclasses ActiveStream)

@@ -32,17 +32,18 @@ class OutStream:
     ``_ended()``/``_watermark(above)``.
     """
 
-    __slots__ = ()
-
-    def _init_out(self) -> None:
-        """Empty outbound buffer and flow-control state (at creation, and when re-bound)."""
-        self.pending = _NO_PENDING  # a deque once something has to wait
-        self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        self.above = False
-        self.read_off = 0
-        self.unacked = 0
+    # (no __slots__: a stream is born with these class-level defaults and sets only what differs,
+    # which is most of its creation cost otherwise)
+    pending = _NO_PENDING  # a deque once something has to wait
+    pending_bytes = 0
+    pending_end = False
+    pending_trailers = None
+    above = False
+    read_off = 0
+    unacked = 0
+    local_ended = False
+    remote_ended = False
+    closed = False
 
     def _send_data(self, data, end: bool) -> None:
         conn = self.conn

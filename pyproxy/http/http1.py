@@ -940,14 +940,14 @@ class Http1ClientCodec:
         self.decoder = None
         self.conn.on_response_complete(self.keep_alive)
 
-    def on_close(self, reason: str) -> None:
+    def on_close(self, reason: str, aborted: bool = True) -> None:  # (aborted: a reset, not a FIN)
         d = self.decoder
         self.decoder = None
         self.pending_body = None
         if d is None:
             return
         if self.tunnel:
-            if reason == "connection termination":
+            if aborted:
                 d.on_upstream_reset(reason)  # aborted (RST), not a half-close
             else:
                 d.on_upstream_data(b"", True)
