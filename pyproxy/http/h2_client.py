@@ -133,23 +133,6 @@ class H2ClientStream(OutStream):
             return
         self.conn.want_flush()
 
-    def read_disable(self, disable: bool) -> None:
-        if disable:
-            self.read_off += 1
-            return
-        if not self.read_off:
-            return
-        self.read_off -= 1
-        if not self.read_off and self.unacked:
-            n, self.unacked = self.unacked, 0
-            c = self.conn
-            if c is not None and not c.closed:
-                try:
-                    c.h2.acknowledge_received_data(n, self.sid)
-                except (h2.exceptions.ProtocolError, ValueError):
-                    pass
-                c.want_flush()
-
     def reset(self) -> None:
         """The router abandons the request: RST_STREAM(CANCEL) and free the slot."""
         if self.closed:
@@ -210,12 +193,8 @@ class H2ClientStream(OutStream):
         cb.on_upstream_reset("local reset")
 
     def _finish(self) -> None:
-        if self.closed:
+        if not self._close_out():
             return
-        self.closed = True
-        if self.pending:
-            self.pending.clear()
-        self.pending_bytes = 0
         self.replay = None
         c = self.conn
         if c is not None:

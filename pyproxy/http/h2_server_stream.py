@@ -100,19 +100,7 @@ class H2ServerStream(OutStream):
         conn.want_flush()
 
     def stream_read_disable(self, _stream, disable: bool) -> None:
-        if disable:
-            self.read_off += 1
-            return
-        if self.read_off:
-            self.read_off -= 1
-            if not self.read_off and self.unacked and not self.closed:
-                n, self.unacked = self.unacked, 0
-                conn = self.conn
-                try:
-                    conn.h2.acknowledge_received_data(n, self.sid)
-                except h2.exceptions.ProtocolError:
-                    pass
-                conn.want_flush()
+        self.read_disable(disable)
 
     # -- internals -----------------------------------------------------------------------------------
     def _ended(self) -> None:
@@ -132,12 +120,8 @@ class H2ServerStream(OutStream):
             self._gone()
 
     def _gone(self) -> None:
-        if self.closed:
+        if not self._close_out():
             return
-        self.closed = True
-        if self.pending:
-            self.pending.clear()
-        self.pending_bytes = 0
         conn = self.conn
         conn.blocked.discard(self)
         conn.streams.pop(self.sid, None)

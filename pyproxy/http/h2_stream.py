@@ -45,6 +45,35 @@ class OutStream:
     remote_ended = False
     closed = False
 
+    def _close_out(self) -> bool:
+        """The stream is over: drop what still waits to be sent. False if it already was over."""
+        if self.closed:
+            return False
+        self.closed = True
+        if self.pending:
+            self.pending.clear()
+        self.pending_bytes = 0
+        return True
+
+    def read_disable(self, disable: bool) -> None:
+        """Reference-counted: while reading is disabled, received DATA is not credited back to the
+        peer (``unacked`` holds it); the credit goes back when the last disable is lifted."""
+        if disable:
+            self.read_off += 1
+            return
+        if not self.read_off:
+            return
+        self.read_off -= 1
+        if not self.read_off and self.unacked and not self.closed:
+            n, self.unacked = self.unacked, 0
+            c = self.conn
+            if c is not None and not c.closed:
+                try:
+                    c.h2.acknowledge_received_data(n, self.sid)
+                except (h2.exceptions.ProtocolError, ValueError):
+                    pass
+                c.want_flush()
+
     def _send_data(self, data, end: bool) -> None:
         conn = self.conn
         n = len(data)
