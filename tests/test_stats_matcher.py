@@ -439,3 +439,12 @@ def test_istio_telemetry_survives_istios_stats_config():
     assert made == [], made
     assert not re.search(r"^envoy_(cluster_(?!manager_)|http_|listener_(?!manager_))", prom, re.M), prom
     assert "server.state" in names and "listener_manager.workers_started" in names
+
+
+def test_histogram_bins_are_named_by_validate(tmp_path):
+    bs = bootstrap([], [])
+    bs["stats_config"] = {"histogram_bucket_settings": [{"match": {"prefix": "x"}, "buckets": [1, 2], "bins": 50}]}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0 and "stats_config.histogram_bucket_settings.bins: bins" in r.stdout, r.stdout

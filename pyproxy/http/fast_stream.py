@@ -35,7 +35,7 @@ import time
 from ..cluster.lb import LbContext
 from ..transport import upstream_tls_sans
 from .conn_manager import ActiveStream, _guarded
-from .request_prep import decorate
+from .decorator import decorate
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic

@@ -130,16 +130,8 @@ class Router:
             s.hc.stats.no_cluster.value += 1
             s.send_local_reply(route.cluster_not_found_response_code, "", "cluster_not_found", flag="NC")
             return STOP
-        # upgrades (websocket; HTTP/2 extended CONNECT arrives in this form) and CONNECT need the
-        # type in the HCM's upgrade_configs, enabled there or by the route's own upgrade_configs
-        up = headers.get("upgrade")
-        if up is not None or headers.get(":method") == "CONNECT":
-            if not _upgrade_allowed(s.cfg.upgrades, route, up.lower() if up is not None else "connect"):
-                s.hc.stats.rq_ws_on_non_ws_route.value += 1
-                s.send_local_reply(403, "", "upgrade_failed")
-                if s.hc.is_h2:
-                    s.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
-                return STOP
+        # (upgrades and CONNECT: the connection manager's one check, ActiveStream.upgrade_refused,
+        # ran before any filter)
         if cluster.rq_active_total >= cluster.max_requests:
             cluster.st_pending_overflow.value += 1
             s.send_local_reply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
@@ -725,16 +717,6 @@ def _charge_retried(c, status: int, host, headers=None) -> None:
     sc.counter("retry.upstream_rq_%d" % status).value += 1
     sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
     sc.counter("retry.upstream_rq_completed").value += 1
-
-
-def _upgrade_allowed(hcm_upgrades: dict, route, kind: str) -> bool:
-    """Envoy: the HCM must list the upgrade type; the route's upgrade_configs entry, if any,
-    overrides whether it is enabled."""
-    enabled = hcm_upgrades.get(kind)
-    if enabled is None:
-        return False
-    rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None
-    return rc[0] if rc is not None else enabled
 
 
 def _parse_grpc_timeout(v):

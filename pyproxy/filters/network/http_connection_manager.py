@@ -105,7 +105,7 @@ class ChainPlan:
 
 class HcmConfig:
     def __init__(self, cfg, ctx):
-        from ...http.conn_manager import HcmStats
+        from ...http.hcm_stats import HcmStats
         self.ctx = ctx
         self.loop = ctx.loop
         self.cluster_manager = ctx.cluster_manager
