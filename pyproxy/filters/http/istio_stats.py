@@ -149,7 +149,10 @@ class IstioStatsHttpConfig(StatsConfig):
                 if rt is not None:
                     tx += _head_bytes(rt._h)
             else:  # the express lane wrote the head itself (or nothing was sent)
-                tx = getattr(s, "tx_head", 0) + getattr(s, "tx_body", 0) + si.bytes_sent
+                tx = getattr(s, "tx_head", 0)
+                if tx:  # (its header lines; the status counts as the :status pseudo-header does)
+                    tx += 11 + len(str(code))
+                tx += getattr(s, "tx_body", 0) + si.bytes_sent
             rsb.record(tx)
 
     def _resolve(self, peer, peer_san, local_san, mtls, host, grpc, code, gs, flags, ep, rq, rs, si):

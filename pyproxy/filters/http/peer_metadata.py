@@ -151,13 +151,24 @@ class PeerMetadataConfig:
         return hit
 
     def propagate_up(self, headers) -> None:
-        """Upstream propagation: both headers on the request (replacing any the client sent)."""
+        """Upstream propagation: both headers on the request, replacing any the client sent
+        (removed, then appended: Envoy's ``setReferenceKey``)."""
         h = headers._h
         if any(map(_HEADERS.__contains__, map(_first, h))):
-            headers.set(P.HEADER_ID, self.node_id)
-            headers.set(P.HEADER, self.value)
-        else:  # (the common case: append, as Headers.set does for an absent name)
-            h += self.up_headers
+            h = headers._h = [kv for kv in h if kv[0] not in _HEADERS]
+        h += self.up_headers
+
+    def propagate_down(self, headers, rid: bool, rval: bool) -> None:
+        """Downstream propagation: the headers the request carried, on the response (replacing
+        any the upstream sent, as above)."""
+        if rid or rval:
+            h = headers._h
+            if any(map(_HEADERS.__contains__, map(_first, h))):
+                h = headers._h = [kv for kv in h if kv[0] not in _HEADERS]
+            if rid:
+                h.append(self.up_headers[0])
+            if rval:
+                h.append(self.up_headers[1])
 
     def found(self, pid, val):
         """The peer for the headers' values (cached by peer id and value), or None."""
@@ -220,10 +231,7 @@ class PeerMetadataFilter(HttpFilter):
             if peer is not None:
                 _set(self.callbacks.stream_info, False, peer)
         if f.down_prop:
-            if self.req_id:
-                headers.set(P.HEADER_ID, f.node_id)
-            if self.req_val:
-                headers.set(P.HEADER, f.value)
+            f.propagate_down(headers, self.req_id, self.req_val)
         return CONTINUE
 
 
@@ -281,10 +289,7 @@ class _Hooks:
                 _set(stream.stream_info, False, peer)
         if f.down_prop:
             rid, rval = getattr(stream, "mx_carried", None) or (False, False)
-            if rid:
-                headers.set(P.HEADER_ID, f.node_id)
-            if rval:
-                headers.set(P.HEADER, f.value)
+            f.propagate_down(headers, rid, rval)
 
     def _response_raw(self, stream, taken):
         f = self.f
