@@ -4,7 +4,13 @@ Drives a real listener/HCM/router/pool stack compiled from a bootstrap with in-m
 request bytes in downstream, request bytes out upstream, response bytes in upstream, response bytes
 out downstream. Prints microseconds per request; ``--profile`` prints the top cProfile entries.
 
-    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]] [--mesh] [--istio]
+    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]] [--mesh]
+                                   [--chain router|istio|istio-telemetry|istio-nostats | --istio]
+
+``--chain`` builds the stack from the benchmark's own bootstrap for that chain
+(benchmarks/bench/configs.py, the config run.py gives both proxies) and sends run.py's request
+(the Istio chains: Host ``reviews.shop``); without it, the stack is this file's BOOTSTRAP (the
+20-route table's first 18 routes, no response header), ``--istio`` that with Istio's chain in front.
 """
 
 from __future__ import annotations
@@ -126,9 +132,28 @@ class FakeTransport:
         pass
 
 
-def build_stack(bootstrap: str):
-    """The compiled stack of a one-listener, one-cluster bootstrap, on a fresh uvloop loop:
-    ``(loop, listener manager, active listener, cluster, its host, the host's pool)``."""
+def chain_setup(chain: str):
+    """``--chain``: (bootstrap JSON, request bytes, cluster name, bytes the upstream request must
+    carry, bytes the downstream response must carry), from benchmarks/bench/configs.py."""
+    import json
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import configs
+    boot = configs.envoy_bootstrap(0, 9, chain=chain, response_headers=True, misroute_port=10)
+    if chain == "router":
+        req = (b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+               % configs.BENCH_PATH.encode())
+        return (json.dumps(boot), req, "backend", b"x-bench-route: r18",
+                ("%s: r18" % configs.RESPONSE_HEADER).encode())
+    req = (b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: wrk\r\n\r\n"
+           % (configs.ISTIO_PATH.encode(), configs.ISTIO_HOST.encode()))
+    return (json.dumps(boot), req, configs.istio_cluster_name(configs.ISTIO_TARGET),
+            b"x-envoy-attempt-count: 1", b"")
+
+
+def build_stack(bootstrap: str, cluster_name: str = "backend"):
+    """The compiled stack of a one-listener bootstrap, on a fresh uvloop loop:
+    ``(loop, listener manager, active listener, cluster, its host, the host's pool)`` for the
+    cluster ``cluster_name``."""
     import uvloop
     from pyproxy import extensions, access_log  # noqa: F401
     from pyproxy.config.bootstrap import load_bootstrap
@@ -139,9 +164,36 @@ def build_stack(bootstrap: str):
     server = Server(load_bootstrap(None, bootstrap), Options(), loop)
     (cfg,) = server.compile_static()
     lm = server.listener_manager
-    cluster = server.cluster_manager.get("backend")
+    cluster = server.cluster_manager.get(cluster_name)
     host = cluster.priority_set.all_hosts[0]
     return loop, lm, ActiveListener(lm, cfg), cluster, host, cluster.http_pool(host)
+
+
+def count_opcodes(fn, calls_n: int, per_call: int, top: int, label: str = "") -> None:
+    """Run ``fn`` ``calls_n`` times under a tracer and print the Python opcodes and calls per
+    request (``per_call`` requests per ``fn`` call) and the ``top`` functions by opcodes."""
+    import collections
+    ops = collections.Counter()
+    calls = collections.Counter()
+
+    def tracer(frame, event, arg):
+        if event == "call":
+            frame.f_trace_opcodes = True
+            calls[frame.f_code.co_qualname] += 1
+        elif event == "opcode":
+            ops[frame.f_code.co_qualname] += 1
+        return tracer
+    sys.settrace(tracer)
+    try:
+        for _ in range(calls_n):
+            fn()
+    finally:
+        sys.settrace(None)
+    n = calls_n * per_call
+    print("python opcodes per proxied %srequest: %d, python calls: %d" % (
+        label, sum(ops.values()) // n, sum(calls.values()) // n))
+    for name, k in ops.most_common(top):
+        print("%7d %4d  %s" % (k // n, calls[name] // n, name))
 
 
 def main(argv=None) -> int:
@@ -155,11 +207,21 @@ def main(argv=None) -> int:
                     help="a request with x-request-id, x-forwarded-proto and x-forwarded-for")
     ap.add_argument("--istio", action="store_true",
                     help="Istio's outbound sidecar HTTP chain (grpc_stats, fault, cors, router) and HCM settings")
+    ap.add_argument("--chain", choices=("router", "istio", "istio-telemetry", "istio-nostats"),
+                    help="the benchmark's bootstrap for this chain (benchmarks/bench/configs.py)")
     a = ap.parse_args(argv)
     request = MESH_REQUEST if a.mesh else REQUEST
+    up_must, down_must = b"x-bench-route: r18", b""
     from pyproxy.cluster.pool import UpstreamConnection
     from pyproxy.listeners.connection import DownstreamConnection
-    loop, lm, al, cluster, host, pool = build_stack(istio_outbound_bootstrap() if a.istio else BOOTSTRAP)
+    if a.chain:
+        boot, request, cname, up_must, down_must = chain_setup(a.chain)
+        if a.mesh:
+            extra = MESH_REQUEST.split(b"User-Agent: wrk\r\n")[1][:-2]  # x-request-id, x-forwarded-*
+            request = request.replace(b"User-Agent: wrk\r\n", b"User-Agent: wrk\r\n" + extra)
+        loop, lm, al, cluster, host, pool = build_stack(boot, cname)
+    else:
+        loop, lm, al, cluster, host, pool = build_stack(istio_outbound_bootstrap() if a.istio else BOOTSTRAP)
     up = UpstreamConnection(pool, host)
     ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
     up.connection_made(ut)
@@ -176,33 +238,15 @@ def main(argv=None) -> int:
     for _ in range(200):
         one()
     assert dt.out and dt.out[-1].endswith(BODY), dt.out[-1:]
-    assert b"x-bench-route: r18" in ut.out[-1], ut.out[-1]
+    assert up_must in ut.out[-1], ut.out[-1]
+    assert down_must in b"".join(dt.out[-3:]), dt.out[-3:]
     dt.out.clear()
     ut.out.clear()
     import gc
     gc.collect()
     gc.freeze()
     if a.opcodes is not None:
-        import collections
-        ops = collections.Counter()
-        calls = collections.Counter()
-
-        def tracer(frame, event, arg):
-            if event == "call":
-                frame.f_trace_opcodes = True
-                calls[frame.f_code.co_qualname] += 1
-            elif event == "opcode":
-                ops[frame.f_code.co_qualname] += 1
-            return tracer
-        n = 20
-        sys.settrace(tracer)
-        for _ in range(n):
-            one()
-        sys.settrace(None)
-        print("python opcodes per proxied request: %d, python calls: %d" % (
-            sum(ops.values()) // n, sum(calls.values()) // n))
-        for name, k in ops.most_common(a.opcodes):
-            print("%7d %4d  %s" % (k // n, calls[name] // n, name))
+        count_opcodes(one, 20, 1, a.opcodes)
         return 0
     if a.profile:
         import cProfile

@@ -8,7 +8,13 @@ upstream, and the response frames come out downstream (the codecs flush through 
 at the end of each read). Prints microseconds per request; ``--profile`` prints the top cProfile
 entries. Under h2load -c10 -m10 a read carries only a few requests: compare ``--batch 1``.
 
-    python3 benchmarks/micro_h2.py [-n 20000] [--batch 10] [--profile]
+    python3 benchmarks/micro_h2.py [-n 20000] [--batch 10] [--profile | --opcodes [TOP]]
+                                   [--chain router|istio|istio-telemetry|istio-nostats]
+
+``--chain`` builds the stack from the benchmark's bootstrap for that chain (benchmarks/bench/
+configs.py, with the HTTP/2 cluster run.py's h2 mode uses) and sends run.py's request (the Istio
+chains: ``:authority`` ``reviews.shop``); ``--opcodes`` counts the Python opcodes and calls per
+request (deterministic, unlike timings on a shared machine).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from micro_h1 import BOOTSTRAP as H1_BOOTSTRAP, FakeTransport as _FakeTransport, build_stack  # noqa: E402
+from micro_h1 import BOOTSTRAP as H1_BOOTSTRAP, FakeTransport as _FakeTransport, build_stack, count_opcodes  # noqa: E402
 
 
 class FakeTransport(_FakeTransport):
@@ -74,14 +80,55 @@ class Peer:
         return b
 
 
+def _decode_headers(data: bytes):
+    """The header blocks of the HEADERS frames in ``data`` (one HPACK decoder, in order)."""
+    import hpack
+    dec = hpack.Decoder()
+    dec.max_allowed_table_size = 1 << 16
+    out, i = [], 0
+    if data.startswith(PREFACE):
+        i = len(PREFACE)
+    while i + 9 <= len(data):
+        n = int.from_bytes(data[i:i + 3], "big")
+        ftype, flags = data[i + 3], data[i + 4]
+        payload = data[i + 9:i + 9 + n]
+        i += 9 + n
+        if ftype != 1:
+            continue
+        if flags & 0x8:  # PADDED
+            payload = payload[1:len(payload) - payload[0]]
+        if flags & 0x20:  # PRIORITY
+            payload = payload[5:]
+        out.append([(bytes(k), bytes(v)) for k, v in dec.decode(payload, raw=True)])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=10, help="requests per downstream read")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP",
+                    help="count the Python opcodes and calls per request and list the TOP functions")
+    ap.add_argument("--chain", choices=("router", "istio", "istio-telemetry", "istio-nostats"),
+                    help="the benchmark's bootstrap for this chain (benchmarks/bench/configs.py)")
     a = ap.parse_args(argv)
     from pyproxy.listeners.connection import DownstreamConnection
-    loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
+    path, authority, up_must = b"/r18/bench", b"127.0.0.1:8080", b"x-bench-route"
+    if a.chain:
+        import json
+        from bench import configs
+        boot = json.dumps(configs.envoy_bootstrap(0, 9, upstream_h2=True, chain=a.chain,
+                                                  response_headers=True, misroute_port=10))
+        if a.chain == "router":
+            cname = "backend"
+        else:
+            cname = configs.istio_cluster_name(configs.ISTIO_TARGET)
+            path, authority = configs.ISTIO_PATH.encode(), configs.ISTIO_HOST.encode()
+            up_must = configs.ATTEMPT_HEADER.encode()
+        loop, lm, al, cluster, host, pool = build_stack(boot, cname)
+    else:
+        loop, lm, al, cluster, host, pool = build_stack(BOOTSTRAP)
 
     # upstream connection, as the pool's connect would make it, with nginx's SETTINGS
     pool.connecting += 1
@@ -103,8 +150,8 @@ def main(argv=None) -> int:
 
     client = Peer()
     backend = Peer()
-    req = [(b":method", b"GET"), (b":path", b"/r18/bench"), (b":scheme", b"http"),
-           (b":authority", b"127.0.0.1:8080"), (b"user-agent", b"h2load nghttp2/1.52.0")]
+    req = [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
+           (b":authority", authority), (b"user-agent", b"h2load nghttp2/1.52.0")]
     resp = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sat, 21 Nov 2026 21:00:00 GMT"),
             (b"content-type", b"text/plain"), (b"content-length", b"1024")]
     state = {"dsid": 1, "usid": 1, "sent": 0}
@@ -136,13 +183,19 @@ def main(argv=None) -> int:
     loop.run_until_complete(asyncio.sleep(0))
     got = b"".join(dt.out)
     assert got.endswith(BODY) and got.count(BODY) == 20 * a.batch, (len(got), got[-200:])
-    assert b"x-bench-route" in b"".join(ut.out)
+    up_headers = _decode_headers(b"".join(ut.out))
+    assert any(k == up_must for blk in up_headers for k, _ in blk), (up_must, up_headers[:1])
+    if a.chain == "router":
+        assert any(k == b"x-bench-matched" for blk in _decode_headers(got) for k, _ in blk)
     dt.out.clear()
     ut.out.clear()
     import gc
     gc.collect()
     gc.freeze()
     nb = max(1, a.n // a.batch)
+    if a.opcodes is not None:
+        count_opcodes(lambda: batch(a.batch), max(1, 200 // a.batch), a.batch, a.opcodes, "HTTP/2 ")
+        return 0
     if a.profile:
         import cProfile
         import pstats

@@ -64,6 +64,21 @@ def _client(port, target_port):
     return boot
 
 
+# pyproxy under cProfile counting CPU time (not wall time: the machine is shared), stats written at exit
+_PROFILED = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["pyproxy"] + sys.argv[2:]
+pr = cProfile.Profile(time.process_time)
+pr.enable()
+try:
+    runpy.run_module("pyproxy", run_name="__main__", alter_sys=True)
+finally:
+    pr.disable()
+    pr.dump_stats(out)
+"""
+
+
 def s_time(port, cert, key, ca, seconds, procs_n, cpu):
     """Full mTLS handshakes per second from ``procs_n`` concurrent ``openssl s_time -new``."""
     cmd = ["openssl", "s_time", "-connect", "127.0.0.1:%d" % port, "-new", "-tls1_3", "-time", str(seconds),
@@ -71,6 +86,7 @@ def s_time(port, cert, key, ca, seconds, procs_n, cpu):
     ps = [subprocess.Popen(procs.pinned(cmd, cpu), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for _ in range(procs_n)]
     total = 0.0
+    count = 0
     for p in ps:
         try:
             out, _ = p.communicate(timeout=seconds + 30)
@@ -80,7 +96,8 @@ def s_time(port, cert, key, ca, seconds, procs_n, cpu):
         m = re.search(r"(\d+) connections in (\d+) real seconds", out)
         if m and int(m.group(2)):
             total += int(m.group(1)) / int(m.group(2))
-    return total
+            count += int(m.group(1))
+    return total, count
 
 
 def main(argv=None):
@@ -90,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--handshake-procs", type=int, default=4)
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="run pyproxy under cProfile, stats written to FILE at exit")
+    ap.add_argument("--what", choices=("both", "rps", "handshakes"), default="both",
+                    help="measure keep-alive rps, new handshakes, or both (default)")
     a = ap.parse_args(argv)
     return run(a)
 
@@ -100,6 +120,8 @@ def run(a):
     if not shutil.which("envoy"):
         print("error: envoy not on PATH (the client sidecar is Envoy)", file=sys.stderr)
         return {"error": "envoy missing"}
+    what = getattr(a, "what", "both")  # (run.py's namespace has neither of these two)
+    profile = getattr(a, "profile", None)
     tmp = tempfile.mkdtemp(prefix="mtlsb", dir="/tmp")
     os.chmod(tmp, 0o755)
     proxy_cpu, load_cpu = procs.pinning()
@@ -132,7 +154,8 @@ def run(a):
                 cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(5000 + os.getpid() % 1000 + i),
                        "--disable-hot-restart", "-l", "error"]
             else:
-                cmd = [sys.executable, "-m", "pyproxy", "-c", path, "--concurrency", "1", "-l", "error"]
+                cmd = [sys.executable] + (["-c", _PROFILED, profile] if profile else ["-m", "pyproxy"]) + [
+                    "-c", path, "--concurrency", "1", "-l", "error"]
             p = procs.Proc(k, cmd, tmp, cpu=proxy_cpu, cwd=pods["server"], env=env)
             started.append(p)
             procs.wait_tcp(port, p, timeout=20)
@@ -147,6 +170,7 @@ def run(a):
         rps = {k: [] for k in kinds}
         cpu_ms = {k: [] for k in kinds}
         hs = {k: [] for k in kinds}
+        hs_cpu = {k: [] for k in kinds}
         for k in kinds:  # warm-up (and a check that mTLS works end to end)
             res = loadgen.wrk("http://127.0.0.1:%d%s" % (targets[k][2], configs.BENCH_PATH), 1, 1, a.connections,
                               load_cpu)
@@ -155,32 +179,47 @@ def run(a):
         for r in range(a.repeat):
             for k in (kinds if r % 2 == 0 else list(reversed(kinds))):
                 p, port, cport = targets[k]
-                c0 = p.cpu_seconds()
-                res = loadgen.wrk("http://127.0.0.1:%d%s" % (cport, configs.BENCH_PATH), a.duration, 1,
-                                  a.connections, load_cpu)
-                c1 = p.cpu_seconds()
-                n = res["requests"]
+                res = {"rps": 0.0, "requests": 0}
+                n = 0
+                if what != "handshakes":
+                    c0 = p.cpu_seconds()
+                    res = loadgen.wrk("http://127.0.0.1:%d%s" % (cport, configs.BENCH_PATH), a.duration, 1,
+                                      a.connections, load_cpu)
+                    c1 = p.cpu_seconds()
+                    n = res["requests"]
                 rps[k].append(res["rps"])
                 cpu_ms[k].append((c1 - c0) * 1000.0 / n * 1000 if n else float("nan"))
-                hs[k].append(s_time(port, client_cert.cert_path, client_cert.key_path, pki.ca_path,
-                                    a.duration, a.handshake_procs, load_cpu))
+                rate, count = 0.0, 0
+                if what != "rps":
+                    c0 = p.cpu_seconds()
+                    rate, count = s_time(port, client_cert.cert_path, client_cert.key_path, pki.ca_path,
+                                         a.duration, a.handshake_procs, load_cpu)
+                    c1 = p.cpu_seconds()
+                hs[k].append(rate)
+                hs_cpu[k].append((c1 - c0) * 1e6 / count if count else float("nan"))
                 print("  %-8s run %d: %8.0f rps keep-alive mTLS  %5.1f ms CPU / 1000 req  errors %s  "
-                      "%7.0f new mTLS handshakes/s" % (k, r + 1, res["rps"], cpu_ms[k][-1],
-                                                       res.get("non2xx", 0) + res.get("errors", 0), hs[k][-1]),
-                      flush=True)
+                      "%7.0f new mTLS handshakes/s  %6.0f us CPU / handshake" % (
+                          k, r + 1, res["rps"], cpu_ms[k][-1], res.get("non2xx", 0) + res.get("errors", 0),
+                          hs[k][-1], hs_cpu[k][-1]), flush=True)
         med = {k: statistics.median(v) for k, v in rps.items()}
         cmed = {k: statistics.median(v) for k, v in cpu_ms.items()}
         hmed = {k: statistics.median(v) for k, v in hs.items()}
+        hcmed = {k: statistics.median(v) for k, v in hs_cpu.items()}
         print("\nmedians (wrk -c%d through an Envoy client sidecar; s_time x%d; %d x %ds):" % (
             a.connections, a.handshake_procs, a.repeat, a.duration))
         for k in kinds:
-            print("  %-8s %8.0f rps  %5.1f ms CPU / 1000 req  %7.0f handshakes/s" % (k, med[k], cmed[k], hmed[k]))
-        result = {"rps": med, "cpu_ms_per_1000": cmed, "handshakes_per_s": hmed}
+            print("  %-8s %8.0f rps  %5.1f ms CPU / 1000 req  %7.0f handshakes/s  %6.0f us CPU / handshake" % (
+                k, med[k], cmed[k], hmed[k], hcmed[k]))
+        result = {"rps": med, "cpu_ms_per_1000": cmed, "handshakes_per_s": hmed, "cpu_us_per_handshake": hcmed}
         if "envoy" in med:
-            result["ratios"] = {"rps": med["pyproxy"] / med["envoy"], "cpu": cmed["pyproxy"] / cmed["envoy"],
-                                "handshakes": hmed["pyproxy"] / hmed["envoy"] if hmed["envoy"] else float("nan")}
-            print("pyproxy / Envoy: %.2fx keep-alive rps (CPU per request %.2fx), %.2fx new handshakes/s" % (
-                result["ratios"]["rps"], result["ratios"]["cpu"], result["ratios"]["handshakes"]))
+            nan = float("nan")
+            result["ratios"] = {"rps": med["pyproxy"] / med["envoy"] if med["envoy"] else nan,
+                                "cpu": cmed["pyproxy"] / cmed["envoy"] if cmed["envoy"] == cmed["envoy"] else nan,
+                                "handshakes": hmed["pyproxy"] / hmed["envoy"] if hmed["envoy"] else nan,
+                                "handshake_cpu": hcmed["pyproxy"] / hcmed["envoy"] if hcmed["envoy"] else nan}
+            print("pyproxy / Envoy: %.2fx keep-alive rps (CPU per request %.2fx), %.2fx new handshakes/s "
+                  "(CPU per handshake %.2fx)" % (result["ratios"]["rps"], result["ratios"]["cpu"],
+                                                 result["ratios"]["handshakes"], result["ratios"]["handshake_cpu"]))
     finally:
         for p in reversed(started):
             p.stop()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """pyproxy benchmark harness: pyproxy vs Envoy vs nginx vs direct, one command.
 
-    python3 benchmarks/run.py [--quick] [--only h1,h1paced,h2,grpc,xds] [--targets ...]
+    python3 benchmarks/run.py [--quick] [--only opcodes,h1,h1paced,h2,grpc,xds,mtls]
+                              [--chains istio,istio-telemetry,router] [--targets ...]
 
 See benchmarks/README.md for what each figure means.
 """
@@ -18,14 +19,22 @@ import sys
 import tempfile
 import time
 import http.client
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench import configs, loadgen, procs, report  # noqa: E402
 
-MODES = ("h1", "h1paced", "h2", "grpc", "xds", "mtls")
+MODES = ("opcodes", "h1", "h1paced", "h2", "grpc", "xds", "mtls")
 TARGETS = ("direct", "pyproxy", "envoy", "nginx", "bare")
+CHAIN_TITLES = {
+    "istio": "Istio's outbound chain (grpc_stats, fault, cors, router; route table \"80\": 10 "
+             "services x 8 domains, Istio's retry policy, decorators, timeout 0s)",
+    "istio-telemetry": "Istio's outbound chain with telemetry (istio.metadata_exchange, grpc_stats, "
+                       "istio.alpn, fault, cors, istio.stats, router; same route table)",
+    "router": "20 routes, router only, request + response header added by the matched route",
+}
 DEFAULT_TARGETS = ("direct", "pyproxy", "envoy", "nginx")
 PROXIES = ("pyproxy", "envoy", "nginx")
 
@@ -51,14 +60,14 @@ def parse_args(argv):
     ap.add_argument("--h2-clients", type=int, default=10, help="h2load -c (default 10)")
     ap.add_argument("--h2-streams", type=int, default=10, help="h2load -m (default 10)")
     ap.add_argument("--grpc-concurrency", type=int, default=16)
-    ap.add_argument("--xds-count", default="2000",
+    ap.add_argument("--xds-count", default=None,
                     help="clusters / assignments / virtual hosts pushed in the xds mode; a "
                          "comma-separated list (e.g. 2000,5000,10000) runs each size, to show "
-                         "the growth")
+                         "the growth (default 2000,5000,10000; --quick: 2000)")
     ap.add_argument("--xds-timeout", type=float, default=120.0)
-    ap.add_argument("--xds-api", default="sotw,delta",
-                    help="ADS flavours for the xds mode: sotw, delta (default both; delta needs "
-                         "pyproxy.control_plane)")
+    ap.add_argument("--xds-api", default="delta",
+                    help="ADS flavours for the xds mode: sotw, delta (default delta, as Istio "
+                         "uses; delta needs pyproxy.control_plane)")
     ap.add_argument("--xds-server", choices=("auto", "control-plane", "builtin"), default="auto",
                     help="ADS server: pyproxy.control_plane when importable (auto), or the "
                          "builtin SotW server in benchmarks/bench/ads.py")
@@ -68,9 +77,14 @@ def parse_args(argv):
                     help="command prefix for pyproxy (the bootstrap flags are appended)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="directory for <timestamp>.json and .png")
-    ap.add_argument("--chain", choices=("router", "istio"), default="router",
-                    help="HTTP filters of the proxies' HCM: router only (default) or Istio's outbound "
-                         "sidecar chain (grpc_stats, fault, cors, router; bench/configs.py)")
+    ap.add_argument("--chains", "--chain", dest="chains", default=",".join(configs.CHAINS),
+                    help="configs for the h1 and h2 modes, in order (default: "
+                         f"{','.join(configs.CHAINS)}): istio = Istio's outbound sidecar chain and "
+                         "route table (the headline), istio-telemetry = the same with Istio's "
+                         "telemetry filters (adds target pyproxy-nostats), router = the 20-route "
+                         "router-only table (bench/configs.py)")
+    ap.add_argument("--paced-chains", default="istio",
+                    help="configs for the h1paced mode (default: istio)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     ap.add_argument("--keep-tmp", action="store_true", help="keep generated configs and logs")
@@ -81,7 +95,14 @@ def parse_args(argv):
         a.warmup = 1 if a.quick else 2
     a.modes = [m.strip() for m in a.only.split(",") if m.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    a.chains = [c.strip() for c in a.chains.split(",") if c.strip()]
+    a.paced_chains = [c.strip() for c in a.paced_chains.split(",") if c.strip()]
+    for c in a.chains + a.paced_chains:
+        if c not in configs.CHAINS:
+            ap.error(f"unknown chain {c!r} (known: {', '.join(configs.CHAINS)})")
     a.xds_apis = [x.strip() for x in a.xds_api.split(",") if x.strip()]
+    if a.xds_count is None:
+        a.xds_count = "2000" if a.quick else "2000,5000,10000"
     try:
         a.xds_counts = [int(x) for x in str(a.xds_count).split(",") if x.strip()]
     except ValueError:
@@ -167,18 +188,27 @@ class Bench:
         if self.backend:
             return self.backend
         h1, h2 = procs.free_port(), procs.free_port()
-        conf = configs.nginx_backend_conf(self.tmp, h1, h2)
+        istio = {k: procs.free_port() for k in ("h1", "h2", "misroute_h1", "misroute_h2")}
+        conf = configs.nginx_backend_conf(self.tmp, h1, h2, istio)
         p = self.start("backend", ["nginx", "-c", conf, "-p", self.tmp], self.load_cpu)
-        procs.wait_tcp(h1, p)
-        procs.wait_tcp(h2, p)
-        self.backend = {"proc": p, "h1": h1, "h2": h2}
+        for port in [h1, h2] + list(istio.values()):
+            procs.wait_tcp(port, p)
+        self.backend = {"proc": p, "h1": h1, "h2": h2, "istio": istio}
         return self.backend
 
-    def start_proxy(self, kind, tag, upstream_port, upstream_h2, late_prefix=None,
-                    nginx_mode="h1"):
-        """Start one proxy; returns (proc, port). Raises StartError."""
-        if kind == "bare" and (upstream_h2 or late_prefix):
-            raise SkipTarget("the bare forwarder speaks HTTP/1.1 only")
+    def start_proxy(self, name, tag, upstream_port, upstream_h2, late_prefix=None,
+                    nginx_mode="h1", chain="router", misroute_port=None):
+        """Start one proxy (target ``name``) on config ``chain``; returns (proc, port). Raises
+        StartError. ``pyproxy-nostats`` is pyproxy on the telemetry chain without istio.stats;
+        Envoy runs the telemetry chain without the Istio filters its build lacks."""
+        kind = "pyproxy" if name.startswith("pyproxy") else name
+        if kind == "bare" and (upstream_h2 or late_prefix or chain != "router"):
+            raise SkipTarget("the bare forwarder speaks HTTP/1.1 and the 20-route table only")
+        boot_chain = chain
+        if chain == "istio-telemetry":
+            boot_chain = {"pyproxy-nostats": "istio-nostats", "envoy": "istio-telemetry-envoy"}.get(
+                name, chain)
+        tag = f"{tag}-{chain}"
         port = procs.free_port()
         if kind == "bare":
             cmd = [sys.executable, os.path.join(HERE, "bench", "bare_forwarder.py"),
@@ -186,16 +216,23 @@ class Bench:
             p = self.start(f"bare-{tag}", cmd, self.proxy_cpu)
             procs.wait_tcp(port, p, timeout=10)
             return p, port
-        if kind == "nginx":
-            conf = configs.nginx_proxy_conf(self.tmp, port, upstream_port, nginx_mode,
-                                            late_prefix)
+        if kind == "nginx" and chain != "router":
+            conf = configs.nginx_istio_conf(self.tmp, port, upstream_port, misroute_port,
+                                            nginx_mode)
             p = self.start(f"nginx-{tag}", ["nginx", "-c", conf, "-p", self.tmp],
                            self.proxy_cpu)
             procs.wait_tcp(port, p, timeout=10)
             return p, port
-        boot = configs.envoy_bootstrap(port, upstream_port, upstream_h2, late_prefix,
-                                       getattr(self.a, "chain", "router"))
-        path = configs.write_yaml(os.path.join(self.tmp, f"bootstrap-{tag}-{kind}.yaml"), boot)
+        if kind == "nginx":
+            conf = configs.nginx_proxy_conf(self.tmp, port, upstream_port, nginx_mode,
+                                            late_prefix, response_headers=True)
+            p = self.start(f"nginx-{tag}", ["nginx", "-c", conf, "-p", self.tmp],
+                           self.proxy_cpu)
+            procs.wait_tcp(port, p, timeout=10)
+            return p, port
+        boot = configs.envoy_bootstrap(port, upstream_port, upstream_h2, late_prefix, boot_chain,
+                                       response_headers=True, misroute_port=misroute_port)
+        path = configs.write_yaml(os.path.join(self.tmp, f"bootstrap-{tag}-{name}.yaml"), boot)
         if kind == "envoy":
             self.base_id += 1
             cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(self.base_id),
@@ -205,35 +242,105 @@ class Bench:
             return p, port
         cmd = shlex.split(self.a.pyproxy_cmd) + ["-c", path, "--concurrency", "1",
                                                  "--disable-hot-restart", "-l", "error"]
-        p = self.start(f"pyproxy-{tag}", cmd, self.proxy_cpu, cwd=self.a.pyproxy_root)
+        p = self.start(f"{name}-{tag}", cmd, self.proxy_cpu, cwd=self.a.pyproxy_root)
         procs.wait_tcp(port, p, timeout=20)
         return p, port
 
 
 # -- HTTP/1.1 -----------------------------------------------------------------------------
 
-def check_h1(port, direct):
-    """One GET of the benchmark path; returns an error string or None."""
-    headers = {configs.ROUTE_HEADER: configs.ROUTE_VALUE} if direct else {}
+class ChainRequest:
+    """What the load generator sends for one chain: path, headers (proxies / direct), the direct
+    path's backend port, and a request that must be misrouted (421) as a negative check."""
+
+    def __init__(self, chain, be, h2=False):
+        self.chain = chain
+        if chain == "router":
+            self.path = configs.BENCH_PATH
+            self.headers = ()
+            self.direct_headers = (f"{configs.ROUTE_HEADER}: {configs.ROUTE_VALUE}",)
+            self.direct_port = be["h2" if h2 else "h1"]
+            self.response_header = (configs.RESPONSE_HEADER, configs.ROUTE_VALUE)
+            # route 17 (prefix /r17/) adds x-bench-route: r17, which the backend refuses
+            self.wrong = (f"/r{configs.LATE_ROUTE - 1:02d}/bench", {})
+        else:
+            host = ":authority" if h2 else "Host"
+            self.path = configs.ISTIO_PATH
+            self.headers = (f"{host}: {configs.ISTIO_HOST}",)
+            self.direct_headers = self.headers + (f"{configs.ATTEMPT_HEADER}: 1",)
+            self.direct_port = be["istio"]["h2" if h2 else "h1"]
+            self.response_header = None
+            other = [s for s in configs.ISTIO_SERVICES if s != configs.ISTIO_TARGET][0]
+            self.wrong = (configs.ISTIO_PATH, {"Host": f"{other}.{configs.ISTIO_NS}"})
+
+    def header_dict(self, direct):
+        return dict(h.split(": ", 1) for h in (self.direct_headers if direct else self.headers))
+
+
+def _get(port, path, headers):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            c.request("GET", configs.BENCH_PATH, headers=headers)
-            r = c.getresponse()
-            body = r.read()
-        finally:
-            c.close()
+        c.request("GET", path, headers=headers)
+        r = c.getresponse()
+        return r, r.read()
+    finally:
+        c.close()
+
+
+def check_h1(port, req, direct):
+    """The benchmark request (and, through a proxy, one that must be misrouted); returns an error
+    string or None."""
+    try:
+        r, body = _get(port, req.path, req.header_dict(direct))
     except (OSError, http.client.HTTPException) as e:
         return f"request failed: {e!r}"
     if r.status != 200 or len(body) != configs.BODY_SIZE:
         return f"expected 200 with {configs.BODY_SIZE} bytes, got {r.status} with {len(body)} bytes"
+    if req.response_header and not direct:
+        got = r.getheader(req.response_header[0])
+        if got != req.response_header[1]:
+            return (f"expected response header {req.response_header[0]}: "
+                    f"{req.response_header[1]}, got {got!r}")
+    if not direct:
+        try:
+            r, body = _get(port, req.wrong[0], req.wrong[1])
+        except (OSError, http.client.HTTPException) as e:
+            return f"misrouting check: request failed: {e!r}"
+        if r.status != 421:
+            return (f"misrouting check: GET {req.wrong[0]} {req.wrong[1]} must reach the wrong "
+                    f"route and get 421, got {r.status}")
     return None
 
 
-def setup_targets(bench, mode_key, start_fn, check_fn, result):
+def chain_targets(a, chain):
+    """The targets of one chain: the bare forwarder only knows the 20-route table; the telemetry
+    chain adds pyproxy without istio.stats and leaves out nginx (the istio chain's figures)."""
+    out = [t for t in a.targets if chain == "router" or t != "bare"]
+    if chain == "istio-telemetry":
+        out = [t for t in out if t != "nginx"]
+        if "pyproxy" in out:
+            out.insert(out.index("pyproxy") + 1, "pyproxy-nostats")
+    return out
+
+
+def chain_notes(chain):
+    notes = ["config: " + CHAIN_TITLES[chain]]
+    if chain == "istio-telemetry":
+        notes.append("CAVEAT: Envoy runs this chain without istio.metadata_exchange, istio.alpn "
+                     "and istio.stats (its upstream build lacks them), i.e. the istio chain; "
+                     "pyproxy-nostats = pyproxy's chain without istio.stats")
+    if chain != "router":
+        notes.append(f"request: GET {configs.ISTIO_PATH}, Host {configs.ISTIO_HOST} (virtual "
+                     f"host {configs.ISTIO_TARGET} of {len(configs.ISTIO_SERVICES)} + allow_any); "
+                     f"the backend answers 200 only on {configs.ISTIO_TARGET}'s cluster and with "
+                     f"{configs.ATTEMPT_HEADER}: 1")
+    return notes
+
+
+def setup_targets(bench, mode_key, start_fn, check_fn, result, targets=None):
     """Start the proxies for one mode and check them; fills result['targets']."""
     live = {}
-    for name in bench.a.targets:
+    for name in (bench.a.targets if targets is None else targets):
         t = result["targets"].setdefault(name, {})
         if name == "direct":
             t["status"], live[name] = "ok", None
@@ -262,7 +369,7 @@ def setup_targets(bench, mode_key, start_fn, check_fn, result):
 
 def measure_loop(bench, live, result, run_one, label):
     """Warm up each target, then repeat R times alternating targets (rotated order)."""
-    names = [n for n in bench.a.targets if n in live]
+    names = [n for n in result["targets"] if n in live]
     if bench.a.warmup:
         for n in names:
             try:
@@ -290,7 +397,7 @@ def measure_loop(bench, live, result, run_one, label):
             r["cpu_s"] = (proc.cpu_seconds() - cpu0) if proc else None
             t.setdefault("runs", []).append(r)
             cpu_txt = f", proxy CPU {r['cpu_s']:.2f}s" if r["cpu_s"] is not None else ""
-            print(f"  {label} rep {rep + 1}/{bench.a.repeat} {n:<8} {r['rps']:9.0f} rps  "
+            print(f"  {label} rep {rep + 1}/{bench.a.repeat} {n:<15} {r['rps']:9.0f} rps  "
                   f"p50 {r['p50_ms'] or 0:.2f} ms  p99 {r['p99_ms'] or 0:.2f} ms{cpu_txt}"
                   + (f"  ERRORS {r.get('errors')} non-2xx {r.get('non2xx')}"
                      if r.get("errors") or r.get("non2xx") else ""), flush=True)
@@ -304,55 +411,67 @@ def measure_loop(bench, live, result, run_one, label):
 
 
 def run_h1(bench, results):
+    """The h1 and h1paced modes, each chain in turn (one set of proxies per chain; JSON keys
+    ``h1:<chain>``, ``h1paced:<chain>``)."""
+    a = bench.a
+    chains = [c for c in a.chains if "h1" in a.modes]
+    chains += [c for c in a.paced_chains if "h1paced" in a.modes and c not in chains]
+    for chain in chains:
+        run_h1_chain(bench, results, chain, want_h1="h1" in a.modes and chain in a.chains,
+                     want_paced="h1paced" in a.modes and chain in a.paced_chains)
+
+
+def run_h1_chain(bench, results, chain, want_h1, want_paced):
     a = bench.a
     be = bench.start_backend()
-    want_paced = "h1paced" in a.modes
-    want_h1 = "h1" in a.modes
-    h1 = {"targets": {}, "notes": [
+    req = ChainRequest(chain, be)
+    print(f"  chain {chain}", flush=True)
+    h1 = {"chain": chain, "targets": {}, "notes": chain_notes(chain) + [
         f"wrk -t{a.threads} -c{a.connections} -d{a.duration}s --latency, {a.repeat} run(s) "
-        f"per target alternating, {a.warmup}s warm-up; path {configs.BENCH_PATH} matches route "
-        f"{configs.LATE_ROUTE} of {configs.ROUTE_COUNT}; backend nginx returns "
-        f"{configs.BODY_SIZE} B", bench.pin_note,
-        "HTTP filters: " + ("Istio's outbound chain (grpc_stats, fault, cors, router)"
-                            if getattr(a, "chain", "router") == "istio" else "router only")]}
-    paced = {"targets": {}, "notes": [
+        f"per target alternating, {a.warmup}s warm-up; backend nginx returns "
+        f"{configs.BODY_SIZE} B", bench.pin_note]}
+    paced = {"chain": chain, "targets": {}, "notes": chain_notes(chain)[:1] + [
         f"wrk -t1 -c{a.paced_connections} with a Lua delay() of {a.paced_delay_ms} ms per "
         f"connection (~{a.paced_connections * 1000 // max(1, a.paced_delay_ms)} rps offered), "
         f"-d{a.duration}s, {a.repeat} run(s)", bench.pin_note]}
+    up = be["h1"] if chain == "router" else be["istio"]["h1"]
+    mis = None if chain == "router" else be["istio"]["misroute_h1"]
 
     def start_fn(name):
-        return bench.start_proxy(name, "h1", be["h1"], upstream_h2=False)
+        return bench.start_proxy(name, "h1", up, upstream_h2=False, chain=chain, misroute_port=mis)
 
     def check_fn(name, port):
-        return check_h1(port, direct=False)
+        return check_h1(port, req, direct=False)
 
     # the h1 and paced modes share one set of proxies
-    live = setup_targets(bench, "h1", start_fn, check_fn, h1)
-    err = check_h1(be["h1"], direct=True)
-    if err:
-        raise RuntimeError(f"backend check failed: {err}")
-    for n, t in h1["targets"].items():
-        paced["targets"][n] = {k: v for k, v in t.items() if k in ("status", "reason", "pid")}
-    urls = {n: f"http://127.0.0.1:{(be['h1'] if n == 'direct' else live[n][1])}"
-               f"{configs.BENCH_PATH}" for n in live}
-    direct_hdr = (f"{configs.ROUTE_HEADER}: {configs.ROUTE_VALUE}",)
+    live = setup_targets(bench, "h1", start_fn, check_fn, h1, chain_targets(a, chain))
     try:
+        err = check_h1(req.direct_port, req, direct=True)
+        if err:
+            raise RuntimeError(f"backend check failed: {err}")
+        for n, t in h1["targets"].items():
+            paced["targets"][n] = {k: v for k, v in t.items() if k in ("status", "reason", "pid")}
+        urls = {n: f"http://127.0.0.1:{(req.direct_port if n == 'direct' else live[n][1])}"
+                   f"{req.path}" for n in live}
+
+        def hdrs(n):
+            return req.direct_headers if n == "direct" else req.headers
         if want_h1:
             def run_one(n, duration, warm=False):
                 return loadgen.wrk(urls[n], duration, a.threads, a.connections, bench.load_cpu,
-                                   headers=direct_hdr if n == "direct" else ())
-            measure_loop(bench, live, h1, run_one, "h1")
+                                   headers=hdrs(n))
+            measure_loop(bench, live, h1, run_one, f"h1 {chain}")
             report.add_ratios(h1)
-            results["modes"]["h1"] = h1
+            results["modes"][f"h1:{chain}"] = h1
         if want_paced:
             script = loadgen.write_paced_script(bench.tmp, a.paced_delay_ms)
 
             def run_paced(n, duration, warm=False):
                 return loadgen.wrk(urls[n], duration, 1, a.paced_connections, bench.load_cpu,
-                                   headers=direct_hdr if n == "direct" else (), script=script)
-            measure_loop(bench, live, paced, run_paced, "paced")
+                                   headers=hdrs(n), script=script)
+            measure_loop(bench, live, paced, run_paced, f"paced {chain}")
             report.add_ratios(paced)
-            results["modes"]["h1paced"] = paced
+            results["modes"][f"h1paced:{chain}"] = paced
     finally:
         for n, v in live.items():
             if v:
@@ -362,34 +481,55 @@ def run_h1(bench, results):
 # -- HTTP/2 -------------------------------------------------------------------------------
 
 def run_h2(bench, results):
+    for chain in bench.a.chains:
+        run_h2_chain(bench, results, chain)
+
+
+def run_h2_chain(bench, results, chain):
     a = bench.a
     be = bench.start_backend()
-    res = {"targets": {}, "notes": [
+    req = ChainRequest(chain, be, h2=True)
+    print(f"  chain {chain}", flush=True)
+    res = {"chain": chain, "targets": {}, "notes": chain_notes(chain) + [
         f"h2load -t1 -c{a.h2_clients} -m{a.h2_streams} -D {a.duration}, h2c prior knowledge "
         f"downstream, HTTP/2 (h2c) upstream to the nginx backend; nginx-as-proxy uses grpc_pass "
         f"for its HTTP/2 upstream; p50/p99 from h2load --log-file", bench.pin_note]}
+    up = be["h2"] if chain == "router" else be["istio"]["h2"]
+    mis = None if chain == "router" else be["istio"]["misroute_h2"]
 
     def start_fn(name):
-        return bench.start_proxy(name, "h2", be["h2"], upstream_h2=True, nginx_mode="h2")
+        return bench.start_proxy(name, "h2", up, upstream_h2=True, nginx_mode="h2", chain=chain,
+                                 misroute_port=mis)
 
     def check_fn(name, port):
-        err = loadgen.h2load_check(f"http://127.0.0.1:{port}{configs.BENCH_PATH}",
-                                   bench.load_cpu)
-        if err and name == "pyproxy":
+        err = loadgen.h2load_check(f"http://127.0.0.1:{port}{req.path}", bench.load_cpu,
+                                   headers=req.headers)
+        if not err:  # a request for the wrong route must reach the backend's 421
+            path, hd = req.wrong
+            hd = tuple(f"{':authority' if k == 'Host' else k}: {v}" for k, v in hd.items())
+            err = loadgen.h2load_check(f"http://127.0.0.1:{port}{path}", bench.load_cpu, n=5,
+                                       headers=hd, want="4xx")
+            err = err and f"misrouting check: {err}"
+        if err and name.startswith("pyproxy"):
             return f"pyproxy cannot serve this HTTP/2 path yet: {err}"
         return err
 
-    live = setup_targets(bench, "h2", start_fn, check_fn, res)
-    direct_hdr = (f"{configs.ROUTE_HEADER}: {configs.ROUTE_VALUE}",)
-    urls = {n: f"http://127.0.0.1:{(be['h2'] if n == 'direct' else live[n][1])}"
-               f"{configs.BENCH_PATH}" for n in live}
+    live = setup_targets(bench, "h2", start_fn, check_fn, res, chain_targets(a, chain))
+    urls = {n: f"http://127.0.0.1:{(req.direct_port if n == 'direct' else live[n][1])}"
+               f"{req.path}" for n in live}
     try:
+        err = loadgen.h2load_check(urls["direct"], bench.load_cpu,
+                                   headers=req.direct_headers) if "direct" in urls else None
+        if err:
+            raise RuntimeError(f"backend h2 check failed: {err}")
+
         def run_one(n, duration, warm=False):
             return loadgen.h2load(urls[n], duration, a.h2_clients, a.h2_streams, bench.load_cpu,
-                                  bench.tmp, n, headers=direct_hdr if n == "direct" else ())
-        measure_loop(bench, live, res, run_one, "h2")
+                                  bench.tmp, n,
+                                  headers=req.direct_headers if n == "direct" else req.headers)
+        measure_loop(bench, live, res, run_one, f"h2 {chain}")
         report.add_ratios(res)
-        results["modes"]["h2"] = res
+        results["modes"][f"h2:{chain}"] = res
     finally:
         for n, v in live.items():
             if v:
@@ -601,6 +741,42 @@ def run_xds(bench, results):
         del resources
 
 
+# -- opcodes ------------------------------------------------------------------------------
+
+OPCODES_RE = re.compile(r"opcodes per proxied (?:HTTP/2 )?request: (\d+), python calls: (\d+)")
+
+
+def run_opcodes(bench, results):
+    """Python opcodes and calls per request (benchmarks/micro_h1.py and micro_h2.py --opcodes) for
+    each chain's pyproxy config: a deterministic figure the machine's noise cannot move."""
+    a = bench.a
+    chains = list(dict.fromkeys(a.chains + a.paced_chains))
+    if "istio-telemetry" in chains:
+        chains.insert(chains.index("istio-telemetry") + 1, "istio-nostats")
+    res = {"configs": {}, "notes": [
+        "benchmarks/micro_h1.py / micro_h2.py --chain C --opcodes: the bootstrap run.py gives "
+        "pyproxy for chain C, driven with in-memory transports; HTTP/2: 10 requests per read "
+        "(h2load -m10); istio-nostats = istio-telemetry without istio.stats"]}
+    for chain in chains:
+        row = res["configs"].setdefault(chain, {})
+        for proto, script in (("h1", "micro_h1.py"), ("h2", "micro_h2.py")):
+            cmd = [sys.executable, os.path.join(HERE, script), "--chain", chain, "--opcodes", "0"]
+            try:
+                cp = procs.run_bounded(cmd, timeout=180, cpu=bench.load_cpu)
+            except subprocess.TimeoutExpired:
+                row[proto] = {"error": "timed out"}
+                continue
+            m = OPCODES_RE.search(cp.stdout)
+            if cp.returncode != 0 or not m:
+                row[proto] = {"error": (cp.stderr or cp.stdout).strip()[-400:]}
+                print(f"  opcodes {chain} {proto}: failed: {row[proto]['error'][-200:]}", flush=True)
+                continue
+            row[proto] = {"opcodes": int(m.group(1)), "calls": int(m.group(2))}
+            print(f"  opcodes {chain:<16} {proto}: {m.group(1)} opcodes, {m.group(2)} calls per "
+                  f"request", flush=True)
+    results["modes"]["opcodes"] = res
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def run_mtls(bench, results):
@@ -613,7 +789,7 @@ def run_mtls(bench, results):
 
 
 def check_tools(a):
-    need = {"h1": ["wrk", "nginx"], "h1paced": ["wrk", "nginx"], "h2": ["h2load", "nginx"],
+    need = {"opcodes": [], "h1": ["wrk", "nginx"], "h1paced": ["wrk", "nginx"], "h2": ["h2load", "nginx"],
             "grpc": [], "xds": [], "mtls": ["wrk", "nginx", "openssl", "envoy"]}
     if "envoy" in a.targets:
         for m in a.modes:
@@ -649,7 +825,8 @@ def main(argv=None):
     print(f"pyproxy benchmark {stamp}: modes {','.join(a.modes)}; targets "
           f"{','.join(a.targets)}\n  {bench.pin_note}\n  machine is shared: loadavg "
           f"{results['meta']['loadavg_start']}", flush=True)
-    runners = [("h1", run_h1), ("h2", run_h2), ("grpc", run_grpc), ("xds", run_xds), ("mtls", run_mtls)]
+    runners = [("opcodes", run_opcodes), ("h1", run_h1), ("h2", run_h2), ("grpc", run_grpc),
+               ("xds", run_xds), ("mtls", run_mtls)]
     failed = False
     try:
         for key, fn in runners:
@@ -670,16 +847,22 @@ def main(argv=None):
         bench.cleanup()
     results["meta"]["loadavg_end"] = os.getloadavg()
 
-    for key, title in (("h1", "HTTP/1.1 closed loop"), ("h1paced", "HTTP/1.1 paced"),
-                       ("h2", "HTTP/2 h2load"), ("grpc", "gRPC unary")):
-        if key in results["modes"] and "targets" in results["modes"][key]:
-            report.print_throughput(title, results["modes"][key], paced=(key == "h1paced"))
+    titles = {"h1": "HTTP/1.1 closed loop", "h1paced": "HTTP/1.1 paced", "h2": "HTTP/2 h2load",
+              "grpc": "gRPC unary"}
+    for key, mode in results["modes"].items():
+        kind = key.split(":")[0]
+        if kind in titles and "targets" in mode:
+            title = titles[kind] + (f", chain {mode['chain']}" if mode.get("chain") else "")
+            report.print_throughput(title, mode, paced=(kind == "h1paced"))
     for key, mode in results["modes"].items():
         if key.startswith("xds") and "targets" in mode:
             report.print_xds(mode)
     xds_sizes = [m for k, m in results["modes"].items() if k.startswith("xds") and "count" in m]
     if len({m["count"] for m in xds_sizes}) > 1:
         report.print_xds_growth(xds_sizes)
+    if "opcodes" in results["modes"]:
+        report.print_opcodes(results["modes"]["opcodes"])
+    report.print_summary(results)
 
     os.makedirs(a.out, exist_ok=True)
     jpath = os.path.join(a.out, f"{stamp}.json")

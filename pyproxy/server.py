@@ -24,6 +24,7 @@ from .routing.matchers import compile_string_matcher
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 from .stats.matcher import compile_stats_matcher
+from .stats.tags import compile_tag_specifiers
 
 log = logging.getLogger("pyproxy.main")
 
@@ -104,10 +105,12 @@ class Server:
         _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
         unacted.warn("bootstrap", bootstrap)
         sc = bootstrap.stats_config
-        tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex]
+        specifiers = compile_tag_specifiers(sc)  # stats_tags: regex, fixed_value or a default's name
+        tags = [(t.tag_name, t.regex) for t in sc.stats_tags if t.regex and t.WhichOneof("tag_value") != "fixed_value"]
         use_default = sc.use_all_default_tags.value if sc.HasField("use_all_default_tags") else True
         # stats_matcher first: no stat exists before it (a bad pattern is a ConfigError here)
         self.stats = Store(tags, use_default_tags=use_default, matcher=compile_stats_matcher(sc))
+        self.stats.tag_specifiers = specifiers
         self.stats.bucket_settings = histogram_bucket_settings(sc)
         self.cluster_manager = ClusterManager(self.loop, self.stats)
         if bootstrap.cluster_manager.outlier_detection.event_log_path:
@@ -283,7 +286,7 @@ class Server:
             return
         from .tls.secrets import STORE
         if dynamic or STORE.providers:
-            from .sds import SdsManager
+            from .xds.sds import SdsManager
             self.sds = SdsManager(self)
 
     def _secrets_pending(self) -> bool:

@@ -278,13 +278,35 @@ def resources(services: dict, app_ports: list[int], mtls: bool = False) -> list[
     return out
 
 
+# pilot-agent's stats inclusion list (Istio 1.24, as in testdata/istio/sidecar-bootstrap-envoy-rev.json):
+# what a sidecar creates and exports unless the pod asks for more
+STATS_INCLUSION_PREFIXES = ("reporter=", "cluster_manager", "listener_manager", "server", "cluster.xds-grpc", "wasm")
+STATS_INCLUSION_SUFFIXES = ("rbac.allowed", "rbac.denied", "shadow_allowed", "shadow_denied")
+STATS_INCLUSION_REGEXPS = (r"vhost\..*\.route\..*",)
+STATS_INCLUSION_TAIL = ("component", "istio")
+
+
+def stats_matcher(prefixes=(), suffixes=(), regexps=()) -> dict:
+    """``stats_config.stats_matcher`` as pilot-agent renders it: its defaults, plus what the pod's
+    ``proxyStatsMatcher`` (``sidecar.istio.io/statsInclusionPrefixes`` / ``...Suffixes`` /
+    ``...Regexps`` annotations) adds."""
+    pats = [{"prefix": p} for p in STATS_INCLUSION_PREFIXES + tuple(prefixes)]
+    pats += [{"suffix": s} for s in STATS_INCLUSION_SUFFIXES + tuple(suffixes)]
+    pats += [{"safe_regex": {"regex": r}} for r in STATS_INCLUSION_REGEXPS + tuple(regexps)]
+    pats += [{"prefix": p} for p in STATS_INCLUSION_TAIL]
+    return {"inclusion_list": {"patterns": pats}}
+
+
 def bootstrap(node_id: str, xds_path: str, *, admin_port: int = 15000, prometheus_port: int = 15090,
               status_port: int = 15021, agent_port: int = 15020, cluster: str = "istio-proxy",
-              instance_ips: str = "", sds_path: str = "./var/run/secrets/workload-spiffe-uds/socket") -> dict:
+              instance_ips: str = "", sds_path: str = "./var/run/secrets/workload-spiffe-uds/socket",
+              stats_inclusion_prefixes=()) -> dict:
     """A sidecar bootstrap in the shape pilot-agent renders (envoy-rev.json): node metadata, admin on
     127.0.0.1, delta ADS over the agent's unix socket, static clusters prometheus_stats / agent /
     sds-grpc / xds-grpc, static listeners 15090 (/stats/prometheus -> admin) and 15021
-    (/healthz/ready -> agent)."""
+    (/healthz/ready -> agent), and pilot-agent's stats inclusion list: as with Envoy, a sidecar
+    creates per-cluster, per-listener and HCM stats only for the prefixes the pod asks for
+    (``stats_inclusion_prefixes``, its ``sidecar.istio.io/statsInclusionPrefixes`` annotation)."""
     def static(name, addr, timeout="0.250s", **kw):
         c = {"name": name, "alt_stat_name": name + ";", "type": "STATIC", "connect_timeout": timeout,
              "lb_policy": "ROUND_ROBIN",
@@ -315,7 +337,8 @@ def bootstrap(node_id: str, xds_path: str, *, admin_port: int = 15000, prometheu
                               "INSTANCE_IPS": instance_ips, "ISTIO_VERSION": "1.24.3",
                               "PROXY_CONFIG": {"binaryPath": "/usr/local/bin/envoy", "proxyAdminPort": admin_port,
                                                "statusPort": agent_port, "drainDuration": "45s"}}},
-        "stats_config": {"use_all_default_tags": False},
+        "stats_config": {"use_all_default_tags": False,
+                         "stats_matcher": stats_matcher(prefixes=stats_inclusion_prefixes)},
         "admin": {"access_log": [{"name": "envoy.access_loggers.file",
                                   "typed_config": {"@type": FILE_LOG, "path": "/dev/null"}}],
                   "address": sock(admin_port)},
@@ -361,6 +384,9 @@ def demo(kind: str) -> list[dict]:
 
 
 COMPOSE_PODS = (("svc-a", "198.18.10.11"), ("svc-b-v1", "198.18.10.12"), ("svc-b-v2", "198.18.10.13"))
+# the compose pods' sidecar.istio.io/statsInclusionPrefixes: the per-service cluster and HCM stats
+# tests/test_compose_mesh.py reads (and docker/README.md shows)
+COMPOSE_STATS_PREFIXES = ("cluster.outbound|", "cluster.inbound|", "http.outbound_")
 
 
 def write_compose(out_dir: str) -> list[str]:
@@ -371,7 +397,7 @@ def write_compose(out_dir: str) -> list[str]:
     for pod, ip in COMPOSE_PODS:
         path = os.path.join(out_dir, "sidecar-%s.json" % pod)
         bs = bootstrap("sidecar~%s~%s.default~default.svc.cluster.local" % (ip, pod), "./etc/istio/proxy/XDS",
-                       instance_ips=ip)
+                       instance_ips=ip, stats_inclusion_prefixes=COMPOSE_STATS_PREFIXES)
         with open(path + ".tmp", "w") as f:
             json.dump(bs, f, indent=1, sort_keys=True)
             f.write("\n")

@@ -95,6 +95,13 @@ class Pod:
         return out
 
 
+# the pods' sidecar.istio.io/statsInclusionPrefixes (pilot-agent adds them to its inclusion list):
+# the listener and catch-all cluster stats tests/test_sidecar_e2e.py reads; the other per-service
+# stats (cluster.outbound|..., http.*) are not created, as with Envoy under Istio's bootstrap
+STATS_PREFIXES = ("listener.0.0.0.0_", "cluster.inbound|", "cluster.PassthroughCluster",
+                  "cluster.InboundPassthroughCluster", "cluster.BlackHoleCluster")
+
+
 class Mesh:
     def __init__(self, workdir=None, python=sys.executable, tag=None):
         self.python = python
@@ -189,7 +196,7 @@ class Mesh:
         for pod in self.pods.values():
             os.chown(pod.dir, PROXY_UID, PROXY_UID)
             bs = mesh_config.bootstrap("sidecar~%s~%s.default~default.svc.cluster.local" % (pod.ip, pod.name),
-                                       sock, instance_ips=pod.ip)
+                                       sock, instance_ips=pod.ip, stats_inclusion_prefixes=STATS_PREFIXES)
             with open(os.path.join(pod.dir, "envoy-rev.json"), "w") as f:
                 json.dump(bs, f, indent=1)
             self.spawn("app-%s" % pod.name, [self.python, os.path.join(HERE, "mesh_app.py"), "http", "8080",

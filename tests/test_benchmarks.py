@@ -77,11 +77,11 @@ def _run(args, tmp_path, timeout):
                     reason="wrk or nginx missing")
 def test_harness_h1_direct_and_nginx(tmp_path):
     bogus = f"{sys.executable} -c 'import sys; sys.exit(3)'"
-    cp, res = _run(["--only", "h1", "--targets", "direct,nginx,bare,pyproxy", "--duration", "1",
-                    "--repeat", "1", "--warmup", "0", "--connections", "10",
+    cp, res = _run(["--only", "h1", "--chains", "router", "--targets", "direct,nginx,bare,pyproxy",
+                    "--duration", "1", "--repeat", "1", "--warmup", "0", "--connections", "10",
                     "--pyproxy-cmd", bogus], tmp_path, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
-    h1 = res["modes"]["h1"]["targets"]
+    h1 = res["modes"]["h1:router"]["targets"]
     assert h1["pyproxy"]["status"] == "failed to start"
     assert "exited with code 3" in h1["pyproxy"]["reason"]
     for name in ("direct", "nginx", "bare"):
@@ -101,6 +101,50 @@ def test_harness_h1_direct_and_nginx(tmp_path):
     assert "failed to start" in cp.stdout
     if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
         assert res["meta"]["pinning"].startswith("proxy under test pinned to CPU")
+
+
+@pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("nginx")),
+                    reason="wrk or nginx missing")
+def test_harness_istio_chains(tmp_path):
+    """The Istio chains' configs and checks: Envoy (the reference, when present) and nginx reach
+    the backend's 200 only through the target service's virtual host and the misrouting check
+    sees 421 for another service, and so does pyproxy (the checkout's); the telemetry chain adds
+    pyproxy-nostats and leaves nginx out."""
+    targets = "direct,nginx,pyproxy" + (",envoy" if shutil.which("envoy") else "")
+    cp, res = _run(["--only", "h1", "--chains", "istio,istio-telemetry", "--targets", targets,
+                    "--duration", "1", "--repeat", "1", "--warmup", "0", "--connections", "10"],
+                   tmp_path, timeout=120)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    istio = res["modes"]["h1:istio"]["targets"]
+    tel = res["modes"]["h1:istio-telemetry"]["targets"]
+    assert "nginx" not in tel
+    ok = [(istio, n) for n in ("direct", "nginx", "pyproxy")] + [(tel, "pyproxy"), (tel, "pyproxy-nostats")]
+    if shutil.which("envoy"):
+        ok += [(istio, "envoy"), (tel, "envoy")]
+    for mode, name in ok:
+        t = mode[name]
+        assert t["status"] == "ok", (name, t)
+        run = t["runs"][0]
+        assert run["errors"] == 0 and run["non2xx"] == 0 and run["requests"] > 10, (name, run)
+    assert "CAVEAT: Envoy runs this chain without" in cp.stdout
+    assert "rps_vs_nostats" in tel["pyproxy"]["ratios"]
+
+
+def test_istio_route_table_shape():
+    """The Istio route table is istiod's shape: ten services, eight domains each, the default retry
+    policy, decorators, timeout 0s, then allow_any."""
+    from bench import configs
+    rc = configs.istio_route_config()
+    vhs = rc["virtual_hosts"]
+    assert len(vhs) == 11 and vhs[-1]["domains"] == ["*"]
+    assert [v["name"] for v in vhs[:-1]] == sorted(v["name"] for v in vhs[:-1])
+    for v in vhs[:-1]:
+        assert len(v["domains"]) == len(set(v["domains"])) == 8 and v["include_request_attempt_count"]
+        (r,) = v["routes"]
+        assert r["route"]["timeout"] == r["route"]["max_grpc_timeout"] == "0s"
+        assert r["route"]["retry_policy"]["num_retries"] == 2
+        assert r["decorator"]["operation"] == v["name"] + "/*"
+    assert sum(configs.ISTIO_HOST in v["domains"] for v in vhs) == 1
 
 
 def _control_plane_importable():

@@ -206,6 +206,10 @@ def test_split_and_capture(mesh):
     assert delta("svc-a", "cluster.%s.upstream_rq_total" % V2) == v2
     assert delta("svc-b-v1", "cluster.inbound|8080||.upstream_rq_total") == pods.get("svc-b-v1", 0)
     assert delta("svc-b-v2", "cluster.inbound|8080||.upstream_rq_total") == v2
+    # pilot-agent's stats inclusion list (plus the pods' statsInclusionPrefixes): no listener stats
+    # are created, as with Envoy; the readiness stats the agent reads are
+    assert mesh.stats("svc-a", r"^listener\.") == {}
+    assert mesh.stats("svc-a", r"^server\.state$") == {"server.state": 0}
 
 
 def test_local_images_is_idempotent(mesh):

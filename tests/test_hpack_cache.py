@@ -1,4 +1,4 @@
-"""The HTTP/2 codecs' HPACK decoder memo (pyproxy/http/http2.py FastDecoder): a block's fields are
+"""The HTTP/2 codecs' HPACK decoder memo (pyproxy/http/h2_hpack.py FastDecoder): a block's fields are
 reused only while the decoder's dynamic table is what it was when the block was decoded.
 The blocks below are nginx 1.22 responses as captured on the wire (nginx shrinks its table to zero
 when the client states SETTINGS_HEADER_TABLE_SIZE, and then sends every field as a literal with
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hpack
 
-from pyproxy.http.http2 import FastDecoder, new_h2, H2Options
+from pyproxy.http.h2_common import H2Options, new_h2
+from pyproxy.http.h2_hpack import FastDecoder
 
 NGINX_FIRST = bytes.fromhex("20887689aa6355e580ae212e1f6196dc34fd2820a9a4fdd41004e28266e08371b6d4c5a37f"
                             "5f87497ca58ae819aa5c0431303234")

@@ -17,7 +17,7 @@ from pyproxy.cluster.pool import Http1Pool
 from pyproxy.cluster.pool_h2 import Http2Pool, cluster_options
 from pyproxy.config import ConfigError
 from pyproxy.filters.http.grpc_stats import _FrameCounter
-from pyproxy.http import http2
+from pyproxy.http import h2_common, h2_headers, h2_hpack
 from pyproxy.http.headers import Headers
 from pyproxy.stats import Store
 
@@ -54,18 +54,18 @@ def test_pool_by_protocol():
 
 
 def test_options_defaults_and_validation():
-    o = http2.H2Options()
+    o = h2_common.H2Options()
     assert (o.max_concurrent_streams, o.stream_window, o.connection_window) == (1024, 16 << 20, 24 << 20)
     p = json_format.ParseDict({"initial_stream_window_size": 1000}, protocol_pb2.Http2ProtocolOptions())
     with pytest.raises(ConfigError, match="initial_stream_window_size"):
-        http2.H2Options(p)
+        h2_common.H2Options(p)
     p = json_format.ParseDict({"connection_keepalive": {"interval": "1s"}}, protocol_pb2.Http2ProtocolOptions())
     with pytest.raises(ConfigError, match="timeout"):
-        http2.H2Options(p)
+        h2_common.H2Options(p)
     p = json_format.ParseDict({"max_concurrent_streams": 5, "initial_connection_window_size": 1 << 20,
                                "connection_keepalive": {"interval": "2s", "timeout": "1s"}},
                               protocol_pb2.Http2ProtocolOptions())
-    o = http2.H2Options(p)
+    o = h2_common.H2Options(p)
     assert (o.max_concurrent_streams, o.connection_window, o.keepalive_interval, o.keepalive_timeout) == \
         (5, 1 << 20, 2.0, 1.0)
 
@@ -74,9 +74,9 @@ def test_to_h2_strips_connection_specific_headers():
     h = Headers([(":method", "GET"), (":path", "/"), (":authority", "a"), ("connection", "keep-alive"),
                  ("keep-alive", "5"), ("te", "gzip"), ("transfer-encoding", "chunked"), ("upgrade", "x"),
                  ("x-ok", "caf\u00e9"), ("host", "a")])
-    out = http2.to_h2(h)
+    out = h2_headers.to_h2(h)
     assert out == [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a"), (b"x-ok", b"caf\xe9")]
-    assert http2.to_h2(Headers([("te", "trailers")])) == [(b"te", b"trailers")]
+    assert h2_headers.to_h2(Headers([("te", "trailers")])) == [(b"te", b"trailers")]
 
 
 def _req(*extra, pseudo=((b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a"))):
@@ -84,7 +84,7 @@ def _req(*extra, pseudo=((b":method", b"GET"), (b":scheme", b"http"), (b":path",
 
 
 def test_inbound_headers_validation():
-    ok = http2.inbound_headers(_req((b"cookie", b"a=1"), (b"x", b"caf\xe9"), (b"cookie", b"b=2")), http2.REQUEST)
+    ok = h2_headers.inbound_headers(_req((b"cookie", b"a=1"), (b"x", b"caf\xe9"), (b"cookie", b"b=2")), h2_headers.REQUEST)
     assert ok == [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "a"),
                   ("cookie", "a=1; b=2"), ("x", "caf\u00e9")]
     bad = [
@@ -96,32 +96,56 @@ def test_inbound_headers_validation():
         _req((b"bad name", b"v")),
     ]
     for b in bad:
-        with pytest.raises(http2.BadHeaders):
-            http2.inbound_headers(b, http2.REQUEST)
-    assert http2.inbound_headers([(b":method", b"CONNECT"), (b":authority", b"h:443")], http2.REQUEST)
-    with pytest.raises(http2.BadHeaders):
-        http2.inbound_headers([(b":status", b"200"), (b":path", b"/")], http2.RESPONSE)
-    with pytest.raises(http2.BadHeaders):
-        http2.inbound_headers([(b":status", b"200")], http2.TRAILERS)
-    assert http2.inbound_headers([(b"grpc-status", b"0")], http2.TRAILERS) == [("grpc-status", "0")]
+        with pytest.raises(h2_headers.BadHeaders):
+            h2_headers.inbound_headers(b, h2_headers.REQUEST)
+    assert h2_headers.inbound_headers([(b":method", b"CONNECT"), (b":authority", b"h:443")], h2_headers.REQUEST)
+    with pytest.raises(h2_headers.BadHeaders):
+        h2_headers.inbound_headers([(b":status", b"200"), (b":path", b"/")], h2_headers.RESPONSE)
+    with pytest.raises(h2_headers.BadHeaders):
+        h2_headers.inbound_headers([(b":status", b"200")], h2_headers.TRAILERS)
+    assert h2_headers.inbound_headers([(b"grpc-status", b"0")], h2_headers.TRAILERS) == [("grpc-status", "0")]
 
 
 def test_fast_hpack_round_trip():
     import hpack
-    enc = http2.FastEncoder()
+    enc = h2_hpack.FastEncoder()
     dec = hpack.Decoder()
     h = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x-long", b"v" * 300), (b"server", b"envoy")]
     assert dec.decode(enc.encode(h), raw=True) == h
     enc.header_table_size = 0  # the peer shrank its table: a size update leads the next block
     block = enc.encode(h)
     assert block[:1] == b"\x20" and dec.decode(block, raw=True) == h
-    cd = http2.FastDecoder(65536)
+    cd = h2_hpack.FastDecoder(65536)
     he = hpack.Encoder()
     blocks = [he.encode([(":method", "GET"), (":path", "/x"), ("x-a", "b")]) for _ in range(3)]
     assert blocks[1] == blocks[2]  # fully indexed repeats: parsed once
     outs = [cd.decode(b, raw=True) for b in blocks]
     assert list(outs[0]) == list(outs[1]) == list(outs[2]) == [(b":method", b"GET"), (b":path", b"/x"), (b"x-a", b"b")]
     assert len(cd.memo) == 2
+
+
+def test_fast_encoder_new_values_of_known_names():
+    """A field the memo has not seen (a request id) reuses its name's encoding; what goes out is
+    what hpack decodes, connection-specific fields and ``te`` other than trailers stay out, and
+    never-indexed fields keep their representation."""
+    import uuid
+    import hpack
+    from hpack import NeverIndexedHeaderTuple
+    enc = h2_hpack.FastEncoder()
+    dec = hpack.Decoder()
+    for i in range(3):
+        rid = str(uuid.UUID(int=i + 1))
+        h = [(":status", "200"), ("x-request-id", rid), ("te", "trailers"), ("x-v", "w" * (150 + i)),
+             ("connection", "close"), ("content-type", "caf\xe9"), ("x-big", "b" * i)]
+        assert dec.decode(enc.encode(h), raw=True) == [
+            (b":status", b"200"), (b"x-request-id", rid.encode()), (b"te", b"trailers"),
+            (b"x-v", b"w" * (150 + i)), (b"content-type", b"caf\xe9"), (b"x-big", b"b" * i)]
+        assert dec.decode(enc.encode([("te", "gzip"), ("x-request-id", rid)]), raw=True) == [
+            (b"x-request-id", rid.encode())]
+    secret = NeverIndexedHeaderTuple(b"x-request-id", b"s")
+    block = enc.encode([secret])
+    assert block[:1] == b"\x10"  # literal never indexed, literal name
+    assert dec.decode(block, raw=True) == [(b"x-request-id", b"s")]
 
 
 def test_fast_decoder_matches_hpack_on_a_moving_dynamic_table():
@@ -133,7 +157,7 @@ def test_fast_decoder_matches_hpack_on_a_moving_dynamic_table():
     rnd = random.Random(3)
     he = hpack.Encoder()
     ref = hpack.Decoder()
-    fd = http2.FastDecoder(1 << 20)
+    fd = h2_hpack.FastDecoder(1 << 20)
     for i in range(400):
         h = [(":status", "200"), ("server", "nginx"), ("date", "d%d" % (i // 7)),
              ("x-r", "v" * rnd.randrange(0, 300)), ("content-length", str(rnd.randrange(1000)))]
@@ -143,7 +167,7 @@ def test_fast_decoder_matches_hpack_on_a_moving_dynamic_table():
         assert list(fd.decode(block, raw=True)) == ref.decode(block, raw=True)
     # nginx inserts the same fields into the table with every response: one parse, many uses
     nginx = b"\x88\x61\x03abc\x76\x05nginx"  # :status 200, date: abc and server: nginx with indexing
-    fd = http2.FastDecoder(1 << 20)
+    fd = h2_hpack.FastDecoder(1 << 20)
     ref = hpack.Decoder()
     for _ in range(200):
         assert list(fd.decode(nginx, raw=True)) == ref.decode(nginx, raw=True) == [
@@ -153,16 +177,16 @@ def test_fast_decoder_matches_hpack_on_a_moving_dynamic_table():
     # malformed blocks raise hpack's errors (the engines turn them into COMPRESSION_ERROR)
     for bad in (b"\x80", b"\xff", b"\xfe\x7f", b"\x40\x85ab", b"\x82\x3f\xe1\x1f", b"\x3f\xff\xff\xff\xff\x0f"):
         with pytest.raises(HPACKError):
-            http2.FastDecoder(1 << 20).decode(bad, raw=True)
-    small = http2.FastDecoder(100)
+            h2_hpack.FastDecoder(1 << 20).decode(bad, raw=True)
+    small = h2_hpack.FastDecoder(100)
     with pytest.raises(OversizedHeaderListError):
         small.decode(hpack.Encoder().encode([("x-big", "v" * 200)]), raw=True)
 
 
-@pytest.mark.parametrize("engine", http2.ENGINES)
+@pytest.mark.parametrize("engine", h2_common.ENGINES)
 def test_server_settings_advertised_and_enforced_by_us(engine):
-    o = http2.H2Options(json_format.ParseDict({"max_concurrent_streams": 3}, protocol_pb2.Http2ProtocolOptions()))
-    c = http2.new_h2(False, o, engine=engine)
+    o = h2_common.H2Options(json_format.ParseDict({"max_concurrent_streams": 3}, protocol_pb2.Http2ProtocolOptions()))
+    c = h2_common.new_h2(False, o, engine=engine)
     data = c.data_to_send()
     # SETTINGS_MAX_CONCURRENT_STREAMS (0x3) = 3 is on the wire...
     assert b"\x00\x03\x00\x00\x00\x03" in data

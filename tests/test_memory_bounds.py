@@ -13,7 +13,7 @@ import time
 import pytest
 
 from proxy_util import Pyproxy, bootstrap, free_port, http_listener, route_config
-from pyproxy.http.http2 import ByteMemo, FastDecoder
+from pyproxy.http.h2_hpack import ByteMemo, FastDecoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

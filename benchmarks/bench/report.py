@@ -4,7 +4,8 @@ import statistics
 import subprocess
 import sys
 
-ORDER = ("direct", "pyproxy", "envoy", "nginx", "bare")
+ORDER = ("direct", "pyproxy", "pyproxy-nostats", "envoy", "nginx", "bare")
+W = 16  # width of the target column
 
 
 def median(vals):
@@ -55,7 +56,19 @@ def add_ratios(mode):
         a, b = m(name, "p99_ms"), m("direct", "p99_ms")
         if a is not None and b is not None:
             r["added_p99_ms_vs_direct"] = round(a - b, 3)
+        if name == "pyproxy":  # istio.stats on / off (the telemetry chain)
+            for key in ("rps", "cpu_s_per_1k_req"):
+                a, b = m(name, key), m("pyproxy-nostats", key)
+                if a is not None and b:
+                    r[f"{key}_vs_nostats"] = round(a / b, 3)
         t["ratios"] = r
+    e, p = targets.get("envoy", {}), targets.get("pyproxy", {})
+    for key in ("added_p99_ms_vs_direct",):
+        a, b = p.get("ratios", {}).get(key), e.get("ratios", {}).get(key)
+        if a is not None and b is not None and b > 0:
+            p["ratios"]["added_p99_vs_envoy"] = round(a / b, 3)
+    if p.get("rss_mb") and e.get("rss_mb") and p.get("status") == "ok":
+        p.setdefault("ratios", {})["rss_mb_vs_envoy"] = round(p["rss_mb"] / e["rss_mb"], 3)
 
 
 def _fmt(v, spec):
@@ -70,10 +83,10 @@ def print_throughput(title, mode, paced=False):
     for line in mode.get("notes", []):
         print(f"   {line}")
     if paced:
-        hdr = (f"{'target':<9}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p99 ms':>9}"
+        hdr = (f"{'target':<{W}}{'rps':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p99 ms':>9}"
                f"{'vCPU/1k rps':>13}{'x envoy':>9}{'RSS MB':>9}")
     else:
-        hdr = (f"{'target':<9}{'rps':>10}{'x envoy':>9}{'x direct':>9}{'p50 ms':>9}"
+        hdr = (f"{'target':<{W}}{'rps':>10}{'x envoy':>9}{'x direct':>9}{'p50 ms':>9}"
                f"{'p99 ms':>9}{'CPU ms/1k req':>15}{'x envoy':>9}{'RSS MB':>9}")
     print(hdr)
     for name in ORDER:
@@ -81,24 +94,111 @@ def print_throughput(title, mode, paced=False):
         if t is None:
             continue
         if t.get("status") != "ok" or "median" not in t:
-            print(f"{name:<9}{t.get('status', '?')}: {t.get('reason', '')[:200]}")
+            print(f"{name:<{W}}{t.get('status', '?')}: {t.get('reason', '')[:200]}")
             continue
         md, r = t["median"], t.get("ratios", {})
         cpu = md.get("cpu_s_per_1k_req")
         rss = t.get("rss_mb")
         if paced:
-            print(f"{name:<9}{_fmt(md['rps'], '9.0f')}{_fmt(md['p50_ms'], '9.2f')}"
+            print(f"{name:<{W}}{_fmt(md['rps'], '9.0f')}{_fmt(md['p50_ms'], '9.2f')}"
                   f"{_fmt(md['p99_ms'], '9.2f')}{_fmt(r.get('added_p99_ms_vs_direct'), '+9.2f')}"
                   f"{_fmt(cpu, '13.3f')}{_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '9.2f')}"
                   f"{_fmt(rss, '9.1f')}")
         else:
-            print(f"{name:<9}{_fmt(md['rps'], '10.0f')}{_fmt(r.get('rps_vs_envoy'), '9.2f')}"
+            print(f"{name:<{W}}{_fmt(md['rps'], '10.0f')}{_fmt(r.get('rps_vs_envoy'), '9.2f')}"
                   f"{_fmt(r.get('rps_vs_direct'), '9.2f')}{_fmt(md['p50_ms'], '9.2f')}"
                   f"{_fmt(md['p99_ms'], '9.2f')}"
                   f"{_fmt(None if cpu is None else cpu * 1000, '15.1f')}"
                   f"{_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '9.2f')}{_fmt(rss, '9.1f')}")
         for w in t.get("warnings", []):
-            print(f"{'':<9}WARNING: {w}")
+            print(f"{'':<{W}}WARNING: {w}")
+    r = (mode["targets"].get("pyproxy") or {}).get("ratios", {})
+    if "rps_vs_nostats" in r:
+        print(f"   istio.stats on / off (pyproxy / pyproxy-nostats): rps {r['rps_vs_nostats']:.3f}x, "
+              f"CPU per request {_fmt(r.get('cpu_s_per_1k_req_vs_nostats'), '.3f')}x")
+
+
+def print_opcodes(mode):
+    print("\n== Python opcodes and calls per request (micro_h1 / micro_h2 --opcodes) ==")
+    for line in mode.get("notes", []):
+        print(f"   {line}")
+    print(f"{'config':<18}{'h1 opcodes':>12}{'h1 calls':>10}{'h2 opcodes':>12}{'h2 calls':>10}")
+    for chain, row in mode.get("configs", {}).items():
+        cells = []
+        for proto in ("h1", "h2"):
+            v = row.get(proto, {})
+            cells += [_fmt(v.get("opcodes"), "12d"), _fmt(v.get("calls"), "10d")]
+        print(f"{chain:<18}" + "".join(cells))
+
+
+# the issues' targets (#10, #13): (mode key, label, [(ratio key in pyproxy's ratios, target, "<=" or ">=")])
+TARGETS = (
+    ("h1:istio", "h1 istio", [("rps_vs_envoy", 1.25, ">="), ("cpu_s_per_1k_req_vs_envoy", 0.8, "<=")]),
+    ("h2:istio", "h2 istio", [("rps_vs_envoy", 1.0, ">=")]),
+    ("h1:router", "h1 router (20 routes, req+resp hdr)", [("rps_vs_envoy", 1.5, ">=")]),
+    ("h1:istio-telemetry", "h1 istio-telemetry", [("rps_vs_envoy", 1.1, ">="), ("rps_vs_nostats", 0.9, ">=")]),
+    ("h2:router", "h2 router", []),
+    ("h2:istio-telemetry", "h2 istio-telemetry", []),
+    ("h1paced:istio", "paced ~1000 rps istio", [("cpu_s_per_1k_req_vs_envoy", 1.0, "<="),
+                                               ("added_p99_vs_envoy", 1.0, "<="),
+                                               ("rss_mb_vs_envoy", 1.0, "<=")]),
+)
+
+
+def print_summary(results):
+    """One line per mode and chain: pyproxy / Envoy ratios, with the issues' targets."""
+    modes = results["modes"]
+    lines = []
+    for key, label, targets in TARGETS:
+        m = modes.get(key)
+        p = (m or {}).get("targets", {}).get("pyproxy")
+        if not p:
+            continue
+        r = p.get("ratios", {})
+        if p.get("status") != "ok" or not r:
+            lines.append(f"{label:<38}pyproxy {p.get('status')}: {p.get('reason', '')[:120]}")
+            continue
+        bad = " (figures NOT valid: see the warnings)" if p.get("warnings") else ""
+        cells = [f"rps {_fmt(r.get('rps_vs_envoy'), '.2f')}x",
+                 f"CPU/req {_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '.2f')}x"]
+        if key.startswith("h1paced"):
+            cells += [f"+p99 {_fmt(r.get('added_p99_ms_vs_direct'), '.2f')} ms vs envoy "
+                      f"{_fmt((m['targets'].get('envoy') or {}).get('ratios', {}).get('added_p99_ms_vs_direct'), '.2f')} ms",
+                      f"RSS {_fmt(r.get('rss_mb_vs_envoy'), '.2f')}x"]
+        if "rps_vs_nostats" in r:
+            cells.append(f"stats on/off rps {r['rps_vs_nostats']:.2f}x")
+        verdict = []
+        for rk, want, op in targets:
+            v = r.get(rk)
+            if v is None:
+                verdict.append(f"{rk} ?")
+                continue
+            ok = v >= want if op == ">=" else v <= want
+            verdict.append(f"{rk} {op} {want}: {'met' if ok else 'NOT met'}")
+        lines.append(f"{label:<38}" + ", ".join(cells) + bad
+                     + (f"\n{'':<38}target: " + "; ".join(verdict) if verdict else ""))
+    for key in sorted(k for k in modes if k.startswith("xds")):
+        m = modes[key]
+        r = m.get("ratios")
+        if not r:
+            continue
+        big = m.get("count") == 10000
+        verdict = ""
+        if big:
+            verdict = (f"\n{'':<38}target: time <= 1: {'met' if r['all_acked_s_vs_envoy'] <= 1 else 'NOT met'}; "
+                       f"RSS <= 2: {'met' if r['rss_mb_vs_envoy'] <= 2 else 'NOT met'}")
+        lines.append(f"{'xds ' + m.get('api', '') + ' N=' + str(m.get('count', '')):<38}"
+                     f"time {r['all_acked_s_vs_envoy']:.2f}x, RSS {r['rss_mb_vs_envoy']:.2f}x" + verdict)
+    if "grpc" in modes:
+        r = (modes["grpc"].get("targets", {}).get("pyproxy") or {}).get("ratios", {})
+        if r:
+            lines.append(f"{'grpc unary (router)':<38}rps {_fmt(r.get('rps_vs_envoy'), '.2f')}x, "
+                         f"CPU/req {_fmt(r.get('cpu_s_per_1k_req_vs_envoy'), '.2f')}x")
+    if not lines:
+        return
+    print("\n== Summary: pyproxy / Envoy, same run (medians) ==")
+    for line in lines:
+        print(line)
 
 
 def print_xds_growth(modes):
@@ -176,13 +276,15 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     panels = []
-    for key, title in (("h1", "HTTP/1.1 closed loop"), ("h2", "HTTP/2 (h2load)"),
-                       ("grpc", "gRPC unary")):
-        if key in results["modes"]:
-            panels.append((key, title, [("rps", "requests/s"), ("p99_ms", "p99 latency (ms)")]))
-    if "h1paced" in results["modes"]:
-        panels.append(("h1paced", "HTTP/1.1 paced ~1000 rps",
-                       [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
+    titles = {"h1": "HTTP/1.1", "h2": "HTTP/2 (h2load)", "grpc": "gRPC unary"}
+    for key, mode in results["modes"].items():
+        kind, _, chain = key.partition(":")
+        if kind in titles and "targets" in mode:
+            panels.append((key, titles[kind] + (f" {chain}" if chain else ""),
+                           [("rps", "requests/s"), ("p99_ms", "p99 latency (ms)")]))
+        elif kind == "h1paced" and "targets" in mode:
+            panels.append((key, f"HTTP/1.1 paced ~1000 rps {chain}",
+                           [("vcpu_per_1k_rps", "vCPU per 1000 rps"), ("p99_ms", "p99 latency (ms)")]))
     for key in [k for k in results["modes"] if k.startswith("xds")]:
         if "targets" in results["modes"][key]:
             panels.append((key, f"xDS apply ({results['modes'][key].get('api', 'sotw')}"
@@ -191,7 +293,8 @@ def plot(results, path):
                             ("rss_mb", "RSS after apply (MB)")]))
     if not panels:
         return None
-    colors = {"direct": "#888888", "pyproxy": "#3572A5", "envoy": "#AC1F2D", "nginx": "#009639", "bare": "#E8A33D"}
+    colors = {"direct": "#888888", "pyproxy": "#3572A5", "pyproxy-nostats": "#7FA7D0", "envoy": "#AC1F2D",
+              "nginx": "#009639", "bare": "#E8A33D"}
     fig, axes = plt.subplots(len(panels), 2, figsize=(10, 3.2 * len(panels)), squeeze=False)
     for row, (key, title, metrics) in enumerate(panels):
         mode = results["modes"][key]

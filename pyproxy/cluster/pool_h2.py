@@ -8,7 +8,7 @@ when the slots run out, within the cluster's circuit breakers. The stream object
 
 A request the peer did not process (GOAWAY with a lower last-stream-id, or REFUSED_STREAM before
 any response) is replayed on another connection as long as what was sent is still held (up to
-``REPLAY_LIMIT`` bytes); the caller does not notice. Connections close after
+``h2_client.REPLAY_LIMIT`` bytes); the caller does not notice. Connections close after
 ``max_requests_per_connection`` streams, after ``idle_timeout`` without streams, or when the pool
 drains.
 """
@@ -17,34 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 
 import h2.exceptions
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes
 
-from ..http import http2 as h2c
-from ..http.headers import Headers
-from .. import writebatch
+from ..http.h2_client import REFUSED, REMOTE_RESET, TERMINATED, H2ClientStream, Http2ClientCodec
+from ..http.h2_common import H2Options
 from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase, attach_transport
 
-log = logging.getLogger("pyproxy.pool")
-
-REPLAY_LIMIT = 64 * 1024
-REFUSED = "remote refused stream reset"
-REMOTE_RESET = "remote reset"
-TERMINATED = "connection termination"
-
-EVENT_KIND = h2c.EVENT_KIND
-EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET = h2c.EV_RESPONSE, h2c.EV_DATA, h2c.EV_TRAILERS, h2c.EV_ENDED, h2c.EV_RESET
-EV_WINDOW, EV_SETTINGS, EV_GOAWAY = h2c.EV_WINDOW, h2c.EV_SETTINGS, h2c.EV_GOAWAY
-
-
-def cluster_options(cluster) -> h2c.H2Options:
+def cluster_options(cluster) -> H2Options:
     o = getattr(cluster, "h2_compiled_options", None)
     if o is None:
         po = getattr(cluster, "protocol_options", None)
-        o = h2c.H2Options(getattr(po, "http2_options", None), 80 * 1024, 200)
+        o = H2Options(getattr(po, "http2_options", None), 80 * 1024, 200)
         try:
             cluster.h2_compiled_options = o
         except AttributeError:
@@ -52,241 +37,29 @@ def cluster_options(cluster) -> h2c.H2Options:
     return o
 
 
-class H2UpstreamStream(h2c.OutStream):
-    """One request on an upstream HTTP/2 connection: the encoder the router writes to."""
+class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
+    """One upstream HTTP/2 connection of a pool: the transport, the stream slots, idle and
+    SETTINGS timers; the protocol is ``Http2ClientCodec``'s."""
 
-    __slots__ = ("pool", "conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
-                 "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
-                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade")
-
-    def __init__(self, pool, cb):
-        self.pool = pool
-        self.conn = None
-        self.sid = 0
-        self.cb = cb
-        self._init_out()
-        self.replay = []
-        self.replay_bytes = 0
-        self.response_started = False
-        self.remote_ended = False
-        self.local_ended = False
-        self.closed = False
-        self.cancelled = False
-        self.headers_sent = False
-        self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
-
-    @property
-    def local_address(self) -> str:
-        c = self.conn
-        return c.local_address if c is not None else ""
-
-    # -- encoder API (router -> upstream) -----------------------------------------------------------
-    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
-        if self.closed:
-            return
-        self._log(("h", headers, end_stream), 0)
-        c = self.conn
-        if c is None:
-            return  # waiting for a connection to replay on
-        self._send_headers(headers, end_stream)
-
-    def _send_headers(self, headers, end_stream):
-        c = self.conn
-        h = c.h2
-        sid = self.sid = h.get_next_available_stream_id()
-        c.streams[sid] = self
-        fields = headers._h
-        if c.extended_connect and "upgrade" in headers:
-            fields = self._extended_connect(fields)
-        h.send_headers(sid, fields if c.lean else h2c.to_h2(Headers(fields)), end_stream=end_stream)
-        self.headers_sent = True
-        if end_stream:
-            self.local_ended = True
-        c.want_flush()
-
-    def _extended_connect(self, fields) -> list:
-        """An HTTP/1.1 upgrade (websocket) as RFC 8441 extended CONNECT, as Envoy sends it to an
-        upstream that announced SETTINGS_ENABLE_CONNECT_PROTOCOL; its 200 comes back as a 101."""
-        out = []
-        for kv in fields:
-            k = kv[0]
-            if k == ":method":
-                out.append((":method", "CONNECT"))
-            elif k == "upgrade":
-                self.upgrade = kv[1]
-            elif k != "connection":
-                out.append(kv)
-        i = 0
-        while i < len(out) and out[i][0][0] == ":":
-            i += 1
-        out.insert(i, (":protocol", self.upgrade))
-        return out
-
-    def encode_data(self, data: bytes, end_stream: bool) -> None:
-        if self.closed:
-            return
-        self._log(("d", data, end_stream), len(data))
-        if self.conn is None or not self.headers_sent:
-            return
-        try:
-            self._send_data(data, end_stream)
-        except h2.exceptions.ProtocolError as e:
-            self._local_failure(e)
-            return
-        self.conn.want_flush()
-
-    def encode_trailers(self, trailers: Headers) -> None:
-        if self.closed:
-            return
-        self._log(("t", trailers), 0)
-        if self.conn is None or not self.headers_sent:
-            return
-        try:
-            self._send_trailers(trailers)
-        except h2.exceptions.ProtocolError as e:
-            self._local_failure(e)
-            return
-        self.conn.want_flush()
-
-    def read_disable(self, disable: bool) -> None:
-        if disable:
-            self.read_off += 1
-            return
-        if not self.read_off:
-            return
-        self.read_off -= 1
-        if not self.read_off and self.unacked:
-            n, self.unacked = self.unacked, 0
-            c = self.conn
-            if c is not None and not c.closed:
-                try:
-                    c.h2.acknowledge_received_data(n, self.sid)
-                except (h2.exceptions.ProtocolError, ValueError):
-                    pass
-                c.want_flush()
-
-    def reset(self) -> None:
-        """The router abandons the request: RST_STREAM(CANCEL) and free the slot."""
-        if self.closed:
-            return
-        self.cancelled = True
-        c = self.conn
-        if c is not None and self.headers_sent and not c.closed:
-            try:
-                c.h2.reset_stream(self.sid, ErrorCodes.CANCEL)
-            except h2.exceptions.ProtocolError:
-                pass
-            c.want_flush()
-        self._finish()
-
-    # -- internals ----------------------------------------------------------------------------------
-    def _log(self, ev, n):
-        r = self.replay
-        if r is not None:
-            self.replay_bytes += n
-            if self.replay_bytes > REPLAY_LIMIT:
-                self.replay = None
-            else:
-                r.append(ev)
-
-    def replay_on(self, conn) -> None:
-        """Bound to a (new) connection: send what the router already gave us."""
-        self.conn = conn
-        self.headers_sent = False
-        self.local_ended = False
-        self.pending.clear()
-        self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        for ev in self.replay or ():
-            if self.closed:
-                return
-            k = ev[0]
-            if k == "h":
-                self._send_headers(ev[1], ev[2])
-            elif k == "d":
-                self._send_data(ev[1], ev[2])
-            else:
-                self._send_trailers(ev[1])
-        conn.want_flush()
-
-    def _ended(self) -> None:
-        self.local_ended = True
-
-    def _watermark(self, above: bool) -> None:
-        if not self.closed:
-            self.cb.on_upstream_watermark(above)
-
-    def _local_failure(self, e) -> None:
-        log.debug("upstream h2 stream failed: %s", e)
-        cb = self.cb
-        self.reset()
-        cb.on_upstream_reset("local reset")
-
-    def _finish(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.pending.clear()
-        self.pending_bytes = 0
-        self.replay = None
-        c = self.conn
-        if c is not None:
-            c.blocked.discard(self)
-            if self.headers_sent and not c.closed:
-                h = c.h2
-                try:
-                    if not self.local_ended and not self.cancelled:
-                        # the response is complete: stop sending the request
-                        h.reset_stream(self.sid, ErrorCodes.CANCEL)
-                        c.want_flush()
-                    if self.unacked:
-                        h.acknowledge_received_data(self.unacked, self.sid)
-                        self.unacked = 0
-                        c.want_flush()
-                except (h2.exceptions.ProtocolError, ValueError):
-                    pass
-            c.stream_done(self)
-
-    def _release_watermark(self) -> None:
-        if self.above:
-            self.above = False
-            self.cb.on_upstream_watermark(False)
-
-    def can_replay(self) -> bool:
-        return self.replay is not None and not self.response_started and not self.cancelled
-
-
-class H2UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
-                 "extended_connect")
+                 "extended_connect", "tx_counter", "max_requests")
 
     def __init__(self, pool, host):
         self.pool = pool
         self.host = host
         self.loop = pool.loop
-        self.transport = None
-        opts = cluster_options(pool.cluster)
-        self.h2 = h2c.new_h2(True, opts)
-        self.lean = self.h2.__class__ is h2c.H2Engine  # takes Headers' pairs as they are
-        self.max_frame = self.h2.max_outbound_frame_size
-        self.streams: dict = {}  # sid -> stream with headers sent
+        cluster = pool.cluster
+        opts = cluster_options(cluster)
+        self._init_codec(opts, cluster.buffer_limit, cluster.st_cx_tx_bytes)
         self.bound = 0  # streams holding a slot (with or without headers sent)
-        self.closed = False
-        self.write_paused = False
-        self.blocked: set = set()
-        self.stream_high = pool.cluster.buffer_limit
         self.requests = 0
         self.idle_handle = None
-        self.flush_handle = None
         self.local_address = ""
-        self.goaway = False
         self.draining = False
         self.max_streams = opts.max_concurrent_streams
-        self.ready = False  # the peer's SETTINGS (its stream limit) arrived
-        self.extended_connect = False  # the peer announced SETTINGS_ENABLE_CONNECT_PROTOCOL
+        self.max_requests = cluster.max_requests_per_connection
         self.ready_timer = None
 
     # -- capacity -----------------------------------------------------------------------------------
@@ -294,10 +67,11 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.closed or self.goaway or self.draining or not self.ready:
             return 0
         peer = self.h2.remote_settings.max_concurrent_streams
-        n = min(peer, self.max_streams) - self.bound
-        mr = self.pool.cluster.max_requests_per_connection
-        if mr:
-            n = min(n, mr - self.requests)
+        ours = self.max_streams
+        n = (peer if peer < ours else ours) - self.bound
+        mr = self.max_requests
+        if mr and mr - self.requests < n:
+            return mr - self.requests
         return n
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -317,163 +91,14 @@ class H2UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         self.pool.cluster.st_cx_rx_bytes.value += len(data)
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            log.debug("upstream %s: h2 protocol error: %s", self.host.key, e)
-            self._flush()
-            self.close(TERMINATED)
-            return
-        writebatch.enter()
-        try:
-            self._handle(events)
-        except Exception:
-            log.exception("upstream h2 event handling failed")
-            self.close(TERMINATED)
-            return
-        finally:
-            writebatch.leave()
-        self._flush()
+        self.feed(data)
 
-    def _handle(self, events):
-        streams = self.streams
-        h = self.h2
-        kinds = EVENT_KIND
-        for e in events:
-            t = kinds.get(e.__class__, -1)
-            if t == EV_DATA:
-                s = streams.get(e.stream_id)
-                n = e.flow_controlled_length
-                if s is None:
-                    if n:
-                        try:
-                            h.acknowledge_received_data(n, e.stream_id)
-                        except h2.exceptions.ProtocolError:
-                            pass
-                    continue
-                end = e.stream_ended is not None
-                if end:
-                    s.remote_ended = True
-                    s._release_watermark()
-                    s._finish()
-                s.cb.on_upstream_data(e.data, end)
-                if n:
-                    if s.read_off and not s.closed:
-                        s.unacked += n
-                    else:
-                        try:
-                            h.acknowledge_received_data(n, e.stream_id)
-                        except h2.exceptions.ProtocolError:
-                            pass
-            elif t == EV_RESPONSE:
-                s = streams.get(e.stream_id)
-                if s is None:
-                    continue
-                s.response_started = True
-                s.replay = None
-                try:
-                    headers = Headers(h2c.response_fields(e.headers))
-                except h2c.BadHeaders as err:
-                    self._bad_response(s, err)
-                    continue
-                end = e.stream_ended is not None
-                if s.upgrade is not None and not end and headers._h[0][1][:1] == "2":
-                    # the extended CONNECT was accepted: the HTTP/1.1 side expects a 101
-                    headers._h[0] = (":status", "101")
-                    headers._h.append(("upgrade", s.upgrade))
-                    headers._h.append(("connection", "upgrade"))
-                if end:
-                    s.remote_ended = True
-                    s._release_watermark()
-                    s._finish()
-                s.cb.on_upstream_headers(headers, end)
-            elif t == EV_TRAILERS:
-                s = streams.get(e.stream_id)
-                if s is None:
-                    continue
-                try:
-                    trailers = Headers(h2c.inbound_headers(e.headers, h2c.TRAILERS))
-                except h2c.BadHeaders as err:
-                    self._bad_response(s, err)
-                    continue
-                s.remote_ended = True
-                s._release_watermark()
-                s._finish()
-                s.cb.on_upstream_trailers(trailers)
-            elif t == EV_ENDED:
-                s = streams.get(e.stream_id)
-                if s is not None and not s.remote_ended:
-                    s.remote_ended = True
-                    s._release_watermark()
-                    s._finish()
-                    s.cb.on_upstream_data(b"", True)
-            elif t == EV_RESET:
-                s = streams.get(e.stream_id)
-                if s is None:
-                    continue
-                if e.error_code == ErrorCodes.REFUSED_STREAM and s.can_replay():
-                    self._detach(s)
-                    self.pool.requeue(s)
-                    continue
-                s._release_watermark()
-                s._finish()
-                self.pool.cluster.report_connect_failure(self.host)  # (Envoy: any reset)
-                s.cb.on_upstream_reset(REFUSED if e.error_code == ErrorCodes.REFUSED_STREAM else REMOTE_RESET)
-            elif t == EV_WINDOW:
-                if self.blocked:
-                    if e.stream_id == 0:
-                        h2c.flush_blocked(self)
-                    else:
-                        s = streams.get(e.stream_id)
-                        if s is not None and s.pending:
-                            s.flush_pending()
-            elif t == EV_SETTINGS:
-                self.max_frame = h.max_outbound_frame_size
-                ch = e.changed_settings
-                if SettingCodes.ENABLE_CONNECT_PROTOCOL in ch:
-                    self.extended_connect = bool(ch[SettingCodes.ENABLE_CONNECT_PROTOCOL].new_value)
-                if SettingCodes.INITIAL_WINDOW_SIZE in ch and self.blocked:
-                    h2c.flush_blocked(self)
-                if not self.ready:
-                    self.ready = True
-                    if self.ready_timer is not None:
-                        self.ready_timer.cancel()
-                        self.ready_timer = None
-                    self.pool.on_ready(self)
-                elif SettingCodes.MAX_CONCURRENT_STREAMS in ch:
-                    self.pool.on_capacity(self)
-            elif t == EV_GOAWAY:
-                self._on_goaway(e)
+    def connection_lost(self, exc):
+        self.close(TERMINATED if exc is not None else REMOTE_RESET, lost=True)
 
-    def _bad_response(self, s, err):
-        log.debug("upstream %s: malformed response headers: %s", self.host.key, err)
-        try:
-            self.h2.reset_stream(s.sid, ErrorCodes.PROTOCOL_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        s.cancelled = True
-        s._release_watermark()
-        s._finish()
-        s.cb.on_upstream_reset("protocol error")
-
-    def _on_goaway(self, e):
-        self.goaway = True
-        last = e.last_stream_id if e.last_stream_id is not None else 0
-        for sid, s in sorted(self.streams.items()):
-            if sid > last:
-                if s.can_replay():
-                    self._detach(s)
-                    self.pool.requeue(s)
-                else:
-                    s._release_watermark()
-                    s._finish()
-                    s.cb.on_upstream_reset(REFUSED)
-        self.pool.on_goaway(self)
-        if not self.bound:
-            self.close(None)
-
-    def _detach(self, s):
-        """Take a stream the peer did not process off this connection (to replay elsewhere)."""
+    # -- the codec's hooks --------------------------------------------------------------------------
+    def _replay_elsewhere(self, s) -> None:
+        """Take a stream the peer did not process off this connection and requeue it."""
         self.streams.pop(s.sid, None)
         self.blocked.discard(s)
         self.bound -= 1
@@ -481,48 +106,24 @@ class H2UpstreamConnection(asyncio.Protocol):
         s.conn = None
         s.sid = 0
         s.headers_sent = False
+        self.pool.requeue(s)
 
-    def connection_lost(self, exc):
-        self.close(TERMINATED if exc is not None else REMOTE_RESET, lost=True)
+    def _stream_failed(self) -> None:
+        self.pool.cluster.report_connect_failure(self.host)
 
-    def pause_writing(self):
-        self.write_paused = True
-        for s in list(self.streams.values()):
-            if not s.above:
-                s.above = True
-                s._watermark(True)
+    def _peer_ready(self) -> None:
+        if self.ready_timer is not None:
+            self.ready_timer.cancel()
+            self.ready_timer = None
+        self.pool.on_ready(self)
 
-    def resume_writing(self):
-        self.write_paused = False
-        if self.blocked:
-            h2c.flush_blocked(self)
-        for s in list(self.streams.values()):
-            if s.above and s.pending_bytes <= self.stream_high // 2:
-                s.above = False
-                s._watermark(False)
-        self._flush()
+    def _peer_capacity(self) -> None:
+        self.pool.on_capacity(self)
 
-    # -- output -------------------------------------------------------------------------------------
-    def want_flush(self) -> None:
-        if self.flush_handle is None and not self.closed:
-            # sent when the read being dispatched (e.g. a downstream request) is done, or on the
-            # next loop iteration outside a read
-            self.flush_handle = True
-            writebatch.queue(self, self.loop)
-
-    def flush(self) -> None:
-        """``writebatch``'s callback."""
-        if self.flush_handle is not None:
-            self._flush()
-
-    def _flush(self) -> None:
-        self.flush_handle = None
-        if self.closed or self.transport is None:
-            return
-        data = self.h2.data_to_send()
-        if data:
-            self.pool.cluster.st_cx_tx_bytes.value += len(data)
-            self.transport.write(data)
+    def _goaway_received(self) -> None:
+        self.pool.on_goaway(self)
+        if not self.bound:
+            self.close(None)
 
     # -- stream bookkeeping -------------------------------------------------------------------------
     def attach(self, s) -> None:
@@ -558,16 +159,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             except Exception:
                 pass
             self.transport.close()
-        streams = list(self.streams.values())
-        self.streams.clear()
-        self.blocked.clear()
-        for s in streams:
-            if s.closed:
-                continue
-            s.closed = True
-            s.replay = None
-            self.pool.cluster.report_connect_failure(self.host)
-            s.cb.on_upstream_reset(reason or TERMINATED)
+        self._fail_streams(reason)
         if lost:
             self.pool.on_connection_closed(self)
 
@@ -606,7 +198,7 @@ class Http2Pool(PoolBase):
     def new_stream(self, cb):
         for conn in self.conns:
             if conn.capacity() > 0:
-                self._bind(conn, H2UpstreamStream(self, cb))
+                self._bind(conn, H2ClientStream(cb))
                 return None
         c = self.cluster
         if c.pending_total >= c.max_pending_requests:
@@ -709,7 +301,7 @@ class Http2Pool(PoolBase):
                     except h2.exceptions.ProtocolError as e:
                         s._local_failure(e)
                 else:
-                    self._bind(conn, H2UpstreamStream(self, p.cb))
+                    self._bind(conn, H2ClientStream(p.cb))
                 n -= 1
             if not pending:
                 return

@@ -330,6 +330,18 @@ def decode_frame_body(body: bytes, additional_labels=frozenset()):
     return from_struct(v.struct_value, additional_labels), True
 
 
+def own_filter_state(si) -> dict:
+    """The stream's own filter-state dict: a stream starts with its connection's (shared by every
+    stream on it); the first write copies it, so a value set for one request never leaks into the
+    next one on the connection."""
+    fs = si.filter_state
+    if not getattr(si, "own_filter_state", False):
+        fs = dict(fs) if fs else {}
+        si.filter_state = fs
+        si.own_filter_state = True
+    return fs
+
+
 def set_peer(state: dict, downstream: bool, peer: WorkloadMetadata) -> bool:
     """Write a peer into a filter-state dict; the first value written wins."""
     key, obj_key = (DOWNSTREAM_PEER, DOWNSTREAM_PEER_OBJ) if downstream else (UPSTREAM_PEER, UPSTREAM_PEER_OBJ)

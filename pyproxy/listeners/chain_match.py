@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from .listener import SOURCE_ANY, SOURCE_EXTERNAL, SOURCE_LOCAL
+from envoy.config.listener.v3 import listener_components_pb2
+
+_ST = listener_components_pb2.FilterChainMatch.ConnectionSourceType
+SOURCE_ANY, SOURCE_LOCAL, SOURCE_EXTERNAL = _ST.ANY, _ST.SAME_IP_OR_LOOPBACK, _ST.EXTERNAL
 
 
 class ConnInfo:

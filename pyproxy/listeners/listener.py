@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import time
 
-from envoy.config.listener.v3 import listener_pb2, listener_components_pb2
+from envoy.config.listener.v3 import listener_pb2
 
 from ..config import ConfigError, duration_s, u32
 from ..config.registry import REGISTRY
@@ -32,9 +32,6 @@ _LISTENER_FILTERS = (
 for _t, _f, _n in _LISTENER_FILTERS:
     if REGISTRY.type_for_name("listener_filter", _n[0]) is None:
         REGISTRY.register("listener_filter", _t, _f, names=_n)
-
-_ST = listener_components_pb2.FilterChainMatch.ConnectionSourceType
-SOURCE_ANY, SOURCE_LOCAL, SOURCE_EXTERNAL = _ST.ANY, _ST.SAME_IP_OR_LOOPBACK, _ST.EXTERNAL
 
 
 class ChainMatch:

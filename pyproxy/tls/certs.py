@@ -43,7 +43,7 @@ def _contexts_in_use():
 
 
 def _pem(ds) -> bytes:
-    from .context import _data_source
+    from .parse import data_source as _data_source
     try:
         return _data_source(ds, "", "") or b""
     except ConfigError:
@@ -52,7 +52,7 @@ def _pem(ds) -> bytes:
 
 def _x509_list(pem: bytes):
     from OpenSSL import crypto
-    from .context import _pem_blocks
+    from .parse import pem_blocks as _pem_blocks
     out = []
     for block in _pem_blocks(pem or b""):
         try:

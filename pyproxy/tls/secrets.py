@@ -9,7 +9,7 @@ and ``default`` over ADS are two secrets. A lookup falls back to the static secr
 Every SDS reference (name plus ``sds_config``) is a ``SecretProvider``, shared per (config source,
 name) as Envoy shares its ``SdsApi`` providers. A provider is *ready* — the init target of the
 listeners and clusters that use it — once its first secret arrived, its first response was rejected,
-or its ``initial_fetch_timeout`` elapsed (``0s``: never). The SDS client (``pyproxy.sds``) opens one
+or its ``initial_fetch_timeout`` elapsed (``0s``: never). The SDS client (``pyproxy.xds.sds``) opens one
 subscription per provider; a provider no TLS context references any more is dropped (its stream
 closed) shortly after.
 
@@ -30,6 +30,12 @@ import time
 import weakref
 
 from ..config import ConfigError
+
+
+class TlsNotReady(ConnectionError):
+    """A TLS transport socket cannot carry a connection yet: its SDS secrets have not arrived, or
+    its key is not usable. The connection is refused, never sent in plaintext."""
+
 
 log = logging.getLogger("pyproxy.config")
 
@@ -169,7 +175,7 @@ class SecretStore:
     # -- contents ----------------------------------------------------------------------------------
     def load_static(self, secrets) -> None:
         """Replace the static secrets (an iterable of ``Secret`` protos); ConfigError if one is bad."""
-        from .context import validate_secret
+        from .parse import validate_secret
         new = {}
         for i, s in enumerate(secrets):
             try:
@@ -191,7 +197,7 @@ class SecretStore:
         Validated first; then the TLS contexts using a changed secret are rebuilt, and if one of
         them fails the update is undone (ConfigError: the response is NACKed, the last good
         secrets stay)."""
-        from .context import validate_secret
+        from .parse import validate_secret
         added = added or {}
         for name, s in added.items():
             try:
@@ -240,7 +246,6 @@ class SecretStore:
         """Rebuild the contexts of the sockets that use ``keys`` ((source key, name) pairs); the
         others only note that the store moved on (their context is unchanged), so no handshake
         pays for the update."""
-        from .context import TlsNotReady
         wanted = set(keys)
         seen = set()
         gen = self.generation

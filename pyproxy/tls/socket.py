@@ -14,113 +14,38 @@ is_closing, write-buffer size and limits, get_extra_info with 'ssl_object', 'pee
   The handshake is bounded by the chain's ``transport_socket_connect_timeout``, else by
   ``DEFAULT_HANDSHAKE_TIMEOUT`` (Envoy has no default; a peer that never finishes would hold the
   connection until an idle timeout, which tcp_proxy chains may not have).
-- ``ClientTls`` (cluster pools): an asyncio protocol on the raw socket that completes the handshake
-  first, then calls the pool connection's ``connection_made`` with itself as the transport; a
-  failure or timeout is a connect failure (counted under ``cluster.<name>.ssl.*``).
+- ``ClientTls`` (cluster pools, ``tls.client``) builds on the same layer.
+
+Per record, the hot path calls the C ``_ssl._SSLSocket`` under the ``SSLObject`` directly (the
+``ssl.SSLObject`` methods are Python wrappers around it), and reads without an ``SSLWantReadError``
+in the common case of whole records: it stops when neither the incoming BIO nor OpenSSL holds
+bytes. A response leaves as one ``SSL_write`` (writes of one event-loop turn are joined above, in
+the connection's write batch), so its records go out in one transport write.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
+
+from .ssl_stats import (TIMEOUT, SslStats, cluster_stats, count_failure, error_text, failure_kind,  # noqa: F401
+                        listener_ssl_stats, listener_stats)
 
 log = logging.getLogger("pyproxy.tls")
 
 HANDSHAKE, OPEN, CLOSED = 0, 1, 2
-TIMEOUT = "timeout"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 RECORD = 16384  # an SSL_read returns at most one record's plaintext
 
 _WantRead = ssl.SSLWantReadError
 _ZeroReturn = ssl.SSLZeroReturnError
 _SSLError = ssl.SSLError
-_VerifyError = ssl.SSLCertVerificationError
 
 
-class TlsHandshakeError(ConnectionError):
-    """An upstream TLS handshake failed (its text is Envoy-style: ``TLS_error:|...:TLS_error_end``)."""
-
-
-class SslStats:
-    """Envoy's ``<listener or cluster>.ssl.*`` counters; rare ones are looked up when counted."""
-
-    __slots__ = ("counter", "handshake", "connection_error", "no_certificate")
-
-    def __init__(self, counter):
-        self.counter = counter
-        self.handshake = counter("ssl.handshake")
-        self.connection_error = counter("ssl.connection_error")
-        self.no_certificate = counter("ssl.no_certificate")
-
-    def inc(self, name: str) -> None:
-        self.counter(name).inc()
-
-
-def listener_stats(conn) -> SslStats:
-    return listener_ssl_stats(conn.listener, conn.manager.stats)
-
-
-def listener_ssl_stats(cl, store) -> SslStats:
-    """The listener's ``listener.<prefix>.ssl.*``, owned by the listener (freed with its other
-    stats when it is removed, unless another listener made them too), cached on its config. Made
-    when the listener becomes active (as Envoy's TLS context makes them), so that a new version of
-    a listener holds them before the old one drains."""
-    s = getattr(cl, "ssl_stats", None)
-    if s is None:
-        prefix = "listener.%s." % cl.stat_prefix
-        owner = getattr(cl, "stats_owner", None)
-        if owner is not None:
-            s = SslStats(store.owned_scope(prefix, owner).counter)
-        else:
-            s = SslStats(lambda n: store.counter(prefix + n))
-        try:
-            cl.ssl_stats = s
-        except AttributeError:
-            pass
-    return s
-
-
-def cluster_stats(scope) -> SslStats | None:
-    """The cluster's ``cluster.<name>.ssl.*`` through its owned scope (nothing cached here: a
-    removed cluster's stats go with it, and one re-added under the same name counts afresh)."""
-    if scope is None:
-        return None
-    return SslStats(scope.counter)
-
-
-def _error_text(e) -> str:
-    if isinstance(e, _VerifyError):
-        return "TLS_error:|%s:CERTIFICATE_VERIFY_FAILED:TLS_error_end" % (e.verify_message or "verify failed")
-    lib = getattr(e, "library", None) or "SSL routines"
-    reason = getattr(e, "reason", None) or str(e)
-    return "TLS_error:|%s:%s:TLS_error_end" % (lib, reason)
-
-
-def _count_failure(st, kind: str, timeout_stat: str) -> None:
-    """As Envoy: a failed verification counts ``ssl.fail_verify_*`` only; any other failure
-    ``ssl.connection_error``; a handshake timeout its own listener counter."""
-    if kind == TIMEOUT:
-        if timeout_stat:
-            st.counter(timeout_stat).inc()
-    elif kind:
-        st.inc("ssl." + kind)
-    else:
-        st.connection_error.inc()
-
-
-def _failure_kind(e) -> str:
-    if isinstance(e, _VerifyError):
-        return "fail_verify_error"
-    if getattr(e, "reason", None) == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-        return "fail_verify_no_cert"
-    return ""
-
-
-class _TlsLayer:
+class TlsLayer:
     """What the server and client sides share: the SSLObject, its BIOs, the transport interface."""
 
-    __slots__ = ("raw", "obj", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
+    __slots__ = ("raw", "obj", "so", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
                  "peer_eof", "alpn", "version", "cipher_name", "peer_uri_san", "peer_dns_san",
                  "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni", "cert_facts",
                  "peer_principals")
@@ -130,6 +55,7 @@ class _TlsLayer:
         self.stats = stats
         self.raw = None
         self.obj = None
+        self.so = None
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
         self.state = HANDSHAKE
@@ -150,6 +76,13 @@ class _TlsLayer:
         self.sni = ""
         self.cert_facts = None
 
+    def _wrap(self, server_side: bool, server_hostname=None, session=None) -> None:
+        """The ``SSLObject`` over this layer's BIOs, and the C object under it (``so``) that the
+        per-record path calls without the Python wrapper (the SSLObject itself where it has none)."""
+        obj = self.obj = self.tls.ctx.wrap_bio(self.inc, self.out, server_side=server_side,
+                                               server_hostname=server_hostname, session=session)
+        self.so = getattr(obj, "_sslobj", None) or obj
+
     # -- handshake ----------------------------------------------------------------------------------
     def _flush_out(self) -> None:
         out = self.out
@@ -159,19 +92,20 @@ class _TlsLayer:
     def _handshake(self):
         """True once complete, False while it needs more bytes, None after a failure (closed)."""
         try:
-            self.obj.do_handshake()
+            self.so.do_handshake()
         except _WantRead:
             self._flush_out()
             return False
         except (_SSLError, OSError, ValueError) as e:
             self._flush_out()  # OpenSSL's alert, if it wrote one
-            self._failed(_failure_kind(e), _error_text(e))
+            self._failed(failure_kind(e), error_text(e))
             return None
         self._flush_out()
         tls = self.tls
         # the peer certificate decoded once, for the SAN check and the connection's facts
-        cert = self.obj.getpeercert() if tls.verifies else None
-        kind = tls.check_peer(self.obj, cert)
+        so = self.so
+        cert = so.getpeercert() if tls.verifies else None
+        kind = tls.check_peer(so, cert)
         if kind:
             self._failed(kind, "TLS_error:|peer certificate: %s:TLS_error_end" % kind)
             return None
@@ -184,18 +118,16 @@ class _TlsLayer:
 
     def _record(self, cert) -> None:
         """Facts of the finished handshake (for access logs, RBAC, stats)."""
-        obj = self.obj
+        obj = self.so
         self.version = obj.version() or ""
         self.alpn = obj.selected_alpn_protocol() or ""
         c = obj.cipher()
         self.cipher_name = c[0] if c else ""
         st = self.stats
         if st is not None:
-            st.handshake.inc()
-            if self.version:
-                st.inc("ssl.versions." + self.version)
-            if self.cipher_name:
-                st.inc("ssl.ciphers." + self.cipher_name)
+            st.handshake_done(self.version, self.cipher_name)
+            if obj.session_reused:
+                st.inc("ssl.session_reused")
         if self.tls.verifies:
             if cert:
                 uris, dnss = [], []
@@ -254,34 +186,34 @@ class _TlsLayer:
     def _read(self):
         """Decrypt everything buffered: (plaintext, peer sent close_notify). Raises SSLError on a
         fatal record error."""
-        obj = self.obj
+        so = self.so
         inc = self.inc
-        first = None
-        more = None
         eof = False
+        more = None
         try:
-            while True:
-                d = obj.read(RECORD)
-                if not d:
-                    eof = True
-                    break
-                if first is None:
-                    first = d
-                elif more is None:
-                    more = [first, d]
-                else:
+            d = so.read(RECORD)
+            if not d:
+                eof = True
+            elif inc.pending or so.pending():  # more than one record's plaintext waiting
+                more = [d]
+                while True:
+                    d = so.read(RECORD)
+                    if not d:
+                        eof = True
+                        break
                     more.append(d)
-                if not inc.pending and not obj.pending():
-                    break
+                    if not inc.pending and not so.pending():
+                        break
         except _WantRead:
-            pass
+            d = b""
         except _ZeroReturn:
+            d = b""
             eof = True
         if self.out.pending:  # post-handshake messages (tickets, key updates)
             self.raw.write(self.out.read())
         if more is not None:
             return b"".join(more), eof
-        return first or b"", eof
+        return d, eof
 
     # -- transport interface ------------------------------------------------------------------------
     def write(self, data) -> None:
@@ -289,7 +221,7 @@ class _TlsLayer:
             if not data or self.close_sent:
                 return
             try:
-                self.obj.write(data)
+                self.so.write(data)
             except _SSLError as e:
                 log.debug("TLS write failed: %s", e)
                 self.abort()
@@ -405,7 +337,7 @@ def _rdn(name) -> str:
 
 # -- server side (listeners) --------------------------------------------------------------------------
 
-class ServerTls(_TlsLayer):
+class ServerTls(TlsLayer):
     """TLS server over a DownstreamConnection: ``conn.transport`` becomes this layer."""
 
     __slots__ = ("conn", "sink", "rx")
@@ -416,7 +348,7 @@ class ServerTls(_TlsLayer):
         self.sink = None
         self.rx = False
         self.raw = conn.transport
-        self.obj = tls.ctx.wrap_bio(self.inc, self.out, server_side=True)
+        self._wrap(True)
         conn.transport = self
         timeout = DEFAULT_HANDSHAKE_TIMEOUT
         if chain is not None:
@@ -455,13 +387,13 @@ class ServerTls(_TlsLayer):
             self._opened()
             if self.state != OPEN:
                 return
-            if not (self.inc.pending or self.obj.pending() or end_stream):
+            if not (self.inc.pending or self.so.pending() or end_stream):
                 return
         try:
             plain, eof = self._read()
         except (_SSLError, OSError) as e:
             self.stats.connection_error.inc()
-            self.conn.stream_info.connection_termination_details = _error_text(e)
+            self.conn.stream_info.connection_termination_details = error_text(e)
             self.conn.close(flush=False)
             return
         conn = self.conn
@@ -492,7 +424,7 @@ class ServerTls(_TlsLayer):
             self._send_queued()
 
     def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
-        _count_failure(self.stats, kind, "downstream_cx_transport_socket_connect_timeout")
+        count_failure(self.stats, kind, "downstream_cx_transport_socket_connect_timeout")
         self._closed()
         conn = self.conn
         conn.stream_info.connection_termination_details = reason
@@ -503,123 +435,3 @@ class ServerTls(_TlsLayer):
         if self.state == HANDSHAKE and self.rx:
             self.stats.connection_error.inc()
         self._closed()
-
-
-# -- client side (cluster pools) ----------------------------------------------------------------------
-
-class ClientTls(_TlsLayer, asyncio.Protocol):
-    """The asyncio protocol of an upstream socket; the pool's connection protocol sits above it."""
-
-    __slots__ = ("app", "waiter", "made", "keep_open")
-
-    def __init__(self, tls, app, waiter, stats, timeout: float, loop):
-        self._init(tls, stats)
-        self.app = app
-        self.waiter = waiter
-        self.made = False
-        self.keep_open = False
-        self.timer = loop.call_later(timeout if timeout and timeout > 0 else DEFAULT_HANDSHAKE_TIMEOUT,
-                                     self._timeout)
-
-    def connection_made(self, raw):
-        self.raw = raw
-        self.obj = self.tls.ctx.wrap_bio(self.inc, self.out, server_side=False,
-                                         server_hostname=self.tls.sni)
-        self._handshake()
-
-    def data_received(self, data):
-        self.inc.write(data)
-        if self.state != OPEN:
-            if self.state == CLOSED:
-                return
-            if not self._handshake():
-                return
-            self._opened()
-            if self.state != OPEN or not (self.inc.pending or self.obj.pending()):
-                return
-        try:
-            plain, eof = self._read()
-        except (_SSLError, OSError) as e:
-            log.debug("upstream TLS read failed: %s", e)
-            if self.stats is not None:
-                self.stats.connection_error.inc()
-            self.abort()
-            return
-        if plain:
-            self.app.data_received(plain)
-        if eof and not self.peer_eof and self.state == OPEN:
-            self.peer_eof = True
-            self.keep_open = bool(self.app.eof_received())
-            if not self.keep_open:
-                self.close()
-
-    def eof_received(self):
-        if self.state == HANDSHAKE:
-            self._failed("", "TLS_error:|connection closed during handshake:TLS_error_end")
-            return False
-        if not self.made:
-            return False
-        if not self.peer_eof:
-            self.peer_eof = True
-            self.keep_open = bool(self.app.eof_received())
-        return self.keep_open
-
-    def connection_lost(self, exc):
-        was = self.state
-        self._closed()
-        if self.made:
-            self.app.connection_lost(exc)
-        elif not self.waiter.done():
-            if was == HANDSHAKE and self.stats is not None:
-                self.stats.connection_error.inc()
-            self.waiter.set_exception(TlsHandshakeError(
-                "TLS_error:|connection closed during handshake:TLS_error_end"))
-
-    def pause_writing(self):
-        if self.made:
-            self.app.pause_writing()
-
-    def resume_writing(self):
-        if self.made:
-            self.app.resume_writing()
-
-    def _opened(self) -> None:
-        self.made = True
-        self.app.connection_made(self)
-        if not self.waiter.done():
-            self.waiter.set_result(None)
-        if self.wq:
-            self._send_queued()
-
-    def _failed(self, kind: str, reason: str, abort: bool = False) -> None:
-        if self.stats is not None and kind != TIMEOUT:
-            _count_failure(self.stats, kind, "")
-        self._closed()
-        if not self.waiter.done():
-            if abort:
-                self.waiter.set_exception(asyncio.TimeoutError())
-            else:
-                self.waiter.set_exception(TlsHandshakeError(reason))
-        if abort:
-            self.raw.abort()
-        else:
-            self.raw.close()
-
-
-async def connect_client(loop, tls, sock, app, timeout: float, scope) -> None:
-    """TLS over the connected ``sock``; returns once ``app.connection_made`` has run (handshake done).
-    Raises ``TlsHandshakeError`` (an OSError) or ``asyncio.TimeoutError``; the socket is closed then."""
-    waiter = loop.create_future()
-    proto = ClientTls(tls, app, waiter, cluster_stats(scope), timeout, loop)
-    try:
-        await loop.create_connection(lambda: proto, sock=sock)
-    except BaseException:
-        proto._closed()
-        sock.close()
-        raise
-    try:
-        await waiter
-    except BaseException:
-        if proto.state != CLOSED or not proto.raw.is_closing():
-            proto.abort()
-        raise

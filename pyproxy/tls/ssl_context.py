@@ -57,7 +57,7 @@ class CompiledTls:
     """An ``ssl.SSLContext`` and the checks made after its handshakes."""
 
     __slots__ = ("ctx", "server", "san_matchers", "hashes", "spki", "local_uri_san", "local_dns_san",
-                 "local_uri_sans", "sni", "verifies", "__weakref__")
+                 "local_uri_sans", "sni", "verifies", "resume", "session", "__weakref__")
 
     def __init__(self, ctx, server: bool):
         self.ctx = ctx
@@ -70,6 +70,11 @@ class CompiledTls:
         self.local_uri_sans = ()  # every URI SAN of our certificate (XFCC names each as By=)
         self.sni = None
         self.verifies = False
+        # client side: resume TLS sessions (UpstreamTlsContext.max_session_keys != 0), with the last
+        # session a server gave (one, as Envoy's default max_session_keys); taken by the connection
+        # that resumes with it, which leaves its own (TLS 1.3 tickets are single-use)
+        self.resume = False
+        self.session = None
 
     def check_peer(self, obj, cert=None) -> str:
         """'' if the peer certificate passes the post-handshake checks, else the failure kind
@@ -151,6 +156,7 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None, validati
         c.spki = v.spki
     if not server:
         c.sni = f.sni or None
+        c.resume = getattr(f, "max_session_keys", 1) != 0
     return c
 
 
@@ -163,6 +169,11 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool,
     ctx.options |= ssl.OP_NO_COMPRESSION
     if server:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+        # One TLS 1.3 session ticket per handshake, not OpenSSL's two: each costs 15-20% of a
+        # server handshake's CPU, and one is what a client resumes with (Envoy's upstream keeps one
+        # session per context; TLS 1.3 tickets are single-use). Envoy 1.40 sends two, but only
+        # once the connection carries data, which OpenSSL cannot defer to. TLS 1.2: one ticket.
+        ctx.num_tickets = 1
     suites = [s for s in f.cipher_suites if s not in _TLS13_SUITES]
     try:
         ctx.set_ciphers(":".join(suites) if suites else DEFAULT_CIPHERS)
@@ -223,7 +234,7 @@ def _local_sans(chain_pem: bytes) -> tuple[tuple, str]:
     certificate."""
     try:
         from cryptography import x509
-        from .context import _pem_blocks
+        from .parse import pem_blocks as _pem_blocks
         cert = x509.load_pem_x509_certificate(_pem_blocks(chain_pem)[0])
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = ext.get_values_for_type(x509.UniformResourceIdentifier)

@@ -25,10 +25,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2  # (shipped
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
+from .. import __version__ as _SDK_VERSION
 from ..config import ConfigError
-from ..http.filter import HttpFilter
 from .export import BatchExporter
-from .zipkin import _hex, custom_tags, decorate, span_facts
+from .zipkin import SpanFilter, _hex, custom_tags, decorate, span_facts
 
 log = logging.getLogger("pyproxy.tracing")
 
@@ -37,6 +37,14 @@ EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # older copy xds-protos ships (the same field number and layout on the wire)
 _SCOPE_SPANS = "scope_spans" if "scope_spans" in trace_pb2.ResourceSpans.DESCRIPTOR.fields_by_name \
     else "instrumentation_library_spans"
+
+
+def _unnamed_ingress(authority: str) -> str:
+    return "ingress"
+
+
+def _unnamed_egress(authority: str) -> str:
+    return "egress " + authority
 
 
 class OtelTracer(BatchExporter):
@@ -57,10 +65,13 @@ class OtelTracer(BatchExporter):
         node = getattr(server, "node", None)
         self.service = cfg.service_name or "unknown_service:envoy"
         self.node_id = node.id if node is not None else ""
+        self.zone = node.locality.zone if node is not None else ""
         lp = getattr(getattr(ctx, "listener", None), "proto", None)
         self.kind = trace_pb2.Span.SPAN_KIND_CLIENT if lp is not None and lp.traffic_direction == 2 \
             else trace_pb2.Span.SPAN_KIND_SERVER
         self.custom = custom_tags(hcm_proto)
+        # a span no decorator names: Envoy's operation name, "ingress", or "egress <host>"
+        self.unnamed = _unnamed_ingress if self.kind == trace_pb2.Span.SPAN_KIND_SERVER else _unnamed_egress
         self.channel = None
         self.channel_target = None
 
@@ -76,9 +87,11 @@ class OtelTracer(BatchExporter):
             self.channel_target = target
         req = trace_service_pb2.ExportTraceServiceRequest()
         rs = req.resource_spans.add()
-        a = rs.resource.attributes.add()
-        a.key = "service.name"
-        a.value.string_value = self.service
+        for k, v in (("service.name", self.service), ("telemetry.sdk.name", "pyproxy"),
+                     ("telemetry.sdk.language", "python"), ("telemetry.sdk.version", _SDK_VERSION)):
+            a = rs.resource.attributes.add()
+            a.key = k
+            a.value.string_value = v
         getattr(rs, _SCOPE_SPANS).add().spans.extend(batch)
         call = self.channel.unary_unary(
             EXPORT, request_serializer=trace_service_pb2.ExportTraceServiceRequest.SerializeToString,
@@ -110,15 +123,10 @@ def _parse_traceparent(v: str):
     return tid, pid, bool(flags & 1)
 
 
-class OtelFilter(HttpFilter):
-    __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
+class OtelFilter(SpanFilter):
+    """W3C traceparent in and out, an OTLP span at the end."""
 
-    def __init__(self, callbacks, tracer):
-        self.callbacks = callbacks
-        self.t = tracer
-        self.trace_id = None
-        self.sampled = False
-        self.op = None
+    __slots__ = ()
 
     def decode_headers(self, headers, end_stream):
         tp = headers.get("traceparent")
@@ -140,7 +148,9 @@ class OtelFilter(HttpFilter):
         if not self.sampled or self.trace_id is None:
             return
         t = self.t
-        tags, name, start_us, dur_us, error = span_facts(t, self.callbacks, self.start, self.op)
+        tags, name, start_us, dur_us, error = span_facts(t, self.callbacks, self.start, self.op,
+                                                         t.unnamed)
+        tags["zone"] = t.zone  # (Envoy's OpenTelemetry spans carry it even when empty)
         sp = trace_pb2.Span(trace_id=bytes.fromhex(self.trace_id), span_id=bytes.fromhex(self.span_id),
                             name=name, kind=t.kind, start_time_unix_nano=start_us * 1000,
                             end_time_unix_nano=(start_us + dur_us) * 1000)

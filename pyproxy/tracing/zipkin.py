@@ -105,8 +105,9 @@ class ZipkinTracer(BatchExporter):
             return False
 
 
-class ZipkinFilter(HttpFilter):
-    """First HTTP filter of a traced HCM: B3 context in, B3 headers out, a span at the end."""
+class SpanFilter(HttpFilter):
+    """A tracer's HTTP filter, first of a traced HCM: the trace context in, the propagated
+    headers out, a span when the stream ends (the Zipkin and OpenTelemetry tracers)."""
 
     __slots__ = ("t", "trace_id", "span_id", "parent", "sampled", "start", "op")
 
@@ -116,6 +117,12 @@ class ZipkinFilter(HttpFilter):
         self.trace_id = None
         self.sampled = False
         self.op = None
+
+
+class ZipkinFilter(SpanFilter):
+    """B3 context in, B3 headers out, a Zipkin span at the end."""
+
+    __slots__ = ()
 
     def decode_headers(self, headers, end_stream):
         t = self.t
@@ -182,9 +189,10 @@ class ZipkinFilter(HttpFilter):
         t.report(span)
 
 
-def span_facts(t, s, start: float, op=None):
+def span_facts(t, s, start: float, op=None, unnamed=None):
     """(tags, name, start µs, duration µs, error) of a finished stream, as Envoy's HTTP tracer
-    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags)."""
+    decorates its span; ``t`` has ``node_id`` and ``custom`` (the HCM's custom tags).
+    ``unnamed(authority)`` names a span that no decorator names (Zipkin's driver: the host)."""
     si = s.stream_info
     rq = s.request_headers
     get = rq.get if rq is not None else (lambda k, d=None: d)
@@ -215,7 +223,7 @@ def span_facts(t, s, start: float, op=None):
         _apply_tags(tags, rt.tags, get, si, route, t.cm)
     # Envoy's span name: the route's decorator (or, on ingress, the caller's
     # x-envoy-decorator-operation), else the request's host
-    name = op or getattr(route, "decorator_operation", None) or authority
+    name = op or getattr(route, "decorator_operation", None) or (unnamed(authority) if unnamed else authority)
     end = si.end_monotonic
     dur = int(((end - si.start_monotonic) if end is not None else (time.time() - start)) * 1e6)
     return tags, name[:256], int(start * 1e6), max(dur, 1), error
@@ -242,43 +250,3 @@ def _is_hex_id(v: str, lengths) -> bool:
     except ValueError:
         return False
     return True
-
-
-def tracing_provider(cfg, ctx):
-    """The ``config.trace.v3.Tracing.Http`` an HCM traces with, or None (no ``tracing`` block, or
-    neither a provider of its own nor the bootstrap's ``tracing.http``)."""
-    if not cfg.HasField("tracing"):
-        return None
-    if cfg.tracing.HasField("provider"):
-        return cfg.tracing.provider
-    server = getattr(ctx, "server", None)
-    bs = getattr(server, "bootstrap", None)
-    if bs is not None and bs.HasField("tracing") and bs.tracing.HasField("http"):
-        return bs.tracing.http
-    return None
-
-
-def tracer_for_hcm(cfg, ctx, stat_prefix: str):
-    """The HCM's tracing filter factory (Zipkin, OpenTelemetry), or None: no provider, or one not
-    implemented (the HCM logs it as such).
-
-    The provider is the HCM's ``tracing.provider``; an HCM with a ``tracing`` block and no
-    provider uses the bootstrap's (deprecated) ``tracing.http``, as Envoy does."""
-    p = tracing_provider(cfg, ctx)
-    if p is None:
-        return None
-    t = p.typed_config.type_url.rpartition("/")[2] if p.HasField("typed_config") else ""
-    if t == "envoy.config.trace.v3.ZipkinConfig":
-        z = zipkin_pb2.ZipkinConfig()
-        p.typed_config.Unpack(z)
-        try:
-            return ZipkinTracer(z, ctx, cfg, stat_prefix)
-        except ConfigError as e:
-            raise e.within(field="tracing.provider")
-    if t == "envoy.config.trace.v3.OpenTelemetryConfig":
-        from . import opentelemetry  # (imports grpc and the OTLP protos only when configured)
-        try:
-            return opentelemetry.tracer(p.typed_config, ctx, cfg)
-        except ConfigError as e:
-            raise e.within(field="tracing.provider")
-    return None

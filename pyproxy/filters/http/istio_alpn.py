@@ -17,8 +17,11 @@ settings). ``auto_config`` clusters keep their own ALPN (``h2, http/1.1``).
 
 from __future__ import annotations
 
+import weakref
+
 from ...config import ConfigError
 from ...http.filter import CONTINUE, HttpFilter
+from ..istio_peer import own_filter_state
 
 KEY = "envoy.network.application_protocols"
 _NAMES = {0: "HTTP10", 1: "HTTP11", 2: "HTTP2"}
@@ -38,39 +41,79 @@ class AlpnConfig:
                     raise ConfigError("ALPN protocol must be 1..255 bytes",
                                       field="alpn_override[%d].alpn_override[%d]" % (i, j))
             self.table[name] = tuple(o.alpn_override)
+        # per cluster object (weakly held: a CDS update makes new ones): its override kind
+        self._kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # the compiled path's form (ChainPlan): the same decision once the cluster is chosen
+        self.compiled_hooks = _Hooks(self)
 
     def create(self, callbacks):
         return AlpnFilter(callbacks, self)
 
-    def override_for(self, stream):
+    def override_for(self, stream, cluster=None):
         """The ALPN list for this request's upstream connection, or None."""
-        route = stream.route
-        if route is None or self.cm is None or not self.table:
-            return None
-        name = getattr(route, "cluster", "") or ""
-        if not name:
-            w = getattr(route, "weighted", None)
-            name = w[0].name if w else ""
-        c = self.cm.get(name) if name else None
-        if c is None:
-            return None
-        md = c.proto.metadata.filter_metadata
-        if "istio" in md:
-            f = md["istio"].fields.get("alpn_override")
-            if f is not None and f.string_value == "false":
+        if cluster is None:
+            route = stream.route
+            if route is None or self.cm is None or not self.table:
                 return None
-        from ...cluster.cluster import HTTP1, HTTP2, USE_DOWNSTREAM
-        proto = c.protocol
-        if proto == HTTP1:
-            want = "HTTP11"
-        elif proto == HTTP2:
-            want = "HTTP2"
-        elif proto == USE_DOWNSTREAM:
-            dp = stream.stream_info.protocol
-            want = "HTTP2" if dp == "HTTP/2" else ("HTTP10" if dp == "HTTP/1.0" else "HTTP11")
-        else:
+            name = getattr(route, "cluster", "") or ""
+            if not name:
+                w = getattr(route, "weighted", None)
+                name = w[0].name if w else ""
+            cluster = self.cm.get(name) if name else None
+            if cluster is None:
+                return None
+        want = self._kind.get(cluster, 0)
+        if want == 0:
+            want = self._kind_of(cluster)
+        if want is None:
             return None
+        if want == "DOWNSTREAM":
+            dp = stream.version
+            want = "HTTP2" if dp == "HTTP/2" else ("HTTP10" if dp == "HTTP/1.0" else "HTTP11")
         return self.table.get(want)
+
+    def _kind_of(self, c):
+        """``HTTP11``, ``HTTP2``, ``DOWNSTREAM`` (the request's protocol decides) or None (no
+        override: ``istio.alpn_override: "false"``, no TLS transport anywhere, or a protocol
+        that keeps its own ALPN), decided once per cluster object."""
+        from ...cluster.cluster import HTTP1, HTTP2, USE_DOWNSTREAM
+        want = None
+        md = c.proto.metadata.filter_metadata
+        f = md["istio"].fields.get("alpn_override") if "istio" in md else None
+        tls = any(getattr(t, "is_tls", False) for t in
+                  [c.transport_socket] + [t for _, t in (c.transport_socket_matches or ())])
+        if tls and (f is None or f.string_value != "false"):
+            proto = c.protocol
+            want = "HTTP11" if proto == HTTP1 else "HTTP2" if proto == HTTP2 else \
+                "DOWNSTREAM" if proto == USE_DOWNSTREAM else None
+        try:
+            self._kind[c] = want
+        except TypeError:
+            pass
+        return want
+
+
+class _Hooks:
+    """``istio.alpn`` on the compiled path (``ChainPlan``): ``on_request(stream, headers,
+    cluster)`` once the cluster is chosen puts the list into the stream's filter state, as the
+    filter does, and into ``stream.alpn``, which the lane passes to ``Cluster.http_pool``."""
+
+    __slots__ = ("cfg", "on_request", "response_take", "on_response", "on_response_raw", "on_complete")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.on_request = self._request
+        self.response_take = frozenset()
+        self.on_response = self.on_response_raw = self.on_complete = None
+
+    def _request(self, stream, headers, cluster) -> None:
+        cfg = self.cfg
+        route = stream.route
+        # (a weighted route: the filter's choice, the first cluster's protocol)
+        alpn = cfg.override_for(stream, cluster if route is None or route.cluster else None)
+        if alpn:
+            own_filter_state(stream.stream_info)[KEY] = alpn
+            stream.alpn = alpn
 
 
 class AlpnFilter(HttpFilter):
@@ -83,7 +126,7 @@ class AlpnFilter(HttpFilter):
     def decode_headers(self, headers, end_stream):
         alpn = self.cfg.override_for(self.callbacks)
         if alpn:
-            self.callbacks.stream_info.filter_state[KEY] = alpn
+            own_filter_state(self.callbacks.stream_info)[KEY] = alpn
         return CONTINUE
 
 

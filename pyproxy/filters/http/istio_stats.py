@@ -3,32 +3,46 @@
 stream, recorded when the stream ends (Envoy: the access-log phase). See
 ``pyproxy.filters.istio_stats_core`` for labels, overrides and bounds.
 
+The filter only observes the finished stream, so it never needs to be in the request's way: its
+config is a *completion observer* (``compiled_hooks``, see ``ChainPlan`` in
+``filters/network/http_connection_manager.py``). On a compiled lane the stream calls
+``observe(stream)`` once when it finishes; on the filter-by-filter path the filter's
+``on_destroy`` makes the same call. Either way the work is done once, at the end, from what the
+stream recorded.
+
 Values: the duration is the stream's lifetime in whole milliseconds; request and response bytes
-are the downstream wire bytes, headers included (HTTP/1.1 header block size as decoded and as
-encoded: an estimate of the wire form, exact for HTTP/1.1 without obs-folds). gRPC streams
+are estimates of the downstream wire bytes, headers included: each header line counted as
+``name: value\\r\\n`` (pseudo-headers as well) plus the blank line, over the request headers as
+the stream forwarded them and the response headers as it sent them, plus the bodies (the express
+lane, which writes the response head itself, counts that head as written). gRPC streams
 (``content-type: application/grpc*``) get ``request_protocol="grpc"`` and the numeric gRPC status
 from the trailers, else the headers, else the HTTP status mapped as Envoy maps it. With
 ``envoy.filters.http.grpc_stats`` (``emit_filter_state``) before it, a gRPC stream also adds its
 message counts to ``istio_request_messages_total`` / ``istio_response_messages_total`` (once, at
 the end of the stream; Envoy also reports long streams' deltas every ``tcp_reporting_duration``).
+
+Cost per request, once the label set has been seen: one key tuple, one dict lookup, one counter
+increment and three histogram records; header sizes are summed in C (no per-header Python loop),
+and nothing else is computed unless a configured dimension needs it.
 """
 
 from __future__ import annotations
 
-from ...http.filter import CONTINUE, HttpFilter
+from itertools import chain
+
+from ...http.filter import HttpFilter
 from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
 from .grpc_stats import FILTER_STATE_KEY as GRPC_STATS_KEY
 from ..istio_stats_core import StatsConfig, fs_upstream_peer
 
 # Envoy's Grpc::Utility::httpToGrpcStatus
 _HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
+_flat = chain.from_iterable
 
 
 def _head_bytes(h) -> int:
-    n = 0
-    for k, v in h:
-        n += len(k) + len(v) + 4
-    return n + 2
+    """``name: value\\r\\n`` per header and the blank line, summed in C."""
+    return sum(map(len, _flat(h))) + 4 * len(h) + 2
 
 
 def grpc_status(rs, rt, code: int) -> str:
@@ -46,66 +60,68 @@ def grpc_status(rs, rt, code: int) -> str:
     return ""
 
 
+class _Observer:
+    """The compiled-path interface of this filter (ChainPlan): completion only."""
+
+    __slots__ = ("on_request", "response_take", "on_response", "on_response_raw", "on_complete")
+
+    def __init__(self, observe):
+        self.on_request = None
+        self.response_take = frozenset()
+        self.on_response = None
+        self.on_response_raw = None
+        self.on_complete = observe
+
+
 class IstioStatsHttpConfig(StatsConfig):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx, "http")
+        self.compiled_hooks = _Observer(self.observe)
 
     def create(self, stream):
         return IstioStatsFilter(stream, self)
 
-
-class IstioStatsFilter(HttpFilter):
-    __slots__ = ("f", "grpc", "rx_head")
-
-    def __init__(self, callbacks, f):
-        self.callbacks = callbacks
-        self.f = f
-        self.grpc = False
-        self.rx_head = 0
-
-    def decode_headers(self, headers, end_stream):
-        n = 2
-        grpc = False
-        for k, v in headers._h:  # one pass: the header block's size and the content type
-            n += len(k) + len(v) + 4
-            if k == "content-type" and v.startswith("application/grpc"):
-                grpc = True
-        self.rx_head = n
-        self.grpc = grpc
-        return CONTINUE
-
-    def on_destroy(self):
-        s = self.callbacks
-        f = self.f
+    def observe(self, s) -> None:
+        """Record one finished stream (``s``: the stream, with ``stream_info``,
+        ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``)."""
         si = s.stream_info
         rq = s.request_headers
         rs = s.response_headers
         rt = s.response_trailers
         fs = si.filter_state
         code = si.response_code or 0
-        grpc = self.grpc
+        if rq is not None:
+            h = rq._h
+            # (the codecs put :authority fourth; content-type is looked for only when present)
+            host = "" if self.disable_host_fallback else (
+                (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or "")
+            grpc = "content-type" in dict(h) and (rq.get("content-type") or "").startswith("application/grpc")
+            rx = _head_bytes(h)
+        else:
+            host = ""
+            grpc = False
+            rx = 2
         gs = grpc_status(rs, rt, code) if grpc else ""
         rf = si.response_flags
         flags = ",".join(rf) if rf else "-"
-        if f.server_side:
+        if self.server_side:
             peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
-            peer_san, local_san, mtls = f.principals(s.connection, si, fs)
+            peer_san, local_san, mtls = self.principals(s.connection, si, fs)
         else:
             peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
             peer_san, local_san, mtls = si.upstream_peer_uri_san, si.upstream_local_uri_san, None
-        host = "" if f.disable_host_fallback or rq is None else (rq.get(":authority") or "")
         ep = None
-        if peer is None and not f.server_side and si.upstream_host:
+        if peer is None and not self.server_side and si.upstream_host:
             ep = si.upstream_host  # the endpoint's metadata is the fallback peer
-        elif f.reporter == "waypoint":
+        elif self.reporter == "waypoint":
             ep = fs_upstream_peer(si)
-        dyn = f.dynamic
+        dyn = self.dynamic
         key = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, grpc, code, gs, flags, ep,
-               tuple(e.fn(rq, rs, si) for e in dyn) if dyn else None)
-        series = f.cache.get(key)
+               tuple([e.fn(rq, rs, si) for e in dyn]) if dyn else None)
+        series = self.cache.get(key)
         if series is None:
-            series = f.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
-                                                         gs, flags, ep, rq, rs, si))
+            series = self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
+                                                            gs, flags, ep, rq, rs, si))
         c, dur, rqb, rsb = series[:4]
         if c is not None:
             c.value += 1
@@ -114,39 +130,56 @@ class IstioStatsFilter(HttpFilter):
             if counts:
                 msgs = series[5]
                 if msgs is None:  # first counts for this label set: the two counters, then cached
-                    msgs = f.series(list(series[4]), rq, rs, si, f.msg_shapes)
-                    series = f.cache[key] = series[:5] + (msgs,)
+                    msgs = self.series(list(series[4]), rq, rs, si, self.msg_shapes)
+                    series = self.cache[key] = series[:5] + (msgs,)
                 qm, pm = msgs
                 if qm is not None:
                     qm.value += counts.get("request_message_count", 0)
                 if pm is not None:
                     pm.value += counts.get("response_message_count", 0)
-        end = si.end_monotonic
-        if dur is not None and end is not None:
-            dur.record(int((end - si.start_monotonic) * 1000))
+        if dur is not None:
+            end = si.end_monotonic
+            if end is not None:
+                dur.record(int((end - si.start_monotonic) * 1000))
         if rqb is not None:
-            rqb.record(self.rx_head + si.bytes_received)
+            rqb.record(rx + si.bytes_received)
         if rsb is not None:
-            tx = si.bytes_sent
             if rs is not None:
-                tx += _head_bytes(rs._h)
-            if rt is not None:
-                tx += _head_bytes(rt._h)
+                tx = si.bytes_sent + _head_bytes(rs._h)
+                if rt is not None:
+                    tx += _head_bytes(rt._h)
+            else:  # the express lane wrote the head itself (or nothing was sent)
+                tx = getattr(s, "tx_head", 0)
+                if tx:  # (its header lines; the status counts as the :status pseudo-header does)
+                    tx += 11 + len(str(code))
+                tx += getattr(s, "tx_body", 0) + si.bytes_sent
             rsb.record(tx)
 
     def _resolve(self, peer, peer_san, local_san, mtls, host, grpc, code, gs, flags, ep, rq, rs, si):
-        f = self.f
-        if peer is None and ep is not None and not f.server_side:
-            peer = f.endpoint_peer(si)
-        vals = f.peer_labels(peer, peer_san, local_san, host, si)
+        if peer is None and ep is not None and not self.server_side:
+            peer = self.endpoint_peer(si)
+        vals = self.peer_labels(peer, peer_san, local_san, host, si)
         vals.append("grpc" if grpc else "http")
         vals.append(str(code))
         vals.append(gs)
         vals.append(flags)
         vals.append("unknown" if mtls is None else ("mutual_tls" if mtls else "none"))
-        series = f.series(vals, rq, rs, si)
+        series = self.series(vals, rq, rs, si)
         # gRPC: the labels kept for the message counters, made when grpc_stats first reports counts
         return series + (tuple(vals), None) if grpc else series
+
+
+class IstioStatsFilter(HttpFilter):
+    """The filter-by-filter form: nothing per event, the record when the stream is destroyed."""
+
+    __slots__ = ("f",)
+
+    def __init__(self, callbacks, f):
+        self.callbacks = callbacks
+        self.f = f
+
+    def on_destroy(self):
+        self.f.observe(self.callbacks)
 
 
 def factory(cfg, ctx):

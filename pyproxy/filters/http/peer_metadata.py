@@ -23,12 +23,16 @@ ignored: the request goes on without a peer.
 
 from __future__ import annotations
 
+import weakref
+from operator import itemgetter
+
 from ...config import ConfigError
 from ...http.filter import CONTINUE, HttpFilter
 from ...stats import Counter
 from .. import istio_peer as P
 
-_HEADERS = (P.HEADER, P.HEADER_ID)
+_HEADERS = frozenset((P.HEADER, P.HEADER_ID))
+_first = itemgetter(0)
 
 
 class PeerMetadataConfig:
@@ -62,9 +66,17 @@ class PeerMetadataConfig:
         c = st.counter("istio_peer_metadata.malformed_header") if st is not None else Counter("x")
         self.bad = P.BadInput(c, "peer_metadata (x-envoy-peer-metadata)")
         self.cm = getattr(ctx, "cluster_manager", None)
+        # per cluster object (weakly held: a CDS update makes new ones): skip upstream propagation?
+        self._skip: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.up_headers = ((P.HEADER_ID, self.node_id), (P.HEADER, self.value))
+        self._raw_down = ("%s: %s\r\n" % (P.HEADER_ID, self.node_id)).encode("latin-1"), \
+            ("%s: %s\r\n" % (P.HEADER, self.value)).encode("latin-1")
         # nothing to do at all: not in the chain
         if not (self.down_disc or self.up_disc or self.down_prop or self.up_prop):
             self.skip_reason = "peer_metadata: no discovery or propagation method configured"
+        # the compiled path's form of this filter (ChainPlan): the same header work at the points
+        # where the filter would do it, without a filter object per stream
+        self.compiled_hooks = _Hooks(self)
 
     def _discovery(self, methods, field) -> bool:
         """True when ``istio_headers`` is among the methods (the only one that can find a peer)."""
@@ -115,17 +127,63 @@ class PeerMetadataConfig:
         c = self.cm.get(name)
         if c is None:
             return False
-        md = c.proto.metadata.filter_metadata
-        if "istio" not in md:
-            return False
-        f = md["istio"].fields
-        if self.skip_external and "external" in f and f["external"].bool_value:
-            return True
-        return "disable_mx" in f and f["disable_mx"].bool_value
+        return self.skip_cluster(c)
+
+    def skip_cluster(self, c) -> bool:
+        """The cluster part of ``skip_upstream``, decided once per cluster object."""
+        hit = self._skip.get(c)
+        if hit is None:
+            hit = False
+            if self.skip_external and c.name == "PassthroughCluster":
+                hit = True
+            else:
+                md = c.proto.metadata.filter_metadata
+                if "istio" in md:
+                    f = md["istio"].fields
+                    if self.skip_external and "external" in f and f["external"].bool_value:
+                        hit = True
+                    else:
+                        hit = "disable_mx" in f and f["disable_mx"].bool_value
+            try:
+                self._skip[c] = hit
+            except TypeError:  # (not weakly referenceable: not cached)
+                pass
+        return hit
+
+    def propagate_up(self, headers) -> None:
+        """Upstream propagation: both headers on the request, replacing any the client sent
+        (removed, then appended: Envoy's ``setReferenceKey``)."""
+        h = headers._h
+        if any(map(_HEADERS.__contains__, map(_first, h))):
+            h = headers._h = [kv for kv in h if kv[0] not in _HEADERS]
+        h += self.up_headers
+
+    def propagate_down(self, headers, rid: bool, rval: bool) -> None:
+        """Downstream propagation: the headers the request carried, on the response (replacing
+        any the upstream sent, as above)."""
+        if rid or rval:
+            h = headers._h
+            if any(map(_HEADERS.__contains__, map(_first, h))):
+                h = headers._h = [kv for kv in h if kv[0] not in _HEADERS]
+            if rid:
+                h.append(self.up_headers[0])
+            if rval:
+                h.append(self.up_headers[1])
+
+    def found(self, pid, val):
+        """The peer for the headers' values (cached by peer id and value), or None."""
+        if not val:
+            return None
+        peer = self.cache.get(pid or "", val, self.additional)
+        if peer is None:
+            self.bad.hit("%d bytes from peer id %r" % (len(val), (pid or "")[:80]))
+        return peer
 
     def discover(self, headers):
         """(peer or None, had id, had value); removes the headers."""
         h = headers._h
+        if not any(map(_HEADERS.__contains__, map(_first, h))):
+            return None, False, False
         pid = val = None
         for k, v in h:
             if k == P.HEADER:
@@ -137,12 +195,7 @@ class PeerMetadataConfig:
         if pid is None and val is None:
             return None, False, False
         headers._h = [kv for kv in h if kv[0] not in _HEADERS]
-        peer = None
-        if val:
-            peer = self.cache.get(pid or "", val, self.additional)
-            if peer is None:
-                self.bad.hit("%d bytes from peer id %r" % (len(val), (pid or "")[:80]))
-        return peer, pid is not None, val is not None
+        return self.found(pid, val), pid is not None, val is not None
 
     def create(self, stream):
         return PeerMetadataFilter(stream, self)
@@ -168,8 +221,7 @@ class PeerMetadataFilter(HttpFilter):
             self.req_id = headers.get(P.HEADER_ID) is not None
             self.req_val = headers.get(P.HEADER) is not None
         if f.up_prop and not f.skip_upstream(self.callbacks):
-            headers.set(P.HEADER_ID, f.node_id)
-            headers.set(P.HEADER, f.value)
+            f.propagate_up(headers)
         return CONTINUE
 
     def encode_headers(self, headers, end_stream):
@@ -179,25 +231,94 @@ class PeerMetadataFilter(HttpFilter):
             if peer is not None:
                 _set(self.callbacks.stream_info, False, peer)
         if f.down_prop:
-            if self.req_id:
-                headers.set(P.HEADER_ID, f.node_id)
-            if self.req_val:
-                headers.set(P.HEADER, f.value)
+            f.propagate_down(headers, self.req_id, self.req_val)
         return CONTINUE
 
 
+class _Hooks:
+    """This filter on the compiled path (the interface ``ChainPlan`` reads, see
+    ``filters/network/http_connection_manager.py``), doing what ``PeerMetadataFilter`` does at the
+    same points of the exchange:
+
+    - ``on_request(stream, headers, cluster)``: once the route's cluster is chosen, before the
+      route's own header mutations (the filter runs first in the chain, the router last):
+      downstream discovery (headers removed, peer into filter state) and upstream propagation;
+    - ``response_take``: the response header names the express lane hands over instead of
+      writing them (both exchange headers, when anything reads or replaces them);
+    - ``on_response(stream, headers)``: the response ``Headers``, after the route's response
+      mutations: upstream discovery and downstream propagation;
+    - ``on_response_raw(stream, taken)``: the same for the express lane, which writes the head
+      from the upstream's raw header lines: ``taken`` is None or the ``(name, value)`` str pairs
+      of ``response_take`` it held back; returns the header lines to add (bytes) or None.
+    Per-stream state: ``stream.mx_carried`` (did the request carry the id / the value), only with
+    downstream propagation."""
+
+    __slots__ = ("f", "on_request", "response_take", "on_response", "on_response_raw", "on_complete")
+
+    def __init__(self, f: PeerMetadataConfig):
+        self.f = f
+        self.on_request = self._request if (f.down_disc or f.down_prop or f.up_prop) else None
+        resp = f.up_disc or f.down_prop
+        self.response_take = _HEADERS if resp else frozenset()
+        self.on_response = self._response if resp else None
+        self.on_response_raw = self._response_raw if resp else None
+        self.on_complete = None
+
+    def _request(self, stream, headers, cluster) -> None:
+        f = self.f
+        if f.down_disc:
+            peer, rid, rval = f.discover(headers)
+            if peer is not None:
+                _set(stream.stream_info, True, peer)
+            if f.down_prop:
+                stream.mx_carried = (rid, rval)
+        elif f.down_prop:
+            stream.mx_carried = (headers.get(P.HEADER_ID) is not None, headers.get(P.HEADER) is not None)
+        if f.up_prop:
+            route = stream.route
+            # (a weighted route: the filter's choice, the first cluster's metadata)
+            skip = f.skip_cluster(cluster) if route is None or route.cluster else f.skip_upstream(stream)
+            if not skip:
+                f.propagate_up(headers)
+
+    def _response(self, stream, headers) -> None:
+        f = self.f
+        if f.up_disc:
+            peer, _, _ = f.discover(headers)
+            if peer is not None:
+                _set(stream.stream_info, False, peer)
+        if f.down_prop:
+            rid, rval = getattr(stream, "mx_carried", None) or (False, False)
+            f.propagate_down(headers, rid, rval)
+
+    def _response_raw(self, stream, taken):
+        f = self.f
+        if taken is not None and f.up_disc:
+            pid = val = None
+            for k, v in taken:
+                if k == P.HEADER:
+                    if val is None:
+                        val = v
+                elif pid is None:
+                    pid = v
+            peer = f.found(pid, val)
+            if peer is not None:
+                _set(stream.stream_info, False, peer)
+        if f.down_prop:
+            rid, rval = getattr(stream, "mx_carried", None) or (False, False)
+            if rid or rval:
+                raw_id, raw_val = f._raw_down
+                return (raw_id if rid else b"") + (raw_val if rval else b"")
+        return None
+
+
 def _set(si, downstream: bool, peer) -> None:
-    """Stream-lifetime filter state: the stream gets its own dict (over the connection's) on the
-    first write, so a peer found on one request never leaks into the next one on the connection."""
+    """Stream-lifetime filter state (``istio_peer.own_filter_state``); the first value written
+    wins (e.g. the TCP exchange's, on the connection's state)."""
     fs = si.filter_state
-    key = P.DOWNSTREAM_PEER if downstream else P.UPSTREAM_PEER
-    if fs is not None and key in fs:
-        return  # the first value written wins (e.g. the TCP exchange's)
-    if not getattr(si, "own_filter_state", False):
-        fs = dict(fs) if fs else {}
-        si.filter_state = fs
-        si.own_filter_state = True
-    P.set_peer(fs, downstream, peer)
+    if fs is not None and (P.DOWNSTREAM_PEER if downstream else P.UPSTREAM_PEER) in fs:
+        return
+    P.set_peer(P.own_filter_state(si), downstream, peer)
 
 
 def factory(cfg, ctx):

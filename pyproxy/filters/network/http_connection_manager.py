@@ -12,7 +12,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from ...config import ConfigError, duration_s, u32
 from ...config.registry import REGISTRY
-from ...tracing.zipkin import tracer_for_hcm, tracing_provider
+from ...tracing.provider import tracer_for_hcm, tracing_provider
 
 log = logging.getLogger("pyproxy.config")
 _warned: set = set()  # warning texts already logged
@@ -53,13 +53,34 @@ class ChainPlan:
     ways, ``plannable`` is true: a request whose route and content type leave them all inert takes
     the router-only fast lanes (``http/fast_stream.py chain_is_inert``); any other request runs the
     whole configured chain filter by filter. Immutable; RDS tables need no re-planning, since the
-    per-route part is read from the route the request matched."""
+    per-route part is read from the route the request matched.
 
-    __slots__ = ("plannable", "live_on_route", "live_on_grpc")
+    A filter factory may also carry ``compiled_hooks`` (telemetry: ``peer_metadata``,
+    ``istio.alpn``, ``istio.stats``): the same work as its filter, done by the compiled lanes at
+    fixed points instead of through a filter object, so it never makes a request take the generic
+    path. The hooks object has (each None or empty when unused):
+    - ``on_request(stream, headers, cluster)``: once the route's cluster is chosen, before the
+      route's request header mutations (it may edit ``headers``, write filter state, set
+      ``stream.alpn``, the upstream ALPN list the lane passes to ``Cluster.http_pool``);
+    - ``on_response(stream, headers)``: the response ``Headers``, after the route's response
+      mutations, before the connection manager sends them;
+    - ``response_take`` and ``on_response_raw(stream, taken)``: for a lane that writes the
+      response head from the upstream's raw lines (express): the header names it holds back and
+      hands over as ``(name, value)`` str pairs (``taken`` is None when there were none), called
+      after ``x-envoy-upstream-service-time``; returns header lines to add (bytes) or None;
+    - ``on_complete(stream)``: once, when a stream the lane served ends (after the filters'
+      ``on_destroy`` and the access logs), with ``stream_info.end_monotonic`` set.
+    The plan gathers them in chain order (``request_hooks``, ``response_hooks``, ``observers``,
+    ``response_take``). On the generic path (a request the lanes do not take, or
+    ``PYPROXY_REFERENCE=1``) the filters run as filters and the hooks are not called."""
+
+    __slots__ = ("plannable", "live_on_route", "live_on_grpc", "request_hooks", "response_hooks", "observers",
+                 "response_take")
 
     def __init__(self, filters):
         route_keys = set()
         grpc = False
+        hooks = []
         ok = bool(filters) and filters[-1].is_router and \
             type(filters[-1].factory).__name__ == "RouterConfig"
         for e in filters[:-1]:
@@ -69,16 +90,22 @@ class ChainPlan:
                 route_keys.update(names)
             elif getattr(f, "inert_unless_grpc", False):
                 grpc = True
+            elif getattr(f, "compiled_hooks", None) is not None:
+                hooks.append(f.compiled_hooks)
             else:
                 ok = False
         self.plannable = ok
         self.live_on_route = frozenset(route_keys)
         self.live_on_grpc = grpc
+        self.request_hooks = tuple(h.on_request for h in hooks if h.on_request is not None)
+        self.response_hooks = tuple(h for h in hooks if h.on_response is not None)
+        self.observers = tuple(h.on_complete for h in hooks if h.on_complete is not None)
+        self.response_take = frozenset().union(*[h.response_take for h in hooks])
 
 
 class HcmConfig:
     def __init__(self, cfg, ctx):
-        from ...http.conn_manager import HcmStats
+        from ...http.hcm_stats import HcmStats
         self.ctx = ctx
         self.loop = ctx.loop
         self.cluster_manager = ctx.cluster_manager
@@ -211,11 +238,19 @@ class HcmConfig:
         plan = self.plan = ChainPlan(self.filters)
         self.live_on_route = plan.live_on_route
         self.live_on_grpc = plan.live_on_grpc
+        # telemetry filters' hooks on the compiled lanes (see ChainPlan)
+        self.request_hooks = plan.request_hooks
+        self.response_hooks = plan.response_hooks
+        self.observers = plan.observers
+        self.response_take_raw = frozenset(n.encode() for n in plan.response_take)
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
         # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
         self.fast_router = (plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
                             and os.environ.get("PYPROXY_REFERENCE", "0") != "1")
+        from ...http.stream import ActiveStream
+        from ...http.fast_stream import FastStream
+        self.stream_class = FastStream if self.fast_router else ActiveStream
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
         # HTTP/1.1 requests of such a chain may take the express lane (pyproxy/http/express.py)
         from ...http import express

@@ -1,0 +1,147 @@
+"""One downstream HTTP/2 request stream: the encoder the HCM's ``ActiveStream`` writes its response
+through (``encode_headers/data/trailers``, ``reset_stream``), with its flow-control credit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import h2.exceptions
+from h2.errors import ErrorCodes
+
+from .h2_headers import to_h2
+from .h2_stream import OutStream
+from .headers import Headers
+
+log = logging.getLogger("pyproxy.http2")
+
+
+class H2ServerStream(OutStream):
+    """One request stream: the encoder ``ActiveStream`` writes its response through."""
+
+    # defaults (see OutStream)
+    stream = None
+    drain_close = False
+    response_close = False
+    tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+
+    def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
+        self.conn = conn
+        self.sid = sid
+        self.start = now
+        if remote_ended:
+            self.remote_ended = True
+        if tunnel:
+            self.tunnel = tunnel
+
+    # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        if self.closed or self.local_ended:
+            return
+        h = headers._h
+        if h and h[0][0] == ":status" and h[0][1][:1] == "1":
+            if h[0][1] != "101":
+                return  # 1xx are answered by the proxy itself (100-continue)
+            if self.tunnel:
+                # the upgrade succeeded upstream: RFC 8441's answer is a 200 (upgrade and
+                # connection fields are dropped by the encoders)
+                headers._h = h = [(":status", "200")] + h[1:]
+                self.tunnel = 2
+        elif self.tunnel and not end_stream and h and h[0][1][:1] == "2":
+            self.tunnel = 2
+        conn = self.conn
+        try:
+            conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream)
+        except h2.exceptions.StreamClosedError:
+            self._gone()
+            return
+        except h2.exceptions.ProtocolError as e:
+            log.debug("h2 stream %d: cannot send headers: %s", self.sid, e)
+            self.reset_stream("protocol_error")
+            return
+        if end_stream:
+            self._ended()
+        conn.want_flush()
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.closed or self.local_ended:
+            return
+        try:
+            self._send_data(data, end_stream)
+        except h2.exceptions.ProtocolError:
+            self._gone()
+            return
+        self.conn.want_flush()
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.closed or self.local_ended:
+            return
+        try:
+            self._send_trailers(trailers)
+        except h2.exceptions.ProtocolError:
+            self._gone()
+            return
+        self.conn.want_flush()
+
+    def reset_stream(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        st = conn.stats
+        if st is not None:
+            st.tx_reset.value += 1
+        code = ErrorCodes.REFUSED_STREAM if "refused" in reason else (
+            ErrorCodes.CONNECT_ERROR if self.tunnel else ErrorCodes.NO_ERROR)  # RFC 9113 8.5
+        try:
+            conn.h2.reset_stream(self.sid, code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._gone()
+        conn.want_flush()
+
+    def stream_read_disable(self, _stream, disable: bool) -> None:
+        self.read_disable(disable)
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _ended(self) -> None:
+        self.local_ended = True
+        if self.pending:
+            self.pending.clear()
+        if self.remote_ended:
+            self._gone()
+        elif self.tunnel == 2:
+            pass  # half-closed: the client's END_STREAM (or reset) finishes the stream
+        else:
+            # the response is complete: the rest of the request is not needed (RFC 9113 8.1)
+            try:
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            self._gone()
+
+    def _gone(self) -> None:
+        if not self._close_out():
+            return
+        conn = self.conn
+        conn.blocked.discard(self)
+        conn.streams.pop(self.sid, None)
+        if self.unacked:
+            # give the connection window back; the stream's own window no longer matters
+            n, self.unacked = self.unacked, 0
+            try:
+                conn.h2.acknowledge_received_data(n, self.sid)
+            except (h2.exceptions.ProtocolError, ValueError):
+                pass
+        if conn.goaway_sent and not conn.streams:
+            conn.want_close()
+
+    def _watermark(self, above: bool) -> None:
+        s = self.stream
+        r = s.router if s is not None else None
+        up = r.upstream if r is not None else None
+        if up is None:
+            return
+        if above:
+            up.on_above_write_buffer_high_watermark()
+        else:
+            up.on_below_write_buffer_low_watermark()
