@@ -286,7 +286,7 @@ class Server:
             return
         from .tls.secrets import STORE
         if dynamic or STORE.providers:
-            from .sds import SdsManager
+            from .xds.sds import SdsManager
             self.sds = SdsManager(self)
 
     def _secrets_pending(self) -> bool:

@@ -227,7 +227,8 @@ def test_mirror_gets_a_big_body_whole():
 
 def test_mirror_and_hedge_routes_leave_the_fast_lanes_at_load():
     """Decided when the route compiles: a route with mirrors (its own or its virtual host's) or
-    hedging is marked for the generic router, the others are left to the lanes' own checks."""
+    hedging is marked for the generic router; a plain one is planned for the compiled path
+    (routing/plan.py)."""
     from envoy.config.route.v3 import route_pb2
     from google.protobuf import json_format
     from pyproxy.routing import compile_route_config
@@ -239,7 +240,7 @@ def test_mirror_and_hedge_routes_leave_the_fast_lanes_at_load():
                                 "routes": [route("/", "b")]})
     t = compile_route_config(json_format.ParseDict(rc, route_pb2.RouteConfiguration()))
     routes = list(t.all_routes())
-    assert [(r.fast, r.express) for r in routes] == [(False, False), (False, False), (None, None),
+    assert [(r.fast, r.express) for r in routes] == [(False, False), (False, False), (True, "15000"),
                                                      (False, False)]
 
 

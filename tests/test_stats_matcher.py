@@ -103,6 +103,8 @@ def test_rejected_stats_are_detached_and_still_work():
     g.dec()
     h.record(5)
     assert (c.value, g.value, h.count) == (3, 1, 1)  # the holder reads real values
+    from pyproxy.stats import DETACHED
+    assert c.name is g.name is h.name is DETACHED  # one shared name: no per-stat copy is kept
     assert set(st.counters) == {"server.x"} and not st.gauges and not st.histograms
     assert st.counter("server.x") is kept
     assert st.holds(kept) and not st.holds(c) and not st.holds(g) and not st.holds(h)
@@ -403,3 +405,46 @@ def test_prometheus_series_as_envoy_with_stats_tags(unmatched, variant):
         assert all(any('mesh="m1"' in x or 'zone="z1"' in x for x in py[n]) for n in both)
     bad = {n: (py[n], env[n]) for n in sorted(both) if py[n] != env[n]}
     assert not bad, list(bad.items())[:10]
+
+
+@pytest.mark.skipif(not os.path.exists(ISTIO_BOOTSTRAP), reason="Istio testdata not available")
+def test_istio_telemetry_survives_istios_stats_config():
+    """An inbound sidecar listener with istio.stats under Istio's whole stats_config (its tags and
+    inclusion list): istio_requests_total and the request duration histogram are exported, and the
+    stats the agent reads; the per-cluster, HCM and listener stats are not created."""
+    from tests.test_istio_telemetry import MX_IN, STATS_IN, _hcm_listener, _static, node
+    with open(ISTIO_BOOTSTRAP) as f:
+        sc = json.load(f)["stats_config"]
+    with HttpBackend() as be:
+        port = free_port()
+        vh = [{"name": "inbound|http|8080", "domains": ["*"], "routes": [
+            {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "inbound|8080||"}}]}]
+        bs = {"node": node("svc-b-v1", "svc-b", "v1", "10.0.0.2"), "stats_config": sc,
+              "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+              "static_resources": {
+                  "listeners": [_hcm_listener("virtualInbound", port, "INBOUND", [MX_IN, STATS_IN], vh,
+                                              "inbound_0.0.0.0_8080")],
+                  "clusters": [_static("inbound|8080||", be.port)]}}
+        with Pyproxy(bs) as px:
+            for _ in range(2):
+                assert request(port, "GET", "/x")[0] == 200
+            _, _, body = request(px.admin_port, "GET", "/stats/prometheus")
+            prom = body.decode()
+            _, _, body = request(px.admin_port, "GET", "/stats")
+            names = {line.partition(": ")[0] for line in body.decode().splitlines()}
+    assert re.search(r'^istio_requests_total\{reporter="destination",.*response_code="200".*\} 2$', prom, re.M), prom
+    assert re.search(r"^istio_request_duration_milliseconds_count\{", prom, re.M)
+    assert re.search(r"^envoy_server_state\{\} 0$", prom, re.M)
+    made = sorted(n for n in names if n.startswith(("cluster.", "http.", "listener.")))
+    assert made == [], made
+    assert not re.search(r"^envoy_(cluster_(?!manager_)|http_|listener_(?!manager_))", prom, re.M), prom
+    assert "server.state" in names and "listener_manager.workers_started" in names
+
+
+def test_histogram_bins_are_named_by_validate(tmp_path):
+    bs = bootstrap([], [])
+    bs["stats_config"] = {"histogram_bucket_settings": [{"match": {"prefix": "x"}, "buckets": [1, 2], "bins": 50}]}
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0 and "stats_config.histogram_bucket_settings.bins: bins" in r.stdout, r.stdout

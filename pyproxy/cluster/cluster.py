@@ -231,6 +231,7 @@ class Cluster:
         self.st_rq_pending_total = s.counter("upstream_rq_pending_total")
         self.st_rq_pending_active = s.gauge("upstream_rq_pending_active")
         self.st_pending_overflow = s.counter("upstream_rq_pending_overflow")
+        self.st_pending_failure_eject = s.counter("upstream_rq_pending_failure_eject")
         self.st_rq_completed = s.counter("upstream_rq_completed")
         self.st_rq_timeout = s.counter("upstream_rq_timeout")
         self.st_rq_per_try_timeout = s.counter("upstream_rq_per_try_timeout")

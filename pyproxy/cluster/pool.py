@@ -15,7 +15,7 @@ import logging
 import socket
 
 from .. import writebatch
-from ..http.http1 import Http1ClientCodec
+from ..http.http1_client import Http1ClientCodec
 
 log = logging.getLogger("pyproxy.pool")
 
@@ -23,7 +23,6 @@ CONNECT_FAILURE = "connection failure"
 CONNECT_TIMEOUT = "connection timeout"
 OVERFLOW = "overflow"
 LOCAL_RESET = "local reset"
-REMOTE_RESET = "remote reset"
 
 
 async def open_socket(loop, host, connect_timeout: float, source_address: str | None = None):
@@ -103,7 +102,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool.on_connection_closed(self)
         self.stream_cb = None
-        self.codec.on_close(REMOTE_RESET if exc is None else "connection termination")
+        # (Envoy's reason for an HTTP/1.1 upstream that closes, cleanly or not, is "connection
+        # termination"; a tunnel tells a half-close from an abort)
+        self.codec.on_close("connection termination", exc is not None)
 
     def pause_writing(self):
         self.write_paused = True
@@ -344,6 +345,7 @@ class Http1Pool(PoolBase):
             self._pending_done()
             if not p.cancelled:
                 c.report_connect_failure(self.host)
+                c.st_pending_failure_eject.value += 1
                 p.cb.on_pool_failure(reason, "UF", self.host)
                 break
         if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:

@@ -44,7 +44,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
-                 "extended_connect", "tx_counter")
+                 "extended_connect", "tx_counter", "max_requests")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -59,6 +59,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self.local_address = ""
         self.draining = False
         self.max_streams = opts.max_concurrent_streams
+        self.max_requests = cluster.max_requests_per_connection
         self.ready_timer = None
 
     # -- capacity -----------------------------------------------------------------------------------
@@ -66,10 +67,11 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         if self.closed or self.goaway or self.draining or not self.ready:
             return 0
         peer = self.h2.remote_settings.max_concurrent_streams
-        n = min(peer, self.max_streams) - self.bound
-        mr = self.pool.cluster.max_requests_per_connection
-        if mr:
-            n = min(n, mr - self.requests)
+        ours = self.max_streams
+        n = (peer if peer < ours else ours) - self.bound
+        mr = self.max_requests
+        if mr and mr - self.requests < n:
+            return mr - self.requests
         return n
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------

@@ -38,6 +38,9 @@ NOT_ACTED_ON: tuple = (
      "internal redirects are not implemented yet: the redirect goes to the client"),
     ("tcp_proxy", "tunneling_config", "tunneling_config is not implemented yet: bytes go upstream unwrapped"),
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
+    ("bootstrap", "stats_config.histogram_bucket_settings[].bins",
+     "bins (the initial bins of Envoy's internal histogram per series) has no equivalent: the exported "
+     "buckets are the same"),
     ("http_connection_manager", "add_user_agent",
      "add_user_agent is not implemented yet: no x-envoy-downstream-service-cluster/-node, user-agent unchanged"),
     ("http_connection_manager", "scheme_header_transformation",

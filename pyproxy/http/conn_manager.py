@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from functools import partial
 
 from .filter import CONTINUE, STOP
 from .headers import Headers
 from .http1 import Http1ServerCodec, REASONS
-from .request_prep import decorate, prepare
+from .decorator import decorate, decorate_response
+from .request_prep import WATCH_BYTES, prepare
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 log = logging.getLogger("pyproxy.http")
+
+# request headers the HTTP/1.1 codec notes for the express lane (``codec.noted``): those the request
+# preparation acts on (request_prep.WATCH_BYTES) or adds, and the timeout header the lane appends
+H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"}
 
 # draining: how long an idle HTTP/1 connection is left open for a request already on its way
 DRAIN_IDLE_GRACE_S = 0.5
@@ -47,54 +53,6 @@ def _bytes_waiting(sock) -> bool:
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-class HcmStats:
-    __slots__ = (
-        "cx_total", "cx_active", "cx_http1_total", "cx_http1_active", "cx_http2_total",
-        "cx_http2_active", "cx_destroy", "cx_protocol_error", "cx_idle_timeout", "cx_drain_close",
-        "rq_total", "rq_active", "rq_http1_total", "rq_http2_total", "rq_class", "rq_completed",
-        "rq_time", "rq_rx_reset", "rq_tx_reset", "rq_timeout", "rq_idle_timeout", "no_route",
-        "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
-        "rq_header_timeout", "rq_overload_close", "rq_max_duration_reached", "no_cluster",
-        "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete",
-    )
-
-    def __init__(self, store, prefix):
-        s = store.scope("http.%s." % prefix)
-        self.cx_total = s.counter("downstream_cx_total")
-        self.cx_active = s.gauge("downstream_cx_active")
-        self.cx_http1_total = s.counter("downstream_cx_http1_total")
-        self.cx_http1_active = s.gauge("downstream_cx_http1_active")
-        self.cx_http2_total = s.counter("downstream_cx_http2_total")
-        self.cx_http2_active = s.gauge("downstream_cx_http2_active")
-        self.cx_destroy = s.counter("downstream_cx_destroy")
-        self.cx_protocol_error = s.counter("downstream_cx_protocol_error")
-        self.cx_idle_timeout = s.counter("downstream_cx_idle_timeout")
-        self.cx_drain_close = s.counter("downstream_cx_drain_close")
-        self.cx_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
-        self.cx_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
-        self.rq_total = s.counter("downstream_rq_total")
-        self.rq_active = s.gauge("downstream_rq_active")
-        self.rq_http1_total = s.counter("downstream_rq_http1_total")
-        self.rq_http2_total = s.counter("downstream_rq_http2_total")
-        self.rq_class = [None] + [s.counter("downstream_rq_%dxx" % c) for c in range(1, 6)]
-        self.rq_completed = s.counter("downstream_rq_completed")
-        self.rq_time = s.histogram("downstream_rq_time")
-        self.rq_rx_reset = s.counter("downstream_rq_rx_reset")
-        self.rq_tx_reset = s.counter("downstream_rq_tx_reset")
-        self.rq_timeout = s.counter("downstream_rq_timeout")
-        self.rq_idle_timeout = s.counter("downstream_rq_idle_timeout")
-        self.rq_header_timeout = s.counter("downstream_rq_header_timeout")
-        self.rq_too_large = s.counter("downstream_rq_too_large")
-        self.rq_ws_on_non_ws_route = s.counter("downstream_rq_ws_on_non_ws_route")
-        self.rq_overload_close = s.counter("downstream_rq_overload_close")
-        self.rq_max_duration_reached = s.counter("downstream_rq_max_duration_reached")
-        self.rq_response_before_rq_complete = s.counter("downstream_rq_response_before_rq_complete")
-        self.no_route = s.counter("no_route")
-        self.no_cluster = s.counter("no_cluster")
-        self.rq_direct_response = s.counter("rq_direct_response")
-        self.rq_redirect = s.counter("rq_redirect")
-
-
 def _date() -> str:
     """The HTTP date now (cached for the second, as Envoy's date provider caches it)."""
     now = int(_time())
@@ -113,7 +71,7 @@ class HttpConnection:
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
                  "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at",
-                 "rebound")
+                 "rebound", "prepped")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -131,6 +89,7 @@ class HttpConnection:
         self.dl_at = 0.0
         self.last_activity = 0.0
         self.rebound = False
+        self.prepped = None  # the express lane's request preparation, for the stream it leaves a request to
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
         self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
@@ -158,8 +117,10 @@ class HttpConnection:
         st.cx_http1_total.value += 1
         st.cx_http1_active.inc()
         codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
-                                              max_headers=self.cfg.max_headers_count)
-        codec.express = self.cfg.express  # the express lane's entry, or None
+                                              max_headers=self.cfg.max_headers_count, note=H1_NOTE)
+        x = self.cfg.express
+        if x is not None:
+            codec.on_request = partial(x, self)  # (the express lane's entry: http/express.py start)
 
     def _make_h2(self):
         from .http2 import Http2ServerCodec
@@ -286,15 +247,20 @@ class HttpConnection:
             self.arm_deadline(nxt)
 
     # -- codec callbacks ------------------------------------------------------------------------------
+    def on_request(self, codec, headers, end_stream: bool, version, direct: bool = False) -> None:
+        """A request head from the HTTP/1.1 codec: a stream serves it. (When the HCM allows the
+        express lane, the codec hands heads to ``express.start`` first, which may leave it here.)"""
+        s = codec.stream = self.new_stream(codec, version)
+        s.decode_headers(headers, end_stream)
+
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        s = (FastStream if self.cfg.fast_router else ActiveStream)(self, encoder, version)
-        if not self.is_h2:
-            p = encoder.prepped
-            if p is not None:
-                encoder.prepped = None
-                s.prepped = p
+        s = self.cfg.stream_class(self, encoder, version)  # (ActiveStream or FastStream)
+        p = self.prepped
+        if p is not None:  # (what the express lane did before it left the request to a stream)
+            self.prepped = None
+            s.prepped = p
         self.live.add(s)
         return s
 
@@ -319,13 +285,7 @@ class HttpConnection:
         if s is not None and not s.response_started:
             s.send_local_reply(status, text, details, close=True)
         elif s is None and not codec.closed:
-            body = text.encode()
-            ctype = "content-type: text/plain\r\n" if body else ""
-            head = ("HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%sdate: %s\r\n"
-                    "server: %s\r\nconnection: close\r\n\r\n" % (
-                        status, REASONS.get(status, "Bad Request"), len(body), ctype, _date(),
-                        self.cfg.server_name))
-            self.conn.write(head.encode() + body)
+            codec.write_error(status, text, _date(), self.cfg.server_name)  # (no stream to answer it)
             st.rq_class[status // 100].value += 1
         codec.closed = True
         self.conn.close(flush=True)
@@ -468,7 +428,7 @@ class ActiveStream:
     last_activity = 0.0
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
-    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (request_prep.decorate)
+    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when a lane ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
 
@@ -717,6 +677,9 @@ class ActiveStream:
             headers.set("via", cfg.via if not via else via + ", " + cfg.via)
         if cfg.always_set_request_id_in_response and self.stream_info.request_id:
             headers.set("x-request-id", self.stream_info.request_id)
+        d = cfg.prep.decorate
+        if d:
+            decorate_response(d, self.route, self.caller_op, headers)
         first = headers._h[0] if headers._h else None
         status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
         try:
@@ -996,17 +959,6 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
     return si
 
 
-def _uuid4() -> str:
-    """A random (version 4) UUID string, without the uuid module's object overhead: 128 random
-    bits with the version nibble set to 4 and the variant bits to 10 (122 random bits)."""
-    h = (_urand(128) & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_UUID_KEEP = 0xffffffffffff0fff3fffffffffffffff
-_UUID_SET = 0x00000000000040008000000000000000
-
-
 _time = time.time
 _monotonic = time.monotonic
 _urand = __import__("random").getrandbits
@@ -1020,5 +972,3 @@ def _grpc_status(http_status: int) -> int:
     # Envoy's HTTP -> gRPC status mapping for local replies
     return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)
 
-
-from .fast_stream import FastStream  # noqa: E402  (it subclasses ActiveStream)

@@ -32,14 +32,14 @@ from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 # (conn_manager first: it completes the fast_stream import cycle)
 from .conn_manager import _date, new_stream_info
-from .fast_stream import FastStream, chain_is_inert, pick_cluster, route_is_fast
+from .fast_stream import FastStream, chain_is_inert, pick_cluster
 from .headers import Headers
-from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
-from .request_prep import Prepared, decorate, prepare
+from .http1 import _STATUS_LINES, HOP_BY_HOP, HTTP11, status_line
+from .decorator import DECORATE_EGRESS, decorate, response_operation
+from .request_prep import Prepared, prepare
 
 _NO_CTX = LbContext()
-# request headers an express route may not add (the lane appends the last one itself)
-_NOT_ADDED = HOP_BY_HOP | {"content-length", "x-envoy-expected-rq-timeout-ms"}
+_DECORATOR = b"x-envoy-decorator-operation"
 _NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 _monotonic = time.monotonic
 _time = time.time
@@ -49,7 +49,7 @@ _new_stream = object.__new__
 ENABLED = os.environ.get("PYPROXY_EXPRESS", "1") != "0"
 
 # response header names the head writer handles itself: framing, hop-by-hop and ``server``
-_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date"}
+_SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date", _DECORATOR}
 
 
 def hcm_is_express(cfg) -> bool:
@@ -62,64 +62,39 @@ def hcm_is_express(cfg) -> bool:
         and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
-def route_is_express(route):
-    """For a fast-lane route whose header mutations need no ``StreamInfo`` (literal request
-    values that are not hop-by-hop, no response mutations): the value of its
-    ``x-envoy-expected-rq-timeout-ms`` header ("" for none). False otherwise. Cached on the route."""
-    x = route.express
-    if x is None:
-        adds = [a for m in route._req_mutations for a in m.add]
-        rms = [r for m in route._req_mutations for r in m.remove]
-        for cw in route.weighted or ():
-            if not cw.response_mutation.empty:
-                adds = None
-                break
-            adds += cw.request_mutation.add
-            rms += cw.request_mutation.remove
-        ok = route_is_fast(route) and not route._resp_mutations and adds is not None and \
-            all(a[1] is None and a[0] not in _NOT_ADDED for a in adds) and \
-            not any(r in HOP_BY_HOP or r == "content-length" for r in rms)
-        x = route.express = (str(int(route.timeout * 1000)) if route.timeout else "") if ok else False
-        route.fast_rewrites = bool(
-            route.prefix_rewrite is not None or route.regex_rewrite is not None or route.host_rewrite_literal
-            or route.host_rewrite_header or route.host_rewrite_path_regex is not None)
-    return x
-
-
-def start(hc, codec, headers) -> bool:
-    """Serve a complete, bodiless HTTP/1.1 request in the express lane, or return False (having
-    changed nothing the generic stream would not do the same way) to leave it to the generic path.
+def start(hc, codec, headers, end_stream, version, direct=False) -> None:
+    """The HTTP/1.1 codec's ``on_request`` when the HCM allows this lane: serve a complete, bodiless
+    HTTP/1.1 request here, or leave it (having changed nothing the generic stream would not do the
+    same way) to a stream (``HttpConnection.on_request``).
 
     ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
-    cfg = hc.cfg
     h = headers._h
-    if len(h) < 4:
-        return False
+    if not (direct and end_stream and version is HTTP11) or len(h) < 4:
+        return hc.on_request(codec, headers, end_stream, version)
+    cfg = hc.cfg
     # the connection manager's request preparation (request_prep.py), the one every lane runs;
     # when the request then leaves this lane, its result goes with it (it is never run twice)
     table = cfg.routes.table
-    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.prep_seen or codec.hop_seen))
+    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.noted or codec.hop_seen))
     remote = None
     if type(r) is not str:
         if r.reply is not None:
-            codec.prepped = r
-            return False
+            hc.prepped = r
+            return hc.on_request(codec, headers, True, version)
         remote = r.remote
     if table is None:
-        return _fall_back(codec, r)
+        return _fall_back(hc, codec, headers, r)
     route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
     if route is None:
-        return _fall_back(codec, r)
-    rq_timeout = route.express
-    if rq_timeout is None:
-        rq_timeout = route_is_express(route)
+        return _fall_back(hc, codec, headers, r)
+    rq_timeout = route.express  # (the route's plan, routing/plan.py)
     if rq_timeout is False:
-        return _fall_back(codec, r, table, route)
-    if cfg.chain_checks and not chain_is_inert(cfg, route, headers):
-        return _fall_back(codec, r, table, route)  # a filter before the router has work: the generic chain
+        return _fall_back(hc, codec, headers, r, table, route)
+    if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
+        return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return _fall_back(codec, r, table, route)
+        return _fall_back(hc, codec, headers, r, table, route)
     name, choice, cluster = picked
 
     # from here on the request is the express lane's
@@ -152,17 +127,19 @@ def start(hc, codec, headers) -> bool:
     d = cfg.prep.decorate
     if d:
         # (no tracer on this lane: the caller's operation names no span)
-        decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
+        s.caller_op = decorate(d, route, headers, not (codec.noted or codec.hop_seen))
     for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
         hook(s, headers, cluster)
     # the router's work (FastStream.decode_headers)
+    if rq_timeout and not cfg.router_suppress_envoy_headers:
+        # (the request preparation removed any the client sent, internal or not: append)
+        headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (prepare may have replaced h)
+    if route.include_request_attempt_count:
+        headers.set("x-envoy-attempt-count", "1")
     if route._req_mutations or choice is not None:
         route.finalize_request_headers(headers, None, choice)
     if choice is not None or route.fast_rewrites:
         route.rewrite_request(headers, choice)
-    if rq_timeout and not cfg.router_suppress_envoy_headers:
-        # (the request preparation removed any the client sent, internal or not: append)
-        headers._h.append(("x-envoy-expected-rq-timeout-ms", rq_timeout))  # (mutations may have replaced h)
     cluster.rq_active_total += 1
     g = cluster.st_rq_active
     g.value += 1
@@ -177,20 +154,19 @@ def start(hc, codec, headers) -> bool:
     if host is None:
         cluster.st_cx_none_healthy.value += 1
         s._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
-        return True
+        return
     s.pending = cluster.http_pool(host, False, s.alpn).new_stream(s)
-    return True
 
 
-def _fall_back(codec, r, table=None, route=None) -> bool:
+def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
     """Leave the request to the generic stream, with the request preparation's result (and the
     route, when one was found: the stream does not look it up again)."""
     if route is not None:
-        codec.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
+        hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
             Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
     else:
-        codec.prepped = Prepared(rid=r) if type(r) is str else r
-    return False
+        hc.prepped = Prepared(rid=r) if type(r) is str else r
+    hc.on_request(codec, headers, True, HTTP11)
 
 
 class ExpressStream(FastStream):
@@ -263,8 +239,10 @@ class ExpressStream(FastStream):
         """The upstream response head (from ``Http1ClientCodec``): written downstream at once."""
         if self.up_done:
             return
-        if status < 200:
-            # (a 101 to a request that asked for no upgrade): the generic encoder decides
+        rc = self.route.retry_codes
+        if status < 200 or rc is not None and status in rc:
+            # (a 101 to a request that asked for no upgrade): the generic encoder decides;
+            # (a status the route's retry policy may retry): the router decides
             h = [(":status", str(status))]
             h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
             self.on_upstream_headers(Headers(h), end_stream)
@@ -282,6 +260,17 @@ class ExpressStream(FastStream):
         take = cfg.response_take_raw  # (telemetry hooks' names: ChainPlan)
         special = _SPECIAL | take if take else _SPECIAL
         transform = cfg.server_transform  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
+        # the decorator (http/decorator.py decorate_response): False on egress (an upstream's header is
+        # consumed), the route's operation on ingress, None: the upstream's passes through
+        dec = None
+        d = cfg.prep.decorate
+        if d:
+            if d == DECORATE_EGRESS:
+                dec = False
+            else:
+                dec = response_operation(d, self.route, self.caller_op)
+                if dec is not None:
+                    dec = b"x-envoy-decorator-operation: " + dec.encode("latin-1") + b"\r\n"
         for n, v in raw:
             n = n.lower()
             if n in special:
@@ -302,6 +291,12 @@ class ExpressStream(FastStream):
                     elif not server:
                         add(cfg.server_line)
                     server = True
+                elif n == _DECORATOR:
+                    if dec is None:
+                        add(n + b": " + v + b"\r\n")
+                    elif dec:
+                        add(dec)  # (in place of the upstream's, once)
+                        dec = False
                 continue
             add(n + b": " + v + b"\r\n")
         if not cfg.router_suppress_envoy_headers:
@@ -314,6 +309,8 @@ class ExpressStream(FastStream):
             add(b"date: " + _date().encode() + b"\r\n")  # (ActiveStream._send_headers' rule)
         if not server and transform != 2:
             add(cfg.server_line)
+        if dec:
+            add(dec)
         # framing, as Http1ServerCodec.encode_headers
         method = codec.method
         if cl is not None:

@@ -9,8 +9,9 @@ are the generic code) that does the router's work itself for such requests and h
 else to the generic router before any side effect:
 
 - requests with a body (the router buffers/streams it), upgrades and CONNECT;
-- routes with retries, hash policies, host rewrites from the host, gRPC timeouts, or that are not
-  a cluster action (direct responses and redirects);
+- routes the route's plan (``RouteEntry.fast``, routing/plan.py) keeps off: hash policies, host
+  rewrites from the host, gRPC timeouts, mirrors, hedging, per-try timeouts, or not a cluster
+  action (direct responses and redirects);
 - unknown clusters, ORIGINAL_DST clusters and a full ``max_requests`` circuit breaker (the router
   answers those).
 
@@ -18,6 +19,12 @@ What a fast request does is what the router does for it: the same headers added
 (``x-envoy-expected-rq-timeout-ms``, ``x-envoy-upstream-service-time``), the same route header
 mutations, stats, response flags and local replies (503 UH/UF/UO/UR, 504 UT). The test suite runs
 its router tests through both lanes.
+
+A route with a retry policy (Istio's default) stays here: no retry state is made while the first
+attempt goes well. When it fails (a connect failure, a reset before the response, a status in the
+plan's ``retry_codes``) the router filter takes the request over (``_to_router``,
+``Router.adopt``) with that attempt as its first, and decides, retries and answers as it would
+have from the start.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from ..cluster.lb import LbContext
 from ..transport import upstream_tls_sans
 from .conn_manager import ActiveStream, _guarded
-from .request_prep import decorate
+from .decorator import decorate
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
@@ -37,27 +44,18 @@ _rand = random.getrandbits
 _OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
-def route_is_fast(route) -> bool:
-    """Whether a route's action can run in the fast lane (cached on the route)."""
-    f = route.fast
-    if f is None:
-        f = route.fast = (route.kind == 0 and route.retry is None and not route.hash_policies
-                          and not route.auto_host_rewrite and route.grpc_timeout_header_max is None
-                          and not route.cluster_header and not route.include_request_attempt_count
-                          and not (route.weighted and (route.weight_by_hash or route.weight_header)))
-    return f
-
-
 def chain_is_inert(cfg, route, headers) -> bool:
-    """The HCM's chain plan (filters/network/http_connection_manager.py ChainPlan), per request:
-    whether every filter in front of the router has nothing to do for this route and request, so
-    that the request may take a fast lane. A filter that is inert unless a route configures it is
-    live on a route whose ``filter_names`` (compiled with the route) include its name; ``grpc_stats``
-    is live on a gRPC request only."""
+    """The HCM's chain plan (filters/network/http_connection_manager.py ChainPlan) and the route's
+    plan (routing/plan.py), per request: whether every filter in front of the router has nothing
+    to do for this route and request, so that the request may take a fast lane. A filter that is
+    inert unless a route configures it is live on a route whose ``filter_names`` (compiled with the
+    route) include its name; ``grpc_stats`` is live on a gRPC request only, and so is a retry
+    policy's gRPC part (``route.retry_grpc``: the whole router takes the request).
+    Called when ``cfg.chain_checks or route.retry_grpc``."""
     keys = cfg.live_on_route
     if keys and not keys.isdisjoint(route.filter_names):
         return False
-    if cfg.live_on_grpc:
+    if cfg.live_on_grpc or route.retry_grpc:
         ct = headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             return False
@@ -90,6 +88,7 @@ class FastStream(ActiveStream):
     counted = False       # counted in the cluster's active requests
     up_done = False       # the upstream exchange is over (completed, failed or abandoned)
     read_off = False      # upstream reading paused for the downstream watermark
+    handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
 
     @_guarded
@@ -114,12 +113,12 @@ class FastStream(ActiveStream):
             self.request_timer.cancel()
             self.request_timer = None
         # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
-        if route is None or not end_stream or not route_is_fast(route) or \
+        if route is None or not end_stream or not route.fast or \
                 self.upgrade_type is not None or headers._h[0][1] == "CONNECT":
             if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
                 return
             return self._generic(headers, end_stream)
-        if cfg.chain_checks and not chain_is_inert(cfg, route, headers):
+        if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
             return self._generic(headers, end_stream)
         picked = pick_cluster(route, headers, cfg.cluster_manager)
         if picked is None:
@@ -133,11 +132,14 @@ class FastStream(ActiveStream):
         si.upstream_cluster = name
         self.cluster = cluster
         self.choice = choice
-        route.finalize_request_headers(headers, si, choice)
-        route.rewrite_request(headers, choice)
+        # (the router's order: the timeout header, the attempt count, the route's mutations)
         timeout = route.timeout
         if timeout and not cfg.router_suppress_envoy_headers:
             headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
+        if route.include_request_attempt_count:
+            headers.set("x-envoy-attempt-count", "1")
+        route.finalize_request_headers(headers, si, choice)
+        route.rewrite_request(headers, choice)
         self.start = _monotonic()
         cluster.rq_active_total += 1
         cluster.st_rq_active.inc()
@@ -184,6 +186,9 @@ class FastStream(ActiveStream):
         self.pending = None
         if self.up_done:
             return
+        if self.route.retry_codes is not None:
+            self._to_router().on_pool_failure(reason, flag, host)
+            return
         self.stream_info.upstream_transport_failure_reason = reason
         if flag == "UO":
             self._fail(503, _OVERFLOW_BODY, "upstream_reset_before_response_started{overflow}", "UO")
@@ -192,11 +197,35 @@ class FastStream(ActiveStream):
         self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
                    "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
 
+    def _to_router(self):
+        """This attempt failed (or has a status its retry policy may retry): the router filter
+        takes the request over with it as its first attempt (``Router.adopt``), and with it the
+        retry state, made only now. Returns the attempt (an ``UpstreamRequest``) for the caller
+        to deliver the failure to."""
+        r = self.cfg.decoder_factories[-1].create(self)  # (sets self.router)
+        up = r.adopt(self.route, self.cluster, self.choice, self.request_headers, self.host,
+                     self.encoder_up, self.start)
+        up.read_off = self.read_off
+        self.filters = [r]  # (the other filters are inert on the request: the chain plan)
+        # the upstream connection still calls this stream: what follows goes to the attempt
+        self.handed = up
+        # the upstream exchange is the router's now
+        self.counted = False
+        self.up_done = True
+        self.encoder_up = None
+        self.pending = None
+        return up
+
     # -- the upstream response ---------------------------------------------------------------------
     def on_upstream_headers(self, headers, end_stream: bool):
         if self.up_done:
             return
         status = int(headers._h[0][1])
+        rc = self.route.retry_codes
+        if rc is not None and status in rc:
+            # a status the route's retry policy may retry: the router decides
+            self._to_router().on_upstream_headers(headers, end_stream)
+            return
         c = self.cluster
         c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
         self.stream_info.response_code_details = "via_upstream"
@@ -211,6 +240,9 @@ class FastStream(ActiveStream):
 
     def on_upstream_data(self, data, end_stream: bool):
         if self.up_done:
+            h = self.handed
+            if h is not None:
+                h.on_upstream_data(data, end_stream)
             return
         if end_stream:
             self._complete()
@@ -218,15 +250,25 @@ class FastStream(ActiveStream):
 
     def on_upstream_trailers(self, trailers):
         if self.up_done:
+            h = self.handed
+            if h is not None:
+                h.on_upstream_trailers(trailers)
             return
         self._complete()
         self.encode_trailers(trailers)
 
     def on_upstream_reset(self, reason: str):
         if self.up_done:
+            h = self.handed
+            if h is not None:
+                h.on_upstream_reset(reason)
+            return
+        if not self.response_started and self.route.retry_codes is not None:
+            self._to_router().on_upstream_reset(reason)
             return
         self.encoder_up = None
-        self.cluster.st_rq_rx_reset.value += 1
+        if reason != "connection termination":
+            self.cluster.st_rq_rx_reset.value += 1
         if not self.response_started:
             self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
                        "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"),
@@ -239,6 +281,8 @@ class FastStream(ActiveStream):
     def on_upstream_watermark(self, above: bool):
         if not self.up_done:
             self.read_disable(above)
+        elif self.handed is not None:
+            self.handed.on_upstream_watermark(above)
 
     # -- the router hooks the generic stream calls ----------------------------------------------------
     def on_downstream_watermark(self, above: bool):
@@ -289,9 +333,12 @@ class FastStream(ActiveStream):
         if self.response_started:
             self.reset_stream("upstream_response_timeout")
             return
+        self.cluster.count_response(504)
         self.send_local_reply(504, "upstream request timeout", "upstream_response_timeout", flag="UT")
 
     def _fail(self, status, body, details, flag):
+        if flag != "UH":
+            self.cluster.count_response(status)  # (Envoy's chargeUpstreamAbort; see the router)
         self._up_finished()
         self.send_local_reply(status, body, details, flag=flag)
 
@@ -324,8 +371,15 @@ class FastStream(ActiveStream):
             c.rq_active_total -= 1
             c.st_rq_active.dec()
 
+    def _send_headers(self, headers, end_stream: bool):
+        if self.handed is not None:
+            # the router filter has the request (_to_router): the telemetry hooks see its answer
+            for hook in self.cfg.response_hooks:
+                hook.on_response(self, headers)
+        ActiveStream._send_headers(self, headers, end_stream)
+
     def _finish(self, reset: bool = False) -> None:
-        mine = self.router is self and not self.done
+        mine = (self.router is self or self.handed is not None) and not self.done
         if mine and not self.up_done:
             self._abandon()  # the downstream is gone (or the stream failed) mid-exchange
         ActiveStream._finish(self, reset)

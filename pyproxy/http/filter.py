@@ -12,6 +12,8 @@ per-stream instance.
 
 from __future__ import annotations
 
+# a filter's answer to an event, for every kind of filter (listener, network and HTTP; Envoy's
+# Continue / StopIteration): defined once, here
 CONTINUE = 0
 STOP = 1
 

@@ -46,24 +46,18 @@ TERMINATED = "connection termination"
 class H2ClientStream(OutStream):
     """One request on an upstream HTTP/2 connection: the encoder the router writes to."""
 
-    __slots__ = ("conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
-                 "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
-                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade")
+    # defaults (see OutStream)
+    replay_bytes = 0
+    response_started = False
+    cancelled = False
+    headers_sent = False
+    upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
 
     def __init__(self, cb):
         self.conn = None
         self.sid = 0
         self.cb = cb
-        self._init_out()
         self.replay = []
-        self.replay_bytes = 0
-        self.response_started = False
-        self.remote_ended = False
-        self.local_ended = False
-        self.closed = False
-        self.cancelled = False
-        self.headers_sent = False
-        self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
 
     @property
     def local_address(self) -> str:
@@ -139,23 +133,6 @@ class H2ClientStream(OutStream):
             return
         self.conn.want_flush()
 
-    def read_disable(self, disable: bool) -> None:
-        if disable:
-            self.read_off += 1
-            return
-        if not self.read_off:
-            return
-        self.read_off -= 1
-        if not self.read_off and self.unacked:
-            n, self.unacked = self.unacked, 0
-            c = self.conn
-            if c is not None and not c.closed:
-                try:
-                    c.h2.acknowledge_received_data(n, self.sid)
-                except (h2.exceptions.ProtocolError, ValueError):
-                    pass
-                c.want_flush()
-
     def reset(self) -> None:
         """The router abandons the request: RST_STREAM(CANCEL) and free the slot."""
         if self.closed:
@@ -185,7 +162,8 @@ class H2ClientStream(OutStream):
         self.conn = conn
         self.headers_sent = False
         self.local_ended = False
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
         self.pending_bytes = 0
         self.pending_end = False
         self.pending_trailers = None
@@ -215,11 +193,8 @@ class H2ClientStream(OutStream):
         cb.on_upstream_reset("local reset")
 
     def _finish(self) -> None:
-        if self.closed:
+        if not self._close_out():
             return
-        self.closed = True
-        self.pending.clear()
-        self.pending_bytes = 0
         self.replay = None
         c = self.conn
         if c is not None:

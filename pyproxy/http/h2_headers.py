@@ -195,14 +195,14 @@ def _block_cost(fields) -> int:
     return n
 
 
-def response_fields(raw) -> list:
-    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (a fresh list each time)."""
+def response_fields(raw) -> tuple:
+    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (shared: copy before changing)."""
     key = raw if raw.__class__ is tuple else tuple(raw)
     r = _RESP_MEMO.get(key)
     if r is None:
         r = tuple(inbound_headers(key, RESPONSE))
         _RESP.put(key, r, _block_cost(key))
-    return list(r)
+    return r
 
 
 def fields_method(fields) -> str | None:

@@ -19,22 +19,20 @@ log = logging.getLogger("pyproxy.http2")
 class H2ServerStream(OutStream):
     """One request stream: the encoder ``ActiveStream`` writes its response through."""
 
-    __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
-                 "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close", "tunnel")
+    # defaults (see OutStream)
+    stream = None
+    drain_close = False
+    response_close = False
+    tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
 
-    def __init__(self, conn, sid, now, remote_ended: bool = False, tunnel: int = 0):
+    def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
         self.conn = conn
         self.sid = sid
-        self.stream = None
-        self.remote_ended = remote_ended
-        self.local_ended = False
-        self.closed = False
-        self._init_out()
         self.start = now
-        self.drain_close = False
-        self.response_close = False
-        self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+        if remote_ended:
+            self.remote_ended = True
+        if tunnel:
+            self.tunnel = tunnel
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -102,24 +100,13 @@ class H2ServerStream(OutStream):
         conn.want_flush()
 
     def stream_read_disable(self, _stream, disable: bool) -> None:
-        if disable:
-            self.read_off += 1
-            return
-        if self.read_off:
-            self.read_off -= 1
-            if not self.read_off and self.unacked and not self.closed:
-                n, self.unacked = self.unacked, 0
-                conn = self.conn
-                try:
-                    conn.h2.acknowledge_received_data(n, self.sid)
-                except h2.exceptions.ProtocolError:
-                    pass
-                conn.want_flush()
+        self.read_disable(disable)
 
     # -- internals -----------------------------------------------------------------------------------
     def _ended(self) -> None:
         self.local_ended = True
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
         if self.remote_ended:
             self._gone()
         elif self.tunnel == 2:
@@ -133,11 +120,8 @@ class H2ServerStream(OutStream):
             self._gone()
 
     def _gone(self) -> None:
-        if self.closed:
+        if not self._close_out():
             return
-        self.closed = True
-        self.pending.clear()
-        self.pending_bytes = 0
         conn = self.conn
         conn.blocked.discard(self)
         conn.streams.pop(self.sid, None)

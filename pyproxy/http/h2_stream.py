@@ -32,17 +32,47 @@ class OutStream:
     ``_ended()``/``_watermark(above)``.
     """
 
-    __slots__ = ()
+    # (no __slots__: a stream is born with these class-level defaults and sets only what differs,
+    # which is most of its creation cost otherwise)
+    pending = _NO_PENDING  # a deque once something has to wait
+    pending_bytes = 0
+    pending_end = False
+    pending_trailers = None
+    above = False
+    read_off = 0
+    unacked = 0
+    local_ended = False
+    remote_ended = False
+    closed = False
 
-    def _init_out(self) -> None:
-        """Empty outbound buffer and flow-control state (at creation, and when re-bound)."""
-        self.pending = _NO_PENDING  # a deque once something has to wait
+    def _close_out(self) -> bool:
+        """The stream is over: drop what still waits to be sent. False if it already was over."""
+        if self.closed:
+            return False
+        self.closed = True
+        if self.pending:
+            self.pending.clear()
         self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        self.above = False
-        self.read_off = 0
-        self.unacked = 0
+        return True
+
+    def read_disable(self, disable: bool) -> None:
+        """Reference-counted: while reading is disabled, received DATA is not credited back to the
+        peer (``unacked`` holds it); the credit goes back when the last disable is lifted."""
+        if disable:
+            self.read_off += 1
+            return
+        if not self.read_off:
+            return
+        self.read_off -= 1
+        if not self.read_off and self.unacked and not self.closed:
+            n, self.unacked = self.unacked, 0
+            c = self.conn
+            if c is not None and not c.closed:
+                try:
+                    c.h2.acknowledge_received_data(n, self.sid)
+                except (h2.exceptions.ProtocolError, ValueError):
+                    pass
+                c.want_flush()
 
     def _send_data(self, data, end: bool) -> None:
         conn = self.conn

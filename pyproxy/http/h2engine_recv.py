@@ -176,12 +176,16 @@ class FrameReceiver:
         ev = DataReceived(sid, body, n)
         events.append(ev)
         if flags & F_END_STREAM:
-            if self.split_ends:
-                events.append(StreamEnded(sid))
-            ev.stream_ended = _END
-            s.ropen = False
-            if not s.lopen:
-                self._close(s, ENDED)
+            self._remote_end(s, ev, events)
+
+    def _remote_end(self, s, ev, events: list) -> None:
+        """``ev``'s frame carried END_STREAM: the peer is done sending on the stream."""
+        if self.split_ends:
+            events.append(StreamEnded(s.sid))
+        ev.stream_ended = _END
+        s.ropen = False
+        if not s.lopen:
+            self._close(s, ENDED)
 
     def _headers(self, data: bytes, p: int, n: int, flags: int, sid: int, events: list) -> None:
         if sid == 0:
@@ -249,35 +253,28 @@ class FrameReceiver:
             raise self._decode_error(e) from None
         end = flags & F_END_STREAM
         s = self.streams.get(sid)
-        if s is None:
-            if (sid & 1) == self.peer_odd and sid > self.highest_inbound_stream_id:
-                if self.client_side:
-                    raise ProtocolError("HEADERS on stream %d the server cannot open" % sid)
-                self.highest_inbound_stream_id = sid
-                if self_dep:
-                    self.out.append(_pack_hdr(4 << 8 | RST_STREAM, 0, sid) + _U32.pack(1))
-                    self.closed[sid] = RESET_LOCAL
-                    return
-                s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
-                                                self.local_settings.initial_window_size)
-                self.n_in += 1
-                s.got_headers = True
-                ev = RequestReceived(sid, headers)
-                events.append(ev)
-                if end:
-                    if self.split_ends:
-                        events.append(StreamEnded(sid))
-                    ev.stream_ended = _END
-                    s.ropen = False
+        if s is None and (sid & 1) == self.peer_odd and sid > self.highest_inbound_stream_id:
+            # a new stream: the request
+            if self.client_side:
+                raise ProtocolError("HEADERS on stream %d the server cannot open" % sid)
+            self.highest_inbound_stream_id = sid
+            if self_dep:
+                self.out.append(_pack_hdr(4 << 8 | RST_STREAM, 0, sid) + _U32.pack(1))
+                self.closed[sid] = RESET_LOCAL
                 return
-            if self._closed_frame(sid, "HEADERS"):
-                return
-        if not s.ropen:
-            self._closed_frame(sid, "HEADERS")
-        if self_dep:
+            s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
+                                            self.local_settings.initial_window_size)
+            self.n_in += 1
+            s.got_headers = True
+            ev = RequestReceived(sid, headers)
+        elif s is None and self._closed_frame(sid, "HEADERS"):
+            return
+        elif not s.ropen and self._closed_frame(sid, "HEADERS"):
+            return
+        elif self_dep:
             self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
             return
-        if not s.got_headers:
+        elif not s.got_headers:
             # client side: the response (or a 1xx before it)
             if headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
                 if end:
@@ -287,19 +284,14 @@ class FrameReceiver:
                 return
             s.got_headers = True
             ev = ResponseReceived(sid, headers)
+        elif not end:
+            self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
+            return
         else:
-            if not end:
-                self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
-                return
             ev = TrailersReceived(sid, headers)
         events.append(ev)
         if end:
-            if self.split_ends:
-                events.append(StreamEnded(sid))
-            ev.stream_ended = _END
-            s.ropen = False
-            if not s.lopen:
-                self._close(s, ENDED)
+            self._remote_end(s, ev, events)
 
     def _window_update(self, data: bytes, p: int, n: int, sid: int, events: list) -> None:
         if n != 4:

@@ -489,7 +489,8 @@ class Http2ServerCodec:
         self.blocked.clear()
         for s in streams:
             s.closed = True
-            s.pending.clear()
+            if s.pending:
+                s.pending.clear()
             stream = s.stream
             if stream is not None and not stream.done:
                 try:

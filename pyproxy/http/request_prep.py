@@ -39,6 +39,7 @@ from urllib.parse import quote
 from ..config import ConfigError
 from ..tracing.request_id import compile_trace_sampler
 from . import path_norm
+from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
 
 log = logging.getLogger("pyproxy.http")
 
@@ -423,7 +424,7 @@ class PrepPlan:
         self.gen_rid = hcm.generate_request_id
         # the trace decision packed into x-request-id (pyproxy/tracing/request_id.py), or None
         self.trace = compile_trace_sampler(cfg, getattr(hcm, "routes", None))
-        # Envoy's decorator step (``decorate`` below) runs for every request of an HCM with a tracing
+        # Envoy's decorator step (http/decorator.py) runs for every request of an HCM with a tracing
         # block, with or without a tracer provider, sampled or not: egress on an OUTBOUND listener,
         # ingress on any other
         self.decorate = 0
@@ -467,36 +468,6 @@ class PrepPlan:
 
 
 # -- per request --------------------------------------------------------------------------------
-
-DECORATE_EGRESS = 1
-DECORATE_INGRESS = 2
-_DECORATOR = "x-envoy-decorator-operation"
-
-
-def decorate(mode: int, route, headers, absent: bool = False):
-    """Envoy's decorator handling of the request headers, once per request after the route is
-    chosen (every lane calls it when ``PrepPlan.decorate`` is set): on egress the route's decorator
-    operation, unless ``propagate`` is false, replaces any ``x-envoy-decorator-operation``
-    (otherwise the caller's passes through); on ingress the caller's header is removed and, when
-    not empty, returned (a tracer names its span with it). ``absent``: the caller knows the
-    request has no ``x-envoy-decorator-operation`` (the HTTP/1.1 codec's ``WATCH_BYTES`` note)."""
-    if mode == DECORATE_EGRESS:
-        if route is not None and route.decorator_propagate:
-            op = route.decorator_operation
-            if op:
-                if absent:
-                    headers._h.append((_DECORATOR, op))
-                else:
-                    headers.set(_DECORATOR, op)
-        return None
-    if absent:
-        return None
-    op = headers.get(_DECORATOR)
-    if op is None:
-        return None
-    headers.remove(_DECORATOR)
-    return op or None
-
 
 def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     """Prepare one request's headers (see the module docstring). Returns the request id, or a

@@ -24,7 +24,7 @@ _ids = itertools.count(1)
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 
-CONTINUE, STOP = 0, 1
+from ..http.filter import CONTINUE, STOP
 MAX_INSPECT_BYTES = 64 * 1024  # listener filters see at most this much before the chain is chosen
 
 

@@ -22,9 +22,9 @@ from ..config.errors import ConfigError
 from ..config.util import u32
 from .header_mutation import compile_header_mutation
 from .policies import compile_hedge_policy, compile_rate_limit, compile_retry_policy
-from .route import (P_PATH, P_PREFIX, _compile_mirror, check_fields, check_filter_configs,
-                    compile_route,
-                    tls_redirect_entry)
+from .route import P_PATH, P_PREFIX
+from .route_compile import (_compile_mirror, check_fields, check_filter_configs, compile_route,
+                            tls_redirect_entry)
 
 _RC_FIELDS = frozenset({
     "name", "virtual_hosts", "internal_only_headers", "response_headers_to_add",

@@ -176,12 +176,18 @@ def _re2_to_python(regex: str) -> str:
     return regex.replace("[:digit:]", r"\d").replace("[:alpha:]", "a-zA-Z").replace("[:alnum:]", r"a-zA-Z\d")
 
 
+# The name of every stat the stats_matcher rejected (one shared string: a detached stat costs its
+# object, not a copy of its name; nothing renders it)
+DETACHED = "(not instantiated: stats_config.stats_matcher)"
+
+
 class Store:
     """All stats of one process. Names are unique across kinds, as in Envoy.
 
     ``matcher`` (the bootstrap's ``stats_config.stats_matcher``, see ``stats/matcher.py``): a stat
-    whose name it rejects is made detached (it counts for its holder) and never enters the store,
-    so no rendering shows it and it is freed with its holder. Decided at creation only."""
+    whose name it rejects is made detached (it counts for its holder, its name is ``DETACHED``) and
+    never enters the store, so no rendering shows it and it is freed with its holder. Decided at
+    creation only."""
 
     def __init__(self, tag_specs=None, use_default_tags: bool = True, matcher=None):
         self.counters: dict[str, Counter] = {}
@@ -228,31 +234,33 @@ class Store:
     def counter(self, name: str) -> Counter:
         c = self.counters.get(name)
         if c is None:
-            c = Counter(name)
-            if self.rejects is None or not self.rejects(name):
-                self.counters[name] = c
+            if self.rejects is not None and self.rejects(name):
+                return Counter(DETACHED)
+            c = self.counters[name] = Counter(name)
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
         g = self.gauges.get(name)
         if g is None:
-            g = Gauge(name, accumulate)
-            if self.rejects is None or not self.rejects(name):
-                self.gauges[name] = g
+            if self.rejects is not None and self.rejects(name):
+                return Gauge(DETACHED, accumulate)
+            g = self.gauges[name] = Gauge(name, accumulate)
         return g
 
     def histogram(self, name: str, unit: str = "ms") -> Histogram:
         h = self.histograms.get(name)
         if h is None:
-            h = Histogram(name, unit, self.buckets_for(name))
-            if self.rejects is None or not self.rejects(name):
-                self.histograms[name] = h
+            if self.rejects is not None and self.rejects(name):
+                return Histogram(DETACHED, unit, self.buckets_for(name))
+            h = self.histograms[name] = Histogram(name, unit, self.buckets_for(name))
         return h
 
     def holds(self, stat) -> bool:
         """True when ``stat`` is the store's (False: made detached, its name rejected)."""
         if self.rejects is None:
             return True
+        if stat.name is DETACHED:
+            return False
         d = self.counters if stat.kind == "counter" else self.gauges if stat.kind == "gauge" else self.histograms
         return d.get(stat.name) is stat
 
@@ -266,30 +274,30 @@ class Store:
         flat = tagged_name(name, tags)
         c = self.counters.get(flat)
         if c is None:
-            c = Counter(flat)
-            if self.rejects is None or not self.rejects(flat):
-                self.counters[flat] = c
-                self.tagged[flat] = (name, tags)
+            if self.rejects is not None and self.rejects(flat):
+                return Counter(DETACHED)
+            c = self.counters[flat] = Counter(flat)
+            self.tagged[flat] = (name, tags)
         return c
 
     def tagged_gauge(self, name: str, tags: tuple, accumulate: bool = True) -> Gauge:
         flat = tagged_name(name, tags)
         g = self.gauges.get(flat)
         if g is None:
-            g = Gauge(flat, accumulate)
-            if self.rejects is None or not self.rejects(flat):
-                self.gauges[flat] = g
-                self.tagged[flat] = (name, tags)
+            if self.rejects is not None and self.rejects(flat):
+                return Gauge(DETACHED, accumulate)
+            g = self.gauges[flat] = Gauge(flat, accumulate)
+            self.tagged[flat] = (name, tags)
         return g
 
     def tagged_histogram(self, name: str, tags: tuple, unit: str = "ms") -> Histogram:
         flat = tagged_name(name, tags)
         h = self.histograms.get(flat)
         if h is None:
-            h = Histogram(flat, unit, self.buckets_for(flat))
-            if self.rejects is None or not self.rejects(flat):
-                self.histograms[flat] = h
-                self.tagged[flat] = (name, tags)
+            if self.rejects is not None and self.rejects(flat):
+                return Histogram(DETACHED, unit, self.buckets_for(flat))
+            h = self.histograms[flat] = Histogram(flat, unit, self.buckets_for(flat))
+            self.tagged[flat] = (name, tags)
         return h
 
     def text_readout(self, name: str, value: str) -> None:

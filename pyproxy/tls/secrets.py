@@ -9,7 +9,7 @@ and ``default`` over ADS are two secrets. A lookup falls back to the static secr
 Every SDS reference (name plus ``sds_config``) is a ``SecretProvider``, shared per (config source,
 name) as Envoy shares its ``SdsApi`` providers. A provider is *ready* — the init target of the
 listeners and clusters that use it — once its first secret arrived, its first response was rejected,
-or its ``initial_fetch_timeout`` elapsed (``0s``: never). The SDS client (``pyproxy.sds``) opens one
+or its ``initial_fetch_timeout`` elapsed (``0s``: never). The SDS client (``pyproxy.xds.sds``) opens one
 subscription per provider; a provider no TLS context references any more is dropped (its stream
 closed) shortly after.
 

@@ -6,7 +6,8 @@
   ``routes`` (RDS, with the ``RouteProvider`` HCMs read), ``secrets`` (SDS over ADS).
 - ``warming.Warming``: listeners waiting for their routes and secrets, EDS clusters for their
   endpoints, CDS/LDS for their first response (Envoy's init managers).
-- ``sources``: the ADS client(s) from the bootstrap's ``dynamic_resources``.
+- ``sources``: the ADS client(s) from the bootstrap's ``dynamic_resources``; ``sds``: the SDS
+  subscriptions of secrets whose ``sds_config`` is a config source of their own (``SdsManager``).
 - Each handler dumps its own /config_dump section (``XdsManager.config_dumps``); without xDS,
   ``static_config_dumps`` gives the same sections from the managers alone.
 

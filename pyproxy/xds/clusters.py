@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..xds_client import CLUSTER
-from .common import EDS_TYPE, ordered, partially_applied, version_hash
+from .common import EDS_TYPE, ordered
 
 CLUSTER_TYPE = "envoy.config.cluster.v3.Cluster"
 
@@ -24,8 +24,7 @@ class ClustersHandler:
     def apply(self, version, added, removed):
         xds = self.xds
         eds = xds.eds
-        st = xds.st[CLUSTER]
-        st[0].inc()
+        xds.st[CLUSTER][0].inc()
         cm = xds.cm
         static = {c.name for c in cm.active.values() if not c.added_via_api}
         applied, failures = [], []
@@ -59,15 +58,8 @@ class ClustersHandler:
                     cm.pending_cla.pop(name, None)
         xds.clear_errors(CLUSTER, applied + gone)
         eds.update_subscription()
-        if failures:
-            st[2].inc()
-            xds.warming.received.add(CLUSTER)  # a rejected first response still ends CDS's initial fetch
-            xds.record_failures(CLUSTER, CLUSTER_TYPE, failures, added)
-            raise partially_applied("Error adding/updating cluster(s)", failures, applied)
-        if not added and not removed:
-            st[3].inc()
-        st[1].inc()
-        st[4].set(version_hash(version))
+        xds.end_update(CLUSTER, CLUSTER_TYPE, version, added, removed, failures, applied,
+                       "Error adding/updating cluster(s)")
 
     def config_dump(self) -> dict:
         """The cluster manager's ClustersConfigDump with CDS's version and error states."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from ..xds_client import LISTENER
-from .common import ordered, partially_applied, version_hash
+from .common import ordered
 from .warming import LISTENER_TYPE
 
 
@@ -24,8 +24,7 @@ class ListenersHandler:
     def apply(self, version, added, removed):
         xds = self.xds
         warming = xds.warming
-        st = xds.st[LISTENER]
-        st[0].inc()
+        xds.st[LISTENER][0].inc()
         lm = xds.lm
         ready, failures = [], []
         for name, proto in added.items():
@@ -70,16 +69,9 @@ class ListenersHandler:
         if xds.server.state == 0:
             lm.start_workers()
         xds.rds.update_subscription()   # also forgets providers only the rejected listeners made
-        if failures:
-            st[2].inc()
-            warming.received.add(LISTENER)
-            xds.record_failures(LISTENER, LISTENER_TYPE, failures, added)
-            raise partially_applied("Error adding/updating listener(s)", failures, applied,
-                                    sep="\n", end="\n")
-        if not added and not removed:
-            st[3].inc()
-        st[1].inc()
-        st[4].set(version_hash(version))
+        xds.end_update(LISTENER, LISTENER_TYPE, version, added, removed, failures, applied,
+                       "Error adding/updating listener(s)",
+                       sep="\n", end="\n")
 
     def config_dump(self) -> dict:
         """The listener manager's ListenersConfigDump with LDS's version, warming and error states."""

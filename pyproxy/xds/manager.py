@@ -16,7 +16,7 @@ import time
 from ..xds_client import CLUSTER, LISTENER, PartiallyApplied, XdsClient
 from ..config import ConfigError
 from .clusters import ClustersHandler
-from .common import as_json, now_ts
+from .common import as_json, now_ts, partially_applied, version_hash
 from .endpoints import EndpointsHandler, endpoints_config_dump
 from .listeners import ListenersHandler
 from .routes import RouteProvider, RoutesHandler
@@ -86,6 +86,21 @@ class XdsManager:
             self.errors[(type_url, name)] = {
                 "failed_configuration": as_json(added[name], type_name) if name in added else {},
                 "last_update_attempt": ts, "details": str(err)}
+
+    def end_update(self, type_url, type_name, version, added, removed, failures, applied,
+                   header: str, sep: str = ", ", end: str = "") -> None:
+        """The end of a CDS or LDS update: Envoy's update stats, and with failures the error states
+        and the NACK (a rejected first response still ends the type's initial fetch)."""
+        st = self.st[type_url]
+        if failures:
+            st[2].inc()
+            self.warming.received.add(type_url)
+            self.record_failures(type_url, type_name, failures, added)
+            raise partially_applied(header, failures, applied, sep=sep, end=end)
+        if not added and not removed:
+            st[3].inc()
+        st[1].inc()
+        st[4].set(version_hash(version))
 
     def clear_errors(self, type_url, names):
         errors = self.errors

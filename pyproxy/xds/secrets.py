@@ -1,6 +1,6 @@
 """SDS over the ADS stream: secrets validated and installed in the secret store, which rebuilds the
 TLS contexts using them (a ConfigError NACKs the response). Secrets from their own config sources
-are ``pyproxy.sds``'s."""
+are ``xds.sds``'s."""
 
 from __future__ import annotations
 

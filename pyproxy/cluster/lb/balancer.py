@@ -6,8 +6,8 @@ package docstring for the algorithm).
 from __future__ import annotations
 
 from ...config.errors import ConfigError
-from ..host import DEGRADED, HEALTHY, Host, PrioritySet
-from .base import DEFAULT_PANIC_THRESHOLD, LbContext, Policy, getrandbits, rand, weighted_cycle
+from ..host import DEGRADED, HEALTHY, PrioritySet
+from .base import DEFAULT_PANIC_THRESHOLD, Policy, getrandbits, rand, weighted_cycle
 
 
 def _no_host(ctx):
@@ -31,7 +31,11 @@ def distribute_load(availability: list[int], total_load: int, normalized_total: 
 
 
 class LoadBalancer:
-    """Chooses a host of a PrioritySet. ``choose`` is replaced per build by a specialized closure."""
+    """Chooses a host of a PrioritySet.
+
+    ``choose(ctx=None) -> Host | None`` is an attribute: the closure built for the current hosts,
+    loads and policy each time the balancer is (re)built (``_install``), so a request runs only
+    what this build needs."""
 
     def __init__(self, policy: Policy, priority_set: PrioritySet, *,
                  panic_threshold: float = DEFAULT_PANIC_THRESHOLD, locality_weighted: bool = False,
@@ -58,6 +62,7 @@ class LoadBalancer:
         self.degraded_load: list[int] = []
         self.panic: list[bool] = []
         self._cache: dict = {}
+        self.choose = None          # set by update()
         self.update(priority_set)
 
     @property
@@ -252,7 +257,6 @@ class LoadBalancer:
         else:
             def pick(ctx, _t=table, _n=len(table), _r=rand):
                 return _t[int(_r() * _n)](ctx)
-        self._pick = pick
         direct = getattr(pick, "direct", None)
 
         if direct is not None:
@@ -292,9 +296,6 @@ class LoadBalancer:
                 ctx.attempt = 0
                 ctx.hash_key = orig
         self.choose = choose
-
-    def choose(self, ctx: LbContext | None = None) -> Host | None:  # replaced in _install
-        return self._pick(ctx)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
-from ...transport import upstream_tls_sans
 from .shadow import local_address, start_shadows
+from .upstream_request import UpstreamRequest
 
 log = logging.getLogger("pyproxy.router")
 
@@ -47,6 +47,10 @@ def retry_allowed(c) -> bool:
     pct, floor = b
     active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
     return c.retries_active < max(int(pct / 100.0 * active), floor)
+# a local reply for an upstream failure (a reset, a failed connection, a timeout) is charged to
+# the cluster's upstream_rq_<code>, as Envoy's chargeUpstreamAbort does
+_CHARGED = frozenset(("UF", "UR", "UT", "UO"))
+_RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
@@ -126,23 +130,13 @@ class Router:
             s.hc.stats.no_cluster.value += 1
             s.send_local_reply(route.cluster_not_found_response_code, "", "cluster_not_found", flag="NC")
             return STOP
-        # upgrades (websocket; HTTP/2 extended CONNECT arrives in this form) and CONNECT need the
-        # type in the HCM's upgrade_configs, enabled there or by the route's own upgrade_configs
-        up = headers.get("upgrade")
-        if up is not None or headers.get(":method") == "CONNECT":
-            if not _upgrade_allowed(s.cfg.upgrades, route, up.lower() if up is not None else "connect"):
-                s.hc.stats.rq_ws_on_non_ws_route.value += 1
-                s.send_local_reply(403, "", "upgrade_failed")
-                if s.hc.is_h2:
-                    s.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
-                return STOP
+        # (upgrades and CONNECT: the connection manager's one check, ActiveStream.upgrade_refused,
+        # ran before any filter)
         if cluster.rq_active_total >= cluster.max_requests:
             cluster.st_pending_overflow.value += 1
             s.send_local_reply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
                                "upstream_reset_before_response_started{overflow}", flag="UO")
             return STOP
-        route.finalize_request_headers(headers, si, choice)
-        route.rewrite_request(headers, choice)
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         gmax = route.grpc_timeout_header_max
@@ -151,9 +145,14 @@ class Router:
             if gt is not None:
                 timeout = gt if not gmax else min(gt, gmax)
         self.timeout = timeout
+        # Envoy's order: the timeout header, the attempt count, then the route's header mutations
         if not self.cfg.suppress_envoy_headers:
             if timeout:
                 headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
+        if route.include_request_attempt_count:
+            headers.set("x-envoy-attempt-count", "1")  # (every attempt carries its number)
+        route.finalize_request_headers(headers, si, choice)
+        route.rewrite_request(headers, choice)
         self.headers = headers
         retry = self.retry = route.retry
         self.retries_left = retry.num_retries if retry is not None else 0
@@ -188,6 +187,38 @@ class Router:
             if self.done:
                 self._cleanup()  # (the main request already failed)
         return STOP
+
+    def adopt(self, route, cluster, choice, headers, host, encoder, start):
+        """Take over a complete, bodiless request whose first attempt the stream ran itself (the
+        compiled path, ``http/fast_stream.py``) on a route with a retry policy, when that attempt
+        failed: the retry state is made now, as ``decode_headers`` would have made it, with the
+        attempt as the first. The cluster's active-request count passes to the router. Returns
+        the attempt, to which the caller delivers the failure (``on_pool_failure``,
+        ``on_upstream_reset``, ``on_upstream_headers``)."""
+        self.route = route
+        self.cluster = cluster
+        self.choice = choice
+        self.headers = headers
+        self.grpc = False  # (gRPC requests on such a route take the whole router: RouteEntry.retry_grpc)
+        self.timeout = route.timeout
+        self.timing = bool(route.timeout)  # (the stream's deadline is already set)
+        retry = self.retry = route.retry
+        self.retries_left = retry.num_retries
+        self.hedge = False
+        self.buffering = 0
+        if retry.previous_hosts:
+            ctx = self.lb_ctx = LbContext(None)
+            ctx.previous_hosts = [host]
+            ctx.host_selection_max_attempts = retry.host_selection_max_attempts
+        else:
+            self.lb_ctx = _NO_CTX
+        self.start = start
+        self.upstream_rq_counted = True
+        self.request_complete = True
+        self.attempts = 1
+        up = self.upstream = UpstreamRequest(self, host)
+        up.encoder = encoder
+        return up
 
     def decode_data(self, data: bytes, end_stream: bool):
         if self.shadows:
@@ -279,7 +310,7 @@ class Router:
             self.lb_ctx.previous_hosts.append(host)
         if self.route.auto_host_rewrite and host.hostname:
             self.headers.set(":authority", host.hostname)
-        if self.route.include_request_attempt_count:  # every attempt, the first included (as Envoy)
+        if self.attempts > 1 and self.route.include_request_attempt_count:  # (the first: decode_headers)
             self.headers.set("x-envoy-attempt-count", str(self.attempts))
         up = self.upstream = UpstreamRequest(self, host)
         fs = si.filter_state
@@ -436,7 +467,8 @@ class Router:
         if self.done or not self._forget(up):
             return
         c = self.cluster
-        c.st_rq_rx_reset.value += 1
+        if reason != "connection termination":
+            c.st_rq_rx_reset.value += 1
         if not self.response_started:
             if self._maybe_retry_reset("reset", up):
                 return
@@ -598,10 +630,13 @@ class Router:
         """A local reply for an upstream failure; the retry state says if it was exhausted."""
         if self.done:
             return
-        if self.attempts > 1 and flag in ("UF", "UR", "UT"):
-            self.s.stream_info.response_flags.add("URX")
-        if self.cluster is not None and status >= 500 and flag != "UT":
-            pass
+        if self.attempts > 1:
+            if flag in ("UF", "UR", "UT"):
+                self.s.stream_info.response_flags.add("URX")
+            if body.startswith(_RESET_BODY):
+                body = _RESET_BODY + "retried and the latest " + body[len(_RESET_BODY):]
+        if flag in _CHARGED:
+            self.cluster.count_response(status)
         self._done()
         self.s.send_local_reply(status, body, details, flag=flag)
 
@@ -674,124 +709,6 @@ class Router:
         self.s.read_disable(above)
 
 
-class UpstreamRequest:
-    """One attempt: pool callbacks plus the response decoder for the bound connection."""
-
-    __slots__ = ("router", "host", "encoder", "pending", "abandoned", "per_try_timer", "read_off",
-                 "retried")
-
-    def __init__(self, router: Router, host):
-        self.router = router
-        self.host = host
-        self.encoder = None
-        self.pending = None
-        self.abandoned = False
-        self.per_try_timer = None
-        self.read_off = False
-        self.retried = False  # hedging: a retry was started for this attempt, it keeps running
-
-    # pool callbacks
-    def on_pool_ready(self, encoder, host):
-        if self.abandoned:
-            encoder.reset()
-            return
-        self.encoder = encoder
-        self.pending = None
-        r = self.router
-        if r.s.hc.conn.write_paused:
-            self.read_off = True
-            encoder.read_disable(True)
-        si = r.s.stream_info
-        si.upstream_local_address = getattr(encoder, "local_address", "")
-        sans = upstream_tls_sans(encoder)
-        if sans is not None:
-            si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
-        r.on_pool_ready(self, encoder)
-
-    def on_pool_failure(self, reason, flag, host):
-        self.pending = None
-        if not self.abandoned:
-            self.router.on_pool_failure(self, reason, flag, host)
-
-    # response decoder (at the response's end the link to the encoder is dropped: an HTTP/2
-    # upstream stream points back at us, and the pair must not wait for a GC pass)
-    def on_upstream_headers(self, headers, end_stream):
-        if end_stream:
-            self._release_timers()
-        self.router.on_upstream_headers(self, headers, end_stream)
-        if end_stream:
-            self.encoder = None
-
-    def on_upstream_data(self, data, end_stream):
-        if end_stream:
-            self._release_timers()
-        self.router.on_upstream_data(self, data, end_stream)
-        if end_stream:
-            self.encoder = None
-
-    def on_upstream_trailers(self, trailers):
-        self._release_timers()
-        self.router.on_upstream_trailers(self, trailers)
-        self.encoder = None
-
-    def on_upstream_reset(self, reason):
-        self._release_timers()
-        if not self.abandoned:
-            self.router.on_upstream_reset(self, reason)
-        self.encoder = None
-
-    def on_upstream_watermark(self, above: bool):
-        if not self.abandoned:
-            self.router.on_upstream_watermark(above)
-
-    def on_per_try_timeout(self):
-        self.per_try_timer = None
-        self.router.on_per_try_timeout(self)
-
-    # request body streaming
-    def send_data(self, data, end_stream):
-        enc = self.encoder
-        if enc is not None:
-            enc.encode_data(data, end_stream)
-
-    def send_trailers(self, trailers):
-        enc = self.encoder
-        if enc is not None:
-            enc.encode_trailers(trailers)
-
-    # downstream watermarks (response direction)
-    def on_above_write_buffer_high_watermark(self):
-        enc = self.encoder
-        if enc is not None and not self.abandoned:
-            self.read_off = True
-            enc.read_disable(True)
-
-    def on_below_write_buffer_low_watermark(self):
-        enc = self.encoder
-        if enc is not None and self.read_off:
-            self.read_off = False
-            enc.read_disable(False)
-
-    def _release_timers(self):
-        if self.per_try_timer is not None:
-            self.per_try_timer.cancel()
-            self.per_try_timer = None
-
-    def abandon(self):
-        """Stop this attempt: cancel a queued request or reset the bound connection."""
-        if self.abandoned:
-            return
-        self.abandoned = True
-        self._release_timers()
-        if self.pending is not None:
-            self.pending.cancel()
-            self.pending = None
-        enc = self.encoder
-        if enc is not None:
-            self.encoder = None
-            enc.reset()
-
-
 def _charge_retried(c, status: int, host, headers=None) -> None:
     """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
     the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
@@ -800,16 +717,6 @@ def _charge_retried(c, status: int, host, headers=None) -> None:
     sc.counter("retry.upstream_rq_%d" % status).value += 1
     sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
     sc.counter("retry.upstream_rq_completed").value += 1
-
-
-def _upgrade_allowed(hcm_upgrades: dict, route, kind: str) -> bool:
-    """Envoy: the HCM must list the upgrade type; the route's upgrade_configs entry, if any,
-    overrides whether it is enabled."""
-    enabled = hcm_upgrades.get(kind)
-    if enabled is None:
-        return False
-    rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None
-    return rc[0] if rc is not None else enabled
 
 
 def _parse_grpc_timeout(v):

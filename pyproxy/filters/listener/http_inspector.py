@@ -8,7 +8,7 @@ detected as TLS) leaves the application protocols alone. Gives up after 8 KiB wi
 
 from __future__ import annotations
 
-CONTINUE, STOP = 0, 1
+from ...http.filter import CONTINUE, STOP
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_INSPECT = 8192

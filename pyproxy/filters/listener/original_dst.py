@@ -10,7 +10,7 @@ happens only when it says ``use_original_dst: true`` (virtualOutbound); see
 
 from __future__ import annotations
 
-CONTINUE = 0
+from ...http.filter import CONTINUE
 
 
 class OriginalDstFilter:

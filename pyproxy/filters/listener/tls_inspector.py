@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ...config import ConfigError, u32
 
-CONTINUE, STOP = 0, 1
+from ...http.filter import CONTINUE, STOP
 
 _HANDSHAKE = 0x16
 _CLIENT_HELLO = 1

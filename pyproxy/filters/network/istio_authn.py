@@ -11,7 +11,7 @@ the values serve this connection's filters, RBAC and access logs.
 
 from __future__ import annotations
 
-CONTINUE = 0
+from ...http.filter import CONTINUE
 PEER = "io.istio.peer_principal"
 LOCAL = "io.istio.local_principal"
 

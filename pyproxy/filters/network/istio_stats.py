@@ -14,7 +14,7 @@ from __future__ import annotations
 from .. import istio_peer as P
 from ..istio_stats_core import StatsConfig, peer_from
 
-CONTINUE = 0
+from ...http.filter import CONTINUE
 
 
 class IstioStatsTcpConfig(StatsConfig):

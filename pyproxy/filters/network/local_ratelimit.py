@@ -18,7 +18,7 @@ from envoy.extensions.filters.network.local_ratelimit.v3 import local_rate_limit
 from ...config import ConfigError
 from ..token_bucket import compile_token_bucket
 
-CONTINUE, STOP = 0, 1
+from ...http.filter import CONTINUE, STOP
 
 # (share_key, serialized token bucket) -> bucket, while some filter config uses it
 _SHARED = weakref.WeakValueDictionary()

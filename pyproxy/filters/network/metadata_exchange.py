@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from .. import istio_peer as P
 
-CONTINUE, STOP = 0, 1
+from ...http.filter import CONTINUE, STOP
 _INIT, _READ, _DONE = 0, 1, 2
 
 

@@ -17,7 +17,7 @@ from ..rbac_engine import Subject, compile_rbac, parse_ip, peer_principal
 
 log = logging.getLogger("pyproxy.filter")
 
-CONTINUE, STOP = 0, 1
+from ...http.filter import CONTINUE, STOP
 CONTINUOUS = rbac_pb2.RBAC.EnforcementType.CONTINUOUS
 
 

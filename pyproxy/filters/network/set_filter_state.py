@@ -13,7 +13,7 @@ from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_stat
 from ...config import ConfigError
 from ..set_filter_state_common import apply, compile_values
 
-CONTINUE = 0
+from ...http.filter import CONTINUE
 
 
 class SetFilterStateFactory:

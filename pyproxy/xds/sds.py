@@ -29,10 +29,10 @@ import asyncio
 import logging
 import time
 
-from .config import ConfigError
-from .tls.secrets import STORE
-from .xds_client import SECRET, XdsClient
-from .xds_client.target import target_from_grpc_service
+from ..config import ConfigError
+from ..tls.secrets import STORE
+from ..xds_client import SECRET, XdsClient
+from ..xds_client.target import target_from_grpc_service
 
 log = logging.getLogger("pyproxy.sds")
 
@@ -147,7 +147,7 @@ class SdsManager:
         client.start()
 
     def _client_for(self, p) -> XdsClient:
-        from .xds.sources import backoff, node_for_xds
+        from .sources import backoff, node_for_xds
         acs = p.source.api_config_source
         g = acs.grpc_services[0]
         target = target_from_grpc_service(g, self.clusters)
@@ -232,7 +232,7 @@ class SdsManager:
                         "and reconnecting", p.name)
 
     def _refresh_expiry(self) -> None:
-        from .tls.certs import days_until_first_cert_expiring
+        from ..tls.certs import days_until_first_cert_expiring
         days = days_until_first_cert_expiring()
         st = getattr(self.server, "st_days_cert", None)
         if st is not None:

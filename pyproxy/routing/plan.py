@@ -1,0 +1,94 @@
+"""A route's plan: what the compiled stream path does for a request on it, decided when the route
+compiles (``compile_route`` calls ``plan_route`` last), never at the first request.
+
+- ``fast``: a cluster route whose first attempt the stream itself can run (the HCM's compiled
+  path, ``http/fast_stream.py``), without the router filter's objects: no hash policy, host
+  rewrite from the host, gRPC timeout header, cluster header, hashed or header-weighted
+  clusters, mirror or hedge. A retry policy does not keep a route off it: its retry state is
+  made only when an attempt fails (``retry_codes`` below; the router filter's ``adopt`` takes the
+  request over at that point).
+- ``express``: for a ``fast`` route whose header mutations need no ``StreamInfo`` (literal
+  request values that are not hop-by-hop, no response mutations), the value of its
+  ``x-envoy-expected-rq-timeout-ms`` header ("" for none); False otherwise.
+- ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
+- ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
+  may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
+  ``envoy-ratelimited``). A response with any other status goes downstream as it is, with no
+  retry state made.
+- ``retry_grpc``: the retry policy retries gRPC statuses too: a gRPC request on the route takes the
+  router filter from the start (``http/fast_stream.py chain_is_inert``).
+"""
+
+from __future__ import annotations
+
+# request headers a compiled route may not add (the HTTP/1.1 hop-by-hop and framing headers, and
+# the timeout header the stream appends itself)
+_NOT_ADDED = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+                        "te", "content-length", "x-envoy-expected-rq-timeout-ms"))
+_NOT_REMOVED = _NOT_ADDED - {"x-envoy-expected-rq-timeout-ms"}
+
+
+class _All:
+    """Every status (``status in ALL`` is always true)."""
+
+    __slots__ = ()
+
+    def __contains__(self, status) -> bool:
+        return True
+
+    def __repr__(self):
+        return "ALL"
+
+
+ALL = _All()
+
+
+def retry_codes(retry):
+    """The statuses ``retry`` may retry (see the module docstring), or None without a policy."""
+    if retry is None:
+        return None
+    ro = retry.retry_on
+    if ("retriable-headers" in ro and retry.retriable_headers) or "envoy-ratelimited" in ro:
+        return ALL
+    codes = set()
+    if "5xx" in ro:
+        codes.update(range(500, 600))
+    if "gateway-error" in ro:
+        codes.update((502, 503, 504))
+    if "retriable-4xx" in ro:
+        codes.add(409)
+    if "retriable-status-codes" in ro:
+        codes.update(retry.retriable_status_codes)
+    return frozenset(codes)
+
+
+def plan_route(e) -> None:
+    """Set ``e.fast``, ``e.express``, ``e.fast_rewrites``, ``e.retry_codes`` and ``e.retry_grpc``
+    (a compiled ``RouteEntry``)."""
+    retry = e.retry
+    e.retry_codes = retry_codes(retry) if e.kind == 0 else None
+    e.retry_grpc = bool(e.retry_codes is not None and retry.grpc_codes)
+    e.fast_rewrites = bool(
+        e.prefix_rewrite is not None or e.regex_rewrite is not None or e.host_rewrite_literal
+        or e.host_rewrite_header or e.host_rewrite_path_regex is not None)
+    fast = (e.kind == 0 and not e.hash_policies and not e.auto_host_rewrite
+            and e.grpc_timeout_header_max is None and not e.cluster_header
+            and not (e.weighted and (e.weight_by_hash or e.weight_header))
+            and not e.mirror_policies and not e.hedge_on_per_try_timeout
+            # (a per-try timeout would run on the first attempt too)
+            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
+    e.fast = fast
+    express = False
+    if fast and not e._resp_mutations:
+        adds = [a for m in e._req_mutations for a in m.add]
+        rms = [r for m in e._req_mutations for r in m.remove]
+        for cw in e.weighted or ():
+            if not cw.response_mutation.empty:
+                adds = None
+                break
+            adds += cw.request_mutation.add
+            rms += cw.request_mutation.remove
+        if adds is not None and all(a[1] is None and a[0] not in _NOT_ADDED for a in adds) and \
+                not any(r in _NOT_REMOVED for r in rms):
+            express = str(int(e.timeout * 1000)) if e.timeout else ""
+    e.express = express
