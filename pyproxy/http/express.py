@@ -30,8 +30,8 @@ import time
 
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
-# (conn_manager first: it completes the fast_stream import cycle)
-from .conn_manager import _date, new_stream_info
+from .local_reply import _date
+from .stream import new_stream_info
 from .fast_stream import FastStream, chain_is_inert, pick_cluster
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, HTTP11, status_line
