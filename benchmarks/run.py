@@ -60,10 +60,10 @@ def parse_args(argv):
     ap.add_argument("--h2-clients", type=int, default=10, help="h2load -c (default 10)")
     ap.add_argument("--h2-streams", type=int, default=10, help="h2load -m (default 10)")
     ap.add_argument("--grpc-concurrency", type=int, default=16)
-    ap.add_argument("--xds-count", default="2000,5000,10000",
+    ap.add_argument("--xds-count", default=None,
                     help="clusters / assignments / virtual hosts pushed in the xds mode; a "
                          "comma-separated list (e.g. 2000,5000,10000) runs each size, to show "
-                         "the growth")
+                         "the growth (default 2000,5000,10000; --quick: 2000)")
     ap.add_argument("--xds-timeout", type=float, default=120.0)
     ap.add_argument("--xds-api", default="delta",
                     help="ADS flavours for the xds mode: sotw, delta (default delta, as Istio "
@@ -101,6 +101,8 @@ def parse_args(argv):
         if c not in configs.CHAINS:
             ap.error(f"unknown chain {c!r} (known: {', '.join(configs.CHAINS)})")
     a.xds_apis = [x.strip() for x in a.xds_api.split(",") if x.strip()]
+    if a.xds_count is None:
+        a.xds_count = "2000" if a.quick else "2000,5000,10000"
     try:
         a.xds_counts = [int(x) for x in str(a.xds_count).split(",") if x.strip()]
     except ValueError:
@@ -502,6 +504,12 @@ def run_h2_chain(bench, results, chain):
     def check_fn(name, port):
         err = loadgen.h2load_check(f"http://127.0.0.1:{port}{req.path}", bench.load_cpu,
                                    headers=req.headers)
+        if not err:  # a request for the wrong route must reach the backend's 421
+            path, hd = req.wrong
+            hd = tuple(f"{':authority' if k == 'Host' else k}: {v}" for k, v in hd.items())
+            err = loadgen.h2load_check(f"http://127.0.0.1:{port}{path}", bench.load_cpu, n=5,
+                                       headers=hd, want="4xx")
+            err = err and f"misrouting check: {err}"
         if err and name.startswith("pyproxy"):
             return f"pyproxy cannot serve this HTTP/2 path yet: {err}"
         return err

@@ -276,7 +276,7 @@ def test_the_istio_chain_takes_the_express_lane():
     generic chain with all four filters."""
     if os.environ.get("PYPROXY_FAST_LANE", "1") == "0" or os.environ.get("PYPROXY_EXPRESS", "1") == "0":
         pytest.skip("a fast lane is switched off")
-    from pyproxy.http.conn_manager import ActiveStream
+    from pyproxy.http.stream import ActiveStream
     from pyproxy.http.express import ExpressStream
     from pyproxy.http.fast_stream import FastStream
     micro_h1, loop, down, up, dt, ut = _stack()
@@ -309,7 +309,7 @@ def test_a_live_filter_level_fault_keeps_the_generic_chain():
     import yaml
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import micro_h1
-    from pyproxy.http.conn_manager import ActiveStream
+    from pyproxy.http.stream import ActiveStream
     from pyproxy.http.fast_stream import FastStream
     doc = yaml.safe_load(micro_h1.istio_outbound_bootstrap())
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pyproxy.http.headers import Headers
-from pyproxy.http.http1 import Http1ClientCodec, Http1ServerCodec
+from pyproxy.http.http1 import Http1ServerCodec
+from pyproxy.http.http1_client import Http1ClientCodec
 
 
 class Conn:
@@ -61,6 +62,10 @@ class Manager:
         s = Stream(self.ev)
         self.streams.append(s)
         return s
+
+    def on_request(self, codec, headers, end_stream, version, direct):
+        s = codec.stream = self.new_stream(codec, version)
+        s.decode_headers(headers, end_stream)
 
     def on_codec_error(self, codec, status, details):
         self.ev.append(("E", status, details))

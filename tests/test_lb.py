@@ -408,3 +408,28 @@ def test_registry_entries():
     for t in ("round_robin.v3.RoundRobin", "least_request.v3.LeastRequest", "random.v3.Random",
               "ring_hash.v3.RingHash", "maglev.v3.Maglev", "cluster_provided.v3.ClusterProvided"):
         assert callable(L.REGISTRY.lookup("lb_policy", "envoy.extensions.load_balancing_policies." + t))
+
+
+def test_legacy_lb_policy_uses_the_registered_extension(monkeypatch):
+    """The legacy ``lb_policy`` enum maps onto the same registry entries as the typed
+    ``load_balancing_policy``: replacing the registered factory changes both."""
+    from pyproxy.cluster.lb.base import PolicyFactory
+    t = "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
+    real = L.REGISTRY.lookup("lb_policy", t)
+    assert isinstance(real, PolicyFactory)
+    seen = []
+
+    class Marked(LeastRequest):
+        pass
+
+    def legacy(c):
+        seen.append(c.name)
+        return Marked(3)
+    monkeypatch.setitem(L.REGISTRY._by_type, ("lb_policy", t), PolicyFactory(real.typed, legacy))
+    lb = L.create_lb(cluster({"lb_policy": "LEAST_REQUEST"}), ps3())
+    assert isinstance(lb.policy, Marked) and lb.policy.choice_count == 3 and seen == ["c"]
+    # every legacy enum value but LOAD_BALANCING_POLICY_CONFIG names a registered policy module
+    for enum, mod in ((0, "round_robin"), (1, "least_request"), (2, "ring_hash"), (3, "random"),
+                      (5, "maglev"), (6, "cluster_provided")):
+        f = L.REGISTRY.lookup("lb_policy", L.LB_POLICY_TYPE + L._LEGACY_TYPES[enum])
+        assert isinstance(f, PolicyFactory) and f.typed.__module__ == "pyproxy.cluster.lb." + mod

@@ -91,7 +91,9 @@ def _run_consecutive_5xx(cls, bs, bad_key):
         out["clusters_lines"] = [ln for ln in body.decode().splitlines() if ln.startswith("c::") and (
             "::outlier::" in ln or "success_rate::" in ln or "health_flags::" in ln)]
         out["back_after"] = _wait_flag(px, bad_key, "healthy", 5)
-        res = _send(px.port, 40)
+        # 20 requests: all of them must fall within the 1 s update_merge_window that starts at
+        # the host's return, even on a loaded machine (40 did not always)
+        res = _send(px.port, 20)
         out["bad_hits_2"] = sum(1 for st, b in res if b == "bad")
         time.sleep(0.1)
         out["stats_2"] = _od_stats(px)
@@ -118,7 +120,7 @@ def test_consecutive_5xx_ejection_as_envoy():
         assert 0.9 <= mine["back_after"] <= 1.8
         # ejected again at its 3rd 5xx, but that change comes within update_merge_window (1 s) of
         # the host's return: the balancer leaves it out only when the window ends (as Envoy)
-        assert mine["bad_hits_2"] == 10 and mine["stats_2"]["ejections_enforced_total"] == 2
+        assert mine["bad_hits_2"] == 5 and mine["stats_2"]["ejections_enforced_total"] == 2
         assert 1.4 <= mine["back_after_2"] <= 2.8
         if not ENVOY:
             pytest.skip("envoy binary not available")

@@ -63,7 +63,7 @@ def handler(req, sock):
 SENT = [0]
 
 # Bugs in files owned by the lead (exact fixes in the coretests report):
-# conn_manager.ActiveStream.decode_data/decode_trailers buffer the request body forever once the
+# stream.ActiveStream.decode_data/decode_trailers buffer the request body forever once the
 # router returned STOP from decode_headers (Envoy delivers data to the stopped filter itself).
 BODY_HELD = lambda f: f  # fixed on main
 # router.Router.decode_data drops body bytes that arrive before the pool has bound a connection.

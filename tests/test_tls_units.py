@@ -373,3 +373,14 @@ def test_sds_secrets_kept_apart_per_config_source(pki, store):
     with pytest.raises(TlsNotReady):
         fa.compiled()
     assert fg.compiled().local_uri_san == "spiffe://cluster.local/ns/default/sa/agent"
+
+
+def test_upstream_max_session_keys():
+    """Upstream session resumption follows max_session_keys: on by default (Envoy's 1), off at 0;
+    above 1 one session is kept, and said so."""
+    assert upstream_factory(uctx({"common_tls_context": {}})).compiled().resume is True
+    off = upstream_factory(uctx({"max_session_keys": 0, "common_tls_context": {}}))
+    assert off.compiled().resume is False and not off.notes
+    many = upstream_factory(uctx({"max_session_keys": 4, "common_tls_context": {}}))
+    assert many.compiled().resume is True
+    assert many.notes == ["max_session_keys 4: one session is kept (the most recent)"]

@@ -248,3 +248,27 @@ def test_tcp_proxy_to_tls_cluster(env):
     assert data.startswith(b"HTTP/1.1 200"), data
     assert b"sni=backend.local client=spiffe://cluster.local/ns/default/sa/proxy" in data, data
     assert env["px"].stats().get("cluster.good.ssl.handshake", 0) == before + 1
+
+
+def test_upstream_session_resumption(env):
+    """As Envoy's upstream TLS (max_session_keys 1 by default): a new connection resumes the TLS
+    session the server gave the previous one (a TLS 1.3 ticket, read before the first response
+    bytes), counted under ssl.session_reused; the resumed connection still carries the client
+    certificate the server saw first, and the SAN check still applies."""
+    px = env["px"]
+    st = px.stats()
+    reused0 = st.get("cluster.good.ssl.session_reused", 0)
+    hs0 = st.get("cluster.good.ssl.handshake", 0)
+    for _ in range(3):  # one upstream connection each (tcp_proxy)
+        data = raw(env["tcp_port"], b"GET /resume HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=5)
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert b"sni=backend.local client=spiffe://cluster.local/ns/default/sa/proxy" in data, data
+    st = px.stats()
+    assert st.get("cluster.good.ssl.handshake", 0) == hs0 + 3
+    # the first may find a session an earlier test's connection left; the next two always do
+    assert st.get("cluster.good.ssl.session_reused", 0) - reused0 >= 2, st
+    # a cluster whose SAN check fails never keeps a session, and fails every time
+    for _ in range(2):
+        status, _, _ = get(env, "/badsan/")
+        assert status == 503
+    assert px.stats().get("cluster.badsan.ssl.session_reused", 0) == 0

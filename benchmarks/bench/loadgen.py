@@ -146,8 +146,8 @@ def h2load(url, duration, clients, streams, cpu, tmp, tag, headers=(), warmup=0.
             pass
 
 
-def h2load_check(url, cpu, n=20, headers=()):
-    """A few h2c requests; returns an error string or None when all got 2xx."""
+def h2load_check(url, cpu, n=20, headers=(), want="2xx"):
+    """A few h2c requests; returns an error string or None when all got ``want`` (2xx or 4xx)."""
     cmd = ["h2load", "-n", str(n), "-c1", "-m1"]
     for h in headers:
         cmd += ["-H", h]
@@ -155,7 +155,9 @@ def h2load_check(url, cpu, n=20, headers=()):
         cp = procs.run_bounded(cmd + [url], timeout=15, cpu=cpu)
     except subprocess.TimeoutExpired:
         return "h2load check timed out"
-    m = re.search(r"status codes: (\d+) 2xx", cp.stdout)
-    if not m or int(m.group(1)) != n:
-        return "HTTP/2 check failed: " + (cp.stdout.strip().splitlines() or [cp.stderr])[-1][-300:]
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx", cp.stdout)
+    got = None if not m else int(m.group({"2xx": 1, "4xx": 3}[want]))
+    if got != n:
+        return (f"HTTP/2 check failed (want {n} {want}): "
+                + (cp.stdout.strip().splitlines() or [cp.stderr])[-1][-300:])
     return None

@@ -15,7 +15,7 @@ import logging
 import socket
 
 from .. import writebatch
-from ..http.http1 import Http1ClientCodec
+from ..http.http1_client import Http1ClientCodec
 
 log = logging.getLogger("pyproxy.pool")
 

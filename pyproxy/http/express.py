@@ -30,11 +30,11 @@ import time
 
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
-# (conn_manager first: it completes the fast_stream import cycle)
-from .conn_manager import _date, new_stream_info
+from .local_reply import _date
+from .stream import new_stream_info
 from .fast_stream import FastStream, chain_is_inert, pick_cluster
 from .headers import Headers
-from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
+from .http1 import _STATUS_LINES, HOP_BY_HOP, HTTP11, status_line
 from .decorator import DECORATE_EGRESS, decorate, response_operation
 from .request_prep import Prepared, prepare
 
@@ -62,38 +62,39 @@ def hcm_is_express(cfg) -> bool:
         and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
-def start(hc, codec, headers) -> bool:
-    """Serve a complete, bodiless HTTP/1.1 request in the express lane, or return False (having
-    changed nothing the generic stream would not do the same way) to leave it to the generic path.
+def start(hc, codec, headers, end_stream, version, direct=False) -> None:
+    """The HTTP/1.1 codec's ``on_request`` when the HCM allows this lane: serve a complete, bodiless
+    HTTP/1.1 request here, or leave it (having changed nothing the generic stream would not do the
+    same way) to a stream (``HttpConnection.on_request``).
 
     ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
-    cfg = hc.cfg
     h = headers._h
-    if len(h) < 4:
-        return False
+    if not (direct and end_stream and version is HTTP11) or len(h) < 4:
+        return hc.on_request(codec, headers, end_stream, version)
+    cfg = hc.cfg
     # the connection manager's request preparation (request_prep.py), the one every lane runs;
     # when the request then leaves this lane, its result goes with it (it is never run twice)
     table = cfg.routes.table
-    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.prep_seen or codec.hop_seen))
+    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.noted or codec.hop_seen))
     remote = None
     if type(r) is not str:
         if r.reply is not None:
-            codec.prepped = r
-            return False
+            hc.prepped = r
+            return hc.on_request(codec, headers, True, version)
         remote = r.remote
     if table is None:
-        return _fall_back(codec, r)
+        return _fall_back(hc, codec, headers, r)
     route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
     if route is None:
-        return _fall_back(codec, r)
+        return _fall_back(hc, codec, headers, r)
     rq_timeout = route.express  # (the route's plan, routing/plan.py)
     if rq_timeout is False:
-        return _fall_back(codec, r, table, route)
+        return _fall_back(hc, codec, headers, r, table, route)
     if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
-        return _fall_back(codec, r, table, route)  # a filter before the router has work: the generic chain
+        return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return _fall_back(codec, r, table, route)
+        return _fall_back(hc, codec, headers, r, table, route)
     name, choice, cluster = picked
 
     # from here on the request is the express lane's
@@ -125,7 +126,7 @@ def start(hc, codec, headers) -> bool:
     d = cfg.prep.decorate
     if d:
         # (no tracer on this lane: the caller's operation names no span)
-        s.caller_op = decorate(d, route, headers, not (codec.prep_seen or codec.hop_seen))
+        s.caller_op = decorate(d, route, headers, not (codec.noted or codec.hop_seen))
     for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
         hook(s, headers, cluster)
     # the router's work (FastStream.decode_headers)
@@ -152,20 +153,19 @@ def start(hc, codec, headers) -> bool:
     if host is None:
         cluster.st_cx_none_healthy.value += 1
         s._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
-        return True
+        return
     s.pending = cluster.http_pool(host, False, s.alpn).new_stream(s)
-    return True
 
 
-def _fall_back(codec, r, table=None, route=None) -> bool:
+def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
     """Leave the request to the generic stream, with the request preparation's result (and the
     route, when one was found: the stream does not look it up again)."""
     if route is not None:
-        codec.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
+        hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
             Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
     else:
-        codec.prepped = Prepared(rid=r) if type(r) is str else r
-    return False
+        hc.prepped = Prepared(rid=r) if type(r) is str else r
+    hc.on_request(codec, headers, True, HTTP11)
 
 
 class ExpressStream(FastStream):

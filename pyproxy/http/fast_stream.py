@@ -34,7 +34,7 @@ import time
 
 from ..cluster.lb import LbContext
 from ..transport import upstream_tls_sans
-from .conn_manager import ActiveStream, _guarded
+from .stream import ActiveStream, _guarded
 from .decorator import decorate
 
 _NO_CTX = LbContext()

@@ -1,4 +1,4 @@
-"""HTTP/1.1 codec on httptools (llhttp): server side (downstream) and client side (upstream).
+"""HTTP/1.1 codec on httptools (llhttp): the server side (downstream; the client side is http1_client.py).
 
 Both sides turn bytes into the same stream events the HTTP/2 codec produces:
 ``decode_headers(headers, end_stream)``, ``decode_data(data, end_stream)``, ``decode_trailers``;
@@ -14,7 +14,6 @@ from __future__ import annotations
 import httptools
 
 from .headers import Headers
-from .request_prep import WATCH_BYTES
 
 HTTP11 = "HTTP/1.1"
 HTTP10 = "HTTP/1.0"
@@ -51,15 +50,11 @@ REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
-# request headers the server codec looks at as they arrive (framing; and two the express lane's
-# request preparation needs to know about)
-# (request_prep.WATCH_BYTES: every header the connection manager's request preparation acts on)
-_PREP = (frozenset((b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms")) | WATCH_BYTES) - \
-    frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"))
-_WATCHED = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
-                      b"proxy-connection", b"te", b"upgrade", b"host")) | _PREP
+# request headers the server codec looks at as they arrive: framing and hop-by-hop (and the
+# names its creator asks it to note, ``note``)
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
+                      b"proxy-connection", b"te", b"upgrade", b"host"))
 _new_headers = Headers.__new__
-_MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
 
 
@@ -165,10 +160,6 @@ def _new_request_parser(proto):
     return p
 
 
-def _new_response_parser(proto):
-    return httptools.HttpResponseParser(proto)
-
-
 def encode_headers_block(headers: Headers, skip=HOP_BY_HOP) -> list:
     """Regular (non-pseudo) headers as ``name: value\\r\\n`` byte strings, hop-by-hop removed."""
     out = []
@@ -191,12 +182,13 @@ class Http1ServerCodec:
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
-        "parse_error", "msg_started", "head_bytes", "express", "prep_seen",
-        "hop_seen", "authority", "watched", "prepped", "h2c", "h2c_left", "rht", "rht_handle",
+        "parse_error", "msg_started", "head_bytes", "note", "watch", "noted", "on_request",
+        "hop_seen", "authority", "watched", "h2c", "h2c_left", "rht", "rht_handle",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
-                 accept_http_10: bool | None = None, default_host_for_http_10: str | None = None):
+                 accept_http_10: bool | None = None, default_host_for_http_10: str | None = None,
+                 note: frozenset = frozenset()):
         self.conn = conn  # the downstream Connection (write, close, read_disable)
         self.manager = manager  # HttpConnectionManager runtime (new_stream)
         self.parser = _new_request_parser(self)
@@ -219,8 +211,13 @@ class Http1ServerCodec:
         self.request_complete = False
         self.parse_error = False
         self.msg_started = False
-        self.express = None  # http/express.py start(), when the connection manager allows it
-        self.prepped = None  # the request preparation's result when the express lane fell back
+        # header names (lower-case bytes) whose presence in a request the codec notes (``noted``,
+        # also set by a fragment in the path), for the manager; framing and hop-by-hop: ``hop_seen``
+        self.note = note = note - _FRAMING
+        self.watch = _FRAMING | note
+        # where a request head goes: ``on_request(codec, headers, end_stream, version, direct)``
+        # (it sets ``stream``; ``direct``: just parsed, so ``noted`` and ``hop_seen`` describe it)
+        self.on_request = manager.on_request
         self.h2c = False  # the request asked for an h2c upgrade: served as HTTP/1.1 instead
         self.h2c_left = 0  # bytes of such a request's body still to come (see _h2c_body)
         # request_headers_timeout (0: none): a timer from a request's first byte to its last header
@@ -244,7 +241,7 @@ class Http1ServerCodec:
             self.content_length = None
             self.te_seen = False
             self.expect_continue = False
-            self.prep_seen = False
+            self.noted = False
             self.hop_seen = False
 
     # -- bytes in ---------------------------------------------------------------------------------
@@ -347,7 +344,7 @@ class Http1ServerCodec:
         if len(hdrs) + (self.authority is not None) >= self.max_headers:
             raise ProtocolError(431, "http1.too_many_headers")
         n = name.lower()
-        if n in _WATCHED:
+        if n in self.watch:
             if n == b"host" and self.authority is None:
                 self.authority = value.strip().decode("latin-1")  # (becomes :authority)
                 return
@@ -382,12 +379,10 @@ class Http1ServerCodec:
                 raise ProtocolError(400, "http1.codec_error")
             self.authority = value.strip().decode("latin-1")
             return True
-        if n in _PREP:
-            # headers the express lane's request preparation adds or replaces
-            self.prep_seen = True
+        if n in self.note:
+            self.noted = True
         else:
-            # framing or hop-by-hop: the express lane leaves encoding to Http1ClientCodec
-            self.hop_seen = True
+            self.hop_seen = True  # (framing or hop-by-hop)
         return False
 
     def _headers_timeout(self):
@@ -430,7 +425,7 @@ class Http1ServerCodec:
         rest = self.hdrs
         url = self.url.decode("latin-1")
         if "#" in url:
-            self.prep_seen = True  # (a fragment: the request preparation refuses it, as Envoy does)
+            self.noted = True  # (a fragment)
         if url[:1] == "/" and authority is not None and method != "CONNECT":
             # the common case: origin-form with a Host
             h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
@@ -469,25 +464,34 @@ class Http1ServerCodec:
             self.cur_events = ev
             return
         self.request_complete = not has_body
-        x = self.express
-        if x is not None and not has_body and not self.expect_continue and self.version is HTTP11:
-            self.response_head_done = False
-            self.response_chunked = False
-            self.response_close = not self.keep_alive
-            self.method = method
-            if x(self.manager, self, headers):
-                return
-        self._start_stream(headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)
+        # (_start_stream, inlined for the common case)
+        self.response_head_done = False
+        self.response_chunked = False
+        self.response_close = not self.keep_alive
+        self.method = method
+        if self.expect_continue:
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.on_request(self, headers, not has_body, self.version, False)
+        else:
+            self.on_request(self, headers, not has_body, self.version, True)
+
+    def write_error(self, status: int, text: str, date: str, server: str) -> None:
+        """Envoy's answer to a request head too malformed for a stream (then the connection closes)."""
+        body = text.encode()
+        self.conn.write(("HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%sdate: %s\r\nserver: %s\r\n"
+                         "connection: close\r\n\r\n" % (
+                             status, REASONS.get(status, "Bad Request"), len(body),
+                             "content-type: text/plain\r\n" if body else "", date, server)).encode() + body)
 
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
+        """A pipelined request's turn: it goes to ``on_request``."""
         self.response_head_done = False
         self.response_chunked = False
         self.response_close = not keep_alive
         self.method = headers._h[0][1]
-        s = self.stream = self.manager.new_stream(self, version)
         if expect_continue:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        s.decode_headers(headers, end_stream)
+        self.on_request(self, headers, end_stream, version, False)
 
     def on_body(self, body: bytes):
         if self.cur_events is not None:
@@ -695,277 +699,3 @@ class Http1ServerCodec:
         else:
             self.request_complete = self.request_complete or not self.headers_done
             self.response_close = True
-
-
-class Http1ClientCodec:
-    """Upstream HTTP/1.1 on one connection: one request at a time.
-
-    ``decoder`` is the router's upstream request (``on_upstream_headers/data/trailers/reset``).
-    """
-
-    __slots__ = (
-        "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
-        "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
-        "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
-        "feed_len",
-    )
-
-    def __init__(self, conn):
-        self.pending_body = None  # the last body chunk, held to go out with end_stream if the message ends
-        self.conn = conn
-        self.parser = _new_response_parser(self)
-        self.decoder = None
-        self.tunnel = False
-        self.complete = True
-        self.parser_dirty = False
-        self.feed_len = 0
-
-    def start(self, decoder) -> None:
-        self.decoder = decoder
-        # the express lane (http/express.py) takes the response head as raw (name, value) bytes
-        self.raw = getattr(decoder, "raw_head", False)
-        self.hdrs = []
-        self.trailers = None
-        self.status = 0
-        self.head_request = False
-        self.chunked_request = False
-        self.keep_alive = True
-        self.resp_headers_sent = False
-        self.complete = False
-        self.pending_upgrade = False
-        self.response_header_bytes = 0
-
-    # -- request encoding ---------------------------------------------------------------------------
-    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
-        method = path = authority = None
-        parts = []
-        add = parts.append
-        cl = None
-        upgrade = None
-        for k, v in headers._h:
-            if k[0] == ":":
-                if k == ":method":
-                    method = v
-                elif k == ":path":
-                    path = v
-                elif k == ":authority":
-                    authority = v
-                continue
-            if k == "content-length":
-                cl = v
-                continue
-            if k in HOP_BY_HOP:
-                if k == "upgrade":
-                    upgrade = v
-                elif k == "te" and v.lower() == "trailers":
-                    add("te: trailers\r\n")
-                continue
-            add(f"{k}: {v}\r\n")
-        self.head_request = method == "HEAD"
-        if method == "CONNECT":
-            start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
-            self.pending_upgrade = True
-        else:
-            start = method + " " + path + " HTTP/1.1\r\nhost: " + (authority or "") + "\r\n"
-        if upgrade is not None:
-            add("upgrade: " + upgrade + "\r\nconnection: upgrade\r\n")
-            self.pending_upgrade = True
-        if cl is not None:
-            add("content-length: " + cl + "\r\n")
-        elif not end_stream and upgrade is None and method != "CONNECT":
-            self.chunked_request = True
-            add("transfer-encoding: chunked\r\n")
-        elif end_stream and method in ("POST", "PUT", "PATCH"):
-            add("content-length: 0\r\n")
-        add("\r\n")
-        self.conn.write((start + "".join(parts)).encode("latin-1"))
-
-    def encode_data(self, data: bytes, end_stream: bool) -> None:
-        if self.chunked_request:
-            if data:
-                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-            if end_stream:
-                self.conn.write(b"0\r\n\r\n")
-                self.chunked_request = False
-        else:
-            if data:
-                self.conn.write(data)
-            if end_stream and (self.tunnel or self.pending_upgrade):
-                self.conn.write_eof()  # a tunnel's half-close
-
-    def encode_trailers(self, trailers: Headers) -> None:
-        if self.chunked_request:
-            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
-            self.chunked_request = False
-
-    # -- response parsing ---------------------------------------------------------------------------
-    def feed(self, data: bytes) -> None:
-        if self.tunnel:
-            d = self.decoder
-            if d is not None:
-                d.on_upstream_data(data, False)
-            return
-        if self.decoder is None:
-            # bytes with no request outstanding: the connection is unusable
-            self.conn.close()
-            return
-        self.feed_len = len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as u:
-            rest = data[u.args[0]:]
-            self.tunnel = True
-            if rest and self.decoder is not None:
-                self.decoder.on_upstream_data(rest, False)
-        except (httptools.HttpParserError, ProtocolError) as e:
-            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
-            if isinstance(cause, ProtocolError) or not isinstance(e, httptools.HttpParserCallbackError):
-                self.conn.on_protocol_error("upstream protocol error: %s" % e)
-            else:
-                raise cause
-        finally:
-            pb = self.pending_body
-            if pb is not None:
-                # the message goes on in later reads: pass this read's body on now
-                self.pending_body = None
-                pb[0].on_upstream_data(pb[1], False)
-        if not self.resp_headers_sent and self.decoder is not None:
-            # this read ended inside a response head (httptools holds it): bound what it holds
-            self.response_header_bytes += len(data)
-            if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
-                self.conn.on_protocol_error("upstream protocol error: upstream headers too large")
-                return
-        if self.parser_dirty:
-            # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
-            # the response ended at its headers, so the next one starts on a fresh parser
-            self.parser_dirty = False
-            self.parser = _new_response_parser(self)
-
-    # (no on_message_begin / on_status: ``start()`` resets the per-response state, a 1xx response
-    # clears its headers itself, and every callback httptools finds costs a call per response)
-
-    def on_header(self, name: bytes, value: bytes):
-        # (the head's size is bounded in feed(): it counts the reads that end inside a head)
-        if self.resp_headers_sent:
-            self._trailer(name, value)
-            return
-        # kept as bytes: names are lower-cased (and decoded, for a Headers) once the head is complete
-        self.hdrs.append((name, value))
-
-    def _trailer(self, name: bytes, value: bytes) -> None:
-        """A trailer of a chunked response."""
-        self.response_header_bytes += len(name) + len(value)
-        if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
-            raise ProtocolError(502, "upstream headers too large")
-        if self.trailers is None:
-            self.trailers = []
-        self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self):
-        p = self.parser
-        status = p.get_status_code()
-        if status < 200 and status != 101:
-            self.hdrs = []
-            return  # 1xx interim responses are consumed here
-        self.status = status
-        self.keep_alive = p.should_keep_alive()
-        hdrs = self.hdrs
-        if self.response_header_bytes + self.feed_len > _MAX_UPSTREAM_HEAD and \
-                sum(len(n) + len(v) for n, v in hdrs) > _MAX_UPSTREAM_HEAD:
-            # (a head that arrived within reads too small to be over the bound is not summed)
-            raise ProtocolError(502, "upstream headers too large")
-        end = False
-        if self.head_request:
-            end = True
-            self.parser_dirty = True
-        elif status in (204, 304):
-            end = True
-        elif status != 101 and not self.raw:
-            # (the express lane writes a content-length: 0 head as it is and ends the response
-            # when llhttp completes it, a moment later in this same read)
-            for n, v in hdrs:
-                if len(n) == 14 and n.lower() == b"content-length":
-                    end = v == b"0"
-                    break
-        self.resp_headers_sent = True
-        if end:
-            self.complete = True
-        elif self.pending_upgrade and 200 <= status < 300 and not self.hdrs_have_length():
-            self.tunnel = True  # CONNECT answered: raw bytes both ways from here
-        d = self.decoder
-        if d is not None:
-            if self.raw:
-                d.on_upstream_head(status, hdrs, end)
-            else:
-                h = [(":status", str(status))]
-                h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
-                d.on_upstream_headers(Headers(h), end)
-        if end and status != 101:
-            self._finish()
-
-    def on_body(self, body: bytes):
-        if self.parser_dirty:
-            return  # bytes after a HEAD response's headers are not a body
-        d = self.decoder
-        if d is not None:
-            pb = self.pending_body
-            if pb is not None:
-                d.on_upstream_data(pb[1], False)
-            # held until we know whether the message ends in this read (one pass, not two)
-            self.pending_body = (d, body)
-
-    def on_message_complete(self):
-        if self.complete and not self.resp_headers_sent:
-            return
-        if self.status and self.status < 200:
-            return  # 101: the connection is a tunnel now (its end is the upstream's EOF)
-        if not self.resp_headers_sent:
-            return  # an interim (1xx) response
-        was_complete = self.complete
-        self.complete = True
-        d = self.decoder
-        pb = self.pending_body
-        self.pending_body = None
-        if d is not None and not was_complete:
-            if self.trailers:
-                if pb is not None:
-                    d.on_upstream_data(pb[1], False)
-                d.on_upstream_trailers(Headers(self.trailers))
-            else:
-                d.on_upstream_data(pb[1] if pb is not None else b"", True)
-            self.decoder = None  # (_finish, inlined)
-            self.conn.on_response_complete(self.keep_alive)
-
-    def _finish(self):
-        self.decoder = None
-        self.conn.on_response_complete(self.keep_alive)
-
-    def on_close(self, reason: str, aborted: bool = True) -> None:  # (aborted: a reset, not a FIN)
-        d = self.decoder
-        self.decoder = None
-        self.pending_body = None
-        if d is None:
-            return
-        if self.tunnel:
-            if aborted:
-                d.on_upstream_reset(reason)  # aborted (RST), not a half-close
-            else:
-                d.on_upstream_data(b"", True)
-            return
-        if self.resp_headers_sent and not self.complete:
-            # close-delimited body: EOF ends it (unless a length was promised)
-            try:
-                self.parser.feed_data(b"")
-            except Exception:
-                pass
-            if self.status and not self.hdrs_have_length():
-                d.on_upstream_data(b"", True)
-                return
-        d.on_upstream_reset(reason)
-
-    def hdrs_have_length(self) -> bool:
-        for k, v in self.hdrs:
-            k = k.lower()
-            if k == b"content-length" or k == b"transfer-encoding":
-                return True
-        return False

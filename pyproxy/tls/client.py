@@ -21,7 +21,7 @@ class TlsHandshakeError(ConnectionError):
 class ClientTls(TlsLayer, asyncio.Protocol):
     """The asyncio protocol of an upstream socket; the pool's connection protocol sits above it."""
 
-    __slots__ = ("app", "waiter", "made", "keep_open")
+    __slots__ = ("app", "waiter", "made", "keep_open", "want_session")
 
     def __init__(self, tls, app, waiter, stats, timeout: float, loop):
         self._init(tls, stats)
@@ -29,13 +29,28 @@ class ClientTls(TlsLayer, asyncio.Protocol):
         self.waiter = waiter
         self.made = False
         self.keep_open = False
+        self.want_session = tls.resume
         self.timer = loop.call_later(timeout if timeout and timeout > 0 else DEFAULT_HANDSHAKE_TIMEOUT,
                                      self._timeout)
 
     def connection_made(self, raw):
         self.raw = raw
-        self._wrap(server_side=False, server_hostname=self.tls.sni)
+        tls = self.tls
+        session = tls.session
+        if session is not None:
+            tls.session = None  # this connection resumes with it and leaves the next one its own
+        self._wrap(False, tls.sni, session)
         self._handshake()
+
+    def _keep_session(self) -> None:
+        """Leave this connection's session for the next one to resume with: in TLS 1.2 it is there
+        when the handshake ends, in TLS 1.3 its ticket comes after the handshake, before the first
+        application data (Envoy sends its tickets with its first write). One look after the first
+        data read, then no more."""
+        s = self.so.session
+        if s is not None and s.has_ticket:
+            self.tls.session = s
+            self.want_session = False
 
     def data_received(self, data):
         self.inc.write(data)
@@ -44,6 +59,8 @@ class ClientTls(TlsLayer, asyncio.Protocol):
                 return
             if not self._handshake():
                 return
+            if self.want_session:
+                self._keep_session()
             self._opened()
             if self.state != OPEN or not (self.inc.pending or self.so.pending()):
                 return
@@ -56,6 +73,9 @@ class ClientTls(TlsLayer, asyncio.Protocol):
             self.abort()
             return
         if plain:
+            if self.want_session:
+                self._keep_session()
+                self.want_session = False
             self.app.data_received(plain)
         if eof and not self.peer_eof and self.state == OPEN:
             self.peer_eof = True

@@ -60,6 +60,7 @@ class TlsSocketFactory:
         self.validation: ValidationConfig | None = None
         self.require_client_certificate = False
         self.sni = ""
+        self.max_session_keys = 1         # upstream: 0 = no session resumption
         self.notes: list = []             # parts accepted but without effect
         self.proto_key = b""
         self.refused = 0                  # connections refused: context not ready
@@ -306,6 +307,10 @@ def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
     if len(cfg.sni.encode()) > 255:
         raise ConfigError("sni is longer than 255 bytes", field="UpstreamTlsContext.sni")
     f.sni = cfg.sni
+    if cfg.HasField("max_session_keys"):
+        f.max_session_keys = cfg.max_session_keys.value
+        if f.max_session_keys > 1:
+            f.notes.append("max_session_keys %d: one session is kept (the most recent)" % f.max_session_keys)
     if cfg.allow_renegotiation:
         f.notes.append("allow_renegotiation ignored (renegotiation is not supported)")
     f.proto_key = b"U" + cfg.SerializeToString(deterministic=True)

@@ -76,11 +76,11 @@ class TlsLayer:
         self.sni = ""
         self.cert_facts = None
 
-    def _wrap(self, server_side: bool, server_hostname=None) -> None:
+    def _wrap(self, server_side: bool, server_hostname=None, session=None) -> None:
         """The ``SSLObject`` over this layer's BIOs, and the C object under it (``so``) that the
         per-record path calls without the Python wrapper (the SSLObject itself where it has none)."""
         obj = self.obj = self.tls.ctx.wrap_bio(self.inc, self.out, server_side=server_side,
-                                               server_hostname=server_hostname)
+                                               server_hostname=server_hostname, session=session)
         self.so = getattr(obj, "_sslobj", None) or obj
 
     # -- handshake ----------------------------------------------------------------------------------
@@ -126,6 +126,8 @@ class TlsLayer:
         st = self.stats
         if st is not None:
             st.handshake_done(self.version, self.cipher_name)
+            if obj.session_reused:
+                st.inc("ssl.session_reused")
         if self.tls.verifies:
             if cert:
                 uris, dnss = [], []

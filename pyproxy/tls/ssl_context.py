@@ -57,7 +57,7 @@ class CompiledTls:
     """An ``ssl.SSLContext`` and the checks made after its handshakes."""
 
     __slots__ = ("ctx", "server", "san_matchers", "hashes", "spki", "local_uri_san", "local_dns_san",
-                 "local_uri_sans", "sni", "verifies", "__weakref__")
+                 "local_uri_sans", "sni", "verifies", "resume", "session", "__weakref__")
 
     def __init__(self, ctx, server: bool):
         self.ctx = ctx
@@ -70,6 +70,11 @@ class CompiledTls:
         self.local_uri_sans = ()  # every URI SAN of our certificate (XFCC names each as By=)
         self.sni = None
         self.verifies = False
+        # client side: resume TLS sessions (UpstreamTlsContext.max_session_keys != 0), with the last
+        # session a server gave (one, as Envoy's default max_session_keys); taken by the connection
+        # that resumes with it, which leaves its own (TLS 1.3 tickets are single-use)
+        self.resume = False
+        self.session = None
 
     def check_peer(self, obj, cert=None) -> str:
         """'' if the peer certificate passes the post-handshake checks, else the failure kind
@@ -151,6 +156,7 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None, validati
         c.spki = v.spki
     if not server:
         c.sni = f.sni or None
+        c.resume = getattr(f, "max_session_keys", 1) != 0
     return c
 
 

@@ -105,7 +105,7 @@ class ChainPlan:
 
 class HcmConfig:
     def __init__(self, cfg, ctx):
-        from ...http.conn_manager import HcmStats
+        from ...http.hcm_stats import HcmStats
         self.ctx = ctx
         self.loop = ctx.loop
         self.cluster_manager = ctx.cluster_manager
@@ -248,7 +248,7 @@ class HcmConfig:
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
         self.fast_router = (plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
                             and os.environ.get("PYPROXY_REFERENCE", "0") != "1")
-        from ...http.conn_manager import ActiveStream
+        from ...http.stream import ActiveStream
         from ...http.fast_stream import FastStream
         self.stream_class = FastStream if self.fast_router else ActiveStream
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))

@@ -1,0 +1,290 @@
+"""HTTP/1.1 codec on httptools (llhttp), client side (upstream): one request at a time on one
+connection; the response becomes the router's ``on_upstream_headers/data/trailers/reset`` events
+(the server side is ``http1.py``)."""
+
+from __future__ import annotations
+
+import httptools
+
+from .headers import Headers
+from .http1 import HOP_BY_HOP, ProtocolError, encode_headers_block
+
+_MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
+
+
+def _new_response_parser(proto):
+    return httptools.HttpResponseParser(proto)
+
+
+class Http1ClientCodec:
+    """Upstream HTTP/1.1 on one connection: one request at a time.
+
+    ``decoder`` is the router's upstream request (``on_upstream_headers/data/trailers/reset``).
+    """
+
+    __slots__ = (
+        "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
+        "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
+        "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
+        "feed_len",
+    )
+
+    def __init__(self, conn):
+        self.pending_body = None  # the last body chunk, held to go out with end_stream if the message ends
+        self.conn = conn
+        self.parser = _new_response_parser(self)
+        self.decoder = None
+        self.tunnel = False
+        self.complete = True
+        self.parser_dirty = False
+        self.feed_len = 0
+
+    def start(self, decoder) -> None:
+        self.decoder = decoder
+        # a decoder with ``raw_head`` takes the response head as raw (name, value) bytes
+        self.raw = getattr(decoder, "raw_head", False)
+        self.hdrs = []
+        self.trailers = None
+        self.status = 0
+        self.head_request = False
+        self.chunked_request = False
+        self.keep_alive = True
+        self.resp_headers_sent = False
+        self.complete = False
+        self.pending_upgrade = False
+        self.response_header_bytes = 0
+
+    # -- request encoding ---------------------------------------------------------------------------
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        method = path = authority = None
+        parts = []
+        add = parts.append
+        cl = None
+        upgrade = None
+        for k, v in headers._h:
+            if k[0] == ":":
+                if k == ":method":
+                    method = v
+                elif k == ":path":
+                    path = v
+                elif k == ":authority":
+                    authority = v
+                continue
+            if k == "content-length":
+                cl = v
+                continue
+            if k in HOP_BY_HOP:
+                if k == "upgrade":
+                    upgrade = v
+                elif k == "te" and v.lower() == "trailers":
+                    add("te: trailers\r\n")
+                continue
+            add(f"{k}: {v}\r\n")
+        self.head_request = method == "HEAD"
+        if method == "CONNECT":
+            start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
+            self.pending_upgrade = True
+        else:
+            start = method + " " + path + " HTTP/1.1\r\nhost: " + (authority or "") + "\r\n"
+        if upgrade is not None:
+            add("upgrade: " + upgrade + "\r\nconnection: upgrade\r\n")
+            self.pending_upgrade = True
+        if cl is not None:
+            add("content-length: " + cl + "\r\n")
+        elif not end_stream and upgrade is None and method != "CONNECT":
+            self.chunked_request = True
+            add("transfer-encoding: chunked\r\n")
+        elif end_stream and method in ("POST", "PUT", "PATCH"):
+            add("content-length: 0\r\n")
+        add("\r\n")
+        self.conn.write((start + "".join(parts)).encode("latin-1"))
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.chunked_request:
+            if data:
+                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if end_stream:
+                self.conn.write(b"0\r\n\r\n")
+                self.chunked_request = False
+        else:
+            if data:
+                self.conn.write(data)
+            if end_stream and (self.tunnel or self.pending_upgrade):
+                self.conn.write_eof()  # a tunnel's half-close
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.chunked_request:
+            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            self.chunked_request = False
+
+    # -- response parsing ---------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        if self.tunnel:
+            d = self.decoder
+            if d is not None:
+                d.on_upstream_data(data, False)
+            return
+        if self.decoder is None:
+            # bytes with no request outstanding: the connection is unusable
+            self.conn.close()
+            return
+        self.feed_len = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as u:
+            rest = data[u.args[0]:]
+            self.tunnel = True
+            if rest and self.decoder is not None:
+                self.decoder.on_upstream_data(rest, False)
+        except (httptools.HttpParserError, ProtocolError) as e:
+            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
+            if isinstance(cause, ProtocolError) or not isinstance(e, httptools.HttpParserCallbackError):
+                self.conn.on_protocol_error("upstream protocol error: %s" % e)
+            else:
+                raise cause
+        finally:
+            pb = self.pending_body
+            if pb is not None:
+                # the message goes on in later reads: pass this read's body on now
+                self.pending_body = None
+                pb[0].on_upstream_data(pb[1], False)
+        if not self.resp_headers_sent and self.decoder is not None:
+            # this read ended inside a response head (httptools holds it): bound what it holds
+            self.response_header_bytes += len(data)
+            if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
+                self.conn.on_protocol_error("upstream protocol error: upstream headers too large")
+                return
+        if self.parser_dirty:
+            # llhttp cannot be told a response answers HEAD (it waits for content-length bytes):
+            # the response ended at its headers, so the next one starts on a fresh parser
+            self.parser_dirty = False
+            self.parser = _new_response_parser(self)
+
+    # (no on_message_begin / on_status: ``start()`` resets the per-response state, a 1xx response
+    # clears its headers itself, and every callback httptools finds costs a call per response)
+
+    def on_header(self, name: bytes, value: bytes):
+        # (the head's size is bounded in feed(): it counts the reads that end inside a head)
+        if self.resp_headers_sent:
+            self._trailer(name, value)
+            return
+        # kept as bytes: names are lower-cased (and decoded, for a Headers) once the head is complete
+        self.hdrs.append((name, value))
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer of a chunked response."""
+        self.response_header_bytes += len(name) + len(value)
+        if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
+            raise ProtocolError(502, "upstream headers too large")
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self):
+        p = self.parser
+        status = p.get_status_code()
+        if status < 200 and status != 101:
+            self.hdrs = []
+            return  # 1xx interim responses are consumed here
+        self.status = status
+        self.keep_alive = p.should_keep_alive()
+        hdrs = self.hdrs
+        if self.response_header_bytes + self.feed_len > _MAX_UPSTREAM_HEAD and \
+                sum(len(n) + len(v) for n, v in hdrs) > _MAX_UPSTREAM_HEAD:
+            # (a head that arrived within reads too small to be over the bound is not summed)
+            raise ProtocolError(502, "upstream headers too large")
+        end = False
+        if self.head_request:
+            end = True
+            self.parser_dirty = True
+        elif status in (204, 304):
+            end = True
+        elif status != 101 and not self.raw:
+            # (the express lane writes a content-length: 0 head as it is and ends the response
+            # when llhttp completes it, a moment later in this same read)
+            for n, v in hdrs:
+                if len(n) == 14 and n.lower() == b"content-length":
+                    end = v == b"0"
+                    break
+        self.resp_headers_sent = True
+        if end:
+            self.complete = True
+        elif self.pending_upgrade and 200 <= status < 300 and not self.hdrs_have_length():
+            self.tunnel = True  # CONNECT answered: raw bytes both ways from here
+        d = self.decoder
+        if d is not None:
+            if self.raw:
+                d.on_upstream_head(status, hdrs, end)
+            else:
+                h = [(":status", str(status))]
+                h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
+                d.on_upstream_headers(Headers(h), end)
+        if end and status != 101:
+            self._finish()
+
+    def on_body(self, body: bytes):
+        if self.parser_dirty:
+            return  # bytes after a HEAD response's headers are not a body
+        d = self.decoder
+        if d is not None:
+            pb = self.pending_body
+            if pb is not None:
+                d.on_upstream_data(pb[1], False)
+            # held until we know whether the message ends in this read (one pass, not two)
+            self.pending_body = (d, body)
+
+    def on_message_complete(self):
+        if self.complete and not self.resp_headers_sent:
+            return
+        if self.status and self.status < 200:
+            return  # 101: the connection is a tunnel now (its end is the upstream's EOF)
+        if not self.resp_headers_sent:
+            return  # an interim (1xx) response
+        was_complete = self.complete
+        self.complete = True
+        d = self.decoder
+        pb = self.pending_body
+        self.pending_body = None
+        if d is not None and not was_complete:
+            if self.trailers:
+                if pb is not None:
+                    d.on_upstream_data(pb[1], False)
+                d.on_upstream_trailers(Headers(self.trailers))
+            else:
+                d.on_upstream_data(pb[1] if pb is not None else b"", True)
+            self.decoder = None  # (_finish, inlined)
+            self.conn.on_response_complete(self.keep_alive)
+
+    def _finish(self):
+        self.decoder = None
+        self.conn.on_response_complete(self.keep_alive)
+
+    def on_close(self, reason: str, aborted: bool = True) -> None:  # (aborted: a reset, not a FIN)
+        d = self.decoder
+        self.decoder = None
+        self.pending_body = None
+        if d is None:
+            return
+        if self.tunnel:
+            if aborted:
+                d.on_upstream_reset(reason)  # aborted (RST), not a half-close
+            else:
+                d.on_upstream_data(b"", True)
+            return
+        if self.resp_headers_sent and not self.complete:
+            # close-delimited body: EOF ends it (unless a length was promised)
+            try:
+                self.parser.feed_data(b"")
+            except Exception:
+                pass
+            if self.status and not self.hdrs_have_length():
+                d.on_upstream_data(b"", True)
+                return
+        d.on_upstream_reset(reason)
+
+    def hdrs_have_length(self) -> bool:
+        for k, v in self.hdrs:
+            k = k.lower()
+            if k == b"content-length" or k == b"transfer-encoding":
+                return True
+        return False

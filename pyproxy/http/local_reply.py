@@ -1,0 +1,72 @@
+"""Local replies: the answers the proxy gives itself, shaped like Envoy's (a status, a text/plain
+body or a gRPC status for gRPC requests, a date), sent through the stream's encoder path; and
+the HTTP date header every response carries."""
+
+from __future__ import annotations
+
+import time
+
+from .headers import Headers
+
+_time = time.time
+
+
+def _date() -> str:
+    """The HTTP date now (cached for the second, as Envoy's date provider caches it)."""
+    now = int(_time())
+    c = _DATE_CACHE
+    if c[0] != now:
+        c[0] = now
+        c[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+    return c[1]
+
+
+_DATE_CACHE = [0, ""]
+
+
+def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag: str = "",
+                     headers: dict | None = None, close: bool = False, grpc_status: int | None = None) -> None:
+    """Answer from the proxy itself, shaped like Envoy's local replies."""
+    if self.done:
+        return
+    si = self.stream_info
+    si.response_code_details = details
+    if flag:
+        si.response_flags.add(flag)
+    if self.response_started:
+        # too late for a reply: reset the stream
+        self.reset_stream(details)
+        return
+    b = body.encode() if isinstance(body, str) else body
+    req = self.request_headers
+    is_grpc = req is not None and (req.get("content-type") or "").startswith("application/grpc")
+    if is_grpc:
+        h = Headers([(":status", "200"), ("content-type", "application/grpc"),
+                     ("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status))),
+                     ("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))])
+        b = b""
+    else:
+        h = Headers([(":status", str(status))])
+        if b:
+            h.add("content-length", str(len(b)))
+            h.add("content-type", "text/plain")
+    if headers:
+        for k, v in headers.items():
+            h.set(k, v)
+    h.add("date", _date())
+    if close and not self.hc.is_h2:
+        self.encoder.response_close = True
+    r = self.router
+    if r is not None:
+        r.on_local_reply()
+    is_head = req is not None and req.get(":method") == "HEAD"
+    if b and not is_head:
+        self.encode_headers(h, False)
+        self.encode_data(b, True)
+    else:
+        self.encode_headers(h, True)
+
+
+def _grpc_status(http_status: int) -> int:
+    # Envoy's HTTP -> gRPC status mapping for local replies
+    return {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}.get(http_status, 2)

@@ -1,0 +1,594 @@
+"""One request/response exchange through the HTTP filter chain (``ActiveStream``), whatever the
+codec.
+
+Codec -> stream: ``decode_headers/data/trailers``, ``on_reset``.
+Stream -> codec: ``encode_headers/data/trailers`` (after the encoder filters).
+Filters iterate first-to-last on decode and last-to-first on encode; a ``STOP`` holds the event
+until the filter calls ``continue_decoding()`` / ``continue_encoding()``. Local replies are in
+``local_reply.py``; the connection (``HttpConnection``) in ``conn_manager.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .decorator import decorate, decorate_response
+from .filter import STOP
+from .headers import Headers
+from .local_reply import _date, send_local_reply
+from .request_prep import prepare
+from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
+
+log = logging.getLogger("pyproxy.http")
+
+
+def _guarded(method):
+    """A stream event entry point: a filter's exception answers 500 (or resets the stream once the
+    response started) instead of escaping into the connection and killing it.
+
+    The wrapper has the method's own arity (no ``*args`` packing on every event)."""
+    code = method.__code__
+    n = code.co_argcount - 1
+    if n == 0:
+        def entry(self):
+            try:
+                method(self)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 1:
+        def entry(self, a):
+            try:
+                method(self, a)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 2:
+        def entry(self, a, b):
+            try:
+                method(self, a, b)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 3 and code.co_varnames[3] == "from_filter":
+        def entry(self, a, b, from_filter=-1):
+            try:
+                method(self, a, b, from_filter)
+            except Exception as e:
+                self._filter_failed(e)
+    else:
+        def entry(self, *args, **kwargs):
+            try:
+                method(self, *args, **kwargs)
+            except Exception as e:
+                self._filter_failed(e)
+    entry.__name__ = method.__name__
+    entry.__qualname__ = method.__qualname__
+    entry.__doc__ = method.__doc__
+    return entry
+
+
+class ActiveStream:
+    """One request/response exchange through the HTTP filter chain.
+
+    Attributes default at class level: a request sets only what differs (cheap to create).
+    """
+
+    request_headers = None
+    response_headers = None
+    response_trailers = None
+    route = None
+    route_table = None
+    filters = None
+    decoder_stopped_at = -1
+    decoder_buffer = None
+    encoder_stopped_at = -1
+    encoder_buffer = None
+    response_started = False
+    done = False
+    remote_complete = False
+    local_complete = False
+    router = None
+    filter_state = None
+    request_timer = None
+    max_duration_timer = None
+    last_activity = 0.0
+    failing = False
+    deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
+    caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
+    prepped = None  # the request preparation's result when a lane ran it before the stream existed
+    upgrade_type = None  # a genuine upgrade's type (request_prep), else None
+
+    def __init__(self, hc, encoder, version):
+        self.hc = hc
+        cfg = self.cfg = hc.cfg
+        self.encoder = encoder
+        self.stream_info = new_stream_info(hc.conn, version, _time(), _monotonic())
+        self.version = version
+        st = hc.stats
+        st.rq_total.value += 1
+        st.rq_active.inc()
+        if hc.is_h2:
+            st.rq_http2_total.value += 1
+        else:
+            st.rq_http1_total.value += 1
+        loop = cfg.loop
+        self.last_activity = hc.last_activity  # the stream idle timeout is checked by the connection's tick
+        if cfg.request_timeout:
+            self.request_timer = loop.call_later(cfg.request_timeout, self._request_timeout)
+        if cfg.max_stream_duration:
+            self.max_duration_timer = loop.call_later(cfg.max_stream_duration, self._max_duration)
+
+    # -- properties filters use ---------------------------------------------------------------------
+    @property
+    def connection(self):
+        return self.hc.conn
+
+    @property
+    def cluster_manager(self):
+        return self.cfg.cluster_manager
+
+    # -- decode path (codec -> filters) ---------------------------------------------------------------
+    @_guarded
+    def decode_headers(self, headers: Headers, end_stream: bool) -> None:
+        self.request_headers = headers
+        self.remote_complete = end_stream
+        cfg = self.cfg
+        err = self._prepare_request(headers)
+        if err is not None:
+            return
+        # route lookup (filters may clear it and cause a new lookup)
+        self.refresh_route()
+        d = cfg.prep.decorate
+        if d:
+            self.caller_op = decorate(d, self.route, headers)
+        if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
+            return
+        self.filters = [f.create(self) for f in cfg.decoder_factories]
+        if self.request_timer is not None and end_stream:
+            self.request_timer.cancel()
+            self.request_timer = None
+        self._run_decode_headers(0, headers, end_stream)
+
+    def _prepare_request(self, headers: Headers):
+        """The connection manager's request preparation (request_prep.py), once per request: a
+        lane that already ran it (the express lane falling back) hands its result over in
+        ``prepped``. Returns True when a local reply was sent instead."""
+        r = self.prepped
+        if r is None:
+            r = prepare(self.cfg.prep, self.hc.conn, headers, self.cfg.routes.table)
+        if type(r) is str:
+            self.stream_info.request_id = r
+            return None
+        si = self.stream_info
+        si.request_id = r.rid
+        if r.remote is not None:
+            si.downstream_remote_address = r.remote
+        self.upgrade_type = r.upgrade
+        rep = r.reply
+        if rep is not None:
+            status, details, location = rep
+            self.send_local_reply(status, "", details, headers={"location": location} if location else None,
+                                  close=status == 400 and details == "unexpected_underscore")
+            return True
+        return None
+
+    def upgrade_refused(self) -> bool:
+        """Envoy's check when it builds the filter chain: an upgrade (or CONNECT) needs its type in
+        the HCM's upgrade_configs (a route's own upgrade_configs may turn it on or off); otherwise
+        403 before any HTTP filter runs."""
+        route = self.route
+        if route is None or route.kind != 0:
+            return False  # no route or not a cluster route: the router answers (404, redirect...)
+        kind = self.upgrade_type or "connect"
+        enabled = self.cfg.upgrades.get(kind)
+        if enabled is not None:
+            rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None
+            if rc is not None:
+                enabled = rc[0]
+        if enabled:
+            return False
+        self.hc.stats.rq_ws_on_non_ws_route.value += 1
+        self.send_local_reply(403, "", "upgrade_failed")
+        if self.hc.is_h2:
+            self.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
+        return True
+
+    def refresh_route(self):
+        table = self.cfg.routes.table
+        self.route_table = table
+        if table is None:
+            self.route = None
+        else:
+            self.route = table.find(self.request_headers, self.stream_info, _rand32())
+        r = self.route
+        self.stream_info.route_name = r.name if r is not None else ""
+
+    def clear_route_cache(self):
+        self.refresh_route()
+
+    def _run_decode_headers(self, start: int, headers, end_stream) -> None:
+        filters = self.filters
+        n = len(filters)
+        i = start
+        while i < n:
+            if filters[i].decode_headers(headers, end_stream) == STOP:
+                self.decoder_stopped_at = i
+                return
+            if self.done or self.response_started and self.local_complete:
+                return
+            i += 1
+
+    @_guarded
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.done:
+            return
+        if end_stream:
+            self.remote_complete = True
+            if self.request_timer is not None:
+                self.request_timer.cancel()
+                self.request_timer = None
+        self.last_activity = self.cfg.loop.time()
+        self.stream_info.bytes_received += len(data)
+        filters = self.filters
+        if filters is None:
+            return
+        # Envoy: a filter that stopped the headers still receives the body; filters after it get
+        # it when it continues
+        stopped = self.decoder_stopped_at
+        n = len(filters)
+        limit = stopped + 1 if stopped >= 0 else n
+        if limit == 1:
+            filters[0].decode_data(data, end_stream)
+        else:
+            for i in range(limit):
+                if filters[i].decode_data(data, end_stream) == STOP:
+                    return  # that filter holds the data and passes it on when it continues
+        if limit < n:
+            buf = self.decoder_buffer
+            if buf is None:
+                buf = self.decoder_buffer = []
+            buf.append(("d", data, end_stream))
+
+    @_guarded
+    def decode_trailers(self, trailers: Headers) -> None:
+        if self.done:
+            return
+        self.remote_complete = True
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        filters = self.filters
+        if filters is None:
+            return
+        stopped = self.decoder_stopped_at
+        n = len(filters)
+        limit = stopped + 1 if stopped >= 0 else n
+        for i in range(limit):
+            if filters[i].decode_trailers(trailers) == STOP:
+                return
+        if limit < n:
+            buf = self.decoder_buffer
+            if buf is None:
+                buf = self.decoder_buffer = []
+            buf.append(("t", trailers))
+
+    @_guarded
+    def continue_decoding(self) -> None:
+        """A filter that returned STOP lets the request go on to the filters after it."""
+        i = self.decoder_stopped_at
+        if i < 0 or self.done:
+            return
+        self.decoder_stopped_at = -1
+        buffered = self.decoder_buffer
+        self.decoder_buffer = None
+        end_now = self.remote_complete and not buffered
+        self._run_decode_headers(i + 1, self.request_headers, end_now)
+        if not buffered:
+            return
+        filters = self.filters
+        for ev in buffered:
+            if self.done:
+                return
+            # deliver to the filters after the one that continued (up to a new stop)
+            stop = self.decoder_stopped_at
+            last = stop + 1 if stop >= 0 else len(filters)
+            for f in filters[i + 1:last]:
+                r = f.decode_data(ev[1], ev[2]) if ev[0] == "d" else f.decode_trailers(ev[1])
+                if r == STOP:
+                    break
+
+    def on_reset(self, reason: str) -> None:
+        """The downstream went away (or reset the stream)."""
+        if self.done:
+            return
+        self.hc.stats.rq_rx_reset.value += 1
+        si = self.stream_info
+        si.response_flags.add("DC")
+        if not si.response_code_details:
+            si.response_code_details = reason
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        self._finish(reset=True)
+
+    # -- encode path (router/filters -> codec) --------------------------------------------------------
+    @_guarded
+    def encode_headers(self, headers: Headers, end_stream: bool, from_filter: int = -1) -> None:
+        if self.done:
+            return
+        filters = self.filters
+        if filters and len(filters) > 1 and not self.failing:
+            start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
+            for i in range(start, -1, -1):
+                f = filters[i]
+                if f.encode_headers(headers, end_stream) == STOP:
+                    self.encoder_stopped_at = i
+                    self.response_headers = headers
+                    return
+        self._send_headers(headers, end_stream)
+
+    def _send_headers(self, headers: Headers, end_stream: bool):
+        cfg = self.cfg
+        self.response_started = True
+        self.response_headers = headers
+        if "date" not in headers:
+            headers.add("date", _date())  # Envoy keeps the upstream's date, adds one if absent
+        st = cfg.server_transform
+        if st == 0:
+            headers.set("server", cfg.server_name)
+        elif st == 1 and "server" not in headers:
+            headers.set("server", cfg.server_name)
+        if cfg.via:
+            via = headers.get("via")
+            headers.set("via", cfg.via if not via else via + ", " + cfg.via)
+        if cfg.always_set_request_id_in_response and self.stream_info.request_id:
+            headers.set("x-request-id", self.stream_info.request_id)
+        d = cfg.prep.decorate
+        if d:
+            decorate_response(d, self.route, self.caller_op, headers)
+        first = headers._h[0] if headers._h else None
+        status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
+        try:
+            self.stream_info.response_code = int(status)
+        except (TypeError, ValueError):
+            self.stream_info.response_code = 0
+        if self.hc.draining and not self.hc.is_h2:
+            self.encoder.drain_close = True
+        if end_stream:
+            self.local_complete = True
+        self.encoder.encode_headers(headers, end_stream)
+        if end_stream:
+            self._finish()
+
+    @_guarded
+    def encode_data(self, data: bytes, end_stream: bool, from_filter: int = -1) -> None:
+        if self.done:
+            return
+        if self.encoder_stopped_at >= 0 and not self.failing:
+            buf = self.encoder_buffer
+            if buf is None:
+                buf = self.encoder_buffer = []
+            buf.append(("d", data, end_stream))
+            return
+        filters = self.filters
+        if filters and len(filters) > 1 and not self.failing:
+            start = (len(filters) - 2) if from_filter < 0 else from_filter - 1
+            for i in range(start, -1, -1):
+                if filters[i].encode_data(data, end_stream) == STOP:
+                    return
+        self.stream_info.bytes_sent += len(data)
+        self.last_activity = self.cfg.loop.time()
+        if end_stream:
+            self.local_complete = True
+        self.encoder.encode_data(data, end_stream)
+        if end_stream:
+            self._finish()
+
+    @_guarded
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.done:
+            return
+        if self.encoder_stopped_at >= 0:
+            buf = self.encoder_buffer
+            if buf is None:
+                buf = self.encoder_buffer = []
+            buf.append(("t", trailers))
+            return
+        filters = self.filters
+        if filters and len(filters) > 1:
+            for i in range(len(filters) - 2, -1, -1):
+                if filters[i].encode_trailers(trailers) == STOP:
+                    return
+        self.response_trailers = trailers
+        self.local_complete = True
+        self.encoder.encode_trailers(trailers)
+        self._finish()
+
+    @_guarded
+    def continue_encoding(self) -> None:
+        i = self.encoder_stopped_at
+        if i < 0 or self.done:
+            return
+        self.encoder_stopped_at = -1
+        headers = self.response_headers
+        buffered = self.encoder_buffer
+        self.encoder_buffer = None
+        end_now = not buffered and self.local_complete
+        filters = self.filters
+        for j in range(i - 1, -1, -1):
+            if filters[j].encode_headers(headers, end_now) == STOP:
+                self.encoder_stopped_at = j
+                self.encoder_buffer = buffered
+                return
+        self._send_headers(headers, end_now and not buffered)
+        for ev in buffered or ():
+            if ev[0] == "d":
+                self.encode_data(ev[1], ev[2], from_filter=i)
+            else:
+                self.encode_trailers(ev[1])
+
+    def _filter_failed(self, exc) -> None:
+        if self.done:
+            return
+        log.error("HTTP filter chain failed on %s: %s", self.request_headers.get(":path", "?")
+                  if self.request_headers is not None else "?", exc, exc_info=exc)
+        if self.failing:
+            self.hc.conn.close(flush=False)  # failed again while answering: give up on the connection
+            return
+        self.failing = True  # from here the reply bypasses the filters
+        r = self.router
+        if r is not None:
+            try:
+                r.on_downstream_reset()
+            except Exception:
+                pass
+        if self.response_started:
+            self.reset_stream("filter_error")
+        else:
+            self.send_local_reply(500, "internal error in an HTTP filter", "filter_chain_error")
+
+    # a local reply (http/local_reply.py)
+    send_local_reply = send_local_reply
+
+    def reset_stream(self, reason: str) -> None:
+        if self.done:
+            return
+        self.hc.stats.rq_tx_reset.value += 1
+        self.stream_info.response_code_details = self.stream_info.response_code_details or reason
+        enc = self.encoder
+        self._finish(reset=True)
+        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=False)
+
+    # -- flow control ----------------------------------------------------------------------------------
+    def read_disable(self, disable: bool) -> None:
+        """Stop/start reading the request from downstream (upstream write buffer is full)."""
+        enc = self.encoder
+        if enc is None:
+            return  # the stream is over
+        rd = getattr(enc, "stream_read_disable", None)
+        if rd is not None:
+            rd(self, disable)
+        else:
+            self.hc.conn.read_disable(disable)
+
+    # -- timers --------------------------------------------------------------------------------------
+    def on_deadline(self):
+        """The stream's deadline passed (HttpConnection.arm_deadline): the router's route timeout."""
+        r = self.router
+        if r is not None:
+            r.on_deadline()
+
+    def on_idle_timeout(self):
+        """No activity for stream_idle_timeout (called by the connection's tick)."""
+        if self.done:
+            return
+        self.hc.stats.rq_idle_timeout.value += 1
+        self.stream_info.response_flags.add("SI")
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        if self.response_started:
+            self.reset_stream("stream_idle_timeout")
+        else:
+            self.send_local_reply(408 if not self.remote_complete else 504, "stream timeout",
+                                  "stream_idle_timeout", close=True)
+
+    def _request_timeout(self):
+        self.request_timer = None
+        if self.done or self.remote_complete:
+            return
+        self.hc.stats.rq_timeout.value += 1
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        self.send_local_reply(408, "request timeout", "request_overall_timeout", close=True)
+
+    def _max_duration(self):
+        self.max_duration_timer = None
+        if self.done:
+            return
+        self.hc.stats.rq_max_duration_reached.value += 1
+        r = self.router
+        if r is not None:
+            r.on_downstream_reset()
+        if self.response_started:
+            self.reset_stream("max_duration_timeout")
+        else:
+            self.send_local_reply(408, "downstream duration timeout", "max_duration_timeout", close=True)
+
+    # -- completion ------------------------------------------------------------------------------------
+    def _finish(self, reset: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.request_timer is not None:
+            self.request_timer.cancel()
+            self.request_timer = None
+        if self.max_duration_timer is not None:
+            self.max_duration_timer.cancel()
+            self.max_duration_timer = None
+        hc = self.hc
+        st = hc.stats
+        st.rq_active.dec()
+        si = self.stream_info
+        now = time.monotonic()
+        si.end_monotonic = now
+        if not reset:
+            code = si.response_code
+            c = st.rq_class[code // 100] if 0 < code < 600 else None
+            if c is not None:
+                c.value += 1
+            st.rq_completed.value += 1
+            st.rq_time.record((now - si.start_monotonic) * 1000.0)
+            if not self.remote_complete:
+                st.rq_response_before_rq_complete.value += 1
+        filters = self.filters
+        if filters:
+            for f in filters:
+                f.on_destroy()
+        logs = self.cfg.access_logs
+        if logs:
+            for al in logs:
+                al.log(si, self.request_headers, self.response_headers, self.response_trailers)
+        hc.stream_done(self)
+        # break the stream <-> filter and stream <-> codec-stream references now (an HTTP/2
+        # stream points back at us), so memory returns by reference counting, without a GC pass
+        self.filters = None
+        self.router = None
+        self.encoder = None
+
+
+_StreamInfo = StreamInfo
+_new_si = StreamInfo.__new__
+
+
+def new_stream_info(conn, version: str, start_time: float, start_monotonic: float):
+    """A stream's StreamInfo: the connection's facts copied, the rest defaults at class level."""
+    si = _new_si(_StreamInfo)
+    csi = conn.stream_info
+    si.start_time = start_time
+    si.start_monotonic = start_monotonic
+    si.protocol = version
+    si.downstream_remote_address = csi.downstream_remote_address
+    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+    si.downstream_local_address = csi.downstream_local_address
+    si.requested_server_name = csi.requested_server_name
+    si.response_flags = _ResponseFlags()
+    si.connection_id = csi.connection_id
+    si.filter_state = conn.filter_state
+    si.dynamic_metadata = {}
+    tls = csi.downstream_ssl
+    if tls is not None:
+        si.downstream_ssl = tls
+        si.downstream_tls_version = csi.downstream_tls_version
+        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+        si.downstream_local_uri_san = csi.downstream_local_uri_san
+    return si
+
+
+_time = time.time
+_monotonic = time.monotonic
+_urand = __import__("random").getrandbits
+
+
+def _rand32() -> int:
+    return _urand(32)
