@@ -24,6 +24,7 @@ class H2ServerStream(OutStream):
     drain_close = False
     response_close = False
     tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+    body_left = None  # request body bytes its content-length still announces
 
     def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
         self.conn = conn
