@@ -199,7 +199,7 @@ class Router:
         self.cluster = cluster
         self.choice = choice
         self.headers = headers
-        self.grpc = False  # (gRPC requests on such a route take the whole router: RouteEntry.retry_grpc)
+        self.grpc = False  # (gRPC requests on such a route take the whole router: RouteEntry.grpc_router)
         self.timeout = route.timeout
         self.timing = bool(route.timeout)  # (the stream's deadline is already set)
         retry = self.retry = route.retry
@@ -738,7 +738,7 @@ def _grpc_retry(retry, headers) -> bool:
     if gs is None:
         return False
     try:
-        return retry.should_retry_grpc(int(gs))
+        return retry.should_grpc_router(int(gs))
     except ValueError:
         return False
 
