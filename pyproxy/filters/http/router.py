@@ -738,7 +738,7 @@ def _grpc_retry(retry, headers) -> bool:
     if gs is None:
         return False
     try:
-        return retry.should_grpc_router(int(gs))
+        return retry.should_retry_grpc(int(gs))
     except ValueError:
         return False
 
