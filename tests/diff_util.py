@@ -80,6 +80,16 @@ class ScriptedH1:
             self.counts = {}
             return len(self.be.raw)
 
+    def drop_connections(self):
+        """Close every connection (the proxy's pool starts the next case empty)."""
+        with self.be.lock:
+            socks = list(self.be.socks)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def since(self, mark) -> bytes:
         with self.be.lock:
             return _mask(bytes(self.be.raw[mark:]))
@@ -115,7 +125,8 @@ class ScriptedH2:
                 s, _ = self.lsock.accept()
             except OSError:
                 return
-            self.socks.append(s)
+            with self.lock:
+                self.socks.append(s)
             threading.Thread(target=self._serve, args=(s,), daemon=True).start()
 
     def _serve(self, s):
@@ -162,6 +173,9 @@ class ScriptedH2:
         except Exception:  # (the proxy went away, or sent what h2 refuses: the case shows it)
             return
         finally:
+            with self.lock:
+                if s in self.socks:
+                    self.socks.remove(s)
             try:
                 s.close()
             except OSError:
@@ -195,6 +209,15 @@ class ScriptedH2:
             self.counts = {}
             return len(self.log)
 
+    def drop_connections(self):
+        with self.lock:
+            socks = list(self.socks)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def since(self, mark) -> list:
         with self.lock:
             return list(self.log[mark:])
@@ -224,6 +247,8 @@ class Wait:
 
 def _complete(buf: bytes, methods, n: int) -> bool:
     from proxy_util import parse_responses
+    if buf.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in buf:
+        return True  # (what follows belongs to the upgraded connection)
     try:
         rs = parse_responses(buf, methods)
     except (ValueError, IndexError):
@@ -333,20 +358,21 @@ def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.15):
     view, rbuf, opened, ended = [], b"", set(), set()
     state = {"end": "open", "block": None, "n": 0}
 
-    def send(b):
+    def send_now(b):
         try:
             s.sendall(b)
         except OSError:
             pass
+    send = send_now
 
     def on_frame(f):
         if isinstance(f, SettingsFrame):
             if "ACK" not in f.flags:
-                send(SettingsFrame(0, flags=["ACK"]).serialize())
+                send_now(SettingsFrame(0, flags=["ACK"]).serialize())
             return
         if isinstance(f, PingFrame):
             if "ACK" not in f.flags:
-                send(PingFrame(0, f.opaque_data, flags=["ACK"]).serialize())
+                send_now(PingFrame(0, f.opaque_data, flags=["ACK"]).serialize())
             return
         if isinstance(f, WindowUpdateFrame):
             return
@@ -414,7 +440,10 @@ def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.15):
                 on_frame(f)
 
     try:
-        send(PREFACE + SettingsFrame(0).serialize())
+        # the frames between two waits go out in one write (the proxy reads them together:
+        # two streams opened at once are concurrent whatever the timing)
+        pending = bytearray(PREFACE + SettingsFrame(0).serialize())
+        send = pending.extend
         for st in steps:
             if st[0] == "headers":
                 _, sid, hdrs, es = st
@@ -438,10 +467,14 @@ def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.15):
                 send(f.serialize())
             elif st[0] == "wait":
                 _, sid, to = st
+                send_now(bytes(pending))
+                pending.clear()
                 pump(lambda: any(v[0] == "headers" and v[1] == sid for v in view), time.monotonic() + to)
             elif st[0] == "raw":
                 opened.add(-1)  # (a raw frame: read until the connection settles)
                 send(st[1])
+        send_now(bytes(pending))
+        send = send_now
         pump(lambda: opened <= ended or any(v[0] == "goaway" for v in view), time.monotonic() + timeout)
         pump(lambda: False, time.monotonic() + settle)
         # frames of each stream in order, streams by id (concurrent streams end in any order),
@@ -454,6 +487,20 @@ def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.15):
 
 
 # ----------------------------------------------------------------------------------- the pair
+
+def _open_to(ports) -> int:
+    """TCP connections of this machine to one of ``ports`` on 127.0.0.1 still established or
+    waiting for their owner's close (ESTABLISHED, CLOSE_WAIT), from /proc/net/tcp."""
+    want = {"0100007F:%04X" % p for p in ports}
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[2] in want and parts[3] in ("01", "08"):
+                n += 1
+    return n
+
 
 _REQUEST_START = re.compile(rb"(?m)(?=^[A-Z]+ /\S* HTTP/1\.1\r$)")
 _GAUGE_ACTIVE = ("downstream_rq_active", "upstream_rq_active", "downstream_cx_active")
@@ -506,16 +553,19 @@ class ModePair:
             out[name] = st["value"]
         return out
 
-    def _settled_counters(self, mode):
+    def _settled_counters(self, mode, idle=False):
         """Counters once the case's streams and connections are over (gauges at 0, counters
-        unchanged across two reads), bounded."""
+        unchanged across two reads; ``idle``: no connection to the upstreams either, as the
+        kernel sees it: the ``upstream_cx_active`` gauges are not trusted for that), bounded."""
         deadline = time.monotonic() + 3
         last = None
+        side = self.sides[mode]
         while True:
             g = self._stats(mode, "Gauges")
             c = self._stats(mode, "Counters")
             busy = any(v for k, v in g.items() if k.endswith(_GAUGE_ACTIVE) and not k.startswith("cluster."))
             busy = busy or any(v for k, v in g.items() if k.endswith(".upstream_rq_active"))
+            busy = busy or idle and _open_to((side["up1"].port, side["up2"].port)) > 0
             if not busy and c == last or time.monotonic() > deadline:
                 return c
             last = None if busy else c
@@ -533,12 +583,14 @@ class ModePair:
         def one(mode):
             try:
                 side = self.sides[mode]
-                if side.get("counters") is None:
-                    side["counters"] = self._settled_counters(mode)
-                before = side["counters"]
+                # each case starts with no upstream connection: what a case does to the pool
+                # does not carry over into the next one's counters
+                side["up1"].drop_connections()
+                side["up2"].drop_connections()
+                before = self._settled_counters(mode, idle=True)
                 m1, m2 = side["up1"].mark(), side["up2"].mark()
                 view, nbytes = client(self.port(mode, listener))
-                after = side["counters"] = self._settled_counters(mode)
+                after = self._settled_counters(mode)
                 delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
                 for k in list(delta):
                     if unread and k.endswith("downstream_cx_rx_bytes_total"):
@@ -555,7 +607,6 @@ class ModePair:
                     up2 = sorted(up2, key=repr)
                 seen[mode] = (view, up1, up2, delta)
             except BaseException as e:  # (re-raised below, in the test's thread)
-                self.sides[mode]["counters"] = None
                 errors.append(e)
         threads = [threading.Thread(target=one, args=(m,), daemon=True) for m in MODES]
         for t in threads:
