@@ -90,7 +90,7 @@ def start(hc, codec, headers, end_stream, version, direct=False) -> None:
     rq_timeout = route.express  # (the route's plan, routing/plan.py)
     if rq_timeout is False:
         return _fall_back(hc, codec, headers, r, table, route)
-    if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
+    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
         return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
