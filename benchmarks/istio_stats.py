@@ -65,7 +65,7 @@ def bootstrap(kind, port, upstream):
         "@type": T + "udpa.type.v1.TypedStruct", "type_url": T + "stats.PluginConfig", "value": {}}}
     if kind == "envoy":
         hcm["http_filters"] = [fault, cors, router]
-    elif kind == "pyproxy":
+    elif kind in ("pyproxy", "base"):
         hcm["http_filters"] = [mx, alpn, fault, cors, router]
     else:
         hcm["http_filters"] = [mx, alpn, fault, cors, stats, router]
@@ -78,6 +78,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run a pyproxy checkout in DIR (e.g. an older commit, from git archive), with and "
+                         "without istio.stats, in the same runs: before/after figures measured together")
     a = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="pyproxy-istio-bench-")
     os.chmod(tmp, 0o755)
@@ -89,7 +92,8 @@ def main(argv=None):
                         cpu=load_cpu)
         started.append(be)
         procs.wait_tcp(h1, be)
-        kinds = ["pyproxy+stats", "pyproxy"] + ([] if a.no_envoy or not shutil.which("envoy") else ["envoy"])
+        kinds = ["pyproxy+stats", "pyproxy"] + (["base+stats", "base"] if a.baseline else []) + \
+            ([] if a.no_envoy or not shutil.which("envoy") else ["envoy"])
         ports = {}
         for i, k in enumerate(kinds):
             port = procs.free_port()
@@ -99,7 +103,8 @@ def main(argv=None):
                        "--disable-hot-restart", "-l", "error"]
             else:
                 cmd = shlex.split("%s -m pyproxy" % sys.executable) + ["-c", path, "--concurrency", "1", "-l", "error"]
-            p = procs.Proc(k, cmd, tmp, cpu=proxy_cpu, cwd=os.path.dirname(HERE))
+            cwd = os.path.abspath(a.baseline) if k.startswith("base") else os.path.dirname(HERE)
+            p = procs.Proc(k, cmd, tmp, cpu=proxy_cpu, cwd=cwd)
             started.append(p)
             procs.wait_tcp(port, p, timeout=20)
             ports[k] = (p, port)
@@ -130,6 +135,12 @@ def main(argv=None):
         if "envoy" in med:
             print("pyproxy+stats / Envoy (fault, cors, router): %.3fx rps, CPU per request %.3fx" % (
                 med["pyproxy+stats"] / med["envoy"], cmed["pyproxy+stats"] / cmed["envoy"]))
+        if a.baseline:
+            print("baseline: istio.stats on / off: %.3fx rps, CPU per request %.3fx" % (
+                med["base+stats"] / med["base"], cmed["base+stats"] / cmed["base"]))
+            if "envoy" in med:
+                print("baseline: base+stats / Envoy: %.3fx rps, CPU per request %.3fx" % (
+                    med["base+stats"] / med["envoy"], cmed["base+stats"] / cmed["envoy"]))
     finally:
         for p in reversed(started):
             p.stop()

@@ -14,9 +14,13 @@ cipher list), certificate and trust bundle from SDS (a pilot-agent-shaped server
   ALPN ``istio-http/1.1``, keep-alive pool) -> the target -> nginx. The client Envoy, wrk and nginx
   share the other core; the target's CPU per 1000 requests is reported too.
 - **new TLS handshakes per second**: ``openssl s_time -new`` (TLS 1.3, a mesh client certificate)
-  from several processes at once, full mTLS handshakes against the target, summed.
+  from several processes at once, full mTLS handshakes against the target, summed; and the
+  target's CPU per handshake. The s_time processes share the load core, so on a busy machine the
+  rate is often bound by them: CPU per handshake is the figure that says what a core can do.
 
 Runs alternate between targets; medians and the pyproxy / Envoy ratios are printed.
+``--what rps|handshakes`` measures only one of the two; ``--profile FILE`` runs pyproxy under
+cProfile (CPU time, not wall time) and writes its stats to FILE when it exits.
 """
 
 import argparse

@@ -90,7 +90,7 @@ def start(hc, codec, headers, end_stream, version, direct=False) -> None:
     rq_timeout = route.express  # (the route's plan, routing/plan.py)
     if rq_timeout is False:
         return _fall_back(hc, codec, headers, r, table, route)
-    if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
+    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
         return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
@@ -112,6 +112,7 @@ def start(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.plain = not codec.hop_seen
     if remote is not None:
         s.remote = remote
+    s.rid = r if type(r) is str else r.rid
     # HttpConnection.new_stream and ActiveStream.__init__'s counting
     loop_now = cfg.loop.time()
     hc.streams += 1
@@ -178,6 +179,7 @@ class ExpressStream(FastStream):
 
     status = 0            # set when on_upstream_head wrote the response head itself
     remote = None         # the downstream address derived from the headers (request_prep)
+    rid = ""              # the request id (request_prep)
     up_local = ""
     plain = False          # the request has no framing or hop-by-hop headers
     remote_complete = True
@@ -199,7 +201,7 @@ class ExpressStream(FastStream):
     def _make_stream_info(self):
         """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
         si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
-        si.request_id = self.request_headers.get("x-request-id") or ""
+        si.request_id = self.rid  # (the request preparation's, as ActiveStream records it)
         if self.remote is not None:
             si.downstream_remote_address = self.remote
         r = self.route

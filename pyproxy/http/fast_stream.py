@@ -10,7 +10,7 @@ else to the generic router before any side effect:
 
 - requests with a body (the router buffers/streams it), upgrades and CONNECT;
 - routes the route's plan (``RouteEntry.fast``, routing/plan.py) keeps off: hash policies, host
-  rewrites from the host, gRPC timeouts, mirrors, hedging, per-try timeouts, or not a cluster
+  rewrites from the host, mirrors, hedging, per-try timeouts, or not a cluster
   action (direct responses and redirects);
 - unknown clusters, ORIGINAL_DST clusters and a full ``max_requests`` circuit breaker (the router
   answers those).
@@ -49,13 +49,13 @@ def chain_is_inert(cfg, route, headers) -> bool:
     plan (routing/plan.py), per request: whether every filter in front of the router has nothing
     to do for this route and request, so that the request may take a fast lane. A filter that is
     inert unless a route configures it is live on a route whose ``filter_names`` (compiled with the
-    route) include its name; ``grpc_stats`` is live on a gRPC request only, and so is a retry
-    policy's gRPC part (``route.retry_grpc``: the whole router takes the request).
-    Called when ``cfg.chain_checks or route.retry_grpc``."""
+    route) include its name; ``grpc_stats`` is live on a gRPC request only, and so is the router's
+    gRPC work on some routes (``route.grpc_router``: gRPC retries, the grpc-timeout header).
+    Called when ``cfg.chain_checks or route.grpc_router``."""
     keys = cfg.live_on_route
     if keys and not keys.isdisjoint(route.filter_names):
         return False
-    if cfg.live_on_grpc or route.retry_grpc:
+    if cfg.live_on_grpc or route.grpc_router:
         ct = headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             return False
@@ -118,7 +118,7 @@ class FastStream(ActiveStream):
             if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
                 return
             return self._generic(headers, end_stream)
-        if (cfg.chain_checks or route.retry_grpc) and not chain_is_inert(cfg, route, headers):
+        if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
             return self._generic(headers, end_stream)
         picked = pick_cluster(route, headers, cfg.cluster_manager)
         if picked is None:

@@ -46,18 +46,22 @@ TERMINATED = "connection termination"
 class H2ClientStream(OutStream):
     """One request on an upstream HTTP/2 connection: the encoder the router writes to."""
 
-    # defaults (see OutStream)
-    replay_bytes = 0
-    response_started = False
-    cancelled = False
-    headers_sent = False
-    upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
+    __slots__ = ("conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
+                 "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
+                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade")
 
     def __init__(self, cb):
         self.conn = None
         self.sid = 0
         self.cb = cb
+        self._init_out()
         self.replay = []
+        self.replay_bytes = 0
+        self.response_started = False
+        self.remote_ended = False
+        self.cancelled = False
+        self.headers_sent = False
+        self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
 
     @property
     def local_address(self) -> str:

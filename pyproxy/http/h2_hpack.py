@@ -108,26 +108,19 @@ class FastEncoder:
         self.pending_size_update = min(value, 4096)
 
     def encode(self, headers, huffman: bool = True) -> bytes:
-        if headers.__class__ is not list and headers.__class__ is not tuple:
-            headers = list(headers)
-        parts = list(map(self.memo.get, headers))  # every field seen before: no Python loop at all
-        if None in parts:
-            self._fill(headers, parts)
+        memo = self.memo
+        out = []
         if self.pending_size_update is not None:
-            parts.insert(0, _hp_int(self.pending_size_update, 5, 0x20))
+            out.append(_hp_int(self.pending_size_update, 5, 0x20))
             self.pending_size_update = None
-        return b"".join(parts)
-
-    @staticmethod
-    def _fill(headers, parts: list) -> None:
-        """Encode the fields the memo did not have (and keep them, unless they are ids)."""
-        i = -1
-        for _ in range(parts.count(None)):
-            i = parts.index(None, i + 1)
-            kv = headers[i]
-            b = parts[i] = _encode_one(kv)
-            if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
-                _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
+        for kv in headers:
+            b = memo.get(kv)
+            if b is None:
+                b = _encode_one(kv)
+                if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+                    _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
+            out.append(b)
+        return b"".join(out)
 
 
 # literal field names (no static-table entry, not connection-specific, not ``te``) -> their

@@ -19,20 +19,20 @@ log = logging.getLogger("pyproxy.http2")
 class H2ServerStream(OutStream):
     """One request stream: the encoder ``ActiveStream`` writes its response through."""
 
-    # defaults (see OutStream)
-    stream = None
-    drain_close = False
-    response_close = False
-    tunnel = 0  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+    __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
+                 "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
+                 "start", "drain_close", "response_close", "tunnel")
 
     def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
         self.conn = conn
         self.sid = sid
+        self.stream = None
+        self.remote_ended = remote_ended
+        self._init_out()
         self.start = now
-        if remote_ended:
-            self.remote_ended = True
-        if tunnel:
-            self.tunnel = tunnel
+        self.drain_close = False
+        self.response_close = False
+        self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:

@@ -32,18 +32,19 @@ class OutStream:
     ``_ended()``/``_watermark(above)``.
     """
 
-    # (no __slots__: a stream is born with these class-level defaults and sets only what differs,
-    # which is most of its creation cost otherwise)
-    pending = _NO_PENDING  # a deque once something has to wait
-    pending_bytes = 0
-    pending_end = False
-    pending_trailers = None
-    above = False
-    read_off = 0
-    unacked = 0
-    local_ended = False
-    remote_ended = False
-    closed = False
+    __slots__ = ()
+
+    def _init_out(self) -> None:
+        """Empty outbound buffer and flow-control state (at creation)."""
+        self.pending = _NO_PENDING  # a deque once something has to wait
+        self.pending_bytes = 0
+        self.pending_end = False
+        self.pending_trailers = None
+        self.above = False
+        self.read_off = 0
+        self.unacked = 0
+        self.local_ended = False
+        self.closed = False
 
     def _close_out(self) -> bool:
         """The stream is over: drop what still waits to be sent. False if it already was over."""

@@ -98,15 +98,14 @@ class Settings:
 
 
 class _Stream:
-    """One stream's protocol state (no __slots__: the class-level defaults cost nothing per stream)."""
-
-    lopen = True  # we may still send (no END_STREAM / RST_STREAM sent)
-    ropen = True  # the peer may still send
-    unacked = 0  # bytes the application consumed, not yet credited back
-    got_headers = False  # the request (server) / final response (client) arrived
+    __slots__ = ("sid", "lopen", "ropen", "out_window", "in_window", "in_max", "unacked", "got_headers")
 
     def __init__(self, sid, out_window, in_window):
         self.sid = sid
+        self.lopen = True  # we may still send (no END_STREAM / RST_STREAM sent)
+        self.ropen = True  # the peer may still send
         self.out_window = out_window
         self.in_window = in_window
         self.in_max = in_window
+        self.unacked = 0  # bytes the application consumed, not yet credited back
+        self.got_headers = False  # the request (server) / final response (client) arrived

@@ -15,8 +15,10 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
   ``envoy-ratelimited``). A response with any other status goes downstream as it is, with no
   retry state made.
-- ``retry_grpc``: the retry policy retries gRPC statuses too: a gRPC request on the route takes the
-  router filter from the start (``http/fast_stream.py chain_is_inert``).
+- ``grpc_router``: a gRPC request on the route takes the router filter from the start
+  (``http/fast_stream.py chain_is_inert``): the retry policy retries gRPC statuses, or the route
+  reads the ``grpc-timeout`` header (``max_grpc_timeout``, ``grpc_timeout_offset``; Istio sets
+  ``max_grpc_timeout: 0s`` on every route). Other requests on such a route stay on the compiled path.
 """
 
 from __future__ import annotations
@@ -63,16 +65,16 @@ def retry_codes(retry):
 
 
 def plan_route(e) -> None:
-    """Set ``e.fast``, ``e.express``, ``e.fast_rewrites``, ``e.retry_codes`` and ``e.retry_grpc``
+    """Set ``e.fast``, ``e.express``, ``e.fast_rewrites``, ``e.retry_codes`` and ``e.grpc_router``
     (a compiled ``RouteEntry``)."""
     retry = e.retry
     e.retry_codes = retry_codes(retry) if e.kind == 0 else None
-    e.retry_grpc = bool(e.retry_codes is not None and retry.grpc_codes)
+    e.grpc_router = bool(e.retry_codes is not None and retry.grpc_codes) or (
+        e.kind == 0 and (e.grpc_timeout_header_max is not None or e.grpc_timeout_header_offset is not None))
     e.fast_rewrites = bool(
         e.prefix_rewrite is not None or e.regex_rewrite is not None or e.host_rewrite_literal
         or e.host_rewrite_header or e.host_rewrite_path_regex is not None)
-    fast = (e.kind == 0 and not e.hash_policies and not e.auto_host_rewrite
-            and e.grpc_timeout_header_max is None and not e.cluster_header
+    fast = (e.kind == 0 and not e.hash_policies and not e.auto_host_rewrite and not e.cluster_header
             and not (e.weighted and (e.weight_by_hash or e.weight_header))
             and not e.mirror_policies and not e.hedge_on_per_try_timeout
             # (a per-try timeout would run on the first attempt too)

@@ -87,7 +87,6 @@ class IstioStatsHttpConfig(StatsConfig):
         si = s.stream_info
         rq = s.request_headers
         rs = s.response_headers
-        rt = s.response_trailers
         fs = si.filter_state
         code = si.response_code or 0
         if rq is not None:
@@ -96,42 +95,36 @@ class IstioStatsHttpConfig(StatsConfig):
             host = "" if self.disable_host_fallback else (
                 (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or "")
             grpc = "content-type" in dict(h) and (rq.get("content-type") or "").startswith("application/grpc")
-            rx = _head_bytes(h)
         else:
             host = ""
             grpc = False
-            rx = 2
-        gs = grpc_status(rs, rt, code) if grpc else ""
         rf = si.response_flags
-        flags = ",".join(rf) if rf else "-"
         if self.server_side:
             peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
             peer_san, local_san, mtls = self.principals(s.connection, si, fs)
+            ep = fs_upstream_peer(si) if self.reporter == "waypoint" else None
         else:
             peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
             peer_san, local_san, mtls = si.upstream_peer_uri_san, si.upstream_local_uri_san, None
-        ep = None
-        if peer is None and not self.server_side and si.upstream_host:
-            ep = si.upstream_host  # the endpoint's metadata is the fallback peer
-        elif self.reporter == "waypoint":
-            ep = fs_upstream_peer(si)
+            # (no peer: the endpoint's metadata is the fallback peer)
+            ep = si.upstream_host or None if peer is None else None
         dyn = self.dynamic
-        key = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, grpc, code, gs, flags, ep,
-               tuple([e.fn(rq, rs, si) for e in dyn]) if dyn else None)
+        key = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, grpc, code,
+               ",".join(rf) if rf else "-", ep, tuple([e.fn(rq, rs, si) for e in dyn]) if dyn else None,
+               grpc and grpc_status(rs, s.response_trailers, code))
         series = self.cache.get(key)
         if series is None:
             series = self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
-                                                            gs, flags, ep, rq, rs, si))
-        c, dur, rqb, rsb = series[:4]
+                                                            key[11] or "", key[8], ep, rq, rs, si))
+        c, dur, rqb, rsb, labels, msgs = series
         if c is not None:
             c.value += 1
         if grpc:  # message counts from envoy.filters.http.grpc_stats (emit_filter_state), at the end
             counts = (getattr(s, "filter_state", None) or {}).get(GRPC_STATS_KEY)
             if counts:
-                msgs = series[5]
                 if msgs is None:  # first counts for this label set: the two counters, then cached
-                    msgs = self.series(list(series[4]), rq, rs, si, self.msg_shapes)
-                    series = self.cache[key] = series[:5] + (msgs,)
+                    msgs = self.series(list(labels), rq, rs, si, self.msg_shapes)
+                    self.cache[key] = series[:5] + (msgs,)
                 qm, pm = msgs
                 if qm is not None:
                     qm.value += counts.get("request_message_count", 0)
@@ -142,10 +135,11 @@ class IstioStatsHttpConfig(StatsConfig):
             if end is not None:
                 dur.record(int((end - si.start_monotonic) * 1000))
         if rqb is not None:
-            rqb.record(rx + si.bytes_received)
+            rqb.record((_head_bytes(rq._h) if rq is not None else 2) + si.bytes_received)
         if rsb is not None:
             if rs is not None:
                 tx = si.bytes_sent + _head_bytes(rs._h)
+                rt = s.response_trailers
                 if rt is not None:
                     tx += _head_bytes(rt._h)
             else:  # the express lane wrote the head itself (or nothing was sent)
@@ -164,9 +158,8 @@ class IstioStatsHttpConfig(StatsConfig):
         vals.append(gs)
         vals.append(flags)
         vals.append("unknown" if mtls is None else ("mutual_tls" if mtls else "none"))
-        series = self.series(vals, rq, rs, si)
-        # gRPC: the labels kept for the message counters, made when grpc_stats first reports counts
-        return series + (tuple(vals), None) if grpc else series
+        # (gRPC: the labels are kept for the message counters, made when grpc_stats first reports)
+        return self.series(vals, rq, rs, si) + (tuple(vals) if grpc else None, None)
 
 
 class IstioStatsFilter(HttpFilter):

@@ -199,7 +199,7 @@ class Router:
         self.cluster = cluster
         self.choice = choice
         self.headers = headers
-        self.grpc = False  # (gRPC requests on such a route take the whole router: RouteEntry.retry_grpc)
+        self.grpc = False  # (gRPC requests on such a route take the whole router: RouteEntry.grpc_router)
         self.timeout = route.timeout
         self.timing = bool(route.timeout)  # (the stream's deadline is already set)
         retry = self.retry = route.retry
