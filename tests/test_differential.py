@@ -464,17 +464,10 @@ H2C = {
     "fault-header": [_get("/ok", [("x-envoy-fault-abort-request", "500")])],
 }
 
-# A request whose DATA disagrees with its content-length is malformed (RFC 9113 8.1.1): Envoy's
-# codec resets the stream (PROTOCOL_ERROR) and no body byte past the declared length reaches the
-# upstream (checked with Envoy 1.40 on a router-only bootstrap: RST_STREAM 1 to the client for both cases;
-# nothing upstream for 3 of 10 bytes, the head alone for 6 of 2). Both modes forward
-# it over HTTP/1.1 with the client's content-length and the bytes received instead: 3 bytes under
-# "content-length: 10" hang the exchange (no answer to the client until it gives up), 6 bytes
-# under "content-length: 2" put 4 bytes the upstream parses as the start of another request (a
-# request smuggling vector). Not a difference between the modes: the HTTP/2 server codec's.
-_CL_BUG = ("both modes forward an HTTP/2 request whose DATA disagrees with its content-length to the "
-           "HTTP/1.1 upstream unchanged (hang / request smuggling); Envoy resets it with PROTOCOL_ERROR")
-H2_XFAIL: dict = {(c, k): _CL_BUG for c in CHAINS for k in ("content-length-lies", "content-length-over")}
+# HTTP/2 cases where the modes differ today: {(chain, case): reason}. (A request whose DATA
+# disagrees with its content-length was forwarded by both; the HTTP/2 codec now resets it as
+# Envoy does: tests/test_h2_content_length.py compares it with Envoy.)
+H2_XFAIL: dict = {}
 
 
 def _h2_params():

@@ -150,9 +150,11 @@ _RESP_MEMO = _RESP.d
 
 def request_fields(raw) -> tuple:
     """A received request header block -> (fields tuple for ``Headers``, expect 100-continue?,
-    :protocol or None, CONNECT?): validated (``inbound_headers``), ``host`` folded into
-    ``:authority``, ``expect: 100-continue`` and ``:protocol`` taken out. Memoized per distinct
-    block (the decoder hands repeated blocks over as equal tuples). Raises ``BadHeaders``."""
+    :protocol or None, CONNECT?, declared content-length or None): validated
+    (``inbound_headers``; a content-length that is not one decimal number is refused), ``host``
+    folded into ``:authority``, ``expect: 100-continue`` and ``:protocol`` taken out. Memoized
+    per distinct block (the decoder hands repeated blocks over as equal tuples). Raises
+    ``BadHeaders``."""
     key = raw if raw.__class__ is tuple else tuple(raw)
     r = _REQ_MEMO.get(key)
     if r is not None:
@@ -161,11 +163,17 @@ def request_fields(raw) -> tuple:
     host = None
     expect = False
     protocol = None
+    length = None
     h = []
     for kv in inbound_headers(key, REQUEST):
         k = kv[0]
         if k == ":authority":
             authority = kv[1]
+        elif k == "content-length":
+            v = kv[1]
+            if not v.isdigit() or not v.isascii() or len(v) > 18 or (length is not None and int(v) != length):
+                raise BadHeaders("invalid content-length %r" % v)
+            length = int(v)
         elif k == ":protocol":
             protocol = kv[1]
             continue
@@ -182,7 +190,7 @@ def request_fields(raw) -> tuple:
         while i < len(h) and h[i][0][0] == ":":
             i += 1
         h.insert(i, (":authority", host))
-    r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT")
+    r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT", length)
     _REQ.put(key, r, _block_cost(key))
     return r
 

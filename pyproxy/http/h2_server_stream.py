@@ -21,7 +21,7 @@ class H2ServerStream(OutStream):
 
     __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close", "tunnel")
+                 "start", "drain_close", "response_close", "tunnel", "body_left")
 
     def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
         self.conn = conn
@@ -33,6 +33,7 @@ class H2ServerStream(OutStream):
         self.drain_close = False
         self.response_close = False
         self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+        self.body_left = None  # request body bytes its content-length still announces
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:

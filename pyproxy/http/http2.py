@@ -215,6 +215,9 @@ class Http2ServerCodec:
                         if s.stream is not None:
                             s.stream.on_reset("http2.invalid_trailers")
                         continue
+                    if s.body_left:  # trailers end a body shorter than its content-length
+                        self._malformed(e.stream_id, s)
+                        continue
                     s.remote_ended = True
                     if s.stream is not None:
                         s.stream.decode_trailers(trailers)
@@ -274,7 +277,7 @@ class Http2ServerCodec:
             self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
             return
         try:
-            h, expect, protocol, tunnel = request_fields(raw)
+            h, expect, protocol, tunnel, length = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
             if st is not None:
@@ -295,7 +298,16 @@ class Http2ServerCodec:
             h.append(("upgrade", protocol))
             h.append(("connection", "upgrade"))  # (Envoy's transformUpgradeRequestFromH2toH1)
         end = e.stream_ended is not None
+        if length and end:
+            # a declared body that can never come (RFC 9113 8.1.1): Envoy's codec drops the
+            # connection for it, not only the stream
+            if st is not None:
+                st.rx_messaging_error.value += 1
+            self._fatal(ErrorCodes.PROTOCOL_ERROR)
+            return
         s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
+        if length is not None and not end:
+            s.body_left = length  # DATA is counted against it (see _on_data)
         as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
         if expect and not end:
             self.h2.send_headers(sid, [(":status", "100")])
@@ -323,6 +335,19 @@ class Http2ServerCodec:
                 except h2.exceptions.ProtocolError:
                     pass
             return
+        left = s.body_left
+        if left is not None:
+            left = s.body_left = left - len(data)
+            if left < 0 or (end and left):
+                # more or less DATA than the request's content-length: a malformed request, reset
+                # before a byte past the declared length goes anywhere (RFC 9113 8.1.1, as Envoy)
+                self._malformed(sid, s)
+                if n:
+                    try:
+                        self.h2.acknowledge_received_data(n, sid)
+                    except h2.exceptions.ProtocolError:
+                        pass
+                return
         if end:
             s.remote_ended = True
         stream = s.stream
@@ -339,6 +364,23 @@ class Http2ServerCodec:
                     pass
         if end and s.local_ended:
             s._gone()
+
+    def _malformed(self, sid: int, s) -> None:
+        """A request whose DATA disagrees with its content-length: reset with PROTOCOL_ERROR and
+        counted as a messaging error, as Envoy's codec does; its stream ends reset."""
+        st = self.stats
+        if st is not None:
+            st.rx_messaging_error.value += 1
+            st.tx_reset.value += 1
+        try:
+            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.want_flush()
+        if not s.closed:
+            s._gone()
+            if s.stream is not None:
+                s.stream.on_reset("http2.violation.of.messaging.rule")
 
     def _on_reset(self, e) -> None:
         st = self.stats
