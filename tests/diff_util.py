@@ -256,7 +256,7 @@ def _complete(buf: bytes, methods, n: int) -> bool:
     return len([r for r in rs if r.status >= 200 or r.status == 101]) >= n
 
 
-def h1_script(port: int, steps, methods=("GET",), n: int = 1, timeout: float = 4.0, settle: float = 0.15):
+def h1_script(port: int, steps, methods=("GET",), n: int = 1, timeout: float = 4.0, settle: float = 0.1):
     """Run ``steps`` (bytes to send, ``Wait`` markers) on one connection, then read until ``n``
     complete responses and ``settle`` seconds of quiet, or the close. Returns ((masked bytes,
     how the connection ended: "open", "eof" or "reset"), number of bytes received)."""
@@ -344,7 +344,7 @@ def request_headers(method, path, authority="svc.local", extra=()):
     return [(":method", method), (":scheme", "http"), (":authority", authority), (":path", path)] + list(extra)
 
 
-def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.15):
+def h2_script(port: int, steps, timeout: float = 4.0, settle: float = 0.1):
     """Run HTTP/2 ``steps`` on one h2c connection (prior knowledge), then read until every stream
     the client opened has ended (END_STREAM or RST_STREAM) or the connection is gone, then
     ``settle`` seconds more. Returns the list of frames received (SETTINGS, PING and WINDOW_UPDATE
@@ -574,7 +574,7 @@ class ModePair:
                     side["stuck"] = _open_to((side["up1"].port, side["up2"].port))
                 return c
             last = None if busy else c
-            time.sleep(0.03)
+            time.sleep(0.02)
 
     def run(self, client, listener: int = 0, concurrent: bool = False, unread: bool = False) -> dict:
         """``client(port)`` in each mode (both at once, each on its own proxy and upstreams):
