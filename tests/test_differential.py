@@ -518,10 +518,6 @@ def test_http2(pair, chain, case):
 
 # ------------------------------------------------------------- what both modes get wrong today
 
-@pytest.mark.xfail(strict=True, reason="both modes: a stream the HTTP/2 upstream refuses (RST_STREAM "
-                   "REFUSED_STREAM) is sent again without being counted as a retry; Envoy 1.40 on this "
-                   "bootstrap counts cluster.h2b.upstream_rq_retry 1, upstream_rq_retry_success 1, "
-                   "upstream_rq_retry_backoff_exponential 1")
 def test_refused_stream_retry_is_counted(pair):
     seen = pair.run(lambda port: h1_script(port, H1["retry-h2-refused-then-200"]))
     assert_same(seen)
@@ -529,6 +525,7 @@ def test_refused_stream_retry_is_counted(pair):
         assert view[0].startswith(b"HTTP/1.1 200 "), view
         assert delta.get("cluster.h2b.upstream_rq_retry") == 1, (mode, delta)
         assert delta.get("cluster.h2b.upstream_rq_retry_success") == 1, (mode, delta)
+        assert delta.get("cluster.h2b.upstream_rq_retry_backoff_exponential") == 1, (mode, delta)
 
 
 @pytest.mark.xfail(strict=True, reason="both modes: when a websocket tunnel closes, its upstream "

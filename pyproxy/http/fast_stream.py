@@ -257,6 +257,18 @@ class FastStream(ActiveStream):
         self._complete()
         self.encode_trailers(trailers)
 
+    def retries_refused_stream(self) -> bool:
+        """A REFUSED_STREAM reset goes to the router (a counted retry) when the route's retry
+        policy retries it, else the HTTP/2 pool replays it (``http/h2_client.py``)."""
+        if self.up_done:
+            h = self.handed
+            return h is not None and h.retries_refused_stream()
+        r = self.route.retry
+        if r is None or self.response_started:
+            return False
+        on = r.retry_on
+        return "refused-stream" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+
     def on_upstream_reset(self, reason: str):
         if self.up_done:
             h = self.handed
@@ -267,7 +279,7 @@ class FastStream(ActiveStream):
             self._to_router().on_upstream_reset(reason)
             return
         self.encoder_up = None
-        if reason != "connection termination":
+        if reason != "connection termination" and reason != "remote refused stream reset":  # (Envoy)
             self.cluster.st_rq_rx_reset.value += 1
         if not self.response_started:
             self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,

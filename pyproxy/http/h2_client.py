@@ -16,7 +16,9 @@ derives from it (``cluster/pool_h2.py``), through these hooks:
 - ``stream_done(s)``: a stream finished and frees its slot; ``close(reason)``: end the connection.
 
 A request keeps what it sent (up to ``REPLAY_LIMIT`` bytes) until its response starts, so a
-refused request can be sent again on another connection without the router noticing.
+refused request can be sent again on another connection without the router noticing; a REFUSED_STREAM
+reset goes to the request instead when its retry policy retries refused streams (Envoy counts that
+retry: ``cb.retries_refused_stream()``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ REPLAY_LIMIT = 64 * 1024
 REFUSED = "remote refused stream reset"
 REMOTE_RESET = "remote reset"
 TERMINATED = "connection termination"
+
+
+def _router_retries(cb) -> bool:
+    """Whether the request's own retry policy takes a refused stream (Envoy: the router retries
+    it, counted as a retry with backoff); when not, the pool replays it unnoticed."""
+    f = getattr(cb, "retries_refused_stream", None)
+    return f is not None and f()
 
 
 class H2ClientStream(OutStream):
@@ -347,7 +356,7 @@ class Http2ClientCodec:
                 s = streams.get(e.stream_id)
                 if s is None:
                     continue
-                if e.error_code == ErrorCodes.REFUSED_STREAM and s.can_replay():
+                if e.error_code == ErrorCodes.REFUSED_STREAM and s.can_replay() and not _router_retries(s.cb):
                     self._replay_elsewhere(s)
                     continue
                 s._release_watermark()

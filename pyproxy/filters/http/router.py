@@ -467,10 +467,10 @@ class Router:
         if self.done or not self._forget(up):
             return
         c = self.cluster
-        if reason != "connection termination":
+        if reason != "connection termination" and reason != "remote refused stream reset":  # (Envoy)
             c.st_rq_rx_reset.value += 1
         if not self.response_started:
-            if self._maybe_retry_reset("reset", up):
+            if self._maybe_retry_reset("refused-stream" if reason == "remote refused stream reset" else "reset", up):
                 return
             if self._others_pending():
                 return
@@ -515,6 +515,14 @@ class Router:
         on = r.retry_on
         would = what in on or "5xx" in on or "gateway-error" in on or "reset" in on
         return self._retry_outcome(would) == R_YES
+
+    def retries_refused_stream(self, up) -> bool:
+        """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""
+        r = self.retry
+        if r is None or self.done or self.response_started or up.retried:
+            return False
+        on = r.retry_on
+        return "refused-stream" in on or "5xx" in on or "gateway-error" in on or "reset" in on
 
     def _retry_outcome(self, would_retry: bool) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
