@@ -516,7 +516,7 @@ def test_http2(pair, chain, case):
         assert status() is None, view  # a malformed request (RFC 9113 8.2.1): reset, never forwarded
 
 
-# ------------------------------------------------------------- what both modes get wrong today
+# ------------------------------------------------------- Envoy parity fixed here (both modes)
 
 def test_refused_stream_retry_is_counted(pair):
     seen = pair.run(lambda port: h1_script(port, H1["retry-h2-refused-then-200"]))
@@ -528,10 +528,6 @@ def test_refused_stream_retry_is_counted(pair):
         assert delta.get("cluster.h2b.upstream_rq_retry_backoff_exponential") == 1, (mode, delta)
 
 
-@pytest.mark.xfail(strict=True, reason="both modes: when a websocket tunnel closes, its upstream "
-                   "connection is closed but stays counted in cluster.b.upstream_cx_active and never in "
-                   "upstream_cx_destroy; Envoy 1.40 on this bootstrap: upstream_cx_active 0, "
-                   "upstream_cx_destroy_local_with_active_rq 1")
 def test_upgrade_tunnel_close_uncounts_its_upstream_connection(pair):
     from diff_util import _open_to
 

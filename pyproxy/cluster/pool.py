@@ -158,6 +158,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.transport.resume_reading()
 
+    @property
+    def open_tunnel(self) -> bool:
+        """An upgraded (or CONNECT) connection not closed yet (see the router's ``on_destroy``)."""
+        return self.codec.tunnel and not self.closed
+
     def reset(self) -> None:
         """Abandon the in-flight request: the connection can't be reused."""
         if self.stream_cb is not None:

@@ -80,13 +80,14 @@ class Router:
                  "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
                  "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
-                 "read_held", "shadows", "others", "retry_held", "hedge")
+                 "read_held", "shadows", "others", "retry_held", "hedge", "tunnel_enc")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
         self.s = stream
         stream.router = self
         self.upstream = None
+        self.tunnel_enc = None  # an upgrade's upstream connection, kept open past the response's end
         self.timing = False  # the route timeout runs (a deadline on the stream)
         self.retry_timer = None
         self.done = False
@@ -289,6 +290,10 @@ class Router:
 
     def on_destroy(self):
         self._cleanup()
+        t = self.tunnel_enc
+        if t is not None:
+            self.tunnel_enc = None
+            t.reset()
 
     # -- attempts ---------------------------------------------------------------------------------
     def _attempt(self):
@@ -454,6 +459,11 @@ class Router:
         if self.done or up is not self.upstream:
             return
         if end_stream:
+            enc = up.encoder
+            if enc is not None and getattr(enc, "open_tunnel", False):
+                # the upstream half-closed an upgraded connection: it is closed (locally, its
+                # request still active: Envoy's count) when this stream goes (on_destroy)
+                self.tunnel_enc = enc
             self._complete()
         self.s.encode_data(data, end_stream)
 
