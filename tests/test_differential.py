@@ -306,20 +306,7 @@ H1 = {
 }
 
 # cases where the modes differ today: {(chain, case): reason}
-_UNASKED_101 = ("modes differ: an upstream 101 to a request that asked for no upgrade is relayed by both, "
-                "but the compiled path (express lane, ExpressStream.on_upstream_head -> on_upstream_headers) "
-                "never finishes the stream: after the client closes, downstream_rq_active, "
-                "downstream_cx_active and cluster.b.upstream_rq_active stay at 1 and downstream_cx_destroy, "
-                "downstream_rq_1xx, downstream_rq_completed are not counted; the reference mode counts "
-                "them and frees the stream")
-_STATUS_999 = ("modes differ: an upstream status outside 100-599 (999) reaches the client the same way, but "
-               "the compiled path closes the upstream connection afterwards (cluster.b.upstream_cx_destroy 1) "
-               "and does not count http.<prefix>.downstream_rq_completed; the reference mode keeps the "
-               "connection and counts the request completed")
 H1_XFAIL: dict = {}
-for _c in ("istio", "router"):
-    H1_XFAIL[(_c, "upstream-unasked-101")] = _UNASKED_101
-    H1_XFAIL[(_c, "upstream-status-999")] = _STATUS_999
 
 
 def _h1_params():

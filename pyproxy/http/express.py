@@ -371,7 +371,10 @@ class ExpressStream(FastStream):
         hc = self.hc
         st = hc.stats
         st.rq_active.value -= 1
-        st.rq_class[self.status // 100].value += 1
+        try:
+            st.rq_class[self.status // 100].value += 1
+        except IndexError:
+            pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
         st.rq_completed.value += 1
         st.rq_time.record((now - self.t0) * 1000.0)
         # (HttpConnection.stream_done, inlined)

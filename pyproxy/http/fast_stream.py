@@ -157,6 +157,16 @@ class FastStream(ActiveStream):
         si.upstream_host = host.key
         self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
 
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        """Request bytes after the headers. A request of this lane has no body, so they are the
+        downstream side of a tunnel (the HTTP/1.1 codec's, after an upstream 101 the request did
+        not ask for): passed upstream as the router passes them (``Router.decode_data``)."""
+        ActiveStream.decode_data(self, data, end_stream)
+        if self.router is self and not self.up_done and not self.done:
+            enc = self.encoder_up
+            if enc is not None:
+                enc.encode_data(data, end_stream)
+
     def _generic(self, headers, end_stream):
         """Not for the fast lane: the configured filter chain (the router) takes the request."""
         self.filters = [f.create(self) for f in self.cfg.decoder_factories]
