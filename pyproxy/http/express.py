@@ -32,7 +32,7 @@ from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 from .local_reply import _date
 from .stream import new_stream_info
-from .fast_stream import FastStream, chain_is_inert, pick_cluster
+from .fast_stream import FastStream, chain_is_inert, close_tunnel, pick_cluster
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, HTTP11, status_line
 from .decorator import DECORATE_EGRESS, decorate, response_operation
@@ -345,7 +345,9 @@ class ExpressStream(FastStream):
         self.tx_body += len(data)
         self.encoder.write_body(data, end_stream)
         if end_stream:
+            enc = self.encoder_up
             self._express_done()
+            close_tunnel(enc)
         else:
             self.last_activity = self.cfg.loop.time()
 

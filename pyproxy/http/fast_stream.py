@@ -44,6 +44,13 @@ _rand = random.getrandbits
 _OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
+def close_tunnel(enc) -> None:
+    """The upstream half-closed a tunnel (an upstream 101) and the stream is over: its connection
+    is closed, as the router does (``Router.on_destroy``)."""
+    if enc is not None and getattr(enc, "open_tunnel", False):
+        enc.reset()
+
+
 def chain_is_inert(cfg, route, headers) -> bool:
     """The HCM's chain plan (filters/network/http_connection_manager.py ChainPlan) and the route's
     plan (routing/plan.py), per request: whether every filter in front of the router has nothing
@@ -255,7 +262,11 @@ class FastStream(ActiveStream):
                 h.on_upstream_data(data, end_stream)
             return
         if end_stream:
+            enc = self.encoder_up
             self._complete()
+            self.encode_data(data, end_stream)
+            close_tunnel(enc)
+            return
         self.encode_data(data, end_stream)
 
     def on_upstream_trailers(self, trailers):
