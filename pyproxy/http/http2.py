@@ -330,10 +330,7 @@ class Http2ServerCodec:
             self.empty_frames = 0
         if s is None or s.closed:
             if n:
-                try:
-                    self.h2.acknowledge_received_data(n, sid)
-                except h2.exceptions.ProtocolError:
-                    pass
+                self._ack_dropped(n, sid)
             return
         left = s.body_left
         if left is not None:
@@ -343,10 +340,7 @@ class Http2ServerCodec:
                 # before a byte past the declared length goes anywhere (RFC 9113 8.1.1, as Envoy)
                 self._malformed(sid, s)
                 if n:
-                    try:
-                        self.h2.acknowledge_received_data(n, sid)
-                    except h2.exceptions.ProtocolError:
-                        pass
+                    self._ack_dropped(n, sid)
                 return
         if end:
             s.remote_ended = True
@@ -358,12 +352,16 @@ class Http2ServerCodec:
             elif not s.closed:
                 self.h2.acknowledge_received_data(n, sid)
             else:
-                try:
-                    self.h2.acknowledge_received_data(n, sid)
-                except h2.exceptions.ProtocolError:
-                    pass
+                self._ack_dropped(n, sid)
         if end and s.local_ended:
             s._gone()
+
+    def _ack_dropped(self, n: int, sid: int) -> None:
+        """Give back the connection window of DATA nobody takes (a closed or reset stream)."""
+        try:
+            self.h2.acknowledge_received_data(n, sid)
+        except h2.exceptions.ProtocolError:
+            pass
 
     def _malformed(self, sid: int, s) -> None:
         """A request whose DATA disagrees with its content-length: reset with PROTOCOL_ERROR and
