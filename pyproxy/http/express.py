@@ -389,9 +389,10 @@ class ExpressStream(FastStream):
         self.encoder = None
         obs = self.cfg.observers
         if obs:  # telemetry filters' completion work (ChainPlan)
-            si = self.stream_info
-            si.end_monotonic = now
-            si.response_code = self.status
+            si = self._si  # (made only if something needed it; the observers read the stream)
+            if si is not None:
+                si.end_monotonic = now
+                si.response_code = self.status
             for o in obs:
                 o(self)
 
