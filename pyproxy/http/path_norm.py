@@ -182,6 +182,10 @@ def unescape_slashes(p: str):
 def normalize(path: str, escaped_action: int, normalize_path: bool, merge: bool):
     """``(action, new path)`` for a ``:path``: CONTINUE (new path, maybe unchanged), REJECT (None)
     or REDIRECT (the path to send the client to)."""
+    if _SPECIAL_CHARS.isdisjoint(path) and path[:1] == "/" and path.isascii() and (
+            not merge or "//" not in path):
+        # no query ('?'), no '%', '.', '\\' or character to escape: every step leaves it as it is
+        return CONTINUE, path
     q = path.find("?")
     if q >= 0:
         p, query = path[:q], path[q:]

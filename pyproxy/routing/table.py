@@ -50,7 +50,7 @@ class VirtualHost:
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge", "rate_limits",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
-                 "plens", "complex", "any_ci", "emap", "nroutes")
+                 "plens", "complex", "any_ci", "emap", "nroutes", "nomatch", "first")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -64,41 +64,41 @@ class VirtualHost:
     def match(self, headers, path, is_connect: bool, random_value: int = 0):
         """The first route matching (``require_tls`` already checked by ``route()``)."""
         if path is not None:
+            if not is_connect:
+                f = self.first
+                if f is not None and path.startswith(f):
+                    # the first route is a plain prefix without '?', '#' or ';': a path that starts
+                    # with it has a path part that does too, and nothing comes before route 0
+                    return self.routes[0]
             q = path.find("?")
             nq = path if q < 0 else path[:q]
             if "#" in nq:
                 nq = nq[:nq.find("#")]
             if self.strip_params and ";" in nq:
                 nq = _strip_path_params(nq)
+            if not is_connect:
+                # the exact path's entry, else the longest indexed prefix's (each already merged
+                # with every shorter indexed prefix of its key, at config load)
+                e = self.emap.get(nq)
+                if e is None:
+                    n = len(nq)
+                    pmap = self.pmap
+                    for ln in self.plens:  # longest first
+                        if ln <= n:
+                            e = pmap.get(nq[:ln])
+                            if e is not None:
+                                break
+                    else:
+                        e = self.nomatch
+                best, cands = e
+                if self.complex:
+                    cands = sorted(cands + self.complex) if cands else self.complex
+            else:
+                best, cands = self.nroutes, self.complex
             lnq = nq.lower() if self.any_ci else nq
         else:
             nq = lnq = ""
-        best = self.nroutes
-        cands = self.complex
-        if path is not None and not is_connect:
-            # (plain route index or None, gated routes or None) per exact path and per prefix
-            more = None
-            e = self.emap.get(nq)
-            if e is not None:
-                if e[0] is not None:
-                    best = e[0]
-                more = e[1]
-            n = len(nq)
-            pmap = self.pmap
-            for ln in self.plens:
-                if ln > n:
-                    break
-                e = pmap.get(nq[:ln])
-                if e is not None:
-                    i = e[0]
-                    if i is not None and i < best:
-                        best = i
-                    g = e[1]
-                    if g is not None:
-                        # routes with more to check than their path: tried only when the path fits
-                        more = g if more is None else more + g
-            if more is not None:
-                cands = sorted(cands + more) if cands else (more if len(more) == 1 else sorted(more))
+            best, cands = self.nroutes, self.complex
         if cands:
             qcache = [None]
             for i, r in cands:
@@ -136,28 +136,32 @@ class RouteTable:
 
     __slots__ = ("name", "virtual_hosts", "internal_only_headers", "validate_clusters", "needs_random",
                  "trace_routes",                 "_exact", "_suffix", "_prefix", "_default", "_only_default", "_host_header",
-                 "_ignore_port")
+                 "_ignore_port", "_by_authority")
 
     def find(self, headers, stream_info=None, random_value: int = 0):
         """The route for a request, or None (Envoy's 404 ``route_not_found``)."""
-        if self._only_default:
-            vh = self._default
-        else:
-            vh = self.find_virtual_host(headers.get(self._host_header) or "")
+        vh = self._default if self._only_default else None
+        if vh is None:
+            host = headers.get(self._host_header) or ""
+            vh = None if self._ignore_port else self._exact.get(host.lower())
             if vh is None:
-                return None
+                vh = self.find_virtual_host(host)
+                if vh is None:
+                    return None
         return vh.route(headers, random_value)
 
     def find_for_path(self, headers, authority: str, path: str, random_value: int = 0):
         """``find()`` for a request that is not a CONNECT and whose ``:authority`` and ``:path``
         the caller already has (the HTTP/1.1 express lane)."""
-        if self._only_default:
-            vh = self._default
-        else:
-            vh = self.find_virtual_host(authority if self._host_header == ":authority"
-                                        else headers.get(self._host_header) or "")
+        vh = self._default if self._only_default else None
+        if vh is None:
+            host = authority if self._by_authority else headers.get(self._host_header) or ""
+            # (find_virtual_host's exact step, inlined)
+            vh = None if self._ignore_port else self._exact.get(host.lower())
             if vh is None:
-                return None
+                vh = self.find_virtual_host(host)
+                if vh is None:
+                    return None
         if vh.require_tls:
             return vh.route(headers, random_value)
         return vh.match(headers, path, False, random_value)
@@ -233,20 +237,40 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
         plain = r.runtime is None and not r.grpc_only and not r.header_matchers and not r.query_matchers
         if r.p_kind in (P_PREFIX, P_PATH) and not r.p_ci:
             m = pmap if r.p_kind == P_PREFIX else emap
-            first, gated = m.get(r.p_value, (None, None))
+            first, gated = m.get(r.p_value, (None, ()))
             if plain:
                 if first is None:
                     first = i
             else:
-                gated = (gated or ()) + ((i, r),)
+                gated += ((i, r),)
             m[r.p_value] = (first, gated)
         else:
             complex_.append((i, r))
-    vh.pmap = pmap
-    vh.plens = tuple(sorted({len(p) for p in pmap}))
-    vh.emap = emap
-    vh.nroutes = len(vh.routes)
+    n = vh.nroutes = len(vh.routes)
+    plens = sorted({len(p) for p in pmap}, reverse=True)
+
+    def merged(key, own):
+        """(best plain route index, the gated routes before it, in order) for a path whose
+        longest indexed prefix (or exact path) is ``key``: its own entry and those of every
+        shorter indexed prefix of ``key`` (so one lookup answers the request)."""
+        best, gated = n, []
+        for e in ([own] if own is not None else []) + [pmap[key[:ln]] for ln in plens
+                                                        if ln <= len(key) and key[:ln] in pmap]:
+            if e[0] is not None and e[0] < best:
+                best = e[0]
+            gated += e[1]
+        return best, tuple(sorted(g for g in gated if g[0] < best))
+
+    vh.pmap = {k: merged(k, None) for k in pmap}
+    vh.emap = {k: merged(k, e) for k, e in emap.items()}
+    vh.plens = tuple(plens)
+    vh.nomatch = (n, ())
     vh.complex = tuple(complex_)
+    r0 = vh.routes[0] if vh.routes else None
+    vh.first = r0.p_value if (
+        r0 is not None and r0.p_kind == P_PREFIX and not r0.p_ci and r0.runtime is None
+        and not r0.grpc_only and not r0.header_matchers and not r0.query_matchers
+        and not any(c in r0.p_value for c in "?#;")) else None
     vh.any_ci = any(r.p_ci for r in vh.routes)
     vh.tls_redirect = tls_redirect_entry(vh, ctx) if vh.require_tls else None
     return vh
@@ -274,6 +298,7 @@ def compile_route_config(rc) -> RouteTable:
             else None
         t._host_header = rc.vhost_header.lower() or ":authority"
         t._ignore_port = rc.ignore_port_in_host_matching
+        t._by_authority = t._host_header == ":authority"
         ctx.mirror_policies = tuple(_compile_mirror(p, "request_mirror_policies[%d]" % i)
                                     for i, p in enumerate(rc.request_mirror_policies))
         exact: dict = {}

@@ -9,16 +9,11 @@ with Envoy's default tag extraction (``cluster.<name>.x`` -> ``envoy_cluster_x{c
 
 from __future__ import annotations
 
-import bisect
-import math
 import re
 
 import re2
 
-# Envoy's default histogram buckets (milliseconds or whatever unit the stat uses).
-DEFAULT_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-                   300000, 600000, 1800000, 3600000)
-QUANTILES = (0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1)
+from .histogram import DEFAULT_BUCKETS, QUANTILES, Histogram  # noqa: F401  (re-exported)
 
 
 class Counter:
@@ -60,66 +55,6 @@ class Gauge:
     def dec(self, n: int = 1) -> None:
         self.value -= n
         self.used = True
-
-
-class Histogram:
-    """Fixed-bucket histogram; quantiles are interpolated inside buckets as Envoy's summary does."""
-
-    __slots__ = ("name", "unit", "counts", "total", "count", "samples_min", "samples_max", "buckets")
-    kind = "histogram"
-
-    def __init__(self, name: str, unit: str = "ms", buckets: tuple = DEFAULT_BUCKETS):
-        self.name = name
-        self.unit = unit
-        self.buckets = buckets  # upper bounds (the bootstrap's histogram_bucket_settings, else Envoy's)
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-        self.count = 0
-        self.samples_min = math.inf
-        self.samples_max = 0.0
-
-    def record(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.total += v
-        self.count += 1
-        if v < self.samples_min:
-            self.samples_min = v
-        if v > self.samples_max:
-            self.samples_max = v
-
-    @property
-    def used(self) -> bool:
-        return self.count != 0
-
-    def quantile(self, q: float) -> float:
-        if not self.count:
-            return math.nan
-        if q <= 0:
-            return self.samples_min
-        if q >= 1:
-            return self.samples_max
-        rank = q * self.count
-        seen = 0
-        lower = 0.0
-        b = self.buckets
-        for i, c in enumerate(self.counts):
-            upper = b[i] if i < len(b) else self.samples_max
-            if c and seen + c >= rank:
-                frac = (rank - seen) / c
-                lo = max(lower, self.samples_min)
-                hi = min(upper, self.samples_max)
-                return lo + (hi - lo) * frac
-            seen += c
-            lower = upper
-        return self.samples_max
-
-    def merge_from(self, other: "Histogram") -> None:
-        for i, c in enumerate(other.counts):
-            self.counts[i] += c
-        self.total += other.total
-        self.count += other.count
-        self.samples_min = min(self.samples_min, other.samples_min)
-        self.samples_max = max(self.samples_max, other.samples_max)
 
 
 # Envoy's default tag extractors (source/common/config/well_known_names.cc), in order. Each regex's

@@ -24,6 +24,7 @@ from ...http.filter import CONTINUE, HttpFilter
 from ..istio_peer import own_filter_state
 
 KEY = "envoy.network.application_protocols"
+_ref = weakref.ref
 _NAMES = {0: "HTTP10", 1: "HTTP11", 2: "HTTP2"}
 
 
@@ -43,6 +44,9 @@ class AlpnConfig:
             self.table[name] = tuple(o.alpn_override)
         # per cluster object (weakly held: a CDS update makes new ones): its override kind
         self._kind: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # per cluster object: the list itself, or a dict by downstream protocol (``DOWNSTREAM``)
+        self._final: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.final_by_ref = self._final.data  # (its dict: ``[weakref.ref(cluster)]`` is a lookup in C)
         # the compiled path's form (ChainPlan): the same decision once the cluster is chosen
         self.compiled_hooks = _Hooks(self)
 
@@ -92,6 +96,19 @@ class AlpnConfig:
             pass
         return want
 
+    def final_for(self, stream, cluster):
+        """``override_for(stream, cluster)``, remembered per cluster object (and downstream
+        protocol, for a ``DOWNSTREAM`` one)."""
+        alpn = self.override_for(stream, cluster)
+        try:
+            if self._kind.get(cluster) == "DOWNSTREAM":
+                self._final.setdefault(cluster, {})[stream.version] = alpn
+            else:
+                self._final[cluster] = alpn
+        except TypeError:
+            pass
+        return alpn
+
 
 class _Hooks:
     """``istio.alpn`` on the compiled path (``ChainPlan``): ``on_request(stream, headers,
@@ -109,8 +126,15 @@ class _Hooks:
     def _request(self, stream, headers, cluster) -> None:
         cfg = self.cfg
         route = stream.route
-        # (a weighted route: the filter's choice, the first cluster's protocol)
-        alpn = cfg.override_for(stream, cluster if route is None or route.cluster else None)
+        if route is None or route.cluster:
+            try:
+                alpn = cfg.final_by_ref[_ref(cluster)]
+                if type(alpn) is dict:
+                    alpn = alpn[stream.version]
+            except (KeyError, TypeError):
+                alpn = cfg.final_for(stream, cluster)
+        else:  # (a weighted route: the filter's choice, the first cluster's protocol)
+            alpn = cfg.override_for(stream, None)
         if alpn:
             own_filter_state(stream.stream_info)[KEY] = alpn
             stream.alpn = alpn

@@ -29,6 +29,7 @@ and nothing else is computed unless a configured dimension needs it.
 from __future__ import annotations
 
 from itertools import chain
+from operator import itemgetter
 
 from ...http.filter import HttpFilter
 from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
@@ -38,6 +39,8 @@ from ..istio_stats_core import StatsConfig, fs_upstream_peer
 # Envoy's Grpc::Utility::httpToGrpcStatus
 _HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
 _flat = chain.from_iterable
+_first = itemgetter(0)
+_sum = sum
 
 
 def _head_bytes(h) -> int:
@@ -76,6 +79,7 @@ class _Observer:
 class IstioStatsHttpConfig(StatsConfig):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx, "http")
+        self.host_fallback = not self.disable_host_fallback
         self.compiled_hooks = _Observer(self.observe)
 
     def create(self, stream):
@@ -86,34 +90,36 @@ class IstioStatsHttpConfig(StatsConfig):
         ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``)."""
         si = s.stream_info
         rq = s.request_headers
-        rs = s.response_headers
         fs = si.filter_state
         code = si.response_code or 0
+        rf = si.response_flags
+        host = ""
+        grpc = False
         if rq is not None:
             h = rq._h
-            # (the codecs put :authority fourth; content-type is looked for only when present)
-            host = "" if self.disable_host_fallback else (
-                (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or "")
-            grpc = "content-type" in dict(h) and (rq.get("content-type") or "").startswith("application/grpc")
-        else:
-            host = ""
-            grpc = False
-        rf = si.response_flags
+            if self.host_fallback:
+                # (the codecs put :authority fourth)
+                host = (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or ""
+            if "content-type" in map(_first, h):  # (looked up only when present)
+                grpc = (rq.get("content-type") or "").startswith("application/grpc")
         if self.server_side:
             peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
             peer_san, local_san, mtls = self.principals(s.connection, si, fs)
             ep = fs_upstream_peer(si) if self.reporter == "waypoint" else None
         else:
             peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
-            peer_san, local_san, mtls = si.upstream_peer_uri_san, si.upstream_local_uri_san, None
+            peer_san = si.upstream_peer_uri_san
+            local_san = si.upstream_local_uri_san
+            mtls = None
             # (no peer: the endpoint's metadata is the fallback peer)
-            ep = si.upstream_host or None if peer is None else None
+            ep = None if peer is not None else si.upstream_host or None
         dyn = self.dynamic
         key = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, grpc, code,
-               ",".join(rf) if rf else "-", ep, tuple([e.fn(rq, rs, si) for e in dyn]) if dyn else None,
-               grpc and grpc_status(rs, s.response_trailers, code))
+               ",".join(rf) if rf else "-", ep, dyn and tuple([e.fn(rq, s.response_headers, si) for e in dyn]),
+               grpc and grpc_status(s.response_headers, s.response_trailers, code))
         series = self.cache.get(key)
         if series is None:
+            rs = s.response_headers
             series = self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
                                                             key[11] or "", key[8], ep, rq, rs, si))
         c, dur, rqb, rsb, labels, msgs = series
@@ -123,7 +129,7 @@ class IstioStatsHttpConfig(StatsConfig):
             counts = (getattr(s, "filter_state", None) or {}).get(GRPC_STATS_KEY)
             if counts:
                 if msgs is None:  # first counts for this label set: the two counters, then cached
-                    msgs = self.series(list(labels), rq, rs, si, self.msg_shapes)
+                    msgs = self.series(list(labels), rq, s.response_headers, si, self.msg_shapes)
                     self.cache[key] = series[:5] + (msgs,)
                 qm, pm = msgs
                 if qm is not None:
@@ -135,18 +141,21 @@ class IstioStatsHttpConfig(StatsConfig):
             if end is not None:
                 dur.record(int((end - si.start_monotonic) * 1000))
         if rqb is not None:
-            rqb.record((_head_bytes(rq._h) if rq is not None else 2) + si.bytes_received)
+            # the request head: ``name: value\r\n`` per header and the blank line, summed in C
+            rqb.record((_sum(map(len, _flat(h))) + 4 * len(h) + 2 if rq is not None else 2) + si.bytes_received)
         if rsb is not None:
+            rs = s.response_headers
             if rs is not None:
-                tx = si.bytes_sent + _head_bytes(rs._h)
+                h = rs._h
+                tx = si.bytes_sent + _sum(map(len, _flat(h))) + 4 * len(h) + 2
                 rt = s.response_trailers
                 if rt is not None:
                     tx += _head_bytes(rt._h)
             else:  # the express lane wrote the head itself (or nothing was sent)
-                tx = getattr(s, "tx_head", 0)
+                tx = s.tx_head if hasattr(s, "tx_head") else 0
                 if tx:  # (its header lines; the status counts as the :status pseudo-header does)
                     tx += 11 + len(str(code))
-                tx += getattr(s, "tx_body", 0) + si.bytes_sent
+                tx += (s.tx_body if hasattr(s, "tx_body") else 0) + si.bytes_sent
             rsb.record(tx)
 
     def _resolve(self, peer, peer_san, local_san, mtls, host, grpc, code, gs, flags, ep, rq, rs, si):

@@ -33,6 +33,7 @@ from .. import istio_peer as P
 
 _HEADERS = frozenset((P.HEADER, P.HEADER_ID))
 _first = itemgetter(0)
+_ref = weakref.ref
 
 
 class PeerMetadataConfig:
@@ -68,6 +69,7 @@ class PeerMetadataConfig:
         self.cm = getattr(ctx, "cluster_manager", None)
         # per cluster object (weakly held: a CDS update makes new ones): skip upstream propagation?
         self._skip: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.skip_by_ref = self._skip.data  # (its dict: ``[weakref.ref(cluster)]`` is a lookup in C)
         self.up_headers = ((P.HEADER_ID, self.node_id), (P.HEADER, self.value))
         self._raw_down = ("%s: %s\r\n" % (P.HEADER_ID, self.node_id)).encode("latin-1"), \
             ("%s: %s\r\n" % (P.HEADER, self.value)).encode("latin-1")
@@ -257,7 +259,10 @@ class _Hooks:
 
     def __init__(self, f: PeerMetadataConfig):
         self.f = f
-        self.on_request = self._request if (f.down_disc or f.down_prop or f.up_prop) else None
+        if f.up_prop and not (f.down_disc or f.down_prop):
+            self.on_request = self._request_up  # (an outbound sidecar's: propagation only)
+        else:
+            self.on_request = self._request if (f.down_disc or f.down_prop or f.up_prop) else None
         resp = f.up_disc or f.down_prop
         self.response_take = _HEADERS if resp else frozenset()
         self.on_response = self._response if resp else None
@@ -279,6 +284,25 @@ class _Hooks:
             # (a weighted route: the filter's choice, the first cluster's metadata)
             skip = f.skip_cluster(cluster) if route is None or route.cluster else f.skip_upstream(stream)
             if not skip:
+                f.propagate_up(headers)
+
+    def _request_up(self, stream, headers, cluster) -> None:
+        """``_request`` with upstream propagation only: the skip decision for the cluster is one
+        lookup, the two header lines were made at config load."""
+        f = self.f
+        route = stream.route
+        if route is None or route.cluster:
+            try:
+                skip = f.skip_by_ref[_ref(cluster)]
+            except (KeyError, TypeError):
+                skip = f.skip_cluster(cluster)
+        else:  # (a weighted route: the filter's choice, the first cluster's metadata)
+            skip = f.skip_upstream(stream)
+        if not skip:
+            h = headers._h
+            if _HEADERS.isdisjoint(map(_first, h)):
+                h += f.up_headers
+            else:
                 f.propagate_up(headers)
 
     def _response(self, stream, headers) -> None:
