@@ -9,16 +9,22 @@ callback (timers, tasks) are flushed on the next loop iteration via ``call_soon`
 
 from __future__ import annotations
 
-pending: list = []   # connections with queued bytes (each has .flush())
+pending: list = []   # connections with queued bytes (each has .flush()); never rebound
 depth = 0            # nesting of read callbacks being dispatched
 _scheduled = False
 
 
 def queue(conn, loop) -> None:
     """``conn`` has bytes queued: flush them at the end of this dispatch (or iteration)."""
-    global _scheduled
     pending.append(conn)
     if depth == 0 and not _scheduled:
+        schedule(loop)
+
+
+def schedule(loop) -> None:
+    """Bytes were queued outside a read callback: flush on the next loop iteration (once)."""
+    global _scheduled
+    if not _scheduled:
         _scheduled = True
         loop.call_soon(_flush_scheduled)
 
@@ -30,9 +36,12 @@ def _flush_scheduled() -> None:
 
 
 def flush() -> None:
-    if pending:
-        conns = pending[:]
-        pending.clear()
+    p = pending
+    if len(p) == 1:  # the usual dispatch: one connection wrote
+        p.pop().flush()
+    elif p:
+        conns = p[:]
+        p.clear()
         for c in conns:
             c.flush()
 

@@ -14,6 +14,7 @@ import socket
 import struct
 
 from .. import writebatch
+from ..writebatch import pending as _pending
 from ..stream_info import StreamInfo
 from .chain_match import ConnInfo, select_chain
 from .matcher import NO_CHAIN
@@ -309,27 +310,34 @@ class DownstreamConnection(asyncio.Protocol):
     # -- API for filters ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Queue bytes; everything written in one loop iteration goes out in one send."""
+        buf = self.wbuf
+        if buf is not None:  # a later write of this dispatch (a closed connection's are dropped by flush)
+            buf.append(data)
+            return
         if self.closed:
             return
-        hook = self.write_hook
+        hook = self.write_hook  # (set before the connection's first write only, so never with a wbuf)
         if hook is not None:
             self.write_hook = None
             if hook(data):
                 return
-        self.active.st_tx_bytes.value += len(data)
-        buf = self.wbuf
-        if buf is None:
-            self.wbuf = [data]
-            writebatch.queue(self, self.manager.loop)
-        else:
-            buf.append(data)
+            buf = self.wbuf  # (the hook may have written first)
+            if buf is not None:
+                buf.append(data)
+                return
+        self.wbuf = [data]
+        _pending.append(self)  # (writebatch.queue, inlined)
+        if not writebatch.depth:
+            writebatch.schedule(self.manager.loop)
 
     def flush(self) -> None:
         buf = self.wbuf
         if buf is not None:
             self.wbuf = None
             if not self.closed:
-                self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+                data = b"".join(buf)  # (one bytes object: itself, no copy)
+                self.active.st_tx_bytes.value += len(data)
+                self.transport.write(data)
 
     def write_eof(self) -> None:
         self.flush()

@@ -186,34 +186,42 @@ class TlsLayer:
     def _read(self):
         """Decrypt everything buffered: (plaintext, peer sent close_notify). Raises SSLError on a
         fatal record error."""
+        try:
+            d = self.so.read(RECORD)
+            if not d:
+                d, eof = b"", True
+            elif self.inc.pending or self.so.pending():  # more than one record's plaintext waiting
+                d, eof = self._read_more(d)
+            else:
+                eof = False
+        except _WantRead:
+            d, eof = b"", False
+        except _ZeroReturn:
+            d, eof = b"", True
+        if self.out.pending:  # post-handshake messages (tickets, key updates)
+            self.raw.write(self.out.read())
+        return d, eof
+
+    def _read_more(self, d):
+        """The records after a first one (``d``, its plaintext): (all their plaintext, eof).
+        Each read is of a whole record's size, so OpenSSL keeps no plaintext back: the incoming
+        BIO says whether more is buffered."""
+        more = [d]
         so = self.so
         inc = self.inc
         eof = False
-        more = None
         try:
-            d = so.read(RECORD)
-            if not d:
-                eof = True
-            elif inc.pending or so.pending():  # more than one record's plaintext waiting
-                more = [d]
-                while True:
-                    d = so.read(RECORD)
-                    if not d:
-                        eof = True
-                        break
-                    more.append(d)
-                    if not inc.pending and not so.pending():
-                        break
-        except _WantRead:
-            d = b""
+            while inc.pending:
+                d = so.read(RECORD)
+                if not d:
+                    eof = True
+                    break
+                more.append(d)
+        except _WantRead:  # the last record is not all here yet
+            pass
         except _ZeroReturn:
-            d = b""
             eof = True
-        if self.out.pending:  # post-handshake messages (tickets, key updates)
-            self.raw.write(self.out.read())
-        if more is not None:
-            return b"".join(more), eof
-        return d, eof
+        return b"".join(more), eof
 
     # -- transport interface ------------------------------------------------------------------------
     def write(self, data) -> None:
@@ -367,6 +375,34 @@ class ServerTls(TlsLayer):
         conn.on_data_cb = self.feed
 
     def feed(self, data, end_stream) -> None:
+        if self.state == OPEN and data and not end_stream:
+            # the hot path (bytes in on an open connection; usually one whole record): _read inlined
+            inc = self.inc
+            inc.write(data)
+            eof = False
+            try:
+                plain = self.so.read(RECORD)
+                if not plain:
+                    eof = True
+                elif inc.pending:
+                    plain, eof = self._read_more(plain)
+            except _WantRead:  # part of a record: the rest comes with the next read
+                plain = b""
+            except _ZeroReturn:
+                plain = b""
+                eof = True
+            except (_SSLError, OSError) as e:
+                self._read_failed(e)
+                return
+            out = self.out
+            if out.pending:  # post-handshake messages (tickets, key updates)
+                self.raw.write(out.read())
+            if plain:
+                self.sink(plain, False)
+            if eof and not self.peer_eof and not self.conn.closed:
+                self.peer_eof = True
+                self.sink(b"", True)
+            return
         if data:
             self.inc.write(data)
         if self.state != OPEN:
@@ -392,9 +428,7 @@ class ServerTls(TlsLayer):
         try:
             plain, eof = self._read()
         except (_SSLError, OSError) as e:
-            self.stats.connection_error.inc()
-            self.conn.stream_info.connection_termination_details = error_text(e)
-            self.conn.close(flush=False)
+            self._read_failed(e)
             return
         conn = self.conn
         if plain:
@@ -402,6 +436,12 @@ class ServerTls(TlsLayer):
         if (eof or end_stream) and not self.peer_eof and not conn.closed:
             self.peer_eof = True
             self.sink(b"", True)
+
+    def _read_failed(self, e) -> None:
+        """A fatal record error (a bad MAC, an alert): counted, the connection reset."""
+        self.stats.connection_error.inc()
+        self.conn.stream_info.connection_termination_details = error_text(e)
+        self.conn.close(flush=False)
 
     def _opened(self) -> None:
         conn = self.conn

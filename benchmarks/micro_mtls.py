@@ -1,0 +1,172 @@
+"""Python cost of one proxied HTTP/1.1 request over downstream mTLS, without sockets.
+
+The inbound chain of benchmarks/mtls.py (tls_inspector, Istio's DownstreamTlsContext with a
+required client certificate and a SPIFFE SAN check; static secrets here instead of SDS) driven
+through micro_h1's in-memory transports: a client ``ssl.SSLObject`` (mesh certificate) completes
+the handshake, then encrypts ``-n`` keep-alive requests up front, so the timed loop is only the
+proxy's work: ciphertext in downstream, request bytes out upstream, response bytes in upstream,
+ciphertext out downstream (checked by the client after the run).
+
+    python3 benchmarks/micro_mtls.py [-n 20000] [--profile | --opcodes [TOP]] [--plain]
+
+``--plain`` runs the same chain without the transport socket (the TLS layer's share is the
+difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import micro_h1  # noqa: E402
+from micro_h1 import RESPONSE, FakeTransport, build_stack, count_opcodes  # noqa: E402
+
+REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+
+
+def bootstrap(pki, server, plain: bool) -> str:
+    import mtls
+    from sds_util import spiffe
+    boot = mtls._inbound(0, 9)
+    boot["static_resources"]["clusters"] = [c for c in boot["static_resources"]["clusters"]
+                                            if c["name"] != "sds-grpc"]
+    chain = boot["static_resources"]["listeners"][0]["filter_chains"][0]
+    if plain:
+        del chain["transport_socket"]
+        del chain["filter_chain_match"]
+        boot["static_resources"]["listeners"][0]["listener_filters"] = []
+    else:
+        common = chain["transport_socket"]["typed_config"]["common_tls_context"]
+        del common["tls_certificate_sds_secret_configs"]
+        common["tls_certificates"] = [{"certificate_chain": {"inline_string": server.cert_pem.decode()},
+                                       "private_key": {"inline_string": server.key_pem.decode()}}]
+        cvc = common.pop("combined_validation_context")
+        vc = cvc["default_validation_context"]
+        vc["trusted_ca"] = {"inline_string": pki.ca_pem.decode()}
+        common["validation_context"] = vc
+        assert spiffe("default", "server")
+    return json.dumps(boot)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP")
+    ap.add_argument("--plain", action="store_true", help="the same chain without TLS")
+    a = ap.parse_args(argv)
+    from sds_util import spiffe
+    from tls_certs import Pki
+    from pyproxy.cluster.pool import UpstreamConnection
+    from pyproxy.listeners.connection import DownstreamConnection
+    tmp = tempfile.mkdtemp(prefix="micro_mtls")
+    pki = Pki(os.path.join(tmp, "pki"))
+    server = pki.issue("server", uri=[spiffe("default", "server")])
+    client = pki.issue("client", uri=[spiffe("default", "client")])
+    loop, lm, al, cluster, host, pool = build_stack(bootstrap(pki, server, a.plain), "backend")
+    up = UpstreamConnection(pool, host)
+    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
+    up.connection_made(ut)
+    cluster.cx_total_active += 1
+    pool._on_idle_or_pending(up)
+    down = DownstreamConnection(lm, al)
+    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
+
+    async def made():  # (the listener-filter timer needs a running loop)
+        down.connection_made(dt)
+    loop.run_until_complete(made())
+
+    n_total = a.n * (5 if not (a.profile or a.opcodes is not None) else 1) + 400
+    if a.plain:
+        records = [REQUEST] * n_total
+        cobj = None
+    else:
+        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        cctx.load_verify_locations(pki.ca_path)
+        cctx.check_hostname = False
+        cctx.load_cert_chain(client.cert_path, client.key_path)
+        cctx.set_alpn_protocols(["istio-http/1.1", "istio", "http/1.1"])
+        cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        cobj = cctx.wrap_bio(cin, cout, server_side=False, server_hostname="server")
+        for _ in range(20):  # the handshake, in memory
+            try:
+                cobj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            if cout.pending:
+                down.data_received(cout.read())
+            if dt.out:
+                cin.write(b"".join(dt.out))
+                dt.out.clear()
+            if done:
+                break
+        assert down.ssl is not None and down.ssl.peer_uri_san == spiffe("default", "client"), "handshake failed"
+        records = []
+        for _ in range(n_total):
+            cobj.write(REQUEST)
+            records.append(cout.read())
+    it = iter(records)
+
+    def one():
+        down.data_received(next(it))
+        up.data_received(RESPONSE)
+
+    for _ in range(200):
+        one()
+    if cobj is not None:
+        cin.write(b"".join(dt.out))
+        got = b""
+        try:
+            while True:
+                got += cobj.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        assert got.count(b"HTTP/1.1 200") == 200 and got.endswith(micro_h1.BODY), got[-200:]
+    else:
+        assert dt.out[-1].endswith(micro_h1.BODY)
+    dt.out.clear()
+    ut.out.clear()
+    import gc
+    gc.collect()
+    gc.freeze()
+    if a.opcodes is not None:
+        count_opcodes(one, 20, 1, a.opcodes, "plaintext " if a.plain else "mTLS ")
+        return 0
+    if a.profile:
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(a.n):
+            one()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        return 0
+    best = None
+    for _ in range(5):
+        t = time.perf_counter()
+        for i in range(a.n):
+            one()
+            if i % 1000 == 0:
+                dt.out.clear()
+                ut.out.clear()
+        el = (time.perf_counter() - t) / a.n * 1e6
+        best = el if best is None else min(best, el)
+    print("python cost per proxied %srequest: %.1f us (best of 5 x %d)" % (
+        "plaintext " if a.plain else "mTLS ", best, a.n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
