@@ -157,3 +157,34 @@ def test_route_tracing_overrides_sampling(backend):
         theirs = _route_ids(Envoy, backend)
         for path in ROUTE_PATHS:
             assert ours[path][0] == theirs[path][0], path
+
+
+def test_generated_request_ids_are_v4_uuids_unique_across_batches_and_forks():
+    """``uuid4()`` (batched): canonical lower-case version-4 UUIDs, no repeats over several
+    batches, and a forked worker draws its own (not the parent's pre-made ones)."""
+    import os
+    import uuid
+
+    from pyproxy.tracing import request_id
+
+    ids = [request_id.uuid4() for _ in range(3 * request_id._BATCH + 5)]
+    assert len(set(ids)) == len(ids)
+    for s in ids:
+        u = uuid.UUID(s)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == s
+    request_id.uuid4()  # (a batch is in progress at the fork)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write its next ids and leave at once
+        try:
+            os.write(w, "\n".join(request_id.uuid4() for _ in range(4)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        child = os.read(r, 4096).decode().split("\n")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    parent = [request_id.uuid4() for _ in range(4)]
+    assert len(child) == 4 and not set(child) & set(parent)

@@ -249,18 +249,21 @@ class Cluster:
         self.st_membership_change = s.counter("membership_change")
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
-        self.st_rq_code: dict = {}
+        self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
 
     def count_response(self, status: int, host=None, headers=None) -> None:
         """An upstream response head (``host``: where it came from, for outlier detection;
         ``headers``: its headers, so that a gRPC trailers-only answer counts as its
         ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
-        put_response(host, status, headers)
-        c = self.st_rq_code.get(status)
-        if c is None:
-            c = self.st_rq_code[status] = self.scope.counter("upstream_rq_%d" % status)
-        c.value += 1
-        k = self.st_rq_class.get(status // 100)
+        if host is not None and host.outlier is not None:
+            put_response(host, status, headers)
+        cs = self.st_rq_codes.get(status)
+        if cs is None:
+            # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
+            cs = self.st_rq_codes[status] = (self.scope.counter("upstream_rq_%d" % status),
+                                            self.st_rq_class.get(status // 100))
+        cs[0].value += 1
+        k = cs[1]
         if k is not None:
             k.value += 1
         self.st_rq_completed.value += 1

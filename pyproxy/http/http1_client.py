@@ -234,12 +234,10 @@ class Http1ClientCodec:
             self.pending_body = (d, body)
 
     def on_message_complete(self):
-        if self.complete and not self.resp_headers_sent:
+        if not self.resp_headers_sent or self.status < 200:
+            # an interim (1xx) response; or a 101's: the connection is a tunnel now (its end is
+            # the upstream's EOF). (``status`` is set before ``resp_headers_sent``.)
             return
-        if self.status and self.status < 200:
-            return  # 101: the connection is a tunnel now (its end is the upstream's EOF)
-        if not self.resp_headers_sent:
-            return  # an interim (1xx) response
         was_complete = self.complete
         self.complete = True
         d = self.decoder

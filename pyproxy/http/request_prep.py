@@ -37,7 +37,7 @@ from operator import itemgetter
 from urllib.parse import quote
 
 from ..config import ConfigError
-from ..tracing.request_id import compile_trace_sampler
+from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
 
@@ -762,11 +762,3 @@ def _remove(h, names):
     h[:] = [kv for kv in h if kv[0] not in names]
 
 
-def _uuid4() -> str:
-    h = (_urand(128) & _UUID_KEEP | _UUID_SET).to_bytes(16, "big").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-_UUID_KEEP = 0xffffffffffff0fff3fffffffffffffff
-_UUID_SET = 0x00000000000040008000000000000000
-_urand = __import__("random").getrandbits

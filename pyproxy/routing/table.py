@@ -63,20 +63,26 @@ class VirtualHost:
 
     def match(self, headers, path, is_connect: bool, random_value: int = 0):
         """The first route matching (``require_tls`` already checked by ``route()``)."""
-        if path is not None:
+        if path is None:
+            nq = ""
+            best, cands = self.nroutes, self.complex
+        else:
             if not is_connect:
                 f = self.first
                 if f is not None and path.startswith(f):
                     # the first route is a plain prefix without '?', '#' or ';': a path that starts
                     # with it has a path part that does too, and nothing comes before route 0
                     return self.routes[0]
-            q = path.find("?")
-            nq = path if q < 0 else path[:q]
+            nq = path  # the path without its query and fragment (and, if asked, its parameters)
+            if "?" in nq:
+                nq = nq[:nq.find("?")]
             if "#" in nq:
                 nq = nq[:nq.find("#")]
             if self.strip_params and ";" in nq:
                 nq = _strip_path_params(nq)
-            if not is_connect:
+            if is_connect:
+                best, cands = self.nroutes, self.complex
+            else:
                 # the exact path's entry, else the longest indexed prefix's (each already merged
                 # with every shorter indexed prefix of its key, at config load)
                 e = self.emap.get(nq)
@@ -93,13 +99,8 @@ class VirtualHost:
                 best, cands = e
                 if self.complex:
                     cands = sorted(cands + self.complex) if cands else self.complex
-            else:
-                best, cands = self.nroutes, self.complex
-            lnq = nq.lower() if self.any_ci else nq
-        else:
-            nq = lnq = ""
-            best, cands = self.nroutes, self.complex
         if cands:
+            lnq = nq.lower() if self.any_ci else nq
             qcache = [None]
             for i, r in cands:
                 if i >= best:

@@ -258,8 +258,17 @@ class LoadBalancer:
             def pick(ctx, _t=table, _n=len(table), _r=rand):
                 return _t[int(_r() * _n)](ctx)
         direct = getattr(pick, "direct", None)
+        only = getattr(pick, "only", None)
 
-        if direct is not None:
+        if only is not None:
+            def choose(ctx=None):
+                if ctx is None:
+                    return only
+                n = ctx.host_selection_max_attempts
+                if n <= 1 or not ctx.should_select_another(only):
+                    return only
+                return _retry(ctx, n, only)
+        elif direct is not None:
             def choose(ctx=None):
                 h = direct()
                 if ctx is None:

@@ -30,6 +30,14 @@ SCHEDULE_MAX = 1 << 14       # longest precomputed weighted-RR period (entries)
 DEFAULT_PANIC_THRESHOLD = 50.0
 
 
+def only_host(host):
+    """The picker of a one-host list (any policy without per-pick state): ``choose()`` reads
+    ``only`` and returns the host without calling it."""
+    f = lambda ctx: host  # noqa: E731
+    f.only = host
+    return f
+
+
 def hash_bytes(data: bytes, seed: int = 0) -> int:
     """The 64-bit hash used by RING_HASH and MAGLEV: XXH64 (Envoy's ``HashUtil::xxHash64``)."""
     return xxh64_intdigest(data, seed)

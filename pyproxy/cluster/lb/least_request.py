@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 
 from ...config.errors import ConfigError
-from .base import Policy, PolicyFactory, has_field, locality_config, rand, warn_once
+from .base import Policy, PolicyFactory, has_field, locality_config, only_host, rand, warn_once
 
 
 class LeastRequest(Policy):
@@ -30,8 +30,7 @@ class LeastRequest(Policy):
         hosts = list(hosts)
         n = len(hosts)
         if n == 1:
-            only = hosts[0]
-            return lambda ctx: only
+            return only_host(hosts[0])
         first = hosts[0].weight
         if self.full_scan:
             def full(ctx):

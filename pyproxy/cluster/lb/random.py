@@ -4,7 +4,7 @@ weights are ignored, as Envoy does.
 
 from __future__ import annotations
 
-from .base import Policy, PolicyFactory, locality_config, rand
+from .base import Policy, PolicyFactory, locality_config, only_host, rand
 
 
 class Random(Policy):
@@ -13,8 +13,7 @@ class Random(Policy):
     def picker(self, hosts, weights=None):
         n = len(hosts)
         if n == 1:
-            only = hosts[0]
-            return lambda ctx: only
+            return only_host(hosts[0])
         hosts = list(hosts)
         return lambda ctx: hosts[int(rand() * n)]
 

@@ -6,13 +6,15 @@ one full period, or a live EDF heap when the period would be huge (``base.weight
 
 from __future__ import annotations
 
-from .base import Policy, PolicyFactory, has_field, locality_config, warn_once, weighted_cycle
+from .base import Policy, PolicyFactory, has_field, locality_config, only_host, warn_once, weighted_cycle
 
 
 class RoundRobin(Policy):
     name = "ROUND_ROBIN"
 
     def picker(self, hosts, weights=None):
+        if len(hosts) == 1:
+            return only_host(hosts[0])
         nxt = weighted_cycle(hosts, [h.weight for h in hosts])
         pick = lambda ctx: nxt()  # noqa: E731
         pick.direct = nxt  # zero-argument form, called straight from choose()
