@@ -96,16 +96,17 @@ class IstioStatsHttpConfig(StatsConfig):
     def observe(self, s) -> None:
         """Record one finished stream (``s``: the stream, with ``stream_info``,
         ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``)."""
-        si = getattr(s, "_si", s)  # (the express lane's StreamInfo, None until something made it)
+        si = s.__dict__.get("stream_info")  # (a fast stream's is made on first use)
         if si is None:
-            if self.bare_ok:
+            code = getattr(s, "status", 0)  # (set by the fast stream that relayed the head as bytes)
+            if code and self.bare_ok:
                 self.observe_bare(s)
                 return
             si = s.stream_info
-            si.end_monotonic = _monotonic()
-            si.response_code = s.status
-        elif si is s:
-            si = s.stream_info
+            if si.end_monotonic is None:
+                si.end_monotonic = _monotonic()
+            if code:
+                si.response_code = code
         rq = s.request_headers
         fs = si.filter_state
         code = si.response_code or 0
@@ -176,7 +177,8 @@ class IstioStatsHttpConfig(StatsConfig):
             rsb.record(tx)
 
     def observe_bare(self, s) -> None:
-        """``observe`` for an express-lane stream that made no StreamInfo: what it would hold is
+        """``observe`` for a fast stream that relayed the response head as bytes and made no
+        StreamInfo (``http/h1_relay.py``, a bodiless HTTP/1.1 request): what it would hold is
         the stream's own (route, cluster, host, status, start), no response flags, no request
         body, no upstream TLS (the lane records the upstream's principals in a StreamInfo), the
         connection's filter state; the response head and body sizes it counted as it wrote them.
@@ -189,7 +191,9 @@ class IstioStatsHttpConfig(StatsConfig):
             si.response_code = s.status
             self.observe(s)
             return
-        host = h[3][1] if self.host_fallback else ""  # (the lane's requests have :authority fourth)
+        host = ""
+        if self.host_fallback:  # (the codecs put :authority fourth)
+            host = (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or ""
         code = s.status
         conn = s.hc.conn
         fs = conn.filter_state
