@@ -68,13 +68,5 @@ if [ "$rc" = 0 ] && [ "$#" = 0 ]; then
   PYPROXY_FAST_LANE=0 python3 -m pytest -q tests/test_proxy_http1.py tests/test_proxy_local_replies.py \
     tests/test_routing_envoy.py tests/test_http2.py tests/test_grpc.py tests/test_deadlines.py
   rc=$?
-  if [ "$rc" = 0 ]; then
-    # third pass: HTTP/1.1 requests take the express lane by default (pyproxy/http/express.py);
-    # the HTTP/1.1 proxying suites run again through the router-only fast lane it shortcuts
-    echo "third pass: the fast lane without the HTTP/1.1 express lane (PYPROXY_EXPRESS=0)"
-    PYPROXY_EXPRESS=0 python3 -m pytest -q tests/test_proxy_http1.py tests/test_proxy_local_replies.py \
-      tests/test_routing_envoy.py tests/test_deadlines.py
-    rc=$?
-  fi
 fi
 exit $rc

@@ -4,9 +4,9 @@ the plain filter-by-filter chain.
 Istio's outbound sidecar chain (grpc_stats with ``emit_filter_state``, an empty ``fault``, ``cors``
 without a filter-level policy, router, with istiod's HCM settings) runs in two pyproxy processes on
 the same bootstrap: the default, where a request whose route and content type leave grpc_stats,
-fault and cors inert takes the router-only fast lanes (express for a bodiless HTTP/1.1 request),
-``PYPROXY_EXPRESS=0`` (the fast lane only), and ``PYPROXY_FAST_LANE=0``, where every request runs
-the chain filter by filter. The same raw requests go to both and are compared byte
+fault and cors inert skips them and the stream runs the router's first attempt itself (relaying
+the response head as bytes for a bodiless HTTP/1.1 request), and ``PYPROXY_REFERENCE=1``, where
+every request runs the chain filter by filter. The same raw requests go to both and are compared byte
 for byte (after masking request ids, dates and service times): what the client receives, what
 the upstream receives, and the stats deltas (``http.<prefix>.*``, ``cluster.b.*`` including
 grpc_stats' ``cluster.b.grpc.*``, ``http.<prefix>.fault.*`` and ``http.<prefix>.cors.*``).
@@ -31,7 +31,7 @@ from test_express import _MASK, _upstream_head
 
 T = "type.googleapis.com/"
 HF = T + "envoy.extensions.filters.http."
-LANES = {"planned": {}, "fast": {"PYPROXY_EXPRESS": "0"}, "generic": {"PYPROXY_FAST_LANE": "0"}}
+LANES = {"planned": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
 
 CORS_POLICY = {"@type": HF + "cors.v3.CorsPolicy",
                "allow_origin_string_match": [{"exact": "https://a.example"}],
@@ -67,8 +67,8 @@ def route_table():
                 {"name": "b", "weight": 1,
                  "typed_per_filter_config": {"envoy.filters.http.fault": FAULT_ABORT}}]}}},
             {"match": {"prefix": "/slow"}, "route": {"cluster": "b", "timeout": "0.3s"}},
-            # istiod's default retry policy: the route leaves the fast lanes by itself (the express
-            # lane hands the route it found over to the stream)
+            # istiod's default retry policy: the first attempt runs without retry state; a 503
+            # hands the request to the router filter's retry logic
             {"match": {"prefix": "/retry"}, "route": {"cluster": "b", "timeout": "0s", "retry_policy": {
                 "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
                 "num_retries": 2, "host_selection_retry_max_attempts": "5", "retriable_status_codes": [503],
@@ -206,7 +206,7 @@ def _stats(px) -> dict:
 
 @pytest.mark.parametrize("method,path,host,headers,body", REQUESTS,
                          ids=["%s %s %d" % (m, p, i) for i, (m, p, _h, _x, _b) in enumerate(REQUESTS)])
-def test_same_bytes_and_stats_as_the_generic_chain(lanes, method, path, host, headers, body):
+def test_same_bytes_and_stats_as_the_reference_chain(lanes, method, path, host, headers, body):
     procs, be = lanes
     seen = {}
     for name, px in procs.items():
@@ -228,7 +228,7 @@ def test_same_bytes_and_stats_as_the_generic_chain(lanes, method, path, host, he
                  and "upstream_cx" not in k}
         seen[name] = (_mask(out), closed, _mask(up), delta)
     a = seen["planned"]
-    for lane in ("fast", "generic"):
+    for lane in ("reference",):
         b = seen[lane]
         assert a[0] == b[0], "client bytes (%s):\n%r\n%r" % (lane, a[0], b[0])
         assert a[1] == b[1], "connection close (%s): %r %r" % (lane, a[1], b[1])
@@ -270,15 +270,10 @@ def _stack(bs=None):
     return micro_h1, loop, down, up, dt, ut
 
 
-def test_the_istio_chain_takes_the_express_lane():
+def test_the_istio_chain_plan_skips_inert_filters():
     """In process (micro_h1 --istio): with grpc_stats, an empty fault and a policy-less cors in front
-    of the router, a plain GET is an ExpressStream, a body request a FastStream, a gRPC request the
-    generic chain with all four filters."""
-    if os.environ.get("PYPROXY_FAST_LANE", "1") == "0" or os.environ.get("PYPROXY_EXPRESS", "1") == "0":
-        pytest.skip("a fast lane is switched off")
-    from pyproxy.http.stream import ActiveStream
-    from pyproxy.http.express import ExpressStream
-    from pyproxy.http.fast_stream import FastStream
+    of the router, a plain GET runs no filter object (the stream runs the first attempt and relays
+    the head as bytes), a body request and a gRPC request run all four filters."""
     micro_h1, loop, down, up, dt, ut = _stack()
     try:
         hc = down.filters[0]
@@ -286,16 +281,17 @@ def test_the_istio_chain_takes_the_express_lane():
         assert plan.plannable and plan.live_on_grpc
         assert plan.live_on_route == {"envoy.filters.http.fault", "envoy.fault", "envoy.filters.http.cors", "envoy.cors"}
         down.data_received(micro_h1.REQUEST)
-        assert type(hc.codec.stream) is ExpressStream
+        s = hc.codec.stream
+        assert s.filters is None and s.router is s and s.raw_head
         up.data_received(micro_h1.RESPONSE)
         assert b"".join(dt.out).endswith(micro_h1.BODY)
         down.data_received(b"POST /r18/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
         s = hc.codec.stream
-        assert type(s) is FastStream and len(s.filters) == 4  # (a body: the generic router, whole chain)
+        assert not s.raw_head and len(s.filters) == 4  # (a body: the router filter, whole chain)
         up.data_received(micro_h1.RESPONSE)
         down.data_received(b"GET /r18/x HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc\r\n\r\n")
         s = hc.codec.stream
-        assert isinstance(s, ActiveStream) and type(s) is not ExpressStream and s.filters and len(s.filters) == 4
+        assert not s.raw_head and s.filters and len(s.filters) == 4
         assert s.filters[0].active  # grpc_stats saw it
     finally:
         loop.close()
@@ -309,8 +305,6 @@ def test_a_live_filter_level_fault_keeps_the_generic_chain():
     import yaml
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import micro_h1
-    from pyproxy.http.stream import ActiveStream
-    from pyproxy.http.fast_stream import FastStream
     doc = yaml.safe_load(micro_h1.istio_outbound_bootstrap())
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"][1]["typed_config"] = {"@type": HF + "fault.v3.HTTPFault",
@@ -318,12 +312,52 @@ def test_a_live_filter_level_fault_keeps_the_generic_chain():
     _, loop, down, up, dt, ut = _stack(json.dumps(doc))
     try:
         hc = down.filters[0]
-        assert not hc.cfg.plan.plannable and not hc.cfg.fast_router and hc.cfg.express is None
+        assert not hc.cfg.plan.plannable and not hc.cfg.fast_router
         down.data_received(micro_h1.REQUEST)
         s = hc.codec.stream
-        assert type(s) is ActiveStream and not isinstance(s, FastStream) and len(s.filters) == 4
+        assert not getattr(s, "raw_head", False) and s.router is not s and len(s.filters) == 4
     finally:
         loop.close()
+
+
+def test_route_response_mutations_compile_to_bytes():
+    """The route plan compiles literal response header mutations (route, virtual host, route table)
+    for the byte relay, in the order the Headers path applies them; a formatted value or an action
+    that depends on the response keeps the route on the Headers path."""
+    from envoy.config.route.v3 import route_pb2
+    from google.protobuf import json_format
+
+    from pyproxy.routing import compile_route_config
+
+    def route(rc_extra=None, vh_extra=None, **r):
+        rc = {"name": "rc", "virtual_hosts": [dict({"name": "v", "domains": ["*"], "routes": [
+            dict({"match": {"prefix": "/"}, "route": {"cluster": "b"}}, **r)]}, **(vh_extra or {}))]}
+        rc.update(rc_extra or {})
+        t = compile_route_config(json_format.ParseDict(rc, route_pb2.RouteConfiguration()))
+        return t.virtual_hosts[0].routes[0]
+
+    e = route()
+    assert e.resp_raw is None and e.express == "15000"  # (the default route timeout, 15 s)
+    e = route(response_headers_to_add=[{"header": {"key": "x-a", "value": "1"}},
+                                       {"header": {"key": "x-o", "value": "2"},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+              response_headers_to_remove=["x-r"],
+              vh_extra={"response_headers_to_add": [{"header": {"key": "x-a", "value": "vh"},
+                                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
+              rc_extra={"response_headers_to_add": [{"header": {"key": "x-t", "value": "t"}}]})
+    drop, lines, names = e.resp_raw
+    # route: x-r removed, x-o overwritten, x-a appended; virtual host: x-a overwritten (the route's
+    # x-a goes too); route table: x-t appended
+    assert drop == {b"x-r", b"x-o", b"x-a"} and names == drop | {b"x-t"}
+    assert lines == b"x-o: 2\r\nx-a: vh\r\nx-t: t\r\n"
+    assert e.express == "15000"
+    for bad in ({"response_headers_to_add": [{"header": {"key": "x-f", "value": "%PROTOCOL%"}}]},
+                {"response_headers_to_add": [{"header": {"key": "x-f", "value": "1"},
+                                              "append_action": "ADD_IF_ABSENT"}]},
+                {"response_headers_to_add": [{"header": {"key": "server", "value": "1"}}]},
+                {"response_headers_to_remove": ["content-length"]}):
+        e = route(**bad)
+        assert e.resp_raw is None and e.express is False, bad
 
 
 H2_REQUESTS = [r for r in REQUESTS if not any(k.lower() in ("connection", "upgrade") for k, _ in r[3])]
@@ -355,11 +389,11 @@ def _h2_one(port, method, path, host, headers, body):
 
 @pytest.mark.parametrize("method,path,host,headers,body", H2_REQUESTS,
                          ids=["h2 %s %s %d" % (m, p, i) for i, (m, p, _h, _x, _b) in enumerate(H2_REQUESTS)])
-def test_http2_same_response_and_stats_as_the_generic_chain(lanes, method, path, host, headers, body):
-    """The same over h2c (the fast lane, FastStream, takes HTTP/2 requests the plan shows inert)."""
+def test_http2_same_response_and_stats_as_the_reference_chain(lanes, method, path, host, headers, body):
+    """The same over h2c (the plan skips inert filters on HTTP/2 requests too)."""
     procs, be = lanes
     seen = {}
-    for name in ("planned", "generic"):
+    for name in ("planned", "reference"):
         px = procs[name]
         before_stats = _stats(px)
         with be.lock:
@@ -377,7 +411,7 @@ def test_http2_same_response_and_stats_as_the_generic_chain(lanes, method, path,
         delta = {k: v for k, v in delta.items() if "_active" not in k and not k.endswith("_ms")
                  and "upstream_cx" not in k and "downstream_cx" not in k}
         seen[name] = (out, _mask(up), delta)
-    a, b = seen["planned"], seen["generic"]
+    a, b = seen["planned"], seen["reference"]
     assert a[0] == b[0], "client view:\n%r\n%r" % (a[0], b[0])
     assert a[1] == b[1], "upstream bytes:\n%r\n%r" % (a[1], b[1])
     assert a[2] == b[2], "stats deltas:\n%r\n%r" % (a[2], b[2])

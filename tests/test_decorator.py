@@ -9,9 +9,10 @@ The response side (Envoy's encodeHeaders): on ingress the client gets the route'
 egress an upstream's ``x-envoy-decorator-operation`` is consumed (it would name the client span);
 local replies too.
 
-One bootstrap with a listener per case runs on Envoy and on pyproxy's three lanes (express, the
-fast lane with ``PYPROXY_EXPRESS=0``, the generic chain with ``PYPROXY_FAST_LANE=0``); each lane's
-upstream must see what Envoy's upstream sees, and what the table below says.
+One bootstrap with a listener per case runs on Envoy and on pyproxy, compiled (the chain and route
+plans: the response head relayed as bytes) and in the filter-by-filter reference mode
+(``PYPROXY_REFERENCE=1``); each one's upstream must see what Envoy's upstream sees, and what the
+table below says.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route_config,
                         simple_response)
 
-LANES = {"express": {}, "fast": {"PYPROXY_EXPRESS": "0"}, "generic": {"PYPROXY_FAST_LANE": "0"}}
+LANES = {"compiled": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
 
 # (listener name, traffic_direction or None, decorator propagate (None: unset), tracing block)
 CASES = [

@@ -1,9 +1,11 @@
-"""The HTTP/1.1 express lane (pyproxy/http/express.py) against the lanes it shortcuts.
+"""The compiled HTTP/1.1 path against the plain filter-by-filter reference mode.
 
-Three pyproxy processes run the same bootstrap: the default (express), ``PYPROXY_EXPRESS=0`` (the
-router-only fast lane) and ``PYPROXY_FAST_LANE=0`` (the generic filter-chain router). Every case
-sends the same raw request to each and compares, byte for byte after masking the values that
-differ by nature (request ids, dates, service times):
+Two pyproxy processes run the same bootstrap: the default (the chain plan and the route plans:
+a bodiless request's first attempt run by the stream, the StreamInfo made lazily, the upstream
+response head relayed as bytes, route response header mutations compiled to bytes) and
+``PYPROXY_REFERENCE=1`` (every request through the configured filter chain and the router filter).
+Every case sends the same raw request to each and compares, byte for byte after masking the values
+that differ by nature (request ids, dates, service times):
 
 - what the client receives (status line, header names, order and values, framing, body);
 - what the upstream receives (request line and head);
@@ -25,7 +27,7 @@ import pytest
 from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener,
                         parse_responses, route_config, simple_response)
 
-LANES = {"express": {}, "fast": {"PYPROXY_EXPRESS": "0"}, "generic": {"PYPROXY_FAST_LANE": "0"}}
+LANES = {"compiled": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
 
 RESPONSES = {
     "/plain": simple_response(200, b"hello", [("Server", "up"), ("Content-Type", "text/plain")]),
@@ -41,6 +43,8 @@ RESPONSES = {
     "/status": simple_response(503, b"busy", [("Retry-After", "1")], reason="Service Unavailable"),
     "/rewrite/x": simple_response(200, b"rw"),
     "/weighted": simple_response(201, b"w"),
+    "/resp": simple_response(200, b"mut", [("X-Drop", "1"), ("X-Over", "up"), ("X-Keep", "k"),
+                                          ("X-Over", "up2")]),
     "/trailers": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"),
 }
@@ -79,6 +83,8 @@ REQUESTS = [
     ("GET", "/weighted", []),
     ("GET", "/fmt", []),
     ("GET", "/trailers", []),
+    ("GET", "/resp", []),
+    ("GET", "/resp/fmt", []),
     ("GET", "/cut", []),
     ("GET", "/plain", [("Connection", "close")]),
     ("GET", "/close", []),
@@ -107,9 +113,24 @@ def lanes():
         {"match": {"prefix": "/weighted"}, "route": {"weighted_clusters": {"clusters": [
             {"name": "b", "weight": 1, "request_headers_to_add": [{"header": {"key": "x-w", "value": "1"}}]},
             {"name": "b2", "weight": 1, "request_headers_to_add": [{"header": {"key": "x-w", "value": "2"}}]}]}}},
-        # a formatted value needs the StreamInfo: the express lane leaves this route to the others
+        # a formatted value needs the StreamInfo: this route's requests take the Headers path
         {"match": {"prefix": "/fmt"}, "route": {"cluster": "b"},
          "request_headers_to_add": [{"header": {"key": "x-peer", "value": "%PROTOCOL%"}}]},
+        # response header mutations: literal ones are compiled to bytes for the head relay
+        # (append, overwrite-or-add moving the header to the end, remove); a formatted value
+        # keeps the route's responses on the Headers path
+        {"match": {"prefix": "/resp/fmt"}, "route": {"cluster": "b"},
+         "response_headers_to_add": [{"header": {"key": "x-proto", "value": "%PROTOCOL%"}},
+                                     {"header": {"key": "x-added", "value": "a"}}],
+         "response_headers_to_remove": ["x-drop"]},
+        {"match": {"prefix": "/resp"}, "route": {"cluster": "b"},
+         "response_headers_to_add": [
+             {"header": {"key": "x-added", "value": "a"}},
+             {"header": {"key": "x-over", "value": "route"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+             {"header": {"key": "x-keep", "value": "k2"}},
+             {"header": {"key": "x-empty", "value": ""}},
+             {"header": {"key": "x-kept-empty", "value": ""}, "keep_empty_value": True}],
+         "response_headers_to_remove": ["x-drop"]},
         {"match": {"prefix": "/"}, "route": {"cluster": "b", "timeout": "7s"},
          "request_headers_to_add": [{"header": {"key": "x-bench-route", "value": "r"},
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]},
@@ -176,7 +197,7 @@ def _upstream_head(be, before: int) -> bytes:
 
 @pytest.mark.parametrize("method,path,headers", REQUESTS,
                          ids=["%s %s %d" % (m, p, i) for i, (m, p, _) in enumerate(REQUESTS)])
-def test_same_bytes_in_every_lane(lanes, method, path, headers):
+def test_same_bytes_as_the_reference(lanes, method, path, headers):
     procs, be = lanes
     seen = {}
     for name, px in procs.items():
@@ -185,13 +206,15 @@ def test_same_bytes_in_every_lane(lanes, method, path, headers):
         out, closed = _one(px.port, method, path, headers)
         up = _upstream_head(be, before)
         seen[name] = (_mask(out), closed, _mask(up))
-    assert seen["express"][0].startswith(b"HTTP/1.1 "), seen["express"]
+    assert seen["compiled"][0].startswith(b"HTTP/1.1 "), seen["compiled"]
     if path == "/weighted":
         # the cluster choice is random per request: compare all but the x-w header
         for k, v in seen.items():
             seen[k] = (v[0], v[1], re.sub(rb"x-w: \d", b"x-w: ?", v[2]))
-    assert seen["express"] == seen["fast"], "express vs fast lane:\n%r\n%r" % (seen["express"], seen["fast"])
-    assert seen["express"] == seen["generic"], "express vs generic:\n%r\n%r" % (seen["express"], seen["generic"])
+    if path == "/resp":
+        assert b"\r\nx-over: route\r\n" in seen["compiled"][0] and b"x-drop" not in seen["compiled"][0]
+    assert seen["compiled"] == seen["reference"], "compiled vs reference:\n%r\n%r" % (
+        seen["compiled"], seen["reference"])
 
 
 def _rq_stats(px) -> dict:
@@ -200,7 +223,7 @@ def _rq_stats(px) -> dict:
             or k.startswith("cluster.b.upstream_cx_total")}
 
 
-def test_same_stats_in_every_lane(lanes):
+def test_same_stats_as_the_reference(lanes):
     """The same exchanges move the same counters (deltas: earlier cases chose clusters at random)."""
     procs, _ = lanes
     deltas = {}
@@ -213,16 +236,14 @@ def test_same_stats_in_every_lane(lanes):
         time.sleep(0.1)
         after = _rq_stats(px)
         deltas[name] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-    assert deltas["express"]["http.ingress.downstream_rq_5xx"] == 1, deltas
-    assert deltas["express"]["http.ingress.downstream_rq_2xx"] == 6, deltas
-    assert deltas["express"]["cluster.b.upstream_rq_503"] == 1, deltas
-    assert deltas["express"] == deltas["fast"]
-    assert deltas["express"] == deltas["generic"]
+    assert deltas["compiled"]["http.ingress.downstream_rq_5xx"] == 1, deltas
+    assert deltas["compiled"]["http.ingress.downstream_rq_2xx"] == 6, deltas
+    assert deltas["compiled"]["cluster.b.upstream_rq_503"] == 1, deltas
+    assert deltas["compiled"] == deltas["reference"]
 
 
-def test_express_failures_are_local_replies(lanes):
-    """Failures after the route is chosen are the inherited fast-lane code: no upstream -> 503 UF,
-    shaped as in the other lanes."""
+def test_compiled_failures_are_local_replies(lanes):
+    """Failures after the route is chosen (no upstream -> 503 UF) are shaped as the reference's."""
     procs, be = lanes
     dead = free_port()
     outs = {}
@@ -238,20 +259,20 @@ def test_express_failures_are_local_replies(lanes):
             assert px.stat("http.ingress.downstream_rq_5xx") == 1
         finally:
             px.stop()
-    assert outs["express"][0].startswith(b"HTTP/1.1 503 "), outs
-    assert b"upstream connect error" in outs["express"][0]
-    assert outs["express"] == outs["fast"] == outs["generic"]
+    assert outs["compiled"][0].startswith(b"HTTP/1.1 503 "), outs
+    assert b"upstream connect error" in outs["compiled"][0]
+    assert outs["compiled"] == outs["reference"]
 
 
-def test_the_express_lane_is_taken():
-    """In process (the micro benchmark's stack): a plain GET is an ExpressStream; a request with a
-    body is not; the response is the one the upstream gave, with Envoy's additions."""
+def test_the_plan_relays_a_bodiless_request():
+    """In process (the micro benchmark's stack): a plain GET's stream runs the first attempt itself
+    (no filter objects), makes no StreamInfo, and relays the upstream head as bytes; a request
+    with a body runs the filter chain; the response is the one the upstream gave, with Envoy's
+    additions."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import micro_h1
     from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.http.express import ExpressStream
-    from pyproxy.http.fast_stream import FastStream
     from pyproxy.listeners.connection import DownstreamConnection
     loop, lm, al, cl, host, pool = micro_h1.build_stack(micro_h1.BOOTSTRAP)
     try:
@@ -265,15 +286,17 @@ def test_the_express_lane_is_taken():
         down.connection_made(dt)
         down.data_received(micro_h1.REQUEST)
         hc = down.filters[0]
-        assert type(hc.codec.stream) is ExpressStream
+        s = hc.codec.stream
+        assert s.raw_head and s.filters is None and s.router is s
         assert ut.out[-1].startswith(b"GET /r18/bench HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nuser-agent: wrk\r\n")
         up.data_received(micro_h1.RESPONSE)
         assert hc.codec.stream is None and not hc.live
+        assert "stream_info" not in vars(s) and s.status == 200  # (no StreamInfo was needed)
         out = b"".join(dt.out)
         assert out.startswith(b"HTTP/1.1 200 OK\r\nserver: envoy\r\n") and out.endswith(micro_h1.BODY)
         down.data_received(b"POST /r18/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi")
         s = hc.codec.stream
-        assert isinstance(s, FastStream) and type(s) is not ExpressStream
+        assert not s.raw_head and s.filters and s.router is not s
     finally:
         loop.close()
 
@@ -300,7 +323,7 @@ def test_response_head_names_match_envoy(upstream_date):
             names[name] = [line.split(b":")[0].lower() for line in head]
             if upstream_date:
                 assert b"date: Sun, 06 Nov 1994 08:49:37 GMT" in out, (name, out)  # kept as it was
-        assert names["express"] == names["envoy"], names
-        assert names["fast"] == names["envoy"] and names["generic"] == names["envoy"], names
+        assert names["compiled"] == names["envoy"], names
+        assert names["reference"] == names["envoy"], names
     finally:
         be.close()

@@ -34,12 +34,25 @@ import time
 
 from ..cluster.lb import LbContext
 from ..transport import upstream_tls_sans
-from .stream import ActiveStream, _guarded
+from . import h1_relay
+from .stream import ActiveStream, _guarded, new_stream_info
 from .decorator import decorate
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
+_time = time.time
 _rand = random.getrandbits
+
+
+class _LazyInfo:
+    """``stream_info`` made on first use (a non-data descriptor: once made, or once set by
+    ``ActiveStream.__init__``, it is a plain instance attribute and costs nothing)."""
+
+    def __get__(self, s, owner=None):
+        if s is None:
+            return self
+        si = s.__dict__["stream_info"] = s._make_stream_info()
+        return si
 
 _OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
@@ -97,6 +110,41 @@ class FastStream(ActiveStream):
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
+    # a bodiless HTTP/1.1 request the codec handed to ``express.start``: the StreamInfo is made
+    # lazily, and the upstream response head may be relayed as bytes (http/h1_relay.py)
+    raw_head = False      # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
+    version = "HTTP/1.1"
+    t0 = 0.0
+    status = 0            # set when on_upstream_head wrote the response head itself
+    remote = None         # the downstream address derived from the headers (request_prep)
+    rid = ""              # the request id (request_prep)
+    up_local = ""
+    plain = False         # the request has no framing or hop-by-hop headers
+    tx_head = 0           # bytes of the response header lines written here (istio.stats)
+    tx_body = 0           # response body bytes written here
+
+    stream_info = _LazyInfo()
+
+    def _make_stream_info(self):
+        """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
+        si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
+        si.request_id = self.rid  # (the request preparation's, as ActiveStream records it)
+        if self.remote is not None:
+            si.downstream_remote_address = self.remote
+        r = self.route
+        si.route_name = r.name if r is not None else ""
+        c = self.cluster
+        if c is not None:
+            si.upstream_cluster = c.name
+            si.attempt_count = 1
+        if self.host is not None:
+            si.upstream_host = self.host.key
+        si.upstream_local_address = self.up_local
+        si.response_code = self.status
+        return si
+
+    on_upstream_head = h1_relay.on_upstream_head
+    _send_request = h1_relay.send_request
 
     @_guarded
     def decode_headers(self, headers, end_stream: bool) -> None:
@@ -195,10 +243,6 @@ class FastStream(ActiveStream):
             si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
         self._send_request(encoder)
 
-    def _send_request(self, encoder):
-        self.stream_info.upstream_local_address = getattr(encoder, "local_address", "")
-        encoder.encode_headers(self.request_headers, True)
-
     def on_pool_failure(self, reason, flag, host):
         self.pending = None
         if self.up_done:
@@ -260,6 +304,16 @@ class FastStream(ActiveStream):
             h = self.handed
             if h is not None:
                 h.on_upstream_data(data, end_stream)
+            return
+        if self.status:  # the head went as bytes (h1_relay): so does the body
+            self.tx_body += len(data)
+            self.encoder.write_body(data, end_stream)
+            if end_stream:
+                enc = self.encoder_up
+                h1_relay.relay_done(self)
+                close_tunnel(enc)
+            else:
+                self.last_activity = self.cfg.loop.time()
             return
         if end_stream:
             enc = self.encoder_up

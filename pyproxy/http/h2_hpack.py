@@ -108,19 +108,31 @@ class FastEncoder:
         self.pending_size_update = min(value, 4096)
 
     def encode(self, headers, huffman: bool = True) -> bytes:
-        memo = self.memo
-        out = []
+        if headers.__class__ is not list:
+            headers = tuple(headers)
+        # every field's encoding looked up in C; the Python loop runs only over the misses
+        # (a new request id, a field seen for the first time)
+        out = list(map(self.memo.get, headers))
+        if None in out:
+            _fill(headers, out)
         if self.pending_size_update is not None:
-            out.append(_hp_int(self.pending_size_update, 5, 0x20))
+            out.insert(0, _hp_int(self.pending_size_update, 5, 0x20))
             self.pending_size_update = None
-        for kv in headers:
-            b = memo.get(kv)
-            if b is None:
-                b = _encode_one(kv)
-                if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
-                    _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
-            out.append(b)
         return b"".join(out)
+
+
+def _fill(headers, out: list) -> None:
+    """The fields ``FastEncoder.encode`` found no memoized encoding for (``None`` in ``out``)."""
+    i = out.index(None)
+    n = len(out)
+    while i < n:
+        if out[i] is None:
+            kv = headers[i]
+            b = _encode_one(kv)
+            if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+                _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
+            out[i] = b
+        i += 1
 
 
 # literal field names (no static-table entry, not connection-specific, not ``te``) -> their

@@ -218,6 +218,14 @@ class H2Engine(FrameReceiver):
             self._local_end(s)
 
     def _open_outbound(self, sid: int) -> _Stream:
+        if (self.client_side and sid > self.highest_outbound_stream_id and sid & 1 and not self.goaway_received
+                and not self.goaway_sent and self.n_out < self.remote_settings.max_concurrent_streams):
+            # (the common case: the next request on a live connection)
+            self.highest_outbound_stream_id = sid
+            s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
+                                            self.local_settings.initial_window_size)
+            self.n_out += 1
+            return s
         if (sid & 1) == self.peer_odd or sid <= 0:
             if sid <= self.highest_inbound_stream_id or (sid & 1) == self.peer_odd:
                 raise StreamClosedError(sid)
@@ -253,9 +261,10 @@ class H2Engine(FrameReceiver):
         if s is None or not s.lopen:
             raise StreamClosedError(stream_id)
         n = len(data)
-        if n > s.out_window or n > self.out_window or n > self.remote_settings.max_frame_size:
+        w = s.out_window - n
+        if w < 0 or n > self.out_window or n > self.remote_settings.max_frame_size:
             return False
-        s.out_window -= n
+        s.out_window = w
         self.out_window -= n
         out = self.out
         if end_stream:
@@ -265,10 +274,10 @@ class H2Engine(FrameReceiver):
             s.lopen = False
             if not s.ropen:
                 self._close(s, ENDED)
-        else:
-            out.append(_pack_hdr(n << 8, 0, stream_id))
-            if n:
-                out.append(data)
+            return True
+        out.append(_pack_hdr(n << 8, 0, stream_id))
+        if n:
+            out.append(data)
         return True
 
     def end_stream(self, stream_id: int) -> None:

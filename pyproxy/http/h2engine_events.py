@@ -22,10 +22,10 @@ class _HeaderBlockEvent(_Event):
 
     __slots__ = ("stream_id", "headers", "stream_ended", "priority_updated")
 
-    def __init__(self, stream_id, headers):
+    def __init__(self, stream_id, headers, stream_ended=None):
         self.stream_id = stream_id
         self.headers = headers
-        self.stream_ended = None
+        self.stream_ended = stream_ended
         self.priority_updated = None
 
 
@@ -53,11 +53,11 @@ class InformationalResponseReceived(_Event):
 class DataReceived(_Event):
     __slots__ = ("stream_id", "data", "flow_controlled_length", "stream_ended")
 
-    def __init__(self, stream_id, data, flow_controlled_length):
+    def __init__(self, stream_id, data, flow_controlled_length, stream_ended=None):
         self.stream_id = stream_id
         self.data = data
         self.flow_controlled_length = flow_controlled_length
-        self.stream_ended = None
+        self.stream_ended = stream_ended
 
 
 class StreamEnded(_Event):

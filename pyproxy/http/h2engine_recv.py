@@ -57,6 +57,7 @@ class FrameReceiver:
         pos = 0
         end = len(data)
         max_in = self.max_in_frame
+        streams = self.streams
         while end - pos >= 9:
             lt, flags, sid = _unpack_hdr(data, pos)
             n = lt >> 8
@@ -74,6 +75,20 @@ class FrameReceiver:
             if t == DATA:
                 if not self.seen_settings:
                     raise ProtocolError("the first frame must be SETTINGS")
+                s = streams.get(sid)
+                if (s is not None and s.ropen and not flags & F_PADDED and n <= self.in_window
+                        and n <= s.in_window and not self.split_ends):
+                    # (the common case: DATA within the windows on an open stream)
+                    self.in_window -= n
+                    s.in_window -= n
+                    if flags & F_END_STREAM:
+                        events.append(DataReceived(sid, data[p:pos], n, _END))
+                        s.ropen = False
+                        if not s.lopen:
+                            self._close(s, ENDED)
+                    else:
+                        events.append(DataReceived(sid, data[p:pos], n))
+                    continue
                 self._data(data, p, n, flags, sid, events)
             elif t == HEADERS:
                 if not self.seen_settings:
@@ -253,7 +268,10 @@ class FrameReceiver:
             raise self._decode_error(e) from None
         end = flags & F_END_STREAM
         s = self.streams.get(sid)
-        if s is None and (sid & 1) == self.peer_odd and sid > self.highest_inbound_stream_id:
+        if s is None:
+            if (sid & 1) != self.peer_odd or sid <= self.highest_inbound_stream_id:
+                self._closed_frame(sid, "HEADERS")  # raises, or True: ignored
+                return
             # a new stream: the request
             if self.client_side:
                 raise ProtocolError("HEADERS on stream %d the server cannot open" % sid)
@@ -266,10 +284,14 @@ class FrameReceiver:
                                             self.local_settings.initial_window_size)
             self.n_in += 1
             s.got_headers = True
+            if end and not self.split_ends:
+                # (the common case: a request without a body)
+                s.ropen = False
+                events.append(RequestReceived(sid, headers, _END))
+                return
             ev = RequestReceived(sid, headers)
-        elif s is None and self._closed_frame(sid, "HEADERS"):
-            return
-        elif not s.ropen and self._closed_frame(sid, "HEADERS"):
+        elif not s.ropen:
+            self._closed_frame(sid, "HEADERS")  # raises, or True: ignored
             return
         elif self_dep:
             self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)

@@ -8,8 +8,17 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   made only when an attempt fails (``retry_codes`` below; the router filter's ``adopt`` takes the
   request over at that point).
 - ``express``: for a ``fast`` route whose header mutations need no ``StreamInfo`` (literal
-  request values that are not hop-by-hop, no response mutations), the value of its
-  ``x-envoy-expected-rq-timeout-ms`` header ("" for none); False otherwise.
+  request values that are not hop-by-hop; response mutations that ``resp_raw`` compiles), the
+  value of its ``x-envoy-expected-rq-timeout-ms`` header ("" for none); False otherwise. On such a
+  route a bodiless HTTP/1.1 request's response head may be relayed as bytes
+  (``http/h1_relay.py``).
+- ``resp_raw``: the route's response header mutations (route, virtual host, route table) as the
+  byte relay applies them: ``(drop, lines, names)``, the upstream header names (bytes) they remove
+  or overwrite, the header lines (bytes) they add at the mutation's place (after
+  ``x-envoy-upstream-service-time``), and every name they touch; None when the route has none.
+  Compiled when every value is a literal and every action is decided without the response
+  (remove, append, overwrite-or-add); any other mutation keeps the route's responses on the
+  ``Headers`` path (``express`` False).
 - ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
 - ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
   may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
@@ -28,6 +37,12 @@ from __future__ import annotations
 _NOT_ADDED = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                         "te", "content-length", "x-envoy-expected-rq-timeout-ms"))
 _NOT_REMOVED = _NOT_ADDED - {"x-envoy-expected-rq-timeout-ms"}
+# response headers the byte relay writes itself (framing, hop-by-hop, server, date, the decorator,
+# the upstream service time): a route mutation of one of them stays on the Headers path
+_RESP_OWN = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+                       "te", "content-length", "server", "date", "x-envoy-decorator-operation",
+                       "x-envoy-upstream-service-time"))
+_APPEND, _OVERWRITE = 0, 2  # (header_mutation's APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS_OR_ADD)
 
 
 class _All:
@@ -80,8 +95,9 @@ def plan_route(e) -> None:
             # (a per-try timeout would run on the first attempt too)
             and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
     e.fast = fast
+    e.resp_raw = raw = compile_response_raw(e._resp_mutations)
     express = False
-    if fast and not e._resp_mutations:
+    if fast and (raw is not None or not e._resp_mutations):
         adds = [a for m in e._req_mutations for a in m.add]
         rms = [r for m in e._req_mutations for r in m.remove]
         for cw in e.weighted or ():
@@ -94,3 +110,37 @@ def plan_route(e) -> None:
                 not any(r in _NOT_REMOVED for r in rms):
             express = str(int(e.timeout * 1000)) if e.timeout else ""
     e.express = express
+
+
+def compile_response_raw(mutations):
+    """The byte relay's form of a route's response header mutations (``resp_raw``, see the module
+    docstring), or None: none, or one the relay cannot apply without the response."""
+    if not mutations:
+        return None
+    drop = set()
+    lines = []  # (name, value), in the order the Headers path leaves them
+    for m in mutations:  # (header_mutation.HeaderMutation.apply's order: removals, overwrites, appends)
+        for name in m.remove:
+            if name in _RESP_OWN:
+                return None
+            drop.add(name)
+            lines = [kv for kv in lines if kv[0] != name]
+        over = []
+        app = []
+        for name, fmt, lit, action, keep_empty in m.add:
+            if fmt is not None or name in _RESP_OWN or action not in (_APPEND, _OVERWRITE):
+                return None
+            if not lit and not keep_empty:
+                continue
+            (over if action == _OVERWRITE else app).append((name, lit))
+        for name, value in over:
+            drop.add(name)
+            lines = [kv for kv in lines if kv[0] != name]
+            lines.append((name, value))
+        lines += app
+    try:
+        raw = b"".join(("%s: %s\r\n" % kv).encode("latin-1") for kv in lines)
+    except UnicodeEncodeError:
+        return None  # (the Headers path encodes it as the codec does)
+    names = frozenset(n.encode() for n in drop) | frozenset(kv[0].encode() for kv in lines)
+    return frozenset(n.encode() for n in drop), raw, names
