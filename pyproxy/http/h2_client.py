@@ -206,8 +206,12 @@ class H2ClientStream(OutStream):
         cb.on_upstream_reset("local reset")
 
     def _finish(self) -> None:
-        if not self._close_out():
+        if self.closed:
             return
+        self.closed = True
+        if self.pending:
+            self.pending.clear()
+        self.pending_bytes = 0
         self.replay = None
         c = self.conn
         if c is not None:
@@ -299,7 +303,8 @@ class Http2ClientCodec:
                 end = e.stream_ended is not None
                 if end:
                     s.remote_ended = True
-                    s._release_watermark()
+                    if s.above:
+                        s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_data(e.data, end)
                 if n:
@@ -329,7 +334,8 @@ class Http2ClientCodec:
                     headers._h.append(("connection", "upgrade"))
                 if end:
                     s.remote_ended = True
-                    s._release_watermark()
+                    if s.above:
+                        s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_headers(headers, end)
             elif t == EV_TRAILERS:
