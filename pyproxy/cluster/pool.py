@@ -121,11 +121,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the codec ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)
+            writebatch.send(self, data)  # (at the end of the loop iteration, with the others)
 
     def write_eof(self) -> None:
         if not self.closed and self.transport.can_write_eof():
-            self.transport.write_eof()
+            writebatch.send(self, None)  # (after the writes before it)
 
     def on_response_complete(self, keep_alive: bool) -> None:
         """The request's response is complete: the connection goes back to its pool (to a pending
