@@ -91,12 +91,16 @@ class H2ClientStream(OutStream):
     def _send_headers(self, headers, end_stream):
         c = self.conn
         h = c.h2
-        sid = self.sid = h.get_next_available_stream_id()
-        c.streams[sid] = self
         fields = headers._h
         if c.extended_connect and "upgrade" in headers:
             fields = self._extended_connect(fields)
-        h.send_headers(sid, fields if c.lean else to_h2(Headers(fields)), end_stream)
+        if c.lean:
+            sid = self.sid = h.send_request(fields, end_stream)
+            c.streams[sid] = self
+        else:
+            sid = self.sid = h.get_next_available_stream_id()
+            c.streams[sid] = self
+            h.send_headers(sid, to_h2(Headers(fields)), end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True

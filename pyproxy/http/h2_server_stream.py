@@ -73,7 +73,16 @@ class H2ServerStream(OutStream):
                     self.sid, data, end_stream):
                 # (the common case: the window takes it at once)
                 if end_stream:
-                    self._ended()
+                    self.local_ended = True
+                    if self.remote_ended and not self.unacked:
+                        # the whole exchange is over (``_gone``; nothing waits, so not blocked)
+                        self.closed = True
+                        streams = conn.streams
+                        streams.pop(self.sid, None)
+                        if conn.goaway_sent and not streams:
+                            conn.want_close()
+                    else:
+                        self._ended()
             else:
                 self._send_data(data, end_stream)
         except h2.exceptions.ProtocolError:
