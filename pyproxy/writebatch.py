@@ -1,49 +1,93 @@
-"""Write coalescing: bytes a connection writes while the loop dispatches one read go out in one send.
+"""Write coalescing: what connections write during one event-loop iteration goes out at its end.
 
-Downstream connections queue their writes here. A read callback that may cause writes (a downstream
-or upstream ``data_received``) brackets its work with ``enter()`` / ``leave()``; the outermost
-``leave()`` flushes every queued connection, so a response head and body produced by one upstream
-read leave in one ``send`` and no extra loop iteration is needed. Writes made outside such a
-callback (timers, tasks) are flushed on the next loop iteration via ``call_soon``.
+Downstream connections (and HTTP/2 codecs) queue their bytes here and are flushed once per loop
+iteration, each in one ``send``; upstream HTTP/1.1 connections hand their writes over with
+``send(conn, data)``, kept in order. The flush runs as a ``call_soon`` callback, i.e. after
+every I/O callback of the iteration has run (the way Envoy writes after its dispatcher has
+processed every ready event): the requests a burst of downstream reads produced reach the upstream
+back to back, and the responses a burst of upstream reads produced leave together. Measured on the
+Istio mTLS chain: the backend wakes once per burst instead of once per request (less than half its
+CPU per request) and the proxy's own sends get cheaper too.
+
+A read callback that may cause writes brackets its work with ``enter()`` / ``leave()`` (or inlines
+them: ``depth``, then ``if pending and not depth: flush()``). Without a running loop (tools driving
+protocols by hand) the outermost ``leave()`` flushes at once.
 """
 
 from __future__ import annotations
 
-pending: list = []   # connections with queued bytes (each has .flush()); never rebound
+import logging
+from asyncio import _get_running_loop
+
+log = logging.getLogger("pyproxy.writebatch")
+
+# connections with queued bytes (each has .flush()), and (connection, bytes or None = write_eof)
+# pairs from ``send``, in the order they came; never rebound
+pending: list = []
 depth = 0            # nesting of read callbacks being dispatched
-_scheduled = False
+scheduled = False    # a flush is scheduled (or running): more writes join it
+_MAX_PASSES = 8      # flushes that queue more: drained again in the same callback, this often at most
 
 
 def queue(conn, loop) -> None:
-    """``conn`` has bytes queued: flush them at the end of this dispatch (or iteration)."""
+    """``conn`` has bytes queued: flush them at the end of this loop iteration."""
     pending.append(conn)
-    if depth == 0 and not _scheduled:
-        schedule(loop)
+    if not scheduled and not depth:
+        flush()
 
 
-def schedule(loop) -> None:
-    """Bytes were queued outside a read callback: flush on the next loop iteration (once)."""
-    global _scheduled
-    if not _scheduled:
-        _scheduled = True
-        loop.call_soon(_flush_scheduled)
-
-
-def _flush_scheduled() -> None:
-    global _scheduled
-    _scheduled = False
-    flush()
+def send(conn, data) -> None:
+    """``conn.transport.write(data)`` (``data`` None: ``write_eof()``) at the end of this loop
+    iteration, after the writes handed over before it; nothing if ``conn.closed`` by then."""
+    pending.append((conn, data))
+    if not scheduled and not depth:
+        flush()
 
 
 def flush() -> None:
+    """Something was queued: it goes out at the end of this loop iteration (now without a loop)."""
+    global scheduled
+    if scheduled:
+        return
+    loop = _get_running_loop()
+    if loop is None:
+        _drain()
+        return
+    scheduled = True
+    loop.call_soon(_run)
+
+
+def _run() -> None:
+    global scheduled
+    try:
+        _drain()
+    finally:
+        scheduled = False
+        if pending:  # (queued by a flush past _MAX_PASSES): the next iteration
+            flush()
+
+
+def _drain() -> None:
     p = pending
-    if len(p) == 1:  # the usual dispatch: one connection wrote
-        p.pop().flush()
-    elif p:
-        conns = p[:]
+    for _ in range(_MAX_PASSES):
+        if not p:
+            return
+        items = p[:]
         p.clear()
-        for c in conns:
-            c.flush()
+        for c in items:
+            if type(c) is tuple:  # (send)
+                conn, data = c
+                if conn.closed:
+                    continue
+                try:
+                    if data is None:
+                        conn.transport.write_eof()
+                    else:
+                        conn.transport.write(data)
+                except (OSError, RuntimeError) as e:  # (the peer went away: connection_lost follows)
+                    log.debug("deferred write failed: %s", e)
+            else:
+                c.flush()
 
 
 def enter() -> None:

@@ -664,3 +664,28 @@ if __name__ == "__main__":
     port = int(sys.argv[1])
     for name in sorted(CASES):
         print("%-40s envoy %-45s ours %s" % (name, _ask(port, CASES[name][0]), CASES[name][1]))
+
+
+def test_send_request_opens_the_next_stream_and_splits_big_blocks():
+    """``send_request`` (the client codec's one-step open + HEADERS): ids 1, 3, ...; a block over the
+    peer's frame size goes out as HEADERS + CONTINUATION; the peer's stream limit and a GOAWAY
+    still raise what ``send_headers`` raises."""
+    c, s = _pair(server_values={3: 2})
+    _pump(c, s)
+    h = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"a")]
+    big = h + [(b"x-big-%d" % i, b"v" * 1000) for i in range(40)]  # ~40 KB: three frames
+    assert c.send_request(h, True) == 1
+    assert c.send_request(big, False) == 3
+    frames = parse(c.data_to_send())
+    assert [(t, f, sid) for t, f, sid, _ in frames] == [(1, 5, 1), (1, 0, 3), (9, 0, 3), (9, 4, 3)]
+    es = s.receive_data(b"".join(fr(t, f, sid, p) for t, f, sid, p in frames))
+    got = [x for x in es if isinstance(x, ev.RequestReceived)]
+    assert [x.stream_id for x in got] == [1, 3] and len(got[1].headers) == len(big)
+    from h2.exceptions import TooManyStreamsError
+    with pytest.raises(TooManyStreamsError):
+        c.send_request(h, True)
+    s.send_headers(1, [(b":status", b"200")], end_stream=True)
+    s.close_connection(EC.NO_ERROR, last_stream_id=3)
+    _pump(c, s)
+    with pytest.raises(ProtocolError):
+        c.send_request(h, True)

@@ -311,6 +311,27 @@ def test_should_select_another():
     assert L.LoadBalancer(RoundRobin(), PrioritySet([hs])).choose(ctx) in hs
 
 
+def test_one_host_is_chosen_without_a_pick_and_retries_keep_it():
+    """A one-host list: every policy without per-pick state returns its host from choose()
+    directly; a retry predicate that rejects it still ends on it (the attempts run out)."""
+    (h,) = hosts(1)
+    for policy in (RoundRobin(), Random(), LeastRequest()):
+        lb = L.LoadBalancer(policy, PrioritySet([[h]]))
+        assert lb.choose() is h and lb.choose(L.LbContext()) is h, policy.name
+        tried = []
+        ctx = L.LbContext(host_selection_max_attempts=4, predicate=lambda x: tried.append(x) or True)
+        assert lb.choose(ctx) is h and tried == [h] * 4, policy.name
+        assert ctx.attempt == 0
+        # the host set changes: choose() follows it (and back to one host)
+        h2, h3 = hosts(2)
+        lb.priority_set.priorities[0] = [h2, h3]
+        lb.update()
+        assert {lb.choose() for _ in range(60)} == {h2, h3}, policy.name
+        lb.priority_set.priorities[0] = [h3]
+        lb.update()
+        assert lb.choose() is h3, policy.name
+
+
 # ---- create_lb
 
 def ps3():

@@ -121,19 +121,28 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the codec ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)
+            writebatch.send(self, data)  # (at the end of the loop iteration, with the others)
 
     def write_eof(self) -> None:
         if not self.closed and self.transport.can_write_eof():
-            self.transport.write_eof()
+            writebatch.send(self, None)  # (after the writes before it)
 
     def on_response_complete(self, keep_alive: bool) -> None:
+        """The request's response is complete: the connection goes back to its pool (to a pending
+        request or idle), or is closed when it cannot be reused."""
         self.stream_cb = None
         if self.read_paused:
             self.read_paused = False
             if not self.closed:
                 self.transport.resume_reading()
-        self.pool.release(self, keep_alive and not self.codec.chunked_request)
+        pool = self.pool
+        pool.active -= 1
+        self.host.rq_active -= 1
+        mr = pool.cluster.max_requests_per_connection
+        if not keep_alive or self.codec.chunked_request or self.closed or (mr and self.requests >= mr):
+            self.close()
+            return
+        pool._on_idle_or_pending(self)
 
     def on_protocol_error(self, reason: str) -> None:
         log.debug("upstream %s: %s", self.host.key, reason)
@@ -393,16 +402,6 @@ class Http1Pool(PoolBase):
         if keep:
             due = min(c.idle_since for c in keep) + it - now
             self.sweep = self.loop.call_later(max(due, 0.001), self._sweep_idle)
-
-    def release(self, conn, reusable: bool) -> None:
-        self.active -= 1
-        self.host.rq_active -= 1
-        c = self.cluster
-        mr = c.max_requests_per_connection
-        if not reusable or conn.closed or (mr and conn.requests >= mr):
-            conn.close()
-            return
-        self._on_idle_or_pending(conn)
 
     def on_connection_closed(self, conn) -> None:
         if conn.stream_cb is not None:

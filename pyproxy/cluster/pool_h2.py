@@ -253,7 +253,12 @@ class Http2Pool(PoolBase):
             p.cb.on_pool_failure(reason, flag, self.host)
 
     def _bind(self, conn, s):
-        conn.attach(s)
+        if conn.idle_handle is not None:
+            conn.idle_handle.cancel()
+            conn.idle_handle = None
+        conn.bound += 1
+        conn.requests += 1
+        s.conn = conn  # (``conn.attach(s)``)
         c = self.cluster
         c.st_rq_total.value += 1
         h = self.host

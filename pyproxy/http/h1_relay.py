@@ -201,8 +201,9 @@ def relay_done(s) -> None:
     s.encoder = None
     obs = s.cfg.observers
     if obs:  # telemetry filters' completion work (ChainPlan)
-        si = s.stream_info
-        si.end_monotonic = now
-        si.response_code = s.status
+        si = s.__dict__.get("stream_info")  # (made only if something needed it; the observers read the stream)
+        if si is not None:
+            si.end_monotonic = now
+            si.response_code = s.status
         for o in obs:
             o(s)

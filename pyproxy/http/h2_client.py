@@ -91,12 +91,16 @@ class H2ClientStream(OutStream):
     def _send_headers(self, headers, end_stream):
         c = self.conn
         h = c.h2
-        sid = self.sid = h.get_next_available_stream_id()
-        c.streams[sid] = self
         fields = headers._h
         if c.extended_connect and "upgrade" in headers:
             fields = self._extended_connect(fields)
-        h.send_headers(sid, fields if c.lean else to_h2(Headers(fields)), end_stream)
+        if c.lean:
+            sid = self.sid = h.send_request(fields, end_stream)
+            c.streams[sid] = self
+        else:
+            sid = self.sid = h.get_next_available_stream_id()
+            c.streams[sid] = self
+            h.send_headers(sid, to_h2(Headers(fields)), end_stream)
         self.headers_sent = True
         if end_stream:
             self.local_ended = True
@@ -206,8 +210,12 @@ class H2ClientStream(OutStream):
         cb.on_upstream_reset("local reset")
 
     def _finish(self) -> None:
-        if not self._close_out():
+        if self.closed:
             return
+        self.closed = True
+        if self.pending:
+            self.pending.clear()
+        self.pending_bytes = 0
         self.replay = None
         c = self.conn
         if c is not None:
@@ -299,7 +307,8 @@ class Http2ClientCodec:
                 end = e.stream_ended is not None
                 if end:
                     s.remote_ended = True
-                    s._release_watermark()
+                    if s.above:
+                        s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_data(e.data, end)
                 if n:
@@ -329,7 +338,8 @@ class Http2ClientCodec:
                     headers._h.append(("connection", "upgrade"))
                 if end:
                     s.remote_ended = True
-                    s._release_watermark()
+                    if s.above:
+                        s._release_watermark()
                     s._finish()
                 s.cb.on_upstream_headers(headers, end)
             elif t == EV_TRAILERS:

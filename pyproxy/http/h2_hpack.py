@@ -124,15 +124,26 @@ class FastEncoder:
 def _fill(headers, out: list) -> None:
     """The fields ``FastEncoder.encode`` found no memoized encoding for (``None`` in ``out``)."""
     i = out.index(None)
-    n = len(out)
-    while i < n:
-        if out[i] is None:
-            kv = headers[i]
-            b = _encode_one(kv)
-            if kv[0] not in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
-                _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
-            out[i] = b
-        i += 1
+    names = _NAMES.d
+    while True:
+        kv = headers[i]
+        k = kv[0]
+        if k in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
+            v = kv[1]
+            pre = names.get(k)
+            if pre is not None and v.__class__ is str and kv.__class__ is tuple and len(v) < 127 and v.isascii():
+                out[i] = pre + _LEN7[len(v)] + v.encode()  # (a request id: a known name, a new value)
+            else:
+                out[i] = _encode_one(kv)
+        else:
+            b = out[i] = _encode_one(kv)
+            _ENC.put(kv, b, 2 * len(b) + _FIELD_OVERHEAD)
+        if None not in out:
+            return
+        i = out.index(None, i + 1)
+
+
+_LEN7 = tuple(bytes((n,)) for n in range(127))  # a short string's length prefix (no Huffman)
 
 
 # literal field names (no static-table entry, not connection-specific, not ``te``) -> their

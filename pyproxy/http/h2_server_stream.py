@@ -30,8 +30,7 @@ class H2ServerStream(OutStream):
         self.remote_ended = remote_ended
         self._init_out()
         self.start = now
-        self.drain_close = False
-        self.response_close = False
+        # (``drain_close`` / ``response_close`` are only ever set on this encoder, never read)
         self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
         self.body_left = None  # request body bytes its content-length still announces
 
@@ -40,16 +39,17 @@ class H2ServerStream(OutStream):
         if self.closed or self.local_ended:
             return
         h = headers._h
-        if h and h[0][0] == ":status" and h[0][1][:1] == "1":
-            if h[0][1] != "101":
-                return  # 1xx are answered by the proxy itself (100-continue)
-            if self.tunnel:
-                # the upgrade succeeded upstream: RFC 8441's answer is a 200 (upgrade and
-                # connection fields are dropped by the encoders)
-                headers._h = h = [(":status", "200")] + h[1:]
+        if self.tunnel or (h and h[0][1][:1] == "1"):
+            if h and h[0][0] == ":status" and h[0][1][:1] == "1":
+                if h[0][1] != "101":
+                    return  # 1xx are answered by the proxy itself (100-continue)
+                if self.tunnel:
+                    # the upgrade succeeded upstream: RFC 8441's answer is a 200 (upgrade and
+                    # connection fields are dropped by the encoders)
+                    headers._h = h = [(":status", "200")] + h[1:]
+                    self.tunnel = 2
+            elif self.tunnel and not end_stream and h and h[0][1][:1] == "2":
                 self.tunnel = 2
-        elif self.tunnel and not end_stream and h and h[0][1][:1] == "2":
-            self.tunnel = 2
         conn = self.conn
         try:
             conn.h2.send_headers(self.sid, h if conn.lean else to_h2(headers), end_stream)
@@ -67,12 +67,28 @@ class H2ServerStream(OutStream):
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.closed or self.local_ended:
             return
+        conn = self.conn
         try:
-            self._send_data(data, end_stream)
+            if conn.lean and not self.pending and not conn.write_paused and conn.h2.try_send_data(
+                    self.sid, data, end_stream):
+                # (the common case: the window takes it at once)
+                if end_stream:
+                    self.local_ended = True
+                    if self.remote_ended and not self.unacked:
+                        # the whole exchange is over (``_gone``; nothing waits, so not blocked)
+                        self.closed = True
+                        streams = conn.streams
+                        streams.pop(self.sid, None)
+                        if conn.goaway_sent and not streams:
+                            conn.want_close()
+                    else:
+                        self._ended()
+            else:
+                self._send_data(data, end_stream)
         except h2.exceptions.ProtocolError:
             self._gone()
             return
-        self.conn.want_flush()
+        conn.want_flush()
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.closed or self.local_ended:

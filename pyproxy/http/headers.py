@@ -17,9 +17,9 @@ class Headers:
 
     # -- reads --------------------------------------------------------------------------------
     def get(self, name: str, default=None):
-        for kv in self._h:
-            if kv[0] == name:
-                return kv[1]
+        for k, v in self._h:
+            if k == name:
+                return v
         return default
 
     def get_all(self, name: str) -> list:

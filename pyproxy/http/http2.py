@@ -68,7 +68,7 @@ class Http2ServerCodec:
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
-                 "rht_sid")
+                 "rht_sid", "max_streams", "max_fields")
 
     def __init__(self, conn, hc, cfg):
         self.conn = conn
@@ -94,6 +94,8 @@ class Http2ServerCodec:
         self.stream = None  # HCM's on_codec_error looks at it (HTTP/1 only)
         lim = getattr(getattr(conn, "listener", None), "buffer_limit", 0) or 1024 * 1024
         self.stream_high = lim
+        self.max_streams = opts.max_concurrent_streams
+        self.max_fields = opts.max_headers + 4  # (pseudo-headers not counted)
         self.h2 = new_h2(False, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
@@ -263,27 +265,26 @@ class Http2ServerCodec:
             self.premature += 1
             self._check_premature()
             return
-        st = self.stats
-        if self.goaway_sent or len(self.streams) >= self.opts.max_concurrent_streams:
-            if st is not None:
-                st.streams_refused.value += 1
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            return
         raw = e.headers
-        if len(raw) > self.opts.max_headers + 4:
-            if st is not None:
-                st.header_overflow.value += 1
-            self.hc.stats.rq_too_large.value += 1
-            self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
+        if self.goaway_sent or len(self.streams) >= self.max_streams or len(raw) > self.max_fields:
+            self._refuse(sid, raw)
             return
         try:
             h, expect, protocol, tunnel, length = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
-            if st is not None:
-                st.rx_messaging_error.value += 1
+            if self.stats is not None:
+                self.stats.rx_messaging_error.value += 1
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
+        end = e.stream_ended is not None
+        if length is None and not tunnel and not expect:
+            # (the common case: no body announced, no CONNECT, no 100-continue)
+            s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
+            s.stream = self.hc.new_stream(s, "HTTP/2")
+            s.stream.decode_headers(Headers(h), end)
+            return
+        st = self.stats
         if protocol is not None:
             if not self.opts.allow_connect:
                 # :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL: Envoy drops the connection
@@ -297,7 +298,6 @@ class Http2ServerCodec:
             h = [(":method", "GET") if kv[0] == ":method" else kv for kv in h]
             h.append(("upgrade", protocol))
             h.append(("connection", "upgrade"))  # (Envoy's transformUpgradeRequestFromH2toH1)
-        end = e.stream_ended is not None
         if length and end:
             # a declared body that can never come (RFC 9113 8.1.1): Envoy's codec drops the
             # connection for it, not only the stream
@@ -312,6 +312,19 @@ class Http2ServerCodec:
         if expect and not end:
             self.h2.send_headers(sid, [(":status", "100")])
         as_.decode_headers(Headers(h), end)
+
+    def _refuse(self, sid: int, raw) -> None:
+        """A request over the stream limit (or after GOAWAY), or with too many fields."""
+        st = self.stats
+        if self.goaway_sent or len(self.streams) >= self.max_streams:
+            if st is not None:
+                st.streams_refused.value += 1
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        if st is not None:
+            st.header_overflow.value += 1
+        self.hc.stats.rq_too_large.value += 1
+        self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
 
     def _on_data(self, e) -> None:
         sid = e.stream_id

@@ -272,7 +272,7 @@ class DownstreamConnection(asyncio.Protocol):
                 cb(data, False)
         finally:
             wb.depth -= 1
-            if wb.pending and not wb.depth:
+            if wb.pending and not wb.depth and not wb.scheduled:
                 wb.flush()
 
     def eof_received(self):
@@ -328,7 +328,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.wbuf = [data]
         _pending.append(self)  # (writebatch.queue, inlined)
         if not writebatch.depth:
-            writebatch.schedule(self.manager.loop)
+            writebatch.flush()
 
     def flush(self) -> None:
         buf = self.wbuf

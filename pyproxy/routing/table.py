@@ -165,6 +165,9 @@ class RouteTable:
                     return None
         if vh.require_tls:
             return vh.route(headers, random_value)
+        f = vh.first
+        if f is not None and path.startswith(f):
+            return vh.routes[0]  # (match()'s first step, here: Istio's one "/" route per service)
         return vh.match(headers, path, False, random_value)
 
     def find_virtual_host(self, host: str):

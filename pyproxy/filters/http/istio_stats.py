@@ -22,18 +22,22 @@ message counts to ``istio_request_messages_total`` / ``istio_response_messages_t
 the end of the stream; Envoy also reports long streams' deltas every ``tcp_reporting_duration``).
 
 Cost per request, once the label set has been seen: one key tuple, one dict lookup, one counter
-increment and three histogram records; header sizes are summed in C (no per-header Python loop),
-and nothing else is computed unless a configured dimension needs it.
+increment and three histogram appends (``stats/histogram.py`` folds them into buckets in batches);
+header sizes are summed in C (no per-header Python loop), and nothing else is computed unless a
+configured dimension needs it. An express-lane stream that made no ``StreamInfo`` is read directly
+(``observe_bare``): telemetry never makes one just to be recorded.
 """
 
 from __future__ import annotations
 
+import time
 from itertools import chain
 from operator import itemgetter
 
 from ...http.filter import HttpFilter
 from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
 from .grpc_stats import FILTER_STATE_KEY as GRPC_STATS_KEY
+from ...stats.histogram import PENDING
 from ..istio_stats_core import StatsConfig, fs_upstream_peer
 
 # Envoy's Grpc::Utility::httpToGrpcStatus
@@ -41,6 +45,7 @@ _HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14"
 _flat = chain.from_iterable
 _first = itemgetter(0)
 _sum = sum
+_monotonic = time.monotonic
 
 
 def _head_bytes(h) -> int:
@@ -80,6 +85,9 @@ class IstioStatsHttpConfig(StatsConfig):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx, "http")
         self.host_fallback = not self.disable_host_fallback
+        # a stream without a StreamInfo (the express lane's, when nothing else needed one) is
+        # read directly unless a dimension expression or the waypoint labels need the StreamInfo
+        self.bare_ok = not self.dynamic and self.reporter != "waypoint"
         self.compiled_hooks = _Observer(self.observe)
 
     def create(self, stream):
@@ -88,7 +96,17 @@ class IstioStatsHttpConfig(StatsConfig):
     def observe(self, s) -> None:
         """Record one finished stream (``s``: the stream, with ``stream_info``,
         ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``)."""
-        si = s.stream_info
+        si = s.__dict__.get("stream_info")  # (a fast stream's is made on first use)
+        if si is None:
+            code = getattr(s, "status", 0)  # (set by the fast stream that relayed the head as bytes)
+            if code and self.bare_ok:
+                self.observe_bare(s)
+                return
+            si = s.stream_info
+            if si.end_monotonic is None:
+                si.end_monotonic = _monotonic()
+            if code:
+                si.response_code = code
         rq = s.request_headers
         fs = si.filter_state
         code = si.response_code or 0
@@ -157,6 +175,71 @@ class IstioStatsHttpConfig(StatsConfig):
                     tx += 11 + len(str(code))
                 tx += (s.tx_body if hasattr(s, "tx_body") else 0) + si.bytes_sent
             rsb.record(tx)
+
+    def observe_bare(self, s) -> None:
+        """``observe`` for a fast stream that relayed the response head as bytes and made no
+        StreamInfo (``http/h1_relay.py``, a bodiless HTTP/1.1 request): what it would hold is
+        the stream's own (route, cluster, host, status, start), no response flags, no request
+        body, no upstream TLS (the lane records the upstream's principals in a StreamInfo), the
+        connection's filter state; the response head and body sizes it counted as it wrote them.
+        The same cache keys as ``observe``; a miss resolves through the StreamInfo, made then."""
+        rq = s.request_headers
+        h = rq._h
+        if "content-type" in map(_first, h) and (rq.get("content-type") or "").startswith("application/grpc"):
+            si = s.stream_info  # (gRPC: status from the code, message counts: the general way)
+            si.end_monotonic = _monotonic()
+            si.response_code = s.status
+            self.observe(s)
+            return
+        host = ""
+        if self.host_fallback:  # (the codecs put :authority fourth)
+            host = (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or ""
+        code = s.status
+        conn = s.hc.conn
+        fs = conn.filter_state
+        if self.server_side:
+            peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
+            peer_san, local_san, _ = self.principals(conn, conn.stream_info, fs)
+        else:
+            peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
+            peer_san = local_san = ""
+        up = s.host
+        ep = None if peer is not None or self.server_side or up is None else up.key or None
+        key = (peer, peer_san, local_san, s.route.name, s.cluster.name, host, False, code, "-", ep, (), False)
+        series = self.cache.get(key)
+        if series is None:
+            series = self.miss_bare(s, key)
+        c, dur, rqb, rsb, _, _ = series
+        if c is not None:
+            c.value += 1
+        # (Histogram.record, inline: append; fold when PENDING values wait)
+        if dur is not None:
+            p = dur.pending
+            p.append(int((_monotonic() - s.t0) * 1000))
+            if len(p) >= PENDING:
+                dur.fold()
+        if rqb is not None:
+            p = rqb.pending
+            p.append(_sum(map(len, _flat(h))) + 4 * len(h) + 2)
+            if len(p) >= PENDING:
+                rqb.fold()
+        if rsb is not None:
+            tx = s.tx_head
+            if tx:  # (its header lines; the status counts as the :status pseudo-header does)
+                tx += 11 + len(str(code))
+            p = rsb.pending
+            p.append(tx + s.tx_body)
+            if len(p) >= PENDING:
+                rsb.fold()
+
+    def miss_bare(self, s, key) -> tuple:
+        """The series for a key ``observe_bare`` has not seen: resolved through the StreamInfo."""
+        si = s.stream_info
+        si.response_code = key[7]
+        peer, peer_san, local_san = key[:3]
+        mtls = None if not self.server_side else bool(peer_san and local_san)
+        return self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, key[5], False, key[7],
+                                                      "", "-", key[9], s.request_headers, None, si))
 
     def _resolve(self, peer, peer_san, local_san, mtls, host, grpc, code, gs, flags, ep, rq, rs, si):
         if peer is None and ep is not None and not self.server_side:
