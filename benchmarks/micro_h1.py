@@ -4,7 +4,7 @@ Drives a real listener/HCM/router/pool stack compiled from a bootstrap with in-m
 request bytes in downstream, request bytes out upstream, response bytes in upstream, response bytes
 out downstream. Prints microseconds per request; ``--profile`` prints the top cProfile entries.
 
-    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP]] [--mesh]
+    python3 benchmarks/micro_h1.py [-n 20000] [--profile | --opcodes [TOP] [--by-module]] [--mesh]
                                    [--chain router|istio|istio-telemetry|istio-nostats | --istio]
 
 ``--chain`` builds the stack from the benchmark's own bootstrap for that chain
@@ -169,19 +169,28 @@ def build_stack(bootstrap: str, cluster_name: str = "backend"):
     return loop, lm, ActiveListener(lm, cfg), cluster, host, cluster.http_pool(host)
 
 
-def count_opcodes(fn, calls_n: int, per_call: int, top: int, label: str = "") -> None:
+def count_opcodes(fn, calls_n: int, per_call: int, top: int, label: str = "",
+                  by_module: bool = False) -> None:
     """Run ``fn`` ``calls_n`` times under a tracer and print the Python opcodes and calls per
-    request (``per_call`` requests per ``fn`` call) and the ``top`` functions by opcodes."""
+    request (``per_call`` requests per ``fn`` call) and the ``top`` functions by opcodes
+    (``by_module``: per source file, e.g. ``pyproxy/cluster/pool.py``, instead)."""
     import collections
     ops = collections.Counter()
     calls = collections.Counter()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+    def key(code):
+        if by_module:
+            f = code.co_filename
+            return f[len(root):] if f.startswith(root) else f
+        return code.co_qualname
 
     def tracer(frame, event, arg):
         if event == "call":
             frame.f_trace_opcodes = True
-            calls[frame.f_code.co_qualname] += 1
+            calls[key(frame.f_code)] += 1
         elif event == "opcode":
-            ops[frame.f_code.co_qualname] += 1
+            ops[key(frame.f_code)] += 1
         return tracer
     sys.settrace(tracer)
     try:
@@ -203,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP",
                     help="count the Python opcodes and calls one request executes (deterministic, "
                          "unlike timings on a shared machine) and list the TOP functions")
+    ap.add_argument("--by-module", action="store_true",
+                    help="with --opcodes: list the source files by opcodes instead of functions")
     ap.add_argument("--mesh", action="store_true",
                     help="a request with x-request-id, x-forwarded-proto and x-forwarded-for")
     ap.add_argument("--istio", action="store_true",
@@ -246,7 +257,7 @@ def main(argv=None) -> int:
     gc.collect()
     gc.freeze()
     if a.opcodes is not None:
-        count_opcodes(one, 20, 1, a.opcodes)
+        count_opcodes(one, 20, 1, a.opcodes, by_module=a.by_module)
         return 0
     if a.profile:
         import cProfile

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import ssl
 
+from . import tickets
 from .ssl_stats import (TIMEOUT, SslStats, cluster_stats, count_failure, error_text, failure_kind,  # noqa: F401
                         listener_ssl_stats, listener_stats)
 
@@ -48,7 +49,7 @@ class TlsLayer:
     __slots__ = ("raw", "obj", "so", "inc", "out", "tls", "state", "wq", "timer", "stats", "close_sent",
                  "peer_eof", "alpn", "version", "cipher_name", "peer_uri_san", "peer_dns_san",
                  "peer_principal", "peer_subject", "peer_issuer", "peer_serial", "sni", "cert_facts",
-                 "peer_principals")
+                 "peer_principals", "ticket_due")
 
     def _init(self, tls, stats):
         self.tls = tls
@@ -75,6 +76,7 @@ class TlsLayer:
         self.peer_serial = ""
         self.sni = ""
         self.cert_facts = None
+        self.ticket_due = False  # a TLS 1.3 session ticket goes out with the next write
 
     def _wrap(self, server_side: bool, server_hostname=None, session=None) -> None:
         """The ``SSLObject`` over this layer's BIOs, and the C object under it (``so``) that the
@@ -228,6 +230,9 @@ class TlsLayer:
         if self.state == OPEN:
             if not data or self.close_sent:
                 return
+            if self.ticket_due:
+                self.ticket_due = False
+                tickets.issue(self.so)
             try:
                 self.so.write(data)
             except _SSLError as e:
@@ -257,6 +262,13 @@ class TlsLayer:
 
     def _close_notify(self) -> None:
         self.close_sent = True
+        if self.ticket_due:  # never written to: the ticket goes with our close, unless the peer's went first
+            self.ticket_due = False
+            if not self.peer_eof and tickets.issue(self.so):
+                try:
+                    self.so.do_handshake()  # (writes it)
+                except (_SSLError, ValueError, OSError):
+                    pass
         try:
             self.obj.unwrap()
         except (_SSLError, ValueError, OSError):
@@ -446,6 +458,8 @@ class ServerTls(TlsLayer):
     def _opened(self) -> None:
         conn = self.conn
         conn.ssl = self
+        if self.tls.defer_ticket and self.version == "TLSv1.3":
+            self.ticket_due = True
         si = conn.stream_info
         si.downstream_tls_version = self.version
         si.downstream_peer_uri_san = self.peer_uri_san

@@ -27,6 +27,7 @@ import tempfile
 import weakref
 
 from ..config import ConfigError
+from . import tickets
 
 log = logging.getLogger("pyproxy.config")
 
@@ -57,7 +58,7 @@ class CompiledTls:
     """An ``ssl.SSLContext`` and the checks made after its handshakes."""
 
     __slots__ = ("ctx", "server", "san_matchers", "hashes", "spki", "local_uri_san", "local_dns_san",
-                 "local_uri_sans", "sni", "verifies", "resume", "session", "__weakref__")
+                 "local_uri_sans", "sni", "verifies", "resume", "session", "defer_ticket", "__weakref__")
 
     def __init__(self, ctx, server: bool):
         self.ctx = ctx
@@ -75,6 +76,8 @@ class CompiledTls:
         # that resumes with it, which leaves its own (TLS 1.3 tickets are single-use)
         self.resume = False
         self.session = None
+        # server side: the TLS 1.3 session ticket goes out with the first write (tls/tickets.py)
+        self.defer_ticket = False
 
     def check_peer(self, obj, cert=None) -> str:
         """'' if the peer certificate passes the post-handshake checks, else the failure kind
@@ -157,6 +160,8 @@ def build(f, certificates, ca_pem: bytes | None, crl_pem: bytes | None, validati
     if not server:
         c.sni = f.sni or None
         c.resume = getattr(f, "max_session_keys", 1) != 0
+    else:
+        c.defer_ticket = ctx.num_tickets == 0 and tickets.AVAILABLE
     return c
 
 
@@ -169,11 +174,13 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool,
     ctx.options |= ssl.OP_NO_COMPRESSION
     if server:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
-        # One TLS 1.3 session ticket per handshake, not OpenSSL's two: each costs 15-20% of a
+        # One TLS 1.3 session ticket per connection, not OpenSSL's two: each costs 15-20% of a
         # server handshake's CPU, and one is what a client resumes with (Envoy's upstream keeps one
         # session per context; TLS 1.3 tickets are single-use). Envoy 1.40 sends two, but only
-        # once the connection carries data, which OpenSSL cannot defer to. TLS 1.2: one ticket.
-        ctx.num_tickets = 1
+        # once the connection carries data: so does pyproxy where tls/tickets.py can ask OpenSSL
+        # for a ticket after the handshake (none during it, then one with the first write); else
+        # OpenSSL's way, right after the handshake. TLS 1.2: one ticket, in the handshake.
+        ctx.num_tickets = 0 if tickets.AVAILABLE else 1
     suites = [s for s in f.cipher_suites if s not in _TLS13_SUITES]
     try:
         ctx.set_ciphers(":".join(suites) if suites else DEFAULT_CIPHERS)
