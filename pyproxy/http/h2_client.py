@@ -292,6 +292,7 @@ class Http2ClientCodec:
         streams = self.streams
         h = self.h2
         kinds = EVENT_KIND
+        credit = 0  # DATA that ended its stream: only the connection window takes it back
         for e in events:
             t = kinds.get(e.__class__, -1)
             if t == EV_DATA:
@@ -310,7 +311,12 @@ class Http2ClientCodec:
                     if s.above:
                         s._release_watermark()
                     s._finish()
-                s.cb.on_upstream_data(e.data, end)
+                    s.cb.on_upstream_data(e.data, True)
+                    if n:
+                        credit += n  # (acknowledged once for the whole read, below)
+                        credit_sid = e.stream_id
+                    continue
+                s.cb.on_upstream_data(e.data, False)
                 if n:
                     if s.read_off and not s.closed:
                         s.unacked += n
@@ -389,6 +395,12 @@ class Http2ClientCodec:
                     self._peer_capacity()
             elif t == EV_GOAWAY:
                 self._on_goaway(e)
+        if credit:
+            try:
+                # (a stream that ended: its own window no longer counts, the connection's does)
+                h.acknowledge_received_data(credit, credit_sid)
+            except (h2.exceptions.ProtocolError, ValueError):
+                pass
 
     def _bad_response(self, s, err):
         log.debug("upstream h2 stream %d: malformed response headers: %s", s.sid, err)
