@@ -12,7 +12,10 @@ cipher list), certificate and trust bundle from SDS (a pilot-agent-shaped server
 
 - **keep-alive rps**: ``wrk -c50`` (plaintext) -> an Envoy client sidecar (upstream Istio mTLS,
   ALPN ``istio-http/1.1``, keep-alive pool) -> the target -> nginx. The client Envoy, wrk and nginx
-  share the other core; the target's CPU per 1000 requests is reported too.
+  share the other core; the target's CPU per 1000 requests is reported too, and the client
+  sidecar's and nginx's (how the target changes its neighbours' work: a proxy that sends each
+  upstream request as soon as it is ready wakes nginx once per request, one that sends a loop
+  iteration's requests together wakes it once per burst, and rps follows the load core).
 - **new TLS handshakes per second**: ``openssl s_time -new`` (TLS 1.3, a mesh client certificate)
   from several processes at once, full mTLS handshakes against the target, summed; and the
   target's CPU per handshake. The s_time processes share the load core, so on a busy machine the

@@ -11,7 +11,8 @@ CPU per request) and the proxy's own sends get cheaper too.
 
 A read callback that may cause writes brackets its work with ``enter()`` / ``leave()`` (or inlines
 them: ``depth``, then ``if pending and not depth: flush()``). Without a running loop (tools driving
-protocols by hand) the outermost ``leave()`` flushes at once.
+protocols by hand) the outermost ``leave()`` flushes at once. One loop per process (workers are
+processes); a loop stopped with a flush pending hands it to the next loop that runs.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ log = logging.getLogger("pyproxy.writebatch")
 # pairs from ``send``, in the order they came; never rebound
 pending: list = []
 depth = 0            # nesting of read callbacks being dispatched
-scheduled = False    # a flush is scheduled (or running): more writes join it
+scheduled = False    # a flush is scheduled (or running) on _loop: more writes join it
+_loop = None
 _MAX_PASSES = 8      # flushes that queue more: drained again in the same callback, this often at most
 
 
 def queue(conn, loop) -> None:
     """``conn`` has bytes queued: flush them at the end of this loop iteration."""
     pending.append(conn)
-    if not scheduled and not depth:
+    if not depth:
         flush()
 
 
@@ -40,25 +42,29 @@ def send(conn, data) -> None:
     """``conn.transport.write(data)`` (``data`` None: ``write_eof()``) at the end of this loop
     iteration, after the writes handed over before it; nothing if ``conn.closed`` by then."""
     pending.append((conn, data))
-    if not scheduled and not depth:
+    if not depth:
         flush()
 
 
 def flush() -> None:
     """Something was queued: it goes out at the end of this loop iteration (now without a loop)."""
-    global scheduled
-    if scheduled:
-        return
+    global scheduled, _loop
     loop = _get_running_loop()
     if loop is None:
         _drain()
         return
+    if scheduled and loop is _loop:
+        return
+    # (a flush scheduled on another loop, stopped before it ran: tests, tools; this one takes over)
     scheduled = True
+    _loop = loop
     loop.call_soon(_run)
 
 
 def _run() -> None:
     global scheduled
+    if _get_running_loop() is not _loop:
+        return  # a loop stopped with this pending and run again later: the current one flushes
     try:
         _drain()
     finally:

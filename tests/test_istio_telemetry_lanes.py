@@ -2,8 +2,9 @@
 
 ``peer_metadata`` (``istio.metadata_exchange``), ``istio.alpn`` and ``istio.stats`` declare
 ``compiled_hooks`` (ChainPlan, filters/network/http_connection_manager.py): on the default path a
-request through Istio's sidecar chain takes the compiled lanes (express for a bodiless HTTP/1.1
-request, the fast lane for HTTP/2), which do the filters' work through the hooks; with
+request through Istio's sidecar chain runs the router's first attempt in the stream (relaying the
+response head as bytes for a bodiless HTTP/1.1 request), which does the filters' work through the
+hooks; with
 ``PYPROXY_REFERENCE=1`` the filters run one by one. Two pyproxy processes (tests/diff_util.py
 ``ModePair``) run one bootstrap with an outbound and an inbound sidecar listener; each case runs in
 both, and what the client receives, what the upstream receives, the counter deltas and every
@@ -157,6 +158,8 @@ H1_OUT = {
     "peer-answer-malformed": [http1("GET", "/bad-peer", host="svc-b.default:80")],
     "route-header-add": [http1("GET", "/add/peer", host="svc-b.default:80")],
     "disable-mx-cluster": [http1("GET", "/nomx/peer", host="svc-b.default:80")],
+    # (a cluster without istio.services: destination_service is the Host header; no peer answers)
+    "host-header-service": [http1("GET", "/nomx/ok", host="svc-c.default:80")],
     "503-from-upstream": [http1("GET", "/busy", host="svc-b.default:80")],
     "503-uf": [http1("GET", "/dead", host="svc-b.default:80")],
     "client-sent-exchange-headers": [http1("GET", "/peer", [("X-Envoy-Peer-Metadata", "abc"),
@@ -204,7 +207,10 @@ def test_outbound_h1(pair, case):
         assert 'destination_workload="svc-b"' in labels and 'destination_version="v2"' in labels
         assert 'destination_canonical_revision="v2"' in labels
     up = seen["compiled"][1]
-    if case == "disable-mx-cluster":
+    if case == "host-header-service":
+        labels = [k[1] for k in delta if k[0] == "istio_requests_total"][0]
+        assert 'destination_service="svc-c.default:80"' in labels and 'destination_workload="unknown"' in labels
+    if case in ("disable-mx-cluster", "host-header-service"):
         assert b"x-envoy-peer-metadata" not in up.lower()
     elif case not in ("503-uf",):
         assert b"x-envoy-peer-metadata-id: " + NODE["id"].encode() in up

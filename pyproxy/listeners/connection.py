@@ -272,7 +272,7 @@ class DownstreamConnection(asyncio.Protocol):
                 cb(data, False)
         finally:
             wb.depth -= 1
-            if wb.pending and not wb.depth and not wb.scheduled:
+            if wb.pending and not wb.depth:
                 wb.flush()
 
     def eof_received(self):

@@ -37,20 +37,25 @@ from operator import itemgetter
 from ...http.filter import HttpFilter
 from ..istio_peer import DOWNSTREAM_PEER_OBJ, UPSTREAM_PEER_OBJ
 from .grpc_stats import FILTER_STATE_KEY as GRPC_STATS_KEY
-from ...stats.histogram import PENDING
-from ..istio_stats_core import StatsConfig, fs_upstream_peer
+from ...stats import DETACHED, Counter
+from ...stats.histogram import PENDING, Histogram
+from ..istio_stats_core import MAX_CACHED, StatsConfig, fs_upstream_peer
 
 # Envoy's Grpc::Utility::httpToGrpcStatus
 _HTTP_TO_GRPC = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
 _flat = chain.from_iterable
 _first = itemgetter(0)
-_sum = sum
+_join = "".join
 _monotonic = time.monotonic
 
 
 def _head_bytes(h) -> int:
     """``name: value\\r\\n`` per header and the blank line, summed in C."""
-    return sum(map(len, _flat(h))) + 4 * len(h) + 2
+    return len(_join(_flat(h))) + 4 * len(h) + 2
+
+
+def _is_grpc(ct) -> bool:
+    return ct is not None and ct.startswith("application/grpc")
 
 
 def grpc_status(rs, rt, code: int) -> str:
@@ -88,6 +93,7 @@ class IstioStatsHttpConfig(StatsConfig):
         # a stream without a StreamInfo (the express lane's, when nothing else needed one) is
         # read directly unless a dimension expression or the waypoint labels need the StreamInfo
         self.bare_ok = not self.dynamic and self.reporter != "waypoint"
+        self.bare: dict = {}  # the shorter keys of such streams -> (counter, 3 histograms)
         self.compiled_hooks = _Observer(self.observe)
 
     def create(self, stream):
@@ -95,12 +101,59 @@ class IstioStatsHttpConfig(StatsConfig):
 
     def observe(self, s) -> None:
         """Record one finished stream (``s``: the stream, with ``stream_info``,
-        ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``)."""
+        ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``).
+
+        A fast stream that relayed the response head as bytes (``http/h1_relay.py``: a bodiless
+        HTTP/1.1 request, ``status`` set) and made no StreamInfo is read directly, so that
+        telemetry never makes one: what the StreamInfo would hold is the stream's own (route,
+        cluster, upstream host, status, start), no response flags, no request body, no upstream
+        TLS principals (the lane records those in a StreamInfo), the connection's filter state;
+        the response head and body sizes are those it counted as it wrote them. Its series are
+        cached under a shorter key (``bare``); a miss resolves through a StreamInfo, made then."""
         si = s.__dict__.get("stream_info")  # (a fast stream's is made on first use)
         if si is None:
             code = getattr(s, "status", 0)  # (set by the fast stream that relayed the head as bytes)
-            if code and self.bare_ok:
-                self.observe_bare(s)
+            rq = s.request_headers
+            h = rq._h
+            # (gRPC? never when the chain plan sends gRPC requests to the generic chain: chain_is_inert)
+            if code and self.bare_ok and (s.cfg.live_on_grpc or s.route.grpc_router or "content-type" not in
+                                          map(_first, h) or not _is_grpc(rq.get("content-type"))):
+                k, host = h[3]  # (the codecs put :authority fourth)
+                if k != ":authority":
+                    host = rq.get(":authority") or ""
+                elif not self.host_fallback:
+                    host = ""
+                fs = s.hc.conn.filter_state
+                up = s.host
+                if self.server_side:
+                    conn = s.hc.conn
+                    peer_san, local_san, _ = self.principals(conn, conn.stream_info, fs)
+                    key = (fs.get(DOWNSTREAM_PEER_OBJ) if fs else None, peer_san, local_san, s.route.name,
+                           s.cluster.name, host, code)
+                else:
+                    key = (fs.get(UPSTREAM_PEER_OBJ) if fs else None, s.route.name, s.cluster.name, host, code,
+                           up.key if up is not None else "")
+                series = self.bare.get(key)
+                if series is None:
+                    series = self.bare_miss(s, key)
+                c, dur, rqb, rsb = series
+                c.value += 1
+                # (Histogram.record, inline: append; fold when PENDING values wait)
+                p = dur.pending
+                p.append(int((_monotonic() - s.t0) * 1000))
+                if len(p) >= PENDING:
+                    dur.fold()
+                p = rqb.pending
+                p.append(len(_join(_flat(h))) + 4 * len(h) + 2)  # (header lines and the blank line)
+                if len(p) >= PENDING:
+                    rqb.fold()
+                tx = s.tx_head
+                if tx:  # (its header lines; the status counts as the :status pseudo-header does)
+                    tx += 11 + len(str(code))
+                p = rsb.pending
+                p.append(tx + s.tx_body)
+                if len(p) >= PENDING:
+                    rsb.fold()
                 return
             si = s.stream_info
             if si.end_monotonic is None:
@@ -138,8 +191,7 @@ class IstioStatsHttpConfig(StatsConfig):
         series = self.cache.get(key)
         if series is None:
             rs = s.response_headers
-            series = self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, host, grpc, code,
-                                                            key[11] or "", key[8], ep, rq, rs, si))
+            series = self.miss(key, mtls, rq, rs, si)
         c, dur, rqb, rsb, labels, msgs = series
         if c is not None:
             c.value += 1
@@ -160,12 +212,12 @@ class IstioStatsHttpConfig(StatsConfig):
                 dur.record(int((end - si.start_monotonic) * 1000))
         if rqb is not None:
             # the request head: ``name: value\r\n`` per header and the blank line, summed in C
-            rqb.record((_sum(map(len, _flat(h))) + 4 * len(h) + 2 if rq is not None else 2) + si.bytes_received)
+            rqb.record((len(_join(_flat(h))) + 4 * len(h) + 2 if rq is not None else 2) + si.bytes_received)
         if rsb is not None:
             rs = s.response_headers
             if rs is not None:
                 h = rs._h
-                tx = si.bytes_sent + _sum(map(len, _flat(h))) + 4 * len(h) + 2
+                tx = si.bytes_sent + len(_join(_flat(h))) + 4 * len(h) + 2
                 rt = s.response_trailers
                 if rt is not None:
                     tx += _head_bytes(rt._h)
@@ -176,70 +228,36 @@ class IstioStatsHttpConfig(StatsConfig):
                 tx += (s.tx_body if hasattr(s, "tx_body") else 0) + si.bytes_sent
             rsb.record(tx)
 
-    def observe_bare(self, s) -> None:
-        """``observe`` for a fast stream that relayed the response head as bytes and made no
-        StreamInfo (``http/h1_relay.py``, a bodiless HTTP/1.1 request): what it would hold is
-        the stream's own (route, cluster, host, status, start), no response flags, no request
-        body, no upstream TLS (the lane records the upstream's principals in a StreamInfo), the
-        connection's filter state; the response head and body sizes it counted as it wrote them.
-        The same cache keys as ``observe``; a miss resolves through the StreamInfo, made then."""
-        rq = s.request_headers
-        h = rq._h
-        if "content-type" in map(_first, h) and (rq.get("content-type") or "").startswith("application/grpc"):
-            si = s.stream_info  # (gRPC: status from the code, message counts: the general way)
-            si.end_monotonic = _monotonic()
-            si.response_code = s.status
-            self.observe(s)
-            return
-        host = ""
-        if self.host_fallback:  # (the codecs put :authority fourth)
-            host = (h[3][1] if len(h) > 3 and h[3][0] == ":authority" else rq.get(":authority")) or ""
-        code = s.status
-        conn = s.hc.conn
-        fs = conn.filter_state
-        if self.server_side:
-            peer = fs.get(DOWNSTREAM_PEER_OBJ) if fs else None
-            peer_san, local_san, _ = self.principals(conn, conn.stream_info, fs)
-        else:
-            peer = fs.get(UPSTREAM_PEER_OBJ) if fs else None
-            peer_san = local_san = ""
-        up = s.host
-        ep = None if peer is not None or self.server_side or up is None else up.key or None
-        key = (peer, peer_san, local_san, s.route.name, s.cluster.name, host, False, code, "-", ep, (), False)
-        series = self.cache.get(key)
-        if series is None:
-            series = self.miss_bare(s, key)
-        c, dur, rqb, rsb, _, _ = series
-        if c is not None:
-            c.value += 1
-        # (Histogram.record, inline: append; fold when PENDING values wait)
-        if dur is not None:
-            p = dur.pending
-            p.append(int((_monotonic() - s.t0) * 1000))
-            if len(p) >= PENDING:
-                dur.fold()
-        if rqb is not None:
-            p = rqb.pending
-            p.append(_sum(map(len, _flat(h))) + 4 * len(h) + 2)
-            if len(p) >= PENDING:
-                rqb.fold()
-        if rsb is not None:
-            tx = s.tx_head
-            if tx:  # (its header lines; the status counts as the :status pseudo-header does)
-                tx += 11 + len(str(code))
-            p = rsb.pending
-            p.append(tx + s.tx_body)
-            if len(p) >= PENDING:
-                rsb.fold()
+    def miss(self, key, mtls, rq, rs, si) -> tuple:
+        """The series for a key ``observe`` has not seen (resolved, then cached)."""
+        return self.cached(key, lambda: self._resolve(key[0], key[1], key[2], mtls, key[5], key[6], key[7],
+                                                      key[11] or "", key[8], key[9], rq, rs, si))
 
-    def miss_bare(self, s, key) -> tuple:
-        """The series for a key ``observe_bare`` has not seen: resolved through the StreamInfo."""
+    def bare_miss(self, s, key) -> tuple:
+        """The series for a ``bare`` key not seen yet: resolved through the StreamInfo (made now)
+        as ``observe`` resolves them; a dropped or overflowing metric gets a detached stand-in."""
         si = s.stream_info
-        si.response_code = key[7]
-        peer, peer_san, local_san = key[:3]
-        mtls = None if not self.server_side else bool(peer_san and local_san)
-        return self.cached(key, lambda: self._resolve(peer, peer_san, local_san, mtls, key[5], False, key[7],
-                                                      "", "-", key[9], s.request_headers, None, si))
+        code = si.response_code = s.status
+        rq = s.request_headers
+        host = key[5] if self.server_side else key[3]
+        if self.server_side:
+            peer, peer_san, local_san = key[0], key[1], key[2]
+            mtls = bool(peer_san and local_san)
+            ep = None
+        else:
+            peer, peer_san, local_san, mtls = key[0], "", "", None
+            ep = None if peer is not None else key[5] or None
+        full = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, False, code, "-", ep, (), False)
+        series = self.cached(full, lambda: self._resolve(peer, peer_san, local_san, mtls, host, False, code,
+                                                         "", "-", ep, rq, None, si))
+        c, dur, rqb, rsb = series[:4]
+        out = (c if c is not None else Counter(DETACHED), dur if dur is not None else Histogram(DETACHED),
+               rqb if rqb is not None else Histogram(DETACHED), rsb if rsb is not None else Histogram(DETACHED))
+        b = self.bare
+        if len(b) >= MAX_CACHED:
+            b.clear()
+        b[key] = out
+        return out
 
     def _resolve(self, peer, peer_san, local_san, mtls, host, grpc, code, gs, flags, ep, rq, rs, si):
         if peer is None and ep is not None and not self.server_side:
