@@ -1,7 +1,7 @@
 """Differential testing of pyproxy's compiled request path against its reference mode.
 
 ``ModePair`` runs the same bootstrap in two pyproxy processes: the default (the compiled path: chain
-plan shortcuts, fast lanes, byte relays) and ``PYPROXY_REFERENCE=1`` (the plain filter-by-filter
+plan shortcuts, the stream's own first attempt, byte relays) and ``PYPROXY_REFERENCE=1`` (the plain filter-by-filter
 chain). Each mode has its own scripted upstreams (``ScriptedH1``, ``ScriptedH2``), so per-case
 upstream state (a 503, then a 200) is the same for both. ``ModePair.run(client)`` runs one case in
 each mode and returns, per mode, what the client saw, what the upstreams received and the counter

@@ -61,12 +61,4 @@ if [ "$rc" = 5 ]; then
   if [ "$strict" = 1 ]; then exit 1; fi
   exit 0
 fi
-if [ "$rc" = 0 ] && [ "$#" = 0 ]; then
-  # second pass: router-only chains take the fast lane by default (pyproxy/http/fast_stream.py);
-  # the proxying suites run again through the generic filter-chain router
-  echo "second pass: the generic router lane (PYPROXY_FAST_LANE=0)"
-  PYPROXY_FAST_LANE=0 python3 -m pytest -q tests/test_proxy_http1.py tests/test_proxy_local_replies.py \
-    tests/test_routing_envoy.py tests/test_http2.py tests/test_grpc.py tests/test_deadlines.py
-  rc=$?
-fi
 exit $rc

@@ -138,11 +138,11 @@ REQUESTS = [
     # a fault configured per route, and on a weighted cluster (filters do not read the latter)
     ("GET", "/fault", "svc.local", [], b""),
     ("GET", "/wfault", "svc.local", [], b""),
-    # gRPC: grpc_stats counts the call (a bodiless one too, which the fast lanes could take)
+    # gRPC: grpc_stats counts the call (a bodiless one too, which could skip the filters)
     ("POST", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc"), ("TE", "trailers")], GRPC_BODY),
     ("POST", "/pkg.Svc/Fail", "svc.local", [("Content-Type", "application/grpc+proto")], GRPC_BODY),
     ("GET", "/pkg.Svc/Call", "svc.local", [("Content-Type", "application/grpc")], b""),
-    # the route timeout, with and without a request body (a body leaves the fast lanes)
+    # the route timeout, with and without a request body (a body runs the filter chain)
     ("GET", "/slow", "svc.local", [], b""),
     ("POST", "/slow", "svc.local", [("Content-Type", "text/plain")], b"body"),
     ("GET", "/retry", "svc.local", [], b""),

@@ -1,5 +1,5 @@
 """Route timeouts on the connection's shared deadline timer (HttpConnection.arm_deadline, used by
-the router's fast lane): a shorter timeout after a longer one re-arms the timer, streams that
+the stream's first attempt): a shorter timeout after a longer one re-arms the timer, streams that
 finish in time leave nothing behind, concurrent HTTP/2 streams each time out at their own
 deadline. Real sockets: pyproxy in front of a threaded backend that sleeps as asked."""
 

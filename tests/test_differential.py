@@ -89,7 +89,7 @@ CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text
            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
 TRAILERS = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-trailer\r\n\r\n"
             b"3\r\nabc\r\n0\r\nX-Trailer: t\r\nX-Other: o\r\n\r\n")
-# upstream responses the compiled path relays as bytes (the express lane) or parses
+# upstream responses the compiled path relays as bytes (http/h1_relay.py) or parses
 UPSTREAM_ODD = {
     "big-head": simple_response(200, b"big", [("X-Big", "v" * (70 * 1024))]),
     "many-headers": simple_response(200, b"many", [("X-H%d" % i, "v") for i in range(150)]),

@@ -264,8 +264,8 @@ XFF_CONFIGS = {
 }
 
 
-# with the RBAC filter the requests take pyproxy's generic stream; router-only, its fast lane and
-# (HTTP/1.1, bodiless) its express lane: the same request preparation must run on each
+# with the RBAC filter the requests run the filter chain; router-only, the stream's first attempt
+# (HTTP/1.1, bodiless: conn_manager.serve_inline): the same request preparation must run on each
 LANES = ["rbac", "router-only"]
 
 

@@ -2,8 +2,9 @@
 
 ``peer_metadata`` (``istio.metadata_exchange``), ``istio.alpn`` and ``istio.stats`` declare
 ``compiled_hooks`` (ChainPlan, filters/network/http_connection_manager.py): on the default path a
-request through Istio's sidecar chain takes the compiled lanes (express for a bodiless HTTP/1.1
-request, the fast lane for HTTP/2), which do the filters' work through the hooks; with
+request through Istio's sidecar chain runs the router's first attempt in the stream (relaying the
+response head as bytes for a bodiless HTTP/1.1 request), which does the filters' work through the
+hooks; with
 ``PYPROXY_REFERENCE=1`` the filters run one by one. Two pyproxy processes (tests/diff_util.py
 ``ModePair``) run one bootstrap with an outbound and an inbound sidecar listener; each case runs in
 both, and what the client receives, what the upstream receives, the counter deltas and every

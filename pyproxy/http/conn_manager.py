@@ -1,22 +1,29 @@
 """HTTP connection manager runtime: one ``HttpConnection`` per downstream connection (the codec,
-the connection's timers, draining, watermarks); one stream per request (``stream.py``, made
-through the HCM config's ``stream_class``)."""
+the connection's timers, draining, watermarks); one stream per request (``stream.ActiveStream``),
+whatever the codec. ``serve_inline`` is the HTTP/1.1 codec's entry for a complete, bodiless
+request when the HCM's chain plan allows it: request preparation, route lookup and the stream's
+first attempt without the generic entry points, the StreamInfo made only when read."""
 
 from __future__ import annotations
 
 import logging
+import random
 import socket
+import time
 from functools import partial
 
 from .filter import CONTINUE, STOP
-from .http1 import Http1ServerCodec, REASONS
+from .first_attempt import chain_is_inert, pick_cluster
+from .http1 import HTTP11, Http1ServerCodec, REASONS
+from .decorator import decorate
 from .local_reply import _date
-from .request_prep import WATCH_BYTES
+from .request_prep import WATCH_BYTES, Prepared, prepare
+from .stream import ActiveStream
 
 log = logging.getLogger("pyproxy.http")
 
-# request headers the HTTP/1.1 codec notes for the express lane (``codec.noted``): those the request
-# preparation acts on (request_prep.WATCH_BYTES) or adds, and the timeout header the lane appends
+# request headers the HTTP/1.1 codec notes for serve_inline (``codec.noted``): those the request
+# preparation acts on (request_prep.WATCH_BYTES) or adds, and the timeout header the stream appends
 H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"}
 
 # draining: how long an idle HTTP/1 connection is left open for a request already on its way
@@ -43,6 +50,9 @@ def _bytes_waiting(sock) -> bool:
         s.detach()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_monotonic = time.monotonic
+_rand = random.getrandbits
+_new_stream = object.__new__
 
 
 class HttpConnection:
@@ -68,7 +78,7 @@ class HttpConnection:
         self.dl_at = 0.0
         self.last_activity = 0.0
         self.rebound = False
-        self.prepped = None  # the express lane's request preparation, for the stream it leaves a request to
+        self.prepped = None  # serve_inline's request preparation, for the stream it leaves a request to
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
         self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
@@ -97,9 +107,8 @@ class HttpConnection:
         st.cx_http1_active.inc()
         codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
                                               max_headers=self.cfg.max_headers_count, note=H1_NOTE)
-        x = self.cfg.express
-        if x is not None:
-            codec.on_request = partial(x, self)  # (the express lane's entry: http/express.py start)
+        if self.cfg.serve_inline:
+            codec.on_request = partial(serve_inline, self)
 
     def _make_h2(self):
         from .http2 import Http2ServerCodec
@@ -227,17 +236,17 @@ class HttpConnection:
 
     # -- codec callbacks ------------------------------------------------------------------------------
     def on_request(self, codec, headers, end_stream: bool, version, direct: bool = False) -> None:
-        """A request head from the HTTP/1.1 codec: a stream serves it. (When the HCM allows the
-        express lane, the codec hands heads to ``express.start`` first, which may leave it here.)"""
+        """A request head from the HTTP/1.1 codec: a stream serves it. (When the HCM allows it,
+        the codec hands heads to ``serve_inline`` first, which may leave it here.)"""
         s = codec.stream = self.new_stream(codec, version)
         s.decode_headers(headers, end_stream)
 
     def new_stream(self, encoder, version):
         self.streams += 1
         self.last_activity = self.cfg.loop.time()
-        s = self.cfg.stream_class(self, encoder, version)  # (ActiveStream or FastStream)
+        s = ActiveStream(self, encoder, version)
         p = self.prepped
-        if p is not None:  # (what the express lane did before it left the request to a stream)
+        if p is not None:  # (what serve_inline did before it left the request to a stream)
             self.prepped = None
             s.prepped = p
         self.live.add(s)
@@ -335,3 +344,96 @@ class _Detect:
 
     def on_close(self):
         self.closed = True
+
+
+def hcm_serves_inline(cfg) -> bool:
+    """Whether an HTTP connection manager's HTTP/1.1 requests may be served by ``serve_inline``: a
+    router-only chain (or one whose other filters the chain plan may show inert per request,
+    ``serve_inline`` checks) and none of the per-request features it leaves to the stream's own
+    entry (access logs, the request id in the response, request and stream duration timers)."""
+    # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
+    return bool(
+        cfg.fast_router and not cfg.access_logs and not cfg.always_set_request_id_in_response
+        and not cfg.request_timeout and not cfg.max_stream_duration)
+
+
+def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
+    """The HTTP/1.1 codec's ``on_request`` when the HCM allows it: serve a complete, bodiless
+    HTTP/1.1 request whose filters the plans show inert with a stream made here, which runs the
+    router's first attempt (``FirstAttempt.begin_first_attempt``) and relays the response head as
+    bytes when the route's plan allows; or leave it (having changed nothing the stream's own entry
+    would not do the same way) to ``HttpConnection.on_request``.
+
+    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
+    h = headers._h
+    if not (direct and end_stream and version is HTTP11) or len(h) < 4:
+        return hc.on_request(codec, headers, end_stream, version)
+    cfg = hc.cfg
+    # the connection manager's request preparation (request_prep.py), the one every stream runs;
+    # when the request then goes to the stream's own entry, its result goes with it (never run twice)
+    table = cfg.routes.table
+    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.noted or codec.hop_seen))
+    remote = None
+    if type(r) is not str:
+        if r.reply is not None:
+            hc.prepped = r
+            return hc.on_request(codec, headers, True, version)
+        remote = r.remote
+    if table is None:
+        return _fall_back(hc, codec, headers, r)
+    route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
+    if route is None:
+        return _fall_back(hc, codec, headers, r)
+    if route.express is False:  # (the route's plan, routing/plan.py)
+        return _fall_back(hc, codec, headers, r, table, route)
+    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
+        return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
+    picked = pick_cluster(route, headers, cfg.cluster_manager)
+    if picked is None:
+        return _fall_back(hc, codec, headers, r, table, route)
+    name, choice, cluster = picked
+
+    # from here on the request is this stream's
+    s = _new_stream(ActiveStream)
+    s.hc = hc
+    s.cfg = cfg
+    s.encoder = codec
+    codec.stream = s
+    s.t0 = _monotonic()
+    s.request_headers = headers
+    s.route = route
+    s.plain = not codec.hop_seen
+    s.remote_complete = True
+    mut = route.resp_raw
+    if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
+        s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+    if remote is not None:
+        s.remote = remote
+    s.rid = r if type(r) is str else r.rid
+    # HttpConnection.new_stream and ActiveStream.__init__'s counting
+    loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
+    hc.streams += 1
+    hc.last_activity = s.last_activity = loop_now
+    hc.live.add(s)
+    st = hc.stats
+    st.rq_total.value += 1
+    g = st.rq_active
+    g.value += 1
+    g.used = True
+    st.rq_http1_total.value += 1
+    d = cfg.prep.decorate
+    if d:
+        # (no tracer here: the caller's operation names no span)
+        s.caller_op = decorate(d, route, headers, not (codec.noted or codec.hop_seen))
+    s.begin_first_attempt(route, headers, cluster, choice)
+
+
+def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
+    """Leave the request to the stream's own entry, with the request preparation's result (and
+    the route, when one was found: the stream does not look it up again)."""
+    if route is not None:
+        hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
+            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
+    else:
+        hc.prepped = Prepared(rid=r) if type(r) is str else r
+    hc.on_request(codec, headers, True, HTTP11)

@@ -6,8 +6,8 @@ object, no encoder chain. The bytes are those the ``Headers`` path writes (the r
 header mutations, compiled to bytes as ``RouteEntry.resp_raw``; the telemetry hooks' lines; date,
 server and decorator as ``ActiveStream._send_headers``; framing as ``Http1ServerCodec``).
 
-The functions here are methods of the fast stream (``fast_stream.FastStream``), used when the
-stream's ``raw_head`` is set.
+The functions here are methods of the stream (``first_attempt.FirstAttempt``), used when the
+stream's ``raw_head`` is set (``conn_manager.serve_inline``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"ser
 
 
 def send_request(s, encoder) -> None:
-    """The request head upstream (``FastStream.on_pool_ready``)."""
+    """The request head upstream (``FirstAttempt.on_pool_ready``)."""
     if type(encoder) is not UpstreamConnection or not s.plain:
         s.up_local = getattr(encoder, "local_address", "")
         si = s.__dict__.get("stream_info")
@@ -48,8 +48,9 @@ def send_request(s, encoder) -> None:
         encoder.encode_headers(s.request_headers, True)
         return
     up.head_request = method == "HEAD"
-    encoder.write((method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                   "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1"))
+    s.up_head = head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                        "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1")
+    encoder.write(head)  # (up_head: istio.stats sizes the request head from it)
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
@@ -163,8 +164,8 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
 
 
 def relay_done(s) -> None:
-    """The relayed response is complete: the fast stream's ``_complete`` and the stream's
-    ``_finish``, for a stream whose head went as bytes."""
+    """The relayed response is complete: the stream's ``_complete`` and ``_finish``, for a stream
+    whose head went as bytes (made by ``serve_inline``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
     c.st_rq_time.record((now - s.start) * 1000.0)
@@ -174,7 +175,7 @@ def relay_done(s) -> None:
     if s.counted:
         s.counted = False
         c.rq_active_total -= 1
-        c.st_rq_active.value -= 1  # (gauges that start() raised: no need to mark them used)
+        c.st_rq_active.value -= 1  # (gauges that serve_inline() raised: no need to mark them used)
     s.local_complete = True
     codec = s.encoder
     if codec.response_close or codec.pending or codec.tunnel or not codec.request_complete:

@@ -1,5 +1,9 @@
-"""One request/response exchange through the HTTP filter chain (``ActiveStream``), whatever the
-codec.
+"""One request/response exchange (``ActiveStream``), whatever the codec: the one stream class.
+
+What a request needs is decided by the HCM's chain plan and the route's plan: a request whose
+filters have nothing to do runs the router's first attempt in the stream itself
+(``first_attempt.py``, relaying the response head as bytes on HTTP/1.1 when the plans allow,
+``h1_relay.py``); any other request runs the configured filter chain.
 
 Codec -> stream: ``decode_headers/data/trailers``, ``on_reset``.
 Stream -> codec: ``encode_headers/data/trailers`` (after the encoder filters).
@@ -15,59 +19,18 @@ import time
 
 from .decorator import decorate, decorate_response
 from .filter import STOP
+from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
-from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
+from .stream_parts import LazyInfo, _guarded, new_stream_info
 
 log = logging.getLogger("pyproxy.http")
 
 
-def _guarded(method):
-    """A stream event entry point: a filter's exception answers 500 (or resets the stream once the
-    response started) instead of escaping into the connection and killing it.
-
-    The wrapper has the method's own arity (no ``*args`` packing on every event)."""
-    code = method.__code__
-    n = code.co_argcount - 1
-    if n == 0:
-        def entry(self):
-            try:
-                method(self)
-            except Exception as e:
-                self._filter_failed(e)
-    elif n == 1:
-        def entry(self, a):
-            try:
-                method(self, a)
-            except Exception as e:
-                self._filter_failed(e)
-    elif n == 2:
-        def entry(self, a, b):
-            try:
-                method(self, a, b)
-            except Exception as e:
-                self._filter_failed(e)
-    elif n == 3 and code.co_varnames[3] == "from_filter":
-        def entry(self, a, b, from_filter=-1):
-            try:
-                method(self, a, b, from_filter)
-            except Exception as e:
-                self._filter_failed(e)
-    else:
-        def entry(self, *args, **kwargs):
-            try:
-                method(self, *args, **kwargs)
-            except Exception as e:
-                self._filter_failed(e)
-    entry.__name__ = method.__name__
-    entry.__qualname__ = method.__qualname__
-    entry.__doc__ = method.__doc__
-    return entry
-
-
-class ActiveStream:
-    """One request/response exchange through the HTTP filter chain.
+class ActiveStream(FirstAttempt):
+    """One request/response exchange: through the HTTP filter chain, or, when the plans show the
+    filters inert, with the router's first attempt run by the stream (``FirstAttempt``).
 
     Attributes default at class level: a request sets only what differs (cheap to create).
     """
@@ -94,8 +57,14 @@ class ActiveStream:
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
-    prepped = None  # the request preparation's result when a lane ran it before the stream existed
+    prepped = None  # the request preparation's result when serve_inline ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
+    version = "HTTP/1.1"
+    t0 = 0.0              # monotonic start (a stream made by conn_manager.serve_inline)
+    remote = None         # the downstream address derived from the headers (request_prep)
+    rid = ""              # the request id (request_prep)
+    # made at once by __init__; lazily (``_make_stream_info``) for a serve_inline stream
+    stream_info = LazyInfo()
 
     def __init__(self, hc, encoder, version):
         self.hc = hc
@@ -117,6 +86,25 @@ class ActiveStream:
         if cfg.max_stream_duration:
             self.max_duration_timer = loop.call_later(cfg.max_stream_duration, self._max_duration)
 
+    def _make_stream_info(self):
+        """The StreamInfo of a stream made without one (``conn_manager.serve_inline``): what
+        ``__init__`` and the stream have recorded by now."""
+        si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
+        si.request_id = self.rid  # (the request preparation's, as _prepare_request records it)
+        if self.remote is not None:
+            si.downstream_remote_address = self.remote
+        r = self.route
+        si.route_name = r.name if r is not None else ""
+        c = self.cluster
+        if c is not None:
+            si.upstream_cluster = c.name
+            si.attempt_count = 1
+        if self.host is not None:
+            si.upstream_host = self.host.key
+        si.upstream_local_address = self.up_local
+        si.response_code = self.status
+        return si
+
     # -- properties filters use ---------------------------------------------------------------------
     @property
     def connection(self):
@@ -136,21 +124,37 @@ class ActiveStream:
         if err is not None:
             return
         # route lookup (filters may clear it and cause a new lookup)
-        self.refresh_route()
+        p = self.prepped
+        if p is not None and p.route is not None and p.table is cfg.routes.table:
+            route = self.route = p.route  # (serve_inline found it before leaving the request here)
+            self.route_table = p.table
+            self.stream_info.route_name = route.name
+        else:
+            self.refresh_route()
+            route = self.route
         d = cfg.prep.decorate
         if d:
-            self.caller_op = decorate(d, self.route, headers)
-        if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
-            return
-        self.filters = [f.create(self) for f in cfg.decoder_factories]
+            self.caller_op = decorate(d, route, headers)
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()
             self.request_timer = None
+        if self.upgrade_type is not None or headers._h[0][1] == "CONNECT":
+            # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
+            if self.upgrade_refused():
+                return
+        elif end_stream and cfg.fast_router and route is not None and route.fast and not (
+                (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers)):
+            # the plans show every filter inert: the stream runs the router's first attempt
+            picked = pick_cluster(route, headers, cfg.cluster_manager)
+            if picked is not None:
+                self.begin_first_attempt(route, headers, picked[2], picked[1])
+                return
+        self.filters = [f.create(self) for f in cfg.decoder_factories]
         self._run_decode_headers(0, headers, end_stream)
 
     def _prepare_request(self, headers: Headers):
         """The connection manager's request preparation (request_prep.py), once per request: a
-        lane that already ran it (the express lane falling back) hands its result over in
+        caller that already ran it (``conn_manager.serve_inline`` leaving the request) hands it over in
         ``prepped``. Returns True when a local reply was sent instead."""
         r = self.prepped
         if r is None:
@@ -230,6 +234,13 @@ class ActiveStream:
         self.stream_info.bytes_received += len(data)
         filters = self.filters
         if filters is None:
+            # no filter: the stream runs the request's first attempt (its request had no body,
+            # so these are the downstream side of a tunnel, after an upstream 101 the request did
+            # not ask for): passed upstream as the router passes them (``Router.decode_data``)
+            if self.router is self and not self.up_done:
+                enc = self.encoder_up
+                if enc is not None:
+                    enc.encode_data(data, end_stream)
             return
         # Envoy: a filter that stopped the headers still receives the body; filters after it get
         # it when it continues
@@ -328,6 +339,11 @@ class ActiveStream:
 
     def _send_headers(self, headers: Headers, end_stream: bool):
         cfg = self.cfg
+        if self.handed is not None:
+            # the router filter took the request over from the stream's first attempt: the
+            # telemetry hooks see its answer
+            for hook in cfg.response_hooks:
+                hook.on_response(self, headers)
         self.response_started = True
         self.response_headers = headers
         if "date" not in headers:
@@ -474,7 +490,9 @@ class ActiveStream:
     def on_deadline(self):
         """The stream's deadline passed (HttpConnection.arm_deadline): the router's route timeout."""
         r = self.router
-        if r is not None:
+        if r is self:
+            self._attempt_deadline()
+        elif r is not None:
             r.on_deadline()
 
     def on_idle_timeout(self):
@@ -519,6 +537,9 @@ class ActiveStream:
     def _finish(self, reset: bool = False) -> None:
         if self.done:
             return
+        mine = self.router is self or self.handed is not None  # (the stream ran the first attempt)
+        if mine and not self.up_done:
+            self._abandon()  # the downstream is gone (or the stream failed) mid-exchange
         self.done = True
         if self.request_timer is not None:
             self.request_timer.cancel()
@@ -555,34 +576,9 @@ class ActiveStream:
         self.filters = None
         self.router = None
         self.encoder = None
-
-
-_StreamInfo = StreamInfo
-_new_si = StreamInfo.__new__
-
-
-def new_stream_info(conn, version: str, start_time: float, start_monotonic: float):
-    """A stream's StreamInfo: the connection's facts copied, the rest defaults at class level."""
-    si = _new_si(_StreamInfo)
-    csi = conn.stream_info
-    si.start_time = start_time
-    si.start_monotonic = start_monotonic
-    si.protocol = version
-    si.downstream_remote_address = csi.downstream_remote_address
-    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
-    si.downstream_local_address = csi.downstream_local_address
-    si.requested_server_name = csi.requested_server_name
-    si.response_flags = _ResponseFlags()
-    si.connection_id = csi.connection_id
-    si.filter_state = conn.filter_state
-    si.dynamic_metadata = {}
-    tls = csi.downstream_ssl
-    if tls is not None:
-        si.downstream_ssl = tls
-        si.downstream_tls_version = csi.downstream_tls_version
-        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
-        si.downstream_local_uri_san = csi.downstream_local_uri_san
-    return si
+        if mine:
+            for obs in self.cfg.observers:  # telemetry filters' completion work (ChainPlan)
+                obs(self)
 
 
 _time = time.time

@@ -2,7 +2,7 @@
 compiles (``compile_route`` calls ``plan_route`` last), never at the first request.
 
 - ``fast``: a cluster route whose first attempt the stream itself can run (the HCM's compiled
-  path, ``http/fast_stream.py``), without the router filter's objects: no hash policy, host
+  path, ``http/first_attempt.py``), without the router filter's objects: no hash policy, host
   rewrite from the host, gRPC timeout header, cluster header, hashed or header-weighted
   clusters, mirror or hedge. A retry policy does not keep a route off it: its retry state is
   made only when an attempt fails (``retry_codes`` below; the router filter's ``adopt`` takes the
@@ -25,7 +25,7 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   ``envoy-ratelimited``). A response with any other status goes downstream as it is, with no
   retry state made.
 - ``grpc_router``: a gRPC request on the route takes the router filter from the start
-  (``http/fast_stream.py chain_is_inert``): the retry policy retries gRPC statuses, or the route
+  (``http/first_attempt.py chain_is_inert``): the retry policy retries gRPC statuses, or the route
   reads the ``grpc-timeout`` header (``max_grpc_timeout``, ``grpc_timeout_offset``; Istio sets
   ``max_grpc_timeout: 0s`` on every route). Other requests on such a route stay on the compiled path.
 """

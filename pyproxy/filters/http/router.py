@@ -191,7 +191,7 @@ class Router:
 
     def adopt(self, route, cluster, choice, headers, host, encoder, start):
         """Take over a complete, bodiless request whose first attempt the stream ran itself (the
-        compiled path, ``http/fast_stream.py``) on a route with a retry policy, when that attempt
+        compiled path, ``http/first_attempt.py``) on a route with a retry policy, when that attempt
         failed: the retry state is made now, as ``decode_headers`` would have made it, with the
         attempt as the first. The cluster's active-request count passes to the router. Returns
         the attempt, to which the caller delivers the failure (``on_pool_failure``,

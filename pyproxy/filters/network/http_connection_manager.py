@@ -51,27 +51,27 @@ class ChainPlan:
     - ``inert_unless_grpc``: it acts on gRPC requests only (``grpc_stats``).
     When the router (``RouterConfig``) is last and every other filter is inert in one of these
     ways, ``plannable`` is true: a request whose route and content type leave them all inert takes
-    the router-only fast lanes (``http/fast_stream.py chain_is_inert``); any other request runs the
-    whole configured chain filter by filter. Immutable; RDS tables need no re-planning, since the
+    no filter object: the stream runs the router's first attempt (``http/first_attempt.py
+    chain_is_inert``); any other request runs the whole configured chain filter by filter. Immutable; RDS tables need no re-planning, since the
     per-route part is read from the route the request matched.
 
     A filter factory may also carry ``compiled_hooks`` (telemetry: ``peer_metadata``,
-    ``istio.alpn``, ``istio.stats``): the same work as its filter, done by the compiled lanes at
-    fixed points instead of through a filter object, so it never makes a request take the generic
-    path. The hooks object has (each None or empty when unused):
+    ``istio.alpn``, ``istio.stats``): the same work as its filter, done by the stream at fixed
+    points of its first attempt instead of through a filter object, so it never makes a request
+    run the filter chain. The hooks object has (each None or empty when unused):
     - ``on_request(stream, headers, cluster)``: once the route's cluster is chosen, before the
       route's request header mutations (it may edit ``headers``, write filter state, set
-      ``stream.alpn``, the upstream ALPN list the lane passes to ``Cluster.http_pool``);
+      ``stream.alpn``, the upstream ALPN list the stream passes to ``Cluster.http_pool``);
     - ``on_response(stream, headers)``: the response ``Headers``, after the route's response
       mutations, before the connection manager sends them;
-    - ``response_take`` and ``on_response_raw(stream, taken)``: for a lane that writes the
-      response head from the upstream's raw lines (express): the header names it holds back and
+    - ``response_take`` and ``on_response_raw(stream, taken)``: for a stream that writes the
+      response head from the upstream's raw lines (http/h1_relay.py): the header names it holds back and
       hands over as ``(name, value)`` str pairs (``taken`` is None when there were none), called
       after ``x-envoy-upstream-service-time``; returns header lines to add (bytes) or None;
-    - ``on_complete(stream)``: once, when a stream the lane served ends (after the filters'
+    - ``on_complete(stream)``: once, when a stream that ran its first attempt ends (after the filters'
       ``on_destroy`` and the access logs), with ``stream_info.end_monotonic`` set.
     The plan gathers them in chain order (``request_hooks``, ``response_hooks``, ``observers``,
-    ``response_take``). On the generic path (a request the lanes do not take, or
+    ``response_take``). On the filter chain (a request whose filters are not all inert, or
     ``PYPROXY_REFERENCE=1``) the filters run as filters and the hooks are not called."""
 
     __slots__ = ("plannable", "live_on_route", "live_on_grpc", "request_hooks", "response_hooks", "observers",
@@ -232,13 +232,12 @@ class HcmConfig:
             self.filters.insert(0, HttpFilterEntry("envoy.tracers.zipkin", self.tracer, False))
         self.filters = tuple(self.filters)
         self.decoder_factories = tuple(e.factory for e in self.filters)
-        # router-only chains take the fast lane (pyproxy/http/fast_stream.py), and so do chains
-        # whose other filters the chain plan shows inert for a request (see ChainPlan)
-        # (PYPROXY_FAST_LANE=0 turns it off: the test suite runs the router tests both ways)
+        # the chain plan: which filters have anything to do (see ChainPlan); a request whose
+        # filters are all inert runs the router's first attempt in the stream (http/first_attempt.py)
         plan = self.plan = ChainPlan(self.filters)
         self.live_on_route = plan.live_on_route
         self.live_on_grpc = plan.live_on_grpc
-        # telemetry filters' hooks on the compiled lanes (see ChainPlan)
+        # telemetry filters' hooks on the compiled path (see ChainPlan)
         self.request_hooks = plan.request_hooks
         self.response_hooks = plan.response_hooks
         self.observers = plan.observers
@@ -246,17 +245,13 @@ class HcmConfig:
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
         # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
-        self.fast_router = (plan.plannable and os.environ.get("PYPROXY_FAST_LANE", "1") != "0"
-                            and os.environ.get("PYPROXY_REFERENCE", "0") != "1")
-        from ...http.stream import ActiveStream
-        from ...http.fast_stream import FastStream
-        self.stream_class = FastStream if self.fast_router else ActiveStream
+        self.fast_router = plan.plannable and os.environ.get("PYPROXY_REFERENCE", "0") != "1"
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
-        # HTTP/1.1 requests of such a chain may take the express lane (pyproxy/http/express.py)
-        from ...http import express
-        self.express = express.start if express.hcm_is_express(self) else None
+        # HTTP/1.1 requests of such a chain: the codec's entry (http/conn_manager.py serve_inline)
+        from ...http.conn_manager import hcm_serves_inline
+        self.serve_inline = hcm_serves_inline(self)
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
-        # the request preparation every lane runs (XFF, XFCC, paths, internal headers...)
+        # the request preparation every stream runs (XFF, XFCC, paths, internal headers...)
         from ...http.request_prep import PrepPlan
         try:
             self.prep = PrepPlan(cfg, self)

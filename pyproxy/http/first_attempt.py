@@ -1,30 +1,30 @@
-"""The router-only fast lane: one object is the stream, the router and the upstream request.
+"""The router's first attempt, run by the stream itself (``FirstAttempt``, a part of
+``stream.ActiveStream``): what the HCM's chain plan and the route's plan decide per request.
 
-When an HTTP connection manager's only HTTP filter is the router (the common data-plane case), or
-every other filter has nothing to do for the request (the HCM's chain plan, ``chain_is_inert``), a
-request without a body to a plain cluster route needs none of the filter-chain machinery: no
-filter list, no separate ``Router`` and ``UpstreamRequest`` objects, no event hops between them.
-``FastStream`` is an ``ActiveStream`` (local replies, stats, access logs, timeouts and completion
-are the generic code) that does the router's work itself for such requests and hands everything
-else to the generic router before any side effect:
+When every filter in front of the router has nothing to do for a request (the HCM's chain plan,
+``chain_is_inert``; a router-only chain always) and the request is complete, bodiless, and on a
+route whose plan allows it (``RouteEntry.fast``, routing/plan.py: a plain cluster route without
+hash policies, host rewrites from the host, mirrors, hedging or per-try timeouts), the stream
+needs none of the filter-chain machinery: no filter list, no ``Router`` and ``UpstreamRequest``
+objects, no event hops between them. The stream is then the router and the upstream request:
+``begin_first_attempt`` does the router's work for the request and the pool and the upstream
+codec call the stream back. Everything else (bodies, upgrades, CONNECT, direct responses and
+redirects, unknown or ORIGINAL_DST clusters, a full ``max_requests``) goes through the filter
+chain before any side effect.
 
-- requests with a body (the router buffers/streams it), upgrades and CONNECT;
-- routes the route's plan (``RouteEntry.fast``, routing/plan.py) keeps off: hash policies, host
-  rewrites from the host, mirrors, hedging, per-try timeouts, or not a cluster
-  action (direct responses and redirects);
-- unknown clusters, ORIGINAL_DST clusters and a full ``max_requests`` circuit breaker (the router
-  answers those).
-
-What a fast request does is what the router does for it: the same headers added
+What such a request does is what the router does for it: the same headers added
 (``x-envoy-expected-rq-timeout-ms``, ``x-envoy-upstream-service-time``), the same route header
-mutations, stats, response flags and local replies (503 UH/UF/UO/UR, 504 UT). The test suite runs
-its router tests through both lanes.
+mutations, stats, response flags and local replies (503 UH/UF/UO/UR, 504 UT). The differential
+tests compare it with ``PYPROXY_REFERENCE=1``, which runs every request filter by filter.
 
 A route with a retry policy (Istio's default) stays here: no retry state is made while the first
 attempt goes well. When it fails (a connect failure, a reset before the response, a status in the
 plan's ``retry_codes``) the router filter takes the request over (``_to_router``,
 ``Router.adopt``) with that attempt as its first, and decides, retries and answers as it would
 have from the start.
+
+On a bodiless HTTP/1.1 request whose route and chain plans allow it, the upstream response head
+is relayed as bytes (``raw_head``, http/h1_relay.py).
 """
 
 from __future__ import annotations
@@ -35,24 +35,10 @@ import time
 from ..cluster.lb import LbContext
 from ..transport import upstream_tls_sans
 from . import h1_relay
-from .stream import ActiveStream, _guarded, new_stream_info
-from .decorator import decorate
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
-_time = time.time
 _rand = random.getrandbits
-
-
-class _LazyInfo:
-    """``stream_info`` made on first use (a non-data descriptor: once made, or once set by
-    ``ActiveStream.__init__``, it is a plain instance attribute and costs nothing)."""
-
-    def __get__(self, s, owner=None):
-        if s is None:
-            return self
-        si = s.__dict__["stream_info"] = s._make_stream_info()
-        return si
 
 _OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
@@ -67,10 +53,10 @@ def close_tunnel(enc) -> None:
 def chain_is_inert(cfg, route, headers) -> bool:
     """The HCM's chain plan (filters/network/http_connection_manager.py ChainPlan) and the route's
     plan (routing/plan.py), per request: whether every filter in front of the router has nothing
-    to do for this route and request, so that the request may take a fast lane. A filter that is
-    inert unless a route configures it is live on a route whose ``filter_names`` (compiled with the
-    route) include its name; ``grpc_stats`` is live on a gRPC request only, and so is the router's
-    gRPC work on some routes (``route.grpc_router``: gRPC retries, the grpc-timeout header).
+    to do for this route and request. A filter that is inert unless a route configures it is live
+    on a route whose ``filter_names`` (compiled with the route) include its name; ``grpc_stats`` is
+    live on a gRPC request only, and so is the router's gRPC work on some routes
+    (``route.grpc_router``: gRPC retries, the grpc-timeout header).
     Called when ``cfg.chain_checks or route.grpc_router``."""
     keys = cfg.live_on_route
     if keys and not keys.isdisjoint(route.filter_names):
@@ -83,8 +69,8 @@ def chain_is_inert(cfg, route, headers) -> bool:
 
 
 def pick_cluster(route, headers, cluster_manager):
-    """``(name, weighted choice or None, cluster)`` for a fast-lane request, or None when the
-    router must answer (an unknown or ORIGINAL_DST cluster, a full ``max_requests``)."""
+    """``(name, weighted choice or None, cluster)`` for a first attempt the stream runs, or None
+    when the router must answer (an unknown or ORIGINAL_DST cluster, a full ``max_requests``)."""
     if route.cluster:
         name, choice = route.cluster, None
     else:
@@ -95,10 +81,9 @@ def pick_cluster(route, headers, cluster_manager):
     return name, choice, cluster
 
 
-class FastStream(ActiveStream):
-    """An ``ActiveStream`` for a router-only filter chain (see the module docstring)."""
+class FirstAttempt:
+    """The stream's part that runs the router's first attempt (see the module docstring)."""
 
-    # fast-lane state (class-level defaults, like ActiveStream's)
     cluster = None
     choice = None
     host = None
@@ -110,122 +95,61 @@ class FastStream(ActiveStream):
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
-    # a bodiless HTTP/1.1 request the codec handed to ``express.start``: the StreamInfo is made
-    # lazily, and the upstream response head may be relayed as bytes (http/h1_relay.py)
     raw_head = False      # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
-    version = "HTTP/1.1"
-    t0 = 0.0
     status = 0            # set when on_upstream_head wrote the response head itself
-    remote = None         # the downstream address derived from the headers (request_prep)
-    rid = ""              # the request id (request_prep)
     up_local = ""
-    plain = False         # the request has no framing or hop-by-hop headers
-    tx_head = 0           # bytes of the response header lines written here (istio.stats)
-    tx_body = 0           # response body bytes written here
-
-    stream_info = _LazyInfo()
-
-    def _make_stream_info(self):
-        """What ``ActiveStream.__init__`` and the fast lane would have recorded by now."""
-        si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
-        si.request_id = self.rid  # (the request preparation's, as ActiveStream records it)
-        if self.remote is not None:
-            si.downstream_remote_address = self.remote
-        r = self.route
-        si.route_name = r.name if r is not None else ""
-        c = self.cluster
-        if c is not None:
-            si.upstream_cluster = c.name
-            si.attempt_count = 1
-        if self.host is not None:
-            si.upstream_host = self.host.key
-        si.upstream_local_address = self.up_local
-        si.response_code = self.status
-        return si
+    plain = False         # the request has no framing or hop-by-hop headers (HTTP/1.1 codec)
+    tx_head = 0           # bytes of the response header lines written by the relay (istio.stats)
+    tx_body = 0           # response body bytes written by the relay
 
     on_upstream_head = h1_relay.on_upstream_head
     _send_request = h1_relay.send_request
 
-    @_guarded
-    def decode_headers(self, headers, end_stream: bool) -> None:
-        self.request_headers = headers
-        self.remote_complete = end_stream
-        if self._prepare_request(headers) is not None:
-            return
-        # (refresh_route, inlined)
+    def begin_first_attempt(self, route, headers, cluster, choice) -> None:
+        """The router's work for this request (``Router.decode_headers`` for a first attempt
+        without retry state): from here on the stream is the request's router."""
         cfg = self.cfg
-        table = self.route_table = cfg.routes.table
-        p = self.prepped
-        if p is not None and p.route is not None and p.table is table:
-            route = self.route = p.route  # (the express lane found it before leaving the request here)
-        else:
-            route = self.route = table.find(headers, self.stream_info, _rand(32)) if table is not None else None
-        self.stream_info.route_name = route.name if route is not None else ""
-        d = cfg.prep.decorate
-        if d:
-            self.caller_op = decorate(d, route, headers)
-        if self.request_timer is not None and end_stream:
-            self.request_timer.cancel()
-            self.request_timer = None
-        # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
-        if route is None or not end_stream or not route.fast or \
-                self.upgrade_type is not None or headers._h[0][1] == "CONNECT":
-            if (self.upgrade_type is not None or headers._h[0][1] == "CONNECT") and self.upgrade_refused():
-                return
-            return self._generic(headers, end_stream)
-        if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
-            return self._generic(headers, end_stream)
-        picked = pick_cluster(route, headers, cfg.cluster_manager)
-        if picked is None:
-            return self._generic(headers, end_stream)
-        name, choice, cluster = picked
-        # from here on this is the router's work for this request
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
-        for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
-            hook(self, headers, cluster)
-        si = self.stream_info
-        si.upstream_cluster = name
         self.cluster = cluster
         self.choice = choice
-        # (the router's order: the timeout header, the attempt count, the route's mutations)
+        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
+        if si is not None:
+            si.upstream_cluster = cluster.name
+            si.attempt_count = 1
+        for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
+            hook(self, headers, cluster)
+        # (the router's order: the timeout header, the attempt count, the route's mutations;
+        # the request preparation removed any timeout header the client sent)
         timeout = route.timeout
         if timeout and not cfg.router_suppress_envoy_headers:
-            headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
+            ms = route.express
+            headers._h.append(("x-envoy-expected-rq-timeout-ms", ms or str(int(timeout * 1000))))
         if route.include_request_attempt_count:
             headers.set("x-envoy-attempt-count", "1")
-        route.finalize_request_headers(headers, si, choice)
-        route.rewrite_request(headers, choice)
+        if route._req_mutations or choice is not None:
+            route.finalize_request_headers(headers, None if route.express is not False else self.stream_info, choice)
+        if choice is not None or route.fast_rewrites:
+            route.rewrite_request(headers, choice)
         self.start = _monotonic()
         cluster.rq_active_total += 1
-        cluster.st_rq_active.inc()
+        g = cluster.st_rq_active
+        g.value += 1
+        g.used = True
         self.counted = True
         if timeout:
             # the route timeout: a deadline on the connection's shared timer
+            hc = self.hc
             at = self.deadline = cfg.loop.time() + timeout
-            self.hc.arm_deadline(at)
-        si.attempt_count = 1
+            if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
+                hc.arm_deadline(at)
         host = self.host = cluster.choose_host(_NO_CTX)
         if host is None:
             cluster.st_cx_none_healthy.value += 1
             self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
             return
-        si.upstream_host = host.key
+        if si is not None:
+            si.upstream_host = host.key
         self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
-
-    def decode_data(self, data: bytes, end_stream: bool) -> None:
-        """Request bytes after the headers. A request of this lane has no body, so they are the
-        downstream side of a tunnel (the HTTP/1.1 codec's, after an upstream 101 the request did
-        not ask for): passed upstream as the router passes them (``Router.decode_data``)."""
-        ActiveStream.decode_data(self, data, end_stream)
-        if self.router is self and not self.up_done and not self.done:
-            enc = self.encoder_up
-            if enc is not None:
-                enc.encode_data(data, end_stream)
-
-    def _generic(self, headers, end_stream):
-        """Not for the fast lane: the configured filter chain (the router) takes the request."""
-        self.filters = [f.create(self) for f in self.cfg.decoder_factories]
-        self._run_decode_headers(0, headers, end_stream)
 
     # -- pool callbacks --------------------------------------------------------------------------
     def on_pool_ready(self, encoder, host):
@@ -406,11 +330,8 @@ class FastStream(ActiveStream):
             self._up_finished()
 
     # -- endings ------------------------------------------------------------------------------------
-    def on_deadline(self):
-        """The route timeout passed (called by the connection's deadline timer)."""
-        if self.router is not self:
-            # the generic router has the request (_generic): its own timeouts (route, gRPC)
-            return ActiveStream.on_deadline(self)
+    def _attempt_deadline(self):
+        """The route timeout passed (``ActiveStream.on_deadline``, when the stream is the router)."""
         if self.up_done:
             return
         self.cluster.st_rq_timeout.value += 1
@@ -457,19 +378,3 @@ class FastStream(ActiveStream):
             c = self.cluster
             c.rq_active_total -= 1
             c.st_rq_active.dec()
-
-    def _send_headers(self, headers, end_stream: bool):
-        if self.handed is not None:
-            # the router filter has the request (_to_router): the telemetry hooks see its answer
-            for hook in self.cfg.response_hooks:
-                hook.on_response(self, headers)
-        ActiveStream._send_headers(self, headers, end_stream)
-
-    def _finish(self, reset: bool = False) -> None:
-        mine = (self.router is self or self.handed is not None) and not self.done
-        if mine and not self.up_done:
-            self._abandon()  # the downstream is gone (or the stream failed) mid-exchange
-        ActiveStream._finish(self, reset)
-        if mine:
-            for obs in self.cfg.observers:  # telemetry filters' completion work (ChainPlan)
-                obs(self)

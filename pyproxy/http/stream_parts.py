@@ -1,0 +1,91 @@
+"""Pieces of the HTTP stream (``stream.ActiveStream``) that are not the filter manager: the guard
+around its event entry points, and its ``StreamInfo`` (made at once, or lazily on first use for
+a stream whose request the compiled path serves)."""
+
+from __future__ import annotations
+
+import time
+
+from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
+
+
+def _guarded(method):
+    """A stream event entry point: a filter's exception answers 500 (or resets the stream once the
+    response started) instead of escaping into the connection and killing it.
+
+    The wrapper has the method's own arity (no ``*args`` packing on every event)."""
+    code = method.__code__
+    n = code.co_argcount - 1
+    if n == 0:
+        def entry(self):
+            try:
+                method(self)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 1:
+        def entry(self, a):
+            try:
+                method(self, a)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 2:
+        def entry(self, a, b):
+            try:
+                method(self, a, b)
+            except Exception as e:
+                self._filter_failed(e)
+    elif n == 3 and code.co_varnames[3] == "from_filter":
+        def entry(self, a, b, from_filter=-1):
+            try:
+                method(self, a, b, from_filter)
+            except Exception as e:
+                self._filter_failed(e)
+    else:
+        def entry(self, *args, **kwargs):
+            try:
+                method(self, *args, **kwargs)
+            except Exception as e:
+                self._filter_failed(e)
+    entry.__name__ = method.__name__
+    entry.__qualname__ = method.__qualname__
+    entry.__doc__ = method.__doc__
+    return entry
+
+
+class LazyInfo:
+    """``stream_info`` made on first use by the stream's ``_make_stream_info`` (a non-data
+    descriptor: once made, or set, it is a plain instance attribute and costs nothing)."""
+
+    def __get__(self, s, owner=None):
+        if s is None:
+            return self
+        si = s.__dict__["stream_info"] = s._make_stream_info()
+        return si
+
+
+_StreamInfo = StreamInfo
+_new_si = StreamInfo.__new__
+
+
+def new_stream_info(conn, version: str, start_time: float, start_monotonic: float):
+    """A stream's StreamInfo: the connection's facts copied, the rest defaults at class level."""
+    si = _new_si(_StreamInfo)
+    csi = conn.stream_info
+    si.start_time = start_time
+    si.start_monotonic = start_monotonic
+    si.protocol = version
+    si.downstream_remote_address = csi.downstream_remote_address
+    si.downstream_direct_remote_address = csi.downstream_direct_remote_address
+    si.downstream_local_address = csi.downstream_local_address
+    si.requested_server_name = csi.requested_server_name
+    si.response_flags = _ResponseFlags()
+    si.connection_id = csi.connection_id
+    si.filter_state = conn.filter_state
+    si.dynamic_metadata = {}
+    tls = csi.downstream_ssl
+    if tls is not None:
+        si.downstream_ssl = tls
+        si.downstream_tls_version = csi.downstream_tls_version
+        si.downstream_peer_uri_san = csi.downstream_peer_uri_san
+        si.downstream_local_uri_san = csi.downstream_local_uri_san
+    return si
