@@ -423,8 +423,7 @@ class H2Engine(FrameReceiver):
 
     def _close(self, s, how: int) -> None:
         sid = s.sid
-        s.lopen = s.ropen = False
-        del self.streams[sid]
+        del self.streams[sid]  # (and the object with it: nothing reads its lopen/ropen again)
         if (sid & 1) == self.peer_odd:
             self.n_in -= 1
         else:

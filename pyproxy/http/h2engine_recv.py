@@ -306,7 +306,7 @@ class FrameReceiver:
             return
         elif not s.got_headers:
             # client side: the response (or a 1xx before it)
-            if headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
+            if headers and headers[0][1] < b"2" and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
                 if end:
                     self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
                     return
