@@ -5,7 +5,8 @@ the same semantics: ``receive_data(bytes) -> [events]`` (``h2engine_events``, tw
 ``h2.events``), ``send_headers / send_data / end_stream / reset_stream``, flow control
 (``acknowledge_received_data``, ``increment_flow_control_window``,
 ``local_flow_control_window``), ``update_settings``, ``ping``, ``close_connection``,
-``data_to_send``. Errors are ``h2.exceptions`` with ``error_code`` set; a connection error found
+``data_to_send`` (with ``split_ends`` False, the codecs' mode, requests, responses, trailers and
+DATA come as plain tuples instead: see ``h2engine_events``). Errors are ``h2.exceptions`` with ``error_code`` set; a connection error found
 while receiving queues a GOAWAY with that code (as ``h2`` does) and is raised.
 
 Why: ``h2``'s generic per-frame state machine (frame objects, flag sets, enum lookups, a stream
