@@ -48,8 +48,9 @@ def send_request(s, encoder) -> None:
         encoder.encode_headers(s.request_headers, True)
         return
     up.head_request = method == "HEAD"
-    encoder.write((method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                   "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1"))
+    s.up_head = head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                        "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1")
+    encoder.write(head)  # (up_head: istio.stats sizes the request head from it)
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
