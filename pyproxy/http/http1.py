@@ -185,7 +185,7 @@ class Http1ServerCodec:
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
-        "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost",
+        "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -211,6 +211,7 @@ class Http1ServerCodec:
         self.accept_http_10 = accept_http_10
         self.default_host_10 = default_host_for_http_10
         self.request_complete = False
+        self.ct = False  # the request head (the last one parsed) has a content-type header
         self.parse_error = False
         self.msg_started = False
         # header names (lower-case bytes) whose presence in a request the codec notes (``noted``,
@@ -425,6 +426,7 @@ class Http1ServerCodec:
                 raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
+            self.ct = "content-type" in names
             if self.watch_nohost.isdisjoint(names):
                 # the common case: nothing to check but Host (usually the first line)
                 if names[0] == "host" and names.count("host") == 1:
@@ -445,6 +447,7 @@ class Http1ServerCodec:
         else:
             authority = None
             rest = ()
+            self.ct = False
         p = self.parser
         method = _METHOD_NAMES.get(p.get_method())
         if method is None:
