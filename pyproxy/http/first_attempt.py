@@ -57,11 +57,12 @@ def chain_is_inert(cfg, route, headers) -> bool:
     on a route whose ``filter_names`` (compiled with the route) include its name; ``grpc_stats`` is
     live on a gRPC request only, and so is the router's gRPC work on some routes
     (``route.grpc_router``: gRPC retries, the grpc-timeout header).
-    Called when ``cfg.chain_checks or route.grpc_router``."""
+    Called when ``cfg.chain_checks or route.grpc_router``; ``headers`` None: the caller knows the
+    request has no content-type (the HTTP/1.1 codec's ``ct``)."""
     keys = cfg.live_on_route
     if keys and not keys.isdisjoint(route.filter_names):
         return False
-    if cfg.live_on_grpc or route.grpc_router:
+    if headers is not None and (cfg.live_on_grpc or route.grpc_router):  # (None: no content-type)
         ct = headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             return False
@@ -99,6 +100,7 @@ class FirstAttempt:
     status = 0            # set when on_upstream_head wrote the response head itself
     up_local = ""
     plain = False         # the request has no framing or hop-by-hop headers (HTTP/1.1 codec)
+    quiet = False         # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
     tx_head = 0           # bytes of the response header lines written by the relay (istio.stats)
     tx_body = 0           # response body bytes written by the relay
 
@@ -125,7 +127,10 @@ class FirstAttempt:
             ms = route.express
             headers._h.append(("x-envoy-expected-rq-timeout-ms", ms or str(int(timeout * 1000))))
         if route.include_request_attempt_count:
-            headers.set("x-envoy-attempt-count", "1")
+            if self.quiet:
+                headers._h.append(("x-envoy-attempt-count", "1"))  # (none to replace)
+            else:
+                headers.set("x-envoy-attempt-count", "1")
         if route._req_mutations or choice is not None:
             route.finalize_request_headers(headers, None if route.express is not False else self.stream_info, choice)
         if choice is not None or route.fast_rewrites:
