@@ -112,25 +112,20 @@ class FirstAttempt:
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         self.cluster = cluster
         self.choice = choice
-        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
-        if si is not None:
-            si.upstream_cluster = cluster.name
-            si.attempt_count = 1
         for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
             hook(self, headers, cluster)
         # (the router's order: the timeout header, the attempt count, the route's mutations;
         # the request preparation removed any timeout header the client sent)
         timeout = route.timeout
         if timeout and not cfg.router_suppress_envoy_headers:
-            ms = route.express
-            headers._h.append(("x-envoy-expected-rq-timeout-ms", ms or str(int(timeout * 1000))))
+            headers._h.append(("x-envoy-expected-rq-timeout-ms", route.express or str(int(timeout * 1000))))
         if route.include_request_attempt_count:
             headers.set("x-envoy-attempt-count", "1")
         if route._req_mutations or choice is not None:
             route.finalize_request_headers(headers, None if route.express is not False else self.stream_info, choice)
         if choice is not None or route.fast_rewrites:
             route.rewrite_request(headers, choice)
-        self.start = _monotonic()
+        self.start = self.t0 or _monotonic()  # (serve_inline's stream: its start, just now)
         cluster.rq_active_total += 1
         g = cluster.st_rq_active
         g.value += 1
@@ -143,12 +138,16 @@ class FirstAttempt:
             if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
                 hc.arm_deadline(at)
         host = self.host = cluster.choose_host(_NO_CTX)
+        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
+        if si is not None:
+            si.upstream_cluster = cluster.name
+            si.attempt_count = 1
+            if host is not None:
+                si.upstream_host = host.key
         if host is None:
             cluster.st_cx_none_healthy.value += 1
             self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
             return
-        if si is not None:
-            si.upstream_host = host.key
         self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
 
     # -- pool callbacks --------------------------------------------------------------------------
