@@ -429,7 +429,8 @@ def test_indexed_lookup_equals_a_linear_scan():
             elif kind == "path_separated_prefix":
                 m = {"path_separated_prefix": rnd.choice(["/a", "/api", "/ab"])}
             else:
-                m = {kind: rnd.choice([rpath(), rpath() + "/", "/"])}
+                # (a '?', '#' or ';' in a route's path: the request path part never has it)
+                m = {kind: rnd.choice([rpath(), rpath() + "/", "/", rpath() + rnd.choice("?#;")])}
             if rnd.random() < 0.2:
                 m["case_sensitive"] = False
             if rnd.random() < 0.35:
@@ -437,18 +438,25 @@ def test_indexed_lookup_equals_a_linear_scan():
             if rnd.random() < 0.15:
                 m["query_parameters"] = [{"name": "q", "present_match": True}]
             routes.append({"match": m, "route": {"cluster": "c%d" % i}})
-        t = table({"name": "t", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]})
+        strip = rnd.random() < 0.3  # ignore_path_parameters_in_path_matching
+        t = table({"name": "t", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}],
+                   "ignore_path_parameters_in_path_matching": strip})
         vh = t.virtual_hosts[0]
         for _ in range(40):
-            p = rpath() + rnd.choice(["", "?q=1", "?z", "/"])
+            p = rpath() + rnd.choice(["", "?q=1", "?z", "/", "#f", "#f?q=1"])
             if rnd.random() < 0.2:
                 p = p.upper()
+            if rnd.random() < 0.2:  # a path parameter in one segment
+                i = rnd.randrange(len(p))
+                p = p[:i] + ";p=1" + p[i:]
             extra = {"x_t": rnd.choice(["1", "2"])} if rnd.random() < 0.6 else {}
             h = req(p, **extra)
             got = t.find(h)
             # the HTTP/1.1 lane's entry point (authority and path given) finds the same
             assert t.find_for_path(h, "h", p) is got
-            path_nq = p.split("?")[0]
+            path_nq = p.split("?")[0].split("#")[0]
+            if strip:
+                path_nq = "/".join(seg.partition(";")[0] for seg in path_nq.split("/"))
             want = next((r for r in vh.routes if r.matches(h, p, path_nq, path_nq.lower(), False, 0, [None])),
                         None)
             assert got is want, (routes, p, extra, got and got.name, want and want.name)
@@ -476,3 +484,20 @@ def test_literal_header_mutation_shortcut_equals_the_general_rules():
         general.apply(b)
         assert a._h == b._h, (adds, h0, a._h, b._h)
     assert shortcut > 100
+
+
+def test_first_route_shortcut_respects_query_fragment_and_path_parameters():
+    """A first route whose prefix holds '?', '#' or ';' is not taken by ``startswith`` on the raw
+    path: the route matches the path part (without query and fragment, and without parameters
+    when ``ignore_path_parameters_in_path_matching``), which never contains them."""
+    for prefix, path, strip in (("/a;", "/a;p=1/b", True), ("/a?", "/a?q=1", False),
+                                ("/a#", "/a#f", False)):
+        t = table({"name": "t", "ignore_path_parameters_in_path_matching": strip,
+                   "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": [
+                       {"name": "odd", "match": {"prefix": prefix}, "route": {"cluster": "c"}},
+                       {"name": "rest", "match": {"prefix": "/"}, "route": {"cluster": "c"}}]}]})
+        h = req(path)
+        assert t.find(h).name == "rest" and t.find_for_path(h, "h", path).name == "rest", prefix
+    # the plain case takes it
+    t = one_route("  - match: {prefix: /a}\n    route: {cluster: c}\n")
+    assert t.find(req("/ab?x#y")) is t.virtual_hosts[0].routes[0]

@@ -56,10 +56,12 @@ def send_request(s, encoder) -> None:
         return
     up.head_request = method == "HEAD"
     if len(h) > 4:
-        encoder.write((method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                       "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1"))
+        head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1")
     else:
-        encoder.write((method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1"))
+        head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1")
+    s.up_head = head
+    encoder.write(head)  # (up_head: istio.stats sizes the request head from it)
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:

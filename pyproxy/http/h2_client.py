@@ -294,49 +294,54 @@ class Http2ClientCodec:
         kinds = EVENT_KIND
         credit = 0  # DATA that ended its stream: only the connection window takes it back
         for e in events:
-            t = kinds.get(e.__class__, -1)
+            if e.__class__ is tuple:
+                # the lean engine's hot events: (kind, stream id, data or fields, length, end?)
+                t, sid, x, n, end = e
+            else:
+                t = kinds.get(e.__class__, -1)
+                if t == EV_DATA:
+                    sid, x, n, end = e.stream_id, e.data, e.flow_controlled_length, e.stream_ended is not None
+                elif t == EV_RESPONSE or t == EV_TRAILERS:
+                    sid, x, end = e.stream_id, e.headers, e.stream_ended is not None
             if t == EV_DATA:
-                s = streams.get(e.stream_id)
-                n = e.flow_controlled_length
+                s = streams.get(sid)
                 if s is None:
                     if n:
                         try:
-                            h.acknowledge_received_data(n, e.stream_id)
+                            h.acknowledge_received_data(n, sid)
                         except h2.exceptions.ProtocolError:
                             pass
                     continue
-                end = e.stream_ended is not None
                 if end:
                     s.remote_ended = True
                     if s.above:
                         s._release_watermark()
                     s._finish()
-                    s.cb.on_upstream_data(e.data, True)
+                    s.cb.on_upstream_data(x, True)
                     if n:
                         credit += n  # (acknowledged once for the whole read, below)
-                        credit_sid = e.stream_id
+                        credit_sid = sid
                     continue
-                s.cb.on_upstream_data(e.data, False)
+                s.cb.on_upstream_data(x, False)
                 if n:
                     if s.read_off and not s.closed:
                         s.unacked += n
                     else:
                         try:
-                            h.acknowledge_received_data(n, e.stream_id)
+                            h.acknowledge_received_data(n, sid)
                         except h2.exceptions.ProtocolError:
                             pass
             elif t == EV_RESPONSE:
-                s = streams.get(e.stream_id)
+                s = streams.get(sid)
                 if s is None:
                     continue
                 s.response_started = True
                 s.replay = None
                 try:
-                    headers = Headers(response_fields(e.headers))
+                    headers = Headers(response_fields(x))
                 except BadHeaders as err:
                     self._bad_response(s, err)
                     continue
-                end = e.stream_ended is not None
                 if s.upgrade is not None and not end and headers._h[0][1][:1] == "2":
                     # the extended CONNECT was accepted: the HTTP/1.1 side expects a 101
                     headers._h[0] = (":status", "101")
@@ -349,11 +354,11 @@ class Http2ClientCodec:
                     s._finish()
                 s.cb.on_upstream_headers(headers, end)
             elif t == EV_TRAILERS:
-                s = streams.get(e.stream_id)
+                s = streams.get(sid)
                 if s is None:
                     continue
                 try:
-                    trailers = Headers(inbound_headers(e.headers, TRAILERS))
+                    trailers = Headers(inbound_headers(x, TRAILERS))
                 except BadHeaders as err:
                     self._bad_response(s, err)
                     continue

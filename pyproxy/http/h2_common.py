@@ -35,8 +35,10 @@ MAX_WINDOW = 2 ** 31 - 1
 
 
 # Events of either engine (``h2.events`` or ``h2engine_events``) mapped to one small int each
-(EV_REQUEST, EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET, EV_WINDOW, EV_SETTINGS, EV_PING, EV_PING_ACK,
- EV_GOAWAY, EV_PRIORITY, EV_SETTINGS_ACK, EV_INFO) = range(14)
+# (defined in ``h2engine_events``; the lean engine's hot events are tuples led by them)
+from .h2engine_events import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_INFO, EV_PING, EV_PING_ACK,  # noqa: E402,F401
+                              EV_PRIORITY, EV_REQUEST, EV_RESET, EV_RESPONSE, EV_SETTINGS, EV_SETTINGS_ACK,
+                              EV_TRAILERS, EV_WINDOW)
 EVENT_KIND = {}
 for _mod in (h2.events, h2engine_events):
     for _name, _k in (("RequestReceived", EV_REQUEST), ("ResponseReceived", EV_RESPONSE), ("DataReceived", EV_DATA),
@@ -161,7 +163,9 @@ def new_h2(client_side: bool, opts: H2Options, engine: str | None = None):
     if (engine or engine_name()) == "h2":
         return _new_h2_library(client_side, opts, values)
     c = H2Engine(client_side, values)
-    c.split_ends = False  # our handlers read ``stream_ended`` on the DATA/HEADERS events
+    # codec mode: ends are marked on the DATA/HEADERS events (no separate StreamEnded), and the hot
+    # ones come as tuples (``h2engine_events``: kind, stream id, data or fields, length, end?)
+    c.split_ends = False
     c.encoder = FastEncoder()
     c.decoder = FastDecoder(opts.max_header_list_size)
     c.initiate_connection()

@@ -9,7 +9,8 @@ from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.settings import ChangedSetting
 from hpack.exceptions import OversizedHeaderListError
 
-from .h2engine_events import (ConnectionTerminated, DataReceived, InformationalResponseReceived, PingAckReceived,
+from .h2engine_events import (EV_DATA, EV_REQUEST, EV_RESPONSE, EV_TRAILERS,
+                              ConnectionTerminated, DataReceived, InformationalResponseReceived, PingAckReceived,
                               PingReceived, PriorityUpdated, RemoteSettingsChanged, RequestReceived, ResponseReceived,
                               SettingsAcknowledged, StreamEnded, StreamReset, TrailersReceived, WindowUpdated)
 from .h2engine_frames import (CONTINUATION, DATA, DEFAULT_MAX_FRAME, ENDED, F_ACK, F_END_HEADERS, F_END_STREAM,
@@ -82,12 +83,12 @@ class FrameReceiver:
                     self.in_window -= n
                     s.in_window -= n
                     if flags & F_END_STREAM:
-                        events.append(DataReceived(sid, data[p:pos], n, _END))
+                        events.append((EV_DATA, sid, data[p:pos], n, True))
                         s.ropen = False
                         if not s.lopen:
                             self._close(s, ENDED)
                     else:
-                        events.append(DataReceived(sid, data[p:pos], n))
+                        events.append((EV_DATA, sid, data[p:pos], n, False))
                     continue
                 self._data(data, p, n, flags, sid, events)
             elif t == HEADERS:
@@ -284,10 +285,10 @@ class FrameReceiver:
                                             self.local_settings.initial_window_size)
             self.n_in += 1
             s.got_headers = True
-            if end and not self.split_ends:
-                # (the common case: a request without a body)
-                s.ropen = False
-                events.append(RequestReceived(sid, headers, _END))
+            if not self.split_ends:
+                events.append((EV_REQUEST, sid, headers, 0, bool(end)))
+                if end:
+                    s.ropen = False
                 return
             ev = RequestReceived(sid, headers)
         elif not s.ropen:
@@ -305,9 +306,22 @@ class FrameReceiver:
                 events.append(InformationalResponseReceived(sid, headers))
                 return
             s.got_headers = True
+            if not self.split_ends:
+                events.append((EV_RESPONSE, sid, headers, 0, bool(end)))
+                if end:
+                    s.ropen = False
+                    if not s.lopen:
+                        self._close(s, ENDED)
+                return
             ev = ResponseReceived(sid, headers)
         elif not end:
             self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
+            return
+        elif not self.split_ends:
+            events.append((EV_TRAILERS, sid, headers, 0, True))
+            s.ropen = False
+            if not s.lopen:
+                self._close(s, ENDED)
             return
         else:
             ev = TrailersReceived(sid, headers)

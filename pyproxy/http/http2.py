@@ -190,12 +190,24 @@ class Http2ServerCodec:
         for e in events:
             if self.closed:
                 return
+            if e.__class__ is tuple:
+                # the lean engine's hot events: (kind, stream id, data or fields, length, end?)
+                t, sid, x, n, end = e
+                if t == EV_DATA:
+                    self._on_data(sid, x, n, end)
+                elif t == EV_REQUEST:
+                    self.empty_frames = 0
+                    self._on_request(sid, x, end, resets)
+                else:
+                    self.empty_frames = 0
+                    self._on_trailers(sid, x)
+                continue
             t = kinds.get(e.__class__, -1)
             if t == EV_DATA:
-                self._on_data(e)
+                self._on_data(e.stream_id, e.data, e.flow_controlled_length, e.stream_ended is not None)
             elif t == EV_REQUEST:
                 self.empty_frames = 0
-                self._on_request(e, resets)
+                self._on_request(e.stream_id, e.headers, e.stream_ended is not None, resets)
             elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
@@ -206,25 +218,7 @@ class Http2ServerCodec:
                         s._gone()
             elif t == EV_TRAILERS:
                 self.empty_frames = 0
-                s = streams.get(e.stream_id)
-                if s is not None:
-                    try:
-                        trailers = Headers(inbound_headers(e.headers, TRAILERS))
-                    except BadHeaders:
-                        if self.stats is not None:
-                            self.stats.rx_messaging_error.value += 1
-                        s.reset_stream("protocol_error")
-                        if s.stream is not None:
-                            s.stream.on_reset("http2.invalid_trailers")
-                        continue
-                    if s.body_left:  # trailers end a body shorter than its content-length
-                        self._malformed(e.stream_id, s)
-                        continue
-                    s.remote_ended = True
-                    if s.stream is not None:
-                        s.stream.decode_trailers(trailers)
-                    if s.local_ended:
-                        s._gone()
+                self._on_trailers(e.stream_id, e.headers)
             elif t == EV_RESET:
                 self._on_reset(e)
                 if self.closed:
@@ -257,15 +251,35 @@ class Http2ServerCodec:
         if self.ctrl_out > opts.max_outbound_control_frames:
             self._check_control_flood()
 
-    def _on_request(self, e, resets) -> None:
-        sid = e.stream_id
+    def _on_trailers(self, sid: int, raw) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        try:
+            trailers = Headers(inbound_headers(raw, TRAILERS))
+        except BadHeaders:
+            if self.stats is not None:
+                self.stats.rx_messaging_error.value += 1
+            s.reset_stream("protocol_error")
+            if s.stream is not None:
+                s.stream.on_reset("http2.invalid_trailers")
+            return
+        if s.body_left:  # trailers end a body shorter than its content-length
+            self._malformed(sid, s)
+            return
+        s.remote_ended = True
+        if s.stream is not None:
+            s.stream.decode_trailers(trailers)
+        if s.local_ended:
+            s._gone()
+
+    def _on_request(self, sid: int, raw, end: bool, resets) -> None:
         self.total_streams += 1
         if resets is not None and sid in resets:
             # opened and reset in the same read: never start it (rapid reset)
             self.premature += 1
             self._check_premature()
             return
-        raw = e.headers
         if self.goaway_sent or len(self.streams) >= self.max_streams or len(raw) > self.max_fields:
             self._refuse(sid, raw)
             return
@@ -277,7 +291,6 @@ class Http2ServerCodec:
                 self.stats.rx_messaging_error.value += 1
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        end = e.stream_ended is not None
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
             s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
@@ -326,12 +339,8 @@ class Http2ServerCodec:
         self.hc.stats.rq_too_large.value += 1
         self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
 
-    def _on_data(self, e) -> None:
-        sid = e.stream_id
-        n = e.flow_controlled_length
+    def _on_data(self, sid: int, data, n: int, end: bool) -> None:
         s = self.streams.get(sid)
-        data = e.data
-        end = e.stream_ended is not None
         if not data and not end:
             self.empty_frames += 1
             if self.empty_frames > self.opts.max_empty_frames:

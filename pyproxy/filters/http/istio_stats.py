@@ -110,7 +110,8 @@ class IstioStatsHttpConfig(StatsConfig):
         TLS principals (the lane records those in a StreamInfo), the connection's filter state;
         the response head and body sizes are those it counted as it wrote them. Its series are
         cached under a shorter key (``bare``); a miss resolves through a StreamInfo, made then."""
-        si = s.__dict__.get("stream_info")  # (a fast stream's is made on first use)
+        d = s.__dict__
+        si = d.get("stream_info")  # (a fast stream's is made on first use)
         if si is None:
             code = getattr(s, "status", 0)  # (set by the fast stream that relayed the head as bytes)
             rq = s.request_headers
@@ -143,13 +144,17 @@ class IstioStatsHttpConfig(StatsConfig):
                 p.append(int((_monotonic() - s.t0) * 1000))
                 if len(p) >= PENDING:
                     dur.fold()
+                # the request head as ``name: value\r\n`` lines and the blank line: from the head
+                # the relay wrote upstream (h1_relay.send_request: the request line and ``host``
+                # in place of the four pseudo-headers' lines, 25 bytes and the scheme fewer)
+                uh = d.get("up_head")
                 p = rqb.pending
-                p.append(len(_join(_flat(h))) + 4 * len(h) + 2)  # (header lines and the blank line)
+                p.append(len(uh) + 25 + len(h[1][1]) if uh is not None else len(_join(_flat(h))) + 4 * len(h) + 2)
                 if len(p) >= PENDING:
                     rqb.fold()
                 tx = s.tx_head
                 if tx:  # (its header lines; the status counts as the :status pseudo-header does)
-                    tx += 11 + len(str(code))
+                    tx += 14 if code < 1000 else 11 + len(str(code))
                 p = rsb.pending
                 p.append(tx + s.tx_body)
                 if len(p) >= PENDING:
