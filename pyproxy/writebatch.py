@@ -93,7 +93,13 @@ def _drain() -> None:
                 except (OSError, RuntimeError) as e:  # (the peer went away: connection_lost follows)
                     log.debug("deferred write failed: %s", e)
             else:
-                c.flush()
+                # one connection's failing flush must not lose the writes queued after it
+                try:
+                    c.flush()
+                except (OSError, RuntimeError) as e:  # (the peer went away: connection_lost follows)
+                    log.debug("deferred flush failed: %s", e)
+                except Exception:  # (a bug in one connection's flush: logged, the others still go)
+                    log.exception("deferred flush failed")
 
 
 def enter() -> None:

@@ -58,3 +58,18 @@ def test_no_attempt_count_unless_configured(proxy):
             for path in ("/retry/a", "/plain"):
                 assert request(port, "GET", path)[0] == 200
         assert [r.header("x-envoy-attempt-count") for r in be.requests] == [None, None]
+
+
+@pytest.mark.parametrize("proxy", proxies())
+def test_client_attempt_count_replaced(proxy):
+    # the client's own header is replaced by the first attempt's count (one header, "1")
+    with HttpBackend() as be:
+        bs, port = _bs(be.port)
+        with proxy(bs):
+            for path in ("/retry/a", "/plain"):
+                assert request(port, "GET", path, headers={"x-envoy-attempt-count": "7"})[0] == 200
+                assert request(port, "GET", path, headers={"X-Envoy-Attempt-Count": "3",
+                                                           "content-type": "text/plain"})[0] == 200
+        assert len(be.requests) == 4
+        for r in be.requests:
+            assert r.header_all("x-envoy-attempt-count") == ["1"], (proxy.kind, r.path, r.headers)

@@ -337,3 +337,54 @@ def test_unterminated_header_line_is_bounded():
     ev, codec, conn = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 200000\r\n\r\n" + b"x" * 200000,
                            max_header_bytes=8192)
     assert not errors(ev)
+
+
+# -- the head's lines are collected raw and translated at once (on_headers_complete) ------------
+
+def _head(ev):
+    return [e[1] for e in ev if e[0] == "H"]
+
+
+def test_header_lines_translated_at_once_keep_order_case_and_obs_text():
+    ev, codec, _ = feed(b"GET /p HTTP/1.1\r\nX-A: 1 \t\r\nhOsT: h:1\r\nUser-Agent:  b\xa0 \r\nE:\r\n\r\n")
+    assert not errors(ev)
+    h = ev[1][1]
+    assert list(h.items()) == [(":method", "GET"), (":scheme", "http"), (":path", "/p"),
+                               (":authority", "h:1"), ("x-a", "1"), ("user-agent", "b\xa0"), ("e", "")]
+    assert codec.ct is False and not codec.noted and not codec.hop_seen
+
+
+@pytest.mark.parametrize("head", [
+    b"Host: a\r\nHost: a\r\n",            # host first, twice
+    b"X: 1\r\nHost: a\r\nhost: b\r\n",    # elsewhere, twice
+    b"Content-Length: 1\r\nHost: a\r\nHost: a\r\n",  # with a framing header (line by line)
+])
+def test_repeated_host_refused_on_every_path(head):
+    ev, _, _ = feed(b"GET / HTTP/1.1\r\n" + head + b"\r\n")
+    assert errors(ev) == [("E", 400, "http1.codec_error")]
+
+
+def test_content_type_flag_per_request():
+    ev, codec, _ = feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+    assert not errors(ev) and codec.ct is True
+    ev, codec, _ = feed(b"GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n\r\n")
+    assert codec.ct is False
+
+
+def test_line_count_and_bytes_limits_hold_for_head_and_trailers():
+    many = b"".join(b"H%d: v\r\n" % i for i in range(99))
+    ev, _, _ = feed(b"GET / HTTP/1.1\r\nHost: h\r\n" + many + b"\r\n")
+    assert not errors(ev)  # 100 lines: the limit
+    ev, _, _ = feed(b"GET / HTTP/1.1\r\nHost: h\r\nX: 1\r\n" + many + b"\r\n")
+    assert errors(ev) == [("E", 431, "http1.too_many_headers")]
+    ev, _, _ = feed(b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"y" * (60 * 1024) + b"\r\n\r\n")
+    assert errors(ev) == [("E", 431, "http1.headers_too_large")]
+    # a chunked request's trailers count with its head's lines and bytes
+    chunked = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+    ev, _, _ = feed(chunked + many + b"\r\n")
+    assert errors(ev) == [("E", 431, "http1.too_many_headers")]
+    ev, _, _ = feed(chunked + b"T: " + b"y" * (60 * 1024) + b"\r\n\r\n")
+    assert errors(ev) == [("E", 431, "http1.headers_too_large")]
+    ev, codec, _ = feed(chunked + b"T: 1\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: h\r\n" + many + b"\r\n")
+    assert not errors(ev)  # (the next request starts with fresh limits)

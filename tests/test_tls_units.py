@@ -384,3 +384,49 @@ def test_upstream_max_session_keys():
     many = upstream_factory(uctx({"max_session_keys": 4, "common_tls_context": {}}))
     assert many.compiled().resume is True
     assert many.notes == ["max_session_keys 4: one session is kept (the most recent)"]
+
+
+def test_peer_facts_cached_by_der_and_bounded(monkeypatch):
+    """The parsed peer certificate is cached by its DER (a second handshake with it parses
+    nothing), the SAN check still runs per context on the cached facts, and the cache is bounded."""
+    from pyproxy.tls import peer
+
+    class Obj:
+        calls = 0
+
+        def __init__(self, sans):
+            self.sans = sans
+
+        def getpeercert(self, binary=False):
+            Obj.calls += 1
+            return {"subjectAltName": self.sans, "subject": ((("commonName", "c"),),),
+                    "issuer": ((("commonName", "ca"),),), "serialNumber": "0A"}
+
+    monkeypatch.setattr(peer, "_FACTS", {})
+    o = Obj((("URI", "spiffe://td/ns/a/sa/one"), ("DNS", "d.svc")))
+    f = peer.peer_facts(o, b"der-1")
+    assert (f.uri, f.dns, f.subject, f.issuer, f.serial, f.principal) == (
+        "spiffe://td/ns/a/sa/one", "d.svc", "CN=c", "CN=ca", "0a", "spiffe://td/ns/a/sa/one")
+    assert f.principals == ("spiffe://td/ns/a/sa/one", "d.svc", "CN=c")
+    assert peer.peer_facts(o, b"der-1") is f and Obj.calls == 1
+    # a different certificate is parsed on its own
+    g = peer.peer_facts(Obj((("URI", "spiffe://td/ns/a/sa/two"),)), b"der-2")
+    assert g.uri == "spiffe://td/ns/a/sa/two" and Obj.calls == 2
+    monkeypatch.setattr(peer, "FACTS_MAX", 3)
+    for i in range(10):
+        peer.peer_facts(o, b"other-%d" % i)
+    assert len(peer._FACTS) <= 3
+
+
+def test_san_check_runs_on_cached_facts(pki):
+    from pyproxy.tls.peer import PeerFacts
+    good = upstream_factory(uctx({"common_tls_context": {"validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()},
+        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": "spiffe://td/ns/a/sa/one"}}]}}}))
+    bad = upstream_factory(uctx({"common_tls_context": {"validation_context": {
+        "trusted_ca": {"inline_string": pki.ca_pem.decode()},
+        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": "spiffe://td/ns/a/sa/two"}}]}}}))
+    f = PeerFacts({"subjectAltName": (("URI", "spiffe://td/ns/a/sa/one"),)})
+    p = _Peer([("URI", "spiffe://td/ns/a/sa/one")])
+    assert good.compiled_tls.check_peer(p, f) == ""
+    assert bad.compiled_tls.check_peer(p, f) == "fail_verify_san"

@@ -188,3 +188,19 @@ def test_generated_request_ids_are_v4_uuids_unique_across_batches_and_forks():
         os.waitpid(pid, 0)
     parent = [request_id.uuid4() for _ in range(4)]
     assert len(child) == 4 and not set(child) & set(parent)
+
+
+def test_generated_request_ids_do_not_come_from_the_random_module():
+    """Request ids must be unpredictable (Envoy draws them from RAND_bytes): resetting Python's
+    ``random`` state must not make the proxy repeat the ids it made after that state."""
+    import random
+
+    from pyproxy.tracing import request_id
+
+    state = random.getstate()
+    request_id._forget_ids()
+    first = [request_id.uuid4() for _ in range(8)]
+    random.setstate(state)
+    request_id._forget_ids()
+    again = [request_id.uuid4() for _ in range(8)]
+    assert not set(first) & set(again)

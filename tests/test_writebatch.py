@@ -122,3 +122,25 @@ def test_without_a_loop_the_callback_end_flushes():
         assert log == []
     _callback(read)
     assert log == [("flush", b"xz"), ("write", b"y")], log
+
+
+def test_a_failing_flush_does_not_lose_the_writes_queued_after_it():
+    """One connection's flush raising (uvloop: a write after write_eof) must not drop what other
+    connections queued behind it in the same pass."""
+    log = []
+
+    class Bad:
+        closed = False
+
+        def flush(self):
+            raise RuntimeError("Cannot call write() after write_eof()")
+
+    up, down = Up(log), Conn(log)
+
+    def read():
+        writebatch.queue(Bad(), None)
+        writebatch.send(up, b"response for another client")
+        down.write(b"and another")
+    _callback(read)
+    assert log == [("write", b"response for another client"), ("flush", b"and another")], log
+    assert not writebatch.pending

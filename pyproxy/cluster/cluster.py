@@ -40,7 +40,7 @@ class ProtocolOptions:
     """What ``HttpProtocolOptions`` (or the legacy cluster fields) say about upstream HTTP."""
 
     __slots__ = ("protocol", "idle_timeout", "max_requests_per_connection", "http2_options",
-                 "max_stream_duration")
+                 "max_stream_duration", "max_headers_count")
 
     def __init__(self):
         self.protocol = HTTP1
@@ -48,6 +48,7 @@ class ProtocolOptions:
         self.max_requests_per_connection = 0
         self.http2_options = None
         self.max_stream_duration = None
+        self.max_headers_count = 100  # (Envoy's default, for upstream response heads too)
 
 
 def _protocol_options(proto) -> ProtocolOptions:
@@ -61,6 +62,7 @@ def _protocol_options(proto) -> ProtocolOptions:
         c = proto.common_http_protocol_options
         po.idle_timeout = duration_s(c, "idle_timeout", po.idle_timeout)
         po.max_requests_per_connection = u32(c, "max_requests_per_connection", 0)
+        po.max_headers_count = u32(c, "max_headers_count", 0) or 100
     mr = u32(proto, "max_requests_per_connection", None)
     if mr is not None:
         po.max_requests_per_connection = mr

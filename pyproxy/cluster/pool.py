@@ -61,13 +61,17 @@ class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
 
     __slots__ = ("pool", "host", "transport", "codec", "idle_since", "requests", "closed",
-                 "write_paused", "read_paused", "stream_cb", "local_address")
+                 "write_paused", "read_paused", "stream_cb", "local_address", "close_reason")
 
     def __init__(self, pool, host):
         self.pool = pool
         self.host = host
         self.transport = None
         self.codec = Http1ClientCodec(self)
+        po = getattr(pool.cluster, "protocol_options", None)
+        if po is not None:
+            self.codec.max_headers = po.max_headers_count
+        self.close_reason = "connection termination"
         self.idle_since = 0.0
         self.requests = 0
         self.closed = False
@@ -104,7 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.stream_cb = None
         # (Envoy's reason for an HTTP/1.1 upstream that closes, cleanly or not, is "connection
         # termination"; a tunnel tells a half-close from an abort)
-        self.codec.on_close("connection termination", exc is not None)
+        self.codec.on_close(self.close_reason, exc is not None)
 
     def pause_writing(self):
         self.write_paused = True
@@ -145,7 +149,11 @@ class UpstreamConnection(asyncio.Protocol):
         pool._on_idle_or_pending(self)
 
     def on_protocol_error(self, reason: str) -> None:
+        """The upstream broke HTTP/1.1 (a malformed or oversized head, conflicting framing): the
+        connection goes, and the request in flight is reset with Envoy's reason "protocol error"
+        (the router answers 502 UPE)."""
         log.debug("upstream %s: %s", self.host.key, reason)
+        self.close_reason = "protocol error"
         self.close()
 
     # -- used by the router: the request encoder -------------------------------------------------------

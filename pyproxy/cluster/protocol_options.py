@@ -35,3 +35,4 @@ def factory(cfg, po) -> None:
         po.idle_timeout = duration_s(c, "idle_timeout", po.idle_timeout)
         po.max_requests_per_connection = u32(c, "max_requests_per_connection", po.max_requests_per_connection)
         po.max_stream_duration = duration_s(c, "max_stream_duration", None)
+        po.max_headers_count = u32(c, "max_headers_count", 0) or 100

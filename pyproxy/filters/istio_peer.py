@@ -278,18 +278,27 @@ class PeerCache:
 
     def get(self, peer_id: str, value: str, additional_labels):
         """The peer, or None for an undecodable value (counted by the caller)."""
+        hit = self.entry(peer_id, value, additional_labels)
+        return hit[1] if hit is not None else None
+
+    def entry(self, peer_id: str, value: str, additional_labels):
+        """``(value, peer, its filter-state wrapper)``, or None for an undecodable value. The
+        entries are immutable: a stream's filter state may hold the wrapper itself."""
         d = self.d
         if peer_id:
             hit = d.get(peer_id)
             if hit is not None and hit[0] == value:
-                return hit[1]
+                return hit
         peer = decode_header(value, additional_labels)
-        if peer is not None and peer_id:
+        if peer is None:
+            return None
+        hit = (value, peer, _CelStruct(peer))
+        if peer_id:
             if len(d) >= self.size:
                 for k in list(d)[:max(1, self.size // 4)]:
                     del d[k]
-            d[peer_id] = (value, peer)
-        return peer
+            d[peer_id] = hit
+        return hit
 
 
 def decode_header(value: str, additional_labels=frozenset()):
@@ -342,12 +351,13 @@ def own_filter_state(si) -> dict:
     return fs
 
 
-def set_peer(state: dict, downstream: bool, peer: WorkloadMetadata) -> bool:
-    """Write a peer into a filter-state dict; the first value written wins."""
+def set_peer(state: dict, downstream: bool, peer: WorkloadMetadata, cel=None) -> bool:
+    """Write a peer into a filter-state dict (``cel``: its wrapper, if made already); the first
+    value written wins."""
     key, obj_key = (DOWNSTREAM_PEER, DOWNSTREAM_PEER_OBJ) if downstream else (UPSTREAM_PEER, UPSTREAM_PEER_OBJ)
     if key in state:
         return False
-    state[key] = _CelStruct(peer)
+    state[key] = _CelStruct(peer) if cel is None else cel
     state[obj_key] = peer
     return True
 

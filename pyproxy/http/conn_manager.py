@@ -23,8 +23,10 @@ from .stream import ActiveStream
 log = logging.getLogger("pyproxy.http")
 
 # request headers the HTTP/1.1 codec notes for serve_inline (``codec.noted``): those the request
-# preparation acts on (request_prep.WATCH_BYTES) or adds, and the timeout header the stream appends
-H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms"}
+# preparation acts on (request_prep.WATCH_BYTES) or adds, the timeout header the stream appends
+# and the attempt count it sets (appends, on a ``quiet`` request)
+H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms",
+                         b"x-envoy-attempt-count"}
 
 # draining: how long an idle HTTP/1 connection is left open for a request already on its way
 DRAIN_IDLE_GRACE_S = 0.5
@@ -372,7 +374,8 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     # the connection manager's request preparation (request_prep.py), the one every stream runs;
     # when the request then goes to the stream's own entry, its result goes with it (never run twice)
     table = cfg.routes.table
-    r = prepare(cfg.prep, hc.conn, headers, table, not (codec.noted or codec.hop_seen))
+    quiet = not (codec.noted or codec.hop_seen)
+    r = prepare(cfg.prep, hc.conn, headers, table, quiet)
     if type(r) is not str and r.reply is not None:
         hc.prepped = r
         return hc.on_request(codec, headers, True, version)
@@ -383,7 +386,8 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
         return _fall_back(hc, codec, headers, r)
     if route.express is False:  # (the route's plan, routing/plan.py)
         return _fall_back(hc, codec, headers, r, table, route)
-    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers):
+    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
+            cfg, route, headers if codec.ct else None):  # (None: no content-type, the codec saw)
         return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
@@ -399,6 +403,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.request_headers = headers
     s.route = route
     s.plain = not codec.hop_seen
+    s.quiet = quiet
     s.remote_complete = True
     mut = route.resp_raw
     if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
@@ -423,7 +428,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     d = cfg.prep.decorate
     if d:
         # (no tracer here: the caller's operation names no span)
-        s.caller_op = decorate(d, route, headers, not (codec.noted or codec.hop_seen))
+        s.caller_op = decorate(d, route, headers, quiet)
     s.begin_first_attempt(route, headers, picked[2], picked[1])
 
 

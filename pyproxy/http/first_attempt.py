@@ -59,11 +59,12 @@ def chain_is_inert(cfg, route, headers) -> bool:
     on a route whose ``filter_names`` (compiled with the route) include its name; ``grpc_stats`` is
     live on a gRPC request only, and so is the router's gRPC work on some routes
     (``route.grpc_router``: gRPC retries, the grpc-timeout header).
-    Called when ``cfg.chain_checks or route.grpc_router``."""
+    Called when ``cfg.chain_checks or route.grpc_router``; ``headers`` None: the caller knows the
+    request has no content-type (the HTTP/1.1 codec's ``ct``)."""
     keys = cfg.live_on_route
     if keys and not keys.isdisjoint(route.filter_names):
         return False
-    if cfg.live_on_grpc or route.grpc_router:
+    if headers is not None and (cfg.live_on_grpc or route.grpc_router):  # (None: no content-type)
         ct = headers.get("content-type")
         if ct is not None and ct.startswith("application/grpc"):
             return False
@@ -101,6 +102,7 @@ class FirstAttempt:
     status = 0            # set when on_upstream_head wrote the response head itself
     up_local = ""
     plain = False         # the request has no framing or hop-by-hop headers (HTTP/1.1 codec)
+    quiet = False         # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
     tx_head = 0           # bytes of the response header lines written by the relay (istio.stats)
     tx_body = 0           # response body bytes written by the relay
 
@@ -120,7 +122,7 @@ class FirstAttempt:
         # a route whose mutations are literal needs no StreamInfo)
         timeout = route.timeout
         finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,
-                         None if route.express is not False else self.stream_info, choice, True)
+                         None if route.express is not False else self.stream_info, choice, True, self.quiet)
         self.start = self.t0  # (the stream's start: request preparation and route lookup just ran)
         cluster.rq_active_total += 1
         g = cluster.st_rq_active

@@ -54,6 +54,8 @@ REASONS = {
 # names its creator asks it to note, ``note``)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
                       b"proxy-connection", b"te", b"upgrade", b"host"))
+_FRAMING_NAMES = frozenset(n.decode() for n in _FRAMING - {b"host"})
+_strip = bytes.strip
 _new_headers = Headers.__new__
 _STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
 
@@ -177,13 +179,13 @@ class Http1ServerCodec:
     """
 
     __slots__ = (
-        "conn", "manager", "parser", "url", "hdrs", "header_bytes", "max_header_bytes",
+        "conn", "manager", "parser", "url", "hdrs", "max_flat", "max_header_bytes",
         "max_headers", "stream", "request_complete", "pending", "cur_events", "chunked",
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
         "response_chunked", "response_head_done", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
-        "parse_error", "msg_started", "head_bytes", "note", "watch", "noted", "on_request",
-        "hop_seen", "authority", "watched", "h2c", "h2c_left", "rht", "rht_handle",
+        "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
+        "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -209,12 +211,14 @@ class Http1ServerCodec:
         self.accept_http_10 = accept_http_10
         self.default_host_10 = default_host_for_http_10
         self.request_complete = False
+        self.ct = False  # the request head (the last one parsed) has a content-type header
         self.parse_error = False
         self.msg_started = False
         # header names (lower-case bytes) whose presence in a request the codec notes (``noted``,
         # also set by a fragment in the path), for the manager; framing and hop-by-hop: ``hop_seen``
-        self.note = note = note - _FRAMING
-        self.watch = _FRAMING | note
+        self.note = note = frozenset(n.decode("latin-1") for n in note - _FRAMING)
+        # (any of these names in a request head sends it down the header-by-header path: _framing)
+        self.watch_nohost = _FRAMING_NAMES | note
         # where a request head goes: ``on_request(codec, headers, end_stream, version, direct)``
         # (it sets ``stream``; ``direct``: just parsed, so ``noted`` and ``hop_seen`` describe it)
         self.on_request = manager.on_request
@@ -224,25 +228,26 @@ class Http1ServerCodec:
         self.rht = float(getattr(cfg, "request_headers_timeout", 0.0) or 0.0)
         self.rht_handle = None
         self.upgrade = False
+        self.url = b""
+        # the request head's header lines as they arrive, raw: ``[name, value, name, value, ...]``
+        # (one list for the connection; translated at once by on_headers_complete)
+        self.hdrs = []
+        self.max_flat = 2 * max_headers  # (a chunked request's trailers: see _over_limit)
+        self.headers_done = False
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
     def _reset_request(self):
+        """What _framing (or a fragment) recorded about the request that just completed (most
+        requests set none of it)."""
+        self.watched = False
         self.head_bytes = 0
-        self.url = b""
-        self.hdrs = []
-        self.header_bytes = 0
-        self.headers_done = False
-        self.authority = None
-        if self.watched:
-            # what _watched() records (most requests have none of those headers)
-            self.watched = False
-            self.chunked = False
-            self.content_length = None
-            self.te_seen = False
-            self.expect_continue = False
-            self.noted = False
-            self.hop_seen = False
+        self.chunked = False
+        self.content_length = None
+        self.te_seen = False
+        self.expect_continue = False
+        self.noted = False
+        self.hop_seen = False
 
     # -- bytes in ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -256,8 +261,9 @@ class Http1ServerCodec:
         if self.parse_error:
             return  # a pipelined request was malformed: nothing after it is read
         # bytes of a request head still in progress (httptools buffers a header line until it ends,
-        # so a line that never ends is bounded here, not in on_header)
-        counts = not self.msg_started or not self.headers_done
+        # so a line that never ends is bounded here, not in on_header); headers_done is False
+        # between requests too
+        counts = not self.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -289,6 +295,7 @@ class Http1ServerCodec:
             self.protocol_error(status, details)
             return
         if counts and self.msg_started and not self.headers_done:
+            self.watched = True  # (_reset_request resets head_bytes)
             self.head_bytes += len(data)
             if self.head_bytes > self.max_header_bytes + 1024 + 4 * self.max_headers:
                 self.protocol_error(431, "http1.headers_too_large")
@@ -328,62 +335,78 @@ class Http1ServerCodec:
     # has begun once its URL arrives; every callback httptools finds costs a call per request)
 
     def on_url(self, url: bytes):
-        if self.rht and not self.msg_started and self.rht_handle is None:
-            self.rht_handle = self.manager.cfg.loop.call_later(self.rht, self._headers_timeout)
-        self.msg_started = True
-        self.header_bytes += len(url)
-        if self.header_bytes > self.max_header_bytes:
+        if self.msg_started:
+            url = self.url = self.url + url  # (the URL arrived in pieces)
+        else:
+            self.msg_started = True
+            self.url = url
+            if self.rht and self.rht_handle is None:
+                self.rht_handle = self.manager.cfg.loop.call_later(self.rht, self._headers_timeout)
+        if len(url) > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
-        self.url += url
 
     def on_header(self, name: bytes, value: bytes):
-        hb = self.header_bytes = self.header_bytes + len(name) + len(value)
-        hdrs = self.hdrs
-        if hb > self.max_header_bytes:
-            raise ProtocolError(431, "http1.headers_too_large")
-        if len(hdrs) + (self.authority is not None) >= self.max_headers:
-            raise ProtocolError(431, "http1.too_many_headers")
-        n = name.lower()
-        if n in self.watch:
-            if n == b"host" and self.authority is None:
-                self.authority = value.strip().decode("latin-1")  # (becomes :authority)
-                return
-            if self._watched(n, value):
-                return
-        hdrs.append((n.decode("latin-1"), value.strip().decode("latin-1")))
+        # (the lines are checked and translated together by on_headers_complete; the head's bytes
+        # are bounded by feed, its line count here)
+        h = self.hdrs
+        h += name, value
+        if len(h) > self.max_flat:
+            self._over_limit()
 
-    def _watched(self, n: bytes, value: bytes) -> bool:
-        """Framing headers are checked here; True when the header is consumed (not forwarded)."""
+    def _over_limit(self):
+        """Too many header lines, or (``max_flat`` lowered by on_headers_complete) a trailer of a
+        chunked request, which counts with the head's lines and bytes, as in Envoy."""
+        h = self.hdrs
+        if len(h) > 2 * self.max_headers:
+            raise ProtocolError(431, "http1.too_many_headers")
+        if len(self.url) + sum(map(len, h)) > self.max_header_bytes:
+            raise ProtocolError(431, "http1.headers_too_large")
+
+    def _framing(self, names: list, values: list):
+        """The head carries framing, hop-by-hop or noted headers: checked one by one (as Envoy
+        does). Returns ``(regular headers, authority)``; Host and ``Expect: 100-continue`` are
+        consumed (the first becomes ``:authority``)."""
         self.watched = True
-        if n == b"content-length":
-            v = value.strip()
-            if not v.isdigit() or len(v) > 18:
-                raise ProtocolError(400, "http1.invalid_content_length")
+        watch = self.watch_nohost
+        note = self.note
+        authority = None
+        out = []
+        for n, v in zip(names, values):
+            if n == "host":
+                # becomes :authority (the codec's headers never carry a host header)
+                if authority is not None:
+                    raise ProtocolError(400, "http1.codec_error")
+                authority = v
+                continue
+            if n in watch:
+                if n == "content-length":
+                    if not v.isdigit() or not v.isascii() or len(v) > 18:
+                        raise ProtocolError(400, "http1.invalid_content_length")
+                    if self.content_length is not None:
+                        raise ProtocolError(400, "http1.multiple_content_length")
+                    self.content_length = int(v)
+                elif n == "transfer-encoding":
+                    if self.te_seen:
+                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
+                    self.te_seen = True
+                    if v.lower() != "chunked":
+                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
+                    self.chunked = True
+                elif n == "expect" and v.lower() == "100-continue":
+                    self.expect_continue = True
+                    continue
+                if n in note:
+                    self.noted = True
+                else:
+                    self.hop_seen = True  # (framing or hop-by-hop)
+            out.append((n, v))
+        if self.chunked:
             if self.content_length is not None:
-                raise ProtocolError(400, "http1.multiple_content_length")
-            self.content_length = int(v)
-        elif n == b"transfer-encoding":
-            if self.te_seen:
-                raise ProtocolError(501, "http1.invalid_transfer_encoding")
-            self.te_seen = True
-            if value.strip().lower() != b"chunked":
-                raise ProtocolError(501, "http1.invalid_transfer_encoding")
-            self.chunked = True
-        elif n == b"expect":
-            if value.strip().lower() == b"100-continue":
-                self.expect_continue = True
-                return True
-        elif n == b"host":
-            # becomes :authority (the codec's headers never carry a host header)
-            if self.authority is not None:
-                raise ProtocolError(400, "http1.codec_error")
-            self.authority = value.strip().decode("latin-1")
-            return True
-        if n in self.note:
-            self.noted = True
+                raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
+            self.max_flat = len(self.hdrs)  # trailers to come: each one is checked (_over_limit)
         else:
-            self.hop_seen = True  # (framing or hop-by-hop)
-        return False
+            self.hdrs = []
+        return out, authority
 
     def _headers_timeout(self):
         self.rht_handle = None
@@ -394,38 +417,72 @@ class Http1ServerCodec:
         if self.rht_handle is not None:
             self.rht_handle.cancel()
             self.rht_handle = None
+        # the head's lines at once: one join, lower-casing and decoding for all the names and one
+        # for all the values (llhttp refuses CR, LF and NUL in both), then split
+        raw = self.hdrs
+        url = self.url
+        if raw:
+            if len(url) + sum(map(len, raw)) > self.max_header_bytes:
+                raise ProtocolError(431, "http1.headers_too_large")
+            names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
+            values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
+            self.ct = "content-type" in names
+            if self.watch_nohost.isdisjoint(names):
+                # the common case: nothing to check but Host (usually the first line)
+                if names[0] == "host" and names.count("host") == 1:
+                    rest = zip(names, values)
+                    authority = next(rest)[1]
+                else:
+                    authority = None
+                    if "host" in names:
+                        if names.count("host") > 1:
+                            raise ProtocolError(400, "http1.codec_error")
+                        i = names.index("host")
+                        del names[i]
+                        authority = values.pop(i)
+                    rest = zip(names, values)
+                self.hdrs = []
+            else:
+                rest, authority = self._framing(names, values)
+        else:
+            authority = None
+            rest = ()
+            self.ct = False
         p = self.parser
-        if self.chunked and self.content_length is not None:
-            raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
         method = _METHOD_NAMES.get(p.get_method())
         if method is None:
             raise ProtocolError(400, "http1.codec_error")
         version = p.get_http_version()
-        if version == "1.1":
+        if version == "1.1" and not self.watched:
+            # no framing or hop-by-hop header (no Connection, no Upgrade): llhttp's answers follow
             self.version = HTTP11
-        elif version == "1.0" and self.accept_http_10:
-            self.version = HTTP10
-            if self.te_seen:
-                raise ProtocolError(400, "http1.invalid_transfer_encoding")
+            self.keep_alive = True
+            self.upgrade = method == "CONNECT"
         else:
-            # HTTP/0.9, HTTP/1.0 when not accepted, HTTP/2.0 or 1.7 as text: Envoy's answer
-            raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
-        self.keep_alive = p.should_keep_alive()
-        self.upgrade = p.should_upgrade()
-        if self.upgrade and method != "CONNECT":
-            for k, v in self.hdrs:
-                if k == "upgrade":
-                    if v.lower() == "h2c":
-                        # not supported (as in Envoy): the request preparation strips the upgrade
-                        # headers and the request is served as an ordinary HTTP/1.1 request
-                        self.upgrade = False
-                        self.h2c = True
-                    break
-        authority = self.authority  # (Host is taken out of the headers by _watched)
-        rest = self.hdrs
-        url = self.url.decode("latin-1")
+            if version == "1.1":
+                self.version = HTTP11
+            elif version == "1.0" and self.accept_http_10:
+                self.version = HTTP10
+                if self.te_seen:
+                    raise ProtocolError(400, "http1.invalid_transfer_encoding")
+            else:
+                # HTTP/0.9, HTTP/1.0 when not accepted, HTTP/2.0 or 1.7 as text: Envoy's answer
+                raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
+            self.keep_alive = p.should_keep_alive()
+            self.upgrade = p.should_upgrade()
+            if self.upgrade and method != "CONNECT":
+                for k, v in rest:  # (a list: the upgrade header went through _framing)
+                    if k == "upgrade":
+                        if v.lower() == "h2c":
+                            # not supported (as in Envoy): the request preparation strips the upgrade
+                            # headers and the request is served as an ordinary HTTP/1.1 request
+                            self.upgrade = False
+                            self.h2c = True
+                        break
+        url = url.decode("latin-1")
         if "#" in url:
             self.noted = True  # (a fragment)
+            self.watched = True
         if url[:1] == "/" and authority is not None and method != "CONNECT":
             # the common case: origin-form with a Host
             h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
@@ -452,7 +509,10 @@ class Http1ServerCodec:
         headers = _new_headers(Headers)
         headers._h = h  # (h is this request's own list: no copy)
         self.headers_done = True
-        has_body = self.chunked or (self.content_length or 0) > 0 or (self.upgrade and method != "CONNECT") or method == "CONNECT"
+        if self.watched:
+            has_body = self.chunked or (self.content_length or 0) > 0 or self.upgrade or method == "CONNECT"
+        else:
+            has_body = method == "CONNECT"
         if self.stream is not None or self.pending is not None:
             # pipelined: wait for the current response to finish
             ev = [("h", headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)]
@@ -536,9 +596,16 @@ class Http1ServerCodec:
             if self.content_length:
                 self.h2c_left = self.content_length
                 return
-        had_body = self.chunked or (self.content_length or 0) > 0
         self.msg_started = False
-        self._reset_request()  # ready for the next request's callbacks
+        self.headers_done = False
+        if self.watched:
+            had_body = self.chunked or (self.content_length or 0) > 0
+            if self.chunked:
+                self.hdrs = []  # (the head's lines, kept for counting trailers)
+                self.max_flat = 2 * self.max_headers
+            self._reset_request()  # ready for the next request's callbacks
+        else:
+            had_body = False
         if self.cur_events is not None:
             # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))

@@ -26,7 +26,7 @@ class Http1ClientCodec:
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
         "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
-        "feed_len",
+        "feed_len", "max_headers",
     )
 
     def __init__(self, conn):
@@ -38,6 +38,7 @@ class Http1ClientCodec:
         self.complete = True
         self.parser_dirty = False
         self.feed_len = 0
+        self.max_headers = 100  # the cluster's common_http_protocol_options.max_headers_count
 
     def start(self, decoder) -> None:
         self.decoder = decoder
@@ -189,6 +190,8 @@ class Http1ClientCodec:
         self.status = status
         self.keep_alive = p.should_keep_alive()
         hdrs = self.hdrs
+        if len(hdrs) > self.max_headers:
+            raise ProtocolError(502, "upstream response has too many headers")
         if self.response_header_bytes + self.feed_len > _MAX_UPSTREAM_HEAD and \
                 sum(len(n) + len(v) for n, v in hdrs) > _MAX_UPSTREAM_HEAD:
             # (a head that arrived within reads too small to be over the bound is not summed)

@@ -29,6 +29,7 @@ import logging
 import ssl
 
 from . import tickets
+from .peer import peer_facts
 from .ssl_stats import (TIMEOUT, SslStats, cluster_stats, count_failure, error_text, failure_kind,  # noqa: F401
                         listener_ssl_stats, listener_stats)
 
@@ -104,10 +105,15 @@ class TlsLayer:
             return None
         self._flush_out()
         tls = self.tls
-        # the peer certificate decoded once, for the SAN check and the connection's facts
+        # OpenSSL verified the peer's chain in this handshake; what Python reads from the verified
+        # leaf (SANs, names, serial) is parsed once per distinct certificate (peer_facts)
         so = self.so
-        cert = so.getpeercert() if tls.verifies else None
-        kind = tls.check_peer(so, cert)
+        facts = None
+        if tls.verifies:
+            der = so.getpeercert(True)
+            if der:
+                facts = peer_facts(so, der)
+        kind = tls.check_peer(so, facts)
         if kind:
             self._failed(kind, "TLS_error:|peer certificate: %s:TLS_error_end" % kind)
             return None
@@ -115,10 +121,10 @@ class TlsLayer:
             self.timer.cancel()
             self.timer = None
         self.state = OPEN
-        self._record(cert)
+        self._record(facts)
         return True
 
-    def _record(self, cert) -> None:
+    def _record(self, facts) -> None:
         """Facts of the finished handshake (for access logs, RBAC, stats)."""
         obj = self.so
         self.version = obj.version() or ""
@@ -131,23 +137,14 @@ class TlsLayer:
             if obj.session_reused:
                 st.inc("ssl.session_reused")
         if self.tls.verifies:
-            if cert:
-                uris, dnss = [], []
-                for kind, value in cert.get("subjectAltName", ()):
-                    if kind == "URI":
-                        uris.append(value)
-                    elif kind == "DNS":
-                        dnss.append(value)
-                uri = uris[0] if uris else ""
-                dns = dnss[0] if dnss else ""
-                self.peer_uri_san, self.peer_dns_san = uri, dns
-                self.peer_subject = _rdn(cert.get("subject", ()))
-                self.peer_issuer = _rdn(cert.get("issuer", ()))
-                self.peer_serial = cert.get("serialNumber", "").lower()
-                self.peer_principal = uri or dns or self.peer_subject
-                # what RBAC's `authenticated` tries, in Envoy's order: every URI SAN, every DNS
-                # SAN, then the subject
-                self.peer_principals = tuple(uris + dnss + [self.peer_subject])
+            if facts is not None:
+                self.peer_uri_san = facts.uri
+                self.peer_dns_san = facts.dns
+                self.peer_subject = facts.subject
+                self.peer_issuer = facts.issuer
+                self.peer_serial = facts.serial
+                self.peer_principal = facts.principal
+                self.peer_principals = facts.principals
             elif st is not None:
                 st.no_certificate.inc()
         elif st is not None and self.tls.server:
@@ -161,7 +158,7 @@ class TlsLayer:
         if f is None:
             f = False
             if self.tls.verifies and self.state == OPEN:
-                der = self.obj.getpeercert(True)
+                der = self.so.getpeercert(True)
                 if der:
                     try:
                         chain = tuple(c.public_bytes(2) for c in self.obj._sslobj.get_unverified_chain() or ())
@@ -330,10 +327,6 @@ class TlsLayer:
         return self.raw.get_extra_info(name, default)
 
 
-_RDN_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-              "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L"}
-
-
 class PeerCert:
     """A peer certificate's bytes (and a per-connection cache of XFCC values built from them)."""
 
@@ -343,16 +336,6 @@ class PeerCert:
         self.der = der
         self.chain = chain
         self.xfcc = {}
-
-
-def _rdn(name) -> str:
-    """An RFC 2253-ish string of a stdlib certificate name (most specific first, as Envoy prints)."""
-    parts = []
-    short = _RDN_SHORT
-    for rdn in reversed(name):
-        for k, v in rdn:
-            parts.append("%s=%s" % (short.get(k, k), v))
-    return ",".join(parts)
 
 
 # -- server side (listeners) --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import weakref
 
 from ..config import ConfigError
 from . import tickets
+from .peer import PeerFacts
 
 log = logging.getLogger("pyproxy.config")
 
@@ -79,20 +80,21 @@ class CompiledTls:
         # server side: the TLS 1.3 session ticket goes out with the first write (tls/tickets.py)
         self.defer_ticket = False
 
-    def check_peer(self, obj, cert=None) -> str:
+    def check_peer(self, obj, facts=None) -> str:
         """'' if the peer certificate passes the post-handshake checks, else the failure kind
-        (``fail_verify_san`` / ``fail_verify_cert_hash``). ``cert``: ``obj.getpeercert()`` if
-        the caller has it already (decoded once per handshake)."""
+        (``fail_verify_san`` / ``fail_verify_cert_hash``). ``facts``: the ``PeerFacts`` of the
+        verified peer certificate (tls/socket.py), None when the peer presented none."""
         if not (self.san_matchers or self.hashes or self.spki):
             return ""
-        der = obj.getpeercert(True)
-        if der is None:
-            return ""  # no certificate: required-ness was enforced by the handshake
+        if facts is None:
+            if obj.getpeercert(True) is None:
+                return ""  # no certificate: required-ness was enforced by the handshake
+            facts = PeerFacts(obj.getpeercert() or {})
         if self.hashes or self.spki:
-            if not self._pinned(der):
+            if not self._pinned(obj.getpeercert(True)):
                 return "fail_verify_cert_hash"
         if self.san_matchers:
-            sans = ((cert if cert is not None else obj.getpeercert()) or {}).get("subjectAltName", ())
+            sans = facts.sans
             for sm in self.san_matchers:
                 kinds = _SAN_TYPES.get(sm.san_type, ())
                 m = sm.matcher

@@ -31,6 +31,9 @@ _new = object.__new__
 # Random (version 4) UUIDs, made in batches: one big random number, masked for the version and
 # variant bits of every id at once, hex-encoded, and laid out as ``8-4-4-4-12`` by strided slice
 # copies (a fixed number of C-level operations per batch). A request takes the next one.
+# The bits come from the operating system's CSPRNG (``os.urandom``, as ``uuid.uuid4`` and Envoy's
+# ``RAND_bytes``): request ids must not be predictable from ids a client has seen, so never from
+# ``random``'s Mersenne Twister, whose state a few hundred observed ids would give away.
 _BATCH = 256
 _KEEP = 0xffffffffffff0fff3fffffffffffffff  # clears the version nibble and the variant's top bits
 _SET = 0x00000000000040008000000000000000   # version 4, variant 10xx (RFC 9562)
@@ -38,7 +41,8 @@ _KEEP_N = sum(_KEEP << (128 * i) for i in range(_BATCH))
 _SET_N = sum(_SET << (128 * i) for i in range(_BATCH))
 # (column of a 32-digit hex id, column in its 37-byte "8-4-4-4-12\n" line)
 _COLUMNS = tuple((c, c + (c >= 8) + (c >= 12) + (c >= 16) + (c >= 20)) for c in range(32))
-_urand = random.getrandbits
+_urandom = os.urandom
+_from_bytes = int.from_bytes
 _next = next
 _ids = iter(())
 
@@ -46,7 +50,7 @@ _ids = iter(())
 def _refill() -> str:
     global _ids
     n = _BATCH
-    digits = (_urand(128 * n) & _KEEP_N | _SET_N).to_bytes(16 * n, "big").hex().encode()
+    digits = (_from_bytes(_urandom(16 * n), "big") & _KEEP_N | _SET_N).to_bytes(16 * n, "big").hex().encode()
     out = bytearray(b"-" * (37 * n))
     for c, d in _COLUMNS:
         out[d::37] = digits[c::32]
@@ -67,7 +71,7 @@ def uuid4() -> str:
 
 def _forget_ids() -> None:
     global _ids
-    _ids = iter(())  # a forked worker draws its own (``random`` reseeds in the child too)
+    _ids = iter(())  # a forked worker draws its own (a batch is never shared with the parent)
 
 
 os.register_at_fork(after_in_child=_forget_ids)

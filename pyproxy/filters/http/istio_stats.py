@@ -103,37 +103,46 @@ class IstioStatsHttpConfig(StatsConfig):
         """Record one finished stream (``s``: the stream, with ``stream_info``,
         ``request_headers``, ``response_headers``, ``response_trailers`` and ``connection``).
 
-        A fast stream that relayed the response head as bytes (``http/h1_relay.py``: a bodiless
-        HTTP/1.1 request, ``status`` set) and made no StreamInfo is read directly, so that
-        telemetry never makes one: what the StreamInfo would hold is the stream's own (route,
-        cluster, upstream host, status, start), no response flags, no request body, no upstream
-        TLS principals (the lane records those in a StreamInfo), the connection's filter state;
-        the response head and body sizes are those it counted as it wrote them. Its series are
-        cached under a shorter key (``bare``); a miss resolves through a StreamInfo, made then."""
+        A stream that relayed the response head as bytes (``http/h1_relay.py``: a bodiless
+        HTTP/1.1 request, ``status`` set) and ended without response flags is read from the
+        stream itself, with or without a StreamInfo (none is made for telemetry): its route,
+        cluster, upstream host, status and start are the stream's, the filter state and the
+        upstream principals the StreamInfo's if one was made (else the connection's, and none),
+        the request head size from the head written upstream, the response head and body sizes
+        as the relay counted them. Its series are cached under a shorter key (``bare``); a miss
+        resolves through the StreamInfo (made then) as every other stream does."""
         d = s.__dict__
-        si = d.get("stream_info")  # (a fast stream's is made on first use)
-        if si is None:
-            code = getattr(s, "status", 0)  # (set by the fast stream that relayed the head as bytes)
+        si = d.get("stream_info")  # (made on first use by a stream that started without one)
+        code = d.get("status")  # (set by a stream that relayed the response head as bytes)
+        if code and self.bare_ok and (si is None or not si.response_flags):
             rq = s.request_headers
             h = rq._h
             # (gRPC? never when the chain plan sends gRPC requests to the generic chain: chain_is_inert)
-            if code and self.bare_ok and (s.cfg.live_on_grpc or s.route.grpc_router or "content-type" not in
-                                          map(_first, h) or not _is_grpc(rq.get("content-type"))):
+            if s.cfg.live_on_grpc or s.route.grpc_router or "content-type" not in map(_first, h) or \
+                    not _is_grpc(rq.get("content-type")):
                 k, host = h[3]  # (the codecs put :authority fourth)
                 if k != ":authority":
                     host = rq.get(":authority") or ""
                 elif not self.host_fallback:
                     host = ""
-                fs = s.hc.conn.filter_state
-                up = s.host
+                if si is None:
+                    fs = s.hc.conn.filter_state
+                    up_san = up_local_san = ""
+                    end = None
+                else:
+                    fs = si.filter_state
+                    up_san = si.upstream_peer_uri_san
+                    up_local_san = si.upstream_local_uri_san
+                    end = si.end_monotonic
                 if self.server_side:
                     conn = s.hc.conn
-                    peer_san, local_san, _ = self.principals(conn, conn.stream_info, fs)
+                    peer_san, local_san, _ = self.principals(conn, si or conn.stream_info, fs)
                     key = (fs.get(DOWNSTREAM_PEER_OBJ) if fs else None, peer_san, local_san, s.route.name,
                            s.cluster.name, host, code)
                 else:
+                    up = s.host
                     key = (fs.get(UPSTREAM_PEER_OBJ) if fs else None, s.route.name, s.cluster.name, host, code,
-                           up.key if up is not None else "")
+                           up.key if up is not None else "", up_san, up_local_san)
                 series = self.bare.get(key)
                 if series is None:
                     series = self.bare_miss(s, key)
@@ -141,7 +150,7 @@ class IstioStatsHttpConfig(StatsConfig):
                 c.value += 1
                 # (Histogram.record, inline: append; fold when PENDING values wait)
                 p = dur.pending
-                p.append(int((_monotonic() - s.t0) * 1000))
+                p.append(int(((end or _monotonic()) - s.t0) * 1000))
                 if len(p) >= PENDING:
                     dur.fold()
                 # the request head as ``name: value\r\n`` lines and the blank line: from the head
@@ -156,15 +165,16 @@ class IstioStatsHttpConfig(StatsConfig):
                 if tx:  # (its header lines; the status counts as the :status pseudo-header does)
                     tx += 14 if code < 1000 else 11 + len(str(code))
                 p = rsb.pending
-                p.append(tx + s.tx_body)
+                p.append(tx + s.tx_body if si is None else tx + s.tx_body + si.bytes_sent)
                 if len(p) >= PENDING:
                     rsb.fold()
                 return
+        if si is None:
             si = s.stream_info
-            if si.end_monotonic is None:
-                si.end_monotonic = _monotonic()
-            if code:
-                si.response_code = code
+        if si.end_monotonic is None:
+            si.end_monotonic = _monotonic()
+        if code:
+            si.response_code = code
         rq = s.request_headers
         fs = si.filter_state
         code = si.response_code or 0
@@ -250,7 +260,7 @@ class IstioStatsHttpConfig(StatsConfig):
             mtls = bool(peer_san and local_san)
             ep = None
         else:
-            peer, peer_san, local_san, mtls = key[0], "", "", None
+            peer, peer_san, local_san, mtls = key[0], key[6], key[7], None
             ep = None if peer is not None else key[5] or None
         full = (peer, peer_san, local_san, si.route_name, si.upstream_cluster, host, False, code, "-", ep, (), False)
         series = self.cached(full, lambda: self._resolve(peer, peer_san, local_san, mtls, host, False, code,

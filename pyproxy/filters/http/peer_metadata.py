@@ -34,6 +34,8 @@ from .. import istio_peer as P
 _HEADERS = frozenset((P.HEADER, P.HEADER_ID))
 _first = itemgetter(0)
 _ref = weakref.ref
+_HDR = P.HEADER
+_UP = P.UPSTREAM_PEER
 
 
 class PeerMetadataConfig:
@@ -320,14 +322,20 @@ class _Hooks:
         if taken is not None and f.up_disc:
             pid = val = None
             for k, v in taken:
-                if k == P.HEADER:
+                if k == _HDR:
                     if val is None:
                         val = v
                 elif pid is None:
                     pid = v
-            peer = f.found(pid, val)
-            if peer is not None:
-                _set(stream.stream_info, False, peer)
+            if val:
+                hit = f.cache.entry(pid or "", val, f.additional)
+                if hit is None:
+                    f.bad.hit("%d bytes from peer id %r" % (len(val), (pid or "")[:80]))
+                else:  # (_set, with the cached wrapper)
+                    si = stream.stream_info
+                    fs = si.filter_state
+                    if not fs or _UP not in fs:
+                        P.set_peer(P.own_filter_state(si), False, hit[1], hit[2])
         if f.down_prop:
             rid, rval = getattr(stream, "mx_carried", None) or (False, False)
             if rid or rval:

@@ -31,19 +31,24 @@ TIMEOUT = (504, "upstream request timeout", "upstream_response_timeout", "UT")
 OVERFLOW = (503, RESET_BODY + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", "UO")
 
 
-def finalize_request(route, headers, timeout: float, suppress: bool, si, choice, fresh: bool = False) -> None:
+def finalize_request(route, headers, timeout: float, suppress: bool, si, choice, fresh: bool = False,
+                     quiet: bool = False) -> None:
     """The router's request headers for a first attempt. ``timeout``: the request's timeout (the
     route's, or from ``grpc-timeout``), announced in ``x-envoy-expected-rq-timeout-ms`` unless
     the router's ``suppress_envoy_headers``; ``fresh``: no filter has touched the headers since
-    the request preparation removed any such header the client sent (it is appended)."""
+    the request preparation removed any such header the client sent (it is appended); ``quiet``:
+    the request carries no ``x-envoy-attempt-count`` either (the HTTP/1.1 codec noted none)."""
     if timeout and not suppress:
         ms = route.timeout_ms if timeout == route.timeout else str(int(timeout * 1000))
         if fresh:
             headers._h.append(("x-envoy-expected-rq-timeout-ms", ms))
         else:
             headers.set("x-envoy-expected-rq-timeout-ms", ms)
-    if route.include_request_attempt_count:
-        headers.set("x-envoy-attempt-count", "1")  # (every attempt carries its number)
+    if route.include_request_attempt_count:  # (every attempt carries its number)
+        if quiet:
+            headers._h.append(("x-envoy-attempt-count", "1"))  # (none to replace)
+        else:
+            headers.set("x-envoy-attempt-count", "1")
     if route._req_mutations or choice is not None:
         route.finalize_request_headers(headers, si, choice)
     if choice is not None or route.fast_rewrites:

@@ -9,6 +9,8 @@ reassembled up to ``max_client_hello_size`` (default and maximum 64 KiB, as Envo
 
 from __future__ import annotations
 
+import struct
+
 from ...config import ConfigError, u32
 
 from ...http.filter import CONTINUE, STOP
@@ -19,6 +21,8 @@ _EXT_SNI = 0
 _EXT_ALPN = 16
 DEFAULT_MAX_HELLO = 64 * 1024
 MAX_MAX_HELLO = 64 * 1024
+
+_HH = struct.Struct(">HH").unpack_from  # an extension's type and length
 
 NEED_MORE, NOT_TLS = "more", "not-tls"
 
@@ -90,18 +94,20 @@ def _parse_hello(b: bytes):
         elen = (b[p] << 8) | b[p + 1]
         p += 2
         end = min(len(b), p + elen)
+        hh = _HH
+        # (only SNI and ALPN are sliced out; an extension running past the end stops the walk)
         while p + 4 <= end:
-            et = (b[p] << 8) | b[p + 1]
-            el = (b[p + 2] << 8) | b[p + 3]
+            et, el = hh(b, p)
             p += 4
-            ext = b[p:p + el]
+            if et == _EXT_SNI or et == _EXT_ALPN:
+                ext = b[p:p + el]
+                if len(ext) < el:
+                    break
+                if et == _EXT_SNI:
+                    ch.server_name = _sni(ext)
+                else:
+                    ch.alpn = _alpn(ext)
             p += el
-            if len(ext) < el:
-                break
-            if et == _EXT_SNI:
-                ch.server_name = _sni(ext)
-            elif et == _EXT_ALPN:
-                ch.alpn = _alpn(ext)
     except IndexError:
         pass  # truncated body: keep what was read (Envoy treats the transport as TLS anyway)
     return ch
