@@ -309,7 +309,7 @@ def test_tcp_proxy_over_tls_chain(env):
             t.unwrap()
     assert _stat(env["px"], "cluster.echo.upstream_cx_total") >= 1
     line = _wait_line(path, lambda ln: ln.startswith("TLSv1.3"))
-    assert line == ("TLSv1.3 TLS_AES_256_GCM_SHA384 sni=localhost peer=CN=client-good,%ssa/client,"
+    assert line == ("TLSv1.3 TLS_AES_128_GCM_SHA256 sni=localhost peer=CN=client-good,%ssa/client,"
                          "CN=pyproxy test CA local=localhost bytes=%d" % (SPIFFE_NS, len(payload))), line
 
 

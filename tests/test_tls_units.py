@@ -430,3 +430,36 @@ def test_san_check_runs_on_cached_facts(pki):
     p = _Peer([("URI", "spiffe://td/ns/a/sa/one")])
     assert good.compiled_tls.check_peer(p, f) == ""
     assert bad.compiled_tls.check_peer(p, f) == "fail_verify_san"
+
+
+def test_tls13_suites_in_envoys_order(pki):
+    """TLS 1.3 suites ordered as BoringSSL orders them (AES-128-GCM first), on both sides, all three
+    still offered, and a TLS 1.2 cipher list does not undo it; a TLS 1.3 handshake with a client
+    offering OpenSSL's default order (AES-256 first) lands on AES-128 (server preference)."""
+    from pyproxy.tls import tickets
+    if not tickets.AVAILABLE:
+        pytest.skip("libssl not reachable from ctypes here")
+    f = downstream_factory(dctx({"common_tls_context": {
+        "tls_params": {"cipher_suites": ["ECDHE-ECDSA-AES128-GCM-SHA256"]},
+        "tls_certificates": [cert_entry(pki.server)]}}))
+    u = upstream_factory(uctx({"common_tls_context": {}}))
+    for ctx in (f.compiled_tls.ctx, u.compiled_tls.ctx):
+        names = [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"]
+        assert names == ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname = False
+    cctx.verify_mode = ssl.CERT_NONE
+    si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    s = f.compiled_tls.ctx.wrap_bio(si, so, server_side=True)
+    c = cctx.wrap_bio(ci, co, server_side=False)
+    for _ in range(6):
+        for o in (c, s):
+            try:
+                o.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        if co.pending:
+            si.write(co.read())
+        if so.pending:
+            ci.write(so.read())
+    assert s.version() == "TLSv1.3" and s.cipher()[0] == "TLS_AES_128_GCM_SHA256"

@@ -183,6 +183,7 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool,
         # for a ticket after the handshake (none during it, then one with the first write); else
         # OpenSSL's way, right after the handshake. TLS 1.2: one ticket, in the handshake.
         ctx.num_tickets = 0 if tickets.AVAILABLE else 1
+    tickets.prefer_aes128(ctx)
     suites = [s for s in f.cipher_suites if s not in _TLS13_SUITES]
     try:
         ctx.set_ciphers(":".join(suites) if suites else DEFAULT_CIPHERS)
