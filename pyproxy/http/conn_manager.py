@@ -376,12 +376,9 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     table = cfg.routes.table
     quiet = not (codec.noted or codec.hop_seen)
     r = prepare(cfg.prep, hc.conn, headers, table, quiet)
-    remote = None
-    if type(r) is not str:
-        if r.reply is not None:
-            hc.prepped = r
-            return hc.on_request(codec, headers, True, version)
-        remote = r.remote
+    if type(r) is not str and r.reply is not None:
+        hc.prepped = r
+        return hc.on_request(codec, headers, True, version)
     if table is None:
         return _fall_back(hc, codec, headers, r)
     route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
@@ -395,7 +392,6 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
         return _fall_back(hc, codec, headers, r, table, route)
-    name, choice, cluster = picked
 
     # from here on the request is this stream's
     s = _new_stream(ActiveStream)
@@ -412,9 +408,12 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     mut = route.resp_raw
     if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
         s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
-    if remote is not None:
-        s.remote = remote
-    s.rid = r if type(r) is str else r.rid
+    if type(r) is str:
+        s.rid = r
+    else:
+        s.rid = r.rid
+        if r.remote is not None:
+            s.remote = r.remote
     # HttpConnection.new_stream and ActiveStream.__init__'s counting
     loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
     hc.streams += 1
@@ -430,7 +429,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     if d:
         # (no tracer here: the caller's operation names no span)
         s.caller_op = decorate(d, route, headers, quiet)
-    s.begin_first_attempt(route, headers, cluster, choice)
+    s.begin_first_attempt(route, headers, picked[2], picked[1])
 
 
 def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:

@@ -33,6 +33,9 @@ import random
 import time
 
 from ..cluster.lb import LbContext
+from ..filters.http.router_steps import (NO_HEALTHY, TIMEOUT, charge_failure, connect_failure, count_rx_reset,
+                                         finalize_request, finalize_response, reset_failure, retries_reset,
+                                         upstream_timeout)
 from ..transport import upstream_tls_sans
 from . import h1_relay
 
@@ -40,7 +43,6 @@ _NO_CTX = LbContext()
 _monotonic = time.monotonic
 _rand = random.getrandbits
 
-_OVERFLOW_BODY = "upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
 def close_tunnel(enc) -> None:
@@ -114,28 +116,14 @@ class FirstAttempt:
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         self.cluster = cluster
         self.choice = choice
-        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
-        if si is not None:
-            si.upstream_cluster = cluster.name
-            si.attempt_count = 1
         for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
             hook(self, headers, cluster)
-        # (the router's order: the timeout header, the attempt count, the route's mutations;
-        # the request preparation removed any timeout header the client sent)
+        # (no filter ran: the request preparation removed any timeout header the client sent;
+        # a route whose mutations are literal needs no StreamInfo)
         timeout = route.timeout
-        if timeout and not cfg.router_suppress_envoy_headers:
-            ms = route.express
-            headers._h.append(("x-envoy-expected-rq-timeout-ms", ms or str(int(timeout * 1000))))
-        if route.include_request_attempt_count:
-            if self.quiet:
-                headers._h.append(("x-envoy-attempt-count", "1"))  # (none to replace)
-            else:
-                headers.set("x-envoy-attempt-count", "1")
-        if route._req_mutations or choice is not None:
-            route.finalize_request_headers(headers, None if route.express is not False else self.stream_info, choice)
-        if choice is not None or route.fast_rewrites:
-            route.rewrite_request(headers, choice)
-        self.start = _monotonic()
+        finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,
+                         None if route.express is not False else self.stream_info, choice, True, self.quiet)
+        self.start = self.t0  # (the stream's start: request preparation and route lookup just ran)
         cluster.rq_active_total += 1
         g = cluster.st_rq_active
         g.value += 1
@@ -148,12 +136,16 @@ class FirstAttempt:
             if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
                 hc.arm_deadline(at)
         host = self.host = cluster.choose_host(_NO_CTX)
+        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
+        if si is not None:
+            si.upstream_cluster = cluster.name
+            si.attempt_count = 1
+            if host is not None:
+                si.upstream_host = host.key
         if host is None:
             cluster.st_cx_none_healthy.value += 1
-            self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
+            self._fail(*NO_HEALTHY)
             return
-        if si is not None:
-            si.upstream_host = host.key
         self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
 
     # -- pool callbacks --------------------------------------------------------------------------
@@ -180,12 +172,7 @@ class FirstAttempt:
             self._to_router().on_pool_failure(reason, flag, host)
             return
         self.stream_info.upstream_transport_failure_reason = reason
-        if flag == "UO":
-            self._fail(503, _OVERFLOW_BODY, "upstream_reset_before_response_started{overflow}", "UO")
-            return
-        why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
-        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
-                   "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
+        self._fail(*connect_failure(reason, flag))
 
     def _to_router(self):
         """This attempt failed (or has a status its retry policy may retry): the router filter
@@ -218,10 +205,10 @@ class FirstAttempt:
             return
         c = self.cluster
         c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
-        self.stream_info.response_code_details = "via_upstream"
-        if not self.cfg.router_suppress_envoy_headers:
-            headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - self.start) * 1000))))
-        self.route.finalize_response_headers(headers, self.stream_info, self.choice, self.request_headers)
+        si = self.stream_info
+        si.response_code_details = "via_upstream"
+        finalize_response(self.route, headers, self.start, self.cfg.router_suppress_envoy_headers, si,
+                          self.choice, self.request_headers)
         for hook in self.cfg.response_hooks:  # telemetry filters' response work (ChainPlan)
             hook.on_response(self, headers)
         if end_stream:
@@ -270,8 +257,7 @@ class FirstAttempt:
         r = self.route.retry
         if r is None or self.response_started:
             return False
-        on = r.retry_on
-        return "refused-stream" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+        return retries_reset(r.retry_on, "refused-stream")
 
     def on_upstream_reset(self, reason: str):
         if self.up_done:
@@ -283,12 +269,9 @@ class FirstAttempt:
             self._to_router().on_upstream_reset(reason)
             return
         self.encoder_up = None
-        if reason != "connection termination" and reason != "remote refused stream reset":  # (Envoy)
-            self.cluster.st_rq_rx_reset.value += 1
+        count_rx_reset(self.cluster, reason)
         if not self.response_started:
-            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
-                       "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"),
-                       "UR" if "overflow" not in reason else "UO")
+            self._fail(*reset_failure(reason))
             return
         self.stream_info.response_flags.add("UR")
         self._up_finished()
@@ -339,20 +322,17 @@ class FirstAttempt:
         """The route timeout passed (``ActiveStream.on_deadline``, when the stream is the router)."""
         if self.up_done:
             return
-        self.cluster.st_rq_timeout.value += 1
-        if self.encoder_up is not None:
-            self.cluster.report_timeout(self.host)
-        self._abandon()
+        upstream_timeout(self.cluster, self.host if self.encoder_up is not None else None)
         if self.response_started:
+            self._abandon()
             self.reset_stream("upstream_response_timeout")
             return
-        self.cluster.count_response(504)
-        self.send_local_reply(504, "upstream request timeout", "upstream_response_timeout", flag="UT")
+        self._fail(*TIMEOUT)
 
     def _fail(self, status, body, details, flag):
-        if flag != "UH":
-            self.cluster.count_response(status)  # (Envoy's chargeUpstreamAbort; see the router)
-        self._up_finished()
+        """A local reply for an upstream failure (the router's ``_fail`` for a first attempt)."""
+        body = charge_failure(self.cluster, status, body, flag, None, 1)
+        self._abandon()
         self.send_local_reply(status, body, details, flag=flag)
 
     def _complete(self):

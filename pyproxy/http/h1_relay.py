@@ -18,14 +18,21 @@ from ..cluster.pool import UpstreamConnection
 from .decorator import DECORATE_EGRESS, response_operation
 from .headers import Headers
 from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
-from .local_reply import _date
+from .local_reply import date_line
 
 _DECORATOR = b"x-envoy-decorator-operation"
 _NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 _monotonic = time.monotonic
+_JOIN = ": ".join  # (name, value) -> "name: value"
 
 # response header names the head writer handles itself: framing, hop-by-hop and ``server``
 _SPECIAL = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date", _DECORATOR}
+
+
+def relay_names(take) -> frozenset:
+    """The response header names the head writer handles itself, for an HCM whose telemetry hooks
+    hold back the names ``take`` (``HcmConfig.relay_special``)."""
+    return _SPECIAL | take
 
 
 def send_request(s, encoder) -> None:
@@ -48,8 +55,12 @@ def send_request(s, encoder) -> None:
         encoder.encode_headers(s.request_headers, True)
         return
     up.head_request = method == "HEAD"
-    s.up_head = head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                        "".join([f"{k}: {v}\r\n" for k, v in h[4:]]) + "\r\n").encode("latin-1")
+    if len(h) > 4:
+        head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1")
+    else:
+        head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1")
+    s.up_head = head
     encoder.write(head)  # (up_head: istio.stats sizes the request head from it)
 
 
@@ -77,7 +88,7 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
     date = False
     taken = None
     take = cfg.response_take_raw  # (telemetry hooks' names: ChainPlan)
-    special = _SPECIAL | take if take else _SPECIAL
+    special = cfg.relay_special  # (relay_names(take), made with the HCM's config)
     mut = route.resp_raw  # the route's response header mutations (routing/plan.py)
     if mut is not None:
         drop = mut[0]
@@ -133,7 +144,7 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         if extra:
             add(extra)
     if not date:
-        add(b"date: " + _date().encode() + b"\r\n")  # (ActiveStream._send_headers' rule)
+        add(date_line())  # (ActiveStream._send_headers' rule)
     if not server and transform != 2:
         add(cfg.server_line)
     if dec:

@@ -22,6 +22,17 @@ def _date() -> str:
 
 
 _DATE_CACHE = [0, ""]
+_LINE_CACHE = [0, b""]
+
+
+def date_line() -> bytes:
+    """``date: <now>\r\n`` as bytes (the response head relay's; cached like ``_date``)."""
+    c = _LINE_CACHE
+    now = int(_time())
+    if c[0] != now:
+        c[1] = b"date: " + _date().encode() + b"\r\n"
+        c[0] = now
+    return c[1]
 
 
 def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag: str = "",

@@ -60,7 +60,7 @@ class ActiveStream(FirstAttempt):
     prepped = None  # the request preparation's result when serve_inline ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
     version = "HTTP/1.1"
-    t0 = 0.0              # monotonic start (a stream made by conn_manager.serve_inline)
+    t0 = 0.0              # monotonic start
     remote = None         # the downstream address derived from the headers (request_prep)
     rid = ""              # the request id (request_prep)
     # made at once by __init__; lazily (``_make_stream_info``) for a serve_inline stream
@@ -70,7 +70,8 @@ class ActiveStream(FirstAttempt):
         self.hc = hc
         cfg = self.cfg = hc.cfg
         self.encoder = encoder
-        self.stream_info = new_stream_info(hc.conn, version, _time(), _monotonic())
+        self.t0 = t0 = _monotonic()
+        self.stream_info = new_stream_info(hc.conn, version, _time(), t0)
         self.version = version
         st = hc.stats
         st.rq_total.value += 1
@@ -124,14 +125,13 @@ class ActiveStream(FirstAttempt):
         if err is not None:
             return
         # route lookup (filters may clear it and cause a new lookup)
+        table = self.route_table = cfg.routes.table
         p = self.prepped
-        if p is not None and p.route is not None and p.table is cfg.routes.table:
+        if p is not None and p.route is not None and p.table is table:
             route = self.route = p.route  # (serve_inline found it before leaving the request here)
-            self.route_table = p.table
-            self.stream_info.route_name = route.name
-        else:
-            self.refresh_route()
-            route = self.route
+        else:  # (refresh_route)
+            route = self.route = table.find(headers, self.stream_info, _urand(32)) if table is not None else None
+        self.stream_info.route_name = route.name if route is not None else ""
         d = cfg.prep.decorate
         if d:
             self.caller_op = decorate(d, route, headers)

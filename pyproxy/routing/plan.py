@@ -19,6 +19,7 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   Compiled when every value is a literal and every action is decided without the response
   (remove, append, overwrite-or-add); any other mutation keeps the route's responses on the
   ``Headers`` path (``express`` False).
+- ``timeout_ms``: the route timeout as ``x-envoy-expected-rq-timeout-ms`` announces it.
 - ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
 - ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
   may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
@@ -80,7 +81,8 @@ def retry_codes(retry):
 
 
 def plan_route(e) -> None:
-    """Set ``e.fast``, ``e.express``, ``e.fast_rewrites``, ``e.retry_codes`` and ``e.grpc_router``
+    """Set ``e.fast``, ``e.express``, ``e.resp_raw``, ``e.timeout_ms``, ``e.fast_rewrites``,
+    ``e.retry_codes`` and ``e.grpc_router``
     (a compiled ``RouteEntry``)."""
     retry = e.retry
     e.retry_codes = retry_codes(retry) if e.kind == 0 else None
@@ -95,6 +97,7 @@ def plan_route(e) -> None:
             # (a per-try timeout would run on the first attempt too)
             and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
     e.fast = fast
+    e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
     e.resp_raw = raw = compile_response_raw(e._resp_mutations)
     express = False
     if fast and (raw is not None or not e._resp_mutations):

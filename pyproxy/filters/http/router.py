@@ -28,6 +28,8 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from .router_steps import (NO_HEALTHY, OVERFLOW, charge_failure, connect_failure, count_rx_reset, finalize_request,
+                           finalize_response, reset_failure, retries_reset, upstream_timeout)
 from .shadow import local_address, start_shadows
 from .upstream_request import UpstreamRequest
 
@@ -47,10 +49,6 @@ def retry_allowed(c) -> bool:
     pct, floor = b
     active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
     return c.retries_active < max(int(pct / 100.0 * active), floor)
-# a local reply for an upstream failure (a reset, a failed connection, a timeout) is charged to
-# the cluster's upstream_rq_<code>, as Envoy's chargeUpstreamAbort does
-_CHARGED = frozenset(("UF", "UR", "UT", "UO"))
-_RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
@@ -135,8 +133,8 @@ class Router:
         # ran before any filter)
         if cluster.rq_active_total >= cluster.max_requests:
             cluster.st_pending_overflow.value += 1
-            s.send_local_reply(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                               "upstream_reset_before_response_started{overflow}", flag="UO")
+            status, body, details, flag = OVERFLOW
+            s.send_local_reply(status, body, details, flag=flag)
             return STOP
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
@@ -146,14 +144,7 @@ class Router:
             if gt is not None:
                 timeout = gt if not gmax else min(gt, gmax)
         self.timeout = timeout
-        # Envoy's order: the timeout header, the attempt count, then the route's header mutations
-        if not self.cfg.suppress_envoy_headers:
-            if timeout:
-                headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
-        if route.include_request_attempt_count:
-            headers.set("x-envoy-attempt-count", "1")  # (every attempt carries its number)
-        route.finalize_request_headers(headers, si, choice)
-        route.rewrite_request(headers, choice)
+        finalize_request(route, headers, timeout, self.cfg.suppress_envoy_headers, si, choice)
         self.headers = headers
         retry = self.retry = route.retry
         self.retries_left = retry.num_retries if retry is not None else 0
@@ -308,7 +299,7 @@ class Router:
             host = c.choose_host(self.lb_ctx)
         if host is None:
             c.st_cx_none_healthy.value += 1
-            self._fail(503, "no healthy upstream", "no_healthy_upstream", "UH")
+            self._fail(*NO_HEALTHY)
             return
         si.upstream_host = host.key
         if self.lb_ctx.previous_hosts is not None:
@@ -350,11 +341,9 @@ class Router:
         if self.done:
             return
         c = self.cluster
-        c.st_rq_timeout.value += 1
-        self.s.hc.stats.rq_timeout.value += 0
         up = self.upstream
+        upstream_timeout(c, up.host if up is not None else None)
         if up is not None:
-            c.report_timeout(up.host)
             up.abandon()
             self.upstream = None
         if self.others:
@@ -403,19 +392,11 @@ class Router:
             return
         si = self.s.stream_info
         si.upstream_transport_failure_reason = reason
-        if flag == "UO":
-            if self._others_pending():
-                return
-            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-                       "upstream_reset_before_response_started{overflow}", "UO")
-            return
-        if self._maybe_retry_reset("connect-failure", up):
+        if flag != "UO" and self._maybe_retry_reset("connect-failure", up):
             return
         if self._others_pending():
             return  # an earlier (hedged) attempt may still answer
-        why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
-        self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: " + why,
-                   "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
+        self._fail(*connect_failure(reason, flag))
 
     def on_upstream_headers(self, up, headers: Headers, end_stream: bool):
         if self.done:
@@ -448,9 +429,8 @@ class Router:
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
-        if not self.cfg.suppress_envoy_headers:
-            headers.add("x-envoy-upstream-service-time", str(int((time.monotonic() - self.start) * 1000)))
-        self.route.finalize_response_headers(headers, self.s.stream_info, self.choice, self.headers)
+        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
+                          self.choice, self.headers)
         if end_stream:
             self._complete()
         self.s.encode_headers(headers, end_stream)
@@ -476,16 +456,13 @@ class Router:
     def on_upstream_reset(self, up, reason: str):
         if self.done or not self._forget(up):
             return
-        c = self.cluster
-        if reason != "connection termination" and reason != "remote refused stream reset":  # (Envoy)
-            c.st_rq_rx_reset.value += 1
+        count_rx_reset(self.cluster, reason)
         if not self.response_started:
             if self._maybe_retry_reset("refused-stream" if reason == "remote refused stream reset" else "reset", up):
                 return
             if self._others_pending():
                 return
-            self._fail(503, "upstream connect error or disconnect/reset before headers. reset reason: %s" % reason,
-                       "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"), "UR" if "overflow" not in reason else "UO")
+            self._fail(*reset_failure(reason))
             return
         self.s.stream_info.response_flags.add("UR")
         self._done()
@@ -522,17 +499,14 @@ class Router:
         r = self.retry
         if r is None or self.response_started or up.retried:
             return False
-        on = r.retry_on
-        would = what in on or "5xx" in on or "gateway-error" in on or "reset" in on
-        return self._retry_outcome(would) == R_YES
+        return self._retry_outcome(retries_reset(r.retry_on, what)) == R_YES
 
     def retries_refused_stream(self, up) -> bool:
         """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""
         r = self.retry
         if r is None or self.done or self.response_started or up.retried:
             return False
-        on = r.retry_on
-        return "refused-stream" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+        return retries_reset(r.retry_on, "refused-stream")
 
     def _retry_outcome(self, would_retry: bool) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
@@ -648,13 +622,7 @@ class Router:
         """A local reply for an upstream failure; the retry state says if it was exhausted."""
         if self.done:
             return
-        if self.attempts > 1:
-            if flag in ("UF", "UR", "UT"):
-                self.s.stream_info.response_flags.add("URX")
-            if body.startswith(_RESET_BODY):
-                body = _RESET_BODY + "retried and the latest " + body[len(_RESET_BODY):]
-        if flag in _CHARGED:
-            self.cluster.count_response(status)
+        body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts)
         self._done()
         self.s.send_local_reply(status, body, details, flag=flag)
 

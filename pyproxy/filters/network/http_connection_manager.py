@@ -242,6 +242,8 @@ class HcmConfig:
         self.response_hooks = plan.response_hooks
         self.observers = plan.observers
         self.response_take_raw = frozenset(n.encode() for n in plan.response_take)
+        from ...http.h1_relay import relay_names
+        self.relay_special = relay_names(self.response_take_raw)
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
         # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
