@@ -24,7 +24,7 @@ _monotonic = time.monotonic
 RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 # a local reply for an upstream failure (a reset, a failed connection, a timeout) is charged to
 # the cluster's upstream_rq_<code>, as Envoy's chargeUpstreamAbort does
-CHARGED = frozenset(("UF", "UR", "UT", "UO"))
+CHARGED = frozenset(("UF", "UR", "UT", "UO", "UPE"))
 # (status, body, response code details, response flag)
 NO_HEALTHY = (503, "no healthy upstream", "no_healthy_upstream", "UH")
 TIMEOUT = (504, "upstream request timeout", "upstream_response_timeout", "UT")
@@ -73,7 +73,11 @@ def connect_failure(reason: str, flag: str):
 
 
 def reset_failure(reason: str):
-    """The local reply for an upstream reset before the response started."""
+    """The local reply for an upstream reset before the response started: a 503, but a 502 with
+    flag UPE for an upstream that broke the protocol (Envoy's ``onUpstreamReset``)."""
+    if reason == "protocol error":
+        return (502, RESET_BODY + "reset reason: protocol error",
+                "upstream_reset_before_response_started{protocol_error}", "UPE")
     return (503, RESET_BODY + "reset reason: %s" % reason,
             "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"),
             "UR" if "overflow" not in reason else "UO")
@@ -83,7 +87,7 @@ def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int
     """What a local reply for an upstream failure counts; returns its body (a retried request's
     names the latest attempt, and its flags gain URX)."""
     if attempts > 1:
-        if flag in ("UF", "UR", "UT"):
+        if flag in ("UF", "UR", "UT", "UPE"):
             si.response_flags.add("URX")
         if body.startswith(RESET_BODY):
             body = RESET_BODY + "retried and the latest " + body[len(RESET_BODY):]
