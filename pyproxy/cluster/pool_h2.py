@@ -135,8 +135,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         s.conn = self
 
     def stream_done(self, s) -> None:
-        if s.sid:
-            self.streams.pop(s.sid, None)
+        self.streams.pop(s.sid, None)  # (a stream that never got an id has 0: never a key)
         self.bound -= 1
         self.pool.stream_released(self)
 

@@ -219,7 +219,8 @@ class H2ClientStream(OutStream):
         self.replay = None
         c = self.conn
         if c is not None:
-            c.blocked.discard(self)
+            if c.blocked:
+                c.blocked.discard(self)
             if self.headers_sent and not c.closed:
                 h = c.h2
                 try:

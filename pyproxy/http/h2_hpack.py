@@ -130,10 +130,11 @@ def _fill(headers, out: list) -> None:
         k = kv[0]
         if k in _UNIQUE_FIELDS:  # ids never repeat: they would only flush the memo
             v = kv[1]
-            pre = names.get(k)
-            if pre is not None and v.__class__ is str and kv.__class__ is tuple and len(v) < 127 and v.isascii():
-                out[i] = pre + _LEN7[len(v)] + v.encode()  # (a request id: a known name, a new value)
-            else:
+            try:
+                # (a request id: a known name, a new short ASCII str value; anything else, e.g. a
+                # bytes value or a NeverIndexedHeaderTuple, the general way)
+                out[i] = names[k] + _LEN7[len(v)] + v.encode("ascii") if kv.__class__ is tuple else _encode_one(kv)
+            except (KeyError, IndexError, AttributeError, UnicodeError):
                 out[i] = _encode_one(kv)
         else:
             b = out[i] = _encode_one(kv)

@@ -39,7 +39,7 @@ class H2ServerStream(OutStream):
         if self.closed or self.local_ended:
             return
         h = headers._h
-        if self.tunnel or (h and h[0][1][:1] == "1"):
+        if self.tunnel or (h and h[0][1] < "2"):  # (a 1xx, checked below; "" and "0..." fall through)
             if h and h[0][0] == ":status" and h[0][1][:1] == "1":
                 if h[0][1] != "101":
                     return  # 1xx are answered by the proxy itself (100-continue)

@@ -205,8 +205,8 @@ class H2Engine(FrameReceiver):
         block = self.encoder.encode(headers)
         n = len(block)
         if n <= self.remote_settings.max_frame_size:
-            self.out.append(_pack_hdr(n << 8 | HEADERS, F_END_STREAM | F_END_HEADERS if end_stream else F_END_HEADERS,
-                                      stream_id) + block)
+            # (HEADERS = 1; END_STREAM | END_HEADERS = 5, END_HEADERS = 4: literals, no global loads)
+            self.out.append(_pack_hdr(n << 8 | 1, 5 if end_stream else 4, stream_id) + block)
         else:
             self._send_block(stream_id, block, end_stream)
         if end_stream:
@@ -228,8 +228,8 @@ class H2Engine(FrameReceiver):
         block = self.encoder.encode(headers)
         n = len(block)
         if n <= self.remote_settings.max_frame_size:
-            self.out.append(_pack_hdr(n << 8 | HEADERS, F_END_STREAM | F_END_HEADERS if end_stream else F_END_HEADERS,
-                                      sid) + block)
+            # (HEADERS = 1; END_STREAM | END_HEADERS = 5, END_HEADERS = 4: literals, no global loads)
+            self.out.append(_pack_hdr(n << 8 | 1, 5 if end_stream else 4, sid) + block)
             if end_stream:
                 s.lopen = False
             return sid
@@ -423,8 +423,7 @@ class H2Engine(FrameReceiver):
 
     def _close(self, s, how: int) -> None:
         sid = s.sid
-        s.lopen = s.ropen = False
-        del self.streams[sid]
+        del self.streams[sid]  # (and the object with it: nothing reads its lopen/ropen again)
         if (sid & 1) == self.peer_odd:
             self.n_in -= 1
         else:

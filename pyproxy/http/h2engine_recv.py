@@ -57,28 +57,34 @@ class FrameReceiver:
     def _frames(self, data: bytes, events: list) -> None:
         pos = 0
         end = len(data)
+        last = end - 9  # a frame header fits while pos <= last
         max_in = self.max_in_frame
         streams = self.streams
-        while end - pos >= 9:
+        cont = self.cont  # (re-read after the calls that may open or finish a header block)
+        settled = self.seen_settings
+        split = self.split_ends  # (fixed for the connection's life before any frame arrives)
+        while pos <= last:
             lt, flags, sid = _unpack_hdr(data, pos)
             n = lt >> 8
             if n > max_in:
                 raise _conn_error(ErrorCodes.FRAME_SIZE_ERROR, "frame of %d bytes over the limit %d" % (n, max_in))
             p = pos + 9
-            if end - p < n:
-                break
             pos = p + n
+            if pos > end:
+                pos = p - 9  # incomplete: kept for the next read
+                break
             t = lt & 0xFF
             sid &= 0x7FFFFFFF
-            if self.cont is not None:
+            if cont is not None:
                 self._continuation(data, p, n, t, flags, sid, events)
+                cont = self.cont
                 continue
             if t == DATA:
-                if not self.seen_settings:
+                if not settled:
                     raise ProtocolError("the first frame must be SETTINGS")
                 s = streams.get(sid)
                 if (s is not None and s.ropen and not flags & F_PADDED and n <= self.in_window
-                        and n <= s.in_window and not self.split_ends):
+                        and n <= s.in_window and not split):
                     # (the common case: DATA within the windows on an open stream)
                     self.in_window -= n
                     s.in_window -= n
@@ -92,16 +98,17 @@ class FrameReceiver:
                     continue
                 self._data(data, p, n, flags, sid, events)
             elif t == HEADERS:
-                if not self.seen_settings:
+                if not settled:
                     raise ProtocolError("the first frame must be SETTINGS")
-                if flags & F_END_HEADERS and not flags & (F_PADDED | F_PRIORITY) and sid:
-                    self._header_block(sid, flags, data[p:pos], False, events)  # (the common case)
+                if (flags & 0x2C) == 0x4 and sid:  # END_HEADERS, neither PADDED nor PRIORITY (the common case)
+                    self._header_block(sid, flags, data[p:pos], False, events)
                 else:
                     self._headers(data, p, n, flags, sid, events)
-            elif not self.seen_settings:
+                    cont = self.cont
+            elif not settled:
                 if t != SETTINGS or flags & F_ACK:
                     raise ProtocolError("the first frame must be SETTINGS")
-                self.seen_settings = True
+                self.seen_settings = settled = True
                 self._settings(data, p, n, flags, sid, events)
             elif t == WINDOW_UPDATE:
                 self._window_update(data, p, n, sid, events)
@@ -299,7 +306,7 @@ class FrameReceiver:
             return
         elif not s.got_headers:
             # client side: the response (or a 1xx before it)
-            if headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
+            if headers and headers[0][1] < b"2" and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
                 if end:
                     self._stream_error(sid, ErrorCodes.PROTOCOL_ERROR, events)
                     return

@@ -453,8 +453,29 @@ class Http1ServerCodec:
         if method is None:
             raise ProtocolError(400, "http1.codec_error")
         version = p.get_http_version()
+        url = url.decode("latin-1")
+        if (version == "1.1" and not self.watched and url[:1] == "/" and authority is not None
+                and "#" not in url and method != "CONNECT"):
+            # the common case: HTTP/1.1, origin-form with a Host, no framing or hop-by-hop header
+            # (so no Connection and no Upgrade: llhttp's answers are keep-alive and no upgrade)
+            # and no body
+            h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
+            h += rest
+            headers = _new_headers(Headers)
+            headers._h = h  # (h is this request's own list: no copy)
+            self.version = HTTP11
+            self.headers_done = True
+            if self.stream is not None or self.pending is not None:
+                self._pipelined(headers, True, True, False)
+                return
+            self.request_complete = True
+            self.response_head_done = False
+            self.response_chunked = False
+            self.response_close = False
+            self.method = method
+            self.on_request(self, headers, True, HTTP11, True)
+            return
         if version == "1.1" and not self.watched:
-            # no framing or hop-by-hop header (no Connection, no Upgrade): llhttp's answers follow
             self.version = HTTP11
             self.keep_alive = True
             self.upgrade = method == "CONNECT"
@@ -479,7 +500,6 @@ class Http1ServerCodec:
                             self.upgrade = False
                             self.h2c = True
                         break
-        url = url.decode("latin-1")
         if "#" in url:
             self.noted = True  # (a fragment)
             self.watched = True
@@ -514,14 +534,7 @@ class Http1ServerCodec:
         else:
             has_body = method == "CONNECT"
         if self.stream is not None or self.pending is not None:
-            # pipelined: wait for the current response to finish
-            ev = [("h", headers, not has_body, self.version, self.keep_alive, self.upgrade, self.expect_continue)]
-            if self.pending is None:
-                # one read-disable for the whole queue (released by _replay_pending when it empties)
-                self.pending = []
-                self.conn.read_disable(True)
-            self.pending.append(ev)
-            self.cur_events = ev
+            self._pipelined(headers, not has_body, self.keep_alive, self.upgrade)
             return
         self.request_complete = not has_body
         # (_start_stream, inlined for the common case)
@@ -534,6 +547,16 @@ class Http1ServerCodec:
             self.on_request(self, headers, not has_body, self.version, False)
         else:
             self.on_request(self, headers, not has_body, self.version, True)
+
+    def _pipelined(self, headers, end_stream, keep_alive, upgrade) -> None:
+        """A request parsed while another is served: it waits for the current response."""
+        ev = [("h", headers, end_stream, self.version, keep_alive, upgrade, self.expect_continue)]
+        if self.pending is None:
+            # one read-disable for the whole queue (released by _replay_pending when it empties)
+            self.pending = []
+            self.conn.read_disable(True)
+        self.pending.append(ev)
+        self.cur_events = ev
 
     def write_error(self, status: int, text: str, date: str, server: str) -> None:
         """Envoy's answer to a request head too malformed for a stream (then the connection closes)."""

@@ -21,6 +21,8 @@ from .parse import (REDACTED, SanMatcher, ValidationConfig, cipher_known, data_s
 from .parse import certificate as _certificate, sds_ref as _sds_ref, validation as _validation
 from .secrets import TlsNotReady
 
+_ServerTls = None  # tls/socket.py's ServerTls, once a listener wraps a connection
+
 # the names these had when they lived here
 _data_source, _pem_blocks, _cipher_known = data_source, pem_blocks, cipher_known
 
@@ -232,13 +234,16 @@ class TlsSocketFactory:
 
     def wrap_downstream(self, conn, chain=None):
         """Put a TLS server over ``conn`` (a DownstreamConnection whose chain was just chosen)."""
-        from .socket import ServerTls
+        global _ServerTls
         try:
             c = self.compiled()
         except TlsNotReady as e:
             self._refuse(e)
             raise
-        return ServerTls(c, conn, chain)
+        if _ServerTls is None:  # (imported at the first TLS connection, not per connection)
+            from .socket import ServerTls
+            _ServerTls = ServerTls
+        return _ServerTls(c, conn, chain)
 
     async def connect(self, loop, sock, protocol, timeout: float, scope):
         """Upstream: TLS client over connected ``sock``; ``protocol`` sees connection_made after
