@@ -75,23 +75,24 @@ class ActiveStream(FirstAttempt):
         self.version = version
         st = hc.stats
         st.rq_total.value += 1
-        st.rq_active.inc()
+        g = st.rq_active
+        g.value += 1
+        g.used = True
         if hc.is_h2:
             st.rq_http2_total.value += 1
         else:
             st.rq_http1_total.value += 1
-        loop = cfg.loop
         self.last_activity = hc.last_activity  # the stream idle timeout is checked by the connection's tick
         if cfg.request_timeout:
-            self.request_timer = loop.call_later(cfg.request_timeout, self._request_timeout)
+            self.request_timer = cfg.loop.call_later(cfg.request_timeout, self._request_timeout)
         if cfg.max_stream_duration:
-            self.max_duration_timer = loop.call_later(cfg.max_stream_duration, self._max_duration)
+            self.max_duration_timer = cfg.loop.call_later(cfg.max_stream_duration, self._max_duration)
 
     def _make_stream_info(self):
         """The StreamInfo of a stream made without one (``conn_manager.serve_inline``): what
         ``__init__`` and the stream have recorded by now."""
         si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
-        si.request_id = self.rid  # (the request preparation's, as _prepare_request records it)
+        si.request_id = self.rid  # (the request preparation's, as decode_headers records it)
         if self.remote is not None:
             si.downstream_remote_address = self.remote
         r = self.route
@@ -121,17 +122,25 @@ class ActiveStream(FirstAttempt):
         self.request_headers = headers
         self.remote_complete = end_stream
         cfg = self.cfg
-        err = self._prepare_request(headers)
-        if err is not None:
+        si = self.stream_info
+        table = cfg.routes.table
+        # the connection manager's request preparation (request_prep.py), once per request
+        p = self.prepped
+        if p is None:
+            r = prepare(cfg.prep, self.hc.conn, headers, table)
+        else:
+            r = p
+        if type(r) is str:
+            si.request_id = r
+        elif self._prepared(r):
             return
         # route lookup (filters may clear it and cause a new lookup)
-        table = self.route_table = cfg.routes.table
-        p = self.prepped
+        self.route_table = table
         if p is not None and p.route is not None and p.table is table:
             route = self.route = p.route  # (serve_inline found it before leaving the request here)
         else:  # (refresh_route)
-            route = self.route = table.find(headers, self.stream_info, _urand(32)) if table is not None else None
-        self.stream_info.route_name = route.name if route is not None else ""
+            route = self.route = table.find(headers, si, _urand(32)) if table is not None else None
+        si.route_name = route.name if route is not None else ""
         d = cfg.prep.decorate
         if d:
             self.caller_op = decorate(d, route, headers)
@@ -152,16 +161,10 @@ class ActiveStream(FirstAttempt):
         self.filters = [f.create(self) for f in cfg.decoder_factories]
         self._run_decode_headers(0, headers, end_stream)
 
-    def _prepare_request(self, headers: Headers):
-        """The connection manager's request preparation (request_prep.py), once per request: a
-        caller that already ran it (``conn_manager.serve_inline`` leaving the request) hands it over in
-        ``prepped``. Returns True when a local reply was sent instead."""
-        r = self.prepped
-        if r is None:
-            r = prepare(self.cfg.prep, self.hc.conn, headers, self.cfg.routes.table)
-        if type(r) is str:
-            self.stream_info.request_id = r
-            return None
+    def _prepared(self, r) -> bool:
+        """The request preparation's ``Prepared`` result (``decode_headers``; a caller that
+        already ran it, ``conn_manager.serve_inline`` leaving the request, hands it over in
+        ``prepped``). Returns True when a local reply was sent instead."""
         si = self.stream_info
         si.request_id = r.rid
         if r.remote is not None:
@@ -173,7 +176,7 @@ class ActiveStream(FirstAttempt):
             self.send_local_reply(status, "", details, headers={"location": location} if location else None,
                                   close=status == 400 and details == "unexpected_underscore")
             return True
-        return None
+        return False
 
     def upgrade_refused(self) -> bool:
         """Envoy's check when it builds the filter chain: an upgrade (or CONNECT) needs its type in
@@ -549,9 +552,9 @@ class ActiveStream(FirstAttempt):
             self.max_duration_timer = None
         hc = self.hc
         st = hc.stats
-        st.rq_active.dec()
+        st.rq_active.value -= 1  # (a gauge __init__ raised: no need to mark it used)
         si = self.stream_info
-        now = time.monotonic()
+        now = _monotonic()
         si.end_monotonic = now
         if not reset:
             code = si.response_code
