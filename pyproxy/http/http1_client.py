@@ -203,7 +203,7 @@ class Http1ClientCodec:
         elif status in (204, 304):
             end = True
         elif status != 101 and not self.raw:
-            # (the express lane writes a content-length: 0 head as it is and ends the response
+            # (the byte relay, http/h1_relay.py, writes a content-length: 0 head as it is and ends the response
             # when llhttp completes it, a moment later in this same read)
             for n, v in hdrs:
                 if len(n) == 14 and n.lower() == b"content-length":

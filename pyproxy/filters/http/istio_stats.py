@@ -90,7 +90,7 @@ class IstioStatsHttpConfig(StatsConfig):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx, "http")
         self.host_fallback = not self.disable_host_fallback
-        # a stream without a StreamInfo (the express lane's, when nothing else needed one) is
+        # a stream without a StreamInfo (one whose head the byte relay wrote, when nothing else needed one) is
         # read directly unless a dimension expression or the waypoint labels need the StreamInfo
         self.bare_ok = not self.dynamic and self.reporter != "waypoint"
         self.bare: dict = {}  # the shorter keys of such streams -> (counter, 3 histograms)
@@ -236,7 +236,7 @@ class IstioStatsHttpConfig(StatsConfig):
                 rt = s.response_trailers
                 if rt is not None:
                     tx += _head_bytes(rt._h)
-            else:  # the express lane wrote the head itself (or nothing was sent)
+            else:  # the byte relay (http/h1_relay.py) wrote the head itself (or nothing was sent)
                 tx = s.tx_head if hasattr(s, "tx_head") else 0
                 if tx:  # (its header lines; the status counts as the :status pseudo-header does)
                     tx += 11 + len(str(code))

@@ -247,11 +247,11 @@ class _Hooks:
     - ``on_request(stream, headers, cluster)``: once the route's cluster is chosen, before the
       route's own header mutations (the filter runs first in the chain, the router last):
       downstream discovery (headers removed, peer into filter state) and upstream propagation;
-    - ``response_take``: the response header names the express lane hands over instead of
+    - ``response_take``: the response header names the byte relay (http/h1_relay.py) hands over instead of
       writing them (both exchange headers, when anything reads or replaces them);
     - ``on_response(stream, headers)``: the response ``Headers``, after the route's response
       mutations: upstream discovery and downstream propagation;
-    - ``on_response_raw(stream, taken)``: the same for the express lane, which writes the head
+    - ``on_response_raw(stream, taken)``: the same for the byte relay, which writes the head
       from the upstream's raw header lines: ``taken`` is None or the ``(name, value)`` str pairs
       of ``response_take`` it held back; returns the header lines to add (bytes) or None.
     Per-stream state: ``stream.mx_carried`` (did the request carry the id / the value), only with
