@@ -62,3 +62,35 @@ def test_upstream_protocol_error_matches_envoy(case, tmp_path):
     assert want[0] == b"HTTP/1.1 502 Bad Gateway", want  # (what Envoy answers: the test's premise)
     assert got == want, (got, want)
     assert ref == want, (ref, want)
+
+
+def test_too_many_response_headers_from_an_http2_upstream_matches_envoy(tmp_path):
+    """The cluster's ``max_headers_count`` bounds an HTTP/2 upstream's response heads too: the
+    stream is reset, and Envoy reports it as a remote reset (503 UR), not a protocol error."""
+    from tests.diff_util import ScriptedH2
+
+    many = [(":status", "200")] + [("x-h%d" % i, "v") for i in range(12)]
+    results = []
+    for cls in (Pyproxy, Envoy):
+        be = ScriptedH2(lambda headers, n: [("headers", many, True)])
+        log_path = str(tmp_path / ("h2-%s.log" % cls.__name__))
+        bs = _bootstrap(be.port, log_path)
+        opts = bs["static_resources"]["clusters"][0]["typed_extension_protocol_options"]
+        opts["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"] = {
+            "http2_protocol_options": {}}
+        try:
+            with cls(with_fresh_ports(bs), extra_args=FLUSH) as px:
+                out = raw(px.port, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", until_close=False, settle=0.5, timeout=3)
+                stats = px.stats()
+                for _ in range(40):
+                    if os.path.exists(log_path) and os.path.getsize(log_path):
+                        break
+                    time.sleep(0.1)
+        finally:
+            be.close()
+        log = open(log_path).read().strip() if os.path.exists(log_path) else ""
+        head, _, body = out.partition(b"\r\n\r\n")
+        results.append((head.split(b"\r\n")[0], body, stats.get("cluster.b.upstream_rq_502", 0), log))
+    got, want = results
+    assert want[0] == b"HTTP/1.1 503 Service Unavailable" and b"remote reset" in want[1], want
+    assert got == want, (got, want)

@@ -29,7 +29,7 @@ def cluster_options(cluster) -> H2Options:
     o = getattr(cluster, "h2_compiled_options", None)
     if o is None:
         po = getattr(cluster, "protocol_options", None)
-        o = H2Options(getattr(po, "http2_options", None), 80 * 1024, 200)
+        o = H2Options(getattr(po, "http2_options", None), 80 * 1024, getattr(po, "max_headers_count", 100))
         try:
             cluster.h2_compiled_options = o
         except AttributeError:
@@ -42,7 +42,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     SETTINGS timers; the protocol is ``Http2ClientCodec``'s."""
 
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
-                 "blocked", "max_frame", "stream_high", "requests", "idle_handle", "flush_handle",
+                 "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
                  "extended_connect", "tx_counter", "max_requests")
 

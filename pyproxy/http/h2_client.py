@@ -257,6 +257,7 @@ class Http2ClientCodec:
         self.h2 = new_h2(True, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         self.max_frame = self.h2.max_outbound_frame_size
+        self.max_fields = opts.max_headers + 1  # (the cluster's max_headers_count; :status not counted)
         self.streams: dict = {}  # sid -> stream with headers sent
         self.closed = False
         self.write_paused = False
@@ -338,6 +339,10 @@ class Http2ClientCodec:
                     continue
                 s.response_started = True
                 s.replay = None
+                if len(x) > self.max_fields:
+                    # (Envoy resets such a stream and reports it as "remote reset": a 503 UR)
+                    self._bad_response(s, "more than %d headers" % (self.max_fields - 1), "remote reset")
+                    continue
                 try:
                     headers = Headers(response_fields(x))
                 except BadHeaders as err:
@@ -408,7 +413,7 @@ class Http2ClientCodec:
             except (h2.exceptions.ProtocolError, ValueError):
                 pass
 
-    def _bad_response(self, s, err):
+    def _bad_response(self, s, err, reason: str = "protocol error"):
         log.debug("upstream h2 stream %d: malformed response headers: %s", s.sid, err)
         try:
             self.h2.reset_stream(s.sid, ErrorCodes.PROTOCOL_ERROR)
@@ -417,7 +422,7 @@ class Http2ClientCodec:
         s.cancelled = True
         s._release_watermark()
         s._finish()
-        s.cb.on_upstream_reset("protocol error")
+        s.cb.on_upstream_reset(reason)
 
     def _on_goaway(self, e):
         self.goaway = True
