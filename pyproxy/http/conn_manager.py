@@ -14,7 +14,8 @@ from functools import partial
 
 from .filter import CONTINUE, STOP
 from .first_attempt import chain_is_inert, pick_cluster
-from .http1 import HTTP11, Http1ServerCodec, REASONS
+from .http1 import Http1ServerCodec
+from .http1_common import HTTP11, REASONS
 from .decorator import decorate
 from .local_reply import _date
 from .request_prep import WATCH_BYTES, Prepared, prepare
