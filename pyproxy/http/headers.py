@@ -8,6 +8,10 @@ consume the same object and filters see one shape whatever the protocol.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
+_first = itemgetter(0)
+
 
 class Headers:
     __slots__ = ("_h",)
@@ -26,10 +30,7 @@ class Headers:
         return [v for k, v in self._h if k == name]
 
     def __contains__(self, name: str) -> bool:
-        for k, _ in self._h:
-            if k == name:
-                return True
-        return False
+        return name in map(_first, self._h)
 
     def __iter__(self):
         return iter(self._h)
@@ -50,10 +51,8 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (keeps the first position)."""
         h = self._h
-        for kv in h:
-            if kv[0] == name:
-                break
-        else:
+        names = list(map(_first, h))  # (the scans in C)
+        if name not in names:
             if name[0] == ":":
                 # pseudo-headers stay ahead of regular ones
                 j = 0
@@ -63,13 +62,10 @@ class Headers:
             else:
                 h.append((name, value))
             return
-        i = h.index(kv)
+        i = names.index(name)
         h[i] = (name, value)
-        rest = h[i + 1:]
-        for kv in rest:
-            if kv[0] == name:
-                self._h = h[: i + 1] + [x for x in rest if x[0] != name]
-                return
+        if names.count(name) > 1:
+            self._h = h[: i + 1] + [x for x in h[i + 1:] if x[0] != name]
 
     def set_default(self, name: str, value: str) -> None:
         if name not in self:
