@@ -8,6 +8,10 @@ consume the same object and filters see one shape whatever the protocol.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
+_first = itemgetter(0)
+
 
 class Headers:
     __slots__ = ("_h",)
@@ -26,10 +30,7 @@ class Headers:
         return [v for k, v in self._h if k == name]
 
     def __contains__(self, name: str) -> bool:
-        for k, _ in self._h:
-            if k == name:
-                return True
-        return False
+        return name in map(_first, self._h)
 
     def __iter__(self):
         return iter(self._h)
