@@ -169,6 +169,38 @@ def build_stack(bootstrap: str, cluster_name: str = "backend"):
     return loop, lm, ActiveListener(lm, cfg), cluster, host, cluster.http_pool(host)
 
 
+def connect(loop, lm, al, cluster, host, pool):
+    """An idle upstream connection in ``pool`` and a downstream connection on ``al``, each over a
+    FakeTransport: ``(upstream, its transport, downstream, its transport)``."""
+    from pyproxy.cluster.pool import UpstreamConnection
+    from pyproxy.listeners.connection import DownstreamConnection
+    up = UpstreamConnection(pool, host)
+    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
+    up.connection_made(ut)
+    cluster.cx_total_active += 1
+    pool._on_idle_or_pending(up)
+    down = DownstreamConnection(lm, al)
+    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
+
+    async def made():  # (a listener filter's timer needs a running loop)
+        down.connection_made(dt)
+    loop.run_until_complete(made())
+    return up, ut, down, dt
+
+
+def profile(one, n: int, timer=None) -> None:
+    """cProfile over ``n`` calls of ``one`` (``timer``: e.g. ``time.process_time``); the top 30
+    functions by their own time."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile(timer) if timer is not None else cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        one()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+
+
 def count_opcodes(fn, calls_n: int, per_call: int, top: int, label: str = "",
                   by_module: bool = False) -> None:
     """Run ``fn`` ``calls_n`` times under a tracer and print the Python opcodes and calls per
@@ -223,8 +255,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     request = MESH_REQUEST if a.mesh else REQUEST
     up_must, down_must = b"x-bench-route: r18", b""
-    from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.listeners.connection import DownstreamConnection
     if a.chain:
         boot, request, cname, up_must, down_must = chain_setup(a.chain)
         if a.mesh:
@@ -233,14 +263,7 @@ def main(argv=None) -> int:
         loop, lm, al, cluster, host, pool = build_stack(boot, cname)
     else:
         loop, lm, al, cluster, host, pool = build_stack(istio_outbound_bootstrap() if a.istio else BOOTSTRAP)
-    up = UpstreamConnection(pool, host)
-    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
-    up.connection_made(ut)
-    cluster.cx_total_active += 1
-    pool._on_idle_or_pending(up)
-    down = DownstreamConnection(lm, al)
-    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
-    down.connection_made(dt)
+    up, ut, down, dt = connect(loop, lm, al, cluster, host, pool)
 
     def one():
         down.data_received(request)
@@ -253,21 +276,26 @@ def main(argv=None) -> int:
     assert down_must in b"".join(dt.out[-3:]), dt.out[-3:]
     dt.out.clear()
     ut.out.clear()
+
+    def tidy():
+        dt.out.clear()
+        ut.out.clear()
+        loop.run_until_complete(asyncio.sleep(0))
+    return measure(a, one, tidy, by_module=a.by_module)
+
+
+def measure(a, one, tidy, label: str = "", by_module: bool = False) -> int:
+    """The measuring part of a micro benchmark, ``one()`` proxying one request: ``--opcodes``
+    (count_opcodes), ``--profile`` (cProfile over ``-n`` calls), else the best of 5 timings of
+    ``-n`` calls, ``tidy()`` every 1000 (dropping what the fake transports collected)."""
     import gc
     gc.collect()
     gc.freeze()
     if a.opcodes is not None:
-        count_opcodes(one, 20, 1, a.opcodes, by_module=a.by_module)
+        count_opcodes(one, 20, 1, a.opcodes, label, by_module=by_module)
         return 0
     if a.profile:
-        import cProfile
-        import pstats
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(a.n):
-            one()
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        profile(one, a.n)
         return 0
     best = None
     for _ in range(5):
@@ -275,12 +303,10 @@ def main(argv=None) -> int:
         for i in range(a.n):
             one()
             if i % 1000 == 0:
-                dt.out.clear()
-                ut.out.clear()
-                loop.run_until_complete(asyncio.sleep(0))
+                tidy()
         el = (time.perf_counter() - t) / a.n * 1e6
         best = el if best is None else min(best, el)
-    print("python cost per proxied request: %.1f us (best of 5 x %d)" % (best, a.n))
+    print("python cost per proxied %srequest: %.1f us (best of 5 x %d)" % (label, best, a.n))
     return 0
 
 

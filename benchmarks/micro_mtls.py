@@ -5,12 +5,15 @@ required client certificate and a SPIFFE SAN check; static secrets here instead 
 through micro_h1's in-memory transports: a client ``ssl.SSLObject`` (mesh certificate) completes
 the handshake, then encrypts ``-n`` keep-alive requests up front, so the timed loop is only the
 proxy's work: ciphertext in downstream, request bytes out upstream, response bytes in upstream,
-ciphertext out downstream (checked by the client after the run).
+ciphertext out downstream (checked by the client after the run). The request is the one the
+benchmark's client sidecar (Envoy) forwards for wrk's: with ``x-forwarded-proto``, ``x-request-id``
+and ``x-envoy-expected-rq-timeout-ms``, which the inbound sidecar's request preparation handles.
 
-    python3 benchmarks/micro_mtls.py [-n 20000] [--profile | --opcodes [TOP]] [--plain]
+    python3 benchmarks/micro_mtls.py [-n 20000] [--profile | --opcodes [TOP]] [--plain] [--wrk]
+                                     [--handshakes]
 
 ``--plain`` runs the same chain without the transport socket (the TLS layer's share is the
-difference).
+difference); ``--wrk`` sends wrk's own request instead (the mesh headers' share).
 """
 
 from __future__ import annotations
@@ -29,9 +32,31 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import micro_h1  # noqa: E402
-from micro_h1 import RESPONSE, FakeTransport, build_stack, count_opcodes  # noqa: E402
+from micro_h1 import RESPONSE, FakeTransport, build_stack, connect, count_opcodes, measure, profile  # noqa: E402
 
-REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+# what benchmarks/mtls.py's client sidecar (Envoy) sends the server sidecar for wrk's request
+REQUEST = (b"GET /r18/bench HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nx-forwarded-proto: http\r\n"
+           b"x-request-id: 0b9b2c8e-6b1e-4c8e-9a51-3f3f7d0c1a2b\r\n"
+           b"x-envoy-expected-rq-timeout-ms: 15000\r\n\r\n")
+# --wrk: wrk's own request, as the plaintext h1 benchmark sends it
+WRK_REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
+
+
+def handshake(cobj, cin, cout, down, dt) -> None:
+    """The client ``SSLObject``'s handshake with the proxy's downstream connection, in memory."""
+    for _ in range(20):
+        try:
+            cobj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        if cout.pending:
+            down.data_received(cout.read())
+        if dt.out:
+            cin.write(b"".join(dt.out))
+            dt.out.clear()
+        if done:
+            return
 
 
 def bootstrap(pki, server, plain: bool) -> str:
@@ -64,62 +89,37 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP")
     ap.add_argument("--plain", action="store_true", help="the same chain without TLS")
+    ap.add_argument("--wrk", action="store_true",
+                    help="wrk's request (as the plaintext h1 benchmark sends it) instead of the client sidecar's")
     ap.add_argument("--handshakes", action="store_true",
                     help="new connections instead: accept, mTLS handshake, one request, close (the "
                          "client's handshake work is in the timing; --opcodes counts only Python)")
     a = ap.parse_args(argv)
     from sds_util import spiffe
     from tls_certs import Pki
-    from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.listeners.connection import DownstreamConnection
     tmp = tempfile.mkdtemp(prefix="micro_mtls")
     pki = Pki(os.path.join(tmp, "pki"))
     server = pki.issue("server", uri=[spiffe("default", "server")])
     client = pki.issue("client", uri=[spiffe("default", "client")])
     loop, lm, al, cluster, host, pool = build_stack(bootstrap(pki, server, a.plain), "backend")
-    up = UpstreamConnection(pool, host)
-    ut = FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
-    up.connection_made(ut)
-    cluster.cx_total_active += 1
-    pool._on_idle_or_pending(up)
-    down = DownstreamConnection(lm, al)
-    dt = FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
-
-    async def made():  # (the listener-filter timer needs a running loop)
-        down.connection_made(dt)
-    loop.run_until_complete(made())
+    up, ut, down, dt = connect(loop, lm, al, cluster, host, pool)
 
     if a.handshakes:
         return handshakes(a, loop, lm, al, up, ut, pki, client)
+    request = WRK_REQUEST if a.wrk else REQUEST
     n_total = a.n * (5 if not (a.profile or a.opcodes is not None) else 1) + 400
     if a.plain:
-        records = [REQUEST] * n_total
+        records = [request] * n_total
         cobj = None
     else:
-        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        cctx.load_verify_locations(pki.ca_path)
-        cctx.check_hostname = False
-        cctx.load_cert_chain(client.cert_path, client.key_path)
-        cctx.set_alpn_protocols(["istio-http/1.1", "istio", "http/1.1"])
+        cctx = client_context(pki, client)
         cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
         cobj = cctx.wrap_bio(cin, cout, server_side=False, server_hostname="server")
-        for _ in range(20):  # the handshake, in memory
-            try:
-                cobj.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            if cout.pending:
-                down.data_received(cout.read())
-            if dt.out:
-                cin.write(b"".join(dt.out))
-                dt.out.clear()
-            if done:
-                break
+        handshake(cobj, cin, cout, down, dt)
         assert down.ssl is not None and down.ssl.peer_uri_san == spiffe("default", "client"), "handshake failed"
         records = []
         for _ in range(n_total):
-            cobj.write(REQUEST)
+            cobj.write(request)
             records.append(cout.read())
     it = iter(records)
 
@@ -142,35 +142,11 @@ def main(argv=None) -> int:
         assert dt.out[-1].endswith(micro_h1.BODY)
     dt.out.clear()
     ut.out.clear()
-    import gc
-    gc.collect()
-    gc.freeze()
-    if a.opcodes is not None:
-        count_opcodes(one, 20, 1, a.opcodes, "plaintext " if a.plain else "mTLS ")
-        return 0
-    if a.profile:
-        import cProfile
-        import pstats
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(a.n):
-            one()
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
-        return 0
-    best = None
-    for _ in range(5):
-        t = time.perf_counter()
-        for i in range(a.n):
-            one()
-            if i % 1000 == 0:
-                dt.out.clear()
-                ut.out.clear()
-        el = (time.perf_counter() - t) / a.n * 1e6
-        best = el if best is None else min(best, el)
-    print("python cost per proxied %srequest: %.1f us (best of 5 x %d)" % (
-        "plaintext " if a.plain else "mTLS ", best, a.n))
-    return 0
+
+    def tidy():
+        dt.out.clear()
+        ut.out.clear()
+    return measure(a, one, tidy, "plaintext " if a.plain else "mTLS ")
 
 
 def client_context(pki, client):
@@ -196,19 +172,7 @@ def handshakes(a, loop, lm, al, up, ut, pki, client) -> int:
         loop.run_until_complete(made(down, dt))
         cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
         cobj = cctx.wrap_bio(cin, cout, server_side=False, server_hostname="server")
-        for _ in range(20):
-            try:
-                cobj.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            if cout.pending:
-                down.data_received(cout.read())
-            if dt.out:
-                cin.write(b"".join(dt.out))
-                dt.out.clear()
-            if done:
-                break
+        handshake(cobj, cin, cout, down, dt)
         cobj.write(REQUEST)
         down.data_received(cout.read())
         up.data_received(RESPONSE)
@@ -224,14 +188,7 @@ def handshakes(a, loop, lm, al, up, ut, pki, client) -> int:
         count_opcodes(one, 20, 1, a.opcodes, "mTLS new-connection ")
         return 0
     if a.profile:
-        import cProfile
-        import pstats
-        pr = cProfile.Profile(time.process_time)
-        pr.enable()
-        for _ in range(a.n):
-            one()
-        pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        profile(one, a.n, time.process_time)
         return 0
     t = time.process_time()
     for _ in range(a.n):

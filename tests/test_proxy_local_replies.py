@@ -267,7 +267,7 @@ def test_request_and_response_header_manipulation(env):
         assert seen["x-forwarded-for"].startswith("10.9.9.9,")
         xffs.add(seen["x-forwarded-for"])
         if p.kind == "pyproxy":
-            from pyproxy.http.request_prep import local_ip
+            from pyproxy.netaddr import local_ip
             assert seen["x-forwarded-for"] == "10.9.9.9," + local_ip("v4")
         assert seen["x-forwarded-proto"] == "http"
         u = uuid.UUID(seen["x-request-id"])

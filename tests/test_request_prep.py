@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from pyproxy.http import path_norm
-from pyproxy.http.request_prep import _normalize_host, last_xff, parse_ip
+from pyproxy.http.original_ip import last_xff
+from pyproxy.http.request_prep import _normalize_host
+from pyproxy.netaddr import parse_ip
 
 
 @pytest.mark.parametrize("xff,skip,want", [

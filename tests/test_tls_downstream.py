@@ -419,9 +419,11 @@ def test_session_ticket_with_first_write_as_envoy(env):
     """BoringSSL (Envoy) sends its TLS 1.3 session ticket with the server's next write after the
     handshake (the first response, or the closing alert), not at the handshake's end: a connection
     idle after its handshake has none. pyproxy the same where OpenSSL can be asked for a ticket
-    after the handshake (tls/tickets.py); one difference, on purpose: when the client closes first
+    after the handshake (tls/tickets.py); one difference, on purpose: when the connection closes
     without the server having written anything, Envoy's closing alert still carries a ticket and
-    pyproxy's does not (nobody resumes from it there, and it is a sixth of the handshake's CPU).
+    pyproxy's does not (nobody resumes from it there, it is a sixth of the handshake's CPU, and a
+    ticket that failed to be written would keep OpenSSL from sending close_notify:
+    test_tls_units.test_close_notify_even_when_a_ticket_would_fail).
     Connections with a response get a ticket from both (test_session_resumption_same_as_envoy)."""
     from pyproxy.tls import tickets
     bs = with_fresh_ports(env["bs"])
@@ -473,7 +475,7 @@ def _memory_pair(env, num_tickets=0):
 def test_deferred_ticket_mechanism(env):
     """tls/tickets.py binds OpenSSL only after its layout self-test (it passes on this CPython). A
     ticket asked for after the handshake goes out with the next write, or before the close_notify
-    when flushed by do_handshake (ServerTls._close_notify); asked for on a client side or before
+    when flushed by do_handshake; asked for on a client side or before
     the handshake's end it is refused cleanly (False, no error left for the next ssl call)."""
     from pyproxy.tls import tickets
     assert tickets.AVAILABLE

@@ -463,3 +463,87 @@ def test_tls13_suites_in_envoys_order(pki):
         if so.pending:
             ci.write(so.read())
     assert s.version() == "TLSv1.3" and s.cipher()[0] == "TLS_AES_128_GCM_SHA256"
+
+
+class _RawSink:
+    """The plaintext transport under a TLS layer, in memory: what the layer wrote, and how it ended."""
+
+    def __init__(self):
+        self.out = []
+        self.ended = None
+
+    def write(self, data):
+        self.out.append(bytes(data))
+
+    def write_eof(self):
+        self.ended = "eof"
+
+    def close(self):
+        self.ended = "close"
+
+    def abort(self):
+        self.ended = "abort"
+
+
+@pytest.mark.parametrize("ticket_fails", [False, True])
+def test_close_notify_even_when_a_ticket_would_fail(pki, ticket_fails):
+    """A server-side TLS layer closing a TLS 1.3 connection it never wrote to (a session ticket
+    still due, tls/tickets.py) sends close_notify: the client reads a clean end. The ticket is not
+    asked for at the close: with OpenSSL, a requested ticket keeps the connection "in init" until it
+    is written, so a ticket that failed to be written (here: the session-id callback refuses) would
+    leave SSL_shutdown refusing ("shutdown while in init") and the peer with an internal_error
+    alert instead of close_notify."""
+    import ctypes
+    import _ssl
+    from pyproxy.tls import tickets
+    from pyproxy.tls.socket import TlsLayer
+    if not tickets.AVAILABLE:
+        pytest.skip("libssl not reachable from ctypes here")
+    f = downstream_factory(dctx({"common_tls_context": {"tls_certificates": [cert_entry(pki.server)]}}))
+
+    class Layer(TlsLayer):
+        __slots__ = ()
+
+    layer = Layer()
+    layer._init(f.compiled_tls, None)
+    layer._wrap(True)
+    layer.raw = raw = _RawSink()
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(pki.ca_path)
+    cctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ci, co = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    done = False
+    for _ in range(10):
+        try:
+            c.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            pass
+        if co.pending:
+            layer.inc.write(co.read())
+            assert layer._handshake() is not None
+        if raw.out:
+            ci.write(b"".join(raw.out))
+            raw.out.clear()
+        if done and layer.state == 1:
+            break
+    assert done and layer.obj.version() == "TLSv1.3" and not raw.out  # num_tickets 0: none yet
+    assert f.compiled_tls.defer_ticket
+    layer.ticket_due = True  # (as ServerTls._opened sets it)
+    refuse = None
+    if ticket_fails:
+        cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        refuse = cb_type(lambda ssl_ptr, sid, n: 0)
+        set_cb = ctypes.CDLL(_ssl.__file__).SSL_set_generate_session_id
+        set_cb.argtypes = [ctypes.c_void_p, cb_type]
+        assert set_cb(tickets._ptr(id(layer.so) + tickets._SSL_AT), refuse) == 1
+    layer.close()
+    assert raw.ended == "close" and raw.out
+    ci.write(b"".join(raw.out))
+    try:
+        got = c.read(100)
+    except ssl.SSLZeroReturnError:
+        got = b""
+    assert got == b""  # close_notify (an alert would raise SSLError here)
+    assert not c.session.has_ticket

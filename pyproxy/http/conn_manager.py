@@ -14,7 +14,8 @@ from functools import partial
 
 from .filter import CONTINUE, STOP
 from .first_attempt import chain_is_inert, pick_cluster
-from .http1 import HTTP11, Http1ServerCodec, REASONS
+from .http1 import Http1ServerCodec
+from .http1_common import HTTP11, REASONS
 from .decorator import decorate
 from .local_reply import _date
 from .request_prep import WATCH_BYTES, Prepared, prepare
@@ -27,6 +28,7 @@ log = logging.getLogger("pyproxy.http")
 # and the attempt count it sets (appends, on a ``quiet`` request)
 H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms",
                          b"x-envoy-attempt-count"}
+H2_NOTE = frozenset(n.decode() for n in H1_NOTE)  # (the HTTP/2 codec's names are str)
 
 # draining: how long an idle HTTP/1 connection is left open for a request already on its way
 DRAIN_IDLE_GRACE_S = 0.5
@@ -119,7 +121,8 @@ class HttpConnection:
         st.cx_http2_active.inc()
         self.is_h2 = True
         self.protocol = "HTTP/2"
-        self.codec = Http2ServerCodec(self.conn, self, self.cfg)
+        # (the request preparation's watched names and what the stream appends: H1_NOTE's reading)
+        self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
 
     def on_data(self, data, end_stream):
         codec = self.codec

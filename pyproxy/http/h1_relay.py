@@ -17,7 +17,7 @@ import time
 from ..cluster.pool import UpstreamConnection
 from .decorator import DECORATE_EGRESS, response_operation
 from .headers import Headers
-from .http1 import _STATUS_LINES, HOP_BY_HOP, status_line
+from .http1_common import _STATUS_LINES, HOP_BY_HOP, status_line
 from .local_reply import date_line
 
 _DECORATOR = b"x-envoy-decorator-operation"

@@ -142,6 +142,8 @@ def inbound_headers(raw, kind: int) -> list:
 
 
 _STATUS_ONLY = {":status"}
+_ORDER = (":method", ":scheme", ":path", ":authority")
+_ORDER_SET = frozenset(_ORDER)
 _REQ = ByteMemo(4 << 20, 16384)
 _RESP = ByteMemo(4 << 20, 16384)
 _REQ_MEMO = _REQ.d
@@ -150,7 +152,7 @@ _RESP_MEMO = _RESP.d
 
 def request_fields(raw) -> tuple:
     """A received request header block -> (fields tuple for ``Headers``, expect 100-continue?,
-    :protocol or None, CONNECT?, declared content-length or None): validated
+    :protocol or None, CONNECT?, declared content-length or None, names): validated
     (``inbound_headers``; a content-length that is not one decimal number is refused), ``host``
     folded into ``:authority``, ``expect: 100-continue`` and ``:protocol`` taken out. Memoized
     per distinct block (the decoder hands repeated blocks over as equal tuples). Raises
@@ -190,7 +192,15 @@ def request_fields(raw) -> tuple:
         while i < len(h) and h[i][0][0] == ":":
             i += 1
         h.insert(i, (":authority", host))
-    r = (tuple(h), expect, protocol, protocol is not None or fields_method(h) == "CONNECT", length)
+    if len(h) > 3 and (h[0][0], h[1][0], h[2][0], h[3][0]) != _ORDER:
+        # the pseudo-headers in the HTTP/1.1 codec's order (:method, :scheme, :path, :authority
+        # first), so that the stream finds the path and authority where it looks first
+        pseudo = {kv[0]: kv for kv in h if kv[0][0] == ":"}
+        if len(pseudo) == 4 and _ORDER_SET == pseudo.keys():
+            h = [pseudo[k] for k in _ORDER] + [kv for kv in h if kv[0][0] != ":"]
+    path = _field(h, ":path")
+    names = None if path is not None and "#" in path else frozenset(kv[0] for kv in h)
+    r = (tuple(h), expect, protocol, protocol is not None or _field(h, ":method") == "CONNECT", length, names)
     _REQ.put(key, r, _block_cost(key))
     return r
 
@@ -213,9 +223,9 @@ def response_fields(raw) -> tuple:
     return r
 
 
-def fields_method(fields) -> str | None:
+def _field(fields, name: str) -> str | None:
     for k, v in fields:
-        if k == ":method":
+        if k == name:
             return v
     return None
 

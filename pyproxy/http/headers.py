@@ -51,10 +51,8 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (keeps the first position)."""
         h = self._h
-        for kv in h:
-            if kv[0] == name:
-                break
-        else:
+        names = list(map(_first, h))  # (the scans in C)
+        if name not in names:
             if name[0] == ":":
                 # pseudo-headers stay ahead of regular ones
                 j = 0
@@ -64,13 +62,10 @@ class Headers:
             else:
                 h.append((name, value))
             return
-        i = h.index(kv)
+        i = names.index(name)
         h[i] = (name, value)
-        rest = h[i + 1:]
-        for kv in rest:
-            if kv[0] == name:
-                self._h = h[: i + 1] + [x for x in rest if x[0] != name]
-                return
+        if names.count(name) > 1:
+            self._h = h[: i + 1] + [x for x in h[i + 1:] if x[0] != name]
 
     def set_default(self, name: str, value: str) -> None:
         if name not in self:

@@ -7,6 +7,10 @@ and encode events back into bytes. Header names are lower-cased; ``Host`` become
 Strictness follows Envoy: anything ambiguous (CL+TE, repeated or invalid Content-Length, invalid
 chunking, obs-fold, bare LF, NUL/CR in values, oversized headers, invalid methods) is a protocol error
 answered with 400/431 and a closed connection, never forwarded.
+
+The server codec's parts: the request side here (parsing, pipelining, the connection's events),
+the response side in ``http1_response.py`` (``Http1ResponseEncoder``), what both codecs share in
+``http1_common.py``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,9 @@ from __future__ import annotations
 import httptools
 
 from .headers import Headers
+from .http1_common import HTTP10, HTTP11, ChunkedBody, ProtocolError, parser_error
+from .http1_response import Http1ResponseEncoder
 
-HTTP11 = "HTTP/1.1"
-HTTP10 = "HTTP/1.0"
-
-# Hop-by-hop headers removed when forwarding (Envoy strips these on HTTP/1).
-HOP_BY_HOP = frozenset((
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
-))
-
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _METHODS = frozenset((
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
     "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "REPORT", "MKACTIVITY",
@@ -35,21 +32,6 @@ _METHODS = frozenset((
 
 _METHOD_NAMES = {m.encode(): m for m in _METHODS}  # llhttp's method bytes -> the name we accept
 
-REASONS = {
-    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted",
-    203: "Non-Authoritative Information", 204: "No Content", 205: "Reset Content",
-    206: "Partial Content", 300: "Multiple Choices", 301: "Moved Permanently", 302: "Found",
-    303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout", 409: "Conflict",
-    410: "Gone", 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
-    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
-    417: "Expectation Failed", 421: "Misdirected Request", 422: "Unprocessable Entity",
-    425: "Too Early", 426: "Upgrade Required", 428: "Precondition Required",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
-}
 # request headers the server codec looks at as they arrive: framing and hop-by-hop (and the
 # names its creator asks it to note, ``note``)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"connection", b"keep-alive",
@@ -57,97 +39,6 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"conn
 _FRAMING_NAMES = frozenset(n.decode() for n in _FRAMING - {b"host"})
 _strip = bytes.strip
 _new_headers = Headers.__new__
-_STATUS_LINES = {c: ("HTTP/1.1 %d %s\r\n" % (c, r)).encode() for c, r in REASONS.items()}
-
-
-def status_line(code: int) -> bytes:
-    s = _STATUS_LINES.get(code)
-    if s is None:
-        s = ("HTTP/1.1 %d %s\r\n" % (code, REASONS.get(code, "Unknown"))).encode()
-    return s
-
-
-class ProtocolError(Exception):
-    """A request or response that must not be forwarded. ``status`` is what the client gets."""
-
-    def __init__(self, status: int, details: str):
-        super().__init__(details)
-        self.status = status
-        self.details = details
-
-
-def _parser_error(msg: str):
-    """llhttp's error message -> (status, details) as Envoy answers the same input."""
-    if "Transfer-Encoding" in msg:
-        if "Content-Length" in msg:
-            return 400, "http1.content_length_and_chunked_not_allowed"
-        # an unsupported or repeated transfer-coding: Envoy says 501
-        return 501, "http1.invalid_transfer_encoding"
-    if "Content-Length" in msg:
-        return 400, "http1.content_length_not_allowed"
-    return 400, "http1.codec_error"
-
-
-class _ChunkedBody:
-    """A chunked request body read outside llhttp (an h2c upgrade request's, which llhttp treats as
-    upgraded bytes): as strict as the parser (hex size, optional extension, CRLF everywhere),
-    with bounded size lines and trailers."""
-
-    __slots__ = ("state", "line", "left", "trailer_bytes")
-
-    MAX_LINE = 4096
-    MAX_TRAILERS = 64 * 1024
-
-    def __init__(self):
-        self.state = 0  # 0 size line, 1 data, 2 CRLF after data, 3 trailers
-        self.line = b""
-        self.left = 0
-        self.trailer_bytes = 0
-
-    def feed(self, data: bytes):
-        """``(body parts, done, the bytes after the body)``; ValueError on a malformed body."""
-        parts = []
-        i = 0
-        n = len(data)
-        while i < n:
-            st = self.state
-            if st == 1:
-                take = data[i:i + self.left]
-                parts.append(take)
-                self.left -= len(take)
-                i += len(take)
-                if not self.left:
-                    self.state = 2
-                continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                self.line += data[i:]
-                if len(self.line) > self.MAX_LINE:
-                    raise ValueError("line too long")
-                break
-            line = self.line + data[i:j + 1]
-            self.line = b""
-            i = j + 1
-            if not line.endswith(b"\r\n") or len(line) > self.MAX_LINE:
-                raise ValueError("bad line ending")
-            line = line[:-2]
-            if st == 2:
-                if line:
-                    raise ValueError("data after chunk")
-                self.state = 0
-            elif st == 0:
-                size = line.split(b";", 1)[0]
-                if not size or len(size) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size):
-                    raise ValueError("bad chunk size")
-                self.left = int(size, 16)
-                self.state = 1 if self.left else 3
-            else:
-                self.trailer_bytes += len(line) + 2
-                if self.trailer_bytes > self.MAX_TRAILERS:
-                    raise ValueError("trailers too large")
-                if not line:
-                    return [p for p in parts if p], True, data[i:]
-        return [p for p in parts if p], False, b""
 
 
 def _new_request_parser(proto):
@@ -162,17 +53,7 @@ def _new_request_parser(proto):
     return p
 
 
-def encode_headers_block(headers: Headers, skip=HOP_BY_HOP) -> list:
-    """Regular (non-pseudo) headers as ``name: value\\r\\n`` byte strings, hop-by-hop removed."""
-    out = []
-    for k, v in headers._h:
-        if k[0] == ":" or k in skip:
-            continue
-        out.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
-    return out
-
-
-class Http1ServerCodec:
+class Http1ServerCodec(Http1ResponseEncoder):
     """Downstream HTTP/1.1: parses requests, hands them to ``conn_manager`` as streams.
 
     Requests are served one at a time in order (pipelined requests wait, with reading paused).
@@ -291,7 +172,7 @@ class Http1ServerCodec:
         except httptools.HttpParserInvalidMethodError:
             self.protocol_error(400, "http1.codec_error")
         except httptools.HttpParserError as e:
-            status, details = _parser_error(str(e))
+            status, details = parser_error(str(e))
             self.protocol_error(status, details)
             return
         if counts and self.msg_started and not self.headers_done:
@@ -558,14 +439,6 @@ class Http1ServerCodec:
         self.pending.append(ev)
         self.cur_events = ev
 
-    def write_error(self, status: int, text: str, date: str, server: str) -> None:
-        """Envoy's answer to a request head too malformed for a stream (then the connection closes)."""
-        body = text.encode()
-        self.conn.write(("HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%sdate: %s\r\nserver: %s\r\n"
-                         "connection: close\r\n\r\n" % (
-                             status, REASONS.get(status, "Bad Request"), len(body),
-                             "content-type: text/plain\r\n" if body else "", date, server)).encode() + body)
-
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
         """A pipelined request's turn: it goes to ``on_request``."""
         self.response_head_done = False
@@ -586,7 +459,7 @@ class Http1ServerCodec:
 
     def _h2c_body(self, data: bytes) -> bytes:
         """The body of an h2c upgrade request (llhttp hands it over as "upgraded" bytes):
-        ``h2c_left`` is the byte count still due, or a ``_ChunkedBody`` decoder. Delivered as
+        ``h2c_left`` is the byte count still due, or a ``ChunkedBody`` decoder. Delivered as
         body, then the request completes; returns what follows it."""
         left = self.h2c_left
         if type(left) is int:
@@ -614,7 +487,7 @@ class Http1ServerCodec:
     def on_message_complete(self):
         if self.h2c and self.headers_done and not self.h2c_left:
             if self.chunked:
-                self.h2c_left = _ChunkedBody()  # the body comes as "upgraded" bytes: see feed
+                self.h2c_left = ChunkedBody()  # the body comes as "upgraded" bytes: see feed
                 return
             if self.content_length:
                 self.h2c_left = self.content_length
@@ -638,108 +511,6 @@ class Http1ServerCodec:
         s = self.stream
         if s is not None and had_body:
             s.decode_data(b"", True)
-
-    # -- response encoding (called by the stream) ----------------------------------------------
-    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
-        h = headers._h
-        status = int(h[0][1]) if h and h[0][0] == ":status" else int(headers.get(":status", "200"))
-        if status == 100:
-            return  # Envoy answers Expect itself; upstream 100s are not forwarded
-        if status == 101:
-            self._encode_upgrade_head(h)
-            if end_stream:
-                self._response_complete()
-            return
-        # the common case in one pass: every regular header but the framing and hop-by-hop ones
-        # (content-length stays where it is, as Envoy writes it; the framing it adds goes last)
-        parts = [f"{k}: {v}\r\n" for k, v in h if k[0] != ":" and k not in HOP_BY_HOP]
-        add = parts.append
-        cl = None
-        for k, v in h:
-            if k == "content-length":
-                cl = v
-                break
-        if self.method == "CONNECT" and 200 <= status < 300:
-            self.tunnel = True
-            if cl is not None:
-                parts = [p for p in parts if not p.startswith("content-length:")]
-                add = parts.append
-        elif cl is not None:
-            pass
-        elif end_stream:
-            if status not in (204, 304) and status >= 200 and self.method != "HEAD":
-                add("content-length: 0\r\n")
-        elif self.method != "HEAD" and status not in (204, 304):
-            if self.version == HTTP11:
-                self.response_chunked = True
-                add("transfer-encoding: chunked\r\n")
-            else:
-                self.response_close = True
-        if self.drain_close or (self.response_close and not self.tunnel):
-            self.response_close = True
-            add("connection: close\r\n")
-        elif self.version == HTTP10:
-            add("connection: keep-alive\r\n")
-        add("\r\n")
-        self.response_head_done = True
-        self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
-        if end_stream:
-            self._response_complete()
-
-    def _encode_upgrade_head(self, h) -> None:
-        """A 101 Switching Protocols: upgrade/connection kept, the connection becomes a tunnel."""
-        parts = []
-        add = parts.append
-        for k, v in h:
-            if k[0] == ":" or k == "content-length":
-                continue
-            if k in HOP_BY_HOP:
-                if k == "upgrade":
-                    add("upgrade: " + v + "\r\n")
-                elif k == "connection":
-                    add("connection: upgrade\r\n")
-                continue
-            add(k + ": " + v + "\r\n")
-        self.tunnel = True
-        if self.drain_close:
-            self.response_close = True
-            add("connection: close\r\n")
-        add("\r\n")
-        self.response_head_done = True
-        self.conn.write(status_line(101) + "".join(parts).encode("latin-1"))
-
-    def encode_data(self, data: bytes, end_stream: bool) -> None:
-        self.write_body(data, end_stream)
-        if end_stream:
-            self._response_complete()
-
-    def write_body(self, data: bytes, end_stream: bool) -> None:
-        """Response body bytes, framed (chunked or as they are); the last chunk on end_stream."""
-        if self.response_chunked:
-            if data:
-                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-            if end_stream:
-                self.conn.write(b"0\r\n\r\n")
-        elif data:
-            self.conn.write(data)
-
-    def encode_trailers(self, trailers: Headers) -> None:
-        if self.response_chunked:
-            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
-            self.response_chunked = False
-        self._response_complete()
-
-    def _response_complete(self) -> None:
-        if self.tunnel:
-            self.conn.close(flush=True)
-            return
-        self.stream = None
-        if self.response_close or not self.request_complete:
-            # request not fully read: the connection cannot be reused safely
-            self.conn.close(flush=True)
-            return
-        if self.pending:
-            self._replay_pending()
 
     def _replay_pending(self) -> None:
         while self.pending and self.stream is None:

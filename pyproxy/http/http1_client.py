@@ -7,7 +7,7 @@ from __future__ import annotations
 import httptools
 
 from .headers import Headers
-from .http1 import HOP_BY_HOP, ProtocolError, encode_headers_block
+from .http1_common import HOP_BY_HOP, ProtocolError, encode_headers_block
 
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 

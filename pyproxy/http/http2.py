@@ -68,10 +68,13 @@ class Http2ServerCodec:
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
-                 "rht_sid", "max_streams", "max_fields")
+                 "rht_sid", "max_streams", "max_fields", "note")
 
-    def __init__(self, conn, hc, cfg):
+    def __init__(self, conn, hc, cfg, note=None):
         self.conn = conn
+        # header names whose presence in a request the manager wants to know of (``quiet``: the
+        # request has none of them and no fragment in its path), as the HTTP/1.1 codec's ``note``
+        self.note = note
         self.hc = hc
         self.cfg = cfg
         opts = self.opts = server_options(cfg)
@@ -284,7 +287,7 @@ class Http2ServerCodec:
             self._refuse(sid, raw)
             return
         try:
-            h, expect, protocol, tunnel, length = request_fields(raw)
+            h, expect, protocol, tunnel, length, names = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
             if self.stats is not None:
@@ -294,8 +297,10 @@ class Http2ServerCodec:
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
             s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
-            s.stream = self.hc.new_stream(s, "HTTP/2")
-            s.stream.decode_headers(Headers(h), end)
+            as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
+            if names is not None and self.note is not None and self.note.isdisjoint(names):
+                as_.quiet = True  # (none of the headers the manager acts on or adds: appended, not set)
+            as_.decode_headers(Headers(h), end)
             return
         st = self.stats
         if protocol is not None:

@@ -23,28 +23,27 @@ Envoy's ``ConnectionManagerUtility`` in Envoy's order:
 derived downstream address and/or a local reply. What a request costs is decided here at config
 load: a request carrying none of the headers the plan watches takes a path that appends
 ``x-forwarded-proto``/``x-request-id`` (and what the plan always adds) without a scan.
+
+The steps' parts live beside it: ``path_norm.py`` (the path), ``original_ip.py`` (the address from
+``x-forwarded-for`` and the detection extensions), ``xfcc.py`` (the client certificate element),
+``pyproxy/netaddr.py`` (address helpers).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import ipaddress
 import logging
-import socket
-import struct
 from operator import itemgetter
-from urllib.parse import quote
 
 from ..config import ConfigError
+from ..netaddr import default_internal, fmt_addr, in_any, is_loopback, local_ip
 from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
+from .original_ip import CustomHeaderDetection, XffDetection, cidr, detection, last_xff
+from .xfcc import (ALWAYS_FORWARD_ONLY, APPEND_FORWARD, CERT, CHAIN, DNS, FORWARD_ONLY, SANITIZE, SANITIZE_SET,
+                   SUBJECT, URI, xfcc_value)
 
 log = logging.getLogger("pyproxy.http")
-
-SANITIZE, FORWARD_ONLY, APPEND_FORWARD, SANITIZE_SET, ALWAYS_FORWARD_ONLY = 0, 1, 2, 3, 4
-CERT, CHAIN, SUBJECT, URI, DNS = "cert", "chain", "subject", "uri", "dns"
 
 # removed from every request that is not internal (Envoy's cleanInternalHeaders)
 ENVOY_CONTROL = frozenset((
@@ -99,262 +98,6 @@ class Prepared:
 
 PREPARED_NOTHING = Prepared()
 
-
-# -- address helpers ----------------------------------------------------------------------------
-
-def parse_ip(s: str):
-    """Envoy's ``parseInternetAddress``: a bare IPv4/IPv6 literal (inet_pton rules), else None."""
-    if not s:
-        return None
-    fam = socket.AF_INET6 if ":" in s else socket.AF_INET
-    try:
-        b = socket.inet_pton(fam, s)
-    except (OSError, ValueError):
-        return None
-    return socket.inet_ntop(fam, b)
-
-
-def fmt_addr(ip: str, port: int) -> str:
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
-
-
-def last_xff(xff: str, skip: int):
-    """Envoy's ``getLastAddressFromXFF``: ``(ip or None, single address)`` after ignoring the
-    last ``skip`` entries."""
-    s = xff
-    for _ in range(skip):
-        c = s.rfind(",")
-        if c < 0:
-            return None, False
-        s = s[:c]
-    c = s.rfind(",")
-    if c >= 0 and c + 1 < len(s):
-        s = s[c + 1:]
-    ip = parse_ip(s.strip(" \t"))
-    return ip, (ip is not None and c < 0)
-
-
-def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
-def _default_internal(ip: str) -> bool:
-    """Envoy's ``Network::Utility::isInternalAddress``: RFC 1918, 127.0.0.1, fd00::/8, ::1."""
-    a = ipaddress.ip_address(ip)
-    if a.version == 4:
-        b = a.packed
-        return b[0] == 10 or (b[0] == 192 and b[1] == 168) or (b[0] == 172 and 16 <= b[1] <= 31) \
-            or ip == "127.0.0.1"
-    return a.packed[0] == 0xfd or a == ipaddress.IPv6Address("::1")
-
-
-_LOCAL = {}
-
-
-def local_ip(version: str = "v4") -> str:
-    """Envoy's local address (``Network::Utility::getLocalAddress``): the first non-loopback
-    interface address of the IP version, else the loopback address. Appended to XFF in place of
-    a loopback peer."""
-    ip = _LOCAL.get(version)
-    if ip is not None:
-        return ip
-    ip = "127.0.0.1" if version == "v4" else "::1"
-    if version == "v4":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            for _, name in socket.if_nameindex():
-                try:
-                    r = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-                except OSError:
-                    continue
-                cand = socket.inet_ntoa(r[20:24])
-                if not cand.startswith("127."):
-                    ip = cand
-                    break
-        finally:
-            s.close()
-    else:
-        try:
-            with open("/proc/net/if_inet6") as f:
-                for line in f:
-                    hexaddr = line.split()[0]
-                    cand = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr))
-                    if cand != "::1":
-                        ip = cand
-                        break
-        except OSError:
-            pass
-    _LOCAL[version] = ip
-    return ip
-
-
-# -- original IP detection extensions -------------------------------------------------------------
-
-class XffDetection:
-    """``envoy.extensions.http.original_ip_detection.xff.v3.XffConfig``."""
-
-    __slots__ = ("hops", "trusted")
-
-    def __init__(self, hops: int, trusted=()):
-        self.hops = hops
-        self.trusted = tuple(trusted)
-
-    def detect(self, xff, headers, direct_ip):
-        """``(ip or None, allow trusted address checks, reject reply or None)``."""
-        if xff is None:
-            return None, False, None
-        if self.trusted:
-            if not _in_any(direct_ip, self.trusted):
-                return None, False, None
-            # the last address that is not a trusted proxy
-            parts = [x.strip(" \t") for x in xff.split(",")]
-            for i in range(len(parts) - 1, -1, -1):
-                ip = parse_ip(parts[i])
-                if ip is None:
-                    return None, False, None
-                if not _in_any(ip, self.trusted):
-                    return ip, True, None
-            return None, False, None
-        ip, single = last_xff(xff, self.hops)
-        return ip, single, None
-
-
-class CustomHeaderDetection:
-    """``envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig``."""
-
-    __slots__ = ("name", "trusted", "reject")
-
-    def __init__(self, name: str, trusted: bool, reject):
-        self.name = name
-        self.trusted = trusted
-        self.reject = reject
-
-    def detect(self, xff, headers, direct_ip):
-        v = headers.get(self.name)
-        ip = parse_ip(v) if v is not None else None
-        if ip is not None:
-            return ip, self.trusted, None
-        return None, False, self.reject
-
-
-def _in_any(ip: str, nets) -> bool:
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(a.version == n.version and a in n for n in nets)
-
-
-def _cidr(r, field):
-    try:
-        addr = ipaddress.ip_address(r.address_prefix)
-        plen = r.prefix_len.value if r.HasField("prefix_len") else addr.max_prefixlen
-        return ipaddress.ip_network("%s/%d" % (addr, plen), strict=False)
-    except ValueError as e:
-        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
-
-
-_XFF_TYPE = "envoy.extensions.http.original_ip_detection.xff.v3.XffConfig"
-_CUSTOM_TYPE = "envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig"
-
-
-def _detection(ext, field):
-    from envoy.extensions.http.original_ip_detection.custom_header.v3 import custom_header_pb2
-    from envoy.extensions.http.original_ip_detection.xff.v3 import xff_pb2
-    tc = ext.typed_config
-    tname = tc.type_url.rsplit("/", 1)[-1]
-    if tname == _XFF_TYPE:
-        m = xff_pb2.XffConfig()
-        tc.Unpack(m)
-        if m.HasField("xff_trusted_cidrs") and m.xff_num_trusted_hops:
-            raise ConfigError("Cannot set both xff_num_trusted_hops and xff_trusted_cidrs", field=field)
-        nets = [_cidr(c, "%s.xff_trusted_cidrs.cidrs[%d]" % (field, i))
-                for i, c in enumerate(m.xff_trusted_cidrs.cidrs)]
-        return XffDetection(m.xff_num_trusted_hops, nets)
-    if tname == _CUSTOM_TYPE:
-        m = custom_header_pb2.CustomHeaderConfig()
-        tc.Unpack(m)
-        name = m.header_name.lower()
-        if not name:
-            raise ConfigError("header_name must not be empty", field=field + ".header_name")
-        reject = None
-        if m.HasField("reject_with_status"):
-            code = m.reject_with_status.code
-            # Envoy: a code outside 400-511 becomes 403
-            code = code if 400 <= code <= 511 else 403
-            reject = (code, "rejecting because detected address is untrusted", None)
-        return CustomHeaderDetection(name, m.allow_extension_to_set_address_as_trusted, reject)
-    raise ConfigError("original IP detection extension '%s' (%s) is not supported" % (ext.name, tname),
-                      field=field)
-
-
-# -- XFCC ---------------------------------------------------------------------------------------
-
-def _subject(cert) -> str:
-    """The certificate subject as OpenSSL prints it with XN_FLAG_RFC2253."""
-    from cryptography.x509.oid import NameOID  # (only connections with client certificates get here)
-    try:
-        return cert.subject.rfc4514_string({NameOID.EMAIL_ADDRESS: "emailAddress"})
-    except Exception:
-        return ""
-
-
-def _url_pem(der: bytes) -> str:
-    pem = ssl_der_to_pem(der)
-    return quote(pem, safe="-._~")
-
-
-def ssl_der_to_pem(der: bytes) -> str:
-    import base64
-    b = base64.b64encode(der).decode()
-    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(b[i:i + 64] for i in range(0, len(b), 64)) + \
-        "\n-----END CERTIFICATE-----\n"
-
-
-def xfcc_value(tls, details: tuple) -> str | None:
-    """This connection's XFCC element for ``details`` (cached on the connection's TLS layer), or
-    None when the peer presented no verified certificate."""
-    facts = tls.client_cert()
-    if facts is None:
-        return None
-    cache = facts.xfcc
-    v = cache.get(details)
-    if v is not None:
-        return v
-    from cryptography import x509
-    der = facts.der
-    cert = x509.load_der_x509_certificate(der)
-    parts = []
-    # one By= per URI SAN of our certificate, as Envoy
-    parts.extend("By=" + u for u in getattr(tls.tls, "local_uri_sans", ()))
-    parts.append("Hash=" + hashlib.sha256(der).hexdigest())
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        dns = san.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        uris, dns = [], []
-    for d in details:
-        if d == CERT:
-            parts.append('Cert="%s"' % _url_pem(der))
-        elif d == CHAIN:
-            parts.append('Chain="%s"' % "".join(_url_pem(c) for c in facts.chain))
-        elif d == SUBJECT:
-            parts.append('Subject="%s"' % _subject(cert))
-        elif d == URI:
-            if uris:
-                parts.extend("URI=" + u for u in uris)
-            else:
-                parts.append("URI=")
-        elif d == DNS:
-            parts.extend("DNS=" + x for x in dns)
-    v = cache[details] = ";".join(parts)
-    return v
-
-
 # -- the plan -----------------------------------------------------------------------------------
 
 class PrepPlan:
@@ -402,7 +145,7 @@ class PrepPlan:
                 raise ConfigError("Original IP detection extensions and xff_num_trusted_hops may not be mixed",
                                   field="original_ip_detection_extensions")
             for i, ext in enumerate(cfg.original_ip_detection_extensions):
-                dets.append(_detection(ext, "original_ip_detection_extensions[%d]" % i))
+                dets.append(detection(ext, "original_ip_detection_extensions[%d]" % i))
         else:
             dets.append(XffDetection(self.hops))
         self.detectors = tuple(dets)
@@ -415,7 +158,7 @@ class PrepPlan:
         if cfg.HasField("internal_address_config"):
             iac = cfg.internal_address_config
             self.internal_unix = iac.unix_sockets
-            nets = tuple(_cidr(c, "internal_address_config.cidr_ranges[%d]" % i)
+            nets = tuple(cidr(c, "internal_address_config.cidr_ranges[%d]" % i)
                          for i, c in enumerate(iac.cidr_ranges))
             self.internal = nets or "default"
         self.local_ip = local_ip(getattr(hcm.ctx, "local_address_ip_version", "v4") or "v4") \
@@ -463,8 +206,8 @@ class PrepPlan:
         if nets is None:
             return False
         if nets == "default":
-            return _default_internal(ip)
-        return _in_any(ip, nets)
+            return default_internal(ip)
+        return in_any(ip, nets)
 
 
 # -- per request --------------------------------------------------------------------------------
@@ -760,5 +503,3 @@ def _set(h, name, value):
 
 def _remove(h, names):
     h[:] = [kv for kv in h if kv[0] not in names]
-
-

@@ -127,7 +127,7 @@ class ActiveStream(FirstAttempt):
         # the connection manager's request preparation (request_prep.py), once per request
         p = self.prepped
         if p is None:
-            r = prepare(cfg.prep, self.hc.conn, headers, table)
+            r = prepare(cfg.prep, self.hc.conn, headers, table, self.quiet)
         else:
             r = p
         if type(r) is str:
@@ -138,12 +138,19 @@ class ActiveStream(FirstAttempt):
         self.route_table = table
         if p is not None and p.route is not None and p.table is table:
             route = self.route = p.route  # (serve_inline found it before leaving the request here)
-        else:  # (refresh_route)
-            route = self.route = table.find(headers, si, _urand(32)) if table is not None else None
+        elif table is None:
+            route = self.route = None
+        else:
+            h = headers._h  # (the codecs' order: :method, :scheme, :path, :authority first)
+            if len(h) > 3 and h[2][0] == ":path" and h[3][0] == ":authority" and h[0][1] != "CONNECT":
+                route = self.route = table.find_for_path(headers, h[3][1], h[2][1],
+                                                         _urand(32) if table.needs_random else 0)
+            else:  # (refresh_route)
+                route = self.route = table.find(headers, si, _urand(32))
         si.route_name = route.name if route is not None else ""
         d = cfg.prep.decorate
         if d:
-            self.caller_op = decorate(d, route, headers)
+            self.caller_op = decorate(d, route, headers, self.quiet)
         if self.request_timer is not None and end_stream:
             self.request_timer.cancel()
             self.request_timer = None

@@ -258,14 +258,13 @@ class TlsLayer:
         return True
 
     def _close_notify(self) -> None:
+        # A session ticket still due (nothing was written) is not sent with the close, unlike
+        # BoringSSL's: asking OpenSSL for one puts the connection back "in init" until it is
+        # written, and if writing it failed, SSL_shutdown would refuse ("shutdown while in init")
+        # and the peer would get an internal_error alert instead of close_notify. The close is
+        # what matters; a client that got no response has little use for a ticket.
         self.close_sent = True
-        if self.ticket_due:  # never written to: the ticket goes with our close, unless the peer's went first
-            self.ticket_due = False
-            if not self.peer_eof and tickets.issue(self.so):
-                try:
-                    self.so.do_handshake()  # (writes it)
-                except (_SSLError, ValueError, OSError):
-                    pass
+        self.ticket_due = False
         try:
             self.obj.unwrap()
         except (_SSLError, ValueError, OSError):

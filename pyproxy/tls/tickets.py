@@ -4,7 +4,8 @@ OpenSSL writes a server's TLS 1.3 NewSessionTicket messages the moment the hands
 costs a serialization and a re-parse of the session, which holds the client's certificate on mTLS
 chains: with OpenSSL 3.0 that is about a sixth of a server handshake's CPU, spent even on
 connections that never carry a response and so never hand the ticket to anyone. BoringSSL, under
-Envoy, sends its tickets with the connection's first application data instead.
+Envoy, sends its tickets with the connection's first application data instead; pyproxy the same
+(but not with a close: see ``TlsLayer._close_notify``).
 
 ``ssl`` cannot ask for a ticket after the handshake, so this binds OpenSSL's
 ``SSL_new_session_ticket`` from the very libssl the ``_ssl`` module is linked to (``dlsym`` on

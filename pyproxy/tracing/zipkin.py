@@ -41,6 +41,7 @@ from envoy.config.trace.v3 import zipkin_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
+from ..netaddr import local_ip
 from .custom_tags import apply_tags as _apply_tags, custom_tags
 from .export import BatchExporter
 
@@ -78,7 +79,6 @@ class ZipkinTracer(BatchExporter):
         self.kind = "CLIENT" if lp is not None and lp.traffic_direction == 2 else "SERVER"
         self.custom = custom_tags(hcm_proto)
         # Envoy's localEndpoint: the service, the local address (first non-loopback interface), port 0
-        from ..http.request_prep import local_ip
         ip = local_ip("v4")
         self.local = {"serviceName": self.service, "ipv4": ip, "port": 0}
 

@@ -5,15 +5,15 @@ request. Retries (``retry_policy``), per-try and global timeouts, circuit breake
 local replies for upstream failures (503 UF/UH/UO/NC/URX, 504 UT) live here, and mirrors
 (``request_mirror_policies``, in ``shadow.py``).
 
-Retries follow Envoy's retry state: an outcome (response headers, reset, connect failure, per-try
-timeout) that the policy would retry takes one of the retries left (none left:
-``upstream_rq_retry_limit_exceeded``, flag URX), then one unit of the cluster's retry resource
-(``retry_budget``: at most ``budget_percent`` of the active and pending requests, never fewer than
-``min_retry_concurrency``; else ``max_retries``; none free: ``upstream_rq_retry_overflow``, flag
-UO). A retriable response that is not retried goes to the client as it is. The unit is held from
-the retry's backoff until that retry's own outcome. ``hedge_policy.hedge_on_per_try_timeout``: a
-per-try timeout starts a retry without cancelling the late attempt; the first usable response
-wins and the others are reset.
+Retries follow Envoy's retry state (``router_retry.py``): an outcome (response headers, reset,
+connect failure, per-try timeout) that the policy would retry takes one of the retries left (none
+left: ``upstream_rq_retry_limit_exceeded``, flag URX), then one unit of the cluster's retry
+resource (``retry_budget``: at most ``budget_percent`` of the active and pending requests, never
+fewer than ``min_retry_concurrency``; else ``max_retries``; none free:
+``upstream_rq_retry_overflow``, flag UO). A retriable response that is not retried goes to the
+client as it is. The unit is held from the retry's backoff until that retry's own outcome.
+``hedge_policy.hedge_on_per_try_timeout``: a per-try timeout starts a retry without cancelling
+the late attempt; the first usable response wins and the others are reset.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from .router_retry import R_NO, R_YES, RetryState, charge_retried, grpc_retry
 from .router_steps import (NO_HEALTHY, OVERFLOW, charge_failure, connect_failure, count_rx_reset, finalize_request,
-                           finalize_response, reset_failure, retries_reset, upstream_timeout)
+                           finalize_response, reset_failure, upstream_timeout)
 from .shadow import local_address, start_shadows
 from .upstream_request import UpstreamRequest
 
@@ -37,18 +38,6 @@ log = logging.getLogger("pyproxy.router")
 
 ROUTE, DIRECT_RESPONSE, REDIRECT = 0, 1, 2
 _RETRY_BUFFER_LIMIT = 1024 * 1024
-# a retry decision (Envoy's RetryStatus)
-R_NO, R_YES, R_OVERFLOW, R_LIMIT = 0, 1, 2, 3
-
-
-def retry_allowed(c) -> bool:
-    """Whether cluster ``c`` has a retry to give (Envoy's ``retries().canCreate()``)."""
-    b = c.retry_budget
-    if b is None:
-        return c.retries_active < c.max_retries
-    pct, floor = b
-    active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
-    return c.retries_active < max(int(pct / 100.0 * active), floor)
 ALPN_KEY = "envoy.network.application_protocols"  # set by istio.alpn: the upstream TLS ALPN list
 
 
@@ -73,7 +62,7 @@ def factory(cfg, ctx):
 _NO_CTX = LbContext()
 
 
-class Router:
+class Router(RetryState):
     __slots__ = ("cfg", "s", "route", "cluster", "upstream", "headers", "body", "body_len",
                  "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
@@ -408,14 +397,14 @@ class Router:
         retry = self.retry
         if retry is not None and not self.response_started:
             would = retry.should_retry_status(status, headers) or (
-                self.grpc and _grpc_retry(retry, headers))
+                self.grpc and grpc_retry(retry, headers))
             if up.retried:
                 # a hedged attempt that already has its retry: Envoy would not retry it again
                 could_not_retry = would
             else:
                 st = self._retry_outcome(would)
                 if st == R_YES:
-                    _charge_retried(c, status, up.host, headers if self.grpc else None)
+                    charge_retried(c, status, up.host, headers if self.grpc else None)
                     self._drop(up)
                     return
                 could_not_retry = st != R_NO
@@ -491,115 +480,6 @@ class Router:
         if self._others_pending():
             return
         self._fail(504, "upstream request timeout", "upstream_per_try_timeout", "UT")
-
-    # -- retry state (Envoy's RetryStateImpl) ---------------------------------------------------------
-    def _maybe_retry_reset(self, what: str, up) -> bool:
-        """A reset, connect failure or per-try timeout of ``up``: retried when the policy says so
-        (Envoy: connect failures by connect-failure, all of them by 5xx, gateway-error or reset)."""
-        r = self.retry
-        if r is None or self.response_started or up.retried:
-            return False
-        return self._retry_outcome(retries_reset(r.retry_on, what)) == R_YES
-
-    def retries_refused_stream(self, up) -> bool:
-        """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""
-        r = self.retry
-        if r is None or self.done or self.response_started or up.retried:
-            return False
-        return retries_reset(r.retry_on, "refused-stream")
-
-    def _retry_outcome(self, would_retry: bool) -> int:
-        """An attempt's outcome under the retry policy: release the previous retry's unit (a
-        retry whose outcome needs no retry counts as a success), then maybe retry again."""
-        if not would_retry:
-            if self.retry_held:
-                self.cluster.st_rq_retry_success.value += 1
-            self._release_retry()
-            return R_NO
-        return self._should_retry()
-
-    def _should_retry(self) -> int:
-        c = self.cluster
-        self._release_retry()
-        si = self.s.stream_info
-        if self.retries_left <= 0:
-            c.st_rq_retry_limit_exceeded.value += 1
-            si.response_flags.add("URX")
-            return R_LIMIT
-        self.retries_left -= 1
-        if not retry_allowed(c):
-            c.st_rq_retry_overflow.value += 1
-            si.response_flags.add("UO")
-            return R_OVERFLOW
-        c.retries_active += 1
-        self.retry_held = True
-        c.st_rq_retry.value += 1
-        c.st_rq_retry_backoff_exponential.value += 1
-        r = self.retry
-        base = r.backoff_base
-        mx = r.backoff_max
-        n = self.attempts
-        delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
-        c.retries_in_backoff += 1
-        self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
-        return R_YES
-
-    def _release_retry(self):
-        if self.retry_held:
-            self.retry_held = False
-            self.cluster.retries_active -= 1
-
-    def _do_retry(self):
-        self.retry_timer = None
-        self.cluster.retries_in_backoff -= 1
-        if self.done:
-            return
-        self._attempt()
-
-    # -- attempts in flight (more than one only while hedging) ------------------------------------------
-    def _forget(self, up) -> bool:
-        """``up`` ended by itself (reset, failed): drop our reference. False if it was not ours."""
-        if up is self.upstream:
-            self.upstream = None
-            return True
-        o = self.others
-        if o and up in o:
-            o.remove(up)
-            return True
-        return False
-
-    def _drop(self, up):
-        """Stop attempt ``up`` (its response will not be used)."""
-        self._forget(up)
-        up.abandon()
-
-    def _others_pending(self, besides=None) -> bool:
-        """Whether an attempt other than ``besides`` is still running, or a retry is coming."""
-        if self.retry_timer is not None:
-            return True
-        if self.upstream is not None and self.upstream is not besides:
-            return True
-        return bool(self.others) and any(o is not besides for o in self.others)
-
-    def _choose(self, up):
-        """``up``'s response goes downstream: every other attempt stops, no retry follows."""
-        self._abandon_others(up)
-        cur = self.upstream
-        if cur is not None and cur is not up:
-            cur.abandon()
-        self.upstream = up
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-            self.retry_timer = None
-            self.cluster.retries_in_backoff -= 1
-
-    def _abandon_others(self, keep):
-        o = self.others
-        if o:
-            self.others = None
-            for x in o:
-                if x is not keep:
-                    x.abandon()
 
     # -- endings ------------------------------------------------------------------------------------
     def _direct_reply(self, status, body, headers):
@@ -695,16 +575,6 @@ class Router:
         self.s.read_disable(above)
 
 
-def _charge_retried(c, status: int, host, headers=None) -> None:
-    """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
-    the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
-    put_response(host, status, headers)
-    sc = c.scope
-    sc.counter("retry.upstream_rq_%d" % status).value += 1
-    sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
-    sc.counter("retry.upstream_rq_completed").value += 1
-
-
 def _parse_grpc_timeout(v):
     if not v:
         return None
@@ -717,16 +587,6 @@ def _parse_grpc_timeout(v):
     if mult is None:
         return None
     return n * mult
-
-
-def _grpc_retry(retry, headers) -> bool:
-    gs = headers.get("grpc-status")
-    if gs is None:
-        return False
-    try:
-        return retry.should_retry_grpc(int(gs))
-    except ValueError:
-        return False
 
 
 def _date_now():

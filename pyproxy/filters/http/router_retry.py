@@ -1,0 +1,166 @@
+"""The router's retry state (Envoy's ``RetryStateImpl``), a part of ``router.Router``.
+
+An outcome (response headers, reset, connect failure, per-try timeout) that the route's policy
+would retry takes one of the retries left (none left: ``upstream_rq_retry_limit_exceeded``, flag
+URX), then one unit of the cluster's retry resource (``retry_allowed``; none free:
+``upstream_rq_retry_overflow``, flag UO), held from the retry's backoff until that retry's own
+outcome. While hedging (``hedge_on_per_try_timeout``) more than one attempt runs: the attempts in
+flight are tracked here too (``upstream`` and ``others``).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ...cluster.outlier import put_response
+from .router_steps import retries_reset
+
+# a retry decision (Envoy's RetryStatus)
+R_NO, R_YES, R_OVERFLOW, R_LIMIT = 0, 1, 2, 3
+
+
+def retry_allowed(c) -> bool:
+    """Whether cluster ``c`` has a retry to give (Envoy's ``retries().canCreate()``)."""
+    b = c.retry_budget
+    if b is None:
+        return c.retries_active < c.max_retries
+    pct, floor = b
+    active = c.rq_active_total - c.retries_in_backoff  # active and pending, not waiting to retry
+    return c.retries_active < max(int(pct / 100.0 * active), floor)
+
+
+class RetryState:
+    """The retry-state and attempts-in-flight methods of ``router.Router`` (its slots hold the
+    state: ``retry``, ``retries_left``, ``retry_timer``, ``retry_held``, ``attempts``,
+    ``upstream``, ``others``)."""
+
+    __slots__ = ()
+
+    def _maybe_retry_reset(self, what: str, up) -> bool:
+        """A reset, connect failure or per-try timeout of ``up``: retried when the policy says so
+        (Envoy: connect failures by connect-failure, all of them by 5xx, gateway-error or reset)."""
+        r = self.retry
+        if r is None or self.response_started or up.retried:
+            return False
+        return self._retry_outcome(retries_reset(r.retry_on, what)) == R_YES
+
+    def retries_refused_stream(self, up) -> bool:
+        """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""
+        r = self.retry
+        if r is None or self.done or self.response_started or up.retried:
+            return False
+        return retries_reset(r.retry_on, "refused-stream")
+
+    def _retry_outcome(self, would_retry: bool) -> int:
+        """An attempt's outcome under the retry policy: release the previous retry's unit (a
+        retry whose outcome needs no retry counts as a success), then maybe retry again."""
+        if not would_retry:
+            if self.retry_held:
+                self.cluster.st_rq_retry_success.value += 1
+            self._release_retry()
+            return R_NO
+        return self._should_retry()
+
+    def _should_retry(self) -> int:
+        c = self.cluster
+        self._release_retry()
+        si = self.s.stream_info
+        if self.retries_left <= 0:
+            c.st_rq_retry_limit_exceeded.value += 1
+            si.response_flags.add("URX")
+            return R_LIMIT
+        self.retries_left -= 1
+        if not retry_allowed(c):
+            c.st_rq_retry_overflow.value += 1
+            si.response_flags.add("UO")
+            return R_OVERFLOW
+        c.retries_active += 1
+        self.retry_held = True
+        c.st_rq_retry.value += 1
+        c.st_rq_retry_backoff_exponential.value += 1
+        r = self.retry
+        base = r.backoff_base
+        mx = r.backoff_max
+        n = self.attempts
+        delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
+        c.retries_in_backoff += 1
+        self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
+        return R_YES
+
+    def _release_retry(self):
+        if self.retry_held:
+            self.retry_held = False
+            self.cluster.retries_active -= 1
+
+    def _do_retry(self):
+        self.retry_timer = None
+        self.cluster.retries_in_backoff -= 1
+        if self.done:
+            return
+        self._attempt()
+
+    # -- attempts in flight (more than one only while hedging) ------------------------------------------
+    def _forget(self, up) -> bool:
+        """``up`` ended by itself (reset, failed): drop our reference. False if it was not ours."""
+        if up is self.upstream:
+            self.upstream = None
+            return True
+        o = self.others
+        if o and up in o:
+            o.remove(up)
+            return True
+        return False
+
+    def _drop(self, up):
+        """Stop attempt ``up`` (its response will not be used)."""
+        self._forget(up)
+        up.abandon()
+
+    def _others_pending(self, besides=None) -> bool:
+        """Whether an attempt other than ``besides`` is still running, or a retry is coming."""
+        if self.retry_timer is not None:
+            return True
+        if self.upstream is not None and self.upstream is not besides:
+            return True
+        return bool(self.others) and any(o is not besides for o in self.others)
+
+    def _choose(self, up):
+        """``up``'s response goes downstream: every other attempt stops, no retry follows."""
+        self._abandon_others(up)
+        cur = self.upstream
+        if cur is not None and cur is not up:
+            cur.abandon()
+        self.upstream = up
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+            self.cluster.retries_in_backoff -= 1
+
+    def _abandon_others(self, keep):
+        o = self.others
+        if o:
+            self.others = None
+            for x in o:
+                if x is not keep:
+                    x.abandon()
+
+
+def charge_retried(c, status: int, host, headers=None) -> None:
+    """A response that is retried: Envoy charges it under ``cluster.<name>.retry.`` and not in
+    the cluster's own ``upstream_rq_<code>``; outlier detection sees it like any other."""
+    put_response(host, status, headers)
+    sc = c.scope
+    sc.counter("retry.upstream_rq_%d" % status).value += 1
+    sc.counter("retry.upstream_rq_%dxx" % (status // 100)).value += 1
+    sc.counter("retry.upstream_rq_completed").value += 1
+
+
+def grpc_retry(retry, headers) -> bool:
+    """Whether a gRPC response's ``grpc-status`` is one the policy retries (``retry_on`` gRPC codes)."""
+    gs = headers.get("grpc-status")
+    if gs is None:
+        return False
+    try:
+        return retry.should_retry_grpc(int(gs))
+    except ValueError:
+        return False

@@ -1,0 +1,128 @@
+"""HTTP/1.1 responses: the server codec's encoding side (``Http1ResponseEncoder``, a part of
+``http1.Http1ServerCodec``): the response head from ``Headers`` (framing and hop-by-hop headers
+as Envoy writes them), the body (chunked or as it is), trailers, an upgrade's 101, Envoy's answer
+to a malformed request head, and the end of a response (keep-alive, close, the next pipelined
+request).
+"""
+
+from __future__ import annotations
+
+from .headers import Headers
+from .http1_common import HOP_BY_HOP, HTTP10, HTTP11, REASONS, encode_headers_block, status_line
+
+
+class Http1ResponseEncoder:
+    """The response side of ``Http1ServerCodec`` (its slots hold the state: ``conn``, ``method``,
+    ``version``, ``response_chunked``, ``response_head_done``, ``response_close``, ``tunnel``,
+    ``drain_close``, ``request_complete``, ``pending``, ``stream``)."""
+
+    __slots__ = ()
+
+    def write_error(self, status: int, text: str, date: str, server: str) -> None:
+        """Envoy's answer to a request head too malformed for a stream (then the connection closes)."""
+        body = text.encode()
+        self.conn.write(("HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%sdate: %s\r\nserver: %s\r\n"
+                         "connection: close\r\n\r\n" % (
+                             status, REASONS.get(status, "Bad Request"), len(body),
+                             "content-type: text/plain\r\n" if body else "", date, server)).encode() + body)
+
+    def encode_headers(self, headers: Headers, end_stream: bool) -> None:
+        h = headers._h
+        status = int(h[0][1]) if h and h[0][0] == ":status" else int(headers.get(":status", "200"))
+        if status == 100:
+            return  # Envoy answers Expect itself; upstream 100s are not forwarded
+        if status == 101:
+            self._encode_upgrade_head(h)
+            if end_stream:
+                self._response_complete()
+            return
+        # the common case in one pass: every regular header but the framing and hop-by-hop ones
+        # (content-length stays where it is, as Envoy writes it; the framing it adds goes last)
+        parts = [f"{k}: {v}\r\n" for k, v in h if k[0] != ":" and k not in HOP_BY_HOP]
+        add = parts.append
+        cl = None
+        for k, v in h:
+            if k == "content-length":
+                cl = v
+                break
+        if self.method == "CONNECT" and 200 <= status < 300:
+            self.tunnel = True
+            if cl is not None:
+                parts = [p for p in parts if not p.startswith("content-length:")]
+                add = parts.append
+        elif cl is not None:
+            pass
+        elif end_stream:
+            if status not in (204, 304) and status >= 200 and self.method != "HEAD":
+                add("content-length: 0\r\n")
+        elif self.method != "HEAD" and status not in (204, 304):
+            if self.version == HTTP11:
+                self.response_chunked = True
+                add("transfer-encoding: chunked\r\n")
+            else:
+                self.response_close = True
+        if self.drain_close or (self.response_close and not self.tunnel):
+            self.response_close = True
+            add("connection: close\r\n")
+        elif self.version == HTTP10:
+            add("connection: keep-alive\r\n")
+        add("\r\n")
+        self.response_head_done = True
+        self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
+        if end_stream:
+            self._response_complete()
+
+    def _encode_upgrade_head(self, h) -> None:
+        """A 101 Switching Protocols: upgrade/connection kept, the connection becomes a tunnel."""
+        parts = []
+        add = parts.append
+        for k, v in h:
+            if k[0] == ":" or k == "content-length":
+                continue
+            if k in HOP_BY_HOP:
+                if k == "upgrade":
+                    add("upgrade: " + v + "\r\n")
+                elif k == "connection":
+                    add("connection: upgrade\r\n")
+                continue
+            add(k + ": " + v + "\r\n")
+        self.tunnel = True
+        if self.drain_close:
+            self.response_close = True
+            add("connection: close\r\n")
+        add("\r\n")
+        self.response_head_done = True
+        self.conn.write(status_line(101) + "".join(parts).encode("latin-1"))
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        self.write_body(data, end_stream)
+        if end_stream:
+            self._response_complete()
+
+    def write_body(self, data: bytes, end_stream: bool) -> None:
+        """Response body bytes, framed (chunked or as they are); the last chunk on end_stream."""
+        if self.response_chunked:
+            if data:
+                self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if end_stream:
+                self.conn.write(b"0\r\n\r\n")
+        elif data:
+            self.conn.write(data)
+
+    def encode_trailers(self, trailers: Headers) -> None:
+        if self.response_chunked:
+            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            self.response_chunked = False
+        self._response_complete()
+
+    def _response_complete(self) -> None:
+        if self.tunnel:
+            self.conn.close(flush=True)
+            return
+        self.stream = None
+        if self.response_close or not self.request_complete:
+            # request not fully read: the connection cannot be reused safely
+            self.conn.close(flush=True)
+            return
+        if self.pending:
+            self._replay_pending()
