@@ -158,6 +158,10 @@ class HcmConfig:
         self.max_headers_count = u32(cho, "max_headers_count", 100) or 100
         self.max_stream_duration = duration_s(cho, "max_stream_duration", None)
         self.headers_with_underscores_action = cho.headers_with_underscores_action  # 0 ALLOW, 1 REJECT, 2 DROP
+        # per downstream connection (http/conn_manager.py): after this many requests the last one's
+        # response closes it (HTTP/1.1 connection: close; HTTP/2 GOAWAY); after this long it drains
+        self.max_requests_per_connection = u32(cho, "max_requests_per_connection", 0) or 0
+        self.max_connection_duration = duration_s(cho, "max_connection_duration", 0.0) or 0.0
         self.normalize_path = cfg.normalize_path.value if cfg.HasField("normalize_path") else False
         self.merge_slashes = cfg.merge_slashes
         self.path_with_escaped_slashes_action = cfg.path_with_escaped_slashes_action
