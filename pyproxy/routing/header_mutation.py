@@ -55,11 +55,8 @@ class HeaderMutation:
                 headers._h.extend(lit)
                 return
             for name, value in lit:
-                for kv in headers._h:
-                    if kv[0] == name:
-                        # Envoy's set = remove + append: the header moves to the end
-                        headers.remove(name)
-                        break
+                # Envoy's set = remove + append: the header moves to the end
+                headers.remove(name)
                 headers._h.append((name, value))
             return
         for name in self.remove:
