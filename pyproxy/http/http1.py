@@ -289,6 +289,12 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self.hdrs = []
         return out, authority
 
+    def _noting(self) -> bool:
+        """The head has noted names and no framing or hop-by-hop one: ``noted``, nothing else to
+        check (on_message_complete clears it)."""
+        self.noted = True
+        return True
+
     def _headers_timeout(self):
         self.rht_handle = None
         if not self.closed and self.msg_started and not self.headers_done:
@@ -308,8 +314,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
             self.ct = "content-type" in names
-            if self.watch_nohost.isdisjoint(names):
-                # the common case: nothing to check but Host (usually the first line)
+            if self.watch_nohost.isdisjoint(names) or (_FRAMING_NAMES.isdisjoint(names) and self._noting()):
+                # the common case: nothing to check but Host (usually the first line); or only names
+                # noted for the manager (a request through another proxy: x-request-id, ...)
                 if names[0] == "host" and names.count("host") == 1:
                     rest = zip(names, values)
                     authority = next(rest)[1]
@@ -499,6 +506,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self._reset_request()  # ready for the next request's callbacks
         else:
             had_body = False
+            self.noted = False  # (_noting)
         if self.cur_events is not None:
             # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))
