@@ -116,6 +116,7 @@ class HttpConnection:
         st.cx_http1_active.inc()
         codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
                                               max_headers=self.cfg.max_headers_count, note=H1_NOTE)
+        codec.drain_close = self.draining  # (start_drain sets it on a codec made before it)
         if self.cfg.serve_inline:
             codec.on_request = partial(serve_inline, self)
 
