@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from asyncio import _get_running_loop
+from threading import get_ident as _get_ident
 
 log = logging.getLogger("pyproxy.writebatch")
 
@@ -28,6 +29,7 @@ pending: list = []
 depth = 0            # nesting of read callbacks being dispatched
 scheduled = False    # a flush is scheduled (or running) on _loop: more writes join it
 _loop = None
+_thread = 0          # the thread _loop ran in when the flush was scheduled
 _MAX_PASSES = 8      # flushes that queue more: drained again in the same callback, this often at most
 
 
@@ -48,7 +50,11 @@ def send(conn, data) -> None:
 
 def flush() -> None:
     """Something was queued: it goes out at the end of this loop iteration (now without a loop)."""
-    global scheduled, _loop
+    global scheduled, _loop, _thread
+    if scheduled and _thread == _get_ident() and _loop.is_running():
+        # (the common case, without _get_running_loop(), which costs a getpid() system call:
+        # this thread's running loop is _loop, with the flush scheduled)
+        return
     loop = _get_running_loop()
     if loop is None:
         _drain()
@@ -58,6 +64,7 @@ def flush() -> None:
     # (a flush scheduled on another loop, stopped before it ran: tests, tools; this one takes over)
     scheduled = True
     _loop = loop
+    _thread = _get_ident()
     loop.call_soon(_run)
 
 

@@ -18,6 +18,7 @@ from .. import writebatch
 from ..http.http1_client import Http1ClientCodec
 
 log = logging.getLogger("pyproxy.pool")
+_pending = writebatch.pending  # (never rebound)
 
 CONNECT_FAILURE = "connection failure"
 CONNECT_TIMEOUT = "connection timeout"
@@ -61,7 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
 
     __slots__ = ("pool", "host", "transport", "codec", "idle_since", "requests", "closed",
-                 "write_paused", "read_paused", "stream_cb", "local_address", "close_reason")
+                 "write_paused", "read_paused", "stream_cb", "local_address", "close_reason", "is_tls")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -79,10 +80,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_paused = False
         self.stream_cb = None  # the request bound to this connection (router's upstream request)
         self.local_address = ""
+        self.is_tls = False  # over TLS (tls.client's layer): the router reads its peer's SANs
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport):
         attach_transport(self, transport)
+        self.is_tls = getattr(transport, "tls", None) is not None
 
     def data_received(self, data):
         wb = writebatch
@@ -125,7 +128,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the codec ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
-            writebatch.send(self, data)  # (at the end of the loop iteration, with the others)
+            # (writebatch.send, inlined: at the end of the loop iteration, with the others)
+            _pending.append((self, data))
+            if not writebatch.depth:
+                writebatch.flush()
 
     def write_eof(self) -> None:
         if not self.closed and self.transport.can_write_eof():

@@ -33,6 +33,7 @@ import random
 import time
 
 from ..cluster.lb import LbContext
+from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, TIMEOUT, charge_failure, connect_failure, count_rx_reset,
                                          finalize_request, finalize_response, reset_failure, retries_reset,
                                          upstream_timeout)
@@ -158,10 +159,11 @@ class FirstAttempt:
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
-        sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
-        if sans is not None:
-            si = self.stream_info
-            si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
+        if type(encoder) is not UpstreamConnection or encoder.is_tls:
+            sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
+            if sans is not None:
+                si = self.stream_info
+                si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
         self._send_request(encoder)
 
     def on_pool_failure(self, reason, flag, host):

@@ -14,8 +14,12 @@ Envoy's rules (HeaderParser):
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from ..config.errors import ConfigError
 from ..formatter import compile_format
+
+_first = itemgetter(0)
 
 APPEND_IF_EXISTS_OR_ADD = 0
 ADD_IF_ABSENT = 1
@@ -55,11 +59,9 @@ class HeaderMutation:
                 headers._h.extend(lit)
                 return
             for name, value in lit:
-                for kv in headers._h:
-                    if kv[0] == name:
-                        # Envoy's set = remove + append: the header moves to the end
-                        headers.remove(name)
-                        break
+                if name in map(_first, headers._h):
+                    # Envoy's set = remove + append: the header moves to the end
+                    headers.remove(name)  # (a new list)
                 headers._h.append((name, value))
             return
         for name in self.remove:
@@ -89,6 +91,48 @@ class HeaderMutation:
         if append:
             for name, value in append:
                 headers.add(name, value)
+
+
+def literal_tail(mutations):
+    """A sequence of mutation sets (a route's, applied in order) that needs nothing from the
+    request but the absence of some names, compiled: ``(names, tail)``. On a header list that has
+    none of ``names`` (frozenset) the sets, applied in order, append exactly ``tail`` (a tuple of
+    ``(name, value)``). None when a value is formatted (it reads the request or the stream).
+    ``names``: every name the sets remove, overwrite or add only if absent or present."""
+    names = set()
+    tail = []
+    for m in mutations:  # (HeaderMutation.apply's rules: removals, then overwrites, then appends)
+        for name in m.remove:
+            names.add(name)
+            tail = [kv for kv in tail if kv[0] != name]
+        over = []
+        app = []
+        for name, fmt, lit, action, keep_empty in m.add:
+            if fmt is not None:
+                return None
+            if not lit and not keep_empty:
+                continue
+            # (ADD_IF_ABSENT and OVERWRITE_IF_EXISTS look at the list before this set applies:
+            # the request has no such name, so only what earlier sets appended counts)
+            present = any(kv[0] == name for kv in tail)
+            if action == APPEND_IF_EXISTS_OR_ADD:
+                app.append((name, lit))
+            elif action == ADD_IF_ABSENT:
+                names.add(name)
+                if not present:
+                    app.append((name, lit))
+            elif action == OVERWRITE_IF_EXISTS:
+                names.add(name)
+                if present:
+                    over.append((name, lit))
+            else:
+                names.add(name)
+                over.append((name, lit))
+        for name, value in over:
+            tail = [kv for kv in tail if kv[0] != name]
+            tail.append((name, value))
+        tail += app
+    return frozenset(names), tuple(tail)
 
 
 def compile_header_mutation(to_add, to_remove, field_prefix: str) -> HeaderMutation:

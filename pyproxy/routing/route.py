@@ -112,8 +112,9 @@ class RouteEntry:
         "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
         # tracing: the route's tracing block (tracing/request_id.py RouteTrace), or None
         "trace", "decorator_operation", "decorator_propagate",
-        # header mutations (ordered, non-empty only)
-        "_req_mutations", "_resp_mutations",
+        # header mutations (ordered, non-empty only); ``req_lit``: the request ones as
+        # header_mutation.literal_tail compiles them, or None
+        "_req_mutations", "_resp_mutations", "req_lit",
         # direct response / redirect
         "direct_status", "_direct_body", "redirect_status", "_redirect",
     )

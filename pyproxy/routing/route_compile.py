@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..config.errors import ConfigError
 from ..config.registry import REGISTRY, type_name_of, unpack_any
 from ..config.util import duration_s, u32
-from .header_mutation import compile_header_mutation
+from .header_mutation import compile_header_mutation, literal_tail
 from .plan import plan_route
 from .matchers import compile_header_matcher, compile_query_matcher, compile_string_matcher
 from .policies import (compile_hash_policy, compile_hedge_policy, compile_rate_limit,
@@ -443,6 +443,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
         levels_resp.reverse()
     e._req_mutations = tuple(m for m in levels_req if not m.empty)
     e._resp_mutations = tuple(m for m in levels_resp if not m.empty)
+    e.req_lit = literal_tail(e._req_mutations) if e._req_mutations else None
     tpfc = dict(ctx.typed_per_filter_config)
     tpfc.update(vh.typed_per_filter_config)
     tpfc.update(r.typed_per_filter_config)
@@ -473,6 +474,7 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e._redirect = (True, "", "", 0, None, False, None, None, False)
     e._req_mutations = ()
     e._resp_mutations = ()
+    e.req_lit = None
     e.typed_per_filter_config = {}
     e.filter_names = frozenset()
     e.hash_policies = ()

@@ -18,8 +18,10 @@ both call them.
 from __future__ import annotations
 
 import time
+from operator import itemgetter
 
 _monotonic = time.monotonic
+_first = itemgetter(0)
 
 RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 # a local reply for an upstream failure (a reset, a failed connection, a timeout) is charged to
@@ -50,7 +52,11 @@ def finalize_request(route, headers, timeout: float, suppress: bool, si, choice,
         else:
             headers.set("x-envoy-attempt-count", "1")
     if route._req_mutations or choice is not None:
-        route.finalize_request_headers(headers, si, choice)
+        lit = route.req_lit  # (literal mutations, compiled: routing/header_mutation.py literal_tail)
+        if lit is not None and choice is None and (not lit[0] or lit[0].isdisjoint(map(_first, headers._h))):
+            headers._h += lit[1]
+        else:
+            route.finalize_request_headers(headers, si, choice)
     if choice is not None or route.fast_rewrites:
         route.rewrite_request(headers, choice)
 
