@@ -32,8 +32,7 @@ The steps' parts live beside it: ``path_norm.py`` (the path), ``original_ip.py``
 from __future__ import annotations
 
 import logging
-from itertools import compress
-from operator import itemgetter, not_
+from operator import itemgetter
 
 from ..config import ConfigError
 from ..netaddr import default_internal, fmt_addr, in_any, is_loopback, local_ip
@@ -244,35 +243,7 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
                 return rid
             return ""
         return _mutate(plan, conn, headers, h, False, ioh)
-    if plan.constant and not ioh:
-        present = plan.watch.intersection(map(_first, h))
-        if present <= _FORWARDED:
-            return _forwarded(plan, conn, h, present)
     return _mutate(plan, conn, headers, h, True, ioh)
-
-
-def _forwarded(plan, conn, h, present):
-    """``_mutate`` for a request through another proxy under a ``constant`` plan (no route
-    table's internal-only headers): of the watched headers it carries only ``present``, a subset
-    of ``_FORWARDED`` (x-forwarded-proto, x-request-id, x-envoy-* control headers, always-dropped
-    hop-by-hop ones). Without x-forwarded-for no address comes from the headers, so the request
-    is not internal: what ``_mutate`` would do is remove the droppable ones, append
-    x-forwarded-proto if absent, keep or make the request id (tests/test_request_prep.py checks
-    the two agree)."""
-    if not present <= _KEPT:
-        _remove(h, _NOT_INTERNAL[_DROP_NO_UPGRADE])
-    if "x-forwarded-proto" not in present:
-        h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
-    if "x-request-id" in present:
-        rid = _find(h, "x-request-id")[1]
-    elif plan.gen_rid:
-        rid = _uuid4()
-        h.append(("x-request-id", rid))
-    else:
-        return ""
-    if plan.trace is not None and rid:
-        rid = plan.trace.apply(h, rid)
-    return rid or ""
 
 
 def _find(h, name):
@@ -502,9 +473,6 @@ _INTERNAL_KEEP = frozenset(("x-envoy-internal",))
 # each hop-by-hop drop set (_drop_set) with the x-envoy-* control headers, for a request that is
 # not internal
 _NOT_INTERNAL = {d: d | ENVOY_CONTROL for d in (_DROP_NO_UPGRADE, _DROP_H2C, ALWAYS_DROP)}
-# (_forwarded) the watched headers a request through another proxy carries, and those it keeps
-_KEPT = frozenset(("x-forwarded-proto", "x-request-id"))
-_FORWARDED = _KEPT | ENVOY_CONTROL | ALWAYS_DROP
 
 
 def _drop_set(upgrade, connection):
@@ -537,5 +505,4 @@ def _set(h, name, value):
 
 
 def _remove(h, names):
-    # (the scan in C: the entries whose name is not in ``names``)
-    h[:] = list(compress(h, map(not_, map(names.__contains__, map(_first, h)))))
+    h[:] = [kv for kv in h if kv[0] not in names]
