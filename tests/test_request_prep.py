@@ -71,4 +71,3 @@ def test_merge_slashes_keeps_the_ends():
 ])
 def test_host_normalisation(host, dot, anyp, match, want):
     assert _normalize_host(host, dot, anyp, match) == want
-
