@@ -482,7 +482,8 @@ class ActiveStream(FirstAttempt):
         self.stream_info.response_code_details = self.stream_info.response_code_details or reason
         enc = self.encoder
         self._finish(reset=True)
-        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=False)
+        # (HTTP/1.1: what the encoder wrote goes out, then the connection closes, as Envoy's)
+        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=True)
 
     # -- flow control ----------------------------------------------------------------------------------
     def read_disable(self, disable: bool) -> None:
