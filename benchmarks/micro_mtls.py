@@ -7,7 +7,8 @@ the handshake, then encrypts ``-n`` keep-alive requests up front, so the timed l
 proxy's work: ciphertext in downstream, request bytes out upstream, response bytes in upstream,
 ciphertext out downstream (checked by the client after the run). The request is the one the
 benchmark's client sidecar (Envoy) forwards for wrk's: with ``x-forwarded-proto``, ``x-request-id``
-and ``x-envoy-expected-rq-timeout-ms``, which the inbound sidecar's request preparation handles.
+and ``x-envoy-expected-rq-timeout-ms``, which the inbound sidecar's request preparation handles,
+and its route's ``x-bench-route``.
 
     python3 benchmarks/micro_mtls.py [-n 20000] [--profile | --opcodes [TOP]] [--plain] [--wrk]
                                      [--handshakes]
@@ -34,10 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import micro_h1  # noqa: E402
 from micro_h1 import RESPONSE, FakeTransport, build_stack, connect, count_opcodes, measure, profile  # noqa: E402
 
-# what benchmarks/mtls.py's client sidecar (Envoy) sends the server sidecar for wrk's request
+# what benchmarks/mtls.py's client sidecar (Envoy) sends the server sidecar for wrk's request (its
+# route adds x-bench-route)
 REQUEST = (b"GET /r18/bench HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nx-forwarded-proto: http\r\n"
            b"x-request-id: 0b9b2c8e-6b1e-4c8e-9a51-3f3f7d0c1a2b\r\n"
-           b"x-envoy-expected-rq-timeout-ms: 15000\r\n\r\n")
+           b"x-envoy-expected-rq-timeout-ms: 15000\r\nx-bench-route: r18\r\n\r\n")
 # --wrk: wrk's own request, as the plaintext h1 benchmark sends it
 WRK_REQUEST = b"GET /r18/bench HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n\r\n"
 

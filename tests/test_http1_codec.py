@@ -388,3 +388,43 @@ def test_line_count_and_bytes_limits_hold_for_head_and_trailers():
     assert errors(ev) == [("E", 431, "http1.headers_too_large")]
     ev, codec, _ = feed(chunked + b"T: 1\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: h\r\n" + many + b"\r\n")
     assert not errors(ev)  # (the next request starts with fresh limits)
+
+
+def test_noted_names_without_framing_are_noted_per_request():
+    """A head with names the manager wants noted (``note``: e.g. what a request through another
+    proxy carries, x-request-id, x-envoy-*) and no framing or hop-by-hop one takes the common
+    translation (Host consumed, the rest in order) with ``noted`` set for that request only; with
+    a framing header too, the line-by-line path; a repeated Host is refused either way."""
+    seen = []
+
+    class Noting(Manager):
+        def on_request(self, codec, headers, end_stream, version, direct):
+            seen.append((codec.noted, codec.hop_seen, direct))
+            super().on_request(codec, headers, end_stream, version, direct)
+
+    conn, m = Conn(), Noting()
+    codec = Http1ServerCodec(conn, m, note=frozenset((b"x-request-id", b"x-envoy-expected-rq-timeout-ms")))
+    heads = [
+        b"Host: a\r\nX-A: 1\r\n",
+        b"Host: a\r\nX-Request-Id: r1\r\nx-envoy-expected-rq-timeout-ms: 5\r\nX-B: 2\r\n",
+        b"Host: a\r\n",
+        b"X-Request-Id: r2\r\nhost: b\r\n",  # (Host not first)
+        b"Host: a\r\nX-Request-Id: r3\r\nContent-Length: 0\r\n",
+        b"Host: a\r\n",
+    ]
+    for i, head in enumerate(heads):
+        codec.feed(b"GET /%d HTTP/1.1\r\n%s\r\n" % (i, head))
+        _respond(codec)
+    assert not errors(m.ev)
+    assert seen == [(False, False, True), (True, False, True), (False, False, True), (True, False, True),
+                    (True, True, True), (False, False, True)], seen
+    got = [list(h.items())[3:] for h in _head(m.ev)]
+    assert got[1] == [(":authority", "a"), ("x-request-id", "r1"), ("x-envoy-expected-rq-timeout-ms", "5"),
+                      ("x-b", "2")]
+    assert got[3] == [(":authority", "b"), ("x-request-id", "r2")]
+    assert got[4] == [(":authority", "a"), ("x-request-id", "r3"), ("content-length", "0")]
+    for head in (b"Host: a\r\nX-Request-Id: r\r\nHost: a\r\n", b"X-Request-Id: r\r\nHost: a\r\nHost: b\r\n"):
+        conn, m = Conn(), Noting()
+        codec = Http1ServerCodec(conn, m, note=frozenset((b"x-request-id",)))
+        codec.feed(b"GET / HTTP/1.1\r\n%s\r\n" % head)
+        assert errors(m.ev) == [("E", 400, "http1.codec_error")], m.ev

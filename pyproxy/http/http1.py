@@ -63,7 +63,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "conn", "manager", "parser", "url", "hdrs", "max_flat", "max_header_bytes",
         "max_headers", "stream", "request_complete", "pending", "cur_events", "chunked",
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
-        "response_chunked", "response_head_done", "response_close", "method", "tunnel",
+        "response_chunked", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
         "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct", "body_left",
@@ -290,6 +290,12 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self.hdrs = []
         return out, authority
 
+    def _noting(self) -> bool:
+        """The head has noted names and no framing or hop-by-hop one: ``noted``, nothing else to
+        check (on_message_complete clears it)."""
+        self.noted = True
+        return True
+
     def _headers_timeout(self):
         self.rht_handle = None
         if not self.closed and self.msg_started and not self.headers_done:
@@ -309,8 +315,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
             self.ct = "content-type" in names
-            if self.watch_nohost.isdisjoint(names):
-                # the common case: nothing to check but Host (usually the first line)
+            if self.watch_nohost.isdisjoint(names) or (_FRAMING_NAMES.isdisjoint(names) and self._noting()):
+                # the common case: nothing to check but Host (usually the first line); or only names
+                # noted for the manager (a request through another proxy: x-request-id, ...)
                 if names[0] == "host" and names.count("host") == 1:
                     rest = zip(names, values)
                     authority = next(rest)[1]
@@ -351,7 +358,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 self._pipelined(headers, True, True, False)
                 return
             self.request_complete = True
-            self.response_head_done = False
             self.response_chunked = False
             self.response_close = False
             self.method = method
@@ -420,7 +426,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
             return
         self.request_complete = not has_body
         # (_start_stream, inlined for the common case)
-        self.response_head_done = False
         self.response_chunked = False
         self.response_close = not self.keep_alive
         self.method = method
@@ -442,7 +447,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
 
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
         """A pipelined request's turn: it goes to ``on_request``."""
-        self.response_head_done = False
         self.response_chunked = False
         self.response_close = not keep_alive
         self.method = headers._h[0][1]
@@ -503,6 +507,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self._reset_request()  # ready for the next request's callbacks
         else:
             had_body = False
+            self.noted = False  # (_noting)
         if self.cur_events is not None:
             # a pipelined request waiting its turn (the active stream's state is left alone)
             self.cur_events.append(("e",))

@@ -32,7 +32,8 @@ The steps' parts live beside it: ``path_norm.py`` (the path), ``original_ip.py``
 from __future__ import annotations
 
 import logging
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, not_
 
 from ..config import ConfigError
 from ..netaddr import default_internal, fmt_addr, in_any, is_loopback, local_ip
@@ -424,7 +425,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
             _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
     elif drop is not None:
-        drop = drop | ENVOY_CONTROL
+        drop = _NOT_INTERNAL[drop]
         if edge:
             drop |= EDGE_ONLY
         if ioh:
@@ -470,6 +471,9 @@ def _mutate(plan, conn, headers, h, scan, ioh):
 _DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}
 _DROP_H2C = _DROP_NO_UPGRADE | {"http2-settings"}
 _INTERNAL_KEEP = frozenset(("x-envoy-internal",))
+# each hop-by-hop drop set (_drop_set) with the x-envoy-* control headers, for a request that is
+# not internal
+_NOT_INTERNAL = {d: d | ENVOY_CONTROL for d in (_DROP_NO_UPGRADE, _DROP_H2C, ALWAYS_DROP)}
 
 
 def _drop_set(upgrade, connection):
@@ -502,4 +506,5 @@ def _set(h, name, value):
 
 
 def _remove(h, names):
-    h[:] = [kv for kv in h if kv[0] not in names]
+    # (the scan in C: the entries whose name is not in ``names``)
+    h[:] = list(compress(h, map(not_, map(names.__contains__, map(_first, h)))))
