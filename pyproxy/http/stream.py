@@ -482,8 +482,7 @@ class ActiveStream(FirstAttempt):
         self.stream_info.response_code_details = self.stream_info.response_code_details or reason
         enc = self.encoder
         self._finish(reset=True)
-        # (HTTP/1.1: what the encoder wrote goes out, then the connection closes, as Envoy's)
-        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=True)
+        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=True)  # (as Envoy)
 
     # -- flow control ----------------------------------------------------------------------------------
     def read_disable(self, disable: bool) -> None:
