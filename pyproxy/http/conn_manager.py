@@ -128,7 +128,9 @@ class HttpConnection:
         self.is_h2 = True
         self.protocol = "HTTP/2"
         # (the request preparation's watched names and what the stream appends: H1_NOTE's reading)
-        self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
+        codec = self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
+        if self.cfg.serve_inline:
+            codec.on_request = partial(serve_inline, self)
 
     def on_data(self, data, end_stream):
         codec = self.codec
@@ -424,15 +426,17 @@ def hcm_serves_inline(cfg) -> bool:
 
 
 def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
-    """The HTTP/1.1 codec's ``on_request`` when the HCM allows it: serve a complete, bodiless
-    HTTP/1.1 request whose filters the plans show inert with a stream made here, which runs the
+    """The codecs' ``on_request`` when the HCM allows it: serve a complete, bodiless HTTP/1.1 or
+    HTTP/2 request whose filters the plans show inert with a stream made here, which runs the
     router's first attempt (``FirstAttempt.begin_first_attempt``) and relays the response head as
     bytes when the route's plan allows; or leave it (having changed nothing the stream's own entry
     would not do the same way) to ``HttpConnection.on_request``.
 
-    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
+    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first.
+    ``codec`` is the HTTP/1.1 codec or an HTTP/2 request stream (``H2ServerStream``), each with the
+    codec's notes: ``noted``, ``hop_seen`` and ``ct`` (a content-type is present)."""
     h = headers._h
-    if not (direct and end_stream and version is HTTP11) or len(h) < 4:
+    if not (direct and end_stream and (version is HTTP11 or hc.is_h2)) or len(h) < 4:
         return hc.on_request(codec, headers, end_stream, version)
     cfg = hc.cfg
     # the connection manager's request preparation (request_prep.py), the one every stream runs;
@@ -444,18 +448,18 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
         hc.prepped = r
         return hc.on_request(codec, headers, True, version)
     if table is None:
-        return _fall_back(hc, codec, headers, r)
+        return _fall_back(hc, codec, headers, r, version)
     route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
     if route is None:
-        return _fall_back(hc, codec, headers, r)
+        return _fall_back(hc, codec, headers, r, version)
     if route.express is False:  # (the route's plan, routing/plan.py)
-        return _fall_back(hc, codec, headers, r, table, route)
+        return _fall_back(hc, codec, headers, r, version, table, route)
     if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
             cfg, route, headers if codec.ct else None):  # (None: no content-type, the codec saw)
-        return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
+        return _fall_back(hc, codec, headers, r, version, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return _fall_back(hc, codec, headers, r, table, route)
+        return _fall_back(hc, codec, headers, r, version, table, route)
 
     # from here on the request is this stream's
     s = _new_stream(ActiveStream)
@@ -466,12 +470,18 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.t0 = _monotonic()
     s.request_headers = headers
     s.route = route
-    s.plain = not codec.hop_seen
     s.quiet = quiet
     s.remote_complete = True
-    mut = route.resp_raw
-    if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-        s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+    st = hc.stats
+    if version is HTTP11:
+        st.rq_http1_total.value += 1
+        s.plain = not codec.hop_seen
+        mut = route.resp_raw
+        if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
+            s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+    else:
+        st.rq_http2_total.value += 1
+        s.version = version  # (HTTP/2: the response head goes through its stream's encoder)
     if type(r) is str:
         s.rid = r
     else:
@@ -485,12 +495,10 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
         hc.count_request()
     hc.last_activity = s.last_activity = loop_now
     hc.live.add(s)
-    st = hc.stats
     st.rq_total.value += 1
     g = st.rq_active
     g.value += 1
     g.used = True
-    st.rq_http1_total.value += 1
     d = cfg.prep.decorate
     if d:
         # (no tracer here: the caller's operation names no span)
@@ -498,7 +506,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.begin_first_attempt(route, headers, picked[2], picked[1])
 
 
-def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
+def _fall_back(hc, codec, headers, r, version, table=None, route=None) -> None:
     """Leave the request to the stream's own entry, with the request preparation's result (and
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
@@ -506,4 +514,4 @@ def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
             Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
-    hc.on_request(codec, headers, True, HTTP11)
+    hc.on_request(codec, headers, True, version)
