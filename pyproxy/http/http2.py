@@ -297,10 +297,14 @@ class Http2ServerCodec:
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
             s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
-            as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
-            if names is not None and self.note is not None and self.note.isdisjoint(names):
-                as_.quiet = True  # (none of the headers the manager acts on or adds: appended, not set)
-            as_.decode_headers(Headers(h), end)
+            if names is None:  # (a fragment in the path)
+                self.hc.on_request(s, Headers(h), end, "HTTP/2")
+                return
+            # the manager's one entry: the pseudo-headers come in the HTTP/1.1 codec's order when
+            # :authority is there (request_fields); quiet: none of the headers the manager acts on
+            # or adds (appended, not set)
+            self.hc.on_request(s, Headers(h), end, "HTTP/2", ":authority" in names,
+                               self.note is not None and self.note.isdisjoint(names), False, "content-type" in names)
             return
         st = self.stats
         if protocol is not None:
@@ -326,10 +330,9 @@ class Http2ServerCodec:
         s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
         if length is not None and not end:
             s.body_left = length  # DATA is counted against it (see _on_data)
-        as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
         if expect and not end:
             self.h2.send_headers(sid, [(":status", "100")])
-        as_.decode_headers(Headers(h), end)
+        self.hc.on_request(s, Headers(h), end, "HTTP/2")
 
     def _refuse(self, sid: int, raw) -> None:
         """A request over the stream limit (or after GOAWAY), or with too many fields."""
