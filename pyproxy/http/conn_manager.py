@@ -64,7 +64,7 @@ class HttpConnection:
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
                  "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at",
-                 "rebound", "prepped")
+                 "rebound", "prepped", "rq_left", "dur_handle")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -83,6 +83,9 @@ class HttpConnection:
         self.last_activity = 0.0
         self.rebound = False
         self.prepped = None  # on_request's request preparation, for the stream it leaves a request to
+        # requests this connection may still start (max_requests_per_connection; 0: no limit)
+        self.rq_left = cfg.max_requests_per_connection
+        self.dur_handle = None  # max_connection_duration's timer
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
         self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
@@ -103,6 +106,8 @@ class HttpConnection:
         self.conn.add_watermark_callbacks(self)
         if self.tick:
             self.idle_handle = cfg.loop.call_later(self.tick, self._on_tick)
+        if cfg.max_connection_duration:
+            self.dur_handle = cfg.loop.call_later(cfg.max_connection_duration, self._on_max_duration)
         return CONTINUE
 
     def _make_h1(self):
@@ -171,6 +176,9 @@ class HttpConnection:
         if self.dl_handle is not None:
             self.dl_handle.cancel()
             self.dl_handle = None
+        if self.dur_handle is not None:
+            self.dur_handle.cancel()
+            self.dur_handle = None
         st = self.stats
         st.cx_active.dec()
         st.cx_destroy.value += 1
@@ -197,6 +205,56 @@ class HttpConnection:
             # right now; closing at once would lose it. It is closed once it has stayed idle a
             # moment with nothing unread; a request that comes meanwhile gets connection: close.
             self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
+
+    # -- max_requests_per_connection, max_connection_duration (Envoy's HCM) ------------------------------
+    def count_request(self) -> None:
+        """A request starts while ``rq_left`` (max_requests_per_connection) is counting: the last
+        one allowed drains the connection as Envoy does: on HTTP/1.1 its response carries
+        ``connection: close`` and the connection closes after it; on HTTP/2 a GOAWAY."""
+        n = self.rq_left - 1
+        self.rq_left = n
+        if n:
+            return
+        self.stats.cx_max_requests_reached.value += 1
+        if self.is_h2:
+            if not self.draining:
+                self.draining = True
+                self.cfg.loop.call_soon(self._go_away)  # (after the codec registered this stream)
+        else:
+            codec = self.codec
+            if isinstance(codec, Http1ServerCodec):
+                codec.drain_close = True
+
+    def _go_away(self):
+        if not self.closed:
+            self.codec.go_away()
+
+    def _on_max_duration(self) -> None:
+        """max_connection_duration passed: Envoy's drain sequence (HTTP/2: GOAWAY; HTTP/1.1: the
+        next response carries ``connection: close``, an idle connection closes after drain_timeout)."""
+        self.dur_handle = None
+        if self.closed:
+            return
+        self.stats.cx_max_duration_reached.value += 1
+        codec = self.codec
+        if self.is_h2:
+            self.draining = True
+            codec.go_away()
+            return
+        if not isinstance(codec, Http1ServerCodec):  # (no request yet: nothing to drain)
+            self.conn.close(flush=True)
+            return
+        if self.draining:
+            return
+        self.draining = True
+        codec.drain_close = True
+        if self.streams == 0:
+            self.cfg.loop.call_later(self.cfg.drain_timeout, self._drain_timeout)
+
+    def _drain_timeout(self):
+        # (a stream still running closes the connection when it ends: stream_done)
+        if not self.closed and self.streams == 0:
+            self.conn.close(flush=True)
 
     def _drain_idle(self):
         if self.closed:
@@ -324,6 +382,8 @@ class HttpConnection:
         # new_stream and ActiveStream.__init__'s counting
         loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
         self.streams += 1
+        if self.rq_left:
+            self.count_request()
         self.last_activity = s.last_activity = loop_now
         self.live.add(s)
         st.rq_total.value += 1
@@ -338,6 +398,8 @@ class HttpConnection:
 
     def new_stream(self, encoder, version):
         self.streams += 1
+        if self.rq_left:
+            self.count_request()
         self.last_activity = self.cfg.loop.time()
         s = ActiveStream(self, encoder, version)
         p = self.prepped
@@ -442,9 +504,10 @@ class _Detect:
 
 
 def hcm_serves_inline(cfg) -> bool:
-    """Whether an HTTP connection manager's HTTP/1.1 requests may be served by ``serve_inline``: a
-    router-only chain (or one whose other filters the chain plan may show inert per request,
-    ``serve_inline`` checks) and none of the per-request features it leaves to the stream's own
+    """Whether an HTTP connection manager's complete, bodiless requests may be served by a stream
+    made in ``HttpConnection.on_request`` (``cfg.serve_inline``): a router-only chain (or one whose
+    other filters the chain plan may show inert per request, ``on_request`` checks) and none of
+    the per-request features it leaves to the stream's own
     entry (access logs, the request id in the response, request and stream duration timers)."""
     # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(

@@ -32,7 +32,7 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, H2Options, H2Stats, new_h2)
+                        PREMATURE_RESET_STREAMS, new_h2, server_options)
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
@@ -40,25 +40,6 @@ from .h2engine import H2Engine
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
-
-
-def server_options(cfg) -> H2Options:
-    """The compiled options for an HCM config (built on first use, then kept on the config)."""
-    o = getattr(cfg, "h2_compiled_options", None)
-    if o is None:
-        o = H2Options(getattr(cfg, "http2_options", None), cfg.max_request_headers_kb * 1024,
-                      cfg.max_headers_count)
-        ctx = getattr(cfg, "ctx", None)
-        store = getattr(ctx, "stats", None)
-        if store is not None:
-            o.stats = H2Stats(store)
-            o.premature_counter = store.scope("http.%s." % cfg.stat_prefix).counter(
-                "downstream_rq_too_many_premature_resets")
-        try:
-            cfg.h2_compiled_options = o
-        except AttributeError:
-            pass
-    return o
 
 
 class Http2ServerCodec:

@@ -157,6 +157,10 @@ class HcmConfig:
         self.max_headers_count = u32(cho, "max_headers_count", 100) or 100
         self.max_stream_duration = duration_s(cho, "max_stream_duration", None)
         self.headers_with_underscores_action = cho.headers_with_underscores_action  # 0 ALLOW, 1 REJECT, 2 DROP
+        # per downstream connection (http/conn_manager.py): after this many requests the last one's
+        # response closes it (HTTP/1.1 connection: close; HTTP/2 GOAWAY); after this long it drains
+        self.max_requests_per_connection = u32(cho, "max_requests_per_connection", 0) or 0
+        self.max_connection_duration = duration_s(cho, "max_connection_duration", 0.0) or 0.0
         self.normalize_path = cfg.normalize_path.value if cfg.HasField("normalize_path") else False
         self.merge_slashes = cfg.merge_slashes
         self.path_with_escaped_slashes_action = cfg.path_with_escaped_slashes_action
@@ -246,7 +250,7 @@ class HcmConfig:
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
         self.fast_router = plan.plannable and os.environ.get("PYPROXY_REFERENCE", "0") != "1"
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
-        # HTTP/1.1 requests of such a chain: the codec's entry (http/conn_manager.py serve_inline)
+        # complete, bodiless requests of such a chain: a stream made by the manager's entry (http/conn_manager.py on_request)
         from ...http.conn_manager import hcm_serves_inline
         self.serve_inline = hcm_serves_inline(self)
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
