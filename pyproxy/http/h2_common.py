@@ -18,7 +18,7 @@ from ..config import ConfigError, duration_s, u32
 from . import h2engine_events
 from .h2_hpack import FastDecoder, FastEncoder
 from .h2engine import H2Engine
-from .h2engine_frames import WU_NO_BOUND
+from .h2engine_frames import WU_BASE, WU_NO_BOUND, WindowUpdateFlood
 
 # Envoy 1.40's defaults (what it advertises with an empty http2_protocol_options)
 DEFAULT_MAX_CONCURRENT_STREAMS = 1024
@@ -168,6 +168,28 @@ class _H2Connection(h2.connection.H2Connection):
         if self._prune & 63 == 0:
             self._open_streams(not self.config.client_side)
         return 0
+
+
+def bound_window_updates(codec) -> None:
+    """Bound the WINDOW_UPDATE frames the server codec ``codec`` receives, as Envoy does: at most
+    5 + 2 * (streams opened + ``max_inbound_window_update_frames_per_data_frame_sent`` * DATA
+    frames sent); past it ``http2.inbound_window_update_frames_flood`` and GOAWAY
+    ENHANCE_YOUR_CALM (the engine raises WindowUpdateFlood). Either engine counts the frames and
+    asks only when its last bound is passed (the bound only grows)."""
+    h = codec.h2
+    per_data = codec.opts.max_wu_per_data_frame
+
+    def over(n: int) -> int:
+        cap = WU_BASE + 2 * (codec.total_streams + per_data * h.data_sent)
+        if n > cap:
+            st = codec.stats
+            if st is not None:
+                st.inbound_window_update_frames_flood.value += 1
+                st.goaway_sent.value += 1
+            raise WindowUpdateFlood("more than %d WINDOW_UPDATE frames" % cap)
+        return cap
+    h.wu_over = over
+    h.wu_cap = WU_BASE
 
 
 # Which protocol engine carries HTTP/2: "lean" (``h2engine``, the default) or "h2" (the ``h2``

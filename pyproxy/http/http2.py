@@ -32,12 +32,12 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, new_h2, server_options)
+                        PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
-from .h2engine_frames import WU_BASE, WindowUpdateFlood
+from .h2engine_frames import WindowUpdateFlood
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
@@ -83,8 +83,7 @@ class Http2ServerCodec:
         self.max_fields = opts.max_headers + 4  # (pseudo-headers not counted)
         self.h2 = new_h2(False, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
-        self.h2.wu_over = self._wu_over  # the WINDOW_UPDATE flood bound (either engine calls it)
-        self.h2.wu_cap = WU_BASE
+        bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
         # request_headers_timeout (0: none): a stream whose header block (HEADERS + CONTINUATION)
@@ -502,22 +501,8 @@ class Http2ServerCodec:
         self._flush() if not self.in_feed else None
 
     # -- failures ---------------------------------------------------------------------------------
-    def _wu_over(self, n: int) -> int:
-        """The engine received its ``n``-th WINDOW_UPDATE frame, past the bound it was last given:
-        the new bound, or WindowUpdateFlood (GOAWAY ENHANCE_YOUR_CALM, the connection closes).
-        Envoy's: at most 5 + 2 * (streams opened + max_inbound_window_update_frames_per_data_frame_sent
-        * DATA frames sent) (a bound that only grows, so this runs once per bound passed)."""
-        cap = WU_BASE + 2 * (self.total_streams + self.opts.max_wu_per_data_frame * self.h2.data_sent)
-        if n > cap:
-            st = self.stats
-            if st is not None:
-                st.inbound_window_update_frames_flood.value += 1
-                st.goaway_sent.value += 1
-            raise WindowUpdateFlood("more than %d WINDOW_UPDATE frames" % cap)
-        return cap
-
     def _protocol_error(self, e) -> None:
-        if e.__class__ is WindowUpdateFlood:  # (counted by _wu_over; the engine queued the GOAWAY)
+        if e.__class__ is WindowUpdateFlood:  # (counted by window_update_bound; the engine queued GOAWAY)
             self._reset_all("http2.connection_error")
             self._close_now(abort=False)
             return
