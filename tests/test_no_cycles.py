@@ -71,7 +71,7 @@ LAYERS = (
         "pyproxy.routing.regex", "pyproxy.routing.matchers", "pyproxy.formatter", "pyproxy.stream_info",
         "pyproxy.writebatch", "pyproxy.stats", "pyproxy.netaddr")),
     ("protocol", (  # transports and TLS, codecs (they speak only protocol), the HTTP filter API, xDS wire
-        "pyproxy.transport", "pyproxy.tls", "pyproxy.http.headers", "pyproxy.http.path_norm",
+        "pyproxy.transport", "pyproxy.tls", "pyproxy.http.headers", "pyproxy.http.http_date", "pyproxy.http.path_norm",
         "pyproxy.http.filter", "pyproxy.http.http1*", "pyproxy.http.http2*", "pyproxy.http.h2*",
         "pyproxy.http.hpack*", "pyproxy.http.codec", "pyproxy.xds_client")),
     ("data", (  # what a stream goes through: routes, HTTP filters, clusters (LB, pools), logs, tracers

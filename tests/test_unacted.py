@@ -40,6 +40,8 @@ def test_table_rows_are_found_and_logged_once(caplog):
              "sds_validation_context": common_pb2.CertificateValidationContext}
     from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
     types["http_connection_manager"] = http_connection_manager_pb2.HttpConnectionManager
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+    types["upstream_http_protocol_options"] = http_protocol_options_pb2.HttpProtocolOptions
     for kind, path, _ in unacted.NOT_ACTED_ON:
         d = types[kind].DESCRIPTOR
         for p in path.split("."):
@@ -107,3 +109,24 @@ def test_validate_and_startup_agree_on_api_config_source(tmp_path):
     assert r.returncode == 1 and "api_config_source (per-type discovery service) is not supported" in r.stderr
     r = run_pyproxy(["-c", str(p), "-l", "error"], timeout=20)
     assert r.returncode != 0 and "api_config_source (per-type discovery service) is not supported" in r.stderr
+
+
+def test_connection_limits_acted_on_or_named(tmp_path):
+    """HCM max_requests_per_connection / max_connection_duration are acted on (tests/test_conn_limits.py):
+    never named; a cluster's upstream max_connection_duration is not: named, legacy field or
+    HttpProtocolOptions alike."""
+    rc = route_config([{"match": {"prefix": "/"}, "route": {"cluster": "c"}}])
+    hpo = {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+           "common_http_protocol_options": {"max_connection_duration": "60s", "max_requests_per_connection": 5},
+           "explicit_http_config": {"http_protocol_options": {}}}
+    bs = bootstrap([http_listener(free_port(), rc, common_http_protocol_options={
+        "max_requests_per_connection": 3, "max_connection_duration": "10s"})],
+        [_cluster(typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": hpo})])
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0, r.stdout
+    lines = [l for l in r.stdout.splitlines() if "max_connection_duration" in l]
+    assert len(lines) == 1 and "upstream connections" in lines[0], r.stdout
+    assert "max_requests_per_connection" not in r.stdout
+    assert "listener" not in "".join(lines)

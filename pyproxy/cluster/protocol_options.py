@@ -11,6 +11,8 @@ from ..config import ConfigError, duration_s, u32
 def factory(cfg, po) -> None:
     """Apply ``cfg`` onto the cluster's ``ProtocolOptions`` ``po``."""
     from .cluster import AUTO, HTTP1, HTTP2, USE_DOWNSTREAM
+    from ..config import unacted
+    unacted.warn("upstream_http_protocol_options", cfg)  # (fields accepted, not acted on)
     which = cfg.WhichOneof("upstream_protocol_options")
     if which == "explicit_http_config":
         e = cfg.explicit_http_config

@@ -14,6 +14,7 @@ other than its default.
 The compile paths call ``warn(kind, msg, name)``; ``notes(kind, msg)`` returns the texts without
 logging (for validate). Kinds: ``cluster`` (Cluster), ``route_configuration`` (RouteConfiguration),
 ``tcp_proxy`` (its typed_config), ``http_connection_manager`` (its typed_config), ``bootstrap`` (Bootstrap),
+``upstream_http_protocol_options`` (a cluster's ``envoy.extensions.upstreams.http.v3.HttpProtocolOptions``),
 ``sds_validation_context``
 (CertificateValidationContext delivered in an SDS Secret).
 """
@@ -29,6 +30,14 @@ NOT_ACTED_ON: tuple = (
     ("cluster", "health_checks[].event_logger[]", "health check event logging is not implemented"),
     ("cluster", "health_checks[].always_log_health_check_failures",
      "health check event logging is not implemented"),
+    ("cluster", "common_http_protocol_options.max_connection_duration",
+     "max_connection_duration is not implemented for upstream connections: they are not closed for age"),
+    ("cluster", "common_http_protocol_options.max_stream_duration",
+     "max_stream_duration is not implemented for upstream streams: only the route timeouts apply"),
+    ("upstream_http_protocol_options", "common_http_protocol_options.max_connection_duration",
+     "max_connection_duration is not implemented for upstream connections: they are not closed for age"),
+    ("upstream_http_protocol_options", "common_http_protocol_options.max_stream_duration",
+     "max_stream_duration is not implemented for upstream streams: only the route timeouts apply"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),

@@ -64,7 +64,7 @@ class HttpConnection:
 
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
                  "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at",
-                 "rebound", "prepped")
+                 "rebound", "prepped", "rq_left", "dur_handle")
 
     def __init__(self, cfg, conn):
         self.cfg = cfg
@@ -83,6 +83,9 @@ class HttpConnection:
         self.last_activity = 0.0
         self.rebound = False
         self.prepped = None  # serve_inline's request preparation, for the stream it leaves a request to
+        # requests this connection may still start (max_requests_per_connection; 0: no limit)
+        self.rq_left = cfg.max_requests_per_connection
+        self.dur_handle = None  # max_connection_duration's timer
         it, sit = cfg.idle_timeout, cfg.stream_idle_timeout
         # one timer per connection checks both timeouts; per-request timers would cost every request
         self.tick = min(x for x in (it, sit / 4 if sit else 0) if x) if (it or sit) else 0
@@ -103,6 +106,8 @@ class HttpConnection:
         self.conn.add_watermark_callbacks(self)
         if self.tick:
             self.idle_handle = cfg.loop.call_later(self.tick, self._on_tick)
+        if cfg.max_connection_duration:
+            self.dur_handle = cfg.loop.call_later(cfg.max_connection_duration, self._on_max_duration)
         return CONTINUE
 
     def _make_h1(self):
@@ -111,6 +116,7 @@ class HttpConnection:
         st.cx_http1_active.inc()
         codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
                                               max_headers=self.cfg.max_headers_count, note=H1_NOTE)
+        codec.drain_close = self.draining  # (start_drain sets it on a codec made before it)
         if self.cfg.serve_inline:
             codec.on_request = partial(serve_inline, self)
 
@@ -122,7 +128,9 @@ class HttpConnection:
         self.is_h2 = True
         self.protocol = "HTTP/2"
         # (the request preparation's watched names and what the stream appends: H1_NOTE's reading)
-        self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
+        codec = self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
+        if self.cfg.serve_inline:
+            codec.on_request = partial(serve_inline, self)
 
     def on_data(self, data, end_stream):
         codec = self.codec
@@ -172,6 +180,9 @@ class HttpConnection:
         if self.dl_handle is not None:
             self.dl_handle.cancel()
             self.dl_handle = None
+        if self.dur_handle is not None:
+            self.dur_handle.cancel()
+            self.dur_handle = None
         st = self.stats
         st.cx_active.dec()
         st.cx_destroy.value += 1
@@ -198,6 +209,56 @@ class HttpConnection:
             # right now; closing at once would lose it. It is closed once it has stayed idle a
             # moment with nothing unread; a request that comes meanwhile gets connection: close.
             self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
+
+    # -- max_requests_per_connection, max_connection_duration (Envoy's HCM) ------------------------------
+    def count_request(self) -> None:
+        """A request starts while ``rq_left`` (max_requests_per_connection) is counting: the last
+        one allowed drains the connection as Envoy does: on HTTP/1.1 its response carries
+        ``connection: close`` and the connection closes after it; on HTTP/2 a GOAWAY."""
+        n = self.rq_left - 1
+        self.rq_left = n
+        if n:
+            return
+        self.stats.cx_max_requests_reached.value += 1
+        if self.is_h2:
+            if not self.draining:
+                self.draining = True
+                self.cfg.loop.call_soon(self._go_away)  # (after the codec registered this stream)
+        else:
+            codec = self.codec
+            if isinstance(codec, Http1ServerCodec):
+                codec.drain_close = True
+
+    def _go_away(self):
+        if not self.closed:
+            self.codec.go_away()
+
+    def _on_max_duration(self) -> None:
+        """max_connection_duration passed: Envoy's drain sequence (HTTP/2: GOAWAY; HTTP/1.1: the
+        next response carries ``connection: close``, an idle connection closes after drain_timeout)."""
+        self.dur_handle = None
+        if self.closed:
+            return
+        self.stats.cx_max_duration_reached.value += 1
+        codec = self.codec
+        if self.is_h2:
+            self.draining = True
+            codec.go_away()
+            return
+        if not isinstance(codec, Http1ServerCodec):  # (no request yet: nothing to drain)
+            self.conn.close(flush=True)
+            return
+        if self.draining:
+            return
+        self.draining = True
+        codec.drain_close = True
+        if self.streams == 0:
+            self.cfg.loop.call_later(self.cfg.drain_timeout, self._drain_timeout)
+
+    def _drain_timeout(self):
+        # (a stream still running closes the connection when it ends: stream_done)
+        if not self.closed and self.streams == 0:
+            self.conn.close(flush=True)
 
     def _drain_idle(self):
         if self.closed:
@@ -248,6 +309,8 @@ class HttpConnection:
 
     def new_stream(self, encoder, version):
         self.streams += 1
+        if self.rq_left:
+            self.count_request()
         self.last_activity = self.cfg.loop.time()
         s = ActiveStream(self, encoder, version)
         p = self.prepped
@@ -363,15 +426,17 @@ def hcm_serves_inline(cfg) -> bool:
 
 
 def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
-    """The HTTP/1.1 codec's ``on_request`` when the HCM allows it: serve a complete, bodiless
-    HTTP/1.1 request whose filters the plans show inert with a stream made here, which runs the
+    """The codecs' ``on_request`` when the HCM allows it: serve a complete, bodiless HTTP/1.1 or
+    HTTP/2 request whose filters the plans show inert with a stream made here, which runs the
     router's first attempt (``FirstAttempt.begin_first_attempt``) and relays the response head as
     bytes when the route's plan allows; or leave it (having changed nothing the stream's own entry
     would not do the same way) to ``HttpConnection.on_request``.
 
-    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first."""
+    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first.
+    ``codec`` is the HTTP/1.1 codec or an HTTP/2 request stream (``H2ServerStream``), each with the
+    codec's notes: ``noted``, ``hop_seen`` and ``ct`` (a content-type is present)."""
     h = headers._h
-    if not (direct and end_stream and version is HTTP11) or len(h) < 4:
+    if not (direct and end_stream and (version is HTTP11 or hc.is_h2)) or len(h) < 4:
         return hc.on_request(codec, headers, end_stream, version)
     cfg = hc.cfg
     # the connection manager's request preparation (request_prep.py), the one every stream runs;
@@ -383,18 +448,18 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
         hc.prepped = r
         return hc.on_request(codec, headers, True, version)
     if table is None:
-        return _fall_back(hc, codec, headers, r)
+        return _fall_back(hc, codec, headers, r, version)
     route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
     if route is None:
-        return _fall_back(hc, codec, headers, r)
+        return _fall_back(hc, codec, headers, r, version)
     if route.express is False:  # (the route's plan, routing/plan.py)
-        return _fall_back(hc, codec, headers, r, table, route)
+        return _fall_back(hc, codec, headers, r, version, table, route)
     if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
             cfg, route, headers if codec.ct else None):  # (None: no content-type, the codec saw)
-        return _fall_back(hc, codec, headers, r, table, route)  # a filter before the router has work: the generic chain
+        return _fall_back(hc, codec, headers, r, version, table, route)  # a filter before the router has work: the generic chain
     picked = pick_cluster(route, headers, cfg.cluster_manager)
     if picked is None:
-        return _fall_back(hc, codec, headers, r, table, route)
+        return _fall_back(hc, codec, headers, r, version, table, route)
 
     # from here on the request is this stream's
     s = _new_stream(ActiveStream)
@@ -405,12 +470,18 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.t0 = _monotonic()
     s.request_headers = headers
     s.route = route
-    s.plain = not codec.hop_seen
     s.quiet = quiet
     s.remote_complete = True
-    mut = route.resp_raw
-    if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-        s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+    st = hc.stats
+    if version is HTTP11:
+        st.rq_http1_total.value += 1
+        s.plain = not codec.hop_seen
+        mut = route.resp_raw
+        if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
+            s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+    else:
+        st.rq_http2_total.value += 1
+        s.version = version  # (HTTP/2: the response head goes through its stream's encoder)
     if type(r) is str:
         s.rid = r
     else:
@@ -420,14 +491,14 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     # HttpConnection.new_stream and ActiveStream.__init__'s counting
     loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
     hc.streams += 1
+    if hc.rq_left:
+        hc.count_request()
     hc.last_activity = s.last_activity = loop_now
     hc.live.add(s)
-    st = hc.stats
     st.rq_total.value += 1
     g = st.rq_active
     g.value += 1
     g.used = True
-    st.rq_http1_total.value += 1
     d = cfg.prep.decorate
     if d:
         # (no tracer here: the caller's operation names no span)
@@ -435,7 +506,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
     s.begin_first_attempt(route, headers, picked[2], picked[1])
 
 
-def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
+def _fall_back(hc, codec, headers, r, version, table=None, route=None) -> None:
     """Leave the request to the stream's own entry, with the request preparation's result (and
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
@@ -443,4 +514,4 @@ def _fall_back(hc, codec, headers, r, table=None, route=None) -> None:
             Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
-    hc.on_request(codec, headers, True, HTTP11)
+    hc.on_request(codec, headers, True, version)

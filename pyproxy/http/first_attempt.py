@@ -217,8 +217,9 @@ class FirstAttempt:
             return
         c = self.cluster
         c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
-        si = self.stream_info
-        si.response_code_details = "via_upstream"
+        si = self.__dict__.get("stream_info")  # (None: made lazily, "via_upstream" then)
+        if si is not None:
+            si.response_code_details = "via_upstream"
         finalize_response(self.route, headers, self.start, self.cfg.router_suppress_envoy_headers, si,
                           self.choice, self.request_headers)
         for hook in self.cfg.response_hooks:  # telemetry filters' response work (ChainPlan)

@@ -203,3 +203,22 @@ def _utf8_encode_headers(headers):
 
 
 h2.stream.utf8_encode_headers = _utf8_encode_headers
+
+
+def server_options(cfg) -> H2Options:
+    """The compiled options for an HCM config (built on first use, then kept on the config)."""
+    o = getattr(cfg, "h2_compiled_options", None)
+    if o is None:
+        o = H2Options(getattr(cfg, "http2_options", None), cfg.max_request_headers_kb * 1024,
+                      cfg.max_headers_count)
+        ctx = getattr(cfg, "ctx", None)
+        store = getattr(ctx, "stats", None)
+        if store is not None:
+            o.stats = H2Stats(store)
+            o.premature_counter = store.scope("http.%s." % cfg.stat_prefix).counter(
+                "downstream_rq_too_many_premature_resets")
+        try:
+            cfg.h2_compiled_options = o
+        except AttributeError:
+            pass
+    return o

@@ -8,6 +8,7 @@ class HcmStats:
     __slots__ = (
         "cx_total", "cx_active", "cx_http1_total", "cx_http1_active", "cx_http2_total",
         "cx_http2_active", "cx_destroy", "cx_protocol_error", "cx_idle_timeout", "cx_drain_close",
+        "cx_max_requests_reached", "cx_max_duration_reached",
         "rq_total", "rq_active", "rq_http1_total", "rq_http2_total", "rq_class", "rq_completed",
         "rq_time", "rq_rx_reset", "rq_tx_reset", "rq_timeout", "rq_idle_timeout", "no_route",
         "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
@@ -27,6 +28,8 @@ class HcmStats:
         self.cx_protocol_error = s.counter("downstream_cx_protocol_error")
         self.cx_idle_timeout = s.counter("downstream_cx_idle_timeout")
         self.cx_drain_close = s.counter("downstream_cx_drain_close")
+        self.cx_max_requests_reached = s.counter("downstream_cx_max_requests_reached")
+        self.cx_max_duration_reached = s.counter("downstream_cx_max_duration_reached")
         self.cx_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
         self.cx_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.rq_total = s.counter("downstream_rq_total")

@@ -63,7 +63,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "conn", "manager", "parser", "url", "hdrs", "max_flat", "max_header_bytes",
         "max_headers", "stream", "request_complete", "pending", "cur_events", "chunked",
         "content_length", "te_seen", "upgrade", "closed", "keep_alive", "version",
-        "response_chunked", "response_head_done", "response_close", "method", "tunnel",
+        "response_chunked", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
         "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct",
@@ -357,7 +357,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 self._pipelined(headers, True, True, False)
                 return
             self.request_complete = True
-            self.response_head_done = False
             self.response_chunked = False
             self.response_close = False
             self.method = method
@@ -426,7 +425,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
             return
         self.request_complete = not has_body
         # (_start_stream, inlined for the common case)
-        self.response_head_done = False
         self.response_chunked = False
         self.response_close = not self.keep_alive
         self.method = method
@@ -448,7 +446,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
 
     def _start_stream(self, headers, end_stream, version, keep_alive, upgrade, expect_continue):
         """A pipelined request's turn: it goes to ``on_request``."""
-        self.response_head_done = False
         self.response_chunked = False
         self.response_close = not keep_alive
         self.method = headers._h[0][1]

@@ -10,6 +10,7 @@ from .headers import Headers
 from .http1_common import HOP_BY_HOP, ProtocolError, encode_headers_block
 
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
+_JOIN = ": ".join  # (name, value) -> "name: value"
 
 
 def _new_response_parser(proto):
@@ -99,6 +100,20 @@ class Http1ClientCodec:
             add("content-length: 0\r\n")
         add("\r\n")
         self.conn.write((start + "".join(parts)).encode("latin-1"))
+
+    def encode_plain_head(self, h: list) -> bytes:
+        """A bodiless request without framing or hop-by-hop headers (nor a body-carrying method):
+        ``h`` is its header list, ``:method, :scheme, :path, :authority`` first. Its head is what
+        ``encode_headers`` writes for it, without the per-header checks. Returns the head."""
+        method = h[0][1]
+        self.head_request = method == "HEAD"
+        if len(h) > 4:
+            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
+                    "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1")
+        else:
+            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1")
+        self.conn.write(head)
+        return head
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.chunked_request:

@@ -6,7 +6,10 @@ the chunked-body decoder for bodies llhttp does not read (an h2c upgrade request
 
 from __future__ import annotations
 
+import time
+
 from .headers import Headers
+from .http_date import http_date
 
 HTTP11 = "HTTP/1.1"
 HTTP10 = "HTTP/1.0"
@@ -132,3 +135,33 @@ def encode_headers_block(headers: Headers, skip=HOP_BY_HOP) -> list:
             continue
         out.append(("%s: %s\r\n" % (k, v)).encode("latin-1"))
     return out
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One header as an HTTP/1.1 header line, ``name: value\r\n`` (latin-1: UnicodeEncodeError
+    for a value outside it)."""
+    return ("%s: %s\r\n" % (name, value)).encode("latin-1")
+
+
+def header_lines(pairs) -> bytes:
+    """``(name, value)`` str pairs as HTTP/1.1 header lines, in order."""
+    return b"".join(header_line(n, v) for n, v in pairs)
+
+
+def int_header_template(name: str) -> bytes:
+    """The header line of a header whose value is an integer, as a template: ``template % n``."""
+    return name.encode("latin-1") + b": %d\r\n"
+
+
+_time = time.time
+_DATE_LINE = [0, b""]
+
+
+def date_line() -> bytes:
+    """``date: <now>\r\n`` (cached for the second, as the date itself)."""
+    c = _DATE_LINE
+    now = int(_time())
+    if c[0] != now:
+        c[1] = b"date: " + http_date().encode() + b"\r\n"
+        c[0] = now
+    return c[1]

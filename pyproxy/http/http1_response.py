@@ -1,19 +1,51 @@
 """HTTP/1.1 responses: the server codec's encoding side (``Http1ResponseEncoder``, a part of
 ``http1.Http1ServerCodec``): the response head from ``Headers`` (framing and hop-by-hop headers
-as Envoy writes them), the body (chunked or as it is), trailers, an upgrade's 101, Envoy's answer
-to a malformed request head, and the end of a response (keep-alive, close, the next pipelined
-request).
+as Envoy writes them), or relayed from an HTTP/1.1 upstream's raw header lines (``relay_head``);
+the body (chunked or as it is), trailers, an upgrade's 101, Envoy's answer to a malformed request
+head, and the end of a response (keep-alive, close, the next pipelined request).
 """
 
 from __future__ import annotations
 
 from .headers import Headers
-from .http1_common import HOP_BY_HOP, HTTP10, HTTP11, REASONS, encode_headers_block, status_line
+from .http1_common import (_STATUS_LINES, HOP_BY_HOP, HTTP10, HTTP11, REASONS, date_line, encode_headers_block,
+                           status_line)
+
+# response header names ``relay_head`` handles itself (framing, hop-by-hop, server, date)
+_RELAY_OWN = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date"}
+
+
+class RelayEdits:
+    """How a connection manager edits the response heads it relays (``relay_head``), decided when
+    its config loads:
+
+    - ``server``: its ``server`` header line; ``server_mode`` 0 overwrites the upstream's (in place,
+      added last when absent), 1 adds it when absent, 2 passes the upstream's through, adds none;
+    - ``replace``: the name (bytes) of a header a response may replace (``relay_head``'s ``rep``),
+      or ``b""``;
+    - ``drop``: names (bytes) removed from every head;
+    - ``take``: names (bytes) held back from the head and handed to ``more``;
+    - ``more``: None, or ``more(ctx, taken)``, called by ``relay_head`` (with its ``ctx``) after the
+      caller's lines: ``taken`` is None or the held-back ``(name, value)`` str pairs; it returns
+      header lines to add, or None;
+    - ``special``: every name ``relay_head`` does not copy as it is (these, its own, framing and
+      hop-by-hop)."""
+
+    __slots__ = ("server", "server_mode", "replace", "take", "more", "special")
+
+    def __init__(self, server: bytes, server_mode: int, replace: bytes = b"", drop: frozenset = frozenset(),
+                 take: frozenset = frozenset(), more=None):
+        self.server = server
+        self.server_mode = server_mode
+        self.replace = replace
+        self.take = take
+        self.more = more
+        self.special = _RELAY_OWN | take | drop | ({replace} if replace else frozenset())
 
 
 class Http1ResponseEncoder:
     """The response side of ``Http1ServerCodec`` (its slots hold the state: ``conn``, ``method``,
-    ``version``, ``response_chunked``, ``response_head_done``, ``response_close``, ``tunnel``,
+    ``version``, ``response_chunked``, ``response_close``, ``tunnel``,
     ``drain_close``, ``request_complete``, ``pending``, ``stream``)."""
 
     __slots__ = ()
@@ -67,7 +99,6 @@ class Http1ResponseEncoder:
         elif self.version == HTTP10:
             add("connection: keep-alive\r\n")
         add("\r\n")
-        self.response_head_done = True
         self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
         if end_stream:
             self._response_complete()
@@ -91,8 +122,103 @@ class Http1ResponseEncoder:
             self.response_close = True
             add("connection: close\r\n")
         add("\r\n")
-        self.response_head_done = True
         self.conn.write(status_line(101) + "".join(parts).encode("latin-1"))
+
+    def relay_head(self, status: int, raw: list, end_stream: bool, edits: RelayEdits, mut, lead: bytes, rep,
+                   ctx) -> int:
+        """The head of a response relayed from an HTTP/1.1 upstream: ``raw`` is its header lines,
+        ``(name, value)`` bytes as llhttp gave them, copied in order (names lower-cased) but for:
+        framing and hop-by-hop headers (the first content-length stays in place; the framing
+        this head needs goes last, as ``encode_headers`` writes it), ``server`` and ``date``
+        (``edits``), the header ``edits.replace`` (``rep``: None passes the upstream's, False
+        removes it, a header line replaces the first, added last when absent), the names
+        ``edits.take`` (held back, handed to ``edits.more``) and ``mut``, the caller's header
+        edits ``(names removed, lines added, ...)`` or None. After the upstream's lines: ``lead``
+        (header lines), ``mut``'s lines, the lines ``edits.more(ctx, taken)`` returns, the date
+        when the upstream sent none, the server, ``rep``. Returns the size of the header lines
+        (not the status line)."""
+        parts = [_STATUS_LINES.get(status) or status_line(status)]
+        add = parts.append
+        cl = None
+        server = False
+        date = False
+        taken = None
+        special = edits.special
+        if mut is not None:
+            drop = mut[0]
+            if drop:
+                special = special | drop
+        take = edits.take
+        mode = edits.server_mode
+        replace = edits.replace
+        for n, v in raw:
+            n = n.lower()
+            if n in special:
+                if n == b"content-length":
+                    if cl is None:
+                        cl = v
+                        add(b"content-length: " + v + b"\r\n")  # (in place, as Envoy writes it)
+                elif n == b"date":
+                    date = True
+                    add(b"date: " + v + b"\r\n")
+                elif n == b"server":
+                    if mode:
+                        add(b"server: " + v + b"\r\n")
+                    elif not server:
+                        add(edits.server)
+                    server = True
+                elif n == replace:
+                    if rep is None:
+                        add(n + b": " + v + b"\r\n")
+                    elif rep:
+                        add(rep)  # (in place of the upstream's, once)
+                        rep = False
+                elif n in take:
+                    if taken is None:
+                        taken = []
+                    taken.append((n.decode("latin-1"), v.decode("latin-1")))
+                # (else hop-by-hop, or a name removed by ``edits.drop`` or the caller's edits)
+                continue
+            add(n + b": " + v + b"\r\n")
+        if lead:
+            add(lead)
+        if mut is not None:
+            add(mut[1])
+        more = edits.more
+        if more is not None:
+            extra = more(ctx, taken)
+            if extra:
+                add(extra)
+        if not date:
+            add(date_line())
+        if not server and mode != 2:
+            add(edits.server)
+        if rep:
+            add(rep)
+        # framing, as encode_headers
+        method = self.method
+        if cl is not None:
+            pass
+        elif end_stream:
+            if status not in (204, 304) and method != "HEAD":
+                add(b"content-length: 0\r\n")
+        elif method != "HEAD" and status not in (204, 304):
+            self.response_chunked = True
+            add(b"transfer-encoding: chunked\r\n")
+        if self.drain_close or self.response_close:
+            self.response_close = True
+            add(b"connection: close\r\n")
+        add(b"\r\n")
+        head = b"".join(parts)
+        self.conn.write(head)
+        return len(head) - len(parts[0])
+
+    def relay_done(self) -> None:
+        """A relayed response (``relay_head``, ``write_body``) is complete."""
+        if self.response_close or self.pending or self.tunnel or not self.request_complete:
+            self._response_complete()
+        else:
+            self.stream = None  # (_response_complete's common case)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         self.write_body(data, end_stream)

@@ -32,7 +32,7 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, H2Options, H2Stats, new_h2)
+                        PREMATURE_RESET_STREAMS, new_h2, server_options)
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
@@ -42,25 +42,6 @@ from .headers import Headers
 log = logging.getLogger("pyproxy.http2")
 
 
-def server_options(cfg) -> H2Options:
-    """The compiled options for an HCM config (built on first use, then kept on the config)."""
-    o = getattr(cfg, "h2_compiled_options", None)
-    if o is None:
-        o = H2Options(getattr(cfg, "http2_options", None), cfg.max_request_headers_kb * 1024,
-                      cfg.max_headers_count)
-        ctx = getattr(cfg, "ctx", None)
-        store = getattr(ctx, "stats", None)
-        if store is not None:
-            o.stats = H2Stats(store)
-            o.premature_counter = store.scope("http.%s." % cfg.stat_prefix).counter(
-                "downstream_rq_too_many_premature_resets")
-        try:
-            cfg.h2_compiled_options = o
-        except AttributeError:
-            pass
-    return o
-
-
 class Http2ServerCodec:
     """Downstream HTTP/2 (h2c prior knowledge or ALPN h2) for one connection."""
 
@@ -68,13 +49,15 @@ class Http2ServerCodec:
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
-                 "rht_sid", "max_streams", "max_fields", "note")
+                 "rht_sid", "max_streams", "max_fields", "note", "on_request")
 
     def __init__(self, conn, hc, cfg, note=None):
         self.conn = conn
         # header names whose presence in a request the manager wants to know of (``quiet``: the
         # request has none of them and no fragment in its path), as the HTTP/1.1 codec's ``note``
         self.note = note
+        # the manager's entry for a request (``conn_manager.serve_inline``), or None: a stream each
+        self.on_request = None
         self.hc = hc
         self.cfg = cfg
         opts = self.opts = server_options(cfg)
@@ -297,9 +280,18 @@ class Http2ServerCodec:
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
             s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
+            # (quiet: none of the headers the manager acts on or adds, so they are appended, not set)
+            quiet = names is not None and self.note is not None and self.note.isdisjoint(names)
+            entry = self.on_request
+            if entry is not None:
+                # the manager's entry for a request its plans may serve at once (as HTTP/1.1's)
+                s.noted = not quiet
+                s.ct = names is None or "content-type" in names
+                entry(s, Headers(h), end, "HTTP/2", True)
+                return
             as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
-            if names is not None and self.note is not None and self.note.isdisjoint(names):
-                as_.quiet = True  # (none of the headers the manager acts on or adds: appended, not set)
+            if quiet:
+                as_.quiet = True
             as_.decode_headers(Headers(h), end)
             return
         st = self.stats

@@ -1,38 +1,10 @@
 """Local replies: the answers the proxy gives itself, shaped like Envoy's (a status, a text/plain
-body or a gRPC status for gRPC requests, a date), sent through the stream's encoder path; and
-the HTTP date header every response carries."""
+body or a gRPC status for gRPC requests, a date), sent through the stream's encoder path."""
 
 from __future__ import annotations
 
-import time
-
 from .headers import Headers
-
-_time = time.time
-
-
-def _date() -> str:
-    """The HTTP date now (cached for the second, as Envoy's date provider caches it)."""
-    now = int(_time())
-    c = _DATE_CACHE
-    if c[0] != now:
-        c[0] = now
-        c[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
-    return c[1]
-
-
-_DATE_CACHE = [0, ""]
-_LINE_CACHE = [0, b""]
-
-
-def date_line() -> bytes:
-    """``date: <now>\r\n`` as bytes (the response head relay's; cached like ``_date``)."""
-    c = _LINE_CACHE
-    now = int(_time())
-    if c[0] != now:
-        c[1] = b"date: " + _date().encode() + b"\r\n"
-        c[0] = now
-    return c[1]
+from .http_date import http_date as _date  # (the date every response carries)
 
 
 def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag: str = "",

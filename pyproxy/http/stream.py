@@ -23,7 +23,7 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
-from .stream_parts import LazyInfo, _guarded, new_stream_info
+from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info
 
 log = logging.getLogger("pyproxy.http")
 
@@ -58,6 +58,7 @@ class ActiveStream(FirstAttempt):
     remote = None         # the downstream address derived from the headers (request_prep)
     # made at once by __init__; lazily (``_make_stream_info``) for a serve_inline stream
     stream_info = LazyInfo()
+    code = 0              # the response status, sent before a lazily made StreamInfo existed
 
     def __init__(self, hc, encoder, version):
         self.hc = hc
@@ -88,24 +89,7 @@ class ActiveStream(FirstAttempt):
         if cfg.max_stream_duration:
             self.max_duration_timer = cfg.loop.call_later(cfg.max_stream_duration, self._max_duration)
 
-    def _make_stream_info(self):
-        """The StreamInfo of a stream made without one (``conn_manager.serve_inline``): what
-        ``__init__`` and the stream have recorded by now."""
-        si = new_stream_info(self.hc.conn, self.version, _time() - (_monotonic() - self.t0), self.t0)
-        si.request_id = self.rid  # (the request preparation's, as decode_headers records it)
-        if self.remote is not None:
-            si.downstream_remote_address = self.remote
-        r = self.route
-        si.route_name = r.name if r is not None else ""
-        c = self.cluster
-        if c is not None:
-            si.upstream_cluster = c.name
-            si.attempt_count = 1
-        if self.host is not None:
-            si.upstream_host = self.host.key
-        si.upstream_local_address = self.up_local
-        si.response_code = self.status
-        return si
+    _make_stream_info = make_stream_info  # (stream_parts.py)
 
     # -- properties filters use ---------------------------------------------------------------------
     @property
@@ -374,9 +358,14 @@ class ActiveStream(FirstAttempt):
         first = headers._h[0] if headers._h else None
         status = first[1] if first is not None and first[0] == ":status" else headers.get(":status")
         try:
-            self.stream_info.response_code = int(status)
+            code = int(status)
         except (TypeError, ValueError):
-            self.stream_info.response_code = 0
+            code = 0
+        si = self.__dict__.get("stream_info")  # (None: made lazily, from ``code``)
+        if si is not None:
+            si.response_code = code
+        else:
+            self.code = code
         if self.hc.draining and not self.hc.is_h2:
             self.encoder.drain_close = True
         if end_stream:
@@ -401,7 +390,11 @@ class ActiveStream(FirstAttempt):
             for i in range(start, -1, -1):
                 if filters[i].encode_data(data, end_stream) == STOP:
                     return
-        self.stream_info.bytes_sent += len(data)
+        si = self.__dict__.get("stream_info")
+        if si is not None:
+            si.bytes_sent += len(data)
+        else:
+            self.tx_body += len(data)  # (counted as the byte relay counts, for the telemetry hooks)
         self.last_activity = self.cfg.loop.time()
         if end_stream:
             self.local_complete = True
@@ -560,16 +553,17 @@ class ActiveStream(FirstAttempt):
         hc = self.hc
         st = hc.stats
         st.rq_active.value -= 1  # (a gauge __init__ raised: no need to mark it used)
-        si = self.stream_info
+        si = self.__dict__.get("stream_info")  # (None: made lazily, if ever, by what reads it)
         now = _monotonic()
-        si.end_monotonic = now
+        if si is not None:
+            si.end_monotonic = now
         if not reset:
-            code = si.response_code
+            code = si.response_code if si is not None else self.status or self.code
             c = st.rq_class[code // 100] if 0 < code < 600 else None
             if c is not None:
                 c.value += 1
             st.rq_completed.value += 1
-            st.rq_time.record((now - si.start_monotonic) * 1000.0)
+            st.rq_time.record((now - self.t0) * 1000.0)  # (t0: the StreamInfo's start_monotonic)
             if not self.remote_complete:
                 st.rq_response_before_rq_complete.value += 1
         filters = self.filters
@@ -578,6 +572,7 @@ class ActiveStream(FirstAttempt):
                 f.on_destroy()
         logs = self.cfg.access_logs
         if logs:
+            si = self.stream_info
             for al in logs:
                 al.log(si, self.request_headers, self.response_headers, self.response_trailers)
         hc.stream_done(self)

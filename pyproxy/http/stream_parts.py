@@ -65,6 +65,8 @@ class LazyInfo:
 
 _StreamInfo = StreamInfo
 _new_si = StreamInfo.__new__
+_time = time.time
+_monotonic = time.monotonic
 
 
 def new_stream_info(conn, version: str, start_time: float, start_monotonic: float):
@@ -88,4 +90,30 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
         si.downstream_tls_version = csi.downstream_tls_version
         si.downstream_peer_uri_san = csi.downstream_peer_uri_san
         si.downstream_local_uri_san = csi.downstream_local_uri_san
+    return si
+
+
+def make_stream_info(s):
+    """The StreamInfo of a stream made without one (``conn_manager.serve_inline``): what
+    ``ActiveStream.__init__`` and the stream have recorded by now (its ``_make_stream_info``)."""
+    si = new_stream_info(s.hc.conn, s.version, _time() - (_monotonic() - s.t0), s.t0)
+    si.request_id = s.rid  # (the request preparation's, as decode_headers records it)
+    if s.remote is not None:
+        si.downstream_remote_address = s.remote
+    r = s.route
+    si.route_name = r.name if r is not None else ""
+    c = s.cluster
+    if c is not None:
+        si.upstream_cluster = c.name
+        si.attempt_count = 1
+    if s.host is not None:
+        si.upstream_host = s.host.key
+    si.upstream_local_address = s.up_local
+    code = si.response_code = s.status or s.code
+    if not s.status:
+        si.bytes_sent = s.tx_body  # (what encode_data counted; the byte relay's stay in tx_body)
+    if code:
+        # (a response head went out before anything needed a StreamInfo: the upstream's; a
+        # local reply makes the StreamInfo before its head)
+        si.response_code_details = "via_upstream"
     return si

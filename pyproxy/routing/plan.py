@@ -33,6 +33,8 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
 
 from __future__ import annotations
 
+from ..http.http1_common import header_lines
+
 # request headers a compiled route may not add (the HTTP/1.1 hop-by-hop and framing headers, and
 # the timeout header the stream appends itself)
 _NOT_ADDED = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
@@ -142,7 +144,7 @@ def compile_response_raw(mutations):
             lines.append((name, value))
         lines += app
     try:
-        raw = b"".join(("%s: %s\r\n" % kv).encode("latin-1") for kv in lines)
+        raw = header_lines(lines)
     except UnicodeEncodeError:
         return None  # (the Headers path encodes it as the codec does)
     names = frozenset(n.encode() for n in drop) | frozenset(kv[0].encode() for kv in lines)

@@ -28,6 +28,7 @@ from operator import itemgetter
 
 from ...config import ConfigError
 from ...http.filter import CONTINUE, HttpFilter
+from ...http.http1_common import header_line  # (the byte relay's lines: encoded by the HTTP/1 codec)
 from ...stats import Counter
 from .. import istio_peer as P
 
@@ -73,8 +74,7 @@ class PeerMetadataConfig:
         self._skip: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.skip_by_ref = self._skip.data  # (its dict: ``[weakref.ref(cluster)]`` is a lookup in C)
         self.up_headers = ((P.HEADER_ID, self.node_id), (P.HEADER, self.value))
-        self._raw_down = ("%s: %s\r\n" % (P.HEADER_ID, self.node_id)).encode("latin-1"), \
-            ("%s: %s\r\n" % (P.HEADER, self.value)).encode("latin-1")
+        self._raw_down = header_line(P.HEADER_ID, self.node_id), header_line(P.HEADER, self.value)
         # nothing to do at all: not in the chain
         if not (self.down_disc or self.up_disc or self.down_prop or self.up_prop):
             self.skip_reason = "peer_metadata: no discovery or propagation method configured"

@@ -141,7 +141,6 @@ class HcmConfig:
         self.skip_xff_append = cfg.skip_xff_append
         self.via = cfg.via
         self.server_name = cfg.server_name or "envoy"
-        self.server_line = ("server: %s\r\n" % self.server_name).encode("latin-1")
         self.server_transform = cfg.server_header_transformation  # 0 OVERWRITE, 1 APPEND_IF_ABSENT, 2 PASS_THROUGH
         self.generate_request_id = cfg.generate_request_id.value if cfg.HasField("generate_request_id") else True
         self.preserve_external_request_id = cfg.preserve_external_request_id
@@ -158,6 +157,10 @@ class HcmConfig:
         self.max_headers_count = u32(cho, "max_headers_count", 100) or 100
         self.max_stream_duration = duration_s(cho, "max_stream_duration", None)
         self.headers_with_underscores_action = cho.headers_with_underscores_action  # 0 ALLOW, 1 REJECT, 2 DROP
+        # per downstream connection (http/conn_manager.py): after this many requests the last one's
+        # response closes it (HTTP/1.1 connection: close; HTTP/2 GOAWAY); after this long it drains
+        self.max_requests_per_connection = u32(cho, "max_requests_per_connection", 0) or 0
+        self.max_connection_duration = duration_s(cho, "max_connection_duration", 0.0) or 0.0
         self.normalize_path = cfg.normalize_path.value if cfg.HasField("normalize_path") else False
         self.merge_slashes = cfg.merge_slashes
         self.path_with_escaped_slashes_action = cfg.path_with_escaped_slashes_action
@@ -242,8 +245,6 @@ class HcmConfig:
         self.response_hooks = plan.response_hooks
         self.observers = plan.observers
         self.response_take_raw = frozenset(n.encode() for n in plan.response_take)
-        from ...http.h1_relay import relay_names
-        self.relay_special = relay_names(self.response_take_raw)
         self.chain_checks = bool(plan.live_on_route or plan.live_on_grpc)
         # PYPROXY_REFERENCE=1 is the plain filter-by-filter reference mode the differential
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
@@ -259,6 +260,8 @@ class HcmConfig:
             self.prep = PrepPlan(cfg, self)
         except ConfigError as e:
             raise e
+        from ...http.h1_relay import relay_edits
+        self.relay_edits = relay_edits(self)  # (how the byte relay edits response heads)
         if self.http2_options is not None and self.codec_type != HTTP1:
             # validate explicit HTTP/2 options now (the h2 codec is imported only when configured)
             from ...http.http2 import server_options
