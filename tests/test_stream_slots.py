@@ -79,6 +79,9 @@ class _Transport:
     def write_eof(self):
         pass
 
+    def get_write_buffer_size(self):
+        return 0
+
 
 @pytest.fixture
 def stack(monkeypatch):
@@ -167,3 +170,20 @@ def test_every_slot_is_set_on_both_ways_a_stream_starts(stack):
     dt.out.clear()
     down.data_received(b"POST /none HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
     assert b"503" in b"".join(dt.out).split(b"\r\n")[0]
+
+
+def test_every_slot_is_set_on_an_http2_stream_the_manager_serves_at_once(stack):
+    import h2.config
+    import h2.connection
+    down, up, dt, ut, seen = stack
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    c.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":path", "/a"), (":authority", "h")],
+                   end_stream=True)
+    down.data_received(c.data_to_send())
+    assert b"GET /a HTTP/1.1" in b"".join(ut.out)
+    assert "request hook" in seen and "on_pool_ready" in seen and "decode_headers" not in seen
+    up.data_received(RESPONSE)
+    events = c.receive_data(b"".join(dt.out))
+    got = [e for e in events if type(e).__name__ == "ResponseReceived"]
+    assert got and dict(got[0].headers)[":status"] == "200"

@@ -481,6 +481,7 @@ def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
             s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
     else:
         st.rq_http2_total.value += 1
+        s.plain = False
         s.version = version  # (HTTP/2: the response head goes through its stream's encoder)
     if type(r) is str:
         s.rid = r
