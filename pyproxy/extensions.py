@@ -70,6 +70,7 @@ _R("http_filter", "envoy.extensions.filters.http.fault.v3.HTTPFault", "pyproxy.f
    names=("envoy.filters.http.fault", "envoy.fault"))
 _R("http_filter", "envoy.extensions.filters.http.cors.v3.Cors", "pyproxy.filters.http.cors:factory",
    names=("envoy.filters.http.cors", "envoy.cors"))
+_R("route_policy", "cors", "pyproxy.filters.http.cors:compile_route_cors")
 _R("http_filter", "envoy.extensions.filters.http.rbac.v3.RBAC", "pyproxy.filters.http.rbac:factory",
    names=("envoy.filters.http.rbac",))
 _R("http_filter", "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", "pyproxy.filters.http.ext_authz:factory",

@@ -130,3 +130,25 @@ def test_connection_limits_acted_on_or_named(tmp_path):
     assert len(lines) == 1 and "upstream connections" in lines[0], r.stdout
     assert "max_requests_per_connection" not in r.stdout
     assert "listener" not in "".join(lines)
+
+
+def test_route_fields_without_action_are_named(tmp_path):
+    """RouteAction flush_timeout / internal_redirect_action / max_internal_redirects / priority and
+    Route stat_prefix are accepted but not acted on: validate names each (review finding F3)."""
+    rc = route_config([{"match": {"prefix": "/"}, "stat_prefix": "r1", "route": {
+        "cluster": "c", "flush_timeout": "5s", "internal_redirect_action": "HANDLE_INTERNAL_REDIRECT",
+        "max_internal_redirects": 2, "priority": "HIGH"}}])
+    bs = bootstrap([http_listener(free_port(), rc)], [_cluster()])
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bs))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0, r.stdout
+    for f in ("route.flush_timeout", "route.internal_redirect_action", "route.max_internal_redirects",
+              "route.priority", "routes.stat_prefix"):
+        assert f in r.stdout, (f, r.stdout)
+    # the defaults (PASS_THROUGH, DEFAULT priority) are acted on: not named
+    rc = route_config([{"match": {"prefix": "/"}, "route": {
+        "cluster": "c", "internal_redirect_action": "PASS_THROUGH_INTERNAL_REDIRECT", "priority": "DEFAULT"}}])
+    p.write_text(json.dumps(bootstrap([http_listener(free_port(), rc)], [_cluster()])))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0 and "0 accepted with ignored parts" in r.stdout, r.stdout

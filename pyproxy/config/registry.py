@@ -36,6 +36,7 @@ CATEGORIES = (
     "lb_policy", "access_logger", "upstream_protocol_options", "resource_monitor", "bootstrap",
     "tracer", "stat_sink", "header_validator", "compressor", "matcher", "upstream_network_filter",
     "route_filter_config",  # a check of an HTTP filter's typed_per_filter_config, run as routes load
+    "route_policy",  # an HTTP filter's policy on a route (e.g. cors), compiled as routes load
 )
 
 

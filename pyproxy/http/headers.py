@@ -72,17 +72,9 @@ class Headers:
             self.set(name, value)
 
     def remove(self, name: str) -> bool:
-        h = self._h
-        names = list(map(_first, h))  # (the scans in C)
-        n = names.count(name)
-        if not n:
-            return False
-        if n == 1:
-            i = names.index(name)
-            self._h = h[:i] + h[i + 1:]
-        else:
-            self._h = [kv for kv in h if kv[0] != name]
-        return True
+        before = len(self._h)
+        self._h = [kv for kv in self._h if kv[0] != name]
+        return len(self._h) != before
 
     def remove_prefix(self, prefix: str) -> None:
         self._h = [kv for kv in self._h if not kv[0].startswith(prefix)]

@@ -32,8 +32,7 @@ The steps' parts live beside it: ``path_norm.py`` (the path), ``original_ip.py``
 from __future__ import annotations
 
 import logging
-from itertools import compress
-from operator import itemgetter, not_
+from operator import itemgetter
 
 from ..config import ConfigError
 from ..netaddr import default_internal, fmt_addr, in_any, is_loopback, local_ip
@@ -506,5 +505,4 @@ def _set(h, name, value):
 
 
 def _remove(h, names):
-    # (the scan in C: the entries whose name is not in ``names``)
-    h[:] = list(compress(h, map(not_, map(names.__contains__, map(_first, h)))))
+    h[:] = [kv for kv in h if kv[0] not in names]

@@ -110,6 +110,8 @@ class RouteEntry:
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
         "include_request_attempt_count", "include_attempt_count_in_response",
         "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
+        # the cors filter's policy on this route (filters/http/cors.py CorsPolicy) or None
+        "cors",
         # tracing: the route's tracing block (tracing/request_id.py RouteTrace), or None
         "trace", "decorator_operation", "decorator_propagate",
         # header mutations (ordered, non-empty only); ``req_lit``: the request ones as

@@ -454,9 +454,33 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     names = set(tpfc)
     for cw in e.weighted or ():
         names.update(cw.typed_per_filter_config)
+    _compile_cors(e, r, vh, ctx, names, field)
     e.filter_names = frozenset(names)
     plan_route(e)  # what the compiled stream path does on this route (routing/plan.py)
     return e
+
+
+_CORS_KEYS = frozenset(("envoy.filters.http.cors", "envoy.cors"))
+
+
+def _compile_cors(e, r, vh, ctx, names, field) -> None:
+    """The cors filter's policy on the route (``e.cors``, filters/http/cors.py compile_route_cors,
+    registry category ``route_policy``): from the per-filter configs, else the deprecated ``cors``
+    of the RouteAction and VirtualHost. A route with one names the cors filter in ``names``."""
+    e.cors = None
+    if e.kind != ROUTE:
+        return  # (Envoy: no route entry, no CORS, for redirects and direct responses)
+    action_cors = r.route.cors if r.route.HasField("cors") else None
+    if action_cors is None and vh.cors is None and _CORS_KEYS.isdisjoint(names):
+        return
+    try:
+        e.cors = REGISTRY.lookup("route_policy", "cors")(
+            ctx.typed_per_filter_config, vh.typed_per_filter_config, r.typed_per_filter_config,
+            action_cors, vh.cors)
+    except ConfigError as err:
+        raise err.within(field=field)
+    if e.cors is not None:
+        names.add("envoy.filters.http.cors")
 
 
 def tls_redirect_entry(vh, ctx) -> RouteEntry:
@@ -477,6 +501,7 @@ def tls_redirect_entry(vh, ctx) -> RouteEntry:
     e.req_lit = None
     e.typed_per_filter_config = {}
     e.filter_names = frozenset()
+    e.cors = None
     e.hash_policies = ()
     e.timeout = DEFAULT_TIMEOUT
     e.weighted = ()

@@ -50,7 +50,7 @@ class VirtualHost:
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge", "rate_limits",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
-                 "plens", "complex", "any_ci", "emap", "nroutes", "nomatch", "first")
+                 "plens", "complex", "any_ci", "emap", "nroutes", "nomatch", "first", "cors")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -216,6 +216,7 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
                                                    v.response_headers_to_remove, "response")
     vh.typed_per_filter_config = dict(v.typed_per_filter_config)
     check_filter_configs(vh.typed_per_filter_config)
+    vh.cors = v.cors if v.HasField("cors") else None  # (deprecated; compiled per route: compile_route)
     vh.retry = compile_retry_policy(v.retry_policy) if v.HasField("retry_policy") else None
     vh.hedge = compile_hedge_policy(v.hedge_policy) if v.HasField("hedge_policy") else False
     vh.rate_limits = tuple(compile_rate_limit(r, "rate_limits[%d]" % i, strict=False)
