@@ -154,7 +154,7 @@ class RouteTable:
 
     def find_for_path(self, headers, authority: str, path: str, random_value: int = 0):
         """``find()`` for a request that is not a CONNECT and whose ``:authority`` and ``:path``
-        the caller already has (the HTTP/1.1 codec's inline entry, conn_manager.serve_inline)."""
+        the caller already has (the manager's entry, conn_manager.HttpConnection.on_request)."""
         vh = self._default if self._only_default else None
         if vh is None:
             host = authority if self._by_authority else headers.get(self._host_header) or ""
