@@ -23,7 +23,7 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
-from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info
+from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info, route_duration
 
 log = logging.getLogger("pyproxy.http")
 
@@ -132,6 +132,8 @@ class ActiveStream(FirstAttempt):
             else:  # (refresh_route)
                 route = self.route = table.find(headers, si, _urand(32))
         si.route_name = route.name if route is not None else ""
+        if route is not None and (route.max_stream_duration or cfg.max_stream_duration):
+            route_duration(self, route.max_stream_duration)  # (the route's replaces the HCM's)
         d = cfg.prep.decorate
         if d:
             self.caller_op = decorate(d, route, headers, self.quiet)
