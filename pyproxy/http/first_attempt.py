@@ -33,7 +33,6 @@ import random
 import time
 
 from ..cluster.lb import LbContext
-from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, TIMEOUT, charge_failure, connect_failure, count_rx_reset,
                                          finalize_request, finalize_response, reset_failure, retries_reset,
                                          upstream_timeout)
@@ -159,7 +158,7 @@ class FirstAttempt:
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
-        if type(encoder) is not UpstreamConnection or encoder.is_tls:
+        if getattr(encoder, "is_tls", True):  # (HTTP/1.1 connections and HTTP/2 streams say)
             sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
             if sans is not None:
                 si = self.stream_info
