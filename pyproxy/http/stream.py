@@ -510,8 +510,9 @@ class ActiveStream(FirstAttempt):
         if self.response_started:
             self.reset_stream("stream_idle_timeout")
         else:
-            self.send_local_reply(408 if not self.remote_complete else 504, "stream timeout",
-                                  "stream_idle_timeout", close=True)
+            # (Envoy: 408 and close while the request is incomplete; 504 once it is, keep-alive)
+            done = self.remote_complete
+            self.send_local_reply(504 if done else 408, "stream timeout", "stream_idle_timeout", close=not done)
 
     def _request_timeout(self):
         self.request_timer = None
@@ -534,7 +535,9 @@ class ActiveStream(FirstAttempt):
         if self.response_started:
             self.reset_stream("max_duration_timeout")
         else:
-            self.send_local_reply(408, "downstream duration timeout", "max_duration_timeout", close=True)
+            done = self.remote_complete  # (as on_idle_timeout)
+            self.send_local_reply(504 if done else 408, "downstream duration timeout", "max_duration_timeout",
+                                  close=not done)
 
     # -- completion ------------------------------------------------------------------------------------
     def _finish(self, reset: bool = False) -> None:
