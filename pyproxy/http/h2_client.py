@@ -40,6 +40,7 @@ from .headers import Headers
 log = logging.getLogger("pyproxy.pool")
 
 REPLAY_LIMIT = 64 * 1024
+_BODY_RULES = {(":method", "HEAD"): 1, (":method", "CONNECT"): 2}
 REFUSED = "remote refused stream reset"
 REMOTE_RESET = "remote reset"
 TERMINATED = "connection termination"
@@ -57,7 +58,8 @@ class H2ClientStream(OutStream):
 
     __slots__ = ("conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
                  "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
-                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade", "is_tls")
+                 "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade", "rule",
+                 "body_left", "is_tls")
 
     def __init__(self, cb):
         self.conn = None
@@ -71,6 +73,7 @@ class H2ClientStream(OutStream):
         self.cancelled = False
         self.headers_sent = False
         self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
+        self.body_left = None  # response body bytes its framing still allows (None: any)
         self.is_tls = True  # over TLS (the router reads its peer's SANs): the connection's, once bound
 
     @property
@@ -95,6 +98,7 @@ class H2ClientStream(OutStream):
         fields = headers._h
         if c.extended_connect and "upgrade" in headers:
             fields = self._extended_connect(fields)
+        self.rule = _BODY_RULES.get(fields[0])  # (a HEAD's response has no body, a CONNECT's is a tunnel)
         if c.lean:
             sid = self.sid = h.send_request(fields, end_stream)
             c.streams[sid] = self
@@ -315,7 +319,15 @@ class Http2ClientCodec:
                         except h2.exceptions.ProtocolError:
                             pass
                     continue
+                # more or fewer bytes than the head announced (content-length; none after a 1xx,
+                # 204, 304 or to a HEAD): the stream is malformed (RFC 9113 8.1.1)
+                left = s.body_left
                 if end:
+                    if left is not None and len(x) != left:
+                        self._bad_response(s, "response body does not match its framing")
+                        credit += n
+                        credit_sid = sid
+                        continue
                     s.remote_ended = True
                     if s.above:
                         s._release_watermark()
@@ -325,6 +337,14 @@ class Http2ClientCodec:
                         credit += n  # (acknowledged once for the whole read, below)
                         credit_sid = sid
                     continue
+                if left is not None:
+                    left -= len(x)
+                    if left < 0:
+                        self._bad_response(s, "response body does not match its framing")
+                        credit += n
+                        credit_sid = sid
+                        continue
+                    s.body_left = left
                 s.cb.on_upstream_data(x, False)
                 if n:
                     if s.read_off and not s.closed:
@@ -345,10 +365,20 @@ class Http2ClientCodec:
                     self._bad_response(s, "more than %d headers" % (self.max_fields - 1), "remote reset")
                     continue
                 try:
-                    headers = Headers(response_fields(x))
+                    fields, left = response_fields(x)
                 except BadHeaders as err:
                     self._bad_response(s, err)
                     continue
+                if s.rule:
+                    if s.rule == 2:
+                        left = None  # (a tunnel)
+                    elif fields[0][1][:1] != "1":
+                        left = 0  # (HEAD)
+                if left and end:
+                    self._bad_response(s, "response ended before its content-length")
+                    continue
+                s.body_left = left  # (a 1xx: 0 until the final head sets it again)
+                headers = Headers(fields)
                 if s.upgrade is not None and not end and headers._h[0][1][:1] == "2":
                     # the extended CONNECT was accepted: the HTTP/1.1 side expects a 101
                     headers._h[0] = (":status", "101")
@@ -369,6 +399,9 @@ class Http2ClientCodec:
                 except BadHeaders as err:
                     self._bad_response(s, err)
                     continue
+                if s.body_left:
+                    self._bad_response(s, "response ended before its content-length")
+                    continue
                 s.remote_ended = True
                 s._release_watermark()
                 s._finish()
@@ -376,6 +409,9 @@ class Http2ClientCodec:
             elif t == EV_ENDED:
                 s = streams.get(e.stream_id)
                 if s is not None and not s.remote_ended:
+                    if s.body_left:
+                        self._bad_response(s, "response ended before its content-length")
+                        continue
                     s.remote_ended = True
                     s._release_watermark()
                     s._finish()

@@ -214,11 +214,34 @@ def _block_cost(fields) -> int:
 
 
 def response_fields(raw) -> tuple:
-    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (shared: copy before changing)."""
+    """``inbound_headers(raw, RESPONSE)`` memoized per distinct block (shared: copy before changing),
+    with the body length its framing allows -> (fields, length): 0 for a 1xx (no DATA before the
+    final head), 204 or 304; the content-length otherwise, or None (any length). A content-length
+    that is not one decimal number, one on a 1xx, or a non-zero one on a 204 is malformed
+    (nghttp2's rules, as Envoy's codec applies them; a 204's ``content-length: 0`` is dropped)."""
     key = raw if raw.__class__ is tuple else tuple(raw)
     r = _RESP_MEMO.get(key)
     if r is None:
-        r = tuple(inbound_headers(key, RESPONSE))
+        fields = inbound_headers(key, RESPONSE)
+        status = fields[0][1]
+        length = None
+        for i in range(len(fields) - 1, 0, -1):
+            k, v = fields[i]
+            if k == "content-length":
+                if not v.isdigit() or not v.isascii() or len(v) > 18 or (length is not None and int(v) != length):
+                    raise BadHeaders("invalid content-length %r" % v)
+                length = int(v)
+                if status == "204":
+                    if length:
+                        raise BadHeaders("content-length %r in a 204" % v)
+                    del fields[i]
+        if status[:1] == "1":
+            if length is not None:
+                raise BadHeaders("content-length in a %s" % status)
+            length = 0
+        elif status == "204" or status == "304":
+            length = 0
+        r = (tuple(fields), length)
         _RESP.put(key, r, _block_cost(key))
     return r
 

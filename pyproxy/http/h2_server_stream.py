@@ -110,7 +110,10 @@ class H2ServerStream(OutStream):
         if st is not None:
             st.tx_reset.value += 1
         code = ErrorCodes.REFUSED_STREAM if "refused" in reason else (
-            ErrorCodes.CONNECT_ERROR if self.tunnel else ErrorCodes.NO_ERROR)  # RFC 9113 8.5
+            ErrorCodes.CONNECT_ERROR if self.tunnel else  # RFC 9113 8.5
+            # (Envoy: the upstream's response broke off, however it did)
+            ErrorCodes.INTERNAL_ERROR if reason.startswith("upstream_reset_after_response_started") else
+            ErrorCodes.NO_ERROR)
         try:
             conn.h2.reset_stream(self.sid, code)
         except h2.exceptions.ProtocolError:

@@ -66,7 +66,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "response_chunked", "response_close", "method", "tunnel",
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
-        "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct",
+        "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct", "body_left",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -82,6 +82,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.cur_events = None  # when buffering a pipelined request: its events
         self.closed = False
         self.tunnel = False
+        self.body_left = None  # (http1_response.Http1ResponseEncoder)
         self.drain_close = False
         # HTTP/1.0 is refused (426) unless the HCM's http_protocol_options.accept_http_10 says so
         cfg = getattr(manager, "cfg", None)

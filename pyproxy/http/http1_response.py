@@ -46,7 +46,13 @@ class RelayEdits:
 class Http1ResponseEncoder:
     """The response side of ``Http1ServerCodec`` (its slots hold the state: ``conn``, ``method``,
     ``version``, ``response_chunked``, ``response_close``, ``tunnel``,
-    ``drain_close``, ``request_complete``, ``pending``, ``stream``)."""
+    ``drain_close``, ``request_complete``, ``pending``, ``stream``, ``body_left``).
+
+    ``body_left`` is the number of body bytes the response head announced (its content-length; 0
+    for HEAD, 1xx, 204, 304 or a head that ended the response), None when the body is chunked or
+    delimited by the close: ``encode_headers`` sets it, and ``encode_data`` refuses a body that
+    disagrees with it (the connection closes), so that no upstream can make a response run into
+    the next one on a keep-alive connection."""
 
     __slots__ = ()
 
@@ -93,6 +99,12 @@ class Http1ResponseEncoder:
                 add("transfer-encoding: chunked\r\n")
             else:
                 self.response_close = True
+        if self.tunnel:
+            self.body_left = None
+        elif end_stream or self.method == "HEAD" or status < 200 or status == 204 or status == 304:
+            self.body_left = 0
+        else:
+            self.body_left = int(cl) if cl is not None and cl.isdigit() else None
         if self.drain_close or (self.response_close and not self.tunnel):
             self.response_close = True
             add("connection: close\r\n")
@@ -118,6 +130,7 @@ class Http1ResponseEncoder:
                 continue
             add(k + ": " + v + "\r\n")
         self.tunnel = True
+        self.body_left = None
         if self.drain_close:
             self.response_close = True
             add("connection: close\r\n")
@@ -221,12 +234,21 @@ class Http1ResponseEncoder:
             self.stream = None  # (_response_complete's common case)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
+        left = self.body_left
+        if left is not None:
+            n = len(data)
+            if n > left or end_stream and n != left:
+                self._body_mismatch(data, left)
+                return
+            self.body_left = left - n
         self.write_body(data, end_stream)
         if end_stream:
             self._response_complete()
 
     def write_body(self, data: bytes, end_stream: bool) -> None:
-        """Response body bytes, framed (chunked or as they are); the last chunk on end_stream."""
+        """Response body bytes, framed (chunked or as they are); the last chunk on end_stream.
+        (``encode_data`` checks them against the head; a relayed response (``relay_head``) comes here
+        directly: its body is framed by the upstream HTTP/1.1 parser, on the same head.)"""
         if self.response_chunked:
             if data:
                 self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -234,6 +256,17 @@ class Http1ResponseEncoder:
                 self.conn.write(b"0\r\n\r\n")
         elif data:
             self.conn.write(data)
+
+    def _body_mismatch(self, data: bytes, left: int) -> None:
+        """More or fewer body bytes than the head announced: what fits is written, then the
+        connection closes (Envoy closes an HTTP/1.1 connection whose upstream response broke its
+        framing after the head went out)."""
+        if left >= 0:
+            if left and data:
+                self.conn.write(data[:left])
+            self.body_left = -1  # (later bytes are dropped)
+            self.response_close = True
+            self.conn.close(flush=True)
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.response_chunked:

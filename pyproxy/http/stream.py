@@ -475,7 +475,7 @@ class ActiveStream(FirstAttempt):
         self.stream_info.response_code_details = self.stream_info.response_code_details or reason
         enc = self.encoder
         self._finish(reset=True)
-        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=False)
+        enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=True)  # (as Envoy)
 
     # -- flow control ----------------------------------------------------------------------------------
     def read_disable(self, disable: bool) -> None:
