@@ -65,12 +65,12 @@ def flush() -> None:
     scheduled = True
     _loop = loop
     _thread = _get_ident()
-    loop.call_soon(_run)
+    loop.call_soon(_run, loop)
 
 
-def _run() -> None:
+def _run(loop) -> None:
     global scheduled
-    if _get_running_loop() is not _loop:
+    if loop is not _loop:
         return  # a loop stopped with this pending and run again later: the current one flushes
     try:
         _drain()

@@ -93,7 +93,7 @@ def test_a_stopped_loop_does_not_strand_writes():
     # the state such a stop leaves: bytes pending, a flush scheduled on the old loop
     writebatch.pending.append((Up(log), b"a"))
     writebatch.scheduled, writebatch._loop = True, old
-    old.call_soon(writebatch._run)
+    old.call_soon(writebatch._run, old)
     new = asyncio.new_event_loop()
     try:
         async def more():

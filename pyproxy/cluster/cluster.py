@@ -158,7 +158,8 @@ class Cluster:
                     self.retry_budget = (pct, u32(rb, "min_retry_concurrency", 3))
         self.cx_total_active = 0
         self.pending_total = 0
-        self.rq_active_total = 0
+        self.rq_active_total = 0  # the router's requests (pending, attached, in a retry's backoff)
+        self.rq_attached = 0  # requests attached to a connection (Envoy's requests resource: max_requests)
         self.retries_active = 0
         self.retries_in_backoff = 0  # (not active requests, for the retry budget)
         self._init_stats()
@@ -233,6 +234,7 @@ class Cluster:
         self.st_rq_pending_total = s.counter("upstream_rq_pending_total")
         self.st_rq_pending_active = s.gauge("upstream_rq_pending_active")
         self.st_pending_overflow = s.counter("upstream_rq_pending_overflow")
+        self.st_rq_active_overflow = s.counter("upstream_rq_active_overflow")
         self.st_pending_failure_eject = s.counter("upstream_rq_pending_failure_eject")
         self.st_rq_completed = s.counter("upstream_rq_completed")
         self.st_rq_timeout = s.counter("upstream_rq_timeout")

@@ -148,7 +148,9 @@ class UpstreamConnection(asyncio.Protocol):
         pool = self.pool
         pool.active -= 1
         self.host.rq_active -= 1
-        mr = pool.cluster.max_requests_per_connection
+        c = pool.cluster
+        c.rq_attached -= 1
+        mr = c.max_requests_per_connection
         if not keep_alive or self.codec.chunked_request or self.closed or (mr and self.requests >= mr):
             self.close()
             return
@@ -192,6 +194,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.stream_cb = None
             self.pool.active -= 1
             self.host.rq_active -= 1
+            self.pool.cluster.rq_attached -= 1
         self.codec.decoder = None
         self.close()
 
@@ -293,23 +296,28 @@ class Http1Pool(PoolBase):
     def new_stream(self, cb):
         """Bind ``cb`` to a connection now, or queue it. Returns a cancellable handle or None."""
         idle = self.idle
+        c = self.cluster
         while idle:
             conn = idle.pop()
             if conn.closed:
                 continue
+            if c.rq_attached >= c.max_requests:
+                idle.append(conn)
+                self._overflow(cb)
+                return None
             # (_bind, inlined for the common case)
             conn.requests += 1
             conn.stream_cb = cb
             conn.codec.start(cb)
             self.active += 1
-            self.cluster.st_rq_total.value += 1
+            c.st_rq_total.value += 1
+            c.rq_attached += 1
             h = self.host
             h.rq_active += 1
             if h.outlier is not None:
-                self.cluster.report_connect_success(h)
+                c.report_connect_success(h)
             cb.on_pool_ready(conn, h)
             return None
-        c = self.cluster
         if c.pending_total >= c.max_pending_requests:
             c.st_pending_overflow.value += 1
             cb.on_pool_failure(OVERFLOW, "UO", self.host)
@@ -344,6 +352,14 @@ class Http1Pool(PoolBase):
         c.pending_total -= 1
         c.st_rq_pending_active.dec()
 
+    def _overflow(self, cb):
+        """``max_requests`` is reached as ``cb`` would be bound to a connection: it fails with
+        overflow, counted in ``upstream_rq_active_overflow`` (Envoy checks the requests resource
+        when a stream is attached, not before it is queued; a queued request is bounded by
+        ``max_pending_requests`` alone)."""
+        self.cluster.st_rq_active_overflow.value += 1
+        cb.on_pool_failure(OVERFLOW, "UO", self.host)
+
     def _bind(self, conn, cb):
         conn.requests += 1
         conn.stream_cb = cb
@@ -351,6 +367,7 @@ class Http1Pool(PoolBase):
         self.active += 1
         c = self.cluster
         c.st_rq_total.value += 1
+        c.rq_attached += 1
         h = self.host
         h.rq_active += 1
         if h.outlier is not None:
@@ -381,10 +398,14 @@ class Http1Pool(PoolBase):
 
     def _on_idle_or_pending(self, conn):
         """A connection is free: give it to the oldest pending request, or park it idle."""
+        c = self.cluster
         while self.pending:
             p = self.pending.popleft()
             self._pending_done()
             if p.cancelled:
+                continue
+            if c.rq_attached >= c.max_requests:
+                self._overflow(p.cb)
                 continue
             self._bind(conn, p.cb)
             return
@@ -421,6 +442,7 @@ class Http1Pool(PoolBase):
         if conn.stream_cb is not None:
             self.active -= 1
             self.host.rq_active -= 1
+            self.cluster.rq_attached -= 1
             if not conn.codec.resp_headers_sent:  # (a close-delimited body ends this way)
                 self.cluster.report_connect_failure(self.host)  # a request's connection was lost
         self._cx_gone()

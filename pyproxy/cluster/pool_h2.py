@@ -198,11 +198,14 @@ class Http2Pool(PoolBase):
         self.settings_timeout = False
 
     def new_stream(self, cb):
+        c = self.cluster
         for conn in self.conns:
             if conn.capacity() > 0:
-                self._bind(conn, H2ClientStream(cb))
+                if c.rq_attached >= c.max_requests:
+                    self._overflow(cb)
+                else:
+                    self._bind(conn, H2ClientStream(cb))
                 return None
-        c = self.cluster
         if c.pending_total >= c.max_pending_requests:
             c.st_pending_overflow.value += 1
             cb.on_pool_failure(OVERFLOW, "UO", self.host)
@@ -254,6 +257,13 @@ class Http2Pool(PoolBase):
         else:
             p.cb.on_pool_failure(reason, flag, self.host)
 
+    def _overflow(self, cb):
+        """``max_requests`` is reached as ``cb`` would get a stream: it fails with overflow,
+        counted in ``upstream_rq_active_overflow`` (Envoy checks the requests resource when a
+        stream is attached; a queued request is bounded by ``max_pending_requests`` alone)."""
+        self.cluster.st_rq_active_overflow.value += 1
+        cb.on_pool_failure(OVERFLOW, "UO", self.host)
+
     def _bind(self, conn, s):
         if conn.idle_handle is not None:
             conn.idle_handle.cancel()
@@ -264,6 +274,7 @@ class Http2Pool(PoolBase):
         s.is_tls = conn.is_tls
         c = self.cluster
         c.st_rq_total.value += 1
+        c.rq_attached += 1
         h = self.host
         h.rq_active += 1
         if h.outlier is not None:
@@ -274,6 +285,7 @@ class Http2Pool(PoolBase):
         """A stream the peer refused or did not process goes to the front of the queue."""
         h = self.host
         h.rq_active -= 1
+        self.cluster.rq_attached -= 1
         p = _Pending(s.cb)
         p.stream = s
         self._queue(p, front=True)
@@ -301,14 +313,20 @@ class Http2Pool(PoolBase):
                 if s is not None:
                     if s.cancelled or s.closed:
                         continue
-                    conn.attach(s)
-                    self.cluster.st_rq_total.value += 1
+                    conn.attach(s)  # (a replay: admitted when first attached)
+                    c = self.cluster
+                    c.st_rq_total.value += 1
+                    c.rq_attached += 1
                     self.host.rq_active += 1
                     try:
                         s.replay_on(conn)
                     except h2.exceptions.ProtocolError as e:
                         s._local_failure(e)
                 else:
+                    c = self.cluster
+                    if c.rq_attached >= c.max_requests:
+                        self._overflow(p.cb)
+                        continue
                     self._bind(conn, H2ClientStream(p.cb))
                 n -= 1
             if not pending:
@@ -355,6 +373,7 @@ class Http2Pool(PoolBase):
 
     def stream_released(self, conn) -> None:
         self.host.rq_active -= 1
+        self.cluster.rq_attached -= 1
         if self.pending:
             self._dispatch()
         if not conn.bound:

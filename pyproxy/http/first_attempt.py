@@ -9,7 +9,7 @@ needs none of the filter-chain machinery: no filter list, no ``Router`` and ``Up
 objects, no event hops between them. The stream is then the router and the upstream request:
 ``begin_first_attempt`` does the router's work for the request and the pool and the upstream
 codec call the stream back. Everything else (bodies, upgrades, CONNECT, direct responses and
-redirects, unknown or ORIGINAL_DST clusters, a full ``max_requests``) goes through the filter
+redirects, unknown or ORIGINAL_DST clusters) goes through the filter
 chain before any side effect.
 
 What such a request does is what the router does for it: the same headers added
@@ -33,9 +33,9 @@ import random
 import time
 
 from ..cluster.lb import LbContext
-from ..filters.http.router_steps import (NO_HEALTHY, TIMEOUT, charge_failure, connect_failure, count_rx_reset,
-                                         finalize_request, finalize_response, reset_failure, retries_reset,
-                                         upstream_timeout)
+from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
+                                         count_rx_reset, finalize_request, finalize_response, reset_failure,
+                                         retries_reset, upstream_timeout)
 from ..transport import upstream_tls_sans
 from . import h1_relay
 
@@ -73,13 +73,14 @@ def chain_is_inert(cfg, route, headers) -> bool:
 
 def pick_cluster(route, headers, cluster_manager):
     """``(name, weighted choice or None, cluster)`` for a first attempt the stream runs, or None
-    when the router must answer (an unknown or ORIGINAL_DST cluster, a full ``max_requests``)."""
+    when the router must answer (an unknown or ORIGINAL_DST cluster). (``max_requests`` is the
+    pool's check, as a request is attached to a connection.)"""
     if route.cluster:
         name, choice = route.cluster, None
     else:
         name, choice = route.select_cluster(headers, _rand(32))
     cluster = cluster_manager.get(name)
-    if cluster is None or cluster.original_dst or cluster.rq_active_total >= cluster.max_requests:
+    if cluster is None or cluster.original_dst:
         return None
     return name, choice, cluster
 
@@ -335,7 +336,8 @@ class FirstAttempt:
         """A local reply for an upstream failure (the router's ``_fail`` for a first attempt)."""
         body = charge_failure(self.cluster, status, body, flag, None, 1)
         self._abandon()
-        self.send_local_reply(status, body, details, flag=flag)
+        dropped = flag == "UO" and not self.cfg.router_suppress_envoy_headers
+        self.send_local_reply(status, body, details, flag=flag, headers=OVERLOADED if dropped else None)
 
     def _complete(self):
         self.cluster.st_rq_time.record((_monotonic() - self.start) * 1000.0)

@@ -23,19 +23,20 @@ def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag
     b = body.encode() if isinstance(body, str) else body
     req = self.request_headers
     is_grpc = req is not None and (req.get("content-type") or "").startswith("application/grpc")
-    if is_grpc:
-        h = Headers([(":status", "200"), ("content-type", "application/grpc"),
-                     ("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status))),
-                     ("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))])
-        b = b""
-    else:
-        h = Headers([(":status", str(status))])
-        if b:
-            h.add("content-length", str(len(b)))
-            h.add("content-type", "text/plain")
+    # (the caller's headers come right after the status, as Envoy's modify_headers callback adds
+    # them before the body's headers)
+    h = Headers([(":status", "200" if is_grpc else str(status))])
     if headers:
         for k, v in headers.items():
             h.set(k, v)
+    if is_grpc:
+        h.add("content-type", "application/grpc")
+        h.add("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status)))
+        h.add("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))
+        b = b""
+    elif b:
+        h.add("content-length", str(len(b)))
+        h.add("content-type", "text/plain")
     h.add("date", _date())
     if close and not self.hc.is_h2:
         self.encoder.response_close = True

@@ -29,7 +29,7 @@ from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from .router_retry import R_NO, R_YES, RetryState, charge_retried, grpc_retry
-from .router_steps import (NO_HEALTHY, OVERFLOW, charge_failure, connect_failure, count_rx_reset, finalize_request,
+from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, upstream_timeout)
 from .shadow import local_address, start_shadows
 from .upstream_request import UpstreamRequest
@@ -120,11 +120,6 @@ class Router(RetryState):
             return STOP
         # (upgrades and CONNECT: the connection manager's one check, ActiveStream.upgrade_refused,
         # ran before any filter)
-        if cluster.rq_active_total >= cluster.max_requests:
-            cluster.st_pending_overflow.value += 1
-            status, body, details, flag = OVERFLOW
-            s.send_local_reply(status, body, details, flag=flag)
-            return STOP
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         gmax = route.grpc_timeout_header_max
@@ -504,7 +499,8 @@ class Router(RetryState):
             return
         body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts)
         self._done()
-        self.s.send_local_reply(status, body, details, flag=flag)
+        self.s.send_local_reply(status, body, details, flag=flag,
+                                headers=OVERLOADED if flag == "UO" and not self.cfg.suppress_envoy_headers else None)
 
     def _complete(self):
         c = self.cluster

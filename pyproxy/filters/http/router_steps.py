@@ -31,6 +31,9 @@ CHARGED = frozenset(("UF", "UR", "UT", "UO", "UPE"))
 NO_HEALTHY = (503, "no healthy upstream", "no_healthy_upstream", "UH")
 TIMEOUT = (504, "upstream request timeout", "upstream_response_timeout", "UT")
 OVERFLOW = (503, RESET_BODY + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", "UO")
+# the header of a reply for a request the circuit breakers dropped (flag UO), unless the router's
+# suppress_envoy_headers (Envoy's onUpstreamAbort with ``dropped``)
+OVERLOADED = {"x-envoy-overloaded": "true"}
 
 
 def finalize_request(route, headers, timeout: float, suppress: bool, si, choice, fresh: bool = False,

@@ -84,10 +84,6 @@ class ShadowRequest:
     def start(self, end_stream: bool, timeout: float, loop, downstream_h2: bool) -> None:
         c = self.cluster
         self.complete = end_stream
-        if c.rq_active_total >= c.max_requests:
-            c.st_pending_overflow.value += 1
-            self.done = True
-            return
         host = self.host = c.choose_host(_NO_CTX)
         if host is None:
             c.st_cx_none_healthy.value += 1
