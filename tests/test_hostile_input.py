@@ -265,7 +265,7 @@ XFF_CONFIGS = {
 
 
 # with the RBAC filter the requests run the filter chain; router-only, the stream's first attempt
-# (HTTP/1.1, bodiless: conn_manager.serve_inline): the same request preparation must run on each
+# (HTTP/1.1, bodiless: the inline stream of conn_manager.HttpConnection.on_request): the same request preparation must run on each
 LANES = ["rbac", "router-only"]
 
 

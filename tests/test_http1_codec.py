@@ -63,7 +63,7 @@ class Manager:
         self.streams.append(s)
         return s
 
-    def on_request(self, codec, headers, end_stream, version, direct):
+    def on_request(self, codec, headers, end_stream, version, direct=False, quiet=False, plain=False, ct=True):
         s = codec.stream = self.new_stream(codec, version)
         s.decode_headers(headers, end_stream)
 
@@ -398,8 +398,9 @@ def test_noted_names_without_framing_are_noted_per_request():
     seen = []
 
     class Noting(Manager):
-        def on_request(self, codec, headers, end_stream, version, direct):
+        def on_request(self, codec, headers, end_stream, version, direct=False, quiet=False, plain=False, ct=True):
             seen.append((codec.noted, codec.hop_seen, direct))
+            assert quiet == (direct and not (codec.noted or codec.hop_seen)) and plain == (direct and not codec.hop_seen)
             super().on_request(codec, headers, end_stream, version, direct)
 
     conn, m = Conn(), Noting()

@@ -152,3 +152,43 @@ def test_route_fields_without_action_are_named(tmp_path):
     p.write_text(json.dumps(bootstrap([http_listener(free_port(), rc)], [_cluster()])))
     r = run_pyproxy(["validate", str(p)])
     assert r.returncode == 0 and "0 accepted with ignored parts" in r.stdout, r.stdout
+
+
+def _source_without_field_lists() -> str:
+    import glob
+    import os
+    import re
+    import pyproxy
+    root = os.path.dirname(pyproxy.__file__)
+    out = []
+    for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True):
+        if f.endswith(os.path.join("config", "unacted.py")):
+            continue
+        with open(f) as fh:
+            s = fh.read()
+        out.append(re.sub(r"_[A-Z]+_FIELDS = frozenset\(\{.*?\}\)", "", s, flags=re.S))  # (the lists themselves)
+    return "\n".join(out)
+
+
+def test_every_accepted_route_field_has_a_reader_or_a_row():
+    """The route field lists (routing/table.py, routing/route_compile.py) accept a field only when
+    pyproxy reads it (an attribute access or a field-name string outside the lists) or
+    config/unacted.py names it: a field accepted and never read is the silent-ignore this rule
+    forbids (review findings F3, F6)."""
+    import re
+    from pyproxy.routing import route_compile, table
+    src = _source_without_field_lists()
+    named = {p.replace("[]", "").split(".")[-1] for k, p, _ in unacted.NOT_ACTED_ON if k == "route_configuration"}
+    lists = {"RouteConfiguration": table._RC_FIELDS, "VirtualHost": table._VH_FIELDS,
+             "Route": route_compile._ROUTE_FIELDS, "RouteMatch": route_compile._MATCH_FIELDS,
+             "RouteAction": route_compile._ACTION_FIELDS, "WeightedCluster.ClusterWeight": route_compile._CW_FIELDS}
+    missing = [(what, f) for what, fields in lists.items() for f in sorted(fields)
+               if f not in named and not re.search(r"\.%s\b|[\"']%s[\"']" % (f, f), src)]
+    assert not missing, missing
+
+
+def test_copied_but_not_acted_route_flags_are_read():
+    """Fields that are copied onto the compiled route must be read by the data path too."""
+    src = _source_without_field_lists()
+    for attr in ("include_attempt_count_in_response", "include_is_timeout_retry_header", "cors"):
+        assert "route.%s" % attr in src or "getattr(cb.route, \"%s\"" % attr in src, attr

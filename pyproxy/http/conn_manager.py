@@ -1,8 +1,9 @@
 """HTTP connection manager runtime: one ``HttpConnection`` per downstream connection (the codec,
 the connection's timers, draining, watermarks); one stream per request (``stream.ActiveStream``),
-whatever the codec. ``serve_inline`` is the HTTP/1.1 codec's entry for a complete, bodiless
-request when the HCM's chain plan allows it: request preparation, route lookup and the stream's
-first attempt without the generic entry points, the StreamInfo made only when read."""
+whatever the codec. Both codecs hand a request head to one entry, ``HttpConnection.on_request``:
+request preparation and route lookup, then a stream; for a complete, bodiless request whose
+plans leave the filter chain nothing to do, one made without the generic entry points (no
+StreamInfo until read, no timers) that runs the router's first attempt itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import logging
 import random
 import socket
 import time
-from functools import partial
 
 from .filter import CONTINUE, STOP
 from .first_attempt import chain_is_inert, pick_cluster
@@ -23,7 +23,7 @@ from .stream import ActiveStream
 
 log = logging.getLogger("pyproxy.http")
 
-# request headers the HTTP/1.1 codec notes for serve_inline (``codec.noted``): those the request
+# request headers the HTTP/1.1 codec notes for ``on_request`` (``quiet``): those the request
 # preparation acts on (request_prep.WATCH_BYTES) or adds, the timeout header the stream appends
 # and the attempt count it sets (appends, on a ``quiet`` request)
 H1_NOTE = WATCH_BYTES | {b"x-forwarded-proto", b"x-request-id", b"x-envoy-expected-rq-timeout-ms",
@@ -82,7 +82,7 @@ class HttpConnection:
         self.dl_at = 0.0
         self.last_activity = 0.0
         self.rebound = False
-        self.prepped = None  # serve_inline's request preparation, for the stream it leaves a request to
+        self.prepped = None  # on_request's request preparation, for the stream it leaves a request to
         # requests this connection may still start (max_requests_per_connection; 0: no limit)
         self.rq_left = cfg.max_requests_per_connection
         self.dur_handle = None  # max_connection_duration's timer
@@ -117,8 +117,6 @@ class HttpConnection:
         codec = self.codec = Http1ServerCodec(self.conn, self, max_header_bytes=self.cfg.max_request_headers_kb * 1024,
                                               max_headers=self.cfg.max_headers_count, note=H1_NOTE)
         codec.drain_close = self.draining  # (start_drain sets it on a codec made before it)
-        if self.cfg.serve_inline:
-            codec.on_request = partial(serve_inline, self)
 
     def _make_h2(self):
         from .http2 import Http2ServerCodec
@@ -128,9 +126,7 @@ class HttpConnection:
         self.is_h2 = True
         self.protocol = "HTTP/2"
         # (the request preparation's watched names and what the stream appends: H1_NOTE's reading)
-        codec = self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
-        if self.cfg.serve_inline:
-            codec.on_request = partial(serve_inline, self)
+        self.codec = Http2ServerCodec(self.conn, self, self.cfg, H2_NOTE | self.cfg.prep.watch)
 
     def on_data(self, data, end_stream):
         codec = self.codec
@@ -301,11 +297,104 @@ class HttpConnection:
             self.arm_deadline(nxt)
 
     # -- codec callbacks ------------------------------------------------------------------------------
-    def on_request(self, codec, headers, end_stream: bool, version, direct: bool = False) -> None:
-        """A request head from the HTTP/1.1 codec: a stream serves it. (When the HCM allows it,
-        the codec hands heads to ``serve_inline`` first, which may leave it here.)"""
-        s = codec.stream = self.new_stream(codec, version)
-        s.decode_headers(headers, end_stream)
+    def on_request(self, encoder, headers, end_stream: bool, version, direct: bool = False, quiet: bool = False,
+                   plain: bool = False, ct: bool = True) -> None:
+        """The one entry of a request, from either codec: ``encoder`` is where its response goes
+        (the HTTP/1.1 codec, or the HTTP/2 codec's stream), and gets the stream as its ``stream``.
+
+        What the codec knows of the request as it parsed it: ``direct``, the headers start
+        ``:method, :scheme, :path, :authority`` and the flags describe them (False: nothing
+        known); ``quiet``, none of the names the codec notes for this manager (``H1_NOTE``,
+        ``H2_NOTE``) and no fragment in the path; ``plain``, no framing or hop-by-hop header;
+        ``ct``, a ``content-type`` may be present.
+
+        The request preparation and the route lookup run here, once. When the HCM's chain plan
+        allows it (``cfg.serve_inline``), a complete, bodiless request whose route plan and
+        filters need nothing of the filter chain (``RouteEntry.express``, ``chain_is_inert``) is
+        served by a stream made here without a ``StreamInfo`` or timers (made when read: stream.py
+        ``_make_stream_info``), which runs the router's first attempt
+        (``FirstAttempt.begin_first_attempt``) and, on HTTP/1.1, relays the response head as bytes
+        when the plans allow (``raw_head``, h1_relay.py). Any other request goes to a stream made
+        by ``new_stream`` (``ActiveStream.__init__``) and its ``decode_headers``, which takes the
+        preparation's result and the route found here (``prepped``) instead of running them again.
+
+        (The inline stream is not made by ``new_stream``, ``__init__`` and ``decode_headers``
+        with flags: those calls and their per-request work (a ``StreamInfo``, timers, the upgrade
+        and route-cache handling, ``_guarded``'s frame) are what the inline case leaves out; made
+        here, it is their few lines, at the cost of the duplicated counting below.)"""
+        cfg = self.cfg
+        if not (direct and end_stream and cfg.serve_inline):
+            s = encoder.stream = self.new_stream(encoder, version)
+            if quiet:
+                s.quiet = True
+            s.decode_headers(headers, end_stream)
+            return
+        h = headers._h
+        # the connection manager's request preparation (request_prep.py), the one every stream runs;
+        # when the request then goes to the stream's own entry, its result goes with it (never run twice)
+        table = cfg.routes.table
+        r = prepare(cfg.prep, self.conn, headers, table, quiet)
+        if type(r) is not str and (r.reply is not None or r.upgrade is not None):
+            self.prepped = r
+            return self.on_request(encoder, headers, True, version, False, quiet)
+        if table is None:
+            return _fall_back(self, encoder, headers, version, quiet, r)
+        route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
+        if route is None:
+            return _fall_back(self, encoder, headers, version, quiet, r)
+        if route.express is False:  # (the route's plan, routing/plan.py)
+            return _fall_back(self, encoder, headers, version, quiet, r, table, route)
+        if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
+                cfg, route, headers if ct else None):  # (None: no content-type, the codec saw)
+            # a filter before the router has work: the generic chain
+            return _fall_back(self, encoder, headers, version, quiet, r, table, route)
+        picked = pick_cluster(route, headers, cfg.cluster_manager)
+        if picked is None:
+            return _fall_back(self, encoder, headers, version, quiet, r, table, route)
+
+        # from here on the request is this stream's
+        s = _new_stream(ActiveStream)
+        s.hc = self
+        s.cfg = cfg
+        s.encoder = encoder
+        encoder.stream = s
+        s.t0 = _monotonic()
+        s.request_headers = headers
+        s.route = route
+        s.quiet = quiet
+        s.remote_complete = True
+        st = self.stats
+        if version is HTTP11:
+            s.plain = plain
+            mut = route.resp_raw
+            if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
+                s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+            st.rq_http1_total.value += 1
+        else:
+            s.version = version
+            st.rq_http2_total.value += 1
+        if type(r) is str:
+            s.rid = r
+        else:
+            s.rid = r.rid
+            if r.remote is not None:
+                s.remote = r.remote
+        # new_stream and ActiveStream.__init__'s counting
+        loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
+        self.streams += 1
+        if self.rq_left:
+            self.count_request()
+        self.last_activity = s.last_activity = loop_now
+        self.live.add(s)
+        st.rq_total.value += 1
+        g = st.rq_active
+        g.value += 1
+        g.used = True
+        d = cfg.prep.decorate
+        if d:
+            # (no tracer here: the caller's operation names no span)
+            s.caller_op = decorate(d, route, headers, quiet)
+        s.begin_first_attempt(route, headers, picked[2], picked[1])
 
     def new_stream(self, encoder, version):
         self.streams += 1
@@ -314,7 +403,7 @@ class HttpConnection:
         self.last_activity = self.cfg.loop.time()
         s = ActiveStream(self, encoder, version)
         p = self.prepped
-        if p is not None:  # (what serve_inline did before it left the request to a stream)
+        if p is not None:  # (what on_request did before it left the request to a stream)
             self.prepped = None
             s.prepped = p
         self.live.add(s)
@@ -415,9 +504,10 @@ class _Detect:
 
 
 def hcm_serves_inline(cfg) -> bool:
-    """Whether an HTTP connection manager's HTTP/1.1 requests may be served by ``serve_inline``: a
-    router-only chain (or one whose other filters the chain plan may show inert per request,
-    ``serve_inline`` checks) and none of the per-request features it leaves to the stream's own
+    """Whether an HTTP connection manager's complete, bodiless requests may be served by a stream
+    made in ``HttpConnection.on_request`` (``cfg.serve_inline``): a router-only chain (or one whose
+    other filters the chain plan may show inert per request, ``on_request`` checks) and none of
+    the per-request features it leaves to the stream's own
     entry (access logs, the request id in the response, request and stream duration timers)."""
     # (the request preparation, XFF, XFCC, paths and all, is the shared request_prep step)
     return bool(
@@ -425,88 +515,7 @@ def hcm_serves_inline(cfg) -> bool:
         and not cfg.request_timeout and not cfg.max_stream_duration)
 
 
-def serve_inline(hc, codec, headers, end_stream, version, direct=False) -> None:
-    """The codecs' ``on_request`` when the HCM allows it: serve a complete, bodiless HTTP/1.1 or
-    HTTP/2 request whose filters the plans show inert with a stream made here, which runs the
-    router's first attempt (``FirstAttempt.begin_first_attempt``) and relays the response head as
-    bytes when the route's plan allows; or leave it (having changed nothing the stream's own entry
-    would not do the same way) to ``HttpConnection.on_request``.
-
-    ``headers`` is what the server codec built: ``:method, :scheme, :path, :authority`` first.
-    ``codec`` is the HTTP/1.1 codec or an HTTP/2 request stream (``H2ServerStream``), each with the
-    codec's notes: ``noted``, ``hop_seen`` and ``ct`` (a content-type is present)."""
-    h = headers._h
-    if not (direct and end_stream and (version is HTTP11 or hc.is_h2)) or len(h) < 4:
-        return hc.on_request(codec, headers, end_stream, version)
-    cfg = hc.cfg
-    # the connection manager's request preparation (request_prep.py), the one every stream runs;
-    # when the request then goes to the stream's own entry, its result goes with it (never run twice)
-    table = cfg.routes.table
-    quiet = not (codec.noted or codec.hop_seen)
-    r = prepare(cfg.prep, hc.conn, headers, table, quiet)
-    if type(r) is not str and r.reply is not None:
-        hc.prepped = r
-        return hc.on_request(codec, headers, True, version)
-    if table is None:
-        return _fall_back(hc, codec, headers, r, version)
-    route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
-    if route is None:
-        return _fall_back(hc, codec, headers, r, version)
-    if route.express is False:  # (the route's plan, routing/plan.py)
-        return _fall_back(hc, codec, headers, r, version, table, route)
-    if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
-            cfg, route, headers if codec.ct else None):  # (None: no content-type, the codec saw)
-        return _fall_back(hc, codec, headers, r, version, table, route)  # a filter before the router has work: the generic chain
-    picked = pick_cluster(route, headers, cfg.cluster_manager)
-    if picked is None:
-        return _fall_back(hc, codec, headers, r, version, table, route)
-
-    # from here on the request is this stream's
-    s = _new_stream(ActiveStream)
-    s.hc = hc
-    s.cfg = cfg
-    s.encoder = codec
-    codec.stream = s
-    s.t0 = _monotonic()
-    s.request_headers = headers
-    s.route = route
-    s.quiet = quiet
-    s.remote_complete = True
-    st = hc.stats
-    if version is HTTP11:
-        st.rq_http1_total.value += 1
-        s.plain = not codec.hop_seen
-        mut = route.resp_raw
-        if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-            s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
-    else:
-        st.rq_http2_total.value += 1
-        s.version = version  # (HTTP/2: the response head goes through its stream's encoder)
-    if type(r) is str:
-        s.rid = r
-    else:
-        s.rid = r.rid
-        if r.remote is not None:
-            s.remote = r.remote
-    # HttpConnection.new_stream and ActiveStream.__init__'s counting
-    loop_now = cfg.loop.time()  # (no request or stream duration timer: hcm_serves_inline)
-    hc.streams += 1
-    if hc.rq_left:
-        hc.count_request()
-    hc.last_activity = s.last_activity = loop_now
-    hc.live.add(s)
-    st.rq_total.value += 1
-    g = st.rq_active
-    g.value += 1
-    g.used = True
-    d = cfg.prep.decorate
-    if d:
-        # (no tracer here: the caller's operation names no span)
-        s.caller_op = decorate(d, route, headers, quiet)
-    s.begin_first_attempt(route, headers, picked[2], picked[1])
-
-
-def _fall_back(hc, codec, headers, r, version, table=None, route=None) -> None:
+def _fall_back(hc, encoder, headers, version, quiet, r, table=None, route=None) -> None:
     """Leave the request to the stream's own entry, with the request preparation's result (and
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
@@ -514,4 +523,4 @@ def _fall_back(hc, codec, headers, r, version, table=None, route=None) -> None:
             Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
-    hc.on_request(codec, headers, True, version)
+    hc.on_request(encoder, headers, True, version, False, quiet)

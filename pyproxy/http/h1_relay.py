@@ -8,7 +8,7 @@ response header mutations, compiled as ``RouteEntry.resp_raw``; the telemetry ho
 server and decorator as ``ActiveStream._send_headers``; framing as ``Http1ServerCodec``).
 
 The functions here are methods of the stream (``first_attempt.FirstAttempt``), used when the
-stream's ``raw_head`` is set (``conn_manager.serve_inline``).
+stream's ``raw_head`` is set (``conn_manager.HttpConnection.on_request``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _hook_lines(hooks, s, taken):
 
 def relay_done(s) -> None:
     """The relayed response is complete: the stream's ``_complete`` and ``_finish``, for a stream
-    whose head went as bytes (made by ``serve_inline``: no timers, no filters, no access logs)."""
+    whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
     c.st_rq_time.record((now - s.start) * 1000.0)
@@ -113,7 +113,7 @@ def relay_done(s) -> None:
     if s.counted:
         s.counted = False
         c.rq_active_total -= 1
-        c.st_rq_active.value -= 1  # (gauges that serve_inline() raised: no need to mark them used)
+        c.st_rq_active.value -= 1  # (gauges that on_request raised: no need to mark them used)
     s.local_complete = True
     s.encoder.relay_done()
     s.done = True

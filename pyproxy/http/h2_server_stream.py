@@ -21,9 +21,7 @@ class H2ServerStream(OutStream):
 
     __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close", "tunnel", "body_left", "noted", "ct")
-
-    hop_seen = False  # (the HTTP/1.1 codec's note for the manager: HTTP/2 carries no hop-by-hop fields)
+                 "start", "drain_close", "response_close", "tunnel", "body_left")
 
     def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
         self.conn = conn

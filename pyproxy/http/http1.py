@@ -101,8 +101,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.note = note = frozenset(n.decode("latin-1") for n in note - _FRAMING)
         # (any of these names in a request head sends it down the header-by-header path: _framing)
         self.watch_nohost = _FRAMING_NAMES | note
-        # where a request head goes: ``on_request(codec, headers, end_stream, version, direct)``
-        # (it sets ``stream``; ``direct``: just parsed, so ``noted`` and ``hop_seen`` describe it)
+        # where a request head goes: ``on_request(codec, headers, end_stream, version, direct, quiet,
+        # plain, ct)`` (the manager's one entry; it sets ``stream``; ``direct``: just parsed, so the
+        # flags from ``noted``, ``hop_seen`` and ``ct`` describe it)
         self.on_request = manager.on_request
         self.h2c = False  # the request asked for an h2c upgrade: served as HTTP/1.1 instead
         self.h2c_left = 0  # bytes of such a request's body still to come (see _h2c_body)
@@ -361,7 +362,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self.response_chunked = False
             self.response_close = False
             self.method = method
-            self.on_request(self, headers, True, HTTP11, True)
+            self.on_request(self, headers, True, HTTP11, True, not self.noted, True, self.ct)
             return
         if version == "1.1" and not self.watched:
             self.version = HTTP11
@@ -431,9 +432,10 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.method = method
         if self.expect_continue:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.on_request(self, headers, not has_body, self.version, False)
+            self.on_request(self, headers, not has_body, self.version)
         else:
-            self.on_request(self, headers, not has_body, self.version, True)
+            self.on_request(self, headers, not has_body, self.version, self.version is HTTP11,
+                            not (self.noted or self.hop_seen), not self.hop_seen, self.ct)
 
     def _pipelined(self, headers, end_stream, keep_alive, upgrade) -> None:
         """A request parsed while another is served: it waits for the current response."""
@@ -452,7 +454,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.method = headers._h[0][1]
         if expect_continue:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.on_request(self, headers, end_stream, version, False)
+        self.on_request(self, headers, end_stream, version)
 
     def on_body(self, body: bytes):
         if self.cur_events is not None:

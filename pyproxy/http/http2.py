@@ -49,15 +49,13 @@ class Http2ServerCodec:
                  "in_feed", "flush_handle", "loop", "blocked", "write_paused", "max_frame", "stream_high",
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
-                 "rht_sid", "max_streams", "max_fields", "note", "on_request")
+                 "rht_sid", "max_streams", "max_fields", "note")
 
     def __init__(self, conn, hc, cfg, note=None):
         self.conn = conn
         # header names whose presence in a request the manager wants to know of (``quiet``: the
         # request has none of them and no fragment in its path), as the HTTP/1.1 codec's ``note``
         self.note = note
-        # the manager's entry for a request (``conn_manager.serve_inline``), or None: a stream each
-        self.on_request = None
         self.hc = hc
         self.cfg = cfg
         opts = self.opts = server_options(cfg)
@@ -280,19 +278,14 @@ class Http2ServerCodec:
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
             s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
-            # (quiet: none of the headers the manager acts on or adds, so they are appended, not set)
-            quiet = names is not None and self.note is not None and self.note.isdisjoint(names)
-            entry = self.on_request
-            if entry is not None:
-                # the manager's entry for a request its plans may serve at once (as HTTP/1.1's)
-                s.noted = not quiet
-                s.ct = names is None or "content-type" in names
-                entry(s, Headers(h), end, "HTTP/2", True)
+            if names is None:  # (a fragment in the path)
+                self.hc.on_request(s, Headers(h), end, "HTTP/2")
                 return
-            as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
-            if quiet:
-                as_.quiet = True
-            as_.decode_headers(Headers(h), end)
+            # the manager's one entry: the pseudo-headers come in the HTTP/1.1 codec's order when
+            # :authority is there (request_fields); quiet: none of the headers the manager acts on
+            # or adds (appended, not set)
+            self.hc.on_request(s, Headers(h), end, "HTTP/2", ":authority" in names,
+                               self.note is not None and self.note.isdisjoint(names), False, "content-type" in names)
             return
         st = self.stats
         if protocol is not None:
@@ -318,10 +311,9 @@ class Http2ServerCodec:
         s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
         if length is not None and not end:
             s.body_left = length  # DATA is counted against it (see _on_data)
-        as_ = s.stream = self.hc.new_stream(s, "HTTP/2")
         if expect and not end:
             self.h2.send_headers(sid, [(":status", "100")])
-        as_.decode_headers(Headers(h), end)
+        self.hc.on_request(s, Headers(h), end, "HTTP/2")
 
     def _refuse(self, sid: int, raw) -> None:
         """A request over the stream limit (or after GOAWAY), or with too many fields."""

@@ -1,9 +1,9 @@
 """The connection manager's request preparation, run for every request.
 
 One ``PrepPlan`` is compiled per ``http_connection_manager`` when its config loads; ``prepare()``
-runs it once per request, before routing and before any HTTP filter (the stream's entry and the
-HTTP/1.1 codec's ``conn_manager.serve_inline`` call it, and it is never run twice on a request). It is
-Envoy's ``ConnectionManagerUtility`` in Envoy's order:
+runs it once per request, before routing and before any HTTP filter (the connection manager's
+entry, ``HttpConnection.on_request``, or the stream's ``decode_headers`` call it, and it is never
+run twice on a request). It is Envoy's ``ConnectionManagerUtility`` in Envoy's order:
 
 1. headers with underscores (``headers_with_underscores_action``);
 2. the path (``path_norm``): a fragment refused (400), escaped slashes, ``normalize_path``,
@@ -90,7 +90,7 @@ class Prepared:
         self.remote = remote
         self.reply = reply
         self.upgrade = upgrade  # the upgrade type of a genuine upgrade request (lower case)
-        # the route serve_inline found in ``table`` before it left the request to the stream's entry
+        # the route on_request found in ``table`` before it left the request to the stream's entry
         # (which then does not look it up again)
         self.table = table
         self.route = route
@@ -195,7 +195,7 @@ class PrepPlan:
         self.cert_details = tuple(det)
         self.watch = _WATCH | extra_watch
         # True when a request carrying none of the watched headers only needs x-forwarded-proto
-        # and x-request-id appended (serve_inline's common case)
+        # and x-request-id appended (the common case)
         self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET) or self.xf_port
                              or any(isinstance(x, CustomHeaderDetection) for x in dets))
         self.pre = bool(self.underscores or self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize

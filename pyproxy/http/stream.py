@@ -57,13 +57,13 @@ class ActiveStream(FirstAttempt):
     failing = False
     deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
-    prepped = None  # the request preparation's result when serve_inline ran it before the stream existed
+    prepped = None  # the request preparation's result when HttpConnection.on_request ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
     version = "HTTP/1.1"
     t0 = 0.0              # monotonic start
     remote = None         # the downstream address derived from the headers (request_prep)
     rid = ""              # the request id (request_prep)
-    # made at once by __init__; lazily (``_make_stream_info``) for a serve_inline stream
+    # made at once by __init__; lazily (``_make_stream_info``) for a stream made by HttpConnection.on_request
     stream_info = LazyInfo()
     code = 0              # the response status, sent before a lazily made StreamInfo existed
 
@@ -121,7 +121,7 @@ class ActiveStream(FirstAttempt):
         # route lookup (filters may clear it and cause a new lookup)
         self.route_table = table
         if p is not None and p.route is not None and p.table is table:
-            route = self.route = p.route  # (serve_inline found it before leaving the request here)
+            route = self.route = p.route  # (on_request found it before leaving the request here)
         elif table is None:
             route = self.route = None
         else:
@@ -154,7 +154,7 @@ class ActiveStream(FirstAttempt):
 
     def _prepared(self, r) -> bool:
         """The request preparation's ``Prepared`` result (``decode_headers``; a caller that
-        already ran it, ``conn_manager.serve_inline`` leaving the request, hands it over in
+        already ran it, ``HttpConnection.on_request`` leaving the request, hands it over in
         ``prepped``). Returns True when a local reply was sent instead."""
         si = self.stream_info
         si.request_id = r.rid

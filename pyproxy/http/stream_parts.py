@@ -94,7 +94,7 @@ def new_stream_info(conn, version: str, start_time: float, start_monotonic: floa
 
 
 def make_stream_info(s):
-    """The StreamInfo of a stream made without one (``conn_manager.serve_inline``): what
+    """The StreamInfo of a stream made without one (``conn_manager.HttpConnection.on_request``): what
     ``ActiveStream.__init__`` and the stream have recorded by now (its ``_make_stream_info``)."""
     si = new_stream_info(s.hc.conn, s.version, _time() - (_monotonic() - s.t0), s.t0)
     si.request_id = s.rid  # (the request preparation's, as decode_headers records it)

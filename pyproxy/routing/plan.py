@@ -4,7 +4,7 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
 - ``fast``: a cluster route whose first attempt the stream itself can run (the HCM's compiled
   path, ``http/first_attempt.py``), without the router filter's objects: no hash policy, host
   rewrite from the host, gRPC timeout header, cluster header, hashed or header-weighted
-  clusters, mirror or hedge. A retry policy does not keep a route off it: its retry state is
+  clusters, mirror, hedge or ``include_attempt_count_in_response``. A retry policy does not keep a route off it: its retry state is
   made only when an attempt fails (``retry_codes`` below; the router filter's ``adopt`` takes the
   request over at that point).
 - ``express``: for a ``fast`` route whose header mutations need no ``StreamInfo`` (literal
@@ -96,6 +96,8 @@ def plan_route(e) -> None:
     fast = (e.kind == 0 and not e.hash_policies and not e.auto_host_rewrite and not e.cluster_header
             and not (e.weighted and (e.weight_by_hash or e.weight_header))
             and not e.mirror_policies and not e.hedge_on_per_try_timeout
+            # (x-envoy-attempt-count on the response: the router filter writes it)
+            and not e.include_attempt_count_in_response
             # (a per-try timeout would run on the first attempt too)
             and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
     e.fast = fast

@@ -108,7 +108,7 @@ class RouteEntry:
         "grpc_timeout_header_offset", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
         "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
-        "include_request_attempt_count", "include_attempt_count_in_response",
+        "include_request_attempt_count", "include_attempt_count_in_response", "include_is_timeout_retry_header",
         "per_request_buffer_limit_bytes", "typed_per_filter_config", "filter_names", "metadata",
         # the cors filter's policy on this route (filters/http/cors.py CorsPolicy) or None
         "cors",

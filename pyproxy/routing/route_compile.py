@@ -389,6 +389,7 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     e._redirect = None
     e.include_request_attempt_count = vh.include_request_attempt_count
     e.include_attempt_count_in_response = vh.include_attempt_count_in_response
+    e.include_is_timeout_retry_header = vh.include_is_timeout_retry_header
     e.per_request_buffer_limit_bytes = u32(r, "per_request_buffer_limit_bytes",
                                            vh.per_request_buffer_limit_bytes)
     e.metadata = _metadata_dict(r.metadata) if r.HasField("metadata") else None

@@ -50,7 +50,8 @@ class VirtualHost:
                  "response_mutation", "typed_per_filter_config", "retry", "mirror_policies", "hedge", "rate_limits",
                  "include_request_attempt_count", "include_attempt_count_in_response",
                  "per_request_buffer_limit_bytes", "tls_redirect", "strip_params", "pmap",
-                 "plens", "complex", "any_ci", "emap", "nroutes", "nomatch", "first", "cors")
+                 "plens", "complex", "any_ci", "emap", "nroutes", "nomatch", "first", "cors",
+                 "include_is_timeout_retry_header")
 
     def route(self, headers, random_value: int = 0):
         if self.require_tls:
@@ -153,7 +154,7 @@ class RouteTable:
 
     def find_for_path(self, headers, authority: str, path: str, random_value: int = 0):
         """``find()`` for a request that is not a CONNECT and whose ``:authority`` and ``:path``
-        the caller already has (the HTTP/1.1 codec's inline entry, conn_manager.serve_inline)."""
+        the caller already has (the manager's entry, conn_manager.HttpConnection.on_request)."""
         vh = self._default if self._only_default else None
         if vh is None:
             host = authority if self._by_authority else headers.get(self._host_header) or ""
@@ -226,6 +227,7 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
         or ctx.mirror_policies
     vh.include_request_attempt_count = v.include_request_attempt_count
     vh.include_attempt_count_in_response = v.include_attempt_count_in_response
+    vh.include_is_timeout_retry_header = v.include_is_timeout_retry_header
     vh.per_request_buffer_limit_bytes = u32(v, "per_request_buffer_limit_bytes", None)
     vh.strip_params = strip_params
     vh.routes = tuple(compile_route(r, vh, i, ctx) for i, r in enumerate(v.routes))

@@ -28,7 +28,7 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
-from .router_retry import R_NO, R_YES, RetryState, charge_retried, grpc_retry
+from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, upstream_timeout)
 from .shadow import local_address, start_shadows
@@ -67,7 +67,7 @@ class Router(RetryState):
                  "trailers", "retries_left", "retry", "timing", "attempts", "lb_ctx",
                  "request_complete", "buffering", "done", "start", "choice", "retry_timer",
                  "response_started", "upstream_rq_counted", "grpc", "timeout", "hosts_tried",
-                 "read_held", "shadows", "others", "retry_held", "hedge", "tunnel_enc")
+                 "read_held", "shadows", "others", "retry_held", "hedge", "tunnel_enc", "timeout_retry")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
@@ -89,6 +89,7 @@ class Router(RetryState):
         self.shadows = ()
         self.others = None  # hedging: earlier attempts still running (a list) besides ``upstream``
         self.retry_held = False  # one unit of the cluster's retries, until the retry's outcome
+        self.timeout_retry = False  # the next retry follows a per-try timeout (x-envoy-is-timeout-retry)
 
     # -- HTTP filter API --------------------------------------------------------------------------
     def decode_headers(self, headers: Headers, end_stream: bool):
@@ -128,7 +129,7 @@ class Router(RetryState):
             if gt is not None:
                 timeout = gt if not gmax else min(gt, gmax)
         self.timeout = timeout
-        finalize_request(route, headers, timeout, self.cfg.suppress_envoy_headers, si, choice)
+        finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
         self.headers = headers
         retry = self.retry = route.retry
         self.retries_left = retry.num_retries if retry is not None else 0
@@ -290,8 +291,8 @@ class Router(RetryState):
             self.lb_ctx.previous_hosts.append(host)
         if self.route.auto_host_rewrite and host.hostname:
             self.headers.set(":authority", host.hostname)
-        if self.attempts > 1 and self.route.include_request_attempt_count:  # (the first: decode_headers)
-            self.headers.set("x-envoy-attempt-count", str(self.attempts))
+        if self.attempts > 1:  # (the first: decode_headers)
+            self._retry_headers()
         up = self.upstream = UpstreamRequest(self, host)
         fs = si.filter_state
         pool = c.http_pool(host, s.hc.is_h2, fs.get(ALPN_KEY) if fs else None)  # istio.alpn
@@ -415,6 +416,8 @@ class Router(RetryState):
         c.count_response(status, up.host, headers if self.grpc else None)
         finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
                           self.choice, self.headers)
+        if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
+            headers.set("x-envoy-attempt-count", str(self.attempts))
         if end_stream:
             self._complete()
         self.s.encode_headers(headers, end_stream)
@@ -457,6 +460,7 @@ class Router(RetryState):
             return
         c = self.cluster
         c.report_timeout(up.host)
+        self.timeout_retry = True  # (the retry it may cause says so: _retry_headers)
         if self.hedge:
             # Envoy's soft per-try timeout: this attempt keeps going, and another one starts if
             # a retry is left (always retriable, whatever retry_on says)
@@ -499,8 +503,10 @@ class Router(RetryState):
             return
         body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts)
         self._done()
-        self.s.send_local_reply(status, body, details, flag=flag,
-                                headers=OVERLOADED if flag == "UO" and not self.cfg.suppress_envoy_headers else None)
+        extra = OVERLOADED if flag == "UO" and not self.cfg.suppress_envoy_headers else None
+        if self.attempts and self.route.include_attempt_count_in_response:
+            extra = dict(extra or (), **{"x-envoy-attempt-count": str(self.attempts)})
+        self.s.send_local_reply(status, body, details, flag=flag, headers=extra)
 
     def _complete(self):
         c = self.cluster

@@ -29,10 +29,18 @@ def retry_allowed(c) -> bool:
     return c.retries_active < max(int(pct / 100.0 * active), floor)
 
 
+def expected_timeout(route, timeout: float) -> float:
+    """What a first attempt's ``x-envoy-expected-rq-timeout-ms`` announces (Envoy's
+    ``finalTimeout``): the route's per-try timeout when shorter than ``timeout``, unless hedging."""
+    rp = route.retry
+    pt = rp.per_try_timeout if rp is not None and not route.hedge_on_per_try_timeout else 0.0
+    return pt if pt and (not timeout or pt < timeout) else timeout
+
+
 class RetryState:
     """The retry-state and attempts-in-flight methods of ``router.Router`` (its slots hold the
     state: ``retry``, ``retries_left``, ``retry_timer``, ``retry_held``, ``attempts``,
-    ``upstream``, ``others``)."""
+    ``upstream``, ``others``, ``timeout_retry``)."""
 
     __slots__ = ()
 
@@ -43,6 +51,35 @@ class RetryState:
         if r is None or self.response_started or up.retried:
             return False
         return self._retry_outcome(retries_reset(r.retry_on, what)) == R_YES
+
+    def _retry_headers(self):
+        """A retry's request headers, as Envoy's ``doRetry`` sets them: its attempt number
+        (``include_request_attempt_count``), whether a per-try timeout caused it
+        (``include_is_timeout_retry_header``), and in ``x-envoy-expected-rq-timeout-ms`` the time
+        the request has left (the per-try timeout when shorter, unless hedging)."""
+        route = self.route
+        h = self.headers
+        if route.include_request_attempt_count:
+            h.set("x-envoy-attempt-count", str(self.attempts))
+        if route.include_is_timeout_retry_header:
+            h.set("x-envoy-is-timeout-retry", "true" if self.timeout_retry else "false")
+        self.timeout_retry = False
+        if self.cfg.suppress_envoy_headers:
+            return
+        glob = int(self.timeout * 1000) if self.timeout else 0
+        rp = self.retry
+        exp = int(rp.per_try_timeout * 1000) if rp is not None and not self.hedge else 0
+        if exp >= glob and glob:
+            exp = 0
+        exp = exp or glob
+        if not exp:
+            return
+        d = self.s.deadline
+        if glob and d is not None:
+            # (the route timeout runs from the request's completion: the deadline is then + timeout)
+            elapsed = int((self.cfg.loop.time() - (d - self.timeout)) * 1000)
+            exp = 1 if elapsed >= glob else min(exp, glob - elapsed)
+        h.set("x-envoy-expected-rq-timeout-ms", str(exp))
 
     def retries_refused_stream(self, up) -> bool:
         """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""

@@ -250,7 +250,7 @@ class HcmConfig:
         # tests compare the compiled path with (no chain plan shortcuts, no byte relays)
         self.fast_router = plan.plannable and os.environ.get("PYPROXY_REFERENCE", "0") != "1"
         self.router_suppress_envoy_headers = bool(getattr(self.filters[-1].factory, "suppress_envoy_headers", False))
-        # HTTP/1.1 requests of such a chain: the codec's entry (http/conn_manager.py serve_inline)
+        # complete, bodiless requests of such a chain: a stream made by the manager's entry (http/conn_manager.py on_request)
         from ...http.conn_manager import hcm_serves_inline
         self.serve_inline = hcm_serves_inline(self)
         self.stats = HcmStats(ctx.stats, self.stat_prefix)
