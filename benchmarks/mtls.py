@@ -230,9 +230,13 @@ def run(a):
                                 "cpu": cmed["pyproxy"] / cmed["envoy"] if cmed["envoy"] == cmed["envoy"] else nan,
                                 "handshakes": hmed["pyproxy"] / hmed["envoy"] if hmed["envoy"] else nan,
                                 "handshake_cpu": hcmed["pyproxy"] / hcmed["envoy"] if hcmed["envoy"] else nan}
-            print("pyproxy / Envoy: %.2fx keep-alive rps (CPU per request %.2fx), %.2fx new handshakes/s "
-                  "(CPU per handshake %.2fx)" % (result["ratios"]["rps"], result["ratios"]["cpu"],
-                                                 result["ratios"]["handshakes"], result["ratios"]["handshake_cpu"]))
+            # per core: requests one core serves, 1 / CPU per request (the rps figure itself is
+            # bounded by the load core, which runs the client sidecar, wrk and nginx)
+            result["ratios"]["rps_per_core"] = 1 / result["ratios"]["cpu"] if result["ratios"]["cpu"] else nan
+            print("pyproxy / Envoy: %.2fx keep-alive rps (CPU per request %.2fx: %.2fx rps per core), "
+                  "%.2fx new handshakes/s (CPU per handshake %.2fx)" % (
+                      result["ratios"]["rps"], result["ratios"]["cpu"], result["ratios"]["rps_per_core"],
+                      result["ratios"]["handshakes"], result["ratios"]["handshake_cpu"]))
     finally:
         for p in reversed(started):
             p.stop()

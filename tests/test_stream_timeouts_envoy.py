@@ -15,7 +15,7 @@ from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_po
 
 
 def _handler(req, sock):
-    if req.path == "/slow":
+    if req.path.endswith("/slow"):
         time.sleep(3.0)
     return simple_response(200, b"ok")
 
@@ -110,3 +110,27 @@ def test_stream_idle_timeout_slow_upstream_is_504_keep_alive(backend):
         assert status.startswith("http/1.1 504"), (name, head)
         assert "connection: close" not in head, (name, head)
         assert second is not None and second.startswith(b"HTTP/1.1 200"), (name, second)
+
+
+def _bs_routes(be_port, hcm_extra):
+    rc = route_config([route("/r1/", "b", timeout="10s", max_stream_duration={"max_stream_duration": "1s"}),
+                       route("/r0/", "b", timeout="10s", max_stream_duration={"max_stream_duration": "0s"}),
+                       route("/", "b", timeout="10s")])
+    return bootstrap([http_listener(free_port(), rc, **hcm_extra)], [cluster("b", [be_port])])
+
+
+def test_route_max_stream_duration_applies(backend):
+    """RouteAction.max_stream_duration: 1 s on the route, none on the HCM: 504 after 1 s."""
+    res = _run(_bs_routes(backend.port, {}), b"GET /r1/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    for name, (status, head, took, second) in res.items():
+        assert status.startswith("http/1.1 504"), (name, head)
+        assert 0.8 <= took < 2.5, (name, took)
+
+
+def test_route_max_stream_duration_zero_turns_off_the_hcm_one(backend):
+    """0 s on the route turns the HCM's 1 s off: the upstream's answer after 3 s goes through."""
+    res = _run(_bs_routes(backend.port, {"common_http_protocol_options": {"max_stream_duration": "1s"}}),
+               b"GET /r0/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    for name, (status, head, took, second) in res.items():
+        assert status.startswith("http/1.1 200"), (name, head)
+        assert took >= 2.5, (name, took)

@@ -192,3 +192,14 @@ def test_copied_but_not_acted_route_flags_are_read():
     src = _source_without_field_lists()
     for attr in ("include_attempt_count_in_response", "include_is_timeout_retry_header", "cors"):
         assert "route.%s" % attr in src or "getattr(cb.route, \"%s\"" % attr in src, attr
+
+
+def test_route_idle_timeout_and_weighted_cluster_filter_configs_named(tmp_path):
+    rc = route_config([{"match": {"prefix": "/"}, "route": {"idle_timeout": "5s", "weighted_clusters": {"clusters": [
+        {"name": "c", "weight": 1, "typed_per_filter_config": {"envoy.filters.http.fault": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}}}]}}}])
+    p = tmp_path / "bs.json"
+    p.write_text(json.dumps(bootstrap([http_listener(free_port(), rc)], [_cluster()])))
+    r = run_pyproxy(["validate", str(p)])
+    assert r.returncode == 0, r.stdout
+    assert "route.idle_timeout" in r.stdout and "clusters.typed_per_filter_config" in r.stdout, r.stdout

@@ -371,6 +371,7 @@ class HttpConnection:
                 s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
             st.rq_http1_total.value += 1
         else:
+            s.plain = False
             s.version = version
             st.rq_http2_total.value += 1
         if type(r) is str:

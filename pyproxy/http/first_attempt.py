@@ -88,24 +88,28 @@ def pick_cluster(route, headers, cluster_manager):
 class FirstAttempt:
     """The stream's part that runs the router's first attempt (see the module docstring)."""
 
-    cluster = None
-    choice = None
-    host = None
-    encoder_up = None     # the bound upstream connection (request encoder)
-    pending = None        # a queued pool request
-    start = 0.0
-    counted = False       # counted in the cluster's active requests
-    up_done = False       # the upstream exchange is over (completed, failed or abandoned)
+    # per-request state in slots (ActiveStream adds its own and a __dict__ for the rest): every
+    # way a stream starts sets each of them before anything reads it (``ActiveStream.__init__``;
+    # for a stream ``conn_manager.serve_inline`` makes, ``begin_first_attempt``)
+    __slots__ = (
+        "cluster", "choice", "host",
+        "encoder_up",   # the bound upstream connection (request encoder)
+        "pending",      # a queued pool request
+        "start",
+        "counted",      # counted in the cluster's active requests
+        "up_done",      # the upstream exchange is over (completed, failed or abandoned)
+        "status",       # set when on_upstream_head wrote the response head itself
+        "up_local",
+        "up_head",      # the request head the relay wrote upstream (istio.stats sizes it)
+        "plain",        # the request has no framing or hop-by-hop headers (HTTP/1.1 codec)
+        "quiet",        # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
+        "tx_head",      # bytes of the response header lines written by the relay (istio.stats)
+        "tx_body",      # response body bytes written by the relay
+    )
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
     raw_head = False      # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
-    status = 0            # set when on_upstream_head wrote the response head itself
-    up_local = ""
-    plain = False         # the request has no framing or hop-by-hop headers (HTTP/1.1 codec)
-    quiet = False         # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
-    tx_head = 0           # bytes of the response header lines written by the relay (istio.stats)
-    tx_body = 0           # response body bytes written by the relay
 
     on_upstream_head = h1_relay.on_upstream_head
     _send_request = h1_relay.send_request
@@ -117,6 +121,12 @@ class FirstAttempt:
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         self.cluster = cluster
         self.choice = choice
+        # (the slots serve_inline does not set, before the hooks can read them)
+        self.host = self.encoder_up = self.pending = self.deadline = self.up_head = None
+        self.counted = self.up_done = self.response_started = self.local_complete = self.done = False
+        self.status = self.tx_head = self.tx_body = 0
+        self.start = 0.0
+        self.up_local = ""
         for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
             hook(self, headers, cluster)
         # (no filter ran: the request preparation removed any timeout header the client sent;

@@ -19,7 +19,7 @@ from functools import partial
 from ..cluster.pool import UpstreamConnection
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS, response_operation
 from .headers import Headers
-from .http1_common import header_line, int_header_template
+from .http1_common import ProtocolError, header_line, int_header_template
 from .http1_response import RelayEdits
 
 _DECORATOR = "x-envoy-decorator-operation"
@@ -83,10 +83,15 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         if dec is not None:
             dec = header_line(_DECORATOR, dec)
     s.response_started = True
-    s.tx_head = s.encoder.relay_head(
-        status, raw, end_stream, edits, route.resp_raw,  # (the route's response header mutations)
-        b"" if cfg.router_suppress_envoy_headers else _SERVICE_TIME % int((_monotonic() - s.start) * 1000),
-        dec, s)
+    try:
+        s.tx_head = s.encoder.relay_head(
+            status, raw, end_stream, edits, route.resp_raw,  # (the route's response header mutations)
+            b"" if cfg.router_suppress_envoy_headers else _SERVICE_TIME % int((_monotonic() - s.start) * 1000),
+            dec, s)
+    except ProtocolError:
+        s.response_started = False  # (nothing written: the upstream's protocol error becomes a 502)
+        s.status = 0
+        raise
     if end_stream:
         relay_done(s)
 

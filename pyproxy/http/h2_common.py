@@ -18,6 +18,7 @@ from ..config import ConfigError, duration_s, u32
 from . import h2engine_events
 from .h2_hpack import FastDecoder, FastEncoder
 from .h2engine import H2Engine
+from .h2engine_frames import WU_BASE, WU_NO_BOUND, WindowUpdateFlood
 
 # Envoy 1.40's defaults (what it advertises with an empty http2_protocol_options)
 DEFAULT_MAX_CONCURRENT_STREAMS = 1024
@@ -26,6 +27,7 @@ DEFAULT_CONNECTION_WINDOW = 24 * 1024 * 1024
 DEFAULT_MAX_OUTBOUND_CONTROL_FRAMES = 1000
 DEFAULT_MAX_PRIORITY_PER_STREAM = 100
 DEFAULT_MAX_EMPTY_FRAMES = 1
+DEFAULT_MAX_WINDOW_UPDATES_PER_DATA_FRAME = 10
 # CVE-2023-44487: a connection whose streams are mostly reset by the client within this many
 # seconds of their start is closed once it has opened PREMATURE_RESET_STREAMS streams.
 PREMATURE_RESET_SECONDS = 1.0
@@ -56,7 +58,7 @@ class H2Options:
     __slots__ = ("max_concurrent_streams", "stream_window", "connection_window", "keepalive_interval",
                  "keepalive_timeout", "max_outbound_control_frames", "max_priority_per_stream",
                  "max_empty_frames", "max_header_list_size", "max_headers", "stats", "premature_counter",
-                 "allow_connect")
+                 "allow_connect", "max_wu_per_data_frame")
 
     def __init__(self, proto=None, max_header_list_size: int = 60 * 1024, max_headers: int = 100):
         self.max_concurrent_streams = DEFAULT_MAX_CONCURRENT_STREAMS
@@ -67,6 +69,9 @@ class H2Options:
         self.max_outbound_control_frames = DEFAULT_MAX_OUTBOUND_CONTROL_FRAMES
         self.max_priority_per_stream = DEFAULT_MAX_PRIORITY_PER_STREAM
         self.max_empty_frames = DEFAULT_MAX_EMPTY_FRAMES
+        # Envoy's bound on inbound WINDOW_UPDATE frames: more than
+        # 5 + 2 * (streams opened + this * DATA frames sent) close the connection
+        self.max_wu_per_data_frame = DEFAULT_MAX_WINDOW_UPDATES_PER_DATA_FRAME
         self.max_header_list_size = max_header_list_size
         self.max_headers = max_headers
         self.stats = None
@@ -91,6 +96,12 @@ class H2Options:
                                            DEFAULT_MAX_PRIORITY_PER_STREAM)
         self.max_empty_frames = u32(proto, "max_consecutive_inbound_frames_with_empty_payload",
                                     DEFAULT_MAX_EMPTY_FRAMES)
+        wu = u32(proto, "max_inbound_window_update_frames_per_data_frame_sent",
+                 DEFAULT_MAX_WINDOW_UPDATES_PER_DATA_FRAME)
+        if wu < 1:
+            raise ConfigError("max_inbound_window_update_frames_per_data_frame_sent must be >= 1",
+                              field="max_inbound_window_update_frames_per_data_frame_sent")
+        self.max_wu_per_data_frame = wu
         if proto.HasField("connection_keepalive"):
             ka = proto.connection_keepalive
             self.keepalive_interval = duration_s(ka, "interval", 0.0)
@@ -104,7 +115,8 @@ class H2Stats:
     """Envoy's ``http2.*`` codec counters (shared scope, as Envoy's are per codec type)."""
 
     __slots__ = ("rx_reset", "tx_reset", "header_overflow", "goaway_sent", "outbound_control_flood",
-                 "inbound_priority_frames_flood", "inbound_empty_frames_flood", "rx_messaging_error",
+                 "inbound_priority_frames_flood", "inbound_empty_frames_flood", "inbound_window_update_frames_flood",
+                 "rx_messaging_error",
                  "keepalive_timeout", "streams_refused", "trailers")
 
     def __init__(self, store):
@@ -122,6 +134,26 @@ class _H2Connection(h2.connection.H2Connection):
     downstream, pool capacity upstream), so the walk only runs every 64th stream, to prune."""
 
     _prune = 0
+    # the WINDOW_UPDATE flood bound, as ``H2Engine``'s: DATA frames sent, WINDOW_UPDATE frames
+    # received, the count past which ``wu_over(n)`` (the server codec's) is asked
+    data_sent = 0
+    wu_in = 0
+    wu_cap = WU_NO_BOUND
+    wu_over = None
+
+    def _receive_window_update_frame(self, frame):
+        k = self.wu_in = self.wu_in + 1
+        if k > self.wu_cap:
+            self.wu_cap = self.wu_over(k)  # (raises WindowUpdateFlood past the bound)
+        return super()._receive_window_update_frame(frame)
+
+    def send_data(self, stream_id, data, end_stream=False, pad_length=None):
+        self.data_sent += 1
+        super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+
+    def end_stream(self, stream_id):
+        self.data_sent += 1  # (an empty DATA frame with END_STREAM)
+        super().end_stream(stream_id)
 
     @property
     def open_outbound_streams(self) -> int:
@@ -136,6 +168,28 @@ class _H2Connection(h2.connection.H2Connection):
         if self._prune & 63 == 0:
             self._open_streams(not self.config.client_side)
         return 0
+
+
+def bound_window_updates(codec) -> None:
+    """Bound the WINDOW_UPDATE frames the server codec ``codec`` receives, as Envoy does: at most
+    5 + 2 * (streams opened + ``max_inbound_window_update_frames_per_data_frame_sent`` * DATA
+    frames sent); past it ``http2.inbound_window_update_frames_flood`` and GOAWAY
+    ENHANCE_YOUR_CALM (the engine raises WindowUpdateFlood). Either engine counts the frames and
+    asks only when its last bound is passed (the bound only grows)."""
+    h = codec.h2
+    per_data = codec.opts.max_wu_per_data_frame
+
+    def over(n: int) -> int:
+        cap = WU_BASE + 2 * (codec.total_streams + per_data * h.data_sent)
+        if n > cap:
+            st = codec.stats
+            if st is not None:
+                st.inbound_window_update_frames_flood.value += 1
+                st.goaway_sent.value += 1
+            raise WindowUpdateFlood("more than %d WINDOW_UPDATE frames" % cap)
+        return cap
+    h.wu_over = over
+    h.wu_cap = WU_BASE
 
 
 # Which protocol engine carries HTTP/2: "lean" (``h2engine``, the default) or "h2" (the ``h2``

@@ -235,6 +235,8 @@ def response_fields(raw) -> tuple:
                     if length:
                         raise BadHeaders("content-length %r in a 204" % v)
                     del fields[i]
+            elif k == "x-envoy-upstream-service-time":
+                del fields[i]  # (the router adds its own: one, as Envoy)
         if status[:1] == "1":
             if length is not None:
                 raise BadHeaders("content-length in a %s" % status)

@@ -50,8 +50,8 @@ from h2.settings import ChangedSetting
 
 from .h2engine_frames import (CLOSED_MEMORY, CONTINUATION, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, ENDED, F_END_HEADERS,
                               F_END_STREAM, GOAWAY, HEADERS, MAX_STREAM_ID, MAX_WINDOW, PING, PREFACE, RESET_LOCAL,
-                              RST_STREAM, SETTINGS, Settings, WINDOW_UPDATE, _GOAWAY, _SETTING, _SETTING_CODES,
-                              _Stream, _U32, _pack_hdr)
+                              RST_STREAM, SETTINGS, Settings, WINDOW_UPDATE, WU_NO_BOUND, _GOAWAY, _SETTING,
+                              _SETTING_CODES, _Stream, _U32, _pack_hdr)
 from .h2engine_recv import FrameReceiver
 
 
@@ -63,7 +63,7 @@ class H2Engine(FrameReceiver):
                  "seen_settings", "out_window", "in_window", "in_max", "unacked", "cont", "pending_settings",
                  "max_in_frame", "goaway_sent", "goaway_received", "dead", "n_out", "n_in", "max_block",
                  "peer_odd", "initial", "closed_floor", "split_ends",
-                 "rst_seen")
+                 "rst_seen", "data_sent", "wu_in", "wu_cap", "wu_over")
 
     def __init__(self, client_side: bool, settings=None, max_block: int = 0):
         self.client_side = client_side
@@ -100,6 +100,12 @@ class H2Engine(FrameReceiver):
         # without the separate StreamEnded event ``h2`` also emits (pyproxy's codecs need only the mark)
         self.split_ends = True
         self.rst_seen = False  # the last receive_data() call carried a RST_STREAM
+        # the WINDOW_UPDATE flood bound: frames received; past ``wu_cap`` the server codec's
+        # ``wu_over(n)`` gives the next cap or raises (counts DATA frames sent for it)
+        self.data_sent = 0
+        self.wu_in = 0
+        self.wu_cap = WU_NO_BOUND
+        self.wu_over = None
         self.max_block = max_block or max(64 * 1024, 2 * (self.local_settings.max_header_list_size or 0))
 
     # -- h2-compatible read-only views ------------------------------------------------------------
@@ -299,6 +305,7 @@ class H2Engine(FrameReceiver):
             return False
         s.out_window = w
         self.out_window -= n
+        self.data_sent += 1
         out = self.out
         if end_stream:
             out.append(_pack_hdr(n << 8, F_END_STREAM, stream_id))
@@ -318,6 +325,7 @@ class H2Engine(FrameReceiver):
         if s is None or not s.lopen:
             raise StreamClosedError(stream_id)
         self.out.append(_pack_hdr(0, F_END_STREAM, stream_id))
+        self.data_sent += 1
         self._local_end(s)
 
     def reset_stream(self, stream_id: int, error_code=0) -> None:

@@ -59,6 +59,18 @@ def _conn_error(code, msg: str) -> ProtocolError:
     return e
 
 
+class WindowUpdateFlood(ProtocolError):
+    """More WINDOW_UPDATE frames than the server codec's bound (``Http2ServerCodec._wu_over``)."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
+# the WINDOW_UPDATE frames a connection may receive before it opened a stream or sent DATA
+# (Envoy's constant in its bound); with no ``wu_over`` hook (client side), no bound
+WU_BASE = 5
+WU_NO_BOUND = 1 << 62
+
+
 _END = StreamEnded(0)  # ``stream_ended`` mark when ends are not split (see ``H2Engine.split_ends``)
 
 

@@ -337,6 +337,9 @@ class FrameReceiver:
             self._remote_end(s, ev, events)
 
     def _window_update(self, data: bytes, p: int, n: int, sid: int, events: list) -> None:
+        k = self.wu_in = self.wu_in + 1
+        if k > self.wu_cap:
+            self.wu_cap = self.wu_over(k)  # (raises WindowUpdateFlood past the bound)
         if n != 4:
             raise _conn_error(ErrorCodes.FRAME_SIZE_ERROR, "WINDOW_UPDATE of %d bytes" % n)
         inc = _unpack_u32(data, p)[0] & 0x7FFFFFFF

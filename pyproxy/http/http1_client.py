@@ -4,6 +4,8 @@ connection; the response becomes the router's ``on_upstream_headers/data/trailer
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import httptools
 
 from .headers import Headers
@@ -11,6 +13,34 @@ from .http1_common import HOP_BY_HOP, ProtocolError, encode_headers_block
 
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _JOIN = ": ".join  # (name, value) -> "name: value"
+_SERVICE_TIME = "x-envoy-upstream-service-time"
+_first = itemgetter(0)
+
+
+def _no_content(hdrs: list) -> list:
+    """A 204's header lines: a content-length other than 0, or a transfer-encoding, is a protocol
+    error (Envoy: 502); ``content-length: 0`` is dropped, as Envoy does."""
+    out = []
+    for kv in hdrs:
+        n = kv[0].lower()
+        if n == b"content-length":
+            if kv[1].strip() != b"0":
+                raise ProtocolError(502, "content-length in a 204 response")
+            continue
+        if n == b"transfer-encoding":
+            raise ProtocolError(502, "transfer-encoding in a 204 response")
+        out.append(kv)
+    return out
+
+
+def _transfer_encoding(hdrs: list) -> None:
+    """A response's transfer-encoding must be one ``chunked`` (Envoy refuses any other coding)."""
+    seen = False
+    for n, v in hdrs:
+        if n.lower() == b"transfer-encoding":
+            if seen or v.strip().lower() != b"chunked":
+                raise ProtocolError(502, "unsupported transfer-encoding %r" % v.decode("latin-1"))
+            seen = True
 
 
 def _new_response_parser(proto):
@@ -78,8 +108,8 @@ class Http1ClientCodec:
             if k in HOP_BY_HOP:
                 if k == "upgrade":
                     upgrade = v
-                elif k == "te" and v.lower() == "trailers":
-                    add("te: trailers\r\n")
+                elif k == "te" and (v.lower() == "trailers" or "trailers" in map(str.strip, v.lower().split(","))):
+                    add("te: trailers\r\n")  # (Envoy keeps only that coding)
                 continue
             add(f"{k}: {v}\r\n")
         self.head_request = method == "HEAD"
@@ -199,7 +229,16 @@ class Http1ClientCodec:
     def on_headers_complete(self):
         p = self.parser
         status = p.get_status_code()
-        if status < 200 and status != 101:
+        if status < 200 and (status != 101 or not self.pending_upgrade):
+            if status < 100:
+                raise ProtocolError(502, "upstream status %d" % status)  # (Envoy: a protocol error)
+            if status == 101:
+                # an upgrade the request did not ask for (Envoy: upgrade and connection dropped, the
+                # response ends at its head; the connection is not reused)
+                self.hdrs = [kv for kv in self.hdrs if kv[0].lower() not in (b"upgrade", b"connection")]
+                self.keep_alive = False
+                self.parser_dirty = True
+                return self._unasked_101(status)
             self.hdrs = []
             return  # 1xx interim responses are consumed here
         self.status = status
@@ -217,13 +256,18 @@ class Http1ClientCodec:
             self.parser_dirty = True
         elif status in (204, 304):
             end = True
+            if status == 204:
+                hdrs = self.hdrs = _no_content(hdrs)
         elif status != 101 and not self.raw:
             # (the byte relay, http/h1_relay.py, writes a content-length: 0 head as it is and ends the response
             # when llhttp completes it, a moment later in this same read)
             for n, v in hdrs:
-                if len(n) == 14 and n.lower() == b"content-length":
+                ln = len(n)
+                if ln == 14 and n.lower() == b"content-length":
                     end = v == b"0"
                     break
+                if ln == 17 and n.lower() == b"transfer-encoding":
+                    _transfer_encoding(hdrs)
         self.resp_headers_sent = True
         if end:
             self.complete = True
@@ -236,9 +280,22 @@ class Http1ClientCodec:
             else:
                 h = [(":status", str(status))]
                 h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
+                if _SERVICE_TIME in map(_first, h):  # (the router adds its own: one, as Envoy)
+                    h = [kv for kv in h if kv[0] != _SERVICE_TIME]
                 d.on_upstream_headers(Headers(h), end)
         if end and status != 101:
             self._finish()
+
+    def _unasked_101(self, status: int) -> None:
+        """A 101 to a request that asked for no upgrade: passed on as a head that ends the response."""
+        self.status = status
+        self.resp_headers_sent = True
+        self.complete = True
+        d = self.decoder
+        if d is not None:
+            h = [(":status", "101")] + [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in self.hdrs]
+            d.on_upstream_headers(Headers(h), True)
+        self._finish()
 
     def on_body(self, body: bytes):
         if self.parser_dirty:

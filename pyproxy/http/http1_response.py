@@ -8,11 +8,12 @@ head, and the end of a response (keep-alive, close, the next pipelined request).
 from __future__ import annotations
 
 from .headers import Headers
-from .http1_common import (_STATUS_LINES, HOP_BY_HOP, HTTP10, HTTP11, REASONS, date_line, encode_headers_block,
-                           status_line)
+from .http1_common import (_STATUS_LINES, HOP_BY_HOP, HTTP10, HTTP11, REASONS, ProtocolError, date_line,
+                           encode_headers_block, status_line)
 
 # response header names ``relay_head`` handles itself (framing, hop-by-hop, server, date)
-_RELAY_OWN = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date"}
+_SERVICE_TIME = b"x-envoy-upstream-service-time"
+_RELAY_OWN = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date", _SERVICE_TIME}
 
 
 class RelayEdits:
@@ -69,7 +70,7 @@ class Http1ResponseEncoder:
         status = int(h[0][1]) if h and h[0][0] == ":status" else int(headers.get(":status", "200"))
         if status == 100:
             return  # Envoy answers Expect itself; upstream 100s are not forwarded
-        if status == 101:
+        if status == 101 and "upgrade" in headers:  # (an unasked 101 lost its upgrade: a plain head)
             self._encode_upgrade_head(h)
             if end_stream:
                 self._response_complete()
@@ -155,6 +156,7 @@ class Http1ResponseEncoder:
         cl = None
         server = False
         date = False
+        te = False
         taken = None
         special = edits.special
         if mut is not None:
@@ -190,6 +192,14 @@ class Http1ResponseEncoder:
                     if taken is None:
                         taken = []
                     taken.append((n.decode("latin-1"), v.decode("latin-1")))
+                elif n == b"transfer-encoding":
+                    # one "chunked" (Envoy refuses any other coding): nothing was written yet
+                    if te or v.strip().lower() != b"chunked":
+                        raise ProtocolError(502, "unsupported transfer-encoding")
+                    te = True
+                elif n == _SERVICE_TIME:
+                    if not lead:  # (``lead`` is the router's own, unless suppressed)
+                        add(n + b": " + v + b"\r\n")
                 # (else hop-by-hop, or a name removed by ``edits.drop`` or the caller's edits)
                 continue
             add(n + b": " + v + b"\r\n")

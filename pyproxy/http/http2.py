@@ -16,7 +16,7 @@ Flow control (both sides):
 
 Hardening (Envoy's defaults): premature ("rapid") resets, CONTINUATION/HPACK bombs (``h2``'s
 limits plus ``max_request_headers_kb``), outbound control-frame floods (PING/SETTINGS acks
-that the client does not read), PRIORITY floods, empty-frame floods, streams beyond
+that the client does not read), PRIORITY, WINDOW_UPDATE and empty-frame floods, streams beyond
 ``max_concurrent_streams`` (REFUSED_STREAM), protocol errors -> GOAWAY with ``h2``'s error code.
 """
 
@@ -32,11 +32,12 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, new_h2, server_options)
+                        PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
+from .h2engine_frames import WindowUpdateFlood
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
@@ -82,6 +83,7 @@ class Http2ServerCodec:
         self.max_fields = opts.max_headers + 4  # (pseudo-headers not counted)
         self.h2 = new_h2(False, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
+        bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
         # request_headers_timeout (0: none): a stream whose header block (HEADERS + CONTINUATION)
@@ -500,6 +502,10 @@ class Http2ServerCodec:
 
     # -- failures ---------------------------------------------------------------------------------
     def _protocol_error(self, e) -> None:
+        if e.__class__ is WindowUpdateFlood:  # (counted by window_update_bound; the engine queued GOAWAY)
+            self._reset_all("http2.connection_error")
+            self._close_now(abort=False)
+            return
         st = self.stats
         if st is not None:
             st.rx_messaging_error.value += 1

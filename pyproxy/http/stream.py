@@ -23,7 +23,7 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
-from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info
+from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info, route_duration
 
 log = logging.getLogger("pyproxy.http")
 
@@ -32,37 +32,30 @@ class ActiveStream(FirstAttempt):
     """One request/response exchange: through the HTTP filter chain, or, when the plans show the
     filters inert, with the router's first attempt run by the stream (``FirstAttempt``).
 
-    Attributes default at class level: a request sets only what differs (cheap to create).
+    The attributes every request sets are slots (see ``FirstAttempt``); the others default at
+    class level and live in the instance's ``__dict__`` once set.
     """
 
-    request_headers = None
+    __slots__ = ("hc", "cfg", "encoder", "t0", "request_headers", "route", "remote_complete", "rid",
+                 "last_activity", "router", "deadline", "response_started", "local_complete", "done",
+                 "__dict__")
     response_headers = None
     response_trailers = None
-    route = None
     route_table = None
     filters = None
     decoder_stopped_at = -1
     decoder_buffer = None
     encoder_stopped_at = -1
     encoder_buffer = None
-    response_started = False
-    done = False
-    remote_complete = False
-    local_complete = False
-    router = None
     filter_state = None
     request_timer = None
     max_duration_timer = None
-    last_activity = 0.0
     failing = False
-    deadline = None  # loop time at which ``on_deadline()`` runs (HttpConnection.arm_deadline)
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when HttpConnection.on_request ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
     version = "HTTP/1.1"
-    t0 = 0.0              # monotonic start
     remote = None         # the downstream address derived from the headers (request_prep)
-    rid = ""              # the request id (request_prep)
     # made at once by __init__; lazily (``_make_stream_info``) for a stream made by HttpConnection.on_request
     stream_info = LazyInfo()
     code = 0              # the response status, sent before a lazily made StreamInfo existed
@@ -71,6 +64,13 @@ class ActiveStream(FirstAttempt):
         self.hc = hc
         cfg = self.cfg = hc.cfg
         self.encoder = encoder
+        # the slots (``deadline``: the loop time at which ``on_deadline()`` runs, HttpConnection.arm_deadline)
+        self.request_headers = self.route = self.router = self.deadline = None
+        self.cluster = self.choice = self.host = self.encoder_up = self.pending = self.up_head = None
+        self.remote_complete = self.response_started = self.local_complete = self.done = False
+        self.counted = self.up_done = self.plain = self.quiet = False
+        self.status = self.tx_head = self.tx_body = self.start = 0
+        self.rid = self.up_local = ""
         self.t0 = t0 = _monotonic()
         self.stream_info = new_stream_info(hc.conn, version, _time(), t0)
         self.version = version
@@ -132,6 +132,8 @@ class ActiveStream(FirstAttempt):
             else:  # (refresh_route)
                 route = self.route = table.find(headers, si, _urand(32))
         si.route_name = route.name if route is not None else ""
+        if route is not None and (route.max_stream_duration or cfg.max_stream_duration):
+            route_duration(self, route.max_stream_duration)  # (the route's replaces the HCM's)
         d = cfg.prep.decorate
         if d:
             self.caller_op = decorate(d, route, headers, self.quiet)

@@ -117,3 +117,18 @@ def make_stream_info(s):
         # local reply makes the StreamInfo before its head)
         si.response_code_details = "via_upstream"
     return si
+
+
+def route_duration(stream, msd) -> None:
+    """The matched route's ``max_stream_duration`` (RouteAction.max_stream_duration) in place of
+    the HCM's, as Envoy's ``refreshDurationTimeout``: None keeps the HCM's timer; 0 turns it off;
+    otherwise the stream may last that long from its start (a timer for what is left)."""
+    if msd is None:
+        return
+    t = stream.max_duration_timer
+    if t is not None:
+        t.cancel()
+        stream.max_duration_timer = None
+    if msd:
+        left = msd - (time.monotonic() - stream.t0)
+        stream.max_duration_timer = stream.cfg.loop.call_later(max(0.0, left), stream._max_duration)

@@ -104,7 +104,8 @@ def plan_route(e) -> None:
     e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
     e.resp_raw = raw = compile_response_raw(e._resp_mutations)
     express = False
-    if fast and (raw is not None or not e._resp_mutations):
+    # (a route max_stream_duration needs the stream's timer: not the HCM's serve_inline entry)
+    if fast and not e.max_stream_duration and (raw is not None or not e._resp_mutations):
         adds = [a for m in e._req_mutations for a in m.add]
         rms = [r for m in e._req_mutations for r in m.remove]
         for cw in e.weighted or ():

@@ -113,7 +113,7 @@ class IstioStatsHttpConfig(StatsConfig):
         resolves through the StreamInfo (made then) as every other stream does."""
         d = s.__dict__
         si = d.get("stream_info")  # (made on first use by a stream that started without one)
-        code = d.get("status")  # (set by a stream that relayed the response head as bytes)
+        code = getattr(s, "status", 0)  # (set by a stream that relayed the response head as bytes)
         if code and self.bare_ok and (si is None or not si.response_flags):
             rq = s.request_headers
             h = rq._h
@@ -156,7 +156,7 @@ class IstioStatsHttpConfig(StatsConfig):
                 # the request head as ``name: value\r\n`` lines and the blank line: from the head
                 # the relay wrote upstream (h1_relay.send_request: the request line and ``host``
                 # in place of the four pseudo-headers' lines, 25 bytes and the scheme fewer)
-                uh = d.get("up_head")
+                uh = getattr(s, "up_head", None)
                 p = rqb.pending
                 p.append(len(uh) + 25 + len(h[1][1]) if uh is not None else len(_join(_flat(h))) + 4 * len(h) + 2)
                 if len(p) >= PENDING:

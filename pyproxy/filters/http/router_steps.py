@@ -69,6 +69,12 @@ def finalize_response(route, headers, start: float, suppress: bool, si, choice, 
     if not suppress:
         headers._h.append(("x-envoy-upstream-service-time", str(int((_monotonic() - start) * 1000))))
     if route._resp_mutations or choice is not None:
+        if si is not None:
+            # %RESPONSE_CODE% in the route's response mutations is the status going downstream
+            # (the stream records the same value again when it sends the head)
+            h = headers._h
+            if h and h[0][0] == ":status" and h[0][1].isdigit():
+                si.response_code = int(h[0][1])
         route.finalize_response_headers(headers, si, choice, request_headers)
 
 
