@@ -33,6 +33,7 @@ import random
 import time
 
 from ..cluster.lb import LbContext
+from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
                                          count_rx_reset, finalize_request, finalize_response, reset_failure,
                                          retries_reset, upstream_timeout)
