@@ -1,5 +1,5 @@
 """The upstream response head relayed as bytes: when both sides are HTTP/1.1 and nothing between
-them edits the response through ``Headers`` (the route's plan, ``RouteEntry.express``, and the
+them edits the response through ``Headers`` (the route's plan, ``RouteEntry.inline``, and the
 HCM's chain plan), the upstream HTTP/1.1 codec hands the head over as raw ``(name, value)`` bytes
 (``raw_head``) and the downstream HTTP/1.1 codec writes the head from them
 (``Http1ServerCodec.relay_head``): no ``Headers`` object, no encoder chain. The stream decides the
