@@ -147,7 +147,7 @@ class FirstAttempt:
             at = self.deadline = cfg.loop.time() + timeout
             if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
                 hc.arm_deadline(at)
-        host = self.host = cluster.choose_host(_NO_CTX)
+        host = self.host = cluster.lb.choose(_NO_CTX)  # (Cluster.choose_host)
         si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
         if si is not None:
             si.upstream_cluster = cluster.name
@@ -241,7 +241,8 @@ class FirstAttempt:
             if end_stream:
                 enc = self.encoder_up
                 h1_relay.relay_done(self)
-                close_tunnel(enc)
+                if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
+                    close_tunnel(enc)
             else:
                 self.last_activity = self.cfg.loop.time()
             return
