@@ -162,7 +162,7 @@ def worker(i):
         try:
             if c is None:
                 c = http.client.HTTPConnection(host, 8080, timeout=10)
-            c.request("GET", "/slow?ms=300")
+            c.request("GET", "/slow?ms=1000")
             r = c.getresponse()
             body = r.read()
             ok = r.status == 200 and json.loads(body)["pod"] == "svc-b"
@@ -190,7 +190,9 @@ def test_sigterm_under_load_drains_without_failures(mesh, side, tmp_path):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     proxy = mesh.popen["proxy-%s" % side]
     try:
-        time.sleep(1.0)                       # load running: ~6 requests in flight at any time
+        # load running: each request takes 1 s, so nearly all 6 workers are mid-request at SIGTERM
+        # (with 0.3 s requests a loaded CI machine left only 2 in flight: the precondition failed)
+        time.sleep(2.0)
         open(stop, "w").close()               # the app stops starting new requests (pod terminating)
         time.sleep(0.05)
         t_term = time.time()
@@ -207,7 +209,7 @@ def test_sigterm_under_load_drains_without_failures(mesh, side, tmp_path):
     results = json.loads(out)
     failed = [r for r in results if not r[3]]
     in_flight = [r for r in results if r[0] < t_term < r[1]]
-    assert len(results) >= 12 and len(in_flight) >= 3, (len(results), len(in_flight))
+    assert len(results) >= 6 and len(in_flight) >= 3, (len(results), len(in_flight))
     assert failed == [], failed[:5]
     assert rc == 0
     assert t_exit - t_term < 4.0, t_exit - t_term   # drained as soon as the last request finished
