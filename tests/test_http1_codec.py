@@ -183,7 +183,8 @@ def test_absolute_form_takes_path_and_authority():
     ev, _, _ = feed(b"GET http://other.example:81/p?q HTTP/1.1\r\nHost: ignored\r\n\r\n")
     h = ev[1][1]
     assert h[":path"] == "/p?q"
-    assert h[":authority"] == "ignored"  # Host wins when present (Envoy forwards the Host header)
+    # the request-target's authority wins (RFC 9112 3.2.2; Envoy 1.40 forwards it: tests/test_authority.py)
+    assert h[":authority"] == "other.example:81"
 
 
 def _respond(codec, status="200", body=b"ok"):

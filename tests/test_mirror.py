@@ -240,8 +240,8 @@ def test_mirror_and_hedge_routes_leave_the_fast_lanes_at_load():
                                 "routes": [route("/", "b")]})
     t = compile_route_config(json_format.ParseDict(rc, route_pb2.RouteConfiguration()))
     routes = list(t.all_routes())
-    assert [(r.fast, r.express) for r in routes] == [(False, False), (False, False), (True, "15000"),
-                                                     (False, False)]
+    assert [(r.fast, r.inline) for r in routes] == [(False, False), (False, False), (True, True),
+                                                             (False, False)]
 
 
 def test_mirror_to_an_http2_cluster():

@@ -154,7 +154,16 @@ class UpstreamConnection(asyncio.Protocol):
         if not keep_alive or self.codec.chunked_request or self.closed or (mr and self.requests >= mr):
             self.close()
             return
-        pool._on_idle_or_pending(self)
+        if pool.pending or pool.draining:
+            pool._on_idle_or_pending(self)
+            return
+        # (_on_idle_or_pending's common case, inlined: nothing waits, the connection parks idle)
+        pool.idle.append(self)
+        it = c.idle_timeout
+        if it:
+            self.idle_since = pool.loop.time()
+            if pool.sweep is None:
+                pool.sweep = pool.loop.call_later(it, pool._sweep_idle)
 
     def on_protocol_error(self, reason: str) -> None:
         """The upstream broke HTTP/1.1 (a malformed or oversized head, conflicting framing): the

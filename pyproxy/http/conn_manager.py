@@ -310,7 +310,7 @@ class HttpConnection:
 
         The request preparation and the route lookup run here, once. When the HCM's chain plan
         allows it (``cfg.serve_inline``), a complete, bodiless request whose route plan and
-        filters need nothing of the filter chain (``RouteEntry.express``, ``chain_is_inert``) is
+        filters need nothing of the filter chain (``RouteEntry.inline``, ``chain_is_inert``) is
         served by a stream made here without a ``StreamInfo`` or timers (made when read: stream.py
         ``_make_stream_info``), which runs the router's first attempt
         (``FirstAttempt.begin_first_attempt``) and, on HTTP/1.1, relays the response head as bytes
@@ -342,7 +342,7 @@ class HttpConnection:
         route = table.find_for_path(headers, h[3][1], h[2][1], _rand(32) if table.needs_random else 0)
         if route is None:
             return _fall_back(self, encoder, headers, version, quiet, r)
-        if route.express is False:  # (the route's plan, routing/plan.py)
+        if not route.inline:  # (the route's plan, routing/plan.py)
             return _fall_back(self, encoder, headers, version, quiet, r, table, route)
         if (cfg.chain_checks or route.grpc_router) and not chain_is_inert(
                 cfg, route, headers if ct else None):  # (None: no content-type, the codec saw)

@@ -134,7 +134,7 @@ class FirstAttempt:
         # a route whose mutations are literal needs no StreamInfo)
         timeout = route.timeout
         finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,
-                         None if route.express is not False else self.stream_info, choice, True, self.quiet)
+                         None if route.inline else self.stream_info, choice, True, self.quiet)
         self.start = self.t0  # (the stream's start: request preparation and route lookup just ran)
         cluster.rq_active_total += 1
         g = cluster.st_rq_active

@@ -1,5 +1,5 @@
 """The upstream response head relayed as bytes: when both sides are HTTP/1.1 and nothing between
-them edits the response through ``Headers`` (the route's plan, ``RouteEntry.express``, and the
+them edits the response through ``Headers`` (the route's plan, ``RouteEntry.inline``, and the
 HCM's chain plan), the upstream HTTP/1.1 codec hands the head over as raw ``(name, value)`` bytes
 (``raw_head``) and the downstream HTTP/1.1 codec writes the head from them
 (``Http1ServerCodec.relay_head``): no ``Headers`` object, no encoder chain. The stream decides the
@@ -17,6 +17,7 @@ import time
 from functools import partial
 
 from ..cluster.pool import UpstreamConnection
+from ..stats.histogram import PENDING
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS, response_operation
 from .headers import Headers
 from .http1_common import ProtocolError, header_line, int_header_template
@@ -113,7 +114,10 @@ def relay_done(s) -> None:
     whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
-    c.st_rq_time.record((now - s.start) * 1000.0)
+    p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
+    p.append((now - s.start) * 1000.0)
+    if len(p) >= PENDING:
+        c.st_rq_time.fold()
     s.up_done = True
     if s.counted:
         s.counted = False
@@ -130,7 +134,10 @@ def relay_done(s) -> None:
     except IndexError:
         pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
     st.rq_completed.value += 1
-    st.rq_time.record((now - s.t0) * 1000.0)
+    p = st.rq_time.pending  # (Histogram.record, inline)
+    p.append((now - s.t0) * 1000.0)
+    if len(p) >= PENDING:
+        st.rq_time.fold()
     # (HttpConnection.stream_done, inlined)
     hc.streams -= 1
     hc.live.discard(s)

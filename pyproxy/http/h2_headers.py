@@ -6,6 +6,7 @@ Each distinct field and each distinct block is translated once (memos bounded in
 
 from __future__ import annotations
 
+from .authority import authority_ok
 from .h2_hpack import _FIELD_OVERHEAD, CONNECTION_HEADERS, ByteMemo
 from .headers import Headers
 
@@ -25,6 +26,11 @@ def _is_token(s: str) -> bool:
 
 class BadHeaders(Exception):
     """A malformed header block (RFC 9113 8.2/8.3): the stream is reset with PROTOCOL_ERROR."""
+
+
+class BadAuthority(BadHeaders):
+    """A request :authority (or host) Envoy refuses (``http/authority.py``): Envoy ends the
+    connection."""
 
 
 def _out(kv):
@@ -187,6 +193,9 @@ def request_fields(raw) -> tuple:
                 expect = True
                 continue
         h.append(kv)
+    a = authority if authority is not None else host
+    if a is not None and (not a or not authority_ok(a, False)):
+        raise BadAuthority("invalid authority %r" % a)
     if authority is None and host is not None:
         i = 0
         while i < len(h) and h[i][0][0] == ":":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import httptools
 
+from .authority import OK as _AUTH_OK, authority_ok
 from .headers import Headers
 from .http1_common import HTTP10, HTTP11, ChunkedBody, ProtocolError, parser_error
 from .http1_response import Http1ResponseEncoder
@@ -338,6 +339,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
             authority = None
             rest = ()
             self.ct = False
+        if authority is not None and authority not in _AUTH_OK and not authority_ok(authority):
+            raise ProtocolError(400, "http.invalid_authority")  # (http/authority.py: as Envoy)
         p = self.parser
         method = _METHOD_NAMES.get(p.get_method())
         if method is None:
@@ -396,6 +399,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
             # the common case: origin-form with a Host
             h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
         elif method == "CONNECT":
+            if not authority_ok(url):
+                raise ProtocolError(400, "http.invalid_authority")
             h = [(":method", method), (":authority", url)]
         else:
             h = [(":method", method)]
@@ -405,7 +410,11 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 if not sep:
                     raise ProtocolError(400, "http1.codec_error")
                 host, slash, path = remainder.partition("/")
-                authority = authority or host
+                host = host.rpartition("@")[2]  # (userinfo is not part of the host: Envoy drops it)
+                if host:  # (RFC 9112 3.2.2: the request-target's authority wins over Host, as Envoy)
+                    if not authority_ok(host):
+                        raise ProtocolError(400, "http.invalid_authority")
+                    authority = host
                 url = "/" + path
             h.append((":scheme", "http"))
             h.append((":path", url))

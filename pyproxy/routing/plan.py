@@ -7,18 +7,19 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   clusters, mirror, hedge or ``include_attempt_count_in_response``. A retry policy does not keep a route off it: its retry state is
   made only when an attempt fails (``retry_codes`` below; the router filter's ``adopt`` takes the
   request over at that point).
-- ``express``: for a ``fast`` route whose header mutations need no ``StreamInfo`` (literal
-  request values that are not hop-by-hop; response mutations that ``resp_raw`` compiles), the
-  value of its ``x-envoy-expected-rq-timeout-ms`` header ("" for none); False otherwise. On such a
-  route a bodiless HTTP/1.1 request's response head may be relayed as bytes
-  (``http/h1_relay.py``).
+- ``inline``: a complete, bodiless request on it may be served by the connection manager's inline
+  stream (``http/conn_manager.py HttpConnection.on_request``: no ``StreamInfo`` made unless read,
+  no timers), and on HTTP/1.1 have its response head relayed as bytes (``http/h1_relay.py``): a
+  ``fast`` route whose header mutations need no ``StreamInfo`` (literal request values that are
+  not hop-by-hop, response mutations that ``resp_raw`` compiles), without a
+  ``max_stream_duration`` of its own (that needs the stream's timer).
 - ``resp_raw``: the route's response header mutations (route, virtual host, route table) as the
   byte relay applies them: ``(drop, lines, names)``, the upstream header names (bytes) they remove
   or overwrite, the header lines (bytes) they add at the mutation's place (after
   ``x-envoy-upstream-service-time``), and every name they touch; None when the route has none.
   Compiled when every value is a literal and every action is decided without the response
   (remove, append, overwrite-or-add); any other mutation keeps the route's responses on the
-  ``Headers`` path (``express`` False).
+  ``Headers`` path (``inline`` False).
 - ``timeout_ms``: the route timeout as ``x-envoy-expected-rq-timeout-ms`` announces it.
 - ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
 - ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
@@ -83,7 +84,7 @@ def retry_codes(retry):
 
 
 def plan_route(e) -> None:
-    """Set ``e.fast``, ``e.express``, ``e.resp_raw``, ``e.timeout_ms``, ``e.fast_rewrites``,
+    """Set ``e.fast``, ``e.inline``, ``e.resp_raw``, ``e.timeout_ms``, ``e.fast_rewrites``,
     ``e.retry_codes`` and ``e.grpc_router``
     (a compiled ``RouteEntry``)."""
     retry = e.retry
@@ -103,8 +104,8 @@ def plan_route(e) -> None:
     e.fast = fast
     e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
     e.resp_raw = raw = compile_response_raw(e._resp_mutations)
-    express = False
-    # (a route max_stream_duration needs the stream's timer: not the HCM's serve_inline entry)
+    inline = False
+    # (a route max_stream_duration needs the stream's timer: not the connection manager's inline stream)
     if fast and not e.max_stream_duration and (raw is not None or not e._resp_mutations):
         adds = [a for m in e._req_mutations for a in m.add]
         rms = [r for m in e._req_mutations for r in m.remove]
@@ -116,8 +117,8 @@ def plan_route(e) -> None:
             rms += cw.request_mutation.remove
         if adds is not None and all(a[1] is None and a[0] not in _NOT_ADDED for a in adds) and \
                 not any(r in _NOT_REMOVED for r in rms):
-            express = str(int(e.timeout * 1000)) if e.timeout else ""
-    e.express = express
+            inline = True
+    e.inline = inline
 
 
 def compile_response_raw(mutations):

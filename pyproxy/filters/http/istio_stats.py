@@ -13,10 +13,11 @@ stream recorded.
 Values: the duration is the stream's lifetime in whole milliseconds; request and response bytes
 are estimates of the downstream wire bytes, headers included: each header line counted as
 ``name: value\\r\\n`` (pseudo-headers as well) plus the blank line, over the request headers as
-the stream forwarded them and the response headers as it sent them, plus the bodies (the express
-lane, which writes the response head itself, counts that head as written). gRPC streams
-(``content-type: application/grpc*``) get ``request_protocol="grpc"`` and the numeric gRPC status
-from the trailers, else the headers, else the HTTP status mapped as Envoy maps it. With
+the stream forwarded them and the response headers as it sent them, plus the bodies (the byte
+relay, http/h1_relay.py, which has the response head written from the upstream's, counts that
+head as written). gRPC streams (``content-type: application/grpc*``) get ``request_protocol="grpc"``
+and the numeric gRPC status from the trailers, else the headers, else the HTTP status mapped as
+Envoy maps it. With
 ``envoy.filters.http.grpc_stats`` (``emit_filter_state``) before it, a gRPC stream also adds its
 message counts to ``istio_request_messages_total`` / ``istio_response_messages_total`` (once, at
 the end of the stream; Envoy also reports long streams' deltas every ``tcp_reporting_duration``).
@@ -24,7 +25,7 @@ the end of the stream; Envoy also reports long streams' deltas every ``tcp_repor
 Cost per request, once the label set has been seen: one key tuple, one dict lookup, one counter
 increment and three histogram appends (``stats/histogram.py`` folds them into buckets in batches);
 header sizes are summed in C (no per-header Python loop), and nothing else is computed unless a
-configured dimension needs it. An express-lane stream that made no ``StreamInfo`` is read directly
+configured dimension needs it. A stream that made no ``StreamInfo`` (the inline stream) is read directly
 (``observe_bare``): telemetry never makes one just to be recorded.
 """
 
