@@ -574,12 +574,11 @@ class Http1ServerCodec(Http1ResponseEncoder):
             s.on_reset("downstream_remote_disconnect")
 
     def on_eof(self) -> None:
-        """The client half-closed. A tunnel forwards the half-close; otherwise close when idle."""
+        """The client closed its sending side (FIN). A tunnel forwards the half-close. Otherwise,
+        as Envoy (HTTP connections do not half-close), it is the connection's end: a request in
+        flight is reset (``downstream_remote_disconnect``), and its upstream request with it,
+        instead of holding both until the upstream answers."""
         if self.tunnel and self.stream is not None:
             self.stream.decode_data(b"", True)
             return
-        if self.stream is None:
-            self.conn.close(flush=True)
-        else:
-            self.request_complete = self.request_complete or not self.headers_done
-            self.response_close = True
+        self.conn.close(flush=self.stream is None)
