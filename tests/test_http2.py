@@ -373,11 +373,14 @@ def test_upstream_goaway_replays_unprocessed_streams(env, tmp_path):
         mini.close()
 
 
-def test_upstream_refused_stream_is_replayed(env, tmp_path):
+def test_upstream_refused_stream_is_retried_by_policy(env, tmp_path):
+    """A REFUSED_STREAM is the router's to retry (retry_on refused-stream), as Envoy's; without a
+    retry policy it is a 503 (tests/test_h2_refused_stream.py)."""
     mini = MiniH2(refuse_first=True)
     lp, ap = free_port(), free_port()
-    bs = bootstrap(ap, [hcm_listener("r", lp, [{"match": {"prefix": "/"}, "route": {"cluster": "m"}}])],
-                   [cluster("m", mini.port, h2=True)])
+    bs = bootstrap(ap, [hcm_listener("r", lp, [{"match": {"prefix": "/"}, "route": {
+        "cluster": "m", "retry_policy": {"retry_on": "refused-stream", "num_retries": 1}}}])],
+        [cluster("m", mini.port, h2=True)])
     px = Proxy(bs, str(tmp_path), wait_ports=[lp])
     try:
         h, body, _, reset = _concurrent(lp, ["/x"])[0]

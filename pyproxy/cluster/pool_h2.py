@@ -6,9 +6,10 @@ when the slots run out, within the cluster's circuit breakers. The stream object
 ``cb.on_pool_ready`` is the request encoder; the response comes back through
 ``cb.on_upstream_headers/data/trailers/reset`` and ``on_upstream_watermark``.
 
-A request the peer did not process (GOAWAY with a lower last-stream-id, or REFUSED_STREAM before
-any response) is replayed on another connection as long as what was sent is still held (up to
-``h2_client.REPLAY_LIMIT`` bytes); the caller does not notice. Connections close after
+A request the peer did not process (beyond a GOAWAY's last-stream-id) is replayed on another
+connection as long as what was sent is still held (up to ``h2_client.REPLAY_LIMIT`` bytes); the
+caller does not notice. A REFUSED_STREAM reset goes to the request's router, which retries it only
+when its retry policy says so (as Envoy's). Connections close after
 ``max_requests_per_connection`` streams, after ``idle_timeout`` without streams, or when the pool
 drains.
 """

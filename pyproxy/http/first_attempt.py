@@ -36,7 +36,7 @@ from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
                                          count_rx_reset, finalize_request, finalize_response, reset_failure, reset_flag,
-                                         retries_reset, upstream_timeout)
+                                         upstream_timeout)
 from ..transport import upstream_tls_sans
 from . import h1_relay
 
@@ -262,17 +262,6 @@ class FirstAttempt:
             return
         self._complete()
         self.encode_trailers(trailers)
-
-    def retries_refused_stream(self) -> bool:
-        """A REFUSED_STREAM reset goes to the router (a counted retry) when the route's retry
-        policy retries it, else the HTTP/2 pool replays it (``http/h2_client.py``)."""
-        if self.up_done:
-            h = self.handed
-            return h is not None and h.retries_refused_stream()
-        r = self.route.retry
-        if r is None or self.response_started:
-            return False
-        return retries_reset(r.retry_on, "refused-stream")
 
     def on_upstream_reset(self, reason: str):
         if self.up_done:

@@ -7,18 +7,18 @@ and sends what the streams wrote. What a pool decides (which requests a connecti
 refused request elsewhere, closing, counting failures) is left to the connection class that
 derives from it (``cluster/pool_h2.py``), through these hooks:
 
-- ``_replay_elsewhere(s)``: the peer did not process ``s`` (REFUSED_STREAM before any response, or
-  beyond a GOAWAY's last stream id) and it can be replayed;
+- ``_replay_elsewhere(s)``: the peer did not process ``s`` (beyond a GOAWAY's last stream id) and it
+  can be replayed;
 - ``_stream_failed()``: the peer reset a stream, or the connection ended under it (Envoy counts
   it against the host);
 - ``_peer_ready()`` / ``_peer_capacity()``: the peer's first SETTINGS / a new stream limit;
 - ``_goaway_received()``: after the streams beyond the GOAWAY were dealt with;
 - ``stream_done(s)``: a stream finished and frees its slot; ``close(reason)``: end the connection.
 
-A request keeps what it sent (up to ``REPLAY_LIMIT`` bytes) until its response starts, so a
-refused request can be sent again on another connection without the router noticing; a REFUSED_STREAM
-reset goes to the request instead when its retry policy retries refused streams (Envoy counts that
-retry: ``cb.retries_refused_stream()``).
+A request keeps what it sent (up to ``REPLAY_LIMIT`` bytes) until its response starts, so a request
+beyond a GOAWAY's last stream id can be sent again on another connection without the router
+noticing. A REFUSED_STREAM reset goes to the request, as Envoy's: its router retries it when the
+retry policy says so (``retry_on`` refused-stream, counted as a retry), else answers 503.
 """
 
 from __future__ import annotations
@@ -44,13 +44,6 @@ _BODY_RULES = {(":method", "HEAD"): 1, (":method", "CONNECT"): 2}
 REFUSED = "remote refused stream reset"
 REMOTE_RESET = "remote reset"
 TERMINATED = "connection termination"
-
-
-def _router_retries(cb) -> bool:
-    """Whether the request's own retry policy takes a refused stream (Envoy: the router retries
-    it, counted as a retry with backoff); when not, the pool replays it unnoticed."""
-    f = getattr(cb, "retries_refused_stream", None)
-    return f is not None and f()
 
 
 class H2ClientStream(OutStream):
@@ -418,9 +411,6 @@ class Http2ClientCodec:
             elif t == EV_RESET:
                 s = streams.get(e.stream_id)
                 if s is None:
-                    continue
-                if e.error_code == ErrorCodes.REFUSED_STREAM and s.can_replay() and not _router_retries(s.cb):
-                    self._replay_elsewhere(s)
                     continue
                 s._release_watermark()
                 s._finish()

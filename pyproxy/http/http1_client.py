@@ -319,14 +319,18 @@ class Http1ClientCodec:
         pb = self.pending_body
         self.pending_body = None
         if d is not None and not was_complete:
-            if self.trailers:
+            trailers = self.trailers
+            # the connection goes back to its pool before the response's end reaches the stream
+            # (_finish, inlined): a request that end lets go on (the next one pipelined on the same
+            # downstream connection) finds it idle, as with Envoy (one upstream connection, not two)
+            self.decoder = None
+            self.conn.on_response_complete(self.keep_alive)
+            if trailers:
                 if pb is not None:
                     d.on_upstream_data(pb[1], False)
-                d.on_upstream_trailers(Headers(self.trailers))
+                d.on_upstream_trailers(Headers(trailers))
             else:
                 d.on_upstream_data(pb[1] if pb is not None else b"", True)
-            self.decoder = None  # (_finish, inlined)
-            self.conn.on_response_complete(self.keep_alive)
 
     def _finish(self):
         self.decoder = None

@@ -81,13 +81,6 @@ class RetryState:
             exp = 1 if elapsed >= glob else min(exp, glob - elapsed)
         h.set("x-envoy-expected-rq-timeout-ms", str(exp))
 
-    def retries_refused_stream(self, up) -> bool:
-        """Whether attempt ``up``'s retry policy retries a refused stream (see ``h2_client``)."""
-        r = self.retry
-        if r is None or self.done or self.response_started or up.retried:
-            return False
-        return retries_reset(r.retry_on, "refused-stream")
-
     def _retry_outcome(self, would_retry: bool) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
         retry whose outcome needs no retry counts as a success), then maybe retry again."""

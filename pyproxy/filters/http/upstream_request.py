@@ -72,11 +72,6 @@ class UpstreamRequest:
             self.router.on_upstream_reset(self, reason)
         self.encoder = None
 
-    def retries_refused_stream(self) -> bool:
-        """Whether a REFUSED_STREAM reset should reach the router (its retry policy retries it)
-        rather than be replayed by the HTTP/2 pool unnoticed."""
-        return not self.abandoned and self.router.retries_refused_stream(self)
-
     def on_upstream_watermark(self, above: bool):
         if not self.abandoned:
             self.router.on_upstream_watermark(above)
