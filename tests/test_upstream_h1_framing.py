@@ -10,7 +10,8 @@ connection, and both answers (and, for requests, what the upstream received) mus
   two header lines): 502;
 - an upstream's own ``x-envoy-upstream-service-time``: one header goes out, the router's;
 - a 101 the request did not ask for: a plain head (no upgrade, no connection), the response ends;
-- request ``TE: trailers, gzip`` goes upstream as ``te: trailers``.
+- request ``TE: trailers, gzip`` goes upstream as ``te: trailers``;
+- request headers nominated by Connection are removed.
 """
 
 from __future__ import annotations
@@ -117,4 +118,24 @@ def test_request_te_as_envoy(procs, te, forwarded):
         assert out.startswith(b"HTTP/1.1 200"), out
         got[k] = [r.header("te") for r in be.requests[n:]]
     assert got["envoy"] == [forwarded], got
+    assert got["pyproxy"] == got["envoy"] and got["reference"] == got["envoy"], got
+
+
+_MASKED_REQUEST = ("x-request-id", "x-forwarded-proto", "x-envoy-expected-rq-timeout-ms", "host")
+
+
+@pytest.mark.parametrize("extra", [b"connection: x-foo\r\nx-foo: 1\r\nx-bar: 2",
+                                   b"connection: close, X-Foo\r\nx-foo: 1",
+                                   b"connection: keep-alive, x-foo, x-bar\r\nx-foo: 1\r\nx-bar: 2\r\nx-baz: 3",
+                                   b"connection: cookie, authorization\r\ncookie: a=1\r\nauthorization: x",
+                                   b"connection: te\r\nte: trailers"])
+def test_request_connection_nominated_headers_as_envoy(procs, extra):
+    be, ps = procs
+    got = {}
+    for k, p in ps.items():
+        n = len(be.requests)
+        out = raw(p.port, b"GET /c HTTP/1.1\r\nhost: x\r\n" + extra + b"\r\n\r\n", until_close=False, settle=0.3,
+                  timeout=2.5)
+        got[k] = (out[:12], [[kv for kv in r.headers if kv[0] not in _MASKED_REQUEST] for r in be.requests[n:]])
+    assert got["envoy"][0] == b"HTTP/1.1 200", got
     assert got["pyproxy"] == got["envoy"] and got["reference"] == got["envoy"], got

@@ -45,7 +45,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
                  "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
-                 "extended_connect", "tx_counter", "max_requests")
+                 "extended_connect", "tx_counter", "max_requests", "is_tls")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -62,6 +62,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self.max_streams = opts.max_concurrent_streams
         self.max_requests = cluster.max_requests_per_connection
         self.ready_timer = None
+        self.is_tls = True  # (until connected: over TLS when the transport has a TLS layer)
 
     # -- capacity -----------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -78,6 +79,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport):
         attach_transport(self, transport)
+        self.is_tls = getattr(transport, "tls", None) is not None
         transport.write(self.h2.data_to_send())
         # streams wait for the peer's SETTINGS (a strict server treats streams beyond its limit as a
         # connection error); a peer that never sends them fails like a connect timeout
@@ -134,6 +136,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self.bound += 1
         self.requests += 1
         s.conn = self
+        s.is_tls = self.is_tls
 
     def stream_done(self, s) -> None:
         self.streams.pop(s.sid, None)  # (a stream that never got an id has 0: never a key)
@@ -269,6 +272,7 @@ class Http2Pool(PoolBase):
         conn.bound += 1
         conn.requests += 1
         s.conn = conn  # (``conn.attach(s)``)
+        s.is_tls = conn.is_tls
         c = self.cluster
         c.st_rq_total.value += 1
         c.rq_attached += 1

@@ -170,7 +170,7 @@ class FirstAttempt:
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
-        if type(encoder) is not UpstreamConnection or encoder.is_tls:
+        if getattr(encoder, "is_tls", True):  # (HTTP/1.1 connections and HTTP/2 streams say)
             sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
             if sans is not None:
                 si = self.stream_info

@@ -52,7 +52,7 @@ class H2ClientStream(OutStream):
     __slots__ = ("conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
                  "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
                  "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade", "rule",
-                 "body_left")
+                 "body_left", "is_tls")
 
     def __init__(self, cb):
         self.conn = None
@@ -67,6 +67,7 @@ class H2ClientStream(OutStream):
         self.headers_sent = False
         self.upgrade = None  # the protocol of an HTTP/1.1 upgrade sent as extended CONNECT
         self.body_left = None  # response body bytes its framing still allows (None: any)
+        self.is_tls = True  # over TLS (the router reads its peer's SANs): the connection's, once bound
 
     @property
     def local_address(self) -> str:

@@ -368,6 +368,8 @@ def _mutate(plan, conn, headers, h, scan, ioh):
             drop = _drop_set(upgrade, connection)
             if drop is not ALWAYS_DROP:
                 upgrade = None  # (not an upgrade, or an h2c one: served as plain HTTP/1.1)
+            if connection is not None:
+                _drop_nominated(h, connection)
         if multi:
             if xff is not None:
                 _set(h, XFF, xff)
@@ -488,6 +490,21 @@ def _drop_set(upgrade, connection):
         # Envoy's HTTP/1 codec: h2c upgrades are not supported; served as HTTP/1.1
         return _DROP_H2C
     return ALWAYS_DROP
+
+
+# Connection tokens that name no header to remove here (options, hop-by-hop headers handled
+# elsewhere, and the headers this module itself reads and rewrites)
+_CONNECTION_OPTIONS = frozenset(("", "close", "keep-alive", "upgrade", "te", "host", XFF, XFCC, "x-forwarded-proto",
+                                 "x-request-id", "x-envoy-internal"))
+
+
+def _drop_nominated(h, connection: str) -> None:
+    """The headers a request's Connection header nominates are hop-by-hop (RFC 9110 7.6.1):
+    removed, as Envoy does."""
+    names = {t.strip().lower() for t in connection.split(",")} - _CONNECTION_OPTIONS
+    names = {n for n in names if n[0] != ":"}
+    if names:
+        _remove(h, names)
 
 
 def _set(h, name, value):
