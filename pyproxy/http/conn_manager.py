@@ -202,6 +202,12 @@ class HttpConnection:
         st = self.stats
         st.cx_active.dec()
         st.cx_destroy.value += 1
+        # (who closed it, and whether requests were still active: Envoy's destroy counters)
+        remote = getattr(self.conn, "remote_closed", False)
+        (st.cx_destroy_remote if remote else st.cx_destroy_local).value += 1
+        if self.streams:
+            st.cx_destroy_active_rq.value += 1
+            (st.cx_destroy_remote_active_rq if remote else st.cx_destroy_local_active_rq).value += 1
         if self.is_h2:
             st.cx_http2_active.dec()
         elif isinstance(self.codec, Http1ServerCodec):

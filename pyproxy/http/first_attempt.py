@@ -119,6 +119,7 @@ class FirstAttempt:
         """The router's work for this request (``Router.decode_headers`` for a first attempt
         without retry state): from here on the stream is the request's router."""
         cfg = self.cfg
+        self.hc.stats.router_rq_total.value += 1  # (the router's rq_total)
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         self.cluster = cluster
         self.choice = choice

@@ -96,6 +96,7 @@ class Router(RetryState):
         s = self.s
         route = self.route = s.route
         si = s.stream_info
+        s.hc.stats.router_rq_total.value += 1
         if route is None:
             s.hc.stats.no_route.value += 1
             s.send_local_reply(404, "", "route_not_found", flag="NR")
