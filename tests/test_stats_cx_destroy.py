@@ -1,7 +1,8 @@
 """Counters Envoy emits for how connections end and for the router, compared side by side with
 Envoy on the same traffic: ``http.<prefix>.rq_total`` (the router's), the downstream
 ``downstream_cx_destroy_{local,remote}`` and ``_active_rq`` variants, and the cluster's
-``upstream_cx_destroy_{local,remote}`` and ``_with_active_rq`` variants."""
+``upstream_cx_destroy_{local,remote}`` and ``_with_active_rq`` variants, and its
+``external.upstream_rq_<code>/<class>/completed``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ NAMES = ["http.ingress.rq_total", "http.ingress.downstream_rq_total"] + [
     "http.ingress.downstream_cx_destroy" + s for s in
     ("", "_local", "_remote", "_active_rq", "_local_active_rq", "_remote_active_rq")] + [
     "cluster.b.upstream_cx_destroy" + s for s in
-    ("", "_local", "_remote", "_with_active_rq", "_local_with_active_rq", "_remote_with_active_rq")]
+    ("", "_local", "_remote", "_with_active_rq", "_local_with_active_rq", "_remote_with_active_rq")] + [
+    "cluster.b.%supstream_rq_%s" % (p, s) for p in ("", "external.") for s in ("200", "2xx", "503", "5xx", "completed")]
 
 
 def _handler(req, sock):
@@ -83,6 +85,7 @@ def _scenario(cls, env=None):
 def test_destroy_and_router_counters_match_envoy():
     want = _scenario(Envoy)
     assert want["http.ingress.downstream_cx_destroy_remote"] and want["http.ingress.rq_total"], want  # (premise)
+    assert want["cluster.b.external.upstream_rq_503"] and want["cluster.b.external.upstream_rq_completed"], want
     got = _scenario(Pyproxy)
     assert got == want, "\n%s\n%s" % (got, want)
     ref = _scenario(Pyproxy, env=dict(os.environ, PYPROXY_REFERENCE="1"))  # (the filter-by-filter router)

@@ -260,6 +260,16 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
 
+    def _external(self, status: int, cs) -> None:
+        """Envoy's ``external.upstream_rq_<code>``, ``_<class>`` and ``_completed``, made with the
+        first response of a code: pyproxy treats no request as internal (x-envoy-internal), so
+        they read the cluster's own counters (MirrorCounter; nothing more per request)."""
+        sc = self.scope
+        sc.mirror_counter("external.upstream_rq_%d" % status, cs[0])
+        if cs[1] is not None:
+            sc.mirror_counter("external.upstream_rq_%dxx" % (status // 100), cs[1])
+        sc.mirror_counter("external.upstream_rq_completed", self.st_rq_completed)
+
     def count_cx_destroy(self, remote: bool, active: bool) -> None:
         """An upstream connection is gone (``remote``: the upstream closed it; ``active``: with
         requests on it), as Envoy's pool reports it."""
@@ -280,6 +290,7 @@ class Cluster:
             # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
             cs = self.st_rq_codes[status] = (self.scope.counter("upstream_rq_%d" % status),
                                             self.st_rq_class.get(status // 100))
+            self._external(status, cs)
         cs[0].value += 1
         k = cs[1]
         if k is not None:
