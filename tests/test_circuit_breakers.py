@@ -70,7 +70,8 @@ def _shape(res):
 
 class GatedH2:
     """An HTTP/2 upstream (h2 library, a thread per connection): a request whose path starts with
-    ``/hold`` is answered once ``gate`` is set, any other at once."""
+    ``/hold`` is answered once ``gate`` is set, one with ``/kill`` closes the connection, any other
+    is answered at once."""
 
     def __init__(self):
         self.gate = threading.Event()
@@ -112,7 +113,10 @@ class GatedH2:
                     if isinstance(e, E.RequestReceived):
                         with self.lock:
                             self.received += 1
-                        if dict(e.headers).get(":path", "").startswith("/hold"):
+                        path = dict(e.headers).get(":path", "")
+                        if path.startswith("/kill"):
+                            return  # (the connection dies under the request)
+                        if path.startswith("/hold"):
                             held.append(e.stream_id)
                         else:
                             self._answer(conn, e.stream_id)
@@ -273,3 +277,39 @@ def test_h2_queued_requests_bounded_by_max_pending_only():
         assert counters == {"upstream_rq_pending_overflow": 0, "upstream_rq_active_overflow": 0,
                             "upstream_rq_503": 0, "upstream_rq_200": 3, "upstream_cx_total": 1}, (kind, counters)
     assert res["Pyproxy"] == res["Envoy"]
+
+
+def test_h2_connection_loss_frees_its_requests():
+    """Requests failed by their HTTP/2 connection's end no longer count against max_requests
+    (else a cluster would shed everything after max_requests lost connections)."""
+    cb = {"max_requests": 2}
+    for kind in KINDS:
+        up = GatedH2()
+        try:
+            extra = {"circuit_breakers": {"thresholds": [cb]},
+                     "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                         "explicit_http_config": {"http2_protocol_options": {}}}}}
+            bs, _ = one_route_bootstrap([up.port], cluster_extra=extra)
+            with kind(bs) as p:
+                lost = [request(p.port, path="/kill", timeout=8)[0] for _ in range(3)]
+                after = [_shape(request(p.port, path="/ok", timeout=8)) for _ in range(2)]
+            assert lost == [503] * 3, (kind.__name__, lost)
+            assert after == [(200, None, b"ok")] * 2, (kind.__name__, after)
+        finally:
+            up.close()
+
+
+def test_h1_connection_loss_frees_its_requests():
+    """The same with HTTP/1.1 upstream connections closed under their requests."""
+    def handler(req, sock):
+        return "close" if req.path.startswith("/kill") else simple_response(200, b"ok")
+    for kind in KINDS:
+        with HttpBackend(handler) as be:
+            bs, _ = one_route_bootstrap([be.port], cluster_extra={"circuit_breakers": {"thresholds": [
+                {"max_requests": 2}]}})
+            with kind(bs) as p:
+                lost = [request(p.port, path="/kill", timeout=8)[0] for _ in range(3)]
+                after = [_shape(request(p.port, path="/ok", timeout=8)) for _ in range(2)]
+            assert lost == [503] * 3, (kind.__name__, lost)
+            assert after == [(200, None, b"ok")] * 2, (kind.__name__, after)

@@ -166,3 +166,23 @@ def test_http1_encoder_refuses_a_body_its_head_did_not_announce(status, method, 
         assert c.conn.closed
         limit = 0 if method == "HEAD" or status in ("204", "304") else int(cl)
         assert len(rest) <= limit, rest
+
+
+@pytest.mark.parametrize("te", ["trailers, gzip", "gzip, trailers", "gzip", "trailers"])
+def test_request_te_to_an_h2_upstream_as_envoy(te):
+    """A request TE listing trailers among other codings reaches an HTTP/2 upstream as
+    ``te: trailers``; without trailers, no TE."""
+    up = ScriptedH2(_script)
+    seen = {}
+    try:
+        for cls in (Pyproxy, Envoy):
+            with cls(with_fresh_ports(_bootstrap(up.port))) as p:
+                mark = up.mark()
+                out = raw(p.port, b"GET /x HTTP/1.1\r\nhost: x\r\nte: %s\r\n\r\n" % te.encode(), until_close=False,
+                          settle=0.3, timeout=2)
+                assert out.startswith(b"HTTP/1.1 200"), out
+                seen[cls.kind] = [dict(e[1]).get("te") for e in up.since(mark) if e[0] == "request"]
+    finally:
+        up.close()
+    assert seen["envoy"] == ["trailers" if "trailers" in te else None], seen
+    assert seen["pyproxy"] == seen["envoy"], seen

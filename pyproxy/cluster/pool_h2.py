@@ -163,7 +163,14 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
             except Exception:
                 pass
             self.transport.close()
+        # the streams the connection's end fails free their slots here (they never reach
+        # stream_done): the host's and the cluster's attached requests (max_requests) with them
+        n = sum(1 for st in self.streams.values() if not st.closed)
         self._fail_streams(reason)
+        if n:
+            self.bound -= n
+            self.host.rq_active -= n
+            self.pool.cluster.rq_attached -= n
         if lost:
             self.pool.on_connection_closed(self, first and not timed_out, active)
 

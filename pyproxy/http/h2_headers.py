@@ -50,7 +50,9 @@ def to_h2(headers: Headers) -> list:
         if b is None:
             k = kv[0]
             if k in CONNECTION_HEADERS or (k == "te" and kv[1].lower() != "trailers"):
-                continue
+                if k != "te" or "trailers" not in [t.strip() for t in kv[1].lower().split(",")]:
+                    continue
+                kv = ("te", "trailers")  # (only that coding, as Envoy)
             b = _out(kv)
         out.append(b)
     return out

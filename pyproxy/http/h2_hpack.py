@@ -168,7 +168,9 @@ def _encode_one(kv) -> bytes:
         return pre + (bytes((ln,)) if ln < 127 else _hp_int(ln, 7, 0)) + v
     if n.__class__ is str:
         if n in CONNECTION_HEADERS or (n == "te" and v.lower() != b"trailers"):
-            return b""
+            if n != "te" or b"trailers" not in [t.strip() for t in v.lower().split(b",")]:
+                return b""
+            v = b"trailers"  # (a TE listing trailers among other codings: only that, as Envoy)
         n = n.encode("latin-1")
     i = _STATIC_FULL.get((n, v))
     if i is not None:
