@@ -203,3 +203,22 @@ def test_route_idle_timeout_and_weighted_cluster_filter_configs_named(tmp_path):
     r = run_pyproxy(["validate", str(p)])
     assert r.returncode == 0, r.stdout
     assert "route.idle_timeout" in r.stdout and "clusters.typed_per_filter_config" in r.stdout, r.stdout
+
+
+def test_every_http_protocol_options_field_has_a_reader_or_a_row():
+    """The HCM's and clusters' HttpProtocolOptions / Http1ProtocolOptions fields: read by pyproxy or
+    named in config/unacted.py (the HCM reads fields one by one: a field nobody reads would be
+    accepted silently)."""
+    import re
+    from envoy.config.core.v3 import protocol_pb2
+    src = _source_without_field_lists()
+    named = {p.replace("[]", "").split(".")[-1] for _, p, _ in unacted.NOT_ACTED_ON}
+    missing = []
+    for d in (protocol_pb2.HttpProtocolOptions.DESCRIPTOR, protocol_pb2.Http1ProtocolOptions.DESCRIPTOR):
+        for fd in d.fields:
+            f = fd.name
+            if fd.GetOptions().deprecated or f in named:
+                continue
+            if not re.search(r"\.%s\b|[\"']%s[\"']" % (f, f), src):
+                missing.append((d.name, f))
+    assert not missing, missing

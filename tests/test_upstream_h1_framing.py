@@ -139,3 +139,13 @@ def test_request_connection_nominated_headers_as_envoy(procs, extra):
         got[k] = (out[:12], [[kv for kv in r.headers if kv[0] not in _MASKED_REQUEST] for r in be.requests[n:]])
     assert got["envoy"][0] == b"HTTP/1.1 200", got
     assert got["pyproxy"] == got["envoy"] and got["reference"] == got["envoy"], got
+
+
+@pytest.mark.parametrize("nominated", ["x-forwarded-for", "X-Forwarded-Proto", "x-foo, x-forwarded-host", "host",
+                                       "x-request-id"])
+def test_connection_may_not_nominate_forwarding_headers_as_envoy(procs, nominated):
+    _, ps = procs
+    got = {k: raw(p.port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: %s\r\n\r\n" % nominated.encode(),
+                  until_close=False, settle=0.2, timeout=2.5)[:12] for k, p in ps.items()}
+    assert got["envoy"] == (b"HTTP/1.1 200" if nominated == "x-request-id" else b"HTTP/1.1 400"), got
+    assert got["pyproxy"] == got["envoy"] and got["reference"] == got["envoy"], got

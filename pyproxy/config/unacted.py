@@ -38,6 +38,12 @@ NOT_ACTED_ON: tuple = (
      "max_connection_duration is not implemented for upstream connections: they are not closed for age"),
     ("upstream_http_protocol_options", "common_http_protocol_options.max_stream_duration",
      "max_stream_duration is not implemented for upstream streams: only the route timeouts apply"),
+    ("cluster", "common_http_protocol_options.max_response_headers_kb",
+     "max_response_headers_kb is not implemented yet: upstream response heads are limited to 80 KiB"),
+    ("upstream_http_protocol_options", "common_http_protocol_options.max_response_headers_kb",
+     "max_response_headers_kb is not implemented yet: upstream response heads are limited to 80 KiB"),
+    ("upstream_http_protocol_options", "explicit_http_config.http_protocol_options.send_fully_qualified_url",
+     "send_fully_qualified_url is not implemented yet: requests go upstream in origin form"),
     ("cluster", "lb_subset_config", "subset load balancing is not implemented yet: every host is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
@@ -112,6 +118,10 @@ NOT_ACTED_ON: tuple = (
     ("http_connection_manager", "http_protocol_options.override_stream_error_on_invalid_http_message",
      "override_stream_error_on_invalid_http_message is not implemented yet: an invalid message closes the "
      "connection"),
+    ("http_connection_manager", "common_http_protocol_options.max_response_headers_kb",
+     "max_response_headers_kb is not implemented yet: upstream response heads are limited to 80 KiB"),
+    ("http_connection_manager", "http_protocol_options.allow_absolute_url",
+     "allow_absolute_url is not implemented: absolute-form request targets are always accepted"),
     ("http_connection_manager", "http1_safe_max_connection_duration",
      "http1_safe_max_connection_duration is not implemented yet"),
 )

@@ -8,10 +8,6 @@ consume the same object and filters see one shape whatever the protocol.
 
 from __future__ import annotations
 
-from operator import itemgetter
-
-_first = itemgetter(0)
-
 
 class Headers:
     __slots__ = ("_h",)
@@ -30,7 +26,11 @@ class Headers:
         return [v for k, v in self._h if k == name]
 
     def __contains__(self, name: str) -> bool:
-        return name in map(_first, self._h)
+        # (a plain loop: on a head's ~10 entries it is about twice as fast as ``in map(...)``)
+        for k, _ in self._h:
+            if k == name:
+                return True
+        return False
 
     def __iter__(self):
         return iter(self._h)
@@ -51,8 +51,10 @@ class Headers:
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (keeps the first position)."""
         h = self._h
-        names = list(map(_first, h))  # (the scans in C)
-        if name not in names:
+        for kv in h:
+            if kv[0] == name:
+                break
+        else:
             if name[0] == ":":
                 # pseudo-headers stay ahead of regular ones
                 j = 0
@@ -62,10 +64,13 @@ class Headers:
             else:
                 h.append((name, value))
             return
-        i = names.index(name)
+        i = h.index(kv)
         h[i] = (name, value)
-        if names.count(name) > 1:
-            self._h = h[: i + 1] + [x for x in h[i + 1:] if x[0] != name]
+        rest = h[i + 1:]
+        for kv in rest:
+            if kv[0] == name:
+                self._h = h[: i + 1] + [x for x in rest if x[0] != name]
+                return
 
     def set_default(self, name: str, value: str) -> None:
         if name not in self:

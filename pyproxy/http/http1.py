@@ -42,6 +42,10 @@ _strip = bytes.strip
 _new_headers = Headers.__new__
 
 
+# headers a Connection header may not nominate (hop-by-hop removal would drop them): Envoy answers 400
+_NOT_HOP_BY_HOP = frozenset(("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
+
+
 def _new_request_parser(proto):
     p = httptools.HttpRequestParser(proto)
     # llhttp's strict mode, spelled out so a library default change cannot loosen it. The version is
@@ -279,6 +283,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 elif n == "expect" and v.lower() == "100-continue":
                     self.expect_continue = True
                     continue
+                elif n == "connection" and not _NOT_HOP_BY_HOP.isdisjoint(t.strip() for t in v.lower().split(",")):
+                    raise ProtocolError(400, "http1.connection_header_rejected")  # (as Envoy)
                 if n in note:
                     self.noted = True
                 else:
