@@ -36,7 +36,7 @@ class ServerAdminContext:
         self.server.drain_listeners(inbound_only, graceful, skip_exit)
 
     def set_healthcheck_failed(self, failed: bool) -> None:
-        self.server.healthcheck_failed = failed
+        self.server.set_healthcheck_failed(failed)
 
     def certs(self) -> dict:
         import sys

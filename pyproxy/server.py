@@ -387,6 +387,17 @@ class Server:
         lm.drain_callbacks.append(self.quit)
         self.loop.call_later(self.options.drain_time_s, self.quit)
 
+    def set_healthcheck_failed(self, failed: bool) -> None:
+        """Admin /healthcheck/fail and /healthcheck/ok: while failing, Envoy's drain decision is
+        true, so HTTP connections drain at their next request (here and in the workers)."""
+        from .http.conn_manager import HEALTH
+        self.healthcheck_failed = failed
+        HEALTH.set(failed)
+        if failed:
+            self.listener_manager.health_check_failed()
+        if self.workers is not None:
+            self.workers.health_check_failed(failed)
+
     def drain_listeners(self, inbound_only: bool, graceful: bool, skip_exit: bool = True):
         if not inbound_only:
             self.state = DRAINING

@@ -146,6 +146,10 @@ class WorkerSet:
         for ch in self.channels:
             ch.send(("drain", inbound_only, graceful))
 
+    def health_check_failed(self, failed: bool) -> None:
+        for ch in self.channels:
+            ch.send(("hc_failed", failed))
+
     def secret_ready(self, name: str, source: str = "ads") -> None:
         """An SDS secret's initial fetch ended without it (timeout, rejected): workers stop waiting."""
         for ch in self.channels:
@@ -283,6 +287,8 @@ class WorkerLink:
                 log.error("worker %d: applying SDS secrets failed: %s", self.index, e)
         elif kind == "drain":
             self.server.listener_manager.drain_listeners(inbound_only=msg[1], graceful=msg[2])
+        elif kind == "hc_failed":
+            self.server.set_healthcheck_failed(msg[1])
         elif kind == "secret_ready":
             from .tls.secrets import STORE
             for p in list(STORE.providers.values()):

@@ -225,6 +225,11 @@ class Cluster:
         self.st_cx_connect_fail = s.counter("upstream_cx_connect_fail")
         self.st_cx_connect_timeout = s.counter("upstream_cx_connect_timeout")
         self.st_cx_destroy = s.counter("upstream_cx_destroy")
+        self.st_cx_destroy_local = s.counter("upstream_cx_destroy_local")
+        self.st_cx_destroy_remote = s.counter("upstream_cx_destroy_remote")
+        self.st_cx_destroy_active = s.counter("upstream_cx_destroy_with_active_rq")
+        self.st_cx_destroy_local_active = s.counter("upstream_cx_destroy_local_with_active_rq")
+        self.st_cx_destroy_remote_active = s.counter("upstream_cx_destroy_remote_with_active_rq")
         self.st_cx_overflow = s.counter("upstream_cx_overflow")
         self.st_cx_none_healthy = s.counter("upstream_cx_none_healthy")
         self.st_cx_rx_bytes = s.counter("upstream_cx_rx_bytes_total")
@@ -255,6 +260,25 @@ class Cluster:
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
 
+    def _external(self, status: int, cs) -> None:
+        """Envoy's ``external.upstream_rq_<code>``, ``_<class>`` and ``_completed``, made with the
+        first response of a code: pyproxy treats no request as internal (x-envoy-internal), so
+        they read the cluster's own counters (MirrorCounter; nothing more per request)."""
+        sc = self.scope
+        sc.mirror_counter("external.upstream_rq_%d" % status, cs[0])
+        if cs[1] is not None:
+            sc.mirror_counter("external.upstream_rq_%dxx" % (status // 100), cs[1])
+        sc.mirror_counter("external.upstream_rq_completed", self.st_rq_completed)
+
+    def count_cx_destroy(self, remote: bool, active: bool) -> None:
+        """An upstream connection is gone (``remote``: the upstream closed it; ``active``: with
+        requests on it), as Envoy's pool reports it."""
+        self.st_cx_destroy.value += 1
+        (self.st_cx_destroy_remote if remote else self.st_cx_destroy_local).value += 1
+        if active:
+            self.st_cx_destroy_active.value += 1
+            (self.st_cx_destroy_remote_active if remote else self.st_cx_destroy_local_active).value += 1
+
     def count_response(self, status: int, host=None, headers=None) -> None:
         """An upstream response head (``host``: where it came from, for outlier detection;
         ``headers``: its headers, so that a gRPC trailers-only answer counts as its
@@ -266,6 +290,7 @@ class Cluster:
             # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
             cs = self.st_rq_codes[status] = (self.scope.counter("upstream_rq_%d" % status),
                                             self.st_rq_class.get(status // 100))
+            self._external(status, cs)
         cs[0].value += 1
         k = cs[1]
         if k is not None:

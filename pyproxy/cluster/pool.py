@@ -62,7 +62,8 @@ class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP/1.1 connection: an asyncio protocol around ``Http1ClientCodec``."""
 
     __slots__ = ("pool", "host", "transport", "codec", "idle_since", "requests", "closed",
-                 "write_paused", "read_paused", "stream_cb", "local_address", "close_reason", "is_tls")
+                 "write_paused", "read_paused", "stream_cb", "local_address", "close_reason", "is_tls",
+                 "aborted")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -73,6 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         if po is not None:
             self.codec.max_headers = po.max_headers_count
         self.close_reason = "connection termination"
+        self.aborted = False  # reset with its request in flight (upstream_cx_destroy_*_with_active_rq)
         self.idle_since = 0.0
         self.requests = 0
         self.closed = False
@@ -106,8 +108,9 @@ class UpstreamConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc):
+        remote = not self.closed
         self.closed = True
-        self.pool.on_connection_closed(self)
+        self.pool.on_connection_closed(self, remote)
         self.stream_cb = None
         # (Envoy's reason for an HTTP/1.1 upstream that closes, cleanly or not, is "connection
         # termination"; a tunnel tells a half-close from an abort)
@@ -201,6 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Abandon the in-flight request: the connection can't be reused."""
         if self.stream_cb is not None:
             self.stream_cb = None
+            self.aborted = True
             self.pool.active -= 1
             self.host.rq_active -= 1
             self.pool.cluster.rq_attached -= 1
@@ -447,8 +451,9 @@ class Http1Pool(PoolBase):
             due = min(c.idle_since for c in keep) + it - now
             self.sweep = self.loop.call_later(max(due, 0.001), self._sweep_idle)
 
-    def on_connection_closed(self, conn) -> None:
-        if conn.stream_cb is not None:
+    def on_connection_closed(self, conn, remote: bool = True) -> None:
+        active = conn.stream_cb is not None
+        if active:
             self.active -= 1
             self.host.rq_active -= 1
             self.cluster.rq_attached -= 1
@@ -456,7 +461,7 @@ class Http1Pool(PoolBase):
                 self.cluster.report_connect_failure(self.host)  # a request's connection was lost
         self._cx_gone()
         c = self.cluster
-        c.st_cx_destroy.value += 1
+        c.count_cx_destroy(remote, active or conn.aborted)
         try:
             self.idle.remove(conn)
         except ValueError:

@@ -146,6 +146,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     def close(self, reason, lost: bool = False, timed_out: bool = False) -> None:
         first = not self.closed
         self.closed = True
+        active = bool(self.bound)
         if self.ready_timer is not None:
             self.ready_timer.cancel()
             self.ready_timer = None
@@ -171,7 +172,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
             self.host.rq_active -= n
             self.pool.cluster.rq_attached -= n
         if lost:
-            self.pool.on_connection_closed(self)
+            self.pool.on_connection_closed(self, first and not timed_out, active)
 
 
 class _Pending:
@@ -427,18 +428,18 @@ class Http2Pool(PoolBase):
         except ValueError:
             pass
 
-    def on_connection_closed(self, conn) -> None:
+    def on_connection_closed(self, conn, remote: bool = True, active: bool = False) -> None:
         if not conn.ready:
             # closed (or timed out) before its SETTINGS: a failed connection attempt
             timeout = self.settings_timeout
             self.settings_timeout = False
-            self.cluster.st_cx_destroy.value += 1
+            self.cluster.count_cx_destroy(remote, active)
             self._connect_failed(CONNECT_TIMEOUT if timeout else "%s (closed before SETTINGS)" % CONNECT_FAILURE,
                                  timeout=timeout)
             return
         self._remove(conn)
         self._cx_gone()
-        self.cluster.st_cx_destroy.value += 1
+        self.cluster.count_cx_destroy(remote, active)
         if self.pending and self.connecting == 0 and not self.draining:
             if any(cn.capacity() > 0 for cn in self.conns):
                 self._dispatch()

@@ -34,6 +34,23 @@ H2_NOTE = frozenset(n.decode() for n in H1_NOTE)  # (the HTTP/2 codec's names ar
 DRAIN_IDLE_GRACE_S = 0.5
 
 
+class _Health:
+    """The server's health check state (admin POST /healthcheck/fail, /healthcheck/ok). While it
+    fails, Envoy's drain decision is true: every connection drains at its next response (HTTP/1.1:
+    ``connection: close``; HTTP/2: GOAWAY). Marked on the connections when it flips
+    (``HttpConnection.health_check_failed``) and on new ones as they open: no per-request check."""
+    __slots__ = ("failed",)
+
+    def __init__(self):
+        self.failed = False
+
+    def set(self, failed: bool) -> None:
+        self.failed = failed
+
+
+HEALTH = _Health()
+
+
 def _bytes_waiting(sock) -> bool:
     """Whether the kernel holds unread bytes for ``sock`` (a request the loop has not read yet)."""
     if sock is None:
@@ -95,6 +112,9 @@ class HttpConnection:
         st = self.stats
         st.cx_total.value += 1
         st.cx_active.inc()
+        if HEALTH.failed:
+            self.draining = None  # (drain with the first request: health_check_failed)
+            self.rq_left = 1
         ct = self.cfg.codec_type
         if ct == 2:
             self._make_h2()
@@ -182,6 +202,12 @@ class HttpConnection:
         st = self.stats
         st.cx_active.dec()
         st.cx_destroy.value += 1
+        # (who closed it, and whether requests were still active: Envoy's destroy counters)
+        remote = getattr(self.conn, "remote_closed", False)
+        (st.cx_destroy_remote if remote else st.cx_destroy_local).value += 1
+        if self.streams:
+            st.cx_destroy_active_rq.value += 1
+            (st.cx_destroy_remote_active_rq if remote else st.cx_destroy_local_active_rq).value += 1
         if self.is_h2:
             st.cx_http2_active.dec()
         elif isinstance(self.codec, Http1ServerCodec):
@@ -206,6 +232,32 @@ class HttpConnection:
             # moment with nothing unread; a request that comes meanwhile gets connection: close.
             self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
 
+    def health_check_failed(self) -> None:
+        """The server fails health checks (HEALTH): Envoy's drain decision is true, so the next
+        response drains the connection (``downstream_cx_drain_close``): on HTTP/1.1 it carries
+        ``connection: close`` and the connection closes after it; on HTTP/2 a GOAWAY goes out. An
+        idle connection stays open until then, as in Envoy."""
+        if self.draining or self.closed:
+            return
+        if self.streams:
+            self._hc_drain()
+        else:
+            # the next request drains it: count_request, already called per request while rq_left
+            # counts, calls _hc_drain (None: falsy, "marked")
+            self.draining = None
+            self.rq_left = 1
+
+    def _hc_drain(self) -> None:
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self.stats.cx_drain_close.value += 1
+        codec = self.codec
+        if self.is_h2:
+            self.cfg.loop.call_soon(self._go_away)  # (after the codec registered its stream)
+        elif codec is not None:
+            codec.drain_close = True
+
     # -- max_requests_per_connection, max_connection_duration (Envoy's HCM) ------------------------------
     def count_request(self) -> None:
         """A request starts while ``rq_left`` (max_requests_per_connection) is counting: the last
@@ -214,6 +266,9 @@ class HttpConnection:
         n = self.rq_left - 1
         self.rq_left = n
         if n:
+            return
+        if self.draining is None:  # (marked by health_check_failed)
+            self._hc_drain()
             return
         self.stats.cx_max_requests_reached.value += 1
         if self.is_h2:

@@ -35,7 +35,7 @@ import time
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
-                                         count_rx_reset, finalize_request, finalize_response, reset_failure,
+                                         count_rx_reset, finalize_request, finalize_response, reset_failure, reset_flag,
                                          upstream_timeout)
 from ..transport import upstream_tls_sans
 from . import h1_relay
@@ -119,6 +119,7 @@ class FirstAttempt:
         """The router's work for this request (``Router.decode_headers`` for a first attempt
         without retry state): from here on the stream is the request's router."""
         cfg = self.cfg
+        self.hc.stats.router_rq_total.value += 1  # (the router's rq_total)
         self.router = self  # the generic code's hooks (resets, local replies, watermarks)
         self.cluster = cluster
         self.choice = choice
@@ -277,9 +278,12 @@ class FirstAttempt:
         if not self.response_started:
             self._fail(*reset_failure(reason))
             return
-        self.stream_info.response_flags.add("UR")
+        si = self.stream_info
+        si.response_flags.add(reset_flag(reason))
+        # (Envoy's details name the reset, not via_upstream, once the response started)
+        si.response_code_details = "upstream_reset_after_response_started{%s}" % reason.replace(" ", "_")
         self._up_finished()
-        self.reset_stream("upstream_reset_after_response_started{%s}" % reason.replace(" ", "_"))
+        self.reset_stream(si.response_code_details)
 
     def on_upstream_watermark(self, above: bool):
         if not self.up_done:

@@ -8,12 +8,13 @@ class HcmStats:
     __slots__ = (
         "cx_total", "cx_active", "cx_http1_total", "cx_http1_active", "cx_http2_total",
         "cx_http2_active", "cx_destroy", "cx_protocol_error", "cx_idle_timeout", "cx_drain_close",
-        "cx_max_requests_reached", "cx_max_duration_reached",
+        "cx_max_requests_reached", "cx_max_duration_reached", "cx_destroy_local", "cx_destroy_remote",
+        "cx_destroy_active_rq", "cx_destroy_local_active_rq", "cx_destroy_remote_active_rq",
         "rq_total", "rq_active", "rq_http1_total", "rq_http2_total", "rq_class", "rq_completed",
         "rq_time", "rq_rx_reset", "rq_tx_reset", "rq_timeout", "rq_idle_timeout", "no_route",
         "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
         "rq_header_timeout", "rq_overload_close", "rq_max_duration_reached", "no_cluster",
-        "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete",
+        "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete", "router_rq_total",
     )
 
     def __init__(self, store, prefix):
@@ -25,6 +26,11 @@ class HcmStats:
         self.cx_http2_total = s.counter("downstream_cx_http2_total")
         self.cx_http2_active = s.gauge("downstream_cx_http2_active")
         self.cx_destroy = s.counter("downstream_cx_destroy")
+        self.cx_destroy_local = s.counter("downstream_cx_destroy_local")
+        self.cx_destroy_remote = s.counter("downstream_cx_destroy_remote")
+        self.cx_destroy_active_rq = s.counter("downstream_cx_destroy_active_rq")
+        self.cx_destroy_local_active_rq = s.counter("downstream_cx_destroy_local_active_rq")
+        self.cx_destroy_remote_active_rq = s.counter("downstream_cx_destroy_remote_active_rq")
         self.cx_protocol_error = s.counter("downstream_cx_protocol_error")
         self.cx_idle_timeout = s.counter("downstream_cx_idle_timeout")
         self.cx_drain_close = s.counter("downstream_cx_drain_close")
@@ -53,3 +59,4 @@ class HcmStats:
         self.no_cluster = s.counter("no_cluster")
         self.rq_direct_response = s.counter("rq_direct_response")
         self.rq_redirect = s.counter("rq_redirect")
+        self.router_rq_total = s.counter("rq_total")  # (the router's: requests that reached it)

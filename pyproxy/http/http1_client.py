@@ -357,6 +357,8 @@ class Http1ClientCodec:
             if self.status and not self.hdrs_have_length():
                 d.on_upstream_data(b"", True)
                 return
+            if not aborted:
+                reason = "protocol error"  # (a FIN inside a promised body: Envoy's codec fails to parse EOF)
         d.on_upstream_reset(reason)
 
     def hdrs_have_length(self) -> bool:

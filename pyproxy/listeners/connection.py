@@ -61,7 +61,7 @@ class DownstreamConnection(asyncio.Protocol):
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
         "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf", "write_hook", "on_tls_open",
-        "global_slot",
+        "global_slot", "remote_closed",
     )
 
     def __init__(self, manager, active_listener):
@@ -90,6 +90,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.handed_off = False
         self.global_slot = False     # counted towards the global connection limit
         self.pending_eof = False
+        self.remote_closed = False  # the peer closed first (FIN or reset): Envoy's RemoteClose
         # istio.metadata_exchange: ``write_hook(data)`` sees the first write (True: it took the
         # bytes); ``on_tls_open()`` runs once the TLS handshake is done
         self.write_hook = None
@@ -276,6 +277,8 @@ class DownstreamConnection(asyncio.Protocol):
                 wb.flush()
 
     def eof_received(self):
+        if not self.closed:
+            self.remote_closed = True
         if self.inspectors is not None:
             self._inspect(b"", True)
         elif self.on_data_cb is not None:
@@ -283,6 +286,8 @@ class DownstreamConnection(asyncio.Protocol):
         return not self.closed
 
     def connection_lost(self, exc):
+        if not self.closed:
+            self.remote_closed = True
         self.closed = True
         if self.inspect_timer is not None:
             self.inspect_timer.cancel()

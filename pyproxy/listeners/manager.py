@@ -267,6 +267,16 @@ class ListenerManager:
             self._drain_connection(conn)
         self.loop.call_later(self.drain_time, self._finish_drain, al)
 
+    def health_check_failed(self) -> None:
+        """Admin /healthcheck/fail: every open HTTP connection drains at its next request
+        (``HttpConnection.health_check_failed``); new ones see the server's state as they open."""
+        for al in list(self.active.values()) + self.draining_listeners:
+            for conn in list(al.connections):
+                for f in conn.filters:
+                    d = getattr(f, "health_check_failed", None)
+                    if d is not None:
+                        d()
+
     def _drain_connection(self, conn) -> None:
         for f in conn.filters:
             d = getattr(f, "start_drain", None)

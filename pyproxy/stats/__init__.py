@@ -32,6 +32,32 @@ class Counter:
         return self.value != 0
 
 
+class MirrorCounter:
+    """A counter that reads another's value (``base``): Envoy's ``cluster.<c>.external.upstream_rq_*``
+    count what ``upstream_rq_*`` counts for requests that are not internal, and pyproxy treats
+    none as internal, so they mirror it. Nothing on the data path touches it; resetting it is
+    resetting its base."""
+
+    __slots__ = ("name", "base")
+    kind = "counter"
+
+    def __init__(self, name: str, base: Counter):
+        self.name = name
+        self.base = base
+
+    @property
+    def value(self) -> int:
+        return self.base.value
+
+    @value.setter
+    def value(self, v: int) -> None:
+        pass  # (admin reset_counters resets the base)
+
+    @property
+    def used(self) -> bool:
+        return self.base.value != 0
+
+
 class Gauge:
     """A gauge. ``import_mode`` is Envoy's: ``accumulate`` gauges sum across workers, ``never`` do not."""
 
@@ -172,6 +198,15 @@ class Store:
             if self.rejects is not None and self.rejects(name):
                 return Counter(DETACHED)
             c = self.counters[name] = Counter(name)
+        return c
+
+    def mirror_counter(self, name: str, base: Counter):
+        """A counter named ``name`` that shows ``base``'s value (MirrorCounter)."""
+        c = self.counters.get(name)
+        if c is None:
+            if self.rejects is not None and self.rejects(name):
+                return Counter(DETACHED)
+            c = self.counters[name] = MirrorCounter(name, base)
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
@@ -485,6 +520,12 @@ class Scope:
         c = self.store.counter(full)
         if self.owned is not None:
             self.owned.own(c)  # the store's own string, not a second copy
+        return c
+
+    def mirror_counter(self, name: str, base: Counter):
+        c = self.store.mirror_counter(self.prefix + name, base)
+        if self.owned is not None:
+            self.owned.own(c)
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:

@@ -30,7 +30,7 @@ from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
-                           finalize_response, reset_failure, upstream_timeout)
+                           finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
 from .upstream_request import UpstreamRequest
 
@@ -96,6 +96,7 @@ class Router(RetryState):
         s = self.s
         route = self.route = s.route
         si = s.stream_info
+        s.hc.stats.router_rq_total.value += 1
         if route is None:
             s.hc.stats.no_route.value += 1
             s.send_local_reply(404, "", "route_not_found", flag="NR")
@@ -451,9 +452,12 @@ class Router(RetryState):
                 return
             self._fail(*reset_failure(reason))
             return
-        self.s.stream_info.response_flags.add("UR")
+        si = self.s.stream_info
+        si.response_flags.add(reset_flag(reason))
+        # (Envoy's details name the reset, not via_upstream, once the response started)
+        si.response_code_details = "upstream_reset_after_response_started{%s}" % reason.replace(" ", "_")
         self._done()
-        self.s.reset_stream("upstream_reset_after_response_started{%s}" % reason.replace(" ", "_"))
+        self.s.reset_stream(si.response_code_details)
 
     def on_per_try_timeout(self, up):
         if self.done or up is not self.upstream:

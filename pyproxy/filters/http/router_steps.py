@@ -26,7 +26,7 @@ _first = itemgetter(0)
 RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 # a local reply for an upstream failure (a reset, a failed connection, a timeout) is charged to
 # the cluster's upstream_rq_<code>, as Envoy's chargeUpstreamAbort does
-CHARGED = frozenset(("UF", "UR", "UT", "UO", "UPE"))
+CHARGED = frozenset(("UF", "UR", "UC", "UT", "UO", "UPE"))
 # (status, body, response code details, response flag)
 NO_HEALTHY = (503, "no healthy upstream", "no_healthy_upstream", "UH")
 TIMEOUT = (504, "upstream request timeout", "upstream_response_timeout", "UT")
@@ -95,14 +95,23 @@ def reset_failure(reason: str):
                 "upstream_reset_before_response_started{protocol_error}", "UPE")
     return (503, RESET_BODY + "reset reason: %s" % reason,
             "upstream_reset_before_response_started{%s}" % reason.replace(" ", "_"),
-            "UR" if "overflow" not in reason else "UO")
+            "UO" if "overflow" in reason else reset_flag(reason))
+
+
+def reset_flag(reason: str) -> str:
+    """The response flag of an upstream reset: UC for a connection termination (the upstream
+    closed its connection), UPE for a protocol error, else UR (Envoy's
+    ``streamResetReasonToResponseFlag``)."""
+    if reason == "connection termination":
+        return "UC"
+    return "UPE" if reason == "protocol error" else "UR"
 
 
 def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int) -> str:
     """What a local reply for an upstream failure counts; returns its body (a retried request's
     names the latest attempt, and its flags gain URX)."""
     if attempts > 1:
-        if flag in ("UF", "UR", "UT", "UPE"):
+        if flag in ("UF", "UR", "UC", "UT", "UPE"):
             si.response_flags.add("URX")
         if body.startswith(RESET_BODY):
             body = RESET_BODY + "retried and the latest " + body[len(RESET_BODY):]
