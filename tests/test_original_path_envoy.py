@@ -59,3 +59,21 @@ def test_client_original_path_as_envoy(shape, rewrite):
         assert want == (["/a/b"] if rewrite else [] if shape == "edge" else ["/client"])
         for log in (False, True):
             assert _seen(Pyproxy, b, SHAPES[shape], rewrite, log) == want, (shape, rewrite, log)
+
+
+def _seen_host(kind, backend, shape: dict):
+    bs, port = one_route_bootstrap([backend.port], hcm_extra=shape)
+    with kind(bs):
+        n = len(backend.requests)
+        out = _get(port, "/a/b", [("x-envoy-original-host", "forged")])
+        assert out.startswith(b"HTTP/1.1 200"), out
+        return backend.requests[n].header_all("x-envoy-original-host")
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_client_original_host_as_envoy(shape):
+    # the same rule for a client's x-envoy-original-host (review F12): removed from edge requests
+    with HttpBackend(lambda req, sock: simple_response(200, b"ok")) as b:
+        want = _seen_host(Envoy, b, SHAPES[shape])
+        assert want == ([] if shape == "edge" else ["forged"])
+        assert _seen_host(Pyproxy, b, SHAPES[shape]) == want, shape

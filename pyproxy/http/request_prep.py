@@ -62,9 +62,10 @@ ROUTER_CONSUMED = frozenset((
     "x-envoy-hedge-on-per-try-timeout", "x-envoy-upstream-alt-stat-name", "x-envoy-expected-rq-timeout-ms",
 ))
 # ... and from edge requests (use_remote_address, not internal); a client's x-envoy-original-path
-# too (the router sets it when it rewrites the path), as Envoy 1.40 does
+# and x-envoy-original-host too (the router sets them when it rewrites), as Envoy 1.40 does
 EDGE_ONLY = frozenset(("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
-                       "x-envoy-downstream-service-node", "x-envoy-original-path"))
+                       "x-envoy-downstream-service-node", "x-envoy-original-path",
+                       "x-envoy-original-host"))
 # always removed (hop-by-hop; connection/upgrade unless this is an upgrade)
 ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding"))
 XFCC = "x-forwarded-client-cert"
