@@ -43,6 +43,9 @@ H2_CASES = {
                        ("reset", 8)],
     "cl-exact": [("headers", [(":status", "200"), ("content-length", "2")], False), ("data", b"o", False),
                  ("data", b"k", True)],
+    # a :status that is not three digits (review F2): a protocol error, 502 (Envoy relays "099")
+    "status-2000": [("headers", [(":status", "2000"), ("content-length", "2")], False), ("data", b"ok", True)],
+    "status-abc": [("headers", [(":status", "abc"), ("content-length", "2")], False), ("data", b"ok", True)],
 }
 
 

@@ -235,6 +235,8 @@ def response_fields(raw) -> tuple:
     if r is None:
         fields = inbound_headers(key, RESPONSE)
         status = fields[0][1]
+        if len(status) != 3 or not status.isdigit() or not status.isascii():  # (nghttp2's rule)
+            raise BadHeaders("invalid :status %r" % status[:16])
         length = None
         for i in range(len(fields) - 1, 0, -1):
             k, v = fields[i]
