@@ -9,6 +9,8 @@ import ipaddress
 import socket
 import struct
 
+from .config import ConfigError
+
 
 def parse_ip(s: str):
     """Envoy's ``parseInternetAddress``: a bare IPv4/IPv6 literal (inet_pton rules), else None."""
@@ -89,3 +91,15 @@ def in_any(ip: str, nets) -> bool:
     except ValueError:
         return False
     return any(a.version == n.version and a in n for n in nets)
+
+
+def cidr_range(r, field: str):
+    """An Envoy ``config.core.v3.CidrRange`` as an ``ipaddress`` network (host bits masked, as
+    Envoy does; no prefix_len means the whole address); an invalid one is a ConfigError naming
+    ``field``."""
+    try:
+        addr = ipaddress.ip_address(r.address_prefix)
+        plen = r.prefix_len.value if r.HasField("prefix_len") else addr.max_prefixlen
+        return ipaddress.ip_network("%s/%d" % (addr, plen), strict=False)
+    except ValueError as e:
+        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None

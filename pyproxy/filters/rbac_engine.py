@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 
 from ..config import ConfigError
+from ..netaddr import cidr_range
 
 ALLOW, DENY, LOG = 0, 1, 2
 ACTION_NAMES = {ALLOW: "ALLOW", DENY: "DENY", LOG: "LOG"}
@@ -123,16 +124,6 @@ def _always(s):
     return True
 
 
-def _cidr(r, field):
-    plen = r.prefix_len.value if r.HasField("prefix_len") else None
-    try:
-        addr = ipaddress.ip_address(r.address_prefix)
-        return ipaddress.ip_network("%s/%d" % (addr, plen if plen is not None else addr.max_prefixlen),
-                                    strict=False)
-    except ValueError as e:
-        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
-
-
 def _ip_in(attr: str, net):
     def f(s):
         ip = getattr(s, attr)
@@ -183,7 +174,7 @@ def _permission(p, field, http):
     if which == "url_path":
         return _url_path(p.url_path, field + ".url_path", http)
     if which == "destination_ip":
-        return _ip_in("dst_ip", _cidr(p.destination_ip, field + ".destination_ip"))
+        return _ip_in("dst_ip", cidr_range(p.destination_ip, field + ".destination_ip"))
     if which == "destination_port":
         port = p.destination_port
         return lambda s: s.dst_port == port
@@ -228,13 +219,13 @@ def _principal(p, field, http):
         return lambda s: s.peer_principal is not None and any(sm.match(p) for p in s.peer_principal)
     if which == "direct_remote_ip":
         # the physical peer, whatever x-forwarded-for says
-        return _ip_in("direct_remote_ip", _cidr(p.direct_remote_ip, field + ".direct_remote_ip"))
+        return _ip_in("direct_remote_ip", cidr_range(p.direct_remote_ip, field + ".direct_remote_ip"))
     if which == "source_ip":
-        return _ip_in("source_ip", _cidr(p.source_ip, field + ".source_ip"))
+        return _ip_in("source_ip", cidr_range(p.source_ip, field + ".source_ip"))
     if which == "remote_ip":
         # the downstream address as the connection manager derived it (x-forwarded-for,
         # original_ip_detection_extensions: pyproxy/http/request_prep.py)
-        return _ip_in("remote_ip", _cidr(p.remote_ip, field + ".remote_ip"))
+        return _ip_in("remote_ip", cidr_range(p.remote_ip, field + ".remote_ip"))
     if which == "header":
         return _header(p.header, field + ".header", http)
     if which == "url_path":

@@ -5,10 +5,8 @@ config loads; run by the request preparation (``request_prep.py``)."""
 
 from __future__ import annotations
 
-import ipaddress
-
 from ..config import ConfigError
-from ..netaddr import in_any, parse_ip
+from ..netaddr import cidr_range, in_any, parse_ip
 
 
 def last_xff(xff: str, skip: int):
@@ -74,15 +72,6 @@ class CustomHeaderDetection:
         return None, False, self.reject
 
 
-def cidr(r, field):
-    try:
-        addr = ipaddress.ip_address(r.address_prefix)
-        plen = r.prefix_len.value if r.HasField("prefix_len") else addr.max_prefixlen
-        return ipaddress.ip_network("%s/%d" % (addr, plen), strict=False)
-    except ValueError as e:
-        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
-
-
 _XFF_TYPE = "envoy.extensions.http.original_ip_detection.xff.v3.XffConfig"
 _CUSTOM_TYPE = "envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig"
 
@@ -97,7 +86,7 @@ def detection(ext, field):
         tc.Unpack(m)
         if m.HasField("xff_trusted_cidrs") and m.xff_num_trusted_hops:
             raise ConfigError("Cannot set both xff_num_trusted_hops and xff_trusted_cidrs", field=field)
-        nets = [cidr(c, "%s.xff_trusted_cidrs.cidrs[%d]" % (field, i))
+        nets = [cidr_range(c, "%s.xff_trusted_cidrs.cidrs[%d]" % (field, i))
                 for i, c in enumerate(m.xff_trusted_cidrs.cidrs)]
         return XffDetection(m.xff_num_trusted_hops, nets)
     if tname == _CUSTOM_TYPE:

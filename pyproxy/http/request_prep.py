@@ -35,11 +35,11 @@ import logging
 from operator import itemgetter
 
 from ..config import ConfigError
-from ..netaddr import default_internal, fmt_addr, in_any, is_loopback, local_ip
+from ..netaddr import cidr_range, default_internal, fmt_addr, in_any, is_loopback, local_ip
 from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
-from .original_ip import CustomHeaderDetection, XffDetection, cidr, detection, last_xff
+from .original_ip import CustomHeaderDetection, XffDetection, detection, last_xff
 from .xfcc import (ALWAYS_FORWARD_ONLY, APPEND_FORWARD, CERT, CHAIN, DNS, FORWARD_ONLY, SANITIZE, SANITIZE_SET,
                    SUBJECT, URI, xfcc_value)
 
@@ -160,7 +160,7 @@ class PrepPlan:
         if cfg.HasField("internal_address_config"):
             iac = cfg.internal_address_config
             self.internal_unix = iac.unix_sockets
-            nets = tuple(cidr(c, "internal_address_config.cidr_ranges[%d]" % i)
+            nets = tuple(cidr_range(c, "internal_address_config.cidr_ranges[%d]" % i)
                          for i, c in enumerate(iac.cidr_ranges))
             self.internal = nets or "default"
         self.local_ip = local_ip(getattr(hcm.ctx, "local_address_ip_version", "v4") or "v4") \

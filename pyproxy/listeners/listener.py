@@ -15,6 +15,7 @@ from envoy.config.listener.v3 import listener_pb2
 
 from ..config import ConfigError, duration_s, u32
 from ..config.registry import REGISTRY
+from ..netaddr import cidr_range
 from ..transport import build_transport_socket
 
 log = logging.getLogger("pyproxy.config")
@@ -43,11 +44,11 @@ class ChainMatch:
 
     def __init__(self, m):
         self.destination_port = u32(m, "destination_port", None)
-        self.prefix_ranges = tuple(_cidr(r, "prefix_ranges") for r in m.prefix_ranges)
+        self.prefix_ranges = tuple(cidr_range(r, "prefix_ranges") for r in m.prefix_ranges)
         self.direct_source_prefix_ranges = tuple(
-            _cidr(r, "direct_source_prefix_ranges") for r in m.direct_source_prefix_ranges)
+            cidr_range(r, "direct_source_prefix_ranges") for r in m.direct_source_prefix_ranges)
         self.source_type = m.source_type
-        self.source_prefix_ranges = tuple(_cidr(r, "source_prefix_ranges") for r in m.source_prefix_ranges)
+        self.source_prefix_ranges = tuple(cidr_range(r, "source_prefix_ranges") for r in m.source_prefix_ranges)
         self.source_ports = frozenset(m.source_ports)
         self.server_names = tuple(s.lower() for s in m.server_names)
         self.transport_protocol = m.transport_protocol
@@ -57,14 +58,6 @@ class ChainMatch:
         return (self.destination_port, self.prefix_ranges, self.direct_source_prefix_ranges,
                 self.source_type, self.source_prefix_ranges, tuple(sorted(self.source_ports)),
                 self.server_names, self.transport_protocol, self.application_protocols)
-
-
-def _cidr(r, field):
-    try:
-        return ipaddress.ip_network("%s/%d" % (r.address_prefix, r.prefix_len.value if r.HasField("prefix_len") else
-                                               (128 if ":" in r.address_prefix else 32)), strict=False)
-    except ValueError as e:
-        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
 
 
 class FilterChain:

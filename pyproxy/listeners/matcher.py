@@ -22,6 +22,7 @@ import ipaddress
 import logging
 
 from ..config import ConfigError
+from ..netaddr import cidr_range
 from ..config.registry import type_name_of, unpack_any
 
 log = logging.getLogger("pyproxy.config")
@@ -191,7 +192,7 @@ class _Compiler:
             if om is None:
                 continue
             for j, r in enumerate(rm.ranges):
-                net = _cidr(r, "%s.ranges[%d]" % (rf, j))
+                net = cidr_range(r, "%s.ranges[%d]" % (rf, j))
                 ranges.append((net.prefixlen, net, om))
         ranges.sort(key=lambda x: -x[0])
 
@@ -265,7 +266,7 @@ class _Compiler:
         if not ext.HasField("typed_config") or type_name_of(ext.typed_config) != "xds.type.matcher.v3.IPMatcher":
             raise ConfigError("unsupported custom predicate matcher", field=field)
         ipm = unpack_any(ext.typed_config)
-        nets = [_cidr(r, "%s.range_matchers[%d].ranges[%d]" % (field, i, j))
+        nets = [cidr_range(r, "%s.range_matchers[%d].ranges[%d]" % (field, i, j))
                 for i, rm in enumerate(ipm.range_matchers) for j, r in enumerate(rm.ranges)]
 
         def f(value):
@@ -277,10 +278,3 @@ class _Compiler:
         return f
 
 
-def _cidr(r, field):
-    try:
-        addr = ipaddress.ip_address(r.address_prefix)
-        plen = r.prefix_len.value if r.HasField("prefix_len") else addr.max_prefixlen
-        return ipaddress.ip_network("%s/%d" % (addr, plen), strict=False)
-    except ValueError as e:
-        raise ConfigError("invalid CIDR range: %s" % e, field=field) from None
