@@ -12,16 +12,12 @@ Every scenario is event-driven: the held request is answered only when the test 
 the next step waits for the proxy's own gauges (``upstream_rq_pending_active``).
 """
 
-import socket
 import threading
 import time
 
-import h2.config
-import h2.connection
-import h2.events as E
-import h2.exceptions
 import pytest
 
+from h2_upstream_util import ThreadedH2Upstream, answer
 from proxy_util import Envoy, HttpBackend, Pyproxy, one_route_bootstrap, request, simple_response
 
 KINDS = [Pyproxy, Envoy]
@@ -68,78 +64,35 @@ def _shape(res):
     return st, h.get("x-envoy-overloaded"), body
 
 
-class GatedH2:
-    """An HTTP/2 upstream (h2 library, a thread per connection): a request whose path starts with
-    ``/hold`` is answered once ``gate`` is set, one with ``/kill`` closes the connection, any other
-    is answered at once."""
+class GatedH2(ThreadedH2Upstream):
+    """An HTTP/2 upstream: a request whose path starts with ``/hold`` is answered once ``gate`` is
+    set, one with ``/kill`` closes the connection, any other is answered at once."""
+
+    poll = 0.05
 
     def __init__(self):
         self.gate = threading.Event()
         self.received = 0
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        self.sock.settimeout(0.2)
-        while not self.stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+    def on_request(self, conn, e, state):
+        with self.lock:
+            self.received += 1
+        path = dict(e.headers).get(":path", "")
+        if path.startswith("/kill"):
+            return False  # (the connection dies under the request)
+        if path.startswith("/hold"):
+            state.setdefault("held", []).append(e.stream_id)
+        else:
+            answer(conn, e.stream_id)
+        return True
 
-    def _serve(self, c):
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        c.sendall(conn.data_to_send())
-        c.settimeout(0.05)
-        held = []
-        try:
-            while not self.stop:
-                try:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    events = conn.receive_data(data)
-                except socket.timeout:
-                    events = []
-                for e in events:
-                    if isinstance(e, E.RequestReceived):
-                        with self.lock:
-                            self.received += 1
-                        path = dict(e.headers).get(":path", "")
-                        if path.startswith("/kill"):
-                            return  # (the connection dies under the request)
-                        if path.startswith("/hold"):
-                            held.append(e.stream_id)
-                        else:
-                            self._answer(conn, e.stream_id)
-                if held and self.gate.is_set():
-                    for sid in held:
-                        self._answer(conn, sid)
-                    held = []
-                out = conn.data_to_send()
-                if out:
-                    c.sendall(out)
-        except (OSError, h2.exceptions.ProtocolError):
-            return
-        finally:
-            c.close()
-
-    @staticmethod
-    def _answer(conn, sid):
-        conn.send_headers(sid, [(":status", "200"), ("content-length", "2")])
-        conn.send_data(sid, b"ok", end_stream=True)
-
-    def close(self):
-        self.stop = True
-        self.sock.close()
+    def on_tick(self, conn, state):
+        held = state.get("held")
+        if held and self.gate.is_set():
+            for sid in held:
+                answer(conn, sid)
+            held.clear()
 
 
 def _h1_queue_scenario(kind):

@@ -4,77 +4,33 @@ second upstream request is made; with ``retry_on: refused-stream`` the router re
 in ``upstream_rq_retry``. Side by side with Envoy, pyproxy on both HTTP/2 engines.
 """
 
-import socket
-import threading
 
-import h2.config
-import h2.connection
-import h2.events as E
-import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
 
+from h2_upstream_util import ThreadedH2Upstream, answer
 from proxy_util import Envoy, Pyproxy, bootstrap, cluster, free_port, http_listener, request, route, route_config
 
 REFUSED_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"
 
 
-class RefusingH2:
+class RefusingH2(ThreadedH2Upstream):
     """An HTTP/2 upstream that resets the first request of every connection with REFUSED_STREAM
     and answers the others 200."""
 
     def __init__(self):
         self.requests = 0
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        self.sock.settimeout(0.2)
-        while not self.stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.initiate_connection()
-        c.sendall(conn.data_to_send())
-        c.settimeout(10)
-        refused = False
-        try:
-            while not self.stop:
-                data = c.recv(65536)
-                if not data:
-                    return
-                for e in conn.receive_data(data):
-                    if isinstance(e, E.RequestReceived):
-                        with self.lock:
-                            self.requests += 1
-                        if not refused:
-                            refused = True
-                            conn.reset_stream(e.stream_id, ErrorCodes.REFUSED_STREAM)
-                        else:
-                            conn.send_headers(e.stream_id, [(":status", "200"), ("content-length", "2")])
-                            conn.send_data(e.stream_id, b"ok", end_stream=True)
-                out = conn.data_to_send()
-                if out:
-                    c.sendall(out)
-        except (OSError, h2.exceptions.ProtocolError):
-            return
-        finally:
-            c.close()
-
-    def close(self):
-        self.stop = True
-        self.sock.close()
+    def on_request(self, conn, e, state):
+        with self.lock:
+            self.requests += 1
+        if not state.get("refused"):
+            state["refused"] = True
+            conn.reset_stream(e.stream_id, ErrorCodes.REFUSED_STREAM)
+        else:
+            answer(conn, e.stream_id)
+        return True
 
 
 KINDS = [("pyproxy", "lean"), ("pyproxy", "h2"), ("envoy", None)]

@@ -1,0 +1,83 @@
+"""A scripted HTTP/2 upstream for tests: h2c on 127.0.0.1:0, the h2 library, a thread per
+connection. A subclass says what each request gets (``on_request``) and, optionally, what happens
+between reads (``on_tick``, every ``poll`` seconds); the socket, accept loop, read loop and
+shutdown live here once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import h2.config
+import h2.connection
+import h2.events as E
+import h2.exceptions
+
+
+class ThreadedH2Upstream:
+    poll = 10.0  # read timeout: how often on_tick runs on a quiet connection
+
+    def __init__(self, backlog: int = 16):
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    # -- what a subclass writes -------------------------------------------------------------------
+    def on_request(self, conn, event, state: dict) -> bool:
+        """Answer (or not) ``event`` (h2 RequestReceived); False closes the connection."""
+        answer(conn, event.stream_id)
+        return True
+
+    def on_tick(self, conn, state: dict) -> None:
+        """Called after every read or read timeout."""
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        c.sendall(conn.data_to_send())
+        c.settimeout(self.poll)
+        state = {}
+        try:
+            while not self.stop:
+                try:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    events = conn.receive_data(data)
+                except socket.timeout:
+                    events = []
+                for e in events:
+                    if isinstance(e, E.RequestReceived) and not self.on_request(conn, e, state):
+                        return
+                self.on_tick(conn, state)
+                out = conn.data_to_send()
+                if out:
+                    c.sendall(out)
+        except (OSError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            c.close()
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+
+
+def answer(conn, sid, body: bytes = b"ok") -> None:
+    conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
+    conn.send_data(sid, body, end_stream=True)
