@@ -62,7 +62,8 @@ def send_request(s, encoder) -> None:
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
-    """The upstream response head (from ``Http1ClientCodec``): written downstream at once."""
+    """The upstream response head (from ``Http1ClientCodec``: ``raw`` is its ``(name, value)``
+    bytes, names lower-cased): written downstream at once."""
     if s.up_done:
         return
     route = s.route
@@ -71,7 +72,7 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         # (a 101 to a request that asked for no upgrade): the generic encoder decides;
         # (a status the route's retry policy may retry): the router decides
         h = [(":status", str(status))]
-        h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+        h += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         s.on_upstream_headers(Headers(h), end_stream)
         return
     s.cluster.count_response(status, s.host)

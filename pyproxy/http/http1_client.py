@@ -214,8 +214,8 @@ class Http1ClientCodec:
         if self.resp_headers_sent:
             self._trailer(name, value)
             return
-        # kept as bytes: names are lower-cased (and decoded, for a Headers) once the head is complete
-        self.hdrs.append((name, value))
+        # kept as bytes, the name lower-cased (decoded for a Headers once the head is complete)
+        self.hdrs.append((name.lower(), value))
 
     def _trailer(self, name: bytes, value: bytes) -> None:
         """A trailer of a chunked response."""
@@ -279,7 +279,7 @@ class Http1ClientCodec:
                 d.on_upstream_head(status, hdrs, end)
             else:
                 h = [(":status", str(status))]
-                h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
+                h += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
                 if _SERVICE_TIME in map(_first, h):  # (the router adds its own: one, as Envoy)
                     h = [kv for kv in h if kv[0] != _SERVICE_TIME]
                 d.on_upstream_headers(Headers(h), end)
