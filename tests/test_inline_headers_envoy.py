@@ -1,5 +1,5 @@
 """Repeated request headers, side by side with Envoy 1.40 (review finding F18a): the headers Envoy
-keeps inline (http/inline_headers.py) reach the upstream as one comma-joined line, in arrival order,
+keeps inline (http/headers.py: INLINE_REQUEST) reach the upstream as one comma-joined line, in arrival order,
 whichever codec the client speaks; the others (cookie, any custom header) keep one line each.
 Real sockets: an HTTP/1.1 and an h2c client, one recording backend shared by pyproxy and Envoy."""
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from .authority import authority_ok
 from .h2_hpack import _FIELD_OVERHEAD, CONNECTION_HEADERS, ByteMemo
-from .headers import Headers
-from .inline_headers import coalesce_fields
+from .headers import Headers, coalesce_fields
 
 _OUT = ByteMemo(4 << 20, 8192)
 _IN = ByteMemo(4 << 20, 8192)
@@ -212,7 +211,7 @@ def request_fields(raw) -> tuple:
             h = [pseudo[k] for k in _ORDER] + [kv for kv in h if kv[0][0] != ":"]
     names = frozenset(kv[0] for kv in h)
     if len(names) != len(h):
-        # a repeated name: Envoy's inline headers become one field (http/inline_headers.py)
+        # a repeated name: Envoy's inline headers become one field (http/headers.py)
         h = coalesce_fields(h)
     path = _field(h, ":path")
     if path is not None and "#" in path:

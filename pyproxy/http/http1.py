@@ -18,10 +18,9 @@ from __future__ import annotations
 import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
-from .headers import Headers
+from .headers import Headers, coalesce
 from .http1_common import HTTP10, HTTP11, ChunkedBody, ProtocolError, parser_error
 from .http1_response import Http1ResponseEncoder
-from .inline_headers import coalesce
 
 _METHODS = frozenset((
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
@@ -324,7 +323,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
             if len(names) != len({*names}):
-                # a repeated name: Envoy's inline headers become one line (http/inline_headers.py)
+                # a repeated name: Envoy's inline headers become one line (http/headers.py)
                 names, values = coalesce(names, values)
             self.ct = "content-type" in names
             if self.watch_nohost.isdisjoint(names) or (_FRAMING_NAMES.isdisjoint(names) and self._noting()):
