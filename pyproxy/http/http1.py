@@ -18,7 +18,7 @@ from __future__ import annotations
 import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
-from .headers import Headers
+from .headers import Headers, coalesce
 from .http1_common import HTTP10, HTTP11, ChunkedBody, ProtocolError, parser_error
 from .http1_response import Http1ResponseEncoder
 
@@ -322,6 +322,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
+            if len(names) != len({*names}):
+                # a repeated name: Envoy's inline headers become one line (http/headers.py)
+                names, values = coalesce(names, values)
             self.ct = "content-type" in names
             if self.watch_nohost.isdisjoint(names) or (_FRAMING_NAMES.isdisjoint(names) and self._noting()):
                 # the common case: nothing to check but Host (usually the first line); or only names
