@@ -115,8 +115,9 @@ def relay_done(s) -> None:
     whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
+    ms = (now - s.start) * 1000.0  # (the stream's start: begin_first_attempt)
     p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
-    p.append((now - s.start) * 1000.0)
+    p.append(ms)
     if len(p) >= PENDING:
         c.st_rq_time.fold()
     s.up_done = True
@@ -136,7 +137,7 @@ def relay_done(s) -> None:
         pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
     st.rq_completed.value += 1
     p = st.rq_time.pending  # (Histogram.record, inline)
-    p.append((now - s.t0) * 1000.0)
+    p.append(ms)
     if len(p) >= PENDING:
         st.rq_time.fold()
     # (HttpConnection.stream_done, inlined)

@@ -13,6 +13,7 @@ from .http1_common import HOP_BY_HOP, ProtocolError, encode_headers_block
 
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _JOIN = ": ".join  # (name, value) -> "name: value"
+_CRLF = "\r\n"
 _SERVICE_TIME = "x-envoy-upstream-service-time"
 _first = itemgetter(0)
 
@@ -138,10 +139,10 @@ class Http1ClientCodec:
         method = h[0][1]
         self.head_request = method == "HEAD"
         if len(h) > 4:
-            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                    "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1")
+            head = f"{method} {h[2][1]} HTTP/1.1\r\nhost: {h[3][1]}\r\n{_CRLF.join(map(_JOIN, h[4:]))}\r\n\r\n".encode(
+                "latin-1")
         else:
-            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1")
+            head = f"{method} {h[2][1]} HTTP/1.1\r\nhost: {h[3][1]}\r\n\r\n".encode("latin-1")
         self.conn.write(head)
         return head
 
