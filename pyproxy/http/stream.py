@@ -54,6 +54,7 @@ class ActiveStream(FirstAttempt):
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when HttpConnection.on_request ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
+    ctl = None  # an internal request's router control headers (request_prep's Prepared.ctl), else None
     version = "HTTP/1.1"
     remote = None         # the downstream address derived from the headers (request_prep)
     # made at once by __init__; lazily (``_make_stream_info``) for a stream made by HttpConnection.on_request
@@ -145,7 +146,8 @@ class ActiveStream(FirstAttempt):
             if self.upgrade_refused():
                 return
         elif end_stream and cfg.fast_router and route is not None and route.fast and not (
-                (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers)):
+                (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers)) \
+                and self.ctl is None:
             # the plans show every filter inert: the stream runs the router's first attempt
             picked = pick_cluster(route, headers, cfg.cluster_manager)
             if picked is not None:
@@ -163,6 +165,8 @@ class ActiveStream(FirstAttempt):
         if r.remote is not None:
             si.downstream_remote_address = r.remote
         self.upgrade_type = r.upgrade
+        if r.ctl is not None:
+            self.ctl = r.ctl  # (for the router: not the stream's own first attempt)
         rep = r.reply
         if rep is not None:
             status, details, location = rep
