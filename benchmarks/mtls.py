@@ -23,13 +23,18 @@ cipher list), certificate and trust bundle from SDS (a pilot-agent-shaped server
 
 Runs alternate between targets; medians and the pyproxy / Envoy ratios are printed.
 ``--what rps|handshakes`` measures only one of the two; ``--profile FILE`` runs pyproxy under
-cProfile (CPU time, not wall time) and writes its stats to FILE when it exits.
+cProfile (CPU time, not wall time) and writes its stats to FILE when it exits. ``--perf DIR``
+(Linux ``perf``, root or perf_event_paranoid <= 1) counts each target's system calls per request
+during the keep-alive runs (tracepoints: no slowdown) and, in the first run, samples where its CPU
+goes (``perf record``; DIR/<target>.data, read with ``perf report -i``): the kernel, OpenSSL, the
+interpreter.
 """
 
 import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,9 +64,11 @@ def _inbound(port, upstream):
     return boot
 
 
-def _client(port, target_port):
+def _client(port, target_port, admin_port=None):
     from sds_util import istio_upstream_tls, sds_grpc_cluster, spiffe
     boot = configs.envoy_bootstrap(port, target_port)
+    if admin_port:
+        boot["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
     boot["node"] = {"id": "sidecar~127.0.0.1~client.default~default.svc.cluster.local", "cluster": "client.default"}
     cl = boot["static_resources"]["clusters"][0]
     cl["transport_socket"] = istio_upstream_tls([spiffe("default", "server")],
@@ -107,6 +114,70 @@ def s_time(port, cert, key, ca, seconds, procs_n, cpu):
     return total, count
 
 
+SYSCALLS = ("read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg", "epoll_wait",
+            "epoll_pwait", "epoll_ctl", "futex", "clock_gettime")
+
+
+def perf_start(pids, out_dir, name, record):
+    """``perf stat`` on the target's system calls (and ``perf record`` when ``record``) until
+    perf_stop; None without perf."""
+    if not shutil.which("perf"):
+        return None
+    pid_list = ",".join(str(p) for p in pids)
+    ev = ["raw_syscalls:sys_enter"] + ["syscalls:sys_enter_" + n for n in SYSCALLS]
+    path = os.path.join(out_dir, "%s.stat" % name)
+    stat = subprocess.Popen(["perf", "stat", "-x", ",", "-o", path, "-p", pid_list] +
+                            [x for e in ev for x in ("-e", e)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ps = [(stat, path)]
+    if record:
+        data = os.path.join(out_dir, "%s.data" % name)
+        ps.append((subprocess.Popen(["perf", "record", "-q", "-F", "2000", "-g", "-o", data, "-p", pid_list],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), data))
+    return ps
+
+
+def perf_stop(ps, requests):
+    """Stop perf; the system calls per request it counted ({name: count / request})."""
+    if not ps:
+        return {}
+    for p, _ in ps:
+        p.send_signal(signal.SIGINT)
+    for p, _ in ps:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    counts = {}
+    try:
+        with open(ps[0][1]) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) > 2 and parts[0].replace(".", "").isdigit():
+                    counts[parts[2].split(":")[-1].replace("sys_enter_", "")] = float(parts[0])
+    except OSError:
+        return {}
+    return {k: v / requests for k, v in counts.items() if v and requests}
+
+
+def negotiated(admin_port):
+    """The TLS versions, cipher suites, groups and ALPN the client sidecar's cluster negotiated."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/stats?filter=cluster.backend.ssl" % admin_port,
+                                    timeout=5) as r:
+            text = r.read().decode()
+    except OSError as e:
+        return "(admin: %s)" % e
+    out = []
+    for line in text.splitlines():
+        name, _, v = line.partition(": ")
+        for part in (".ssl.versions.", ".ssl.ciphers.", ".ssl.curves.", ".ssl.sigalgs."):
+            if part in name and v.strip() not in ("0", ""):
+                out.append("%s=%s" % (name.split(part)[1], v.strip()))
+    return " ".join(out) or "(no ssl stats)"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=5)
@@ -115,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--handshake-procs", type=int, default=4)
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="run pyproxy under cProfile, stats written to FILE at exit")
+    ap.add_argument("--perf", metavar="DIR", help="count system calls per request (perf stat) and sample "
+                    "CPU (perf record, first run) for each target, files in DIR")
     ap.add_argument("--what", choices=("both", "rps", "handshakes"), default="both",
                     help="measure keep-alive rps, new handshakes, or both (default)")
     a = ap.parse_args(argv)
@@ -129,6 +202,9 @@ def run(a):
         return {"error": "envoy missing"}
     what = getattr(a, "what", "both")  # (run.py's namespace has neither of these two)
     profile = getattr(a, "profile", None)
+    perf_dir = getattr(a, "perf", None)
+    if perf_dir:
+        os.makedirs(perf_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="mtlsb", dir="/tmp")
     os.chmod(tmp, 0o755)
     proxy_cpu, load_cpu = procs.pinning()
@@ -166,35 +242,45 @@ def run(a):
             p = procs.Proc(k, cmd, tmp, cpu=proxy_cpu, cwd=pods["server"], env=env)
             started.append(p)
             procs.wait_tcp(port, p, timeout=20)
-            cport = procs.free_port()
-            cpath = configs.write_yaml(os.path.join(tmp, "client-%s.yaml" % k), _client(cport, port))
+            cport, aport = procs.free_port(), procs.free_port()
+            cpath = configs.write_yaml(os.path.join(tmp, "client-%s.yaml" % k), _client(cport, port, aport))
             c = procs.Proc("client-" + k, ["envoy", "-c", cpath, "--concurrency", "1", "--base-id",
                                            str(6000 + os.getpid() % 1000 + i), "--disable-hot-restart", "-l", "error"],
                            tmp, cpu=load_cpu, cwd=pods["client"])
             started.append(c)
             procs.wait_tcp(cport, c, timeout=20)
-            targets[k] = (p, port, cport, c)
+            targets[k] = (p, port, cport, c, aport)
         rps = {k: [] for k in kinds}
         cpu_ms = {k: [] for k in kinds}
         load_ms = {k: [] for k in kinds}
         hs = {k: [] for k in kinds}
         hs_cpu = {k: [] for k in kinds}
+        sysc = {k: [] for k in kinds}
         for k in kinds:  # warm-up (and a check that mTLS works end to end)
             res = loadgen.wrk("http://127.0.0.1:%d%s" % (targets[k][2], configs.BENCH_PATH), 1, 1, a.connections,
                               load_cpu)
             if not res["requests"] or res.get("non2xx", 0):
                 raise RuntimeError("%s: warm-up failed: %s\n%s" % (k, res, targets[k][0].tail()))
+            # what the client sidecar negotiated with the target (the same client for both)
+            print("  %-8s negotiated (client sidecar's upstream ssl stats): %s" % (k, negotiated(targets[k][4])),
+                  flush=True)
         for r in range(a.repeat):
             for k in (kinds if r % 2 == 0 else list(reversed(kinds))):
-                p, port, cport, client_proc = targets[k]
+                p, port, cport, client_proc, _ = targets[k]
                 res = {"rps": 0.0, "requests": 0}
                 n = 0
                 if what != "handshakes":
+                    pf = perf_start(procs.tree_pids(p.pid), perf_dir, "%s-%d" % (k, r + 1), r == 0) if perf_dir else None
                     c0, l0, b0 = p.cpu_seconds(), client_proc.cpu_seconds(), be.cpu_seconds()
                     res = loadgen.wrk("http://127.0.0.1:%d%s" % (cport, configs.BENCH_PATH), a.duration, 1,
                                       a.connections, load_cpu)
                     c1, l1, b1 = p.cpu_seconds(), client_proc.cpu_seconds(), be.cpu_seconds()
                     n = res["requests"]
+                    if pf:
+                        sc = perf_stop(pf, n)
+                        sysc[k].append(sc)
+                        print("  %-8s        system calls / request: %s" % (k, "  ".join(
+                            "%s %.2f" % (name, v) for name, v in sorted(sc.items(), key=lambda x: -x[1]))), flush=True)
                     if n:  # the load core's other tenants, per request: does the target change their work?
                         load_ms[k].append(((l1 - l0) * 1e6 / n, (b1 - b0) * 1e6 / n))
                 rps[k].append(res["rps"])

@@ -158,16 +158,11 @@ class HttpConnection:
             if tls is not None and tls.alpn:
                 # AUTO over TLS: the negotiated ALPN decides
                 self._make_h2() if tls.alpn == "h2" else self._make_h1()
-                codec = self.codec
-                codec.feed(data)
-                if end_stream and not self.closed:
-                    codec.on_eof()
-                return STOP
-            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+            elif len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
                 # not enough bytes to tell yet
                 self._pending_detect(data)
                 return STOP
-            if data.startswith(H2_PREFACE):
+            elif data.startswith(H2_PREFACE):
                 self._make_h2()
             else:
                 self._make_h1()
@@ -180,8 +175,11 @@ class HttpConnection:
             # an HTTP/1.1 codec that is the connection's only reader takes the bytes directly
             self.rebound = True
             conn = self.conn
-            if not self.is_h2 and codec is self.codec and conn.on_data_cb == self.on_data:
-                conn.on_data_cb = codec.on_data
+            if not self.is_h2 and codec is self.codec:
+                if conn.on_data_cb == self.on_data:
+                    conn.on_data_cb = codec.on_data
+                elif conn.ssl is not None and getattr(conn.ssl, "sink", None) == self.on_data:
+                    conn.ssl.sink = codec.on_data  # (over TLS: the layer's plaintext reader)
         return STOP
 
     def _pending_detect(self, data):
