@@ -146,3 +146,18 @@ def timeout_reply(router, details: str) -> tuple:
     if ctl is not None and ALT_RESPONSE in ctl:
         return 204, "", details, "UT"
     return 504, "upstream request timeout", details, "UT"
+
+
+def parse_grpc_timeout(v):
+    """A ``grpc-timeout`` value in seconds, or None."""
+    if not v:
+        return None
+    try:
+        n = int(v[:-1])
+    except ValueError:
+        return None
+    unit = v[-1]
+    mult = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(unit)
+    if mult is None:
+        return None
+    return n * mult
