@@ -23,7 +23,9 @@ cipher list), certificate and trust bundle from SDS (a pilot-agent-shaped server
 
 Runs alternate between targets; medians and the pyproxy / Envoy ratios are printed.
 ``--what rps|handshakes`` measures only one of the two; ``--profile FILE`` runs pyproxy under
-cProfile (CPU time, not wall time) and writes its stats to FILE when it exits. ``--perf DIR``
+cProfile (CPU time, not wall time) and writes its stats to FILE when it exits. ``--plaintext``
+runs the keep-alive figure with TLS off on the hop to the target (same client sidecar, chain and
+request): the difference from a normal run is what TLS costs each proxy. ``--perf DIR``
 (Linux ``perf``, root or perf_event_paranoid <= 1) counts each target's system calls per request
 during the keep-alive runs (tracepoints: no slowdown) and, in the first run, samples where its CPU
 goes (``perf record``; DIR/<target>.data, read with ``perf report -i``): the kernel, OpenSSL, the
@@ -50,10 +52,12 @@ from bench import configs, loadgen, procs  # noqa: E402
 T = "type.googleapis.com/"
 
 
-def _inbound(port, upstream):
+def _inbound(port, upstream, plaintext=False):
     from sds_util import istio_downstream_tls, sds_grpc_cluster
     boot = configs.envoy_bootstrap(port, upstream)
     boot["node"] = {"id": "sidecar~127.0.0.1~server.default~default.svc.cluster.local", "cluster": "server.default"}
+    if plaintext:  # (--plaintext: the same sidecar without TLS, for the TLS layer's share)
+        return boot
     lst = boot["static_resources"]["listeners"][0]
     lst["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
         "@type": T + "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
@@ -64,11 +68,13 @@ def _inbound(port, upstream):
     return boot
 
 
-def _client(port, target_port, admin_port=None):
+def _client(port, target_port, admin_port=None, plaintext=False):
     from sds_util import istio_upstream_tls, sds_grpc_cluster, spiffe
     boot = configs.envoy_bootstrap(port, target_port)
     if admin_port:
         boot["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
+    if plaintext:
+        return boot
     boot["node"] = {"id": "sidecar~127.0.0.1~client.default~default.svc.cluster.local", "cluster": "client.default"}
     cl = boot["static_resources"]["clusters"][0]
     cl["transport_socket"] = istio_upstream_tls([spiffe("default", "server")],
@@ -188,6 +194,9 @@ def main(argv=None):
     ap.add_argument("--profile", metavar="FILE", help="run pyproxy under cProfile, stats written to FILE at exit")
     ap.add_argument("--perf", metavar="DIR", help="count system calls per request (perf stat) and sample "
                     "CPU (perf record, first run) for each target, files in DIR")
+    ap.add_argument("--plaintext", action="store_true",
+                    help="the same topology, chain and request without TLS on either hop to the target (keep-alive rps "
+                    "only): what TLS adds per request is the difference from a normal run")
     ap.add_argument("--what", choices=("both", "rps", "handshakes"), default="both",
                     help="measure keep-alive rps, new handshakes, or both (default)")
     a = ap.parse_args(argv)
@@ -203,6 +212,9 @@ def run(a):
     what = getattr(a, "what", "both")  # (run.py's namespace has neither of these two)
     profile = getattr(a, "profile", None)
     perf_dir = getattr(a, "perf", None)
+    plaintext = getattr(a, "plaintext", False)
+    if plaintext:
+        what = "rps"
     if perf_dir:
         os.makedirs(perf_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="mtlsb", dir="/tmp")
@@ -232,7 +244,7 @@ def run(a):
         env = dict(os.environ, PYTHONPATH=ROOT)
         for i, k in enumerate(kinds):
             port = procs.free_port()
-            path = configs.write_yaml(os.path.join(tmp, "%s.yaml" % k), _inbound(port, h1))
+            path = configs.write_yaml(os.path.join(tmp, "%s.yaml" % k), _inbound(port, h1, plaintext))
             if k == "envoy":
                 cmd = ["envoy", "-c", path, "--concurrency", "1", "--base-id", str(5000 + os.getpid() % 1000 + i),
                        "--disable-hot-restart", "-l", "error"]
@@ -243,7 +255,7 @@ def run(a):
             started.append(p)
             procs.wait_tcp(port, p, timeout=20)
             cport, aport = procs.free_port(), procs.free_port()
-            cpath = configs.write_yaml(os.path.join(tmp, "client-%s.yaml" % k), _client(cport, port, aport))
+            cpath = configs.write_yaml(os.path.join(tmp, "client-%s.yaml" % k), _client(cport, port, aport, plaintext))
             c = procs.Proc("client-" + k, ["envoy", "-c", cpath, "--concurrency", "1", "--base-id",
                                            str(6000 + os.getpid() % 1000 + i), "--disable-hot-restart", "-l", "error"],
                            tmp, cpu=load_cpu, cwd=pods["client"])
