@@ -387,7 +387,7 @@ class HttpConnection:
         # when the request then goes to the stream's own entry, its result goes with it (never run twice)
         table = cfg.routes.table
         r = prepare(cfg.prep, self.conn, headers, table, quiet)
-        if type(r) is not str and (r.reply is not None or r.upgrade is not None):
+        if type(r) is not str and (r.reply is not None or r.upgrade is not None or r.ctl is not None):
             self.prepped = r
             return self.on_request(encoder, headers, True, version, False, quiet)
         if table is None:
@@ -420,11 +420,11 @@ class HttpConnection:
         if version is HTTP11:
             s.plain = plain
             mut = route.resp_raw
-            if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-                s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+            # (not when a telemetry hook reads a header the route's mutations write)
+            s.raw_head = mut is None or cfg.response_take_raw.isdisjoint(mut[2])
             st.rq_http1_total.value += 1
         else:
-            s.plain = False
+            s.plain = s.raw_head = False
             s.version = version
             st.rq_http2_total.value += 1
         if type(r) is str:
@@ -574,7 +574,7 @@ def _fall_back(hc, encoder, headers, version, quiet, r, table=None, route=None) 
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
         hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
-            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
+            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route, r.ctl)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
     hc.on_request(encoder, headers, True, version, False, quiet)
