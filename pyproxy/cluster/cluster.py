@@ -40,7 +40,7 @@ class ProtocolOptions:
     """What ``HttpProtocolOptions`` (or the legacy cluster fields) say about upstream HTTP."""
 
     __slots__ = ("protocol", "idle_timeout", "max_requests_per_connection", "http2_options",
-                 "max_stream_duration", "max_headers_count")
+                 "max_stream_duration", "max_headers_count", "trailers")
 
     def __init__(self):
         self.protocol = HTTP1
@@ -49,6 +49,7 @@ class ProtocolOptions:
         self.http2_options = None
         self.max_stream_duration = None
         self.max_headers_count = 100  # (Envoy's default, for upstream response heads too)
+        self.trailers = False  # HTTP/1.1 upstream: trailers both ways (http_protocol_options.enable_trailers)
 
 
 def _protocol_options(proto) -> ProtocolOptions:
@@ -58,6 +59,8 @@ def _protocol_options(proto) -> ProtocolOptions:
         po.http2_options = proto.http2_protocol_options
     if proto.protocol_selection == cluster_pb2.Cluster.USE_DOWNSTREAM_PROTOCOL:
         po.protocol = USE_DOWNSTREAM
+    if proto.HasField("http_protocol_options"):
+        po.trailers = proto.http_protocol_options.enable_trailers
     if proto.HasField("common_http_protocol_options"):
         c = proto.common_http_protocol_options
         po.idle_timeout = duration_s(c, "idle_timeout", po.idle_timeout)
