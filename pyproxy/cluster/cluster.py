@@ -49,18 +49,16 @@ class ProtocolOptions:
         self.http2_options = None
         self.max_stream_duration = None
         self.max_headers_count = 100  # (Envoy's default, for upstream response heads too)
-        self.trailers = False  # HTTP/1.1 upstream: trailers both ways (http_protocol_options.enable_trailers)
 
 
 def _protocol_options(proto) -> ProtocolOptions:
     po = ProtocolOptions()
+    po.trailers = proto.http_protocol_options.enable_trailers  # (HTTP/1.1 upstream, both ways; legacy field first)
     if proto.HasField("http2_protocol_options"):
         po.protocol = HTTP2
         po.http2_options = proto.http2_protocol_options
     if proto.protocol_selection == cluster_pb2.Cluster.USE_DOWNSTREAM_PROTOCOL:
         po.protocol = USE_DOWNSTREAM
-    if proto.HasField("http_protocol_options"):
-        po.trailers = proto.http_protocol_options.enable_trailers
     if proto.HasField("common_http_protocol_options"):
         c = proto.common_http_protocol_options
         po.idle_timeout = duration_s(c, "idle_timeout", po.idle_timeout)
