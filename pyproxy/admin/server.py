@@ -1,9 +1,14 @@
-"""The admin HTTP/1.1 server (asyncio.Protocol + httptools).
+"""The admin HTTP/1.1 server: asyncio.Protocol connections on the proxy's own HTTP/1.1 server codec
+(``http/http1.py`` ``Http1ServerCodec``), as Envoy serves its admin through its HTTP connection
+manager's codec.
 
-Keep-alive and pipelining (requests answered in order), bounded request headers (431) and body
-(413), malformed requests answered ``400 Bad Request`` and closed, idle connections closed after
+The codec reads the requests and writes the answers: keep-alive and pipelining (answered in
+order), Envoy's strictness and its answers to bad input (400, 431 for headers over 60 KiB or over
+100 of them, 426 for HTTP/1.0, an empty 400 without a Host), ``100 Continue``, the framing of
+every response. This module is the codec's connection and connection manager: a request body is
+bounded (413), an upgrade or CONNECT is refused (400), idle connections close after
 ``idle_timeout`` seconds, writes pausing reads when the client does not read. Handlers are
-synchronous and only read the context, so a request is answered as soon as it is parsed.
+synchronous and only read the context, so a request is answered as soon as it is complete.
 
     admin = await start_admin(ctx, "127.0.0.1", 15000)
     ...
@@ -13,15 +18,16 @@ synchronous and only read the context, so a request is answered as soon as it is
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import socket
 import time
 
-import httptools
-
 from pyproxy.admin import handlers as _h
+from pyproxy.http.headers import Headers
+from pyproxy.http.http1 import Http1ServerCodec
+from pyproxy.http.http1_common import REASONS
+from pyproxy.http.http_date import http_date
 
 log = logging.getLogger("pyproxy.admin")
 
@@ -29,47 +35,56 @@ MAX_HEADER_BYTES = 60 * 1024     # Envoy's default max_request_headers_kb
 MAX_HEADERS = 100                # Envoy's default max_headers_count
 MAX_BODY_BYTES = 1024 * 1024
 IDLE_TIMEOUT_S = 300.0
-
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
-
-_date_cache = [0, b""]
+SERVER = "envoy"
 
 
-def _http_date() -> bytes:
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = email.utils.formatdate(now, usegmt=True).encode()
-    return _date_cache[1]
+class _AdminRequest:
+    """One admin request (the codec's stream): its body is counted (not kept: no handler reads
+    it), and it is answered once complete."""
 
+    __slots__ = ("conn", "codec", "headers", "body_bytes")
 
-class _Abort(Exception):
-    def __init__(self, status: int):
-        self.status = status
+    def __init__(self, conn, codec, headers: Headers):
+        self.conn = conn
+        self.codec = codec
+        self.headers = headers
+        self.body_bytes = 0
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.codec.stream is not self:
+            return
+        self.body_bytes += len(data)
+        if self.body_bytes > MAX_BODY_BYTES:
+            self.conn.refuse(self.codec, 413)
+        elif end_stream:
+            self.conn.answer(self)
+
+    def decode_trailers(self, trailers) -> None:
+        if self.codec.stream is self:
+            self.conn.answer(self)
+
+    def on_reset(self, reason: str) -> None:
+        pass
 
 
 class _AdminConnection(asyncio.Protocol):
-    __slots__ = ("server", "transport", "parser", "url", "headers", "hdr_bytes", "body",
-                 "body_bytes", "cur_name", "closing", "idle_handle", "peer", "paused",
-                 "in_headers")
+    """One admin connection: the transport side of its ``Http1ServerCodec`` (``write``, ``close``,
+    ``read_disable``) and its connection manager (``on_request``, ``on_codec_error``)."""
+
+    __slots__ = ("server", "transport", "codec", "closing", "idle_handle", "peer", "write_paused",
+                 "read_disabled", "cfg")
 
     def __init__(self, server: "AdminServer"):
         self.server = server
         self.transport = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = []
-        self.headers: list = []
-        self.hdr_bytes = 0
-        self.body: list = []
-        self.body_bytes = 0
-        self.cur_name = b""
+        self.cfg = None  # (the codec reads its creator's HCM settings here: Envoy's defaults)
+        self.codec = Http1ServerCodec(self, self, max_header_bytes=MAX_HEADER_BYTES, max_headers=MAX_HEADERS,
+                                      accept_http_10=False, default_host_for_http_10="")
         self.closing = False
         self.idle_handle = None
         self.peer = ""
-        self.paused = False
-        self.in_headers = False
+        self.write_paused = False
+        self.read_disabled = False
 
     # -- transport callbacks ------------------------------------------------------------------
     def connection_made(self, transport):
@@ -86,89 +101,103 @@ class _AdminConnection(asyncio.Protocol):
             self.idle_handle.cancel()
             self.idle_handle = None
         self.closing = True
+        self.codec.on_close()
 
     def data_received(self, data: bytes):
         if self.closing:
             return
         self._arm_idle()
-        try:
-            self.parser.feed_data(data)
-        except _Abort as a:
-            self._fail(a.status)
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            self._fail(cause.status if isinstance(cause, _Abort) else 400)
-        except httptools.HttpParserUpgrade:
-            self._fail(400)
-        except httptools.HttpParserError:
-            self._fail(400)
+        self.codec.feed(data)
+
+    def eof_received(self):
+        self.codec.on_eof()  # (closes the connection, after the answer in progress)
+        return True
 
     def pause_writing(self):
-        if not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        self.write_paused = True
+        self._reading()
 
     def resume_writing(self):
-        if self.paused and self.transport is not None and not self.closing:
-            self.paused = False
-            self.transport.resume_reading()
+        self.write_paused = False
+        self._reading()
 
-    # -- parser callbacks ---------------------------------------------------------------------
-    def on_message_begin(self):
-        self.url = []
-        self.headers = []
-        self.hdr_bytes = 0
-        self.body = []
-        self.body_bytes = 0
-        self.in_headers = True
+    # -- the codec's connection ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
 
-    def on_url(self, url: bytes):
-        self.hdr_bytes += len(url)
-        if self.hdr_bytes > MAX_HEADER_BYTES:
-            raise _Abort(431)
-        self.url.append(url)
+    def close(self, flush: bool = False) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.codec.closed = True  # (nothing more is parsed or answered)
+        if self.transport is not None:
+            if flush:
+                self.transport.close()  # flushes buffered data, then closes
+            else:
+                self.transport.abort()
 
-    def on_header(self, name: bytes, value: bytes):
-        self.hdr_bytes += len(name) + len(value)
-        if self.hdr_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADERS:
-            raise _Abort(431)
-        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+    def read_disable(self, disable: bool) -> None:
+        self.read_disabled = disable
+        self._reading()
 
-    def on_headers_complete(self):
-        self.in_headers = False
-        for k, v in self.headers:
-            if k == "expect" and v.lower() == "100-continue" and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                break
+    def _reading(self) -> None:
+        t = self.transport
+        if t is None or self.closing:
+            return
+        if self.write_paused or self.read_disabled:
+            t.pause_reading()
+        else:
+            t.resume_reading()
 
-    def on_body(self, body: bytes):
-        self.body_bytes += len(body)
-        if self.body_bytes > MAX_BODY_BYTES:
-            raise _Abort(413)
-        self.body.append(body)
+    # -- the codec's connection manager -------------------------------------------------------
+    def on_request(self, codec, headers: Headers, end_stream: bool, version, *_flags) -> None:
+        if codec.upgrade:
+            self.refuse(codec, 400)  # (an upgrade or CONNECT: the admin serves neither)
+            return
+        r = _AdminRequest(self, codec, headers)
+        codec.stream = r
+        if end_stream:
+            self.answer(r)
 
-    def on_message_complete(self):
-        method = self.parser.get_method().decode("latin-1")
-        raw = b"".join(self.url)
+    def on_codec_error(self, codec, status: int, details: str, text: str | None = None) -> None:
+        """Bad request bytes: Envoy's answer (an empty 400 without a Host, else the reason
+        phrase), then the connection closes."""
+        if text is None:
+            text = "" if details == "missing_host_header" else REASONS.get(status, "Bad Request")
+        if not self.closing:
+            codec.write_error(status, text, http_date(), SERVER)
+        self.close(flush=True)
+
+    def refuse(self, codec, status: int) -> None:
+        """A request the admin does not take (too large a body, an upgrade): answered, closed."""
+        self.on_codec_error(codec, status, "admin", REASONS.get(status, "Bad Request"))
+
+    def answer(self, r: _AdminRequest) -> None:
+        """A complete request: the handler's response, written by the codec."""
+        h = r.headers
+        method = h._h[0][1]
+        url = h.get(":path") or "/"
+        path, _, query = url.partition("#")[0].partition("?")
         try:
-            u = httptools.parse_url(raw)
-        except httptools.HttpParserInvalidURLError:
-            raise _Abort(400) from None
-        path = (u.path or b"/").decode("latin-1")
-        query = (u.query or b"").decode("latin-1")
-        keep_alive = self.parser.should_keep_alive()
-        try:
-            accept = next((v for k, v in self.headers if k == "accept"), "")
-            resp = _h.dispatch(self.server, "GET" if method == "HEAD" else method, path, query, accept)
+            accept = h.get("accept") or ""
+            resp = _h.dispatch(self.server, "GET" if method == "HEAD" else method, path or "/", query, accept)
         except Exception as e:  # a broken context must not take the admin down
             log.error("admin handler for %s failed: %r", path, e)
             resp = _h.Response(500, _h.TEXT, "internal error: %s\n" % e)
-        self._write(resp, keep_alive, head=(method == "HEAD"))
-        self._access_log(method, raw.decode("latin-1"), resp)
+        body = resp.body
+        head = Headers([(":status", str(resp.status)), ("content-type", resp.content_type),
+                        ("cache-control", "no-cache, max-age=0"), ("x-content-type-options", "nosniff"),
+                        ("date", http_date()), ("server", SERVER), ("content-length", str(len(body)))])
+        codec = r.codec
+        if method == "HEAD" or not body:
+            codec.encode_headers(head, True)
+        else:
+            codec.encode_headers(head, False)
+            codec.encode_data(body, True)
+        self._access_log(r, resp)
         if resp.after is not None:
             asyncio.get_running_loop().call_soon(self._run_after, resp.after)
-        if not keep_alive:
-            self._close_after_write()
 
     # -- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -177,35 +206,6 @@ class _AdminConnection(asyncio.Protocol):
             fn()
         except Exception as e:
             log.error("admin action failed: %r", e)
-
-    def _write(self, resp, keep_alive: bool, head: bool = False):
-        if self.transport is None or self.transport.is_closing():
-            return
-        hdr = b"".join((
-            b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, "Unknown").encode()),
-            b"content-type: ", resp.content_type.encode(), b"\r\n",
-            b"cache-control: no-cache, max-age=0\r\nx-content-type-options: nosniff\r\n",
-            b"date: ", _http_date(), b"\r\n",
-            b"server: envoy\r\n",
-            b"content-length: %d\r\n" % len(resp.body),
-            b"" if keep_alive else b"connection: close\r\n",
-            b"\r\n"))
-        self.transport.write(hdr if head else hdr + resp.body)
-
-    def _fail(self, status: int):
-        """Answer a request we cannot parse or accept, then close (Envoy's local reply)."""
-        body = _REASONS.get(status, "Bad Request").encode()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join((
-                b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Bad Request").encode()),
-                b"content-length: %d\r\ncontent-type: text/plain\r\n" % len(body),
-                b"date: ", _http_date(), b"\r\nserver: envoy\r\nconnection: close\r\n\r\n", body)))
-        self._close_after_write()
-
-    def _close_after_write(self):
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()  # flushes buffered data, then closes
 
     def _arm_idle(self):
         if self.idle_handle is not None:
@@ -216,25 +216,22 @@ class _AdminConnection(asyncio.Protocol):
     def _on_idle(self):
         self.idle_handle = None
         if self.transport is not None and not self.transport.is_closing():
-            self.closing = True
-            self.transport.close()
+            self.close(flush=True)
 
-    def _access_log(self, method: str, url: str, resp):
+    def _access_log(self, r: _AdminRequest, resp):
         loggers = self.server.access_logs
         if not loggers:
             return
-        from pyproxy.http.headers import Headers
         from pyproxy.stream_info import StreamInfo
         si = StreamInfo(downstream_remote_address=self.peer)
         si.response_code = resp.status
         si.bytes_sent = len(resp.body)
-        si.bytes_received = self.body_bytes
+        si.bytes_received = r.body_bytes
         si.end_monotonic = time.monotonic()
-        req = Headers([(":method", method), (":path", url)] + self.headers)
         rsp = Headers([(":status", str(resp.status)), ("content-type", resp.content_type)])
         for lg in loggers:
             try:
-                lg.log(si, req, rsp)
+                lg.log(si, r.headers, rsp)
             except Exception as e:
                 log.error("admin access log failed: %r", e)
 

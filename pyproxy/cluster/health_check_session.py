@@ -11,8 +11,9 @@ import socket
 import h2.config
 import h2.connection
 import h2.events
-import httptools
 
+from ..http.headers import Headers
+from ..http.http1_client import Http1ClientCodec
 from .health_check_config import GRPC, HTTP, TCP
 from .host import ACTIVE_HC_TIMEOUT, DEGRADED_ACTIVE_HC, FAILED_ACTIVE_HC, PENDING_ACTIVE_HC
 
@@ -25,12 +26,16 @@ _OK, _ACTIVE_FAIL, _NETWORK_FAIL, _TIMEOUT, _RETRIABLE_FAIL = range(5)
 
 
 class _Conn(asyncio.Protocol):
-    """The connection of a session: feeds bytes to the check in progress."""
+    """The connection of a session: feeds bytes to the check in progress. An HTTP check's
+    connection carries the HTTP/1.1 client codec (``codec``), which writes the request and parses
+    the answer; this is its connection (``write``, ``close``, ``on_response_complete``, ...)."""
 
     def __init__(self, session):
         self.session = session
         self.transport = None
         self.closed = False
+        self.codec = None
+        self.reusable = True  # (an HTTP answer without keep-alive clears it)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -43,11 +48,16 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.closed = True
+        if self.codec is not None:
+            self.codec.on_close("connection closed", exc is not None)
         self.session.on_conn_lost(self)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
             self.transport.write(data)
+
+    def write_eof(self) -> None:  # (the codec half-closes only a tunnel: a check never is one)
+        pass
 
     def close(self) -> None:
         if not self.closed:
@@ -55,25 +65,48 @@ class _Conn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    # -- the HTTP/1.1 client codec's connection events --------------------------------------------
+    def on_response_complete(self, keep_alive: bool) -> None:
+        if not keep_alive:
+            self.reusable = False
+        self.session.http_end(self)
 
-class _HttpParse:
-    """httptools callbacks for one HTTP/1.1 health check response."""
+    def on_protocol_error(self, reason: str) -> None:
+        self.reusable = False
+        self.session.http_failed(self)
 
-    def __init__(self):
-        self.done = False
+
+class _HttpCheck:
+    """The answer to one HTTP health check, as the HTTP/1.1 client codec decodes it (the codec's
+    decoder: ``on_upstream_headers/data/trailers/reset``)."""
+
+    __slots__ = ("session", "conn", "status", "body", "degraded")
+
+    def __init__(self, session, conn):
+        self.session = session
+        self.conn = conn
+        self.status = 0
         self.body = 0
-        self.keep_alive = True
         self.degraded = False
 
-    def on_header(self, name, value):
-        if len(name) == 16 and name.lower() == b"x-envoy-degraded":
-            self.degraded = True
+    def on_upstream_headers(self, headers: Headers, end_stream: bool) -> None:
+        self.status = int(headers.get(":status"))
+        self.degraded = "x-envoy-degraded" in headers
+        if end_stream:
+            self.session.http_end(self.conn)
 
-    def on_body(self, b):
-        self.body += len(b)
+    def on_upstream_data(self, data: bytes, end_stream: bool) -> None:
+        self.body += len(data)
+        if self.body > _MAX_RESPONSE:
+            self.session.http_failed(self.conn)
+        elif end_stream:
+            self.session.http_end(self.conn)
 
-    def on_message_complete(self):
-        self.done = True
+    def on_upstream_trailers(self, trailers) -> None:
+        self.session.http_end(self.conn)
+
+    def on_upstream_reset(self, reason: str) -> None:
+        self.session.http_failed(self.conn)
 
 
 def _grpc_request(service: str) -> bytes:
@@ -130,7 +163,6 @@ class Session:
         self.in_check = False
         self.stopped = False
         # per-check state
-        self.parser = None
         self.http = None
         self.buf = b""
         self.h2 = None
@@ -233,7 +265,9 @@ class Session:
             conn.close()  # (the check timed out meanwhile)
             return
         self.conn = conn
-        if self.cfg.kind == GRPC:
+        if self.cfg.kind == HTTP:
+            conn.codec = Http1ClientCodec(conn)
+        elif self.cfg.kind == GRPC:
             self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
                 client_side=True, header_encoding="utf-8"))
             self.h2.initiate_connection()
@@ -245,14 +279,14 @@ class Session:
         cfg = self.cfg
         conn = self.conn
         if cfg.kind == HTTP:
-            self.http = _HttpParse()
-            self.parser = httptools.HttpResponseParser(self.http)
-            head = "%s %s HTTP/1.1\r\nhost: %s\r\nuser-agent: Envoy/HC\r\n" % (
-                cfg.method, cfg.path, cfg.host)
-            head += "".join("%s: %s\r\n" % kv for kv in cfg.headers)
-            if not cfg.reuse_connection:
-                head += "connection: close\r\n"
-            conn.write((head + "\r\n").encode("latin-1"))
+            # the request as Envoy's health checker sends it, written by the HTTP/1.1 client codec
+            # (``:authority`` is the ``host`` line; the framing is the codec's)
+            self.http = _HttpCheck(self, conn)
+            codec = conn.codec
+            codec.start(self.http)
+            codec.encode_headers(Headers([(":method", cfg.method), (":scheme", "http"), (":path", cfg.path),
+                                          (":authority", cfg.host), ("user-agent", "Envoy/HC")]
+                                         + cfg.headers), True)
         elif cfg.kind == TCP:
             self.buf = b""
             if cfg.send:
@@ -288,24 +322,7 @@ class Session:
             self._close_conn()  # unsolicited bytes: start afresh next time
             return
         if cfg.kind == HTTP:
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserError:
-                self._result(_NETWORK_FAIL)
-                return
-            p = self.http
-            if p.body > _MAX_RESPONSE:
-                self._result(_NETWORK_FAIL)
-                return
-            if p.done:
-                status = self.parser.get_status_code()
-                p.keep_alive = self.parser.should_keep_alive()
-                if any(a <= status < b for a, b in cfg.expected):
-                    self._result(_OK, degraded=p.degraded)
-                elif any(a <= status < b for a, b in cfg.retriable):
-                    self._result(_RETRIABLE_FAIL)  # (counted toward the threshold)
-                else:
-                    self._result(_ACTIVE_FAIL)
+            conn.codec.feed(data)  # (the answer comes back through http_end / http_failed)
         elif cfg.kind == TCP:
             self.buf += data
             if len(self.buf) > _MAX_RESPONSE:
@@ -370,20 +387,35 @@ class Session:
         if out and self.conn is not None:
             self.conn.write(out)
 
+    def http_end(self, conn) -> None:
+        """The answer to an HTTP check is complete (its head was read: ``http.status``)."""
+        if conn is not self.conn:
+            return
+        p = self.http
+        if not self.in_check or p is None or not p.status:
+            if not conn.reusable:
+                self._close_conn()  # (an answer ended at its head, then said connection: close)
+            return
+        status = p.status
+        cfg = self.cfg
+        if any(a <= status < b for a, b in cfg.expected):
+            self._result(_OK, degraded=p.degraded)
+        elif any(a <= status < b for a, b in cfg.retriable):
+            self._result(_RETRIABLE_FAIL)  # (counted toward the threshold)
+        else:
+            self._result(_ACTIVE_FAIL)
+
+    def http_failed(self, conn) -> None:
+        """An HTTP check's answer broke the protocol, was too large, or its connection went."""
+        if conn is self.conn and self.in_check:
+            self._result(_NETWORK_FAIL)
+
     def on_conn_lost(self, conn) -> None:
         if conn is not self.conn:
             return
         self.conn = None
         self.h2 = None
-        if self.in_check:
-            p = self.http
-            if self.cfg.kind == HTTP and p is not None and not p.done:
-                try:
-                    self.parser.feed_data(b"")  # (a close-delimited body ends here)
-                except httptools.HttpParserError:
-                    pass
-                if p.done:
-                    return
+        if self.in_check:  # (an HTTP check's codec ended a close-delimited answer before this)
             self._result(_NETWORK_FAIL)
 
     def _on_timeout(self) -> None:
@@ -400,8 +432,7 @@ class Session:
             self.timeout_timer.cancel()
             self.timeout_timer = None
         cfg = self.cfg
-        if r != _OK or not cfg.reuse_connection or (
-                cfg.kind == HTTP and self.http is not None and not self.http.keep_alive):
+        if r != _OK or not cfg.reuse_connection or (self.conn is not None and not self.conn.reusable):
             self._close_conn()
         if r == _OK:
             healthy, pending = self._on_success(degraded)

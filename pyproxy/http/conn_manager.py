@@ -158,16 +158,11 @@ class HttpConnection:
             if tls is not None and tls.alpn:
                 # AUTO over TLS: the negotiated ALPN decides
                 self._make_h2() if tls.alpn == "h2" else self._make_h1()
-                codec = self.codec
-                codec.feed(data)
-                if end_stream and not self.closed:
-                    codec.on_eof()
-                return STOP
-            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+            elif len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
                 # not enough bytes to tell yet
                 self._pending_detect(data)
                 return STOP
-            if data.startswith(H2_PREFACE):
+            elif data.startswith(H2_PREFACE):
                 self._make_h2()
             else:
                 self._make_h1()
@@ -180,8 +175,11 @@ class HttpConnection:
             # an HTTP/1.1 codec that is the connection's only reader takes the bytes directly
             self.rebound = True
             conn = self.conn
-            if not self.is_h2 and codec is self.codec and conn.on_data_cb == self.on_data:
-                conn.on_data_cb = codec.on_data
+            if not self.is_h2 and codec is self.codec:
+                if conn.on_data_cb == self.on_data:
+                    conn.on_data_cb = codec.on_data
+                elif conn.ssl is not None and getattr(conn.ssl, "sink", None) == self.on_data:
+                    conn.ssl.sink = codec.on_data  # (over TLS: the layer's plaintext reader)
         return STOP
 
     def _pending_detect(self, data):
@@ -389,7 +387,7 @@ class HttpConnection:
         # when the request then goes to the stream's own entry, its result goes with it (never run twice)
         table = cfg.routes.table
         r = prepare(cfg.prep, self.conn, headers, table, quiet)
-        if type(r) is not str and (r.reply is not None or r.upgrade is not None):
+        if type(r) is not str and (r.reply is not None or r.upgrade is not None or r.ctl is not None):
             self.prepped = r
             return self.on_request(encoder, headers, True, version, False, quiet)
         if table is None:
@@ -422,11 +420,11 @@ class HttpConnection:
         if version is HTTP11:
             s.plain = plain
             mut = route.resp_raw
-            if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-                s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+            # (not when a telemetry hook reads a header the route's mutations write)
+            s.raw_head = mut is None or cfg.response_take_raw.isdisjoint(mut[2])
             st.rq_http1_total.value += 1
         else:
-            s.plain = False
+            s.plain = s.raw_head = False
             s.version = version
             st.rq_http2_total.value += 1
         if type(r) is str:
@@ -576,7 +574,7 @@ def _fall_back(hc, encoder, headers, version, quiet, r, table=None, route=None) 
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
         hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
-            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
+            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route, r.ctl)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
     hc.on_request(encoder, headers, True, version, False, quiet)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .authority import authority_ok
 from .h2_hpack import _FIELD_OVERHEAD, CONNECTION_HEADERS, ByteMemo
-from .headers import Headers
+from .headers import Headers, coalesce_fields
 
 _OUT = ByteMemo(4 << 20, 8192)
 _IN = ByteMemo(4 << 20, 8192)
@@ -209,8 +209,13 @@ def request_fields(raw) -> tuple:
         pseudo = {kv[0]: kv for kv in h if kv[0][0] == ":"}
         if len(pseudo) == 4 and _ORDER_SET == pseudo.keys():
             h = [pseudo[k] for k in _ORDER] + [kv for kv in h if kv[0][0] != ":"]
+    names = frozenset(kv[0] for kv in h)
+    if len(names) != len(h):
+        # a repeated name: Envoy's inline headers become one field (http/headers.py)
+        h = coalesce_fields(h)
     path = _field(h, ":path")
-    names = None if path is not None and "#" in path else frozenset(kv[0] for kv in h)
+    if path is not None and "#" in path:
+        names = None
     r = (tuple(h), expect, protocol, protocol is not None or _field(h, ":method") == "CONNECT", length, names)
     _REQ.put(key, r, _block_cost(key))
     return r

@@ -54,20 +54,25 @@ ENVOY_CONTROL = frozenset((
     "x-envoy-force-trace", "x-envoy-ip-tags", "x-envoy-original-url",
     "x-envoy-hedge-on-per-try-timeout",
 ))
-# the ones Envoy's router consumes (and removes) even on internal requests: pyproxy's router does
-# not act on them, so an internal request loses them too and the upstream sees what Envoy's sees
+# the ones Envoy's router consumes (and removes) on internal requests: taken out of the headers
+# here and handed to the router (``Prepared.ctl``; filters/http/router_control.py), which acts on
+# them as Envoy's does (all but x-envoy-upstream-alt-stat-name: consumed, not acted on)
 ROUTER_CONSUMED = frozenset((
     "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries", "x-envoy-retriable-status-codes",
     "x-envoy-retriable-header-names", "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
     "x-envoy-hedge-on-per-try-timeout", "x-envoy-upstream-alt-stat-name", "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
 ))
 # ... and from edge requests (use_remote_address, not internal); a client's x-envoy-original-path
 # and x-envoy-original-host too (the router sets them when it rewrites), as Envoy 1.40 does
 EDGE_ONLY = frozenset(("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
                        "x-envoy-downstream-service-node", "x-envoy-original-path",
                        "x-envoy-original-host"))
-# always removed (hop-by-hop; connection/upgrade unless this is an upgrade)
-ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding"))
+# always removed (hop-by-hop; connection/upgrade unless this is an upgrade); and
+# x-envoy-upstream-stream-duration-ms, which Envoy 1.40's router consumes from every request (its
+# connection manager does not strip it) without a visible effect on an HTTP/1.1 upstream
+ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding",
+                         "x-envoy-upstream-stream-duration-ms"))
 XFCC = "x-forwarded-client-cert"
 XFF = "x-forwarded-for"
 # the headers whose presence sends a request down the scanning path
@@ -76,6 +81,7 @@ _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
     "x-client-trace-id"))
 
 _first = itemgetter(0)
+_path_special = path_norm.SPECIAL_CHARS
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
 WATCH_BYTES = frozenset(n.encode() for n in _WATCH)
 
@@ -85,9 +91,9 @@ class Prepared:
     headers ("ip:port", None for the connection's) and/or a local reply ``(status, details,
     location)``."""
 
-    __slots__ = ("rid", "remote", "reply", "upgrade", "table", "route")
+    __slots__ = ("rid", "remote", "reply", "upgrade", "table", "route", "ctl")
 
-    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None, table=None, route=None):
+    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None, table=None, route=None, ctl=None):
         self.rid = rid
         self.remote = remote
         self.reply = reply
@@ -96,6 +102,9 @@ class Prepared:
         # (which then does not look it up again)
         self.table = table
         self.route = route
+        # an internal request's router control headers (ROUTER_CONSUMED), name -> value, taken out
+        # of the headers for the router (filters/http/router_control.py), or None
+        self.ctl = ctl
 
 
 PREPARED_NOTHING = Prepared()
@@ -109,7 +118,7 @@ class PrepPlan:
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
                  "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace",
-                 "decorate")
+                 "decorate", "path_steps", "host_steps")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -200,8 +209,10 @@ class PrepPlan:
         # and x-request-id appended (the common case)
         self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET) or self.xf_port
                              or any(isinstance(x, CustomHeaderDetection) for x in dets))
-        self.pre = bool(self.underscores or self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize
-                        or self.merge or self.strip_any_port or self.strip_matching_port or self.strip_host_dot)
+        # (step 2, the path: whether any of its transformations is configured; step 3, the host)
+        self.path_steps = bool(self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize or self.merge)
+        self.host_steps = bool(self.strip_host_dot or self.strip_any_port or self.strip_matching_port)
+        self.pre = bool(self.underscores or self.path_steps or self.host_steps)
 
     def is_internal(self, ip: str) -> bool:
         nets = self.internal
@@ -263,13 +274,18 @@ def _pre(plan, conn, headers, h):
             if plan.underscores == 1:
                 return Prepared(reply=(400, "unexpected_underscore", None))
             h[:] = [kv for kv in h if kv[0] not in bad]
-    kv = _find(h, ":path")
+    kv = h[2] if len(h) > 2 else h[0]  # (where a codec's request headers have it)
+    if kv[0] != ":path":
+        kv = _find(h, ":path")
     path = kv[1] if kv is not None else None
     if path is not None and path[:1] == "/":
         if "#" in path:
             return Prepared(reply=(400, "path_normalization_failed", None))
         np = path
-        if plan.esc_action != path_norm.KEEP_UNCHANGED or plan.normalize or plan.merge:
+        if plan.path_steps and not (_path_special.isdisjoint(path) and path.isascii()
+                                    and (not plan.merge or "//" not in path)):
+            # (a path with none of the characters a path step acts on is left as it is: the
+            # first check of path_norm.normalize, made here without the call)
             action, np2 = path_norm.normalize(np, plan.esc_action, plan.normalize, plan.merge)
             if action == path_norm.REJECT:
                 return Prepared(reply=(400, "path_normalization_failed", None))
@@ -281,7 +297,7 @@ def _pre(plan, conn, headers, h):
                 return Prepared(reply=(307, "path_normalization_failed", np))
         if np != path:
             headers.set(":path", np)
-    if plan.strip_host_dot or plan.strip_any_port or plan.strip_matching_port:
+    if plan.host_steps:
         a = headers.get(":authority")
         if a:
             b = _normalize_host(a, plan.strip_host_dot, plan.strip_any_port,
@@ -423,8 +439,10 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     if remote_ip is None:
         remote_ip = direct_ip
     edge = not internal and plan.use_remote
+    ctl = None
     if internal:
         if drop is not None:
+            ctl = {kv[0]: kv[1] for kv in h if kv[0] in ROUTER_CONSUMED} or None
             _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
     elif drop is not None:
@@ -466,9 +484,10 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         elif fcc == SANITIZE_SET:
             _set(h, XFCC, cert)
     remote = fmt_addr(remote_ip, 0) if from_headers else None
-    if remote is None and upgrade is None:
+    if remote is None and upgrade is None and ctl is None:
         return rid or ""
-    return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None)
+    return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None,
+                    ctl=ctl)
 
 
 _DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}

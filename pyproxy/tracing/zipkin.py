@@ -25,7 +25,8 @@ An HCM whose ``tracing.provider`` is Zipkin gets a tracing filter in front of it
 
 Export is off the hot path: spans wait in a bounded queue (1000; a full queue drops and counts
 ``tracing.zipkin.spans_dropped``) and are posted in batches every second by one task, to a host of
-the collector cluster, plain HTTP/1.1. A failed post drops its batch, counts
+the collector cluster, plain HTTP/1.1, one connection per post; the request is written and the
+answer read by the HTTP/1.1 client codec (``http/http1_client.py``). A failed post drops its batch, counts
 ``tracing.zipkin.reports_failed`` and is logged once; a request is never slowed or failed by it.
 """
 
@@ -41,6 +42,8 @@ from envoy.config.trace.v3 import zipkin_pb2
 
 from ..config import ConfigError
 from ..http.filter import HttpFilter
+from ..http.headers import Headers
+from ..http.http1_client import Http1ClientCodec
 from ..netaddr import local_ip
 from .custom_tags import apply_tags as _apply_tags, custom_tags
 from .export import BatchExporter
@@ -89,20 +92,84 @@ class ZipkinTracer(BatchExporter):
     # -- export (off the hot path; the queue and batching are BatchExporter's) -------------------
     async def _send(self, batch, host) -> bool:
         body = json.dumps(batch, separators=(",", ":")).encode()
-        head = ("POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                "content-length: %d\r\nconnection: close\r\n\r\n" % (
-                    self.endpoint, self.host_header, len(body))).encode()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(host.address, host.port), 5)
+            tr, post = await asyncio.wait_for(
+                loop.create_connection(lambda: _Post(done), host.address, host.port), 5)
             try:
-                w.write(head + body)
-                line = await asyncio.wait_for(r.readline(), 5)
-                parts = line.split()
-                return len(parts) >= 2 and parts[1][:1] == b"2"
+                # (Envoy's collector request: POST, host, content-type, the body's length)
+                post.send(Headers([(":method", "POST"), (":scheme", "http"), (":path", self.endpoint),
+                                   (":authority", self.host_header), ("content-type", "application/json"),
+                                   ("content-length", str(len(body)))]), body)
+                return await asyncio.wait_for(done, 5)
             finally:
-                w.close()
+                tr.close()
         except (OSError, asyncio.TimeoutError, ValueError):
             return False
+
+
+class _Post(asyncio.Protocol):
+    """One post to the collector on its own connection: the HTTP/1.1 client codec writes the
+    request and reads the answer (this is the codec's connection and its decoder). ``done`` gets
+    True for a 2xx answer (known at its head; the rest is not read), False for anything else."""
+
+    def __init__(self, done):
+        self.done = done
+        self.transport = None
+        self.codec = Http1ClientCodec(self)
+
+    def send(self, headers: Headers, body: bytes) -> None:
+        codec = self.codec
+        codec.start(self)
+        codec.encode_headers(headers, False)
+        codec.encode_data(body, True)
+
+    def _end(self, ok: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(ok)
+
+    # -- the connection --------------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.codec.feed(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.codec.on_close("connection closed", exc is not None)
+        self._end(False)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def write_eof(self) -> None:  # (the codec half-closes only a tunnel)
+        pass
+
+    def close(self) -> None:
+        self.transport.abort()
+
+    def on_response_complete(self, keep_alive: bool) -> None:
+        self._end(False)  # (not reached for a 2xx: decided at its head)
+
+    def on_protocol_error(self, reason: str) -> None:
+        self._end(False)
+
+    # -- the decoder -----------------------------------------------------------------------------
+    def on_upstream_headers(self, headers: Headers, end_stream: bool) -> None:
+        self._end(headers.get(":status", "")[:1] == "2")
+
+    def on_upstream_data(self, data: bytes, end_stream: bool) -> None:
+        pass
+
+    def on_upstream_trailers(self, trailers) -> None:
+        pass
+
+    def on_upstream_reset(self, reason: str) -> None:
+        self._end(False)
 
 
 class SpanFilter(HttpFilter):

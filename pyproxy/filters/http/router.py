@@ -28,6 +28,8 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from . import router_control
+from .router_control import parse_grpc_timeout
 from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
@@ -126,15 +128,19 @@ class Router(RetryState):
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         gmax = route.grpc_timeout_header_max
         if gmax is not None and self.grpc:
-            gt = _parse_grpc_timeout(headers.get("grpc-timeout"))
+            gt = parse_grpc_timeout(headers.get("grpc-timeout"))
             if gt is not None:
                 timeout = gt if not gmax else min(gt, gmax)
-        self.timeout = timeout
-        finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
+        ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
+        if ctl is None:
+            self.timeout = timeout
+            finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
+            retry = self.retry = route.retry
+            self.retries_left = retry.num_retries if retry is not None else 0
+            self.hedge = route.hedge_on_per_try_timeout and retry is not None
+        else:
+            retry = router_control.apply(self, route, headers, timeout, ctl, si, choice)
         self.headers = headers
-        retry = self.retry = route.retry
-        self.retries_left = retry.num_retries if retry is not None else 0
-        self.hedge = route.hedge_on_per_try_timeout and retry is not None
         if retry is not None and retry.num_retries:
             # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
             # the route's per_request_buffer_limit_bytes when smaller
@@ -340,7 +346,7 @@ class Router(RetryState):
             self.s.reset_stream("upstream_response_timeout")
             self._done()
             return
-        self._fail(504, "upstream request timeout", "upstream_response_timeout", "UT")
+        self._fail(*router_control.timeout_reply(self, "upstream_response_timeout"))
 
     # -- upstream request callbacks (via UpstreamRequest) ------------------------------------------------
     def on_pool_ready(self, up, encoder):
@@ -482,7 +488,7 @@ class Router(RetryState):
             return
         if self._others_pending():
             return
-        self._fail(504, "upstream request timeout", "upstream_per_try_timeout", "UT")
+        self._fail(*router_control.timeout_reply(self, "upstream_per_try_timeout"))
 
     # -- endings ------------------------------------------------------------------------------------
     def _direct_reply(self, status, body, headers):
@@ -579,20 +585,6 @@ class Router(RetryState):
     def on_upstream_watermark(self, above: bool):
         """The upstream connection's write buffer is full/drained: stop/resume reading downstream."""
         self.s.read_disable(above)
-
-
-def _parse_grpc_timeout(v):
-    if not v:
-        return None
-    try:
-        n = int(v[:-1])
-    except ValueError:
-        return None
-    unit = v[-1]
-    mult = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(unit)
-    if mult is None:
-        return None
-    return n * mult
 
 
 def _date_now():
