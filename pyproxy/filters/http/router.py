@@ -27,6 +27,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
+from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from ...http.headers import Headers
 from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
@@ -124,11 +125,8 @@ class Router(RetryState):
         # ran before any filter)
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
-        gmax = route.grpc_timeout_header_max
-        if gmax is not None and self.grpc:
-            gt = _parse_grpc_timeout(headers.get("grpc-timeout"))
-            if gt is not None:
-                timeout = gt if not gmax else min(gt, gmax)
+        if route.max_grpc_timeout is not None and self.grpc:
+            timeout = _legacy_grpc_timeout(route, headers)
         self.timeout = timeout
         finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
         self.headers = headers
@@ -581,18 +579,23 @@ class Router(RetryState):
         self.s.read_disable(above)
 
 
-def _parse_grpc_timeout(v):
-    if not v:
-        return None
-    try:
-        n = int(v[:-1])
-    except ValueError:
-        return None
-    unit = v[-1]
-    mult = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(unit)
-    if mult is None:
-        return None
-    return n * mult
+def _legacy_grpc_timeout(route, headers) -> float:
+    """A gRPC request's timeout on a route with ``max_grpc_timeout`` (Envoy's ``finalTimeout``):
+    its ``grpc-timeout`` (none: no limit) less ``grpc_timeout_offset`` when that leaves some time,
+    capped at ``max_grpc_timeout`` (0: no cap); the header then announces what the upstream gets
+    (the per-try timeout when shorter, as ``x-envoy-expected-rq-timeout-ms``)."""
+    ms = grpc_timeout_ms(headers.get("grpc-timeout")) or 0
+    off = route.grpc_timeout_offset
+    if off is not None and off < ms:
+        ms -= off
+    cap = route.max_grpc_timeout
+    if cap and (not ms or ms > cap):
+        ms = cap
+    timeout = ms / 1000.0
+    exp = expected_timeout(route, timeout)
+    if exp:
+        headers.set("grpc-timeout", to_grpc_timeout(int(round(exp * 1000))))
+    return timeout
 
 
 def _date_now():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from ...cluster.outlier import put_response
+from ...http.grpc_timeout import to_grpc_timeout
 from .router_steps import retries_reset
 
 # a retry decision (Envoy's RetryStatus)
@@ -64,7 +65,10 @@ class RetryState:
         if route.include_is_timeout_retry_header:
             h.set("x-envoy-is-timeout-retry", "true" if self.timeout_retry else "false")
         self.timeout_retry = False
-        if self.cfg.suppress_envoy_headers:
+        sup = self.cfg.suppress_envoy_headers
+        # (on a route with max_grpc_timeout a gRPC request's grpc-timeout says the same)
+        gt = self.grpc and route.max_grpc_timeout is not None
+        if sup and not gt:
             return
         glob = int(self.timeout * 1000) if self.timeout else 0
         rp = self.retry
@@ -79,7 +83,10 @@ class RetryState:
             # (the route timeout runs from the request's completion: the deadline is then + timeout)
             elapsed = int((self.cfg.loop.time() - (d - self.timeout)) * 1000)
             exp = 1 if elapsed >= glob else min(exp, glob - elapsed)
-        h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if not sup:
+            h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if gt:
+            h.set("grpc-timeout", to_grpc_timeout(exp))
 
     def _retry_outcome(self, would_retry: bool) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
