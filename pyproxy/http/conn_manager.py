@@ -420,11 +420,11 @@ class HttpConnection:
         if version is HTTP11:
             s.plain = plain
             mut = route.resp_raw
-            if mut is None or cfg.response_take_raw.isdisjoint(mut[2]):
-                s.raw_head = True  # (else a telemetry hook reads a header the route's mutations write)
+            # (not when a telemetry hook reads a header the route's mutations write)
+            s.raw_head = mut is None or cfg.response_take_raw.isdisjoint(mut[2])
             st.rq_http1_total.value += 1
         else:
-            s.plain = False
+            s.plain = s.raw_head = False
             s.version = version
             st.rq_http2_total.value += 1
         if type(r) is str:

@@ -106,11 +106,11 @@ class FirstAttempt:
         "quiet",        # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
         "tx_head",      # bytes of the response header lines written by the relay (istio.stats)
         "tx_body",      # response body bytes written by the relay
+        "raw_head",     # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
     )
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
-    raw_head = False      # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
 
     on_upstream_head = h1_relay.on_upstream_head
     _send_request = h1_relay.send_request

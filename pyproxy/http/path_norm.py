@@ -33,7 +33,7 @@ def _table():
 
 _LOOKUP = _table()
 # characters whose presence means the canonical form may differ from the input
-_SPECIAL_CHARS = frozenset(chr(i) for i in range(256) if _LOOKUP[i] & SPECIAL)
+SPECIAL_CHARS = frozenset(chr(i) for i in range(256) if _LOOKUP[i] & SPECIAL)
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 KEEP_UNCHANGED, REJECT_REQUEST, UNESCAPE_AND_REDIRECT, UNESCAPE_AND_FORWARD = 1, 2, 3, 4
@@ -58,7 +58,7 @@ def canonicalize(p: str):
     """The canonical form of a path (no query), or None when it is invalid (a NUL byte)."""
     if not p:
         return "/"
-    if _SPECIAL_CHARS.isdisjoint(p) and p[0] == "/" and p.isascii():
+    if SPECIAL_CHARS.isdisjoint(p) and p[0] == "/" and p.isascii():
         return p
     out = []  # one character per entry (positions matter for the nested-escape rule)
     add = out.append
@@ -182,7 +182,7 @@ def unescape_slashes(p: str):
 def normalize(path: str, escaped_action: int, normalize_path: bool, merge: bool):
     """``(action, new path)`` for a ``:path``: CONTINUE (new path, maybe unchanged), REJECT (None)
     or REDIRECT (the path to send the client to)."""
-    if _SPECIAL_CHARS.isdisjoint(path) and path[:1] == "/" and path.isascii() and (
+    if SPECIAL_CHARS.isdisjoint(path) and path[:1] == "/" and path.isascii() and (
             not merge or "//" not in path):
         # no query ('?'), no '%', '.', '\\' or character to escape: every step leaves it as it is
         return CONTINUE, path

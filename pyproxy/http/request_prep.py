@@ -76,6 +76,7 @@ _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
     "x-client-trace-id"))
 
 _first = itemgetter(0)
+_path_special = path_norm.SPECIAL_CHARS
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
 WATCH_BYTES = frozenset(n.encode() for n in _WATCH)
 
@@ -109,7 +110,7 @@ class PrepPlan:
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
                  "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace",
-                 "decorate")
+                 "decorate", "path_steps", "host_steps")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -200,8 +201,10 @@ class PrepPlan:
         # and x-request-id appended (the common case)
         self.constant = not (self.use_remote or self.via or self.fcc in (APPEND_FORWARD, SANITIZE_SET) or self.xf_port
                              or any(isinstance(x, CustomHeaderDetection) for x in dets))
-        self.pre = bool(self.underscores or self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize
-                        or self.merge or self.strip_any_port or self.strip_matching_port or self.strip_host_dot)
+        # (step 2, the path: whether any of its transformations is configured; step 3, the host)
+        self.path_steps = bool(self.esc_action != path_norm.KEEP_UNCHANGED or self.normalize or self.merge)
+        self.host_steps = bool(self.strip_host_dot or self.strip_any_port or self.strip_matching_port)
+        self.pre = bool(self.underscores or self.path_steps or self.host_steps)
 
     def is_internal(self, ip: str) -> bool:
         nets = self.internal
@@ -263,13 +266,18 @@ def _pre(plan, conn, headers, h):
             if plan.underscores == 1:
                 return Prepared(reply=(400, "unexpected_underscore", None))
             h[:] = [kv for kv in h if kv[0] not in bad]
-    kv = _find(h, ":path")
+    kv = h[2] if len(h) > 2 else h[0]  # (where a codec's request headers have it)
+    if kv[0] != ":path":
+        kv = _find(h, ":path")
     path = kv[1] if kv is not None else None
     if path is not None and path[:1] == "/":
         if "#" in path:
             return Prepared(reply=(400, "path_normalization_failed", None))
         np = path
-        if plan.esc_action != path_norm.KEEP_UNCHANGED or plan.normalize or plan.merge:
+        if plan.path_steps and not (_path_special.isdisjoint(path) and path.isascii()
+                                    and (not plan.merge or "//" not in path)):
+            # (a path with none of the characters a path step acts on is left as it is: the
+            # first check of path_norm.normalize, made here without the call)
             action, np2 = path_norm.normalize(np, plan.esc_action, plan.normalize, plan.merge)
             if action == path_norm.REJECT:
                 return Prepared(reply=(400, "path_normalization_failed", None))
@@ -281,7 +289,7 @@ def _pre(plan, conn, headers, h):
                 return Prepared(reply=(307, "path_normalization_failed", np))
         if np != path:
             headers.set(":path", np)
-    if plan.strip_host_dot or plan.strip_any_port or plan.strip_matching_port:
+    if plan.host_steps:
         a = headers.get(":authority")
         if a:
             b = _normalize_host(a, plan.strip_host_dot, plan.strip_any_port,

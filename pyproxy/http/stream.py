@@ -68,7 +68,7 @@ class ActiveStream(FirstAttempt):
         self.request_headers = self.route = self.router = self.deadline = None
         self.cluster = self.choice = self.host = self.encoder_up = self.pending = self.up_head = None
         self.remote_complete = self.response_started = self.local_complete = self.done = False
-        self.counted = self.up_done = self.plain = self.quiet = False
+        self.counted = self.up_done = self.plain = self.quiet = self.raw_head = False
         self.status = self.tx_head = self.tx_body = self.start = 0
         self.rid = self.up_local = ""
         self.t0 = t0 = _monotonic()

@@ -64,42 +64,46 @@ class VirtualHost:
 
     def match(self, headers, path, is_connect: bool, random_value: int = 0):
         """The first route matching (``require_tls`` already checked by ``route()``)."""
-        if path is None:
-            nq = ""
-            best, cands = self.nroutes, self.complex
-        else:
-            if not is_connect:
-                f = self.first
-                if f is not None and path.startswith(f):
-                    # the first route is a plain prefix without '?', '#' or ';': a path that starts
-                    # with it has a path part that does too, and nothing comes before route 0
-                    return self.routes[0]
-            nq = path  # the path without its query and fragment (and, if asked, its parameters)
-            if "?" in nq:
-                nq = nq[:nq.find("?")]
-            if "#" in nq:
-                nq = nq[:nq.find("#")]
-            if self.strip_params and ";" in nq:
-                nq = _strip_path_params(nq)
-            if is_connect:
-                best, cands = self.nroutes, self.complex
+        if path is not None and not is_connect:
+            return self.match_path(headers, path, random_value)
+        # no path, or a CONNECT: only the routes that are not indexed by path may match
+        nq = "" if path is None else _path_part(path, self.strip_params)
+        return self._first_of(headers, path, nq, is_connect, random_value, self.complex, self.nroutes)
+
+    def match_path(self, headers, path: str, random_value: int = 0):
+        """``match()`` for a request that is not a CONNECT and has a ``:path``."""
+        f = self.first
+        if f is not None and path.startswith(f):
+            # the first route is a plain prefix without '?', '#' or ';': a path that starts
+            # with it has a path part that does too, and nothing comes before route 0
+            return self.routes[0]
+        # the path without its query and fragment (and, if asked, its parameters)
+        nq = path if "?" not in path and "#" not in path and not self.strip_params else \
+            _path_part(path, self.strip_params)
+        # the exact path's entry, else the longest indexed prefix's (each already merged with
+        # every shorter indexed prefix of its key, at config load): (the best plain route or None,
+        # its index, the gated routes before it)
+        e = self.emap.get(nq)
+        if e is None:
+            n = len(nq)
+            pmap = self.pmap
+            for ln in self.plens:  # longest first
+                if ln <= n:
+                    e = pmap.get(nq[:ln])
+                    if e is not None:
+                        break
             else:
-                # the exact path's entry, else the longest indexed prefix's (each already merged
-                # with every shorter indexed prefix of its key, at config load)
-                e = self.emap.get(nq)
-                if e is None:
-                    n = len(nq)
-                    pmap = self.pmap
-                    for ln in self.plens:  # longest first
-                        if ln <= n:
-                            e = pmap.get(nq[:ln])
-                            if e is not None:
-                                break
-                    else:
-                        e = self.nomatch
-                best, cands = e
-                if self.complex:
-                    cands = sorted(cands + self.complex) if cands else self.complex
+                e = self.nomatch
+        route, best, cands = e
+        if self.complex:
+            cands = sorted(cands + self.complex) if cands else self.complex
+        elif not cands:
+            return route
+        return self._first_of(headers, path, nq, False, random_value, cands, best)
+
+    def _first_of(self, headers, path, nq, is_connect, random_value, cands, best):
+        """The first of ``cands`` (``(index, route)`` in order) before route ``best`` that
+        matches, else route ``best`` (None when there is no such route)."""
         if cands:
             lnq = nq.lower() if self.any_ci else nq
             qcache = [None]
@@ -112,6 +116,18 @@ class VirtualHost:
 
     def __repr__(self):
         return "VirtualHost(%r)" % self.name
+
+
+def _path_part(path: str, strip_params: bool) -> str:
+    """The path without its query and fragment (and with ``strip_params``, its parameters)."""
+    nq = path
+    if "?" in nq:
+        nq = nq[:nq.find("?")]
+    if "#" in nq:
+        nq = nq[:nq.find("#")]
+    if strip_params and ";" in nq:
+        nq = _strip_path_params(nq)
+    return nq
 
 
 def _strip_path_params(p: str) -> str:
@@ -168,8 +184,8 @@ class RouteTable:
             return vh.route(headers, random_value)
         f = vh.first
         if f is not None and path.startswith(f):
-            return vh.routes[0]  # (match()'s first step, here: Istio's one "/" route per service)
-        return vh.match(headers, path, False, random_value)
+            return vh.routes[0]  # (match_path()'s first step, here: Istio's one "/" route per service)
+        return vh.match_path(headers, path, random_value)
 
     def find_virtual_host(self, host: str):
         if self._ignore_port:
@@ -237,7 +253,7 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
     # Exact-path routes likewise (one dict lookup). Routes with a case-sensitive prefix or path and
     # further conditions (headers, query, runtime, gRPC) are kept under their path too, and tried
     # only when the request's path fits it.
-    pmap = {}  # prefix -> (first plain route's index or None, gated routes or None)
+    pmap = {}  # prefix -> (first plain route's index or None, gated routes)
     emap = {}  # exact path -> the same
     complex_ = []
     for i, r in enumerate(vh.routes):
@@ -266,12 +282,12 @@ def _compile_vhost(v, ctx: _Ctx, strip_params: bool) -> VirtualHost:
             if e[0] is not None and e[0] < best:
                 best = e[0]
             gated += e[1]
-        return best, tuple(sorted(g for g in gated if g[0] < best))
+        return vh.routes[best] if best < n else None, best, tuple(sorted(g for g in gated if g[0] < best))
 
     vh.pmap = {k: merged(k, None) for k in pmap}
     vh.emap = {k: merged(k, e) for k, e in emap.items()}
     vh.plens = tuple(plens)
-    vh.nomatch = (n, ())
+    vh.nomatch = (None, n, ())
     vh.complex = tuple(complex_)
     r0 = vh.routes[0] if vh.routes else None
     vh.first = r0.p_value if (
