@@ -200,7 +200,7 @@ def test_outbound_route_expired_grpc_timeout_stays_upstream_timeout(pair):
 
 @pytest.mark.parametrize("path,gt,grpc", [
     ("/in/", "1S", True),           # the stream's time, in Envoy's unit
-    ("/in/", "999u", True),         # rounded up to 1 ms
+    ("/in/", "1500001u", True),     # rounded up to whole ms
     ("/in/", "-5m", True),          # malformed: ignored, passed on as it is
     ("/in/", "123456789m", True),   # more than 8 digits: ignored
     ("/inoff/", "2S", True),        # less the offset

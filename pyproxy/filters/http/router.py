@@ -27,9 +27,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
-from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from ...http.headers import Headers
-from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
+from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
+                           legacy_grpc_timeout)
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
@@ -126,7 +126,7 @@ class Router(RetryState):
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         if route.max_grpc_timeout is not None and self.grpc:
-            timeout = _legacy_grpc_timeout(route, headers)
+            timeout = legacy_grpc_timeout(route, headers)
         self.timeout = timeout
         finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
         self.headers = headers
@@ -577,25 +577,6 @@ class Router(RetryState):
     def on_upstream_watermark(self, above: bool):
         """The upstream connection's write buffer is full/drained: stop/resume reading downstream."""
         self.s.read_disable(above)
-
-
-def _legacy_grpc_timeout(route, headers) -> float:
-    """A gRPC request's timeout on a route with ``max_grpc_timeout`` (Envoy's ``finalTimeout``):
-    its ``grpc-timeout`` (none: no limit) less ``grpc_timeout_offset`` when that leaves some time,
-    capped at ``max_grpc_timeout`` (0: no cap); the header then announces what the upstream gets
-    (the per-try timeout when shorter, as ``x-envoy-expected-rq-timeout-ms``)."""
-    ms = grpc_timeout_ms(headers.get("grpc-timeout")) or 0
-    off = route.grpc_timeout_offset
-    if off is not None and off < ms:
-        ms -= off
-    cap = route.max_grpc_timeout
-    if cap and (not ms or ms > cap):
-        ms = cap
-    timeout = ms / 1000.0
-    exp = expected_timeout(route, timeout)
-    if exp:
-        headers.set("grpc-timeout", to_grpc_timeout(int(round(exp * 1000))))
-    return timeout
 
 
 def _date_now():

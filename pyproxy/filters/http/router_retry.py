@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from ...cluster.outlier import put_response
-from ...http.grpc_timeout import to_grpc_timeout
+from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from .router_steps import retries_reset
 
 # a retry decision (Envoy's RetryStatus)
@@ -36,6 +36,25 @@ def expected_timeout(route, timeout: float) -> float:
     rp = route.retry
     pt = rp.per_try_timeout if rp is not None and not route.hedge_on_per_try_timeout else 0.0
     return pt if pt and (not timeout or pt < timeout) else timeout
+
+
+def legacy_grpc_timeout(route, headers) -> float:
+    """A gRPC request's timeout on a route with ``max_grpc_timeout`` (Envoy's ``finalTimeout``):
+    its ``grpc-timeout`` (none: no limit) less ``grpc_timeout_offset`` when that leaves some time,
+    capped at ``max_grpc_timeout`` (0: no cap); the header then announces what the upstream gets
+    (the per-try timeout when shorter, as ``x-envoy-expected-rq-timeout-ms``)."""
+    ms = grpc_timeout_ms(headers.get("grpc-timeout")) or 0
+    off = route.grpc_timeout_offset
+    if off is not None and off < ms:
+        ms -= off
+    cap = route.max_grpc_timeout
+    if cap and (not ms or ms > cap):
+        ms = cap
+    timeout = ms / 1000.0
+    exp = expected_timeout(route, timeout)
+    if exp:
+        headers.set("grpc-timeout", to_grpc_timeout(int(round(exp * 1000))))
+    return timeout
 
 
 class RetryState:
