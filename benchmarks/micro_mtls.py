@@ -11,10 +11,12 @@ and ``x-envoy-expected-rq-timeout-ms``, which the inbound sidecar's request prep
 and its route's ``x-bench-route``.
 
     python3 benchmarks/micro_mtls.py [-n 20000] [--profile | --opcodes [TOP]] [--plain] [--wrk]
-                                     [--handshakes]
+                                     [--conns N] [--handshakes]
 
 ``--plain`` runs the same chain without the transport socket (the TLS layer's share is the
-difference); ``--wrk`` sends wrk's own request instead (the mesh headers' share).
+difference); ``--wrk`` sends wrk's own request instead (the mesh headers' share); ``--conns N``
+takes the requests in turn from N downstream connections (each with its own TLS state, as the
+benchmark's 50 keep-alive connections are) instead of one.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--opcodes", type=int, nargs="?", const=15, default=None, metavar="TOP")
     ap.add_argument("--plain", action="store_true", help="the same chain without TLS")
+    ap.add_argument("--conns", type=int, default=1, help="downstream connections taking turns (default 1)")
     ap.add_argument("--wrk", action="store_true",
                     help="wrk's request (as the plaintext h1 benchmark sends it) instead of the client sidecar's")
     ap.add_argument("--handshakes", action="store_true",
@@ -109,30 +112,37 @@ def main(argv=None) -> int:
     if a.handshakes:
         return handshakes(a, loop, lm, al, up, ut, pki, client)
     request = WRK_REQUEST if a.wrk else REQUEST
-    n_total = a.n * (5 if not (a.profile or a.opcodes is not None) else 1) + 400
+    n_total = a.n * (5 if not (a.profile or a.opcodes is not None) else 1) + 400 * a.conns
+    downs = [(down, dt)]
+    for _ in range(a.conns - 1):
+        downs.append(new_downstream(loop, lm, al))
+    clients = []
     if a.plain:
-        records = [request] * n_total
-        cobj = None
+        records = [(d, request) for _ in range(n_total // a.conns + 1) for d, _t in downs][:n_total]
     else:
         cctx = client_context(pki, client)
-        cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
-        cobj = cctx.wrap_bio(cin, cout, server_side=False, server_hostname="server")
-        handshake(cobj, cin, cout, down, dt)
-        assert down.ssl is not None and down.ssl.peer_uri_san == spiffe("default", "client"), "handshake failed"
+        for d, t in downs:
+            cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+            cobj = cctx.wrap_bio(cin, cout, server_side=False, server_hostname="server")
+            handshake(cobj, cin, cout, d, t)
+            assert d.ssl is not None and d.ssl.peer_uri_san == spiffe("default", "client"), "handshake failed"
+            clients.append((cobj, cin, cout, t))
         records = []
-        for _ in range(n_total):
-            cobj.write(request)
-            records.append(cout.read())
+        while len(records) < n_total:
+            for (d, _t), (cobj, cin, cout, _t2) in zip(downs, clients):
+                cobj.write(request)
+                records.append((d, cout.read()))
     it = iter(records)
 
     def one():
-        down.data_received(next(it))
+        d, rec = next(it)
+        d.data_received(rec)
         up.data_received(RESPONSE)
 
-    for _ in range(200):
+    for _ in range(200 * a.conns):
         one()
-    if cobj is not None:
-        cin.write(b"".join(dt.out))
+    for cobj, cin, cout, t in clients:
+        cin.write(b"".join(t.out))
         got = b""
         try:
             while True:
@@ -140,15 +150,28 @@ def main(argv=None) -> int:
         except ssl.SSLWantReadError:
             pass
         assert got.count(b"HTTP/1.1 200") == 200 and got.endswith(micro_h1.BODY), got[-200:]
-    else:
+    if not clients:
         assert dt.out[-1].endswith(micro_h1.BODY)
-    dt.out.clear()
     ut.out.clear()
 
     def tidy():
-        dt.out.clear()
+        for _d, t in downs:
+            t.out.clear()
         ut.out.clear()
+    tidy()
     return measure(a, one, tidy, "plaintext " if a.plain else "mTLS ")
+
+
+def new_downstream(loop, lm, al):
+    """Another downstream connection on ``al`` over a FakeTransport: ``(connection, transport)``."""
+    from pyproxy.listeners.connection import DownstreamConnection
+    down = DownstreamConnection(lm, al)
+    dt = FakeTransport(("127.0.0.1", 50001), ("127.0.0.1", 8080))
+
+    async def made():
+        down.connection_made(dt)
+    loop.run_until_complete(made())
+    return down, dt
 
 
 def client_context(pki, client):

@@ -63,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "host", "transport", "codec", "idle_since", "requests", "closed",
                  "write_paused", "read_paused", "stream_cb", "local_address", "close_reason", "is_tls",
-                 "aborted")
+                 "aborted", "rx_bytes", "tx_bytes")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -83,6 +83,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.stream_cb = None  # the request bound to this connection (router's upstream request)
         self.local_address = ""
         self.is_tls = False  # over TLS (tls.client's layer): the router reads its peer's SANs
+        # the cluster's upstream_cx_{rx,tx}_bytes_total: every byte read and written, a tunnel's too
+        # (Envoy counts the connection's bytes; TLS: the plaintext, as Envoy's connection does)
+        self.rx_bytes = pool.cluster.st_cx_rx_bytes
+        self.tx_bytes = pool.cluster.st_cx_tx_bytes
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport):
@@ -90,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.is_tls = getattr(transport, "tls", None) is not None
 
     def data_received(self, data):
+        self.rx_bytes.value += len(data)
         wb = writebatch
         wb.depth += 1  # (writebatch.enter/leave, inlined)
         try:
@@ -131,6 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the codec ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed:
+            self.tx_bytes.value += len(data)
             # (writebatch.send, inlined: at the end of the loop iteration, with the others)
             _pending.append((self, data))
             if not writebatch.depth:

@@ -387,7 +387,7 @@ class HttpConnection:
         # when the request then goes to the stream's own entry, its result goes with it (never run twice)
         table = cfg.routes.table
         r = prepare(cfg.prep, self.conn, headers, table, quiet)
-        if type(r) is not str and (r.reply is not None or r.upgrade is not None):
+        if type(r) is not str and (r.reply is not None or r.upgrade is not None or r.ctl is not None):
             self.prepped = r
             return self.on_request(encoder, headers, True, version, False, quiet)
         if table is None:
@@ -574,7 +574,7 @@ def _fall_back(hc, encoder, headers, version, quiet, r, table=None, route=None) 
     the route, when one was found: the stream does not look it up again)."""
     if route is not None:
         hc.prepped = Prepared(rid=r, table=table, route=route) if type(r) is str else \
-            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route)
+            Prepared(r.rid, r.remote, r.reply, r.upgrade, table, route, r.ctl)
     else:
         hc.prepped = Prepared(rid=r) if type(r) is str else r
     hc.on_request(encoder, headers, True, version, False, quiet)

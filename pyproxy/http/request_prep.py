@@ -54,20 +54,25 @@ ENVOY_CONTROL = frozenset((
     "x-envoy-force-trace", "x-envoy-ip-tags", "x-envoy-original-url",
     "x-envoy-hedge-on-per-try-timeout",
 ))
-# the ones Envoy's router consumes (and removes) even on internal requests: pyproxy's router does
-# not act on them, so an internal request loses them too and the upstream sees what Envoy's sees
+# the ones Envoy's router consumes (and removes) on internal requests: taken out of the headers
+# here and handed to the router (``Prepared.ctl``; filters/http/router_control.py), which acts on
+# them as Envoy's does (all but x-envoy-upstream-alt-stat-name: consumed, not acted on)
 ROUTER_CONSUMED = frozenset((
     "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries", "x-envoy-retriable-status-codes",
     "x-envoy-retriable-header-names", "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
     "x-envoy-hedge-on-per-try-timeout", "x-envoy-upstream-alt-stat-name", "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
 ))
 # ... and from edge requests (use_remote_address, not internal); a client's x-envoy-original-path
 # and x-envoy-original-host too (the router sets them when it rewrites), as Envoy 1.40 does
 EDGE_ONLY = frozenset(("x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
                        "x-envoy-downstream-service-node", "x-envoy-original-path",
                        "x-envoy-original-host"))
-# always removed (hop-by-hop; connection/upgrade unless this is an upgrade)
-ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding"))
+# always removed (hop-by-hop; connection/upgrade unless this is an upgrade); and
+# x-envoy-upstream-stream-duration-ms, which Envoy 1.40's router consumes from every request (its
+# connection manager does not strip it) without a visible effect on an HTTP/1.1 upstream
+ALWAYS_DROP = frozenset(("x-envoy-internal", "keep-alive", "proxy-connection", "transfer-encoding",
+                         "x-envoy-upstream-stream-duration-ms"))
 XFCC = "x-forwarded-client-cert"
 XFF = "x-forwarded-for"
 # the headers whose presence sends a request down the scanning path
@@ -86,9 +91,9 @@ class Prepared:
     headers ("ip:port", None for the connection's) and/or a local reply ``(status, details,
     location)``."""
 
-    __slots__ = ("rid", "remote", "reply", "upgrade", "table", "route")
+    __slots__ = ("rid", "remote", "reply", "upgrade", "table", "route", "ctl")
 
-    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None, table=None, route=None):
+    def __init__(self, rid: str = "", remote=None, reply=None, upgrade=None, table=None, route=None, ctl=None):
         self.rid = rid
         self.remote = remote
         self.reply = reply
@@ -97,6 +102,9 @@ class Prepared:
         # (which then does not look it up again)
         self.table = table
         self.route = route
+        # an internal request's router control headers (ROUTER_CONSUMED), name -> value, taken out
+        # of the headers for the router (filters/http/router_control.py), or None
+        self.ctl = ctl
 
 
 PREPARED_NOTHING = Prepared()
@@ -431,8 +439,10 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     if remote_ip is None:
         remote_ip = direct_ip
     edge = not internal and plan.use_remote
+    ctl = None
     if internal:
         if drop is not None:
+            ctl = {kv[0]: kv[1] for kv in h if kv[0] in ROUTER_CONSUMED} or None
             _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
     elif drop is not None:
@@ -474,9 +484,10 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         elif fcc == SANITIZE_SET:
             _set(h, XFCC, cert)
     remote = fmt_addr(remote_ip, 0) if from_headers else None
-    if remote is None and upgrade is None:
+    if remote is None and upgrade is None and ctl is None:
         return rid or ""
-    return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None)
+    return Prepared(rid=rid or "", remote=remote, upgrade=upgrade.strip().lower() if upgrade is not None else None,
+                    ctl=ctl)
 
 
 _DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}

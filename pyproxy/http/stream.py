@@ -54,6 +54,7 @@ class ActiveStream(FirstAttempt):
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when HttpConnection.on_request ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
+    ctl = None  # an internal request's router control headers (request_prep's Prepared.ctl), else None
     version = "HTTP/1.1"
     remote = None         # the downstream address derived from the headers (request_prep)
     # made at once by __init__; lazily (``_make_stream_info``) for a stream made by HttpConnection.on_request
@@ -144,7 +145,7 @@ class ActiveStream(FirstAttempt):
             # (the HTTP/2 codec turns an extended CONNECT's :protocol into an upgrade header)
             if self.upgrade_refused():
                 return
-        elif end_stream and cfg.fast_router and route is not None and route.fast and not (
+        elif end_stream and cfg.fast_router and route is not None and route.fast and self.ctl is None and not (
                 (cfg.chain_checks or route.grpc_router) and not chain_is_inert(cfg, route, headers)):
             # the plans show every filter inert: the stream runs the router's first attempt
             picked = pick_cluster(route, headers, cfg.cluster_manager)
@@ -155,14 +156,13 @@ class ActiveStream(FirstAttempt):
         self._run_decode_headers(0, headers, end_stream)
 
     def _prepared(self, r) -> bool:
-        """The request preparation's ``Prepared`` result (``decode_headers``; a caller that
-        already ran it, ``HttpConnection.on_request`` leaving the request, hands it over in
-        ``prepped``). Returns True when a local reply was sent instead."""
+        """The request preparation's ``Prepared`` result (``decode_headers``; ``prepped`` when
+        ``HttpConnection.on_request`` ran it). Returns True when a local reply was sent instead."""
         si = self.stream_info
         si.request_id = r.rid
         if r.remote is not None:
             si.downstream_remote_address = r.remote
-        self.upgrade_type = r.upgrade
+        self.upgrade_type, self.ctl = r.upgrade, r.ctl  # (ctl: for the router, not the stream's first attempt)
         rep = r.reply
         if rep is not None:
             status, details, location = rep

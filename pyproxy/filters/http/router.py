@@ -28,6 +28,7 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from . import router_control
 from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
                            legacy_grpc_timeout)
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
@@ -127,12 +128,16 @@ class Router(RetryState):
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
         if route.max_grpc_timeout is not None and self.grpc:
             timeout = legacy_grpc_timeout(route, headers)
-        self.timeout = timeout
-        finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
+        ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
+        if ctl is None:
+            self.timeout = timeout
+            finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
+            retry = self.retry = route.retry
+            self.retries_left = retry.num_retries if retry is not None else 0
+            self.hedge = route.hedge_on_per_try_timeout and retry is not None
+        else:
+            retry = router_control.apply(self, route, headers, timeout, ctl, si, choice)
         self.headers = headers
-        retry = self.retry = route.retry
-        self.retries_left = retry.num_retries if retry is not None else 0
-        self.hedge = route.hedge_on_per_try_timeout and retry is not None
         if retry is not None and retry.num_retries:
             # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
             # the route's per_request_buffer_limit_bytes when smaller
@@ -338,7 +343,7 @@ class Router(RetryState):
             self.s.reset_stream("upstream_response_timeout")
             self._done()
             return
-        self._fail(504, "upstream request timeout", "upstream_response_timeout", "UT")
+        self._fail(*router_control.timeout_reply(self, "upstream_response_timeout"))
 
     # -- upstream request callbacks (via UpstreamRequest) ------------------------------------------------
     def on_pool_ready(self, up, encoder):
@@ -480,7 +485,7 @@ class Router(RetryState):
             return
         if self._others_pending():
             return
-        self._fail(504, "upstream request timeout", "upstream_per_try_timeout", "UT")
+        self._fail(*router_control.timeout_reply(self, "upstream_per_try_timeout"))
 
     # -- endings ------------------------------------------------------------------------------------
     def _direct_reply(self, status, body, headers):
