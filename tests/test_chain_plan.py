@@ -256,17 +256,8 @@ def test_same_bytes_and_stats_as_the_reference_chain(lanes, method, path, host, 
 def _stack(bs=None):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import micro_h1
-    from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.listeners.connection import DownstreamConnection
     loop, lm, al, cl, host, pool = micro_h1.build_stack(bs or micro_h1.istio_outbound_bootstrap())
-    up = UpstreamConnection(pool, host)
-    ut = micro_h1.FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
-    up.connection_made(ut)
-    cl.cx_total_active += 1
-    pool._on_idle_or_pending(up)
-    down = DownstreamConnection(lm, al)
-    dt = micro_h1.FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
-    down.connection_made(dt)
+    up, ut, down, dt = micro_h1.connect(loop, lm, al, cl, host, pool)
     return micro_h1, loop, down, up, dt, ut
 
 

@@ -139,6 +139,16 @@ class Http1ServerCodec(Http1ResponseEncoder):
 
     # -- bytes in ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        self.on_data(data, False)
+
+    def on_data(self, data: bytes, end_stream: bool) -> None:
+        """The connection's bytes (the connection manager hands them over directly)."""
+        if end_stream or not data:
+            if data:
+                self.on_data(data, False)
+            if end_stream and not self.closed:
+                self.on_eof()
+            return
         if self.tunnel:
             self.stream.decode_data(data, False)
             return
@@ -210,13 +220,6 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self.pending.append([("x", status, details)])
             return
         self.manager.on_codec_error(self, status, details)
-
-    def on_data(self, data: bytes, end_stream: bool) -> None:
-        """The connection's bytes, when the connection manager hands them over directly."""
-        if data:
-            self.feed(data)
-        if end_stream and not self.closed:
-            self.on_eof()
 
     # -- httptools callbacks ----------------------------------------------------------------------
     # (no on_message_begin: the per-request state is reset when a request completes, and a request
@@ -322,14 +325,15 @@ class Http1ServerCodec(Http1ResponseEncoder):
                 raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
-            if len(names) != len({*names}):
+            once = len(names) == len({*names})  # (no name repeated)
+            if not once:
                 # a repeated name: Envoy's inline headers become one line (http/headers.py)
                 names, values = coalesce(names, values)
             self.ct = "content-type" in names
             if self.watch_nohost.isdisjoint(names) or (_FRAMING_NAMES.isdisjoint(names) and self._noting()):
                 # the common case: nothing to check but Host (usually the first line); or only names
                 # noted for the manager (a request through another proxy: x-request-id, ...)
-                if names[0] == "host" and names.count("host") == 1:
+                if once and names[0] == "host":
                     rest = zip(names, values)
                     authority = next(rest)[1]
                 else:

@@ -19,6 +19,7 @@ Checked against Envoy 1.40 (tests/test_tracing_request_id.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -43,12 +44,12 @@ _SET_N = sum(_SET << (128 * i) for i in range(_BATCH))
 _COLUMNS = tuple((c, c + (c >= 8) + (c >= 12) + (c >= 16) + (c >= 20)) for c in range(32))
 _urandom = os.urandom
 _from_bytes = int.from_bytes
-_next = next
-_ids = iter(())
+_batch_ids: list = []  # the batch being drawn from
 
 
-def _refill() -> str:
-    global _ids
+def _batch(_=None) -> list:
+    """The next ``_BATCH`` ids."""
+    global _batch_ids
     n = _BATCH
     digits = (_from_bytes(_urandom(16 * n), "big") & _KEEP_N | _SET_N).to_bytes(16 * n, "big").hex().encode()
     out = bytearray(b"-" * (37 * n))
@@ -57,21 +58,20 @@ def _refill() -> str:
     out[36::37] = b"\n" * n
     ids = out.decode("ascii").split("\n")
     ids.pop()  # (after the last newline)
-    _ids = iter(ids)
-    return _next(_ids)
+    _batch_ids = ids
+    return ids
 
 
-def uuid4() -> str:
-    """A random (version 4) UUID in its canonical lower-case form, for ``x-request-id``."""
-    r = _next(_ids, None)
-    if r is None:
-        r = _refill()
-    return r
+# ``uuid4()``: a random (version 4) UUID in its canonical lower-case form, for ``x-request-id``:
+# the next id of an endless chain of batches, each made when the one before is used up (a call
+# made in C: no Python frame per request id)
+uuid4 = itertools.chain.from_iterable(map(_batch, itertools.repeat(None))).__next__
 
 
 def _forget_ids() -> None:
-    global _ids
-    _ids = iter(())  # a forked worker draws its own (a batch is never shared with the parent)
+    # a forked worker draws its own: the batch in progress is emptied, so the chain goes on to a
+    # batch made in the child (a batch is never shared with the parent)
+    _batch_ids.clear()
 
 
 os.register_at_fork(after_in_child=_forget_ids)
