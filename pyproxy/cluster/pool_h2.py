@@ -285,6 +285,7 @@ class Http2Pool(PoolBase):
         c.rq_attached += 1
         h = self.host
         h.rq_active += 1
+        h.rq_total += 1
         if h.outlier is not None:
             c.report_connect_success(h)
         s.cb.on_pool_ready(s, h)
