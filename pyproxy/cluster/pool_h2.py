@@ -227,8 +227,7 @@ class Http2Pool(PoolBase):
             if c.cx_total_active >= c.max_connections:
                 c.st_cx_overflow.value += 1
                 if not self.conns:
-                    self._fail_pending(p, OVERFLOW, "UO")
-                    return None
+                    self._connect()  # (a pool without a connection opens one at the limit too, as Envoy's)
             else:
                 self._connect()
         return p
@@ -305,6 +304,8 @@ class Http2Pool(PoolBase):
                 self._connect()
             elif not any(cn.capacity() > 0 for cn in self.conns):
                 c.st_cx_overflow.value += 1
+                if not self.conns:
+                    self._connect()
 
     def _dispatch(self) -> None:
         """Hand queued requests to connections with free slots."""
@@ -454,7 +455,7 @@ class Http2Pool(PoolBase):
         if self.pending and self.connecting == 0 and not self.draining:
             if any(cn.capacity() > 0 for cn in self.conns):
                 self._dispatch()
-            elif self.cluster.cx_total_active < self.cluster.max_connections:
+            elif self.cluster.cx_total_active < self.cluster.max_connections or not self.conns:
                 self._connect()
 
     def drain(self) -> None:
