@@ -103,7 +103,9 @@ def plan_route(e) -> None:
             # (x-envoy-attempt-count on the response: the router filter writes it)
             and not e.include_attempt_count_in_response
             # (a per-try timeout would run on the first attempt too)
-            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
+            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout))
+            # (the router decides per request whether the policy applies)
+            and (retry is None or not retry.retriable_request_headers))
     e.fast = fast
     e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
     e.req_tail = request_tail(e)
