@@ -329,6 +329,7 @@ class Http2Pool(PoolBase):
                     c.st_rq_total.value += 1
                     c.rq_attached += 1
                     self.host.rq_active += 1
+                    self.host.rq_total += 1
                     try:
                         s.replay_on(conn)
                     except h2.exceptions.ProtocolError as e:
