@@ -110,7 +110,12 @@ def lanes():
                                     "use_request_id_for_trace_sampling": True}})
             from proxy_util import free_port
             lst["address"]["socket_address"]["port_value"] = free_port()
-            bs = bootstrap([lst], [cluster("b", [be.port])])
+            # (the gRPC answer's trailers come from an HTTP/1.1 upstream: kept, as Envoy keeps them, only with
+            # the cluster's enable_trailers)
+            bs = bootstrap([lst], [cluster("b", [be.port], typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}})])
             procs[name] = Pyproxy(bs, env=dict(os.environ, **env))
         yield procs, be
     finally:

@@ -166,6 +166,12 @@ class MiniH2(ThreadedH2Upstream):
 # -- fixture -----------------------------------------------------------------------------------------
 
 
+# the HTTP/1.1 upstream keeps request trailers (test_trailers_both_ways) only with enable_trailers, as in Envoy
+_H1_TRAILERS = {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}}}
+
+
 @pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
 def engine(request):
     """Every test runs on both HTTP/2 engines (pyproxy's h2engine and the h2 library): the
@@ -204,7 +210,7 @@ def env(tmp_path_factory, engine):
     bs = bootstrap(ap, [hcm_listener("main", lp, routes),
                         hcm_listener("ka", ka_port, routes, codec="HTTP2", http2_opts={
                             "connection_keepalive": {"interval": "0.2s", "timeout": "0.3s"}})],
-                   [cluster("ng", ng_port, h2=True), cluster("h1", h1.server_address[1]),
+                   [cluster("ng", ng_port, h2=True), cluster("h1", h1.server_address[1], extra=_H1_TRAILERS),
                     cluster("mini", mini.port, h2=True)])
     px = None
     try:

@@ -40,7 +40,7 @@ class ProtocolOptions:
     """What ``HttpProtocolOptions`` (or the legacy cluster fields) say about upstream HTTP."""
 
     __slots__ = ("protocol", "idle_timeout", "max_requests_per_connection", "http2_options",
-                 "max_stream_duration", "max_headers_count")
+                 "max_stream_duration", "max_headers_count", "trailers")
 
     def __init__(self):
         self.protocol = HTTP1
@@ -53,6 +53,7 @@ class ProtocolOptions:
 
 def _protocol_options(proto) -> ProtocolOptions:
     po = ProtocolOptions()
+    po.trailers = proto.http_protocol_options.enable_trailers  # (HTTP/1.1 upstream, both ways; legacy field first)
     if proto.HasField("http2_protocol_options"):
         po.protocol = HTTP2
         po.http2_options = proto.http2_protocol_options
@@ -249,6 +250,7 @@ class Cluster:
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
         self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
         self.st_rq_retry_backoff_exponential = s.counter("upstream_rq_retry_backoff_exponential")
+        self.st_rq_retry_backoff_ratelimited = s.counter("upstream_rq_retry_backoff_ratelimited")
         self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")

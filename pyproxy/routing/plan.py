@@ -22,14 +22,17 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   ``Headers`` path (``inline`` False).
 - ``timeout_ms``: the route timeout as ``x-envoy-expected-rq-timeout-ms`` announces it.
 - ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
+- ``req_tail``: the router's request headers for a first attempt, compiled (``request_tail``).
 - ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
   may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
   ``envoy-ratelimited``). A response with any other status goes downstream as it is, with no
   retry state made.
 - ``grpc_router``: a gRPC request on the route takes the router filter from the start
   (``http/first_attempt.py chain_is_inert``): the retry policy retries gRPC statuses, or the route
-  reads the ``grpc-timeout`` header (``max_grpc_timeout``, ``grpc_timeout_offset``; Istio sets
-  ``max_grpc_timeout: 0s`` on every route). Other requests on such a route stay on the compiled path.
+  reads the ``grpc-timeout`` header (``max_grpc_timeout``, the router's timeout; Istio sets
+  ``max_grpc_timeout: 0s`` on its outbound routes; or ``max_stream_duration.grpc_timeout_header_max``,
+  the stream's duration timer, on its inbound routes). Other requests on such a route stay on the
+  compiled path.
 """
 
 from __future__ import annotations
@@ -84,13 +87,13 @@ def retry_codes(retry):
 
 
 def plan_route(e) -> None:
-    """Set ``e.fast``, ``e.inline``, ``e.resp_raw``, ``e.timeout_ms``, ``e.fast_rewrites``,
+    """Set ``e.fast``, ``e.inline``, ``e.resp_raw``, ``e.timeout_ms``, ``e.req_tail``, ``e.fast_rewrites``,
     ``e.retry_codes`` and ``e.grpc_router``
     (a compiled ``RouteEntry``)."""
     retry = e.retry
     e.retry_codes = retry_codes(retry) if e.kind == 0 else None
     e.grpc_router = bool(e.retry_codes is not None and retry.grpc_codes) or (
-        e.kind == 0 and (e.grpc_timeout_header_max is not None or e.grpc_timeout_header_offset is not None))
+        e.kind == 0 and (e.max_grpc_timeout is not None or e.grpc_timeout_header_max is not None))
     e.fast_rewrites = bool(
         e.prefix_rewrite is not None or e.regex_rewrite is not None or e.host_rewrite_literal
         or e.host_rewrite_header or e.host_rewrite_path_regex is not None)
@@ -100,9 +103,12 @@ def plan_route(e) -> None:
             # (x-envoy-attempt-count on the response: the router filter writes it)
             and not e.include_attempt_count_in_response
             # (a per-try timeout would run on the first attempt too)
-            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
+            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout))
+            # (the router decides per request whether the policy applies)
+            and (retry is None or not retry.retriable_request_headers))
     e.fast = fast
     e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
+    e.req_tail = request_tail(e)
     e.resp_raw = raw = compile_response_raw(e._resp_mutations)
     inline = False
     # (a route max_stream_duration needs the stream's timer: not the connection manager's inline stream)
@@ -119,6 +125,31 @@ def plan_route(e) -> None:
                 not any(r in _NOT_REMOVED for r in rms):
             inline = True
     e.inline = inline
+
+
+_ROUTER_REQUEST_HEADERS = frozenset(("x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count"))
+
+
+def request_tail(e):
+    """``req_tail``: what the router appends to the request headers of a first attempt on this
+    route (filters/http/router_steps.py finalize_request, for a request no filter touched, on the
+    route's own cluster, with the route's timeout), compiled, or None: ``(names, tail, tail when
+    the router suppresses its envoy headers, needs quiet)``. It applies to a request that has
+    none of ``names`` (None: no condition) and, when ``needs quiet``, no x-envoy-attempt-count
+    (the HTTP/1.1 codec's ``quiet``)."""
+    if e.kind != 0 or not e.cluster or e.fast_rewrites:
+        return None
+    names = frozenset()
+    lit = ()
+    if e._req_mutations:
+        if e.req_lit is None:
+            return None
+        names, lit = e.req_lit
+        if not names.isdisjoint(_ROUTER_REQUEST_HEADERS):
+            return None  # (finalize_request's check sees the router's own headers)
+    base = ((("x-envoy-attempt-count", "1"),) if e.include_request_attempt_count else ()) + tuple(lit)
+    full = ((("x-envoy-expected-rq-timeout-ms", e.timeout_ms),) if e.timeout else ()) + base
+    return names or None, full, base, bool(e.include_request_attempt_count)
 
 
 def compile_response_raw(mutations):

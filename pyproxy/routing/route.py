@@ -98,6 +98,7 @@ class RouteEntry:
         "name", "vhost_name", "vhost", "kind", "stat_prefix",
         # the route's plan (routing/plan.py, decided when the route compiles)
         "fast", "inline", "resp_raw", "timeout_ms", "fast_rewrites", "retry_codes", "grpc_router",
+        "req_tail",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward
@@ -105,7 +106,8 @@ class RouteEntry:
         "cluster_not_found_response_code", "metadata_match", "timeout", "idle_timeout",
         "retry", "hedge_on_per_try_timeout", "hash_policies", "max_stream_duration",
         "rate_limits", "include_vh_rate_limits", "grpc_timeout_header_max",
-        "grpc_timeout_header_offset", "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
+        "grpc_timeout_header_offset", "max_grpc_timeout", "grpc_timeout_offset", "new_timeouts", "duration",
+        "prefix_rewrite", "regex_rewrite", "host_rewrite_literal",
         "host_rewrite_header", "host_rewrite_path_regex", "auto_host_rewrite",
         "append_x_forwarded_host", "upgrade_configs", "mirror_policies", "priority",
         "include_request_attempt_count", "include_attempt_count_in_response", "include_is_timeout_retry_header",

@@ -29,8 +29,8 @@ from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from . import router_control
-from .router_control import parse_grpc_timeout
-from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
+from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
+                           legacy_grpc_timeout)
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
@@ -126,11 +126,8 @@ class Router(RetryState):
         # ran before any filter)
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
-        gmax = route.grpc_timeout_header_max
-        if gmax is not None and self.grpc:
-            gt = parse_grpc_timeout(headers.get("grpc-timeout"))
-            if gt is not None:
-                timeout = gt if not gmax else min(gt, gmax)
+        if route.max_grpc_timeout is not None and self.grpc:
+            timeout = legacy_grpc_timeout(route, headers)
         ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
         if ctl is None:
             self.timeout = timeout
@@ -141,6 +138,10 @@ class Router(RetryState):
         else:
             retry = router_control.apply(self, route, headers, timeout, ctl, si, choice)
         self.headers = headers
+        if retry is not None and retry.retriable_request_headers:
+            ex = retry.excluded(headers)
+            if ex is not None:  # (retriable_request_headers: not this request)
+                retry = self.retry = ex
         if retry is not None and retry.num_retries:
             # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
             # the route's per_request_buffer_limit_bytes when smaller
@@ -405,7 +406,8 @@ class Router(RetryState):
                 # a hedged attempt that already has its retry: Envoy would not retry it again
                 could_not_retry = would
             else:
-                st = self._retry_outcome(would)
+                st = self._retry_outcome(would, retry.reset_interval(headers) if would and retry.rate_limited_backoff
+                                         else None)
                 if st == R_YES:
                     charge_retried(c, status, up.host, headers if self.grpc else None)
                     self._drop(up)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from ...cluster.outlier import put_response
+from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from .router_steps import retries_reset
 
 # a retry decision (Envoy's RetryStatus)
@@ -35,6 +36,25 @@ def expected_timeout(route, timeout: float) -> float:
     rp = route.retry
     pt = rp.per_try_timeout if rp is not None and not route.hedge_on_per_try_timeout else 0.0
     return pt if pt and (not timeout or pt < timeout) else timeout
+
+
+def legacy_grpc_timeout(route, headers) -> float:
+    """A gRPC request's timeout on a route with ``max_grpc_timeout`` (Envoy's ``finalTimeout``):
+    its ``grpc-timeout`` (none: no limit) less ``grpc_timeout_offset`` when that leaves some time,
+    capped at ``max_grpc_timeout`` (0: no cap); the header then announces what the upstream gets
+    (the per-try timeout when shorter, as ``x-envoy-expected-rq-timeout-ms``)."""
+    ms = grpc_timeout_ms(headers.get("grpc-timeout")) or 0
+    off = route.grpc_timeout_offset
+    if off is not None and off < ms:
+        ms -= off
+    cap = route.max_grpc_timeout
+    if cap and (not ms or ms > cap):
+        ms = cap
+    timeout = ms / 1000.0
+    exp = expected_timeout(route, timeout)
+    if exp:
+        headers.set("grpc-timeout", to_grpc_timeout(int(round(exp * 1000))))
+    return timeout
 
 
 class RetryState:
@@ -64,7 +84,10 @@ class RetryState:
         if route.include_is_timeout_retry_header:
             h.set("x-envoy-is-timeout-retry", "true" if self.timeout_retry else "false")
         self.timeout_retry = False
-        if self.cfg.suppress_envoy_headers:
+        sup = self.cfg.suppress_envoy_headers
+        # (on a route with max_grpc_timeout a gRPC request's grpc-timeout says the same)
+        gt = self.grpc and route.max_grpc_timeout is not None
+        if sup and not gt:
             return
         glob = int(self.timeout * 1000) if self.timeout else 0
         rp = self.retry
@@ -79,9 +102,12 @@ class RetryState:
             # (the route timeout runs from the request's completion: the deadline is then + timeout)
             elapsed = int((self.cfg.loop.time() - (d - self.timeout)) * 1000)
             exp = 1 if elapsed >= glob else min(exp, glob - elapsed)
-        h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if not sup:
+            h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if gt:
+            h.set("grpc-timeout", to_grpc_timeout(exp))
 
-    def _retry_outcome(self, would_retry: bool) -> int:
+    def _retry_outcome(self, would_retry: bool, reset_after=None) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
         retry whose outcome needs no retry counts as a success), then maybe retry again."""
         if not would_retry:
@@ -89,9 +115,10 @@ class RetryState:
                 self.cluster.st_rq_retry_success.value += 1
             self._release_retry()
             return R_NO
-        return self._should_retry()
+        return self._should_retry(reset_after)
 
-    def _should_retry(self) -> int:
+    def _should_retry(self, reset_after=None) -> int:
+        """``reset_after``: the back-off a rate-limited response announced (seconds), if any."""
         c = self.cluster
         self._release_retry()
         si = self.s.stream_info
@@ -107,12 +134,17 @@ class RetryState:
         c.retries_active += 1
         self.retry_held = True
         c.st_rq_retry.value += 1
-        c.st_rq_retry_backoff_exponential.value += 1
-        r = self.retry
-        base = r.backoff_base
-        mx = r.backoff_max
-        n = self.attempts
-        delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
+        if reset_after is not None:
+            # (Envoy's jittered lower bound: from the announced interval up to half again)
+            c.st_rq_retry_backoff_ratelimited.value += 1
+            delay = random.uniform(reset_after, reset_after * 1.5)
+        else:
+            c.st_rq_retry_backoff_exponential.value += 1
+            r = self.retry
+            base = r.backoff_base
+            mx = r.backoff_max
+            n = self.attempts
+            delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
         c.retries_in_backoff += 1
         self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
         return R_YES
