@@ -131,6 +131,9 @@ class FakeTransport:
     def write_eof(self):
         pass
 
+    def get_write_buffer_size(self):  # (the HTTP/2 codec asks)
+        return 0
+
 
 def chain_setup(chain: str):
     """``--chain``: (bootstrap JSON, request bytes, cluster name, bytes the upstream request must

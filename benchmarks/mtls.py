@@ -237,15 +237,17 @@ def keepalive_run(a, url, load_cpu, p, client_proc, be, aport, perf_dir, name, r
     t0, c0, l0, b0, cx0 = time.monotonic(), p.cpu_seconds(), client_proc.cpu_seconds(), be.cpu_seconds(), client_cx(aport)
     time.sleep(a.duration)
     t1, c1, l1, b1, cx1 = time.monotonic(), p.cpu_seconds(), client_proc.cpu_seconds(), be.cpu_seconds(), client_cx(aport)
+    n = cx1.get("upstream_rq_total", 0) - cx0.get("upstream_rq_total", 0)
+    if pf:
+        res_sc = perf_stop(pf, n)
     th.join(a.duration + 60)
     if "err" in box:
         raise box["err"]
     res = box["res"]
     w1 = p.cpu_seconds()
     cx_b = client_cx(aport)
-    n = cx1.get("upstream_rq_total", 0) - cx0.get("upstream_rq_total", 0)
     if pf:
-        res["syscalls"] = perf_stop(pf, n)
+        res["syscalls"] = res_sc
     res["requests_window"] = n
     res["rps_run"] = res["rps"]
     res["rps"] = n / (t1 - t0)

@@ -1,7 +1,9 @@
 """A scripted HTTP/2 upstream for tests: h2c on 127.0.0.1:0, the h2 library, a thread per
 connection. A subclass says what each request gets (``on_request``) and, optionally, what happens
-between reads (``on_tick``, every ``poll`` seconds); the socket, accept loop, read loop and
-shutdown live here once."""
+between reads (``on_tick``, every ``poll`` seconds), to other frames' events (``on_event``) and when a
+connection starts (``on_connect``, with the connection's own ``state``: ``state["sock"]`` is its
+socket); ``settings`` are its SETTINGS values. The socket, accept loop, read loop and shutdown live
+here once."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import h2.config
 import h2.connection
 import h2.events as E
 import h2.exceptions
+import h2.settings
 
 
 class ThreadedH2Upstream:
     poll = 10.0  # read timeout: how often on_tick runs on a quiet connection
+    settings = None  # {SettingCodes.X: value} announced in the server's SETTINGS, or None
 
     def __init__(self, backlog: int = 16):
         self.lock = threading.Lock()
@@ -36,6 +40,12 @@ class ThreadedH2Upstream:
     def on_tick(self, conn, state: dict) -> None:
         """Called after every read or read timeout."""
 
+    def on_event(self, conn, event, state: dict) -> None:
+        """Any event but RequestReceived."""
+
+    def on_connect(self, state: dict) -> None:
+        """A new connection (before the server's preface is sent)."""
+
     # -- the loop -------------------------------------------------------------------------------
     def _accept(self):
         self.sock.settimeout(0.2)
@@ -48,10 +58,13 @@ class ThreadedH2Upstream:
 
     def _serve(self, c):
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        if self.settings:
+            conn.local_settings = h2.settings.Settings(client=False, initial_values=self.settings)
+        state = {"sock": c}
+        self.on_connect(state)
         conn.initiate_connection()
         c.sendall(conn.data_to_send())
         c.settimeout(self.poll)
-        state = {}
         try:
             while not self.stop:
                 try:
@@ -62,8 +75,11 @@ class ThreadedH2Upstream:
                 except socket.timeout:
                     events = []
                 for e in events:
-                    if isinstance(e, E.RequestReceived) and not self.on_request(conn, e, state):
-                        return
+                    if isinstance(e, E.RequestReceived):
+                        if not self.on_request(conn, e, state):
+                            return
+                    else:
+                        self.on_event(conn, e, state)
                 self.on_tick(conn, state)
                 out = conn.data_to_send()
                 if out:

@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -236,13 +235,3 @@ def netns_env():
         yield env
     finally:
         env.close()
-
-
-def wait_until(pred, timeout=5.0, interval=0.05):
-    """Poll pred() until true or timeout (bounded); returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)

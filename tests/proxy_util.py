@@ -275,6 +275,17 @@ def proxies(with_envoy: bool = True):
     return [Pyproxy] + ([Envoy] if with_envoy and ENVOY else [])
 
 
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
+    """Poll ``pred()`` until it returns something true or ``timeout`` passes (bounded); returns its
+    last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
 def _can_connect(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()

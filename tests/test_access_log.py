@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import json_format
 
 from envoy.config.accesslog.v3 import accesslog_pb2
+from proxy_util import wait_until
 from pyproxy.access_log import build_access_logs, flush_all, set_flush_interval
 from pyproxy.config.errors import ConfigError
 from pyproxy.config.registry import ensure_types_for_json
@@ -30,15 +31,6 @@ def access_logs(*dicts):
         json_format.ParseDict(d, al)
         out.append(al)
     return build_access_logs(out)
-
-
-def wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def read(path):
@@ -93,7 +85,7 @@ def test_formats_match_envoy():
             r = c.getresponse()
             r.read()
             c.close()
-            assert wait_for(lambda: all(read(p).endswith("\n") for p in paths.values()), 10)
+            assert wait_until(lambda: all(read(p).endswith("\n") for p in paths.values()), 10)
         finally:
             e.stop()
         envoy_lines = {k: read(p) for k, p in paths.items()}
@@ -210,7 +202,7 @@ def test_periodic_flush_and_shared_files(tmp_path):
         time.sleep(0.2)
         assert read(p) == ""  # buffered, not written per request
         set_flush_interval(0.05)
-        assert wait_for(lambda: read(p) == "201\n202\n", 5)
+        assert wait_until(lambda: read(p) == "201\n202\n", 5)
     finally:
         set_flush_interval(1.0)
 

@@ -110,7 +110,12 @@ def lanes():
                                     "use_request_id_for_trace_sampling": True}})
             from proxy_util import free_port
             lst["address"]["socket_address"]["port_value"] = free_port()
-            bs = bootstrap([lst], [cluster("b", [be.port])])
+            # (the gRPC answer's trailers come from an HTTP/1.1 upstream: kept, as Envoy keeps them, only with
+            # the cluster's enable_trailers)
+            bs = bootstrap([lst], [cluster("b", [be.port], typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}})])
             procs[name] = Pyproxy(bs, env=dict(os.environ, **env))
         yield procs, be
     finally:
@@ -256,17 +261,8 @@ def test_same_bytes_and_stats_as_the_reference_chain(lanes, method, path, host, 
 def _stack(bs=None):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import micro_h1
-    from pyproxy.cluster.pool import UpstreamConnection
-    from pyproxy.listeners.connection import DownstreamConnection
     loop, lm, al, cl, host, pool = micro_h1.build_stack(bs or micro_h1.istio_outbound_bootstrap())
-    up = UpstreamConnection(pool, host)
-    ut = micro_h1.FakeTransport(("127.0.0.1", 9), ("127.0.0.1", 40000))
-    up.connection_made(ut)
-    cl.cx_total_active += 1
-    pool._on_idle_or_pending(up)
-    down = DownstreamConnection(lm, al)
-    dt = micro_h1.FakeTransport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
-    down.connection_made(dt)
+    up, ut, down, dt = micro_h1.connect(loop, lm, al, cl, host, pool)
     return micro_h1, loop, down, up, dt, ut
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from proxy_util import HttpBackend, one_route_bootstrap, proxies, request
+from proxy_util import HttpBackend, one_route_bootstrap, proxies, request, wait_until
 
 
 class SilentUpstream:
@@ -65,15 +65,6 @@ class SilentUpstream:
         self.lsock.close()
 
 
-def _wait(pred, timeout=5.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 @pytest.mark.parametrize("proxy", proxies())
 def test_client_fin_resets_the_request_in_flight(proxy):
     up = SilentUpstream()
@@ -86,11 +77,11 @@ def test_client_fin_resets_the_request_in_flight(proxy):
                 c = socket.create_connection(("127.0.0.1", port), timeout=5)
                 c.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
                 clients.append(c)
-            assert _wait(lambda: up.accepted == 3), up.accepted
+            assert wait_until(lambda: up.accepted == 3), up.accepted
             for c in clients:
                 c.shutdown(socket.SHUT_WR)
             # the proxy closes each upstream connection (the request is reset) and each client's
-            assert _wait(lambda: up.closed == 3), (proxy.kind, up.closed)
+            assert wait_until(lambda: up.closed == 3), (proxy.kind, up.closed)
             for c in clients:
                 c.settimeout(5)
                 try:
@@ -99,7 +90,7 @@ def test_client_fin_resets_the_request_in_flight(proxy):
                     rest = b""
                 assert rest == b"", (proxy.kind, rest)
                 c.close()
-            assert _wait(lambda: p.stat("cluster.b.upstream_rq_active") == 0), proxy.kind
+            assert wait_until(lambda: p.stat("cluster.b.upstream_rq_active") == 0), proxy.kind
             assert p.stat("http.ingress.downstream_cx_active") == 0, proxy.kind
     finally:
         up.close()

@@ -9,13 +9,12 @@ import ast
 import json
 import pathlib
 import re
-import socket
 import threading
 import time
 
 import pytest
 
-from tests.proxy_util import ENVOY, Envoy, Pyproxy, bootstrap, free_port, request
+from tests.proxy_util import ENVOY, Envoy, Pyproxy, TcpBackend, bootstrap, free_port, raw, request, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "pyproxy"
 
@@ -85,65 +84,37 @@ def test_the_scan_finds_what_it_forbids(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # What goes on the wire
 
-class Capture:
+class Capture(TcpBackend):
     """A raw HTTP/1.1 server that records each request's bytes (head and content-length body) and
     answers ``answer`` to each; a connection is closed by the client, after an answer that says
-    ``connection: close``, or at ``close()``."""
+    ``connection: close``, or at ``close()``. ``connections`` counts the connections."""
 
     def __init__(self, answer: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"):
         self.answer = answer
         self.requests: list = []
-        self.conns = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stopped = False
         self.cond = threading.Condition()
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self):
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.conns += 1
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            self.threads.append(t)
-            t.start()
+        super().__init__(self._serve)
 
     def _serve(self, c):
-        c.settimeout(0.2)
         buf = b""
-        try:
-            while not self.stopped:
-                try:
-                    d = c.recv(65536)
-                except socket.timeout:
-                    continue
-                if not d:
-                    return
-                buf += d
-                while b"\r\n\r\n" in buf:
-                    head, _, rest = buf.partition(b"\r\n\r\n")
-                    m = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
-                    n = int(m.group(1)) if m else 0
-                    if len(rest) < n:
-                        break
-                    with self.cond:
-                        self.requests.append(head + b"\r\n\r\n" + rest[:n])
-                        self.cond.notify_all()
-                    buf = rest[n:]
-                    c.sendall(self.answer)
-                    if b"connection: close" in self.answer.lower():
-                        return  # (a close-delimited answer ends here)
-        except OSError:
-            return
-        finally:
-            c.close()
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            buf += d
+            while b"\r\n\r\n" in buf:
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                m = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+                n = int(m.group(1)) if m else 0
+                if len(rest) < n:
+                    break
+                with self.cond:
+                    self.requests.append(head + b"\r\n\r\n" + rest[:n])
+                    self.cond.notify_all()
+                buf = rest[n:]
+                c.sendall(self.answer)
+                if b"connection: close" in self.answer.lower():
+                    return  # (a close-delimited answer ends here)
 
     def wait(self, n: int, timeout: float = 10.0) -> list:
         deadline = time.monotonic() + timeout
@@ -151,12 +122,6 @@ class Capture:
             while len(self.requests) < n and time.monotonic() < deadline:
                 self.cond.wait(0.1)
             return list(self.requests)
-
-    def close(self):
-        self.stopped = True
-        self.sock.close()
-        for t in self.threads:
-            t.join(2)
 
 
 def _hc_bootstrap(port: int, reuse: bool) -> dict:
@@ -186,7 +151,7 @@ def test_health_check_request_bytes_as_envoy(reuse):
             assert len(got) >= 3, (cls.kind, got)
             assert len(set(got)) == 1, got
             heads[cls.kind] = got[0]
-            assert (cap.conns == 1) == reuse or not reuse and cap.conns >= 3, (cls.kind, cap.conns)
+            assert (cap.connections == 1) == reuse or not reuse and cap.connections >= 3, (cls.kind, cap.connections)
         finally:
             cap.close()
     assert heads["pyproxy"] == (b"GET /healthz?probe=1 HTTP/1.1\r\nhost: hc.example\r\nuser-agent: Envoy/HC\r\n"
@@ -211,12 +176,8 @@ def test_health_check_answer_read_by_the_codec(answer, healthy):
     try:
         with Pyproxy(_hc_bootstrap(cap.port, True)) as p:
             assert len(cap.wait(2)) >= 2
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                st = p.stats()
-                if st.get("cluster.hc.health_check.success", 0) + st.get("cluster.hc.health_check.failure", 0) >= 2:
-                    break
-                time.sleep(0.05)
+            wait_until(lambda: sum(p.stats().get("cluster.hc.health_check." + k, 0)
+                                   for k in ("success", "failure")) >= 2)
             st = p.stats()
             if healthy:
                 assert st.get("cluster.hc.health_check.success", 0) >= 2, st
@@ -275,33 +236,12 @@ def test_zipkin_post_written_by_the_codec(answer, reported):
             spans = json.loads(body)
             assert len(spans) == 1 and spans[0]["kind"] == "SERVER"
             name = "tracing.zipkin.reports_sent" if reported else "tracing.zipkin.reports_failed"
-            deadline = time.monotonic() + 5
-            while p.stats().get(name, 0) < 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: p.stats().get(name, 0) >= 1)
             st = p.stats()
             assert st.get(name) == 1, st
             assert st.get("tracing.zipkin.reports_sent" if not reported else "tracing.zipkin.reports_failed", 0) == 0
     finally:
         cap.close()
-
-
-def _admin_raw(port: int, data: bytes, timeout: float = 2.0) -> bytes:
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(data)
-        out = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                break
-            if not d:
-                break
-            out += d
-        return out
-    finally:
-        s.close()
 
 
 _DATE = re.compile(rb"date: [^\r]*\r\n")
@@ -319,6 +259,6 @@ def test_admin_answers_bad_requests_as_envoy(data):
     out = {}
     for cls in (Pyproxy, Envoy):
         with cls(bootstrap([], [])) as p:
-            out[cls.kind] = _DATE.sub(b"date: D\r\n", _admin_raw(p.admin_port, data))
+            out[cls.kind] = _DATE.sub(b"date: D\r\n", raw(p.admin_port, data, timeout=2.0))
     assert out["pyproxy"] == out["envoy"], out
     assert out["pyproxy"].startswith(b"HTTP/1.1 4")

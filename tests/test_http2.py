@@ -15,8 +15,6 @@ import subprocess
 import threading
 import time
 
-import h2.config
-import h2.connection
 import h2.events as E
 import pytest
 from h2.errors import ErrorCodes
@@ -25,6 +23,7 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFra
 
 from grpc_util import (H2Raw, Proxy, RawH2, bootstrap, cluster, free_port, hcm_listener, kill, rss_kb,
                        wait_port)
+from h2_upstream_util import ThreadedH2Upstream
 
 pytestmark = pytest.mark.skipif(not (shutil.which("nghttpd") and shutil.which("h2load") and shutil.which("curl")),
                                 reason="nghttp2 tools / curl missing")
@@ -86,7 +85,7 @@ class EchoH1(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class MiniH2:
+class MiniH2(ThreadedH2Upstream):
     """A scriptable HTTP/2 upstream on the h2 library (one thread per connection).
 
     ``max_streams``: its SETTINGS_MAX_CONCURRENT_STREAMS; ``delay``: seconds before answering;
@@ -95,8 +94,11 @@ class MiniH2:
     first request of every connection; ``reset_after_headers``: answer headers, then RST_STREAM.
     """
 
+    poll = 0.1
+
     def __init__(self, max_streams=100, delay=0.0, goaway_on=0, refuse_first=False, reset_after_headers=False):
         self.max_streams = max_streams
+        self.settings = {SettingCodes.MAX_CONCURRENT_STREAMS: max_streams}
         self.delay = delay
         self.goaway_on = goaway_on
         self.refuse_first = refuse_first
@@ -104,99 +106,70 @@ class MiniH2:
         self.conns = 0
         self.max_seen = 0
         self.served = 0
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=64)
 
-    def _accept(self):
-        self.sock.settimeout(0.2)
-        while not self.stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            with self.lock:
-                self.conns += 1
-                n = self.conns
-            threading.Thread(target=self._serve, args=(c, n), daemon=True).start()
+    def on_connect(self, state):
+        with self.lock:
+            self.conns += 1
+            state["n"] = self.conns
+        state["open"] = {}
+        state["due"] = []  # (time, sid)
+        state["requests"] = 0
+        state["refused"] = False
 
-    def _serve(self, c, n):
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-        conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
-        conn.initiate_connection()
-        c.sendall(conn.data_to_send())
-        c.settimeout(0.1)
-        open_streams = {}
-        due = []  # (time, sid)
-        requests = 0
-        refused = False
-        try:
-            while not self.stop:
-                try:
-                    data = c.recv(65536)
-                    if not data:
-                        return
-                    events = conn.receive_data(data)
-                except socket.timeout:
-                    events = []
-                for e in events:
-                    if isinstance(e, E.RequestReceived):
-                        requests += 1
-                        if self.refuse_first and not refused:
-                            refused = True
-                            conn.reset_stream(e.stream_id, ErrorCodes.REFUSED_STREAM)
-                            continue
-                        if n == 1 and self.goaway_on and requests == self.goaway_on:
-                            # answer what was accepted, then GOAWAY: later streams are not processed
-                            for _, sid in due:
-                                body = ("conn=%d sid=%d" % (n, sid)).encode()
-                                conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
-                                conn.send_data(sid, body, end_stream=True)
-                            conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=e.stream_id - 2)
-                            c.sendall(conn.data_to_send())
-                            time.sleep(0.5)  # (the h2 library cannot go on after GOAWAY)
-                            return
-                        open_streams[e.stream_id] = dict(e.headers)
-                        with self.lock:
-                            self.max_seen = max(self.max_seen, len(open_streams))
-                        due.append((time.monotonic() + self.delay, e.stream_id))
-                    elif isinstance(e, E.DataReceived):
-                        conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-                now = time.monotonic()
-                for t, sid in list(due):
-                    if t <= now:
-                        due.remove((t, sid))
-                        body = ("conn=%d sid=%d" % (n, sid)).encode()
-                        if self.reset_after_headers:
-                            conn.send_headers(sid, [(":status", "200")])
-                            conn.send_data(sid, b"partial")
-                            conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
-                        else:
-                            conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
-                            conn.send_data(sid, body, end_stream=True)
-                        open_streams.pop(sid, None)
-                        with self.lock:
-                            self.served += 1
-                out = conn.data_to_send()
-                if out:
-                    c.sendall(out)
-        except (OSError, h2.exceptions.ProtocolError):
-            return
-        finally:
-            c.close()
+    def on_request(self, conn, e, state):
+        n, due, open_streams = state["n"], state["due"], state["open"]
+        state["requests"] += 1
+        if self.refuse_first and not state["refused"]:
+            state["refused"] = True
+            conn.reset_stream(e.stream_id, ErrorCodes.REFUSED_STREAM)
+            return True
+        if n == 1 and self.goaway_on and state["requests"] == self.goaway_on:
+            # answer what was accepted, then GOAWAY: later streams are not processed
+            for _, sid in due:
+                body = ("conn=%d sid=%d" % (n, sid)).encode()
+                conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
+                conn.send_data(sid, body, end_stream=True)
+            conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=e.stream_id - 2)
+            state["sock"].sendall(conn.data_to_send())
+            time.sleep(0.5)  # (the h2 library cannot go on after GOAWAY)
+            return False
+        open_streams[e.stream_id] = dict(e.headers)
+        with self.lock:
+            self.max_seen = max(self.max_seen, len(open_streams))
+        due.append((time.monotonic() + self.delay, e.stream_id))
+        return True
 
-    def close(self):
-        self.stop = True
-        self.sock.close()
+    def on_event(self, conn, e, state):
+        if isinstance(e, E.DataReceived):
+            conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+
+    def on_tick(self, conn, state):
+        n, due, open_streams = state["n"], state["due"], state["open"]
+        now = time.monotonic()
+        for t, sid in list(due):
+            if t <= now:
+                due.remove((t, sid))
+                body = ("conn=%d sid=%d" % (n, sid)).encode()
+                if self.reset_after_headers:
+                    conn.send_headers(sid, [(":status", "200")])
+                    conn.send_data(sid, b"partial")
+                    conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+                else:
+                    conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
+                    conn.send_data(sid, body, end_stream=True)
+                open_streams.pop(sid, None)
+                with self.lock:
+                    self.served += 1
 
 
 # -- fixture -----------------------------------------------------------------------------------------
+
+
+# the HTTP/1.1 upstream keeps request trailers (test_trailers_both_ways) only with enable_trailers, as in Envoy
+_H1_TRAILERS = {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}}}
 
 
 @pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
@@ -237,7 +210,7 @@ def env(tmp_path_factory, engine):
     bs = bootstrap(ap, [hcm_listener("main", lp, routes),
                         hcm_listener("ka", ka_port, routes, codec="HTTP2", http2_opts={
                             "connection_keepalive": {"interval": "0.2s", "timeout": "0.3s"}})],
-                   [cluster("ng", ng_port, h2=True), cluster("h1", h1.server_address[1]),
+                   [cluster("ng", ng_port, h2=True), cluster("h1", h1.server_address[1], extra=_H1_TRAILERS),
                     cluster("mini", mini.port, h2=True)])
     px = None
     try:

@@ -10,16 +10,8 @@ import time
 import pytest
 
 from tests.proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port,
-                              http_listener, proxies, request, route, route_config, run_pyproxy)
-
-
-def _wait(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+                              http_listener, proxies, request, route, route_config, run_pyproxy,
+                              wait_until)
 
 
 def _bs(main_port, shadow_port, policies, **route_extra):
@@ -38,7 +30,7 @@ def _seen(proxy_cls, policies, requests, **route_extra):
             for method, path, host, headers, body in requests:
                 out.append(request(px.port, method, path, body=body, host=host, headers=headers))
             n = sum(1 for _ in requests) * len(policies)
-            _wait(lambda: len(sh.requests) >= n)
+            wait_until(lambda: len(sh.requests) >= n)
             time.sleep(0.1)
             got = sorted(((r.method, r.path, r.header("host"), r.body, r.header("x-shadow"),
                            r.header("x-remove-me"), r.header("x-envoy-internal"),
@@ -143,10 +135,10 @@ def test_mirror_never_affects_main_and_memory_is_bounded():
                     st, _, _ = request(px.port, "GET", "/small%d" % i)
                     assert st == 200
                 assert time.monotonic() - t0 < 10
-                assert _wait(lambda: px.stat("cluster.b.retry_or_shadow_abandoned") == 4)
+                assert wait_until(lambda: px.stat("cluster.b.retry_or_shadow_abandoned") == 4)
                 # the bodiless mirrors were sent and get no answer: the route timeout ends them
-                assert _wait(lambda: px.stat("cluster.s.upstream_rq_timeout") >= 20, 6)
-                assert _wait(lambda: px.stat("cluster.s.upstream_rq_active") == 0, 3)
+                assert wait_until(lambda: px.stat("cluster.s.upstream_rq_timeout") >= 20, 6)
+                assert wait_until(lambda: px.stat("cluster.s.upstream_rq_active") == 0, 3)
                 grown = px.rss_kb() - rss0
                 assert grown < 24 * 1024, "pyproxy grew by %d KiB" % grown
                 assert len(main.requests) == 24
@@ -169,7 +161,7 @@ def test_mirror_to_refused_port_and_missing_cluster():
             for i in range(5):
                 st, _, _ = request(px.port, "POST", "/x", body=b"abc")
                 assert st == 200
-            assert _wait(lambda: px.stat("cluster.s.upstream_cx_connect_fail") >= 1)
+            assert wait_until(lambda: px.stat("cluster.s.upstream_cx_connect_fail") >= 1)
             assert px.stat("cluster.b.upstream_rq_2xx") == 5
 
 
@@ -186,7 +178,7 @@ def test_mirror_h2_downstream():
                                   "-H", "host: h2svc:1234", "http://127.0.0.1:%d/h2" % px.port],
                                  capture_output=True, timeout=10)
             assert out.stdout.startswith(b"main POST /h2 7")
-            assert _wait(lambda: len(sh.requests) == 1)
+            assert wait_until(lambda: len(sh.requests) == 1)
             r = sh.requests[0]
             assert (r.path, r.header("host"), r.body) == ("/h2", "h2svc-shadow:1234", b"payload")
 
@@ -220,7 +212,7 @@ def test_mirror_gets_a_big_body_whole():
             for i in range(2):
                 st, _, b = request(px.port, "POST", "/big%d" % i, body=body, timeout=10)
                 assert st == 200 and b == b"main POST /big%d %d" % (i, len(body))
-            assert _wait(lambda: len(sh.requests) == 2)
+            assert wait_until(lambda: len(sh.requests) == 2)
             assert all(r.body == body for r in sh.requests)
             assert px.stat("cluster.b.retry_or_shadow_abandoned") == 0
 
@@ -262,7 +254,7 @@ def test_mirror_to_an_http2_cluster():
             for i in range(3):
                 st, _, b = request(px.port, "POST", "/m%d" % i, body=b"q" * (100000 * i), host="svc")
                 assert st == 200 and b == b"main POST /m%d %d" % (i, 100000 * i)
-            assert _wait(lambda: len(sh.requests) == 3)
+            assert wait_until(lambda: len(sh.requests) == 3)
             got = sorted((r.path, r.header("host"), len(r.body)) for r in sh.requests)
             assert got == [("/m0", "svc-shadow", 0), ("/m1", "svc-shadow", 100000),
                            ("/m2", "svc-shadow", 200000)]

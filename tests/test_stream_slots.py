@@ -4,20 +4,17 @@ before anything reads it. Drives requests through an in-memory listener/HCM/pool
 ways a stream starts (the HTTP/1.1 codec's inline entry and the generic stream) and checks, at the
 points where the stream first talks to the pool or answers locally, that no slot is unset."""
 
-import asyncio
 import json
+import os
+import sys
 
 import pytest
-import uvloop
 
-from pyproxy import access_log, extensions  # noqa: F401  (registers the extensions)
-from pyproxy.cluster.pool import UpstreamConnection
-from pyproxy.config.bootstrap import load_bootstrap
 from pyproxy.http.first_attempt import FirstAttempt
 from pyproxy.http.stream import ActiveStream
-from pyproxy.listeners.connection import DownstreamConnection
-from pyproxy.listeners.manager import ActiveListener
-from pyproxy.server import Options, Server
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import micro_h1  # noqa: E402  (benchmarks/micro_h1.py: the in-memory listener/HCM/pool stack)
 
 SLOTS = [n for c in (ActiveStream, FirstAttempt) for n in c.__slots__ if n != "__dict__"]
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -47,60 +44,12 @@ def _bootstrap():
         ]}})
 
 
-class _Transport:
-    def __init__(self, peer, local):
-        self.out = []
-        self.extra = {"peername": peer, "sockname": local, "socket": None}
-
-    def write(self, data):
-        self.out.append(data)
-
-    def get_extra_info(self, k, default=None):
-        return self.extra.get(k, default)
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
-
-    def can_write_eof(self):
-        return True
-
-    def write_eof(self):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-
 @pytest.fixture
 def stack(monkeypatch):
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    server = Server(load_bootstrap(None, _bootstrap()), Options(), loop)
-    (cfg,) = server.compile_static()
-    lm = server.listener_manager
-    cluster = server.cluster_manager.get("backend")
-    host = cluster.priority_set.all_hosts[0]
-    pool = cluster.http_pool(host)
-    up = UpstreamConnection(pool, host)
-    ut = _Transport(("127.0.0.1", 9), ("127.0.0.1", 40000))
-    up.connection_made(ut)
-    cluster.cx_total_active += 1
-    pool._on_idle_or_pending(up)
-    down = DownstreamConnection(lm, ActiveListener(lm, cfg))
-    dt = _Transport(("127.0.0.1", 50000), ("127.0.0.1", 8080))
-    down.connection_made(dt)
+    # (the in-memory stack is micro_h1's: the compiled bootstrap, a pool with one idle upstream
+    # connection and a downstream connection, each over a transport that records what is written)
+    loop, lm, al, cluster, host, pool = micro_h1.build_stack(_bootstrap())
+    up, ut, down, dt = micro_h1.connect(loop, lm, al, cluster, host, pool)
 
     seen = []
 

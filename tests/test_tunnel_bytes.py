@@ -9,44 +9,27 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 
 import pytest
 
-from tests.proxy_util import ENVOY, Envoy, Pyproxy, bootstrap, cluster, free_port
+from tests.proxy_util import ENVOY, Envoy, Pyproxy, TcpBackend, bootstrap, cluster, free_port, wait_until
 
 T = "type.googleapis.com/"
 CHUNK = 1000
 ROUNDS = 3
 
 
-class TunnelBackend:
+class TunnelBackend(TcpBackend):
     """Answers a CONNECT with 200 and anything else with 101, then sends back each read twice
-    (so the two directions differ); counts every byte it reads and writes, per connection."""
+    (so the two directions differ); counts every byte it reads and writes, and the connections
+    it has finished (``done``)."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
         self.read = 0
         self.written = 0
         self.done = 0
         self.lock = threading.Lock()
-        self.stopped = False
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self):
-        while not self.stopped:
-            try:
-                c, _ = self.sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            self.threads.append(t)
-            t.start()
+        super().__init__(self._serve)
 
     def _send(self, c, data):
         c.sendall(data)
@@ -78,18 +61,9 @@ class TunnelBackend:
                 with self.lock:
                     self.read += len(data)
             c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         finally:
-            c.close()
             with self.lock:
                 self.done += 1
-
-    def close(self):
-        self.stopped = True
-        self.sock.close()
-        for t in self.threads:
-            t.join(5)
 
 
 def _bootstrap(port: int, backend: int, log: str) -> dict:
@@ -135,16 +109,6 @@ def _tunnel(port: int, request: bytes) -> None:
         c.close()
 
 
-def _wait(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return pred()
-
-
 @pytest.mark.parametrize("cls", [Pyproxy] + ([Envoy] if ENVOY else []), ids=lambda c: c.kind)
 def test_tunnel_bytes_counted_in_cluster_stats_and_access_log(cls, tmp_path):
     be = TunnelBackend()
@@ -154,20 +118,20 @@ def test_tunnel_bytes_counted_in_cluster_stats_and_access_log(cls, tmp_path):
         with cls(_bootstrap(port, be.port, log), extra_args=["--file-flush-interval-msec", "100"]) as p:
             _tunnel(port, b"GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
             _tunnel(port, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
-            assert _wait(lambda: be.done == 2)
+            assert wait_until(lambda: be.done == 2, 10)
 
             def settled():
                 st = p.stats()
                 tx = st.get("cluster.b.upstream_cx_tx_bytes_total")
                 rx = st.get("cluster.b.upstream_cx_rx_bytes_total")
                 return (tx, rx) if (tx, rx) == (be.read, be.written) else None
-            got = _wait(settled)
+            got = wait_until(settled, 10)
             st = p.stats()
             assert got, (st.get("cluster.b.upstream_cx_tx_bytes_total"), st.get("cluster.b.upstream_cx_rx_bytes_total"),
                          be.read, be.written)
             # (the payload alone is 3,000 bytes up and 6,000 down; the rest is the two heads each way)
             assert be.read > ROUNDS * CHUNK * 2 and be.written > ROUNDS * CHUNK * 4
-            lines = _wait(lambda: [ln for ln in open(log).read().splitlines()
+            lines = wait_until(lambda: [ln for ln in open(log).read().splitlines()
                                    if ln.startswith("GET 101")] and open(log).read().splitlines())
             ws = [ln for ln in lines if ln.startswith("GET 101 ")]
             assert ws == ["GET 101 %d %d" % (ROUNDS * CHUNK, 2 * ROUNDS * CHUNK)], lines
@@ -177,6 +141,6 @@ def test_tunnel_bytes_counted_in_cluster_stats_and_access_log(cls, tmp_path):
                 if ln.startswith("CONNECT "):
                     assert re.fullmatch(r"CONNECT 200 %d %d" % (ROUNDS * CHUNK, 2 * ROUNDS * CHUNK), ln), ln
             if cls is Pyproxy:
-                assert _wait(lambda: any(ln.startswith("CONNECT ") for ln in open(log).read().splitlines()))
+                assert wait_until(lambda: any(ln.startswith("CONNECT ") for ln in open(log).read().splitlines()))
     finally:
         be.close()

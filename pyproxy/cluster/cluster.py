@@ -40,7 +40,7 @@ class ProtocolOptions:
     """What ``HttpProtocolOptions`` (or the legacy cluster fields) say about upstream HTTP."""
 
     __slots__ = ("protocol", "idle_timeout", "max_requests_per_connection", "http2_options",
-                 "max_stream_duration", "max_headers_count")
+                 "max_stream_duration", "max_headers_count", "trailers")
 
     def __init__(self):
         self.protocol = HTTP1
@@ -53,6 +53,7 @@ class ProtocolOptions:
 
 def _protocol_options(proto) -> ProtocolOptions:
     po = ProtocolOptions()
+    po.trailers = proto.http_protocol_options.enable_trailers  # (HTTP/1.1 upstream, both ways; legacy field first)
     if proto.HasField("http2_protocol_options"):
         po.protocol = HTTP2
         po.http2_options = proto.http2_protocol_options

@@ -73,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         po = getattr(pool.cluster, "protocol_options", None)
         if po is not None:
             self.codec.max_headers = po.max_headers_count
+            self.codec.keep_trailers = po.trailers
         self.close_reason = "connection termination"
         self.aborted = False  # reset with its request in flight (upstream_cx_destroy_*_with_active_rq)
         self.idle_since = 0.0

@@ -23,13 +23,16 @@ def factory(cfg, po) -> None:
             raise ConfigError("HTTP/3 upstreams are not supported", field="explicit_http_config")
         else:
             po.protocol = HTTP1
+            po.trailers = e.http_protocol_options.enable_trailers
     elif which == "use_downstream_protocol_config":
         po.protocol = USE_DOWNSTREAM
+        po.trailers = cfg.use_downstream_protocol_config.http_protocol_options.enable_trailers
         if cfg.use_downstream_protocol_config.HasField("http2_protocol_options"):
             po.http2_options = cfg.use_downstream_protocol_config.http2_protocol_options
     elif which == "auto_config":
         # ALPN-negotiated (cluster/pool_auto.py); without TLS, HTTP/1.1 as in Envoy
         po.protocol = AUTO
+        po.trailers = cfg.auto_config.http_protocol_options.enable_trailers
         if cfg.auto_config.HasField("http2_protocol_options"):
             po.http2_options = cfg.auto_config.http2_protocol_options
     if cfg.HasField("common_http_protocol_options"):

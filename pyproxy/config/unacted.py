@@ -108,7 +108,8 @@ NOT_ACTED_ON: tuple = (
     ("http_connection_manager", "http_protocol_options.header_key_format",
      "header_key_format is not implemented yet: HTTP/1.1 header names are sent lower-case"),
     ("http_connection_manager", "http_protocol_options.enable_trailers",
-     "enable_trailers is not implemented yet"),
+     "enable_trailers: response trailers are sent to HTTP/1.1 clients, but request trailers from them are "
+     "still dropped"),
     ("http_connection_manager", "http_protocol_options.allow_chunked_length",
      "allow_chunked_length is not implemented yet: a request with both content-length and chunked is refused"),
     ("http_connection_manager", "http_protocol_options.allow_custom_methods",

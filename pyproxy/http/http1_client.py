@@ -57,7 +57,7 @@ class Http1ClientCodec:
         "conn", "parser", "decoder", "hdrs", "status", "head_request", "chunked_request",
         "keep_alive", "tunnel", "trailers", "in_trailers", "resp_headers_sent", "complete",
         "pending_upgrade", "response_header_bytes", "parser_dirty", "pending_body", "raw",
-        "feed_len", "max_headers",
+        "feed_len", "max_headers", "keep_trailers",
     )
 
     def __init__(self, conn):
@@ -70,6 +70,8 @@ class Http1ClientCodec:
         self.parser_dirty = False
         self.feed_len = 0
         self.max_headers = 100  # the cluster's common_http_protocol_options.max_headers_count
+        # the cluster's http_protocol_options.enable_trailers: else trailers are dropped both ways (as Envoy)
+        self.keep_trailers = False
 
     def start(self, decoder) -> None:
         self.decoder = decoder
@@ -160,7 +162,8 @@ class Http1ClientCodec:
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.chunked_request:
-            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            self.conn.write(b"0\r\n" + (b"".join(encode_headers_block(trailers)) if self.keep_trailers else b"")
+                            + b"\r\n")
             self.chunked_request = False
 
     # -- response parsing ---------------------------------------------------------------------------
@@ -222,6 +225,8 @@ class Http1ClientCodec:
         self.response_header_bytes += len(name) + len(value)
         if self.response_header_bytes > _MAX_UPSTREAM_HEAD:
             raise ProtocolError(502, "upstream headers too large")
+        if not self.keep_trailers:
+            return
         if self.trailers is None:
             self.trailers = []
         self.trailers.append((name.lower().decode("latin-1"), value.decode("latin-1")))

@@ -280,7 +280,9 @@ class Http1ResponseEncoder:
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.response_chunked:
-            self.conn.write(b"0\r\n" + b"".join(encode_headers_block(trailers)) + b"\r\n")
+            # (Envoy's HTTP/1.1 codec sends trailers only with the HCM's http_protocol_options.enable_trailers)
+            keep = getattr(getattr(self.manager, "cfg", None), "enable_trailers", False)
+            self.conn.write(b"0\r\n" + (b"".join(encode_headers_block(trailers)) if keep else b"") + b"\r\n")
             self.response_chunked = False
         self._response_complete()
 

@@ -168,6 +168,9 @@ class HcmConfig:
         self.strip_matching_host_port = cfg.strip_matching_host_port
         hpo = cfg.http_protocol_options
         self.accept_http_10 = hpo.accept_http_10
+        # response trailers to an HTTP/1.1 client (else dropped, as Envoy's codec does); request trailers
+        # from one are dropped either way (config/unacted.py)
+        self.enable_trailers = hpo.enable_trailers
         self.default_host_for_http_10 = hpo.default_host_for_http_10
         self.http2_options = cfg.http2_protocol_options if cfg.HasField("http2_protocol_options") else None
         self.upgrades = {}
