@@ -123,10 +123,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.hdrs = []
         self.max_flat = 2 * max_headers  # (a chunked request's trailers: see _over_limit)
         self.headers_done = False
-        # the length of the bytes being parsed, and whether a request head began in earlier bytes:
-        # a head within one read no longer than max_header_bytes needs no size check
-        self.feed_len = 0
-        self.split_head = False
+        # the bytes being parsed, and a head begun in earlier ones (one read <= max_header_bytes bounds it)
+        self.feed_len = self.split_head = 0
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
@@ -329,8 +327,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         raw = self.hdrs
         url = self.url
         if raw:
-            if self.split_head or self.feed_len > self.max_header_bytes:
-                # (else the head came in one read no longer than the bound)
+            if self.split_head or self.feed_len > self.max_header_bytes:  # (else one short read held it)
                 self.split_head = False
                 if len(url) + sum(map(len, raw)) > self.max_header_bytes:
                     raise ProtocolError(431, "http1.headers_too_large")
