@@ -73,7 +73,8 @@ LAYERS = (
     ("protocol", (  # transports and TLS, codecs (they speak only protocol), the HTTP filter API, xDS wire
         "pyproxy.transport", "pyproxy.tls", "pyproxy.http.headers", "pyproxy.http.http_date", "pyproxy.http.path_norm",
         "pyproxy.http.filter", "pyproxy.http.http1*", "pyproxy.http.http2*", "pyproxy.http.h2*",
-        "pyproxy.http.hpack*", "pyproxy.http.codec", "pyproxy.http.authority", "pyproxy.xds_client")),
+        "pyproxy.http.hpack*", "pyproxy.http.codec", "pyproxy.http.authority", "pyproxy.http.grpc_timeout",
+        "pyproxy.xds_client")),
     ("data", (  # what a stream goes through: routes, HTTP filters, clusters (LB, pools), logs, tracers
         "pyproxy.routing", "pyproxy.filters", "pyproxy.cluster", "pyproxy.access_log",
         "pyproxy.tracing")),

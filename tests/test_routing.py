@@ -42,10 +42,17 @@ def test_defaults_and_timeouts():
                   " max_stream_duration: {max_stream_duration: 3s, grpc_timeout_header_max: 0s}}\n")
     e = t.find(req())
     assert e.timeout == 0 and e.idle_timeout == 2.5
-    assert e.max_stream_duration == 3 and e.grpc_timeout_header_max == 0
-    # istio's deprecated max_grpc_timeout
+    assert e.max_stream_duration == 3 and e.grpc_timeout_header_max == 0 and e.new_timeouts
+    assert e.max_grpc_timeout is None and e.duration
+    # istio's deprecated max_grpc_timeout: the router's timeout
     t = one_route("  - match: {prefix: /}\n    route: {cluster: c, max_grpc_timeout: 0s}\n")
-    assert t.find(req()).grpc_timeout_header_max == 0
+    e = t.find(req())
+    assert e.max_grpc_timeout == 0 and e.grpc_timeout_header_max is None and not e.new_timeouts
+    # with a max_stream_duration block the route timeout is not read (Envoy's usingNewTimeouts)
+    t = one_route("  - match: {prefix: /}\n    route: {cluster: c, timeout: 5s, max_grpc_timeout: 1s,"
+                  " max_stream_duration: {grpc_timeout_header_max: 1.5s}}\n")
+    e = t.find(req())
+    assert e.timeout == 0 and e.max_grpc_timeout is None and e.grpc_timeout_header_max == 1500
 
 
 def test_weighted_clusters_and_choice_headers():

@@ -133,8 +133,8 @@ class ActiveStream(FirstAttempt):
             else:  # (refresh_route)
                 route = self.route = table.find(headers, si, _urand(32))
         si.route_name = route.name if route is not None else ""
-        if route is not None and (route.max_stream_duration or cfg.max_stream_duration):
-            route_duration(self, route.max_stream_duration)  # (the route's replaces the HCM's)
+        if route is not None and (route.duration or cfg.max_stream_duration):
+            route_duration(self, route, headers)  # (the route's replaces the HCM's)
         d = cfg.prep.decorate
         if d:
             self.caller_op = decorate(d, route, headers, self.quiet)
@@ -539,7 +539,7 @@ class ActiveStream(FirstAttempt):
         else:
             done = self.remote_complete  # (as on_idle_timeout)
             self.send_local_reply(504 if done else 408, "downstream duration timeout", "max_duration_timeout",
-                                  close=not done)
+                                  close=not done, grpc_status=4)  # (DEADLINE_EXCEEDED)
 
     # -- completion ------------------------------------------------------------------------------------
     def _finish(self, reset: bool = False) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from .grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from ..stream_info import ResponseFlags as _ResponseFlags, StreamInfo
 
 
@@ -119,16 +120,43 @@ def make_stream_info(s):
     return si
 
 
-def route_duration(stream, msd) -> None:
-    """The matched route's ``max_stream_duration`` (RouteAction.max_stream_duration) in place of
-    the HCM's, as Envoy's ``refreshDurationTimeout``: None keeps the HCM's timer; 0 turns it off;
-    otherwise the stream may last that long from its start (a timer for what is left)."""
-    if msd is None:
-        return
+def route_duration(stream, route, headers) -> None:
+    """The stream's duration timer once its route is known, as Envoy's ``refreshDurationTimeout``:
+    on a route whose ``max_stream_duration`` sets ``grpc_timeout_header_max``, a gRPC request's
+    ``grpc-timeout`` (capped by it unless 0, less ``grpc_timeout_header_offset``); otherwise the
+    route's ``max_stream_duration`` (0: none), else the HCM's. The stream may last that long from
+    its start (a timer for what is left). On such a route (``RouteEntry.new_timeouts``) a gRPC
+    request's ``grpc-timeout`` then says the time the stream has; when the route turns off a
+    running HCM timer, the header goes. (A non-gRPC request's ``grpc-timeout`` is not read here,
+    though Envoy's would arm the timer: a bodiless one may be served inline, without timers.)"""
+    grpc = route.new_timeouts and (headers.get("content-type") or "").startswith("application/grpc")
+    ms = None
+    if grpc and route.grpc_timeout_header_max is not None:
+        ms = grpc_timeout_ms(headers.get("grpc-timeout"))
+        if ms is not None:
+            cap = route.grpc_timeout_header_max
+            if cap and ms > cap:
+                ms = cap
+            off = route.grpc_timeout_header_offset
+            if ms and off is not None:
+                ms = ms - off if off < ms else 0
+    if ms is None:
+        msd = route.max_stream_duration
+        if msd is None:
+            msd = stream.cfg.max_stream_duration
+            if not route.new_timeouts:
+                return  # (the HCM's timer, armed as the stream began, runs on)
+        if msd:
+            ms = int(round(msd * 1000))
     t = stream.max_duration_timer
     if t is not None:
         t.cancel()
         stream.max_duration_timer = None
-    if msd:
-        left = msd - (time.monotonic() - stream.t0)
-        stream.max_duration_timer = stream.cfg.loop.call_later(max(0.0, left), stream._max_duration)
+    if ms is None:
+        if t is not None and grpc:
+            headers.remove("grpc-timeout")
+        return
+    if grpc:
+        headers.set("grpc-timeout", to_grpc_timeout(ms))
+    left = ms / 1000.0 - (time.monotonic() - stream.t0)
+    stream.max_duration_timer = stream.cfg.loop.call_later(max(0.0, left), stream._max_duration)

@@ -28,8 +28,10 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   retry state made.
 - ``grpc_router``: a gRPC request on the route takes the router filter from the start
   (``http/first_attempt.py chain_is_inert``): the retry policy retries gRPC statuses, or the route
-  reads the ``grpc-timeout`` header (``max_grpc_timeout``, ``grpc_timeout_offset``; Istio sets
-  ``max_grpc_timeout: 0s`` on every route). Other requests on such a route stay on the compiled path.
+  reads the ``grpc-timeout`` header (``max_grpc_timeout``, the router's timeout; Istio sets
+  ``max_grpc_timeout: 0s`` on its outbound routes; or ``max_stream_duration.grpc_timeout_header_max``,
+  the stream's duration timer, on its inbound routes). Other requests on such a route stay on the
+  compiled path.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def plan_route(e) -> None:
     retry = e.retry
     e.retry_codes = retry_codes(retry) if e.kind == 0 else None
     e.grpc_router = bool(e.retry_codes is not None and retry.grpc_codes) or (
-        e.kind == 0 and (e.grpc_timeout_header_max is not None or e.grpc_timeout_header_offset is not None))
+        e.kind == 0 and (e.max_grpc_timeout is not None or e.grpc_timeout_header_max is not None))
     e.fast_rewrites = bool(
         e.prefix_rewrite is not None or e.regex_rewrite is not None or e.host_rewrite_literal
         or e.host_rewrite_header or e.host_rewrite_path_regex is not None)

@@ -211,18 +211,29 @@ def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None
         raise ConfigError("host rewrite '%s' is not supported" % hw, field + "." + hw)
     e.append_x_forwarded_host = a.append_x_forwarded_host
     # timeouts
-    e.timeout = duration_s(a, "timeout", DEFAULT_TIMEOUT)
     e.idle_timeout = duration_s(a, "idle_timeout", None)
+    # Two timeout models, as Envoy's (``usingNewTimeouts``): with a ``max_stream_duration`` block
+    # the route has no router timeout (``timeout``, ``max_grpc_timeout`` and
+    # ``grpc_timeout_offset`` are not read) and ``grpc-timeout`` sets the stream's duration timer
+    # (stream_parts.py route_duration: 504 / DEADLINE_EXCEEDED, max_duration_timeout); without
+    # it, ``max_grpc_timeout`` makes ``grpc-timeout`` the router's timeout (504 / UNAVAILABLE, UT)
     e.max_stream_duration = None
-    e.grpc_timeout_header_max = duration_s(a, "max_grpc_timeout", None)
-    e.grpc_timeout_header_offset = duration_s(a, "grpc_timeout_offset", None)
+    e.grpc_timeout_header_max = e.grpc_timeout_header_offset = None
+    e.max_grpc_timeout = e.grpc_timeout_offset = None
     if a.HasField("max_stream_duration"):
+        e.timeout = 0.0
         msd = a.max_stream_duration
         e.max_stream_duration = duration_s(msd, "max_stream_duration", None)
-        if msd.HasField("grpc_timeout_header_max"):
-            e.grpc_timeout_header_max = duration_s(msd, "grpc_timeout_header_max", None)
-        if msd.HasField("grpc_timeout_header_offset"):
-            e.grpc_timeout_header_offset = duration_s(msd, "grpc_timeout_header_offset", None)
+        e.grpc_timeout_header_max = _ms(msd, "grpc_timeout_header_max")
+        e.grpc_timeout_header_offset = _ms(msd, "grpc_timeout_header_offset")
+        e.new_timeouts = True
+    else:
+        e.timeout = duration_s(a, "timeout", DEFAULT_TIMEOUT)
+        e.max_grpc_timeout = _ms(a, "max_grpc_timeout")
+        e.grpc_timeout_offset = _ms(a, "grpc_timeout_offset")
+        e.new_timeouts = False
+    # whether the stream's duration timer depends on the route (besides the HCM's)
+    e.duration = bool(e.max_stream_duration) or e.grpc_timeout_header_max is not None
     # policies
     if a.HasField("retry_policy"):
         e.retry = compile_retry_policy(a.retry_policy, field + ".retry_policy")
@@ -245,6 +256,14 @@ def _compile_action(e: RouteEntry, a, vh_retry, field: str, parent_tpfc) -> None
             _compile_mirror(p, "%s.request_mirror_policies[%d]" % (field, i))
             for i, p in enumerate(a.request_mirror_policies))
     e.priority = a.priority
+
+
+def _ms(msg, field: str) -> int | None:
+    """A Duration field in whole milliseconds (Envoy's ``PROTOBUF_GET_MS``), None when unset."""
+    if not msg.HasField(field):
+        return None
+    d = getattr(msg, field)
+    return d.seconds * 1000 + d.nanos // 1000000
 
 
 def _compile_mirror(p, field: str) -> MirrorPolicy:
@@ -371,8 +390,9 @@ def compile_route(r, vh, index: int, ctx) -> RouteEntry:
     e.include_vh_rate_limits = False
     e.hash_policies = ()
     e.max_stream_duration = None
-    e.grpc_timeout_header_max = None
-    e.grpc_timeout_header_offset = None
+    e.grpc_timeout_header_max = e.grpc_timeout_header_offset = None
+    e.max_grpc_timeout = e.grpc_timeout_offset = None
+    e.new_timeouts = e.duration = False
     e.prefix_rewrite = None
     e.regex_rewrite = None
     e.host_rewrite_literal = ""

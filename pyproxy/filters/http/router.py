@@ -29,8 +29,8 @@ from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from . import router_control
-from .router_control import parse_grpc_timeout
-from .router_retry import R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry
+from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
+                           legacy_grpc_timeout)
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
@@ -126,11 +126,8 @@ class Router(RetryState):
         # ran before any filter)
         timeout = route.timeout
         self.grpc = (headers.get("content-type") or "").startswith("application/grpc")
-        gmax = route.grpc_timeout_header_max
-        if gmax is not None and self.grpc:
-            gt = parse_grpc_timeout(headers.get("grpc-timeout"))
-            if gt is not None:
-                timeout = gt if not gmax else min(gt, gmax)
+        if route.max_grpc_timeout is not None and self.grpc:
+            timeout = legacy_grpc_timeout(route, headers)
         ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
         if ctl is None:
             self.timeout = timeout

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from envoy.config.route.v3 import route_components_pb2
 
+from ...http.grpc_timeout import to_grpc_timeout
 from ...routing.matchers import compile_header_matcher
 from ...routing.policies import GRPC_RETRY_ON, HTTP_RETRY_ON, RetryPolicy, compile_retry_policy, parse_retry_on
 from .router_steps import finalize_request
@@ -96,6 +97,8 @@ def apply(router, route, headers, timeout: float, ctl: dict, si, choice):
         headers.set(EXPECTED, str(expected))
     elif client_expected is not None:
         headers.set(EXPECTED, client_expected)  # (Envoy leaves the client's in place)
+    if expected and router.grpc and route.max_grpc_timeout is not None:
+        headers.set("grpc-timeout", to_grpc_timeout(expected))  # (as setTimeoutHeaders)
     router.timeout = timeout = glob / 1000.0
     finalize_request(route, headers, 0, cfg.suppress_envoy_headers, si, choice)
     # the retry state
@@ -146,18 +149,3 @@ def timeout_reply(router, details: str) -> tuple:
     if ctl is not None and ALT_RESPONSE in ctl:
         return 204, "", details, "UT"
     return 504, "upstream request timeout", details, "UT"
-
-
-def parse_grpc_timeout(v):
-    """A ``grpc-timeout`` value in seconds, or None."""
-    if not v:
-        return None
-    try:
-        n = int(v[:-1])
-    except ValueError:
-        return None
-    unit = v[-1]
-    mult = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}.get(unit)
-    if mult is None:
-        return None
-    return n * mult

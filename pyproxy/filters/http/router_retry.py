@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from ...cluster.outlier import put_response
+from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
 from .router_steps import retries_reset
 
 # a retry decision (Envoy's RetryStatus)
@@ -35,6 +36,25 @@ def expected_timeout(route, timeout: float) -> float:
     rp = route.retry
     pt = rp.per_try_timeout if rp is not None and not route.hedge_on_per_try_timeout else 0.0
     return pt if pt and (not timeout or pt < timeout) else timeout
+
+
+def legacy_grpc_timeout(route, headers) -> float:
+    """A gRPC request's timeout on a route with ``max_grpc_timeout`` (Envoy's ``finalTimeout``):
+    its ``grpc-timeout`` (none: no limit) less ``grpc_timeout_offset`` when that leaves some time,
+    capped at ``max_grpc_timeout`` (0: no cap); the header then announces what the upstream gets
+    (the per-try timeout when shorter, as ``x-envoy-expected-rq-timeout-ms``)."""
+    ms = grpc_timeout_ms(headers.get("grpc-timeout")) or 0
+    off = route.grpc_timeout_offset
+    if off is not None and off < ms:
+        ms -= off
+    cap = route.max_grpc_timeout
+    if cap and (not ms or ms > cap):
+        ms = cap
+    timeout = ms / 1000.0
+    exp = expected_timeout(route, timeout)
+    if exp:
+        headers.set("grpc-timeout", to_grpc_timeout(int(round(exp * 1000))))
+    return timeout
 
 
 class RetryState:
@@ -64,7 +84,10 @@ class RetryState:
         if route.include_is_timeout_retry_header:
             h.set("x-envoy-is-timeout-retry", "true" if self.timeout_retry else "false")
         self.timeout_retry = False
-        if self.cfg.suppress_envoy_headers:
+        sup = self.cfg.suppress_envoy_headers
+        # (on a route with max_grpc_timeout a gRPC request's grpc-timeout says the same)
+        gt = self.grpc and route.max_grpc_timeout is not None
+        if sup and not gt:
             return
         glob = int(self.timeout * 1000) if self.timeout else 0
         rp = self.retry
@@ -79,7 +102,10 @@ class RetryState:
             # (the route timeout runs from the request's completion: the deadline is then + timeout)
             elapsed = int((self.cfg.loop.time() - (d - self.timeout)) * 1000)
             exp = 1 if elapsed >= glob else min(exp, glob - elapsed)
-        h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if not sup:
+            h.set("x-envoy-expected-rq-timeout-ms", str(exp))
+        if gt:
+            h.set("grpc-timeout", to_grpc_timeout(exp))
 
     def _retry_outcome(self, would_retry: bool) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
