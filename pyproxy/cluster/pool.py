@@ -351,9 +351,9 @@ class Http1Pool(PoolBase):
             if c.cx_total_active >= c.max_connections:
                 c.st_cx_overflow.value += 1
                 if self.active + len(self.idle) + self.connecting == 0:
-                    # nothing will ever free up for this request
-                    self._fail_pending(p, OVERFLOW, "UO")
-                    return None
+                    # a pool without a connection opens one at the cluster's limit too (Envoy's
+                    # tryCreateNewConnection: else nothing would ever serve its queue)
+                    self._connect()
             else:
                 self._connect()
         return p
@@ -413,7 +413,8 @@ class Http1Pool(PoolBase):
                 c.st_pending_failure_eject.value += 1
                 p.cb.on_pool_failure(reason, "UF", self.host)
                 break
-        if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:
+        if self.pending and self.connecting < len(self.pending) and (
+                c.cx_total_active < c.max_connections or self.active + len(self.idle) + self.connecting == 0):
             self._connect()
 
     def _on_idle_or_pending(self, conn):
@@ -473,7 +474,8 @@ class Http1Pool(PoolBase):
             self.idle.remove(conn)
         except ValueError:
             pass
-        if self.pending and self.connecting < len(self.pending) and c.cx_total_active < c.max_connections:
+        if self.pending and self.connecting < len(self.pending) and (
+                c.cx_total_active < c.max_connections or self.active + len(self.idle) + self.connecting == 0):
             self._connect()
 
     def drain(self) -> None:

@@ -43,7 +43,8 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
     SETTINGS timers; the protocol is ``Http2ClientCodec``'s."""
 
     __slots__ = ("pool", "host", "transport", "h2", "streams", "bound", "closed", "write_paused",
-                 "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "flush_handle",
+                 "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "idle_since",
+                 "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
                  "extended_connect", "tx_counter", "max_requests", "is_tls")
 
@@ -56,7 +57,8 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self._init_codec(opts, cluster.buffer_limit, cluster.st_cx_tx_bytes)
         self.bound = 0  # streams holding a slot (with or without headers sent)
         self.requests = 0
-        self.idle_handle = None
+        self.idle_handle = None  # the idle timer, left armed while streams come and go (see Http2Pool._idle)
+        self.idle_since = 0.0  # when the last stream ended
         self.local_address = ""
         self.draining = False
         self.max_streams = opts.max_concurrent_streams
@@ -225,8 +227,7 @@ class Http2Pool(PoolBase):
             if c.cx_total_active >= c.max_connections:
                 c.st_cx_overflow.value += 1
                 if not self.conns:
-                    self._fail_pending(p, OVERFLOW, "UO")
-                    return None
+                    self._connect()  # (a pool without a connection opens one at the limit too, as Envoy's)
             else:
                 self._connect()
         return p
@@ -274,9 +275,7 @@ class Http2Pool(PoolBase):
         cb.on_pool_failure(OVERFLOW, "UO", self.host)
 
     def _bind(self, conn, s):
-        if conn.idle_handle is not None:
-            conn.idle_handle.cancel()
-            conn.idle_handle = None
+        # (an armed idle timer stays: it finds the connection busy, see _idle)
         conn.bound += 1
         conn.requests += 1
         s.conn = conn  # (``conn.attach(s)``)
@@ -305,6 +304,8 @@ class Http2Pool(PoolBase):
                 self._connect()
             elif not any(cn.capacity() > 0 for cn in self.conns):
                 c.st_cx_overflow.value += 1
+                if not self.conns:
+                    self._connect()
 
     def _dispatch(self) -> None:
         """Hand queued requests to connections with free slots."""
@@ -412,15 +413,26 @@ class Http2Pool(PoolBase):
                     self._connect()
 
     def _idle(self, conn) -> None:
+        """The connection's last stream ended: it closes after ``idle_timeout`` without streams.
+        The timer is not cancelled when a stream comes (a busy connection would create and cancel
+        one per request): when it fires, a busy connection is left alone, and one that went
+        idle again meanwhile waits out the rest of its own idle time."""
         it = self.cluster.idle_timeout
-        if it and conn.idle_handle is None and not conn.closed:
-            conn.idle_handle = self.loop.call_later(it, self._idle_close, conn)
+        if it and not conn.closed:
+            conn.idle_since = self.loop.time()
+            if conn.idle_handle is None:
+                conn.idle_handle = self.loop.call_later(it, self._idle_close, conn)
 
     def _idle_close(self, conn) -> None:
         conn.idle_handle = None
-        if not conn.bound:
-            conn.close(None)
-            self._remove(conn)
+        if conn.bound or conn.closed:
+            return  # busy: the next time it goes idle arms the timer again
+        left = conn.idle_since + self.cluster.idle_timeout - self.loop.time()
+        if left > 0.001:
+            conn.idle_handle = self.loop.call_later(left, self._idle_close, conn)
+            return
+        conn.close(None)
+        self._remove(conn)
 
     def _remove(self, conn, keep_counted: bool = False) -> None:
         try:
@@ -443,7 +455,7 @@ class Http2Pool(PoolBase):
         if self.pending and self.connecting == 0 and not self.draining:
             if any(cn.capacity() > 0 for cn in self.conns):
                 self._dispatch()
-            elif self.cluster.cx_total_active < self.cluster.max_connections:
+            elif self.cluster.cx_total_active < self.cluster.max_connections or not self.conns:
                 self._connect()
 
     def drain(self) -> None:

@@ -33,8 +33,9 @@ from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_RESET, EV_RESPONSE, EV_SETTINGS, EV_TRAILERS, EV_WINDOW,
                         EVENT_KIND, new_h2)
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, response_fields, to_h2
-from .h2_stream import OutStream, flush_blocked, window_opened
+from .h2_stream import _NO_PENDING, OutStream, flush_blocked, window_opened
 from .h2engine import H2Engine
+from .h2engine_frames import STREAM_SLOTS, detached_stream
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.pool")
@@ -49,16 +50,26 @@ TERMINATED = "connection termination"
 class H2ClientStream(OutStream):
     """One request on an upstream HTTP/2 connection: the encoder the router writes to."""
 
-    __slots__ = ("conn", "sid", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
+    # (with the lean engine's own state of the stream, ``STREAM_SLOTS``: ``send_request`` keeps it here)
+    __slots__ = ("conn", "cb", "pending", "pending_bytes", "pending_end", "pending_trailers",
                  "above", "read_off", "unacked", "replay", "replay_bytes", "response_started",
                  "remote_ended", "local_ended", "closed", "cancelled", "headers_sent", "upgrade", "rule",
-                 "body_left", "is_tls")
+                 "body_left", "is_tls") + STREAM_SLOTS
 
     def __init__(self, cb):
         self.conn = None
         self.sid = 0
         self.cb = cb
-        self._init_out()
+        # (``_init_out``, inlined: one call less per request)
+        self.pending = _NO_PENDING
+        self.pending_bytes = 0
+        self.pending_end = False
+        self.pending_trailers = None
+        self.above = False
+        self.read_off = 0
+        self.unacked = 0
+        self.local_ended = False
+        self.closed = False
         self.replay = []
         self.replay_bytes = 0
         self.response_started = False
@@ -93,7 +104,7 @@ class H2ClientStream(OutStream):
             fields = self._extended_connect(fields)
         self.rule = _BODY_RULES.get(fields[0])  # (a HEAD's response has no body, a CONNECT's is a tunnel)
         if c.lean:
-            sid = self.sid = h.send_request(fields, end_stream)
+            sid = self.sid = h.send_request(fields, end_stream, self)
             c.streams[sid] = self
         else:
             sid = self.sid = h.get_next_available_stream_id()
@@ -457,6 +468,10 @@ class Http2ClientCodec:
         for sid, s in sorted(self.streams.items()):
             if sid > last:
                 if s.can_replay():
+                    if self.h2.streams.get(sid) is s:
+                        # ``s`` moves to another connection: this engine keeps its state of the
+                        # stream as it was, on an object of its own
+                        self.h2.streams[sid] = detached_stream(s)
                     self._replay_elsewhere(s)
                 else:
                     s._release_watermark()

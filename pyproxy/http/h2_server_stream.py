@@ -10,7 +10,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from .h2_headers import to_h2
-from .h2_stream import OutStream
+from .h2_stream import _NO_PENDING, OutStream
+from .h2engine_frames import STREAM_SLOTS
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.http2")
@@ -19,16 +20,28 @@ log = logging.getLogger("pyproxy.http2")
 class H2ServerStream(OutStream):
     """One request stream: the encoder ``ActiveStream`` writes its response through."""
 
-    __slots__ = ("conn", "sid", "stream", "remote_ended", "local_ended", "closed", "pending",
+    # (with the lean engine's own state of the stream: ``STREAM_SLOTS``, set by the engine)
+    __slots__ = ("conn", "stream", "remote_ended", "local_ended", "closed", "pending",
                  "pending_bytes", "pending_end", "pending_trailers", "above", "read_off", "unacked",
-                 "start", "drain_close", "response_close", "tunnel", "body_left")
+                 "start", "drain_close", "response_close", "tunnel", "body_left") + STREAM_SLOTS
 
     def __init__(self, conn, sid, now, remote_ended: bool, tunnel: int):
+        """The codec's state; with the lean engine, set on the object the engine made for the
+        stream (``Http2ServerCodec._on_request``)."""
         self.conn = conn
         self.sid = sid
         self.stream = None
         self.remote_ended = remote_ended
-        self._init_out()
+        # (``_init_out``, inlined: one call less per request)
+        self.pending = _NO_PENDING
+        self.pending_bytes = 0
+        self.pending_end = False
+        self.pending_trailers = None
+        self.above = False
+        self.read_off = 0
+        self.unacked = 0
+        self.local_ended = False
+        self.closed = False
         self.start = now
         # (``drain_close`` / ``response_close`` are only ever set on this encoder, never read)
         self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close

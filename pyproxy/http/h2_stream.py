@@ -29,22 +29,13 @@ class OutStream:
     """Outbound DATA of one stream: what the peer's window (or our transport) cannot take yet.
 
     Subclasses provide ``conn`` (with ``h2``, ``write_paused``, ``blocked``), ``sid`` and
-    ``_ended()``/``_watermark(above)``.
+    ``_ended()``/``_watermark(above)``, and set this state in their ``__init__`` (inline: one
+    call less per request): ``pending = _NO_PENDING`` (a deque once something has to wait),
+    ``pending_bytes = 0``, ``pending_end = False``, ``pending_trailers = None``, ``above = False``,
+    ``read_off = 0``, ``unacked = 0``, ``local_ended = False``, ``closed = False``.
     """
 
     __slots__ = ()
-
-    def _init_out(self) -> None:
-        """Empty outbound buffer and flow-control state (at creation)."""
-        self.pending = _NO_PENDING  # a deque once something has to wait
-        self.pending_bytes = 0
-        self.pending_end = False
-        self.pending_trailers = None
-        self.above = False
-        self.read_off = 0
-        self.unacked = 0
-        self.local_ended = False
-        self.closed = False
 
     def _close_out(self) -> bool:
         """The stream is over: drop what still waits to be sent. False if it already was over."""

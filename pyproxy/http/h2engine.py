@@ -63,7 +63,7 @@ class H2Engine(FrameReceiver):
                  "seen_settings", "out_window", "in_window", "in_max", "unacked", "cont", "pending_settings",
                  "max_in_frame", "goaway_sent", "goaway_received", "dead", "n_out", "n_in", "max_block",
                  "peer_odd", "initial", "closed_floor", "split_ends",
-                 "rst_seen", "data_sent", "wu_in", "wu_cap", "wu_over")
+                 "rst_seen", "data_sent", "wu_in", "wu_cap", "wu_over", "stream_cls")
 
     def __init__(self, client_side: bool, settings=None, max_block: int = 0):
         self.client_side = client_side
@@ -107,6 +107,10 @@ class H2Engine(FrameReceiver):
         self.wu_cap = WU_NO_BOUND
         self.wu_over = None
         self.max_block = max_block or max(64 * 1024, 2 * (self.local_settings.max_header_list_size or 0))
+        # the class of the streams the peer opens (``_header_block``): the server codec sets its
+        # own stream class (which declares ``STREAM_SLOTS``) and takes the object over with the
+        # request event (its fourth item)
+        self.stream_cls = _Stream
 
     # -- h2-compatible read-only views ------------------------------------------------------------
     @property
@@ -218,9 +222,11 @@ class H2Engine(FrameReceiver):
         if end_stream:
             self._local_end(s)
 
-    def send_request(self, headers, end_stream: bool) -> int:
+    def send_request(self, headers, end_stream: bool, s=None) -> int:
         """Client side: open the next stream with ``headers`` (``get_next_available_stream_id`` +
-        ``send_headers`` in one step); returns its id. Not in ``h2``'s API."""
+        ``send_headers`` in one step); returns its id. ``s``: the caller's stream object, which
+        declares ``STREAM_SLOTS``, to keep the stream's state on (else a ``_Stream``). Not in
+        ``h2``'s API."""
         sid = self.highest_outbound_stream_id + 2 if self.highest_outbound_stream_id else 1
         if (sid > MAX_STREAM_ID or not self.client_side or self.goaway_received or self.goaway_sent
                 or self.n_out >= self.remote_settings.max_concurrent_streams):
@@ -228,8 +234,17 @@ class H2Engine(FrameReceiver):
             self.send_headers(sid, headers, end_stream)  # raises what h2 would
             return sid
         self.highest_outbound_stream_id = sid
-        s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
-                                        self.local_settings.initial_window_size)
+        if s is None:
+            s = _Stream(sid, self.remote_settings.initial_window_size, self.local_settings.initial_window_size)
+        else:
+            # (``_Stream.__init__`` on the caller's object)
+            s.sid = sid
+            s.lopen = s.ropen = True
+            s.out_window = self.remote_settings.initial_window_size
+            s.in_window = s.in_max = self.local_settings.initial_window_size
+            s.wu_due = 0
+            s.got_headers = False
+        self.streams[sid] = s
         self.n_out += 1
         block = self.encoder.encode(headers)
         n = len(block)
@@ -385,17 +400,17 @@ class H2Engine(FrameReceiver):
             self.unacked = u
         s = self.streams.get(stream_id)
         if s is not None and s.ropen:
-            u = s.unacked + acknowledged_size
+            u = s.wu_due + acknowledged_size
             w = s.in_window
             m = s.in_max
             if u >= m >> 1 or (w == 0 and u > 1024):
                 inc = u if w + u <= m else m - w
-                s.unacked = 0
+                s.wu_due = 0
                 if inc > 0:
                     s.in_window = w + inc
                     self.out.append(_pack_hdr(4 << 8 | WINDOW_UPDATE, 0, stream_id) + _U32.pack(inc))
             else:
-                s.unacked = u
+                s.wu_due = u
 
     def increment_flow_control_window(self, increment: int, stream_id=None) -> None:
         """Grant the peer ``increment`` more bytes at once (and raise the window's size)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 # Event kinds (``h2_common.EVENT_KIND`` maps either engine's classes to them). In codec mode
 # (``H2Engine.split_ends`` False) the lean engine reports its hot events as plain tuples
 # ``(kind, stream id, data or header fields, flow-controlled length, end of stream?)`` for
-# EV_REQUEST / EV_RESPONSE / EV_TRAILERS / EV_DATA: no event object is made per frame.
+# EV_REQUEST / EV_RESPONSE / EV_TRAILERS / EV_DATA: no event object is made per frame (an
+# EV_REQUEST's fourth item is the new stream's object, of the engine's ``stream_cls``).
 (EV_REQUEST, EV_RESPONSE, EV_DATA, EV_TRAILERS, EV_ENDED, EV_RESET, EV_WINDOW, EV_SETTINGS, EV_PING, EV_PING_ACK,
  EV_GOAWAY, EV_PRIORITY, EV_SETTINGS_ACK, EV_INFO) = range(14)
 

@@ -109,8 +109,16 @@ class Settings:
         return int(code) in self._ATTR
 
 
+# The engine's state of one stream. The codecs' own stream classes declare these slots too, so
+# that the engine keeps its state on their objects (``H2Engine.stream_cls``, ``send_request``'s
+# ``s``): one object per stream and side instead of two. Where a stream is opened on the hot
+# path, ``_Stream.__init__`` is written out inline (see ``h2engine.send_request`` and
+# ``h2engine_recv._header_block``).
+STREAM_SLOTS = ("sid", "lopen", "ropen", "out_window", "in_window", "in_max", "wu_due", "got_headers")
+
+
 class _Stream:
-    __slots__ = ("sid", "lopen", "ropen", "out_window", "in_window", "in_max", "unacked", "got_headers")
+    __slots__ = STREAM_SLOTS
 
     def __init__(self, sid, out_window, in_window):
         self.sid = sid
@@ -119,5 +127,14 @@ class _Stream:
         self.out_window = out_window
         self.in_window = in_window
         self.in_max = in_window
-        self.unacked = 0  # bytes the application consumed, not yet credited back
+        self.wu_due = 0  # bytes the application consumed, not yet credited back (WINDOW_UPDATE)
         self.got_headers = False  # the request (server) / final response (client) arrived
+
+
+def detached_stream(s) -> _Stream:
+    """A ``_Stream`` with the engine's state of ``s`` (a codec's stream object that leaves the
+    connection, e.g. a request replayed elsewhere)."""
+    d = _Stream.__new__(_Stream)
+    for a in STREAM_SLOTS:
+        setattr(d, a, getattr(s, a))
+    return d

@@ -20,6 +20,9 @@ from .h2engine_frames import (CONTINUATION, DATA, DEFAULT_MAX_FRAME, ENDED, F_AC
                               _Stream, _U32, _code, _conn_error, _pack_hdr, _unpack_hdr, _unpack_u32)
 
 
+_new = object.__new__
+
+
 class FrameReceiver:
     """``receive_data`` and the per-frame-type handlers; the state lives on ``H2Engine``."""
 
@@ -288,12 +291,17 @@ class FrameReceiver:
                 self.out.append(_pack_hdr(4 << 8 | RST_STREAM, 0, sid) + _U32.pack(1))
                 self.closed[sid] = RESET_LOCAL
                 return
-            s = self.streams[sid] = _Stream(sid, self.remote_settings.initial_window_size,
-                                            self.local_settings.initial_window_size)
-            self.n_in += 1
+            # (``_Stream.__init__``, inlined, on an object of the codec's stream class)
+            s = self.streams[sid] = _new(self.stream_cls)
+            s.sid = sid
+            s.lopen = s.ropen = True
+            s.out_window = self.remote_settings.initial_window_size
+            s.in_window = s.in_max = self.local_settings.initial_window_size
+            s.wu_due = 0
             s.got_headers = True
+            self.n_in += 1
             if not self.split_ends:
-                events.append((EV_REQUEST, sid, headers, 0, bool(end)))
+                events.append((EV_REQUEST, sid, headers, s, bool(end)))
                 if end:
                     s.ropen = False
                 return

@@ -83,6 +83,8 @@ class Http2ServerCodec:
         self.max_fields = opts.max_headers + 4  # (pseudo-headers not counted)
         self.h2 = new_h2(False, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
+        if self.lean:
+            self.h2.stream_cls = H2ServerStream  # (the engine's stream state on our stream objects)
         bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
@@ -183,7 +185,7 @@ class Http2ServerCodec:
                     self._on_data(sid, x, n, end)
                 elif t == EV_REQUEST:
                     self.empty_frames = 0
-                    self._on_request(sid, x, end, resets)
+                    self._on_request(sid, x, end, resets, n)
                 else:
                     self.empty_frames = 0
                     self._on_trailers(sid, x)
@@ -259,7 +261,9 @@ class Http2ServerCodec:
         if s.local_ended:
             s._gone()
 
-    def _on_request(self, sid: int, raw, end: bool, resets) -> None:
+    def _on_request(self, sid: int, raw, end: bool, resets, rec=None) -> None:
+        """A request on a new stream; ``rec``: the lean engine's object for it (of our stream
+        class, with the engine's state: ``H2Engine.stream_cls``), which becomes the stream."""
         self.total_streams += 1
         if resets is not None and sid in resets:
             # opened and reset in the same read: never start it (rapid reset)
@@ -281,7 +285,11 @@ class Http2ServerCodec:
             return
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)
-            s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
+            if rec is not None:
+                s = self.streams[sid] = rec
+                rec.__init__(self, sid, self.loop.time(), end, 0)  # (the codec's half of the state)
+            else:
+                s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 0)
             if names is None:  # (a fragment in the path)
                 self.hc.on_request(s, Headers(h), end, "HTTP/2")
                 return
@@ -312,7 +320,11 @@ class Http2ServerCodec:
                 st.rx_messaging_error.value += 1
             self._fatal(ErrorCodes.PROTOCOL_ERROR)
             return
-        s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
+        if rec is not None:
+            s = self.streams[sid] = rec
+            rec.__init__(self, sid, self.loop.time(), end, 1 if tunnel else 0)
+        else:
+            s = self.streams[sid] = H2ServerStream(self, sid, self.loop.time(), end, 1 if tunnel else 0)
         if length is not None and not end:
             s.body_left = length  # DATA is counted against it (see _on_data)
         if expect and not end:
