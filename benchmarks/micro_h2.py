@@ -3,9 +3,9 @@
 The same routed stack as ``micro_h1.py`` (20 routes, the 18th matches and adds a header), with an
 HTTP/2 cluster: an h2c client's frames go in downstream (as h2load sends them: a batch of
 HEADERS frames per read, fully indexed HPACK after the first), the request frames come out
-upstream, the backend's response frames (HEADERS + 1 KB DATA, as nginx sends them) go in
-upstream, and the response frames come out downstream (the codecs flush through ``writebatch``
-at the end of each read). Prints microseconds per request; ``--profile`` prints the top cProfile
+upstream, the backend's response frames (HEADERS + 1 KB DATA, as nginx sends them: literals
+with incremental indexing, ``NginxPeer``) go in upstream, and the response frames come out
+downstream (the codecs flush through ``writebatch`` at the end of each read). Prints microseconds per request; ``--profile`` prints the top cProfile
 entries. Under h2load -c10 -m10 a read carries only a few requests: compare ``--batch 1``.
 
     python3 benchmarks/micro_h2.py [-n 20000] [--batch 10] [--profile | --opcodes [TOP]]
@@ -80,6 +80,34 @@ class Peer:
         return b
 
 
+class NginxPeer:
+    """The HPACK blocks nginx sends as an HTTP/2 backend: every field the static table does not
+    hold whole goes as a literal with incremental indexing under its static name index (one
+    dynamic-table insert per field per response, nothing ever referenced), so the receiver's
+    table moves with every response although the bytes repeat."""
+
+    def __init__(self):
+        from hpack.table import HeaderTable
+        self.full = {kv: i for i, kv in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+        self.name = {kv[0]: i for i, kv in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+        self.memo = {}
+
+    def block(self, headers) -> bytes:
+        b = self.memo.get(id(headers))
+        if b is None:
+            out = bytearray()
+            for k, v in headers:
+                i = self.full.get((k, v))
+                if i is not None:
+                    out.append(0x80 | i)
+                    continue
+                i = self.name[k]  # (nginx's response fields all have a static name)
+                assert i < 63 and len(v) < 127
+                out += bytes((0x40 | i, len(v))) + v
+            b = self.memo[id(headers)] = bytes(out)
+        return b
+
+
 def _decode_headers(data: bytes):
     """The header blocks of the HEADERS frames in ``data`` (one HPACK decoder, in order)."""
     import hpack
@@ -149,7 +177,7 @@ def main(argv=None) -> int:
     loop.run_until_complete(asyncio.sleep(0))
 
     client = Peer()
-    backend = Peer()
+    backend = NginxPeer()
     req = [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"),
            (b":authority", authority), (b"user-agent", b"h2load nghttp2/1.52.0")]
     resp = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sat, 21 Nov 2026 21:00:00 GMT"),

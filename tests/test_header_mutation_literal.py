@@ -69,3 +69,53 @@ def test_finalize_request_uses_the_tail_only_when_the_request_lacks_its_names():
     finalize_request(route, h, route.timeout, False, None, None, True, True)
     assert h._h[4:] == [("user-agent", "t"), ("x-envoy-expected-rq-timeout-ms", "3000"),
                         ("x-o", "route"), ("x-a", "route"), ("x-a", "vhost")]
+
+
+def _tail_applies(route, h, suppress, quiet):
+    """What ``FirstAttempt.begin_first_attempt`` does with ``route.req_tail`` (routing/plan.py
+    request_tail) for a request on the route's own cluster: True when it appended the tail."""
+    t = route.req_tail
+    if t is not None and (quiet or not t[3]) and (t[0] is None or t[0].isdisjoint(k for k, _ in h._h)):
+        h._h += t[2] if suppress else t[1]
+        return True
+    return False
+
+
+def test_request_tail_equals_finalize_request():
+    """The compiled tail leaves the headers ``finalize_request`` leaves, for random routes
+    (literal and overwriting mutations on route and vhost, timeouts, attempt counts, rewrites,
+    formatted values), requests with and without the names, the router's suppress flag on and
+    off, quiet or not."""
+    rnd = random.Random(11)
+    actions = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD", "OVERWRITE_IF_EXISTS")
+    names = NAMES + ("x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count")
+    used = checked = 0
+    for i in range(300):
+        def adds():
+            out = []
+            for _ in range(rnd.randrange(0, 3)):
+                v = rnd.choice(("v1", "v2", "%REQ(x-a)%", ""))
+                out.append("{header: {key: %s, value: '%s'}, append_action: %s}"
+                           % (rnd.choice(names), v, rnd.choice(actions)))
+            return "[" + ", ".join(out) + "]"
+        route_yaml = "  - match: {prefix: /}\n    route: {cluster: c%s%s}\n    request_headers_to_add: %s\n" % (
+            rnd.choice(("", ", timeout: 0s", ", timeout: 2s")),
+            rnd.choice(("", "", ", prefix_rewrite: /x")), adds())
+        if rnd.random() < 0.3:
+            route_yaml += "    request_headers_to_remove: [%s]\n" % rnd.choice(NAMES)
+        vhost = "  request_headers_to_add: %s\n" % adds()
+        if rnd.random() < 0.5:
+            vhost += "  include_request_attempt_count: true\n"
+        route = one_route(route_yaml, vhost_extra=vhost).find(req())
+        for _ in range(4):
+            extra = {n.replace("-", "_"): "req" for n in rnd.sample(names, rnd.randrange(0, 3))}
+            suppress = rnd.random() < 0.3
+            quiet = "x_envoy_attempt_count" not in extra and rnd.random() < 0.8
+            want = req(user_agent="t", **extra)
+            finalize_request(route, want, route.timeout, suppress, None, None, True, quiet)
+            got = req(user_agent="t", **extra)
+            if _tail_applies(route, got, suppress, quiet):
+                used += 1
+                assert got._h == want._h, (route_yaml, vhost, extra, suppress)
+            checked += 1
+    assert used > 100 and checked == 1200

@@ -90,3 +90,43 @@ def test_memoized_blocks_match_hpack_under_a_moving_table():
         got = list(d.decode(block, raw=True))
         assert got == want, (step, block.hex())
         assert [tuple(x) for x in d.dyn] == [tuple(x) for x in ref.header_table.dynamic_entries], step
+
+
+def _size_update(n: int) -> bytes:
+    """A dynamic table size update to ``n`` (RFC 7541 6.3)."""
+    if n < 31:
+        return bytes([0x20 | n])
+    out, n = bytearray([0x3F]), n - 31
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def test_repeated_insert_only_blocks_match_hpack_whatever_the_table_size():
+    """nginx's responses (only inserts under static names) repeated while the table size moves
+    (down to less than one field, so that an insert empties the table), with blocks that
+    reference the table in between: the fields and the table stay those of ``hpack``'s decoder,
+    and so do the entry sizes the decoder keeps beside the table."""
+    import random
+    rnd = random.Random(11)
+    ref = hpack.Decoder()
+    d = FastDecoder(1 << 20)
+    nginx = [b"\x88" + _literal_indexed(54, b"nginx/1.22.1") + _literal_indexed(33, b"Sat, 21 Nov 2026 2%d:00:00 GMT" % i)
+             + _literal_indexed(31, b"text/plain") + _literal_indexed(28, b"1024") for i in range(3)]
+    for step in range(1500):
+        r = rnd.random()
+        if r < 0.7:
+            block = rnd.choice(nginx)
+        elif r < 0.8:
+            block = _size_update(rnd.choice((0, 30, 60, 100, 200, 1000, 4096))) + rnd.choice(nginx)
+        else:  # the newest entries by index, when the table has them
+            n = len(ref.header_table.dynamic_entries)
+            block = bytes(0x80 | (62 + i) for i in range(min(n, 3))) + _literal_indexed(58, b"curl/%d" % step)
+        want = [(bytes(k), bytes(v)) for k, v in ref.decode(block, raw=True)]
+        got = list(d.decode(block, raw=True))
+        assert got == want, (step, block.hex())
+        assert [tuple(x) for x in d.dyn] == [tuple(x) for x in ref.header_table.dynamic_entries], step
+        assert list(d.dyn_n) == [len(k) + len(v) + 32 for k, v in d.dyn], step
+        assert d.dyn_size == sum(d.dyn_n) <= d.max_table, step

@@ -250,6 +250,7 @@ class Cluster:
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
         self.st_rq_retry_limit_exceeded = s.counter("upstream_rq_retry_limit_exceeded")
         self.st_rq_retry_backoff_exponential = s.counter("upstream_rq_retry_backoff_exponential")
+        self.st_rq_retry_backoff_ratelimited = s.counter("upstream_rq_retry_backoff_ratelimited")
         self.st_retry_or_shadow_abandoned = s.counter("retry_or_shadow_abandoned")
         self.st_rq_rx_reset = s.counter("upstream_rq_rx_reset")
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import time
+from operator import itemgetter
 
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
@@ -43,6 +44,7 @@ from . import h1_relay
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
 _rand = random.getrandbits
+_first = itemgetter(0)
 
 
 
@@ -127,16 +129,20 @@ class FirstAttempt:
         self.host = self.encoder_up = self.pending = self.deadline = self.up_head = None
         self.counted = self.up_done = self.response_started = self.local_complete = self.done = False
         self.status = self.tx_head = self.tx_body = 0
-        self.start = 0.0
+        self.start = self.t0  # (the stream's start: request preparation and route lookup just ran)
         self.up_local = ""
         for hook in cfg.request_hooks:  # telemetry filters' request work (ChainPlan)
             hook(self, headers, cluster)
         # (no filter ran: the request preparation removed any timeout header the client sent;
         # a route whose mutations are literal needs no StreamInfo)
         timeout = route.timeout
-        finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,
-                         None if route.inline else self.stream_info, choice, True, self.quiet)
-        self.start = self.t0  # (the stream's start: request preparation and route lookup just ran)
+        t = route.req_tail  # (finalize_request, compiled: routing/plan.py request_tail)
+        if t is not None and choice is None and (self.quiet or not t[3]) and (
+                t[0] is None or t[0].isdisjoint(map(_first, headers._h))):
+            headers._h += t[2] if cfg.router_suppress_envoy_headers else t[1]
+        else:
+            finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,
+                             None if route.inline else self.stream_info, choice, True, self.quiet)
         cluster.rq_active_total += 1
         g = cluster.st_rq_active
         g.value += 1

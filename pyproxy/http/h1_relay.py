@@ -62,7 +62,8 @@ def send_request(s, encoder) -> None:
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
-    """The upstream response head (from ``Http1ClientCodec``): written downstream at once."""
+    """The upstream response head (from ``Http1ClientCodec``: ``raw`` is its ``(name, value)``
+    bytes, names lower-cased): written downstream at once."""
     if s.up_done:
         return
     route = s.route
@@ -71,7 +72,7 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         # (a 101 to a request that asked for no upgrade): the generic encoder decides;
         # (a status the route's retry policy may retry): the router decides
         h = [(":status", str(status))]
-        h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+        h += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         s.on_upstream_headers(Headers(h), end_stream)
         return
     s.cluster.count_response(status, s.host)
@@ -114,8 +115,9 @@ def relay_done(s) -> None:
     whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
+    ms = (now - s.start) * 1000.0  # (the stream's start: begin_first_attempt)
     p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
-    p.append((now - s.start) * 1000.0)
+    p.append(ms)
     if len(p) >= PENDING:
         c.st_rq_time.fold()
     s.up_done = True
@@ -135,7 +137,7 @@ def relay_done(s) -> None:
         pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
     st.rq_completed.value += 1
     p = st.rq_time.pending  # (Histogram.record, inline)
-    p.append((now - s.t0) * 1000.0)
+    p.append(ms)
     if len(p) >= PENDING:
         st.rq_time.fold()
     # (HttpConnection.stream_done, inlined)

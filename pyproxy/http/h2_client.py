@@ -113,7 +113,8 @@ class H2ClientStream(OutStream):
         self.headers_sent = True
         if end_stream:
             self.local_ended = True
-        c.want_flush()
+        if c.flush_handle is None:  # (else queued already: no call)
+            c.want_flush()
 
     def _extended_connect(self, fields) -> list:
         """An HTTP/1.1 upgrade (websocket) as RFC 8441 extended CONNECT, as Envoy sends it to an

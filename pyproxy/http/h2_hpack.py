@@ -198,13 +198,14 @@ class FastDecoder:
     ``HPACKDecodingError``/``InvalidTableIndexError``/``InvalidTableSizeError`` (COMPRESSION_ERROR)
     and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
 
-    __slots__ = ("dyn", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
+    __slots__ = ("dyn", "dyn_n", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
                  "version", "memo_used", "memo_limit")
 
     OP_COST = 128  # bytes one parsed operation and its decoded field hold in the memo, roughly
 
     def __init__(self, max_header_list_size: int):
         self.dyn = collections.deque()  # newest first: (name, value)
+        self.dyn_n = collections.deque()  # each entry's size (RFC 7541 4.1), in step with ``dyn``
         self.dyn_size = 0
         self.max_table = 4096  # the size the peer's encoder uses (its last size update)
         self.max_allowed_table_size = 4096  # our SETTINGS_HEADER_TABLE_SIZE
@@ -227,11 +228,11 @@ class FastDecoder:
         if m is None:
             ops = _hpack_parse(data)
             # [ops, changes the table?, table version of result, result, independent of the table?,
-            #  list size]: a block that references no dynamic-table entry (nginx's responses: static
+            #  list size, its inserts (``_inserts``)]: a block that references no dynamic-table entry (nginx's responses: static
             # names, literal values, each inserted) has the same fields whatever the table holds
             m = [ops, any(op[0] == 2 or (op[0] == 1 and op[4]) for op in ops), -1, None,
-                 all(op[0] == 2 or op[1] <= 61 for op in ops), 0]
-            cost = len(data) + self.OP_COST * len(ops) + 200
+                 all(op[0] == 2 or op[1] <= 61 for op in ops), 0, _inserts(ops)]
+            cost = len(data) + self.OP_COST * len(ops) + 200 + (96 * len(m[6][0]) if m[6] is not None else 0)
             if cost <= self.memo_limit >> 2:
                 used = self.memo_used + cost
                 if used > self.memo_limit:
@@ -243,7 +244,28 @@ class FastDecoder:
             return m[3]  # same block, same table: same fields (already size-checked)
         elif m[4] and m[3] is not None:
             # same fields; only the table effects (inserts, size updates) are applied again
-            self._replay(m[0])
+            ins = m[6]
+            if ins is not None:
+                # (only inserts: nginx's responses) all at once, then the oldest entries evicted:
+                # the same table as inserting and evicting one by one, since either way the table
+                # ends with the newest entries that fit (an entry larger than the table empties
+                # it, and it goes with all older ones here too)
+                dyn = self.dyn
+                dyn_n = self.dyn_n
+                dyn.extendleft(ins[0])
+                dyn_n.extendleft(ins[2])
+                size = self.dyn_size + ins[1]
+                mx = self.max_table
+                if size > mx:
+                    pop = dyn.pop
+                    pop_n = dyn_n.pop
+                    while size > mx:
+                        pop()
+                        size -= pop_n()
+                self.dyn_size = size
+                self.version += 1
+            else:
+                self._replay(m[0])
             if m[5] > self.max_header_list_size:
                 raise OversizedHeaderListError("header list of %d bytes over %d" % (m[5], self.max_header_list_size))
             return m[3]
@@ -318,9 +340,11 @@ class FastDecoder:
         self.version += 1
         if n > self.max_table:
             self.dyn.clear()  # RFC 7541 4.4: an entry larger than the table empties it
+            self.dyn_n.clear()
             self.dyn_size = 0
             return
         self.dyn.appendleft(kv)
+        self.dyn_n.appendleft(n)
         self.dyn_size += n
         if self.dyn_size > self.max_table:
             self._evict()
@@ -328,12 +352,34 @@ class FastDecoder:
     def _evict(self) -> None:
         dyn = self.dyn
         mx = self.max_table
+        pop_n = self.dyn_n.pop
         while self.dyn_size > mx and dyn:
-            kv = dyn.pop()
-            self.dyn_size -= len(kv[0]) + len(kv[1]) + 32
+            dyn.pop()
+            self.dyn_size -= pop_n()
 
 
 _HUFFMAN_MEMO = _HUFF.d
+
+
+def _inserts(ops):
+    """For a block whose only table effects are inserts of fields with a literal or static name
+    (no size update, no dynamic-table reference): (the inserted fields, oldest first; their total
+    table size; their sizes, oldest first), else None."""
+    kvs = []
+    sizes = []
+    total = 0
+    for op in ops:
+        k = op[0]
+        if k == 2 or (k == 0 and op[1] > 61) or (k == 1 and op[1] > 61):
+            return None
+        if k == 1 and op[4]:
+            i = op[1]
+            kv = (op[2] if i == 0 else _STATIC[i - 1][0], op[3])
+            n = len(kv[0]) + len(kv[1]) + 32
+            kvs.append(kv)
+            sizes.append(n)
+            total += n
+    return (tuple(kvs), total, tuple(sizes)) if kvs else None
 
 
 def _hp_read_int(data: bytes, pos: int, bits: int):

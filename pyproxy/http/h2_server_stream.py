@@ -75,7 +75,8 @@ class H2ServerStream(OutStream):
             return
         if end_stream:
             self._ended()
-        conn.want_flush()
+        if conn.flush_handle is None:  # (else queued already: no call)
+            conn.want_flush()
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         if self.closed or self.local_ended:
@@ -101,7 +102,8 @@ class H2ServerStream(OutStream):
         except h2.exceptions.ProtocolError:
             self._gone()
             return
-        conn.want_flush()
+        if conn.flush_handle is None:  # (else queued already: no call)
+            conn.want_flush()
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.closed or self.local_ended:

@@ -13,6 +13,7 @@ from .http1_common import HOP_BY_HOP, ProtocolError, encode_headers_block
 
 _MAX_UPSTREAM_HEAD = 80 * 1024  # bytes of an upstream response head (or of its trailers)
 _JOIN = ": ".join  # (name, value) -> "name: value"
+_CRLF = "\r\n"
 _SERVICE_TIME = "x-envoy-upstream-service-time"
 _first = itemgetter(0)
 
@@ -140,10 +141,10 @@ class Http1ClientCodec:
         method = h[0][1]
         self.head_request = method == "HEAD"
         if len(h) > 4:
-            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n" +
-                    "\r\n".join(map(_JOIN, h[4:])) + "\r\n\r\n").encode("latin-1")
+            head = f"{method} {h[2][1]} HTTP/1.1\r\nhost: {h[3][1]}\r\n{_CRLF.join(map(_JOIN, h[4:]))}\r\n\r\n".encode(
+                "latin-1")
         else:
-            head = (method + " " + h[2][1] + " HTTP/1.1\r\nhost: " + h[3][1] + "\r\n\r\n").encode("latin-1")
+            head = f"{method} {h[2][1]} HTTP/1.1\r\nhost: {h[3][1]}\r\n\r\n".encode("latin-1")
         self.conn.write(head)
         return head
 
@@ -217,8 +218,8 @@ class Http1ClientCodec:
         if self.resp_headers_sent:
             self._trailer(name, value)
             return
-        # kept as bytes: names are lower-cased (and decoded, for a Headers) once the head is complete
-        self.hdrs.append((name, value))
+        # kept as bytes, the name lower-cased (decoded for a Headers once the head is complete)
+        self.hdrs.append((name.lower(), value))
 
     def _trailer(self, name: bytes, value: bytes) -> None:
         """A trailer of a chunked response."""
@@ -286,7 +287,7 @@ class Http1ClientCodec:
                 d.on_upstream_head(status, hdrs, end)
             else:
                 h = [(":status", str(status))]
-                h += [(n.lower().decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
+                h += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in hdrs]
                 if _SERVICE_TIME in map(_first, h):  # (the router adds its own: one, as Envoy)
                     h = [kv for kv in h if kv[0] != _SERVICE_TIME]
                 d.on_upstream_headers(Headers(h), end)

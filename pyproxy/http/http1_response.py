@@ -14,6 +14,8 @@ from .http1_common import (_STATUS_LINES, HOP_BY_HOP, HTTP10, HTTP11, REASONS, P
 # response header names ``relay_head`` handles itself (framing, hop-by-hop, server, date)
 _SERVICE_TIME = b"x-envoy-upstream-service-time"
 _RELAY_OWN = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"server", b"date", _SERVICE_TIME}
+# RelayEdits.kind
+_DROP, _K_LENGTH, _K_DATE, _K_SERVER, _K_REPLACE, _K_TAKE, _K_TE, _K_SERVICE_TIME = range(8)
 
 
 # the framing lines the encoder adds itself (after connection: close, as Envoy's codec)
@@ -37,7 +39,7 @@ class RelayEdits:
     - ``special``: every name ``relay_head`` does not copy as it is (these, its own, framing and
       hop-by-hop)."""
 
-    __slots__ = ("server", "server_mode", "replace", "take", "more", "special")
+    __slots__ = ("server", "server_mode", "replace", "take", "more", "special", "kind")
 
     def __init__(self, server: bytes, server_mode: int, replace: bytes = b"", drop: frozenset = frozenset(),
                  take: frozenset = frozenset(), more=None):
@@ -47,6 +49,14 @@ class RelayEdits:
         self.take = take
         self.more = more
         self.special = _RELAY_OWN | take | drop | ({replace} if replace else frozenset())
+        # what ``relay_head`` does with each special name (_DROP: nothing, the line goes)
+        kind = dict.fromkeys(self.special, _DROP)
+        kind.update({_SERVICE_TIME: _K_SERVICE_TIME, b"transfer-encoding": _K_TE})
+        kind.update(dict.fromkeys(take, _K_TAKE))
+        if replace:
+            kind[replace] = _K_REPLACE
+        kind.update({b"content-length": _K_LENGTH, b"date": _K_DATE, b"server": _K_SERVER})
+        self.kind = kind
 
 
 class Http1ResponseEncoder:
@@ -154,7 +164,7 @@ class Http1ResponseEncoder:
     def relay_head(self, status: int, raw: list, end_stream: bool, edits: RelayEdits, mut, lead: bytes, rep,
                    ctx) -> int:
         """The head of a response relayed from an HTTP/1.1 upstream: ``raw`` is its header lines,
-        ``(name, value)`` bytes as llhttp gave them, copied in order (names lower-cased) but for:
+        ``(name, value)`` bytes as llhttp gave them, names lower-cased, copied in order but for:
         framing and hop-by-hop headers (the first content-length stays in place; the framing
         this head needs goes last, as ``encode_headers`` writes it), ``server`` and ``date``
         (``edits``), the header ``edits.replace`` (``rep``: None passes the upstream's, False
@@ -172,50 +182,47 @@ class Http1ResponseEncoder:
         te = False
         taken = None
         special = edits.special
-        if mut is not None:
-            drop = mut[0]
-            if drop:
-                special = special | drop
-        take = edits.take
-        mode = edits.server_mode
-        replace = edits.replace
+        kind = edits.kind
+        drop = mut[0] if mut is not None else None  # (the caller's removals: not special names)
         for n, v in raw:
-            n = n.lower()
             if n in special:
-                if n == b"content-length":
+                k = kind[n]
+                if not k:
+                    continue  # (hop-by-hop, or a name ``edits`` removes)
+                if k == _K_LENGTH:
                     if cl is None:
                         cl = v
-                        add(b"content-length: " + v + b"\r\n")  # (in place, as Envoy writes it)
-                elif n == b"date":
+                        parts += (b"content-length: ", v, b"\r\n")  # (in place, as Envoy writes it)
+                elif k == _K_DATE:
                     date = True
-                    add(b"date: " + v + b"\r\n")
-                elif n == b"server":
-                    if mode:
-                        add(b"server: " + v + b"\r\n")
+                    parts += (b"date: ", v, b"\r\n")
+                elif k == _K_SERVER:
+                    if edits.server_mode:
+                        parts += (b"server: ", v, b"\r\n")
                     elif not server:
                         add(edits.server)
                     server = True
-                elif n == replace:
+                elif k == _K_REPLACE:
                     if rep is None:
-                        add(n + b": " + v + b"\r\n")
+                        parts += (n, b": ", v, b"\r\n")
                     elif rep:
                         add(rep)  # (in place of the upstream's, once)
                         rep = False
-                elif n in take:
+                elif k == _K_TAKE:
                     if taken is None:
                         taken = []
                     taken.append((n.decode("latin-1"), v.decode("latin-1")))
-                elif n == b"transfer-encoding":
+                elif k == _K_TE:
                     # one "chunked" (Envoy refuses any other coding): nothing was written yet
                     if te or v.strip().lower() != b"chunked":
                         raise ProtocolError(502, "unsupported transfer-encoding")
                     te = True
-                elif n == _SERVICE_TIME:
-                    if not lead:  # (``lead`` is the router's own, unless suppressed)
-                        add(n + b": " + v + b"\r\n")
-                # (else hop-by-hop, or a name removed by ``edits.drop`` or the caller's edits)
+                elif not lead:  # x-envoy-upstream-service-time (``lead`` is the router's own, unless suppressed)
+                    parts += (n, b": ", v, b"\r\n")
                 continue
-            add(n + b": " + v + b"\r\n")
+            if drop and n in drop:
+                continue
+            parts += (n, b": ", v, b"\r\n")  # (faster than concatenating the line)
         if lead:
             add(lead)
         if mut is not None:
@@ -227,30 +234,29 @@ class Http1ResponseEncoder:
                 add(extra)
         if not date:
             add(date_line())
-        if not server and mode != 2:
+        if not server and edits.server_mode != 2:
             add(edits.server)
         if rep:
             add(rep)
         # framing, as encode_headers
-        method = self.method
-        if cl is not None:
-            pass
-        elif end_stream:
-            if status not in (204, 304):
-                # (Envoy: a HEAD answer without a length says chunked)
-                add(b"content-length: 0\r\n" if method != "HEAD" else b"transfer-encoding: chunked\r\n")
-        elif method != "HEAD" and status not in (204, 304):
-            self.response_chunked = True
-            add(b"transfer-encoding: chunked\r\n")
-        elif method == "HEAD" and status not in (204, 304):
-            add(b"transfer-encoding: chunked\r\n")
-        if self.drain_close or self.response_close:
+        if cl is None:
+            if end_stream:
+                if status != 204 and status != 304:
+                    # (Envoy: a HEAD answer without a length says chunked)
+                    add(b"content-length: 0\r\n" if self.method != "HEAD" else b"transfer-encoding: chunked\r\n")
+            elif status != 204 and status != 304:
+                if self.method != "HEAD":
+                    self.response_chunked = True
+                add(b"transfer-encoding: chunked\r\n")
+        if self.response_close or self.drain_close:
             self.response_close = True
             if cl is None and parts[-1] in _FRAMING_BYTES:
                 parts.insert(-1, b"connection: close\r\n")  # (Envoy: the codec's framing line comes last)
+                add(b"\r\n")
             else:
-                add(b"connection: close\r\n")
-        add(b"\r\n")
+                add(b"connection: close\r\n\r\n")
+        else:
+            add(b"\r\n")
         head = b"".join(parts)
         self.conn.write(head)
         return len(head) - len(parts[0])

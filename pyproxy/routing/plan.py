@@ -22,6 +22,7 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
   ``Headers`` path (``inline`` False).
 - ``timeout_ms``: the route timeout as ``x-envoy-expected-rq-timeout-ms`` announces it.
 - ``fast_rewrites``: whether ``rewrite_request`` has anything to do (path, host rewrites).
+- ``req_tail``: the router's request headers for a first attempt, compiled (``request_tail``).
 - ``retry_codes``: None without a retry policy; else the upstream response statuses the policy
   may retry (``ALL`` when the decision needs the response headers: ``retriable-headers``,
   ``envoy-ratelimited``). A response with any other status goes downstream as it is, with no
@@ -86,7 +87,7 @@ def retry_codes(retry):
 
 
 def plan_route(e) -> None:
-    """Set ``e.fast``, ``e.inline``, ``e.resp_raw``, ``e.timeout_ms``, ``e.fast_rewrites``,
+    """Set ``e.fast``, ``e.inline``, ``e.resp_raw``, ``e.timeout_ms``, ``e.req_tail``, ``e.fast_rewrites``,
     ``e.retry_codes`` and ``e.grpc_router``
     (a compiled ``RouteEntry``)."""
     retry = e.retry
@@ -102,9 +103,12 @@ def plan_route(e) -> None:
             # (x-envoy-attempt-count on the response: the router filter writes it)
             and not e.include_attempt_count_in_response
             # (a per-try timeout would run on the first attempt too)
-            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout)))
+            and (retry is None or not (retry.per_try_timeout or retry.per_try_idle_timeout))
+            # (the router decides per request whether the policy applies)
+            and (retry is None or not retry.retriable_request_headers))
     e.fast = fast
     e.timeout_ms = str(int(e.timeout * 1000)) if e.kind == 0 and e.timeout else ""
+    e.req_tail = request_tail(e)
     e.resp_raw = raw = compile_response_raw(e._resp_mutations)
     inline = False
     # (a route max_stream_duration needs the stream's timer: not the connection manager's inline stream)
@@ -121,6 +125,31 @@ def plan_route(e) -> None:
                 not any(r in _NOT_REMOVED for r in rms):
             inline = True
     e.inline = inline
+
+
+_ROUTER_REQUEST_HEADERS = frozenset(("x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count"))
+
+
+def request_tail(e):
+    """``req_tail``: what the router appends to the request headers of a first attempt on this
+    route (filters/http/router_steps.py finalize_request, for a request no filter touched, on the
+    route's own cluster, with the route's timeout), compiled, or None: ``(names, tail, tail when
+    the router suppresses its envoy headers, needs quiet)``. It applies to a request that has
+    none of ``names`` (None: no condition) and, when ``needs quiet``, no x-envoy-attempt-count
+    (the HTTP/1.1 codec's ``quiet``)."""
+    if e.kind != 0 or not e.cluster or e.fast_rewrites:
+        return None
+    names = frozenset()
+    lit = ()
+    if e._req_mutations:
+        if e.req_lit is None:
+            return None
+        names, lit = e.req_lit
+        if not names.isdisjoint(_ROUTER_REQUEST_HEADERS):
+            return None  # (finalize_request's check sees the router's own headers)
+    base = ((("x-envoy-attempt-count", "1"),) if e.include_request_attempt_count else ()) + tuple(lit)
+    full = ((("x-envoy-expected-rq-timeout-ms", e.timeout_ms),) if e.timeout else ()) + base
+    return names or None, full, base, bool(e.include_request_attempt_count)
 
 
 def compile_response_raw(mutations):

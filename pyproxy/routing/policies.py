@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ..config.errors import ConfigError
 from ..config.util import duration_s, u32
 from .hashing import xxh64_str
@@ -38,7 +40,7 @@ class RetryPolicy:
     __slots__ = ("retry_on", "num_retries", "per_try_timeout", "per_try_idle_timeout",
                  "retriable_status_codes", "previous_hosts", "host_selection_max_attempts",
                  "backoff_base", "backoff_max", "retriable_headers", "retriable_request_headers",
-                 "grpc_codes", "rate_limited_backoff")
+                 "grpc_codes", "rate_limited_backoff", "unmatched")
 
     def should_retry_status(self, status: int, headers=None) -> bool:
         """Whether an upstream response with ``status`` (and response ``headers``) is retriable by
@@ -63,11 +65,37 @@ class RetryPolicy:
     def should_retry_grpc(self, grpc_status: int) -> bool:
         return grpc_status in self.grpc_codes
 
-    def request_is_retriable(self, request_headers) -> bool:
-        """``retriable_request_headers``: the request must match one of them (if any are set)."""
-        if not self.retriable_request_headers:
-            return True
-        return any(m.match(request_headers) for m in self.retriable_request_headers)
+    def excluded(self, request_headers):
+        """The policy for a request ``retriable_request_headers`` excludes (Envoy's retry state
+        with ``retry_on_ = 0``: never retried; the per-try timeout still applies), else None."""
+        if not self.retriable_request_headers or \
+                any(m.match(request_headers) for m in self.retriable_request_headers):
+            return None
+        return self.unmatched if self.unmatched is not None else self.with_retry_on(frozenset())
+
+    def reset_interval(self, response_headers):
+        """``rate_limited_retry_back_off``: the back-off a rate-limited response announces (its
+        first reset header that parses, in seconds, up to ``max_interval``), else None."""
+        rl = self.rate_limited_backoff
+        if rl is None:
+            return None
+        heads, mx = rl
+        for name, fmt in heads:
+            v = response_headers.get(name)
+            if v is None:
+                continue
+            v = v.strip()
+            if not v.isdigit() or not v.isascii() or len(v) > 19:
+                continue
+            n = int(v)
+            if fmt == 1:  # UNIX_TIMESTAMP
+                now = int(time.time())
+                if n < now:
+                    continue
+                n -= now
+            if n <= mx:
+                return float(n)
+        return None
 
     def with_retry_on(self, retry_on: frozenset) -> "RetryPolicy":
         """A copy with another ``retry_on`` set (for ``x-envoy-retry-on`` overrides)."""
@@ -138,6 +166,9 @@ def compile_retry_policy(rp, field: str = "retry_policy") -> RetryPolicy:
         p.rate_limited_backoff = (
             tuple((h.name.lower(), h.format) for h in rl.reset_headers),
             duration_s(rl, "max_interval", 300.0))
+    p.unmatched = None
+    if p.retriable_request_headers:
+        p.unmatched = p.with_retry_on(frozenset())
     return p
 
 

@@ -98,6 +98,7 @@ class RouteEntry:
         "name", "vhost_name", "vhost", "kind", "stat_prefix",
         # the route's plan (routing/plan.py, decided when the route compiles)
         "fast", "inline", "resp_raw", "timeout_ms", "fast_rewrites", "retry_codes", "grpc_router",
+        "req_tail",
         # match
         "p_kind", "p_value", "p_ci", "header_matchers", "query_matchers", "runtime", "grpc_only",
         # forward

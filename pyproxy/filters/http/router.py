@@ -138,6 +138,10 @@ class Router(RetryState):
         else:
             retry = router_control.apply(self, route, headers, timeout, ctl, si, choice)
         self.headers = headers
+        if retry is not None and retry.retriable_request_headers:
+            ex = retry.excluded(headers)
+            if ex is not None:  # (retriable_request_headers: not this request)
+                retry = self.retry = ex
         if retry is not None and retry.num_retries:
             # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
             # the route's per_request_buffer_limit_bytes when smaller
@@ -402,7 +406,8 @@ class Router(RetryState):
                 # a hedged attempt that already has its retry: Envoy would not retry it again
                 could_not_retry = would
             else:
-                st = self._retry_outcome(would)
+                st = self._retry_outcome(would, retry.reset_interval(headers) if would and retry.rate_limited_backoff
+                                         else None)
                 if st == R_YES:
                     charge_retried(c, status, up.host, headers if self.grpc else None)
                     self._drop(up)

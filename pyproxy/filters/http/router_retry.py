@@ -107,7 +107,7 @@ class RetryState:
         if gt:
             h.set("grpc-timeout", to_grpc_timeout(exp))
 
-    def _retry_outcome(self, would_retry: bool) -> int:
+    def _retry_outcome(self, would_retry: bool, reset_after=None) -> int:
         """An attempt's outcome under the retry policy: release the previous retry's unit (a
         retry whose outcome needs no retry counts as a success), then maybe retry again."""
         if not would_retry:
@@ -115,9 +115,10 @@ class RetryState:
                 self.cluster.st_rq_retry_success.value += 1
             self._release_retry()
             return R_NO
-        return self._should_retry()
+        return self._should_retry(reset_after)
 
-    def _should_retry(self) -> int:
+    def _should_retry(self, reset_after=None) -> int:
+        """``reset_after``: the back-off a rate-limited response announced (seconds), if any."""
         c = self.cluster
         self._release_retry()
         si = self.s.stream_info
@@ -133,12 +134,17 @@ class RetryState:
         c.retries_active += 1
         self.retry_held = True
         c.st_rq_retry.value += 1
-        c.st_rq_retry_backoff_exponential.value += 1
-        r = self.retry
-        base = r.backoff_base
-        mx = r.backoff_max
-        n = self.attempts
-        delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
+        if reset_after is not None:
+            # (Envoy's jittered lower bound: from the announced interval up to half again)
+            c.st_rq_retry_backoff_ratelimited.value += 1
+            delay = random.uniform(reset_after, reset_after * 1.5)
+        else:
+            c.st_rq_retry_backoff_exponential.value += 1
+            r = self.retry
+            base = r.backoff_base
+            mx = r.backoff_max
+            n = self.attempts
+            delay = random.uniform(0, min(mx, base * (2 ** (n - 1)))) if base else 0
         c.retries_in_backoff += 1
         self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
         return R_YES
