@@ -26,6 +26,7 @@ import urllib.request
 from concurrent import futures
 
 import grpc
+import pytest
 import yaml
 
 try:
@@ -35,6 +36,21 @@ except ImportError:  # imported as tests.<module>
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
+def h2_engines(request):
+    """A module that imports this fixture runs every test on both HTTP/2 engines (pyproxy's
+    h2engine and the h2 library): the proxies started meanwhile inherit PYPROXY_H2_ENGINE."""
+    old = os.environ.get("PYPROXY_H2_ENGINE")
+    os.environ["PYPROXY_H2_ENGINE"] = request.param
+    try:
+        yield request.param
+    finally:
+        if old is None:
+            os.environ.pop("PYPROXY_H2_ENGINE", None)
+        else:
+            os.environ["PYPROXY_H2_ENGINE"] = old
 
 
 def wait_port(port: int, timeout: float = 10.0, proc=None) -> None:

@@ -691,6 +691,40 @@ def exchange(port: int, data: bytes, n: int = 1, timeout: float = 3.0, methods=N
         s.close()
 
 
+def one_response(port: int, req: bytes, method: str, timeout: float = 5.0):
+    """Send one request ``req`` on a new connection and read its final response (a 1xx is read
+    past); then whether the proxy closes the connection within 0.2 s. Returns ``(bytes read,
+    closed)``; AssertionError when no complete response came within ``timeout``."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(req)
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                rs = parse_responses(buf, [method])
+                if rs and rs[0].status >= 200:
+                    # complete: see whether the proxy closes (it must, or must not, the same way)
+                    s.settimeout(0.2)
+                    try:
+                        more = s.recv(65536)
+                        closed = not more
+                        buf += more
+                    except socket.timeout:
+                        closed = False
+                    return buf, closed
+            except (ValueError, IndexError):
+                pass
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            d = s.recv(65536)
+            if not d:
+                return buf, True
+            buf += d
+        raise AssertionError("no complete response to %r: %r" % (req.split(b"\r\n", 1)[0], buf))
+    finally:
+        s.close()
+
+
 def read_head(s: socket.socket):
     """Read until the end of an HTTP head: ``(head without the blank line, the bytes after it)``,
     or None if the peer closed first (the socket's timeout bounds each read)."""

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import time
 
 import pytest
 
-from proxy_util import HttpBackend, Pyproxy, bootstrap, cluster, http_listener, parse_responses, simple_response
+from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, http_listener, one_response,
+                        simple_response)
 from test_express import _MASK, _upstream_head
 
 T = "type.googleapis.com/"
@@ -175,33 +175,7 @@ def _send(port, method, path, host, headers, body):
         hs.append(("Content-Length", str(len(body))))
     req = ("%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
         method, path, host, "".join("%s: %s\r\n" % kv for kv in hs))).encode() + body
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(req)
-        buf = b""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                rs = parse_responses(buf, [method])
-                if rs and rs[0].status >= 200:
-                    s.settimeout(0.2)
-                    try:
-                        more = s.recv(65536)
-                        closed = not more
-                        buf += more
-                    except socket.timeout:
-                        closed = False
-                    return buf, closed
-            except (ValueError, IndexError):
-                pass
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            d = s.recv(65536)
-            if not d:
-                return buf, True
-            buf += d
-        raise AssertionError("no complete response to %s %s: %r" % (method, path, buf))
-    finally:
-        s.close()
+    return one_response(port, req, method)
 
 
 def _stats(px) -> dict:

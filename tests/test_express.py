@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 
 import pytest
 
-from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener,
-                        parse_responses, route_config, simple_response)
+from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, one_response,
+                        route_config, simple_response)
 
 LANES = {"compiled": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
 
@@ -153,34 +152,7 @@ def lanes():
 def _one(port, method, path, headers):
     req = ("%s %s HTTP/1.1\r\nHost: svc.local\r\n%s\r\n" % (
         method, path, "".join("%s: %s\r\n" % kv for kv in headers))).encode()
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(req)
-        buf = b""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                rs = parse_responses(buf, [method])
-                if rs and rs[0].status >= 200:
-                    # complete: see whether the proxy closes (it must, or must not, the same way)
-                    s.settimeout(0.2)
-                    try:
-                        more = s.recv(65536)
-                        closed = not more
-                        buf += more
-                    except socket.timeout:
-                        closed = False
-                    return buf, closed
-            except (ValueError, IndexError):
-                pass
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            d = s.recv(65536)
-            if not d:
-                return buf, True
-            buf += d
-        raise AssertionError("no complete response to %s %s: %r" % (method, path, buf))
-    finally:
-        s.close()
+    return one_response(port, req, method)
 
 
 def _upstream_head(be, before: int) -> bytes:

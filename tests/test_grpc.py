@@ -2,7 +2,6 @@
 trailers (incl. trailers-only), large messages, grpc-timeout, retries on gRPC status, and the
 grpc_stats filter's counters (same names as Envoy's, see test_grpc_stats_match_envoy)."""
 
-import os
 import shutil
 import threading
 import time
@@ -11,6 +10,7 @@ import grpc
 import h2.events as E
 import pytest
 
+from grpc_util import h2_engines  # noqa: F401  (autouse: every test on both HTTP/2 engines)
 from grpc_util import (GRPC_STATS, H2Raw, Proxy, bootstrap, channel, cluster, flaky_count, free_port,
                        grpc_frame, hcm_listener, start_grpc_server)
 
@@ -40,23 +40,8 @@ def _start(tmp, envoy=False):
     return srv, px, lp
 
 
-@pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
-def engine(request):
-    """Every test runs on both HTTP/2 engines (pyproxy's h2engine and the h2 library): the
-    proxies started meanwhile inherit PYPROXY_H2_ENGINE."""
-    old = os.environ.get("PYPROXY_H2_ENGINE")
-    os.environ["PYPROXY_H2_ENGINE"] = request.param
-    try:
-        yield request.param
-    finally:
-        if old is None:
-            os.environ.pop("PYPROXY_H2_ENGINE", None)
-        else:
-            os.environ["PYPROXY_H2_ENGINE"] = old
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, engine):
+def env(tmp_path_factory, h2_engines):
     srv, px, lp = _start(tmp_path_factory.mktemp("grpc"))
     ch = channel(lp)
     try:

@@ -21,6 +21,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, RstStreamFrame
 
+from grpc_util import h2_engines  # noqa: F401  (autouse: every test on both HTTP/2 engines)
 from grpc_util import (H2Raw, Proxy, RawH2, bootstrap, cluster, free_port, hcm_listener, kill, rss_kb,
                        wait_port)
 from h2_upstream_util import ThreadedH2Upstream
@@ -172,23 +173,8 @@ _H1_TRAILERS = {"typed_extension_protocol_options": {"envoy.extensions.upstreams
     "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}}}}}
 
 
-@pytest.fixture(scope="module", autouse=True, params=["lean", "h2"])
-def engine(request):
-    """Every test runs on both HTTP/2 engines (pyproxy's h2engine and the h2 library): the
-    proxies started meanwhile inherit PYPROXY_H2_ENGINE."""
-    old = os.environ.get("PYPROXY_H2_ENGINE")
-    os.environ["PYPROXY_H2_ENGINE"] = request.param
-    try:
-        yield request.param
-    finally:
-        if old is None:
-            os.environ.pop("PYPROXY_H2_ENGINE", None)
-        else:
-            os.environ["PYPROXY_H2_ENGINE"] = old
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, engine):
+def env(tmp_path_factory, h2_engines):
     tmp = tmp_path_factory.mktemp("h2")
     docroot = tmp / "docroot"
     docroot.mkdir()

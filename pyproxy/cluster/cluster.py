@@ -124,8 +124,7 @@ class Cluster:
         self.max_requests_per_connection = po.max_requests_per_connection
         self.transport_socket = build_transport_socket(
             proto.transport_socket if proto.HasField("transport_socket") else None, "transport_socket")
-        # (criteria dict, factory): an endpoint whose ``envoy.transport_socket_match`` metadata
-        # contains the criteria uses that transport socket (Istio: tlsMode=istio -> mTLS)
+        # (criteria, factory): an endpoint whose transport_socket_match metadata has them uses it (Istio: mTLS)
         self.transport_socket_matches = []
         for i, m in enumerate(proto.transport_socket_matches):
             try:
