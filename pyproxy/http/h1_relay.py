@@ -75,7 +75,17 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         h += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
         s.on_upstream_headers(Headers(h), end_stream)
         return
-    s.cluster.count_response(status, s.host)
+    c = s.cluster
+    cs = c.st_rq_codes.get(status)  # (Cluster.count_response, inline for a host without outlier detection)
+    h = s.host
+    if cs is None or h is not None and h.outlier is not None:
+        c.count_response(status, h)
+    else:
+        cs[0].value += 1
+        cs = cs[1]
+        if cs is not None:
+            cs.value += 1
+        c.st_rq_completed.value += 1
     s.status = status
     cfg = s.cfg
     edits = cfg.relay_edits

@@ -198,7 +198,7 @@ class FastDecoder:
     ``HPACKDecodingError``/``InvalidTableIndexError``/``InvalidTableSizeError`` (COMPRESSION_ERROR)
     and ``OversizedHeaderListError`` (over ``max_header_list_size``, RFC 9113 field sizes)."""
 
-    __slots__ = ("dyn", "dyn_n", "dyn_size", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
+    __slots__ = ("dyn", "dyn_n", "dyn_size", "run_ins", "run_left", "max_table", "max_allowed_table_size", "max_header_list_size", "memo",
                  "version", "memo_used", "memo_limit")
 
     OP_COST = 128  # bytes one parsed operation and its decoded field hold in the memo, roughly
@@ -207,6 +207,11 @@ class FastDecoder:
         self.dyn = collections.deque()  # newest first: (name, value)
         self.dyn_n = collections.deque()  # each entry's size (RFC 7541 4.1), in step with ``dyn``
         self.dyn_size = 0
+        # the inserts of the block replayed last (``_inserts``) and the table bytes their run of
+        # replays has still to fill: below 0, the table holds only that block's fields, repeated
+        # (anything else that changes the table ends the run: ``_add``, ``_resize``)
+        self.run_ins = None
+        self.run_left = 0
         self.max_table = 4096  # the size the peer's encoder uses (its last size update)
         self.max_allowed_table_size = 4096  # our SETTINGS_HEADER_TABLE_SIZE
         self.max_header_list_size = max_header_list_size
@@ -245,7 +250,10 @@ class FastDecoder:
         elif m[4] and m[3] is not None:
             # same fields; only the table effects (inserts, size updates) are applied again
             ins = m[6]
-            if ins is not None:
+            if ins is not None and ins is self.run_ins and self.run_left < 0:
+                pass  # the table is this block's fields over and over: inserting them again and
+                # evicting as many leaves it as it is (the newest whole copies that fit)
+            elif ins is not None:
                 # (only inserts: nginx's responses) all at once, then the oldest entries evicted:
                 # the same table as inserting and evicting one by one, since either way the table
                 # ends with the newest entries that fit (an entry larger than the table empties
@@ -264,6 +272,11 @@ class FastDecoder:
                         size -= pop_n()
                 self.dyn_size = size
                 self.version += 1
+                if ins is self.run_ins:
+                    self.run_left -= ins[1]
+                else:
+                    self.run_ins = ins
+                    self.run_left = self.max_table - ins[1]
             else:
                 self._replay(m[0])
             if m[5] > self.max_header_list_size:
@@ -333,11 +346,13 @@ class FastDecoder:
             raise InvalidTableSizeError("table size update %d over %d" % (size, self.max_allowed_table_size))
         self.max_table = size
         self.version += 1
+        self.run_ins = None
         self._evict()
 
     def _add(self, kv) -> None:
         n = len(kv[0]) + len(kv[1]) + 32
         self.version += 1
+        self.run_ins = None
         if n > self.max_table:
             self.dyn.clear()  # RFC 7541 4.4: an entry larger than the table empties it
             self.dyn_n.clear()
