@@ -314,18 +314,22 @@ def test_upstream_max_concurrent_streams_respected(env):
     assert 1 <= mini.max_seen <= 2  # never more streams than the peer's SETTINGS allow
 
 
-def test_upstream_goaway_replays_unprocessed_streams(env, tmp_path):
+def test_upstream_goaway_unprocessed_streams_retried_by_policy(env, tmp_path):
+    """Streams beyond the GOAWAY's last stream id are refused streams for the router, which retries
+    them on a new connection under ``retry_on: refused-stream`` (as Envoy's; without a policy they
+    are 503s: tests/test_h2_goaway_upstream_envoy.py)."""
     mini = MiniH2(delay=0.2, goaway_on=2)
     lp, ap = free_port(), free_port()
-    bs = bootstrap(ap, [hcm_listener("g", lp, [{"match": {"prefix": "/"}, "route": {"cluster": "m"}}])],
-                   [cluster("m", mini.port, h2=True)])
+    bs = bootstrap(ap, [hcm_listener("g", lp, [{"match": {"prefix": "/"}, "route": {
+        "cluster": "m", "retry_policy": {"retry_on": "refused-stream", "num_retries": 2}}}])],
+        [cluster("m", mini.port, h2=True)])
     px = Proxy(bs, str(tmp_path), wait_ports=[lp])
     try:
         res = _concurrent(lp, ["/a", "/b", "/c"])
         assert [r[0][":status"] for r in res] == ["200"] * 3, res
         bodies = [r[1].decode() for r in res]
         assert bodies[0].startswith("conn=1 ")  # processed before the GOAWAY
-        assert any(b.startswith("conn=2 ") for b in bodies[1:])  # replayed on a new connection
+        assert any(b.startswith("conn=2 ") for b in bodies[1:])  # retried on a new connection
         assert mini.conns == 2
     finally:
         px.stop()

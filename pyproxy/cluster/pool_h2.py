@@ -6,10 +6,9 @@ when the slots run out, within the cluster's circuit breakers. The stream object
 ``cb.on_pool_ready`` is the request encoder; the response comes back through
 ``cb.on_upstream_headers/data/trailers/reset`` and ``on_upstream_watermark``.
 
-A request the peer did not process (beyond a GOAWAY's last-stream-id) is replayed on another
-connection as long as what was sent is still held (up to ``h2_client.REPLAY_LIMIT`` bytes); the
-caller does not notice. A REFUSED_STREAM reset goes to the request's router, which retries it only
-when its retry policy says so (as Envoy's). Connections close after
+A REFUSED_STREAM reset, and a request the peer did not process (beyond a GOAWAY's
+last-stream-id), go to the request's router as a refused stream, which retries it only when its
+retry policy says so (as Envoy's). A connection whose GOAWAY was parsed takes no new stream. Connections close after
 ``max_requests_per_connection`` streams, after ``idle_timeout`` without streams, or when the pool
 drains.
 """
@@ -68,8 +67,8 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
 
     # -- capacity -----------------------------------------------------------------------------------
     def capacity(self) -> int:
-        if self.closed or self.goaway or self.draining or not self.ready:
-            return 0
+        if self.closed or self.goaway or self.draining or not self.ready or self.h2.goaway_received:
+            return 0  # (goaway_received: parsed, though not yet handled in the current batch of events)
         peer = self.h2.remote_settings.max_concurrent_streams
         ours = self.max_streams
         n = (peer if peer < ours else ours) - self.bound
@@ -285,6 +284,7 @@ class Http2Pool(PoolBase):
         c.rq_attached += 1
         h = self.host
         h.rq_active += 1
+        h.rq_total += 1
         if h.outlier is not None:
             c.report_connect_success(h)
         s.cb.on_pool_ready(s, h)
@@ -328,6 +328,7 @@ class Http2Pool(PoolBase):
                     c.st_rq_total.value += 1
                     c.rq_attached += 1
                     self.host.rq_active += 1
+                    self.host.rq_total += 1
                     try:
                         s.replay_on(conn)
                     except h2.exceptions.ProtocolError as e:

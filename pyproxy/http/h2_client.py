@@ -7,18 +7,15 @@ and sends what the streams wrote. What a pool decides (which requests a connecti
 refused request elsewhere, closing, counting failures) is left to the connection class that
 derives from it (``cluster/pool_h2.py``), through these hooks:
 
-- ``_replay_elsewhere(s)``: the peer did not process ``s`` (beyond a GOAWAY's last stream id) and it
-  can be replayed;
 - ``_stream_failed()``: the peer reset a stream, or the connection ended under it (Envoy counts
   it against the host);
 - ``_peer_ready()`` / ``_peer_capacity()``: the peer's first SETTINGS / a new stream limit;
 - ``_goaway_received()``: after the streams beyond the GOAWAY were dealt with;
 - ``stream_done(s)``: a stream finished and frees its slot; ``close(reason)``: end the connection.
 
-A request keeps what it sent (up to ``REPLAY_LIMIT`` bytes) until its response starts, so a request
-beyond a GOAWAY's last stream id can be sent again on another connection without the router
-noticing. A REFUSED_STREAM reset goes to the request, as Envoy's: its router retries it when the
-retry policy says so (``retry_on`` refused-stream, counted as a retry), else answers 503.
+A REFUSED_STREAM reset, and a stream beyond a GOAWAY's last stream id (the peer did not process
+it), go to the request as a refused stream, as Envoy's: its router retries it when the retry policy
+says so (``retry_on`` refused-stream, counted as a retry), else answers 503.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_RESET, EV_RESPONSE, EV_
 from .h2_headers import TRAILERS, BadHeaders, inbound_headers, response_fields, to_h2
 from .h2_stream import _NO_PENDING, OutStream, flush_blocked, window_opened
 from .h2engine import H2Engine
-from .h2engine_frames import STREAM_SLOTS, detached_stream
+from .h2engine_frames import STREAM_SLOTS
 from .headers import Headers
 
 log = logging.getLogger("pyproxy.pool")
@@ -468,16 +465,12 @@ class Http2ClientCodec:
         last = e.last_stream_id if e.last_stream_id is not None else 0
         for sid, s in sorted(self.streams.items()):
             if sid > last:
-                if s.can_replay():
-                    if self.h2.streams.get(sid) is s:
-                        # ``s`` moves to another connection: this engine keeps its state of the
-                        # stream as it was, on an object of its own
-                        self.h2.streams[sid] = detached_stream(s)
-                    self._replay_elsewhere(s)
-                else:
-                    s._release_watermark()
-                    s._finish()
-                    s.cb.on_upstream_reset(REFUSED)
+                # not processed by the peer: a refused stream for the request's router, which
+                # retries it when its policy says so (refused-stream), as Envoy's (nghttp2 closes
+                # such streams with REFUSED_STREAM); never replayed behind the router's back
+                s._release_watermark()
+                s._finish()
+                s.cb.on_upstream_reset(REFUSED)
         self._goaway_received()
 
     def _fail_streams(self, reason) -> None:

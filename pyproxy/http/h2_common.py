@@ -147,6 +147,12 @@ class _H2Connection(h2.connection.H2Connection):
             self.wu_cap = self.wu_over(k)  # (raises WindowUpdateFlood past the bound)
         return super()._receive_window_update_frame(frame)
 
+    goaway_received = False  # (as H2Engine's: set as the frame is parsed)
+
+    def _receive_goaway_frame(self, frame):
+        self.goaway_received = True
+        return super()._receive_goaway_frame(frame)
+
     def send_data(self, stream_id, data, end_stream=False, pad_length=None):
         self.data_sent += 1
         super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
