@@ -24,6 +24,7 @@ from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
 from .pool import Http1Pool
+from .status import cluster_status
 
 log = logging.getLogger("pyproxy.upstream")
 cfglog = logging.getLogger("pyproxy.config")
@@ -143,7 +144,12 @@ class Cluster:
         self.max_connections = self.max_pending_requests = self.max_requests = 1024
         self.max_retries = 3
         self.retry_budget = None  # (budget_percent, min_retry_concurrency): replaces max_retries
+        # both priorities' thresholds as configured, for /clusters (requests use DEFAULT's)
+        self.thresholds = {"default": (1024, 1024, 1024, 3), "high": (1024, 1024, 1024, 3)}
         for t in proto.circuit_breakers.thresholds:
+            self.thresholds["high" if t.priority else "default"] = (
+                u32(t, "max_connections", 1024), u32(t, "max_pending_requests", 1024),
+                u32(t, "max_requests", 1024), u32(t, "max_retries", 3))
             if t.priority == 0:
                 self.max_connections = u32(t, "max_connections", 1024)
                 self.max_pending_requests = u32(t, "max_pending_requests", 1024)
@@ -284,8 +290,13 @@ class Cluster:
         """An upstream response head (``host``: where it came from, for outlier detection;
         ``headers``: its headers, so that a gRPC trailers-only answer counts as its
         ``grpc-status`` mapped to HTTP, as Envoy's router reports it)."""
-        if host is not None and host.outlier is not None:
-            put_response(host, status, headers)
+        if host is not None:
+            if status >= 500:  # (Envoy's chargeUpstreamCode: the host's rq_error / rq_success)
+                host.rq_error += 1
+            else:
+                host.rq_success += 1
+            if host.outlier is not None:
+                put_response(host, status, headers)
         cs = self.st_rq_codes.get(status)
         if cs is None:
             # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
@@ -562,29 +573,9 @@ class Cluster:
 
     # -- admin ---------------------------------------------------------------------------------
     def status(self) -> dict:
-        hosts = []
-        for h in self.priority_set.all_hosts:
-            hosts.append({
-                "address": h.pipe or h.address, "port": h.port, "weight": h.weight,
-                "priority": h.priority, "region": h.locality[0], "zone": h.locality[1],
-                "sub_zone": h.locality[2], "health_flags": h.flag_names(),
-                "hostname": h.hostname,
-                "stats": {"cx_active": h.cx_active, "rq_active": h.rq_active},
-                "success_rate": h.outlier.ext.rate if h.outlier is not None else -1,
-                "local_origin_success_rate": h.outlier.local.rate if h.outlier is not None else -1,
-            })
-        out = {
-            "name": self.name, "observability_name": self.stat_name,
-            "added_via_api": self.added_via_api, "hosts": hosts,
-            "circuit_breakers": {"max_connections": self.max_connections,
-                                 "max_pending_requests": self.max_pending_requests,
-                                 "max_requests": self.max_requests, "max_retries": self.max_retries},
-        }
-        if self.outlier is not None:
-            out["outlier_detection"] = self.outlier.status()
-        if self.type == EDS and self.proto.eds_cluster_config.service_name:
-            out["eds_service_name"] = self.eds_service_name
-        return out
+        """This cluster for the admin's ``/clusters`` (cluster/status.py)."""
+        return cluster_status(self)
+
 
 
 def _with_auto_alpn(ts_proto, what: str):

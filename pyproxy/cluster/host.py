@@ -55,6 +55,8 @@ class Host:
         "address", "port", "pipe", "family", "hostname", "weight", "priority", "locality",
         "metadata", "health", "rq_active", "cx_active", "key", "outlier_ejected", "lb_endpoint",
         "stats", "flags", "eds_status", "outlier", "hc",
+        # per-host counters /clusters shows (Envoy's HostStats)
+        "cx_total", "cx_connect_fail", "rq_total", "rq_success", "rq_error", "rq_timeout",
     )
 
     def __init__(self, address: str, port: int, *, weight: int = 1, priority: int = 0,
@@ -77,6 +79,8 @@ class Host:
         self.metadata = metadata or {}  # filter name -> dict (from endpoint metadata)
         self.rq_active = 0
         self.cx_active = 0
+        self.cx_total = self.cx_connect_fail = self.rq_total = 0
+        self.rq_success = self.rq_error = self.rq_timeout = 0
         self.outlier_ejected = False
         self.outlier = None  # the outlier detector's per-host monitor (cluster/outlier.py)
         self.hc = None       # the active health checker's per-host session

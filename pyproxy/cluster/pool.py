@@ -254,7 +254,9 @@ class PoolBase:
         c.st_cx_total.value += 1
         (c.st_cx_http2_total if self.is_http2 else c.st_cx_http1_total).value += 1
         c.st_cx_active.inc()
-        self.host.cx_active += 1
+        h = self.host
+        h.cx_active += 1
+        h.cx_total += 1
         self.loop.create_task(self._do_connect())
 
     async def _do_connect(self):
@@ -290,6 +292,7 @@ class PoolBase:
         self.connecting -= 1
         self._cx_gone()
         c.st_cx_connect_fail.value += 1
+        self.host.cx_connect_fail += 1
         if timeout:
             c.st_cx_connect_timeout.value += 1
 
@@ -334,6 +337,7 @@ class Http1Pool(PoolBase):
             c.rq_attached += 1
             h = self.host
             h.rq_active += 1
+            h.rq_total += 1
             if h.outlier is not None:
                 c.report_connect_success(h)
             cb.on_pool_ready(conn, h)
@@ -390,6 +394,7 @@ class Http1Pool(PoolBase):
         c.rq_attached += 1
         h = self.host
         h.rq_active += 1
+        h.rq_total += 1
         if h.outlier is not None:
             c.report_connect_success(h)
         cb.on_pool_ready(conn, h)

@@ -116,6 +116,7 @@ class AutoProtocolPools:
         self.probing = False
         c = self.cluster
         c.st_cx_connect_fail.value += 1
+        self.host.cx_connect_fail += 1
         if reason == CONNECT_TIMEOUT:
             c.st_cx_connect_timeout.value += 1
         waiting, self.waiting = self.waiting, []

@@ -284,6 +284,7 @@ class Http2Pool(PoolBase):
         c.rq_attached += 1
         h = self.host
         h.rq_active += 1
+        h.rq_total += 1
         if h.outlier is not None:
             c.report_connect_success(h)
         s.cb.on_pool_ready(s, h)
@@ -327,6 +328,7 @@ class Http2Pool(PoolBase):
                     c.st_rq_total.value += 1
                     c.rq_attached += 1
                     self.host.rq_active += 1
+                    self.host.rq_total += 1
                     try:
                         s.replay_on(conn)
                     except h2.exceptions.ProtocolError as e:

@@ -192,6 +192,8 @@ class FirstAttempt:
             self._to_router().on_pool_failure(reason, flag, host)
             return
         self.stream_info.upstream_transport_failure_reason = reason
+        if host is not None:
+            host.rq_error += 1  # (Envoy's chargeUpstreamAbort: the host's rq_error)
         self._fail(*connect_failure(reason, flag))
 
     def _to_router(self):
@@ -282,6 +284,8 @@ class FirstAttempt:
         self.encoder_up = None
         count_rx_reset(self.cluster, reason)
         if not self.response_started:
+            if self.host is not None:
+                self.host.rq_error += 1  # (as on_pool_failure)
             self._fail(*reset_failure(reason))
             return
         si = self.stream_info

@@ -78,9 +78,13 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
     c = s.cluster
     cs = c.st_rq_codes.get(status)  # (Cluster.count_response, inline for a host without outlier detection)
     h = s.host
-    if cs is None or h is not None and h.outlier is not None:
+    if cs is None or h is None or h.outlier is not None:
         c.count_response(status, h)
     else:
+        if status < 500:  # (the host's rq_success / rq_error, as count_response)
+            h.rq_success += 1
+        else:
+            h.rq_error += 1
         cs[0].value += 1
         cs = cs[1]
         if cs is not None:

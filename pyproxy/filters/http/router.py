@@ -389,6 +389,8 @@ class Router(RetryState):
             return
         if self._others_pending():
             return  # an earlier (hedged) attempt may still answer
+        if host is not None:
+            host.rq_error += 1  # (Envoy's chargeUpstreamAbort: the host's rq_error)
         self._fail(*connect_failure(reason, flag))
 
     def on_upstream_headers(self, up, headers: Headers, end_stream: bool):
@@ -458,6 +460,8 @@ class Router(RetryState):
                 return
             if self._others_pending():
                 return
+            if up.host is not None:
+                up.host.rq_error += 1  # (as on_pool_failure)
             self._fail(*reset_failure(reason))
             return
         si = self.s.stream_info
@@ -472,6 +476,8 @@ class Router(RetryState):
             return
         c = self.cluster
         c.report_timeout(up.host)
+        if up.host is not None:
+            up.host.rq_timeout += 1
         self.timeout_retry = True  # (the retry it may cause says so: _retry_headers)
         if self.hedge:
             # Envoy's soft per-try timeout: this attempt keeps going, and another one starts if

@@ -130,6 +130,8 @@ def upstream_timeout(cluster, host) -> None:
     """The route timeout passed with an attempt on ``host`` (None: none bound)."""
     cluster.st_rq_timeout.value += 1
     if host is not None:
+        host.rq_timeout += 1
+        host.rq_error += 1  # (Envoy charges the 504 to the host)
         cluster.report_timeout(host)
 
 

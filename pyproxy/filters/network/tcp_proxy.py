@@ -194,6 +194,7 @@ class TcpProxy:
         c.st_cx_total.value += 1
         c.st_cx_active.inc()
         host.cx_active += 1
+        host.cx_total += 1
         self.task = self.cfg.loop.create_task(self._do_connect(host))
 
     async def _do_connect(self, host):
@@ -210,6 +211,7 @@ class TcpProxy:
             c.st_cx_active.dec()
             host.cx_active -= 1
             c.st_cx_connect_fail.value += 1
+            host.cx_connect_fail += 1
             if isinstance(e, asyncio.TimeoutError):
                 c.st_cx_connect_timeout.value += 1
             c.report_connect_failure(host)  # (outlier detection, as Envoy's tcp_proxy)
