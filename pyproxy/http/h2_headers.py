@@ -28,6 +28,11 @@ class BadHeaders(Exception):
     """A malformed header block (RFC 9113 8.2/8.3): the stream is reset with PROTOCOL_ERROR."""
 
 
+class BadLength(BadHeaders):
+    """A request's content-length that is not one decimal number (repeated, even with one value):
+    Envoy 1.40 ends the connection."""
+
+
 class BadAuthority(BadHeaders):
     """A request :authority (or host) Envoy refuses (``http/authority.py``): Envoy ends the
     connection."""
@@ -181,8 +186,8 @@ def request_fields(raw) -> tuple:
             authority = kv[1]
         elif k == "content-length":
             v = kv[1]
-            if not v.isdigit() or not v.isascii() or len(v) > 18 or (length is not None and int(v) != length):
-                raise BadHeaders("invalid content-length %r" % v)
+            if not v.isdigit() or not v.isascii() or len(v) > 18 or length is not None:
+                raise BadLength("invalid or repeated content-length %r" % v)
             length = int(v)
         elif k == ":protocol":
             protocol = kv[1]
@@ -246,8 +251,8 @@ def response_fields(raw) -> tuple:
         for i in range(len(fields) - 1, 0, -1):
             k, v = fields[i]
             if k == "content-length":
-                if not v.isdigit() or not v.isascii() or len(v) > 18 or (length is not None and int(v) != length):
-                    raise BadHeaders("invalid content-length %r" % v)
+                if not v.isdigit() or not v.isascii() or len(v) > 18 or length is not None:
+                    raise BadHeaders("invalid or repeated content-length %r" % v)  # (Envoy: 502)
                 length = int(v)
                 if status == "204":
                     if length:

@@ -260,6 +260,8 @@ class Http1ClientCodec:
         if self.head_request:
             end = True
             self.parser_dirty = True
+            if status == 204:
+                hdrs = self.hdrs = _no_content(hdrs)
         elif status in (204, 304):
             end = True
             if status == 204:

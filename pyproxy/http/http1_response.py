@@ -18,6 +18,11 @@ _RELAY_OWN = frozenset(n.encode() for n in HOP_BY_HOP) | {b"content-length", b"s
 _DROP, _K_LENGTH, _K_DATE, _K_SERVER, _K_REPLACE, _K_TAKE, _K_TE, _K_SERVICE_TIME = range(8)
 
 
+# the framing lines the encoder adds itself (after connection: close, as Envoy's codec)
+_FRAMING_LINES = frozenset(("transfer-encoding: chunked\r\n", "content-length: 0\r\n"))
+_FRAMING_BYTES = frozenset(s.encode() for s in _FRAMING_LINES)
+
+
 class RelayEdits:
     """How a connection manager edits the response heads it relays (``relay_head``), decided when
     its config loads:
@@ -102,14 +107,19 @@ class Http1ResponseEncoder:
         elif cl is not None:
             pass
         elif end_stream:
-            if status not in (204, 304) and status >= 200 and self.method != "HEAD":
-                add("content-length: 0\r\n")
+            if status not in (204, 304) and status >= 200:
+                if self.method != "HEAD":
+                    add("content-length: 0\r\n")
+                elif self.version == HTTP11:
+                    add("transfer-encoding: chunked\r\n")  # (Envoy: a HEAD answer without a length)
         elif self.method != "HEAD" and status not in (204, 304):
             if self.version == HTTP11:
                 self.response_chunked = True
                 add("transfer-encoding: chunked\r\n")
             else:
                 self.response_close = True
+        elif status not in (204, 304) and status >= 200 and self.method == "HEAD" and self.version == HTTP11:
+            add("transfer-encoding: chunked\r\n")
         if self.tunnel:
             self.body_left = None
         elif end_stream or self.method == "HEAD" or status < 200 or status == 204 or status == 304:
@@ -118,7 +128,10 @@ class Http1ResponseEncoder:
             self.body_left = int(cl) if cl is not None and cl.isdigit() else None
         if self.drain_close or (self.response_close and not self.tunnel):
             self.response_close = True
-            add("connection: close\r\n")
+            if cl is None and parts and parts[-1] in _FRAMING_LINES:
+                parts.insert(-1, "connection: close\r\n")  # (Envoy: the codec's framing line comes last)
+            else:
+                add("connection: close\r\n")
         elif self.version == HTTP10:
             add("connection: keep-alive\r\n")
         add("\r\n")
@@ -228,14 +241,20 @@ class Http1ResponseEncoder:
         # framing, as encode_headers
         if cl is None:
             if end_stream:
-                if status != 204 and status != 304 and self.method != "HEAD":
-                    add(b"content-length: 0\r\n")
-            elif self.method != "HEAD" and status != 204 and status != 304:
-                self.response_chunked = True
+                if status != 204 and status != 304:
+                    # (Envoy: a HEAD answer without a length says chunked)
+                    add(b"content-length: 0\r\n" if self.method != "HEAD" else b"transfer-encoding: chunked\r\n")
+            elif status != 204 and status != 304:
+                if self.method != "HEAD":
+                    self.response_chunked = True
                 add(b"transfer-encoding: chunked\r\n")
         if self.response_close or self.drain_close:
             self.response_close = True
-            add(b"connection: close\r\n\r\n")
+            if cl is None and parts[-1] in _FRAMING_BYTES:
+                parts.insert(-1, b"connection: close\r\n")  # (Envoy: the codec's framing line comes last)
+                add(b"\r\n")
+            else:
+                add(b"connection: close\r\n\r\n")
         else:
             add(b"\r\n")
         head = b"".join(parts)

@@ -33,7 +33,7 @@ from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
                         PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
-from .h2_headers import TRAILERS, BadAuthority, BadHeaders, inbound_headers, request_fields
+from .h2_headers import TRAILERS, BadAuthority, BadHeaders, BadLength, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
@@ -277,7 +277,7 @@ class Http2ServerCodec:
             h, expect, protocol, tunnel, length, names = request_fields(raw)
         except BadHeaders as err:
             log.debug("h2 stream %d: %s", sid, err)
-            if err.__class__ is BadAuthority:
+            if err.__class__ is BadAuthority or err.__class__ is BadLength:
                 raise h2.exceptions.ProtocolError(str(err)) from None  # (Envoy: the connection ends)
             if self.stats is not None:
                 self.stats.rx_messaging_error.value += 1
