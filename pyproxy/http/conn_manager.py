@@ -419,9 +419,10 @@ class HttpConnection:
         st = self.stats
         if version is HTTP11:
             s.plain = plain
-            mut = route.resp_raw
-            # (not when a telemetry hook reads a header the route's mutations write)
-            s.raw_head = mut is None or cfg.response_take_raw.isdisjoint(mut[2])
+            # (not when a telemetry hook reads a header the route's mutations write; most chains
+            # have no such hook: take_raw empty)
+            tr = cfg.response_take_raw
+            s.raw_head = not tr or (mut := route.resp_raw) is None or tr.isdisjoint(mut[2])
             st.rq_http1_total.value += 1
         else:
             s.plain = s.raw_head = False

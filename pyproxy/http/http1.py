@@ -72,6 +72,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
         "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct", "body_left",
+        "feed_len", "split_head",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -122,6 +123,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.hdrs = []
         self.max_flat = 2 * max_headers  # (a chunked request's trailers: see _over_limit)
         self.headers_done = False
+        # the bytes being parsed, and a head begun in earlier ones (one read <= max_header_bytes bounds it)
+        self.feed_len = self.split_head = 0
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
@@ -162,6 +165,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         # so a line that never ends is bounded here, not in on_header); headers_done is False
         # between requests too
         counts = not self.headers_done
+        self.feed_len = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -192,11 +196,13 @@ class Http1ServerCodec(Http1ResponseEncoder):
             status, details = parser_error(str(e))
             self.protocol_error(status, details)
             return
-        if counts and self.msg_started and not self.headers_done:
-            self.watched = True  # (_reset_request resets head_bytes)
-            self.head_bytes += len(data)
-            if self.head_bytes > self.max_header_bytes + 1024 + 4 * self.max_headers:
-                self.protocol_error(431, "http1.headers_too_large")
+        if self.msg_started and not self.headers_done:
+            self.split_head = True  # (the head goes on in the next bytes: on_headers_complete checks its size)
+            if counts:
+                self.watched = True  # (_reset_request resets head_bytes)
+                self.head_bytes += len(data)
+                if self.head_bytes > self.max_header_bytes + 1024 + 4 * self.max_headers:
+                    self.protocol_error(431, "http1.headers_too_large")
 
     def protocol_error(self, status: int, details: str) -> None:
         """Bad request bytes: answer (if nothing was answered yet) and close.
@@ -321,8 +327,10 @@ class Http1ServerCodec(Http1ResponseEncoder):
         raw = self.hdrs
         url = self.url
         if raw:
-            if len(url) + sum(map(len, raw)) > self.max_header_bytes:
-                raise ProtocolError(431, "http1.headers_too_large")
+            if self.split_head or self.feed_len > self.max_header_bytes:  # (else one short read held it)
+                self.split_head = False
+                if len(url) + sum(map(len, raw)) > self.max_header_bytes:
+                    raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
             values = b"\n".join(map(_strip, raw[1::2])).decode("latin-1").split("\n")
             once = len(names) == len({*names})  # (no name repeated)

@@ -81,6 +81,7 @@ _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
     "x-client-trace-id"))
 
 _first = itemgetter(0)
+_XFP_HTTPS, _XFP_HTTP = ("x-forwarded-proto", "https"), ("x-forwarded-proto", "http")  # (header lines are tuples: shared)
 _path_special = path_norm.SPECIAL_CHARS
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
 WATCH_BYTES = frozenset(n.encode() for n in _WATCH)
@@ -247,7 +248,7 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     if (quiet or plan.watch.isdisjoint(map(_first, h))) and (not ioh or ioh.isdisjoint(map(_first, h))):
         if plan.constant:
             # nothing to remove, no address in the headers, nothing to add but these two
-            h.append(("x-forwarded-proto", "https" if conn.ssl is not None else "http"))
+            h.append(_XFP_HTTPS if conn.ssl is not None else _XFP_HTTP)
             if plan.gen_rid:
                 rid = _uuid4()
                 if plan.trace is not None:

@@ -72,34 +72,7 @@ class VirtualHost:
 
     def match_path(self, headers, path: str, random_value: int = 0):
         """``match()`` for a request that is not a CONNECT and has a ``:path``."""
-        f = self.first
-        if f is not None and path.startswith(f):
-            # the first route is a plain prefix without '?', '#' or ';': a path that starts
-            # with it has a path part that does too, and nothing comes before route 0
-            return self.routes[0]
-        # the path without its query and fragment (and, if asked, its parameters)
-        nq = path if "?" not in path and "#" not in path and not self.strip_params else \
-            _path_part(path, self.strip_params)
-        # the exact path's entry, else the longest indexed prefix's (each already merged with
-        # every shorter indexed prefix of its key, at config load): (the best plain route or None,
-        # its index, the gated routes before it)
-        e = self.emap.get(nq)
-        if e is None:
-            n = len(nq)
-            pmap = self.pmap
-            for ln in self.plens:  # longest first
-                if ln <= n:
-                    e = pmap.get(nq[:ln])
-                    if e is not None:
-                        break
-            else:
-                e = self.nomatch
-        route, best, cands = e
-        if self.complex:
-            cands = sorted(cands + self.complex) if cands else self.complex
-        elif not cands:
-            return route
-        return self._first_of(headers, path, nq, False, random_value, cands, best)
+        return RouteTable.find_for_path(None, headers, None, path, random_value, self)
 
     def _first_of(self, headers, path, nq, is_connect, random_value, cands, best):
         """The first of ``cands`` (``(index, route)`` in order) before route ``best`` that
@@ -168,24 +141,52 @@ class RouteTable:
                     return None
         return vh.route(headers, random_value)
 
-    def find_for_path(self, headers, authority: str, path: str, random_value: int = 0):
+    def find_for_path(self, headers, authority: str, path: str, random_value: int = 0, vh=None):
         """``find()`` for a request that is not a CONNECT and whose ``:authority`` and ``:path``
-        the caller already has (the manager's entry, conn_manager.HttpConnection.on_request)."""
-        vh = self._default if self._only_default else None
+        the caller already has (the manager's entry, conn_manager.HttpConnection.on_request);
+        with ``vh``, the route in that virtual host (``VirtualHost.match_path``: ``self`` is not
+        used, and ``require_tls`` was checked)."""
         if vh is None:
-            host = authority if self._by_authority else headers.get(self._host_header) or ""
-            # (find_virtual_host's exact step, inlined)
-            vh = None if self._ignore_port else self._exact.get(host.lower())
+            vh = self._default if self._only_default else None
             if vh is None:
-                vh = self.find_virtual_host(host)
+                host = authority if self._by_authority else headers.get(self._host_header) or ""
+                # (find_virtual_host's exact step, inlined)
+                vh = None if self._ignore_port else self._exact.get(host.lower())
                 if vh is None:
-                    return None
-        if vh.require_tls:
-            return vh.route(headers, random_value)
+                    vh = self.find_virtual_host(host)
+                    if vh is None:
+                        return None
+            if vh.require_tls:
+                return vh.route(headers, random_value)
         f = vh.first
         if f is not None and path.startswith(f):
-            return vh.routes[0]  # (match_path()'s first step, here: Istio's one "/" route per service)
-        return vh.match_path(headers, path, random_value)
+            # the first route is a plain prefix without '?', '#' or ';': a path that starts
+            # with it has a path part that does too, and nothing comes before route 0 (Istio's
+            # one "/" route per service)
+            return vh.routes[0]
+        # the path without its query and fragment (and, if asked, its parameters)
+        nq = path if "?" not in path and "#" not in path and not vh.strip_params else \
+            _path_part(path, vh.strip_params)
+        # the exact path's entry, else the longest indexed prefix's (each already merged with
+        # every shorter indexed prefix of its key, at config load): (the best plain route or None,
+        # its index, the gated routes before it)
+        e = vh.emap.get(nq)
+        if e is None:
+            n = len(nq)
+            pmap = vh.pmap
+            for ln in vh.plens:  # longest first
+                if ln <= n:
+                    e = pmap.get(nq[:ln])
+                    if e is not None:
+                        break
+            else:
+                e = vh.nomatch
+        route, best, cands = e
+        if vh.complex:
+            cands = sorted(cands + vh.complex) if cands else vh.complex
+        elif not cands:
+            return route
+        return vh._first_of(headers, path, nq, False, random_value, cands, best)
 
     def find_virtual_host(self, host: str):
         if self._ignore_port:
