@@ -83,33 +83,6 @@ class Gauge:
         self.used = True
 
 
-class FuncGauge:
-    """A gauge read from ``fn()`` when shown (Envoy's ``circuit_breakers.<priority>.*_open``):
-    nothing on the data path sets it."""
-
-    __slots__ = ("name", "fn", "accumulate")
-    kind = "gauge"
-    used = True
-
-    def __init__(self, name: str, fn, accumulate: bool = False):
-        self.name = name
-        self.fn = fn
-        self.accumulate = accumulate
-
-    @property
-    def value(self) -> int:
-        return int(self.fn())
-
-    @value.setter
-    def value(self, v: int) -> None:
-        pass
-
-    def set(self, v: int) -> None:
-        pass
-
-    inc = dec = set
-
-
 # Envoy's default tag extractors (source/common/config/well_known_names.cc), in order. Each regex's
 # first group is removed from the name and its second group is the tag value.
 DEFAULT_TAG_SPECS = [
@@ -566,18 +539,6 @@ class Scope:
         if self.owned is not None:
             self.owned.own(h)
         return h
-
-    def func_gauge(self, name: str, fn):
-        """A gauge named ``name`` read from ``fn()`` (FuncGauge)."""
-        full = self.prefix + name
-        g = self.store.gauges.get(full)
-        if g is None:
-            if self.store.rejects is not None and self.store.rejects(full):
-                return Gauge(DETACHED, False)
-            g = self.store.gauges[full] = FuncGauge(full, fn)
-        if self.owned is not None:
-            self.owned.own(g)
-        return g
 
     def scope(self, prefix: str) -> "Scope":
         return Scope(self.store, self.prefix + prefix, self.owned)
