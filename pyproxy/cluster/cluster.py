@@ -24,7 +24,7 @@ from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL,
 from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
-from .pool import Http1Pool
+from .pool import Http1Pool, tcp_keepalive
 from .status import cluster_status
 
 log = logging.getLogger("pyproxy.upstream")
@@ -141,6 +141,7 @@ class Cluster:
         self.source_address = None
         if proto.HasField("upstream_bind_config"):
             self.source_address = proto.upstream_bind_config.source_address.address or None
+        self.tcp_keepalive = tcp_keepalive(proto)
         # circuit breakers (DEFAULT priority)
         self.max_connections = self.max_pending_requests = self.max_requests = 1024
         self.max_retries = 3
