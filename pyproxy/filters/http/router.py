@@ -26,6 +26,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
+from ...cluster.pool import UpstreamConnection
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from . import router_control
@@ -575,9 +576,11 @@ class Router(RetryState):
     def on_downstream_reset(self):
         up = self.upstream
         if up is not None:
+            enc = up.encoder  # (an HTTP/1.1 upstream request is not reset but its connection closed: not counted)
             up.abandon()
             self.upstream = None
-            self.cluster.st_rq_tx_reset.value += 1
+            if enc is not None and not isinstance(enc, UpstreamConnection):
+                self.cluster.st_rq_tx_reset.value += 1
         self._done()
 
     # -- flow control -------------------------------------------------------------------------------
