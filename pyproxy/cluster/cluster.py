@@ -23,7 +23,7 @@ from .host import (DEGRADED, EXCLUDED_VIA_IMMEDIATE_HC_FAIL, FAILED_ACTIVE_HC, F
 from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
-from .pool import Http1Pool
+from .pool import Http1Pool, tcp_keepalive
 from .status import cluster_status
 
 _EXCLUDED = PENDING_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
@@ -142,6 +142,7 @@ class Cluster:
         self.source_address = None
         if proto.HasField("upstream_bind_config"):
             self.source_address = proto.upstream_bind_config.source_address.address or None
+        self.tcp_keepalive = tcp_keepalive(proto)
         # circuit breakers (DEFAULT priority)
         self.max_connections = self.max_pending_requests = self.max_requests = 1024
         self.max_retries = 3

@@ -203,7 +203,7 @@ class TcpProxy:
         up = _Upstream(self)
         source = c.source_address
         try:
-            sock = await open_socket(loop, host, c.connect_timeout, source)
+            sock = await open_socket(loop, host, c.connect_timeout, source, c.tcp_keepalive)
             await connect_upstream(loop, c.transport_for(host), sock, up, c)
         except (OSError, asyncio.TimeoutError) as e:
             self.task = None
