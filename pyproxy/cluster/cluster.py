@@ -18,15 +18,13 @@ from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .endpoints import build_priority_set, diff_hosts
-from .host import (DEGRADED, EXCLUDED_VIA_IMMEDIATE_HC_FAIL, FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, HEALTHY,
-                   PENDING_ACTIVE_HC, PENDING_DYNAMIC_REMOVAL, Host, PrioritySet)
+from .host import (DEGRADED, EXCLUDED_MASK, FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, HEALTHY, PENDING_DYNAMIC_REMOVAL,
+                   Host, PrioritySet)
 from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
 from .pool import Http1Pool, tcp_keepalive
 from .status import cluster_status
-
-_EXCLUDED = PENDING_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
 
 log = logging.getLogger("pyproxy.upstream")
 cfglog = logging.getLogger("pyproxy.config")
@@ -359,12 +357,10 @@ class Cluster:
         self.lb.update()
         self._membership_gauges(self.priority_set.all_hosts)
 
-    def _membership_gauges(self, hosts) -> None:
-        """membership_healthy / _degraded / _excluded, as Envoy's (excluded: pending its first
-        active check, or excluded by an immediate health-check failure)."""
+    def _membership_gauges(self, hosts) -> None:  # (excluded: pending its first check or failed it at once)
         self.st_membership_healthy.set(sum(1 for h in hosts if h.health == HEALTHY))
         self.st_membership_degraded.set(sum(1 for h in hosts if h.health == DEGRADED))
-        self.st_membership_excluded.set(sum(1 for h in hosts if h.flags & _EXCLUDED))
+        self.st_membership_excluded.set(sum(1 for h in hosts if h.flags & EXCLUDED_MASK))
 
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet, from_eds: bool = True) -> None:

@@ -26,7 +26,6 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
-from ...cluster.pool import UpstreamConnection
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
 from . import router_control
@@ -576,11 +575,9 @@ class Router(RetryState):
     def on_downstream_reset(self):
         up = self.upstream
         if up is not None:
-            enc = up.encoder  # (an HTTP/1.1 upstream request is not reset but its connection closed: not counted)
-            up.abandon()
-            self.upstream = None
-            if enc is not None and not isinstance(enc, UpstreamConnection):
+            if up.abandon():  # (an HTTP/2 stream reset; an HTTP/1.1 request's connection just closes)
                 self.cluster.st_rq_tx_reset.value += 1
+            self.upstream = None
         self._done()
 
     # -- flow control -------------------------------------------------------------------------------
