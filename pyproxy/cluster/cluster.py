@@ -17,6 +17,7 @@ from ..config import ConfigError, duration_s, u32
 from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
+from .breaker_stats import breaker_gauges
 from .endpoints import build_priority_set, diff_hosts
 from .host import (DEGRADED, EXCLUDED_MASK, FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, HEALTHY, PENDING_DYNAMIC_REMOVAL,
                    Host, PrioritySet)
@@ -269,6 +270,7 @@ class Cluster:
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
+        breaker_gauges(self, s)  # (circuit_breakers.<priority>.*_open, read when shown)
 
     def _external(self, status: int, cs) -> None:
         """Envoy's ``external.upstream_rq_<code>``, ``_<class>`` and ``_completed``, made with the

@@ -248,6 +248,8 @@ class DownstreamConnection(asyncio.Protocol):
                 break
         if self.closed:
             return
+        if self.active.graceful:  # (accepted while its listener drains: drained too, as Envoy)
+            self.manager._drain_connection(self, True)
         if len(filters) == 1:
             self.on_data_cb = filters[0].on_data
         else:

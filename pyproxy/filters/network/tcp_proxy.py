@@ -348,7 +348,7 @@ class TcpProxy:
         else:
             self.idle_handle = loop.call_later(self.cfg.idle_timeout - idle_for, self._idle_check)
 
-    def start_drain(self):
+    def start_drain(self, graceful: bool = False):
         pass  # TCP connections are not interrupted by a drain; they close when the drain ends
 
     def _cleanup(self):
