@@ -19,8 +19,7 @@ from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .breaker_stats import breaker_gauges
 from .endpoints import build_priority_set, diff_hosts
-from .host import (DEGRADED, EXCLUDED_MASK, FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, HEALTHY, PENDING_DYNAMIC_REMOVAL,
-                   Host, PrioritySet)
+from .host import FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host, PrioritySet, membership_counts
 from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
@@ -264,8 +263,8 @@ class Cluster:
         self.st_rq_time = s.histogram("upstream_rq_time")
         self.st_membership_total = s.gauge("membership_total", accumulate=False)
         self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
-        self.st_membership_degraded = s.gauge("membership_degraded", accumulate=False)
-        self.st_membership_excluded = s.gauge("membership_excluded", accumulate=False)
+        self.st_membership = (self.st_membership_healthy, s.gauge("membership_degraded", accumulate=False),
+                              s.gauge("membership_excluded", accumulate=False))
         self.st_membership_change = s.counter("membership_change")
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
@@ -359,10 +358,9 @@ class Cluster:
         self.lb.update()
         self._membership_gauges(self.priority_set.all_hosts)
 
-    def _membership_gauges(self, hosts) -> None:  # (excluded: pending its first check or failed it at once)
-        self.st_membership_healthy.set(sum(1 for h in hosts if h.health == HEALTHY))
-        self.st_membership_degraded.set(sum(1 for h in hosts if h.health == DEGRADED))
-        self.st_membership_excluded.set(sum(1 for h in hosts if h.flags & EXCLUDED_MASK))
+    def _membership_gauges(self, hosts) -> None:
+        for g, n in zip(self.st_membership, membership_counts(hosts)):
+            g.set(n)
 
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet, from_eds: bool = True) -> None:

@@ -135,6 +135,13 @@ class Host:
         return "Host(%s w=%d p=%d)" % (self.key, self.weight, self.priority)
 
 
+def membership_counts(hosts) -> tuple:
+    """(healthy, degraded, excluded) hosts, as Envoy's membership_* gauges count them (excluded:
+    pending its first active check, or failed it at once)."""
+    return (sum(1 for h in hosts if h.health == HEALTHY), sum(1 for h in hosts if h.health == DEGRADED),
+            sum(1 for h in hosts if h.flags & EXCLUDED_MASK))
+
+
 class PrioritySet:
     """Hosts grouped by priority (index = priority), each a list in config order.
 
