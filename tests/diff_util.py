@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 
-from proxy_util import HttpBackend, Pyproxy, request, with_fresh_ports
+from proxy_util import HttpBackend, Pyproxy, TcpBackend, request, with_fresh_ports
 from test_chain_plan import _mask
 
 MODES = {"compiled": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
@@ -98,7 +98,7 @@ class ScriptedH1:
         self.be.close()
 
 
-class ScriptedH2:
+class ScriptedH2(TcpBackend):
     """An HTTP/2 upstream on the h2 library. ``script(headers: dict, n)`` returns the actions for a
     request once it has ended: ("headers", list, end_stream), ("data", bytes, end_stream),
     ("trailers", list), ("reset", code), ("sleep", seconds). Each answer runs in its own thread.
@@ -110,24 +110,7 @@ class ScriptedH2:
         self.counts = {}
         self.log = []
         self.lock = threading.Lock()
-        self.socks = []
-        self.closed = False
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(16)
-        self.port = self.lsock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                s, _ = self.lsock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.socks.append(s)
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+        super().__init__(self._serve)  # (the listening socket and accept loop: proxy_util.TcpBackend)
 
     def _serve(self, s):
         import h2.config
@@ -221,18 +204,6 @@ class ScriptedH2:
     def since(self, mark) -> list:
         with self.lock:
             return list(self.log[mark:])
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.close()
-        except OSError:
-            pass
-        for s in self.socks:
-            try:
-                s.close()
-            except OSError:
-                pass
 
 
 # -------------------------------------------------------------------------------------- clients

@@ -613,6 +613,17 @@ def request(port: int, method: str = "GET", path: str = "/", body=None, headers=
         c.close()
 
 
+def health_flags(admin_port: int) -> dict:
+    """``(cluster, host) -> health_flags`` from the text ``/clusters`` of the admin on ``admin_port``."""
+    _, _, body = request(admin_port, "GET", "/clusters")
+    out = {}
+    for line in body.decode().splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "health_flags":
+            out[(parts[0], parts[1])] = parts[3]
+    return out
+
+
 def raw(port: int, data: bytes, timeout: float = 3.0, shut_write: bool = False, until_close: bool = True,
         settle: float = 0.0) -> bytes:
     """Send raw bytes; read until the server closes (or the timeout). Returns everything read."""

@@ -24,6 +24,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy_util import raw  # (send raw bytes, read until the server closes)
 from pyproxy import log as plog
 from pyproxy.admin.server import MAX_HEADER_BYTES, start_admin
 from pyproxy.stats import Store
@@ -226,26 +227,6 @@ def curl(*args):
     assert p.returncode == 0, p.stderr
     body, _, code = p.stdout.rpartition("\n")
     return int(code), body
-
-
-def raw(port, data: bytes, timeout=3.0) -> bytes:
-    """Send raw bytes, read until the server closes (bounded by timeout)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(data)
-        out = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
 
 
 AGENT_READY = r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)"

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, http_listener,
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, health_flags, http_listener,
                         request, route, route_config, with_fresh_ports)
 
 STATUSES = ["HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED", "UNKNOWN"]
 
 
 def _flags(px) -> dict:
-    """host -> health_flags from the text /clusters."""
-    _, _, body = request(px.admin_port, "GET", "/clusters")
-    out = {}
-    for line in body.decode().splitlines():
-        parts = line.split("::")
-        if len(parts) == 4 and parts[2] == "health_flags":
-            out[(parts[0], parts[1])] = parts[3]
-    return out
+    """(cluster, host) -> health_flags from the text /clusters."""
+    return health_flags(px.admin_port)
 
 
 def _eds_cluster_bootstrap(ports, statuses):

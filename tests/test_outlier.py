@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, http_listener,
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, free_port, health_flags, http_listener,
                         request, route, route_config, simple_response, with_fresh_ports)
 
 
@@ -60,13 +60,8 @@ def _od_stats(px) -> dict:
 
 
 def _flags(px) -> dict:
-    _, _, body = request(px.admin_port, "GET", "/clusters")
-    out = {}
-    for line in body.decode().splitlines():
-        p = line.split("::")
-        if len(p) == 4 and p[0] == "c" and p[2] == "health_flags":
-            out[p[1]] = p[3]
-    return out
+    """host -> health_flags of cluster c (/clusters)."""
+    return {h: f for (c, h), f in health_flags(px.admin_port).items() if c == "c"}
 
 
 def _wait_flag(px, key, want, timeout):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port,
-                              http_listener, raw, route, route_config, with_fresh_ports)
+                              http_listener, raw, route, route_config, wait_until, with_fresh_ports)
 
 FLUSH = ["--file-flush-interval-msec", "100"]
 LOG_FORMAT = "code=%RESPONSE_CODE% flags=%RESPONSE_FLAGS% details=%RESPONSE_CODE_DETAILS%\n"
@@ -42,10 +42,7 @@ def _run(cls, case, tmp_path, env=None):
         with cls(with_fresh_ports(bs), extra_args=FLUSH, env=env) as px:
             out = raw(px.port, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", until_close=False, settle=0.8, timeout=4)
             stats = px.stats()
-            for _ in range(40):  # (the access log is flushed every 100 ms)
-                if os.path.exists(log_path) and os.path.getsize(log_path):
-                    break
-                time.sleep(0.1)
+            wait_until(lambda: os.path.exists(log_path) and os.path.getsize(log_path), 4, 0.1)  # (flushed every 100 ms)
     finally:
         be.close()
     log = open(log_path).read().strip() if os.path.exists(log_path) else ""

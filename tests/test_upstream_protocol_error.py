@@ -6,12 +6,12 @@ UPE, as Envoy answers. Each case is compared with Envoy."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from tests.proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port,
-                              http_listener, raw, route, route_config, simple_response, with_fresh_ports)
+                              http_listener, raw, route, route_config, simple_response, wait_until,
+                              with_fresh_ports)
 
 MANY = simple_response(200, b"hello", [("x-h%d" % i, "v") for i in range(12)])
 RESPONSES = {
@@ -43,10 +43,7 @@ def _run(cls, case: str, tmp_path, env=None):
         with cls(with_fresh_ports(_bootstrap(be.port, log_path)), extra_args=FLUSH, env=env) as px:
             out = raw(px.port, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", until_close=False, settle=0.5, timeout=3)
             stats = px.stats()
-            for _ in range(40):  # (the access log is flushed every 100 ms)
-                if os.path.exists(log_path) and os.path.getsize(log_path):
-                    break
-                time.sleep(0.1)
+            wait_until(lambda: os.path.exists(log_path) and os.path.getsize(log_path), 4, 0.1)  # (flushed every 100 ms)
     finally:
         be.close()
     log = open(log_path).read().strip() if os.path.exists(log_path) else ""
@@ -82,10 +79,7 @@ def test_too_many_response_headers_from_an_http2_upstream_matches_envoy(tmp_path
             with cls(with_fresh_ports(bs), extra_args=FLUSH) as px:
                 out = raw(px.port, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", until_close=False, settle=0.5, timeout=3)
                 stats = px.stats()
-                for _ in range(40):
-                    if os.path.exists(log_path) and os.path.getsize(log_path):
-                        break
-                    time.sleep(0.1)
+                wait_until(lambda: os.path.exists(log_path) and os.path.getsize(log_path), 4, 0.1)
         finally:
             be.close()
         log = open(log_path).read().strip() if os.path.exists(log_path) else ""

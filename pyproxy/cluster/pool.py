@@ -26,8 +26,25 @@ OVERFLOW = "overflow"
 LOCAL_RESET = "local reset"
 
 
-async def open_socket(loop, host, connect_timeout: float, source_address: str | None = None):
-    """A connected non-blocking socket to ``host`` (TCP or unix pipe), bounded by the timeout."""
+def tcp_keepalive(proto):
+    """A cluster's ``upstream_connection_options.tcp_keepalive`` as socket options (SO_KEEPALIVE on,
+    then the probe count, idle time and interval that are set; the kernel's defaults for the
+    others, as Envoy's), or None."""
+    if not proto.HasField("upstream_connection_options") or \
+            not proto.upstream_connection_options.HasField("tcp_keepalive"):
+        return None
+    k = proto.upstream_connection_options.tcp_keepalive
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for field, opt in (("keepalive_probes", socket.TCP_KEEPCNT), ("keepalive_time", socket.TCP_KEEPIDLE),
+                       ("keepalive_interval", socket.TCP_KEEPINTVL)):
+        if k.HasField(field):
+            opts.append((socket.IPPROTO_TCP, opt, getattr(k, field).value))
+    return tuple(opts)
+
+
+async def open_socket(loop, host, connect_timeout: float, source_address: str | None = None, keepalive=None):
+    """A connected non-blocking socket to ``host`` (TCP or unix pipe), bounded by the timeout;
+    ``keepalive``: the cluster's ``tcp_keepalive`` socket options."""
     if host.pipe:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         addr = host.pipe
@@ -38,6 +55,8 @@ async def open_socket(loop, host, connect_timeout: float, source_address: str | 
         sock.setblocking(False)
         if not host.pipe:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for opt in keepalive or ():
+                sock.setsockopt(*opt)
             if source_address:
                 sock.bind((source_address, 0))
         await asyncio.wait_for(loop.sock_connect(sock, addr), connect_timeout or None)
@@ -264,7 +283,7 @@ class PoolBase:
         conn = self._new_connection()
         ts = self.transport or c.transport_for(self.host)  # (istio.alpn pools carry their own)
         try:
-            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
+            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address, c.tcp_keepalive)
             if ts.is_tls:  # connected = handshake done; a failed handshake is a connect failure
                 await ts.connect(self.loop, sock, conn, c.connect_timeout, c.scope)
             else:

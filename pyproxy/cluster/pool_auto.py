@@ -92,7 +92,7 @@ class AutoProtocolPools:
         probe = _AlpnProbe()
         try:
             from ..transport import connect_upstream
-            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address)
+            sock = await open_socket(self.loop, self.host, c.connect_timeout, c.source_address, c.tcp_keepalive)
             await connect_upstream(self.loop, c.transport_for(self.host), sock, probe, c)
         except asyncio.TimeoutError:
             self._probe_failed(CONNECT_TIMEOUT)

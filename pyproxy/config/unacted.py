@@ -26,6 +26,10 @@ import logging
 log = logging.getLogger("pyproxy.config")
 
 NOT_ACTED_ON: tuple = (
+    ("cluster", "upstream_connection_options.set_local_interface_name_on_upstream_connections",
+     "the local interface name is not recorded for upstream connections"),
+    ("cluster", "upstream_connection_options.happy_eyeballs_config",
+     "happy eyeballs is not implemented: an endpoint's one address is connected to"),
     ("cluster", "health_checks[].event_log_path", "health check event logging is not implemented"),
     ("cluster", "health_checks[].event_logger[]", "health check event logging is not implemented"),
     ("cluster", "health_checks[].always_log_health_check_failures",

@@ -213,17 +213,26 @@ class HttpConnection:
         if self.codec is not None:
             self.codec.on_close()
 
-    def start_drain(self):
-        """The listener is draining: close when idle, ask clients to go away otherwise."""
+    def start_drain(self, graceful: bool = False):
+        """The listener is draining: close when idle, ask clients to go away otherwise.
+        ``graceful`` (admin ``/drain_listeners?graceful``, pilot-agent's pod shutdown): Envoy's
+        drain sequence, the listener's drain time closing what is left."""
         if self.draining:
+            return
+        codec = self.codec
+        if graceful and (codec is None or self.streams == 0):
+            # (no request yet, or an idle connection) Envoy takes the drain decision per request:
+            # the next one drains it (HTTP/1.1: connection: close; HTTP/2: the shutdown notice
+            # goes out with its response), as after /healthcheck/fail
+            self.health_check_failed()
             return
         self.draining = True
         self.stats.cx_drain_close.value += 1
-        codec = self.codec
         if codec is not None:
             codec.drain_close = True
         if self.is_h2:
-            codec.go_away()
+            # (graceful: the shutdown notice, the final GOAWAY after drain_timeout)
+            self._h2_drain_sequence() if graceful else codec.go_away()
         elif self.streams == 0:
             # an idle HTTP/1 connection: a keep-alive client may be sending its next request
             # right now; closing at once would lose it. It is closed once it has stayed idle a
@@ -252,7 +261,7 @@ class HttpConnection:
         self.stats.cx_drain_close.value += 1
         codec = self.codec
         if self.is_h2:
-            self.cfg.loop.call_soon(self._go_away)  # (after the codec registered its stream)
+            self.cfg.loop.call_soon(self._h2_drain_sequence)  # (after the codec registered its stream)
         elif codec is not None:
             codec.drain_close = True
 
@@ -281,6 +290,13 @@ class HttpConnection:
     def _go_away(self):
         if not self.closed:
             self.codec.go_away()
+
+    def _h2_drain_sequence(self) -> None:
+        """Envoy's HTTP/2 drain: the shutdown notice now (new streams still served), the final
+        GOAWAY after the HCM's drain_timeout, then close once the streams in flight are done."""
+        from .h2_common import shutdown_notice  # (h2 is loaded with the first HTTP/2 codec)
+        shutdown_notice(self.codec)
+        self.cfg.loop.call_later(self.cfg.drain_timeout, self._go_away)
 
     def _on_max_duration(self) -> None:
         """max_connection_duration passed: Envoy's drain sequence (HTTP/2: GOAWAY; HTTP/1.1: the
@@ -487,6 +503,8 @@ class HttpConnection:
         elif s is None and not codec.closed:
             codec.write_error(status, text, _date(), self.cfg.server_name)  # (no stream to answer it)
             st.rq_class[status // 100].value += 1
+            from .streamless import streamless_request  # (counted and logged as Envoy's stream)
+            streamless_request(self, "HTTP/1.1", status, details, status != 408, len(text))
         codec.closed = True
         self.conn.close(flush=True)
 

@@ -282,3 +282,16 @@ def server_options(cfg) -> H2Options:
         except AttributeError:
             pass
     return o
+
+
+# GOAWAY (type 7) on stream 0, last_stream_id 2^31-1, NO_ERROR: Envoy's shutdown notice
+_SHUTDOWN_NOTICE = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x7f\xff\xff\xff\x00\x00\x00\x00"
+
+
+def shutdown_notice(codec) -> None:
+    """The first step of Envoy's HTTP/2 drain sequence on a server codec: a GOAWAY with the
+    highest stream id (2^31-1, NO_ERROR) that tells the client to move on while new streams are
+    still served (raw bytes after what the engine has queued: its own GOAWAY would refuse new
+    streams). The final ``codec.go_away()`` follows after the HCM's drain_timeout."""
+    if not (codec.goaway_sent or codec.closed):
+        codec.conn.write(codec.h2.data_to_send() + _SHUTDOWN_NOTICE)

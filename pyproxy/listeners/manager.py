@@ -46,6 +46,7 @@ class ActiveListener:
         self.server = None
         self.connections: set = set()
         self.draining = False
+        self.graceful = False  # (a graceful /drain_listeners: see ListenerManager.drain_listeners)
         self.acceptor = None
         owner = getattr(config, "stats_owner", None) or manager.stats.new_owner(shared=True)
         config.stats_owner = owner
@@ -54,8 +55,6 @@ class ActiveListener:
         self.st_cx_active = s.gauge("downstream_cx_active")
         self.st_cx_destroy = s.counter("downstream_cx_destroy")
         self.st_no_filter_chain = s.counter("no_filter_chain_match")
-        self.st_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
-        self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
         if any(getattr(c.transport_socket, "is_tls", False) for c in config.chains + [config.default_chain] if c):
@@ -125,6 +124,7 @@ class ListenerManager:
         self.st_create_failure = stats.counter("listener_manager.listener_create_failure")
         self.st_total_active = stats.gauge("listener_manager.total_listeners_active", accumulate=False)
         self.st_total_draining = stats.gauge("listener_manager.total_listeners_draining", accumulate=False)
+        self.st_listener_stopped = stats.counter("listener_manager.listener_stopped")
         self.st_workers_started = stats.gauge("listener_manager.workers_started", accumulate=False)
         self.workers_started = False
         self.drain_callbacks = []
@@ -277,11 +277,12 @@ class ListenerManager:
                     if d is not None:
                         d()
 
-    def _drain_connection(self, conn) -> None:
+    @staticmethod
+    def _drain_connection(conn, graceful: bool = False) -> None:
         for f in conn.filters:
             d = getattr(f, "start_drain", None)
             if d is not None:
-                d()
+                d(graceful)
 
     def _finish_drain(self, al: ActiveListener) -> None:
         for conn in list(al.connections):
@@ -332,12 +333,17 @@ class ListenerManager:
         targets = [al for al in self.active.values() if not inbound_only or al.config.inbound]
         for al in targets:
             al.draining = True
+            al.graceful = graceful  # (connections it accepts meanwhile drain too: connection.py)
             for conn in list(al.connections):
-                self._drain_connection(conn)
+                self._drain_connection(conn, graceful)
             if graceful:
-                self.loop.call_later(self.drain_time, self._stop_accepting, al)
+                self.loop.call_later(self.drain_time, self._stop_listener, al)
             else:
-                self._stop_accepting(al)
+                self._stop_listener(al)
+
+    def _stop_listener(self, al) -> None:
+        self.st_listener_stopped.value += 1  # (Envoy's stopListeners)
+        self._stop_accepting(al)
 
     def _stop_accepting(self, al) -> None:
         if al.server is not None:

@@ -137,5 +137,7 @@ def upstream_timeout(cluster, host) -> None:
 
 def retries_reset(retry_on, what: str = "reset") -> bool:
     """Whether a retry policy's ``retry_on`` retries a reset, a connect failure or a refused
-    stream (``what``): by its own name, or by 5xx, gateway-error or reset."""
-    return what in retry_on or "5xx" in retry_on or "gateway-error" in retry_on or "reset" in retry_on
+    stream (``what``): by its own name, or by 5xx, gateway-error or reset; a connect failure (the
+    request never went out) also by reset-before-request."""
+    return what in retry_on or "5xx" in retry_on or "gateway-error" in retry_on or "reset" in retry_on or (
+        what == "connect-failure" and "reset-before-request" in retry_on)

@@ -203,7 +203,7 @@ class TcpProxy:
         up = _Upstream(self)
         source = c.source_address
         try:
-            sock = await open_socket(loop, host, c.connect_timeout, source)
+            sock = await open_socket(loop, host, c.connect_timeout, source, c.tcp_keepalive)
             await connect_upstream(loop, c.transport_for(host), sock, up, c)
         except (OSError, asyncio.TimeoutError) as e:
             self.task = None
@@ -348,7 +348,7 @@ class TcpProxy:
         else:
             self.idle_handle = loop.call_later(self.cfg.idle_timeout - idle_for, self._idle_check)
 
-    def start_drain(self):
+    def start_drain(self, graceful: bool = False):
         pass  # TCP connections are not interrupted by a drain; they close when the drain ends
 
     def _cleanup(self):
