@@ -252,6 +252,7 @@ class Cluster:
         self.st_rq_completed = s.counter("upstream_rq_completed")
         self.st_rq_timeout = s.counter("upstream_rq_timeout")
         self.st_rq_per_try_timeout = s.counter("upstream_rq_per_try_timeout")
+        self.st_rq_per_try_idle_timeout = s.counter("upstream_rq_per_try_idle_timeout")
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")
