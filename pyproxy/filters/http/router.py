@@ -569,9 +569,9 @@ class Router(RetryState):
     def on_downstream_reset(self):
         up = self.upstream
         if up is not None:
-            up.abandon()
+            if up.abandon():  # (an HTTP/2 stream reset; an HTTP/1.1 request's connection just closes)
+                self.cluster.st_rq_tx_reset.value += 1
             self.upstream = None
-            self.cluster.st_rq_tx_reset.value += 1
         self._done()
 
     # -- flow control -------------------------------------------------------------------------------
