@@ -17,9 +17,9 @@ from ..config import ConfigError, duration_s, u32
 from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
+from .breaker_stats import breaker_gauges
 from .endpoints import build_priority_set, diff_hosts
-from .host import (FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host,
-                   PrioritySet)
+from .host import FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host, PrioritySet, membership_counts
 from .lb import create_lb
 from .health_check import HealthChecker
 from .outlier import CONNECT_FAILED, CONNECT_SUCCESS, TIMEOUT, Detector, put_response
@@ -263,10 +263,13 @@ class Cluster:
         self.st_rq_time = s.histogram("upstream_rq_time")
         self.st_membership_total = s.gauge("membership_total", accumulate=False)
         self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
+        self.st_membership = (self.st_membership_healthy, s.gauge("membership_degraded", accumulate=False),
+                              s.gauge("membership_excluded", accumulate=False))
         self.st_membership_change = s.counter("membership_change")
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
+        breaker_gauges(self, s)  # (circuit_breakers.<priority>.*_open, read when shown)
 
     def _external(self, status: int, cs) -> None:
         """Envoy's ``external.upstream_rq_<code>``, ``_<class>`` and ``_completed``, made with the
@@ -337,7 +340,8 @@ class Cluster:
         that comes within ``common_lb_config.update_merge_window`` (default 1 s, 0 = never merge)
         of the last applied update waits for the window (changes meanwhile merge into it)."""
         if not self.initialized:  # (Envoy: no host-set updates while the cluster initializes)
-            self.lb.update()
+            self.lb.update()  # (the initial round's results count in membership_healthy, as Envoy's)
+            self._membership_gauges(self.priority_set.all_hosts)
             return
         w = self.merge_window
         if w and self.loop.time() - self._last_lb_update < w:
@@ -352,7 +356,11 @@ class Cluster:
             self._merge_timer = None
         self._last_lb_update = self.loop.time()
         self.lb.update()
-        self.st_membership_healthy.set(sum(1 for h in self.priority_set.all_hosts if h.healthy))
+        self._membership_gauges(self.priority_set.all_hosts)
+
+    def _membership_gauges(self, hosts) -> None:
+        for g, n in zip(self.st_membership, membership_counts(hosts)):
+            g.set(n)
 
     # -- hosts ---------------------------------------------------------------------------------
     def _set_priority_set(self, ps: PrioritySet, from_eds: bool = True) -> None:
@@ -386,7 +394,7 @@ class Cluster:
             for k in [k for k in ap if k[0] not in keys]:
                 ap.pop(k).drain()
         self.st_membership_total.set(len(ps.all_hosts))
-        self.st_membership_healthy.set(sum(1 for h in ps.all_hosts if h.healthy))
+        self._membership_gauges(ps.all_hosts)
         self.st_membership_change.inc()
         self._mark_initialized()
 

@@ -33,6 +33,7 @@ FLAG_NAMES = (
 _UNHEALTHY_MASK = (FAILED_ACTIVE_HC | FAILED_OUTLIER_CHECK | FAILED_EDS_HEALTH
                    | EDS_STATUS_DRAINING)
 _DEGRADED_MASK = DEGRADED_ACTIVE_HC | DEGRADED_EDS_HEALTH
+EXCLUDED_MASK = PENDING_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL  # (Envoy's excluded hosts)
 _EDS_MASK = FAILED_EDS_HEALTH | DEGRADED_EDS_HEALTH | EDS_STATUS_DRAINING
 # envoy.config.core.v3.HealthStatus -> EDS flags: UNKNOWN 0, HEALTHY 1, UNHEALTHY 2, DRAINING 3,
 # TIMEOUT 4, DEGRADED 5
@@ -132,6 +133,13 @@ class Host:
 
     def __repr__(self) -> str:
         return "Host(%s w=%d p=%d)" % (self.key, self.weight, self.priority)
+
+
+def membership_counts(hosts) -> tuple:
+    """(healthy, degraded, excluded) hosts, as Envoy's membership_* gauges count them (excluded:
+    pending its first active check, or failed it at once)."""
+    return (sum(1 for h in hosts if h.health == HEALTHY), sum(1 for h in hosts if h.health == DEGRADED),
+            sum(1 for h in hosts if h.flags & EXCLUDED_MASK))
 
 
 class PrioritySet:

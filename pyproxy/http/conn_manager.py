@@ -503,6 +503,8 @@ class HttpConnection:
         elif s is None and not codec.closed:
             codec.write_error(status, text, _date(), self.cfg.server_name)  # (no stream to answer it)
             st.rq_class[status // 100].value += 1
+            from .streamless import streamless_request  # (counted and logged as Envoy's stream)
+            streamless_request(self, "HTTP/1.1", status, details, status != 408, len(text))
         codec.closed = True
         self.conn.close(flush=True)
 

@@ -328,7 +328,8 @@ class FirstAttempt:
         self.on_downstream_watermark(False)
 
     def on_downstream_reset(self):
-        if self.encoder_up is not None and not self.up_done:
+        enc = self.encoder_up  # (an HTTP/1.1 upstream request is not reset but its connection closed: not counted)
+        if enc is not None and not self.up_done and not isinstance(enc, UpstreamConnection):
             self.cluster.st_rq_tx_reset.value += 1
         self._abandon()
 

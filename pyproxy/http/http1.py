@@ -401,7 +401,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
                     raise ProtocolError(400, "http1.invalid_transfer_encoding")
             else:
                 # HTTP/0.9, HTTP/1.0 when not accepted, HTTP/2.0 or 1.7 as text: Envoy's answer
-                raise ProtocolError(426, "http1.upgrade_required" if version == "1.0" else "http1.codec_error")
+                raise ProtocolError(426, "low_version" if version == "1.0" else "http1.codec_error")
             self.keep_alive = p.should_keep_alive()
             self.upgrade = p.should_upgrade()
             if self.upgrade and method != "CONNECT":

@@ -60,7 +60,7 @@ def parser_error(msg: str):
             return 400, "http1.content_length_and_chunked_not_allowed"
         # an unsupported or repeated transfer-coding: Envoy says 501
         return 501, "http1.invalid_transfer_encoding"
-    if "Content-Length" in msg:
+    if "Content-Length" in msg and "Invalid character" not in msg:  # (a non-number: codec_error)
         return 400, "http1.content_length_not_allowed"
     return 400, "http1.codec_error"
 

@@ -3,6 +3,8 @@ body or a gRPC status for gRPC requests, a date), sent through the stream's enco
 
 from __future__ import annotations
 
+from random import getrandbits as _rand
+
 from .headers import Headers
 from .http_date import http_date as _date  # (the date every response carries)
 
@@ -14,6 +16,11 @@ def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag
         return
     si = self.stream_info
     si.response_code_details = details
+    rt = self.route
+    if rt is not None and not si.upstream_cluster and rt.kind == 0:
+        # (Envoy records the route's cluster as the route resolves: a filter's reply before the
+        # router logs it too)
+        si.upstream_cluster = rt.select_cluster(self.request_headers, _rand(32))[0]
     if flag:
         si.response_flags.add(flag)
     if self.response_started:

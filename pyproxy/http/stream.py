@@ -309,7 +309,7 @@ class ActiveStream(FirstAttempt):
             return
         self.hc.stats.rq_rx_reset.value += 1
         si = self.stream_info
-        si.response_flags.add("DC")
+        si.response_flags.add("DR" if reason == "http2.remote_reset" else "DC")  # (RST_STREAM: DR)
         if not si.response_code_details:
             si.response_code_details = reason
         r = self.router

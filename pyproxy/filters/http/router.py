@@ -143,9 +143,10 @@ class Router(RetryState):
             if ex is not None:  # (retriable_request_headers: not this request)
                 retry = self.retry = ex
         if retry is not None and retry.num_retries:
-            # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit, or
-            # the route's per_request_buffer_limit_bytes when smaller
-            lim = s.hc.conn.listener.buffer_limit or _RETRY_BUFFER_LIMIT
+            # kept for a retry up to Envoy's retry buffer limit: the listener's buffer limit (HTTP/2: the
+            # stream's flow-control window), or the route's per_request_buffer_limit_bytes when smaller
+            hc = s.hc
+            lim = (hc.codec.opts.stream_window if hc.is_h2 else hc.conn.listener.buffer_limit) or _RETRY_BUFFER_LIMIT
             rl = route.per_request_buffer_limit_bytes
             self.buffering = max(1, rl) if rl is not None and rl < lim else lim
         else:
@@ -575,9 +576,9 @@ class Router(RetryState):
     def on_downstream_reset(self):
         up = self.upstream
         if up is not None:
-            up.abandon()
+            if up.abandon():  # (an HTTP/2 stream reset; an HTTP/1.1 request's connection just closes)
+                self.cluster.st_rq_tx_reset.value += 1
             self.upstream = None
-            self.cluster.st_rq_tx_reset.value += 1
         self._done()
 
     # -- flow control -------------------------------------------------------------------------------

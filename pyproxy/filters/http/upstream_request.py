@@ -3,6 +3,7 @@ response decoder for the bound upstream connection, reporting to its ``Router``.
 
 from __future__ import annotations
 
+from ...cluster.pool import UpstreamConnection
 from ...transport import upstream_tls_sans
 
 
@@ -110,9 +111,10 @@ class UpstreamRequest:
             self.per_try_timer = None
 
     def abandon(self):
-        """Stop this attempt: cancel a queued request or reset the bound connection."""
+        """Stop this attempt: cancel a queued request or reset the bound connection. True when
+        an HTTP/2 stream was reset (an HTTP/1.1 request's connection is closed: no stream reset)."""
         if self.abandoned:
-            return
+            return False
         self.abandoned = True
         self._release_timers()
         if self.pending is not None:
@@ -122,3 +124,5 @@ class UpstreamRequest:
         if enc is not None:
             self.encoder = None
             enc.reset()
+            return not isinstance(enc, UpstreamConnection)
+        return False

@@ -1,0 +1,91 @@
+"""Local replies from HTTP filters before the router (RBAC deny, fault abort, local rate limit) log
+the route's cluster in ``%UPSTREAM_CLUSTER%`` / ``%UPSTREAM_CLUSTER_RAW%``, as Envoy's (it records the
+cluster as the route resolves), side by side with Envoy (review finding F26). Access log to a file
+(flushed every 0.1 s); one backend per proxy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+import pytest
+
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
+                        route_config, with_fresh_ports)
+
+pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
+FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% cl=%UPSTREAM_CLUSTER% raw=%UPSTREAM_CLUSTER_RAW%\n"
+CL = "inbound|80||"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+
+
+def _bs(port, log):
+    r1 = route("/abort", CL)
+    r1["typed_per_filter_config"] = {"envoy.filters.http.fault": {
+        "@type": FAULT, "abort": {"http_status": 418, "percentage": {"numerator": 100}}}}
+    r2 = route("/rl", CL)
+    r2["typed_per_filter_config"] = {"envoy.filters.http.local_ratelimit": {
+        "@type": LRL, "stat_prefix": "rl",
+        "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "60s"},
+        "filter_enabled": {"default_value": {"numerator": 100}, "runtime_key": "a"},
+        "filter_enforced": {"default_value": {"numerator": 100}, "runtime_key": "b"}}}
+    L = http_listener(free_port(), route_config([route("/deny", CL), r1, r2, route("/", CL)]))
+    hc = L["filter_chains"][0]["filters"][0]["typed_config"]
+    hc["http_filters"] = [
+        {"name": "envoy.filters.http.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {"deny": {
+                "permissions": [{"url_path": {"path": {"prefix": "/deny"}}}], "principals": [{"any": True}]}}}}},
+        {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},
+        {"name": "envoy.filters.http.local_ratelimit", "typed_config": {"@type": LRL, "stat_prefix": "rl"}},
+    ] + hc["http_filters"]
+    hc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
+    return bootstrap([L], [cluster(CL, [port])])
+
+
+def _get(port, path):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
+        while s.recv(65536):
+            pass
+    finally:
+        s.close()
+
+
+def test_filter_local_replies_log_the_route_cluster():
+    paths = ["/deny", "/abort", "/rl", "/rl", "/ok"]
+    tmp = tempfile.mkdtemp(prefix="lr-cluster-")
+    out = {}
+    try:
+        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
+            be = HttpBackend()
+            log = os.path.join(tmp, name + ".log")
+            open(log, "w").close()
+            try:
+                bs = with_fresh_ports(_bs(be.port, log))
+                with cls(bs, extra_args=["--file-flush-interval-msec", "100"]) as p:
+                    for path in paths:
+                        _get(p.port, path)
+                    end = time.monotonic() + 3
+                    lines = []
+                    while time.monotonic() < end:
+                        lines = open(log).read().splitlines()
+                        if len(lines) >= len(paths):
+                            break
+                        time.sleep(0.05)
+                    out[name] = lines
+            finally:
+                be.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out["pyproxy"] == out["envoy"], out
+    assert out["envoy"] == ["/deny 403 - cl=%s raw=%s" % (CL, CL), "/abort 418 FI cl=%s raw=%s" % (CL, CL),
+                            "/rl 200 - cl=%s raw=%s" % (CL, CL), "/rl 429 RL cl=%s raw=%s" % (CL, CL),
+                            "/ok 200 - cl=%s raw=%s" % (CL, CL)], out
