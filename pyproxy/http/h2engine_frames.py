@@ -113,7 +113,8 @@ class Settings:
 # that the engine keeps its state on their objects (``H2Engine.stream_cls``, ``send_request``'s
 # ``s``): one object per stream and side instead of two. Where a stream is opened on the hot
 # path, ``_Stream.__init__`` is written out inline (see ``h2engine.send_request`` and
-# ``h2engine_recv._header_block``).
+# ``h2engine_recv._header_block``). Such an object serves one engine for its life: a stream
+# never moves to another connection (a request beyond a GOAWAY is refused to its router).
 STREAM_SLOTS = ("sid", "lopen", "ropen", "out_window", "in_window", "in_max", "wu_due", "got_headers")
 
 
@@ -130,11 +131,3 @@ class _Stream:
         self.wu_due = 0  # bytes the application consumed, not yet credited back (WINDOW_UPDATE)
         self.got_headers = False  # the request (server) / final response (client) arrived
 
-
-def detached_stream(s) -> _Stream:
-    """A ``_Stream`` with the engine's state of ``s`` (a codec's stream object that leaves the
-    connection, e.g. a request replayed elsewhere)."""
-    d = _Stream.__new__(_Stream)
-    for a in STREAM_SLOTS:
-        setattr(d, a, getattr(s, a))
-    return d

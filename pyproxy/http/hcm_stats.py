@@ -60,3 +60,10 @@ class HcmStats:
         self.rq_direct_response = s.counter("rq_direct_response")
         self.rq_redirect = s.counter("rq_redirect")
         self.router_rq_total = s.counter("rq_total")  # (the router's: requests that reached it)
+
+    def take_connection_bytes(self, conn) -> None:
+        """``conn``'s byte counts go to ``http.<prefix>.downstream_cx_rx/tx_bytes_total`` from now
+        on (Envoy's HCM sets them as the connection's stats), with what it counted before."""
+        for mine, slot in ((self.cx_rx_bytes, "rx_ctr"), (self.cx_tx_bytes, "tx_ctr")):
+            mine.value += getattr(conn, slot).value
+            setattr(conn, slot, mine)

@@ -19,19 +19,9 @@ import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
 from .headers import Headers, coalesce
-from .http1_common import HTTP10, HTTP11, ChunkedBody, ProtocolError, parser_error
+from .http1_common import HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error
 from .http1_response import Http1ResponseEncoder
 
-_METHODS = frozenset((
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
-    "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "REPORT", "MKACTIVITY",
-    "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "MKCALENDAR",
-    "LINK", "UNLINK", "ACL", "BIND", "REBIND", "UNBIND", "VERSION-CONTROL", "CHECKIN",
-    "UNCHECKOUT", "MKWORKSPACE", "UPDATE", "LABEL", "BASELINE-CONTROL", "ORDERPATCH",
-    "MKREDIRECTREF", "UPDATEREDIRECTREF",
-))
-
-_METHOD_NAMES = {m.encode(): m for m in _METHODS}  # llhttp's method bytes -> the name we accept
 
 # request headers the server codec looks at as they arrive: framing and hop-by-hop (and the
 # names its creator asks it to note, ``note``)
@@ -522,6 +512,13 @@ class Http1ServerCodec(Http1ResponseEncoder):
         return rest
 
     def on_message_complete(self):
+        if self.watched or self.h2c or self.cur_events is not None:
+            return self._message_done()
+        # (the common case: no body, nothing _framing recorded, not queued behind another request)
+        self.msg_started = self.headers_done = self.noted = False  # (noted: _noting)
+        self.request_complete = True
+
+    def _message_done(self):
         if self.h2c and self.headers_done and not self.h2c_left:
             if self.chunked:
                 self.h2c_left = ChunkedBody()  # the body comes as "upgraded" bytes: see feed

@@ -14,6 +14,17 @@ from .http_date import http_date
 HTTP11 = "HTTP/1.1"
 HTTP10 = "HTTP/1.0"
 
+METHODS = frozenset((
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
+    "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "REPORT", "MKACTIVITY",
+    "CHECKOUT", "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "MKCALENDAR",
+    "LINK", "UNLINK", "ACL", "BIND", "REBIND", "UNBIND", "VERSION-CONTROL", "CHECKIN",
+    "UNCHECKOUT", "MKWORKSPACE", "UPDATE", "LABEL", "BASELINE-CONTROL", "ORDERPATCH",
+    "MKREDIRECTREF", "UPDATEREDIRECTREF",
+))
+
+METHOD_NAMES = {m.encode(): m for m in METHODS}  # llhttp's method bytes -> the name the server codec accepts
+
 # Hop-by-hop headers removed when forwarding (Envoy strips these on HTTP/1).
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",

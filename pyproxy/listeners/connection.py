@@ -55,19 +55,31 @@ def original_dst(sock) -> tuple[str, int] | None:
         return None
 
 
+class _Bytes:
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
 class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "manager", "listener", "active", "transport", "chain", "filters", "on_data_cb", "closed",
         "read_disable_count", "watermark_cbs", "info", "stream_info", "inspect_buf", "inspectors",
         "inspect_timer", "id", "write_paused", "half_closed_local", "sock", "close_cbs",
         "filter_state", "ssl", "dst_restored", "handed_off", "pending_eof", "wbuf", "write_hook", "on_tls_open",
-        "global_slot", "remote_closed",
+        "global_slot", "remote_closed", "rx_ctr", "tx_ctr",
     )
 
     def __init__(self, manager, active_listener):
         self.manager = manager
         self.wbuf = None
         self.active = active_listener  # ActiveListener (stats, connections set)
+        # bytes read and written: the network filter's counters once it takes them (the HTTP
+        # connection manager's http.<prefix>.downstream_cx_rx/tx_bytes_total), else this
+        # connection's own count (a listener has no such stats in Envoy)
+        self.rx_ctr = _Bytes()
+        self.tx_ctr = _Bytes()
         self.listener = active_listener.config
         self.transport = None
         self.chain = None
@@ -244,6 +256,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.stream_info.requested_server_name = self.info.server_name
         filters = self.filters = [f.create(self) for f in chain.filter_factories]
         for f in filters:
+            take = getattr(getattr(f, "stats", None), "take_connection_bytes", None)
+            if take is not None:
+                take(self)
+        for f in filters:
             if f.on_new_connection() is STOP:
                 break
         if self.closed:
@@ -263,7 +279,7 @@ class DownstreamConnection(asyncio.Protocol):
                 return
 
     def data_received(self, data):
-        self.active.st_rx_bytes.value += len(data)
+        self.rx_ctr.value += len(data)
         wb = writebatch
         wb.depth += 1  # (writebatch.enter/leave, inlined)
         try:
@@ -343,7 +359,7 @@ class DownstreamConnection(asyncio.Protocol):
             self.wbuf = None
             if not self.closed:
                 data = b"".join(buf)  # (one bytes object: itself, no copy)
-                self.active.st_tx_bytes.value += len(data)
+                self.tx_ctr.value += len(data)
                 self.transport.write(data)
 
     def write_eof(self) -> None:

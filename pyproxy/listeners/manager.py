@@ -55,8 +55,6 @@ class ActiveListener:
         self.st_cx_active = s.gauge("downstream_cx_active")
         self.st_cx_destroy = s.counter("downstream_cx_destroy")
         self.st_no_filter_chain = s.counter("no_filter_chain_match")
-        self.st_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
-        self.st_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
         if any(getattr(c.transport_socket, "is_tls", False) for c in config.chains + [config.default_chain] if c):
