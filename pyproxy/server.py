@@ -437,6 +437,10 @@ class Server:
 
     # -- admin views ----------------------------------------------------------------------------------
     def state_name(self) -> str:
+        """The admin's state (/ready, /server_info): DRAINING while /healthcheck/fail holds on a
+        live server, as Envoy's serverState (the server.state gauge stays LIVE)."""
+        if self.state == LIVE and self.healthcheck_failed:
+            return "DRAINING"
         return STATE_NAMES[self.state]
 
     def server_info(self) -> dict:

@@ -141,8 +141,7 @@ class Cluster:
         if proto.HasField("upstream_bind_config"):
             self.source_address = proto.upstream_bind_config.source_address.address or None
         self.tcp_keepalive = tcp_keepalive(proto)
-        # circuit breakers (DEFAULT priority)
-        self.max_connections = self.max_pending_requests = self.max_requests = 1024
+        self.max_connections = self.max_pending_requests = self.max_requests = 1024  # (breakers: DEFAULT's)
         self.max_retries = 3
         self.retry_budget = None  # (budget_percent, min_retry_concurrency): replaces max_retries
         # both priorities' thresholds as configured, for /clusters (requests use DEFAULT's)
@@ -251,6 +250,7 @@ class Cluster:
         self.st_rq_completed = s.counter("upstream_rq_completed")
         self.st_rq_timeout = s.counter("upstream_rq_timeout")
         self.st_rq_per_try_timeout = s.counter("upstream_rq_per_try_timeout")
+        self.st_rq_per_try_idle_timeout = s.counter("upstream_rq_per_try_idle_timeout")
         self.st_rq_retry = s.counter("upstream_rq_retry")
         self.st_rq_retry_success = s.counter("upstream_rq_retry_success")
         self.st_rq_retry_overflow = s.counter("upstream_rq_retry_overflow")

@@ -374,13 +374,6 @@ class Router(RetryState):
         if self.request_complete:
             self._start_per_try(up)
 
-    def _start_per_try(self, up):
-        """Envoy starts an attempt's per-try timeout once it is bound and the whole request has
-        been received."""
-        pt = self.retry.per_try_timeout if self.retry is not None else 0
-        if pt and up.per_try_timer is None and not up.abandoned:
-            up.per_try_timer = self.cfg.loop.call_later(pt, up.on_per_try_timeout)
-
     def on_pool_failure(self, up, reason, flag, host):
         if self.done or not self._forget(up):
             return

@@ -14,6 +14,7 @@ import random
 
 from ...cluster.outlier import put_response
 from ...http.grpc_timeout import grpc_timeout_ms, to_grpc_timeout
+from .router_control import timeout_reply
 from .router_steps import retries_reset
 
 # a retry decision (Envoy's RetryStatus)
@@ -148,6 +149,37 @@ class RetryState:
         c.retries_in_backoff += 1
         self.retry_timer = self.cfg.loop.call_later(delay, self._do_retry)
         return R_YES
+
+    def _start_per_try(self, up):
+        """Envoy starts an attempt's per-try timeout and per-try idle timeout once it is bound and
+        the whole request has been received."""
+        r = self.retry
+        if r is None or up.abandoned:
+            return
+        if r.per_try_timeout and up.per_try_timer is None:
+            up.per_try_timer = self.cfg.loop.call_later(r.per_try_timeout, up.on_per_try_timeout)
+        if r.per_try_idle_timeout and up.idle_timer is None:
+            up.idle_timer = self.cfg.loop.call_later(r.per_try_idle_timeout, up.on_per_try_idle_timeout)
+
+    def on_per_try_idle_timeout(self, up):
+        """``per_try_idle_timeout``: nothing from attempt ``up`` for that long (Envoy's
+        onPerTryIdleTimeout): as a per-try timeout (retried when the policy retries resets), counted
+        and detailed apart; once the response started the stream is cut."""
+        if self.done or up is not self.upstream:
+            return
+        c = self.cluster
+        c.report_timeout(up.host)
+        if up.host is not None:
+            up.host.rq_timeout += 1
+        self.timeout_retry = True
+        c.st_rq_per_try_idle_timeout.value += 1
+        up.abandon()
+        self.upstream = None
+        if not self.response_started and self._maybe_retry_reset("reset", up):
+            return
+        if self._others_pending():
+            return
+        self._fail(*timeout_reply(self, "upstream_per_try_idle_timeout"))
 
     def _release_retry(self):
         if self.retry_held:

@@ -11,7 +11,7 @@ class UpstreamRequest:
     """One attempt: pool callbacks plus the response decoder for the bound connection."""
 
     __slots__ = ("router", "host", "encoder", "pending", "abandoned", "per_try_timer", "read_off",
-                 "retried")
+                 "retried", "idle_timer")
 
     def __init__(self, router, host):
         self.router = router
@@ -19,7 +19,7 @@ class UpstreamRequest:
         self.encoder = None
         self.pending = None
         self.abandoned = False
-        self.per_try_timer = None
+        self.per_try_timer = self.idle_timer = None  # (idle: the retry policy's per_try_idle_timeout)
         self.read_off = False
         self.retried = False  # hedging: a retry was started for this attempt, it keeps running
 
@@ -51,6 +51,8 @@ class UpstreamRequest:
     def on_upstream_headers(self, headers, end_stream):
         if end_stream:
             self._release_timers()
+        elif self.idle_timer is not None:
+            self._idle_restart()
         self.router.on_upstream_headers(self, headers, end_stream)
         if end_stream:
             self.encoder = None
@@ -58,6 +60,8 @@ class UpstreamRequest:
     def on_upstream_data(self, data, end_stream):
         if end_stream:
             self._release_timers()
+        elif self.idle_timer is not None:
+            self._idle_restart()
         self.router.on_upstream_data(self, data, end_stream)
         if end_stream:
             self.encoder = None
@@ -80,6 +84,16 @@ class UpstreamRequest:
     def on_per_try_timeout(self):
         self.per_try_timer = None
         self.router.on_per_try_timeout(self)
+
+    def on_per_try_idle_timeout(self):
+        self.idle_timer = None
+        self.router.on_per_try_idle_timeout(self)
+
+    def _idle_restart(self):
+        """Response bytes came: the per-try idle timeout starts again."""
+        self.idle_timer.cancel()
+        r = self.router
+        self.idle_timer = r.cfg.loop.call_later(r.retry.per_try_idle_timeout, self.on_per_try_idle_timeout)
 
     # request body streaming
     def send_data(self, data, end_stream):
@@ -109,6 +123,9 @@ class UpstreamRequest:
         if self.per_try_timer is not None:
             self.per_try_timer.cancel()
             self.per_try_timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def abandon(self):
         """Stop this attempt: cancel a queued request or reset the bound connection. True when
