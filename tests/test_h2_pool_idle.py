@@ -44,8 +44,13 @@ class Timer:
         self.cancelled = True
 
 
+class Counter:
+    value = 0
+
+
 class Cluster:
     idle_timeout = 10.0
+    st_cx_idle = Counter()  # (upstream_cx_idle_timeout)
 
 
 class Conn:

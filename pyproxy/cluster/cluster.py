@@ -237,6 +237,8 @@ class Cluster:
         self.st_cx_destroy_local_active = s.counter("upstream_cx_destroy_local_with_active_rq")
         self.st_cx_destroy_remote_active = s.counter("upstream_cx_destroy_remote_with_active_rq")
         self.st_cx_overflow = s.counter("upstream_cx_overflow")
+        self.st_cx_max_rq = s.counter("upstream_cx_max_requests")
+        self.st_cx_idle = s.counter("upstream_cx_idle_timeout")
         self.st_cx_none_healthy = s.counter("upstream_cx_none_healthy")
         self.st_cx_rx_bytes = s.counter("upstream_cx_rx_bytes_total")
         self.st_cx_tx_bytes = s.counter("upstream_cx_tx_bytes_total")
@@ -262,9 +264,7 @@ class Cluster:
         self.st_rq_tx_reset = s.counter("upstream_rq_tx_reset")
         self.st_rq_time = s.histogram("upstream_rq_time")
         self.st_membership_total = s.gauge("membership_total", accumulate=False)
-        self.st_membership_healthy = s.gauge("membership_healthy", accumulate=False)
-        self.st_membership = (self.st_membership_healthy, s.gauge("membership_degraded", accumulate=False),
-                              s.gauge("membership_excluded", accumulate=False))
+        self.st_membership = [s.gauge("membership_" + n, accumulate=False) for n in ("healthy", "degraded", "excluded")]
         self.st_membership_change = s.counter("membership_change")
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
         self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}

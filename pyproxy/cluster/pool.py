@@ -181,6 +181,8 @@ class UpstreamConnection(asyncio.Protocol):
         c.rq_attached -= 1
         mr = c.max_requests_per_connection
         if not keep_alive or self.codec.chunked_request or self.closed or (mr and self.requests >= mr):
+            if mr and self.requests >= mr:
+                c.st_cx_max_rq.value += 1
             self.close()
             return
         if pool.pending or pool.draining:
@@ -475,6 +477,7 @@ class Http1Pool(PoolBase):
             if conn.closed:
                 continue
             if now - conn.idle_since >= it:
+                self.cluster.st_cx_idle.value += 1
                 conn.close()
             else:
                 keep.append(conn)

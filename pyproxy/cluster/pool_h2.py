@@ -388,9 +388,10 @@ class Http2Pool(PoolBase):
         if self.pending:
             self._dispatch()
         if not conn.bound:
-            if conn.goaway or conn.draining or self.draining or (
-                    self.cluster.max_requests_per_connection and
-                    conn.requests >= self.cluster.max_requests_per_connection):
+            mr = self.cluster.max_requests_per_connection
+            if conn.goaway or conn.draining or self.draining or (mr and conn.requests >= mr):
+                if mr and conn.requests >= mr:
+                    self.cluster.st_cx_max_rq.value += 1
                 conn.close(None)
                 self._remove(conn)
             else:
@@ -432,6 +433,7 @@ class Http2Pool(PoolBase):
         if left > 0.001:
             conn.idle_handle = self.loop.call_later(left, self._idle_close, conn)
             return
+        self.cluster.st_cx_idle.value += 1
         conn.close(None)
         self._remove(conn)
 

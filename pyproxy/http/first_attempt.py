@@ -347,7 +347,10 @@ class FirstAttempt:
         upstream_timeout(self.cluster, self.host if self.encoder_up is not None else None)
         if self.response_started:
             self._abandon()
-            self.reset_stream("upstream_response_timeout")
+            si = self.stream_info  # (as Envoy's onUpstreamAbort: the flag and details, then the reset)
+            si.response_flags.add("UT")
+            si.response_code_details = "response_timeout"
+            self.reset_stream("response_timeout")
             return
         self._fail(*TIMEOUT)
 

@@ -84,14 +84,11 @@ class GrpcStatsConfig:
                 c.rq_time = cluster.scope.histogram("grpc." + method_key + "upstream_rq_time")
         return c
 
-    def method_key(self, path: str) -> str:
+    def method_key(self, parts) -> str:
         """``"<service>.<method>."`` when this method gets its own stats, else ``""``."""
         if not self.all_methods and self.allow is None:
             return ""
-        parts = path.split("/")
-        if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
-            return ""
-        svc, method = parts[1], parts[2].split("?", 1)[0]
+        svc, method = parts
         if self.allow is not None and method not in self.allow.get(svc, ()):
             return ""
         if self.replace_dots:
@@ -148,8 +145,13 @@ class GrpcStatsFilter:
         ct = headers.get("content-type")
         if ct is None or not ct.startswith("application/grpc"):
             return CONTINUE
+        # (as Envoy's: only a call whose path is ``/<service>/<method>`` — query cut, empty segments
+        # skipped — is counted)
+        parts = [p for p in (headers.get(":path") or "").split("?", 1)[0].split("/") if p]
+        if len(parts) != 2:
+            return CONTINUE
         self.active = True
-        self.method_key = self.cfg.method_key(headers.get(":path") or "")
+        self.method_key = self.cfg.method_key(parts)
         self.start = time.monotonic()
         if self.cfg.emit_filter_state:
             self.req = _FrameCounter()

@@ -345,10 +345,13 @@ class Router(RetryState):
                 c.report_timeout(o.host)
             self._abandon_others(None)
         if self.response_started:
-            self.s.reset_stream("upstream_response_timeout")
+            si = self.s.stream_info  # (as Envoy's onUpstreamAbort: the flag and details, then the reset)
+            si.response_flags.add("UT")
+            si.response_code_details = "response_timeout"
+            self.s.reset_stream("response_timeout")
             self._done()
             return
-        self._fail(*router_control.timeout_reply(self, "upstream_response_timeout"))
+        self._fail(*router_control.timeout_reply(self, "response_timeout"))
 
     # -- upstream request callbacks (via UpstreamRequest) ------------------------------------------------
     def on_pool_ready(self, up, encoder):

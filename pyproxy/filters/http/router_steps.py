@@ -29,7 +29,7 @@ RESET_BODY = "upstream connect error or disconnect/reset before headers. "
 CHARGED = frozenset(("UF", "UR", "UC", "UT", "UO", "UPE"))
 # (status, body, response code details, response flag)
 NO_HEALTHY = (503, "no healthy upstream", "no_healthy_upstream", "UH")
-TIMEOUT = (504, "upstream request timeout", "upstream_response_timeout", "UT")
+TIMEOUT = (504, "upstream request timeout", "response_timeout", "UT")  # (the route timeout)
 OVERFLOW = (503, RESET_BODY + "reset reason: overflow", "upstream_reset_before_response_started{overflow}", "UO")
 # the header of a reply for a request the circuit breakers dropped (flag UO), unless the router's
 # suppress_envoy_headers (Envoy's onUpstreamAbort with ``dropped``)
