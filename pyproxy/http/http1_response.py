@@ -126,7 +126,8 @@ class Http1ResponseEncoder:
             self.body_left = 0
         else:
             self.body_left = int(cl) if cl is not None and cl.isdigit() else None
-        if self.drain_close or (self.response_close and not self.tunnel):
+        # (a response before the whole request was read closes the connection and says so, as Envoy's)
+        if self.drain_close or ((self.response_close or not self.request_complete) and not self.tunnel):
             self.response_close = True
             if cl is None and parts and parts[-1] in _FRAMING_LINES:
                 parts.insert(-1, "connection: close\r\n")  # (Envoy: the codec's framing line comes last)
@@ -248,7 +249,7 @@ class Http1ResponseEncoder:
                 if self.method != "HEAD":
                     self.response_chunked = True
                 add(b"transfer-encoding: chunked\r\n")
-        if self.response_close or self.drain_close:
+        if self.response_close or self.drain_close or not self.request_complete:  # (as encode_headers)
             self.response_close = True
             if cl is None and parts[-1] in _FRAMING_BYTES:
                 parts.insert(-1, b"connection: close\r\n")  # (Envoy: the codec's framing line comes last)
