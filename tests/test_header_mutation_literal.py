@@ -8,7 +8,8 @@ import random
 from pyproxy.filters.http.router_steps import finalize_request
 from pyproxy.http.headers import Headers
 from pyproxy.routing.header_mutation import (ADD_IF_ABSENT, APPEND_IF_EXISTS_OR_ADD, OVERWRITE_IF_EXISTS,
-                                             OVERWRITE_IF_EXISTS_OR_ADD, HeaderMutation, literal_tail)
+                                             OVERWRITE_IF_EXISTS_OR_ADD, HeaderMutation, literal_clear, literal_tail,
+                                             take_out)
 
 from test_routing import one_route, req
 
@@ -76,16 +77,23 @@ def _tail_applies(route, h, suppress, quiet):
     request_tail) for a request on the route's own cluster: True when it appended the tail."""
     t = route.req_tail
     if t is not None and (quiet or not t[3]) and (t[0] is None or t[0].isdisjoint(k for k, _ in h._h)):
+        if t[4] is not None and not t[4].isdisjoint(k for k, _ in h._h):
+            take_out(h._h, t[4])
+            _tail_applies.cleared += 1
         h._h += t[2] if suppress else t[1]
         return True
     return False
 
 
+_tail_applies.cleared = 0
+
+
 def test_request_tail_equals_finalize_request():
     """The compiled tail leaves the headers ``finalize_request`` leaves, for random routes
     (literal and overwriting mutations on route and vhost, timeouts, attempt counts, rewrites,
-    formatted values), requests with and without the names, the router's suppress flag on and
-    off, quiet or not."""
+    formatted values), requests with and without the names (those the route overwrites or
+    removes whatever the request has, as a client sidecar's request carries its route's header,
+    taken out first; once or twice), the router's suppress flag on and off, quiet or not."""
     rnd = random.Random(11)
     actions = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD", "OVERWRITE_IF_EXISTS")
     names = NAMES + ("x-envoy-expected-rq-timeout-ms", "x-envoy-attempt-count")
@@ -111,11 +119,41 @@ def test_request_tail_equals_finalize_request():
             extra = {n.replace("-", "_"): "req" for n in rnd.sample(names, rnd.randrange(0, 3))}
             suppress = rnd.random() < 0.3
             quiet = "x_envoy_attempt_count" not in extra and rnd.random() < 0.8
+            twice = [(n.replace("_", "-"), "again") for n in extra if rnd.random() < 0.2]
             want = req(user_agent="t", **extra)
+            want._h += twice + [("x-z", "after")]
             finalize_request(route, want, route.timeout, suppress, None, None, True, quiet)
             got = req(user_agent="t", **extra)
+            got._h += twice + [("x-z", "after")]
             if _tail_applies(route, got, suppress, quiet):
                 used += 1
                 assert got._h == want._h, (route_yaml, vhost, extra, suppress)
             checked += 1
-    assert used > 100 and checked == 1200
+    assert used > 100 and checked == 1200 and _tail_applies.cleared > 10, (used, _tail_applies.cleared)
+
+
+def test_literal_clear_with_the_names_present_equals_applying_the_sets():
+    """``literal_clear``'s names, present in the request (once or twice, among other headers),
+    change nothing but their own lines: ``take_out`` + the tail equals applying the sets."""
+    rnd = random.Random(5)
+    checked = 0
+    for _ in range(3000):
+        sets = [_random_set(rnd) for _ in range(rnd.randrange(1, 4))]
+        names, tail = literal_tail(sets)
+        clear = literal_clear(sets)
+        assert clear <= names
+        base = [(":method", "GET"), (":path", "/"), ("user-agent", "t")]
+        extra = []
+        for n in rnd.sample(NAMES, rnd.randrange(0, 4)):
+            extra += [(n, "req")] * rnd.choice((1, 1, 2)) + [("x-other", n)]
+        rnd.shuffle(extra)
+        h = Headers(base + extra)
+        for m in sets:
+            m.apply(h, None, h)
+        present = {k for k, _ in extra}
+        if (names - clear).isdisjoint(present):
+            got = base + extra
+            take_out(got, clear)
+            assert h._h == got + list(tail), (sets, extra)
+            checked += present & clear != set()
+    assert checked > 300, checked

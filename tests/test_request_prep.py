@@ -71,3 +71,56 @@ def test_merge_slashes_keeps_the_ends():
 ])
 def test_host_normalisation(host, dot, anyp, match, want):
     assert _normalize_host(host, dot, anyp, match) == want
+
+
+def test_every_dropped_name_is_watched():
+    """request_prep._mutate removes a lone watched line by name (``lone``): that is right only
+    while every name a drop set may remove, but the route table's internal_only_headers, is one
+    the scan watches."""
+    from pyproxy.http import request_prep as rp
+    for d in rp._NOT_INTERNAL.values():
+        assert d | rp.EDGE_ONLY <= rp._WATCH
+
+
+def _plan(use_remote: bool):
+    from types import SimpleNamespace
+
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb
+
+    from pyproxy.http.request_prep import PrepPlan
+    cfg = hcm_pb.HttpConnectionManager(stat_prefix="t")
+    cfg.use_remote_address.value = use_remote
+    cfg.preserve_external_request_id = True  # (an edge request keeps its id: comparable)
+    hcm = SimpleNamespace(headers_with_underscores_action=0, normalize_path=False, use_remote_address=use_remote,
+                          generate_request_id=True, ctx=None, routes=None)
+    return PrepPlan(cfg, hcm)
+
+
+def test_lone_removal_equals_the_full_scan():
+    """A request with one watched line to remove (a client sidecar's x-envoy-expected-rq-timeout-ms)
+    loses it by name; random requests (removable names once or twice, watched names kept, other
+    headers, edge or not) leave the same headers as the full removal, which a route table's
+    internal_only_headers (absent from the request) forces."""
+    import random
+    from types import SimpleNamespace
+
+    from pyproxy.http import request_prep as rp
+    from pyproxy.http.headers import Headers
+    conn = SimpleNamespace(ssl=None, info=SimpleNamespace(src_ip="10.1.2.3", dst_port=8080))
+    forced = SimpleNamespace(internal_only_headers=frozenset({"x-not-sent"}))
+    pool = sorted(rp.ENVOY_CONTROL | rp.EDGE_ONLY | rp.ALWAYS_DROP) + [
+        "x-client-trace-id", "x-forwarded-proto", "x-forwarded-for", "x-a", "x-b", "user-agent"]
+    rnd = random.Random(3)
+    lone = 0
+    for i in range(2000):
+        plan = _plan(i % 2 == 1)
+        h = [(":method", "GET"), (":path", "/"), (":authority", "a"), ("x-request-id", "r%d" % i)]
+        for n in rnd.sample(pool, rnd.randrange(1, 4)):
+            h += [(n, "v")] * rnd.choice((1, 1, 1, 2))
+        rnd.shuffle(h)
+        got, want = Headers(h), Headers(h)
+        r1 = rp.prepare(plan, conn, got, None)
+        r2 = rp.prepare(plan, conn, want, forced)
+        assert got._h == want._h and r1 == r2, h
+        lone += sum(1 for k, _ in h if k in rp._NOT_INTERNAL[rp._DROP_NO_UPGRADE]) == 1
+    assert lone > 300

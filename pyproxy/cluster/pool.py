@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
 
 from .. import writebatch
@@ -24,6 +25,11 @@ CONNECT_FAILURE = "connection failure"
 CONNECT_TIMEOUT = "connection timeout"
 OVERFLOW = "overflow"
 LOCAL_RESET = "local reset"
+
+
+def connect_error(e) -> str:
+    """A failed connect's error as Envoy words it (the errno's text: ``Connection refused``)."""
+    return os.strerror(e.errno) if getattr(e, "errno", None) else (e.strerror or str(e))
 
 
 def tcp_keepalive(proto):
@@ -298,7 +304,7 @@ class PoolBase:
                 self.connecting -= 1
                 self._cx_gone()
                 raise
-            self._connect_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e), timeout=False)
+            self._connect_failed("delayed connect error: %s" % connect_error(e), timeout=False)  # (Envoy's words)
             return
         self._connected(conn)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, Http1Pool, open_socket
+from .pool import CONNECT_TIMEOUT, Http1Pool, connect_error, open_socket
 
 log = logging.getLogger("pyproxy.pool")
 
@@ -98,7 +98,7 @@ class AutoProtocolPools:
             self._probe_failed(CONNECT_TIMEOUT)
             return
         except OSError as e:
-            self._probe_failed("%s (%s)" % (CONNECT_FAILURE, e.strerror or e))
+            self._probe_failed("delayed connect error: %s" % connect_error(e))
             return
         finally:
             if probe.transport is not None:

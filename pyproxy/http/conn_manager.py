@@ -32,6 +32,7 @@ H2_NOTE = frozenset(n.decode() for n in H1_NOTE)  # (the HTTP/2 codec's names ar
 
 # draining: how long an idle HTTP/1 connection is left open for a request already on its way
 DRAIN_IDLE_GRACE_S = 0.5
+_INF = float("inf")
 
 
 class _Health:
@@ -214,16 +215,14 @@ class HttpConnection:
             self.codec.on_close()
 
     def start_drain(self, graceful: bool = False):
-        """The listener is draining: close when idle, ask clients to go away otherwise.
-        ``graceful`` (admin ``/drain_listeners?graceful``, pilot-agent's pod shutdown): Envoy's
-        drain sequence, the listener's drain time closing what is left."""
+        """The listener is draining: close when idle, ask clients to go away otherwise. ``graceful``
+        (/drain_listeners?graceful, pod shutdown): Envoy's drain sequence, the drain time ends it."""
         if self.draining:
             return
         codec = self.codec
         if graceful and (codec is None or self.streams == 0):
-            # (no request yet, or an idle connection) Envoy takes the drain decision per request:
-            # the next one drains it (HTTP/1.1: connection: close; HTTP/2: the shutdown notice
-            # goes out with its response), as after /healthcheck/fail
+            # (no request yet, or idle) Envoy decides per request: the next one drains it (HTTP/1.1:
+            # connection: close; HTTP/2: shutdown notice with its response), as /healthcheck/fail
             self.health_check_failed()
             return
         self.draining = True
@@ -234,9 +233,8 @@ class HttpConnection:
             # (graceful: the shutdown notice, the final GOAWAY after drain_timeout)
             self._h2_drain_sequence() if graceful else codec.go_away()
         elif self.streams == 0:
-            # an idle HTTP/1 connection: a keep-alive client may be sending its next request
-            # right now; closing at once would lose it. It is closed once it has stayed idle a
-            # moment with nothing unread; a request that comes meanwhile gets connection: close.
+            # an idle HTTP/1 connection: closed once idle a moment with nothing unread (a request on
+            # its way would be lost by closing at once); one that comes meanwhile: connection: close
             self.cfg.loop.call_later(DRAIN_IDLE_GRACE_S, self._drain_idle)
 
     def health_check_failed(self) -> None:
@@ -292,8 +290,7 @@ class HttpConnection:
             self.codec.go_away()
 
     def _h2_drain_sequence(self) -> None:
-        """Envoy's HTTP/2 drain: the shutdown notice now (new streams still served), the final
-        GOAWAY after the HCM's drain_timeout, then close once the streams in flight are done."""
+        """Envoy's HTTP/2 drain: shutdown notice, final GOAWAY after drain_timeout, close when idle."""
         from .h2_common import shutdown_notice  # (h2 is loaded with the first HTTP/2 codec)
         shutdown_notice(self.codec)
         self.cfg.loop.call_later(self.cfg.drain_timeout, self._go_away)
@@ -524,12 +521,16 @@ class HttpConnection:
             for s in list(self.live):
                 if now - s.last_activity >= sit:
                     s.on_idle_timeout()
-        if cfg.idle_timeout and self.streams == 0 and now - self.last_activity >= cfg.idle_timeout:
+        if cfg.idle_timeout and not self.streams and now - self.last_activity >= cfg.idle_timeout:
             self.stats.cx_idle_timeout.value += 1
-            if self.is_h2:
-                self.codec.go_away()
-            self.conn.close(flush=True)
-            return
+            self.last_activity = _INF  # (counted again only after another stream, as Envoy's timer)
+            codec = self.codec
+            if codec is None:
+                self.conn.close(flush=True)
+                return
+            if not self.draining:  # Envoy's drain sequence (HTTP/1.1: close after drain_timeout)
+                self.draining = codec.drain_close = True
+                self._h2_drain_sequence() if self.is_h2 else cfg.loop.call_later(cfg.drain_timeout, self._drain_timeout)
         self.idle_handle = cfg.loop.call_later(self.tick, self._on_tick)
 
     # -- downstream write watermarks: stop/resume reading the upstream responses ---------------

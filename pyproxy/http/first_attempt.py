@@ -38,6 +38,7 @@ from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
                                          count_rx_reset, finalize_request, finalize_response, reset_failure, reset_flag,
                                          upstream_timeout)
+from ..routing.header_mutation import take_out
 from ..transport import upstream_tls_sans
 from . import h1_relay
 
@@ -139,6 +140,8 @@ class FirstAttempt:
         t = route.req_tail  # (finalize_request, compiled: routing/plan.py request_tail)
         if t is not None and choice is None and (self.quiet or not t[3]) and (
                 t[0] is None or t[0].isdisjoint(map(_first, headers._h))):
+            if t[4] is not None and not t[4].isdisjoint(map(_first, headers._h)):
+                take_out(headers._h, t[4])  # (the request's lines of names the route overwrites)
             headers._h += t[2] if cfg.router_suppress_envoy_headers else t[1]
         else:
             finalize_request(route, headers, timeout, cfg.router_suppress_envoy_headers,

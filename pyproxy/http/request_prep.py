@@ -349,6 +349,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     xfcc = None
     drop = None
     dropping = False  # the request has a header that may have to go
+    lone = None  # the name of the only such line, when it is the only one (False: more)
     multi = False  # a repeated x-forwarded-for / x-forwarded-client-cert (Envoy joins them into one)
     if scan:
         watch = plan.watch
@@ -375,11 +376,15 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                     if upgrade is None:
                         upgrade = v
                     dropping = True
+                    lone = False
                 elif k == "connection":
                     connection = v if connection is None else connection + "," + v
                     dropping = True
+                    lone = False
                 else:
-                    dropping = True  # (a header that is removed, at least from most requests)
+                    # (a header that is removed, at least from most requests)
+                    lone = k if not dropping else False
+                    dropping = True
         if ioh and not dropping and not ioh.isdisjoint(map(_first, h)):
             dropping = True
         if dropping:
@@ -452,7 +457,14 @@ def _mutate(plan, conn, headers, h, scan, ioh):
             drop |= EDGE_ONLY
         if ioh:
             drop |= ioh
-        _remove(h, drop)
+            _remove(h, drop)
+        elif lone:
+            # (every name in ``drop`` is watched: the lone line is the only one that may go, as
+            # on a client sidecar's request, its x-envoy-expected-rq-timeout-ms)
+            if lone in drop:
+                del h[[*map(_first, h)].index(lone)]
+        else:
+            _remove(h, drop)
     if plan.via:
         via = headers.get("via")
         headers.set("via", plan.via if not via else via + ", " + plan.via)

@@ -135,6 +135,41 @@ def literal_tail(mutations):
     return frozenset(names), tuple(tail)
 
 
+def literal_clear(mutations):
+    """Of ``literal_tail``'s names, those whose presence in the request changes nothing the sets
+    do but take the request's own lines out (a frozenset): the first thing the sets do with such a
+    name removes every line of it (a removal, or an overwrite with a value), and no set up to that
+    one checks whether it is present (ADD_IF_ABSENT, OVERWRITE_IF_EXISTS). On a header list that
+    has none of the other names, the sets leave the list without its lines of these names
+    (``take_out``), followed by ``literal_tail``'s tail."""
+    decided = set()
+    clear = set()
+    for m in mutations:  # (HeaderMutation.apply's order: removals first, then the adds' checks)
+        for name in m.remove:
+            if name not in decided:
+                decided.add(name)
+                clear.add(name)
+        for name, fmt, lit, action, keep_empty in m.add:
+            if action == ADD_IF_ABSENT or action == OVERWRITE_IF_EXISTS:
+                decided.add(name)  # (the check sees the request's line)
+        for name, fmt, lit, action, keep_empty in m.add:
+            if action == OVERWRITE_IF_EXISTS_OR_ADD and (lit or keep_empty) and name not in decided:
+                decided.add(name)
+                clear.add(name)
+    return frozenset(clear)
+
+
+def take_out(h, names) -> None:
+    """Remove every line of ``names`` (an iterable of header names) from the header list ``h``."""
+    for name in names:
+        ks = [*map(_first, h)]
+        if name in ks:
+            if ks.count(name) == 1:
+                del h[ks.index(name)]
+            else:
+                h[:] = [kv for kv in h if kv[0] != name]
+
+
 def compile_header_mutation(to_add, to_remove, field_prefix: str) -> HeaderMutation:
     """``to_add``: repeated HeaderValueOption; ``to_remove``: repeated string."""
     adds = []

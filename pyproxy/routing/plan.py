@@ -38,6 +38,7 @@ compiles (``compile_route`` calls ``plan_route`` last), never at the first reque
 from __future__ import annotations
 
 from ..http.http1_common import header_lines
+from .header_mutation import literal_clear
 
 # request headers a compiled route may not add (the HTTP/1.1 hop-by-hop and framing headers, and
 # the timeout header the stream appends itself)
@@ -134,22 +135,27 @@ def request_tail(e):
     """``req_tail``: what the router appends to the request headers of a first attempt on this
     route (filters/http/router_steps.py finalize_request, for a request no filter touched, on the
     route's own cluster, with the route's timeout), compiled, or None: ``(names, tail, tail when
-    the router suppresses its envoy headers, needs quiet)``. It applies to a request that has
-    none of ``names`` (None: no condition) and, when ``needs quiet``, no x-envoy-attempt-count
-    (the HTTP/1.1 codec's ``quiet``)."""
+    the router suppresses its envoy headers, needs quiet, clear)``. It applies to a request that
+    has none of ``names`` (None: no condition) and, when ``needs quiet``, no x-envoy-attempt-count
+    (the HTTP/1.1 codec's ``quiet``): the request's lines of the names in ``clear`` (None: none),
+    which the mutations overwrite or remove whatever the request has (header_mutation.py
+    ``literal_clear``), are taken out (``take_out``), then the tail is appended."""
     if e.kind != 0 or not e.cluster or e.fast_rewrites:
         return None
     names = frozenset()
     lit = ()
+    clear = frozenset()
     if e._req_mutations:
         if e.req_lit is None:
             return None
         names, lit = e.req_lit
         if not names.isdisjoint(_ROUTER_REQUEST_HEADERS):
             return None  # (finalize_request's check sees the router's own headers)
+        clear = literal_clear(e._req_mutations)
+        names = names - clear
     base = ((("x-envoy-attempt-count", "1"),) if e.include_request_attempt_count else ()) + tuple(lit)
     full = ((("x-envoy-expected-rq-timeout-ms", e.timeout_ms),) if e.timeout else ()) + base
-    return names or None, full, base, bool(e.include_request_attempt_count)
+    return names or None, full, base, bool(e.include_request_attempt_count), clear or None
 
 
 def compile_response_raw(mutations):

@@ -359,7 +359,8 @@ class Router(RetryState):
         body = self.body
         end = self.request_complete and not body and self.trailers is None
         if self.attempts > 1 or body or self.trailers is not None:
-            # a retry replays what was buffered; the first attempt streams
+            # a retry replays what was buffered (an earlier attempt's connect failure is not this one's)
+            self.s.stream_info.upstream_transport_failure_reason = ""
             encoder.encode_headers(headers, end)
             if body:
                 data = b"".join(body)

@@ -83,8 +83,10 @@ def connect_failure(reason: str, flag: str):
     if flag == "UO":
         return OVERFLOW
     why = "connection timeout" if reason.startswith("connection timeout") else "remote connection failure"
+    # (Envoy's details name the transport failure reason of a failed connect after the reset's)
+    tfr = "|" + reason if reason.startswith("delayed connect error") else ""
     return (503, RESET_BODY + "reset reason: " + why,
-            "upstream_reset_before_response_started{%s}" % why.replace(" ", "_"), "UF")
+            "upstream_reset_before_response_started{%s}" % (why + tfr).replace(" ", "_"), "UF")
 
 
 def reset_failure(reason: str):
