@@ -158,14 +158,15 @@ class H2ClientStream(OutStream):
         self.conn.want_flush()
 
     def reset(self) -> None:
-        """The router abandons the request: RST_STREAM(CANCEL) and free the slot."""
+        """The router abandons the request: RST_STREAM(INTERNAL_ERROR), as Envoy's local reset, and
+        free the slot."""
         if self.closed:
             return
         self.cancelled = True
         c = self.conn
         if c is not None and self.headers_sent and not c.closed:
             try:
-                c.h2.reset_stream(self.sid, ErrorCodes.CANCEL)
+                c.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.ProtocolError:
                 pass
             c.want_flush()
