@@ -17,7 +17,7 @@ from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = ('"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
        '%RESPONSE_CODE_DETAILS% %BYTES_RECEIVED% %BYTES_SENT% "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER%\n')
-KEYS = ("downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_rx_reset", "downstream_rq_completed",
+KEYS = ("downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_http2_total", "downstream_rq_rx_reset", "downstream_rq_completed",
         "downstream_rq_response_before_rq_complete", "downstream_rq_4xx", "downstream_cx_protocol_error")
 CASES = {
     "bad-header": b"GET /a HTTP/1.1\r\nHost: x\r\nbad header: 1\r\n\r\n",
@@ -59,9 +59,9 @@ def _run(cls, tmp):
     out = {}
     try:
         with cls(with_fresh_ports(_bs(be.port, log_path)), ["--file-flush-interval-msec", "100"]) as p:
-            for name, data in CASES.items():
+            for name, data in list(CASES.items()) + list(CASES_H2.items()):
                 s0 = p.stats()
-                status = _send(p.port, data)
+                status = data(p.port) if callable(data) else _send(p.port, data)
                 deadline = time.monotonic() + 3
                 lines = []
                 while time.monotonic() < deadline:
@@ -81,8 +81,27 @@ def _run(cls, tmp):
     return out
 
 
+def _h2_bad_pseudo(port):
+    """An HTTP/2 request with an unknown pseudo-header (``:foo``): the stream is reset."""
+    import hpack
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    blk = hpack.Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "x"),
+                                  (":foo", "1")])
+    try:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                  + len(blk).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + blk)
+        time.sleep(0.5)
+    finally:
+        s.close()
+    return "sent"
+
+
+CASES_H2 = {"h2-bad-pseudo": _h2_bad_pseudo}
+
+
 def test_streamless_rejections_logged_and_counted_like_envoy(tmp_path):
     px, env = _run(Pyproxy, str(tmp_path)), _run(Envoy, str(tmp_path))
     assert env["bad-header"][1] == ['"- - HTTP/1.1" 400 DPE http1.codec_error 0 11 "-" -'], env  # (the reference)
-    for name in CASES:
+    assert env["h2-bad-pseudo"][1] == ['"- - HTTP/2" 0 DPE http2.invalid.header.field 0 0 "-" -'], env
+    for name in list(CASES) + list(CASES_H2):
         assert px[name] == env[name], (name, px[name], env[name])

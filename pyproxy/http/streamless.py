@@ -17,6 +17,8 @@ def streamless_request(hc, protocol: str, status: int, details: str, protocol_er
     _rq_completed and _response_before_rq_complete; the reply's class is the caller's) and log
     the rejected request on ``hc`` (an ``HttpConnection``)."""
     st = hc.stats
+    if protocol == "HTTP/2" and protocol_error:  # (HTTP/1.1: on_codec_error counted it)
+        st.cx_protocol_error.value += 1
     st.rq_total.value += 1
     (st.rq_http2_total if protocol == "HTTP/2" else st.rq_http1_total).value += 1
     st.rq_rx_reset.value += 1
@@ -37,3 +39,10 @@ def streamless_request(hc, protocol: str, status: int, details: str, protocol_er
     req = Headers([])
     for al in logs:
         al.log(si, req, None, None)
+
+
+
+def bad_headers_details(err) -> str:
+    """Envoy's details for an HTTP/2 request its codec refused (checked for an unknown
+    pseudo-header; other refusals are given the same)."""
+    return "http2.invalid.header.field"
