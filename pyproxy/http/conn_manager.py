@@ -20,6 +20,7 @@ from .decorator import decorate
 from .local_reply import _date
 from .request_prep import WATCH_BYTES, Prepared, prepare
 from .stream import ActiveStream
+from .streamless import streamless_request
 
 log = logging.getLogger("pyproxy.http")
 
@@ -80,6 +81,7 @@ _new_stream = object.__new__
 class HttpConnection:
     """The HCM as a network filter on one downstream connection."""
 
+    streamless = streamless_request  # (a request refused before it has a stream: counted, logged)
     __slots__ = ("cfg", "conn", "codec", "stats", "streams", "idle_handle", "last_activity",
                  "draining", "closed", "is_h2", "protocol", "live", "tick", "dl_handle", "dl_at",
                  "rebound", "prepped", "rq_left", "dur_handle")
@@ -498,8 +500,7 @@ class HttpConnection:
         elif s is None and not codec.closed:
             codec.write_error(status, text, _date(), self.cfg.server_name)  # (no stream to answer it)
             st.rq_class[status // 100].value += 1
-            from .streamless import streamless_request  # (counted and logged as Envoy's stream)
-            streamless_request(self, "HTTP/1.1", status, details, status != 408, len(text))
+            self.streamless("HTTP/1.1", status, details, status != 408, len(text))  # (as Envoy's stream)
         codec.closed = True
         self.conn.close(flush=True)
 

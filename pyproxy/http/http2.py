@@ -34,7 +34,6 @@ from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_P
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
                         PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
 from .h2_headers import TRAILERS, BadAuthority, BadHeaders, BadLength, inbound_headers, request_fields
-from .streamless import bad_headers_details as _bad_headers_details, streamless_request
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
@@ -284,7 +283,7 @@ class Http2ServerCodec:
                 self.stats.rx_messaging_error.value += 1
             self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             # (Envoy has a stream for it: counted and logged, F22)
-            streamless_request(self.hc, "HTTP/2", 0, _bad_headers_details(err), True, 0)
+            self.hc.streamless("HTTP/2", 0, "http2.invalid.header.field", True, 0)
             return
         if length is None and not tunnel and not expect:
             # (the common case: no body announced, no CONNECT, no 100-continue)

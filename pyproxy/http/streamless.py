@@ -41,8 +41,3 @@ def streamless_request(hc, protocol: str, status: int, details: str, protocol_er
         al.log(si, req, None, None)
 
 
-
-def bad_headers_details(err) -> str:
-    """Envoy's details for an HTTP/2 request its codec refused (checked for an unknown
-    pseudo-header; other refusals are given the same)."""
-    return "http2.invalid.header.field"
