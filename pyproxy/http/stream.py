@@ -179,12 +179,9 @@ class ActiveStream(FirstAttempt):
         if route is None or route.kind != 0:
             return False  # no route or not a cluster route: the router answers (404, redirect...)
         kind = self.upgrade_type or "connect"
-        enabled = self.cfg.upgrades.get(kind)
-        if enabled is not None:
-            rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None
-            if rc is not None:
-                enabled = rc[0]
-        if enabled:
+        rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None  # (the route's word wins)
+        if (rc[0] if rc is not None else self.cfg.upgrades.get(kind)):
+            self.hc.stats.cx_upgrades_total.value += 1
             return False
         self.hc.stats.rq_ws_on_non_ws_route.value += 1
         self.send_local_reply(403, "", "upgrade_failed")

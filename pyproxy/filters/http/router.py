@@ -112,7 +112,7 @@ class Router(RetryState):
             else:
                 s.hc.stats.rq_redirect.value += 1
                 loc = route.redirect_location(headers)
-                s.send_local_reply(route.redirect_status, "", "via_route", headers={"location": loc})
+                s.send_local_reply(route.redirect_status, "", "direct_response", headers={"location": loc})
             return STOP
         name, choice = route.select_cluster(headers, random.getrandbits(32))
         self.choice = choice
