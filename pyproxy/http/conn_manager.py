@@ -489,8 +489,6 @@ class HttpConnection:
         st = self.stats
         if text is None:
             st.cx_protocol_error.value += 1
-        if status == 431:
-            st.rq_too_large.value += 1
         s = codec.stream
         # Envoy answers a missing Host with an empty 400, other codec errors with the reason phrase
         if text is None:

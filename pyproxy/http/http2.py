@@ -80,7 +80,7 @@ class Http2ServerCodec:
         lim = getattr(getattr(conn, "listener", None), "buffer_limit", 0) or 1024 * 1024
         self.stream_high = lim
         self.max_streams = opts.max_concurrent_streams
-        self.max_fields = opts.max_headers + 4  # (pseudo-headers not counted)
+        self.max_fields = opts.max_headers  # (pseudo-headers counted too, as Envoy)
         self.h2 = new_h2(False, opts)
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         if self.lean:
@@ -341,8 +341,7 @@ class Http2ServerCodec:
             return
         if st is not None:
             st.header_overflow.value += 1
-        self.hc.stats.rq_too_large.value += 1
-        self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy
+        self.h2.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)  # as Envoy (no downstream_rq_too_large)
 
     def _on_data(self, sid: int, data, n: int, end: bool) -> None:
         s = self.streams.get(sid)

@@ -39,7 +39,7 @@ def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag
     if is_grpc:
         h.add("content-type", "application/grpc")
         h.add("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status)))
-        if body:  # (Envoy: no grpc-message for an empty body)
+        if b:  # (Envoy sends no grpc-message for an empty body)
             h.add("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))
         b = b""
     elif b:
