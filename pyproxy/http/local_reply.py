@@ -39,15 +39,14 @@ def send_local_reply(self, status: int, body: str | bytes, details: str, *, flag
     if is_grpc:
         h.add("content-type", "application/grpc")
         h.add("grpc-status", str(grpc_status if grpc_status is not None else _grpc_status(status)))
-        h.add("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))
+        if b:  # (Envoy sends no grpc-message for an empty body)
+            h.add("grpc-message", (body if isinstance(body, str) else body.decode("latin-1")))
         b = b""
     elif b:
         h.add("content-length", str(len(b)))
         h.add("content-type", "text/plain")
     h.add("date", _date())
-    if (close or not self.remote_complete) and not self.hc.is_h2:
-        # (HTTP/1.1 answered before its request was read: the connection closes after the reply,
-        # and says so, as Envoy's)
+    if close and not self.hc.is_h2:  # (a reply before the request was read: the encoder closes)
         self.encoder.response_close = True
     r = self.router
     if r is not None:

@@ -500,6 +500,8 @@ class Router(RetryState):
     def _direct_reply(self, status, body, headers):
         s = self.s
         b = body or b""
+        if (headers.get("content-type") or "").startswith("application/grpc"):  # (a gRPC reply, as Envoy's)
+            return s.send_local_reply(status, b, "direct_response")
         h = Headers([(":status", str(status))])
         if b:
             h.add("content-length", str(len(b)))
