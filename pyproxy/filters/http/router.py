@@ -470,31 +470,7 @@ class Router(RetryState):
         self.s.reset_stream(si.response_code_details)
 
     def on_per_try_timeout(self, up):
-        if self.done or up is not self.upstream:
-            return
-        c = self.cluster
-        c.report_timeout(up.host)
-        if up.host is not None:
-            up.host.rq_timeout += 1
-        self.timeout_retry = True  # (the retry it may cause says so: _retry_headers)
-        if self.hedge:
-            # Envoy's soft per-try timeout: this attempt keeps going, and another one starts if
-            # a retry is left (always retriable, whatever retry_on says)
-            if not self.response_started and self._should_retry() == R_YES:
-                up.retried = True
-                if self.others is None:
-                    self.others = []
-                self.others.append(up)
-                self.upstream = None
-            return
-        c.st_rq_per_try_timeout.value += 1
-        up.abandon()
-        self.upstream = None
-        if not self.response_started and self._maybe_retry_reset("reset", up):
-            return
-        if self._others_pending():
-            return
-        self._fail(*router_control.timeout_reply(self, "upstream_per_try_timeout"))
+        self.attempt_timed_out(up, "st_rq_per_try_timeout", "upstream_per_try_timeout", self.hedge)
 
     # -- endings ------------------------------------------------------------------------------------
     def _direct_reply(self, status, body, headers):

@@ -165,21 +165,37 @@ class RetryState:
         """``per_try_idle_timeout``: nothing from attempt ``up`` for that long (Envoy's
         onPerTryIdleTimeout): as a per-try timeout (retried when the policy retries resets), counted
         and detailed apart; once the response started the stream is cut."""
+        self.attempt_timed_out(up, "st_rq_per_try_idle_timeout", "upstream_per_try_idle_timeout", False)
+
+    def attempt_timed_out(self, up, counter: str, details: str, hedge: bool):
+        """Attempt ``up``'s per-try or per-try idle timer fired: the host and the outlier detector
+        hear of it; with ``hedge`` (Envoy's soft per-try timeout) the attempt keeps going and
+        another starts if a retry is left (always retriable, whatever retry_on says); otherwise the
+        cluster's ``counter`` counts it, the attempt is abandoned, and it is retried as a reset
+        when the policy allows, else the stream fails with ``details``."""
         if self.done or up is not self.upstream:
             return
         c = self.cluster
         c.report_timeout(up.host)
         if up.host is not None:
             up.host.rq_timeout += 1
-        self.timeout_retry = True
-        c.st_rq_per_try_idle_timeout.value += 1
+        self.timeout_retry = True  # (the retry it may cause says so: _retry_headers)
+        if hedge:
+            if not self.response_started and self._should_retry() == R_YES:
+                up.retried = True
+                if self.others is None:
+                    self.others = []
+                self.others.append(up)
+                self.upstream = None
+            return
+        getattr(c, counter).value += 1
         up.abandon()
         self.upstream = None
         if not self.response_started and self._maybe_retry_reset("reset", up):
             return
         if self._others_pending():
             return
-        self._fail(*timeout_reply(self, "upstream_per_try_idle_timeout"))
+        self._fail(*timeout_reply(self, details))
 
     def _release_retry(self):
         if self.retry_held:
