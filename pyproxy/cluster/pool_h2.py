@@ -23,7 +23,7 @@ from h2.errors import ErrorCodes
 
 from ..http.h2_client import REFUSED, REMOTE_RESET, TERMINATED, H2ClientStream, Http2ClientCodec
 from ..http.h2_common import H2Options, H2Stats
-from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase, attach_transport
+from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, PoolBase, PendingRequest, attach_transport
 
 def cluster_options(cluster) -> H2Options:
     o = getattr(cluster, "h2_compiled_options", None)
@@ -181,18 +181,6 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
             self.pool.on_connection_closed(self, first and not timed_out, active)
 
 
-class _Pending:
-    __slots__ = ("cb", "cancelled", "stream")
-
-    def __init__(self, cb):
-        self.cb = cb
-        self.cancelled = False
-        self.stream = None  # a request being replayed after GOAWAY / REFUSED_STREAM
-
-    def cancel(self):
-        self.cancelled = True
-
-
 class Http2Pool(PoolBase):
     """Multiplexed HTTP/2 connections to one host."""
 
@@ -222,10 +210,8 @@ class Http2Pool(PoolBase):
                     self._bind(conn, H2ClientStream(cb))
                 return None
         if c.pending_total >= c.max_pending_requests:
-            c.st_pending_overflow.value += 1
-            cb.on_pool_failure(OVERFLOW, "UO", self.host)
-            return None
-        p = _Pending(cb)
+            return self._pending_overflow(cb)
+        p = PendingRequest(cb)
         self._queue(p)
         if self.connecting == 0:
             if c.cx_total_active >= c.max_connections:
@@ -235,30 +221,6 @@ class Http2Pool(PoolBase):
             else:
                 self._connect()
         return p
-
-    def _queue(self, p, front: bool = False):
-        c = self.cluster
-        if front:
-            self.pending.appendleft(p)
-        else:
-            self.pending.append(p)
-        c.pending_total += 1
-        c.st_rq_pending_total.value += 1
-        c.st_rq_pending_active.inc()
-
-    def _pending_done(self):
-        c = self.cluster
-        c.pending_total -= 1
-        c.st_rq_pending_active.dec()
-
-    def _fail_pending(self, p, reason, flag):
-        try:
-            self.pending.remove(p)
-        except ValueError:
-            return
-        self._pending_done()
-        if not p.cancelled:
-            self._fail(p, reason, flag)
 
     def _fail(self, p, reason, flag):
         if flag == "UF":
@@ -270,13 +232,6 @@ class Http2Pool(PoolBase):
                 s.cb.on_upstream_reset(REFUSED)
         else:
             p.cb.on_pool_failure(reason, flag, self.host)
-
-    def _overflow(self, cb):
-        """``max_requests`` is reached as ``cb`` would get a stream: it fails with overflow,
-        counted in ``upstream_rq_active_overflow`` (Envoy checks the requests resource when a
-        stream is attached; a queued request is bounded by ``max_pending_requests`` alone)."""
-        self.cluster.st_rq_active_overflow.value += 1
-        cb.on_pool_failure(OVERFLOW, "UO", self.host)
 
     def _bind(self, conn, s):
         # (an armed idle timer stays: it finds the connection busy, see _idle)
@@ -299,7 +254,7 @@ class Http2Pool(PoolBase):
         h = self.host
         h.rq_active -= 1
         self.cluster.rq_attached -= 1
-        p = _Pending(s.cb)
+        p = PendingRequest(s.cb)
         p.stream = s
         self._queue(p, front=True)
         self._dispatch()
