@@ -22,7 +22,7 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from ..http.h2_client import REFUSED, REMOTE_RESET, TERMINATED, H2ClientStream, Http2ClientCodec
-from ..http.h2_common import H2Options
+from ..http.h2_common import H2Options, H2Stats
 from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, PoolBase, PendingRequest, attach_transport
 
 def cluster_options(cluster) -> H2Options:
@@ -45,7 +45,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
                  "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "idle_since",
                  "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
-                 "extended_connect", "tx_counter", "max_requests", "is_tls")
+                 "extended_connect", "tx_counter", "max_requests", "is_tls", "st_tx_reset", "st_rx_reset")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -64,6 +64,11 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self.max_requests = cluster.max_requests_per_connection
         self.ready_timer = None
         self.is_tls = True  # (until connected: over TLS when the transport has a TLS layer)
+        st = cluster.__dict__.get("h2_codec_stats")
+        if st is None:  # (cluster.<c>.http2.*, made with the cluster's first HTTP/2 connection, as Envoy's)
+            st = cluster.h2_codec_stats = H2Stats(cluster.scope)
+        self.st_tx_reset = st.tx_reset  # (RST_STREAM sent / received: see Http2ClientCodec)
+        self.st_rx_reset = st.rx_reset
 
     # -- capacity -----------------------------------------------------------------------------------
     def capacity(self) -> int:
