@@ -502,6 +502,42 @@ class HttpBackend:
         self.close()
 
 
+class HoldingBackend(HttpBackend):
+    """An HttpBackend that holds each request for ``/hold`` until ``release()`` (10 s at most) and
+    answers the others at once: requests in flight on demand."""
+
+    HOLD = b"GET /hold HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n"
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.clients: list = []
+        super().__init__(self._hold)
+
+    def _hold(self, req, sock):
+        if req.path == "/hold":
+            self.released.wait(10)
+        return simple_response(200, b"ok")
+
+    def hold(self, port: int, timeout: float = 5.0) -> None:
+        """Send ``GET /hold`` to ``port`` (from a thread) and wait until it is held here (bounded)."""
+        t = threading.Thread(target=raw, args=(port, self.HOLD), kwargs={"timeout": 12}, daemon=True)
+        t.start()
+        self.clients.append(t)
+        deadline = time.monotonic() + timeout
+        while not any(r.path == "/hold" for r in self.requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        """Answer the held requests and wait for their clients (bounded)."""
+        self.released.set()
+        for t in self.clients:
+            t.join(5)
+
+    def close(self):
+        self.release()
+        super().close()
+
+
 class TcpBackend:
     """A threaded TCP server; ``handler(sock)`` runs per connection (default: echo until EOF)."""
 
