@@ -117,7 +117,7 @@ class H2Stats:
     __slots__ = ("rx_reset", "tx_reset", "header_overflow", "goaway_sent", "outbound_control_flood",
                  "inbound_priority_frames_flood", "inbound_empty_frames_flood", "inbound_window_update_frames_flood",
                  "rx_messaging_error",
-                 "keepalive_timeout", "streams_refused", "trailers")
+                 "keepalive_timeout", "streams_refused", "trailers", "header_list_size_too_large")
 
     def __init__(self, store):
         s = store.scope("http2.")

@@ -39,6 +39,7 @@ from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
 from .h2engine_frames import WindowUpdateFlood
 from .headers import Headers
+from .streamless import header_list_too_large
 
 log = logging.getLogger("pyproxy.http2")
 
@@ -85,6 +86,7 @@ class Http2ServerCodec:
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         if self.lean:
             self.h2.stream_cls = H2ServerStream  # (the engine's stream state on our stream objects)
+            self.h2.oversized = lambda sid: header_list_too_large(self, sid)  # (http/streamless.py)
         bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
