@@ -32,14 +32,13 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
+                        PREMATURE_RESET_STREAMS, bound_window_updates, header_list_too_large, new_h2, server_options)
 from .h2_headers import TRAILERS, BadAuthority, BadHeaders, BadLength, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
 from .h2engine import H2Engine
 from .h2engine_frames import WindowUpdateFlood
 from .headers import Headers
-from .streamless import header_list_too_large
 
 log = logging.getLogger("pyproxy.http2")
 
@@ -86,7 +85,7 @@ class Http2ServerCodec:
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         if self.lean:
             self.h2.stream_cls = H2ServerStream  # (the engine's stream state on our stream objects)
-            self.h2.oversized = lambda sid: header_list_too_large(self, sid)  # (http/streamless.py)
+            self.h2.oversized = lambda sid: header_list_too_large(self, sid)  # (h2_common.py)
         bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
