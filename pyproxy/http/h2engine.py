@@ -77,7 +77,7 @@ class H2Engine(FrameReceiver):
         self.streams: dict = {}
         self.closed: dict = {}  # sid -> ENDED / RESET_LOCAL / RESET_REMOTE (the last CLOSED_MEMORY)
         self.closed_floor = 0  # highest stream id forgotten from ``closed``
-        self.oversized = None  # server side: told of a request reset for its header list size (sid)
+        self.oversized = None  # server side: the codec told of a request reset for its header list size
         self.highest_inbound_stream_id = 0
         self.highest_outbound_stream_id = 0
         self.peer_odd = 0 if client_side else 1  # parity of the stream ids the peer opens

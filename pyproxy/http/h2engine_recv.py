@@ -274,14 +274,14 @@ class FrameReceiver:
     def _refuse_oversized(self, sid: int) -> bool:
         """A new request whose header list is over the limit (the HPACK table took the whole
         block, so it stays in step): its stream is reset (INTERNAL_ERROR) and the codec told
-        (``oversized``); the connection goes on, as Envoy's does. False: not such a request."""
+        (``oversized.header_list_too_large``); the connection goes on, as Envoy's does. False: not such a request."""
         if self.oversized is None or self.client_side or sid in self.streams or (sid & 1) != self.peer_odd \
                 or sid <= self.highest_inbound_stream_id:
             return False
         self.highest_inbound_stream_id = sid
         self.out.append(_pack_hdr(4 << 8 | RST_STREAM, 0, sid) + _U32.pack(int(ErrorCodes.INTERNAL_ERROR)))
         self.closed[sid] = RESET_LOCAL
-        self.oversized(sid)
+        self.oversized.header_list_too_large(sid)
         return True
 
     def _header_block(self, sid: int, flags: int, block: bytes, self_dep: bool, events: list) -> None:

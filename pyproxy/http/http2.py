@@ -51,6 +51,7 @@ class Http2ServerCodec:
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
                  "rht_sid", "max_streams", "max_fields", "note")
+    header_list_too_large = header_list_too_large  # (h2_common.py)
 
     def __init__(self, conn, hc, cfg, note=None):
         self.conn = conn
@@ -85,7 +86,7 @@ class Http2ServerCodec:
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         if self.lean:
             self.h2.stream_cls = H2ServerStream  # (the engine's stream state on our stream objects)
-            self.h2.oversized = lambda sid: header_list_too_large(self, sid)  # (h2_common.py)
+            self.h2.oversized = self  # (its header_list_too_large(sid): a request reset for its size)
         bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None
