@@ -275,6 +275,23 @@ def proxies(with_envoy: bool = True):
     return [Pyproxy] + ([Envoy] if with_envoy and ENVOY else [])
 
 
+REFERENCE_ENV = dict(os.environ, PYPROXY_REFERENCE="1")  # (the plain filter-by-filter reference mode)
+
+
+def three_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy, by pyproxy in its
+    reference mode and by Envoy; yields {"pyproxy": p, "reference": p, "envoy": p} and stops them."""
+    out = {}
+    try:
+        out["pyproxy"] = Pyproxy(with_fresh_ports(bs))
+        out["reference"] = Pyproxy(with_fresh_ports(bs), env=REFERENCE_ENV)
+        out["envoy"] = Envoy(with_fresh_ports(bs))
+        yield out
+    finally:
+        for p in out.values():
+            p.stop()
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
     """Poll ``pred()`` until it returns something true or ``timeout`` passes (bounded); returns its
     last value."""
@@ -686,11 +703,13 @@ def recv_until(s: socket.socket, timeout: float, done=None, buf: bytes = b"", re
         s.settimeout(old)
 
 
-def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False) -> bytes:
-    """Send ``data`` on a new connection and read until the peer closes it: everything read. A
-    peer that has not closed within ``timeout`` seconds (socket.timeout) or resets the connection
-    (ConnectionResetError; unless ``resets``: a close) is an error."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False, source: str | None = None) -> bytes:
+    """Send ``data`` on a new connection (from ``source``, an address of this host, if given) and
+    read until the peer closes it: everything read. A peer that has not closed within ``timeout``
+    seconds (socket.timeout) or resets the connection (ConnectionResetError; unless ``resets``: a
+    close) is an error."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     try:
         s.sendall(data)
         buf, how = recv_until(s, timeout, resets=resets)
