@@ -317,6 +317,18 @@ def run_pyproxy(args, timeout: float = 20.0, **kw) -> subprocess.CompletedProces
                           text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+def validate(bs: dict) -> subprocess.CompletedProcess:
+    """``pyproxy validate`` on the bootstrap ``bs`` (written to a temporary file, removed after)."""
+    d = tempfile.mkdtemp(prefix="px-validate-")
+    try:
+        p = os.path.join(d, "bs.json")
+        with open(p, "w") as f:
+            json.dump(bs, f)
+        return run_pyproxy(["validate", p])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------- backends
 
 class Request:
