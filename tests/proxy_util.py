@@ -145,6 +145,19 @@ def one_route_bootstrap(backend_ports, *, route_extra=None, hcm_extra=None, clus
 
 # ---------------------------------------------------------------------------------- processes
 
+def kill_process(proc: subprocess.Popen, wait: float = 5.0) -> None:
+    """SIGKILL ``proc`` (by its PID) if it still runs, then reap it (bounded)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class _Proc:
     """A proxy subprocess on a bootstrap; context manager; killed by PID."""
 
@@ -234,15 +247,7 @@ class _Proc:
             os.kill(self.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
         self._log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -327,6 +332,27 @@ def validate(bs: dict) -> subprocess.CompletedProcess:
         return run_pyproxy(["validate", p])
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def cyclic_garbage(monkeypatch, harness: str, args) -> "collections.Counter":
+    """Run the socket-free benchmark harness ``benchmarks/<harness>.py`` (its ``main(args)`` must
+    return 0) with the collector keeping whatever it finds in reference cycles from the harness's
+    ``gc.freeze()`` on (after its setup); returns those objects counted by type name."""
+    import collections
+    import gc
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    mod = importlib.import_module(harness)
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
+    try:
+        assert mod.main(list(args)) == 0
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------- backends
