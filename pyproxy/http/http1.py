@@ -29,6 +29,8 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"conn
                       b"proxy-connection", b"te", b"upgrade", b"host"))
 _FRAMING_NAMES = frozenset(n.decode() for n in _FRAMING - {b"host"})
 _strip = bytes.strip
+# where the URL starts in a request line with single spaces, by method (up to 9 bytes: on_headers_complete)
+_URL_AT = {m: len(m) + 1 for m in _METHOD_NAMES if len(m) <= 9}
 _new_headers = Headers.__new__
 
 
@@ -62,7 +64,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
         "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct", "body_left",
-        "feed_len", "split_head",
+        "feed_len", "split_head", "data",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -115,6 +117,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.headers_done = False
         # the bytes being parsed, and a head begun in earlier ones (one read <= max_header_bytes bounds it)
         self.feed_len = self.split_head = 0
+        # the bytes being parsed while no request ended in them yet (False once one did): a head
+        # that starts them shows its version line there (on_headers_complete)
+        self.data = False
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
@@ -156,6 +161,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         # between requests too
         counts = not self.headers_done
         self.feed_len = len(data)
+        self.data = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -317,8 +323,10 @@ class Http1ServerCodec(Http1ResponseEncoder):
         raw = self.hdrs
         url = self.url
         if raw:
+            d = self.data
             if self.split_head or self.feed_len > self.max_header_bytes:  # (else one short read held it)
                 self.split_head = False
+                d = False  # (the head began in earlier bytes)
                 if len(url) + sum(map(len, raw)) > self.max_header_bytes:
                     raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
@@ -347,16 +355,29 @@ class Http1ServerCodec(Http1ResponseEncoder):
             else:
                 rest, authority = self._framing(names, values)
         else:
+            d = False
             authority = None
             rest = ()
             self.ct = False
         if authority is not None and authority not in _AUTH_OK and not authority_ok(authority):
             raise ProtocolError(400, "http.invalid_authority")  # (http/authority.py: as Envoy)
         p = self.parser
-        method = _METHOD_NAMES.get(p.get_method())
+        m = p.get_method()
+        method = _METHOD_NAMES.get(m)
         if method is None:
             raise ProtocolError(400, "http1.codec_error")
-        version = p.get_http_version()
+        # HTTP/1.1 read off the request line when the bytes being parsed start with this head
+        # (``d``: no request ended in them before it, and not split after its URL began), instead of
+        # from llhttp's numbers, which get_http_version formats into a new string per request. The
+        # line's only CR ends it, so " HTTP/1.1\r\n" where single spaces put the version is the
+        # version; with more spaces it is not found there. (Bytes that begin in an earlier part of the
+        # method or its spaces put that place at most len(method) - 10 bytes past the line's end:
+        # _URL_AT has the methods of up to 9 bytes only.)
+        i = _URL_AT.get(m) if d else None
+        if i is not None and d[(i := i + len(url)):i + 11] == b" HTTP/1.1\r\n":
+            version = "1.1"
+        else:
+            version = p.get_http_version()
         url = url.decode("latin-1")
         if (version == "1.1" and not self.watched and url[:1] == "/" and authority is not None
                 and "#" not in url and method != "CONNECT"):
@@ -514,8 +535,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
     def on_message_complete(self):
         if self.watched or self.h2c or self.cur_events is not None:
             return self._message_done()
-        # (the common case: no body, nothing _framing recorded, not queued behind another request)
-        self.msg_started = self.headers_done = self.noted = False  # (noted: _noting)
+        # (the common case: no body, nothing _framing recorded, not queued behind another request;
+        # data: a request ended in the bytes being parsed)
+        self.msg_started = self.headers_done = self.noted = self.data = False  # (noted: _noting)
         self.request_complete = True
 
     def _message_done(self):
@@ -526,8 +548,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             if self.content_length:
                 self.h2c_left = self.content_length
                 return
-        self.msg_started = False
-        self.headers_done = False
+        self.msg_started = self.headers_done = self.data = False
         if self.watched:
             had_body = self.chunked or (self.content_length or 0) > 0
             if self.chunked:
