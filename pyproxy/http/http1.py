@@ -19,7 +19,8 @@ import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
 from .headers import Headers, coalesce
-from .http1_common import HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error
+from .http1_common import (HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error,
+                           request_framing)
 from .http1_response import Http1ResponseEncoder
 
 
@@ -32,10 +33,6 @@ _strip = bytes.strip
 # where the URL starts in a request line with single spaces, by method (up to 9 bytes: on_headers_complete)
 _URL_AT = {m: len(m) + 1 for m in _METHOD_NAMES if len(m) <= 9}
 _new_headers = Headers.__new__
-
-
-# headers a Connection header may not nominate (hop-by-hop removal would drop them): Envoy answers 400
-_NOT_HOP_BY_HOP = frozenset(("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
 
 
 def _new_request_parser(proto):
@@ -255,53 +252,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         if len(self.url) + sum(map(len, h)) > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
 
-    def _framing(self, names: list, values: list):
-        """The head carries framing, hop-by-hop or noted headers: checked one by one (as Envoy
-        does). Returns ``(regular headers, authority)``; Host and ``Expect: 100-continue`` are
-        consumed (the first becomes ``:authority``)."""
-        self.watched = True
-        watch = self.watch_nohost
-        note = self.note
-        authority = None
-        out = []
-        for n, v in zip(names, values):
-            if n == "host":
-                # becomes :authority (the codec's headers never carry a host header)
-                if authority is not None:
-                    raise ProtocolError(400, "http1.codec_error")
-                authority = v
-                continue
-            if n in watch:
-                if n == "content-length":
-                    if not v.isdigit() or not v.isascii() or len(v) > 18:
-                        raise ProtocolError(400, "http1.invalid_content_length")
-                    if self.content_length is not None:
-                        raise ProtocolError(400, "http1.multiple_content_length")
-                    self.content_length = int(v)
-                elif n == "transfer-encoding":
-                    if self.te_seen:
-                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
-                    self.te_seen = True
-                    if v.lower() != "chunked":
-                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
-                    self.chunked = True
-                elif n == "expect" and v.lower() == "100-continue":
-                    self.expect_continue = True
-                    continue
-                elif n == "connection" and not _NOT_HOP_BY_HOP.isdisjoint(t.strip() for t in v.lower().split(",")):
-                    raise ProtocolError(400, "http1.connection_header_rejected")  # (as Envoy)
-                if n in note:
-                    self.noted = True
-                else:
-                    self.hop_seen = True  # (framing or hop-by-hop)
-            out.append((n, v))
-        if self.chunked:
-            if self.content_length is not None:
-                raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
-            self.max_flat = len(self.hdrs)  # trailers to come: each one is checked (_over_limit)
-        else:
-            self.hdrs = []
-        return out, authority
+    _framing = request_framing  # (http1_common.py)
 
     def _noting(self) -> bool:
         """The head has noted names and no framing or hop-by-hop one: ``noted``, nothing else to
