@@ -94,6 +94,23 @@ class ThreadedH2Upstream:
         self.sock.close()
 
 
+class ResetRecordingUpstream(ThreadedH2Upstream):
+    """A scripted upstream that records the error code of each RST_STREAM the proxy sends it
+    (``resets``; ``got`` is set at the first)."""
+
+    poll = 0.05
+
+    def __init__(self):
+        super().__init__()
+        self.resets = []
+        self.got = threading.Event()
+
+    def on_event(self, conn, ev, state):
+        if isinstance(ev, E.StreamReset):
+            self.resets.append(int(ev.error_code))
+            self.got.set()
+
+
 def answer(conn, sid, body: bytes = b"ok") -> None:
     conn.send_headers(sid, [(":status", "200"), ("content-length", str(len(body)))])
     conn.send_data(sid, body, end_stream=True)

@@ -145,6 +145,19 @@ def one_route_bootstrap(backend_ports, *, route_extra=None, hcm_extra=None, clus
 
 # ---------------------------------------------------------------------------------- processes
 
+def kill_process(proc: subprocess.Popen, wait: float = 5.0) -> None:
+    """SIGKILL ``proc`` (by its PID) if it still runs, then reap it (bounded)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class _Proc:
     """A proxy subprocess on a bootstrap; context manager; killed by PID."""
 
@@ -234,15 +247,7 @@ class _Proc:
             os.kill(self.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
         self._log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -275,6 +280,23 @@ def proxies(with_envoy: bool = True):
     return [Pyproxy] + ([Envoy] if with_envoy and ENVOY else [])
 
 
+REFERENCE_ENV = dict(os.environ, PYPROXY_REFERENCE="1")  # (the plain filter-by-filter reference mode)
+
+
+def three_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy, by pyproxy in its
+    reference mode and by Envoy; yields {"pyproxy": p, "reference": p, "envoy": p} and stops them."""
+    out = {}
+    try:
+        out["pyproxy"] = Pyproxy(with_fresh_ports(bs))
+        out["reference"] = Pyproxy(with_fresh_ports(bs), env=REFERENCE_ENV)
+        out["envoy"] = Envoy(with_fresh_ports(bs))
+        yield out
+    finally:
+        for p in out.values():
+            p.stop()
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
     """Poll ``pred()`` until it returns something true or ``timeout`` passes (bounded); returns its
     last value."""
@@ -298,6 +320,39 @@ def run_pyproxy(args, timeout: float = 20.0, **kw) -> subprocess.CompletedProces
     """``python3 -m pyproxy ARGS`` to completion (for validate / CLI errors)."""
     return subprocess.run([sys.executable, "-m", "pyproxy"] + list(args), capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def validate(bs: dict) -> subprocess.CompletedProcess:
+    """``pyproxy validate`` on the bootstrap ``bs`` (written to a temporary file, removed after)."""
+    d = tempfile.mkdtemp(prefix="px-validate-")
+    try:
+        p = os.path.join(d, "bs.json")
+        with open(p, "w") as f:
+            json.dump(bs, f)
+        return run_pyproxy(["validate", p])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def cyclic_garbage(monkeypatch, harness: str, args) -> "collections.Counter":
+    """Run the socket-free benchmark harness ``benchmarks/<harness>.py`` (its ``main(args)`` must
+    return 0) with the collector keeping whatever it finds in reference cycles from the harness's
+    ``gc.freeze()`` on (after its setup); returns those objects counted by type name."""
+    import collections
+    import gc
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    mod = importlib.import_module(harness)
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
+    try:
+        assert mod.main(list(args)) == 0
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -686,11 +741,13 @@ def recv_until(s: socket.socket, timeout: float, done=None, buf: bytes = b"", re
         s.settimeout(old)
 
 
-def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False) -> bytes:
-    """Send ``data`` on a new connection and read until the peer closes it: everything read. A
-    peer that has not closed within ``timeout`` seconds (socket.timeout) or resets the connection
-    (ConnectionResetError; unless ``resets``: a close) is an error."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False, source: str | None = None) -> bytes:
+    """Send ``data`` on a new connection (from ``source``, an address of this host, if given) and
+    read until the peer closes it: everything read. A peer that has not closed within ``timeout``
+    seconds (socket.timeout) or resets the connection (ConnectionResetError; unless ``resets``: a
+    close) is an error."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     try:
         s.sendall(data)
         buf, how = recv_until(s, timeout, resets=resets)
