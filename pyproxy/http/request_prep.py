@@ -39,6 +39,7 @@ from ..netaddr import cidr_range, default_internal, fmt_addr, in_any, is_loopbac
 from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
+from .headers import H1_SCHEME_HTTP
 from .original_ip import CustomHeaderDetection, XffDetection, detection, last_xff
 from .xfcc import (ALWAYS_FORWARD_ONLY, APPEND_FORWARD, CERT, CHAIN, DNS, FORWARD_ONLY, SANITIZE, SANITIZE_SET,
                    SUBJECT, URI, xfcc_value)
@@ -81,6 +82,7 @@ _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
     "x-client-trace-id"))
 
 _first = itemgetter(0)
+_SCHEME_HTTPS = (":scheme", "https")
 _XFP_HTTPS, _XFP_HTTP = ("x-forwarded-proto", "https"), ("x-forwarded-proto", "http")  # (header lines are tuples: shared)
 _path_special = path_norm.SPECIAL_CHARS
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
@@ -248,7 +250,12 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
     if (quiet or plan.watch.isdisjoint(map(_first, h))) and (not ioh or ioh.isdisjoint(map(_first, h))):
         if plan.constant:
             # nothing to remove, no address in the headers, nothing to add but these two
-            h.append(_XFP_HTTPS if conn.ssl is not None else _XFP_HTTP)
+            if conn.ssl is not None:
+                h.append(_XFP_HTTPS)
+                if h[1] is H1_SCHEME_HTTP:  # (an HTTP/1.1 request over TLS: https, as Envoy's)
+                    h[1] = _SCHEME_HTTPS
+            else:
+                h.append(_XFP_HTTP)
             if plan.gen_rid:
                 rid = _uuid4()
                 if plan.trace is not None:
@@ -343,6 +350,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     scheme = "https" if conn.ssl is not None else "http"
     xff = None
     xfp = False
+    xfp_v = None  # (the client's X-Forwarded-Proto, while it stands)
     rid = None
     upgrade = None
     connection = None
@@ -363,6 +371,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                         multi = True
                 elif k == "x-forwarded-proto":
                     xfp = True
+                    xfp_v = v
                 elif k == "x-request-id":
                     if rid is None:
                         rid = v
@@ -416,6 +425,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         if plan.hops == 0 or not xfp:
             _set(h, "x-forwarded-proto", scheme)
             xfp = True
+            xfp_v = None
         if plan.xf_port and (plan.hops == 0 or headers.get("x-forwarded-port") is None):
             _set(h, "x-forwarded-port", str(conn_info.dst_port))
     elif plan.xff_only is not None:
@@ -435,6 +445,12 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 break
     if not xfp:
         h.append(("x-forwarded-proto", scheme))
+    if h[1] is H1_SCHEME_HTTP:
+        # (HTTP/1.1 origin-form: Envoy's :scheme is the X-Forwarded-Proto, if http or https, else
+        # the connection's)
+        p = xfp_v if xfp_v == "https" or xfp_v == "http" else scheme
+        if p == "https":
+            h[1] = _SCHEME_HTTPS
     if plan.xf_port and headers.get("x-forwarded-port") is None:
         h.append(("x-forwarded-port", str(conn_info.dst_port)))
     if remote_ip:
