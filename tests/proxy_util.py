@@ -283,6 +283,20 @@ def proxies(with_envoy: bool = True):
 REFERENCE_ENV = dict(os.environ, PYPROXY_REFERENCE="1")  # (the plain filter-by-filter reference mode)
 
 
+def both_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy and by Envoy; yields
+    {"pyproxy": (proxy, listener port), "envoy": (proxy, listener port)} and stops them."""
+    procs = {}
+    try:
+        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
+            b = with_fresh_ports(bs)
+            procs[name] = (cls(b), b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
+        yield procs
+    finally:
+        for p, _ in procs.values():
+            p.stop()
+
+
 def three_ways(bs: dict):
     """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy, by pyproxy in its
     reference mode and by Envoy; yields {"pyproxy": p, "reference": p, "envoy": p} and stops them."""
