@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from operator import itemgetter
 
-from ..config import ConfigError
+from ..config import ConfigError, runtime
 from ..netaddr import cidr_range, default_internal, fmt_addr, in_any, is_loopback, local_ip
 from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
@@ -114,6 +114,9 @@ PREPARED_NOTHING = Prepared()
 
 # -- the plan -----------------------------------------------------------------------------------
 
+REJECT_FRAGMENT_KEY = "envoy.reloadable_features.http_reject_path_with_fragment"
+
+
 class PrepPlan:
     """Per-HCM request preparation, decided when the config loads."""
 
@@ -121,7 +124,7 @@ class PrepPlan:
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
                  "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace",
-                 "decorate", "path_steps", "host_steps")
+                 "decorate", "path_steps", "host_steps", "reject_fragment")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -129,6 +132,9 @@ class PrepPlan:
         # IMPLEMENTATION_SPECIFIC_DEFAULT is KEEP_UNCHANGED in Envoy (without a runtime override)
         self.esc_action = path_norm.KEEP_UNCHANGED if esc == 0 else esc
         self.normalize = hcm.normalize_path
+        # a '#fragment' in the path: refused (400), or stripped when the runtime turns the check off
+        # (Istio's bootstrap sets envoy.reloadable_features.http_reject_path_with_fragment: false)
+        self.reject_fragment = runtime.feature_enabled(REJECT_FRAGMENT_KEY, True)
         self.merge = cfg.merge_slashes
         self.strip_any_port = cfg.strip_any_host_port
         self.strip_matching_port = cfg.strip_matching_host_port
@@ -240,12 +246,13 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
         if r is not None:
             return r
     elif not quiet:
-        # a fragment is refused (Envoy 1.40: http_reject_path_with_fragment)
         kv = h[2] if len(h) > 2 else h[0]
         if kv[0] != ":path":
             kv = _find(h, ":path")
         if kv is not None and "#" in kv[1]:
-            return Prepared(reply=(400, "path_normalization_failed", None))
+            if plan.reject_fragment:
+                return Prepared(reply=(400, "path_normalization_failed", None))
+            headers.set(":path", kv[1][:kv[1].index("#")])
     ioh = table.internal_only_headers if table is not None else ()
     if (quiet or plan.watch.isdisjoint(map(_first, h))) and (not ioh or ioh.isdisjoint(map(_first, h))):
         if plan.constant:
@@ -288,7 +295,10 @@ def _pre(plan, conn, headers, h):
     path = kv[1] if kv is not None else None
     if path is not None and path[:1] == "/":
         if "#" in path:
-            return Prepared(reply=(400, "path_normalization_failed", None))
+            if plan.reject_fragment:
+                return Prepared(reply=(400, "path_normalization_failed", None))
+            path = path[:path.index("#")]
+            headers.set(":path", path)
         np = path
         if plan.path_steps and not (_path_special.isdisjoint(path) and path.isascii()
                                     and (not plan.merge or "//" not in path)):
