@@ -16,6 +16,11 @@ import h2.events as E
 import h2.exceptions
 import h2.settings
 
+try:
+    from proxy_util import listen_local
+except ImportError:  # imported as tests.<module>
+    from tests.proxy_util import listen_local
+
 
 class ThreadedH2Upstream:
     poll = 10.0  # read timeout: how often on_tick runs on a quiet connection
@@ -23,10 +28,7 @@ class ThreadedH2Upstream:
 
     def __init__(self, backlog: int = 16):
         self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(backlog)
+        self.sock = listen_local(backlog)
         self.port = self.sock.getsockname()[1]
         self.stop = False
         threading.Thread(target=self._accept, daemon=True).start()

@@ -11,6 +11,7 @@ wait is bounded.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -283,6 +284,20 @@ def proxies(with_envoy: bool = True):
 REFERENCE_ENV = dict(os.environ, PYPROXY_REFERENCE="1")  # (the plain filter-by-filter reference mode)
 
 
+def both_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy and by Envoy; yields
+    {"pyproxy": (proxy, listener port), "envoy": (proxy, listener port)} and stops them."""
+    procs = {}
+    try:
+        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
+            b = with_fresh_ports(bs)
+            procs[name] = (cls(b), b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
+        yield procs
+    finally:
+        for p, _ in procs.values():
+            p.stop()
+
+
 def three_ways(bs: dict):
     """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy, by pyproxy in its
     reference mode and by Envoy; yields {"pyproxy": p, "reference": p, "envoy": p} and stops them."""
@@ -338,7 +353,6 @@ def cyclic_garbage(monkeypatch, harness: str, args) -> "collections.Counter":
     """Run the socket-free benchmark harness ``benchmarks/<harness>.py`` (its ``main(args)`` must
     return 0) with the collector keeping whatever it finds in reference cycles from the harness's
     ``gc.freeze()`` on (after its setup); returns those objects counted by type name."""
-    import collections
     import gc
     import importlib
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
@@ -356,6 +370,24 @@ def cyclic_garbage(monkeypatch, harness: str, args) -> "collections.Counter":
 
 
 # ---------------------------------------------------------------------------------- backends
+
+class Closing:
+    """``with`` support for a test server: ``close()`` at the end of the block."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def listen_local(backlog: int = 16) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1, on a port the kernel picks (SO_REUSEADDR)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(backlog)
+    return s
 
 class Request:
     __slots__ = ("method", "path", "headers", "body", "version", "conn_id")
@@ -416,7 +448,7 @@ def simple_response(status: int = 200, body: bytes = b"ok", headers=(), reason: 
     return ("HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, h)).encode() + body
 
 
-class HttpBackend:
+class HttpBackend(Closing):
     """A threaded HTTP/1.1 server on 127.0.0.1:0 that records every request it parses.
 
     ``handler(req, sock)`` returns the response bytes (or None if it wrote itself, or the string
@@ -431,10 +463,7 @@ class HttpBackend:
         self.raw = bytearray()
         self.connections = 0
         self.lock = threading.Lock()
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(128)
+        self.lsock = listen_local(128)
         self.port = self.lsock.getsockname()[1]
         self.socks = set()
         self.closed = False
@@ -550,12 +579,6 @@ class HttpBackend:
             except OSError:
                 pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 class HoldingBackend(HttpBackend):
     """An HttpBackend that holds each request for ``/hold`` until ``release()`` (10 s at most) and
@@ -593,15 +616,12 @@ class HoldingBackend(HttpBackend):
         super().close()
 
 
-class TcpBackend:
+class TcpBackend(Closing):
     """A threaded TCP server; ``handler(sock)`` runs per connection (default: echo until EOF)."""
 
     def __init__(self, handler=None):
         self.handler = handler or HttpBackend._echo
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
+        self.lsock = listen_local(64)
         self.port = self.lsock.getsockname()[1]
         self.connections = 0
         self.closed = False
@@ -642,14 +662,8 @@ class TcpBackend:
             except OSError:
                 pass
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Nginx:
+class Nginx(Closing):
     """Debian's nginx serving a directory on 127.0.0.1:<free port> (killed by PID)."""
 
     def __init__(self, root: str, extra_conf: str = ""):
@@ -679,12 +693,6 @@ http { access_log off; client_body_temp_path %(t)s/body; proxy_temp_path %(t)s/p
             self.proc.kill()
             self.proc.wait(5)
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------- clients
