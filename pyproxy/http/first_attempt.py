@@ -41,6 +41,7 @@ from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge
 from ..routing.header_mutation import take_out
 from ..transport import upstream_tls_sans
 from . import h1_relay
+from .relay_h2 import H2_RELAY, relay_head
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
@@ -109,7 +110,8 @@ class FirstAttempt:
         "quiet",        # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
         "tx_head",      # bytes of the response header lines written by the relay (istio.stats)
         "tx_body",      # response body bytes written by the relay
-        "raw_head",     # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
+        "raw_head",     # True: the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes;
+                        # H2_RELAY: the response goes to the HTTP/2 client as relay_h2.py writes it
     )
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
@@ -237,6 +239,9 @@ class FirstAttempt:
                           self.choice, self.request_headers)
         for hook in self.cfg.response_hooks:  # telemetry filters' response work (ChainPlan)
             hook.on_response(self, headers)
+        if self.raw_head == H2_RELAY and not end_stream and status >= 200:
+            relay_head(self, headers, status, si)  # (an HTTP/2 client's: http/relay_h2.py)
+            return
         if end_stream:
             self._complete()
         self.encode_headers(headers, end_stream)
@@ -249,13 +254,18 @@ class FirstAttempt:
             return
         if self.status:  # the head went as bytes (h1_relay): so does the body
             self.tx_body += len(data)
-            self.encoder.write_body(data, end_stream)
             if end_stream:
                 enc = self.encoder_up
+                # (over first, as ``_complete`` before ``encode_data``: a downstream watermark the
+                # last write raises must not pause the upstream connection its pool gets back)
+                self.up_done = True
+                self.encoder_up = None  # (an HTTP/2 stream points back at us: no cycle left)
+                self.encoder.write_body(data, True)
                 h1_relay.relay_done(self)
                 if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
                     close_tunnel(enc)
             else:
+                self.encoder.write_body(data, False)
                 self.last_activity = self.cfg.loop.time()
             return
         if end_stream:

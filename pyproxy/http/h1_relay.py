@@ -158,7 +158,7 @@ def relay_done(s) -> None:
     hc.streams -= 1
     hc.live.discard(s)
     hc.last_activity = s.cfg.loop.time()
-    if hc.draining and hc.streams == 0:
+    if hc.draining and hc.streams == 0 and not hc.is_h2:  # (HTTP/2: the codec's GOAWAY ends it)
         hc.conn.close(flush=True)
     s.router = None
     s.encoder = None

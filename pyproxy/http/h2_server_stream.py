@@ -105,6 +105,11 @@ class H2ServerStream(OutStream):
         if conn.flush_handle is None:  # (else queued already: no call)
             conn.want_flush()
 
+    write_body = encode_data  # (a response the stream relays, http/relay_h2.py: its body)
+
+    def relay_done(self) -> None:
+        """A relayed response (http/relay_h2.py) is complete: its END_STREAM went with the body."""
+
     def encode_trailers(self, trailers: Headers) -> None:
         if self.closed or self.local_ended:
             return
