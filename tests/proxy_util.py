@@ -502,6 +502,42 @@ class HttpBackend:
         self.close()
 
 
+class HoldingBackend(HttpBackend):
+    """An HttpBackend that holds each request for ``/hold`` until ``release()`` (10 s at most) and
+    answers the others at once: requests in flight on demand."""
+
+    HOLD = b"GET /hold HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n"
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.clients: list = []
+        super().__init__(self._hold)
+
+    def _hold(self, req, sock):
+        if req.path == "/hold":
+            self.released.wait(10)
+        return simple_response(200, b"ok")
+
+    def hold(self, port: int, timeout: float = 5.0) -> None:
+        """Send ``GET /hold`` to ``port`` (from a thread) and wait until it is held here (bounded)."""
+        t = threading.Thread(target=raw, args=(port, self.HOLD), kwargs={"timeout": 12}, daemon=True)
+        t.start()
+        self.clients.append(t)
+        deadline = time.monotonic() + timeout
+        while not any(r.path == "/hold" for r in self.requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        """Answer the held requests and wait for their clients (bounded)."""
+        self.released.set()
+        for t in self.clients:
+            t.join(5)
+
+    def close(self):
+        self.release()
+        super().close()
+
+
 class TcpBackend:
     """A threaded TCP server; ``handler(sock)`` runs per connection (default: echo until EOF)."""
 
@@ -624,6 +660,79 @@ def health_flags(admin_port: int) -> dict:
     return out
 
 
+def recv_until(s: socket.socket, timeout: float, done=None, buf: bytes = b"", resets: bool = False):
+    """Read from ``s`` (after ``buf``, bytes already read) until the peer closes, ``timeout`` seconds
+    pass or ``done(bytes read)`` holds (checked before each read). Returns (bytes, how it ended:
+    "eof", "reset" or None while open). A reset raises ConnectionResetError unless ``resets``.
+    The socket's own timeout is left as it was."""
+    old = s.gettimeout()
+    end = time.monotonic() + timeout
+    try:
+        while (done is None or not done(buf)) and time.monotonic() < end:
+            s.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                d = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                if not resets:
+                    raise
+                return buf, "reset"
+            if not d:
+                return buf, "eof"
+            buf += d
+        return buf, None
+    finally:
+        s.settimeout(old)
+
+
+def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False) -> bytes:
+    """Send ``data`` on a new connection and read until the peer closes it: everything read. A
+    peer that has not closed within ``timeout`` seconds (socket.timeout) or resets the connection
+    (ConnectionResetError; unless ``resets``: a close) is an error."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        buf, how = recv_until(s, timeout, resets=resets)
+        if how is None:
+            raise socket.timeout("the peer did not close within %.1f s (read %r)" % (timeout, buf[:200]))
+        return buf
+    finally:
+        s.close()
+
+
+def get_close(path: str) -> bytes:
+    """A GET of ``path`` that asks the proxy to close the connection after the response."""
+    return ("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode()
+
+
+def recv_settled(s: socket.socket, timeout: float, done, settle: float, buf: bytes = b""):
+    """Read from ``s`` until the peer closes, or ``done(bytes read)`` holds and ``settle`` seconds
+    then pass with nothing more (late bytes are read too: an extra response, a close), or
+    ``timeout`` passes. Returns (bytes, how it ended: "eof", "reset" or None while open)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ok = done(buf)
+        s.settimeout(settle if ok else max(0.01, deadline - time.monotonic()))
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            if ok:
+                break
+            continue
+        except ConnectionResetError:
+            return buf, "reset"
+        if not d:
+            return buf, "eof"
+        buf += d
+    return buf, None
+
+
+def head_done(buf: bytes) -> bool:
+    """``recv_until``'s ``done`` for an HTTP/1 head: the blank line is there."""
+    return b"\r\n\r\n" in buf
+
+
 def raw(port: int, data: bytes, timeout: float = 3.0, shut_write: bool = False, until_close: bool = True,
         settle: float = 0.0) -> bytes:
     """Send raw bytes; read until the server closes (or the timeout). Returns everything read."""
@@ -670,34 +779,19 @@ def exchange(port: int, data: bytes, n: int = 1, timeout: float = 3.0, methods=N
                 s.sendall(c)
             except (BrokenPipeError, ConnectionResetError):
                 break  # the peer gave up on us; read what it said
-        buf = bytearray()
-        closed = False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def done(buf):
             try:
-                rs = parse_responses(bytes(buf), methods)
-                done = len([r for r in rs if r.status >= 200 or r.status == 101]) >= n
+                rs = parse_responses(buf, methods)
             except (ValueError, IndexError):
-                done = False
-            s.settimeout(settle if done else max(0.01, deadline - time.monotonic()))
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                if done:
-                    break
-                continue
-            except ConnectionResetError:
-                closed = True
-                break
-            if not d:
-                closed = True
-                break
-            buf += d
+                return False
+            return len([r for r in rs if r.status >= 200 or r.status == 101]) >= n
+
+        buf, how = recv_settled(s, timeout, done, settle)
         try:
-            rs = parse_responses(bytes(buf), methods)
+            rs = parse_responses(buf, methods)
         except (ValueError, IndexError):
             rs = []
-        return rs, closed, bytes(buf)
+        return rs, how is not None, buf
     finally:
         s.close()
 

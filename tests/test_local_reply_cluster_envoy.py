@@ -5,16 +5,11 @@ cluster as the route resolves), side by side with Envoy (review finding F26). Ac
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import tempfile
-import time
-
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, with_fresh_ports)
+from proxy_util import (ENVOY, bootstrap, cluster, free_port, get_close, http_listener, route, route_config,
+                        until_close)
+from log_util import file_access_log, logged_each
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% cl=%UPSTREAM_CLUSTER% raw=%UPSTREAM_CLUSTER_RAW%\n"
@@ -43,48 +38,22 @@ def _bs(port, log):
         {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},
         {"name": "envoy.filters.http.local_ratelimit", "typed_config": {"@type": LRL, "stat_prefix": "rl"}},
     ] + hc["http_filters"]
-    hc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
+    hc["access_log"] = file_access_log(log, FMT)
     return bootstrap([L], [cluster(CL, [port])])
 
 
 def _get(port, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
-        while s.recv(65536):
-            pass
-    finally:
-        s.close()
+    until_close(port, get_close(path))
 
 
 def test_filter_local_replies_log_the_route_cluster():
     paths = ["/deny", "/abort", "/rl", "/rl", "/ok"]
-    tmp = tempfile.mkdtemp(prefix="lr-cluster-")
-    out = {}
-    try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            be = HttpBackend()
-            log = os.path.join(tmp, name + ".log")
-            open(log, "w").close()
-            try:
-                bs = with_fresh_ports(_bs(be.port, log))
-                with cls(bs, extra_args=["--file-flush-interval-msec", "100"]) as p:
-                    for path in paths:
-                        _get(p.port, path)
-                    end = time.monotonic() + 3
-                    lines = []
-                    while time.monotonic() < end:
-                        lines = open(log).read().splitlines()
-                        if len(lines) >= len(paths):
-                            break
-                        time.sleep(0.05)
-                    out[name] = lines
-            finally:
-                be.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def send(port):
+        for path in paths:
+            _get(port, path)
+
+    out = logged_each(_bs, send, len(paths))
     assert out["pyproxy"] == out["envoy"], out
     assert out["envoy"] == ["/deny 403 - cl=%s raw=%s" % (CL, CL), "/abort 418 FI cl=%s raw=%s" % (CL, CL),
                             "/rl 200 - cl=%s raw=%s" % (CL, CL), "/rl 429 RL cl=%s raw=%s" % (CL, CL),

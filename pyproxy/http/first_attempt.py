@@ -33,12 +33,14 @@ import random
 import time
 from operator import itemgetter
 
+from ..cluster.cluster import HTTP1
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
                                          count_rx_reset, finalize_request, finalize_response, reset_failure, reset_flag,
                                          upstream_timeout)
 from ..routing.header_mutation import take_out
+from ..stats.histogram import PENDING
 from ..transport import upstream_tls_sans
 from . import h1_relay
 from .relay_h2 import H2_RELAY, relay_head
@@ -47,6 +49,7 @@ _NO_CTX = LbContext()
 _monotonic = time.monotonic
 _rand = random.getrandbits
 _first = itemgetter(0)
+_NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 
 
 
@@ -84,7 +87,7 @@ def pick_cluster(route, headers, cluster_manager):
         name, choice = route.cluster, None
     else:
         name, choice = route.select_cluster(headers, _rand(32))
-    cluster = cluster_manager.get(name)
+    cluster = cluster_manager.active.get(name)  # (ClusterManager.get)
     if cluster is None or cluster.original_dst:
         return None
     return name, choice, cluster
@@ -116,9 +119,11 @@ class FirstAttempt:
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
+    # a StreamInfo was made (ActiveStream.__init__, stream_parts.LazyInfo): it is in the instance's
+    # dict then (testing ``self.__dict__`` would make a dict for a stream that has none)
+    has_info = False
 
     on_upstream_head = h1_relay.on_upstream_head
-    _send_request = h1_relay.send_request
 
     def begin_first_attempt(self, route, headers, cluster, choice) -> None:
         """The router's work for this request (``Router.decode_headers`` for a first attempt
@@ -160,7 +165,7 @@ class FirstAttempt:
             if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
                 hc.arm_deadline(at)
         host = self.host = cluster.lb.choose(_NO_CTX)  # (Cluster.choose_host)
-        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, from these attributes)
         if si is not None:
             si.upstream_cluster = cluster.name
             si.attempt_count = 1
@@ -170,7 +175,11 @@ class FirstAttempt:
             cluster.st_cx_none_healthy.value += 1
             self._fail(*NO_HEALTHY)
             return
-        self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
+        # (Cluster.http_pool's common case, inline: an HTTP/1.1 cluster's pool for the host)
+        p = cluster.pools.get(host.key) if cluster.protocol == HTTP1 and self.alpn is None else None
+        if p is None:
+            p = cluster.http_pool(host, self.hc.is_h2, self.alpn)
+        self.pending = p.new_stream(self)
 
     # -- pool callbacks --------------------------------------------------------------------------
     def on_pool_ready(self, encoder, host):
@@ -187,7 +196,21 @@ class FirstAttempt:
             if sans is not None:
                 si = self.stream_info
                 si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
-        self._send_request(encoder)
+        # the request head upstream
+        if type(encoder) is not UpstreamConnection or not self.plain:
+            self.up_local = getattr(encoder, "local_address", "")
+            si = self.stream_info if self.has_info else None
+            if si is not None:
+                si.upstream_local_address = self.up_local
+            encoder.encode_headers(self.request_headers, True)
+            return
+        # an HTTP/1.1 upstream and a request with no framing or hop-by-hop headers
+        self.up_local = encoder.local_address
+        h = self.request_headers._h
+        if h[0][1] in _NEEDS_LENGTH:
+            encoder.encode_headers(self.request_headers, True)
+            return
+        self.up_head = encoder.codec.encode_plain_head(h)  # (up_head: istio.stats sizes the request head from it)
 
     def on_pool_failure(self, reason, flag, host):
         self.pending = None
@@ -232,7 +255,7 @@ class FirstAttempt:
             return
         c = self.cluster
         c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
-        si = self.__dict__.get("stream_info")  # (None: made lazily, "via_upstream" then)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, "via_upstream" then)
         if si is not None:
             si.response_code_details = "via_upstream"
         finalize_response(self.route, headers, self.start, self.cfg.router_suppress_envoy_headers, si,
@@ -254,19 +277,60 @@ class FirstAttempt:
             return
         if self.status:  # the head went as bytes (h1_relay): so does the body
             self.tx_body += len(data)
-            if end_stream:
-                enc = self.encoder_up
-                # (over first, as ``_complete`` before ``encode_data``: a downstream watermark the
-                # last write raises must not pause the upstream connection its pool gets back)
-                self.up_done = True
-                self.encoder_up = None  # (an HTTP/2 stream points back at us: no cycle left)
-                self.encoder.write_body(data, True)
-                h1_relay.relay_done(self)
-                if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
-                    close_tunnel(enc)
-            else:
+            if not end_stream:
                 self.encoder.write_body(data, False)
                 self.last_activity = self.cfg.loop.time()
+                return
+            # the relayed response is complete: the stream's ``_complete`` and ``_finish``, for a
+            # stream whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no
+            # filters, no access logs)
+            enc = self.encoder_up
+            self.encoder_up = None  # (an HTTP/2 stream points back at us: no cycle left)
+            now = _monotonic()
+            c = self.cluster
+            ms = (now - self.start) * 1000.0  # (the stream's start: begin_first_attempt)
+            p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
+            p.append(ms)
+            if len(p) >= PENDING:
+                c.st_rq_time.fold()
+            self.up_done = True
+            if self.counted:
+                self.counted = False
+                c.rq_active_total -= 1
+                c.st_rq_active.value -= 1  # (gauges that on_request raised: no need to mark them used)
+            self.local_complete = True
+            self.encoder.relay_done(data)  # (it writes data, the body's last bytes)
+            self.done = True
+            hc = self.hc
+            st = hc.stats
+            st.rq_active.value -= 1
+            try:
+                st.rq_class[self.status // 100].value += 1
+            except IndexError:
+                pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
+            st.rq_completed.value += 1
+            p = st.rq_time.pending  # (Histogram.record, inline)
+            p.append(ms)
+            if len(p) >= PENDING:
+                st.rq_time.fold()
+            # (HttpConnection.stream_done, inlined)
+            hc.streams -= 1
+            hc.live.discard(self)
+            hc.last_activity = self.cfg.loop.time()
+            if hc.draining and hc.streams == 0 and not hc.is_h2:  # (HTTP/2: the codec's GOAWAY ends it)
+                hc.conn.close(flush=True)
+            self.router = None
+            self.encoder = None
+            obs = self.cfg.observers
+            if obs:  # telemetry filters' completion work (ChainPlan)
+                si = self.stream_info if self.has_info else None  # (made only if something needed it)
+                if si is not None:
+                    si.end_monotonic = now
+                    si.response_code = self.status
+                for o in obs:
+                    o(self)
+            if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
+                close_tunnel(enc)
             return
         if end_stream:
             enc = self.encoder_up

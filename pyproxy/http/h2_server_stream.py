@@ -107,8 +107,9 @@ class H2ServerStream(OutStream):
 
     write_body = encode_data  # (a response the stream relays, http/relay_h2.py: its body)
 
-    def relay_done(self) -> None:
-        """A relayed response (http/relay_h2.py) is complete: its END_STREAM went with the body."""
+    def relay_done(self, data: bytes) -> None:
+        """A relayed response (http/relay_h2.py) is complete, ``data`` its last body bytes."""
+        self.encode_data(data, True)
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.closed or self.local_ended:

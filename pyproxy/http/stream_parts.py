@@ -60,7 +60,9 @@ class LazyInfo:
     def __get__(self, s, owner=None):
         if s is None:
             return self
-        si = s.__dict__["stream_info"] = s._make_stream_info()
+        d = s.__dict__
+        si = d["stream_info"] = s._make_stream_info()
+        d["has_info"] = True  # (FirstAttempt.has_info)
         return si
 
 
@@ -127,11 +129,12 @@ def route_duration(stream, route, headers) -> None:
     route's ``max_stream_duration`` (0: none), else the HCM's. The stream may last that long from
     its start (a timer for what is left). On such a route (``RouteEntry.new_timeouts``) a gRPC
     request's ``grpc-timeout`` then says the time the stream has; when the route turns off a
-    running HCM timer, the header goes. (A non-gRPC request's ``grpc-timeout`` is not read here,
-    though Envoy's would arm the timer: a bodiless one may be served inline, without timers.)"""
+    running HCM timer, the header goes. A non-gRPC request's ``grpc-timeout`` arms the timer too,
+    as Envoy's (and goes upstream as it came); but a bodiless one the connection manager serves
+    inline (no stream, no timers) is not read.)"""
     grpc = route.new_timeouts and (headers.get("content-type") or "").startswith("application/grpc")
     ms = None
-    if grpc and route.grpc_timeout_header_max is not None:
+    if route.grpc_timeout_header_max is not None and route.new_timeouts:
         ms = grpc_timeout_ms(headers.get("grpc-timeout"))
         if ms is not None:
             cap = route.grpc_timeout_header_max
@@ -160,3 +163,13 @@ def route_duration(stream, route, headers) -> None:
         headers.set("grpc-timeout", to_grpc_timeout(ms))
     left = ms / 1000.0 - (time.monotonic() - stream.t0)
     stream.max_duration_timer = stream.cfg.loop.call_later(max(0.0, left), stream._max_duration)
+
+
+def charge_started(stream, si, st) -> None:
+    """A stream reset after its response head went out (``st``: its HcmStats): Envoy counted the
+    request's ``downstream_rq_<N>xx`` and ``downstream_rq_completed`` as the head was encoded."""
+    code = si.response_code if si is not None else stream.status or stream.code
+    c = st.rq_class[code // 100] if 0 < code < 600 else None
+    if c is not None:
+        c.value += 1
+    st.rq_completed.value += 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from ..config.errors import ConfigError
-from ..config.util import duration_s, u32
+from ..config.util import duration_s, request_header_name, u32
+from ..formatter import strip_port
 from .hashing import xxh64_str
 from .matchers import compile_header_matcher, parse_query
 from .regex import compile_re2, re2_substitution
@@ -155,7 +156,7 @@ def compile_retry_policy(rp, field: str = "retry_policy") -> RetryPolicy:
             raise ConfigError("max_interval must be greater than or equal to the base_interval",
                               field + ".retry_back_off.max_interval")
         p.backoff_base, p.backoff_max = base, mx
-    p.retriable_headers = tuple(compile_header_matcher(h, "%s.retriable_headers[%d]" % (field, i))
+    p.retriable_headers = tuple(compile_header_matcher(h, "%s.retriable_headers[%d]" % (field, i), response=True)
                                 for i, h in enumerate(rp.retriable_headers))
     p.retriable_request_headers = tuple(
         compile_header_matcher(h, "%s.retriable_request_headers[%d]" % (field, i))
@@ -223,7 +224,7 @@ def _rl_action(a, field: str):
         return lambda h, c, ip: entry
     if which == "request_headers":
         rh = a.request_headers
-        name = rh.header_name.lower()
+        name = request_header_name(rh.header_name)
         key = rh.descriptor_key
         if not name or not key:
             raise ConfigError("header_name and descriptor_key are required", field + ".request_headers")
@@ -249,7 +250,7 @@ def _rl_action(a, field: str):
             return (key, v)
         return query_parameters
     if which == "remote_address":
-        return lambda h, c, ip: ("remote_address", _ip_only(ip)) if ip else None
+        return lambda h, c, ip: ("remote_address", strip_port(ip)) if ip else None
     if which == "header_value_match":
         hv = a.header_value_match
         if not hv.descriptor_value:
@@ -328,7 +329,7 @@ class HashPolicy:
         if kind == "source_ip":
             if not source_ip:
                 return None
-            return xxh64_str(_ip_only(source_ip))
+            return xxh64_str(strip_port(source_ip))
         if kind == "query":
             v = parse_query(headers.get(":path", "")).get(self.name)
             return None if v is None else xxh64_str(v)
@@ -344,15 +345,6 @@ class HashPolicy:
         return xxh64_str(obj if isinstance(obj, str) else str(obj))
 
 
-def _ip_only(a: str) -> str:
-    if a.startswith("["):
-        end = a.find("]")
-        return a[1:end] if end > 0 else a
-    if a.count(":") == 1:
-        return a.rpartition(":")[0]
-    return a
-
-
 def compile_hash_policy(hp, field: str) -> HashPolicy:
     p = HashPolicy()
     p.terminal = hp.terminal
@@ -361,7 +353,7 @@ def compile_hash_policy(hp, field: str) -> HashPolicy:
     which = hp.WhichOneof("policy_specifier")
     if which == "header":
         p.kind = "header"
-        p.name = hp.header.header_name.lower()
+        p.name = request_header_name(hp.header.header_name)
         if not p.name:
             raise ConfigError("header_name is required", field + ".header.header_name")
         if hp.header.HasField("regex_rewrite"):

@@ -25,6 +25,7 @@ import time
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
+from ...cluster.code_stats import charge_internal
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
@@ -129,7 +130,7 @@ class Router(RetryState):
         if route.max_grpc_timeout is not None and self.grpc:
             timeout = legacy_grpc_timeout(route, headers)
         ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
-        if ctl is None:
+        if not ctl:
             self.timeout = timeout
             finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
             retry = self.retry = route.retry
@@ -228,7 +229,7 @@ class Router(RetryState):
             if self.buffering and self.body_len > self.buffering:
                 # too big to replay: no more retries for this request (Envoy's count)
                 self.buffering = 0
-                self.retries_left = 0
+                self.retries_left = -1  # (abandoned: not a retry limit reached, router_retry.py)
                 self.cluster.st_retry_or_shadow_abandoned.value += 1
                 if bound:
                     self.body = None
@@ -423,6 +424,8 @@ class Router(RetryState):
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
+        if self.s.ctl is not None:  # (an internal request: cluster/code_stats.py)
+            charge_internal(c, status, self.s.ctl)
         finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
                           self.choice, self.headers)
         if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
@@ -477,7 +480,9 @@ class Router(RetryState):
         s = self.s
         b = body or b""
         if (headers.get("content-type") or "").startswith("application/grpc"):  # (a gRPC reply, as Envoy's)
-            return s.send_local_reply(status, b, "direct_response")
+            extra = Headers([])  # (with the route's response headers, as Envoy's)
+            self.route.finalize_response_headers(extra, s.stream_info, None, headers)
+            return s.send_local_reply(status, b, "direct_response", headers=dict(extra.items()))
         h = Headers([(":status", str(status))])
         if b:
             h.add("content-length", str(len(b)))
@@ -495,7 +500,7 @@ class Router(RetryState):
         """A local reply for an upstream failure; the retry state says if it was exhausted."""
         if self.done:
             return
-        body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts)
+        body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts, self.s.ctl)
         self._done()
         extra = OVERLOADED if flag == "UO" and not self.cfg.suppress_envoy_headers else None
         if self.attempts and self.route.include_attempt_count_in_response:
