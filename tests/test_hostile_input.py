@@ -297,7 +297,10 @@ PATHS = ["/admin", "/ok", "/x/../admin", "/x/%2e%2e/admin", "/x/%2E%2E/admin", "
          "/x%2f..%2fadmin", "/%61dmin", "//admin", "/./admin", "/x/..%2Fadmin", "/admin%2Fx",
          "/x/%5C../admin", "/x%5c..%5cadmin", "/ok#/../admin", "/ok/./x?q=/../admin", "/ok/%2e/x",
          "/ok/%25%32%65%25%32%65/admin", "/ok/%%32%65", "/ok/a%20b", "/ok/a%zzb", "/ok/.%2e/admin",
-         "/ok/..%2e/x", "/ok/%7e%41", "/ok//x//", "/ok/%2F%2F/x", "/ok/%00", "/ok/a;b/../admin"]
+         "/ok/..%2e/x", "/ok/%7e%41", "/ok//x//", "/ok/%2F%2F/x", "/ok/%00", "/ok/a;b/../admin",
+         # dot segments with ;parameters are dot segments (servlet containers resolve them so)
+         "/a/b/..;/..;/admin", "/x/..;jsessionid=1/admin", "/x/.;/ok", "/x/..;a;b/ok", "/x/%2e%2e;/admin",
+         "/x/.%2e;/admin", "/x/..;%2f/admin", "/x/..;?q/admin", "/x/..;.ok", "/x/.;./admin", "/ok;x/..;/y"]
 
 PATH_CONFIGS = {
     "none": {},
@@ -323,6 +326,33 @@ def test_paths_against_rbac(backend, name, lane):
         got = dict(zip(PATHS, res["pyproxy"]))
         assert got["/x%2F..%2Fadmin"][0] == 403  # the router's path is RBAC's path
         assert got["/x/%2e%2e/admin"][0] == 403
+    if name == "istio-base" and lane == "rbac":
+        got = dict(zip(PATHS, res["pyproxy"]))
+        assert got["/a/b/..;/..;/admin"][0] == 403 and got["/x/..;jsessionid=1/admin"][0] == 403
+
+
+FRAGMENT_PATHS = ["/a#frag", "/a?q=1#frag", "/a#", "/ok#/../admin", "/admin#x", "/x/..#/admin", "/%2e#x"]
+
+
+@pytest.mark.parametrize("reject", [None, False])
+@pytest.mark.parametrize("name", ["none", "istio-base"])
+def test_fragments_under_istios_runtime(backend, name, reject):
+    """Istio's bootstrap turns envoy.reloadable_features.http_reject_path_with_fragment off: the
+    fragment is stripped and the request served (RBAC sees the path without it); without the key a
+    fragment is refused with 400. HTTP/1.1 and HTTP/2, side by side with Envoy."""
+    reqs = [req(p) for p in FRAGMENT_PATHS] + [("curl", p) for p in FRAGMENT_PATHS[:5]]
+    bs = make_bootstrap(backend.port, hcm_extra=PATH_CONFIGS[name])
+    if reject is not None:
+        bs["layered_runtime"] = {"layers": [{"name": "global config", "static_layer": {
+            "envoy.reloadable_features.http_reject_path_with_fragment": reject}}]}
+    res = run_case(bs, backend, reqs)
+    assert_same(res, reqs)
+    statuses = [x[0] for x in res["pyproxy"]]
+    if reject is None:
+        assert statuses[:4] == [400] * 4, statuses
+    else:
+        assert statuses[:5] == [200, 200, 200, 200, 403], statuses
+        assert res["pyproxy"][0][1]["path"] == "/a"
 
 
 # -- upgrades ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+                        route_config, simple_response, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 INTERNAL = {"cidr_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]}
@@ -37,17 +37,7 @@ def _closed_port():
 
 
 def _get(port, path, extra=""):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    got = b""
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%sconnection: close\r\n\r\n" % (path, extra)).encode())
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
-    finally:
-        s.close()
+    got = until_close(port, ("GET %s HTTP/1.1\r\nHost: x\r\n%sconnection: close\r\n\r\n" % (path, extra)).encode())
     return int(got.split(b" ", 2)[1]) if got else 0
 
 
@@ -117,3 +107,23 @@ def test_sum_counter_keeps_what_a_leaving_part_counted():
     assert total.value == 0 and pb.value == 0
     b.release()
     assert "http.in.downstream_rq_2xx" not in store.counters
+
+
+def test_upstream_class_counters_made_on_first_use_like_envoy():
+    """``cluster.<c>.upstream_rq_<N>xx`` exist once a response of that class came (Envoy makes
+    them on first use; pyproxy listed all five at 0 from the start, review finding F61)."""
+    names = {}
+    for cls in (Pyproxy, Envoy):
+        be = HttpBackend(handler=_answer, name="b")
+        try:
+            bs = with_fresh_ports(bootstrap([http_listener(free_port(), route_config([route("/", "b")]))],
+                                            [cluster("b", [be.port])]))
+            port = bs["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            with cls(bs) as p:
+                assert _get(port, "/a") == 200 and _get(port, "/nf") == 404
+                names[cls.kind] = sorted(k for k in p.stats() if k.startswith("cluster.b.") and k.endswith("xx"))
+        finally:
+            be.close()
+    assert names["envoy"] == ["cluster.b.external.upstream_rq_2xx", "cluster.b.external.upstream_rq_4xx",
+                              "cluster.b.upstream_rq_2xx", "cluster.b.upstream_rq_4xx"], names
+    assert names["pyproxy"] == names["envoy"], names
