@@ -196,7 +196,7 @@ class FirstAttempt:
             sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
             if sans is not None:
                 si = self.stream_info
-                si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
+                si.upstream_peer_uri_san, si.upstream_local_uri_san, si.upstream_ssl = sans
         # the request head upstream
         if not h1 or not self.plain:
             self.up_local = getattr(encoder, "local_address", "")
