@@ -547,3 +547,55 @@ def test_close_notify_even_when_a_ticket_would_fail(pki, ticket_fails):
         got = b""
     assert got == b""  # close_notify (an alert would raise SSLError here)
     assert not c.session.has_ticket
+
+
+@pytest.mark.parametrize("chunks", [(1, 7, 150, 5000, 3), (64,), (17000,), (300, 16000)])
+def test_server_layer_reads_records_however_they_are_split(pki, chunks):
+    """ServerTls.feed reads each arrival into a buffer of the arrival's size (a record's plaintext
+    is shorter than its ciphertext); a record begun in an earlier arrival can hold more plaintext
+    than the arrival that completes it, and that rest (kept by OpenSSL) must come out at once:
+    every plaintext byte reaches the sink in order, whatever the ciphertext's split."""
+    from pyproxy.tls.socket import OPEN, ServerTls
+    f = downstream_factory(dctx({"common_tls_context": {"tls_certificates": [cert_entry(pki.server)]}}))
+    layer = ServerTls.__new__(ServerTls)
+    layer._init(f.compiled_tls, None)
+    layer._wrap(True)
+    layer.raw = raw = _RawSink()
+    layer.conn = type("Conn", (), {"closed": False})()
+    got = []
+    layer.sink = lambda data, end: got.append((bytes(data), end))
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(pki.ca_path)
+    ci, co = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    done = False
+    for _ in range(10):
+        try:
+            c.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            pass
+        if co.pending:
+            layer.inc.write(co.read())
+            assert layer._handshake() is not None
+        if raw.out:
+            ci.write(b"".join(raw.out))
+            raw.out.clear()
+        if done and layer.state == OPEN:
+            break
+    assert done and layer.state == OPEN
+    sent = b""
+    for i, size in enumerate((1, 100, 3000, 16384, 20000, 3000)):
+        data = bytes([65 + i]) * size
+        c.write(data)
+        sent += data
+    wire = co.read()
+    pos = k = 0
+    while pos < len(wire) - 1:
+        step = chunks[k % len(chunks)]
+        layer.feed(wire[pos:min(pos + step, len(wire) - 1)], False)
+        pos += step
+        k += 1
+    layer.feed(wire[-1:], False)  # (the last record completed by its last byte alone)
+    assert b"".join(d for d, _ in got) == sent
+    assert all(d and not end for d, end in got)
