@@ -118,12 +118,12 @@ class Http1ClientCodec:
         self.head_request = method == "HEAD"
         if method == "CONNECT":
             start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
-            self.pending_upgrade = True
+            self.pending_upgrade = 2
         else:
             start = method + " " + path + " HTTP/1.1\r\nhost: " + (authority or "") + "\r\n"
         if upgrade is not None:
             add("upgrade: " + upgrade + "\r\nconnection: upgrade\r\n")
-            self.pending_upgrade = True
+            self.pending_upgrade = 2 if method == "CONNECT" else True  # (2: a CONNECT, pool.py half-closes)
         if cl is not None:
             add("content-length: " + cl + "\r\n")
         elif not end_stream and upgrade is None and method != "CONNECT":
@@ -158,8 +158,10 @@ class Http1ClientCodec:
         else:
             if data:
                 self.conn.write(data)
-            if end_stream and (self.tunnel or self.pending_upgrade):
-                self.conn.write_eof()  # a tunnel's half-close
+            if end_stream and self.pending_upgrade == 2:
+                # (Envoy's codec: a CONNECT's end closes the connection once written; an upgrade's
+                # end is not sent at all, HTTP/1.1 has no way to say it)
+                self.conn.close_written()
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.chunked_request:
@@ -248,7 +250,7 @@ class Http1ClientCodec:
             self.hdrs = []
             return  # 1xx interim responses are consumed here
         self.status = status
-        self.keep_alive = p.should_keep_alive()
+        self.keep_alive = p.should_keep_alive() and not self.pending_upgrade  # (an upgrade's never ended)
         hdrs = self.hdrs
         if len(hdrs) > self.max_headers:
             raise ProtocolError(502, "upstream response has too many headers")
@@ -351,10 +353,9 @@ class Http1ClientCodec:
         if d is None:
             return
         if self.tunnel:
-            if aborted:
-                d.on_upstream_reset(reason)  # aborted (RST), not a half-close
-            else:
-                d.on_upstream_data(b"", True)
+            # (Envoy's HTTP/1.1 upstream codec does not half-close a tunnel either: its FIN is a
+            # connection termination, the stream is reset: UC)
+            d.on_upstream_reset(reason if aborted else "connection termination")
             return
         if self.resp_headers_sent and not self.complete:
             # close-delimited body: EOF ends it (unless a length was promised)

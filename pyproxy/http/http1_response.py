@@ -99,6 +99,9 @@ class Http1ResponseEncoder:
             if k == "content-length":
                 cl = v
                 break
+        if self.tunnel and not (self.method == "CONNECT" and 200 <= status < 300):
+            self.tunnel = False  # (an upgrade not taken: the answer ends the connection, and says so)
+            self.response_close = True
         if self.method == "CONNECT" and 200 <= status < 300:
             self.tunnel = True
             if cl is not None:

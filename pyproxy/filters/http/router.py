@@ -28,6 +28,7 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
+from ...http.tunnel import handshake_failed, upgrade_ended
 from . import router_control
 from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
                            legacy_grpc_timeout)
@@ -275,6 +276,8 @@ class Router(RetryState):
 
     def on_destroy(self):
         self._cleanup()
+        if self.s.tunneling:  # (an accepted upgrade always runs the filter chain)
+            upgrade_ended(self.s)
         t = self.tunnel_enc
         if t is not None:
             self.tunnel_enc = None
@@ -420,11 +423,14 @@ class Router(RetryState):
                 self._drop(up)
                 return
         self._choose(up)
+        if self.s.tunneling and status != 101 and handshake_failed(self, up, headers, status):
+            return
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
-        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
-                          self.choice, self.headers)
+        # (Envoy: x-envoy-upstream-service-time only once the request was complete)
+        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers or not self.request_complete,
+                          self.s.stream_info, self.choice, self.headers)
         if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
             headers.set("x-envoy-attempt-count", str(self.attempts))
         if end_stream:
