@@ -250,7 +250,7 @@ class Http1ClientCodec:
             self.hdrs = []
             return  # 1xx interim responses are consumed here
         self.status = status
-        self.keep_alive = p.should_keep_alive() and not self.pending_upgrade  # (an upgrade's never ended)
+        self.keep_alive = p.should_keep_alive()
         hdrs = self.hdrs
         if len(hdrs) > self.max_headers:
             raise ProtocolError(502, "upstream response has too many headers")
@@ -281,8 +281,10 @@ class Http1ClientCodec:
         self.resp_headers_sent = True
         if end:
             self.complete = True
-        elif self.pending_upgrade and 200 <= status < 300 and not self.hdrs_have_length():
-            self.tunnel = True  # CONNECT answered: raw bytes both ways from here
+        elif self.pending_upgrade:
+            self.keep_alive = False  # (the request of an upgrade never ended: the connection is not reused)
+            if 200 <= status < 300 and not self.hdrs_have_length():
+                self.tunnel = True  # CONNECT answered: raw bytes both ways from here
         d = self.decoder
         if d is not None:
             if self.raw:

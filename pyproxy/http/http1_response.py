@@ -99,9 +99,6 @@ class Http1ResponseEncoder:
             if k == "content-length":
                 cl = v
                 break
-        if self.tunnel and not (self.method == "CONNECT" and 200 <= status < 300):
-            self.tunnel = False  # (an upgrade not taken: the answer ends the connection, and says so)
-            self.response_close = True
         if self.method == "CONNECT" and 200 <= status < 300:
             self.tunnel = True
             if cl is not None:
@@ -130,7 +127,8 @@ class Http1ResponseEncoder:
         else:
             self.body_left = int(cl) if cl is not None and cl.isdigit() else None
         # (a response before the whole request was read closes the connection and says so, as Envoy's)
-        if self.drain_close or ((self.response_close or not self.request_complete) and not self.tunnel):
+        if self.drain_close or ((self.response_close or not self.request_complete) and (
+                not self.tunnel or self._upgrade_not_taken(status))):
             self.response_close = True
             if cl is None and parts and parts[-1] in _FRAMING_LINES:
                 parts.insert(-1, "connection: close\r\n")  # (Envoy: the codec's framing line comes last)
@@ -142,6 +140,14 @@ class Http1ResponseEncoder:
         self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
         if end_stream:
             self._response_complete()
+
+    def _upgrade_not_taken(self, status: int) -> bool:
+        """An upgrade or CONNECT answered with anything but a switch or a CONNECT's 2xx: no tunnel,
+        the answer ends the connection (and says so, as Envoy's)."""
+        if self.method == "CONNECT" and 200 <= status < 300:
+            return False
+        self.tunnel = False
+        return True
 
     def _encode_upgrade_head(self, h) -> None:
         """A 101 Switching Protocols: upgrade/connection kept, the connection becomes a tunnel."""

@@ -545,7 +545,7 @@ class ActiveStream(FirstAttempt):
         now = _monotonic()
         if si is not None:
             si.end_monotonic = now
-        if not reset:
+        if not reset or self.tunneling and self.response_started:  # (Envoy counts a tunnel's answer as sent)
             code = si.response_code if si is not None else self.status or self.code
             c = st.rq_class[code // 100] if 0 < code < 600 else None
             if c is not None:

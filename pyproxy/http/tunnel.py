@@ -1,20 +1,18 @@
-"""Upgrades and CONNECT as Envoy's connection manager and router treat them (the stream's side).
+"""Upgrades and CONNECT as Envoy's connection manager treats them (the stream's side; the
+router's side is ``filters/http/router_tunnel.py``).
 
-- ``upgrade_refused``: the HCM's check when it builds the filter chain (its ``upgrade_configs``, a
-  route's own entry winning); an accepted upgrade counts in ``downstream_cx_upgrades_total`` and
-  holds the ``downstream_cx_upgrades_active`` gauge until the stream ends (``upgrade_ended``).
-- ``handshake_failed``: an HTTP/1.1 upstream that answers a websocket upgrade with a 2xx/3xx other
-  than 101 did not switch; as Envoy's upstream codec filter, the client gets the upstream's head
-  as a local reply without its body (``content-length: 0``, details
-  ``websocket_handshake_unsuccessful``) and the connection closes.
-- The end of a tunnel: the client's FIN on an HTTP/1.1 tunnel is its disconnect (Envoy's HTTP
-  connections do not half-close): flag ``DC``, details ``downstream_remote_disconnect``; the
-  upstream's close (``http1_client.py``) is a ``connection termination`` reset: ``UC``.
+``upgrade_refused``: the HCM's check when it builds the filter chain (its ``upgrade_configs``, a
+route's own entry winning); an accepted upgrade counts in ``downstream_cx_upgrades_total`` and
+holds the ``downstream_cx_upgrades_active`` gauge until the stream ends (the router's
+``upgrade_ended``: an accepted upgrade always runs the filter chain).
+
+The end of a tunnel: the client's FIN on an HTTP/1.1 tunnel is its disconnect (Envoy's HTTP
+connections do not half-close, ``http1.py on_eof``): flag ``DC``, details
+``downstream_remote_disconnect`` (``ActiveStream.on_reset``); the upstream's close
+(``http1_client.py``) is a ``connection termination`` reset: ``UC``.
 """
 
 from __future__ import annotations
-
-from ..cluster.pool import UpstreamConnection
 
 
 def upgrade_refused(s) -> bool:
@@ -36,31 +34,4 @@ def upgrade_refused(s) -> bool:
     s.send_local_reply(403, "", "upgrade_failed")
     if s.hc.is_h2:
         s.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
-    return True
-
-
-def upgrade_ended(s) -> None:
-    """The stream of an accepted upgrade ends (ActiveStream._finish)."""
-    s.tunneling = False
-    s.hc.stats.cx_upgrades_active.dec()
-
-
-_UNSUCCESSFUL = "websocket_handshake_unsuccessful"
-
-
-def handshake_failed(router, up, headers, status: int) -> bool:
-    """An upgrade's response (``Router.on_upstream_headers``): True when it was a websocket
-    handshake an HTTP/1.1 upstream did not accept with a 101 and the client got the local reply
-    (Envoy: a 2xx or 3xx; an error status is relayed as it is, the connection closing after it)."""
-    s = router.s
-    if s.upgrade_type != "websocket" or not 200 <= status < 400 or type(up.encoder) is not UpstreamConnection:
-        return False
-    # the upstream's headers, without its framing (the local reply has no body)
-    keep = {}
-    for k, v in headers._h:
-        if k[0] != ":" and k not in ("content-length", "transfer-encoding", "connection", "upgrade", "keep-alive"):
-            keep[k] = v
-    up.abandon()  # (its request never ended: the upstream connection is not reused)
-    router.upstream = None
-    s.send_local_reply(status, "", _UNSUCCESSFUL, headers=keep, close=True)
     return True

@@ -28,10 +28,10 @@ from ...cluster.lb import LbContext
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
-from ...http.tunnel import handshake_failed, upgrade_ended
 from . import router_control
 from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
                            legacy_grpc_timeout)
+from .router_tunnel import handshake_failed, upgrade_ended
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
