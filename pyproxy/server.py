@@ -91,6 +91,19 @@ class Options:
         self.__dict__.update(kw)
 
 
+def _build_static(resources, manager, duplicate: str) -> list:
+    """The bootstrap's static clusters or listeners built by their manager, in order; a name given
+    twice is an error (``duplicate``: Envoy's words, with the name)."""
+    built = []
+    names = set()
+    for r in resources:
+        if r.name in names:
+            raise ConfigError(duplicate % r.name)
+        names.add(r.name)
+        built.append(manager.build(r, added_via_api=False))
+    return built
+
+
 class Server:
     def __init__(self, bootstrap, options: Options, loop=None, *, worker_index: int = 0,
                  worker_links=None):
@@ -176,22 +189,12 @@ class Server:
         if sr.secrets:
             from .tls.secrets import STORE
             STORE.load_static(sr.secrets)
-        clusters = []
-        names = set()
-        for i, c in enumerate(sr.clusters):
-            if c.name in names:
-                raise ConfigError("cluster manager: duplicate cluster '%s' found" % c.name)
-            names.add(c.name)
-            clusters.append(self.cluster_manager.build(c, added_via_api=False))
+        clusters = _build_static(sr.clusters, self.cluster_manager,
+                                 "cluster manager: duplicate cluster '%s' found")
         for c in clusters:
             self.cluster_manager.add_or_update(c)
-        listeners = []
-        names = set()
-        for i, l in enumerate(sr.listeners):
-            if l.name in names:
-                raise ConfigError("error adding listener: '%s' has duplicate name" % l.name)
-            names.add(l.name)
-            listeners.append(self.listener_manager.build(l, added_via_api=False))
+        listeners = _build_static(sr.listeners, self.listener_manager,
+                                  "error adding listener: '%s' has duplicate name")
         for l in listeners:
             self.listener_manager.check_bindable(l)
         self._validate_bootstrap_extensions()

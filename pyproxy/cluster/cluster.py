@@ -18,6 +18,7 @@ from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .breaker_stats import breaker_gauges
+from .code_stats import make_external
 from .endpoints import build_priority_set, diff_hosts
 from .host import FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host, PrioritySet, membership_counts
 from .lb import create_lb
@@ -271,16 +272,6 @@ class Cluster:
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
         breaker_gauges(self, s)  # (circuit_breakers.<priority>.*_open, read when shown)
 
-    def _external(self, status: int, cs) -> None:
-        """Envoy's ``external.upstream_rq_<code>``, ``_<class>`` and ``_completed``, made with the
-        first response of a code: pyproxy treats no request as internal (x-envoy-internal), so
-        they read the cluster's own counters (MirrorCounter; nothing more per request)."""
-        sc = self.scope
-        sc.mirror_counter("external.upstream_rq_%d" % status, cs[0])
-        if cs[1] is not None:
-            sc.mirror_counter("external.upstream_rq_%dxx" % (status // 100), cs[1])
-        sc.mirror_counter("external.upstream_rq_completed", self.st_rq_completed)
-
     def count_cx_destroy(self, remote: bool, active: bool) -> None:
         """An upstream connection is gone (``remote``: the upstream closed it; ``active``: with
         requests on it), as Envoy's pool reports it."""
@@ -306,7 +297,7 @@ class Cluster:
             # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
             cs = self.st_rq_codes[status] = (self.scope.counter("upstream_rq_%d" % status),
                                             self.st_rq_class.get(status // 100))
-            self._external(status, cs)
+            make_external(self, status, cs)  # (cluster/code_stats.py)
         cs[0].value += 1
         k = cs[1]
         if k is not None:

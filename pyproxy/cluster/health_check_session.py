@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 
 import h2.config
 import h2.connection
@@ -16,6 +15,7 @@ from ..http.headers import Headers
 from ..http.http1_client import Http1ClientCodec
 from .health_check_config import GRPC, HTTP, TCP
 from .host import ACTIVE_HC_TIMEOUT, DEGRADED_ACTIVE_HC, FAILED_ACTIVE_HC, PENDING_ACTIVE_HC
+from .pool import open_socket
 
 log = logging.getLogger("pyproxy.hc")
 
@@ -230,18 +230,8 @@ class Session:
         h = self.host
         conn = _Conn(self)
         try:
-            if h.pipe:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                addr = h.pipe
-            else:
-                sock = socket.socket(h.family, socket.SOCK_STREAM)
-                addr = (h.address, h.port)
-            try:
-                sock.setblocking(False)
-                await self.loop.sock_connect(sock, addr)
-            except BaseException:
-                sock.close()
-                raise
+            # (bounded by the check's own timeout timer, not a connect timeout)
+            sock = await open_socket(self.loop, h, None)
             # the cluster's transport socket for this host (TLS as its traffic uses it)
             ts = self.checker.cluster.transport_for(h)
             if ts.is_tls:

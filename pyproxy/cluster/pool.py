@@ -260,12 +260,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
 
 
-class _Pending:
-    __slots__ = ("cb", "cancelled")
+class PendingRequest:
+    """A request waiting in a pool's queue for a connection (HTTP/1) or a stream (HTTP/2)."""
+
+    __slots__ = ("cb", "cancelled", "stream")
 
     def __init__(self, cb):
         self.cb = cb
         self.cancelled = False
+        self.stream = None  # (HTTP/2) a request being replayed after GOAWAY / REFUSED_STREAM
 
     def cancel(self):
         self.cancelled = True
@@ -273,7 +276,8 @@ class _Pending:
 
 class PoolBase:
     """What every pool shares: opening connections (bounded by the connect timeout; over TLS when
-    the host's transport socket says so) and the cluster/host connection accounting.
+    the host's transport socket says so), the cluster/host connection accounting, and the queue of
+    pending requests with its overflow accounting.
 
     Subclasses provide ``_new_connection()``, ``_connected(conn)`` and ``_connect_failed(reason,
     timeout)``.
@@ -315,6 +319,34 @@ class PoolBase:
             self._connect_failed("delayed connect error: %s" % connect_error(e), timeout=False)  # (Envoy's words)
             return
         self._connected(conn)
+
+    def _queue(self, p, front: bool = False):
+        c = self.cluster
+        if front:
+            self.pending.appendleft(p)
+        else:
+            self.pending.append(p)
+        c.pending_total += 1
+        c.st_rq_pending_total.value += 1
+        c.st_rq_pending_active.inc()
+
+    def _pending_done(self):
+        c = self.cluster
+        c.pending_total -= 1
+        c.st_rq_pending_active.dec()
+
+    def _pending_overflow(self, cb):
+        """The cluster's ``max_pending_requests`` is reached: ``cb`` fails with overflow at once."""
+        self.cluster.st_pending_overflow.value += 1
+        cb.on_pool_failure(OVERFLOW, "UO", self.host)
+
+    def _overflow(self, cb):
+        """``max_requests`` is reached as ``cb`` would be bound to a connection (HTTP/1) or get a
+        stream (HTTP/2): it fails with overflow, counted in ``upstream_rq_active_overflow`` (Envoy
+        checks the requests resource when a stream is attached, not before it is queued; a queued
+        request is bounded by ``max_pending_requests`` alone)."""
+        self.cluster.st_rq_active_overflow.value += 1
+        cb.on_pool_failure(OVERFLOW, "UO", self.host)
 
     def _cx_gone(self):
         c = self.cluster
@@ -378,14 +410,9 @@ class Http1Pool(PoolBase):
             cb.on_pool_ready(conn, h)
             return None
         if c.pending_total >= c.max_pending_requests:
-            c.st_pending_overflow.value += 1
-            cb.on_pool_failure(OVERFLOW, "UO", self.host)
-            return None
-        p = _Pending(cb)
-        self.pending.append(p)
-        c.pending_total += 1
-        c.st_rq_pending_total.value += 1
-        c.st_rq_pending_active.inc()
+            return self._pending_overflow(cb)
+        p = PendingRequest(cb)
+        self._queue(p)
         if self.connecting < len(self.pending):
             if c.cx_total_active >= c.max_connections:
                 c.st_cx_overflow.value += 1
@@ -396,28 +423,6 @@ class Http1Pool(PoolBase):
             else:
                 self._connect()
         return p
-
-    def _fail_pending(self, p, reason, flag):
-        try:
-            self.pending.remove(p)
-        except ValueError:
-            return
-        self._pending_done()
-        if not p.cancelled:
-            p.cb.on_pool_failure(reason, flag, self.host)
-
-    def _pending_done(self):
-        c = self.cluster
-        c.pending_total -= 1
-        c.st_rq_pending_active.dec()
-
-    def _overflow(self, cb):
-        """``max_requests`` is reached as ``cb`` would be bound to a connection: it fails with
-        overflow, counted in ``upstream_rq_active_overflow`` (Envoy checks the requests resource
-        when a stream is attached, not before it is queued; a queued request is bounded by
-        ``max_pending_requests`` alone)."""
-        self.cluster.st_rq_active_overflow.value += 1
-        cb.on_pool_failure(OVERFLOW, "UO", self.host)
 
     def _bind(self, conn, cb):
         conn.requests += 1

@@ -22,8 +22,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 from ..http.h2_client import REFUSED, REMOTE_RESET, TERMINATED, H2ClientStream, Http2ClientCodec
-from ..http.h2_common import H2Options
-from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, OVERFLOW, PoolBase, attach_transport
+from ..http.h2_common import H2Options, H2Stats
+from .pool import CONNECT_FAILURE, CONNECT_TIMEOUT, PoolBase, PendingRequest, attach_transport
 
 def cluster_options(cluster) -> H2Options:
     o = getattr(cluster, "h2_compiled_options", None)
@@ -45,7 +45,7 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
                  "blocked", "max_frame", "max_fields", "stream_high", "requests", "idle_handle", "idle_since",
                  "flush_handle",
                  "local_address", "goaway", "draining", "max_streams", "loop", "ready", "ready_timer", "lean",
-                 "extended_connect", "tx_counter", "max_requests", "is_tls")
+                 "extended_connect", "tx_counter", "max_requests", "is_tls", "st_tx_reset", "st_rx_reset")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -64,6 +64,11 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
         self.max_requests = cluster.max_requests_per_connection
         self.ready_timer = None
         self.is_tls = True  # (until connected: over TLS when the transport has a TLS layer)
+        st = cluster.__dict__.get("h2_codec_stats")
+        if st is None:  # (cluster.<c>.http2.*, made with the cluster's first HTTP/2 connection, as Envoy's)
+            st = cluster.h2_codec_stats = H2Stats(cluster.scope)
+        self.st_tx_reset = st.tx_reset  # (RST_STREAM sent / received: see Http2ClientCodec)
+        self.st_rx_reset = st.rx_reset
 
     # -- capacity -----------------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -176,18 +181,6 @@ class H2UpstreamConnection(Http2ClientCodec, asyncio.Protocol):
             self.pool.on_connection_closed(self, first and not timed_out, active)
 
 
-class _Pending:
-    __slots__ = ("cb", "cancelled", "stream")
-
-    def __init__(self, cb):
-        self.cb = cb
-        self.cancelled = False
-        self.stream = None  # a request being replayed after GOAWAY / REFUSED_STREAM
-
-    def cancel(self):
-        self.cancelled = True
-
-
 class Http2Pool(PoolBase):
     """Multiplexed HTTP/2 connections to one host."""
 
@@ -217,10 +210,8 @@ class Http2Pool(PoolBase):
                     self._bind(conn, H2ClientStream(cb))
                 return None
         if c.pending_total >= c.max_pending_requests:
-            c.st_pending_overflow.value += 1
-            cb.on_pool_failure(OVERFLOW, "UO", self.host)
-            return None
-        p = _Pending(cb)
+            return self._pending_overflow(cb)
+        p = PendingRequest(cb)
         self._queue(p)
         if self.connecting == 0:
             if c.cx_total_active >= c.max_connections:
@@ -230,30 +221,6 @@ class Http2Pool(PoolBase):
             else:
                 self._connect()
         return p
-
-    def _queue(self, p, front: bool = False):
-        c = self.cluster
-        if front:
-            self.pending.appendleft(p)
-        else:
-            self.pending.append(p)
-        c.pending_total += 1
-        c.st_rq_pending_total.value += 1
-        c.st_rq_pending_active.inc()
-
-    def _pending_done(self):
-        c = self.cluster
-        c.pending_total -= 1
-        c.st_rq_pending_active.dec()
-
-    def _fail_pending(self, p, reason, flag):
-        try:
-            self.pending.remove(p)
-        except ValueError:
-            return
-        self._pending_done()
-        if not p.cancelled:
-            self._fail(p, reason, flag)
 
     def _fail(self, p, reason, flag):
         if flag == "UF":
@@ -265,13 +232,6 @@ class Http2Pool(PoolBase):
                 s.cb.on_upstream_reset(REFUSED)
         else:
             p.cb.on_pool_failure(reason, flag, self.host)
-
-    def _overflow(self, cb):
-        """``max_requests`` is reached as ``cb`` would get a stream: it fails with overflow,
-        counted in ``upstream_rq_active_overflow`` (Envoy checks the requests resource when a
-        stream is attached; a queued request is bounded by ``max_pending_requests`` alone)."""
-        self.cluster.st_rq_active_overflow.value += 1
-        cb.on_pool_failure(OVERFLOW, "UO", self.host)
 
     def _bind(self, conn, s):
         # (an armed idle timer stays: it finds the connection busy, see _idle)
@@ -294,7 +254,7 @@ class Http2Pool(PoolBase):
         h = self.host
         h.rq_active -= 1
         self.cluster.rq_attached -= 1
-        p = _Pending(s.cb)
+        p = PendingRequest(s.cb)
         p.stream = s
         self._queue(p, front=True)
         self._dispatch()

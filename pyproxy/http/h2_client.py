@@ -11,7 +11,9 @@ derives from it (``cluster/pool_h2.py``), through these hooks:
   it against the host);
 - ``_peer_ready()`` / ``_peer_capacity()``: the peer's first SETTINGS / a new stream limit;
 - ``_goaway_received()``: after the streams beyond the GOAWAY were dealt with;
-- ``stream_done(s)``: a stream finished and frees its slot; ``close(reason)``: end the connection.
+- ``stream_done(s)``: a stream finished and frees its slot; ``close(reason)``: end the connection;
+- ``st_tx_reset`` / ``st_rx_reset``: the counters of RST_STREAM frames sent / received (the
+  cluster's ``http2.tx_reset`` / ``rx_reset``).
 
 A REFUSED_STREAM reset, and a stream beyond a GOAWAY's last stream id (the peer did not process
 it), go to the request as a refused stream, as Envoy's: its router retries it when the retry policy
@@ -167,6 +169,7 @@ class H2ClientStream(OutStream):
         if c is not None and self.headers_sent and not c.closed:
             try:
                 c.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
+                c.st_tx_reset.value += 1
             except h2.exceptions.ProtocolError:
                 pass
             c.want_flush()
@@ -235,6 +238,7 @@ class H2ClientStream(OutStream):
                     if not self.local_ended and not self.cancelled:
                         # the response is complete: stop sending the request
                         h.reset_stream(self.sid, ErrorCodes.CANCEL)
+                        c.st_tx_reset.value += 1
                         c.want_flush()
                     if self.unacked:
                         h.acknowledge_received_data(self.unacked, self.sid)
@@ -425,6 +429,7 @@ class Http2ClientCodec:
                     continue
                 s._release_watermark()
                 s._finish()
+                self.st_rx_reset.value += 1
                 self._stream_failed()  # (Envoy: any reset)
                 s.cb.on_upstream_reset(REFUSED if e.error_code == ErrorCodes.REFUSED_STREAM else REMOTE_RESET)
             elif t == EV_WINDOW:
@@ -454,6 +459,7 @@ class Http2ClientCodec:
         log.debug("upstream h2 stream %d: malformed response headers: %s", s.sid, err)
         try:
             self.h2.reset_stream(s.sid, ErrorCodes.PROTOCOL_ERROR)
+            self.st_tx_reset.value += 1
         except h2.exceptions.ProtocolError:
             pass
         s.cancelled = True

@@ -15,11 +15,12 @@ class HcmStats:
         "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
         "rq_header_timeout", "rq_overload_close", "rq_max_duration_reached", "no_cluster",
         "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete", "router_rq_total",
-        "cx_upgrades_total", "cx_upgrades_active",
+        "cx_upgrades_total", "cx_upgrades_active", "prefix",
     )
 
     def __init__(self, store, prefix):
         s = store.scope("http.%s." % prefix)
+        self.prefix = prefix
         self.cx_total = s.counter("downstream_cx_total")
         self.cx_active = s.gauge("downstream_cx_active")
         self.cx_http1_total = s.counter("downstream_cx_http1_total")
@@ -45,8 +46,10 @@ class HcmStats:
         self.rq_active = s.gauge("downstream_rq_active")
         self.rq_http1_total = s.counter("downstream_rq_http1_total")
         self.rq_http2_total = s.counter("downstream_rq_http2_total")
-        self.rq_class = [None] + [s.counter("downstream_rq_%dxx" % c) for c in range(1, 6)]
-        self.rq_completed = s.counter("downstream_rq_completed")
+        # (charged once per request: this HCM config's parts of http.<prefix>.* and, once its
+        # listener is bound, of listener.<address>.http.<prefix>.*, as Envoy charges both)
+        self.rq_class = [None] + [s.sum_part("downstream_rq_%dxx" % c) for c in range(1, 6)]
+        self.rq_completed = s.sum_part("downstream_rq_completed")
         self.rq_time = s.histogram("downstream_rq_time")
         self.rq_rx_reset = s.counter("downstream_rq_rx_reset")
         self.rq_tx_reset = s.counter("downstream_rq_tx_reset")
@@ -63,6 +66,15 @@ class HcmStats:
         self.rq_direct_response = s.counter("rq_direct_response")
         self.rq_redirect = s.counter("rq_redirect")
         self.router_rq_total = s.counter("rq_total")  # (the router's: requests that reached it)
+
+    def bind_listener(self, scope) -> None:
+        """Envoy's per-listener HCM stats, ``listener.<address>.http.<prefix>.downstream_rq_<N>xx``
+        and ``downstream_rq_completed`` (``scope``: the listener's ``listener.<address>.``, known
+        once it is bound): sums of the same parts, so a request is still charged once."""
+        s = scope.scope("http.%s." % self.prefix)
+        for c in range(1, 6):
+            s.sum_counter("downstream_rq_%dxx" % c).add(self.rq_class[c])
+        s.sum_counter("downstream_rq_completed").add(self.rq_completed)
 
     def take_connection_bytes(self, conn) -> None:
         """``conn``'s byte counts go to ``http.<prefix>.downstream_cx_rx/tx_bytes_total`` from now

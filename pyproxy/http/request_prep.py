@@ -451,6 +451,8 @@ def _mutate(plan, conn, headers, h, scan, ioh):
             ctl = {kv[0]: kv[1] for kv in h if kv[0] in ROUTER_CONSUMED} or None
             _remove(h, (drop | ROUTER_CONSUMED) - _INTERNAL_KEEP)
         _set(h, "x-envoy-internal", "true")
+        if ctl is None:
+            ctl = NO_CONTROL  # (still the router's: it charges internal.upstream_rq_*)
     elif drop is not None:
         drop = _NOT_INTERNAL[drop]
         if edge:
@@ -506,6 +508,8 @@ def _mutate(plan, conn, headers, h, scan, ioh):
 _DROP_NO_UPGRADE = ALWAYS_DROP | {"connection", "upgrade"}
 _DROP_H2C = _DROP_NO_UPGRADE | {"http2-settings"}
 _INTERNAL_KEEP = frozenset(("x-envoy-internal",))
+# the ``ctl`` of an internal request without control headers: never written to
+NO_CONTROL: dict = {}
 # each hop-by-hop drop set (_drop_set) with the x-envoy-* control headers, for a request that is
 # not internal
 _NOT_INTERNAL = {d: d | ENVOY_CONTROL for d in (_DROP_NO_UPGRADE, _DROP_H2C, ALWAYS_DROP)}

@@ -57,6 +57,11 @@ class ActiveListener:
         self.st_no_filter_chain = s.counter("no_filter_chain_match")
         self.st_listener_filter_timeout = s.counter("downstream_pre_cx_timeout")
         self.st_http_cx_total = None
+        for ch in config.chains + [config.default_chain]:  # (listener.<address>.http.<prefix>.*)
+            for f in ch.filter_factories if ch is not None else ():
+                bind = getattr(getattr(f, "stats", None), "bind_listener", None)
+                if bind is not None:
+                    bind(s)
         if any(getattr(c.transport_socket, "is_tls", False) for c in config.chains + [config.default_chain] if c):
             from ..tls.socket import listener_ssl_stats
             listener_ssl_stats(config, manager.stats)  # listener.<prefix>.ssl.*, as Envoy makes them

@@ -13,6 +13,7 @@ import re
 
 import re2
 
+from .derived import DiffCounter, MirrorCounter, SumCounter  # noqa: F401  (re-exported)
 from .histogram import DEFAULT_BUCKETS, QUANTILES, Histogram  # noqa: F401  (re-exported)
 
 
@@ -30,32 +31,6 @@ class Counter:
     @property
     def used(self) -> bool:
         return self.value != 0
-
-
-class MirrorCounter:
-    """A counter that reads another's value (``base``): Envoy's ``cluster.<c>.external.upstream_rq_*``
-    count what ``upstream_rq_*`` counts for requests that are not internal, and pyproxy treats
-    none as internal, so they mirror it. Nothing on the data path touches it; resetting it is
-    resetting its base."""
-
-    __slots__ = ("name", "base")
-    kind = "counter"
-
-    def __init__(self, name: str, base: Counter):
-        self.name = name
-        self.base = base
-
-    @property
-    def value(self) -> int:
-        return self.base.value
-
-    @value.setter
-    def value(self, v: int) -> None:
-        pass  # (admin reset_counters resets the base)
-
-    @property
-    def used(self) -> bool:
-        return self.base.value != 0
 
 
 class Gauge:
@@ -207,6 +182,18 @@ class Store:
             if self.rejects is not None and self.rejects(name):
                 return Counter(DETACHED)
             c = self.counters[name] = MirrorCounter(name, base)
+        return c
+
+    def sum_counter(self, name: str) -> SumCounter:
+        """The SumCounter named ``name`` (made on first use)."""
+        c = self.counters.get(name)
+        if c is None or type(c) is not SumCounter:
+            if self.rejects is not None and self.rejects(name):
+                return SumCounter(DETACHED)
+            old, c = c, SumCounter(name)
+            if old is not None:  # (a plain counter by that name: its count is kept)
+                c.residual = old.value
+            self.counters[name] = c
         return c
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
@@ -421,10 +408,11 @@ class StatsOwner:
     store): when it goes, ``release`` drops those no live owner still references, as Envoy frees a
     removed cluster's or listener's scope."""
 
-    __slots__ = ("store", "names", "shared")
+    __slots__ = ("store", "names", "shared", "folds")
 
     def __init__(self, store: "Store", shared: bool = False):
         self.store = store
+        self.folds = None  # [(SumCounter, part)]: parts this owner's configs added to shared sums
         # clusters: a list, a few hundred bytes each where a set took 2 KB; listeners (few, and
         # their istio_* series are added as traffic names them): a set
         self.names = set() if shared else []
@@ -444,7 +432,16 @@ class StatsOwner:
         if self.store.rejects is None or self.store.holds(stat):
             self.add(stat.name)
 
+    def fold_at_release(self, total: SumCounter, part: Counter) -> None:
+        if self.folds is None:
+            self.folds = []
+        self.folds.append((total, part))
+
     def release(self) -> None:
+        if self.folds:
+            for total, part in self.folds:
+                total.fold(part)
+            self.folds = None
         refs = self.store.__dict__.get("_stat_refs", {})
         for name in self.names:
             if self.shared:
@@ -527,6 +524,23 @@ class Scope:
         if self.owned is not None:
             self.owned.own(c)
         return c
+
+    def sum_counter(self, name: str) -> SumCounter:
+        c = self.store.sum_counter(self.prefix + name)
+        if self.owned is not None:
+            self.owned.own(c)
+        return c
+
+    def sum_part(self, name: str) -> Counter:
+        """A part of the SumCounter named ``name`` (see SumCounter): the counter to charge; it
+        leaves the sum (keeping its count there) when this scope's owner is released."""
+        total = self.store.sum_counter(self.prefix + name)
+        part = Counter(total.name)
+        total.add(part)
+        if self.owned is not None:
+            self.owned.own(total)
+            self.owned.fold_at_release(total, part)
+        return part
 
     def gauge(self, name: str, accumulate: bool = True) -> Gauge:
         g = self.store.gauge(self.prefix + name, accumulate)

@@ -293,14 +293,7 @@ def downstream_factory(cfg, ctx=None) -> TlsSocketFactory:
         f.notes.append("session ticket keys not used (OpenSSL's own per-process ticket key is)")
     if cfg.ocsp_staple_policy:
         f.notes.append("OCSP stapling policy not used")
-    f.proto_key = b"D" + cfg.SerializeToString(deterministic=True)
-    try:
-        f._compile_static()
-    except ConfigError as e:
-        raise e.within(field="DownstreamTlsContext.common_tls_context")
-    f._watch_secrets()
-    _LIVE.add(f)
-    return f
+    return _finish(f, b"D", cfg, "DownstreamTlsContext")
 
 
 def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
@@ -318,11 +311,17 @@ def upstream_factory(cfg, ctx=None) -> TlsSocketFactory:
             f.notes.append("max_session_keys %d: one session is kept (the most recent)" % f.max_session_keys)
     if cfg.allow_renegotiation:
         f.notes.append("allow_renegotiation ignored (renegotiation is not supported)")
-    f.proto_key = b"U" + cfg.SerializeToString(deterministic=True)
+    return _finish(f, b"U", cfg, "UpstreamTlsContext")
+
+
+def _finish(f: TlsSocketFactory, side: bytes, cfg, field: str) -> TlsSocketFactory:
+    """What both sides do last: the factory's identity key, the contexts built from static
+    secrets, the watch on SDS secrets, and the factory counted as live."""
+    f.proto_key = side + cfg.SerializeToString(deterministic=True)
     try:
         f._compile_static()
     except ConfigError as e:
-        raise e.within(field="UpstreamTlsContext.common_tls_context")
+        raise e.within(field=field + ".common_tls_context")
     f._watch_secrets()
     _LIVE.add(f)
     return f

@@ -452,6 +452,17 @@ class XdsClient:
             for ts in dirty:
                 self._send_subscription(ts)
 
+    def _subscribed(self, resp, version: str) -> _TypeState | None:
+        """The subscription a response answers (nonce and count updated); None: rejected."""
+        ts = self._types.get(resp.type_url)
+        if ts is None or not ts.sent:
+            self._reject(None, resp.type_url, resp.nonce, version,
+                         ConfigError("no subscription for type URL '%s'" % resp.type_url))
+            return None
+        ts.nonce = resp.nonce
+        ts.responses += 1
+        return ts
+
     def _reject(self, ts: _TypeState | None, type_url: str, nonce: str, version: str,
                 err: BaseException) -> None:
         if isinstance(err, ConfigError):
@@ -475,13 +486,9 @@ class XdsClient:
 
     def _on_sotw(self, resp) -> None:
         t = resp.type_url
-        ts = self._types.get(t)
-        if ts is None or not ts.sent:
-            self._reject(None, t, resp.nonce, resp.version_info,
-                         ConfigError("no subscription for type URL '%s'" % t))
+        ts = self._subscribed(resp, resp.version_info)
+        if ts is None:
             return
-        ts.nonce = resp.nonce
-        ts.responses += 1
         h = hashlib.blake2b(digest_size=16)
         for a in resp.resources:
             h.update(a.type_url.encode())
@@ -494,9 +501,7 @@ class XdsClient:
             return
         full_state = ts.wildcard or t in R.SOTW_FULL_STATE_TYPES
         try:
-            cls = R.class_for_type_url(t)
-            if cls is None:
-                raise ConfigError("unknown type URL '%s'" % t)
+            cls = R.known_class(t)
             added: dict[str, Message] = {}
             for a in resp.resources:
                 msg = R.decode_any(a, t, cls)
@@ -536,17 +541,11 @@ class XdsClient:
 
     def _on_delta(self, resp) -> None:
         t = resp.type_url
-        ts = self._types.get(t)
-        if ts is None or not ts.sent:
-            self._reject(None, t, resp.nonce, resp.system_version_info,
-                         ConfigError("no subscription for type URL '%s'" % t))
+        ts = self._subscribed(resp, resp.system_version_info)
+        if ts is None:
             return
-        ts.nonce = resp.nonce
-        ts.responses += 1
         try:
-            cls = R.class_for_type_url(t)
-            if cls is None:
-                raise ConfigError("unknown type URL '%s'" % t)
+            cls = R.known_class(t)
             added: dict[str, Message] = {}
             versions: dict[str, str] = {}
             for r in resp.resources:
@@ -582,7 +581,7 @@ class XdsClient:
             ts.partial = True
             self._reject(ts, t, resp.nonce, resp.system_version_info, e)
             return
-        except Exception as e:
+        except Exception as e:  # NACK; the stream and the config in force stay
             if not isinstance(e, ConfigError):
                 log.exception("xDS handler failed on %s", t)
             self._reject(ts, t, resp.nonce, resp.system_version_info, e)

@@ -62,6 +62,14 @@ def class_for_type_url(type_url: str):
     return message_class(type_url.rpartition("/")[2])
 
 
+def known_class(type_url: str):
+    """The message class of a type URL; ``ConfigError`` when no proto module defines it."""
+    cls = class_for_type_url(type_url)
+    if cls is None:
+        raise ConfigError("unknown type URL '%s'" % type_url)
+    return cls
+
+
 def decode_any(a: any_pb2.Any, expected_type_url: str, cls=None) -> Message:
     """Unpack one resource of a response; ``ConfigError`` on a wrong type or undecodable bytes.
 
@@ -82,9 +90,7 @@ def decode_any(a: any_pb2.Any, expected_type_url: str, cls=None) -> Message:
         raise ConfigError("type URL mismatch: resource is '%s', response is '%s'"
                           % (a.type_url, expected_type_url))
     if cls is None:
-        cls = class_for_type_url(expected_type_url)
-        if cls is None:
-            raise ConfigError("unknown type URL '%s'" % expected_type_url)
+        cls = known_class(expected_type_url)
     msg = cls()
     try:
         msg.ParseFromString(a.value)

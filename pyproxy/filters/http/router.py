@@ -25,6 +25,7 @@ import time
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 
 from ...cluster.lb import LbContext
+from ...cluster.code_stats import charge_internal
 from ...cluster.outlier import put_response
 from ...http.filter import CONTINUE, STOP
 from ...http.headers import Headers
@@ -130,7 +131,7 @@ class Router(RetryState):
         if route.max_grpc_timeout is not None and self.grpc:
             timeout = legacy_grpc_timeout(route, headers)
         ctl = s.ctl  # (an internal request's x-envoy-* control headers, else None)
-        if ctl is None:
+        if not ctl:
             self.timeout = timeout
             finalize_request(route, headers, expected_timeout(route, timeout), self.cfg.suppress_envoy_headers, si, choice)
             retry = self.retry = route.retry
@@ -428,9 +429,16 @@ class Router(RetryState):
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
+<<<<<<< HEAD
         # (Envoy: x-envoy-upstream-service-time only once the request was complete)
         finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers or not self.request_complete,
                           self.s.stream_info, self.choice, self.headers)
+=======
+        if self.s.ctl is not None:  # (an internal request: cluster/code_stats.py)
+            charge_internal(c, status, self.s.ctl)
+        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
+                          self.choice, self.headers)
+>>>>>>> main
         if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
             headers.set("x-envoy-attempt-count", str(self.attempts))
         if end_stream:
@@ -501,7 +509,7 @@ class Router(RetryState):
         """A local reply for an upstream failure; the retry state says if it was exhausted."""
         if self.done:
             return
-        body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts)
+        body = charge_failure(self.cluster, status, body, flag, self.s.stream_info, self.attempts, self.s.ctl)
         self._done()
         extra = OVERLOADED if flag == "UO" and not self.cfg.suppress_envoy_headers else None
         if self.attempts and self.route.include_attempt_count_in_response:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from operator import itemgetter
 
+from ...cluster.code_stats import charge_internal
+
 _monotonic = time.monotonic
 _first = itemgetter(0)
 
@@ -109,7 +111,7 @@ def reset_flag(reason: str) -> str:
     return "UPE" if reason == "protocol error" else "UR"
 
 
-def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int) -> str:
+def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int, internal=None) -> str:
     """What a local reply for an upstream failure counts; returns its body (a retried request's
     names the latest attempt, and its flags gain URX)."""
     if attempts > 1:
@@ -119,6 +121,8 @@ def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int
             body = RESET_BODY + "retried and the latest " + body[len(RESET_BODY):]
     if flag in CHARGED:
         cluster.count_response(status)
+        if internal is not None:  # (an internal request's ctl: cluster/code_stats.py)
+            charge_internal(cluster, status, internal)
     return body
 
 

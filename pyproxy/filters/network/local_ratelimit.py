@@ -16,9 +16,9 @@ import weakref
 from envoy.extensions.filters.network.local_ratelimit.v3 import local_rate_limit_pb2
 
 from ...config import ConfigError
-from ..token_bucket import compile_token_bucket
-
 from ...http.filter import CONTINUE, STOP
+from ..token_bucket import compile_token_bucket
+from . import NetworkFilter
 
 # (share_key, serialized token bucket) -> bucket, while some filter config uses it
 _SHARED = weakref.WeakValueDictionary()
@@ -51,12 +51,8 @@ class LocalRateLimitNetworkFactory:
         return LocalRateLimitNetworkFilter(conn, self)
 
 
-class LocalRateLimitNetworkFilter:
-    __slots__ = ("conn", "f")
-
-    def __init__(self, conn, f):
-        self.conn = conn
-        self.f = f
+class LocalRateLimitNetworkFilter(NetworkFilter):
+    __slots__ = ()
 
     def on_new_connection(self):
         f = self.f
@@ -69,12 +65,6 @@ class LocalRateLimitNetworkFilter:
         si.connection_termination_details = "local_ratelimit_close_over_limit"
         conn.close(flush=False)
         return STOP
-
-    def on_data(self, data, end_stream):
-        return CONTINUE
-
-    def on_close(self, exc):
-        pass
 
 
 def factory(cfg, ctx, terminal=False):

@@ -18,6 +18,7 @@ from ..rbac_engine import Subject, compile_rbac, parse_ip, peer_principal
 log = logging.getLogger("pyproxy.filter")
 
 from ...http.filter import CONTINUE, STOP
+from . import NetworkFilter
 CONTINUOUS = rbac_pb2.RBAC.EnforcementType.CONTINUOUS
 
 
@@ -56,17 +57,14 @@ def conn_subject(conn) -> Subject:
                    peer_principal=peer_principal(conn))
 
 
-class RbacNetworkFilter:
-    __slots__ = ("conn", "f", "decided", "denied")
+class RbacNetworkFilter(NetworkFilter):
+    __slots__ = ("decided", "denied")
 
     def __init__(self, conn, f):
         self.conn = conn
         self.f = f
         self.decided = False
         self.denied = False
-
-    def on_new_connection(self):
-        return CONTINUE
 
     def on_data(self, data, end_stream):
         if self.denied:
@@ -99,9 +97,6 @@ class RbacNetworkFilter:
         else:
             self.conn.close(flush=False)
         return STOP
-
-    def on_close(self, exc):
-        pass
 
 
 def factory(cfg, ctx, terminal=False):

@@ -14,6 +14,7 @@ from ...config import ConfigError
 from ..set_filter_state_common import apply, compile_values
 
 from ...http.filter import CONTINUE
+from . import NetworkFilter
 
 
 class SetFilterStateFactory:
@@ -27,12 +28,8 @@ class SetFilterStateFactory:
         return SetFilterStateFilter(conn, self)
 
 
-class SetFilterStateFilter:
-    __slots__ = ("conn", "f")
-
-    def __init__(self, conn, f):
-        self.conn = conn
-        self.f = f
+class SetFilterStateFilter(NetworkFilter):
+    __slots__ = ()
 
     def on_new_connection(self):
         c = self.conn
@@ -40,12 +37,6 @@ class SetFilterStateFilter:
         apply(self.f.values, si, si.filter_state)
         c.filter_state.update(si.filter_state)
         return CONTINUE
-
-    def on_data(self, data, end_stream):
-        return CONTINUE
-
-    def on_close(self, exc):
-        pass
 
 
 def factory(cfg, ctx, terminal=False):
