@@ -429,16 +429,11 @@ class Router(RetryState):
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
-<<<<<<< HEAD
+        if self.s.ctl is not None:  # (an internal request: cluster/code_stats.py)
+            charge_internal(c, status, self.s.ctl)
         # (Envoy: x-envoy-upstream-service-time only once the request was complete)
         finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers or not self.request_complete,
                           self.s.stream_info, self.choice, self.headers)
-=======
-        if self.s.ctl is not None:  # (an internal request: cluster/code_stats.py)
-            charge_internal(c, status, self.s.ctl)
-        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
-                          self.choice, self.headers)
->>>>>>> main
         if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
             headers.set("x-envoy-attempt-count", str(self.attempts))
         if end_stream:
