@@ -122,13 +122,14 @@ class Http1ResponseEncoder:
             add("transfer-encoding: chunked\r\n")
         if self.tunnel:
             self.body_left = None
+            if self._upgrade_not_taken(status):
+                self.response_close = True
         elif end_stream or self.method == "HEAD" or status < 200 or status == 204 or status == 304:
             self.body_left = 0
         else:
             self.body_left = int(cl) if cl is not None and cl.isdigit() else None
         # (a response before the whole request was read closes the connection and says so, as Envoy's)
-        if self.drain_close or ((self.response_close or not self.request_complete) and (
-                not self.tunnel or self._upgrade_not_taken(status))):
+        if self.drain_close or ((self.response_close or not self.request_complete) and not self.tunnel):
             self.response_close = True
             if cl is None and parts and parts[-1] in _FRAMING_LINES:
                 parts.insert(-1, "connection: close\r\n")  # (Envoy: the codec's framing line comes last)
