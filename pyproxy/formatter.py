@@ -75,7 +75,8 @@ def _addr(v):
     return a if isinstance(a, str) else str(a)
 
 
-def _strip_port(a):
+def strip_port(a):
+    """The address ``a`` (``ip:port``, ``[ip6]:port`` or a bare IP) without its port; None if empty."""
     if not a:
         return None
     if a.startswith("["):
@@ -315,25 +316,25 @@ _SIMPLE = {
         else _duration(si) - _ms_since_start(si, si.first_upstream_rx_byte)),
     "UPSTREAM_HOST": lambda si: _addr(si.upstream_host),
     "UPSTREAM_REMOTE_ADDRESS": lambda si: _addr(si.upstream_host),
-    "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(_addr(si.upstream_host)),
+    "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda si: strip_port(_addr(si.upstream_host)),
     "UPSTREAM_REMOTE_PORT": lambda si: _port(_addr(si.upstream_host)),
     "UPSTREAM_CLUSTER": lambda si: _s(si.upstream_cluster),
     "UPSTREAM_CLUSTER_RAW": lambda si: _s(si.upstream_cluster),
     "UPSTREAM_LOCAL_ADDRESS": lambda si: _s(si.upstream_local_address),
-    "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(si.upstream_local_address),
+    "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda si: strip_port(si.upstream_local_address),
     "UPSTREAM_LOCAL_PORT": lambda si: _port(si.upstream_local_address),
     # Envoy writes the reason with its spaces as underscores
     "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda si: _s(si.upstream_transport_failure_reason.replace(" ", "_")),
     "UPSTREAM_REQUEST_ATTEMPT_COUNT": lambda si: si.attempt_count or 0,
     "DOWNSTREAM_REMOTE_ADDRESS": lambda si: _s(si.downstream_remote_address),
-    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(si.downstream_remote_address),
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": lambda si: strip_port(si.downstream_remote_address),
     "DOWNSTREAM_REMOTE_PORT": lambda si: _port(si.downstream_remote_address),
     "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": lambda si: _s(si.downstream_direct_remote_address),
     "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT":
-        lambda si: _strip_port(si.downstream_direct_remote_address),
+        lambda si: strip_port(si.downstream_direct_remote_address),
     "DOWNSTREAM_DIRECT_REMOTE_PORT": lambda si: _port(si.downstream_direct_remote_address),
     "DOWNSTREAM_LOCAL_ADDRESS": lambda si: _s(si.downstream_local_address),
-    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda si: _strip_port(si.downstream_local_address),
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": lambda si: strip_port(si.downstream_local_address),
     "DOWNSTREAM_LOCAL_PORT": lambda si: _port(si.downstream_local_address),
     "REQUESTED_SERVER_NAME": lambda si: _s(si.requested_server_name),
     "ROUTE_NAME": lambda si: _s(si.route_name),

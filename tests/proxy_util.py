@@ -624,6 +624,57 @@ def health_flags(admin_port: int) -> dict:
     return out
 
 
+def recv_until(s: socket.socket, timeout: float, done=None, buf: bytes = b"", resets: bool = False):
+    """Read from ``s`` (after ``buf``, bytes already read) until the peer closes, ``timeout`` seconds
+    pass or ``done(bytes read)`` holds (checked before each read). Returns (bytes, how it ended:
+    "eof", "reset" or None while open). A reset raises ConnectionResetError unless ``resets``.
+    The socket's own timeout is left as it was."""
+    old = s.gettimeout()
+    end = time.monotonic() + timeout
+    try:
+        while (done is None or not done(buf)) and time.monotonic() < end:
+            s.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                d = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                if not resets:
+                    raise
+                return buf, "reset"
+            if not d:
+                return buf, "eof"
+            buf += d
+        return buf, None
+    finally:
+        s.settimeout(old)
+
+
+def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False) -> bytes:
+    """Send ``data`` on a new connection and read until the peer closes it: everything read. A
+    peer that has not closed within ``timeout`` seconds (socket.timeout) or resets the connection
+    (ConnectionResetError; unless ``resets``: a close) is an error."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        buf, how = recv_until(s, timeout, resets=resets)
+        if how is None:
+            raise socket.timeout("the peer did not close within %.1f s (read %r)" % (timeout, buf[:200]))
+        return buf
+    finally:
+        s.close()
+
+
+def get_close(path: str) -> bytes:
+    """A GET of ``path`` that asks the proxy to close the connection after the response."""
+    return ("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode()
+
+
+def head_done(buf: bytes) -> bool:
+    """``recv_until``'s ``done`` for an HTTP/1 head: the blank line is there."""
+    return b"\r\n\r\n" in buf
+
+
 def raw(port: int, data: bytes, timeout: float = 3.0, shut_write: bool = False, until_close: bool = True,
         settle: float = 0.0) -> bytes:
     """Send raw bytes; read until the server closes (or the timeout). Returns everything read."""

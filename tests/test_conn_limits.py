@@ -12,8 +12,8 @@ import time
 import pytest
 
 from grpc_util import H2Raw
-from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, with_fresh_ports)
+from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, recv_until,
+                        route, route_config, with_fresh_ports)
 
 GET = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -35,38 +35,14 @@ def _bs(be_port, cho, cluster_extra=None):
 
 def _read(s, until_closed_s: float):
     """Everything the peer sends until it closes (-> (bytes, True)) or ``until_closed_s`` passes."""
-    out = b""
-    end = time.monotonic() + until_closed_s
-    while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            d = s.recv(65536)
-        except socket.timeout:
-            break
-        except ConnectionResetError:
-            return out, True
-        if not d:
-            return out, True
-        out += d
-    return out, False
+    out, how = recv_until(s, until_closed_s, resets=True)
+    return out, how is not None
 
 
 def _answers(s, n: int, timeout: float = 4.0):
     """Read until ``n`` complete answers of the backend came (or the peer closed): (bytes, closed)."""
-    out = b""
-    end = time.monotonic() + timeout
-    while out.count(b"b GET /a 0") < n and time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            d = s.recv(65536)
-        except socket.timeout:
-            break
-        except ConnectionResetError:
-            return out, True
-        if not d:
-            return out, True
-        out += d
-    return out, False
+    out, how = recv_until(s, timeout, lambda out: out.count(b"b GET /a 0") >= n, resets=True)
+    return out, how is not None
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +89,7 @@ def test_max_requests_per_connection_http1(backend):
 def _frames(sock, seconds: float):
     """The HTTP/2 frames the peer sends within ``seconds`` (or until it closes): [(type, flags, sid)]
     (read raw: the h2 library refuses frames after a GOAWAY, Envoy's first one included)."""
-    buf = b""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        sock.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            d = sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
-            break
-        if not d:
-            break
-        buf += d
+    buf = recv_until(sock, seconds, resets=True)[0]
     out = []
     while len(buf) >= 9:
         n = int.from_bytes(buf[:3], "big")

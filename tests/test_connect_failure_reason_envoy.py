@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import time
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
+                        http_listener, route, route_config, until_close, with_fresh_ports)
+from log_util import FLUSH_FAST, file_access_log, hcm_config, log_lines
 
 import pytest
 
@@ -22,13 +21,7 @@ FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% \"%
 
 
 def _get(port, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
-        while s.recv(65536):
-            pass
-    finally:
-        s.close()
+    until_close(port, get_close(path))
 
 
 def test_connect_failure_reason_as_envoy():
@@ -46,18 +39,11 @@ def test_connect_failure_reason_as_envoy():
                       route("/retry/", "mixed", retry_policy={"retry_on": "connect-failure", "num_retries": 2})]
                 bs = bootstrap([http_listener(free_port(), route_config(rs))],
                                [cluster("dead", [dead]), cluster("mixed", [dead, be.port])])
-                tc = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-                tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
-                with cls(with_fresh_ports(bs), extra_args=["--file-flush-interval-msec", "100"]) as p:
+                hcm_config(bs)["access_log"] = file_access_log(log, FMT)
+                with cls(with_fresh_ports(bs), extra_args=FLUSH_FAST) as p:
                     for path in paths:
                         _get(p.port, path)
-                    end = time.monotonic() + 3
-                    lines = []
-                    while time.monotonic() < end and len(lines) < len(paths):
-                        lines = open(log).read().splitlines()
-                        time.sleep(0.05)
+                    lines = log_lines(log, len(paths))
                     out[name] = lines
             finally:
                 be.close()

@@ -6,15 +6,14 @@ with 503 UO. HTTP/1.1 and HTTP/2 upstreams, sequential and concurrent requests."
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 
 from h2_upstream_util import ThreadedH2Upstream
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
+                        http_listener, route, route_config, simple_response, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -33,18 +32,7 @@ def _bs(ports, max_connections, h2=False):
 
 
 def _status(port, i):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    buf = b""
-    try:
-        s.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % i)
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            buf += d
-    finally:
-        s.close()
-    return buf[9:12].decode()
+    return until_close(port, get_close("/%d" % i))[9:12].decode()
 
 
 def _run(make_backends, max_connections, h2, send):

@@ -20,6 +20,7 @@ import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
                         route_config, simple_response, with_fresh_ports)
+from log_util import file_access_log, hcm_config, last_log_line
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 LOG_FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"
@@ -29,21 +30,8 @@ KEYS = ("cluster.b.upstream_rq_tx_reset", "http.in.downstream_rq_rx_reset")
 def _bs(be_port, log_path):
     bs = bootstrap([http_listener(free_port(), route_config([route("/", "b", timeout="10s")]), stat_prefix="in")],
                    [cluster("b", [be_port])])
-    tc = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": log_path, "log_format": {"text_format_source": {"inline_string": LOG_FMT}}}}]
+    hcm_config(bs)["access_log"] = file_access_log(log_path, LOG_FMT)
     return bs
-
-
-def _log_line(log, path):
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
-        hit = [l for l in open(log).read().splitlines() if l.startswith(path + " ")]
-        if hit:
-            return hit[-1]
-        time.sleep(0.05)
-    return None
 
 
 def _run(cls, tmp):
@@ -75,11 +63,11 @@ def _run(cls, tmp):
                 if path == "/rst":
                     c.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
                     s.sendall(c.data_to_send())
-                    out.append(_log_line(log, path))
+                    out.append(last_log_line(log, path, timeout=5))
                     s.close()
                 else:
                     s.close()
-                    out.append(_log_line(log, path))
+                    out.append(last_log_line(log, path, timeout=5))
             release.set()
             time.sleep(0.3)
             s1 = p.stats()

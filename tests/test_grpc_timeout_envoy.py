@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, head_done,
+                        http_listener, recv_until, route, route_config, simple_response, with_fresh_ports)
+from log_util import file_access_log, hcm_config, last_log_line
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 
@@ -59,10 +60,7 @@ def _bs(be_port, log_path):
                     http_listener(free_port(), route_config(rs), name="hcmmsd",
                                   common_http_protocol_options={"max_stream_duration": "5s"})],
                    [cluster("b", [be_port])])
-    tc = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": log_path, "log_format": {"text_format_source": {"inline_string": LOG_FMT}}}}]
+    hcm_config(bs)["access_log"] = file_access_log(log_path, LOG_FMT)
     return bs
 
 
@@ -91,16 +89,10 @@ def _h1(port, path, grpc_timeout=None, grpc=True):
     if grpc_timeout:
         extra += "grpc-timeout: %s\r\n" % grpc_timeout
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    buf = b""
     try:
         s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\n%scontent-length: 5\r\n\r\n" % (path, extra)).encode()
                   + b"\0" * 5)
-        end = time.monotonic() + 5
-        while b"\r\n\r\n" not in buf and time.monotonic() < end:
-            d = s.recv(65536)
-            if not d:
-                break
-            buf += d
+        buf = recv_until(s, 5, head_done)[0]
     finally:
         s.close()
     return buf.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
@@ -117,18 +109,6 @@ def _h2(port, path, grpc_timeout):
 def _hdr(head, name):
     m = re.search(r"^%s: ([^\r\n]*)" % re.escape(name), head, re.M)
     return m.group(1) if m else None
-
-
-def _last_log(log, path, n0):
-    """The access log line of ``path`` written after line ``n0`` (flushed every 0.1 s)."""
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
-        lines = open(log).read().splitlines()[n0:]
-        hit = [l for l in lines if l.startswith(path + " ")]
-        if hit:
-            return hit[-1]
-        time.sleep(0.05)
-    return None
 
 
 def _counters(p):
@@ -156,7 +136,7 @@ def test_inbound_route_expired_grpc_timeout_is_deadline_exceeded(pair, proto):
         head = _h1(p.port, path, "300m") if proto == "h1" else _h2(p.port, path, "300m")
         took = time.monotonic() - t0
         c1 = _counters(p)
-        return (_hdr(head, "grpc-status"), _hdr(head, "grpc-message"), _last_log(log, path, n0),
+        return (_hdr(head, "grpc-status"), _hdr(head, "grpc-message"), last_log_line(log, path, skip=n0),
                 {k: c1[k] - c0[k] for k in c0}, took)
 
     res = _each(pair, run)
@@ -177,7 +157,7 @@ def test_stream_duration_variants_are_deadline_exceeded(pair, path, gt):
     def run(p, log):
         n0 = len(open(log).read().splitlines())
         head = _h1(p.port, path, gt)
-        return _hdr(head, "grpc-status"), _hdr(head, "grpc-message"), _last_log(log, path, n0)
+        return _hdr(head, "grpc-status"), _hdr(head, "grpc-message"), last_log_line(log, path, skip=n0)
 
     res = _each(pair, run)
     assert res["pyproxy"] == res["envoy"] == ("4", "downstream duration timeout",
@@ -191,7 +171,7 @@ def test_outbound_route_expired_grpc_timeout_stays_upstream_timeout(pair):
     def run(p, log):
         n0 = len(open(log).read().splitlines())
         head = _h1(p.port, path, "300m")
-        line = _last_log(log, path, n0)
+        line = last_log_line(log, path, skip=n0)
         return _hdr(head, "grpc-status"), _hdr(head, "grpc-message"), line.split()[1:3]
 
     res = _each(pair, run)

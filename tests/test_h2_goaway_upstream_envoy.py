@@ -18,8 +18,8 @@ import time
 import pytest
 
 from h2_upstream_util import ThreadedH2Upstream, answer
-from proxy_util import (ENVOY, Envoy, Pyproxy, bootstrap, cluster, free_port, http_listener, route, route_config,
-                        with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, Pyproxy, bootstrap, cluster, free_port, http_listener, recv_until, route,
+                        route_config, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -60,19 +60,9 @@ def _bs(port):
 
 def _send(port, data, n_responses, timeout=6.0):
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    buf = b""
-    end = time.monotonic() + timeout
     try:
         s.sendall(data)
-        while len(re.findall(rb"HTTP/1.1 \d+", buf)) < n_responses and time.monotonic() < end:
-            s.settimeout(max(0.05, end - time.monotonic()))
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                break
-            if not d:
-                break
-            buf += d
+        buf = recv_until(s, timeout, lambda b: len(re.findall(rb"HTTP/1.1 \d+", b)) >= n_responses)[0]
     finally:
         s.close()
     return [m.decode() for m in re.findall(rb"HTTP/1.1 (\d+)", buf)], buf

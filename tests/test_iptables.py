@@ -48,7 +48,8 @@ def sections(out):
 # contract (ISTIO_CONTRACT.md section 7), written out in iptables-restore form.
 # ---------------------------------------------------------------------------------------------
 
-INJECTED_V4 = """\
+# The head of every nat table: Istio's chains and the redirect targets.
+NAT_HEAD = """\
 * nat
 -N ISTIO_INBOUND
 -N ISTIO_REDIRECT
@@ -57,49 +58,6 @@ INJECTED_V4 = """\
 -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
 -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
--A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
--A ISTIO_OUTPUT -j ISTIO_REDIRECT
-COMMIT
-"""
-
-INJECTED_V6 = """\
-* nat
--N ISTIO_INBOUND
--N ISTIO_REDIRECT
--N ISTIO_IN_REDIRECT
--N ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
--A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
--A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
--A OUTPUT -j ISTIO_OUTPUT
--A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d ::1/128 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
--A ISTIO_OUTPUT -d ::1/128 -j RETURN
--A ISTIO_OUTPUT -j ISTIO_REDIRECT
-COMMIT
 """
 
 # The owner/loopback block every configuration shares (IPv4), as in Istio's goldens.
@@ -115,16 +73,24 @@ OWNER_V4 = """\
 -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
 """
 
-NAT_HEAD = """\
-* nat
--N ISTIO_INBOUND
--N ISTIO_REDIRECT
--N ISTIO_IN_REDIRECT
--N ISTIO_OUTPUT
--A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+
+def v6(rules: str) -> str:
+    """The IPv6 form of IPv4 rules: Istio's goldens differ only in the loopback addresses."""
+    return rules.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128")
+
+
+INJECTED_V4 = NAT_HEAD + """\
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+""" + OWNER_V4 + """\
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
 """
+
+INJECTED_V6 = v6(INJECTED_V4)
 
 # golden ipnets: -i 10.0.0.0/8 (only that range captured outbound, no inbound capture)
 IPNETS_V4 = NAT_HEAD + OWNER_V4 + "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT\nCOMMIT\n"
@@ -164,7 +130,7 @@ COMMIT
 """
 
 # golden inbound-ports-wildcard-tproxy: -b '*' -m TPROXY
-TPROXY_V4 = """\
+TPROXY_V4_MANGLE = """\
 * mangle
 -N ISTIO_DIVERT
 -N ISTIO_TPROXY
@@ -184,29 +150,11 @@ TPROXY_V4 = """\
 -I ISTIO_INBOUND 2 -p tcp -s 127.0.0.6/32 -i lo -j RETURN
 -I ISTIO_INBOUND 3 -p tcp -i lo -m mark ! --mark 1338 -j RETURN
 COMMIT
-""" + NAT_HEAD + OWNER_V4 + "COMMIT\n"
-
-TPROXY_V6_MANGLE = """\
-* mangle
--N ISTIO_DIVERT
--N ISTIO_TPROXY
--N ISTIO_INBOUND
--A ISTIO_DIVERT -j MARK --set-mark 1337
--A ISTIO_DIVERT -j ACCEPT
--A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT
--A ISTIO_INBOUND -p tcp -j ISTIO_TPROXY
--A PREROUTING -p tcp -m mark --mark 1337 -j CONNMARK --save-mark
--A OUTPUT -p tcp -o lo -m mark --mark 1337 -j RETURN
--A OUTPUT ! -d ::1/128 -p tcp -o lo -m owner --uid-owner 1337 -j MARK --set-mark 1338
--A OUTPUT ! -d ::1/128 -p tcp -o lo -m owner --gid-owner 1337 -j MARK --set-mark 1338
--A OUTPUT -p tcp -m connmark --mark 1337 -j CONNMARK --restore-mark
--I ISTIO_INBOUND 1 -p tcp -m mark --mark 1337 -j RETURN
--I ISTIO_INBOUND 2 -p tcp -s ::6/128 -i lo -j RETURN
--I ISTIO_INBOUND 3 -p tcp -i lo -m mark ! --mark 1338 -j RETURN
-COMMIT
 """
+
+TPROXY_V4 = TPROXY_V4_MANGLE + NAT_HEAD + OWNER_V4 + "COMMIT\n"
+
+TPROXY_V6_MANGLE = v6(TPROXY_V4_MANGLE)
 
 
 def test_dry_run_injected_flags_match_istio():

@@ -19,7 +19,6 @@ import shutil
 import socket
 import ssl
 import tempfile
-import threading
 import time
 
 import pytest
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy_util import HttpBackend, Pyproxy, cluster, free_port, hcm, request, route, route_config
+from proxy_util import HttpBackend, Pyproxy, TcpBackend, cluster, free_port, hcm, request, route, route_config
 from sds_util import (TP, AgentSds, cert_secret, istio_downstream_tls, istio_upstream_tls, root_secret,
                       sds_grpc_cluster, spiffe)
 from tls_certs import Issued, Pki
@@ -105,25 +104,13 @@ def _filter_state_rbac(principal):
                                          "string_match": {"exact": principal}}}]}}}}
 
 
-class TlsBackend:
+class TlsBackend(TcpBackend):
     """A TLS server with its own certificate (the target of PERMISSIVE's TLS passthrough)."""
 
     def __init__(self, issued):
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(issued.cert_path, issued.key_path)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+        super().__init__(self._serve)
 
     def _serve(self, c):
         try:
@@ -133,9 +120,6 @@ class TlsBackend:
                 s.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\nconnection: close\r\n\r\npassthrough")
         except (OSError, ssl.SSLError):
             pass
-
-    def close(self):
-        self.sock.close()
 
 
 def _issue(pki, cn, uri, not_before=None, not_after=None):

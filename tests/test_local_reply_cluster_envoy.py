@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
+                        http_listener, route, route_config, until_close, with_fresh_ports)
+from log_util import FLUSH_FAST, file_access_log, log_lines
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% cl=%UPSTREAM_CLUSTER% raw=%UPSTREAM_CLUSTER_RAW%\n"
@@ -43,20 +42,12 @@ def _bs(port, log):
         {"name": "envoy.filters.http.fault", "typed_config": {"@type": FAULT}},
         {"name": "envoy.filters.http.local_ratelimit", "typed_config": {"@type": LRL, "stat_prefix": "rl"}},
     ] + hc["http_filters"]
-    hc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
+    hc["access_log"] = file_access_log(log, FMT)
     return bootstrap([L], [cluster(CL, [port])])
 
 
 def _get(port, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
-        while s.recv(65536):
-            pass
-    finally:
-        s.close()
+    until_close(port, get_close(path))
 
 
 def test_filter_local_replies_log_the_route_cluster():
@@ -70,16 +61,10 @@ def test_filter_local_replies_log_the_route_cluster():
             open(log, "w").close()
             try:
                 bs = with_fresh_ports(_bs(be.port, log))
-                with cls(bs, extra_args=["--file-flush-interval-msec", "100"]) as p:
+                with cls(bs, extra_args=FLUSH_FAST) as p:
                     for path in paths:
                         _get(p.port, path)
-                    end = time.monotonic() + 3
-                    lines = []
-                    while time.monotonic() < end:
-                        lines = open(log).read().splitlines()
-                        if len(lines) >= len(paths):
-                            break
-                        time.sleep(0.05)
+                    lines = log_lines(log, len(paths))
                     out[name] = lines
             finally:
                 be.close()

@@ -18,6 +18,7 @@ import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
                         route_config, simple_response, with_fresh_ports)
+from log_util import FLUSH_FAST, file_access_log, hcm_config, log_lines
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"
@@ -74,22 +75,15 @@ def results():
             try:
                 bs = bootstrap([http_listener(free_port(), route_config([route("/", "b", timeout="3s", retry_policy={
                     "retry_on": "5xx", "num_retries": 1, "per_try_idle_timeout": "0.3s"})]))], [cluster("b", [be.port])])
-                tc = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-                tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
-                with cls(with_fresh_ports(bs), extra_args=["--file-flush-interval-msec", "100"]) as p:
+                hcm_config(bs)["access_log"] = file_access_log(log, FMT)
+                with cls(with_fresh_ports(bs), extra_args=FLUSH_FAST) as p:
                     s0 = p.stats()
                     res = {}
                     for path in ("/first", "/always", "/stall"):
                         t0 = time.monotonic()
                         status, body = _get(p.port, path)
                         res[path] = (status, body, time.monotonic() - t0)
-                    end = time.monotonic() + 3
-                    lines = []
-                    while time.monotonic() < end and len(lines) < 3:
-                        lines = open(log).read().splitlines()
-                        time.sleep(0.05)
+                    lines = log_lines(log, 3)
                     s1 = p.stats()
                     with lock:
                         attempts = dict(state)

@@ -6,12 +6,11 @@ finding F38); a GET abort keeps the connection on both."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, head_done,
+                        http_listener, recv_until, route, route_config, simple_response, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
@@ -34,25 +33,12 @@ def _bs(be_port):
     return bootstrap([ln], [cluster("b", [be_port])])
 
 
-def _head(s, buf):
-    end = time.monotonic() + 5
-    while b"\r\n\r\n" not in buf and time.monotonic() < end:
-        try:
-            d = s.recv(65536)
-        except socket.timeout:
-            break
-        if not d:
-            break
-        buf += d
-    return buf
-
-
 def _case(port, chunks):
     """(status line, 'connection: close' said, answered a second request on the connection)"""
     s = socket.create_connection(("127.0.0.1", port), timeout=3)
     try:
         s.sendall(chunks[0])
-        head = _head(s, b"").split(b"\r\n\r\n", 1)[0].lower()
+        head = recv_until(s, 5, head_done)[0].split(b"\r\n\r\n", 1)[0].lower()
         for c in chunks[1:]:
             try:
                 s.sendall(c)
@@ -60,16 +46,7 @@ def _case(port, chunks):
                 break
         try:
             s.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-            rest = b""
-            end = time.monotonic() + 3
-            while b"b-next" not in rest and time.monotonic() < end:
-                try:
-                    d = s.recv(65536)
-                except socket.timeout:
-                    break
-                if not d:
-                    break
-                rest += d
+            rest = recv_until(s, 3, lambda b: b"b-next" in b)[0]
         except OSError:
             rest = b""
         return head.split(b"\r\n")[0].decode(), b"\r\nconnection: close" in head, b"b-next" in rest

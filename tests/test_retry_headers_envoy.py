@@ -6,14 +6,13 @@ timeout when shorter). Real sockets; one scripted upstream shared by pyproxy and
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 
-from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close, http_listener,
+                        raw, route, route_config, simple_response, with_fresh_ports)
 
 _state: dict = {}
 _lock = threading.Lock()
@@ -66,19 +65,7 @@ def pair():
 
 
 def _get(port, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=8)
-    out = b""
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            out += d
-    except (socket.timeout, ConnectionResetError):
-        pass
-    finally:
-        s.close()
+    out = raw(port, get_close(path), timeout=8)
     head = out.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     hdrs = {}
     for line in head[1:]:

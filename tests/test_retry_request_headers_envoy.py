@@ -6,14 +6,13 @@ own scripted upstream (first request per path fails, then 200)."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+                        route_config, simple_response, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 
@@ -50,20 +49,9 @@ def _bs(port):
 
 
 def _req(port, method, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=6)
-    buf = b""
-    try:
-        body = b"x" if method == "POST" else b""
-        s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
-                   % (method, path, len(body))).encode() + body)
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            buf += d
-    finally:
-        s.close()
-    return buf[9:12].decode()
+    body = b"x" if method == "POST" else b""
+    return until_close(port, ("%s %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+                              % (method, path, len(body))).encode() + body, 6)[9:12].decode()
 
 
 @pytest.fixture(scope="module")

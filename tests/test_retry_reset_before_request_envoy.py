@@ -4,12 +4,11 @@ not. Cluster [a port nothing listens on, a live backend], round robin."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
+                        http_listener, route, route_config, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 KEYS = ("cluster.b.upstream_rq_retry", "cluster.b.upstream_rq_retry_success", "cluster.b.upstream_rq_200",
@@ -21,18 +20,7 @@ def _close_after_read(req, sock):
 
 
 def _status(port, path):
-    s = socket.create_connection(("127.0.0.1", port), timeout=6)
-    buf = b""
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode())
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            buf += d
-    finally:
-        s.close()
-    return buf[9:12].decode()
+    return until_close(port, get_close(path), 6)[9:12].decode()
 
 
 def _run(paths, handler=None):

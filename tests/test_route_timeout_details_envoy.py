@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, raw,
+                        route, route_config, simple_response, with_fresh_ports)
+from log_util import FLUSH_FAST, file_access_log, hcm_config, log_lines
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"
@@ -33,21 +33,6 @@ def _handler(req, sock):
     return simple_response(200, b"ok")
 
 
-def _send(port, data):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s.sendall(data)
-        while True:
-            try:
-                d = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not d:
-                break
-    finally:
-        s.close()
-
-
 def test_route_timeout_details_as_envoy():
     reqs = [b"GET /slow HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n",
             b"POST /grpc HTTP/1.1\r\nHost: x\r\nconnection: close\r\ncontent-type: application/grpc\r\n"
@@ -63,18 +48,11 @@ def test_route_timeout_details_as_envoy():
             try:
                 bs = bootstrap([http_listener(free_port(), route_config([route("/", "b", timeout="0.5s")]))],
                                [cluster("b", [be.port])])
-                tc = bs["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-                tc["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": log, "log_format": {"text_format_source": {"inline_string": FMT}}}}]
-                with cls(with_fresh_ports(bs), extra_args=["--file-flush-interval-msec", "100"]) as p:
+                hcm_config(bs)["access_log"] = file_access_log(log, FMT)
+                with cls(with_fresh_ports(bs), extra_args=FLUSH_FAST) as p:
                     for r in reqs:
-                        _send(p.port, r)
-                    end = time.monotonic() + 3
-                    lines = []
-                    while time.monotonic() < end and len(lines) < len(reqs):
-                        lines = open(log).read().splitlines()
-                        time.sleep(0.05)
+                        raw(p.port, r, timeout=5)
+                    lines = log_lines(log, len(reqs))
                     out[name] = lines
             finally:
                 be.close()

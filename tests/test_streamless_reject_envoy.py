@@ -6,6 +6,7 @@ an access-log line (Istio's default text format fields that apply) and the reque
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
@@ -14,11 +15,13 @@ import pytest
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
                         route_config, with_fresh_ports)
 
+_PORT = re.compile(r"127\.0\.0\.1:\d+")
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = ('"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
        '%RESPONSE_CODE_DETAILS% %BYTES_RECEIVED% %BYTES_SENT% "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER%\n')
-KEYS = ("downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_http2_total", "downstream_rq_rx_reset", "downstream_rq_completed",
+KEYS = ("downstream_rq_2xx", "downstream_rq_total", "downstream_rq_http1_total", "downstream_rq_http2_total", "downstream_rq_rx_reset", "downstream_rq_completed",
         "downstream_rq_response_before_rq_complete", "downstream_rq_4xx", "downstream_cx_protocol_error")
+H2_KEYS = ("http2.header_list_size_too_large", "http2.tx_reset", "http2.rx_messaging_error", "http2.header_overflow")
 CASES = {
     "bad-header": b"GET /a HTTP/1.1\r\nHost: x\r\nbad header: 1\r\n\r\n",
     "bad-cl": b"POST /a HTTP/1.1\r\nHost: x\r\ncontent-length: abc\r\n\r\n",
@@ -75,7 +78,9 @@ def _run(cls, tmp):
                     lines = f.read().splitlines()
                 open(log_path, "w").close() if os.path.exists(log_path) else None
                 s1 = p.stats()
-                out[name] = (status, lines, {k: s1.get("http.in." + k, 0) - s0.get("http.in." + k, 0) for k in KEYS})
+                lines = [_PORT.sub("127.0.0.1:PORT", x) for x in lines]  # (each run has its own backend)
+                out[name] = (status, lines, {k: s1.get("http.in." + k, 0) - s0.get("http.in." + k, 0) for k in KEYS},
+                             {k: s1.get(k, 0) - s0.get(k, 0) for k in H2_KEYS})
     finally:
         be.close()
     return out
@@ -96,12 +101,52 @@ def _h2_bad_pseudo(port):
     return "sent"
 
 
-CASES_H2 = {"h2-bad-pseudo": _h2_bad_pseudo}
+def _h2_oversized(port):
+    """An HTTP/2 request whose header list is over max_request_headers_kb (61 KB of 60), then a
+    plain one on the same connection: the first stream is reset (INTERNAL_ERROR), the connection
+    goes on and the second is answered."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    base = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/")]
+    c.send_headers(1, base + [("x-a", "a" * 61 * 1024)], end_stream=True)
+    c.send_headers(3, base, end_stream=True)
+    seen = []
+    try:
+        s.sendall(c.data_to_send())
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not any(e[0] == "end" for e in seen):
+            d = s.recv(65536)
+            if not d:
+                seen.append(("eof",))
+                break
+            for e in c.receive_data(d):
+                if isinstance(e, h2.events.StreamReset):
+                    seen.append(("rst", e.stream_id, int(e.error_code)))
+                elif isinstance(e, h2.events.ResponseReceived):
+                    seen.append(("status", e.stream_id, dict(e.headers)[":status"]))
+                elif isinstance(e, h2.events.StreamEnded):
+                    seen.append(("end", e.stream_id))
+                elif isinstance(e, h2.events.ConnectionTerminated):
+                    seen.append(("goaway", int(e.error_code)))
+            s.sendall(c.data_to_send())
+    except OSError:
+        seen.append(("error",))
+    finally:
+        s.close()
+    return repr(seen)
+
+
+CASES_H2 = {"h2-bad-pseudo": _h2_bad_pseudo, "h2-oversized": _h2_oversized}
 
 
 def test_streamless_rejections_logged_and_counted_like_envoy(tmp_path):
     px, env = _run(Pyproxy, str(tmp_path)), _run(Envoy, str(tmp_path))
     assert env["bad-header"][1] == ['"- - HTTP/1.1" 400 DPE http1.codec_error 0 11 "-" -'], env  # (the reference)
     assert env["h2-bad-pseudo"][1] == ['"- - HTTP/2" 0 DPE http2.invalid.header.field 0 0 "-" -'], env
+    assert "('rst', 1, 2), ('status', 3, '200')" in env["h2-oversized"][0], env
     for name in list(CASES) + list(CASES_H2):
         assert px[name] == env[name], (name, px[name], env[name])

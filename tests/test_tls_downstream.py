@@ -9,18 +9,17 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener,
-                        route, route_config, tcp_listener, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, TcpBackend, bootstrap, cluster, free_port,
+                        http_listener, route, route_config, tcp_listener, with_fresh_ports)
+from log_util import file_access_log
 from tls_certs import Pki, cert_entry, downstream_tls, uri_san
 
 CURL = shutil.which("curl")
 H2LOAD = shutil.which("h2load")
-FILE_AL = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 AL_FORMAT = ("%PROTOCOL% tls=%DOWNSTREAM_TLS_VERSION% sni=%REQUESTED_SERVER_NAME% "
              "local=%DOWNSTREAM_LOCAL_URI_SAN% peer=%DOWNSTREAM_PEER_URI_SAN%\n")
 SPIFFE_NS = "spiffe://cluster.local/ns/default/"
@@ -29,45 +28,8 @@ TCP_FORMAT = ("%DOWNSTREAM_TLS_VERSION% %DOWNSTREAM_TLS_CIPHER% sni=%REQUESTED_S
               "local=%DOWNSTREAM_LOCAL_DNS_SAN% bytes=%BYTES_RECEIVED%\n")
 
 
-class EchoServer:
-    """TCP echo on 127.0.0.1 (threads); half-closes back when the client half-closes."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
-        c.settimeout(10)
-        try:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    c.shutdown(socket.SHUT_WR)
-                    break
-                c.sendall(d)
-        except OSError:
-            pass
-        finally:
-            c.close()
-
-    def close(self):
-        self.sock.close()
-
-
 def _access_log(path, fmt=AL_FORMAT):
-    return [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": FILE_AL, "path": path, "log_format": {"text_format_source": {"inline_string": fmt}}}}]
+    return file_access_log(path, fmt)
 
 
 def _bootstrap(pki, srv, tmp, be_port, echo_port):
@@ -96,7 +58,7 @@ def env(tmp_path_factory):
     bad_san = pki.issue("client-badsan", uri=["spiffe://other.domain/ns/default/sa/client"])
     foreign = other.issue("client-foreign", uri=[SPIFFE_NS + "sa/client"])
     be = HttpBackend()
-    echo = EchoServer()
+    echo = TcpBackend()  # (echoes; half-closes back when the client half-closes)
     bs, ports = _bootstrap(pki, srv, tmp, be.port, echo.port)
     px = Pyproxy(bs, extra_args=["--file-flush-interval-msec", "50"])
     try:

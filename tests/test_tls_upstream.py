@@ -9,13 +9,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
 
-from proxy_util import (HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, raw, request, route,
-                        route_config, tcp_listener)
+from proxy_util import (HttpBackend, Pyproxy, TcpBackend, bootstrap, cluster, free_port, http_listener, raw,
+                        request, route, route_config, tcp_listener)
 from tls_certs import Pki, upstream_tls, uri_san
 
 NGHTTPD = shutil.which("nghttpd")
@@ -25,7 +24,7 @@ H2_OPTS = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
     "explicit_http_config": {"http2_protocol_options": {}}}}
 
 
-class TlsHttpBackend:
+class TlsHttpBackend(TcpBackend):
     """HTTP/1.1 keep-alive server over TLS (threads). Answers with the SNI it saw and the client
     certificate's URI SAN."""
 
@@ -38,23 +37,11 @@ class TlsHttpBackend:
         ctx.sni_callback = self._sni
         self.ctx = ctx
         self.snis = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.handshakes = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._serve)
 
     def _sni(self, obj, name, ctx):
         self.snis.append(name or "-")
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, raw):
         raw.settimeout(10)
@@ -82,9 +69,6 @@ class TlsHttpBackend:
             pass
         finally:
             c.close()
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, head_done,
+                        http_listener, recv_until, route, route_config, simple_response, with_fresh_ports)
+from log_util import FLUSH_FAST, file_access_log, hcm_config, last_log_line
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 REQ = (b"GET %s HTTP/1.1\r\nHost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
@@ -39,27 +39,16 @@ def _bs(be_port, log):
     for name, uc in HCMS.items():
         extra = {"upgrade_configs": uc} if uc else {}
         lns.append(http_listener(free_port(), rc, name=name, stat_prefix="in", **extra))
-    lns[0]["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = [{
-        "name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": log,
-            "log_format": {"text_format_source": {"inline_string": "%REQ(:PATH)% %RESPONSE_CODE_DETAILS%\n"}}}}]
-    return bootstrap(lns, [cluster("b", [be_port])])
+    bs = bootstrap(lns, [cluster("b", [be_port])])
+    hcm_config(bs)["access_log"] = file_access_log(log, "%REQ(:PATH)% %RESPONSE_CODE_DETAILS%\n")
+    return bs
 
 
 def _head(port, data):
     s = socket.create_connection(("127.0.0.1", port), timeout=3)
-    buf = b""
     try:
         s.sendall(data)
-        end = time.monotonic() + 3
-        while b"\r\n\r\n" not in buf and time.monotonic() < end:
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                break
-            if not d:
-                break
-            buf += d
+        buf = recv_until(s, 3, head_done)[0]
     finally:
         s.close()
     head = buf.split(b"\r\n\r\n", 1)[0].lower()
@@ -70,20 +59,14 @@ def _run(cls, tmp):
     log = os.path.join(tmp, cls.__name__ + ".log")
     open(log, "w").close()
     with HttpBackend(_handler) as be:
-        with cls(with_fresh_ports(_bs(be.port, log)), extra_args=["--file-flush-interval-msec", "100"]) as p:
+        with cls(with_fresh_ports(_bs(be.port, log)), extra_args=FLUSH_FAST) as p:
             s0 = p.stats()
             out = {}
             for i, name in enumerate(HCMS):
                 for path in (b"/routeon", b"/routeoff", b"/plain"):
                     out[name + path.decode()] = _head(p.ports[i], REQ % path)
             out["redirect"] = _head(p.ports[0], b"GET /redir HTTP/1.1\r\nHost: x\r\n\r\n")
-            end = time.monotonic() + 3
-            line = None
-            while line is None and time.monotonic() < end:
-                hit = [l for l in open(log).read().splitlines() if l.startswith("/redir ")]
-                line = hit[-1] if hit else None
-                time.sleep(0.05)
-            out["redirect_log"] = line
+            out["redirect_log"] = last_log_line(log, "/redir")
             s1 = p.stats()
             for k in ("http.in.downstream_cx_upgrades_total", "http.in.downstream_rq_ws_on_non_ws_route"):
                 out[k] = s1.get(k, 0) - s0.get(k, 0)

@@ -26,7 +26,7 @@ from pyproxy.xds_client import (CLUSTER, ENDPOINT, LISTENER, ROUTE, XdsClient, t
                                 target_from_grpc_service)
 from pyproxy.xds_client.target import target_from_api_config_source
 
-from xds_util import (ControlPlaneProcess, RecordingHandler, cluster, endpoints, listener, node,
+from xds_util import (AdsScript, ControlPlaneProcess, RecordingHandler, cluster, endpoints, listener, node,
                       route, run, wait_until, write_json)
 
 APIS = ["GRPC", "DELTA_GRPC"]
@@ -234,49 +234,11 @@ def test_control_plane_killed_and_restarted(tmp_path, api):
 # ---------------------------------------------------------------------------------------------
 # against a misbehaving test-local server
 
-class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """An ADS server whose responses the test writes by hand."""
-
-    def __init__(self):
-        self.requests: list[tuple[int, object]] = []
-        self.streams = 0
-        self.out: asyncio.Queue | None = None
-
-    async def StreamAggregatedResources(self, request_iterator, context):
-        await self._serve(context)
-
-    async def DeltaAggregatedResources(self, request_iterator, context):
-        await self._serve(context)
-
-    async def _serve(self, context):
-        self.streams += 1
-        sid = self.streams
-        q = self.out = asyncio.Queue()
-
-        async def reader():
-            while True:
-                r = await context.read()
-                if r is grpc.aio.EOF:
-                    return
-                self.requests.append((sid, r))
-        rt = asyncio.get_running_loop().create_task(reader())
-        try:
-            while True:
-                item = await q.get()
-                if item == "close":
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
-                if item == "end":
-                    return          # stream ends with status OK: the client sees EOF
-                await context.write(item)
-        finally:
-            rt.cancel()
+class ScriptedAds(AdsScript, ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """An ADS server whose responses the test writes by hand (in the test's own loop)."""
 
     def send(self, resp):
         self.out.put_nowait(resp)
-
-    def reqs(self, type_url=None, stream=None):
-        return [r for s, r in self.requests
-                if (type_url is None or r.type_url == type_url) and (stream is None or s == stream)]
 
 
 async def scripted_server():
@@ -404,7 +366,7 @@ def test_misbehaving_server(api):
 
             # 9. the stream breaks mid-push: reconnect, re-subscribe, state intact
             ads.send(cds(api, "v10", "n10", ["b", "e"] if api == "GRPC" else ["e"]))
-            ads.send("close")
+            ads.send("abort")
             await wait_until(lambda: ads.streams == 2 and ads.reqs(CLUSTER, stream=2),
                              what="re-subscribed on a new stream")
             assert h.names(CLUSTER) == {"b", "e"}

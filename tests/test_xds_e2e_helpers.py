@@ -24,8 +24,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 try:
     from proxy_util import free_port  # noqa: F401 (re-exported to the suites)
+    from xds_util import AdsScript
 except ImportError:  # imported as tests.<module>
     from tests.proxy_util import free_port  # noqa: F401
+    from tests.xds_util import AdsScript
 from pyproxy.control_plane import ControlPlane
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,15 +230,13 @@ def _ser(item):
     return item if isinstance(item, bytes) else item.SerializeToString()
 
 
-class ScriptedAds:
-    """A test-local ADS server whose responses the test writes by hand (SotW or delta); ``bytes``
+class ScriptedAds(AdsScript):
+    """A test-local ADS server (on a LoopThread) whose responses the test writes by hand; ``bytes``
     items go on the wire as they are (a malformed response)."""
 
     def __init__(self, lt: LoopThread, uds: str | None = None):
+        super().__init__()
         self.lt = lt
-        self.requests: list = []     # (stream id, request)
-        self.streams = 0
-        self.out: asyncio.Queue | None = None
 
         async def start():
             srv = grpc.aio.server()
@@ -258,44 +258,11 @@ class ScriptedAds:
             return srv, port
         self.srv, self.port = lt.run(start())
 
-    async def StreamAggregatedResources(self, request_iterator, context):
-        await self._serve(context)
-
-    async def DeltaAggregatedResources(self, request_iterator, context):
-        await self._serve(context)
-
-    async def _serve(self, context):
-        self.streams += 1
-        sid = self.streams
-        q = self.out = asyncio.Queue()
-
-        async def reader():
-            while True:
-                r = await context.read()
-                if r is grpc.aio.EOF:
-                    return
-                self.requests.append((sid, r))
-        rt = asyncio.get_running_loop().create_task(reader())
-        try:
-            while True:
-                item = await q.get()
-                if item == "abort":
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
-                if item == "end":
-                    return
-                await context.write(item)
-        finally:
-            rt.cancel()
-
     def send(self, *items):
         def put():
             for it in items:
                 self.out.put_nowait(it)
         self.lt.loop.call_soon_threadsafe(put)
-
-    def reqs(self, type_url=None, stream=None):
-        return [r for s, r in list(self.requests)
-                if (type_url is None or r.type_url == type_url) and (stream is None or s == stream)]
 
     def stop(self):
         self.lt.run(self.srv.stop(None))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 
 from pyproxy.config.errors import ConfigError
@@ -199,3 +200,48 @@ class ControlPlaneProcess:
         except Exception:
             pass
         self.proc = None
+
+
+class AdsScript:
+    """The stream side of an ADS server whose responses a test writes by hand (SotW or delta):
+    each stream's requests are recorded as (stream id, request); the items put on ``out`` are
+    written in order, ``"abort"`` ending the stream with UNAVAILABLE and ``"end"`` with OK (the
+    client sees EOF)."""
+
+    def __init__(self):
+        self.requests: list = []     # (stream id, request)
+        self.streams = 0
+        self.out: asyncio.Queue | None = None
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        await self._serve(context)
+
+    async def DeltaAggregatedResources(self, request_iterator, context):
+        await self._serve(context)
+
+    async def _serve(self, context):
+        self.streams += 1
+        sid = self.streams
+        q = self.out = asyncio.Queue()
+
+        async def reader():
+            while True:
+                r = await context.read()
+                if r is grpc.aio.EOF:
+                    return
+                self.requests.append((sid, r))
+        rt = asyncio.get_running_loop().create_task(reader())
+        try:
+            while True:
+                item = await q.get()
+                if item == "abort":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+                if item == "end":
+                    return
+                await context.write(item)
+        finally:
+            rt.cancel()
+
+    def reqs(self, type_url=None, stream=None):
+        return [r for s, r in list(self.requests)
+                if (type_url is None or r.type_url == type_url) and (stream is None or s == stream)]

@@ -33,6 +33,7 @@ import random
 import time
 from operator import itemgetter
 
+from ..cluster.cluster import HTTP1
 from ..cluster.lb import LbContext
 from ..cluster.pool import UpstreamConnection
 from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge_failure, connect_failure,
@@ -46,6 +47,7 @@ _NO_CTX = LbContext()
 _monotonic = time.monotonic
 _rand = random.getrandbits
 _first = itemgetter(0)
+_NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 
 
 
@@ -83,7 +85,7 @@ def pick_cluster(route, headers, cluster_manager):
         name, choice = route.cluster, None
     else:
         name, choice = route.select_cluster(headers, _rand(32))
-    cluster = cluster_manager.get(name)
+    cluster = cluster_manager.active.get(name)  # (ClusterManager.get)
     if cluster is None or cluster.original_dst:
         return None
     return name, choice, cluster
@@ -114,9 +116,11 @@ class FirstAttempt:
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
     alpn = None           # the upstream ALPN list a request hook chose (istio.alpn)
+    # a StreamInfo was made (ActiveStream.__init__, stream_parts.LazyInfo): it is in the instance's
+    # dict then (testing ``self.__dict__`` would make a dict for a stream that has none)
+    has_info = False
 
     on_upstream_head = h1_relay.on_upstream_head
-    _send_request = h1_relay.send_request
 
     def begin_first_attempt(self, route, headers, cluster, choice) -> None:
         """The router's work for this request (``Router.decode_headers`` for a first attempt
@@ -158,7 +162,7 @@ class FirstAttempt:
             if hc.dl_handle is None or at < hc.dl_at:  # (the connection's timer already fires in time)
                 hc.arm_deadline(at)
         host = self.host = cluster.lb.choose(_NO_CTX)  # (Cluster.choose_host)
-        si = self.__dict__.get("stream_info")  # (None: made lazily, from these attributes)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, from these attributes)
         if si is not None:
             si.upstream_cluster = cluster.name
             si.attempt_count = 1
@@ -168,7 +172,11 @@ class FirstAttempt:
             cluster.st_cx_none_healthy.value += 1
             self._fail(*NO_HEALTHY)
             return
-        self.pending = cluster.http_pool(host, self.hc.is_h2, self.alpn).new_stream(self)
+        # (Cluster.http_pool's common case, inline: an HTTP/1.1 cluster's pool for the host)
+        p = cluster.pools.get(host.key) if cluster.protocol == HTTP1 and self.alpn is None else None
+        if p is None:
+            p = cluster.http_pool(host, self.hc.is_h2, self.alpn)
+        self.pending = p.new_stream(self)
 
     # -- pool callbacks --------------------------------------------------------------------------
     def on_pool_ready(self, encoder, host):
@@ -185,7 +193,21 @@ class FirstAttempt:
             if sans is not None:
                 si = self.stream_info
                 si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
-        self._send_request(encoder)
+        # the request head upstream
+        if type(encoder) is not UpstreamConnection or not self.plain:
+            self.up_local = getattr(encoder, "local_address", "")
+            si = self.stream_info if self.has_info else None
+            if si is not None:
+                si.upstream_local_address = self.up_local
+            encoder.encode_headers(self.request_headers, True)
+            return
+        # an HTTP/1.1 upstream and a request with no framing or hop-by-hop headers
+        self.up_local = encoder.local_address
+        h = self.request_headers._h
+        if h[0][1] in _NEEDS_LENGTH:
+            encoder.encode_headers(self.request_headers, True)
+            return
+        self.up_head = encoder.codec.encode_plain_head(h)  # (up_head: istio.stats sizes the request head from it)
 
     def on_pool_failure(self, reason, flag, host):
         self.pending = None
@@ -230,7 +252,7 @@ class FirstAttempt:
             return
         c = self.cluster
         c.count_response(status, self.host, headers if end_stream else None)  # (gRPC trailers-only)
-        si = self.__dict__.get("stream_info")  # (None: made lazily, "via_upstream" then)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, "via_upstream" then)
         if si is not None:
             si.response_code_details = "via_upstream"
         finalize_response(self.route, headers, self.start, self.cfg.router_suppress_envoy_headers, si,
@@ -249,13 +271,13 @@ class FirstAttempt:
             return
         if self.status:  # the head went as bytes (h1_relay): so does the body
             self.tx_body += len(data)
-            self.encoder.write_body(data, end_stream)
             if end_stream:
                 enc = self.encoder_up
-                h1_relay.relay_done(self)
+                h1_relay.relay_done(self, data)  # (the encoder writes data)
                 if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
                     close_tunnel(enc)
             else:
+                self.encoder.write_body(data, False)
                 self.last_activity = self.cfg.loop.time()
             return
         if end_stream:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from ..cluster.pool import UpstreamConnection
 from ..stats.histogram import PENDING
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS, response_operation
 from .headers import Headers
@@ -24,7 +23,6 @@ from .http1_common import ProtocolError, header_line, int_header_template
 from .http1_response import RelayEdits
 
 _DECORATOR = "x-envoy-decorator-operation"
-_NEEDS_LENGTH = frozenset(("POST", "PUT", "PATCH"))  # (a bodiless one gets content-length: 0)
 _SERVICE_TIME = int_header_template("x-envoy-upstream-service-time")
 _monotonic = time.monotonic
 
@@ -41,24 +39,6 @@ def relay_edits(hcm) -> RelayEdits:
                       drop=frozenset((_DECORATOR.encode(),)) if d == DECORATE_EGRESS else frozenset(),
                       take=hcm.response_take_raw,
                       more=(hooks[0] if len(hooks) == 1 else partial(_hook_lines, hooks)) if hooks else None)
-
-
-def send_request(s, encoder) -> None:
-    """The request head upstream (``FirstAttempt.on_pool_ready``)."""
-    if type(encoder) is not UpstreamConnection or not s.plain:
-        s.up_local = getattr(encoder, "local_address", "")
-        si = s.__dict__.get("stream_info")
-        if si is not None:
-            si.upstream_local_address = s.up_local
-        encoder.encode_headers(s.request_headers, True)
-        return
-    # an HTTP/1.1 upstream and a request with no framing or hop-by-hop headers
-    s.up_local = encoder.local_address
-    h = s.request_headers._h
-    if h[0][1] in _NEEDS_LENGTH:
-        encoder.encode_headers(s.request_headers, True)
-        return
-    s.up_head = encoder.codec.encode_plain_head(h)  # (up_head: istio.stats sizes the request head from it)
 
 
 def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
@@ -109,7 +89,7 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         s.status = 0
         raise
     if end_stream:
-        relay_done(s)
+        relay_done(s, b"")
 
 
 def _hook_lines(hooks, s, taken):
@@ -124,9 +104,10 @@ def _hook_lines(hooks, s, taken):
     return out
 
 
-def relay_done(s) -> None:
-    """The relayed response is complete: the stream's ``_complete`` and ``_finish``, for a stream
-    whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
+def relay_done(s, data: bytes) -> None:
+    """The relayed response is complete, with its last body bytes ``data`` (written by the
+    encoder's ``relay_done``): the stream's ``_complete`` and ``_finish``, for a stream whose head
+    went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
     now = _monotonic()
     c = s.cluster
     ms = (now - s.start) * 1000.0  # (the stream's start: begin_first_attempt)
@@ -140,7 +121,7 @@ def relay_done(s) -> None:
         c.rq_active_total -= 1
         c.st_rq_active.value -= 1  # (gauges that on_request raised: no need to mark them used)
     s.local_complete = True
-    s.encoder.relay_done()
+    s.encoder.relay_done(data)
     s.done = True
     hc = s.hc
     st = hc.stats
@@ -164,7 +145,7 @@ def relay_done(s) -> None:
     s.encoder = None
     obs = s.cfg.observers
     if obs:  # telemetry filters' completion work (ChainPlan)
-        si = s.__dict__.get("stream_info")  # (made only if something needed it; the observers read the stream)
+        si = s.stream_info if s.has_info else None  # (made only if something needed it; the observers read the stream)
         if si is not None:
             si.end_monotonic = now
             si.response_code = s.status

@@ -117,7 +117,7 @@ class H2Stats:
     __slots__ = ("rx_reset", "tx_reset", "header_overflow", "goaway_sent", "outbound_control_flood",
                  "inbound_priority_frames_flood", "inbound_empty_frames_flood", "inbound_window_update_frames_flood",
                  "rx_messaging_error",
-                 "keepalive_timeout", "streams_refused", "trailers")
+                 "keepalive_timeout", "streams_refused", "trailers", "header_list_size_too_large")
 
     def __init__(self, store):
         s = store.scope("http2.")
@@ -295,3 +295,15 @@ def shutdown_notice(codec) -> None:
     streams). The final ``codec.go_away()`` follows after the HCM's drain_timeout."""
     if not (codec.goaway_sent or codec.closed):
         codec.conn.write(codec.h2.data_to_send() + _SHUTDOWN_NOTICE)
+
+
+def header_list_too_large(codec, sid: int) -> None:
+    """An HTTP/2 request whose header list was over ``max_request_headers_kb``: the engine reset
+    its stream (``H2Engine.oversized``) and the connection goes on; counted as Envoy's codec and
+    connection manager count it (``http2.header_list_size_too_large``, ``tx_reset``; a request
+    reset before its headers were complete)."""
+    st = codec.stats
+    if st is not None:
+        st.header_list_size_too_large.value += 1
+        st.tx_reset.value += 1
+    codec.hc.streamless("HTTP/2", 0, "http2.header_list_size_too_large", False, 0, "DR")

@@ -63,7 +63,7 @@ class H2Engine(FrameReceiver):
                  "seen_settings", "out_window", "in_window", "in_max", "unacked", "cont", "pending_settings",
                  "max_in_frame", "goaway_sent", "goaway_received", "dead", "n_out", "n_in", "max_block",
                  "peer_odd", "initial", "closed_floor", "split_ends",
-                 "rst_seen", "data_sent", "wu_in", "wu_cap", "wu_over", "stream_cls")
+                 "rst_seen", "data_sent", "wu_in", "wu_cap", "wu_over", "stream_cls", "oversized")
 
     def __init__(self, client_side: bool, settings=None, max_block: int = 0):
         self.client_side = client_side
@@ -77,6 +77,7 @@ class H2Engine(FrameReceiver):
         self.streams: dict = {}
         self.closed: dict = {}  # sid -> ENDED / RESET_LOCAL / RESET_REMOTE (the last CLOSED_MEMORY)
         self.closed_floor = 0  # highest stream id forgotten from ``closed``
+        self.oversized = None  # server side: the codec told of a request reset for its header list size
         self.highest_inbound_stream_id = 0
         self.highest_outbound_stream_id = 0
         self.peer_odd = 0 if client_side else 1  # parity of the stream ids the peer opens

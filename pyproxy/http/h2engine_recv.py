@@ -271,11 +271,26 @@ class FrameReceiver:
             return DenialOfServiceError("oversized header list: %s" % e)
         return _conn_error(ErrorCodes.COMPRESSION_ERROR, "HPACK decoding failed: %s" % e)
 
+    def _refuse_oversized(self, sid: int) -> bool:
+        """A new request whose header list is over the limit (the HPACK table took the whole
+        block, so it stays in step): its stream is reset (INTERNAL_ERROR) and the codec told
+        (``oversized.header_list_too_large``); the connection goes on, as Envoy's does. False: not such a request."""
+        if self.oversized is None or self.client_side or sid in self.streams or (sid & 1) != self.peer_odd \
+                or sid <= self.highest_inbound_stream_id:
+            return False
+        self.highest_inbound_stream_id = sid
+        self.out.append(_pack_hdr(4 << 8 | RST_STREAM, 0, sid) + _U32.pack(int(ErrorCodes.INTERNAL_ERROR)))
+        self.closed[sid] = RESET_LOCAL
+        self.oversized.header_list_too_large(sid)
+        return True
+
     def _header_block(self, sid: int, flags: int, block: bytes, self_dep: bool, events: list) -> None:
         # decoded whatever becomes of the stream: the HPACK table must stay in step with the peer's
         try:
             headers = self.decoder.decode(block, True)
         except _HPACK_ERRORS as e:
+            if e.__class__ is OversizedHeaderListError and self._refuse_oversized(sid):
+                return
             raise self._decode_error(e) from None
         end = flags & F_END_STREAM
         s = self.streams.get(sid)

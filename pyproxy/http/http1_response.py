@@ -272,8 +272,13 @@ class Http1ResponseEncoder:
         self.conn.write(head)
         return len(head) - len(parts[0])
 
-    def relay_done(self) -> None:
-        """A relayed response (``relay_head``, ``write_body``) is complete."""
+    def relay_done(self, data: bytes) -> None:
+        """A relayed response (``relay_head``, ``write_body``) is complete, ``data`` its last body
+        bytes (``write_body(data, True)``)."""
+        if self.response_chunked:
+            self.conn.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")
+        elif data:
+            self.conn.write(data)
         if self.response_close or self.pending or self.tunnel or not self.request_complete:
             self._response_complete()
         else:

@@ -32,7 +32,7 @@ from h2.settings import SettingCodes
 from .. import writebatch
 from .h2_common import (EV_DATA, EV_ENDED, EV_GOAWAY, EV_PING, EV_PING_ACK, EV_PRIORITY, EV_REQUEST, EV_RESET,
                         EV_SETTINGS, EV_TRAILERS, EV_WINDOW, EVENT_KIND, PREMATURE_RESET_SECONDS,
-                        PREMATURE_RESET_STREAMS, bound_window_updates, new_h2, server_options)
+                        PREMATURE_RESET_STREAMS, bound_window_updates, header_list_too_large, new_h2, server_options)
 from .h2_headers import TRAILERS, BadAuthority, BadHeaders, BadLength, inbound_headers, request_fields
 from .h2_server_stream import H2ServerStream
 from .h2_stream import flush_blocked, window_opened
@@ -51,6 +51,7 @@ class Http2ServerCodec:
                  "stats", "total_streams", "premature", "ctrl_out", "priority_frames", "empty_frames",
                  "ka_handle", "ka_timeout_handle", "close_pending", "stream", "lean", "rht", "rht_handle",
                  "rht_sid", "max_streams", "max_fields", "note")
+    header_list_too_large = header_list_too_large  # (h2_common.py)
 
     def __init__(self, conn, hc, cfg, note=None):
         self.conn = conn
@@ -85,6 +86,7 @@ class Http2ServerCodec:
         self.lean = self.h2.__class__ is H2Engine  # takes Headers' pairs as they are
         if self.lean:
             self.h2.stream_cls = H2ServerStream  # (the engine's stream state on our stream objects)
+            self.h2.oversized = self  # (its header_list_too_large(sid): a request reset for its size)
         bound_window_updates(self)
         self.max_frame = self.h2.max_outbound_frame_size
         self.ka_handle = self.ka_timeout_handle = None

@@ -76,6 +76,7 @@ class ActiveStream(FirstAttempt):
         self.rid = self.up_local = ""
         self.t0 = t0 = _monotonic()
         self.stream_info = new_stream_info(hc.conn, version, _time(), t0)
+        self.has_info = True  # (FirstAttempt.has_info)
         self.version = version
         st = hc.stats
         st.rq_total.value += 1

@@ -60,7 +60,9 @@ class LazyInfo:
     def __get__(self, s, owner=None):
         if s is None:
             return self
-        si = s.__dict__["stream_info"] = s._make_stream_info()
+        d = s.__dict__
+        si = d["stream_info"] = s._make_stream_info()
+        d["has_info"] = True  # (FirstAttempt.has_info)
         return si
 
 

@@ -12,10 +12,10 @@ from .stream_parts import new_stream_info
 
 
 def streamless_request(hc, protocol: str, status: int, details: str, protocol_error: bool,
-                       bytes_sent: int) -> None:
+                       bytes_sent: int, flag: str = "") -> None:
     """Count (downstream_rq_total, _http1/2_total, _rx_reset; with a reply sent also
     _rq_completed and _response_before_rq_complete; the reply's class is the caller's) and log
-    the rejected request on ``hc`` (an ``HttpConnection``)."""
+    the rejected request on ``hc`` (an ``HttpConnection``), with response flag ``flag`` if any."""
     st = hc.stats
     if protocol == "HTTP/2" and protocol_error:  # (HTTP/1.1: on_codec_error counted it)
         st.cx_protocol_error.value += 1
@@ -36,8 +36,11 @@ def streamless_request(hc, protocol: str, status: int, details: str, protocol_er
     si.bytes_sent = bytes_sent
     if protocol_error:
         si.response_flags.add("DPE")
+    if flag:
+        si.response_flags.add(flag)
     req = Headers([])
     for al in logs:
         al.log(si, req, None, None)
+
 
 

@@ -191,6 +191,17 @@ def compile_query_matcher(q, field: str = "query_parameters") -> QueryParamMatch
     return m
 
 
+def path_only(path: str) -> str:
+    """``path`` without its query string and fragment."""
+    q = path.find("?")
+    if q >= 0:
+        path = path[:q]
+    h = path.find("#")
+    if h >= 0:
+        path = path[:h]
+    return path
+
+
 def parse_query(path: str) -> dict:
     """First value of each query parameter of ``path`` (not percent-decoded, as Envoy matches)."""
     q = path.find("?")

@@ -6,6 +6,7 @@ import time
 
 from ..config.errors import ConfigError
 from ..config.util import duration_s, u32
+from ..formatter import strip_port
 from .hashing import xxh64_str
 from .matchers import compile_header_matcher, parse_query
 from .regex import compile_re2, re2_substitution
@@ -249,7 +250,7 @@ def _rl_action(a, field: str):
             return (key, v)
         return query_parameters
     if which == "remote_address":
-        return lambda h, c, ip: ("remote_address", _ip_only(ip)) if ip else None
+        return lambda h, c, ip: ("remote_address", strip_port(ip)) if ip else None
     if which == "header_value_match":
         hv = a.header_value_match
         if not hv.descriptor_value:
@@ -328,7 +329,7 @@ class HashPolicy:
         if kind == "source_ip":
             if not source_ip:
                 return None
-            return xxh64_str(_ip_only(source_ip))
+            return xxh64_str(strip_port(source_ip))
         if kind == "query":
             v = parse_query(headers.get(":path", "")).get(self.name)
             return None if v is None else xxh64_str(v)
@@ -342,15 +343,6 @@ class HashPolicy:
             r = h()
             return None if r is None else r & _M64
         return xxh64_str(obj if isinstance(obj, str) else str(obj))
-
-
-def _ip_only(a: str) -> str:
-    if a.startswith("["):
-        end = a.find("]")
-        return a[1:end] if end > 0 else a
-    if a.count(":") == 1:
-        return a.rpartition(":")[0]
-    return a
 
 
 def compile_hash_policy(hp, field: str) -> HashPolicy:

@@ -3,7 +3,7 @@ redirect). Built from the proto by ``route_compile.compile_route``."""
 
 from __future__ import annotations
 
-from .matchers import parse_query
+from .matchers import parse_query, path_only
 from .policies import combine_hashes
 
 ROUTE = 0
@@ -14,16 +14,6 @@ DEFAULT_TIMEOUT = 15.0
 
 # path match kinds
 P_PREFIX, P_PATH, P_REGEX, P_SEP_PREFIX, P_CONNECT = range(5)
-
-
-def _strip_query(path: str) -> str:
-    q = path.find("?")
-    if q >= 0:
-        path = path[:q]
-    h = path.find("#")
-    if h >= 0:
-        path = path[:h]
-    return path
 
 
 def _is_grpc(headers) -> bool:
@@ -216,7 +206,7 @@ class RouteEntry:
             host = headers.get(self.host_rewrite_header) or None
         elif self.host_rewrite_path_regex is not None:
             rx, sub = self.host_rewrite_path_regex
-            host = rx.sub(sub, _strip_query(headers.get(":path", "")))
+            host = rx.sub(sub, path_only(headers.get(":path", "")))
         if host:
             if self.append_x_forwarded_host:
                 orig = headers.get(":authority")

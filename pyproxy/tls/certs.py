@@ -7,7 +7,6 @@ certificates TLS contexts name inline or by file.
 
 from __future__ import annotations
 
-import base64
 import time
 
 from ..config import ConfigError
@@ -130,29 +129,10 @@ def _ts(t) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000) if t else ""
 
 
-def _redact(d) -> None:
-    # as Envoy's MessageUtil::redact: the private key's value becomes "[redacted]", same field kind
-    if isinstance(d, dict):
-        for k, v in list(d.items()):
-            if k in ("private_key", "password") and isinstance(v, dict):
-                if "inline_bytes" in v:
-                    v["inline_bytes"] = base64.b64encode(b"[redacted]").decode()
-                elif "inline_string" in v:
-                    v["inline_string"] = "[redacted]"
-                elif "environment_variable" in v:
-                    pass
-            else:
-                _redact(v)
-    elif isinstance(d, list):
-        for x in d:
-            _redact(x)
-
-
 def _secret_json(sec) -> dict:
     from ..config.dump import to_dict
     body = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"}
-    body.update(to_dict(sec))
-    _redact(body)
+    body.update(to_dict(sec))  # to_dict redacts the private key and password
     return body
 
 

@@ -21,6 +21,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401 (regist
 
 from ...config import ConfigError
 from ...http.filter import CONTINUE, STOP, HttpFilter
+from ...routing.matchers import path_only
 from ..rbac_engine import Subject, compile_rbac, parse_ip, peer_principal
 from .util import HcmStats, PerRoute
 
@@ -88,12 +89,7 @@ def http_subject(stream, headers) -> Subject:
     si = stream.stream_info
     path = headers.get(":path")
     if path is not None:
-        q = path.find("?")
-        if q >= 0:
-            path = path[:q]
-        h = path.find("#")
-        if h >= 0:
-            path = path[:h]
+        path = path_only(path)
     fs = conn.filter_state
     if si.filter_state:
         fs = dict(fs, **si.filter_state) if fs else si.filter_state
