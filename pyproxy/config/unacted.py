@@ -53,9 +53,10 @@ NOT_ACTED_ON: tuple = (
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.weighted_clusters.clusters[].metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
-    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config",
-     "CONNECT termination is not implemented: a CONNECT request is forwarded to the upstream as an "
-     "HTTP/1.1 CONNECT request, not as a TCP tunnel"),
+    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config.proxy_protocol_config",
+     "proxy_protocol_config is not implemented yet: a terminated CONNECT's upstream gets no PROXY protocol header"),
+    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config.allow_post",
+     "allow_post is not implemented yet: only a CONNECT request is terminated, a POST is proxied as a request"),
     ("route_configuration", "virtual_hosts[].routes[].route.internal_redirect_policy",
      "internal redirects are not implemented yet: the redirect goes to the client"),
     ("route_configuration", "virtual_hosts[].routes[].route.internal_redirect_action",

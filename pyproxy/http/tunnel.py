@@ -28,7 +28,8 @@ def upgrade_refused(s) -> bool:
     if (rc[0] if rc is not None else s.cfg.upgrades.get(kind)):
         st.cx_upgrades_total.value += 1
         st.cx_upgrades_active.inc()
-        s.tunneling = True  # (until upgrade_ended)
+        # (until upgrade_ended; 2: a CONNECT the route terminates, its bytes go to a TCP upstream)
+        s.tunneling = 2 if rc is not None and rc[1] and kind == "connect" else True
         return False
     st.rq_ws_on_non_ws_route.value += 1
     s.send_local_reply(403, "", "upgrade_failed")

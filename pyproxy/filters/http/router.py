@@ -32,6 +32,7 @@ from ...http.headers import Headers
 from . import router_control
 from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
                            legacy_grpc_timeout)
+from .tcp_upstream import connect as tcp_connect
 from .router_tunnel import handshake_failed, upgrade_ended
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
@@ -307,6 +308,9 @@ class Router(RetryState):
         if self.attempts > 1:  # (the first: decode_headers)
             self._retry_headers()
         up = self.upstream = UpstreamRequest(self, host)
+        if s.tunneling == 2:  # CONNECT termination: a TCP upstream (tcp_upstream.py)
+            up.pending = tcp_connect(self, up, host)
+            return
         fs = si.filter_state
         pool = c.http_pool(host, s.hc.is_h2, fs.get(ALPN_KEY) if fs else None)  # istio.alpn
         up.pending = pool.new_stream(up)
