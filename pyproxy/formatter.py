@@ -20,6 +20,7 @@ import time
 import uuid
 
 from .config.errors import ConfigError
+from .config.util import request_header_name
 
 __all__ = ["DEFAULT_FORMAT", "compile_format", "compile_json_format", "compile_substitution_format",
            "Formatter", "JsonFormatter", "RESPONSE_FLAGS_LONG"]
@@ -225,6 +226,8 @@ def _header_cmd(which: int, arg: str, cmd: str, max_len, strip_query=False):
     main, alt = main.lower(), alt.lower()
     if not main or (("?" in arg) and not alt):
         raise ConfigError("invalid header specifier '%s' in %s" % (arg, cmd), "format")
+    if which == 0:
+        main, alt = request_header_name(main), alt and request_header_name(alt)
 
     def f(si, rq, rs, rt):
         h = rq if which == 0 else rs if which == 1 else rt

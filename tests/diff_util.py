@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 
-from proxy_util import HttpBackend, Pyproxy, TcpBackend, request, with_fresh_ports
+from proxy_util import HttpBackend, Pyproxy, TcpBackend, recv_settled, recv_until, request, with_fresh_ports
 from test_chain_plan import _mask
 
 MODES = {"compiled": {}, "reference": {"PYPROXY_REFERENCE": "1"}}
@@ -233,45 +233,19 @@ def h1_script(port: int, steps, methods=("GET",), n: int = 1, timeout: float = 4
     how the connection ended: "open", "eof" or "reset"), number of bytes received)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     buf = b""
-    end = "open"
     try:
         for st in steps:
             if isinstance(st, Wait):
-                deadline = time.monotonic() + st.timeout
-                while st.marker not in buf and time.monotonic() < deadline:
-                    s.settimeout(max(0.01, deadline - time.monotonic()))
-                    try:
-                        d = s.recv(65536)
-                    except socket.timeout:
-                        break
-                    except ConnectionResetError:
-                        return (_mask(buf), "reset"), len(buf)
-                    if not d:
-                        return (_mask(buf), "eof"), len(buf)
-                    buf += d
+                buf, how = recv_until(s, st.timeout, lambda b, m=st.marker: m in b, buf, resets=True)
+                if how:
+                    return (_mask(buf), how), len(buf)
                 continue
             try:
                 s.sendall(st)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = _complete(buf, list(methods), n)
-            s.settimeout(settle if done else max(0.01, deadline - time.monotonic()))
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                if done:
-                    break
-                continue
-            except ConnectionResetError:
-                end = "reset"
-                break
-            if not d:
-                end = "eof"
-                break
-            buf += d
-        return (_mask(buf), end), len(buf)
+        buf, how = recv_settled(s, timeout, lambda b: _complete(b, list(methods), n), settle, buf)
+        return (_mask(buf), how or "open"), len(buf)
     finally:
         s.close()
 

@@ -502,6 +502,42 @@ class HttpBackend:
         self.close()
 
 
+class HoldingBackend(HttpBackend):
+    """An HttpBackend that holds each request for ``/hold`` until ``release()`` (10 s at most) and
+    answers the others at once: requests in flight on demand."""
+
+    HOLD = b"GET /hold HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n"
+
+    def __init__(self):
+        self.released = threading.Event()
+        self.clients: list = []
+        super().__init__(self._hold)
+
+    def _hold(self, req, sock):
+        if req.path == "/hold":
+            self.released.wait(10)
+        return simple_response(200, b"ok")
+
+    def hold(self, port: int, timeout: float = 5.0) -> None:
+        """Send ``GET /hold`` to ``port`` (from a thread) and wait until it is held here (bounded)."""
+        t = threading.Thread(target=raw, args=(port, self.HOLD), kwargs={"timeout": 12}, daemon=True)
+        t.start()
+        self.clients.append(t)
+        deadline = time.monotonic() + timeout
+        while not any(r.path == "/hold" for r in self.requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        """Answer the held requests and wait for their clients (bounded)."""
+        self.released.set()
+        for t in self.clients:
+            t.join(5)
+
+    def close(self):
+        self.release()
+        super().close()
+
+
 class TcpBackend:
     """A threaded TCP server; ``handler(sock)`` runs per connection (default: echo until EOF)."""
 
@@ -670,6 +706,28 @@ def get_close(path: str) -> bytes:
     return ("GET %s HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n" % path).encode()
 
 
+def recv_settled(s: socket.socket, timeout: float, done, settle: float, buf: bytes = b""):
+    """Read from ``s`` until the peer closes, or ``done(bytes read)`` holds and ``settle`` seconds
+    then pass with nothing more (late bytes are read too: an extra response, a close), or
+    ``timeout`` passes. Returns (bytes, how it ended: "eof", "reset" or None while open)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ok = done(buf)
+        s.settimeout(settle if ok else max(0.01, deadline - time.monotonic()))
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            if ok:
+                break
+            continue
+        except ConnectionResetError:
+            return buf, "reset"
+        if not d:
+            return buf, "eof"
+        buf += d
+    return buf, None
+
+
 def head_done(buf: bytes) -> bool:
     """``recv_until``'s ``done`` for an HTTP/1 head: the blank line is there."""
     return b"\r\n\r\n" in buf
@@ -721,34 +779,19 @@ def exchange(port: int, data: bytes, n: int = 1, timeout: float = 3.0, methods=N
                 s.sendall(c)
             except (BrokenPipeError, ConnectionResetError):
                 break  # the peer gave up on us; read what it said
-        buf = bytearray()
-        closed = False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def done(buf):
             try:
-                rs = parse_responses(bytes(buf), methods)
-                done = len([r for r in rs if r.status >= 200 or r.status == 101]) >= n
+                rs = parse_responses(buf, methods)
             except (ValueError, IndexError):
-                done = False
-            s.settimeout(settle if done else max(0.01, deadline - time.monotonic()))
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                if done:
-                    break
-                continue
-            except ConnectionResetError:
-                closed = True
-                break
-            if not d:
-                closed = True
-                break
-            buf += d
+                return False
+            return len([r for r in rs if r.status >= 200 or r.status == 101]) >= n
+
+        buf, how = recv_settled(s, timeout, done, settle)
         try:
-            rs = parse_responses(bytes(buf), methods)
+            rs = parse_responses(buf, methods)
         except (ValueError, IndexError):
             rs = []
-        return rs, closed, bytes(buf)
+        return rs, how is not None, buf
     finally:
         s.close()
 

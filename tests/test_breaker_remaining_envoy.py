@@ -6,12 +6,9 @@ holds the request (event-driven: once it has received it)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
-from proxy_util import ENVOY, Envoy, HttpBackend, Pyproxy, one_route_bootstrap, raw, simple_response
+from proxy_util import ENVOY, Envoy, HoldingBackend, Pyproxy, one_route_bootstrap
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 CB = {"thresholds": [
@@ -26,30 +23,15 @@ def _remaining(st):
 
 
 def _run(cls, cb):
-    release = threading.Event()
-
-    def handler(req, sock):
-        if req.path == "/hold":
-            release.wait(10)
-        return simple_response(200, b"ok")
-
-    be = HttpBackend(handler)
+    be = HoldingBackend()
     bs, _ = one_route_bootstrap([be.port], cluster_extra={"circuit_breakers": cb})
     p = cls(bs)
-    t = None
     try:
         idle = _remaining(p.stats())
-        t = threading.Thread(target=raw, args=(p.port, b"GET /hold HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n"),
-                             kwargs={"timeout": 12}, daemon=True)
-        t.start()
-        deadline = time.monotonic() + 5
-        while not any(r.path == "/hold" for r in be.requests) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        be.hold(p.port)
         busy = _remaining(p.stats())
     finally:
-        release.set()
-        if t is not None:
-            t.join(5)
+        be.release()
         p.stop()
         be.close()
     return idle, busy

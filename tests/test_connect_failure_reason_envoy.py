@@ -6,13 +6,9 @@ connection logs no failure reason."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
-                        http_listener, route, route_config, until_close, with_fresh_ports)
-from log_util import FLUSH_FAST, file_access_log, hcm_config, log_lines
+from proxy_util import (ENVOY, bootstrap, cluster, free_port, get_close, http_listener, route, route_config,
+                        until_close)
+from log_util import file_access_log, hcm_config, logged_each
 
 import pytest
 
@@ -26,29 +22,21 @@ def _get(port, path):
 
 def test_connect_failure_reason_as_envoy():
     paths = ["/dead/x", "/retry/1", "/retry/2"]
-    tmp = tempfile.mkdtemp(prefix="cf-reason-")
-    out = {}
-    try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            be = HttpBackend()
-            log = os.path.join(tmp, name + ".log")
-            open(log, "w").close()
-            try:
-                dead = free_port()  # (nothing listens there)
-                rs = [route("/dead/", "dead"),
-                      route("/retry/", "mixed", retry_policy={"retry_on": "connect-failure", "num_retries": 2})]
-                bs = bootstrap([http_listener(free_port(), route_config(rs))],
-                               [cluster("dead", [dead]), cluster("mixed", [dead, be.port])])
-                hcm_config(bs)["access_log"] = file_access_log(log, FMT)
-                with cls(with_fresh_ports(bs), extra_args=FLUSH_FAST) as p:
-                    for path in paths:
-                        _get(p.port, path)
-                    lines = log_lines(log, len(paths))
-                    out[name] = lines
-            finally:
-                be.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def bs(be_port, log):
+        dead = free_port()  # (nothing listens there)
+        rs = [route("/dead/", "dead"),
+              route("/retry/", "mixed", retry_policy={"retry_on": "connect-failure", "num_retries": 2})]
+        bs = bootstrap([http_listener(free_port(), route_config(rs))],
+                       [cluster("dead", [dead]), cluster("mixed", [dead, be_port])])
+        hcm_config(bs)["access_log"] = file_access_log(log, FMT)
+        return bs
+
+    def send(port):
+        for path in paths:
+            _get(port, path)
+
+    out = logged_each(bs, send, len(paths))
     assert out["pyproxy"] == out["envoy"], out
     assert out["envoy"] == [
         "/dead/x 503 UF upstream_reset_before_response_started{remote_connection_failure|"

@@ -108,25 +108,30 @@ def _drill(cls, bs, backends, victim):
     }
 
 
+def _drill_bootstrap(backends):
+    """The drill's bootstrap: cluster "c" over ``backends`` with outlier detection (3 consecutive
+    5xx eject for 30 s) and retries to other hosts. Returns (bootstrap, the cluster's endpoints)."""
+    eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                        "port_value": b.port}}}} for b in backends]
+    c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s",
+         "outlier_detection": {"consecutive_5xx": 3, "interval": "1s",
+                               "base_ejection_time": "30s", "max_ejection_percent": 50},
+         "circuit_breakers": {"thresholds": [{"max_retries": 50}]},
+         "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
+    retry = {"retry_on": "connect-failure,reset,5xx", "num_retries": 3,
+             "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                       "typed_config": {
+                                           "@type": "type.googleapis.com/envoy.extensions."
+                                                    "retry.host.previous_hosts.v3."
+                                                    "PreviousHostsPredicate"}}],
+             "host_selection_retry_max_attempts": 5}
+    return bootstrap([http_listener(free_port(), route_config([route("/", "c", retry_policy=retry)]))], [c]), eps
+
+
 def test_endpoint_killed_under_load_no_client_errors():
     bes = [BackendProc("be%d" % i) for i in range(3)]
     try:
-        eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                            "port_value": b.port}}}} for b in bes]
-        c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s",
-             "outlier_detection": {"consecutive_5xx": 3, "interval": "1s",
-                                   "base_ejection_time": "30s", "max_ejection_percent": 50},
-             "circuit_breakers": {"thresholds": [{"max_retries": 50}]},
-             "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
-        retry = {"retry_on": "connect-failure,reset,5xx", "num_retries": 3,
-                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
-                                           "typed_config": {
-                                               "@type": "type.googleapis.com/envoy.extensions."
-                                                        "retry.host.previous_hosts.v3."
-                                                        "PreviousHostsPredicate"}}],
-                 "host_selection_retry_max_attempts": 5}
-        bs = bootstrap([http_listener(free_port(), route_config([route("/", "c",
-                                                                       retry_policy=retry)]))], [c])
+        bs, eps = _drill_bootstrap(bes)
         mine = _drill(Pyproxy, bs, bes, bes[1])
         assert mine["before_kill"] > 50 and mine["requests"] > mine["before_kill"] + 50
         assert mine["errors"] == [], mine["errors"][:5]
@@ -158,22 +163,7 @@ def test_endpoint_killed_under_wrk_load():
     import shutil
     bes = [BackendProc("be%d" % i) for i in range(3)]
     try:
-        eps = [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                            "port_value": b.port}}}} for b in bes]
-        c = {"name": "c", "type": "STATIC", "connect_timeout": "0.5s",
-             "outlier_detection": {"consecutive_5xx": 3, "interval": "1s",
-                                   "base_ejection_time": "30s", "max_ejection_percent": 50},
-             "circuit_breakers": {"thresholds": [{"max_retries": 50}]},
-             "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}}
-        retry = {"retry_on": "connect-failure,reset,5xx", "num_retries": 3,
-                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
-                                           "typed_config": {
-                                               "@type": "type.googleapis.com/envoy.extensions."
-                                                        "retry.host.previous_hosts.v3."
-                                                        "PreviousHostsPredicate"}}],
-                 "host_selection_retry_max_attempts": 5}
-        bs = bootstrap([http_listener(free_port(), route_config([route("/", "c",
-                                                                       retry_policy=retry)]))], [c])
+        bs, eps = _drill_bootstrap(bes)
         with Pyproxy(bs) as px:
             wrk = subprocess.Popen([shutil.which("wrk"), "-t2", "-c20", "-d3s",
                                     "http://127.0.0.1:%d/" % px.port],

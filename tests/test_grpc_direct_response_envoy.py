@@ -1,7 +1,8 @@
 """gRPC clients and the proxy's own replies, side by side with Envoy (review finding F27): a route's
 ``direct_response`` to a gRPC request is a gRPC reply (``:status 200``, ``grpc-status`` from the
 HTTP status, ``grpc-message`` the body); a local reply with an empty body (no route: 404 ->
-``grpc-status 12``) carries no ``grpc-message``. HTTP/2 client (curl)."""
+``grpc-status 12``) carries no ``grpc-message``; the gRPC direct reply carries the route's and
+virtual host's response headers. HTTP/2 client (curl)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 
 
 def _bs(be_port):
-    rc = route_config([{"match": {"prefix": "/direct"}, "direct_response": {"status": 503, "body": {"inline_string": "direct"}}},
-                       route("/pkg.", "b")])
+    rc = route_config([{"match": {"prefix": "/direct"}, "direct_response": {"status": 503, "body": {"inline_string": "direct"}},
+                        "response_headers_to_add": [{"header": {"key": "x-route", "value": "r"}}]},
+                       {"match": {"prefix": "/ok-direct"}, "direct_response": {"status": 200, "body": {"inline_string": "fine"}}},
+                       route("/pkg.", "b")], response_headers_to_add=[{"header": {"key": "x-vh", "value": "v"}}])
     return bootstrap([http_listener(free_port(), rc)], [cluster("b", [be_port])])
 
 
@@ -28,7 +31,7 @@ def _call(port, path, grpc):
                         capture_output=True, timeout=10)  # (no body: the reply comes before none is read)
     out = cp.stdout.decode("latin-1").lower().replace("\r\n", "\n")
     head, _, body = out.partition("\n\n")
-    keep = ("content-type", "grpc-status", "grpc-message", "content-length")
+    keep = ("content-type", "grpc-status", "grpc-message", "content-length", "x-route", "x-vh")
     lines = [head.split("\n")[0].strip()] + sorted(l for l in head.split("\n")[1:] if l.split(":")[0] in keep)
     return lines, body
 
@@ -38,7 +41,7 @@ def test_grpc_direct_response_and_empty_message():
     with HttpBackend() as be:
         for cls in (Pyproxy, Envoy):
             with cls(with_fresh_ports(_bs(be.port))) as p:
-                out[cls.__name__] = {path: _call(p.port, path, True) for path in ("/direct", "/other")}
+                out[cls.__name__] = {path: _call(p.port, path, True) for path in ("/direct", "/ok-direct", "/other")}
     ev = out["Envoy"]
-    assert "grpc-status: 14" in ev["/direct"][0], ev
+    assert "grpc-status: 14" in ev["/direct"][0] and "x-route: r" in ev["/direct"][0], ev
     assert out["Pyproxy"] == ev, out

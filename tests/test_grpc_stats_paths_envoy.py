@@ -42,3 +42,24 @@ def test_only_service_method_paths_are_counted(all_methods):
                 out[kind.kind] = {k: v for k, v in px.stats().items() if k.startswith("cluster.be.grpc.") and v}
     assert out["envoy"], out
     assert out["pyproxy"] == out["envoy"], out
+
+
+def test_status_in_headers_of_a_response_with_a_body():
+    """A response with ``grpc-status`` in its headers and a body (no trailers): Envoy's grpc_stats
+    charges the headers' status (and counts the response's messages)."""
+    def handler(req, sock):
+        st = "0" if "Ok" in req.path else "14"
+        return simple_response(200, b"\0\0\0\0\x01z\0\0\0\0\x01y", [("content-type", "application/grpc"),
+                                                                    ("grpc-status", st)])
+
+    out = {}
+    with HttpBackend(handler) as be:
+        for kind in (Pyproxy, Envoy):
+            port = free_port()
+            with kind(_bs(port, be.port, False)) as px:
+                for path in ("/pkg.Svc/Ok", "/pkg.Svc/Ok", "/pkg.Svc/Fail"):
+                    assert request(port, "POST", path, body=b"\0\0\0\0\x01z",
+                                   headers={"content-type": "application/grpc"})[0] == 200
+                out[kind.kind] = {k: v for k, v in px.stats().items() if k.startswith("cluster.be.grpc.") and v}
+    assert out["envoy"].get("cluster.be.grpc.total") == 3, out
+    assert out["pyproxy"] == out["envoy"], out

@@ -430,3 +430,44 @@ def test_noted_names_without_framing_are_noted_per_request():
         codec = Http1ServerCodec(conn, m, note=frozenset((b"x-request-id",)))
         codec.feed(b"GET / HTTP/1.1\r\n%s\r\n" % head)
         assert errors(m.ev) == [("E", 400, "http1.codec_error")], m.ev
+
+
+@pytest.mark.parametrize("name,chunks", [
+    # a request behind another in the same bytes, with the same method and URL length: where the
+    # first request line puts " HTTP/1.1\r\n" is not the second one's version
+    ("pipelined", [b"GET /aaaa HTTP/1.1\r\nHost: a\r\n\r\nGET /bbbb HTTP/1.7\r\nHost: a\r\n\r\n"]),
+    # the same after a body laid out as such a request line
+    ("after a body", [b"POST /aaaa HTTP/1.1\r\nHost: a\r\nContent-Length: 17\r\n\r\n",
+                      b"GETxxx HTTP/1.1\r\nGET /b HTTP/1.7\r\nHost: a\r\n\r\n"]),
+    # the bytes begin inside the method, or inside the URL with what looks like the method
+    ("split in the method", [b"UNSUBSCRIB", b"E /a HTTP/1.7\r\nX: HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    ("split in the URL", [b"GET /12345678", b"GET HTTP/1.7\r\nX: HTTP/1.1\r\nHost: a\r\n\r\n"]),
+    # more spaces than one around the URL
+    ("spaces", [b"GET  /a HTTP/1.7\r\nX: HTTP/1.1\r\nHost: a\r\n\r\n"]),
+])
+def test_version_read_from_the_request_line_only_where_it_is(name, chunks):
+    """The codec reads HTTP/1.1 off the request line when the bytes it parses start with the head
+    (else llhttp's numbers): a request line elsewhere in the bytes never stands in for this one's."""
+    ev, codec, _ = feed(*chunks)
+    if codec.stream is not None and not errors(ev):
+        _respond(codec)  # (the first request's turn ends: the pipelined one's comes)
+    assert errors(ev) and errors(ev)[0][1] == 426, (name, ev)
+    assert [e for e in ev if e[0] == "S"] in ([], [("S", "HTTP/1.1")]), ev
+
+
+def test_version_from_the_request_line_over_reads_and_pipelines():
+    """HTTP/1.1 and HTTP/1.0 requests in any split and pipeline give the versions llhttp reads."""
+    cfg = Cfg()
+    cfg.accept_http_10 = True
+    reqs = [b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", b"\r\nGET /b HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+            b"POST /c  HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok", b"HEAD  /d HTTP/1.0\r\nHost: a\r\n\r\n"]
+    data = b"".join(reqs)
+    for cut in range(0, len(data), 3):
+        ev, codec, _ = feed(data[:cut], data[cut:], cfg=cfg)
+        for _ in range(6):
+            if codec.stream is None:
+                break
+            codec.stream = None
+            codec._replay_pending()
+        assert not errors(ev), ev
+        assert [e[1] for e in ev if e[0] == "S"] == ["HTTP/1.1", "HTTP/1.0", "HTTP/1.1", "HTTP/1.0"], (cut, ev)

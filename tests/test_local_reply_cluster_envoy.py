@@ -5,15 +5,11 @@ cluster as the route resolves), side by side with Envoy (review finding F26). Ac
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close,
-                        http_listener, route, route_config, until_close, with_fresh_ports)
-from log_util import FLUSH_FAST, file_access_log, log_lines
+from proxy_util import (ENVOY, bootstrap, cluster, free_port, get_close, http_listener, route, route_config,
+                        until_close)
+from log_util import file_access_log, logged_each
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% cl=%UPSTREAM_CLUSTER% raw=%UPSTREAM_CLUSTER_RAW%\n"
@@ -52,24 +48,12 @@ def _get(port, path):
 
 def test_filter_local_replies_log_the_route_cluster():
     paths = ["/deny", "/abort", "/rl", "/rl", "/ok"]
-    tmp = tempfile.mkdtemp(prefix="lr-cluster-")
-    out = {}
-    try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            be = HttpBackend()
-            log = os.path.join(tmp, name + ".log")
-            open(log, "w").close()
-            try:
-                bs = with_fresh_ports(_bs(be.port, log))
-                with cls(bs, extra_args=FLUSH_FAST) as p:
-                    for path in paths:
-                        _get(p.port, path)
-                    lines = log_lines(log, len(paths))
-                    out[name] = lines
-            finally:
-                be.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def send(port):
+        for path in paths:
+            _get(port, path)
+
+    out = logged_each(_bs, send, len(paths))
     assert out["pyproxy"] == out["envoy"], out
     assert out["envoy"] == ["/deny 403 - cl=%s raw=%s" % (CL, CL), "/abort 418 FI cl=%s raw=%s" % (CL, CL),
                             "/rl 200 - cl=%s raw=%s" % (CL, CL), "/rl 429 RL cl=%s raw=%s" % (CL, CL),

@@ -8,54 +8,11 @@ import pytest
 from envoy.config.cluster.v3 import outlier_detection_pb2
 from google.protobuf import json_format
 
+from clock_util import FakeLoop
 from pyproxy.cluster.host import FAILED_OUTLIER_CHECK, Host
 from pyproxy.cluster.outlier import Detector
 from pyproxy.config.errors import ConfigError
 from pyproxy.stats import Store
-
-
-class FakeLoop:
-    def __init__(self):
-        self.now = 0.0
-        self.timers = []  # [when, fn, args, cancelled]
-        self.soon = []
-
-    def time(self):
-        return self.now
-
-    def call_later(self, delay, fn, *args):
-        t = _Timer(self.now + delay, fn, args)
-        self.timers.append(t)
-        return t
-
-    def call_soon(self, fn, *args):
-        self.soon.append((fn, args))
-
-    def run_soon(self):
-        while self.soon:
-            fn, args = self.soon.pop(0)
-            fn(*args)
-
-    def advance(self, dt):
-        end = self.now + dt
-        while True:
-            due = sorted((t for t in self.timers if not t.cancelled and t.when <= end),
-                         key=lambda t: t.when)
-            if not due:
-                break
-            t = due[0]
-            self.timers.remove(t)
-            self.now = t.when
-            t.fn(*t.args)
-        self.now = end
-
-
-class _Timer:
-    def __init__(self, when, fn, args):
-        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class FakeCluster:

@@ -5,16 +5,13 @@ started (headers sent, body stalled) the stream is cut with UT ``response_timeou
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 
 import pytest
 
-from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, raw,
-                        route, route_config, simple_response, with_fresh_ports)
-from log_util import FLUSH_FAST, file_access_log, hcm_config, log_lines
+from proxy_util import (ENVOY, bootstrap, cluster, free_port, http_listener, raw, route, route_config,
+                        simple_response)
+from log_util import file_access_log, hcm_config, logged_each
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 FMT = "%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"
@@ -38,26 +35,18 @@ def test_route_timeout_details_as_envoy():
             b"POST /grpc HTTP/1.1\r\nHost: x\r\nconnection: close\r\ncontent-type: application/grpc\r\n"
             b"te: trailers\r\ncontent-length: 5\r\n\r\n\0\0\0\0\0",
             b"GET /stall HTTP/1.1\r\nHost: x\r\nconnection: close\r\n\r\n"]
-    tmp = tempfile.mkdtemp(prefix="rt-details-")
-    out = {}
-    try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            be = HttpBackend(_handler)
-            log = os.path.join(tmp, name + ".log")
-            open(log, "w").close()
-            try:
-                bs = bootstrap([http_listener(free_port(), route_config([route("/", "b", timeout="0.5s")]))],
-                               [cluster("b", [be.port])])
-                hcm_config(bs)["access_log"] = file_access_log(log, FMT)
-                with cls(with_fresh_ports(bs), extra_args=FLUSH_FAST) as p:
-                    for r in reqs:
-                        raw(p.port, r, timeout=5)
-                    lines = log_lines(log, len(reqs))
-                    out[name] = lines
-            finally:
-                be.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def bs(be_port, log):
+        bs = bootstrap([http_listener(free_port(), route_config([route("/", "b", timeout="0.5s")]))],
+                       [cluster("b", [be_port])])
+        hcm_config(bs)["access_log"] = file_access_log(log, FMT)
+        return bs
+
+    def send(port):
+        for r in reqs:
+            raw(port, r, timeout=5)
+
+    out = logged_each(bs, send, len(reqs), _handler)
     assert out["pyproxy"] == out["envoy"], out
     assert out["envoy"] == ["/slow 504 UT response_timeout", "/grpc 200 UT response_timeout",
                             "/stall 200 UT response_timeout"], out

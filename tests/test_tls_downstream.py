@@ -336,17 +336,23 @@ def _session_tickets(port, ca_path, version, cert=None):
     return ticket, resumed
 
 
+def _tls_listeners_only(bs):
+    """A copy of the bootstrap on fresh ports with only its "tls" and "mtls" listeners (no access
+    logs): (bootstrap, their ports)."""
+    bs = with_fresh_ports(bs)
+    lst = [l for l in bs["static_resources"]["listeners"] if l["name"] in ("tls", "mtls")]
+    for l in lst:
+        l["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    bs["static_resources"]["listeners"] = lst
+    return bs, [l["address"]["socket_address"]["port_value"] for l in lst]
+
+
 @pytest.mark.skipif(ENVOY is None, reason="envoy not installed")
 def test_session_resumption_same_as_envoy(env):
     """Envoy (BoringSSL) hands out session tickets in TLS 1.3 and 1.2, on TLS and mTLS chains, and
     a second connection resumes with one; so does pyproxy (one TLS 1.3 ticket per handshake
     instead of OpenSSL's two, see tls/ssl_context.py)."""
-    bs = with_fresh_ports(env["bs"])
-    lst = [l for l in bs["static_resources"]["listeners"] if l["name"] in ("tls", "mtls")]
-    for l in lst:
-        l["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
-    bs["static_resources"]["listeners"] = lst
-    ports = [l["address"]["socket_address"]["port_value"] for l in lst]
+    bs, ports = _tls_listeners_only(env["bs"])
     results = {}
     for kind in (Envoy, Pyproxy):
         with kind(bs):
@@ -388,12 +394,7 @@ def test_session_ticket_with_first_write_as_envoy(env):
     test_tls_units.test_close_notify_even_when_a_ticket_would_fail).
     Connections with a response get a ticket from both (test_session_resumption_same_as_envoy)."""
     from pyproxy.tls import tickets
-    bs = with_fresh_ports(env["bs"])
-    lst = [l for l in bs["static_resources"]["listeners"] if l["name"] in ("tls", "mtls")]
-    for l in lst:
-        l["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
-    bs["static_resources"]["listeners"] = lst
-    ports = [l["address"]["socket_address"]["port_value"] for l in lst]
+    bs, ports = _tls_listeners_only(env["bs"])
     results = {}
     for kind in (Envoy, Pyproxy):
         with kind(bs):

@@ -96,15 +96,20 @@ def cert_entry(issued: Issued, inline: bool = True) -> dict:
     return {"certificate_chain": {"filename": issued.cert_path}, "private_key": {"filename": issued.key_path}}
 
 
+def validation_context(ca: Pki, sans=None) -> dict:
+    """A validation context trusting ``ca`` (``sans``: match_typed_subject_alt_names)."""
+    vc = {"trusted_ca": {"inline_string": ca.ca_pem.decode()}}
+    if sans:
+        vc["match_typed_subject_alt_names"] = sans
+    return vc
+
+
 def downstream_tls(cert: Issued, *, alpn=("h2", "http/1.1"), ca: Pki | None = None, require: bool = False,
                    sans=None, **common_extra) -> dict:
     """A ``transport_socket`` with a DownstreamTlsContext (``sans``: match_typed_subject_alt_names)."""
     common = {"alpn_protocols": list(alpn), "tls_certificates": [cert_entry(cert)]}
     if ca is not None:
-        vc = {"trusted_ca": {"inline_string": ca.ca_pem.decode()}}
-        if sans:
-            vc["match_typed_subject_alt_names"] = sans
-        common["validation_context"] = vc
+        common["validation_context"] = validation_context(ca, sans)
     common.update(common_extra)
     ctx = {"@type": DTLS, "common_tls_context": common}
     if require:
@@ -120,10 +125,7 @@ def upstream_tls(*, sni: str = "", alpn=(), ca: Pki | None = None, sans=None, ce
     if cert is not None:
         common["tls_certificates"] = [cert_entry(cert)]
     if ca is not None:
-        vc = {"trusted_ca": {"inline_string": ca.ca_pem.decode()}}
-        if sans:
-            vc["match_typed_subject_alt_names"] = sans
-        common["validation_context"] = vc
+        common["validation_context"] = validation_context(ca, sans)
     common.update(common_extra)
     ctx = {"@type": UTLS, "common_tls_context": common}
     if sni:

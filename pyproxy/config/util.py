@@ -39,3 +39,12 @@ def socket_address_str(addr) -> str:
     if ":" in sa.address:
         return "[%s]:%d" % (sa.address, sa.port_value)
     return "%s:%d" % (sa.address, sa.port_value)
+
+
+def request_header_name(name: str) -> str:
+    """A request header's name as pyproxy's request header maps hold it: lower case, with the legacy
+    ``host`` resolved to ``:authority``, where both codecs keep HTTP/1.1's Host and HTTP/2's
+    :authority (Envoy's request header map resolves ``host`` the same way, so route and RBAC header
+    matches, hash policies and ``%REQ(host)%`` see the authority)."""
+    n = name.lower()
+    return ":authority" if n == "host" else n

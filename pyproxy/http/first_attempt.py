@@ -40,6 +40,7 @@ from ..filters.http.router_steps import (NO_HEALTHY, OVERLOADED, TIMEOUT, charge
                                          count_rx_reset, finalize_request, finalize_response, reset_failure, reset_flag,
                                          upstream_timeout)
 from ..routing.header_mutation import take_out
+from ..stats.histogram import PENDING
 from ..transport import upstream_tls_sans
 from . import h1_relay
 
@@ -271,14 +272,59 @@ class FirstAttempt:
             return
         if self.status:  # the head went as bytes (h1_relay): so does the body
             self.tx_body += len(data)
-            if end_stream:
-                enc = self.encoder_up
-                h1_relay.relay_done(self, data)  # (the encoder writes data)
-                if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
-                    close_tunnel(enc)
-            else:
+            if not end_stream:
                 self.encoder.write_body(data, False)
                 self.last_activity = self.cfg.loop.time()
+                return
+            # the relayed response is complete: the stream's ``_complete`` and ``_finish``, for a
+            # stream whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no
+            # filters, no access logs)
+            enc = self.encoder_up
+            now = _monotonic()
+            c = self.cluster
+            ms = (now - self.start) * 1000.0  # (the stream's start: begin_first_attempt)
+            p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
+            p.append(ms)
+            if len(p) >= PENDING:
+                c.st_rq_time.fold()
+            self.up_done = True
+            if self.counted:
+                self.counted = False
+                c.rq_active_total -= 1
+                c.st_rq_active.value -= 1  # (gauges that on_request raised: no need to mark them used)
+            self.local_complete = True
+            self.encoder.relay_done(data)  # (it writes data, the body's last bytes)
+            self.done = True
+            hc = self.hc
+            st = hc.stats
+            st.rq_active.value -= 1
+            try:
+                st.rq_class[self.status // 100].value += 1
+            except IndexError:
+                pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
+            st.rq_completed.value += 1
+            p = st.rq_time.pending  # (Histogram.record, inline)
+            p.append(ms)
+            if len(p) >= PENDING:
+                st.rq_time.fold()
+            # (HttpConnection.stream_done, inlined)
+            hc.streams -= 1
+            hc.live.discard(self)
+            hc.last_activity = self.cfg.loop.time()
+            if hc.draining and hc.streams == 0:
+                hc.conn.close(flush=True)
+            self.router = None
+            self.encoder = None
+            obs = self.cfg.observers
+            if obs:  # telemetry filters' completion work (ChainPlan)
+                si = self.stream_info if self.has_info else None  # (made only if something needed it)
+                if si is not None:
+                    si.end_monotonic = now
+                    si.response_code = self.status
+                for o in obs:
+                    o(self)
+            if type(enc) is not UpstreamConnection or enc.codec.tunnel:  # (an HTTP/1.1 one, mostly)
+                close_tunnel(enc)
             return
         if end_stream:
             enc = self.encoder_up

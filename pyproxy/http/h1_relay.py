@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from ..stats.histogram import PENDING
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS, response_operation
 from .headers import Headers
 from .http1_common import ProtocolError, header_line, int_header_template
@@ -24,6 +23,8 @@ from .http1_response import RelayEdits
 
 _DECORATOR = "x-envoy-decorator-operation"
 _SERVICE_TIME = int_header_template("x-envoy-upstream-service-time")
+# its lines for the first milliseconds, made once (most answers take a few: no formatting per request)
+_SERVICE_TIMES = tuple(_SERVICE_TIME % ms for ms in range(128))
 _monotonic = time.monotonic
 
 
@@ -79,17 +80,21 @@ def on_upstream_head(s, status: int, raw: list, end_stream: bool) -> None:
         if dec is not None:
             dec = header_line(_DECORATOR, dec)
     s.response_started = True
+    if cfg.router_suppress_envoy_headers:
+        lead = b""
+    else:
+        ms = int((_monotonic() - s.start) * 1000)
+        lead = _SERVICE_TIMES[ms] if ms < 128 else _SERVICE_TIME % ms
     try:
         s.tx_head = s.encoder.relay_head(
-            status, raw, end_stream, edits, route.resp_raw,  # (the route's response header mutations)
-            b"" if cfg.router_suppress_envoy_headers else _SERVICE_TIME % int((_monotonic() - s.start) * 1000),
+            status, raw, end_stream, edits, route.resp_raw, lead,  # (mutations: the route's response header ones)
             dec, s)
     except ProtocolError:
         s.response_started = False  # (nothing written: the upstream's protocol error becomes a 502)
         s.status = 0
         raise
     if end_stream:
-        relay_done(s, b"")
+        s.on_upstream_data(b"", True)  # (the relayed response's end: FirstAttempt.on_upstream_data)
 
 
 def _hook_lines(hooks, s, taken):
@@ -102,52 +107,3 @@ def _hook_lines(hooks, s, taken):
         if extra:
             out = extra if out is None else out + extra
     return out
-
-
-def relay_done(s, data: bytes) -> None:
-    """The relayed response is complete, with its last body bytes ``data`` (written by the
-    encoder's ``relay_done``): the stream's ``_complete`` and ``_finish``, for a stream whose head
-    went as bytes (made by ``HttpConnection.on_request``: no timers, no filters, no access logs)."""
-    now = _monotonic()
-    c = s.cluster
-    ms = (now - s.start) * 1000.0  # (the stream's start: begin_first_attempt)
-    p = c.st_rq_time.pending  # (Histogram.record, inline: append; fold when PENDING values wait)
-    p.append(ms)
-    if len(p) >= PENDING:
-        c.st_rq_time.fold()
-    s.up_done = True
-    if s.counted:
-        s.counted = False
-        c.rq_active_total -= 1
-        c.st_rq_active.value -= 1  # (gauges that on_request raised: no need to mark them used)
-    s.local_complete = True
-    s.encoder.relay_done(data)
-    s.done = True
-    hc = s.hc
-    st = hc.stats
-    st.rq_active.value -= 1
-    try:
-        st.rq_class[s.status // 100].value += 1
-    except IndexError:
-        pass  # (a status over 599, e.g. 999: no class counter, as ActiveStream._finish)
-    st.rq_completed.value += 1
-    p = st.rq_time.pending  # (Histogram.record, inline)
-    p.append(ms)
-    if len(p) >= PENDING:
-        st.rq_time.fold()
-    # (HttpConnection.stream_done, inlined)
-    hc.streams -= 1
-    hc.live.discard(s)
-    hc.last_activity = s.cfg.loop.time()
-    if hc.draining and hc.streams == 0:
-        hc.conn.close(flush=True)
-    s.router = None
-    s.encoder = None
-    obs = s.cfg.observers
-    if obs:  # telemetry filters' completion work (ChainPlan)
-        si = s.stream_info if s.has_info else None  # (made only if something needed it; the observers read the stream)
-        if si is not None:
-            si.end_monotonic = now
-            si.response_code = s.status
-        for o in obs:
-            o(s)

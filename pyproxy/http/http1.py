@@ -19,7 +19,8 @@ import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
 from .headers import Headers, coalesce
-from .http1_common import HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error
+from .http1_common import (HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error,
+                           request_framing)
 from .http1_response import Http1ResponseEncoder
 
 
@@ -29,11 +30,9 @@ _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect", b"conn
                       b"proxy-connection", b"te", b"upgrade", b"host"))
 _FRAMING_NAMES = frozenset(n.decode() for n in _FRAMING - {b"host"})
 _strip = bytes.strip
+# where the URL starts in a request line with single spaces, by method (up to 9 bytes: on_headers_complete)
+_URL_AT = {m: len(m) + 1 for m in _METHOD_NAMES if len(m) <= 9}
 _new_headers = Headers.__new__
-
-
-# headers a Connection header may not nominate (hop-by-hop removal would drop them): Envoy answers 400
-_NOT_HOP_BY_HOP = frozenset(("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
 
 
 def _new_request_parser(proto):
@@ -62,7 +61,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         "expect_continue", "headers_done", "drain_close", "accept_http_10", "default_host_10",
         "parse_error", "msg_started", "head_bytes", "note", "noted", "on_request",
         "hop_seen", "watched", "h2c", "h2c_left", "rht", "rht_handle", "watch_nohost", "ct", "body_left",
-        "feed_len", "split_head",
+        "feed_len", "split_head", "data",
     )
 
     def __init__(self, conn, manager, max_header_bytes: int = 60 * 1024, max_headers: int = 100,
@@ -115,6 +114,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
         self.headers_done = False
         # the bytes being parsed, and a head begun in earlier ones (one read <= max_header_bytes bounds it)
         self.feed_len = self.split_head = 0
+        # the bytes being parsed while no request ended in them yet (False once one did): a head
+        # that starts them shows its version line there (on_headers_complete)
+        self.data = False
         self.watched = True  # (_reset_request sets everything the first time)
         self._reset_request()
 
@@ -156,6 +158,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         # between requests too
         counts = not self.headers_done
         self.feed_len = len(data)
+        self.data = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as u:
@@ -249,53 +252,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
         if len(self.url) + sum(map(len, h)) > self.max_header_bytes:
             raise ProtocolError(431, "http1.headers_too_large")
 
-    def _framing(self, names: list, values: list):
-        """The head carries framing, hop-by-hop or noted headers: checked one by one (as Envoy
-        does). Returns ``(regular headers, authority)``; Host and ``Expect: 100-continue`` are
-        consumed (the first becomes ``:authority``)."""
-        self.watched = True
-        watch = self.watch_nohost
-        note = self.note
-        authority = None
-        out = []
-        for n, v in zip(names, values):
-            if n == "host":
-                # becomes :authority (the codec's headers never carry a host header)
-                if authority is not None:
-                    raise ProtocolError(400, "http1.codec_error")
-                authority = v
-                continue
-            if n in watch:
-                if n == "content-length":
-                    if not v.isdigit() or not v.isascii() or len(v) > 18:
-                        raise ProtocolError(400, "http1.invalid_content_length")
-                    if self.content_length is not None:
-                        raise ProtocolError(400, "http1.multiple_content_length")
-                    self.content_length = int(v)
-                elif n == "transfer-encoding":
-                    if self.te_seen:
-                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
-                    self.te_seen = True
-                    if v.lower() != "chunked":
-                        raise ProtocolError(501, "http1.invalid_transfer_encoding")
-                    self.chunked = True
-                elif n == "expect" and v.lower() == "100-continue":
-                    self.expect_continue = True
-                    continue
-                elif n == "connection" and not _NOT_HOP_BY_HOP.isdisjoint(t.strip() for t in v.lower().split(",")):
-                    raise ProtocolError(400, "http1.connection_header_rejected")  # (as Envoy)
-                if n in note:
-                    self.noted = True
-                else:
-                    self.hop_seen = True  # (framing or hop-by-hop)
-            out.append((n, v))
-        if self.chunked:
-            if self.content_length is not None:
-                raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
-            self.max_flat = len(self.hdrs)  # trailers to come: each one is checked (_over_limit)
-        else:
-            self.hdrs = []
-        return out, authority
+    _framing = request_framing  # (http1_common.py)
 
     def _noting(self) -> bool:
         """The head has noted names and no framing or hop-by-hop one: ``noted``, nothing else to
@@ -317,8 +274,10 @@ class Http1ServerCodec(Http1ResponseEncoder):
         raw = self.hdrs
         url = self.url
         if raw:
+            d = self.data
             if self.split_head or self.feed_len > self.max_header_bytes:  # (else one short read held it)
                 self.split_head = False
+                d = False  # (the head began in earlier bytes)
                 if len(url) + sum(map(len, raw)) > self.max_header_bytes:
                     raise ProtocolError(431, "http1.headers_too_large")
             names = b"\n".join(raw[0::2]).lower().decode("latin-1").split("\n")
@@ -347,16 +306,29 @@ class Http1ServerCodec(Http1ResponseEncoder):
             else:
                 rest, authority = self._framing(names, values)
         else:
+            d = False
             authority = None
             rest = ()
             self.ct = False
         if authority is not None and authority not in _AUTH_OK and not authority_ok(authority):
             raise ProtocolError(400, "http.invalid_authority")  # (http/authority.py: as Envoy)
         p = self.parser
-        method = _METHOD_NAMES.get(p.get_method())
+        m = p.get_method()
+        method = _METHOD_NAMES.get(m)
         if method is None:
             raise ProtocolError(400, "http1.codec_error")
-        version = p.get_http_version()
+        # HTTP/1.1 read off the request line when the bytes being parsed start with this head
+        # (``d``: no request ended in them before it, and not split after its URL began), instead of
+        # from llhttp's numbers, which get_http_version formats into a new string per request. The
+        # line's only CR ends it, so " HTTP/1.1\r\n" where single spaces put the version is the
+        # version; with more spaces it is not found there. (Bytes that begin in an earlier part of the
+        # method or its spaces put that place at most len(method) - 10 bytes past the line's end:
+        # _URL_AT has the methods of up to 9 bytes only.)
+        i = _URL_AT.get(m) if d else None
+        if i is not None and d[(i := i + len(url)):i + 11] == b" HTTP/1.1\r\n":
+            version = "1.1"
+        else:
+            version = p.get_http_version()
         url = url.decode("latin-1")
         if (version == "1.1" and not self.watched and url[:1] == "/" and authority is not None
                 and "#" not in url and method != "CONNECT"):
@@ -514,8 +486,9 @@ class Http1ServerCodec(Http1ResponseEncoder):
     def on_message_complete(self):
         if self.watched or self.h2c or self.cur_events is not None:
             return self._message_done()
-        # (the common case: no body, nothing _framing recorded, not queued behind another request)
-        self.msg_started = self.headers_done = self.noted = False  # (noted: _noting)
+        # (the common case: no body, nothing _framing recorded, not queued behind another request;
+        # data: a request ended in the bytes being parsed)
+        self.msg_started = self.headers_done = self.noted = self.data = False  # (noted: _noting)
         self.request_complete = True
 
     def _message_done(self):
@@ -526,8 +499,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             if self.content_length:
                 self.h2c_left = self.content_length
                 return
-        self.msg_started = False
-        self.headers_done = False
+        self.msg_started = self.headers_done = self.data = False
         if self.watched:
             had_body = self.chunked or (self.content_length or 0) > 0
             if self.chunked:

@@ -1,7 +1,8 @@
 """HTTP/1.1 protocol elements shared by the server codec (http1.py, http1_response.py) and the
 client codec (http1_client.py): versions, reason phrases and status lines, the hop-by-hop header
-names, protocol errors and how llhttp's errors map to Envoy's answers, header line encoding, and
-the chunked-body decoder for bodies llhttp does not read (an h2c upgrade request's).
+names, protocol errors and how llhttp's errors map to Envoy's answers, the server codec's check of
+a request head's framing headers, header line encoding, and the chunked-body decoder for bodies
+llhttp does not read (an h2c upgrade request's).
 """
 
 from __future__ import annotations
@@ -176,3 +177,57 @@ def date_line() -> bytes:
         c[1] = b"date: " + http_date().encode() + b"\r\n"
         c[0] = now
     return c[1]
+
+
+# headers a Connection header may not nominate (hop-by-hop removal would drop them): Envoy answers 400
+_NOT_HOP_BY_HOP = frozenset(("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"))
+
+
+def request_framing(self, names: list, values: list):
+    """The server codec's (http1.py ``Http1ServerCodec._framing``) check of a request head that
+    carries framing, hop-by-hop or noted headers: one by one (as Envoy does). Returns
+    ``(regular headers, authority)``; Host and ``Expect: 100-continue`` are consumed (the first
+    becomes ``:authority``)."""
+    self.watched = True
+    watch = self.watch_nohost
+    note = self.note
+    authority = None
+    out = []
+    for n, v in zip(names, values):
+        if n == "host":
+            # becomes :authority (the codec's headers never carry a host header)
+            if authority is not None:
+                raise ProtocolError(400, "http1.codec_error")
+            authority = v
+            continue
+        if n in watch:
+            if n == "content-length":
+                if not v.isdigit() or not v.isascii() or len(v) > 18:
+                    raise ProtocolError(400, "http1.invalid_content_length")
+                if self.content_length is not None:
+                    raise ProtocolError(400, "http1.multiple_content_length")
+                self.content_length = int(v)
+            elif n == "transfer-encoding":
+                if self.te_seen:
+                    raise ProtocolError(501, "http1.invalid_transfer_encoding")
+                self.te_seen = True
+                if v.lower() != "chunked":
+                    raise ProtocolError(501, "http1.invalid_transfer_encoding")
+                self.chunked = True
+            elif n == "expect" and v.lower() == "100-continue":
+                self.expect_continue = True
+                continue
+            elif n == "connection" and not _NOT_HOP_BY_HOP.isdisjoint(t.strip() for t in v.lower().split(",")):
+                raise ProtocolError(400, "http1.connection_header_rejected")  # (as Envoy)
+            if n in note:
+                self.noted = True
+            else:
+                self.hop_seen = True  # (framing or hop-by-hop)
+        out.append((n, v))
+    if self.chunked:
+        if self.content_length is not None:
+            raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
+        self.max_flat = len(self.hdrs)  # trailers to come: each one is checked (_over_limit)
+    else:
+        self.hdrs = []
+    return out, authority

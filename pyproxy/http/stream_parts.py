@@ -129,11 +129,12 @@ def route_duration(stream, route, headers) -> None:
     route's ``max_stream_duration`` (0: none), else the HCM's. The stream may last that long from
     its start (a timer for what is left). On such a route (``RouteEntry.new_timeouts``) a gRPC
     request's ``grpc-timeout`` then says the time the stream has; when the route turns off a
-    running HCM timer, the header goes. (A non-gRPC request's ``grpc-timeout`` is not read here,
-    though Envoy's would arm the timer: a bodiless one may be served inline, without timers.)"""
+    running HCM timer, the header goes. A non-gRPC request's ``grpc-timeout`` arms the timer too,
+    as Envoy's (and goes upstream as it came); but a bodiless one the connection manager serves
+    inline (no stream, no timers) is not read.)"""
     grpc = route.new_timeouts and (headers.get("content-type") or "").startswith("application/grpc")
     ms = None
-    if grpc and route.grpc_timeout_header_max is not None:
+    if route.grpc_timeout_header_max is not None and route.new_timeouts:
         ms = grpc_timeout_ms(headers.get("grpc-timeout"))
         if ms is not None:
             cap = route.grpc_timeout_header_max

@@ -10,6 +10,7 @@ unless ``treat_missing_header_as_empty``; a query parameter matches on its first
 from __future__ import annotations
 
 from ..config.errors import ConfigError
+from ..config.util import request_header_name
 from .regex import compile_regex_matcher
 
 __all__ = ["StringMatcher", "HeaderMatcher", "QueryParamMatcher", "compile_string_matcher",
@@ -123,11 +124,11 @@ class HeaderMatcher:
         return "HeaderMatcher(%s)" % self.name
 
 
-def compile_header_matcher(h, field: str = "headers") -> HeaderMatcher:
+def compile_header_matcher(h, field: str = "headers", response: bool = False) -> HeaderMatcher:
     if not h.name:
         raise ConfigError("header name is required", field + ".name")
     m = HeaderMatcher()
-    m.name = h.name.lower()
+    m.name = h.name.lower() if response else request_header_name(h.name)
     m.invert = h.invert_match
     m.missing_as_empty = h.treat_missing_header_as_empty
     m.value = ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config.errors import ConfigError
-from ..config.util import duration_s, u32
+from ..config.util import duration_s, request_header_name, u32
 from ..formatter import strip_port
 from .hashing import xxh64_str
 from .matchers import compile_header_matcher, parse_query
@@ -156,7 +156,7 @@ def compile_retry_policy(rp, field: str = "retry_policy") -> RetryPolicy:
             raise ConfigError("max_interval must be greater than or equal to the base_interval",
                               field + ".retry_back_off.max_interval")
         p.backoff_base, p.backoff_max = base, mx
-    p.retriable_headers = tuple(compile_header_matcher(h, "%s.retriable_headers[%d]" % (field, i))
+    p.retriable_headers = tuple(compile_header_matcher(h, "%s.retriable_headers[%d]" % (field, i), response=True)
                                 for i, h in enumerate(rp.retriable_headers))
     p.retriable_request_headers = tuple(
         compile_header_matcher(h, "%s.retriable_request_headers[%d]" % (field, i))
@@ -224,7 +224,7 @@ def _rl_action(a, field: str):
         return lambda h, c, ip: entry
     if which == "request_headers":
         rh = a.request_headers
-        name = rh.header_name.lower()
+        name = request_header_name(rh.header_name)
         key = rh.descriptor_key
         if not name or not key:
             raise ConfigError("header_name and descriptor_key are required", field + ".request_headers")
@@ -353,7 +353,7 @@ def compile_hash_policy(hp, field: str) -> HashPolicy:
     which = hp.WhichOneof("policy_specifier")
     if which == "header":
         p.kind = "header"
-        p.name = hp.header.header_name.lower()
+        p.name = request_header_name(hp.header.header_name)
         if not p.name:
             raise ConfigError("header_name is required", field + ".header.header_name")
         if hp.header.HasField("regex_rewrite"):

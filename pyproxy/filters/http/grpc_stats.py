@@ -10,8 +10,8 @@ cluster's scope:
   ``envoy.filters.http.grpc_stats``;
 - ``...upstream_rq_time`` (histogram, ms) with ``enable_upstream_stats``.
 
-The status comes from ``grpc-status`` in the trailers (or in the headers of a trailers-only
-response); a call that ends without one counts as neither success nor failure, as in Envoy.
+The status comes from ``grpc-status`` in the trailers (or in the headers: of a trailers-only
+response, or of one whose body ends without trailers, as Envoy charges it); a call that ends without one counts as neither success nor failure, as in Envoy.
 
 Per-status counters exist only for the 17 codes gRPC defines (``"0"`` .. ``"16"``): Envoy makes a
 counter for whatever string an upstream sends, which lets an upstream grow the stats without bound;
@@ -131,7 +131,7 @@ class _FrameCounter:
 
 
 class GrpcStatsFilter:
-    __slots__ = ("cfg", "s", "active", "method_key", "req", "resp", "done", "start")
+    __slots__ = ("cfg", "s", "active", "method_key", "req", "resp", "done", "start", "head_status")
 
     def __init__(self, cfg, stream):
         self.cfg = cfg
@@ -139,6 +139,7 @@ class GrpcStatsFilter:
         self.active = False
         self.done = False
         self.req = self.resp = None
+        self.head_status = None  # (grpc-status in the headers of a response with a body)
 
     # -- decode ---------------------------------------------------------------------------------
     def decode_headers(self, headers, end_stream):
@@ -168,23 +169,29 @@ class GrpcStatsFilter:
 
     # -- encode ---------------------------------------------------------------------------------
     def encode_headers(self, headers, end_stream):
-        if self.active and end_stream:
-            self._charge(headers.get("grpc-status"))
+        if self.active:
+            if end_stream:
+                self._charge(headers.get("grpc-status"))
+            else:  # (Envoy charges a status in the headers too: at the end, with the messages)
+                self.head_status = headers.get("grpc-status")
         return CONTINUE
 
     def encode_data(self, data, end_stream):
         if self.resp is not None:
             self.resp.feed(data)
+        if end_stream and self.active:
+            self._charge(self.head_status)
         return CONTINUE
 
     def encode_trailers(self, trailers):
         if self.active:
-            self._charge(trailers.get("grpc-status"))
+            st = trailers.get("grpc-status")
+            self._charge(st if st is not None else self.head_status)
         return CONTINUE
 
     def on_destroy(self):
         if self.active and not self.done:
-            self._charge(None)
+            self._charge(self.head_status)
 
     # -- stats ----------------------------------------------------------------------------------
     def _charge(self, status) -> None:

@@ -490,7 +490,9 @@ class Router(RetryState):
         s = self.s
         b = body or b""
         if (headers.get("content-type") or "").startswith("application/grpc"):  # (a gRPC reply, as Envoy's)
-            return s.send_local_reply(status, b, "direct_response")
+            extra = Headers([])  # (with the route's response headers, as Envoy's)
+            self.route.finalize_response_headers(extra, s.stream_info, None, headers)
+            return s.send_local_reply(status, b, "direct_response", headers=dict(extra.items()))
         h = Headers([(":status", str(status))])
         if b:
             h.add("content-length", str(len(b)))
