@@ -20,6 +20,7 @@ import time
 import uuid
 
 from .config.errors import ConfigError
+from .config.util import data_source_bytes
 from .config.util import request_header_name
 
 __all__ = ["DEFAULT_FORMAT", "compile_format", "compile_json_format", "compile_substitution_format",
@@ -546,24 +547,10 @@ def compile_json_format(struct: dict, omit_empty_values: bool = False,
 
 
 def _data_source(ds, field: str) -> str:
-    which = ds.WhichOneof("specifier")
-    if which == "inline_string":
-        return ds.inline_string
-    if which == "inline_bytes":
-        return ds.inline_bytes.decode("utf-8", "replace")
-    if which == "filename":
-        try:
-            with open(ds.filename, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError as e:
-            raise ConfigError("cannot read '%s': %s" % (ds.filename, e.strerror), field) from None
-    if which == "environment_variable":
-        v = os.environ.get(ds.environment_variable)
-        if v is None:
-            raise ConfigError("environment variable '%s' is not set" % ds.environment_variable,
-                              field)
-        return v
-    raise ConfigError("data source is empty", field)
+    b = data_source_bytes(ds, field)
+    if b is None:
+        raise ConfigError("data source is empty", field)
+    return b.decode("utf-8", "replace")
 
 
 # formatter extensions whose commands are built in here

@@ -343,9 +343,12 @@ class Validation:
         check_dynamic_resources(bs)  # the check startup makes
         dr = bs.dynamic_resources
         if dr.HasField("ads_config"):
-            from .xds_client.target import target_from_grpc_service
-            target_from_grpc_service(dr.ads_config.grpc_services[0],
-                                     {c.name: c for c in bs.static_resources.clusters})
+            from .xds_client.target import keepalive_note, target_from_grpc_service
+            by_name = {c.name: c for c in bs.static_resources.clusters}
+            target_from_grpc_service(dr.ads_config.grpc_services[0], by_name)
+            note = keepalive_note(dr.ads_config.grpc_services[0], by_name)
+            if note:
+                coll.add(note)
         if bs.HasField("tracing") and bs.tracing.HasField("http"):
             t = bs.tracing.http.typed_config.type_url.rpartition("/")[2]
             if t not in ("envoy.config.trace.v3.ZipkinConfig", "envoy.config.trace.v3.OpenTelemetryConfig"):

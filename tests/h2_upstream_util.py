@@ -16,6 +16,11 @@ import h2.events as E
 import h2.exceptions
 import h2.settings
 
+try:
+    from proxy_util import listen_local
+except ImportError:  # imported as tests.<module>
+    from tests.proxy_util import listen_local
+
 
 class ThreadedH2Upstream:
     poll = 10.0  # read timeout: how often on_tick runs on a quiet connection
@@ -23,10 +28,7 @@ class ThreadedH2Upstream:
 
     def __init__(self, backlog: int = 16):
         self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(backlog)
+        self.sock = listen_local(backlog)
         self.port = self.sock.getsockname()[1]
         self.stop = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -92,6 +94,23 @@ class ThreadedH2Upstream:
     def close(self):
         self.stop = True
         self.sock.close()
+
+
+class ResetRecordingUpstream(ThreadedH2Upstream):
+    """A scripted upstream that records the error code of each RST_STREAM the proxy sends it
+    (``resets``; ``got`` is set at the first)."""
+
+    poll = 0.05
+
+    def __init__(self):
+        super().__init__()
+        self.resets = []
+        self.got = threading.Event()
+
+    def on_event(self, conn, ev, state):
+        if isinstance(ev, E.StreamReset):
+            self.resets.append(int(ev.error_code))
+            self.got.set()
 
 
 def answer(conn, sid, body: bytes = b"ok") -> None:

@@ -11,6 +11,7 @@ wait is bounded.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -145,6 +146,19 @@ def one_route_bootstrap(backend_ports, *, route_extra=None, hcm_extra=None, clus
 
 # ---------------------------------------------------------------------------------- processes
 
+def kill_process(proc: subprocess.Popen, wait: float = 5.0) -> None:
+    """SIGKILL ``proc`` (by its PID) if it still runs, then reap it (bounded)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class _Proc:
     """A proxy subprocess on a bootstrap; context manager; killed by PID."""
 
@@ -234,15 +248,7 @@ class _Proc:
             os.kill(self.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
         self._log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -275,6 +281,37 @@ def proxies(with_envoy: bool = True):
     return [Pyproxy] + ([Envoy] if with_envoy and ENVOY else [])
 
 
+REFERENCE_ENV = dict(os.environ, PYPROXY_REFERENCE="1")  # (the plain filter-by-filter reference mode)
+
+
+def both_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy and by Envoy; yields
+    {"pyproxy": (proxy, listener port), "envoy": (proxy, listener port)} and stops them."""
+    procs = {}
+    try:
+        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
+            b = with_fresh_ports(bs)
+            procs[name] = (cls(b), b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
+        yield procs
+    finally:
+        for p, _ in procs.values():
+            p.stop()
+
+
+def three_ways(bs: dict):
+    """Generator for a fixture: ``bs`` run (each on fresh ports) by pyproxy, by pyproxy in its
+    reference mode and by Envoy; yields {"pyproxy": p, "reference": p, "envoy": p} and stops them."""
+    out = {}
+    try:
+        out["pyproxy"] = Pyproxy(with_fresh_ports(bs))
+        out["reference"] = Pyproxy(with_fresh_ports(bs), env=REFERENCE_ENV)
+        out["envoy"] = Envoy(with_fresh_ports(bs))
+        yield out
+    finally:
+        for p in out.values():
+            p.stop()
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.05):
     """Poll ``pred()`` until it returns something true or ``timeout`` passes (bounded); returns its
     last value."""
@@ -300,7 +337,57 @@ def run_pyproxy(args, timeout: float = 20.0, **kw) -> subprocess.CompletedProces
                           text=True, timeout=timeout, cwd=ROOT, **kw)
 
 
+def validate(bs: dict) -> subprocess.CompletedProcess:
+    """``pyproxy validate`` on the bootstrap ``bs`` (written to a temporary file, removed after)."""
+    d = tempfile.mkdtemp(prefix="px-validate-")
+    try:
+        p = os.path.join(d, "bs.json")
+        with open(p, "w") as f:
+            json.dump(bs, f)
+        return run_pyproxy(["validate", p])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def cyclic_garbage(monkeypatch, harness: str, args) -> "collections.Counter":
+    """Run the socket-free benchmark harness ``benchmarks/<harness>.py`` (its ``main(args)`` must
+    return 0) with the collector keeping whatever it finds in reference cycles from the harness's
+    ``gc.freeze()`` on (after its setup); returns those objects counted by type name."""
+    import gc
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    mod = importlib.import_module(harness)
+    freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
+    try:
+        assert mod.main(list(args)) == 0
+        gc.collect()
+        return collections.Counter(type(o).__name__ for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.unfreeze()
+
+
 # ---------------------------------------------------------------------------------- backends
+
+class Closing:
+    """``with`` support for a test server: ``close()`` at the end of the block."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def listen_local(backlog: int = 16) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1, on a port the kernel picks (SO_REUSEADDR)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(backlog)
+    return s
 
 class Request:
     __slots__ = ("method", "path", "headers", "body", "version", "conn_id")
@@ -361,7 +448,7 @@ def simple_response(status: int = 200, body: bytes = b"ok", headers=(), reason: 
     return ("HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, h)).encode() + body
 
 
-class HttpBackend:
+class HttpBackend(Closing):
     """A threaded HTTP/1.1 server on 127.0.0.1:0 that records every request it parses.
 
     ``handler(req, sock)`` returns the response bytes (or None if it wrote itself, or the string
@@ -376,10 +463,7 @@ class HttpBackend:
         self.raw = bytearray()
         self.connections = 0
         self.lock = threading.Lock()
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(128)
+        self.lsock = listen_local(128)
         self.port = self.lsock.getsockname()[1]
         self.socks = set()
         self.closed = False
@@ -495,12 +579,6 @@ class HttpBackend:
             except OSError:
                 pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 class HoldingBackend(HttpBackend):
     """An HttpBackend that holds each request for ``/hold`` until ``release()`` (10 s at most) and
@@ -538,15 +616,12 @@ class HoldingBackend(HttpBackend):
         super().close()
 
 
-class TcpBackend:
+class TcpBackend(Closing):
     """A threaded TCP server; ``handler(sock)`` runs per connection (default: echo until EOF)."""
 
     def __init__(self, handler=None):
         self.handler = handler or HttpBackend._echo
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
+        self.lsock = listen_local(64)
         self.port = self.lsock.getsockname()[1]
         self.connections = 0
         self.closed = False
@@ -587,14 +662,8 @@ class TcpBackend:
             except OSError:
                 pass
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Nginx:
+class Nginx(Closing):
     """Debian's nginx serving a directory on 127.0.0.1:<free port> (killed by PID)."""
 
     def __init__(self, root: str, extra_conf: str = ""):
@@ -624,12 +693,6 @@ http { access_log off; client_body_temp_path %(t)s/body; proxy_temp_path %(t)s/p
             self.proc.kill()
             self.proc.wait(5)
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------- clients
@@ -686,11 +749,13 @@ def recv_until(s: socket.socket, timeout: float, done=None, buf: bytes = b"", re
         s.settimeout(old)
 
 
-def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False) -> bytes:
-    """Send ``data`` on a new connection and read until the peer closes it: everything read. A
-    peer that has not closed within ``timeout`` seconds (socket.timeout) or resets the connection
-    (ConnectionResetError; unless ``resets``: a close) is an error."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def until_close(port: int, data: bytes, timeout: float = 5.0, resets: bool = False, source: str | None = None) -> bytes:
+    """Send ``data`` on a new connection (from ``source``, an address of this host, if given) and
+    read until the peer closes it: everything read. A peer that has not closed within ``timeout``
+    seconds (socket.timeout) or resets the connection (ConnectionResetError; unless ``resets``: a
+    close) is an error."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     try:
         s.sendall(data)
         buf, how = recv_until(s, timeout, resets=resets)

@@ -9,14 +9,14 @@ codecs), each compared with Envoy on the same bootstrap:
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
 from pyproxy.http.authority import authority_ok
 from tests.diff_util import H2, h2_script, request_headers
-from tests.proxy_util import Envoy, HttpBackend, Pyproxy, bootstrap, cluster, http_listener, raw, route, route_config, with_fresh_ports
+from tests.proxy_util import (HttpBackend, bootstrap, cluster, http_listener, raw, route, route_config,
+                              three_ways)
 
 ENVOY = shutil.which("envoy")
 REFUSED = '"#/<>?\\^`{|} \t\x7f\x80\xff'
@@ -40,15 +40,10 @@ def procs():
         pytest.skip("needs the envoy binary")
     be = HttpBackend()
     bs = bootstrap([http_listener(1, route_config([route("/", "b", timeout="2s")]))], [cluster("b", [be.port])])
-    out = {}
     try:
-        out["pyproxy"] = Pyproxy(with_fresh_ports(bs))
-        out["reference"] = Pyproxy(with_fresh_ports(bs), env=dict(os.environ, PYPROXY_REFERENCE="1"))
-        out["envoy"] = Envoy(with_fresh_ports(bs))
-        yield be, out
+        for out in three_ways(bs):
+            yield be, out
     finally:
-        for p in out.values():
-            p.stop()
         be.close()
 
 

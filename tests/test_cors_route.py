@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        run_pyproxy, with_fresh_ports)
+from proxy_util import HttpBackend, bootstrap, both_ways, cluster, free_port, http_listener, route, run_pyproxy
 
 T = "type.googleapis.com/"
 CORS_FILTER = {"name": "envoy.filters.http.cors", "typed_config": {"@type": T + "envoy.extensions.filters.http.cors.v3.Cors"}}
@@ -109,16 +108,10 @@ def _exchange(port, data):
 @pytest.fixture(scope="module")
 def pair():
     be = HttpBackend()
-    bs = _bs(be.port)
-    procs = {}
     try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            b = with_fresh_ports(bs)
-            procs[name] = (cls(b), b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
-        yield be, procs
+        for procs in both_ways(_bs(be.port)):
+            yield be, procs
     finally:
-        for p, _ in procs.values():
-            p.stop()
         be.close()
 
 

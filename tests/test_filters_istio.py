@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
+from proxy_util import until_close
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TP = "type.googleapis.com/"
 BODY = ("pyproxy compresses this line. " * 40).encode()
@@ -329,21 +331,7 @@ def test_gzip(proxy):
 
 
 def _tcp_exchange(port, source):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    try:
-        s.sendall(b"GET /tcp HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
-    finally:
-        s.close()
+    return until_close(port, b"GET /tcp HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", resets=True, source=source)
 
 
 def test_rbac_network(proxy):

@@ -6,13 +6,12 @@ came. Requests with a body (a bodiless one the connection manager serves inline 
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+                        route_config, simple_response, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 
@@ -23,17 +22,8 @@ def _slow(req, sock):
 
 
 def _post(port, extra):
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    got = b""
-    try:
-        s.sendall(("POST /a HTTP/1.1\r\nHost: x\r\n%scontent-length: 2\r\nconnection: close\r\n\r\nab" % extra).encode())
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
-    finally:
-        s.close()
+    got = until_close(port, ("POST /a HTTP/1.1\r\nHost: x\r\n%scontent-length: 2\r\nconnection: close\r\n\r\nab"
+                             % extra).encode(), 10)
     return got.split(b"\r\n")[0].decode(), got.split(b"\r\n\r\n", 1)[-1].decode()
 
 

@@ -5,13 +5,11 @@ reset, not CANCEL. Scripted h2c upstream that never answers; route timeout 0.5 s
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
-import h2.events
 import pytest
 
-from h2_upstream_util import ThreadedH2Upstream
+from h2_upstream_util import ResetRecordingUpstream
 from proxy_util import (ENVOY, Envoy, Pyproxy, bootstrap, cluster, free_port, http_listener, route, route_config,
                         with_fresh_ports)
 
@@ -19,21 +17,9 @@ pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-class _Silent(ThreadedH2Upstream):
-    poll = 0.05
-
-    def __init__(self):
-        super().__init__()
-        self.resets = []
-        self.got = threading.Event()
-
+class _Silent(ResetRecordingUpstream):
     def on_request(self, conn, ev, state):
         return True  # (never answers)
-
-    def on_event(self, conn, ev, state):
-        if isinstance(ev, h2.events.StreamReset):
-            self.resets.append(int(ev.error_code))
-            self.got.set()
 
 
 def test_abandoned_stream_reset_code():

@@ -6,13 +6,10 @@ one the upstream resets mid-body (RST_STREAM from the upstream) are counted unde
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
-import h2.events
 import pytest
 
-from h2_upstream_util import ThreadedH2Upstream
+from h2_upstream_util import ResetRecordingUpstream
 from proxy_util import (ENVOY, Envoy, Pyproxy, bootstrap, cluster, free_port, http_listener, route, route_config,
                         wait_until, with_fresh_ports)
 
@@ -20,14 +17,7 @@ pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 HPO = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-class _Up(ThreadedH2Upstream):
-    poll = 0.05
-
-    def __init__(self):
-        super().__init__()
-        self.resets = []
-        self.got = threading.Event()
-
+class _Up(ResetRecordingUpstream):
     def on_request(self, conn, ev, state):
         path = dict(ev.headers)[":path"]
         sid = ev.stream_id
@@ -41,11 +31,6 @@ class _Up(ThreadedH2Upstream):
         conn.send_headers(sid, [(":status", "200"), ("content-length", "2")])
         conn.send_data(sid, b"ok", end_stream=True)
         return True
-
-    def on_event(self, conn, ev, state):
-        if isinstance(ev, h2.events.StreamReset):
-            self.resets.append(int(ev.error_code))
-            self.got.set()
 
 
 def _get(port, path):

@@ -297,7 +297,10 @@ PATHS = ["/admin", "/ok", "/x/../admin", "/x/%2e%2e/admin", "/x/%2E%2E/admin", "
          "/x%2f..%2fadmin", "/%61dmin", "//admin", "/./admin", "/x/..%2Fadmin", "/admin%2Fx",
          "/x/%5C../admin", "/x%5c..%5cadmin", "/ok#/../admin", "/ok/./x?q=/../admin", "/ok/%2e/x",
          "/ok/%25%32%65%25%32%65/admin", "/ok/%%32%65", "/ok/a%20b", "/ok/a%zzb", "/ok/.%2e/admin",
-         "/ok/..%2e/x", "/ok/%7e%41", "/ok//x//", "/ok/%2F%2F/x", "/ok/%00", "/ok/a;b/../admin"]
+         "/ok/..%2e/x", "/ok/%7e%41", "/ok//x//", "/ok/%2F%2F/x", "/ok/%00", "/ok/a;b/../admin",
+         # dot segments with ;parameters are dot segments (servlet containers resolve them so)
+         "/a/b/..;/..;/admin", "/x/..;jsessionid=1/admin", "/x/.;/ok", "/x/..;a;b/ok", "/x/%2e%2e;/admin",
+         "/x/.%2e;/admin", "/x/..;%2f/admin", "/x/..;?q/admin", "/x/..;.ok", "/x/.;./admin", "/ok;x/..;/y"]
 
 PATH_CONFIGS = {
     "none": {},
@@ -323,6 +326,9 @@ def test_paths_against_rbac(backend, name, lane):
         got = dict(zip(PATHS, res["pyproxy"]))
         assert got["/x%2F..%2Fadmin"][0] == 403  # the router's path is RBAC's path
         assert got["/x/%2e%2e/admin"][0] == 403
+    if name == "istio-base" and lane == "rbac":
+        got = dict(zip(PATHS, res["pyproxy"]))
+        assert got["/a/b/..;/..;/admin"][0] == 403 and got["/x/..;jsessionid=1/admin"][0] == 403
 
 
 # -- upgrades ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from tests import grpc_util
-from tests.proxy_util import Pyproxy, free_port
+from tests.proxy_util import Pyproxy, cyclic_garbage, free_port
 from tests.tls_certs import Pki, downstream_tls, upstream_tls
 
 T = "type.googleapis.com/"
@@ -714,20 +714,5 @@ def test_istio_series_summed_across_workers(tmp_path):
 def test_istio_chain_leaves_no_cyclic_garbage(monkeypatch, capsys):
     """The Istio chain (peer_metadata, fault, cors, istio.stats) frees every per-request object by
     reference counting, as tests/test_no_cycles.py checks for the plain chain."""
-    import collections
-    import gc
-    import importlib
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    monkeypatch.syspath_prepend(bench)
-    mod = importlib.import_module("micro_istio")
-    freeze = gc.freeze
-    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
-    try:
-        assert mod.main(["-n", "300"]) == 0
-        gc.collect()
-        kinds = collections.Counter(type(o).__name__ for o in gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.unfreeze()
+    kinds = cyclic_garbage(monkeypatch, "micro_istio", ["-n", "300"])
     assert sum(kinds.values()) < 50, kinds.most_common(10)

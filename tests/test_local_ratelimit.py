@@ -1,17 +1,12 @@
 """HTTP and network ``local_ratelimit`` (what Istio users add with an EnvoyFilter), compared with
 Envoy: which requests are refused, the reply, its headers and the stats."""
 
-import json
-import os
-import socket
-import tempfile
 import time
 
 import pytest
 
-from tests.proxy_util import (ROUTER_TYPE, HttpBackend, Pyproxy, bootstrap, cluster, free_port,
-                              http_listener, proxies, request, route, route_config, run_pyproxy,
-                              tcp_listener)
+from tests.proxy_util import (ROUTER_TYPE, HttpBackend, bootstrap, cluster, free_port, http_listener, proxies,
+                              request, route, route_config, tcp_listener, validate)
 
 LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 NRL = "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit"
@@ -163,12 +158,7 @@ def test_per_downstream_connection_buckets(proxy_cls):
 
 
 def _validate(filter_cfg, routes=None):
-    bs = _bs(filter_cfg, routes or [route("/", "b")], 1)
-    d = tempfile.mkdtemp()
-    p = os.path.join(d, "bs.json")
-    with open(p, "w") as f:
-        json.dump(bs, f)
-    r = run_pyproxy(["validate", p])
+    r = validate(_bs(filter_cfg, routes or [route("/", "b")], 1))
     return r.returncode, r.stdout + r.stderr
 
 

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from tests.proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port,
-                              http_listener, proxies, request, route, route_config, run_pyproxy,
-                              wait_until)
+from tests.proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener,
+                              proxies, request, route, route_config, validate, wait_until)
 
 
 def _bs(main_port, shadow_port, policies, **route_extra):
@@ -186,19 +185,11 @@ def test_mirror_h2_downstream():
 def test_mirror_config_errors():
     """cluster and cluster_header together, neither, or a mutation of a pseudo-header: rejected
     with the field named."""
-    import json
-    import os
-    import tempfile
     for pol, words in (({"cluster": "s", "cluster_header": "x"}, "only one of cluster"),
                        ({}, "cluster or cluster_header is required"),
                        ({"cluster": "s", "request_headers_mutations": [{"remove": ":path"}]},
                         "request_mirror_policies[0].request_headers_mutations[0].remove")):
-        bs = _bs(1, 2, [pol])
-        d = tempfile.mkdtemp()
-        p = os.path.join(d, "bs.json")
-        with open(p, "w") as f:
-            json.dump(bs, f)
-        r = run_pyproxy(["validate", p])
+        r = validate(_bs(1, 2, [pol]))
         assert r.returncode == 1, r.stdout + r.stderr
         assert words in r.stdout + r.stderr, r.stdout + r.stderr
 

@@ -19,17 +19,13 @@ that is a module, else of ``pkg`` (its ``__init__``).
 from __future__ import annotations
 
 import ast
-import collections
 import functools
-import gc
-import importlib
 import os
 
 import pytest
 
 import pyproxy
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from proxy_util import cyclic_garbage
 
 
 @pytest.mark.parametrize("reference", ["0", "1"])
@@ -37,19 +33,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_requests_leave_no_cyclic_garbage(monkeypatch, capsys, harness, engine, reference):
     monkeypatch.setenv("PYPROXY_REFERENCE", reference)
     monkeypatch.setenv("PYPROXY_H2_ENGINE", engine)
-    monkeypatch.syspath_prepend(BENCH)
-    mod = importlib.import_module(harness)
-    freeze = gc.freeze
-    monkeypatch.setattr(gc, "freeze", lambda: (freeze(), gc.set_debug(gc.DEBUG_SAVEALL)))
-    try:
-        args = ["-n", "300"] + (["--batch", "1"] if harness == "micro_h2" else [])
-        assert mod.main(args) == 0
-        gc.collect()
-        kinds = collections.Counter(type(o).__name__ for o in gc.garbage)
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.unfreeze()
+    kinds = cyclic_garbage(monkeypatch, harness, ["-n", "300"] + (["--batch", "1"] if harness == "micro_h2" else []))
     # 5 timed runs x 300 requests (+ warm-up): a per-request cycle would leave thousands
     assert sum(kinds.values()) < 50, kinds.most_common(10)
 

@@ -41,6 +41,12 @@ def test_parse_ip_canonical_form():
     ("/..", "/"),
     ("/a/.b/..c", "/a/.b/..c"),
     ("/a%00", None),                 # NUL: invalid
+    ("/x/..;/ok", "/ok"),            # a dot segment with ;parameters (Envoy, as servlet containers)
+    ("/x/..;a;b/ok", "/ok"),
+    ("/x/.;/ok", "/x/ok"),
+    ("/x/..;\\ok", "/"),             # only a real '/' ends the parameters
+    ("/x/%2e%2e;/ok", "/x/..;/ok"),  # encoded dots followed by ';' are not a dot segment
+    ("/x/a..;/ok", "/x/a..;/ok"),
 ])
 def test_canonical_paths(path, want):
     assert path_norm.canonicalize(path) == want

@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, with_fresh_ports)
+                        route_config, simple_response, until_close, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 INTERNAL = {"cidr_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]}
@@ -37,17 +37,7 @@ def _closed_port():
 
 
 def _get(port, path, extra=""):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    got = b""
-    try:
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\n%sconnection: close\r\n\r\n" % (path, extra)).encode())
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
-    finally:
-        s.close()
+    got = until_close(port, ("GET %s HTTP/1.1\r\nHost: x\r\n%sconnection: close\r\n\r\n" % (path, extra)).encode())
     return int(got.split(b" ", 2)[1]) if got else 0
 
 

@@ -2,17 +2,14 @@
 (overflow, limit exceeded, success, ``retry.upstream_rq_*``) and ``hedge_policy`` on per-try
 timeouts, compared with Envoy request for request and stat for stat."""
 
-import json
 import math
-import os
-import tempfile
 import threading
 import time
 
 import pytest
 
-from tests.proxy_util import (ENVOY, HttpBackend, bootstrap, cluster, free_port, http_listener,
-                              proxies, request, route, route_config, run_pyproxy, simple_response)
+from tests.proxy_util import (ENVOY, HttpBackend, bootstrap, cluster, free_port, http_listener, proxies,
+                              request, route, route_config, simple_response, validate)
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy binary not on PATH")
 
@@ -157,11 +154,7 @@ def _validate_route(extra):
     port = free_port()
     bs = bootstrap([http_listener(port, route_config([route("/", "b", **extra)]))],
                    [cluster("b", [1])])
-    d = tempfile.mkdtemp()
-    p = os.path.join(d, "bs.json")
-    with open(p, "w") as f:
-        json.dump(bs, f)
-    r = run_pyproxy(["validate", p])
+    r = validate(bs)
     return r.returncode, r.stdout + r.stderr
 
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, get_close, http_listener,
-                        raw, route, route_config, simple_response, with_fresh_ports)
+from proxy_util import (HttpBackend, bootstrap, both_ways, cluster, free_port, get_close, http_listener, raw,
+                        route, route_config, simple_response)
 
 _state: dict = {}
 _lock = threading.Lock()
@@ -52,15 +52,10 @@ def _bs(be_port):
 @pytest.fixture(scope="module")
 def pair():
     be = HttpBackend(_handler)
-    procs = {}
     try:
-        for name, cls in (("pyproxy", Pyproxy), ("envoy", Envoy)):
-            b = with_fresh_ports(_bs(be.port))
-            procs[name] = (cls(b), b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
-        yield be, procs
+        for procs in both_ways(_bs(be.port)):
+            yield be, procs
     finally:
-        for p, _ in procs.values():
-            p.stop()
         be.close()
 
 

@@ -23,6 +23,8 @@ from pyproxy.config.errors import ConfigError
 from pyproxy.http.headers import Headers
 from pyproxy.routing import compile_route_config
 
+from proxy_util import kill_process
+
 ENVOY = shutil.which("envoy")
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy binary not on PATH")
 
@@ -257,12 +259,7 @@ class Envoy:
         raise RuntimeError("envoy did not start in time")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
         self.log.close()
 
 

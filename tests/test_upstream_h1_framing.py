@@ -16,14 +16,13 @@ connection, and both answers (and, for requests, what the upstream received) mus
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 
 import pytest
 
-from tests.proxy_util import (Envoy, HttpBackend, Pyproxy, bootstrap, cluster, http_listener, raw, route,
-                              route_config, with_fresh_ports)
+from tests.proxy_util import (HttpBackend, bootstrap, cluster, http_listener, raw, route, route_config,
+                              three_ways)
 
 ENVOY = shutil.which("envoy")
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="needs the envoy binary")
@@ -57,15 +56,10 @@ def _answer(req, sock):
 def procs():
     be = HttpBackend(_answer)
     bs = bootstrap([http_listener(1, route_config([route("/", "b", timeout="2s")]))], [cluster("b", [be.port])])
-    out = {}
     try:
-        out["pyproxy"] = Pyproxy(with_fresh_ports(bs))
-        out["reference"] = Pyproxy(with_fresh_ports(bs), env=dict(os.environ, PYPROXY_REFERENCE="1"))
-        out["envoy"] = Envoy(with_fresh_ports(bs))
-        yield be, out
+        for out in three_ways(bs):
+            yield be, out
     finally:
-        for p in out.values():
-            p.stop()
         be.close()
 
 

@@ -23,10 +23,10 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
 try:
-    from proxy_util import free_port  # noqa: F401 (re-exported to the suites)
+    from proxy_util import free_port, kill_process  # noqa: F401 (free_port: re-exported to the suites)
     from xds_util import AdsScript
 except ImportError:  # imported as tests.<module>
-    from tests.proxy_util import free_port  # noqa: F401
+    from tests.proxy_util import free_port, kill_process  # noqa: F401
     from tests.xds_util import AdsScript
 from pyproxy.control_plane import ControlPlane
 
@@ -384,12 +384,7 @@ class Proxy:
         return self.proc.poll() is None
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        kill_process(self.proc)
         self.log.close()
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 
 import pytest
 
+from proxy_util import until_close
 from test_xds_e2e_helpers import (  # noqa: F401 (env is a fixture)
     env, ENVOY, CLUSTER, ENDPOINT, LISTENER, ROUTE, bootstrap, cla, dump_section, dynamic_names,
     eds_cluster, free_port, get, http_listener, rds_route, try_get, wait_for)
@@ -215,24 +215,8 @@ def _matcher_listener(name, port, missing_from="127.0.0.2"):
 
 
 def _get_from(src_ip, port):
-    s = socket.socket()
-    s.settimeout(3)
-    try:
-        s.bind((src_ip, 0))
-        s.connect(("127.0.0.1", port))
-        s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        data = b""
-        while True:
-            try:
-                chunk = s.recv(4096)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        return data
-    finally:
-        s.close()
+    return until_close(port, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", 3, resets=True,
+                       source=src_ip)
 
 
 @pytest.mark.parametrize("api", ["GRPC", "DELTA_GRPC"])

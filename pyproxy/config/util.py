@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+from .errors import ConfigError
+
 
 def has(msg, field: str) -> bool:
     try:
@@ -48,3 +52,26 @@ def request_header_name(name: str) -> str:
     matches, hash policies and ``%REQ(host)%`` see the authority)."""
     n = name.lower()
     return ":authority" if n == "host" else n
+
+
+def data_source_bytes(ds, field: str, max_size: int | None = None) -> bytes | None:
+    """The bytes of a ``config.core.v3.DataSource`` (inline, a file read once now, or an
+    environment variable); None when it is unset. ``max_size``: a file is read no further than one
+    byte past it (the caller rejects what is longer)."""
+    which = ds.WhichOneof("specifier")
+    if which == "inline_string":
+        return ds.inline_string.encode()
+    if which == "inline_bytes":
+        return ds.inline_bytes
+    if which == "filename":
+        try:
+            with open(ds.filename, "rb") as f:
+                return f.read() if max_size is None else f.read(max_size + 1)
+        except OSError as e:
+            raise ConfigError("cannot read '%s': %s" % (ds.filename, e.strerror), field) from None
+    if which == "environment_variable":
+        v = os.environ.get(ds.environment_variable)
+        if v is None:
+            raise ConfigError("environment variable '%s' is not set" % ds.environment_variable, field)
+        return v.encode()
+    return None

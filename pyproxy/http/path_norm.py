@@ -84,12 +84,15 @@ def canonicalize(p: str):
         dot = _is_dot(p, i, end)
         if dot:
             if out and out[-1] == "/":
-                kind, used = _after_dot(p, i + dot, end)
+                kind, used = _dot_params(p, i, end) if dot == 1 else (0, 0)
+                if not kind:
+                    kind, used = _after_dot(p, i + dot, end)
+                    used += dot
                 if kind == 0:
                     add(".")
                 elif kind == 2:
                     _back_up(out)
-                i += dot + used
+                i += used if kind else dot
             else:
                 add(".")
                 i += dot
@@ -135,6 +138,22 @@ def _after_dot(p: str, after: int, end: int):
         if p[a2] in "/\\":
             return 2, d2 + 1
     return 0, 0
+
+
+def _dot_params(p: str, i: int, end: int):
+    """A segment of one or two literal dots followed by ``;`` parameters (``.;``, ``..;jsessionid=1``)
+    is a dot segment for Envoy too, its parameters dropped through the next ``/``: (1 current |
+    2 up, characters consumed), or (0, 0). Servlet containers resolve ``/x/..;/admin`` as
+    ``/admin``, so the canonical path must too (an encoded dot, ``%2e;``, is not one)."""
+    j = i + 1
+    kind = 1
+    if j < end and p[j] == ".":
+        j += 1
+        kind = 2
+    if j >= end or p[j] != ";":
+        return 0, 0
+    s = p.find("/", j)
+    return kind, (end if s < 0 else s + 1) - i
 
 
 def _back_up(out) -> None:

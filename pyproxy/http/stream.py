@@ -23,8 +23,12 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
+<<<<<<< HEAD
 from . import tunnel
 from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info, route_duration
+=======
+from .stream_parts import LazyInfo, _guarded, charge_started, make_stream_info, new_stream_info, route_duration
+>>>>>>> main
 
 log = logging.getLogger("pyproxy.http")
 
@@ -454,11 +458,11 @@ class ActiveStream(FirstAttempt):
     # a local reply (http/local_reply.py)
     send_local_reply = send_local_reply
 
-    def reset_stream(self, reason: str) -> None:
+    def reset_stream(self, reason: str, over: bool = False) -> None:
         if self.done:
             return
         self.hc.stats.rq_tx_reset.value += 1
-        self.stream_info.response_code_details = self.stream_info.response_code_details or reason
+        self.stream_info.response_code_details = reason if over else (self.stream_info.response_code_details or reason)
         enc = self.encoder
         self._finish(reset=True)
         enc.reset_stream(reason) if hasattr(enc, "reset_stream") else self.hc.conn.close(flush=True)  # (as Envoy)
@@ -494,7 +498,7 @@ class ActiveStream(FirstAttempt):
         if r is not None:
             r.on_downstream_reset()
         if self.response_started:
-            self.reset_stream("stream_idle_timeout")
+            self.reset_stream("stream_idle_timeout", True)  # (the details, as Envoy's)
         else:
             # (Envoy: 408 and close while the request is incomplete; 504 once it is, keep-alive)
             done = self.remote_complete
@@ -555,6 +559,8 @@ class ActiveStream(FirstAttempt):
             st.rq_time.record((now - self.t0) * 1000.0)  # (t0: the StreamInfo's start_monotonic)
             if not self.remote_complete:
                 st.rq_response_before_rq_complete.value += 1
+        elif self.response_started:  # (Envoy charged these as the response head went out)
+            charge_started(self, si, st)
         filters = self.filters
         if filters:
             for f in filters:

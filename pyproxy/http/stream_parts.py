@@ -163,3 +163,13 @@ def route_duration(stream, route, headers) -> None:
         headers.set("grpc-timeout", to_grpc_timeout(ms))
     left = ms / 1000.0 - (time.monotonic() - stream.t0)
     stream.max_duration_timer = stream.cfg.loop.call_later(max(0.0, left), stream._max_duration)
+
+
+def charge_started(stream, si, st) -> None:
+    """A stream reset after its response head went out (``st``: its HcmStats): Envoy counted the
+    request's ``downstream_rq_<N>xx`` and ``downstream_rq_completed`` as the head was encoded."""
+    code = si.response_code if si is not None else stream.status or stream.code
+    c = st.rq_class[code // 100] if 0 < code < 600 else None
+    if c is not None:
+        c.value += 1
+    st.rq_completed.value += 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..config.errors import ConfigError
 from ..config.registry import REGISTRY, type_name_of, unpack_any
-from ..config.util import duration_s, u32
+from ..config.util import data_source_bytes, duration_s, u32
 from .header_mutation import compile_header_mutation, literal_tail
 from .plan import plan_route
 from .matchers import compile_header_matcher, compile_query_matcher, compile_string_matcher
@@ -56,11 +56,9 @@ _CW_FIELDS = frozenset({
 })
 
 
-
 def _metadata_dict(md) -> dict:
     from google.protobuf import json_format
     return json_format.MessageToDict(md)
-
 
 
 def check_filter_configs(tpfc, field: str = "typed_per_filter_config") -> None:
@@ -338,26 +336,7 @@ def _compile_redirect(e: RouteEntry, r, field: str) -> None:
 
 
 def _data_source_bytes(ds, field: str, max_size: int) -> bytes:
-    which = ds.WhichOneof("specifier")
-    if which == "inline_string":
-        b = ds.inline_string.encode()
-    elif which == "inline_bytes":
-        b = ds.inline_bytes
-    elif which == "filename":
-        try:
-            with open(ds.filename, "rb") as f:
-                b = f.read(max_size + 1)
-        except OSError as err:
-            raise ConfigError("cannot read '%s': %s" % (ds.filename, err.strerror), field) from None
-    elif which == "environment_variable":
-        import os
-        v = os.environ.get(ds.environment_variable)
-        if v is None:
-            raise ConfigError("environment variable '%s' is not set" % ds.environment_variable,
-                              field)
-        b = v.encode()
-    else:
-        b = b""
+    b = data_source_bytes(ds, field, max_size) or b""
     if len(b) > max_size:
         raise ConfigError("response body size is %d bytes; maximum is %d" % (len(b), max_size),
                           field)

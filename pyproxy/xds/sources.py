@@ -3,10 +3,14 @@ announce and their reconnect pacing."""
 
 from __future__ import annotations
 
+import logging
+
 from ..config import ConfigError, duration_s
 from ..config.bootstrap import check_config_source
 from ..xds_client import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, XdsClient
-from ..xds_client.target import target_from_grpc_service
+from ..xds_client.target import keepalive_note, target_from_grpc_service
+
+log = logging.getLogger("pyproxy.xds")
 
 
 def has_dynamic_resources(bs) -> bool:
@@ -51,6 +55,9 @@ async def start_xds(server):
         if not a.grpc_services:
             raise ConfigError("ads_config needs grpc_services", field="dynamic_resources.ads_config")
         target = target_from_grpc_service(a.grpc_services[0], clusters)
+        note = keepalive_note(a.grpc_services[0], clusters)
+        if note:
+            log.warning("%s", note)  # (once: the ADS client is made once)
         ads = XdsClient(target=target, node=node, api_type=api, handler=xds, stats=server.stats,
                         set_node_on_first_message_only=a.set_node_on_first_message_only,
                         **backoff(a.grpc_services[0]))

@@ -96,6 +96,27 @@ def target_from_grpc_service(grpc_service, clusters_by_name: dict) -> str:
     raise ConfigError("grpc_service has no envoy_grpc or google_grpc")
 
 
+def keepalive_note(grpc_service, clusters_by_name: dict):
+    """What is not done of the xDS cluster's ``upstream_connection_options.tcp_keepalive`` (Istio's
+    bootstrap sets it on ``xds-grpc``), or None: the xDS client's channel is grpcio's, which sets no
+    SO_KEEPALIVE on its TCP socket (its keepalive is HTTP/2 PINGs, a different contract), so a TCP
+    xDS server gets no TCP keepalive probes. (A unix-socket server, as Istio's agent, has none to get.)"""
+    if grpc_service.WhichOneof("target_specifier") != "envoy_grpc":
+        return None
+    cluster = clusters_by_name.get(grpc_service.envoy_grpc.cluster_name)
+    if cluster is None or not cluster.upstream_connection_options.HasField("tcp_keepalive"):
+        return None
+    try:
+        target = target_from_cluster(cluster)
+    except ConfigError:
+        return None
+    if target.startswith(("unix:", "unix-abstract:")):
+        return None
+    return ("cluster '%s': upstream_connection_options.tcp_keepalive is not applied to the xDS client's own "
+            "gRPC channel (grpcio sets no SO_KEEPALIVE); the proxy's connections through the cluster get it"
+            % cluster.name)
+
+
 def target_from_api_config_source(api_config_source, clusters_by_name: dict) -> str:
     """The first ``grpc_services`` entry of an ``ApiConfigSource`` (ads_config)."""
     if not api_config_source.grpc_services:

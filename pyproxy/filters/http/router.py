@@ -231,7 +231,7 @@ class Router(RetryState):
             if self.buffering and self.body_len > self.buffering:
                 # too big to replay: no more retries for this request (Envoy's count)
                 self.buffering = 0
-                self.retries_left = 0
+                self.retries_left = -1  # (abandoned: not a retry limit reached, router_retry.py)
                 self.cluster.st_retry_or_shadow_abandoned.value += 1
                 if bound:
                     self.body = None

@@ -124,8 +124,9 @@ class RetryState:
         self._release_retry()
         si = self.s.stream_info
         if self.retries_left <= 0:
-            c.st_rq_retry_limit_exceeded.value += 1
-            si.response_flags.add("URX")
+            if self.retries_left == 0:  # (-1: retries abandoned for the body's size; Envoy then has
+                c.st_rq_retry_limit_exceeded.value += 1  # no retry state, so nothing is counted)
+                si.response_flags.add("URX")
             return R_LIMIT
         self.retries_left -= 1
         if not retry_allowed(c):
