@@ -23,12 +23,8 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
-<<<<<<< HEAD
 from . import tunnel
-from .stream_parts import LazyInfo, _guarded, make_stream_info, new_stream_info, route_duration
-=======
 from .stream_parts import LazyInfo, _guarded, charge_started, make_stream_info, new_stream_info, route_duration
->>>>>>> main
 
 log = logging.getLogger("pyproxy.http")
 
@@ -550,7 +546,7 @@ class ActiveStream(FirstAttempt):
         now = _monotonic()
         if si is not None:
             si.end_monotonic = now
-        if not reset or self.tunneling and self.response_started:  # (Envoy counts a tunnel's answer as sent)
+        if not reset:
             code = si.response_code if si is not None else self.status or self.code
             c = st.rq_class[code // 100] if 0 < code < 600 else None
             if c is not None:
