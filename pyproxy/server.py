@@ -21,6 +21,7 @@ from .config import ConfigError, unacted
 from .config.bootstrap import check_dynamic_resources
 from .listeners.manager import ListenerManager
 from .routing.matchers import compile_string_matcher
+from .config import runtime as _runtime
 from .routing.regex import configure_from_bootstrap as _configure_re2
 from .stats import Store
 from .stats.matcher import compile_stats_matcher
@@ -116,6 +117,7 @@ class Server:
         self.options = options
         self.loop = loop or asyncio.get_event_loop()
         _configure_re2(bootstrap)  # re2.max_program_size.* from the runtime layers, before any compile
+        _runtime.configure(bootstrap)  # boolean runtime features read when listeners compile
         unacted.warn("bootstrap", bootstrap)
         sc = bootstrap.stats_config
         specifiers = compile_tag_specifiers(sc)  # stats_tags: regex, fixed_value or a default's name

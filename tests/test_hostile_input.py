@@ -331,6 +331,30 @@ def test_paths_against_rbac(backend, name, lane):
         assert got["/a/b/..;/..;/admin"][0] == 403 and got["/x/..;jsessionid=1/admin"][0] == 403
 
 
+FRAGMENT_PATHS = ["/a#frag", "/a?q=1#frag", "/a#", "/ok#/../admin", "/admin#x", "/x/..#/admin", "/%2e#x"]
+
+
+@pytest.mark.parametrize("reject", [None, False])
+@pytest.mark.parametrize("name", ["none", "istio-base"])
+def test_fragments_under_istios_runtime(backend, name, reject):
+    """Istio's bootstrap turns envoy.reloadable_features.http_reject_path_with_fragment off: the
+    fragment is stripped and the request served (RBAC sees the path without it); without the key a
+    fragment is refused with 400. HTTP/1.1 and HTTP/2, side by side with Envoy."""
+    reqs = [req(p) for p in FRAGMENT_PATHS] + [("curl", p) for p in FRAGMENT_PATHS[:5]]
+    bs = make_bootstrap(backend.port, hcm_extra=PATH_CONFIGS[name])
+    if reject is not None:
+        bs["layered_runtime"] = {"layers": [{"name": "global config", "static_layer": {
+            "envoy.reloadable_features.http_reject_path_with_fragment": reject}}]}
+    res = run_case(bs, backend, reqs)
+    assert_same(res, reqs)
+    statuses = [x[0] for x in res["pyproxy"]]
+    if reject is None:
+        assert statuses[:4] == [400] * 4, statuses
+    else:
+        assert statuses[:5] == [200, 200, 200, 200, 403], statuses
+        assert res["pyproxy"][0][1]["path"] == "/a"
+
+
 # -- upgrades ------------------------------------------------------------------------------------------
 
 UPGRADE_REQUESTS = [

@@ -51,3 +51,26 @@ def static_uint(bootstrap, key: str) -> int | None:
     else:
         return None
     return int(n) if n >= 0 else None
+
+
+# process-wide, like Envoy's runtime singleton: the bootstrap's static layers, set once at startup
+_BOOTSTRAP = [None]
+
+
+def configure(bootstrap) -> None:
+    """The bootstrap whose static layers ``feature_enabled`` reads (set before any listener compiles)."""
+    _BOOTSTRAP[0] = bootstrap
+
+
+def feature_enabled(key: str, default: bool) -> bool:
+    """A boolean runtime feature (``envoy.reloadable_features.*``) from the static layers: a bool, or
+    the string ``"true"``/``"false"``; ``default`` when unset or of another kind."""
+    v = static_value(_BOOTSTRAP[0], key)
+    if v is None:
+        return default
+    kind = v.WhichOneof("kind")
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "string_value" and v.string_value.strip().lower() in ("true", "false"):
+        return v.string_value.strip().lower() == "true"
+    return default

@@ -133,7 +133,8 @@ def _ip_in(attr: str, net):
 
 def _header(h, field, http):
     if not http:
-        return _never  # a network filter has no headers (Envoy: never matches)
+        # a network filter has no headers: Envoy refuses the rule (a DENY on it would never match)
+        raise ConfigError("Found header(%s) rule,not supported by RBAC network filter" % h.name, field=field)
     from ..routing import compile_header_matcher
     hm = compile_header_matcher(h, field)
 

@@ -9,6 +9,12 @@ consume the same object and filters see one shape whatever the protocol.
 from __future__ import annotations
 
 
+# the ``:scheme`` the HTTP/1.1 codec gives an origin-form request (the same object every time, so
+# that the request preparation knows it for a placeholder: Envoy's HTTP/1.1 codec sets no :scheme
+# there, and its connection manager takes it from X-Forwarded-Proto, else the connection's TLS)
+H1_SCHEME_HTTP = (":scheme", "http")
+
+
 class Headers:
     __slots__ = ("_h",)
 

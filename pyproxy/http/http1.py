@@ -18,7 +18,7 @@ from __future__ import annotations
 import httptools
 
 from .authority import OK as _AUTH_OK, authority_ok
-from .headers import Headers, coalesce
+from .headers import H1_SCHEME_HTTP, Headers, coalesce
 from .http1_common import (HTTP10, HTTP11, METHOD_NAMES as _METHOD_NAMES, ChunkedBody, ProtocolError, parser_error,
                            request_framing)
 from .http1_response import Http1ResponseEncoder
@@ -335,7 +335,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             # the common case: HTTP/1.1, origin-form with a Host, no framing or hop-by-hop header
             # (so no Connection and no Upgrade: llhttp's answers are keep-alive and no upgrade)
             # and no body
-            h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
+            h = [(":method", method), H1_SCHEME_HTTP, (":path", url), (":authority", authority)]
             h += rest
             headers = _new_headers(Headers)
             headers._h = h  # (h is this request's own list: no copy)
@@ -380,7 +380,7 @@ class Http1ServerCodec(Http1ResponseEncoder):
             self.watched = True
         if url[:1] == "/" and authority is not None and method != "CONNECT":
             # the common case: origin-form with a Host
-            h = [(":method", method), (":scheme", "http"), (":path", url), (":authority", authority)]
+            h = [(":method", method), H1_SCHEME_HTTP, (":path", url), (":authority", authority)]
         elif method == "CONNECT":
             if not authority_ok(url):
                 raise ProtocolError(400, "http.invalid_authority")
@@ -399,7 +399,10 @@ class Http1ServerCodec(Http1ResponseEncoder):
                         raise ProtocolError(400, "http.invalid_authority")
                     authority = host
                 url = "/" + path
-            h.append((":scheme", "http"))
+                scheme = scheme.lower()
+                h.append((":scheme", scheme) if scheme in ("http", "https") else H1_SCHEME_HTTP)  # (the URL's, as Envoy)
+            else:
+                h.append(H1_SCHEME_HTTP)
             h.append((":path", url))
             if authority is None:
                 if self.version == HTTP11 or not self.default_host_10:

@@ -34,11 +34,12 @@ from __future__ import annotations
 import logging
 from operator import itemgetter
 
-from ..config import ConfigError
+from ..config import ConfigError, runtime
 from ..netaddr import cidr_range, default_internal, fmt_addr, in_any, is_loopback, local_ip
 from ..tracing.request_id import compile_trace_sampler, uuid4 as _uuid4
 from . import path_norm
 from .decorator import DECORATE_EGRESS, DECORATE_INGRESS
+from .headers import H1_SCHEME_HTTP
 from .original_ip import CustomHeaderDetection, XffDetection, detection, last_xff
 from .xfcc import (ALWAYS_FORWARD_ONLY, APPEND_FORWARD, CERT, CHAIN, DNS, FORWARD_ONLY, SANITIZE, SANITIZE_SET,
                    SUBJECT, URI, xfcc_value)
@@ -81,6 +82,7 @@ _WATCH = ENVOY_CONTROL | EDGE_ONLY | ALWAYS_DROP | frozenset((
     "x-client-trace-id"))
 
 _first = itemgetter(0)
+_SCHEME_HTTPS = (":scheme", "https")
 _XFP_HTTPS, _XFP_HTTP = ("x-forwarded-proto", "https"), ("x-forwarded-proto", "http")  # (header lines are tuples: shared)
 _path_special = path_norm.SPECIAL_CHARS
 # (as bytes: the HTTP/1.1 codec notes their presence while parsing, for ``prepare(quiet=...)``)
@@ -112,6 +114,9 @@ PREPARED_NOTHING = Prepared()
 
 # -- the plan -----------------------------------------------------------------------------------
 
+REJECT_FRAGMENT_KEY = "envoy.reloadable_features.http_reject_path_with_fragment"
+
+
 class PrepPlan:
     """Per-HCM request preparation, decided when the config loads."""
 
@@ -119,7 +124,7 @@ class PrepPlan:
                  "use_remote", "hops", "skip_xff_append", "detectors", "internal", "internal_unix",
                  "local_ip", "via", "gen_rid", "preserve_rid", "fcc", "cert_details", "watch",
                  "constant", "pre", "xff_only", "strip_matching_port", "strip_host_dot", "xf_port", "trace",
-                 "decorate", "path_steps", "host_steps")
+                 "decorate", "path_steps", "host_steps", "reject_fragment")
 
     def __init__(self, cfg, hcm):
         self.underscores = hcm.headers_with_underscores_action
@@ -127,6 +132,9 @@ class PrepPlan:
         # IMPLEMENTATION_SPECIFIC_DEFAULT is KEEP_UNCHANGED in Envoy (without a runtime override)
         self.esc_action = path_norm.KEEP_UNCHANGED if esc == 0 else esc
         self.normalize = hcm.normalize_path
+        # a '#fragment' in the path: refused (400), or stripped when the runtime turns the check off
+        # (Istio's bootstrap sets envoy.reloadable_features.http_reject_path_with_fragment: false)
+        self.reject_fragment = runtime.feature_enabled(REJECT_FRAGMENT_KEY, True)
         self.merge = cfg.merge_slashes
         self.strip_any_port = cfg.strip_any_host_port
         self.strip_matching_port = cfg.strip_matching_host_port
@@ -238,17 +246,23 @@ def prepare(plan: PrepPlan, conn, headers, table, quiet: bool = False):
         if r is not None:
             return r
     elif not quiet:
-        # a fragment is refused (Envoy 1.40: http_reject_path_with_fragment)
         kv = h[2] if len(h) > 2 else h[0]
         if kv[0] != ":path":
             kv = _find(h, ":path")
         if kv is not None and "#" in kv[1]:
-            return Prepared(reply=(400, "path_normalization_failed", None))
+            if plan.reject_fragment:
+                return Prepared(reply=(400, "path_normalization_failed", None))
+            headers.set(":path", kv[1][:kv[1].index("#")])
     ioh = table.internal_only_headers if table is not None else ()
     if (quiet or plan.watch.isdisjoint(map(_first, h))) and (not ioh or ioh.isdisjoint(map(_first, h))):
         if plan.constant:
             # nothing to remove, no address in the headers, nothing to add but these two
-            h.append(_XFP_HTTPS if conn.ssl is not None else _XFP_HTTP)
+            if conn.ssl is not None:
+                h.append(_XFP_HTTPS)
+                if h[1] is H1_SCHEME_HTTP:  # (an HTTP/1.1 request over TLS: https, as Envoy's)
+                    h[1] = _SCHEME_HTTPS
+            else:
+                h.append(_XFP_HTTP)
             if plan.gen_rid:
                 rid = _uuid4()
                 if plan.trace is not None:
@@ -281,7 +295,10 @@ def _pre(plan, conn, headers, h):
     path = kv[1] if kv is not None else None
     if path is not None and path[:1] == "/":
         if "#" in path:
-            return Prepared(reply=(400, "path_normalization_failed", None))
+            if plan.reject_fragment:
+                return Prepared(reply=(400, "path_normalization_failed", None))
+            path = path[:path.index("#")]
+            headers.set(":path", path)
         np = path
         if plan.path_steps and not (_path_special.isdisjoint(path) and path.isascii()
                                     and (not plan.merge or "//" not in path)):
@@ -343,6 +360,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
     scheme = "https" if conn.ssl is not None else "http"
     xff = None
     xfp = False
+    xfp_v = None  # (the client's X-Forwarded-Proto, while it stands)
     rid = None
     upgrade = None
     connection = None
@@ -363,6 +381,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                         multi = True
                 elif k == "x-forwarded-proto":
                     xfp = True
+                    xfp_v = v
                 elif k == "x-request-id":
                     if rid is None:
                         rid = v
@@ -416,6 +435,7 @@ def _mutate(plan, conn, headers, h, scan, ioh):
         if plan.hops == 0 or not xfp:
             _set(h, "x-forwarded-proto", scheme)
             xfp = True
+            xfp_v = None
         if plan.xf_port and (plan.hops == 0 or headers.get("x-forwarded-port") is None):
             _set(h, "x-forwarded-port", str(conn_info.dst_port))
     elif plan.xff_only is not None:
@@ -435,6 +455,12 @@ def _mutate(plan, conn, headers, h, scan, ioh):
                 break
     if not xfp:
         h.append(("x-forwarded-proto", scheme))
+    if h[1] is H1_SCHEME_HTTP:
+        # (HTTP/1.1 origin-form: Envoy's :scheme is the X-Forwarded-Proto, if http or https, else
+        # the connection's)
+        p = xfp_v if xfp_v == "https" or xfp_v == "http" else scheme
+        if p == "https":
+            h[1] = _SCHEME_HTTPS
     if plan.xf_port and headers.get("x-forwarded-port") is None:
         h.append(("x-forwarded-port", str(conn_info.dst_port)))
     if remote_ip:

@@ -347,7 +347,7 @@ class ActiveStream(FirstAttempt):
             code = int(status)
         except (TypeError, ValueError):
             code = 0
-        si = self.__dict__.get("stream_info")  # (None: made lazily, from ``code``)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, from ``code``)
         if si is not None:
             si.response_code = code
         else:
@@ -376,7 +376,7 @@ class ActiveStream(FirstAttempt):
             for i in range(start, -1, -1):
                 if filters[i].encode_data(data, end_stream) == STOP:
                     return
-        si = self.__dict__.get("stream_info")
+        si = self.stream_info if self.has_info else None
         if si is not None:
             si.bytes_sent += len(data)
         else:
@@ -542,7 +542,7 @@ class ActiveStream(FirstAttempt):
         hc = self.hc
         st = hc.stats
         st.rq_active.value -= 1  # (a gauge __init__ raised: no need to mark it used)
-        si = self.__dict__.get("stream_info")  # (None: made lazily, if ever, by what reads it)
+        si = self.stream_info if self.has_info else None  # (None: made lazily, if ever, by what reads it)
         now = _monotonic()
         if si is not None:
             si.end_monotonic = now
