@@ -173,6 +173,8 @@ class _TimeFormat:
                 if d == "s":
                     parts.append("".join(buf)); buf = []
                     parts.append(("s",)); i += 2; continue
+                if d == "E" and fmt[i + 2:i + 3] == "z":  # (absl's RFC 3339 offset; always UTC here)
+                    buf.append("+00:00"); i += 3; continue
                 buf.append(fmt[i:i + 2]); i += 2; continue
             buf.append(c)
             i += 1

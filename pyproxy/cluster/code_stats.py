@@ -21,6 +21,14 @@ MAX_ALT_LEN = 128
 _ZERO = Counter("(never charged)")
 
 
+def rq_class(cluster, k: int):
+    """The cluster's ``upstream_rq_<k>xx`` (made on first use, as Envoy's), or None outside 1-5."""
+    c = cluster.st_rq_class.get(k)
+    if c is None and 1 <= k <= 5:
+        c = cluster.st_rq_class[k] = cluster.scope.counter("upstream_rq_%dxx" % k)
+    return c
+
+
 def make_external(cluster, status: int, cs) -> None:
     """The ``external.*`` counters of ``status`` (``cs``: its code and class counters), made with
     the first response of that code."""

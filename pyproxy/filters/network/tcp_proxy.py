@@ -162,7 +162,7 @@ def _hash_key(policy, conn):
 
 
 class TcpProxy:
-    __slots__ = ("cfg", "conn", "up", "buf", "buf_len", "down_eof", "up_eof", "cluster", "host",
+    __slots__ = ("cfg", "conn", "up", "buf", "buf_len", "down_eof", "up_eof", "up_first", "cluster", "host",
                  "idle_handle", "last_activity", "closed", "attempts", "task", "connected", "duration_handle")
 
     def __init__(self, cfg: TcpProxyConfig, conn):
@@ -173,6 +173,7 @@ class TcpProxy:
         self.buf_len = 0
         self.down_eof = False
         self.up_eof = False
+        self.up_first = False  # (the upstream ended the connection before the client did)
         self.cluster = None
         self.host = None
         self.idle_handle = None
@@ -233,6 +234,8 @@ class TcpProxy:
         self.attempts += 1
         c.cx_total_active += 1
         c.st_cx_total.value += 1
+        c.st_rq_total.value += 1  # (each connection is a request of the cluster, as Envoy counts it)
+        c.st_rq_pending_total.value += 1
         c.st_cx_active.inc()
         host.cx_active += 1
         host.cx_total += 1
@@ -353,6 +356,7 @@ class TcpProxy:
 
     def on_upstream_eof(self):
         self.up_eof = True
+        self.up_first = not (self.down_eof or self.closed)
         self.conn.write_eof()
         if self.down_eof:
             self._finish(flush=True)
@@ -361,7 +365,8 @@ class TcpProxy:
         c = self.cluster
         c.cx_total_active -= 1
         c.st_cx_active.dec()
-        c.st_cx_destroy.value += 1
+        # (remote: the upstream ended it, by EOF or reset, before the client did)
+        c.count_cx_destroy(self.up_first if self.up_eof else not (self.closed or self.down_eof), True)
         if self.host is not None:
             self.host.cx_active -= 1
         if not self.closed:
