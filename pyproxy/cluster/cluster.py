@@ -241,6 +241,7 @@ class Cluster:
         self.st_cx_max_rq = s.counter("upstream_cx_max_requests")
         self.st_cx_idle = s.counter("upstream_cx_idle_timeout")
         self.st_cx_none_healthy = s.counter("upstream_cx_none_healthy")
+        self.st_cx_protocol_error = s.counter("upstream_cx_protocol_error")
         self.st_cx_rx_bytes = s.counter("upstream_cx_rx_bytes_total")
         self.st_cx_tx_bytes = s.counter("upstream_cx_tx_bytes_total")
         self.st_rq_total = s.counter("upstream_rq_total")

@@ -208,6 +208,8 @@ class UpstreamConnection(asyncio.Protocol):
         connection goes, and the request in flight is reset with Envoy's reason "protocol error"
         (the router answers 502 UPE)."""
         log.debug("upstream %s: %s", self.host.key, reason)
+        if not self.closed:  # (once per connection)
+            self.pool.cluster.st_cx_protocol_error.value += 1
         self.close_reason = "protocol error"
         self.close()
 

@@ -127,8 +127,9 @@ def charge_failure(cluster, status: int, body: str, flag: str, si, attempts: int
 
 
 def count_rx_reset(cluster, reason: str) -> None:
-    """An upstream reset, as Envoy counts it (not a connection termination or a refused stream)."""
-    if reason != "connection termination" and reason != "remote refused stream reset":
+    """An upstream reset, as Envoy counts it (not a connection termination, a refused stream or
+    a protocol error: the proxy's own codec ended that one, counted upstream_cx_protocol_error)."""
+    if reason != "connection termination" and reason != "remote refused stream reset" and reason != "protocol error":
         cluster.st_rq_rx_reset.value += 1
 
 
