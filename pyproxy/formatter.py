@@ -4,8 +4,7 @@ A format string is compiled once into a list of literal strings and command call
 request is a join over that list. Each command callable takes ``(stream_info, request_headers,
 response_headers, response_trailers)`` and returns a value or ``None`` when the value is unknown.
 Text output renders ``None`` as ``-`` (Envoy's rule) or as nothing with ``omit_empty_values``; JSON
-output keeps numbers typed and renders ``None`` as ``null`` (or drops the key with
-``omit_empty_values``).
+output keeps numbers typed and renders ``None`` as ``null`` (or drops the key, ``omit_empty_values``).
 
 Time fields of ``StreamInfo`` (``first_upstream_rx_byte`` ...) are ``time.monotonic()`` instants.
 """
@@ -21,8 +20,7 @@ import time
 import uuid
 
 from .config.errors import ConfigError
-from .config.util import data_source_bytes
-from .config.util import request_header_name
+from .config.util import data_source_bytes, request_header_name
 from .formatter_unkept import NOT_KEPT
 
 log = logging.getLogger("pyproxy.formatter")
@@ -68,9 +66,9 @@ def _s(v):
     return v if v else None
 
 
-def _tls(si, attr):
-    """A fact of the downstream TLS handshake (``si.downstream_ssl``: pyproxy.tls.socket.ServerTls)."""
-    t = getattr(si, "downstream_ssl", None)
+def _tls(si, attr, side="downstream_ssl"):
+    """A fact of a TLS handshake (``si.downstream_ssl`` / ``si.upstream_ssl``: tls/socket.py TlsLayer)."""
+    t = getattr(si, side, None)
     return _s(getattr(t, attr, None)) if t is not None else None
 
 
@@ -356,6 +354,11 @@ _SIMPLE = {
     "DOWNSTREAM_LOCAL_URI_SAN": lambda si: _s(si.downstream_local_uri_san),
     "UPSTREAM_PEER_URI_SAN": lambda si: _s(si.upstream_peer_uri_san),
     "UPSTREAM_LOCAL_URI_SAN": lambda si: _s(getattr(si, "upstream_local_uri_san", "")),
+    "UPSTREAM_TLS_VERSION": lambda si: _tls(si, "version", "upstream_ssl"),
+    "UPSTREAM_TLS_CIPHER": lambda si: _tls(si, "cipher_name", "upstream_ssl"),
+    "UPSTREAM_PEER_SUBJECT": lambda si: _tls(si, "peer_subject", "upstream_ssl"),
+    "UPSTREAM_PEER_ISSUER": lambda si: _tls(si, "peer_issuer", "upstream_ssl"),
+    "UPSTREAM_PEER_DNS_SAN": lambda si: _tls(si, "peer_dns_san", "upstream_ssl"),
     "DOWNSTREAM_TLS_CIPHER": lambda si: _tls(si, "cipher_name"),
     "DOWNSTREAM_PEER_SUBJECT": lambda si: _tls(si, "peer_subject"),
     "DOWNSTREAM_PEER_ISSUER": lambda si: _tls(si, "peer_issuer"),

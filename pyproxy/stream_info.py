@@ -71,6 +71,7 @@ class StreamInfo:
     downstream_local_uri_san = ""
     upstream_peer_uri_san = ""   # first URI SAN of the upstream's certificate (tcp_proxy over TLS)
     upstream_local_uri_san = ""  # first URI SAN of our certificate on that connection
+    upstream_ssl = None  # the upstream connection's TLS layer (tls/socket.py TlsLayer) when over TLS
     health_check = False
     traceable = False
 

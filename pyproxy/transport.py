@@ -55,12 +55,13 @@ async def connect_upstream(loop, factory, sock, protocol, cluster) -> None:
 
 
 def upstream_tls_sans(encoder):
-    """``(peer URI SAN, local URI SAN)`` of the TLS upstream connection under a request encoder
-    (an HTTP/1.1 connection or an HTTP/2 stream), or None over plaintext (istio.stats principals)."""
+    """``(peer URI SAN, local URI SAN, TLS layer)`` of the TLS upstream connection under a request
+    encoder (an HTTP/1.1 connection or an HTTP/2 stream), or None over plaintext (istio.stats
+    principals; the layer's facts serve the %UPSTREAM_TLS_*% / %UPSTREAM_PEER_*% log operators)."""
     t = getattr(encoder, "transport", None)
     if t is None:
         t = getattr(getattr(encoder, "conn", None), "transport", None)
     tls = getattr(t, "tls", None)
     if tls is None:
         return None
-    return getattr(t, "peer_uri_san", "") or "", getattr(tls, "local_uri_san", "") or ""
+    return getattr(t, "peer_uri_san", "") or "", getattr(tls, "local_uri_san", "") or "", t

@@ -13,7 +13,7 @@ import socket
 import time
 
 from .filter import CONTINUE, STOP
-from .first_attempt import chain_is_inert, pick_cluster
+from .first_attempt import H2_RELAY, chain_is_inert, pick_cluster
 from .http1 import Http1ServerCodec
 from .http1_common import HTTP11, REASONS
 from .decorator import decorate
@@ -440,7 +440,8 @@ class HttpConnection:
             s.raw_head = not tr or (mut := route.resp_raw) is None or tr.isdisjoint(mut[2])
             st.rq_http1_total.value += 1
         else:
-            s.plain = s.raw_head = False
+            s.plain = False
+            s.raw_head = H2_RELAY  # (the response relayed to the HTTP/2 client: relay_h2.py)
             s.version = version
             st.rq_http2_total.value += 1
         if type(r) is str:

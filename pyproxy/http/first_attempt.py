@@ -43,6 +43,7 @@ from ..routing.header_mutation import take_out
 from ..stats.histogram import PENDING
 from ..transport import upstream_tls_sans
 from . import h1_relay
+from .relay_h2 import H2_RELAY, relay_head
 
 _NO_CTX = LbContext()
 _monotonic = time.monotonic
@@ -112,7 +113,8 @@ class FirstAttempt:
         "quiet",        # nor any the codec notes (conn_manager.H1_NOTE: no x-envoy-attempt-count)
         "tx_head",      # bytes of the response header lines written by the relay (istio.stats)
         "tx_body",      # response body bytes written by the relay
-        "raw_head",     # the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes
+        "raw_head",     # True: the upstream HTTP/1.1 codec calls on_upstream_head with raw header bytes;
+                        # H2_RELAY: the response goes to the HTTP/2 client as relay_h2.py writes it
     )
     read_off = False      # upstream reading paused for the downstream watermark
     handed = None         # the attempt the router filter took over (_to_router)
@@ -193,7 +195,7 @@ class FirstAttempt:
             sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
             if sans is not None:
                 si = self.stream_info
-                si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
+                si.upstream_peer_uri_san, si.upstream_local_uri_san, si.upstream_ssl = sans
         # the request head upstream
         if type(encoder) is not UpstreamConnection or not self.plain:
             self.up_local = getattr(encoder, "local_address", "")
@@ -260,6 +262,9 @@ class FirstAttempt:
                           self.choice, self.request_headers)
         for hook in self.cfg.response_hooks:  # telemetry filters' response work (ChainPlan)
             hook.on_response(self, headers)
+        if self.raw_head == H2_RELAY and not end_stream and status >= 200:
+            relay_head(self, headers, status, si)  # (an HTTP/2 client's: http/relay_h2.py)
+            return
         if end_stream:
             self._complete()
         self.encode_headers(headers, end_stream)
@@ -280,6 +285,7 @@ class FirstAttempt:
             # stream whose head went as bytes (made by ``HttpConnection.on_request``: no timers, no
             # filters, no access logs)
             enc = self.encoder_up
+            self.encoder_up = None  # (an HTTP/2 stream points back at us: no cycle left)
             now = _monotonic()
             c = self.cluster
             ms = (now - self.start) * 1000.0  # (the stream's start: begin_first_attempt)
@@ -311,7 +317,7 @@ class FirstAttempt:
             hc.streams -= 1
             hc.live.discard(self)
             hc.last_activity = self.cfg.loop.time()
-            if hc.draining and hc.streams == 0:
+            if hc.draining and hc.streams == 0 and not hc.is_h2:  # (HTTP/2: the codec's GOAWAY ends it)
                 hc.conn.close(flush=True)
             self.router = None
             self.encoder = None

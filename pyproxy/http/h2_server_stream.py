@@ -105,6 +105,12 @@ class H2ServerStream(OutStream):
         if conn.flush_handle is None:  # (else queued already: no call)
             conn.want_flush()
 
+    write_body = encode_data  # (a response the stream relays, http/relay_h2.py: its body)
+
+    def relay_done(self, data: bytes) -> None:
+        """A relayed response (http/relay_h2.py) is complete, ``data`` its last body bytes."""
+        self.encode_data(data, True)
+
     def encode_trailers(self, trailers: Headers) -> None:
         if self.closed or self.local_ended:
             return

@@ -77,7 +77,7 @@ class Http1ClientCodec:
     def start(self, decoder) -> None:
         self.decoder = decoder
         # a decoder with ``raw_head`` takes the response head as raw (name, value) bytes
-        self.raw = getattr(decoder, "raw_head", False)
+        self.raw = getattr(decoder, "raw_head", False) is True  # (not relay_h2's H2_RELAY)
         self.hdrs = []
         self.trailers = None
         self.status = 0

@@ -38,7 +38,7 @@ class UpstreamRequest:
         si.upstream_local_address = getattr(encoder, "local_address", "")
         sans = upstream_tls_sans(encoder)
         if sans is not None:
-            si.upstream_peer_uri_san, si.upstream_local_uri_san = sans
+            si.upstream_peer_uri_san, si.upstream_local_uri_san, si.upstream_ssl = sans
         r.on_pool_ready(self, encoder)
 
     def on_pool_failure(self, reason, flag, host):

@@ -286,6 +286,7 @@ class TcpProxy:
             si = self.conn.stream_info
             si.upstream_peer_uri_san = getattr(up.transport, "peer_uri_san", "") or ""
             si.upstream_local_uri_san = getattr(tls, "local_uri_san", "") or ""
+            si.upstream_ssl = up.transport
         for uf in c.upstream_filters:  # the cluster's upstream network filters (Istio: metadata exchange)
             uf.attach(self.conn, up)
         try:
