@@ -82,9 +82,9 @@ def _run(loop) -> None:
 
 def _drain() -> None:
     p = pending
-    for _ in range(_MAX_PASSES):
-        if not p:
-            return
+    passes = _MAX_PASSES
+    while p and passes:
+        passes -= 1
         items = p[:]
         p.clear()
         for c in items:

@@ -58,8 +58,12 @@ class Px:
         self.p.stop()
 
 
-def _pump(c, sid, payload, expect_tail=b"bye"):
-    """Send ``payload`` in chunks while reading the echo; half-close; read to END_STREAM."""
+def _pump(c, sid, payload, expect_tail=b"bye", h1=None):
+    """Send ``payload`` in chunks while reading the echo; half-close; read to END_STREAM.
+    ``h1="connect"`` (an HTTP/1.1 upstream's CONNECT): as Envoy's codec, the END_STREAM closes the
+    upstream connection once written, and that close resets the stream (CONNECT_ERROR);
+    ``h1="upgrade"``: an HTTP/1.1 upgrade has no way to say END_STREAM, it is not passed on and
+    the tunnel stays open."""
     view = memoryview(payload)
     off = 0
     while off < len(payload):
@@ -69,8 +73,18 @@ def _pump(c, sid, payload, expect_tail=b"bye"):
             off += w
         else:
             c.read_until(lambda: c.h2.local_flow_control_window(sid) > 0, 5)
+    if h1 is not None:
+        c.read_until(lambda: len(c.body(sid)) >= len(payload), 10)  # the whole echo, before the end
     c.end(sid)
+    if h1 == "upgrade":
+        with pytest.raises(TimeoutError):
+            c.read_until(lambda: c.done(sid), 0.5)
+        assert c.body(sid) == payload
+        return
     c.read_until(lambda: c.done(sid), 10)
+    if h1 == "connect":
+        assert c.reset_code(sid) == 0xA and c.body(sid) == payload
+        return
     assert c.reset_code(sid) is None
     assert c.ended(sid)
     assert c.body(sid) == payload + expect_tail
@@ -84,11 +98,11 @@ def test_connect_to_http1_upstream_both_ways_and_half_close(ups, tmp_path, engin
             status, _, reset = c.response(sid)
             assert status == 200 and reset is None
             assert ups[0].heads[-1].startswith("CONNECT backend.example:443 HTTP/1.1\r\n")
-            _pump(c, sid, PAYLOAD)
+            _pump(c, sid, PAYLOAD, h1="connect")
             # the connection is still good for another tunnel
             sid2 = c.open("other:80")
             assert c.response(sid2)[0] == 200
-            _pump(c, sid2, b"second")
+            _pump(c, sid2, b"second", h1="connect")
         finally:
             c.close()
 
@@ -121,7 +135,7 @@ def test_extended_connect_websocket_to_http1_upgrade(ups, tmp_path, engine):
             head = ups[0].heads[-1].lower()
             assert head.startswith("get /chat?x=1 http/1.1\r\n")
             assert "upgrade: websocket" in head and "connection: upgrade" in head
-            _pump(c, sid, PAYLOAD[:300000])
+            _pump(c, sid, PAYLOAD[:300000], h1="upgrade")
         finally:
             c.close()
 
@@ -149,8 +163,13 @@ def _h1_websocket(port):
         if not head.startswith(b"HTTP/1.1 101"):
             return head, b""
         s.sendall(b"over h2 upstream")
-        s.shutdown(socket.SHUT_WR)
         got = rest
+        while len(got) < 16:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+        s.shutdown(socket.SHUT_WR)  # (as Envoy: an HTTP/1.1 client's FIN ends the tunnel, both ways)
         end = time.monotonic() + 5
         while time.monotonic() < end:
             d = s.recv(65536)
@@ -167,7 +186,7 @@ def test_http1_websocket_to_http2_upstream_as_extended_connect(ups, tmp_path, en
         head, got = _h1_websocket(px.port)
         assert head.startswith(b"HTTP/1.1 101"), head
         assert b"upgrade: websocket" in head.lower()
-        assert got == b"over h2 upstreambye"
+        assert got == b"over h2 upstream"
         req = ups[1].requests[-1]
         assert req[":method"] == "CONNECT" and req[":protocol"] == "websocket"
 
@@ -255,9 +274,10 @@ def test_tunnel_buffers_are_bounded(ups, tmp_path, engine):
                 if isinstance(e, E.DataReceived) and e.stream_id == sid and e.flow_controlled_length:
                     c.h2.acknowledge_received_data(e.flow_controlled_length, sid)
             c.flush()
+            c.read_until(lambda: len(c.body(sid)) >= sent, 20)
             c.end(sid)
             c.read_until(lambda: c.done(sid), 20)
-            assert c.body(sid) == b"z" * sent + b"bye"
+            assert c.body(sid) == b"z" * sent and c.reset_code(sid) == 0xA  # (Envoy's end of an HTTP/1.1 CONNECT)
         finally:
             c.close()
 
@@ -326,14 +346,19 @@ def test_http1_connect_to_http2_upstream(ups, tmp_path, engine):
             head, got = r
             assert head.startswith(b"HTTP/1.1 200"), head
             s.sendall(b"tunnel over h2")
-            s.shutdown(socket.SHUT_WR)  # -> END_STREAM upstream -> its "bye" + END_STREAM -> EOF here
+            while len(got) < 14:
+                d = s.recv(65536)
+                if not d:
+                    break
+                got += d
+            s.shutdown(socket.SHUT_WR)  # (as Envoy: the client's FIN ends the tunnel; no "bye")
             end = time.monotonic() + 5
             while time.monotonic() < end:
                 d = s.recv(65536)
                 if not d:
                     break
                 got += d
-            assert got == b"tunnel over h2bye"
+            assert got == b"tunnel over h2"
             req = ups[1].requests[-1]
             assert req[":method"] == "CONNECT" and req[":authority"] == "backend:443" and ":path" not in req
         finally:

@@ -131,12 +131,13 @@ class UpstreamConnection(asyncio.Protocol):
                 wb.flush()
 
     def eof_received(self):
-        if self.codec.tunnel:
+        c = self.codec
+        if c.tunnel and c.pending_upgrade == 2:  # (Envoy half-closes a CONNECT's connection only)
             cb = self.stream_cb
             if cb is not None:
                 cb.on_upstream_data(b"", True)
             return True
-        return False
+        return False  # (an upgrade's FIN ends the connection: codec.on_close, a connection termination)
 
     def connection_lost(self, exc):
         remote = not self.closed
@@ -252,6 +253,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.abort()
+
+    def close_written(self) -> None:
+        """Close once what was written is sent (a CONNECT tunnel's end, http1_client.py)."""
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
 
 
 class PendingRequest:

@@ -53,9 +53,10 @@ NOT_ACTED_ON: tuple = (
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
     ("route_configuration", "virtual_hosts[].routes[].route.weighted_clusters.clusters[].metadata_match",
      "metadata_match (subset selection) is not implemented yet: every host of the cluster is a candidate"),
-    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config",
-     "CONNECT termination is not implemented: a CONNECT request is forwarded to the upstream as an "
-     "HTTP/1.1 CONNECT request, not as a TCP tunnel"),
+    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config.proxy_protocol_config",
+     "proxy_protocol_config is not implemented yet: a terminated CONNECT's upstream gets no PROXY protocol header"),
+    ("route_configuration", "virtual_hosts[].routes[].route.upgrade_configs[].connect_config.allow_post",
+     "allow_post is not implemented yet: only a CONNECT request is terminated, a POST is proxied as a request"),
     ("route_configuration", "virtual_hosts[].routes[].route.internal_redirect_policy",
      "internal redirects are not implemented yet: the redirect goes to the client"),
     ("route_configuration", "virtual_hosts[].routes[].route.internal_redirect_action",
@@ -84,6 +85,12 @@ NOT_ACTED_ON: tuple = (
      "buffer limit) bounds what is kept for retries and mirrors"),
     ("tcp_proxy", "tunneling_config", "tunneling_config is not implemented yet: bytes go upstream unwrapped"),
     ("tcp_proxy", "metadata_match", "metadata_match (subset selection) is not implemented yet"),
+    ("tcp_proxy", "access_log_options", "access_log_options is not implemented yet: one access log entry at "
+     "the connection's end (no periodic flush, no entry when the upstream connects)"),
+    ("tcp_proxy", "backoff_options", "backoff_options is not implemented yet: connect attempts are retried at once"),
+    ("tcp_proxy", "proxy_protocol_tlvs[]", "proxy_protocol_tlvs is not implemented yet: no PROXY protocol TLVs are sent"),
+    ("tcp_proxy", "max_early_data_bytes", "max_early_data_bytes is not implemented yet: the client's bytes are "
+     "read before the upstream connection is up, bounded by the listener's buffer limit"),
     ("bootstrap", "stats_config.histogram_bucket_settings[].bins",
      "bins (the initial bins of Envoy's internal histogram per series) has no equivalent: the exported "
      "buckets are the same"),

@@ -191,13 +191,14 @@ class FirstAttempt:
         if self.hc.conn.write_paused:
             self.read_off = True
             encoder.read_disable(True)
-        if getattr(encoder, "is_tls", True):  # (HTTP/1.1 connections and HTTP/2 streams say)
+        h1 = type(encoder) is UpstreamConnection
+        if encoder.is_tls if h1 else getattr(encoder, "is_tls", True):  # (HTTP/1.1 connections and HTTP/2 streams say)
             sans = upstream_tls_sans(encoder)  # (as the router: istio.stats principals, access logs)
             if sans is not None:
                 si = self.stream_info
                 si.upstream_peer_uri_san, si.upstream_local_uri_san, si.upstream_ssl = sans
         # the request head upstream
-        if type(encoder) is not UpstreamConnection or not self.plain:
+        if not h1 or not self.plain:
             self.up_local = getattr(encoder, "local_address", "")
             si = self.stream_info if self.has_info else None
             if si is not None:

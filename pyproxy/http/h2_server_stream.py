@@ -44,7 +44,7 @@ class H2ServerStream(OutStream):
         self.closed = False
         self.start = now
         # (``drain_close`` / ``response_close`` are only ever set on this encoder, never read)
-        self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx, END_STREAM is a half-close
+        self.tunnel = tunnel  # 1: CONNECT / extended CONNECT asked; 2: answered 2xx; 3: its TCP upstream failed
         self.body_left = None  # request body bytes its content-length still announces
 
     # -- encoder API (ActiveStream -> codec) ---------------------------------------------------------
@@ -150,12 +150,11 @@ class H2ServerStream(OutStream):
             self.pending.clear()
         if self.remote_ended:
             self._gone()
-        elif self.tunnel == 2:
-            pass  # half-closed: the client's END_STREAM (or reset) finishes the stream
         else:
-            # the response is complete: the rest of the request is not needed (RFC 9113 8.1)
+            # the response is complete: the rest of the request is not needed (RFC 9113 8.1); a
+            # tunnel's too (Envoy); a CONNECT whose tunnel could not connect: CONNECT_ERROR (Envoy's code)
             try:
-                self.conn.h2.reset_stream(self.sid, ErrorCodes.NO_ERROR)
+                self.conn.h2.reset_stream(self.sid, ErrorCodes.CONNECT_ERROR if self.tunnel == 3 else ErrorCodes.NO_ERROR)
             except h2.exceptions.ProtocolError:
                 pass
             self._gone()

@@ -15,7 +15,7 @@ class HcmStats:
         "rq_direct_response", "rq_redirect", "rq_too_large", "rq_ws_on_non_ws_route",
         "rq_header_timeout", "rq_overload_close", "rq_max_duration_reached", "no_cluster",
         "cx_rx_bytes", "cx_tx_bytes", "rq_response_before_rq_complete", "router_rq_total",
-        "cx_upgrades_total", "prefix",
+        "cx_upgrades_total", "cx_upgrades_active", "prefix",
     )
 
     def __init__(self, store, prefix):
@@ -39,6 +39,7 @@ class HcmStats:
         self.cx_max_requests_reached = s.counter("downstream_cx_max_requests_reached")
         self.cx_max_duration_reached = s.counter("downstream_cx_max_duration_reached")
         self.cx_upgrades_total = s.counter("downstream_cx_upgrades_total")  # (upgrades/CONNECTs accepted)
+        self.cx_upgrades_active = s.gauge("downstream_cx_upgrades_active")  # (http/tunnel.py)
         self.cx_rx_bytes = s.counter("downstream_cx_rx_bytes_total")
         self.cx_tx_bytes = s.counter("downstream_cx_tx_bytes_total")
         self.rq_total = s.counter("downstream_rq_total")

@@ -561,11 +561,8 @@ class Http1ServerCodec(Http1ResponseEncoder):
             s.on_reset("downstream_remote_disconnect")
 
     def on_eof(self) -> None:
-        """The client closed its sending side (FIN). A tunnel forwards the half-close. Otherwise,
-        as Envoy (HTTP connections do not half-close), it is the connection's end: a request in
-        flight is reset (``downstream_remote_disconnect``), and its upstream request with it,
-        instead of holding both until the upstream answers."""
-        if self.tunnel and self.stream is not None:
-            self.stream.decode_data(b"", True)
-            return
+        """The client closed its sending side (FIN). As Envoy (HTTP connections do not half-close,
+        an upgraded one neither), it is the connection's end: a request in flight or a tunnel is
+        reset (``downstream_remote_disconnect``), and its upstream request with it, instead of
+        holding both until the upstream answers."""
         self.conn.close(flush=self.stream is None)

@@ -118,12 +118,12 @@ class Http1ClientCodec:
         self.head_request = method == "HEAD"
         if method == "CONNECT":
             start = "CONNECT " + authority + " HTTP/1.1\r\nhost: " + authority + "\r\n"
-            self.pending_upgrade = True
+            self.pending_upgrade = 2
         else:
             start = method + " " + path + " HTTP/1.1\r\nhost: " + (authority or "") + "\r\n"
         if upgrade is not None:
             add("upgrade: " + upgrade + "\r\nconnection: upgrade\r\n")
-            self.pending_upgrade = True
+            self.pending_upgrade = 2 if method == "CONNECT" else True  # (2: a CONNECT, pool.py half-closes)
         if cl is not None:
             add("content-length: " + cl + "\r\n")
         elif not end_stream and upgrade is None and method != "CONNECT":
@@ -158,8 +158,10 @@ class Http1ClientCodec:
         else:
             if data:
                 self.conn.write(data)
-            if end_stream and (self.tunnel or self.pending_upgrade):
-                self.conn.write_eof()  # a tunnel's half-close
+            if end_stream and self.pending_upgrade == 2:
+                # (Envoy's codec: a CONNECT's end closes the connection once written; an upgrade's
+                # end is not sent at all, HTTP/1.1 has no way to say it)
+                self.conn.close_written()
 
     def encode_trailers(self, trailers: Headers) -> None:
         if self.chunked_request:
@@ -279,8 +281,10 @@ class Http1ClientCodec:
         self.resp_headers_sent = True
         if end:
             self.complete = True
-        elif self.pending_upgrade and 200 <= status < 300 and not self.hdrs_have_length():
-            self.tunnel = True  # CONNECT answered: raw bytes both ways from here
+        elif self.pending_upgrade:
+            self.keep_alive = False  # (the request of an upgrade never ended: the connection is not reused)
+            if 200 <= status < 300 and not self.hdrs_have_length():
+                self.tunnel = True  # CONNECT answered: raw bytes both ways from here
         d = self.decoder
         if d is not None:
             if self.raw:
@@ -351,10 +355,9 @@ class Http1ClientCodec:
         if d is None:
             return
         if self.tunnel:
-            if aborted:
-                d.on_upstream_reset(reason)  # aborted (RST), not a half-close
-            else:
-                d.on_upstream_data(b"", True)
+            # (Envoy's HTTP/1.1 upstream codec does not half-close a tunnel either: its FIN is a
+            # connection termination, the stream is reset: UC)
+            d.on_upstream_reset(reason if aborted else "connection termination")
             return
         if self.resp_headers_sent and not self.complete:
             # close-delimited body: EOF ends it (unless a length was promised)

@@ -122,6 +122,8 @@ class Http1ResponseEncoder:
             add("transfer-encoding: chunked\r\n")
         if self.tunnel:
             self.body_left = None
+            if self._upgrade_not_taken(status):
+                self.response_close = True
         elif end_stream or self.method == "HEAD" or status < 200 or status == 204 or status == 304:
             self.body_left = 0
         else:
@@ -139,6 +141,14 @@ class Http1ResponseEncoder:
         self.conn.write(status_line(status) + "".join(parts).encode("latin-1"))
         if end_stream:
             self._response_complete()
+
+    def _upgrade_not_taken(self, status: int) -> bool:
+        """An upgrade or CONNECT answered with anything but a switch or a CONNECT's 2xx: no tunnel,
+        the answer ends the connection (and says so, as Envoy's)."""
+        if self.method == "CONNECT" and 200 <= status < 300:
+            return False
+        self.tunnel = False
+        return True
 
     def _encode_upgrade_head(self, h) -> None:
         """A 101 Switching Protocols: upgrade/connection kept, the connection becomes a tunnel."""

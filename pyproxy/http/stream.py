@@ -23,6 +23,7 @@ from .first_attempt import FirstAttempt, chain_is_inert, pick_cluster
 from .headers import Headers
 from .local_reply import _date, send_local_reply
 from .request_prep import prepare
+from . import tunnel
 from .stream_parts import LazyInfo, _guarded, charge_started, make_stream_info, new_stream_info, route_duration
 
 log = logging.getLogger("pyproxy.http")
@@ -54,6 +55,7 @@ class ActiveStream(FirstAttempt):
     caller_op = None  # on ingress, the caller's x-envoy-decorator-operation (http/decorator.py)
     prepped = None  # the request preparation's result when HttpConnection.on_request ran it before the stream existed
     upgrade_type = None  # a genuine upgrade's type (request_prep), else None
+    tunneling = False  # an accepted upgrade or CONNECT (tunnel.py), until the stream ends
     ctl = None  # an internal request's router control headers (request_prep's Prepared.ctl), else None
     version = "HTTP/1.1"
     remote = None         # the downstream address derived from the headers (request_prep)
@@ -172,23 +174,7 @@ class ActiveStream(FirstAttempt):
             return True
         return False
 
-    def upgrade_refused(self) -> bool:
-        """Envoy's check when it builds the filter chain: an upgrade (or CONNECT) needs its type in
-        the HCM's upgrade_configs (a route's own upgrade_configs may turn it on or off); otherwise
-        403 before any HTTP filter runs."""
-        route = self.route
-        if route is None or route.kind != 0:
-            return False  # no route or not a cluster route: the router answers (404, redirect...)
-        kind = self.upgrade_type or "connect"
-        rc = route.upgrade_configs.get(kind) if route.upgrade_configs else None  # (the route's word wins)
-        if (rc[0] if rc is not None else self.cfg.upgrades.get(kind)):
-            self.hc.stats.cx_upgrades_total.value += 1
-            return False
-        self.hc.stats.rq_ws_on_non_ws_route.value += 1
-        self.send_local_reply(403, "", "upgrade_failed")
-        if self.hc.is_h2:
-            self.hc.codec.go_away()  # Envoy closes the HTTP/2 connection too
-        return True
+    upgrade_refused = tunnel.upgrade_refused  # (the HCM's upgrade check, tunnel.py)
 
     def refresh_route(self):
         table = self.cfg.routes.table
@@ -308,7 +294,7 @@ class ActiveStream(FirstAttempt):
         self.hc.stats.rq_rx_reset.value += 1
         si = self.stream_info
         si.response_flags.add("DR" if reason == "http2.remote_reset" else "DC")  # (RST_STREAM: DR)
-        if not si.response_code_details:
+        if not si.response_code_details or self.tunneling:  # (a tunnel's end names the disconnect)
             si.response_code_details = reason
         r = self.router
         if r is not None:

@@ -32,6 +32,8 @@ from ...http.headers import Headers
 from . import router_control
 from .router_retry import (R_NO, R_YES, RetryState, charge_retried, expected_timeout, grpc_retry,
                            legacy_grpc_timeout)
+from .tcp_upstream import connect as tcp_connect
+from .router_tunnel import handshake_failed, upgrade_ended
 from .router_steps import (NO_HEALTHY, OVERLOADED, charge_failure, connect_failure, count_rx_reset, finalize_request,
                            finalize_response, reset_failure, reset_flag, upstream_timeout)
 from .shadow import local_address, start_shadows
@@ -276,6 +278,8 @@ class Router(RetryState):
 
     def on_destroy(self):
         self._cleanup()
+        if self.s.tunneling:  # (an accepted upgrade always runs the filter chain)
+            upgrade_ended(self.s)
         t = self.tunnel_enc
         if t is not None:
             self.tunnel_enc = None
@@ -304,6 +308,9 @@ class Router(RetryState):
         if self.attempts > 1:  # (the first: decode_headers)
             self._retry_headers()
         up = self.upstream = UpstreamRequest(self, host)
+        if s.tunneling == 2:  # CONNECT termination: a TCP upstream (tcp_upstream.py)
+            up.pending = tcp_connect(self, up, host)
+            return
         fs = si.filter_state
         pool = c.http_pool(host, s.hc.is_h2, fs.get(ALPN_KEY) if fs else None)  # istio.alpn
         up.pending = pool.new_stream(up)
@@ -421,13 +428,16 @@ class Router(RetryState):
                 self._drop(up)
                 return
         self._choose(up)
+        if self.s.tunneling and status != 101 and handshake_failed(self, up, headers, status):
+            return
         self.response_started = True
         self.s.stream_info.response_code_details = "via_upstream"
         c.count_response(status, up.host, headers if self.grpc else None)
         if self.s.ctl is not None:  # (an internal request: cluster/code_stats.py)
             charge_internal(c, status, self.s.ctl)
-        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers, self.s.stream_info,
-                          self.choice, self.headers)
+        # (Envoy: x-envoy-upstream-service-time only once the request was complete)
+        finalize_response(self.route, headers, self.start, self.cfg.suppress_envoy_headers or not self.request_complete,
+                          self.s.stream_info, self.choice, self.headers)
         if self.route.include_attempt_count_in_response:  # (Envoy: not suppressed by suppress_envoy_headers)
             headers.set("x-envoy-attempt-count", str(self.attempts))
         if end_stream:

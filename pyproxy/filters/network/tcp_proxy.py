@@ -16,9 +16,10 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from ... import writebatch
 from ...cluster.lb import LbContext
 from ...cluster.outlier import CONNECT_SUCCESS_FINAL
-from ...cluster.pool import open_socket
+from ...cluster.pool import connect_error, open_socket
 from ...config import ConfigError, duration_s, u32, unacted
 from ...listeners.connection import CONTINUE, STOP
+from ...routing.hashing import xxh64_str
 from ...transport import connect_upstream
 
 log = logging.getLogger("pyproxy.filter")
@@ -43,6 +44,9 @@ class TcpProxyConfig:
             raise ConfigError("tcp_proxy needs cluster or weighted_clusters", field="cluster_specifier")
         self.total_weight = sum(w for _, w in self.clusters)
         self.idle_timeout = duration_s(cfg, "idle_timeout", 3600.0)
+        # (Istio: DestinationRule connectionPool.tcp.maxConnectionDuration; 0 or unset: none)
+        self.max_duration = duration_s(cfg, "max_downstream_connection_duration", 0.0)
+        self.hash_policy = _hash_policy(cfg)  # (Istio: loadBalancer.consistentHash.useSourceIp)
         self.max_connect_attempts = u32(cfg, "max_connect_attempts", 1) or 1
         s = ctx.stats.scope("tcp.%s." % cfg.stat_prefix)
         self.st_cx_total = s.counter("downstream_cx_total")
@@ -50,6 +54,7 @@ class TcpProxyConfig:
         self.st_rx = s.counter("downstream_cx_rx_bytes_total")
         self.st_tx = s.counter("downstream_cx_tx_bytes_total")
         self.st_idle_timeout = s.counter("idle_timeout")
+        self.st_max_duration = s.counter("max_downstream_connection_duration")
         self.st_flush = s.counter("upstream_flush_total")
         self.st_paused = s.counter("downstream_flow_control_paused_reading_total")
         self.st_resumed = s.counter("downstream_flow_control_resumed_reading_total")
@@ -124,9 +129,41 @@ class _Upstream(asyncio.Protocol):
         self.proxy.conn.read_disable(False)
 
 
+def _hash_policy(cfg):
+    """The tcp_proxy's ``hash_policy`` (at most one, as Envoy's validation says): ``("source_ip",)``
+    or ``("filter_state", key)``, or None."""
+    if not cfg.hash_policy:
+        return None
+    if len(cfg.hash_policy) > 1:
+        raise ConfigError("at most one hash_policy", field="hash_policy")
+    hp = cfg.hash_policy[0]
+    which = hp.WhichOneof("policy_specifier")
+    if which == "source_ip":
+        return ("source_ip",)
+    if which == "filter_state":
+        return ("filter_state", hp.filter_state.key)
+    raise ConfigError("hash_policy needs source_ip or filter_state", field="hash_policy[0]")
+
+
+def _hash_key(policy, conn):
+    """Envoy's ``Network::HashPolicy``: the xxHash64 of the downstream address's IP, or of the
+    filter state object's value; None when there is nothing to hash."""
+    if policy[0] == "source_ip":
+        ip = conn.info.src_ip
+        return xxh64_str(ip) if ip else None
+    fs = conn.stream_info.filter_state
+    obj = fs.get(policy[1]) if fs else None
+    if obj is None:
+        return None
+    h = getattr(obj, "hash", None)
+    if callable(h):
+        return h()
+    return xxh64_str(obj if isinstance(obj, str) else str(obj))
+
+
 class TcpProxy:
     __slots__ = ("cfg", "conn", "up", "buf", "buf_len", "down_eof", "up_eof", "up_first", "cluster", "host",
-                 "idle_handle", "last_activity", "closed", "attempts", "task", "connected")
+                 "idle_handle", "last_activity", "closed", "attempts", "task", "connected", "duration_handle")
 
     def __init__(self, cfg: TcpProxyConfig, conn):
         self.cfg = cfg
@@ -144,6 +181,7 @@ class TcpProxy:
         self.attempts = 0
         self.task = None
         self.connected = False
+        self.duration_handle = None
 
     # -- network filter API -----------------------------------------------------------------------
     def on_new_connection(self):
@@ -154,16 +192,18 @@ class TcpProxy:
         name = cfg.pick_cluster()
         cluster = cfg.cm.get(name)
         si = conn.stream_info
-        si.upstream_cluster = name
         if cluster is None:
             cfg.st_cx_no_route.value += 1
-            si.response_flags.add("NR")
+            si.response_flags.add("NC")  # (Envoy: no such cluster; the log's cluster stays "-")
             self._finish(flush=False)
             return STOP
+        si.upstream_cluster = name
         self.cluster = cluster
         self._connect()
         if cfg.idle_timeout:
             self.idle_handle = cfg.loop.call_later(cfg.idle_timeout, self._idle_check)
+        if cfg.max_duration:
+            self.duration_handle = cfg.loop.call_later(cfg.max_duration, self._max_duration)
         self.last_activity = cfg.loop.time()
         return STOP
 
@@ -172,7 +212,8 @@ class TcpProxy:
         if c.original_dst:
             info = self.conn.info
             return c.original_dst_host(info.dst_ip, info.dst_port)
-        return c.choose_host(_TCP_LB_CTX)
+        hp = self.cfg.hash_policy
+        return c.choose_host(_TCP_LB_CTX if hp is None else LbContext(_hash_key(hp, self.conn)))
 
     def _connect(self):
         c = self.cluster
@@ -225,7 +266,11 @@ class TcpProxy:
                 return
             si = self.conn.stream_info
             si.response_flags.add("UF")
-            si.upstream_transport_failure_reason = str(e) or "connection timeout"
+            si.response_flags.add("URX")  # (Envoy: the connect attempts are used up)
+            c.scope.counter("upstream_cx_connect_attempts_exceeded").value += 1  # (the cluster's, as Envoy's)
+            # (Envoy's words; a timeout names none)
+            si.upstream_transport_failure_reason = "" if isinstance(e, asyncio.TimeoutError) else (
+                "delayed connect error: %s" % connect_error(e))
             self._finish(flush=False)
             return
         self.task = None
@@ -354,6 +399,15 @@ class TcpProxy:
         else:
             self.idle_handle = loop.call_later(self.cfg.idle_timeout - idle_for, self._idle_check)
 
+    def _max_duration(self):
+        """``max_downstream_connection_duration`` passed: the connection closes (flag DT)."""
+        self.duration_handle = None
+        if self.closed:
+            return
+        self.cfg.st_max_duration.value += 1
+        self.conn.stream_info.response_flags.add("DT")
+        self._finish(flush=False)
+
     def start_drain(self, graceful: bool = False):
         pass  # TCP connections are not interrupted by a drain; they close when the drain ends
 
@@ -361,6 +415,9 @@ class TcpProxy:
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
+        if self.duration_handle is not None:
+            self.duration_handle.cancel()
+            self.duration_handle = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
