@@ -203,14 +203,14 @@ class TlsLayer:
 
     def _read_more(self, d):
         """The records after a first one (``d``, its plaintext): (all their plaintext, eof).
-        Each read is of a whole record's size: once OpenSSL keeps no plaintext back, the incoming
+        Each read is of a whole record's size, so OpenSSL keeps no plaintext back: the incoming
         BIO says whether more is buffered."""
         more = [d]
         so = self.so
         inc = self.inc
         eof = False
         try:
-            while inc.pending or so.pending():
+            while inc.pending:
                 d = so.read(RECORD)
                 if not d:
                     eof = True
@@ -374,17 +374,11 @@ class ServerTls(TlsLayer):
             inc = self.inc
             inc.write(data)
             eof = False
-            n = len(data)
-            if n > RECORD:
-                n = RECORD
             try:
-                # (a record's plaintext is shorter than its ciphertext: read into a buffer of the
-                # bytes that came, not of a whole record's size; a full one means a record begun
-                # in an earlier read, whose rest OpenSSL holds)
-                plain = self.so.read(n)
+                plain = self.so.read(RECORD)
                 if not plain:
                     eof = True
-                elif inc.pending or len(plain) == n:
+                elif inc.pending:
                     plain, eof = self._read_more(plain)
             except _WantRead:  # part of a record: the rest comes with the next read
                 plain = b""
