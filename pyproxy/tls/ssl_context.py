@@ -38,7 +38,6 @@ _VERSIONS = {
 }
 # Envoy's defaults: TLS 1.2 .. 1.3 for clients and servers
 DEFAULT_MIN, DEFAULT_MAX = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
-DEFAULT_CLIENT_MAX = ssl.TLSVersion.TLSv1_2
 # Envoy's default TLS 1.2 cipher list (BoringSSL equal-preference groups flattened), OpenSSL names
 DEFAULT_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:"
                    "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305:"
@@ -172,10 +171,8 @@ def _ssl_context(f, certificates, ca_pem, crl_pem, server: bool, verifies: bool,
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    lo = ctx.minimum_version = _VERSIONS.get(f.min_version, DEFAULT_MIN)
-    # unset: TLS 1.3 for a server, TLS 1.2 for a client (Envoy's defaults; Istio's mTLS clusters set
-    # 1.3), or the minimum when that is higher
-    ctx.maximum_version = _VERSIONS.get(f.max_version) or (DEFAULT_MAX if server else max(DEFAULT_CLIENT_MAX, lo))
+    ctx.minimum_version = _VERSIONS.get(f.min_version, DEFAULT_MIN)
+    ctx.maximum_version = _VERSIONS.get(f.max_version, DEFAULT_MAX)
     ctx.options |= ssl.OP_NO_COMPRESSION
     if server:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
