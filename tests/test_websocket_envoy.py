@@ -21,12 +21,11 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 
 import pytest
 
 from proxy_util import (ENVOY, Envoy, HttpBackend, Pyproxy, bootstrap, cluster, free_port, http_listener, route,
-                        route_config, simple_response, wait_until, with_fresh_ports)
+                        recv_until, route_config, simple_response, wait_until, with_fresh_ports)
 
 pytestmark = pytest.mark.skipif(not ENVOY, reason="envoy not installed")
 
@@ -112,32 +111,12 @@ def _talk(port, steps):
                 s.shutdown(socket.SHUT_WR)
             elif isinstance(st, str) and st.startswith("wait:"):
                 want = st[5:].encode()
-                end = time.monotonic() + 5
-                while not out.endswith(want) and time.monotonic() < end:
-                    s.settimeout(max(0.01, end - time.monotonic()))
-                    try:
-                        d = s.recv(65536)
-                    except socket.timeout:
-                        break
-                    if not d:
-                        how = "eof"
-                        break
-                    out += d
+                out, end = recv_until(s, 5, done=lambda b, w=want: b.endswith(w), buf=out)
+                how = "eof" if end == "eof" else how
             elif isinstance(st, float):
-                end = time.monotonic() + st
-                while how == "open" and time.monotonic() < end:
-                    s.settimeout(max(0.01, end - time.monotonic()))
-                    try:
-                        d = s.recv(65536)
-                    except socket.timeout:
-                        break
-                    except ConnectionResetError:
-                        how = "rst"
-                        break
-                    if not d:
-                        how = "eof"
-                        break
-                    out += d
+                if how == "open":
+                    out, end = recv_until(s, st, buf=out, resets=True)
+                    how = {"eof": "eof", "reset": "rst"}.get(end, how)
             else:
                 s.sendall(st)
     finally:
